@@ -1,0 +1,39 @@
+"""The ``sparsetrain`` command: one subcommand a module under ``sparsetrain.commands``.
+
+Each module there defines ``register(subparsers)``, which adds its parser and sets
+``func=<callable taking the parsed args and returning an exit code>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Adding a subcommand: write sparsetrain/commands/<name>.py and add its name here.
+_COMMANDS = ("train", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparsetrain",
+        description="Cheaper data-parallel training by sparsity: compressed gradients, sparse "
+        "collectives, pruning and Byzantine-robust aggregation.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in _COMMANDS:
+        importlib.import_module(f"sparsetrain.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Sparse collectives registered by name, selected with ``collective=`` in the sync layer.
+
+A sparse collective takes this rank's ``(indices, values)`` of a vector of ``numel`` elements and
+returns a :class:`CollectiveResult`. Exact algorithms (``exact = True``) return the dense sum over
+ranks; selecting ones (Ok-Topk, gTop-k) return a sparse global selection of that sum, and the
+sync layer puts this rank's values that were not selected back into error feedback.
+
+Collectives may keep state between calls (region boundaries, threshold estimates), keyed by the
+``key`` they are called with, and expose it through ``state_dict``/``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass
+class CollectiveResult:
+    """What a sparse collective returns on every rank.
+
+    Attributes:
+        dense: the sum over ranks as a dense 1-D tensor (exact algorithms), else None.
+        indices, values: the sparse result (selecting algorithms), else None. Same on all ranks.
+        bytes_sent, bytes_recv: what this rank put on and took off the wire.
+    """
+
+    dense: Tensor | None = None
+    indices: Tensor | None = None
+    values: Tensor | None = None
+    bytes_sent: int = 0
+    bytes_recv: int = 0
+
+
+class SparseCollective:
+    """Base class of the sparse collectives."""
+
+    name: ClassVar[str] = ""
+    exact: ClassVar[bool] = True
+
+    def __call__(
+        self,
+        indices: Tensor,
+        values: Tensor,
+        numel: int,
+        *,
+        group: dist.ProcessGroup | None = None,
+        key: str = "",
+    ) -> CollectiveResult:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+_COLLECTIVES: dict[str, type[SparseCollective]] = {}
+
+
+def register_collective(name: str):
+    """Class decorator: register a sparse collective under ``name``."""
+
+    def wrap(cls: type[SparseCollective]) -> type[SparseCollective]:
+        cls.name = name
+        _COLLECTIVES[name] = cls
+        return cls
+
+    return wrap
+
+
+def available_collectives() -> list[str]:
+    return sorted(_COLLECTIVES)
+
+
+def get_collective(name: str, **options: Any) -> SparseCollective:
+    if name not in _COLLECTIVES:
+        raise ValueError(
+            f"unknown collective {name!r}; valid names are: {', '.join(available_collectives())}"
+        )
+    return _COLLECTIVES[name](**options)

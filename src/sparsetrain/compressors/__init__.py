@@ -1,0 +1,103 @@
+"""Gradient compressors, one per file, registered by name.
+
+``get_compressor("topk", density=0.01)`` builds one; ``available_compressors()`` lists the names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any
+
+from .base import (
+    Compressor,
+    Payload,
+    SparseCompressor,
+    TensorMeta,
+    check_density,
+    check_floating,
+    index_dtype,
+    k_for,
+)
+
+_REGISTRY: dict[str, type[Compressor]] = {}
+
+# Modules that register compressors when imported; adding one is one line here and one file.
+_MODULES = ("none", "fp16", "topk", "threshold", "randomk", "qsgd", "terngrad", "signsgd", "powersgd")
+
+
+def register_compressor(name: str):
+    """Class decorator: register a compressor under ``name``."""
+
+    def wrap(cls: type[Compressor]) -> type[Compressor]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"compressor name {name!r} is already registered by {_REGISTRY[name]}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def _load_all() -> None:
+    for mod in _MODULES:
+        try:
+            importlib.import_module(f"{__name__}.{mod}")
+        except ModuleNotFoundError as e:  # a module listed but not written yet
+            if e.name != f"{__name__}.{mod}":
+                raise
+
+
+def available_compressors() -> list[str]:
+    """Return the registered compressor names, sorted."""
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def compressor_class(name: str) -> type[Compressor]:
+    _load_all()
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(
+            f"unknown compressor {name!r}; valid names are: {', '.join(sorted(_REGISTRY))}"
+        )
+    return _REGISTRY[name]
+
+
+def option_names(name: str) -> list[str]:
+    """Return the options a compressor accepts."""
+    return [f.name for f in dataclasses.fields(compressor_class(name)) if f.init]
+
+
+def get_compressor(name: str, **options: Any) -> Compressor:
+    """Build the compressor registered as ``name`` with ``options``.
+
+    Raises:
+        ValueError: the name is unknown (the message lists valid names), an option is not one
+            this compressor takes (the message lists the ones it does), or a value is out of range.
+    """
+    cls = compressor_class(name)
+    allowed = option_names(name)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"compressor {name!r} does not take option(s) {unknown}; "
+            f"it takes: {', '.join(allowed) if allowed else 'no options'}"
+        )
+    return cls(**options)
+
+
+__all__ = [
+    "Compressor",
+    "Payload",
+    "SparseCompressor",
+    "TensorMeta",
+    "available_compressors",
+    "check_density",
+    "check_floating",
+    "compressor_class",
+    "get_compressor",
+    "index_dtype",
+    "k_for",
+    "option_names",
+    "register_compressor",
+]

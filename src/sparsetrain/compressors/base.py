@@ -1,0 +1,147 @@
+"""The compressor contract: pure tensor code that turns a gradient into what crosses the wire.
+
+A compressor is a small dataclass whose fields are its options (validated in ``__post_init__``)
+and which implements two methods:
+
+* ``compress(t, key=..., layout=...) -> (payload, ctx)``: ``payload`` is a tuple of tensors that
+  cross the wire, ``ctx`` stays on this rank.
+* ``decompress(payload, ctx) -> Tensor``: a tensor of ``t``'s shape, dtype and device.
+
+How payloads of all ranks are combined is declared as data, not discovered at run time:
+
+* ``wire = "dense"`` and ``summable = True``: payloads of all ranks can be summed elementwise
+  before decompression (``decompress(sum of payloads) == sum of decompress(payload)``). They go
+  through one allreduce. Payload tensors may have any shape; all ranks produce the same shapes.
+* ``wire = "sparse"``: the payload is ``(indices, values)``, 1-D each, with ``indices`` into the
+  flattened tensor (int32 when ``numel < 2**31``, else int64). Ranks' indices differ, so payloads
+  are gathered, or reduced by a sparse collective (``collective=`` of the sync layer).
+* ``wire = "packed"``: any tuple of 1-D tensors (bit-packed levels, norms); gathered as bytes and
+  decompressed per peer. ``ctx`` must therefore hold nothing peer-specific: this rank's ``ctx``
+  decodes any rank's payload.
+
+``biased = True`` means error feedback is on by default for this compressor. A compressor that
+needs more than one round of communication (PowerSGD) sets ``rounds`` and implements
+``next_round(reduced_payload, ctx)``.
+
+Compressors that keep state across steps (a threshold estimate, a warm-start matrix, a step
+counter) keep it keyed by ``key`` (a stable name for the tensor, for example the names of the
+parameters in a DDP bucket) and expose it through ``state_dict``/``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+Payload = tuple[Tensor, ...]
+Wire = Literal["dense", "sparse", "packed"]
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """What every context needs to rebuild a tensor: shape, dtype and device."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+
+    @classmethod
+    def of(cls, t: Tensor) -> TensorMeta:
+        return cls(t.shape, t.dtype, t.device)
+
+    @property
+    def numel(self) -> int:
+        return int(torch.Size(self.shape).numel())
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """Return the narrowest index dtype for a tensor of ``numel`` elements (int32 or int64)."""
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def check_floating(t: Tensor, what: str = "gradient") -> None:
+    if not t.is_floating_point():
+        raise TypeError(
+            f"{what} has dtype {t.dtype}; sparsetrain compresses floating-point tensors only "
+            "(float16, bfloat16, float32, float64)"
+        )
+
+
+def check_density(density: float) -> None:
+    if not isinstance(density, (int, float)) or isinstance(density, bool):
+        raise TypeError(f"density must be a number in (0, 1], got {density!r}")
+    if not 0.0 < float(density) <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+
+
+def k_for(numel: int, density: float) -> int:
+    """Return how many elements a density keeps: at least 1, at most ``numel``."""
+    return max(1, min(numel, int(round(density * numel))))
+
+
+class Compressor:
+    """Base class; see the module docstring for the contract."""
+
+    name: ClassVar[str] = ""
+    wire: ClassVar[Wire] = "dense"
+    summable: ClassVar[bool] = True
+    biased: ClassVar[bool] = False
+    rounds: ClassVar[int] = 1
+
+    def compress(
+        self, t: Tensor, *, key: str = "", layout: Sequence[torch.Size] | None = None
+    ) -> tuple[Payload, Any]:
+        """Compress ``t``. ``layout`` lists the shapes of the parameters packed in ``t``, in
+        order, for compressors that work per matrix (PowerSGD); the others ignore it."""
+        raise NotImplementedError
+
+    def decompress(self, payload: Payload, ctx: Any) -> Tensor:
+        raise NotImplementedError
+
+    def next_round(self, reduced: Payload, ctx: Any) -> tuple[Payload, Any]:
+        """Multi-round compressors: take the summed payload of the previous round and return
+        this rank's payload for the next one."""
+        raise RuntimeError(f"compressor {self.name!r} has a single round")
+
+    def aggregate(self, payloads: Sequence[Payload], ctx: Any) -> Tensor:
+        """Return the sum over ranks of the decompressed payloads (gathered wires)."""
+        out = self.decompress(payloads[0], ctx).clone()
+        for p in payloads[1:]:
+            out += self.decompress(p, ctx)
+        return out
+
+    # ---- options and state -------------------------------------------------------------
+    def options(self) -> dict[str, Any]:
+        """Return the constructor options (what must agree across ranks)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"compressor {self.name!r} keeps no state, got keys {sorted(state)}")
+
+
+class SparseCompressor(Compressor):
+    """Shared decoding for ``wire = "sparse"`` payloads ``(indices, values)``."""
+
+    wire: ClassVar[Wire] = "sparse"
+    summable: ClassVar[bool] = False
+    biased: ClassVar[bool] = True
+
+    def decompress(self, payload: Payload, ctx: TensorMeta) -> Tensor:
+        indices, values = payload
+        out = torch.zeros(ctx.numel, dtype=ctx.dtype, device=ctx.device)
+        out.index_add_(0, indices.long(), values.to(ctx.dtype))
+        return out.view(ctx.shape)
+
+    def aggregate(self, payloads: Sequence[Payload], ctx: TensorMeta) -> Tensor:
+        indices = torch.cat([p[0].long() for p in payloads])
+        values = torch.cat([p[1] for p in payloads])
+        return self.decompress((indices, values), ctx)
