@@ -1,1 +1,74 @@
-"""sparsetrain.tasks"""
+"""Reference tasks (a model and a data set) for the CLI, tests and benchmarks.
+
+A task is registered by name with :func:`register_task`; adding one takes a few lines::
+
+    @register_task("my-task")
+    def my_task(seed: int = 0) -> Task:
+        train, test = load_my_data(seed)          # two TensorDatasets (inputs, integer labels)
+        return Task("my-task", lambda: MyModel(), train, test, num_classes=10)
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+
+@dataclass
+class Task:
+    """A classification task.
+
+    Attributes:
+        name: the registered name.
+        build_model: returns a freshly initialised model (seed torch before calling it).
+        train, test: data sets of (input, label) pairs.
+        num_classes: number of labels.
+        loss_fn: the training loss (cross-entropy by default).
+    """
+
+    name: str
+    build_model: Callable[[], nn.Module]
+    train: TensorDataset
+    test: TensorDataset
+    num_classes: int
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy
+
+
+_TASKS: dict[str, Callable[..., Task]] = {}
+_MODULES = ("digits",)
+
+
+def register_task(name: str):
+    """Decorator: register a task factory ``f(seed=0, **options) -> Task`` under ``name``."""
+
+    def wrap(fn: Callable[..., Task]) -> Callable[..., Task]:
+        _TASKS[name] = fn
+        return fn
+
+    return wrap
+
+
+def _load_all() -> None:
+    for mod in _MODULES:
+        importlib.import_module(f"{__name__}.{mod}")
+
+
+def available_tasks() -> list[str]:
+    _load_all()
+    return sorted(_TASKS)
+
+
+def get_task(name: str, seed: int = 0, **options) -> Task:
+    """Build the task registered as ``name``; the train/test split is fixed by ``seed``."""
+    _load_all()
+    if name not in _TASKS:
+        raise ValueError(f"unknown task {name!r}; valid names are: {', '.join(sorted(_TASKS))}")
+    return _TASKS[name](seed=seed, **options)
+
+
+__all__ = ["Task", "available_tasks", "get_task", "register_task"]
