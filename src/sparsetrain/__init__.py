@@ -1,7 +1,23 @@
-"""sparsetrain: cheaper, safer data-parallel PyTorch training by sparsity."""
+"""sparsetrain: cheaper, safer data-parallel PyTorch training by sparsity.
+
+Example:
+    >>> import sparsetrain
+    >>> state = sparsetrain.register_ddp_hook(ddp_model, "threshold", density=0.01)
+"""
 
 from .compressors import available_compressors, get_compressor, register_compressor
+from .feedback import ErrorFeedback
+from .sync import GradientSync, SyncConfig, SyncState, register_ddp_hook
 
 __version__ = "0.1.0"
 
-__all__ = ["available_compressors", "get_compressor", "register_compressor"]
+__all__ = [
+    "ErrorFeedback",
+    "GradientSync",
+    "SyncConfig",
+    "SyncState",
+    "available_compressors",
+    "get_compressor",
+    "register_compressor",
+    "register_ddp_hook",
+]

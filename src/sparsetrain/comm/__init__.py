@@ -1,6 +1,8 @@
 """Collectives on torch.distributed: dense, gathered and sparse exchanges, with byte accounting."""
 
+from . import gather  # noqa: F401  (registers "allgather")
 from .accounting import ring_allgather_bytes, ring_allreduce_bytes
+from .gather import all_gather_variable, allreduce_sum
 from .registry import (
     CollectiveResult,
     SparseCollective,
@@ -10,6 +12,8 @@ from .registry import (
 )
 
 __all__ = [
+    "all_gather_variable",
+    "allreduce_sum",
     "CollectiveResult",
     "SparseCollective",
     "available_collectives",

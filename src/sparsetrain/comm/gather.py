@@ -1,0 +1,103 @@
+"""Dense allreduce and gathers of variable-size payloads, with honest byte counts.
+
+torch.distributed's ``all_gather`` needs equal sizes on every rank (gloo and NCCL alike), so a
+variable-size gather is two collectives: an allgather of the sizes, then an allgather of the
+payloads padded to the largest. The padding crosses the wire, so it is counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .accounting import ring_allgather_bytes, ring_allreduce_bytes
+from .registry import CollectiveResult, SparseCollective, register_collective
+
+
+def world_of(group: dist.ProcessGroup | None) -> int:
+    return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+def allreduce_sum(
+    tensors: Sequence[Tensor], group: dist.ProcessGroup | None = None
+) -> tuple[list[Tensor], int]:
+    """Sum ``tensors`` over ranks with one allreduce of their concatenation.
+
+    Returns:
+        the summed tensors (new tensors, same shapes) and the bytes this rank sent (ring formula).
+    """
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) != 1:
+        raise TypeError(
+            f"summable payload tensors must share one dtype, got {sorted(map(str, dtypes))}"
+        )
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    world = world_of(group)
+    if world > 1:
+        dist.all_reduce(flat, group=group)
+    out = [
+        part.view(t.shape)
+        for part, t in zip(torch.split(flat, [t.numel() for t in tensors]), tensors)
+    ]
+    return out, ring_allreduce_bytes(flat.numel(), flat.element_size(), world)
+
+
+def all_gather_variable(
+    tensors: Sequence[Tensor], group: dist.ProcessGroup | None = None
+) -> tuple[list[list[Tensor]], int, int]:
+    """Gather a tuple of 1-D tensors of any lengths from every rank.
+
+    Every rank passes the same number of tensors with the same dtypes (lengths may differ).
+    Steps: allgather the byte lengths (int64 header), then allgather the byte buffers padded to
+    the largest, then cut each rank's buffer back into its tensors.
+
+    Returns:
+        per rank, the list of its tensors; bytes sent and received by this rank.
+    """
+    for t in tensors:
+        if t.dim() != 1:
+            raise ValueError(f"gathered payload tensors must be 1-D, got shape {tuple(t.shape)}")
+    device = tensors[0].device
+    raw = [t.contiguous().view(torch.uint8) for t in tensors]
+    lengths = torch.tensor([r.numel() for r in raw], dtype=torch.int64, device=device)
+    world = world_of(group)
+    if world == 1:
+        return [list(tensors)], 0, 0
+    headers = [torch.empty_like(lengths) for _ in range(world)]
+    dist.all_gather(headers, lengths, group=group)
+    sizes = torch.stack(headers).tolist()  # one host sync: the sizes decide the buffers
+    totals = [sum(s) for s in sizes]
+    width = max(totals)
+    buf = torch.zeros(width, dtype=torch.uint8, device=device)
+    if raw:
+        torch.cat(raw, out=buf[: totals[dist.get_rank(group)]])
+    bufs = [torch.empty(width, dtype=torch.uint8, device=device) for _ in range(world)]
+    dist.all_gather(bufs, buf, group=group)
+    out = []
+    for r in range(world):
+        parts = torch.split(bufs[r][: totals[r]], sizes[r])
+        out.append([p.view(t.dtype) for p, t in zip(parts, tensors)])
+    header_total = world * lengths.numel() * 8
+    sent = ring_allgather_bytes(header_total + world * width, world)
+    return out, sent, sent
+
+
+@register_collective("allgather")
+class AllgatherSparse(SparseCollective):
+    """Gather every rank's (indices, values) and sum them locally: the baseline.
+
+    Its volume grows with the number of ranks: each rank receives every other rank's k entries.
+    """
+
+    exact = True
+
+    def __call__(self, indices, values, numel, *, group=None, key=""):
+        gathered, sent, recv = all_gather_variable((indices, values), group)
+        out = torch.zeros(numel, dtype=values.dtype, device=values.device)
+        idx = torch.cat([g[0].long() for g in gathered])
+        val = torch.cat([g[1] for g in gathered])
+        out.index_add_(0, idx, val)
+        return CollectiveResult(dense=out, bytes_sent=sent, bytes_recv=recv)

@@ -1,0 +1,86 @@
+"""Error feedback: keep what compression did not send and add it to the next gradient.
+
+Steps for one tensor at one step (Seide et al. 2014; Stich et al., "Sparsified SGD with Memory",
+2018; Karimireddy et al., "Error Feedback Fixes SignSGD", 2019):
+
+1. ``compensated = gradient + residual``
+2. the compressor sends an approximation ``sent`` of ``compensated``
+3. ``residual = compensated - sent``
+
+so that ``sent + new residual == gradient + old residual`` exactly: nothing is lost, only
+delayed. Residuals are kept per parameter name, so they survive DDP's bucket rebuild, a change of
+bucket size and a restart from a checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class ErrorFeedback:
+    """Residuals keyed by parameter name.
+
+    Args:
+        enabled: when False, ``compensate`` returns its input and ``update`` keeps nothing.
+
+    Example:
+        >>> ef = ErrorFeedback()
+        >>> g = ef.compensate(["w"], [3], torch.ones(3))
+        >>> ef.update(["w"], [3], g, torch.tensor([1.0, 0.0, 0.0]))
+        >>> ef.residuals["w"]
+        tensor([0., 1., 1.])
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = bool(enabled)
+        self.residuals: dict[str, Tensor] = {}
+
+    def compensate(self, names: Sequence[str], numels: Sequence[int], flat: Tensor) -> Tensor:
+        """Return ``flat + residual`` for a flat tensor packing ``names`` in order (a new tensor)."""
+        if not self.enabled or not any(n in self.residuals for n in names):
+            return flat.clone() if self.enabled else flat
+        parts = [
+            self.residuals[n].to(flat.dtype)
+            if n in self.residuals
+            else torch.zeros(k, dtype=flat.dtype, device=flat.device)
+            for n, k in zip(names, numels)
+        ]
+        return flat + torch.cat(parts)
+
+    def update(
+        self, names: Sequence[str], numels: Sequence[int], compensated: Tensor, sent: Tensor
+    ) -> None:
+        """Set each parameter's residual to its slice of ``compensated - sent``."""
+        if not self.enabled:
+            return
+        residual = compensated - sent.reshape(compensated.shape)
+        for n, part in zip(names, torch.split(residual, list(numels))):
+            self.residuals[n] = part
+
+    def add_back(self, names: Sequence[str], numels: Sequence[int], unsent: Tensor) -> None:
+        """Add ``unsent`` (flat, packing ``names``) to the residuals, e.g. values that a global
+        selection dropped after they left this rank."""
+        if not self.enabled:
+            return
+        for n, part in zip(names, torch.split(unsent, list(numels))):
+            self.residuals[n] = self.residuals[n] + part if n in self.residuals else part.clone()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "enabled": self.enabled,
+            "residuals": {n: r.clone() for n, r in self.residuals.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "residuals" not in state:
+            raise ValueError("error-feedback state must have a 'residuals' entry")
+        self.enabled = bool(state.get("enabled", self.enabled))
+        self.residuals = {n: r.clone() for n, r in state["residuals"].items()}
+
+    def stats(self) -> dict[str, float]:
+        sq = sum(float(r.double().pow(2).sum()) for r in self.residuals.values())
+        return {"residual_norm": sq**0.5, "residual_tensors": len(self.residuals)}

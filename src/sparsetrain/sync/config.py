@@ -1,0 +1,142 @@
+"""Options of a gradient synchronisation, validated once, and checked to agree across ranks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch.distributed as dist
+
+from ..compressors import Compressor, compressor_class, get_compressor
+
+ON_NONFINITE = ("raise", "skip")
+
+
+@dataclass
+class SyncConfig:
+    """What a DDP hook or a GradientSync does with gradients.
+
+    Attributes:
+        compressor: registered compressor name (``sparsetrain.available_compressors()``).
+        compressor_options: options for it (``density`` among them for the sparse ones).
+        error_feedback: keep what was not sent; None means on for biased compressors.
+        collective: how sparse payloads are reduced: "allgather" or a sparse allreduce
+            (``sparsetrain.comm.available_collectives()``), or "auto" to let the cost model pick.
+        dense_warmup_steps: steps of plain dense allreduce before compression starts.
+        on_nonfinite: "raise" (an error naming the parameter, on every rank) or "skip" (every
+            rank drops the step; the caller checks ``skipped_last_step``).
+        aggregator, aggregator_options: a robust aggregation rule over all ranks' gradients
+            (``sparsetrain.robust``); None means the plain average.
+        attack, attack_options, byzantine: for experiments, the last ``byzantine`` ranks replace
+            their gradient by the named attack.
+    """
+
+    compressor: str = "threshold"
+    compressor_options: dict[str, Any] = field(default_factory=dict)
+    error_feedback: bool | None = None
+    collective: str = "allgather"
+    dense_warmup_steps: int = 0
+    on_nonfinite: str = "raise"
+    aggregator: str | None = None
+    aggregator_options: dict[str, Any] = field(default_factory=dict)
+    attack: str | None = None
+    attack_options: dict[str, Any] = field(default_factory=dict)
+    byzantine: int = 0
+
+    def __post_init__(self) -> None:
+        cls = compressor_class(self.compressor)  # unknown name: lists the valid ones
+        if self.error_feedback not in (None, True, False):
+            raise TypeError(
+                f"error_feedback must be True, False or None, got {self.error_feedback!r}"
+            )
+        if not isinstance(self.dense_warmup_steps, int) or self.dense_warmup_steps < 0:
+            raise ValueError(
+                f"dense_warmup_steps must be an integer >= 0, got {self.dense_warmup_steps!r}"
+            )
+        if self.on_nonfinite not in ON_NONFINITE:
+            raise ValueError(
+                f"on_nonfinite must be one of {ON_NONFINITE}, got {self.on_nonfinite!r}"
+            )
+        if not isinstance(self.byzantine, int) or self.byzantine < 0:
+            raise ValueError(f"byzantine must be an integer >= 0, got {self.byzantine!r}")
+        if self.byzantine and self.attack is None:
+            raise ValueError("byzantine > 0 needs an attack name (attack=...)")
+        if self.collective != "allgather":
+            from ..comm import available_collectives
+
+            valid = [*available_collectives(), "auto"]
+            if self.collective not in valid:
+                raise ValueError(
+                    f"unknown collective {self.collective!r}; valid names are: {', '.join(valid)}"
+                )
+            if cls.wire != "sparse":
+                raise ValueError(
+                    f"collective {self.collective!r} reduces sparse payloads, but compressor "
+                    f"{self.compressor!r} sends {cls.wire} payloads; use a sparse compressor "
+                    "(topk, threshold) or collective='allgather'"
+                )
+
+    @property
+    def use_error_feedback(self) -> bool:
+        cls = compressor_class(self.compressor)
+        return cls.biased if self.error_feedback is None else bool(self.error_feedback)
+
+    def build_compressor(self) -> Compressor:
+        return get_compressor(self.compressor, **self.compressor_options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(
+            json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        ).hexdigest()
+
+
+def make_config(compressor: str, density: float | None, options: dict[str, Any]) -> SyncConfig:
+    """Split keyword options into the sync fields and the compressor's own options."""
+    sync_fields = set(SyncConfig.__dataclass_fields__) - {"compressor", "compressor_options"}
+    sync = {k: v for k, v in options.items() if k in sync_fields}
+    comp = {k: v for k, v in options.items() if k not in sync_fields}
+    if density is not None:
+        comp["density"] = density
+    cfg = SyncConfig(compressor=compressor, compressor_options=comp, **sync)
+    cfg.build_compressor()  # validate the compressor options now, not at the first step
+    return cfg
+
+
+def check_consistent(
+    config: SyncConfig,
+    layout: list[tuple[str, tuple[int, ...], str]],
+    group: dist.ProcessGroup | None,
+) -> None:
+    """Raise on every rank if the ranks' configurations or models differ.
+
+    Every rank contributes its configuration and parameter layout (name, shape, dtype); all ranks
+    see all of them, so all raise the same error instead of hanging in mismatched collectives.
+    """
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return
+    mine = {"config": config.to_dict(), "layout": [list(map(str, x)) for x in layout]}
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(
+        everyone, json.loads(json.dumps(mine, sort_keys=True, default=str)), group=group
+    )
+    ref = everyone[0]
+    bad = [r for r, other in enumerate(everyone) if other != ref]
+    if not bad:
+        return
+    other = everyone[bad[0]]
+    diffs = [
+        f"{k}: rank 0 has {ref['config'][k]!r}, rank {bad[0]} has {other['config'][k]!r}"
+        for k in ref["config"]
+        if ref["config"][k] != other["config"].get(k)
+    ]
+    if ref["layout"] != other["layout"]:
+        diffs.append("the models' parameters (names, shapes or dtypes) differ")
+    raise ValueError(
+        f"sparsetrain: ranks disagree on the gradient-sync configuration (ranks {bad} differ "
+        f"from rank 0): " + "; ".join(diffs)
+    )

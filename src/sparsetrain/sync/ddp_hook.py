@@ -1,0 +1,129 @@
+"""Register sparsetrain as a DDP communication hook.
+
+No postponed annotations here: DDP checks the hook's annotations at run time.
+"""
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from .config import SyncConfig, check_consistent, make_config
+from .engine import SyncEngine
+from .executor import SerialExecutor
+
+
+class SyncState:
+    """The hook's state: the engine (residuals, compressor state, counters) and the parameter
+    names of the model, so residuals are kept by name whatever DDP's bucketing.
+
+    Pickling keeps the configuration and the saved state, not the process group or the thread.
+    """
+
+    def __init__(
+        self, config: SyncConfig, param_names: dict[int, str], group: dist.ProcessGroup | None
+    ):
+        self.config = config
+        self.engine = SyncEngine(config, group)
+        self._names = param_names
+        self._executor = SerialExecutor()
+
+    # The public surface -------------------------------------------------------------------
+    @property
+    def skipped_last_step(self) -> bool:
+        """True when ``on_nonfinite="skip"`` dropped the last step: do not call optimizer.step()."""
+        return self.engine.skipped_last_step
+
+    def stats(self) -> dict[str, Any]:
+        """Bytes sent by this rank so far, dense-equivalent bytes, seconds in compression and
+        communication, steps and skipped steps."""
+        return self.engine.stats()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.engine.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.engine.load_state_dict(state)
+
+    # Used by the hook ------------------------------------------------------------------------
+    def _run_bucket(self, bucket: dist.GradBucket) -> torch.futures.Future:
+        params = bucket.parameters()
+        names = [self._names[id(p)] for p in params]
+        shapes = [p.shape for p in params]
+        flat = bucket.buffer()
+        last = bucket.is_last()
+
+        def work() -> torch.Tensor:
+            try:
+                out = self.engine.exchange(flat, names, shapes)
+            finally:
+                if last:
+                    self.engine.end_step()
+            return out
+
+        return self._executor.submit(work, flat.device)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"config": self.config, "state": self.engine.state_dict()}
+
+    def __setstate__(self, d: dict[str, Any]) -> None:
+        self.__init__(d["config"], {}, None)
+        self.engine.load_state_dict(d["state"])
+
+
+def _hook(state: SyncState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    return state._run_bucket(bucket)
+
+
+def register_ddp_hook(
+    ddp_model: DistributedDataParallel,
+    compressor: str = "threshold",
+    density: float | None = None,
+    *,
+    process_group: dist.ProcessGroup | None = None,
+    **options: Any,
+) -> SyncState:
+    """Compress DDP's gradient communication with ``compressor``.
+
+    Registers a DDP communication hook: each gradient bucket is compensated with its error-feedback
+    residual, compressed, exchanged (allreduce for summable payloads, a gather or a sparse
+    collective otherwise) and averaged, asynchronously, while backward computes the next buckets.
+
+    Args:
+        ddp_model: a ``DistributedDataParallel`` model (no hook registered yet).
+        compressor: a name from ``sparsetrain.available_compressors()``.
+        density: fraction of entries kept by the sparse compressors (topk, threshold, randomk);
+            None keeps the compressor's default.
+        process_group: the group to synchronise over (default: WORLD).
+        **options: :class:`~sparsetrain.sync.config.SyncConfig` fields (error_feedback,
+            collective, dense_warmup_steps, on_nonfinite, aggregator, ...) and the compressor's
+            own options (for example ``reestimate_every``, ``levels``, ``rank``).
+
+    Returns:
+        The hook state: ``stats()``, ``state_dict()``, ``load_state_dict()``, ``skipped_last_step``.
+
+    Raises:
+        ValueError / TypeError: a bad option (checked now, on every rank), or ranks whose options
+            or models differ (an error on every rank, not a hang).
+
+    Example:
+        >>> model = DistributedDataParallel(net)
+        >>> state = sparsetrain.register_ddp_hook(model, "threshold", density=0.01)
+        >>> ...  # train as usual; state.stats()["bytes_sent"] tells what crossed the wire
+    """
+    if not isinstance(ddp_model, DistributedDataParallel):
+        raise TypeError(
+            f"register_ddp_hook needs a torch.nn.parallel.DistributedDataParallel model, got "
+            f"{type(ddp_model).__name__}; for a plain model use sparsetrain.GradientSync"
+        )
+    config = make_config(compressor, density, options)
+    named = list(ddp_model.module.named_parameters())
+    layout = [(n, tuple(p.shape), str(p.dtype)) for n, p in named if p.requires_grad]
+    for n, _, dt in layout:
+        if dt not in ("torch.float32", "torch.float64", "torch.float16", "torch.bfloat16"):
+            raise TypeError(f"parameter {n!r} has dtype {dt}; gradients must be floating point")
+    check_consistent(config, layout, process_group)
+    state = SyncState(config, {id(p): n for n, p in named}, process_group)
+    ddp_model.register_comm_hook(state, _hook)
+    return state

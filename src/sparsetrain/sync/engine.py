@@ -1,0 +1,279 @@
+"""One gradient exchange, written once: compensate -> compress -> update -> communicate.
+
+Both the DDP hook and :class:`~sparsetrain.sync.GradientSync` hand flat tensors (a DDP bucket, or
+a group of parameters) to :meth:`SyncEngine.exchange` and call :meth:`SyncEngine.end_step` once
+per optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..comm import (
+    CollectiveResult,
+    all_gather_variable,
+    allreduce_sum,
+    get_collective,
+    ring_allreduce_bytes,
+)
+from ..comm.gather import world_of
+from ..feedback import ErrorFeedback
+from .config import SyncConfig
+
+_COUNTERS = (
+    "bytes_sent",
+    "bytes_recv",
+    "dense_bytes",
+    "compress_seconds",
+    "comm_seconds",
+    "steps",
+    "skipped_steps",
+)
+
+
+class SyncEngine:
+    """Compress, exchange and average gradients; keep residuals, counters and state.
+
+    Args:
+        config: a validated :class:`SyncConfig`.
+        group: the process group (None: the default group, WORLD).
+    """
+
+    def __init__(self, config: SyncConfig, group: dist.ProcessGroup | None = None):
+        self.config = config
+        self.group = group
+        self.compressor = config.build_compressor()
+        self.feedback = ErrorFeedback(config.use_error_feedback)
+        self.collective = None
+        if self.compressor.wire == "sparse":
+            self.collective = get_collective(self._collective_name())
+        self.aggregator = None
+        self.attack = None
+        if config.aggregator is not None or config.attack is not None:
+            from ..robust import get_aggregator, get_attack
+
+            world = world_of(group)
+            self.aggregator = get_aggregator(
+                config.aggregator or "mean",
+                n=world,
+                f=config.byzantine,
+                **config.aggregator_options,
+            )
+            if config.attack is not None:
+                self.attack = get_attack(
+                    config.attack, n=world, f=config.byzantine, **config.attack_options
+                )
+        self.step = 0
+        self.counters: dict[str, float] = dict.fromkeys(_COUNTERS, 0)
+        self.skipped_last_step = False
+        self._skipping = False
+
+    def _collective_name(self) -> str:
+        name = self.config.collective
+        if name == "auto":
+            from ..perfmodel import best_collective
+
+            return best_collective(self.compressor, world=world_of(self.group))
+        return name
+
+    # ---- the exchange --------------------------------------------------------------------
+    def exchange(self, flat: Tensor, names: Sequence[str], shapes: Sequence[torch.Size]) -> Tensor:
+        """Return the average over ranks of ``flat`` (a 1-D tensor packing ``names``), as sent.
+
+        Raises:
+            FloatingPointError: a rank's gradient has NaN or Inf and ``on_nonfinite="raise"``
+                (raised on every rank, naming the ranks and parameters).
+        """
+        world = world_of(self.group)
+        numels = [math.prod(s) for s in shapes]
+        if sum(numels) != flat.numel():
+            raise ValueError(
+                f"layout covers {sum(numels)} elements but the flat tensor has {flat.numel()}"
+            )
+        self.counters["dense_bytes"] += ring_allreduce_bytes(
+            flat.numel(), flat.element_size(), world
+        )
+        if self._skipping or self._nonfinite(flat, names, numels, world):
+            return torch.zeros_like(flat)
+        if self.step < self.config.dense_warmup_steps:
+            (out,), sent = self._timed_comm(allreduce_sum, [flat], self.group)
+            self.counters["bytes_sent"] += sent
+            self.counters["bytes_recv"] += sent
+            return out / world
+
+        key = "|".join(names)
+        t0 = time.perf_counter()
+        comp = self.compressor
+        compensated = self.feedback.compensate(names, numels, flat)
+        payload, ctx = comp.compress(compensated, key=key, layout=list(shapes))
+        self.counters["compress_seconds"] += time.perf_counter() - t0
+        for _ in range(comp.rounds - 1):
+            reduced, sent = self._timed_comm(allreduce_sum, payload, self.group)
+            self._count(sent, sent)
+            t0 = time.perf_counter()
+            payload, ctx = comp.next_round(tuple(reduced), ctx)
+            self.counters["compress_seconds"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        mine = comp.decompress(payload, ctx).reshape(-1)
+        self.feedback.update(names, numels, compensated, mine)
+        self.counters["compress_seconds"] += time.perf_counter() - t0
+
+        if self.aggregator is not None:
+            from .robust_exchange import robust_exchange
+
+            t0 = time.perf_counter()
+            out, sent = robust_exchange(
+                mine.to(flat.dtype),
+                key=key,
+                aggregator=self.aggregator,
+                attack=self.attack,
+                byzantine=self.config.byzantine,
+                group=self.group,
+                step=self.step,
+            )
+            self.counters["comm_seconds"] += time.perf_counter() - t0
+            self._count(sent, sent)
+            return out.reshape(flat.shape).to(flat.dtype)
+
+        if comp.summable:
+            reduced, sent = self._timed_comm(allreduce_sum, payload, self.group)
+            self._count(sent, sent)
+            total = comp.decompress(tuple(reduced), ctx)
+        elif comp.wire == "sparse":
+            res: CollectiveResult = self._timed_comm(
+                self.collective, payload[0], payload[1], flat.numel(), group=self.group, key=key
+            )
+            self._count(res.bytes_sent, res.bytes_recv)
+            total = (
+                res.dense
+                if res.dense is not None
+                else self._selected(res, payload, compensated, names, numels)
+            )
+        else:
+            gathered, sent, recv = self._timed_comm(all_gather_variable, payload, self.group)
+            self._count(sent, recv)
+            total = comp.aggregate([tuple(g) for g in gathered], ctx)
+        return (total.reshape(flat.shape) / world).to(flat.dtype)
+
+    def _selected(
+        self, res: CollectiveResult, payload, compensated: Tensor, names, numels
+    ) -> Tensor:
+        """Densify a global selection; put this rank's values that it dropped back into the residual."""
+        indices, values = payload
+        dropped = ~torch.isin(indices.long(), res.indices.long())
+        unsent = torch.zeros_like(compensated)
+        unsent.index_put_((indices.long()[dropped],), values[dropped].to(unsent.dtype))
+        self.feedback.add_back(names, numels, unsent)
+        total = torch.zeros(compensated.numel(), dtype=res.values.dtype, device=res.values.device)
+        total.index_put_((res.indices.long(),), res.values)
+        return total
+
+    def _timed_comm(self, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.counters["comm_seconds"] += time.perf_counter() - t0
+        return out
+
+    def _count(self, sent: int, recv: int) -> None:
+        self.counters["bytes_sent"] += sent
+        self.counters["bytes_recv"] += recv
+
+    def _nonfinite(
+        self, flat: Tensor, names: Sequence[str], numels: Sequence[int], world: int
+    ) -> bool:
+        """Agree across ranks whether any rank's tensor has NaN/Inf; raise or mark the step skipped.
+
+        One one-element allreduce a bucket; only when some rank is bad, a second gather finds out
+        which ranks and parameters.
+        """
+        bad = (~torch.isfinite(flat)).any().to(torch.float32).reshape(1)
+        if world > 1:
+            bad, sent = self._timed_comm(allreduce_sum, [bad], self.group)
+            bad = bad[0]
+            self._count(sent, sent)
+        if float(bad) == 0.0:
+            return False
+        per_param = torch.stack(
+            [~torch.isfinite(p).all() for p in torch.split(flat, list(numels))]
+        ).to(torch.uint8)
+        if world > 1:
+            rows = [torch.empty_like(per_param) for _ in range(world)]
+            dist.all_gather(rows, per_param, group=self.group)
+            table = torch.stack(rows)
+        else:
+            table = per_param.unsqueeze(0)
+        where = [f"{names[i]} on rank {r}" for r, i in table.nonzero().tolist()]
+        if self.config.on_nonfinite == "raise":
+            raise FloatingPointError(
+                "non-finite gradient (NaN or Inf) in "
+                + ", ".join(where)
+                + "; lower the learning rate, use gradient clipping, or pass on_nonfinite='skip' "
+                "to drop such steps on every rank"
+            )
+        self._skipping = True
+        return True
+
+    # ---- step bookkeeping and state ------------------------------------------------------
+    def end_step(self) -> None:
+        """Close an optimizer step: count it, advance the warm-up, let stateful rules update."""
+        self.skipped_last_step = self._skipping
+        if self._skipping:
+            self.counters["skipped_steps"] += 1
+        self._skipping = False
+        self.step += 1
+        self.counters["steps"] += 1
+        if self.aggregator is not None and hasattr(self.aggregator, "end_step"):
+            self.aggregator.end_step()
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            k: (int(v) if k not in ("compress_seconds", "comm_seconds") else float(v))
+            for k, v in self.counters.items()
+        }
+        out["bytes_ratio"] = (
+            out["bytes_sent"] / out["dense_bytes"] if out["dense_bytes"] else float("nan")
+        )
+        if self.aggregator is not None and hasattr(self.aggregator, "stats"):
+            out["aggregator"] = self.aggregator.stats()
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        sd: dict[str, Any] = {
+            "config": self.config.to_dict(),
+            "step": self.step,
+            "counters": dict(self.counters),
+            "feedback": self.feedback.state_dict(),
+            "compressor": self.compressor.state_dict(),
+        }
+        if self.collective is not None:
+            sd["collective"] = self.collective.state_dict()
+        if self.aggregator is not None and hasattr(self.aggregator, "state_dict"):
+            sd["aggregator"] = self.aggregator.state_dict()
+        if self.attack is not None and hasattr(self.attack, "state_dict"):
+            sd["attack"] = self.attack.state_dict()
+        return sd
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("config", {}).get("compressor")
+        if saved is not None and saved != self.config.compressor:
+            raise ValueError(
+                f"this state was saved with compressor {saved!r}, but this sync uses "
+                f"{self.config.compressor!r}; build it with the same compressor to resume"
+            )
+        self.step = int(state["step"])
+        self.counters = {k: state["counters"].get(k, 0) for k in _COUNTERS}
+        self.feedback.load_state_dict(state["feedback"])
+        self.compressor.load_state_dict(state["compressor"])
+        if self.collective is not None and "collective" in state:
+            self.collective.load_state_dict(state["collective"])
+        if self.aggregator is not None and "aggregator" in state:
+            self.aggregator.load_state_dict(state["aggregator"])
+        if self.attack is not None and "attack" in state:
+            self.attack.load_state_dict(state["attack"])

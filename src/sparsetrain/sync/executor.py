@@ -1,0 +1,54 @@
+"""A single background thread that runs exchanges in the order they were submitted.
+
+Collectives must be issued in the same order on every rank. DDP calls its hook for the buckets in
+the same order everywhere, so running each bucket's whole exchange (which may take several
+collectives) on one FIFO thread keeps that order, while backward goes on computing the next
+buckets: communication overlaps computation without any collective being issued from two threads.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+class SerialExecutor:
+    """Run submitted functions one at a time, in order, on a daemon thread."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def submit(
+        self, fn: Callable[[], Any], device: torch.device | None = None
+    ) -> torch.futures.Future:
+        """Queue ``fn``; return a Future completed with its result (or its exception)."""
+        fut: torch.futures.Future = torch.futures.Future()
+        stream = (
+            torch.cuda.current_stream(device)
+            if device is not None and device.type == "cuda"
+            else None
+        )
+        self._queue.put((fn, fut, stream))
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="sparsetrain-sync", daemon=True)
+            self._thread.start()
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            fn, fut, stream = self._queue.get()
+            try:
+                if stream is not None:  # work on the stream that produced the gradients
+                    with torch.cuda.stream(stream):
+                        result = fn()
+                else:
+                    result = fn()
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting DDP reducer
+                fut.set_exception(e)
+            else:
+                fut.set_result(result)

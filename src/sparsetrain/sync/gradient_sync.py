@@ -1,0 +1,107 @@
+"""Gradient synchronisation for training loops that do not use DDP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import check_consistent, make_config
+from .engine import SyncEngine
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class GradientSync:
+    """Average a model's gradients across ranks through a compressor, in place.
+
+    Call :meth:`synchronize` after ``backward()`` and before ``optimizer.step()``. Parameters are
+    grouped into buckets of about ``bucket_cap_mb`` (in reverse registration order, as DDP does),
+    each exchanged with the same engine as the DDP hook.
+
+    Args:
+        model: the model whose ``.grad`` fields are synchronised (identical on every rank).
+        compressor, density, **options: as for :func:`sparsetrain.register_ddp_hook`.
+        process_group: the group (default: WORLD).
+        bucket_cap_mb: bucket size in MiB.
+
+    Example:
+        >>> sync = GradientSync(model, "topk", density=0.01)
+        >>> loss.backward()
+        >>> if sync.synchronize():
+        ...     optimizer.step()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        compressor: str = "threshold",
+        density: float | None = None,
+        *,
+        process_group: dist.ProcessGroup | None = None,
+        bucket_cap_mb: float = 25.0,
+        **options: Any,
+    ):
+        if bucket_cap_mb <= 0:
+            raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}")
+        self.config = make_config(compressor, density, options)
+        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        for n, p in self.params:
+            if p.dtype not in _FLOATS:
+                raise TypeError(
+                    f"parameter {n!r} has dtype {p.dtype}; gradients must be floating point"
+                )
+        layout = [(n, tuple(p.shape), str(p.dtype)) for n, p in self.params]
+        check_consistent(self.config, layout, process_group)
+        self.engine = SyncEngine(self.config, process_group)
+        self.buckets = self._make_buckets(bucket_cap_mb * 2**20)
+
+    def _make_buckets(self, cap_bytes: float) -> list[list[tuple[str, nn.Parameter]]]:
+        buckets: list[list[tuple[str, nn.Parameter]]] = []
+        size = 0.0
+        for n, p in reversed(self.params):
+            nbytes = p.numel() * p.element_size()
+            new = not buckets or size + nbytes > cap_bytes or buckets[-1][0][1].dtype != p.dtype
+            if new:
+                buckets.append([])
+                size = 0.0
+            buckets[-1].append((n, p))
+            size += nbytes
+        return buckets
+
+    def synchronize(self) -> bool:
+        """Replace every gradient by the compressed average over ranks.
+
+        Returns:
+            False when the step was skipped (``on_nonfinite="skip"`` and some rank had NaN/Inf):
+            gradients are then zero and the caller should not step the optimizer.
+        """
+        try:
+            for bucket in self.buckets:
+                names = [n for n, _ in bucket]
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in bucket]
+                flat = torch.cat([g.reshape(-1) for g in grads])
+                out = self.engine.exchange(flat, names, [p.shape for _, p in bucket])
+                for (_, p), part in zip(bucket, torch.split(out, [p.numel() for _, p in bucket])):
+                    if p.grad is None:
+                        p.grad = part.view(p.shape).clone()
+                    else:
+                        p.grad.copy_(part.view(p.shape))
+        finally:
+            self.engine.end_step()
+        return not self.engine.skipped_last_step
+
+    @property
+    def skipped_last_step(self) -> bool:
+        return self.engine.skipped_last_step
+
+    def stats(self) -> dict[str, Any]:
+        return self.engine.stats()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.engine.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.engine.load_state_dict(state)

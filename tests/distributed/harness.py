@@ -1,0 +1,58 @@
+"""Spawn small gloo worlds for tests: FileStore rendezvous (no ports), results per rank, timeouts."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _entry(rank: int, world: int, root: str, fn, args) -> None:
+    torch.set_num_threads(1)
+    store = dist.FileStore(os.path.join(root, "store"), world)
+    dist.init_process_group(
+        "gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=90)
+    )
+    try:
+        result = {"ok": fn(rank, world, *args)}
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        result = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+    with open(os.path.join(root, f"result{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+    dist.destroy_process_group()
+
+
+def run_world(fn, world: int, tmp_path: Path, *args, timeout: float = 180.0) -> list[dict]:
+    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; return each rank's
+    ``{"ok": value}`` or ``{"error": message}``. Fails the test if a rank hangs or dies."""
+    root = Path(tmp_path) / f"world{time.monotonic_ns()}"
+    root.mkdir(parents=True)
+    ctx = mp.start_processes(
+        _entry, args=(world, str(root), fn, args), nprocs=world, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise AssertionError(f"world of {world} ranks did not finish in {timeout} s (hang?)")
+    out = []
+    for r in range(world):
+        with open(root / f"result{r}.pkl", "rb") as f:
+            out.append(pickle.load(f))
+    return out
+
+
+def oks(results: list[dict]) -> list:
+    """Return every rank's value, failing with the first rank's error and traceback."""
+    for r, res in enumerate(results):
+        if "error" in res:
+            raise AssertionError(f"rank {r} failed: {res['error']}\n{res['traceback']}")
+    return [res["ok"] for res in results]
