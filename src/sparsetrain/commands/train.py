@@ -1,0 +1,329 @@
+"""``sparsetrain train``: data-parallel training of a task with compressed gradients.
+
+Several ``--compressor`` names run one after the other and share one report and one picture.
+Started plainly it spawns ``--workers`` processes on this machine; started by ``torchrun`` it
+joins that job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..compressors import available_compressors, option_names
+from ..tasks import available_tasks
+from ..train import (
+    BACKENDS,
+    ON_NONFINITE,
+    TrainConfig,
+    WorkerError,
+    launch,
+    parse_value,
+    summary_table,
+    under_torchrun,
+    write_report,
+)
+
+EF_CHOICES = {"auto": None, "on": True, "off": False}
+
+
+# ---- argument types: each names the problem in argparse's own error message ------------------
+
+
+def positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+
+
+def positive_float(text: str) -> float:
+    value = _float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def density_value(text: str) -> float:
+    value = _float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(
+            f"must be in (0, 1] (the fraction of entries sent), got {text}"
+        )
+    return value
+
+
+def compressor_name(text: str) -> str:
+    names = available_compressors()
+    if text not in names:
+        raise argparse.ArgumentTypeError(
+            f"unknown compressor {text!r}; valid names are: {', '.join(names)}"
+        )
+    return text
+
+
+def key_value(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), parse_value(value.strip())
+
+
+def add_sync_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the options that choose how gradients are compressed and combined."""
+    g = p.add_argument_group("gradient compression")
+    g.add_argument(
+        "--compressor",
+        nargs="+",
+        action="extend",
+        type=compressor_name,
+        metavar="NAME",
+        help="compressor(s); several run one after the other into one report "
+        f"(default: threshold; valid: {', '.join(available_compressors())})",
+    )
+    g.add_argument(
+        "--density",
+        type=density_value,
+        help="fraction of gradient entries sent, in (0, 1]; used by compressors that take it",
+    )
+    g.add_argument(
+        "--error-feedback",
+        choices=sorted(EF_CHOICES),
+        default="auto",
+        help="keep what was not sent for the next step (auto: on for biased compressors)",
+    )
+    g.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="[COMPRESSOR:]KEY=VALUE",
+        help="extra compressor option, repeatable; without a COMPRESSOR prefix it goes to every "
+        "selected compressor that takes KEY",
+    )
+    g.add_argument("--collective", default="allgather", help="how sparse payloads are reduced")
+    g.add_argument(
+        "--dense-warmup-steps",
+        type=non_negative_int,
+        default=0,
+        help="steps of dense allreduce before compression",
+    )
+    g.add_argument(
+        "--on-nonfinite", choices=ON_NONFINITE, default="raise", help="NaN/Inf gradients"
+    )
+    g.add_argument("--aggregator", help="robust aggregation rule (default: plain average)")
+    g.add_argument(
+        "--aggregator-option", type=key_value, action="append", default=[], metavar="KEY=VALUE"
+    )
+    g.add_argument("--attack", help="Byzantine attack sent by the last --byzantine ranks")
+    g.add_argument(
+        "--attack-option", type=key_value, action="append", default=[], metavar="KEY=VALUE"
+    )
+    g.add_argument(
+        "--byzantine", type=non_negative_int, default=0, help="number of attacking ranks"
+    )
+
+
+def add_training_arguments(p: argparse.ArgumentParser, *, workers: int, epochs: int) -> None:
+    """Add the task, process and optimiser options."""
+    g = p.add_argument_group("training")
+    g.add_argument(
+        "--task", choices=available_tasks(), default="digits-mlp", help="model and data set"
+    )
+    g.add_argument(
+        "--task-option", type=key_value, action="append", default=[], metavar="KEY=VALUE"
+    )
+    g.add_argument(
+        "--workers",
+        type=positive_int,
+        default=workers,
+        help=f"processes on this machine (default {workers}; under torchrun: its WORLD_SIZE)",
+    )
+    g.add_argument(
+        "--backend", choices=BACKENDS, default="gloo", help="nccl: one CUDA device a rank"
+    )
+    g.add_argument("--epochs", type=positive_int, default=epochs)
+    g.add_argument("--batch-size", type=positive_int, default=32, help="examples a rank per step")
+    g.add_argument("--lr", type=positive_float, default=0.1)
+    g.add_argument("--momentum", type=_float, default=0.9)
+    g.add_argument("--weight-decay", type=_float, default=0.0)
+    g.add_argument("--nesterov", action="store_true")
+    g.add_argument("--seed", type=non_negative_int, default=0)
+    g.add_argument(
+        "--eval-every",
+        type=non_negative_int,
+        default=0,
+        help="steps between evaluations (0: each epoch)",
+    )
+    g.add_argument(
+        "--max-steps", type=non_negative_int, default=0, help="stop after N steps (0: no limit)"
+    )
+    g.add_argument(
+        "--timeout", type=positive_float, default=300.0, help="seconds a collective may wait"
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _compressor_options(
+    args: argparse.Namespace, compressors: list[str]
+) -> dict[str, dict[str, Any]]:
+    per: dict[str, dict[str, Any]] = {c: {} for c in compressors}
+    for text in args.option:
+        target, colon, rest = text.partition(":")
+        if colon and "=" not in target:
+            if target not in per:
+                raise ValueError(
+                    f"--option {text!r} names compressor {target!r}, which is not selected"
+                )
+            targets = [target]
+        else:
+            targets, rest = [], text
+        try:
+            key, value = key_value(rest)
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"--option: {e}") from None
+        if not targets:
+            targets = [c for c in compressors if key in option_names(c)]
+            if not targets:
+                raise ValueError(
+                    f"--option {key!r}: none of the selected compressors ({', '.join(compressors)}) "
+                    "takes it; options are: "
+                    + "; ".join(f"{c}: {', '.join(option_names(c)) or 'none'}" for c in compressors)
+                )
+        for c in targets:
+            per[c][key] = value
+    return per
+
+
+def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
+    """Turn parsed arguments into one :class:`TrainConfig` a compressor.
+
+    Raises:
+        ValueError, TypeError: an invalid combination (the message says which and why).
+    """
+    compressors = args.compressor or ["threshold"]
+    dupes = sorted({c for c in compressors if compressors.count(c) > 1})
+    if dupes:
+        raise ValueError(f"--compressor lists {dupes} more than once")
+    per = _compressor_options(args, compressors)
+    return [
+        TrainConfig(
+            task=args.task,
+            compressor=c,
+            density=args.density,
+            compressor_options=per[c],
+            error_feedback=EF_CHOICES[args.error_feedback],
+            collective=args.collective,
+            dense_warmup_steps=args.dense_warmup_steps,
+            on_nonfinite=args.on_nonfinite,
+            aggregator=args.aggregator,
+            aggregator_options=dict(args.aggregator_option),
+            attack=args.attack,
+            attack_options=dict(args.attack_option),
+            byzantine=args.byzantine,
+            workers=args.workers,
+            backend=args.backend,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+            nesterov=args.nesterov,
+            seed=args.seed,
+            eval_every=args.eval_every,
+            max_steps=args.max_steps,
+            checkpoint_dir=getattr(args, "checkpoint_dir", None),
+            checkpoint_every=getattr(args, "checkpoint_every", 0),
+            resume=getattr(args, "resume", False),
+            task_options=dict(args.task_option),
+            progress=not args.no_progress,
+            timeout_s=args.timeout,
+        )
+        for c in compressors
+    ]
+
+
+def run_and_report(
+    configs: list[TrainConfig], report_path: str | None, plot_path: str | None, prog: str
+) -> tuple[int, dict[str, Any] | None]:
+    """Launch the runs; on the reporting rank print the table and write report and picture.
+
+    Returns (exit code, report or None where this process does not report).
+    """
+    try:
+        report = launch(configs)
+    except WorkerError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1, None
+    if under_torchrun() and int(os.environ["RANK"]) != 0:
+        return 0, None
+    print(summary_table(report))
+    if report_path:
+        print(f"report: {write_report(report, report_path)}")
+    if plot_path:
+        from ..plotting import plot_report
+
+        print(f"plot:   {plot_report(report, plot_path)}")
+    return 0, report
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        configs = configs_from_args(args)
+    except (ValueError, TypeError) as e:
+        args._parser.error(str(e))
+    plot = args.plot or (str(Path(args.report).with_suffix(".png")) if args.report else None)
+    code, _ = run_and_report(configs, args.report, plot, args._parser.prog)
+    return code
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "train",
+        help="train a task data-parallel with compressed gradients",
+        description="Train a registered task with DDP and gradient compression. Several "
+        "--compressor names run one after the other into one JSON report and one PNG. Without "
+        "torchrun, --workers processes are spawned on this machine (gloo); under torchrun, this "
+        "process joins the job (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).",
+    )
+    add_sync_arguments(p)
+    add_training_arguments(p, workers=4, epochs=20)
+    out = p.add_argument_group("output")
+    out.add_argument(
+        "--report", metavar="PATH", help="write the JSON report here (and a PNG beside it)"
+    )
+    out.add_argument(
+        "--plot", metavar="PATH", help="write the PNG here (default: the report's path, .png)"
+    )
+    out.add_argument(
+        "--checkpoint-dir", metavar="DIR", help="save checkpoints here (one file a rank)"
+    )
+    out.add_argument(
+        "--checkpoint-every", type=non_negative_int, default=0, help="steps between checkpoints"
+    )
+    out.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
+    p.set_defaults(func=_run, _parser=p)
+    return p

@@ -1,0 +1,737 @@
+"""The reference trainer: data-parallel training of a registered task with compressed gradients.
+
+One run is one :class:`TrainConfig`. :func:`launch` runs one or several of them, one after the
+other, in the same group of worker processes, and returns a report (a plain dict that
+:func:`write_report` stores as JSON and :func:`sparsetrain.plotting.plot_report` draws).
+
+How the workers come to be:
+
+* embedded (the default): :func:`launch` spawns ``workers`` processes on this machine with
+  ``torch.multiprocessing``; they meet through a ``FileStore`` in a fresh temporary folder, so
+  no port is ever fixed and two launches never collide;
+* under ``torchrun`` (``RANK`` and ``WORLD_SIZE`` set in the environment): every process calls
+  :func:`launch`, which joins that job through ``env://`` (``MASTER_ADDR``/``MASTER_PORT``)
+  and runs this process's rank only. ``workers`` is then taken from ``WORLD_SIZE``.
+
+What one rank does (:func:`train_worker`):
+
+1. build the task with the run's seed (the train/test split is fixed by it), seed torch, build
+   the model (identical on every rank) and wrap it in ``DistributedDataParallel``;
+2. register the compression hook (:func:`sparsetrain.register_ddp_hook`) with the run's
+   compressor, density, error feedback, collective, aggregator and attack options;
+3. every epoch, shuffle the training indices with a generator seeded from ``(seed, epoch)``,
+   pad them to a multiple of the world size and take every ``world``-th one from ``rank`` (as
+   ``DistributedSampler`` does): the shards are disjoint, every rank runs the same number of
+   steps, and a resumed run sees exactly the order the interrupted one would have seen;
+4. forward, backward (the hook averages the compressed gradients across ranks), and
+   ``optimizer.step()`` unless the hook dropped the step for a non-finite gradient;
+5. every ``eval_every`` steps (and at the start and the end) average the training loss over the
+   ranks and, on rank 0, measure test loss and accuracy;
+6. at the end, average the hook's byte and time counters over the ranks.
+
+Example:
+    >>> from sparsetrain.train import TrainConfig, launch
+    >>> report = launch([TrainConfig(compressor=c, density=0.01, workers=2, epochs=2)
+    ...                  for c in ("none", "topk")])
+    >>> [run["final_test_accuracy"] for run in report["runs"]]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset, TensorDataset, default_collate
+
+from .compressors import check_density, get_compressor, option_names
+from .tasks import Task, available_tasks, get_task
+
+BACKENDS = ("gloo", "nccl")
+ON_NONFINITE = ("raise", "skip")
+REPORT_FORMAT = 1
+_CHECKPOINT_FORMAT = 1
+
+
+class WorkerError(RuntimeError):
+    """A worker process failed; the message names the rank and the original error.
+
+    Attributes:
+        rank: the rank whose error came first.
+        error_type: the class name of the original exception (for example ``"ValueError"``).
+        worker_traceback: the worker's formatted traceback.
+    """
+
+    def __init__(self, rank: int, error_type: str, message: str, worker_traceback: str = ""):
+        super().__init__(f"worker rank {rank} failed: {error_type}: {message}")
+        self.rank = rank
+        self.error_type = error_type
+        self.worker_traceback = worker_traceback
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer >= {low}, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value}")
+
+
+def _check_dict(name: str, value: Any) -> None:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise TypeError(f"{name} must be a dict with string keys, got {value!r}")
+
+
+@dataclass
+class TrainConfig:
+    """One training run: the task, the gradient compression and the optimisation.
+
+    Attributes:
+        task: registered task name (``sparsetrain.tasks.available_tasks()``).
+        compressor: registered compressor name (``sparsetrain.available_compressors()``).
+        density: fraction of gradient entries sent, in (0, 1]; given to compressors that take
+            a ``density`` option and ignored (recorded as None) by the others, so one value
+            serves a comparison of ``none``, ``topk`` and ``threshold``. None: their default.
+        compressor_options: further options of the compressor (``option_names(compressor)``).
+        error_feedback: keep what was not sent for the next step; None: on for biased
+            compressors (top-k, threshold, ...), off for unbiased ones.
+        collective: how sparse payloads are reduced (``"allgather"`` or a sparse allreduce).
+        dense_warmup_steps: steps of plain dense allreduce before compression starts.
+        on_nonfinite: ``"raise"`` on a NaN/Inf gradient, or ``"skip"`` the step on every rank.
+        aggregator, aggregator_options: robust aggregation rule (None: the plain average).
+        attack, attack_options, byzantine: the last ``byzantine`` ranks send the named attack.
+        workers: number of processes (ignored under torchrun, which sets ``WORLD_SIZE``).
+        backend: ``"gloo"`` (CPU) or ``"nccl"`` (one CUDA device a rank).
+        epochs: passes over the training set.
+        batch_size: examples a rank takes in one step (the global batch is ``workers`` times it).
+        lr, momentum, weight_decay, nesterov: SGD hyper-parameters.
+        seed: fixes the data split, the initial model and the shuffling.
+        eval_every: steps between evaluations; 0: once an epoch.
+        max_steps: stop after this many steps in all (0: no limit), for example to test resuming.
+        checkpoint_dir: folder for checkpoints (one file a rank); None: no checkpoints.
+        checkpoint_every: steps between checkpoints (0: only at the end of the run).
+        resume: continue from the checkpoint in ``checkpoint_dir`` if there is one.
+        label: the run's name in reports and plots; None: the compressor's name.
+        task_options: keyword options of the task factory (for example ``hidden``).
+        progress: show a progress bar on rank 0.
+        timeout_s: seconds a collective may wait before the process group gives up.
+    """
+
+    task: str = "digits-mlp"
+    compressor: str = "none"
+    density: float | None = None
+    compressor_options: dict[str, Any] = field(default_factory=dict)
+    error_feedback: bool | None = None
+    collective: str = "allgather"
+    dense_warmup_steps: int = 0
+    on_nonfinite: str = "raise"
+    aggregator: str | None = None
+    aggregator_options: dict[str, Any] = field(default_factory=dict)
+    attack: str | None = None
+    attack_options: dict[str, Any] = field(default_factory=dict)
+    byzantine: int = 0
+    workers: int = 4
+    backend: str = "gloo"
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    seed: int = 0
+    eval_every: int = 0
+    max_steps: int = 0
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    label: str | None = None
+    task_options: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True
+    timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        tasks = available_tasks()
+        if self.task not in tasks:
+            raise ValueError(f"unknown task {self.task!r}; valid names are: {', '.join(tasks)}")
+        if self.density is not None:
+            check_density(self.density)
+        for name in ("compressor_options", "aggregator_options", "attack_options", "task_options"):
+            _check_dict(name, getattr(self, name))
+        # Unknown compressor names and options are refused here, before any process starts.
+        get_compressor(self.compressor, **self.effective_compressor_options())
+        if self.error_feedback not in (None, True, False):
+            raise TypeError(
+                f"error_feedback must be True, False or None, got {self.error_feedback!r}"
+            )
+        if self.on_nonfinite not in ON_NONFINITE:
+            raise ValueError(
+                f"on_nonfinite must be one of {ON_NONFINITE}, got {self.on_nonfinite!r}"
+            )
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        _check_int("workers", self.workers, 1)
+        _check_int("epochs", self.epochs, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("seed", self.seed, 0)
+        _check_int("eval_every", self.eval_every, 0)
+        _check_int("max_steps", self.max_steps, 0)
+        _check_int("checkpoint_every", self.checkpoint_every, 0)
+        _check_int("dense_warmup_steps", self.dense_warmup_steps, 0)
+        _check_int("byzantine", self.byzantine, 0)
+        if self.byzantine >= self.workers:
+            raise ValueError(
+                f"byzantine must be smaller than workers (some ranks must be honest), got "
+                f"byzantine={self.byzantine} with workers={self.workers}"
+            )
+        if self.byzantine and self.attack is None:
+            raise ValueError("byzantine > 0 needs an attack name (attack=...)")
+        for name in ("lr", "momentum", "weight_decay", "timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov=True needs momentum > 0")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be a number of seconds > 0, got {self.timeout_s}")
+        if (self.checkpoint_every or self.resume) and not self.checkpoint_dir:
+            raise ValueError(
+                "checkpoint_every and resume need checkpoint_dir (where checkpoints live)"
+            )
+
+    @property
+    def name(self) -> str:
+        """The run's label in reports and plots."""
+        return self.label or self.compressor
+
+    def effective_compressor_options(self) -> dict[str, Any]:
+        """Return the compressor's options with ``density`` added where the compressor takes it."""
+        options = dict(self.compressor_options)
+        if self.density is not None and "density" in option_names(self.compressor):
+            options.setdefault("density", self.density)
+        return options
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the configuration as JSON-ready values, density as actually used."""
+        out = asdict(self)
+        out["density"] = self.effective_compressor_options().get("density")
+        return out
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+
+def shard_indices(num_examples: int, rank: int, world: int, seed: int, epoch: int) -> torch.Tensor:
+    """Return this rank's training indices for ``epoch``: disjoint shards of equal length.
+
+    The order is a permutation drawn from a generator seeded by ``(seed, epoch)``, padded by
+    wrapping around to a multiple of ``world``; rank ``r`` takes positions ``r, r + world, ...``.
+    """
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(num_examples, generator=gen)
+    total = _ceil_div(num_examples, world) * world
+    if total > num_examples:
+        perm = torch.cat([perm, perm[: total - num_examples]])
+    return perm[rank::world]
+
+
+def _batches(data: Dataset, indices: torch.Tensor, batch_size: int) -> Iterator[tuple]:
+    for start in range(0, len(indices), batch_size):
+        idx = indices[start : start + batch_size]
+        if isinstance(data, TensorDataset):
+            yield tuple(t[idx] for t in data.tensors)
+        else:
+            yield tuple(default_collate([data[int(i)] for i in idx]))
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, data: Dataset, loss_fn, device: torch.device, batch_size: int = 1024
+):
+    """Return (mean loss, accuracy) of ``model`` on ``data``."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    n = len(data)
+    for x, y in _batches(data, torch.arange(n), batch_size):
+        x, y = x.to(device), y.to(device)
+        out = model(x)
+        loss_sum += loss_fn(out, y).double() * len(y)
+        correct += (out.argmax(dim=1) == y).sum()
+    model.train(was_training)
+    return float(loss_sum) / n, int(correct) / n
+
+
+# ---- one rank ---------------------------------------------------------------------------------
+
+
+def _device_for(backend: str, rank: int) -> torch.device:
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise ValueError("backend 'nccl' needs CUDA devices; use backend 'gloo' on CPU")
+        local = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def _checkpoint_path(config: TrainConfig, rank: int) -> Path:
+    return Path(config.checkpoint_dir or ".") / config.name / f"rank{rank}.pt"
+
+
+def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # never leave a half-written checkpoint behind
+
+
+def _sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
+    """Run one training run on this rank; the default process group must be initialised.
+
+    Args:
+        rank: this process's rank.
+        world: the number of ranks.
+        config: the run.
+
+    Returns:
+        The run's entry of the report (see :func:`launch`). Counters are averaged over the
+        ranks and so are the same on every rank; test metrics are measured on rank 0 and are
+        None on the others.
+    """
+    from .sync import register_ddp_hook
+
+    device = _device_for(config.backend, rank)
+    task: Task = get_task(config.task, seed=config.seed, **config.task_options)
+    torch.manual_seed(config.seed)
+    model = task.build_model().to(device)
+    ddp = DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
+    options = config.effective_compressor_options()
+    density = options.pop("density", None)
+    hook = register_ddp_hook(
+        ddp,
+        config.compressor,
+        density,
+        error_feedback=config.error_feedback,
+        collective=config.collective,
+        dense_warmup_steps=config.dense_warmup_steps,
+        on_nonfinite=config.on_nonfinite,
+        aggregator=config.aggregator,
+        aggregator_options=config.aggregator_options,
+        attack=config.attack,
+        attack_options=config.attack_options,
+        byzantine=config.byzantine,
+        **options,
+    )
+    optimizer = torch.optim.SGD(
+        ddp.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        nesterov=config.nesterov,
+    )
+
+    n_train = len(task.train)
+    steps_per_epoch = _ceil_div(_ceil_div(n_train, world), config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+    eval_every = config.eval_every or steps_per_epoch
+
+    curves: dict[str, list] = {
+        k: [] for k in ("step", "epoch", "wall_seconds", "train_loss", "test_loss", "test_accuracy")
+    }
+    step, elapsed, eval_seconds = 0, 0.0, 0.0
+    ckpt = _checkpoint_path(config, rank)
+    if config.resume and ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        if state.get("format") != _CHECKPOINT_FORMAT or state.get("world") != world:
+            raise ValueError(
+                f"checkpoint {ckpt} was written by {state.get('world')} ranks (format "
+                f"{state.get('format')}); this run has {world} ranks: resume with the same workers"
+            )
+        if state["config"] != _resumable(config):
+            raise ValueError(
+                f"checkpoint {ckpt} was written by a different configuration: {state['config']}"
+            )
+        ddp.module.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        hook.load_state_dict(state["hook"])
+        step, elapsed, eval_seconds, curves = (
+            state["step"],
+            state["elapsed"],
+            state["eval_seconds"],
+            state["curves"],
+        )
+
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    loss_count = torch.zeros((), dtype=torch.float64, device=device)
+
+    def record(epoch_float: float) -> None:
+        nonlocal loss_sum, loss_count, eval_seconds
+        t0 = time.perf_counter()
+        total, count = _sum_over_ranks([float(loss_sum), float(loss_count)], device)
+        loss_sum.zero_()
+        loss_count.zero_()
+        test_loss = test_acc = None
+        if rank == 0:
+            test_loss, test_acc = evaluate(ddp.module, task.test, task.loss_fn, device)
+        curves["step"].append(step)
+        curves["epoch"].append(round(epoch_float, 4))
+        curves["wall_seconds"].append(elapsed + time.perf_counter() - start)
+        curves["train_loss"].append(total / count if count else None)
+        curves["test_loss"].append(test_loss)
+        curves["test_accuracy"].append(test_acc)
+        eval_seconds += time.perf_counter() - t0
+
+    def save() -> None:
+        _save_checkpoint(
+            ckpt,
+            {
+                "format": _CHECKPOINT_FORMAT,
+                "world": world,
+                "config": _resumable(config),
+                "step": step,
+                "elapsed": elapsed + time.perf_counter() - start,
+                "eval_seconds": eval_seconds,
+                "curves": curves,
+                "model": ddp.module.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "hook": hook.state_dict(),
+            },
+        )
+
+    bar = None
+    if rank == 0 and config.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, desc=config.name, unit="step", leave=True)
+
+    dist.barrier()
+    start = time.perf_counter()
+    if step == 0:
+        record(0.0)
+    ddp.train()
+    while step < total_steps:
+        epoch, skip = divmod(step, steps_per_epoch)
+        order = shard_indices(n_train, rank, world, config.seed, epoch)
+        for x, y in _batches(task.train, order[skip * config.batch_size :], config.batch_size):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            loss = task.loss_fn(ddp(x), y)
+            loss.backward()
+            if not hook.skipped_last_step:
+                optimizer.step()
+            finite = torch.isfinite(loss.detach())
+            loss_sum += torch.where(finite, loss.detach().double(), 0.0)
+            loss_count += finite.double()
+            step += 1
+            if bar is not None:
+                bar.update(1)
+            if step % eval_every == 0 or step == total_steps:
+                record(step / steps_per_epoch)
+                if bar is not None and curves["test_accuracy"][-1] is not None:
+                    bar.set_postfix(
+                        loss=f"{curves['train_loss'][-1] or float('nan'):.3f}",
+                        acc=f"{curves['test_accuracy'][-1]:.3f}",
+                    )
+            if config.checkpoint_dir and (
+                (config.checkpoint_every and step % config.checkpoint_every == 0)
+                or step == total_steps
+            ):
+                save()
+                dist.barrier()
+            if step == total_steps:
+                break
+    wall = elapsed + time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+
+    stats = hook.stats()
+    keys = ("bytes_sent", "dense_bytes", "compress_seconds", "comm_seconds")
+    sums = _sum_over_ranks([float(stats.get(k, 0.0)) for k in keys], device)
+    mean = {k: v / world for k, v in zip(keys, sums)}
+    return {
+        "label": config.name,
+        "task": config.task,
+        "compressor": config.compressor,
+        "world_size": world,
+        "backend": config.backend,
+        "device": str(device.type),
+        "final_test_accuracy": curves["test_accuracy"][-1],
+        "final_test_loss": curves["test_loss"][-1],
+        "final_train_loss": curves["train_loss"][-1],
+        "bytes_sent_per_rank": mean["bytes_sent"],
+        "dense_bytes_per_rank": mean["dense_bytes"],
+        "compression_ratio": mean["dense_bytes"] / mean["bytes_sent"]
+        if mean["bytes_sent"]
+        else None,
+        "steps": step,
+        "skipped_steps": int(stats.get("skipped_steps", 0)),
+        "epochs": step / steps_per_epoch,
+        "wall_seconds": wall,
+        "eval_seconds": eval_seconds,
+        "compress_seconds_per_rank": mean["compress_seconds"],
+        "comm_seconds_per_rank": mean["comm_seconds"],
+        "config": {**config.to_dict(), "workers": world},
+        "curves": curves,
+    }
+
+
+def _resumable(config: TrainConfig) -> dict[str, Any]:
+    """The fields that must agree between a checkpoint and the run that resumes from it."""
+    keep = {f.name for f in dataclasses.fields(config)} - {
+        "epochs",
+        "max_steps",
+        "resume",
+        "progress",
+        "checkpoint_every",
+        "checkpoint_dir",
+        "eval_every",
+        "timeout_s",
+    }
+    return {k: v for k, v in config.to_dict().items() if k in keep}
+
+
+# ---- launching ---------------------------------------------------------------------------------
+
+
+def _run_all(rank: int, world: int, configs: Sequence[TrainConfig]) -> list[dict[str, Any]]:
+    runs = []
+    for config in configs:
+        runs.append(train_worker(rank, world, config))
+        torch.manual_seed(config.seed)  # the next run starts from the same global state
+    return runs
+
+
+def _spawned(rank: int, world: int, configs: Sequence[TrainConfig], folder: str) -> None:
+    """Entry point of an embedded worker: join the group, train, hand results back as files."""
+    torch.set_num_threads(1)  # processes share the machine's cores; oversubscription is slower
+    try:
+        store = dist.FileStore(os.path.join(folder, "store"), world)
+        dist.init_process_group(
+            configs[0].backend,
+            store=store,
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=configs[0].timeout_s),
+        )
+        try:
+            runs = _run_all(rank, world, configs)
+        finally:
+            dist.destroy_process_group()
+        if rank == 0:
+            tmp = os.path.join(folder, "result.json.tmp")
+            with open(tmp, "w") as f:
+                json.dump(runs, f)
+            os.replace(tmp, os.path.join(folder, "result.json"))
+    except BaseException as e:
+        error = {
+            "rank": rank,
+            "type": type(e).__name__,
+            "message": str(e),
+            "traceback": traceback.format_exc(),
+            "time": time.time(),
+        }
+        with open(os.path.join(folder, f"error-rank{rank}.json"), "w") as f:
+            json.dump(error, f)
+        raise
+
+
+def _first_error(folder: str) -> WorkerError | None:
+    errors = []
+    for path in Path(folder).glob("error-rank*.json"):
+        try:
+            errors.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue
+    if not errors:
+        return None
+    # The earliest error is the cause; later ones are usually peers losing their connection.
+    first = min(errors, key=lambda e: (e["time"], e["rank"]))
+    return WorkerError(first["rank"], first["type"], first["message"], first["traceback"])
+
+
+def _check_together(configs: Sequence[TrainConfig]) -> None:
+    if not configs:
+        raise ValueError("launch needs at least one TrainConfig")
+    for c in configs:
+        if not isinstance(c, TrainConfig):
+            raise TypeError(f"launch takes TrainConfig objects, got {type(c).__name__}")
+    for attr in ("workers", "backend", "timeout_s"):
+        values = {getattr(c, attr) for c in configs}
+        if len(values) > 1:
+            raise ValueError(
+                f"runs launched together must share {attr}; got {sorted(map(str, values))}"
+            )
+    names = [c.name for c in configs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(
+            f"runs launched together need distinct labels; repeated: {dupes} (set label=...)"
+        )
+
+
+def under_torchrun() -> bool:
+    """Return True when this process was started by torchrun (RANK and WORLD_SIZE are set)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def launch(configs: TrainConfig | Sequence[TrainConfig]) -> dict[str, Any]:
+    """Train one or several runs data-parallel and return the report.
+
+    Steps: check the runs; under torchrun join its process group (``env://``) and run this rank,
+    otherwise spawn ``workers`` processes meeting through a ``FileStore`` in a temporary folder;
+    every process runs the runs one after the other (:func:`train_worker`); rank 0's results
+    form the report. A failing worker stops all of them and raises :class:`WorkerError`.
+
+    Args:
+        configs: one :class:`TrainConfig` or a sequence of them sharing ``workers`` and
+            ``backend``, with distinct labels.
+
+    Returns:
+        ``{"format", "sparsetrain_version", "created", "world_size", "runs": [...]}`` where every
+        run has ``label``, ``compressor``, ``final_test_accuracy``, ``final_test_loss``,
+        ``bytes_sent_per_rank``, ``dense_bytes_per_rank``, ``compression_ratio``, ``steps``,
+        ``skipped_steps``, ``wall_seconds``, ``config`` and ``curves`` (lists ``step``,
+        ``epoch``, ``wall_seconds``, ``train_loss``, ``test_loss``, ``test_accuracy``). Under
+        torchrun, ranks other than 0 get test metrics of None.
+
+    Raises:
+        WorkerError: a worker failed; the message names its rank and error.
+
+    Example:
+        >>> report = launch(TrainConfig(compressor="topk", density=0.01, workers=2, epochs=1))
+    """
+    configs = [configs] if isinstance(configs, TrainConfig) else list(configs)
+    _check_together(configs)
+    if under_torchrun():
+        world = int(os.environ["WORLD_SIZE"])
+        rank = int(os.environ["RANK"])
+        configs = [dataclasses.replace(c, workers=world) for c in configs]
+        created = not dist.is_initialized()
+        if created:
+            dist.init_process_group(
+                configs[0].backend,
+                init_method="env://",
+                timeout=timedelta(seconds=configs[0].timeout_s),
+            )
+        try:
+            runs = _run_all(rank, world, configs)
+        finally:
+            if created:
+                dist.destroy_process_group()
+    else:
+        world = configs[0].workers
+        folder = tempfile.mkdtemp(prefix="sparsetrain-")
+        try:
+            import torch.multiprocessing as mp
+
+            try:
+                mp.spawn(_spawned, args=(world, configs, folder), nprocs=world, join=True)
+            except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+                error = _first_error(folder)
+                if error is not None:
+                    raise error from None
+                raise WorkerError(getattr(e, "error_index", -1), type(e).__name__, str(e)) from None
+            runs = json.loads(Path(folder, "result.json").read_text())
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    from . import __version__
+
+    return {
+        "format": REPORT_FORMAT,
+        "sparsetrain_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "world_size": world,
+        "runs": runs,
+    }
+
+
+def write_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``report`` as indented JSON to ``path`` (parent folders are created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
+
+
+def parse_value(text: str) -> Any:
+    """Parse a command-line option value: a Python literal (``0.5``, ``True``, ``None``,
+    ``[1, 2]``) when it is one, else the string itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    """Return a plain-text table of the runs: accuracy, bytes a rank sent, ratio and time."""
+    header = ("run", "test acc", "MB sent/rank", "vs dense", "seconds")
+    rows = []
+    for run in report["runs"]:
+        sent, dense = run["bytes_sent_per_rank"], run["dense_bytes_per_rank"]
+        acc = run["final_test_accuracy"]
+        rows.append(
+            (
+                run["label"],
+                "-" if acc is None else f"{100 * acc:.1f}%",
+                f"{sent / 1e6:.3f}",
+                f"{100 * sent / dense:.2f}%" if dense else "-",
+                f"{run['wall_seconds']:.1f}",
+            )
+        )
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        for r in [header, *rows]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+__all__ = [
+    "TrainConfig",
+    "WorkerError",
+    "evaluate",
+    "launch",
+    "parse_value",
+    "shard_indices",
+    "summary_table",
+    "train_worker",
+    "under_torchrun",
+    "write_report",
+]
