@@ -1,0 +1,469 @@
+"""An emulated cluster on one machine: one network namespace a rank, shaped links, one switch.
+
+Topology (every name carries the run's prefix ``st-<pid>-<tag>``, so parallel runs never collide
+and a leftover can be traced to the process that made it)::
+
+    <prefix>-0  [st0 198.18.0.1/15] ──veth── [p0]┐
+    <prefix>-1  [st0 198.18.0.2/15] ──veth── [p1]┼─ br0   (bridge inside namespace <prefix>-hub)
+    ...                                          ┘
+
+Each link is shaped in both directions, like a full-duplex NIC on a switch port:
+
+* upload (rank -> switch): on the rank's ``st0`` egress, ``netem delay <latency>`` as the root
+  qdisc with a ``tbf rate <bandwidth>`` child (netem first, so packets wait their latency and
+  then queue for the token bucket);
+* download (switch -> rank): ``tbf rate <bandwidth>`` on the switch port's egress.
+
+So one message between two ranks sees ``latency`` once and the bandwidth of both its sender's
+upload and its receiver's download, as on a real non-blocking switch. Everything lives inside
+namespaces this object creates: nothing is added to the host's own namespace, and deleting the
+namespaces removes every link and qdisc with them. Addresses come from the benchmarking range
+198.18.0.0/15 (RFC 2544).
+
+Kernels built without ``sch_netem`` (some VMs) cannot delay packets; the cluster then shapes
+bandwidth only, warns, and reports ``latency_emulated = False`` (the links keep the few tens of
+microseconds a veth pair costs, which :meth:`EmulatedCluster.measure_rtt` reports).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .units import parse_duration, parse_rate
+
+NAME_PREFIX = "st-"
+ADDRESS_RANGE = ipaddress.ip_network("198.18.0.0/15")
+RANK_IFNAME = "st0"
+DEFAULT_MASTER_PORT = 29500
+MAX_RANKS = 1024
+
+
+class ClusterError(RuntimeError):
+    """The emulated cluster could not be built, or a rank failed."""
+
+
+class ClusterPermissionError(ClusterError):
+    """Building an emulated cluster needs root (CAP_NET_ADMIN) and iproute2."""
+
+
+def check_privileges() -> None:
+    """Raise :class:`ClusterPermissionError` unless this process can create namespaces.
+
+    Checks, creating nothing: effective user id 0, ``ip`` and ``tc`` on PATH, ``ip netns``
+    readable.
+    """
+    if os.geteuid() != 0:
+        raise ClusterPermissionError(
+            "the emulated cluster needs root to create network namespaces and shape links with "
+            "tc; run it as root (e.g. `sudo sparsetrain bench cluster ...`) or in a container "
+            "with CAP_NET_ADMIN and CAP_SYS_ADMIN"
+        )
+    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
+    if missing:
+        raise ClusterPermissionError(
+            f"the emulated cluster needs iproute2; not found on PATH: {', '.join(missing)}"
+        )
+    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        raise ClusterPermissionError(
+            f"`ip netns` is not usable here: {probe.stderr.strip() or 'unknown error'}"
+        )
+
+
+def _run(cmd: Sequence[str], check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(cmd), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise ClusterError(f"`{' '.join(cmd)}` failed: {proc.stderr.strip()}")
+    return proc
+
+
+def list_namespaces(prefix: str = NAME_PREFIX) -> list[str]:
+    """Return the network namespaces whose name starts with ``prefix``."""
+    proc = _run(["ip", "netns", "list"], check=False)
+    names = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
+    return sorted(n for n in names if n.startswith(prefix))
+
+
+def _owner_pid(namespace: str) -> int | None:
+    parts = namespace[len(NAME_PREFIX) :].split("-")
+    return int(parts[0]) if parts and parts[0].isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _kill_namespace_processes(namespace: str) -> None:
+    proc = _run(["ip", "netns", "pids", namespace], check=False)
+    for pid in (int(p) for p in proc.stdout.split() if p.isdigit()):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def cleanup(prefix: str = NAME_PREFIX, *, include_live: bool = False) -> list[str]:
+    """Remove leftover emulated-cluster namespaces (and with them their links and qdiscs).
+
+    By default only namespaces whose creating process has exited are removed, so a cleanup
+    never breaks a run in progress; ``include_live=True`` removes those of live runs too.
+
+    Args:
+        prefix: the namespace name prefix to match (``"st-"`` matches every run; a run's own
+            prefix, e.g. ``"st-4242-ab12"``, matches only that run).
+        include_live: also remove namespaces of processes still running.
+
+    Returns:
+        The names of the namespaces removed.
+
+    Example:
+        >>> cleanup()  # doctest: +SKIP
+        ['st-4242-ab12-0', 'st-4242-ab12-1', 'st-4242-ab12-hub']
+    """
+    check_privileges()
+    removed = []
+    for ns in list_namespaces(prefix):
+        owner = _owner_pid(ns)
+        if not include_live and owner is not None and owner != os.getpid() and _alive(owner):
+            continue
+        _kill_namespace_processes(ns)
+        if _run(["ip", "netns", "del", ns], check=False).returncode == 0:
+            removed.append(ns)
+    return removed
+
+
+def _netem_available(namespace: str, dev: str) -> bool:
+    """Return whether the kernel has sch_netem (tried on a link of ours, then removed)."""
+    ok = _run(["tc", "-n", namespace, "qdisc", "add", "dev", dev, "root", "netem"], check=False)
+    if ok.returncode == 0:
+        _run(["tc", "-n", namespace, "qdisc", "del", "dev", dev, "root"], check=False)
+        return True
+    return False
+
+
+def _tbf_args(rate_bps: float) -> list[str]:
+    # burst: at least two 64 KiB GSO super-packets (veth hands tbf unsegmented packets) and
+    # about 1 ms of traffic at the rate; queue limit: 100 ms worth, so TCP sees few drops.
+    burst = max(2 * 65536 + 3000, int(rate_bps / 8 * 1e-3))
+    limit = max(2 * burst, int(rate_bps / 8 * 0.1))
+    return ["tbf", "rate", f"{int(rate_bps)}bit", "burst", str(burst), "limit", str(limit)]
+
+
+@dataclass
+class EmulatedCluster:
+    """A bandwidth- and latency-limited cluster of ``ranks`` network namespaces on this machine.
+
+    Use it as a context manager: entering builds namespaces, links and qdiscs; leaving removes
+    all of them, also on an exception, Ctrl-C (KeyboardInterrupt) or SIGTERM.
+
+    Args:
+        ranks: number of ranks (namespaces), 2 to 1024.
+        bandwidth: each link's rate in each direction, in tc notation (``"1gbit"``) or bits/s.
+        latency: one-way delay a message sees between two ranks (``"100us"``) or seconds.
+        mtu: the links' MTU in bytes.
+
+    Attributes:
+        prefix: the run's unique name prefix (``st-<pid>-<tag>``).
+        latency_emulated: False when the kernel lacks netem and only bandwidth is shaped.
+
+    Example:
+        >>> with EmulatedCluster(4, "1gbit", "100us") as cluster:  # doctest: +SKIP
+        ...     cluster.run(lambda rank: [sys.executable, "-m", "my.worker"])
+    """
+
+    ranks: int
+    bandwidth: str | float = "1gbit"
+    latency: str | float = "100us"
+    mtu: int = 1500
+    prefix: str = field(init=False)
+    latency_emulated: bool = field(init=False, default=False)
+    _created: list[str] = field(init=False, default_factory=list, repr=False)
+    _procs: list[subprocess.Popen] = field(init=False, default_factory=list, repr=False)
+    _old_sigterm: object = field(init=False, default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ranks, bool) or not isinstance(self.ranks, int):
+            raise TypeError(f"ranks must be an int, got {self.ranks!r}")
+        if not 2 <= self.ranks <= MAX_RANKS:
+            raise ValueError(f"ranks must be between 2 and {MAX_RANKS}, got {self.ranks}")
+        if (
+            isinstance(self.mtu, bool)
+            or not isinstance(self.mtu, int)
+            or not 576 <= self.mtu <= 65535
+        ):
+            raise ValueError(f"mtu must be an int in [576, 65535], got {self.mtu!r}")
+        self.bandwidth_bps = parse_rate(self.bandwidth)
+        self.latency_s = parse_duration(self.latency)
+        self.prefix = f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(2)}"
+
+    # ---- names -------------------------------------------------------------------------
+    @property
+    def hub(self) -> str:
+        return f"{self.prefix}-hub"
+
+    def namespace(self, rank: int) -> str:
+        """Return the network namespace of ``rank``."""
+        self._check_rank(rank)
+        return f"{self.prefix}-{rank}"
+
+    def address(self, rank: int) -> str:
+        """Return the IPv4 address of ``rank`` (198.18.0.1 for rank 0, and so on)."""
+        self._check_rank(rank)
+        return str(ADDRESS_RANGE[rank + 1])
+
+    @property
+    def interface(self) -> str:
+        """The name of every rank's link inside its namespace (for GLOO_SOCKET_IFNAME)."""
+        return RANK_IFNAME
+
+    def _check_rank(self, rank: int) -> None:
+        if not 0 <= rank < self.ranks:
+            raise ValueError(f"rank must be in [0, {self.ranks}), got {rank}")
+
+    # ---- set-up and tear-down -------------------------------------------------------------
+    def __enter__(self) -> EmulatedCluster:
+        check_privileges()
+        if threading.current_thread() is threading.main_thread():
+            self._old_sigterm = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _add_namespace(self, name: str) -> None:
+        _run(["ip", "netns", "add", name])
+        self._created.append(name)
+        _run(["ip", "-n", name, "link", "set", "lo", "up"])
+
+    def _build(self) -> None:
+        mask = ADDRESS_RANGE.prefixlen
+        self._add_namespace(self.hub)
+        _run(["ip", "-n", self.hub, "link", "add", "br0", "type", "bridge"])
+        _run(["ip", "-n", self.hub, "link", "set", "br0", "up"])
+        for rank in range(self.ranks):
+            ns, port = self.namespace(rank), f"p{rank}"
+            self._add_namespace(ns)
+            # Both ends are born inside our namespaces: the host namespace is never touched.
+            _run(["ip", "-n", self.hub, "link", "add", port, "mtu", str(self.mtu), "type", "veth",
+                  "peer", "name", RANK_IFNAME, "netns", ns, "mtu", str(self.mtu)])  # fmt: skip
+            _run(["ip", "-n", self.hub, "link", "set", port, "master", "br0", "up"])
+            _run(
+                ["ip", "-n", ns, "addr", "add", f"{self.address(rank)}/{mask}", "dev", RANK_IFNAME]
+            )
+            _run(["ip", "-n", ns, "link", "set", RANK_IFNAME, "up"])
+        self._shape()
+
+    def _shape(self) -> None:
+        tbf = _tbf_args(self.bandwidth_bps)
+        want_delay = self.latency_s > 0
+        self.latency_emulated = want_delay and _netem_available(self.namespace(0), RANK_IFNAME)
+        if want_delay and not self.latency_emulated:
+            warnings.warn(
+                "this kernel has no sch_netem qdisc: links are bandwidth-shaped only and keep the "
+                "native latency of a veth pair (measure it with EmulatedCluster.measure_rtt)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        for rank in range(self.ranks):
+            ns = self.namespace(rank)
+            tc_up = ["tc", "-n", ns, "qdisc", "add", "dev", RANK_IFNAME]
+            if self.latency_emulated:
+                delay_us = f"{self.latency_s * 1e6:.1f}us"
+                _run(
+                    [*tc_up, "root", "handle", "1:", "netem", "delay", delay_us, "limit", "100000"]
+                )
+                _run([*tc_up, "parent", "1:1", "handle", "10:", *tbf])
+            else:
+                _run([*tc_up, "root", "handle", "1:", *tbf])
+            _run(
+                [
+                    "tc",
+                    "-n",
+                    self.hub,
+                    "qdisc",
+                    "add",
+                    "dev",
+                    f"p{rank}",
+                    "root",
+                    "handle",
+                    "1:",
+                    *tbf,
+                ]
+            )
+
+    def close(self) -> None:
+        """Stop the ranks' processes and remove every namespace, link and qdisc of this run."""
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.kill()
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        self._procs.clear()
+        for ns in reversed(self._created):
+            _kill_namespace_processes(ns)
+            _run(["ip", "netns", "del", ns], check=False)
+        self._created.clear()
+        leftover = list_namespaces(self.prefix + "-")
+        for ns in leftover:
+            _run(["ip", "netns", "del", ns], check=False)
+        if self._old_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._old_sigterm)
+            self._old_sigterm = None
+
+    # ---- running processes inside ---------------------------------------------------------
+    def environment(self, rank: int, master_port: int = DEFAULT_MASTER_PORT) -> dict[str, str]:
+        """Return the torchrun-style variables that join ``rank`` to the job over the links."""
+        return {
+            "RANK": str(rank),
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": str(self.ranks),
+            "LOCAL_WORLD_SIZE": "1",
+            "MASTER_ADDR": self.address(0),
+            "MASTER_PORT": str(master_port),
+            "GLOO_SOCKET_IFNAME": RANK_IFNAME,
+            "NCCL_SOCKET_IFNAME": RANK_IFNAME,
+            "OMP_NUM_THREADS": "1",
+        }
+
+    def popen(
+        self, rank: int, argv: Sequence[str], env: Mapping[str, str] | None = None, **kwargs
+    ) -> subprocess.Popen:
+        """Start ``argv`` inside ``rank``'s namespace; the process is killed by :meth:`close`."""
+        if not self._created:
+            raise ClusterError("the cluster is not built; use it inside a `with` block")
+        full_env = {**os.environ, **(env or {})}
+        proc = subprocess.Popen(["ip", "netns", "exec", self.namespace(rank), *argv], env=full_env,
+                                **kwargs)  # fmt: skip
+        self._procs.append(proc)
+        return proc
+
+    def run(
+        self,
+        argv: Callable[[int], Sequence[str]] | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        master_port: int = DEFAULT_MASTER_PORT,
+        show_rank0: bool = True,
+    ) -> None:
+        """Run one process a rank (a torchrun-style job) and wait until all exit.
+
+        Every rank gets :meth:`environment`. Rank 0 writes to this terminal (``show_rank0``);
+        the others to log files whose tails are shown if a rank fails. When one rank fails,
+        or ``timeout`` seconds pass, all are killed and :class:`ClusterError` is raised.
+
+        Args:
+            argv: the command, or a function of the rank returning it.
+            env: extra environment variables for every rank.
+            timeout: seconds to wait for all ranks; None waits forever.
+            master_port: the rendezvous port on rank 0's address.
+            show_rank0: let rank 0 print to this process's stdout/stderr.
+        """
+        logs = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-logs-"))
+        procs, files = [], []
+        try:
+            for rank in range(self.ranks):
+                cmd = list(argv(rank) if callable(argv) else argv)
+                renv = {**self.environment(rank, master_port), **(env or {})}
+                if rank == 0 and show_rank0:
+                    procs.append(self.popen(rank, cmd, renv))
+                    files.append(None)
+                else:
+                    f = open(logs / f"rank{rank}.log", "w+b")  # noqa: SIM115
+                    files.append(f)
+                    procs.append(self.popen(rank, cmd, renv, stdout=f, stderr=subprocess.STDOUT))
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                codes = [p.poll() for p in procs]
+                failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+                if failed:
+                    raise ClusterError(
+                        f"rank(s) {failed} exited with {[codes[r] for r in failed]}"
+                        + _tails(files, failed)
+                    )
+                if all(c == 0 for c in codes):
+                    return
+                if deadline is not None and time.monotonic() > deadline:
+                    raise ClusterError(f"ranks did not finish within {timeout} s" + _tails(files))
+                time.sleep(0.05)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            for f in files:
+                if f is not None:
+                    f.close()
+            shutil.rmtree(logs, ignore_errors=True)
+
+    # ---- measuring the links -------------------------------------------------------------
+    def measure_bandwidth(
+        self, src: int = 0, dst: int = 1, nbytes: int = 50_000_000, port: int = 5201
+    ) -> float:
+        """Return the bulk TCP throughput from ``src`` to ``dst`` in bits per second."""
+        return float(self._probe(src, dst, ["recv"], ["send", "--bytes", str(nbytes)], port)[
+            "bits_per_second"
+        ])  # fmt: skip
+
+    def measure_rtt(self, src: int = 0, dst: int = 1, count: int = 50, port: int = 5202) -> float:
+        """Return the median TCP round-trip time of a one-byte message, in seconds."""
+        out = self._probe(dst, src, ["echo"], ["ping", "--count", str(count)], port, result_from=1)
+        return float(out["rtt_median_seconds"])
+
+    def _probe(self, server: int, client: int, srv_args, cli_args, port, result_from=0) -> dict:
+        import json
+
+        # Run the probe as a script: importing the package would import torch (seconds).
+        base = [sys.executable, str(Path(__file__).with_name("probe.py"))]
+        addr = self.address(server)
+        srv = self.popen(server, [*base, srv_args[0], addr, str(port), *srv_args[1:]],
+                         stdout=subprocess.PIPE, text=True)  # fmt: skip
+        cli = self.popen(client, [*base, cli_args[0], addr, str(port), *cli_args[1:]],
+                         stdout=subprocess.PIPE, text=True)  # fmt: skip
+        outs = [srv.communicate(timeout=120)[0], cli.communicate(timeout=120)[0]]
+        if srv.returncode or cli.returncode:
+            raise ClusterError(f"link probe failed (exit codes {srv.returncode}, {cli.returncode})")
+        return json.loads(outs[result_from].strip().splitlines()[-1])
+
+
+def _raise_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _tails(files, ranks=None, nbytes: int = 2000) -> str:
+    out = []
+    for rank, f in enumerate(files):
+        if f is None or (ranks is not None and rank not in ranks):
+            continue
+        f.flush()
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - nbytes))
+        out.append(f"\n--- rank {rank} (last lines) ---\n" + f.read().decode(errors="replace"))
+    return "".join(out)

@@ -1,0 +1,96 @@
+"""Parse the rates and durations of tc's vocabulary: ``1gbit``, ``100mbit``, ``100us``, ``2ms``."""
+
+from __future__ import annotations
+
+import re
+
+# tc's units: "bit" suffixes are bits per second, "bps" suffixes bytes per second (SI powers).
+_RATE_UNITS = {
+    "bit": 1.0,
+    "kbit": 1e3,
+    "mbit": 1e6,
+    "gbit": 1e9,
+    "tbit": 1e12,
+    "bps": 8.0,
+    "kbps": 8e3,
+    "mbps": 8e6,
+    "gbps": 8e9,
+    "tbps": 8e12,
+}
+_TIME_UNITS = {"s": 1.0, "sec": 1.0, "ms": 1e-3, "msec": 1e-3, "us": 1e-6, "usec": 1e-6, "ns": 1e-9}
+_NUMBER = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def _split(text: str | float | int, what: str, units: dict[str, float], default: str) -> float:
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+        raise TypeError(f"{what} must be a string such as {default!r} or a number, got {text!r}")
+    if isinstance(text, (int, float)):
+        value, unit = float(text), ""
+    else:
+        m = _NUMBER.match(text)
+        if m is None:
+            raise ValueError(
+                f"cannot read {what} {text!r}; write a number and one of the units "
+                f"{', '.join(units)} (for example {default!r})"
+            )
+        value, unit = float(m.group(1)), m.group(2).lower()
+    if unit and unit not in units:
+        raise ValueError(
+            f"unknown unit {unit!r} in {what} {text!r}; allowed units: {', '.join(units)}"
+        )
+    return value * units[unit] if unit else value
+
+
+def parse_rate(text: str | float | int) -> float:
+    """Return a link rate in bits per second.
+
+    Args:
+        text: a number of bits per second, or tc's notation (``"1gbit"``, ``"100mbit"``,
+            ``"125mbps"`` = 125 megabytes per second).
+
+    Returns:
+        The rate in bits per second, positive.
+
+    Example:
+        >>> parse_rate("1gbit")
+        1000000000.0
+    """
+    rate = _split(text, "bandwidth", _RATE_UNITS, "1gbit")
+    if not rate > 0:
+        raise ValueError(f"bandwidth must be positive, got {text!r}")
+    return rate
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Return a duration in seconds from a number of seconds or ``"100us"``, ``"2ms"``, ``"1s"``.
+
+    Example:
+        >>> parse_duration("100us")
+        0.0001
+    """
+    value = _split(text, "duration", _TIME_UNITS, "100us")
+    if value < 0:
+        raise ValueError(f"duration must not be negative, got {text!r}")
+    return value
+
+
+def parse_count(text: str | int) -> int:
+    """Return an element count from ``"25M"``, ``"1m"``, ``"500k"``, ``"1e6"`` or an int.
+
+    Example:
+        >>> parse_count("25M")
+        25000000
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = float(text)
+    elif isinstance(text, str):
+        m = _NUMBER.match(text)
+        scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
+        if m is None or m.group(2).lower() not in scale:
+            raise ValueError(f"cannot read count {text!r}; write e.g. 1000000, 1e6, 500k or 25M")
+        value = float(m.group(1)) * scale[m.group(2).lower()]
+    else:
+        raise TypeError(f"count must be a string such as '25M' or an int, got {text!r}")
+    if value < 1 or value != int(value):
+        raise ValueError(f"count must be a positive whole number, got {text!r}")
+    return int(value)

@@ -1,0 +1,212 @@
+"""The emulated cluster builds shaped namespaces and removes everything it made, on every path."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from sparsetrain.cluster import (
+    ADDRESS_RANGE,
+    ClusterError,
+    ClusterPermissionError,
+    EmulatedCluster,
+    check_privileges,
+    cleanup,
+    list_namespaces,
+)
+
+
+def _can_build() -> str | None:
+    try:
+        check_privileges()
+    except ClusterPermissionError as e:
+        return str(e)
+    return None
+
+
+# Kernels without sch_netem shape bandwidth only and warn; that is expected here.
+pytestmark = pytest.mark.filterwarnings("ignore:this kernel has no sch_netem:RuntimeWarning")
+
+_REASON = _can_build()
+needs_root = pytest.mark.skipif(_REASON is not None, reason=f"needs root and ip netns: {_REASON}")
+
+
+def _host_state() -> tuple[str, str]:
+    """The host namespace's links and qdiscs (must be untouched by a cluster)."""
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    qdiscs = subprocess.run(["tc", "qdisc", "show"], capture_output=True, text=True).stdout
+    # Counters change between calls; compare names and kinds only.
+    links = "\n".join(sorted(line.split(":")[1].strip() for line in links.splitlines()))
+    qdiscs = "\n".join(sorted(" ".join(line.split()[:5]) for line in qdiscs.splitlines()))
+    return links, qdiscs
+
+
+def _qdiscs(ns: str, dev: str) -> str:
+    return subprocess.run(
+        ["tc", "-n", ns, "qdisc", "show", "dev", dev], capture_output=True, text=True
+    ).stdout
+
+
+@needs_root
+def test_builds_shaped_links_and_removes_everything():
+    before = _host_state()
+    with EmulatedCluster(3, bandwidth="200mbit", latency="100us") as cluster:
+        names = list_namespaces(cluster.prefix + "-")
+        assert names == sorted([f"{cluster.prefix}-{r}" for r in range(3)] + [cluster.hub])
+        for rank in range(3):
+            ns = cluster.namespace(rank)
+            assert "tbf" in _qdiscs(ns, cluster.interface)
+            assert "rate 200Mbit" in _qdiscs(ns, cluster.interface)
+            assert "tbf" in _qdiscs(cluster.hub, f"p{rank}")
+            addr = subprocess.run(
+                ["ip", "-n", ns, "-o", "-4", "addr", "show", "dev", cluster.interface],
+                capture_output=True,
+                text=True,
+            ).stdout
+            assert f"{cluster.address(rank)}/15" in addr
+            assert ADDRESS_RANGE.overlaps(__import__("ipaddress").ip_network(cluster.address(rank)))
+            lo = subprocess.run(
+                ["ip", "-n", ns, "link", "show", "lo"], capture_output=True, text=True
+            )
+            assert "UP" in lo.stdout
+            if cluster.latency_emulated:
+                assert "netem" in _qdiscs(ns, cluster.interface)
+        assert _host_state() == before  # the host namespace is never touched
+    assert list_namespaces(cluster.prefix) == []
+    assert _host_state() == before
+
+
+@needs_root
+def test_exception_inside_block_tears_down():
+    with pytest.raises(RuntimeError, match="boom"):
+        with EmulatedCluster(2) as cluster:
+            assert list_namespaces(cluster.prefix)
+            raise RuntimeError("boom")
+    assert list_namespaces(cluster.prefix) == []
+
+
+@needs_root
+def test_failing_rank_kills_the_others_and_reports(tmp_path):
+    script = "import os, sys, time\nif os.environ['RANK'] == '1': sys.exit(3)\ntime.sleep(60)\n"
+    with EmulatedCluster(3) as cluster:
+        t0 = time.monotonic()
+        with pytest.raises(ClusterError, match=r"rank\(s\) \[1\] exited with \[3\]"):
+            cluster.run([sys.executable, "-c", script], timeout=30, show_rank0=False)
+        assert time.monotonic() - t0 < 30  # did not wait for the sleepers
+        assert subprocess.run(["ip", "netns", "pids", cluster.namespace(0)],
+                              capture_output=True, text=True).stdout.strip() == ""  # fmt: skip
+    assert list_namespaces(cluster.prefix) == []
+
+
+@needs_root
+def test_ranks_reach_each_other_with_torchrun_environment(tmp_path):
+    out = tmp_path / "env"
+    script = textwrap.dedent(
+        f"""
+        import os, socket
+        r = int(os.environ["RANK"])
+        with open("{out}" + str(r), "w") as f:
+            f.write(os.environ["MASTER_ADDR"] + " " + os.environ["WORLD_SIZE"] + " " +
+                    os.environ["GLOO_SOCKET_IFNAME"])
+        if r == 0:
+            s = socket.create_server((os.environ["MASTER_ADDR"], 29511)); c, _ = s.accept()
+            assert c.recv(5) == b"hello"
+        else:
+            import time
+            for _ in range(100):
+                try:
+                    socket.create_connection((os.environ["MASTER_ADDR"], 29511)).sendall(b"hello")
+                    break
+                except OSError:
+                    time.sleep(0.05)
+            else:
+                raise SystemExit(1)
+        """
+    )
+    with EmulatedCluster(2) as cluster:
+        cluster.run([sys.executable, "-c", script], timeout=30, show_rank0=False)
+        assert (tmp_path / "env1").read_text() == f"{cluster.address(0)} 2 {cluster.interface}"
+
+
+@needs_root
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_tears_down(tmp_path, sig):
+    ready = tmp_path / "ready"
+    script = textwrap.dedent(
+        f"""
+        import time
+        from sparsetrain.cluster import EmulatedCluster
+        with EmulatedCluster(2) as c:
+            open("{ready}", "w").write(c.prefix)
+            time.sleep(60)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
+    try:
+        for _ in range(300):
+            if ready.exists() and ready.read_text():
+                break
+            time.sleep(0.05)
+        prefix = ready.read_text()
+        assert list_namespaces(prefix)
+        proc.send_signal(sig)
+        proc.wait(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert list_namespaces(prefix) == []
+
+
+@needs_root
+def test_cleanup_removes_leftovers_of_dead_runs_only():
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = f"st-{dead.pid}-dead-0"
+    live = f"st-{os.getppid()}-live-0"  # our parent (pytest's launcher or shell) is alive
+    for ns in (stale, live):
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        removed = cleanup()
+        assert stale in removed
+        assert live not in removed and live in list_namespaces(live)
+        assert live in cleanup(live, include_live=True)
+    finally:
+        for ns in (stale, live):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    assert list_namespaces(stale) == [] and list_namespaces(live) == []
+
+
+def test_without_root_refuses_and_creates_nothing(monkeypatch):
+    before = list_namespaces() if shutil.which("ip") else []
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(ClusterPermissionError, match="needs root"):
+        with EmulatedCluster(2):
+            pass
+    with pytest.raises(ClusterPermissionError, match="needs root"):
+        cleanup()
+    assert (list_namespaces() if shutil.which("ip") else []) == before
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"ranks": 1}, ValueError),
+        ({"ranks": 2.0}, TypeError),
+        ({"ranks": 2, "bandwidth": "1 gigabit"}, ValueError),
+        ({"ranks": 2, "bandwidth": "0gbit"}, ValueError),
+        ({"ranks": 2, "latency": "-1ms"}, ValueError),
+        ({"ranks": 2, "latency": "5 fortnights"}, ValueError),
+        ({"ranks": 2, "mtu": 10}, ValueError),
+    ],
+)
+def test_bad_options_are_refused_before_anything_is_built(kwargs, error):
+    with pytest.raises(error):
+        EmulatedCluster(**kwargs)
