@@ -1,0 +1,158 @@
+"""The DDP hook and GradientSync on real gloo ranks: equivalence, checkpoints, bad input."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import sparsetrain
+
+from .harness import oks, run_world
+
+# Every compressor with a loss-less setting, and that setting.
+LOSSLESS = [
+    ("none", {}),
+    ("fp16", {}),  # loss-less up to half precision: compared with a half-precision tolerance
+    ("topk", {"density": 1.0}),
+    ("threshold", {"density": 1.0}),
+    ("randomk", {"density": 1.0}),
+    ("powersgd", {"rank": 64}),
+]
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 5)
+    )
+
+
+def _batch(rank: int, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    return torch.randn(16, 12, generator=g), torch.randint(0, 5, (16,), generator=g)
+
+
+def _reference_grads(net: nn.Module, rank: int, world: int) -> torch.Tensor:
+    ref = _net()
+    ref.load_state_dict(net.state_dict())
+    x, y = _batch(rank)
+    nn.functional.cross_entropy(ref(x), y).backward()
+    flat = torch.cat([p.grad.reshape(-1) for p in ref.parameters()])
+    dist.all_reduce(flat)
+    return flat / world
+
+
+def _equivalence(rank: int, world: int) -> dict:
+    errors = {}
+    for name, opts in LOSSLESS:
+        for how in ("ddp", "gradient_sync"):
+            torch.manual_seed(0)
+            net = _net()
+            x, y = _batch(rank)
+            if how == "ddp":
+                model = DDP(net)
+                sparsetrain.register_ddp_hook(model, name, **opts)
+                nn.functional.cross_entropy(model(x), y).backward()
+            else:
+                sync = sparsetrain.GradientSync(net, name, **opts)
+                nn.functional.cross_entropy(net(x), y).backward()
+                assert sync.synchronize()
+            got = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
+            errors[(name, how)] = float((got - _reference_grads(net, rank, world)).abs().max())
+    return errors
+
+
+def test_lossless_settings_equal_plain_ddp(tmp_path):
+    for errs in oks(run_world(_equivalence, 3, tmp_path)):
+        for (name, how), err in errs.items():
+            tol = 2e-3 if name == "fp16" else 1e-5
+            assert err <= tol, f"{name} via {how}: max |hook - DDP| = {err}"
+
+
+# ---- checkpoint: 30 + 30 steps after a restart == 60 steps, bit for bit ----------------------
+def _train(
+    rank: int, world: int, path: str, start: int, stop: int, save_at: int | None
+) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    net = _net()
+    model = DDP(net)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    state = sparsetrain.register_ddp_hook(model, "threshold", density=0.05, reestimate_every=7)
+    if start:
+        ckpt = torch.load(f"{path}.{rank}", weights_only=False)
+        net.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optim"])
+        state.load_state_dict(ckpt["hook"])
+    for step in range(start, stop):
+        x, y = _batch(rank, step)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if save_at is not None and step + 1 == save_at:
+            torch.save(
+                {"model": net.state_dict(), "optim": opt.state_dict(), "hook": state.state_dict()},
+                f"{path}.{rank}",
+            )
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def test_checkpoint_resume_is_bit_exact(tmp_path):
+    path = str(tmp_path / "ckpt")
+    straight = oks(run_world(_train, 2, tmp_path, path, 0, 60, 30))
+    resumed = oks(run_world(_train, 2, tmp_path, path, 30, 60, None))
+    for a_rank, b_rank in zip(straight, resumed):
+        for a, b in zip(a_rank, b_rank):
+            assert torch.equal(a, b), "resumed run differs from the uninterrupted one"
+
+
+# ---- bad input: an error on every rank, never a hang ---------------------------------------
+def _bad_input(rank: int, world: int) -> dict:
+    out = {}
+    # 1. options that differ across ranks
+    try:
+        sparsetrain.register_ddp_hook(DDP(_net()), "topk", density=0.01 if rank == 0 else 0.02)
+        out["mismatch"] = None
+    except ValueError as e:
+        out["mismatch"] = str(e)
+    # 2. NaN in one rank's gradient, on_nonfinite="raise"
+    for mode in ("raise", "skip"):
+        torch.manual_seed(0)
+        net = _net()
+        model = DDP(net)
+        state = sparsetrain.register_ddp_hook(model, "topk", density=0.1, on_nonfinite=mode)
+        x, y = _batch(rank)
+        if rank == 1:
+            x[0, 0] = float("nan")
+        try:
+            nn.functional.cross_entropy(model(x), y).backward()
+            out[mode] = {
+                "skipped": state.skipped_last_step,
+                "zero": all(bool((p.grad == 0).all()) for p in net.parameters()),
+            }
+        except Exception as e:  # noqa: BLE001
+            out[mode] = str(e)
+    # GradientSync with skip: every rank skips
+    torch.manual_seed(0)
+    net = _net()
+    sync = sparsetrain.GradientSync(net, "threshold", density=0.1, on_nonfinite="skip")
+    x, y = _batch(rank)
+    nn.functional.cross_entropy(net(x), y).backward()
+    if rank == 0:
+        next(net.parameters()).grad[0, 0] = float("inf")
+    out["gs_skip"] = (sync.synchronize(), sync.stats()["skipped_steps"])
+    return out
+
+
+def test_bad_input_errors_on_every_rank(tmp_path):
+    results = oks(run_world(_bad_input, 2, tmp_path))
+    for r in results:
+        assert r["mismatch"] and "disagree" in r["mismatch"] and "density" in r["mismatch"], r[
+            "mismatch"
+        ]
+        assert (
+            isinstance(r["raise"], str) and "non-finite" in r["raise"] and "on rank 1" in r["raise"]
+        ), r["raise"]
+        assert ".weight" in r["raise"]  # names the parameter
+        assert r["skip"] == {"skipped": True, "zero": True}
+        assert r["gs_skip"] == (False, 1)

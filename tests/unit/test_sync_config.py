@@ -1,0 +1,78 @@
+"""Bad options are refused when the hook or GradientSync is built, with messages that help."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import sparsetrain
+from sparsetrain.compressors import check_floating
+
+
+def _model() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+@pytest.mark.parametrize("density", [0, -0.1, 1.5, float("nan")])
+def test_density_outside_unit_interval_is_refused(density):
+    with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
+        sparsetrain.GradientSync(_model(), "topk", density=density)
+
+
+def test_unknown_compressor_lists_the_valid_names():
+    with pytest.raises(ValueError) as e:
+        sparsetrain.GradientSync(_model(), "top-k")
+    assert "unknown compressor 'top-k'" in str(e.value)
+    for name in sparsetrain.available_compressors():
+        assert name in str(e.value)
+
+
+def test_option_the_compressor_does_not_take_is_named():
+    with pytest.raises(ValueError, match="does not take option.*levels"):
+        sparsetrain.GradientSync(_model(), "topk", levels=4)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"on_nonfinite": "ignore"}, "on_nonfinite must be one of"),
+        ({"dense_warmup_steps": -1}, "dense_warmup_steps"),
+        ({"collective": "ring"}, "unknown collective 'ring'"),
+        ({"byzantine": 1}, "needs an attack"),
+    ],
+)
+def test_bad_sync_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        sparsetrain.GradientSync(_model(), "topk", density=0.1, **options)
+
+
+def test_sparse_collective_with_dense_compressor_is_refused():
+    with pytest.raises(ValueError, match="reduces sparse payloads"):
+        sparsetrain.SyncConfig(compressor="none", collective="auto")
+
+
+def test_non_floating_gradient_is_refused():
+    with pytest.raises(TypeError, match="floating-point"):
+        check_floating(torch.ones(3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="floating-point"):
+        sparsetrain.get_compressor("topk", density=0.5).compress(torch.arange(4))
+
+
+def test_hook_needs_a_ddp_model():
+    with pytest.raises(TypeError, match="DistributedDataParallel"):
+        sparsetrain.register_ddp_hook(_model(), "topk")
+
+
+def test_single_process_sync_is_the_identity_for_lossless_settings():
+    torch.manual_seed(0)
+    model = _model()
+    sync = sparsetrain.GradientSync(model, "topk", density=1.0, bucket_cap_mb=0.0001)
+    model(torch.randn(3, 4)).sum().backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    assert sync.synchronize()
+    for b, p in zip(before, model.parameters()):
+        torch.testing.assert_close(p.grad, b)
+    stats = sync.stats()
+    assert stats["steps"] == 1 and stats["bytes_sent"] == 0  # one rank: nothing crosses a wire
+    assert len(sync.buckets) > 1  # the tiny cap split the model
