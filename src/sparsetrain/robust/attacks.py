@@ -1,0 +1,381 @@
+"""Byzantine attacks, registered by name, for experiments with robust aggregation.
+
+A Byzantine worker is an ordinary worker whose gradient is replaced before it is sent. An attack
+is called with the gradients the Byzantine workers computed honestly (``own``, one row a worker)
+and returns the rows they send. *Omniscient* attacks (``omniscient = True``: ALIE, IPM, the
+safeguard attack) also need the honest workers' gradients of the step (``honest``); the
+exchange gets them to the attackers first (see ``sparsetrain.sync.robust_exchange``).
+
+``label_flip`` is a data attack: it leaves the gradient alone, and the trainer computes the
+Byzantine workers' loss on labels mapped by :meth:`Attack.flip_labels` when ``flips_labels``.
+
+``get_attack("alie", n=10, f=4)`` builds one; ``available_attacks()`` lists the names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .base import check_int, check_positive, generator_for, key_seed
+
+_ATTACKS: dict[str, type[Attack]] = {}
+
+
+def register_attack(name: str):
+    """Class decorator: register an attack under ``name``."""
+
+    def wrap(cls: type[Attack]) -> type[Attack]:
+        if name in _ATTACKS and _ATTACKS[name] is not cls:
+            raise ValueError(f"attack name {name!r} is already registered by {_ATTACKS[name]}")
+        cls.name = name
+        _ATTACKS[name] = cls
+        return cls
+
+    return wrap
+
+
+def available_attacks() -> list[str]:
+    """Return the registered attack names, sorted."""
+    return sorted(_ATTACKS)
+
+
+def get_attack(name: str, *, n: int, f: int, **options: Any) -> Attack:
+    """Build the attack registered as ``name`` for ``n`` workers of which ``f`` are Byzantine.
+
+    Raises:
+        ValueError: unknown name or option (the message lists the valid ones), bad n or f.
+    """
+    if not isinstance(name, str) or name not in _ATTACKS:
+        raise ValueError(
+            f"unknown attack {name!r}; valid names are: {', '.join(available_attacks())}"
+        )
+    cls = _ATTACKS[name]
+    allowed = [x.name for x in dataclasses.fields(cls) if x.init and x.name not in ("n", "f")]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"attack {name!r} does not take option(s) {unknown}; "
+            f"it takes: {', '.join(allowed) if allowed else 'no options'}"
+        )
+    return cls(n=n, f=f, **options)
+
+
+@dataclass
+class Attack:
+    """Base class of the attacks.
+
+    Args:
+        n: number of workers in all.
+        f: number of Byzantine workers (they collude).
+    """
+
+    n: int
+    f: int
+
+    name: ClassVar[str] = ""
+    omniscient: ClassVar[bool] = False
+    flips_labels: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        check_int(self.n, "n (number of workers)", 1)
+        check_int(self.f, "f (number of Byzantine workers)", 0)
+        if self.f >= self.n:
+            raise ValueError(f"f must be smaller than n; got n={self.n}, f={self.f}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Check the options."""
+
+    def forge(
+        self, own: Tensor, honest: Tensor | None, key: str, step: int, workers: Sequence[int]
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        own: Tensor,
+        *,
+        honest: Tensor | None = None,
+        key: str = "",
+        step: int = 0,
+        workers: Sequence[int] | None = None,
+    ) -> Tensor:
+        """Return what the Byzantine workers send instead of ``own``.
+
+        Args:
+            own: the gradients they computed, [b, d] (or [d] for one worker).
+            honest: the honest workers' gradients of this step, [h, d]; omniscient attacks need it.
+            key: the bucket or tensor name (stateful attacks keep state per key).
+            step: the optimizer step (seeds random attacks).
+            workers: the Byzantine workers' indices (seeds random attacks per worker); default
+                0..b-1.
+
+        Returns:
+            A tensor shaped like ``own``.
+        """
+        single = own.dim() == 1
+        rows = own[None] if single else own
+        if rows.dim() != 2:
+            raise ValueError(f"own gradients must be [b, d] or [d], got shape {tuple(own.shape)}")
+        if self.omniscient:
+            if honest is None or honest.dim() != 2 or honest.shape[0] == 0:
+                raise ValueError(
+                    f"attack {self.name!r} is omniscient: pass the honest gradients as honest=[h, d]"
+                )
+            if honest.shape[1] != rows.shape[1]:
+                raise ValueError(
+                    f"honest rows have {honest.shape[1]} entries, own rows {rows.shape[1]}"
+                )
+        workers = list(range(rows.shape[0])) if workers is None else list(workers)
+        if len(workers) != rows.shape[0]:
+            raise ValueError(f"got {len(workers)} worker indices for {rows.shape[0]} rows")
+        out = self.forge(rows, honest, key, step, workers)
+        return out[0] if single else out
+
+    def flip_labels(self, y: Tensor, num_classes: int) -> Tensor:
+        """Return the labels a Byzantine worker trains on (unchanged unless ``flips_labels``)."""
+        return y
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"attack {self.name!r} keeps no state, got keys {sorted(state)}")
+
+
+@register_attack("sign_flip")
+@dataclass
+class SignFlip(Attack):
+    """Send the gradient negated and multiplied by ``scale``: -scale * g.
+
+    Args:
+        scale: > 0; 1 is the plain sign flip, 10 the -10x flip that breaks the mean.
+
+    Example:
+        >>> SignFlip(n=4, f=1, scale=10.0)(torch.tensor([1.0, -2.0]))
+        tensor([-10.,  20.])
+    """
+
+    scale: float = 1.0
+
+    def validate(self) -> None:
+        check_positive(self.scale, "scale")
+
+    def forge(self, own, honest, key, step, workers):
+        return own * -self.scale
+
+
+@register_attack("label_flip")
+@dataclass
+class LabelFlip(Attack):
+    """Train on flipped labels y -> num_classes - 1 - y; send that gradient unchanged.
+
+    A data attack (the SafeguardSGD paper maps CIFAR-10 label l to 9 - l): the trainer checks
+    ``flips_labels`` and computes a Byzantine worker's loss on :meth:`flip_labels` of its labels.
+
+    Example:
+        >>> LabelFlip(n=4, f=1).flip_labels(torch.tensor([0, 3, 9]), 10)
+        tensor([9, 6, 0])
+    """
+
+    flips_labels: ClassVar[bool] = True
+
+    def forge(self, own, honest, key, step, workers):
+        return own
+
+    def flip_labels(self, y: Tensor, num_classes: int) -> Tensor:
+        return num_classes - 1 - y
+
+
+@register_attack("gaussian")
+@dataclass
+class Gaussian(Attack):
+    """Send random noise N(mean, std^2 I) instead of the gradient.
+
+    Each worker's noise is seeded by (seed, step, key, worker), so a run is reproducible.
+
+    Args:
+        std: standard deviation of every entry.
+        mean: mean of every entry.
+        seed: seed of the noise.
+    """
+
+    std: float = 1.0
+    mean: float = 0.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        check_positive(self.std, "std")
+        if not isinstance(self.mean, (int, float)) or isinstance(self.mean, bool):
+            raise TypeError(f"mean must be a number, got {self.mean!r}")
+        check_int(self.seed, "seed", 0)
+
+    def forge(self, own, honest, key, step, workers):
+        out = torch.empty_like(own)
+        for row, worker in enumerate(workers):
+            g = generator_for(own.device, key_seed(self.seed * 100_003 + worker, step, key))
+            out[row] = torch.randn(own.shape[1], generator=g, device=own.device, dtype=own.dtype)
+        return out * self.std + self.mean
+
+
+@register_attack("zero")
+@dataclass
+class Zero(Attack):
+    """Send a zero gradient (a crashed or lazy worker that still answers)."""
+
+    def forge(self, own, honest, key, step, workers):
+        return torch.zeros_like(own)
+
+
+@register_attack("delayed")
+@dataclass
+class Delayed(Attack):
+    """Send the gradient computed ``delay`` steps ago (the oldest one kept during the first steps).
+
+    The SafeguardSGD paper uses a delay of 1000 iterations on CIFAR-10; history is kept per key,
+    so memory is ``delay`` gradients of every Byzantine worker.
+
+    Args:
+        delay: steps of staleness, >= 1.
+    """
+
+    delay: int = 100
+    _history: dict[str, deque] = field(default_factory=dict, init=False, repr=False)
+
+    def validate(self) -> None:
+        check_int(self.delay, "delay", 1)
+
+    def forge(self, own, honest, key, step, workers):
+        hist = self._history.setdefault(key, deque(maxlen=self.delay + 1))
+        hist.append(own.detach().clone())
+        old = hist[0]
+        if old.shape != own.shape:
+            raise ValueError(f"delayed attack: the gradient of key {key!r} changed shape")
+        return old.clone()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": {k: [t.clone() for t in h] for k, h in self._history.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._history = {
+            k: deque((t.clone() for t in h), maxlen=self.delay + 1)
+            for k, h in state.get("history", {}).items()
+        }
+
+
+def honest_std(honest: Tensor) -> Tensor:
+    h = honest.float() if honest.dtype in (torch.float16, torch.bfloat16) else honest
+    if h.shape[0] < 2:
+        return torch.zeros_like(h[0])
+    return h.std(dim=0)
+
+
+@register_attack("alie")
+@dataclass
+class ALittleIsEnough(Attack):
+    """Send mean - z * std of the honest gradients (coordinate-wise), the same from every attacker.
+
+    Baruch, Baruch, Goldberg, "A Little Is Enough: Circumventing Defenses For Distributed
+    Learning", NeurIPS 2019: with s = floor(n/2 + 1) - f workers needed for a majority,
+    z = Phi^{-1}((n - s) / n) is the largest shift that the attackers can make while staying
+    closer to the mean than enough honest workers to win a median-based vote. Omniscient.
+
+    Args:
+        z: the shift in standard deviations; None computes it from n and f as above.
+
+    Example:
+        >>> round(ALittleIsEnough(n=10, f=4).z_value, 4)
+        0.8416
+    """
+
+    z: float | None = None
+    omniscient: ClassVar[bool] = True
+
+    def validate(self) -> None:
+        if self.z is not None:
+            if (
+                not isinstance(self.z, (int, float))
+                or isinstance(self.z, bool)
+                or not math.isfinite(self.z)
+            ):
+                raise TypeError(f"z must be a finite number, got {self.z!r}")
+            return
+        s = math.floor(self.n / 2 + 1) - self.f
+        if s < 1:
+            raise ValueError(
+                f"ALIE's z is defined for f < n/2 + 1 - 1 (s = floor(n/2 + 1) - f >= 1); "
+                f"got n={self.n}, f={self.f}: pass z explicitly"
+            )
+
+    @property
+    def z_value(self) -> float:
+        if self.z is not None:
+            return float(self.z)
+        s = math.floor(self.n / 2 + 1) - self.f
+        return float(torch.special.ndtri(torch.tensor((self.n - s) / self.n, dtype=torch.float64)))
+
+    def forge(self, own, honest, key, step, workers):
+        h = honest.float() if honest.dtype in (torch.float16, torch.bfloat16) else honest
+        vec = h.mean(dim=0) - self.z_value * honest_std(h)
+        return vec.to(own.dtype).expand_as(own).clone()
+
+
+@register_attack("ipm")
+@dataclass
+class InnerProductManipulation(Attack):
+    """Send -epsilon times the mean of the honest gradients, the same from every attacker.
+
+    Xie, Koyejo, Gupta, "Fall of Empires: Breaking Byzantine-tolerant SGD by Inner Product
+    Manipulation", UAI 2019: a small epsilon (0.1) keeps the vectors close to the honest ones so
+    median- and Krum-like rules pick them, while the inner product of the aggregate with the
+    true gradient turns negative. Omniscient.
+
+    Args:
+        epsilon: > 0.
+
+    Example:
+        >>> InnerProductManipulation(n=3, f=1, epsilon=0.5)(
+        ...     torch.zeros(1, 2), honest=torch.tensor([[2.0, 0.0], [0.0, 2.0]]))
+        tensor([[-0.5000, -0.5000]])
+    """
+
+    epsilon: float = 0.1
+    omniscient: ClassVar[bool] = True
+
+    def validate(self) -> None:
+        check_positive(self.epsilon, "epsilon")
+
+    def forge(self, own, honest, key, step, workers):
+        return (-self.epsilon * honest.mean(dim=0)).to(own.dtype).expand_as(own).clone()
+
+
+@register_attack("safeguard")
+@dataclass
+class SafeguardAttack(InnerProductManipulation):
+    """Send the honest mean negated and rescaled, -scale * mean (the "safeguard attack").
+
+    Allen-Zhu, Ebrahimian, Li, Alistarh (ICLR 2021), Section 5: "Byzantine workers send negative
+    but re-scaled gradient", an instance of the inner-product attack tuned against SafeguardSGD:
+    a scale of 0.4 (0.5 in their appendix) keeps the attackers' accumulations within the
+    safeguard's thresholds, so they are not removed while they slow descent. Omniscient; the
+    vector equals ``ipm`` with epsilon = scale, under the paper's name and default.
+
+    Args:
+        scale: > 0, the paper's re-scale factor.
+    """
+
+    epsilon: float = field(default=0.4, init=False, repr=False)
+    scale: float = 0.4
+
+    def validate(self) -> None:
+        check_positive(self.scale, "scale")
+        self.epsilon = float(self.scale)

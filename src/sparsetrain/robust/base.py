@@ -1,0 +1,196 @@
+"""The aggregator contract, its registry and the tensor helpers the rules share.
+
+An aggregator is a small dataclass whose fields are ``n`` (workers), ``f`` (Byzantine workers it
+must tolerate) and its options, validated at construction. Calling it on the ``[n, d]`` matrix of
+the workers' gradients returns the ``[d]`` update. Stateful rules (centered clipping, SafeguardSGD)
+keep their state keyed by ``key`` (a DDP bucket, a parameter group) and update it once an
+optimizer step in :meth:`Aggregator.end_step`.
+
+Every rule is a pure function of its inputs and state, computed with the same torch ops on every
+rank, so all ranks that feed it the same matrix get the same result bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+_REGISTRY: dict[str, type[Aggregator]] = {}
+
+
+def register_aggregator(name: str):
+    """Class decorator: register an aggregation rule under ``name``."""
+
+    def wrap(cls: type[Aggregator]) -> type[Aggregator]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"aggregator name {name!r} is already registered by {_REGISTRY[name]}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def available_aggregators() -> list[str]:
+    """Return the registered aggregator names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def aggregator_class(name: str) -> type[Aggregator]:
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(
+            f"unknown aggregator {name!r}; valid names are: {', '.join(available_aggregators())}"
+        )
+    return _REGISTRY[name]
+
+
+def check_int(value: Any, what: str, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{what} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{what} must be >= {minimum}, got {value}")
+
+
+def check_positive(value: Any, what: str, allow_zero: bool = False) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{what} must be a number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero) or value != value:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{what} must be {bound}, got {value}")
+
+
+@dataclass
+class Aggregator:
+    """Base class of the aggregation rules.
+
+    Args:
+        n: number of workers (rows of the gradient matrix).
+        f: number of Byzantine workers the rule must tolerate; each rule states the ``n`` it
+            needs for a given ``f`` (``requirement``) and refuses less at construction.
+    """
+
+    n: int
+    f: int = 0
+
+    name: ClassVar[str] = ""
+    stateless: ClassVar[bool] = True
+    requirement: ClassVar[str] = "n >= 1"
+
+    def __post_init__(self) -> None:
+        check_int(self.n, "n (number of workers)", 1)
+        check_int(self.f, "f (number of Byzantine workers)", 0)
+        if self.f >= self.n:
+            raise ValueError(f"f must be smaller than n; got n={self.n}, f={self.f}")
+        if self.n < self.min_workers(self.f):
+            raise ValueError(
+                f"aggregator {self.name!r} needs {self.requirement}, so at least "
+                f"{self.min_workers(self.f)} workers for f={self.f}; got n={self.n}. "
+                "Lower f or use more workers."
+            )
+        self.validate()
+
+    # ---- what a rule defines -----------------------------------------------------------
+    @classmethod
+    def min_workers(cls, f: int) -> int:
+        """Return the smallest ``n`` the rule accepts for ``f`` Byzantine workers."""
+        return 1
+
+    def validate(self) -> None:
+        """Check the options (raise ValueError/TypeError naming the option)."""
+
+    def aggregate(self, grads: Tensor, key: str) -> Tensor:
+        raise NotImplementedError
+
+    # ---- the common interface ----------------------------------------------------------
+    def __call__(self, grads: Tensor, *, key: str = "") -> Tensor:
+        """Aggregate ``grads`` ([n, d], one row a worker) into a [d] tensor."""
+        check_grads(grads, self.n)
+        return self.aggregate(grads, key)
+
+    def end_step(self) -> None:
+        """Close an optimizer step (after the last key of the step)."""
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+    def options(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"aggregator {self.name!r} keeps no state, got keys {sorted(state)}")
+
+
+def check_grads(grads: Tensor, n: int) -> None:
+    if not isinstance(grads, Tensor):
+        raise TypeError(
+            f"gradients must be a torch.Tensor of shape [n, d], got {type(grads).__name__}"
+        )
+    if grads.dim() != 2:
+        raise ValueError(
+            f"gradients must have shape [n, d] (one row a worker), got {tuple(grads.shape)}"
+        )
+    if grads.shape[0] != n:
+        raise ValueError(
+            f"this aggregator was built for n={n} workers but got {grads.shape[0]} rows"
+        )
+    if not grads.is_floating_point():
+        raise TypeError(f"gradients must be floating point, got {grads.dtype}")
+
+
+def option_names(cls: type[Aggregator]) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("n", "f")]
+
+
+def build(name: str, n: int, f: int, options: dict[str, Any]) -> Aggregator:
+    cls = aggregator_class(name)
+    allowed = option_names(cls)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"aggregator {name!r} does not take option(s) {unknown}; "
+            f"it takes: {', '.join(allowed) if allowed else 'no options'}"
+        )
+    return cls(n=n, f=f, **options)
+
+
+# ---- shared tensor helpers ---------------------------------------------------------------
+def work_dtype(t: Tensor) -> Tensor:
+    """Return ``t`` in a dtype precise enough for distances and sorting (float32 or wider)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def pairwise_sq_dists(x: Tensor) -> Tensor:
+    """Return the [n, n] matrix of squared Euclidean distances between the rows of ``x``.
+
+    Computed from the differences, not from the Gram matrix, so near-identical rows do not
+    suffer cancellation and the matrix is exactly symmetric with a zero diagonal.
+    """
+    x = work_dtype(x)
+    d = torch.cdist(x[None], x[None], compute_mode="donot_use_mm_for_euclid_dist")[0]
+    return d.square()
+
+
+def sorted_rows(x: Tensor) -> Tensor:
+    """Sort each coordinate over the workers (dim 0)."""
+    return torch.sort(work_dtype(x), dim=0).values
+
+
+def key_seed(seed: int, step: int, key: str) -> int:
+    """Return a 63-bit seed from (seed, step, key), the same in every process."""
+    mix = zlib.crc32(f"{seed}:{step}:{key}".encode())
+    return (int(seed) * 1_000_003 + int(step) * 7_919 + mix) % (2**63 - 1)
+
+
+def generator_for(device: torch.device, seed: int) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g

@@ -1,0 +1,90 @@
+"""Centered clipping around the previous aggregate (Karimireddy, He, Jaggi, ICML 2021)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import Aggregator, check_int, check_positive, register_aggregator
+
+
+@register_aggregator("centered_clipping")
+@dataclass
+class CenteredClipping(Aggregator):
+    """Clip every worker's difference to the previous aggregate to radius ``tau``; average.
+
+    Steps, for each key: (optionally) update the workers' momenta m_i <- beta m_i + (1 - beta) x_i
+    and use them as the inputs x_i; start from the anchor v (the previous output for this key,
+    zero at first); repeat ``iterations`` times
+    v <- v + mean_i (x_i - v) * min(1, tau / ||x_i - v||); store v as the next anchor and return
+    it. Karimireddy, He, Jaggi, "Learning from History for Byzantine Robust Optimization",
+    ICML 2021: the momentum anchor is what makes the rule hold against time-coupled attacks.
+    With ``momentum > 0`` the output is an averaged momentum: pair it with plain SGD.
+
+    Args:
+        tau: clipping radius (same units as the gradients).
+        iterations: clipping iterations a step (the paper uses 1 with the anchor).
+        momentum: worker momentum beta in [0, 1); 0 uses the gradients as they are.
+
+    Example:
+        >>> cc = CenteredClipping(n=3, f=1, tau=1.0)
+        >>> cc(torch.tensor([[0.5], [0.5], [100.0]]))
+        tensor([0.6667])
+    """
+
+    tau: float = 1.0
+    iterations: int = 1
+    momentum: float = 0.0
+    requirement = "n > 2f"
+    _anchor: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False)
+    _momenta: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False)
+
+    stateless = False
+
+    @classmethod
+    def min_workers(cls, f: int) -> int:
+        return 2 * f + 1
+
+    def validate(self) -> None:
+        check_positive(self.tau, "tau")
+        check_int(self.iterations, "iterations", 1)
+        check_positive(self.momentum, "momentum", allow_zero=True)
+        if self.momentum >= 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+
+    def aggregate(self, grads: Tensor, key: str) -> Tensor:
+        x = grads
+        if self.momentum > 0:
+            m = self._momenta.get(key)
+            m = (
+                (1 - self.momentum) * x
+                if m is None
+                else self.momentum * m + (1 - self.momentum) * x
+            )
+            self._momenta[key] = m
+            x = m
+        v = self._anchor.get(key)
+        v = torch.zeros_like(x[0]) if v is None else v.to(x.dtype)
+        for _ in range(self.iterations):
+            diff = x - v
+            norm = torch.linalg.vector_norm(diff, dim=1, keepdim=True)
+            scale = torch.clamp(self.tau / norm.clamp_min(torch.finfo(norm.dtype).tiny), max=1.0)
+            v = v + (diff * scale).mean(dim=0)
+        self._anchor[key] = v.detach().clone()
+        return v
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "anchor": {k: v.clone() for k, v in self._anchor.items()},
+            "momenta": {k: v.clone() for k, v in self._momenta.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unknown = sorted(set(state) - {"anchor", "momenta"})
+        if unknown:
+            raise ValueError(f"centered_clipping state has unknown keys {unknown}")
+        self._anchor = {k: v.clone() for k, v in state.get("anchor", {}).items()}
+        self._momenta = {k: v.clone() for k, v in state.get("momenta", {}).items()}

@@ -1,0 +1,222 @@
+"""The history-less robust aggregation rules: mean, median, trimmed mean, Krum, Multi-Krum and the
+geometric median."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .base import (
+    Aggregator,
+    check_int,
+    check_positive,
+    pairwise_sq_dists,
+    register_aggregator,
+    sorted_rows,
+)
+
+
+@register_aggregator("mean")
+@dataclass
+class Mean(Aggregator):
+    """Average the workers' gradients: plain data-parallel SGD, no defence (any ``f``).
+
+    Example:
+        >>> Mean(n=2)(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+        tensor([2., 3.])
+    """
+
+    def aggregate(self, grads: Tensor, key: str) -> Tensor:
+        return grads.mean(dim=0)
+
+
+def coordinate_median(grads: Tensor) -> Tensor:
+    """Return the coordinate-wise median (mean of the two middle values when n is even)."""
+    n = grads.shape[0]
+    s = sorted_rows(grads)
+    mid = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+    return mid.to(grads.dtype)
+
+
+@register_aggregator("median")
+@dataclass
+class CoordinateMedian(Aggregator):
+    """Take the median of every coordinate over the workers.
+
+    Steps: sort each coordinate over the n workers; take the middle value (the mean of the two
+    middle values when n is even). Tolerates f < n/2 (Yin, Chen, Ramchandran, Bartlett,
+    "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates", ICML 2018).
+
+    Example:
+        >>> CoordinateMedian(n=3, f=1)(torch.tensor([[1.0, 9.0], [2.0, 0.0], [100.0, 1.0]]))
+        tensor([2., 1.])
+    """
+
+    requirement = "n > 2f"
+
+    @classmethod
+    def min_workers(cls, f: int) -> int:
+        return 2 * f + 1
+
+    def aggregate(self, grads: Tensor, key: str) -> Tensor:
+        return coordinate_median(grads)
+
+
+@register_aggregator("trimmed_mean")
+@dataclass
+class TrimmedMean(Aggregator):
+    """Drop the ``trim`` largest and ``trim`` smallest values of every coordinate; average the rest.
+
+    Steps: sort each coordinate over the workers; average positions ``trim .. n - trim - 1``
+    (Yin et al., ICML 2018, coordinate-wise trimmed mean).
+
+    Args:
+        trim: values dropped at each end; None means f. Needs n > 2 * trim.
+
+    Example:
+        >>> TrimmedMean(n=4, f=1)(torch.tensor([[0.0], [1.0], [3.0], [50.0]]))
+        tensor([2.])
+    """
+
+    trim: int | None = None
+    requirement = "n > 2f"
+
+    @classmethod
+    def min_workers(cls, f: int) -> int:
+        return 2 * f + 1
+
+    def validate(self) -> None:
+        if self.trim is not None:
+            check_int(self.trim, "trim", 0)
+            if self.n <= 2 * self.trim:
+                raise ValueError(
+                    f"trim={self.trim} drops every value of n={self.n} workers; need n > 2*trim"
+                )
+
+    def aggregate(self, grads: Tensor, key: str) -> Tensor:
+        b = self.f if self.trim is None else self.trim
+        s = sorted_rows(grads)
+        return s[b : self.n - b].mean(dim=0).to(grads.dtype)
+
+
+def krum_scores(grads: Tensor, f: int) -> Tensor:
+    """Return each worker's Krum score: the sum of squared distances to its n - f - 2 nearest peers."""
+    n = grads.shape[0]
+    d2 = pairwise_sq_dists(grads)
+    nearest = torch.sort(d2, dim=1).values[:, 1 : n - f - 1]  # column 0 is the distance to itself
+    return nearest.sum(dim=1)
+
+
+@register_aggregator("krum")
+@dataclass
+class Krum(Aggregator):
+    """Return the gradient of the worker whose n - f - 2 nearest peers are closest.
+
+    Steps: pairwise squared distances; for each worker, the sum over its n - f - 2 nearest
+    other workers (its score); output the gradient with the lowest score (the lowest index on a
+    tie). Blanchard, El Mhamdi, Guerraoui, Stainer, "Machine Learning with Adversaries: Byzantine
+    Tolerant Gradient Descent", NeurIPS 2017. Needs n > 2f + 2.
+
+    Example:
+        >>> g = torch.tensor([[0.0], [0.1], [0.2], [0.3], [9.0]])
+        >>> Krum(n=5, f=1)(g)
+        tensor([0.1000])
+    """
+
+    requirement = "n > 2f + 2"
+
+    @classmethod
+    def min_workers(cls, f: int) -> int:
+        return 2 * f + 3
+
+    def aggregate(self, grads: Tensor, key: str) -> Tensor:
+        return grads[torch.argmin(krum_scores(grads, self.f))].clone()
+
+
+@register_aggregator("multi_krum")
+@dataclass
+class MultiKrum(Aggregator):
+    """Average the ``m`` gradients with the lowest Krum scores.
+
+    Steps: Krum scores as in :class:`Krum`; keep the ``m`` workers with the lowest scores;
+    average them (Blanchard et al., NeurIPS 2017). ``m = 1`` is Krum, ``m = n`` the mean.
+
+    Args:
+        m: workers averaged; None means n - f.
+
+    Example:
+        >>> g = torch.tensor([[0.0], [0.2], [0.4], [0.6], [9.0]])
+        >>> MultiKrum(n=5, f=1, m=3)(g)
+        tensor([0.2000])
+    """
+
+    m: int | None = None
+    requirement = "n > 2f + 2"
+
+    @classmethod
+    def min_workers(cls, f: int) -> int:
+        return 2 * f + 3
+
+    def validate(self) -> None:
+        if self.m is not None:
+            check_int(self.m, "m", 1)
+            if self.m > self.n:
+                raise ValueError(f"m={self.m} exceeds the number of workers n={self.n}")
+
+    def aggregate(self, grads: Tensor, key: str) -> Tensor:
+        m = self.n - self.f if self.m is None else self.m
+        scores = krum_scores(grads, self.f)
+        chosen = torch.argsort(scores, stable=True)[:m]
+        return grads[chosen].mean(dim=0)
+
+
+@register_aggregator("geometric_median")
+@dataclass
+class GeometricMedian(Aggregator):
+    """Return the geometric median of the gradients, by Weiszfeld's iterations.
+
+    Steps: start from the mean z; repeat z <- sum_i w_i x_i / sum_i w_i with
+    w_i = 1 / max(eps, ||x_i - z||) until z moves less than ``tol * ||z||`` or ``max_iter``
+    iterations. The smoothing ``eps`` keeps a weight finite when z meets a point (Weiszfeld 1937;
+    as a Byzantine aggregator: Chen, Su, Xu, "Distributed Statistical Machine Learning in
+    Adversarial Settings", 2017; Pillutla, Kakade, Harchaoui, "Robust Aggregation for Federated
+    Learning", 2022). Tolerates f < n/2.
+
+    Args:
+        max_iter: at most this many Weiszfeld iterations.
+        tol: relative change of z that stops the iterations.
+        eps: smallest distance used in a weight.
+
+    Example:
+        >>> GeometricMedian(n=3, f=1)(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
+        tensor([0.2113, 0.2113])
+    """
+
+    max_iter: int = 200
+    tol: float = 1e-7
+    eps: float = 1e-8
+    requirement = "n > 2f"
+
+    @classmethod
+    def min_workers(cls, f: int) -> int:
+        return 2 * f + 1
+
+    def validate(self) -> None:
+        check_int(self.max_iter, "max_iter", 1)
+        check_positive(self.tol, "tol", allow_zero=True)
+        check_positive(self.eps, "eps")
+
+    def aggregate(self, grads: Tensor, key: str) -> Tensor:
+        x = grads.double() if grads.dtype != torch.float64 else grads
+        z = x.mean(dim=0)
+        for _ in range(self.max_iter):
+            w = 1.0 / torch.linalg.vector_norm(x - z, dim=1).clamp_min(self.eps)
+            z_new = (w[:, None] * x).sum(dim=0) / w.sum()
+            moved = torch.linalg.vector_norm(z_new - z)
+            z = z_new
+            # One host sync an iteration (not an element) to stop early.
+            if moved <= self.tol * max(float(torch.linalg.vector_norm(z)), self.eps):
+                break
+        return z.to(grads.dtype)

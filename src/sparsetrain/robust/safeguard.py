@@ -1,0 +1,275 @@
+"""SafeguardSGD: remove, for good, workers whose accumulated gradients stray from a majority's.
+
+Allen-Zhu, Ebrahimian, Li, Alistarh, "Byzantine-Resilient Non-Convex Stochastic Gradient
+Descent", ICLR 2021, Algorithm 1 ("perturbed SGD with double safe guard").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import (
+    Aggregator,
+    check_int,
+    check_positive,
+    generator_for,
+    key_seed,
+    pairwise_sq_dists,
+    register_aggregator,
+)
+
+_WINDOWS = ("short", "long")
+
+
+@register_aggregator("safeguard")
+@dataclass
+class Safeguard(Aggregator):
+    """Average the gradients of the workers still labelled good; drop for good the ones that drift.
+
+    Steps (Algorithm 1 of the paper; the paper's B is the short window, A the long one):
+
+    1. ``good`` starts as all n workers. For every worker i keep two accumulations of what it
+       sent, each gradient divided by |good| at its step: ``short_i`` over the steps since the last
+       multiple of ``window0`` (T0) and ``long_i`` since the last multiple of ``window1`` (T1).
+       With DDP the gradient arrives in buckets: accumulations are kept per ``key`` and distances
+       are whole-model, sqrt(sum over keys of squared distances), so every bucket agrees.
+    2. Output of a step: the mean of the good workers' gradients (plus N(0, noise_std^2 I)
+       when ``noise_std > 0``, identical on all ranks: seeded by (seed, step, key)).
+    3. In :meth:`end_step`: for each window pick a reference worker among the good ones that has
+       more than n/2 good workers within the threshold of it (the one with the most such
+       neighbours; then the smallest sum of distances; then the lowest index), and remove every
+       good worker whose accumulation is more than twice the threshold from the reference's in
+       either window. Removal is permanent. Windows restart at multiples of T0 and T1.
+
+    Thresholds (the paper's 𝔗0 for the short window and 𝔗1 for the long one) are either fixed
+    (``threshold0``, ``threshold1``) or, when both are None, set automatically from a warm-up of
+    ``warmup_steps`` steps (default: T1, so a whole long window is seen): at each warm-up step
+    and for each window, every worker's *majority radius* (the distance within which it has
+    more than n/2 workers, itself included) is computed; the median over workers is robust to
+    f < n/2 Byzantine workers; the threshold is ``threshold_multiplier`` times the largest such
+    median over the warm-up. No worker is removed during the warm-up and its steps use the
+    coordinate-wise median (so a warm-up under attack still descends). Accumulations are divided
+    by |good|, so auto thresholds are rescaled by n / |good| after removals to keep the honest
+    spread within them.
+
+    Args:
+        window0: T0, the short window in steps.
+        window1: T1, the long window in steps (T0 <= T1).
+        threshold0, threshold1: fixed thresholds 𝔗0, 𝔗1 (0 < 𝔗0 <= 𝔗1), or both None (auto).
+        warmup_steps: length of the auto-threshold warm-up; None means ``window1``.
+        threshold_multiplier: auto thresholds are this times the largest honest-looking spread.
+        noise_std: standard deviation nu of the Gaussian perturbation added to the output.
+        seed: seed of the perturbation.
+
+    Example:
+        >>> sg = Safeguard(n=4, f=1, window0=2, window1=4, threshold0=1.0, threshold1=2.0)
+        >>> for _ in range(3):
+        ...     out = sg(torch.tensor([[1.0], [1.1], [0.9], [-20.0]]))
+        ...     sg.end_step()
+        >>> sg.stats()["removed"]
+        {3: 0}
+    """
+
+    window0: int = 10
+    window1: int = 50
+    threshold0: float | None = None
+    threshold1: float | None = None
+    warmup_steps: int | None = None
+    threshold_multiplier: float = 1.5
+    noise_std: float = 0.0
+    seed: int = 0
+
+    requirement = "n > 2f"
+    stateless = False
+
+    _good: Tensor = field(default=None, init=False, repr=False)
+    _acc: dict[str, dict[str, Tensor]] = field(default_factory=dict, init=False, repr=False)
+    _step: int = field(default=0, init=False, repr=False)
+    _removed: dict[int, int] = field(default_factory=dict, init=False, repr=False)
+    _spread: list[float] = field(default_factory=lambda: [0.0, 0.0], init=False, repr=False)
+    _calibrated_good: int = field(default=0, init=False, repr=False)
+    _no_majority: int = field(default=0, init=False, repr=False)
+
+    @classmethod
+    def min_workers(cls, f: int) -> int:
+        return 2 * f + 1
+
+    def validate(self) -> None:
+        check_int(self.window0, "window0 (T0)", 1)
+        check_int(self.window1, "window1 (T1)", 1)
+        if self.window0 > self.window1:
+            raise ValueError(
+                f"window0 (T0={self.window0}) must not exceed window1 (T1={self.window1}): "
+                "T0 is the short window"
+            )
+        if (self.threshold0 is None) != (self.threshold1 is None):
+            raise ValueError(
+                "give both threshold0 and threshold1 (fixed) or neither (auto from a warm-up)"
+            )
+        if self.threshold0 is not None:
+            check_positive(self.threshold0, "threshold0")
+            check_positive(self.threshold1, "threshold1")
+            if self.threshold0 > self.threshold1:
+                raise ValueError(
+                    f"threshold0 ({self.threshold0}) must not exceed threshold1 ({self.threshold1}): "
+                    "the long window accumulates more"
+                )
+            if self.warmup_steps not in (None, 0):
+                raise ValueError(
+                    "warmup_steps sets automatic thresholds; it cannot be used with fixed ones"
+                )
+        elif self.warmup_steps is not None:
+            check_int(self.warmup_steps, "warmup_steps", 1)
+        check_positive(self.threshold_multiplier, "threshold_multiplier")
+        check_positive(self.noise_std, "noise_std", allow_zero=True)
+        check_int(self.seed, "seed", 0)
+        self._good = torch.ones(self.n, dtype=torch.bool)
+
+    # ---- properties ------------------------------------------------------------------------
+    @property
+    def auto(self) -> bool:
+        return self.threshold0 is None
+
+    @property
+    def warmup(self) -> int:
+        if not self.auto:
+            return 0
+        return self.window1 if self.warmup_steps is None else self.warmup_steps
+
+    @property
+    def in_warmup(self) -> bool:
+        return self._step < self.warmup
+
+    def thresholds(self) -> tuple[float, float]:
+        """Return (𝔗0, 𝔗1) in effect now (auto ones: nan until the warm-up ends)."""
+        if not self.auto:
+            return float(self.threshold0), float(self.threshold1)
+        if self.in_warmup:
+            return float("nan"), float("nan")
+        scale = self.threshold_multiplier * self._calibrated_good / max(int(self._good.sum()), 1)
+        tiny = torch.finfo(torch.float32).tiny
+        return max(self._spread[0], tiny) * scale, max(self._spread[1], tiny) * scale
+
+    @property
+    def good(self) -> list[int]:
+        return [int(i) for i in torch.nonzero(self._good).flatten()]
+
+    # ---- the rule --------------------------------------------------------------------------
+    def aggregate(self, grads: Tensor, key: str) -> Tensor:
+        good = self._good.to(grads.device)
+        n_good = int(self._good.sum())
+        masked = torch.where(
+            good[:, None], grads, torch.zeros((), dtype=grads.dtype, device=grads.device)
+        )
+        acc = self._acc.get(key)
+        if acc is None or acc["short"].shape != grads.shape:
+            zeros = torch.zeros_like(grads, dtype=torch.promote_types(grads.dtype, torch.float32))
+            acc = {"short": zeros, "long": zeros.clone()}
+            self._acc[key] = acc
+        for w in _WINDOWS:
+            acc[w].add_(masked.to(acc[w].dtype), alpha=1.0 / n_good)
+
+        if self.in_warmup:
+            from .rules import coordinate_median
+
+            return coordinate_median(grads[good])
+        out = masked.sum(dim=0) / n_good
+        if self.noise_std > 0:
+            g = generator_for(grads.device, key_seed(self.seed, self._step, key))
+            out = out + self.noise_std * torch.randn(
+                out.shape, generator=g, device=grads.device, dtype=out.dtype
+            )
+        return out
+
+    def _distances(self, window: str) -> Tensor:
+        total = None
+        for acc in self._acc.values():
+            d2 = pairwise_sq_dists(acc[window]).cpu().double()
+            total = d2 if total is None else total + d2
+        return total.sqrt()
+
+    def _majority_radius_median(self, dist: Tensor) -> float:
+        good = self._good
+        need = self.n // 2 + 1  # "more than n/2" workers, itself included
+        masked = torch.where(good[None, :], dist, torch.full_like(dist, float("inf")))
+        radius = torch.sort(masked, dim=1).values[:, need - 1][good]
+        return float(torch.median(radius))
+
+    def _reference(self, dist: Tensor, threshold: float) -> int | None:
+        good = self._good
+        close = (dist <= threshold) & good[None, :]
+        counts = close.sum(dim=1)
+        cand = good & (2 * counts > self.n)
+        if not bool(cand.any()):
+            return None
+        best = cand & (counts == counts[cand].max())
+        spread = torch.where(good[None, :], dist, torch.zeros_like(dist)).sum(dim=1)
+        score = torch.where(best, spread, torch.full_like(spread, float("inf")))
+        return int(torch.argmin(score))
+
+    def end_step(self) -> None:
+        """Update the good set from the accumulations, advance the step, restart windows."""
+        if self._acc:
+            dists = {w: self._distances(w) for w in _WINDOWS}
+            if self.in_warmup:
+                for i, w in enumerate(_WINDOWS):
+                    self._spread[i] = max(self._spread[i], self._majority_radius_median(dists[w]))
+                self._calibrated_good = int(self._good.sum())
+            else:
+                keep = self._good.clone()
+                for w, thr in zip(_WINDOWS, self.thresholds()):
+                    ref = self._reference(dists[w], thr)
+                    if ref is None:  # no majority within the threshold: a threshold too small
+                        self._no_majority += 1
+                        continue
+                    keep &= dists[w][ref] <= 2 * thr
+                for i in torch.nonzero(self._good & ~keep).flatten().tolist():
+                    self._removed[int(i)] = self._step
+                self._good &= keep
+        self._step += 1
+        for w, length in (("short", self.window0), ("long", self.window1)):
+            if self._step % length == 0:
+                for acc in self._acc.values():
+                    acc[w].zero_()
+
+    # ---- reporting and state ---------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        t0, t1 = self.thresholds()
+        return {
+            "step": self._step,
+            "good": self.good,
+            "removed": dict(self._removed),
+            "threshold0": t0,
+            "threshold1": t1,
+            "warming_up": self.in_warmup,
+            "no_majority_steps": self._no_majority,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self._step,
+            "good": self._good.clone(),
+            "removed": dict(self._removed),
+            "acc": {k: {w: v.clone() for w, v in a.items()} for k, a in self._acc.items()},
+            "spread": list(self._spread),
+            "calibrated_good": self._calibrated_good,
+            "no_majority": self._no_majority,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        good = state["good"]
+        if good.shape != (self.n,):
+            raise ValueError(
+                f"safeguard state is for {good.shape[0]} workers, this rule has n={self.n}"
+            )
+        self._step = int(state["step"])
+        self._good = good.clone().bool().cpu()
+        self._removed = {int(k): int(v) for k, v in state["removed"].items()}
+        self._acc = {k: {w: v.clone() for w, v in a.items()} for k, a in state["acc"].items()}
+        self._spread = [float(s) for s in state["spread"]]
+        self._calibrated_good = int(state["calibrated_good"])
+        self._no_majority = int(state["no_majority"])
