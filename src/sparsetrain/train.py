@@ -64,6 +64,7 @@ from .tasks import Task, available_tasks, get_task
 
 BACKENDS = ("gloo", "nccl")
 ON_NONFINITE = ("raise", "skip")
+SCHEDULES = ("constant", "cosine")
 REPORT_FORMAT = 1
 _CHECKPOINT_FORMAT = 1
 
@@ -119,6 +120,8 @@ class TrainConfig:
         epochs: passes over the training set.
         batch_size: examples a rank takes in one step (the global batch is ``workers`` times it).
         lr, momentum, weight_decay, nesterov: SGD hyper-parameters.
+        schedule: ``"cosine"`` decays the learning rate from ``lr`` to 0 over ``epochs``
+            (steady final accuracy, also for compressed runs); ``"constant"`` keeps ``lr``.
         seed: fixes the data split, the initial model and the shuffling.
         eval_every: steps between evaluations; 0: once an epoch.
         max_steps: stop after this many steps in all (0: no limit), for example to test resuming.
@@ -152,6 +155,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     nesterov: bool = False
+    schedule: str = "cosine"
     seed: int = 0
     eval_every: int = 0
     max_steps: int = 0
@@ -181,6 +185,8 @@ class TrainConfig:
             raise ValueError(
                 f"on_nonfinite must be one of {ON_NONFINITE}, got {self.on_nonfinite!r}"
             )
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         _check_int("workers", self.workers, 1)
@@ -366,7 +372,8 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
 
     n_train = len(task.train)
     steps_per_epoch = _ceil_div(_ceil_div(n_train, world), config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
+    planned_steps = steps_per_epoch * config.epochs
+    total_steps = planned_steps
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
     eval_every = config.eval_every or steps_per_epoch
@@ -450,6 +457,10 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
         order = shard_indices(n_train, rank, world, config.seed, epoch)
         for x, y in _batches(task.train, order[skip * config.batch_size :], config.batch_size):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if config.schedule == "cosine":
+                # From the planned length, not max_steps: an interrupted run keeps its schedule.
+                for group in optimizer.param_groups:
+                    group["lr"] = config.lr * 0.5 * (1.0 + math.cos(math.pi * step / planned_steps))
             optimizer.zero_grad(set_to_none=True)
             loss = task.loss_fn(ddp(x), y)
             loss.backward()
@@ -666,7 +677,14 @@ def launch(configs: TrainConfig | Sequence[TrainConfig]) -> dict[str, Any]:
                 error = _first_error(folder)
                 if error is not None:
                     raise error from None
-                raise WorkerError(getattr(e, "error_index", -1), type(e).__name__, str(e)) from None
+                # No error file: the process died before our entry point ran (a script that
+                # calls launch() without an `if __name__ == "__main__":` guard is the usual cause).
+                raise WorkerError(
+                    getattr(e, "error_index", -1),
+                    type(e).__name__,
+                    f"{e}; it exited before training started (a script that calls launch() must "
+                    'guard it with `if __name__ == "__main__":`, because workers re-import it)',
+                ) from None
             runs = json.loads(Path(folder, "result.json").read_text())
         finally:
             shutil.rmtree(folder, ignore_errors=True)

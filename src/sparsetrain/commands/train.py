@@ -18,6 +18,7 @@ from ..tasks import available_tasks
 from ..train import (
     BACKENDS,
     ON_NONFINITE,
+    SCHEDULES,
     TrainConfig,
     WorkerError,
     launch,
@@ -171,6 +172,12 @@ def add_training_arguments(p: argparse.ArgumentParser, *, workers: int, epochs: 
     g.add_argument("--momentum", type=_float, default=0.9)
     g.add_argument("--weight-decay", type=_float, default=0.0)
     g.add_argument("--nesterov", action="store_true")
+    g.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="cosine",
+        help="learning-rate schedule over the epochs",
+    )
     g.add_argument("--seed", type=non_negative_int, default=0)
     g.add_argument(
         "--eval-every",
@@ -252,6 +259,7 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
             momentum=args.momentum,
             weight_decay=args.weight_decay,
             nesterov=args.nesterov,
+            schedule=args.schedule,
             seed=args.seed,
             eval_every=args.eval_every,
             max_steps=args.max_steps,

@@ -1,0 +1,250 @@
+"""The `sparsetrain train` / `sparsetrain demo` command lines and the trainer's pure pieces.
+
+Nothing here trains: parsing, validation, sharding, the summary table and the picture.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sparsetrain.cli import build_parser
+from sparsetrain.commands.train import configs_from_args
+from sparsetrain.train import (
+    TrainConfig,
+    WorkerError,
+    launch,
+    parse_value,
+    shard_indices,
+    summary_table,
+    write_report,
+)
+
+
+def parse(*argv: str):
+    return build_parser().parse_args(list(argv))
+
+
+def configs(*argv: str) -> list[TrainConfig]:
+    return configs_from_args(parse(*argv))
+
+
+def parse_error(capsys, *argv: str) -> str:
+    """Run the full command line and return argparse's error message (exit status 2)."""
+    from sparsetrain.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+# ---- parsing ----------------------------------------------------------------------------------
+
+
+def test_the_issue_command_line_becomes_one_config():
+    (c,) = configs(
+        "train", "--workers", "4", "--compressor", "topk", "--density", "0.01",
+        "--task", "digits-mlp", "--epochs", "20", "--report", "out.json",
+    )  # fmt: skip
+    assert (c.workers, c.compressor, c.density, c.task, c.epochs) == (
+        4,
+        "topk",
+        0.01,
+        "digits-mlp",
+        20,
+    )
+    assert c.effective_compressor_options() == {"density": 0.01}
+    assert c.error_feedback is None  # auto: the hook turns it on for biased compressors
+
+
+def test_several_compressors_run_in_order_and_density_goes_only_where_it_is_taken():
+    cs = configs("train", "--compressor", "none", "topk", "--density", "0.05")
+    assert [c.name for c in cs] == ["none", "topk"]
+    assert cs[0].to_dict()["density"] is None  # the identity compressor has no density
+    assert cs[1].to_dict()["density"] == 0.05
+    # Repeating the flag extends the list instead of replacing it.
+    assert [
+        c.compressor for c in configs("train", "--compressor", "none", "--compressor", "topk")
+    ] == [
+        "none",
+        "topk",
+    ]
+
+
+def test_options_reach_the_right_compressor_and_values_are_typed():
+    args = ("train", "--compressor", "none", "topk", "--option", "topk:density=0.2")
+    none, topk = configs(*args)
+    assert none.compressor_options == {} and topk.compressor_options == {"density": 0.2}
+    # Without a prefix, an option goes to every selected compressor that takes it.
+    _, topk = configs("train", "--compressor", "none", "topk", "--option", "density=0.3")
+    assert topk.compressor_options == {"density": 0.3}
+    (c,) = configs(
+        "train", "--compressor", "none", "--error-feedback", "off", "--attack-option", "scale=-4"
+    )
+    assert c.error_feedback is False and c.attack_options == {"scale": -4}
+
+
+def test_parse_value_reads_literals_and_keeps_other_text():
+    assert parse_value("0.5") == 0.5
+    assert parse_value("True") is True
+    assert parse_value("[1, 2]") == [1, 2]
+    assert parse_value("median") == "median"
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--density", "2"], ["--density", "(0, 1]"]),
+        (["--density", "0"], ["--density", "(0, 1]"]),
+        (["--workers", "0"], ["--workers", ">= 1"]),
+        (["--workers", "four"], ["--workers", "integer"]),
+        (["--epochs", "-3"], ["--epochs", ">= 1"]),
+        (["--lr", "-0.1"], ["--lr", "> 0"]),
+        (["--compressor", "zip"], ["unknown compressor 'zip'", "topk"]),
+        (["--task", "imagenet"], ["--task", "digits-mlp"]),
+        (["--backend", "mpi"], ["--backend", "gloo"]),
+        (["--option", "density"], ["KEY=VALUE"]),
+        (["--compressor", "none", "--option", "density=0.1"], ["density", "none of the selected"]),
+        (["--compressor", "none", "--option", "topk:density=0.1"], ["'topk'", "not selected"]),
+        (["--compressor", "topk", "--option", "warp=9"], ["warp", "density"]),
+        (["--compressor", "topk", "topk"], ["more than once"]),
+        (["--momentum", "1.0"], ["momentum", "[0, 1)"]),
+        (["--byzantine", "4", "--attack", "signflip"], ["byzantine", "workers"]),
+        (["--byzantine", "1"], ["attack"]),
+        (["--resume"], ["checkpoint_dir"]),
+    ],
+)
+def test_bad_input_is_an_argparse_error_naming_the_problem(capsys, argv, words):
+    if "--compressor" not in argv:  # independent of which compressor is the default
+        argv = ["--compressor", "topk", *argv]
+    err = parse_error(capsys, "train", *argv)
+    assert "error:" in err
+    for w in words:
+        assert w in err
+
+
+def test_demo_defaults_compare_three_methods_at_one_percent():
+    from sparsetrain.commands import demo
+
+    args = parse("demo")
+    assert args.out == "runs/demo" and args.workers == 4
+    assert demo.DEMO_COMPRESSORS == ["none", "topk", "threshold"]
+    assert demo.DEMO_DEFAULTS["density"] == 0.01
+
+
+# ---- TrainConfig ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "words"),
+    [
+        ({"task": "nope"}, ValueError, ["unknown task 'nope'", "digits-mlp"]),
+        ({"compressor": "nope"}, ValueError, ["unknown compressor", "topk"]),
+        ({"compressor": "topk", "density": 1.5}, ValueError, ["density", "(0, 1]"]),
+        ({"compressor": "topk", "compressor_options": {"k": 3}}, ValueError, ["'k'", "density"]),
+        ({"workers": 0}, ValueError, ["workers", ">= 1"]),
+        ({"workers": 2.0}, TypeError, ["workers", "integer"]),
+        ({"epochs": 0}, ValueError, ["epochs"]),
+        ({"lr": 0.0}, ValueError, ["lr", "> 0"]),
+        ({"lr": "0.1"}, TypeError, ["lr", "number"]),
+        ({"on_nonfinite": "ignore"}, ValueError, ["on_nonfinite", "skip"]),
+        ({"backend": "mpi"}, ValueError, ["backend", "gloo"]),
+        ({"schedule": "step"}, ValueError, ["schedule", "cosine"]),
+        ({"error_feedback": "yes"}, TypeError, ["error_feedback"]),
+        ({"compressor_options": [1]}, TypeError, ["compressor_options", "dict"]),
+        ({"checkpoint_every": 5}, ValueError, ["checkpoint_dir"]),
+        ({"nesterov": True, "momentum": 0.0}, ValueError, ["nesterov"]),
+    ],
+)
+def test_train_config_refuses_bad_values_with_a_clear_message(kwargs, error, words):
+    with pytest.raises(error) as exc:
+        TrainConfig(**kwargs)
+    for w in words:
+        assert w in str(exc.value)
+
+
+def test_launch_refuses_runs_that_cannot_share_workers_before_spawning():
+    with pytest.raises(ValueError, match="share workers"):
+        launch([TrainConfig(workers=2), TrainConfig(workers=3, label="other")])
+    with pytest.raises(ValueError, match="distinct labels"):
+        launch([TrainConfig(compressor="topk"), TrainConfig(compressor="topk", lr=0.5)])
+    with pytest.raises(TypeError, match="TrainConfig"):
+        launch([{"compressor": "topk"}])
+
+
+def test_config_dict_is_json_ready_and_records_the_density_used():
+    c = TrainConfig(compressor="topk", density=0.02, label="topk-2%")
+    d = json.loads(json.dumps(c.to_dict()))
+    assert d["density"] == 0.02 and d["label"] == "topk-2%" and d["compressor"] == "topk"
+
+
+# ---- sharding ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n", "world"), [(1348, 4), (10, 3), (7, 8), (5, 1)])
+def test_shards_are_disjoint_equal_and_cover_the_data(n, world):
+    shards = [shard_indices(n, r, world, seed=3, epoch=1) for r in range(world)]
+    assert len({len(s) for s in shards}) == 1  # every rank runs the same number of steps
+    everything = torch.cat(shards)
+    assert set(everything.tolist()) == set(range(n))
+    if n % world == 0:
+        assert len(everything) == n  # no padding needed: a true partition
+
+
+def test_shuffle_depends_on_seed_and_epoch_only():
+    a = shard_indices(100, 1, 4, seed=0, epoch=2)
+    assert torch.equal(a, shard_indices(100, 1, 4, seed=0, epoch=2))  # a resumed run sees the same
+    assert not torch.equal(a, shard_indices(100, 1, 4, seed=0, epoch=3))
+    assert not torch.equal(a, shard_indices(100, 1, 4, seed=1, epoch=2))
+
+
+# ---- report, table, picture -------------------------------------------------------------------
+
+
+def fake_report() -> dict:
+    def run(label: str, acc: float, sent: float) -> dict:
+        return {
+            "label": label,
+            "task": "digits-mlp",
+            "compressor": label,
+            "final_test_accuracy": acc,
+            "bytes_sent_per_rank": sent,
+            "dense_bytes_per_rank": 1e6,
+            "wall_seconds": 2.5,
+            "curves": {
+                "step": [0, 10, 20],
+                "wall_seconds": [0.0, 1.0, 2.0],
+                "train_loss": [None, 1.0, 0.5],
+                "test_accuracy": [0.1, 0.5, acc],
+            },
+        }
+
+    return {"world_size": 4, "runs": [run("none", 0.97, 1e6), run("topk", 0.96, 4e4)]}
+
+
+def test_summary_table_shows_accuracy_bytes_ratio_and_time():
+    lines = summary_table(fake_report()).splitlines()
+    assert lines[0].split() == ["run", "test", "acc", "MB", "sent/rank", "vs", "dense", "seconds"]
+    assert lines[2].split() == ["none", "97.0%", "1.000", "100.00%", "2.5"]
+    assert lines[3].split() == ["topk", "96.0%", "0.040", "4.00%", "2.5"]
+
+
+def test_report_round_trips_and_the_picture_is_a_png(tmp_path):
+    from sparsetrain.plotting import plot_report
+
+    report = fake_report()
+    path = write_report(report, tmp_path / "sub" / "out.json")
+    assert json.loads(path.read_text()) == report
+    png = plot_report(json.loads(path.read_text()), tmp_path / "out.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no runs"):
+        plot_report({"runs": []}, tmp_path / "empty.png")
+
+
+def test_worker_error_names_the_rank_and_the_cause():
+    e = WorkerError(2, "ValueError", "unknown collective 'x'", "Traceback ...")
+    assert str(e) == "worker rank 2 failed: ValueError: unknown collective 'x'"
+    assert e.rank == 2 and e.error_type == "ValueError"
