@@ -1,0 +1,375 @@
+"""``sparsetrain bench cluster``: time every sparse collective and dense allreduce on an emulated
+bandwidth-limited cluster (one network namespace a rank, tc-shaped links; needs root).
+
+Steps: build the cluster, measure what a link achieves (bulk TCP rate, round-trip time), start
+one worker a rank (``python -m sparsetrain.commands.bench --worker CONFIG``) that times each
+collective over random sparse inputs for every size and density, fit the alpha-beta-gamma cost
+model (:mod:`sparsetrain.perfmodel`) to the medians, then write JSON, one PNG per size (time
+against density per algorithm) and a table. Everything the cluster made is removed at the end,
+also on Ctrl-C or a failure. ``sparsetrain bench cleanup`` removes leftovers of crashed runs.
+
+Example::
+
+    sudo sparsetrain bench cluster --ranks 8 --bandwidth 1gbit --latency 100us
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_SIZES = "1M,25M"
+DEFAULT_DENSITIES = "0.001,0.01,0.1"
+FULL_SIZES = "1M,5M,25M"
+FULL_DENSITIES = "0.001,0.003,0.01,0.03,0.1"
+DENSE = "dense"  # dense allreduce of the whole vector, the reference every ratio is taken to
+
+
+# ---- worker: runs inside a rank's namespace -------------------------------------------------
+def _sparse_input(numel: int, k: int, rank: int, seed: int):
+    """This rank's (sorted int32 indices, float32 values): k distinct uniform random indices."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed * 1_000_003 + rank)
+    idx = torch.randperm(numel, generator=g)[:k].sort().values.to(torch.int32)
+    return idx, torch.randn(k, generator=g)
+
+
+def _time_point(fn, reps: int, warmup: int) -> dict[str, Any]:
+    """Run ``fn`` warmup + reps times in lock step; each time is the slowest rank's."""
+    import torch
+    import torch.distributed as dist
+
+    times, sent, recv = [], [], []
+    for i in range(warmup + reps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        s, r = fn()
+        stats = torch.tensor([time.perf_counter() - t0, float(s), float(r)], dtype=torch.float64)
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+        if i >= warmup:
+            times.append(stats[0].item())
+            sent.append(int(stats[1].item()))
+            recv.append(int(stats[2].item()))
+    return {
+        "times_s": times,
+        "median_s": statistics.median(times),
+        "bytes_sent_max": max(sent),
+        "bytes_recv_max": max(recv),
+    }
+
+
+def worker_main(config_path: str) -> int:
+    """Time the configured collectives on this rank (joined from RANK/WORLD_SIZE/MASTER_*)."""
+    import torch
+    import torch.distributed as dist
+
+    from sparsetrain.comm import get_collective, ring_allreduce_bytes
+
+    torch.set_num_threads(1)
+    cfg = json.loads(Path(config_path).read_text())
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    records: list[dict[str, Any]] = []
+    colls = {name: get_collective(name) for name in cfg["algorithms"] if name != DENSE}
+    points = [(n, d) for n in cfg["sizes"] for d in cfg["densities"]]
+    bar = None
+    if rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(points) * len(cfg["algorithms"]), desc="collectives", unit="pt")
+    for numel in cfg["sizes"]:
+        if DENSE in cfg["algorithms"]:
+            x = torch.randn(numel)
+
+            def dense(x=x, numel=numel):
+                dist.all_reduce(x)
+                b = ring_allreduce_bytes(numel, 4, world)
+                return b, b
+
+            rec = _time_point(dense, cfg["reps"], cfg["warmup"])
+            for density in cfg["densities"]:
+                records.append({"algorithm": DENSE, "numel": numel, "density": density, **rec})
+                if bar:
+                    bar.update()
+            del x
+        for density in cfg["densities"]:
+            k = max(1, min(numel, int(round(density * numel))))
+            idx, val = _sparse_input(numel, k, rank, cfg["seed"])
+            for name, coll in colls.items():
+                key = f"{numel}/{density}"
+
+                def sparse(coll=coll, idx=idx, val=val, numel=numel, key=key):
+                    res = coll(idx, val, numel, key=key)
+                    return res.bytes_sent, res.bytes_recv
+
+                rec = _time_point(sparse, cfg["reps"], cfg["warmup"])
+                records.append({"algorithm": name, "numel": numel, "density": density, "k": k,
+                                **rec})  # fmt: skip
+                if bar:
+                    bar.set_postfix_str(f"{name} n={numel} d={density}")
+                    bar.update()
+                if rank == 0:  # keep partial results if a later point fails
+                    _write_json(Path(cfg["records_path"]), records)
+    if rank == 0:
+        _write_json(Path(cfg["records_path"]), records)
+    if bar:
+        bar.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+# ---- parent: builds the cluster, runs the workers, reports ---------------------------------
+def _csv(text: str, parse, what: str) -> list:
+    try:
+        items = [parse(x) for x in text.split(",") if x.strip()]
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"--{what}: {e}") from None
+    if not items:
+        raise ValueError(f"--{what} lists nothing")
+    return items
+
+
+def _density(text: str) -> float:
+    d = float(text)
+    if not 0 < d <= 1:
+        raise ValueError(f"density must be in (0, 1], got {text}")
+    return d
+
+
+def plot_times(records: list[dict[str, Any]], out_dir: Path, title: str) -> list[Path]:
+    """Draw time against density, one line per algorithm, one PNG per vector size."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for numel in sorted({r["numel"] for r in records}):
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        rows = [r for r in records if r["numel"] == numel]
+        for algo in dict.fromkeys(r["algorithm"] for r in rows):
+            pts = sorted((r["density"], r["median_s"]) for r in rows if r["algorithm"] == algo)
+            style = {"color": "black", "linestyle": "--"} if algo == DENSE else {"marker": "o"}
+            ax.plot(*zip(*pts), label=algo, **style)
+        ax.set(xscale="log", yscale="log", xlabel="density (k / n)", ylabel="time (s), median")
+        ax.set_title(f"{title}\n{numel / 1e6:g}M float32 elements")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"cluster_{numel // 10**6}M.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _table(records: list[dict[str, Any]], predicted: dict | None) -> str:
+    dense = {(r["numel"], r["density"]): r["median_s"] for r in records if r["algorithm"] == DENSE}
+    gather = {
+        (r["numel"], r["density"]): r["median_s"] for r in records if r["algorithm"] == "allgather"
+    }
+    head = f"{'algorithm':<11}{'numel':>10}{'density':>9}{'median s':>10}{'MB sent':>9}"
+    head += f"{'vs dense':>10}{'vs allgather':>13}" + (
+        f"{'model s':>9}{'err':>7}" if predicted else ""
+    )
+    lines = [head]
+    for r in records:
+        key = (r["numel"], r["density"])
+        row = f"{r['algorithm']:<11}{r['numel']:>10}{r['density']:>9g}{r['median_s']:>10.4f}"
+        row += f"{r['bytes_sent_max'] / 1e6:>9.2f}"
+        row += f"{dense[key] / r['median_s']:>9.2f}x" if key in dense else f"{'':>10}"
+        row += f"{gather[key] / r['median_s']:>12.2f}x" if key in gather else f"{'':>13}"
+        if predicted:
+            p = predicted.get((r["algorithm"], r["numel"], r["density"]))
+            if p is not None:
+                row += f"{p:>9.4f}{(p - r['median_s']) / r['median_s']:>+7.0%}"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def _fit_model(records: list[dict[str, Any]], world: int) -> dict[str, Any] | None:
+    from sparsetrain import perfmodel
+
+    usable = [r for r in records if r["algorithm"] in perfmodel.available_models()]
+    if len(usable) < 3:
+        return None
+    meas = [
+        perfmodel.Measurement(r["algorithm"], world, r["numel"], r["density"], r["median_s"])
+        for r in usable
+    ]
+    params = perfmodel.fit(meas)
+    predicted = {
+        (m.algorithm, m.numel, m.density): perfmodel.predict(
+            m.algorithm, world=m.world, numel=m.numel, density=m.density, params=params
+        )
+        for m in meas
+    }
+    errors = [
+        abs(predicted[(m.algorithm, m.numel, m.density)] - m.seconds) / m.seconds for m in meas
+    ]
+    return {
+        "params": params.as_dict(),
+        "predicted": predicted,
+        "max_relative_error": max(errors),
+        "median_relative_error": statistics.median(errors),
+        "within_25_percent": sum(e <= 0.25 for e in errors) / len(errors),
+    }
+
+
+def run_cluster(args: argparse.Namespace) -> int:
+    from sparsetrain.cluster import ClusterPermissionError, EmulatedCluster, parse_count
+    from sparsetrain.comm import available_collectives
+
+    try:
+        sizes = _csv(
+            args.sizes or (FULL_SIZES if args.full else DEFAULT_SIZES), parse_count, "sizes"
+        )
+        densities = _csv(
+            args.densities or (FULL_DENSITIES if args.full else DEFAULT_DENSITIES), _density,
+            "densities",
+        )  # fmt: skip
+        known = [DENSE, *available_collectives()]
+        algorithms = _csv(args.algorithms, str, "algorithms") if args.algorithms else known
+        unknown = sorted(set(algorithms) - set(known))
+        if unknown:
+            raise ValueError(f"--algorithms: unknown {unknown}; valid names: {', '.join(known)}")
+        if args.reps < 1 or args.warmup < 0:
+            raise ValueError("--reps must be >= 1 and --warmup >= 0")
+        cluster = EmulatedCluster(args.ranks, args.bandwidth, args.latency)
+    except (ValueError, TypeError) as e:
+        args._parser.error(str(e))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="sparsetrain-bench-"))
+    cfg = {"sizes": sizes, "densities": densities, "algorithms": algorithms, "reps": args.reps,
+           "warmup": args.warmup, "seed": args.seed, "records_path": str(tmp / "records.json")}  # fmt: skip
+    (tmp / "config.json").write_text(json.dumps(cfg))
+    os.chmod(tmp, 0o755)
+    print(
+        f"sparsetrain bench cluster: {args.ranks} ranks, {args.bandwidth} links, {args.latency} "
+        f"latency; sizes {sizes}, densities {densities}; {', '.join(algorithms)}"
+    )
+    started = time.time()
+    try:
+        with cluster:
+            link = {
+                "bandwidth_configured_bps": cluster.bandwidth_bps,
+                "bandwidth_measured_bps": cluster.measure_bandwidth(0, 1, args.probe_bytes),
+                "latency_configured_s": cluster.latency_s,
+                "latency_emulated": cluster.latency_emulated,
+                "rtt_measured_s": cluster.measure_rtt(0, 1),
+            }
+            print(
+                f"link: {link['bandwidth_measured_bps'] / 1e9:.3f} Gbit/s measured (TCP bulk), "
+                f"RTT {link['rtt_measured_s'] * 1e6:.0f} us; latency emulated: "
+                f"{link['latency_emulated']}"
+            )
+            cluster.run(
+                [sys.executable, "-m", "sparsetrain.commands.bench", "--worker", str(tmp / "config.json")],
+                timeout=args.timeout,
+            )  # fmt: skip
+    except ClusterPermissionError as e:
+        print(f"sparsetrain bench cluster: {e}", file=sys.stderr)
+        return 2
+    records = json.loads((tmp / "records.json").read_text())
+    fit = _fit_model(records, args.ranks)
+    print(_table(records, fit["predicted"] if fit else None))
+    result = {
+        "config": {
+            **{k: v for k, v in cfg.items() if k != "records_path"},
+            "ranks": args.ranks,
+            "bandwidth": args.bandwidth,
+            "latency": args.latency,
+        },  # fmt: skip
+        "link": link,
+        "seconds": time.time() - started,
+        "records": records,
+    }
+    if fit:
+        result["model_fit"] = {
+            **{k: v for k, v in fit.items() if k != "predicted"},
+            "points": [
+                {"algorithm": a, "numel": n, "density": d, "predicted_s": p}
+                for (a, n, d), p in fit["predicted"].items()
+            ],
+        }
+        prm = fit["params"]
+        print(
+            f"cost model fit: alpha={prm['alpha'] * 1e6:.1f} us, "
+            f"1/beta={8 / prm['beta'] / 1e9:.3f} Gbit/s, gamma={prm['gamma'] * 1e9:.2f} ns/element; "
+            f"median error {fit['median_relative_error']:.0%}, max {fit['max_relative_error']:.0%}, "
+            f"{fit['within_25_percent']:.0%} of points within 25%"
+        )
+    stem = args.name or f"cluster_{args.ranks}r_{args.bandwidth}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    pngs = plot_times(records, out, f"{args.ranks} ranks, {args.bandwidth} links")
+    print(f"wrote {out / (stem + '.json')} and {', '.join(str(p) for p in pngs)}")
+    return 0
+
+
+def run_cleanup(args: argparse.Namespace) -> int:
+    from sparsetrain.cluster import ClusterPermissionError, cleanup
+
+    try:
+        removed = cleanup(include_live=args.all)
+    except ClusterPermissionError as e:
+        print(f"sparsetrain bench cleanup: {e}", file=sys.stderr)
+        return 2
+    print(f"removed {len(removed)} namespace(s)" + (": " + ", ".join(removed) if removed else ""))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmarks on an emulated bandwidth-limited cluster (needs root)",
+        description=__doc__.split("\n\n")[0],
+    )
+    sub = p.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+    c = sub.add_parser(
+        "cluster",
+        help="time sparse collectives and dense allreduce on emulated shaped links",
+        description="Time every sparse collective and dense allreduce on RANKS network "
+        "namespaces joined by a bridge, each link shaped by tc. Needs root.",
+    )
+    c.add_argument("--ranks", type=int, default=8, help="number of emulated ranks (default 8)")
+    c.add_argument("--bandwidth", default="1gbit", help="link rate each way, tc notation (1gbit)")
+    c.add_argument("--latency", default="100us", help="one-way latency (100us); needs sch_netem")
+    c.add_argument("--sizes", help=f"vector sizes in elements (default {DEFAULT_SIZES})")
+    c.add_argument("--densities", help=f"k/n values (default {DEFAULT_DENSITIES})")
+    c.add_argument("--full", action="store_true",
+                   help=f"full sweep: sizes {FULL_SIZES}, densities {FULL_DENSITIES}")  # fmt: skip
+    c.add_argument("--algorithms", help="comma-separated; default: dense and every collective")
+    c.add_argument("--reps", type=int, default=3, help="timed repetitions a point (median kept)")
+    c.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--probe-bytes", type=int, default=50_000_000, help="bytes of the link test")
+    c.add_argument("--timeout", type=float, default=3600.0, help="seconds before giving up")
+    c.add_argument("--out", default="benchmarks/results", help="folder for JSON and PNGs")
+    c.add_argument("--name", help="stem of the JSON file (default cluster_<ranks>r_<bandwidth>)")
+    c.set_defaults(func=run_cluster, _parser=c)
+    k = sub.add_parser("cleanup", help="remove namespaces left by crashed cluster runs")
+    k.add_argument("--all", action="store_true", help="also those of runs still in progress")
+    k.set_defaults(func=run_cleanup, _parser=k)
+    return p
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        sys.exit(worker_main(sys.argv[2]))
+    sys.exit("usage: python -m sparsetrain.commands.bench --worker CONFIG (started by the CLI)")

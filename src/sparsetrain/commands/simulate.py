@@ -1,0 +1,155 @@
+"""``sparsetrain simulate``: project every collective to large clusters with the cost model.
+
+For each number of ranks and each link bandwidth, prints the modelled time of one gradient
+exchange by every algorithm, the winner, and its speedup over dense ring allreduce; with
+``--compute-ms`` also the speedup of a whole training iteration (compute plus exchange, not
+overlapped). Coefficients come from the command line or from a ``sparsetrain bench cluster``
+JSON (``--fitted``), whose fitted per-entry compute costs describe the machine that ran it.
+
+Example::
+
+    sparsetrain simulate --ranks 64,256,1024 --bandwidth 10gbit,100gbit --model bert-base
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sparsetrain import perfmodel
+from sparsetrain.cluster.units import parse_count, parse_duration, parse_rate
+
+
+def _list(text: str, parse, what: str) -> list:
+    try:
+        items = [parse(x.strip()) for x in text.split(",") if x.strip()]
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"--{what}: {e}") from None
+    if not items:
+        raise ValueError(f"--{what} lists nothing")
+    return items
+
+
+def simulate(
+    ranks: list[int],
+    bandwidths: list[float],
+    numel: int,
+    density: float,
+    latency_s: float,
+    gamma: float,
+    gamma_dense: float,
+    algorithms: list[str],
+    compute_s: float = 0.0,
+) -> list[dict]:
+    """Return one row a (ranks, bandwidth) cell: every algorithm's seconds, winner, speedups."""
+    rows = []
+    for bw in bandwidths:
+        params = perfmodel.NetworkParams.from_link(bw, latency_s, gamma, gamma_dense)
+        for p in ranks:
+            times = {
+                a: perfmodel.predict(a, world=p, numel=numel, density=density, params=params)
+                for a in algorithms
+            }
+            dense = perfmodel.predict("dense", world=p, numel=numel, density=1.0, params=params)
+            best = min(times, key=times.__getitem__)
+            rows.append({
+                "ranks": p, "bandwidth_bps": bw, "times_s": times, "winner": best,
+                "dense_s": dense, "speedup_exchange": dense / times[best],
+                "speedup_iteration": (compute_s + dense) / (compute_s + times[best]),
+            })  # fmt: skip
+    return rows
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        ranks = _list(args.ranks, int, "ranks")
+        if any(r < 2 for r in ranks):
+            raise ValueError("--ranks: every value must be >= 2")
+        bandwidths = _list(args.bandwidth, parse_rate, "bandwidth")
+        if args.numel is not None:
+            numel, what = parse_count(args.numel), f"{args.numel} elements"
+        else:
+            numel = perfmodel.model_numel(args.model)
+            what = f"{args.model} ({numel / 1e6:g}M parameters)"
+        if not 0 < args.density <= 1:
+            raise ValueError(f"--density must be in (0, 1], got {args.density}")
+        algorithms = _list(args.algorithms, str, "algorithms")
+        unknown = sorted(set(algorithms) - set(perfmodel.available_models()))
+        if unknown:
+            raise ValueError(
+                f"--algorithms: unknown {unknown}; modelled: {', '.join(perfmodel.available_models())}"
+            )
+        latency = parse_duration(args.latency)
+        gamma, gamma_dense = args.gamma_ns * 1e-9, args.gamma_dense_ns * 1e-9
+        if args.fitted:
+            fitted = json.loads(Path(args.fitted).read_text())["model_fit"]["params"]
+            gamma, gamma_dense = fitted["gamma"], fitted["gamma_dense"]
+        compute_s = parse_duration(args.compute) if args.compute else 0.0
+    except (ValueError, TypeError, KeyError, OSError) as e:
+        args._parser.error(str(e))
+    rows = simulate(ranks, bandwidths, numel, args.density, latency, gamma, gamma_dense,
+                    algorithms, compute_s)  # fmt: skip
+    print(
+        f"sparsetrain simulate: {what}, density {args.density:g} (k = {args.density * numel:,.0f} "
+        f"a rank), latency {latency * 1e6:g} us, gamma {gamma * 1e9:.3g} ns/entry, "
+        f"gamma_dense {gamma_dense * 1e9:.3g} ns/element"
+        + (f", compute {compute_s * 1e3:g} ms/iteration" if compute_s else "")
+    )
+    head = f"{'ranks':>6} {'link':>9}  " + "".join(f"{a:>11}" for a in algorithms)
+    head += f"  {'winner':<10}{'dense ring':>11}{'speedup':>9}" + (
+        f"{'iter.':>7}" if compute_s else ""
+    )
+    print("modelled time of one exchange (ms):")
+    print(head)
+    for r in rows:
+        line = f"{r['ranks']:>6} {r['bandwidth_bps'] / 1e9:>5g}Gb/s  "
+        line += "".join(f"{r['times_s'][a] * 1e3:>11.2f}" for a in algorithms)
+        line += f"  {r['winner']:<10}{r['dense_s'] * 1e3:>11.2f}{r['speedup_exchange']:>8.2f}x"
+        if compute_s:
+            line += f"{r['speedup_iteration']:>6.2f}x"
+        print(line)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"numel": numel, "density": args.density,
+                                               "latency_s": latency, "rows": rows}, indent=1))  # fmt: skip
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "simulate",
+        help="project sparse collectives to large clusters with the alpha-beta cost model",
+        description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1],
+    )
+    p.add_argument("--ranks", default="64,256,1024", help="comma-separated rank counts")
+    p.add_argument("--bandwidth", default="10gbit,100gbit", help="link rates, tc notation")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(
+        "--model",
+        default="bert-base",
+        choices=sorted(perfmodel.MODEL_PARAMETERS),
+        help="preset parameter count (sources in sparsetrain.perfmodel.MODEL_PARAMETERS)",
+    )
+    src.add_argument("--numel", help="vector length instead of a preset (e.g. 25M)")
+    p.add_argument("--density", type=float, default=0.01, help="k/n of each rank (default 0.01)")
+    p.add_argument("--latency", default="5us", help="per-message latency alpha (default 5us)")
+    p.add_argument("--gamma-ns", type=float, default=2.0,
+                   help="ns per sparse entry sorted/merged (default 2, GPU-class)")  # fmt: skip
+    p.add_argument("--gamma-dense-ns", type=float, default=0.05,
+                   help="ns per dense element streamed (default 0.05)")  # fmt: skip
+    p.add_argument("--fitted", metavar="JSON", help="take the gammas from a bench cluster JSON")
+    p.add_argument("--compute", help="compute time of one iteration (e.g. 200ms) for end-to-end")
+    p.add_argument("--algorithms", default=",".join(perfmodel.available_models()),
+                   help="which algorithms to compare (default: all modelled)")  # fmt: skip
+    p.add_argument("--json", metavar="PATH", help="also write the table as JSON")
+    p.set_defaults(func=_run, _parser=p)
+    return p
+
+
+if __name__ == "__main__":
+    _p = argparse.ArgumentParser(prog="sparsetrain")
+    register(_p.add_subparsers(required=True))
+    _a = _p.parse_args()
+    sys.exit(_a.func(_a))

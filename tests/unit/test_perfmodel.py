@@ -1,0 +1,192 @@
+"""The cost model: formulas against hand-computed values, fitting, auto selection, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparsetrain import perfmodel as pm
+
+UNIT_ALPHA = pm.NetworkParams(alpha=1.0, beta=0.0)
+UNIT_BETA = pm.NetworkParams(alpha=0.0, beta=1.0)
+
+
+def test_dense_ring_allreduce_by_hand():
+    # p=4, n=1000 float32: 2*3 = 6 steps; 2 * 3/4 * 1000 * 4 = 6000 bytes; 750 summed elements.
+    c = pm.cost("dense", world=4, numel=1000, density=1.0)
+    assert (c.messages, c.bytes, c.dense_elements) == (6, 6000, 750)
+    p = pm.NetworkParams(alpha=1e-5, beta=1e-9, gamma=0.0, gamma_dense=1e-10)
+    assert pm.predict("dense", world=4, numel=1000, density=1.0, params=p) == pytest.approx(
+        6e-5 + 6e-6 + 7.5e-8
+    )
+
+
+def test_allgather_volume_grows_linearly_with_ranks():
+    # k = 100 entries of 8 bytes; a rank receives (p-1) * 800 bytes.
+    for p in (2, 8, 64):
+        c = pm.cost("allgather", world=p, numel=10_000, density=0.01)
+        assert c.bytes == pytest.approx((p - 1) * 800)
+        assert c.messages == 2 * (p - 1)
+
+
+def test_ssar_rd_power_of_two_by_hand():
+    # p=4, n=100, d=0.5: rounds send U(1)=50 then U(2)=75 entries of 8 bytes; agreement 2*2 msgs.
+    c = pm.cost("ssar_rd", world=4, numel=100, density=0.5)
+    assert c.bytes == pytest.approx((50 + 75) * 8)
+    assert c.messages == 4 + 2 * 2
+
+
+def test_ssar_rd_non_power_of_two_adds_fold_and_unfold():
+    c3 = pm.cost("ssar_rd", world=3, numel=100, density=0.5)
+    # fold: 50 entries; one core round with m = 3/2 ranks folded: U(1.5); unfold: U(3) = 87.5.
+    expected = 50 + 100 * (1 - 0.5**1.5) + 87.5
+    assert c3.bytes == pytest.approx(expected * 8)
+
+
+def test_split_allgather_and_dsar_by_hand():
+    # p=2, n=1000, d=0.1: split sends k/2 = 50 entries; reduced range U(2)/2 = 95 entries.
+    c = pm.cost("ssar_split", world=2, numel=1000, density=0.1)
+    assert c.bytes == pytest.approx((50 + 95) * 8)
+    # DSAR equals split-allgather below break-even (0.5 for int32 + float32)...
+    assert pm.cost("dsar", world=2, numel=1000, density=0.1) == c
+    # ...and moves dense ranges above it: (p-1) * n/p * 4 bytes in each phase.
+    d = pm.cost("dsar", world=2, numel=1000, density=0.6)
+    assert d.bytes == pytest.approx(2 * 500 * 4)
+
+
+def test_dsar_break_even_follows_value_and_index_sizes():
+    # int64 indices + float32 values: break-even density 4/12 = 1/3.
+    below = pm.cost("dsar", world=2, numel=1200, density=0.3, index_bytes=8)
+    above = pm.cost("dsar", world=2, numel=1200, density=0.34, index_bytes=8)
+    assert above.bytes == pytest.approx(2 * 600 * 4)
+    assert (
+        below.bytes < pm.cost("ssar_split", world=2, numel=1200, density=0.34, index_bytes=8).bytes
+    )
+
+
+def test_oktopk_volume_is_under_six_k_and_independent_of_ranks():
+    k = 10_000
+    for p in (4, 64, 1024):
+        c = pm.cost("oktopk", world=p, numel=1_000_000, density=k / 1_000_000)
+        elements = c.bytes / 4  # an index and a value are two 4-byte elements
+        assert elements < 6 * k
+        assert elements == pytest.approx(4 * (p - 1) / p * k)
+
+
+def test_gtopk_by_hand():
+    c = pm.cost("gtopk", world=8, numel=10_000, density=0.01)
+    assert c.bytes == pytest.approx(2 * 3 * 100 * 8)
+    assert c.messages == 4 * 3 + 2 * 3
+
+
+def test_seconds_is_linear_in_the_coefficients():
+    c = pm.cost("oktopk", world=16, numel=10**6, density=0.01)
+    assert c.seconds(UNIT_ALPHA) == c.messages
+    assert c.seconds(UNIT_BETA) == c.bytes
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    alpha=st.floats(1e-6, 1e-3),
+    gbit=st.floats(0.5, 200.0),
+    gamma=st.floats(0.0, 1e-7),
+)
+def test_fit_recovers_known_coefficients(alpha, gbit, gamma):
+    true = pm.NetworkParams(alpha=alpha, beta=8 / (gbit * 1e9), gamma=gamma, gamma_dense=1e-10)
+    ms = [
+        pm.Measurement(a, p, n, d, pm.predict(a, world=p, numel=n, density=d, params=true))
+        for a in ("dense", "allgather", "ssar_split", "oktopk", "gtopk")
+        for p in (4, 8)
+        for n in (10**4, 10**6, 10**7)
+        for d in (0.001, 0.01, 0.1)
+    ]
+    got = pm.fit(ms)
+    assert got.alpha == pytest.approx(alpha, rel=1e-4)
+    assert got.beta == pytest.approx(true.beta, rel=1e-4)
+    assert got.gamma == pytest.approx(gamma, rel=1e-3, abs=1e-13)
+
+
+def test_fit_never_returns_negative_coefficients():
+    # Times that a negative alpha would fit best: the constrained fit sets alpha to 0.
+    true = pm.NetworkParams(alpha=0.0, beta=8e-9)
+    ms = [
+        pm.Measurement(
+            "dense",
+            p,
+            n,
+            1.0,
+            0.9 * pm.predict("dense", world=p, numel=n, density=1.0, params=true),
+        )  # fmt: skip
+        for p in (2, 4, 8, 16)
+        for n in (10, 10**6)
+    ]
+    got = pm.fit(ms)
+    assert min(got.alpha, got.beta, got.gamma, got.gamma_dense) >= 0
+    assert got.beta > 0
+
+
+def test_auto_picks_dense_at_high_density_and_sparse_at_low():
+    p = pm.NetworkParams.from_link(bandwidth_bps=1e9, latency_s=1e-4)
+    assert pm.best_collective(numel=10**7, nnz=5 * 10**6, world=8, params=p) == "dense"
+    low = pm.best_collective(numel=10**7, nnz=10**4, world=8, params=p)
+    assert low in pm.EXACT and low != "dense"
+
+
+def test_auto_prefers_oktopk_at_scale_when_selection_is_allowed():
+    choice = pm.best_collective(
+        numel=110_000_000,
+        nnz=1_100_000,
+        world=256,
+        candidates=("dense", "allgather", "ssar_rd", "ssar_split", "dsar", "oktopk", "gtopk"),
+    )
+    assert choice == "oktopk"
+
+
+def test_allgather_loses_to_dense_as_ranks_grow():
+    p = pm.DEFAULT_PARAMS
+    small = pm.predict("allgather", world=4, numel=10**7, density=0.01, params=p)
+    large = pm.predict("allgather", world=1024, numel=10**7, density=0.01, params=p)
+    dense = pm.predict("dense", world=1024, numel=10**7, density=1.0, params=p)
+    assert small < dense < large
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: pm.cost("ring", world=4, numel=10, density=0.1), ValueError, "dense"),
+        (lambda: pm.cost("dense", world=0, numel=10, density=0.1), ValueError, "world"),
+        (lambda: pm.cost("dense", world=4, numel=10, density=0.0), ValueError, "density"),
+        (lambda: pm.cost("dense", world=4, numel=10, density=1.5), ValueError, "density"),
+        (lambda: pm.cost("dense", world=4.0, numel=10, density=0.1), TypeError, "world"),
+        (lambda: pm.NetworkParams(alpha=-1.0, beta=1.0), ValueError, "alpha"),
+        (lambda: pm.NetworkParams.from_link(0, 1e-6), ValueError, "bandwidth"),
+        (lambda: pm.fit([]), ValueError, "at least 3"),
+        (lambda: pm.fit([pm.Measurement("dense", 2, 10, 1.0, 0.0)] * 3), ValueError, "positive"),
+        (lambda: pm.best_collective(numel=10, nnz=11, world=2), ValueError, "exceed"),
+        (
+            lambda: pm.best_collective(numel=10, nnz=1, world=2, candidates="dense"),
+            TypeError,
+            "sequence",
+        ),
+        (lambda: pm.best_collective(numel=10, nnz=1, world=2, candidates=["x"]), ValueError, "x"),
+        (lambda: pm.model_numel("bert-huge"), ValueError, "bert-base"),
+    ],
+)
+def test_bad_input_is_refused_with_a_clear_message(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_model_presets_have_sources():
+    assert pm.model_numel("bert-base") == 110_000_000
+    for name, (count, source) in pm.MODEL_PARAMETERS.items():
+        assert count > 10**6 and source, name
+
+
+def test_union_matches_inclusion_exclusion_for_two_ranks():
+    q = pm.Problem(world=2, numel=1000, density=0.1)
+    assert q.union(2) == pytest.approx(1000 * (0.1 + 0.1 - 0.01))
+    assert math.isclose(q.union(1), q.k)
