@@ -32,6 +32,19 @@ FULL_DENSITIES = "0.001,0.003,0.01,0.03,0.1"
 DENSE = "dense"  # dense allreduce of the whole vector, the reference every ratio is taken to
 
 
+def load_collectives() -> list[str]:
+    """Import every module of ``sparsetrain.comm`` (each registers its collectives) and return
+    the registered names."""
+    import importlib
+    import pkgutil
+
+    import sparsetrain.comm as comm
+
+    for mod in pkgutil.iter_modules(comm.__path__):
+        importlib.import_module(f"{comm.__name__}.{mod.name}")
+    return comm.available_collectives()
+
+
 # ---- worker: runs inside a rank's namespace -------------------------------------------------
 def _sparse_input(numel: int, k: int, rank: int, seed: int):
     """This rank's (sorted int32 indices, float32 values): k distinct uniform random indices."""
@@ -73,6 +86,7 @@ def worker_main(config_path: str) -> int:
 
     from sparsetrain.comm import get_collective, ring_allreduce_bytes
 
+    load_collectives()
     torch.set_num_threads(1)
     cfg = json.loads(Path(config_path).read_text())
     dist.init_process_group("gloo")
@@ -233,7 +247,6 @@ def _fit_model(records: list[dict[str, Any]], world: int) -> dict[str, Any] | No
 
 def run_cluster(args: argparse.Namespace) -> int:
     from sparsetrain.cluster import ClusterPermissionError, EmulatedCluster, parse_count
-    from sparsetrain.comm import available_collectives
 
     try:
         sizes = _csv(
@@ -243,7 +256,7 @@ def run_cluster(args: argparse.Namespace) -> int:
             args.densities or (FULL_DENSITIES if args.full else DEFAULT_DENSITIES), _density,
             "densities",
         )  # fmt: skip
-        known = [DENSE, *available_collectives()]
+        known = [DENSE, *load_collectives()]
         algorithms = _csv(args.algorithms, str, "algorithms") if args.algorithms else known
         unknown = sorted(set(algorithms) - set(known))
         if unknown:

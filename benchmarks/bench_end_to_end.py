@@ -1,0 +1,180 @@
+"""End to end on an emulated 1 Gbit/s cluster: time to a target test accuracy.
+
+Trains a communication-bound task (digits-wide-mlp, a wide MLP whose gradient exchange costs
+more than its compute) on RANKS network namespaces with tc-shaped links, once per method:
+
+* dense DDP (``none``: plain allreduce of every gradient),
+* ``fp16`` (half-precision allreduce),
+* ``topk`` at DENSITY with the ``allgather`` baseline,
+* ``threshold`` at DENSITY with the ``oktopk`` sparse allreduce,
+
+all with error feedback where the compressor is biased, the same seed, data and schedule. Each
+rank joins the job as torchrun would (RANK, WORLD_SIZE, MASTER_ADDR on rank 0's 198.18.x
+address, GLOO_SOCKET_IFNAME), through :func:`sparsetrain.train.launch`. Wall-clock time excludes
+evaluation. Prints time to TARGET and final accuracy side by side with the ratio to dense, and
+writes JSON and a plot of accuracy against wall-clock time. Needs root.
+
+Usage::
+
+    sudo .venv/bin/python benchmarks/bench_end_to_end.py --ranks 4 --bandwidth 1gbit \
+        --target 0.95 --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+METHODS = {  # label: (compressor, collective, uses density)
+    "dense": ("none", "allgather", False),
+    "fp16": ("fp16", "allgather", False),
+    "topk+allgather": ("topk", "allgather", True),
+    "threshold+oktopk": ("threshold", "oktopk", True),
+}
+
+
+def worker(cfg_path: str) -> int:
+    """Run every configured method on this rank (joined by the torchrun variables)."""
+    import torch
+
+    from sparsetrain.train import TrainConfig, launch
+
+    torch.set_num_threads(1)
+    cfg = json.loads(Path(cfg_path).read_text())
+    configs = []
+    for label in cfg["methods"]:
+        compressor, collective, sparse = METHODS[label]
+        configs.append(
+            TrainConfig(
+                task="digits-wide-mlp",
+                task_options={"hidden": cfg["hidden"]},
+                compressor=compressor,
+                density=cfg["density"] if sparse else None,
+                collective=collective,
+                epochs=cfg["epochs"],
+                batch_size=cfg["batch_size"],
+                lr=cfg["lr"],
+                seed=cfg["seed"],
+                eval_every=cfg["eval_every"],
+                label=label,
+                progress=False,
+                timeout_s=600.0,
+            )
+        )
+    report = launch(configs)
+    if os.environ.get("RANK") == "0":
+        Path(cfg["report_path"]).write_text(json.dumps(report))
+    return 0
+
+
+def time_to_target(curves: dict, target: float) -> float | None:
+    """Return the first wall-clock second at which test accuracy reached ``target``."""
+    for t, acc in zip(curves["wall_seconds"], curves["test_accuracy"]):
+        if acc is not None and acc >= target:
+            return t
+    return None
+
+
+def plot(report: dict, target: float, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for run in report["runs"]:
+        c = run["curves"]
+        pts = [(t, a) for t, a in zip(c["wall_seconds"], c["test_accuracy"]) if a is not None]
+        ax.plot(*zip(*pts), marker=".", label=run["label"])
+    ax.axhline(target, color="gray", linestyle=":", label=f"target {target:g}")
+    ax.set(xlabel="wall-clock seconds (evaluation excluded)", ylabel="test accuracy", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ranks", type=int, default=4)
+    p.add_argument("--bandwidth", default="1gbit")
+    p.add_argument("--latency", default="100us")
+    p.add_argument("--hidden", type=int, default=2048, help="MLP width (2048: 4.3M parameters)")
+    p.add_argument("--density", type=float, default=0.01)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: epoch)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--target", type=float, default=0.95, help="test accuracy to reach")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {', '.join(METHODS)}")
+    p.add_argument("--timeout", type=float, default=3600.0)
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(args.worker)
+
+    from sparsetrain.cluster import ClusterPermissionError, EmulatedCluster
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = sorted(set(methods) - set(METHODS))
+    if bad:
+        p.error(f"--methods: unknown {bad}; valid: {', '.join(METHODS)}")
+    tmp = Path(tempfile.mkdtemp(prefix="sparsetrain-e2e-"))
+    cfg = {**{k: getattr(args, k) for k in ("hidden", "density", "epochs", "batch_size", "lr",
+                                              "seed", "eval_every")},
+           "methods": methods, "report_path": str(tmp / "report.json")}  # fmt: skip
+    (tmp / "config.json").write_text(json.dumps(cfg))
+    try:
+        with EmulatedCluster(args.ranks, args.bandwidth, args.latency) as cluster:
+            bw = cluster.measure_bandwidth()
+            print(f"{args.ranks} ranks, {args.bandwidth} links (measured {bw / 1e9:.3f} Gbit/s)")
+            cluster.run(
+                [sys.executable, str(Path(__file__).resolve()), "--worker", str(tmp / "config.json")],
+                timeout=args.timeout,
+            )  # fmt: skip
+    except ClusterPermissionError as e:
+        print(f"bench_end_to_end: {e}", file=sys.stderr)
+        return 2
+    report = json.loads((tmp / "report.json").read_text())
+    runs = {r["label"]: r for r in report["runs"]}
+    dense_t = time_to_target(runs["dense"]["curves"], args.target) if "dense" in runs else None
+    dense_acc = runs["dense"]["final_test_accuracy"] if "dense" in runs else None
+    print(f"\ntime to test accuracy {args.target:g} on {args.ranks} ranks at {args.bandwidth}:")
+    print(f"{'method':<18}{'to target s':>12}{'vs dense':>10}{'final acc':>11}{'Δ acc pts':>11}"
+          f"{'total s':>9}{'MB/rank':>9}")  # fmt: skip
+    summary = []
+    for label, run in runs.items():
+        t = time_to_target(run["curves"], args.target)
+        speed = dense_t / t if (t and dense_t) else None
+        acc = run["final_test_accuracy"]
+        delta = 100 * (acc - dense_acc) if dense_acc is not None else None
+        summary.append({"method": label, "time_to_target_s": t, "speedup_vs_dense": speed,
+                        "final_test_accuracy": acc, "delta_accuracy_points": delta,
+                        "wall_seconds": run["wall_seconds"],
+                        "bytes_sent_per_rank": run["bytes_sent_per_rank"]})  # fmt: skip
+        print(
+            f"{label:<18}{t if t is not None else float('nan'):>12.1f}"
+            f"{speed if speed else float('nan'):>9.2f}x{acc:>11.4f}"
+            f"{delta if delta is not None else float('nan'):>+11.2f}"
+            f"{run['wall_seconds']:>9.1f}{run['bytes_sent_per_rank'] / 1e6:>9.1f}"
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"e2e_{args.ranks}r_{args.bandwidth}"
+    (out / f"{stem}.json").write_text(json.dumps({"args": vars(args), "link_measured_bps": bw,
+                                                  "summary": summary, "report": report}, indent=1))  # fmt: skip
+    plot(report, args.target, out / f"{stem}.png",
+         f"digits-wide-mlp (hidden {args.hidden}), {args.ranks} ranks, {args.bandwidth}")  # fmt: skip
+    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
