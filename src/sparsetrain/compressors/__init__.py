@@ -14,16 +14,34 @@ from .base import (
     Payload,
     SparseCompressor,
     TensorMeta,
+    bucket_shape,
+    bucketed,
+    check_bucket_size,
     check_density,
     check_floating,
+    check_int,
     index_dtype,
     k_for,
+    pack_bits,
+    seeded_generator,
+    unpack_bits,
+    work_dtype,
 )
 
 _REGISTRY: dict[str, type[Compressor]] = {}
 
 # Modules that register compressors when imported; adding one is one line here and one file.
-_MODULES = ("none", "fp16", "topk", "threshold", "randomk", "qsgd", "terngrad", "signsgd", "powersgd")
+_MODULES = (
+    "none",
+    "fp16",
+    "topk",
+    "threshold",
+    "randomk",
+    "qsgd",
+    "terngrad",
+    "signsgd",
+    "powersgd",
+)
 
 
 def register_compressor(name: str):
@@ -92,12 +110,20 @@ __all__ = [
     "SparseCompressor",
     "TensorMeta",
     "available_compressors",
+    "bucket_shape",
+    "bucketed",
+    "check_bucket_size",
     "check_density",
     "check_floating",
+    "check_int",
     "compressor_class",
     "get_compressor",
     "index_dtype",
     "k_for",
     "option_names",
+    "pack_bits",
     "register_compressor",
+    "seeded_generator",
+    "unpack_bits",
+    "work_dtype",
 ]

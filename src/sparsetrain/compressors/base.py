@@ -30,7 +30,9 @@ parameters in a DDP bucket) and expose it through ``state_dict``/``load_state_di
 
 from __future__ import annotations
 
+import abc
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -84,7 +86,106 @@ def k_for(numel: int, density: float) -> int:
     return max(1, min(numel, int(round(density * numel))))
 
 
-class Compressor:
+def check_int(value: Any, name: str, minimum: int, maximum: int | None = None) -> None:
+    """Raise a TypeError/ValueError naming ``name`` unless ``minimum <= value <= maximum``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be {allowed}, got {value}")
+
+
+def check_bucket_size(value: Any) -> None:
+    """Validate a ``bucket_size`` option: None (whole tensor) or a positive integer."""
+    if value is not None:
+        check_int(value, "bucket_size (or None for one bucket per tensor)", 1)
+
+
+def seeded_generator(seed: int, key: str, step: int, device: torch.device) -> torch.Generator:
+    """Return a generator on ``device`` seeded by ``(seed, key, step)``.
+
+    The seed is a stable hash (BLAKE2b, not Python's per-process ``hash``), so every rank and
+    every resumed run draws the same numbers for the same tensor at the same step.
+    """
+    digest = hashlib.blake2b(f"{seed}|{key}|{step}".encode(), digest_size=8).digest()
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+    return gen
+
+
+def pack_bits(codes: Tensor, bits: int) -> Tensor:
+    """Pack non-negative integer ``codes`` (each < 2**bits, 1 <= bits <= 8) into a uint8 tensor.
+
+    Eight codes fill exactly ``bits`` bytes, so the result has ``ceil(n / 8) * bits`` bytes. For
+    ``bits`` in (1, 2, 4, 8) the codes are shifted and OR-ed byte by byte; otherwise eight codes
+    are assembled into one 64-bit word and split into its low ``bits`` bytes. Both are a handful
+    of vectorised ops (a Python loop over bit positions, never over elements).
+    """
+    n = codes.numel()
+    pad = (-n) % 8
+    c = codes.reshape(-1)
+    if pad:
+        c = torch.cat([c, c.new_zeros(pad)])
+    if 8 % bits == 0:
+        per = 8 // bits
+        c = c.to(torch.uint8).view(-1, per)
+        out = c[:, 0].clone()
+        for j in range(1, per):
+            out |= c[:, j] << (j * bits)
+        return out
+    c = c.to(torch.int64).view(-1, 8)
+    word = c[:, 0].clone()
+    for j in range(1, 8):
+        word |= c[:, j] << (j * bits)
+    return (
+        torch.stack([(word >> (8 * i)) & 0xFF for i in range(bits)], dim=1).to(torch.uint8).view(-1)
+    )
+
+
+def unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
+    """Invert :func:`pack_bits`: return the first ``count`` codes as a uint8 tensor."""
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:
+        per = 8 // bits
+        out = torch.stack([(packed >> (j * bits)) & mask for j in range(per)], dim=1)
+        return out.view(-1)[:count]
+    b = packed.view(-1, bits).to(torch.int64)
+    word = b[:, 0].clone()
+    for i in range(1, bits):
+        word |= b[:, i] << (8 * i)
+    out = torch.stack([(word >> (j * bits)) & mask for j in range(8)], dim=1)
+    return out.view(-1)[:count].to(torch.uint8)
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Return the dtype to compute in: float32 for half types (norms, QR), else ``dtype``."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def bucket_shape(numel: int, bucket_size: int | None) -> tuple[int, int]:
+    """Return ``(buckets, size)``: how :func:`bucketed` lays out ``numel`` entries."""
+    size = max(1, numel if bucket_size is None else min(bucket_size, numel))
+    return -(-numel // size), size
+
+
+def bucketed(flat: Tensor, bucket_size: int | None) -> tuple[Tensor, Tensor]:
+    """View a 1-D tensor as rows of ``bucket_size`` entries, zero-padding the last row.
+
+    Returns:
+        ``(rows, counts)``: a ``(buckets, size)`` tensor (a view when no padding is needed) and
+        the number of real entries in each row, as a tensor of ``flat``'s dtype (for means).
+    """
+    n = flat.numel()
+    buckets, size = bucket_shape(n, bucket_size)
+    pad = buckets * size - n
+    rows = (torch.cat([flat, flat.new_zeros(pad)]) if pad else flat).view(buckets, size)
+    counts = torch.full((buckets,), float(size), dtype=flat.dtype, device=flat.device)
+    if pad:
+        counts[-1] = size - pad
+    return rows, counts
+
+
+class Compressor(abc.ABC):
     """Base class; see the module docstring for the contract."""
 
     name: ClassVar[str] = ""
@@ -93,15 +194,16 @@ class Compressor:
     biased: ClassVar[bool] = False
     rounds: ClassVar[int] = 1
 
+    @abc.abstractmethod
     def compress(
         self, t: Tensor, *, key: str = "", layout: Sequence[torch.Size] | None = None
     ) -> tuple[Payload, Any]:
         """Compress ``t``. ``layout`` lists the shapes of the parameters packed in ``t``, in
         order, for compressors that work per matrix (PowerSGD); the others ignore it."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def decompress(self, payload: Payload, ctx: Any) -> Tensor:
-        raise NotImplementedError
+        """Return the tensor ``payload`` stands for, with the shape, dtype and device in ``ctx``."""
 
     def next_round(self, reduced: Payload, ctx: Any) -> tuple[Payload, Any]:
         """Multi-round compressors: take the summed payload of the previous round and return

@@ -8,7 +8,15 @@ import torch
 from torch import Tensor
 
 from . import register_compressor
-from .base import Payload, SparseCompressor, TensorMeta, check_density, check_floating, index_dtype, k_for
+from .base import (
+    Payload,
+    SparseCompressor,
+    TensorMeta,
+    check_density,
+    check_floating,
+    index_dtype,
+    k_for,
+)
 
 
 @register_compressor("topk")
