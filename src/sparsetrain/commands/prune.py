@@ -1,0 +1,491 @@
+"""``sparsetrain prune``: train a task, prune it with one or more methods, fine-tune, report.
+
+Example::
+
+    sparsetrain prune --task digits-mlp --method woodfisher --method magnitude \\
+        --sparsity 0.9 --schedule gradual --report out.json
+
+writes ``out.json`` (per method: accuracy against sparsity, final accuracy, per-layer sparsity,
+parameters, FLOPs, compact checkpoint size, pruned-parameter efficiency) and ``out.png``
+(accuracy against sparsity, one line per method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from sparsetrain.pruning import (
+    Gradual,
+    OneShot,
+    Pruner,
+    available_pruners,
+    compact_size_report,
+    count_flops,
+    get_pruner,
+    pruned_parameter_efficiency,
+    sparsity_stats,
+)
+from sparsetrain.pruning.masks import check_sparsity
+from sparsetrain.tasks import Task, available_tasks, get_task
+
+SCHEDULES = ("oneshot", "gradual")
+
+
+@dataclass
+class PruneConfig:
+    """Options of a pruning experiment (the CLI flags).
+
+    Args:
+        task: a registered task.
+        methods: pruners to compare (``"magnitude"``, ``"woodfisher"``, ``"rigl"``, ...).
+        sparsity: the final sparsity of the pruned weights, in [0, 1).
+        schedule: ``"oneshot"`` (prune the trained model at once, then fine-tune) or
+            ``"gradual"`` (cubic schedule over ``prune_epochs``, then fine-tune). RigL always
+            trains sparse from scratch for ``epochs + prune_epochs + finetune_epochs``.
+        scope: ``"global"`` or ``"layer"``.
+        epochs: dense training epochs before pruning.
+        prune_epochs: epochs of the gradual schedule.
+        finetune_epochs: epochs at the final sparsity with masks held.
+        levels: one-shot: the sparsities of the accuracy curve (before fine-tuning); the final
+            sparsity is always added.
+        pruning_steps: gradual: how many times the sparsity is raised.
+        fisher_samples, block_size, damping: WoodFisher options (one example per sample).
+    """
+
+    task: str = "digits-mlp"
+    methods: list[str] = field(default_factory=lambda: ["magnitude"])
+    sparsity: float = 0.9
+    schedule: str = "gradual"
+    scope: str = "global"
+    epochs: int = 30
+    prune_epochs: int = 15
+    finetune_epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    levels: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8])
+    pruning_steps: int = 10
+    fisher_samples: int = 512
+    block_size: int = 128
+    damping: float = 1e-4
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_sparsity(self.sparsity)
+        if self.task not in available_tasks():
+            raise ValueError(f"unknown task {self.task!r}; valid: {', '.join(available_tasks())}")
+        if not self.methods:
+            raise ValueError("give at least one pruning method")
+        for m in self.methods:
+            if m not in available_pruners():
+                raise ValueError(f"unknown method {m!r}; valid: {', '.join(available_pruners())}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        for name in ("epochs", "prune_epochs", "finetune_epochs", "batch_size", "pruning_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < (1 if name in ("batch_size", "pruning_steps") else 0):
+                raise ValueError(
+                    f"{name} must be a non-negative integer (batch_size, pruning_steps >= 1), got {v!r}"
+                )
+        for s in self.levels:
+            check_sparsity(s, "each of levels")
+
+
+def evaluate(model: nn.Module, data: torch.utils.data.TensorDataset) -> float:
+    """Return the accuracy of ``model`` on a data set of (input, label)."""
+    model.eval()
+    with torch.no_grad():
+        x, y = data.tensors
+        acc = (model(x).argmax(dim=1) == y).float().mean().item()
+    model.train()
+    return acc
+
+
+def train(
+    model: nn.Module,
+    task: Task,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    *,
+    batch_size: int,
+    generator: torch.Generator,
+    pruner: Pruner | None = None,
+    closure: Callable[[], torch.Tensor] | None = None,
+    start_step: int = 0,
+    on_prune: Callable[[int], None] | None = None,
+    desc: str = "train",
+    progress: bool = True,
+) -> int:
+    """Train for ``epochs``, calling ``pruner.step`` after every optimizer step.
+
+    Returns:
+        The next step index.
+    """
+    x, y = task.train.tensors
+    steps_per_epoch = math.ceil(len(y) / batch_size)
+    step = start_step
+    model.train()
+    with tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not progress, leave=False) as bar:
+        for _ in range(epochs):
+            perm = torch.randperm(len(y), generator=generator)
+            for i in range(0, len(y), batch_size):
+                idx = perm[i : i + batch_size]
+                optimizer.zero_grad(set_to_none=True)
+                loss = task.loss_fn(model(x[idx]), y[idx])
+                loss.backward()
+                optimizer.step()
+                if pruner is not None and pruner.step(step, closure) and on_prune is not None:
+                    on_prune(step)
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    return step
+
+
+def fisher_closure(
+    model: nn.Module, task: Task, generator: torch.Generator, batch: int = 1
+) -> Callable[[], torch.Tensor]:
+    """Return a closure giving the loss on ``batch`` random training examples per call."""
+    x, y = task.train.tensors
+
+    def closure() -> torch.Tensor:
+        idx = torch.randint(len(y), (batch,), generator=generator)
+        return task.loss_fn(model(x[idx]), y[idx])
+
+    return closure
+
+
+def _make_optimizer(model: nn.Module, cfg: PruneConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+
+
+def _method_options(method: str, cfg: PruneConfig) -> dict[str, Any]:
+    if method == "woodfisher":
+        return {
+            "fisher_samples": cfg.fisher_samples,
+            "block_size": cfg.block_size,
+            "damping": cfg.damping,
+        }
+    return {}
+
+
+def _build_pruner(method: str, cfg: PruneConfig, sparsity: float, schedule: Any) -> Pruner:
+    opts = _method_options(method, cfg)
+    if method == "nm":
+        m = 4
+        return get_pruner(
+            "nm", n=max(1, int(math.floor((1 - sparsity) * m + 1e-9))), m=m, schedule=schedule
+        )
+    return get_pruner(method, sparsity=sparsity, schedule=schedule, scope=cfg.scope, **opts)
+
+
+def summarise(model: nn.Module, task: Task, dense_acc: float) -> dict[str, Any]:
+    """Return accuracy, sparsity, parameters, FLOPs, checkpoint sizes and PPE of a model."""
+    acc = evaluate(model, task.test)
+    stats = sparsity_stats(model)
+    flops = count_flops(model, task.test.tensors[0][:1])
+    return {
+        "test_accuracy": acc,
+        "sparsity": stats["global_sparsity"],
+        "layers": stats["layers"],
+        "params": stats["params"],
+        "nonzero_params": stats["nonzero_params"],
+        "kept_fraction": stats["kept_fraction"],
+        "flops_dense": flops["dense"],
+        "flops_sparse": flops["sparse"],
+        "checkpoint": compact_size_report(model),
+        "pruned_parameter_efficiency": pruned_parameter_efficiency(
+            acc, dense_acc, stats["kept_fraction"]
+        ),
+    }
+
+
+def train_dense(cfg: PruneConfig) -> tuple[Task, nn.Module, float]:
+    """Train the dense model of ``cfg.task``; return the task, the model and its test accuracy."""
+    task = get_task(cfg.task, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = task.build_model()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train(
+        model,
+        task,
+        _make_optimizer(model, cfg),
+        cfg.epochs,
+        batch_size=cfg.batch_size,
+        generator=gen,
+        desc="dense",
+        progress=cfg.progress,
+    )
+    return task, model, evaluate(model, task.test)
+
+
+def oneshot_accuracy(
+    dense: nn.Module, task: Task, method: str, sparsity: float, cfg: PruneConfig, seed: int = 0
+) -> tuple[nn.Module, Pruner, float]:
+    """Prune a copy of ``dense`` to ``sparsity`` at once; return it, its pruner and its accuracy."""
+    model = copy.deepcopy(dense)
+    pruner = _build_pruner(method, cfg, sparsity, OneShot())
+    pruner.prepare(model)
+    gen = torch.Generator().manual_seed(seed)
+    pruner.prune(closure=fisher_closure(model, task, gen))
+    return model, pruner, evaluate(model, task.test)
+
+
+def run_method(
+    method: str, cfg: PruneConfig, task: Task, dense: nn.Module, dense_acc: float
+) -> dict[str, Any]:
+    """Prune (and fine-tune) with one method; return its curve and final summary."""
+    start = time.perf_counter()
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    steps_per_epoch = math.ceil(len(task.train) / cfg.batch_size)
+    curve: list[dict[str, float]] = []
+    if method == "rigl":
+        torch.manual_seed(cfg.seed)
+        model = task.build_model()
+        opt = _make_optimizer(model, cfg)
+        epochs = cfg.epochs + cfg.prune_epochs + cfg.finetune_epochs
+        pruner = get_pruner(
+            "rigl",
+            sparsity=cfg.sparsity,
+            delta_t=max(1, steps_per_epoch),
+            end=max(2, int(0.75 * epochs * steps_per_epoch)),
+        )
+        pruner.prepare(model, opt)
+        train(
+            model,
+            task,
+            opt,
+            epochs,
+            batch_size=cfg.batch_size,
+            generator=gen,
+            pruner=pruner,
+            desc="rigl",
+            progress=cfg.progress,
+        )
+        curve.append(
+            {"sparsity": pruner.stats()["sparsity"], "test_accuracy": evaluate(model, task.test)}
+        )
+    elif cfg.schedule == "oneshot":
+        for s in sorted({*cfg.levels, cfg.sparsity}):
+            model, pruner, acc = oneshot_accuracy(dense, task, method, s, cfg, seed=cfg.seed)
+            curve.append({"sparsity": pruner.stats()["sparsity"], "test_accuracy": acc})
+        opt = _make_optimizer(model, cfg)
+        state = (
+            pruner.state_dict()
+        )  # the last level is the final sparsity: re-attach with an optimizer
+        pruner.prepare(model, opt)
+        pruner.load_state_dict(state)
+        train(
+            model,
+            task,
+            opt,
+            cfg.finetune_epochs,
+            batch_size=cfg.batch_size,
+            generator=gen,
+            pruner=pruner,
+            desc=f"{method} fine-tune",
+            progress=cfg.progress,
+        )
+    else:
+        model = copy.deepcopy(dense)
+        opt = _make_optimizer(model, cfg)
+        end = max(1, cfg.prune_epochs * steps_per_epoch - 1)
+        freq = max(1, end // cfg.pruning_steps)
+        pruner = _build_pruner(method, cfg, cfg.sparsity, Gradual(start=0, end=end, frequency=freq))
+        pruner.prepare(model, opt)
+        closure = fisher_closure(model, task, torch.Generator().manual_seed(cfg.seed + 2))
+
+        def record(_step: int) -> None:
+            curve.append(
+                {
+                    "sparsity": pruner.stats()["sparsity"],
+                    "test_accuracy": evaluate(model, task.test),
+                }
+            )
+
+        step = train(
+            model,
+            task,
+            opt,
+            cfg.prune_epochs,
+            batch_size=cfg.batch_size,
+            generator=gen,
+            pruner=pruner,
+            closure=closure,
+            on_prune=record,
+            desc=f"{method} gradual",
+            progress=cfg.progress,
+        )
+        train(
+            model,
+            task,
+            opt,
+            cfg.finetune_epochs,
+            batch_size=cfg.batch_size,
+            generator=gen,
+            pruner=pruner,
+            start_step=step,
+            desc=f"{method} fine-tune",
+            progress=cfg.progress,
+        )
+    pruner.finalize()
+    final = summarise(model, task, dense_acc)
+    curve.append(
+        {"sparsity": final["sparsity"], "test_accuracy": final["test_accuracy"], "finetuned": True}
+    )
+    return {
+        "method": method,
+        "curve": curve,
+        "final": final,
+        "pruner": pruner.stats(),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def run(cfg: PruneConfig) -> dict[str, Any]:
+    """Run the experiment of ``cfg`` and return the report (what ``--report`` writes)."""
+    task, dense, dense_acc = train_dense(cfg)
+    dense_summary = summarise(dense, task, dense_acc)
+    runs = [run_method(m, cfg, task, dense, dense_acc) for m in cfg.methods]
+    return {"config": asdict(cfg), "dense": dense_summary, "runs": runs}
+
+
+def plot(report: dict[str, Any], path: str | Path) -> Path:
+    """Draw test accuracy against sparsity, one line per method, and save a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for run_ in report["runs"]:
+        pts = [p for p in run_["curve"] if not p.get("finetuned")]
+        if pts:
+            ax.plot(
+                [p["sparsity"] for p in pts],
+                [p["test_accuracy"] for p in pts],
+                marker="o",
+                label=f"{run_['method']} ({report['config']['schedule'] if run_['method'] != 'rigl' else 'sparse training'})",
+            )
+        f = run_["final"]
+        ax.scatter(
+            [f["sparsity"]],
+            [f["test_accuracy"]],
+            marker="*",
+            s=120,
+            zorder=3,
+            label=f"{run_['method']} final",
+        )
+    ax.axhline(report["dense"]["test_accuracy"], color="gray", linestyle="--", label="dense")
+    ax.set(
+        xlabel="sparsity of pruned weights",
+        ylabel="test accuracy",
+        title=f"{report['config']['task']}: accuracy against sparsity",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _main(args: argparse.Namespace) -> int:
+    cfg = PruneConfig(
+        task=args.task,
+        methods=args.method or ["magnitude"],
+        sparsity=args.sparsity,
+        schedule=args.schedule,
+        scope=args.scope,
+        epochs=args.epochs,
+        prune_epochs=args.prune_epochs,
+        finetune_epochs=args.finetune_epochs,
+        lr=args.lr,
+        seed=args.seed,
+        levels=args.levels if args.levels is not None else [0.5, 0.7, 0.8],
+        fisher_samples=args.fisher_samples,
+        block_size=args.block_size,
+        damping=args.damping,
+        progress=not args.no_progress,
+    )
+    report = run(cfg)
+    out = Path(args.report)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    png = plot(report, args.plot or out.with_suffix(".png"))
+    print(f"dense accuracy {report['dense']['test_accuracy']:.4f}")
+    for r in report["runs"]:
+        f = r["final"]
+        print(
+            f"{r['method']:>11}: sparsity {f['sparsity']:.3f}  accuracy {f['test_accuracy']:.4f}  "
+            f"PPE {f['pruned_parameter_efficiency']:.2f}  checkpoint {f['checkpoint']['compact_over_dense']:.2f}x dense"
+        )
+    print(f"wrote {out} and {png}")
+    return 0
+
+
+def _sparsity(text: str) -> float:
+    try:
+        return check_sparsity(float(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``prune`` subcommand."""
+    p = subparsers.add_parser(
+        "prune",
+        help="train, prune, fine-tune and report accuracy against sparsity",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--task", default="digits-mlp", choices=available_tasks())
+    p.add_argument(
+        "--method",
+        action="append",
+        choices=available_pruners(),
+        help="pruning method; repeat to compare several (default: magnitude)",
+    )
+    p.add_argument("--sparsity", type=_sparsity, default=0.9, help="final sparsity in [0, 1)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="gradual")
+    p.add_argument("--scope", choices=("global", "layer"), default="global")
+    p.add_argument("--epochs", type=int, default=30, help="dense training epochs")
+    p.add_argument("--prune-epochs", type=int, default=15, help="epochs of the gradual schedule")
+    p.add_argument("--finetune-epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--levels", type=_sparsity, nargs="+", help="one-shot: sparsities of the curve")
+    p.add_argument("--fisher-samples", type=int, default=512)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--damping", type=float, default=1e-4)
+    p.add_argument("--report", required=True, help="JSON report path (the PNG goes next to it)")
+    p.add_argument("--plot", help="PNG path (default: the report's path with .png)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_main)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``sparsetrain prune`` with ``argv`` (for use before it is listed in the CLI)."""
+    parser = argparse.ArgumentParser(prog="sparsetrain")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["prune", *(argv or [])])
+    return args.func(args)

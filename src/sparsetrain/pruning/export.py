@@ -1,0 +1,150 @@
+"""Compact checkpoints of pruned models (bitmask + non-zero values), and torch sparse formats.
+
+A compact checkpoint stores every floating-point tensor that is sparse enough to gain as a
+bitmask (one bit a weight, packed into bytes) plus its non-zero values in the original dtype;
+other tensors are stored as they are. Loading it rebuilds the exact dense state dict, so an
+identical dense model can load it with ``model.load_state_dict(load_compact(ckpt))``.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+FORMAT = "sparsetrain.compact/1"
+_SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
+
+
+def pack_bits(mask: Tensor) -> Tensor:
+    """Return a bool tensor's bits packed 8 to a ``uint8`` (first element in the high bit)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return (flat.view(-1, 8) << _SHIFTS.to(flat.device)).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: Tensor, numel: int) -> Tensor:
+    """Invert :func:`pack_bits`: return ``numel`` bools."""
+    bits = (packed.unsqueeze(1) >> _SHIFTS.to(packed.device)) & 1
+    return bits.reshape(-1)[:numel].bool()
+
+
+def _state(model_or_state: nn.Module | Mapping[str, Any]) -> Mapping[str, Any]:
+    return model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+
+
+def export_compact(
+    model_or_state: nn.Module | Mapping[str, Any], masks: Mapping[str, Tensor] | None = None
+) -> dict[str, Any]:
+    """Return a compact checkpoint of a (pruned) model's state dict.
+
+    A floating-point tensor is stored as ``{"shape", "bits", "values"}`` when that is smaller
+    than the dense tensor, which holds when its density is below about ``1 - 1/(8 * itemsize)``.
+    The kept positions are those of ``masks`` where given (so kept weights that happen to be
+    zero round-trip too), else the non-zero entries.
+
+    Args:
+        model_or_state: a module or a state dict.
+        masks: optional name -> bool masks (True = kept) of some of its tensors.
+
+    Returns:
+        A dict that ``torch.save`` can write; :func:`load_compact` turns it back.
+
+    Example:
+        >>> ckpt = export_compact(model)  # doctest: +SKIP
+        >>> model.load_state_dict(load_compact(ckpt))  # doctest: +SKIP
+    """
+    state = _state(model_or_state)
+    masks = masks or {}
+    unknown = sorted(set(masks) - set(state))
+    if unknown:
+        raise ValueError(f"masks name tensors not in the state dict: {unknown}")
+    sparse, dense = {}, {}
+    for name, t in state.items():
+        if not isinstance(t, Tensor) or not t.is_floating_point() or t.is_sparse:
+            dense[name] = t
+            continue
+        keep = masks[name].to(t.device) if name in masks else t != 0
+        nnz = int(keep.sum())
+        packed_bytes = (t.numel() + 7) // 8 + nnz * t.element_size()
+        if packed_bytes >= t.numel() * t.element_size():
+            dense[name] = t.detach().clone()
+            continue
+        sparse[name] = {
+            "shape": tuple(t.shape),
+            "bits": pack_bits(keep).cpu(),
+            "values": t.detach().reshape(-1)[keep.reshape(-1)].cpu().clone(),
+        }
+    return {"format": FORMAT, "sparse": sparse, "dense": dense, "order": list(state)}
+
+
+def load_compact(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the dense state dict a compact checkpoint was made from (exact values)."""
+    if not isinstance(ckpt, Mapping) or ckpt.get("format") != FORMAT:
+        raise ValueError(f"not a compact checkpoint (expected format {FORMAT!r})")
+    out: dict[str, Any] = {}
+    for name in ckpt["order"]:
+        if name in ckpt["dense"]:
+            out[name] = ckpt["dense"][name]
+            continue
+        entry = ckpt["sparse"][name]
+        shape = torch.Size(entry["shape"])
+        keep = unpack_bits(entry["bits"], shape.numel())
+        values = entry["values"]
+        t = torch.zeros(shape.numel(), dtype=values.dtype)
+        t[keep] = values
+        out[name] = t.view(shape)
+    return out
+
+
+def checkpoint_bytes(obj: Any) -> int:
+    """Return how many bytes ``torch.save(obj)`` writes."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.tell()
+
+
+def compact_size_report(
+    model_or_state: nn.Module | Mapping[str, Any], masks: Mapping[str, Tensor] | None = None
+) -> dict[str, Any]:
+    """Return the sizes of the dense and compact checkpoints, in bytes, and their ratio."""
+    state = _state(model_or_state)
+    dense = checkpoint_bytes(dict(state))
+    compact = checkpoint_bytes(export_compact(state, masks))
+    return {"dense_bytes": dense, "compact_bytes": compact, "compact_over_dense": compact / dense}
+
+
+def to_torch_sparse(weight: Tensor, layout: str = "csr") -> Tensor:
+    """Return a pruned weight in one of torch's sparse formats.
+
+    Args:
+        weight: a 2-D weight (conv weights are flattened to ``(out, -1)`` first).
+        layout: ``"coo"``, ``"csr"`` (any device), or ``"semi_structured"`` (2:4 sparse tensor
+            cores: CUDA devices of compute capability 8.0 or newer, fp16/bf16 weights).
+
+    Returns:
+        The sparse tensor; ``to_dense()`` gives back the (flattened) weight.
+
+    Raises:
+        ValueError: unknown layout, or semi-structured asked where the device cannot run it.
+    """
+    w = weight.detach().reshape(weight.shape[0], -1) if weight.dim() > 2 else weight.detach()
+    if layout == "coo":
+        return w.to_sparse_coo()
+    if layout == "csr":
+        return w.to_sparse_csr()
+    if layout == "semi_structured":
+        if w.device.type != "cuda" or torch.cuda.get_device_capability(w.device)[0] < 8:
+            raise ValueError(
+                "semi_structured (2:4) sparse tensors need a CUDA device of compute capability "
+                f"8.0 or newer; this weight is on {w.device}. Use layout='csr' or 'coo'"
+            )
+        if w.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"semi_structured needs float16 or bfloat16 weights, got {w.dtype}")
+        return torch.sparse.to_sparse_semi_structured(w)
+    raise ValueError(f"layout must be 'coo', 'csr' or 'semi_structured', got {layout!r}")

@@ -1,0 +1,84 @@
+"""Magnitude pruners: unstructured (global or per layer), structured by channel, and N:M.
+
+All three rank weights by size alone (Han et al., 2015; Zhu & Gupta, 2017; Li et al., 2017;
+Mishra et al., 2021), so they need no data and give the same masks on every rank by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import Closure, ScheduledPruner, register_pruner
+from .masks import Masks, check_nm, masks, nm_for_sparsity
+
+
+@register_pruner("magnitude")
+@dataclass
+class MagnitudePruner(ScheduledPruner):
+    """Prune the smallest ``|w|``, over all selected weights (global) or in each layer.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+        >>> pruner = MagnitudePruner(sparsity=0.5, scope="layer").prepare(model)
+        >>> pruner.prune()["0.weight"].sum().item()  # 32 of 64 kept
+        32
+    """
+
+    def compute_masks(self, sparsity: float, closure: Closure | None) -> Masks:
+        return masks(self._weights, sparsity, "magnitude", self.scope, previous=self._masks)
+
+
+@register_pruner("structured")
+@dataclass
+class StructuredPruner(ScheduledPruner):
+    """Prune whole output channels (rows of linear weights, convolution filters) by L2 norm."""
+
+    def compute_masks(self, sparsity: float, closure: Closure | None) -> Masks:
+        return masks(self._weights, sparsity, "structured", self.scope, previous=self._masks)
+
+
+@register_pruner("nm")
+@dataclass
+class NMPruner(ScheduledPruner):
+    """Keep ``n`` of every ``m`` consecutive weights along each row (2:4 by default).
+
+    ``sparsity`` is ``1 - n/m`` and is set from ``n`` and ``m``. Along a gradual schedule the
+    pattern tightens in steps (4:4, 3:4, 2:4), each the densest N:M not below the scheduled
+    sparsity, ending at ``n:m``.
+
+    Args:
+        n, m: keep ``n`` in every group of ``m``; the last dimension of every pruned weight must
+            be divisible by ``m``.
+    """
+
+    n: int = 2
+    m: int = 4
+    sparsity: float = -1.0  # derived from n and m
+
+    def __post_init__(self) -> None:
+        check_nm(self.n, self.m)
+        if self.n == self.m:
+            raise ValueError(f"n={self.n} of m={self.m} keeps every weight; use n < m")
+        implied = 1.0 - self.n / self.m
+        if self.sparsity != -1.0 and abs(self.sparsity - implied) > 1e-9:
+            raise ValueError(
+                f"N:M {self.n}:{self.m} means sparsity {implied:g}, but sparsity={self.sparsity} "
+                "was given; leave sparsity out or make it 1 - n/m"
+            )
+        self.sparsity = implied
+        super().__post_init__()
+
+    def on_prepare(self) -> None:
+        for name, w in self._weights.items():
+            if w.shape[-1] % self.m:
+                raise ValueError(
+                    f"N:M pruning groups the last dimension of {name!r} (shape {tuple(w.shape)}) "
+                    f"by m={self.m}, but {w.shape[-1]} is not divisible by {self.m}; leave it out "
+                    "with params=[...]"
+                )
+
+    def compute_masks(self, sparsity: float, closure: Closure | None) -> Masks:
+        n = max(self.n, nm_for_sparsity(sparsity, self.m))
+        return masks(
+            self._weights, 1.0 - n / self.m, "nm", self.scope, previous=self._masks, n=n, m=self.m
+        )

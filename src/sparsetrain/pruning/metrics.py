@@ -1,0 +1,117 @@
+"""What a pruned model costs and keeps: sparsity, parameters, FLOPs, parameter efficiency.
+
+Definitions used throughout sparsetrain:
+
+* sparsity of a tensor: ``1 - nonzero / numel``; global sparsity: the same over all pruned
+  tensors together.
+* dense-equivalent FLOPs of a pruned model: the floating-point operations of one forward pass of
+  one example when every zero weight is skipped, counting a multiply-add as 2 FLOPs. A linear
+  layer costs ``2 * nnz(W)`` (plus ``out_features`` for its bias); a convolution
+  ``2 * nnz(W) * (output positions)`` (plus one per output for its bias). Other layers are free.
+* pruned-parameter efficiency (PPE): accuracy retained per fraction of parameters kept,
+  ``PPE = (acc_pruned / acc_dense) / (nonzero_params / total_params)``, over all parameters of
+  the model (biases and normalisation included). A dense model has PPE 1; a model that keeps 10%
+  of its parameters and 99% of the dense accuracy has PPE 9.9.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def sparsity_stats(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, Any]:
+    """Return per-layer and global sparsity and parameter counts.
+
+    Args:
+        model: the model.
+        names: parameters reported per layer and in ``global_sparsity``; None: every weight with
+            2 or more dimensions.
+
+    Returns:
+        ``{"layers": {name: {"numel", "nonzero", "sparsity"}}, "global_sparsity",
+        "params", "nonzero_params", "kept_fraction"}``; the last three count every parameter.
+    """
+    params = dict(model.named_parameters())
+    chosen = list(names) if names is not None else [n for n, p in params.items() if p.dim() >= 2]
+    unknown = [n for n in chosen if n not in params]
+    if unknown:
+        raise ValueError(
+            f"parameter(s) {unknown} are not in the model; its parameters are: {sorted(params)}"
+        )
+    layers = {}
+    for n in chosen:
+        p = params[n]
+        nz = int(torch.count_nonzero(p))
+        layers[n] = {"numel": p.numel(), "nonzero": nz, "sparsity": 1.0 - nz / p.numel()}
+    total = sum(v["numel"] for v in layers.values())
+    nonzero = sum(v["nonzero"] for v in layers.values())
+    all_params = sum(p.numel() for p in params.values())
+    all_nonzero = sum(int(torch.count_nonzero(p)) for p in params.values())
+    return {
+        "layers": layers,
+        "global_sparsity": 1.0 - nonzero / max(total, 1),
+        "params": all_params,
+        "nonzero_params": all_nonzero,
+        "kept_fraction": all_nonzero / max(all_params, 1),
+    }
+
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, example: Tensor) -> dict[str, int]:
+    """Return dense and sparse (zero weights skipped) forward FLOPs per example.
+
+    Runs one forward pass on ``example`` (a batch) with hooks on linear and convolution layers.
+
+    Returns:
+        ``{"dense": ..., "sparse": ...}``, FLOPs per example.
+
+    Example:
+        >>> count_flops(nn.Linear(4, 2), torch.zeros(1, 4))
+        {'dense': 18, 'sparse': 18}
+    """
+    totals = {"dense": 0, "sparse": 0}
+    batch = example.shape[0] if example.dim() > 0 else 1
+
+    def hook(mod: nn.Module, _inp: Any, out: Tensor) -> None:
+        w = mod.weight
+        if isinstance(mod, nn.Linear):
+            positions = out.numel() // batch // mod.out_features
+        else:
+            positions = out[0].numel() // mod.out_channels if out.dim() > 1 else 1
+        bias = out.numel() // batch if mod.bias is not None else 0
+        totals["dense"] += 2 * w.numel() * positions + bias
+        totals["sparse"] += 2 * int(torch.count_nonzero(w)) * positions + bias
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, (nn.Linear, *_CONVS))
+    ]
+    try:
+        model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return totals
+
+
+def pruned_parameter_efficiency(acc_pruned: float, acc_dense: float, kept_fraction: float) -> float:
+    """Return ``(acc_pruned / acc_dense) / kept_fraction``: accuracy retained per parameter kept.
+
+    Args:
+        acc_pruned: accuracy of the pruned model.
+        acc_dense: accuracy of the dense model it was pruned from (> 0).
+        kept_fraction: non-zero parameters over all parameters, in (0, 1].
+    """
+    if not acc_dense > 0:
+        raise ValueError(f"acc_dense must be > 0, got {acc_dense}")
+    if not 0 < kept_fraction <= 1:
+        raise ValueError(f"kept_fraction must be in (0, 1], got {kept_fraction}")
+    return (acc_pruned / acc_dense) / kept_fraction

@@ -1,0 +1,196 @@
+"""RigL: dynamic sparse training that drops by magnitude and regrows by gradient.
+
+Evci et al. (2020), "Rigging the Lottery: Making All Tickets Winners". Steps:
+
+1. ``prepare``: every layer starts sparse with a random mask; the per-layer densities are uniform
+   (``1 - sparsity`` each) or Erdos-Renyi-Kernel (ERK), where a layer's density is proportional
+   to ``sum(shape) / prod(shape)``, scaled so the total matches ``sparsity``; layers that would
+   exceed density 1 are made dense and the others rescaled.
+2. Every ``delta_t`` steps before ``end``: the update fraction is
+   ``f(t) = alpha / 2 * (1 + cos(pi * t / end))``; in each layer with ``a`` active weights, drop
+   the ``k = floor(f(t) * a)`` active weights of smallest ``|w|`` and grow the ``k`` inactive ones
+   (after the drop) of largest dense gradient ``|g|``. Newly grown weights start at zero, with
+   zero optimizer state. The number of active weights per layer never changes.
+
+The dense gradient is that of the step's own backward pass, captured by the gradient hook
+before masking (averaged over the process group when torch.distributed is initialised); or,
+when a ``closure`` is passed to :meth:`step`, that of one extra backward pass on its loss.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .base import Closure, Pruner, _distributed, register_pruner
+from .masks import Masks
+
+DISTRIBUTIONS = ("erk", "uniform")
+
+
+def erk_densities(shapes: dict[str, torch.Size], sparsity: float) -> dict[str, float]:
+    """Return Erdos-Renyi-Kernel densities that keep ``1 - sparsity`` of all weights overall.
+
+    Example:
+        >>> d = erk_densities({"a": torch.Size([100, 10]), "b": torch.Size([10, 10])}, 0.5)
+        >>> d["b"] > d["a"]
+        True
+    """
+    numel = {n: s.numel() for n, s in shapes.items()}
+    raw = {n: sum(s) / s.numel() for n, s in shapes.items()}
+    dense: set[str] = set()
+    while True:
+        # Weights the sparse layers must hold once the dense layers hold all of theirs.
+        budget = (1.0 - sparsity) * sum(numel.values()) - sum(numel[n] for n in dense)
+        divisor = sum(raw[n] * numel[n] for n in shapes if n not in dense)
+        eps = budget / divisor
+        over = [n for n in shapes if n not in dense and eps * raw[n] > 1.0]
+        if not over:
+            break
+        dense.add(max(over, key=lambda n: raw[n]))
+    return {n: 1.0 if n in dense else eps * raw[n] for n in shapes}
+
+
+@register_pruner("rigl")
+@dataclass
+class RigLPruner(Pruner):
+    """Train sparse from the start, moving connections every ``delta_t`` steps (RigL).
+
+    Args:
+        distribution: per-layer densities, ``"erk"`` or ``"uniform"``.
+        delta_t: steps between connectivity updates.
+        alpha: the initial update fraction (decays to 0 by ``end`` along a cosine).
+        end: the step after which the masks stay fixed.
+        seed: seed of the random initial masks (the same on every rank).
+
+    Example:
+        >>> pruner = RigLPruner(sparsity=0.9, delta_t=100, end=3000)
+        >>> pruner.prepare(model, optimizer)  # doctest: +SKIP
+    """
+
+    distribution: str = "erk"
+    delta_t: int = 100
+    alpha: float = 0.3
+    end: int = 1000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(
+                f"distribution must be one of {DISTRIBUTIONS}, got {self.distribution!r}"
+            )
+        for name in ("delta_t", "end"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if (
+            isinstance(self.alpha, bool)
+            or not isinstance(self.alpha, (int, float))
+            or not 0 < self.alpha <= 1
+        ):
+            raise ValueError(f"alpha must be in (0, 1], got {self.alpha!r}")
+
+    def densities(self) -> dict[str, float]:
+        """Return the density of every pruned layer."""
+        shapes = {n: w.shape for n, w in self._weights.items()}
+        if self.distribution == "uniform":
+            return {n: 1.0 - self.sparsity for n in shapes}
+        return erk_densities(shapes, self.sparsity)
+
+    def on_prepare(self) -> None:
+        gen = torch.Generator().manual_seed(self.seed)
+        for n, d in self.densities().items():
+            w = self._weights[n]
+            keep = max(1, min(w.numel(), int(round(d * w.numel()))))
+            flat = torch.zeros(w.numel(), dtype=torch.bool)
+            flat[torch.randperm(w.numel(), generator=gen)[:keep]] = True
+            self._masks[n] = flat.view(w.shape).to(w.device)
+        self.sync_masks()
+
+    def update_fraction(self, step: int) -> float:
+        """Return ``alpha / 2 * (1 + cos(pi * step / end))``."""
+        return self.alpha / 2 * (1 + math.cos(math.pi * min(step, self.end) / self.end))
+
+    def is_update_step(self, step: int) -> bool:
+        return 0 < step < self.end and step % self.delta_t == 0
+
+    def step(self, step: int, closure: Closure | None = None) -> bool:
+        changed = super().step(step, closure)
+        # Capture the dense gradient of the next backward pass only when it will be used.
+        self._stash = self.is_update_step(step + 1)
+        if not self._stash:
+            self._dense_grads = {}
+        return changed
+
+    def update(self, step: int, closure: Closure | None) -> bool:
+        if not self.is_update_step(step):
+            return False
+        grads = self._dense_gradients(closure)
+        new = self.compute_masks(grads, self.update_fraction(step))
+        grown = {n: new[n] & ~self._masks[n] for n in new}
+        with torch.no_grad():
+            for n, w in self._weights.items():
+                w.masked_fill_(grown[n], 0.0)
+        self._num_updates += 1
+        self._dense_grads = {}
+        self.set_masks(new)
+        return True
+
+    def compute_masks(self, grads: dict[str, Tensor], fraction: float) -> Masks:
+        """Drop the smallest active ``|w|`` and grow the largest inactive ``|g|`` in every layer."""
+        out = {}
+        for n, w in self._weights.items():
+            mask = self._masks[n].reshape(-1)
+            active = int(mask.sum())
+            k = int(math.floor(fraction * active))
+            if k == 0 or active == mask.numel():
+                out[n] = self._masks[n].clone()
+                continue
+            # Drop: the k active weights of smallest magnitude.
+            mag = w.detach().reshape(-1).abs().masked_fill(~mask, float("inf"))
+            drop = torch.topk(mag, k, largest=False).indices
+            after = mask.clone()
+            after[drop] = False
+            # Grow: the k inactive weights (after the drop) of largest gradient magnitude.
+            score = grads[n].reshape(-1).abs().float().masked_fill(after, float("-inf"))
+            grow = torch.topk(score, k).indices
+            after[grow] = True
+            out[n] = after.view_as(w)
+        return out
+
+    def _dense_gradients(self, closure: Closure | None) -> dict[str, Tensor]:
+        if closure is not None:
+            params = list(self._weights.values())
+            saved = [p.grad for p in params]
+            self._stash, self._dense_grads = True, {}
+            try:
+                with torch.enable_grad():
+                    closure().backward()
+            finally:
+                self._stash = False
+                for p, g in zip(params, saved):
+                    p.grad = g
+        missing = [n for n in self._weights if n not in self._dense_grads]
+        if missing:
+            raise ValueError(
+                f"RigL update at step {self._step} has no dense gradient for {missing}: call "
+                "pruner.step(i) after every optimizer step (the hook captures the gradient of the "
+                "backward before an update step), or pass closure= returning a loss"
+            )
+        names = list(self._weights)
+        grads = [self._dense_grads[n].detach().float() for n in names]
+        if _distributed():
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self._group)
+            flat /= dist.get_world_size(self._group)
+            grads = list(flat.split([g.numel() for g in grads]))
+        return {n: g.view(self._weights[n].shape) for n, g in zip(names, grads)}
+
+    def stats(self) -> dict[str, Any]:
+        return super().stats() | {"next_fraction": self.update_fraction(max(self._step, 0) + 1)}

@@ -1,0 +1,271 @@
+"""WoodFisher: second-order pruning with a block-diagonal inverse empirical Fisher.
+
+Singh & Alistarh (2020), "WoodFisher: Efficient Second-Order Approximation for Neural Network
+Compression". The loss near the trained weights is modelled as ``L(w + dw) ~ L(w) + dw^T F dw / 2``
+with the empirical Fisher ``F = lambda I + (1/N) sum_n g_n g_n^T`` of ``N`` per-sample (or
+micro-batch) gradients. Steps:
+
+1. Split every weight tensor into blocks of ``block_size`` consecutive weights (the last block of a
+   tensor is padded); keep one ``block_size x block_size`` inverse per block, so memory is
+   ``num_blocks * block_size^2`` numbers however large the model.
+2. Build each block's ``F^-1`` from ``I / lambda`` by ``N`` rank-1 Sherman-Morrison (Woodbury)
+   updates ``F^-1 <- F^-1 - (F^-1 g)(F^-1 g)^T / (N + g^T F^-1 g)``, all blocks at once.
+3. Score every weight by the optimal-brain-surgeon saliency ``rho_q = w_q^2 / (2 [F^-1]_qq)``, the
+   loss increase of removing ``w_q`` alone and letting the others compensate; prune the lowest.
+4. Optimal-brain-surgeon update of the kept weights. The paper removes many weights at once; here
+   the update is the joint OBS solution within each block: with ``Q`` the block's pruned set,
+   ``dw = -F^-1[:, Q] ([F^-1]_QQ)^-1 w_Q``, which sets every pruned weight exactly to zero (earlier
+   pruned ones included, so they stay zero) and moves the kept ones to the minimiser of the
+   quadratic model under that constraint. With ``obs_update=False`` the weights are only masked:
+   the diagonal, OBD-like variant that uses the same statistic.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .masks import Masks, keep_top, register_method
+
+DEFAULT_MAX_MEMORY = 2**30
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """How weight tensors map to Fisher blocks: each tensor padded to whole blocks, in order."""
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    block_size: int
+
+    @classmethod
+    def of(cls, weights: Mapping[str, Tensor], block_size: int) -> BlockLayout:
+        return cls(tuple(weights), tuple(w.shape for w in weights.values()), block_size)
+
+    @property
+    def blocks_per_tensor(self) -> list[int]:
+        return [math.ceil(s.numel() / self.block_size) for s in self.shapes]
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(self.blocks_per_tensor)
+
+    def to_blocks(self, tensors: Mapping[str, Tensor] | list[Tensor], fill: float = 0.0) -> Tensor:
+        """Return the tensors as one ``(num_blocks, block_size)`` matrix, padding with ``fill``.
+
+        Tensors may carry leading batch dimensions (``(N, *shape)``): the result is then
+        ``(N, num_blocks, block_size)``.
+        """
+        items = list(tensors.values()) if isinstance(tensors, Mapping) else list(tensors)
+        parts = []
+        for t, shape, nb in zip(items, self.shapes, self.blocks_per_tensor):
+            lead = t.shape[: t.dim() - len(shape)]
+            flat = t.reshape(*lead, shape.numel())
+            pad = nb * self.block_size - shape.numel()
+            if pad:
+                flat = torch.nn.functional.pad(flat, (0, pad), value=fill)
+            parts.append(flat.reshape(*lead, nb, self.block_size))
+        return torch.cat(parts, dim=-2)
+
+    def from_blocks(self, blocks: Tensor) -> dict[str, Tensor]:
+        """Invert :meth:`to_blocks` (no batch dimension)."""
+        out, row = {}, 0
+        for name, shape, nb in zip(self.names, self.shapes, self.blocks_per_tensor):
+            out[name] = blocks[row : row + nb].reshape(-1)[: shape.numel()].reshape(shape)
+            row += nb
+        return out
+
+
+def check_block_memory(
+    layout: BlockLayout, max_memory_bytes: int, dtype: torch.dtype = torch.float32
+) -> int:
+    """Return the bytes the block inverses need; refuse (ValueError) more than the budget."""
+    if (
+        isinstance(layout.block_size, bool)
+        or not isinstance(layout.block_size, int)
+        or layout.block_size < 1
+    ):
+        raise ValueError(f"block_size must be a positive integer, got {layout.block_size!r}")
+    need = layout.num_blocks * layout.block_size**2 * torch.empty((), dtype=dtype).element_size()
+    if need > max_memory_bytes:
+        per = math.floor(math.sqrt(max_memory_bytes / max(layout.num_blocks, 1) / 4))
+        raise ValueError(
+            f"WoodFisher blocks of size {layout.block_size} need {layout.num_blocks} x "
+            f"{layout.block_size}^2 x 4 bytes = {need / 2**20:.1f} MiB for the inverse Fisher, over "
+            f"max_memory_bytes={max_memory_bytes} ({max_memory_bytes / 2**20:.1f} MiB); use a "
+            f"smaller block_size (about {max(per, 1)} or less fits) or raise max_memory_bytes"
+        )
+    return need
+
+
+def init_inverse(num_blocks: int, block_size: int, damping: float, like: Tensor) -> Tensor:
+    """Return ``I / damping`` for every block: the inverse of the Fisher before any sample."""
+    if not damping > 0:
+        raise ValueError(f"damping must be > 0 (it keeps the Fisher invertible), got {damping}")
+    eye = torch.eye(block_size, dtype=torch.float32, device=like.device) / damping
+    return eye.expand(num_blocks, block_size, block_size).clone()
+
+
+def woodbury_update_(finv: Tensor, grads: Tensor, num_samples: int) -> Tensor:
+    """Fold gradient samples into the block inverses, in place, by Sherman-Morrison updates.
+
+    Args:
+        finv: ``(num_blocks, B, B)`` current inverses.
+        grads: ``(n, num_blocks, B)`` gradient samples, already in block layout.
+        num_samples: ``N``, the total number of samples the Fisher averages over (each sample
+            adds ``g g^T / N``).
+
+    Returns:
+        ``finv``, updated.
+    """
+    for g in grads.to(finv.dtype):  # one rank-1 update per sample, all blocks at once
+        u = torch.bmm(finv, g.unsqueeze(-1)).squeeze(-1)  # F^-1 g, (num_blocks, B)
+        denom = num_samples + (g * u).sum(-1)
+        finv.sub_(u.unsqueeze(-1) * (u / denom.unsqueeze(-1)).unsqueeze(-2))
+    return finv
+
+
+def inverse_fisher(
+    grads: Tensor, block_size: int, damping: float, layout: BlockLayout | None = None
+) -> Tensor:
+    """Return the block-diagonal inverse of ``damping * I + (1/N) sum g g^T``.
+
+    Args:
+        grads: ``(N, d)`` gradient samples of a flat vector (or ``(N, num_blocks, block_size)``
+            when ``layout`` was already applied).
+        block_size: the block size ``B``; ``d`` is padded to whole blocks.
+        damping: ``lambda > 0``.
+
+    Returns:
+        ``(num_blocks, B, B)`` inverses.
+
+    Example:
+        >>> g = torch.randn(16, 8)
+        >>> f = inverse_fisher(g, 8, 1e-2)[0]
+        >>> torch.allclose(f, torch.linalg.inv(1e-2 * torch.eye(8) + g.T @ g / 16), rtol=1e-3)
+        True
+    """
+    if grads.dim() == 2:
+        layout = BlockLayout(("flat",), (torch.Size([grads.shape[1]]),), block_size)
+        grads = layout.to_blocks([grads])
+    finv = init_inverse(grads.shape[1], grads.shape[2], damping, grads)
+    return woodbury_update_(finv, grads, grads.shape[0])
+
+
+def saliency(w_blocks: Tensor, finv: Tensor) -> Tensor:
+    """Return ``rho_q = w_q^2 / (2 [F^-1]_qq)`` for weights in block layout."""
+    diag = torch.diagonal(finv, dim1=-2, dim2=-1)
+    return w_blocks.float().square() / (2.0 * diag)
+
+
+def obs_update(w_blocks: Tensor, finv: Tensor, pruned: Tensor) -> Tensor:
+    """Return the weights after the joint optimal-brain-surgeon update within each block.
+
+    For the pruned set ``Q`` of a block, solve ``[F^-1]_QQ x_Q = w_Q`` and set
+    ``w <- w - F^-1[:, Q] x_Q``: the pruned weights become zero and the kept ones minimise the
+    quadratic model of the loss under that constraint. Blocks are solved in one batched call by
+    padding the system with the identity outside ``Q``.
+
+    Args:
+        w_blocks: ``(num_blocks, B)`` weights.
+        finv: ``(num_blocks, B, B)`` inverse Fisher blocks.
+        pruned: ``(num_blocks, B)`` bool, True where a weight is removed.
+
+    Returns:
+        ``(num_blocks, B)`` updated weights (pruned entries exactly zero).
+    """
+    p = pruned.to(torch.float64)
+    f = finv.to(torch.float64)
+    system = f * (p.unsqueeze(-1) * p.unsqueeze(-2)) + torch.diag_embed(1.0 - p)
+    x = torch.linalg.solve(system, (w_blocks.to(torch.float64) * p).unsqueeze(-1))
+    new = w_blocks.to(torch.float64) - torch.bmm(f, x).squeeze(-1)
+    return new.masked_fill(pruned, 0.0).to(w_blocks.dtype)
+
+
+def woodfisher_prune(
+    weights: Mapping[str, Tensor],
+    grads: Mapping[str, Tensor] | Tensor,
+    sparsity: float,
+    scope: str = "global",
+    *,
+    block_size: int = 128,
+    damping: float = 1e-4,
+    obs: bool = True,
+    previous: Mapping[str, Tensor] | None = None,
+    max_memory_bytes: int = DEFAULT_MAX_MEMORY,
+    finv: Tensor | None = None,
+) -> tuple[Masks, dict[str, Tensor]]:
+    """Return WoodFisher masks and the weights after the OBS update.
+
+    Args:
+        weights: name -> weight tensor.
+        grads: name -> ``(N, *shape)`` gradient samples of each weight; or a ready
+            ``(N, num_blocks, block_size)`` tensor; ignored when ``finv`` is given.
+        sparsity: fraction to remove, in [0, 1).
+        scope: ``"global"`` or ``"layer"``.
+        block_size, damping: the Fisher blocks and ``lambda``.
+        obs: apply the OBS update of the kept weights (False: only mask, the OBD-like variant).
+        previous: masks of an earlier step; their pruned weights stay pruned.
+        max_memory_bytes: refuse a ``block_size`` whose inverses would need more.
+        finv: precomputed ``(num_blocks, block_size, block_size)`` inverses.
+
+    Returns:
+        ``(masks, new_weights)``.
+    """
+    layout = BlockLayout.of(weights, block_size)
+    check_block_memory(layout, max_memory_bytes)
+    w_blocks = layout.to_blocks({n: w.detach() for n, w in weights.items()})
+    if finv is None:
+        g = (
+            grads
+            if isinstance(grads, Tensor)
+            else layout.to_blocks([grads[n] for n in layout.names])
+        )
+        finv = init_inverse(layout.num_blocks, block_size, damping, w_blocks)
+        woodbury_update_(finv, g, g.shape[0])
+    rho = layout.from_blocks(saliency(w_blocks, finv))
+    if previous:
+        rho = {
+            n: r.masked_fill(~previous[n], float("-inf")) if n in previous else r
+            for n, r in rho.items()
+        }
+    keep = keep_top(rho, sparsity, scope)
+    if obs:
+        pruned = layout.to_blocks({n: ~keep[n] for n in layout.names}, fill=False)
+        new = layout.from_blocks(obs_update(w_blocks, finv, pruned))
+    else:
+        new = {n: w.detach().masked_fill(~keep[n], 0.0) for n, w in weights.items()}
+    return keep, {n: new[n].to(weights[n].dtype) for n in layout.names}
+
+
+@register_method("woodfisher")
+def woodfisher_masks(
+    weights: Mapping[str, Tensor],
+    sparsity: float,
+    scope: str,
+    previous: Mapping[str, Tensor] | None,
+    *,
+    grads: Mapping[str, Tensor],
+    block_size: int = 128,
+    damping: float = 1e-4,
+    max_memory_bytes: int = DEFAULT_MAX_MEMORY,
+) -> Masks:
+    """Masks by the WoodFisher saliency; ``grads`` maps each name to ``(N, *shape)`` samples."""
+    if not isinstance(grads, Mapping) or set(grads) != set(weights):
+        raise ValueError("woodfisher needs grads: a dict with (N, *shape) samples for every weight")
+    keep, _ = woodfisher_prune(
+        weights,
+        grads,
+        sparsity,
+        scope,
+        block_size=block_size,
+        damping=damping,
+        obs=False,
+        previous=previous,
+        max_memory_bytes=max_memory_bytes,
+    )
+    return keep
