@@ -1,0 +1,141 @@
+"""gTop-k: the global top-k of a sum of top-k sparse vectors, by a tree of pairwise merges."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .p2p import Wire, as_dtype, coalesce, merge
+from .registry import CollectiveResult, SparseCollective, register_collective
+
+
+def keep_topk(idx: Tensor, val: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Keep the k entries of largest magnitude, sorted by index."""
+    if idx.numel() <= k:
+        return idx, val
+    _, pos = torch.topk(val.abs(), k, sorted=False)
+    pos, _ = torch.sort(pos)  # idx is sorted, so sorted positions keep it sorted
+    return idx[pos], val[pos]
+
+
+def _encode(idx: Tensor, val: Tensor, k: int) -> Tensor:
+    """One fixed-size message: an int64 count, then k index slots, then k value slots."""
+    n = idx.numel()
+    head = torch.tensor([n], dtype=torch.int64, device=val.device).view(torch.uint8)
+    i = torch.zeros(k, dtype=idx.dtype, device=idx.device)
+    v = torch.zeros(k, dtype=val.dtype, device=val.device)
+    i[:n] = idx
+    v[:n] = val
+    return torch.cat([head, i.view(torch.uint8), v.view(torch.uint8)])
+
+
+def _decode(buf: Tensor, k: int, idx_dtype: torch.dtype, val_dtype: torch.dtype):
+    n = int(as_dtype(buf[:8], torch.int64)[0])
+    ib = torch.empty((), dtype=idx_dtype).element_size()
+    i = as_dtype(buf[8 : 8 + k * ib], idx_dtype)
+    v = as_dtype(buf[8 + k * ib :], val_dtype)
+    return i[:n], v[:n]
+
+
+@register_collective("gtopk")
+@dataclass
+class GTopK(SparseCollective):
+    """Select a global top-k of the sum of the ranks' sparse vectors (Shi et al., ICDCS'19).
+
+    Shi, Wang, Chu, Li: "A Distributed Synchronous SGD Algorithm with Global Top-k
+    Sparsification for Low Bandwidth Networks", ICDCS 2019.
+
+    Steps, for p ranks (any p) and k the largest per-rank count (or the ``k`` option):
+
+    1. Each rank keeps the k entries of largest magnitude of its own vector.
+    2. Binomial-tree reduction in ceil(log2 p) rounds: in the round of distance d, a rank whose
+       number is an odd multiple of d sends its current k-sparse vector to rank - d and drops
+       out; the receiver sums the two (duplicate indices add) and keeps the k entries of
+       largest magnitude again. Ranks without a partner (p not a power of two) wait a round.
+    3. Rank 0 holds the result and broadcasts it down the same tree, so every rank returns the
+       same k (indices, values).
+
+    The result is gTop-k's selection, not the exact top-k of the sum: an entry dropped at one
+    merge cannot come back. Values a rank sent that are not in the result are for error
+    feedback to keep. Every message has the fixed size of k entries plus a count, so one
+    message per round suffices.
+
+    Args:
+        k: entries to keep; None (default) uses the largest per-rank input count.
+
+    Example:
+        >>> coll = get_collective("gtopk")  # doctest: +SKIP
+        >>> res = coll(idx, val, numel=10_000)  # doctest: +SKIP
+        >>> res.indices, res.values  # the same on every rank  # doctest: +SKIP
+    """
+
+    k: int | None = None
+    exact: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if self.k is not None and (
+            isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1
+        ):
+            raise ValueError(f"k must be a positive int or None, got {self.k!r}")
+
+    def __call__(
+        self,
+        indices: Tensor,
+        values: Tensor,
+        numel: int,
+        *,
+        group: dist.ProcessGroup | None = None,
+        key: str = "",
+    ) -> CollectiveResult:
+        """Return the global selection (sorted by index), the same on every rank.
+
+        Args:
+            indices: 1-D int32/int64 positions in ``[0, numel)``, unique on this rank.
+            values: 1-D floating-point values, as many as ``indices``.
+            numel: length of the vector, the same on every rank.
+            group: process group (default: the default group).
+            key: unused (the algorithm keeps no state).
+
+        Returns:
+            ``CollectiveResult`` with ``indices`` and ``values`` and the bytes counted.
+        """
+        wire = Wire(group, values.device)
+        k = wire.agree(indices, values, numel, self.k)
+        p, rank = wire.world, wire.rank
+        idx, val = keep_topk(*coalesce(indices, values), max(k, 1))
+        if k == 0:  # every rank sent nothing
+            return CollectiveResult(indices=idx, values=val, **_bytes(wire))
+        ib, vb = idx.element_size(), val.element_size()
+        size = 8 + k * (ib + vb)
+
+        d = 1
+        while d < p:
+            if rank % (2 * d) == d:
+                wire.exchange({rank - d: _encode(idx, val, k)}, {}, {rank - d: 2 * k + 1})
+                break
+            if rank + d < p:
+                got = wire.exchange({}, {rank + d: size}, {})[rank + d]
+                idx, val = keep_topk(*merge([(idx, val), _decode(got, k, idx.dtype, val.dtype)]), k)
+            d *= 2
+
+        # Broadcast down the tree: receive from the parent, then send to children, farthest first.
+        low = (rank & -rank) if rank else 1 << max(p - 1, 1).bit_length()
+        if rank:
+            got = wire.exchange({}, {rank - low: size}, {})[rank - low]
+            idx, val = _decode(got, k, idx.dtype, val.dtype)
+        d = low // 2
+        msg = None
+        while d >= 1:
+            if rank + d < p:
+                msg = _encode(idx, val, k) if msg is None else msg
+                wire.exchange({rank + d: msg}, {}, {rank + d: 2 * k + 1})
+            d //= 2
+        return CollectiveResult(indices=idx, values=val, **_bytes(wire))
+
+
+def _bytes(wire: Wire) -> dict[str, int]:
+    return {"bytes_sent": wire.traffic.bytes_sent, "bytes_recv": wire.traffic.bytes_recv}

@@ -1,0 +1,295 @@
+"""Shared machinery of the sparse collectives: input agreement, batched point-to-point
+exchanges with counted bytes, and vectorised sparse merges.
+
+Everything here works on any backend torch.distributed has (gloo, NCCL) and on any device: buffers
+are created on the device of the values, sizes travel as int64 tensors on that device, and
+exchanges of variable size first exchange their sizes. Point-to-point exchanges are posted as one
+``dist.batch_isend_irecv`` batch, in rotating order (at step ``s`` rank ``r`` sends to ``r + s``
+and receives from ``r - s``), so no exchange can deadlock and no rank is everybody's first peer.
+
+A sparse message is one ``uint8`` buffer: the indices' bytes followed by the values' bytes, so it
+costs one message, not two. Every byte that crosses the wire is counted in :class:`Wire`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .accounting import ring_allgather_bytes, ring_allreduce_bytes
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+@dataclass
+class Traffic:
+    """What this rank put on and took off the wire during one collective call.
+
+    ``elems_sent`` counts tensor elements (an index and a value are two elements; a size header
+    is one), the unit in which sparse-allreduce volume bounds such as Ok-Topk's 6k are stated.
+    """
+
+    bytes_sent: int = 0
+    bytes_recv: int = 0
+    elems_sent: int = 0
+
+
+_DTYPES = (
+    torch.int32,
+    torch.int64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+)
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    return _DTYPES.index(dtype) if dtype in _DTYPES else len(_DTYPES)
+
+
+def _local_error(indices: Tensor, values: Tensor, numel: int) -> str | None:
+    """Return what is wrong with this rank's input, or None."""
+    if indices.dim() != 1 or values.dim() != 1:
+        return (
+            f"indices and values must be 1-D, got shapes {tuple(indices.shape)} and "
+            f"{tuple(values.shape)}"
+        )
+    if indices.dtype not in INDEX_DTYPES:
+        return f"indices have dtype {indices.dtype}; allowed are torch.int32 and torch.int64"
+    if not values.is_floating_point():
+        return (
+            f"values have dtype {values.dtype}; allowed are floating-point dtypes "
+            "(float16, bfloat16, float32, float64)"
+        )
+    if indices.numel() != values.numel():
+        return f"indices has {indices.numel()} entries but values has {values.numel()}"
+    if indices.device != values.device:
+        return f"indices are on {indices.device} but values on {values.device}"
+    if indices.numel() and bool(((indices < 0) | (indices >= numel)).any()):
+        lo, hi = int(indices.min()), int(indices.max())
+        return f"indices must lie in [0, numel={numel}), got values in [{lo}, {hi}]"
+    return None
+
+
+class Wire:
+    """This rank's view of a process group for one collective call, with its traffic counted.
+
+    Args:
+        group: the process group (None: the default group).
+        device: where size headers and receive buffers are created (the values' device).
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None, device: torch.device) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "torch.distributed is not initialized; call torch.distributed.init_process_group "
+                "(or launch with torchrun) before a sparse collective"
+            )
+        self.group = group if group is not None else dist.group.WORLD
+        self.world = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        self.global_ranks = dist.get_process_group_ranks(self.group)
+        self.device = device
+        self.traffic = Traffic()
+
+    # ---- agreement ----------------------------------------------------------------------
+    def agree(self, indices: Tensor, values: Tensor, numel: int, k: int | None = None) -> int:
+        """Check every rank's input in one small allreduce; raise on every rank if any is bad.
+
+        Returns the largest entry count over ranks (or ``k`` when given): the k that selecting
+        collectives keep, identical on all ranks.
+        """
+        if not isinstance(indices, Tensor) or not isinstance(values, Tensor):
+            raise TypeError(
+                f"indices and values must be tensors, got {type(indices).__name__} and "
+                f"{type(values).__name__}"
+            )
+        if isinstance(numel, bool) or not isinstance(numel, int) or numel < 1:
+            raise ValueError(f"numel must be a positive int, got {numel!r}")
+        error = _local_error(indices, values, numel)
+        count = indices.numel() if k is None else k
+        kinds = _dtype_code(indices.dtype), _dtype_code(values.dtype)
+        # MAX of (x, -x) gives the max and min of x over ranks in one call.
+        head = torch.tensor(
+            [numel, -numel, count, int(error is not None), *kinds, -kinds[0], -kinds[1]],
+            device=self.device,
+        )
+        self.allreduce(head, dist.ReduceOp.MAX)
+        hi, neg_lo, kmax, bad, ihi, vhi, neg_ilo, neg_vlo = head.tolist()
+        if error is not None:
+            kind = TypeError if "dtype" in error else ValueError
+            raise kind(f"rank {self.rank}: {error}")
+        if bad:
+            raise ValueError("another rank's indices or values are invalid (see its error)")
+        if hi != -neg_lo:
+            raise ValueError(
+                f"numel differs across ranks (between {-neg_lo} and {hi}); every rank must pass "
+                "the same numel"
+            )
+        if ihi != -neg_ilo or vhi != -neg_vlo:
+            raise ValueError(
+                "indices or values dtypes differ across ranks; every rank must pass the same "
+                f"dtypes (this rank: {indices.dtype}, {values.dtype})"
+            )
+        return int(kmax)
+
+    # ---- collectives with counted bytes -------------------------------------------------
+    def allreduce(self, t: Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> Tensor:
+        """All-reduce ``t`` in place; counted as a ring allreduce."""
+        if self.world > 1:
+            dist.all_reduce(t, op=op, group=self.group)
+        nbytes = ring_allreduce_bytes(t.numel(), t.element_size(), self.world)
+        self.traffic.bytes_sent += nbytes
+        self.traffic.bytes_recv += nbytes
+        self.traffic.elems_sent += nbytes // t.element_size()
+        return t
+
+    def allgather_ints(self, values: Sequence[int]) -> list[list[int]]:
+        """Gather a few ints from every rank; return them per rank. Counted as a ring allgather."""
+        mine = torch.tensor(list(values), dtype=torch.int64, device=self.device)
+        out = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(out, mine, group=self.group)
+        nbytes = ring_allgather_bytes(mine.numel() * 8 * self.world, self.world)
+        self.traffic.bytes_sent += nbytes
+        self.traffic.bytes_recv += nbytes
+        self.traffic.elems_sent += nbytes // 8
+        return torch.stack(out).tolist()
+
+    # ---- point-to-point -----------------------------------------------------------------
+    def rotation(self) -> list[int]:
+        """Peers in rotating order: at step s this rank sends to rank + s."""
+        return [(self.rank + s) % self.world for s in range(1, self.world)]
+
+    def exchange(
+        self,
+        sends: dict[int, Tensor],
+        recv_sizes: dict[int, int],
+        elems: dict[int, int],
+        dtype: torch.dtype = torch.uint8,
+    ) -> dict[int, Tensor]:
+        """Send ``sends[peer]`` (1-D, of ``dtype``) to each peer and receive
+        ``recv_sizes[peer]`` elements of ``dtype`` from each peer, in one batch. Empty messages are not posted (both sides
+        know the sizes). ``elems[peer]`` is what the message counts toward ``elems_sent``.
+
+        Returns the received tensors by peer (empty tensors for empty messages).
+        """
+        ops, received = [], {}
+        for s in range(1, self.world):
+            dst, src = (self.rank + s) % self.world, (self.rank - s) % self.world
+            buf = sends.get(dst)
+            if buf is not None and buf.numel():
+                buf = buf.contiguous()
+                ops.append(dist.P2POp(dist.isend, buf, self.global_ranks[dst], self.group))
+                self.traffic.bytes_sent += buf.numel() * buf.element_size()
+                self.traffic.elems_sent += elems.get(dst, buf.numel())
+            if src in recv_sizes:
+                out = torch.empty(recv_sizes[src], dtype=dtype, device=self.device)
+                received[src] = out
+                if out.numel():
+                    ops.append(dist.P2POp(dist.irecv, out, self.global_ranks[src], self.group))
+                    self.traffic.bytes_recv += out.numel() * out.element_size()
+        if ops:
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+        return received
+
+    def exchange_sizes(
+        self, send_sizes: dict[int, int], recv_from: Sequence[int]
+    ) -> dict[int, int]:
+        """Tell each peer in ``send_sizes`` how much it will get; learn it from ``recv_from``."""
+        sends = {
+            p: torch.tensor([n], dtype=torch.int64, device=self.device)
+            for p, n in send_sizes.items()
+        }
+        got = self.exchange(sends, dict.fromkeys(recv_from, 1), {}, torch.int64)
+        if not got:
+            return {}
+        peers = list(got)
+        sizes = torch.cat([got[p] for p in peers]).tolist()
+        return dict(zip(peers, sizes))
+
+    def alltoallv(self, sends: dict[int, Tensor], elems: dict[int, int]) -> dict[int, Tensor]:
+        """Exchange variable-size byte buffers with every peer: sizes first, then payloads."""
+        peers = [p for p in range(self.world) if p != self.rank]
+        sizes = self.exchange_sizes({p: sends[p].numel() for p in peers}, peers)
+        return self.exchange(sends, sizes, elems)
+
+    def allgatherv(self, mine: Tensor, sizes: Sequence[int], elems: int) -> list[Tensor]:
+        """Gather a variable-size 1-D tensor from every rank, whose sizes all ranks already
+        know, by direct sends to every peer (one batch; each rank sends (p-1) times its block,
+        as in a ring allgather, with one message latency instead of p-1)."""
+        peers = [p for p in range(self.world) if p != self.rank]
+        got = self.exchange(
+            {p: mine for p in peers}, {p: int(sizes[p]) for p in peers}, dict.fromkeys(peers, elems)
+        )
+        got[self.rank] = mine
+        return [got[r] for r in range(self.world)]
+
+
+# ---- sparse messages and merges ------------------------------------------------------------
+def pack(indices: Tensor, values: Tensor) -> Tensor:
+    """Return one ``uint8`` buffer holding the indices' bytes, then the values' bytes."""
+    return torch.cat(
+        [indices.contiguous().view(torch.uint8), values.contiguous().view(torch.uint8)]
+    )
+
+
+def unpack(
+    buf: Tensor, index_dtype: torch.dtype, value_dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Split a buffer made by :func:`pack` back into (indices, values)."""
+    ib = torch.empty((), dtype=index_dtype).element_size()
+    vb = torch.empty((), dtype=value_dtype).element_size()
+    n = buf.numel() // (ib + vb)
+    return as_dtype(buf[: n * ib], index_dtype), as_dtype(buf[n * ib :], value_dtype)
+
+
+def as_dtype(seg: Tensor, dtype: torch.dtype) -> Tensor:
+    """Reinterpret a ``uint8`` segment as ``dtype``, copying it first if it is misaligned."""
+    if seg.storage_offset() % torch.empty((), dtype=dtype).element_size():
+        seg = seg.clone()
+    return seg.view(dtype)
+
+
+def coalesce(indices: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum the values of equal indices; return (sorted unique indices, sums). Vectorised."""
+    uniq, inverse = torch.unique(indices, sorted=True, return_inverse=True)
+    sums = torch.zeros(uniq.numel(), dtype=values.dtype, device=values.device)
+    sums.index_add_(0, inverse, values)
+    return uniq, sums
+
+
+def merge(parts: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Concatenate sparse vectors and sum duplicate indices."""
+    idx = torch.cat([p[0] for p in parts])
+    val = torch.cat([p[1] for p in parts])
+    return coalesce(idx, val)
+
+
+def split_by_bounds(indices: Tensor, values: Tensor, bounds: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Split a sparse vector into the regions ``[bounds[j], bounds[j+1])``, sorted by index.
+
+    ``bounds`` holds the p+1 region edges (first 0, last numel), on the indices' device.
+    """
+    order = torch.argsort(indices)
+    idx, val = indices[order], values[order]
+    offsets = torch.searchsorted(idx, bounds.to(idx.dtype)).tolist()
+    counts = [offsets[j + 1] - offsets[j] for j in range(len(offsets) - 1)]
+    return list(zip(torch.split(idx, counts), torch.split(val, counts)))
+
+
+def even_bounds(numel: int, parts: int) -> list[int]:
+    """Return the edges of ``parts`` contiguous ranges of (almost) equal length over numel."""
+    return [j * numel // parts for j in range(parts + 1)]
+
+
+def to_dense(indices: Tensor, values: Tensor, numel: int) -> Tensor:
+    """Scatter a sparse vector with unique indices into a dense one."""
+    out = torch.zeros(numel, dtype=values.dtype, device=values.device)
+    out[indices.long()] = values
+    return out

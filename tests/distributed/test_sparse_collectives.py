@@ -1,0 +1,212 @@
+"""The sparse collectives on 2, 3, 4, 5 and 8 gloo ranks against their single-process definitions.
+
+One world is spawned per world size; inside it every algorithm runs every case. Each rank
+regenerates every rank's input from a seed, so references are computed locally (exact
+algorithms) or in the test process (gTop-k, Ok-Topk; definitions in
+tests/unit/test_collective_reference.py).
+
+Tolerances: float64 inputs are compared at 1e-12 relative; float32 at 1e-5; float16 at 1e-2
+(sums of up to 8 values rounded in a different order).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from sparsetrain.comm import dsar, gtopk, oktopk, ssar  # noqa: F401  (register the collectives)
+from sparsetrain.comm.registry import get_collective
+from tests.distributed.harness import oks, run_world
+from tests.unit.test_collective_reference import (
+    dense_sum,
+    gtopk_reference,
+    oktopk_reference,
+    threshold_tolerance,
+    union_support,
+)
+
+EXACT = ("ssar_rd", "ssar_split", "dsar")
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2}
+
+
+def random_input(seed: int, rank: int, numel: int, count: int, dtype, idx_dtype=torch.int64):
+    """Rank ``rank``'s sparse input: ``count`` distinct random indices, normal values."""
+    g = torch.Generator().manual_seed(seed * 1000 + rank)
+    count = min(count, numel)
+    idx = torch.randperm(numel, generator=g)[:count].to(idx_dtype)
+    return idx, torch.randn(count, generator=g, dtype=torch.float64).to(dtype)
+
+
+# (seed, numel, per-rank counts as a function of rank, value dtype, index dtype)
+EXACT_CASES = [
+    (1, 1000, lambda r: 10, torch.float64, torch.int64),  # sparse, little overlap
+    (2, 64, lambda r: 40, torch.float32, torch.int32),  # dense enough for DSAR to switch
+    (3, 500, lambda r: 0 if r == 1 else 30 + r, torch.float32, torch.int64),  # one rank empty
+    (4, 100, lambda r: 0, torch.float64, torch.int64),  # nothing anywhere
+    (5, 3, lambda r: 2, torch.float64, torch.int32),  # fewer elements than ranks
+    (6, 200, lambda r: 50, torch.float16, torch.int32),
+]
+
+
+def training_like(step: int, rank: int, numel: int, k: int):
+    """Top-k of a gradient that is a slowly drifting heavy-tailed signal plus rank noise: the
+    ranks' index sets overlap heavily and move a little every step."""
+    base = torch.Generator().manual_seed(7)
+    signal = torch.randn(numel, generator=base, dtype=torch.float64) ** 3
+    drift = torch.randn(
+        numel, generator=torch.Generator().manual_seed(100 + step), dtype=torch.float64
+    )
+    noise = torch.randn(
+        numel, generator=torch.Generator().manual_seed(1000 * step + rank), dtype=torch.float64
+    )
+    grad = signal + 0.05 * step * drift + 0.3 * noise
+    idx = torch.topk(grad.abs(), k).indices
+    return idx.to(torch.int32), grad[idx]
+
+
+OK_NUMEL, OK_K, OK_STEPS = 20_000, 400, 8
+
+
+def _worker(rank: int, world: int) -> dict:
+    out: dict = {"exact": [], "gtopk": [], "oktopk": [], "errors": {}}
+    for seed, numel, count, dtype, idx_dtype in EXACT_CASES:
+        inputs = [random_input(seed, r, numel, count(r), dtype, idx_dtype) for r in range(world)]
+        ref = dense_sum(inputs, numel)
+        sent = {}
+        for name in EXACT:
+            res = get_collective(name)(*inputs[rank], numel)
+            assert res.dense.dtype == dtype and res.dense.shape == (numel,)
+            err = (res.dense.double() - ref).abs().max().item() if numel else 0.0
+            scale = ref.abs().max().item() + 1.0
+            assert err <= TOL[dtype] * scale * world, (name, seed, err)
+            sent[name] = res.bytes_sent
+        # DSAR sends a part dense only when that takes fewer bytes than sparse.
+        assert sent["dsar"] <= sent["ssar_split"], (seed, sent)
+        out["exact"].append(sent)
+
+    # gTop-k: one process computes the reference from the same seeds.
+    for seed, numel, count in [(11, 300, 12), (12, 50, 30), (13, 40, 0)]:
+        inputs = [
+            random_input(seed, r, numel, count if r else count // 2, torch.float64)
+            for r in range(world)
+        ]
+        res = get_collective("gtopk")(*inputs[rank], numel)
+        out["gtopk"].append((seed, numel, count, res.indices, res.values))
+
+    # Ok-Topk over training-like steps with repartitioning and threshold reuse.
+    coll = get_collective("oktopk", repartition_every=3, threshold_every=2)
+    for step in range(OK_STEPS):
+        res = coll(*training_like(step, rank, OK_NUMEL, OK_K), OK_NUMEL, key="w")
+        out["oktopk"].append((res.indices, res.values, coll.stats()["w"]))
+    # A copy restored from the state continues exactly like the original (the next call both
+    # reuses and re-estimates nothing different: same step counter, edges and threshold).
+    fresh = get_collective("oktopk", repartition_every=3, threshold_every=2)
+    fresh.load_state_dict(coll.state_dict())
+    assert fresh.state_dict() == coll.state_dict()
+    nxt = training_like(OK_STEPS + 1, rank, OK_NUMEL, OK_K)
+    c, d = coll(*nxt, OK_NUMEL, key="w"), fresh(*nxt, OK_NUMEL, key="w")
+    assert torch.equal(c.indices, d.indices) and torch.equal(c.values, d.values)
+
+    # Bad input: a clear error on every rank, and the group still works afterwards.
+    idx, val = random_input(20, rank, 100, 5, torch.float32)
+    cases = {
+        "numel": lambda: get_collective("ssar_rd")(idx, val, 100 + rank),
+        "range": lambda: get_collective("oktopk")(
+            idx + (1000 if rank == world - 1 else 0), val, 100
+        ),
+        "dtype": lambda: get_collective("gtopk")(idx, val.to(torch.int64), 100),
+        "length": lambda: get_collective("dsar")(idx, val[:-1] if rank == 0 else val, 100),
+    }
+    for case, call in cases.items():
+        try:
+            call()
+            out["errors"][case] = None
+        except (ValueError, TypeError) as e:
+            out["errors"][case] = (type(e).__name__, str(e))
+    res = get_collective("ssar_split")(idx, val, 100)
+    inputs = [random_input(20, r, 100, 5, torch.float32) for r in range(world)]
+    torch.testing.assert_close(res.dense.double(), dense_sum(inputs, 100), rtol=1e-5, atol=1e-5)
+
+    # A subgroup of the odd ranks: peers are addressed by their global ranks.
+    if world >= 4:
+        members = list(range(1, world, 2))
+        sub = dist.new_group(members)
+        if rank in members:
+            inputs = [random_input(30, r, 300, 20, torch.float64) for r in members]
+            mine = inputs[members.index(rank)]
+            for name in EXACT:
+                got = get_collective(name)(*mine, 300, group=sub).dense
+                torch.testing.assert_close(got, dense_sum(inputs, 300))
+            res = get_collective("gtopk")(*mine, 300, group=sub)
+            ri, rv = gtopk_reference(inputs, 300, 20)
+            assert torch.equal(res.indices.long(), ri)
+            torch.testing.assert_close(res.values, rv)
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 5, 8])
+def test_sparse_collectives(world, tmp_path):
+    results = oks(run_world(_worker, world, tmp_path, timeout=120))
+
+    # gTop-k: the tree-merge definition, identical on every rank.
+    for case in range(len(results[0]["gtopk"])):
+        seed, numel, count, _, _ = results[0]["gtopk"][case]
+        inputs = [
+            random_input(seed, r, numel, count if r else count // 2, torch.float64)
+            for r in range(world)
+        ]
+        k = max(i.numel() for i, _ in inputs)
+        ri, rv = gtopk_reference(inputs, numel, k)
+        for r in range(world):
+            _, _, _, idx, val = results[r]["gtopk"][case]
+            assert torch.equal(idx.long(), ri), (r, seed)
+            torch.testing.assert_close(val, rv, rtol=1e-12, atol=1e-12)
+
+    # Ok-Topk: the set {union entries with |sum| >= threshold used}, exact sums, same on all
+    # ranks; about k of them on calls that estimate the threshold; under 6k elements sent.
+    for step in range(OK_STEPS):
+        inputs = [training_like(step, r, OK_NUMEL, OK_K) for r in range(world)]
+        idx0, val0, stats0 = results[0]["oktopk"][step]
+        ri, rv = oktopk_reference(inputs, OK_NUMEL, stats0["threshold"])
+        assert torch.equal(idx0.long(), ri), step
+        torch.testing.assert_close(val0, rv, rtol=1e-12, atol=1e-12)
+        if step % 2 == 0:  # estimated this call
+            assert OK_K <= ri.numel() <= OK_K + threshold_tolerance(OK_K), (step, ri.numel())
+        for r in range(world):
+            idx, val, stats = results[r]["oktopk"][step]
+            assert torch.equal(idx, idx0) and torch.equal(val, val0)
+            assert stats["threshold"] == stats0["threshold"]
+            assert stats["elems_sent"] < 6 * OK_K, (r, step, stats)
+    # The overlap is heavy: the union of the ranks' supports is far below world * k, so an
+    # allgather would send (p-1) k pairs for what Ok-Topk reduces to about k.
+    union = union_support([training_like(0, r, OK_NUMEL, OK_K) for r in range(world)], OK_NUMEL)
+    assert int(union.sum()) < world * OK_K
+
+    # Bad input raises on every rank (none hangs), naming what was wrong.
+    for r in range(world):
+        errs = results[r]["errors"]
+        assert errs["numel"][0] == "ValueError" and "numel differs" in errs["numel"][1]
+        assert errs["dtype"][0] == "TypeError" and "floating-point" in errs["dtype"][1]
+        if r == world - 1:
+            assert "indices must lie in [0, numel=100)" in errs["range"][1]
+        else:
+            assert errs["range"][0] == "ValueError" and "another rank" in errs["range"][1]
+        if r == 0:
+            assert "values has 4" in errs["length"][1]
+        else:
+            assert "another rank" in errs["length"][1]
+
+
+def test_options_are_checked_at_construction():
+    with pytest.raises(ValueError, match="repartition_every must be a positive int"):
+        get_collective("oktopk", repartition_every=0)
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        get_collective("gtopk", k=-3)
+
+
+def test_calling_without_a_process_group_says_how_to_start_one():
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        get_collective("ssar_rd")(torch.tensor([0]), torch.tensor([1.0]), 4)

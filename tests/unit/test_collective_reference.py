@@ -1,0 +1,162 @@
+"""Single-process reference definitions of the sparse collectives, and unit tests of them and of
+the pure helpers the collectives are built from.
+
+The distributed tests compare every rank's result with these definitions:
+
+* exact algorithms (ssar_rd, ssar_split, dsar): the dense sum of all ranks' inputs;
+* gTop-k: the binomial-tree merge of Shi et al.: node r starts with its input's top k; at
+  distance d = 1, 2, 4, ... node r (a multiple of 2d) absorbs node r + d (if it exists) and keeps
+  the k largest magnitudes of the sum; the result is node 0;
+* Ok-Topk with threshold t (the one the call reports it used): exactly the indices in the union
+  of the inputs' supports whose summed magnitude is >= t, with the exact sums as values; and,
+  on calls that estimate t, at least k and at most k + max(1, k // 100) such indices (unless
+  fewer than k exist, then t = 0 and all are kept).
+"""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparsetrain.comm.gtopk import keep_topk
+from sparsetrain.comm.p2p import coalesce, even_bounds, merge, pack, split_by_bounds, unpack
+
+Sparse = tuple[torch.Tensor, torch.Tensor]
+
+
+# ---- reference definitions (imported by tests/distributed/test_sparse_collectives.py) ------
+def dense_sum(inputs: list[Sparse], numel: int) -> torch.Tensor:
+    """Sum of all ranks' sparse inputs as a dense float64 vector."""
+    out = torch.zeros(numel, dtype=torch.float64)
+    for idx, val in inputs:
+        out.index_add_(0, idx.long(), val.double())
+    return out
+
+
+def union_support(inputs: list[Sparse], numel: int) -> torch.Tensor:
+    """Boolean mask of the indices present on at least one rank."""
+    mask = torch.zeros(numel, dtype=torch.bool)
+    for idx, _ in inputs:
+        mask[idx.long()] = True
+    return mask
+
+
+def _dense_topk(
+    x: torch.Tensor, support: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense (vector, support) keeping the k supported entries of largest magnitude."""
+    if int(support.sum()) <= k:
+        return x, support
+    score = torch.where(support, x.abs(), torch.full_like(x, -1.0))
+    keep = torch.zeros_like(support)
+    keep[torch.topk(score, k).indices] = True
+    return torch.where(keep, x, torch.zeros_like(x)), keep
+
+
+def gtopk_reference(inputs: list[Sparse], numel: int, k: int) -> Sparse:
+    """gTop-k's tree merge computed in one process (float64); returns (indices, values)."""
+    nodes = []
+    for idx, val in inputs:
+        x = dense_sum([(idx, val)], numel)
+        nodes.append(_dense_topk(x, union_support([(idx, val)], numel), k))
+    p, d = len(inputs), 1
+    while d < p:
+        for r in range(0, p, 2 * d):
+            if r + d < p:
+                (xa, sa), (xb, sb) = nodes[r], nodes[r + d]
+                nodes[r] = _dense_topk(xa + xb, sa | sb, k)
+        d *= 2
+    x, support = nodes[0]
+    idx = support.nonzero().flatten()
+    return idx, x[idx]
+
+
+def oktopk_reference(inputs: list[Sparse], numel: int, threshold: float) -> Sparse:
+    """Ok-Topk's selection for a given threshold: union indices with |sum| >= threshold."""
+    s = dense_sum(inputs, numel)
+    keep = union_support(inputs, numel) & (s.abs() >= threshold)
+    idx = keep.nonzero().flatten()
+    return idx, s[idx]
+
+
+def threshold_tolerance(k: int) -> int:
+    return max(1, k // 100)
+
+
+# ---- the reference definitions on hand-worked cases ------------------------------------------
+def _sp(idx, val):
+    return torch.tensor(idx), torch.tensor(val, dtype=torch.float64)
+
+
+def test_dense_sum_adds_overlapping_indices():
+    s = dense_sum([_sp([0, 2], [1.0, 2.0]), _sp([2, 3], [5.0, -1.0])], 5)
+    assert s.tolist() == [1.0, 0.0, 7.0, -1.0, 0.0]
+
+
+def test_gtopk_reference_drops_at_each_merge():
+    # k = 1. Rank 0 and 1 merge first: {0: 3} + {1: 4} -> keep {1: 4}; rank 2 {0: 5} merges
+    # at distance 2: {1: 4} + {0: 5} -> {0: 5}. Although index 0 sums to 8 overall, the
+    # tree keeps it only as 5: the first merge dropped rank 0's 3.
+    inputs = [_sp([0], [3.0]), _sp([1], [4.0]), _sp([0], [5.0])]
+    idx, val = gtopk_reference(inputs, 4, 1)
+    assert idx.tolist() == [0] and val.tolist() == [5.0]
+
+
+def test_oktopk_reference_keeps_union_entries_at_threshold():
+    inputs = [_sp([0, 1], [2.0, 1.0]), _sp([1, 3], [-3.0, 0.5])]
+    idx, val = oktopk_reference(inputs, 5, 2.0)
+    assert idx.tolist() == [0, 1] and val.tolist() == [2.0, -2.0]
+    idx, _ = oktopk_reference(inputs, 5, 0.0)
+    assert idx.tolist() == [0, 1, 3]  # index 2 is in no input, so never selected
+
+
+# ---- pure helpers of the collectives ---------------------------------------------------------
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 30), max_size=60), st.integers(0, 2**31 - 1))
+def test_coalesce_sums_duplicates_and_sorts(idx_list, seed):
+    idx = torch.tensor(idx_list, dtype=torch.int64)
+    val = torch.randn(len(idx_list), generator=torch.Generator().manual_seed(seed))
+    u, s = coalesce(idx, val)
+    assert torch.equal(u, torch.unique(idx))
+    expected = torch.zeros(31).index_add_(0, idx, val)
+    torch.testing.assert_close(s, expected[u])
+
+
+def test_merge_of_two_sparse_vectors_equals_dense_sum():
+    a, b = _sp([5, 1], [1.0, 2.0]), _sp([1, 7], [3.0, 4.0])
+    i, v = merge([a, b])
+    assert i.tolist() == [1, 5, 7] and v.tolist() == [5.0, 1.0, 4.0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 50), st.integers(1, 9), st.integers(0, 2**31 - 1))
+def test_split_by_bounds_partitions_every_entry_into_its_range(numel, parts, seed):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(numel, generator=g)[: numel // 2]
+    val = torch.randn(idx.numel(), generator=g)
+    edges = even_bounds(numel, parts)
+    assert edges[0] == 0 and edges[-1] == numel and len(edges) == parts + 1
+    pieces = split_by_bounds(idx, val, torch.tensor(edges))
+    assert sum(p[0].numel() for p in pieces) == idx.numel()
+    lookup = dict(zip(idx.tolist(), val.tolist()))
+    for q, (i, v) in enumerate(pieces):
+        assert bool(((i >= edges[q]) & (i < edges[q + 1])).all())
+        assert i.tolist() == sorted(i.tolist())
+        assert v.tolist() == [lookup[j] for j in i.tolist()]
+
+
+def test_pack_unpack_round_trips_misaligned_layouts():
+    # 3 int32 indices put the float64 values at byte 12, not a multiple of 8.
+    idx = torch.tensor([4, 0, 9], dtype=torch.int32)
+    for dtype in (torch.float64, torch.float16, torch.bfloat16, torch.float32):
+        val = torch.tensor([1.5, -2.0, 3.25], dtype=dtype)
+        i, v = unpack(pack(idx, val), torch.int32, dtype)
+        assert torch.equal(i, idx) and torch.equal(v, val)
+
+
+def test_keep_topk_keeps_largest_magnitudes_sorted_by_index():
+    i, v = keep_topk(torch.tensor([1, 3, 6, 8]), torch.tensor([0.1, -5.0, 2.0, 0.3]), 2)
+    assert i.tolist() == [3, 6] and v.tolist() == [-5.0, 2.0]
+    i, _ = keep_topk(torch.tensor([2]), torch.tensor([1.0]), 5)
+    assert i.tolist() == [2]
