@@ -166,8 +166,10 @@ class RigLPruner(Pruner):
 
     def _dense_gradients(self, closure: Closure | None) -> dict[str, Tensor]:
         if closure is not None:
-            params = list(self._weights.values())
+            params = list(self._model.parameters())  # the closure's backward touches them all
             saved = [p.grad for p in params]
+            for p in params:  # None, not zero: backward would accumulate into the saved ones
+                p.grad = None
             self._stash, self._dense_grads = True, {}
             try:
                 with torch.enable_grad():

@@ -83,12 +83,13 @@ class WoodFisherPruner(ScheduledPruner):
         world = dist.get_world_size(self._group) if _distributed() else 1
         total = self.fisher_samples * world
         params = list(self._weights.values())
-        saved = [p.grad for p in params]
+        every = list(self._model.parameters())  # the closure's backward touches them all
+        saved = [p.grad for p in every]
         finv = init_inverse(self._layout.num_blocks, self.block_size, self.damping, params[0])
         pending: list[Tensor] = []
         try:
             for i in range(self.fisher_samples):
-                for p in params:
+                for p in every:  # None, not zero: backward would accumulate into the saved ones
                     p.grad = None
                 with torch.enable_grad():
                     loss = closure()
@@ -99,7 +100,7 @@ class WoodFisherPruner(ScheduledPruner):
                     woodbury_update_(finv, self._gather(torch.stack(pending)), total)
                     pending = []
         finally:
-            for p, g in zip(params, saved):
+            for p, g in zip(every, saved):
                 p.grad = g
         return finv
 

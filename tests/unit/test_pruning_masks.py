@@ -1,0 +1,135 @@
+"""The functional core: which weights masks keep, schedules, and refusals of bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparsetrain.pruning import Gradual, OneShot, get_schedule, masks
+from sparsetrain.pruning.masks import num_pruned
+
+
+def _weights(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "a": torch.randn(16, 8, generator=g),
+        "b": torch.randn(8, 12, generator=g) * 3.0,
+        "c": torch.randn(4, 2, 3, 3, generator=g) * 0.1,
+    }
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), sparsity=st.floats(0.0, 0.99))
+def test_global_magnitude_removes_exactly_the_smallest_over_all_layers(seed: int, sparsity: float) -> None:
+    w = _weights(seed)
+    m = masks(w, sparsity, "magnitude", "global")
+    flat_w = torch.cat([t.abs().reshape(-1) for t in w.values()])
+    flat_m = torch.cat([m[n].reshape(-1) for n in w])
+    k = num_pruned(flat_w.numel(), sparsity)
+    assert int((~flat_m).sum()) == k
+    if 0 < k < flat_w.numel():
+        # Every pruned |w| is at most every kept |w|.
+        assert flat_w[~flat_m].max() <= flat_w[flat_m].min()
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9, 0.99])
+def test_layer_scope_prunes_each_layer_to_its_target(sparsity: float) -> None:
+    w = _weights(1)
+    m = masks(w, sparsity, "magnitude", "layer")
+    for n, t in w.items():
+        pruned = ~m[n]
+        assert int(pruned.sum()) == math.floor(sparsity * t.numel() + 1e-9)
+        assert m[n].any(), "layer scope keeps at least one weight per layer"
+        if pruned.any():
+            assert t.abs()[pruned].max() <= t.abs()[m[n]].min()
+
+
+def test_previous_masks_stay_pruned_even_when_the_weight_grew() -> None:
+    w = {"a": torch.tensor([5.0, 0.1, 0.2, 3.0, 4.0, 0.3])}
+    prev = {"a": torch.tensor([False, True, True, True, True, True])}
+    m = masks(w, 0.5, previous=prev)["a"]
+    assert not m[0]  # the largest weight, but pruned before
+    assert m.tolist() == [False, False, False, True, True, True]
+
+
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (3, 8), (1, 2)])
+def test_nm_keeps_exactly_n_in_every_group_of_m(n: int, m: int) -> None:
+    g = torch.Generator().manual_seed(n * 10 + m)
+    w = {"lin": torch.randn(12, 16, generator=g), "conv": torch.randn(4, 3, 3, 8, generator=g)}
+    out = masks(w, 1 - n / m, "nm", n=n, m=m)
+    for name, t in w.items():
+        groups = out[name].reshape(-1, m)
+        assert (groups.sum(dim=1) == n).all()
+        # The kept ones are the largest |w| of their group.
+        a = t.abs().reshape(-1, m)
+        assert (a.masked_fill(~groups, float("inf")).min(1).values >= a.masked_fill(groups, -1).max(1).values).all()
+
+
+def test_nm_derives_n_from_sparsity_and_ties_keep_exactly_n() -> None:
+    w = {"z": torch.zeros(4, 8)}  # all ties
+    out = masks(w, 0.5, "nm", m=4)["z"]
+    assert (out.reshape(-1, 4).sum(1) == 2).all()
+
+
+def test_structured_prunes_whole_rows_with_smallest_norm() -> None:
+    w = {"a": torch.arange(1.0, 9.0).unsqueeze(1).repeat(1, 5)}  # row r has norm ~ r+1
+    out = masks(w, 0.5, "structured", "layer")["a"]
+    assert out.all(dim=1).tolist() == [False] * 4 + [True] * 4
+    assert (out.all(dim=1) | ~out.any(dim=1)).all()  # rows are all-or-nothing
+
+
+def test_structured_global_reaches_largest_sparsity_not_above_target() -> None:
+    out = masks(_weights(2), 0.6, "structured", "global")
+    total = sum(t.numel() for t in out.values())
+    pruned = sum(int((~t).sum()) for t in out.values())
+    assert 0.4 < pruned / total <= 0.6
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan")])
+def test_sparsity_outside_0_1_is_refused(bad: float) -> None:
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
+        masks(_weights(), bad)
+
+
+def test_bad_input_messages_name_the_problem() -> None:
+    w = {"a": torch.randn(4, 6)}
+    with pytest.raises(ValueError, match="n <= m"):
+        masks(w, 0.0, "nm", n=5, m=4)
+    with pytest.raises(ValueError, match="not divisible by 4"):
+        masks(w, 0.5, "nm", n=2, m=4)
+    with pytest.raises(ValueError, match="prunes 0.25 of the weights, less than"):
+        masks({"a": torch.randn(4, 8)}, 0.5, "nm", n=3, m=4)
+    with pytest.raises(ValueError, match="unknown pruning method 'nope'; valid names are: magnitude"):
+        masks(w, 0.5, "nope")
+    with pytest.raises(ValueError, match="scope must be one of"):
+        masks(w, 0.5, scope="model")
+    with pytest.raises(TypeError, match="only floating-point"):
+        masks({"i": torch.ones(3, dtype=torch.long)}, 0.5)
+    with pytest.raises(ValueError, match="previous mask 'x' names no weight"):
+        masks(w, 0.5, previous={"x": torch.ones(4, 6, dtype=torch.bool)})
+
+
+def test_gradual_schedule_is_cubic_monotone_and_ends_at_final() -> None:
+    g = Gradual(start=10, end=110, frequency=10, initial_sparsity=0.1)
+    assert g.target(5, 0.9) is None and g.target(15, 0.9) is None
+    assert g.target(10, 0.9) == pytest.approx(0.1)
+    assert g.target(60, 0.9) == pytest.approx(0.9 + (0.1 - 0.9) * 0.5**3)
+    assert g.target(110, 0.9) == pytest.approx(0.9) and g.target(500, 0.9) == pytest.approx(0.9)
+    values = [g.target(t, 0.9) for t in range(10, 111, 10)]
+    assert all(a < b for a, b in zip(values, values[1:]))
+    assert OneShot(at=3).target(2, 0.5) is None and OneShot(at=3).target(3, 0.5) == 0.5
+
+
+def test_schedule_options_are_validated() -> None:
+    with pytest.raises(ValueError, match="end must be after start"):
+        Gradual(start=10, end=10)
+    with pytest.raises(ValueError, match="frequency must be an integer >= 1"):
+        Gradual(frequency=0)
+    with pytest.raises(ValueError, match="does not take"):
+        get_schedule("gradual", every=3)
+    with pytest.raises(ValueError, match="valid names are: gradual, oneshot"):
+        get_schedule("cosine")

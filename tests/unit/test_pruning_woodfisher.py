@@ -1,0 +1,149 @@
+"""WoodFisher: the Woodbury inverse, the saliency, the OBS update, memory bound, the pruner."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sparsetrain.pruning import (
+    BlockLayout,
+    WoodFisherPruner,
+    get_pruner,
+    inverse_fisher,
+    masks,
+    obs_update,
+    saliency,
+    woodfisher_prune,
+)
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize(("n", "block", "damping"), [(5, 6, 1e-1), (40, 8, 1e-3), (64, 16, 1e-2)])
+def test_woodbury_inverse_equals_linalg_inv_of_damped_fisher(n: int, block: int, damping: float) -> None:
+    g = torch.randn(n, 3 * block, generator=torch.Generator().manual_seed(n), dtype=torch.float64).float()
+    finv = inverse_fisher(g, block, damping)
+    assert finv.shape == (3, block, block)
+    for b in range(3):
+        gb = g[:, b * block : (b + 1) * block].double()
+        ref = torch.linalg.inv(damping * torch.eye(block, dtype=torch.float64) + gb.T @ gb / n)
+        assert torch.allclose(finv[b].double(), ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
+
+
+def test_blocks_pad_the_last_block_of_each_tensor_and_round_trip() -> None:
+    w = {"a": torch.randn(3, 5), "b": torch.randn(7)}
+    layout = BlockLayout.of(w, 4)
+    assert layout.blocks_per_tensor == [4, 2]
+    blocks = layout.to_blocks(w)
+    assert blocks.shape == (6, 4)
+    back = layout.from_blocks(blocks)
+    assert all(torch.equal(back[n], w[n]) for n in w)
+    batched = layout.to_blocks({n: t.expand(2, *t.shape) for n, t in w.items()})
+    assert batched.shape == (2, 6, 4)
+
+
+def _quadratic(d: int, n: int, damping: float, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    grads = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    hess = damping * torch.eye(d, dtype=torch.float64) + grads.T @ grads / n
+    w_star = torch.randn(d, generator=gen, dtype=torch.float64)
+    return grads, hess, w_star
+
+
+def test_obs_update_lowers_the_loss_on_a_quadratic_and_is_the_constrained_optimum() -> None:
+    d, n, damping = 32, 64, 1e-2
+    grads, hess, w_star = _quadratic(d, n, damping, seed=3)
+
+    def loss(w: torch.Tensor) -> float:  # the loss whose Fisher is `hess`, minimised at w_star
+        dw = w.double() - w_star
+        return float(dw @ hess @ dw / 2)
+
+    kw = {"block_size": d, "damping": damping}
+    keep, with_obs = woodfisher_prune({"w": w_star.float()}, {"w": grads.float()}, 0.5, **kw)
+    keep2, masked = woodfisher_prune({"w": w_star.float()}, {"w": grads.float()}, 0.5, obs=False, **kw)
+    assert torch.equal(keep["w"], keep2["w"])
+    assert (with_obs["w"][~keep["w"]] == 0).all() and (masked["w"][~keep["w"]] == 0).all()
+    assert loss(with_obs["w"]) < 0.8 * loss(masked["w"])
+    # The joint OBS solution is the exact minimiser with the pruned weights held at zero.
+    q, k = ~keep["w"], keep["w"]
+    exact = torch.zeros(d, dtype=torch.float64)
+    exact[k] = w_star[k] + torch.linalg.solve(hess[k][:, k], hess[k][:, q] @ w_star[q])
+    assert torch.allclose(with_obs["w"].double(), exact, atol=1e-3)
+
+
+def test_obs_keeps_earlier_pruned_weights_at_zero() -> None:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(2, 8, generator=gen)
+    w[0, :3] = 0.0
+    finv = inverse_fisher(torch.randn(20, 16, generator=gen), 8, 1e-2)
+    pruned = torch.zeros(2, 8, dtype=torch.bool)
+    pruned[0, :3] = True
+    pruned[1, 5] = True
+    new = obs_update(w, finv, pruned)
+    assert (new[pruned] == 0).all()
+    assert not torch.equal(new[~pruned], w[~pruned])  # the kept weights compensate
+
+
+def test_saliency_is_w_squared_over_twice_the_inverse_diagonal() -> None:
+    w = torch.tensor([[1.0, -2.0, 3.0]])
+    finv = torch.diag(torch.tensor([0.5, 2.0, 4.0])).unsqueeze(0)
+    assert torch.allclose(saliency(w, finv), torch.tensor([[1.0, 1.0, 9.0 / 8.0]]))
+
+
+def test_functional_woodfisher_masks_prefer_low_saliency_not_low_magnitude() -> None:
+    # Weight 0 is large but the loss is flat along it (no gradient variance): cheap to remove.
+    g = torch.zeros(50, 4)
+    g[:, 1:] = torch.randn(50, 3, generator=torch.Generator().manual_seed(1)) * 10
+    w = {"w": torch.tensor([[2.0, 0.5, 0.6, 0.7]])}
+    wf = masks(w, 0.25, "woodfisher", grads={"w": g.view(50, 1, 4)}, block_size=4, damping=1e-3)["w"]
+    mag = masks(w, 0.25, "magnitude")["w"]
+    assert not wf[0, 0] and mag[0, 0]
+
+
+def test_block_larger_than_memory_allows_is_refused() -> None:
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))
+    pruner = WoodFisherPruner(sparsity=0.5, block_size=512, max_memory_bytes=1 << 20)
+    with pytest.raises(ValueError, match="over max_memory_bytes=1048576.*smaller block_size"):
+        pruner.prepare(model)
+    with pytest.raises(ValueError, match="block_size must be a positive integer"):
+        WoodFisherPruner(block_size=0)
+    with pytest.raises(ValueError, match="damping must be a positive number"):
+        WoodFisherPruner(damping=0.0)
+
+
+def _toy(seed: int = 0):
+    torch.manual_seed(seed)
+    x = torch.randn(256, 12)
+    y = (x[:, :3].sum(1) > 0).long()
+    model = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(60):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, x, y
+
+
+def test_pruner_needs_a_closure_and_prunes_with_obs() -> None:
+    model, x, y = _toy()
+    pruner = get_pruner("woodfisher", sparsity=0.7, fisher_samples=32, block_size=16, damping=1e-3)
+    pruner.prepare(model)
+    with pytest.raises(ValueError, match="needs closure="):
+        pruner.prune()
+    gen = torch.Generator().manual_seed(0)
+
+    def closure() -> torch.Tensor:
+        i = torch.randint(len(y), (1,), generator=gen)
+        return nn.functional.cross_entropy(model(x[i]), y[i])
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    m = pruner.prune(closure=closure)
+    assert pruner.stats()["sparsity"] == pytest.approx(0.7, abs=1e-2)
+    for n, mask in m.items():
+        p = dict(model.named_parameters())[n]
+        assert (p[~mask] == 0).all()
+        assert not torch.equal(p[mask], before[n][mask])  # OBS moved the kept weights
+    for n, p in model.named_parameters():  # the Fisher samples leave the gradients as they were
+        assert torch.equal(p.grad, grads[n])
