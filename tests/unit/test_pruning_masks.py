@@ -24,7 +24,9 @@ def _weights(seed: int = 0) -> dict[str, torch.Tensor]:
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), sparsity=st.floats(0.0, 0.99))
-def test_global_magnitude_removes_exactly_the_smallest_over_all_layers(seed: int, sparsity: float) -> None:
+def test_global_magnitude_removes_exactly_the_smallest_over_all_layers(
+    seed: int, sparsity: float
+) -> None:
     w = _weights(seed)
     m = masks(w, sparsity, "magnitude", "global")
     flat_w = torch.cat([t.abs().reshape(-1) for t in w.values()])
@@ -66,7 +68,10 @@ def test_nm_keeps_exactly_n_in_every_group_of_m(n: int, m: int) -> None:
         assert (groups.sum(dim=1) == n).all()
         # The kept ones are the largest |w| of their group.
         a = t.abs().reshape(-1, m)
-        assert (a.masked_fill(~groups, float("inf")).min(1).values >= a.masked_fill(groups, -1).max(1).values).all()
+        assert (
+            a.masked_fill(~groups, float("inf")).min(1).values
+            >= a.masked_fill(groups, -1).max(1).values
+        ).all()
 
 
 def test_nm_derives_n_from_sparsity_and_ties_keep_exactly_n() -> None:
@@ -103,7 +108,9 @@ def test_bad_input_messages_name_the_problem() -> None:
         masks(w, 0.5, "nm", n=2, m=4)
     with pytest.raises(ValueError, match="prunes 0.25 of the weights, less than"):
         masks({"a": torch.randn(4, 8)}, 0.5, "nm", n=3, m=4)
-    with pytest.raises(ValueError, match="unknown pruning method 'nope'; valid names are: magnitude"):
+    with pytest.raises(
+        ValueError, match="unknown pruning method 'nope'; valid names are: magnitude"
+    ):
         masks(w, 0.5, "nope")
     with pytest.raises(ValueError, match="scope must be one of"):
         masks(w, 0.5, scope="model")

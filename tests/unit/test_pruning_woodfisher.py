@@ -21,8 +21,12 @@ torch.set_num_threads(1)
 
 
 @pytest.mark.parametrize(("n", "block", "damping"), [(5, 6, 1e-1), (40, 8, 1e-3), (64, 16, 1e-2)])
-def test_woodbury_inverse_equals_linalg_inv_of_damped_fisher(n: int, block: int, damping: float) -> None:
-    g = torch.randn(n, 3 * block, generator=torch.Generator().manual_seed(n), dtype=torch.float64).float()
+def test_woodbury_inverse_equals_linalg_inv_of_damped_fisher(
+    n: int, block: int, damping: float
+) -> None:
+    g = torch.randn(
+        n, 3 * block, generator=torch.Generator().manual_seed(n), dtype=torch.float64
+    ).float()
     finv = inverse_fisher(g, block, damping)
     assert finv.shape == (3, block, block)
     for b in range(3):
@@ -61,7 +65,9 @@ def test_obs_update_lowers_the_loss_on_a_quadratic_and_is_the_constrained_optimu
 
     kw = {"block_size": d, "damping": damping}
     keep, with_obs = woodfisher_prune({"w": w_star.float()}, {"w": grads.float()}, 0.5, **kw)
-    keep2, masked = woodfisher_prune({"w": w_star.float()}, {"w": grads.float()}, 0.5, obs=False, **kw)
+    keep2, masked = woodfisher_prune(
+        {"w": w_star.float()}, {"w": grads.float()}, 0.5, obs=False, **kw
+    )
     assert torch.equal(keep["w"], keep2["w"])
     assert (with_obs["w"][~keep["w"]] == 0).all() and (masked["w"][~keep["w"]] == 0).all()
     assert loss(with_obs["w"]) < 0.8 * loss(masked["w"])
@@ -96,7 +102,9 @@ def test_functional_woodfisher_masks_prefer_low_saliency_not_low_magnitude() -> 
     g = torch.zeros(50, 4)
     g[:, 1:] = torch.randn(50, 3, generator=torch.Generator().manual_seed(1)) * 10
     w = {"w": torch.tensor([[2.0, 0.5, 0.6, 0.7]])}
-    wf = masks(w, 0.25, "woodfisher", grads={"w": g.view(50, 1, 4)}, block_size=4, damping=1e-3)["w"]
+    wf = masks(w, 0.25, "woodfisher", grads={"w": g.view(50, 1, 4)}, block_size=4, damping=1e-3)[
+        "w"
+    ]
     mag = masks(w, 0.25, "magnitude")["w"]
     assert not wf[0, 0] and mag[0, 0]
 

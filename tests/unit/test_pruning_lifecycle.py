@@ -1,0 +1,318 @@
+"""Pruners in a training loop: masks hold, state round-trips, RigL moves, export and metrics."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from sparsetrain.pruning import (
+    Gradual,
+    RigLPruner,
+    available_pruners,
+    compact_size_report,
+    count_flops,
+    erk_densities,
+    export_compact,
+    get_pruner,
+    load_compact,
+    pack_bits,
+    pruned_parameter_efficiency,
+    sparsity_stats,
+    to_torch_sparse,
+    unpack_bits,
+)
+
+torch.set_num_threads(1)
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)
+    )
+
+
+def _data(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(128, 16, generator=g)
+    return x, (x[:, :4].argmax(1))
+
+
+def _train(model, opt, pruner, steps: int, start: int = 0, closure=None) -> None:
+    x, y = _data()
+    for step in range(start, start + steps):
+        i = torch.arange(step * 16, step * 16 + 16) % len(y)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[i]), y[i]).backward()
+        opt.step()
+        pruner.step(step, closure)
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adamw"])
+@pytest.mark.parametrize("mask_gradients", [True, False])
+def test_masks_survive_100_steps_with_momentum_and_weight_decay(
+    optim: str, mask_gradients: bool
+) -> None:
+    model = _model()
+    opt = (
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+        if optim == "sgd"
+        else torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-2)
+    )
+    pruner = get_pruner("magnitude", sparsity=0.8, mask_gradients=mask_gradients).prepare(
+        model, opt
+    )
+    _train(model, opt, pruner, 5)  # momentum builds up on every weight first
+    masks = pruner.prune()
+    params = dict(model.named_parameters())
+    _train(model, opt, pruner, 100, start=5)
+    assert all(torch.equal(m, pruner.masks[n]) for n, m in masks.items())
+    for n, m in masks.items():
+        assert (params[n][~m] == 0).all()
+        for v in opt.state[params[n]].values():
+            if v.shape == m.shape:
+                assert (v[~m] == 0).all(), "optimizer state would revive pruned weights"
+        assert (params[n][m] != 0).float().mean() > 0.9  # the kept weights still train
+    assert sparsity_stats(model)["global_sparsity"] == pytest.approx(0.8, abs=1e-3)
+
+
+def test_gradual_pruning_reaches_the_final_sparsity_monotonically() -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    pruner = get_pruner("magnitude", sparsity=0.75, schedule=Gradual(start=0, end=40, frequency=10))
+    pruner.prepare(model, opt)
+    seen, prev = [], None
+    x, y = _data()
+    for step in range(50):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if pruner.step(step):
+            seen.append(pruner.stats()["sparsity"])
+            if prev is not None:  # a weight pruned once stays pruned
+                assert not any((pruner.masks[n] & ~prev[n]).any() for n in prev)
+            prev = pruner.masks
+    assert len(seen) == 4 and seen == sorted(
+        seen
+    )  # step 0 is at the initial sparsity, 0 and seen[-1] == pytest.approx(0.75, abs=1e-3)
+
+
+def test_state_dict_round_trips_exactly_and_restores_masks_in_a_new_model() -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    pruner = get_pruner(
+        "magnitude", sparsity=0.6, scope="layer", schedule=Gradual(end=20, frequency=5)
+    )
+    pruner.prepare(model, opt)
+    _train(model, opt, pruner, 12)
+    state = pruner.state_dict()
+    ckpt = {"model": model.state_dict(), "pruner": state}
+
+    fresh = _model(seed=1)
+    fresh.load_state_dict(ckpt["model"])
+    fopt = torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=0.9)
+    again = get_pruner(
+        "magnitude", sparsity=0.6, scope="layer", schedule=Gradual(end=20, frequency=5)
+    )
+    again.load_state_dict(ckpt["pruner"])  # before prepare: kept until it runs
+    assert _equal_state(again.state_dict(), state)
+    again.prepare(fresh, fopt)
+    assert _equal_state(again.state_dict(), state)
+    fopt.load_state_dict(copy.deepcopy(opt.state_dict()))  # load_state_dict may share tensors
+    # Both continue identically.
+    _train(model, opt, pruner, 10, start=12)
+    _train(fresh, fopt, again, 10, start=12)
+    assert all(torch.equal(pruner.masks[n], again.masks[n]) for n in pruner.masks)
+    with pytest.raises(ValueError, match="not a 'rigl' pruner state"):
+        RigLPruner().load_state_dict(state)
+
+
+def _equal_state(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys() or a["masks"].keys() != b["masks"].keys():
+        return False
+    same_masks = all(torch.equal(a["masks"][n], b["masks"][n]) for n in a["masks"])
+    rest = {k: v for k, v in a.items() if k != "masks"} == {
+        k: v for k, v in b.items() if k != "masks"
+    }
+    return same_masks and rest
+
+
+@pytest.mark.parametrize("name", ["structured", "nm"])
+def test_structured_and_nm_pruners_keep_their_pattern_through_training(name: str) -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    opts = {"n": 2, "m": 4} if name == "nm" else {"sparsity": 0.5, "scope": "layer"}
+    pruner = get_pruner(name, schedule=Gradual(end=20, frequency=5), **opts).prepare(model, opt)
+    _train(model, opt, pruner, 40)
+    for n, p in model.named_parameters():
+        if p.dim() < 2:
+            continue
+        if name == "nm":
+            assert ((p.reshape(-1, 4) != 0).sum(1) <= 2).all()
+            assert (pruner.masks[n].reshape(-1, 4).sum(1) == 2).all()
+        else:
+            rows = p != 0
+            assert (rows.any(1) == pruner.masks[n].all(1)).all()
+            assert int((~pruner.masks[n].all(1)).sum()) == p.shape[0] // 2
+
+
+def test_pruner_options_and_names_are_validated() -> None:
+    assert {"magnitude", "structured", "nm", "woodfisher", "rigl"} <= set(available_pruners())
+    with pytest.raises(
+        ValueError, match="valid names are: magnitude, nm, rigl, structured, woodfisher"
+    ):
+        get_pruner("lottery")
+    with pytest.raises(ValueError, match="does not take option.*block_size"):
+        get_pruner("magnitude", block_size=4)
+    with pytest.raises(ValueError, match=r"\['nope.weight'\] are not in the model"):
+        get_pruner("magnitude", params=["nope.weight"]).prepare(_model())
+    with pytest.raises(ValueError, match="n <= m"):
+        get_pruner("nm", n=5, m=4)
+    with pytest.raises(ValueError, match="not divisible by 3"):
+        get_pruner("nm", n=1, m=3).prepare(_model())
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
+        get_pruner("rigl", sparsity=1.0)
+    with pytest.raises(RuntimeError, match="call prepare"):
+        get_pruner("magnitude").step(0)
+
+
+def test_erk_gives_small_layers_more_density_and_keeps_the_budget() -> None:
+    shapes = {"a": torch.Size([256, 64]), "b": torch.Size([64, 64]), "c": torch.Size([4, 64])}
+    d = erk_densities(shapes, 0.9)
+    assert d["c"] >= d["b"] > d["a"]
+    kept = sum(d[n] * s.numel() for n, s in shapes.items())
+    assert kept == pytest.approx(0.1 * sum(s.numel() for s in shapes.values()))
+    assert max(d.values()) <= 1.0
+
+
+@pytest.mark.parametrize("use_closure", [False, True])
+def test_rigl_is_sparse_from_the_start_and_moves_connections_at_constant_count(
+    use_closure: bool,
+) -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    pruner = RigLPruner(sparsity=0.8, delta_t=5, end=40, alpha=0.3).prepare(model, opt)
+    counts0 = {n: int(m.sum()) for n, m in pruner.masks.items()}
+    assert pruner.stats()["sparsity"] == pytest.approx(0.8, abs=0.01)
+    first = pruner.masks
+    x, y = _data()
+    closure = (lambda: nn.functional.cross_entropy(model(x), y)) if use_closure else None
+    _train(model, opt, pruner, 50, closure=closure)
+    assert pruner.stats()["num_updates"] == 7  # steps 5, 10, ..., 35
+    assert {n: int(m.sum()) for n, m in pruner.masks.items()} == counts0
+    assert any(not torch.equal(first[n], pruner.masks[n]) for n in first)
+    for n, p in model.named_parameters():
+        if n in first:
+            assert (p[~pruner.masks[n]] == 0).all()
+    assert pruner.update_fraction(0) == pytest.approx(0.3) and pruner.update_fraction(
+        40
+    ) == pytest.approx(0.0)
+
+
+def test_rigl_state_round_trips_before_prepare() -> None:
+    model = _model()
+    pruner = RigLPruner(sparsity=0.7, seed=3).prepare(model)
+    state = pruner.state_dict()
+    other = RigLPruner(sparsity=0.7, seed=99)
+    other.load_state_dict(state)
+    other.prepare(_model(2))
+    assert all(torch.equal(other.masks[n], state["masks"][n]) for n in state["masks"])
+
+
+def test_bits_pack_and_unpack() -> None:
+    m = torch.rand(1000, generator=torch.Generator().manual_seed(0)) > 0.7
+    packed = pack_bits(m)
+    assert packed.dtype == torch.uint8 and packed.numel() == 125
+    assert torch.equal(unpack_bits(packed, 1000), m)
+    assert torch.equal(unpack_bits(pack_bits(m[:13]), 13), m[:13])
+
+
+def test_compact_export_round_trip_is_exact_and_smaller(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 4))
+    model.register_buffer("counter", torch.tensor(7))
+    get_pruner("magnitude", sparsity=0.9).prepare(model).prune()
+    ckpt = export_compact(model)
+    path = tmp_path / "compact.pt"
+    torch.save(ckpt, path)
+    restored = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 4))
+    restored.register_buffer("counter", torch.tensor(0))
+    restored.load_state_dict(load_compact(torch.load(path)))
+    for (n, a), b in zip(model.state_dict().items(), restored.state_dict().values()):
+        assert a.dtype == b.dtype and torch.equal(a, b), n
+    sizes = compact_size_report(model)
+    # 10% of the values plus one bit a weight: about 0.1 + 1/32 of the dense bytes, plus overhead.
+    assert sizes["compact_bytes"] < 0.2 * sizes["dense_bytes"]
+    with pytest.raises(ValueError, match="not a compact checkpoint"):
+        load_compact(model.state_dict())
+
+
+def test_torch_sparse_conversion_matches_dense() -> None:
+    w = torch.randn(8, 12) * (torch.rand(8, 12) > 0.8)
+    for layout in ("coo", "csr"):
+        assert torch.equal(to_torch_sparse(w, layout).to_dense(), w)
+    with pytest.raises(ValueError, match="semi_structured.*CUDA"):
+        to_torch_sparse(w, "semi_structured")
+    with pytest.raises(ValueError, match="layout must be"):
+        to_torch_sparse(w, "bsr2")
+
+
+def test_flops_count_only_nonzero_weights() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    dense = count_flops(model, torch.zeros(2, 1, 6, 6))
+    assert dense["dense"] == dense["sparse"] == 2 * 36 * 36 + 4 * 36 + 2 * 144 * 3 + 3
+    with torch.no_grad():
+        model[2].weight[:, :72] = 0
+    assert count_flops(model, torch.zeros(2, 1, 6, 6))["sparse"] == dense["dense"] - 2 * 72 * 3
+
+
+def test_pruned_parameter_efficiency_definition() -> None:
+    assert pruned_parameter_efficiency(0.99, 1.0, 0.1) == pytest.approx(9.9)
+    assert pruned_parameter_efficiency(0.5, 0.5, 1.0) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="kept_fraction"):
+        pruned_parameter_efficiency(0.5, 0.5, 0.0)
+
+
+def test_prune_command_writes_json_and_png(tmp_path) -> None:
+    from sparsetrain.commands.prune import main
+
+    out = tmp_path / "r.json"
+    rc = main(
+        [
+            "--task",
+            "digits-mlp",
+            "--method",
+            "magnitude",
+            "--method",
+            "woodfisher",
+            "--sparsity",
+            "0.8",
+            "--schedule",
+            "oneshot",
+            "--epochs",
+            "2",
+            "--finetune-epochs",
+            "1",
+            "--levels",
+            "0.5",
+            "--fisher-samples",
+            "16",
+            "--block-size",
+            "32",
+            "--report",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert [r["method"] for r in report["runs"]] == ["magnitude", "woodfisher"]
+    for r in report["runs"]:
+        assert r["final"]["sparsity"] == pytest.approx(0.8, abs=1e-3)
+        assert [round(p["sparsity"], 2) for p in r["curve"]] == [0.5, 0.8, 0.8]
+        assert r["final"]["flops_sparse"] < 0.3 * r["final"]["flops_dense"]
+    assert (tmp_path / "r.png").stat().st_size > 1000
