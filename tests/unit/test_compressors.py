@@ -1,0 +1,397 @@
+"""Behaviour every compressor promises: shapes, the summable/packed wire contracts, unbiasedness,
+what error feedback gets back, lossless settings, clear errors and exact state round trips."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparsetrain.compressors import (
+    available_compressors,
+    get_compressor,
+    pack_bits,
+    unpack_bits,
+)
+from sparsetrain.compressors.randomk import sample_without_replacement
+
+ALL = available_compressors()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors gain nothing from intra-op threads, and a shared CI box loses a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+LAYOUT = [torch.Size([24, 16]), torch.Size([16]), torch.Size([12, 3, 4]), torch.Size([5])]
+NUMEL = sum(s.numel() for s in LAYOUT)
+
+# Options that make every compressor actually lossy on small test tensors.
+SMALL = {
+    "topk": {"density": 0.1},
+    "threshold": {"density": 0.1},
+    "randomk": {"density": 0.1},
+    "qsgd": {"levels": 3, "bucket_size": 50},
+    "terngrad": {"bucket_size": 50},
+    "signsgd": {"bucket_size": 50},
+    "powersgd": {"rank": 2},
+}
+
+
+def assert_close(actual, expected, rtol=1e-7, atol=1e-7):
+    """Like torch.testing.assert_close, without importing torch.distributed (seconds)."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    assert torch.allclose(actual, expected, rtol=rtol, atol=atol), (
+        f"max abs difference {float((actual - expected).abs().max())}"
+    )
+
+
+def make(name: str, **options):
+    return get_compressor(name, **{**SMALL.get(name, {}), **options})
+
+
+def run(c, t, key="k", layout=None, reduce=None):
+    """compress -> (reduce) -> next_round ... -> (payload, ctx) of the last round."""
+    payload, ctx = c.compress(t, key=key, layout=layout)
+    for _ in range(c.rounds - 1):
+        payload, ctx = c.next_round(reduce(payload) if reduce else payload, ctx)
+    return payload, ctx
+
+
+def roundtrip(c, t, key="k", layout=None):
+    payload, ctx = run(c, t, key, layout)
+    return c.decompress(payload, ctx)
+
+
+def test_the_compressors_of_the_issue_are_registered():
+    expected = {"none", "fp16", "bf16", "topk", "threshold", "randomk", "qsgd", "terngrad"}
+    assert expected | {"signsgd", "powersgd"} <= set(ALL)
+
+
+# ---- shape, dtype, device ---------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("name", ALL)
+def test_roundtrip_keeps_shape_dtype_device(name, dtype):
+    torch.manual_seed(0)
+    t = torch.randn(NUMEL, dtype=torch.float64).to(dtype)
+    out = roundtrip(make(name), t, layout=LAYOUT)
+    assert out.shape == t.shape and out.dtype == dtype and out.device == t.device
+    assert torch.isfinite(out).all()
+    m = torch.randn(6, 5, 4).to(dtype)
+    out = roundtrip(make(name), m)
+    assert out.shape == m.shape and out.dtype == dtype
+
+
+# ---- how payloads of several ranks combine ---------------------------------------------------
+def simulate_ranks(name, tensors, **options):
+    """Run one step on len(tensors) 'ranks' in one process; return (summed decode, own decodes)."""
+    comps = [make(name, **options) for _ in tensors]
+    states = [c.compress(t, key="b", layout=LAYOUT) for c, t in zip(comps, tensors)]
+    for _ in range(comps[0].rounds - 1):
+        summed = tuple(sum(parts) for parts in zip(*(p for p, _ in states)))
+        states = [c.next_round(summed, ctx) for c, (_, ctx) in zip(comps, states)]
+    own = [c.decompress(p, ctx) for c, (p, ctx) in zip(comps, states)]
+    if comps[0].summable:
+        summed = tuple(sum(parts) for parts in zip(*(p for p, _ in states)))
+        totals = [c.decompress(summed, ctx) for c, (_, ctx) in zip(comps, states)]
+    else:
+        payloads = [p for p, _ in states]
+        totals = [c.aggregate(payloads, ctx) for c, (_, ctx) in zip(comps, states)]
+    return totals, own
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_combined_payloads_decode_to_the_sum_of_each_ranks_decode(name):
+    torch.manual_seed(1)
+    tensors = [torch.randn(NUMEL, dtype=torch.float64) for _ in range(3)]
+    totals, own = simulate_ranks(name, tensors)
+    tol = 1e-2 if name in ("fp16", "bf16") else 1e-9
+    for total in totals:  # every rank gets the same answer ...
+        assert_close(total, totals[0], rtol=0, atol=0)
+        # ... which is the sum of what each rank sent
+        assert_close(total, sum(own), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if make(n).wire == "packed"])
+def test_packed_payload_decodes_with_any_ranks_ctx(name):
+    torch.manual_seed(2)
+    a, b = torch.randn(NUMEL), 10 * torch.randn(NUMEL)
+    ca, cb = make(name), make(name)
+    (pa, ctx_a), (pb, ctx_b) = ca.compress(a, key="x"), cb.compress(b, key="x")
+    assert torch.equal(ca.decompress(pb, ctx_a), cb.decompress(pb, ctx_b))
+    assert torch.equal(cb.decompress(pa, ctx_b), ca.decompress(pa, ctx_a))
+
+
+def test_randomk_ranks_draw_the_same_indices_and_new_ones_each_step():
+    a, b = make("randomk", seed=3), make("randomk", seed=3)
+    x = torch.randn(1000)
+    (_, (_, ia1)), (_, (_, ib1)) = a.compress(x, key="w"), b.compress(-x, key="w")
+    (_, (_, ia2)) = a.compress(x, key="w")
+    assert torch.equal(ia1, ib1)
+    assert not torch.equal(ia1, ia2)
+    (_, (_, other)) = make("randomk", seed=4).compress(x, key="w")
+    assert not torch.equal(ia1, other)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 5000), frac=st.floats(0.0, 1.0), seed=st.integers(0, 2**31))
+def test_sampling_without_replacement_gives_k_distinct_sorted_indices(n, frac, seed):
+    k = max(1, min(n, round(frac * n)))
+    gen = torch.Generator().manual_seed(seed)
+    idx = sample_without_replacement(n, k, gen, torch.device("cpu"))
+    assert idx.numel() == k and idx.dtype == torch.int64
+    assert torch.equal(idx, torch.unique(idx))  # distinct and sorted
+    assert 0 <= int(idx[0]) and int(idx[-1]) < n
+
+
+def test_sampling_without_replacement_is_uniform():
+    n, k, draws = 50, 5, 4000
+    counts = torch.zeros(n)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(draws):
+        counts[sample_without_replacement(n, k, gen, torch.device("cpu"))] += 1
+    expected = draws * k / n
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 100  # 49 degrees of freedom: P(chi2 > 100) < 1e-5
+
+
+# ---- selection and unbiasedness --------------------------------------------------------------
+@settings(max_examples=50, deadline=None)
+@given(n=st.integers(1, 400), density=st.floats(0.001, 1.0), seed=st.integers(0, 2**31))
+def test_topk_keeps_exactly_the_k_largest_magnitudes(n, density, seed):
+    gen = torch.Generator().manual_seed(seed)
+    mags = torch.randperm(n, generator=gen).double() + 1  # distinct magnitudes
+    signs = torch.randint(0, 2, (n,), generator=gen).double() * 2 - 1
+    t = mags * signs
+    (idx, vals), _ = get_compressor("topk", density=density).compress(t)
+    k = max(1, min(n, round(density * n)))
+    assert set(idx.tolist()) == set(torch.argsort(mags, descending=True)[:k].tolist())
+    assert torch.equal(vals, t[idx.long()])
+
+
+@pytest.mark.parametrize("name", ["qsgd", "terngrad", "randomk"])
+def test_randomised_compressors_are_unbiased(name):
+    torch.manual_seed(4)
+    x = torch.randn(64, dtype=torch.float64) * torch.linspace(0.01, 3, 64, dtype=torch.float64)
+    copies = 50  # one bucket per copy of x: every call gives 50 independent samples
+    options = {"density": 0.25} if name == "randomk" else {"bucket_size": 64}
+    c = make(name, **options)
+    samples = torch.cat(
+        [roundtrip(c, x.repeat(copies), key="u").view(copies, 64) for _ in range(100)]
+    )
+    mean, std = samples.mean(0), samples.std(0)
+    # Each entry's sample mean is within 5 standard errors of the true value.
+    assert ((mean - x).abs() <= 5 * std / math.sqrt(len(samples)) + 1e-12).all()
+    assert (std > 0).any()  # it is random, not the identity
+
+
+def test_signsgd_is_biased_so_the_unbiasedness_check_can_fail():
+    x = torch.tensor([10.0, 0.1, -0.1, -1.0], dtype=torch.float64)
+    c = make("signsgd", bucket_size=None)
+    assert not torch.allclose(roundtrip(c, x), x, atol=1.0)
+
+
+# ---- what error feedback gets back ------------------------------------------------------------
+@pytest.mark.parametrize("name", ["topk", "threshold"])
+def test_sparse_residual_is_exactly_the_unsent_entries(name):
+    torch.manual_seed(5)
+    t = torch.randn(5000)
+    (idx, vals), ctx = make(name).compress(t, key="r")
+    residual = t - make(name).decompress((idx, vals), ctx)
+    sent = torch.zeros(5000, dtype=torch.bool)
+    sent[idx.long()] = True
+    assert torch.equal(residual[sent], torch.zeros(int(sent.sum())))
+    assert torch.equal(residual[~sent], t[~sent])
+    assert (t[sent].abs().min() >= t[~sent].abs().max()) or name == "threshold"
+
+
+def test_signsgd_residual_is_orthogonal_to_the_sent_signs_per_bucket():
+    torch.manual_seed(6)
+    t = torch.randn(1000, dtype=torch.float64)
+    c = make("signsgd", bucket_size=100)
+    residual = t - roundtrip(c, t)
+    dots = (residual * torch.sign(t)).view(10, 100).sum(1)
+    assert_close(dots, torch.zeros(10, dtype=torch.float64), atol=1e-10, rtol=0)
+
+
+def test_powersgd_residual_is_what_lies_outside_the_shared_subspace():
+    torch.manual_seed(7)
+    t = torch.randn(NUMEL, dtype=torch.float64)
+    c = make("powersgd")
+    payload, ctx = run(c, t, layout=LAYOUT)
+    residual = (t - c.decompress(payload, ctx)).view(-1)
+    m = ctx.matrices[0]
+    block = residual[m.offset : m.offset + m.rows * m.cols].view(m.rows, m.cols)
+    assert_close(ctx.p_hat[0].T @ block, torch.zeros(m.rank, m.cols, dtype=t.dtype))
+    for offset, size in ctx.dense:  # uncompressed parameters leave nothing behind
+        assert torch.equal(residual[offset : offset + size], torch.zeros(size, dtype=t.dtype))
+
+
+# ---- lossless settings ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("none", {}),
+        ("topk", {"density": 1.0}),
+        ("threshold", {"density": 1.0}),
+        ("randomk", {"density": 1.0}),
+        ("powersgd", {"rank": 24}),
+    ],
+)
+def test_lossless_settings_are_exact(name, options):
+    torch.manual_seed(8)
+    c = make(name, **options)
+    for _ in range(3):  # later steps too (warm starts, thresholds)
+        t = torch.randn(NUMEL)
+        assert torch.equal(roundtrip(c, t, layout=LAYOUT), t)
+
+
+def test_powersgd_recovers_a_low_rank_matrix_exactly():
+    torch.manual_seed(9)
+    m = torch.randn(40, 3, dtype=torch.float64) @ torch.randn(3, 30, dtype=torch.float64)
+    c = make("powersgd", rank=3)
+    assert_close(roundtrip(c, m), m)
+    assert c.state_dict()["q"]  # the warm start was kept
+
+
+def test_powersgd_without_layout_uses_a_near_square_matrix():
+    c = make("powersgd", rank=1)
+    (p,), ctx = c.compress(torch.randn(1000))
+    assert (ctx.matrices[0].rows, ctx.matrices[0].cols) == (32, 32)  # ceil(sqrt(1000)) rows
+    assert p.numel() == 32
+
+
+def test_powersgd_warm_start_improves_a_fixed_gradient():
+    torch.manual_seed(10)
+    m = torch.randn(60, 50, dtype=torch.float64)
+    c = make("powersgd", rank=4)
+    errors = [float((roundtrip(c, m) - m).norm()) for _ in range(6)]
+    assert errors[-1] < errors[0]  # power iteration across steps converges to the top subspace
+
+
+# ---- bad input --------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["topk", "threshold", "randomk"])
+@pytest.mark.parametrize("density", [0.0, -0.1, 1.5])
+def test_density_out_of_range_is_refused(name, density):
+    with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
+        get_compressor(name, density=density)
+
+
+@pytest.mark.parametrize(
+    "name, options, error, message",
+    [
+        ("topk", {"density": "0.1"}, TypeError, "density must be a number"),
+        ("qsgd", {"levels": 0}, ValueError, r"levels must be in \[1, 127\], got 0"),
+        ("qsgd", {"levels": 200}, ValueError, r"levels must be in \[1, 127\]"),
+        ("qsgd", {"levels": 2.5}, TypeError, "levels must be an integer"),
+        ("qsgd", {"bucket_size": 0}, ValueError, "bucket_size"),
+        ("terngrad", {"bucket_size": -4}, ValueError, "bucket_size"),
+        ("powersgd", {"rank": 0}, ValueError, "rank must be >= 1, got 0"),
+        ("threshold", {"reestimate_every": 0}, ValueError, "reestimate_every must be >= 1"),
+        ("threshold", {"band": 1.0}, ValueError, "band must be > 1"),
+        ("randomk", {"seed": -1}, ValueError, "seed must be >= 0"),
+        ("topk", {"k": 3}, ValueError, "does not take option.*'k'.*it takes: density"),
+        ("fp16", {"density": 0.1}, ValueError, "does not take option"),
+    ],
+)
+def test_bad_options_are_refused_with_a_message_naming_them(name, options, error, message):
+    with pytest.raises(error, match=message):
+        get_compressor(name, **options)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_non_floating_tensors_are_refused(name):
+    with pytest.raises(TypeError, match="floating-point tensors only"):
+        make(name).compress(torch.arange(12))
+
+
+def test_powersgd_refuses_a_layout_that_does_not_cover_the_tensor():
+    with pytest.raises(ValueError, match="layout covers 20 elements but the tensor has 21"):
+        make("powersgd").compress(torch.randn(21), layout=[torch.Size([4, 5])])
+
+
+def test_powersgd_refuses_to_decompress_a_round_one_payload():
+    c = make("powersgd")
+    payload, ctx = c.compress(torch.randn(30, 20))
+    with pytest.raises(ValueError, match="call next_round"):
+        c.decompress(payload, ctx)
+
+
+# ---- state ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["threshold", "randomk", "powersgd", "qsgd", "terngrad"])
+def test_state_dict_round_trip_continues_with_identical_payloads(name):
+    torch.manual_seed(11)
+    grads = [torch.randn(NUMEL) * (1 + 0.1 * i) for i in range(8)]
+    a = make(name, **({"reestimate_every": 3} if name == "threshold" else {}))
+    for g in grads[:5]:
+        for key in ("p", "q"):
+            a.decompress(*run(a, g, key=key, layout=LAYOUT))
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b = make(name, **({"reestimate_every": 3} if name == "threshold" else {}))
+    b.load_state_dict(torch.load(buf))
+    assert b.state_dict().keys() == a.state_dict().keys()
+    for g in grads[5:]:
+        for key in ("p", "q"):
+            pa, ctx_a = run(a, g, key=key, layout=LAYOUT)
+            pb, ctx_b = run(b, g, key=key, layout=LAYOUT)
+            assert all(torch.equal(x, y) for x, y in zip(pa, pb))
+            assert torch.equal(a.decompress(pa, ctx_a), b.decompress(pb, ctx_b))
+
+
+def test_state_of_a_fresh_compressor_differs_from_a_used_one():
+    a, b = make("randomk"), make("randomk")
+    a.compress(torch.randn(100), key="z")
+    x = torch.randn(100)
+    assert not torch.equal(a.compress(x, key="z")[1][1], b.compress(x, key="z")[1][1])
+
+
+@pytest.mark.parametrize("name", ["randomk", "qsgd", "powersgd", "terngrad"])
+def test_malformed_state_is_refused(name):
+    with pytest.raises(ValueError, match="state must have exactly the key"):
+        make(name).load_state_dict({"wrong": 1})
+
+
+# ---- bit packing ------------------------------------------------------------------------------
+@settings(max_examples=80, deadline=None)
+@given(bits=st.integers(1, 8), n=st.integers(0, 300), seed=st.integers(0, 2**31))
+def test_pack_bits_round_trips_and_uses_bits_per_entry(bits, n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (n,), generator=gen, dtype=torch.uint8)
+    packed = pack_bits(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(n / 8) * bits
+    assert torch.equal(unpack_bits(packed, bits, n), codes)
+
+
+@pytest.mark.parametrize("levels, bits", [(1, 2), (2, 3), (3, 3), (4, 4), (7, 4), (8, 5), (127, 8)])
+def test_qsgd_sends_ceil_log2_2s_plus_1_bits_per_entry(levels, bits):
+    c = get_compressor("qsgd", levels=levels, bucket_size=64)
+    (norms, packed), _ = c.compress(torch.randn(640))
+    assert norms.numel() == 10 and packed.numel() == 640 * bits // 8
+
+
+def test_qsgd_levels_are_multiples_of_norm_over_s():
+    c = get_compressor("qsgd", levels=4, bucket_size=None)
+    x = torch.randn(300, dtype=torch.float64)
+    out = roundtrip(c, x)
+    steps = out / (x.norm() / 4)
+    assert_close(steps, steps.round())
+    assert ((steps - 4 * x / x.norm()).abs() < 1 + 1e-9).all()  # rounded to a neighbour level
+
+
+def test_terngrad_sends_minus_zero_or_plus_bucket_max():
+    x = torch.randn(1000, dtype=torch.float64)
+    out = roundtrip(get_compressor("terngrad", bucket_size=100), x).view(10, 100)
+    scale = x.view(10, 100).abs().amax(1, keepdim=True)
+    assert torch.isin(out / scale, torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)).all()
+    assert ((out == 0) | (torch.sign(out) == torch.sign(x.view(10, 100)))).all()

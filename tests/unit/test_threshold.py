@@ -1,0 +1,164 @@
+"""The threshold compressor: it tracks k over training-like gradients while estimating rarely."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparsetrain.compressors import get_compressor
+from sparsetrain.compressors.threshold import Threshold
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def training_like(n: int, steps: int, seed: int):
+    """Yield a slowly drifting heavy-tailed gradient whose scale decays, as in training.
+
+    Each step keeps 95% of the previous direction and mixes in fresh heavy-tailed noise;
+    per-coordinate scales differ (like layers) and the overall norm decays by 2/3 over the run.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def noise():
+        # A normal with log-normal scale: tails far heavier than Gaussian, cheap to draw.
+        z = torch.randn(2, n, generator=gen)
+        return z[0] * z[1].mul_(0.75).exp_()
+
+    layer_scale = torch.logspace(-2, 0, n).flip(0)[torch.randperm(n, generator=gen)]
+    g = noise()
+    for step in range(steps):
+        g = 0.95 * g + (1 - 0.95**2) ** 0.5 * noise()
+        yield g * layer_scale * (1 - step / (1.5 * steps))
+
+
+def counting_estimates(c: Threshold):
+    calls = []
+    original = c._estimate
+
+    def wrapped(*args, **kwargs):
+        calls.append(args[-1])
+        return original(*args, **kwargs)
+
+    c._estimate = wrapped
+    return calls
+
+
+# k >= 400 in every case: below that the count's own Poisson-like noise (sqrt(k)) nears 5%.
+# reestimate_every=1000 estimates once: the count-based correction alone follows the drift.
+@pytest.mark.parametrize(
+    "n, density, every",
+    [(200_000, 0.002, 10), (100_000, 0.01, 10), (40_000, 0.1, 10), (40_000, 0.01, 1000)],
+)
+def test_count_stays_within_20_percent_of_k_over_200_training_like_steps(n, density, every):
+    c = get_compressor("threshold", density=density, reestimate_every=every)
+    calls = counting_estimates(c)
+    k = round(density * n)
+    counts = []
+    for g in training_like(n, 200, seed=int(density * 1e4) + n):
+        (idx, _), _ = c.compress(g, key="layer")
+        counts.append(idx.numel())
+    counts = torch.tensor(counts, dtype=torch.float64)
+    assert ((counts - k).abs() <= 0.2 * k).all(), (counts.min() / k, counts.max() / k)
+    # The threshold is estimated on schedule, not on every step.
+    assert len(calls) <= -(-200 // every) + 5
+
+
+def test_an_abrupt_change_triggers_an_immediate_estimate():
+    c = get_compressor("threshold", density=0.01, reestimate_every=1000)
+    calls = counting_estimates(c)
+    g = torch.randn(50_000, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        c.compress(g, key="w")
+    assert calls == [0]
+    (idx, _), _ = c.compress(g * 0.01, key="w")  # the old threshold would keep nothing
+    assert calls == [0, 3]
+    assert 400 <= idx.numel() <= 600
+
+
+def test_schedule_is_per_key():
+    c = get_compressor("threshold", density=0.05, reestimate_every=2)
+    calls = counting_estimates(c)
+    g = torch.randn(10_000, generator=torch.Generator().manual_seed(1))
+    for _ in range(4):
+        c.compress(g, key="a")
+        c.compress(g, key="b")
+    assert calls == [0, 0, 2, 2]  # steps of a and b, counted separately
+    assert {k: s["step"] for k, s in c.state_dict().items()} == {"a": 4, "b": 4}
+
+
+def test_ties_never_send_more_than_band_times_k():
+    c = get_compressor("threshold", density=0.01, band=2.0)
+    (idx, vals), _ = c.compress(torch.ones(10_000), key="t")
+    assert idx.numel() <= 200
+    assert torch.equal(vals, torch.ones(idx.numel()))
+
+
+def test_zero_gradient_sends_nothing():
+    c = get_compressor("threshold", density=0.1)
+    for _ in range(3):
+        (idx, vals), ctx = c.compress(torch.zeros(1000), key="z")
+        assert idx.numel() == 0 and vals.numel() == 0
+        assert torch.equal(c.decompress((idx, vals), ctx), torch.zeros(1000))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 3000),
+    threshold=st.floats(0.0, 3.0),
+    seed=st.integers(0, 2**31),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]),
+)
+def test_selection_is_exactly_the_entries_above_the_threshold(n, threshold, seed, dtype):
+    g = torch.randn(n, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    g[::7] = 0.0
+    idx = Threshold()._select(g, threshold)
+    expected = torch.nonzero(g.abs() > threshold).squeeze(1)
+    assert torch.equal(idx, expected)
+
+
+def test_selection_spans_several_chunks():
+    g = torch.randn(300_001, generator=torch.Generator().manual_seed(2))
+    idx = Threshold()._select(g, 2.0)
+    assert torch.equal(idx, torch.nonzero(g.abs() > 2.0).squeeze(1))
+
+
+def test_estimate_from_a_sample_is_close_to_the_exact_kth_largest():
+    g = torch.randn(2_000_000, generator=torch.Generator().manual_seed(3))
+    c = Threshold(density=0.01)  # the sample has 2048 / 0.01 = 204800 entries
+    threshold, slope = c._estimate(g, 20_000, "s", 0)
+    kept = int((g.abs() > threshold).sum())
+    assert abs(kept - 20_000) <= 0.1 * 20_000
+    assert 3 < slope < 12  # Gaussian tail near the 1% quantile: count ~ threshold^-6.7
+
+
+def test_state_round_trip_is_bit_exact_for_resume():
+    grads = list(training_like(30_000, 25, seed=4))
+    a = get_compressor("threshold", density=0.02, reestimate_every=4)
+    for g in grads[:13]:
+        a.compress(g, key="x")
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b = get_compressor("threshold", density=0.02, reestimate_every=4)
+    b.load_state_dict(torch.load(buf))
+    assert b.state_dict() == a.state_dict()
+    for g in grads[13:]:
+        (ia, va), _ = a.compress(g, key="x")
+        (ib, vb), _ = b.compress(g, key="x")
+        assert torch.equal(ia, ib) and torch.equal(va, vb)
+    assert b.state_dict() == a.state_dict()
+
+
+def test_malformed_state_is_refused():
+    with pytest.raises(ValueError, match="must have threshold, slope, step and last_estimate"):
+        Threshold().load_state_dict({"x": {"threshold": 1.0}})
