@@ -47,14 +47,18 @@ class Safeguard(Aggregator):
 
     Thresholds (the paper's 𝔗0 for the short window and 𝔗1 for the long one) are either fixed
     (``threshold0``, ``threshold1``) or, when both are None, set automatically from a warm-up of
-    ``warmup_steps`` steps (default: T1, so a whole long window is seen): at each warm-up step
-    and for each window, every worker's *majority radius* (the distance within which it has
-    more than n/2 workers, itself included) is computed; the median over workers is robust to
-    f < n/2 Byzantine workers; the threshold is ``threshold_multiplier`` times the largest such
-    median over the warm-up. No worker is removed during the warm-up and its steps use the
-    coordinate-wise median (so a warm-up under attack still descends). Accumulations are divided
-    by |good|, so auto thresholds are rescaled by n / |good| after removals to keep the honest
-    spread within them.
+    ``warmup_steps`` steps (default: T0). The paper sets 𝔗 proportional to sqrt(T): honest
+    workers' sums are martingales whose spread grows as the square root of the steps summed. At
+    each warm-up step and window, every worker's *majority radius* (the distance within which it
+    has more than n/2 workers, itself included) is computed; the median over workers is robust to
+    f < n/2 Byzantine workers; divided by sqrt(steps summed in the window) it estimates the
+    honest spread of one step, sigma. Then 𝔗_w = ``threshold_multiplier`` * max(sigma) *
+    sqrt(T_w). No worker is removed during the warm-up and its steps use the coordinate-wise
+    median (so a warm-up under attack still descends). Accumulations are divided by |good|, so
+    auto thresholds are rescaled by n / |good| after removals to keep the honest spread inside.
+    The sqrt(T) model assumes the paper's Assumption 2.1 (every worker's gradient is an unbiased
+    estimate of the same full gradient); with heterogeneous data per worker honest sums drift
+    apart linearly and fixed thresholds tuned to the data are needed.
 
     Args:
         window0: T0, the short window in steps.
@@ -75,11 +79,11 @@ class Safeguard(Aggregator):
     """
 
     window0: int = 10
-    window1: int = 50
+    window1: int = 100
     threshold0: float | None = None
     threshold1: float | None = None
     warmup_steps: int | None = None
-    threshold_multiplier: float = 1.5
+    threshold_multiplier: float = 2.0
     noise_std: float = 0.0
     seed: int = 0
 
@@ -138,7 +142,7 @@ class Safeguard(Aggregator):
     def warmup(self) -> int:
         if not self.auto:
             return 0
-        return self.window1 if self.warmup_steps is None else self.warmup_steps
+        return self.window0 if self.warmup_steps is None else self.warmup_steps
 
     @property
     def in_warmup(self) -> bool:
@@ -152,7 +156,8 @@ class Safeguard(Aggregator):
             return float("nan"), float("nan")
         scale = self.threshold_multiplier * self._calibrated_good / max(int(self._good.sum()), 1)
         tiny = torch.finfo(torch.float32).tiny
-        return max(self._spread[0], tiny) * scale, max(self._spread[1], tiny) * scale
+        spread = max(max(self._spread), tiny)
+        return spread * scale * self.window0**0.5, spread * scale * self.window1**0.5
 
     @property
     def good(self) -> list[int]:
@@ -216,8 +221,11 @@ class Safeguard(Aggregator):
         if self._acc:
             dists = {w: self._distances(w) for w in _WINDOWS}
             if self.in_warmup:
-                for i, w in enumerate(_WINDOWS):
-                    self._spread[i] = max(self._spread[i], self._majority_radius_median(dists[w]))
+                for i, (w, length) in enumerate(zip(_WINDOWS, (self.window0, self.window1))):
+                    # spread a sqrt(step): honest sums are martingales, their spread grows as sqrt(t)
+                    steps_in = self._step % length + 1
+                    radius = self._majority_radius_median(dists[w]) / steps_in**0.5
+                    self._spread[i] = max(self._spread[i], radius)
                 self._calibrated_good = int(self._good.sum())
             else:
                 keep = self._good.clone()

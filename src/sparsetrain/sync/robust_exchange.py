@@ -1,0 +1,117 @@
+"""The multi-process exchange behind ``aggregator=...``: gather every rank's gradient, let the
+Byzantine ranks attack, aggregate the same matrix on every rank.
+
+Rounds of one call (one bucket of one step):
+
+1. ``all_gather`` of every rank's flat gradient into the ``[world, d]`` matrix. A Byzantine rank
+   running a non-omniscient attack (sign flip, Gaussian, zero, delayed, label flip) sends its
+   forged vector in this round already.
+2. Omniscient attacks only (ALIE, IPM, the safeguard attack): the Byzantine ranks read the honest
+   rows of round 1, forge their vectors, and each one ``broadcast``s its vector, which replaces
+   its row on every rank. This second round is what a real omniscient attacker needs: it must see
+   the honest gradients of the step before it answers; its cost is counted.
+3. Every rank runs the same aggregator on the same matrix, so all ranks get the same update
+   (bit for bit on identical hardware) and stay in sync.
+
+Byzantine ranks are the last ``byzantine`` ranks of the group unless ``byzantine_ranks`` names
+them, so rank 0 stays honest for reporting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..comm.accounting import ring_allgather_bytes
+from ..robust.attacks import Attack
+from ..robust.base import Aggregator
+
+
+def default_byzantine_ranks(world: int, byzantine: int) -> tuple[int, ...]:
+    """Return the ranks that attack: the last ``byzantine`` of ``world``."""
+    if not 0 <= byzantine < world:
+        raise ValueError(f"byzantine must be in [0, world), got {byzantine} with world={world}")
+    return tuple(range(world - byzantine, world))
+
+
+def robust_exchange(
+    grad: Tensor,
+    *,
+    key: str,
+    aggregator: Aggregator,
+    attack: Attack | None = None,
+    byzantine: int = 0,
+    byzantine_ranks: Sequence[int] | None = None,
+    group: dist.ProcessGroup | None = None,
+    step: int = 0,
+) -> tuple[Tensor, int]:
+    """Aggregate this rank's gradient with every other rank's under a robust rule.
+
+    Args:
+        grad: this rank's gradient for one bucket (already compressed and decompressed when a
+            compressor is used); any shape, flattened for the exchange.
+        key: the bucket's stable name (stateful rules and attacks keep state per key).
+        aggregator: a rule from ``sparsetrain.robust.get_aggregator`` built for n = world.
+        attack: the attack the Byzantine ranks run; None: every rank is honest.
+        byzantine: number of attacking ranks (the last ones), used when ``byzantine_ranks`` is None.
+        byzantine_ranks: the attacking ranks (group ranks), overriding ``byzantine``.
+        group: the process group (None: WORLD).
+        step: the optimizer step (seeds random attacks).
+
+    Returns:
+        (the aggregate shaped like ``grad``, the same on every rank; bytes this rank sent, ring
+        allgather accounting: (p - 1)/p of what is gathered, plus the broadcasts of round 2).
+
+    Example:
+        >>> rule = get_aggregator("median", n=dist.get_world_size(), f=1)
+        >>> out, sent = robust_exchange(g, key="b0", aggregator=rule, attack=get_attack(
+        ...     "sign_flip", n=world, f=1, scale=10.0), byzantine=1)
+    """
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    if aggregator.n != world:
+        raise ValueError(
+            f"the aggregator was built for n={aggregator.n} workers but the group has {world} ranks"
+        )
+    byz = (
+        tuple(sorted(set(byzantine_ranks)))
+        if byzantine_ranks is not None
+        else default_byzantine_ranks(world, byzantine)
+    )
+    if any(not 0 <= r < world for r in byz) or len(byz) >= world:
+        raise ValueError(
+            f"byzantine ranks {byz} must be fewer than world={world} and in [0, {world})"
+        )
+    flat = grad.detach().reshape(-1).contiguous()
+    d, elem = flat.numel(), flat.element_size()
+    attacking = attack is not None and rank in byz
+
+    if attacking and not attack.omniscient:
+        mine = attack(flat, key=key, step=step, workers=[rank]).to(flat.dtype).contiguous()
+    else:
+        mine = flat
+    parts = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(parts, mine, group=group)
+    rows = torch.stack(parts)
+    sent = ring_allgather_bytes(world * d * elem, world)
+
+    if attack is not None and attack.omniscient and byz:
+        honest = rows[[r for r in range(world) if r not in byz]]
+        forged = (
+            attack(flat, honest=honest, key=key, step=step, workers=[rank]) if attacking else None
+        )
+        for b in byz:
+            buf = forged.to(flat.dtype).contiguous() if rank == b else torch.empty_like(flat)
+            src = b if group is None else dist.get_global_rank(group, b)
+            dist.broadcast(buf, src=src, group=group)
+            rows[b] = buf
+        sent += ring_allgather_bytes(len(byz) * d * elem, world)
+
+    out = aggregator(rows, key=key)
+    return out.reshape(grad.shape).to(grad.dtype), sent
+
+
+__all__ = ["default_byzantine_ranks", "robust_exchange"]
