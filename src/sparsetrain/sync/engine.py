@@ -87,16 +87,39 @@ class SyncEngine:
     def exchange(self, flat: Tensor, names: Sequence[str], shapes: Sequence[torch.Size]) -> Tensor:
         """Return the average over ranks of ``flat`` (a 1-D tensor packing ``names``), as sent.
 
+        The compressor always sees the parameters in one canonical order (sorted by name), so its
+        per-key state, random draws and selection do not depend on how DDP happened to order a
+        bucket: the first iteration after a restart (before DDP rebuilds its buckets) compresses
+        exactly as the uninterrupted run does.
+
         Raises:
             FloatingPointError: a rank's gradient has NaN or Inf and ``on_nonfinite="raise"``
                 (raised on every rank, naming the ranks and parameters).
         """
-        world = world_of(self.group)
         numels = [math.prod(s) for s in shapes]
         if sum(numels) != flat.numel():
             raise ValueError(
                 f"layout covers {sum(numels)} elements but the flat tensor has {flat.numel()}"
             )
+        order = sorted(range(len(names)), key=names.__getitem__)
+        if order == list(range(len(names))):
+            return self._exchange(flat, list(names), list(shapes), numels)
+        parts = torch.split(flat, numels)
+        canon = [numels[i] for i in order]
+        out = self._exchange(
+            torch.cat([parts[i] for i in order]),
+            [names[i] for i in order],
+            [shapes[i] for i in order],
+            canon,
+        )
+        back = torch.split(out, canon)
+        where = {i: j for j, i in enumerate(order)}
+        return torch.cat([back[where[i]] for i in range(len(names))])
+
+    def _exchange(
+        self, flat: Tensor, names: list[str], shapes: list[torch.Size], numels: list[int]
+    ) -> Tensor:
+        world = world_of(self.group)
         self.counters["dense_bytes"] += ring_allreduce_bytes(
             flat.numel(), flat.element_size(), world
         )
