@@ -156,3 +156,34 @@ def test_bad_input_errors_on_every_rank(tmp_path):
         assert ".weight" in r["raise"]  # names the parameter
         assert r["skip"] == {"skipped": True, "zero": True}
         assert r["gs_skip"] == (False, 1)
+
+
+# ---- collective=: every sparse collective through the hook --------------------------------
+def _collectives(rank: int, world: int) -> dict:
+    from sparsetrain.comm import available_collectives
+
+    grads = {}
+    for name in [*available_collectives(), "auto"]:
+        torch.manual_seed(0)
+        net = _net()
+        model = DDP(net)
+        state = sparsetrain.register_ddp_hook(model, "topk", density=0.3, collective=name)
+        for step in range(3):  # a few steps, so stateful collectives (Ok-Topk) get past their start
+            x, y = _batch(rank, step)
+            net.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+        grads[name] = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
+        assert state.stats()["bytes_sent"] > 0
+    return grads
+
+
+def test_every_collective_runs_through_the_hook(tmp_path):
+    results = oks(run_world(_collectives, 3, tmp_path))
+    for name in results[0]:
+        for other in results[1:]:  # every rank applies the same gradient
+            torch.testing.assert_close(other[name], results[0][name], rtol=0, atol=0)
+    for name in ("ssar_rd", "ssar_split", "dsar", "auto"):  # exact algorithms: the allgather sum
+        torch.testing.assert_close(results[0][name], results[0]["allgather"], rtol=1e-5, atol=1e-6)
+    for name in ("oktopk", "gtopk"):  # a global selection of that sum: fewer non-zeros
+        nnz, ref = int((results[0][name] != 0).sum()), int((results[0]["allgather"] != 0).sum())
+        assert 0 < nnz <= ref

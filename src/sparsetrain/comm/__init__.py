@@ -1,6 +1,7 @@
 """Collectives on torch.distributed: dense, gathered and sparse exchanges, with byte accounting."""
 
-from . import gather  # noqa: F401  (registers "allgather")
+# Importing a module registers its collectives by name.
+from . import dsar, gather, gtopk, oktopk, ssar  # noqa: F401
 from .accounting import ring_allgather_bytes, ring_allreduce_bytes
 from .gather import all_gather_variable, allreduce_sum
 from .registry import (

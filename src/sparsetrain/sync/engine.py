@@ -51,9 +51,7 @@ class SyncEngine:
         self.group = group
         self.compressor = config.build_compressor()
         self.feedback = ErrorFeedback(config.use_error_feedback)
-        self.collective = None
-        if self.compressor.wire == "sparse":
-            self.collective = get_collective(self._collective_name())
+        self._collectives: dict[str, Any] = {}
         self.aggregator = None
         self.attack = None
         if config.aggregator is not None or config.attack is not None:
@@ -75,13 +73,27 @@ class SyncEngine:
         self.skipped_last_step = False
         self._skipping = False
 
-    def _collective_name(self) -> str:
+    def _collective_for(self, numel: int) -> Any:
+        """Return the sparse collective for a bucket of ``numel`` elements ("dense" for a dense
+        allreduce of the densified payload, which "auto" picks when the cost model says so).
+
+        "auto" decides from k = density * numel, not from this rank's count, so that every rank
+        makes the same choice even when thresholding keeps different counts on different ranks.
+        """
         name = self.config.collective
         if name == "auto":
+            from ..compressors import k_for
             from ..perfmodel import best_collective
 
-            return best_collective(self.compressor, world=world_of(self.group))
-        return name
+            density = float(getattr(self.compressor, "density", 1.0))
+            name = best_collective(
+                numel=numel, nnz=k_for(numel, density), world=world_of(self.group)
+            )
+        if name == "dense":
+            return name
+        if name not in self._collectives:
+            self._collectives[name] = get_collective(name)
+        return self._collectives[name]
 
     # ---- the exchange --------------------------------------------------------------------
     def exchange(self, flat: Tensor, names: Sequence[str], shapes: Sequence[torch.Size]) -> Tensor:
@@ -170,15 +182,21 @@ class SyncEngine:
             self._count(sent, sent)
             total = comp.decompress(tuple(reduced), ctx)
         elif comp.wire == "sparse":
-            res: CollectiveResult = self._timed_comm(
-                self.collective, payload[0], payload[1], flat.numel(), group=self.group, key=key
-            )
-            self._count(res.bytes_sent, res.bytes_recv)
-            total = (
-                res.dense
-                if res.dense is not None
-                else self._selected(res, payload, compensated, names, numels)
-            )
+            coll = self._collective_for(flat.numel())
+            if coll == "dense":
+                reduced, sent = self._timed_comm(allreduce_sum, [mine], self.group)
+                self._count(sent, sent)
+                total = reduced[0]
+            else:
+                res: CollectiveResult = self._timed_comm(
+                    coll, payload[0], payload[1], flat.numel(), group=self.group, key=key
+                )
+                self._count(res.bytes_sent, res.bytes_recv)
+                total = (
+                    res.dense
+                    if res.dense is not None
+                    else self._selected(res, payload, compensated, names, numels)
+                )
         else:
             gathered, sent, recv = self._timed_comm(all_gather_variable, payload, self.group)
             self._count(sent, recv)
@@ -275,8 +293,8 @@ class SyncEngine:
             "feedback": self.feedback.state_dict(),
             "compressor": self.compressor.state_dict(),
         }
-        if self.collective is not None:
-            sd["collective"] = self.collective.state_dict()
+        if self._collectives:
+            sd["collectives"] = {n: c.state_dict() for n, c in self._collectives.items()}
         if self.aggregator is not None and hasattr(self.aggregator, "state_dict"):
             sd["aggregator"] = self.aggregator.state_dict()
         if self.attack is not None and hasattr(self.attack, "state_dict"):
@@ -294,8 +312,10 @@ class SyncEngine:
         self.counters = {k: state["counters"].get(k, 0) for k in _COUNTERS}
         self.feedback.load_state_dict(state["feedback"])
         self.compressor.load_state_dict(state["compressor"])
-        if self.collective is not None and "collective" in state:
-            self.collective.load_state_dict(state["collective"])
+        for name, cstate in state.get("collectives", {}).items():
+            coll = self._collectives.get(name) or get_collective(name)
+            coll.load_state_dict(cstate)
+            self._collectives[name] = coll
         if self.aggregator is not None and "aggregator" in state:
             self.aggregator.load_state_dict(state["aggregator"])
         if self.attack is not None and "attack" in state:
