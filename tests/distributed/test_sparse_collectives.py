@@ -109,6 +109,18 @@ def _cases(rank: int, world: int, group) -> dict:
     c = coll(*nxt, OK_NUMEL, key="w", group=group)
     d = fresh(*nxt, OK_NUMEL, key="w", group=group)
     assert torch.equal(c.indices, d.indices) and torch.equal(c.values, d.values)
+    # Gradients shrink 100x on a call that would reuse the threshold: it is re-estimated at
+    # once instead of keeping almost nothing.
+    assert coll.stats()["w"]["step"] % 2 == 0  # so the next call is a reuse call
+    small = [
+        (i, v * 0.01)
+        for i, v in (training_like(OK_STEPS + 1, r, OK_NUMEL, OK_K) for r in range(world))
+    ]
+    res = coll(*small[rank], OK_NUMEL, key="w", group=group)
+    stats = coll.stats()["w"]
+    assert stats["estimated"] and OK_K <= stats["selected"] <= OK_K + threshold_tolerance(OK_K)
+    ri, _ = oktopk_reference(small, OK_NUMEL, stats["threshold"])
+    assert torch.equal(res.indices.long(), ri)
 
     # Bad input: a clear error on every rank, and the group still works afterwards.
     idx, val = random_input(20, rank, 100, 5, torch.float32)
@@ -200,7 +212,8 @@ def test_sparse_collectives(world, results):
         ri, rv = oktopk_reference(inputs, OK_NUMEL, stats0["threshold"])
         assert torch.equal(idx0.long(), ri), step
         torch.testing.assert_close(val0, rv, rtol=1e-12, atol=1e-12)
-        if step % 2 == 0:  # estimated this call
+        assert stats0["estimated"] == (step % 2 == 0)  # every threshold_every=2 calls
+        if stats0["estimated"]:
             assert OK_K <= ri.numel() <= OK_K + threshold_tolerance(OK_K), (step, ri.numel())
         for r in range(world):
             idx, val, stats = results[r]["oktopk"][step]

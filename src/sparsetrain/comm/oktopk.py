@@ -112,7 +112,8 @@ class OkTopk(SparseCollective):
        receives from everybody at once; each region owner sums what it received.
     3. Every ``threshold_every`` calls, estimate the global threshold: the magnitude above which
        about k entries of the reduced vector lie (:func:`estimate_threshold`); reuse it in
-       between.
+       between, unless the reused one would keep more than 2k or fewer than k/2 entries (all
+       ranks see the same count), which triggers an estimation at once.
     4. Each owner keeps the entries of its region whose magnitude reaches the threshold.
     5. Balance: the kept entries, in index order, are moved so every rank holds an equal share
        (only what exceeds a rank's share moves).
@@ -191,15 +192,25 @@ class OkTopk(SparseCollective):
             [parts[rank]] + [unpack(got[q], idx.dtype, val.dtype) for q in sorted(got)]
         )
 
-        if st.threshold is None or st.step % self.threshold_every == 0:
-            st.threshold = estimate_threshold(wire, red_v.abs(), k)
-        keep = red_v.abs().to(torch.float64) >= st.threshold
+        mags = red_v.abs().to(torch.float64)
+        estimated = st.threshold is None or st.step % self.threshold_every == 0
+        if estimated:
+            st.threshold = estimate_threshold(wire, mags, k)
+        keep = mags >= st.threshold
+        counts = [row[0] for row in wire.allgather_ints([int(keep.sum())])]
+        total = sum(counts)
+        if not estimated and not k // 2 <= total <= 2 * k:
+            # The reused threshold has drifted too far (every rank sees the same total):
+            # re-estimate now rather than send far more, or keep far fewer, than k.
+            st.threshold = estimate_threshold(wire, mags, k)
+            keep = mags >= st.threshold
+            counts = [row[0] for row in wire.allgather_ints([int(keep.sum())])]
+            total = sum(counts)
+            estimated = True
         sel_i, sel_v = red_i[keep], red_v[keep]
 
         # Balance: the kept entries, in global index order (region order = rank order), are
         # re-dealt so rank q holds positions [share[q], share[q+1]) of their concatenation.
-        counts = [row[0] for row in wire.allgather_ints([sel_i.numel()])]
-        total = sum(counts)
         offsets = [sum(counts[:q]) for q in range(p + 1)]
         share = [q * total // p for q in range(p + 1)]
 
@@ -236,6 +247,7 @@ class OkTopk(SparseCollective):
             "k": k,
             "selected": total,
             "threshold": st.threshold,
+            "estimated": estimated,
             "elems_sent": t.elems_sent,
             "bytes_sent": t.bytes_sent,
             "bytes_recv": t.bytes_recv,
@@ -248,8 +260,9 @@ class OkTopk(SparseCollective):
 
     # ---- state ----------------------------------------------------------------------------
     def stats(self) -> dict[str, dict[str, Any]]:
-        """Return, per key, what the last call did: step, k, selected count, threshold used,
-        elements and bytes this rank sent and received, region lengths."""
+        """Return, per key, what the last call did: step, k, selected count, threshold used and
+        whether it was estimated in this call, elements and bytes this rank sent and received,
+        region lengths."""
         return copy.deepcopy(self._stats)
 
     def state_dict(self) -> dict[str, Any]:
