@@ -393,7 +393,9 @@ class Measurement:
     index_bytes: int = 4
 
 
-def fit(measurements: Iterable[Measurement]) -> NetworkParams:
+def fit(
+    measurements: Iterable[Measurement], *, fixed: dict[str, float] | None = None
+) -> NetworkParams:
     """Fit alpha, beta, gamma and gamma_dense to measured times.
 
     Steps: compute each measurement's cost decomposition; divide every row by its measured time
@@ -403,6 +405,9 @@ def fit(measurements: Iterable[Measurement]) -> NetworkParams:
 
     Args:
         measurements: at least three, of modelled algorithms, with positive times.
+        fixed: coefficients to hold at given values instead of fitting, for example
+            ``{"beta": 8 / measured_bits_per_second}`` when the link rate is known: bytes and
+            elements both grow with the vector, so a free fit can trade one for the other.
 
     Returns:
         The fitted :class:`NetworkParams`.
@@ -417,6 +422,11 @@ def fit(measurements: Iterable[Measurement]) -> NetworkParams:
     """
     import numpy as np
 
+    names = ("alpha", "beta", "gamma", "gamma_dense")
+    fixed = dict(fixed or {})
+    bad = sorted(set(fixed) - set(names))
+    if bad:
+        raise ValueError(f"fit: cannot fix {bad}; coefficients are {', '.join(names)}")
     ms = list(measurements)
     if len(ms) < 3:
         raise ValueError(f"fit needs at least 3 measurements, got {len(ms)}")
@@ -432,13 +442,16 @@ def fit(measurements: Iterable[Measurement]) -> NetworkParams:
         ts.append(m.seconds)
     a = np.asarray(rows, dtype=float) / np.asarray(ts)[:, None]
     b = np.ones(len(ts))
-    scale = np.maximum(
-        np.abs(a).max(axis=0), 1e-300
-    )  # column scaling: coefficients span 1e-11..1e-4
+    free = [j for j, name in enumerate(names) if name not in fixed]
+    for j, name in enumerate(names):
+        if name in fixed:
+            b = b - a[:, j] * float(fixed[name])
+    # Column scaling: the coefficients span 1e-11 (gamma_dense) to 1e-4 (alpha).
+    scale = np.maximum(np.abs(a).max(axis=0), 1e-300)
     a = a / scale
     best, best_err = np.zeros(4), float(np.sum(b**2))
-    for r in range(1, 5):
-        for cols in itertools.combinations(range(4), r):
+    for r in range(1, len(free) + 1):
+        for cols in itertools.combinations(free, r):
             sub = a[:, cols]
             if not np.any(sub):
                 continue
@@ -450,6 +463,9 @@ def fit(measurements: Iterable[Measurement]) -> NetworkParams:
                 best_err, best = err, np.zeros(4)
                 best[list(cols)] = x
     coef = best / scale
+    for j, name in enumerate(names):
+        if name in fixed:
+            coef[j] = float(fixed[name])
     return NetworkParams(*(float(v) for v in coef))
 
 

@@ -88,7 +88,7 @@ def test_seconds_is_linear_in_the_coefficients():
     assert c.seconds(UNIT_BETA) == c.bytes
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(
     alpha=st.floats(1e-6, 1e-3),
     gbit=st.floats(0.5, 200.0),
@@ -190,3 +190,19 @@ def test_union_matches_inclusion_exclusion_for_two_ranks():
     q = pm.Problem(world=2, numel=1000, density=0.1)
     assert q.union(2) == pytest.approx(1000 * (0.1 + 0.1 - 0.01))
     assert math.isclose(q.union(1), q.k)
+
+
+def test_fit_holds_fixed_coefficients_and_fits_the_rest():
+    true = pm.NetworkParams(alpha=2e-4, beta=8e-9, gamma=5e-8)
+    ms = [
+        pm.Measurement(a, 8, n, d, pm.predict(a, world=8, numel=n, density=d, params=true))
+        for a in ("dense", "allgather", "oktopk")
+        for n in (10**5, 10**7)
+        for d in (0.001, 0.1)
+    ]
+    got = pm.fit(ms, fixed={"beta": 8e-9})
+    assert got.beta == 8e-9
+    assert got.alpha == pytest.approx(2e-4, rel=1e-4)
+    assert got.gamma == pytest.approx(5e-8, rel=1e-4)
+    with pytest.raises(ValueError, match="cannot fix"):
+        pm.fit(ms, fixed={"delta": 1.0})

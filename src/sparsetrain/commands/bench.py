@@ -216,7 +216,9 @@ def _table(records: list[dict[str, Any]], predicted: dict | None) -> str:
     return "\n".join(lines)
 
 
-def _fit_model(records: list[dict[str, Any]], world: int) -> dict[str, Any] | None:
+def _fit_model(
+    records: list[dict[str, Any]], world: int, link_bps: float | None = None
+) -> dict[str, Any] | None:
     from sparsetrain import perfmodel
 
     usable = [r for r in records if r["algorithm"] in perfmodel.available_models()]
@@ -226,7 +228,8 @@ def _fit_model(records: list[dict[str, Any]], world: int) -> dict[str, Any] | No
         perfmodel.Measurement(r["algorithm"], world, r["numel"], r["density"], r["median_s"])
         for r in usable
     ]
-    params = perfmodel.fit(meas)
+    # The link's rate is measured, so beta is held at it; the rest is fitted.
+    params = perfmodel.fit(meas, fixed={"beta": 8.0 / link_bps} if link_bps else None)
     predicted = {
         (m.algorithm, m.numel, m.density): perfmodel.predict(
             m.algorithm, world=m.world, numel=m.numel, density=m.density, params=params
@@ -241,6 +244,7 @@ def _fit_model(records: list[dict[str, Any]], world: int) -> dict[str, Any] | No
         "predicted": predicted,
         "max_relative_error": max(errors),
         "median_relative_error": statistics.median(errors),
+        "beta_from_measured_link": link_bps is not None,
         "within_25_percent": sum(e <= 0.25 for e in errors) / len(errors),
     }
 
@@ -300,7 +304,7 @@ def run_cluster(args: argparse.Namespace) -> int:
         print(f"sparsetrain bench cluster: {e}", file=sys.stderr)
         return 2
     records = json.loads((tmp / "records.json").read_text())
-    fit = _fit_model(records, args.ranks)
+    fit = _fit_model(records, args.ranks, link["bandwidth_measured_bps"])
     print(_table(records, fit["predicted"] if fit else None))
     result = {
         "config": {
@@ -321,17 +325,39 @@ def run_cluster(args: argparse.Namespace) -> int:
                 for (a, n, d), p in fit["predicted"].items()
             ],
         }
-        prm = fit["params"]
-        print(
-            f"cost model fit: alpha={prm['alpha'] * 1e6:.1f} us, "
-            f"1/beta={8 / prm['beta'] / 1e9:.3f} Gbit/s, gamma={prm['gamma'] * 1e9:.2f} ns/element; "
-            f"median error {fit['median_relative_error']:.0%}, max {fit['max_relative_error']:.0%}, "
-            f"{fit['within_25_percent']:.0%} of points within 25%"
-        )
+        _print_fit(fit)
     stem = args.name or f"cluster_{args.ranks}r_{args.bandwidth}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     pngs = plot_times(records, out, f"{args.ranks} ranks, {args.bandwidth} links")
     print(f"wrote {out / (stem + '.json')} and {', '.join(str(p) for p in pngs)}")
+    return 0
+
+
+def _print_fit(fit: dict[str, Any]) -> None:
+    prm = fit["params"]
+    print(
+        f"cost model fit: alpha={prm['alpha'] * 1e6:.1f} us, 1/beta={8 / prm['beta'] / 1e9:.3f} "
+        f"Gbit/s{' (measured link)' if fit['beta_from_measured_link'] else ''}, "
+        f"gamma={prm['gamma'] * 1e9:.2f} ns/entry, gamma_dense={prm['gamma_dense'] * 1e9:.3f} "
+        f"ns/element; median error {fit['median_relative_error']:.0%}, max "
+        f"{fit['max_relative_error']:.0%}, {fit['within_25_percent']:.0%} of points within 25%"
+    )
+
+
+def run_refit(args: argparse.Namespace) -> int:
+    """Fit the cost model again to the records of an earlier ``bench cluster`` JSON."""
+    path = Path(args.results)
+    try:
+        result = json.loads(path.read_text())
+        records, world = result["records"], result["config"]["ranks"]
+        link = None if args.free_beta else result["link"]["bandwidth_measured_bps"]
+    except (OSError, ValueError, KeyError) as e:
+        args._parser.error(f"cannot read {path}: {e}")
+    fit = _fit_model(records, world, link)
+    if fit is None:
+        args._parser.error(f"{path} has fewer than 3 modelled points")
+    print(_table(records, fit["predicted"]))
+    _print_fit(fit)
     return 0
 
 
@@ -376,6 +402,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     c.add_argument("--out", default="benchmarks/results", help="folder for JSON and PNGs")
     c.add_argument("--name", help="stem of the JSON file (default cluster_<ranks>r_<bandwidth>)")
     c.set_defaults(func=run_cluster, _parser=c)
+    f = sub.add_parser("refit", help="fit the cost model again to a bench cluster JSON")
+    f.add_argument("results", help="a JSON written by `bench cluster`")
+    f.add_argument("--free-beta", action="store_true", help="fit beta too (default: measured)")
+    f.set_defaults(func=run_refit, _parser=f)
     k = sub.add_parser("cleanup", help="remove namespaces left by crashed cluster runs")
     k.add_argument("--all", action="store_true", help="also those of runs still in progress")
     k.set_defaults(func=run_cleanup, _parser=k)
