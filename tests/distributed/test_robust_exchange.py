@@ -1,0 +1,148 @@
+"""Real gloo ranks: robust aggregation through sparsetrain.sync.robust_exchange.
+
+Four ranks train a small classifier; the last rank attacks by sending its gradient sign-flipped
+and scaled by 10. Median and SafeguardSGD must still train; the plain mean must not.
+"""
+
+from __future__ import annotations
+
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from sparsetrain.robust import get_aggregator, get_attack
+from sparsetrain.sync.robust_exchange import robust_exchange
+
+WORLD = 4
+STEPS = 60
+TIMEOUT_S = 90
+
+
+def _data(seed: int = 0):
+    """A linearly separable 3-class problem in 8 dimensions."""
+    g = torch.Generator().manual_seed(seed)
+    centers = 3.0 * torch.randn(3, 8, generator=g)
+    y = torch.randint(3, (900,), generator=g)
+    x = centers[y] + torch.randn(900, 8, generator=g)
+    return x[:600], y[:600], x[600:], y[600:]
+
+
+CASES = [
+    ("mean", {}, None, {}),
+    ("mean", {}, "sign_flip", {"scale": 10.0}),
+    ("median", {}, "sign_flip", {"scale": 10.0}),
+    ("safeguard", {"window0": 5, "window1": 20}, "sign_flip", {"scale": 10.0}),
+]
+
+
+def _probe_alie(rank):
+    """Each rank sends rank + 1 everywhere; rank 3 runs ALIE (z=1) over the honest rows 1, 2, 3."""
+    rule = get_aggregator("mean", n=WORLD, f=1)
+    atk = get_attack("alie", n=WORLD, f=1, z=1.0)
+    out, sent = robust_exchange(
+        torch.full((5,), rank + 1.0), key="p", aggregator=rule, attack=atk, byzantine=1
+    )
+    return out.tolist(), sent
+
+
+def _train(rank, aggregator, agg_opts, attack, attack_opts):
+    xtr, ytr, xte, yte = _data()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rule = get_aggregator(aggregator, n=WORLD, f=1, **agg_opts)
+    atk = get_attack(attack, n=WORLD, f=1, **attack_opts) if attack else None
+    gen = torch.Generator().manual_seed(100 + rank)
+    shapes = [p.shape for p in model.parameters()]
+    for step in range(STEPS):
+        idx = torch.randint(len(ytr), (32,), generator=gen)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
+        flat = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        split = shapes[0].numel() + shapes[1].numel()
+        outs = []
+        # two buckets, as DDP would send them, to exercise per-key state
+        for key, part in (("b0", flat[:split]), ("b1", flat[split:])):
+            out, sent = robust_exchange(
+                part, key=key, aggregator=rule, attack=atk, byzantine=1 if atk else 0, step=step
+            )
+            assert sent > 0
+            outs.append(out)
+        rule.end_step()
+        upd = torch.cat(outs)
+        ref = upd.clone()
+        dist.broadcast(ref, src=0)
+        assert torch.equal(ref, upd), "ranks disagree on the aggregate"
+        offset = 0
+        for p, s in zip(model.parameters(), shapes):
+            p.grad = upd[offset : offset + s.numel()].view(s).clone()
+            offset += s.numel()
+        opt.step()
+    with torch.no_grad():
+        acc = float((model(xte).argmax(1) == yte).float().mean())
+        finite = all(torch.isfinite(p).all() for p in model.parameters())
+    return (acc if finite else 0.0), rule.stats()
+
+
+def _worker(rank, store_path, results):
+    torch.set_num_threads(1)
+    try:
+        store = dist.FileStore(store_path, WORLD)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
+        out = {"probe": _probe_alie(rank)}
+        for i, case in enumerate(CASES):
+            out[i] = _train(rank, *case)
+        results.put((rank, "ok", out))
+        dist.destroy_process_group()
+    except Exception:  # report the failure to the parent on every rank, never hang
+        results.put((rank, "error", traceback.format_exc()))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    store = str(tmp_path_factory.mktemp("robust") / "store")
+    procs = [ctx.Process(target=_worker, args=(r, store, results)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    out = {}
+    try:
+        for _ in range(WORLD):
+            rank, status, value = results.get(timeout=TIMEOUT_S)
+            if status != "ok":
+                pytest.fail(f"rank {rank} failed:\n{value}")
+            out[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return out
+
+
+@pytest.mark.slow
+def test_scaled_sign_flip_breaks_mean_but_not_median_or_safeguard(runs):
+    clean, mean, median, sg = (runs[0][i] for i in range(len(CASES)))
+    assert clean[0] > 0.9
+    assert mean[0] < 0.6, f"the plain mean should fail under a -10x flip, got {mean[0]:.3f}"
+    assert median[0] > 0.9, f"median under attack: {median[0]:.3f}"
+    assert sg[0] > 0.9, f"safeguard under attack: {sg[0]:.3f}"
+    assert sg[1]["removed"].keys() == {3}, sg[1]
+    # every rank reached the same model and the same good set
+    for r in range(WORLD):
+        assert runs[r][3][0] == sg[0]
+        assert runs[r][3][1]["good"] == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_omniscient_attack_second_round_delivers_the_forged_row(runs):
+    # honest rows 1, 2, 3: mean 2, std 1, so ALIE with z=1 sends 1; the mean is (1+2+3+1)/4
+    for r in range(WORLD):
+        out, sent = runs[r]["probe"]
+        assert out == pytest.approx([1.75] * 5)
+        # round 1: (p-1)/p of 4 rows of 5 float32; round 2: one broadcast of 5 float32
+        assert sent == round(3 / 4 * 4 * 5 * 4) + round(3 / 4 * 5 * 4)
