@@ -165,7 +165,9 @@ def _density(text: str) -> float:
     return d
 
 
-def plot_times(records: list[dict[str, Any]], out_dir: Path, title: str) -> list[Path]:
+def plot_times(
+    records: list[dict[str, Any]], out_dir: Path, title: str, stem: str = "cluster"
+) -> list[Path]:
     """Draw time against density, one line per algorithm, one PNG per vector size."""
     import matplotlib
 
@@ -185,7 +187,7 @@ def plot_times(records: list[dict[str, Any]], out_dir: Path, title: str) -> list
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = out_dir / f"cluster_{numel // 10**6}M.png"
+        path = out_dir / f"{stem}_{numel // 10**6}M.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
@@ -328,7 +330,7 @@ def run_cluster(args: argparse.Namespace) -> int:
         _print_fit(fit)
     stem = args.name or f"cluster_{args.ranks}r_{args.bandwidth}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    pngs = plot_times(records, out, f"{args.ranks} ranks, {args.bandwidth} links")
+    pngs = plot_times(records, out, f"{args.ranks} ranks, {args.bandwidth} links", stem)
     print(f"wrote {out / (stem + '.json')} and {', '.join(str(p) for p in pngs)}")
     return 0
 
