@@ -1,0 +1,148 @@
+"""Robust aggregation rules on hand-made inputs with known answers, invariances and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparsetrain.robust import aggregate, available_aggregators, get_aggregator
+
+ORDER_FREE = ["mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median"]
+
+
+def test_registry_lists_every_rule():
+    assert set(available_aggregators()) >= {
+        "mean",
+        "median",
+        "trimmed_mean",
+        "krum",
+        "multi_krum",
+        "geometric_median",
+        "centered_clipping",
+        "bucketing",
+        "safeguard",
+    }
+
+
+def test_median_odd_and_even():
+    g = torch.tensor([[1.0, 9.0], [2.0, 0.0], [100.0, 1.0]])
+    assert torch.equal(aggregate("median", g, f=1), torch.tensor([2.0, 1.0]))
+    g4 = torch.tensor([[1.0], [2.0], [4.0], [100.0]])
+    assert torch.equal(aggregate("median", g4, f=1), torch.tensor([3.0]))
+
+
+def test_trimmed_mean_drops_f_each_side_per_coordinate():
+    g = torch.tensor([[0.0, 10.0], [1.0, -50.0], [3.0, 11.0], [50.0, 12.0], [-7.0, 13.0]])
+    # coordinate 0 sorted: -7 0 1 3 50 -> mean(0, 1, 3); coordinate 1: -50 10 11 12 13 -> mean(10, 11, 12)
+    out = aggregate("trimmed_mean", g, f=1)
+    assert torch.allclose(out, torch.tensor([4.0 / 3.0, 11.0]))
+    assert torch.allclose(aggregate("trimmed_mean", g, f=1, trim=2), torch.tensor([1.0, 11.0]))
+
+
+def test_krum_picks_the_worker_closest_to_its_neighbours():
+    g = torch.tensor([[0.0], [0.1], [0.2], [0.3], [9.0]])
+    # n - f - 2 = 2 neighbours; scores: 0.05, 0.02, 0.02, 0.05, ... -> worker 1 (lowest index on a tie)
+    assert torch.equal(aggregate("krum", g, f=1), torch.tensor([0.1]))
+    two_d = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.4, 0.4], [50.0, 50.0]])
+    assert torch.equal(aggregate("krum", two_d, f=1), torch.tensor([0.4, 0.4]))
+
+
+def test_multi_krum_averages_the_m_best():
+    g = torch.tensor([[0.0], [0.2], [0.4], [0.6], [9.0]])
+    assert torch.allclose(aggregate("multi_krum", g, f=1, m=3), torch.tensor([0.2]))
+    assert torch.allclose(aggregate("multi_krum", g, f=1, m=5), g.mean(0))
+
+
+def test_geometric_median_matches_the_fermat_point():
+    # the Fermat point of an equilateral-ish right triangle (0,0), (1,0), (0,1): x = y = (3 - sqrt 3) / 6
+    g = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    expected = (3 - 3**0.5) / 6
+    assert torch.allclose(
+        aggregate("geometric_median", g, f=1), torch.tensor([expected, expected]), atol=1e-5
+    )
+    # a far outlier barely moves it, unlike the mean
+    far = torch.cat([torch.zeros(4, 2), torch.tensor([[1e6, 1e6]])])
+    assert aggregate("geometric_median", far, f=1).abs().max() < 1.0
+
+
+def test_centered_clipping_bounds_an_outlier_and_keeps_its_anchor():
+    cc = get_aggregator("centered_clipping", n=3, f=1, tau=1.0)
+    out = cc(torch.tensor([[0.5], [0.5], [100.0]]))
+    assert torch.allclose(out, torch.tensor([(0.5 + 0.5 + 1.0) / 3]))
+    # second step starts from the previous output
+    out2 = cc(torch.tensor([[0.5], [0.5], [100.0]]))
+    assert torch.allclose(out2, out + torch.tensor([(2 * (0.5 - out.item()) + 1.0) / 3]))
+    sd = cc.state_dict()
+    other = get_aggregator("centered_clipping", n=3, f=1, tau=1.0)
+    other.load_state_dict(sd)
+    g = torch.randn(3, 1)
+    assert torch.equal(other(g), cc(g))
+
+
+def test_bucketing_averages_buckets_before_the_base_rule():
+    g = torch.tensor([[1.0], [1.0], [1.0], [1.0], [1.0], [50.0]])
+    assert torch.equal(
+        aggregate("bucketing", g, f=1, base="median", bucket_size=2), torch.tensor([1.0])
+    )
+    # bucket size 1 is the base rule itself
+    x = torch.randn(7, 5)
+    assert torch.equal(
+        aggregate("bucketing", x, f=2, base="median", bucket_size=1), aggregate("median", x, f=2)
+    )
+    # the same seed and step give the same buckets on every call
+    assert torch.equal(
+        aggregate("bucketing", x, f=1, bucket_size=2), aggregate("bucketing", x, f=1, bucket_size=2)
+    )
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(7, 12))
+def test_rules_are_invariant_to_worker_order(seed, n):
+    g = torch.randn(n, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
+    for name in ORDER_FREE:
+        assert torch.allclose(aggregate(name, g, f=2), aggregate(name, g[perm], f=2), atol=1e-9), (
+            name
+        )
+
+
+def test_stateful_rules_are_refused_by_aggregate():
+    with pytest.raises(ValueError, match="get_aggregator"):
+        aggregate("safeguard", torch.randn(5, 3), f=1)
+    with pytest.raises(ValueError, match="get_aggregator"):
+        aggregate("centered_clipping", torch.randn(5, 3), f=1)
+
+
+@pytest.mark.parametrize(
+    "name, n, f, match",
+    [
+        ("krum", 10, 4, r"n > 2f \+ 2"),
+        ("multi_krum", 6, 2, r"n > 2f \+ 2"),
+        ("median", 4, 2, "n > 2f"),
+        ("trimmed_mean", 6, 3, "n > 2f"),
+        ("geometric_median", 2, 1, "n > 2f"),
+        ("safeguard", 8, 4, "n > 2f"),
+    ],
+)
+def test_f_too_large_for_the_rule(name, n, f, match):
+    with pytest.raises(ValueError, match=match):
+        get_aggregator(name, n=n, f=f)
+
+
+def test_bad_names_options_and_shapes():
+    with pytest.raises(ValueError, match="unknown aggregator 'nope'.*krum"):
+        get_aggregator("nope", n=3)
+    with pytest.raises(ValueError, match="does not take option"):
+        get_aggregator("median", n=3, tau=1.0)
+    with pytest.raises(ValueError, match="n=4 workers but got 3 rows"):
+        get_aggregator("mean", n=4)(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match=r"shape \[n, d\]"):
+        aggregate("mean", torch.zeros(3))
+    with pytest.raises(ValueError, match="leaves 3 inputs"):
+        get_aggregator("bucketing", n=6, f=2, base="krum", bucket_size=2)
+    with pytest.raises(ValueError, match="tau"):
+        get_aggregator("centered_clipping", n=3, tau=-1.0)
+    with pytest.raises(TypeError, match="floating point"):
+        aggregate("mean", torch.zeros(3, 2, dtype=torch.long))

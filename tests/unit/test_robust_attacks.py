@@ -1,0 +1,93 @@
+"""Attacks against their definitions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sparsetrain.robust import available_attacks, get_attack
+
+
+def test_registry():
+    assert set(available_attacks()) == {
+        "sign_flip",
+        "label_flip",
+        "gaussian",
+        "zero",
+        "delayed",
+        "alie",
+        "ipm",
+        "safeguard",
+    }
+
+
+def test_sign_flip_scale_and_zero():
+    g = torch.tensor([[1.0, -2.0]])
+    assert torch.equal(
+        get_attack("sign_flip", n=4, f=1, scale=10.0)(g), torch.tensor([[-10.0, 20.0]])
+    )
+    assert torch.equal(get_attack("zero", n=4, f=1)(g), torch.zeros(1, 2))
+
+
+def test_label_flip_maps_labels_and_keeps_the_gradient():
+    a = get_attack("label_flip", n=4, f=1)
+    assert a.flips_labels
+    assert torch.equal(a.flip_labels(torch.tensor([0, 1, 9]), 10), torch.tensor([9, 8, 0]))
+    g = torch.randn(2, 3)
+    assert torch.equal(a(g), g)
+
+
+def test_alie_z_from_n_and_f_and_vector():
+    a = get_attack("alie", n=10, f=4)
+    s = math.floor(10 / 2 + 1) - 4
+    expected_z = float(torch.special.ndtri(torch.tensor((10 - s) / 10, dtype=torch.float64)))
+    assert a.z_value == pytest.approx(expected_z) and a.z_value == pytest.approx(0.8416, abs=1e-4)
+    honest = torch.tensor([[1.0, 0.0], [3.0, 0.0], [5.0, 6.0]])
+    out = a(torch.zeros(2, 2), honest=honest)
+    expected = honest.mean(0) - a.z_value * honest.std(0)
+    assert torch.allclose(out, expected.expand(2, 2))
+    with pytest.raises(ValueError, match="omniscient"):
+        a(torch.zeros(1, 2))
+
+
+def test_ipm_and_safeguard_attack_send_the_negated_scaled_honest_mean():
+    honest = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    ipm = get_attack("ipm", n=3, f=1, epsilon=0.5)(torch.zeros(1, 2), honest=honest)
+    assert torch.allclose(ipm, torch.tensor([[-0.5, -0.5]]))
+    sg = get_attack("safeguard", n=3, f=1)(torch.zeros(1, 2), honest=honest)
+    assert torch.allclose(sg, torch.tensor([[-0.4, -0.4]]))
+
+
+def test_delayed_sends_the_gradient_of_delay_steps_ago():
+    a = get_attack("delayed", n=4, f=1, delay=2)
+    sent = [a(torch.full((1, 3), float(t)), key="k", step=t)[0, 0].item() for t in range(6)]
+    assert sent == [0.0, 0.0, 0.0, 1.0, 2.0, 3.0]
+    b = get_attack("delayed", n=4, f=1, delay=2)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(b(torch.full((1, 3), 6.0), key="k"), a(torch.full((1, 3), 6.0), key="k"))
+
+
+def test_gaussian_is_reproducible_per_worker_and_step():
+    a = get_attack("gaussian", n=4, f=2, std=3.0)
+    x = a(torch.zeros(2, 1000), step=5, workers=[2, 3])
+    y = a(torch.zeros(2, 1000), step=5, workers=[2, 3])
+    assert torch.equal(x, y)
+    assert not torch.equal(x[0], x[1])
+    assert x.std().item() == pytest.approx(3.0, rel=0.1)
+    # a real rank computing only its own row gets the same row
+    assert torch.equal(a(torch.zeros(1000), step=5, workers=[3]), x[1])
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="unknown attack 'x'.*alie"):
+        get_attack("x", n=4, f=1)
+    with pytest.raises(ValueError, match="does not take option"):
+        get_attack("zero", n=4, f=1, scale=2.0)
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        get_attack("sign_flip", n=4, f=1, scale=0.0)
+    with pytest.raises(ValueError, match="f must be smaller than n"):
+        get_attack("zero", n=4, f=4)
+    with pytest.raises(ValueError, match="pass z explicitly"):
+        get_attack("alie", n=4, f=3)

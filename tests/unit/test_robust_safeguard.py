@@ -1,0 +1,111 @@
+"""SafeguardSGD: removes drifting workers for good, keeps honest noisy ones, exact state round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsetrain.robust import get_aggregator
+
+
+def _honest(gen, n, d, true):
+    return true + torch.randn(n, d, generator=gen)
+
+
+def test_removes_a_slow_alie_like_drift_and_keeps_honest_noisy_workers():
+    n, f, d = 10, 3, 50
+    gen = torch.Generator().manual_seed(0)
+    # multiplier 1: removal at twice the estimated honest spread; the honest test below uses it too
+    sg = get_aggregator("safeguard", n=n, f=f, window0=10, window1=100, threshold_multiplier=1.0)
+    true = torch.ones(d)
+    for _ in range(400):
+        g = _honest(gen, n, d, true)
+        honest = g[: n - f]
+        # ALIE-like: every coordinate shifted by 0.5 standard deviations, within the honest spread
+        g[n - f :] = honest.mean(0) - 0.5 * honest.std(0)
+        out = sg(g[:, :25], key="a")
+        sg(g[:, 25:], key="b")
+        sg.end_step()
+        assert torch.isfinite(out).all()
+    stats = sg.stats()
+    assert set(stats["removed"]) == {7, 8, 9}
+    assert stats["good"] == list(range(7))
+    # a single step of this attack is indistinguishable: the removal needed the windows
+    assert min(stats["removed"].values()) > 10
+
+
+def test_honest_noisy_workers_are_never_removed():
+    n, d = 8, 30
+    gen = torch.Generator().manual_seed(1)
+    sg = get_aggregator("safeguard", n=n, f=3, window0=5, window1=40, threshold_multiplier=1.0)
+    for _ in range(500):
+        sg(_honest(gen, n, d, torch.full((d,), 0.3)) * 2.0)
+        sg.end_step()
+    assert sg.stats()["removed"] == {}
+
+
+def test_removal_is_permanent_and_the_output_is_the_mean_of_the_good():
+    sg = get_aggregator("safeguard", n=5, f=1, window0=2, window1=4, threshold0=1.0, threshold1=2.0)
+    bad = torch.tensor([[1.0], [1.1], [0.9], [1.0], [-40.0]])
+    assert torch.allclose(sg(bad), bad.mean(0))  # step 0 still uses everyone
+    sg.end_step()
+    assert sg.stats()["removed"] == {4: 0}
+    nice = torch.tensor([[1.0], [1.0], [1.0], [1.0], [1.0]])
+    for _ in range(6):  # it behaves now, but stays out
+        assert torch.allclose(sg(nice * 3), torch.tensor([3.0]))
+        sg.end_step()
+    assert sg.stats()["good"] == [0, 1, 2, 3]
+
+
+def test_state_round_trip_is_exact():
+    gen = torch.Generator().manual_seed(2)
+    a = get_aggregator("safeguard", n=6, f=2, window0=3, window1=9, noise_std=0.1, seed=3)
+    for _ in range(13):
+        g = torch.randn(6, 7, generator=gen)
+        g[5] -= 3.0
+        a(g[:, :4], key="x")
+        a(g[:, 4:], key="y")
+        a.end_step()
+    b = get_aggregator("safeguard", n=6, f=2, window0=3, window1=9, noise_std=0.1, seed=3)
+    b.load_state_dict(a.state_dict())
+    assert b.stats() == a.stats()
+    for _ in range(12):
+        g = torch.randn(6, 7, generator=gen)
+        for key, part in (("x", g[:, :4]), ("y", g[:, 4:])):
+            assert torch.equal(a(part, key=key), b(part, key=key))
+        a.end_step()
+        b.end_step()
+    assert a.stats() == b.stats()
+    sa, sb = a.state_dict(), b.state_dict()
+    assert torch.equal(sa["good"], sb["good"])
+    for k in sa["acc"]:
+        for w in sa["acc"][k]:
+            assert torch.equal(sa["acc"][k][w], sb["acc"][k][w])
+
+
+def test_noise_is_identical_for_identical_inputs():
+    g = torch.randn(4, 5)
+    outs = []
+    for _ in range(2):
+        sg = get_aggregator(
+            "safeguard", n=4, f=1, threshold0=10.0, threshold1=20.0, noise_std=1.0, seed=7
+        )
+        outs.append(sg(g, key="k"))
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.allclose(outs[0], g.mean(0))
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"window0": 20, "window1": 10}, "must not exceed window1"),
+        ({"threshold0": 1.0}, "both threshold0 and threshold1"),
+        ({"threshold0": 3.0, "threshold1": 1.0}, "must not exceed threshold1"),
+        ({"threshold0": -1.0, "threshold1": 1.0}, "threshold0 must be > 0"),
+        ({"window0": 0}, "window0"),
+        ({"noise_std": -0.5}, "noise_std"),
+    ],
+)
+def test_bad_options(options, match):
+    with pytest.raises(ValueError, match=match):
+        get_aggregator("safeguard", n=5, f=1, **options)
