@@ -134,7 +134,7 @@ def test_selection_spans_several_chunks():
 
 def test_estimate_from_a_sample_is_close_to_the_exact_kth_largest():
     g = torch.randn(2_000_000, generator=torch.Generator().manual_seed(3))
-    c = Threshold(density=0.01)  # the sample has 2048 / 0.01 = 204800 entries
+    c = Threshold(density=0.01)  # the sample has 1024 / 0.01 = 102400 entries
     threshold, slope = c._estimate(g, 20_000, "s", 0)
     kept = int((g.abs() > threshold).sum())
     assert abs(kept - 20_000) <= 0.1 * 20_000

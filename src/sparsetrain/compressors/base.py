@@ -113,48 +113,66 @@ def seeded_generator(seed: int, key: str, step: int, device: torch.device) -> to
     return gen
 
 
+# Multiplying a 64-bit word of eight 0/1 bytes by this gathers byte j's bit into bit 56 + j
+# (the partial products never overlap, so nothing carries): eight flags packed in one multiply.
+_GATHER_FLAGS = sum(1 << (56 - 7 * j) for j in range(8))
+# Byte j of this has only bit j set: AND-ed with a byte repeated eight times it isolates flag j.
+_FLAG_BITS = sum(1 << (9 * j) for j in range(8))
+_REPEAT_BYTE = sum(1 << (8 * j) for j in range(8))
+
+
+def _pack_flags(flags: Tensor) -> Tensor:
+    """Pack a uint8 tensor of 0/1 values, length a multiple of 8, into bytes (flag j -> bit j)."""
+    # In place after the first op: every fresh large temporary costs page faults on CPU.
+    return (flags.view(torch.int64) * _GATHER_FLAGS).bitwise_right_shift_(56).to(torch.uint8)
+
+
+def _unpack_flags(packed: Tensor) -> Tensor:
+    """Invert :func:`_pack_flags`: one uint8 0/1 per bit, eight per byte."""
+    spread = packed.to(torch.int64).mul_(_REPEAT_BYTE).bitwise_and_(_FLAG_BITS)
+    return spread.view(torch.uint8).clamp_(max=1)
+
+
 def pack_bits(codes: Tensor, bits: int) -> Tensor:
     """Pack non-negative integer ``codes`` (each < 2**bits, 1 <= bits <= 8) into a uint8 tensor.
 
-    Eight codes fill exactly ``bits`` bytes, so the result has ``ceil(n / 8) * bits`` bytes. For
-    ``bits`` in (1, 2, 4, 8) the codes are shifted and OR-ed byte by byte; otherwise eight codes
-    are assembled into one 64-bit word and split into its low ``bits`` bytes. Both are a handful
-    of vectorised ops (a Python loop over bit positions, never over elements).
+    The result has ``ceil(n / 8) * bits`` bytes. For 2 and 4 bits the codes of one byte are
+    shifted and OR-ed together; for 8 bits the codes are the bytes; other widths are stored as
+    ``bits`` bit planes (plane i holds bit i of every code), each packed eight flags to a byte
+    by one 64-bit multiply. All are a few vectorised ops over the data (a loop over bit
+    positions, never over elements).
     """
     n = codes.numel()
     pad = (-n) % 8
-    c = codes.reshape(-1)
+    c = codes.reshape(-1).to(torch.uint8)
     if pad:
         c = torch.cat([c, c.new_zeros(pad)])
-    if 8 % bits == 0:
-        per = 8 // bits
-        c = c.to(torch.uint8).view(-1, per)
+    if bits == 8:  # the codes are the bytes; copy unless conversion or padding already did
+        return c.clone() if c.data_ptr() == codes.data_ptr() else c
+    if bits in (2, 4):
+        c = c.view(-1, 8 // bits)
         out = c[:, 0].clone()
-        for j in range(1, per):
+        for j in range(1, 8 // bits):
             out |= c[:, j] << (j * bits)
         return out
-    c = c.to(torch.int64).view(-1, 8)
-    word = c[:, 0].clone()
-    for j in range(1, 8):
-        word |= c[:, j] << (j * bits)
-    return (
-        torch.stack([(word >> (8 * i)) & 0xFF for i in range(bits)], dim=1).to(torch.uint8).view(-1)
-    )
+    if bits == 1:
+        return _pack_flags(c)
+    return torch.cat([_pack_flags((c >> i).bitwise_and_(1)) for i in range(bits)])
 
 
 def unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
     """Invert :func:`pack_bits`: return the first ``count`` codes as a uint8 tensor."""
-    mask = (1 << bits) - 1
-    if 8 % bits == 0:
-        per = 8 // bits
-        out = torch.stack([(packed >> (j * bits)) & mask for j in range(per)], dim=1)
+    if bits == 8:
+        return packed[:count]
+    if bits in (2, 4):
+        mask = (1 << bits) - 1
+        out = torch.stack([(packed >> (j * bits)) & mask for j in range(8 // bits)], dim=1)
         return out.view(-1)[:count]
-    b = packed.view(-1, bits).to(torch.int64)
-    word = b[:, 0].clone()
+    planes = packed.view(bits, -1)
+    out = _unpack_flags(planes[0])
     for i in range(1, bits):
-        word |= b[:, i] << (8 * i)
-    out = torch.stack([(word >> (j * bits)) & mask for j in range(8)], dim=1)
-    return out.view(-1)[:count].to(torch.uint8)
+        out |= _unpack_flags(planes[i]).bitwise_left_shift_(i)
+    return out[:count]
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:

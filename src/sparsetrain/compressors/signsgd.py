@@ -62,7 +62,7 @@ class SignSGD(Compressor):
     def compress(self, t: Tensor, *, key: str = "", layout=None) -> tuple[Payload, TensorMeta]:
         check_floating(t)
         rows, counts = bucketed(t.reshape(-1).to(work_dtype(t.dtype)), self.bucket_size)
-        scales = rows.abs().sum(dim=1).div_(counts)
+        scales = torch.linalg.vector_norm(rows, ord=1, dim=1).div_(counts)
         negative = torch.signbit(rows)
         return (scales, pack_bits(negative, 1)), TensorMeta.of(t)
 
