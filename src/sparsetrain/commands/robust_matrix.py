@@ -1,0 +1,341 @@
+"""``sparsetrain robust-matrix``: final test accuracy of every aggregator under every attack.
+
+Each cell trains the task with ``--workers`` workers of which the last ``--byzantine`` attack.
+``--simulate`` runs the workers in one process (fast, for wide sweeps); without it every cell is
+a real multi-process gloo run (one process a worker) through ``sparsetrain.sync.robust_exchange``.
+Writes the table to stdout and ``robust_matrix.json``, and a heatmap ``robust_matrix.png``, with
+the worst case over attacks for every aggregator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, replace
+from typing import Any
+
+import torch
+
+from ..robust import aggregator_class, available_aggregators, available_attacks
+from ..robust.simulate import (
+    RobustRunConfig,
+    batch_generator,
+    draw,
+    evaluate,
+    shards,
+    simulate,
+    write_grads,
+)
+
+DEFAULT_AGGREGATORS = "mean,median,trimmed_mean,krum,geometric_median,centered_clipping,safeguard"
+DEFAULT_ATTACKS = "none,sign_flip,label_flip,gaussian,zero,delayed,alie,ipm,safeguard"
+
+
+def _value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_options(items: list[str]) -> dict[str, dict[str, Any]]:
+    """Parse ``NAME.KEY=VALUE`` items into {name: {key: value}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ValueError(
+                f"--option takes NAME.KEY=VALUE (for example safeguard.window1=100), got {item!r}"
+            )
+        lhs, rhs = item.split("=", 1)
+        name, key = lhs.split(".", 1)
+        out.setdefault(name, {})[key] = _value(rhs)
+    return out
+
+
+def largest_f(name: str, n: int, f: int) -> int:
+    """Return the largest f' <= f the rule accepts with n workers (Krum: n > 2f' + 2)."""
+    cls = aggregator_class(name)
+    while f > 0 and cls.min_workers(f) > n:
+        f -= 1
+    return f
+
+
+# ---- real ranks ----------------------------------------------------------------------------
+def _rank_main(rank: int, store_path: str, task_name: str, cfg: dict, results) -> None:
+    import torch.distributed as dist
+
+    from ..sync.robust_exchange import robust_exchange
+    from ..tasks import get_task
+
+    torch.set_num_threads(1)
+    try:
+        config = RobustRunConfig(**cfg)
+        n = config.workers
+        dist.init_process_group(
+            "gloo", store=dist.FileStore(store_path, n), rank=rank, world_size=n
+        )
+        task = get_task(task_name, config.seed)
+        rule, attack = config.build()
+        torch.manual_seed(config.seed)
+        model = task.build_model()
+        opt = torch.optim.SGD(
+            model.parameters(),
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )
+        x, y = task.train.tensors
+        mine = shards(len(y), n, config.seed, config.split)[rank]
+        gen = batch_generator(config.seed, rank)
+        byzantine = rank >= n - config.byzantine
+        for step in range(config.steps):
+            idx = draw(mine, config.batch_size, gen)
+            yb = y[idx]
+            if byzantine and attack is not None and attack.flips_labels:
+                yb = attack.flip_labels(yb, task.num_classes)
+            opt.zero_grad()
+            task.loss_fn(model(x[idx]), yb).backward()
+            flat = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+            update, _ = robust_exchange(
+                flat,
+                key="model",
+                aggregator=rule,
+                attack=attack,
+                byzantine=config.byzantine,
+                step=step,
+            )
+            rule.end_step()
+            if not bool(torch.isfinite(update).all()):
+                break
+            write_grads(model, update)
+            opt.step()
+        results.put((rank, "ok", evaluate(model, task.test), rule.stats()))
+        dist.destroy_process_group()
+    except Exception:
+        results.put((rank, "error", traceback.format_exc(), None))
+
+
+def run_ranks(task_name: str, config: RobustRunConfig, timeout_s: float = 600.0) -> dict[str, Any]:
+    """Train with one gloo process a worker; return rank 0's final accuracy and rule stats."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        procs = [
+            ctx.Process(target=_rank_main, args=(r, store, task_name, asdict(config), results))
+            for r in range(config.workers)
+        ]
+        for p in procs:
+            p.start()
+        out: dict[int, tuple] = {}
+        try:
+            deadline = time.monotonic() + timeout_s
+            for _ in procs:
+                rank, status, value, stats = results.get(
+                    timeout=max(1.0, deadline - time.monotonic())
+                )
+                if status != "ok":
+                    raise RuntimeError(f"rank {rank} failed:\n{value}")
+                out[rank] = (value, stats)
+        finally:
+            for p in procs:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
+    return {"accuracy": out[0][0], "aggregator_stats": out[0][1], "diverged": False}
+
+
+# ---- the matrix ----------------------------------------------------------------------------
+def run_matrix(
+    task_name: str,
+    base: RobustRunConfig,
+    aggregators: list[str],
+    attacks: list[str],
+    options: dict[str, dict[str, Any]],
+    simulate_mode: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Return {"cells": [...], "worst": {aggregator: (accuracy, attack)}, "config": ...}."""
+    from tqdm import tqdm
+
+    from ..tasks import get_task
+
+    for a in aggregators:
+        aggregator_class(a)
+    bad = [a for a in attacks if a != "none" and a not in available_attacks()]
+    if bad:
+        raise ValueError(f"unknown attack(s) {bad}; valid: none, {', '.join(available_attacks())}")
+    task = get_task(task_name, base.seed) if simulate_mode else None
+    cells = []
+    bar = tqdm(
+        [(g, a) for g in aggregators for a in attacks], disable=not progress, desc="robust-matrix"
+    )
+    for agg, att in bar:
+        bar.set_postfix_str(f"{agg} x {att}")
+        byz = 0 if att == "none" else base.byzantine
+        rule_f = largest_f(agg, base.workers, base.byzantine)
+        cfg = replace(
+            base,
+            byzantine=byz,
+            aggregator=agg,
+            aggregator_options=options.get(agg, {}),
+            aggregator_f=rule_f,
+            attack=None if att == "none" else att,
+            attack_options={} if att == "none" else options.get(att, {}),
+        )
+        t0 = time.perf_counter()
+        out = simulate(task, cfg) if simulate_mode else run_ranks(task_name, cfg)
+        stats = out["aggregator_stats"]
+        cells.append(
+            {
+                "aggregator": agg,
+                "attack": att,
+                "accuracy": out["accuracy"],
+                "rule_f": rule_f,
+                "removed": stats.get("removed") if isinstance(stats, dict) else None,
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
+        )
+    worst = {}
+    for agg in aggregators:
+        attacked = [c for c in cells if c["aggregator"] == agg and c["attack"] != "none"]
+        if attacked:
+            w = min(attacked, key=lambda c: c["accuracy"])
+            worst[agg] = {"accuracy": w["accuracy"], "attack": w["attack"]}
+    return {
+        "config": asdict(base),
+        "task": task_name,
+        "simulate": simulate_mode,
+        "cells": cells,
+        "worst": worst,
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    cells = result["cells"]
+    aggs = list(dict.fromkeys(c["aggregator"] for c in cells))
+    atts = list(dict.fromkeys(c["attack"] for c in cells))
+    acc = {(c["aggregator"], c["attack"]): c["accuracy"] for c in cells}
+    rule_f = {c["aggregator"]: c["rule_f"] for c in cells}
+    labels = {
+        g: g if rule_f[g] == result["config"]["byzantine"] else f"{g}(f={rule_f[g]})" for g in aggs
+    }
+    width = max(len(v) for v in labels.values()) + 2
+    head = "aggregator".ljust(width) + "".join(f"{a[:11]:>12}" for a in atts) + f"{'worst':>12}"
+    lines = [head, "-" * len(head)]
+    for g in aggs:
+        row = labels[g].ljust(width) + "".join(f"{100 * acc[(g, a)]:12.1f}" for a in atts)
+        worst = result["worst"].get(g)
+        row += f"{100 * worst['accuracy']:12.1f}" if worst else f"{'':>12}"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def plot_heatmap(result: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = result["cells"]
+    aggs = list(dict.fromkeys(c["aggregator"] for c in cells))
+    atts = list(dict.fromkeys(c["attack"] for c in cells)) + ["worst"]
+    acc = {(c["aggregator"], c["attack"]): 100 * c["accuracy"] for c in cells}
+    for g in aggs:
+        w = result["worst"].get(g)
+        acc[(g, "worst")] = 100 * w["accuracy"] if w else float("nan")
+    grid = torch.tensor([[acc[(g, a)] for a in atts] for g in aggs]).numpy()
+    fig, ax = plt.subplots(figsize=(1.1 * len(atts) + 2, 0.55 * len(aggs) + 1.5))
+    im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(len(atts)), atts, rotation=35, ha="right")
+    ax.set_yticks(range(len(aggs)), aggs)
+    for i in range(len(aggs)):
+        for j in range(len(atts)):
+            ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=8)
+    c = result["config"]
+    mode = "simulated" if result["simulate"] else "real ranks"
+    ax.set_title(
+        f"{result['task']}: test accuracy (%), {c['byzantine']} of {c['workers']} Byzantine, {mode}"
+    )
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _names(text: str, valid: list[str], what: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in names if t not in valid]
+    if bad or not names:
+        raise ValueError(f"unknown {what} {bad}; valid: {', '.join(valid)}")
+    return names
+
+
+def run(args: argparse.Namespace) -> int:
+    base = RobustRunConfig(
+        workers=args.workers,
+        byzantine=args.byzantine,
+        attack="zero" if args.byzantine else None,  # placeholder, replaced per cell
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        seed=args.seed,
+        split=args.split,
+    )
+    aggregators = _names(args.aggregators, available_aggregators(), "aggregator(s)")
+    attacks = _names(args.attacks, ["none", *available_attacks()], "attack(s)")
+    result = run_matrix(
+        args.task,
+        base,
+        aggregators,
+        attacks,
+        parse_options(args.option),
+        simulate_mode=args.simulate,
+    )
+    print(format_table(result))
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "robust_matrix.json"), "w") as fh:
+        json.dump(result, fh, indent=1, default=str)
+    plot_heatmap(result, os.path.join(args.out_dir, "robust_matrix.png"))
+    print(f"wrote {args.out_dir}/robust_matrix.json and robust_matrix.png")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "robust-matrix",
+        help="final test accuracy of aggregators x Byzantine attacks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--task", default="digits-mlp")
+    p.add_argument("--workers", type=int, default=10)
+    p.add_argument("--byzantine", type=int, default=4)
+    p.add_argument("--aggregators", default=DEFAULT_AGGREGATORS, help="comma-separated names")
+    p.add_argument(
+        "--attacks", default=DEFAULT_ATTACKS, help="comma-separated names; 'none' = no attack"
+    )
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME.KEY=VALUE",
+        help="an option of an aggregator or attack, e.g. safeguard.window1=100 or sign_flip.scale=10",
+    )
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", choices=("iid", "shard"), default="iid")
+    p.add_argument("--simulate", action="store_true", help="run the workers in one process")
+    p.add_argument("--out-dir", default="robust-matrix")
+    p.set_defaults(func=run)
