@@ -60,6 +60,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from .compressors import check_density, get_compressor, option_names
+from .sync import register_ddp_hook
 from .tasks import Task, available_tasks, get_task
 
 BACKENDS = ("gloo", "nccl")
@@ -132,6 +133,15 @@ class TrainConfig:
         task_options: keyword options of the task factory (for example ``hidden``).
         progress: show a progress bar on rank 0.
         timeout_s: seconds a collective may wait before the process group gives up.
+
+    Raises:
+        ValueError, TypeError: a field out of range or of the wrong type; the message names the
+            field and what is allowed.
+
+    Example:
+        >>> cfg = TrainConfig(compressor="topk", density=0.01, workers=2, epochs=5)
+        >>> cfg.effective_compressor_options()
+        {'density': 0.01}
     """
 
     task: str = "digits-mlp"
@@ -277,7 +287,18 @@ def _batches(data: Dataset, indices: torch.Tensor, batch_size: int) -> Iterator[
 def evaluate(
     model: nn.Module, data: Dataset, loss_fn, device: torch.device, batch_size: int = 1024
 ):
-    """Return (mean loss, accuracy) of ``model`` on ``data``."""
+    """Return (mean loss, accuracy) of ``model`` on ``data``, in eval mode, without gradients.
+
+    Args:
+        model: a classifier returning one row of logits an example.
+        data: (input, integer label) pairs; a ``TensorDataset`` is sliced, others collated.
+        loss_fn: mean loss of a batch, ``loss_fn(logits, labels)``.
+        device: where the model lives; batches are moved there.
+        batch_size: examples a forward pass.
+
+    Example:
+        >>> loss, acc = evaluate(model, task.test, task.loss_fn, torch.device("cpu"))
+    """
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -336,8 +357,6 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
         ranks and so are the same on every rank; test metrics are measured on rank 0 and are
         None on the others.
     """
-    from .sync import register_ddp_hook
-
     device = _device_for(config.backend, rank)
     task: Task = get_task(config.task, seed=config.seed, **config.task_options)
     torch.manual_seed(config.seed)

@@ -248,3 +248,32 @@ def test_worker_error_names_the_rank_and_the_cause():
     e = WorkerError(2, "ValueError", "unknown collective 'x'", "Traceback ...")
     assert str(e) == "worker rank 2 failed: ValueError: unknown collective 'x'"
     assert e.rank == 2 and e.error_type == "ValueError"
+
+
+def test_evaluate_gives_the_same_answer_for_any_dataset_type():
+    from torch.utils.data import Dataset
+
+    from sparsetrain.train import evaluate
+
+    class Pairs(Dataset):  # not a TensorDataset: examples are collated one by one
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+        def __len__(self):
+            return len(self.y)
+
+        def __getitem__(self, i):
+            return self.x[i], self.y[i]
+
+    torch.manual_seed(0)
+    x, y = torch.randn(50, 4), torch.randint(0, 3, (50,))
+    model = torch.nn.Linear(4, 3)
+    cpu = torch.device("cpu")
+    loss_fn = torch.nn.functional.cross_entropy
+    fast = evaluate(model, torch.utils.data.TensorDataset(x, y), loss_fn, cpu, batch_size=16)
+    slow = evaluate(model, Pairs(x, y), loss_fn, cpu, batch_size=7)
+    assert fast == pytest.approx(slow)
+    with torch.no_grad():
+        logits = model(x)
+    assert fast[1] == int((logits.argmax(1) == y).sum()) / len(y)
+    assert fast[0] == pytest.approx(loss_fn(logits, y).item())
