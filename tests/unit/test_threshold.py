@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import pickle
 
 import pytest
 import torch
@@ -162,3 +163,14 @@ def test_state_round_trip_is_bit_exact_for_resume():
 def test_malformed_state_is_refused():
     with pytest.raises(ValueError, match="must have threshold, slope, step and last_estimate"):
         Threshold().load_state_dict({"x": {"threshold": 1.0}})
+
+
+def test_pickling_keeps_state_and_drops_the_workspace():
+    c = get_compressor("threshold", density=0.01)
+    g = torch.randn(20_000, generator=torch.Generator().manual_seed(5))
+    c.compress(g, key="p")
+    restored = pickle.loads(pickle.dumps(c))
+    assert restored._mask is None and restored.state_dict() == c.state_dict()
+    (ia, _), _ = c.compress(g, key="p")
+    (ib, _), _ = restored.compress(g, key="p")
+    assert torch.equal(ia, ib)

@@ -16,6 +16,7 @@ class NoCompression(Compressor):
     """Send the gradient as it is; summable, so it goes through one allreduce.
 
     Example:
+        >>> import torch
         >>> c = NoCompression()
         >>> payload, ctx = c.compress(torch.ones(3))
     """

@@ -52,9 +52,9 @@ class QSGD(Compressor):
 
     Example:
         >>> c = QSGD(levels=4, bucket_size=128)
-        >>> (norms, packed), ctx = c.compress(torch.randn(1000))
-        >>> packed.dtype, packed.numel()  # 9 codes -> 4 bits per entry
-        (torch.uint8, 500)
+        >>> (norms, packed), ctx = c.compress(torch.randn(1024))
+        >>> packed.dtype, packed.numel()  # 9 codes need 4 bits an entry
+        (torch.uint8, 512)
     """
 
     wire: ClassVar[Wire] = "packed"

@@ -101,6 +101,10 @@ class Threshold(SparseCompressor):
                 f"band must be > 1 (the count may be within k/band..k*band), got {self.band}"
             )
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The workspaces are scratch (tens of MB for large buckets): rebuild them after unpickling.
+        return {**self.__dict__, "_mask": None, "_scratch": None}
+
     # ---- the hot path ------------------------------------------------------------------------
     def compress(self, t: Tensor, *, key: str = "", layout=None) -> tuple[Payload, TensorMeta]:
         check_floating(t)
