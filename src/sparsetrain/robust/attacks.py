@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -69,7 +70,7 @@ def get_attack(name: str, *, n: int, f: int, **options: Any) -> Attack:
 
 
 @dataclass
-class Attack:
+class Attack(ABC):
     """Base class of the attacks.
 
     Args:
@@ -92,12 +93,14 @@ class Attack:
         self.validate()
 
     def validate(self) -> None:
-        """Check the options."""
+        """Check the options (the base class has none)."""
+        return None
 
+    @abstractmethod
     def forge(
         self, own: Tensor, honest: Tensor | None, key: str, step: int, workers: Sequence[int]
     ) -> Tensor:
-        raise NotImplementedError
+        """Return the rows sent instead of ``own`` ([b, d])."""
 
     def __call__(
         self,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -65,7 +66,7 @@ def check_positive(value: Any, what: str, allow_zero: bool = False) -> None:
 
 
 @dataclass
-class Aggregator:
+class Aggregator(ABC):
     """Base class of the aggregation rules.
 
     Args:
@@ -102,9 +103,11 @@ class Aggregator:
 
     def validate(self) -> None:
         """Check the options (raise ValueError/TypeError naming the option)."""
+        return None
 
+    @abstractmethod
     def aggregate(self, grads: Tensor, key: str) -> Tensor:
-        raise NotImplementedError
+        """Return the [d] aggregate of the checked [n, d] matrix for ``key``."""
 
     # ---- the common interface ----------------------------------------------------------
     def __call__(self, grads: Tensor, *, key: str = "") -> Tensor:
@@ -114,6 +117,7 @@ class Aggregator:
 
     def end_step(self) -> None:
         """Close an optimizer step (after the last key of the step)."""
+        return None
 
     def stats(self) -> dict[str, Any]:
         return {}
