@@ -1,0 +1,118 @@
+"""2 gloo ranks under DDP, each on its own data: every pruner ends with identical masks."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+WORLD = 2
+
+
+METHODS = ("magnitude", "woodfisher", "rigl")
+
+
+def _worker(rank: int, root: str, hook: str) -> None:
+    torch.set_num_threads(1)
+    store = dist.FileStore(os.path.join(root, "store"), WORLD)
+    dist.init_process_group(
+        "gloo", store=store, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
+    )
+    try:  # one world for all methods: starting processes costs more than pruning
+        result = {m: _prune(rank, m, hook) for m in METHODS}
+    except Exception as e:  # noqa: BLE001 - reported to the test on every rank
+        result = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
+    with open(os.path.join(root, f"r{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+    dist.destroy_process_group()
+
+
+def _prune(rank: int, method: str, hook: str) -> dict:
+    from sparsetrain.pruning import Gradual, get_pruner
+
+    torch.manual_seed(0)  # same initial model on both ranks (DDP would broadcast it anyway)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    if hook == "powersgd":
+        from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
+
+        ddp.register_comm_hook(
+            psgd.PowerSGDState(None, matrix_approximation_rank=2, start_powerSGD_iter=2),
+            psgd.powerSGD_hook,
+        )
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
+    x = torch.randn(256, 16, generator=g)
+    y = x[:, :4].argmax(1)
+    opts = {
+        "magnitude": {"sparsity": 0.8, "schedule": Gradual(end=20, frequency=5)},
+        "woodfisher": {
+            "sparsity": 0.7,
+            "schedule": Gradual(end=20, frequency=10),
+            "fisher_samples": 8,
+            "block_size": 16,
+        },
+        "rigl": {"sparsity": 0.8, "delta_t": 4, "end": 24},
+    }[method]
+    pruner = get_pruner(method, **opts).prepare(ddp, opt)
+
+    def closure() -> torch.Tensor:  # per-rank samples: the unwrapped module, no DDP averaging
+        i = torch.randint(len(y), (1,), generator=g)
+        return nn.functional.cross_entropy(ddp.module(x[i]), y[i])
+
+    for step in range(30):
+        i = torch.arange(step * 16, step * 16 + 16) % len(y)
+        opt.zero_grad()
+        nn.functional.cross_entropy(ddp(x[i]), y[i]).backward()
+        opt.step()
+        pruner.step(step, closure)
+    return {
+        "masks": pruner.masks,
+        "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "stats": pruner.stats(),
+    }
+
+
+def _run(tmp_path, hook: str) -> list[dict]:
+    ctx = mp.start_processes(
+        _worker, args=(str(tmp_path), hook), nprocs=WORLD, join=False, start_method="spawn"
+    )
+    import time
+
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"pruning with hook {hook} did not finish in 120 s (hang?)")
+    results = []
+    for r in range(WORLD):
+        with open(tmp_path / f"r{r}.pkl", "rb") as f:
+            res = pickle.load(f)
+        assert "error" not in res, f"rank {r}: {res['error']}"
+        results.append(res)
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hook", ["none", "powersgd"])
+def test_two_gloo_ranks_prune_to_identical_masks(tmp_path, hook: str) -> None:
+    """Without and with gradient compression (torch's PowerSGD DDP hook)."""
+    ranks = _run(tmp_path, hook)
+    for method in METHODS:
+        r0, r1 = (r[method] for r in ranks)
+        assert r0["masks"].keys() == r1["masks"].keys()
+        for n in r0["masks"]:
+            assert torch.equal(r0["masks"][n], r1["masks"][n]), (method, n)
+            assert torch.equal(r0["weights"][n], r1["weights"][n]), (method, n)
+            assert (r0["weights"][n][~r0["masks"][n]] == 0).all()
+        assert r0["stats"]["num_updates"] >= 2, method
+        expected = {"magnitude": 0.8, "woodfisher": 0.7, "rigl": 0.8}[method]
+        assert r0["stats"]["sparsity"] == pytest.approx(expected, abs=0.01), method
