@@ -61,7 +61,8 @@ class PruneConfig:
         levels: one-shot: the sparsities of the accuracy curve (before fine-tuning); the final
             sparsity is always added.
         pruning_steps: gradual: how many times the sparsity is raised.
-        fisher_samples, block_size, damping: WoodFisher options (one example per sample).
+        fisher_samples, block_size, damping, obs_update: WoodFisher options (one example per
+            sample; ``obs_update=False`` gives the diagonal OBD-like variant).
     """
 
     task: str = "digits-mlp"
@@ -82,6 +83,7 @@ class PruneConfig:
     fisher_samples: int = 512
     block_size: int = 128
     damping: float = 1e-4
+    obs_update: bool = True
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -424,6 +426,7 @@ def _main(args: argparse.Namespace) -> int:
         fisher_samples=args.fisher_samples,
         block_size=args.block_size,
         damping=args.damping,
+        obs_update=not args.no_obs_update,
         progress=not args.no_progress,
     )
     report = run(cfg)
@@ -476,6 +479,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--fisher-samples", type=int, default=512)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--damping", type=float, default=1e-4)
+    p.add_argument(
+        "--no-obs-update", action="store_true", help="WoodFisher without the OBS update (OBD-like)"
+    )
     p.add_argument("--report", required=True, help="JSON report path (the PNG goes next to it)")
     p.add_argument("--plot", help="PNG path (default: the report's path with .png)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
