@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Adding a subcommand: write sparsetrain/commands/<name>.py and add its name here.
-_COMMANDS = ("train", "demo")
+_COMMANDS = ("train", "demo", "bench", "simulate", "robust-matrix")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _COMMANDS:
-        importlib.import_module(f"sparsetrain.commands.{name}").register(sub)
+        importlib.import_module(f"sparsetrain.commands.{name.replace('-', '_')}").register(sub)
     return parser
 
 

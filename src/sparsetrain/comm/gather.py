@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .accounting import ring_allgather_bytes, ring_allreduce_bytes
+from .p2p import as_dtype
 from .registry import CollectiveResult, SparseCollective, register_collective
 
 
@@ -79,7 +80,7 @@ def all_gather_variable(
     out = []
     for r in range(world):
         parts = torch.split(bufs[r][: totals[r]], sizes[r])
-        out.append([p.view(t.dtype) for p, t in zip(parts, tensors)])
+        out.append([as_dtype(p, t.dtype) for p, t in zip(parts, tensors)])
     header_total = world * lengths.numel() * 8
     sent = ring_allgather_bytes(header_total + world * width, world)
     return out, sent, sent

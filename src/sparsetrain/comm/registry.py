@@ -11,6 +11,8 @@ Collectives may keep state between calls (region boundaries, threshold estimates
 
 from __future__ import annotations
 
+import dataclasses
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -35,12 +37,13 @@ class CollectiveResult:
     bytes_recv: int = 0
 
 
-class SparseCollective:
+class SparseCollective(ABC):
     """Base class of the sparse collectives."""
 
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = True
 
+    @abstractmethod
     def __call__(
         self,
         indices: Tensor,
@@ -50,13 +53,13 @@ class SparseCollective:
         group: dist.ProcessGroup | None = None,
         key: str = "",
     ) -> CollectiveResult:
-        raise NotImplementedError
+        """Reduce this rank's ``(indices, values)`` with every other rank's."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - stateless default
+        """Restore what :meth:`state_dict` returned (stateless collectives keep nothing)."""
 
 
 _COLLECTIVES: dict[str, type[SparseCollective]] = {}
@@ -82,4 +85,14 @@ def get_collective(name: str, **options: Any) -> SparseCollective:
         raise ValueError(
             f"unknown collective {name!r}; valid names are: {', '.join(available_collectives())}"
         )
-    return _COLLECTIVES[name](**options)
+    cls = _COLLECTIVES[name]
+    allowed = (
+        [f.name for f in dataclasses.fields(cls) if f.init] if dataclasses.is_dataclass(cls) else []
+    )
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"collective {name!r} does not take option(s) {unknown}; "
+            f"it takes: {', '.join(allowed) if allowed else 'no options'}"
+        )
+    return cls(**options)
