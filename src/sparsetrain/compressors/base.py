@@ -211,6 +211,9 @@ class Compressor(abc.ABC):
     summable: ClassVar[bool] = True
     biased: ClassVar[bool] = False
     rounds: ClassVar[int] = 1
+    # True: the sync layer adds the rank to ``seed`` (independent noise per rank); False: every
+    # rank must draw the same numbers (random-k indices, PowerSGD's first Q).
+    rank_seeded: ClassVar[bool] = False
 
     @abc.abstractmethod
     def compress(

@@ -60,6 +60,8 @@ class QSGD(Compressor):
     wire: ClassVar[Wire] = "packed"
     summable: ClassVar[bool] = False
     biased: ClassVar[bool] = False
+    # Independent rounding noise on each rank, so averaging over ranks shrinks it.
+    rank_seeded: ClassVar[bool] = True
 
     levels: int = 7
     bucket_size: int | None = 512

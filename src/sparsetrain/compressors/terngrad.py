@@ -58,6 +58,8 @@ class TernGrad(Compressor):
     wire: ClassVar[Wire] = "packed"
     summable: ClassVar[bool] = False
     biased: ClassVar[bool] = False
+    # Independent rounding noise on each rank, so averaging over ranks shrinks it.
+    rank_seeded: ClassVar[bool] = True
 
     bucket_size: int | None = 512
     seed: int = 0

@@ -50,6 +50,8 @@ class SyncEngine:
         self.config = config
         self.group = group
         self.compressor = config.build_compressor()
+        if self.compressor.rank_seeded and dist.is_initialized():
+            self.compressor.seed += dist.get_rank(group)
         self.feedback = ErrorFeedback(config.use_error_feedback)
         self._collectives: dict[str, Any] = {}
         self.aggregator = None
