@@ -381,6 +381,9 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
         byzantine=config.byzantine,
         **options,
     )
+    # A data attack (label flip) acts in the loss of the Byzantine ranks, the last `byzantine`.
+    attack = hook.engine.attack
+    flips = attack is not None and attack.flips_labels and rank >= world - config.byzantine
     optimizer = torch.optim.SGD(
         ddp.parameters(),
         lr=config.lr,
@@ -481,7 +484,8 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
                 for group in optimizer.param_groups:
                     group["lr"] = config.lr * 0.5 * (1.0 + math.cos(math.pi * step / planned_steps))
             optimizer.zero_grad(set_to_none=True)
-            loss = task.loss_fn(ddp(x), y)
+            target = attack.flip_labels(y, task.num_classes) if flips else y
+            loss = task.loss_fn(ddp(x), target)
             loss.backward()
             if not hook.skipped_last_step:
                 optimizer.step()
