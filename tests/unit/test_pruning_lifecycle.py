@@ -316,3 +316,14 @@ def test_prune_command_writes_json_and_png(tmp_path) -> None:
         assert [round(p["sparsity"], 2) for p in r["curve"]] == [0.5, 0.8, 0.8]
         assert r["final"]["flops_sparse"] < 0.3 * r["final"]["flops_dense"]
     assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_prune_command_passes_woodfisher_options_to_the_pruner() -> None:
+    from sparsetrain.commands.prune import PruneConfig, _build_pruner
+    from sparsetrain.pruning import OneShot
+
+    cfg = PruneConfig(
+        methods=["woodfisher"], obs_update=False, block_size=32, damping=1e-3, fisher_samples=8
+    )
+    p = _build_pruner("woodfisher", cfg, 0.9, OneShot())
+    assert (p.obs_update, p.block_size, p.damping, p.fisher_samples) == (False, 32, 1e-3, 8)

@@ -80,9 +80,9 @@ class PruneConfig:
     seed: int = 0
     levels: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8])
     pruning_steps: int = 10
-    fisher_samples: int = 512
-    block_size: int = 128
-    damping: float = 1e-4
+    fisher_samples: int = 256
+    block_size: int = 256
+    damping: float = 1e-5
     obs_update: bool = True
     progress: bool = True
 
@@ -183,6 +183,7 @@ def _method_options(method: str, cfg: PruneConfig) -> dict[str, Any]:
             "fisher_samples": cfg.fisher_samples,
             "block_size": cfg.block_size,
             "damping": cfg.damping,
+            "obs_update": cfg.obs_update,
         }
     return {}
 
@@ -476,9 +477,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--levels", type=_sparsity, nargs="+", help="one-shot: sparsities of the curve")
-    p.add_argument("--fisher-samples", type=int, default=512)
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--damping", type=float, default=1e-4)
+    p.add_argument("--fisher-samples", type=int, default=256)
+    p.add_argument("--block-size", type=int, default=256)
+    p.add_argument("--damping", type=float, default=1e-5)
     p.add_argument(
         "--no-obs-update", action="store_true", help="WoodFisher without the OBS update (OBD-like)"
     )
