@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Adding a subcommand: write sparsetrain/commands/<name>.py and add its name here.
-_COMMANDS = ("train", "demo", "bench", "simulate", "robust-matrix")
+_COMMANDS = ("train", "demo", "prune", "bench", "simulate", "robust-matrix")
 
 
 def build_parser() -> argparse.ArgumentParser:
