@@ -187,3 +187,59 @@ def test_every_collective_runs_through_the_hook(tmp_path):
     for name in ("oktopk", "gtopk"):  # a global selection of that sum: fewer non-zeros
         nnz, ref = int((results[0][name] != 0).sum()), int((results[0]["allgather"] != 0).sum())
         assert 0 < nnz <= ref
+
+
+# ---- aggregator= / attack=: robust aggregation through the engine ----------------------------
+def _robust(rank: int, world: int) -> dict:
+    out = {}
+    torch.manual_seed(0)
+    net = _net()
+    sync = sparsetrain.GradientSync(
+        net,
+        "none",
+        aggregator="median",
+        attack="sign_flip",
+        attack_options={"scale": 10.0},
+        byzantine=1,
+    )
+    x, y = _batch(rank)
+    nn.functional.cross_entropy(net(x), y).backward()
+    honest = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
+    rows = [torch.empty_like(honest) for _ in range(world)]
+    dist.all_gather(rows, honest)
+    sync.synchronize()
+    out["got"] = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
+    table = torch.stack(rows)
+    table[-1] *= -10.0  # the last rank is the Byzantine one
+    out["median"] = torch.quantile(table, 0.5, dim=0)
+    out["mean"] = table.mean(dim=0)
+    # Safeguard through the DDP hook: runs, and every rank applies the same update.
+    torch.manual_seed(0)
+    net = _net()
+    model = DDP(net)
+    state = sparsetrain.register_ddp_hook(
+        model,
+        "topk",
+        density=0.5,
+        aggregator="safeguard",
+        attack="sign_flip",
+        attack_options={"scale": 10.0},
+        byzantine=1,
+    )
+    for step in range(3):
+        x, y = _batch(rank, step)
+        net.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+    out["safeguard"] = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
+    out["stats"] = state.stats()
+    return out
+
+
+def test_robust_aggregation_through_the_engine(tmp_path):
+    results = oks(run_world(_robust, 4, tmp_path))
+    for r in results:
+        # coordinate-wise median of the 4 rows (mean of the two middle ones), attacker included
+        torch.testing.assert_close(r["got"], r["median"], rtol=0, atol=1e-7)
+        assert not torch.allclose(r["got"], r["mean"])
+        torch.testing.assert_close(r["safeguard"], results[0]["safeguard"], rtol=0, atol=0)
+        assert r["stats"]["steps"] == 3 and r["stats"]["bytes_sent"] > 0
