@@ -28,6 +28,12 @@ _CPU_CHUNK = 1 << 18
 # Sampled elements come in runs of this many neighbours (one 64-byte cache line of float32), so a
 # sample of m elements costs m/16 random memory accesses instead of m.
 _RUN = 16
+# Below one hit in this many entries the mask's words are scanned in two levels (see _select),
+# in groups of _ROWS words.
+_SPARSE = 500
+_ROWS = 4
+# The estimate bounds its top values from every _SUB-th sampled value (see _estimate).
+_SUB = 16
 
 
 @dataclass
@@ -123,12 +129,12 @@ class Threshold(SparseCompressor):
             threshold, slope = self._estimate(flat, k, key, step)
         else:
             threshold, slope = st.threshold, st.slope
-        idx = self._select(flat, threshold)
+        idx = self._select(flat, threshold, expected=k)
         count = idx.numel()
         if not fresh and not k / self.band <= count <= k * self.band:
             threshold, slope = self._estimate(flat, k, key, step)
             fresh = True
-            idx = self._select(flat, threshold)
+            idx = self._select(flat, threshold, expected=k)
             count = idx.numel()
         if count > k * self.band:
             idx = idx[torch.topk(flat[idx].abs(), k, sorted=False).indices]
@@ -140,18 +146,24 @@ class Threshold(SparseCompressor):
         values = torch.index_select(flat, 0, idx)
         return (idx.to(index_dtype(n)), values), TensorMeta.of(t)
 
-    def _select(self, flat: Tensor, threshold: float) -> Tensor:
+    def _select(self, flat: Tensor, threshold: float, expected: int | None = None) -> Tensor:
         """Return the sorted int64 indices of ``|flat| > threshold``.
 
         ``hardshrink`` (x where ``|x| > threshold``, else 0) and a cast to bool are both
         vectorised single passes; a comparison that writes bool directly is several times slower
         on CPU. ``nonzero`` then runs over the bool mask read as 64-bit words (8 flags a word) and
-        only looks inside the words that hold a hit.
+        only looks inside the words that hold a hit. ``nonzero`` costs about the same per element
+        whatever the element's width, so when few hits are ``expected`` (at most one in
+        ``_SPARSE`` entries) the words are first summed in groups of ``_ROWS`` (one word from
+        each of ``_ROWS`` equal slices of the mask: a vectorised pass) and ``nonzero`` runs over
+        the sums, then over the words of the groups that hold a hit. The result is the same
+        either way.
         """
         n = flat.numel()
         if flat.device.type != "cpu":
             return torch.nonzero(torch.hardshrink(flat, threshold)).squeeze(1)
-        words = -(-n // 8)
+        # Whole groups of _ROWS words, so the mask reshapes to (_ROWS, words // _ROWS).
+        words = -(-n // (8 * _ROWS)) * _ROWS
         if self._mask is None or self._mask.numel() < words * 8:
             self._mask = torch.zeros(words * 8, dtype=torch.bool)
         if self._scratch is None or self._scratch.dtype != flat.dtype:
@@ -164,14 +176,34 @@ class Threshold(SparseCompressor):
             torch.hardshrink(flat[start:stop], threshold, out=scratch)
             mask[start:stop].copy_(scratch)
         words_view = mask.view(torch.int64)
-        word_idx = torch.nonzero(words_view).squeeze(1)
-        hit_words = torch.index_select(words_view, 0, word_idx)
+        if expected is not None and expected * _SPARSE <= n:
+            # Each word is 8 bytes of 0 or 1, so a sum of _ROWS words neither overflows nor
+            # cancels: it is nonzero exactly when one of the words is.
+            cols = words // _ROWS
+            sums = words_view.view(_ROWS, cols).sum(0)
+            hit_cols = torch.nonzero(sums).squeeze(1)
+            # Word indices of the hit groups, row by row: ascending, as nonzero's output is.
+            rows = torch.arange(0, words, cols, dtype=torch.int64).unsqueeze(1)
+            candidates = (rows + hit_cols).reshape(-1)
+            cand_words = torch.index_select(words_view, 0, candidates)
+            nz = torch.nonzero(cand_words).squeeze(1)
+            word_idx = torch.index_select(candidates, 0, nz)
+            hit_words = torch.index_select(cand_words, 0, nz)
+        else:
+            word_idx = torch.nonzero(words_view).squeeze(1)
+            hit_words = torch.index_select(words_view, 0, word_idx)
         hits = torch.nonzero(hit_words.view(torch.bool).view(-1, 8))
         return torch.index_select(word_idx, 0, hits[:, 0]) * 8 + hits[:, 1]
 
     # ---- estimation --------------------------------------------------------------------------
     def _estimate(self, flat: Tensor, k: int, key: str, step: int) -> tuple[float, float]:
-        """Return (threshold, slope): the k-th largest ``|flat|`` (exact or from a sample)."""
+        """Return (threshold, slope): the k-th largest ``|flat|`` (exact or from a sample).
+
+        The top values are found by a ``topk`` over the values not below a bound, the
+        ``1 / _SUB``-th largest of every ``_SUB``-th value at 4x the rank needed (so the bound
+        leaves ~4x as many values as needed); should it leave too few, over all values. The top
+        values, hence the result, are the same either way, for a fraction of the cost.
+        """
         n = flat.numel()
         sample = math.ceil(self.sample_kept / self.density)
         if 2 * sample >= n:
@@ -180,14 +212,23 @@ class Threshold(SparseCompressor):
             runs = sample // _RUN
             gen = seeded_generator(self.seed, key, step, flat.device)
             starts = torch.randint(n // _RUN, (runs,), generator=gen, device=flat.device)
-            values = flat[: (n // _RUN) * _RUN].view(-1, _RUN)[starts].abs().reshape(-1)
+            rows = flat[: (n // _RUN) * _RUN].view(-1, _RUN)
+            values = torch.index_select(rows, 0, starts).abs_().reshape(-1)
             kk = max(1, round(self.density * values.numel()))
-        top = torch.topk(values, min(2 * kk, values.numel()), sorted=True).values
+        top_n = min(2 * kk, values.numel())
+        candidates = values
+        if _SUB * 16 * top_n <= values.numel():
+            sub = values[::_SUB]
+            bound = torch.topk(sub, max(1, 4 * top_n // _SUB), sorted=False).values.min()
+            kept = values[torch.lt(values, bound).logical_not_()]  # NaN kept, as topk ranks it
+            if kept.numel() >= top_n:
+                candidates = kept
+        top = torch.topk(candidates, top_n, sorted=True).values
         at_k, at_2k = top[kk - 1], top[-1]
         # Keep the k-th element itself: |g| > threshold is strict, so step just below it.
         threshold = float(torch.nextafter(at_k, torch.zeros_like(at_k)))
         ratio = float(at_k) / float(at_2k) if float(at_2k) > 0 else math.inf
-        slope = math.log(min(2 * kk, values.numel()) / kk) / math.log(ratio) if ratio > 1 else 1.0
+        slope = math.log(top_n / kk) / math.log(ratio) if ratio > 1 else 1.0
         return max(threshold, 0.0), min(max(slope, 0.5), 50.0)
 
     # ---- state -------------------------------------------------------------------------------
