@@ -53,6 +53,9 @@ def comparison() -> dict:
             TrainConfig(compressor="none", **COMMON),
             TrainConfig(error_feedback=True, label="threshold+ef", **THRESHOLD, **COMMON),
             TrainConfig(error_feedback=False, label="threshold-no-ef", **THRESHOLD, **COMMON),
+            TrainConfig(
+                compressor="threshold", collective="oktopk", label="threshold+oktopk", **COMMON
+            ),
         ]
     )
 
@@ -79,6 +82,25 @@ def test_without_error_feedback_the_same_compression_is_clearly_worse(comparison
     # higher without error feedback; the margins below leave room for that spread.
     assert ef["final_test_accuracy"] - no_ef["final_test_accuracy"] >= 0.02
     assert no_ef["final_test_loss"] >= 1.3 * ef["final_test_loss"]
+
+
+def test_ok_topk_sparse_allreduce_ends_within_two_points_of_dense():
+    # Ok-Topk applies the global top-k of the summed gradient, k entries a step, where the
+    # allgather applies the union of every rank's k (up to 4k): it needs more steps, so both
+    # runs get 30 epochs (seed 0: 98.0% against dense; seed 1: 93.1% against 94.2%).
+    longer = {**COMMON, "epochs": 30}
+    runs = by_label(
+        launch(
+            [
+                TrainConfig(compressor="none", **longer),
+                TrainConfig(compressor="threshold", collective="oktopk", label="oktopk", **longer),
+            ]
+        )
+    )
+    dense, ok = runs["none"], runs["oktopk"]
+    assert dense["final_test_accuracy"] > 0.9
+    assert ok["final_test_accuracy"] >= dense["final_test_accuracy"] - 0.02
+    assert ok["bytes_sent_per_rank"] <= 0.05 * dense["bytes_sent_per_rank"]
 
 
 def test_report_has_the_promised_fields_and_the_picture_is_written(comparison, tmp_path):
