@@ -88,7 +88,7 @@ class Threshold(SparseCompressor):
 
     density: float = 0.01
     reestimate_every: int = 10
-    band: float = 2.0
+    band: float = 1.25
     sample_kept: int = 1024
     seed: int = 0
     _keys: dict[str, _KeyState] = field(default_factory=dict, init=False, repr=False, compare=False)
