@@ -141,8 +141,10 @@ def test_signal_tears_down(tmp_path, sig):
     ready = tmp_path / "ready"
     script = textwrap.dedent(
         f"""
-        import time
+        import signal, time
         from sparsetrain.cluster import EmulatedCluster
+        # As in a terminal: a background job of a script inherits SIGINT ignored.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         with EmulatedCluster(2) as c:
             open("{ready}", "w").write(c.prefix)
             time.sleep(60)
