@@ -4,16 +4,27 @@ Collectives must be issued in the same order on every rank. DDP calls its hook f
 the same order everywhere, so running each bucket's whole exchange (which may take several
 collectives) on one FIFO thread keeps that order, while backward goes on computing the next
 buckets: communication overlaps computation without any collective being issued from two threads.
+
+The thread is a daemon so that an idle executor never keeps the interpreter alive, and it is
+stopped and joined at interpreter exit: a daemon thread still returning from a completed Future
+(C++ code) when the interpreter finalizes is killed mid-unwind, which aborts the process with
+"terminate called without an active exception".
 """
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+
+_STOP = object()
+_LIVE: weakref.WeakSet = weakref.WeakSet()
 
 
 class SerialExecutor:
@@ -22,6 +33,8 @@ class SerialExecutor:
     def __init__(self) -> None:
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        _LIVE.add(self)
 
     def submit(
         self, fn: Callable[[], Any], device: torch.device | None = None
@@ -33,15 +46,30 @@ class SerialExecutor:
             if device is not None and device.type == "cuda"
             else None
         )
-        self._queue.put((fn, fut, stream))
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._run, name="sparsetrain-sync", daemon=True)
-            self._thread.start()
+        with self._lock:
+            self._queue.put((fn, fut, stream))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="sparsetrain-sync", daemon=True
+                )
+                self._thread.start()
         return fut
+
+    def shutdown(self, timeout: float | None = 30.0) -> None:
+        """Finish the queued work, then stop the thread (a later ``submit`` starts a new one)."""
+        with self._lock:
+            thread = self._thread
+            if thread is None or not thread.is_alive():
+                return
+            self._queue.put(_STOP)
+        thread.join(timeout)
 
     def _run(self) -> None:
         while True:
-            fn, fut, stream = self._queue.get()
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            fn, fut, stream = item
             try:
                 if stream is not None:  # work on the stream that produced the gradients
                     with torch.cuda.stream(stream):
@@ -52,3 +80,9 @@ class SerialExecutor:
                 fut.set_exception(e)
             else:
                 fut.set_result(result)
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    for executor in list(_LIVE):
+        executor.shutdown(timeout=10.0)
