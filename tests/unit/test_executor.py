@@ -48,5 +48,7 @@ def test_interpreter_exit_while_thread_is_in_torch_code_does_not_abort():
         time.sleep(0.1)   # the thread is now inside the matmul loop; exit without waiting
         """
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr

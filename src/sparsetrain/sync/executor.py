@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-
 _STOP = object()
 _LIVE: weakref.WeakSet = weakref.WeakSet()
 
