@@ -38,6 +38,11 @@ class ErrorFeedback:
     def __init__(self, enabled: bool = True):
         self.enabled = bool(enabled)
         self.residuals: dict[str, Tensor] = {}
+        # Per bucket key, two flat buffers used in turn by compensate_into/commit_sparse: the
+        # residuals live in one (as views) while the next step's compensated gradient is
+        # written into the other, so the hot path allocates nothing.
+        self._buffers: dict[str, list[Tensor]] = {}
+        self._next: dict[str, int] = {}
 
     def compensate(self, names: Sequence[str], numels: Sequence[int], flat: Tensor) -> Tensor:
         """Return ``flat + residual`` for a flat tensor packing ``names`` in order (a new tensor)."""
@@ -60,6 +65,58 @@ class ErrorFeedback:
         residual = compensated - sent.reshape(compensated.shape)
         for n, part in zip(names, torch.split(residual, list(numels))):
             self.residuals[n] = part
+
+    # ---- the allocation-free path for sparse payloads ------------------------------------------
+    def compensate_into(
+        self, key: str, names: Sequence[str], numels: Sequence[int], parts: Sequence[Tensor]
+    ) -> Tensor:
+        """Return ``cat(parts) + residual`` (the same values as :meth:`compensate`), written in
+        one pass into a buffer kept for ``key``; ``parts`` are the gradients of ``names``, in
+        that order, from anywhere (for example slices of a DDP bucket in another order)."""
+        total = sum(numels)
+        like = parts[0]
+        bufs = self._buffers.get(key)
+        if bufs is None or bufs[0].numel() != total or bufs[0].dtype != like.dtype:
+            # A new layout (DDP rebuilt its buckets): forget buffers of keys sharing a name.
+            stale = [k for k in self._buffers if set(k.split("|")) & set(names)]
+            for k in stale:
+                del self._buffers[k], self._next[k]
+            bufs = [torch.empty(total, dtype=like.dtype, device=like.device) for _ in range(2)]
+            self._buffers[key], self._next[key] = bufs, 0
+        out = bufs[self._next[key]]
+        for n, part, dst in zip(names, parts, torch.split(out, list(numels))):
+            res = self.residuals.get(n) if self.enabled else None
+            if res is None:
+                dst.copy_(part.reshape(-1))
+            else:
+                torch.add(part.reshape(-1), res.to(out.dtype), out=dst)
+        return out
+
+    def commit_sparse(
+        self,
+        key: str,
+        names: Sequence[str],
+        numels: Sequence[int],
+        compensated: Tensor,
+        indices: Tensor,
+        values: Tensor,
+    ) -> None:
+        """Make the residuals ``compensated - sent``, where ``sent`` is ``values`` at the unique
+        ``indices`` and zero elsewhere: ``compensated`` (from :meth:`compensate_into`) is
+        updated in place at those indices and becomes the residuals' storage, so the cost is in
+        the sent entries, not the length."""
+        if not self.enabled:
+            return
+        compensated.index_add_(0, indices, values.to(compensated.dtype), alpha=-1)
+        for n, part in zip(names, torch.split(compensated, list(numels))):
+            self.residuals[n] = part
+        self._next[key] = 1 - self._next.get(key, 0)
+
+    def add_back_sparse(self, compensated: Tensor, indices: Tensor, values: Tensor) -> None:
+        """Add ``values`` at ``indices`` to the residuals committed from ``compensated``
+        (values a global selection dropped after they left this rank)."""
+        if self.enabled and indices.numel():
+            compensated.index_add_(0, indices, values.to(compensated.dtype))
 
     def add_back(self, names: Sequence[str], numels: Sequence[int], unsent: Tensor) -> None:
         """Add ``unsent`` (flat, packing ``names``) to the residuals, e.g. values that a global

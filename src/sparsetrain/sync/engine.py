@@ -24,6 +24,7 @@ from ..comm import (
     ring_allreduce_bytes,
 )
 from ..comm.gather import world_of
+from ..compressors.base import SparseCompressor
 from ..feedback import ErrorFeedback
 from .config import SyncConfig
 
@@ -115,9 +116,17 @@ class SyncEngine:
             raise ValueError(
                 f"layout covers {sum(numels)} elements but the flat tensor has {flat.numel()}"
             )
+        world = world_of(self.group)
+        self.counters["dense_bytes"] += ring_allreduce_bytes(
+            flat.numel(), flat.element_size(), world
+        )
+        if self._skipping or self._nonfinite(flat, names, numels, world):
+            return torch.zeros_like(flat)
         order = sorted(range(len(names)), key=names.__getitem__)
+        if self._sparse_fast_path():
+            return self._exchange_sparse(flat, list(names), list(shapes), numels, order, world)
         if order == list(range(len(names))):
-            return self._exchange(flat, list(names), list(shapes), numels)
+            return self._exchange(flat, list(names), list(shapes), numels, world)
         parts = torch.split(flat, numels)
         canon = [numels[i] for i in order]
         out = self._exchange(
@@ -125,20 +134,83 @@ class SyncEngine:
             [names[i] for i in order],
             [shapes[i] for i in order],
             canon,
+            world,
         )
-        back = torch.split(out, canon)
-        where = {i: j for j, i in enumerate(order)}
-        return torch.cat([back[where[i]] for i in range(len(names))])
+        return _to_bucket_order(out, flat, order, numels)
+
+    def _sparse_fast_path(self) -> bool:
+        """Whether this step can take :meth:`_exchange_sparse`: a sparse compressor whose payload
+        decodes as its values at its indices, a sparse collective, no robust aggregation, past
+        the dense warm-up."""
+        comp = self.compressor
+        return (
+            comp.wire == "sparse"
+            and comp.rounds == 1
+            and type(comp).decompress is SparseCompressor.decompress
+            and self.aggregator is None
+            and self.step >= self.config.dense_warmup_steps
+        )
+
+    def _exchange_sparse(
+        self,
+        flat: Tensor,
+        names: list[str],
+        shapes: list[torch.Size],
+        numels: list[int],
+        order: list[int],
+        world: int,
+    ) -> Tensor:
+        """The exchange for sparse payloads, with work in the sent entries, not the length.
+
+        Computes what :meth:`_exchange` computes, bit for bit, without a dense temporary: the
+        bucket is compensated straight into canonical order in a reused buffer, the residual is
+        that buffer with the sent entries subtracted, and a global selection is written back
+        into ``flat`` at positions mapped to the bucket's order.
+        """
+        cnames = [names[i] for i in order]
+        cnumels = [numels[i] for i in order]
+        key = "|".join(cnames)
+        parts = torch.split(flat, numels)
+        t0 = time.perf_counter()
+        comp = self.compressor
+        compensated = self.feedback.compensate_into(key, cnames, cnumels, [parts[i] for i in order])
+        payload, ctx = comp.compress(compensated, key=key, layout=[shapes[i] for i in order])
+        indices, values = payload
+        sent_idx = indices.long()
+        self.feedback.commit_sparse(key, cnames, cnumels, compensated, sent_idx, values)
+        self.counters["compress_seconds"] += time.perf_counter() - t0
+
+        coll = self._collective_for(flat.numel())
+        if coll == "dense":
+            mine = comp.decompress(payload, ctx).reshape(-1)
+            reduced, sent = self._timed_comm(allreduce_sum, [mine], self.group)
+            self._count(sent, sent)
+            total = reduced[0]
+        else:
+            res: CollectiveResult = self._timed_comm(
+                coll, indices, values, flat.numel(), group=self.group, key=key
+            )
+            self._count(res.bytes_sent, res.bytes_recv)
+            if res.dense is None:
+                # A global selection: what this rank sent but the selection dropped goes back
+                # into its residual; the result is zero outside the selection.
+                dropped = ~_contains(res.indices.long(), sent_idx)
+                self.feedback.add_back_sparse(compensated, sent_idx[dropped], values[dropped])
+                where = _bucket_positions(res.indices.long(), order, numels)
+                flat.zero_()
+                flat.index_put_((where,), (res.values / world).to(flat.dtype))
+                return flat
+            total = res.dense
+        return _to_bucket_order((total / world).to(flat.dtype), flat, order, numels)
 
     def _exchange(
-        self, flat: Tensor, names: list[str], shapes: list[torch.Size], numels: list[int]
+        self,
+        flat: Tensor,
+        names: list[str],
+        shapes: list[torch.Size],
+        numels: list[int],
+        world: int,
     ) -> Tensor:
-        world = world_of(self.group)
-        self.counters["dense_bytes"] += ring_allreduce_bytes(
-            flat.numel(), flat.element_size(), world
-        )
-        if self._skipping or self._nonfinite(flat, names, numels, world):
-            return torch.zeros_like(flat)
         if self.step < self.config.dense_warmup_steps:
             (out,), sent = self._timed_comm(allreduce_sum, [flat], self.group)
             self.counters["bytes_sent"] += sent
@@ -236,7 +308,10 @@ class SyncEngine:
         One one-element allreduce a bucket; only when some rank is bad, a second gather finds out
         which ranks and parameters.
         """
-        bad = (~torch.isfinite(flat)).any().to(torch.float32).reshape(1)
+        # A sum is finite only if every term is (one pass, no temporary); only when it is not, a
+        # second pass tells NaN/Inf from a sum that merely overflowed.
+        bad_here = not bool(torch.isfinite(flat.sum())) and not bool(torch.isfinite(flat).all())
+        bad = torch.tensor([float(bad_here)], device=flat.device)
         if world > 1:
             bad, sent = self._timed_comm(allreduce_sum, [bad], self.group)
             bad = bad[0]
@@ -322,3 +397,47 @@ class SyncEngine:
             self.aggregator.load_state_dict(state["aggregator"])
         if self.attack is not None and "attack" in state:
             self.attack.load_state_dict(state["attack"])
+
+
+def _bucket_positions(canonical: Tensor, order: list[int], numels: list[int]) -> Tensor:
+    """Map positions in the canonical (name-sorted) packing to positions in the bucket's packing,
+    where canonical segment j is bucket segment ``order[j]``."""
+    if order == list(range(len(order))):
+        return canonical
+    bucket_starts = [0]
+    for n in numels[:-1]:
+        bucket_starts.append(bucket_starts[-1] + n)
+    canon_starts = [0]
+    for i in order[:-1]:
+        canon_starts.append(canon_starts[-1] + numels[i])
+    shift = torch.tensor(
+        [bucket_starts[i] - c for i, c in zip(order, canon_starts)],
+        dtype=torch.int64,
+        device=canonical.device,
+    )
+    edges = torch.tensor(canon_starts[1:], dtype=torch.int64, device=canonical.device)
+    return canonical + shift[torch.searchsorted(edges, canonical, right=True)]
+
+
+def _to_bucket_order(
+    canonical: Tensor, flat: Tensor, order: list[int], numels: list[int]
+) -> Tensor:
+    """Return the canonical-order result in the bucket's order, written into ``flat``."""
+    if order == list(range(len(order))):
+        return canonical
+    dst = torch.split(flat, numels)
+    for j, src in enumerate(torch.split(canonical.reshape(-1), [numels[i] for i in order])):
+        dst[order[j]].copy_(src)
+    return flat
+
+
+def _contains(sorted_values: Tensor, queries: Tensor) -> Tensor:
+    """``torch.isin(queries, sorted_values)`` by binary search in ``sorted_values`` (sorted here
+    if it is not; the built-in collectives return sorted indices), which is several times faster
+    than ``isin``, which sorts both inputs."""
+    if sorted_values.numel() == 0:
+        return torch.zeros_like(queries, dtype=torch.bool)
+    if sorted_values.numel() > 1 and not bool((sorted_values[1:] >= sorted_values[:-1]).all()):
+        sorted_values = torch.sort(sorted_values).values
+    pos = torch.searchsorted(sorted_values, queries).clamp_(max=sorted_values.numel() - 1)
+    return sorted_values[pos] == queries
