@@ -50,3 +50,38 @@ def test_state_dict_round_trip_is_exact():
     assert other.residuals.keys() == ef.residuals.keys()
     for n in ef.residuals:
         assert torch.equal(other.residuals[n], ef.residuals[n])
+
+
+def test_in_place_path_matches_the_general_path_and_keeps_residuals_intact():
+    # compensate_into/commit_sparse (the sync engine's path for sparse payloads) must give the
+    # residuals that compensate/update give, bit for bit, while reusing two buffers: the next
+    # step's compensation is written into the buffer that does not hold the residuals.
+    torch.manual_seed(0)
+    general, fast = ErrorFeedback(), ErrorFeedback()
+    comp = get_compressor("topk", density=0.1)
+    names, numels = ["a", "b"], [30, 70]
+    buffers = set()
+    for _ in range(6):
+        grad = torch.randn(100)
+        compensated = general.compensate(names, numels, grad)
+        payload, ctx = comp.compress(compensated)
+        general.update(names, numels, compensated, comp.decompress(payload, ctx))
+
+        before = {n: r.clone() for n, r in fast.residuals.items()}
+        into = fast.compensate_into("a|b", names, numels, list(torch.split(grad, numels)))
+        buffers.add(into.data_ptr())
+        for n, r in fast.residuals.items():  # writing the compensation did not touch them
+            assert torch.equal(r, before[n])
+        torch.testing.assert_close(into, compensated, rtol=0, atol=0)
+        idx, values = payload
+        fast.commit_sparse("a|b", names, numels, into, idx.long(), values)
+        for n in names:
+            assert torch.equal(fast.residuals[n], general.residuals[n])
+    assert len(buffers) == 2  # two buffers, used in turn
+
+
+def test_in_place_path_without_error_feedback_keeps_nothing():
+    ef = ErrorFeedback(enabled=False)
+    out = ef.compensate_into("w", ["w"], [4], [torch.ones(4)])
+    ef.commit_sparse("w", ["w"], [4], out, torch.tensor([0]), torch.tensor([1.0]))
+    assert torch.equal(out, torch.ones(4)) and ef.residuals == {}
