@@ -245,7 +245,7 @@ def test_robust_aggregation_through_the_engine(tmp_path):
         assert r["stats"]["steps"] == 3 and r["stats"]["bytes_sent"] > 0
 
 
-# ---- the allocation-free sparse path computes what the general path computes ----------------
+# ---- the in-place fast paths compute what the general path computes --------------------------
 def _fast_vs_reference(rank: int, world: int) -> dict:
     out = {}
     for compressor, collective in [
@@ -254,17 +254,19 @@ def _fast_vs_reference(rank: int, world: int) -> dict:
         ("topk", "allgather"),
         ("threshold", "ssar_rd"),
         ("topk", "dsar"),
+        ("none", None),  # the dense in-place path
+        ("fp16", None),
     ]:
         runs = []
         for fast in (True, False):
             torch.manual_seed(0)
             net = _net()
             model = DDP(net, bucket_cap_mb=0.001)  # several buckets, in DDP's (reversed) order
-            state = sparsetrain.register_ddp_hook(
-                model, compressor, density=0.1, collective=collective
-            )
+            opts = {"density": 0.1, "collective": collective} if collective else {}
+            state = sparsetrain.register_ddp_hook(model, compressor, **opts)
             if not fast:
                 state.engine._sparse_fast_path = lambda: False
+                state.engine._dense_fast_path = lambda: False
             grads = []
             for step in range(4):
                 x, y = _batch(rank, step)
@@ -282,8 +284,10 @@ def _fast_vs_reference(rank: int, world: int) -> dict:
     return out
 
 
-def test_sparse_fast_path_is_bit_identical_to_the_general_path(tmp_path):
+def test_fast_paths_are_bit_identical_to_the_general_path(tmp_path):
     for result in oks(run_world(_fast_vs_reference, 3, tmp_path)):
         for combo, (same_grads, same_residuals, has_residuals) in result.items():
             assert same_grads, f"{combo}: averaged gradients differ"
-            assert has_residuals and same_residuals, f"{combo}: residuals differ"
+            assert same_residuals, f"{combo}: residuals differ"
+            # error feedback is on for the biased sparse compressors, off for none and fp16
+            assert has_residuals == (combo[1] is not None), combo

@@ -214,6 +214,9 @@ class Compressor(abc.ABC):
     # True: the sync layer adds the rank to ``seed`` (independent noise per rank); False: every
     # rank must draw the same numbers (random-k indices, PowerSGD's first Q).
     rank_seeded: ClassVar[bool] = False
+    # True: stateless, entry by entry, one summable payload tensor (a cast or nothing), so the
+    # exchange may run on the bucket in place, in any order (the sync layer's dense fast path).
+    elementwise: ClassVar[bool] = False
 
     @abc.abstractmethod
     def compress(

@@ -16,6 +16,8 @@ from .base import Compressor, Payload, TensorMeta, check_floating
 class _Cast(Compressor):
     """Shared body of the cast compressors; ``wire_dtype`` is set by each subclass."""
 
+    elementwise: ClassVar[bool] = True
+
     wire_dtype: ClassVar[torch.dtype]
 
     def compress(self, t: Tensor, *, key: str = "", layout=None) -> tuple[Payload, TensorMeta]:

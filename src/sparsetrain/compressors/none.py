@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import Tensor
 
@@ -20,6 +21,8 @@ class NoCompression(Compressor):
         >>> c = NoCompression()
         >>> payload, ctx = c.compress(torch.ones(3))
     """
+
+    elementwise: ClassVar[bool] = True
 
     def compress(self, t: Tensor, *, key: str = "", layout=None) -> tuple[Payload, TensorMeta]:
         check_floating(t)
