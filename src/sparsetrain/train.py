@@ -133,6 +133,9 @@ class TrainConfig:
         task_options: keyword options of the task factory (for example ``hidden``).
         progress: show a progress bar on rank 0.
         timeout_s: seconds a collective may wait before the process group gives up.
+        native_ddp: no hook at all, PyTorch's own allreduce: the plain-DDP baseline of a
+            comparison. Needs ``compressor="none"`` and no robust aggregation or attack; bytes
+            are counted by the ring formula, and a NaN/Inf gradient is not checked.
 
     Raises:
         ValueError, TypeError: a field out of range or of the wrong type; the message names the
@@ -176,6 +179,7 @@ class TrainConfig:
     task_options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
     timeout_s: float = 300.0
+    native_ddp: bool = False
 
     def __post_init__(self) -> None:
         tasks = available_tasks()
@@ -208,6 +212,16 @@ class TrainConfig:
         _check_int("checkpoint_every", self.checkpoint_every, 0)
         _check_int("dense_warmup_steps", self.dense_warmup_steps, 0)
         _check_int("byzantine", self.byzantine, 0)
+        if not isinstance(self.native_ddp, bool):
+            raise TypeError(f"native_ddp must be True or False, got {self.native_ddp!r}")
+        if self.native_ddp and (
+            self.compressor != "none" or self.aggregator is not None or self.attack is not None
+        ):
+            raise ValueError(
+                "native_ddp=True runs plain DDP without the hook: it needs compressor='none' "
+                f"and no aggregator or attack, got compressor={self.compressor!r}, "
+                f"aggregator={self.aggregator!r}, attack={self.attack!r}"
+            )
         if self.byzantine >= self.workers:
             raise ValueError(
                 f"byzantine must be smaller than workers (some ranks must be honest), got "
@@ -366,20 +380,24 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
     )
     options = config.effective_compressor_options()
     density = options.pop("density", None)
-    hook = register_ddp_hook(
-        ddp,
-        config.compressor,
-        density,
-        error_feedback=config.error_feedback,
-        collective=config.collective,
-        dense_warmup_steps=config.dense_warmup_steps,
-        on_nonfinite=config.on_nonfinite,
-        aggregator=config.aggregator,
-        aggregator_options=config.aggregator_options,
-        attack=config.attack,
-        attack_options=config.attack_options,
-        byzantine=config.byzantine,
-        **options,
+    hook = (
+        _NativeDDP(ddp, world)
+        if config.native_ddp
+        else register_ddp_hook(
+            ddp,
+            config.compressor,
+            density,
+            error_feedback=config.error_feedback,
+            collective=config.collective,
+            dense_warmup_steps=config.dense_warmup_steps,
+            on_nonfinite=config.on_nonfinite,
+            aggregator=config.aggregator,
+            aggregator_options=config.aggregator_options,
+            attack=config.attack,
+            attack_options=config.attack_options,
+            byzantine=config.byzantine,
+            **options,
+        )
     )
     # A data attack (label flip) acts in the loss of the Byzantine ranks, the last `byzantine`.
     attack = hook.engine.attack
@@ -543,6 +561,43 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
         "config": {**config.to_dict(), "workers": world},
         "curves": curves,
     }
+
+
+class _NativeDDP:
+    """What the training loop needs from the hook's state, for plain DDP without a hook: the
+    steps (counted at each training forward of the DDP model) and the bytes a ring allreduce of
+    the gradients sends."""
+
+    class _Engine:
+        attack = None
+
+    engine = _Engine()
+    skipped_last_step = False
+
+    def __init__(self, ddp: DistributedDataParallel, world: int):
+        from .comm import ring_allreduce_bytes
+
+        self._per_step = sum(
+            ring_allreduce_bytes(p.numel(), p.element_size(), world)
+            for p in ddp.module.parameters()
+            if p.requires_grad
+        )
+        self._steps = 0
+        ddp.register_forward_pre_hook(lambda *_: self._count())
+
+    def _count(self) -> None:
+        self._steps += 1
+
+    def stats(self) -> dict[str, Any]:
+        sent = float(self._per_step * self._steps)
+        return {"bytes_sent": sent, "dense_bytes": sent, "compress_seconds": 0.0,
+                "comm_seconds": 0.0, "skipped_steps": 0}  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self._steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._steps = int(state["steps"])
 
 
 def _resumable(config: TrainConfig) -> dict[str, Any]:

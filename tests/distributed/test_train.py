@@ -98,6 +98,25 @@ def test_ok_topk_sparse_allreduce_ends_within_two_points_of_dense():
     assert ok["bytes_sent_per_rank"] <= 0.05 * dense["bytes_sent_per_rank"]
 
 
+def test_native_ddp_baseline_trains_like_the_hook_with_none():
+    # The plain-DDP baseline (no hook) takes the same steps, learns the same (the sums differ
+    # only in rounding: DDP reduces its buckets in another order) and is charged the ring bytes.
+    common = {**COMMON, "workers": 2, "epochs": 5}
+    runs = by_label(
+        launch(
+            [
+                TrainConfig(compressor="none", **common),
+                TrainConfig(native_ddp=True, label="ddp", **common),
+            ]
+        )
+    )
+    hook, native = runs["none"], runs["ddp"]
+    assert native["steps"] == hook["steps"] > 0
+    assert abs(native["final_test_accuracy"] - hook["final_test_accuracy"]) <= 0.01
+    assert native["bytes_sent_per_rank"] == pytest.approx(hook["dense_bytes_per_rank"], rel=1e-4)
+    assert native["config"]["native_ddp"] is True and hook["config"]["native_ddp"] is False
+
+
 def test_report_has_the_promised_fields_and_the_picture_is_written(comparison, tmp_path):
     report = json.loads(write_report(comparison, tmp_path / "out.json").read_text())
     assert report["world_size"] == 4

@@ -157,6 +157,9 @@ def test_demo_defaults_compare_three_methods_at_one_percent():
         ({"compressor_options": [1]}, TypeError, ["compressor_options", "dict"]),
         ({"checkpoint_every": 5}, ValueError, ["checkpoint_dir"]),
         ({"nesterov": True, "momentum": 0.0}, ValueError, ["nesterov"]),
+        ({"native_ddp": True, "compressor": "topk"}, ValueError, ["native_ddp", "'none'"]),
+        ({"native_ddp": True, "aggregator": "median"}, ValueError, ["native_ddp", "aggregator"]),
+        ({"native_ddp": "yes"}, TypeError, ["native_ddp"]),
     ],
 )
 def test_train_config_refuses_bad_values_with_a_clear_message(kwargs, error, words):
