@@ -3,7 +3,8 @@
 Trains a communication-bound task (digits-wide-mlp, a wide MLP whose gradient exchange costs
 more than its compute) on RANKS network namespaces with tc-shaped links, once per method:
 
-* dense DDP (``none``: plain allreduce of every gradient),
+* plain DDP (``ddp``: no hook, PyTorch's own allreduce), the baseline of the ratios,
+* ``dense`` (the hook with ``none``: the same allreduce through sparsetrain),
 * ``fp16`` (half-precision allreduce),
 * ``topk`` at DENSITY with the ``allgather`` baseline,
 * ``threshold`` at DENSITY with the ``oktopk`` sparse allreduce,
@@ -31,6 +32,7 @@ import tempfile
 from pathlib import Path
 
 METHODS = {  # label: (compressor, collective, uses density)
+    "ddp": ("none", "allgather", False),  # plain DDP, no hook: the baseline
     "dense": ("none", "allgather", False),
     "fp16": ("fp16", "allgather", False),
     "topk+allgather": ("topk", "allgather", True),
@@ -90,6 +92,7 @@ def worker(cfg_path: str) -> int:
                 seed=cfg["seed"],
                 eval_every=cfg["eval_every"],
                 label=label,
+                native_ddp=label == "ddp",
                 progress=False,
                 timeout_s=600.0,
             )
@@ -176,11 +179,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report = json.loads((tmp / "report.json").read_text())
     runs = {r["label"]: r for r in report["runs"]}
-    dense_t = time_to_target(runs["dense"]["curves"], args.target) if "dense" in runs else None
-    dense_acc = runs["dense"]["final_test_accuracy"] if "dense" in runs else None
+    base = "ddp" if "ddp" in runs else "dense"
+    dense_t = time_to_target(runs[base]["curves"], args.target) if base in runs else None
+    dense_acc = runs[base]["final_test_accuracy"] if base in runs else None
     floor = report["compute_floor_s_per_step"]
     print(f"compute floor (forward, backward, optimizer; no communication): {floor:.3f} s/step")
-    print(f"\ntime to test accuracy {args.target:g} on {args.ranks} ranks at {args.bandwidth}:")
+    print(f"\ntime to test accuracy {args.target:g} on {args.ranks} ranks at {args.bandwidth} "
+          f"(ratios against {base}):")  # fmt: skip
     print(f"{'method':<18}{'to target s':>12}{'vs dense':>10}{'final acc':>11}{'Δ acc pts':>11}"
           f"{'total s':>9}{'s/step':>8}{'MB/rank':>9}")  # fmt: skip
     summary = []
@@ -208,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                                                   "summary": summary, "report": report}, indent=1))  # fmt: skip
     plot(report, args.target, out / f"{stem}.png",
          f"digits-wide-mlp (hidden {args.hidden}), {args.ranks} ranks, {args.bandwidth}")  # fmt: skip
-    if "dense" in runs:
-        dense_step = runs["dense"]["wall_seconds"] / runs["dense"]["steps"]
+    if base in runs:
+        dense_step = runs[base]["wall_seconds"] / runs[base]["steps"]
         print(f"dense step / compute floor = {dense_step / floor:.2f}: the largest speedup per "
               "step that removing all communication could give on this machine")  # fmt: skip
     print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
