@@ -47,6 +47,7 @@ import shutil
 import tempfile
 import time
 import traceback
+import types
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -568,10 +569,7 @@ class _NativeDDP:
     steps (counted at each training forward of the DDP model) and the bytes a ring allreduce of
     the gradients sends."""
 
-    class _Engine:
-        attack = None
-
-    engine = _Engine()
+    engine = types.SimpleNamespace(attack=None)  # no attack without the hook
     skipped_last_step = False
 
     def __init__(self, ddp: DistributedDataParallel, world: int):

@@ -22,13 +22,7 @@ from sparsetrain.compressors.randomk import sample_without_replacement
 ALL = available_compressors()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors gain nothing from intra-op threads, and a shared CI box loses a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]

@@ -13,13 +13,7 @@ from hypothesis import strategies as st
 from sparsetrain.compressors import get_compressor
 from sparsetrain.compressors.threshold import Threshold
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def training_like(n: int, steps: int, seed: int):

@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 import torch.distributed as dist
 from torch import Tensor
 
+from .._options import check_options
+
 
 @dataclass
 class CollectiveResult:
@@ -89,10 +91,5 @@ def get_collective(name: str, **options: Any) -> SparseCollective:
     allowed = (
         [f.name for f in dataclasses.fields(cls) if f.init] if dataclasses.is_dataclass(cls) else []
     )
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"collective {name!r} does not take option(s) {unknown}; "
-            f"it takes: {', '.join(allowed) if allowed else 'no options'}"
-        )
+    check_options("collective", name, options, allowed)
     return cls(**options)

@@ -9,6 +9,7 @@ import dataclasses
 import importlib
 from typing import Any
 
+from .._options import check_options
 from .base import (
     Compressor,
     Payload,
@@ -94,13 +95,7 @@ def get_compressor(name: str, **options: Any) -> Compressor:
             this compressor takes (the message lists the ones it does), or a value is out of range.
     """
     cls = compressor_class(name)
-    allowed = option_names(name)
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"compressor {name!r} does not take option(s) {unknown}; "
-            f"it takes: {', '.join(allowed) if allowed else 'no options'}"
-        )
+    check_options("compressor", name, options, option_names(name))
     return cls(**options)
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .._options import check_options
 from .masks import Masks, check_scope, check_sparsity
 from .schedules import OneShot, Schedule, get_schedule
 
@@ -391,10 +392,5 @@ def get_pruner(name: str, **options: Any) -> Pruner:
         >>> p = get_pruner("magnitude", sparsity=0.8, scope="layer")
     """
     cls = pruner_class(name)
-    allowed = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"pruner {name!r} does not take option(s) {unknown}; it takes: {', '.join(allowed)}"
-        )
+    check_options("pruner", name, options, [f.name for f in dataclasses.fields(cls)])
     return cls(**options)

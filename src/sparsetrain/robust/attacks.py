@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .._options import check_options
 from .base import check_int, check_positive, generator_for, key_seed
 
 _ATTACKS: dict[str, type[Attack]] = {}
@@ -60,12 +61,7 @@ def get_attack(name: str, *, n: int, f: int, **options: Any) -> Attack:
         )
     cls = _ATTACKS[name]
     allowed = [x.name for x in dataclasses.fields(cls) if x.init and x.name not in ("n", "f")]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"attack {name!r} does not take option(s) {unknown}; "
-            f"it takes: {', '.join(allowed) if allowed else 'no options'}"
-        )
+    check_options("attack", name, options, allowed)
     return cls(n=n, f=f, **options)
 
 

@@ -21,6 +21,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .._options import check_options
+
 _REGISTRY: dict[str, type[Aggregator]] = {}
 
 
@@ -156,13 +158,7 @@ def option_names(cls: type[Aggregator]) -> list[str]:
 
 def build(name: str, n: int, f: int, options: dict[str, Any]) -> Aggregator:
     cls = aggregator_class(name)
-    allowed = option_names(cls)
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"aggregator {name!r} does not take option(s) {unknown}; "
-            f"it takes: {', '.join(allowed) if allowed else 'no options'}"
-        )
+    check_options("aggregator", name, options, option_names(cls))
     return cls(n=n, f=f, **options)
 
 
