@@ -2,29 +2,42 @@
 
 The time of a collective on p ranks is modelled as ::
 
-    T = alpha * messages + beta * bytes + gamma * sparse_elements + gamma_dense * dense_elements
+    T = alpha * messages + beta * bytes + overhead * operations
+        + gamma * sparse_elements + gamma_dense * dense_elements + gamma_sort * sort_work
 
 counted along the critical path of one rank:
 
-* ``messages``: sequential message start-ups (latency terms; a batch of point-to-point sends
-  posted at once counts once, a ring step counts once);
+* ``messages``: sequential message steps (latency terms). Each point-to-point message counts
+  once, also when a batch of them to p - 1 peers is posted at once (as the Ok-Topk paper
+  counts its split, (p - 1) alpha); a ring collective counts its steps.
 * ``bytes``: the bytes that cross this rank's link in its busier direction (every rank has its
-  own full-duplex link to a non-blocking switch, as in the emulated cluster);
-* ``sparse_elements``: (index, value) entries sorted, merged, selected or scattered locally;
+  own full-duplex link to a non-blocking switch, as in the emulated cluster).
+* ``operations``: what the rank issues: one per library collective call (gloo or NCCL
+  allreduce, allgather) and one per point-to-point message posted. ``overhead`` is the
+  software cost of each (LogP's o): Python, the backend's bookkeeping, a system call.
+* ``sparse_elements``: (index, value) entries touched once locally (scatter, compare, copy).
 * ``dense_elements``: elements of dense vectors streamed through memory (zero-fill, sums).
+* ``sort_work``: sum of m log2 m over the sorts and sort-based merges of m entries.
+
+The three local terms are multiplied by ``Problem.share(active)``: when the ranks share
+``cores`` processors (the emulated cluster runs every rank on this machine's cores), local
+work that ``active`` ranks do at once takes ``max(1, active / cores)`` times as long. With
+``cores=None`` (a real cluster: a processor a rank) the factor is 1.
 
 Sparse inputs are modelled as k = density * n distinct indices a rank, uniform and independent
 across ranks (the worst case for fill-in), so the expected support of the sum of m ranks is
 ``U(m) = n * (1 - (1 - density) ** m)``. Entries cost ``index_bytes + value_bytes`` on the wire.
 
 Every formula follows the algorithm as implemented in :mod:`sparsetrain.comm`, phase by phase
-(see each function). ``fit`` finds alpha, beta and both gammas from measured times by
-non-negative least squares on relative errors; ``best_collective`` picks the fastest algorithm
-for the sync layer's ``collective="auto"``.
+(see each function). Small collectives (the input agreement, allgathers of counts) are counted
+as rings, as gloo runs them: 2(p-1) steps for an allreduce, p-1 for an allgather. ``fit`` finds
+the coefficients from measured times by non-negative least squares on relative errors;
+``best_collective`` picks the fastest algorithm for the sync layer's ``collective="auto"``.
 
-Papers: Hockney's alpha-beta model; Thakur, Rabenseifner and Gropp, "Optimization of collective
-communication operations in MPICH" (IJHPCA 2005) for ring allreduce; SparCML (Renggli et al.,
-SC'19); Ok-Topk (Li and Hoefler, PPoPP'22); gTop-k (Shi et al., ICDCS'19).
+Papers: Hockney's alpha-beta model; Culler et al., "LogP" (PPoPP'93) for the per-message
+overhead; Thakur, Rabenseifner and Gropp, "Optimization of collective communication operations
+in MPICH" (IJHPCA 2005) for ring allreduce; SparCML (Renggli et al., SC'19); Ok-Topk (Li and
+Hoefler, PPoPP'22); gTop-k (Shi et al., ICDCS'19).
 
 Example:
     >>> params = NetworkParams.from_link(bandwidth_bps=10e9, latency_s=5e-6)
@@ -38,9 +51,11 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 # ---- parameters and costs ---------------------------------------------------------------------
+
+COEFFICIENTS = ("alpha", "beta", "gamma", "gamma_dense", "gamma_sort", "overhead")
 
 
 @dataclass(frozen=True)
@@ -48,19 +63,23 @@ class NetworkParams:
     """Coefficients of the cost model, all in seconds.
 
     Attributes:
-        alpha: per message (start-up latency).
+        alpha: per message step (start-up latency).
         beta: per byte on a link (1 / bandwidth in bytes per second).
-        gamma: per sparse entry processed locally (sort, merge, select, scatter).
+        gamma: per sparse entry touched once locally (scatter, compare, copy).
         gamma_dense: per dense element streamed through memory (zero-fill, elementwise sum).
+        gamma_sort: per entry and per halving in a sort of m entries (m log2 m work).
+        overhead: per operation issued (a collective call or a point-to-point message posted).
     """
 
     alpha: float
     beta: float
     gamma: float = 0.0
     gamma_dense: float = 0.0
+    gamma_sort: float = 0.0
+    overhead: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("alpha", "beta", "gamma", "gamma_dense"):
+        for name in COEFFICIENTS:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
                 raise ValueError(f"NetworkParams.{name} must be a number >= 0, got {v!r}")
@@ -72,20 +91,24 @@ class NetworkParams:
         latency_s: float,
         gamma: float = 2e-9,
         gamma_dense: float = 5e-11,
+        gamma_sort: float = 1e-10,
+        overhead: float = 0.0,
     ) -> NetworkParams:
         """Build parameters from a link's rate in bits per second and its one-way latency.
 
-        The default gammas are those of a GPU-class device (about 2 ns an entry for
-        sort-based merges, 0.05 ns an element for streaming), not of the 2-core CPU the
-        emulated cluster runs on; pass fitted values to model that.
+        The default local costs are those of a GPU-class device (about 2 ns an entry touched,
+        0.05 ns an element streamed, and 0.1 ns an entry per halving in a sort, so about 2 ns
+        an entry for a sort of a million), not of the 2-core CPU the emulated cluster runs on;
+        pass fitted values to model that. The software overhead of an operation is taken to
+        be part of the latency (0).
         """
         if not bandwidth_bps > 0:
             raise ValueError(f"bandwidth_bps must be positive, got {bandwidth_bps!r}")
-        return cls(alpha=latency_s, beta=8.0 / bandwidth_bps, gamma=gamma, gamma_dense=gamma_dense)
+        return cls(alpha=latency_s, beta=8.0 / bandwidth_bps, gamma=gamma,
+                   gamma_dense=gamma_dense, gamma_sort=gamma_sort, overhead=overhead)  # fmt: skip
 
     def as_dict(self) -> dict[str, float]:
-        return {"alpha": self.alpha, "beta": self.beta, "gamma": self.gamma,
-                "gamma_dense": self.gamma_dense}  # fmt: skip
+        return {name: getattr(self, name) for name in COEFFICIENTS}
 
 
 @dataclass(frozen=True)
@@ -96,40 +119,44 @@ class Cost:
     bytes: float
     sparse_elements: float = 0.0
     dense_elements: float = 0.0
+    sort_work: float = 0.0
+    operations: float = 0.0
+
+    def terms(self) -> tuple[float, ...]:
+        """Return the counts in the order of :data:`COEFFICIENTS`."""
+        return (self.messages, self.bytes, self.sparse_elements, self.dense_elements,
+                self.sort_work, self.operations)  # fmt: skip
 
     def seconds(self, params: NetworkParams) -> float:
         """Return the modelled time in seconds."""
-        return (
-            params.alpha * self.messages
-            + params.beta * self.bytes
-            + params.gamma * self.sparse_elements
-            + params.gamma_dense * self.dense_elements
-        )
+        return sum(c * getattr(params, name) for c, name in zip(self.terms(), COEFFICIENTS))
 
     def __add__(self, other: Cost) -> Cost:
-        return Cost(
-            self.messages + other.messages,
-            self.bytes + other.bytes,
-            self.sparse_elements + other.sparse_elements,
-            self.dense_elements + other.dense_elements,
-        )
+        return Cost(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
 
 @dataclass(frozen=True)
 class Problem:
-    """One collective call: p ranks, a vector of n elements, k entries a rank."""
+    """One collective call: p ranks, a vector of n elements, k entries a rank.
+
+    ``cores``: processors the ranks share (the emulated cluster: this machine's cores); None
+    when every rank has its own, as on a real cluster.
+    """
 
     world: int
     numel: int
     density: float
     value_bytes: int = 4
     index_bytes: int = 4
+    cores: int | None = None
 
     def __post_init__(self) -> None:
         _check_int("world", self.world, 1)
         _check_int("numel", self.numel, 1)
         _check_int("value_bytes", self.value_bytes, 1)
         _check_int("index_bytes", self.index_bytes, 1)
+        if self.cores is not None:
+            _check_int("cores", self.cores, 1)
         if isinstance(self.density, bool) or not isinstance(self.density, (int, float)):
             raise TypeError(f"density must be a number in (0, 1], got {self.density!r}")
         if not 0 < self.density <= 1:
@@ -147,6 +174,10 @@ class Problem:
         """Expected support of the sum of ``m`` ranks' sparse vectors."""
         return self.numel * (1.0 - (1.0 - self.density) ** m)
 
+    def share(self, active: float) -> float:
+        """Slow-down of local work done by ``active`` ranks at once on the shared cores."""
+        return 1.0 if self.cores is None else max(1.0, active / self.cores)
+
 
 def _check_int(name: str, v: object, lo: int) -> None:
     if isinstance(v, bool) or not isinstance(v, int):
@@ -159,9 +190,37 @@ def _log2ceil(p: int) -> int:
     return max(0, math.ceil(math.log2(p))) if p > 1 else 0
 
 
+def _sort(m: float) -> float:
+    """Work of sorting m entries: m log2 m (at least m)."""
+    return m * math.log2(m) if m > 2 else m
+
+
+def _local(
+    q: Problem, active: float, *, sparse: float = 0.0, dense: float = 0.0, sorts: Iterable = ()
+) -> Cost:
+    """Local work done by ``active`` ranks at once: entries touched, elements streamed, sorts."""
+    f = q.share(active)
+    return Cost(0, 0, f * sparse, f * dense, f * sum(_sort(m) for m in sorts))
+
+
+def _call(messages: float, nbytes: float = 0.0) -> Cost:
+    """One call of a library collective that takes ``messages`` steps."""
+    return Cost(messages, nbytes, operations=1)
+
+
+def _p2p(messages: float, nbytes: float = 0.0) -> Cost:
+    """``messages`` point-to-point messages, each posted by the rank (one operation each)."""
+    return Cost(messages, nbytes, operations=messages)
+
+
 def _small_allreduce(p: int) -> Cost:
-    """A few-int allreduce (the input agreement every sparse collective starts with)."""
-    return Cost(messages=2 * _log2ceil(p), bytes=0.0)
+    """A few-int allreduce (the input agreement every sparse collective starts with): a ring."""
+    return _call(2 * (p - 1)) if p > 1 else Cost(0, 0)
+
+
+def _small_allgather(p: int) -> Cost:
+    """An allgather of a few ints (counts, sizes): a ring of p - 1 steps."""
+    return _call(p - 1) if p > 1 else Cost(0, 0)
 
 
 # ---- formulas, registered by collective name --------------------------------------------------
@@ -190,15 +249,13 @@ def available_models() -> list[str]:
 def dense_ring_allreduce(q: Problem) -> Cost:
     """Ring allreduce: reduce-scatter then allgather, 2(p-1) steps of n/p elements each.
 
-    T = 2(p-1) alpha + 2(p-1)/p n b_v beta + (p-1)/p n gamma_dense.
+    T = 2(p-1) alpha + 2(p-1)/p n b_v beta + o + (p-1)/p n gamma_dense.
     """
     p, n = q.world, q.numel
     if p == 1:
         return Cost(0, 0)
-    return Cost(
-        messages=2 * (p - 1),
-        bytes=2 * (p - 1) / p * n * q.value_bytes,
-        dense_elements=(p - 1) / p * n,
+    return _call(2 * (p - 1), 2 * (p - 1) / p * n * q.value_bytes) + _local(
+        q, p, dense=(p - 1) / p * n
     )
 
 
@@ -207,14 +264,13 @@ def sparse_allgather(q: Problem) -> Cost:
     """Allgather of every rank's k entries (sizes first, then payloads padded to the largest),
     then a local scatter-add of all p k entries into a zeroed dense vector.
 
-    T = 2(p-1) alpha + (p-1) k (b_i + b_v) beta + p k gamma + n gamma_dense.
+    T = 2(p-1) alpha + (p-1) k (b_i + b_v) beta + 2 o + p k gamma + n gamma_dense.
     """
     p = q.world
-    return Cost(
-        messages=2 * (p - 1),
-        bytes=(p - 1) * q.k * q.entry_bytes,
-        sparse_elements=p * q.k,
-        dense_elements=q.numel,
+    return (
+        _small_allgather(p)
+        + _call(p - 1, (p - 1) * q.k * q.entry_bytes)
+        + _local(q, p, sparse=p * q.k, dense=q.numel)
     )
 
 
@@ -222,26 +278,27 @@ def sparse_allgather(q: Problem) -> Cost:
 def ssar_recursive_doubling(q: Problem) -> Cost:
     """SparCML recursive doubling with fold/unfold for non-powers of two.
 
-    Rounds: a fold (k entries) when p is not a power of two, log2 p' exchanges where the
-    sender's support after merging m ranks is U(m), then an unfold of the result U(p). Each
-    exchange is a size message and a payload message; each merge sorts both operands.
+    Agreement and a local coalesce (a sort of k); a fold (k entries) when p is not a power of
+    two; log2 p' exchanges, each a size message and a payload message, where the sender's
+    support after merging m ranks is U(m) and the merge sorts both operands (2 U(m)); an
+    unfold of the result U(p); then a scatter of U(p) entries into a zeroed dense vector.
     """
     p = q.world
     core = 1 << (p.bit_length() - 1)
     extra = p - core
-    cost = _small_allreduce(p) + Cost(0, 0, sparse_elements=q.k, dense_elements=q.numel)
+    cost = _small_allreduce(p) + _local(q, p, sorts=[q.k])
     m = 1.0
     if extra:
-        cost += Cost(2, q.k * q.entry_bytes, 2 * q.k)
+        cost += _p2p(2, q.k * q.entry_bytes) + _local(q, extra, sorts=[2 * q.k])
         m = p / core  # average ranks folded into a core rank
     rounds = core.bit_length() - 1
     for _ in range(rounds):
         u = q.union(m)
-        cost += Cost(2, u * q.entry_bytes, 2 * u)
+        cost += _p2p(2, u * q.entry_bytes) + _local(q, core, sorts=[2 * u])
         m *= 2
     if extra:
-        cost += Cost(2, q.union(p) * q.entry_bytes, 0)
-    return cost + Cost(0, 0, sparse_elements=q.union(p))
+        cost += _p2p(2, q.union(p) * q.entry_bytes)
+    return cost + _local(q, p, sparse=q.union(p), dense=q.numel)
 
 
 def _split_phase(q: Problem, adaptive: bool) -> tuple[Cost, float, bool]:
@@ -251,32 +308,30 @@ def _split_phase(q: Problem, adaptive: bool) -> tuple[Cost, float, bool]:
     delta = q.value_bytes / q.entry_bytes  # break-even density
     dense_in = adaptive and q.density >= delta
     per_peer = (q.numel / p * q.value_bytes) if dense_in else (q.k / p * q.entry_bytes)
-    cost = _small_allreduce(p) + Cost(
-        messages=2,  # sizes, then one batch of payloads in rotating order
-        bytes=(p - 1) * per_peer,
-        sparse_elements=q.k if not dense_in else 0.0,  # sort into ranges
-        dense_elements=(q.numel if dense_in else 0.0),
+    cost = (
+        _small_allreduce(p)
+        + _local(q, p, sorts=[q.k], dense=q.numel if dense_in else 0.0)  # sort into ranges
+        + _p2p(p - 1)  # sizes
+        + _p2p(p - 1, (p - 1) * per_peer)  # payloads in rotating order
     )
     reduced = q.union(p) / p
     dense_out = adaptive and (dense_in or q.union(p) / q.numel >= delta)
-    cost += Cost(
-        0,
-        0,
-        sparse_elements=0 if dense_out else q.k,
-        dense_elements=q.numel / p if dense_out else 0,
-    )
+    if dense_out:  # scatter-add into a dense range
+        cost += _local(q, p, sparse=q.k, dense=q.numel / p)
+    else:  # sort-based merge of the k entries that fall in the range
+        cost += _local(q, p, sorts=[q.k])
     return cost, reduced, dense_out
 
 
 def _allgather_ranges(q: Problem, reduced: float, dense_out: bool) -> Cost:
-    """Allgather of the p reduced ranges (sizes by ring allgather, then direct sends)."""
+    """Allgather of the p reduced ranges (sizes by ring allgather, then direct sends) and their
+    scatter into a zeroed dense vector."""
     p = q.world
     block = q.numel / p * q.value_bytes if dense_out else reduced * q.entry_bytes
-    return Cost(
-        messages=(p - 1) + 1,
-        bytes=(p - 1) * block,
-        sparse_elements=0 if dense_out else p * reduced,
-        dense_elements=q.numel,
+    return (
+        _small_allgather(p)
+        + _p2p(p - 1, (p - 1) * block)
+        + _local(q, p, sparse=0.0 if dense_out else p * reduced, dense=q.numel)
     )
 
 
@@ -284,8 +339,8 @@ def _allgather_ranges(q: Problem, reduced: float, dense_out: bool) -> Cost:
 def ssar_split_allgather(q: Problem) -> Cost:
     """SparCML split-allgather: sparse split to p range owners, merge, allgather of ranges.
 
-    T = (2 log p + p + 2) alpha + (p-1)/p [k + U(p)] (b_i + b_v) beta + (2k + U(p)) gamma
-        + n gamma_dense.
+    T = (2(p-1) + 2(p-1) + (p-1) + (p-1)) alpha + (p-1)/p [k + U(p)] (b_i + b_v) beta
+        + (1 + 2(p-1) + 1 + (p-1)) o + 2 k log2 k gamma_sort + U(p) gamma + n gamma_dense.
     """
     cost, reduced, _ = _split_phase(q, adaptive=False)
     return cost + _allgather_ranges(q, reduced, dense_out=False)
@@ -303,18 +358,27 @@ def dsar(q: Problem) -> Cost:
 def oktopk(q: Problem) -> Cost:
     """Ok-Topk: balanced split-reduce, global top-k by estimated threshold, allgatherv.
 
-    Steady state (boundaries and threshold reused): agreement, a split of (p-1)/p k entries to
-    region owners (sizes + one rotating batch), merge, threshold selection on the region
-    (about U(p)/p entries), a ring allgather of the selected counts, then direct sends of the
-    selected k/p entries a rank. Volume about 2 (p-1)/p k entries, the paper's < 6k bound.
+    Steady state (region edges and threshold reused): agreement; a coalesce and a split into
+    regions (two sorts of k); sizes then payloads, (p-1)/p k entries, to the region owners in
+    rotating order; a sort-based merge of the region's k entries; the threshold compared with
+    its U(p)/p reduced entries; a ring allgather of the kept counts; the balance (for balanced
+    regions a rank's excess goes to at most its neighbours: about 2 messages); then direct
+    sends of the k/p entries a rank holds. Volume about 2 (p-1)/p k entries, the paper's
+    < 6k bound; latency (5(p-1) + 2) alpha against the paper's (2p + 2 log p) alpha, because
+    sizes travel first and the small collectives are rings.
     """
     p = q.world
     selected = q.k / p
-    return _small_allreduce(p) + Cost(
-        messages=2 + (p - 1) + 1,
-        bytes=(p - 1) / p * q.k * q.entry_bytes + (p - 1) * selected * q.entry_bytes,
-        sparse_elements=2 * q.k + q.union(p) / p + q.k,
-        dense_elements=0.0,
+    return (
+        _small_allreduce(p)
+        + _local(q, p, sorts=[q.k, q.k])
+        + _p2p(p - 1)
+        + _p2p(p - 1, (p - 1) / p * q.k * q.entry_bytes)
+        + _local(q, p, sorts=[q.k], sparse=q.union(p) / p)
+        + _small_allgather(p)
+        + _p2p(min(2, p - 1))
+        + _p2p(p - 1, (p - 1) * selected * q.entry_bytes)
+        + _local(q, p, sparse=q.k)
     )
 
 
@@ -322,16 +386,19 @@ def oktopk(q: Problem) -> Cost:
 def gtopk(q: Problem) -> Cost:
     """gTop-k: tree reduction keeping the top k of each merged pair, then a broadcast.
 
-    log2 p rounds up (k entries a message, a merge and a top-k selection of 2k entries) and
-    log2 p rounds down (k entries): T = 4 log p alpha + 2 log p k (b_i + b_v) beta
-    + 4 k log p gamma.
+    Agreement; each rank coalesces and keeps its top k (two sorts of k); log2 p rounds up, in
+    which rank 0 receives k entries a round and merges and reselects 2k (half as many ranks
+    merge each round); log2 p messages down from rank 0: T = 2(p-1) alpha + 2 log p alpha
+    + 2 log p k (b_i + b_v) beta + (1 + 2 log p) o + (2 sort(k) + 2 log p sort(2k)) gamma_sort.
     """
-    L = _log2ceil(q.world)
-    return _small_allreduce(q.world) + Cost(
-        messages=4 * L,
-        bytes=2 * L * q.k * q.entry_bytes,
-        sparse_elements=4 * L * q.k,
-    )
+    p = q.world
+    L = _log2ceil(p)
+    cost = _small_allreduce(p) + _local(q, p, sorts=[q.k, q.k])
+    active = p / 2
+    for _ in range(L):
+        cost += _p2p(1, q.k * q.entry_bytes) + _local(q, active, sorts=[2 * q.k, 2 * q.k])
+        active /= 2
+    return cost + _p2p(L, L * q.k * q.entry_bytes)
 
 
 # ---- public helpers ----------------------------------------------------------------------------
@@ -345,8 +412,11 @@ def cost(
     density: float,
     value_bytes: int = 4,
     index_bytes: int = 4,
+    cores: int | None = None,
 ) -> Cost:
     """Return the cost decomposition of one call of ``algorithm``.
+
+    ``cores``: processors the ranks share (see :class:`Problem`); None: one a rank.
 
     Raises:
         ValueError: unknown algorithm (the message lists the modelled ones) or bad sizes.
@@ -355,7 +425,7 @@ def cost(
         raise ValueError(
             f"no cost model for collective {algorithm!r}; modelled: {', '.join(available_models())}"
         )
-    return _MODELS[algorithm](Problem(world, numel, density, value_bytes, index_bytes))
+    return _MODELS[algorithm](Problem(world, numel, density, value_bytes, index_bytes, cores))
 
 
 def predict(
@@ -367,6 +437,7 @@ def predict(
     params: NetworkParams,
     value_bytes: int = 4,
     index_bytes: int = 4,
+    cores: int | None = None,
 ) -> float:
     """Return the modelled seconds of one call of ``algorithm``.
 
@@ -376,13 +447,14 @@ def predict(
         5.2e-05
     """
     c = cost(algorithm, world=world, numel=numel, density=density, value_bytes=value_bytes,
-             index_bytes=index_bytes)  # fmt: skip
+             index_bytes=index_bytes, cores=cores)  # fmt: skip
     return c.seconds(params)
 
 
 @dataclass(frozen=True)
 class Measurement:
-    """One measured time: ``algorithm`` on ``world`` ranks, ``numel`` elements, ``density``."""
+    """One measured time: ``algorithm`` on ``world`` ranks, ``numel`` elements, ``density``
+    (``cores``: processors the ranks shared, as in :class:`Problem`)."""
 
     algorithm: str
     world: int
@@ -391,17 +463,19 @@ class Measurement:
     seconds: float
     value_bytes: int = 4
     index_bytes: int = 4
+    cores: int | None = None
 
 
 def fit(
     measurements: Iterable[Measurement], *, fixed: dict[str, float] | None = None
 ) -> NetworkParams:
-    """Fit alpha, beta, gamma and gamma_dense to measured times.
+    """Fit the coefficients of :class:`NetworkParams` to measured times.
 
     Steps: compute each measurement's cost decomposition; divide every row by its measured time
     so the fit minimises relative (not absolute) error, which keeps small calls from being
     ignored next to large ones; solve the non-negative least-squares problem exactly by trying
-    every subset of the four coefficients (16 small solves) and keeping the best feasible one.
+    every subset of the free coefficients (at most 63 small solves) and keeping the best
+    feasible one.
 
     Args:
         measurements: at least three, of modelled algorithms, with positive times.
@@ -422,7 +496,7 @@ def fit(
     """
     import numpy as np
 
-    names = ("alpha", "beta", "gamma", "gamma_dense")
+    names = COEFFICIENTS
     fixed = dict(fixed or {})
     bad = sorted(set(fixed) - set(names))
     if bad:
@@ -437,8 +511,8 @@ def fit(
         if not m.seconds > 0:
             raise ValueError(f"measured seconds must be positive, got {m.seconds} for {m}")
         c = cost(m.algorithm, world=m.world, numel=m.numel, density=m.density,
-                 value_bytes=m.value_bytes, index_bytes=m.index_bytes)  # fmt: skip
-        rows.append([c.messages, c.bytes, c.sparse_elements, c.dense_elements])
+                 value_bytes=m.value_bytes, index_bytes=m.index_bytes, cores=m.cores)  # fmt: skip
+        rows.append(list(c.terms()))
         ts.append(m.seconds)
     a = np.asarray(rows, dtype=float) / np.asarray(ts)[:, None]
     b = np.ones(len(ts))
@@ -449,7 +523,7 @@ def fit(
     # Column scaling: the coefficients span 1e-11 (gamma_dense) to 1e-4 (alpha).
     scale = np.maximum(np.abs(a).max(axis=0), 1e-300)
     a = a / scale
-    best, best_err = np.zeros(4), float(np.sum(b**2))
+    best, best_err = np.zeros(len(names)), float(np.sum(b**2))
     for r in range(1, len(free) + 1):
         for cols in itertools.combinations(free, r):
             sub = a[:, cols]
@@ -460,7 +534,7 @@ def fit(
                 continue
             err = float(np.sum((sub @ x - b) ** 2))
             if err < best_err:
-                best_err, best = err, np.zeros(4)
+                best_err, best = err, np.zeros(len(names))
                 best[list(cols)] = x
     coef = best / scale
     for j, name in enumerate(names):
@@ -546,6 +620,7 @@ def model_numel(name: str) -> int:
 
 
 __all__ = [
+    "COEFFICIENTS",
     "Cost",
     "DEFAULT_PARAMS",
     "EXACT",

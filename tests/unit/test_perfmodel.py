@@ -33,10 +33,16 @@ def test_allgather_volume_grows_linearly_with_ranks():
 
 
 def test_ssar_rd_power_of_two_by_hand():
-    # p=4, n=100, d=0.5: rounds send U(1)=50 then U(2)=75 entries of 8 bytes; agreement 2*2 msgs.
+    # p=4, n=100, d=0.5: rounds send U(1)=50 then U(2)=75 entries of 8 bytes; the agreement is a
+    # ring allreduce (2*3 steps) and each round a size message and a payload message.
     c = pm.cost("ssar_rd", world=4, numel=100, density=0.5)
     assert c.bytes == pytest.approx((50 + 75) * 8)
-    assert c.messages == 4 + 2 * 2
+    assert c.messages == 2 * 3 + 2 * 2
+    assert c.operations == 1 + 2 * 2
+    # Sorts: the coalesce of k=50, then merges of 2*U(1)=100 and 2*U(2)=150 entries.
+    assert c.sort_work == pytest.approx(sum(m * math.log2(m) for m in (50, 100, 150)))
+    # Scatter of the U(4) = 93.75 result entries into a zeroed vector of 100.
+    assert (c.sparse_elements, c.dense_elements) == (pytest.approx(93.75), 100)
 
 
 def test_ssar_rd_non_power_of_two_adds_fold_and_unfold():
@@ -77,15 +83,56 @@ def test_oktopk_volume_is_under_six_k_and_independent_of_ranks():
 
 
 def test_gtopk_by_hand():
+    # p=8: agreement (ring, 2*7 steps), 3 rounds up of one fixed-size message, 3 sends down.
     c = pm.cost("gtopk", world=8, numel=10_000, density=0.01)
     assert c.bytes == pytest.approx(2 * 3 * 100 * 8)
-    assert c.messages == 4 * 3 + 2 * 3
+    assert c.messages == 2 * 7 + 3 + 3
+    assert c.operations == 1 + 3 + 3
+
+
+def test_oktopk_counts_every_point_to_point_message():
+    # p=4: agreement (6 ring steps, one call); sizes and payloads to 3 peers each; a ring
+    # allgather of counts (3 steps, one call); the balance (2 messages); the allgatherv (3).
+    c = pm.cost("oktopk", world=4, numel=10**6, density=0.01)
+    assert c.messages == 6 + 3 + 3 + 3 + 2 + 3
+    assert c.operations == 1 + 3 + 3 + 1 + 2 + 3
+    # Two sorts of k (coalesce, split into regions) and the merge of the region's k entries.
+    assert c.sort_work == pytest.approx(3 * 10_000 * math.log2(10_000))
+
+
+def test_shared_cores_slow_local_work_only():
+    alone = pm.cost("allgather", world=8, numel=10**6, density=0.01)
+    shared = pm.cost("allgather", world=8, numel=10**6, density=0.01, cores=2)
+    assert (shared.messages, shared.bytes, shared.operations) == (
+        alone.messages,
+        alone.bytes,
+        alone.operations,
+    )
+    # 8 ranks scatter at once on 2 cores: 4 times the time.
+    assert shared.sparse_elements == pytest.approx(4 * alone.sparse_elements)
+    assert shared.dense_elements == pytest.approx(4 * alone.dense_elements)
+    # As many cores as ranks: no slow-down.
+    assert pm.cost("allgather", world=8, numel=10**6, density=0.01, cores=8) == alone
+
+
+def test_gtopk_rounds_contend_less_as_the_tree_narrows():
+    # 8 ranks on 2 cores: the first merge round runs on 4 ranks (factor 2), the next on 2 and
+    # the last on 1 (factor 1); the local coalesce and top-k run on all 8 (factor 4).
+    q = dict(world=8, numel=10**6, density=0.01)
+    k = 10_000
+    sort = pm._sort
+    shared = pm.cost("gtopk", cores=2, **q)
+    assert shared.sort_work == pytest.approx(4 * 2 * sort(k) + (2 + 1 + 1) * 2 * sort(2 * k))
+    assert pm.cost("gtopk", **q).sort_work == pytest.approx(2 * sort(k) + 3 * 2 * sort(2 * k))
 
 
 def test_seconds_is_linear_in_the_coefficients():
     c = pm.cost("oktopk", world=16, numel=10**6, density=0.01)
     assert c.seconds(UNIT_ALPHA) == c.messages
     assert c.seconds(UNIT_BETA) == c.bytes
+    for name, count in zip(pm.COEFFICIENTS, c.terms()):
+        unit = pm.NetworkParams(**{"alpha": 0.0, "beta": 0.0, name: 1.0})
+        assert c.seconds(unit) == pytest.approx(count), name
 
 
 @settings(max_examples=15, deadline=None)
@@ -93,20 +140,33 @@ def test_seconds_is_linear_in_the_coefficients():
     alpha=st.floats(1e-6, 1e-3),
     gbit=st.floats(0.5, 200.0),
     gamma=st.floats(0.0, 1e-7),
+    gamma_sort=st.floats(0.0, 1e-8),
+    overhead=st.floats(0.0, 1e-3),
+    cores=st.sampled_from([None, 2]),
 )
-def test_fit_recovers_known_coefficients(alpha, gbit, gamma):
-    true = pm.NetworkParams(alpha=alpha, beta=8 / (gbit * 1e9), gamma=gamma, gamma_dense=1e-10)
+def test_fit_recovers_known_coefficients(alpha, gbit, gamma, gamma_sort, overhead, cores):
+    true = pm.NetworkParams(alpha=alpha, beta=8 / (gbit * 1e9), gamma=gamma, gamma_dense=1e-10,
+                            gamma_sort=gamma_sort, overhead=overhead)  # fmt: skip
     ms = [
-        pm.Measurement(a, p, n, d, pm.predict(a, world=p, numel=n, density=d, params=true))
-        for a in ("dense", "allgather", "ssar_split", "oktopk", "gtopk")
+        pm.Measurement(
+            a,
+            p,
+            n,
+            d,
+            pm.predict(a, world=p, numel=n, density=d, params=true, cores=cores),
+            cores=cores,
+        )  # fmt: skip
+        for a in ("dense", "allgather", "ssar_rd", "ssar_split", "oktopk", "gtopk")
         for p in (4, 8)
         for n in (10**4, 10**6, 10**7)
         for d in (0.001, 0.01, 0.1)
     ]
     got = pm.fit(ms)
-    assert got.alpha == pytest.approx(alpha, rel=1e-4)
-    assert got.beta == pytest.approx(true.beta, rel=1e-4)
+    assert got.alpha == pytest.approx(alpha, rel=1e-3)
+    assert got.beta == pytest.approx(true.beta, rel=1e-3)
     assert got.gamma == pytest.approx(gamma, rel=1e-3, abs=1e-13)
+    assert got.gamma_sort == pytest.approx(gamma_sort, rel=1e-3, abs=1e-14)
+    assert got.overhead == pytest.approx(overhead, rel=1e-3, abs=1e-10)
 
 
 def test_fit_never_returns_negative_coefficients():
@@ -124,7 +184,7 @@ def test_fit_never_returns_negative_coefficients():
         for n in (10, 10**6)
     ]
     got = pm.fit(ms)
-    assert min(got.alpha, got.beta, got.gamma, got.gamma_dense) >= 0
+    assert min(got.as_dict().values()) >= 0
     assert got.beta > 0
 
 
@@ -161,6 +221,8 @@ def test_allgather_loses_to_dense_as_ranks_grow():
         (lambda: pm.cost("dense", world=4, numel=10, density=0.0), ValueError, "density"),
         (lambda: pm.cost("dense", world=4, numel=10, density=1.5), ValueError, "density"),
         (lambda: pm.cost("dense", world=4.0, numel=10, density=0.1), TypeError, "world"),
+        (lambda: pm.cost("dense", world=4, numel=10, density=0.1, cores=0), ValueError, "cores"),
+        (lambda: pm.NetworkParams(alpha=1.0, beta=1.0, overhead=-1.0), ValueError, "overhead"),
         (lambda: pm.NetworkParams(alpha=-1.0, beta=1.0), ValueError, "alpha"),
         (lambda: pm.NetworkParams.from_link(0, 1e-6), ValueError, "bandwidth"),
         (lambda: pm.fit([]), ValueError, "at least 3"),

@@ -218,8 +218,19 @@ def _table(records: list[dict[str, Any]], predicted: dict | None) -> str:
     return "\n".join(lines)
 
 
+def machine_cores() -> int:
+    """Processors this process may run on: the emulated ranks all share them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _fit_model(
-    records: list[dict[str, Any]], world: int, link_bps: float | None = None
+    records: list[dict[str, Any]],
+    world: int,
+    link_bps: float | None = None,
+    cores: int | None = None,
 ) -> dict[str, Any] | None:
     from sparsetrain import perfmodel
 
@@ -227,15 +238,22 @@ def _fit_model(
     if len(usable) < 3:
         return None
     meas = [
-        perfmodel.Measurement(r["algorithm"], world, r["numel"], r["density"], r["median_s"])
+        perfmodel.Measurement(
+            r["algorithm"], world, r["numel"], r["density"], r["median_s"], cores=cores
+        )  # fmt: skip
         for r in usable
     ]
     # The link's rate is measured, so beta is held at it; the rest is fitted.
     params = perfmodel.fit(meas, fixed={"beta": 8.0 / link_bps} if link_bps else None)
     predicted = {
         (m.algorithm, m.numel, m.density): perfmodel.predict(
-            m.algorithm, world=m.world, numel=m.numel, density=m.density, params=params
-        )
+            m.algorithm,
+            world=m.world,
+            numel=m.numel,
+            density=m.density,
+            params=params,
+            cores=cores,
+        )  # fmt: skip
         for m in meas
     }
     errors = [
@@ -247,6 +265,7 @@ def _fit_model(
         "max_relative_error": max(errors),
         "median_relative_error": statistics.median(errors),
         "beta_from_measured_link": link_bps is not None,
+        "cores": cores,
         "within_25_percent": sum(e <= 0.25 for e in errors) / len(errors),
     }
 
@@ -306,7 +325,8 @@ def run_cluster(args: argparse.Namespace) -> int:
         print(f"sparsetrain bench cluster: {e}", file=sys.stderr)
         return 2
     records = json.loads((tmp / "records.json").read_text())
-    fit = _fit_model(records, args.ranks, link["bandwidth_measured_bps"])
+    cores = machine_cores()
+    fit = _fit_model(records, args.ranks, link["bandwidth_measured_bps"], cores)
     print(_table(records, fit["predicted"] if fit else None))
     result = {
         "config": {
@@ -314,6 +334,7 @@ def run_cluster(args: argparse.Namespace) -> int:
             "ranks": args.ranks,
             "bandwidth": args.bandwidth,
             "latency": args.latency,
+            "cores": cores,
         },  # fmt: skip
         "link": link,
         "seconds": time.time() - started,
@@ -337,29 +358,83 @@ def run_cluster(args: argparse.Namespace) -> int:
 
 def _print_fit(fit: dict[str, Any]) -> None:
     prm = fit["params"]
+    rate = f"{8 / prm['beta'] / 1e9:.3f} Gbit/s" if prm["beta"] > 0 else "unbounded"
     print(
-        f"cost model fit: alpha={prm['alpha'] * 1e6:.1f} us, 1/beta={8 / prm['beta'] / 1e9:.3f} "
-        f"Gbit/s{' (measured link)' if fit['beta_from_measured_link'] else ''}, "
+        f"cost model fit ({fit['cores']} shared cores): alpha={prm['alpha'] * 1e6:.1f} us/message, "
+        f"overhead={prm['overhead'] * 1e6:.1f} us/operation, 1/beta={rate}"
+        f"{' (measured link)' if fit['beta_from_measured_link'] else ''}, "
         f"gamma={prm['gamma'] * 1e9:.2f} ns/entry, gamma_dense={prm['gamma_dense'] * 1e9:.3f} "
-        f"ns/element; median error {fit['median_relative_error']:.0%}, max "
-        f"{fit['max_relative_error']:.0%}, {fit['within_25_percent']:.0%} of points within 25%"
+        f"ns/element, gamma_sort={prm['gamma_sort'] * 1e9:.3f} ns/(entry*log2); median error "
+        f"{fit['median_relative_error']:.0%}, max {fit['max_relative_error']:.0%}, "
+        f"{fit['within_25_percent']:.0%} of points within 25%"
     )
 
 
-def run_refit(args: argparse.Namespace) -> int:
-    """Fit the cost model again to the records of an earlier ``bench cluster`` JSON."""
-    path = Path(args.results)
+def _load_results(path: Path, args: argparse.Namespace) -> tuple[list, int, float, int]:
+    """Return (records, ranks, measured link rate, shared cores) of a ``bench cluster`` JSON."""
     try:
         result = json.loads(path.read_text())
         records, world = result["records"], result["config"]["ranks"]
-        link = None if args.free_beta else result["link"]["bandwidth_measured_bps"]
-    except (OSError, ValueError, KeyError) as e:
+        link = result["link"]["bandwidth_measured_bps"]
+        cores = args.cores or result["config"].get("cores")
+    except (OSError, ValueError, KeyError, TypeError) as e:
         args._parser.error(f"cannot read {path}: {e}")
-    fit = _fit_model(records, world, link)
+    if cores is None:
+        cores = machine_cores()
+        print(f"{path} does not record the cores its ranks shared; assuming this machine's {cores}")
+    return records, world, link, cores
+
+
+def run_refit(args: argparse.Namespace) -> int:
+    """Fit the cost model again to the records of an earlier ``bench cluster`` JSON; with
+    ``--predict``, check the fitted model on the points of another run it was not fitted to."""
+    from sparsetrain import perfmodel
+
+    if args.cores is not None and args.cores < 1:
+        args._parser.error(f"--cores must be >= 1, got {args.cores}")
+    path = Path(args.results)
+    records, world, link, cores = _load_results(path, args)
+    fit = _fit_model(records, world, None if args.free_beta else link, cores)
     if fit is None:
         args._parser.error(f"{path} has fewer than 3 modelled points")
     print(_table(records, fit["predicted"]))
     _print_fit(fit)
+    if args.predict:
+        other = Path(args.predict)
+        o_records, o_world, _, o_cores = _load_results(other, args)
+        params = perfmodel.NetworkParams(**fit["params"])
+        usable = [r for r in o_records if r["algorithm"] in perfmodel.available_models()]
+        predicted = {
+            (r["algorithm"], r["numel"], r["density"]): perfmodel.predict(
+                r["algorithm"],
+                world=o_world,
+                numel=r["numel"],
+                density=r["density"],
+                params=params,
+                cores=o_cores,
+            )  # fmt: skip
+            for r in usable
+        }
+        if not predicted:
+            args._parser.error(f"{other} has no modelled points")
+        fitted_on = {(r["numel"], r["density"]) for r in records}
+        print(f"\n{other}, predicted by the model fitted to {path}:")
+        print(_table(usable, predicted))
+        for label, keep in (("all points", lambda r: True),
+                            ("sizes or densities not fitted on",
+                             lambda r: (r["numel"], r["density"]) not in fitted_on)):  # fmt: skip
+            errs = [
+                abs(predicted[(r["algorithm"], r["numel"], r["density"])] - r["median_s"])
+                / r["median_s"]
+                for r in usable
+                if keep(r)
+            ]
+            if errs:
+                print(
+                    f"held out, {label}: {sum(e <= 0.25 for e in errs) / len(errs):.0%} of "
+                    f"{len(errs)} within 25%, median error {statistics.median(errs):.0%}, max "
+                    f"{max(errs):.0%}"
+                )
     return 0
 
 
@@ -407,6 +482,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     f = sub.add_parser("refit", help="fit the cost model again to a bench cluster JSON")
     f.add_argument("results", help="a JSON written by `bench cluster`")
     f.add_argument("--free-beta", action="store_true", help="fit beta too (default: measured)")
+    f.add_argument("--cores", type=int, help="cores the ranks shared (default: as recorded)")
+    f.add_argument(
+        "--predict",
+        metavar="JSON",
+        help="also predict another run's points with this fit (a held-out check)",
+    )
     f.set_defaults(func=run_refit, _parser=f)
     k = sub.add_parser("cleanup", help="remove namespaces left by crashed cluster runs")
     k.add_argument("--all", action="store_true", help="also those of runs still in progress")

@@ -42,11 +42,14 @@ def simulate(
     gamma_dense: float,
     algorithms: list[str],
     compute_s: float = 0.0,
+    gamma_sort: float = 1e-10,
+    overhead: float = 0.0,
 ) -> list[dict]:
     """Return one row a (ranks, bandwidth) cell: every algorithm's seconds, winner, speedups."""
     rows = []
     for bw in bandwidths:
-        params = perfmodel.NetworkParams.from_link(bw, latency_s, gamma, gamma_dense)
+        params = perfmodel.NetworkParams.from_link(bw, latency_s, gamma, gamma_dense, gamma_sort,
+                                                   overhead)  # fmt: skip
         for p in ranks:
             times = {
                 a: perfmodel.predict(a, world=p, numel=numel, density=density, params=params)
@@ -83,18 +86,26 @@ def _run(args: argparse.Namespace) -> int:
             )
         latency = parse_duration(args.latency)
         gamma, gamma_dense = args.gamma_ns * 1e-9, args.gamma_dense_ns * 1e-9
+        gamma_sort, overhead = args.gamma_sort_ns * 1e-9, args.overhead_us * 1e-6
+        if min(gamma, gamma_dense, gamma_sort, overhead) < 0:
+            raise ValueError("--gamma-ns, --gamma-dense-ns, --gamma-sort-ns and --overhead-us "
+                             "must be >= 0")  # fmt: skip
         if args.fitted:
             fitted = json.loads(Path(args.fitted).read_text())["model_fit"]["params"]
             gamma, gamma_dense = fitted["gamma"], fitted["gamma_dense"]
+            # Fits written before the sort and overhead terms existed have neither.
+            gamma_sort = fitted.get("gamma_sort", 0.0)
+            overhead = fitted.get("overhead", 0.0)
         compute_s = parse_duration(args.compute) if args.compute else 0.0
     except (ValueError, TypeError, KeyError, OSError) as e:
         args._parser.error(str(e))
     rows = simulate(ranks, bandwidths, numel, args.density, latency, gamma, gamma_dense,
-                    algorithms, compute_s)  # fmt: skip
+                    algorithms, compute_s, gamma_sort, overhead)  # fmt: skip
     print(
         f"sparsetrain simulate: {what}, density {args.density:g} (k = {args.density * numel:,.0f} "
         f"a rank), latency {latency * 1e6:g} us, gamma {gamma * 1e9:.3g} ns/entry, "
-        f"gamma_dense {gamma_dense * 1e9:.3g} ns/element"
+        f"gamma_dense {gamma_dense * 1e9:.3g} ns/element, gamma_sort {gamma_sort * 1e9:.3g} "
+        f"ns/(entry*log2), overhead {overhead * 1e6:.3g} us/operation"
         + (f", compute {compute_s * 1e3:g} ms/iteration" if compute_s else "")
     )
     head = f"{'ranks':>6} {'link':>9}  " + "".join(f"{a:>11}" for a in algorithms)
@@ -112,8 +123,11 @@ def _run(args: argparse.Namespace) -> int:
         print(line)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        local = {"gamma": gamma, "gamma_dense": gamma_dense, "gamma_sort": gamma_sort,
+                 "overhead": overhead, "compute_s": compute_s}  # fmt: skip
         Path(args.json).write_text(json.dumps({"numel": numel, "density": args.density,
-                                               "latency_s": latency, "rows": rows}, indent=1))  # fmt: skip
+                                               "latency_s": latency, **local, "rows": rows},
+                                              indent=1))  # fmt: skip
     return 0
 
 
@@ -139,7 +153,23 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="ns per sparse entry sorted/merged (default 2, GPU-class)")  # fmt: skip
     p.add_argument("--gamma-dense-ns", type=float, default=0.05,
                    help="ns per dense element streamed (default 0.05)")  # fmt: skip
-    p.add_argument("--fitted", metavar="JSON", help="take the gammas from a bench cluster JSON")
+    p.add_argument(
+        "--gamma-sort-ns",
+        type=float,
+        default=0.1,
+        help="ns per entry and log2 step of a sort (default 0.1: ~2 ns/entry at 1M)",
+    )
+    p.add_argument(
+        "--overhead-us",
+        type=float,
+        default=0.0,
+        help="software cost per operation issued, us (default 0: part of latency)",
+    )
+    p.add_argument(
+        "--fitted",
+        metavar="JSON",
+        help="take the local costs and overhead from a bench cluster JSON",
+    )
     p.add_argument("--compute", help="compute time of one iteration (e.g. 200ms) for end-to-end")
     p.add_argument("--algorithms", default=",".join(perfmodel.available_models()),
                    help="which algorithms to compare (default: all modelled)")  # fmt: skip

@@ -1,0 +1,113 @@
+"""`sparsetrain simulate` and `sparsetrain bench refit`: the cost model's command lines.
+
+No cluster is built: refit reads a results file written here from known coefficients.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sparsetrain import perfmodel as pm
+from sparsetrain.cli import main
+
+TRUE = pm.NetworkParams(
+    alpha=5e-4, beta=8e-9, gamma=2e-8, gamma_dense=3e-9, gamma_sort=2e-9, overhead=1e-3
+)
+
+
+def write_results(path, sizes, densities, cores=2, world=8):
+    """A `bench cluster` JSON whose medians are the model's own times under TRUE."""
+    records = []
+    for n in sizes:
+        for d in densities:
+            for a in pm.available_models():
+                t = pm.predict(a, world=world, numel=n, density=d, params=TRUE, cores=cores)
+                records.append({"algorithm": a, "numel": n, "density": d, "median_s": t,
+                                "times_s": [t], "bytes_sent_max": 1, "bytes_recv_max": 1})  # fmt: skip
+    path.write_text(
+        json.dumps(
+            {
+                "config": {"ranks": world, "cores": cores},
+                "link": {"bandwidth_measured_bps": 8 / TRUE.beta},
+                "records": records,
+            }
+        )
+    )
+    return path
+
+
+def test_refit_recovers_the_model_and_checks_it_on_held_out_points(tmp_path, capsys):
+    fitted = write_results(tmp_path / "a.json", [10**6, 25 * 10**6], [0.001, 0.01, 0.1])
+    held = write_results(tmp_path / "b.json", [5 * 10**6], [0.003, 0.03])
+    assert main(["bench", "refit", str(fitted), "--predict", str(held)]) == 0
+    out = capsys.readouterr().out
+    assert "(2 shared cores)" in out
+    assert "100% of points within 25%" in out
+    assert "held out, sizes or densities not fitted on: 100% of 14 within 25%" in out
+
+
+def test_refit_with_the_wrong_core_count_fits_worse(tmp_path, capsys):
+    fitted = write_results(tmp_path / "a.json", [10**6, 25 * 10**6], [0.001, 0.01, 0.1])
+    main(["bench", "refit", str(fitted)])
+    right = capsys.readouterr().out.splitlines()[-1]
+    main(["bench", "refit", str(fitted), "--cores", "8"])
+    wrong = capsys.readouterr().out.splitlines()[-1]
+    assert "median error 0%" in right
+    assert "median error 0%" not in wrong
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["bench", "refit", "missing.json"], "cannot read missing.json"),
+        (["bench", "refit", "x.json", "--cores", "0"], "--cores must be >= 1"),
+    ],
+)
+def test_refit_bad_input_is_an_argparse_error(argv, words, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert words in capsys.readouterr().err
+
+
+def test_simulate_prints_the_winner_and_writes_json(tmp_path, capsys):
+    out_json = tmp_path / "sim.json"
+    argv = ["simulate", "--ranks", "64,1024", "--bandwidth", "10gbit", "--model", "bert-base",
+            "--compute", "200ms", "--json", str(out_json)]  # fmt: skip
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "bert-base (110M parameters)" in text and "winner" in text
+    data = json.loads(out_json.read_text())
+    assert [r["ranks"] for r in data["rows"]] == [64, 1024]
+    assert data["gamma_sort"] == pytest.approx(1e-10) and data["compute_s"] == pytest.approx(0.2)
+    for row in data["rows"]:
+        assert row["winner"] == min(row["times_s"], key=row["times_s"].__getitem__)
+        assert row["speedup_exchange"] == pytest.approx(
+            row["dense_s"] / min(row["times_s"].values())
+        )
+
+
+def test_simulate_takes_local_costs_from_a_fit(tmp_path, capsys):
+    fit = tmp_path / "fit.json"
+    fit.write_text(json.dumps({"model_fit": {"params": TRUE.as_dict()}}))
+    assert main(["simulate", "--ranks", "8", "--bandwidth", "1gbit", "--fitted", str(fit)]) == 0
+    assert "gamma_sort 2 ns/(entry*log2), overhead 1e+03 us/operation" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["simulate", "--ranks", "1"], "--ranks"),
+        (["simulate", "--bandwidth", "fast"], "--bandwidth"),
+        (["simulate", "--density", "0"], "--density"),
+        (["simulate", "--overhead-us", "-1"], "must be >= 0"),
+        (["simulate", "--algorithms", "ring"], "unknown ['ring']"),
+    ],
+)
+def test_simulate_bad_input_is_an_argparse_error(argv, words, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert words in capsys.readouterr().err
