@@ -364,7 +364,7 @@ def oktopk(q: Problem) -> Cost:
     its U(p)/p reduced entries; a ring allgather of the kept counts; the balance (for balanced
     regions a rank's excess goes to at most its neighbours: about 2 messages); then direct
     sends of the k/p entries a rank holds. Volume about 2 (p-1)/p k entries, the paper's
-    < 6k bound; latency (5(p-1) + 2) alpha against the paper's (2p + 2 log p) alpha, because
+    < 6k bound; latency (6(p-1) + 2) alpha against the paper's (2p + 2 log p) alpha, because
     sizes travel first and the small collectives are rings.
     """
     p = q.world
