@@ -226,6 +226,37 @@ def machine_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _predict_records(records: list[dict[str, Any]], world: int, params, cores: int | None):
+    """Return the model's seconds for each modelled record, keyed (algorithm, numel, density)."""
+    from sparsetrain import perfmodel
+
+    return {
+        (r["algorithm"], r["numel"], r["density"]): perfmodel.predict(
+            r["algorithm"],
+            world=world,
+            numel=r["numel"],
+            density=r["density"],
+            params=params,
+            cores=cores,
+        )  # fmt: skip
+        for r in records
+        if r["algorithm"] in perfmodel.available_models()
+    }
+
+
+def _errors(records: list[dict[str, Any]], predicted: dict) -> dict[str, float]:
+    """Relative errors of ``predicted`` against the records' medians: max, median, share <= 25%."""
+    errs = [
+        abs(predicted[(r["algorithm"], r["numel"], r["density"])] - r["median_s"]) / r["median_s"]
+        for r in records
+    ]
+    return {
+        "max_relative_error": max(errs),
+        "median_relative_error": statistics.median(errs),
+        "within_25_percent": sum(e <= 0.25 for e in errs) / len(errs),
+    }
+
+
 def _fit_model(
     records: list[dict[str, Any]],
     world: int,
@@ -245,28 +276,13 @@ def _fit_model(
     ]
     # The link's rate is measured, so beta is held at it; the rest is fitted.
     params = perfmodel.fit(meas, fixed={"beta": 8.0 / link_bps} if link_bps else None)
-    predicted = {
-        (m.algorithm, m.numel, m.density): perfmodel.predict(
-            m.algorithm,
-            world=m.world,
-            numel=m.numel,
-            density=m.density,
-            params=params,
-            cores=cores,
-        )  # fmt: skip
-        for m in meas
-    }
-    errors = [
-        abs(predicted[(m.algorithm, m.numel, m.density)] - m.seconds) / m.seconds for m in meas
-    ]
+    predicted = _predict_records(usable, world, params, cores)
     return {
         "params": params.as_dict(),
         "predicted": predicted,
-        "max_relative_error": max(errors),
-        "median_relative_error": statistics.median(errors),
+        **_errors(usable, predicted),
         "beta_from_measured_link": link_bps is not None,
         "cores": cores,
-        "within_25_percent": sum(e <= 0.25 for e in errors) / len(errors),
     }
 
 
@@ -404,36 +420,20 @@ def run_refit(args: argparse.Namespace) -> int:
         o_records, o_world, _, o_cores = _load_results(other, args)
         params = perfmodel.NetworkParams(**fit["params"])
         usable = [r for r in o_records if r["algorithm"] in perfmodel.available_models()]
-        predicted = {
-            (r["algorithm"], r["numel"], r["density"]): perfmodel.predict(
-                r["algorithm"],
-                world=o_world,
-                numel=r["numel"],
-                density=r["density"],
-                params=params,
-                cores=o_cores,
-            )  # fmt: skip
-            for r in usable
-        }
-        if not predicted:
+        if not usable:
             args._parser.error(f"{other} has no modelled points")
+        predicted = _predict_records(usable, o_world, params, o_cores)
         fitted_on = {(r["numel"], r["density"]) for r in records}
         print(f"\n{other}, predicted by the model fitted to {path}:")
         print(_table(usable, predicted))
-        for label, keep in (("all points", lambda r: True),
-                            ("sizes or densities not fitted on",
-                             lambda r: (r["numel"], r["density"]) not in fitted_on)):  # fmt: skip
-            errs = [
-                abs(predicted[(r["algorithm"], r["numel"], r["density"])] - r["median_s"])
-                / r["median_s"]
-                for r in usable
-                if keep(r)
-            ]
-            if errs:
+        unseen = [r for r in usable if (r["numel"], r["density"]) not in fitted_on]
+        for label, rows in (("all points", usable), ("sizes or densities not fitted on", unseen)):
+            if rows:
+                e = _errors(rows, predicted)
                 print(
-                    f"held out, {label}: {sum(e <= 0.25 for e in errs) / len(errs):.0%} of "
-                    f"{len(errs)} within 25%, median error {statistics.median(errs):.0%}, max "
-                    f"{max(errs):.0%}"
+                    f"held out, {label}: {e['within_25_percent']:.0%} of {len(rows)} within 25%, "
+                    f"median error {e['median_relative_error']:.0%}, max "
+                    f"{e['max_relative_error']:.0%}"
                 )
     return 0
 

@@ -150,7 +150,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--density", type=float, default=0.01, help="k/n of each rank (default 0.01)")
     p.add_argument("--latency", default="5us", help="per-message latency alpha (default 5us)")
     p.add_argument("--gamma-ns", type=float, default=2.0,
-                   help="ns per sparse entry sorted/merged (default 2, GPU-class)")  # fmt: skip
+                   help="ns per sparse entry touched: scatter, compare, copy (default 2)")  # fmt: skip
     p.add_argument("--gamma-dense-ns", type=float, default=0.05,
                    help="ns per dense element streamed (default 0.05)")  # fmt: skip
     p.add_argument(
