@@ -48,6 +48,26 @@ def test_refit_recovers_the_model_and_checks_it_on_held_out_points(tmp_path, cap
     assert "held out, sizes or densities not fitted on: 100% of 14 within 25%" in out
 
 
+def test_refit_write_stores_the_fit_that_simulate_reads(tmp_path, capsys):
+    path = write_results(tmp_path / "a.json", [10**6, 25 * 10**6], [0.001, 0.01, 0.1])
+    before = json.loads(path.read_text())
+    before["model_fit"] = {"params": {"alpha": 1.0}, "within_25_percent": 0.0}  # a stale fit
+    path.write_text(json.dumps(before))
+    assert main(["bench", "refit", str(path), "--write"]) == 0
+    after = json.loads(path.read_text())
+    assert after["records"] == before["records"] and after["link"] == before["link"]
+    assert after["model_fit"]["within_25_percent"] == 1.0
+    for name, value in TRUE.as_dict().items():
+        assert after["model_fit"]["params"][name] == pytest.approx(value, rel=1e-6, abs=1e-15)
+    assert len(after["model_fit"]["points"]) == len(before["records"])
+    capsys.readouterr()
+    assert main(["simulate", "--ranks", "8", "--bandwidth", "1gbit", "--fitted", str(path)]) == 0
+    assert "overhead 1e+03 us/operation" in capsys.readouterr().out
+    # Without --write the file is left as it is.
+    main(["bench", "refit", str(path), "--cores", "8"])
+    assert json.loads(path.read_text()) == after
+
+
 def test_refit_with_the_wrong_core_count_fits_worse(tmp_path, capsys):
     fitted = write_results(tmp_path / "a.json", [10**6, 25 * 10**6], [0.001, 0.01, 0.1])
     main(["bench", "refit", str(fitted)])

@@ -15,13 +15,42 @@ UNIT_BETA = pm.NetworkParams(alpha=0.0, beta=1.0)
 
 
 def test_dense_ring_allreduce_by_hand():
-    # p=4, n=1000 float32: 2*3 = 6 steps; 2 * 3/4 * 1000 * 4 = 6000 bytes; 750 summed elements.
+    # p=4, n=1000 float32: 2*3 = 6 steps; 2 * 3/4 * 1000 * 4 = 6000 bytes; 750 summed elements,
+    # summed while the next chunk is on the wire: only the slower of the two counts.
     c = pm.cost("dense", world=4, numel=1000, density=1.0)
-    assert (c.messages, c.bytes, c.dense_elements) == (6, 6000, 750)
+    assert (c.messages, c.bytes, c.dense_elements, c.hidden_dense) == (6, 6000, 0, 750)
     p = pm.NetworkParams(alpha=1e-5, beta=1e-9, gamma=0.0, gamma_dense=1e-10)
     assert pm.predict("dense", world=4, numel=1000, density=1.0, params=p) == pytest.approx(
-        6e-5 + 6e-6 + 7.5e-8
+        6e-5 + 6e-6
     )
+    slow_sum = pm.NetworkParams(alpha=1e-5, beta=1e-9, gamma_dense=1e-7)  # 75 us > 6 us
+    assert pm.predict("dense", world=4, numel=1000, density=1.0, params=slow_sum) == (
+        pytest.approx(6e-5 + 7.5e-5)
+    )
+    # Ranks sharing cores sum more slowly: 4 ranks on 2 cores take twice as long.
+    assert pm.cost("dense", world=4, numel=1000, density=1.0, cores=2).hidden_dense == 1500
+
+
+def test_fit_finds_reductions_slower_than_their_transfer():
+    # Dense allreduces on a fast link with a slow sum: the time is the sum's, not the
+    # transfer's, at every size; the fit must say so rather than inflate beta.
+    true = pm.NetworkParams(alpha=1e-4, beta=8e-11, gamma=1e-8, gamma_dense=2e-9)
+    ms = [
+        pm.Measurement(a, 8, n, d, pm.predict(a, world=8, numel=n, density=d, params=true))
+        for a in ("dense", "allgather", "oktopk")
+        for n in (10**5, 10**6, 10**7)
+        for d in (0.001, 0.01)
+    ]
+    assert all(
+        pm.cost("dense", world=8, numel=n, density=1.0).bound_terms(true)[1] == 0
+        for n in (10**5, 10**6, 10**7)
+    )
+    got = pm.fit(ms, fixed={"beta": true.beta})
+    assert got.gamma_dense == pytest.approx(true.gamma_dense, rel=1e-6)
+    assert got.alpha == pytest.approx(true.alpha, rel=1e-6)
+    for m in ms:
+        p = pm.predict(m.algorithm, world=8, numel=m.numel, density=m.density, params=got)
+        assert p == pytest.approx(m.seconds, rel=1e-6)
 
 
 def test_allgather_volume_grows_linearly_with_ranks():

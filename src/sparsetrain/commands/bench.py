@@ -357,19 +357,24 @@ def run_cluster(args: argparse.Namespace) -> int:
         "records": records,
     }
     if fit:
-        result["model_fit"] = {
-            **{k: v for k, v in fit.items() if k != "predicted"},
-            "points": [
-                {"algorithm": a, "numel": n, "density": d, "predicted_s": p}
-                for (a, n, d), p in fit["predicted"].items()
-            ],
-        }
+        result["model_fit"] = _model_fit_entry(fit)
         _print_fit(fit)
     stem = args.name or f"cluster_{args.ranks}r_{args.bandwidth}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     pngs = plot_times(records, out, f"{args.ranks} ranks, {args.bandwidth} links", stem)
     print(f"wrote {out / (stem + '.json')} and {', '.join(str(p) for p in pngs)}")
     return 0
+
+
+def _model_fit_entry(fit: dict[str, Any]) -> dict[str, Any]:
+    """The ``model_fit`` entry of a results JSON: coefficients, errors and every prediction."""
+    return {
+        **{k: v for k, v in fit.items() if k != "predicted"},
+        "points": [
+            {"algorithm": a, "numel": n, "density": d, "predicted_s": p}
+            for (a, n, d), p in fit["predicted"].items()
+        ],
+    }
 
 
 def _print_fit(fit: dict[str, Any]) -> None:
@@ -415,6 +420,11 @@ def run_refit(args: argparse.Namespace) -> int:
         args._parser.error(f"{path} has fewer than 3 modelled points")
     print(_table(records, fit["predicted"]))
     _print_fit(fit)
+    if args.write:
+        result = json.loads(path.read_text())
+        result["model_fit"] = _model_fit_entry(fit)
+        path.write_text(json.dumps(result, indent=1))
+        print(f"wrote this fit into {path} (its model_fit entry; the measurements are unchanged)")
     if args.predict:
         other = Path(args.predict)
         o_records, o_world, _, o_cores = _load_results(other, args)
@@ -487,6 +497,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--predict",
         metavar="JSON",
         help="also predict another run's points with this fit (a held-out check)",
+    )
+    f.add_argument(
+        "--write",
+        action="store_true",
+        help="store this fit in RESULTS (replaces its model_fit entry, which `simulate --fitted` "
+        "reads), for example after the model changed",
     )
     f.set_defaults(func=run_refit, _parser=f)
     k = sub.add_parser("cleanup", help="remove namespaces left by crashed cluster runs")
