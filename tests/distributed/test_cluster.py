@@ -136,8 +136,13 @@ def test_ranks_reach_each_other_with_torchrun_environment(tmp_path):
 
 
 @needs_root
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_tears_down(tmp_path, sig):
+@pytest.mark.parametrize(
+    "sig, repeat",
+    [(signal.SIGINT, 0), (signal.SIGTERM, 0), (signal.SIGHUP, 0), (signal.SIGINT, 40)],
+    ids=["SIGINT", "SIGTERM", "SIGHUP", "SIGINT-repeated"],
+)
+def test_signal_tears_down(tmp_path, sig, repeat):
+    # repeat: an impatient user pressing Ctrl-C again and again while tear-down runs.
     ready = tmp_path / "ready"
     script = textwrap.dedent(
         f"""
@@ -145,7 +150,7 @@ def test_signal_tears_down(tmp_path, sig):
         from sparsetrain.cluster import EmulatedCluster
         # As in a terminal: a background job of a script inherits SIGINT ignored.
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        with EmulatedCluster(2) as c:
+        with EmulatedCluster(4) as c:
             open("{ready}", "w").write(c.prefix)
             time.sleep(60)
         """
@@ -159,6 +164,10 @@ def test_signal_tears_down(tmp_path, sig):
         prefix = ready.read_text()
         assert list_namespaces(prefix)
         proc.send_signal(sig)
+        for _ in range(repeat):
+            time.sleep(0.01)
+            if proc.poll() is None:
+                proc.send_signal(sig)
         proc.wait(timeout=20)
     finally:
         if proc.poll() is None:
@@ -171,19 +180,37 @@ def test_signal_tears_down(tmp_path, sig):
 def test_cleanup_removes_leftovers_of_dead_runs_only():
     dead = subprocess.Popen(["true"])
     dead.wait()
-    stale = f"st-{dead.pid}-dead-0"
-    live = f"st-{os.getppid()}-live-0"  # our parent (pytest's launcher or shell) is alive
-    for ns in (stale, live):
+    stale = f"st-{dead.pid}-deadbeef-0"
+    live = f"st-{os.getppid()}-0123abcd-hub"  # our parent (pytest's launcher or shell) is alive
+    # Someone else's namespaces that merely start with "st-": never ours to delete.
+    foreign = ["st-test", f"st-{dead.pid}-not-ours", f"st-{dead.pid}-deadbeef-0-x"]
+    for ns in (stale, live, *foreign):
         subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
         removed = cleanup()
         assert stale in removed
         assert live not in removed and live in list_namespaces(live)
         assert live in cleanup(live, include_live=True)
+        assert set(foreign) <= set(list_namespaces())
+        assert not set(foreign) & set(cleanup(include_live=True))
     finally:
-        for ns in (stale, live):
+        for ns in (stale, live, *foreign):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-    assert list_namespaces(stale) == [] and list_namespaces(live) == []
+    assert [n for n in list_namespaces() if n in (stale, live, *foreign)] == []
+
+
+@needs_root
+def test_a_name_clash_fails_without_touching_the_other_run(monkeypatch):
+    from sparsetrain.cluster import netns
+
+    monkeypatch.setattr(netns.secrets, "token_hex", lambda n: "c1a5" * n)
+    with EmulatedCluster(2) as first:
+        theirs = list_namespaces(first.prefix + "-")
+        with pytest.raises(ClusterError, match="netns add"):
+            with EmulatedCluster(2):
+                pass
+        assert list_namespaces(first.prefix + "-") == theirs  # the first run keeps everything
+    assert list_namespaces(first.prefix + "-") == []
 
 
 def test_without_root_refuses_and_creates_nothing(monkeypatch):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -49,6 +50,11 @@ ADDRESS_RANGE = ipaddress.ip_network("198.18.0.0/15")
 RANK_IFNAME = "st0"
 DEFAULT_MASTER_PORT = 29500
 MAX_RANKS = 1024
+# The names this module gives: st-<pid>-<8 hex digits>-<rank or "hub">. Nothing else is ours.
+_OWN_NAME = re.compile(r"^st-(\d+)-[0-9a-f]{4,}-(hub|\d+)$")
+# Signals that end a run: SIGINT raises KeyboardInterrupt (where Python's default handler is
+# installed), SIGTERM and SIGHUP SystemExit, in the main thread, so tear-down runs.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class ClusterError(RuntimeError):
@@ -98,8 +104,10 @@ def list_namespaces(prefix: str = NAME_PREFIX) -> list[str]:
 
 
 def _owner_pid(namespace: str) -> int | None:
-    parts = namespace[len(NAME_PREFIX) :].split("-")
-    return int(parts[0]) if parts and parts[0].isdigit() else None
+    """Return the pid of the process that made ``namespace``, or None if this module did not
+    name it (a namespace of someone else's that merely starts with ``st-``)."""
+    m = _OWN_NAME.match(namespace)
+    return int(m.group(1)) if m else None
 
 
 def _alive(pid: int) -> bool:
@@ -126,6 +134,8 @@ def cleanup(prefix: str = NAME_PREFIX, *, include_live: bool = False) -> list[st
 
     By default only namespaces whose creating process has exited are removed, so a cleanup
     never breaks a run in progress; ``include_live=True`` removes those of live runs too.
+    Only names of this module's pattern (``st-<pid>-<tag>-<rank or hub>``) are touched: a
+    namespace of someone else's that happens to start with ``st-`` is left alone.
 
     Args:
         prefix: the namespace name prefix to match (``"st-"`` matches every run; a run's own
@@ -143,7 +153,9 @@ def cleanup(prefix: str = NAME_PREFIX, *, include_live: bool = False) -> list[st
     removed = []
     for ns in list_namespaces(prefix):
         owner = _owner_pid(ns)
-        if not include_live and owner is not None and owner != os.getpid() and _alive(owner):
+        if owner is None:
+            continue
+        if not include_live and owner != os.getpid() and _alive(owner):
             continue
         _kill_namespace_processes(ns)
         if _run(["ip", "netns", "del", ns], check=False).returncode == 0:
@@ -173,7 +185,9 @@ class EmulatedCluster:
     """A bandwidth- and latency-limited cluster of ``ranks`` network namespaces on this machine.
 
     Use it as a context manager: entering builds namespaces, links and qdiscs; leaving removes
-    all of them, also on an exception, Ctrl-C (KeyboardInterrupt) or SIGTERM.
+    all of them, also on an exception, Ctrl-C (KeyboardInterrupt), SIGTERM or SIGHUP (a closed
+    terminal). Tear-down itself is not interrupted by a second Ctrl-C: the signal waits until
+    everything is removed.
 
     Args:
         ranks: number of ranks (namespaces), 2 to 1024.
@@ -198,7 +212,11 @@ class EmulatedCluster:
     latency_emulated: bool = field(init=False, default=False)
     _created: list[str] = field(init=False, default_factory=list, repr=False)
     _procs: list[subprocess.Popen] = field(init=False, default_factory=list, repr=False)
-    _old_sigterm: object = field(init=False, default=None, repr=False)
+    _old_handlers: dict = field(init=False, default_factory=dict, repr=False)
+    # Signals that arrived once the run was stopping (None: not stopping), and whether the
+    # first one was already raised as an exception.
+    _deferred: list | None = field(init=False, default=None, repr=False)
+    _raised: bool = field(init=False, default=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.ranks, bool) or not isinstance(self.ranks, int):
@@ -213,7 +231,7 @@ class EmulatedCluster:
             raise ValueError(f"mtu must be an int in [576, 65535], got {self.mtu!r}")
         self.bandwidth_bps = parse_rate(self.bandwidth)
         self.latency_s = parse_duration(self.latency)
-        self.prefix = f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(2)}"
+        self.prefix = f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
 
     # ---- names -------------------------------------------------------------------------
     @property
@@ -243,7 +261,12 @@ class EmulatedCluster:
     def __enter__(self) -> EmulatedCluster:
         check_privileges()
         if threading.current_thread() is threading.main_thread():
-            self._old_sigterm = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+            for sig in _STOP_SIGNALS:
+                current = signal.getsignal(sig)
+                # Leave a user's own Ctrl-C handler (or an ignored SIGINT) alone.
+                if sig == signal.SIGINT and current is not signal.default_int_handler:
+                    continue
+                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
         try:
             self._build()
         except BaseException:
@@ -255,8 +278,14 @@ class EmulatedCluster:
         self.close()
 
     def _add_namespace(self, name: str) -> None:
-        _run(["ip", "netns", "add", name])
+        # Recorded before it exists, so an interrupt right after `ip netns add` cannot leak it;
+        # forgotten again if the add failed (the name may be someone else's).
         self._created.append(name)
+        try:
+            _run(["ip", "netns", "add", name])
+        except ClusterError:
+            self._created.remove(name)
+            raise
         _run(["ip", "-n", name, "link", "set", "lo", "up"])
 
     def _build(self) -> None:
@@ -316,26 +345,39 @@ class EmulatedCluster:
             )
 
     def close(self) -> None:
-        """Stop the ranks' processes and remove every namespace, link and qdisc of this run."""
-        for proc in self._procs:
-            if proc.poll() is None:
-                proc.kill()
-        for proc in self._procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        self._procs.clear()
-        for ns in reversed(self._created):
-            _kill_namespace_processes(ns)
-            _run(["ip", "netns", "del", ns], check=False)
-        self._created.clear()
-        leftover = list_namespaces(self.prefix + "-")
-        for ns in leftover:
-            _run(["ip", "netns", "del", ns], check=False)
-        if self._old_sigterm is not None:
-            signal.signal(signal.SIGTERM, self._old_sigterm)
-            self._old_sigterm = None
+        """Stop the ranks' processes and remove every namespace, link and qdisc of this run.
+
+        Once a run is stopping, Ctrl-C, SIGTERM and SIGHUP are only recorded until tear-down is
+        done, so pressing Ctrl-C again cannot leave half the namespaces behind; one that
+        arrived during a normal close is raised afterwards. Only namespaces this object
+        created are removed.
+        """
+        if self._deferred is None:
+            self._deferred = []
+        try:
+            _stop(self._procs)
+            self._procs.clear()
+            for ns in reversed(self._created):
+                _kill_namespace_processes(ns)
+                _run(["ip", "netns", "del", ns], check=False)
+            self._created.clear()
+        finally:
+            for sig, old in self._old_handlers.items():
+                signal.signal(sig, old)
+            self._old_handlers.clear()
+            pending = [] if self._raised else self._deferred
+            self._deferred, self._raised = None, False
+            if pending:
+                _raise_for(pending[0])
+
+    def _on_signal(self, signum: int, frame) -> None:
+        """The handler of the stop signals while the cluster exists: the first one raises (so
+        the ``with`` block unwinds into :meth:`close`), any later one waits for tear-down."""
+        if self._deferred is not None:
+            self._deferred.append(signum)
+            return
+        self._deferred, self._raised = [signum], True
+        _raise_for(signum)
 
     # ---- running processes inside ---------------------------------------------------------
     def environment(self, rank: int, master_port: int = DEFAULT_MASTER_PORT) -> dict[str, str]:
@@ -414,10 +456,7 @@ class EmulatedCluster:
                     raise ClusterError(f"ranks did not finish within {timeout} s" + _tails(files))
                 time.sleep(0.05)
         finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
+            _stop(procs)
             for f in files:
                 if f is not None:
                     f.close()
@@ -428,16 +467,19 @@ class EmulatedCluster:
         self, src: int = 0, dst: int = 1, nbytes: int = 50_000_000, port: int = 5201
     ) -> float:
         """Return the bulk TCP throughput from ``src`` to ``dst`` in bits per second."""
-        return float(self._probe(src, dst, ["recv"], ["send", "--bytes", str(nbytes)], port)[
-            "bits_per_second"
-        ])  # fmt: skip
+        # Allowed time: four times what the shaped link needs, plus a minute for start-up.
+        timeout = 60.0 + 4 * 8 * nbytes / self.bandwidth_bps
+        return float(self._probe(src, dst, ["recv"], ["send", "--bytes", str(nbytes)], port,
+                                 timeout=timeout)["bits_per_second"])  # fmt: skip
 
     def measure_rtt(self, src: int = 0, dst: int = 1, count: int = 50, port: int = 5202) -> float:
         """Return the median TCP round-trip time of a one-byte message, in seconds."""
         out = self._probe(dst, src, ["echo"], ["ping", "--count", str(count)], port, result_from=1)
         return float(out["rtt_median_seconds"])
 
-    def _probe(self, server: int, client: int, srv_args, cli_args, port, result_from=0) -> dict:
+    def _probe(
+        self, server: int, client: int, srv_args, cli_args, port, result_from=0, timeout=120.0
+    ) -> dict:
         import json
 
         # Run the probe as a script: importing the package would import torch (seconds).
@@ -447,14 +489,39 @@ class EmulatedCluster:
                          stdout=subprocess.PIPE, text=True)  # fmt: skip
         cli = self.popen(client, [*base, cli_args[0], addr, str(port), *cli_args[1:]],
                          stdout=subprocess.PIPE, text=True)  # fmt: skip
-        outs = [srv.communicate(timeout=120)[0], cli.communicate(timeout=120)[0]]
+        deadline = time.monotonic() + timeout
+        try:
+            outs = [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0]
+                    for p in (srv, cli)]  # fmt: skip
+        except subprocess.TimeoutExpired:
+            _stop([srv, cli])
+            raise ClusterError(
+                f"link probe ({srv_args[0]}/{cli_args[0]} between ranks {client} and {server}) "
+                f"did not finish within {timeout:.0f} s"
+            ) from None
         if srv.returncode or cli.returncode:
             raise ClusterError(f"link probe failed (exit codes {srv.returncode}, {cli.returncode})")
         return json.loads(outs[result_from].strip().splitlines()[-1])
 
 
-def _raise_on_sigterm(signum, frame) -> None:
+def _raise_for(signum: int) -> None:
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise SystemExit(128 + signum)
+
+
+def _stop(procs: Sequence[subprocess.Popen], grace: float = 10.0) -> None:
+    """Kill the processes still running and reap them, waiting ``grace`` seconds in all (a
+    process stuck in the kernel is left to init rather than hanging the tear-down)."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def _tails(files, ranks=None, nbytes: int = 2000) -> str:
