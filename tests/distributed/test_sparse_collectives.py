@@ -26,7 +26,7 @@ from tests.unit.test_collective_reference import (
     union_support,
 )
 
-EXACT = ("ssar_rd", "ssar_split", "dsar")
+EXACT = ("allgather", "ssar_rd", "ssar_split", "dsar")
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2}
 
 
@@ -122,9 +122,46 @@ def _cases(rank: int, world: int, group) -> dict:
     ri, _ = oktopk_reference(small, OK_NUMEL, stats["threshold"])
     assert torch.equal(res.indices.long(), ri)
 
+    # int32 indices of a vector longer than 2**31 elements: no wrap-around anywhere.
+    big = 2**31
+    i32 = torch.tensor([5, big - 1], dtype=torch.int32)
+    v64 = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    out["big"] = [
+        (r.indices.long().tolist(), r.values.tolist())
+        for r in (get_collective(n)(i32, v64, big, group=group) for n in ("oktopk", "gtopk"))
+    ]
+    # gTop-k never makes room for more entries than the vector holds.
+    out["gtopk_cap"] = get_collective("gtopk", k=10**6)(i32[:1], v64[:1], 10, group=group)
+
     # Bad input: a clear error on every rank, and the group still works afterwards.
     idx, val = random_input(20, rank, 100, 5, torch.float32)
+    stateful = get_collective("oktopk")
+    stateful(idx, val, 100, key="s", group=group)
+    if rank == 0:
+        stateful.load_state_dict({"keys": {}})  # only one rank restarts its state
+    with_inf = val.clone()
+    if rank == 0:
+        with_inf[0] = float("inf")
     cases = {
+        "allgather_numel": lambda: get_collective("allgather")(idx, val, 100 + rank, group=group),
+        "allgather_dtype": lambda: get_collective("allgather")(
+            idx.to(torch.int32) if rank == 0 else idx, val, 100, group=group
+        ),
+        "allgather_2d": lambda: get_collective("allgather")(
+            idx, val.view(1, -1) if rank == world - 1 else val, 100, group=group
+        ),
+        "numel_zero": lambda: get_collective("ssar_rd")(
+            idx, val, 0 if rank == 1 else 100, group=group
+        ),  # fmt: skip
+        "not_tensor": lambda: get_collective("oktopk")(
+            idx.tolist() if rank == 0 else idx, val, 100, group=group
+        ),
+        "gtopk_k": lambda: get_collective("gtopk", k=5 + rank)(idx, val, 100, group=group),
+        "oktopk_options": lambda: get_collective("oktopk", repartition_every=2 + rank)(
+            idx, val, 100, group=group
+        ),
+        "oktopk_state": lambda: stateful(idx, val, 100, key="s", group=group),
+        "oktopk_inf": lambda: get_collective("oktopk")(idx, with_inf, 100, group=group),
         "numel": lambda: get_collective("ssar_rd")(idx, val, 100 + rank, group=group),
         "range": lambda: get_collective("oktopk")(
             idx + (1000 if rank == world - 1 else 0), val, 100, group=group
@@ -138,7 +175,7 @@ def _cases(rank: int, world: int, group) -> dict:
         try:
             call()
             out["errors"][case] = None
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, FloatingPointError) as e:
             out["errors"][case] = (type(e).__name__, str(e))
     res = get_collective("ssar_split")(idx, val, 100, group=group)
     inputs = [random_input(20, r, 100, 5, torch.float32) for r in range(world)]
@@ -238,6 +275,26 @@ def test_sparse_collectives(world, results):
             assert "values has 4" in errs["length"][1]
         else:
             assert "another rank" in errs["length"][1]
+        # The allgather baseline checks as the others do, in its size header.
+        assert "numel differs" in errs["allgather_numel"][1]
+        assert "dtypes differ" in errs["allgather_dtype"][1]
+        words = "must be 1-D" if r == world - 1 else "another rank"
+        assert words in errs["allgather_2d"][1]
+        # Errors that one rank finds in its own arguments still reach every rank.
+        words = "numel must be a positive int" if r == 1 else "another rank"
+        assert words in errs["numel_zero"][1]
+        assert errs["not_tensor"][0] == ("TypeError" if r == 0 else "ValueError")
+        assert ("must be tensors" if r == 0 else "another rank") in errs["not_tensor"][1]
+        # Options or state that differ across ranks: an error everywhere, not a hang or a
+        # silently different k.
+        assert "differ in k (between 5 and" in errs["gtopk_k"][1]
+        assert "differ in repartition_every" in errs["oktopk_options"][1]
+        assert "differ in the per-key step" in errs["oktopk_state"][1]
+        assert errs["oktopk_inf"][0] == "FloatingPointError"
+        assert "Inf or NaN" in errs["oktopk_inf"][1]
+        for n, (idx, val) in zip(("oktopk", "gtopk"), results[r]["big"]):
+            assert idx == [5, 2**31 - 1] and val == [world * 1.0, world * 2.0], n
+        assert results[r]["gtopk_cap"].bytes_sent < 1000
 
 
 def test_options_are_checked_at_construction():

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch import Tensor
 
-from .p2p import Wire
+from .p2p import Wire, device_of
 from .registry import CollectiveResult, SparseCollective, register_collective
 from .ssar import split_allgather
 
@@ -63,7 +63,7 @@ class DSAR(SparseCollective):
         Returns:
             ``CollectiveResult`` with ``dense`` (values' dtype and device) and the bytes counted.
         """
-        wire = Wire(group, values.device)
+        wire = Wire(group, device_of(values))
         wire.agree(indices, values, numel)
         dense = split_allgather(wire, indices, values, numel, adaptive=True)
         t = wire.traffic

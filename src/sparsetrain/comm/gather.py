@@ -7,14 +7,14 @@ payloads padded to the largest. The padding crosses the wire, so it is counted.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from .accounting import ring_allgather_bytes, ring_allreduce_bytes
-from .p2p import as_dtype
+from .p2p import as_dtype, device_of, dtype_codes, error_type, input_error
 from .registry import CollectiveResult, SparseCollective, register_collective
 
 
@@ -58,18 +58,36 @@ def all_gather_variable(
     Returns:
         per rank, the list of its tensors; bytes sent and received by this rank.
     """
+    return _all_gather_with_header(tensors, (), group)
+
+
+def _all_gather_with_header(
+    tensors: Sequence[Tensor],
+    extra: Sequence[int],
+    group: dist.ProcessGroup | None,
+    check: Callable[[list[list[int]]], None] | None = None,
+) -> tuple[list[list[Tensor]], int, int]:
+    """:func:`all_gather_variable`, with ``extra`` ints carried in the size header (the same
+    count on every rank), which ``check`` sees, per rank, before any buffer is cut into
+    tensors: input checks that cost no extra message and raise on every rank alike."""
     for t in tensors:
         if t.dim() != 1:
             raise ValueError(f"gathered payload tensors must be 1-D, got shape {tuple(t.shape)}")
     device = tensors[0].device
     raw = [t.contiguous().view(torch.uint8) for t in tensors]
-    lengths = torch.tensor([r.numel() for r in raw], dtype=torch.int64, device=device)
+    head = [r.numel() for r in raw] + [int(x) for x in extra]
+    lengths = torch.tensor(head, dtype=torch.int64, device=device)
     world = world_of(group)
     if world == 1:
+        if check is not None:
+            check([list(extra)])
         return [list(tensors)], 0, 0
     headers = [torch.empty_like(lengths) for _ in range(world)]
     dist.all_gather(headers, lengths, group=group)
-    sizes = torch.stack(headers).tolist()  # one host sync: the sizes decide the buffers
+    table = torch.stack(headers).tolist()  # one host sync: the sizes decide the buffers
+    sizes = [row[: len(raw)] for row in table]
+    if check is not None:
+        check([row[len(raw) :] for row in table])
     totals = [sum(s) for s in sizes]
     width = max(totals)
     buf = torch.zeros(width, dtype=torch.uint8, device=device)
@@ -96,7 +114,37 @@ class AllgatherSparse(SparseCollective):
     exact = True
 
     def __call__(self, indices, values, numel, *, group=None, key=""):
-        gathered, sent, recv = all_gather_variable((indices, values), group)
+        # The input checks ride in the size header (no extra message): a bad input on one rank
+        # raises on every rank, as in the other collectives.
+        error = input_error(indices, values, numel)
+        if error is None:
+            payload, codes = (indices, values), dtype_codes(indices, values)
+        else:
+            device = device_of(values)
+            payload = (torch.empty(0, dtype=torch.int64, device=device),
+                       torch.empty(0, dtype=torch.float32, device=device))  # fmt: skip
+            numel, codes = 0, (0, 0)
+        mine = [int(error is not None), numel, *codes]
+
+        def check(heads: list[list[int]]) -> None:
+            if error is not None:
+                rank = dist.get_rank(group) if dist.is_initialized() else 0
+                raise error_type(error)(f"rank {rank}: {error}")
+            if any(h[0] for h in heads):
+                raise ValueError("another rank's indices or values are invalid (see its error)")
+            if len({h[1] for h in heads}) > 1:
+                lo, hi = min(h[1] for h in heads), max(h[1] for h in heads)
+                raise ValueError(
+                    f"numel differs across ranks (between {lo} and {hi}); every rank must pass "
+                    "the same numel"
+                )
+            if len({tuple(h[2:]) for h in heads}) > 1:
+                raise ValueError(
+                    "indices or values dtypes differ across ranks; every rank must pass the "
+                    f"same dtypes (this rank: {indices.dtype}, {values.dtype})"
+                )
+
+        gathered, sent, recv = _all_gather_with_header(payload, mine, group, check)
         out = torch.zeros(numel, dtype=values.dtype, device=values.device)
         idx = torch.cat([g[0].long() for g in gathered])
         val = torch.cat([g[1] for g in gathered])

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .p2p import Wire, as_dtype, coalesce, merge
+from .p2p import Wire, as_dtype, coalesce, device_of, merge
 from .registry import CollectiveResult, SparseCollective, register_collective
 
 
@@ -103,8 +103,10 @@ class GTopK(SparseCollective):
         Returns:
             ``CollectiveResult`` with ``indices`` and ``values`` and the bytes counted.
         """
-        wire = Wire(group, values.device)
-        k = wire.agree(indices, values, numel, self.k)
+        wire = Wire(group, device_of(values))
+        k = wire.agree(indices, values, numel, self.k, options={"k": self.k or 0})
+        # Never more than the vector holds: every message has room for k entries.
+        k = min(k, numel)
         p, rank = wire.world, wire.rank
         idx, val = keep_topk(*coalesce(indices, values), max(k, 1))
         if k == 0:  # every rank sent nothing

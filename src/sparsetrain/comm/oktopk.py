@@ -11,7 +11,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .p2p import Wire, coalesce, even_bounds, merge, pack, split_by_bounds, unpack
+from .p2p import (
+    Wire,
+    coalesce,
+    device_of,
+    even_bounds,
+    merge,
+    pack,
+    split_by_bounds,
+    unpack,
+)
 from .registry import CollectiveResult, SparseCollective, register_collective
 
 
@@ -56,10 +65,16 @@ def estimate_threshold(
     ``bins`` integers, independent of the vector's length.
     """
     m = magnitudes.to(torch.float64)
-    top = torch.zeros(1, dtype=torch.float64, device=m.device)
+    top = torch.zeros(2, dtype=torch.float64, device=m.device)  # (max, any non-finite)
     if m.numel():
         top[0] = m.max()
+        top[1] = float(not bool(torch.isfinite(m).all()))
     wire.allreduce(top, dist.ReduceOp.MAX)
+    if top[1] > 0:
+        raise FloatingPointError(
+            "oktopk: the summed values hold Inf or NaN, so no global threshold can select k of "
+            "them; check gradients before the exchange (the sync layer's on_nonfinite does)"
+        )
     lo, hi = 0.0, math.nextafter(float(top[0]), math.inf)
     above = 0  # count of magnitudes >= hi (all ranks)
     tolerance = max(1, k // 100)
@@ -173,10 +188,19 @@ class OkTopk(SparseCollective):
             ``CollectiveResult`` with ``indices`` (sorted) and ``values``, the exact sums over
             ranks at those indices, and the bytes counted.
         """
-        wire = Wire(group, values.device)
-        k = wire.agree(indices, values, numel, self.k)
+        wire = Wire(group, device_of(values))
+        st = self._keys.get(key) or _KeyState()
+        same = {
+            "k": self.k or 0,
+            "repartition_every": self.repartition_every,
+            "threshold_every": self.threshold_every,
+            "the per-key step": st.step,
+            "whether region edges are saved": int(st.bounds is not None),
+            "whether a threshold is saved": int(st.threshold is not None),
+        }
+        k = wire.agree(indices, values, numel, self.k, options=same)
+        self._keys[key] = st
         p, rank = wire.world, wire.rank
-        st = self._keys.setdefault(key, _KeyState())
         if st.numel != numel or st.world != p:  # a new vector or group: start afresh
             st.numel, st.world, st.bounds, st.threshold = numel, p, None, None
         idx, val = coalesce(indices, values)
@@ -298,4 +322,16 @@ class OkTopk(SparseCollective):
                 bounds=None if s["bounds"] is None else [int(b) for b in s["bounds"]],
                 threshold=None if s["threshold"] is None else float(s["threshold"]),
             )
+            b = keys[key].bounds
+            if b is not None and (
+                len(b) != keys[key].world + 1
+                or b[0] != 0
+                or b[-1] != keys[key].numel
+                or any(x > y for x, y in zip(b, b[1:]))
+            ):
+                raise ValueError(
+                    f"OkTopk state for key {key!r}: bounds must be world + 1 = "
+                    f"{keys[key].world + 1} non-decreasing edges from 0 to numel = "
+                    f"{keys[key].numel}, got {b}"
+                )
         self._keys = keys

@@ -13,7 +13,7 @@ costs one message, not two. Every byte that crosses the wire is counted in :clas
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -70,10 +70,40 @@ def _local_error(indices: Tensor, values: Tensor, numel: int) -> str | None:
         return f"indices has {indices.numel()} entries but values has {values.numel()}"
     if indices.device != values.device:
         return f"indices are on {indices.device} but values on {values.device}"
-    if indices.numel() and bool(((indices < 0) | (indices >= numel)).any()):
-        lo, hi = int(indices.min()), int(indices.max())
-        return f"indices must lie in [0, numel={numel}), got values in [{lo}, {hi}]"
+    if indices.numel():
+        # Compared as Python ints: int32 indices of a vector longer than 2**31 must not wrap.
+        lo, hi = (int(x) for x in torch.aminmax(indices))
+        if lo < 0 or hi >= numel:
+            return f"indices must lie in [0, numel={numel}), got values in [{lo}, {hi}]"
     return None
+
+
+def input_error(indices: object, values: object, numel: object) -> str | None:
+    """Return what is wrong with one rank's (indices, values, numel), or None if nothing."""
+    if not isinstance(indices, Tensor) or not isinstance(values, Tensor):
+        return (
+            f"indices and values must be tensors, got {type(indices).__name__} and "
+            f"{type(values).__name__}"
+        )
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 1:
+        return f"numel must be a positive int, got {numel!r}"
+    return _local_error(indices, values, numel)
+
+
+def error_type(error: str) -> type[Exception]:
+    """The exception class for an :func:`input_error` message."""
+    return TypeError if ("dtype" in error or "tensors" in error) else ValueError
+
+
+def dtype_codes(indices: Tensor, values: Tensor) -> tuple[int, int]:
+    """Small ints naming the two dtypes, to compare across ranks in a collective."""
+    return _dtype_code(indices.dtype), _dtype_code(values.dtype)
+
+
+def device_of(values: object) -> torch.device:
+    """The device of a collective's values (CPU for a non-tensor, whose error :meth:`Wire.agree`
+    reports on every rank)."""
+    return values.device if isinstance(values, Tensor) else torch.device("cpu")
 
 
 class Wire:
@@ -98,34 +128,60 @@ class Wire:
         self.traffic = Traffic()
 
     # ---- agreement ----------------------------------------------------------------------
-    def agree(self, indices: Tensor, values: Tensor, numel: int, k: int | None = None) -> int:
+    def agree(
+        self,
+        indices: Tensor,
+        values: Tensor,
+        numel: int,
+        k: int | None = None,
+        options: Mapping[str, int] | None = None,
+    ) -> int:
         """Check every rank's input in one small allreduce; raise on every rank if any is bad.
+
+        Args:
+            indices, values, numel: this rank's input.
+            k: the selecting collectives' fixed k, if any.
+            options: integers that must be equal on every rank (a collective's options and
+                per-key state, such as its step counter), by name for the error message.
 
         Returns the largest entry count over ranks (or ``k`` when given): the k that selecting
         collectives keep, identical on all ranks.
+
+        Raises:
+            TypeError, ValueError: on every rank, when any rank's input is bad or the ranks
+                disagree on numel, dtypes or ``options``; never only on some ranks, which would
+                leave the others waiting.
         """
-        if not isinstance(indices, Tensor) or not isinstance(values, Tensor):
-            raise TypeError(
-                f"indices and values must be tensors, got {type(indices).__name__} and "
-                f"{type(values).__name__}"
-            )
-        if isinstance(numel, bool) or not isinstance(numel, int) or numel < 1:
-            raise ValueError(f"numel must be a positive int, got {numel!r}")
-        error = _local_error(indices, values, numel)
-        count = indices.numel() if k is None else k
-        kinds = _dtype_code(indices.dtype), _dtype_code(values.dtype)
+        error = input_error(indices, values, numel)
+        ok = error is None
+        n = numel if ok else 0
+        count = (indices.numel() if ok else 0) if k is None else k
+        kinds = dtype_codes(indices, values) if ok else (0, 0)
+        opts = [int(v) for v in (options or {}).values()]
         # MAX of (x, -x) gives the max and min of x over ranks in one call.
         head = torch.tensor(
-            [numel, -numel, count, int(error is not None), *kinds, -kinds[0], -kinds[1]],
+            [n, -n, count, int(not ok), *kinds, -kinds[0], -kinds[1], *opts, *(-v for v in opts)],
+            dtype=torch.int64,
             device=self.device,
         )
         self.allreduce(head, dist.ReduceOp.MAX)
-        hi, neg_lo, kmax, bad, ihi, vhi, neg_ilo, neg_vlo = head.tolist()
+        hi, neg_lo, kmax, bad, ihi, vhi, neg_ilo, neg_vlo, *rest = head.tolist()
         if error is not None:
-            kind = TypeError if "dtype" in error else ValueError
-            raise kind(f"rank {self.rank}: {error}")
+            raise error_type(error)(f"rank {self.rank}: {error}")
         if bad:
             raise ValueError("another rank's indices or values are invalid (see its error)")
+        o_hi, o_neg_lo = rest[: len(opts)], rest[len(opts) :]
+        differ = [
+            f"{name} (between {-lo} and {hi_})"
+            for name, hi_, lo in zip(options or {}, o_hi, o_neg_lo)
+            if hi_ != -lo
+        ]
+        if differ:
+            raise ValueError(
+                f"the ranks' collectives differ in {', '.join(differ)}; build the collective "
+                "with the same options on every rank, and load the same state on every rank "
+                "(or on none)"
+            )
         if hi != -neg_lo:
             raise ValueError(
                 f"numel differs across ranks (between {-neg_lo} and {hi}); every rank must pass "
@@ -278,7 +334,11 @@ def split_by_bounds(indices: Tensor, values: Tensor, bounds: Tensor) -> list[tup
     """
     order = torch.argsort(indices)
     idx, val = indices[order], values[order]
-    offsets = torch.searchsorted(idx, bounds.to(idx.dtype)).tolist()
+    # Edges past the index dtype's range (int32 indices of a vector over 2**31 elements) lie
+    # past every index; clamp them rather than let them wrap around.
+    limit = torch.iinfo(idx.dtype).max
+    offsets = torch.searchsorted(idx, bounds.clamp(max=limit).to(idx.dtype)).tolist()
+    offsets = [idx.numel() if b > limit else o for b, o in zip(bounds.tolist(), offsets)]
     counts = [offsets[j + 1] - offsets[j] for j in range(len(offsets) - 1)]
     return list(zip(torch.split(idx, counts), torch.split(val, counts)))
 

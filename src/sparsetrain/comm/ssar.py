@@ -13,7 +13,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .p2p import Wire, coalesce, even_bounds, merge, pack, split_by_bounds, to_dense, unpack
+from .p2p import (
+    Wire,
+    coalesce,
+    device_of,
+    even_bounds,
+    merge,
+    pack,
+    split_by_bounds,
+    to_dense,
+    unpack,
+)
 from .registry import CollectiveResult, SparseCollective, register_collective
 
 
@@ -75,7 +85,7 @@ class SSARRecursiveDoubling(SparseCollective):
         Returns:
             ``CollectiveResult`` with ``dense`` (values' dtype and device) and the bytes counted.
         """
-        wire = Wire(group, values.device)
+        wire = Wire(group, device_of(values))
         wire.agree(indices, values, numel)
         idx, val = coalesce(indices, values)
         p, rank = wire.world, wire.rank
@@ -130,7 +140,7 @@ def split_allgather(
     def encode(i: Tensor, v: Tensor, q: int) -> tuple[Tensor, int]:
         if is_dense(i.numel() * (ib + vb), q):
             block = torch.zeros(lengths[q], dtype=v.dtype, device=v.device)
-            block.index_add_(0, (i - edges[q]).long(), v)
+            block.index_add_(0, i.long() - edges[q], v)
             return block.view(torch.uint8), lengths[q]
         return pack(i, v), 2 * i.numel()
 
@@ -154,7 +164,7 @@ def split_allgather(
     if dense_in or is_dense(own_i.numel() * (ib + vb), rank):
         acc = torch.zeros(lengths[rank], dtype=values.dtype, device=values.device)
         i_all = torch.cat([s[0] for s in sparse_in])
-        acc.index_add_(0, (i_all - edges[rank]).long(), torch.cat([s[1] for s in sparse_in]))
+        acc.index_add_(0, i_all.long() - edges[rank], torch.cat([s[1] for s in sparse_in]))
         for d in dense_in:
             acc += d
         mine, my_elems = acc.view(torch.uint8), lengths[rank]
@@ -214,7 +224,7 @@ class SSARSplitAllgather(SparseCollective):
         key: str = "",
     ) -> CollectiveResult:
         """Return the dense sum over ranks; arguments as for :class:`SSARRecursiveDoubling`."""
-        wire = Wire(group, values.device)
+        wire = Wire(group, device_of(values))
         wire.agree(indices, values, numel)
         dense = split_allgather(wire, indices, values, numel, adaptive=False)
         t = wire.traffic
