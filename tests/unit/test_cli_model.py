@@ -122,7 +122,7 @@ def test_simulate_takes_local_costs_from_a_fit(tmp_path, capsys):
         (["simulate", "--ranks", "1"], "--ranks"),
         (["simulate", "--bandwidth", "fast"], "--bandwidth"),
         (["simulate", "--density", "0"], "--density"),
-        (["simulate", "--overhead-us", "-1"], "must be >= 0"),
+        (["simulate", "--overhead-us", "-1"], "--overhead-us must be a finite number >= 0"),
         (["simulate", "--algorithms", "ring"], "unknown ['ring']"),
     ],
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 # tc's units: "bit" suffixes are bits per second, "bps" suffixes bytes per second (SI powers).
@@ -18,7 +19,8 @@ _RATE_UNITS = {
     "tbps": 8e12,
 }
 _TIME_UNITS = {"s": 1.0, "sec": 1.0, "ms": 1e-3, "msec": 1e-3, "us": 1e-6, "usec": 1e-6, "ns": 1e-9}
-_NUMBER = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+# A sign is read so that "-5ms" is refused as negative rather than as unreadable.
+_NUMBER = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
 def _split(text: str | float | int, what: str, units: dict[str, float], default: str) -> float:
@@ -38,7 +40,10 @@ def _split(text: str | float | int, what: str, units: dict[str, float], default:
         raise ValueError(
             f"unknown unit {unit!r} in {what} {text!r}; allowed units: {', '.join(units)}"
         )
-    return value * units[unit] if unit else value
+    value = value * units[unit] if unit else value
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number, got {text!r}")
+    return value
 
 
 def parse_rate(text: str | float | int) -> float:
@@ -82,7 +87,7 @@ def parse_count(text: str | int) -> int:
         25000000
     """
     if isinstance(text, int) and not isinstance(text, bool):
-        value = float(text)
+        value = text
     elif isinstance(text, str):
         m = _NUMBER.match(text)
         scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
@@ -91,6 +96,6 @@ def parse_count(text: str | int) -> int:
         value = float(m.group(1)) * scale[m.group(2).lower()]
     else:
         raise TypeError(f"count must be a string such as '25M' or an int, got {text!r}")
-    if value < 1 or value != int(value):
+    if value < 1 or value == math.inf or value != int(value):
         raise ValueError(f"count must be a positive whole number, got {text!r}")
     return int(value)

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +33,9 @@ DEFAULT_DENSITIES = "0.001,0.01,0.1"
 FULL_SIZES = "1M,5M,25M"
 FULL_DENSITIES = "0.001,0.003,0.01,0.03,0.1"
 DENSE = "dense"  # dense allreduce of the whole vector, the reference every ratio is taken to
+# The worker's indices are int32 (_sparse_input): with at most 2**31 - 1 elements every index,
+# and numel itself (a region bound in some collectives), fits in an int32.
+MAX_NUMEL = 2**31 - 1
 
 
 def load_collectives() -> list[str]:
@@ -150,7 +156,7 @@ def _write_json(path: Path, obj: Any) -> None:
 # ---- parent: builds the cluster, runs the workers, reports ---------------------------------
 def _csv(text: str, parse, what: str) -> list:
     try:
-        items = [parse(x) for x in text.split(",") if x.strip()]
+        items = [parse(x.strip()) for x in text.split(",") if x.strip()]
     except (ValueError, TypeError) as e:
         raise ValueError(f"--{what}: {e}") from None
     if not items:
@@ -287,12 +293,26 @@ def _fit_model(
 
 
 def run_cluster(args: argparse.Namespace) -> int:
-    from sparsetrain.cluster import ClusterPermissionError, EmulatedCluster, parse_count
+    from sparsetrain.cluster import (
+        ClusterError,
+        ClusterPermissionError,
+        EmulatedCluster,
+        parse_count,
+        parse_duration,
+        parse_rate,
+    )
 
+    # Every argument is checked before anything is built or created.
     try:
         sizes = _csv(
             args.sizes or (FULL_SIZES if args.full else DEFAULT_SIZES), parse_count, "sizes"
         )
+        too_big = [n for n in sizes if n > MAX_NUMEL]
+        if too_big:
+            raise ValueError(
+                f"--sizes: at most {MAX_NUMEL:,} (2**31 - 1) elements, got {too_big}: the "
+                "worker's indices are int32"
+            )
         densities = _csv(
             args.densities or (FULL_DENSITIES if args.full else DEFAULT_DENSITIES), _density,
             "densities",
@@ -304,43 +324,79 @@ def run_cluster(args: argparse.Namespace) -> int:
             raise ValueError(f"--algorithms: unknown {unknown}; valid names: {', '.join(known)}")
         if args.reps < 1 or args.warmup < 0:
             raise ValueError("--reps must be >= 1 and --warmup >= 0")
+        if not args.timeout > 0:
+            raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
+        if args.probe_bytes < 1:
+            raise ValueError(f"--probe-bytes must be >= 1, got {args.probe_bytes}")
+        if args.name is not None and (
+            not args.name.strip() or any(sep and sep in args.name for sep in (os.sep, os.altsep))
+        ):
+            raise ValueError(
+                f"--name must be a non-empty file stem without a path separator, got "
+                f"{args.name!r} (use --out for the folder)"
+            )
+        for option, parse, text in (("--bandwidth", parse_rate, args.bandwidth),
+                                    ("--latency", parse_duration, args.latency)):  # fmt: skip
+            try:
+                parse(text)
+            except ValueError as e:
+                raise ValueError(f"{option}: {e}") from None
         cluster = EmulatedCluster(args.ranks, args.bandwidth, args.latency)
     except (ValueError, TypeError) as e:
         args._parser.error(str(e))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="sparsetrain-bench-"))
-    cfg = {"sizes": sizes, "densities": densities, "algorithms": algorithms, "reps": args.reps,
-           "warmup": args.warmup, "seed": args.seed, "records_path": str(tmp / "records.json")}  # fmt: skip
-    (tmp / "config.json").write_text(json.dumps(cfg))
-    os.chmod(tmp, 0o755)
-    print(
-        f"sparsetrain bench cluster: {args.ranks} ranks, {args.bandwidth} links, {args.latency} "
-        f"latency; sizes {sizes}, densities {densities}; {', '.join(algorithms)}"
-    )
-    started = time.time()
+    stem = args.name or f"cluster_{args.ranks}r_{args.bandwidth}"
     try:
-        with cluster:
-            link = {
-                "bandwidth_configured_bps": cluster.bandwidth_bps,
-                "bandwidth_measured_bps": cluster.measure_bandwidth(0, 1, args.probe_bytes),
-                "latency_configured_s": cluster.latency_s,
-                "latency_emulated": cluster.latency_emulated,
-                "rtt_measured_s": cluster.measure_rtt(0, 1),
-            }
-            print(
-                f"link: {link['bandwidth_measured_bps'] / 1e9:.3f} Gbit/s measured (TCP bulk), "
-                f"RTT {link['rtt_measured_s'] * 1e6:.0f} us; latency emulated: "
-                f"{link['latency_emulated']}"
-            )
-            cluster.run(
-                [sys.executable, "-m", "sparsetrain.commands.bench", "--worker", str(tmp / "config.json")],
-                timeout=args.timeout,
-            )  # fmt: skip
-    except ClusterPermissionError as e:
-        print(f"sparsetrain bench cluster: {e}", file=sys.stderr)
-        return 2
-    records = json.loads((tmp / "records.json").read_text())
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        args._parser.error(f"--out {out}: cannot create the folder ({e})")
+    tmp = Path(tempfile.mkdtemp(prefix="sparsetrain-bench-"))
+    try:
+        cfg = {"sizes": sizes, "densities": densities, "algorithms": algorithms,
+               "reps": args.reps, "warmup": args.warmup, "seed": args.seed,
+               "records_path": str(tmp / "records.json")}  # fmt: skip
+        (tmp / "config.json").write_text(json.dumps(cfg))
+        os.chmod(tmp, 0o755)
+        print(
+            f"sparsetrain bench cluster: {args.ranks} ranks, {args.bandwidth} links, "
+            f"{args.latency} latency; sizes {sizes}, densities {densities}; "
+            f"{', '.join(algorithms)}"
+        )
+        started = time.time()
+        try:
+            with cluster:
+                link = {
+                    "bandwidth_configured_bps": cluster.bandwidth_bps,
+                    "bandwidth_measured_bps": cluster.measure_bandwidth(0, 1, args.probe_bytes),
+                    "latency_configured_s": cluster.latency_s,
+                    "latency_emulated": cluster.latency_emulated,
+                    "rtt_measured_s": cluster.measure_rtt(0, 1),
+                }
+                print(
+                    f"link: {link['bandwidth_measured_bps'] / 1e9:.3f} Gbit/s measured (TCP "
+                    f"bulk), RTT {link['rtt_measured_s'] * 1e6:.0f} us; latency emulated: "
+                    f"{link['latency_emulated']}"
+                )
+                cluster.run(
+                    [sys.executable, "-m", "sparsetrain.commands.bench", "--worker", str(tmp / "config.json")],
+                    timeout=args.timeout,
+                )  # fmt: skip
+        except ClusterPermissionError as e:
+            print(f"sparsetrain bench cluster: {e}", file=sys.stderr)
+            return 2
+        except (ClusterError, subprocess.TimeoutExpired) as e:
+            print(f"sparsetrain bench cluster: {e}", file=sys.stderr)
+            if (tmp / "records.json").exists():
+                partial = out / f"{stem}.partial.json"
+                shutil.copyfile(tmp / "records.json", partial)
+                print(f"partial records (the points finished): {partial}", file=sys.stderr)
+            return 1
+        if not (tmp / "records.json").exists():
+            print("sparsetrain bench cluster: the workers wrote no records", file=sys.stderr)
+            return 1
+        records = json.loads((tmp / "records.json").read_text())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     cores = machine_cores()
     fit = _fit_model(records, args.ranks, link["bandwidth_measured_bps"], cores)
     print(_table(records, fit["predicted"] if fit else None))
@@ -359,7 +415,6 @@ def run_cluster(args: argparse.Namespace) -> int:
     if fit:
         result["model_fit"] = _model_fit_entry(fit)
         _print_fit(fit)
-    stem = args.name or f"cluster_{args.ranks}r_{args.bandwidth}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     pngs = plot_times(records, out, f"{args.ranks} ranks, {args.bandwidth} links", stem)
     print(f"wrote {out / (stem + '.json')} and {', '.join(str(p) for p in pngs)}")
@@ -391,15 +446,76 @@ def _print_fit(fit: dict[str, Any]) -> None:
     )
 
 
-def _load_results(path: Path, args: argparse.Namespace) -> tuple[list, int, float, int]:
-    """Return (records, ranks, measured link rate, shared cores) of a ``bench cluster`` JSON."""
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _record_problem(r: Any) -> str | None:
+    """Return what is wrong with one record of a results JSON, or None."""
+    if not isinstance(r, dict):
+        return f"must be an object, got {r!r:.60}"
+    missing = [k for k in ("algorithm", "numel", "density", "median_s", "bytes_sent_max")
+               if k not in r]  # fmt: skip
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    if not isinstance(r["algorithm"], str):
+        return f"algorithm must be a name, got {r['algorithm']!r}"
+    if not _is_int(r["numel"]) or r["numel"] < 1:
+        return f"numel must be an int >= 1, got {r['numel']!r}"
+    if not _is_number(r["density"]) or not 0 < r["density"] <= 1:
+        return f"density must be a number in (0, 1], got {r['density']!r}"
+    if not _is_number(r["median_s"]) or not 0 < r["median_s"] < math.inf:
+        return f"median_s must be a finite number of seconds > 0, got {r['median_s']!r}"
+    if not _is_number(r["bytes_sent_max"]) or not 0 <= r["bytes_sent_max"] < math.inf:
+        return f"bytes_sent_max must be a finite number >= 0, got {r['bytes_sent_max']!r}"
+    return None
+
+
+def _check_results(result: Any) -> tuple[list, int, float | None, int | None]:
+    """Return (records, ranks, measured link rate or None, recorded cores or None) of a parsed
+    ``bench cluster`` JSON; raise ValueError naming what is wrong."""
+    if not isinstance(result, dict):
+        raise ValueError(f"expected a JSON object, got {type(result).__name__}")
+    records = result.get("records")
+    if not isinstance(records, list):
+        raise ValueError(f"records must be a list of objects, got {records!r:.60}")
+    for i, r in enumerate(records):
+        problem = _record_problem(r)
+        if problem:
+            raise ValueError(f"records[{i}] {problem}")
+    config = result.get("config")
+    if not isinstance(config, dict):
+        raise ValueError(f"config must be an object holding ranks, got {config!r:.60}")
+    world, cores = config.get("ranks"), config.get("cores")
+    if not _is_int(world) or world < 2:
+        raise ValueError(f"config.ranks must be an int >= 2, got {world!r}")
+    if cores is not None and (not _is_int(cores) or cores < 1):
+        raise ValueError(f"config.cores must be an int >= 1 (or absent), got {cores!r}")
+    link = {} if result.get("link") is None else result["link"]
+    if not isinstance(link, dict):
+        raise ValueError(f"link must be an object, got {link!r:.60}")
+    rate = link.get("bandwidth_measured_bps")
+    if rate is not None and (not _is_number(rate) or not 0 < rate < math.inf):
+        raise ValueError(
+            f"link.bandwidth_measured_bps must be a positive number of bits per second (or "
+            f"null), got {rate!r}"
+        )
+    return records, world, rate, cores
+
+
+def _load_results(path: Path, args: argparse.Namespace) -> tuple[list, int, float | None, int]:
+    """Return (records, ranks, measured link rate or None, shared cores) of a ``bench cluster``
+    JSON; a file that is not one is an argparse error naming what is wrong."""
     try:
-        result = json.loads(path.read_text())
-        records, world = result["records"], result["config"]["ranks"]
-        link = result["link"]["bandwidth_measured_bps"]
-        cores = args.cores or result["config"].get("cores")
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        records, world, link, cores = _check_results(json.loads(path.read_text()))
+    except (OSError, ValueError) as e:
         args._parser.error(f"cannot read {path}: {e}")
+    if args.cores is not None:
+        cores = args.cores
     if cores is None:
         cores = machine_cores()
         print(f"{path} does not record the cores its ranks shared; assuming this machine's {cores}")
@@ -415,6 +531,8 @@ def run_refit(args: argparse.Namespace) -> int:
         args._parser.error(f"--cores must be >= 1, got {args.cores}")
     path = Path(args.results)
     records, world, link, cores = _load_results(path, args)
+    if link is None and not args.free_beta:
+        print(f"{path} records no measured link rate; beta is fitted too (as with --free-beta)")
     fit = _fit_model(records, world, None if args.free_beta else link, cores)
     if fit is None:
         args._parser.error(f"{path} has fewer than 3 modelled points")

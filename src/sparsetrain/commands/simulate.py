@@ -2,9 +2,10 @@
 
 For each number of ranks and each link bandwidth, prints the modelled time of one gradient
 exchange by every algorithm, the winner, and its speedup over dense ring allreduce; with
-``--compute-ms`` also the speedup of a whole training iteration (compute plus exchange, not
-overlapped). Coefficients come from the command line or from a ``sparsetrain bench cluster``
-JSON (``--fitted``), whose fitted per-entry compute costs describe the machine that ran it.
+``--compute`` (e.g. ``--compute 200ms``) also the speedup of a whole training iteration (compute
+plus exchange, not overlapped). Coefficients come from the command line or from a ``sparsetrain
+bench cluster`` JSON (``--fitted``), whose fitted per-entry compute costs describe the machine
+that ran it.
 
 Example::
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -30,6 +32,59 @@ def _list(text: str, parse, what: str) -> list:
     if not items:
         raise ValueError(f"--{what} lists nothing")
     return items
+
+
+def _whole(text: str) -> int:
+    """Return ``text`` as an int; the error says it is not a whole number."""
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
+
+
+def _option(option: str, parse, text: str):
+    """Return ``parse(text)``; an error names ``option``."""
+    try:
+        return parse(text)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{option}: {e}") from None
+
+
+def _ceil3(x: float) -> float:
+    """Round ``x`` > 0 up to three significant digits (a bound that can be typed back)."""
+    unit = 10.0 ** (math.floor(math.log10(x)) - 2)
+    return math.ceil(x / unit) * unit
+
+
+def _read_fitted(path: str) -> tuple[float, float, float, float]:
+    """Return (gamma, gamma_dense, gamma_sort, overhead) of a ``bench cluster`` JSON's fit."""
+    expected = ("expected a `sparsetrain bench cluster` JSON whose model_fit.params holds gamma "
+                "and gamma_dense (and optionally gamma_sort and overhead)")  # fmt: skip
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--fitted {path}: cannot read it ({e}); {expected}") from None
+    except ValueError as e:
+        raise ValueError(f"--fitted {path}: not JSON ({e}); {expected}") from None
+    fit = result.get("model_fit") if isinstance(result, dict) else None
+    params = fit.get("params") if isinstance(fit, dict) else None
+    if not isinstance(params, dict):
+        raise ValueError(f"--fitted {path}: no model_fit.params; {expected}")
+    missing = [name for name in ("gamma", "gamma_dense") if name not in params]
+    if missing:
+        raise ValueError(
+            f"--fitted {path}: model_fit.params lacks {', '.join(missing)}; {expected}"
+        )
+    values = []
+    # Fits written before the sort and overhead terms existed have neither.
+    for name in ("gamma", "gamma_dense", "gamma_sort", "overhead"):
+        v = params.get(name, 0.0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+            raise ValueError(
+                f"--fitted {path}: model_fit.params.{name} must be a finite number >= 0, got {v!r}"
+            )
+        values.append(float(v))
+    return values[0], values[1], values[2], values[3]
 
 
 def simulate(
@@ -67,40 +122,53 @@ def simulate(
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        ranks = _list(args.ranks, int, "ranks")
+        ranks = _list(args.ranks, _whole, "ranks")
         if any(r < 2 for r in ranks):
             raise ValueError("--ranks: every value must be >= 2")
         bandwidths = _list(args.bandwidth, parse_rate, "bandwidth")
         if args.numel is not None:
-            numel, what = parse_count(args.numel), f"{args.numel} elements"
+            numel, what = _option("--numel", parse_count, args.numel), f"{args.numel} elements"
         else:
             numel = perfmodel.model_numel(args.model)
             what = f"{args.model} ({numel / 1e6:g}M parameters)"
         if not 0 < args.density <= 1:
             raise ValueError(f"--density must be in (0, 1], got {args.density}")
+        if args.density * numel < 1 - 1e-9:  # each rank keeps at least one entry
+            raise ValueError(
+                f"--density {args.density:g} keeps k = {args.density * numel:.3g} entries of "
+                f"{numel:,}; it must keep at least 1: the smallest allowed density for this size "
+                f"is {_ceil3(1 / numel):.3g}"
+            )
         algorithms = _list(args.algorithms, str, "algorithms")
         unknown = sorted(set(algorithms) - set(perfmodel.available_models()))
         if unknown:
             raise ValueError(
                 f"--algorithms: unknown {unknown}; modelled: {', '.join(perfmodel.available_models())}"
             )
-        latency = parse_duration(args.latency)
+        latency = _option("--latency", parse_duration, args.latency)
+        coefficients = {
+            "--gamma-ns": args.gamma_ns,
+            "--gamma-dense-ns": args.gamma_dense_ns,
+            "--gamma-sort-ns": args.gamma_sort_ns,
+            "--overhead-us": args.overhead_us,
+        }
+        for option, value in coefficients.items():
+            if not 0 <= value < math.inf:
+                raise ValueError(f"{option} must be a finite number >= 0, got {value}")
         gamma, gamma_dense = args.gamma_ns * 1e-9, args.gamma_dense_ns * 1e-9
         gamma_sort, overhead = args.gamma_sort_ns * 1e-9, args.overhead_us * 1e-6
-        if min(gamma, gamma_dense, gamma_sort, overhead) < 0:
-            raise ValueError("--gamma-ns, --gamma-dense-ns, --gamma-sort-ns and --overhead-us "
-                             "must be >= 0")  # fmt: skip
         if args.fitted:
-            fitted = json.loads(Path(args.fitted).read_text())["model_fit"]["params"]
-            gamma, gamma_dense = fitted["gamma"], fitted["gamma_dense"]
-            # Fits written before the sort and overhead terms existed have neither.
-            gamma_sort = fitted.get("gamma_sort", 0.0)
-            overhead = fitted.get("overhead", 0.0)
-        compute_s = parse_duration(args.compute) if args.compute else 0.0
-    except (ValueError, TypeError, KeyError, OSError) as e:
+            gamma, gamma_dense, gamma_sort, overhead = _read_fitted(args.fitted)
+        compute_s = _option("--compute", parse_duration, args.compute) if args.compute else 0.0
+        rows = simulate(ranks, bandwidths, numel, args.density, latency, gamma, gamma_dense,
+                        algorithms, compute_s, gamma_sort, overhead)  # fmt: skip
+    except (ValueError, TypeError) as e:
         args._parser.error(str(e))
-    rows = simulate(ranks, bandwidths, numel, args.density, latency, gamma, gamma_dense,
-                    algorithms, compute_s, gamma_sort, overhead)  # fmt: skip
+    if not all(math.isfinite(t) for r in rows for t in (r["dense_s"], *r["times_s"].values())):
+        args._parser.error(
+            "the modelled times overflow: --latency, --bandwidth or a coefficient is far out of "
+            "range"
+        )
     print(
         f"sparsetrain simulate: {what}, density {args.density:g} (k = {args.density * numel:,.0f} "
         f"a rank), latency {latency * 1e6:g} us, gamma {gamma * 1e9:.3g} ns/entry, "
@@ -122,12 +190,15 @@ def _run(args: argparse.Namespace) -> int:
             line += f"{r['speedup_iteration']:>6.2f}x"
         print(line)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         local = {"gamma": gamma, "gamma_dense": gamma_dense, "gamma_sort": gamma_sort,
                  "overhead": overhead, "compute_s": compute_s}  # fmt: skip
-        Path(args.json).write_text(json.dumps({"numel": numel, "density": args.density,
-                                               "latency_s": latency, **local, "rows": rows},
-                                              indent=1))  # fmt: skip
+        text = json.dumps({"numel": numel, "density": args.density, "latency_s": latency,
+                           **local, "rows": rows}, indent=1)  # fmt: skip
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(text)
+        except OSError as e:
+            args._parser.error(f"--json {args.json}: cannot write it ({e})")
     return 0
 
 
@@ -137,14 +208,17 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="project sparse collectives to large clusters with the alpha-beta cost model",
         description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1],
     )
-    p.add_argument("--ranks", default="64,256,1024", help="comma-separated rank counts")
-    p.add_argument("--bandwidth", default="10gbit,100gbit", help="link rates, tc notation")
+    p.add_argument("--ranks", default="64,256,1024",
+                   help="comma-separated rank counts (default 64,256,1024)")  # fmt: skip
+    p.add_argument("--bandwidth", default="10gbit,100gbit",
+                   help="link rates, tc notation (default 10gbit,100gbit)")  # fmt: skip
     src = p.add_mutually_exclusive_group()
     src.add_argument(
         "--model",
         default="bert-base",
         choices=sorted(perfmodel.MODEL_PARAMETERS),
-        help="preset parameter count (sources in sparsetrain.perfmodel.MODEL_PARAMETERS)",
+        help="preset parameter count (default bert-base; sources in "
+        "sparsetrain.perfmodel.MODEL_PARAMETERS)",
     )
     src.add_argument("--numel", help="vector length instead of a preset (e.g. 25M)")
     p.add_argument("--density", type=float, default=0.01, help="k/n of each rank (default 0.01)")

@@ -1,0 +1,359 @@
+"""Bad input to `sparsetrain simulate`, `bench refit` and `bench cluster` is an argparse error.
+
+Each error names the option (or the file) and what is allowed, with exit code 2 and no
+traceback. No cluster is built: `bench cluster` runs against a stand-in for EmulatedCluster.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+
+import pytest
+
+import sparsetrain.cluster
+from sparsetrain import perfmodel as pm
+from sparsetrain.cli import main
+from sparsetrain.cluster import ClusterError, ClusterPermissionError
+from sparsetrain.commands import simulate
+
+TRUE = pm.NetworkParams(
+    alpha=5e-4, beta=8e-9, gamma=2e-8, gamma_dense=3e-9, gamma_sort=2e-9, overhead=1e-3
+)
+
+
+def argparse_error(capsys, argv: list[str]) -> str:
+    """Run the CLI, expect an argparse error, return its stderr."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def worker_records(sizes=(10**6,), densities=(0.001, 0.01, 0.1), cores=2, world=8) -> list[dict]:
+    """Records as the bench worker writes them, timed by the model under TRUE."""
+    records = []
+    for n in sizes:
+        for d in densities:
+            for a in pm.available_models():
+                t = pm.predict(a, world=world, numel=n, density=d, params=TRUE, cores=cores)
+                records.append({"algorithm": a, "numel": n, "density": d, "median_s": t,
+                                "times_s": [t], "bytes_sent_max": 1, "bytes_recv_max": 1})  # fmt: skip
+    return records
+
+
+def results(**changes) -> dict:
+    """A valid `bench cluster` JSON, with top-level entries replaced by ``changes``."""
+    return {
+        "config": {"ranks": 8, "cores": 2},
+        "link": {"bandwidth_measured_bps": 8 / TRUE.beta},
+        "records": worker_records(),
+        **changes,
+    }
+
+
+# ---- simulate ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--gamma-ns", "nan"], "--gamma-ns must be a finite number >= 0, got nan"),
+        (["--gamma-ns", "inf"], "--gamma-ns must be a finite number >= 0, got inf"),
+        (["--gamma-dense-ns", "-1"], "--gamma-dense-ns must be a finite number >= 0"),
+        (["--gamma-sort-ns", "inf"], "--gamma-sort-ns must be a finite number >= 0"),
+        (["--overhead-us", "nan"], "--overhead-us must be a finite number >= 0"),
+        (["--latency", "1e400"], "--latency: duration must be a finite number"),
+        (["--latency", "abc"], "--latency: cannot read duration 'abc'"),
+        (["--compute", "abc"], "--compute: cannot read duration 'abc'"),
+        (["--compute=-5ms"], "--compute: duration must not be negative, got '-5ms'"),
+        (["--compute", "1e400s"], "--compute: duration must be a finite number"),
+        (["--density", "nan"], "--density must be in (0, 1], got nan"),
+        (["--density", "inf"], "--density must be in (0, 1], got inf"),
+        (["--density", "1.5"], "--density must be in (0, 1]"),
+        (["--numel", "0"], "--numel: count must be a positive whole number, got '0'"),
+        (["--numel", "1e400"], "--numel: count must be a positive whole number"),
+        (["--ranks", "1e3"], "--ranks: '1e3' is not a whole number"),
+        (["--bandwidth", "1e400gbit"], "--bandwidth: bandwidth must be a finite number"),
+    ],
+)
+def test_simulate_refuses_unreadable_or_non_finite_options(argv, words, capsys):
+    assert words in argparse_error(capsys, ["simulate", *argv])
+
+
+def test_simulate_density_must_keep_at_least_one_entry(capsys):
+    err = argparse_error(capsys, ["simulate", "--density", "1e-12"])
+    assert "--density 1e-12 keeps k = 0.00011 entries" in err
+    assert "smallest allowed density for this size is 9.1e-09" in err
+    err = argparse_error(capsys, ["simulate", "--numel", "7", "--density", "0.1"])
+    assert "the smallest allowed density for this size is 0.143" in err
+    # The smallest density named is accepted.
+    assert main(["simulate", "--ranks", "8", "--density", "9.1e-09"]) == 0
+    assert main(["simulate", "--ranks", "8", "--numel", "7", "--density", "0.143"]) == 0
+
+
+EXPECTED = "expected a `sparsetrain bench cluster` JSON whose model_fit.params holds gamma"
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("not json", "not JSON"),
+        ("[]", "no model_fit.params"),
+        ("{}", "no model_fit.params"),
+        ('{"model_fit": null}', "no model_fit.params"),
+        ('{"model_fit": {"params": null}}', "no model_fit.params"),
+        ('{"model_fit": {"params": {"gamma": 1e-9}}}', "model_fit.params lacks gamma_dense"),
+        ('{"model_fit": {"params": {}}}', "model_fit.params lacks gamma, gamma_dense"),
+    ],
+)
+def test_simulate_fitted_says_what_file_it_expects(tmp_path, capsys, text, words):
+    path = tmp_path / "fit.json"
+    path.write_text(text)
+    err = argparse_error(capsys, ["simulate", "--fitted", str(path)])
+    assert f"--fitted {path}: {words}" in err
+    assert EXPECTED in err
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("gamma", float("nan")), ("gamma_dense", float("inf")), ("gamma_sort", -1e-9),
+     ("overhead", "1ms"), ("gamma", None), ("overhead", True)],
+)  # fmt: skip
+def test_simulate_fitted_values_must_be_finite_and_non_negative(tmp_path, capsys, name, value):
+    params = {"gamma": 1e-9, "gamma_dense": 1e-10, name: value}
+    path = tmp_path / "fit.json"
+    path.write_text(json.dumps({"model_fit": {"params": params}}))  # NaN, Infinity as Python's
+    err = argparse_error(capsys, ["simulate", "--fitted", str(path)])
+    assert f"--fitted {path}: model_fit.params.{name} must be a finite number >= 0" in err
+
+
+def test_simulate_fitted_missing_file(tmp_path, capsys):
+    path = tmp_path / "missing.json"
+    err = argparse_error(capsys, ["simulate", "--fitted", str(path)])
+    assert f"--fitted {path}: cannot read it" in err and EXPECTED in err
+
+
+def test_simulate_json_that_cannot_be_written(tmp_path, capsys):
+    err = argparse_error(capsys, ["simulate", "--ranks", "8", "--json", str(tmp_path)])
+    assert f"--json {tmp_path}: cannot write it" in err
+    (tmp_path / "file").write_text("")
+    under_file = tmp_path / "file" / "sim.json"
+    err = argparse_error(capsys, ["simulate", "--ranks", "8", "--json", str(under_file)])
+    assert f"--json {under_file}: cannot write it" in err
+
+
+def test_simulate_help_names_the_real_options_and_defaults(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["simulate", "--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--compute-ms" not in text and "--compute-ms" not in simulate.__doc__
+    assert "--compute 200ms" in text
+    for default in ("(default 64,256,1024)", "(default 10gbit,100gbit)", "(default bert-base"):
+        assert default in text
+
+
+# ---- bench refit ------------------------------------------------------------------------------
+def _bad_record(**changes) -> dict:
+    rec = {**worker_records()[0], **changes}
+    return results(records=[rec, *worker_records()[1:]])
+
+
+def _without(key: str) -> dict:
+    rec = worker_records()[0]
+    del rec[key]
+    return results(records=[rec, *worker_records()[1:]])
+
+
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        ([], "expected a JSON object, got list"),
+        (results(records={"a": 1}), "records must be a list of objects"),
+        (results(records=[1, 2, 3]), "records[0] must be an object, got 1"),
+        (_without("median_s"), "records[0] lacks median_s"),
+        (_without("algorithm"), "records[0] lacks algorithm"),
+        (_without("numel"), "records[0] lacks numel"),
+        (_without("density"), "records[0] lacks density"),
+        (_bad_record(median_s=0), "records[0] median_s must be a finite number of seconds > 0"),
+        (_bad_record(median_s=-1.0), "median_s must be a finite number of seconds > 0, got -1.0"),
+        (_bad_record(median_s=float("inf")), "median_s must be a finite number of seconds > 0"),
+        (_bad_record(median_s=float("nan")), "median_s must be a finite number of seconds > 0"),
+        (_bad_record(median_s="1"), "median_s must be a finite number of seconds > 0"),
+        (_bad_record(numel=0), "records[0] numel must be an int >= 1, got 0"),
+        (_bad_record(density=2), "records[0] density must be a number in (0, 1], got 2"),
+        (_bad_record(algorithm=None), "records[0] algorithm must be a name"),
+        (results(config=None), "config must be an object"),
+        (results(config={"cores": 2}), "config.ranks must be an int >= 2, got None"),
+        (results(config={"ranks": 1}), "config.ranks must be an int >= 2, got 1"),
+        (results(config={"ranks": 8.0}), "config.ranks must be an int >= 2, got 8.0"),
+        (results(config={"ranks": "8"}), "config.ranks must be an int >= 2, got '8'"),
+        (results(config={"ranks": 8, "cores": 0}), "config.cores must be an int >= 1"),
+        (results(config={"ranks": 8, "cores": 1.5}), "config.cores must be an int >= 1"),
+        (results(link=[1]), "link must be an object"),
+        (results(link={"bandwidth_measured_bps": 0}), "link.bandwidth_measured_bps must be a"),
+        (results(link={"bandwidth_measured_bps": -1e9}), "link.bandwidth_measured_bps must"),
+        (results(link={"bandwidth_measured_bps": "1gbit"}), "link.bandwidth_measured_bps must"),
+        (results(link={"bandwidth_measured_bps": float("nan")}), "bandwidth_measured_bps must"),
+    ],
+)
+def test_refit_refuses_malformed_results(tmp_path, capsys, data, words):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(data))
+    err = argparse_error(capsys, ["bench", "refit", str(path)])
+    assert f"cannot read {path}: " in err and words in err
+
+
+def test_refit_refuses_a_file_that_is_not_json(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    path.write_text("{not json")
+    assert f"cannot read {path}: Expecting" in argparse_error(capsys, ["bench", "refit", str(path)])
+
+
+def test_refit_predict_refuses_a_zero_median(tmp_path, capsys):
+    good, other = tmp_path / "a.json", tmp_path / "b.json"
+    good.write_text(json.dumps(results()))
+    other.write_text(json.dumps(_bad_record(median_s=0.0)))
+    err = argparse_error(capsys, ["bench", "refit", str(good), "--predict", str(other)])
+    assert f"cannot read {other}: records[0] median_s must be" in err
+
+
+@pytest.mark.parametrize("link", [None, {}, {"bandwidth_measured_bps": None}])
+def test_refit_without_a_measured_link_rate_fits_beta_and_says_so(tmp_path, capsys, link):
+    path = tmp_path / "r.json"
+    data = results(link=link)
+    if link is None:
+        del data["link"]
+    path.write_text(json.dumps(data))
+    assert main(["bench", "refit", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{path} records no measured link rate; beta is fitted too" in out
+    assert "(measured link)" not in out
+    assert main(["bench", "refit", str(path), "--free-beta"]) == 0
+    assert "records no measured link rate" not in capsys.readouterr().out
+
+
+# ---- bench cluster ----------------------------------------------------------------------------
+class FakeCluster:
+    """Stands in for EmulatedCluster: builds nothing; ``fail`` says what goes wrong."""
+
+    instances: list[FakeCluster] = []
+    fail: str | None = None
+
+    def __init__(self, ranks, bandwidth="1gbit", latency="100us"):
+        self.ranks, self.bandwidth_bps, self.latency_s = ranks, 1e9, 1e-4
+        self.latency_emulated = True
+        FakeCluster.instances.append(self)
+
+    def __enter__(self):
+        if self.fail == "permission":
+            raise ClusterPermissionError("the emulated cluster needs root")
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def measure_bandwidth(self, src=0, dst=1, nbytes=0):
+        if self.fail == "timeout":
+            raise subprocess.TimeoutExpired(["probe.py", "recv"], 120)
+        return 8 / TRUE.beta
+
+    def measure_rtt(self, src=0, dst=1):
+        return 2e-4
+
+    def run(self, argv, *, timeout=None):
+        cfg = json.loads(open(argv[-1]).read())
+        records = worker_records(cfg["sizes"], cfg["densities"])
+        records = [r for r in records if r["algorithm"] in cfg["algorithms"]]
+        if self.fail == "rank":
+            records = records[:2]
+        with open(cfg["records_path"], "w") as f:
+            json.dump(records, f)
+        if self.fail == "rank":
+            raise ClusterError("rank(s) [3] exited with [1]")
+
+
+@pytest.fixture
+def fake_cluster(monkeypatch, tmp_path):
+    """Replace EmulatedCluster and put the run's temporary folders under tmp_path/"tmp"."""
+    monkeypatch.setattr(sparsetrain.cluster, "EmulatedCluster", FakeCluster)
+    monkeypatch.setattr(FakeCluster, "instances", [])
+    monkeypatch.setattr(FakeCluster, "fail", None)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    return FakeCluster
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--timeout", "0"], "--timeout must be > 0 seconds, got 0.0"),
+        (["--timeout", "-5"], "--timeout must be > 0 seconds"),
+        (["--timeout", "nan"], "--timeout must be > 0 seconds"),
+        (["--probe-bytes", "0"], "--probe-bytes must be >= 1, got 0"),
+        (["--name", ""], "--name must be a non-empty file stem without a path separator"),
+        (["--name", "a/b"], "--name must be a non-empty file stem without a path separator"),
+        (["--sizes", "3G"], "--sizes: at most 2,147,483,647 (2**31 - 1) elements"),
+        (["--sizes", "1M, 2147483648"], "got [2147483648]: the worker's indices are int32"),
+        (["--latency", "abc"], "--latency: cannot read duration 'abc'"),
+        (["--bandwidth", "fast"], "--bandwidth: cannot read bandwidth 'fast'"),
+        (["--algorithms", "dense, oktopk", "--timeout", "0"], "--timeout must be > 0"),
+    ],
+)
+def test_cluster_options_are_checked_before_anything_is_made(
+    fake_cluster, tmp_path, capsys, argv, words
+):
+    out = tmp_path / "out"
+    err = argparse_error(capsys, ["bench", "cluster", "--out", str(out), *argv])
+    assert words in err
+    assert fake_cluster.instances == []
+    assert not out.exists() and list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_cluster_runs_and_writes_results_with_spaced_algorithms(fake_cluster, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["bench", "cluster", "--out", str(out), "--name", "run", "--sizes", "1M",
+            "--algorithms", "dense, oktopk , allgather,"]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads((out / "run.json").read_text())
+    assert data["config"]["algorithms"] == ["dense", "oktopk", "allgather"]
+    assert {r["algorithm"] for r in data["records"]} == {"dense", "oktopk", "allgather"}
+    assert data["model_fit"]["beta_from_measured_link"] is True
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_cluster_rank_failure_keeps_partial_records_and_removes_the_temp_folder(
+    fake_cluster, tmp_path, capsys
+):
+    fake_cluster.fail = "rank"
+    out = tmp_path / "out"
+    assert main(["bench", "cluster", "--out", str(out), "--name", "run"]) == 1
+    err = capsys.readouterr().err
+    assert "sparsetrain bench cluster: rank(s) [3] exited with [1]" in err
+    partial = out / "run.partial.json"
+    assert f"partial records (the points finished): {partial}" in err
+    assert len(json.loads(partial.read_text())) == 2
+    assert not (out / "run.json").exists()
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_cluster_timeout_is_reported_and_removes_the_temp_folder(fake_cluster, tmp_path, capsys):
+    fake_cluster.fail = "timeout"
+    out = tmp_path / "out"
+    assert main(["bench", "cluster", "--out", str(out), "--name", "run"]) == 1
+    err = capsys.readouterr().err
+    assert "sparsetrain bench cluster: Command '['probe.py', 'recv']' timed out" in err
+    assert "partial records" not in err and list(out.iterdir()) == []
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_cluster_without_root_still_exits_2_and_removes_the_temp_folder(
+    fake_cluster, tmp_path, capsys
+):
+    fake_cluster.fail = "permission"
+    assert main(["bench", "cluster", "--out", str(tmp_path / "out")]) == 2
+    assert "sparsetrain bench cluster: the emulated cluster needs root" in capsys.readouterr().err
+    assert list((tmp_path / "tmp").iterdir()) == []
