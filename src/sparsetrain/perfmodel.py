@@ -157,6 +157,10 @@ class Problem:
 
     ``cores``: processors the ranks share (the emulated cluster: this machine's cores); None
     when every rank has its own, as on a real cluster.
+
+    ``sorted_input``: each rank's indices arrive sorted by index, as the threshold compressor
+    and the cluster benchmark produce them; the collectives then take them as they are after a
+    linear check. False for unsorted input (``torch.topk``'s order), which costs a sort.
     """
 
     world: int
@@ -165,6 +169,7 @@ class Problem:
     value_bytes: int = 4
     index_bytes: int = 4
     cores: int | None = None
+    sorted_input: bool = True
 
     def __post_init__(self) -> None:
         _check_int("world", self.world, 1)
@@ -217,6 +222,14 @@ def _local(
     """Local work done by ``active`` ranks at once: entries touched, elements streamed, sorts."""
     f = q.share(active)
     return Cost(0, 0, f * sparse, f * dense, f * sum(_sort(m) for m in sorts))
+
+
+def _order(q: Problem, passes: int = 1) -> Cost:
+    """Bring each rank's k input entries into index order (coalescing, splitting into ranges):
+    a linear check for sorted input, a sort otherwise; ``passes`` times."""
+    if q.sorted_input:
+        return _local(q, q.world, sparse=passes * q.k)
+    return _local(q, q.world, sorts=[q.k] * passes)
 
 
 def _call(messages: float, nbytes: float = 0.0) -> Cost:
@@ -298,7 +311,7 @@ def sparse_allgather(q: Problem) -> Cost:
 def ssar_recursive_doubling(q: Problem) -> Cost:
     """SparCML recursive doubling with fold/unfold for non-powers of two.
 
-    Agreement and a local coalesce (a sort of k); a fold (k entries) when p is not a power of
+    Agreement and a local coalesce (a linear check of k sorted entries, or a sort of k); a fold (k entries) when p is not a power of
     two; log2 p' exchanges, each a size message and a payload message, where the sender's
     support after merging m ranks is U(m) and the merge sorts both operands (2 U(m)); an
     unfold of the result U(p); then a scatter of U(p) entries into a zeroed dense vector.
@@ -306,7 +319,7 @@ def ssar_recursive_doubling(q: Problem) -> Cost:
     p = q.world
     core = 1 << (p.bit_length() - 1)
     extra = p - core
-    cost = _small_allreduce(p) + _local(q, p, sorts=[q.k])
+    cost = _small_allreduce(p) + _order(q)
     m = 1.0
     if extra:
         cost += _p2p(2, q.k * q.entry_bytes) + _local(q, extra, sorts=[2 * q.k])
@@ -330,7 +343,8 @@ def _split_phase(q: Problem, adaptive: bool) -> tuple[Cost, float, bool]:
     per_peer = (q.numel / p * q.value_bytes) if dense_in else (q.k / p * q.entry_bytes)
     cost = (
         _small_allreduce(p)
-        + _local(q, p, sorts=[q.k], dense=q.numel if dense_in else 0.0)  # sort into ranges
+        + _order(q)  # into ranges
+        + _local(q, p, dense=q.numel if dense_in else 0.0)
         + _p2p(p - 1)  # sizes
         + _p2p(p - 1, (p - 1) * per_peer)  # payloads in rotating order
     )
@@ -360,7 +374,8 @@ def ssar_split_allgather(q: Problem) -> Cost:
     """SparCML split-allgather: sparse split to p range owners, merge, allgather of ranges.
 
     T = (2(p-1) + 2(p-1) + (p-1) + (p-1)) alpha + (p-1)/p [k + U(p)] (b_i + b_v) beta
-        + (1 + 2(p-1) + 1 + (p-1)) o + 2 k log2 k gamma_sort + U(p) gamma + n gamma_dense.
+        + (1 + 2(p-1) + 1 + (p-1)) o + k log2 k gamma_sort (the merge) + (k + U(p)) gamma
+        + n gamma_dense, for sorted input (unsorted adds a sort of k).
     """
     cost, reduced, _ = _split_phase(q, adaptive=False)
     return cost + _allgather_ranges(q, reduced, dense_out=False)
@@ -379,7 +394,7 @@ def oktopk(q: Problem) -> Cost:
     """Ok-Topk: balanced split-reduce, global top-k by estimated threshold, allgatherv.
 
     Steady state (region edges and threshold reused): agreement; a coalesce and a split into
-    regions (two sorts of k); sizes then payloads, (p-1)/p k entries, to the region owners in
+    regions (two linear passes over k sorted entries, or two sorts of k unsorted ones); sizes then payloads, (p-1)/p k entries, to the region owners in
     rotating order; a sort-based merge of the region's k entries; the threshold compared with
     its U(p)/p reduced entries; a ring allgather of the kept counts; the balance (for balanced
     regions a rank's excess goes to at most its neighbours: about 2 messages); then direct
@@ -391,7 +406,7 @@ def oktopk(q: Problem) -> Cost:
     selected = q.k / p
     return (
         _small_allreduce(p)
-        + _local(q, p, sorts=[q.k, q.k])
+        + _order(q, passes=2)  # coalesce, split
         + _p2p(p - 1)
         + _p2p(p - 1, (p - 1) / p * q.k * q.entry_bytes)
         + _local(q, p, sorts=[q.k], sparse=q.union(p) / p)
@@ -406,14 +421,15 @@ def oktopk(q: Problem) -> Cost:
 def gtopk(q: Problem) -> Cost:
     """gTop-k: tree reduction keeping the top k of each merged pair, then a broadcast.
 
-    Agreement; each rank coalesces and keeps its top k (two sorts of k); log2 p rounds up, in
-    which rank 0 receives k entries a round and merges and reselects 2k (half as many ranks
-    merge each round); log2 p messages down from rank 0: T = 2(p-1) alpha + 2 log p alpha
-    + 2 log p k (b_i + b_v) beta + (1 + 2 log p) o + (2 sort(k) + 2 log p sort(2k)) gamma_sort.
+    Agreement; each rank coalesces its k entries (a linear check if sorted, else a sort); log2 p
+    rounds up, in which rank 0 receives k entries a round and merges and reselects 2k (half as
+    many ranks merge each round); log2 p messages down from rank 0: T = 2(p-1) alpha
+    + 2 log p alpha + 2 log p k (b_i + b_v) beta + (1 + 2 log p) o + 2 log p sort(2k) gamma_sort
+    + k gamma (sorted input).
     """
     p = q.world
     L = _log2ceil(p)
-    cost = _small_allreduce(p) + _local(q, p, sorts=[q.k, q.k])
+    cost = _small_allreduce(p) + _order(q)
     active = p / 2
     for _ in range(L):
         cost += _p2p(1, q.k * q.entry_bytes) + _local(q, active, sorts=[2 * q.k, 2 * q.k])
@@ -433,10 +449,12 @@ def cost(
     value_bytes: int = 4,
     index_bytes: int = 4,
     cores: int | None = None,
+    sorted_input: bool = True,
 ) -> Cost:
     """Return the cost decomposition of one call of ``algorithm``.
 
     ``cores``: processors the ranks share (see :class:`Problem`); None: one a rank.
+    ``sorted_input``: whether the ranks' indices arrive sorted (see :class:`Problem`).
 
     Raises:
         ValueError: unknown algorithm (the message lists the modelled ones) or bad sizes.
@@ -445,7 +463,9 @@ def cost(
         raise ValueError(
             f"no cost model for collective {algorithm!r}; modelled: {', '.join(available_models())}"
         )
-    return _MODELS[algorithm](Problem(world, numel, density, value_bytes, index_bytes, cores))
+    return _MODELS[algorithm](
+        Problem(world, numel, density, value_bytes, index_bytes, cores, sorted_input)
+    )
 
 
 def predict(
@@ -458,6 +478,7 @@ def predict(
     value_bytes: int = 4,
     index_bytes: int = 4,
     cores: int | None = None,
+    sorted_input: bool = True,
 ) -> float:
     """Return the modelled seconds of one call of ``algorithm``.
 
@@ -467,14 +488,15 @@ def predict(
         5.2e-05
     """
     c = cost(algorithm, world=world, numel=numel, density=density, value_bytes=value_bytes,
-             index_bytes=index_bytes, cores=cores)  # fmt: skip
+             index_bytes=index_bytes, cores=cores, sorted_input=sorted_input)  # fmt: skip
     return c.seconds(params)
 
 
 @dataclass(frozen=True)
 class Measurement:
     """One measured time: ``algorithm`` on ``world`` ranks, ``numel`` elements, ``density``
-    (``cores``: processors the ranks shared, as in :class:`Problem`)."""
+    (``cores``: processors the ranks shared, ``sorted_input``: whether the inputs were sorted,
+    as in :class:`Problem`)."""
 
     algorithm: str
     world: int
@@ -484,6 +506,7 @@ class Measurement:
     value_bytes: int = 4
     index_bytes: int = 4
     cores: int | None = None
+    sorted_input: bool = True
 
 
 def fit(
@@ -530,7 +553,8 @@ def fit(
         if not m.seconds > 0:
             raise ValueError(f"measured seconds must be positive, got {m.seconds} for {m}")
         costs.append(cost(m.algorithm, world=m.world, numel=m.numel, density=m.density,
-                          value_bytes=m.value_bytes, index_bytes=m.index_bytes, cores=m.cores))  # fmt: skip
+                          value_bytes=m.value_bytes, index_bytes=m.index_bytes, cores=m.cores,
+                          sorted_input=m.sorted_input))  # fmt: skip
         ts.append(m.seconds)
     # A pipelined reduction counts only where it is slower than its transfer, which depends on
     # the coefficients: fit with the transfer everywhere, then refit with the slower of the two
@@ -591,6 +615,7 @@ def best_collective(
     value_bytes: int = 4,
     index_bytes: int = 4,
     candidates: Sequence[str] = EXACT,
+    sorted_input: bool = True,
 ) -> str:
     """Return the fastest of ``candidates`` under the cost model (``collective="auto"``).
 
@@ -602,6 +627,7 @@ def best_collective(
         value_bytes, index_bytes: sizes of a value and of an index on the wire.
         candidates: names to choose from; by default the exact ones, including ``"dense"``
             (plain dense allreduce). Add ``"oktopk"``/``"gtopk"`` to allow selecting ones.
+        sorted_input: whether each rank's indices arrive sorted (see :class:`Problem`).
 
     Returns:
         The name of the fastest candidate ("dense" means: allreduce the dense tensor).
@@ -631,6 +657,7 @@ def best_collective(
             params=params,
             value_bytes=value_bytes,
             index_bytes=index_bytes,
+            sorted_input=sorted_input,
         )  # fmt: skip
         for c in candidates
     }

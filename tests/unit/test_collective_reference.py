@@ -115,12 +115,18 @@ def test_oktopk_reference_keeps_union_entries_at_threshold():
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.integers(0, 30), max_size=60), st.integers(0, 2**31 - 1))
 def test_coalesce_sums_duplicates_and_sorts(idx_list, seed):
-    idx = torch.tensor(idx_list, dtype=torch.int64)
+    # As given (unsorted, duplicates), sorted with duplicates, and sorted unique (the case that
+    # skips the sort): the same sums.
+    given_idx = torch.tensor(idx_list, dtype=torch.int64)
     val = torch.randn(len(idx_list), generator=torch.Generator().manual_seed(seed))
-    u, s = coalesce(idx, val)
-    assert torch.equal(u, torch.unique(idx))
-    expected = torch.zeros(31).index_add_(0, idx, val)
-    torch.testing.assert_close(s, expected[u])
+    uniq = torch.unique(given_idx)
+    first = torch.zeros(31).index_add_(0, given_idx, val)[uniq]
+    for idx, v in ((given_idx, val), (torch.sort(given_idx).values, val[torch.sort(given_idx).indices]),
+                   (uniq, first)):  # fmt: skip
+        u, s = coalesce(idx, v)
+        assert torch.equal(u, uniq)
+        expected = torch.zeros(31).index_add_(0, idx, v)
+        torch.testing.assert_close(s, expected[u])
 
 
 def test_merge_of_two_sparse_vectors_equals_dense_sum():
@@ -134,6 +140,8 @@ def test_merge_of_two_sparse_vectors_equals_dense_sum():
 def test_split_by_bounds_partitions_every_entry_into_its_range(numel, parts, seed):
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(numel, generator=g)[: numel // 2]
+    if seed % 2:  # sorted input takes the path without a sort
+        idx = torch.sort(idx).values
     val = torch.randn(idx.numel(), generator=g)
     edges = even_bounds(numel, parts)
     assert edges[0] == 0 and edges[-1] == numel and len(edges) == parts + 1

@@ -68,10 +68,15 @@ def test_ssar_rd_power_of_two_by_hand():
     assert c.bytes == pytest.approx((50 + 75) * 8)
     assert c.messages == 2 * 3 + 2 * 2
     assert c.operations == 1 + 2 * 2
-    # Sorts: the coalesce of k=50, then merges of 2*U(1)=100 and 2*U(2)=150 entries.
-    assert c.sort_work == pytest.approx(sum(m * math.log2(m) for m in (50, 100, 150)))
-    # Scatter of the U(4) = 93.75 result entries into a zeroed vector of 100.
-    assert (c.sparse_elements, c.dense_elements) == (pytest.approx(93.75), 100)
+    # Sorted input: the coalesce is a linear check of k=50; then the merges sort 2*U(1)=100
+    # and 2*U(2)=150 entries.
+    assert c.sort_work == pytest.approx(sum(m * math.log2(m) for m in (100, 150)))
+    # Scatter of the U(4) = 93.75 result entries into a zeroed vector of 100, after the check.
+    assert (c.sparse_elements, c.dense_elements) == (pytest.approx(50 + 93.75), 100)
+    # Unsorted input (torch.topk's order) sorts the k=50 instead of checking them.
+    u = pm.cost("ssar_rd", world=4, numel=100, density=0.5, sorted_input=False)
+    assert u.sort_work == pytest.approx(sum(m * math.log2(m) for m in (50, 100, 150)))
+    assert u.sparse_elements == pytest.approx(93.75)
 
 
 def test_ssar_rd_non_power_of_two_adds_fold_and_unfold():
@@ -125,8 +130,12 @@ def test_oktopk_counts_every_point_to_point_message():
     c = pm.cost("oktopk", world=4, numel=10**6, density=0.01)
     assert c.messages == 6 + 3 + 3 + 3 + 2 + 3
     assert c.operations == 1 + 3 + 3 + 1 + 2 + 3
-    # Two sorts of k (coalesce, split into regions) and the merge of the region's k entries.
-    assert c.sort_work == pytest.approx(3 * 10_000 * math.log2(10_000))
+    # Sorted input: the coalesce and the split into regions are linear passes over k; only
+    # the merge of the region's k entries sorts. Unsorted input sorts twice more.
+    assert c.sort_work == pytest.approx(10_000 * math.log2(10_000))
+    u = pm.cost("oktopk", world=4, numel=10**6, density=0.01, sorted_input=False)
+    assert u.sort_work == pytest.approx(3 * 10_000 * math.log2(10_000))
+    assert c.sparse_elements - u.sparse_elements == pytest.approx(2 * 10_000)
 
 
 def test_shared_cores_slow_local_work_only():
@@ -146,13 +155,13 @@ def test_shared_cores_slow_local_work_only():
 
 def test_gtopk_rounds_contend_less_as_the_tree_narrows():
     # 8 ranks on 2 cores: the first merge round runs on 4 ranks (factor 2), the next on 2 and
-    # the last on 1 (factor 1); the local coalesce and top-k run on all 8 (factor 4).
-    q = dict(world=8, numel=10**6, density=0.01)
+    # the last on 1 (factor 1); the local coalesce of unsorted input runs on all 8 (factor 4).
+    q = dict(world=8, numel=10**6, density=0.01, sorted_input=False)
     k = 10_000
     sort = pm._sort
     shared = pm.cost("gtopk", cores=2, **q)
-    assert shared.sort_work == pytest.approx(4 * 2 * sort(k) + (2 + 1 + 1) * 2 * sort(2 * k))
-    assert pm.cost("gtopk", **q).sort_work == pytest.approx(2 * sort(k) + 3 * 2 * sort(2 * k))
+    assert shared.sort_work == pytest.approx(4 * sort(k) + (2 + 1 + 1) * 2 * sort(2 * k))
+    assert pm.cost("gtopk", **q).sort_work == pytest.approx(sort(k) + 3 * 2 * sort(2 * k))
 
 
 def test_seconds_is_linear_in_the_coefficients():

@@ -96,6 +96,18 @@ def test_ties_never_send_more_than_band_times_k():
     (idx, vals), _ = c.compress(torch.ones(10_000), key="t")
     assert idx.numel() <= 200
     assert torch.equal(vals, torch.ones(idx.numel()))
+    # Still in ascending order, as the class promises (sorted_indices): no collective sorts it.
+    assert c.sorted_indices and bool((idx[1:] > idx[:-1]).all())
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([0.001, 0.01, 0.2]))
+def test_indices_come_out_sorted(seed, density):
+    c = get_compressor("threshold", density=density, reestimate_every=3)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(4):
+        (idx, _), _ = c.compress(torch.randn(20_000, generator=g) ** 3, key="w")
+        assert bool((idx[1:] > idx[:-1]).all()), step
 
 
 def test_zero_gradient_sends_nothing():

@@ -109,6 +109,8 @@ class GTopK(SparseCollective):
         k = min(k, numel)
         p, rank = wire.world, wire.rank
         idx, val = keep_topk(*coalesce(indices, values), max(k, 1))
+        if idx is indices:  # sorted input kept whole: never hand the caller's tensors back
+            idx, val = idx.clone(), val.clone()
         if k == 0:  # every rank sent nothing
             return CollectiveResult(indices=idx, values=val, **_bytes(wire))
         ib, vb = idx.element_size(), val.element_size()

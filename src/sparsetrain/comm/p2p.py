@@ -312,8 +312,22 @@ def as_dtype(seg: Tensor, dtype: torch.dtype) -> Tensor:
     return seg.view(dtype)
 
 
+def is_sorted(indices: Tensor, strict: bool = False) -> bool:
+    """Whether ``indices`` are in ascending order (``strict``: and unique). One linear pass."""
+    if indices.numel() < 2:
+        return True
+    step = indices[1:] > indices[:-1] if strict else indices[1:] >= indices[:-1]
+    return bool(step.all())
+
+
 def coalesce(indices: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-    """Sum the values of equal indices; return (sorted unique indices, sums). Vectorised."""
+    """Sum the values of equal indices; return (sorted unique indices, sums). Vectorised.
+
+    Input that is already sorted and unique (as the threshold compressor produces it) is
+    returned as it is after one linear check, without a sort.
+    """
+    if is_sorted(indices, strict=True):
+        return indices, values
     uniq, inverse = torch.unique(indices, sorted=True, return_inverse=True)
     sums = torch.zeros(uniq.numel(), dtype=values.dtype, device=values.device)
     sums.index_add_(0, inverse, values)
@@ -331,9 +345,13 @@ def split_by_bounds(indices: Tensor, values: Tensor, bounds: Tensor) -> list[tup
     """Split a sparse vector into the regions ``[bounds[j], bounds[j+1])``, sorted by index.
 
     ``bounds`` holds the p+1 region edges (first 0, last numel), on the indices' device.
+    Sorted input is split as it is, without a sort.
     """
-    order = torch.argsort(indices)
-    idx, val = indices[order], values[order]
+    if is_sorted(indices):
+        idx, val = indices, values
+    else:
+        order = torch.argsort(indices)
+        idx, val = indices[order], values[order]
     # Edges past the index dtype's range (int32 indices of a vector over 2**31 elements) lie
     # past every index; clamp them rather than let them wrap around.
     limit = torch.iinfo(idx.dtype).max

@@ -260,6 +260,9 @@ class SparseCompressor(Compressor):
     wire: ClassVar[Wire] = "sparse"
     summable: ClassVar[bool] = False
     biased: ClassVar[bool] = True
+    # True: the indices come out sorted by position, so the sparse collectives need not sort
+    # them (and the cost model of collective="auto" counts no sort).
+    sorted_indices: ClassVar[bool] = False
 
     def decompress(self, payload: Payload, ctx: TensorMeta) -> Tensor:
         indices, values = payload

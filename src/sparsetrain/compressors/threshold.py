@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -86,6 +86,7 @@ class Threshold(SparseCompressor):
         True
     """
 
+    sorted_indices: ClassVar[bool] = True  # the selection scans the tensor in order
     density: float = 0.01
     reestimate_every: int = 10
     band: float = 1.25
@@ -137,7 +138,8 @@ class Threshold(SparseCompressor):
             idx = self._select(flat, threshold, expected=k)
             count = idx.numel()
         if count > k * self.band:
-            idx = idx[torch.topk(flat[idx].abs(), k, sorted=False).indices]
+            # Positions sorted, so the kept indices stay in ascending order (sorted_indices).
+            idx = idx[torch.sort(torch.topk(flat[idx].abs(), k, sorted=False).indices).values]
         factor = (count / k) ** (1.0 / slope) if count > 0 else 0.5
         next_threshold = threshold * min(2.0, max(0.5, factor))
         self._keys[key] = _KeyState(

@@ -91,7 +91,10 @@ class SyncEngine:
 
             density = float(getattr(self.compressor, "density", 1.0))
             name = best_collective(
-                numel=numel, nnz=k_for(numel, density), world=world_of(self.group)
+                numel=numel,
+                nnz=k_for(numel, density),
+                world=world_of(self.group),
+                sorted_input=bool(getattr(self.compressor, "sorted_indices", False)),
             )
         if name == "dense":
             return name
