@@ -68,6 +68,21 @@ def test_refit_write_stores_the_fit_that_simulate_reads(tmp_path, capsys):
     assert json.loads(path.read_text()) == after
 
 
+def test_refit_write_to_an_unwritable_file_is_an_argparse_error(tmp_path, capsys, monkeypatch):
+    import pathlib
+
+    path = write_results(tmp_path / "a.json", [10**6], [0.01, 0.1])
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(f"read-only: {self}")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", refuse)
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "refit", str(path), "--write"])
+    assert exc.value.code == 2
+    assert "--write: cannot write" in capsys.readouterr().err
+
+
 def test_refit_with_the_wrong_core_count_fits_worse(tmp_path, capsys):
     fitted = write_results(tmp_path / "a.json", [10**6, 25 * 10**6], [0.001, 0.01, 0.1])
     main(["bench", "refit", str(fitted)])

@@ -70,8 +70,8 @@ def parse_duration(text: str | float | int) -> float:
     """Return a duration in seconds from a number of seconds or ``"100us"``, ``"2ms"``, ``"1s"``.
 
     Example:
-        >>> parse_duration("100us")
-        0.0001
+        >>> parse_duration("2ms")
+        0.002
     """
     value = _split(text, "duration", _TIME_UNITS, "100us")
     if value < 0:

@@ -541,7 +541,10 @@ def run_refit(args: argparse.Namespace) -> int:
     if args.write:
         result = json.loads(path.read_text())
         result["model_fit"] = _model_fit_entry(fit)
-        path.write_text(json.dumps(result, indent=1))
+        try:
+            path.write_text(json.dumps(result, indent=1))
+        except OSError as e:
+            args._parser.error(f"--write: cannot write {path} ({e})")
         print(f"wrote this fit into {path} (its model_fit entry; the measurements are unchanged)")
     if args.predict:
         other = Path(args.predict)
