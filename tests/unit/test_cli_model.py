@@ -17,8 +17,8 @@ TRUE = pm.NetworkParams(
 )
 
 
-def write_results(path, sizes, densities, cores=2, world=8):
-    """A `bench cluster` JSON whose medians are the model's own times under TRUE."""
+def model_records(sizes, densities, cores=2, world=8) -> list[dict]:
+    """Records as the bench worker writes them, timed by the model under TRUE."""
     records = []
     for n in sizes:
         for d in densities:
@@ -26,6 +26,12 @@ def write_results(path, sizes, densities, cores=2, world=8):
                 t = pm.predict(a, world=world, numel=n, density=d, params=TRUE, cores=cores)
                 records.append({"algorithm": a, "numel": n, "density": d, "median_s": t,
                                 "times_s": [t], "bytes_sent_max": 1, "bytes_recv_max": 1})  # fmt: skip
+    return records
+
+
+def write_results(path, sizes, densities, cores=2, world=8):
+    """A `bench cluster` JSON whose medians are the model's own times under TRUE."""
+    records = model_records(sizes, densities, cores, world)
     path.write_text(
         json.dumps(
             {

@@ -13,14 +13,10 @@ import tempfile
 import pytest
 
 import sparsetrain.cluster
-from sparsetrain import perfmodel as pm
 from sparsetrain.cli import main
 from sparsetrain.cluster import ClusterError, ClusterPermissionError
 from sparsetrain.commands import simulate
-
-TRUE = pm.NetworkParams(
-    alpha=5e-4, beta=8e-9, gamma=2e-8, gamma_dense=3e-9, gamma_sort=2e-9, overhead=1e-3
-)
+from tests.unit.test_cli_model import TRUE, model_records
 
 
 def argparse_error(capsys, argv: list[str]) -> str:
@@ -35,14 +31,7 @@ def argparse_error(capsys, argv: list[str]) -> str:
 
 def worker_records(sizes=(10**6,), densities=(0.001, 0.01, 0.1), cores=2, world=8) -> list[dict]:
     """Records as the bench worker writes them, timed by the model under TRUE."""
-    records = []
-    for n in sizes:
-        for d in densities:
-            for a in pm.available_models():
-                t = pm.predict(a, world=world, numel=n, density=d, params=TRUE, cores=cores)
-                records.append({"algorithm": a, "numel": n, "density": d, "median_s": t,
-                                "times_s": [t], "bytes_sent_max": 1, "bytes_recv_max": 1})  # fmt: skip
-    return records
+    return model_records(sizes, densities, cores, world)
 
 
 def results(**changes) -> dict:
