@@ -226,10 +226,12 @@ def _local(
 
 def _order(q: Problem, passes: int = 1) -> Cost:
     """Bring each rank's k input entries into index order (coalescing, splitting into ranges):
-    a linear check for sorted input, a sort otherwise; ``passes`` times."""
+    a linear check for sorted input, a sort otherwise; ``passes`` passes, of which only the
+    first sorts."""
     if q.sorted_input:
         return _local(q, q.world, sparse=passes * q.k)
-    return _local(q, q.world, sorts=[q.k] * passes)
+    # Only the first pass sorts: what it returns is sorted, so the others check it linearly.
+    return _local(q, q.world, sorts=[q.k], sparse=(passes - 1) * q.k)
 
 
 def _call(messages: float, nbytes: float = 0.0) -> Cost:
@@ -394,7 +396,7 @@ def oktopk(q: Problem) -> Cost:
     """Ok-Topk: balanced split-reduce, global top-k by estimated threshold, allgatherv.
 
     Steady state (region edges and threshold reused): agreement; a coalesce and a split into
-    regions (two linear passes over k sorted entries, or two sorts of k unsorted ones); sizes then payloads, (p-1)/p k entries, to the region owners in
+    regions (two linear passes over k sorted entries; unsorted ones are sorted once first); sizes then payloads, (p-1)/p k entries, to the region owners in
     rotating order; a sort-based merge of the region's k entries; the threshold compared with
     its U(p)/p reduced entries; a ring allgather of the kept counts; the balance (for balanced
     regions a rank's excess goes to at most its neighbours: about 2 messages); then direct
@@ -559,14 +561,17 @@ def fit(
     # A pipelined reduction counts only where it is slower than its transfer, which depends on
     # the coefficients: fit with the transfer everywhere, then refit with the slower of the two
     # under the fitted coefficients until no point changes side (a few rounds at most).
-    rows = [c.terms() for c in costs]
-    for _ in range(8):
+    # The sides can cycle (points that share one ratio switch together); then the round whose
+    # coefficients fit best by the model's own max() is kept.
+    rows, seen, best, best_err = [c.terms() for c in costs], [], None, math.inf
+    while rows not in seen and len(seen) < 8:
+        seen.append(rows)
         params = _nnls_fit(rows, ts, fixed)
-        bound = [c.bound_terms(params) for c in costs]
-        if bound == rows:
-            break
-        rows = bound
-    return params
+        err = sum(((c.seconds(params) - t) / t) ** 2 for c, t in zip(costs, ts))
+        if err < best_err:
+            best, best_err = params, err
+        rows = [c.bound_terms(params) for c in costs]
+    return best
 
 
 def _nnls_fit(

@@ -177,6 +177,43 @@ def test_signal_tears_down(tmp_path, sig, repeat):
 
 
 @needs_root
+def test_a_caught_ctrl_c_does_not_mute_the_next_one(tmp_path):
+    # A body that catches one Ctrl-C (say, to skip an item) must still stop on the next.
+    ready, caught = tmp_path / "ready", tmp_path / "caught"
+    script = textwrap.dedent(
+        f"""
+        import signal, time
+        from sparsetrain.cluster import EmulatedCluster
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with EmulatedCluster(2) as c:
+            open("{ready}", "w").write(c.prefix)
+            try:
+                time.sleep(60)
+            except KeyboardInterrupt:
+                open("{caught}", "w").write("1")
+            time.sleep(60)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
+    try:
+        for flag in (ready, caught):
+            for _ in range(300):
+                if flag.exists() and flag.read_text():
+                    break
+                if flag is caught and not caught.exists():
+                    proc.send_signal(signal.SIGINT)
+                time.sleep(0.05)
+            assert flag.exists(), flag
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert list_namespaces(ready.read_text()) == []
+
+
+@needs_root
 def test_cleanup_removes_leftovers_of_dead_runs_only():
     dead = subprocess.Popen(["true"])
     dead.wait()

@@ -143,8 +143,12 @@ def _cases(rank: int, world: int, group) -> dict:
     if rank == 0:
         stateful.load_state_dict({"keys": {}})  # only one rank restarts its state
     with_inf = val.clone()
+    with_nan = val.clone()
     if rank == 0:
         with_inf[0] = float("inf")
+        with_nan[1] = float("nan")
+    reusing = get_collective("oktopk", threshold_every=8)
+    reusing(idx, val, 100, key="r", group=group)  # estimates; the next call reuses
     cases = {
         "allgather_numel": lambda: get_collective("allgather")(idx, val, 100 + rank, group=group),
         "allgather_dtype": lambda: get_collective("allgather")(
@@ -165,6 +169,7 @@ def _cases(rank: int, world: int, group) -> dict:
         ),
         "oktopk_state": lambda: stateful(idx, val, 100, key="s", group=group),
         "oktopk_inf": lambda: get_collective("oktopk")(idx, with_inf, 100, group=group),
+        "oktopk_nan_reused": lambda: reusing(idx, with_nan, 100, key="r", group=group),
         "numel": lambda: get_collective("ssar_rd")(idx, val, 100 + rank, group=group),
         "range": lambda: get_collective("oktopk")(
             idx + (1000 if rank == world - 1 else 0), val, 100, group=group
@@ -295,6 +300,7 @@ def test_sparse_collectives(world, results):
         assert "differ in the per-key step" in errs["oktopk_state"][1]
         assert errs["oktopk_inf"][0] == "FloatingPointError"
         assert "Inf or NaN" in errs["oktopk_inf"][1]
+        assert errs["oktopk_nan_reused"][0] == "FloatingPointError"  # on a reuse step too
         for n, (idx, val) in zip(("oktopk", "gtopk"), results[r]["big"]):
             assert idx == [5, 2**31 - 1] and val == [world * 1.0, world * 2.0], n
         assert results[r]["gtopk_cap"].bytes_sent < 1000

@@ -213,10 +213,8 @@ class EmulatedCluster:
     _created: list[str] = field(init=False, default_factory=list, repr=False)
     _procs: list[subprocess.Popen] = field(init=False, default_factory=list, repr=False)
     _old_handlers: dict = field(init=False, default_factory=dict, repr=False)
-    # Signals that arrived once the run was stopping (None: not stopping), and whether the
-    # first one was already raised as an exception.
+    # Stop signals that arrived while close() was tearing down (None: not closing).
     _deferred: list | None = field(init=False, default=None, repr=False)
-    _raised: bool = field(init=False, default=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.ranks, bool) or not isinstance(self.ranks, int):
@@ -260,22 +258,32 @@ class EmulatedCluster:
     # ---- set-up and tear-down -------------------------------------------------------------
     def __enter__(self) -> EmulatedCluster:
         check_privileges()
-        if threading.current_thread() is threading.main_thread():
-            for sig in _STOP_SIGNALS:
-                current = signal.getsignal(sig)
-                # Leave a user's own Ctrl-C handler (or an ignored SIGINT) alone.
-                if sig == signal.SIGINT and current is not signal.default_int_handler:
-                    continue
-                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
         try:
+            if threading.current_thread() is threading.main_thread():
+                for sig in _STOP_SIGNALS:
+                    current = signal.getsignal(sig)
+                    # Leave a user's own Ctrl-C handler (or an ignored SIGINT) alone.
+                    if sig == signal.SIGINT and current is not signal.default_int_handler:
+                        continue
+                    self._old_handlers[sig] = signal.signal(sig, self._on_signal)
             self._build()
-        except BaseException:
-            self.close()
+        except BaseException as e:
+            self._close_after(e)
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.close(stopping=isinstance(exc, (KeyboardInterrupt, SystemExit)))
+        except (KeyboardInterrupt, SystemExit) as e:
+            self._close_after(e)
+            raise
+
+    def _close_after(self, error: BaseException) -> None:
+        """Close once more if a stop signal cut in before :meth:`close` could hold signals back
+        (a few bytecodes' window), so the run still ends with nothing left behind."""
+        if self._created or self._procs or self._old_handlers:
+            self.close(stopping=isinstance(error, (KeyboardInterrupt, SystemExit)))
 
     def _add_namespace(self, name: str) -> None:
         # Recorded before it exists, so an interrupt right after `ip netns add` cannot leak it;
@@ -344,16 +352,15 @@ class EmulatedCluster:
                 ]
             )
 
-    def close(self) -> None:
+    def close(self, stopping: bool = False) -> None:
         """Stop the ranks' processes and remove every namespace, link and qdisc of this run.
 
-        Once a run is stopping, Ctrl-C, SIGTERM and SIGHUP are only recorded until tear-down is
-        done, so pressing Ctrl-C again cannot leave half the namespaces behind; one that
-        arrived during a normal close is raised afterwards. Only namespaces this object
-        created are removed.
+        While it runs, Ctrl-C, SIGTERM and SIGHUP are only recorded, so pressing Ctrl-C again
+        cannot leave half the namespaces behind; afterwards the first one is raised, unless the
+        run is already ``stopping`` (a stop signal's exception is on its way out).
+        Only namespaces this object created are removed.
         """
-        if self._deferred is None:
-            self._deferred = []
+        self._deferred = []
         try:
             _stop(self._procs)
             self._procs.clear()
@@ -365,18 +372,17 @@ class EmulatedCluster:
             for sig, old in self._old_handlers.items():
                 signal.signal(sig, old)
             self._old_handlers.clear()
-            pending = [] if self._raised else self._deferred
-            self._deferred, self._raised = None, False
-            if pending:
+            pending, self._deferred = self._deferred, None
+            if pending and not stopping:
                 _raise_for(pending[0])
 
     def _on_signal(self, signum: int, frame) -> None:
-        """The handler of the stop signals while the cluster exists: the first one raises (so
-        the ``with`` block unwinds into :meth:`close`), any later one waits for tear-down."""
+        """The handler of the stop signals while the cluster exists: raise (so the ``with``
+        block unwinds into :meth:`close`), each time one arrives, except during tear-down,
+        where it is recorded for :meth:`close` to raise when done."""
         if self._deferred is not None:
             self._deferred.append(signum)
             return
-        self._deferred, self._raised = [signum], True
         _raise_for(signum)
 
     # ---- running processes inside ---------------------------------------------------------

@@ -23,6 +23,11 @@ from .p2p import (
 )
 from .registry import CollectiveResult, SparseCollective, register_collective
 
+_NONFINITE = (
+    "oktopk: the summed values hold Inf or NaN, so no global threshold can select k of them; "
+    "check gradients before the exchange (the sync layer's on_nonfinite does)"
+)
+
 
 def _positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -71,10 +76,7 @@ def estimate_threshold(
         top[1] = float(not bool(torch.isfinite(m).all()))
     wire.allreduce(top, dist.ReduceOp.MAX)
     if top[1] > 0:
-        raise FloatingPointError(
-            "oktopk: the summed values hold Inf or NaN, so no global threshold can select k of "
-            "them; check gradients before the exchange (the sync layer's on_nonfinite does)"
-        )
+        raise FloatingPointError(_NONFINITE)
     lo, hi = 0.0, math.nextafter(float(top[0]), math.inf)
     above = 0  # count of magnitudes >= hi (all ranks)
     tolerance = max(1, k // 100)
@@ -221,7 +223,13 @@ class OkTopk(SparseCollective):
         if estimated:
             st.threshold = estimate_threshold(wire, mags, k)
         keep = mags >= st.threshold
-        counts = [row[0] for row in wire.allgather_ints([int(keep.sum())])]
+        # The count allgather also says whether any rank's sums hold Inf or NaN, so a reused
+        # threshold cannot pass them on (or drop them) where an estimate would have refused.
+        bad = int(not bool(torch.isfinite(mags).all()))
+        rows = wire.allgather_ints([int(keep.sum()), bad])
+        if any(row[1] for row in rows):
+            raise FloatingPointError(_NONFINITE)
+        counts = [row[0] for row in rows]
         total = sum(counts)
         if not estimated and not k // 2 <= total <= 2 * k:
             # The reused threshold has drifted too far (every rank sees the same total):

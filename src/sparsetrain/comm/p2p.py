@@ -85,8 +85,8 @@ def input_error(indices: object, values: object, numel: object) -> str | None:
             f"indices and values must be tensors, got {type(indices).__name__} and "
             f"{type(values).__name__}"
         )
-    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 1:
-        return f"numel must be a positive int, got {numel!r}"
+    if isinstance(numel, bool) or not isinstance(numel, int) or not 1 <= numel < 2**63:
+        return f"numel must be a positive int below 2**63, got {numel!r}"
     return _local_error(indices, values, numel)
 
 
