@@ -85,8 +85,8 @@ class NetworkParams:
     def __post_init__(self) -> None:
         for name in COEFFICIENTS:
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
-                raise ValueError(f"NetworkParams.{name} must be a number >= 0, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+                raise ValueError(f"NetworkParams.{name} must be a finite number >= 0, got {v!r}")
 
     @classmethod
     def from_link(
@@ -313,10 +313,11 @@ def sparse_allgather(q: Problem) -> Cost:
 def ssar_recursive_doubling(q: Problem) -> Cost:
     """SparCML recursive doubling with fold/unfold for non-powers of two.
 
-    Agreement and a local coalesce (a linear check of k sorted entries, or a sort of k); a fold (k entries) when p is not a power of
-    two; log2 p' exchanges, each a size message and a payload message, where the sender's
-    support after merging m ranks is U(m) and the merge sorts both operands (2 U(m)); an
-    unfold of the result U(p); then a scatter of U(p) entries into a zeroed dense vector.
+    Agreement and a local coalesce (a linear check of k sorted entries, or a sort of k); a
+    fold (k entries) when p is not a power of two; log2 p' exchanges, each a size message and
+    a payload message, where the sender's support after merging m ranks is U(m) and the merge
+    sorts both operands (2 U(m)); an unfold of the result U(p); then a scatter of U(p) entries
+    into a zeroed dense vector.
     """
     p = q.world
     core = 1 << (p.bit_length() - 1)
@@ -396,11 +397,12 @@ def oktopk(q: Problem) -> Cost:
     """Ok-Topk: balanced split-reduce, global top-k by estimated threshold, allgatherv.
 
     Steady state (region edges and threshold reused): agreement; a coalesce and a split into
-    regions (two linear passes over k sorted entries; unsorted ones are sorted once first); sizes then payloads, (p-1)/p k entries, to the region owners in
-    rotating order; a sort-based merge of the region's k entries; the threshold compared with
-    its U(p)/p reduced entries; a ring allgather of the kept counts; the balance (for balanced
-    regions a rank's excess goes to at most its neighbours: about 2 messages); then direct
-    sends of the k/p entries a rank holds. Volume about 2 (p-1)/p k entries, the paper's
+    regions (two linear passes over k sorted entries; unsorted ones are sorted once first);
+    sizes then payloads, (p-1)/p k entries, to the region owners in rotating order; a
+    sort-based merge of the region's k entries; the threshold compared with its U(p)/p
+    reduced entries; a ring allgather of the kept counts; the balance (for balanced regions a
+    rank's excess goes to at most its neighbours: about 2 messages); then direct sends of the
+    k/p entries a rank holds. Volume about 2 (p-1)/p k entries, the paper's
     < 6k bound; latency (6(p-1) + 2) alpha against the paper's (2p + 2 log p) alpha, because
     sizes travel first and the small collectives are rings.
     """
@@ -522,7 +524,8 @@ def fit(
     every subset of the free coefficients (at most 63 small solves) and keeping the best
     feasible one. A pipelined reduction (:attr:`Cost.hidden_dense`) enters as its transfer;
     where the fitted coefficients make it the slower of the two, the fit is repeated with the
-    reduction in its place, until no point changes side.
+    reduction in its place, until no point changes side (or the sides cycle); the round that
+    fits best under the model's max() is returned.
 
     Args:
         measurements: at least three, of modelled algorithms, with positive times.
@@ -560,9 +563,9 @@ def fit(
         ts.append(m.seconds)
     # A pipelined reduction counts only where it is slower than its transfer, which depends on
     # the coefficients: fit with the transfer everywhere, then refit with the slower of the two
-    # under the fitted coefficients until no point changes side (a few rounds at most).
-    # The sides can cycle (points that share one ratio switch together); then the round whose
-    # coefficients fit best by the model's own max() is kept.
+    # under the fitted coefficients until no point changes side. The sides can cycle (points
+    # that share one ratio switch together), so the round that fits best by the model's own
+    # max() is kept.
     rows, seen, best, best_err = [c.terms() for c in costs], [], None, math.inf
     while rows not in seen and len(seen) < 8:
         seen.append(rows)

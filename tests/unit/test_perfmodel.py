@@ -289,6 +289,7 @@ def test_allgather_loses_to_dense_as_ranks_grow():
         (lambda: pm.cost("dense", world=4, numel=10, density=0.1, cores=0), ValueError, "cores"),
         (lambda: pm.NetworkParams(alpha=1.0, beta=1.0, overhead=-1.0), ValueError, "overhead"),
         (lambda: pm.NetworkParams(alpha=-1.0, beta=1.0), ValueError, "alpha"),
+        (lambda: pm.NetworkParams(alpha=1.0, beta=float("inf")), ValueError, "finite"),
         (lambda: pm.NetworkParams.from_link(0, 1e-6), ValueError, "bandwidth"),
         (lambda: pm.fit([]), ValueError, "at least 3"),
         (lambda: pm.fit([pm.Measurement("dense", 2, 10, 1.0, 0.0)] * 3), ValueError, "positive"),

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .accounting import ring_allgather_bytes, ring_allreduce_bytes
-from .p2p import as_dtype, device_of, dtype_codes, error_type, input_error
+from .p2p import as_dtype, device_of, dtype_codes, input_error, raise_disagreement
 from .registry import CollectiveResult, SparseCollective, register_collective
 
 
@@ -127,22 +127,10 @@ class AllgatherSparse(SparseCollective):
         mine = [int(error is not None), numel, *codes]
 
         def check(heads: list[list[int]]) -> None:
-            if error is not None:
-                rank = dist.get_rank(group) if dist.is_initialized() else 0
-                raise error_type(error)(f"rank {rank}: {error}")
-            if any(h[0] for h in heads):
-                raise ValueError("another rank's indices or values are invalid (see its error)")
-            if len({h[1] for h in heads}) > 1:
-                lo, hi = min(h[1] for h in heads), max(h[1] for h in heads)
-                raise ValueError(
-                    f"numel differs across ranks (between {lo} and {hi}); every rank must pass "
-                    "the same numel"
-                )
-            if len({tuple(h[2:]) for h in heads}) > 1:
-                raise ValueError(
-                    "indices or values dtypes differ across ranks; every rank must pass the "
-                    f"same dtypes (this rank: {indices.dtype}, {values.dtype})"
-                )
+            rank = dist.get_rank(group) if dist.is_initialized() else 0
+            sizes = [h[1] for h in heads]
+            raise_disagreement(error, rank, any(h[0] for h in heads), (min(sizes), max(sizes)),
+                               len({tuple(h[2:]) for h in heads}) == 1, indices, values)  # fmt: skip
 
         gathered, sent, recv = _all_gather_with_header(payload, mine, group, check)
         out = torch.zeros(numel, dtype=values.dtype, device=values.device)

@@ -100,6 +100,34 @@ def dtype_codes(indices: Tensor, values: Tensor) -> tuple[int, int]:
     return _dtype_code(indices.dtype), _dtype_code(values.dtype)
 
 
+def raise_disagreement(
+    error: str | None,
+    rank: int,
+    any_bad: bool,
+    numel_range: tuple[int, int],
+    dtypes_agree: bool,
+    indices: Tensor,
+    values: Tensor,
+) -> None:
+    """Raise what a collective's input agreement found, alike on every rank: this rank's own
+    ``error``, another rank's bad input, or ranks that disagree on numel or dtypes."""
+    if error is not None:
+        raise error_type(error)(f"rank {rank}: {error}")
+    if any_bad:
+        raise ValueError("another rank's indices or values are invalid (see its error)")
+    lo, hi = numel_range
+    if lo != hi:
+        raise ValueError(
+            f"numel differs across ranks (between {lo} and {hi}); every rank must pass the "
+            "same numel"
+        )
+    if not dtypes_agree:
+        raise ValueError(
+            "indices or values dtypes differ across ranks; every rank must pass the same "
+            f"dtypes (this rank: {indices.dtype}, {values.dtype})"
+        )
+
+
 def device_of(values: object) -> torch.device:
     """The device of a collective's values (CPU for a non-tensor, whose error :meth:`Wire.agree`
     reports on every rank)."""
@@ -166,10 +194,10 @@ class Wire:
         )
         self.allreduce(head, dist.ReduceOp.MAX)
         hi, neg_lo, kmax, bad, ihi, vhi, neg_ilo, neg_vlo, *rest = head.tolist()
-        if error is not None:
-            raise error_type(error)(f"rank {self.rank}: {error}")
-        if bad:
-            raise ValueError("another rank's indices or values are invalid (see its error)")
+        agree_dtypes = ihi == -neg_ilo and vhi == -neg_vlo
+        raise_disagreement(
+            error, self.rank, bool(bad), (-neg_lo, hi), agree_dtypes, indices, values
+        )
         o_hi, o_neg_lo = rest[: len(opts)], rest[len(opts) :]
         differ = [
             f"{name} (between {-lo} and {hi_})"
@@ -181,16 +209,6 @@ class Wire:
                 f"the ranks' collectives differ in {', '.join(differ)}; build the collective "
                 "with the same options on every rank, and load the same state on every rank "
                 "(or on none)"
-            )
-        if hi != -neg_lo:
-            raise ValueError(
-                f"numel differs across ranks (between {-neg_lo} and {hi}); every rank must pass "
-                "the same numel"
-            )
-        if ihi != -neg_ilo or vhi != -neg_vlo:
-            raise ValueError(
-                "indices or values dtypes differ across ranks; every rank must pass the same "
-                f"dtypes (this rank: {indices.dtype}, {values.dtype})"
             )
         return int(kmax)
 
