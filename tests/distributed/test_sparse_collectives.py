@@ -71,19 +71,6 @@ def training_like(step: int, rank: int, numel: int, k: int):
 OK_NUMEL, OK_K, OK_STEPS = 20_000, 400, 8
 
 
-def cancelling(step: int, rank: int, world: int):
-    """The same entries on every rank, with signs alternating by rank (plus a little rank
-    noise), so pairs of ranks cancel: the sums are far smaller than the inputs (in an odd world
-    the last rank brings a hundredth of them). The inputs' scale is that of training_like."""
-    idx, val = training_like(step, 0, OK_NUMEL, OK_K)
-    if world % 2 and rank == world - 1:
-        return idx, 0.01 * val
-    noise = torch.randn(
-        val.numel(), generator=torch.Generator().manual_seed(5000 + rank), dtype=torch.float64
-    )
-    return idx, (-1) ** rank * val + 1e-3 * noise
-
-
 def _cases(rank: int, world: int, group) -> dict:
     """Run every algorithm and case on ``group`` (``world`` ranks; ``rank`` within it)."""
     out: dict = {"exact": [], "gtopk": [], "oktopk": [], "errors": {}}
@@ -125,33 +112,17 @@ def _cases(rank: int, world: int, group) -> dict:
     c = coll(*nxt, OK_NUMEL, key="w", group=group)
     d = fresh(*nxt, OK_NUMEL, key="w", group=group)
     assert torch.equal(c.indices, d.indices) and torch.equal(c.values, d.values)
-    # Gradients shrink 100x on a call that reuses the threshold: it moves with the inputs'
-    # scale (the largest over ranks of a rank's smallest magnitude), so about k entries are
-    # kept with no estimate; a copy restored from the state moves it alike.
+    # Gradients shrink 100x on a call that would reuse the threshold: it is re-estimated at
+    # once instead of keeping almost nothing.
     assert coll.stats()["w"]["step"] % 2 == 0  # so the next call is a reuse call
-    before = coll.stats()["w"]["threshold"]
     small = [
         (i, v * 0.01)
         for i, v in (training_like(OK_STEPS + 1, r, OK_NUMEL, OK_K) for r in range(world))
     ]
-    restored = get_collective("oktopk", repartition_every=3, threshold_every=2)
-    restored.load_state_dict(coll.state_dict())
     res = coll(*small[rank], OK_NUMEL, key="w", group=group)
-    again = restored(*small[rank], OK_NUMEL, key="w", group=group)
-    assert torch.equal(res.indices, again.indices) and torch.equal(res.values, again.values)
-    stats = coll.stats()["w"]
-    assert not stats["estimated"] and OK_K // 2 <= stats["selected"] <= 2 * OK_K, stats
-    assert stats["threshold"] == pytest.approx(0.01 * before, rel=1e-9)
-    ri, _ = oktopk_reference(small, OK_NUMEL, stats["threshold"])
-    assert torch.equal(res.indices.long(), ri)
-    # Sums that cancel across ranks at an unchanged input scale: the moved threshold would keep
-    # almost nothing, so it is re-estimated at once.
-    coll(*training_like(OK_STEPS + 2, rank, OK_NUMEL, OK_K), OK_NUMEL, key="w", group=group)
-    cancel = [cancelling(OK_STEPS + 3, r, world) for r in range(world)]
-    res = coll(*cancel[rank], OK_NUMEL, key="w", group=group)
     stats = coll.stats()["w"]
     assert stats["estimated"] and OK_K <= stats["selected"] <= OK_K + threshold_tolerance(OK_K)
-    ri, _ = oktopk_reference(cancel, OK_NUMEL, stats["threshold"])
+    ri, _ = oktopk_reference(small, OK_NUMEL, stats["threshold"])
     assert torch.equal(res.indices.long(), ri)
 
     # int32 indices of a vector longer than 2**31 elements: no wrap-around anywhere.

@@ -15,15 +15,11 @@ The distributed tests compare every rank's result with these definitions:
 
 from __future__ import annotations
 
-import math
-
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsetrain.comm.gtopk import keep_topk
-from sparsetrain.comm.oktopk import OkTopk, _input_scale, _rescaled
 from sparsetrain.comm.p2p import coalesce, even_bounds, merge, pack, split_by_bounds, unpack
 
 Sparse = tuple[torch.Tensor, torch.Tensor]
@@ -172,41 +168,3 @@ def test_keep_topk_keeps_largest_magnitudes_sorted_by_index():
     assert i.tolist() == [3, 6] and v.tolist() == [-5.0, 2.0]
     i, _ = keep_topk(torch.tensor([2]), torch.tensor([1.0]), 5)
     assert i.tolist() == [2]
-
-
-# ---- Ok-Topk's state and threshold reuse (pure parts) ---------------------------------------
-def _oktopk_key_state(**extra):
-    return {"step": 5, "numel": 100, "world": 2, "bounds": [0, 40, 100], "threshold": 0.5, **extra}
-
-
-def test_oktopk_state_round_trips_with_its_input_scale():
-    coll = OkTopk()
-    state = {"keys": {"w": _oktopk_key_state(scale=0.125)}}
-    coll.load_state_dict(state)
-    assert coll.state_dict() == state
-
-
-def test_oktopk_loads_a_state_saved_before_the_input_scale_existed():
-    coll = OkTopk()
-    coll.load_state_dict({"keys": {"w": _oktopk_key_state()}})
-    assert coll.state_dict()["keys"]["w"]["scale"] is None  # reused unmoved until an estimate
-
-
-def test_oktopk_refuses_a_state_with_unknown_or_missing_entries():
-    for bad in (_oktopk_key_state(extra=1), {"step": 1}):
-        with pytest.raises(ValueError, match="must have the entries"):
-            OkTopk().load_state_dict({"keys": {"w": bad}})
-
-
-def test_reused_threshold_moves_with_the_input_scale():
-    assert _rescaled(2.0, 0.5, 0.05) == pytest.approx(0.2)
-    assert _rescaled(2.0, 0.5, 5.0) == pytest.approx(20.0)
-    # Nothing to go by (no scale saved, an empty or all-zero input, Inf/NaN): unmoved.
-    for then, now in [(None, 1.0), (0.0, 1.0), (1.0, 0.0), (1.0, math.inf), (1.0, math.nan)]:
-        assert _rescaled(2.0, then, now) == 2.0
-
-
-def test_input_scale_is_the_smallest_magnitude_brought():
-    assert _input_scale(torch.tensor([-0.25, 3.0, 0.5])) == 0.25
-    assert _input_scale(torch.tensor([])) == 0.0
-    assert _input_scale([1.0]) == 0.0  # malformed input: the input check reports it

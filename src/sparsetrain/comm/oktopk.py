@@ -102,30 +102,13 @@ def estimate_threshold(
     return threshold
 
 
-def _input_scale(values: object) -> float:
-    """This rank's input scale: the smallest magnitude it brings (its own selection threshold,
-    for a threshold or top-k compressor); 0 for no or malformed input (which agree reports)."""
-    if not isinstance(values, Tensor) or values.dim() != 1 or not values.is_floating_point():
-        return 0.0
-    return float(values.abs().min()) if values.numel() else 0.0
-
-
-def _rescaled(threshold: float, scale_then: float | None, scale_now: float) -> float:
-    """The estimated threshold moved with the inputs' scale since the estimate (unchanged when
-    either scale is zero or not finite)."""
-    if scale_then is None or not (0.0 < scale_then < math.inf and 0.0 < scale_now < math.inf):
-        return threshold
-    return threshold * (scale_now / scale_then)
-
-
 @dataclass
 class _KeyState:
     step: int = 0
     numel: int = 0
     world: int = 0
     bounds: list[int] | None = None
-    threshold: float | None = None  # the last estimate
-    scale: float | None = None  # the ranks' input scale (see _input_scale) at that estimate
+    threshold: float | None = None
 
 
 @register_collective("oktopk")
@@ -145,14 +128,9 @@ class OkTopk(SparseCollective):
        point-to-point messages in rotating order (at step s rank r sends to r + s), so no rank
        receives from everybody at once; each region owner sums what it received.
     3. Every ``threshold_every`` calls, estimate the global threshold: the magnitude above which
-       about k entries of the reduced vector lie (:func:`estimate_threshold`). In between,
-       reuse it, moved in proportion to the inputs' scale: the largest over ranks of the
-       smallest magnitude a rank brings (its own selection threshold, for a threshold or top-k
-       compressor), which travels in the input check's allreduce at no extra message. A
-       gradient's scale swings from batch to batch, and the count above a fixed threshold with
-       it (the paper reuses the threshold as it is). Should the moved threshold still keep
-       more than 2k or fewer than k/2 entries (all ranks see the same count), estimate at
-       once.
+       about k entries of the reduced vector lie (:func:`estimate_threshold`); reuse it in
+       between, unless the reused one would keep more than 2k or fewer than k/2 entries (all
+       ranks see the same count), which triggers an estimation at once.
     4. Each owner keeps the entries of its region whose magnitude reaches the threshold.
     5. Balance: the kept entries, in index order, are moved so every rank holds an equal share
        (only what exceeds a rank's share moves).
@@ -221,9 +199,8 @@ class OkTopk(SparseCollective):
             "the per-key step": st.step,
             "whether region edges are saved": int(st.bounds is not None),
             "whether a threshold is saved": int(st.threshold is not None),
-            "whether an input scale is saved": int(st.scale is not None),
         }
-        k = wire.agree(indices, values, numel, self.k, options=same, scale=_input_scale(values))
+        k = wire.agree(indices, values, numel, self.k, options=same)
         self._keys[key] = st
         p, rank = wire.world, wire.rank
         if st.numel != numel or st.world != p:  # a new vector or group: start afresh
@@ -244,11 +221,8 @@ class OkTopk(SparseCollective):
         mags = red_v.abs().to(torch.float64)
         estimated = st.threshold is None or st.step % self.threshold_every == 0
         if estimated:
-            st.threshold, st.scale = estimate_threshold(wire, mags, k), wire.max_scale
-            threshold = st.threshold
-        else:
-            threshold = _rescaled(st.threshold, st.scale, wire.max_scale)
-        keep = mags >= threshold
+            st.threshold = estimate_threshold(wire, mags, k)
+        keep = mags >= st.threshold
         # The count allgather also says whether any rank's sums hold Inf or NaN, so a reused
         # threshold cannot pass them on (or drop them) where an estimate would have refused.
         bad = int(not bool(torch.isfinite(mags).all()))
@@ -260,9 +234,8 @@ class OkTopk(SparseCollective):
         if not estimated and not k // 2 <= total <= 2 * k:
             # The reused threshold has drifted too far (every rank sees the same total):
             # re-estimate now rather than send far more, or keep far fewer, than k.
-            st.threshold, st.scale = estimate_threshold(wire, mags, k), wire.max_scale
-            threshold = st.threshold
-            keep = mags >= threshold
+            st.threshold = estimate_threshold(wire, mags, k)
+            keep = mags >= st.threshold
             counts = [row[0] for row in wire.allgather_ints([int(keep.sum())])]
             total = sum(counts)
             estimated = True
@@ -305,7 +278,7 @@ class OkTopk(SparseCollective):
             "step": st.step,
             "k": k,
             "selected": total,
-            "threshold": threshold,
+            "threshold": st.threshold,
             "estimated": estimated,
             "elems_sent": t.elems_sent,
             "bytes_sent": t.bytes_sent,
@@ -325,8 +298,7 @@ class OkTopk(SparseCollective):
         return copy.deepcopy(self._stats)
 
     def state_dict(self) -> dict[str, Any]:
-        """Return the per-key state (step counter, region edges, the last estimated global
-        threshold and the input scale it was estimated at)."""
+        """Return the per-key state (step counter, region edges, global threshold)."""
         return {
             "keys": {
                 key: {
@@ -335,7 +307,6 @@ class OkTopk(SparseCollective):
                     "world": st.world,
                     "bounds": None if st.bounds is None else list(st.bounds),
                     "threshold": st.threshold,
-                    "scale": st.scale,
                 }
                 for key, st in self._keys.items()
             }
@@ -348,12 +319,9 @@ class OkTopk(SparseCollective):
         keys = {}
         fields = {"step", "numel", "world", "bounds", "threshold"}
         for key, s in state["keys"].items():
-            # "scale" is optional: states saved before it existed reuse the threshold unmoved
-            # until the next estimate.
-            if not isinstance(s, dict) or not fields <= set(s) <= fields | {"scale"}:
+            if not isinstance(s, dict) or set(s) != fields:
                 raise ValueError(
-                    f"OkTopk state for key {key!r} must have the entries {sorted(fields)} "
-                    "and optionally 'scale'"
+                    f"OkTopk state for key {key!r} must have the entries {sorted(fields)}"
                 )
             keys[key] = _KeyState(
                 step=int(s["step"]),
@@ -361,7 +329,6 @@ class OkTopk(SparseCollective):
                 world=int(s["world"]),
                 bounds=None if s["bounds"] is None else [int(b) for b in s["bounds"]],
                 threshold=None if s["threshold"] is None else float(s["threshold"]),
-                scale=None if s.get("scale") is None else float(s["scale"]),
             )
             b = keys[key].bounds
             if b is not None and (

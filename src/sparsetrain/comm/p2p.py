@@ -154,7 +154,6 @@ class Wire:
         self.global_ranks = dist.get_process_group_ranks(self.group)
         self.device = device
         self.traffic = Traffic()
-        self.max_scale = 0.0  # set by agree(scale=...)
 
     # ---- agreement ----------------------------------------------------------------------
     def agree(
@@ -164,7 +163,6 @@ class Wire:
         numel: int,
         k: int | None = None,
         options: Mapping[str, int] | None = None,
-        scale: float | None = None,
     ) -> int:
         """Check every rank's input in one small allreduce; raise on every rank if any is bad.
 
@@ -173,9 +171,6 @@ class Wire:
             k: the selecting collectives' fixed k, if any.
             options: integers that must be equal on every rank (a collective's options and
                 per-key state, such as its step counter), by name for the error message.
-            scale: a non-negative float of this rank's input (Ok-Topk's scale of its values);
-                the largest over ranks is left in :attr:`max_scale`, the same on every rank
-                (NaN if any rank's is NaN), at no extra message.
 
         Returns the largest entry count over ranks (or ``k`` when given): the k that selecting
         collectives keep, identical on all ranks.
@@ -191,25 +186,14 @@ class Wire:
         count = (indices.numel() if ok else 0) if k is None else k
         kinds = dtype_codes(indices, values) if ok else (0, 0)
         opts = [int(v) for v in (options or {}).values()]
-        # The bits of a non-negative float64 read as an int64 order as the floats do (NaN's
-        # above Inf's), so the int64 MAX of the bits is the bits of the largest float.
-        extra = []
-        if scale is not None:
-            extra = torch.tensor([abs(scale)], dtype=torch.float64).view(torch.int64).tolist()
         # MAX of (x, -x) gives the max and min of x over ranks in one call.
         head = torch.tensor(
-            [n, -n, count, int(not ok), *kinds, -kinds[0], -kinds[1], *opts, *(-v for v in opts)]
-            + extra,
+            [n, -n, count, int(not ok), *kinds, -kinds[0], -kinds[1], *opts, *(-v for v in opts)],
             dtype=torch.int64,
             device=self.device,
         )
         self.allreduce(head, dist.ReduceOp.MAX)
-        head_ints = head.tolist()
-        if scale is not None:
-            top = torch.tensor(head_ints[-1:], dtype=torch.int64).view(torch.float64)
-            self.max_scale = float(top)
-            head_ints = head_ints[:-1]
-        hi, neg_lo, kmax, bad, ihi, vhi, neg_ilo, neg_vlo, *rest = head_ints
+        hi, neg_lo, kmax, bad, ihi, vhi, neg_ilo, neg_vlo, *rest = head.tolist()
         agree_dtypes = ihi == -neg_ilo and vhi == -neg_vlo
         raise_disagreement(
             error, self.rank, bool(bad), (-neg_lo, hi), agree_dtypes, indices, values

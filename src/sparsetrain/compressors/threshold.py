@@ -50,13 +50,9 @@ class Threshold(SparseCompressor):
     """Keep the entries with ``|g| > threshold``, the threshold tracking ``k = density * numel``.
 
     Exact top-k needs a selection over the whole tensor every step; this compressor estimates the
-    k-th largest magnitude from a small random sample and keeps what lies above it, as Ok-Topk
-    does (Li and Hoefler, "Near-Optimal Sparse Allreduce for Distributed Deep Learning",
-    PPoPP 2022), so the hot path is one comparison pass plus ``nonzero``, no sort. Like
-    Ok-Topk, it can reuse an estimate for ``reestimate_every`` steps. By default it estimates
-    every step: the sample costs about a tenth of the pass, and in training with small batches
-    a gradient's scale swings from batch to batch, so a reused threshold often keeps a small
-    fraction of k (then a second pass is needed) or several times k.
+    k-th largest magnitude only every ``reestimate_every`` steps and reuses it in between, as in
+    Ok-Topk (Li and Hoefler, "Near-Optimal Sparse Allreduce for Distributed Deep Learning",
+    PPoPP 2022), so the hot path is one comparison pass plus ``nonzero``, no sort.
 
     Steps, per ``key``:
 
@@ -67,10 +63,9 @@ class Threshold(SparseCompressor):
        ``1/sqrt(sample_kept)``. The ratio of the k-th to the 2k-th largest gives the local slope
        of count against threshold.
     2. Select ``|g| > threshold`` (exact zeros are never sent).
-    3. If the count is below ``k / band`` and the threshold was not just estimated, estimate
-       again and redo step 2. If it is above ``k * band`` (a reused threshold fell behind, or
-       ties), keep the k largest of the selected: the exact top-k, found among the selected
-       without a second pass. So at most ``band * k`` entries are sent.
+    3. If the count is outside ``[k / band, k * band]`` and the threshold was not just estimated,
+       estimate again and redo step 2. If even a fresh threshold keeps more than ``band * k``
+       (ties), keep the k largest of the selected, so at most ``band * k`` entries are sent.
     4. Correct the threshold for the next step from the count, Newton-style on the log-log
        slope: ``threshold *= (count / k) ** (1 / slope)``, the factor clamped to [1/2, 2].
 
@@ -78,7 +73,7 @@ class Threshold(SparseCompressor):
 
     Args:
         density: fraction of entries to keep, in (0, 1]. At 1.0 every entry is sent (lossless).
-        reestimate_every: steps between estimates of the threshold, >= 1 (default 1).
+        reestimate_every: steps between estimates of the threshold, >= 1.
         band: re-estimate at once when the count leaves ``[k / band, k * band]``; > 1.
         sample_kept: sampled elements above the estimate; the sample has ``sample_kept /
             density`` elements, and tensors not much larger than that are estimated exactly.
@@ -93,7 +88,7 @@ class Threshold(SparseCompressor):
 
     sorted_indices: ClassVar[bool] = True  # the selection scans the tensor in order
     density: float = 0.01
-    reestimate_every: int = 1
+    reestimate_every: int = 10
     band: float = 1.25
     sample_kept: int = 1024
     seed: int = 0
@@ -137,15 +132,13 @@ class Threshold(SparseCompressor):
             threshold, slope = st.threshold, st.slope
         idx = self._select(flat, threshold, expected=k)
         count = idx.numel()
-        if not fresh and count < k / self.band:
-            # Only a lower threshold finds more: estimate and select again.
+        if not fresh and not k / self.band <= count <= k * self.band:
             threshold, slope = self._estimate(flat, k, key, step)
             fresh = True
             idx = self._select(flat, threshold, expected=k)
             count = idx.numel()
         if count > k * self.band:
-            # Every one of the k largest is among the selected. Positions sorted, so the kept
-            # indices stay in ascending order (sorted_indices).
+            # Positions sorted, so the kept indices stay in ascending order (sorted_indices).
             idx = idx[torch.sort(torch.topk(flat[idx].abs(), k, sorted=False).indices).values]
         factor = (count / k) ** (1.0 / slope) if count > 0 else 0.5
         next_threshold = threshold * min(2.0, max(0.5, factor))
