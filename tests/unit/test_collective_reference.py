@@ -15,11 +15,13 @@ The distributed tests compare every rank's result with these definitions:
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsetrain.comm.gtopk import keep_topk
+from sparsetrain.comm.oktopk import OkTopk
 from sparsetrain.comm.p2p import coalesce, even_bounds, merge, pack, split_by_bounds, unpack
 
 Sparse = tuple[torch.Tensor, torch.Tensor]
@@ -168,3 +170,39 @@ def test_keep_topk_keeps_largest_magnitudes_sorted_by_index():
     assert i.tolist() == [3, 6] and v.tolist() == [-5.0, 2.0]
     i, _ = keep_topk(torch.tensor([2]), torch.tensor([1.0]), 5)
     assert i.tolist() == [2]
+
+
+# ---- Ok-Topk's saved state (pure: no process group needed) ----------------------------------
+def _oktopk_key_state(**changes):
+    return {
+        "step": 5,
+        "numel": 100,
+        "world": 2,
+        "bounds": [0, 40, 100],
+        "threshold": 0.5,
+        **changes,
+    }
+
+
+def test_oktopk_state_round_trips_exactly():
+    coll = OkTopk()
+    state = {
+        "keys": {"w": _oktopk_key_state(), "b": _oktopk_key_state(bounds=None, threshold=None)}
+    }
+    coll.load_state_dict(state)
+    assert coll.state_dict() == state
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"w": _oktopk_key_state(extra=1)}, "must have the entries"),
+        ({"w": {"step": 1}}, "must have the entries"),
+        ({"w": _oktopk_key_state(bounds=[0, 100])}, "bounds must be world"),
+        ({"w": _oktopk_key_state(world=3, bounds=[0, 60, 40, 100])}, "bounds must be world"),
+        ({"w": _oktopk_key_state(bounds=[0, 50, 99])}, "bounds must be world"),
+    ],
+)
+def test_oktopk_refuses_a_malformed_state(bad, match):
+    with pytest.raises(ValueError, match=match):
+        OkTopk().load_state_dict({"keys": bad})
