@@ -95,6 +95,7 @@ def worker(cfg_path: str) -> int:
                 native_ddp=label == "ddp",
                 progress=False,
                 timeout_s=600.0,
+                bucket_cap_mb=cfg["bucket_mb"],
             )
         )
     report = launch(configs)
@@ -145,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--eval-every", type=int, default=11, help="steps between evaluations (0: once an epoch)"
     )
+    p.add_argument(
+        "--bucket-mb",
+        type=float,
+        default=25.0,
+        help="DDP bucket size in MB, for every method (25: DDP's default, two buckets here)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target", type=float, default=0.95, help="test accuracy to reach")
     p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {', '.join(METHODS)}")
@@ -161,9 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     bad = sorted(set(methods) - set(METHODS))
     if bad:
         p.error(f"--methods: unknown {bad}; valid: {', '.join(METHODS)}")
+    if not 0 < args.bucket_mb < float("inf"):
+        p.error(f"--bucket-mb must be a finite number of MB > 0, got {args.bucket_mb}")
     tmp = Path(tempfile.mkdtemp(prefix="sparsetrain-e2e-"))
     cfg = {**{k: getattr(args, k) for k in ("hidden", "density", "epochs", "batch_size", "lr",
-                                              "seed", "eval_every")},
+                                              "seed", "eval_every", "bucket_mb")},
            "methods": methods, "report_path": str(tmp / "report.json")}  # fmt: skip
     (tmp / "config.json").write_text(json.dumps(cfg))
     try:

@@ -134,6 +134,9 @@ class TrainConfig:
         task_options: keyword options of the task factory (for example ``hidden``).
         progress: show a progress bar on rank 0.
         timeout_s: seconds a collective may wait before the process group gives up.
+        bucket_cap_mb: DDP's bucket size in MB (its ``bucket_cap_mb``, 25 by default). The hook
+            runs once a bucket, so larger buckets mean fewer exchanges a step (and fewer rounds
+            of small messages for the sparse collectives) but less overlap with backward.
         native_ddp: no hook at all, PyTorch's own allreduce: the plain-DDP baseline of a
             comparison. Needs ``compressor="none"`` and no robust aggregation or attack; bytes
             are counted by the ring formula, and a NaN/Inf gradient is not checked.
@@ -180,6 +183,7 @@ class TrainConfig:
     task_options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
     timeout_s: float = 300.0
+    bucket_cap_mb: float = 25.0
     native_ddp: bool = False
 
     def __post_init__(self) -> None:
@@ -230,7 +234,7 @@ class TrainConfig:
             )
         if self.byzantine and self.attack is None:
             raise ValueError("byzantine > 0 needs an attack name (attack=...)")
-        for name in ("lr", "momentum", "weight_decay", "timeout_s"):
+        for name in ("lr", "momentum", "weight_decay", "timeout_s", "bucket_cap_mb"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise TypeError(f"{name} must be a number, got {value!r}")
@@ -244,6 +248,10 @@ class TrainConfig:
             raise ValueError("nesterov=True needs momentum > 0")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be a number of seconds > 0, got {self.timeout_s}")
+        if not 0 < self.bucket_cap_mb < math.inf:
+            raise ValueError(
+                f"bucket_cap_mb must be a finite number of MB > 0, got {self.bucket_cap_mb}"
+            )
         if (self.checkpoint_every or self.resume) and not self.checkpoint_dir:
             raise ValueError(
                 "checkpoint_every and resume need checkpoint_dir (where checkpoints live)"
@@ -377,7 +385,9 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     model = task.build_model().to(device)
     ddp = DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        bucket_cap_mb=config.bucket_cap_mb,
     )
     options = config.effective_compressor_options()
     density = options.pop("density", None)
@@ -431,7 +441,9 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
                 f"checkpoint {ckpt} was written by {state.get('world')} ranks (format "
                 f"{state.get('format')}); this run has {world} ranks: resume with the same workers"
             )
-        if state["config"] != _resumable(config):
+        # Checkpoints written before bucket_cap_mb existed ran DDP's default buckets.
+        saved = {"bucket_cap_mb": 25.0, **state["config"]}
+        if saved != _resumable(config):
             raise ValueError(
                 f"checkpoint {ckpt} was written by a different configuration: {state['config']}"
             )

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from sparsetrain.plotting import plot_report
 from sparsetrain.train import TrainConfig, launch, write_report
@@ -192,6 +193,17 @@ def test_resumed_run_ends_exactly_where_the_uninterrupted_one_does(tmp_path):
     assert resumed["final_test_accuracy"] == whole["final_test_accuracy"]
     assert resumed["bytes_sent_per_rank"] == whole["bytes_sent_per_rank"]
     assert resumed["curves"]["test_loss"][-3:] == whole["curves"]["test_loss"][-3:]
+    # A checkpoint written before bucket_cap_mb existed resumes with DDP's default buckets;
+    # another bucket size (other per-bucket state) is refused.
+    for rank in (0, 1):
+        path = tmp_path / "cut" / f"rank{rank}.pt"
+        state = torch.load(path, weights_only=False)
+        del state["config"]["bucket_cap_mb"]
+        torch.save(state, path)
+    again = launch(TrainConfig(label="cut", resume=True, **common))["runs"][0]
+    assert again["final_test_loss"] == whole["final_test_loss"]
+    with pytest.raises(Exception, match="different configuration"):
+        launch(TrainConfig(label="cut", resume=True, bucket_cap_mb=1.0, **common))
 
 
 def test_torchrun_joins_the_job_and_rank_zero_writes_the_report(tmp_path):

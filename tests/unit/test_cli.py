@@ -160,6 +160,9 @@ def test_demo_defaults_compare_three_methods_at_one_percent():
         ({"native_ddp": True, "compressor": "topk"}, ValueError, ["native_ddp", "'none'"]),
         ({"native_ddp": True, "aggregator": "median"}, ValueError, ["native_ddp", "aggregator"]),
         ({"native_ddp": "yes"}, TypeError, ["native_ddp"]),
+        ({"bucket_cap_mb": 0}, ValueError, ["bucket_cap_mb", "> 0"]),
+        ({"bucket_cap_mb": float("inf")}, ValueError, ["bucket_cap_mb", "finite"]),
+        ({"bucket_cap_mb": "25"}, TypeError, ["bucket_cap_mb", "number"]),
     ],
 )
 def test_train_config_refuses_bad_values_with_a_clear_message(kwargs, error, words):
