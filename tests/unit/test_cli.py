@@ -58,6 +58,9 @@ def test_the_issue_command_line_becomes_one_config():
     )
     assert c.effective_compressor_options() == {"density": 0.01}
     assert c.error_feedback is None  # auto: the hook turns it on for biased compressors
+    assert c.bucket_cap_mb == 25.0  # DDP's default
+    (c,) = configs("train", "--bucket-mb", "100")
+    assert c.bucket_cap_mb == 100.0
 
 
 def test_several_compressors_run_in_order_and_density_goes_only_where_it_is_taken():
@@ -115,6 +118,7 @@ def test_parse_value_reads_literals_and_keeps_other_text():
         (["--byzantine", "4", "--attack", "signflip"], ["byzantine", "workers"]),
         (["--byzantine", "1"], ["attack"]),
         (["--resume"], ["checkpoint_dir"]),
+        (["--bucket-mb", "0"], ["--bucket-mb", "> 0"]),
     ],
 )
 def test_bad_input_is_an_argparse_error_naming_the_problem(capsys, argv, words):

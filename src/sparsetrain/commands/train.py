@@ -191,6 +191,12 @@ def add_training_arguments(p: argparse.ArgumentParser, *, workers: int, epochs: 
     g.add_argument(
         "--timeout", type=positive_float, default=300.0, help="seconds a collective may wait"
     )
+    g.add_argument(
+        "--bucket-mb",
+        type=positive_float,
+        default=25.0,
+        help="DDP's bucket size in MB: larger buckets, fewer exchanges a step (25: DDP's default)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -269,6 +275,7 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
             task_options=dict(args.task_option),
             progress=not args.no_progress,
             timeout_s=args.timeout,
+            bucket_cap_mb=args.bucket_mb,
         )
         for c in compressors
     ]
