@@ -134,6 +134,8 @@ def plot(report: dict, target: float, path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sparsetrain.train import TrainConfig
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ranks", type=int, default=4)
     p.add_argument("--bandwidth", default="1gbit")
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--bucket-mb",
         type=float,
-        default=25.0,
+        default=TrainConfig.bucket_cap_mb,
         help="DDP bucket size in MB, for every method (25: DDP's default, two buckets here)",
     )
     p.add_argument("--seed", type=int, default=0)

@@ -441,7 +441,8 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
                 f"checkpoint {ckpt} was written by {state.get('world')} ranks (format "
                 f"{state.get('format')}); this run has {world} ranks: resume with the same workers"
             )
-        # Checkpoints written before bucket_cap_mb existed ran DDP's default buckets.
+        # Checkpoints written before bucket_cap_mb existed ran DDP's default buckets (25 MB,
+        # whatever TrainConfig's default becomes).
         saved = {"bucket_cap_mb": 25.0, **state["config"]}
         if saved != _resumable(config):
             raise ValueError(

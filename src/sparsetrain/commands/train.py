@@ -194,7 +194,7 @@ def add_training_arguments(p: argparse.ArgumentParser, *, workers: int, epochs: 
     g.add_argument(
         "--bucket-mb",
         type=positive_float,
-        default=25.0,
+        default=TrainConfig.bucket_cap_mb,
         help="DDP's bucket size in MB: larger buckets, fewer exchanges a step (25: DDP's default)",
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
