@@ -60,6 +60,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
+from ._procs import exit_finished_worker
 from .compressors import check_density, get_compressor, option_names
 from .sync import register_ddp_hook
 from .tasks import Task, available_tasks, get_task
@@ -669,6 +670,7 @@ def _spawned(rank: int, world: int, configs: Sequence[TrainConfig], folder: str)
         with open(os.path.join(folder, f"error-rank{rank}.json"), "w") as f:
             json.dump(error, f)
         raise
+    exit_finished_worker(0)  # results are on disk; see exit_finished_worker for why
 
 
 def _first_error(folder: str) -> WorkerError | None:

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from sparsetrain._procs import exit_finished_worker
+
 
 def _entry(rank: int, world: int, root: str, fn, args) -> None:
     torch.set_num_threads(1)
@@ -27,6 +29,7 @@ def _entry(rank: int, world: int, root: str, fn, args) -> None:
     with open(os.path.join(root, f"result{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)
     dist.destroy_process_group()
+    exit_finished_worker(0)  # skip interpreter teardown, where gloo can abort a finished rank
 
 
 def run_world(fn, world: int, tmp_path: Path, *args, timeout: float = 180.0) -> list[dict]:

@@ -13,6 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from sparsetrain._procs import exit_finished_worker
+
 WORLD = 2
 
 
@@ -32,6 +34,7 @@ def _worker(rank: int, root: str, hook: str) -> None:
     with open(os.path.join(root, f"r{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)
     dist.destroy_process_group()
+    exit_finished_worker(0)  # skip interpreter teardown, where gloo can abort a finished rank
 
 
 def _prune(rank: int, method: str, hook: str) -> dict:
