@@ -22,7 +22,15 @@ from hypothesis import strategies as st
 
 from sparsetrain.comm.gtopk import keep_topk
 from sparsetrain.comm.oktopk import OkTopk
-from sparsetrain.comm.p2p import coalesce, even_bounds, merge, pack, split_by_bounds, unpack
+from sparsetrain.comm.p2p import (
+    coalesce,
+    even_bounds,
+    input_error,
+    merge,
+    pack,
+    split_by_bounds,
+    unpack,
+)
 
 Sparse = tuple[torch.Tensor, torch.Tensor]
 
@@ -163,6 +171,24 @@ def test_pack_unpack_round_trips_misaligned_layouts():
         val = torch.tensor([1.5, -2.0, 3.25], dtype=dtype)
         i, v = unpack(pack(idx, val), torch.int32, dtype)
         assert torch.equal(i, idx) and torch.equal(v, val)
+
+
+def test_pack_copies_strided_slices_that_torch_calls_contiguous():
+    # A one-element (or empty) slice with stride 2 is "contiguous" to torch, yet cannot be
+    # viewed as bytes; ranks holding such a part must pack it like any other.
+    idx, val = torch.tensor([7, 0, 9, 0])[::2], torch.tensor([1.5, 0.0, -2.0, 0.0])[::2]
+    for n in (0, 1, 2):
+        i, v = unpack(pack(idx[:n], val[:n]), torch.int64, torch.float32)
+        assert i.tolist() == idx[:n].tolist() and v.tolist() == val[:n].tolist()
+
+
+def test_only_the_four_float_dtypes_pass_the_input_check():
+    # float8 formats would share one dtype code across ranks and cannot be scatter-added.
+    idx = torch.tensor([1, 2])
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.int32):
+        err = input_error(idx, torch.ones(2).to(dtype), 10)
+        assert err is not None and "float16, bfloat16, float32, float64" in err, dtype
+    assert input_error(idx, torch.ones(2, dtype=torch.bfloat16), 10) is None
 
 
 def test_keep_topk_keeps_largest_magnitudes_sorted_by_index():

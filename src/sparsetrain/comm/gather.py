@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .accounting import ring_allgather_bytes, ring_allreduce_bytes
-from .p2p import as_dtype, device_of, dtype_codes, input_error, raise_disagreement
+from .p2p import as_bytes, as_dtype, device_of, dtype_codes, input_error, raise_disagreement
 from .registry import CollectiveResult, SparseCollective, register_collective
 
 
@@ -74,7 +74,7 @@ def _all_gather_with_header(
         if t.dim() != 1:
             raise ValueError(f"gathered payload tensors must be 1-D, got shape {tuple(t.shape)}")
     device = tensors[0].device
-    raw = [t.contiguous().view(torch.uint8) for t in tensors]
+    raw = [as_bytes(t) for t in tensors]
     head = [r.numel() for r in raw] + [int(x) for x in extra]
     lengths = torch.tensor(head, dtype=torch.int64, device=device)
     world = world_of(group)

@@ -231,7 +231,7 @@ class OkTopk(SparseCollective):
             raise FloatingPointError(_NONFINITE)
         counts = [row[0] for row in rows]
         total = sum(counts)
-        if not estimated and not k // 2 <= total <= 2 * k:
+        if not estimated and not k <= 2 * total <= 4 * k:  # k/2 <= total <= 2k, also for k = 1
             # The reused threshold has drifted too far (every rank sees the same total):
             # re-estimate now rather than send far more, or keep far fewer, than k.
             st.threshold = estimate_threshold(wire, mags, k)

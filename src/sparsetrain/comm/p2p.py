@@ -23,6 +23,7 @@ from torch import Tensor
 from .accounting import ring_allgather_bytes, ring_allreduce_bytes
 
 INDEX_DTYPES = (torch.int32, torch.int64)
+VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass
@@ -61,7 +62,7 @@ def _local_error(indices: Tensor, values: Tensor, numel: int) -> str | None:
         )
     if indices.dtype not in INDEX_DTYPES:
         return f"indices have dtype {indices.dtype}; allowed are torch.int32 and torch.int64"
-    if not values.is_floating_point():
+    if values.dtype not in VALUE_DTYPES:
         return (
             f"values have dtype {values.dtype}; allowed are floating-point dtypes "
             "(float16, bfloat16, float32, float64)"
@@ -306,11 +307,18 @@ class Wire:
 
 
 # ---- sparse messages and merges ------------------------------------------------------------
+def as_bytes(t: Tensor) -> Tensor:
+    """Return a 1-D tensor's elements as ``uint8`` bytes, copying them first unless they are
+    adjacent in memory (a strided slice, even of one element or none, which torch calls
+    contiguous, cannot be viewed as bytes)."""
+    if t.stride(-1) != 1:
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t.view(torch.uint8)
+
+
 def pack(indices: Tensor, values: Tensor) -> Tensor:
     """Return one ``uint8`` buffer holding the indices' bytes, then the values' bytes."""
-    return torch.cat(
-        [indices.contiguous().view(torch.uint8), values.contiguous().view(torch.uint8)]
-    )
+    return torch.cat([as_bytes(indices), as_bytes(values)])
 
 
 def unpack(
