@@ -353,8 +353,13 @@ def _split_phase(q: Problem, adaptive: bool) -> tuple[Cost, float, bool]:
     )
     reduced = q.union(p) / p
     dense_out = adaptive and (dense_in or q.union(p) / q.numel >= delta)
-    if dense_out:  # scatter-add into a dense range
-        cost += _local(q, p, sparse=q.k, dense=q.numel / p)
+    # A range receives k entries in all (k/p from each rank); a dense accumulator takes over
+    # from the merge once they could fill it past break-even (density >= delta / p).
+    if dense_in:  # scatter-add into a zeroed range, then sum the p - 1 dense blocks
+        cost += _local(q, p, sparse=q.k, dense=q.numel)  # n/p zeroed, (p - 1) n/p summed
+    elif adaptive and q.k * q.entry_bytes >= q.numel / p * q.value_bytes:
+        # scatter-add, a scan for the non-zeros, and the sparse form's copy if below delta
+        cost += _local(q, p, sparse=q.k + (0.0 if dense_out else reduced), dense=2 * q.numel / p)
     else:  # sort-based merge of the k entries that fall in the range
         cost += _local(q, p, sorts=[q.k])
     return cost, reduced, dense_out

@@ -89,6 +89,26 @@ def _cases(rank: int, world: int, group) -> dict:
         assert sent["dsar"] <= sent["ssar_split"], (seed, sent)
         out["exact"].append(sent)
 
+    # Every rank holds the same 20 indices (values differ): a range receives enough entries to
+    # pass DSAR's break-even, but their sum has few non-zeros, so DSAR sums it in a dense
+    # accumulator and sends it sparse, or dense where that is smaller.
+    numel = 64
+    shared = torch.randperm(numel, generator=torch.Generator().manual_seed(7))[:20]
+    shared = shared.sort().values.to(torch.int32)
+    inputs = [
+        (shared, torch.randn(20, generator=torch.Generator().manual_seed(70 + r)))
+        for r in range(world)
+    ]
+    ref = dense_sum(inputs, numel)
+    sent = {}
+    for name in EXACT:
+        res = get_collective(name)(*inputs[rank], numel, group=group)
+        err = (res.dense.double() - ref).abs().max().item()
+        assert err <= TOL[torch.float32] * (ref.abs().max().item() + 1.0) * world, (name, err)
+        sent[name] = res.bytes_sent
+    assert sent["dsar"] <= sent["ssar_split"], sent
+    out["exact"].append(sent)
+
     # gTop-k: one process computes the reference from the same seeds.
     for seed, numel, count in [(11, 300, 12), (12, 50, 30), (13, 40, 0)]:
         inputs = [
@@ -135,6 +155,13 @@ def _cases(rank: int, world: int, group) -> dict:
     ]
     # gTop-k never makes room for more entries than the vector holds.
     out["gtopk_cap"] = get_collective("gtopk", k=10**6)(i32[:1], v64[:1], 10, group=group)
+    # k = 1 (a small layer at low density): a reused threshold that keeps nothing after the
+    # gradient shrinks is re-estimated at once, as for any k (it keeps fewer than k/2).
+    coll = get_collective("oktopk")
+    out["oktopk_k1"] = []
+    for scale in (10.0, 1.0, 1.0):
+        res = coll(torch.tensor([3]), torch.tensor([scale]), 10, group=group, key="k1")
+        out["oktopk_k1"].append(res.indices.tolist())
 
     # Bad input: a clear error on every rank, and the group still works afterwards.
     idx, val = random_input(20, rank, 100, 5, torch.float32)
@@ -304,6 +331,7 @@ def test_sparse_collectives(world, results):
         for n, (idx, val) in zip(("oktopk", "gtopk"), results[r]["big"]):
             assert idx == [5, 2**31 - 1] and val == [world * 1.0, world * 2.0], n
         assert results[r]["gtopk_cap"].bytes_sent < 1000
+        assert results[r]["oktopk_k1"] == [[3], [3], [3]]
 
 
 def test_options_are_checked_at_construction():

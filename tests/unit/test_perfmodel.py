@@ -97,6 +97,16 @@ def test_split_allgather_and_dsar_by_hand():
     assert d.bytes == pytest.approx(2 * 500 * 4)
 
 
+def test_dsar_sums_dense_without_a_sort_once_a_range_can_pass_break_even():
+    # p=8: a range receives k entries in all; break-even is 0.5 * n/8, so from density 1/16 on
+    # DSAR scatter-adds them into a dense accumulator where split-allgather sorts them.
+    dense_acc = {"world": 8, "numel": 80_000, "density": 0.1}
+    assert pm.cost("dsar", **dense_acc).sort_work == 0
+    assert pm.cost("ssar_split", **dense_acc).sort_work > 0
+    merged = {"world": 8, "numel": 80_000, "density": 0.05}
+    assert pm.cost("dsar", **merged) == pm.cost("ssar_split", **merged)
+
+
 def test_dsar_break_even_follows_value_and_index_sizes():
     # int64 indices + float32 values: break-even density 4/12 = 1/3.
     below = pm.cost("dsar", world=2, numel=1200, density=0.3, index_bytes=8)

@@ -30,8 +30,10 @@ class DSAR(SparseCollective):
        reduce-scatter moving ``(p-1)/p`` of the vector, as a ring would; it is done with
        point-to-point messages because gloo has no reduce-scatter and because the
        representation is chosen per message.
-    2. Each owner sums its range; the result is dense if any input was, or if its merged
-       number of non-zeros reaches delta times the range length.
+    2. Each owner sums its range: into a dense accumulator (a linear scatter-add, no sort)
+       once any input is dense or the entries it received could fill the range past delta,
+       else by a sort-based merge. The result is dense if any input was, or if its number of
+       non-zeros reaches delta times the range length.
     3. Allgather of the reduced ranges, each sparse or dense by the same rule.
 
     The rule is applied to the size each message announces, so sender and receivers agree on

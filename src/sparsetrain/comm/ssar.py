@@ -152,7 +152,10 @@ def split_allgather(
             sends[q], elems[q] = encode(*parts[q], q)
     got = wire.alltoallv(sends, elems)
 
-    # Reduce this rank's range: dense accumulator as soon as any input is dense.
+    # Reduce this rank's range. A dense accumulator (a linear scatter-add) replaces the
+    # sort-based merge as soon as any input is dense, or as soon as the entries that arrived
+    # could fill the range past break-even; the sum then goes out sparse only if its non-zeros
+    # stayed below break-even (found by a linear scan, already in index order).
     own_i, own_v = parts[rank]
     sparse_in = [(own_i, own_v)]
     dense_in = []
@@ -161,13 +164,19 @@ def split_allgather(
             dense_in.append(buf.view(values.dtype))
         else:
             sparse_in.append(unpack(buf, indices.dtype, values.dtype))
-    if dense_in or is_dense(own_i.numel() * (ib + vb), rank):
+    entries = sum(s[0].numel() for s in sparse_in)
+    if dense_in or is_dense(entries * (ib + vb), rank):
         acc = torch.zeros(lengths[rank], dtype=values.dtype, device=values.device)
         i_all = torch.cat([s[0] for s in sparse_in])
         acc.index_add_(0, i_all.long() - edges[rank], torch.cat([s[1] for s in sparse_in]))
         for d in dense_in:
             acc += d
-        mine, my_elems = acc.view(torch.uint8), lengths[rank]
+        nz = None if dense_in else torch.nonzero(acc).squeeze(1)
+        if nz is None or is_dense(nz.numel() * (ib + vb), rank):
+            mine, my_elems = acc.view(torch.uint8), lengths[rank]
+        else:
+            ri = (nz + edges[rank]).to(indices.dtype)
+            mine, my_elems = pack(ri, acc[nz]), 2 * nz.numel()
     else:
         ri, rv = merge(sparse_in)
         mine, my_elems = encode(ri, rv, rank)
