@@ -71,6 +71,19 @@ def test_simulate_refuses_unreadable_or_non_finite_options(argv, words, capsys):
     assert words in argparse_error(capsys, ["simulate", *argv])
 
 
+def test_simulate_fitted_and_explicit_local_costs_exclude_each_other(capsys):
+    err = argparse_error(capsys, ["simulate", "--fitted", "x.json", "--gamma-ns", "5"])
+    assert "--fitted takes the local costs and the overhead from x.json" in err
+    assert "pass either it or --gamma-ns" in err
+
+
+def test_simulate_keeps_columns_apart_for_huge_values(capsys):
+    assert main(["simulate", "--ranks", "8", "--bandwidth", "1gbit", "--numel", "1e30"]) == 0
+    rows = capsys.readouterr().out.splitlines()[3:]
+    assert rows and all("e+" in row for row in rows)
+    assert all(len(row.split()) == len(rows[0].split()) for row in rows)
+
+
 def test_simulate_density_must_keep_at_least_one_entry(capsys):
     err = argparse_error(capsys, ["simulate", "--density", "1e-12"])
     assert "--density 1e-12 keeps k = 0.00011 entries" in err
@@ -166,11 +179,16 @@ def _without(key: str) -> dict:
         (_without("algorithm"), "records[0] lacks algorithm"),
         (_without("numel"), "records[0] lacks numel"),
         (_without("density"), "records[0] lacks density"),
-        (_bad_record(median_s=0), "records[0] median_s must be a finite number of seconds > 0"),
-        (_bad_record(median_s=-1.0), "median_s must be a finite number of seconds > 0, got -1.0"),
-        (_bad_record(median_s=float("inf")), "median_s must be a finite number of seconds > 0"),
-        (_bad_record(median_s=float("nan")), "median_s must be a finite number of seconds > 0"),
-        (_bad_record(median_s="1"), "median_s must be a finite number of seconds > 0"),
+        (_bad_record(median_s=0), "records[0] median_s must be a finite number of seconds >= 1e-9"),
+        (
+            _bad_record(median_s=-1.0),
+            "median_s must be a finite number of seconds >= 1e-9, got -1.0",
+        ),
+        (_bad_record(median_s=float("inf")), "median_s must be a finite number of seconds >= 1e-9"),
+        (_bad_record(median_s=float("nan")), "median_s must be a finite number of seconds >= 1e-9"),
+        (_bad_record(median_s="1"), "median_s must be a finite number of seconds >= 1e-9"),
+        (_bad_record(median_s=1e-160), "median_s must be a finite number of seconds >= 1e-9"),
+        (results(records=None), "(is it a JSON written by `sparsetrain bench cluster`?)"),
         (_bad_record(numel=0), "records[0] numel must be an int >= 1, got 0"),
         (_bad_record(density=2), "records[0] density must be a number in (0, 1], got 2"),
         (_bad_record(algorithm=None), "records[0] algorithm must be a name"),

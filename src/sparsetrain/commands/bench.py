@@ -468,8 +468,8 @@ def _record_problem(r: Any) -> str | None:
         return f"numel must be an int >= 1, got {r['numel']!r}"
     if not _is_number(r["density"]) or not 0 < r["density"] <= 1:
         return f"density must be a number in (0, 1], got {r['density']!r}"
-    if not _is_number(r["median_s"]) or not 0 < r["median_s"] < math.inf:
-        return f"median_s must be a finite number of seconds > 0, got {r['median_s']!r}"
+    if not _is_number(r["median_s"]) or not 1e-9 <= r["median_s"] < math.inf:
+        return f"median_s must be a finite number of seconds >= 1e-9, got {r['median_s']!r}"
     if not _is_number(r["bytes_sent_max"]) or not 0 <= r["bytes_sent_max"] < math.inf:
         return f"bytes_sent_max must be a finite number >= 0, got {r['bytes_sent_max']!r}"
     return None
@@ -482,7 +482,10 @@ def _check_results(result: Any) -> tuple[list, int, float | None, int | None]:
         raise ValueError(f"expected a JSON object, got {type(result).__name__}")
     records = result.get("records")
     if not isinstance(records, list):
-        raise ValueError(f"records must be a list of objects, got {records!r:.60}")
+        raise ValueError(
+            f"records must be a list of objects, got {records!r:.60} (is it a JSON written by "
+            "`sparsetrain bench cluster`?)"
+        )
     for i, r in enumerate(records):
         problem = _record_problem(r)
         if problem:
@@ -512,7 +515,7 @@ def _load_results(path: Path, args: argparse.Namespace) -> tuple[list, int, floa
     JSON; a file that is not one is an argparse error naming what is wrong."""
     try:
         records, world, link, cores = _check_results(json.loads(path.read_text()))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
         args._parser.error(f"cannot read {path}: {e}")
     if args.cores is not None:
         cores = args.cores

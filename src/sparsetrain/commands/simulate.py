@@ -56,6 +56,26 @@ def _ceil3(x: float) -> float:
     return math.ceil(x / unit) * unit
 
 
+# Local costs of a GPU-class device, as perfmodel.NetworkParams.from_link assumes them.
+_COEFFICIENT_DEFAULTS = {
+    "--gamma-ns": 2.0,
+    "--gamma-dense-ns": 0.05,
+    "--gamma-sort-ns": 0.1,
+    "--overhead-us": 0.0,
+}
+
+
+def _ms(seconds: float, width: int) -> str:
+    """Milliseconds in a column of ``width``: fixed point, or exponent form when too long."""
+    ms = seconds * 1e3
+    return f"{ms:>{width}.2f}" if abs(ms) < 10 ** (width - 4) else f"{ms:>{width}.3e}"
+
+
+def _times(ratio: float) -> str:
+    """A speedup in a column of 9: two decimals, or exponent form when too long."""
+    return f"{ratio:>8.2f}x" if ratio < 1e4 else f"{ratio:>8.1e}x"
+
+
 def _read_fitted(path: str) -> tuple[float, float, float, float]:
     """Return (gamma, gamma_dense, gamma_sort, overhead) of a ``bench cluster`` JSON's fit."""
     expected = ("expected a `sparsetrain bench cluster` JSON whose model_fit.params holds gamma "
@@ -64,7 +84,7 @@ def _read_fitted(path: str) -> tuple[float, float, float, float]:
         result = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"--fitted {path}: cannot read it ({e}); {expected}") from None
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
         raise ValueError(f"--fitted {path}: not JSON ({e}); {expected}") from None
     fit = result.get("model_fit") if isinstance(result, dict) else None
     params = fit.get("params") if isinstance(fit, dict) else None
@@ -152,11 +172,18 @@ def _run(args: argparse.Namespace) -> int:
             "--gamma-sort-ns": args.gamma_sort_ns,
             "--overhead-us": args.overhead_us,
         }
+        given = [option for option, value in coefficients.items() if value is not None]
+        if args.fitted and given:
+            raise ValueError(
+                f"--fitted takes the local costs and the overhead from {args.fitted}; pass "
+                f"either it or {', '.join(given)}"
+            )
         for option, value in coefficients.items():
-            if not 0 <= value < math.inf:
+            if value is not None and not 0 <= value < math.inf:
                 raise ValueError(f"{option} must be a finite number >= 0, got {value}")
-        gamma, gamma_dense = args.gamma_ns * 1e-9, args.gamma_dense_ns * 1e-9
-        gamma_sort, overhead = args.gamma_sort_ns * 1e-9, args.overhead_us * 1e-6
+        values = {o: _COEFFICIENT_DEFAULTS[o] if v is None else v for o, v in coefficients.items()}
+        gamma, gamma_dense = values["--gamma-ns"] * 1e-9, values["--gamma-dense-ns"] * 1e-9
+        gamma_sort, overhead = values["--gamma-sort-ns"] * 1e-9, values["--overhead-us"] * 1e-6
         if args.fitted:
             gamma, gamma_dense, gamma_sort, overhead = _read_fitted(args.fitted)
         compute_s = _option("--compute", parse_duration, args.compute) if args.compute else 0.0
@@ -184,8 +211,8 @@ def _run(args: argparse.Namespace) -> int:
     print(head)
     for r in rows:
         line = f"{r['ranks']:>6} {r['bandwidth_bps'] / 1e9:>5g}Gb/s  "
-        line += "".join(f"{r['times_s'][a] * 1e3:>11.2f}" for a in algorithms)
-        line += f"  {r['winner']:<10}{r['dense_s'] * 1e3:>11.2f}{r['speedup_exchange']:>8.2f}x"
+        line += "".join(" " + _ms(r["times_s"][a], 10) for a in algorithms)
+        line += f"  {r['winner']:<10} {_ms(r['dense_s'], 10)}{_times(r['speedup_exchange'])}"
         if compute_s:
             line += f"{r['speedup_iteration']:>6.2f}x"
         print(line)
@@ -223,20 +250,20 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     src.add_argument("--numel", help="vector length instead of a preset (e.g. 25M)")
     p.add_argument("--density", type=float, default=0.01, help="k/n of each rank (default 0.01)")
     p.add_argument("--latency", default="5us", help="per-message latency alpha (default 5us)")
-    p.add_argument("--gamma-ns", type=float, default=2.0,
+    p.add_argument("--gamma-ns", type=float, default=None,
                    help="ns per sparse entry touched: scatter, compare, copy (default 2)")  # fmt: skip
-    p.add_argument("--gamma-dense-ns", type=float, default=0.05,
+    p.add_argument("--gamma-dense-ns", type=float, default=None,
                    help="ns per dense element streamed (default 0.05)")  # fmt: skip
     p.add_argument(
         "--gamma-sort-ns",
         type=float,
-        default=0.1,
+        default=None,
         help="ns per entry and log2 step of a sort (default 0.1: ~2 ns/entry at 1M)",
     )
     p.add_argument(
         "--overhead-us",
         type=float,
-        default=0.0,
+        default=None,
         help="software cost per operation issued, us (default 0: part of latency)",
     )
     p.add_argument(
