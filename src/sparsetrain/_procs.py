@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import multiprocessing.util
 import os
 import sys
 from typing import NoReturn
@@ -16,8 +18,13 @@ def exit_finished_worker(code: int = 0) -> NoReturn:
     the interpreter tears down; releasing it then aborts the process ("terminate called without
     an active exception", SIGABRT), so a run whose results are already on disk is reported as a
     crashed worker. It happened in about one in 25 two-rank runs with torch's PowerSGD hook.
-    Streams and logging handlers are flushed first; nothing else runs at exit.
+    What a worker process does at a normal end still runs first: multiprocessing's own exit
+    function (which its child processes run after their target, releasing the semaphores they
+    made, such as tqdm's lock), then logging handlers and streams are flushed.
     """
+    exit_function = getattr(multiprocessing.util, "_exit_function", None)
+    if exit_function is not None and multiprocessing.parent_process() is not None:
+        exit_function()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
