@@ -213,6 +213,38 @@ def test_rigl_is_sparse_from_the_start_and_moves_connections_at_constant_count(
     ) == pytest.approx(0.0)
 
 
+@pytest.mark.parametrize("load_before_prepare", [False, True])
+def test_rigl_resumed_right_before_an_update_step_continues_like_the_uninterrupted_run(
+    load_before_prepare: bool,
+) -> None:
+    # A checkpoint after step 9 with delta_t=10: the next step updates the masks, from the dense
+    # gradient of a backward pass that the resumed pruner must capture too.
+    def start():
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        return model, opt
+
+    model, opt = start()
+    pruner = RigLPruner(sparsity=0.8, delta_t=10, end=40).prepare(model, opt)
+    _train(model, opt, pruner, 10)
+    saved = [copy.deepcopy(x.state_dict()) for x in (model, opt, pruner)]
+    _train(model, opt, pruner, 1, start=10)
+    assert pruner.stats()["num_updates"] == 1
+
+    model2, opt2 = start()
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    pruner2 = RigLPruner(sparsity=0.8, delta_t=10, end=40)
+    if load_before_prepare:
+        pruner2.load_state_dict(saved[2])
+        pruner2.prepare(model2, opt2)
+    else:
+        pruner2.prepare(model2, opt2).load_state_dict(saved[2])
+    _train(model2, opt2, pruner2, 1, start=10)
+    assert pruner2.stats()["num_updates"] == 1
+    assert all(torch.equal(pruner.masks[n], pruner2.masks[n]) for n in pruner.masks)
+
+
 def test_rigl_state_round_trips_before_prepare() -> None:
     model = _model()
     pruner = RigLPruner(sparsity=0.7, seed=3).prepare(model)

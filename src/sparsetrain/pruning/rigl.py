@@ -122,11 +122,24 @@ class RigLPruner(Pruner):
 
     def step(self, step: int, closure: Closure | None = None) -> bool:
         changed = super().step(step, closure)
-        # Capture the dense gradient of the next backward pass only when it will be used.
-        self._stash = self.is_update_step(step + 1)
+        self._arm_capture()
+        return changed
+
+    def prepare(self, model, optimizer=None, group=None) -> RigLPruner:
+        super().prepare(model, optimizer, group)
+        self._arm_capture()  # attached, or resumed, right before an update step
+        return self
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._arm_capture()  # a checkpoint taken right before an update step
+
+    def _arm_capture(self) -> None:
+        """Capture the dense gradient of the next backward pass only when the step after the
+        last one seen (``self._step``) will use it."""
+        self._stash = self.is_update_step(self._step + 1)
         if not self._stash:
             self._dense_grads = {}
-        return changed
 
     def update(self, step: int, closure: Closure | None) -> bool:
         if not self.is_update_step(step):
