@@ -108,6 +108,27 @@ def test_rules_are_invariant_to_worker_order(seed, n):
         )
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize(
+    "name",
+    ["median", "trimmed_mean", "krum", "multi_krum", "geometric_median", "centered_clipping"],
+)
+def test_one_non_finite_worker_neither_wins_nor_poisons_the_output(name, bad):
+    # Krum used to pick a NaN row (argmin ranks NaN first); the geometric median started from a
+    # NaN mean; centered clipping computed inf * 0. One such worker is within f = 1.
+    honest = torch.randn(6, 4, generator=torch.Generator().manual_seed(0)) * 0.1 + 1.0
+    grads = torch.cat([honest, torch.full((1, 4), bad)])
+    out = get_aggregator(name, n=7, f=1)(grads)
+    assert torch.isfinite(out).all(), (name, out)
+    if name == "krum":
+        assert any(torch.equal(out, row) for row in honest)
+    if name == "geometric_median":
+        torch.testing.assert_close(out, get_aggregator(name, n=6, f=1)(honest))
+    if name == "centered_clipping":  # first step: anchor 0, the bad row adds nothing
+        clipped = get_aggregator(name, n=7, f=1)(torch.cat([honest, torch.zeros(1, 4)]))
+        torch.testing.assert_close(out, clipped)
+
+
 def test_stateful_rules_are_refused_by_aggregate():
     with pytest.raises(ValueError, match="get_aggregator"):
         aggregate("safeguard", torch.randn(5, 3), f=1)

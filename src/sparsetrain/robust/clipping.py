@@ -22,7 +22,8 @@ class CenteredClipping(Aggregator):
     v <- v + mean_i (x_i - v) * min(1, tau / ||x_i - v||); store v as the next anchor and return
     it. Karimireddy, He, Jaggi, "Learning from History for Byzantine Robust Optimization",
     ICML 2021: the momentum anchor is what makes the rule hold against time-coupled attacks.
-    With ``momentum > 0`` the output is an averaged momentum: pair it with plain SGD.
+    With ``momentum > 0`` the output is an averaged momentum: pair it with plain SGD. A worker
+    whose input holds NaN or Inf moves the anchor by nothing.
 
     Args:
         tau: clipping radius (same units as the gradients).
@@ -72,7 +73,11 @@ class CenteredClipping(Aggregator):
             diff = x - v
             norm = torch.linalg.vector_norm(diff, dim=1, keepdim=True)
             scale = torch.clamp(self.tau / norm.clamp_min(torch.finfo(norm.dtype).tiny), max=1.0)
-            v = v + (diff * scale).mean(dim=0)
+            # A row holding NaN or Inf has norm NaN or Inf (scale 0 or NaN), so its clipped
+            # difference is NaN; it then moves the anchor by nothing, like a zero difference.
+            clipped = diff * scale
+            clipped = torch.where(torch.isfinite(clipped), clipped, torch.zeros_like(clipped))
+            v = v + clipped.mean(dim=0)
         self._anchor[key] = v.detach().clone()
         return v
 

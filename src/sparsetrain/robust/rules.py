@@ -3,6 +3,7 @@ geometric median."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -102,9 +103,13 @@ class TrimmedMean(Aggregator):
 
 
 def krum_scores(grads: Tensor, f: int) -> Tensor:
-    """Return each worker's Krum score: the sum of squared distances to its n - f - 2 nearest peers."""
+    """Return each worker's Krum score: the sum of squared distances to its n - f - 2 nearest peers.
+
+    A distance to or from a row holding NaN or Inf counts as infinite (NaN would otherwise rank
+    first in ``argmin``), so such a row scores infinite and is never chosen.
+    """
     n = grads.shape[0]
-    d2 = pairwise_sq_dists(grads)
+    d2 = pairwise_sq_dists(grads).nan_to_num(nan=math.inf)
     nearest = torch.sort(d2, dim=1).values[:, 1 : n - f - 1]  # column 0 is the distance to itself
     return nearest.sum(dim=1)
 
@@ -182,7 +187,8 @@ class GeometricMedian(Aggregator):
     iterations. The smoothing ``eps`` keeps a weight finite when z meets a point (Weiszfeld 1937;
     as a Byzantine aggregator: Chen, Su, Xu, "Distributed Statistical Machine Learning in
     Adversarial Settings", 2017; Pillutla, Kakade, Harchaoui, "Robust Aggregation for Federated
-    Learning", 2022). Tolerates f < n/2.
+    Learning", 2022). Tolerates f < n/2. Rows holding NaN or Inf are left out (unless every
+    row does).
 
     Args:
         max_iter: at most this many Weiszfeld iterations.
@@ -210,6 +216,9 @@ class GeometricMedian(Aggregator):
 
     def aggregate(self, grads: Tensor, key: str) -> Tensor:
         x = grads.double() if grads.dtype != torch.float64 else grads
+        finite = torch.isfinite(x).all(dim=1)
+        if bool(finite.any()) and not bool(finite.all()):
+            x = x[finite]  # a row with NaN or Inf has no usable position: it is left out
         z = x.mean(dim=0)
         for _ in range(self.max_iter):
             w = 1.0 / torch.linalg.vector_norm(x - z, dim=1).clamp_min(self.eps)
