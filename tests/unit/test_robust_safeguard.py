@@ -44,6 +44,24 @@ def test_honest_noisy_workers_are_never_removed():
     assert sg.stats()["removed"] == {}
 
 
+def test_a_warm_up_without_spread_goes_on_until_it_sees_one():
+    # Every worker sends zeros for the first 5 steps (the whole warm-up): thresholds made from
+    # that would be ~0, leave no majority and remove nobody. The warm-up waits for a spread.
+    n, f, d = 7, 2, 10
+    gen = torch.Generator().manual_seed(1)
+    sg = get_aggregator("safeguard", n=n, f=f, window0=5, window1=20)
+    for t in range(60):
+        g = torch.zeros(n, d) if t < 5 else _honest(gen, n, d, torch.ones(d))
+        g[n - f :] = -10.0 * g[n - f :]  # sign flip, scaled
+        sg(g)
+        sg.end_step()
+        if t == 4:
+            assert sg.stats()["warming_up"]
+    stats = sg.stats()
+    assert not stats["warming_up"] and stats["no_majority_steps"] == 0
+    assert set(stats["removed"]) == {5, 6} and stats["good"] == list(range(5))
+
+
 def test_removal_is_permanent_and_the_output_is_the_mean_of_the_good():
     sg = get_aggregator("safeguard", n=5, f=1, window0=2, window1=4, threshold0=1.0, threshold1=2.0)
     bad = torch.tensor([[1.0], [1.1], [0.9], [1.0], [-40.0]])

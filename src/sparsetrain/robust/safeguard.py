@@ -54,7 +54,9 @@ class Safeguard(Aggregator):
     f < n/2 Byzantine workers; divided by sqrt(steps summed in the window) it estimates the
     honest spread of one step, sigma. Then 𝔗_w = ``threshold_multiplier`` * max(sigma) *
     sqrt(T_w). No worker is removed during the warm-up and its steps use the coordinate-wise
-    median (so a warm-up under attack still descends). Accumulations are divided by |good|, so
+    median (so a warm-up under attack still descends). Should every warm-up step find no spread
+    (all workers sent the same gradients, e.g. zeros at the start), the warm-up goes on until
+    one does. Accumulations are divided by |good|, so
     auto thresholds are rescaled by n / |good| after removals to keep the honest spread inside.
     The sqrt(T) model assumes the paper's Assumption 2.1 (every worker's gradient is an unbiased
     estimate of the same full gradient); with heterogeneous data per worker honest sums drift
@@ -146,7 +148,10 @@ class Safeguard(Aggregator):
 
     @property
     def in_warmup(self) -> bool:
-        return self._step < self.warmup
+        # Past its length, the warm-up lasts until it has seen the workers spread at all:
+        # thresholds made from a zero spread would leave no majority within them and so
+        # remove nobody, whatever the workers send.
+        return self._step < self.warmup or (self.auto and max(self._spread) <= 0.0)
 
     def thresholds(self) -> tuple[float, float]:
         """Return (𝔗0, 𝔗1) in effect now (auto ones: nan until the warm-up ends)."""
