@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsetrain.pruning import Gradual, OneShot, get_schedule, masks
+from sparsetrain.pruning import Gradual, OneShot, get_pruner, get_schedule, masks
 from sparsetrain.pruning.masks import num_pruned
 
 
@@ -140,3 +140,10 @@ def test_schedule_options_are_validated() -> None:
         get_schedule("gradual", every=3)
     with pytest.raises(ValueError, match="valid names are: gradual, oneshot"):
         get_schedule("cosine")
+
+
+def test_a_schedule_starting_above_the_final_sparsity_is_refused() -> None:
+    # Pruned weights never come back: the run would end at 0.9, not at the 0.5 asked for.
+    with pytest.raises(ValueError, match=r"initial_sparsity=0.9, above the final sparsity=0.5"):
+        get_pruner("magnitude", sparsity=0.5, schedule=Gradual(initial_sparsity=0.9))
+    get_pruner("magnitude", sparsity=0.5, schedule=Gradual(initial_sparsity=0.5))

@@ -165,5 +165,7 @@ def test_bad_names_options_and_shapes():
         get_aggregator("bucketing", n=6, f=2, base="krum", bucket_size=2)
     with pytest.raises(ValueError, match="tau"):
         get_aggregator("centered_clipping", n=3, tau=-1.0)
+    with pytest.raises(ValueError, match="trim=0 is below f=2"):
+        get_aggregator("trimmed_mean", n=5, f=2, trim=0)
     with pytest.raises(TypeError, match="floating point"):
         aggregate("mean", torch.zeros(3, 2, dtype=torch.long))

@@ -329,6 +329,13 @@ class ScheduledPruner(Pruner):
             self.schedule = get_schedule(self.schedule)
         if not isinstance(self.schedule, Schedule):
             raise TypeError(f"schedule must be a Schedule or a name, got {self.schedule!r}")
+        initial = getattr(self.schedule, "initial_sparsity", 0.0)
+        if initial > self.sparsity:
+            raise ValueError(
+                f"the schedule starts at initial_sparsity={initial}, above the final "
+                f"sparsity={self.sparsity}; pruned weights never come back, so the run would end "
+                f"at {initial}: pass an initial_sparsity <= sparsity"
+            )
         check_scope(self.scope)
         self._current = 0.0
 

@@ -74,7 +74,7 @@ class TrimmedMean(Aggregator):
     (Yin et al., ICML 2018, coordinate-wise trimmed mean).
 
     Args:
-        trim: values dropped at each end; None means f. Needs n > 2 * trim.
+        trim: values dropped at each end, at least f; None means f. Needs n > 2 * trim.
 
     Example:
         >>> TrimmedMean(n=4, f=1)(torch.tensor([[0.0], [1.0], [3.0], [50.0]]))
@@ -91,6 +91,11 @@ class TrimmedMean(Aggregator):
     def validate(self) -> None:
         if self.trim is not None:
             check_int(self.trim, "trim", 0)
+            if self.trim < self.f:
+                raise ValueError(
+                    f"trim={self.trim} is below f={self.f}: f Byzantine values could survive the "
+                    f"trim on one side; pass trim >= f, or leave it None (= f)"
+                )
             if self.n <= 2 * self.trim:
                 raise ValueError(
                     f"trim={self.trim} drops every value of n={self.n} workers; need n > 2*trim"
