@@ -125,6 +125,38 @@ def test_packed_payload_decodes_with_any_ranks_ctx(name):
     assert torch.equal(cb.decompress(pa, ctx_b), ca.decompress(pa, ctx_a))
 
 
+def test_randomk_sends_values_as_they_are_and_scales_after_the_sum():
+    # A float16 value of 100 at density 1/1000 is 1e5 once scaled: over float16's range, so the
+    # scaling must not happen on the wire. scale=False is random-k with memory (unscaled).
+    x = torch.full((1000,), 100.0, dtype=torch.float16)
+    c = make("randomk", density=0.004)
+    (vals,), ctx = c.compress(x, key="w")
+    assert torch.equal(vals, torch.full((4,), 100.0, dtype=torch.float16))
+    y = torch.randn(1000, dtype=torch.float64)
+    (vals,), ctx = c.compress(y, key="v")
+    out = c.decompress((vals,), ctx)
+    assert out.dtype == torch.float64 and torch.equal(out[ctx[1]], vals * 250.0)
+    plain = make("randomk", density=0.004, scale=False)
+    (vals,), ctx = plain.compress(y, key="v")
+    assert torch.equal(plain.decompress((vals,), ctx)[ctx[1]], vals)
+    with pytest.raises(TypeError, match="scale must be True or False"):
+        make("randomk", scale=1)
+
+
+@pytest.mark.parametrize("name", ["topk", "threshold", "randomk"])
+def test_sparse_compressors_accept_an_empty_tensor(name):
+    c = make(name)
+    payload, ctx = c.compress(torch.zeros(0), key="e")  # topk asked torch.topk for 1 of 0
+    assert all(p.numel() == 0 for p in payload)
+    assert c.decompress(payload, ctx).shape == (0,)
+
+
+def test_threshold_with_a_sample_smaller_than_one_run_estimates_from_every_value():
+    c = make("threshold", density=0.1, sample_kept=1)  # a sample of 10 values: under one run
+    (idx, _), _ = c.compress(torch.randn(1000, generator=torch.Generator().manual_seed(0)), key="a")
+    assert 50 <= idx.numel() <= 200
+
+
 def test_randomk_ranks_draw_the_same_indices_and_new_ones_each_step():
     a, b = make("randomk", seed=3), make("randomk", seed=3)
     x = torch.randn(1000)

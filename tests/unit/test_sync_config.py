@@ -47,6 +47,18 @@ def test_bad_sync_options(options, message):
         sparsetrain.GradientSync(_model(), "topk", density=0.1, **options)
 
 
+def test_scaled_randomk_with_error_feedback_is_refused():
+    # The n/k scaling leaves (1 - n/k) times each sent value in the residual, which then grows
+    # without bound; random-k with memory (Stich et al.) sends the values unscaled.
+    with pytest.raises(ValueError, match="pass scale=False"):
+        sparsetrain.SyncConfig(compressor="randomk", error_feedback=True)
+    cfg = sparsetrain.SyncConfig(
+        compressor="randomk", error_feedback=True, compressor_options={"scale": False}
+    )
+    assert cfg.use_error_feedback
+    assert not sparsetrain.SyncConfig(compressor="randomk").use_error_feedback
+
+
 def test_sparse_collective_with_dense_compressor_is_refused():
     with pytest.raises(ValueError, match="reduces sparse payloads"):
         sparsetrain.SyncConfig(compressor="none", collective="auto")

@@ -82,8 +82,8 @@ def check_density(density: float) -> None:
 
 
 def k_for(numel: int, density: float) -> int:
-    """Return how many elements a density keeps: at least 1, at most ``numel``."""
-    return max(1, min(numel, int(round(density * numel))))
+    """Return how many elements a density keeps: at least 1, at most ``numel`` (0 of nothing)."""
+    return min(numel, max(1, int(round(density * numel))))
 
 
 def check_int(value: Any, name: str, minimum: int, maximum: int | None = None) -> None:

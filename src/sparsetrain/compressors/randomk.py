@@ -54,9 +54,12 @@ class RandomK(Compressor):
 
     1. Draw k distinct indices from a generator seeded by ``(seed, key, step)``; every rank
        draws the same ones (ranks must use the same ``seed``), so the payloads line up.
-    2. Send the values there scaled by ``numel / k``: each entry is kept with probability
-       k / numel, so the scaled sparse vector is an unbiased estimate of the gradient.
-    3. Decompress scatters the (summed) values back to the indices held in ``ctx``.
+    2. Send the values there as they are.
+    3. Decompress scatters the (summed) values back to the indices held in ``ctx``, scaled by
+       ``numel / k`` when ``scale`` is on: each entry is kept with probability k / numel, so the
+       scaled sparse vector is an unbiased estimate of the gradient (Wangni et al.). The scaling
+       is done in (at least) float32 after the sum, so half-precision payloads do not overflow
+       on the wire.
 
     Because the indices agree, the payload is a dense vector of k values that goes through a
     plain allreduce (Stich et al., "Sparsified SGD with Memory", NeurIPS 2018; Wangni et al.,
@@ -66,6 +69,10 @@ class RandomK(Compressor):
     Args:
         density: fraction of entries sent, in (0, 1].
         seed: seeds the index draws; the same on every rank.
+        scale: scale by ``numel / k`` (unbiased, the default). False keeps the values as they
+            are: random-k with memory (Stich et al.), which error feedback needs; with the
+            scaling, error feedback would keep (1 - numel / k) times every sent value and
+            diverge, so the sync layer refuses that pairing.
 
     Example:
         >>> c = RandomK(density=0.25)
@@ -76,11 +83,14 @@ class RandomK(Compressor):
 
     density: float = 0.01
     seed: int = 0
+    scale: bool = True
     _steps: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_density(self.density)
         check_int(self.seed, "seed", 0)
+        if not isinstance(self.scale, bool):
+            raise TypeError(f"scale must be True or False, got {self.scale!r}")
 
     def compress(
         self, t: Tensor, *, key: str = "", layout=None
@@ -94,14 +104,16 @@ class RandomK(Compressor):
         gen = seeded_generator(self.seed, key, step, flat.device)
         idx = sample_without_replacement(n, k, gen, flat.device)
         values = torch.index_select(flat, 0, idx)
-        if k < n:
-            values = values * (n / k)
         return (values,), (TensorMeta.of(t), idx)
 
     def decompress(self, payload: Payload, ctx: tuple[TensorMeta, Tensor]) -> Tensor:
         meta, idx = ctx
+        values = payload[0]
+        if self.scale and idx.numel() < meta.numel:
+            wide = torch.promote_types(values.dtype, torch.float32)
+            values = values.to(wide) * (meta.numel / idx.numel())
         out = torch.zeros(meta.numel, dtype=meta.dtype, device=meta.device)
-        out.index_copy_(0, idx, payload[0].to(meta.dtype))
+        out.index_copy_(0, idx, values.to(meta.dtype))
         return out.view(meta.shape)
 
     def state_dict(self) -> dict[str, Any]:

@@ -208,7 +208,7 @@ class Threshold(SparseCompressor):
         """
         n = flat.numel()
         sample = math.ceil(self.sample_kept / self.density)
-        if 2 * sample >= n:
+        if 2 * sample >= n or sample < _RUN:  # a sample of whole runs, or every value
             values, kk = flat.abs(), k
         else:
             runs = sample // _RUN

@@ -63,6 +63,16 @@ class SyncConfig:
             raise ValueError(f"byzantine must be an integer >= 0, got {self.byzantine!r}")
         if self.byzantine and self.attack is None:
             raise ValueError("byzantine > 0 needs an attack name (attack=...)")
+        if (
+            self.compressor == "randomk"
+            and self.use_error_feedback
+            and self.compressor_options.get("scale", True)
+        ):
+            raise ValueError(
+                "random-k scales what it sends by numel/k to be unbiased; error feedback would "
+                "then keep (1 - numel/k) times every sent value and diverge. With "
+                "error_feedback=True pass scale=False (random-k with memory, Stich et al. 2018)"
+            )
         if self.collective != "allgather":
             from ..comm import available_collectives
 
