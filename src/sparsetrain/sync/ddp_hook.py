@@ -22,12 +22,21 @@ class SyncState:
     """
 
     def __init__(
-        self, config: SyncConfig, param_names: dict[int, str], group: dist.ProcessGroup | None
+        self,
+        config: SyncConfig,
+        param_names: dict[int, str],
+        group: dist.ProcessGroup | None,
+        inline: bool = False,
     ):
         self.config = config
         self.engine = SyncEngine(config, group)
         self._names = param_names
         self._executor = SerialExecutor()
+        # Exchanges run on the calling (autograd) thread instead of the background one, when
+        # DDP itself issues collectives during backward (find_unused_parameters=True allreduces
+        # its map of used parameters): two threads would then pair up different collectives
+        # across ranks.
+        self._inline = inline
 
     # The public surface -------------------------------------------------------------------
     @property
@@ -62,7 +71,14 @@ class SyncState:
                     self.engine.end_step()
             return out
 
-        return self._executor.submit(work, flat.device)
+        if not self._inline:
+            return self._executor.submit(work, flat.device)
+        fut: torch.futures.Future = torch.futures.Future()
+        try:
+            fut.set_result(work())
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting DDP reducer
+            fut.set_exception(e)
+        return fut
 
     def __getstate__(self) -> dict[str, Any]:
         return {"config": self.config, "state": self.engine.state_dict()}
@@ -89,6 +105,8 @@ def register_ddp_hook(
     Registers a DDP communication hook: each gradient bucket is compensated with its error-feedback
     residual, compressed, exchanged (allreduce for summable payloads, a gather or a sparse
     collective otherwise) and averaged, asynchronously, while backward computes the next buckets.
+    Under ``find_unused_parameters=True`` DDP runs collectives of its own during backward, so the
+    exchanges then run on the backward thread, without that overlap.
 
     Args:
         ddp_model: a ``DistributedDataParallel`` model (no hook registered yet).
@@ -124,6 +142,7 @@ def register_ddp_hook(
         if dt not in ("torch.float32", "torch.float64", "torch.float16", "torch.bfloat16"):
             raise TypeError(f"parameter {n!r} has dtype {dt}; gradients must be floating point")
     check_consistent(config, layout, process_group)
-    state = SyncState(config, {id(p): n for n, p in named}, process_group)
+    inline = bool(getattr(ddp_model, "find_unused_parameters", False))
+    state = SyncState(config, {id(p): n for n, p in named}, process_group, inline=inline)
     ddp_model.register_comm_hook(state, _hook)
     return state
