@@ -49,12 +49,23 @@ class ErrorFeedback:
         if not self.enabled or not any(n in self.residuals for n in names):
             return flat.clone() if self.enabled else flat
         parts = [
-            self.residuals[n].to(flat.dtype)
+            self._residual(n, k).to(flat.dtype)
             if n in self.residuals
             else torch.zeros(k, dtype=flat.dtype, device=flat.device)
             for n, k in zip(names, numels)
         ]
         return flat + torch.cat(parts)
+
+    def _residual(self, name: str, numel: int) -> Tensor:
+        """The residual of ``name``, checked against the parameter's size: a state loaded from
+        another model would otherwise be broadcast into it or fail without naming it."""
+        res = self.residuals[name]
+        if res.numel() != numel:
+            raise ValueError(
+                f"the error-feedback residual of {name!r} has {res.numel()} elements, but the "
+                f"parameter has {numel}: the loaded state is from a different model"
+            )
+        return res
 
     def update(
         self, names: Sequence[str], numels: Sequence[int], compensated: Tensor, sent: Tensor
@@ -84,8 +95,8 @@ class ErrorFeedback:
             bufs = [torch.empty(total, dtype=like.dtype, device=like.device) for _ in range(2)]
             self._buffers[key], self._next[key] = bufs, 0
         out = bufs[self._next[key]]
-        for n, part, dst in zip(names, parts, torch.split(out, list(numels))):
-            res = self.residuals.get(n) if self.enabled else None
+        for n, k, part, dst in zip(names, numels, parts, torch.split(out, list(numels))):
+            res = self._residual(n, k) if self.enabled and n in self.residuals else None
             if res is None:
                 dst.copy_(part.reshape(-1))
             else:
@@ -135,7 +146,13 @@ class ErrorFeedback:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "residuals" not in state:
             raise ValueError("error-feedback state must have a 'residuals' entry")
-        self.enabled = bool(state.get("enabled", self.enabled))
+        saved = bool(state.get("enabled", self.enabled))
+        if saved != self.enabled:
+            on = {True: "on", False: "off"}
+            raise ValueError(
+                f"this state was saved with error feedback {on[saved]}, but this sync has it "
+                f"{on[self.enabled]}; build it with error_feedback={saved} to resume"
+            )
         self.residuals = {n: r.clone() for n, r in state["residuals"].items()}
 
     def stats(self) -> dict[str, float]:

@@ -52,6 +52,28 @@ def test_state_dict_round_trip_is_exact():
         assert torch.equal(other.residuals[n], ef.residuals[n])
 
 
+def test_loading_keeps_the_configured_switch_and_checks_sizes_by_name():
+    import pytest
+
+    on = ErrorFeedback()
+    on.update(["w"], [4], torch.ones(4), torch.zeros(4))
+    with pytest.raises(ValueError, match="saved with error feedback on, but this sync has it off"):
+        ErrorFeedback(enabled=False).load_state_dict(on.state_dict())
+    with pytest.raises(ValueError, match="saved with error feedback off, but this sync has it on"):
+        ErrorFeedback().load_state_dict(ErrorFeedback(enabled=False).state_dict())
+    # A (1,)-residual was broadcast into a (4,)-parameter: four times the saved mass.
+    small = ErrorFeedback()
+    small.update(["w"], [1], torch.full((1,), 5.0), torch.zeros(1))
+    ef = ErrorFeedback()
+    ef.load_state_dict(small.state_dict())
+    for call in (
+        lambda: ef.compensate(["w"], [4], torch.zeros(4)),
+        lambda: ef.compensate_into("w", ["w"], [4], [torch.zeros(4)]),
+    ):
+        with pytest.raises(ValueError, match="residual of 'w' has 1 elements, but the parameter"):
+            call()
+
+
 def test_in_place_path_matches_the_general_path_and_keeps_residuals_intact():
     # compensate_into/commit_sparse (the sync engine's path for sparse payloads) must give the
     # residuals that compensate/update give, bit for bit, while reusing two buffers: the next
