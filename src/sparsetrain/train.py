@@ -368,6 +368,48 @@ def _sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def _agreed_checkpoint(
+    config: TrainConfig, ckpt: Path, rank: int, world: int, device: torch.device
+) -> dict[str, Any] | None:
+    """Load this rank's checkpoint if it can be resumed, after every rank agrees that all of them
+    resume from the same step (or all start over): otherwise an error on every rank, where ranks
+    resuming from different steps (a crash between their saves) would deadlock."""
+    state, error = None, None
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        # Checkpoints written before bucket_cap_mb existed ran DDP's default buckets (25 MB,
+        # whatever TrainConfig's default becomes).
+        saved = {"bucket_cap_mb": 25.0, **state.get("config", {})}
+        if state.get("format") != _CHECKPOINT_FORMAT or state.get("world") != world:
+            error = (
+                f"checkpoint {ckpt} was written by {state.get('world')} ranks (format "
+                f"{state.get('format')}); this run has {world} ranks: resume with the same workers"
+            )
+        elif saved != _resumable(config):
+            error = (
+                f"checkpoint {ckpt} was written by a different configuration: {state.get('config')}"
+            )
+    mine = [-1 if state is None else int(state["step"]), int(error is not None)]
+    rows = [torch.zeros(2, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(rows, torch.tensor(mine, dtype=torch.int64, device=device))
+    table = [r.tolist() for r in rows]
+    if error is not None:
+        raise ValueError(error)
+    bad = [r for r, row in enumerate(table) if row[1]]
+    if bad:
+        raise ValueError(f"rank(s) {bad} cannot resume from their checkpoints (see their errors)")
+    steps = [row[0] for row in table]
+    if len(set(steps)) > 1:
+        where = ", ".join(
+            f"rank {r}: {'no checkpoint' if s < 0 else f'step {s}'}" for r, s in enumerate(steps)
+        )
+        raise ValueError(
+            f"the ranks' checkpoints disagree ({where}); every rank must resume from the same "
+            f"step: remove the checkpoints in {ckpt.parent} to start over"
+        )
+    return state
+
+
 def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
     """Run one training run on this rank; the default process group must be initialised.
 
@@ -435,20 +477,8 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
     }
     step, elapsed, eval_seconds = 0, 0.0, 0.0
     ckpt = _checkpoint_path(config, rank)
-    if config.resume and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
-        if state.get("format") != _CHECKPOINT_FORMAT or state.get("world") != world:
-            raise ValueError(
-                f"checkpoint {ckpt} was written by {state.get('world')} ranks (format "
-                f"{state.get('format')}); this run has {world} ranks: resume with the same workers"
-            )
-        # Checkpoints written before bucket_cap_mb existed ran DDP's default buckets (25 MB,
-        # whatever TrainConfig's default becomes).
-        saved = {"bucket_cap_mb": 25.0, **state["config"]}
-        if saved != _resumable(config):
-            raise ValueError(
-                f"checkpoint {ckpt} was written by a different configuration: {state['config']}"
-            )
+    state = _agreed_checkpoint(config, ckpt, rank, world, device) if config.resume else None
+    if state is not None:
         ddp.module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         hook.load_state_dict(state["hook"])

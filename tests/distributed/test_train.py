@@ -204,6 +204,11 @@ def test_resumed_run_ends_exactly_where_the_uninterrupted_one_does(tmp_path):
     assert again["final_test_loss"] == whole["final_test_loss"]
     with pytest.raises(Exception, match="different configuration"):
         launch(TrainConfig(label="cut", resume=True, bucket_cap_mb=1.0, **common))
+    # A rank whose checkpoint is missing, or from another step (a crash between the ranks'
+    # saves), is an error on every rank: not a rank silently starting over, not a deadlock.
+    (tmp_path / "cut" / "rank1.pt").unlink()
+    with pytest.raises(Exception, match=r"disagree \(rank 0: step \d+, rank 1: no checkpoint\)"):
+        launch(TrainConfig(label="cut", resume=True, **common))
 
 
 def test_torchrun_joins_the_job_and_rank_zero_writes_the_report(tmp_path):
