@@ -380,14 +380,19 @@ def _agreed_checkpoint(
         # Checkpoints written before bucket_cap_mb existed ran DDP's default buckets (25 MB,
         # whatever TrainConfig's default becomes).
         saved = {"bucket_cap_mb": 25.0, **state.get("config", {})}
+        if config.schedule == "cosine":  # checkpoints from before epochs was checked
+            saved.setdefault("epochs", config.epochs)
+        differ = sorted(k for k in saved.keys() | _resumable(config).keys()
+                        if saved.get(k) != _resumable(config).get(k))  # fmt: skip
         if state.get("format") != _CHECKPOINT_FORMAT or state.get("world") != world:
             error = (
                 f"checkpoint {ckpt} was written by {state.get('world')} ranks (format "
                 f"{state.get('format')}); this run has {world} ranks: resume with the same workers"
             )
-        elif saved != _resumable(config):
-            error = (
-                f"checkpoint {ckpt} was written by a different configuration: {state.get('config')}"
+        elif differ:
+            now = _resumable(config)
+            error = f"checkpoint {ckpt} was written by a different configuration: " + ", ".join(
+                f"{k} {saved.get(k)!r} there, {now.get(k)!r} here" for k in differ
             )
     mine = [-1 if state is None else int(state["step"]), int(error is not None)]
     rows = [torch.zeros(2, dtype=torch.int64, device=device) for _ in range(world)]
@@ -491,9 +496,18 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
 
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     loss_count = torch.zeros((), dtype=torch.float64, device=device)
+    if state is not None and "loss_sum" in state:  # the training loss since the last record
+        loss_sum.fill_(state["loss_sum"])
+        loss_count.fill_(state["loss_count"])
 
-    def record(epoch_float: float) -> None:
+    # A record made only because this run stops here (max_steps), not on the eval_every grid:
+    # (loss sum, loss count, number of points) just before it. A checkpoint leaves it out, so a
+    # resumed run's curves and training-loss averages are those of an uninterrupted run.
+    end_only: tuple[float, float, int] | None = None
+
+    def record(epoch_float: float) -> tuple[float, float, int]:
         nonlocal loss_sum, loss_count, eval_seconds
+        before = (float(loss_sum), float(loss_count), len(curves["step"]))
         t0 = time.perf_counter()
         total, count = _sum_over_ranks([float(loss_sum), float(loss_count)], device)
         loss_sum.zero_()
@@ -508,8 +522,12 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
         curves["test_loss"].append(test_loss)
         curves["test_accuracy"].append(test_acc)
         eval_seconds += time.perf_counter() - t0
+        return before
 
     def save() -> None:
+        sums, kept = (float(loss_sum), float(loss_count)), curves
+        if end_only is not None:
+            sums, kept = end_only[:2], {k: v[: end_only[2]] for k, v in curves.items()}
         _save_checkpoint(
             ckpt,
             {
@@ -519,7 +537,9 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
                 "step": step,
                 "elapsed": elapsed + time.perf_counter() - start,
                 "eval_seconds": eval_seconds,
-                "curves": curves,
+                "curves": kept,
+                "loss_sum": sums[0],
+                "loss_count": sums[1],
                 "model": ddp.module.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "hook": hook.state_dict(),
@@ -559,7 +579,8 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
             if bar is not None:
                 bar.update(1)
             if step % eval_every == 0 or step == total_steps:
-                record(step / steps_per_epoch)
+                before = record(step / steps_per_epoch)
+                end_only = None if step % eval_every == 0 else before
                 if bar is not None and curves["test_accuracy"][-1] is not None:
                     bar.set_postfix(
                         loss=f"{curves['train_loss'][-1] or float('nan'):.3f}",
@@ -573,6 +594,8 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
                 dist.barrier()
             if step == total_steps:
                 break
+    if not curves["step"] or curves["step"][-1] != step:
+        record(step / steps_per_epoch)  # resumed from the end: the point its checkpoint left out
     wall = elapsed + time.perf_counter() - start
     if bar is not None:
         bar.close()
@@ -644,16 +667,21 @@ class _NativeDDP:
 
 def _resumable(config: TrainConfig) -> dict[str, Any]:
     """The fields that must agree between a checkpoint and the run that resumes from it."""
-    keep = {f.name for f in dataclasses.fields(config)} - {
-        "epochs",
-        "max_steps",
-        "resume",
-        "progress",
-        "checkpoint_every",
-        "checkpoint_dir",
-        "eval_every",
-        "timeout_s",
-    }
+    # epochs may change (train on from a checkpoint) unless the learning rate follows them.
+    free = {"epochs"} if config.schedule == "constant" else set()
+    keep = (
+        {f.name for f in dataclasses.fields(config)}
+        - free
+        - {
+            "max_steps",
+            "resume",
+            "progress",
+            "checkpoint_every",
+            "checkpoint_dir",
+            "eval_every",
+            "timeout_s",
+        }
+    )
     return {k: v for k, v in config.to_dict().items() if k in keep}
 
 

@@ -193,6 +193,9 @@ def test_resumed_run_ends_exactly_where_the_uninterrupted_one_does(tmp_path):
     assert resumed["final_test_accuracy"] == whole["final_test_accuracy"]
     assert resumed["bytes_sent_per_rank"] == whole["bytes_sent_per_rank"]
     assert resumed["curves"]["test_loss"][-3:] == whole["curves"]["test_loss"][-3:]
+    # The cut (step 15) fell between two records (every 10 steps): the training loss of steps
+    # 11-15 was saved with the checkpoint, so the point at step 20 averages the same steps.
+    assert resumed["curves"]["train_loss"] == whole["curves"]["train_loss"]
     # A checkpoint written before bucket_cap_mb existed resumes with DDP's default buckets;
     # another bucket size (other per-bucket state) is refused.
     for rank in (0, 1):
@@ -202,8 +205,11 @@ def test_resumed_run_ends_exactly_where_the_uninterrupted_one_does(tmp_path):
         torch.save(state, path)
     again = launch(TrainConfig(label="cut", resume=True, **common))["runs"][0]
     assert again["final_test_loss"] == whole["final_test_loss"]
-    with pytest.raises(Exception, match="different configuration"):
+    with pytest.raises(Exception, match="different configuration: bucket_cap_mb 25.0 there"):
         launch(TrainConfig(label="cut", resume=True, bucket_cap_mb=1.0, **common))
+    # The cosine schedule follows the number of epochs: changing it is refused, and named.
+    with pytest.raises(Exception, match="epochs 2 there, 3 here"):
+        launch(TrainConfig(label="cut", resume=True, **{**common, "epochs": 3}))
     # A rank whose checkpoint is missing, or from another step (a crash between the ranks'
     # saves), is an error on every rank: not a rank silently starting over, not a deadlock.
     (tmp_path / "cut" / "rank1.pt").unlink()
