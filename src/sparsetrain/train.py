@@ -699,6 +699,7 @@ def _run_all(rank: int, world: int, configs: Sequence[TrainConfig]) -> list[dict
 def _spawned(rank: int, world: int, configs: Sequence[TrainConfig], folder: str) -> None:
     """Entry point of an embedded worker: join the group, train, hand results back as files."""
     torch.set_num_threads(1)  # processes share the machine's cores; oversubscription is slower
+    Path(folder, f"started-rank{rank}").touch()  # tells a crash in training from one before it
     try:
         store = dist.FileStore(os.path.join(folder, "store"), world)
         dist.init_process_group(
@@ -826,6 +827,15 @@ def launch(configs: TrainConfig | Sequence[TrainConfig]) -> dict[str, Any]:
                 error = _first_error(folder)
                 if error is not None:
                     raise error from None
+                index = getattr(e, "error_index", -1)
+                if Path(folder, f"started-rank{index}").exists():
+                    # It ran, then died without a Python error: a signal or a native crash.
+                    raise WorkerError(
+                        index,
+                        type(e).__name__,
+                        f"{e} during training, without a Python error: killed (out of memory, "
+                        "or from outside) or crashed in native code",
+                    ) from None
                 # No error file: the process died before our entry point ran (a script that
                 # calls launch() without an `if __name__ == "__main__":` guard is the usual cause).
                 raise WorkerError(
