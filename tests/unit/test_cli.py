@@ -130,6 +130,25 @@ def test_bad_input_is_an_argparse_error_naming_the_problem(capsys, argv, words):
         assert w in err
 
 
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["prune", "--epochs", "-1"], "epochs must be a non-negative integer"),
+        (["prune", "--lr", "-1"], "lr must be a finite number > 0, got -1.0"),
+        (["prune", "--method", "woodfisher", "--fisher-samples", "0"], "fisher_samples must be"),
+        (["robust-matrix", "--aggregators", "foo"], "unknown aggregator(s) ['foo']; valid:"),
+        (["robust-matrix", "--task", "foo"], "invalid choice: 'foo'"),
+        (["robust-matrix", "--option", "bad"], "--option takes NAME.KEY=VALUE"),
+        (["robust-matrix", "--option", "sign_flip.bogus=1"], "does not take option(s) ['bogus']"),
+        (["robust-matrix", "--workers", "4", "--byzantine", "4"], "must be fewer than workers"),
+    ],
+)
+def test_prune_and_robust_matrix_refuse_bad_input_before_any_work(capsys, argv, words, tmp_path):
+    # These were tracebacks from inside the run (or from its worker processes).
+    out = ["--report", str(tmp_path / "r.json")] if argv[0] == "prune" else []
+    assert words in parse_error(capsys, *argv, *out)
+
+
 def test_demo_defaults_compare_three_methods_at_one_percent():
     from sparsetrain.commands import demo
 

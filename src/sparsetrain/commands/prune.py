@@ -16,6 +16,7 @@ import argparse
 import copy
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -105,6 +106,14 @@ class PruneConfig:
                 )
         for s in self.levels:
             check_sparsity(s, "each of levels")
+        for name in ("fisher_samples", "block_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        for name in ("lr", "damping"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
 
 
 def evaluate(model: nn.Module, data: torch.utils.data.TensorDataset) -> float:
@@ -412,7 +421,16 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
 
 
 def _main(args: argparse.Namespace) -> int:
-    cfg = PruneConfig(
+    try:
+        cfg = _config(args)
+    except (ValueError, TypeError) as e:
+        args._parser.error(str(e))
+    report = run(cfg)
+    return _write(args, report)
+
+
+def _config(args: argparse.Namespace) -> PruneConfig:
+    return PruneConfig(
         task=args.task,
         methods=args.method or ["magnitude"],
         sparsity=args.sparsity,
@@ -430,7 +448,9 @@ def _main(args: argparse.Namespace) -> int:
         obs_update=not args.no_obs_update,
         progress=not args.no_progress,
     )
-    report = run(cfg)
+
+
+def _write(args: argparse.Namespace, report: dict[str, Any]) -> int:
     out = Path(args.report)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
@@ -486,13 +506,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--report", required=True, help="JSON report path (the PNG goes next to it)")
     p.add_argument("--plot", help="PNG path (default: the report's path with .png)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(func=_main)
+    p.set_defaults(func=_main, _parser=p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``sparsetrain prune`` with ``argv`` (for use before it is listed in the CLI)."""
+    """Run ``sparsetrain prune`` with ``argv`` (default: this process's command-line flags)."""
     parser = argparse.ArgumentParser(prog="sparsetrain")
     register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["prune", *(argv or [])])
+    args = parser.parse_args(["prune", *(sys.argv[1:] if argv is None else argv)])
     return args.func(args)

@@ -21,7 +21,13 @@ from typing import Any
 
 import torch
 
-from ..robust import aggregator_class, available_aggregators, available_attacks
+from ..robust import (
+    aggregator_class,
+    available_aggregators,
+    available_attacks,
+    get_aggregator,
+    get_attack,
+)
 from ..robust.simulate import (
     RobustRunConfig,
     batch_generator,
@@ -31,6 +37,7 @@ from ..robust.simulate import (
     simulate,
     write_grads,
 )
+from ..tasks import available_tasks
 
 DEFAULT_AGGREGATORS = "mean,median,trimmed_mean,krum,geometric_median,centered_clipping,safeguard"
 DEFAULT_ATTACKS = "none,sign_flip,label_flip,gaussian,zero,delayed,alie,ipm,safeguard"
@@ -279,6 +286,20 @@ def _names(text: str, valid: list[str], what: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        result = _run(args)
+    except (ValueError, TypeError) as e:  # bad names, options or counts: a usage error
+        args._parser.error(str(e))
+    print(format_table(result))
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "robust_matrix.json"), "w") as fh:
+        json.dump(result, fh, indent=1, default=str)
+    plot_heatmap(result, os.path.join(args.out_dir, "robust_matrix.png"))
+    print(f"wrote {args.out_dir}/robust_matrix.json and robust_matrix.png")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
     base = RobustRunConfig(
         workers=args.workers,
         byzantine=args.byzantine,
@@ -292,21 +313,16 @@ def run(args: argparse.Namespace) -> int:
     )
     aggregators = _names(args.aggregators, available_aggregators(), "aggregator(s)")
     attacks = _names(args.attacks, ["none", *available_attacks()], "attack(s)")
-    result = run_matrix(
-        args.task,
-        base,
-        aggregators,
-        attacks,
-        parse_options(args.option),
-        simulate_mode=args.simulate,
-    )
-    print(format_table(result))
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "robust_matrix.json"), "w") as fh:
-        json.dump(result, fh, indent=1, default=str)
-    plot_heatmap(result, os.path.join(args.out_dir, "robust_matrix.png"))
-    print(f"wrote {args.out_dir}/robust_matrix.json and robust_matrix.png")
-    return 0
+    options = parse_options(args.option)
+    # Build every rule and attack once here, so a bad option is a usage error now, not a
+    # traceback from the worker processes of the first cell that uses it.
+    for name in aggregators:
+        f = largest_f(name, args.workers, args.byzantine)
+        get_aggregator(name, n=args.workers, f=f, **options.get(name, {}))
+    for name in attacks:
+        if name != "none" and args.byzantine:
+            get_attack(name, n=args.workers, f=args.byzantine, **options.get(name, {}))
+    return run_matrix(args.task, base, aggregators, attacks, options, simulate_mode=args.simulate)
 
 
 def register(subparsers) -> None:
@@ -316,7 +332,7 @@ def register(subparsers) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--task", default="digits-mlp")
+    p.add_argument("--task", default="digits-mlp", choices=available_tasks())
     p.add_argument("--workers", type=int, default=10)
     p.add_argument("--byzantine", type=int, default=4)
     p.add_argument("--aggregators", default=DEFAULT_AGGREGATORS, help="comma-separated names")
@@ -338,4 +354,4 @@ def register(subparsers) -> None:
     p.add_argument("--split", choices=("iid", "shard"), default="iid")
     p.add_argument("--simulate", action="store_true", help="run the workers in one process")
     p.add_argument("--out-dir", default="robust-matrix")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, _parser=p)
