@@ -293,6 +293,13 @@ def run_and_report(
     except WorkerError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1, None
+    except Exception as e:
+        if not under_torchrun():
+            raise
+        # Under torchrun this process is a worker: one line, as launch() gives for embedded ones.
+        rank = os.environ["RANK"]
+        print(f"{prog}: error: worker rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1, None
     if under_torchrun() and int(os.environ["RANK"]) != 0:
         return 0, None
     print(summary_table(report))
