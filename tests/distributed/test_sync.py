@@ -169,15 +169,25 @@ def _bad_input(rank: int, world: int) -> dict:
             }
         except Exception as e:  # noqa: BLE001
             out[mode] = str(e)
-    # GradientSync with skip: every rank skips
+    # GradientSync with skip: every rank skips, and every gradient is zero (with small buckets
+    # the Inf is in the last one, after the others were already averaged)
     torch.manual_seed(0)
     net = _net()
-    sync = sparsetrain.GradientSync(net, "threshold", density=0.1, on_nonfinite="skip")
+    sync = sparsetrain.GradientSync(
+        net, "threshold", density=0.1, on_nonfinite="skip", bucket_cap_mb=0.001
+    )
     x, y = _batch(rank)
     nn.functional.cross_entropy(net(x), y).backward()
     if rank == 0:
         next(net.parameters()).grad[0, 0] = float("inf")
-    out["gs_skip"] = (sync.synchronize(), sync.stats()["skipped_steps"])
+    out["gs_skip"] = (sync.synchronize(), sync.stats()["skipped_steps"], len(sync.buckets) > 1)
+    out["gs_zero"] = all(bool((p.grad == 0).all()) for p in net.parameters())
+    # GradientSync ranks with other bucket sizes: an error naming the option on every rank
+    try:
+        sparsetrain.GradientSync(_net(), "topk", density=0.1, bucket_cap_mb=25.0 if rank else 1.0)
+        out["gs_buckets"] = None
+    except ValueError as e:
+        out["gs_buckets"] = str(e)
     return out
 
 
@@ -192,7 +202,8 @@ def test_bad_input_errors_on_every_rank(tmp_path):
         ), r["raise"]
         assert ".weight" in r["raise"]  # names the parameter
         assert r["skip"] == {"skipped": True, "zero": True}
-        assert r["gs_skip"] == (False, 1)
+        assert r["gs_skip"] == (False, 1, True) and r["gs_zero"]
+        assert "bucket_cap_mb: rank 0 has 1.0, rank 1 has 25.0" in r["gs_buckets"]
 
 
 # ---- collective=: every sparse collective through the hook --------------------------------

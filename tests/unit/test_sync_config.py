@@ -40,10 +40,14 @@ def test_option_the_compressor_does_not_take_is_named():
         ({"dense_warmup_steps": -1}, "dense_warmup_steps"),
         ({"collective": "ring"}, "unknown collective 'ring'"),
         ({"byzantine": 1}, "needs an attack"),
+        ({"error_feedback": 0}, "error_feedback must be True, False or None"),
+        ({"aggregator_options": {"trim": 1}}, "aggregator_options given without an aggregator"),
+        ({"bucket_cap_mb": float("nan")}, "bucket_cap_mb must be a finite number > 0"),
+        ({"bucket_cap_mb": "25"}, "bucket_cap_mb must be a finite number > 0, got '25'"),
     ],
 )
 def test_bad_sync_options(options, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, TypeError), match=message):
         sparsetrain.GradientSync(_model(), "topk", density=0.1, **options)
 
 

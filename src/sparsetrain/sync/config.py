@@ -26,7 +26,9 @@ class SyncConfig:
             (``sparsetrain.comm.available_collectives()``), or "auto" to let the cost model pick.
         dense_warmup_steps: steps of plain dense allreduce before compression starts.
         on_nonfinite: "raise" (an error naming the parameter, on every rank) or "skip" (every
-            rank drops the step; the caller checks ``skipped_last_step``).
+            rank drops the step; the caller checks ``skipped_last_step``). A skip is decided
+            per bucket: buckets exchanged earlier in that step have already updated their
+            error-feedback residuals, as if their sent part had been applied.
         aggregator, aggregator_options: a robust aggregation rule over all ranks' gradients
             (``sparsetrain.robust``); None means the plain average.
         attack, attack_options, byzantine: for experiments, the last ``byzantine`` ranks replace
@@ -47,7 +49,7 @@ class SyncConfig:
 
     def __post_init__(self) -> None:
         cls = compressor_class(self.compressor)  # unknown name: lists the valid ones
-        if self.error_feedback not in (None, True, False):
+        if self.error_feedback is not None and not isinstance(self.error_feedback, bool):
             raise TypeError(
                 f"error_feedback must be True, False or None, got {self.error_feedback!r}"
             )
@@ -63,6 +65,9 @@ class SyncConfig:
             raise ValueError(f"byzantine must be an integer >= 0, got {self.byzantine!r}")
         if self.byzantine and self.attack is None:
             raise ValueError("byzantine > 0 needs an attack name (attack=...)")
+        for kind in ("aggregator", "attack"):
+            if getattr(self, f"{kind}_options") and getattr(self, kind) is None:
+                raise ValueError(f"{kind}_options given without an {kind} ({kind}=...)")
         if (
             self.compressor == "randomk"
             and self.use_error_feedback
@@ -121,15 +126,18 @@ def check_consistent(
     config: SyncConfig,
     layout: list[tuple[str, tuple[int, ...], str]],
     group: dist.ProcessGroup | None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Raise on every rank if the ranks' configurations or models differ.
 
     Every rank contributes its configuration and parameter layout (name, shape, dtype); all ranks
     see all of them, so all raise the same error instead of hanging in mismatched collectives.
+    ``extra`` holds other settings that must agree (GradientSync's ``bucket_cap_mb``).
     """
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return
-    mine = {"config": config.to_dict(), "layout": [list(map(str, x)) for x in layout]}
+    settings = {**config.to_dict(), **(extra or {})}
+    mine = {"config": settings, "layout": [list(map(str, x)) for x in layout]}
     everyone: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(
         everyone, json.loads(json.dumps(mine, sort_keys=True, default=str)), group=group

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -44,8 +45,12 @@ class GradientSync:
         bucket_cap_mb: float = 25.0,
         **options: Any,
     ):
-        if bucket_cap_mb <= 0:
-            raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}")
+        if (
+            isinstance(bucket_cap_mb, bool)
+            or not isinstance(bucket_cap_mb, (int, float))
+            or not 0 < bucket_cap_mb < math.inf
+        ):
+            raise ValueError(f"bucket_cap_mb must be a finite number > 0, got {bucket_cap_mb!r}")
         self.config = make_config(compressor, density, options)
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         for n, p in self.params:
@@ -54,7 +59,8 @@ class GradientSync:
                     f"parameter {n!r} has dtype {p.dtype}; gradients must be floating point"
                 )
         layout = [(n, tuple(p.shape), str(p.dtype)) for n, p in self.params]
-        check_consistent(self.config, layout, process_group)
+        # Buckets decide which collectives run: ranks with other sizes would not pair up.
+        check_consistent(self.config, layout, process_group, {"bucket_cap_mb": bucket_cap_mb})
         self.engine = SyncEngine(self.config, process_group)
         self.buckets = self._make_buckets(bucket_cap_mb * 2**20)
 
@@ -91,7 +97,13 @@ class GradientSync:
                         p.grad.copy_(part.view(p.shape))
         finally:
             self.engine.end_step()
-        return not self.engine.skipped_last_step
+        if self.engine.skipped_last_step:
+            # Buckets exchanged before the one that held NaN/Inf were averaged: zero them all.
+            for _, p in self.params:
+                if p.grad is not None:
+                    p.grad.zero_()
+            return False
+        return True
 
     @property
     def skipped_last_step(self) -> bool:
