@@ -62,8 +62,9 @@ from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from ._procs import exit_finished_worker
 from .compressors import check_density, get_compressor, option_names
-from .sync import register_ddp_hook
-from .tasks import Task, available_tasks, get_task
+from .sync import SyncConfig, register_ddp_hook
+from .sync.config import make_config
+from .tasks import Task, available_tasks, check_task_options, get_task
 
 BACKENDS = ("gloo", "nccl")
 ON_NONFINITE = ("raise", "skip")
@@ -195,9 +196,10 @@ class TrainConfig:
             check_density(self.density)
         for name in ("compressor_options", "aggregator_options", "attack_options", "task_options"):
             _check_dict(name, getattr(self, name))
+        check_task_options(self.task, self.task_options)
         # Unknown compressor names and options are refused here, before any process starts.
         get_compressor(self.compressor, **self.effective_compressor_options())
-        if self.error_feedback not in (None, True, False):
+        if self.error_feedback is not None and not isinstance(self.error_feedback, bool):
             raise TypeError(
                 f"error_feedback must be True, False or None, got {self.error_feedback!r}"
             )
@@ -257,6 +259,20 @@ class TrainConfig:
             raise ValueError(
                 "checkpoint_every and resume need checkpoint_dir (where checkpoints live)"
             )
+        if not self.native_ddp:  # the hook's own checks, here rather than in every worker
+            self.sync_config()
+
+    def sync_config(self) -> SyncConfig:
+        """The gradient-sync configuration the DDP hook of this run gets."""
+        options = self.effective_compressor_options()
+        density = options.pop("density", None)
+        return make_config(self.compressor, density, {
+            "error_feedback": self.error_feedback, "collective": self.collective,
+            "dense_warmup_steps": self.dense_warmup_steps, "on_nonfinite": self.on_nonfinite,
+            "aggregator": self.aggregator, "aggregator_options": self.aggregator_options,
+            "attack": self.attack, "attack_options": self.attack_options,
+            "byzantine": self.byzantine, **options,
+        })  # fmt: skip
 
     @property
     def name(self) -> str:

@@ -156,16 +156,17 @@ def test_bad_density_is_refused_before_any_worker_starts():
 
 
 def test_a_worker_error_reaches_the_user_with_a_non_zero_exit(tmp_path):
-    # The collective is checked by the hook, inside the workers: the error must come back.
+    # A width the task's model cannot have fails inside the workers: the error must come back.
+    # (Names and options, such as the collective, are refused before any worker starts.)
     res = cli(
         "train", "--workers", "2", "--compressor", "threshold", "--density", "0.01",
-        "--collective", "no-such-collective", "--epochs", "1", "--no-progress",
+        "--task-option", "hidden=-5", "--epochs", "1", "--no-progress",
         "--report", str(tmp_path / "out.json"),
     )  # fmt: skip
     assert res.returncode == 1, res.stderr[-2000:]
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("sparsetrain train: error: worker rank")
-    assert "ValueError" in last and "no-such-collective" in last and "valid names" in last
+    assert "RuntimeError" in last and "negative dimension -5" in last
     assert not (tmp_path / "out.json").exists()
 
 

@@ -119,6 +119,10 @@ def test_parse_value_reads_literals_and_keeps_other_text():
         (["--byzantine", "1"], ["attack"]),
         (["--resume"], ["checkpoint_dir"]),
         (["--bucket-mb", "0"], ["--bucket-mb", "> 0"]),
+        # Checked before any worker starts, where they failed inside the workers:
+        (["--task-option", "bogus=1"], ["task 'digits-mlp' does not take", "bogus", "hidden"]),
+        (["--collective", "foo"], ["unknown collective 'foo'", "oktopk"]),
+        (["--compressor", "randomk", "--error-feedback", "on"], ["scale=False"]),
     ],
 )
 def test_bad_input_is_an_argparse_error_naming_the_problem(capsys, argv, words):

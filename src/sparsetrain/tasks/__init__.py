@@ -11,12 +11,15 @@ A task is registered by name with :func:`register_task`; adding one takes a few 
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
+
+from .._options import check_options
 
 
 @dataclass
@@ -68,7 +71,18 @@ def get_task(name: str, seed: int = 0, **options) -> Task:
     _load_all()
     if name not in _TASKS:
         raise ValueError(f"unknown task {name!r}; valid names are: {', '.join(sorted(_TASKS))}")
+    check_task_options(name, options)
     return _TASKS[name](seed=seed, **options)
+
+
+def check_task_options(name: str, options: dict) -> None:
+    """Raise ``ValueError`` naming the options task ``name`` does not take, and the ones it does
+    (from its factory's signature), before any data is loaded."""
+    _load_all()
+    params = inspect.signature(_TASKS[name]).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    check_options("task", name, options, [p for p in params if p != "seed"])
 
 
 __all__ = ["Task", "available_tasks", "get_task", "register_task"]
