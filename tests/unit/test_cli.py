@@ -85,9 +85,13 @@ def test_options_reach_the_right_compressor_and_values_are_typed():
     _, topk = configs("train", "--compressor", "none", "topk", "--option", "density=0.3")
     assert topk.compressor_options == {"density": 0.3}
     (c,) = configs(
-        "train", "--compressor", "none", "--error-feedback", "off", "--attack-option", "scale=-4"
-    )
+        "train", "--compressor", "none", "--error-feedback", "off",
+        "--attack", "sign_flip", "--byzantine", "1", "--attack-option", "scale=-4",
+    )  # fmt: skip
     assert c.error_feedback is False and c.attack_options == {"scale": -4}
+    # Options for a robust rule or attack that is not selected are refused.
+    with pytest.raises(ValueError, match="attack_options given without an attack"):
+        configs("train", "--compressor", "none", "--attack-option", "scale=-4")
 
 
 def test_parse_value_reads_literals_and_keeps_other_text():

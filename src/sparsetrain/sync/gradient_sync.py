@@ -20,7 +20,9 @@ class GradientSync:
 
     Call :meth:`synchronize` after ``backward()`` and before ``optimizer.step()``. Parameters are
     grouped into buckets of about ``bucket_cap_mb`` (in reverse registration order, as DDP does),
-    each exchanged with the same engine as the DDP hook.
+    each exchanged with the same engine as the DDP hook. A parameter without a gradient is
+    exchanged as zeros and gets a zero gradient (an optimizer with weight decay then still moves
+    it); DDP with ``find_unused_parameters=True`` leaves such parameters alone.
 
     Args:
         model: the model whose ``.grad`` fields are synchronised (identical on every rank).
