@@ -44,11 +44,13 @@ import json
 import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 import traceback
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -782,6 +784,33 @@ def _check_together(configs: Sequence[TrainConfig]) -> None:
         )
 
 
+def _exit_on_sigterm() -> Callable[[], None]:
+    """Make SIGTERM (what schedulers and ``timeout`` send) raise SystemExit in the launcher, so
+    its clean-up runs (workers stopped, temporary folder removed); return what undoes it."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # signal handlers can only be set from the main thread
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_workers(procs: Any) -> None:
+    """Stop the workers still running (the launcher is leaving early: SIGTERM, Ctrl-C)."""
+    if procs is None:
+        return
+    alive = [p for p in procs.processes if p.is_alive()]
+    for p in alive:
+        p.terminate()
+    for p in alive:
+        p.join(10)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
 def under_torchrun() -> bool:
     """Return True when this process was started by torchrun (RANK and WORLD_SIZE are set)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -834,11 +863,18 @@ def launch(configs: TrainConfig | Sequence[TrainConfig]) -> dict[str, Any]:
     else:
         world = configs[0].workers
         folder = tempfile.mkdtemp(prefix="sparsetrain-")
+        restore = _exit_on_sigterm()
+        procs = None
         try:
             import torch.multiprocessing as mp
 
             try:
-                mp.spawn(_spawned, args=(world, configs, folder), nprocs=world, join=True)
+                procs = mp.start_processes(
+                    _spawned, args=(world, configs, folder), nprocs=world, join=False,
+                    start_method="spawn",
+                )  # fmt: skip
+                while not procs.join():
+                    pass
             except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
                 error = _first_error(folder)
                 if error is not None:
@@ -862,6 +898,8 @@ def launch(configs: TrainConfig | Sequence[TrainConfig]) -> dict[str, Any]:
                 ) from None
             runs = json.loads(Path(folder, "result.json").read_text())
         finally:
+            restore()
+            _stop_workers(procs)
             shutil.rmtree(folder, ignore_errors=True)
     from . import __version__
 

@@ -149,6 +149,28 @@ def cli(*argv: str, timeout: float = 150, module: tuple[str, ...] = ("-m", "spar
     )
 
 
+def test_sigterm_to_the_launcher_stops_the_workers_and_removes_its_folder(tmp_path):
+    # What a scheduler or `timeout` sends: the launcher's clean-up must still run.
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sparsetrain.cli", "train", "--workers", "2", "--epochs", "400",
+         "--no-progress", "--compressor", "topk", "--density", "0.05"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob("sparsetrain-*/started-rank1")):  # the workers are running
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    assert not list(tmp_path.glob("sparsetrain-*"))
+
+
 def test_bad_density_is_refused_before_any_worker_starts():
     res = cli("train", "--compressor", "threshold", "--density", "2", timeout=60)
     assert res.returncode == 2
