@@ -43,6 +43,17 @@ class ErrorFeedback:
         # written into the other, so the hot path allocates nothing.
         self._buffers: dict[str, list[Tensor]] = {}
         self._next: dict[str, int] = {}
+        self._marked: tuple[dict[str, Tensor], dict[str, int]] = ({}, {})
+
+    def mark(self) -> None:
+        """Remember the residuals as they are now, for :meth:`rollback` (references, no copy:
+        a step writes new residuals into the other buffer or into new tensors)."""
+        self._marked = (dict(self.residuals), dict(self._next))
+
+    def rollback(self) -> None:
+        """Restore the residuals of the last :meth:`mark`: a step that was dropped (a non-finite
+        gradient on some rank) must not keep what its earlier buckets committed."""
+        self.residuals, self._next = dict(self._marked[0]), dict(self._marked[1])
 
     def compensate(self, names: Sequence[str], numels: Sequence[int], flat: Tensor) -> Tensor:
         """Return ``flat + residual`` for a flat tensor packing ``names`` in order (a new tensor)."""
@@ -154,6 +165,7 @@ class ErrorFeedback:
                 f"{on[self.enabled]}; build it with error_feedback={saved} to resume"
             )
         self.residuals = {n: r.clone() for n, r in state["residuals"].items()}
+        self.mark()
 
     def stats(self) -> dict[str, float]:
         sq = sum(float(r.double().pow(2).sum()) for r in self.residuals.values())

@@ -178,10 +178,19 @@ def _bad_input(rank: int, world: int) -> dict:
     )
     x, y = _batch(rank)
     nn.functional.cross_entropy(net(x), y).backward()
+    assert sync.synchronize()  # a normal step first: residuals to keep
+    before = {n: r.clone() for n, r in sync.engine.feedback.residuals.items()}
+    net.zero_grad()
+    nn.functional.cross_entropy(net(x), y).backward()
     if rank == 0:
         next(net.parameters()).grad[0, 0] = float("inf")
     out["gs_skip"] = (sync.synchronize(), sync.stats()["skipped_steps"], len(sync.buckets) > 1)
     out["gs_zero"] = all(bool((p.grad == 0).all()) for p in net.parameters())
+    # The buckets exchanged before the bad one committed residuals: the skip takes them back.
+    after = sync.engine.feedback.residuals
+    out["gs_residuals_kept"] = before.keys() == after.keys() and all(
+        torch.equal(before[n], after[n]) for n in before
+    )
     # GradientSync ranks with other bucket sizes: an error naming the option on every rank
     try:
         sparsetrain.GradientSync(_net(), "topk", density=0.1, bucket_cap_mb=25.0 if rank else 1.0)
@@ -202,7 +211,7 @@ def test_bad_input_errors_on_every_rank(tmp_path):
         ), r["raise"]
         assert ".weight" in r["raise"]  # names the parameter
         assert r["skip"] == {"skipped": True, "zero": True}
-        assert r["gs_skip"] == (False, 1, True) and r["gs_zero"]
+        assert r["gs_skip"] == (False, 1, True) and r["gs_zero"] and r["gs_residuals_kept"]
         assert "bucket_cap_mb: rank 0 has 1.0, rank 1 has 25.0" in r["gs_buckets"]
 
 

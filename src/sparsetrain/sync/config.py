@@ -26,9 +26,9 @@ class SyncConfig:
             (``sparsetrain.comm.available_collectives()``), or "auto" to let the cost model pick.
         dense_warmup_steps: steps of plain dense allreduce before compression starts.
         on_nonfinite: "raise" (an error naming the parameter, on every rank) or "skip" (every
-            rank drops the step; the caller checks ``skipped_last_step``). A skip is decided
-            per bucket: buckets exchanged earlier in that step have already updated their
-            error-feedback residuals, as if their sent part had been applied.
+            rank drops the step; the caller checks ``skipped_last_step``). The error-feedback
+            residuals are then those from before the step, also for the buckets exchanged
+            before the one that held NaN/Inf (compressor state, such as thresholds, moves on).
         aggregator, aggregator_options: a robust aggregation rule over all ranks' gradients
             (``sparsetrain.robust``); None means the plain average.
         attack, attack_options, byzantine: for experiments, the last ``byzantine`` ranks replace

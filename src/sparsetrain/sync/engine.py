@@ -395,6 +395,8 @@ class SyncEngine:
         self.skipped_last_step = self._skipping
         if self._skipping:
             self.counters["skipped_steps"] += 1
+            self.feedback.rollback()  # buckets exchanged before the bad one had committed
+        self.feedback.mark()
         self._skipping = False
         self.step += 1
         self.counters["steps"] += 1
