@@ -261,9 +261,33 @@ def test_without_root_refuses_and_creates_nothing(monkeypatch):
     assert (list_namespaces() if shutil.which("ip") else []) == before
 
 
+@needs_root
+def test_small_messages_are_shaped_too():
+    # A token bucket passes `burst` bytes at full speed after an idle moment; with veth's 64 KiB
+    # GSO packets that was 134 KB, so a 40 KB message crossed a 10 Mbit/s link in 0.3 ms.
+    with EmulatedCluster(2, bandwidth="10mbit", latency="0") as cluster:
+        assert cluster.gso_max_size == 1500 and cluster.burst_bytes <= 6000
+        for ns, dev in ((cluster.namespace(0), cluster.interface), (cluster.hub, "p0")):
+            link = subprocess.run(
+                ["ip", "-d", "-n", ns, "link", "show", dev], capture_output=True, text=True
+            ).stdout
+            assert "gso_max_size 1500 " in link
+        rate = cluster.measure_bandwidth(0, 1, 40_000)  # 32 ms at the configured rate
+        assert rate < 3 * cluster.bandwidth_bps, rate
+
+
+def test_token_bucket_bursts_are_a_tenth_of_a_millisecond_of_traffic():
+    from sparsetrain.cluster.netns import _gso_max_size, _tbf_args
+
+    for rate, most in ((10e6, 6000), (1e9, 16_000), (10e9, 130_000), (100e9, 1_260_000)):
+        args = _tbf_args(rate, _gso_max_size(rate, 1500))
+        assert int(args[args.index("burst") + 1]) <= most, (rate, args)
+
+
 @pytest.mark.parametrize(
     "kwargs, error",
     [
+        ({"ranks": 2, "bandwidth": "0.5bit"}, ValueError),  # tc would get "rate 0bit"
         ({"ranks": 1}, ValueError),
         ({"ranks": 2.0}, TypeError),
         ({"ranks": 2, "bandwidth": "1 gigabit"}, ValueError),

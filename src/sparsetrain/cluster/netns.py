@@ -172,10 +172,24 @@ def _netem_available(namespace: str, dev: str) -> bool:
     return False
 
 
-def _tbf_args(rate_bps: float) -> list[str]:
-    # burst: at least two 64 KiB GSO super-packets (veth hands tbf unsegmented packets) and
-    # about 1 ms of traffic at the rate; queue limit: 100 ms worth, so TCP sees few drops.
-    burst = max(2 * 65536 + 3000, int(rate_bps / 8 * 1e-3))
+# A token bucket lets ``burst`` bytes through at full speed after an idle moment, so a message
+# smaller than that is not shaped at all. The bucket must hold two of the largest packets it
+# sees, and veth hands it whole GSO super-packets (64 KiB by default): the burst would then be at
+# least 134 KB (1 ms of traffic at 1 Gbit/s, 107 ms at 10 Mbit/s). The links therefore cap GSO
+# so that the burst is about BURST_S of traffic at the rate, and at least a few MTU-sized packets.
+BURST_S = 1e-4
+_GSO_DEFAULT = 65536
+
+
+def _gso_max_size(rate_bps: float, mtu: int) -> int:
+    """The largest packet (GSO super-packet) the links hand their token buckets."""
+    return int(min(_GSO_DEFAULT, max(mtu, rate_bps / 8 * BURST_S / 2)))
+
+
+def _tbf_args(rate_bps: float, gso: int = _GSO_DEFAULT) -> list[str]:
+    # burst: two packets of the largest size (plus headers), or BURST_S of traffic; queue
+    # limit: 100 ms worth, so TCP sees few drops.
+    burst = max(2 * gso + 3000, int(rate_bps / 8 * BURST_S))
     limit = max(2 * burst, int(rate_bps / 8 * 0.1))
     return ["tbf", "rate", f"{int(rate_bps)}bit", "burst", str(burst), "limit", str(limit)]
 
@@ -198,6 +212,9 @@ class EmulatedCluster:
     Attributes:
         prefix: the run's unique name prefix (``st-<pid>-<tag>``).
         latency_emulated: False when the kernel lacks netem and only bandwidth is shaped.
+        gso_max_size, burst_bytes: the largest packet the links hand their token buckets, and
+            the bytes a bucket lets through at full speed after an idle moment (about
+            ``BURST_S`` of traffic; see ``_tbf_args``).
 
     Example:
         >>> with EmulatedCluster(4, "1gbit", "100us") as cluster:  # doctest: +SKIP
@@ -228,7 +245,11 @@ class EmulatedCluster:
         ):
             raise ValueError(f"mtu must be an int in [576, 65535], got {self.mtu!r}")
         self.bandwidth_bps = parse_rate(self.bandwidth)
+        if self.bandwidth_bps < 1000:
+            raise ValueError(f"bandwidth must be at least 1kbit, got {self.bandwidth!r}")
         self.latency_s = parse_duration(self.latency)
+        self.gso_max_size = _gso_max_size(self.bandwidth_bps, self.mtu)
+        self.burst_bytes = 0  # set when the links are shaped
         self.prefix = f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
 
     # ---- names -------------------------------------------------------------------------
@@ -312,10 +333,17 @@ class EmulatedCluster:
                 ["ip", "-n", ns, "addr", "add", f"{self.address(rank)}/{mask}", "dev", RANK_IFNAME]
             )
             _run(["ip", "-n", ns, "link", "set", RANK_IFNAME, "up"])
+            if self.gso_max_size < _GSO_DEFAULT:  # both ends: each side's bucket sees its sends
+                for where, dev in ((ns, RANK_IFNAME), (self.hub, port)):
+                    set_gso = ["ip", "-n", where, "link", "set", "dev", dev]
+                    if _run([*set_gso, "gso_max_size", str(self.gso_max_size)],
+                            check=False).returncode:  # fmt: skip
+                        self.gso_max_size = _GSO_DEFAULT  # an old kernel: keep the large burst
         self._shape()
 
     def _shape(self) -> None:
-        tbf = _tbf_args(self.bandwidth_bps)
+        tbf = _tbf_args(self.bandwidth_bps, self.gso_max_size)
+        self.burst_bytes = int(tbf[tbf.index("burst") + 1])
         want_delay = self.latency_s > 0
         self.latency_emulated = want_delay and _netem_available(self.namespace(0), RANK_IFNAME)
         if want_delay and not self.latency_emulated:

@@ -371,11 +371,13 @@ def run_cluster(args: argparse.Namespace) -> int:
                     "latency_configured_s": cluster.latency_s,
                     "latency_emulated": cluster.latency_emulated,
                     "rtt_measured_s": cluster.measure_rtt(0, 1),
+                    "burst_bytes": cluster.burst_bytes,
+                    "gso_max_size": cluster.gso_max_size,
                 }
                 print(
                     f"link: {link['bandwidth_measured_bps'] / 1e9:.3f} Gbit/s measured (TCP "
                     f"bulk), RTT {link['rtt_measured_s'] * 1e6:.0f} us; latency emulated: "
-                    f"{link['latency_emulated']}"
+                    f"{link['latency_emulated']}; token-bucket burst {link['burst_bytes']} B"
                 )
                 cluster.run(
                     [sys.executable, "-m", "sparsetrain.commands.bench", "--worker", str(tmp / "config.json")],
