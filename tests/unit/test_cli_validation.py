@@ -252,6 +252,7 @@ class FakeCluster:
     def __init__(self, ranks, bandwidth="1gbit", latency="100us"):
         self.ranks, self.bandwidth_bps, self.latency_s = ranks, 1e9, 1e-4
         self.latency_emulated = True
+        self.burst_bytes, self.gso_max_size = 15_500, 6_250
         FakeCluster.instances.append(self)
 
     def __enter__(self):
@@ -299,7 +300,9 @@ def fake_cluster(monkeypatch, tmp_path):
         (["--timeout", "0"], "--timeout must be > 0 seconds, got 0.0"),
         (["--timeout", "-5"], "--timeout must be > 0 seconds"),
         (["--timeout", "nan"], "--timeout must be > 0 seconds"),
-        (["--probe-bytes", "0"], "--probe-bytes must be >= 1, got 0"),
+        (["--probe-bytes", "0"], "--probe-bytes must be at least 1,000,000"),
+        (["--probe-bytes", "100000"], "a smaller transfer times its start-up"),
+        (["--sizes", "100k", "--densities", "1e-9"], "1e-09 keeps no entry of a 100,000-element"),
         (["--name", ""], "--name must be a non-empty file stem without a path separator"),
         (["--name", "a/b"], "--name must be a non-empty file stem without a path separator"),
         (["--sizes", "3G"], "--sizes: at most 2,147,483,647 (2**31 - 1) elements"),
@@ -364,3 +367,11 @@ def test_cluster_without_root_still_exits_2_and_removes_the_temp_folder(
     assert main(["bench", "cluster", "--out", str(tmp_path / "out")]) == 2
     assert "sparsetrain bench cluster: the emulated cluster needs root" in capsys.readouterr().err
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_plot_file_names_keep_sizes_apart():
+    # Whole millions named both 100k and 500k "_0M.png": one picture overwrote the other.
+    from sparsetrain.commands.bench import _size_label
+
+    labels = [_size_label(n) for n in (100_000, 500_000, 1_000_000, 1_500_000, 25_000_000, 1234)]
+    assert labels == ["100k", "500k", "1M", "1500k", "25M", "1234"]

@@ -147,6 +147,18 @@ def worker_main(config_path: str) -> int:
     return 0
 
 
+PROBE_MIN = 1_000_000
+
+
+def _size_label(numel: int) -> str:
+    """A file-name label for a vector size: 25M, 100k, or the count (distinct sizes differ)."""
+    if numel % 10**6 == 0:
+        return f"{numel // 10**6}M"
+    if numel % 1000 == 0:
+        return f"{numel // 1000}k"
+    return str(numel)
+
+
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
@@ -193,7 +205,7 @@ def plot_times(
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = out_dir / f"{stem}_{numel // 10**6}M.png"
+        path = out_dir / f"{stem}_{_size_label(numel)}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
@@ -317,6 +329,15 @@ def run_cluster(args: argparse.Namespace) -> int:
             args.densities or (FULL_DENSITIES if args.full else DEFAULT_DENSITIES), _density,
             "densities",
         )  # fmt: skip
+        # k = density * n entries a rank must be at least one, or the point would run (and be
+        # recorded and fitted) at another density than the one asked for.
+        empty = [(d, n) for n in sizes for d in densities if round(d * n) < 1]
+        if empty:
+            d, n = empty[0]
+            raise ValueError(
+                f"--densities: {d:g} keeps no entry of a {n:,}-element vector; the smallest "
+                f"density for it is {1 / n:.3g}"
+            )
         known = [DENSE, *load_collectives()]
         algorithms = _csv(args.algorithms, str, "algorithms") if args.algorithms else known
         unknown = sorted(set(algorithms) - set(known))
@@ -326,8 +347,11 @@ def run_cluster(args: argparse.Namespace) -> int:
             raise ValueError("--reps must be >= 1 and --warmup >= 0")
         if not args.timeout > 0:
             raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
-        if args.probe_bytes < 1:
-            raise ValueError(f"--probe-bytes must be >= 1, got {args.probe_bytes}")
+        if args.probe_bytes < PROBE_MIN:
+            raise ValueError(
+                f"--probe-bytes must be at least {PROBE_MIN:,} (a smaller transfer times its "
+                f"start-up, not the link), got {args.probe_bytes}"
+            )
         if args.name is not None and (
             not args.name.strip() or any(sep and sep in args.name for sep in (os.sep, os.altsep))
         ):
