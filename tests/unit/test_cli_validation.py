@@ -375,3 +375,19 @@ def test_plot_file_names_keep_sizes_apart():
 
     labels = [_size_label(n) for n in (100_000, 500_000, 1_000_000, 1_500_000, 25_000_000, 1234)]
     assert labels == ["100k", "500k", "1M", "1500k", "25M", "1234"]
+
+
+def test_cleanup_finds_the_temporary_folders_of_dead_runs_only(tmp_path, monkeypatch):
+    import os
+    import tempfile
+
+    from sparsetrain.commands.bench import _stale_folders
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    names = [f"sparsetrain-bench-{dead}-a1", f"sparsetrain-bench-{os.getpid()}-b2",
+             f"st-{dead}-deadbeef-logs-c3", f"st-{dead}-unrelated", "sparsetrain-bench-old"]  # fmt: skip
+    for name in names:
+        (tmp_path / name).mkdir()
+    assert [p.name for p in _stale_folders(include_live=False)] == [names[0], names[2]]
+    assert [p.name for p in _stale_folders(include_live=True)] == sorted(names[:3])

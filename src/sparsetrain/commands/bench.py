@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -148,6 +149,7 @@ def worker_main(config_path: str) -> int:
 
 
 PROBE_MIN = 1_000_000
+BENCH_TMP_PREFIX = "sparsetrain-bench-"
 
 
 def _size_label(numel: int) -> str:
@@ -374,7 +376,7 @@ def run_cluster(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         args._parser.error(f"--out {out}: cannot create the folder ({e})")
-    tmp = Path(tempfile.mkdtemp(prefix="sparsetrain-bench-"))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{BENCH_TMP_PREFIX}{os.getpid()}-"))
     try:
         cfg = {"sizes": sizes, "densities": densities, "algorithms": algorithms,
                "reps": args.reps, "warmup": args.warmup, "seed": args.seed,
@@ -607,7 +609,30 @@ def run_cleanup(args: argparse.Namespace) -> int:
         print(f"sparsetrain bench cleanup: {e}", file=sys.stderr)
         return 2
     print(f"removed {len(removed)} namespace(s)" + (": " + ", ".join(removed) if removed else ""))
+    folders = _stale_folders(include_live=args.all)
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+    if folders:
+        print(f"removed {len(folders)} temporary folder(s): " + ", ".join(map(str, folders)))
     return 0
+
+
+def _stale_folders(include_live: bool) -> list[Path]:
+    """Temporary folders of bench runs and their clusters' logs whose process has exited (all
+    of them with ``include_live``): named ``sparsetrain-bench-<pid>-*`` and
+    ``st-<pid>-<tag>-logs-*``."""
+    from sparsetrain.cluster.netns import _alive
+
+    found = []
+    for path in Path(tempfile.gettempdir()).iterdir():
+        m = re.fullmatch(rf"(?:{BENCH_TMP_PREFIX}|st-)(\d+)-.*", path.name)
+        if not m or not path.is_dir():
+            continue
+        if path.name.startswith("st-") and "-logs-" not in path.name:
+            continue
+        if include_live or not _alive(int(m.group(1))):
+            found.append(path)
+    return sorted(found)
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
