@@ -345,8 +345,16 @@ def test_cluster_rank_failure_keeps_partial_records_and_removes_the_temp_folder(
     assert "sparsetrain bench cluster: rank(s) [3] exited with [1]" in err
     partial = out / "run.partial.json"
     assert f"partial records (the points finished): {partial}" in err
-    assert len(json.loads(partial.read_text())) == 2
+    saved = json.loads(partial.read_text())
+    assert saved["partial"] and len(saved["records"]) == 2 and saved["config"]["ranks"] == 8
     assert not (out / "run.json").exists()
+    # A results file like a finished run's: refit reads it (it used to be a bare list, "expected
+    # a JSON object"); two points are too few to fit, and it says that instead.
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["bench", "refit", str(partial)])
+    err = capsys.readouterr().err
+    assert "cannot read" not in err and "points" in err, err
     assert list((tmp_path / "tmp").iterdir()) == []
 
 

@@ -389,6 +389,15 @@ def run_cluster(args: argparse.Namespace) -> int:
             f"{', '.join(algorithms)}"
         )
         started = time.time()
+        link = None
+        cores = machine_cores()
+        config = {
+            **{k: v for k, v in cfg.items() if k != "records_path"},
+            "ranks": args.ranks,
+            "bandwidth": args.bandwidth,
+            "latency": args.latency,
+            "cores": cores,
+        }  # fmt: skip
         try:
             with cluster:
                 link = {
@@ -415,8 +424,11 @@ def run_cluster(args: argparse.Namespace) -> int:
         except (ClusterError, subprocess.TimeoutExpired) as e:
             print(f"sparsetrain bench cluster: {e}", file=sys.stderr)
             if (tmp / "records.json").exists():
+                # A results file like a finished run's, so `bench refit` reads it too.
                 partial = out / f"{stem}.partial.json"
-                shutil.copyfile(tmp / "records.json", partial)
+                records = json.loads((tmp / "records.json").read_text())
+                partial.write_text(json.dumps({"config": config, "link": link, "partial": True,
+                                               "records": records}, indent=1))  # fmt: skip
                 print(f"partial records (the points finished): {partial}", file=sys.stderr)
             return 1
         if not (tmp / "records.json").exists():
@@ -425,17 +437,10 @@ def run_cluster(args: argparse.Namespace) -> int:
         records = json.loads((tmp / "records.json").read_text())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    cores = machine_cores()
     fit = _fit_model(records, args.ranks, link["bandwidth_measured_bps"], cores)
     print(_table(records, fit["predicted"] if fit else None))
     result = {
-        "config": {
-            **{k: v for k, v in cfg.items() if k != "records_path"},
-            "ranks": args.ranks,
-            "bandwidth": args.bandwidth,
-            "latency": args.latency,
-            "cores": cores,
-        },  # fmt: skip
+        "config": config,
         "link": link,
         "seconds": time.time() - started,
         "records": records,
