@@ -264,17 +264,22 @@ class TrainConfig:
         if not self.native_ddp:  # the hook's own checks, here rather than in every worker
             self.sync_config()
 
-    def sync_config(self) -> SyncConfig:
-        """The gradient-sync configuration the DDP hook of this run gets."""
+    def hook_arguments(self) -> tuple[float | None, dict[str, Any]]:
+        """(density, options) for :func:`sparsetrain.register_ddp_hook` with this run's
+        compressor: the sync fields and the compressor's own options."""
         options = self.effective_compressor_options()
         density = options.pop("density", None)
-        return make_config(self.compressor, density, {
+        return density, {
             "error_feedback": self.error_feedback, "collective": self.collective,
             "dense_warmup_steps": self.dense_warmup_steps, "on_nonfinite": self.on_nonfinite,
             "aggregator": self.aggregator, "aggregator_options": self.aggregator_options,
             "attack": self.attack, "attack_options": self.attack_options,
             "byzantine": self.byzantine, **options,
-        })  # fmt: skip
+        }  # fmt: skip
+
+    def sync_config(self) -> SyncConfig:
+        """The gradient-sync configuration the DDP hook of this run gets."""
+        return make_config(self.compressor, *self.hook_arguments())
 
     @property
     def name(self) -> str:
@@ -400,15 +405,14 @@ def _agreed_checkpoint(
         saved = {"bucket_cap_mb": 25.0, **state.get("config", {})}
         if config.schedule == "cosine":  # checkpoints from before epochs was checked
             saved.setdefault("epochs", config.epochs)
-        differ = sorted(k for k in saved.keys() | _resumable(config).keys()
-                        if saved.get(k) != _resumable(config).get(k))  # fmt: skip
+        now = _resumable(config)
+        differ = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
         if state.get("format") != _CHECKPOINT_FORMAT or state.get("world") != world:
             error = (
                 f"checkpoint {ckpt} was written by {state.get('world')} ranks (format "
                 f"{state.get('format')}); this run has {world} ranks: resume with the same workers"
             )
         elif differ:
-            now = _resumable(config)
             error = f"checkpoint {ckpt} was written by a different configuration: " + ", ".join(
                 f"{k} {saved.get(k)!r} there, {now.get(k)!r} here" for k in differ
             )
@@ -455,27 +459,11 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
         device_ids=[device.index] if device.type == "cuda" else None,
         bucket_cap_mb=config.bucket_cap_mb,
     )
-    options = config.effective_compressor_options()
-    density = options.pop("density", None)
-    hook = (
-        _NativeDDP(ddp, world)
-        if config.native_ddp
-        else register_ddp_hook(
-            ddp,
-            config.compressor,
-            density,
-            error_feedback=config.error_feedback,
-            collective=config.collective,
-            dense_warmup_steps=config.dense_warmup_steps,
-            on_nonfinite=config.on_nonfinite,
-            aggregator=config.aggregator,
-            aggregator_options=config.aggregator_options,
-            attack=config.attack,
-            attack_options=config.attack_options,
-            byzantine=config.byzantine,
-            **options,
-        )
-    )
+    if config.native_ddp:
+        hook = _NativeDDP(ddp, world)
+    else:
+        density, options = config.hook_arguments()
+        hook = register_ddp_hook(ddp, config.compressor, density, **options)
     # A data attack (label flip) acts in the loss of the Byzantine ranks, the last `byzantine`.
     attack = hook.engine.attack
     flips = attack is not None and attack.flips_labels and rank >= world - config.byzantine

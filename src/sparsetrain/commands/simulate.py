@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import sys
@@ -56,12 +57,13 @@ def _ceil3(x: float) -> float:
     return math.ceil(x / unit) * unit
 
 
-# Local costs of a GPU-class device, as perfmodel.NetworkParams.from_link assumes them.
-_COEFFICIENT_DEFAULTS = {
-    "--gamma-ns": 2.0,
-    "--gamma-dense-ns": 0.05,
-    "--gamma-sort-ns": 0.1,
-    "--overhead-us": 0.0,
+# Each local-cost option: the NetworkParams.from_link argument it sets, in seconds, and its
+# unit in seconds. Left out, the option takes from_link's default (a GPU-class device).
+_COEFFICIENTS = {
+    "--gamma-ns": ("gamma", 1e-9),
+    "--gamma-dense-ns": ("gamma_dense", 1e-9),
+    "--gamma-sort-ns": ("gamma_sort", 1e-9),
+    "--overhead-us": ("overhead", 1e-6),
 }
 
 
@@ -181,9 +183,11 @@ def _run(args: argparse.Namespace) -> int:
         for option, value in coefficients.items():
             if value is not None and not 0 <= value < math.inf:
                 raise ValueError(f"{option} must be a finite number >= 0, got {value}")
-        values = {o: _COEFFICIENT_DEFAULTS[o] if v is None else v for o, v in coefficients.items()}
-        gamma, gamma_dense = values["--gamma-ns"] * 1e-9, values["--gamma-dense-ns"] * 1e-9
-        gamma_sort, overhead = values["--gamma-sort-ns"] * 1e-9, values["--overhead-us"] * 1e-6
+        defaults = inspect.signature(perfmodel.NetworkParams.from_link).parameters
+        gamma, gamma_dense, gamma_sort, overhead = (
+            defaults[name].default if coefficients[o] is None else coefficients[o] * unit
+            for o, (name, unit) in _COEFFICIENTS.items()
+        )
         if args.fitted:
             gamma, gamma_dense, gamma_sort, overhead = _read_fitted(args.fitted)
         compute_s = _option("--compute", parse_duration, args.compute) if args.compute else 0.0
