@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -109,13 +110,22 @@ def test_hook_under_find_unused_parameters(tmp_path):
 
 # ---- checkpoint: 30 + 30 steps after a restart == 60 steps, bit for bit ----------------------
 def _train(
-    rank: int, world: int, path: str, start: int, stop: int, save_at: int | None
+    rank: int,
+    world: int,
+    path: str,
+    start: int,
+    stop: int,
+    save_at: int | None,
+    bucket_mb: float = 25.0,
+    options: dict | None = None,
 ) -> list[torch.Tensor]:
     torch.manual_seed(0)
     net = _net()
-    model = DDP(net)
+    model = DDP(net, bucket_cap_mb=bucket_mb)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    state = sparsetrain.register_ddp_hook(model, "threshold", density=0.05, reestimate_every=7)
+    state = sparsetrain.register_ddp_hook(
+        model, "threshold", density=0.05, reestimate_every=7, **(options or {})
+    )
     if start:
         ckpt = torch.load(f"{path}.{rank}", weights_only=False)
         net.load_state_dict(ckpt["model"])
@@ -134,10 +144,23 @@ def _train(
     return [p.detach().clone() for p in net.parameters()]
 
 
-def test_checkpoint_resume_is_bit_exact(tmp_path):
+@pytest.mark.parametrize(
+    "world, bucket_mb, options",
+    [
+        (2, 25.0, {}),  # one DDP bucket
+        # Several buckets, which DDP regroups after its first step (and so again after the
+        # restart): the resumed first step must exchange the groups the uninterrupted run did.
+        (2, 0.001, {"collective": "oktopk"}),
+        # A dense allreduce sums a bucket in an order that depends on its length (exact
+        # anyway for 2 ranks: a + b == b + a), so the warm-up needs the same groups too.
+        (3, 0.001, {"dense_warmup_steps": 40}),
+    ],
+    ids=["one-bucket", "buckets-oktopk", "buckets-dense-warmup"],
+)
+def test_checkpoint_resume_is_bit_exact(tmp_path, world, bucket_mb, options):
     path = str(tmp_path / "ckpt")
-    straight = oks(run_world(_train, 2, tmp_path, path, 0, 60, 30))
-    resumed = oks(run_world(_train, 2, tmp_path, path, 30, 60, None))
+    straight = oks(run_world(_train, world, tmp_path, path, 0, 60, 30, bucket_mb, options))
+    resumed = oks(run_world(_train, world, tmp_path, path, 30, 60, None, bucket_mb, options))
     for a_rank, b_rank in zip(straight, resumed):
         for a, b in zip(a_rank, b_rank):
             assert torch.equal(a, b), "resumed run differs from the uninterrupted one"
@@ -191,6 +214,32 @@ def _bad_input(rank: int, world: int) -> dict:
     out["gs_residuals_kept"] = before.keys() == after.keys() and all(
         torch.equal(before[n], after[n]) for n in before
     )
+    # The first step after a load exchanges the saved groups of parameters: an error there
+    # (a NaN on rank 1) still reaches every rank, through every bucket's future.
+    torch.manual_seed(0)
+    model = DDP(_net(), bucket_cap_mb=0.001)
+    state = sparsetrain.register_ddp_hook(model, "topk", density=0.1)
+    for step in range(2):
+        x, y = _batch(rank, step)
+        nn.functional.cross_entropy(model(x), y).backward()
+    saved = state.state_dict()
+    out["groups"] = len(saved["ddp_groups"])
+    model = DDP(_net(), bucket_cap_mb=0.001)
+    state = sparsetrain.register_ddp_hook(model, "topk", density=0.1)
+    try:
+        state.load_state_dict({**saved, "ddp_groups": "w"})
+        out["bad_groups"] = None
+    except ValueError as e:
+        out["bad_groups"] = str(e)
+    state.load_state_dict(saved)
+    x, y = _batch(rank)
+    if rank == 1:
+        x[0, 0] = float("nan")
+    try:
+        nn.functional.cross_entropy(model(x), y).backward()
+        out["regroup_nan"] = None
+    except Exception as e:  # noqa: BLE001
+        out["regroup_nan"] = str(e)
     # GradientSync ranks with other bucket sizes: an error naming the option on every rank
     try:
         sparsetrain.GradientSync(_net(), "topk", density=0.1, bucket_cap_mb=25.0 if rank else 1.0)
@@ -210,6 +259,9 @@ def test_bad_input_errors_on_every_rank(tmp_path):
             isinstance(r["raise"], str) and "non-finite" in r["raise"] and "on rank 1" in r["raise"]
         ), r["raise"]
         assert ".weight" in r["raise"]  # names the parameter
+        assert r["groups"] > 1
+        assert "'ddp_groups' must be None or a list of lists" in r["bad_groups"]
+        assert "non-finite" in r["regroup_nan"] and "on rank 1" in r["regroup_nan"]
         assert r["skip"] == {"skipped": True, "zero": True}
         assert r["gs_skip"] == (False, 1, True) and r["gs_zero"] and r["gs_residuals_kept"]
         assert "bucket_cap_mb: rank 0 has 1.0, rank 1 has 25.0" in r["gs_buckets"]

@@ -3,6 +3,8 @@
 No postponed annotations here: DDP checks the hook's annotations at run time.
 """
 
+import copy
+import math
 from typing import Any
 
 import torch
@@ -37,6 +39,16 @@ class SyncState:
         # its map of used parameters): two threads would then pair up different collectives
         # across ranks.
         self._inline = inline
+        # Compression works per group of parameters, and DDP's groups (its buckets) change
+        # after its first step, when it regroups them in the order backward produced them. A
+        # model built again to resume starts with DDP's first groups, so the state records the
+        # groups each step exchanged, and the step after a load exchanges the saved ones.
+        self._groups: list[list[str]] = []  # those of the last complete step
+        self._groups_now: list[list[str]] = []
+        self._groups_initial = True  # they were DDP's first buckets (a process's first step)
+        self._stepped = False  # a step has run in this process
+        self._target: list[list[str]] | None = None  # what a loaded state asks of the next step
+        self._pending: list[tuple[torch.Tensor, list[str], list[torch.Size], Any]] = []
 
     # The public surface -------------------------------------------------------------------
     @property
@@ -50,10 +62,28 @@ class SyncState:
         return self.engine.stats()
 
     def state_dict(self) -> dict[str, Any]:
-        return self.engine.state_dict()
+        """The engine's state, and the groups of parameters the last step exchanged (None when
+        those were DDP's first buckets, which it regroups at the next step anyway)."""
+        if self._target is not None:
+            groups = self._target
+        else:
+            groups = None if self._groups_initial or not self._groups else self._groups
+        return {**self.engine.state_dict(), "ddp_groups": copy.deepcopy(groups)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; the next step exchanges the saved groups of
+        parameters, so a resumed run compresses exactly as the uninterrupted one."""
+        groups = state.get("ddp_groups")
+        if groups is not None and not (
+            isinstance(groups, list)
+            and all(isinstance(g, list) and all(isinstance(n, str) for n in g) for g in groups)
+        ):
+            raise ValueError(
+                f"the hook state's 'ddp_groups' must be None or a list of lists of parameter "
+                f"names, got {type(groups).__name__}"
+            )
         self.engine.load_state_dict(state)
+        self._target = copy.deepcopy(groups)
 
     # Used by the hook ------------------------------------------------------------------------
     def _run_bucket(self, bucket: dist.GradBucket) -> torch.futures.Future:
@@ -62,6 +92,12 @@ class SyncState:
         shapes = [p.shape for p in params]
         flat = bucket.buffer()
         last = bucket.is_last()
+        if self._target is not None:
+            return self._regroup(flat, names, shapes, last)
+        self._groups_now.append(sorted(names))
+        if last:
+            self._groups, self._groups_now = self._groups_now, []
+            self._groups_initial, self._stepped = not self._stepped, True
 
         def work() -> torch.Tensor:
             try:
@@ -71,8 +107,11 @@ class SyncState:
                     self.engine.end_step()
             return out
 
+        return self._submit(work, flat.device)
+
+    def _submit(self, work, device: torch.device) -> torch.futures.Future:
         if not self._inline:
-            return self._executor.submit(work, flat.device)
+            return self._executor.submit(work, device)
         fut: torch.futures.Future = torch.futures.Future()
         try:
             fut.set_result(work())
@@ -80,12 +119,58 @@ class SyncState:
             fut.set_exception(e)
         return fut
 
+    def _regroup(
+        self, flat: torch.Tensor, names: list[str], shapes: list[torch.Size], last: bool
+    ) -> torch.futures.Future:
+        """The first step after a load: hold DDP's buckets until the last one, then exchange
+        the saved groups of parameters (in their order) and write the results into the buckets.
+        DDP waits for the buckets' futures only when backward ends, so holding them is safe; the
+        step gives up overlapping its communication with backward."""
+        if not last:
+            fut: torch.futures.Future = torch.futures.Future()
+            self._pending.append((flat, names, shapes, fut))
+            return fut
+        pending, self._pending = [*self._pending, (flat, names, shapes, None)], []
+        target, self._target = self._target, None
+        have = sorted(n for _, ns, _, _ in pending for n in ns)
+        if sorted(n for g in target for n in g) != have:  # another model: DDP's own buckets
+            target = [sorted(ns) for _, ns, _, _ in pending]
+        self._groups, self._groups_now = target, []
+        self._groups_initial, self._stepped = False, True
+
+        def work() -> torch.Tensor:
+            try:
+                where: dict[str, tuple[torch.Tensor, torch.Size]] = {}
+                for buf, ns, shs, _ in pending:
+                    for n, piece, shape in zip(
+                        ns, torch.split(buf, [math.prod(s) for s in shs]), shs
+                    ):
+                        where[n] = (piece, shape)
+                for group in target:
+                    pieces = [where[n][0] for n in group]
+                    out = self.engine.exchange(
+                        torch.cat(pieces), group, [where[n][1] for n in group]
+                    )
+                    for piece, res in zip(pieces, torch.split(out, [p.numel() for p in pieces])):
+                        piece.copy_(res)
+            except BaseException as e:
+                for _, _, _, f in pending[:-1]:
+                    f.set_exception(e)
+                raise
+            finally:
+                self.engine.end_step()
+            for buf, _, _, f in pending[:-1]:
+                f.set_result(buf)
+            return pending[-1][0]
+
+        return self._submit(work, flat.device)
+
     def __getstate__(self) -> dict[str, Any]:
-        return {"config": self.config, "state": self.engine.state_dict()}
+        return {"config": self.config, "state": self.state_dict()}
 
     def __setstate__(self, d: dict[str, Any]) -> None:
         self.__init__(d["config"], {}, None)
-        self.engine.load_state_dict(d["state"])
+        self.load_state_dict(d["state"])
 
 
 def _hook(state: SyncState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
