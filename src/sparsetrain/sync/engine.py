@@ -76,6 +76,7 @@ class SyncEngine:
         self.skipped_last_step = False
         self._skipping = False
         self._staging: Tensor | None = None  # reused by the dense in-place path
+        self._marks: Tensor | None = None  # all False between calls of _not_selected
 
     def _collective_for(self, numel: int) -> Any:
         """Return the sparse collective for a bucket of ``numel`` elements ("dense" for a dense
@@ -245,7 +246,7 @@ class SyncEngine:
             if res.dense is None:
                 # A global selection: what this rank sent but the selection dropped goes back
                 # into its residual; the result is zero outside the selection.
-                dropped = ~_contains(res.indices.long(), sent_idx)
+                dropped = self._not_selected(res.indices.long(), sent_idx, flat.numel())
                 self.feedback.add_back_sparse(compensated, sent_idx[dropped], values[dropped])
                 where = _bucket_positions(res.indices.long(), order, numels)
                 flat.zero_()
@@ -340,6 +341,19 @@ class SyncEngine:
         total = torch.zeros(compensated.numel(), dtype=res.values.dtype, device=res.values.device)
         total.index_put_((res.indices.long(),), res.values)
         return total
+
+    def _not_selected(self, selected: Tensor, sent: Tensor, numel: int) -> Tensor:
+        """``~torch.isin(sent, selected)`` for positions in ``[0, numel)``: the selected
+        positions are marked in a reused bool vector, looked up, and unmarked again, so the cost
+        is in the entries (isin sorts both inputs; a binary search costs log k per entry)."""
+        marks = self._marks
+        if marks is None or marks.numel() < numel or marks.device != sent.device:
+            marks = self._marks = torch.zeros(numel, dtype=torch.bool, device=sent.device)
+        try:
+            marks.index_fill_(0, selected, True)
+            return ~torch.index_select(marks, 0, sent)
+        finally:
+            marks.index_fill_(0, selected, False)
 
     def _timed_comm(self, fn, *args, **kwargs):
         t0 = time.perf_counter()
@@ -482,15 +496,3 @@ def _to_bucket_order(
     for j, src in enumerate(torch.split(canonical.reshape(-1), [numels[i] for i in order])):
         dst[order[j]].copy_(src)
     return flat
-
-
-def _contains(sorted_values: Tensor, queries: Tensor) -> Tensor:
-    """``torch.isin(queries, sorted_values)`` by binary search in ``sorted_values`` (sorted here
-    if it is not; the built-in collectives return sorted indices), which is several times faster
-    than ``isin``, which sorts both inputs."""
-    if sorted_values.numel() == 0:
-        return torch.zeros_like(queries, dtype=torch.bool)
-    if sorted_values.numel() > 1 and not bool((sorted_values[1:] >= sorted_values[:-1]).all()):
-        sorted_values = torch.sort(sorted_values).values
-    pos = torch.searchsorted(sorted_values, queries).clamp_(max=sorted_values.numel() - 1)
-    return sorted_values[pos] == queries
