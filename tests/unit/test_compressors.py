@@ -415,6 +415,43 @@ def test_qsgd_levels_are_multiples_of_norm_over_s():
     assert ((steps - 4 * x / x.norm()).abs() < 1 + 1e-9).all()  # rounded to a neighbour level
 
 
+@pytest.mark.parametrize(
+    "dtype, magnitude, levels, bucket",
+    [
+        # Squares overflowed to inf (float32 and bfloat16 both compute in float32): every entry
+        # was sent as level 0 of an inf norm, and came back NaN.
+        (torch.float32, 1e19, 3, 64),
+        (torch.bfloat16, 1e19, 3, 64),
+        (torch.float64, 1e300, 3, 64),
+        # Squares vanished: the norm was sent as 0, and every entry came back 0.
+        (torch.float32, 1e-30, 3, 64),
+        # float16 near its largest value (65504); the norm is in float32, and with small buckets
+        # every level a decoded entry can take stays below 65504.
+        (torch.float16, 5e4, 7, 4),
+    ],
+    ids=str,
+)
+def test_qsgd_is_unbiased_for_huge_and_tiny_magnitudes(dtype, magnitude, levels, bucket):
+    g = torch.Generator().manual_seed(6)
+    base = torch.linspace(-1, 1, 64, dtype=torch.float64)[torch.randperm(64, generator=g)]
+    x = (base * magnitude).to(dtype)
+    truth = x.double()
+    c = get_compressor("qsgd", levels=levels, bucket_size=bucket)
+    (norms, _), _ = c.compress(x, key="n")
+    expected = (truth / magnitude).view(-1, bucket).norm(dim=1) * magnitude  # float64 overflows too
+    assert_close(norms.double(), expected, rtol=1e-6, atol=0)
+    copies = 50
+    samples = torch.cat(
+        [roundtrip(c, x.repeat(copies), key="u").double().view(copies, 64) for _ in range(60)]
+    )
+    assert torch.isfinite(samples).all()
+    mean, std = samples.mean(0), samples.std(0)
+    # Within 5 standard errors, plus the rounding of the decoded levels to the input dtype.
+    slack = 5 * std / math.sqrt(len(samples)) + 4 * torch.finfo(dtype).eps * magnitude
+    assert ((mean - truth).abs() <= slack).all(), (mean - truth).abs().max()
+    assert (std > 0).any()
+
+
 def test_terngrad_sends_minus_zero_or_plus_bucket_max():
     x = torch.randn(1000, dtype=torch.float64)
     out = roundtrip(get_compressor("terngrad", bucket_size=100), x).view(10, 100)

@@ -26,6 +26,17 @@ from .base import (
     work_dtype,
 )
 
+# The bit layout of the work dtypes: (same-sized int, mantissa bits, exponent bias).
+_LAYOUT = {torch.float32: (torch.int32, 23, 127), torch.float64: (torch.int64, 52, 1023)}
+
+
+def _pow2(exp: Tensor, dtype: torch.dtype) -> Tensor:
+    """Return ``2 ** exp`` in ``dtype`` (float32 or float64), exactly, with ``exp`` clamped to
+    the normal range (+-126 in float32). Written as the bit pattern, so no pow or exp2 rounds."""
+    int_dtype, mantissa, bias = _LAYOUT[dtype]
+    exp = exp.to(int_dtype).clamp(1 - bias, bias - 1)
+    return ((exp + bias) << mantissa).view(dtype)
+
 
 @register_compressor("qsgd")
 @dataclass
@@ -35,7 +46,9 @@ class QSGD(Compressor):
     Steps (Alistarh et al., "QSGD: Communication-Efficient SGD via Gradient Quantization and
     Encoding", NeurIPS 2017), per bucket ``v`` of ``bucket_size`` entries:
 
-    1. ``norm = ||v||_2``; ``x_i = s |v_i| / norm`` lies in [0, s].
+    1. ``norm = ||v||_2``; ``x_i = s |v_i| / norm`` lies in [0, s]. Both are computed on ``v``
+       scaled exactly by a power of two, so no square overflows or vanishes (float32 inputs
+       near 1e19 or 1e-20 keep their norm).
     2. Stochastic rounding: ``l_i = floor(x_i + u_i)`` with ``u_i`` uniform in [0, 1), i.e. up
        with probability ``x_i - floor(x_i)``, so ``E[l_i] = x_i``.
     3. Send ``norm`` and the code ``sign(v_i) l_i + s`` in ``ceil(log2(2s + 1))`` bits, packed.
@@ -83,10 +96,19 @@ class QSGD(Compressor):
         step = self._steps.get(key, 0)
         self._steps[key] = step + 1
         rows, _ = bucketed(t.reshape(-1).to(work_dtype(t.dtype)), self.bucket_size)
-        norms = torch.linalg.vector_norm(rows, dim=1)
-        scale = self.levels / norms.clamp_min(torch.finfo(rows.dtype).tiny)
+        # Squares of magnitudes above the square root of the dtype's range (1.8e19 in float32)
+        # overflow and those below the square root of its smallest normal vanish, so each bucket
+        # is scaled by a power of two that brings its largest magnitude into [0.5, 1) first.
+        # That scaling is exact: ordinary buckets get the same norms and codes, bit for bit.
+        x = rows.abs()
+        exp = torch.frexp(x.amax(1)).exponent
+        x.mul_(_pow2(-exp, x.dtype)[:, None])
+        unit_norms = torch.linalg.vector_norm(x, dim=1)
+        x.mul_((self.levels / unit_norms.clamp_min(torch.finfo(x.dtype).tiny))[:, None])
+        # inf only where the norm itself exceeds the dtype's range (entries within a factor
+        # sqrt(bucket_size) of its largest value).
+        norms = unit_norms.mul_(_pow2(exp, x.dtype))
         gen = seeded_generator(self.seed, key, step, rows.device)
-        x = rows.abs().mul_(scale[:, None])
         x.add_(torch.rand(x.shape, generator=gen, dtype=x.dtype, device=x.device)).floor_()
         # In floating point x + u can round up to s + 1 when x is s; the clamp keeps the code in
         # range (x <= s holds exactly, so the expectation is unchanged).
