@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -16,6 +18,7 @@ from sparsetrain.cluster import (
     ADDRESS_RANGE,
     ClusterError,
     ClusterPermissionError,
+    ClusterTimeoutError,
     EmulatedCluster,
     check_privileges,
     cleanup,
@@ -274,6 +277,76 @@ def test_small_messages_are_shaped_too():
             assert "gso_max_size 1500 " in link
         rate = cluster.measure_bandwidth(0, 1, 40_000)  # 32 ms at the configured rate
         assert rate < 3 * cluster.bandwidth_bps, rate
+
+
+@pytest.fixture
+def probes_here(monkeypatch):
+    """Run the link probes in this namespace (no root needed) as ``python -c SCRIPT``; set the
+    script with the returned function. Returns (set_script, the processes started)."""
+    from sparsetrain.cluster import netns
+
+    started: list[subprocess.Popen] = []
+
+    def popen(self, rank, argv, env=None, **kwargs):
+        proc = subprocess.Popen(argv, **kwargs)
+        self._procs.append(proc)
+        started.append(proc)
+        return proc
+
+    monkeypatch.setattr(EmulatedCluster, "popen", popen)
+
+    def set_script(script: str) -> None:
+        monkeypatch.setattr(netns, "_probe_command", lambda: [sys.executable, "-c", script])
+
+    return set_script, started
+
+
+def test_a_hanging_link_probe_is_killed_and_named(probes_here):
+    set_script, started = probes_here
+    set_script("import time; time.sleep(60)")
+    cluster = EmulatedCluster(2, bandwidth="1mbit")  # its own allowance for 50 MB: 1660 s
+    t0 = time.monotonic()
+    bulk = r"link probe \(bulk TCP from rank 0 to rank 1\) did not finish within 0\.5 s; it was"
+    with pytest.raises(ClusterTimeoutError, match=bulk + " killed"):
+        cluster.measure_bandwidth(0, 1, 50_000_000, timeout=0.5)
+    ping = r"link probe \(TCP ping-pong from rank 1 to rank 0\) did not finish within 0\.3 s"
+    with pytest.raises(ClusterTimeoutError, match=ping):
+        cluster.measure_rtt(1, 0, timeout=0.3)
+    assert time.monotonic() - t0 < 10
+    assert len(started) == 4 and all(p.poll() is not None for p in started)  # killed, reaped
+
+
+def test_a_failing_link_probe_names_the_rank_and_shows_its_output(probes_here):
+    set_script, started = probes_here
+    # Only the sender (rank 0) fails; the receiver (rank 1) would wait for it forever.
+    set_script("import sys, time\nif sys.argv[1] == 'send': sys.exit('no route')\ntime.sleep(60)")
+    failed = r"(?s)link probe .* failed: rank\(s\) \[0\] exited with \[1\].*rank 0.*no route"
+    with pytest.raises(ClusterError, match=failed) as exc:
+        EmulatedCluster(2).measure_bandwidth(0, 1, 10**6, timeout=30)
+    assert not isinstance(exc.value, ClusterTimeoutError)
+    assert all(p.poll() is not None for p in started)
+
+
+@needs_root
+def test_bench_timeout_bounds_the_link_probe_and_leaves_nothing(tmp_path, capsys):
+    # At 1 Mbit/s the 50 MB link probe needs 400 s; --timeout 2 used to bound only the
+    # collectives, so the probe ran on for its own allowance (1660 s).
+    from sparsetrain.cli import main
+
+    before = list_namespaces()
+    out = tmp_path / "out"
+    argv = ["bench", "cluster", "--ranks", "2", "--bandwidth", "1mbit", "--latency", "0",
+            "--sizes", "100k", "--densities", "0.01", "--algorithms", "dense", "--timeout", "2",
+            "--out", str(out)]  # fmt: skip
+    t0 = time.monotonic()
+    assert main(argv) == 1
+    assert time.monotonic() - t0 < 60
+    err = capsys.readouterr().err
+    assert "link probe (bulk TCP from rank 0 to rank 1) did not finish within 2.0 s" in err
+    assert "--timeout 2 s bounds the link probes and the collectives together" in err
+    assert list_namespaces() == before and not out.exists()
+    assert glob.glob(f"{tempfile.gettempdir()}/sparsetrain-bench-{os.getpid()}-*") == []
+    assert glob.glob(f"{tempfile.gettempdir()}/st-{os.getpid()}-*") == []
 
 
 def test_token_bucket_bursts_are_about_a_millisecond_of_traffic():

@@ -7,14 +7,16 @@ traceback. No cluster is built: `bench cluster` runs against a stand-in for Emul
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import tempfile
+import time
 
 import pytest
 
 import sparsetrain.cluster
 from sparsetrain.cli import main
-from sparsetrain.cluster import ClusterError, ClusterPermissionError
+from sparsetrain.cluster import ClusterError, ClusterPermissionError, ClusterTimeoutError
 from sparsetrain.commands import simulate
 from tests.unit.test_cli_model import TRUE, model_records
 
@@ -244,34 +246,48 @@ def test_refit_without_a_measured_link_rate_fits_beta_and_says_so(tmp_path, caps
 
 # ---- bench cluster ----------------------------------------------------------------------------
 class FakeCluster:
-    """Stands in for EmulatedCluster: builds nothing; ``fail`` says what goes wrong."""
+    """Stands in for EmulatedCluster: builds nothing; ``fail`` says what goes wrong. It checks
+    its arguments as the real one does, and records the timeouts it was given."""
 
     instances: list[FakeCluster] = []
     fail: str | None = None
 
     def __init__(self, ranks, bandwidth="1gbit", latency="100us"):
+        sparsetrain.cluster.netns.EmulatedCluster(ranks, bandwidth, latency)  # builds nothing
         self.ranks, self.bandwidth_bps, self.latency_s = ranks, 1e9, 1e-4
         self.latency_emulated = True
         self.burst_bytes, self.gso_max_size = 15_500, 6_250
+        self.entered, self.timeouts = False, {}
         FakeCluster.instances.append(self)
 
     def __enter__(self):
-        if self.fail == "permission":
+        if self.fail == "permission at build":
             raise ClusterPermissionError("the emulated cluster needs root")
+        self.entered = True
         return self
 
     def __exit__(self, *exc):
         pass
 
-    def measure_bandwidth(self, src=0, dst=1, nbytes=0):
+    def measure_bandwidth(self, src=0, dst=1, nbytes=0, port=5201, *, timeout=None):
+        self.timeouts["bandwidth"] = timeout
         if self.fail == "timeout":
             raise subprocess.TimeoutExpired(["probe.py", "recv"], 120)
+        if self.fail == "probe hangs":
+            time.sleep(min(timeout, 5))
+            raise ClusterTimeoutError(
+                f"link probe (bulk TCP from rank 0 to rank 1) did not finish within {timeout:.1f} "
+                "s; it was killed"
+            )
+        time.sleep(0.3)  # the probes take a while: the time left for the rest shrinks
         return 8 / TRUE.beta
 
-    def measure_rtt(self, src=0, dst=1):
+    def measure_rtt(self, src=0, dst=1, count=50, port=5202, *, timeout=None):
+        self.timeouts["rtt"] = timeout
         return 2e-4
 
     def run(self, argv, *, timeout=None):
+        self.timeouts["run"] = timeout
         cfg = json.loads(open(argv[-1]).read())
         records = worker_records(cfg["sizes"], cfg["densities"])
         records = [r for r in records if r["algorithm"] in cfg["algorithms"]]
@@ -286,7 +302,13 @@ class FakeCluster:
 @pytest.fixture
 def fake_cluster(monkeypatch, tmp_path):
     """Replace EmulatedCluster and put the run's temporary folders under tmp_path/"tmp"."""
+
+    def check_privileges():
+        if FakeCluster.fail == "permission":
+            raise ClusterPermissionError("the emulated cluster needs root")
+
     monkeypatch.setattr(sparsetrain.cluster, "EmulatedCluster", FakeCluster)
+    monkeypatch.setattr(sparsetrain.cluster, "check_privileges", check_privileges)
     monkeypatch.setattr(FakeCluster, "instances", [])
     monkeypatch.setattr(FakeCluster, "fail", None)
     (tmp_path / "tmp").mkdir()
@@ -310,16 +332,51 @@ def fake_cluster(monkeypatch, tmp_path):
         (["--latency", "abc"], "--latency: cannot read duration 'abc'"),
         (["--bandwidth", "fast"], "--bandwidth: cannot read bandwidth 'fast'"),
         (["--algorithms", "dense, oktopk", "--timeout", "0"], "--timeout must be > 0"),
+        (["--densities", "0"], "--densities: density must be in (0, 1], got 0"),
+        (["--densities", "0.01,1.5"], "--densities: density must be in (0, 1], got 1.5"),
+        (["--densities", "often"], "--densities: could not convert string to float: 'often'"),
+        (["--densities", ","], "--densities lists nothing"),
+        (["--bandwidth", "0.5bit"], "bandwidth must be at least 1kbit"),
+        (["--ranks", "1"], "ranks must be between 2 and 1024, got 1"),
     ],
 )
 def test_cluster_options_are_checked_before_anything_is_made(
     fake_cluster, tmp_path, capsys, argv, words
 ):
-    out = tmp_path / "out"
+    out = tmp_path / "new" / "out"
     err = argparse_error(capsys, ["bench", "cluster", "--out", str(out), *argv])
     assert words in err
     assert fake_cluster.instances == []
-    assert not out.exists() and list((tmp_path / "tmp").iterdir()) == []
+    assert list(tmp_path.iterdir()) == [tmp_path / "tmp"]  # neither out nor its parent
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_cluster_out_must_be_a_folder_it_can_make(fake_cluster, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    for out in (tmp_path / "file", tmp_path / "file" / "out"):
+        err = argparse_error(capsys, ["bench", "cluster", "--out", str(out)])
+        assert f"--out {out}: {tmp_path / 'file'} is not a folder" in err
+    assert fake_cluster.instances == [] and list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_cluster_without_root_says_so_and_makes_nothing(
+    fake_cluster, tmp_path, capsys, monkeypatch
+):
+    # The real check, as a user without root meets it: `--out` used to be made before it ran.
+    monkeypatch.setattr(
+        sparsetrain.cluster, "check_privileges", sparsetrain.cluster.netns.check_privileges
+    )
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    out = tmp_path / "new" / "out"
+    assert main(["bench", "cluster", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "sparsetrain bench cluster: the emulated cluster needs root" in err
+    assert not any(c.entered for c in fake_cluster.instances)
+    assert list(tmp_path.iterdir()) == [tmp_path / "tmp"]  # neither out nor its parent
+    assert list((tmp_path / "tmp").iterdir()) == []
+    # Bad arguments are still named first, also without root.
+    err = argparse_error(capsys, ["bench", "cluster", "--out", str(out), "--densities", "2"])
+    assert "--densities: density must be in (0, 1], got 2" in err and not out.parent.exists()
 
 
 def test_cluster_runs_and_writes_results_with_spaced_algorithms(fake_cluster, tmp_path, capsys):
@@ -364,14 +421,40 @@ def test_cluster_timeout_is_reported_and_removes_the_temp_folder(fake_cluster, t
     assert main(["bench", "cluster", "--out", str(out), "--name", "run"]) == 1
     err = capsys.readouterr().err
     assert "sparsetrain bench cluster: Command '['probe.py', 'recv']' timed out" in err
-    assert "partial records" not in err and list(out.iterdir()) == []
+    assert "partial records" not in err and not out.exists()
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
-def test_cluster_without_root_still_exits_2_and_removes_the_temp_folder(
+def test_cluster_timeout_bounds_the_link_probes_and_the_collectives_together(
+    fake_cluster, tmp_path
+):
+    # The probes used to get their own allowance (a minute and more), whatever --timeout said.
+    argv = ["bench", "cluster", "--out", str(tmp_path / "out"), "--sizes", "1M", "--timeout", "10"]
+    assert main(argv) == 0
+    timeouts = fake_cluster.instances[0].timeouts
+    assert 9.5 < timeouts["bandwidth"] <= 10
+    # One budget: what the bandwidth probe took (0.3 s) is not left for the rest.
+    assert timeouts["run"] <= timeouts["rtt"] <= timeouts["bandwidth"] - 0.3
+
+
+def test_a_link_probe_that_hangs_is_stopped_by_the_timeout(fake_cluster, tmp_path, capsys):
+    fake_cluster.fail = "probe hangs"
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    assert main(["bench", "cluster", "--out", str(out), "--timeout", "0.5"]) == 1
+    assert time.monotonic() - t0 < 5
+    err = capsys.readouterr().err
+    assert "link probe (bulk TCP from rank 0 to rank 1) did not finish within 0.5 s" in err
+    assert "(--timeout 0.5 s bounds the link probes and the collectives together)" in err
+    assert "run" not in fake_cluster.instances[0].timeouts  # no worker was started
+    assert not out.exists() and list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_cluster_refused_at_build_still_exits_2_and_removes_the_temp_folder(
     fake_cluster, tmp_path, capsys
 ):
-    fake_cluster.fail = "permission"
+    # The check before anything is made passed, and building the cluster still found no root.
+    fake_cluster.fail = "permission at build"
     assert main(["bench", "cluster", "--out", str(tmp_path / "out")]) == 2
     assert "sparsetrain bench cluster: the emulated cluster needs root" in capsys.readouterr().err
     assert list((tmp_path / "tmp").iterdir()) == []

@@ -65,6 +65,10 @@ class ClusterPermissionError(ClusterError):
     """Building an emulated cluster needs root (CAP_NET_ADMIN) and iproute2."""
 
 
+class ClusterTimeoutError(ClusterError):
+    """Ranks or a link probe did not finish within their time; they were killed."""
+
+
 def check_privileges() -> None:
     """Raise :class:`ClusterPermissionError` unless this process can create namespaces.
 
@@ -458,7 +462,8 @@ class EmulatedCluster:
 
         Every rank gets :meth:`environment`. Rank 0 writes to this terminal (``show_rank0``);
         the others to log files whose tails are shown if a rank fails. When one rank fails,
-        or ``timeout`` seconds pass, all are killed and :class:`ClusterError` is raised.
+        or ``timeout`` seconds pass, all are killed and :class:`ClusterError` is raised
+        (:class:`ClusterTimeoutError` for the timeout).
 
         Args:
             argv: the command, or a function of the rank returning it.
@@ -480,20 +485,16 @@ class EmulatedCluster:
                     f = open(logs / f"rank{rank}.log", "w+b")  # noqa: SIM115
                     files.append(f)
                     procs.append(self.popen(rank, cmd, renv, stdout=f, stderr=subprocess.STDOUT))
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while True:
-                codes = [p.poll() for p in procs]
-                failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
-                if failed:
-                    raise ClusterError(
-                        f"rank(s) {failed} exited with {[codes[r] for r in failed]}"
-                        + _tails(files, failed)
-                    )
-                if all(c == 0 for c in codes):
-                    return
-                if deadline is not None and time.monotonic() > deadline:
-                    raise ClusterError(f"ranks did not finish within {timeout} s" + _tails(files))
-                time.sleep(0.05)
+            failed = _wait(procs, timeout)
+            if failed is None:
+                raise ClusterTimeoutError(
+                    f"ranks did not finish within {timeout:.1f} s" + _tails(files)
+                )
+            if failed:
+                raise ClusterError(
+                    f"rank(s) {failed} exited with {[procs[r].returncode for r in failed]}"
+                    + _tails(files, failed)
+                )
         finally:
             _stop(procs)
             for f in files:
@@ -503,44 +504,112 @@ class EmulatedCluster:
 
     # ---- measuring the links -------------------------------------------------------------
     def measure_bandwidth(
-        self, src: int = 0, dst: int = 1, nbytes: int = 50_000_000, port: int = 5201
+        self,
+        src: int = 0,
+        dst: int = 1,
+        nbytes: int = 50_000_000,
+        port: int = 5201,
+        *,
+        timeout: float | None = None,
     ) -> float:
-        """Return the bulk TCP throughput from ``src`` to ``dst`` in bits per second."""
-        # Allowed time: four times what the shaped link needs, plus a minute for start-up.
-        timeout = 60.0 + 4 * 8 * nbytes / self.bandwidth_bps
-        return float(self._probe(src, dst, ["recv"], ["send", "--bytes", str(nbytes)], port,
-                                 timeout=timeout)["bits_per_second"])  # fmt: skip
+        """Return the bulk TCP throughput from ``src`` to ``dst`` in bits per second.
 
-    def measure_rtt(self, src: int = 0, dst: int = 1, count: int = 50, port: int = 5202) -> float:
-        """Return the median TCP round-trip time of a one-byte message, in seconds."""
-        out = self._probe(dst, src, ["echo"], ["ping", "--count", str(count)], port, result_from=1)
+        The probe gets four times what the shaped link needs plus a minute for start-up, or
+        ``timeout`` seconds if that is less; then it is killed and :class:`ClusterTimeoutError`
+        raised.
+        """
+        allowed = 60.0 + 4 * 8 * nbytes / self.bandwidth_bps
+        out = self._probe(dst, src, ["recv"], ["send", "--bytes", str(nbytes)], port,
+                          what=f"bulk TCP from rank {src} to rank {dst}",
+                          timeout=allowed if timeout is None else min(allowed, timeout))  # fmt: skip
+        return float(out["bits_per_second"])
+
+    def measure_rtt(
+        self,
+        src: int = 0,
+        dst: int = 1,
+        count: int = 50,
+        port: int = 5202,
+        *,
+        timeout: float | None = None,
+    ) -> float:
+        """Return the median TCP round-trip time of a one-byte message, in seconds.
+
+        The probe gets two minutes, or ``timeout`` seconds if that is less; then it is killed
+        and :class:`ClusterTimeoutError` raised.
+        """
+        out = self._probe(dst, src, ["echo"], ["ping", "--count", str(count)], port,
+                          what=f"TCP ping-pong from rank {src} to rank {dst}", result_from=1,
+                          timeout=120.0 if timeout is None else min(120.0, timeout))  # fmt: skip
         return float(out["rtt_median_seconds"])
 
     def _probe(
-        self, server: int, client: int, srv_args, cli_args, port, result_from=0, timeout=120.0
+        self,
+        server: int,
+        client: int,
+        srv_args: Sequence[str],
+        cli_args: Sequence[str],
+        port: int,
+        *,
+        what: str,
+        timeout: float,
+        result_from: int = 0,
     ) -> dict:
+        """Run probe.py's ``srv_args`` role on ``server`` and ``cli_args`` on ``client`` (as
+        :meth:`run` runs ranks: killed on failure or after ``timeout`` seconds) and return the
+        JSON line one of them printed (``result_from``: 0 the server, 1 the client)."""
         import json
 
-        # Run the probe as a script: importing the package would import torch (seconds).
-        base = [sys.executable, str(Path(__file__).with_name("probe.py"))]
         addr = self.address(server)
-        srv = self.popen(server, [*base, srv_args[0], addr, str(port), *srv_args[1:]],
-                         stdout=subprocess.PIPE, text=True)  # fmt: skip
-        cli = self.popen(client, [*base, cli_args[0], addr, str(port), *cli_args[1:]],
-                         stdout=subprocess.PIPE, text=True)  # fmt: skip
-        deadline = time.monotonic() + timeout
+        # Output goes to files, indexed by rank, so a failure shows each side's last lines.
+        files: list = [None] * self.ranks
+        procs = []
         try:
-            outs = [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0]
-                    for p in (srv, cli)]  # fmt: skip
-        except subprocess.TimeoutExpired:
-            _stop([srv, cli])
-            raise ClusterError(
-                f"link probe ({srv_args[0]}/{cli_args[0]} between ranks {client} and {server}) "
-                f"did not finish within {timeout:.0f} s"
-            ) from None
-        if srv.returncode or cli.returncode:
-            raise ClusterError(f"link probe failed (exit codes {srv.returncode}, {cli.returncode})")
-        return json.loads(outs[result_from].strip().splitlines()[-1])
+            for rank, (role, *rest) in ((server, srv_args), (client, cli_args)):
+                files[rank] = tempfile.TemporaryFile()  # noqa: SIM115
+                procs.append(self.popen(rank, [*_probe_command(), role, addr, str(port), *rest],
+                                        stdout=files[rank], stderr=subprocess.STDOUT))  # fmt: skip
+            failed = _wait(procs, timeout)
+            if failed is None:
+                raise ClusterTimeoutError(
+                    f"link probe ({what}) did not finish within {timeout:.1f} s; it was killed"
+                    + _tails(files)
+                )
+            if failed:
+                ranks = [(server, client)[i] for i in failed]
+                raise ClusterError(
+                    f"link probe ({what}) failed: rank(s) {ranks} exited with "
+                    f"{[procs[i].returncode for i in failed]}" + _tails(files, ranks)
+                )
+            f = files[(server, client)[result_from]]
+            f.seek(0)
+            return json.loads(f.read().decode().strip().splitlines()[-1])
+        finally:
+            _stop(procs)
+            for f in files:
+                if f is not None:
+                    f.close()
+
+
+def _probe_command() -> list[str]:
+    """The command that runs probe.py (a role and its arguments follow). It runs as a script:
+    importing the package would import torch (seconds)."""
+    return [sys.executable, str(Path(__file__).with_name("probe.py"))]
+
+
+def _wait(procs: Sequence[subprocess.Popen], timeout: float | None) -> list[int] | None:
+    """Wait until every process has exited with 0 or one has failed, at most ``timeout``
+    seconds (None: no limit). Return the indices of the failed ones (empty: all succeeded), or
+    None if the time ran out first. The caller stops what still runs (:func:`_stop`)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
+        if failed or all(c == 0 for c in codes):
+            return failed
+        if deadline is not None and time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
 
 
 def _raise_for(signum: int) -> None:

@@ -161,6 +161,31 @@ def _size_label(numel: int) -> str:
     return str(numel)
 
 
+def _out_folder_problem(out: Path) -> str | None:
+    """Return why the folder ``out`` could not be made or written to, or None; creates nothing
+    (the folder is made when there is something to write)."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot write into {existing}"
+    return None
+
+
+def _write_out(path: Path, text: str) -> bool:
+    """Write ``text`` to ``path``, making its folder first; say so and return False if that
+    fails."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as e:
+        print(f"sparsetrain bench cluster: cannot write {path} ({e})", file=sys.stderr)
+        return False
+    return True
+
+
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
@@ -310,13 +335,16 @@ def run_cluster(args: argparse.Namespace) -> int:
     from sparsetrain.cluster import (
         ClusterError,
         ClusterPermissionError,
+        ClusterTimeoutError,
         EmulatedCluster,
+        check_privileges,
         parse_count,
         parse_duration,
         parse_rate,
     )
 
-    # Every argument is checked before anything is built or created.
+    # Every argument, and root, is checked before anything is built or created: a refused run
+    # leaves nothing behind.
     try:
         sizes = _csv(
             args.sizes or (FULL_SIZES if args.full else DEFAULT_SIZES), parse_count, "sizes"
@@ -367,15 +395,19 @@ def run_cluster(args: argparse.Namespace) -> int:
                 parse(text)
             except ValueError as e:
                 raise ValueError(f"{option}: {e}") from None
+        out = Path(args.out)
+        problem = _out_folder_problem(out)
+        if problem:
+            raise ValueError(f"--out {out}: {problem}")
         cluster = EmulatedCluster(args.ranks, args.bandwidth, args.latency)
     except (ValueError, TypeError) as e:
         args._parser.error(str(e))
-    out = Path(args.out)
-    stem = args.name or f"cluster_{args.ranks}r_{args.bandwidth}"
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        args._parser.error(f"--out {out}: cannot create the folder ({e})")
+        check_privileges()
+    except ClusterPermissionError as e:
+        print(f"sparsetrain bench cluster: {e}", file=sys.stderr)
+        return 2
+    stem = args.name or f"cluster_{args.ranks}r_{args.bandwidth}"
     tmp = Path(tempfile.mkdtemp(prefix=f"{BENCH_TMP_PREFIX}{os.getpid()}-"))
     try:
         cfg = {"sizes": sizes, "densities": densities, "algorithms": algorithms,
@@ -400,12 +432,20 @@ def run_cluster(args: argparse.Namespace) -> int:
         }  # fmt: skip
         try:
             with cluster:
+                # --timeout bounds the link probes and the timed collectives together.
+                deadline = time.monotonic() + args.timeout
+
+                def left() -> float:
+                    return max(0.0, deadline - time.monotonic())
+
                 link = {
                     "bandwidth_configured_bps": cluster.bandwidth_bps,
-                    "bandwidth_measured_bps": cluster.measure_bandwidth(0, 1, args.probe_bytes),
+                    "bandwidth_measured_bps": cluster.measure_bandwidth(
+                        0, 1, args.probe_bytes, timeout=left()
+                    ),
                     "latency_configured_s": cluster.latency_s,
                     "latency_emulated": cluster.latency_emulated,
-                    "rtt_measured_s": cluster.measure_rtt(0, 1),
+                    "rtt_measured_s": cluster.measure_rtt(0, 1, timeout=left()),
                     "burst_bytes": cluster.burst_bytes,
                     "gso_max_size": cluster.gso_max_size,
                 }
@@ -416,20 +456,27 @@ def run_cluster(args: argparse.Namespace) -> int:
                 )
                 cluster.run(
                     [sys.executable, "-m", "sparsetrain.commands.bench", "--worker", str(tmp / "config.json")],
-                    timeout=args.timeout,
+                    timeout=left(),
                 )  # fmt: skip
         except ClusterPermissionError as e:
             print(f"sparsetrain bench cluster: {e}", file=sys.stderr)
             return 2
         except (ClusterError, subprocess.TimeoutExpired) as e:
             print(f"sparsetrain bench cluster: {e}", file=sys.stderr)
+            if isinstance(e, ClusterTimeoutError):
+                print(
+                    f"(--timeout {args.timeout:g} s bounds the link probes and the collectives "
+                    "together)",
+                    file=sys.stderr,
+                )
             if (tmp / "records.json").exists():
                 # A results file like a finished run's, so `bench refit` reads it too.
                 partial = out / f"{stem}.partial.json"
                 records = json.loads((tmp / "records.json").read_text())
-                partial.write_text(json.dumps({"config": config, "link": link, "partial": True,
-                                               "records": records}, indent=1))  # fmt: skip
-                print(f"partial records (the points finished): {partial}", file=sys.stderr)
+                text = json.dumps({"config": config, "link": link, "partial": True,
+                                   "records": records}, indent=1)  # fmt: skip
+                if _write_out(partial, text):
+                    print(f"partial records (the points finished): {partial}", file=sys.stderr)
             return 1
         if not (tmp / "records.json").exists():
             print("sparsetrain bench cluster: the workers wrote no records", file=sys.stderr)
@@ -448,7 +495,8 @@ def run_cluster(args: argparse.Namespace) -> int:
     if fit:
         result["model_fit"] = _model_fit_entry(fit)
         _print_fit(fit)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    if not _write_out(out / f"{stem}.json", json.dumps(result, indent=1)):
+        return 1
     pngs = plot_times(records, out, f"{args.ranks} ranks, {args.bandwidth} links", stem)
     print(f"wrote {out / (stem + '.json')} and {', '.join(str(p) for p in pngs)}")
     return 0
@@ -665,7 +713,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     c.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--probe-bytes", type=int, default=50_000_000, help="bytes of the link test")
-    c.add_argument("--timeout", type=float, default=3600.0, help="seconds before giving up")
+    c.add_argument(
+        "--timeout",
+        type=float,
+        default=3600.0,
+        help="seconds the link probes and the collectives may take together (default 3600)",
+    )
     c.add_argument("--out", default="benchmarks/results", help="folder for JSON and PNGs")
     c.add_argument("--name", help="stem of the JSON file (default cluster_<ranks>r_<bandwidth>)")
     c.set_defaults(func=run_cluster, _parser=c)
