@@ -263,6 +263,19 @@ class TrainConfig:
             )
         if not self.native_ddp:  # the hook's own checks, here rather than in every worker
             self.sync_config()
+        if self.aggregator is not None or self.attack is not None:
+            # Names, options and what the rule needs of n and f (Krum: n > 2f + 2, ...), checked
+            # as every worker's hook will build them.
+            from .robust import get_aggregator, get_attack
+
+            get_aggregator(
+                self.aggregator or "mean",
+                n=self.workers,
+                f=self.byzantine,
+                **self.aggregator_options,
+            )
+            if self.attack is not None:
+                get_attack(self.attack, n=self.workers, f=self.byzantine, **self.attack_options)
 
     def hook_arguments(self) -> tuple[float | None, dict[str, Any]]:
         """(density, options) for :func:`sparsetrain.register_ddp_hook` with this run's
@@ -813,7 +826,7 @@ def launch(configs: TrainConfig | Sequence[TrainConfig]) -> dict[str, Any]:
     form the report. A failing worker stops all of them and raises :class:`WorkerError`.
 
     Args:
-        configs: one :class:`TrainConfig` or a sequence of them sharing ``workers`` and
+        configs: one :class:`TrainConfig` or a sequence of them sharing ``workers``, ``timeout_s`` and
             ``backend``, with distinct labels.
 
     Returns:

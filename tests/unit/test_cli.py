@@ -86,9 +86,9 @@ def test_options_reach_the_right_compressor_and_values_are_typed():
     assert topk.compressor_options == {"density": 0.3}
     (c,) = configs(
         "train", "--compressor", "none", "--error-feedback", "off",
-        "--attack", "sign_flip", "--byzantine", "1", "--attack-option", "scale=-4",
+        "--attack", "sign_flip", "--byzantine", "1", "--attack-option", "scale=4",
     )  # fmt: skip
-    assert c.error_feedback is False and c.attack_options == {"scale": -4}
+    assert c.error_feedback is False and c.attack_options == {"scale": 4}
     # Options for a robust rule or attack that is not selected are refused.
     with pytest.raises(ValueError, match="attack_options given without an attack"):
         configs("train", "--compressor", "none", "--attack-option", "scale=-4")
@@ -194,6 +194,15 @@ def test_demo_defaults_compare_three_methods_at_one_percent():
         ({"bucket_cap_mb": 0}, ValueError, ["bucket_cap_mb", "> 0"]),
         ({"bucket_cap_mb": float("inf")}, ValueError, ["bucket_cap_mb", "finite"]),
         ({"bucket_cap_mb": "25"}, TypeError, ["bucket_cap_mb", "number"]),
+        # Robust aggregation is checked here too, not first in every spawned worker.
+        ({"aggregator": "bogus"}, ValueError, ["unknown aggregator 'bogus'", "krum"]),
+        ({"aggregator": "median", "aggregator_options": {"zzz": 1}}, ValueError, ["'zzz'"]),
+        (
+            {"aggregator": "krum", "attack": "zero", "byzantine": 1, "workers": 4},
+            ValueError,
+            ["krum", "n > 2f + 2"],
+        ),
+        ({"attack": "bogus", "byzantine": 1}, ValueError, ["unknown attack 'bogus'"]),
     ],
 )
 def test_train_config_refuses_bad_values_with_a_clear_message(kwargs, error, words):

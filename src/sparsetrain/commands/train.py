@@ -257,7 +257,9 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
             attack=args.attack,
             attack_options=dict(args.attack_option),
             byzantine=args.byzantine,
-            workers=args.workers,
+            # Under torchrun the job's size is WORLD_SIZE (checks such as byzantine < workers
+            # need it before launch() would set it).
+            workers=int(os.environ["WORLD_SIZE"]) if under_torchrun() else args.workers,
             backend=args.backend,
             epochs=args.epochs,
             batch_size=args.batch_size,
