@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-# The CPU wheel of this exact release lies on disk here; a bare `torch` would pull a CUDA build.
+# Pinned: on the development machine pip finds this release's CPU wheel on disk; a bare `torch`
+# (or a range) would make pip download a newer, multi-GB CUDA build there.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv install install-test demo test lint bench clean
+.PHONY: install install-test demo test lint clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
