@@ -103,6 +103,21 @@ def simulate_ranks(name, tensors, **options):
     return totals, own
 
 
+# Rank r's float32 values at indices 0, 1, 2. Summed in rank order (1e8 + 1) - 1e8 == 0 and
+# (1e8 - 1e8) + 1 == 1 and (1 + 1e8) - 1e8 == 0; other orders give other bits. Every rank must
+# add in one order, the same everywhere (rank order), or the replicas drift apart.
+RANK_ORDER_VALUES = [[1e8, 1e8, 1.0], [1.0, -1e8, 1e8], [-1e8, 1.0, -1e8]]
+RANK_ORDER_SUM = [0.0, 1.0, 0.0, 0.0]
+
+
+def test_sparse_aggregate_adds_the_ranks_in_rank_order():
+    idx = torch.tensor([2, 0, 1])  # unique on each rank, not sorted
+    payloads = [(idx, torch.tensor(v)[idx]) for v in RANK_ORDER_VALUES]
+    for name in ("topk", "threshold"):
+        _, ctx = make(name).compress(torch.zeros(4), key="b")
+        assert make(name).aggregate(payloads, ctx).tolist() == RANK_ORDER_SUM, name
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_combined_payloads_decode_to_the_sum_of_each_ranks_decode(name):
     torch.manual_seed(1)

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsetrain.robust import aggregate, available_aggregators, get_aggregator
+from sparsetrain.robust.base import key_seed
 
 ORDER_FREE = ["mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median"]
 
@@ -95,6 +96,23 @@ def test_bucketing_averages_buckets_before_the_base_rule():
     assert torch.equal(
         aggregate("bucketing", x, f=1, bucket_size=2), aggregate("bucketing", x, f=1, bucket_size=2)
     )
+
+
+def test_bucketing_sums_each_bucket_in_permutation_order():
+    # float32: the sum of 1e8, 1, -1e8 depends on the order. It is the order of the seeded
+    # permutation, on every device (a scatter-add on CUDA would add in any order).
+    b = get_aggregator("bucketing", n=3, f=0, base="mean", bucket_size=3)
+    g = torch.tensor([[1e8], [1.0], [-1e8]])
+    perm = torch.randperm(3, generator=torch.Generator().manual_seed(key_seed(0, 0, "")))
+    expected = torch.zeros(1)
+    for row in g[perm]:
+        expected += row
+    assert torch.equal(b(g), expected / 3)
+    # Half precision accumulates in float32: 2048 + 1 + 1 is 2050 in any order (in float16,
+    # 2048 + 1 rounds back to 2048).
+    half = get_aggregator("bucketing", n=3, f=0, base="mean", bucket_size=3)
+    out = half(torch.tensor([[2048.0], [1.0], [1.0]], dtype=torch.float16))
+    assert torch.equal(out, torch.tensor([2050.0], dtype=torch.float16) / 3)
 
 
 @settings(max_examples=25, deadline=None)

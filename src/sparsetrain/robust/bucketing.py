@@ -67,12 +67,19 @@ class Bucketing(Aggregator):
         g = torch.Generator().manual_seed(key_seed(self.seed, self._step, ""))
         perm = torch.randperm(self.n, generator=g).to(grads.device)
         buckets = -(-self.n // self.bucket_size)
-        # bucket id of each permuted position; index_add sums, counts divide
+        shuffled = grads[perm]
+        # Add the j-th member of every bucket at once, j = 0, 1, ...: each bucket's members are
+        # summed in permutation order, the same bits on every device (one scatter-add of all
+        # rows would let CUDA's atomics add a bucket's members in any order). Half precision
+        # accumulates in float32, as the CPU's scatter-add did.
+        wide = torch.promote_types(grads.dtype, torch.float32)
+        sums = torch.zeros(buckets, grads.shape[1], dtype=wide, device=grads.device)
+        for j in range(min(self.bucket_size, self.n)):
+            members = shuffled[j :: self.bucket_size]  # row b is bucket b's j-th member
+            sums[: members.shape[0]] += members
         bucket_of = torch.arange(self.n, device=grads.device) // self.bucket_size
-        sums = torch.zeros(buckets, grads.shape[1], dtype=grads.dtype, device=grads.device)
-        sums.index_add_(0, bucket_of, grads[perm])
         counts = torch.bincount(bucket_of, minlength=buckets).to(grads.dtype)
-        return self._inner(sums / counts[:, None], key=key)
+        return self._inner(sums.to(grads.dtype) / counts[:, None], key=key)
 
     def end_step(self) -> None:
         self._step += 1
