@@ -60,22 +60,26 @@ class ErrorFeedback:
         if not self.enabled or not any(n in self.residuals for n in names):
             return flat.clone() if self.enabled else flat
         parts = [
-            self._residual(n, k).to(flat.dtype)
+            self._residual(n, k, flat).to(flat.dtype)
             if n in self.residuals
             else torch.zeros(k, dtype=flat.dtype, device=flat.device)
             for n, k in zip(names, numels)
         ]
         return flat + torch.cat(parts)
 
-    def _residual(self, name: str, numel: int) -> Tensor:
-        """The residual of ``name``, checked against the parameter's size: a state loaded from
-        another model would otherwise be broadcast into it or fail without naming it."""
+    def _residual(self, name: str, numel: int, like: Tensor) -> Tensor:
+        """The residual of ``name``, checked against the parameter's size (a state loaded from
+        another model would otherwise be broadcast into it or fail without naming it), on the
+        device of ``like`` (the gradient): a state loaded with ``map_location="cpu"``, or a
+        rank-0 checkpoint loaded on rank 1, is moved there once, at its first use."""
         res = self.residuals[name]
         if res.numel() != numel:
             raise ValueError(
                 f"the error-feedback residual of {name!r} has {res.numel()} elements, but the "
                 f"parameter has {numel}: the loaded state is from a different model"
             )
+        if res.device != like.device:
+            res = self.residuals[name] = res.to(like.device)
         return res
 
     def update(
@@ -107,7 +111,7 @@ class ErrorFeedback:
             self._buffers[key], self._next[key] = bufs, 0
         out = bufs[self._next[key]]
         for n, k, part, dst in zip(names, numels, parts, torch.split(out, list(numels))):
-            res = self._residual(n, k) if self.enabled and n in self.residuals else None
+            res = self._residual(n, k, out) if self.enabled and n in self.residuals else None
             if res is None:
                 dst.copy_(part.reshape(-1))
             else:
@@ -145,8 +149,11 @@ class ErrorFeedback:
         selection dropped after they left this rank."""
         if not self.enabled:
             return
-        for n, part in zip(names, torch.split(unsent, list(numels))):
-            self.residuals[n] = self.residuals[n] + part if n in self.residuals else part.clone()
+        for n, k, part in zip(names, numels, torch.split(unsent, list(numels))):
+            if n in self.residuals:
+                self.residuals[n] = self._residual(n, k, part) + part
+            else:
+                self.residuals[n] = part.clone()
 
     def state_dict(self) -> dict[str, Any]:
         return {

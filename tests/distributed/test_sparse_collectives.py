@@ -25,6 +25,7 @@ from tests.unit.test_collective_reference import (
     threshold_tolerance,
     union_support,
 )
+from tests.unit.test_compressors import RANK_ORDER_SUM, RANK_ORDER_VALUES
 
 EXACT = ("allgather", "ssar_rd", "ssar_split", "dsar")
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2}
@@ -332,6 +333,18 @@ def test_sparse_collectives(world, results):
             assert idx == [5, 2**31 - 1] and val == [world * 1.0, world * 2.0], n
         assert results[r]["gtopk_cap"].bytes_sent < 1000
         assert results[r]["oktopk_k1"] == [[3], [3], [3]]
+
+
+def _rank_order(rank: int, world: int) -> list[float]:
+    idx = torch.tensor([2, 0, 1])  # unique on each rank, not sorted
+    values = torch.tensor(RANK_ORDER_VALUES[rank])[idx]
+    return get_collective("allgather")(idx, values, 4).dense.tolist()
+
+
+def test_allgather_adds_the_ranks_in_rank_order_on_every_rank(tmp_path):
+    """float32 sums of 1e8, 1, -1e8 depend on the order: every rank adds in rank order, so all
+    ranks hold the same bits (replicas that summed in their own orders would drift apart)."""
+    assert oks(run_world(_rank_order, 3, tmp_path)) == [RANK_ORDER_SUM] * 3
 
 
 def test_options_are_checked_at_construction():

@@ -20,10 +20,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sparsetrain.comm import p2p
 from sparsetrain.comm.gtopk import keep_topk
 from sparsetrain.comm.oktopk import OkTopk
 from sparsetrain.comm.p2p import (
     coalesce,
+    device_of,
+    error_type,
     even_bounds,
     input_error,
     merge,
@@ -155,7 +158,7 @@ def test_split_by_bounds_partitions_every_entry_into_its_range(numel, parts, see
     val = torch.randn(idx.numel(), generator=g)
     edges = even_bounds(numel, parts)
     assert edges[0] == 0 and edges[-1] == numel and len(edges) == parts + 1
-    pieces = split_by_bounds(idx, val, torch.tensor(edges))
+    pieces = split_by_bounds(idx, val, edges)
     assert sum(p[0].numel() for p in pieces) == idx.numel()
     lookup = dict(zip(idx.tolist(), val.tolist()))
     for q, (i, v) in enumerate(pieces):
@@ -189,6 +192,24 @@ def test_only_the_four_float_dtypes_pass_the_input_check():
         err = input_error(idx, torch.ones(2).to(dtype), 10)
         assert err is not None and "float16, bfloat16, float32, float64" in err, dtype
     assert input_error(idx, torch.ones(2, dtype=torch.bfloat16), 10) is None
+
+
+def test_under_nccl_headers_go_to_the_current_cuda_device(monkeypatch):
+    # NCCL moves only CUDA memory. Values that are not a CUDA tensor (bad input) must still get
+    # their size header onto the GPU: it carries the error to every rank, where a CPU header
+    # would fail on this rank alone and leave the others waiting.
+    monkeypatch.setattr(p2p.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(p2p.dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    cuda1 = torch.device("cuda", 1)
+    for values in (torch.ones(2), [1.0, 2.0], torch.ones(2, device="meta")):
+        assert device_of(values) == cuda1
+    err = input_error(torch.tensor([1]), torch.ones(1), 10, cuda1)
+    assert err is not None and "cuda:1" in err and error_type(err) is ValueError
+    # gloo moves CPU memory: the values' own device, CPU for a non-tensor.
+    monkeypatch.setattr(p2p.dist, "get_backend", lambda group=None: "gloo")
+    assert device_of(torch.ones(2)) == device_of([1.0]) == torch.device("cpu")
+    assert input_error(torch.tensor([1]), torch.ones(1), 10, torch.device("cpu")) is None
 
 
 def test_keep_topk_keeps_largest_magnitudes_sorted_by_index():

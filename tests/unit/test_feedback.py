@@ -107,3 +107,25 @@ def test_in_place_path_without_error_feedback_keeps_nothing():
     out = ef.compensate_into("w", ["w"], [4], [torch.ones(4)])
     ef.commit_sparse("w", ["w"], [4], out, torch.tensor([0]), torch.tensor([1.0]))
     assert torch.equal(out, torch.ones(4)) and ef.residuals == {}
+
+
+def test_residuals_loaded_on_another_device_move_to_the_gradients_device():
+    # A state loaded with map_location="cpu" (or a cuda:0 checkpoint on rank 1) holds residuals
+    # on another device than the gradients; "meta" stands in for the gradients' GPU here.
+    meta = torch.device("meta")
+    state = {"enabled": True, "residuals": {"a": torch.ones(2), "b": torch.ones(3)}}
+    uses = {
+        "compensate": lambda ef: ef.compensate(["a", "b"], [2, 3], torch.zeros(5, device=meta)),
+        "compensate_into": lambda ef: ef.compensate_into(
+            "a|b", ["a", "b"], [2, 3], [torch.zeros(2, device=meta), torch.zeros(3, device=meta)]
+        ),
+        "add_back": lambda ef: ef.add_back(["a", "b"], [2, 3], torch.zeros(5, device=meta)),
+    }
+    for name, use in uses.items():
+        ef = ErrorFeedback()
+        ef.load_state_dict(state)
+        out = use(ef)
+        assert out is None or out.device == meta, name
+        # moved once and kept there: the next step uses them without another copy
+        assert all(r.device == meta for r in ef.residuals.values()), name
+    assert all(r.device == torch.device("cpu") for r in state["residuals"].values())

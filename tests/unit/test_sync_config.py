@@ -92,3 +92,20 @@ def test_single_process_sync_is_the_identity_for_lossless_settings():
     stats = sync.stats()
     assert stats["steps"] == 1 and stats["bytes_sent"] == 0  # one rank: nothing crosses a wire
     assert len(sync.buckets) > 1  # the tiny cap split the model
+
+
+def test_hook_runs_exchanges_inline_when_backward_issues_collectives():
+    # From the background thread, the exchanges' collectives would interleave with those that
+    # DDP (find_unused_parameters) or SyncBatchNorm issue during backward, differently on each
+    # rank. DDP refuses SyncBatchNorm on CPU, so a stand-in with DDP's two attributes is used.
+    from types import SimpleNamespace
+
+    from sparsetrain.sync.ddp_hook import runs_inline
+
+    def ddp(module: nn.Module, find_unused: bool) -> SimpleNamespace:
+        return SimpleNamespace(module=module, find_unused_parameters=find_unused)
+
+    sync_bn = nn.Sequential(nn.Linear(4, 8), nn.Sequential(nn.SyncBatchNorm(8)), nn.Linear(8, 2))
+    assert not runs_inline(ddp(_model(), False))
+    assert runs_inline(ddp(_model(), True))
+    assert runs_inline(ddp(sync_bn, False))

@@ -65,7 +65,7 @@ class DSAR(SparseCollective):
         Returns:
             ``CollectiveResult`` with ``dense`` (values' dtype and device) and the bytes counted.
         """
-        wire = Wire(group, device_of(values))
+        wire = Wire(group, device_of(values, group))
         wire.agree(indices, values, numel)
         dense = split_allgather(wire, indices, values, numel, adaptive=True)
         t = wire.traffic

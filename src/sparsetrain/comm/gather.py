@@ -109,6 +109,8 @@ class AllgatherSparse(SparseCollective):
     """Gather every rank's (indices, values) and sum them locally: the baseline.
 
     Its volume grows with the number of ranks: each rank receives every other rank's k entries.
+    Every rank adds the ranks' entries in rank order, so all ranks compute the same sum, bit for
+    bit, when each rank's indices are unique (as the compressors give them).
     """
 
     exact = True
@@ -116,11 +118,11 @@ class AllgatherSparse(SparseCollective):
     def __call__(self, indices, values, numel, *, group=None, key=""):
         # The input checks ride in the size header (no extra message): a bad input on one rank
         # raises on every rank, as in the other collectives.
-        error = input_error(indices, values, numel)
+        device = device_of(values, group)
+        error = input_error(indices, values, numel, device)
         if error is None:
             payload, codes = (indices, values), dtype_codes(indices, values)
         else:
-            device = device_of(values)
             payload = (torch.empty(0, dtype=torch.int64, device=device),
                        torch.empty(0, dtype=torch.float32, device=device))  # fmt: skip
             numel, codes = 0, (0, 0)
@@ -133,8 +135,12 @@ class AllgatherSparse(SparseCollective):
                                len({tuple(h[2:]) for h in heads}) == 1, indices, values)  # fmt: skip
 
         gathered, sent, recv = _all_gather_with_header(payload, mine, group, check)
+        # One index_add_ per rank, in rank order: within a rank's (unique) indices no entry is
+        # added to twice, so even CUDA's atomic adds give one order, the same on every rank. A
+        # single index_add_ of all ranks' entries would add an entry's 3+ terms in a different
+        # order on each rank, and the replicas would drift apart. (On CPU, where index_add_ adds
+        # in index order, both give the same bits.)
         out = torch.zeros(numel, dtype=values.dtype, device=values.device)
-        idx = torch.cat([g[0].long() for g in gathered])
-        val = torch.cat([g[1] for g in gathered])
-        out.index_add_(0, idx, val)
+        for g_idx, g_val in gathered:
+            out.index_add_(0, g_idx.long(), g_val)
         return CollectiveResult(dense=out, bytes_sent=sent, bytes_recv=recv)

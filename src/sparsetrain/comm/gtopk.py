@@ -103,7 +103,7 @@ class GTopK(SparseCollective):
         Returns:
             ``CollectiveResult`` with ``indices`` and ``values`` and the bytes counted.
         """
-        wire = Wire(group, device_of(values))
+        wire = Wire(group, device_of(values, group))
         k = wire.agree(indices, values, numel, self.k, options={"k": self.k or 0})
         # Never more than the vector holds: every message has room for k entries.
         k = min(k, numel)

@@ -190,7 +190,7 @@ class OkTopk(SparseCollective):
             ``CollectiveResult`` with ``indices`` (sorted) and ``values``, the exact sums over
             ranks at those indices, and the bytes counted.
         """
-        wire = Wire(group, device_of(values))
+        wire = Wire(group, device_of(values, group))
         st = self._keys.get(key) or _KeyState()
         same = {
             "k": self.k or 0,
@@ -210,8 +210,7 @@ class OkTopk(SparseCollective):
 
         if st.bounds is None or st.step % self.repartition_every == 0:
             st.bounds = repartition(wire, idx, numel)
-        bounds = torch.tensor(st.bounds, dtype=torch.int64, device=values.device)
-        parts = split_by_bounds(idx, val, bounds)
+        parts = split_by_bounds(idx, val, st.bounds)
         sends = {q: pack(*parts[q]) for q in range(p) if q != rank}
         got = wire.alltoallv(sends, {q: 2 * parts[q][0].numel() for q in sends})
         red_i, red_v = merge(

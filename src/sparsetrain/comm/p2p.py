@@ -79,8 +79,13 @@ def _local_error(indices: Tensor, values: Tensor, numel: int) -> str | None:
     return None
 
 
-def input_error(indices: object, values: object, numel: object) -> str | None:
-    """Return what is wrong with one rank's (indices, values, numel), or None if nothing."""
+def input_error(
+    indices: object, values: object, numel: object, device: torch.device | None = None
+) -> str | None:
+    """Return what is wrong with one rank's (indices, values, numel), or None if nothing.
+
+    ``device`` is where the collective runs (:func:`device_of`); values elsewhere are an error.
+    """
     if not isinstance(indices, Tensor) or not isinstance(values, Tensor):
         return (
             f"indices and values must be tensors, got {type(indices).__name__} and "
@@ -88,7 +93,13 @@ def input_error(indices: object, values: object, numel: object) -> str | None:
         )
     if isinstance(numel, bool) or not isinstance(numel, int) or not 1 <= numel < 2**63:
         return f"numel must be a positive int below 2**63, got {numel!r}"
-    return _local_error(indices, values, numel)
+    error = _local_error(indices, values, numel)
+    if error is None and device is not None and values.device != device:
+        return (
+            f"indices and values are on {values.device}, but the collective runs on {device} "
+            "(the NCCL backend moves only CUDA memory)"
+        )
+    return error
 
 
 def error_type(error: str) -> type[Exception]:
@@ -129,10 +140,25 @@ def raise_disagreement(
         )
 
 
-def device_of(values: object) -> torch.device:
-    """The device of a collective's values (CPU for a non-tensor, whose error :meth:`Wire.agree`
-    reports on every rank)."""
-    return values.device if isinstance(values, Tensor) else torch.device("cpu")
+def device_of(values: object, group: dist.ProcessGroup | None = None) -> torch.device:
+    """The device for a collective's size headers and buffers: the values' device (CPU for a
+    non-tensor, whose error :meth:`Wire.agree` reports on every rank).
+
+    Under NCCL, which moves only CUDA memory, values that are not a CUDA tensor (bad input) get
+    the current CUDA device instead: the header must still cross the wire, so that the error is
+    raised on every rank rather than on this one alone while the others wait.
+    """
+    device = values.device if isinstance(values, Tensor) else torch.device("cpu")
+    if device.type != "cuda" and _backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _backend(group: dist.ProcessGroup | None) -> str | None:
+    """The backend name of ``group`` (None: the default group), or None without a process group."""
+    if not dist.is_available() or not dist.is_initialized():
+        return None
+    return str(dist.get_backend(group))
 
 
 class Wire:
@@ -181,7 +207,7 @@ class Wire:
                 disagree on numel, dtypes or ``options``; never only on some ranks, which would
                 leave the others waiting.
         """
-        error = input_error(indices, values, numel)
+        error = input_error(indices, values, numel, self.device)
         ok = error is None
         n = numel if ok else 0
         count = (indices.numel() if ok else 0) if k is None else k
@@ -367,11 +393,14 @@ def merge(parts: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     return coalesce(idx, val)
 
 
-def split_by_bounds(indices: Tensor, values: Tensor, bounds: Tensor) -> list[tuple[Tensor, Tensor]]:
+def split_by_bounds(
+    indices: Tensor, values: Tensor, bounds: Sequence[int]
+) -> list[tuple[Tensor, Tensor]]:
     """Split a sparse vector into the regions ``[bounds[j], bounds[j+1])``, sorted by index.
 
-    ``bounds`` holds the p+1 region edges (first 0, last numel), on the indices' device.
-    Sorted input is split as it is, without a sort.
+    ``bounds`` holds the p+1 region edges (first 0, last numel) as Python ints, which every
+    caller has already (no copy back from the device). Sorted input is split as it is, without
+    a sort.
     """
     if is_sorted(indices):
         idx, val = indices, values
@@ -381,8 +410,9 @@ def split_by_bounds(indices: Tensor, values: Tensor, bounds: Tensor) -> list[tup
     # Edges past the index dtype's range (int32 indices of a vector over 2**31 elements) lie
     # past every index; clamp them rather than let them wrap around.
     limit = torch.iinfo(idx.dtype).max
-    offsets = torch.searchsorted(idx, bounds.clamp(max=limit).to(idx.dtype)).tolist()
-    offsets = [idx.numel() if b > limit else o for b, o in zip(bounds.tolist(), offsets)]
+    edges = torch.tensor([min(int(b), limit) for b in bounds], dtype=idx.dtype, device=idx.device)
+    offsets = torch.searchsorted(idx, edges).tolist()
+    offsets = [idx.numel() if b > limit else o for b, o in zip(bounds, offsets)]
     counts = [offsets[j + 1] - offsets[j] for j in range(len(offsets) - 1)]
     return list(zip(torch.split(idx, counts), torch.split(val, counts)))
 

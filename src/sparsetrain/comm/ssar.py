@@ -85,7 +85,7 @@ class SSARRecursiveDoubling(SparseCollective):
         Returns:
             ``CollectiveResult`` with ``dense`` (values' dtype and device) and the bytes counted.
         """
-        wire = Wire(group, device_of(values))
+        wire = Wire(group, device_of(values, group))
         wire.agree(indices, values, numel)
         idx, val = coalesce(indices, values)
         p, rank = wire.world, wire.rank
@@ -144,8 +144,7 @@ def split_allgather(
             return block.view(torch.uint8), lengths[q]
         return pack(i, v), 2 * i.numel()
 
-    bounds = torch.tensor(edges, dtype=torch.int64, device=values.device)
-    parts = split_by_bounds(indices, values, bounds)
+    parts = split_by_bounds(indices, values, edges)
     sends, elems = {}, {}
     for q in range(p):
         if q != rank:
@@ -233,7 +232,7 @@ class SSARSplitAllgather(SparseCollective):
         key: str = "",
     ) -> CollectiveResult:
         """Return the dense sum over ranks; arguments as for :class:`SSARRecursiveDoubling`."""
-        wire = Wire(group, device_of(values))
+        wire = Wire(group, device_of(values, group))
         wire.agree(indices, values, numel)
         dense = split_allgather(wire, indices, values, numel, adaptive=False)
         t = wire.traffic

@@ -52,8 +52,9 @@ class RandomK(Compressor):
 
     Steps, per ``key``:
 
-    1. Draw k distinct indices from a generator seeded by ``(seed, key, step)``; every rank
-       draws the same ones (ranks must use the same ``seed``), so the payloads line up.
+    1. Draw k distinct indices from a CPU generator seeded by ``(seed, key, step)`` and copy
+       them to the tensor's device; every rank draws the same ones (ranks must use the same
+       ``seed``), so the payloads line up.
     2. Send the values there as they are.
     3. Decompress scatters the (summed) values back to the indices held in ``ctx``, scaled by
        ``numel / k`` when ``scale`` is on: each entry is kept with probability k / numel, so the
@@ -101,8 +102,12 @@ class RandomK(Compressor):
         k = k_for(n, self.density)
         step = self._steps.get(key, 0)
         self._steps[key] = step + 1
-        gen = seeded_generator(self.seed, key, step, flat.device)
-        idx = sample_without_replacement(n, k, gen, flat.device)
+        # Drawn on the CPU: which number a CUDA generator gives to which element depends on the
+        # GPU's number of SMs for large draws, so ranks on different GPU models (or MIG slices)
+        # would pick different indices and sum values from different positions.
+        cpu = torch.device("cpu")
+        idx = sample_without_replacement(n, k, seeded_generator(self.seed, key, step, cpu), cpu)
+        idx = idx.to(flat.device)
         values = torch.index_select(flat, 0, idx)
         return (values,), (TensorMeta.of(t), idx)
 

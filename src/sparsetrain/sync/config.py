@@ -7,9 +7,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from ..compressors import Compressor, compressor_class, get_compressor
+from .devices import on_device
 
 ON_NONFINITE = ("raise", "skip")
 
@@ -127,21 +129,26 @@ def check_consistent(
     layout: list[tuple[str, tuple[int, ...], str]],
     group: dist.ProcessGroup | None,
     extra: dict[str, Any] | None = None,
+    device: torch.device | None = None,
 ) -> None:
     """Raise on every rank if the ranks' configurations or models differ.
 
     Every rank contributes its configuration and parameter layout (name, shape, dtype); all ranks
     see all of them, so all raise the same error instead of hanging in mismatched collectives.
-    ``extra`` holds other settings that must agree (GradientSync's ``bucket_cap_mb``).
+    ``extra`` holds other settings that must agree (GradientSync's ``bucket_cap_mb``). ``device``
+    is the model's CUDA device, if any: under NCCL the object gather runs on the current CUDA
+    device, which is made ``device`` for it (not ``cuda:0`` on every rank when the caller never
+    called ``torch.cuda.set_device``).
     """
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return
     settings = {**config.to_dict(), **(extra or {})}
     mine = {"config": settings, "layout": [list(map(str, x)) for x in layout]}
     everyone: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(
-        everyone, json.loads(json.dumps(mine, sort_keys=True, default=str)), group=group
-    )
+    with on_device(device):
+        dist.all_gather_object(
+            everyone, json.loads(json.dumps(mine, sort_keys=True, default=str)), group=group
+        )
     ref = everyone[0]
     bad = [r for r, other in enumerate(everyone) if other != ref]
     if not bad:

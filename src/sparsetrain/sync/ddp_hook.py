@@ -12,8 +12,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from .config import SyncConfig, check_consistent, make_config
+from .devices import cuda_device_of, new_future
 from .engine import SyncEngine
-from .executor import SerialExecutor
+from .executor import SerialExecutor, complete
 
 
 class SyncState:
@@ -35,9 +36,9 @@ class SyncState:
         self._names = param_names
         self._executor = SerialExecutor()
         # Exchanges run on the calling (autograd) thread instead of the background one, when
-        # DDP itself issues collectives during backward (find_unused_parameters=True allreduces
-        # its map of used parameters): two threads would then pair up different collectives
-        # across ranks.
+        # something else issues collectives during backward (DDP under
+        # find_unused_parameters=True allreduces its map of used parameters, SyncBatchNorm its
+        # statistics): two threads would then pair up different collectives across ranks.
         self._inline = inline
         # Compression works per group of parameters, and DDP's groups (its buckets) change
         # after its first step, when it regroups them in the order backward produced them. A
@@ -58,7 +59,8 @@ class SyncState:
 
     def stats(self) -> dict[str, Any]:
         """Bytes sent by this rank so far, dense-equivalent bytes, seconds in compression and
-        communication, steps and skipped steps."""
+        communication (host wall time: on CUDA, launches and syncs, not kernel time), steps and
+        skipped steps; see :meth:`SyncEngine.stats`."""
         return self.engine.stats()
 
     def state_dict(self) -> dict[str, Any]:
@@ -112,11 +114,8 @@ class SyncState:
     def _submit(self, work, device: torch.device) -> torch.futures.Future:
         if not self._inline:
             return self._executor.submit(work, device)
-        fut: torch.futures.Future = torch.futures.Future()
-        try:
-            fut.set_result(work())
-        except BaseException as e:  # noqa: BLE001 - handed to the waiting DDP reducer
-            fut.set_exception(e)
+        fut = new_future(device)
+        complete(fut, work)  # on backward's current stream, which ran the work
         return fut
 
     def _regroup(
@@ -127,7 +126,7 @@ class SyncState:
         DDP waits for the buckets' futures only when backward ends, so holding them is safe; the
         step gives up overlapping its communication with backward."""
         if not last:
-            fut: torch.futures.Future = torch.futures.Future()
+            fut = new_future(flat.device)  # completed inside work(), on its stream
             self._pending.append((flat, names, shapes, fut))
             return fut
         pending, self._pending = [*self._pending, (flat, names, shapes, None)], []
@@ -177,6 +176,17 @@ def _hook(state: SyncState, bucket: dist.GradBucket) -> torch.futures.Future[tor
     return state._run_bucket(bucket)
 
 
+def runs_inline(ddp_model: DistributedDataParallel) -> bool:
+    """Whether the hook must run its exchanges on the autograd thread: when DDP
+    (``find_unused_parameters=True``) or a layer (``torch.nn.SyncBatchNorm``) issues collectives
+    during backward. From a second thread, the exchanges' collectives would interleave with
+    those differently on each rank and pair up mismatched collectives (a hang, or mixed data).
+    """
+    return bool(getattr(ddp_model, "find_unused_parameters", False)) or any(
+        isinstance(m, torch.nn.SyncBatchNorm) for m in ddp_model.module.modules()
+    )
+
+
 def register_ddp_hook(
     ddp_model: DistributedDataParallel,
     compressor: str = "threshold",
@@ -190,8 +200,9 @@ def register_ddp_hook(
     Registers a DDP communication hook: each gradient bucket is compensated with its error-feedback
     residual, compressed, exchanged (allreduce for summable payloads, a gather or a sparse
     collective otherwise) and averaged, asynchronously, while backward computes the next buckets.
-    Under ``find_unused_parameters=True`` DDP runs collectives of its own during backward, so the
-    exchanges then run on the backward thread, without that overlap.
+    Under ``find_unused_parameters=True`` DDP runs collectives of its own during backward, and
+    ``torch.nn.SyncBatchNorm`` layers do too, so with either the exchanges run on the backward
+    thread, without that overlap.
 
     Args:
         ddp_model: a ``DistributedDataParallel`` model (no hook registered yet).
@@ -226,8 +237,9 @@ def register_ddp_hook(
     for n, _, dt in layout:
         if dt not in ("torch.float32", "torch.float64", "torch.float16", "torch.bfloat16"):
             raise TypeError(f"parameter {n!r} has dtype {dt}; gradients must be floating point")
-    check_consistent(config, layout, process_group)
-    inline = bool(getattr(ddp_model, "find_unused_parameters", False))
+    device = cuda_device_of(p for _, p in named)
+    check_consistent(config, layout, process_group, device=device)
+    inline = runs_inline(ddp_model)
     state = SyncState(config, {id(p): n for n, p in named}, process_group, inline=inline)
     ddp_model.register_comm_hook(state, _hook)
     return state

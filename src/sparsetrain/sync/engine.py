@@ -27,7 +27,11 @@ from ..comm.gather import world_of
 from ..compressors.base import SparseCompressor
 from ..feedback import ErrorFeedback
 from .config import SyncConfig
+from .devices import on_device
 
+# Totals since construction (or the loaded state). The *_seconds are host wall-clock time
+# (time.perf_counter around the calls): on CUDA, where kernels and NCCL run asynchronously, they
+# measure kernel launches plus whatever host syncs fall inside, not the time the GPU spent.
 _COUNTERS = (
     "bytes_sent",
     "bytes_recv",
@@ -112,10 +116,20 @@ class SyncEngine:
         bucket: the first iteration after a restart (before DDP rebuilds its buckets) compresses
         exactly as the uninterrupted run does.
 
+        On CUDA, ``flat``'s device is the current device meanwhile: NCCL's point-to-point
+        batches run on the current device, which a caller of :class:`GradientSync` may have
+        left at ``cuda:0``.
+
         Raises:
             FloatingPointError: a rank's gradient has NaN or Inf and ``on_nonfinite="raise"``
                 (raised on every rank, naming the ranks and parameters).
         """
+        with on_device(flat.device):
+            return self._exchange_flat(flat, names, shapes)
+
+    def _exchange_flat(
+        self, flat: Tensor, names: Sequence[str], shapes: Sequence[torch.Size]
+    ) -> Tensor:
         numels = [math.prod(s) for s in shapes]
         if sum(numels) != flat.numel():
             raise ValueError(
@@ -418,6 +432,18 @@ class SyncEngine:
             self.aggregator.end_step()
 
     def stats(self) -> dict[str, Any]:
+        """Return the counters since construction (or the loaded state).
+
+        Keys: ``bytes_sent``, ``bytes_recv`` (by this rank), ``dense_bytes`` (what a ring
+        allreduce of the uncompressed gradients would have sent), ``bytes_ratio`` (sent / dense),
+        ``compress_seconds`` and ``comm_seconds``, ``steps``, ``skipped_steps``, and
+        ``aggregator`` with a robust rule's own stats.
+
+        ``compress_seconds`` and ``comm_seconds`` are host wall-clock time spent in the calls.
+        On CPU that is the work itself; on CUDA, kernels and NCCL collectives run asynchronously,
+        so they count kernel launches and the host syncs that happen to fall inside, not the time
+        the GPU spent compressing or communicating (profile with CUDA events or a profiler).
+        """
         out: dict[str, Any] = {
             k: (int(v) if k not in ("compress_seconds", "comm_seconds") else float(v))
             for k, v in self.counters.items()

@@ -5,6 +5,12 @@ the same order everywhere, so running each bucket's whole exchange (which may ta
 collectives) on one FIFO thread keeps that order, while backward goes on computing the next
 buckets: communication overlaps computation without any collective being issued from two threads.
 
+On CUDA, the work runs on the stream that was current when it was submitted (the one backward
+queued the gradients on), with that stream's device made current in the thread (a fresh thread's
+current device is 0: leaving the stream context would otherwise switch to, and create a context
+on, GPU 0 in every rank), and the Future is CUDA-aware and completed while that stream is
+current, so DDP's wait orders its use of the result after the exchange's kernels.
+
 The thread is a daemon so that an idle executor never keeps the interpreter alive, and it is
 stopped and joined at interpreter exit: a daemon thread still returning from a completed Future
 (C++ code) when the interpreter finalizes is killed mid-unwind, which aborts the process with
@@ -21,6 +27,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from .devices import new_future
 
 _STOP = object()
 _LIVE: weakref.WeakSet = weakref.WeakSet()
@@ -39,7 +47,7 @@ class SerialExecutor:
         self, fn: Callable[[], Any], device: torch.device | None = None
     ) -> torch.futures.Future:
         """Queue ``fn``; return a Future completed with its result (or its exception)."""
-        fut: torch.futures.Future = torch.futures.Future()
+        fut = new_future(device)
         stream = (
             torch.cuda.current_stream(device)
             if device is not None and device.type == "cuda"
@@ -69,16 +77,29 @@ class SerialExecutor:
             if item is _STOP:
                 return
             fn, fut, stream = item
+            if stream is None:
+                complete(fut, fn)
+                continue
             try:
-                if stream is not None:  # work on the stream that produced the gradients
-                    with torch.cuda.stream(stream):
-                        result = fn()
-                else:
-                    result = fn()
-            except BaseException as e:  # noqa: BLE001 - handed to the waiting DDP reducer
-                fut.set_exception(e)
-            else:
-                fut.set_result(result)
+                # The current device is per thread (0 in a fresh one); set it before entering
+                # the stream context, whose exit restores the previous stream of that device.
+                torch.cuda.set_device(stream.device)
+                with torch.cuda.stream(stream):  # work on the stream that produced the gradients
+                    complete(fut, fn)  # the Future records events on this stream
+            except BaseException as e:  # noqa: BLE001 - the device, stream or set_result failed
+                if not fut.done():  # a waiting DDP reducer must not wait forever
+                    fut.set_exception(e)
+
+
+def complete(fut: torch.futures.Future, fn: Callable[[], Any]) -> None:
+    """Complete ``fut`` with ``fn()``'s result or its exception (on CUDA, call it with the stream
+    that ran ``fn`` current: a CUDA-aware Future records its events there)."""
+    try:
+        result = fn()
+    except BaseException as e:  # noqa: BLE001 - handed to the waiting DDP reducer
+        fut.set_exception(e)
+    else:
+        fut.set_result(result)
 
 
 @atexit.register

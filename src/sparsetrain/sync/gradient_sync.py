@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import check_consistent, make_config
+from .devices import cuda_device_of
 from .engine import SyncEngine
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -62,7 +63,13 @@ class GradientSync:
                 )
         layout = [(n, tuple(p.shape), str(p.dtype)) for n, p in self.params]
         # Buckets decide which collectives run: ranks with other sizes would not pair up.
-        check_consistent(self.config, layout, process_group, {"bucket_cap_mb": bucket_cap_mb})
+        check_consistent(
+            self.config,
+            layout,
+            process_group,
+            {"bucket_cap_mb": bucket_cap_mb},
+            device=cuda_device_of(p for _, p in self.params),
+        )
         self.engine = SyncEngine(self.config, process_group)
         self.buckets = self._make_buckets(bucket_cap_mb * 2**20)
 
@@ -112,6 +119,9 @@ class GradientSync:
         return self.engine.skipped_last_step
 
     def stats(self) -> dict[str, Any]:
+        """Bytes sent by this rank so far, dense-equivalent bytes, seconds in compression and
+        communication (host wall time: on CUDA, launches and syncs, not kernel time), steps and
+        skipped steps; see :meth:`SyncEngine.stats`."""
         return self.engine.stats()
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,41 @@
+"""CUDA placement of the sync layer's work: which device is current, and Futures that carry
+stream order to DDP. On any other device every helper here does nothing beyond what it did
+without CUDA: a plain Future, no device switch."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
+
+import torch
+
+
+def cuda_device_of(tensors: Iterable[torch.Tensor]) -> torch.device | None:
+    """Return the device of the first CUDA tensor in ``tensors`` (a model's parameters), or None."""
+    return next((t.device for t in tensors if t.device.type == "cuda"), None)
+
+
+def on_device(device: torch.device | None) -> AbstractContextManager:
+    """Make ``device`` the current CUDA device inside the block; do nothing for None or another
+    device type.
+
+    Under NCCL, object collectives (``all_gather_object``) and point-to-point batches run on the
+    *current* device, not the tensors' one; a caller who moved the model to ``cuda:<local_rank>``
+    without ``torch.cuda.set_device`` would otherwise have every rank use ``cuda:0``.
+    """
+    if device is not None and device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def new_future(device: torch.device | None) -> torch.futures.Future:
+    """Return a Future for a result on ``device``: CUDA-aware for a CUDA device.
+
+    A CUDA-aware Future records events on the current streams when ``set_result`` is called (so
+    it must be called with the producing stream current), and makes whoever waits on it wait
+    for them; a plain Future does no stream synchronisation. Any other device gets a plain one.
+    """
+    if device is not None and device.type == "cuda":
+        return torch.futures.Future(devices=[device])
+    return torch.futures.Future()
