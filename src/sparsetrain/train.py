@@ -232,10 +232,12 @@ class TrainConfig:
                 f"and no aggregator or attack, got compressor={self.compressor!r}, "
                 f"aggregator={self.aggregator!r}, attack={self.attack!r}"
             )
-        if self.byzantine >= self.workers:
+        # Under torchrun the job's size is WORLD_SIZE, whatever workers says (launch() sets it).
+        world = int(os.environ["WORLD_SIZE"]) if under_torchrun() else self.workers
+        if self.byzantine >= world:
             raise ValueError(
                 f"byzantine must be smaller than workers (some ranks must be honest), got "
-                f"byzantine={self.byzantine} with workers={self.workers}"
+                f"byzantine={self.byzantine} with workers={world}"
             )
         if self.byzantine and self.attack is None:
             raise ValueError("byzantine > 0 needs an attack name (attack=...)")
@@ -269,13 +271,10 @@ class TrainConfig:
             from .robust import get_aggregator, get_attack
 
             get_aggregator(
-                self.aggregator or "mean",
-                n=self.workers,
-                f=self.byzantine,
-                **self.aggregator_options,
+                self.aggregator or "mean", n=world, f=self.byzantine, **self.aggregator_options
             )
             if self.attack is not None:
-                get_attack(self.attack, n=self.workers, f=self.byzantine, **self.attack_options)
+                get_attack(self.attack, n=world, f=self.byzantine, **self.attack_options)
 
     def hook_arguments(self) -> tuple[float | None, dict[str, Any]]:
         """(density, options) for :func:`sparsetrain.register_ddp_hook` with this run's

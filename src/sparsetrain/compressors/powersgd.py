@@ -157,8 +157,11 @@ class PowerSGD(Compressor):
         qs = self._q.get(key)
         if qs is not None and [tuple(q.shape) for q in qs] == shapes:
             return [q.to(device=like.device, dtype=like.dtype) for q in qs]
-        gen = seeded_generator(self.seed, key, 0, like.device)
-        return [torch.randn(s, generator=gen, device=like.device, dtype=like.dtype) for s in shapes]
+        # Drawn on the CPU and copied: every rank must start from the same Q, and which number a
+        # CUDA generator gives to which element depends on the GPU's number of SMs for large
+        # draws (ranks on different GPU models or MIG slices would differ).
+        gen = seeded_generator(self.seed, key, 0, torch.device("cpu"))
+        return [torch.randn(s, generator=gen, dtype=like.dtype).to(like.device) for s in shapes]
 
     # ---- the two rounds ----------------------------------------------------------------------
     def compress(

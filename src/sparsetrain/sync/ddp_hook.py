@@ -5,6 +5,7 @@ No postponed annotations here: DDP checks the hook's annotations at run time.
 
 import copy
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ class SyncState:
         param_names: dict[int, str],
         group: dist.ProcessGroup | None,
         inline: bool = False,
+        ddp_model: DistributedDataParallel | None = None,
     ):
         self.config = config
         self.engine = SyncEngine(config, group)
@@ -41,14 +43,16 @@ class SyncState:
         # statistics): two threads would then pair up different collectives across ranks.
         self._inline = inline
         # Compression works per group of parameters, and DDP's groups (its buckets) change
-        # after its first step, when it regroups them in the order backward produced them. A
-        # model built again to resume starts with DDP's first groups, so the state records the
-        # groups each step exchanged, and the step after a load exchanges the saved ones.
+        # once, when it rebuilds them in the order backward produced the gradients (before its
+        # second iteration; its third under static_graph). A model built again to resume starts
+        # with DDP's first groups, so the state records the groups each step exchanged, and the
+        # steps after a load exchange the saved ones until DDP has rebuilt its buckets.
+        self._ddp = weakref.ref(ddp_model) if ddp_model is not None else None
         self._groups: list[list[str]] = []  # those of the last complete step
         self._groups_now: list[list[str]] = []
-        self._groups_initial = True  # they were DDP's first buckets (a process's first step)
+        self._groups_initial = True  # they were DDP's first buckets, which it will rebuild
         self._stepped = False  # a step has run in this process
-        self._target: list[list[str]] | None = None  # what a loaded state asks of the next step
+        self._target: list[list[str]] | None = None  # what a loaded state asks of the next steps
         self._pending: list[tuple[torch.Tensor, list[str], list[torch.Size], Any]] = []
 
     # The public surface -------------------------------------------------------------------
@@ -65,7 +69,8 @@ class SyncState:
 
     def state_dict(self) -> dict[str, Any]:
         """The engine's state, and the groups of parameters the last step exchanged (None when
-        those were DDP's first buckets, which it regroups at the next step anyway)."""
+        those were DDP's first buckets, which it has yet to rebuild into groups not known yet:
+        a run resumed from such a state compresses other groups than the uninterrupted one)."""
         if self._target is not None:
             groups = self._target
         else:
@@ -95,11 +100,15 @@ class SyncState:
         flat = bucket.buffer()
         last = bucket.is_last()
         if self._target is not None:
-            return self._regroup(flat, names, shapes, last)
+            if self._ddp_state() != (True, True):
+                return self._regroup(flat, names, shapes, last)
+            self._target = None  # DDP has rebuilt its buckets: they are the saved groups now
         self._groups_now.append(sorted(names))
         if last:
             self._groups, self._groups_now = self._groups_now, []
-            self._groups_initial, self._stepped = not self._stepped, True
+            state = self._ddp_state()
+            provisional = not self._stepped if state is None else state == (False, True)
+            self._groups_initial, self._stepped = provisional, True
 
         def work() -> torch.Tensor:
             try:
@@ -111,6 +120,19 @@ class SyncState:
 
         return self._submit(work, flat.device)
 
+    def _ddp_state(self) -> tuple[bool, bool] | None:
+        """(whether DDP has rebuilt its buckets, whether it ever will), or None where that is not
+        known (no model, or a DDP without the attribute): then only a process's first step is
+        taken to run on DDP's first buckets."""
+        ddp = self._ddp() if self._ddp is not None else None
+        if ddp is None or not isinstance(getattr(ddp, "_has_rebuilt_buckets", None), bool):
+            return None
+        # DDP rebuilds unless it looks for unused parameters in a graph that is not static.
+        will = bool(getattr(ddp, "static_graph", False)) or not bool(
+            getattr(ddp, "find_unused_parameters", False)
+        )
+        return ddp._has_rebuilt_buckets, will
+
     def _submit(self, work, device: torch.device) -> torch.futures.Future:
         if not self._inline:
             return self._executor.submit(work, device)
@@ -121,23 +143,29 @@ class SyncState:
     def _regroup(
         self, flat: torch.Tensor, names: list[str], shapes: list[torch.Size], last: bool
     ) -> torch.futures.Future:
-        """The first step after a load: hold DDP's buckets until the last one, then exchange
-        the saved groups of parameters (in their order) and write the results into the buckets.
-        DDP waits for the buckets' futures only when backward ends, so holding them is safe; the
-        step gives up overlapping its communication with backward."""
+        """A step after a load, before DDP has rebuilt its buckets: hold them until the last one,
+        then exchange the saved groups of parameters (in their order) and write the results into
+        the buckets. DDP waits for the buckets' futures only when backward ends, so holding them
+        is safe; the step gives up overlapping its communication with backward. A group that
+        fails (a NaN under on_nonfinite="raise") does not keep the others from their exchange,
+        as separate buckets would not; the first error reaches every bucket's future."""
         if not last:
             fut = new_future(flat.device)  # completed inside work(), on its stream
             self._pending.append((flat, names, shapes, fut))
             return fut
         pending, self._pending = [*self._pending, (flat, names, shapes, None)], []
-        target, self._target = self._target, None
+        target = self._target
         have = sorted(n for _, ns, _, _ in pending for n in ns)
         if sorted(n for g in target for n in g) != have:  # another model: DDP's own buckets
             target = [sorted(ns) for _, ns, _, _ in pending]
+            self._target = None
+        elif self._ddp_state() != (False, True):
+            self._target = None  # DDP will not rebuild (or we cannot tell): one step is all
         self._groups, self._groups_now = target, []
         self._groups_initial, self._stepped = False, True
 
         def work() -> torch.Tensor:
+            first: BaseException | None = None
             try:
                 where: dict[str, tuple[torch.Tensor, torch.Size]] = {}
                 for buf, ns, shs, _ in pending:
@@ -147,17 +175,23 @@ class SyncState:
                         where[n] = (piece, shape)
                 for group in target:
                     pieces = [where[n][0] for n in group]
-                    out = self.engine.exchange(
-                        torch.cat(pieces), group, [where[n][1] for n in group]
-                    )
+                    try:
+                        out = self.engine.exchange(
+                            torch.cat(pieces), group, [where[n][1] for n in group]
+                        )
+                    except Exception as e:  # noqa: BLE001 - raised after the other groups
+                        first = first or e
+                        continue
                     for piece, res in zip(pieces, torch.split(out, [p.numel() for p in pieces])):
                         piece.copy_(res)
             except BaseException as e:
-                for _, _, _, f in pending[:-1]:
-                    f.set_exception(e)
-                raise
+                first = first or e
             finally:
                 self.engine.end_step()
+            if first is not None:
+                for _, _, _, f in pending[:-1]:
+                    f.set_exception(first)
+                raise first
             for buf, _, _, f in pending[:-1]:
                 f.set_result(buf)
             return pending[-1][0]
@@ -240,6 +274,8 @@ def register_ddp_hook(
     device = cuda_device_of(p for _, p in named)
     check_consistent(config, layout, process_group, device=device)
     inline = runs_inline(ddp_model)
-    state = SyncState(config, {id(p): n for n, p in named}, process_group, inline=inline)
+    state = SyncState(
+        config, {id(p): n for n, p in named}, process_group, inline=inline, ddp_model=ddp_model
+    )
     ddp_model.register_comm_hook(state, _hook)
     return state
