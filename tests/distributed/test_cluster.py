@@ -99,10 +99,10 @@ def test_exception_inside_block_tears_down():
 def test_failing_rank_kills_the_others_and_reports(tmp_path):
     script = "import os, sys, time\nif os.environ['RANK'] == '1': sys.exit(3)\ntime.sleep(60)\n"
     with EmulatedCluster(3) as cluster:
-        t0 = time.monotonic()
-        with pytest.raises(ClusterError, match=r"rank\(s\) \[1\] exited with \[3\]"):
+        with pytest.raises(ClusterError, match=r"rank\(s\) \[1\] exited with \[3\]") as exc:
             cluster.run([sys.executable, "-c", script], timeout=30, show_rank0=False)
-        assert time.monotonic() - t0 < 30  # did not wait for the sleepers
+        # Had run() waited for the sleepers, the 30 s timeout would have fired first.
+        assert not isinstance(exc.value, ClusterTimeoutError)
         assert subprocess.run(["ip", "netns", "pids", cluster.namespace(0)],
                               capture_output=True, text=True).stdout.strip() == ""  # fmt: skip
     assert list_namespaces(cluster.prefix) == []
@@ -111,21 +111,22 @@ def test_failing_rank_kills_the_others_and_reports(tmp_path):
 @needs_root
 def test_ranks_reach_each_other_with_torchrun_environment(tmp_path):
     out = tmp_path / "env"
+    names = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GLOO_SOCKET_IFNAME"]
     script = textwrap.dedent(
         f"""
         import os, socket
         r = int(os.environ["RANK"])
         with open("{out}" + str(r), "w") as f:
-            f.write(os.environ["MASTER_ADDR"] + " " + os.environ["WORLD_SIZE"] + " " +
-                    os.environ["GLOO_SOCKET_IFNAME"])
+            f.write(" ".join(os.environ[k] for k in {names!r}))
+        addr = (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
         if r == 0:
-            s = socket.create_server((os.environ["MASTER_ADDR"], 29511)); c, _ = s.accept()
+            s = socket.create_server(addr); c, _ = s.accept()
             assert c.recv(5) == b"hello"
         else:
             import time
             for _ in range(100):
                 try:
-                    socket.create_connection((os.environ["MASTER_ADDR"], 29511)).sendall(b"hello")
+                    socket.create_connection(addr).sendall(b"hello")
                     break
                 except OSError:
                     time.sleep(0.05)
@@ -135,7 +136,11 @@ def test_ranks_reach_each_other_with_torchrun_environment(tmp_path):
     )
     with EmulatedCluster(2) as cluster:
         cluster.run([sys.executable, "-c", script], timeout=30, show_rank0=False)
-        assert (tmp_path / "env1").read_text() == f"{cluster.address(0)} 2 {cluster.interface}"
+        for r in range(2):
+            env = cluster.environment(r)
+            assert env["RANK"] == str(r) and env["MASTER_ADDR"] == cluster.address(0)
+            want = " ".join(env[k] for k in names)
+            assert (tmp_path / f"env{r}").read_text() == want
 
 
 @needs_root
@@ -218,6 +223,8 @@ def test_a_caught_ctrl_c_does_not_mute_the_next_one(tmp_path):
 
 @needs_root
 def test_cleanup_removes_leftovers_of_dead_runs_only():
+    # Every cleanup() here is scoped to names this test made: a default-prefix call would also
+    # remove other runs' leftovers on the host, and include_live=True would kill live runs.
     dead = subprocess.Popen(["true"])
     dead.wait()
     stale = f"st-{dead.pid}-deadbeef-0"
@@ -227,12 +234,16 @@ def test_cleanup_removes_leftovers_of_dead_runs_only():
     for ns in (stale, live, *foreign):
         subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
-        removed = cleanup()
-        assert stale in removed
-        assert live not in removed and live in list_namespaces(live)
-        assert live in cleanup(live, include_live=True)
+        # The dead pid's scope holds the stale run and two foreign names of the same pid: only
+        # the name pattern keeps the foreign ones.
+        assert cleanup(f"st-{dead.pid}-") == [stale]
+        assert cleanup(live) == [] and live in list_namespaces(live)  # its owner is alive
+        assert cleanup(live, include_live=True) == [live]
         assert set(foreign) <= set(list_namespaces())
-        assert not set(foreign) & set(cleanup(include_live=True))
+        assert cleanup(f"st-{dead.pid}-") == []
+        # No name under "st-test" can be of this module's pattern, so even include_live is safe.
+        assert cleanup("st-test", include_live=True) == []
+        assert set(foreign) <= set(list_namespaces())
     finally:
         for ns in (stale, live, *foreign):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
@@ -361,18 +372,24 @@ def test_token_bucket_bursts_are_about_a_millisecond_of_traffic():
 
 
 @pytest.mark.parametrize(
-    "kwargs, error",
+    "kwargs, error, message",
     [
-        ({"ranks": 2, "bandwidth": "0.5bit"}, ValueError),  # tc would get "rate 0bit"
-        ({"ranks": 1}, ValueError),
-        ({"ranks": 2.0}, TypeError),
-        ({"ranks": 2, "bandwidth": "1 gigabit"}, ValueError),
-        ({"ranks": 2, "bandwidth": "0gbit"}, ValueError),
-        ({"ranks": 2, "latency": "-1ms"}, ValueError),
-        ({"ranks": 2, "latency": "5 fortnights"}, ValueError),
-        ({"ranks": 2, "mtu": 10}, ValueError),
+        # tc would get "rate 0bit"
+        ({"ranks": 2, "bandwidth": "0.5bit"}, ValueError, "bandwidth must be at least 1kbit"),
+        ({"ranks": 1}, ValueError, "ranks must be between 2 and 1024, got 1"),
+        ({"ranks": 2.0}, TypeError, "ranks must be an int, got 2.0"),
+        ({"ranks": 2, "bandwidth": "1 gigabit"}, ValueError, "unknown unit 'gigabit'"),
+        ({"ranks": 2, "bandwidth": "0gbit"}, ValueError, "bandwidth must be positive"),
+        ({"ranks": 2, "latency": "-1ms"}, ValueError, "duration must not be negative"),
+        ({"ranks": 2, "latency": "5 fortnights"}, ValueError, "unknown unit 'fortnights'"),
+        ({"ranks": 2, "mtu": 10}, ValueError, r"mtu must be an int in \[576, 65535\], got 10"),
     ],
 )
-def test_bad_options_are_refused_before_anything_is_built(kwargs, error):
-    with pytest.raises(error):
-        EmulatedCluster(**kwargs)
+def test_bad_options_are_refused_before_anything_is_built(kwargs, error, message):
+    ours = f"st-{os.getpid()}-"  # every cluster this process builds is named so
+    before = list_namespaces(ours) if shutil.which("ip") else []
+    with pytest.raises(error, match=message) as exc:
+        with EmulatedCluster(**kwargs):
+            pass
+    assert type(exc.value) is error
+    assert (list_namespaces(ours) if shutil.which("ip") else []) == before

@@ -425,24 +425,51 @@ def test_cluster_timeout_is_reported_and_removes_the_temp_folder(fake_cluster, t
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
+class FakeClock:
+    """The ``time`` module with a monotonic clock that only the fake's sleeps advance."""
+
+    _real = time
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def __getattr__(self, name):
+        return getattr(FakeClock._real, name)
+
+
 def test_cluster_timeout_bounds_the_link_probes_and_the_collectives_together(
-    fake_cluster, tmp_path
+    fake_cluster, tmp_path, monkeypatch
 ):
     # The probes used to get their own allowance (a minute and more), whatever --timeout said.
+    # A fake clock for the command and the stand-in: the budgets are exact, whatever the load.
+    import sys
+
+    from sparsetrain.commands import bench
+
+    clock = FakeClock()
+    monkeypatch.setattr(bench, "time", clock)
+    monkeypatch.setattr(sys.modules[__name__], "time", clock)  # FakeCluster's sleep(0.3)
     argv = ["bench", "cluster", "--out", str(tmp_path / "out"), "--sizes", "1M", "--timeout", "10"]
     assert main(argv) == 0
     timeouts = fake_cluster.instances[0].timeouts
-    assert 9.5 < timeouts["bandwidth"] <= 10
+    assert timeouts["bandwidth"] == 10
     # One budget: what the bandwidth probe took (0.3 s) is not left for the rest.
-    assert timeouts["run"] <= timeouts["rtt"] <= timeouts["bandwidth"] - 0.3
+    assert timeouts["rtt"] == pytest.approx(10 - 0.3, abs=1e-9)
+    assert timeouts["run"] == pytest.approx(10 - 0.3, abs=1e-9)
 
 
 def test_a_link_probe_that_hangs_is_stopped_by_the_timeout(fake_cluster, tmp_path, capsys):
     fake_cluster.fail = "probe hangs"
     out = tmp_path / "out"
-    t0 = time.monotonic()
     assert main(["bench", "cluster", "--out", str(out), "--timeout", "0.5"]) == 1
-    assert time.monotonic() - t0 < 5
+    # The probe got what was left of --timeout (the stand-in sleeps that long, at most 5 s).
+    assert 0 < fake_cluster.instances[0].timeouts["bandwidth"] <= 0.5
     err = capsys.readouterr().err
     assert "link probe (bulk TCP from rank 0 to rank 1) did not finish within 0.5 s" in err
     assert "(--timeout 0.5 s bounds the link probes and the collectives together)" in err
