@@ -263,6 +263,18 @@ def test_sparse_collectives(world, results):
     their definitions; Ok-Topk sends under 6k elements; bad input fails on every rank."""
     results = [results[r][world] for r in range(world)]
 
+    # The allgather pads every rank's payload to the largest one, and the padding is charged:
+    # the ring allgather formula, (p-1)/p * B, over B = the size headers (p ranks' 6 int64s:
+    # two byte lengths, the error flag, numel, two dtype codes) plus p payloads of the largest
+    # count. In case 3 rank 1 sends no entries and still pays for the widest payload.
+    seed, numel, count, dtype, idx_dtype = EXACT_CASES[2]
+    assert seed == 3 and count(1) == 0
+    widest = max(count(r) for r in range(world)) * (idx_dtype.itemsize + dtype.itemsize)
+    padded = round((world - 1) / world * (world * 6 * 8 + world * widest))
+    assert padded == (world - 1) * (48 + 12 * max(30 + r for r in range(world) if r != 1))
+    for r in range(world):
+        assert results[r]["exact"][2]["allgather"] == padded, (r, results[r]["exact"][2])
+
     # gTop-k: the tree-merge definition, identical on every rank.
     for case in range(len(results[0]["gtopk"])):
         seed, numel, count, _, _ = results[0]["gtopk"][case]

@@ -253,3 +253,20 @@ def test_oktopk_state_round_trips_exactly():
 def test_oktopk_refuses_a_malformed_state(bad, match):
     with pytest.raises(ValueError, match=match):
         OkTopk().load_state_dict({"keys": bad})
+
+
+def test_byte_accounting_follows_the_ring_formulas_worked_by_hand():
+    from sparsetrain.comm.accounting import ring_allgather_bytes, ring_allreduce_bytes
+
+    # Ring allreduce: 2 (p-1)/p * n * b. 1000 float32 on 4 ranks: 2 * 3/4 * 4000 = 6000.
+    assert ring_allreduce_bytes(1000, 4, 4) == 6000
+    assert ring_allreduce_bytes(1000, 4, 2) == 4000  # 2 * 1/2 * 4000
+    assert ring_allreduce_bytes(1000, 2, 8) == 3500  # float16: 2 * 7/8 * 2000
+    assert ring_allreduce_bytes(10, 4, 3) == 53  # 2 * 2/3 * 40 = 53.33..., rounded
+    # Ring allgather of blocks totalling B: (p-1)/p * B. 800 B on 4 ranks: 600.
+    assert ring_allgather_bytes(800, 4) == 600
+    assert ring_allgather_bytes(800, 2) == 400
+    assert ring_allgather_bytes(100, 3) == 67  # 66.66..., rounded
+    # One rank sends nothing.
+    assert ring_allreduce_bytes(1000, 4, 1) == 0
+    assert ring_allgather_bytes(800, 1) == 0
