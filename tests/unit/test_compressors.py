@@ -168,8 +168,16 @@ def test_sparse_compressors_accept_an_empty_tensor(name):
 
 def test_threshold_with_a_sample_smaller_than_one_run_estimates_from_every_value():
     c = make("threshold", density=0.1, sample_kept=1)  # a sample of 10 values: under one run
-    (idx, _), _ = c.compress(torch.randn(1000, generator=torch.Generator().manual_seed(0)), key="a")
-    assert 50 <= idx.numel() <= 200
+    g = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    (idx, _), _ = c.compress(g, key="a")
+    # An estimate from every value is exact: the k = 100 largest magnitudes, no more, no fewer
+    # (a sampled estimate, e.g. sample_kept=2, keeps 74 of this input).
+    top = torch.topk(g.abs(), 100)
+    assert idx.numel() == 100
+    assert torch.equal(idx.long(), torch.sort(top.indices).values)
+    # The threshold sits just below the 100th magnitude, and a count of exactly k leaves it there.
+    kth = top.values[-1]
+    assert c.state_dict()["a"]["threshold"] == float(torch.nextafter(kth, torch.zeros_like(kth)))
 
 
 def test_randomk_ranks_draw_the_same_indices_and_new_ones_each_step():
@@ -219,26 +227,43 @@ def test_topk_keeps_exactly_the_k_largest_magnitudes(n, density, seed):
     assert torch.equal(vals, t[idx.long()])
 
 
+def decoded_samples(c, x: torch.Tensor, copies: int = 50, calls: int = 100) -> torch.Tensor:
+    """``copies * calls`` independent decodes of ``x`` (one bucket per copy), one a row."""
+    n = x.numel()
+    return torch.cat(
+        [roundtrip(c, x.repeat(copies), key="u").view(copies, n) for _ in range(calls)]
+    )
+
+
+def unbiased(c, x: torch.Tensor) -> bool:
+    """Whether every entry's sample mean over many decodes of ``x`` is within 5 standard
+    errors of the true value."""
+    samples = decoded_samples(c, x)
+    mean, std = samples.mean(0), samples.std(0)
+    return bool(((mean - x).abs() <= 5 * std / math.sqrt(len(samples)) + 1e-12).all())
+
+
+UNBIASED_X = torch.randn(64, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+UNBIASED_X *= torch.linspace(0.01, 3, 64, dtype=torch.float64)
+
+
 @pytest.mark.parametrize("name", ["qsgd", "terngrad", "randomk"])
 def test_randomised_compressors_are_unbiased(name):
     torch.manual_seed(4)
-    x = torch.randn(64, dtype=torch.float64) * torch.linspace(0.01, 3, 64, dtype=torch.float64)
-    copies = 50  # one bucket per copy of x: every call gives 50 independent samples
     options = {"density": 0.25} if name == "randomk" else {"bucket_size": 64}
-    c = make(name, **options)
-    samples = torch.cat(
-        [roundtrip(c, x.repeat(copies), key="u").view(copies, 64) for _ in range(100)]
-    )
-    mean, std = samples.mean(0), samples.std(0)
-    # Each entry's sample mean is within 5 standard errors of the true value.
-    assert ((mean - x).abs() <= 5 * std / math.sqrt(len(samples)) + 1e-12).all()
-    assert (std > 0).any()  # it is random, not the identity
+    assert unbiased(make(name, **options), UNBIASED_X)
+    assert (decoded_samples(make(name, **options), UNBIASED_X, calls=2).std(0) > 0).any()
 
 
-def test_signsgd_is_biased_so_the_unbiasedness_check_can_fail():
-    x = torch.tensor([10.0, 0.1, -0.1, -1.0], dtype=torch.float64)
-    c = make("signsgd", bucket_size=None)
-    assert not torch.allclose(roundtrip(c, x), x, atol=1.0)
+def test_the_unbiasedness_check_rejects_biased_compressors():
+    # The negative controls of the check above. Random-k without scaling is random (its spread
+    # widens the check's slack) and biased: its mean is density * x.
+    torch.manual_seed(4)
+    biased_random = make("randomk", density=0.25, scale=False)
+    assert (decoded_samples(biased_random, UNBIASED_X, calls=2).std(0) > 0).any()
+    assert not unbiased(biased_random, UNBIASED_X)
+    # signsgd is deterministic and biased (a scaled sign).
+    assert not unbiased(make("signsgd", bucket_size=None), UNBIASED_X)
 
 
 # ---- what error feedback gets back ------------------------------------------------------------
@@ -252,7 +277,9 @@ def test_sparse_residual_is_exactly_the_unsent_entries(name):
     sent[idx.long()] = True
     assert torch.equal(residual[sent], torch.zeros(int(sent.sum())))
     assert torch.equal(residual[~sent], t[~sent])
-    assert (t[sent].abs().min() >= t[~sent].abs().max()) or name == "threshold"
+    # Both send the largest magnitudes: threshold sends |t| > tau (cut to the top k of those if
+    # too many pass), so nothing left in the residual is larger than what was sent.
+    assert t[sent].abs().min() >= t[~sent].abs().max()
 
 
 def test_signsgd_residual_is_orthogonal_to_the_sent_signs_per_bucket():

@@ -17,7 +17,7 @@ from sparsetrain.pruning import (
     woodfisher_prune,
 )
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(("n", "block", "damping"), [(5, 6, 1e-1), (40, 8, 1e-3), (64, 16, 1e-2)])

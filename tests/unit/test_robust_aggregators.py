@@ -92,10 +92,35 @@ def test_bucketing_averages_buckets_before_the_base_rule():
     assert torch.equal(
         aggregate("bucketing", x, f=2, base="median", bucket_size=1), aggregate("median", x, f=2)
     )
-    # the same seed and step give the same buckets on every call
-    assert torch.equal(
-        aggregate("bucketing", x, f=1, bucket_size=2), aggregate("bucketing", x, f=1, bucket_size=2)
+
+
+def _bucketing_reference(x: torch.Tensor, f: int, s: int, seed: int, step: int) -> torch.Tensor:
+    """The definition: shuffle the rows by the permutation seeded by (seed, step), average
+    consecutive groups of s (the last may be smaller), take the median of the means."""
+    g = torch.Generator().manual_seed(key_seed(seed, step, ""))
+    perm = torch.randperm(x.shape[0], generator=g)
+    means = torch.stack([part.mean(0) for part in x[perm].split(s)])
+    return aggregate("median", means, f=f)
+
+
+def test_bucketing_uses_the_seeded_permutation_of_each_step():
+    # Heterogeneous rows (row i near i): which rows share a bucket changes the median of the
+    # bucket means, so a permutation that ignored the seed or the step would be seen.
+    x = torch.arange(7, dtype=torch.float64)[:, None] + 0.1 * torch.randn(
+        7, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64
     )
+    b = get_aggregator("bucketing", n=7, f=1, base="median", bucket_size=2)
+    outs = []
+    for step in range(3):
+        out = b(x)
+        assert torch.equal(out, _bucketing_reference(x, f=1, s=2, seed=0, step=step)), step
+        outs.append(out)
+        b.end_step()
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
+    other_seed = get_aggregator("bucketing", n=7, f=1, base="median", bucket_size=2, seed=1)
+    out = other_seed(x)
+    assert torch.equal(out, _bucketing_reference(x, f=1, s=2, seed=1, step=0))
+    assert not torch.equal(out, outs[0])
 
 
 def test_bucketing_sums_each_bucket_in_permutation_order():

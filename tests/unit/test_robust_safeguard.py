@@ -96,6 +96,10 @@ def test_state_round_trip_is_exact():
     assert a.stats() == b.stats()
     sa, sb = a.state_dict(), b.state_dict()
     assert torch.equal(sa["good"], sb["good"])
+    assert sa["acc"].keys() == sb["acc"].keys() == {"x", "y"}  # the loop below checks something
+    assert all(sa["acc"].values()) and all(
+        sa["acc"][k].keys() == sb["acc"][k].keys() for k in sa["acc"]
+    )
     for k in sa["acc"]:
         for w in sa["acc"][k]:
             assert torch.equal(sa["acc"][k][w], sb["acc"][k][w])

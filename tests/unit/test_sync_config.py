@@ -34,21 +34,39 @@ def test_option_the_compressor_does_not_take_is_named():
 
 
 @pytest.mark.parametrize(
-    ("options", "message"),
+    ("options", "error", "message"),
     [
-        ({"on_nonfinite": "ignore"}, "on_nonfinite must be one of"),
-        ({"dense_warmup_steps": -1}, "dense_warmup_steps"),
-        ({"collective": "ring"}, "unknown collective 'ring'"),
-        ({"byzantine": 1}, "needs an attack"),
-        ({"error_feedback": 0}, "error_feedback must be True, False or None"),
-        ({"aggregator_options": {"trim": 1}}, "aggregator_options given without an aggregator"),
-        ({"bucket_cap_mb": float("nan")}, "bucket_cap_mb must be a finite number > 0"),
-        ({"bucket_cap_mb": "25"}, "bucket_cap_mb must be a finite number > 0, got '25'"),
+        (
+            {"on_nonfinite": "ignore"},
+            ValueError,
+            r"on_nonfinite must be one of \('raise', 'skip'\)",
+        ),
+        ({"dense_warmup_steps": -1}, ValueError, "dense_warmup_steps must be an integer >= 0"),
+        (
+            {"collective": "ring"},
+            ValueError,
+            "unknown collective 'ring'; valid names are: allgather",
+        ),
+        ({"byzantine": 1}, ValueError, r"byzantine > 0 needs an attack name \(attack=...\)"),
+        ({"error_feedback": 0}, TypeError, "error_feedback must be True, False or None, got 0"),
+        (
+            {"aggregator_options": {"trim": 1}},
+            ValueError,
+            "aggregator_options given without an aggregator",
+        ),
+        ({"bucket_cap_mb": float("nan")}, ValueError, "bucket_cap_mb must be a finite number > 0"),
+        # A string is refused as a ValueError, like the NaN above (not a TypeError).
+        (
+            {"bucket_cap_mb": "25"},
+            ValueError,
+            "bucket_cap_mb must be a finite number > 0, got '25'",
+        ),
     ],
 )
-def test_bad_sync_options(options, message):
-    with pytest.raises((ValueError, TypeError), match=message):
+def test_bad_sync_options(options, error, message):
+    with pytest.raises(error, match=message) as exc:
         sparsetrain.GradientSync(_model(), "topk", density=0.1, **options)
+    assert type(exc.value) is error
 
 
 def test_scaled_randomk_with_error_feedback_is_refused():
