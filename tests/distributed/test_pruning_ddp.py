@@ -50,6 +50,12 @@ def _prune(rank: int, method: str, hook: str) -> dict:
             psgd.PowerSGDState(None, matrix_approximation_rank=2, start_powerSGD_iter=2),
             psgd.powerSGD_hook,
         )
+    elif hook == "sparsetrain-threshold":
+        # Error feedback keeps residuals at coordinates a mask has since pruned: sending them
+        # later must neither revive a pruned weight nor let the ranks' masks drift apart.
+        import sparsetrain
+
+        sparsetrain.register_ddp_hook(ddp, "threshold", density=0.1)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
     g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
     x = torch.randn(256, 16, generator=g)
@@ -105,9 +111,10 @@ def _run(tmp_path, hook: str) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("hook", ["none", "powersgd"])
+@pytest.mark.parametrize("hook", ["none", "powersgd", "sparsetrain-threshold"])
 def test_two_gloo_ranks_prune_to_identical_masks(tmp_path, hook: str) -> None:
-    """Without and with gradient compression (torch's PowerSGD DDP hook)."""
+    """Without and with gradient compression (torch's PowerSGD DDP hook, and sparsetrain's own
+    hook with threshold sparsification and error feedback)."""
     ranks = _run(tmp_path, hook)
     for method in METHODS:
         r0, r1 = (r[method] for r in ranks)

@@ -6,6 +6,7 @@ Nothing here trains: parsing, validation, sharding, the summary table and the pi
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -166,6 +167,65 @@ def test_demo_defaults_compare_three_methods_at_one_percent():
     assert demo.DEMO_DEFAULTS["density"] == 0.01
 
 
+def test_demo_runs_the_three_methods_with_its_defaults(monkeypatch, tmp_path, capsys):
+    from sparsetrain.cli import main
+    from sparsetrain.commands import demo
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)  # not a torchrun worker
+    calls = []
+
+    def run_and_report(configs, report_path, plot_path, prog):
+        calls.append((configs, report_path, plot_path))
+        return 0, None
+
+    monkeypatch.setattr(demo, "run_and_report", run_and_report)
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    ((configs, report_path, plot_path),) = calls
+    assert [c.compressor for c in configs] == ["none", "topk", "threshold"]
+    for c in configs:
+        assert (c.task, c.density, c.workers, c.epochs) == ("digits-mlp", 0.01, 4, 20), c
+    # Error feedback is left on auto and resolves to on for the biased sparse compressors.
+    assert [c.sync_config().use_error_feedback for c in configs] == [False, True, True]
+    assert [c.effective_compressor_options() for c in configs] == [{}] + [{"density": 0.01}] * 2
+    assert (report_path, plot_path) == (str(tmp_path / "report.json"), str(tmp_path / "report.png"))
+    assert f"results in {tmp_path}/" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("everything", [False, True], ids=["dead-runs-only", "--all"])
+def test_bench_cleanup_passes_all_as_include_live_and_lists_what_it_removed(
+    monkeypatch, tmp_path, capsys, everything
+):
+    import tempfile
+
+    import sparsetrain.cluster
+    from sparsetrain.cli import main
+
+    calls = []
+
+    def cleanup(prefix="st-", *, include_live=False):
+        calls.append((prefix, include_live))
+        return ["st-1-ab12cd34-0", "st-1-ab12cd34-hub"]
+
+    monkeypatch.setattr(sparsetrain.cluster, "cleanup", cleanup)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # its folder scan stays in here
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    live, stale = (
+        tmp_path / f"sparsetrain-bench-{os.getpid()}-a1",
+        tmp_path / f"sparsetrain-bench-{dead}-b2",
+    )
+    live.mkdir()
+    stale.mkdir()
+    assert main(["bench", "cleanup", *(["--all"] if everything else [])]) == 0
+    assert calls == [("st-", everything)]
+    out = capsys.readouterr().out
+    assert "removed 2 namespace(s): st-1-ab12cd34-0, st-1-ab12cd34-hub" in out
+    # The temporary folders follow --all too: a live run's only with it.
+    removed = sorted([live, stale]) if everything else [stale]
+    assert f"removed {len(removed)} temporary folder(s): {', '.join(map(str, removed))}" in out
+    assert not stale.exists() and live.exists() == (not everything)
+
+
 # ---- TrainConfig ------------------------------------------------------------------------------
 
 
@@ -323,3 +383,15 @@ def test_evaluate_gives_the_same_answer_for_any_dataset_type():
         logits = model(x)
     assert fast[1] == int((logits.argmax(1) == y).sum()) / len(y)
     assert fast[0] == pytest.approx(loss_fn(logits, y).item())
+
+
+def test_under_torchrun_train_config_checks_against_world_size(monkeypatch):
+    # workers is ignored under torchrun (launch() takes WORLD_SIZE), so the checks that depend
+    # on the number of ranks must use the job's size: Krum with f=1 needs 5 ranks, not 4.
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    TrainConfig(aggregator="krum", attack="sign_flip", byzantine=1)
+    TrainConfig(attack="sign_flip", byzantine=5)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ValueError, match=r"n > 2f \+ 2"):
+        TrainConfig(aggregator="krum", attack="sign_flip", byzantine=1, workers=8)
