@@ -142,11 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.ranks < 2 or args.steps < 1 or args.warmup < 1:
         p.error("need --ranks >= 2, --steps >= 1 and --warmup >= 1")
     cfg = {**vars(args), "variants": variants}
-    root = tempfile.mkdtemp(prefix="sparsetrain-overhead-")
-    mp.start_processes(
-        _worker, args=(args.ranks, root, cfg), nprocs=args.ranks, start_method="spawn"
-    )
-    results = json.loads(Path(root, "result.json").read_text())
+    with tempfile.TemporaryDirectory(prefix="sparsetrain-overhead-") as root:
+        mp.start_processes(
+            _worker, args=(args.ranks, root, cfg), nprocs=args.ranks, start_method="spawn"
+        )
+        results = json.loads(Path(root, "result.json").read_text())
     print(f"{args.ranks} ranks on {os.cpu_count()} cores, digits-wide-mlp hidden {args.hidden}, "
           f"batch {args.batch} per rank, density {args.density}")  # fmt: skip
     print(f"{'variant':<26}{'s/step':>9}{'main CPU ms':>13}{'hook CPU ms':>13}")
