@@ -185,9 +185,37 @@ def test_sigterm_to_the_launcher_stops_the_workers_and_removes_its_folder(tmp_pa
     while not list(tmp_path.glob("sparsetrain-*/started-rank1")):  # the workers are running
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
         time.sleep(0.2)
+    workers = _children(proc.pid)
+    assert len(workers) >= 2, workers  # the two ranks (and multiprocessing's helpers)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) != 0
     assert not list(tmp_path.glob("sparsetrain-*"))
+    # The workers stop too: none keeps training as an orphan.
+    deadline = time.monotonic() + 30
+    while [p for p in workers if _alive(p)] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in workers if _alive(p)], "workers still running after the launcher left"
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc/*/stat)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_bad_density_is_refused_before_any_worker_starts():
