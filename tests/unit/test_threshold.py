@@ -80,6 +80,22 @@ def test_an_abrupt_change_triggers_an_immediate_estimate():
     assert 400 <= idx.numel() <= 600
 
 
+def test_an_over_full_selection_is_cut_to_the_exact_top_k_without_an_estimate():
+    c = get_compressor("threshold", density=0.01, reestimate_every=1000)
+    calls = counting_estimates(c)
+    g = torch.randn(50_000, generator=torch.Generator().manual_seed(0))
+    c.compress(g, key="w")
+    big = g * 3  # the reused threshold keeps far more than band * k
+    (idx, vals), _ = c.compress(big, key="w")
+    assert calls == [0]
+    exact = torch.sort(torch.topk(big.abs(), 500).indices).values
+    assert torch.equal(idx.long(), exact)
+    assert torch.equal(vals, big[exact])
+    # The next step starts from this step's k-th magnitude: the same gradient keeps exactly k.
+    (again, _), _ = c.compress(big, key="w")
+    assert torch.equal(again.long(), exact) and calls == [0]
+
+
 def test_schedule_is_per_key():
     c = get_compressor("threshold", density=0.05, reestimate_every=2)
     calls = counting_estimates(c)

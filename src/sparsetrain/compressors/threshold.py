@@ -56,25 +56,28 @@ class Threshold(SparseCompressor):
 
     Steps, per ``key``:
 
-    1. Estimate (first call, every ``reestimate_every`` steps, or when the count left the band):
-       the k-th largest ``|g|``. Small tensors use an exact ``torch.topk``; large ones take a
+    1. Estimate (first call, every ``reestimate_every`` steps, or when the count fell below the
+       band) the k-th largest ``|g|``. Small tensors use an exact ``torch.topk``; large ones take a
        random sample of ``m = sample_kept / density`` elements (runs of 16 neighbours at seeded
        random offsets) and its ``sample_kept``-th largest magnitude, whose count error is about
        ``1/sqrt(sample_kept)``. The ratio of the k-th to the 2k-th largest gives the local slope
        of count against threshold.
     2. Select ``|g| > threshold`` (exact zeros are never sent).
-    3. If the count is outside ``[k / band, k * band]`` and the threshold was not just estimated,
-       estimate again and redo step 2. If even a fresh threshold keeps more than ``band * k``
-       (ties), keep the k largest of the selected, so at most ``band * k`` entries are sent.
+    3. If the count is below ``k / band`` and the threshold was not just estimated, estimate
+       again and redo step 2. If it is above ``k * band`` (a reused threshold the gradient
+       outgrew, or ties), keep the k largest of the selected: they are the exact top-k, found
+       without a second pass over the tensor, so at most ``band * k`` entries are sent.
     4. Correct the threshold for the next step from the count, Newton-style on the log-log
-       slope: ``threshold *= (count / k) ** (1 / slope)``, the factor clamped to [1/2, 2].
+       slope: ``threshold *= (count / k) ** (1 / slope)``, the factor clamped to [1/2, 2];
+       after a cut to the top-k, start from the k-th largest magnitude instead.
 
     Biased (the residual is exactly the unsent entries), so error feedback is on by default.
 
     Args:
         density: fraction of entries to keep, in (0, 1]. At 1.0 every entry is sent (lossless).
         reestimate_every: steps between estimates of the threshold, >= 1.
-        band: re-estimate at once when the count leaves ``[k / band, k * band]``; > 1.
+        band: > 1. Re-estimate at once when the count falls below ``k / band``; above
+            ``k * band``, keep the k largest of the selected.
         sample_kept: sampled elements above the estimate; the sample has ``sample_kept /
             density`` elements, and tensors not much larger than that are estimated exactly.
         seed: seeds the sample (with the key and step), so runs are reproducible.
@@ -132,16 +135,26 @@ class Threshold(SparseCompressor):
             threshold, slope = st.threshold, st.slope
         idx = self._select(flat, threshold, expected=k)
         count = idx.numel()
-        if not fresh and not k / self.band <= count <= k * self.band:
+        if not fresh and count < k / self.band:
             threshold, slope = self._estimate(flat, k, key, step)
             fresh = True
             idx = self._select(flat, threshold, expected=k)
             count = idx.numel()
-        if count > k * self.band:
-            # Positions sorted, so the kept indices stay in ascending order (sorted_indices).
-            idx = idx[torch.sort(torch.topk(flat[idx].abs(), k, sorted=False).indices).values]
         factor = (count / k) ** (1.0 / slope) if count > 0 else 0.5
         next_threshold = threshold * min(2.0, max(0.5, factor))
+        if count > k * self.band:
+            # Over-full (a reused threshold that the gradient outgrew, or ties): the selection
+            # holds every entry above the threshold, so its k largest are the tensor's exact
+            # top-k. Keep those instead of estimating and scanning again; the k-th of them is
+            # the threshold that would have kept k this step, and the next step starts there.
+            top = torch.topk(torch.index_select(flat, 0, idx).abs(), k, sorted=False)
+            # Positions sorted, so the kept indices stay in ascending order (sorted_indices).
+            idx = torch.index_select(idx, 0, torch.sort(top.indices).values)
+            at_k = top.values.min()
+            kth = float(torch.nextafter(at_k, torch.zeros_like(at_k)))
+            if kth > threshold > 0:
+                next_threshold = kth
+                slope = min(max(math.log(count / k) / math.log(kth / threshold), 0.5), 50.0)
         self._keys[key] = _KeyState(
             next_threshold, slope, step + 1, step if fresh else st.last_estimate
         )
