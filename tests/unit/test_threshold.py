@@ -85,15 +85,46 @@ def test_an_over_full_selection_is_cut_to_the_exact_top_k_without_an_estimate():
     calls = counting_estimates(c)
     g = torch.randn(50_000, generator=torch.Generator().manual_seed(0))
     c.compress(g, key="w")
-    big = g * 3  # the reused threshold keeps far more than band * k
+    big = g * 1.3  # the reused threshold keeps ~10 k: over band * k, under 1/16 of the tensor
     (idx, vals), _ = c.compress(big, key="w")
     assert calls == [0]
     exact = torch.sort(torch.topk(big.abs(), 500).indices).values
     assert torch.equal(idx.long(), exact)
     assert torch.equal(vals, big[exact])
-    # The next step starts from this step's k-th magnitude: the same gradient keeps exactly k.
+    # The next step starts just below this step's k-th magnitude, so the same gradient keeps
+    # exactly k with no cut.
+    kth = big.abs()[exact].min()
+    assert c.state_dict()["w"]["threshold"] == float(torch.nextafter(kth, torch.zeros(())))
+    selected = []
+    original = c._select
+    c._select = lambda *a, **kw: selected.append(original(*a, **kw).numel()) or original(*a, **kw)
     (again, _), _ = c.compress(big, key="w")
-    assert torch.equal(again.long(), exact) and calls == [0]
+    assert selected == [500] and torch.equal(again.long(), exact) and calls == [0]
+
+
+def test_a_selection_of_much_of_the_tensor_is_estimated_again_not_cut():
+    # A cut costs a topk over what was selected: past 1/16 of the tensor, a fresh estimate and
+    # selection is cheaper, as before the cut existed.
+    c = get_compressor("threshold", density=0.01, reestimate_every=1000)
+    calls = counting_estimates(c)
+    g = torch.randn(50_000, generator=torch.Generator().manual_seed(0))
+    c.compress(g, key="w")
+    (idx, _), _ = c.compress(g * 100, key="w")  # the reused threshold keeps most entries
+    assert calls == [0, 1]
+    assert 400 <= idx.numel() <= 600
+
+
+def test_a_zero_threshold_does_not_stick():
+    # A first step with fewer than k nonzeros estimates 0; the next real gradient must not be
+    # cut from an all-entries selection step after step, but estimated again.
+    c = get_compressor("threshold", density=0.01, reestimate_every=1000)
+    calls = counting_estimates(c)
+    c.compress(torch.zeros(50_000), key="w")
+    assert c.state_dict()["w"]["threshold"] == 0.0
+    g = torch.randn(50_000, generator=torch.Generator().manual_seed(0))
+    (idx, _), _ = c.compress(g, key="w")
+    assert calls == [0, 1] and c.state_dict()["w"]["threshold"] > 0
+    assert 400 <= idx.numel() <= 600
 
 
 def test_schedule_is_per_key():

@@ -34,12 +34,16 @@ _SPARSE = 500
 _ROWS = 4
 # The estimate bounds its top values from every _SUB-th sampled value (see _estimate).
 _SUB = 16
+# An over-full selection from a reused threshold is cut to its top-k only while it holds at most
+# one entry in this many: a topk costs 12-30 ns per selected entry on CPU, a fresh estimate and
+# selection 1-2 ns per entry of the tensor, so beyond that the second pass is the cheaper one.
+_CUT_FRACTION = 16
 
 
 @dataclass
 class _KeyState:
     threshold: float
-    slope: float  # -d log(count) / d log(threshold) near the threshold, from the last estimate
+    slope: float  # -d log(count) / d log(threshold) near the threshold (last estimate or cut)
     step: int  # compress() calls so far for this key
     last_estimate: int  # the step the threshold was last estimated at
 
@@ -56,28 +60,31 @@ class Threshold(SparseCompressor):
 
     Steps, per ``key``:
 
-    1. Estimate (first call, every ``reestimate_every`` steps, or when the count fell below the
-       band) the k-th largest ``|g|``. Small tensors use an exact ``torch.topk``; large ones take a
+    1. Estimate (first call, every ``reestimate_every`` steps, or when the count left the band)
+       the k-th largest ``|g|``. Small tensors use an exact ``torch.topk``; large ones take a
        random sample of ``m = sample_kept / density`` elements (runs of 16 neighbours at seeded
        random offsets) and its ``sample_kept``-th largest magnitude, whose count error is about
        ``1/sqrt(sample_kept)``. The ratio of the k-th to the 2k-th largest gives the local slope
        of count against threshold.
     2. Select ``|g| > threshold`` (exact zeros are never sent).
-    3. If the count is below ``k / band`` and the threshold was not just estimated, estimate
-       again and redo step 2. If it is above ``k * band`` (a reused threshold the gradient
-       outgrew, or ties), keep the k largest of the selected: they are the exact top-k, found
-       without a second pass over the tensor, so at most ``band * k`` entries are sent.
+    3. If the count is outside ``[k / band, k * band]`` and the threshold was not just
+       estimated, estimate again and redo step 2, except when a positive reused threshold
+       selected too many but at most 1/16 of the tensor: then keep the k largest of the
+       selected, the exact top-k, without a second pass over the tensor. If even a fresh
+       threshold keeps more than ``band * k`` (ties), also keep the k largest of the selected.
+       So at most ``band * k`` entries are sent.
     4. Correct the threshold for the next step from the count, Newton-style on the log-log
        slope: ``threshold *= (count / k) ** (1 / slope)``, the factor clamped to [1/2, 2];
-       after a cut to the top-k, start from the k-th largest magnitude instead.
+       after keeping the k largest, start from the k-th largest magnitude instead when it is
+       above the threshold used.
 
     Biased (the residual is exactly the unsent entries), so error feedback is on by default.
 
     Args:
         density: fraction of entries to keep, in (0, 1]. At 1.0 every entry is sent (lossless).
         reestimate_every: steps between estimates of the threshold, >= 1.
-        band: > 1. Re-estimate at once when the count falls below ``k / band``; above
-            ``k * band``, keep the k largest of the selected.
+        band: > 1. Re-estimate at once when the count leaves ``[k / band, k * band]``, or keep
+            the k largest of the selected (step 3).
         sample_kept: sampled elements above the estimate; the sample has ``sample_kept /
             density`` elements, and tensors not much larger than that are estimated exactly.
         seed: seeds the sample (with the key and step), so runs are reproducible.
@@ -135,7 +142,8 @@ class Threshold(SparseCompressor):
             threshold, slope = st.threshold, st.slope
         idx = self._select(flat, threshold, expected=k)
         count = idx.numel()
-        if not fresh and count < k / self.band:
+        cut = count > k * self.band and threshold > 0 and count * _CUT_FRACTION <= n
+        if not fresh and (count < k / self.band or (count > k * self.band and not cut)):
             threshold, slope = self._estimate(flat, k, key, step)
             fresh = True
             idx = self._select(flat, threshold, expected=k)
@@ -143,10 +151,10 @@ class Threshold(SparseCompressor):
         factor = (count / k) ** (1.0 / slope) if count > 0 else 0.5
         next_threshold = threshold * min(2.0, max(0.5, factor))
         if count > k * self.band:
-            # Over-full (a reused threshold that the gradient outgrew, or ties): the selection
-            # holds every entry above the threshold, so its k largest are the tensor's exact
-            # top-k. Keep those instead of estimating and scanning again; the k-th of them is
-            # the threshold that would have kept k this step, and the next step starts there.
+            # Over-full: a reused threshold that the gradient outgrew (cut, above), or ties after
+            # a fresh estimate. The selection holds every entry above the threshold, so its k
+            # largest are the tensor's exact top-k; the k-th of them is the threshold that would
+            # have kept k this step, and the next step starts there.
             top = torch.topk(torch.index_select(flat, 0, idx).abs(), k, sorted=False)
             # Positions sorted, so the kept indices stay in ascending order (sorted_indices).
             idx = torch.index_select(idx, 0, torch.sort(top.indices).values)
