@@ -12,8 +12,10 @@ more than its compute) on RANKS network namespaces with tc-shaped links, once pe
 all with error feedback where the compressor is biased, the same seed, data and schedule. Each
 rank joins the job as torchrun would (RANK, WORLD_SIZE, MASTER_ADDR on rank 0's 198.18.x
 address, GLOO_SOCKET_IFNAME), through :func:`sparsetrain.train.launch`. Wall-clock time includes
-the evaluations (every run's ``eval_seconds`` in the JSON says how much). Prints time to TARGET and final accuracy side by side with the ratio to dense, and
-writes JSON and a plot of accuracy against wall-clock time. Needs root.
+the evaluations (every run's ``eval_seconds`` in the JSON says how much). Rank 0 shows a
+progress bar a method (``--no-progress`` to turn it off). Prints time to TARGET and final
+accuracy side by side with the ratio to dense, and writes JSON and a plot of accuracy against
+wall-clock time. Needs root.
 
 Usage::
 
@@ -94,7 +96,7 @@ def worker(cfg_path: str) -> int:
                 eval_every=cfg["eval_every"],
                 label=label,
                 native_ddp=label == "ddp",
-                progress=False,
+                progress=cfg["progress"],
                 timeout_s=600.0,
                 bucket_cap_mb=cfg["bucket_mb"],
             )
@@ -159,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", type=float, default=0.95, help="test accuracy to reach")
     p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {', '.join(METHODS)}")
     p.add_argument("--timeout", type=float, default=3600.0)
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (rank 0 shows one a method)"
+    )
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -191,7 +196,8 @@ def _run(args: argparse.Namespace, methods: list[str], tmp: Path) -> int:
 
     cfg = {**{k: getattr(args, k) for k in ("hidden", "density", "epochs", "batch_size", "lr",
                                               "seed", "eval_every", "bucket_mb")},
-           "methods": methods, "report_path": str(tmp / "report.json")}  # fmt: skip
+           "methods": methods, "progress": not args.no_progress,
+           "report_path": str(tmp / "report.json")}  # fmt: skip
     (tmp / "config.json").write_text(json.dumps(cfg))
     try:
         with EmulatedCluster(args.ranks, args.bandwidth, args.latency) as cluster:
