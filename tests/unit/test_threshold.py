@@ -48,6 +48,26 @@ def counting_estimates(c: Threshold):
     return calls
 
 
+def counting_selections(c: Threshold):
+    counts = []
+    original = c._select
+
+    def wrapped(*args, **kwargs):
+        out = original(*args, **kwargs)
+        counts.append(out.numel())
+        return out
+
+    c._select = wrapped
+    return counts
+
+
+def estimating_once():
+    """A compressor at density 0.01 that estimates on its first call and then only when the count
+    leaves the band, the list of its estimates' steps, and a 50,000-entry gradient (k = 500)."""
+    c = get_compressor("threshold", density=0.01, reestimate_every=1000)
+    return c, counting_estimates(c), torch.randn(50_000, generator=torch.Generator().manual_seed(0))
+
+
 # k >= 400 in every case: below that the count's own Poisson-like noise (sqrt(k)) nears 5%.
 # reestimate_every=1000 estimates once: the count-based correction alone follows the drift.
 @pytest.mark.parametrize(
@@ -69,9 +89,7 @@ def test_count_stays_within_20_percent_of_k_over_200_training_like_steps(n, dens
 
 
 def test_an_abrupt_change_triggers_an_immediate_estimate():
-    c = get_compressor("threshold", density=0.01, reestimate_every=1000)
-    calls = counting_estimates(c)
-    g = torch.randn(50_000, generator=torch.Generator().manual_seed(0))
+    c, calls, g = estimating_once()
     for _ in range(3):
         c.compress(g, key="w")
     assert calls == [0]
@@ -81,9 +99,7 @@ def test_an_abrupt_change_triggers_an_immediate_estimate():
 
 
 def test_an_over_full_selection_is_cut_to_the_exact_top_k_without_an_estimate():
-    c = get_compressor("threshold", density=0.01, reestimate_every=1000)
-    calls = counting_estimates(c)
-    g = torch.randn(50_000, generator=torch.Generator().manual_seed(0))
+    c, calls, g = estimating_once()
     c.compress(g, key="w")
     big = g * 1.3  # the reused threshold keeps ~10 k: over band * k, under 1/16 of the tensor
     (idx, vals), _ = c.compress(big, key="w")
@@ -95,9 +111,7 @@ def test_an_over_full_selection_is_cut_to_the_exact_top_k_without_an_estimate():
     # exactly k with no cut.
     kth = big.abs()[exact].min()
     assert c.state_dict()["w"]["threshold"] == float(torch.nextafter(kth, torch.zeros(())))
-    selected = []
-    original = c._select
-    c._select = lambda *a, **kw: selected.append(original(*a, **kw).numel()) or original(*a, **kw)
+    selected = counting_selections(c)
     (again, _), _ = c.compress(big, key="w")
     assert selected == [500] and torch.equal(again.long(), exact) and calls == [0]
 
@@ -105,9 +119,7 @@ def test_an_over_full_selection_is_cut_to_the_exact_top_k_without_an_estimate():
 def test_a_selection_of_much_of_the_tensor_is_estimated_again_not_cut():
     # A cut costs a topk over what was selected: past 1/16 of the tensor, a fresh estimate and
     # selection is cheaper, as before the cut existed.
-    c = get_compressor("threshold", density=0.01, reestimate_every=1000)
-    calls = counting_estimates(c)
-    g = torch.randn(50_000, generator=torch.Generator().manual_seed(0))
+    c, calls, g = estimating_once()
     c.compress(g, key="w")
     (idx, _), _ = c.compress(g * 100, key="w")  # the reused threshold keeps most entries
     assert calls == [0, 1]
@@ -117,11 +129,9 @@ def test_a_selection_of_much_of_the_tensor_is_estimated_again_not_cut():
 def test_a_zero_threshold_does_not_stick():
     # A first step with fewer than k nonzeros estimates 0; the next real gradient must not be
     # cut from an all-entries selection step after step, but estimated again.
-    c = get_compressor("threshold", density=0.01, reestimate_every=1000)
-    calls = counting_estimates(c)
+    c, calls, g = estimating_once()
     c.compress(torch.zeros(50_000), key="w")
     assert c.state_dict()["w"]["threshold"] == 0.0
-    g = torch.randn(50_000, generator=torch.Generator().manual_seed(0))
     (idx, _), _ = c.compress(g, key="w")
     assert calls == [0, 1] and c.state_dict()["w"]["threshold"] > 0
     assert 400 <= idx.numel() <= 600

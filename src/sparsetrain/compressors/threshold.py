@@ -142,8 +142,9 @@ class Threshold(SparseCompressor):
             threshold, slope = st.threshold, st.slope
         idx = self._select(flat, threshold, expected=k)
         count = idx.numel()
-        cut = count > k * self.band and threshold > 0 and count * _CUT_FRACTION <= n
-        if not fresh and (count < k / self.band or (count > k * self.band and not cut)):
+        over = count > k * self.band
+        cut = over and threshold > 0 and count * _CUT_FRACTION <= n
+        if not fresh and (count < k / self.band or (over and not cut)):
             threshold, slope = self._estimate(flat, k, key, step)
             fresh = True
             idx = self._select(flat, threshold, expected=k)
