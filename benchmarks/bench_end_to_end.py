@@ -74,10 +74,13 @@ def worker(cfg_path: str) -> int:
     """Run every configured method on this rank (joined by the torchrun variables)."""
     import torch
 
+    from sparsetrain.hostmem import reuse_freed_memory
     from sparsetrain.train import TrainConfig, launch
 
     torch.set_num_threads(1)
     cfg = json.loads(Path(cfg_path).read_text())
+    if cfg["reuse_host_memory"]:  # as the trainer will: the floor is measured the same way
+        reuse_freed_memory()
     floor = compute_floor(cfg["hidden"], cfg["batch_size"], cfg["lr"])
     configs = []
     for label in cfg["methods"]:
@@ -99,6 +102,7 @@ def worker(cfg_path: str) -> int:
                 progress=cfg["progress"],
                 timeout_s=600.0,
                 bucket_cap_mb=cfg["bucket_mb"],
+                reuse_host_memory=cfg["reuse_host_memory"],
             )
         )
     report = launch(configs)
@@ -164,6 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--no-progress", action="store_true", help="no progress bar (rank 0 shows one a method)"
     )
+    p.add_argument(
+        "--no-reuse-host-memory",
+        action="store_true",
+        help="leave glibc's malloc as it is, in training and the floor (the runs before "
+        "2026-12-03's allocator change)",
+    )
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -197,6 +207,7 @@ def _run(args: argparse.Namespace, methods: list[str], tmp: Path) -> int:
     cfg = {**{k: getattr(args, k) for k in ("hidden", "density", "epochs", "batch_size", "lr",
                                               "seed", "eval_every", "bucket_mb")},
            "methods": methods, "progress": not args.no_progress,
+           "reuse_host_memory": not args.no_reuse_host_memory,
            "report_path": str(tmp / "report.json")}  # fmt: skip
     (tmp / "config.json").write_text(json.dumps(cfg))
     try:

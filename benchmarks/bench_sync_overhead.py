@@ -14,12 +14,17 @@ digits-wide-mlp on a fixed batch, and for each variant times STEPS steps after a
 
 For each it reports wall seconds per step (slowest rank), and on rank 0 the CPU seconds per step
 of the main thread and of the hook's thread: with more ranks than cores the step is bound by
-the total CPU the ranks need, so the hook's CPU time is what a faster hook has to cut.
+the total CPU the ranks need, so the hook's CPU time is what a faster hook has to cut. It also
+reports rank 0's page faults and user and system CPU per step (the whole process).
+
+``--host-memory both`` runs every variant twice, with glibc's malloc as it is and with the
+workers keeping freed memory for reuse as the trainer's do (:mod:`sparsetrain.hostmem`).
 Writes JSON.
 
 Usage::
 
-    python benchmarks/bench_sync_overhead.py --out benchmarks/results/sync_overhead.json
+    python benchmarks/bench_sync_overhead.py --host-memory both \
+        --out benchmarks/results/sync_overhead.json
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -93,22 +99,32 @@ def _measure(variant: str, task, x: torch.Tensor, y: torch.Tensor, cfg: dict) ->
         step()
     hook_cpu[0] = 0.0
     dist.barrier()
+    u0 = resource.getrusage(resource.RUSAGE_SELF)
     c0, t0 = time.thread_time(), time.perf_counter()
     for _ in range(cfg["steps"]):
         step()
     wall = torch.tensor([(time.perf_counter() - t0) / cfg["steps"]], dtype=torch.float64)
     main_cpu = (time.thread_time() - c0) / cfg["steps"]
+    u1 = resource.getrusage(resource.RUSAGE_SELF)
     dist.all_reduce(wall, op=dist.ReduceOp.MAX)
     dist.barrier()
     return {
         "seconds_per_step": float(wall),
         "main_cpu_seconds_per_step": main_cpu,
         "hook_cpu_seconds_per_step": hook_cpu[0] / cfg["steps"],
+        # the whole process (all its threads): faults in fresh pages, and the kernel's time
+        "page_faults_per_step": (u1.ru_minflt - u0.ru_minflt) / cfg["steps"],
+        "process_system_cpu_seconds_per_step": (u1.ru_stime - u0.ru_stime) / cfg["steps"],
+        "process_user_cpu_seconds_per_step": (u1.ru_utime - u0.ru_utime) / cfg["steps"],
     }
 
 
-def _worker(rank: int, world: int, root: str, cfg: dict) -> None:
+def _worker(rank: int, world: int, root: str, cfg: dict, reuse: bool) -> None:
     torch.set_num_threads(1)
+    if reuse:
+        from sparsetrain.hostmem import reuse_freed_memory
+
+        reuse_freed_memory()
     store = dist.FileStore(os.path.join(root, "store"), world)
     dist.init_process_group(
         "gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300)
@@ -124,6 +140,23 @@ def _worker(rank: int, world: int, root: str, cfg: dict) -> None:
     dist.destroy_process_group()
 
 
+def _print_table(results: dict) -> None:
+    print(f"{'variant':<26}{'s/step':>9}{'main CPU ms':>13}{'hook CPU ms':>13}"
+          f"{'page faults':>13}")  # fmt: skip
+    for v, r in results.items():
+        print(f"{v:<26}{r['seconds_per_step']:>9.3f}{1e3 * r['main_cpu_seconds_per_step']:>13.1f}"
+              f"{1e3 * r['hook_cpu_seconds_per_step']:>13.1f}"
+              f"{r['page_faults_per_step']:>13.0f}")  # fmt: skip
+    for method in ("dense", "threshold+oktopk", "topk+allgather"):
+        fast = results.get(method if method == "dense" else f"{method}/fast")
+        general = results.get(f"{method}/general")
+        if fast and general:
+            print(f"{method}: general / fast = "
+                  f"{general['seconds_per_step'] / fast['seconds_per_step']:.2f}x step time, "
+                  f"{general['hook_cpu_seconds_per_step'] / fast['hook_cpu_seconds_per_step']:.2f}x"
+                  " hook CPU")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ranks", type=int, default=4)
@@ -133,6 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {VARIANTS}")
+    p.add_argument(
+        "--host-memory",
+        choices=("reuse", "default", "both"),
+        default="reuse",
+        help="reuse: workers keep freed memory for reuse, as the trainer's do "
+        "(sparsetrain.hostmem); default: glibc's malloc as it is; both: one run of each",
+    )
     p.add_argument("--out", default="benchmarks/results/sync_overhead.json")
     args = p.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -142,25 +182,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.ranks < 2 or args.steps < 1 or args.warmup < 1:
         p.error("need --ranks >= 2, --steps >= 1 and --warmup >= 1")
     cfg = {**vars(args), "variants": variants}
-    with tempfile.TemporaryDirectory(prefix="sparsetrain-overhead-") as root:
-        mp.start_processes(
-            _worker, args=(args.ranks, root, cfg), nprocs=args.ranks, start_method="spawn"
-        )
-        results = json.loads(Path(root, "result.json").read_text())
+    settings = ["default", "reuse"] if args.host_memory == "both" else [args.host_memory]
+    results = {}
+    for setting in settings:
+        with tempfile.TemporaryDirectory(prefix="sparsetrain-overhead-") as root:
+            mp.start_processes(
+                _worker,
+                args=(args.ranks, root, cfg, setting == "reuse"),
+                nprocs=args.ranks,
+                start_method="spawn",
+            )
+            results[setting] = json.loads(Path(root, "result.json").read_text())
     print(f"{args.ranks} ranks on {os.cpu_count()} cores, digits-wide-mlp hidden {args.hidden}, "
           f"batch {args.batch} per rank, density {args.density}")  # fmt: skip
-    print(f"{'variant':<26}{'s/step':>9}{'main CPU ms':>13}{'hook CPU ms':>13}")
-    for v, r in results.items():
-        print(f"{v:<26}{r['seconds_per_step']:>9.3f}{1e3 * r['main_cpu_seconds_per_step']:>13.1f}"
-              f"{1e3 * r['hook_cpu_seconds_per_step']:>13.1f}")  # fmt: skip
-    for method in ("dense", "threshold+oktopk", "topk+allgather"):
-        fast = results.get(method if method == "dense" else f"{method}/fast")
-        general = results.get(f"{method}/general")
-        if fast and general:
-            print(f"{method}: general / fast = "
-                  f"{general['seconds_per_step'] / fast['seconds_per_step']:.2f}x step time, "
-                  f"{general['hook_cpu_seconds_per_step'] / fast['hook_cpu_seconds_per_step']:.2f}x"
-                  " hook CPU")  # fmt: skip
+    for setting, res in results.items():
+        print(f"\nhost memory: {setting}")
+        _print_table(res)
+    if len(results) == 2:
+        print("\ndefault / reuse, seconds per step:")
+        for v in variants:
+            d, r = results["default"][v], results["reuse"][v]
+            print(f"  {v:<26}{d['seconds_per_step'] / r['seconds_per_step']:>6.2f}x")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "torch": torch.__version__,

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sparsetrain import hostmem
 from sparsetrain.plotting import plot_report
 from sparsetrain.tasks import get_task
 from sparsetrain.train import TrainConfig, WorkerError, launch, write_report
@@ -146,6 +147,8 @@ def test_report_has_the_promised_fields_and_the_picture_is_written(comparison, t
         assert RUN_FIELDS <= set(run)
         assert run["steps"] == steps and run["wall_seconds"] > 0
         assert run["config"]["workers"] == 4 and run["config"]["compressor"] == run["compressor"]
+        # The workers kept freed memory for reuse (Linux with glibc, no allocator set by the user)
+        assert run["host_memory_reused"] is (hostmem._glibc() and not hostmem._user_allocator())
         curves = run["curves"]
         assert {len(curves[k]) for k in CURVES} == {21}  # before training and after every epoch
         assert curves["step"][0] == 0 and curves["step"][-1] == steps

@@ -62,6 +62,9 @@ def test_the_issue_command_line_becomes_one_config():
     assert c.bucket_cap_mb == 25.0  # DDP's default
     (c,) = configs("train", "--bucket-mb", "100")
     assert c.bucket_cap_mb == 100.0
+    assert c.reuse_host_memory  # workers keep freed memory unless told not to
+    (c,) = configs("train", "--no-reuse-host-memory")
+    assert not c.reuse_host_memory
 
 
 def test_several_compressors_run_in_order_and_density_goes_only_where_it_is_taken():
@@ -251,6 +254,7 @@ def test_bench_cleanup_passes_all_as_include_live_and_lists_what_it_removed(
         ({"native_ddp": True, "compressor": "topk"}, ValueError, ["native_ddp", "'none'"]),
         ({"native_ddp": True, "aggregator": "median"}, ValueError, ["native_ddp", "aggregator"]),
         ({"native_ddp": "yes"}, TypeError, ["native_ddp"]),
+        ({"reuse_host_memory": 1}, TypeError, ["reuse_host_memory", "True or False"]),
         ({"bucket_cap_mb": 0}, ValueError, ["bucket_cap_mb", "> 0"]),
         ({"bucket_cap_mb": float("inf")}, ValueError, ["bucket_cap_mb", "finite"]),
         ({"bucket_cap_mb": "25"}, TypeError, ["bucket_cap_mb", "number"]),

@@ -197,6 +197,12 @@ def add_training_arguments(p: argparse.ArgumentParser, *, workers: int, epochs: 
         default=TrainConfig.bucket_cap_mb,
         help="DDP's bucket size in MB: larger buckets, fewer exchanges a step (25: DDP's default)",
     )
+    g.add_argument(
+        "--no-reuse-host-memory",
+        action="store_true",
+        help="leave glibc's malloc as it is (by default workers keep freed memory for reuse, "
+        "which spares a CPU run the page faults of large tensors made anew each step)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -278,6 +284,7 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
             progress=not args.no_progress,
             timeout_s=args.timeout,
             bucket_cap_mb=args.bucket_mb,
+            reuse_host_memory=not args.no_reuse_host_memory,
         )
         for c in compressors
     ]

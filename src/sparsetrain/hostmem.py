@@ -1,0 +1,108 @@
+"""Keep freed host memory in the process, so large CPU tensors stop faulting in fresh pages.
+
+glibc's ``malloc`` serves every request above 32 MiB (its largest ``mmap`` threshold) with a
+new ``mmap`` and returns it with ``munmap`` when it is freed. A CPU training step allocates
+and frees such tensors every step: the gradient of a 3072 x 3072 weight is 36 MiB, made anew
+by each backward. The kernel then faults in and zeroes every 4 KiB page of it, every step: on
+the 9.7M-parameter model of the end-to-end benchmark, about 9,200 page faults a rank and step,
+and 10-20 ms of system time (``benchmarks/bench_sync_overhead.py --host-memory both``).
+
+:func:`reuse_freed_memory` tells glibc to serve large requests from its heap and to keep up
+to ``keep_bytes`` of freed memory there, so the next step's tensor reuses the pages of the
+last one. This is what a caching allocator (PyTorch's on CUDA, jemalloc or tcmalloc on CPU)
+does; the cost is that memory a process has freed stays counted in its resident size.
+
+The reference trainer calls it in every worker (``TrainConfig.reuse_host_memory``, on by
+default). In a script of your own, call it once at the start of each process, or set the
+same through the environment before Python starts::
+
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824 torchrun ... train.py
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+# mallopt parameters (glibc's malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+
+# Settings a user makes through the environment; when any is present, theirs stand.
+_USER_SETTINGS = (
+    "MALLOC_MMAP_MAX_",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+)
+
+_applied = False
+
+
+def reuse_freed_memory(keep_bytes: int = 1 << 30) -> bool:
+    """Make glibc keep freed memory for reuse instead of unmapping it; return whether it did.
+
+    Sets ``M_MMAP_MAX`` to 0 (large requests come from the heap, not from fresh mappings) and
+    ``M_TRIM_THRESHOLD`` to ``keep_bytes`` (free memory at the top of the heap is kept up to
+    that much). Affects this process only, from now on; calling it again does nothing.
+
+    Nothing is changed, and False returned, where it cannot help or the user has chosen: not
+    Linux with glibc; another allocator preloaded (``LD_PRELOAD`` naming one, such as jemalloc
+    or tcmalloc); or glibc's malloc already tuned through the environment (``MALLOC_MMAP_MAX_``,
+    ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_`` or a
+    ``glibc.malloc`` entry of ``GLIBC_TUNABLES``).
+
+    Args:
+        keep_bytes: freed bytes the heap may keep, 1 MiB to 2 GiB - 1.
+
+    Returns:
+        True when the settings are in effect (set now or by an earlier call), else False.
+
+    Raises:
+        ValueError: ``keep_bytes`` out of range.
+
+    Example:
+        >>> import sparsetrain.hostmem
+        >>> sparsetrain.hostmem.reuse_freed_memory()  # doctest: +SKIP
+        True
+    """
+    global _applied
+    if isinstance(keep_bytes, bool) or not isinstance(keep_bytes, int):
+        raise TypeError(f"keep_bytes must be an int, got {keep_bytes!r}")
+    if not (1 << 20) <= keep_bytes < (1 << 31):
+        raise ValueError(
+            f"keep_bytes must be from 1 MiB to 2 GiB - 1 (mallopt takes a C int), got {keep_bytes}"
+        )
+    if _applied:
+        return True
+    if not _glibc() or _user_allocator():
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6", use_errno=True).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    if mallopt(_M_TRIM_THRESHOLD, keep_bytes) != 1 or mallopt(_M_MMAP_MAX, 0) != 1:
+        return False
+    _applied = True
+    return True
+
+
+def _glibc() -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    except (ValueError, OSError, AttributeError):  # not a glibc system (musl has no such name)
+        return False
+
+
+def _user_allocator() -> bool:
+    """Whether the user picked another allocator or tuned glibc's through the environment."""
+    if any(name in os.environ for name in _USER_SETTINGS):
+        return True
+    if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return True
+    return "malloc" in os.environ.get("LD_PRELOAD", "")

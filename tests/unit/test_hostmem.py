@@ -1,0 +1,93 @@
+"""Keeping freed host memory: large CPU tensors made again reuse pages instead of faulting."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sparsetrain import hostmem
+
+# Runs in a fresh interpreter: the setting is per process and cannot be undone.
+# Makes a 64 MiB tensor (above glibc's largest mmap threshold, 32 MiB), each freed before the
+# next: four times to warm up (the heap grows over the first two or three, as aligned blocks
+# land anew), then four more, whose page faults are counted.
+_PROBE = """
+import json, resource, sys
+import torch
+from sparsetrain import hostmem
+applied = hostmem.reuse_freed_memory() if sys.argv[1] == "reuse" else None
+def make():
+    t = torch.empty(16 << 20, dtype=torch.float32)
+    t.fill_(1.0)  # touch every page
+    del t
+for _ in range(4):
+    make()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    make()
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(json.dumps({"applied": applied, "faults": faults}))
+"""
+PAGES = 4 * (64 << 20) // os.sysconf("SC_PAGE_SIZE")  # pages the four tensors cover
+
+_ALLOCATOR_ENV = (*hostmem._USER_SETTINGS, "GLIBC_TUNABLES", "LD_PRELOAD")
+
+
+def probe(mode: str, **env: str) -> dict:
+    clean = {k: v for k, v in os.environ.items() if k not in _ALLOCATOR_ENV}
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, mode],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**clean, "OMP_NUM_THREADS": "1", **env},
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+glibc_only = pytest.mark.skipif(not hostmem._glibc(), reason="needs Linux with glibc")
+
+
+@glibc_only
+def test_a_large_tensor_made_again_reuses_pages_instead_of_faulting_them_in():
+    default = probe("default")
+    reused = probe("reuse")
+    # glibc's own setting: every 64 MiB tensor is a fresh mapping, faulted in page by page.
+    assert default["faults"] >= 0.9 * PAGES, default
+    assert reused["applied"] is True
+    assert reused["faults"] <= 0.05 * PAGES, reused
+
+
+@glibc_only
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"MALLOC_MMAP_MAX_": "65536"},
+        {"MALLOC_TRIM_THRESHOLD_": "131072"},
+        {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=65536"},
+        {"LD_PRELOAD": "/nonexistent/libjemalloc.so"},
+    ],
+)
+def test_an_allocator_the_user_chose_through_the_environment_is_left_alone(env):
+    result = probe("reuse", **env)
+    assert result["applied"] is False
+    assert result["faults"] >= 0.9 * PAGES, result  # glibc's defaults (or the user's) stand
+
+
+@pytest.mark.parametrize(
+    ("keep", "error", "words"),
+    [
+        (True, TypeError, "keep_bytes must be an int"),
+        (1.5e9, TypeError, "keep_bytes must be an int"),
+        (1 << 19, ValueError, "from 1 MiB to 2 GiB - 1"),
+        (1 << 31, ValueError, "from 1 MiB to 2 GiB - 1"),
+    ],
+)
+def test_bad_keep_bytes_is_refused_before_anything_changes(keep, error, words):
+    with pytest.raises(error, match=words):
+        hostmem.reuse_freed_memory(keep)
