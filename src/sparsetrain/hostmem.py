@@ -60,6 +60,7 @@ def reuse_freed_memory(keep_bytes: int = 1 << 30) -> bool:
         True when the settings are in effect (set now or by an earlier call), else False.
 
     Raises:
+        TypeError: ``keep_bytes`` is not an int.
         ValueError: ``keep_bytes`` out of range.
 
     Example:
