@@ -16,7 +16,7 @@ The reference trainer calls it in every worker (``TrainConfig.reuse_host_memory`
 default). In a script of your own, call it once at the start of each process, or set the
 same through the environment before Python starts::
 
-    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824 torchrun ... train.py
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_ARENA_MAX=1 torchrun ... train.py
 """
 
 from __future__ import annotations
@@ -28,9 +28,11 @@ import sys
 # mallopt parameters (glibc's malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
 
 # Settings a user makes through the environment; when any is present, theirs stand.
 _USER_SETTINGS = (
+    "MALLOC_ARENA_MAX",
     "MALLOC_MMAP_MAX_",
     "MALLOC_MMAP_THRESHOLD_",
     "MALLOC_TRIM_THRESHOLD_",
@@ -43,15 +45,19 @@ _applied = False
 def reuse_freed_memory(keep_bytes: int = 1 << 30) -> bool:
     """Make glibc keep freed memory for reuse instead of unmapping it; return whether it did.
 
-    Sets ``M_MMAP_MAX`` to 0 (large requests come from the heap, not from fresh mappings) and
+    Sets ``M_MMAP_MAX`` to 0 (large requests come from the heap, not from fresh mappings),
     ``M_TRIM_THRESHOLD`` to ``keep_bytes`` (free memory at the top of the heap is kept up to
-    that much). Affects this process only, from now on; calling it again does nothing.
+    that much) and ``M_ARENA_MAX`` to 1: threads started from now on allocate from the main
+    heap too, since the heaps glibc gives other threads end at 64 MiB and map anything larger
+    afresh (``torch.topk`` over a 9.7M-entry gradient on the DDP hook's thread did). Threads
+    then share one lock for ``malloc``, which PyTorch's CPU operators take once an operator,
+    not once an element. Affects this process only, from now on; calling it again does nothing.
 
     Nothing is changed, and False returned, where it cannot help or the user has chosen: not
     Linux with glibc; another allocator preloaded (``LD_PRELOAD`` naming one, such as jemalloc
-    or tcmalloc); or glibc's malloc already tuned through the environment (``MALLOC_MMAP_MAX_``,
-    ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_`` or a
-    ``glibc.malloc`` entry of ``GLIBC_TUNABLES``).
+    or tcmalloc); or glibc's malloc already tuned through the environment (``MALLOC_ARENA_MAX``,
+    ``MALLOC_MMAP_MAX_``, ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``,
+    ``MALLOC_TOP_PAD_`` or a ``glibc.malloc`` entry of ``GLIBC_TUNABLES``).
 
     Args:
         keep_bytes: freed bytes the heap may keep, 1 MiB to 2 GiB - 1.
@@ -85,10 +91,16 @@ def reuse_freed_memory(keep_bytes: int = 1 << 30) -> bool:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    if mallopt(_M_TRIM_THRESHOLD, keep_bytes) != 1 or mallopt(_M_MMAP_MAX, 0) != 1:
+    settings = ((_M_TRIM_THRESHOLD, keep_bytes), (_M_MMAP_MAX, 0), (_M_ARENA_MAX, 1))
+    if not all(mallopt(param, value) == 1 for param, value in settings):
         return False
     _applied = True
     return True
+
+
+def reusing_freed_memory() -> bool:
+    """Return whether :func:`reuse_freed_memory` has taken effect in this process."""
+    return _applied
 
 
 def _glibc() -> bool:

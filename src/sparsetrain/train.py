@@ -64,7 +64,7 @@ from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from ._procs import exit_finished_worker
 from .compressors import check_density, get_compressor, option_names
-from .hostmem import reuse_freed_memory
+from .hostmem import reuse_freed_memory, reusing_freed_memory
 from .sync import SyncConfig, register_ddp_hook
 from .sync.config import make_config
 from .tasks import Task, available_tasks, check_task_options, get_task
@@ -469,7 +469,8 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
         ranks and so are the same on every rank; test metrics are measured on rank 0 and are
         None on the others.
     """
-    reused = config.reuse_host_memory and reuse_freed_memory()
+    if config.reuse_host_memory:  # done already where launch() started this process
+        reuse_freed_memory()
     device = _device_for(config.backend, rank)
     task: Task = get_task(config.task, seed=config.seed, **config.task_options)
     torch.manual_seed(config.seed)
@@ -652,7 +653,7 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
         "eval_seconds": eval_seconds,
         "compress_seconds_per_rank": mean["compress_seconds"],
         "comm_seconds_per_rank": mean["comm_seconds"],
-        "host_memory_reused": reused,
+        "host_memory_reused": reusing_freed_memory(),
         "config": {**config.to_dict(), "workers": world},
         "curves": curves,
     }
@@ -727,6 +728,8 @@ def _run_all(rank: int, world: int, configs: Sequence[TrainConfig]) -> list[dict
 def _spawned(rank: int, world: int, configs: Sequence[TrainConfig], folder: str) -> None:
     """Entry point of an embedded worker: join the group, train, hand results back as files."""
     torch.set_num_threads(1)  # processes share the machine's cores; oversubscription is slower
+    if configs[0].reuse_host_memory:  # before the process group's threads start
+        reuse_freed_memory()
     Path(folder, f"started-rank{rank}").touch()  # tells a crash in training from one before it
     try:
         store = dist.FileStore(os.path.join(folder, "store"), world)
@@ -780,7 +783,8 @@ def _check_together(configs: Sequence[TrainConfig]) -> None:
     for c in configs:
         if not isinstance(c, TrainConfig):
             raise TypeError(f"launch takes TrainConfig objects, got {type(c).__name__}")
-    for attr in ("workers", "backend", "timeout_s"):
+    # reuse_host_memory is set once a process, before its process group starts.
+    for attr in ("workers", "backend", "timeout_s", "reuse_host_memory"):
         values = {getattr(c, attr) for c in configs}
         if len(values) > 1:
             raise ValueError(
@@ -858,6 +862,8 @@ def launch(configs: TrainConfig | Sequence[TrainConfig]) -> dict[str, Any]:
         world = int(os.environ["WORLD_SIZE"])
         rank = int(os.environ["RANK"])
         configs = [dataclasses.replace(c, workers=world) for c in configs]
+        if configs[0].reuse_host_memory:  # before the process group's threads start
+            reuse_freed_memory()
         created = not dist.is_initialized()
         if created:
             dist.init_process_group(

@@ -281,6 +281,8 @@ def test_launch_refuses_runs_that_cannot_share_workers_before_spawning():
         launch([TrainConfig(workers=2), TrainConfig(workers=3, label="other")])
     with pytest.raises(ValueError, match="distinct labels"):
         launch([TrainConfig(compressor="topk"), TrainConfig(compressor="topk", lr=0.5)])
+    with pytest.raises(ValueError, match="share reuse_host_memory"):  # a per-process setting
+        launch([TrainConfig(), TrainConfig(reuse_host_memory=False, label="other")])
     with pytest.raises(TypeError, match="TrainConfig"):
         launch([{"compressor": "topk"}])
 

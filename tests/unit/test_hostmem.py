@@ -12,35 +12,46 @@ import pytest
 from sparsetrain import hostmem
 
 # Runs in a fresh interpreter: the setting is per process and cannot be undone.
-# Makes a 64 MiB tensor (above glibc's largest mmap threshold, 32 MiB), each freed before the
-# next: four times to warm up (the heap grows over the first two or three, as aligned blocks
-# land anew), then four more, whose page faults are counted.
+# Makes a 96 MiB tensor (above glibc's largest mmap threshold, 32 MiB, and above the 64 MiB
+# heaps it gives threads other than the main one), each freed before the next, on the main
+# thread or on a thread started afterwards (as the DDP hook's is): eight times to warm up (the
+# heap grows over the first few, as aligned blocks land anew), then four more, whose page
+# faults are counted.
 _PROBE = """
-import json, resource, sys
+import json, resource, sys, threading
 import torch
 from sparsetrain import hostmem
 applied = hostmem.reuse_freed_memory() if sys.argv[1] == "reuse" else None
+faults = []
 def make():
-    t = torch.empty(16 << 20, dtype=torch.float32)
+    t = torch.empty(24 << 20, dtype=torch.float32)
     t.fill_(1.0)  # touch every page
     del t
-for _ in range(4):
-    make()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(4):
-    make()
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print(json.dumps({"applied": applied, "faults": faults}))
+def run():
+    for _ in range(8):
+        make()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(4):
+        make()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+if sys.argv[2] == "thread":
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+else:
+    run()
+print(json.dumps({"applied": applied, "faults": faults[0],
+                  "reusing": hostmem.reusing_freed_memory()}))
 """
-PAGES = 4 * (64 << 20) // os.sysconf("SC_PAGE_SIZE")  # pages the four tensors cover
+PAGES = 4 * (96 << 20) // os.sysconf("SC_PAGE_SIZE")  # pages the four tensors cover
 
 _ALLOCATOR_ENV = (*hostmem._USER_SETTINGS, "GLIBC_TUNABLES", "LD_PRELOAD")
 
 
-def probe(mode: str, **env: str) -> dict:
+def probe(mode: str, where: str = "main", **env: str) -> dict:
     clean = {k: v for k, v in os.environ.items() if k not in _ALLOCATOR_ENV}
     out = subprocess.run(
-        [sys.executable, "-c", _PROBE, mode],
+        [sys.executable, "-c", _PROBE, mode, where],
         capture_output=True,
         text=True,
         timeout=120,
@@ -54,12 +65,14 @@ glibc_only = pytest.mark.skipif(not hostmem._glibc(), reason="needs Linux with g
 
 
 @glibc_only
-def test_a_large_tensor_made_again_reuses_pages_instead_of_faulting_them_in():
-    default = probe("default")
-    reused = probe("reuse")
-    # glibc's own setting: every 64 MiB tensor is a fresh mapping, faulted in page by page.
+@pytest.mark.parametrize("where", ["main", "thread"])
+def test_a_large_tensor_made_again_reuses_pages_instead_of_faulting_them_in(where):
+    default = probe("default", where)
+    reused = probe("reuse", where)
+    # glibc's own setting: every 96 MiB tensor is a fresh mapping, faulted in page by page.
     assert default["faults"] >= 0.9 * PAGES, default
-    assert reused["applied"] is True
+    assert default["reusing"] is False
+    assert reused["applied"] is True and reused["reusing"] is True
     assert reused["faults"] <= 0.05 * PAGES, reused
 
 
@@ -69,13 +82,14 @@ def test_a_large_tensor_made_again_reuses_pages_instead_of_faulting_them_in():
     [
         {"MALLOC_MMAP_MAX_": "65536"},
         {"MALLOC_TRIM_THRESHOLD_": "131072"},
+        {"MALLOC_ARENA_MAX": "4"},
         {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=65536"},
         {"LD_PRELOAD": "/nonexistent/libjemalloc.so"},
     ],
 )
 def test_an_allocator_the_user_chose_through_the_environment_is_left_alone(env):
     result = probe("reuse", **env)
-    assert result["applied"] is False
+    assert result["applied"] is False and result["reusing"] is False
     assert result["faults"] >= 0.9 * PAGES, result  # glibc's defaults (or the user's) stand
 
 
