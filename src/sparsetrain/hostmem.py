@@ -5,7 +5,7 @@ new ``mmap`` and returns it with ``munmap`` when it is freed. A CPU training ste
 and frees such tensors every step: the gradient of a 3072 x 3072 weight is 36 MiB, made anew
 by each backward. The kernel then faults in and zeroes every 4 KiB page of it, every step: on
 the 9.7M-parameter model of the end-to-end benchmark, about 9,200 page faults a rank and step,
-and 10-20 ms of system time (``benchmarks/bench_sync_overhead.py --host-memory both``).
+and 9-17 ms of system time (``benchmarks/bench_sync_overhead.py --host-memory both``).
 
 :func:`reuse_freed_memory` tells glibc to serve large requests from its heap and to keep up
 to ``keep_bytes`` of freed memory there, so the next step's tensor reuses the pages of the
