@@ -146,6 +146,17 @@ def _cases(rank: int, world: int, group) -> dict:
     ri, _ = oktopk_reference(small, OK_NUMEL, stats["threshold"])
     assert torch.equal(res.indices.long(), ri)
 
+    # Gradients that shrink by 15% a call, with the threshold estimated only on the first
+    # call: the reused threshold follows them (corrected from each call's counts), so every
+    # call keeps between k/2 and 2k without a second estimation.
+    drifting = get_collective("oktopk", threshold_every=100)
+    out["oktopk_drift"] = []
+    for step in range(8):
+        i, v = training_like(step, rank, OK_NUMEL, OK_K)
+        drifting(i, v * 0.85**step, OK_NUMEL, key="d", group=group)
+        st = drifting.stats()["d"]
+        out["oktopk_drift"].append((st["estimated"], st["selected"]))
+
     # int32 indices of a vector longer than 2**31 elements: no wrap-around anywhere.
     big = 2**31
     i32 = torch.tensor([5, big - 1], dtype=torch.int32)
@@ -305,6 +316,10 @@ def test_sparse_collectives(world, results):
             assert torch.equal(idx, idx0) and torch.equal(val, val0)
             assert stats["threshold"] == stats0["threshold"]
             assert stats["elems_sent"] < 6 * OK_K, (r, step, stats)
+    # A reused threshold follows drifting gradients: estimated once, then always in the band.
+    drift = results[0]["oktopk_drift"]
+    assert [e for e, _ in drift] == [True] + [False] * 7, drift
+    assert all(OK_K <= 2 * n <= 4 * OK_K for _, n in drift), drift
     # The overlap is heavy: the union of the ranks' supports is far below world * k, so an
     # allgather would send (p-1) k pairs for what Ok-Topk reduces to about k.
     union = union_support([training_like(0, r, OK_NUMEL, OK_K) for r in range(world)], OK_NUMEL)

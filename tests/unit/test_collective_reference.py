@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from sparsetrain.comm import p2p
 from sparsetrain.comm.gtopk import keep_topk
-from sparsetrain.comm.oktopk import OkTopk
+from sparsetrain.comm.oktopk import BRACKET, OkTopk, next_threshold
 from sparsetrain.comm.p2p import (
     coalesce,
     device_of,
@@ -270,3 +270,30 @@ def test_byte_accounting_follows_the_ring_formulas_worked_by_hand():
     # One rank sends nothing.
     assert ring_allreduce_bytes(1000, 4, 1) == 0
     assert ring_allgather_bytes(800, 1) == 0
+
+
+def test_next_threshold_steps_to_k_on_a_power_law():
+    # Counts falling as 400 / t**2: k = 100 is kept at t = 2; from t = 1 (400 kept, 400/c**2
+    # at t * c) the secant step lands there, and from t = 4 (25 kept) it comes back down.
+    def count(t):
+        return 400 / t**2
+
+    assert next_threshold(1.0, 400, count(BRACKET), count(1 / BRACKET), 100) == pytest.approx(2.0)
+    t = next_threshold(4.0, 25, count(4 * BRACKET), count(4 / BRACKET), 100)
+    assert t == pytest.approx(2.0)
+
+
+def test_next_threshold_moves_at_most_a_factor_of_two_and_in_the_right_direction():
+    # Far too many kept and the count barely falls: the step is clamped to doubling.
+    assert next_threshold(1.0, 10_000, 9_999, 10_001, 10) == 2.0
+    assert next_threshold(1.0, 1, 1, 2, 1_000) == 0.5
+    # Flat over the bracket (ties): move by the bracket, toward k.
+    assert next_threshold(1.0, 50, 50, 50, 10) == pytest.approx(BRACKET)
+    assert next_threshold(1.0, 5, 5, 5, 10) == pytest.approx(1 / BRACKET)
+    # Nothing kept on the far side: still a step up, inside the bracket.
+    assert 1.0 < next_threshold(1.0, 20, 0, 30, 10) < BRACKET
+
+
+def test_next_threshold_keeps_a_hit_and_keep_everything():
+    assert next_threshold(0.3, 10, 4, 20, 10) == 0.3  # exactly k kept
+    assert next_threshold(0.0, 5, 5, 5, 10) == 0.0  # threshold 0 keeps all; stays

@@ -102,6 +102,40 @@ def estimate_threshold(
     return threshold
 
 
+# The kept counts are also taken at the threshold times and over this factor, so that every
+# call measures the local slope of count against threshold at no extra message (see
+# next_threshold).
+BRACKET = 2.0**0.25
+
+
+def next_threshold(threshold: float, at: int, above: int, below: int, k: int) -> float:
+    """Return the threshold for the next call, corrected toward k kept entries.
+
+    ``at``, ``above`` and ``below`` are the kept counts (over all ranks) at ``threshold``,
+    ``threshold * BRACKET`` and ``threshold / BRACKET``. The count is taken to follow a power
+    of the threshold between ``threshold`` and the bracket's end on k's side, whose exponent
+    (the log-log slope, clamped to [0.5, 50]) gives a secant step
+    ``threshold * (at / k) ** (1 / slope)``, clamped to a factor in [1/2, 2]. An empty count
+    counts as half an entry. Every rank sees the same counts, so every rank gets the same
+    threshold. A threshold of 0 (keep everything) stays 0.
+    """
+    if threshold <= 0 or at == k:
+        return threshold
+    other = above if at > k else below
+    here, there = max(at, 0.5), max(other, 0.5)
+    if here == there:  # flat over the bracket: move by the bracket
+        factor = BRACKET if at > k else 1.0 / BRACKET
+    else:
+        slope = min(max(abs(math.log(there / here)) / math.log(BRACKET), 0.5), 50.0)
+        factor = (here / k) ** (1.0 / slope)
+    return threshold * min(2.0, max(0.5, factor))
+
+
+def _kept_counts(mags: Tensor, threshold: float) -> list[int]:
+    """This rank's counts of ``mags >= threshold``, ``* BRACKET`` and ``/ BRACKET``."""
+    return [int((mags >= t).sum()) for t in (threshold, threshold * BRACKET, threshold / BRACKET)]
+
+
 @dataclass
 class _KeyState:
     step: int = 0
@@ -130,7 +164,11 @@ class OkTopk(SparseCollective):
     3. Every ``threshold_every`` calls, estimate the global threshold: the magnitude above which
        about k entries of the reduced vector lie (:func:`estimate_threshold`); reuse it in
        between, unless the reused one would keep more than 2k or fewer than k/2 entries (all
-       ranks see the same count), which triggers an estimation at once.
+       ranks see the same count), which triggers an estimation at once. The counts kept at the
+       threshold and at the two ends of a small bracket around it (one allgather of a few
+       ints, which also says whether any sum is not finite) correct the threshold for the
+       next call (:func:`next_threshold`), so that a reused threshold follows gradients whose
+       scale drifts between estimates.
     4. Each owner keeps the entries of its region whose magnitude reaches the threshold.
     5. Balance: the kept entries, in index order, are moved so every rank holds an equal share
        (only what exceeds a rank's share moves).
@@ -221,24 +259,30 @@ class OkTopk(SparseCollective):
         estimated = st.threshold is None or st.step % self.threshold_every == 0
         if estimated:
             st.threshold = estimate_threshold(wire, mags, k)
-        keep = mags >= st.threshold
         # The count allgather also says whether any rank's sums hold Inf or NaN, so a reused
         # threshold cannot pass them on (or drop them) where an estimate would have refused.
         bad = int(not bool(torch.isfinite(mags).all()))
-        rows = wire.allgather_ints([int(keep.sum()), bad])
-        if any(row[1] for row in rows):
+        rows = wire.allgather_ints([bad, *_kept_counts(mags, st.threshold)])
+        if any(row[0] for row in rows):
             raise FloatingPointError(_NONFINITE)
-        counts = [row[0] for row in rows]
+        counts = [row[1] for row in rows]
         total = sum(counts)
         if not estimated and not k <= 2 * total <= 4 * k:  # k/2 <= total <= 2k, also for k = 1
             # The reused threshold has drifted too far (every rank sees the same total):
             # re-estimate now rather than send far more, or keep far fewer, than k.
             st.threshold = estimate_threshold(wire, mags, k)
-            keep = mags >= st.threshold
-            counts = [row[0] for row in wire.allgather_ints([int(keep.sum())])]
+            rows = wire.allgather_ints([0, *_kept_counts(mags, st.threshold)])
+            counts = [row[1] for row in rows]
             total = sum(counts)
             estimated = True
+        used = st.threshold
+        keep = mags >= used
         sel_i, sel_v = red_i[keep], red_v[keep]
+        # The next call starts from a threshold corrected toward k by this call's counts, so
+        # a reused threshold follows gradients whose scale drifts instead of leaving the band.
+        st.threshold = next_threshold(
+            used, total, sum(row[2] for row in rows), sum(row[3] for row in rows), k
+        )
 
         # Balance: the kept entries, in global index order (region order = rank order), are
         # re-dealt so rank q holds positions [share[q], share[q+1]) of their concatenation.
@@ -277,7 +321,8 @@ class OkTopk(SparseCollective):
             "step": st.step,
             "k": k,
             "selected": total,
-            "threshold": st.threshold,
+            "threshold": used,
+            "next_threshold": st.threshold,
             "estimated": estimated,
             "elems_sent": t.elems_sent,
             "bytes_sent": t.bytes_sent,
@@ -292,8 +337,8 @@ class OkTopk(SparseCollective):
     # ---- state ----------------------------------------------------------------------------
     def stats(self) -> dict[str, dict[str, Any]]:
         """Return, per key, what the last call did: step, k, selected count, threshold used and
-        whether it was estimated in this call, elements and bytes this rank sent and received,
-        region lengths."""
+        whether it was estimated in this call, the threshold the next call starts from,
+        elements and bytes this rank sent and received, region lengths."""
         return copy.deepcopy(self._stats)
 
     def state_dict(self) -> dict[str, Any]:
