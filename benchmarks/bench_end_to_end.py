@@ -55,11 +55,12 @@ def compute_floor(hidden: int, batch_size: int, lr: float, steps: int = 30) -> f
     import torch
 
     from sparsetrain.tasks import get_task
+    from sparsetrain.train import sgd
 
     task = get_task("digits-wide-mlp", hidden=hidden)
     torch.manual_seed(0)
     model = task.build_model()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    opt = sgd(model.parameters(), lr=lr, momentum=0.9)  # the trainer's optimizer
     x, y = task.train.tensors[0][:batch_size], task.train.tensors[1][:batch_size]
     for i in range(steps + 3):
         if i == 3:
