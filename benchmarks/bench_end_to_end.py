@@ -8,6 +8,8 @@ more than its compute) on RANKS network namespaces with tc-shaped links, once pe
 * ``fp16`` (half-precision allreduce),
 * ``topk`` at DENSITY with the ``allgather`` baseline,
 * ``threshold`` at DENSITY with the ``oktopk`` sparse allreduce,
+* the same with momentum correction (``threshold+oktopk+mc``: each rank applies the momentum
+  before compression, Deep Gradient Compression's way, and the optimizer has none),
 
 all with error feedback where the compressor is biased, the same seed, data and schedule. Each
 rank joins the job as torchrun would (RANK, WORLD_SIZE, MASTER_ADDR on rank 0's 198.18.x
@@ -40,6 +42,7 @@ METHODS = {  # label: (compressor, collective, uses density)
     "fp16": ("fp16", "allgather", False),
     "topk+allgather": ("topk", "allgather", True),
     "threshold+oktopk": ("threshold", "oktopk", True),
+    "threshold+oktopk+mc": ("threshold", "oktopk", True),  # with momentum correction
 }
 
 
@@ -100,6 +103,7 @@ def worker(cfg_path: str) -> int:
                 eval_every=cfg["eval_every"],
                 label=label,
                 native_ddp=label == "ddp",
+                momentum_correction=label.endswith("+mc"),
                 progress=cfg["progress"],
                 timeout_s=600.0,
                 bucket_cap_mb=cfg["bucket_mb"],

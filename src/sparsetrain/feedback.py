@@ -10,6 +10,11 @@ Steps for one tensor at one step (Seide et al. 2014; Stich et al., "Sparsified S
 so that ``sent + new residual == gradient + old residual`` exactly: nothing is lost, only
 delayed. Residuals are kept per parameter name, so they survive DDP's bucket rebuild, a change of
 bucket size and a restart from a checkpoint.
+
+With momentum correction (Lin et al., "Deep Gradient Compression", ICLR 2018) the rank first
+folds the gradient into its own velocity, ``u = momentum * u + gradient``, and step 1 adds ``u``
+instead of the gradient; after the exchange, the entries that were applied are cleared from ``u``
+(:meth:`ErrorFeedback.mask_velocity`). Velocities are kept by name as residuals are.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ class ErrorFeedback:
 
     Args:
         enabled: when False, ``compensate`` returns its input and ``update`` keeps nothing.
+        momentum: 0, or the momentum of momentum correction, in (0, 1) (needs ``enabled``).
 
     Example:
         >>> ef = ErrorFeedback()
@@ -35,28 +41,61 @@ class ErrorFeedback:
         tensor([0., 1., 1.])
     """
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, momentum: float = 0.0):
         self.enabled = bool(enabled)
+        self.momentum = float(momentum)
+        if self.momentum and not self.enabled:
+            raise ValueError("momentum correction needs error feedback (enabled=True)")
         self.residuals: dict[str, Tensor] = {}
+        self.velocity: dict[str, Tensor] = {}
         # Per bucket key, two flat buffers used in turn by compensate_into/commit_sparse: the
         # residuals live in one (as views) while the next step's compensated gradient is
-        # written into the other, so the hot path allocates nothing.
+        # written into the other, so the hot path allocates nothing. With momentum correction
+        # the velocities are double-buffered the same way.
         self._buffers: dict[str, list[Tensor]] = {}
+        self._vbuffers: dict[str, list[Tensor]] = {}
         self._next: dict[str, int] = {}
-        self._marked: tuple[dict[str, Tensor], dict[str, int]] = ({}, {})
+        # The flat velocity of the exchange in progress, for mask_velocity.
+        self._vflat: Tensor | None = None
+        self._marked: tuple[dict[str, Tensor], dict[str, int], dict[str, Tensor]] = ({}, {}, {})
 
     def mark(self) -> None:
-        """Remember the residuals as they are now, for :meth:`rollback` (references, no copy:
-        a step writes new residuals into the other buffer or into new tensors)."""
-        self._marked = (dict(self.residuals), dict(self._next))
+        """Remember the residuals (and velocities) as they are now, for :meth:`rollback`
+        (references, no copy: a step writes new ones into the other buffer or into new
+        tensors)."""
+        self._marked = (dict(self.residuals), dict(self._next), dict(self.velocity))
 
     def rollback(self) -> None:
-        """Restore the residuals of the last :meth:`mark`: a step that was dropped (a non-finite
-        gradient on some rank) must not keep what its earlier buckets committed."""
+        """Restore the residuals and velocities of the last :meth:`mark`: a step that was
+        dropped (a non-finite gradient on some rank) must not keep what its earlier buckets
+        committed."""
         self.residuals, self._next = dict(self._marked[0]), dict(self._marked[1])
+        self.velocity = dict(self._marked[2])
+        self._vflat = None
+
+    def _accumulate(self, names: Sequence[str], numels: Sequence[int], flat: Tensor) -> Tensor:
+        """Return the new velocities ``momentum * u + flat`` (a new flat tensor) and keep them."""
+        u = flat.clone()
+        for n, k, part in zip(names, numels, torch.split(u, list(numels))):
+            if n in self.velocity:
+                part.add_(self._stored(self.velocity, n, k, part).to(u.dtype), alpha=self.momentum)
+            self.velocity[n] = part
+        self._vflat = u
+        return u
+
+    def mask_velocity(self, positions: Tensor) -> None:
+        """Clear the velocity at ``positions`` of the exchange in progress (the entries that
+        were applied on every rank: momentum factor masking). A no-op without momentum."""
+        if self.momentum and self._vflat is not None and positions.numel():
+            self._vflat.index_fill_(0, positions, 0)
 
     def compensate(self, names: Sequence[str], numels: Sequence[int], flat: Tensor) -> Tensor:
-        """Return ``flat + residual`` for a flat tensor packing ``names`` in order (a new tensor)."""
+        """Return ``flat + residual`` for a flat tensor packing ``names`` in order (a new tensor).
+
+        With momentum correction, ``flat`` (the gradient) first goes into the velocity and the
+        result is ``velocity + residual``."""
+        if self.momentum:
+            flat = self._accumulate(names, numels, flat)
         if not self.enabled or not any(n in self.residuals for n in names):
             return flat.clone() if self.enabled else flat
         parts = [
@@ -68,18 +107,23 @@ class ErrorFeedback:
         return flat + torch.cat(parts)
 
     def _residual(self, name: str, numel: int, like: Tensor) -> Tensor:
-        """The residual of ``name``, checked against the parameter's size (a state loaded from
-        another model would otherwise be broadcast into it or fail without naming it), on the
-        device of ``like`` (the gradient): a state loaded with ``map_location="cpu"``, or a
-        rank-0 checkpoint loaded on rank 1, is moved there once, at its first use."""
-        res = self.residuals[name]
+        return self._stored(self.residuals, name, numel, like)
+
+    def _stored(self, store: dict[str, Tensor], name: str, numel: int, like: Tensor) -> Tensor:
+        """The residual (or velocity) of ``name``, checked against the parameter's size (a state
+        loaded from another model would otherwise be broadcast into it or fail without naming
+        it), on the device of ``like`` (the gradient): a state loaded with
+        ``map_location="cpu"``, or a rank-0 checkpoint loaded on rank 1, is moved there once, at
+        its first use."""
+        res = store[name]
         if res.numel() != numel:
+            what = "velocity" if store is self.velocity else "residual"
             raise ValueError(
-                f"the error-feedback residual of {name!r} has {res.numel()} elements, but the "
+                f"the error-feedback {what} of {name!r} has {res.numel()} elements, but the "
                 f"parameter has {numel}: the loaded state is from a different model"
             )
         if res.device != like.device:
-            res = self.residuals[name] = res.to(like.device)
+            res = store[name] = res.to(like.device)
         return res
 
     def update(
@@ -107,9 +151,25 @@ class ErrorFeedback:
             stale = [k for k in self._buffers if set(k.split("|")) & set(names)]
             for k in stale:
                 del self._buffers[k], self._next[k]
+                self._vbuffers.pop(k, None)
             bufs = [torch.empty(total, dtype=like.dtype, device=like.device) for _ in range(2)]
             self._buffers[key], self._next[key] = bufs, 0
+            if self.momentum:
+                self._vbuffers[key] = [torch.empty_like(b) for b in bufs]
         out = bufs[self._next[key]]
+        if self.momentum:
+            # The new velocities, momentum * u + grad, go into this step's velocity buffer
+            # (the old ones stay in the other, for rollback); they are what is compensated.
+            vout = self._vbuffers[key][self._next[key]]
+            for n, k, part, vdst in zip(names, numels, parts, torch.split(vout, list(numels))):
+                if n in self.velocity:
+                    old = self._stored(self.velocity, n, k, vout).to(vout.dtype)
+                    torch.add(part.reshape(-1), old, alpha=self.momentum, out=vdst)
+                else:
+                    vdst.copy_(part.reshape(-1))
+                self.velocity[n] = vdst
+            self._vflat = vout
+            parts = torch.split(vout, list(numels))
         for n, k, part, dst in zip(names, numels, parts, torch.split(out, list(numels))):
             res = self._residual(n, k, out) if self.enabled and n in self.residuals else None
             if res is None:
@@ -156,10 +216,14 @@ class ErrorFeedback:
                 self.residuals[n] = part.clone()
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        sd: dict[str, Any] = {
             "enabled": self.enabled,
             "residuals": {n: r.clone() for n, r in self.residuals.items()},
         }
+        if self.momentum:
+            sd["momentum"] = self.momentum
+            sd["velocity"] = {n: u.clone() for n, u in self.velocity.items()}
+        return sd
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "residuals" not in state:
@@ -171,7 +235,15 @@ class ErrorFeedback:
                 f"this state was saved with error feedback {on[saved]}, but this sync has it "
                 f"{on[self.enabled]}; build it with error_feedback={saved} to resume"
             )
+        momentum = float(state.get("momentum", 0.0))
+        if momentum != self.momentum:
+            raise ValueError(
+                f"this state was saved with momentum_correction={momentum}, but this sync has "
+                f"momentum_correction={self.momentum}; build it with the same value to resume"
+            )
         self.residuals = {n: r.clone() for n, r in state["residuals"].items()}
+        self.velocity = {n: u.clone() for n, u in state.get("velocity", {}).items()}
+        self._vflat = None
         self.mark()
 
     def stats(self) -> dict[str, float]:

@@ -127,6 +127,10 @@ class TrainConfig:
         epochs: passes over the training set.
         batch_size: examples a rank takes in one step (the global batch is ``workers`` times it).
         lr, momentum, weight_decay, nesterov: SGD hyper-parameters.
+        momentum_correction: apply ``momentum`` on each rank before compression (Deep Gradient
+            Compression's momentum correction, ``SyncConfig.momentum_correction``) instead of
+            in the optimizer, which then runs without momentum. Needs a sparse compressor with
+            error feedback and ``momentum > 0``; not with ``nesterov``.
         schedule: ``"cosine"`` decays the learning rate from ``lr`` to 0 over ``epochs``
             (steady final accuracy, also for compressed runs); ``"constant"`` keeps ``lr``.
         seed: fixes the data split, the initial model and the shuffling.
@@ -181,6 +185,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     nesterov: bool = False
+    momentum_correction: bool = False
     schedule: str = "cosine"
     seed: int = 0
     eval_every: int = 0
@@ -228,7 +233,7 @@ class TrainConfig:
         _check_int("checkpoint_every", self.checkpoint_every, 0)
         _check_int("dense_warmup_steps", self.dense_warmup_steps, 0)
         _check_int("byzantine", self.byzantine, 0)
-        for name in ("native_ddp", "reuse_host_memory"):
+        for name in ("native_ddp", "reuse_host_memory", "momentum_correction"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.native_ddp and (
@@ -260,6 +265,12 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov=True needs momentum > 0")
+        if self.momentum_correction and (self.momentum == 0 or self.nesterov or self.native_ddp):
+            raise ValueError(
+                "momentum_correction=True moves the momentum into the hook: it needs "
+                f"momentum > 0 (got {self.momentum}), no nesterov (got {self.nesterov}) and "
+                f"the hook (native_ddp=False, got {self.native_ddp})"
+            )
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be a number of seconds > 0, got {self.timeout_s}")
         if not 0 < self.bucket_cap_mb < math.inf:
@@ -293,7 +304,9 @@ class TrainConfig:
             "dense_warmup_steps": self.dense_warmup_steps, "on_nonfinite": self.on_nonfinite,
             "aggregator": self.aggregator, "aggregator_options": self.aggregator_options,
             "attack": self.attack, "attack_options": self.attack_options,
-            "byzantine": self.byzantine, **options,
+            "byzantine": self.byzantine,
+            "momentum_correction": self.momentum if self.momentum_correction else 0.0,
+            **options,
         }  # fmt: skip
 
     def sync_config(self) -> SyncConfig:
@@ -421,7 +434,8 @@ def _agreed_checkpoint(
         state = torch.load(ckpt, map_location=device, weights_only=False)
         # Checkpoints written before bucket_cap_mb existed ran DDP's default buckets (25 MB,
         # whatever TrainConfig's default becomes).
-        saved = {"bucket_cap_mb": 25.0, **state.get("config", {})}
+        # Nor momentum correction.
+        saved = {"bucket_cap_mb": 25.0, "momentum_correction": False, **state.get("config", {})}
         if config.schedule == "cosine":  # checkpoints from before epochs was checked
             saved.setdefault("epochs", config.epochs)
         now = _resumable(config)
@@ -506,7 +520,7 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
     optimizer = sgd(
         ddp.parameters(),
         lr=config.lr,
-        momentum=config.momentum,
+        momentum=0.0 if config.momentum_correction else config.momentum,  # then in the hook
         weight_decay=config.weight_decay,
         nesterov=config.nesterov,
     )

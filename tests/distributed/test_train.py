@@ -297,13 +297,15 @@ def test_resumed_run_ends_exactly_where_the_uninterrupted_one_does(tmp_path):
     assert exc.value.error_type == "ValueError"
 
 
-def test_resume_is_exact_with_several_ddp_buckets(tmp_path):
+@pytest.mark.parametrize("momentum_correction", [False, True], ids=["plain", "momentum-corrected"])
+def test_resume_is_exact_with_several_ddp_buckets(tmp_path, momentum_correction):
     # DDP regroups its buckets after its first step, so a resumed run's first step would
     # compress other groups of parameters: the hook's state carries the groups to exchange.
+    # With momentum correction the ranks' velocities come back too.
     common = dict(
         task="digits-mlp", compressor="threshold", density=0.05, collective="oktopk", workers=2,
         epochs=1, eval_every=10, progress=False, timeout_s=120, checkpoint_dir=str(tmp_path),
-        bucket_cap_mb=0.01,
+        bucket_cap_mb=0.01, momentum_correction=momentum_correction,
     )  # fmt: skip
     first = by_label(
         launch(

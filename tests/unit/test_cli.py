@@ -65,6 +65,11 @@ def test_the_issue_command_line_becomes_one_config():
     assert c.reuse_host_memory  # workers keep freed memory unless told not to
     (c,) = configs("train", "--no-reuse-host-memory")
     assert not c.reuse_host_memory
+    assert not c.momentum_correction
+    (c,) = configs("train", "--compressor", "topk", "--momentum-correction")
+    assert c.momentum_correction
+    # The hook gets the momentum; the optimizer will run without it (train_worker).
+    assert c.sync_config().momentum_correction == c.momentum == 0.9
 
 
 def test_several_compressors_run_in_order_and_density_goes_only_where_it_is_taken():
@@ -255,6 +260,22 @@ def test_bench_cleanup_passes_all_as_include_live_and_lists_what_it_removed(
         ({"native_ddp": True, "aggregator": "median"}, ValueError, ["native_ddp", "aggregator"]),
         ({"native_ddp": "yes"}, TypeError, ["native_ddp"]),
         ({"reuse_host_memory": 1}, TypeError, ["reuse_host_memory", "True or False"]),
+        ({"momentum_correction": 1}, TypeError, ["momentum_correction", "True or False"]),
+        (
+            {"compressor": "topk", "momentum_correction": True, "momentum": 0.0},
+            ValueError,
+            ["momentum_correction", "momentum > 0"],
+        ),
+        (
+            {"compressor": "topk", "momentum_correction": True, "nesterov": True},
+            ValueError,
+            ["momentum_correction", "no nesterov"],
+        ),
+        (
+            {"compressor": "none", "momentum_correction": True},
+            ValueError,
+            ["momentum_correction", "sparse compressor", "'none'"],
+        ),
         ({"bucket_cap_mb": 0}, ValueError, ["bucket_cap_mb", "> 0"]),
         ({"bucket_cap_mb": float("inf")}, ValueError, ["bucket_cap_mb", "finite"]),
         ({"bucket_cap_mb": "25"}, TypeError, ["bucket_cap_mb", "number"]),

@@ -129,3 +129,65 @@ def test_residuals_loaded_on_another_device_move_to_the_gradients_device():
         # moved once and kept there: the next step uses them without another copy
         assert all(r.device == meta for r in ef.residuals.values()), name
     assert all(r.device == torch.device("cpu") for r in state["residuals"].values())
+
+
+def test_momentum_correction_keeps_velocity_that_the_applied_entries_leave():
+    # u = m u + g is what is compensated; the applied entries are cleared from u afterwards.
+    ef = ErrorFeedback(momentum=0.5)
+    g = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    c = ef.compensate(["w"], [4], g)
+    assert torch.equal(c, g)  # no residual, no velocity yet: u = g
+    ef.update(["w"], [4], c, torch.tensor([0.0, 0.0, 0.0, 4.0]))
+    ef.mask_velocity(torch.tensor([3]))
+    assert torch.equal(ef.velocity["w"], torch.tensor([1.0, 2.0, 3.0, 0.0]))
+    c = ef.compensate(["w"], [4], g)
+    # u = 0.5 * (1, 2, 3, 0) + g = (1.5, 3, 4.5, 4); plus the residual (1, 2, 3, 0)
+    assert torch.equal(ef.velocity["w"], torch.tensor([1.5, 3.0, 4.5, 4.0]))
+    assert torch.equal(c, torch.tensor([2.5, 5.0, 7.5, 4.0]))
+
+
+def test_momentum_correction_state_round_trips_and_must_match():
+    import pytest
+
+    ef = ErrorFeedback(momentum=0.9)
+    ef.compensate(["w"], [3], torch.tensor([1.0, -2.0, 0.5]))
+    state = ef.state_dict()
+    other = ErrorFeedback(momentum=0.9)
+    other.load_state_dict(state)
+    assert torch.equal(other.velocity["w"], ef.velocity["w"])
+    state["velocity"]["w"].zero_()  # a copy: the saved state does not alias the live one
+    assert float(ef.velocity["w"].abs().sum()) > 0
+    with pytest.raises(ValueError, match="momentum_correction=0.9, but this sync has"):
+        ErrorFeedback().load_state_dict(ef.state_dict())
+    with pytest.raises(ValueError, match="momentum_correction=0.0, but this sync has"):
+        ErrorFeedback(momentum=0.9).load_state_dict(ErrorFeedback().state_dict())
+    with pytest.raises(ValueError, match="needs error feedback"):
+        ErrorFeedback(enabled=False, momentum=0.9)
+
+
+def test_momentum_correction_in_place_path_matches_and_rolls_back():
+    torch.manual_seed(0)
+    general, fast = ErrorFeedback(momentum=0.9), ErrorFeedback(momentum=0.9)
+    comp = get_compressor("topk", density=0.1)
+    names, numels = ["a", "b"], [30, 70]
+    for step in range(5):
+        grad = torch.randn(100)
+        compensated = general.compensate(names, numels, grad)
+        payload, ctx = comp.compress(compensated)
+        general.update(names, numels, compensated, comp.decompress(payload, ctx))
+        general.mask_velocity(payload[0].long())
+        fast.mark()
+        before = {n: u.clone() for n, u in fast.velocity.items()}
+        into = fast.compensate_into("a|b", names, numels, list(torch.split(grad, numels)))
+        assert torch.equal(into, compensated)
+        idx, values = payload
+        fast.commit_sparse("a|b", names, numels, into, idx.long(), values)
+        fast.mask_velocity(idx.long())
+        if step == 3:  # a dropped step: velocities and residuals as they were
+            fast.rollback()
+            assert all(torch.equal(fast.velocity[n], before[n]) for n in before)
+            general.load_state_dict(fast.state_dict())
+            continue
+        for n in names:
+            assert torch.equal(fast.velocity[n], general.velocity[n])
+            assert torch.equal(fast.residuals[n], general.residuals[n])

@@ -81,6 +81,39 @@ def test_scaled_randomk_with_error_feedback_is_refused():
     assert not sparsetrain.SyncConfig(compressor="randomk").use_error_feedback
 
 
+@pytest.mark.parametrize(
+    "fields, error, message",
+    [
+        ({"momentum_correction": 1.0}, ValueError, r"momentum_correction must be in \[0, 1\)"),
+        ({"momentum_correction": True}, TypeError, "momentum_correction must be a number"),
+        (
+            {"compressor": "qsgd", "momentum_correction": 0.9},
+            ValueError,
+            "needs a sparse compressor .* with error feedback, got compressor 'qsgd'",
+        ),
+        (
+            {"compressor": "topk", "error_feedback": False, "momentum_correction": 0.9},
+            ValueError,
+            "with error feedback off",
+        ),
+        (
+            {"compressor": "topk", "aggregator": "median", "momentum_correction": 0.9},
+            ValueError,
+            "does not combine with robust aggregation",
+        ),
+        (
+            {"compressor": "topk", "dense_warmup_steps": 5, "momentum_correction": 0.9},
+            ValueError,
+            "does not combine with dense_warmup_steps",
+        ),
+    ],
+)
+def test_bad_momentum_correction_is_refused(fields, error, message):
+    with pytest.raises(error, match=message):
+        sparsetrain.SyncConfig(**fields)
+    assert sparsetrain.SyncConfig(compressor="topk", momentum_correction=0.9).momentum_correction
+
+
 def test_sparse_collective_with_dense_compressor_is_refused():
     with pytest.raises(ValueError, match="reduces sparse payloads"):
         sparsetrain.SyncConfig(compressor="none", collective="auto")

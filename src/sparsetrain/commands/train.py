@@ -173,6 +173,12 @@ def add_training_arguments(p: argparse.ArgumentParser, *, workers: int, epochs: 
     g.add_argument("--weight-decay", type=_float, default=0.0)
     g.add_argument("--nesterov", action="store_true")
     g.add_argument(
+        "--momentum-correction",
+        action="store_true",
+        help="apply the momentum on each rank before compression (Deep Gradient Compression) "
+        "instead of in the optimizer; sparse compressors with error feedback",
+    )
+    g.add_argument(
         "--schedule",
         choices=SCHEDULES,
         default="cosine",
@@ -273,6 +279,7 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
             momentum=args.momentum,
             weight_decay=args.weight_decay,
             nesterov=args.nesterov,
+            momentum_correction=args.momentum_correction,
             schedule=args.schedule,
             seed=args.seed,
             eval_every=args.eval_every,

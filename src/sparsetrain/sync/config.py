@@ -35,6 +35,14 @@ class SyncConfig:
             (``sparsetrain.robust``); None means the plain average.
         attack, attack_options, byzantine: for experiments, the last ``byzantine`` ranks replace
             their gradient by the named attack.
+        momentum_correction: 0 (off), or a momentum in (0, 1) that each rank applies to its own
+            gradient before compression, as in Deep Gradient Compression (Lin et al., ICLR
+            2018): the rank keeps a velocity ``u = momentum * u + grad`` and sends (from the
+            error-feedback residual plus ``u``) what its sparse compressor selects; entries
+            applied everywhere are cleared from ``u`` (momentum factor masking). Entries that
+            wait in the residual thus carry their momentum with them. The optimizer must then
+            run without momentum. Needs a sparse compressor with error feedback, and no robust
+            aggregation, attack or dense warm-up.
     """
 
     compressor: str = "threshold"
@@ -48,6 +56,7 @@ class SyncConfig:
     attack: str | None = None
     attack_options: dict[str, Any] = field(default_factory=dict)
     byzantine: int = 0
+    momentum_correction: float = 0.0
 
     def __post_init__(self) -> None:
         cls = compressor_class(self.compressor)  # unknown name: lists the valid ones
@@ -94,6 +103,33 @@ class SyncConfig:
                     f"{self.compressor!r} sends {cls.wire} payloads; use a sparse compressor "
                     "(topk, threshold) or collective='allgather'"
                 )
+        self._check_momentum_correction(cls)
+
+    def _check_momentum_correction(self, cls: type) -> None:
+        m = self.momentum_correction
+        if isinstance(m, bool) or not isinstance(m, (int, float)):
+            raise TypeError(f"momentum_correction must be a number in [0, 1), got {m!r}")
+        if not 0.0 <= m < 1.0:
+            raise ValueError(f"momentum_correction must be in [0, 1) (0: off), got {m}")
+        if not m:
+            return
+        if cls.wire != "sparse" or not self.use_error_feedback:
+            raise ValueError(
+                "momentum_correction sparsifies each rank's momentum and keeps what waits in "
+                "the error-feedback residual: it needs a sparse compressor (topk, threshold, "
+                f"randomk with scale=False) with error feedback, got compressor "
+                f"{self.compressor!r} with error feedback {'on' if self.use_error_feedback else 'off'}"
+            )
+        if self.aggregator is not None or self.attack is not None:
+            raise ValueError(
+                "momentum_correction does not combine with robust aggregation or attacks (they "
+                "act on the ranks' gradients, not on momenta)"
+            )
+        if self.dense_warmup_steps:
+            raise ValueError(
+                "momentum_correction does not combine with dense_warmup_steps (a dense step "
+                "sends gradients, which an optimizer without momentum would apply as they are)"
+            )
 
     @property
     def use_error_feedback(self) -> bool:

@@ -57,7 +57,7 @@ class SyncEngine:
         self.compressor = config.build_compressor()
         if self.compressor.rank_seeded and dist.is_initialized():
             self.compressor.seed += dist.get_rank(group)
-        self.feedback = ErrorFeedback(config.use_error_feedback)
+        self.feedback = ErrorFeedback(config.use_error_feedback, config.momentum_correction)
         self._collectives: dict[str, Any] = {}
         self.aggregator = None
         self.attack = None
@@ -252,6 +252,7 @@ class SyncEngine:
             reduced, sent = self._timed_comm(allreduce_sum, [mine], self.group)
             self._count(sent, sent)
             total = reduced[0]
+            self.feedback.mask_velocity(sent_idx)
         else:
             res: CollectiveResult = self._timed_comm(
                 coll, indices, values, flat.numel(), group=self.group, key=key
@@ -259,14 +260,18 @@ class SyncEngine:
             self._count(res.bytes_sent, res.bytes_recv)
             if res.dense is None:
                 # A global selection: what this rank sent but the selection dropped goes back
-                # into its residual; the result is zero outside the selection.
+                # into its residual (with its momentum); the result is zero outside the
+                # selection.
                 dropped = self._not_selected(res.indices.long(), sent_idx, flat.numel())
                 self.feedback.add_back_sparse(compensated, sent_idx[dropped], values[dropped])
+                if self.feedback.momentum:
+                    self.feedback.mask_velocity(sent_idx[~dropped])
                 where = _bucket_positions(res.indices.long(), order, numels)
                 flat.zero_()
                 flat.index_put_((where,), (res.values / world).to(flat.dtype))
                 return flat
             total = res.dense
+            self.feedback.mask_velocity(sent_idx)
         return _to_bucket_order((total / world).to(flat.dtype), flat, order, numels)
 
     def _exchange(
@@ -327,16 +332,17 @@ class SyncEngine:
                 reduced, sent = self._timed_comm(allreduce_sum, [mine], self.group)
                 self._count(sent, sent)
                 total = reduced[0]
+                self.feedback.mask_velocity(payload[0].long())
             else:
                 res: CollectiveResult = self._timed_comm(
                     coll, payload[0], payload[1], flat.numel(), group=self.group, key=key
                 )
                 self._count(res.bytes_sent, res.bytes_recv)
-                total = (
-                    res.dense
-                    if res.dense is not None
-                    else self._selected(res, payload, compensated, names, numels)
-                )
+                if res.dense is not None:
+                    total = res.dense
+                    self.feedback.mask_velocity(payload[0].long())
+                else:
+                    total = self._selected(res, payload, compensated, names, numels)
         else:
             gathered, sent, recv = self._timed_comm(all_gather_variable, payload, self.group)
             self._count(sent, recv)
@@ -349,6 +355,7 @@ class SyncEngine:
         """Densify a global selection; put this rank's values that it dropped back into the residual."""
         indices, values = payload
         dropped = ~torch.isin(indices.long(), res.indices.long())
+        self.feedback.mask_velocity(indices.long()[~dropped])
         unsent = torch.zeros_like(compensated)
         unsent.index_put_((indices.long()[dropped],), values[dropped].to(unsent.dtype))
         self.feedback.add_back(names, numels, unsent)
