@@ -4,6 +4,8 @@ Runs RANKS gloo ranks on this machine (FileStore rendezvous, one thread each) tr
 digits-wide-mlp on a fixed batch, and for each variant times STEPS steps after a warm-up:
 
 * ``local``: forward, backward and SGD step with no DDP and no communication (the floor);
+  every variant uses the trainer's optimizer (fused SGD) and, with DDP, its gradients as views
+  into DDP's buckets;
 * ``ddp``: plain DDP, no hook (PyTorch's own allreduce);
 * ``dense``: DDP with the hook and the ``none`` compressor (what sparsetrain runs as "dense"),
   on the engine's in-place dense path, and ``dense/general`` on its general path;
@@ -59,10 +61,12 @@ VARIANTS = [
 def _measure(variant: str, task, x: torch.Tensor, y: torch.Tensor, cfg: dict) -> dict:
     """Time one variant on this rank (all ranks call it together)."""
     import sparsetrain
+    from sparsetrain.train import sgd
 
     torch.manual_seed(0)
     net = task.build_model()
-    model = net if variant == "local" else DDP(net)
+    # As the trainer builds them: gradients as views into DDP's buckets, fused SGD.
+    model = net if variant == "local" else DDP(net, gradient_as_bucket_view=True)
     state = None
     if variant.startswith("dense"):
         state = sparsetrain.register_ddp_hook(model, "none")
@@ -88,7 +92,7 @@ def _measure(variant: str, task, x: torch.Tensor, y: torch.Tensor, cfg: dict) ->
                 hook_cpu[0] += time.thread_time() - c0
 
         state.engine.exchange = timed
-    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    opt = sgd(net.parameters(), lr=0.01, momentum=0.9)
 
     def step():
         opt.zero_grad()
