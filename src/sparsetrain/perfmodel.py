@@ -575,11 +575,23 @@ def fit(
     while rows not in seen and len(seen) < 8:
         seen.append(rows)
         params = _nnls_fit(rows, ts, fixed)
-        err = sum(((c.seconds(params) - t) / t) ** 2 for c, t in zip(costs, ts))
-        if err < best_err:
+        err = _squared_relative_error(costs, ts, params)
+        if best is None or err < best_err:
             best, best_err = params, err
         rows = [c.bound_terms(params) for c in costs]
     return best
+
+
+def _squared_relative_error(
+    costs: Sequence[Cost], ts: Sequence[float], params: NetworkParams
+) -> float:
+    """Sum of squared relative errors of the predictions; inf (not an OverflowError, which
+    ``x ** 2`` raises) where degenerate data drives a coefficient, and so a prediction, huge."""
+    total = 0.0
+    for c, t in zip(costs, ts):
+        r = (c.seconds(params) - t) / t
+        total += r * r
+    return total
 
 
 def _nnls_fit(
