@@ -84,10 +84,11 @@ class ErrorFeedback:
         return u
 
     def mask_velocity(self, positions: Tensor) -> None:
-        """Clear the velocity at ``positions`` of the exchange in progress (the entries that
-        were applied on every rank: momentum factor masking). A no-op without momentum."""
+        """Clear the velocity at ``positions`` (integer indices into the flat tensor) of the
+        exchange in progress: the entries that were applied on every rank (momentum factor
+        masking). A no-op without momentum."""
         if self.momentum and self._vflat is not None and positions.numel():
-            self._vflat.index_fill_(0, positions, 0)
+            self._vflat.index_fill_(0, positions.long(), 0)
 
     def compensate(self, names: Sequence[str], numels: Sequence[int], flat: Tensor) -> Tensor:
         """Return ``flat + residual`` for a flat tensor packing ``names`` in order (a new tensor).

@@ -131,9 +131,13 @@ def next_threshold(threshold: float, at: int, above: int, below: int, k: int) ->
     return threshold * min(2.0, max(0.5, factor))
 
 
-def _kept_counts(mags: Tensor, threshold: float) -> list[int]:
-    """This rank's counts of ``mags >= threshold``, ``* BRACKET`` and ``/ BRACKET``."""
-    return [int((mags >= t).sum()) for t in (threshold, threshold * BRACKET, threshold / BRACKET)]
+def _kept(mags: Tensor, threshold: float) -> tuple[Tensor, list[int]]:
+    """This rank's mask ``mags >= threshold`` and its counts of ``mags`` at or above
+    ``threshold``, ``threshold * BRACKET`` and ``threshold / BRACKET``."""
+    keep = mags >= threshold
+    counts = [int(keep.sum())]
+    counts += [int((mags >= t).sum()) for t in (threshold * BRACKET, threshold / BRACKET)]
+    return keep, counts
 
 
 @dataclass
@@ -262,7 +266,8 @@ class OkTopk(SparseCollective):
         # The count allgather also says whether any rank's sums hold Inf or NaN, so a reused
         # threshold cannot pass them on (or drop them) where an estimate would have refused.
         bad = int(not bool(torch.isfinite(mags).all()))
-        rows = wire.allgather_ints([bad, *_kept_counts(mags, st.threshold)])
+        keep, mine = _kept(mags, st.threshold)
+        rows = wire.allgather_ints([bad, *mine])
         if any(row[0] for row in rows):
             raise FloatingPointError(_NONFINITE)
         counts = [row[1] for row in rows]
@@ -271,12 +276,12 @@ class OkTopk(SparseCollective):
             # The reused threshold has drifted too far (every rank sees the same total):
             # re-estimate now rather than send far more, or keep far fewer, than k.
             st.threshold = estimate_threshold(wire, mags, k)
-            rows = wire.allgather_ints([0, *_kept_counts(mags, st.threshold)])
+            keep, mine = _kept(mags, st.threshold)
+            rows = wire.allgather_ints([0, *mine])
             counts = [row[1] for row in rows]
             total = sum(counts)
             estimated = True
         used = st.threshold
-        keep = mags >= used
         sel_i, sel_v = red_i[keep], red_v[keep]
         # The next call starts from a threshold corrected toward k by this call's counts, so
         # a reused threshold follows gradients whose scale drifts instead of leaving the band.

@@ -332,7 +332,7 @@ class SyncEngine:
                 reduced, sent = self._timed_comm(allreduce_sum, [mine], self.group)
                 self._count(sent, sent)
                 total = reduced[0]
-                self.feedback.mask_velocity(payload[0].long())
+                self.feedback.mask_velocity(payload[0])
             else:
                 res: CollectiveResult = self._timed_comm(
                     coll, payload[0], payload[1], flat.numel(), group=self.group, key=key
@@ -340,7 +340,7 @@ class SyncEngine:
                 self._count(res.bytes_sent, res.bytes_recv)
                 if res.dense is not None:
                     total = res.dense
-                    self.feedback.mask_velocity(payload[0].long())
+                    self.feedback.mask_velocity(payload[0])
                 else:
                     total = self._selected(res, payload, compensated, names, numels)
         else:
@@ -355,7 +355,8 @@ class SyncEngine:
         """Densify a global selection; put this rank's values that it dropped back into the residual."""
         indices, values = payload
         dropped = ~torch.isin(indices.long(), res.indices.long())
-        self.feedback.mask_velocity(indices.long()[~dropped])
+        if self.feedback.momentum:
+            self.feedback.mask_velocity(indices[~dropped])
         unsent = torch.zeros_like(compensated)
         unsent.index_put_((indices.long()[dropped],), values[dropped].to(unsent.dtype))
         self.feedback.add_back(names, numels, unsent)
