@@ -19,7 +19,7 @@ instead of the gradient; after the exchange, the entries that were applied are c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -139,11 +139,26 @@ class ErrorFeedback:
 
     # ---- the allocation-free path for sparse payloads ------------------------------------------
     def compensate_into(
-        self, key: str, names: Sequence[str], numels: Sequence[int], parts: Sequence[Tensor]
+        self,
+        key: str,
+        names: Sequence[str],
+        numels: Sequence[int],
+        parts: Sequence[Tensor],
+        each_chunk: Callable[[int, Tensor], None] | None = None,
+        chunk: int = 1 << 18,
     ) -> Tensor:
         """Return ``cat(parts) + residual`` (the same values as :meth:`compensate`), written in
         one pass into a buffer kept for ``key``; ``parts`` are the gradients of ``names``, in
-        that order, from anywhere (for example slices of a DDP bucket in another order)."""
+        that order, from anywhere (for example slices of a DDP bucket in another order).
+
+        With ``each_chunk``, the sum is written ``chunk`` elements at a time (never across two
+        parameters) and ``each_chunk(offset, written)`` is called on each piece right after it
+        is written, while it is still in cache: a caller that reads the whole result anyway
+        (a selection, a finiteness check) saves a pass over memory. Nothing is committed:
+        the residuals stay as they are until :meth:`commit_sparse`.
+        """
+        if each_chunk is not None and self.momentum:
+            raise ValueError("compensate_into: each_chunk is not supported with momentum")
         total = sum(numels)
         like = parts[0]
         bufs = self._buffers.get(key)
@@ -171,12 +186,22 @@ class ErrorFeedback:
                 self.velocity[n] = vdst
             self._vflat = vout
             parts = torch.split(vout, list(numels))
+        offset = 0
         for n, k, part, dst in zip(names, numels, parts, torch.split(out, list(numels))):
             res = self._residual(n, k, out) if self.enabled and n in self.residuals else None
-            if res is None:
-                dst.copy_(part.reshape(-1))
-            else:
-                torch.add(part.reshape(-1), res.to(out.dtype), out=dst)
+            src = part.reshape(-1)
+            if res is not None:
+                res = res.to(out.dtype)
+            step = max(k if each_chunk is None else chunk, 1)
+            for a in range(0, k, step):
+                b = min(a + step, k)
+                if res is None:
+                    dst[a:b].copy_(src[a:b])
+                else:
+                    torch.add(src[a:b], res[a:b], out=dst[a:b])
+                if each_chunk is not None:
+                    each_chunk(offset + a, dst[a:b])
+            offset += k
         return out
 
     def commit_sparse(

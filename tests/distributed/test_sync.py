@@ -248,6 +248,31 @@ def _bad_input(rank: int, world: int) -> dict:
         out["regroup_nan"] = None
     except Exception as e:  # noqa: BLE001
         out["regroup_nan"] = str(e)
+    # The threshold compressor checks finiteness in the pass that compensates (when it reuses
+    # its threshold): a NaN there still raises on every rank, naming the rank and parameter,
+    # while a gradient whose values are finite but whose sums overflow is no error.
+    torch.manual_seed(0)
+    net = _net()
+    model = DDP(net)
+    state = sparsetrain.register_ddp_hook(model, "threshold", density=0.3)
+    for step in range(2):
+        x, y = _batch(rank, step)
+        if step == 1 and rank == 1:
+            x[0, 0] = float("nan")
+        try:
+            nn.functional.cross_entropy(model(x), y).backward()
+            out[f"threshold_nan_{step}"] = None
+        except Exception as e:  # noqa: BLE001
+            out[f"threshold_nan_{step}"] = str(e)
+    torch.manual_seed(0)
+    net = _net()
+    sync = sparsetrain.GradientSync(net, "threshold", density=0.3, on_nonfinite="skip")
+    huge = []
+    for step in range(2):
+        for p in net.parameters():
+            p.grad = torch.full_like(p, 3e38 if step else 1.0)
+        huge.append(sync.synchronize())
+    out["threshold_huge"] = huge
     # GradientSync ranks with other bucket sizes: an error naming the option on every rank
     try:
         sparsetrain.GradientSync(_net(), "topk", density=0.1, bucket_cap_mb=25.0 if rank else 1.0)
@@ -273,6 +298,10 @@ def test_bad_input_errors_on_every_rank(tmp_path):
         assert r["skip"] == {"skipped": True, "zero": True}
         assert r["gs_skip"] == (False, 1, True) and r["gs_zero"] and r["gs_residuals_kept"]
         assert "bucket_cap_mb: rank 0 has 1.0, rank 1 has 25.0" in r["gs_buckets"]
+        assert r["threshold_nan_0"] is None
+        assert "non-finite" in r["threshold_nan_1"] and "on rank 1" in r["threshold_nan_1"]
+        assert ".weight" in r["threshold_nan_1"]
+        assert r["threshold_huge"] == [True, True]  # finite values: not skipped
 
 
 # ---- collective=: every sparse collective through the hook --------------------------------

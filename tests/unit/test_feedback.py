@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sparsetrain import ErrorFeedback, get_compressor
@@ -100,6 +101,43 @@ def test_in_place_path_matches_the_general_path_and_keeps_residuals_intact():
         for n in names:
             assert torch.equal(fast.residuals[n], general.residuals[n])
     assert len(buffers) == 2  # two buffers, used in turn
+
+
+def test_compensating_in_pieces_writes_the_same_values_and_shows_every_piece_once():
+    # each_chunk: the engine marks and sums each piece while it is in cache. The pieces must
+    # cover the whole result once, in order, never across two parameters, and the values must
+    # be what one pass writes.
+    torch.manual_seed(1)
+    names, numels = ["a", "b", "c"], [17, 0, 40]
+    whole, pieces = ErrorFeedback(), ErrorFeedback()
+    seen = []
+
+    def each_chunk(offset, piece):
+        seen.append((offset, piece.numel(), piece.clone()))
+
+    for _ in range(3):
+        grad = torch.randn(57)
+        expected = whole.compensate_into("k", names, numels, list(torch.split(grad, numels)))
+        seen.clear()
+        got = pieces.compensate_into(
+            "k", names, numels, list(torch.split(grad, numels)), each_chunk=each_chunk, chunk=7
+        )
+        assert torch.equal(got, expected)
+        assert [(o, n) for o, n, _ in seen] == [
+            (0, 7), (7, 7), (14, 3), (17, 7), (24, 7), (31, 7), (38, 7), (45, 7), (52, 5)
+        ]  # fmt: skip
+        for offset, n, piece in seen:
+            assert torch.equal(piece, expected[offset : offset + n])
+        idx = torch.tensor([1, 20, 50])
+        for ef, c in ((whole, expected), (pieces, got)):
+            ef.commit_sparse("k", names, numels, c, idx, c[idx].clone())
+        assert all(torch.equal(whole.residuals[n], pieces.residuals[n]) for n in names)
+
+
+def test_compensating_in_pieces_is_refused_with_momentum():
+    ef = ErrorFeedback(momentum=0.9)
+    with pytest.raises(ValueError, match="each_chunk is not supported with momentum"):
+        ef.compensate_into("w", ["w"], [4], [torch.ones(4)], each_chunk=lambda o, p: None)
 
 
 def test_in_place_path_without_error_feedback_keeps_nothing():

@@ -199,6 +199,49 @@ def test_selection_spans_several_chunks():
         assert torch.equal(Threshold()._select(g, 2.0, expected=hint), expected), hint
 
 
+@pytest.mark.parametrize("piece", [1000, 70_001, 300_000])
+def test_marking_in_pieces_selects_what_compress_selects_alone(piece):
+    # The sync engine marks |g| > the reused threshold while it writes the compensated
+    # gradient (marker), and compress(marked=...) takes those marks: the payloads and the
+    # per-key state must be the same as without marks, at every step, estimates included.
+    marked, plain = (
+        Threshold(density=0.01, reestimate_every=4),
+        Threshold(density=0.01, reestimate_every=4),
+    )
+    used = 0
+    for step, g in enumerate(training_like(300_001, 12, seed=5)):
+        threshold = marked.reused_threshold("k", g.numel())
+        assert (threshold is None) == (step % 4 == 0)  # None where compress estimates
+        if threshold is not None:
+            mark = marked.marker(g.numel(), threshold)
+            for a in range(0, g.numel(), piece):
+                mark(a, g[a : a + piece])
+            used += 1
+        (i1, v1), _ = marked.compress(g, key="k", marked=threshold)
+        (i2, v2), _ = plain.compress(g, key="k")
+        assert torch.equal(i1, i2) and torch.equal(v1, v2), step
+        assert marked.state_dict() == plain.state_dict()
+    assert used == 9
+
+
+def test_marks_for_another_threshold_are_not_used():
+    c, plain = Threshold(density=0.01), Threshold(density=0.01)
+    g = torch.randn(100_000, generator=torch.Generator().manual_seed(3))
+    c.compress(g, key="k")
+    plain.compress(g, key="k")
+    threshold = c.reused_threshold("k", g.numel())
+    c.marker(g.numel(), threshold * 2)(0, g)  # stale marks, for the wrong threshold
+    (i1, _), _ = c.compress(g, key="k", marked=threshold * 2)
+    (i2, _), _ = plain.compress(g, key="k")
+    assert torch.equal(i1, i2)
+
+
+def test_no_threshold_is_reused_when_everything_is_sent():
+    c = Threshold(density=1.0)
+    c.compress(torch.randn(10), key="k")
+    assert c.reused_threshold("k", 10) is None and c.reused_threshold("other", 10) is None
+
+
 def test_estimate_from_a_sample_is_close_to_the_exact_kth_largest():
     g = torch.randn(2_000_000, generator=torch.Generator().manual_seed(3))
     c = Threshold(density=0.01)  # the sample has 1024 / 0.01 = 102400 entries

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -123,7 +124,48 @@ class Threshold(SparseCompressor):
         return {**self.__dict__, "_mask": None, "_scratch": None}
 
     # ---- the hot path ------------------------------------------------------------------------
-    def compress(self, t: Tensor, *, key: str = "", layout=None) -> tuple[Payload, TensorMeta]:
+    def reused_threshold(self, key: str, numel: int) -> float | None:
+        """The threshold the next :meth:`compress` of ``numel`` elements under ``key`` selects
+        with first, when it reuses one; None when it estimates one first (or sends all)."""
+        st = self._keys.get(key)
+        if k_for(numel, self.density) >= numel or st is None:
+            return None
+        if st.step - st.last_estimate >= self.reestimate_every:
+            return None
+        return st.threshold
+
+    def marker(self, numel: int, threshold: float) -> Callable[[int, Tensor], None]:
+        """Return ``mark(offset, piece)``, which records ``|piece| > threshold`` for the
+        elements ``[offset, offset + len(piece))`` of a CPU tensor of ``numel`` elements.
+
+        A caller that writes the tensor piece by piece (error feedback's compensation) marks
+        each piece while it is in cache, then passes ``marked=threshold`` to :meth:`compress`,
+        which takes the marks instead of a pass of its own. Every element must be marked once,
+        after the last call of :meth:`compress` and before the next; the marks are the same
+        values that pass computes.
+        """
+        words = -(-numel // (8 * _ROWS)) * _ROWS
+        if self._mask is None or self._mask.numel() < words * 8:
+            self._mask = torch.zeros(words * 8, dtype=torch.bool)
+        mask = self._mask
+        mask[numel : words * 8] = False
+
+        def mark(offset: int, piece: Tensor) -> None:
+            if self._scratch is None or self._scratch.dtype != piece.dtype:
+                self._scratch = torch.empty(_CPU_CHUNK, dtype=piece.dtype)
+            for a in range(0, piece.numel(), _CPU_CHUNK):
+                part = piece[a : a + _CPU_CHUNK]
+                scratch = self._scratch[: part.numel()]
+                torch.hardshrink(part, threshold, out=scratch)
+                mask[offset + a : offset + a + part.numel()].copy_(scratch)
+
+        return mark
+
+    def compress(
+        self, t: Tensor, *, key: str = "", layout=None, marked: float | None = None
+    ) -> tuple[Payload, TensorMeta]:
+        """Compress ``t`` (see the class). ``marked``: a threshold with which a :meth:`marker`
+        has marked all of ``t`` since the last call; used when it is the reused threshold."""
         check_floating(t)
         flat = t.reshape(-1)
         n = flat.numel()
@@ -140,7 +182,10 @@ class Threshold(SparseCompressor):
             threshold, slope = self._estimate(flat, k, key, step)
         else:
             threshold, slope = st.threshold, st.slope
-        idx = self._select(flat, threshold, expected=k)
+        premarked = (
+            not fresh and marked is not None and marked == threshold and flat.device.type == "cpu"
+        )
+        idx = self._select(flat, threshold, expected=k, premarked=premarked)
         count = idx.numel()
         over = count > k * self.band
         cut = over and threshold > 0 and count * _CUT_FRACTION <= n
@@ -170,7 +215,13 @@ class Threshold(SparseCompressor):
         values = torch.index_select(flat, 0, idx)
         return (idx.to(index_dtype(n)), values), TensorMeta.of(t)
 
-    def _select(self, flat: Tensor, threshold: float, expected: int | None = None) -> Tensor:
+    def _select(
+        self,
+        flat: Tensor,
+        threshold: float,
+        expected: int | None = None,
+        premarked: bool = False,
+    ) -> Tensor:
         """Return the sorted int64 indices of ``|flat| > threshold``.
 
         ``hardshrink`` (x where ``|x| > threshold``, else 0) and a cast to bool are both
@@ -181,24 +232,16 @@ class Threshold(SparseCompressor):
         ``_SPARSE`` entries) the words are first summed in groups of ``_ROWS`` (one word from
         each of ``_ROWS`` equal slices of the mask: a vectorised pass) and ``nonzero`` runs over
         the sums, then over the words of the groups that hold a hit. The result is the same
-        either way.
+        either way. ``premarked``: a :meth:`marker` has written the mask already.
         """
         n = flat.numel()
         if flat.device.type != "cpu":
             return torch.nonzero(torch.hardshrink(flat, threshold)).squeeze(1)
         # Whole groups of _ROWS words, so the mask reshapes to (_ROWS, words // _ROWS).
         words = -(-n // (8 * _ROWS)) * _ROWS
-        if self._mask is None or self._mask.numel() < words * 8:
-            self._mask = torch.zeros(words * 8, dtype=torch.bool)
-        if self._scratch is None or self._scratch.dtype != flat.dtype:
-            self._scratch = torch.empty(_CPU_CHUNK, dtype=flat.dtype)
+        if not premarked:
+            self.marker(n, threshold)(0, flat)
         mask = self._mask[: words * 8]
-        mask[n:] = False
-        for start in range(0, n, _CPU_CHUNK):
-            stop = min(start + _CPU_CHUNK, n)
-            scratch = self._scratch[: stop - start]
-            torch.hardshrink(flat[start:stop], threshold, out=scratch)
-            mask[start:stop].copy_(scratch)
         words_view = mask.view(torch.int64)
         if expected is not None and expected * _SPARSE <= n:
             # Each word is 8 bytes of 0 or 1, so a sum of _ROWS words neither overflows nor
