@@ -144,7 +144,7 @@ class ErrorFeedback:
         names: Sequence[str],
         numels: Sequence[int],
         parts: Sequence[Tensor],
-        each_chunk: Callable[[int, Tensor], None] | None = None,
+        each_chunk: Callable[[int, int, Tensor, Tensor], None] | None = None,
         chunk: int = 1 << 18,
     ) -> Tensor:
         """Return ``cat(parts) + residual`` (the same values as :meth:`compensate`), written in
@@ -152,10 +152,12 @@ class ErrorFeedback:
         that order, from anywhere (for example slices of a DDP bucket in another order).
 
         With ``each_chunk``, the sum is written ``chunk`` elements at a time (never across two
-        parameters) and ``each_chunk(offset, written)`` is called on each piece right after it
-        is written, while it is still in cache: a caller that reads the whole result anyway
-        (a selection, a finiteness check) saves a pass over memory. Nothing is committed:
-        the residuals stay as they are until :meth:`commit_sparse`.
+        parameters) and ``each_chunk(j, offset, written, source)`` is called on each piece
+        right after it is written, while it is still in cache: ``j`` is the parameter's position
+        in ``names``, ``offset`` the piece's position in the result, ``source`` the gradient
+        piece it came from. A caller that reads the whole result anyway (a selection, a
+        finiteness check) or clears the gradient saves a pass over memory. Nothing is
+        committed: the residuals stay as they are until :meth:`commit_sparse`.
         """
         if each_chunk is not None and self.momentum:
             raise ValueError("compensate_into: each_chunk is not supported with momentum")
@@ -187,7 +189,9 @@ class ErrorFeedback:
             self._vflat = vout
             parts = torch.split(vout, list(numels))
         offset = 0
-        for n, k, part, dst in zip(names, numels, parts, torch.split(out, list(numels))):
+        for j, (n, k, part, dst) in enumerate(
+            zip(names, numels, parts, torch.split(out, list(numels)))
+        ):
             res = self._residual(n, k, out) if self.enabled and n in self.residuals else None
             src = part.reshape(-1)
             if res is not None:
@@ -200,7 +204,7 @@ class ErrorFeedback:
                 else:
                     torch.add(src[a:b], res[a:b], out=dst[a:b])
                 if each_chunk is not None:
-                    each_chunk(offset + a, dst[a:b])
+                    each_chunk(j, offset + a, dst[a:b], src[a:b])
             offset += k
         return out
 

@@ -244,13 +244,16 @@ def _p2p(messages: float, nbytes: float = 0.0) -> Cost:
     return Cost(messages, nbytes, operations=messages)
 
 
-def _small_allreduce(p: int) -> Cost:
-    """A few-int allreduce (the input agreement every sparse collective starts with): a ring."""
-    return _call(2 * (p - 1)) if p > 1 else Cost(0, 0)
+def _agreement(p: int) -> Cost:
+    """The input agreement every sparse collective except the allgather baseline starts with,
+    and any other exchange of a few ints (counts, sizes): each rank sends its ints straight to
+    every peer, p - 1 messages at once."""
+    return _p2p(p - 1) if p > 1 else Cost(0, 0)
 
 
 def _small_allgather(p: int) -> Cost:
-    """An allgather of a few ints (counts, sizes): a ring of p - 1 steps."""
+    """A library allgather of a few ints (the allgather baseline's size header): a ring of
+    p - 1 steps."""
     return _call(p - 1) if p > 1 else Cost(0, 0)
 
 
@@ -322,7 +325,7 @@ def ssar_recursive_doubling(q: Problem) -> Cost:
     p = q.world
     core = 1 << (p.bit_length() - 1)
     extra = p - core
-    cost = _small_allreduce(p) + _order(q)
+    cost = _agreement(p) + _order(q)
     m = 1.0
     if extra:
         cost += _p2p(2, q.k * q.entry_bytes) + _local(q, extra, sorts=[2 * q.k])
@@ -345,10 +348,9 @@ def _split_phase(q: Problem, adaptive: bool) -> tuple[Cost, float, bool]:
     dense_in = adaptive and q.density >= delta
     per_peer = (q.numel / p * q.value_bytes) if dense_in else (q.k / p * q.entry_bytes)
     cost = (
-        _small_allreduce(p)
+        _agreement(p)  # which carries the sizes of the split
         + _order(q)  # into ranges
         + _local(q, p, dense=q.numel if dense_in else 0.0)
-        + _p2p(p - 1)  # sizes
         + _p2p(p - 1, (p - 1) * per_peer)  # payloads in rotating order
     )
     reduced = q.union(p) / p
@@ -366,12 +368,12 @@ def _split_phase(q: Problem, adaptive: bool) -> tuple[Cost, float, bool]:
 
 
 def _allgather_ranges(q: Problem, reduced: float, dense_out: bool) -> Cost:
-    """Allgather of the p reduced ranges (sizes by ring allgather, then direct sends) and their
-    scatter into a zeroed dense vector."""
+    """Allgather of the p reduced ranges (sizes, then the ranges, each by direct sends) and
+    their scatter into a zeroed dense vector."""
     p = q.world
     block = q.numel / p * q.value_bytes if dense_out else reduced * q.entry_bytes
     return (
-        _small_allgather(p)
+        _agreement(p)
         + _p2p(p - 1, (p - 1) * block)
         + _local(q, p, sparse=0.0 if dense_out else p * reduced, dense=q.numel)
     )
@@ -381,9 +383,10 @@ def _allgather_ranges(q: Problem, reduced: float, dense_out: bool) -> Cost:
 def ssar_split_allgather(q: Problem) -> Cost:
     """SparCML split-allgather: sparse split to p range owners, merge, allgather of ranges.
 
-    T = (2(p-1) + 2(p-1) + (p-1) + (p-1)) alpha + (p-1)/p [k + U(p)] (b_i + b_v) beta
-        + (1 + 2(p-1) + 1 + (p-1)) o + k log2 k gamma_sort (the merge) + (k + U(p)) gamma
-        + n gamma_dense, for sorted input (unsorted adds a sort of k).
+    T = 4(p-1) alpha + (p-1)/p [k + U(p)] (b_i + b_v) beta + 4(p-1) o
+        + k log2 k gamma_sort (the merge) + (k + U(p)) gamma + n gamma_dense, for sorted input
+        (unsorted adds a sort of k): the agreement (carrying the split's sizes), the split's
+        payloads, the reduced ranges' sizes and the ranges, each p - 1 direct messages.
     """
     cost, reduced, _ = _split_phase(q, adaptive=False)
     return cost + _allgather_ranges(q, reduced, dense_out=False)
@@ -401,25 +404,24 @@ def dsar(q: Problem) -> Cost:
 def oktopk(q: Problem) -> Cost:
     """Ok-Topk: balanced split-reduce, global top-k by estimated threshold, allgatherv.
 
-    Steady state (region edges and threshold reused): agreement; a coalesce and a split into
-    regions (two linear passes over k sorted entries; unsorted ones are sorted once first);
-    sizes then payloads, (p-1)/p k entries, to the region owners in rotating order; a
-    sort-based merge of the region's k entries; the threshold compared with its U(p)/p
-    reduced entries; a ring allgather of the kept counts; the balance (for balanced regions a
-    rank's excess goes to at most its neighbours: about 2 messages); then direct sends of the
-    k/p entries a rank holds. Volume about 2 (p-1)/p k entries, the paper's
-    < 6k bound; latency (6(p-1) + 2) alpha against the paper's (2p + 2 log p) alpha, because
-    sizes travel first and the small collectives are rings.
+    Steady state (region edges and threshold reused): a coalesce and a split into regions (two
+    linear passes over k sorted entries; unsorted ones are sorted once first); the agreement,
+    whose messages carry the sizes of the split; the payloads, (p-1)/p k entries, to the
+    region owners in rotating order; a sort-based merge of the region's k entries; the
+    threshold compared with its U(p)/p reduced entries; the kept counts sent to every peer;
+    the balance (for balanced regions a rank's excess goes to at most its neighbours: about 2
+    messages); then direct sends of the k/p entries a rank holds. Volume about 2 (p-1)/p k
+    entries, the paper's < 6k bound; latency (4(p-1) + 2) alpha against the paper's
+    (2p + 2 log p) alpha, because the few-int exchanges are direct sends to every peer.
     """
     p = q.world
     selected = q.k / p
     return (
-        _small_allreduce(p)
+        _agreement(p)  # which carries the sizes of the split
         + _order(q, passes=2)  # coalesce, split
-        + _p2p(p - 1)
         + _p2p(p - 1, (p - 1) / p * q.k * q.entry_bytes)
         + _local(q, p, sorts=[q.k], sparse=q.union(p) / p)
-        + _small_allgather(p)
+        + _agreement(p)  # the kept counts
         + _p2p(min(2, p - 1))
         + _p2p(p - 1, (p - 1) * selected * q.entry_bytes)
         + _local(q, p, sparse=q.k)
@@ -432,13 +434,13 @@ def gtopk(q: Problem) -> Cost:
 
     Agreement; each rank coalesces its k entries (a linear check if sorted, else a sort); log2 p
     rounds up, in which rank 0 receives k entries a round and merges and reselects 2k (half as
-    many ranks merge each round); log2 p messages down from rank 0: T = 2(p-1) alpha
-    + 2 log p alpha + 2 log p k (b_i + b_v) beta + (1 + 2 log p) o + 2 log p sort(2k) gamma_sort
-    + k gamma (sorted input).
+    many ranks merge each round); log2 p messages down from rank 0: T = (p-1) alpha
+    + 2 log p alpha + 2 log p k (b_i + b_v) beta + (p - 1 + 2 log p) o
+    + 2 log p sort(2k) gamma_sort + k gamma (sorted input).
     """
     p = q.world
     L = _log2ceil(p)
-    cost = _small_allreduce(p) + _order(q)
+    cost = _agreement(p) + _order(q)
     active = p / 2
     for _ in range(L):
         cost += _p2p(1, q.k * q.entry_bytes) + _local(q, active, sorts=[2 * q.k, 2 * q.k])

@@ -188,6 +188,16 @@ def _cases(rank: int, world: int, group) -> dict:
         with_nan[1] = float("nan")
     reusing = get_collective("oktopk", threshold_every=8)
     reusing(idx, val, 100, key="r", group=group)  # estimates; the next call reuses
+    # On a call that reuses its region edges, the agreement also carries the sizes of the
+    # split (one round fewer): bad input there must still fail on every rank, and so must a
+    # rank whose saved state is for a vector of another length (it would split afresh while
+    # the others do not).
+    shorter = get_collective("oktopk")
+    shorter(*random_input(20, rank, 50, 5, torch.float32), 50, key="m", group=group)
+    lengths = get_collective("oktopk")
+    lengths(idx, val, 100, key="m", group=group)
+    if rank == 0:
+        lengths.load_state_dict(shorter.state_dict())
     cases = {
         "allgather_numel": lambda: get_collective("allgather")(idx, val, 100 + rank, group=group),
         "allgather_dtype": lambda: get_collective("allgather")(
@@ -209,6 +219,11 @@ def _cases(rank: int, world: int, group) -> dict:
         "oktopk_state": lambda: stateful(idx, val, 100, key="s", group=group),
         "oktopk_inf": lambda: get_collective("oktopk")(idx, with_inf, 100, group=group),
         "oktopk_nan_reused": lambda: reusing(idx, with_nan, 100, key="r", group=group),
+        "oktopk_range_reused": lambda: reusing(
+            idx + (1000 if rank == world - 1 else 0), val, 100, key="r", group=group
+        ),
+        "oktopk_numel_reused": lambda: reusing(idx, val, 100 + rank, key="r", group=group),
+        "oktopk_state_length": lambda: lengths(idx, val, 100, key="m", group=group),
         "numel": lambda: get_collective("ssar_rd")(idx, val, 100 + rank, group=group),
         "range": lambda: get_collective("oktopk")(
             idx + (1000 if rank == world - 1 else 0), val, 100, group=group
@@ -217,6 +232,12 @@ def _cases(rank: int, world: int, group) -> dict:
         "length": lambda: get_collective("dsar")(
             idx, val[:-1] if rank == 0 else val, 100, group=group
         ),
+        # The split collectives split before their agreement (which carries the sizes):
+        # a rank with bad input splits nothing, and every rank still gets the error.
+        "split_range": lambda: get_collective("ssar_split")(
+            idx + (1000 if rank == world - 1 else 0), val, 100, group=group
+        ),
+        "split_numel": lambda: get_collective("dsar")(idx, val, 100 + rank, group=group),
     }
     for case, call in cases.items():
         try:
@@ -356,6 +377,20 @@ def test_sparse_collectives(world, results):
         assert errs["oktopk_inf"][0] == "FloatingPointError"
         assert "Inf or NaN" in errs["oktopk_inf"][1]
         assert errs["oktopk_nan_reused"][0] == "FloatingPointError"  # on a reuse step too
+        if r == world - 1:
+            assert "indices must lie in [0, numel=100)" in errs["oktopk_range_reused"][1]
+        else:
+            assert "another rank" in errs["oktopk_range_reused"][1]
+        assert "numel differs" in errs["oktopk_numel_reused"][1]
+        if r == world - 1:
+            assert "indices must lie in [0, numel=100)" in errs["split_range"][1]
+        else:
+            assert "another rank" in errs["split_range"][1]
+        assert "numel differs" in errs["split_numel"][1]
+        assert (
+            "differ in the length of the vector the saved state is for (between 50 and 100)"
+            in (errs["oktopk_state_length"][1])
+        )
         for n, (idx, val) in zip(("oktopk", "gtopk"), results[r]["big"]):
             assert idx == [5, 2**31 - 1] and val == [world * 1.0, world * 2.0], n
         assert results[r]["gtopk_cap"].bytes_sent < 1000

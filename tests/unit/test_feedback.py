@@ -104,24 +104,29 @@ def test_in_place_path_matches_the_general_path_and_keeps_residuals_intact():
 
 
 def test_compensating_in_pieces_writes_the_same_values_and_shows_every_piece_once():
-    # each_chunk: the engine marks and sums each piece while it is in cache. The pieces must
+    # each_chunk: the engine marks, sums and clears each piece while it is in cache. The pieces must
     # cover the whole result once, in order, never across two parameters, and the values must
     # be what one pass writes.
     torch.manual_seed(1)
     names, numels = ["a", "b", "c"], [17, 0, 40]
     whole, pieces = ErrorFeedback(), ErrorFeedback()
-    seen = []
+    seen, sources = [], []
 
-    def each_chunk(offset, piece):
+    def each_chunk(j, offset, piece, source):
         seen.append((offset, piece.numel(), piece.clone()))
+        sources.append((j, source.data_ptr(), source.numel()))
 
     for _ in range(3):
         grad = torch.randn(57)
         expected = whole.compensate_into("k", names, numels, list(torch.split(grad, numels)))
         seen.clear()
+        sources.clear()
         got = pieces.compensate_into(
             "k", names, numels, list(torch.split(grad, numels)), each_chunk=each_chunk, chunk=7
         )
+        # each piece comes with its parameter's position and the gradient it was computed from
+        size = grad.element_size()
+        assert sources == [(0 if o < 17 else 2, grad.data_ptr() + o * size, n) for o, n, _ in seen]
         assert torch.equal(got, expected)
         assert [(o, n) for o, n, _ in seen] == [
             (0, 7), (7, 7), (14, 3), (17, 7), (24, 7), (31, 7), (38, 7), (45, 7), (52, 5)
@@ -137,7 +142,7 @@ def test_compensating_in_pieces_writes_the_same_values_and_shows_every_piece_onc
 def test_compensating_in_pieces_is_refused_with_momentum():
     ef = ErrorFeedback(momentum=0.9)
     with pytest.raises(ValueError, match="each_chunk is not supported with momentum"):
-        ef.compensate_into("w", ["w"], [4], [torch.ones(4)], each_chunk=lambda o, p: None)
+        ef.compensate_into("w", ["w"], [4], [torch.ones(4)], each_chunk=lambda j, o, p, s: None)
 
 
 def test_in_place_path_without_error_feedback_keeps_nothing():

@@ -66,7 +66,6 @@ class DSAR(SparseCollective):
             ``CollectiveResult`` with ``dense`` (values' dtype and device) and the bytes counted.
         """
         wire = Wire(group, device_of(values, group))
-        wire.agree(indices, values, numel)
         dense = split_allgather(wire, indices, values, numel, adaptive=True)
         t = wire.traffic
         return CollectiveResult(dense=dense, bytes_sent=t.bytes_sent, bytes_recv=t.bytes_recv)

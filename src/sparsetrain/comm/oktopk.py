@@ -16,6 +16,7 @@ from .p2p import (
     coalesce,
     device_of,
     even_bounds,
+    input_error,
     merge,
     pack,
     split_by_bounds,
@@ -241,20 +242,39 @@ class OkTopk(SparseCollective):
             "the per-key step": st.step,
             "whether region edges are saved": int(st.bounds is not None),
             "whether a threshold is saved": int(st.threshold is not None),
+            "the length of the vector the saved state is for": st.numel,
         }
-        k = wire.agree(indices, values, numel, self.k, options=same)
-        self._keys[key] = st
         p, rank = wire.world, wire.rank
-        if st.numel != numel or st.world != p:  # a new vector or group: start afresh
+        fresh = st.numel != numel or st.world != p  # a new vector or group: start afresh
+        reuse = not fresh and st.bounds is not None and st.step % self.repartition_every != 0
+        parts = sends = None
+        if reuse and input_error(indices, values, numel, wire.device) is None:
+            # Region edges are reused, so what goes to each peer is known before the
+            # agreement, whose messages then carry the sizes too: one round fewer. (Ranks that
+            # disagree about reusing them fail the agreement on the step or edge options.)
+            idx, val = coalesce(indices, values)
+            parts = split_by_bounds(idx, val, st.bounds)
+            sends = {q: pack(*parts[q]) for q in range(p) if q != rank}
+        k, heard = wire.agree_and_tell(
+            indices,
+            values,
+            numel,
+            self.k,
+            options=same,
+            tell={q: buf.numel() for q, buf in sends.items()} if sends is not None else None,
+        )
+        self._keys[key] = st
+        if fresh:
             st.numel, st.world, st.bounds, st.threshold = numel, p, None, None
-        idx, val = coalesce(indices, values)
+        if parts is None:
+            idx, val = coalesce(indices, values)
+            if st.bounds is None or st.step % self.repartition_every == 0:
+                st.bounds = repartition(wire, idx, numel)
+            parts = split_by_bounds(idx, val, st.bounds)
+            sends = {q: pack(*parts[q]) for q in range(p) if q != rank}
+            heard = wire.exchange_sizes({q: buf.numel() for q, buf in sends.items()}, list(sends))
         ib, vb = idx.element_size(), val.element_size()
-
-        if st.bounds is None or st.step % self.repartition_every == 0:
-            st.bounds = repartition(wire, idx, numel)
-        parts = split_by_bounds(idx, val, st.bounds)
-        sends = {q: pack(*parts[q]) for q in range(p) if q != rank}
-        got = wire.alltoallv(sends, {q: 2 * parts[q][0].numel() for q in sends})
+        got = wire.exchange(sends, heard, {q: 2 * parts[q][0].numel() for q in sends})
         red_i, red_v = merge(
             [parts[rank]] + [unpack(got[q], idx.dtype, val.dtype) for q in sorted(got)]
         )

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .accounting import ring_allgather_bytes, ring_allreduce_bytes
+from .accounting import ring_allreduce_bytes
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -191,16 +191,34 @@ class Wire:
         k: int | None = None,
         options: Mapping[str, int] | None = None,
     ) -> int:
-        """Check every rank's input in one small allreduce; raise on every rank if any is bad.
+        """Check every rank's input in one exchange of a few ints; raise on every rank if any
+        is bad (:meth:`agree_and_tell`, with nothing to tell)."""
+        return self.agree_and_tell(indices, values, numel, k, options)[0]
+
+    def agree_and_tell(
+        self,
+        indices: Tensor,
+        values: Tensor,
+        numel: int,
+        k: int | None = None,
+        options: Mapping[str, int] | None = None,
+        tell: Mapping[int, int] | None = None,
+    ) -> tuple[int, dict[int, int]]:
+        """Check every rank's input in one exchange of a few ints; raise on every rank if any
+        is bad. Each rank sends its header straight to every peer (one round of p - 1 small
+        messages; a ring allreduce of the same ints takes 2(p - 1) steps one after another).
 
         Args:
             indices, values, numel: this rank's input.
             k: the selecting collectives' fixed k, if any.
             options: integers that must be equal on every rank (a collective's options and
                 per-key state, such as its step counter), by name for the error message.
+            tell: one int for each peer (for example how much this rank will send it), carried
+                by the same messages; peers missing from it are told 0.
 
         Returns the largest entry count over ranks (or ``k`` when given): the k that selecting
-        collectives keep, identical on all ranks.
+        collectives keep, identical on all ranks; and, by peer, the int each peer told this
+        rank.
 
         Raises:
             TypeError, ValueError: on every rank, when any rank's input is bad or the ranks
@@ -213,23 +231,17 @@ class Wire:
         count = (indices.numel() if ok else 0) if k is None else k
         kinds = dtype_codes(indices, values) if ok else (0, 0)
         opts = [int(v) for v in (options or {}).values()]
-        # MAX of (x, -x) gives the max and min of x over ranks in one call.
-        head = torch.tensor(
-            [n, -n, count, int(not ok), *kinds, -kinds[0], -kinds[1], *opts, *(-v for v in opts)],
-            dtype=torch.int64,
-            device=self.device,
-        )
-        self.allreduce(head, dist.ReduceOp.MAX)
-        hi, neg_lo, kmax, bad, ihi, vhi, neg_ilo, neg_vlo, *rest = head.tolist()
-        agree_dtypes = ihi == -neg_ilo and vhi == -neg_vlo
-        raise_disagreement(
-            error, self.rank, bool(bad), (-neg_lo, hi), agree_dtypes, indices, values
-        )
-        o_hi, o_neg_lo = rest[: len(opts)], rest[len(opts) :]
+        head = [n, count, int(not ok), *kinds, *opts]
+        told = {q: int((tell or {}).get(q, 0)) for q in range(self.world) if q != self.rank}
+        rows = self.allgather_ints(head, extra=told)
+        columns = list(zip(*(row[: len(head)] for row in rows)))
+        (lo, hi), kmax, bad = (min(columns[0]), max(columns[0])), max(columns[1]), any(columns[2])
+        agree_dtypes = len(set(columns[3])) == 1 and len(set(columns[4])) == 1
+        raise_disagreement(error, self.rank, bad, (lo, hi), agree_dtypes, indices, values)
         differ = [
-            f"{name} (between {-lo} and {hi_})"
-            for name, hi_, lo in zip(options or {}, o_hi, o_neg_lo)
-            if hi_ != -lo
+            f"{name} (between {min(col)} and {max(col)})"
+            for name, col in zip(options or {}, columns[5:])
+            if min(col) != max(col)
         ]
         if differ:
             raise ValueError(
@@ -237,7 +249,8 @@ class Wire:
                 "with the same options on every rank, and load the same state on every rank "
                 "(or on none)"
             )
-        return int(kmax)
+        heard = {q: rows[q][len(head)] for q in told}
+        return int(kmax), heard
 
     # ---- collectives with counted bytes -------------------------------------------------
     def allreduce(self, t: Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> Tensor:
@@ -250,16 +263,36 @@ class Wire:
         self.traffic.elems_sent += nbytes // t.element_size()
         return t
 
-    def allgather_ints(self, values: Sequence[int]) -> list[list[int]]:
-        """Gather a few ints from every rank; return them per rank. Counted as a ring allgather."""
-        mine = torch.tensor(list(values), dtype=torch.int64, device=self.device)
-        out = [torch.empty_like(mine) for _ in range(self.world)]
-        dist.all_gather(out, mine, group=self.group)
-        nbytes = ring_allgather_bytes(mine.numel() * 8 * self.world, self.world)
-        self.traffic.bytes_sent += nbytes
-        self.traffic.bytes_recv += nbytes
-        self.traffic.elems_sent += nbytes // 8
-        return torch.stack(out).tolist()
+    def allgather_ints(
+        self, values: Sequence[int], extra: Mapping[int, int] | None = None
+    ) -> list[list[int]]:
+        """Gather a few ints from every rank; return them per rank.
+
+        Every rank passes as many ints and sends them straight to every peer, in one round
+        (:meth:`exchange`): for a few ints, p - 1 messages at once cost far less waiting than
+        a ring's p - 1 steps one after another (on gloo, 4 ranks on 2 cores: 2.2 ms against
+        3.3 ms for ``all_gather`` and 5 ms for a ring allreduce of 16 ints). With ``extra``
+        (an int for every peer), the message to peer q ends with ``extra[q]``, and the row
+        from q with what q sent this rank; this rank's own row is ``values`` alone then.
+        """
+        mine = [int(v) for v in values]
+        if self.world == 1:
+            return [mine]
+        peers = [q for q in range(self.world) if q != self.rank]
+        width = len(mine) + (1 if extra is not None else 0)
+        sends = {
+            q: torch.tensor(
+                mine + ([int(extra[q])] if extra is not None else []),
+                dtype=torch.int64,
+                device=self.device,
+            )
+            for q in peers
+        }
+        got = self.exchange(sends, dict.fromkeys(peers, width), {}, torch.int64)
+        rows = torch.stack([got[q] for q in peers]).tolist() if width else [[] for _ in peers]
+        out = dict(zip(peers, rows))
+        out[self.rank] = mine
+        return [out[r] for r in range(self.world)]
 
     # ---- point-to-point -----------------------------------------------------------------
     def rotation(self) -> list[int]:

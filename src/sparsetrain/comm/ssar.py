@@ -18,6 +18,7 @@ from .p2p import (
     coalesce,
     device_of,
     even_bounds,
+    input_error,
     merge,
     pack,
     split_by_bounds,
@@ -121,7 +122,8 @@ class SSARRecursiveDoubling(SparseCollective):
 def split_allgather(
     wire: Wire, indices: Tensor, values: Tensor, numel: int, adaptive: bool
 ) -> Tensor:
-    """Sum sparse vectors by split (reduce to range owners) then allgather; return it dense.
+    """Check the input on every rank, then sum sparse vectors by split (reduce to range owners)
+    then allgather; return the sum dense.
 
     With ``adaptive`` (DSAR), every message and every reduced range is sent dense when its sparse
     form would take at least as many bytes, i.e. when its density reaches
@@ -144,12 +146,20 @@ def split_allgather(
             return block.view(torch.uint8), lengths[q]
         return pack(i, v), 2 * i.numel()
 
-    parts = split_by_bounds(indices, values, edges)
-    sends, elems = {}, {}
-    for q in range(p):
-        if q != rank:
-            sends[q], elems[q] = encode(*parts[q], q)
-    got = wire.alltoallv(sends, elems)
+    # The split is computed before the input agreement (when this rank's input is valid), so
+    # that the agreement's messages carry the sizes of the split too: one round fewer.
+    sends, elems, parts = {}, {}, None
+    if input_error(indices, values, numel, wire.device) is None:
+        parts = split_by_bounds(indices, values, edges)
+        for q in range(p):
+            if q != rank:
+                sends[q], elems[q] = encode(*parts[q], q)
+    _, heard = wire.agree_and_tell(
+        indices, values, numel, tell={q: buf.numel() for q, buf in sends.items()}
+    )
+    if parts is None:  # pragma: no cover - the agreement has raised on every rank then
+        raise RuntimeError("split_allgather: invalid input passed the agreement")
+    got = wire.exchange(sends, heard, elems)
 
     # Reduce this rank's range. A dense accumulator (a linear scatter-add) replaces the
     # sort-based merge as soon as any input is dense, or as soon as the entries that arrived
@@ -233,7 +243,6 @@ class SSARSplitAllgather(SparseCollective):
     ) -> CollectiveResult:
         """Return the dense sum over ranks; arguments as for :class:`SSARRecursiveDoubling`."""
         wire = Wire(group, device_of(values, group))
-        wire.agree(indices, values, numel)
         dense = split_allgather(wire, indices, values, numel, adaptive=False)
         t = wire.traffic
         return CollectiveResult(dense=dense, bytes_sent=t.bytes_sent, bytes_recv=t.bytes_recv)

@@ -242,14 +242,17 @@ class SyncEngine:
         Computes what :meth:`_exchange` computes, bit for bit, without a dense temporary: the
         bucket is compensated straight into canonical order in a reused buffer, the residual is
         that buffer with the sent entries subtracted, and a global selection is written back
-        into ``flat`` at positions mapped to the bucket's order. Returns None when some rank's
-        gradient is not finite and the step is skipped (:meth:`_nonfinite`).
+        into ``flat`` at positions mapped to the bucket's order. Returns None (or ``flat``,
+        zeroed) when some rank's gradient is not finite and the step is skipped
+        (:meth:`_nonfinite`).
 
         A compressor that selects by a reused threshold on CPU (``threshold``) marks the
-        entries it will select while the compensation writes them, and the compensated values
-        are summed piece by piece on the way: finite sums prove the gradient finite, so the
-        finiteness check costs no pass of its own (only a non-finite sum looks at the gradient
-        itself). Nothing is committed before every rank has agreed the step is finite.
+        entries it will select while the compensation writes them, piece by piece, and on the
+        way each piece is summed and its gradient cleared in ``flat`` (which only receives the
+        result afterwards): finite sums prove the gradient finite, so neither the finiteness
+        check nor the clearing costs a pass over memory of its own (only a non-finite sum
+        looks at the gradient itself, before it is cleared). Nothing is committed before every
+        rank has agreed the step is finite; a step that is not leaves the gradient zero.
         """
         cnames = [names[i] for i in order]
         cnumels = [numels[i] for i in order]
@@ -257,7 +260,7 @@ class SyncEngine:
         parts = torch.split(flat, numels)
         cparts = [parts[i] for i in order]
         comp = self.compressor
-        marked = None
+        marked, cleared = None, False
         if flat.device.type == "cpu" and not self.feedback.momentum:
             reused = getattr(comp, "reused_threshold", None)
             marked = reused(key, flat.numel()) if reused is not None else None
@@ -269,23 +272,24 @@ class SyncEngine:
         else:
             t0 = time.perf_counter()
             mark = comp.marker(flat.numel(), marked)
-            sums: list[float] = []
+            bad = torch.zeros(len(names), dtype=torch.uint8)  # per parameter, bucket order
 
-            def each_chunk(offset: int, piece: Tensor) -> None:
+            def each_chunk(j: int, offset: int, piece: Tensor, source: Tensor) -> None:
                 mark(offset, piece)
-                sums.append(float(piece.sum()))
+                # A NaN or Inf in the gradient makes its compensated value, hence the sum,
+                # non-finite, so a finite sum proves the gradient piece finite; only a sum that
+                # is not (NaN, Inf, an overflow or a non-finite residual) checks the piece.
+                if not math.isfinite(float(piece.sum())) and not bool(torch.isfinite(source).all()):
+                    bad[order[j]] = 1
+                source.zero_()
 
             compensated = self.feedback.compensate_into(
                 key, cnames, cnumels, cparts, each_chunk=each_chunk, chunk=_FUSED_CHUNK
             )
+            cleared = True
             self.counters["compress_seconds"] += time.perf_counter() - t0
-            # A NaN or Inf in the gradient makes its compensated value, hence a sum, non-finite,
-            # so finite sums prove the gradient finite; only a sum that is not (NaN, Inf, an
-            # overflow or a non-finite residual) has the gradient itself checked.
-            finite = all(map(math.isfinite, sums))
-            bad_here = not finite and not bool(torch.isfinite(flat).all())
-            if self._nonfinite(flat, names, numels, world, bad_here=bad_here):
-                return None
+            if self._nonfinite(flat, names, numels, world, per_param=bad):
+                return flat
             t0 = time.perf_counter()
         payload, ctx = comp.compress(
             compensated,
@@ -319,7 +323,8 @@ class SyncEngine:
                 if self.feedback.momentum:
                     self.feedback.mask_velocity(sent_idx[~dropped])
                 where = _bucket_positions(res.indices.long(), order, numels)
-                flat.zero_()
+                if not cleared:
+                    flat.zero_()
                 flat.index_put_((where,), (res.values / world).to(flat.dtype))
                 return flat
             total = res.dense
@@ -445,15 +450,18 @@ class SyncEngine:
         names: Sequence[str],
         numels: Sequence[int],
         world: int,
-        bad_here: bool | None = None,
+        per_param: Tensor | None = None,
     ) -> bool:
         """Agree across ranks whether any rank's tensor has NaN/Inf; raise or mark the step skipped.
 
         One one-element allreduce a bucket; only when some rank is bad, a second gather finds out
-        which ranks and parameters. ``bad_here``: whether this rank's ``flat`` holds NaN/Inf,
-        when the caller knows already.
+        which ranks and parameters. ``per_param``: which of this rank's parameters hold NaN/Inf
+        (uint8, in ``names``' order), when the caller has found out already (``flat`` is then
+        not read).
         """
-        if bad_here is None:
+        if per_param is not None:
+            bad_here = bool(per_param.any())
+        else:
             # A sum is finite only if every term is (one pass, no temporary); only when it is
             # not, a second pass tells NaN/Inf from a sum that merely overflowed.
             bad_here = not bool(torch.isfinite(flat.sum())) and not bool(torch.isfinite(flat).all())
@@ -464,9 +472,11 @@ class SyncEngine:
             self._count(sent, sent)
         if float(bad) == 0.0:
             return False
-        per_param = torch.stack(
-            [~torch.isfinite(p).all() for p in torch.split(flat, list(numels))]
-        ).to(torch.uint8)
+        if per_param is None:
+            per_param = torch.stack(
+                [~torch.isfinite(p).all() for p in torch.split(flat, list(numels))]
+            ).to(torch.uint8)
+        per_param = per_param.to(flat.device)
         if world > 1:
             rows = [torch.empty_like(per_param) for _ in range(world)]
             dist.all_gather(rows, per_param, group=self.group)
