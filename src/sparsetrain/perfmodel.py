@@ -409,9 +409,9 @@ def oktopk(q: Problem) -> Cost:
     whose messages carry the sizes of the split; the payloads, (p-1)/p k entries, to the
     region owners in rotating order; a sort-based merge of the region's k entries; the
     threshold compared with its U(p)/p reduced entries; the kept counts sent to every peer;
-    the balance (for balanced regions a rank's excess goes to at most its neighbours: about 2
-    messages); then direct sends of the k/p entries a rank holds. Volume about 2 (p-1)/p k
-    entries, the paper's < 6k bound; latency (4(p-1) + 2) alpha against the paper's
+    then direct sends of the k/p entries a rank holds (regions balanced by the repartition
+    keep within a tenth of equal shares, so the balance step sends nothing). Volume about
+    2 (p-1)/p k entries, the paper's < 6k bound; latency 4(p-1) alpha against the paper's
     (2p + 2 log p) alpha, because the few-int exchanges are direct sends to every peer.
     """
     p = q.world
@@ -422,7 +422,6 @@ def oktopk(q: Problem) -> Cost:
         + _p2p(p - 1, (p - 1) / p * q.k * q.entry_bytes)
         + _local(q, p, sorts=[q.k], sparse=q.union(p) / p)
         + _agreement(p)  # the kept counts
-        + _p2p(min(2, p - 1))
         + _p2p(p - 1, (p - 1) * selected * q.entry_bytes)
         + _local(q, p, sparse=q.k)
     )

@@ -146,6 +146,31 @@ def _cases(rank: int, world: int, group) -> dict:
     ri, _ = oktopk_reference(small, OK_NUMEL, stats["threshold"])
     assert torch.equal(res.indices.long(), ri)
 
+    # The balance step (equal shares before the allgather) runs only when some rank kept more
+    # than 1.1 times an equal share: here the large values all lie in the first eighth of the
+    # vector, so the first region keeps nearly everything; with uniform values (and k large
+    # enough that the regions' counts differ by chance by much less than a tenth) it is
+    # skipped. The selection is the definition's either way.
+    out["oktopk_balance"] = []
+    n_b, k_b = 200_000, 20_000
+    for skewed in (True, False):
+        inputs = []
+        for r in range(world):
+            i, v = random_input(40 + r, 0, n_b, k_b, torch.float64)
+            if skewed:
+                v = torch.where(i < n_b // 8, v * 100, v)
+            inputs.append((i, v))
+        coll = get_collective("oktopk")
+        res = coll(*inputs[rank], n_b, key="b", group=group)
+        st = coll.stats()["b"]
+        ri, rv = oktopk_reference(inputs, n_b, st["threshold"])
+        out["oktopk_balance"].append(
+            (
+                st["rebalanced"],
+                torch.equal(res.indices.long(), ri) and torch.allclose(res.values, rv),
+            )
+        )
+
     # Gradients that shrink by 15% a call, with the threshold estimated only on the first
     # call: the reused threshold follows them (corrected from each call's counts), so every
     # call keeps between k/2 and 2k without a second estimation.
@@ -337,6 +362,7 @@ def test_sparse_collectives(world, results):
             assert torch.equal(idx, idx0) and torch.equal(val, val0)
             assert stats["threshold"] == stats0["threshold"]
             assert stats["elems_sent"] < 6 * OK_K, (r, step, stats)
+    assert results[0]["oktopk_balance"] == [(world > 1, True), (False, True)]
     # A reused threshold follows drifting gradients: estimated once, then always in the band.
     drift = results[0]["oktopk_drift"]
     assert [e for e, _ in drift] == [True] + [False] * 7, drift
