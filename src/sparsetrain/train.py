@@ -26,7 +26,8 @@ What one rank does (:func:`train_worker`):
 4. forward, backward (the hook averages the compressed gradients across ranks), and
    ``optimizer.step()`` unless the hook dropped the step for a non-finite gradient;
 5. every ``eval_every`` steps (and at the start and the end) average the training loss over the
-   ranks and, on rank 0, measure test loss and accuracy;
+   ranks and measure test loss and accuracy, each rank on every ``world``-th test example
+   (summed over the ranks in the same allreduce);
 6. at the end, average the hook's byte and time counters over the ranks.
 
 Example:
@@ -378,18 +379,32 @@ def evaluate(
     Example:
         >>> loss, acc = evaluate(model, task.test, task.loss_fn, torch.device("cpu"))
     """
+    n = len(data)
+    loss_sum, correct = _evaluate_sums(model, data, loss_fn, device, torch.arange(n), batch_size)
+    return loss_sum / n, correct / n
+
+
+@torch.no_grad()
+def _evaluate_sums(
+    model: nn.Module,
+    data: Dataset,
+    loss_fn,
+    device: torch.device,
+    indices: torch.Tensor,
+    batch_size: int = 1024,
+) -> tuple[float, int]:
+    """Return (sum of the losses, number correct) over the examples ``indices`` of ``data``."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    n = len(data)
-    for x, y in _batches(data, torch.arange(n), batch_size):
+    for x, y in _batches(data, indices, batch_size):
         x, y = x.to(device), y.to(device)
         out = model(x)
         loss_sum += loss_fn(out, y).double() * len(y)
         correct += (out.argmax(dim=1) == y).sum()
     model.train(was_training)
-    return float(loss_sum) / n, int(correct) / n
+    return float(loss_sum), int(correct)
 
 
 # ---- one rank ---------------------------------------------------------------------------------
@@ -565,12 +580,21 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
         nonlocal loss_sum, loss_count, eval_seconds
         before = (float(loss_sum), float(loss_count), len(curves["step"]))
         t0 = time.perf_counter()
-        total, count = _sum_over_ranks([float(loss_sum), float(loss_count)], device)
+        # Every rank evaluates every world-th test example, and one allreduce sums the test
+        # sums with the training loss: rank 0 alone would take world times as long while the
+        # others wait. Buffers (batch-norm statistics) are rank 0's, as DDP's next forward
+        # makes them anyway, so the numbers are those of rank 0's model.
+        if world > 1 and any(True for _ in ddp.module.buffers()):
+            for b in ddp.module.buffers():
+                dist.broadcast(b, 0)
+        shard = torch.arange(rank, len(task.test), world)
+        test_sum, test_correct = _evaluate_sums(ddp.module, task.test, task.loss_fn, device, shard)
+        total, count, test_sum, test_correct = _sum_over_ranks(
+            [float(loss_sum), float(loss_count), test_sum, float(test_correct)], device
+        )
         loss_sum.zero_()
         loss_count.zero_()
-        test_loss = test_acc = None
-        if rank == 0:
-            test_loss, test_acc = evaluate(ddp.module, task.test, task.loss_fn, device)
+        test_loss, test_acc = test_sum / len(task.test), int(test_correct) / len(task.test)
         curves["step"].append(step)
         curves["epoch"].append(round(epoch_float, 4))
         curves["wall_seconds"].append(elapsed + time.perf_counter() - start)

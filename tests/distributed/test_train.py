@@ -336,3 +336,24 @@ def test_torchrun_joins_the_job_and_rank_zero_writes_the_report(tmp_path):
     assert all(r["final_test_accuracy"] > 0.5 for r in report["runs"])
     assert Path(tmp_path / "out.png").exists()
     assert res.stdout.count("report:") == 1  # only rank 0 reports
+
+
+def test_evaluation_split_over_the_ranks_gives_the_whole_models_numbers(tmp_path):
+    # Each rank evaluates every world-th test example (3 ranks: uneven shares); the summed
+    # numbers must be those of the final model evaluated on the whole test set at once (the
+    # loss up to float32 rounding: the batches' mean losses are taken over other groups).
+    from sparsetrain.train import evaluate
+
+    run = launch(
+        TrainConfig(
+            task="digits-mlp", compressor="topk", density=0.1, workers=3, epochs=1,
+            progress=False, timeout_s=120, checkpoint_dir=str(tmp_path), label="split",
+        )
+    )["runs"][0]  # fmt: skip
+    task = get_task("digits-mlp")
+    model = task.build_model()
+    model.load_state_dict(torch.load(tmp_path / "split" / "rank0.pt", weights_only=False)["model"])
+    loss, acc = evaluate(model, task.test, task.loss_fn, torch.device("cpu"))
+    assert len(task.test) % 3 != 0
+    assert run["final_test_accuracy"] == acc
+    assert run["final_test_loss"] == pytest.approx(loss, rel=1e-6)
