@@ -31,6 +31,9 @@ class SyncConfig:
             rank drops the step; the caller checks ``skipped_last_step``). The error-feedback
             residuals are then those from before the step, also for the buckets exchanged
             before the one that held NaN/Inf (compressor state, such as thresholds, moves on).
+            With "skip" the step's gradients are zero; with "raise" they may be too (the
+            sparse in-place path clears the bucket while it compensates, before the ranks
+            agree on finiteness).
         aggregator, aggregator_options: a robust aggregation rule over all ranks' gradients
             (``sparsetrain.robust``); None means the plain average.
         attack, attack_options, byzantine: for experiments, the last ``byzantine`` ranks replace
