@@ -584,7 +584,7 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
         # sums with the training loss: rank 0 alone would take world times as long while the
         # others wait. Buffers (batch-norm statistics) are rank 0's, as DDP's next forward
         # makes them anyway, so the numbers are those of rank 0's model.
-        if world > 1 and any(True for _ in ddp.module.buffers()):
+        if world > 1:
             for b in ddp.module.buffers():
                 dist.broadcast(b, 0)
         shard = torch.arange(rank, len(task.test), world)

@@ -254,14 +254,19 @@ class OkTopk(SparseCollective):
         p, rank = wire.world, wire.rank
         fresh = st.numel != numel or st.world != p  # a new vector or group: start afresh
         reuse = not fresh and st.bounds is not None and st.step % self.repartition_every != 0
+
+        def split(idx: Tensor, val: Tensor) -> tuple[list, dict[int, Tensor]]:
+            """The entries by region, and this rank's messages to the region owners."""
+            parts = split_by_bounds(idx, val, st.bounds)
+            return parts, {q: pack(*parts[q]) for q in range(p) if q != rank}
+
         parts = sends = None
         if reuse and input_error(indices, values, numel, wire.device) is None:
             # Region edges are reused, so what goes to each peer is known before the
             # agreement, whose messages then carry the sizes too: one round fewer. (Ranks that
             # disagree about reusing them fail the agreement on the step or edge options.)
             idx, val = coalesce(indices, values)
-            parts = split_by_bounds(idx, val, st.bounds)
-            sends = {q: pack(*parts[q]) for q in range(p) if q != rank}
+            parts, sends = split(idx, val)
         k, heard = wire.agree_and_tell(
             indices,
             values,
@@ -277,8 +282,7 @@ class OkTopk(SparseCollective):
             idx, val = coalesce(indices, values)
             if st.bounds is None or st.step % self.repartition_every == 0:
                 st.bounds = repartition(wire, idx, numel)
-            parts = split_by_bounds(idx, val, st.bounds)
-            sends = {q: pack(*parts[q]) for q in range(p) if q != rank}
+            parts, sends = split(idx, val)
             heard = wire.exchange_sizes({q: buf.numel() for q, buf in sends.items()}, list(sends))
         ib, vb = idx.element_size(), val.element_size()
         got = wire.exchange(sends, heard, {q: 2 * parts[q][0].numel() for q in sends})

@@ -151,8 +151,7 @@ class SyncEngine:
         order = sorted(range(len(names)), key=names.__getitem__)
         if self._sparse_fast_path():
             # Checks finiteness itself, in the pass that compensates the gradient.
-            out = self._exchange_sparse(flat, list(names), list(shapes), numels, order, world)
-            return torch.zeros_like(flat) if out is None else out
+            return self._exchange_sparse(flat, list(names), list(shapes), numels, order, world)
         if self._nonfinite(flat, names, numels, world):
             return torch.zeros_like(flat)
         if self._dense_fast_path():
@@ -236,15 +235,14 @@ class SyncEngine:
         numels: list[int],
         order: list[int],
         world: int,
-    ) -> Tensor | None:
+    ) -> Tensor:
         """The exchange for sparse payloads, with work in the sent entries, not the length.
 
         Computes what :meth:`_exchange` computes, bit for bit, without a dense temporary: the
         bucket is compensated straight into canonical order in a reused buffer, the residual is
         that buffer with the sent entries subtracted, and a global selection is written back
-        into ``flat`` at positions mapped to the bucket's order. Returns None (or ``flat``,
-        zeroed) when some rank's gradient is not finite and the step is skipped
-        (:meth:`_nonfinite`).
+        into ``flat`` at positions mapped to the bucket's order. Returns zeros when some rank's
+        gradient is not finite and the step is skipped (:meth:`_nonfinite`).
 
         A compressor that selects by a reused threshold on CPU (``threshold``) marks the
         entries it will select while the compensation writes them, piece by piece, and on the
@@ -266,7 +264,7 @@ class SyncEngine:
             marked = reused(key, flat.numel()) if reused is not None else None
         if marked is None:
             if self._nonfinite(flat, names, numels, world):
-                return None
+                return torch.zeros_like(flat)
             t0 = time.perf_counter()
             compensated = self.feedback.compensate_into(key, cnames, cnumels, cparts)
         else:
@@ -289,7 +287,7 @@ class SyncEngine:
             cleared = True
             self.counters["compress_seconds"] += time.perf_counter() - t0
             if self._nonfinite(flat, names, numels, world, per_param=bad):
-                return flat
+                return flat  # cleared above
             t0 = time.perf_counter()
         payload, ctx = comp.compress(
             compensated,
