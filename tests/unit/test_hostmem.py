@@ -15,8 +15,8 @@ from sparsetrain import hostmem
 # Makes a 96 MiB tensor (above glibc's largest mmap threshold, 32 MiB, and above the 64 MiB
 # heaps it gives threads other than the main one), each freed before the next, on the main
 # thread or on a thread started afterwards (as the DDP hook's is): eight times to warm up (the
-# heap grows over the first few, as aligned blocks land anew), then four more, whose page
-# faults are counted.
+# heap grows over the first few, as aligned blocks land anew), then six more, whose page
+# faults are counted one by one.
 _PROBE = """
 import json, resource, sys, threading
 import torch
@@ -30,20 +30,20 @@ def make():
 def run():
     for _ in range(8):
         make()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(4):
+    for _ in range(6):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         make()
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 if sys.argv[2] == "thread":
     worker = threading.Thread(target=run)
     worker.start()
     worker.join()
 else:
     run()
-print(json.dumps({"applied": applied, "faults": faults[0],
+print(json.dumps({"applied": applied, "faults": faults,
                   "reusing": hostmem.reusing_freed_memory()}))
 """
-PAGES = 4 * (96 << 20) // os.sysconf("SC_PAGE_SIZE")  # pages the four tensors cover
+PAGES = (96 << 20) // os.sysconf("SC_PAGE_SIZE")  # pages one tensor covers
 
 _ALLOCATOR_ENV = (*hostmem._USER_SETTINGS, "GLIBC_TUNABLES", "LD_PRELOAD")
 
@@ -70,10 +70,14 @@ def test_a_large_tensor_made_again_reuses_pages_instead_of_faulting_them_in(wher
     default = probe("default", where)
     reused = probe("reuse", where)
     # glibc's own setting: every 96 MiB tensor is a fresh mapping, faulted in page by page.
-    assert default["faults"] >= 0.9 * PAGES, default
+    assert all(f >= 0.9 * PAGES for f in default["faults"]), default
     assert default["reusing"] is False
     assert reused["applied"] is True and reused["reusing"] is True
-    assert reused["faults"] <= 0.05 * PAGES, reused
+    # Kept memory: the tensors reuse the pages of the one before. One of the six may still
+    # fault in a tensor's worth, where a small block the interpreter allocated in between
+    # took the front of the freed region and the heap grew once more (seen once in CI).
+    quiet = [f <= 0.05 * PAGES for f in reused["faults"]]
+    assert sum(quiet) >= 5, reused
 
 
 @glibc_only
@@ -90,7 +94,8 @@ def test_a_large_tensor_made_again_reuses_pages_instead_of_faulting_them_in(wher
 def test_an_allocator_the_user_chose_through_the_environment_is_left_alone(env):
     result = probe("reuse", **env)
     assert result["applied"] is False and result["reusing"] is False
-    assert result["faults"] >= 0.9 * PAGES, result  # glibc's defaults (or the user's) stand
+    # glibc's defaults (or the user's) stand: every tensor is faulted in afresh
+    assert all(f >= 0.9 * PAGES for f in result["faults"]), result
 
 
 @pytest.mark.parametrize(
