@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -41,14 +42,29 @@ _REASON = _can_build()
 needs_root = pytest.mark.skipif(_REASON is not None, reason=f"needs root and ip netns: {_REASON}")
 
 
-def _host_state() -> tuple[str, str]:
-    """The host namespace's links and qdiscs (must be untouched by a cluster)."""
+def _host_state() -> tuple[set[str], dict[str, list[str]]]:
+    """The host namespace's link names and each device's qdiscs (names and kinds only:
+    counters change between calls)."""
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
     qdiscs = subprocess.run(["tc", "qdisc", "show"], capture_output=True, text=True).stdout
-    # Counters change between calls; compare names and kinds only.
-    links = "\n".join(sorted(line.split(":")[1].strip() for line in links.splitlines()))
-    qdiscs = "\n".join(sorted(" ".join(line.split()[:5]) for line in qdiscs.splitlines()))
-    return links, qdiscs
+    names = {line.split(":")[1].strip().split("@")[0] for line in links.splitlines()}
+    by_dev: dict[str, list[str]] = {}
+    for line in qdiscs.splitlines():
+        words = line.split()
+        if "dev" in words:
+            by_dev.setdefault(words[words.index("dev") + 1], []).append(" ".join(words[:5]))
+    return names, {dev: sorted(q) for dev, q in by_dev.items()}
+
+
+def _assert_host_untouched(before, cluster: EmulatedCluster) -> None:
+    """No host link of a name the cluster gives its links appeared, and no host device's
+    qdiscs changed. Other processes on a shared machine may add or remove their own
+    interfaces meanwhile: only devices present both times are compared."""
+    links, qdiscs = _host_state()
+    ours = {cluster.interface, "br0", *(f"p{r}" for r in range(cluster.ranks))}
+    assert (links - before[0]) & ours == set()
+    for dev in links & before[0]:
+        assert qdiscs.get(dev) == before[1].get(dev), dev
 
 
 def _qdiscs(ns: str, dev: str) -> str:
@@ -81,9 +97,9 @@ def test_builds_shaped_links_and_removes_everything():
             assert "UP" in lo.stdout
             if cluster.latency_emulated:
                 assert "netem" in _qdiscs(ns, cluster.interface)
-        assert _host_state() == before  # the host namespace is never touched
+        _assert_host_untouched(before, cluster)  # the host namespace is never touched
     assert list_namespaces(cluster.prefix) == []
-    assert _host_state() == before
+    _assert_host_untouched(before, cluster)
 
 
 @needs_root
@@ -124,14 +140,15 @@ def test_ranks_reach_each_other_with_torchrun_environment(tmp_path):
             assert c.recv(5) == b"hello"
         else:
             import time
-            for _ in range(100):
+            deadline = time.monotonic() + 25  # rank 0 may start late on a loaded machine
+            while True:
                 try:
                     socket.create_connection(addr).sendall(b"hello")
                     break
                 except OSError:
+                    if time.monotonic() > deadline:
+                        raise
                     time.sleep(0.05)
-            else:
-                raise SystemExit(1)
         """
     )
     with EmulatedCluster(2) as cluster:
@@ -141,6 +158,26 @@ def test_ranks_reach_each_other_with_torchrun_environment(tmp_path):
             assert env["RANK"] == str(r) and env["MASTER_ADDR"] == cluster.address(0)
             want = " ".join(env[k] for k in names)
             assert (tmp_path / f"env{r}").read_text() == want
+
+
+def _wait_for_file(proc: subprocess.Popen, path, timeout: float = 120.0) -> str:
+    """Return what the child wrote to ``path`` once it is there; fail, with the child's
+    stderr, if the child exits or ``timeout`` seconds pass first (importing torch and building
+    the namespaces can take many seconds on a loaded machine)."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if path.exists() and path.read_text():
+            return path.read_text()
+        time.sleep(0.05)
+    if path.exists() and path.read_text():
+        return path.read_text()
+    if proc.poll() is None:
+        proc.kill()
+    _, err = proc.communicate()
+    pytest.fail(
+        f"the child wrote nothing to {path.name} (exit {proc.returncode}); its stderr:\n"
+        + err.decode(errors="replace")
+    )
 
 
 @needs_root
@@ -165,11 +202,7 @@ def test_signal_tears_down(tmp_path, sig, repeat):
     )
     proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
     try:
-        for _ in range(300):
-            if ready.exists() and ready.read_text():
-                break
-            time.sleep(0.05)
-        prefix = ready.read_text()
+        prefix = _wait_for_file(proc, ready)
         assert list_namespaces(prefix)
         proc.send_signal(sig)
         for _ in range(repeat):
@@ -194,8 +227,9 @@ def test_a_caught_ctrl_c_does_not_mute_the_next_one(tmp_path):
         from sparsetrain.cluster import EmulatedCluster
         signal.signal(signal.SIGINT, signal.default_int_handler)
         with EmulatedCluster(2) as c:
-            open("{ready}", "w").write(c.prefix)
             try:
+                # Inside the try: the Ctrl-C sent once this is read cannot end the run.
+                open("{ready}", "w").write(c.prefix)
                 time.sleep(60)
             except KeyboardInterrupt:
                 open("{caught}", "w").write("1")
@@ -204,15 +238,10 @@ def test_a_caught_ctrl_c_does_not_mute_the_next_one(tmp_path):
     )
     proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
     try:
-        for flag in (ready, caught):
-            for _ in range(300):
-                if flag.exists() and flag.read_text():
-                    break
-                if flag is caught and not caught.exists():
-                    proc.send_signal(signal.SIGINT)
-                time.sleep(0.05)
-            assert flag.exists(), flag
-        proc.send_signal(signal.SIGINT)
+        _wait_for_file(proc, ready)
+        proc.send_signal(signal.SIGINT)  # caught by the body
+        _wait_for_file(proc, caught)
+        proc.send_signal(signal.SIGINT)  # must stop the run
         proc.wait(timeout=20)
     finally:
         if proc.poll() is None:
@@ -225,28 +254,37 @@ def test_a_caught_ctrl_c_does_not_mute_the_next_one(tmp_path):
 def test_cleanup_removes_leftovers_of_dead_runs_only():
     # Every cleanup() here is scoped to names this test made: a default-prefix call would also
     # remove other runs' leftovers on the host, and include_live=True would kill live runs.
+    # The names carry a tag of this run's, so parallel runs and old leftovers never clash.
     dead = subprocess.Popen(["true"])
     dead.wait()
-    stale = f"st-{dead.pid}-deadbeef-0"
-    live = f"st-{os.getppid()}-0123abcd-hub"  # our parent (pytest's launcher or shell) is alive
-    # Someone else's namespaces that merely start with "st-": never ours to delete.
-    foreign = ["st-test", f"st-{dead.pid}-not-ours", f"st-{dead.pid}-deadbeef-0-x"]
-    for ns in (stale, live, *foreign):
-        subprocess.run(["ip", "netns", "add", ns], check=True)
+    tag = secrets.token_hex(4)
+    stale = f"st-{dead.pid}-{tag}-0"
+    live = f"st-{os.getppid()}-{tag}-hub"  # our parent (pytest's launcher or shell) is alive
+    # Someone else's namespaces that merely start with "st-": never ours to delete. The first
+    # has no pid after "st-", so it can never be of the module's pattern.
+    other = f"st-test{tag}"
+    foreign = [other, f"st-{dead.pid}-not-ours-{tag}", f"st-{dead.pid}-{tag}-0-x"]
+    created, removed = [], []
     try:
+        for ns in (stale, live, *foreign):
+            subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True)
+            created.append(ns)
         # The dead pid's scope holds the stale run and two foreign names of the same pid: only
         # the name pattern keeps the foreign ones.
-        assert cleanup(f"st-{dead.pid}-") == [stale]
+        removed += cleanup(f"st-{dead.pid}-")
+        assert removed == [stale]
         assert cleanup(live) == [] and live in list_namespaces(live)  # its owner is alive
-        assert cleanup(live, include_live=True) == [live]
+        removed += cleanup(live, include_live=True)
+        assert removed == [stale, live]
         assert set(foreign) <= set(list_namespaces())
         assert cleanup(f"st-{dead.pid}-") == []
-        # No name under "st-test" can be of this module's pattern, so even include_live is safe.
-        assert cleanup("st-test", include_live=True) == []
+        # No name under "st-test<tag>" can be of this module's pattern: include_live is safe.
+        assert cleanup(other, include_live=True) == []
         assert set(foreign) <= set(list_namespaces())
     finally:
-        for ns in (stale, live, *foreign):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        for ns in created:  # only what this test made and cleanup() did not remove
+            if ns not in removed:
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     assert [n for n in list_namespaces() if n in (stale, live, *foreign)] == []
 
 
@@ -265,14 +303,15 @@ def test_a_name_clash_fails_without_touching_the_other_run(monkeypatch):
 
 
 def test_without_root_refuses_and_creates_nothing(monkeypatch):
-    before = list_namespaces() if shutil.which("ip") else []
+    ours = f"st-{os.getpid()}-"  # every cluster this process builds is named so
+    before = list_namespaces(ours) if shutil.which("ip") else []
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(ClusterPermissionError, match="needs root"):
         with EmulatedCluster(2):
             pass
     with pytest.raises(ClusterPermissionError, match="needs root"):
         cleanup()
-    assert (list_namespaces() if shutil.which("ip") else []) == before
+    assert (list_namespaces(ours) if shutil.which("ip") else []) == before
 
 
 @needs_root
@@ -339,12 +378,27 @@ def test_a_failing_link_probe_names_the_rank_and_shows_its_output(probes_here):
 
 
 @needs_root
-def test_bench_timeout_bounds_the_link_probe_and_leaves_nothing(tmp_path, capsys):
+def test_bench_timeout_bounds_the_link_probe_and_leaves_nothing(tmp_path, capsys, monkeypatch):
     # At 1 Mbit/s the 50 MB link probe needs 400 s; --timeout 2 used to bound only the
     # collectives, so the probe ran on for its own allowance (1660 s).
     from sparsetrain.cli import main
+    from sparsetrain.commands import bench
 
-    before = list_namespaces()
+    class StoppedClock:
+        """The command's ``time`` module with a monotonic clock that stands still, so the probe
+        gets all of --timeout and its message says so exactly (a loaded machine could take
+        50 ms before the probe starts and print 1.9 s); the probe itself keeps the real clock."""
+
+        def monotonic(self) -> float:
+            return 1000.0
+
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+    monkeypatch.setattr(bench, "time", StoppedClock())
+
+    ours = f"st-{os.getpid()}-"  # the command builds its cluster in this process
+    before = list_namespaces(ours)
     out = tmp_path / "out"
     argv = ["bench", "cluster", "--ranks", "2", "--bandwidth", "1mbit", "--latency", "0",
             "--sizes", "100k", "--densities", "0.01", "--algorithms", "dense", "--timeout", "2",
@@ -355,7 +409,7 @@ def test_bench_timeout_bounds_the_link_probe_and_leaves_nothing(tmp_path, capsys
     err = capsys.readouterr().err
     assert "link probe (bulk TCP from rank 0 to rank 1) did not finish within 2.0 s" in err
     assert "--timeout 2 s bounds the link probes and the collectives together" in err
-    assert list_namespaces() == before and not out.exists()
+    assert list_namespaces(ours) == before and not out.exists()
     assert glob.glob(f"{tempfile.gettempdir()}/sparsetrain-bench-{os.getpid()}-*") == []
     assert glob.glob(f"{tempfile.gettempdir()}/st-{os.getpid()}-*") == []
 

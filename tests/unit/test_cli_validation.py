@@ -464,12 +464,22 @@ def test_cluster_timeout_bounds_the_link_probes_and_the_collectives_together(
     assert timeouts["run"] == pytest.approx(10 - 0.3, abs=1e-9)
 
 
-def test_a_link_probe_that_hangs_is_stopped_by_the_timeout(fake_cluster, tmp_path, capsys):
+def test_a_link_probe_that_hangs_is_stopped_by_the_timeout(
+    fake_cluster, tmp_path, capsys, monkeypatch
+):
+    # A fake clock, as above: the time left (and the message) do not depend on the load.
+    import sys
+
+    from sparsetrain.commands import bench
+
+    clock = FakeClock()
+    monkeypatch.setattr(bench, "time", clock)
+    monkeypatch.setattr(sys.modules[__name__], "time", clock)  # FakeCluster's sleep
     fake_cluster.fail = "probe hangs"
     out = tmp_path / "out"
     assert main(["bench", "cluster", "--out", str(out), "--timeout", "0.5"]) == 1
     # The probe got what was left of --timeout (the stand-in sleeps that long, at most 5 s).
-    assert 0 < fake_cluster.instances[0].timeouts["bandwidth"] <= 0.5
+    assert fake_cluster.instances[0].timeouts["bandwidth"] == 0.5
     err = capsys.readouterr().err
     assert "link probe (bulk TCP from rank 0 to rank 1) did not finish within 0.5 s" in err
     assert "(--timeout 0.5 s bounds the link probes and the collectives together)" in err

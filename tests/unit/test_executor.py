@@ -35,17 +35,23 @@ def test_interpreter_exit_while_thread_is_in_torch_code_does_not_abort():
     # The executor is joined at exit, so the process ends normally after the work finishes.
     script = textwrap.dedent(
         """
-        import time, torch
+        import threading, time, torch
         from sparsetrain.sync.executor import SerialExecutor
         torch.set_num_threads(1)
         ex = SerialExecutor()
+        inside, leaving = threading.Event(), threading.Event()
         def work():
             a = torch.randn(400, 400)
+            while not leaving.is_set():
+                a = (a @ a).tanh()
+                inside.set()
             end = time.monotonic() + 0.5
             while time.monotonic() < end:
                 a = (a @ a).tanh()
         ex.submit(work)
-        time.sleep(0.1)   # the thread is now inside the matmul loop; exit without waiting
+        started = inside.wait(30)  # the thread is inside the matmul loop
+        leaving.set()              # and stays there 0.5 s more: exit without waiting
+        assert started, "the work never started"
         """
     )
     proc = subprocess.run(

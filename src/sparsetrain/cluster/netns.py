@@ -512,7 +512,8 @@ class EmulatedCluster:
         *,
         timeout: float | None = None,
     ) -> float:
-        """Return the bulk TCP throughput from ``src`` to ``dst`` in bits per second.
+        """Return the bulk TCP throughput from ``src`` to ``dst`` in bits per second: ``nbytes``
+        over the time from the sender's first byte until ``dst`` acknowledges the last one.
 
         The probe gets four times what the shaped link needs plus a minute for start-up, or
         ``timeout`` seconds if that is less; then it is killed and :class:`ClusterTimeoutError`
@@ -520,7 +521,7 @@ class EmulatedCluster:
         """
         allowed = 60.0 + 4 * 8 * nbytes / self.bandwidth_bps
         out = self._probe(dst, src, ["recv"], ["send", "--bytes", str(nbytes)], port,
-                          what=f"bulk TCP from rank {src} to rank {dst}",
+                          what=f"bulk TCP from rank {src} to rank {dst}", result_from=1,
                           timeout=allowed if timeout is None else min(allowed, timeout))  # fmt: skip
         return float(out["bits_per_second"])
 

@@ -1,7 +1,11 @@
 """Measure what an emulated link achieves: bulk TCP throughput and round-trip time.
 
 Run inside a network namespace (``ip netns exec NS python -m sparsetrain.cluster.probe ...``);
-the server prints one JSON line with what it measured. Stdlib only.
+the client (``send`` or ``ping``) prints one JSON line with what it measured. Stdlib only.
+
+Throughput is timed on the sender, from just before its first byte until the receiver says it
+has read the last one, so a receiver that is scheduled late can only lower the rate measured
+(bytes queued in its socket buffer are counted against time that has already run).
 """
 
 from __future__ import annotations
@@ -36,34 +40,44 @@ def _connect(addr: str, port: int, timeout: float) -> socket.socket:
 
 
 def serve_throughput(addr: str, port: int, timeout: float) -> dict:
-    """Accept one sender and return the bytes received and the rate from first to last byte."""
+    """Accept one sender, read until it closes, and tell it how many bytes arrived (the
+    acknowledgement its clock stops at). Returns the bytes received."""
     with _listen(addr, port) as srv:
         srv.settimeout(timeout)
         conn, _ = srv.accept()
         with conn:
             conn.settimeout(timeout)
-            got, start = 0, None
+            got = 0
             while True:
                 buf = conn.recv(_CHUNK)
                 if not buf:
                     break
-                if start is None:
-                    start = time.perf_counter()
                 got += len(buf)
-            elapsed = time.perf_counter() - (start or time.perf_counter())
-    return {"bytes": got, "seconds": elapsed, "bits_per_second": 8 * got / max(elapsed, 1e-9)}
+            conn.sendall(str(got).encode())
+    return {"bytes": got}
 
 
-def send_bulk(addr: str, port: int, nbytes: int, timeout: float) -> None:
-    """Send ``nbytes`` as fast as TCP allows."""
+def send_bulk(addr: str, port: int, nbytes: int, timeout: float) -> dict:
+    """Send ``nbytes`` as fast as TCP allows and return the bytes delivered and the rate: from
+    just before the first byte is sent until the receiver acknowledges the last one."""
     payload = b"\0" * _CHUNK
     with _connect(addr, port, timeout) as conn:
         sent = 0
+        start = time.perf_counter()
         while sent < nbytes:
             conn.sendall(payload[: min(_CHUNK, nbytes - sent)])
             sent += min(_CHUNK, nbytes - sent)
         conn.shutdown(socket.SHUT_WR)
-        conn.recv(1)
+        ack = b""
+        while True:
+            buf = conn.recv(64)
+            if not buf:
+                break
+            ack += buf
+        elapsed = time.perf_counter() - start
+    if ack != str(sent).encode():
+        raise RuntimeError(f"the receiver acknowledged {ack!r} of {sent} bytes sent")
+    return {"bytes": sent, "seconds": elapsed, "bits_per_second": 8 * sent / max(elapsed, 1e-9)}
 
 
 def serve_echo(addr: str, port: int, timeout: float) -> dict:
@@ -105,10 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=60.0)
     a = p.parse_args(argv)
     if a.role == "recv":
-        out = serve_throughput(a.addr, a.port, a.timeout)
-    elif a.role == "send":
-        send_bulk(a.addr, a.port, a.bytes, a.timeout)
+        serve_throughput(a.addr, a.port, a.timeout)
         out = {}
+    elif a.role == "send":
+        out = send_bulk(a.addr, a.port, a.bytes, a.timeout)
     elif a.role == "echo":
         out = serve_echo(a.addr, a.port, a.timeout)
     else:
