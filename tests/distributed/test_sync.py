@@ -439,6 +439,66 @@ def test_fast_paths_are_bit_identical_to_the_general_path(tmp_path):
             assert has_residuals == (combo[1] is not None), combo
 
 
+def _in_place(rank: int, world: int) -> dict:
+    """GradientSync's sparse path writes into the gradients themselves: the same values as the
+    DDP hook (one bucket each) and as its own general path (several buckets)."""
+    out = {}
+    for compressor, collective in [
+        ("threshold", "oktopk"),
+        ("topk", "gtopk"),
+        ("topk", "allgather"),
+        ("topk", "dsar"),
+    ]:
+        runs = {}
+        for how in ("ddp", "sync", "sync-buckets", "sync-buckets-general"):
+            torch.manual_seed(0)
+            net = _net()
+            opts = {"density": 0.1, "collective": collective}
+            if how == "ddp":
+                model = DDP(net, bucket_cap_mb=25.0)  # the whole small net in one bucket
+                engine = sparsetrain.register_ddp_hook(model, compressor, **opts).engine
+            else:
+                model = net
+                cap = 25.0 if how == "sync" else 0.001  # one bucket, or one a parameter
+                sync = sparsetrain.GradientSync(net, compressor, bucket_cap_mb=cap, **opts)
+                engine = sync.engine
+                if how.endswith("general"):
+                    engine._sparse_fast_path = lambda: False
+            grads, same_storage = [], True
+            for step in range(4):
+                x, y = _batch(rank, step)
+                model.zero_grad(set_to_none=step % 2 == 0)  # both: fresh and kept gradients
+                nn.functional.cross_entropy(model(x), y).backward()
+                if how != "ddp":
+                    before = [p.grad.data_ptr() for p in net.parameters()]
+                    assert sync.synchronize()
+                    same_storage &= before == [p.grad.data_ptr() for p in net.parameters()]
+                grads.append(torch.cat([p.grad.reshape(-1) for p in net.parameters()]))
+            residuals = {n: r.clone() for n, r in engine.feedback.residuals.items()}
+            runs[how] = (grads, residuals, same_storage)
+
+        def same(a: str, b: str, runs: dict = runs) -> bool:
+            (ga, ra, _), (gb, rb, _) = runs[a], runs[b]
+            return all(torch.equal(u, v) for u, v in zip(ga, gb)) and (
+                sorted(ra) == sorted(rb) and all(torch.equal(ra[n], rb[n]) for n in ra)
+            )
+
+        out[(compressor, collective)] = {
+            "sync equals the DDP hook": same("sync", "ddp"),
+            "fast equals general": same("sync-buckets", "sync-buckets-general"),
+            "written in place": runs["sync"][2] and runs["sync-buckets"][2],
+            "gradients move": not torch.equal(runs["sync"][0][0], runs["sync"][0][1]),
+        }
+    return out
+
+
+def test_gradient_sync_averages_sparse_gradients_in_place(tmp_path):
+    for result in oks(run_world(_in_place, 3, tmp_path)):
+        for combo, checks in result.items():
+            for what, ok in checks.items():
+                assert ok, f"{combo}: {what}"
+
+
 # ---- dense_warmup_steps: plain averaged allreduce first, then compression ------------------
 WARMUP = 2
 

@@ -160,3 +160,21 @@ def test_hook_runs_exchanges_inline_when_backward_issues_collectives():
     assert not runs_inline(ddp(_model(), False))
     assert runs_inline(ddp(_model(), True))
     assert runs_inline(ddp(sync_bn, False))
+
+
+@pytest.mark.parametrize(
+    ("parts", "words"),
+    [
+        ([torch.zeros(3)], "one part for each name and shape; got 1 parts, 2 names"),
+        ([torch.zeros(3), torch.zeros(5)], "'b' must be 1-D with 4 elements"),
+        ([torch.zeros(3), torch.zeros(2, 2)], r"'b' must be 1-D with 4 elements .* \(2, 2\)"),
+        ([torch.zeros(3), torch.zeros(4, dtype=torch.float64)], "share one dtype and device"),
+    ],
+)
+def test_exchange_into_refuses_parts_that_do_not_match_the_layout(parts, words):
+    from sparsetrain.sync import SyncEngine
+    from sparsetrain.sync.config import make_config
+
+    engine = SyncEngine(make_config("threshold", 0.5, {}))
+    with pytest.raises(ValueError, match=words):
+        engine.exchange_into(parts, ["a", "b"], [torch.Size([3]), torch.Size([4])])

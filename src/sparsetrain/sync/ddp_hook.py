@@ -174,16 +174,12 @@ class SyncState:
                     ):
                         where[n] = (piece, shape)
                 for group in target:
-                    pieces = [where[n][0] for n in group]
                     try:
-                        out = self.engine.exchange(
-                            torch.cat(pieces), group, [where[n][1] for n in group]
+                        self.engine.exchange_into(
+                            [where[n][0] for n in group], group, [where[n][1] for n in group]
                         )
                     except Exception as e:  # noqa: BLE001 - raised after the other groups
                         first = first or e
-                        continue
-                    for piece, res in zip(pieces, torch.split(out, [p.numel() for p in pieces])):
-                        piece.copy_(res)
             except BaseException as e:
                 first = first or e
             finally:

@@ -1,8 +1,9 @@
 """One gradient exchange, written once: compensate -> compress -> update -> communicate.
 
-Both the DDP hook and :class:`~sparsetrain.sync.GradientSync` hand flat tensors (a DDP bucket, or
-a group of parameters) to :meth:`SyncEngine.exchange` and call :meth:`SyncEngine.end_step` once
-per optimizer step.
+The DDP hook hands its buckets (flat tensors) to :meth:`SyncEngine.exchange`;
+:class:`~sparsetrain.sync.GradientSync` hands the parameters' own gradients to
+:meth:`SyncEngine.exchange_into`, which averages them where they are. Both call
+:meth:`SyncEngine.end_step` once per optimizer step.
 """
 
 from __future__ import annotations
@@ -134,6 +135,54 @@ class SyncEngine:
         with on_device(flat.device):
             return self._exchange_flat(flat, names, shapes)
 
+    def exchange_into(
+        self, parts: Sequence[Tensor], names: Sequence[str], shapes: Sequence[torch.Size]
+    ) -> None:
+        """Average over ranks the gradients ``parts`` (one 1-D tensor for each of ``names``, of
+        the same dtype and device, each anywhere in memory), writing the average into them.
+
+        The same values as :meth:`exchange` of their concatenation. The sparse path works on
+        the parts where they are: no copy of the gradients into one tensor and none back (two
+        passes over memory fewer than packing them); other compressors and collectives pack
+        them, exchange, and copy the result back.
+
+        Raises:
+            ValueError: ``parts`` do not match ``names`` and ``shapes`` (count, length, 1-D),
+                or differ in dtype or device.
+            FloatingPointError: as :meth:`exchange`.
+        """
+        parts = list(parts)
+        if not (len(parts) == len(names) == len(shapes)) or not parts:
+            raise ValueError(
+                f"exchange_into needs one part for each name and shape; got {len(parts)} parts, "
+                f"{len(names)} names and {len(shapes)} shapes"
+            )
+        numels = [math.prod(s) for s in shapes]
+        for name, part, k in zip(names, parts, numels):
+            if part.dim() != 1 or part.numel() != k:
+                raise ValueError(
+                    f"the part for {name!r} must be 1-D with {k} elements (its shape's size), "
+                    f"got shape {tuple(part.shape)}"
+                )
+            if part.dtype != parts[0].dtype or part.device != parts[0].device:
+                raise ValueError(
+                    f"parts must share one dtype and device: {name!r} is {part.dtype} on "
+                    f"{part.device}, {names[0]!r} is {parts[0].dtype} on {parts[0].device}"
+                )
+        if self._skipping or not self._sparse_fast_path():
+            flat = torch.cat(parts)
+            out = self.exchange(flat, names, shapes)
+            for part, res in zip(parts, torch.split(out, numels)):
+                part.copy_(res)
+            return
+        with on_device(parts[0].device):
+            world = world_of(self.group)
+            self.counters["dense_bytes"] += ring_allreduce_bytes(
+                sum(numels), parts[0].element_size(), world
+            )
+            order = sorted(range(len(names)), key=names.__getitem__)
+            self._exchange_sparse(parts, list(names), list(shapes), numels, order, world)
+
     def _exchange_flat(
         self, flat: Tensor, names: Sequence[str], shapes: Sequence[torch.Size]
     ) -> Tensor:
@@ -151,8 +200,10 @@ class SyncEngine:
         order = sorted(range(len(names)), key=names.__getitem__)
         if self._sparse_fast_path():
             # Checks finiteness itself, in the pass that compensates the gradient.
-            return self._exchange_sparse(flat, list(names), list(shapes), numels, order, world)
-        if self._nonfinite(flat, names, numels, world):
+            parts = list(torch.split(flat, numels))
+            self._exchange_sparse(parts, list(names), list(shapes), numels, order, world, flat)
+            return flat
+        if self._nonfinite(torch.split(flat, numels), names, world, flat=flat):
             return torch.zeros_like(flat)
         if self._dense_fast_path():
             return self._exchange_dense_inplace(flat, numels, order, world)
@@ -229,24 +280,27 @@ class SyncEngine:
 
     def _exchange_sparse(
         self,
-        flat: Tensor,
+        parts: list[Tensor],
         names: list[str],
         shapes: list[torch.Size],
         numels: list[int],
         order: list[int],
         world: int,
-    ) -> Tensor:
+        flat: Tensor | None = None,
+    ) -> None:
         """The exchange for sparse payloads, with work in the sent entries, not the length.
 
-        Computes what :meth:`_exchange` computes, bit for bit, without a dense temporary: the
-        bucket is compensated straight into canonical order in a reused buffer, the residual is
-        that buffer with the sent entries subtracted, and a global selection is written back
-        into ``flat`` at positions mapped to the bucket's order. Returns zeros when some rank's
-        gradient is not finite and the step is skipped (:meth:`_nonfinite`).
+        Computes what :meth:`_exchange` computes, bit for bit, without a dense temporary, and
+        writes it into ``parts`` (the gradients of ``names``, 1-D, in the bucket's order): the
+        parts are compensated straight into canonical order in a reused buffer, the residual is
+        that buffer with the sent entries subtracted, and a global selection is written into
+        the parts, segment by segment. Leaves zeros when some rank's gradient is not finite and
+        the step is skipped (:meth:`_nonfinite`). ``flat``: the parts in one tensor, where they
+        are (a DDP bucket), for the finiteness check to read in one call.
 
         A compressor that selects by a reused threshold on CPU (``threshold``) marks the
         entries it will select while the compensation writes them, piece by piece, and on the
-        way each piece is summed and its gradient cleared in ``flat`` (which only receives the
+        way each piece is summed and its gradient cleared in ``parts`` (which only receive the
         result afterwards): finite sums prove the gradient finite, so neither the finiteness
         check nor the clearing costs a pass over memory of its own (only a non-finite sum
         looks at the gradient itself, before it is cleared). Nothing is committed before every
@@ -254,22 +308,24 @@ class SyncEngine:
         """
         cnames = [names[i] for i in order]
         cnumels = [numels[i] for i in order]
+        numel = sum(numels)
         key = "|".join(cnames)
-        parts = torch.split(flat, numels)
         cparts = [parts[i] for i in order]
         comp = self.compressor
         marked, cleared = None, False
-        if flat.device.type == "cpu" and not self.feedback.momentum:
+        if parts[0].device.type == "cpu" and not self.feedback.momentum:
             reused = getattr(comp, "reused_threshold", None)
-            marked = reused(key, flat.numel()) if reused is not None else None
+            marked = reused(key, numel) if reused is not None else None
         if marked is None:
-            if self._nonfinite(flat, names, numels, world):
-                return torch.zeros_like(flat)
+            if self._nonfinite(parts, names, world, flat=flat):
+                for part in parts:
+                    part.zero_()
+                return
             t0 = time.perf_counter()
             compensated = self.feedback.compensate_into(key, cnames, cnumels, cparts)
         else:
             t0 = time.perf_counter()
-            mark = comp.marker(flat.numel(), marked)
+            mark = comp.marker(numel, marked)
             bad = torch.zeros(len(names), dtype=torch.uint8)  # per parameter, bucket order
 
             def each_chunk(j: int, offset: int, piece: Tensor, source: Tensor) -> None:
@@ -286,8 +342,8 @@ class SyncEngine:
             )
             cleared = True
             self.counters["compress_seconds"] += time.perf_counter() - t0
-            if self._nonfinite(flat, names, numels, world, per_param=bad):
-                return flat  # cleared above
+            if self._nonfinite(parts, names, world, per_param=bad):
+                return  # cleared above
             t0 = time.perf_counter()
         payload, ctx = comp.compress(
             compensated,
@@ -300,7 +356,7 @@ class SyncEngine:
         self.feedback.commit_sparse(key, cnames, cnumels, compensated, sent_idx, values)
         self.counters["compress_seconds"] += time.perf_counter() - t0
 
-        coll = self._collective_for(flat.numel())
+        coll = self._collective_for(numel)
         if coll == "dense":
             mine = comp.decompress(payload, ctx).reshape(-1)
             reduced, sent = self._timed_comm(allreduce_sum, [mine], self.group)
@@ -309,25 +365,28 @@ class SyncEngine:
             self.feedback.mask_velocity(sent_idx)
         else:
             res: CollectiveResult = self._timed_comm(
-                coll, indices, values, flat.numel(), group=self.group, key=key
+                coll, indices, values, numel, group=self.group, key=key
             )
             self._count(res.bytes_sent, res.bytes_recv)
             if res.dense is None:
                 # A global selection: what this rank sent but the selection dropped goes back
                 # into its residual (with its momentum); the result is zero outside the
                 # selection.
-                dropped = self._not_selected(res.indices.long(), sent_idx, flat.numel())
+                selected = res.indices.long()
+                dropped = self._not_selected(selected, sent_idx, numel)
                 self.feedback.add_back_sparse(compensated, sent_idx[dropped], values[dropped])
                 if self.feedback.momentum:
                     self.feedback.mask_velocity(sent_idx[~dropped])
-                where = _bucket_positions(res.indices.long(), order, numels)
                 if not cleared:
-                    flat.zero_()
-                flat.index_put_((where,), (res.values / world).to(flat.dtype))
-                return flat
+                    for part in parts:
+                        part.zero_()
+                _put_canonical(cparts, selected, (res.values / world).to(parts[0].dtype))
+                return
             total = res.dense
             self.feedback.mask_velocity(sent_idx)
-        return _to_bucket_order((total / world).to(flat.dtype), flat, order, numels)
+        canonical = (total / world).to(parts[0].dtype).reshape(-1)
+        for part, res_part in zip(cparts, torch.split(canonical, cnumels)):
+            part.copy_(res_part)
 
     def _exchange(
         self,
@@ -444,26 +503,33 @@ class SyncEngine:
 
     def _nonfinite(
         self,
-        flat: Tensor,
+        parts: Sequence[Tensor],
         names: Sequence[str],
-        numels: Sequence[int],
         world: int,
         per_param: Tensor | None = None,
+        flat: Tensor | None = None,
     ) -> bool:
-        """Agree across ranks whether any rank's tensor has NaN/Inf; raise or mark the step skipped.
+        """Agree across ranks whether any rank's gradient has NaN/Inf; raise or mark the step
+        skipped.
 
         One one-element allreduce a bucket; only when some rank is bad, a second gather finds out
-        which ranks and parameters. ``per_param``: which of this rank's parameters hold NaN/Inf
-        (uint8, in ``names``' order), when the caller has found out already (``flat`` is then
-        not read).
+        which ranks and parameters. ``parts``: the gradients of ``names``; ``flat``: all of them
+        in one tensor, where they are (read instead, in one pass). ``per_param``: which of this
+        rank's parameters hold NaN/Inf (uint8, in ``names``' order), when the caller has found
+        out already (the gradients are then not read).
         """
+        device = parts[0].device
         if per_param is not None:
             bad_here = bool(per_param.any())
         else:
             # A sum is finite only if every term is (one pass, no temporary); only when it is
             # not, a second pass tells NaN/Inf from a sum that merely overflowed.
-            bad_here = not bool(torch.isfinite(flat.sum())) and not bool(torch.isfinite(flat).all())
-        bad = torch.tensor([float(bad_here)], device=flat.device)
+            whole = [flat] if flat is not None else parts
+            bad_here = any(
+                not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all())
+                for t in whole
+            )
+        bad = torch.tensor([float(bad_here)], device=device)
         if world > 1:
             bad, sent = self._timed_comm(allreduce_sum, [bad], self.group)
             bad = bad[0]
@@ -471,10 +537,8 @@ class SyncEngine:
         if float(bad) == 0.0:
             return False
         if per_param is None:
-            per_param = torch.stack(
-                [~torch.isfinite(p).all() for p in torch.split(flat, list(numels))]
-            ).to(torch.uint8)
-        per_param = per_param.to(flat.device)
+            per_param = torch.stack([~torch.isfinite(p).all() for p in parts]).to(torch.uint8)
+        per_param = per_param.to(device)
         if world > 1:
             rows = [torch.empty_like(per_param) for _ in range(world)]
             dist.all_gather(rows, per_param, group=self.group)
@@ -567,24 +631,22 @@ class SyncEngine:
             self.attack.load_state_dict(state["attack"])
 
 
-def _bucket_positions(canonical: Tensor, order: list[int], numels: list[int]) -> Tensor:
-    """Map positions in the canonical (name-sorted) packing to positions in the bucket's packing,
-    where canonical segment j is bucket segment ``order[j]``."""
-    if order == list(range(len(order))):
-        return canonical
-    bucket_starts = [0]
-    for n in numels[:-1]:
-        bucket_starts.append(bucket_starts[-1] + n)
-    canon_starts = [0]
-    for i in order[:-1]:
-        canon_starts.append(canon_starts[-1] + numels[i])
-    shift = torch.tensor(
-        [bucket_starts[i] - c for i, c in zip(order, canon_starts)],
-        dtype=torch.int64,
-        device=canonical.device,
-    )
-    edges = torch.tensor(canon_starts[1:], dtype=torch.int64, device=canonical.device)
-    return canonical + shift[torch.searchsorted(edges, canonical, right=True)]
+def _put_canonical(cparts: list[Tensor], indices: Tensor, values: Tensor) -> None:
+    """Write ``values`` at ``indices`` of the canonical packing of ``cparts`` (the parts in
+    canonical order, one after another) into the parts themselves, segment by segment."""
+    if len(cparts) == 1:
+        cparts[0].index_put_((indices,), values)
+        return
+    if indices.numel() > 1 and not bool((indices[1:] >= indices[:-1]).all()):
+        indices, perm = torch.sort(indices)
+        values = values[perm]
+    starts = [0]
+    for part in cparts:
+        starts.append(starts[-1] + part.numel())
+    edges = torch.searchsorted(indices, torch.tensor(starts, device=indices.device)).tolist()
+    for part, start, a, b in zip(cparts, starts, edges, edges[1:]):
+        if b > a:
+            part.index_put_((indices[a:b] - start,), values[a:b])
 
 
 def _to_bucket_order(

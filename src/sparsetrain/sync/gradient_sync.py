@@ -21,7 +21,10 @@ class GradientSync:
 
     Call :meth:`synchronize` after ``backward()`` and before ``optimizer.step()``. Parameters are
     grouped into buckets of about ``bucket_cap_mb`` (in reverse registration order, as DDP does),
-    each exchanged with the same engine as the DDP hook. A parameter without a gradient is
+    each exchanged with the same engine as the DDP hook. With a sparse compressor and collective
+    the exchange reads and writes the ``.grad`` tensors where they are, so no gradient is copied
+    into a bucket and back (DDP copies each fresh gradient into its bucket). A parameter without a
+    gradient is
     exchanged as zeros and gets a zero gradient (an optimizer with weight decay then still moves
     it); DDP with ``find_unused_parameters=True`` leaves such parameters alone.
 
@@ -95,15 +98,18 @@ class GradientSync:
         """
         try:
             for bucket in self.buckets:
-                names = [n for n, _ in bucket]
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in bucket]
-                flat = torch.cat([g.reshape(-1) for g in grads])
-                out = self.engine.exchange(flat, names, [p.shape for _, p in bucket])
-                for (_, p), part in zip(bucket, torch.split(out, [p.numel() for _, p in bucket])):
+                for _, p in bucket:
+                    # The exchange writes into the gradients themselves, so each must be one
+                    # dense block: a missing one becomes zeros, a strided one a contiguous copy.
                     if p.grad is None:
-                        p.grad = part.view(p.shape).clone()
-                    else:
-                        p.grad.copy_(part.view(p.shape))
+                        p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    elif not p.grad.is_contiguous():
+                        p.grad = p.grad.contiguous()
+                self.engine.exchange_into(
+                    [p.grad.view(-1) for _, p in bucket],
+                    [n for n, _ in bucket],
+                    [p.shape for _, p in bucket],
+                )
         finally:
             self.engine.end_step()
         if self.engine.skipped_last_step:
