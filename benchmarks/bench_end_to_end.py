@@ -10,6 +10,8 @@ more than its compute) on RANKS network namespaces with tc-shaped links, once pe
 * ``threshold`` at DENSITY with the ``oktopk`` sparse allreduce,
 * the same with momentum correction (``threshold+oktopk+mc``: each rank applies the momentum
   before compression, Deep Gradient Compression's way, and the optimizer has none),
+* the same without DDP (``threshold+oktopk+sync``: ``GradientSync`` after backward, the same
+  values, without DDP's copy of each gradient into its bucket),
 
 all with error feedback where the compressor is biased, the same seed, data and schedule. Each
 rank joins the job as torchrun would (RANK, WORLD_SIZE, MASTER_ADDR on rank 0's 198.18.x
@@ -43,6 +45,7 @@ METHODS = {  # label: (compressor, collective, uses density)
     "topk+allgather": ("topk", "allgather", True),
     "threshold+oktopk": ("threshold", "oktopk", True),
     "threshold+oktopk+mc": ("threshold", "oktopk", True),  # with momentum correction
+    "threshold+oktopk+sync": ("threshold", "oktopk", True),  # GradientSync, no DDP
 }
 
 
@@ -104,6 +107,7 @@ def worker(cfg_path: str) -> int:
                 label=label,
                 native_ddp=label == "ddp",
                 momentum_correction=label.endswith("+mc"),
+                ddp=not label.endswith("+sync"),
                 progress=cfg["progress"],
                 timeout_s=600.0,
                 bucket_cap_mb=cfg["bucket_mb"],
@@ -234,7 +238,7 @@ def _run(args: argparse.Namespace, methods: list[str], tmp: Path) -> int:
     print(f"compute floor (forward, backward, optimizer; no communication): {floor:.3f} s/step")
     print(f"\ntime to test accuracy {args.target:g} on {args.ranks} ranks at {args.bandwidth} "
           f"(ratios against {base}):")  # fmt: skip
-    print(f"{'method':<18}{'to target s':>12}{'vs dense':>10}{'final acc':>11}{'Δ acc pts':>11}"
+    print(f"{'method':<22}{'to target s':>12}{'vs dense':>10}{'final acc':>11}{'Δ acc pts':>11}"
           f"{'total s':>9}{'s/step':>8}{'MB/rank':>9}")  # fmt: skip
     summary = []
     for label, run in runs.items():
@@ -248,7 +252,7 @@ def _run(args: argparse.Namespace, methods: list[str], tmp: Path) -> int:
                         "seconds_per_step": run["wall_seconds"] / run["steps"],
                         "bytes_sent_per_rank": run["bytes_sent_per_rank"]})  # fmt: skip
         print(
-            f"{label:<18}{t if t is not None else float('nan'):>12.1f}"
+            f"{label:<22}{t if t is not None else float('nan'):>12.1f}"
             f"{speed if speed else float('nan'):>9.2f}x{acc:>11.4f}"
             f"{delta if delta is not None else float('nan'):>+11.2f}"
             f"{run['wall_seconds']:>9.1f}{run['wall_seconds'] / run['steps']:>8.3f}"

@@ -297,6 +297,40 @@ def test_resumed_run_ends_exactly_where_the_uninterrupted_one_does(tmp_path):
     assert exc.value.error_type == "ValueError"
 
 
+def test_without_ddp_gradient_sync_trains_as_the_hook_does_and_resumes_exactly(tmp_path):
+    # ddp=False: no DDP, GradientSync after backward, writing into the gradients where they
+    # are. One bucket either way (the small model is one DDP bucket), so every value is the
+    # hook's, step by step; a checkpoint of it resumes exactly and is refused by a DDP run.
+    common = dict(
+        task="digits-mlp", compressor="threshold", density=0.05, collective="oktopk",
+        workers=2, epochs=2, eval_every=10, progress=False, timeout_s=120,
+        checkpoint_dir=str(tmp_path),
+    )  # fmt: skip
+    runs = by_label(
+        launch(
+            [
+                TrainConfig(label="hook", **common),
+                TrainConfig(label="sync", ddp=False, **common),
+                TrainConfig(label="cut", ddp=False, max_steps=15, checkpoint_every=5, **common),
+            ]
+        )
+    )
+    hook, sync = runs["hook"], runs["sync"]
+    assert sync["config"]["ddp"] is False and hook["config"]["ddp"] is True
+    assert sync["steps"] == hook["steps"] == 44
+    for key in ("final_test_loss", "final_test_accuracy", "bytes_sent_per_rank"):
+        assert sync[key] == hook[key], key
+    assert sync["curves"]["train_loss"] == hook["curves"]["train_loss"]
+    assert sync["curves"]["test_loss"] == hook["curves"]["test_loss"]
+    resumed = launch(TrainConfig(label="cut", ddp=False, resume=True, **common))["runs"][0]
+    assert resumed["final_test_loss"] == sync["final_test_loss"]
+    assert resumed["curves"]["train_loss"] == sync["curves"]["train_loss"]
+    with pytest.raises(WorkerError, match="different configuration: ddp False there, True here"):
+        launch(TrainConfig(label="cut", resume=True, **common))
+    with pytest.raises(ValueError, match="native_ddp=True .* needs ddp=True"):
+        TrainConfig(native_ddp=True, ddp=False)
+
+
 @pytest.mark.parametrize("momentum_correction", [False, True], ids=["plain", "momentum-corrected"])
 def test_resume_is_exact_with_several_ddp_buckets(tmp_path, momentum_correction):
     # DDP regroups its buckets after its first step, so a resumed run's first step would

@@ -65,6 +65,9 @@ def test_the_issue_command_line_becomes_one_config():
     assert c.reuse_host_memory  # workers keep freed memory unless told not to
     (c,) = configs("train", "--no-reuse-host-memory")
     assert not c.reuse_host_memory
+    assert c.ddp  # DDP and its comm hook unless told not to
+    (c,) = configs("train", "--no-ddp")
+    assert not c.ddp
     assert not c.momentum_correction
     (c,) = configs("train", "--compressor", "topk", "--momentum-correction")
     assert c.momentum_correction
@@ -260,6 +263,8 @@ def test_bench_cleanup_passes_all_as_include_live_and_lists_what_it_removed(
         ({"native_ddp": True, "aggregator": "median"}, ValueError, ["native_ddp", "aggregator"]),
         ({"native_ddp": "yes"}, TypeError, ["native_ddp"]),
         ({"reuse_host_memory": 1}, TypeError, ["reuse_host_memory", "True or False"]),
+        ({"ddp": "no"}, TypeError, ["ddp", "True or False"]),
+        ({"native_ddp": True, "ddp": False}, ValueError, ["native_ddp", "needs ddp=True"]),
         ({"momentum_correction": 1}, TypeError, ["momentum_correction", "True or False"]),
         (
             {"compressor": "topk", "momentum_correction": True, "momentum": 0.0},

@@ -204,6 +204,13 @@ def add_training_arguments(p: argparse.ArgumentParser, *, workers: int, epochs: 
         help="DDP's bucket size in MB: larger buckets, fewer exchanges a step (25: DDP's default)",
     )
     g.add_argument(
+        "--no-ddp",
+        action="store_true",
+        help="no DistributedDataParallel: GradientSync exchanges the gradients after backward, "
+        "with the same values (a sparse compressor then works on the gradients where they are, "
+        "without DDP's copy of each into its bucket, but nothing overlaps with backward)",
+    )
+    g.add_argument(
         "--no-reuse-host-memory",
         action="store_true",
         help="leave glibc's malloc as it is (by default workers keep freed memory for reuse, "
@@ -292,6 +299,7 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
             timeout_s=args.timeout,
             bucket_cap_mb=args.bucket_mb,
             reuse_host_memory=not args.no_reuse_host_memory,
+            ddp=not args.no_ddp,
         )
         for c in compressors
     ]
