@@ -138,6 +138,50 @@ class ErrorFeedback:
             self.residuals[n] = part
 
     # ---- the allocation-free path for sparse payloads ------------------------------------------
+    def reserve(
+        self,
+        key: str,
+        names: Sequence[str],
+        numel: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        """Allocate (and fill with zeros) the buffers :meth:`compensate_into` will use for
+        ``key``, a layout of ``numel`` elements: memory is taken when the caller is built (as
+        DDP takes its buckets) rather than in the first steps. Changes no value."""
+        if self.enabled:
+            self._buffers_for(key, names, numel, dtype, torch.device(device), torch.zeros)
+
+    def _buffers_for(
+        self,
+        key: str,
+        names: Sequence[str],
+        total: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        make: Callable[..., Tensor],
+    ) -> list[Tensor]:
+        """The two buffers of ``key``, made with ``make`` when missing or of another size,
+        dtype or device."""
+        bufs = self._buffers.get(key)
+        if (
+            bufs is None
+            or bufs[0].numel() != total
+            or bufs[0].dtype != dtype
+            or bufs[0].device != device
+        ):
+            # A new layout (DDP rebuilt its buckets): forget buffers of keys sharing a name.
+            stale = [k for k in self._buffers if set(k.split("|")) & set(names)]
+            for k in stale:
+                del self._buffers[k]
+                self._next.pop(k, None)
+                self._vbuffers.pop(k, None)
+            bufs = [make(total, dtype=dtype, device=device) for _ in range(2)]
+            self._buffers[key], self._next[key] = bufs, 0
+            if self.momentum:
+                self._vbuffers[key] = [make(total, dtype=dtype, device=device) for _ in range(2)]
+        return bufs
+
     def compensate_into(
         self,
         key: str,
@@ -161,24 +205,14 @@ class ErrorFeedback:
         """
         if each_chunk is not None and self.momentum:
             raise ValueError("compensate_into: each_chunk is not supported with momentum")
-        total = sum(numels)
         like = parts[0]
-        bufs = self._buffers.get(key)
-        if bufs is None or bufs[0].numel() != total or bufs[0].dtype != like.dtype:
-            # A new layout (DDP rebuilt its buckets): forget buffers of keys sharing a name.
-            stale = [k for k in self._buffers if set(k.split("|")) & set(names)]
-            for k in stale:
-                del self._buffers[k], self._next[k]
-                self._vbuffers.pop(k, None)
-            bufs = [torch.empty(total, dtype=like.dtype, device=like.device) for _ in range(2)]
-            self._buffers[key], self._next[key] = bufs, 0
-            if self.momentum:
-                self._vbuffers[key] = [torch.empty_like(b) for b in bufs]
-        out = bufs[self._next[key]]
+        bufs = self._buffers_for(key, names, sum(numels), like.dtype, like.device, torch.empty)
+        turn = self._next.get(key, 0)
+        out = bufs[turn]
         if self.momentum:
             # The new velocities, momentum * u + grad, go into this step's velocity buffer
             # (the old ones stay in the other, for rollback); they are what is compensated.
-            vout = self._vbuffers[key][self._next[key]]
+            vout = self._vbuffers[key][turn]
             for n, k, part, vdst in zip(names, numels, parts, torch.split(vout, list(numels))):
                 if n in self.velocity:
                     old = self._stored(self.velocity, n, k, vout).to(vout.dtype)

@@ -462,6 +462,13 @@ def _in_place(rank: int, world: int) -> dict:
                 cap = 25.0 if how == "sync" else 0.001  # one bucket, or one a parameter
                 sync = sparsetrain.GradientSync(net, compressor, bucket_cap_mb=cap, **opts)
                 engine = sync.engine
+                # Error feedback's buffers are taken when GradientSync is built (as DDP takes
+                # its buckets), one pair a bucket, not in the first steps.
+                reserved = engine.feedback._buffers
+                if len(reserved) != len(sync.buckets) or any(
+                    bool(b.any()) for pair in reserved.values() for b in pair
+                ):
+                    raise AssertionError(f"{how}: buffers not reserved at construction")
                 if how.endswith("general"):
                     engine._sparse_fast_path = lambda: False
             grads, same_storage = [], True

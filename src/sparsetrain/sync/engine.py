@@ -269,14 +269,41 @@ class SyncEngine:
         """Whether this step can take :meth:`_exchange_sparse`: a sparse compressor whose payload
         decodes as its values at its indices, a sparse collective, no robust aggregation, past
         the dense warm-up."""
+        return self._sparse_capable() and self.step >= self.config.dense_warmup_steps
+
+    def _sparse_capable(self) -> bool:
         comp = self.compressor
         return (
             comp.wire == "sparse"
             and comp.rounds == 1
             and type(comp).decompress is SparseCompressor.decompress
             and self.aggregator is None
-            and self.step >= self.config.dense_warmup_steps
         )
+
+    def reserve(
+        self,
+        names: Sequence[str],
+        shapes: Sequence[torch.Size],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        """Take the memory the sparse path keeps for a group of parameters (error feedback's
+        two buffers, the selection's marks) now, filled with zeros, instead of in the first
+        steps, as DDP takes its buckets when it is built. Changes no value; does nothing for
+        compressors that do not take the sparse path."""
+        if not self._sparse_capable():
+            return
+        order = sorted(range(len(names)), key=names.__getitem__)
+        cnames = [names[i] for i in order]
+        numels = [math.prod(shapes[i]) for i in order]
+        total = sum(numels)
+        self.feedback.reserve("|".join(cnames), cnames, total, dtype, device)
+        if torch.device(device).type == "cpu" and not self.feedback.momentum:
+            marker = getattr(self.compressor, "marker", None)
+            if marker is not None:
+                marker(total, 0.0)  # makes the marks' buffer; marks nothing
+        if self._marks is None or self._marks.numel() < total:
+            self._marks = torch.zeros(total, dtype=torch.bool, device=device)
 
     def _exchange_sparse(
         self,

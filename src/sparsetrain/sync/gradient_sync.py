@@ -75,6 +75,11 @@ class GradientSync:
         )
         self.engine = SyncEngine(self.config, process_group)
         self.buckets = self._make_buckets(bucket_cap_mb * 2**20)
+        for bucket in self.buckets:
+            self.engine.reserve(
+                [n for n, _ in bucket], [p.shape for _, p in bucket], bucket[0][1].dtype,
+                bucket[0][1].device,
+            )  # fmt: skip
 
     def _make_buckets(self, cap_bytes: float) -> list[list[tuple[str, nn.Parameter]]]:
         buckets: list[list[tuple[str, nn.Parameter]]] = []
