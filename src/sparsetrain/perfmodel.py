@@ -15,8 +15,14 @@ counted along the critical path of one rank:
 * ``operations``: what the rank issues: one per library collective call (gloo or NCCL
   allreduce, allgather) and one per point-to-point message posted. ``overhead`` is the
   software cost of each (LogP's o): Python, the backend's bookkeeping, a system call.
-* ``sparse_elements``: (index, value) entries touched once locally (scatter, compare, copy).
-* ``dense_elements``: elements of dense vectors streamed through memory (zero-fill, sums).
+* ``sparse_elements``: (index, value) entries touched once locally (scatter, compare, copy),
+  counted pass by pass as the code makes them: input checks, order checks, packing into
+  messages, concatenations, widening indices to int64, scatter-adds, magnitudes and masks.
+* ``dense_elements``: elements of dense vectors streamed through memory (zero-fill, sums), and
+  the kernel's zeroing of freshly mapped pages: where ``Problem.fresh_pages`` holds (host
+  memory from glibc, as in the emulated cluster), every buffer a call allocates above
+  ``FRESH_MAPPING_BYTES`` (32 MiB) is a new mapping whose pages are faulted in and zeroed on
+  first touch, counted as its size in elements.
 * ``sort_work``: sum of m log2 m over the sorts and sort-based merges of m entries.
 * ``hidden_dense``: dense elements summed while the cost's bytes are on the wire (a pipelined
   ring sums one chunk while the next travels), so only the slower of the two counts:
@@ -161,6 +167,14 @@ class Problem:
     ``sorted_input``: each rank's indices arrive sorted by index, as the threshold compressor
     and the cluster benchmark produce them; the collectives then take them as they are after a
     linear check. False for unsorted input (``torch.topk``'s order), which costs a sort.
+
+    ``fresh_pages``: whether every buffer larger than :data:`FRESH_MAPPING_BYTES` that a call
+    allocates is a fresh memory mapping, whose pages the kernel faults in and zeroes when they
+    are first touched: host memory from glibc's ``malloc``, which maps every request above
+    32 MiB afresh and unmaps it when it is freed (see :mod:`sparsetrain.hostmem`). The zeroing
+    is counted as dense elements streamed. None (default): as ``cores`` says, since ranks that
+    share a host's cores (the emulated cluster) allocate host memory so, and ranks of their
+    own are taken to be GPU-class devices, whose caching allocator reuses its memory.
     """
 
     world: int
@@ -170,6 +184,7 @@ class Problem:
     index_bytes: int = 4
     cores: int | None = None
     sorted_input: bool = True
+    fresh_pages: bool | None = None
 
     def __post_init__(self) -> None:
         _check_int("world", self.world, 1)
@@ -182,6 +197,8 @@ class Problem:
             raise TypeError(f"density must be a number in (0, 1], got {self.density!r}")
         if not 0 < self.density <= 1:
             raise ValueError(f"density must be in (0, 1], got {self.density}")
+        if self.fresh_pages is not None and not isinstance(self.fresh_pages, bool):
+            raise TypeError(f"fresh_pages must be a bool or None, got {self.fresh_pages!r}")
 
     @property
     def k(self) -> float:
@@ -198,6 +215,16 @@ class Problem:
     def share(self, active: float) -> float:
         """Slow-down of local work done by ``active`` ranks at once on the shared cores."""
         return 1.0 if self.cores is None else max(1.0, active / self.cores)
+
+    @property
+    def maps_fresh(self) -> bool:
+        """Whether large buffers are fresh mappings (``fresh_pages``, or its default)."""
+        return self.cores is not None if self.fresh_pages is None else self.fresh_pages
+
+
+# glibc's malloc serves a request above its mmap threshold with a fresh mapping; the threshold
+# adapts to the sizes freed, up to this ceiling (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit systems).
+FRESH_MAPPING_BYTES = 32 * 2**20
 
 
 def _check_int(name: str, v: object, lo: int) -> None:
@@ -226,12 +253,49 @@ def _local(
 
 def _order(q: Problem, passes: int = 1) -> Cost:
     """Bring each rank's k input entries into index order (coalescing, splitting into ranges):
-    a linear check for sorted input, a sort otherwise; ``passes`` passes, of which only the
-    first sorts."""
+    ``passes`` linear checks of the k indices (``is_sorted``), which is all that sorted input
+    takes. Unsorted input fails the first check and is put in order there: a sort of k and a
+    move of the k entries into that order (a coalesce's zeroed sums and scatter-add, or a
+    split's gathers of indices and values), with the buffers of the coalesce's
+    ``torch.unique`` (as in :func:`_merge`); what it returns is sorted, so later passes are
+    checks."""
+    k = q.k
     if q.sorted_input:
-        return _local(q, q.world, sparse=passes * q.k)
-    # Only the first pass sorts: what it returns is sorted, so the others check it linearly.
-    return _local(q, q.world, sorts=[q.k], sparse=(passes - 1) * q.k)
+        return _local(q, q.world, sparse=passes * k)
+    ib, vb = q.index_bytes, q.value_bytes
+    return _local(q, q.world, sorts=[k], sparse=(passes + 2) * k) + _fresh(
+        q, q.world, k * ib, 8 * k, 8 * k, k * ib, 8 * k, k * vb
+    )
+
+
+def _check(q: Problem, times: int = 1) -> Cost:
+    """The input check (``torch.aminmax`` over the k indices), run ``times`` times a call: in
+    the agreement, and once more where a collective splits its input before it."""
+    return _local(q, q.world, sparse=times * q.k)
+
+
+def _fresh(q: Problem, active: float, *buffers: float) -> Cost:
+    """The kernel's zeroing of the freshly mapped pages of buffers (sizes in bytes) that
+    ``active`` ranks allocate at once: where large buffers are fresh mappings
+    (:attr:`Problem.fresh_pages`), each buffer above :data:`FRESH_MAPPING_BYTES`, counted as
+    dense elements of ``value_bytes``; nothing otherwise."""
+    if not q.maps_fresh:
+        return Cost(0, 0)
+    nbytes = sum(b for b in buffers if b > FRESH_MAPPING_BYTES)
+    return _local(q, active, dense=nbytes / q.value_bytes)
+
+
+def _merge(q: Problem, active: float, m: float, out: float) -> Cost:
+    """``merge`` of m entries (concatenated sorted runs) into ``out`` distinct ones, done by
+    ``active`` ranks at once: the concatenation, the order check that finds them unsorted, the
+    sort of ``torch.unique``, the zeroed sums and the scatter-add into them; 3m + out entries
+    touched and a sort of m. Its buffers: the concatenated indices and values, the sorted
+    copy, the sort's int64 permutation and the int64 inverse of ``torch.unique``, the distinct
+    indices, their int64 first positions and the sums."""
+    ib, vb = q.index_bytes, q.value_bytes
+    return _local(q, active, sparse=3 * m + out, sorts=[m]) + _fresh(
+        q, active, m * ib, m * vb, m * ib, 8 * m, 8 * m, out * ib, 8 * out, out * vb
+    )
 
 
 def _call(messages: float, nbytes: float = 0.0) -> Cost:
@@ -302,13 +366,20 @@ def sparse_allgather(q: Problem) -> Cost:
     """Allgather of every rank's k entries (sizes first, then payloads padded to the largest),
     then a local scatter-add of all p k entries into a zeroed dense vector.
 
-    T = 2(p-1) alpha + (p-1) k (b_i + b_v) beta + 2 o + p k gamma + n gamma_dense.
+    T = 2(p-1) alpha + (p-1) k (b_i + b_v) beta + 2 o + (4k + 3pk) gamma + n gamma_dense.
+
+    Entries touched: the input check, the zeroed send buffer and the copy into it, gloo's copy
+    of it into its flat output (4k); gloo's copy of the flat output into the p output buffers,
+    and for each rank's k entries the indices widened to int64 and the scatter-add (3pk).
     """
-    p = q.world
+    p, k = q.world, q.k
+    block = k * q.entry_bytes
     return (
         _small_allgather(p)
-        + _call(p - 1, (p - 1) * q.k * q.entry_bytes)
-        + _local(q, p, sparse=p * q.k, dense=q.numel)
+        + _call(p - 1, (p - 1) * block)
+        + _local(q, p, sparse=4 * k + 3 * p * k, dense=q.numel)
+        # the send buffer, gloo's flat output, the p output buffers and widened indices, the sum
+        + _fresh(q, p, block, p * block, *[block] * p, *[8 * k] * p, q.numel * q.value_bytes)
     )
 
 
@@ -316,66 +387,111 @@ def sparse_allgather(q: Problem) -> Cost:
 def ssar_recursive_doubling(q: Problem) -> Cost:
     """SparCML recursive doubling with fold/unfold for non-powers of two.
 
-    Agreement and a local coalesce (a linear check of k sorted entries, or a sort of k); a
-    fold (k entries) when p is not a power of two; log2 p' exchanges, each a size message and
-    a payload message, where the sender's support after merging m ranks is U(m) and the merge
-    sorts both operands (2 U(m)); an unfold of the result U(p); then a scatter of U(p) entries
-    into a zeroed dense vector.
+    Agreement (with the input check) and a local coalesce (a linear check of k sorted entries,
+    or a sort of k); a fold (k entries) when p is not a power of two; log2 p' exchanges, each a
+    size message and a payload message, where the sender's support after merging m ranks is
+    U(m): the sender packs its U(m) entries and the merge of both operands (2 U(m) entries into
+    U(2m)) concatenates, checks, sorts and scatter-adds them; an unfold of the result U(p);
+    then the result's indices widened to int64 and scattered into a zeroed dense vector.
     """
     p = q.world
     core = 1 << (p.bit_length() - 1)
     extra = p - core
-    cost = _agreement(p) + _order(q)
+    cost = _agreement(p) + _check(q) + _order(q)
     m = 1.0
+    eb = q.entry_bytes
     if extra:
-        cost += _p2p(2, q.k * q.entry_bytes) + _local(q, extra, sorts=[2 * q.k])
+        cost += (
+            _p2p(2, q.k * eb)
+            + _local(q, extra, sparse=q.k)
+            + _fresh(q, extra, q.k * eb, q.k * eb)  # packed message, receive buffer
+            + _merge(q, extra, 2 * q.k, q.union(2))
+        )
         m = p / core  # average ranks folded into a core rank
     rounds = core.bit_length() - 1
     for _ in range(rounds):
         u = q.union(m)
-        cost += _p2p(2, u * q.entry_bytes) + _local(q, core, sorts=[2 * u])
+        cost += (
+            _p2p(2, u * eb)
+            + _local(q, core, sparse=u)
+            + _fresh(q, core, u * eb, u * eb)
+            + _merge(q, core, 2 * u, q.union(2 * m))
+        )
         m *= 2
+    total = q.union(p)
     if extra:
-        cost += _p2p(2, q.union(p) * q.entry_bytes)
-    return cost + _local(q, p, sparse=q.union(p), dense=q.numel)
+        cost += _p2p(2, total * eb) + _local(q, extra, sparse=total)
+        cost += _fresh(q, extra, total * eb, total * eb)
+    return (
+        cost
+        + _local(q, p, sparse=2 * total, dense=q.numel)
+        + _fresh(q, p, 8 * total, q.numel * q.value_bytes)  # widened indices, the sum
+    )
 
 
 def _split_phase(q: Problem, adaptive: bool) -> tuple[Cost, float, bool]:
     """Split (sparse or dense reduce-scatter) to range owners; returns the cost, the expected
     reduced entries of a range, and whether the reduced range is dense."""
-    p = q.world
+    p, k = q.world, q.k
     delta = q.value_bytes / q.entry_bytes  # break-even density
     dense_in = adaptive and q.density >= delta
-    per_peer = (q.numel / p * q.value_bytes) if dense_in else (q.k / p * q.entry_bytes)
+    per_peer = (q.numel / p * q.value_bytes) if dense_in else (k / p * q.entry_bytes)
     cost = (
         _agreement(p)  # which carries the sizes of the split
+        + _check(q, 2)  # before the split, and in the agreement
         + _order(q)  # into ranges
-        + _local(q, p, dense=q.numel if dense_in else 0.0)
         + _p2p(p - 1, (p - 1) * per_peer)  # payloads in rotating order
     )
+    # each message a zeroed range and a scatter-add of its entries, or a packed copy of them;
+    # and a receive buffer of each peer's
+    if dense_in:
+        cost += _local(q, p, sparse=3 * (p - 1) / p * k, dense=(p - 1) / p * q.numel)
+    else:
+        cost += _local(q, p, sparse=(p - 1) / p * k)
+    cost += _fresh(q, p, *[per_peer] * (2 * (p - 1)))
     reduced = q.union(p) / p
     dense_out = adaptive and (dense_in or q.union(p) / q.numel >= delta)
     # A range receives k entries in all (k/p from each rank); a dense accumulator takes over
     # from the merge once they could fill it past break-even (density >= delta / p).
-    if dense_in:  # scatter-add into a zeroed range, then sum the p - 1 dense blocks
-        cost += _local(q, p, sparse=q.k, dense=q.numel)  # n/p zeroed, (p - 1) n/p summed
-    elif adaptive and q.k * q.entry_bytes >= q.numel / p * q.value_bytes:
-        # scatter-add, a scan for the non-zeros, and the sparse form's copy if below delta
-        cost += _local(q, p, sparse=q.k + (0.0 if dense_out else reduced), dense=2 * q.numel / p)
-    else:  # sort-based merge of the k entries that fall in the range
-        cost += _local(q, p, sorts=[q.k])
+    ib, vb, eb = q.index_bytes, q.value_bytes, q.entry_bytes
+    if dense_in:  # the own entries scatter-added into a zeroed range, the p - 1 blocks summed
+        own = k / p
+        cost += _local(q, p, sparse=4 * own, dense=q.numel)
+        cost += _fresh(q, p, q.numel / p * vb, own * ib, 8 * own, 8 * own, own * vb)
+    elif adaptive and k * eb >= q.numel / p * vb:
+        # concatenation, indices widened and offset, scatter-add (4k) into a zeroed range and
+        # a scan for its non-zeros (2n/p); below delta the non-zeros' indices, values and
+        # packed copy (4 reduced)
+        sparse = 4 * k + (0.0 if dense_out else 4 * reduced)
+        cost += _local(q, p, sparse=sparse, dense=2 * q.numel / p)
+        cost += _fresh(q, p, q.numel / p * vb, k * ib, 8 * k, 8 * k, k * vb, 8 * reduced)
+        if not dense_out:
+            cost += _fresh(q, p, 8 * reduced, reduced * ib, reduced * vb, reduced * eb)
+    else:  # sort-based merge of the k entries that fall in the range, and its packed copy
+        cost += _merge(q, p, k, reduced) + _local(q, p, sparse=reduced)
+        cost += _fresh(q, p, reduced * eb)
     return cost, reduced, dense_out
 
 
 def _allgather_ranges(q: Problem, reduced: float, dense_out: bool) -> Cost:
     """Allgather of the p reduced ranges (sizes, then the ranges, each by direct sends) and
-    their scatter into a zeroed dense vector."""
+    their scatter into a zeroed dense vector: dense ranges are copied into it (n elements),
+    sparse ones concatenated, their indices widened and scattered (3 p reduced entries)."""
     p = q.world
     block = q.numel / p * q.value_bytes if dense_out else reduced * q.entry_bytes
-    return (
+    ib, vb = q.index_bytes, q.value_bytes
+    cost = (
         _agreement(p)
         + _p2p(p - 1, (p - 1) * block)
-        + _local(q, p, sparse=0.0 if dense_out else p * reduced, dense=q.numel)
+        + _fresh(q, p, *[block] * (p - 1), q.numel * vb)  # receive buffers, the sum
+    )
+    if dense_out:
+        return cost + _local(q, p, dense=2 * q.numel)
+    total = p * reduced
+    return (
+        cost
+        + _local(q, p, sparse=3 * total, dense=q.numel)
+        + _fresh(q, p, total * ib, 8 * total, total * vb)
     )
 
 
@@ -384,9 +500,12 @@ def ssar_split_allgather(q: Problem) -> Cost:
     """SparCML split-allgather: sparse split to p range owners, merge, allgather of ranges.
 
     T = 4(p-1) alpha + (p-1)/p [k + U(p)] (b_i + b_v) beta + 4(p-1) o
-        + k log2 k gamma_sort (the merge) + (k + U(p)) gamma + n gamma_dense, for sorted input
-        (unsorted adds a sort of k): the agreement (carrying the split's sizes), the split's
-        payloads, the reduced ranges' sizes and the ranges, each p - 1 direct messages.
+        + k log2 k gamma_sort (the merge) + (7k - k/p + 2 U(p)/p + 3 U(p)) gamma
+        + n gamma_dense, for sorted input (unsorted adds a sort of k): the agreement (carrying
+        the split's sizes), the split's payloads, the reduced ranges' sizes and the ranges,
+        each p - 1 direct messages. Entries touched: two input checks and the split's check
+        (3k), the messages' packed copies ((p-1)/p k), the merge (3k + U(p)/p) and the packed
+        range (U(p)/p), and the scatter of the p ranges (3 U(p)).
     """
     cost, reduced, _ = _split_phase(q, adaptive=False)
     return cost + _allgather_ranges(q, reduced, dense_out=False)
@@ -404,26 +523,38 @@ def dsar(q: Problem) -> Cost:
 def oktopk(q: Problem) -> Cost:
     """Ok-Topk: balanced split-reduce, global top-k by estimated threshold, allgatherv.
 
-    Steady state (region edges and threshold reused): a coalesce and a split into regions (two
-    linear passes over k sorted entries; unsorted ones are sorted once first); the agreement,
-    whose messages carry the sizes of the split; the payloads, (p-1)/p k entries, to the
-    region owners in rotating order; a sort-based merge of the region's k entries; the
-    threshold compared with its U(p)/p reduced entries; the kept counts sent to every peer;
-    then direct sends of the k/p entries a rank holds (regions balanced by the repartition
-    keep within a tenth of equal shares, so the balance step sends nothing). Volume about
-    2 (p-1)/p k entries, the paper's < 6k bound; latency 4(p-1) alpha against the paper's
-    (2p + 2 log p) alpha, because the few-int exchanges are direct sends to every peer.
+    Steady state (region edges and threshold reused): the input checked (before the split and
+    in the agreement), coalesced and split into regions (two linear passes over k sorted
+    entries; unsorted ones are sorted once first) and packed ((p-1)/p k); the agreement, whose
+    messages carry the sizes of the split; the payloads, (p-1)/p k entries, to the region
+    owners in rotating order; a sort-based merge of the region's k entries into its U(p)/p
+    reduced ones; their magnitudes (abs, widened to float64), the finiteness check, the three
+    kept counts and the selection (7 passes over U(p)/p); the kept counts sent to every peer;
+    the k/p entries a rank holds concatenated and packed, then sent directly to every peer
+    (regions balanced by the repartition keep within a tenth of equal shares, so the balance
+    step sends nothing); the result concatenated (k). Volume about 2 (p-1)/p k entries, the
+    paper's < 6k bound; latency 4(p-1) alpha against the paper's (2p + 2 log p) alpha,
+    because the few-int exchanges are direct sends to every peer.
     """
-    p = q.world
-    selected = q.k / p
+    p, k = q.world, q.k
+    ib, vb, eb = q.index_bytes, q.value_bytes, q.entry_bytes
+    selected = k / p
+    reduced = q.union(p) / p
     return (
         _agreement(p)  # which carries the sizes of the split
+        + _check(q, 2)
         + _order(q, passes=2)  # coalesce, split
-        + _p2p(p - 1, (p - 1) / p * q.k * q.entry_bytes)
-        + _local(q, p, sorts=[q.k], sparse=q.union(p) / p)
+        + _local(q, p, sparse=(p - 1) / p * k)  # the messages' packed copies
+        + _p2p(p - 1, (p - 1) / p * k * eb)
+        + _fresh(q, p, *[k / p * eb] * (2 * (p - 1)))  # messages, receive buffers
+        + _merge(q, p, k, reduced)
+        + _local(q, p, sparse=7 * reduced)
+        + _fresh(q, p, reduced * vb, 8 * reduced)  # magnitudes, widened
         + _agreement(p)  # the kept counts
-        + _p2p(p - 1, (p - 1) * selected * q.entry_bytes)
-        + _local(q, p, sparse=q.k)
+        + _local(q, p, sparse=2 * selected)
+        + _p2p(p - 1, (p - 1) * selected * eb)
+        + _local(q, p, sparse=k)
+        + _fresh(q, p, *[selected * eb] * p, k * ib, k * vb)  # blocks, the result
     )
 
 
@@ -431,20 +562,39 @@ def oktopk(q: Problem) -> Cost:
 def gtopk(q: Problem) -> Cost:
     """gTop-k: tree reduction keeping the top k of each merged pair, then a broadcast.
 
-    Agreement; each rank coalesces its k entries (a linear check if sorted, else a sort); log2 p
-    rounds up, in which rank 0 receives k entries a round and merges and reselects 2k (half as
-    many ranks merge each round); log2 p messages down from rank 0: T = (p-1) alpha
-    + 2 log p alpha + 2 log p k (b_i + b_v) beta + (p - 1 + 2 log p) o
-    + 2 log p sort(2k) gamma_sort + k gamma (sorted input).
+    Agreement (with the input check); each rank coalesces its k entries (a linear check if
+    sorted, else a sort) and copies them; log2 p rounds up, in which rank 0 receives k entries a
+    round and merges 2k, then keeps k of them: magnitudes and ``torch.topk`` (linear passes
+    over 2k), a sort of the k kept positions and the gathers (half as many ranks merge each
+    round); each message is k fixed slots the sender zeroes and fills (3k); log2 p messages
+    down from rank 0, each parent filling one message: T = (p-1) alpha + 2 log p alpha
+    + 2 log p k (b_i + b_v) beta + (p - 1 + 2 log p) o
+    + log p [sort(2k) + sort(k)] gamma_sort + (3k + 19 k log p) gamma (sorted input).
     """
-    p = q.world
+    p, k = q.world, q.k
+    ib, vb, eb = q.index_bytes, q.value_bytes, q.entry_bytes
     L = _log2ceil(p)
-    cost = _agreement(p) + _order(q)
+    cost = _agreement(p) + _check(q) + _order(q) + _local(q, p, sparse=k)
+    cost += _fresh(q, p, k * ib, k * vb)  # the copies
+    # a message: zeroed index and value slots, their concatenation; its receive buffer
+    message = (k * ib, k * vb, k * eb, k * eb)
     active = p / 2
     for _ in range(L):
-        cost += _p2p(1, q.k * q.entry_bytes) + _local(q, active, sorts=[2 * q.k, 2 * q.k])
+        cost += (
+            _p2p(1, k * eb)
+            + _local(q, active, sparse=3 * k)  # the sender's message
+            + _merge(q, active, 2 * k, 2 * k)
+            + _local(q, active, sparse=5 * k, sorts=[k])  # keep the top k
+            # magnitudes, topk's values and positions, the sorted positions, the gathers
+            + _fresh(q, active, 2 * k * vb, k * vb, 8 * k, 8 * k, 8 * k, k * ib, k * vb)
+            + _fresh(q, active, *message)
+        )
         active /= 2
-    return cost + _p2p(L, L * q.k * q.entry_bytes)
+    for _ in range(L):  # down: one more parent fills its message each hop
+        active *= 2
+        cost += _p2p(1, k * eb) + _local(q, active, sparse=3 * k)
+        cost += _fresh(q, active, *message)
+    return cost
 
 
 # ---- public helpers ----------------------------------------------------------------------------
@@ -460,11 +610,14 @@ def cost(
     index_bytes: int = 4,
     cores: int | None = None,
     sorted_input: bool = True,
+    fresh_pages: bool | None = None,
 ) -> Cost:
     """Return the cost decomposition of one call of ``algorithm``.
 
     ``cores``: processors the ranks share (see :class:`Problem`); None: one a rank.
     ``sorted_input``: whether the ranks' indices arrive sorted (see :class:`Problem`).
+    ``fresh_pages``: whether large buffers are fresh mappings (see :class:`Problem`); None:
+    when ``cores`` is given.
 
     Raises:
         ValueError: unknown algorithm (the message lists the modelled ones) or bad sizes.
@@ -474,7 +627,7 @@ def cost(
             f"no cost model for collective {algorithm!r}; modelled: {', '.join(available_models())}"
         )
     return _MODELS[algorithm](
-        Problem(world, numel, density, value_bytes, index_bytes, cores, sorted_input)
+        Problem(world, numel, density, value_bytes, index_bytes, cores, sorted_input, fresh_pages)
     )
 
 
@@ -489,8 +642,9 @@ def predict(
     index_bytes: int = 4,
     cores: int | None = None,
     sorted_input: bool = True,
+    fresh_pages: bool | None = None,
 ) -> float:
-    """Return the modelled seconds of one call of ``algorithm``.
+    """Return the modelled seconds of one call of ``algorithm`` (arguments as for :func:`cost`).
 
     Example:
         >>> p = NetworkParams(alpha=1e-5, beta=8e-9)
@@ -498,7 +652,8 @@ def predict(
         5.2e-05
     """
     c = cost(algorithm, world=world, numel=numel, density=density, value_bytes=value_bytes,
-             index_bytes=index_bytes, cores=cores, sorted_input=sorted_input)  # fmt: skip
+             index_bytes=index_bytes, cores=cores, sorted_input=sorted_input,
+             fresh_pages=fresh_pages)  # fmt: skip
     return c.seconds(params)
 
 
@@ -506,7 +661,7 @@ def predict(
 class Measurement:
     """One measured time: ``algorithm`` on ``world`` ranks, ``numel`` elements, ``density``
     (``cores``: processors the ranks shared, ``sorted_input``: whether the inputs were sorted,
-    as in :class:`Problem`)."""
+    ``fresh_pages``: whether large buffers were fresh mappings, as in :class:`Problem`)."""
 
     algorithm: str
     world: int
@@ -517,6 +672,7 @@ class Measurement:
     index_bytes: int = 4
     cores: int | None = None
     sorted_input: bool = True
+    fresh_pages: bool | None = None
 
 
 def fit(
@@ -565,7 +721,7 @@ def fit(
             raise ValueError(f"measured seconds must be positive, got {m.seconds} for {m}")
         costs.append(cost(m.algorithm, world=m.world, numel=m.numel, density=m.density,
                           value_bytes=m.value_bytes, index_bytes=m.index_bytes, cores=m.cores,
-                          sorted_input=m.sorted_input))  # fmt: skip
+                          sorted_input=m.sorted_input, fresh_pages=m.fresh_pages))  # fmt: skip
         ts.append(m.seconds)
     # A pipelined reduction counts only where it is slower than its transfer, which depends on
     # the coefficients: fit with the transfer everywhere, then refit with the slower of the two
@@ -716,6 +872,7 @@ __all__ = [
     "Cost",
     "DEFAULT_PARAMS",
     "EXACT",
+    "FRESH_MAPPING_BYTES",
     "MODEL_PARAMETERS",
     "Measurement",
     "NetworkParams",

@@ -61,6 +61,45 @@ def test_allgather_volume_grows_linearly_with_ranks():
         assert c.messages == 2 * (p - 1)
 
 
+def test_allgather_local_work_by_hand():
+    # p=4, k=100: the input check, the zeroed send buffer, the copy into it and gloo's copy of
+    # it into its flat output (4k); gloo's copy into the 4 output buffers, the indices widened
+    # and the scatter-add, for each rank's k entries (3pk); a zeroed result of n.
+    c = pm.cost("allgather", world=4, numel=10_000, density=0.01)
+    assert c.sparse_elements == pytest.approx(4 * 100 + 3 * 4 * 100)
+    assert c.dense_elements == 10_000
+    assert c.sort_work == 0
+
+
+def test_fresh_mappings_count_the_kernels_zeroing_of_large_buffers():
+    # 25M float32 elements are 100 MB, past glibc's 32 MiB mmap ceiling: the zeroed result is a
+    # fresh mapping whose pages the kernel zeroes first, another n elements streamed. Ranks
+    # that share a host's cores allocate such host memory by default; a GPU-class rank (no
+    # cores given) does not, and either can be set explicitly.
+    n = 25_000_000
+    host = pm.cost("allgather", world=8, numel=n, density=0.001, cores=8)
+    device = pm.cost("allgather", world=8, numel=n, density=0.001)
+    assert device.dense_elements == n
+    assert host.dense_elements == pytest.approx(2 * n)
+    assert pm.cost("allgather", world=8, numel=n, density=0.001, cores=8, fresh_pages=False) == (
+        device
+    )
+    assert pm.cost("allgather", world=8, numel=n, density=0.001, fresh_pages=True) == host
+    # 5M elements (20 MB) stay below the ceiling: glibc's heap reuses them, nothing is added.
+    small = {"world": 8, "numel": 5_000_000, "density": 0.001}
+    assert pm.cost("allgather", cores=8, **small) == pm.cost("allgather", **small)
+    # The merges' buffers count too: recursive doubling's last merge at 25M and 10% sorts
+    # 2 U(4) = 17M entries, whose concatenated indices alone are 69 MB.
+    rd = {"world": 8, "numel": n, "density": 0.1}
+    extra = pm.cost("ssar_rd", fresh_pages=True, **rd).dense_elements - n
+    assert extra > 2 * n
+    assert pm.cost("ssar_rd", fresh_pages=False, **rd).dense_elements == n
+    # The dense ring allocates nothing per call.
+    assert pm.cost("dense", world=8, numel=n, density=1.0, fresh_pages=True) == pm.cost(
+        "dense", world=8, numel=n, density=1.0
+    )
+
+
 def test_ssar_rd_power_of_two_by_hand():
     # p=4, n=100, d=0.5: rounds send U(1)=50 then U(2)=75 entries of 8 bytes; the agreement is
     # a direct send to each of the 3 peers and each round a size message and a payload message.
@@ -71,12 +110,17 @@ def test_ssar_rd_power_of_two_by_hand():
     # Sorted input: the coalesce is a linear check of k=50; then the merges sort 2*U(1)=100
     # and 2*U(2)=150 entries.
     assert c.sort_work == pytest.approx(sum(m * math.log2(m) for m in (100, 150)))
-    # Scatter of the U(4) = 93.75 result entries into a zeroed vector of 100, after the check.
-    assert (c.sparse_elements, c.dense_elements) == (pytest.approx(50 + 93.75), 100)
-    # Unsorted input (torch.topk's order) sorts the k=50 instead of checking them.
+    # Entries touched: the input check and the order check (50 each); each round packs U(m)
+    # and merges 2 U(m) into U(2m) (concatenation, check, scatter-add: 3 * 2 U(m), zeroed sums:
+    # U(2m)); the U(4) = 93.75 result entries widened and scattered into a zeroed vector.
+    rounds = (50 + 3 * 100 + 75) + (75 + 3 * 150 + 93.75)
+    assert c.sparse_elements == pytest.approx(50 + 50 + rounds + 2 * 93.75)
+    assert c.dense_elements == 100
+    # Unsorted input (torch.topk's order) fails the check and is sorted, and moved into order
+    # (zeroed sums, scatter-add: 2k more entries).
     u = pm.cost("ssar_rd", world=4, numel=100, density=0.5, sorted_input=False)
     assert u.sort_work == pytest.approx(sum(m * math.log2(m) for m in (50, 100, 150)))
-    assert u.sparse_elements == pytest.approx(93.75)
+    assert u.sparse_elements - c.sparse_elements == pytest.approx(2 * 50)
 
 
 def test_ssar_rd_non_power_of_two_adds_fold_and_unfold():
@@ -143,11 +187,12 @@ def test_oktopk_counts_every_point_to_point_message():
     assert c.operations == 3 + 3 + 3 + 3
     # Sorted input: the coalesce and the split into regions are linear passes over k; only
     # the merge of the region's k entries sorts. Unsorted input is sorted once, by the
-    # coalesce; the split then finds it sorted.
+    # coalesce (which also zeroes its sums and scatter-adds: 2k entries); the split then finds
+    # it sorted.
     assert c.sort_work == pytest.approx(10_000 * math.log2(10_000))
     u = pm.cost("oktopk", world=4, numel=10**6, density=0.01, sorted_input=False)
     assert u.sort_work == pytest.approx(2 * 10_000 * math.log2(10_000))
-    assert c.sparse_elements - u.sparse_elements == pytest.approx(10_000)
+    assert u.sparse_elements - c.sparse_elements == pytest.approx(2 * 10_000)
 
 
 def test_shared_cores_slow_local_work_only():
@@ -168,12 +213,15 @@ def test_shared_cores_slow_local_work_only():
 def test_gtopk_rounds_contend_less_as_the_tree_narrows():
     # 8 ranks on 2 cores: the first merge round runs on 4 ranks (factor 2), the next on 2 and
     # the last on 1 (factor 1); the local coalesce of unsorted input runs on all 8 (factor 4).
+    # A round sorts the 2k merged entries (torch.unique) and the k kept positions; topk itself
+    # is a linear selection.
     q = dict(world=8, numel=10**6, density=0.01, sorted_input=False)
     k = 10_000
     sort = pm._sort
+    round_ = sort(2 * k) + sort(k)
     shared = pm.cost("gtopk", cores=2, **q)
-    assert shared.sort_work == pytest.approx(4 * sort(k) + (2 + 1 + 1) * 2 * sort(2 * k))
-    assert pm.cost("gtopk", **q).sort_work == pytest.approx(sort(k) + 3 * 2 * sort(2 * k))
+    assert shared.sort_work == pytest.approx(4 * sort(k) + (2 + 1 + 1) * round_)
+    assert pm.cost("gtopk", **q).sort_work == pytest.approx(sort(k) + 3 * round_)
 
 
 def test_seconds_is_linear_in_the_coefficients():
@@ -311,6 +359,11 @@ def test_allgather_loses_to_dense_as_ranks_grow():
             "world must be an int",
         ),
         (lambda: pm.cost("dense", world=4, numel=10, density=0.1, cores=0), ValueError, "cores"),
+        (
+            lambda: pm.cost("dense", world=4, numel=10, density=0.1, fresh_pages=1),
+            TypeError,
+            "fresh_pages must be a bool",
+        ),
         (lambda: pm.NetworkParams(alpha=1.0, beta=1.0, overhead=-1.0), ValueError, "overhead"),
         (lambda: pm.NetworkParams(alpha=-1.0, beta=1.0), ValueError, "alpha"),
         (lambda: pm.NetworkParams(alpha=1.0, beta=float("inf")), ValueError, "finite"),
