@@ -14,7 +14,8 @@ more than its compute) on RANKS network namespaces with tc-shaped links, once pe
   values, without DDP's copy of each gradient into its bucket),
 
 all with error feedback where the compressor is biased, the same seed, data and schedule. Each
-rank joins the job as torchrun would (RANK, WORLD_SIZE, MASTER_ADDR on rank 0's 198.18.x
+method runs in fresh worker processes (one launch a method, in the order given), so no run
+starts on memory that an earlier run left behind. Each rank joins the job as torchrun would (RANK, WORLD_SIZE, MASTER_ADDR on rank 0's 198.18.x
 address, GLOO_SOCKET_IFNAME), through :func:`sparsetrain.train.launch`. Wall-clock time includes
 the evaluations (every run's ``eval_seconds`` in the JSON says how much). Rank 0 shows a
 progress bar a method (``--no-progress`` to turn it off). Prints time to TARGET and final
@@ -88,7 +89,7 @@ def worker(cfg_path: str) -> int:
     cfg = json.loads(Path(cfg_path).read_text())
     if cfg["reuse_host_memory"]:  # as the trainer will: the floor is measured the same way
         reuse_freed_memory()
-    floor = compute_floor(cfg["hidden"], cfg["batch_size"], cfg["lr"])
+    floor = compute_floor(cfg["hidden"], cfg["batch_size"], cfg["lr"]) if cfg["floor"] else None
     configs = []
     for label in cfg["methods"]:
         compressor, collective, sparse = METHODS[label]
@@ -115,7 +116,8 @@ def worker(cfg_path: str) -> int:
             )
         )
     report = launch(configs)
-    report["compute_floor_s_per_step"] = floor
+    if floor is not None:
+        report["compute_floor_s_per_step"] = floor
     if os.environ.get("RANK") == "0":
         Path(cfg["report_path"]).write_text(json.dumps(report))
     return 0
@@ -215,21 +217,35 @@ def _run(args: argparse.Namespace, methods: list[str], tmp: Path) -> int:
     cfg = {**{k: getattr(args, k) for k in ("hidden", "density", "epochs", "batch_size", "lr",
                                               "seed", "eval_every", "bucket_mb")},
            "methods": methods, "progress": not args.no_progress,
-           "reuse_host_memory": not args.no_reuse_host_memory,
-           "report_path": str(tmp / "report.json")}  # fmt: skip
-    (tmp / "config.json").write_text(json.dumps(cfg))
+           "reuse_host_memory": not args.no_reuse_host_memory}  # fmt: skip
+    report: dict = {}
     try:
         with EmulatedCluster(args.ranks, args.bandwidth, args.latency) as cluster:
             bw = cluster.measure_bandwidth(timeout=args.timeout)
             print(f"{args.ranks} ranks, {args.bandwidth} links (measured {bw / 1e9:.3f} Gbit/s)")
-            cluster.run(
-                [sys.executable, str(Path(__file__).resolve()), "--worker", str(tmp / "config.json")],
-                timeout=args.timeout,
-            )  # fmt: skip
+            # One launch a method, each in fresh worker processes: a run in processes that
+            # trained before starts on a heap the earlier runs left fragmented, and the memory
+            # it must add (first touched in its first steps, which a VM can make slow) would
+            # count against it. The first launch also times the compute floor.
+            for i, label in enumerate(methods):
+                path = tmp / f"report-{i}.json"
+                (tmp / f"config-{i}.json").write_text(
+                    json.dumps({**cfg, "methods": [label], "floor": i == 0,
+                                "report_path": str(path)})
+                )  # fmt: skip
+                cluster.run(
+                    [sys.executable, str(Path(__file__).resolve()), "--worker",
+                     str(tmp / f"config-{i}.json")],
+                    timeout=args.timeout,
+                )  # fmt: skip
+                part = json.loads(path.read_text())
+                if not report:
+                    report = part
+                else:
+                    report["runs"].extend(part["runs"])
     except ClusterPermissionError as e:
         print(f"bench_end_to_end: {e}", file=sys.stderr)
         return 2
-    report = json.loads((tmp / "report.json").read_text())
     runs = {r["label"]: r for r in report["runs"]}
     base = "ddp" if "ddp" in runs else "dense"
     dense_t = time_to_target(runs[base]["curves"], args.target) if base in runs else None
