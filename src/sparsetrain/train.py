@@ -444,6 +444,19 @@ def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)  # never leave a half-written checkpoint behind
 
 
+def _broadcast_from_rank0(tensors: Sequence[torch.Tensor]) -> None:
+    """Overwrite ``tensors`` with rank 0's, in one broadcast a dtype (DDP coalesces the same
+    way), not one a tensor."""
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t)
+    for group in groups.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.broadcast(flat, 0)
+        for t, part in zip(group, torch.split(flat, [t.numel() for t in group])):
+            t.copy_(part.view_as(t))
+
+
 def _sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.get_world_size() > 1:
@@ -553,8 +566,7 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
     else:
         model = module
         if world > 1:  # as DDP does when it wraps the model: every rank starts from rank 0's
-            for t in [*module.parameters(), *module.buffers()]:
-                dist.broadcast(t.data, 0)
+            _broadcast_from_rank0([p.data for p in module.parameters()] + list(module.buffers()))
         density, options = config.hook_arguments()
         hook = sync = GradientSync(
             module, config.compressor, density, bucket_cap_mb=config.bucket_cap_mb, **options
@@ -616,8 +628,7 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
         # others wait. Buffers (batch-norm statistics) are rank 0's, as DDP's next forward
         # makes them anyway, so the numbers are those of rank 0's model.
         if world > 1:
-            for b in buffers:
-                dist.broadcast(b, 0)
+            _broadcast_from_rank0(buffers)
         shard = torch.arange(rank, len(task.test), world)
         test_sum, test_correct = _evaluate_sums(module, task.test, task.loss_fn, device, shard)
         total, count, test_sum, test_correct = _sum_over_ranks(
@@ -680,8 +691,7 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             target = attack.flip_labels(y, task.num_classes) if flips else y
             if sync is not None and world > 1:
-                for b in buffers:  # rank 0's buffers, as DDP broadcasts them before a forward
-                    dist.broadcast(b, 0)
+                _broadcast_from_rank0(buffers)  # as DDP broadcasts them before a forward
             loss = task.loss_fn(model(x), target)
             loss.backward()
             if sync is not None:

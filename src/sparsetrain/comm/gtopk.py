@@ -104,7 +104,7 @@ class GTopK(SparseCollective):
             ``CollectiveResult`` with ``indices`` and ``values`` and the bytes counted.
         """
         wire = Wire(group, device_of(values, group))
-        k = wire.agree(indices, values, numel, self.k, options={"k": self.k or 0})
+        k, _ = wire.agree(indices, values, numel, self.k, options={"k": self.k or 0})
         # Never more than the vector holds: every message has room for k entries.
         k = min(k, numel)
         p, rank = wire.world, wire.rank

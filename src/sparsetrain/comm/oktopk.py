@@ -267,7 +267,7 @@ class OkTopk(SparseCollective):
             # disagree about reusing them fail the agreement on the step or edge options.)
             idx, val = coalesce(indices, values)
             parts, sends = split(idx, val)
-        k, heard = wire.agree_and_tell(
+        k, heard = wire.agree(
             indices,
             values,
             numel,

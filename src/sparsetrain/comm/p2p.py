@@ -190,18 +190,6 @@ class Wire:
         numel: int,
         k: int | None = None,
         options: Mapping[str, int] | None = None,
-    ) -> int:
-        """Check every rank's input in one exchange of a few ints; raise on every rank if any
-        is bad (:meth:`agree_and_tell`, with nothing to tell)."""
-        return self.agree_and_tell(indices, values, numel, k, options)[0]
-
-    def agree_and_tell(
-        self,
-        indices: Tensor,
-        values: Tensor,
-        numel: int,
-        k: int | None = None,
-        options: Mapping[str, int] | None = None,
         tell: Mapping[int, int] | None = None,
     ) -> tuple[int, dict[int, int]]:
         """Check every rank's input in one exchange of a few ints; raise on every rank if any

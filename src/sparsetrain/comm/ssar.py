@@ -154,9 +154,7 @@ def split_allgather(
         for q in range(p):
             if q != rank:
                 sends[q], elems[q] = encode(*parts[q], q)
-    _, heard = wire.agree_and_tell(
-        indices, values, numel, tell={q: buf.numel() for q, buf in sends.items()}
-    )
+    _, heard = wire.agree(indices, values, numel, tell={q: buf.numel() for q, buf in sends.items()})
     if parts is None:  # pragma: no cover - the agreement has raised on every rank then
         raise RuntimeError("split_allgather: invalid input passed the agreement")
     got = wire.exchange(sends, heard, elems)

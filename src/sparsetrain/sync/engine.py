@@ -176,12 +176,15 @@ class SyncEngine:
                 part.copy_(res)
             return
         with on_device(parts[0].device):
-            world = world_of(self.group)
-            self.counters["dense_bytes"] += ring_allreduce_bytes(
-                sum(numels), parts[0].element_size(), world
-            )
-            order = sorted(range(len(names)), key=names.__getitem__)
+            world = self._count_dense(sum(numels), parts[0].element_size())
+            order = _canonical_order(names)
             self._exchange_sparse(parts, list(names), list(shapes), numels, order, world)
+
+    def _count_dense(self, numel: int, element_size: int) -> int:
+        """Count what a ring allreduce of ``numel`` elements would send; return the world size."""
+        world = world_of(self.group)
+        self.counters["dense_bytes"] += ring_allreduce_bytes(numel, element_size, world)
+        return world
 
     def _exchange_flat(
         self, flat: Tensor, names: Sequence[str], shapes: Sequence[torch.Size]
@@ -191,13 +194,10 @@ class SyncEngine:
             raise ValueError(
                 f"layout covers {sum(numels)} elements but the flat tensor has {flat.numel()}"
             )
-        world = world_of(self.group)
-        self.counters["dense_bytes"] += ring_allreduce_bytes(
-            flat.numel(), flat.element_size(), world
-        )
+        world = self._count_dense(flat.numel(), flat.element_size())
         if self._skipping:
             return torch.zeros_like(flat)
-        order = sorted(range(len(names)), key=names.__getitem__)
+        order = _canonical_order(names)
         if self._sparse_fast_path():
             # Checks finiteness itself, in the pass that compensates the gradient.
             parts = list(torch.split(flat, numels))
@@ -293,7 +293,7 @@ class SyncEngine:
         compressors that do not take the sparse path."""
         if not self._sparse_capable():
             return
-        order = sorted(range(len(names)), key=names.__getitem__)
+        order = _canonical_order(names)
         cnames = [names[i] for i in order]
         numels = [math.prod(shapes[i]) for i in order]
         total = sum(numels)
@@ -656,6 +656,12 @@ class SyncEngine:
             self.aggregator.load_state_dict(state["aggregator"])
         if self.attack is not None and "attack" in state:
             self.attack.load_state_dict(state["attack"])
+
+
+def _canonical_order(names: Sequence[str]) -> list[int]:
+    """The positions of ``names`` sorted by name: the order the compressor sees parameters in,
+    whatever order a bucket packs them in."""
+    return sorted(range(len(names)), key=names.__getitem__)
 
 
 def _put_canonical(cparts: list[Tensor], indices: Tensor, values: Tensor) -> None:
