@@ -242,6 +242,54 @@ class ErrorFeedback:
             offset += k
         return out
 
+    def compensate_select_into(
+        self,
+        key: str,
+        names: Sequence[str],
+        numels: Sequence[int],
+        parts: Sequence[Tensor],
+        threshold: float,
+        hits: Tensor,
+        values: Tensor | None = None,
+    ) -> tuple[Tensor, int, list[bool]] | None:
+        """:meth:`compensate_into`'s result, with the gradients ``parts`` cleared and the
+        positions of the entries above ``threshold`` (``|x| > threshold`` or NaN: what the
+        threshold compressor selects) written to ``hits`` in ascending order (and their values
+        to ``values``, when given), in one pass over memory by sparsetrain's native kernel
+        (:mod:`sparsetrain._native`).
+
+        Returns ``(compensated, count, nonfinite)``: ``count`` may exceed ``hits.numel()``
+        (only the first ``hits.numel()`` positions are written), ``nonfinite[j]`` says whether
+        ``parts[j]`` held a NaN or an infinity. Returns None, having changed nothing, when the
+        kernel cannot do it: unavailable or turned off, momentum, or parts that are not
+        contiguous CPU float32/float64 tensors of one dtype.
+        """
+        from . import _native
+
+        like = parts[0]
+        if (
+            self.momentum
+            or not _native.supports(like)
+            or any(p.dtype != like.dtype or not p.is_contiguous() for p in parts)
+            or any(p.device != like.device for p in parts)
+            or (values is not None and values.dtype != like.dtype)
+            or _native.library() is None
+        ):
+            return None
+        bufs = self._buffers_for(key, names, sum(numels), like.dtype, like.device, torch.empty)
+        out = bufs[self._next.get(key, 0)]
+        count, offset, nonfinite = 0, 0, []
+        for n, k, part, dst in zip(names, numels, parts, torch.split(out, list(numels))):
+            res = None
+            if self.enabled and n in self.residuals:
+                res = self._residual(n, k, out).to(out.dtype).contiguous()
+            count, bad = _native.compensate_select(
+                part.reshape(-1), res, dst, threshold, offset, hits, count, values=values
+            )
+            nonfinite.append(bad)
+            offset += k
+        return out, count, nonfinite
+
     def commit_sparse(
         self,
         key: str,

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .. import _native
 from . import register_compressor
 from .base import (
     Payload,
@@ -106,6 +107,8 @@ class Threshold(SparseCompressor):
     _keys: dict[str, _KeyState] = field(default_factory=dict, init=False, repr=False, compare=False)
     _mask: Tensor | None = field(default=None, init=False, repr=False, compare=False)
     _scratch: Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    _hits: Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    _hit_values: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_density(self.density)
@@ -121,7 +124,7 @@ class Threshold(SparseCompressor):
 
     def __getstate__(self) -> dict[str, Any]:
         # The workspaces are scratch (tens of MB for large buckets): rebuild them after unpickling.
-        return {**self.__dict__, "_mask": None, "_scratch": None}
+        return {**self.__dict__, "_mask": None, "_scratch": None, "_hits": None, "_hit_values": {}}
 
     # ---- the hot path ------------------------------------------------------------------------
     def reused_threshold(self, key: str, numel: int) -> float | None:
@@ -161,11 +164,44 @@ class Threshold(SparseCompressor):
 
         return mark
 
+    def hits_buffer(self, numel: int, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+        """Reused buffers (int64 positions, ``dtype`` values) into which a caller that selects
+        while it writes a tensor of ``numel`` elements (sparsetrain's native kernel) records
+        the entries ``|x| > threshold`` before it passes them as ``selected`` to
+        :meth:`compress`.
+
+        They hold the most entries :meth:`compress` can keep from a reused threshold without a
+        fresh estimate (``band * k``, or 1/16 of the tensor for the cut to the top-k), so a
+        count beyond their size, of which only the size is recorded, always means a fresh
+        estimate and selection.
+        """
+        cap = self._hits_cap(numel)
+        if self._hits is None or self._hits.numel() < cap:
+            self._hits = torch.zeros(cap, dtype=torch.int64)
+        values = self._hit_values.get(dtype)
+        if values is None or values.numel() < cap:
+            values = self._hit_values[dtype] = torch.zeros(cap, dtype=dtype)
+        return self._hits, values
+
+    def _hits_cap(self, numel: int) -> int:
+        k = k_for(numel, self.density)
+        return max(numel // _CUT_FRACTION, math.floor(k * self.band)) + 1
+
     def compress(
-        self, t: Tensor, *, key: str = "", layout=None, marked: float | None = None
+        self,
+        t: Tensor,
+        *,
+        key: str = "",
+        layout=None,
+        marked: float | None = None,
+        selected: tuple[Tensor, Tensor | None, int] | None = None,
     ) -> tuple[Payload, TensorMeta]:
         """Compress ``t`` (see the class). ``marked``: a threshold with which a :meth:`marker`
-        has marked all of ``t`` since the last call; used when it is the reused threshold."""
+        has marked all of ``t`` since the last call; used when it is the reused threshold.
+        ``selected`` (with ``marked``), instead of marks: ``(positions, values, count)``, the
+        ``count`` entries of ``t`` above ``marked`` of which the first ``positions.numel()``
+        are recorded, ascending, with their values (or None: read from ``t``); ``positions``
+        at least as long as :meth:`hits_buffer`'s."""
         check_floating(t)
         flat = t.reshape(-1)
         n = flat.numel()
@@ -185,8 +221,23 @@ class Threshold(SparseCompressor):
         premarked = (
             not fresh and marked is not None and marked == threshold and flat.device.type == "cpu"
         )
-        idx = self._select(flat, threshold, expected=k, premarked=premarked)
-        count = idx.numel()
+        kept = None  # the values of idx, when the caller recorded them
+        if premarked and selected is not None:
+            positions, recorded, count = selected
+            if count > positions.numel() < self._hits_cap(n):
+                raise ValueError(
+                    f"compress: {count} entries selected but only {positions.numel()} "
+                    "recorded; the positions must be at least as long as hits_buffer's"
+                )
+            # Beyond the buffer (only counted) the count is over-full and too large to cut, so
+            # the selection is redone below from a fresh estimate and idx is never read.
+            # Copies: the buffers are overwritten next step, and the payload must not change.
+            idx = positions[:count].clone() if count <= positions.numel() else None
+            if idx is not None and recorded is not None:
+                kept = recorded[:count].clone()
+        else:
+            idx = self._select(flat, threshold, expected=k, premarked=premarked)
+            count = idx.numel()
         over = count > k * self.band
         cut = over and threshold > 0 and count * _CUT_FRACTION <= n
         if not fresh and (count < k / self.band or (over and not cut)):
@@ -194,6 +245,7 @@ class Threshold(SparseCompressor):
             fresh = True
             idx = self._select(flat, threshold, expected=k)
             count = idx.numel()
+            kept = None
         factor = (count / k) ** (1.0 / slope) if count > 0 else 0.5
         next_threshold = threshold * min(2.0, max(0.5, factor))
         if count > k * self.band:
@@ -204,6 +256,7 @@ class Threshold(SparseCompressor):
             top = torch.topk(torch.index_select(flat, 0, idx).abs(), k, sorted=False)
             # Positions sorted, so the kept indices stay in ascending order (sorted_indices).
             idx = torch.index_select(idx, 0, torch.sort(top.indices).values)
+            kept = None
             at_k = top.values.min()
             kth = float(torch.nextafter(at_k, torch.zeros_like(at_k)))
             if kth > threshold > 0:
@@ -212,7 +265,7 @@ class Threshold(SparseCompressor):
         self._keys[key] = _KeyState(
             next_threshold, slope, step + 1, step if fresh else st.last_estimate
         )
-        values = torch.index_select(flat, 0, idx)
+        values = kept if kept is not None else torch.index_select(flat, 0, idx)
         return (idx.to(index_dtype(n)), values), TensorMeta.of(t)
 
     def _select(
@@ -232,11 +285,20 @@ class Threshold(SparseCompressor):
         ``_SPARSE`` entries) the words are first summed in groups of ``_ROWS`` (one word from
         each of ``_ROWS`` equal slices of the mask: a vectorised pass) and ``nonzero`` runs over
         the sums, then over the words of the groups that hold a hit. The result is the same
-        either way. ``premarked``: a :meth:`marker` has written the mask already.
+        either way. ``premarked``: a :meth:`marker` has written the mask already. Where
+        sparsetrain's native kernel is available (:mod:`sparsetrain._native`), an unmarked CPU
+        tensor of float32 or float64 is selected by it instead, in one pass, unless it holds
+        more hits than :meth:`hits_buffer` holds.
         """
         n = flat.numel()
         if flat.device.type != "cpu":
             return torch.nonzero(torch.hardshrink(flat, threshold)).squeeze(1)
+        if not premarked and _native.supports(flat) and flat.is_contiguous():
+            if _native.library() is not None:  # one pass, the same indices
+                buffer = self.hits_buffer(n, flat.dtype)[0]
+                count = _native.select(flat, threshold, buffer)
+                if count <= buffer.numel():
+                    return buffer[:count].clone()
         # Whole groups of _ROWS words, so the mask reshapes to (_ROWS, words // _ROWS).
         words = -(-n // (8 * _ROWS)) * _ROWS
         if not premarked:

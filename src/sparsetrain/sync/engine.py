@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .. import _native
 from ..comm import (
     CollectiveResult,
     all_gather_variable,
@@ -49,6 +50,8 @@ _COUNTERS = (
 # writing and the marking. On the 2-core test machine, 9.7M elements compensated, marked and
 # summed this way took 14 ms against 18 ms in separate passes (1M-element pieces: 16 ms).
 _FUSED_CHUNK = 1 << 16
+# The selection buffer of a fused pass that selects nothing (above +inf): it records no entry.
+_NO_HITS = torch.empty(0, dtype=torch.int64)
 
 
 class SyncEngine:
@@ -302,6 +305,9 @@ class SyncEngine:
             marker = getattr(self.compressor, "marker", None)
             if marker is not None:
                 marker(total, 0.0)  # makes the marks' buffer; marks nothing
+            buffer = getattr(self.compressor, "hits_buffer", None)
+            if buffer is not None:
+                buffer(total, dtype)  # the native kernel's selection buffers
         if self._marks is None or self._marks.numel() < total:
             self._marks = torch.zeros(total, dtype=torch.bool, device=device)
 
@@ -330,7 +336,9 @@ class SyncEngine:
         way each piece is summed and its gradient cleared in ``parts`` (which only receive the
         result afterwards): finite sums prove the gradient finite, so neither the finiteness
         check nor the clearing costs a pass over memory of its own (only a non-finite sum
-        looks at the gradient itself, before it is cleared). Nothing is committed before every
+        looks at the gradient itself, before it is cleared). Where sparsetrain's native kernel
+        is available (:mod:`sparsetrain._native`), it does all of that, the selection's indices
+        included, in one pass instead, with the same values. Nothing is committed before every
         rank has agreed the step is finite; a step that is not leaves the gradient zero.
         """
         cnames = [names[i] for i in order]
@@ -339,34 +347,60 @@ class SyncEngine:
         key = "|".join(cnames)
         cparts = [parts[i] for i in order]
         comp = self.compressor
-        marked, cleared = None, False
+        marked, hits, fused = None, None, None
+        t0 = time.perf_counter()
         if parts[0].device.type == "cpu" and not self.feedback.momentum:
             reused = getattr(comp, "reused_threshold", None)
             marked = reused(key, numel) if reused is not None else None
-        if marked is None:
+            # The native kernel compensates, checks and clears the gradient in one pass, and
+            # selects above a reused threshold on the way (with none, above +inf: nothing).
+            buffer = getattr(comp, "hits_buffer", None) if marked is not None else None
+            positions, recorded = (
+                (_NO_HITS, None) if buffer is None else buffer(numel, parts[0].dtype)
+            )
+            fused = self.feedback.compensate_select_into(
+                key,
+                cnames,
+                cnumels,
+                cparts,
+                math.inf if marked is None else marked,
+                positions,
+                recorded,
+            )
+        if fused is None and marked is None:
             if self._nonfinite(parts, names, world, flat=flat):
                 for part in parts:
                     part.zero_()
                 return
             t0 = time.perf_counter()
             compensated = self.feedback.compensate_into(key, cnames, cnumels, cparts)
+            cleared = False
         else:
-            t0 = time.perf_counter()
-            mark = comp.marker(numel, marked)
             bad = torch.zeros(len(names), dtype=torch.uint8)  # per parameter, bucket order
+            if fused is not None:
+                compensated, count, nonfinite = fused
+                if marked is not None:
+                    hits = (positions, recorded, count)
+                for j, b in enumerate(nonfinite):
+                    bad[order[j]] = int(b)
+            else:
+                mark = comp.marker(numel, marked)
 
-            def each_chunk(j: int, offset: int, piece: Tensor, source: Tensor) -> None:
-                mark(offset, piece)
-                # A NaN or Inf in the gradient makes its compensated value, hence the sum,
-                # non-finite, so a finite sum proves the gradient piece finite; only a sum that
-                # is not (NaN, Inf, an overflow or a non-finite residual) checks the piece.
-                if not math.isfinite(float(piece.sum())) and not bool(torch.isfinite(source).all()):
-                    bad[order[j]] = 1
-                source.zero_()
+                def each_chunk(j: int, offset: int, piece: Tensor, source: Tensor) -> None:
+                    mark(offset, piece)
+                    # A NaN or Inf in the gradient makes its compensated value, hence the sum,
+                    # non-finite, so a finite sum proves the gradient piece finite; only a sum
+                    # that is not (NaN, Inf, an overflow or a non-finite residual) checks the
+                    # piece.
+                    if not math.isfinite(float(piece.sum())) and not bool(
+                        torch.isfinite(source).all()
+                    ):
+                        bad[order[j]] = 1
+                    source.zero_()
 
-            compensated = self.feedback.compensate_into(
-                key, cnames, cnumels, cparts, each_chunk=each_chunk, chunk=_FUSED_CHUNK
-            )
+                compensated = self.feedback.compensate_into(
+                    key, cnames, cnumels, cparts, each_chunk=each_chunk, chunk=_FUSED_CHUNK
+                )
             cleared = True
             self.counters["compress_seconds"] += time.perf_counter() - t0
             if self._nonfinite(parts, names, world, per_param=bad):
@@ -377,6 +411,7 @@ class SyncEngine:
             key=key,
             layout=[shapes[i] for i in order],
             **({} if marked is None else {"marked": marked}),
+            **({} if hits is None else {"selected": hits}),
         )
         indices, values = payload
         sent_idx = indices.long()
@@ -400,10 +435,20 @@ class SyncEngine:
                 # into its residual (with its momentum); the result is zero outside the
                 # selection.
                 selected = res.indices.long()
-                dropped = self._not_selected(selected, sent_idx, numel)
-                self.feedback.add_back_sparse(compensated, sent_idx[dropped], values[dropped])
-                if self.feedback.momentum:
-                    self.feedback.mask_velocity(sent_idx[~dropped])
+                # Both ascending (a threshold's selection, the collective's result): the native
+                # kernel finds the dropped entries in one pass over both.
+                gone = (
+                    None
+                    if self.feedback.momentum
+                    else _native.difference(sent_idx, values, selected)
+                )
+                if gone is not None:
+                    self.feedback.add_back_sparse(compensated, *gone)
+                else:
+                    dropped = self._not_selected(selected, sent_idx, numel)
+                    self.feedback.add_back_sparse(compensated, sent_idx[dropped], values[dropped])
+                    if self.feedback.momentum:
+                        self.feedback.mask_velocity(sent_idx[~dropped])
                 if not cleared:
                     for part in parts:
                         part.zero_()
