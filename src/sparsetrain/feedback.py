@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _native
+
 
 class ErrorFeedback:
     """Residuals keyed by parameter name.
@@ -264,8 +266,6 @@ class ErrorFeedback:
         kernel cannot do it: unavailable or turned off, momentum, or parts that are not
         contiguous CPU float32/float64 tensors of one dtype.
         """
-        from . import _native
-
         like = parts[0]
         if (
             self.momentum

@@ -114,8 +114,10 @@ def reserve(nbytes: int) -> int:
     The reserve stays counted in the process's resident size. At most the ``keep_bytes`` of
     :func:`reuse_freed_memory` less 1 MiB is reserved.
     """
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
-        raise ValueError(f"nbytes must be an int >= 0, got {nbytes!r}")
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int):
+        raise TypeError(f"nbytes must be an int, got {nbytes!r}")
+    if nbytes < 0:
+        raise ValueError(f"nbytes must be >= 0, got {nbytes}")
     nbytes = min(nbytes, _keep - (1 << 20))
     if not _applied or nbytes <= 0:
         return 0

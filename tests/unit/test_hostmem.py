@@ -148,7 +148,14 @@ def test_a_reserve_takes_the_first_tensors_page_faults_out_of_the_step():
     assert runs["default"]["faults"] >= 0.9 * PAGES, runs
 
 
-@pytest.mark.parametrize("nbytes", [-1, 1.5, True])
-def test_bad_reserve_sizes_are_refused(nbytes):
-    with pytest.raises(ValueError, match="nbytes must be an int >= 0"):
+@pytest.mark.parametrize(
+    ("nbytes", "error", "words"),
+    [
+        (-1, ValueError, "nbytes must be >= 0"),
+        (1.5, TypeError, "nbytes must be an int"),
+        (True, TypeError, "nbytes must be an int"),
+    ],
+)
+def test_bad_reserve_sizes_are_refused(nbytes, error, words):
+    with pytest.raises(error, match=words):
         hostmem.reserve(nbytes)

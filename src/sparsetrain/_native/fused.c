@@ -53,8 +53,10 @@
             } else {                                                                          \
                 ST_SUM_LOOP(T, UT, EXP_SHIFT, EXP_MASK, gi, (void)0)                          \
             }                                                                                 \
-            int64_t w = 0;                                                                    \
-            for (; w + 8 <= len; w += 8) {                                                    \
+            /* zero flags up to a whole word, so the scan reads whole words only */           \
+            for (int64_t i = len; i & 7; i++)                                                 \
+                flag[i] = 0;                                                                  \
+            for (int64_t w = 0; w < len; w += 8) {                                            \
                 uint64_t word; /* eight flags, each byte 0 or 1 */                            \
                 memcpy(&word, flag + w, 8);                                                   \
                 while (word) {                                                                \
@@ -67,16 +69,6 @@
                     }                                                                         \
                     count++;                                                                  \
                     word &= word - 1;                                                         \
-                }                                                                             \
-            }                                                                                 \
-            for (; w < len; w++) {                                                            \
-                if (flag[w]) {                                                                \
-                    if (count < cap) {                                                        \
-                        idx[count] = base + a + w;                                            \
-                        if (vals)                                                             \
-                            vals[count] = v_at[w];                                            \
-                    }                                                                         \
-                    count++;                                                                  \
                 }                                                                             \
             }                                                                                 \
             if (clear)                                                                        \
