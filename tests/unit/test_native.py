@@ -17,6 +17,20 @@ needs_kernel = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(params=[2, 1, 0], ids=["avx2", "sse2", "portable"])
+def level(request):
+    """Run a test with each version of the selection pass this CPU has (AVX2, SSE2 and the
+    portable C on x86-64; only the portable one elsewhere)."""
+    names = {0: "portable C", 1: "SSE2", 2: "AVX2"}
+    got = _native.vector_level(request.param)
+    try:
+        if got != names[request.param]:
+            pytest.skip(f"this CPU runs {got}, not {names[request.param]}")
+        yield request.param
+    finally:
+        _native.vector_level(-1)
+
+
 def _reference(grad, residual, threshold):
     v = grad + residual if residual is not None else grad.clone()
     selected = torch.nonzero(torch.hardshrink(v, threshold)).squeeze(1)
@@ -27,7 +41,7 @@ def _reference(grad, residual, threshold):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 1023, 1024, 1025, 5000, 100_003])
 @pytest.mark.parametrize("with_residual", [True, False])
-def test_kernel_equals_the_torch_ops_it_replaces(dtype, n, with_residual):
+def test_kernel_equals_the_torch_ops_it_replaces(level, dtype, n, with_residual):
     gen = torch.Generator().manual_seed(n)
     grad = torch.randn(n, generator=gen, dtype=dtype)
     residual = torch.randn(n, generator=gen, dtype=dtype) if with_residual else None
@@ -58,11 +72,15 @@ def test_kernel_counts_beyond_its_buffer_and_can_leave_the_gradient():
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_kernel_selects_like_hardshrink_at_the_edges(dtype):
+def test_kernel_selects_like_hardshrink_at_the_edges(level, dtype):
     inf, nan = float("inf"), float("nan")
-    grad = torch.tensor([0.0, -0.0, 0.5, -0.5, 0.5000001, -2.0, inf, -inf, nan, 1e-45], dtype=dtype)
+    edges = torch.tensor(
+        [0.0, -0.0, 0.5, -0.5, 0.5000001, -2.0, inf, -inf, nan, 1e-45], dtype=dtype
+    )
+    # 150 of them in a shuffled order: in the vector steps (the first 128) and the scalar tail
+    grad = edges.repeat(15)[torch.randperm(150, generator=torch.Generator().manual_seed(0))]
     v, expected, bad = _reference(grad, None, 0.5)
-    out, hits = torch.empty_like(grad), torch.zeros(20, dtype=torch.int64)
+    out, hits = torch.empty_like(grad), torch.zeros(200, dtype=torch.int64)
     count, nonfinite = _native.compensate_select(grad.clone(), None, out, 0.5, 0, hits, 0)
     assert torch.equal(hits[:count], expected) and nonfinite and bad
     assert torch.equal(out.isnan(), v.isnan()) and torch.equal(out.nan_to_num(), v.nan_to_num())
@@ -72,13 +90,15 @@ def test_kernel_selects_like_hardshrink_at_the_edges(dtype):
 
 
 @needs_kernel
-def test_kernel_flags_only_a_nonfinite_gradient():
+@pytest.mark.parametrize("bad_at", [100, 2999])  # in a vector step, in a block's scalar tail
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_kernel_flags_only_a_nonfinite_gradient(level, bad_at, bad):
     grad = torch.full((3000,), 1e38)
     residual = torch.full((3000,), 3e38)  # the sum overflows, the gradient is finite
     out, hits = torch.empty(3000), torch.zeros(3001, dtype=torch.int64)
     _, nonfinite = _native.compensate_select(grad.clone(), residual, out, 1.0, 0, hits, 0)
     assert not nonfinite and bool(out.isinf().all())
-    grad[2999] = float("nan")
+    grad[bad_at] = bad
     _, nonfinite = _native.compensate_select(grad, None, out, 1.0, 0, hits, 0)
     assert nonfinite
 
@@ -251,3 +271,17 @@ def test_difference_declines_what_it_cannot_do():
         )
         is None
     )
+
+
+@needs_kernel
+def test_vector_level_names_the_version_and_goes_back_to_the_best():
+    best = _native.vector_level()
+    assert best in ("AVX2", "SSE2", "portable C")
+    try:
+        assert _native.vector_level(0) == "portable C"
+        assert _native.vector_level() == "portable C"  # a query leaves it
+        assert _native.vector_level(99) == best  # more than the CPU has: the best
+    finally:
+        assert _native.vector_level(-1) == best
+    with pytest.raises(TypeError, match="level must be an int"):
+        _native.vector_level("avx2")

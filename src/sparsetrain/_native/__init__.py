@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 _SOURCE = Path(__file__).with_name("fused.c")
-_ABI = 2
+_ABI = 3
 _FLAGS = ["-O3", "-std=c99", "-shared", "-fPIC"]
 
 _lock = threading.Lock()
@@ -106,6 +106,8 @@ def _build() -> ctypes.CDLL:
             ctypes.c_void_p,  # nonfinite (int32)
             ctypes.c_int32,  # clear
         ]
+    lib.st_set_vector_level.restype = ctypes.c_int32
+    lib.st_set_vector_level.argtypes = [ctypes.c_int32]
     for i in _INDEX.values():
         for v in _VALUE.values():
             fn = getattr(lib, f"st_difference_{i}_{v}")
@@ -138,6 +140,22 @@ def library() -> ctypes.CDLL | None:
                 )
             _tried = True
     return _lib
+
+
+_LEVELS = {0: "portable C", 1: "SSE2", 2: "AVX2"}
+
+
+def vector_level(level: int | None = None) -> str | None:
+    """The vector instructions the selection pass uses: "AVX2" or "SSE2" on x86-64 (the best
+    the CPU has), "portable C" elsewhere; None when the kernel is unavailable. ``level`` (0
+    portable C, 1 SSE2, 2 AVX2, -1 the best) makes the kernel use that version from now on in
+    this process, at most the best the CPU has: the tests compare the versions so."""
+    lib = library()
+    if lib is None:
+        return None
+    if level is not None and (isinstance(level, bool) or not isinstance(level, int)):
+        raise TypeError(f"level must be an int (-1, 0, 1 or 2), got {level!r}")
+    return _LEVELS[lib.st_set_vector_level(-2 if level is None else level)]
 
 
 def unavailable_reason() -> str | None:
