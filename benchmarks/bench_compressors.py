@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from sparsetrain import _native
 from sparsetrain.compressors import available_compressors, get_compressor
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -215,6 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "threads": args.threads,
+        "native_kernel": _native.vector_level(),  # None: the PyTorch ops
         "selection": selection,
         "throughput": throughput,
     }
