@@ -240,6 +240,27 @@ def test_threshold_selects_the_same_with_and_without_the_kernel(monkeypatch, den
 
 
 @needs_kernel
+@pytest.mark.parametrize("density", [0.0001, 0.01])
+def test_threshold_selects_by_the_kernel_only_in_its_vector_versions(monkeypatch, density):
+    g = torch.randn(100_000, generator=torch.Generator().manual_seed(8))
+    c = Threshold(density=density)
+    expected = round(density * g.numel())
+    threshold = float(g.abs().kthvalue(g.numel() - expected).values)
+    want = torch.nonzero(torch.hardshrink(g, threshold)).squeeze(1)
+    calls = []
+    select = _native.select
+    monkeypatch.setattr(_native, "select", lambda *a: calls.append(1) or select(*a))
+    try:
+        for level in (-1, 0):
+            _native.vector_level(level)
+            calls.clear()
+            assert torch.equal(c._select(g, threshold, expected=expected), want)
+            assert bool(calls) == (_native.vector_level() != "portable C"), level
+    finally:
+        _native.vector_level(-1)
+
+
+@needs_kernel
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_difference_keeps_the_entries_not_selected(index_dtype, dtype):

@@ -28,7 +28,7 @@ typedef int (*st_pass_f32)(const float *, const float *, float *, int64_t, float
 typedef int (*st_pass_f64)(const double *, const double *, double *, int64_t, double,
                            uint64_t *);
 
-/* Scalar: the portable version, and the tail of a block after the vectors. */
+/* Scalar: the tail of a block after the vector steps. */
 #define ST_SCALAR_PASS(T, MAXV)                                                               \
     for (; i < len; i++) {                                                                    \
         const T gi = g[i];                                                                    \
@@ -39,17 +39,61 @@ typedef int (*st_pass_f64)(const double *, const double *, double *, int64_t, do
         bits[i >> 6] |= (uint64_t)!((v < 0 ? -v : v) <= thr) << (i & 63);                    \
     }
 
-#define ST_GENERIC(NAME, T, MAXV)                                                             \
-    static int NAME(const T *g, const T *r, T *o, int64_t len, T thr, uint64_t *bits)         \
-    {                                                                                         \
-        int nf = 0;                                                                           \
-        int64_t i = 0;                                                                        \
-        ST_SCALAR_PASS(T, MAXV)                                                               \
-        return nf;                                                                            \
+/* The portable version: one flag byte an entry in loops the compiler can vectorise (one loop a
+ * case, with no branch inside, and the finiteness check on the exponent's bits: a bit an entry
+ * set in the loop, or a float comparison for the check, kept it from vectorising), then each 8
+ * flags packed into 8 bits of the mask word: with every byte of w 0 or 1, the product
+ * w * 0x0102040810204080 holds flag j at bit 56 + j and nothing else in its top byte (no two
+ * partial products meet, so none carries). */
+/* Eight flag bytes as a word, flag j in byte j (bits 8j to 8j + 7). */
+static uint64_t st_flags8(const uint8_t *f)
+{
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    uint64_t w;
+    memcpy(&w, f, sizeof w);
+    return w;
+#else
+    uint64_t w = 0;
+    for (int j = 0; j < 8; j++)
+        w |= (uint64_t)f[j] << (8 * j);
+    return w;
+#endif
+}
+
+#define ST_FLAG_LOOP(T, UT, EXP_SHIFT, EXP_MASK, VALUE, STORE)                                \
+    for (int64_t i = 0; i < len; i++) {                                                       \
+        const T gi = g[i];                                                                    \
+        const T v = VALUE;                                                                    \
+        UT gbits;                                                                             \
+        memcpy(&gbits, &gi, sizeof gbits);                                                    \
+        nf |= (UT)(((gbits >> EXP_SHIFT) & EXP_MASK) == EXP_MASK);                            \
+        STORE;                                                                                \
+        flag[i] = !((v < 0 ? -v : v) <= thr);                                                 \
     }
 
-ST_GENERIC(st_pass_f32_generic, float, FLT_MAX)
-ST_GENERIC(st_pass_f64_generic, double, DBL_MAX)
+#define ST_GENERIC(NAME, T, UT, EXP_SHIFT, EXP_MASK)                                         \
+    static int NAME(const T *g, const T *r, T *o, int64_t len, T thr, uint64_t *bits)         \
+    {                                                                                         \
+        uint8_t flag[ST_BLOCK];                                                               \
+        UT nf = 0;                                                                            \
+        if (r) /* then o too */                                                               \
+            ST_FLAG_LOOP(T, UT, EXP_SHIFT, EXP_MASK, gi + r[i], o[i] = v)                     \
+        else if (o)                                                                           \
+            ST_FLAG_LOOP(T, UT, EXP_SHIFT, EXP_MASK, gi, o[i] = v)                            \
+        else                                                                                  \
+            ST_FLAG_LOOP(T, UT, EXP_SHIFT, EXP_MASK, gi, (void)0)                             \
+        for (int64_t i = len; i & 7; i++)                                                     \
+            flag[i] = 0;                                                                      \
+        for (int64_t e = 0; e < len; e += 8) {                                                \
+            const uint64_t w = st_flags8(flag + e);                                           \
+            if (w)                                                                            \
+                bits[e >> 6] |= ((w * 0x0102040810204080ull) >> 56) << (e & 63);              \
+        }                                                                                     \
+        return nf != 0;                                                                       \
+    }
+
+ST_GENERIC(st_pass_f32_generic, float, uint32_t, 23, 0xffu)
+ST_GENERIC(st_pass_f64_generic, double, uint64_t, 52, 0x7ffu)
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>

@@ -287,17 +287,21 @@ class Threshold(SparseCompressor):
         the sums, then over the words of the groups that hold a hit. The result is the same
         either way. ``premarked``: a :meth:`marker` has written the mask already. Where
         sparsetrain's native kernel is available (:mod:`sparsetrain._native`), an unmarked CPU
-        tensor of float32 or float64 is selected by it instead, in one vectorised pass that
-        writes the positions, unless it holds more hits than :meth:`hits_buffer` holds (on 25M
-        elements with AVX2, 12 ms against 32 ms at 1% and 11 ms against 20 ms for the
-        two-level scan at 0.1% and 0.01%, side by side).
+        tensor of float32 or float64 is selected by it instead, in one pass that writes the
+        positions, unless it holds more hits than :meth:`hits_buffer` holds. That is on
+        x86-64 (AVX2 or SSE2), where it is the faster way at every density; the portable
+        version, which other processors run, was slower than these ops (on 25M elements on
+        this project's machine, ``benchmarks/bench_native.py``: AVX2 12.7 ms against 38.6 ms
+        for the PyTorch ops at 1% and 11.8 ms against 25.5 ms at 0.1%; portable C 42.1 and
+        31.8 ms).
         """
         n = flat.numel()
         if flat.device.type != "cpu":
             return torch.nonzero(torch.hardshrink(flat, threshold)).squeeze(1)
         sparse = expected is not None and expected * _SPARSE <= n
         if not premarked and _native.supports(flat) and flat.is_contiguous():
-            if _native.library() is not None:  # one pass, the same indices
+            # the vector versions only: the portable one was slower than the ops below
+            if _native.vector_level() in ("AVX2", "SSE2"):
                 buffer = self.hits_buffer(n, flat.dtype)[0]
                 count = _native.select(flat, threshold, buffer)
                 if count <= buffer.numel():
