@@ -158,7 +158,7 @@ class TrainConfig:
             parameters and buffers are broadcast, as DDP does). A sparse compressor and
             collective then read and write the gradients where backward left them, without
             DDP's copy of each into its bucket: on the end-to-end benchmark's model (39 MB of
-            gradients, 4 ranks on 2 cores) a step 9-15% shorter; no overlap of the
+            gradients, 4 ranks on 2 cores) a step 10-12% shorter; no overlap of the
             exchange with backward. Not with ``native_ddp``.
         reuse_host_memory: have glibc keep freed memory for reuse in each worker
             (:func:`sparsetrain.hostmem.reuse_freed_memory`), so a large CPU tensor made anew
