@@ -3,6 +3,10 @@ clear fallback where it cannot be built."""
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
+import subprocess
 import warnings
 
 import pytest
@@ -27,6 +31,8 @@ def level(request):
         if got != names[request.param]:
             pytest.skip(f"this CPU runs {got}, not {names[request.param]}")
         yield request.param
+        # the kernel ran the version asked for, not only reported it
+        assert _native.last_vector_level() == names[request.param]
     finally:
         _native.vector_level(-1)
 
@@ -56,17 +62,22 @@ def test_kernel_equals_the_torch_ops_it_replaces(level, dtype, n, with_residual)
     assert torch.equal(hits[3:count], expected + 40)  # ascending, offset by base
     assert bool((hits[:3] == -1).all())  # earlier entries untouched
     assert not bool(g.any())  # cleared
+    # the selection alone (no output, no residual), as the threshold compressor calls it
+    count = _native.select(grad, threshold, hits)
+    assert torch.equal(hits[:count], torch.nonzero(torch.hardshrink(grad, threshold)).squeeze(1))
 
 
 @needs_kernel
-def test_kernel_counts_beyond_its_buffer_and_can_leave_the_gradient():
+def test_kernel_counts_beyond_its_buffer_and_can_leave_the_gradient(level):
     grad = torch.randn(10_000, generator=torch.Generator().manual_seed(1))
     _, expected, _ = _reference(grad, None, 1.0)
-    hits = torch.zeros(100, dtype=torch.int64)
+    room = torch.full((150,), -7, dtype=torch.int64)
+    hits = room[:100]  # a buffer of 100 with guards behind it
     g = grad.clone()
     count, _ = _native.compensate_select(g, None, torch.empty_like(g), 1.0, 0, hits, 0, False)
     assert count == expected.numel() > 100
     assert torch.equal(hits, expected[:100])  # the first ones, in order
+    assert bool((room[100:] == -7).all())  # nothing written past the buffer
     assert torch.equal(g, grad)  # clear=False
 
 
@@ -90,12 +101,14 @@ def test_kernel_selects_like_hardshrink_at_the_edges(level, dtype):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("bad_at", [100, 2999])  # in a vector step, in a block's scalar tail
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_kernel_flags_only_a_nonfinite_gradient(level, bad_at, bad):
-    grad = torch.full((3000,), 1e38)
-    residual = torch.full((3000,), 3e38)  # the sum overflows, the gradient is finite
-    out, hits = torch.empty(3000), torch.zeros(3001, dtype=torch.int64)
+def test_kernel_flags_only_a_nonfinite_gradient(level, dtype, bad_at, bad):
+    big = 2e38 if dtype == torch.float32 else 1e308  # finite, beyond float32's range for f64
+    grad = torch.full((3000,), big, dtype=dtype)
+    residual = torch.full((3000,), big, dtype=dtype)  # the sum overflows, the gradient is finite
+    out, hits = torch.empty(3000, dtype=dtype), torch.zeros(3001, dtype=torch.int64)
     _, nonfinite = _native.compensate_select(grad.clone(), residual, out, 1.0, 0, hits, 0)
     assert not nonfinite and bool(out.isinf().all())
     grad[bad_at] = bad
@@ -241,7 +254,7 @@ def test_threshold_selects_the_same_with_and_without_the_kernel(monkeypatch, den
 
 @needs_kernel
 @pytest.mark.parametrize("density", [0.0001, 0.01])
-def test_threshold_selects_by_the_kernel_only_in_its_vector_versions(monkeypatch, density):
+def test_threshold_takes_the_portable_kernel_only_above_one_hit_in_500(monkeypatch, density):
     g = torch.randn(100_000, generator=torch.Generator().manual_seed(8))
     c = Threshold(density=density)
     expected = round(density * g.numel())
@@ -255,7 +268,8 @@ def test_threshold_selects_by_the_kernel_only_in_its_vector_versions(monkeypatch
             _native.vector_level(level)
             calls.clear()
             assert torch.equal(c._select(g, threshold, expected=expected), want)
-            assert bool(calls) == (_native.vector_level() != "portable C"), level
+            vectorised = _native.vector_level() != "portable C"
+            assert bool(calls) == (vectorised or density == 0.01), (level, density)
     finally:
         _native.vector_level(-1)
 
@@ -306,3 +320,48 @@ def test_vector_level_names_the_version_and_goes_back_to_the_best():
         assert _native.vector_level(-1) == best
     with pytest.raises(TypeError, match="level must be an int"):
         _native.vector_level("avx2")
+
+
+@needs_kernel
+@pytest.mark.parametrize("threshold", [-1.0, float("nan"), 0.0])
+def test_a_negative_or_nan_threshold_selects_what_hardshrink_keeps(level, threshold):
+    grad = torch.tensor([0.0, -0.0, 0.5, -2.0, float("nan"), float("inf")] * 20)
+    want = torch.nonzero(torch.hardshrink(grad, threshold)).squeeze(1)  # the nonzero ones
+    hits = torch.zeros(200, dtype=torch.int64)
+    count = _native.select(grad, threshold, hits)
+    assert torch.equal(hits[:count], want)
+
+
+def test_the_kernel_builds_wherever_a_c_compiler_is():
+    """A source that does not compile must fail here, not turn the kernel's tests into skips."""
+    cc = shlex.split(os.environ.get("CC", "cc")) or ["cc"]
+    if shutil.which(cc[0]) is None:
+        pytest.skip(f"no C compiler here ({cc[0]})")
+    if not _native.enabled():
+        pytest.skip("SPARSETRAIN_NATIVE turns the kernel off")
+    assert _native.library() is not None, _native.unavailable_reason()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_portable_build_other_processors_get_selects_the_same(monkeypatch, tmp_path, dtype):
+    cc = shlex.split(os.environ.get("CC", "cc")) or ["cc"]
+    path = tmp_path / "portable.so"
+    cmd = [*cc, *_native._FLAGS, "-DST_PORTABLE_ONLY", "-o", str(path), str(_native._SOURCE)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    monkeypatch.setattr(_native, "_lib", _native.load(path))
+    assert _native.vector_level() == "portable C"
+    assert _native.vector_level(2) == "portable C"  # nothing better to ask for
+    gen = torch.Generator().manual_seed(5)
+    grad = torch.randn(5003, generator=gen, dtype=dtype)
+    grad[[7, 1500, 5001]] = torch.tensor([float("nan"), float("inf"), -0.0], dtype=dtype)
+    residual = torch.randn(5003, generator=gen, dtype=dtype)
+    v, expected, bad = _reference(grad, residual, 1.5)
+    out, hits = torch.empty_like(grad), torch.zeros(5004, dtype=torch.int64)
+    count, nonfinite = _native.compensate_select(grad.clone(), residual, out, 1.5, 0, hits, 0)
+    assert torch.equal(hits[:count], expected) and nonfinite and bad
+    assert torch.equal(out.nan_to_num(), v.nan_to_num())
+    assert _native.last_vector_level() == "portable C"
+    count = _native.select(grad, 1.5, hits)
+    assert torch.equal(hits[:count], torch.nonzero(torch.hardshrink(grad, 1.5)).squeeze(1))

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 _SOURCE = Path(__file__).with_name("fused.c")
-_ABI = 3
+_ABI = 4
 _FLAGS = ["-O3", "-std=c99", "-shared", "-fPIC"]
 
 _lock = threading.Lock()
@@ -86,6 +86,12 @@ def _build() -> ctypes.CDLL:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+    return load(path)
+
+
+def load(path: str | os.PathLike) -> ctypes.CDLL:
+    """Load a compiled ``fused.c`` and declare its functions' arguments (the tests load a
+    build of the portable version alone so)."""
     lib = ctypes.CDLL(str(path))
     if lib.st_abi_version() != _ABI:
         raise RuntimeError(f"{path} has interface {lib.st_abi_version()}, expected {_ABI}")
@@ -108,6 +114,7 @@ def _build() -> ctypes.CDLL:
         ]
     lib.st_set_vector_level.restype = ctypes.c_int32
     lib.st_set_vector_level.argtypes = [ctypes.c_int32]
+    lib.st_last_vector_level.restype = ctypes.c_int32
     for i in _INDEX.values():
         for v in _VALUE.values():
             fn = getattr(lib, f"st_difference_{i}_{v}")
@@ -156,6 +163,15 @@ def vector_level(level: int | None = None) -> str | None:
     if level is not None and (isinstance(level, bool) or not isinstance(level, int)):
         raise TypeError(f"level must be an int (-1, 0, 1 or 2), got {level!r}")
     return _LEVELS[lib.st_set_vector_level(-2 if level is None else level)]
+
+
+def last_vector_level() -> str | None:
+    """The version the last kernel call in this process ran (as :func:`vector_level` names
+    them); None before the first, or when the kernel is unavailable."""
+    lib = library()
+    if lib is None:
+        return None
+    return _LEVELS.get(lib.st_last_vector_level())
 
 
 def unavailable_reason() -> str | None:
@@ -218,6 +234,8 @@ def compensate_select(
             "compensate_select: values must be a contiguous CPU tensor of grad's dtype, as "
             f"long as hits ({hits.numel()}); got {values.dtype} of {values.numel()}"
         )
+    if not threshold >= 0:  # negative or NaN: hardshrink then keeps what it keeps at 0
+        threshold = 0.0
     flag = ctypes.c_int32(0)
     count = getattr(lib, _SYMBOLS[grad.dtype])(
         grad.data_ptr(),

@@ -95,7 +95,8 @@ static uint64_t st_flags8(const uint8_t *f)
 ST_GENERIC(st_pass_f32_generic, float, uint32_t, 23, 0xffu)
 ST_GENERIC(st_pass_f64_generic, double, uint64_t, 52, 0x7ffu)
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+/* ST_PORTABLE_ONLY builds what other processors get (the tests build it so on x86-64 too). */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(ST_PORTABLE_ONLY)
 #include <immintrin.h>
 #define ST_X86 1
 
@@ -143,14 +144,14 @@ ST_VECTOR(st_pass_f64_sse2, "sse2", double, __m128d, 2, _mm_loadu_pd, _mm_storeu
 #endif
 
 /* The version that runs: 2 AVX2, 1 SSE2, 0 portable C; -1 (the default) the best this CPU
- * has. The tests set it to compare the versions (st_set_vector_level). */
+ * has. The tests set it to compare the versions (st_set_vector_level), and read which one the
+ * last kernel call ran (st_last_vector_level). Atomic, as kernel calls may run in threads. */
 static int st_forced = -1;
+static int st_last = -1;
 
-static int st_level(void)
+static int st_best(void)
 {
 #ifdef ST_X86
-    if (st_forced >= 0)
-        return st_forced;
     __builtin_cpu_init(); /* idempotent and cheap */
     return __builtin_cpu_supports("avx2") ? 2 : 1;
 #else
@@ -158,21 +159,29 @@ static int st_level(void)
 #endif
 }
 
+static int st_level(void)
+{
+    const int forced = __atomic_load_n(&st_forced, __ATOMIC_RELAXED);
+    return forced >= 0 ? forced : st_best();
+}
+
 /* Set the version (-1: the best this CPU has; a higher one than that is taken as -1), or with
  * -2 leave it as it is; returns the one in use. */
 int32_t st_set_vector_level(int32_t level)
 {
-    if (level >= -1) {
-        st_forced = -1;
-        const int best = st_level();
-        st_forced = level < best ? level : -1;
-    }
+    if (level >= -1)
+        __atomic_store_n(&st_forced, level < st_best() ? level : -1, __ATOMIC_RELAXED);
     return st_level();
 }
 
+/* The version the last kernel call ran (-1 before the first). */
+int32_t st_last_vector_level(void) { return __atomic_load_n(&st_last, __ATOMIC_RELAXED); }
+
 static st_pass_f32 st_choose_f32(void)
 {
-    switch (st_level()) {
+    const int level = st_level();
+    __atomic_store_n(&st_last, level, __ATOMIC_RELAXED);
+    switch (level) {
 #ifdef ST_X86
     case 2:
         return st_pass_f32_avx2;
@@ -186,7 +195,9 @@ static st_pass_f32 st_choose_f32(void)
 
 static st_pass_f64 st_choose_f64(void)
 {
-    switch (st_level()) {
+    const int level = st_level();
+    __atomic_store_n(&st_last, level, __ATOMIC_RELAXED);
+    switch (level) {
 #ifdef ST_X86
     case 2:
         return st_pass_f64_avx2;
@@ -267,4 +278,4 @@ ST_DIFFERENCE(st_difference_i32_f64, int32_t, double)
 ST_DIFFERENCE(st_difference_i64_f64, int64_t, double)
 
 /* The version of this file's interface; the loader checks it. */
-int32_t st_abi_version(void) { return 3; }
+int32_t st_abi_version(void) { return 4; }

@@ -288,20 +288,21 @@ class Threshold(SparseCompressor):
         either way. ``premarked``: a :meth:`marker` has written the mask already. Where
         sparsetrain's native kernel is available (:mod:`sparsetrain._native`), an unmarked CPU
         tensor of float32 or float64 is selected by it instead, in one pass that writes the
-        positions, unless it holds more hits than :meth:`hits_buffer` holds. That is on
-        x86-64 (AVX2 or SSE2), where it is the faster way at every density; the portable
-        version, which other processors run, was slower than these ops (on 25M elements on
-        this project's machine, ``benchmarks/bench_native.py``: AVX2 12.7 ms against 38.6 ms
-        for the PyTorch ops at 1% and 11.8 ms against 25.5 ms at 0.1%; portable C 42.1 and
-        31.8 ms).
+        positions, unless it holds more hits than :meth:`hits_buffer` holds: on x86-64 (AVX2
+        or SSE2) at every density, the faster way there (on 25M elements on this project's
+        machine, ``benchmarks/bench_native.py``: AVX2 12.7 ms against 38.6 ms for the PyTorch
+        ops at 1% and 11.8 ms against 25.5 ms at 0.1%). The portable version, which other
+        processors run, is taken where the kernel's first version was, above one expected hit
+        in ``_SPARSE`` entries; its speed there is not measured (built for x86-64's baseline
+        instructions it took 42.1 and 31.8 ms).
         """
         n = flat.numel()
         if flat.device.type != "cpu":
             return torch.nonzero(torch.hardshrink(flat, threshold)).squeeze(1)
         sparse = expected is not None and expected * _SPARSE <= n
         if not premarked and _native.supports(flat) and flat.is_contiguous():
-            # the vector versions only: the portable one was slower than the ops below
-            if _native.vector_level() in ("AVX2", "SSE2"):
+            level = _native.vector_level()  # None: no kernel
+            if level in ("AVX2", "SSE2") or (level == "portable C" and not sparse):
                 buffer = self.hits_buffer(n, flat.dtype)[0]
                 count = _native.select(flat, threshold, buffer)
                 if count <= buffer.numel():
