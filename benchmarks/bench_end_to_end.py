@@ -277,7 +277,10 @@ def _run(args: argparse.Namespace, methods: list[str], tmp: Path) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"e2e_{args.ranks}r_{args.bandwidth}"
+    from sparsetrain import _native  # which version of the native kernel the ranks ran
+
     (out / f"{stem}.json").write_text(json.dumps({"args": vars(args), "link_measured_bps": bw,
+                                                  "native_kernel": _native.vector_level(),
                                                   "summary": summary, "report": report}, indent=1))  # fmt: skip
     plot(report, args.target, out / f"{stem}.png",
          f"digits-wide-mlp (hidden {args.hidden}), {args.ranks} ranks, {args.bandwidth}")  # fmt: skip

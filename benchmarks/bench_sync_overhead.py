@@ -209,8 +209,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {v:<26}{d['seconds_per_step'] / r['seconds_per_step']:>6.2f}x")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    from sparsetrain import _native  # which version of the native kernel the ranks ran
+
     out.write_text(json.dumps({"args": vars(args), "torch": torch.__version__,
-                               "cores": os.cpu_count(), "results": results}, indent=1))  # fmt: skip
+                               "cores": os.cpu_count(), "native_kernel": _native.vector_level(),
+                               "results": results}, indent=1))  # fmt: skip
     print(f"wrote {out}")
     return 0
 
