@@ -177,43 +177,35 @@ int32_t st_set_vector_level(int32_t level)
 /* The version the last kernel call ran (-1 before the first). */
 int32_t st_last_vector_level(void) { return __atomic_load_n(&st_last, __ATOMIC_RELAXED); }
 
-static st_pass_f32 st_choose_f32(void)
+/* The versions by level (0 portable C, 1 SSE2, 2 AVX2: as many as this build has). */
+static const st_pass_f32 st_passes_f32[] = {
+    st_pass_f32_generic,
+#ifdef ST_X86
+    st_pass_f32_sse2,
+    st_pass_f32_avx2,
+#endif
+};
+static const st_pass_f64 st_passes_f64[] = {
+    st_pass_f64_generic,
+#ifdef ST_X86
+    st_pass_f64_sse2,
+    st_pass_f64_avx2,
+#endif
+};
+
+/* The level a kernel call runs, recorded for st_last_vector_level. */
+static int st_run_level(void)
 {
     const int level = st_level();
     __atomic_store_n(&st_last, level, __ATOMIC_RELAXED);
-    switch (level) {
-#ifdef ST_X86
-    case 2:
-        return st_pass_f32_avx2;
-    case 1:
-        return st_pass_f32_sse2;
-#endif
-    default:
-        return st_pass_f32_generic;
-    }
+    return level;
 }
 
-static st_pass_f64 st_choose_f64(void)
-{
-    const int level = st_level();
-    __atomic_store_n(&st_last, level, __ATOMIC_RELAXED);
-    switch (level) {
-#ifdef ST_X86
-    case 2:
-        return st_pass_f64_avx2;
-    case 1:
-        return st_pass_f64_sse2;
-#endif
-    default:
-        return st_pass_f64_generic;
-    }
-}
-
-#define ST_KERNEL(NAME, T, PASS_T, CHOOSE)                                                    \
+#define ST_KERNEL(NAME, T, PASS_T, PASSES)                                                    \
     int64_t NAME(T *grad, const T *res, T *out, int64_t n, T thr, int64_t base, int64_t *idx, \
                  T *vals, int64_t cap, int64_t count, int32_t *nonfinite, int32_t clear)      \
     {                                                                                         \
-        const PASS_T pass = CHOOSE();                                                         \
+        const PASS_T pass = PASSES[st_run_level()];                                           \
         int nf = 0;                                                                           \
         uint64_t bits[ST_WORDS];                                                              \
         for (int64_t a = 0; a < n; a += ST_BLOCK) {                                           \
@@ -242,8 +234,8 @@ static st_pass_f64 st_choose_f64(void)
         return count;                                                                         \
     }
 
-ST_KERNEL(st_compensate_select_f32, float, st_pass_f32, st_choose_f32)
-ST_KERNEL(st_compensate_select_f64, double, st_pass_f64, st_choose_f64)
+ST_KERNEL(st_compensate_select_f32, float, st_pass_f32, st_passes_f32)
+ST_KERNEL(st_compensate_select_f64, double, st_pass_f64, st_passes_f64)
 
 /* st_difference_*: the entries of (idx, val), a sparse vector with strictly ascending indices,
  * whose index is not in sel (also strictly ascending), in order, into out_idx/out_val (room for
