@@ -22,17 +22,15 @@ torchrun (which sets ``OMP_NUM_THREADS=1``) and in :func:`sparsetrain.train.laun
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import shlex
-import subprocess
-import tempfile
 import threading
 import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from .._ccache import compile_cached
 
 _SOURCE = Path(__file__).with_name("fused.c")
 _ABI = 4
@@ -54,39 +52,9 @@ def enabled() -> bool:
     return os.environ.get("SPARSETRAIN_NATIVE", "1").strip() not in ("0", "false", "no", "off")
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("SPARSETRAIN_CACHE_DIR")
-    if root:
-        return Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "sparsetrain"
-
-
 def _build() -> ctypes.CDLL:
     """Compile fused.c (unless a library of this source and compiler is cached) and load it."""
-    source = _SOURCE.read_bytes()
-    cc = shlex.split(os.environ.get("CC", "cc")) or ["cc"]
-    tag = hashlib.sha256(source + repr((cc, _FLAGS, os.uname().machine)).encode()).hexdigest()
-    path = _cache_dir() / f"fused-{tag[:16]}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.stem, suffix=".so.tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            cmd = [*cc, *_FLAGS, "-o", tmp, str(_SOURCE)]
-            try:
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-            except (OSError, subprocess.TimeoutExpired) as e:
-                raise RuntimeError(f"{shlex.join(cmd)} failed to run: {e}") from None
-            if done.returncode != 0:
-                raise RuntimeError(
-                    f"{shlex.join(cmd)} exited with {done.returncode}: {done.stderr.strip()[-500:]}"
-                )
-            os.replace(tmp, path)  # atomic: a concurrent first use sees the old or the new file
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return load(path)
+    return load(compile_cached(_SOURCE, _FLAGS, ".so"))
 
 
 def load(path: str | os.PathLike) -> ctypes.CDLL:

@@ -1,0 +1,67 @@
+"""Compile a C source that ships with the package, once per source and compiler, into a cache.
+
+The native kernel (a shared library) and the emulated cluster's delay switch (a program) are
+built on first use with ``$CC`` (default ``cc``) into ``$SPARSETRAIN_CACHE_DIR`` or
+``~/.cache/sparsetrain``, under a name that carries a hash of the source, the compiler command,
+the flags and the machine, so every later process finds the result at once. Concurrent first
+uses each compile to a file of their own and rename it into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Where compiled sources are kept: ``$SPARSETRAIN_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/sparsetrain``, else ``~/.cache/sparsetrain``."""
+    root = os.environ.get("SPARSETRAIN_CACHE_DIR")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "sparsetrain"
+
+
+def compile_cached(source: Path, flags: Sequence[str], suffix: str = "") -> Path:
+    """Return the path of ``source`` compiled with ``flags``, compiling it unless cached.
+
+    Args:
+        source: the C file.
+        flags: compiler flags (``-shared -fPIC`` for a library; none of those for a program).
+        suffix: the file name's ending (``".so"``, or ``""`` for a program).
+
+    Raises:
+        RuntimeError: the compiler is missing, failed, or took over two minutes; the message
+            holds the command and the end of its error output.
+    """
+    text = source.read_bytes()
+    cc = shlex.split(os.environ.get("CC", "cc")) or ["cc"]
+    key = repr((cc, list(flags), os.uname().machine)).encode()
+    tag = hashlib.sha256(text + key).hexdigest()
+    path = cache_dir() / f"{source.stem}-{tag[:16]}{suffix}"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        cmd = [*cc, *flags, "-o", tmp, str(source)]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise RuntimeError(f"{shlex.join(cmd)} failed to run: {e}") from None
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"{shlex.join(cmd)} exited with {done.returncode}: {done.stderr.strip()[-500:]}"
+            )
+        os.replace(tmp, path)  # atomic: a concurrent first use sees the old or the new file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
