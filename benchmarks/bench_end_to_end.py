@@ -155,7 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ranks", type=int, default=4)
     p.add_argument("--bandwidth", default="1gbit")
-    p.add_argument("--latency", default="100us")
+    p.add_argument("--latency", default="100us", help="one-way latency (default 100us)")
+    p.add_argument(
+        "--latency-via",
+        choices=("auto", "netem", "switch"),
+        default="auto",
+        help="netem where the kernel has it, else the cluster's delay switch (auto)",
+    )
     p.add_argument("--hidden", type=int, default=3072, help="MLP width (3072: 9.7M parameters)")
     p.add_argument("--density", type=float, default=0.01)
     p.add_argument("--epochs", type=int, default=10)
@@ -220,9 +226,14 @@ def _run(args: argparse.Namespace, methods: list[str], tmp: Path) -> int:
            "reuse_host_memory": not args.no_reuse_host_memory}  # fmt: skip
     report: dict = {}
     try:
-        with EmulatedCluster(args.ranks, args.bandwidth, args.latency) as cluster:
+        with EmulatedCluster(
+            args.ranks, args.bandwidth, args.latency, latency_via=args.latency_via
+        ) as cluster:
             bw = cluster.measure_bandwidth(timeout=args.timeout)
-            print(f"{args.ranks} ranks, {args.bandwidth} links (measured {bw / 1e9:.3f} Gbit/s)")
+            rtt = cluster.measure_rtt(timeout=args.timeout)
+            latency_method = cluster.latency_method
+            print(f"{args.ranks} ranks, {args.bandwidth} links (measured {bw / 1e9:.3f} Gbit/s, "
+                  f"RTT {rtt * 1e6:.0f} us; latency emulated: {latency_method or 'no'})")  # fmt: skip
             # One launch a method, each in fresh worker processes: a run in processes that
             # trained before starts on a heap the earlier runs left fragmented, and the memory
             # it must add (first touched in its first steps, which a VM can make slow) would
@@ -280,6 +291,8 @@ def _run(args: argparse.Namespace, methods: list[str], tmp: Path) -> int:
     from sparsetrain import _native  # which version of the native kernel the ranks ran
 
     (out / f"{stem}.json").write_text(json.dumps({"args": vars(args), "link_measured_bps": bw,
+                                                  "rtt_measured_s": rtt,
+                                                  "latency_method": latency_method,
                                                   "native_kernel": _native.vector_level(),
                                                   "summary": summary, "report": report}, indent=1))  # fmt: skip
     plot(report, args.target, out / f"{stem}.png",

@@ -73,17 +73,62 @@ def _qdiscs(ns: str, dev: str) -> str:
     ).stdout
 
 
+def _switch_pids() -> set[int]:
+    """The process ids of running delay switches (any run's)."""
+    pids = set()
+    for comm in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            argv0 = open(comm, "rb").read().split(b"\0")[0]
+        except OSError:
+            continue
+        if os.path.basename(argv0).startswith(b"delayswitch-"):
+            pids.add(int(comm.split("/")[2]))
+    return pids
+
+
+def _can_compile() -> bool:
+    from sparsetrain.cluster.netns import _switch_program
+
+    try:
+        _switch_program()
+    except RuntimeError:
+        return False
+    return True
+
+
+needs_switch = pytest.mark.skipif(
+    _REASON is not None or not _can_compile(),
+    reason="needs root, ip netns and a C compiler for the delay switch",
+)
+
+
 @needs_root
-def test_builds_shaped_links_and_removes_everything():
-    before = _host_state()
-    with EmulatedCluster(3, bandwidth="200mbit", latency="100us") as cluster:
+@pytest.mark.parametrize("latency, via", [("0", "auto"), ("100us", "auto"), ("100us", "switch")])
+def test_builds_shaped_links_and_removes_everything(latency, via):
+    if via == "switch" and not _can_compile():
+        pytest.skip("no C compiler for the delay switch")
+    before, switches = _host_state(), _switch_pids()
+    with EmulatedCluster(3, bandwidth="200mbit", latency=latency, latency_via=via) as cluster:
         names = list_namespaces(cluster.prefix + "-")
         assert names == sorted([f"{cluster.prefix}-{r}" for r in range(3)] + [cluster.hub])
+        if latency == "0":
+            assert cluster.latency_method is None
+        elif via == "switch":
+            assert cluster.latency_method == "switch" and cluster.latency_emulated
+        mine = _switch_pids() - switches
+        assert len(mine) == (cluster.latency_method == "switch")
         for rank in range(3):
             ns = cluster.namespace(rank)
             assert "tbf" in _qdiscs(ns, cluster.interface)
             assert "rate 200Mbit" in _qdiscs(ns, cluster.interface)
-            assert "tbf" in _qdiscs(cluster.hub, f"p{rank}")
+            link = subprocess.run(["ip", "-d", "-n", ns, "link", "show", cluster.interface],
+                                  capture_output=True, text=True).stdout  # fmt: skip
+            if cluster.latency_method == "switch":  # a TAP of the switch, which shapes the
+                assert "tun type tap" in link  # download direction itself
+                assert "02:53:54:00:00:0" + str(rank) in link
+            else:
+                assert "veth" in link
+                assert "tbf" in _qdiscs(cluster.hub, f"p{rank}")
             addr = subprocess.run(
                 ["ip", "-n", ns, "-o", "-4", "addr", "show", "dev", cluster.interface],
                 capture_output=True,
@@ -95,11 +140,88 @@ def test_builds_shaped_links_and_removes_everything():
                 ["ip", "-n", ns, "link", "show", "lo"], capture_output=True, text=True
             )
             assert "UP" in lo.stdout
-            if cluster.latency_emulated:
+            if cluster.latency_method == "netem":
                 assert "netem" in _qdiscs(ns, cluster.interface)
         _assert_host_untouched(before, cluster)  # the host namespace is never touched
     assert list_namespaces(cluster.prefix) == []
     _assert_host_untouched(before, cluster)
+    assert _switch_pids() - switches == set()  # the switch is gone, and its TAPs with it
+
+
+@needs_switch
+def test_the_delay_switch_delays_each_way_by_the_latency_and_keeps_the_rate():
+    # A TCP ping-pong crosses the switch twice: its round trip is at least twice the latency,
+    # and not much more (the switch's own cost is tens of microseconds a frame).
+    with EmulatedCluster(3, bandwidth="200mbit", latency="4ms", latency_via="switch") as cluster:
+        rtt = cluster.measure_rtt(0, 1, count=20)
+        assert 8e-3 <= rtt < 12e-3, rtt
+        rtt = cluster.measure_rtt(2, 0, count=20)
+        assert 8e-3 <= rtt < 12e-3, rtt
+        rate = cluster.measure_bandwidth(1, 2, 10_000_000)  # 0.4 s at the configured rate
+        assert 0.7 * cluster.bandwidth_bps < rate < 1.1 * cluster.bandwidth_bps, rate
+
+
+@needs_switch
+def test_ranks_talk_over_the_switch_both_ways_at_once():
+    # Every rank sends to every other at the same time (broadcast ARP first, then TCP): the
+    # switch forwards by the ranks' addresses and loses nothing.
+    script = textwrap.dedent(
+        """
+        import os, socket, threading, time
+        r, n = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        me = "198.18.0.%d" % (r + 1)
+        srv = socket.create_server((me, 6000))
+        payload = bytes([r]) * 300_000
+        def serve():
+            for _ in range(n - 1):
+                c, _ = srv.accept()
+                got = b""
+                while len(got) < len(payload):
+                    got += c.recv(1 << 16)
+                assert len(set(got)) == 1 and len(got) == len(payload), len(got)
+        t = threading.Thread(target=serve); t.start()
+        for peer in range(n):
+            if peer == r:
+                continue
+            deadline = time.monotonic() + 25
+            while True:
+                try:
+                    socket.create_connection(("198.18.0.%d" % (peer + 1), 6000)).sendall(payload)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        t.join()
+        """
+    )
+    with EmulatedCluster(4, bandwidth="100mbit", latency="1ms", latency_via="switch") as c:
+        c.run([sys.executable, "-c", script], timeout=60, show_rank0=False)
+
+
+@needs_root
+def test_without_a_compiler_the_cluster_warns_or_refuses_as_asked(monkeypatch, tmp_path):
+    from sparsetrain.cluster.netns import _netem_available
+
+    monkeypatch.setenv("CC", "no-such-cc")
+    monkeypatch.setenv("SPARSETRAIN_CACHE_DIR", str(tmp_path))  # nothing compiled there yet
+    cluster = EmulatedCluster(2, latency="1ms", latency_via="switch")
+    with pytest.raises(ClusterError, match="latency_via='switch': cannot build the delay switch"):
+        with cluster:
+            pass
+    assert list_namespaces(cluster.prefix) == []
+    with EmulatedCluster(2, latency="1ms") as cluster:
+        netem = _netem_available(cluster.hub, "lo")
+        assert cluster.latency_method == ("netem" if netem else None)
+    if not netem:
+        with pytest.warns(RuntimeWarning, match="delay switch could not be built"):
+            with EmulatedCluster(2, latency="1ms"):
+                pass
+        cluster = EmulatedCluster(2, latency="1ms", latency_via="netem")
+        with pytest.raises(ClusterError, match="latency_via='netem': this kernel has no"):
+            with cluster:
+                pass
+        assert list_namespaces(cluster.prefix) == []
 
 
 @needs_root
@@ -315,12 +437,17 @@ def test_without_root_refuses_and_creates_nothing(monkeypatch):
 
 
 @needs_root
-def test_small_messages_are_shaped_too():
+@pytest.mark.parametrize("latency", ["0", "1us"])
+def test_small_messages_are_shaped_too(latency):
     # A token bucket passes `burst` bytes at full speed after an idle moment; with veth's 64 KiB
     # GSO packets that was 134 KB, so a 40 KB message crossed a 10 Mbit/s link in 0.3 ms.
-    with EmulatedCluster(2, bandwidth="10mbit", latency="0") as cluster:
+    # "1us": the delay switch where the kernel has no netem (its TAPs take TCP segments too).
+    with EmulatedCluster(2, bandwidth="10mbit", latency=latency) as cluster:
         assert cluster.gso_max_size == 1500 and cluster.burst_bytes <= 6000
-        for ns, dev in ((cluster.namespace(0), cluster.interface), (cluster.hub, "p0")):
+        links = [(cluster.namespace(0), cluster.interface), (cluster.namespace(1), "st0")]
+        if cluster.latency_method != "switch":
+            links.append((cluster.hub, "p0"))
+        for ns, dev in links:
             link = subprocess.run(
                 ["ip", "-d", "-n", ns, "link", "show", dev], capture_output=True, text=True
             ).stdout
@@ -437,6 +564,11 @@ def test_token_bucket_bursts_are_about_a_millisecond_of_traffic():
         ({"ranks": 2, "latency": "-1ms"}, ValueError, "duration must not be negative"),
         ({"ranks": 2, "latency": "5 fortnights"}, ValueError, "unknown unit 'fortnights'"),
         ({"ranks": 2, "mtu": 10}, ValueError, r"mtu must be an int in \[576, 65535\], got 10"),
+        (
+            {"ranks": 2, "latency_via": "tc"},
+            ValueError,
+            "latency_via must be one of auto, netem, switch, got 'tc'",
+        ),
     ],
 )
 def test_bad_options_are_refused_before_anything_is_built(kwargs, error, message):

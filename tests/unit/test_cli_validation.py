@@ -252,10 +252,12 @@ class FakeCluster:
     instances: list[FakeCluster] = []
     fail: str | None = None
 
-    def __init__(self, ranks, bandwidth="1gbit", latency="100us"):
-        sparsetrain.cluster.netns.EmulatedCluster(ranks, bandwidth, latency)  # builds nothing
+    def __init__(self, ranks, bandwidth="1gbit", latency="100us", latency_via="auto"):
+        sparsetrain.cluster.netns.EmulatedCluster(
+            ranks, bandwidth, latency, latency_via=latency_via
+        )
         self.ranks, self.bandwidth_bps, self.latency_s = ranks, 1e9, 1e-4
-        self.latency_emulated = True
+        self.latency_emulated, self.latency_method = True, "netem"
         self.burst_bytes, self.gso_max_size = 15_500, 6_250
         self.entered, self.timeouts = False, {}
         FakeCluster.instances.append(self)

@@ -1,7 +1,9 @@
 """An emulated bandwidth-limited cluster on one machine, for benchmarks (stdlib only).
 
 Each rank runs in its own network namespace; the namespaces meet on a bridge, and every link is
-shaped by tc (tbf for bandwidth, netem for latency). Needs root.
+shaped by tc (tbf for bandwidth, netem for latency). On kernels without netem, a small
+userspace switch of ours takes the bridge's place and delays the frames (see
+:mod:`sparsetrain.cluster.netns`). Needs root.
 
 Example::
 
@@ -14,6 +16,7 @@ Example::
 
 from .netns import (
     ADDRESS_RANGE,
+    LATENCY_VIA,
     NAME_PREFIX,
     ClusterError,
     ClusterPermissionError,
@@ -27,6 +30,7 @@ from .units import parse_count, parse_duration, parse_rate
 
 __all__ = [
     "ADDRESS_RANGE",
+    "LATENCY_VIA",
     "NAME_PREFIX",
     "ClusterError",
     "ClusterPermissionError",

@@ -20,9 +20,23 @@ namespaces this object creates: nothing is added to the host's own namespace, an
 namespaces removes every link and qdisc with them. Addresses come from the benchmarking range
 198.18.0.0/15 (RFC 2544).
 
-Kernels built without ``sch_netem`` (some VMs) cannot delay packets; the cluster then shapes
-bandwidth only, warns, and reports ``latency_emulated = False`` (the links keep the few tens of
-microseconds a veth pair costs, which :meth:`EmulatedCluster.measure_rtt` reports).
+Kernels built without ``sch_netem`` (some VMs) cannot delay packets in a qdisc. There the
+cluster puts a small program of its own in place of the bridge, the delay switch
+(``delayswitch.c``, compiled on first use with the machine's C compiler)::
+
+    <prefix>-0  [st0 198.18.0.1/15] ──TAP──┐
+    <prefix>-1  [st0 198.18.0.2/15] ──TAP──┼─ delayswitch   (a process in <prefix>-hub)
+    ...                                    ┘
+
+Each rank's ``st0`` is then a TAP device whose frames the switch reads, holds for the latency,
+passes through a token bucket of the link's rate and burst for the receiving rank (the download
+direction, which tbf shapes on the bridge), and writes into the receiver's TAP. The upload
+direction keeps its ``tbf`` on ``st0``. Frames carry a virtio-net header, so TCP hands over
+64 KiB segments as on veth. The switch's TAPs vanish with it, and it exits with its parent. It
+costs some CPU (a copy and two system calls a segment), which on a small machine is taken
+from the ranks; ``latency_via="netem"`` or ``"switch"`` forces one way, and a latency of 0 uses
+the bridge alone. Without netem and without a C compiler, the cluster shapes bandwidth only,
+warns, and reports ``latency_emulated = False``.
 """
 
 from __future__ import annotations
@@ -167,6 +181,22 @@ def cleanup(prefix: str = NAME_PREFIX, *, include_live: bool = False) -> list[st
     return removed
 
 
+LATENCY_VIA = ("auto", "netem", "switch")
+_SWITCH_SOURCE = Path(__file__).with_name("delayswitch.c")
+
+
+def _switch_program() -> Path:
+    """The delay switch, compiled on first use (see :mod:`sparsetrain._ccache`)."""
+    from .._ccache import compile_cached
+
+    return compile_cached(_SWITCH_SOURCE, ["-O2", "-std=gnu99"])
+
+
+def _rank_mac(rank: int) -> str:
+    """The MAC address of ``rank``'s st0, by which the delay switch knows the rank."""
+    return f"02:53:54:00:{rank >> 8:02x}:{rank & 0xFF:02x}"
+
+
 def _netem_available(namespace: str, dev: str) -> bool:
     """Return whether the kernel has sch_netem (tried on a link of ours, then removed)."""
     ok = _run(["tc", "-n", namespace, "qdisc", "add", "dev", dev, "root", "netem"], check=False)
@@ -217,10 +247,15 @@ class EmulatedCluster:
         bandwidth: each link's rate in each direction, in tc notation (``"1gbit"``) or bits/s.
         latency: one-way delay a message sees between two ranks (``"100us"``) or seconds.
         mtu: the links' MTU in bytes.
+        latency_via: how the latency is made: ``"auto"`` (netem where the kernel has it, else
+            the delay switch), ``"netem"`` or ``"switch"`` (that way or a
+            :class:`ClusterError`). Ignored when the latency is 0.
 
     Attributes:
         prefix: the run's unique name prefix (``st-<pid>-<tag>``).
-        latency_emulated: False when the kernel lacks netem and only bandwidth is shaped.
+        latency_method: ``"netem"``, ``"switch"``, or None (latency 0, or neither way works
+            here: only bandwidth is shaped). Set when the cluster is built.
+        latency_emulated: whether ``latency_method`` is not None.
         gso_max_size, burst_bytes: the largest packet the links hand their token buckets, and
             the bytes a bucket lets through at full speed after an idle moment (about
             ``BURST_S`` of traffic; see ``_tbf_args``).
@@ -234,8 +269,9 @@ class EmulatedCluster:
     bandwidth: str | float = "1gbit"
     latency: str | float = "100us"
     mtu: int = 1500
+    latency_via: str = "auto"
     prefix: str = field(init=False)
-    latency_emulated: bool = field(init=False, default=False)
+    latency_method: str | None = field(init=False, default=None)
     _created: list[str] = field(init=False, default_factory=list, repr=False)
     _procs: list[subprocess.Popen] = field(init=False, default_factory=list, repr=False)
     _old_handlers: dict = field(init=False, default_factory=dict, repr=False)
@@ -253,6 +289,10 @@ class EmulatedCluster:
             or not 576 <= self.mtu <= 65535
         ):
             raise ValueError(f"mtu must be an int in [576, 65535], got {self.mtu!r}")
+        if self.latency_via not in LATENCY_VIA:
+            raise ValueError(
+                f"latency_via must be one of {', '.join(LATENCY_VIA)}, got {self.latency_via!r}"
+            )
         self.bandwidth_bps = parse_rate(self.bandwidth)
         if self.bandwidth_bps < 1000:
             raise ValueError(f"bandwidth must be at least 1kbit, got {self.bandwidth!r}")
@@ -260,6 +300,10 @@ class EmulatedCluster:
         self.gso_max_size = _gso_max_size(self.bandwidth_bps, self.mtu)
         self.burst_bytes = 0  # set when the links are shaped
         self.prefix = f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+
+    @property
+    def latency_emulated(self) -> bool:
+        return self.latency_method is not None
 
     # ---- names -------------------------------------------------------------------------
     @property
@@ -327,13 +371,48 @@ class EmulatedCluster:
         _run(["ip", "-n", name, "link", "set", "lo", "up"])
 
     def _build(self) -> None:
-        mask = ADDRESS_RANGE.prefixlen
         self._add_namespace(self.hub)
+        for rank in range(self.ranks):
+            self._add_namespace(self.namespace(rank))
+        self.latency_method = self._choose_latency_method()
+        if self.latency_method == "switch":
+            self._start_switch()
+        else:
+            self._build_bridge()
+        self._shape()
+
+    def _choose_latency_method(self) -> str | None:
+        """Return how the latency will be made (None: it will not), warning or raising where
+        the way asked for is not available."""
+        if self.latency_s <= 0:
+            return None
+        if self.latency_via in ("auto", "netem") and _netem_available(self.hub, "lo"):
+            return "netem"
+        if self.latency_via == "netem":
+            raise ClusterError("latency_via='netem': this kernel has no sch_netem qdisc")
+        try:
+            _switch_program()
+        except RuntimeError as e:
+            if self.latency_via == "switch":
+                raise ClusterError(
+                    f"latency_via='switch': cannot build the delay switch: {e}"
+                ) from None
+            warnings.warn(
+                "this kernel has no sch_netem qdisc and the delay switch could not be built "
+                f"({e}): links are bandwidth-shaped only and keep the native latency of a veth "
+                "pair (measure it with EmulatedCluster.measure_rtt)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return None
+        return "switch"
+
+    def _build_bridge(self) -> None:
+        mask = ADDRESS_RANGE.prefixlen
         _run(["ip", "-n", self.hub, "link", "add", "br0", "type", "bridge"])
         _run(["ip", "-n", self.hub, "link", "set", "br0", "up"])
         for rank in range(self.ranks):
             ns, port = self.namespace(rank), f"p{rank}"
-            self._add_namespace(ns)
             # Both ends are born inside our namespaces: the host namespace is never touched.
             _run(["ip", "-n", self.hub, "link", "add", port, "mtu", str(self.mtu), "type", "veth",
                   "peer", "name", RANK_IFNAME, "netns", ns, "mtu", str(self.mtu)])  # fmt: skip
@@ -344,28 +423,56 @@ class EmulatedCluster:
             _run(["ip", "-n", ns, "link", "set", RANK_IFNAME, "up"])
             if self.gso_max_size < _GSO_DEFAULT:  # both ends: each side's bucket sees its sends
                 for where, dev in ((ns, RANK_IFNAME), (self.hub, port)):
-                    set_gso = ["ip", "-n", where, "link", "set", "dev", dev]
-                    if _run([*set_gso, "gso_max_size", str(self.gso_max_size)],
-                            check=False).returncode:  # fmt: skip
-                        self.gso_max_size = _GSO_DEFAULT  # an old kernel: keep the large burst
-        self._shape()
+                    self._cap_gso(where, dev)
+
+    def _cap_gso(self, namespace: str, dev: str) -> None:
+        set_gso = ["ip", "-n", namespace, "link", "set", "dev", dev]
+        if _run([*set_gso, "gso_max_size", str(self.gso_max_size)], check=False).returncode:
+            self.gso_max_size = _GSO_DEFAULT  # an old kernel: keep the large burst
+
+    def _start_switch(self, timeout: float = 30.0) -> None:
+        """Start the delay switch in the hub namespace; it makes each rank's st0 (a TAP)."""
+        import selectors
+
+        tbf = _tbf_args(self.bandwidth_bps, self.gso_max_size)
+        burst, limit = tbf[tbf.index("burst") + 1], tbf[tbf.index("limit") + 1]
+        netns_dir = "/run/netns" if os.path.isdir("/run/netns") else "/var/run/netns"
+        argv = [str(_switch_program()), str(round(self.latency_s * 1e9)),
+                str(int(self.bandwidth_bps)), burst, limit,
+                *(f"{netns_dir}/{self.namespace(r)}" for r in range(self.ranks))]  # fmt: skip
+        with tempfile.TemporaryFile() as err:
+            proc = self.popen(-1, argv, stdout=subprocess.PIPE, stderr=err)
+            with selectors.DefaultSelector() as sel, proc.stdout:
+                sel.register(proc.stdout, selectors.EVENT_READ)
+                # The switch prints nothing after this line: our end of the pipe can close.
+                ready = sel.select(timeout) and proc.stdout.readline().strip() == b"ready"
+            if not ready:
+                _stop([proc])
+                err.seek(0)
+                msg = err.read().decode(errors="replace").strip()
+                raise ClusterError(
+                    f"the delay switch did not start within {timeout:g} s (exit "
+                    f"{proc.returncode}): {msg or 'no message'}"
+                )
+        mask = ADDRESS_RANGE.prefixlen
+        for rank in range(self.ranks):
+            ns = self.namespace(rank)
+            _run(["ip", "-n", ns, "link", "set", RANK_IFNAME, "address", _rank_mac(rank),
+                  "mtu", str(self.mtu)])  # fmt: skip
+            _run(
+                ["ip", "-n", ns, "addr", "add", f"{self.address(rank)}/{mask}", "dev", RANK_IFNAME]
+            )
+            _run(["ip", "-n", ns, "link", "set", RANK_IFNAME, "up"])
+            if self.gso_max_size < _GSO_DEFAULT:
+                self._cap_gso(ns, RANK_IFNAME)
 
     def _shape(self) -> None:
         tbf = _tbf_args(self.bandwidth_bps, self.gso_max_size)
         self.burst_bytes = int(tbf[tbf.index("burst") + 1])
-        want_delay = self.latency_s > 0
-        self.latency_emulated = want_delay and _netem_available(self.namespace(0), RANK_IFNAME)
-        if want_delay and not self.latency_emulated:
-            warnings.warn(
-                "this kernel has no sch_netem qdisc: links are bandwidth-shaped only and keep the "
-                "native latency of a veth pair (measure it with EmulatedCluster.measure_rtt)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
         for rank in range(self.ranks):
             ns = self.namespace(rank)
             tc_up = ["tc", "-n", ns, "qdisc", "add", "dev", RANK_IFNAME]
-            if self.latency_emulated:
+            if self.latency_method == "netem":
                 delay_us = f"{self.latency_s * 1e6:.1f}us"
                 _run(
                     [*tc_up, "root", "handle", "1:", "netem", "delay", delay_us, "limit", "100000"]
@@ -373,21 +480,9 @@ class EmulatedCluster:
                 _run([*tc_up, "parent", "1:1", "handle", "10:", *tbf])
             else:
                 _run([*tc_up, "root", "handle", "1:", *tbf])
-            _run(
-                [
-                    "tc",
-                    "-n",
-                    self.hub,
-                    "qdisc",
-                    "add",
-                    "dev",
-                    f"p{rank}",
-                    "root",
-                    "handle",
-                    "1:",
-                    *tbf,
-                ]
-            )
+            if self.latency_method != "switch":  # the switch shapes the download itself
+                _run(["tc", "-n", self.hub, "qdisc", "add", "dev", f"p{rank}", "root",
+                      "handle", "1:", *tbf])  # fmt: skip
 
     def close(self, stopping: bool = False) -> None:
         """Stop the ranks' processes and remove every namespace, link and qdisc of this run.
@@ -440,11 +535,13 @@ class EmulatedCluster:
     def popen(
         self, rank: int, argv: Sequence[str], env: Mapping[str, str] | None = None, **kwargs
     ) -> subprocess.Popen:
-        """Start ``argv`` inside ``rank``'s namespace; the process is killed by :meth:`close`."""
+        """Start ``argv`` inside ``rank``'s namespace (-1: the hub's); the process is killed
+        by :meth:`close`."""
         if not self._created:
             raise ClusterError("the cluster is not built; use it inside a `with` block")
         full_env = {**os.environ, **(env or {})}
-        proc = subprocess.Popen(["ip", "netns", "exec", self.namespace(rank), *argv], env=full_env,
+        ns = self.hub if rank == -1 else self.namespace(rank)
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], env=full_env,
                                 **kwargs)  # fmt: skip
         self._procs.append(proc)
         return proc

@@ -399,7 +399,9 @@ def run_cluster(args: argparse.Namespace) -> int:
         problem = _out_folder_problem(out)
         if problem:
             raise ValueError(f"--out {out}: {problem}")
-        cluster = EmulatedCluster(args.ranks, args.bandwidth, args.latency)
+        cluster = EmulatedCluster(
+            args.ranks, args.bandwidth, args.latency, latency_via=args.latency_via
+        )
     except (ValueError, TypeError) as e:
         args._parser.error(str(e))
     try:
@@ -428,6 +430,7 @@ def run_cluster(args: argparse.Namespace) -> int:
             "ranks": args.ranks,
             "bandwidth": args.bandwidth,
             "latency": args.latency,
+            "latency_via": args.latency_via,
             "cores": cores,
         }  # fmt: skip
         try:
@@ -445,6 +448,7 @@ def run_cluster(args: argparse.Namespace) -> int:
                     ),
                     "latency_configured_s": cluster.latency_s,
                     "latency_emulated": cluster.latency_emulated,
+                    "latency_method": cluster.latency_method,
                     "rtt_measured_s": cluster.measure_rtt(0, 1, timeout=left()),
                     "burst_bytes": cluster.burst_bytes,
                     "gso_max_size": cluster.gso_max_size,
@@ -452,7 +456,7 @@ def run_cluster(args: argparse.Namespace) -> int:
                 print(
                     f"link: {link['bandwidth_measured_bps'] / 1e9:.3f} Gbit/s measured (TCP "
                     f"bulk), RTT {link['rtt_measured_s'] * 1e6:.0f} us; latency emulated: "
-                    f"{link['latency_emulated']}; token-bucket burst {link['burst_bytes']} B"
+                    f"{link['latency_method'] or 'no'}; token-bucket burst {link['burst_bytes']} B"
                 )
                 cluster.run(
                     [sys.executable, "-m", "sparsetrain.commands.bench", "--worker", str(tmp / "config.json")],
@@ -689,6 +693,8 @@ def _stale_folders(include_live: bool) -> list[Path]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from ..cluster.netns import LATENCY_VIA
+
     p = subparsers.add_parser(
         "bench",
         help="benchmarks on an emulated bandwidth-limited cluster (needs root)",
@@ -703,7 +709,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     c.add_argument("--ranks", type=int, default=8, help="number of emulated ranks (default 8)")
     c.add_argument("--bandwidth", default="1gbit", help="link rate each way, tc notation (1gbit)")
-    c.add_argument("--latency", default="100us", help="one-way latency (100us); needs sch_netem")
+    c.add_argument("--latency", default="100us", help="one-way latency (default 100us)")
+    c.add_argument(
+        "--latency-via",
+        choices=LATENCY_VIA,
+        default="auto",
+        help="how the latency is made: netem where the kernel has it, else a userspace delay "
+        "switch (auto, the default), or one of them (an error where it cannot be used)",
+    )
     c.add_argument("--sizes", help=f"vector sizes in elements (default {DEFAULT_SIZES})")
     c.add_argument("--densities", help=f"k/n values (default {DEFAULT_DENSITIES})")
     c.add_argument("--full", action="store_true",
