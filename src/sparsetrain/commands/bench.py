@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -610,6 +611,15 @@ def _load_results(path: Path, args: argparse.Namespace) -> tuple[list, int, floa
     return records, world, link, cores
 
 
+def _emulated_latency(path: Path) -> float:
+    """The one-way latency a ``bench cluster`` run's links added (0 where none was emulated)."""
+    link = json.loads(path.read_text()).get("link") or {}
+    if not link.get("latency_emulated"):
+        return 0.0
+    latency = link.get("latency_configured_s")
+    return float(latency) if isinstance(latency, (int, float)) and latency > 0 else 0.0
+
+
 def run_refit(args: argparse.Namespace) -> int:
     """Fit the cost model again to the records of an earlier ``bench cluster`` JSON; with
     ``--predict``, check the fitted model on the points of another run it was not fitted to."""
@@ -641,6 +651,16 @@ def run_refit(args: argparse.Namespace) -> int:
         usable = [r for r in o_records if r["algorithm"] in perfmodel.available_models()]
         if not usable:
             args._parser.error(f"{other} has no modelled points")
+        # alpha is a message's cost on the fitted run's links; links that delay each message
+        # by more (or less) shift it by the difference, and nothing else changes.
+        mine, theirs = _emulated_latency(path), _emulated_latency(other)
+        if theirs != mine:
+            params = replace(params, alpha=params.alpha + theirs - mine)
+            print(
+                f"\nemulated one-way latency: {theirs * 1e6:.0f} us in {other}, "
+                f"{mine * 1e6:.0f} us in {path}; alpha {fit['params']['alpha'] * 1e6:.1f} -> "
+                f"{params.alpha * 1e6:.1f} us"
+            )
         predicted = _predict_records(usable, o_world, params, o_cores)
         fitted_on = {(r["numel"], r["density"]) for r in records}
         print(f"\n{other}, predicted by the model fitted to {path}:")
