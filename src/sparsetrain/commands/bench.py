@@ -725,7 +725,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "cluster",
         help="time sparse collectives and dense allreduce on emulated shaped links",
         description="Time every sparse collective and dense allreduce on RANKS network "
-        "namespaces joined by a bridge, each link shaped by tc. Needs root.",
+        "namespaces joined by a bridge, each link shaped by tc (on kernels without netem, "
+        "by the cluster's delay switch, which also adds the latency). Needs root.",
     )
     c.add_argument("--ranks", type=int, default=8, help="number of emulated ranks (default 8)")
     c.add_argument("--bandwidth", default="1gbit", help="link rate each way, tc notation (1gbit)")
