@@ -372,6 +372,39 @@ def test_a_caught_ctrl_c_does_not_mute_the_next_one(tmp_path):
     assert list_namespaces(ready.read_text()) == []
 
 
+@needs_switch
+def test_the_delay_switch_dies_with_a_killed_run_and_cleanup_removes_the_rest(tmp_path):
+    # SIGKILL gives the run no chance to tear down: the switch must not live on (it would hold
+    # its TAPs and a core's worth of wake-ups), and cleanup() removes the namespaces left.
+    ready = tmp_path / "ready"
+    script = textwrap.dedent(
+        f"""
+        import time
+        from sparsetrain.cluster import EmulatedCluster
+        with EmulatedCluster(2, latency="1ms", latency_via="switch") as c:
+            open("{ready}", "w").write(c.prefix)
+            time.sleep(60)
+        """
+    )
+    switches = _switch_pids()
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
+    try:
+        prefix = _wait_for_file(proc, ready)
+        assert len(_switch_pids() - switches) == 1
+        proc.kill()
+        proc.wait(timeout=20)
+        deadline = time.monotonic() + 10
+        while _switch_pids() - switches and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _switch_pids() - switches == set()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert len(list_namespaces(prefix)) == 3  # the run's two ranks and its hub, left behind
+    assert sorted(cleanup(prefix)) == sorted([f"{prefix}-0", f"{prefix}-1", f"{prefix}-hub"])
+    assert list_namespaces(prefix) == []
+
+
 @needs_root
 def test_cleanup_removes_leftovers_of_dead_runs_only():
     # Every cleanup() here is scoped to names this test made: a default-prefix call would also
