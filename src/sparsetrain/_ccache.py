@@ -28,6 +28,20 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "sparsetrain"
 
 
+def _check_owned(path: Path) -> None:
+    """Refuse a cached file that another user could have written: the name is predictable, and
+    the delay switch runs as root. The file must be this user's and writable by no one else,
+    in a folder that others cannot write to (or only with the sticky bit, as /tmp)."""
+    st, folder = path.stat(), path.parent.stat()
+    unsafe = st.st_uid != os.geteuid() or st.st_mode & 0o022
+    unsafe = unsafe or (folder.st_mode & 0o022 and not folder.st_mode & 0o1000)
+    if unsafe:
+        raise RuntimeError(
+            f"{path} or its folder can be written by another user; refusing to use it (remove "
+            "it, or set SPARSETRAIN_CACHE_DIR to a folder of your own)"
+        )
+
+
 def compile_cached(source: Path, flags: Sequence[str], suffix: str = "") -> Path:
     """Return the path of ``source`` compiled with ``flags``, compiling it unless cached.
 
@@ -37,8 +51,9 @@ def compile_cached(source: Path, flags: Sequence[str], suffix: str = "") -> Path
         suffix: the file name's ending (``".so"``, or ``""`` for a program).
 
     Raises:
-        RuntimeError: the compiler is missing, failed, or took over two minutes; the message
-            holds the command and the end of its error output.
+        RuntimeError: the compiler is missing, failed, or took over two minutes (the message
+            holds the command and the end of its error output), or a cached file could have
+            been written by another user.
     """
     text = source.read_bytes()
     cc = shlex.split(os.environ.get("CC", "cc")) or ["cc"]
@@ -46,6 +61,7 @@ def compile_cached(source: Path, flags: Sequence[str], suffix: str = "") -> Path
     tag = hashlib.sha256(text + key).hexdigest()
     path = cache_dir() / f"{source.stem}-{tag[:16]}{suffix}"
     if path.exists():
+        _check_owned(path)
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)

@@ -199,6 +199,30 @@ def test_ranks_talk_over_the_switch_both_ways_at_once():
         c.run([sys.executable, "-c", script], timeout=60, show_rank0=False)
 
 
+@needs_switch
+def test_a_switch_that_exits_fails_the_run_at_once_with_its_message():
+    # A rank's link deleted under the switch: it exits with a message (it used to poll the
+    # dead TAP at full speed), and run() stops the ranks at once instead of at the timeout.
+    with EmulatedCluster(2, latency="1ms", latency_via="switch") as cluster:
+        delete = ["ip", "-n", cluster.namespace(1), "link", "del", cluster.interface]
+        assert subprocess.run(delete).returncode == 0
+        t0 = time.monotonic()
+        with pytest.raises(ClusterError, match=r"(?s)delay switch exited .*rank 1's link failed"):
+            cluster.run([sys.executable, "-c", "import time; time.sleep(60)"], timeout=50,
+                        show_rank0=False)  # fmt: skip
+        assert time.monotonic() - t0 < 20
+    assert list_namespaces(cluster.prefix) == []
+
+
+@needs_root
+def test_an_mtu_a_tap_cannot_take_is_refused_or_bridged():
+    with pytest.raises(ClusterError, match="TAP links take an MTU of at most 65521, got 65535"):
+        with EmulatedCluster(2, latency="1ms", mtu=65535, latency_via="switch"):
+            pass
+    with EmulatedCluster(2, latency="1ms", mtu=65535) as cluster:  # auto: netem, or none
+        assert cluster.latency_method in ("netem", None)
+
+
 @needs_root
 def test_without_a_compiler_the_cluster_warns_or_refuses_as_asked(monkeypatch, tmp_path):
     from sparsetrain.cluster.netns import _netem_available
@@ -206,7 +230,8 @@ def test_without_a_compiler_the_cluster_warns_or_refuses_as_asked(monkeypatch, t
     monkeypatch.setenv("CC", "no-such-cc")
     monkeypatch.setenv("SPARSETRAIN_CACHE_DIR", str(tmp_path))  # nothing compiled there yet
     cluster = EmulatedCluster(2, latency="1ms", latency_via="switch")
-    with pytest.raises(ClusterError, match="latency_via='switch': cannot build the delay switch"):
+    cannot = "latency_via='switch': the delay switch cannot run: it cannot be built"
+    with pytest.raises(ClusterError, match=cannot):
         with cluster:
             pass
     assert list_namespaces(cluster.prefix) == []
@@ -214,7 +239,7 @@ def test_without_a_compiler_the_cluster_warns_or_refuses_as_asked(monkeypatch, t
         netem = _netem_available(cluster.hub, "lo")
         assert cluster.latency_method == ("netem" if netem else None)
     if not netem:
-        with pytest.warns(RuntimeWarning, match="delay switch could not be built"):
+        with pytest.warns(RuntimeWarning, match="the delay switch cannot run .it cannot be built"):
             with EmulatedCluster(2, latency="1ms"):
                 pass
         cluster = EmulatedCluster(2, latency="1ms", latency_via="netem")

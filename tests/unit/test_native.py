@@ -365,3 +365,23 @@ def test_the_portable_build_other_processors_get_selects_the_same(monkeypatch, t
     assert _native.last_vector_level() == "portable C"
     count = _native.select(grad, 1.5, hits)
     assert torch.equal(hits[:count], torch.nonzero(torch.hardshrink(grad, 1.5)).squeeze(1))
+
+
+@needs_kernel
+def test_a_cached_build_others_could_have_written_is_refused(monkeypatch, tmp_path):
+    # The names are predictable and the cluster's delay switch runs as root: a file in the
+    # cache that another user could have planted or changed is not run.
+    from sparsetrain._ccache import compile_cached
+
+    monkeypatch.setenv("SPARSETRAIN_CACHE_DIR", str(tmp_path / "cache"))
+    source = tmp_path / "hello.c"
+    source.write_text("int main(void) { return 0; }\n")
+    built = compile_cached(source, ["-O0"])
+    assert compile_cached(source, ["-O0"]) == built  # cached, and safe
+    built.chmod(0o777)
+    with pytest.raises(RuntimeError, match="can be written by another user; refusing"):
+        compile_cached(source, ["-O0"])
+    built.chmod(0o755)
+    (tmp_path / "cache").chmod(0o777)  # a shared folder without the sticky bit
+    with pytest.raises(RuntimeError, match="can be written by another user; refusing"):
+        compile_cached(source, ["-O0"])

@@ -6,16 +6,22 @@
  * direction is shaped by a tbf qdisc on st0, as on the veth links). So a message between two
  * ranks sees the latency once and both ends' bandwidth, as on a non-blocking switch.
  *
- * Usage: delayswitch LATENCY_NS RATE_BITS_PER_S BURST_BYTES LIMIT_BYTES NETNS_PATH...
+ * Usage: delayswitch PARENT_PID LATENCY_NS RATE_BITS_PER_S BURST_BYTES LIMIT_BYTES NETNS_PATH...
+ *   PARENT_PID: the process that starts it (it exits if that one is already gone);
  *   NETNS_PATH: the namespaces of rank 0, 1, ... (e.g. /var/run/netns/st-1-ab-0).
  * It prints "ready" on stdout once every TAP exists, then runs until killed. The TAPs belong to
- * this process: they disappear when it exits, and it exits when its parent does.
+ * this process: they disappear when it exits, and it exits when its parent (thread) does. It
+ * also exits, with a message, when a TAP fails (its device was deleted).
  *
  * Frames travel with a virtio-net header (IFF_VNET_HDR) and the TAPs accept TSO, so TCP hands
  * over 64 KiB segments as on veth, not one frame per 1500 bytes. Ranks are told apart by the
  * MAC address the caller gives each st0: 02:53:54:00:HH:LL for rank 0xHHLL. Frames to any
  * other address (broadcast, multicast) go to every other rank. A port's queue holds at most
- * LIMIT_BYTES; frames beyond are dropped, as a full tbf queue drops them.
+ * LIMIT_BYTES besides the frames still waiting out their latency (netem's delay line is apart
+ * from tbf's queue too); frames beyond are dropped, as a full tbf queue drops them. The bucket
+ * charges a TSO segment its length, with one set of headers, where tbf charges each packet its
+ * own: with 66 bytes of headers a 1448-byte TCP packet, the download direction can pass up to
+ * about 4.5% more payload than a tbf of the same rate (the upload direction, a tbf, is exact).
  *
  * Timer slack is 1 ns and the process runs at nice -10 (it needs root anyway, for setns), so
  * a frame leaves within some microseconds of its due time on an idle machine. Linux only.
@@ -35,11 +41,14 @@
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <limits.h>
 #include <time.h>
 #include <unistd.h>
 
 #define VNET_HDR 10 /* sizeof(struct virtio_net_hdr) */
-#define FRAME_MAX (VNET_HDR + 65536 + 64)
+/* The largest frame a TAP returns: 64 KiB of TSO segment plus headers; one of exactly this
+ * size may have been cut short by the read, and is dropped. */
+#define FRAME_MAX (VNET_HDR + 65536 + 256)
 #define READS_PER_WAKE 64
 
 typedef struct packet {
@@ -69,6 +78,18 @@ static int64_t now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static long long parse_int(const char *text, const char *what, long long lo, long long hi) {
+    char *end;
+    errno = 0;
+    long long v = strtoll(text, &end, 10);
+    if (errno || end == text || *end || v < lo || v > hi) {
+        fprintf(stderr, "delayswitch: %s must be an integer in [%lld, %lld], got '%s'\n", what,
+                lo, hi, text);
+        exit(2);
+    }
+    return v;
 }
 
 static void die(const char *what) {
@@ -161,26 +182,35 @@ static int64_t deliver(int64_t t) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 7) {
+    if (argc < 8) {
         fprintf(stderr,
-                "usage: delayswitch LATENCY_NS RATE_BITS_PER_S BURST_BYTES LIMIT_BYTES "
-                "NETNS_PATH NETNS_PATH...\n");
+                "usage: delayswitch PARENT_PID LATENCY_NS RATE_BITS_PER_S BURST_BYTES "
+                "LIMIT_BYTES NETNS_PATH NETNS_PATH...\n");
         return 2;
     }
-    latency_ns = strtoll(argv[1], NULL, 10);
-    double rate = strtod(argv[2], NULL);
-    burst_bytes = strtod(argv[3], NULL);
-    limit_bytes = strtoll(argv[4], NULL, 10);
-    if (latency_ns < 0 || !(rate > 0) || !(burst_bytes > 0) || limit_bytes <= 0) {
-        fprintf(stderr, "delayswitch: need latency >= 0 and rate, burst and limit > 0\n");
-        return 2;
-    }
+    pid_t parent = (pid_t)parse_int(argv[1], "PARENT_PID", 1, INT_MAX);
+    latency_ns = parse_int(argv[2], "LATENCY_NS", 0, 3600LL * 1000000000LL);
+    double rate = (double)parse_int(argv[3], "RATE_BITS_PER_S", 1, LLONG_MAX / 2);
+    burst_bytes = (double)parse_int(argv[4], "BURST_BYTES", 1, 1LL << 40);
+    limit_bytes = parse_int(argv[5], "LIMIT_BYTES", 1, 1LL << 40);
     rate_bytes_per_ns = rate / 8e9;
+    /* Frames waiting out their latency do not count against the queue's limit. */
+    limit_bytes += (int64_t)(rate_bytes_per_ns * (double)latency_ns);
     prctl(PR_SET_PDEATHSIG, SIGKILL);
-    if (getppid() == 1) return 1; /* the parent is already gone */
+    if (getppid() != parent) {
+        fprintf(stderr, "delayswitch: the process that started it (%d) is gone\n", (int)parent);
+        return 1;
+    }
     prctl(PR_SET_TIMERSLACK, 1UL);
 
-    nports = argc - 5;
+    nports = argc - 6;
+    struct rlimit files;
+    if (getrlimit(RLIMIT_NOFILE, &files) == 0 && files.rlim_cur < (rlim_t)nports + 64) {
+        files.rlim_cur = (rlim_t)nports + 64;
+        if (files.rlim_max != RLIM_INFINITY && files.rlim_cur > files.rlim_max)
+            files.rlim_max = files.rlim_cur; /* root may raise the hard limit */
+        setrlimit(RLIMIT_NOFILE, &files);
+    }
     ports = calloc((size_t)nports, sizeof(port));
     struct pollfd *pfd = calloc((size_t)nports, sizeof(struct pollfd));
     unsigned char *buf = malloc(FRAME_MAX);
@@ -189,7 +219,7 @@ int main(int argc, char **argv) {
     if (home < 0) die("/proc/self/ns/net");
     int64_t start = now_ns();
     for (int p = 0; p < nports; p++) {
-        ports[p].fd = open_tap(argv[5 + p]);
+        ports[p].fd = open_tap(argv[6 + p]);
         ports[p].tokens = burst_bytes;
         ports[p].tokens_ns = start;
         pfd[p].fd = ports[p].fd;
@@ -216,10 +246,26 @@ int main(int argc, char **argv) {
         if (n < 0 && errno != EINTR) die("ppoll");
         if (n > 0) {
             for (int p = 0; p < nports; p++) {
+                if (pfd[p].revents & (POLLERR | POLLHUP | POLLNVAL)) {
+                    /* The TAP's device is gone: the cluster is broken, and polling on would
+                     * spin. Exit; the cluster sees it and reports this message. */
+                    fprintf(stderr, "delayswitch: rank %d's link failed (its st0 was deleted?)\n",
+                            p);
+                    return 1;
+                }
                 if (!(pfd[p].revents & POLLIN)) continue;
                 for (int r = 0; r < READS_PER_WAKE; r++) {
                     ssize_t len = read(ports[p].fd, buf, FRAME_MAX);
-                    if (len < 0) break; /* EAGAIN: drained */
+                    if (len < 0) {
+                        if (errno == EAGAIN || errno == EINTR) break; /* drained */
+                        fprintf(stderr, "delayswitch: reading rank %d's link: %s\n", p,
+                                strerror(errno));
+                        return 1;
+                    }
+                    if (len >= FRAME_MAX) { /* cut short by the read: no use to anyone */
+                        ports[p].dropped++;
+                        continue;
+                    }
                     if (len < VNET_HDR + 14) continue;
                     int64_t t = now_ns();
                     int dst = destination(buf);

@@ -32,11 +32,14 @@ Each rank's ``st0`` is then a TAP device whose frames the switch reads, holds fo
 passes through a token bucket of the link's rate and burst for the receiving rank (the download
 direction, which tbf shapes on the bridge), and writes into the receiver's TAP. The upload
 direction keeps its ``tbf`` on ``st0``. Frames carry a virtio-net header, so TCP hands over
-64 KiB segments as on veth. The switch's TAPs vanish with it, and it exits with its parent. It
-costs some CPU (a copy and two system calls a segment), which on a small machine is taken
-from the ranks; ``latency_via="netem"`` or ``"switch"`` forces one way, and a latency of 0 uses
-the bridge alone. Without netem and without a C compiler, the cluster shapes bandwidth only,
-warns, and reports ``latency_emulated = False``.
+64 KiB segments as on veth. The switch's TAPs vanish with it, and it exits with the thread
+that built the cluster (so close a cluster from the thread that entered it); if it exits while
+ranks run, :meth:`EmulatedCluster.run` fails at once with its message. It costs CPU, taken
+from the ranks on a small machine: three copies and two system calls a segment, and the
+receiving rank's network stack runs on the switch's time. ``latency_via="netem"`` or
+``"switch"`` forces one way, and a latency of 0 uses the bridge alone. Where neither way is
+available (no netem, and no C compiler, no ``/dev/net/tun``, or an MTU above a TAP's 65521),
+the cluster shapes bandwidth only, warns, and reports ``latency_emulated = False``.
 """
 
 from __future__ import annotations
@@ -183,6 +186,7 @@ def cleanup(prefix: str = NAME_PREFIX, *, include_live: bool = False) -> list[st
 
 LATENCY_VIA = ("auto", "netem", "switch")
 _SWITCH_SOURCE = Path(__file__).with_name("delayswitch.c")
+_TAP_MAX_MTU = 65521
 
 
 def _switch_program() -> Path:
@@ -277,6 +281,8 @@ class EmulatedCluster:
     _old_handlers: dict = field(init=False, default_factory=dict, repr=False)
     # Stop signals that arrived while close() was tearing down (None: not closing).
     _deferred: list | None = field(init=False, default=None, repr=False)
+    _switch: subprocess.Popen | None = field(init=False, default=None, repr=False)
+    _switch_log: object = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.ranks, bool) or not isinstance(self.ranks, int):
@@ -376,8 +382,14 @@ class EmulatedCluster:
             self._add_namespace(self.namespace(rank))
         self.latency_method = self._choose_latency_method()
         if self.latency_method == "switch":
-            self._start_switch()
-        else:
+            try:
+                self._start_switch()
+            except ClusterError as e:
+                if self.latency_via == "switch":
+                    raise
+                self._warn_no_latency(str(e))  # its TAPs went with it: build the bridge
+                self.latency_method, self._switch = None, None
+        if self.latency_method != "switch":
             self._build_bridge()
         self._shape()
 
@@ -390,22 +402,32 @@ class EmulatedCluster:
             return "netem"
         if self.latency_via == "netem":
             raise ClusterError("latency_via='netem': this kernel has no sch_netem qdisc")
-        try:
-            _switch_program()
-        except RuntimeError as e:
-            if self.latency_via == "switch":
-                raise ClusterError(
-                    f"latency_via='switch': cannot build the delay switch: {e}"
-                ) from None
-            warnings.warn(
-                "this kernel has no sch_netem qdisc and the delay switch could not be built "
-                f"({e}): links are bandwidth-shaped only and keep the native latency of a veth "
-                "pair (measure it with EmulatedCluster.measure_rtt)",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            return None
-        return "switch"
+        problem = None
+        if self.mtu > _TAP_MAX_MTU:
+            problem = f"its TAP links take an MTU of at most {_TAP_MAX_MTU}, got {self.mtu}"
+        elif not os.access("/dev/net/tun", os.R_OK | os.W_OK):
+            problem = "/dev/net/tun is not available here"
+        else:
+            try:
+                _switch_program()
+            except Exception as e:  # no compiler, an unwritable or unsafe cache
+                problem = f"it cannot be built: {e}"
+        if problem is None:
+            return "switch"
+        if self.latency_via == "switch":
+            raise ClusterError(f"latency_via='switch': the delay switch cannot run: {problem}")
+        self._warn_no_latency(problem)
+        return None
+
+    @staticmethod
+    def _warn_no_latency(problem: str) -> None:
+        warnings.warn(
+            f"this kernel has no sch_netem qdisc and the delay switch cannot run ({problem}): "
+            "links are bandwidth-shaped only and keep the native latency of a veth pair "
+            "(measure it with EmulatedCluster.measure_rtt)",
+            RuntimeWarning,
+            stacklevel=5,
+        )
 
     def _build_bridge(self) -> None:
         mask = ADDRESS_RANGE.prefixlen
@@ -436,24 +458,26 @@ class EmulatedCluster:
 
         tbf = _tbf_args(self.bandwidth_bps, self.gso_max_size)
         burst, limit = tbf[tbf.index("burst") + 1], tbf[tbf.index("limit") + 1]
-        netns_dir = "/run/netns" if os.path.isdir("/run/netns") else "/var/run/netns"
-        argv = [str(_switch_program()), str(round(self.latency_s * 1e9)),
+        netns_dir = "/var/run/netns" if os.path.isdir("/var/run/netns") else "/run/netns"
+        argv = [str(_switch_program()), str(os.getpid()), str(round(self.latency_s * 1e9)),
                 str(int(self.bandwidth_bps)), burst, limit,
                 *(f"{netns_dir}/{self.namespace(r)}" for r in range(self.ranks))]  # fmt: skip
-        with tempfile.TemporaryFile() as err:
-            proc = self.popen(-1, argv, stdout=subprocess.PIPE, stderr=err)
-            with selectors.DefaultSelector() as sel, proc.stdout:
-                sel.register(proc.stdout, selectors.EVENT_READ)
-                # The switch prints nothing after this line: our end of the pipe can close.
-                ready = sel.select(timeout) and proc.stdout.readline().strip() == b"ready"
-            if not ready:
-                _stop([proc])
-                err.seek(0)
-                msg = err.read().decode(errors="replace").strip()
-                raise ClusterError(
-                    f"the delay switch did not start within {timeout:g} s (exit "
-                    f"{proc.returncode}): {msg or 'no message'}"
-                )
+        # Its messages go to a file kept for the run, which a failure shows. Its own session:
+        # a Ctrl-C in the terminal reaches the ranks and this process, not the links.
+        self._switch_log = tempfile.TemporaryFile()  # noqa: SIM115 (closed by close())
+        proc = self.popen(-1, argv, stdout=subprocess.PIPE, stderr=self._switch_log,
+                          start_new_session=True)  # fmt: skip
+        self._switch = proc
+        with selectors.DefaultSelector() as sel, proc.stdout:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            # The switch prints nothing after this line: our end of the pipe can close.
+            ready = sel.select(timeout) and proc.stdout.readline().strip() == b"ready"
+        if not ready:
+            _stop([proc])
+            raise ClusterError(
+                f"the delay switch did not start within {timeout:g} s (exit {proc.returncode})"
+                f": {self._switch_message() or 'no message'}"
+            )
         mask = ADDRESS_RANGE.prefixlen
         for rank in range(self.ranks):
             ns = self.namespace(rank)
@@ -465,6 +489,20 @@ class EmulatedCluster:
             _run(["ip", "-n", ns, "link", "set", RANK_IFNAME, "up"])
             if self.gso_max_size < _GSO_DEFAULT:
                 self._cap_gso(ns, RANK_IFNAME)
+
+    def _switch_message(self) -> str:
+        if self._switch_log is None:
+            return ""
+        self._switch_log.seek(0)
+        return self._switch_log.read().decode(errors="replace").strip()[-2000:]
+
+    def _check_switch(self) -> None:
+        """Raise :class:`ClusterError` if the delay switch has exited (the links are gone)."""
+        if self._switch is not None and self._switch.poll() is not None:
+            raise ClusterError(
+                f"the delay switch exited ({self._switch.returncode}) while ranks were running: "
+                f"{self._switch_message() or 'no message'}"
+            )
 
     def _shape(self) -> None:
         tbf = _tbf_args(self.bandwidth_bps, self.gso_max_size)
@@ -500,6 +538,10 @@ class EmulatedCluster:
                 _kill_namespace_processes(ns)
                 _run(["ip", "netns", "del", ns], check=False)
             self._created.clear()
+            self._switch = None
+            if self._switch_log is not None:
+                self._switch_log.close()
+                self._switch_log = None
         finally:
             for sig, old in self._old_handlers.items():
                 signal.signal(sig, old)
@@ -582,7 +624,7 @@ class EmulatedCluster:
                     f = open(logs / f"rank{rank}.log", "w+b")  # noqa: SIM115
                     files.append(f)
                     procs.append(self.popen(rank, cmd, renv, stdout=f, stderr=subprocess.STDOUT))
-            failed = _wait(procs, timeout)
+            failed = _wait(procs, timeout, self._check_switch)
             if failed is None:
                 raise ClusterTimeoutError(
                     f"ranks did not finish within {timeout:.1f} s" + _tails(files)
@@ -667,7 +709,7 @@ class EmulatedCluster:
                 files[rank] = tempfile.TemporaryFile()  # noqa: SIM115
                 procs.append(self.popen(rank, [*_probe_command(), role, addr, str(port), *rest],
                                         stdout=files[rank], stderr=subprocess.STDOUT))  # fmt: skip
-            failed = _wait(procs, timeout)
+            failed = _wait(procs, timeout, self._check_switch)
             if failed is None:
                 raise ClusterTimeoutError(
                     f"link probe ({what}) did not finish within {timeout:.1f} s; it was killed"
@@ -695,12 +737,19 @@ def _probe_command() -> list[str]:
     return [sys.executable, str(Path(__file__).with_name("probe.py"))]
 
 
-def _wait(procs: Sequence[subprocess.Popen], timeout: float | None) -> list[int] | None:
+def _wait(
+    procs: Sequence[subprocess.Popen],
+    timeout: float | None,
+    check: Callable[[], None] | None = None,
+) -> list[int] | None:
     """Wait until every process has exited with 0 or one has failed, at most ``timeout``
     seconds (None: no limit). Return the indices of the failed ones (empty: all succeeded), or
-    None if the time ran out first. The caller stops what still runs (:func:`_stop`)."""
+    None if the time ran out first; ``check`` is called on the way and may raise. The caller
+    stops what still runs (:func:`_stop`)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
+        if check is not None:
+            check()
         codes = [p.poll() for p in procs]
         failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
         if failed or all(c == 0 for c in codes):
