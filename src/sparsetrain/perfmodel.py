@@ -2,14 +2,22 @@
 
 The time of a collective on p ranks is modelled as ::
 
-    T = alpha * messages + beta * bytes + overhead * operations
+    T = alpha * messages + latency * rounds + beta * bytes + overhead * operations
         + gamma * sparse_elements + gamma_dense * dense_elements + gamma_sort * sort_work
 
 counted along the critical path of one rank:
 
-* ``messages``: sequential message steps (latency terms). Each point-to-point message counts
+* ``messages``: message steps, each with its start-up cost. Each point-to-point message counts
   once, also when a batch of them to p - 1 peers is posted at once (as the Ok-Topk paper
-  counts its split, (p - 1) alpha); a ring collective counts its steps.
+  counts its split, (p - 1) alpha); a ring collective counts its steps. On the emulated
+  cluster, where 8 ranks share 2 cores, alpha is mostly a message's CPU cost.
+* ``rounds``: one-way trips over the wire that the rank waits for, each costing the link's
+  ``latency`` (known from the link, not fitted; 0 by default, where alpha carries it as in
+  the paper's counting). On gloo's TCP transport a send waits for the receiver's notice that
+  its receive is posted, so a batch of sends posted together with its receives takes two
+  trips (not p - 1), a send to a receive posted a round earlier one, and each step of a
+  library ring two, but one in a pipelined dense ring, whose receives are posted ahead
+  (``benchmarks/bench_latency_steps.py``).
 * ``bytes``: the bytes that cross this rank's link in its busier direction (every rank has its
   own full-duplex link to a non-blocking switch, as in the emulated cluster).
 * ``operations``: what the rank issues: one per library collective call (gloo or NCCL
@@ -79,6 +87,8 @@ class NetworkParams:
         gamma_dense: per dense element streamed through memory (zero-fill, elementwise sum).
         gamma_sort: per entry and per halving in a sort of m entries (m log2 m work).
         overhead: per operation issued (a collective call or a point-to-point message posted).
+        latency: per one-way trip over the wire that a call waits for (a round). Known from
+            the link rather than fitted (:func:`fit` takes it as given); 0 by default.
     """
 
     alpha: float
@@ -87,9 +97,10 @@ class NetworkParams:
     gamma_dense: float = 0.0
     gamma_sort: float = 0.0
     overhead: float = 0.0
+    latency: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in COEFFICIENTS:
+        for name in (*COEFFICIENTS, "latency"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
                 raise ValueError(f"NetworkParams.{name} must be a finite number >= 0, got {v!r}")
@@ -118,7 +129,7 @@ class NetworkParams:
                    gamma_dense=gamma_dense, gamma_sort=gamma_sort, overhead=overhead)  # fmt: skip
 
     def as_dict(self) -> dict[str, float]:
-        return {name: getattr(self, name) for name in COEFFICIENTS}
+        return {name: getattr(self, name) for name in (*COEFFICIENTS, "latency")}
 
 
 @dataclass(frozen=True)
@@ -132,6 +143,7 @@ class Cost:
     sort_work: float = 0.0
     operations: float = 0.0
     hidden_dense: float = 0.0
+    rounds: float = 0.0
 
     def terms(self) -> tuple[float, ...]:
         """Return the counts in the order of :data:`COEFFICIENTS`, with the transfer as bytes
@@ -151,7 +163,8 @@ class Cost:
     def seconds(self, params: NetworkParams) -> float:
         """Return the modelled time in seconds."""
         terms = self.bound_terms(params)
-        return sum(c * getattr(params, name) for c, name in zip(terms, COEFFICIENTS))
+        fitted = sum(c * getattr(params, name) for c, name in zip(terms, COEFFICIENTS))
+        return fitted + params.latency * self.rounds
 
     def __add__(self, other: Cost) -> Cost:
         return Cost(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
@@ -298,14 +311,17 @@ def _merge(q: Problem, active: float, m: float, out: float) -> Cost:
     )
 
 
-def _call(messages: float, nbytes: float = 0.0) -> Cost:
-    """One call of a library collective that takes ``messages`` steps."""
-    return Cost(messages, nbytes, operations=1)
+def _call(messages: float, nbytes: float = 0.0, trips: float = 2) -> Cost:
+    """One call of a library collective that takes ``messages`` steps, each waiting ``trips``
+    one-way trips (two: the receiver's notice, then the data)."""
+    return Cost(messages, nbytes, operations=1, rounds=trips * messages)
 
 
-def _p2p(messages: float, nbytes: float = 0.0) -> Cost:
-    """``messages`` point-to-point messages, each posted by the rank (one operation each)."""
-    return Cost(messages, nbytes, operations=messages)
+def _p2p(messages: float, nbytes: float = 0.0, rounds: float = 2) -> Cost:
+    """``messages`` point-to-point messages, each posted by the rank (one operation each),
+    posted together with their receives: ``rounds`` one-way trips (the notices, then the
+    data)."""
+    return Cost(messages, nbytes, operations=messages, rounds=rounds)
 
 
 def _agreement(p: int) -> Cost:
@@ -357,7 +373,8 @@ def dense_ring_allreduce(q: Problem) -> Cost:
     p, n = q.world, q.numel
     if p == 1:
         return Cost(0, 0)
-    ring = _call(2 * (p - 1), 2 * (p - 1) / p * n * q.value_bytes)
+    # its chunks' receives are posted ahead: one trip a step
+    ring = _call(2 * (p - 1), 2 * (p - 1) / p * n * q.value_bytes, trips=1)
     return ring + Cost(0, 0, hidden_dense=q.share(p) * (p - 1) / p * n)
 
 
@@ -402,7 +419,7 @@ def ssar_recursive_doubling(q: Problem) -> Cost:
     eb = q.entry_bytes
     if extra:
         cost += (
-            _p2p(2, q.k * eb)
+            _p2p(2, q.k * eb, rounds=4)
             + _local(q, extra, sparse=q.k)
             + _fresh(q, extra, q.k * eb, q.k * eb)  # packed message, receive buffer
             + _merge(q, extra, 2 * q.k, q.union(2))
@@ -412,7 +429,9 @@ def ssar_recursive_doubling(q: Problem) -> Cost:
     for _ in range(rounds):
         u = q.union(m)
         cost += (
-            _p2p(2, u * eb)
+            # the size, then the payload, whose receive is posted once the size is in: the
+            # payload waits for its notice too, four trips
+            _p2p(2, u * eb, rounds=4)
             + _local(q, core, sparse=u)
             + _fresh(q, core, u * eb, u * eb)
             + _merge(q, core, 2 * u, q.union(2 * m))
@@ -420,7 +439,7 @@ def ssar_recursive_doubling(q: Problem) -> Cost:
         m *= 2
     total = q.union(p)
     if extra:
-        cost += _p2p(2, total * eb) + _local(q, extra, sparse=total)
+        cost += _p2p(2, total * eb, rounds=4) + _local(q, extra, sparse=total)
         cost += _fresh(q, extra, total * eb, total * eb)
     return (
         cost
@@ -592,7 +611,8 @@ def gtopk(q: Problem) -> Cost:
         active /= 2
     for _ in range(L):  # down: one more parent fills its message each hop
         active *= 2
-        cost += _p2p(1, k * eb) + _local(q, active, sparse=3 * k)
+        # the receivers wait with their receives posted: one trip a hop
+        cost += _p2p(1, k * eb, rounds=1) + _local(q, active, sparse=3 * k)
         cost += _fresh(q, active, *message)
     return cost
 
@@ -676,7 +696,10 @@ class Measurement:
 
 
 def fit(
-    measurements: Iterable[Measurement], *, fixed: dict[str, float] | None = None
+    measurements: Iterable[Measurement],
+    *,
+    fixed: dict[str, float] | None = None,
+    latency: float = 0.0,
 ) -> NetworkParams:
     """Fit the coefficients of :class:`NetworkParams` to measured times.
 
@@ -694,6 +717,9 @@ def fit(
         fixed: coefficients to hold at given values instead of fitting, for example
             ``{"beta": 8 / measured_bits_per_second}`` when the link rate is known: bytes and
             elements both grow with the vector, so a free fit can trade one for the other.
+        latency: the links' one-way latency a round, known (an emulated link's), which the
+            returned parameters carry; the fit explains only what is left after it. With the
+            default 0, alpha takes whatever latency the links have.
 
     Returns:
         The fitted :class:`NetworkParams`.
@@ -707,6 +733,12 @@ def fit(
         8.0
     """
     fixed = dict(fixed or {})
+    if (
+        isinstance(latency, bool)
+        or not isinstance(latency, (int, float))
+        or not (0 <= latency < math.inf)
+    ):
+        raise ValueError(f"fit: latency must be a finite number >= 0, got {latency!r}")
     bad = sorted(set(fixed) - set(COEFFICIENTS))
     if bad:
         raise ValueError(f"fit: cannot fix {bad}; coefficients are {', '.join(COEFFICIENTS)}")
@@ -728,10 +760,11 @@ def fit(
     # under the fitted coefficients until no point changes side. The sides can cycle (points
     # that share one ratio switch together), so the round that fits best by the model's own
     # max() is kept.
+    known = [latency * c.rounds for c in costs]  # the part of each time the latency explains
     rows, seen, best, best_err = [c.terms() for c in costs], [], None, math.inf
     while rows not in seen and len(seen) < 8:
         seen.append(rows)
-        params = _nnls_fit(rows, ts, fixed)
+        params = _nnls_fit(rows, ts, fixed, known, latency)
         err = _squared_relative_error(costs, ts, params)
         if best is None or err < best_err:
             best, best_err = params, err
@@ -752,15 +785,19 @@ def _squared_relative_error(
 
 
 def _nnls_fit(
-    rows: Sequence[Sequence[float]], ts: Sequence[float], fixed: dict[str, float]
+    rows: Sequence[Sequence[float]],
+    ts: Sequence[float],
+    fixed: dict[str, float],
+    known: Sequence[float],
+    latency: float,
 ) -> NetworkParams:
     """Non-negative least squares on relative errors over every subset of the free
-    coefficients (see :func:`fit`)."""
+    coefficients, the ``known`` seconds of each row taken off first (see :func:`fit`)."""
     import numpy as np
 
     names = COEFFICIENTS
     a = np.asarray(rows, dtype=float) / np.asarray(ts)[:, None]
-    b = np.ones(len(ts))
+    b = 1.0 - np.asarray(known, dtype=float) / np.asarray(ts)
     free = [j for j, name in enumerate(names) if name not in fixed]
     for j, name in enumerate(names):
         if name in fixed:
@@ -785,7 +822,7 @@ def _nnls_fit(
     for j, name in enumerate(names):
         if name in fixed:
             coef[j] = float(fixed[name])
-    return NetworkParams(*(float(v) for v in coef))
+    return NetworkParams(*(float(v) for v in coef), latency=latency)
 
 
 def best_collective(

@@ -229,32 +229,36 @@ def test_refit_predict_refuses_a_zero_median(tmp_path, capsys):
     assert f"cannot read {other}: records[0] median_s must be" in err
 
 
-def test_refit_predict_shifts_alpha_by_the_difference_in_emulated_latency(tmp_path, capsys):
-    # The held-out run's links add 2 ms a message (its records timed with alpha + 2 ms): the
-    # model fitted without that latency predicts them once alpha is shifted by it, and misses
-    # them where the formulas' message counts are not what the code does.
+def test_refit_predict_takes_the_other_runs_emulated_latency_for_each_round(tmp_path, capsys):
+    # Two runs on links of 100 us and 2.1 ms, timed by the same coefficients: the fit to the
+    # first, given its latency, predicts the second exactly once each round waits 2.1 ms.
     from dataclasses import replace
 
     from sparsetrain import perfmodel as pm
 
-    slow = replace(TRUE, alpha=TRUE.alpha + 2e-3)
-    records = [{**r, "median_s": pm.predict(r["algorithm"], world=8, numel=r["numel"],
-                                            density=r["density"], params=slow, cores=2)}
-               for r in worker_records()]  # fmt: skip
+    def timed(latency):
+        params = replace(TRUE, latency=latency)
+        return [{**r, "median_s": pm.predict(r["algorithm"], world=8, numel=r["numel"],
+                                             density=r["density"], params=params, cores=2)}
+                for r in worker_records()]  # fmt: skip
+
     fitted, other = tmp_path / "fitted.json", tmp_path / "other.json"
     link = {"bandwidth_measured_bps": 8 / TRUE.beta, "latency_emulated": True}
-    fitted.write_text(json.dumps(results(link={**link, "latency_configured_s": 1e-4})))
+    fitted.write_text(json.dumps(results(link={**link, "latency_configured_s": 1e-4},
+                                         records=timed(1e-4))))  # fmt: skip
     other.write_text(json.dumps(results(link={**link, "latency_configured_s": 2.1e-3},
-                                        records=records)))  # fmt: skip
+                                        records=timed(2.1e-3))))  # fmt: skip
     assert main(["bench", "refit", str(fitted), "--predict", str(other)]) == 0
     out = capsys.readouterr().out
-    want = f"emulated one-way latency: 2100 us in {other}, 100 us in {fitted}; alpha 500.0 -> "
-    assert want + "2500.0 us" in out
+    assert "latency 100 us a round, known" in out
+    want = f"emulated one-way latency: 2100 us in {other}, 100 us in {fitted}; predicted with "
+    assert want + "2100 us a round" in out
     assert "held out, all points: 100% of 21 within 25%, median error 0%" in out
-    # Without the shift (neither run's latency emulated), the same records are missed.
-    fitted.write_text(json.dumps(results(link={**link, "latency_emulated": False})))
-    other.write_text(json.dumps(results(link={**link, "latency_emulated": False},
-                                        records=records)))  # fmt: skip
+    # Runs that record no emulated latency: alpha takes the 100 us, and the 2.1 ms is missed.
+    for path in (fitted, other):
+        data = json.loads(path.read_text())
+        data["link"]["latency_emulated"] = False
+        path.write_text(json.dumps(data))
     assert main(["bench", "refit", str(fitted), "--predict", str(other)]) == 0
     out = capsys.readouterr().out
     assert "emulated one-way latency" not in out and "held out, all points: 100%" not in out

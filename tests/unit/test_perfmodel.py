@@ -289,7 +289,7 @@ def test_fit_keeps_the_best_round_when_the_sides_cycle(rnd):
     def err(params):  # r * r: inf rather than an OverflowError for a degenerate fit
         return sum(r * r for r in ((c.seconds(params) - t) / t for c, t in zip(costs, ts)))
 
-    first = pm._nnls_fit([c.terms() for c in costs], ts, {})
+    first = pm._nnls_fit([c.terms() for c in costs], ts, {}, [0.0] * len(ts), 0.0)
     got = pm.fit(ms)  # never raises, whatever the times
     assert err(got) <= err(first) * (1 + 1e-9)
 
@@ -419,3 +419,45 @@ def test_fit_holds_fixed_coefficients_and_fits_the_rest():
     assert got.gamma == pytest.approx(5e-8, rel=1e-4)
     with pytest.raises(ValueError, match="cannot fix"):
         pm.fit(ms, fixed={"delta": 1.0})
+
+
+def test_rounds_are_the_trips_each_collective_waits_for():
+    # Two trips for a batch of sends posted with its receives (the receiver's notice, then the
+    # data) and for each step of a library ring; one for a pipelined dense ring step and for a
+    # send to a receive posted earlier (gTop-k's way down); measured on gloo by
+    # benchmarks/bench_latency_steps.py. 8 ranks, so log2 p = 3 and p - 1 = 7.
+    rounds = {a: pm.cost(a, world=8, numel=10**6, density=0.01).rounds
+              for a in pm.available_models()}  # fmt: skip
+    assert rounds == {
+        "dense": 14,  # 2(p-1) pipelined steps
+        "allgather": 28,  # two library allgathers (sizes, payloads), p - 1 steps of 2 trips
+        "ssar_rd": 14,  # the agreement, then 3 exchanges of a size and a payload, 4 trips each
+        "ssar_split": 8,  # four batches: agreement, split, the ranges' sizes, the ranges
+        "dsar": 8,
+        "oktopk": 8,  # agreement, split, kept counts, the selected entries
+        "gtopk": 11,  # agreement, 3 hops up at 2 trips, 3 hops down at 1
+    }
+
+
+def test_latency_adds_its_rounds_and_leaves_a_zero_latency_prediction_alone():
+    p = pm.NetworkParams(alpha=1e-4, beta=8e-9, gamma=1e-8)
+    slow = pm.NetworkParams(alpha=1e-4, beta=8e-9, gamma=1e-8, latency=2e-3)
+    for a in pm.available_models():
+        c = pm.cost(a, world=8, numel=10**6, density=0.01)
+        base = pm.predict(a, world=8, numel=10**6, density=0.01, params=p)
+        assert base == c.seconds(p)  # latency 0: the paper's counting, as before
+        got = pm.predict(a, world=8, numel=10**6, density=0.01, params=slow)
+        assert got == pytest.approx(base + 2e-3 * c.rounds)
+
+
+def test_fit_takes_the_latency_as_known_and_recovers_the_rest():
+    true = pm.NetworkParams(alpha=3e-4, beta=8e-9, gamma=2e-8, gamma_dense=1e-9, latency=1e-3)
+    ms = [pm.Measurement(a, 8, n, d, pm.predict(a, world=8, numel=n, density=d, params=true))
+          for a in pm.available_models() for n in (10**5, 10**6, 10**7)
+          for d in (0.001, 0.01, 0.1)]  # fmt: skip
+    got = pm.fit(ms, fixed={"beta": 8e-9}, latency=1e-3)
+    assert got.latency == 1e-3
+    assert got.alpha == pytest.approx(3e-4, rel=1e-6)
+    assert got.gamma == pytest.approx(2e-8, rel=1e-6)
+    with pytest.raises(ValueError, match="latency must be a finite number >= 0, got -1"):
+        pm.fit(ms, latency=-1)

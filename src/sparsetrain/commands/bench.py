@@ -308,6 +308,7 @@ def _fit_model(
     world: int,
     link_bps: float | None = None,
     cores: int | None = None,
+    latency: float = 0.0,
 ) -> dict[str, Any] | None:
     from sparsetrain import perfmodel
 
@@ -320,8 +321,11 @@ def _fit_model(
         )  # fmt: skip
         for r in usable
     ]
-    # The link's rate is measured, so beta is held at it; the rest is fitted.
-    params = perfmodel.fit(meas, fixed={"beta": 8.0 / link_bps} if link_bps else None)
+    # The link's rate is measured, so beta is held at it, and its emulated latency is known;
+    # the rest is fitted.
+    params = perfmodel.fit(
+        meas, fixed={"beta": 8.0 / link_bps} if link_bps else None, latency=latency
+    )
     predicted = _predict_records(usable, world, params, cores)
     return {
         "params": params.as_dict(),
@@ -489,7 +493,8 @@ def run_cluster(args: argparse.Namespace) -> int:
         records = json.loads((tmp / "records.json").read_text())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    fit = _fit_model(records, args.ranks, link["bandwidth_measured_bps"], cores)
+    emulated = cluster.latency_s if cluster.latency_emulated else 0.0
+    fit = _fit_model(records, args.ranks, link["bandwidth_measured_bps"], cores, emulated)
     print(_table(records, fit["predicted"] if fit else None))
     result = {
         "config": config,
@@ -521,8 +526,11 @@ def _model_fit_entry(fit: dict[str, Any]) -> dict[str, Any]:
 def _print_fit(fit: dict[str, Any]) -> None:
     prm = fit["params"]
     rate = f"{8 / prm['beta'] / 1e9:.3f} Gbit/s" if prm["beta"] > 0 else "unbounded"
+    latency = prm.get("latency", 0.0)
+    known = f"; latency {latency * 1e6:g} us a round, known" if latency else ""
     print(
-        f"cost model fit ({fit['cores']} shared cores): alpha={prm['alpha'] * 1e6:.1f} us/message, "
+        f"cost model fit ({fit['cores']} shared cores{known}): "
+        f"alpha={prm['alpha'] * 1e6:.1f} us/message, "
         f"overhead={prm['overhead'] * 1e6:.1f} us/operation, 1/beta={rate}"
         f"{' (measured link)' if fit['beta_from_measured_link'] else ''}, "
         f"gamma={prm['gamma'] * 1e9:.2f} ns/entry, gamma_dense={prm['gamma_dense'] * 1e9:.3f} "
@@ -631,7 +639,9 @@ def run_refit(args: argparse.Namespace) -> int:
     records, world, link, cores = _load_results(path, args)
     if link is None and not args.free_beta:
         print(f"{path} records no measured link rate; beta is fitted too (as with --free-beta)")
-    fit = _fit_model(records, world, None if args.free_beta else link, cores)
+    fit = _fit_model(
+        records, world, None if args.free_beta else link, cores, _emulated_latency(path)
+    )
     if fit is None:
         args._parser.error(f"{path} has fewer than 3 modelled points")
     print(_table(records, fit["predicted"]))
@@ -651,15 +661,14 @@ def run_refit(args: argparse.Namespace) -> int:
         usable = [r for r in o_records if r["algorithm"] in perfmodel.available_models()]
         if not usable:
             args._parser.error(f"{other} has no modelled points")
-        # alpha is a message's cost on the fitted run's links; links that delay each message
-        # by more (or less) shift it by the difference, and nothing else changes.
+        # The fitted coefficients hold on links of another latency: each round of the call
+        # waits for the other run's latency instead, and nothing else changes.
         mine, theirs = _emulated_latency(path), _emulated_latency(other)
         if theirs != mine:
-            params = replace(params, alpha=params.alpha + theirs - mine)
+            params = replace(params, latency=theirs)
             print(
                 f"\nemulated one-way latency: {theirs * 1e6:.0f} us in {other}, "
-                f"{mine * 1e6:.0f} us in {path}; alpha {fit['params']['alpha'] * 1e6:.1f} -> "
-                f"{params.alpha * 1e6:.1f} us"
+                f"{mine * 1e6:.0f} us in {path}; predicted with {theirs * 1e6:.0f} us a round"
             )
         predicted = _predict_records(usable, o_world, params, o_cores)
         fitted_on = {(r["numel"], r["density"]) for r in records}
