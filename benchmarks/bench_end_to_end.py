@@ -152,13 +152,15 @@ def plot(report: dict, target: float, path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sparsetrain.cluster import LATENCY_VIA
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ranks", type=int, default=4)
     p.add_argument("--bandwidth", default="1gbit")
     p.add_argument("--latency", default="100us", help="one-way latency (default 100us)")
     p.add_argument(
         "--latency-via",
-        choices=("auto", "netem", "switch"),
+        choices=LATENCY_VIA,
         default="auto",
         help="netem where the kernel has it, else the cluster's delay switch (auto)",
     )

@@ -74,6 +74,8 @@ from dataclasses import dataclass, fields
 # ---- parameters and costs ---------------------------------------------------------------------
 
 COEFFICIENTS = ("alpha", "beta", "gamma", "gamma_dense", "gamma_sort", "overhead")
+# Every parameter: the fitted coefficients and the link's latency, which is given.
+PARAMETERS = (*COEFFICIENTS, "latency")
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,7 @@ class NetworkParams:
     latency: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in (*COEFFICIENTS, "latency"):
+        for name in PARAMETERS:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
                 raise ValueError(f"NetworkParams.{name} must be a finite number >= 0, got {v!r}")
@@ -129,7 +131,7 @@ class NetworkParams:
                    gamma_dense=gamma_dense, gamma_sort=gamma_sort, overhead=overhead)  # fmt: skip
 
     def as_dict(self) -> dict[str, float]:
-        return {name: getattr(self, name) for name in (*COEFFICIENTS, "latency")}
+        return {name: getattr(self, name) for name in PARAMETERS}
 
 
 @dataclass(frozen=True)

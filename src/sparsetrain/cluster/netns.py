@@ -430,7 +430,6 @@ class EmulatedCluster:
         )
 
     def _build_bridge(self) -> None:
-        mask = ADDRESS_RANGE.prefixlen
         _run(["ip", "-n", self.hub, "link", "add", "br0", "type", "bridge"])
         _run(["ip", "-n", self.hub, "link", "set", "br0", "up"])
         for rank in range(self.ranks):
@@ -439,13 +438,18 @@ class EmulatedCluster:
             _run(["ip", "-n", self.hub, "link", "add", port, "mtu", str(self.mtu), "type", "veth",
                   "peer", "name", RANK_IFNAME, "netns", ns, "mtu", str(self.mtu)])  # fmt: skip
             _run(["ip", "-n", self.hub, "link", "set", port, "master", "br0", "up"])
-            _run(
-                ["ip", "-n", ns, "addr", "add", f"{self.address(rank)}/{mask}", "dev", RANK_IFNAME]
-            )
-            _run(["ip", "-n", ns, "link", "set", RANK_IFNAME, "up"])
+            self._raise_rank_link(rank)
             if self.gso_max_size < _GSO_DEFAULT:  # both ends: each side's bucket sees its sends
-                for where, dev in ((ns, RANK_IFNAME), (self.hub, port)):
-                    self._cap_gso(where, dev)
+                self._cap_gso(self.hub, port)
+
+    def _raise_rank_link(self, rank: int) -> None:
+        """Give ``rank``'s st0 its address, bring it up, and cap its GSO where the rate asks."""
+        ns = self.namespace(rank)
+        mask = ADDRESS_RANGE.prefixlen
+        _run(["ip", "-n", ns, "addr", "add", f"{self.address(rank)}/{mask}", "dev", RANK_IFNAME])
+        _run(["ip", "-n", ns, "link", "set", RANK_IFNAME, "up"])
+        if self.gso_max_size < _GSO_DEFAULT:
+            self._cap_gso(ns, RANK_IFNAME)
 
     def _cap_gso(self, namespace: str, dev: str) -> None:
         set_gso = ["ip", "-n", namespace, "link", "set", "dev", dev]
@@ -478,17 +482,10 @@ class EmulatedCluster:
                 f"the delay switch did not start within {timeout:g} s (exit {proc.returncode})"
                 f": {self._switch_message() or 'no message'}"
             )
-        mask = ADDRESS_RANGE.prefixlen
         for rank in range(self.ranks):
-            ns = self.namespace(rank)
-            _run(["ip", "-n", ns, "link", "set", RANK_IFNAME, "address", _rank_mac(rank),
-                  "mtu", str(self.mtu)])  # fmt: skip
-            _run(
-                ["ip", "-n", ns, "addr", "add", f"{self.address(rank)}/{mask}", "dev", RANK_IFNAME]
-            )
-            _run(["ip", "-n", ns, "link", "set", RANK_IFNAME, "up"])
-            if self.gso_max_size < _GSO_DEFAULT:
-                self._cap_gso(ns, RANK_IFNAME)
+            _run(["ip", "-n", self.namespace(rank), "link", "set", RANK_IFNAME, "address",
+                  _rank_mac(rank), "mtu", str(self.mtu)])  # fmt: skip
+            self._raise_rank_link(rank)
 
     def _switch_message(self) -> str:
         if self._switch_log is None:

@@ -493,8 +493,9 @@ def run_cluster(args: argparse.Namespace) -> int:
         records = json.loads((tmp / "records.json").read_text())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    emulated = cluster.latency_s if cluster.latency_emulated else 0.0
-    fit = _fit_model(records, args.ranks, link["bandwidth_measured_bps"], cores, emulated)
+    fit = _fit_model(
+        records, args.ranks, link["bandwidth_measured_bps"], cores, _link_latency(link)
+    )
     print(_table(records, fit["predicted"] if fit else None))
     result = {
         "config": config,
@@ -621,7 +622,11 @@ def _load_results(path: Path, args: argparse.Namespace) -> tuple[list, int, floa
 
 def _emulated_latency(path: Path) -> float:
     """The one-way latency a ``bench cluster`` run's links added (0 where none was emulated)."""
-    link = json.loads(path.read_text()).get("link") or {}
+    return _link_latency(json.loads(path.read_text()).get("link") or {})
+
+
+def _link_latency(link: dict[str, Any]) -> float:
+    """The one-way latency of a results file's ``link`` entry, where it was emulated; else 0."""
     if not link.get("latency_emulated"):
         return 0.0
     latency = link.get("latency_configured_s")
