@@ -63,22 +63,31 @@ def _sparse_input(numel: int, k: int, rank: int, seed: int):
     return idx, torch.randn(k, generator=g)
 
 
-def _time_point(fn, reps: int, warmup: int) -> dict[str, Any]:
-    """Run ``fn`` warmup + reps times in lock step; each time is the slowest rank's."""
+def _time_point(fn, reps: int, warmup: int, min_time: float = 0.0, max_reps: int = 0) -> dict:
+    """Run ``fn`` ``warmup`` times untimed, then timed in lock step; each time is the slowest
+    rank's.
+
+    Timing stops after ``reps`` runs once they add up to ``min_time`` seconds, or at ``max_reps``
+    runs: a short call is timed more often, so its median is as steady as a long call's. Every
+    rank decides on the same all-reduced times, so all stop together.
+    """
     import torch
     import torch.distributed as dist
 
+    max_reps = max(reps, max_reps)
     times, sent, recv = [], [], []
-    for i in range(warmup + reps):
+    done = -warmup
+    while done < reps or (sum(times) < min_time and done < max_reps):
         dist.barrier()
         t0 = time.perf_counter()
         s, r = fn()
         stats = torch.tensor([time.perf_counter() - t0, float(s), float(r)], dtype=torch.float64)
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)
-        if i >= warmup:
+        if done >= 0:
             times.append(stats[0].item())
             sent.append(int(stats[1].item()))
             recv.append(int(stats[2].item()))
+        done += 1
     return {
         "times_s": times,
         "median_s": statistics.median(times),
@@ -102,6 +111,7 @@ def worker_main(config_path: str) -> int:
     records: list[dict[str, Any]] = []
     colls = {name: get_collective(name) for name in cfg["algorithms"] if name != DENSE}
     points = [(n, d) for n in cfg["sizes"] for d in cfg["densities"]]
+    timing = (cfg["reps"], cfg["warmup"], cfg.get("min_time", 0.0), cfg.get("max_reps", 0))
     bar = None
     if rank == 0:
         from tqdm import tqdm
@@ -116,7 +126,7 @@ def worker_main(config_path: str) -> int:
                 b = ring_allreduce_bytes(numel, 4, world)
                 return b, b
 
-            rec = _time_point(dense, cfg["reps"], cfg["warmup"])
+            rec = _time_point(dense, *timing)
             for density in cfg["densities"]:
                 records.append({"algorithm": DENSE, "numel": numel, "density": density, **rec})
                 if bar:
@@ -132,7 +142,7 @@ def worker_main(config_path: str) -> int:
                     res = coll(idx, val, numel, key=key)
                     return res.bytes_sent, res.bytes_recv
 
-                rec = _time_point(sparse, cfg["reps"], cfg["warmup"])
+                rec = _time_point(sparse, *timing)
                 records.append({"algorithm": name, "numel": numel, "density": density, "k": k,
                                 **rec})  # fmt: skip
                 if bar:
@@ -380,6 +390,11 @@ def run_cluster(args: argparse.Namespace) -> int:
             raise ValueError(f"--algorithms: unknown {unknown}; valid names: {', '.join(known)}")
         if args.reps < 1 or args.warmup < 0:
             raise ValueError("--reps must be >= 1 and --warmup >= 0")
+        if not args.min_time >= 0 or args.max_reps < args.reps:
+            raise ValueError(
+                f"--min-time must be >= 0 seconds (got {args.min_time}) and --max-reps at least "
+                f"--reps ({args.reps}; got {args.max_reps})"
+            )
         if not args.timeout > 0:
             raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
         if args.probe_bytes < PROBE_MIN:
@@ -418,7 +433,8 @@ def run_cluster(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix=f"{BENCH_TMP_PREFIX}{os.getpid()}-"))
     try:
         cfg = {"sizes": sizes, "densities": densities, "algorithms": algorithms,
-               "reps": args.reps, "warmup": args.warmup, "seed": args.seed,
+               "reps": args.reps, "warmup": args.warmup, "min_time": args.min_time,
+               "max_reps": args.max_reps, "seed": args.seed,
                "records_path": str(tmp / "records.json")}  # fmt: skip
         (tmp / "config.json").write_text(json.dumps(cfg))
         os.chmod(tmp, 0o755)
@@ -758,6 +774,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help=f"full sweep: sizes {FULL_SIZES}, densities {FULL_DENSITIES}")  # fmt: skip
     c.add_argument("--algorithms", help="comma-separated; default: dense and every collective")
     c.add_argument("--reps", type=int, default=3, help="timed repetitions a point (median kept)")
+    c.add_argument(
+        "--min-time",
+        type=float,
+        default=0.0,
+        help="time a short point more often: repeat it until its timed runs add up to this "
+        "many seconds, up to --max-reps (default 0: --reps runs a point)",
+    )
+    c.add_argument("--max-reps", type=int, default=25, help="most timed repetitions a point")
     c.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--probe-bytes", type=int, default=50_000_000, help="bytes of the link test")
