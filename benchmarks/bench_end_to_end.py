@@ -220,7 +220,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, methods: list[str], tmp: Path) -> int:
     """Build the cluster, train every method in it, print and write the comparison."""
+    from sparsetrain._provenance import environment
     from sparsetrain.cluster import ClusterPermissionError, EmulatedCluster
+
+    env = environment()  # when the run started, and on what
 
     cfg = {**{k: getattr(args, k) for k in ("hidden", "density", "epochs", "batch_size", "lr",
                                               "seed", "eval_every", "bucket_mb")},
@@ -292,7 +295,8 @@ def _run(args: argparse.Namespace, methods: list[str], tmp: Path) -> int:
     stem = f"e2e_{args.ranks}r_{args.bandwidth}"
     from sparsetrain import _native  # which version of the native kernel the ranks ran
 
-    (out / f"{stem}.json").write_text(json.dumps({"args": vars(args), "link_measured_bps": bw,
+    (out / f"{stem}.json").write_text(json.dumps({"args": vars(args), "environment": env,
+                                                  "link_measured_bps": bw,
                                                   "rtt_measured_s": rtt,
                                                   "latency_method": latency_method,
                                                   "native_kernel": _native.vector_level(),

@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a cluster may run")
     p.add_argument("--out", default="benchmarks/results/latency_steps.json")
     args = p.parse_args(argv)
+    from sparsetrain._provenance import environment
+
+    env = environment(sys.argv if argv is None else [p.prog, *argv])
     if args.reps < 1:
         p.error(f"--reps must be >= 1, got {args.reps}")
     from sparsetrain.cluster import ClusterPermissionError
@@ -135,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{trips[op]:>15.2f}")  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "without_latency": base, "with_latency": slow,
+    out.write_text(json.dumps({"args": vars(args), "environment": env,
+                               "without_latency": base, "with_latency": slow,
                                "one_way_trips": trips}, indent=1))  # fmt: skip
     print(f"wrote {out}")
     return 0

@@ -13,7 +13,9 @@ import tempfile
 import time
 
 import pytest
+import torch
 
+import sparsetrain
 import sparsetrain.cluster
 from sparsetrain.cli import main
 from sparsetrain.cluster import ClusterError, ClusterPermissionError, ClusterTimeoutError
@@ -264,6 +266,23 @@ def test_refit_predict_takes_the_other_runs_emulated_latency_for_each_round(tmp_
     assert "emulated one-way latency" not in out and "held out, all points: 100%" not in out
 
 
+def test_refit_predict_says_when_the_runs_ran_on_other_processors(tmp_path, capsys):
+    fitted, other = tmp_path / "fitted.json", tmp_path / "other.json"
+    cases = [("CPU A", "CPU A", None),
+             ("CPU A", "CPU B", f"ran on different processors (CPU A in {fitted}, CPU B in {other})"),
+             ("CPU A", None, f"note: {other} does not record the processor it ran on"),
+             (None, None, f"note: {fitted} and {other} do not record")]  # fmt: skip
+    for mine, theirs, words in cases:
+        for path, cpu in ((fitted, mine), (other, theirs)):
+            path.write_text(json.dumps(results(**({"environment": {"cpu": cpu}} if cpu else {}))))
+        assert main(["bench", "refit", str(fitted), "--predict", str(other)]) == 0
+        out = capsys.readouterr().out
+        if words is None:
+            assert "note:" not in out
+        else:
+            assert words in out, out
+
+
 @pytest.mark.parametrize("link", [None, {}, {"bandwidth_measured_bps": None}])
 def test_refit_without_a_measured_link_rate_fits_beta_and_says_so(tmp_path, capsys, link):
     path = tmp_path / "r.json"
@@ -428,6 +447,10 @@ def test_cluster_runs_and_writes_results_with_spaced_algorithms(fake_cluster, tm
     assert data["config"]["algorithms"] == ["dense", "oktopk", "allgather"]
     assert {r["algorithm"] for r in data["records"]} == {"dense", "oktopk", "allgather"}
     assert data["model_fit"]["beta_from_measured_link"] is True
+    env = data["environment"]  # where and on what it ran, so runs of other days compare
+    assert isinstance(env["command"], list) and env["cores"] >= 1  # (the command is sys.argv)
+    assert env["cpu"] and env["torch"] == torch.__version__
+    assert env["started_utc"].endswith("+00:00") and env["sparsetrain"] == sparsetrain.__version__
     assert list((tmp_path / "tmp").iterdir()) == []
     assert "wrote" in capsys.readouterr().out
 

@@ -347,6 +347,7 @@ def _fit_model(
 
 
 def run_cluster(args: argparse.Namespace) -> int:
+    from sparsetrain._provenance import environment
     from sparsetrain.cluster import (
         ClusterError,
         ClusterPermissionError,
@@ -444,6 +445,7 @@ def run_cluster(args: argparse.Namespace) -> int:
             f"{', '.join(algorithms)}"
         )
         started = time.time()
+        env = environment()
         link = None
         cores = machine_cores()
         config = {
@@ -498,8 +500,8 @@ def run_cluster(args: argparse.Namespace) -> int:
                 # A results file like a finished run's, so `bench refit` reads it too.
                 partial = out / f"{stem}.partial.json"
                 records = json.loads((tmp / "records.json").read_text())
-                text = json.dumps({"config": config, "link": link, "partial": True,
-                                   "records": records}, indent=1)  # fmt: skip
+                text = json.dumps({"config": config, "environment": env, "link": link,
+                                   "partial": True, "records": records}, indent=1)  # fmt: skip
                 if _write_out(partial, text):
                     print(f"partial records (the points finished): {partial}", file=sys.stderr)
             return 1
@@ -515,6 +517,7 @@ def run_cluster(args: argparse.Namespace) -> int:
     print(_table(records, fit["predicted"] if fit else None))
     result = {
         "config": config,
+        "environment": env,
         "link": link,
         "seconds": time.time() - started,
         "records": records,
@@ -636,6 +639,30 @@ def _load_results(path: Path, args: argparse.Namespace) -> tuple[list, int, floa
     return records, world, link, cores
 
 
+def _machines_note(path: Path, other: Path) -> str | None:
+    """A warning where two runs' recorded processors differ or are not both recorded: the
+    fitted local-work coefficients hold for the processor they were fitted on."""
+    cpus = []
+    for p in (path, other):
+        env = json.loads(p.read_text()).get("environment")
+        cpu = env.get("cpu") if isinstance(env, dict) else None
+        cpus.append(cpu if isinstance(cpu, str) else None)
+    if cpus[0] is not None and cpus[0] == cpus[1]:
+        return None
+    if None in cpus:
+        missing = [str(p) for p, c in zip((path, other), cpus) if c is None]
+        verb = "do not record the processor they" if len(missing) == 2 else (
+            "does not record the processor it")  # fmt: skip
+        return (
+            f"note: {' and '.join(missing)} {verb} ran on (runs before the environment entry); "
+            "the fitted local-work coefficients hold only on the processor they were fitted on"
+        )
+    return (
+        f"note: the runs ran on different processors ({cpus[0]} in {path}, {cpus[1]} in "
+        f"{other}); the fitted local-work coefficients hold only on the one they were fitted on"
+    )
+
+
 def _emulated_latency(path: Path) -> float:
     """The one-way latency a ``bench cluster`` run's links added (0 where none was emulated)."""
     return _link_latency(json.loads(path.read_text()).get("link") or {})
@@ -684,6 +711,9 @@ def run_refit(args: argparse.Namespace) -> int:
             args._parser.error(f"{other} has no modelled points")
         # The fitted coefficients hold on links of another latency: each round of the call
         # waits for the other run's latency instead, and nothing else changes.
+        note = _machines_note(path, other)
+        if note:
+            print(f"\n{note}")
         mine, theirs = _emulated_latency(path), _emulated_latency(other)
         if theirs != mine:
             params = replace(params, latency=theirs)
