@@ -120,7 +120,10 @@ class TrainConfig:
         compressor_options: further options of the compressor (``option_names(compressor)``).
         error_feedback: keep what was not sent for the next step; None: on for biased
             compressors (top-k, threshold, ...), off for unbiased ones.
-        collective: how sparse payloads are reduced (``"allgather"`` or a sparse allreduce).
+        collective: how sparse payloads are reduced (``"allgather"``, a sparse allreduce, or
+            ``"auto"``).
+        collective_options, auto_candidates, auto_network: the collective's options and what
+            ``"auto"`` chooses from and with (``SyncConfig``'s fields of these names).
         dense_warmup_steps: steps of plain dense allreduce before compression starts.
         on_nonfinite: ``"raise"`` on a NaN/Inf gradient, or ``"skip"`` the step on every rank.
         aggregator, aggregator_options: robust aggregation rule (None: the plain average).
@@ -183,6 +186,9 @@ class TrainConfig:
     compressor_options: dict[str, Any] = field(default_factory=dict)
     error_feedback: bool | None = None
     collective: str = "allgather"
+    collective_options: dict[str, Any] = field(default_factory=dict)
+    auto_candidates: list[str] | None = None
+    auto_network: dict[str, float] | None = None
     dense_warmup_steps: int = 0
     on_nonfinite: str = "raise"
     aggregator: str | None = None
@@ -221,7 +227,8 @@ class TrainConfig:
             raise ValueError(f"unknown task {self.task!r}; valid names are: {', '.join(tasks)}")
         if self.density is not None:
             check_density(self.density)
-        for name in ("compressor_options", "aggregator_options", "attack_options", "task_options"):
+        for name in ("compressor_options", "collective_options", "aggregator_options",
+                     "attack_options", "task_options"):  # fmt: skip
             _check_dict(name, getattr(self, name))
         check_task_options(self.task, self.task_options)
         # Unknown compressor names and options are refused here, before any process starts.
@@ -317,6 +324,8 @@ class TrainConfig:
         density = options.pop("density", None)
         return density, {
             "error_feedback": self.error_feedback, "collective": self.collective,
+            "collective_options": self.collective_options,
+            "auto_candidates": self.auto_candidates, "auto_network": self.auto_network,
             "dense_warmup_steps": self.dense_warmup_steps, "on_nonfinite": self.on_nonfinite,
             "aggregator": self.aggregator, "aggregator_options": self.aggregator_options,
             "attack": self.attack, "attack_options": self.attack_options,
@@ -478,11 +487,14 @@ def _agreed_checkpoint(
         # Checkpoints written before bucket_cap_mb existed ran DDP's default buckets (25 MB,
         # whatever TrainConfig's default becomes).
         # Nor momentum correction.
-        # Nor runs without DDP.
+        # Nor runs without DDP, nor collective options.
         saved = {
             "bucket_cap_mb": 25.0,
             "momentum_correction": False,
             "ddp": True,
+            "collective_options": {},
+            "auto_candidates": None,
+            "auto_network": None,
             **state.get("config", {}),
         }
         if config.schedule == "cosine":  # checkpoints from before epochs was checked

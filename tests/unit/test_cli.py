@@ -106,6 +106,29 @@ def test_options_reach_the_right_compressor_and_values_are_typed():
         configs("train", "--compressor", "none", "--attack-option", "scale=-4")
 
 
+def test_collective_options_and_the_auto_choice_from_the_command_line(capsys):
+    base = ("train", "--compressor", "threshold", "--density", "0.01")
+    (c,) = configs(*base, "--collective", "oktopk", "--collective-option", "repartition_every=16")
+    assert c.collective_options == {"repartition_every": 16}
+    assert c.sync_config().collective_options_for("oktopk") == {"repartition_every": 16}
+    (c,) = configs(*base, "--collective", "auto", "--auto-candidates", "dense, allgather,oktopk",
+                   "--collective-option", "oktopk.k=500", "--auto-bandwidth", "1gbit",
+                   "--auto-latency", "20us")  # fmt: skip
+    assert c.auto_candidates == ["dense", "allgather", "oktopk"]
+    assert c.collective_options == {"oktopk": {"k": 500}}
+    assert c.auto_network["beta"] == 8e-9 and c.auto_network["alpha"] == pytest.approx(20e-6)
+    assert c.sync_config().auto_network.beta == 8e-9
+    (c,) = configs(*base, "--collective", "auto")  # nothing given: the model's defaults
+    assert (c.collective_options, c.auto_candidates, c.auto_network) == ({}, None, None)
+    for argv, words in (
+        (("--collective", "auto", "--collective-option", "k=5"), "name the candidate"),
+        (("--collective", "oktopk", "--auto-latency", "1ms"), "auto_network is for collective"),
+        (("--collective", "auto", "--auto-candidates", ","), "--auto-candidates lists nothing"),
+        (("--collective", "auto", "--auto-bandwidth", "x"), "cannot read bandwidth 'x'"),
+    ):
+        assert words in parse_error(capsys, *base, *argv)
+
+
 def test_parse_value_reads_literals_and_keeps_other_text():
     assert parse_value("0.5") == 0.5
     assert parse_value("True") is True

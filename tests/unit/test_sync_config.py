@@ -178,3 +178,97 @@ def test_exchange_into_refuses_parts_that_do_not_match_the_layout(parts, words):
     engine = SyncEngine(make_config("threshold", 0.5, {}))
     with pytest.raises(ValueError, match=words):
         engine.exchange_into(parts, ["a", "b"], [torch.Size([3]), torch.Size([4])])
+
+
+# ---- the collective's options, and what "auto" chooses from -----------------------------------
+def test_collective_options_reach_the_collective_and_its_restored_state():
+    sync = sparsetrain.GradientSync(
+        _model(), "threshold", density=0.1, collective="oktopk",
+        collective_options={"repartition_every": 8, "threshold_every": 4},
+    )  # fmt: skip
+    coll = sync.engine._collective_for(1000)
+    assert (coll.repartition_every, coll.threshold_every, coll.k) == (8, 4, None)
+    other = sparsetrain.GradientSync(
+        _model(), "threshold", density=0.1, collective="oktopk",
+        collective_options={"repartition_every": 8, "threshold_every": 4},
+    )  # fmt: skip
+    other.engine.load_state_dict(sync.engine.state_dict())  # builds the collective it restores
+    assert other.engine._collectives["oktopk"].repartition_every == 8
+
+
+def test_auto_picks_by_the_given_network_and_candidates(monkeypatch):
+    from sparsetrain import perfmodel
+    from sparsetrain.sync import engine
+
+    monkeypatch.setattr(engine, "world_of", lambda group: 8)
+    numel, density = 10_000_000, 0.01
+    slow = perfmodel.NetworkParams.from_link(bandwidth_bps=1e9, latency_s=50e-6)
+    picks = {}
+    for label, extra in {
+        "default": {},
+        "slow links, exact": {"auto_network": slow},
+        "slow links, selecting": {
+            "auto_network": slow.as_dict(),
+            "auto_candidates": ["dense", "allgather", "oktopk", "gtopk"],
+            "collective_options": {"oktopk": {"repartition_every": 3}},
+        },
+    }.items():
+        sync = sparsetrain.GradientSync(
+            _model(), "threshold", density=density, collective="auto", **extra
+        )
+        cfg = sync.config
+        coll = sync.engine._collective_for(numel)
+        want = perfmodel.best_collective(
+            numel=numel, nnz=int(density * numel), world=8, params=cfg.auto_network,
+            candidates=cfg.auto_candidates or perfmodel.EXACT,
+            sorted_input=bool(getattr(sync.engine.compressor, "sorted_indices", False)),
+        )  # fmt: skip
+        picks[label] = coll if coll == "dense" else coll.name
+        assert picks[label] == want, label
+    # The slow links make a sparse exchange win where 10 Gbit/s does not, and the selecting
+    # candidate wins once allowed, built with its options.
+    assert picks["slow links, selecting"] == "oktopk" != picks["slow links, exact"]
+    assert sync.engine._collectives["oktopk"].repartition_every == 3
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"collective": "oktopk", "collective_options": {"every": 2}}, ValueError,
+         r"collective 'oktopk' does not take option\(s\) \['every'\]; it takes: repartition_every"),
+        ({"collective": "oktopk", "collective_options": {"repartition_every": 0}}, ValueError,
+         "repartition_every must be a positive int"),
+        ({"collective": "oktopk", "collective_options": [1]}, TypeError,
+         "collective_options must be a dict"),
+        ({"collective": "ssar_rd", "auto_network": {"alpha": 1, "beta": 1}}, ValueError,
+         "auto_network is for collective='auto'"),
+        ({"collective": "allgather", "auto_candidates": ["dense"]}, ValueError,
+         "auto_candidates is for collective='auto'"),
+        ({"collective": "auto", "auto_candidates": ["dense", "fast"]}, ValueError,
+         r"auto_candidates: unknown \['fast'\]; valid names are: dense, allgather"),
+        ({"collective": "auto", "auto_candidates": "oktopk"}, TypeError,
+         "auto_candidates must be a non-empty list of names"),
+        ({"collective": "auto", "collective_options": {"oktopk": {"k": 5}}}, ValueError,
+         "'oktopk' is not among the candidates"),
+        ({"collective": "auto", "auto_candidates": ["oktopk"],
+          "collective_options": {"oktopk": 5}}, TypeError,
+         r"collective_options\['oktopk'\] must be a dict"),
+        ({"collective": "auto", "auto_network": {"alpha": 1e-5}}, ValueError,
+         "auto_network needs alpha .* and beta .*; missing: beta"),
+        ({"collective": "auto", "auto_network": {"alpha": 1, "beta": 1, "rate": 2}}, ValueError,
+         r"auto_network: unknown \['rate'\]; fields are alpha, beta"),
+        ({"collective": "auto", "auto_network": {"alpha": -1, "beta": 1}}, ValueError,
+         "auto_network: NetworkParams.alpha must be a finite number >= 0"),
+        ({"collective": "auto", "auto_network": "10gbit"}, TypeError,
+         "auto_network must be a perfmodel.NetworkParams or a dict of its fields, got str"),
+        ({"collective": "oktopk", "repartition_every": 8}, ValueError,
+         r"'repartition_every' is an option of the collective oktopk, not of compressor "
+         r"'threshold'; pass it as collective_options=\{'repartition_every': ...\}"),
+        ({"k": 8}, ValueError,
+         "'k' is an option of the collective gtopk and oktopk, not of compressor 'threshold'; "
+         "pass it as collective_options with collective='gtopk'"),
+    ],
+)  # fmt: skip
+def test_bad_collective_options_are_refused(options, error, message):
+    with pytest.raises(error, match=message):
+        sparsetrain.GradientSync(_model(), "threshold", density=0.1, **options)

@@ -125,7 +125,41 @@ def add_sync_arguments(p: argparse.ArgumentParser) -> None:
         help="extra compressor option, repeatable; without a COMPRESSOR prefix it goes to every "
         "selected compressor that takes KEY",
     )
-    g.add_argument("--collective", default="allgather", help="how sparse payloads are reduced")
+    from ..comm import available_collectives
+
+    g.add_argument(
+        "--collective",
+        default="allgather",
+        help="how sparse payloads are reduced: "
+        f"{', '.join(available_collectives())}, or auto (the cost model picks one a bucket; "
+        "default allgather)",
+    )
+    g.add_argument(
+        "--collective-option",
+        action="append",
+        default=[],
+        metavar="[NAME.]KEY=VALUE",
+        help="option of the collective, repeatable (oktopk: repartition_every, threshold_every, "
+        "k; gtopk: k); with --collective auto, prefix the candidate's NAME (oktopk.k=1000)",
+    )
+    g.add_argument(
+        "--auto-candidates",
+        metavar="NAMES",
+        help="with --collective auto: comma-separated names it picks from (dense and "
+        "collectives; default the exact ones: dense, allgather, ssar_rd, ssar_split, dsar)",
+    )
+    g.add_argument(
+        "--auto-bandwidth",
+        metavar="RATE",
+        help="with --collective auto: the links' rate for the cost model, tc notation (10gbit; "
+        "default 10gbit)",
+    )
+    g.add_argument(
+        "--auto-latency",
+        metavar="DURATION",
+        help="with --collective auto: the links' one-way latency for the cost model (5us; "
+        "default 5us)",
+    )
     g.add_argument(
         "--dense-warmup-steps",
         type=non_negative_int,
@@ -219,6 +253,44 @@ def add_training_arguments(p: argparse.ArgumentParser, *, workers: int, epochs: 
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _collective_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """TrainConfig's collective_options, auto_candidates and auto_network from the command
+    line (those not given are left out, so TrainConfig's defaults and checks apply)."""
+    out: dict[str, Any] = {}
+    auto = args.collective == "auto"
+    opts: dict[str, Any] = {}
+    for text in args.collective_option:
+        key, value = key_value(text)
+        if auto:
+            name, dot, key = key.partition(".")
+            if not dot or not key:
+                raise ValueError(
+                    f"--collective-option {text!r}: with --collective auto, name the candidate "
+                    "the option is for (oktopk.repartition_every=16)"
+                )
+            opts.setdefault(name, {})[key] = value
+        else:
+            opts[key] = value
+    if opts:
+        out["collective_options"] = opts
+    if args.auto_candidates is not None:
+        names = [c.strip() for c in args.auto_candidates.split(",") if c.strip()]
+        if not names:
+            raise ValueError(f"--auto-candidates lists nothing: {args.auto_candidates!r}")
+        out["auto_candidates"] = names
+    if args.auto_bandwidth is not None or args.auto_latency is not None:
+        from ..cluster.units import parse_duration, parse_rate
+        from ..perfmodel import NetworkParams
+
+        try:
+            rate = parse_rate(args.auto_bandwidth or "10gbit")
+            latency = parse_duration(args.auto_latency or "5us")
+        except ValueError as e:
+            raise ValueError(f"--auto-bandwidth/--auto-latency: {e}") from None
+        out["auto_network"] = NetworkParams.from_link(rate, latency).as_dict()
+    return out
+
+
 def _compressor_options(
     args: argparse.Namespace, compressors: list[str]
 ) -> dict[str, dict[str, Any]]:
@@ -269,6 +341,7 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
             compressor_options=per[c],
             error_feedback=EF_CHOICES[args.error_feedback],
             collective=args.collective,
+            **_collective_arguments(args),
             dense_warmup_steps=args.dense_warmup_steps,
             on_nonfinite=args.on_nonfinite,
             aggregator=args.aggregator,

@@ -25,7 +25,20 @@ class SyncConfig:
         compressor_options: options for it (``density`` among them for the sparse ones).
         error_feedback: keep what was not sent; None means on for biased compressors.
         collective: how sparse payloads are reduced: "allgather" or a sparse allreduce
-            (``sparsetrain.comm.available_collectives()``), or "auto" to let the cost model pick.
+            (``sparsetrain.comm.available_collectives()``), or "auto" to let the cost model pick
+            one for each bucket.
+        collective_options: options of the collective, for example
+            ``{"repartition_every": 16}`` for "oktopk"; with "auto", a dict of such options by
+            collective name, used when the choice falls on that collective.
+        auto_candidates: with "auto", the names it picks from: "dense" (a dense allreduce of
+            the densified payload) and collective names; default
+            ``sparsetrain.perfmodel.EXACT``, the exact ones. Add "oktopk" or "gtopk" to let it
+            pick a global selection (what that drops goes back into error feedback).
+        auto_network: with "auto", the cost model's parameters for this cluster: a
+            ``sparsetrain.perfmodel.NetworkParams`` or a dict of its fields (for example
+            ``NetworkParams.from_link(bandwidth_bps=25e9, latency_s=10e-6)``, or the
+            ``model_fit.params`` of a ``sparsetrain bench cluster`` file); default
+            ``DEFAULT_PARAMS`` (10 Gbit/s, 5 us).
         dense_warmup_steps: steps of plain dense allreduce before compression starts.
         on_nonfinite: "raise" (an error naming the parameter, on every rank) or "skip" (every
             rank drops the step; the caller checks ``skipped_last_step``). The error-feedback
@@ -52,6 +65,9 @@ class SyncConfig:
     compressor_options: dict[str, Any] = field(default_factory=dict)
     error_feedback: bool | None = None
     collective: str = "allgather"
+    collective_options: dict[str, Any] = field(default_factory=dict)
+    auto_candidates: list[str] | None = None
+    auto_network: Any = None  # a perfmodel.NetworkParams once validated
     dense_warmup_steps: int = 0
     on_nonfinite: str = "raise"
     aggregator: str | None = None
@@ -106,7 +122,84 @@ class SyncConfig:
                     f"{self.compressor!r} sends {cls.wire} payloads; use a sparse compressor "
                     "(topk, threshold) or collective='allgather'"
                 )
+        self._check_collective_options()
         self._check_momentum_correction(cls)
+
+    def _check_collective_options(self) -> None:
+        """Validate collective_options, auto_candidates and auto_network (normalising the last
+        to a NetworkParams and the candidates to a list)."""
+        from ..comm import available_collectives, get_collective
+        from ..perfmodel import EXACT, NetworkParams, available_models
+
+        opts = self.collective_options
+        if not isinstance(opts, dict):
+            raise TypeError(f"collective_options must be a dict, got {type(opts).__name__}")
+        auto = self.collective == "auto"
+        if not auto:
+            for name in ("auto_candidates", "auto_network"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name} is for collective='auto' (it tells the cost model what to "
+                        f"choose from and how fast the links are), got collective="
+                        f"{self.collective!r}"
+                    )
+            get_collective(self.collective, **opts)  # names the options it takes
+            return
+        cands = self.auto_candidates
+        if cands is None:
+            cands = list(EXACT)
+        elif isinstance(cands, str) or not isinstance(cands, (list, tuple)) or not cands:
+            raise TypeError(
+                f"auto_candidates must be a non-empty list of names, got {self.auto_candidates!r}"
+            )
+        valid = ["dense", *available_collectives()]
+        bad = [c for c in cands if c not in valid or c not in available_models()]
+        if bad:
+            raise ValueError(f"auto_candidates: unknown {bad}; valid names are: {', '.join(valid)}")
+        if self.auto_candidates is not None:
+            self.auto_candidates = list(dict.fromkeys(cands))
+        for name, value in opts.items():
+            if name not in cands or name == "dense":
+                raise ValueError(
+                    f"collective_options with collective='auto' maps a candidate's name to its "
+                    f"options; {name!r} is not among the candidates ({', '.join(cands)})"
+                )
+            if not isinstance(value, dict):
+                raise TypeError(
+                    f"collective_options[{name!r}] must be a dict of {name}'s options, got "
+                    f"{value!r}"
+                )
+            get_collective(name, **value)
+        net = self.auto_network
+        if isinstance(net, dict):
+            unknown = sorted(set(net) - {f for f in NetworkParams.__dataclass_fields__})
+            if unknown:
+                raise ValueError(
+                    f"auto_network: unknown {unknown}; fields are "
+                    f"{', '.join(NetworkParams.__dataclass_fields__)}"
+                )
+            missing = [f for f in ("alpha", "beta") if f not in net]
+            if missing:
+                raise ValueError(
+                    f"auto_network needs alpha (seconds a message) and beta (seconds a byte); "
+                    f"missing: {', '.join(missing)}"
+                )
+            try:
+                net = NetworkParams(**net)
+            except ValueError as e:
+                raise ValueError(f"auto_network: {e}") from None
+        if net is not None and not isinstance(net, NetworkParams):
+            raise TypeError(
+                f"auto_network must be a perfmodel.NetworkParams or a dict of its fields, got "
+                f"{type(net).__name__}"
+            )
+        self.auto_network = net
+
+    def collective_options_for(self, name: str) -> dict[str, Any]:
+        """The options the collective ``name`` is built with."""
+        if self.collective == "auto":
+            return dict(self.collective_options.get(name, {}))
+        return dict(self.collective_options) if name == self.collective else {}
 
     def _check_momentum_correction(self, cls: type) -> None:
         m = self.momentum_correction
@@ -151,11 +244,45 @@ class SyncConfig:
         ).hexdigest()
 
 
+def _refuse_collective_options_as_compressor_options(
+    compressor: str, sync: dict[str, Any], comp: dict[str, Any]
+) -> None:
+    """A collective's option given among the compressor's (``repartition_every=8`` next to
+    ``collective="oktopk"``) is an error that says where it goes."""
+    import dataclasses
+
+    from ..comm.registry import _COLLECTIVES
+    from ..compressors import option_names
+
+    takes = set(option_names(compressor))
+    for key in comp:
+        if key in takes:
+            continue
+        owners = [
+            name
+            for name, cls in sorted(_COLLECTIVES.items())
+            if dataclasses.is_dataclass(cls)
+            and key in {f.name for f in dataclasses.fields(cls) if f.init}
+        ]
+        if owners:
+            name = sync.get("collective", "allgather")
+            where = (
+                f"collective_options={{{key!r}: ...}}"
+                if name in owners
+                else f"collective_options with collective={owners[0]!r}"
+            )
+            raise ValueError(
+                f"{key!r} is an option of the collective {' and '.join(owners)}, not of "
+                f"compressor {compressor!r}; pass it as {where}"
+            )
+
+
 def make_config(compressor: str, density: float | None, options: dict[str, Any]) -> SyncConfig:
     """Split keyword options into the sync fields and the compressor's own options."""
     sync_fields = set(SyncConfig.__dataclass_fields__) - {"compressor", "compressor_options"}
     sync = {k: v for k, v in options.items() if k in sync_fields}
     comp = {k: v for k, v in options.items() if k not in sync_fields}
+    _refuse_collective_options_as_compressor_options(compressor, sync, comp)
     if density is not None:
         comp["density"] = density
     cfg = SyncConfig(compressor=compressor, compressor_options=comp, **sync)

@@ -103,19 +103,23 @@ class SyncEngine:
         name = self.config.collective
         if name == "auto":
             from ..compressors import k_for
-            from ..perfmodel import best_collective
+            from ..perfmodel import EXACT, best_collective
 
             density = float(getattr(self.compressor, "density", 1.0))
             name = best_collective(
                 numel=numel,
                 nnz=k_for(numel, density),
                 world=world_of(self.group),
+                params=self.config.auto_network,
+                candidates=self.config.auto_candidates or EXACT,
                 sorted_input=bool(getattr(self.compressor, "sorted_indices", False)),
             )
         if name == "dense":
             return name
         if name not in self._collectives:
-            self._collectives[name] = get_collective(name)
+            self._collectives[name] = get_collective(
+                name, **self.config.collective_options_for(name)
+            )
         return self._collectives[name]
 
     # ---- the exchange --------------------------------------------------------------------
@@ -694,7 +698,9 @@ class SyncEngine:
         self.feedback.load_state_dict(state["feedback"])
         self.compressor.load_state_dict(state["compressor"])
         for name, cstate in state.get("collectives", {}).items():
-            coll = self._collectives.get(name) or get_collective(name)
+            coll = self._collectives.get(name) or get_collective(
+                name, **self.config.collective_options_for(name)
+            )
             coll.load_state_dict(cstate)
             self._collectives[name] = coll
         if self.aggregator is not None and "aggregator" in state:
