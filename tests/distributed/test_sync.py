@@ -769,3 +769,58 @@ def test_momentum_correction_follows_its_definition_on_both_paths(tmp_path):
         assert any(float(u.abs().max()) > 0 for u in velocity.values())
         saved = r["buckets-gtopk"]["state"]["feedback"]
         assert saved["momentum"] == MOMENTUM and sorted(saved["velocity"]) == sorted(velocity)
+
+
+# ---- error feedback of a global selection, against its definition ------------------------------
+def _selection_feedback(rank: int, world: int) -> list[str]:
+    """Each step, for Ok-Topk and gTop-k: what this rank sends is the top k of its compensated
+    gradient (gradient plus residual); the new residual is the compensated gradient less what it
+    sent at positions the global selection kept. Ok-Topk's result is the average of all sent
+    values over the kept positions (it sums before it selects); gTop-k's tree may have dropped
+    some ranks' shares of a kept position (as in the paper), so only its support is checked."""
+    from sparsetrain.compressors import k_for
+
+    problems = []
+    for collective in ("oktopk", "gtopk"):
+        torch.manual_seed(0)
+        model = nn.Linear(50, 20, bias=False)  # 1,000 entries, k = 50
+        sync = sparsetrain.GradientSync(model, "topk", density=0.05, collective=collective)
+        numel, k = model.weight.numel(), k_for(1000, 0.05)
+        residual = torch.zeros(numel)
+        g = torch.Generator().manual_seed(100 + rank)
+        for step in range(3):
+            grad = torch.randn(numel, generator=g) * (1 + rank)
+            model.weight.grad = grad.reshape(model.weight.shape).clone()
+            compensated = grad + residual
+            sent = torch.topk(compensated.abs(), k).indices
+            sync.synchronize()
+            result = model.weight.grad.reshape(-1)
+            kept = result.nonzero().flatten()  # the global selection (sums of randn are not 0)
+            # Every rank's sent values, to check the average over the kept positions.
+            everyone = [torch.zeros(numel) for _ in range(world)]
+            mine = torch.zeros(numel)
+            mine[sent] = compensated[sent]
+            dist.all_gather(everyone, mine)
+            want = torch.stack(everyone).sum(0) / world
+            exact_sums = collective == "oktopk"
+            # (Ok-Topk keeps what passes its estimated threshold, which it reuses between
+            # estimates, so its count varies around k; gTop-k keeps at most k.)
+            if not exact_sums and kept.numel() > k:
+                problems.append(f"{collective} step {step}: {kept.numel()} kept, more than k")
+            if exact_sums and not torch.allclose(result[kept], want[kept], rtol=1e-5, atol=1e-6):
+                problems.append(f"{collective} step {step}: kept values are not the average")
+            gone = sent[torch.isin(sent, kept)]  # sent and kept: applied, so not kept back
+            residual = compensated.clone()
+            residual[gone] = 0
+            got = sync.engine.feedback.residuals["weight"].reshape(-1)
+            if not torch.allclose(got, residual, rtol=1e-6, atol=1e-6):
+                bad = (got - residual).abs().gt(1e-6).sum().item()
+                problems.append(f"{collective} step {step}: residual differs at {bad} entries")
+            if step == 0 and torch.isin(sent, kept).all():
+                problems.append(f"{collective}: the selection dropped nothing this rank sent")
+    return problems
+
+
+def test_a_global_selection_puts_what_it_dropped_back_into_the_residual(tmp_path):
+    for rank, problems in enumerate(oks(run_world(_selection_feedback, 3, tmp_path))):
+        assert problems == [], f"rank {rank}: {problems}"

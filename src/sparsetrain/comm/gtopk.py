@@ -59,9 +59,12 @@ class GTopK(SparseCollective):
     3. Rank 0 holds the result and broadcasts it down the same tree, so every rank returns the
        same k (indices, values).
 
-    The result is gTop-k's selection, not the exact top-k of the sum: an entry dropped at one
-    merge cannot come back. Values a rank sent that are not in the result are for error
-    feedback to keep. Every message has the fixed size of k entries plus a count, so one
+    The result is gTop-k's selection, not the exact top-k of the sum: a contribution dropped at
+    one merge cannot come back. Its position can still be selected through another branch of
+    the tree, and then the result holds the other branch's sum there. Values a rank sent at
+    positions not in the result are for error feedback to keep; as in the paper (its residual
+    update masks by the global selection's indices), a contribution dropped at a position that
+    is selected after all is neither applied nor kept. Every message has the fixed size of k entries plus a count, so one
     message per round suffices.
 
     Args:
