@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         help="leave glibc's malloc as it is, in training and the floor (the runs before "
         "2026-12-03's allocator change)",
     )
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default="benchmarks/results", help="folder for the JSON and PNG")
+    p.add_argument("--name", help="stem of the JSON and PNG (default e2e_<ranks>r_<bandwidth>)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -206,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--methods: unknown {bad}; valid: {', '.join(METHODS)}")
     if not 0 < args.bucket_mb < float("inf"):
         p.error(f"--bucket-mb must be a finite number of MB > 0, got {args.bucket_mb}")
+    if args.name is not None and (not args.name.strip() or "/" in args.name):
+        p.error(f"--name must be a non-empty file stem without '/', got {args.name!r}")
     try:  # before anything is created
         check_privileges()
     except ClusterPermissionError as e:
@@ -221,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, methods: list[str], tmp: Path) -> int:
     """Build the cluster, train every method in it, print and write the comparison."""
     from sparsetrain._provenance import environment
-    from sparsetrain.cluster import ClusterPermissionError, EmulatedCluster
+    from sparsetrain.cluster import ClusterError, ClusterPermissionError, EmulatedCluster
 
     env = environment()  # when the run started, and on what
 
@@ -262,6 +265,9 @@ def _run(args: argparse.Namespace, methods: list[str], tmp: Path) -> int:
     except ClusterPermissionError as e:
         print(f"bench_end_to_end: {e}", file=sys.stderr)
         return 2
+    except ClusterError as e:  # a rank failed or timed out; the cluster is torn down
+        print(f"bench_end_to_end: {e}", file=sys.stderr)
+        return 1
     runs = {r["label"]: r for r in report["runs"]}
     base = "ddp" if "ddp" in runs else "dense"
     dense_t = time_to_target(runs[base]["curves"], args.target) if base in runs else None
@@ -292,7 +298,7 @@ def _run(args: argparse.Namespace, methods: list[str], tmp: Path) -> int:
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"e2e_{args.ranks}r_{args.bandwidth}"
+    stem = args.name or f"e2e_{args.ranks}r_{args.bandwidth}"
     from sparsetrain import _native  # which version of the native kernel the ranks ran
 
     (out / f"{stem}.json").write_text(json.dumps({"args": vars(args), "environment": env,

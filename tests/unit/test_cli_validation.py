@@ -376,9 +376,10 @@ def fake_cluster(monkeypatch, tmp_path):
     "argv, words",
     [
         (["--timeout", "0"], "--timeout must be > 0 seconds, got 0.0"),
-        (["--min-time", "-1"], "--min-time must be >= 0 seconds (got -1.0)"),
-        (["--min-time", "nan"], "--min-time must be >= 0 seconds (got nan)"),
-        (["--max-reps", "2"], "--max-reps at least --reps (3; got 2)"),
+        (["--min-time", "-1"], "--min-time must be >= 0 seconds, got -1.0"),
+        (["--min-time", "nan"], "--min-time must be >= 0 seconds, got nan"),
+        (["--max-reps", "2"], "--max-reps must be at least --reps (3), got 2"),
+        (["--reps", "30", "--max-reps", "29"], "--max-reps must be at least --reps (30), got 29"),
         (["--timeout", "-5"], "--timeout must be > 0 seconds"),
         (["--timeout", "nan"], "--timeout must be > 0 seconds"),
         (["--probe-bytes", "0"], "--probe-bytes must be at least 1,000,000"),

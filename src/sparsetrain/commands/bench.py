@@ -160,6 +160,7 @@ def worker_main(config_path: str) -> int:
 
 
 PROBE_MIN = 1_000_000
+MAX_REPS = 25  # --max-reps' default (or --reps, where that is more)
 BENCH_TMP_PREFIX = "sparsetrain-bench-"
 
 
@@ -391,10 +392,13 @@ def run_cluster(args: argparse.Namespace) -> int:
             raise ValueError(f"--algorithms: unknown {unknown}; valid names: {', '.join(known)}")
         if args.reps < 1 or args.warmup < 0:
             raise ValueError("--reps must be >= 1 and --warmup >= 0")
-        if not args.min_time >= 0 or args.max_reps < args.reps:
+        if not args.min_time >= 0:
+            raise ValueError(f"--min-time must be >= 0 seconds, got {args.min_time}")
+        if args.max_reps is None:
+            args.max_reps = max(args.reps, MAX_REPS)
+        elif args.max_reps < args.reps:
             raise ValueError(
-                f"--min-time must be >= 0 seconds (got {args.min_time}) and --max-reps at least "
-                f"--reps ({args.reps}; got {args.max_reps})"
+                f"--max-reps must be at least --reps ({args.reps}), got {args.max_reps}"
             )
         if not args.timeout > 0:
             raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
@@ -789,7 +793,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "by the cluster's delay switch, which also adds the latency). Needs root.",
     )
     c.add_argument("--ranks", type=int, default=8, help="number of emulated ranks (default 8)")
-    c.add_argument("--bandwidth", default="1gbit", help="link rate each way, tc notation (1gbit)")
+    c.add_argument(
+        "--bandwidth", default="1gbit", help="link rate each way, tc notation (default 1gbit)"
+    )
     c.add_argument("--latency", default="100us", help="one-way latency (default 100us)")
     c.add_argument(
         "--latency-via",
@@ -802,8 +808,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     c.add_argument("--densities", help=f"k/n values (default {DEFAULT_DENSITIES})")
     c.add_argument("--full", action="store_true",
                    help=f"full sweep: sizes {FULL_SIZES}, densities {FULL_DENSITIES}")  # fmt: skip
-    c.add_argument("--algorithms", help="comma-separated; default: dense and every collective")
-    c.add_argument("--reps", type=int, default=3, help="timed repetitions a point (median kept)")
+    c.add_argument(
+        "--algorithms",
+        help="comma-separated, of dense and the collectives (allgather, dsar, gtopk, oktopk, "
+        "ssar_rd, ssar_split); default: all of them",
+    )
+    c.add_argument(
+        "--reps", type=int, default=3, help="timed repetitions a point (median kept; default 3)"
+    )
     c.add_argument(
         "--min-time",
         type=float,
@@ -811,18 +823,35 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="time a short point more often: repeat it until its timed runs add up to this "
         "many seconds, up to --max-reps (default 0: --reps runs a point)",
     )
-    c.add_argument("--max-reps", type=int, default=25, help="most timed repetitions a point")
-    c.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--probe-bytes", type=int, default=50_000_000, help="bytes of the link test")
+    c.add_argument(
+        "--max-reps",
+        type=int,
+        help=f"most timed repetitions a point with --min-time (default {MAX_REPS}, or --reps)",
+    )
+    c.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (default 1)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    c.add_argument(
+        "--probe-bytes",
+        type=int,
+        default=50_000_000,
+        help="bytes of the link's bulk-TCP rate test (default 50000000)",
+    )
     c.add_argument(
         "--timeout",
         type=float,
         default=3600.0,
         help="seconds the link probes and the collectives may take together (default 3600)",
     )
-    c.add_argument("--out", default="benchmarks/results", help="folder for JSON and PNGs")
-    c.add_argument("--name", help="stem of the JSON file (default cluster_<ranks>r_<bandwidth>)")
+    c.add_argument(
+        "--out",
+        default="benchmarks/results",
+        help="folder for JSON and PNGs (default benchmarks/results)",
+    )
+    c.add_argument(
+        "--name",
+        help="stem of the JSON and PNG files (default cluster_<ranks>r_<bandwidth>; the PNGs "
+        "add _<size>)",
+    )
     c.set_defaults(func=run_cluster, _parser=c)
     f = sub.add_parser("refit", help="fit the cost model again to a bench cluster JSON")
     f.add_argument("results", help="a JSON written by `bench cluster`")
