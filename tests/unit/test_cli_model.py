@@ -50,8 +50,24 @@ def test_refit_recovers_the_model_and_checks_it_on_held_out_points(tmp_path, cap
     assert main(["bench", "refit", str(fitted), "--predict", str(held)]) == 0
     out = capsys.readouterr().out
     assert "(2 shared cores)" in out
-    assert "100% of points within 25%" in out
-    assert "held out, sizes or densities not fitted on: 100% of 14 within 25%" in out
+    # Dense allreduce is listed at every density but timed once a size: 2 sizes x 3 densities
+    # x 6 sparse collectives plus 2 dense times, and 1 size x 2 densities x 6 plus 1.
+    assert "100% of 38 points within 25%" in out
+    assert "held out, sizes or densities not fitted on: 100% of 13 within 25%" in out
+
+
+def test_a_dense_time_listed_at_every_density_counts_once(tmp_path, capsys):
+    path = write_results(tmp_path / "a.json", [10**6, 25 * 10**6], [0.001, 0.01, 0.1])
+    data = json.loads(path.read_text())
+    for r in data["records"]:  # one slow dense measurement at 25M, in its three copies
+        if r["algorithm"] == "dense" and r["numel"] == 25 * 10**6:
+            r["median_s"] *= 3
+            r["times_s"] = [r["median_s"]]
+    path.write_text(json.dumps(data))
+    assert main(["bench", "refit", str(path), "--write"]) == 0
+    assert "97% of 38 points within 25%" in capsys.readouterr().out  # 1 miss, not 3 of 42
+    fit = json.loads(path.read_text())["model_fit"]
+    assert fit["n_points"] == 38 and len(fit["points"]) == 42  # every record keeps a prediction
 
 
 def test_refit_write_stores_the_fit_that_simulate_reads(tmp_path, capsys):
