@@ -27,7 +27,8 @@ def test_short_points_repeat_until_min_time_and_ranks_stop_together(tmp_path):
         (rec0, calls0), (rec1, calls1) = results
         assert rec0 == rec1  # every rank decided on the same all-reduced times
         times = rec0["times_s"]
-        assert calls0 == calls1 == len(times) + 1  # one untimed warmup
+        assert calls0 == calls1 == len(times) + 1  # one untimed warmup, recorded apart
+        assert len(rec0["warmup_s"]) == 1 and rec0["warmup_s"][0] >= 0.04
         assert min(times) >= 0.04  # the slowest rank's time
         assert rec0["bytes_sent_max"] == 20 and rec0["bytes_recv_max"] == 40
         if want == "reps":

@@ -75,7 +75,7 @@ def _time_point(fn, reps: int, warmup: int, min_time: float = 0.0, max_reps: int
     import torch.distributed as dist
 
     max_reps = max(reps, max_reps)
-    times, sent, recv = [], [], []
+    times, sent, recv, untimed = [], [], [], []
     done = -warmup
     while done < reps or (sum(times) < min_time and done < max_reps):
         dist.barrier()
@@ -87,8 +87,11 @@ def _time_point(fn, reps: int, warmup: int, min_time: float = 0.0, max_reps: int
             times.append(stats[0].item())
             sent.append(int(stats[1].item()))
             recv.append(int(stats[2].item()))
+        else:
+            untimed.append(stats[0].item())
         done += 1
     return {
+        "warmup_s": untimed,  # a stateful collective's first call sets its state up
         "times_s": times,
         "median_s": statistics.median(times),
         "bytes_sent_max": max(sent),
