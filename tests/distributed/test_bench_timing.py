@@ -38,34 +38,3 @@ def test_short_points_repeat_until_min_time_and_ranks_stop_together(tmp_path):
             assert sum(times) >= 0.3 and (len(times) == 3 or sum(times[:-1]) < 0.3)
         else:
             assert len(times) == 4 and sum(times) < 0.3
-
-
-def _interleaved(rank: int, world: int):
-    from sparsetrain.commands.bench import _time_points
-
-    order = []
-
-    def call(name, seconds):
-        def fn():
-            order.append(name)
-            time.sleep(seconds)
-            return 1, 1
-
-        return fn
-
-    recs = _time_points(
-        {"fast": call("fast", 0.01), "slow": call("slow", 0.05)},
-        reps=3, warmup=1, min_time=0.1, max_reps=25,
-    )  # fmt: skip
-    return order, {n: (len(r["warmup_s"]), len(r["times_s"])) for n, r in recs.items()}
-
-
-def test_points_are_timed_in_turn_so_a_slow_spell_is_shared(tmp_path):
-    (order0, counts0), (order1, counts1) = oks(run_world(_interleaved, 2, tmp_path))
-    assert order0 == order1 and counts0 == counts1
-    # Warm-ups first, then the timed runs alternate until the slow call has its 3 runs (0.15 s,
-    # past min_time); the fast one goes on alone until its runs add up to 0.1 s.
-    assert order0[:8] == ["fast", "slow"] * 4
-    assert counts0["slow"] == (1, 3)
-    assert order0[8:] == ["fast"] * (counts0["fast"][1] - 3)
-    assert 4 <= counts0["fast"][1] <= 10 and counts0["fast"][0] == 1

@@ -63,66 +63,40 @@ def _sparse_input(numel: int, k: int, rank: int, seed: int):
     return idx, torch.randn(k, generator=g)
 
 
-def _time_points(
-    fns: dict[str, Any], reps: int, warmup: int, min_time: float = 0.0, max_reps: int = 0
-) -> dict[str, dict[str, Any]]:
-    """Time several calls in lock step, by rounds: each round runs every call that still needs
-    a run once, in turn; each time is the slowest rank's.
+def _time_point(fn, reps: int, warmup: int, min_time: float = 0.0, max_reps: int = 0) -> dict:
+    """Run ``fn`` ``warmup`` times untimed, then timed in lock step; each time is the slowest
+    rank's.
 
-    A call is run ``warmup`` times untimed, then timed until it has ``reps`` runs that add up to
-    ``min_time`` seconds, or ``max_reps`` runs: a short call is timed more often, so its median
-    is as steady as a long call's. Taking the calls in turn spreads a slow spell of a shared
-    machine over all of them, where timing each call's runs back to back would put it into one
-    call's median. Every rank decides on the same all-reduced times, so all stop together.
+    Timing stops after ``reps`` runs once they add up to ``min_time`` seconds, or at ``max_reps``
+    runs: a short call is timed more often, so its median is as steady as a long call's. Every
+    rank decides on the same all-reduced times, so all stop together.
     """
     import torch
     import torch.distributed as dist
 
     max_reps = max(reps, max_reps)
-    runs = {name: {"warmup_s": [], "times_s": [], "sent": [], "recv": []} for name in fns}
-
-    def wanted(r: dict[str, list]) -> bool:
-        t = r["times_s"]
-        return (
-            len(r["warmup_s"]) < warmup
-            or len(t) < reps
-            or (sum(t) < min_time and len(t) < max_reps)
-        )
-
-    while True:
-        active = [name for name in fns if wanted(runs[name])]
-        if not active:
-            break
-        for name in active:
-            dist.barrier()
-            t0 = time.perf_counter()
-            s, r = fns[name]()
-            stats = torch.tensor(
-                [time.perf_counter() - t0, float(s), float(r)], dtype=torch.float64
-            )
-            dist.all_reduce(stats, op=dist.ReduceOp.MAX)
-            run = runs[name]
-            if len(run["warmup_s"]) < warmup:
-                run["warmup_s"].append(stats[0].item())  # a stateful call sets its state up
-                continue
-            run["times_s"].append(stats[0].item())
-            run["sent"].append(int(stats[1].item()))
-            run["recv"].append(int(stats[2].item()))
+    times, sent, recv, untimed = [], [], [], []
+    done = -warmup
+    while done < reps or (sum(times) < min_time and done < max_reps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        s, r = fn()
+        stats = torch.tensor([time.perf_counter() - t0, float(s), float(r)], dtype=torch.float64)
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+        if done >= 0:
+            times.append(stats[0].item())
+            sent.append(int(stats[1].item()))
+            recv.append(int(stats[2].item()))
+        else:
+            untimed.append(stats[0].item())
+        done += 1
     return {
-        name: {
-            "warmup_s": r["warmup_s"],
-            "times_s": r["times_s"],
-            "median_s": statistics.median(r["times_s"]),
-            "bytes_sent_max": max(r["sent"]),
-            "bytes_recv_max": max(r["recv"]),
-        }
-        for name, r in runs.items()
+        "warmup_s": untimed,  # a stateful collective's first call sets its state up
+        "times_s": times,
+        "median_s": statistics.median(times),
+        "bytes_sent_max": max(sent),
+        "bytes_recv_max": max(recv),
     }
-
-
-def _time_point(fn, reps: int, warmup: int, min_time: float = 0.0, max_reps: int = 0) -> dict:
-    """:func:`_time_points` of one call."""
-    return _time_points({"call": fn}, reps, warmup, min_time, max_reps)["call"]
 
 
 def worker_main(config_path: str) -> int:
@@ -147,42 +121,38 @@ def worker_main(config_path: str) -> int:
 
         bar = tqdm(total=len(points) * len(cfg["algorithms"]), desc="collectives", unit="pt")
     for numel in cfg["sizes"]:
-        x = torch.randn(numel) if DENSE in cfg["algorithms"] else None
+        if DENSE in cfg["algorithms"]:
+            x = torch.randn(numel)
 
-        def dense(x=x, numel=numel):
-            dist.all_reduce(x)
-            b = ring_allreduce_bytes(numel, 4, world)
-            return b, b
+            def dense(x=x, numel=numel):
+                dist.all_reduce(x)
+                b = ring_allreduce_bytes(numel, 4, world)
+                return b, b
 
-        dense_rec = None
+            rec = _time_point(dense, *timing)
+            for density in cfg["densities"]:
+                records.append({"algorithm": DENSE, "numel": numel, "density": density, **rec})
+                if bar:
+                    bar.update()
+            del x
         for density in cfg["densities"]:
             k = max(1, min(numel, int(round(density * numel))))
             idx, val = _sparse_input(numel, k, rank, cfg["seed"])
-            key = f"{numel}/{density}"
-            fns = {}
-            if x is not None and dense_rec is None:  # dense is timed once a size, with the first
-                fns[DENSE] = dense
             for name, coll in colls.items():
+                key = f"{numel}/{density}"
 
                 def sparse(coll=coll, idx=idx, val=val, numel=numel, key=key):
                     res = coll(idx, val, numel, key=key)
                     return res.bytes_sent, res.bytes_recv
 
-                fns[name] = sparse
-            recs = _time_points(fns, *timing)
-            dense_rec = recs.pop(DENSE, dense_rec)
-            if dense_rec is not None:
-                records.append({"algorithm": DENSE, "numel": numel, "density": density,
-                                **dense_rec})  # fmt: skip
-            for name, rec in recs.items():
+                rec = _time_point(sparse, *timing)
                 records.append({"algorithm": name, "numel": numel, "density": density, "k": k,
                                 **rec})  # fmt: skip
-            if bar:
-                bar.set_postfix_str(f"n={numel} d={density}")
-                bar.update(len(cfg["algorithms"]))
-            if rank == 0:  # keep partial results if a later point fails
-                _write_json(Path(cfg["records_path"]), records)
-        del x
+                if bar:
+                    bar.set_postfix_str(f"{name} n={numel} d={density}")
+                    bar.update()
+                if rank == 0:  # keep partial results if a later point fails
+                    _write_json(Path(cfg["records_path"]), records)
     if rank == 0:
         _write_json(Path(cfg["records_path"]), records)
     if bar:
