@@ -23,7 +23,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _COMMANDS:
         importlib.import_module(f"sparsetrain.commands.{name.replace('-', '_')}").register(sub)
+    _plain_descriptions(parser)
     return parser
+
+
+def _plain_descriptions(parser: argparse.ArgumentParser) -> None:
+    """Drop the docstrings' reStructuredText literal marks (``x``) from the help of every
+    subcommand, whose descriptions come from module docstrings."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                if child.description:
+                    child.description = child.description.replace("``", "")
+                _plain_descriptions(child)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -450,3 +450,19 @@ def test_under_torchrun_train_config_checks_against_world_size(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(ValueError, match=r"n > 2f \+ 2"):
         TrainConfig(aggregator="krum", attack="sign_flip", byzantine=1, workers=8)
+
+
+def test_no_help_text_shows_docstring_markup():
+    import argparse
+
+    def parsers(p):
+        yield p
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    yield from parsers(child)
+
+    found = list(parsers(build_parser()))
+    assert len(found) > 8  # the subcommands and bench's own
+    for p in found:
+        assert "``" not in p.format_help(), p.prog
