@@ -3,8 +3,9 @@
 Times measured on this kind of machine depend on its processor as much as on the code: a fit of
 the cost model made on one day's host can miss another day's run by 50% or more where the local
 work (merges, sorts) runs at another speed. So every benchmark file records the processor, the
-cores, the library versions and the commit of the source it ran, and ``bench refit --predict``
-says when two runs came from different processors.
+cores, the library versions and the commit of the source it ran (``bench cluster``,
+``bench_end_to_end`` and ``bench_latency_steps`` write it), and ``bench refit --predict`` says
+when two runs came from different processors.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ def cpu_model() -> str:
 
 
 def source_commit() -> dict[str, Any] | None:
-    """The git commit of this package's source and whether the package's files differ from it,
-    where the package runs from a git checkout (an editable install); None otherwise."""
+    """The git commit of this package's source and whether the package's files differ from it
+    (modified, deleted or new files, ignored ones aside), where the package runs from a git
+    checkout that tracks it (an editable install); None otherwise, also for an installed copy
+    that merely sits inside some git work tree (a virtual environment in a checkout)."""
     here = Path(__file__).resolve().parent
 
     def git(*argv: str) -> subprocess.CompletedProcess:
@@ -45,7 +48,9 @@ def source_commit() -> dict[str, Any] | None:
         head = git("rev-parse", "HEAD")
         if head.returncode != 0:
             return None
-        diff = git("status", "--porcelain", "--untracked-files=no", "--", ".")
+        if git("ls-files", "--error-unmatch", "--", "__init__.py").returncode != 0:
+            return None  # a copy the repository does not track
+        diff = git("status", "--porcelain", "--", ".")
     except (OSError, subprocess.SubprocessError):
         return None
     return {"commit": head.stdout.strip(), "package_modified": bool(diff.stdout.strip())}

@@ -269,12 +269,14 @@ def test_resumed_run_ends_exactly_where_the_uninterrupted_one_does(tmp_path):
     # The cut (step 15) fell between two records (every 10 steps): the training loss of steps
     # 11-15 was saved with the checkpoint, so the point at step 20 averages the same steps.
     assert resumed["curves"]["train_loss"] == whole["curves"]["train_loss"]
-    # A checkpoint written before bucket_cap_mb existed resumes with DDP's default buckets;
-    # another bucket size (other per-bucket state) is refused.
+    # A checkpoint written before bucket_cap_mb and the collective options existed resumes
+    # with DDP's default buckets and no options; another bucket size (other per-bucket state)
+    # is refused.
     for rank in (0, 1):
         path = tmp_path / "cut" / f"rank{rank}.pt"
         state = torch.load(path, weights_only=False)
-        del state["config"]["bucket_cap_mb"]
+        for key in ("bucket_cap_mb", "collective_options", "auto_candidates", "auto_network"):
+            del state["config"][key]
         torch.save(state, path)
     again = launch(TrainConfig(label="cut", resume=True, **common))["runs"][0]
     assert again["final_test_loss"] == whole["final_test_loss"]

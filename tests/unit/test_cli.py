@@ -120,9 +120,33 @@ def test_collective_options_and_the_auto_choice_from_the_command_line(capsys):
     assert c.sync_config().auto_network.beta == 8e-9
     (c,) = configs(*base, "--collective", "auto")  # nothing given: the model's defaults
     assert (c.collective_options, c.auto_candidates, c.auto_network) == ({}, None, None)
+    # A tuple of candidates and a NetworkParams are held as the CLI gives them (a list and a
+    # dict), so a run resumed from the command line compares equal.
+    from sparsetrain.perfmodel import NetworkParams
+
+    c = TrainConfig(compressor="threshold", density=0.01, collective="auto",
+                    auto_candidates=("dense", "oktopk"),
+                    auto_network=NetworkParams(alpha=1e-5, beta=8e-10))  # fmt: skip
+    assert c.auto_candidates == ["dense", "oktopk"] and c.auto_network["beta"] == 8e-10
+    with pytest.raises(ValueError, match=r"compressor 'topk' does not take 'repartition_every' \("):
+        TrainConfig(compressor="topk", compressor_options={"repartition_every": 8},
+                    collective="oktopk")  # fmt: skip
     for argv, words in (
         (("--collective", "auto", "--collective-option", "k=5"), "name the candidate"),
-        (("--collective", "oktopk", "--auto-latency", "1ms"), "auto_network is for collective"),
+        (
+            ("--collective", "oktopk", "--auto-latency", "1ms"),
+            "--auto-latency go with --collective auto, got --collective oktopk",
+        ),
+        (
+            ("--collective", "oktopk", "--collective-option", "oktopk.k=8"),
+            "give the option without the name (k=...)",
+        ),
+        (
+            ("--collective", "oktopk", "--option", "repartition_every=8"),
+            "--option 'repartition_every': no selected compressor takes it; it is an option of the "
+            "collective oktopk; pass it as --collective-option repartition_every=...",
+        ),
+        (("--collective", "auto", "--option", "k=8"), "pass it as --collective-option gtopk.k=..."),
         (("--collective", "auto", "--auto-candidates", ","), "--auto-candidates lists nothing"),
         (("--collective", "auto", "--auto-bandwidth", "x"), "cannot read bandwidth 'x'"),
     ):

@@ -34,11 +34,20 @@ def test_no_git_or_no_checkout_records_no_commit(monkeypatch):
     monkeypatch.setattr(subprocess, "run", not_a_repo)
     assert _provenance.source_commit() is None
 
+    def untracked_copy(argv, **k):  # an installed copy inside some other work tree
+        if "ls-files" in argv:
+            return subprocess.CompletedProcess(argv, 1, "", "error: pathspec did not match")
+        return subprocess.CompletedProcess(argv, 0, "a" * 40 + "\n", "")
+
+    monkeypatch.setattr(subprocess, "run", untracked_copy)
+    assert _provenance.source_commit() is None
+
 
 def test_modified_package_files_are_flagged(monkeypatch):
     def git(argv, **k):
-        out = "a" * 40 + "\n" if "rev-parse" in argv else " M comm/ssar.py\n"
-        return subprocess.CompletedProcess(argv, 0, out, "")
+        out = {"rev-parse": "a" * 40 + "\n", "ls-files": "__init__.py\n"}
+        text = next((v for key, v in out.items() if key in argv), "?? comm/new.py\n")
+        return subprocess.CompletedProcess(argv, 0, text, "")
 
     monkeypatch.setattr(subprocess, "run", git)
     assert _provenance.source_commit() == {"commit": "a" * 40, "package_modified": True}

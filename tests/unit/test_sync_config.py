@@ -201,7 +201,7 @@ def test_auto_picks_by_the_given_network_and_candidates(monkeypatch):
     from sparsetrain.sync import engine
 
     monkeypatch.setattr(engine, "world_of", lambda group: 8)
-    numel, density = 10_000_000, 0.01
+    numel, density = 100_000, 0.1
     slow = perfmodel.NetworkParams.from_link(bandwidth_bps=1e9, latency_s=50e-6)
     picks = {}
     for label, extra in {
@@ -225,8 +225,9 @@ def test_auto_picks_by_the_given_network_and_candidates(monkeypatch):
         )  # fmt: skip
         picks[label] = coll if coll == "dense" else coll.name
         assert picks[label] == want, label
-    # The slow links make a sparse exchange win where 10 Gbit/s does not, and the selecting
-    # candidate wins once allowed, built with its options.
+    # The slow links make a sparse exchange win where 10 Gbit/s makes the dense allreduce win,
+    # and the selecting candidate wins once allowed, built with its options.
+    assert picks["default"] == "dense" != picks["slow links, exact"]
     assert picks["slow links, selecting"] == "oktopk" != picks["slow links, exact"]
     assert sync.engine._collectives["oktopk"].repartition_every == 3
 
@@ -249,7 +250,7 @@ def test_auto_picks_by_the_given_network_and_candidates(monkeypatch):
         ({"collective": "auto", "auto_candidates": "oktopk"}, TypeError,
          "auto_candidates must be a non-empty list of names"),
         ({"collective": "auto", "collective_options": {"oktopk": {"k": 5}}}, ValueError,
-         "'oktopk' is not among the candidates"),
+         "'oktopk' is not among the candidates .*: add it to auto_candidates"),
         ({"collective": "auto", "auto_candidates": ["oktopk"],
           "collective_options": {"oktopk": 5}}, TypeError,
          r"collective_options\['oktopk'\] must be a dict"),
@@ -262,11 +263,16 @@ def test_auto_picks_by_the_given_network_and_candidates(monkeypatch):
         ({"collective": "auto", "auto_network": "10gbit"}, TypeError,
          "auto_network must be a perfmodel.NetworkParams or a dict of its fields, got str"),
         ({"collective": "oktopk", "repartition_every": 8}, ValueError,
-         r"'repartition_every' is an option of the collective oktopk, not of compressor "
-         r"'threshold'; pass it as collective_options=\{'repartition_every': ...\}"),
+         r"compressor 'threshold' does not take 'repartition_every' \(it takes: band, density, "
+         r".*\); it is an option of the collective oktopk; pass it as "
+         r"collective_options=\{'repartition_every': ...\}"),
         ({"k": 8}, ValueError,
-         "'k' is an option of the collective gtopk and oktopk, not of compressor 'threshold'; "
-         "pass it as collective_options with collective='gtopk'"),
+         r"compressor 'threshold' does not take 'k' \(it takes: .*\); it is an option of the "
+         "collective gtopk and oktopk; pass it as collective_options with collective='gtopk'"),
+        ({"collective": "auto", "auto_candidates": ["dense", "oktopk"], "threshold_every": 8},
+         ValueError, r"pass it as collective_options=\{'oktopk': \{'threshold_every': ...\}\}"),
+        ({"collective": "auto", "collective_options": {"dense": {}}}, ValueError,
+         r"collective_options\['dense'\]: the dense allreduce takes no options"),
     ],
 )  # fmt: skip
 def test_bad_collective_options_are_refused(options, error, message):

@@ -851,7 +851,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     c.add_argument(
         "--max-reps",
         type=int,
-        help=f"most timed repetitions a point with --min-time (default {MAX_REPS}, or --reps)",
+        help=f"most timed repetitions a point with --min-time (default {MAX_REPS}, or --reps; "
+        "without --min-time a point runs --reps times)",
     )
     c.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (default 1)")
     c.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..compressors import available_compressors, option_names
+from ..sync.config import misplaced_collective_option
 from ..tasks import available_tasks
 from ..train import (
     BACKENDS,
@@ -270,6 +271,12 @@ def _collective_arguments(args: argparse.Namespace) -> dict[str, Any]:
                 )
             opts.setdefault(name, {})[key] = value
         else:
+            name, dot, rest = key.partition(".")
+            if dot and name == args.collective:
+                raise ValueError(
+                    f"--collective-option {text!r}: with --collective {args.collective}, give "
+                    f"the option without the name ({rest}=...)"
+                )
             opts[key] = value
     if opts:
         out["collective_options"] = opts
@@ -278,6 +285,14 @@ def _collective_arguments(args: argparse.Namespace) -> dict[str, Any]:
         if not names:
             raise ValueError(f"--auto-candidates lists nothing: {args.auto_candidates!r}")
         out["auto_candidates"] = names
+    if args.collective != "auto":
+        given = [flag for flag, v in (("--auto-candidates", args.auto_candidates),
+                                      ("--auto-bandwidth", args.auto_bandwidth),
+                                      ("--auto-latency", args.auto_latency)) if v is not None]  # fmt: skip
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} go with --collective auto, got --collective {args.collective}"
+            )
     if args.auto_bandwidth is not None or args.auto_latency is not None:
         from ..cluster.units import parse_duration, parse_rate
         from ..perfmodel import NetworkParams
@@ -311,6 +326,9 @@ def _compressor_options(
             raise ValueError(f"--option: {e}") from None
         if not targets:
             targets = [c for c in compressors if key in option_names(c)]
+            hint = misplaced_collective_option(key, args.collective, cli=True)
+            if not targets and hint:
+                raise ValueError(f"--option {key!r}: no selected compressor takes it; {hint}")
             if not targets:
                 raise ValueError(
                     f"--option {key!r}: none of the selected compressors ({', '.join(compressors)}) "

@@ -159,10 +159,15 @@ class SyncConfig:
         if self.auto_candidates is not None:
             self.auto_candidates = list(dict.fromkeys(cands))
         for name, value in opts.items():
-            if name not in cands or name == "dense":
+            if name == "dense":
+                raise ValueError(
+                    "collective_options['dense']: the dense allreduce takes no options"
+                )
+            if name not in cands:
                 raise ValueError(
                     f"collective_options with collective='auto' maps a candidate's name to its "
-                    f"options; {name!r} is not among the candidates ({', '.join(cands)})"
+                    f"options; {name!r} is not among the candidates ({', '.join(cands)}): add "
+                    "it to auto_candidates"
                 )
             if not isinstance(value, dict):
                 raise TypeError(
@@ -244,36 +249,60 @@ class SyncConfig:
         ).hexdigest()
 
 
-def _refuse_collective_options_as_compressor_options(
-    compressor: str, sync: dict[str, Any], comp: dict[str, Any]
-) -> None:
-    """A collective's option given among the compressor's (``repartition_every=8`` next to
-    ``collective="oktopk"``) is an error that says where it goes."""
+def collective_option_owners(key: str) -> list[str]:
+    """The collectives that take an option named ``key``."""
     import dataclasses
 
     from ..comm.registry import _COLLECTIVES
+
+    return [
+        name
+        for name, cls in sorted(_COLLECTIVES.items())
+        if dataclasses.is_dataclass(cls)
+        and key in {f.name for f in dataclasses.fields(cls) if f.init}
+    ]
+
+
+def misplaced_collective_option(key: str, collective: str, cli: bool = False) -> str | None:
+    """Where a collective's option ``key``, given as a compressor's, belongs (None where no
+    collective takes it): in collective_options (``--collective-option`` when ``cli``), keyed
+    by the candidate's name under "auto"."""
+    owners = collective_option_owners(key)
+    if not owners:
+        return None
+    if cli:
+        where = (
+            f"--collective-option {owners[0]}.{key}=..."
+            if collective == "auto"
+            else f"--collective-option {key}=..."
+            if collective in owners
+            else f"--collective-option {key}=... with --collective {owners[0]}"
+        )
+    else:
+        where = (
+            f"collective_options={{{owners[0]!r}: {{{key!r}: ...}}}}"
+            if collective == "auto"
+            else f"collective_options={{{key!r}: ...}}"
+            if collective in owners
+            else f"collective_options with collective={owners[0]!r}"
+        )
+    return f"it is an option of the collective {' and '.join(owners)}; pass it as {where}"
+
+
+def _refuse_collective_options_as_compressor_options(
+    compressor: str, collective: str, comp: dict[str, Any]
+) -> None:
+    """A collective's option given among the compressor's (``repartition_every=8`` next to
+    ``collective="oktopk"``) is an error that says where it goes."""
     from ..compressors import option_names
 
     takes = set(option_names(compressor))
     for key in comp:
-        if key in takes:
-            continue
-        owners = [
-            name
-            for name, cls in sorted(_COLLECTIVES.items())
-            if dataclasses.is_dataclass(cls)
-            and key in {f.name for f in dataclasses.fields(cls) if f.init}
-        ]
-        if owners:
-            name = sync.get("collective", "allgather")
-            where = (
-                f"collective_options={{{key!r}: ...}}"
-                if name in owners
-                else f"collective_options with collective={owners[0]!r}"
-            )
+        hint = None if key in takes else misplaced_collective_option(key, collective)
+        if hint:
             raise ValueError(
-                f"{key!r} is an option of the collective {' and '.join(owners)}, not of "
-                f"compressor {compressor!r}; pass it as {where}"
+                f"compressor {compressor!r} does not take {key!r} (it takes: "
+                f"{', '.join(sorted(takes)) or 'no options'}); {hint}"
             )
 
 
@@ -282,7 +311,9 @@ def make_config(compressor: str, density: float | None, options: dict[str, Any])
     sync_fields = set(SyncConfig.__dataclass_fields__) - {"compressor", "compressor_options"}
     sync = {k: v for k, v in options.items() if k in sync_fields}
     comp = {k: v for k, v in options.items() if k not in sync_fields}
-    _refuse_collective_options_as_compressor_options(compressor, sync, comp)
+    _refuse_collective_options_as_compressor_options(
+        compressor, sync.get("collective", "allgather"), comp
+    )
     if density is not None:
         comp["density"] = density
     cfg = SyncConfig(compressor=compressor, compressor_options=comp, **sync)
