@@ -824,3 +824,36 @@ def _selection_feedback(rank: int, world: int) -> list[str]:
 def test_a_global_selection_puts_what_it_dropped_back_into_the_residual(tmp_path):
     for rank, problems in enumerate(oks(run_world(_selection_feedback, 3, tmp_path))):
         assert problems == [], f"rank {rank}: {problems}"
+
+
+# ---- one rank's bad options: an error on every rank, not a wait -------------------------------
+def _one_rank_refuses(rank: int, world: int) -> list[str]:
+    errors = []
+    # GradientSync: rank 1's collective option is out of range.
+    opts = {"repartition_every": 0 if rank == 1 else 8}
+    try:
+        sparsetrain.GradientSync(_net(), "threshold", density=0.1, collective="oktopk",
+                                 collective_options=opts)  # fmt: skip
+    except (TypeError, ValueError) as e:
+        errors.append(f"{type(e).__name__}: {e}")
+    # The DDP hook: rank 0 names a compressor option that does not exist.
+    model = DDP(_net())
+    try:
+        sparsetrain.register_ddp_hook(
+            model, "topk", density=0.1, **({"levels": 4} if rank == 0 else {})
+        )
+    except (TypeError, ValueError) as e:
+        errors.append(f"{type(e).__name__}: {e}")
+    return errors
+
+
+def test_a_rank_with_bad_options_makes_every_rank_raise(tmp_path):
+    (zero, one) = oks(run_world(_one_rank_refuses, 2, tmp_path, timeout=120))
+    assert len(zero) == len(one) == 2, (zero, one)
+    assert one[0].startswith("ValueError: repartition_every must be a positive int")
+    assert (
+        "rank(s) [1] refused their gradient-sync options (rank 1: ValueError: "
+        "repartition_every must be a positive int" in zero[0]
+    )
+    assert zero[1].startswith("ValueError: compressor 'topk' does not take option(s) ['levels']")
+    assert "rank(s) [0] refused their gradient-sync options" in one[1] and "levels" in one[1]

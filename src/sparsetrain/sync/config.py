@@ -321,6 +321,28 @@ def make_config(compressor: str, density: float | None, options: dict[str, Any])
     return cfg
 
 
+def _gather_settings(
+    mine: dict[str, Any], group: dist.ProcessGroup | None, device: torch.device | None
+) -> list[Any]:
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    with on_device(device):
+        dist.all_gather_object(
+            everyone, json.loads(json.dumps(mine, sort_keys=True, default=str)), group=group
+        )
+    return everyone
+
+
+def refuse_everywhere(
+    error: Exception, group: dist.ProcessGroup | None, device: torch.device | None = None
+) -> None:
+    """Raise ``error``, a rank's own refusal of its options, after telling the other ranks,
+    which wait in :func:`check_consistent`'s gather: they raise an error naming this rank, so
+    no rank is left waiting for it."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        _gather_settings({"error": f"{type(error).__name__}: {error}"}, group, device)
+    raise error
+
+
 def check_consistent(
     config: SyncConfig,
     layout: list[tuple[str, tuple[int, ...], str]],
@@ -341,10 +363,13 @@ def check_consistent(
         return
     settings = {**config.to_dict(), **(extra or {})}
     mine = {"config": settings, "layout": [list(map(str, x)) for x in layout]}
-    everyone: list[Any] = [None] * dist.get_world_size(group)
-    with on_device(device):
-        dist.all_gather_object(
-            everyone, json.loads(json.dumps(mine, sort_keys=True, default=str)), group=group
+    everyone = _gather_settings(mine, group, device)
+    refused = [(r, x["error"]) for r, x in enumerate(everyone) if "error" in x]
+    if refused:
+        ranks = [r for r, _ in refused]
+        raise ValueError(
+            f"sparsetrain: rank(s) {ranks} refused their gradient-sync options (rank "
+            f"{ranks[0]}: {refused[0][1]}); every rank must pass the same, valid options"
         )
     ref = everyone[0]
     bad = [r for r, other in enumerate(everyone) if other != ref]

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .config import SyncConfig, check_consistent, make_config
+from .config import SyncConfig, check_consistent, make_config, refuse_everywhere
 from .devices import cuda_device_of, new_future
 from .engine import SyncEngine
 from .executor import SerialExecutor, complete
@@ -261,13 +261,16 @@ def register_ddp_hook(
             f"register_ddp_hook needs a torch.nn.parallel.DistributedDataParallel model, got "
             f"{type(ddp_model).__name__}; for a plain model use sparsetrain.GradientSync"
         )
-    config = make_config(compressor, density, options)
     named = list(ddp_model.module.named_parameters())
     layout = [(n, tuple(p.shape), str(p.dtype)) for n, p in named if p.requires_grad]
-    for n, _, dt in layout:
-        if dt not in ("torch.float32", "torch.float64", "torch.float16", "torch.bfloat16"):
-            raise TypeError(f"parameter {n!r} has dtype {dt}; gradients must be floating point")
     device = cuda_device_of(p for _, p in named)
+    try:  # a rank's bad options: every rank gets an error (check_consistent's gather)
+        config = make_config(compressor, density, options)
+        for n, _, dt in layout:
+            if dt not in ("torch.float32", "torch.float64", "torch.float16", "torch.bfloat16"):
+                raise TypeError(f"parameter {n!r} has dtype {dt}; gradients must be floating point")
+    except (TypeError, ValueError) as e:
+        refuse_everywhere(e, process_group, device)
     check_consistent(config, layout, process_group, device=device)
     inline = runs_inline(ddp_model)
     state = SyncState(

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import check_consistent, make_config
+from .config import check_consistent, make_config, refuse_everywhere
 from .devices import cuda_device_of
 from .engine import SyncEngine
 
@@ -51,27 +51,29 @@ class GradientSync:
         bucket_cap_mb: float = 25.0,
         **options: Any,
     ):
-        if (
-            isinstance(bucket_cap_mb, bool)
-            or not isinstance(bucket_cap_mb, (int, float))
-            or not 0 < bucket_cap_mb < math.inf
-        ):
-            raise ValueError(f"bucket_cap_mb must be a finite number > 0, got {bucket_cap_mb!r}")
-        self.config = make_config(compressor, density, options)
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        for n, p in self.params:
-            if p.dtype not in _FLOATS:
-                raise TypeError(
-                    f"parameter {n!r} has dtype {p.dtype}; gradients must be floating point"
+        device = cuda_device_of(p for _, p in self.params)
+        try:  # a rank's bad options: every rank gets an error (check_consistent's gather)
+            if (
+                isinstance(bucket_cap_mb, bool)
+                or not isinstance(bucket_cap_mb, (int, float))
+                or not 0 < bucket_cap_mb < math.inf
+            ):
+                raise ValueError(
+                    f"bucket_cap_mb must be a finite number > 0, got {bucket_cap_mb!r}"
                 )
+            self.config = make_config(compressor, density, options)
+            for n, p in self.params:
+                if p.dtype not in _FLOATS:
+                    raise TypeError(
+                        f"parameter {n!r} has dtype {p.dtype}; gradients must be floating point"
+                    )
+        except (TypeError, ValueError) as e:
+            refuse_everywhere(e, process_group, device)
         layout = [(n, tuple(p.shape), str(p.dtype)) for n, p in self.params]
         # Buckets decide which collectives run: ranks with other sizes would not pair up.
         check_consistent(
-            self.config,
-            layout,
-            process_group,
-            {"bucket_cap_mb": bucket_cap_mb},
-            device=cuda_device_of(p for _, p in self.params),
+            self.config, layout, process_group, {"bucket_cap_mb": bucket_cap_mb}, device=device
         )
         self.engine = SyncEngine(self.config, process_group)
         self.buckets = self._make_buckets(bucket_cap_mb * 2**20)
