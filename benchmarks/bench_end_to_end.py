@@ -12,6 +12,9 @@ more than its compute) on RANKS network namespaces with tc-shaped links, once pe
   before compression, Deep Gradient Compression's way, and the optimizer has none),
 * the same without DDP (``threshold+oktopk+sync``: ``GradientSync`` after backward, the same
   values, without DDP's copy of each gradient into its bucket),
+* ``threshold`` with ``collective="auto"`` (``threshold+auto``: the cost model picks for each
+  bucket among dense, allgather, the split-allgather, DSAR, Ok-Topk and gTop-k, told the
+  links' configured rate and latency; the JSON says what it picked),
 
 all with error feedback where the compressor is biased, the same seed, data and schedule. Each
 method runs in fresh worker processes (one launch a method, in the order given), so no run
@@ -47,7 +50,9 @@ METHODS = {  # label: (compressor, collective, uses density)
     "threshold+oktopk": ("threshold", "oktopk", True),
     "threshold+oktopk+mc": ("threshold", "oktopk", True),  # with momentum correction
     "threshold+oktopk+sync": ("threshold", "oktopk", True),  # GradientSync, no DDP
+    "threshold+auto": ("threshold", "auto", True),  # the cost model picks, told the links
 }
+AUTO_CANDIDATES = ["dense", "allgather", "ssar_split", "dsar", "oktopk", "gtopk"]
 
 
 def compute_floor(hidden: int, batch_size: int, lr: float, steps: int = 30) -> float:
@@ -76,6 +81,15 @@ def compute_floor(hidden: int, batch_size: int, lr: float, steps: int = 30) -> f
         task.loss_fn(model(x), y).backward()
         opt.step()
     return (time.perf_counter() - t0) / steps
+
+
+def auto_options(link: dict) -> dict:
+    """What ``collective="auto"`` is told: the candidates and the links' configured rate and
+    latency (the local costs keep the model's defaults)."""
+    from sparsetrain.perfmodel import NetworkParams
+
+    net = NetworkParams.from_link(bandwidth_bps=link["bandwidth_bps"], latency_s=link["latency_s"])
+    return {"auto_candidates": AUTO_CANDIDATES, "auto_network": net.as_dict()}
 
 
 def worker(cfg_path: str) -> int:
@@ -113,6 +127,7 @@ def worker(cfg_path: str) -> int:
                 timeout_s=600.0,
                 bucket_cap_mb=cfg["bucket_mb"],
                 reuse_host_memory=cfg["reuse_host_memory"],
+                **(auto_options(cfg["link"]) if collective == "auto" else {}),
             )
         )
     report = launch(configs)
@@ -224,14 +239,22 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, methods: list[str], tmp: Path) -> int:
     """Build the cluster, train every method in it, print and write the comparison."""
     from sparsetrain._provenance import environment
-    from sparsetrain.cluster import ClusterError, ClusterPermissionError, EmulatedCluster
+    from sparsetrain.cluster import (
+        ClusterError,
+        ClusterPermissionError,
+        EmulatedCluster,
+        parse_duration,
+        parse_rate,
+    )
 
     env = environment()  # when the run started, and on what
 
     cfg = {**{k: getattr(args, k) for k in ("hidden", "density", "epochs", "batch_size", "lr",
                                               "seed", "eval_every", "bucket_mb")},
            "methods": methods, "progress": not args.no_progress,
-           "reuse_host_memory": not args.no_reuse_host_memory}  # fmt: skip
+           "reuse_host_memory": not args.no_reuse_host_memory,
+           "link": {"bandwidth_bps": parse_rate(args.bandwidth),
+                    "latency_s": parse_duration(args.latency)}}  # fmt: skip
     report: dict = {}
     try:
         with EmulatedCluster(
@@ -288,7 +311,9 @@ def _run(args: argparse.Namespace, methods: list[str], tmp: Path) -> int:
                         "final_test_accuracy": acc, "delta_accuracy_points": delta,
                         "wall_seconds": run["wall_seconds"],
                         "seconds_per_step": run["wall_seconds"] / run["steps"],
-                        "bytes_sent_per_rank": run["bytes_sent_per_rank"]})  # fmt: skip
+                        "bytes_sent_per_rank": run["bytes_sent_per_rank"],
+                        **({"auto_choices": run["auto_choices"]} if "auto_choices" in run
+                           else {})})  # fmt: skip
         print(
             f"{label:<22}{t if t is not None else float('nan'):>12.1f}"
             f"{speed if speed else float('nan'):>9.2f}x{acc:>11.4f}"
@@ -313,6 +338,10 @@ def _run(args: argparse.Namespace, methods: list[str], tmp: Path) -> int:
         dense_step = runs[base]["wall_seconds"] / runs[base]["steps"]
         print(f"dense step / compute floor = {dense_step / floor:.2f}: the largest speedup per "
               "step that removing all communication could give on this machine")  # fmt: skip
+    for label, run in runs.items():
+        if "auto_choices" in run:  # rank 0's: every rank makes the same choice
+            picked = ", ".join(f"{int(n):,} elements: {c}" for n, c in run["auto_choices"].items())
+            print(f"{label} picked (bucket size: collective): {picked}")
     print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
     return 0
 

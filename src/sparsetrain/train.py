@@ -784,6 +784,7 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
         else None,
         "steps": step,
         "skipped_steps": int(stats.get("skipped_steps", 0)),
+        **({"auto_choices": stats["auto_choices"]} if "auto_choices" in stats else {}),
         "epochs": step / steps_per_epoch,
         "wall_seconds": wall,
         "eval_seconds": eval_seconds,

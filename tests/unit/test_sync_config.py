@@ -225,6 +225,7 @@ def test_auto_picks_by_the_given_network_and_candidates(monkeypatch):
         )  # fmt: skip
         picks[label] = coll if coll == "dense" else coll.name
         assert picks[label] == want, label
+        assert sync.engine.stats()["auto_choices"] == {str(numel): want}  # what a user sees
     # The slow links make a sparse exchange win where 10 Gbit/s makes the dense allreduce win,
     # and the selecting candidate wins once allowed, built with its options.
     assert picks["default"] == "dense" != picks["slow links, exact"]

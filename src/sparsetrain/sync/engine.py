@@ -70,6 +70,7 @@ class SyncEngine:
             self.compressor.seed += dist.get_rank(group)
         self.feedback = ErrorFeedback(config.use_error_feedback, config.momentum_correction)
         self._collectives: dict[str, Any] = {}
+        self.auto_choices: dict[int, str] = {}  # bucket size -> what "auto" picked for it
         self.aggregator = None
         self.attack = None
         if config.aggregator is not None or config.attack is not None:
@@ -114,6 +115,7 @@ class SyncEngine:
                 candidates=self.config.auto_candidates or EXACT,
                 sorted_input=bool(getattr(self.compressor, "sorted_indices", False)),
             )
+            self.auto_choices[numel] = name
         if name == "dense":
             return name
         if name not in self._collectives:
@@ -651,8 +653,9 @@ class SyncEngine:
 
         Keys: ``bytes_sent``, ``bytes_recv`` (by this rank), ``dense_bytes`` (what a ring
         allreduce of the uncompressed gradients would have sent), ``bytes_ratio`` (sent / dense),
-        ``compress_seconds`` and ``comm_seconds``, ``steps``, ``skipped_steps``, and
-        ``aggregator`` with a robust rule's own stats.
+        ``compress_seconds`` and ``comm_seconds``, ``steps``, ``skipped_steps``,
+        ``aggregator`` with a robust rule's own stats, and with ``collective="auto"``
+        ``auto_choices``: what it picked for each bucket size so far (size as a string: name).
 
         ``compress_seconds`` and ``comm_seconds`` are host wall-clock time spent in the calls.
         On CPU that is the work itself; on CUDA, kernels and NCCL collectives run asynchronously,
@@ -668,6 +671,8 @@ class SyncEngine:
         )
         if self.aggregator is not None and hasattr(self.aggregator, "stats"):
             out["aggregator"] = self.aggregator.stats()
+        if self.config.collective == "auto":
+            out["auto_choices"] = {str(n): c for n, c in sorted(self.auto_choices.items())}
         return out
 
     def state_dict(self) -> dict[str, Any]:
