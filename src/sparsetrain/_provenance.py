@@ -56,6 +56,14 @@ def source_commit() -> dict[str, Any] | None:
     return {"commit": head.stdout.strip(), "package_modified": bool(diff.stdout.strip())}
 
 
+def machine_cores() -> int:
+    """Processors this process may run on (emulated ranks on one machine all share them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def environment(argv: list[str] | None = None) -> dict[str, Any]:
     """A JSON-ready record of this run: when (UTC), the command, the processor and the cores
     this process may use, the Python, PyTorch and sparsetrain versions, and the source commit."""
@@ -63,15 +71,11 @@ def environment(argv: list[str] | None = None) -> dict[str, Any]:
 
     import sparsetrain
 
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
     return {
         "started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": list(sys.argv if argv is None else argv),
         "cpu": cpu_model(),
-        "cores": cores,
+        "cores": machine_cores(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "sparsetrain": sparsetrain.__version__,

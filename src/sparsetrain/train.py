@@ -66,10 +66,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from ._procs import exit_finished_worker
-from .compressors import check_density, compressor_class, get_compressor, option_names
+from .compressors import check_density, get_compressor, option_names
 from .hostmem import reserve, reuse_freed_memory, reusing_freed_memory
 from .sync import GradientSync, SyncConfig, register_ddp_hook
-from .sync.config import make_config, misplaced_collective_option
+from .sync.config import make_config, refuse_misplaced_collective_options
 from .tasks import Task, available_tasks, check_task_options, get_task
 
 BACKENDS = ("gloo", "nccl")
@@ -232,15 +232,9 @@ class TrainConfig:
             _check_dict(name, getattr(self, name))
         check_task_options(self.task, self.task_options)
         # Unknown compressor names and options are refused here, before any process starts.
-        compressor_class(self.compressor)  # an unknown name lists the valid ones
-        for key in self.compressor_options:
-            if key not in option_names(self.compressor):
-                hint = misplaced_collective_option(key, self.collective)
-                if hint:
-                    raise ValueError(
-                        f"compressor {self.compressor!r} does not take {key!r} (it takes: "
-                        f"{', '.join(option_names(self.compressor)) or 'no options'}); {hint}"
-                    )
+        refuse_misplaced_collective_options(
+            self.compressor, self.collective, self.compressor_options
+        )
         get_compressor(self.compressor, **self.effective_compressor_options())
         if self.error_feedback is not None and not isinstance(self.error_feedback, bool):
             raise TypeError(

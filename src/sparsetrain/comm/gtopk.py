@@ -64,8 +64,8 @@ class GTopK(SparseCollective):
     the tree, and then the result holds the other branch's sum there. Values a rank sent at
     positions not in the result are for error feedback to keep; as in the paper (its residual
     update masks by the global selection's indices), a contribution dropped at a position that
-    is selected after all is neither applied nor kept. Every message has the fixed size of k entries plus a count, so one
-    message per round suffices.
+    is selected after all is neither applied nor kept. Every message has the fixed size of k
+    entries plus a count, so one message per round suffices.
 
     Args:
         k: entries to keep; None (default) uses the largest per-rank input count.

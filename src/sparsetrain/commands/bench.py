@@ -30,6 +30,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from sparsetrain._provenance import environment, machine_cores
+
 DEFAULT_SIZES = "1M,25M"
 DEFAULT_DENSITIES = "0.001,0.01,0.1"
 FULL_SIZES = "1M,5M,25M"
@@ -278,14 +280,6 @@ def _table(records: list[dict[str, Any]], predicted: dict | None) -> str:
     return "\n".join(lines)
 
 
-def machine_cores() -> int:
-    """Processors this process may run on: the emulated ranks all share them."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def _predict_records(records: list[dict[str, Any]], world: int, params, cores: int | None):
     """Return the model's seconds for each modelled record, keyed (algorithm, numel, density)."""
     from sparsetrain import perfmodel
@@ -373,7 +367,6 @@ def _fit_model(
 
 
 def run_cluster(args: argparse.Namespace) -> int:
-    from sparsetrain._provenance import environment
     from sparsetrain.cluster import (
         ClusterError,
         ClusterPermissionError,

@@ -295,11 +295,15 @@ def _collective_arguments(args: argparse.Namespace) -> dict[str, Any]:
             )
     if args.auto_bandwidth is not None or args.auto_latency is not None:
         from ..cluster.units import parse_duration, parse_rate
-        from ..perfmodel import NetworkParams
+        from ..perfmodel import DEFAULT_PARAMS, NetworkParams
 
-        try:
-            rate = parse_rate(args.auto_bandwidth or "10gbit")
-            latency = parse_duration(args.auto_latency or "5us")
+        try:  # the one not given keeps the model's default
+            rate = (
+                parse_rate(args.auto_bandwidth) if args.auto_bandwidth else 8 / DEFAULT_PARAMS.beta
+            )
+            latency = (
+                parse_duration(args.auto_latency) if args.auto_latency else DEFAULT_PARAMS.alpha
+            )
         except ValueError as e:
             raise ValueError(f"--auto-bandwidth/--auto-latency: {e}") from None
         out["auto_network"] = NetworkParams.from_link(rate, latency).as_dict()

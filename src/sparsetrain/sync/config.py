@@ -289,7 +289,7 @@ def misplaced_collective_option(key: str, collective: str, cli: bool = False) ->
     return f"it is an option of the collective {' and '.join(owners)}; pass it as {where}"
 
 
-def _refuse_collective_options_as_compressor_options(
+def refuse_misplaced_collective_options(
     compressor: str, collective: str, comp: dict[str, Any]
 ) -> None:
     """A collective's option given among the compressor's (``repartition_every=8`` next to
@@ -311,9 +311,7 @@ def make_config(compressor: str, density: float | None, options: dict[str, Any])
     sync_fields = set(SyncConfig.__dataclass_fields__) - {"compressor", "compressor_options"}
     sync = {k: v for k, v in options.items() if k in sync_fields}
     comp = {k: v for k, v in options.items() if k not in sync_fields}
-    _refuse_collective_options_as_compressor_options(
-        compressor, sync.get("collective", "allgather"), comp
-    )
+    refuse_misplaced_collective_options(compressor, sync.get("collective", "allgather"), comp)
     if density is not None:
         comp["density"] = density
     cfg = SyncConfig(compressor=compressor, compressor_options=comp, **sync)
