@@ -146,6 +146,23 @@ def test_simulate_prints_the_winner_and_writes_json(tmp_path, capsys):
         )
 
 
+def test_simulate_draws_the_projection(tmp_path, capsys):
+    png = tmp_path / "plots" / "sim.png"
+    argv = ["simulate", "--ranks", "8,64,512", "--bandwidth", "1gbit,10gbit", "--plot", str(png)]
+    assert main(argv) == 0
+    assert f"plot: {png}" in capsys.readouterr().out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_simulate_plot_to_an_unwritable_path_is_an_argparse_error(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit) as exc:
+        main(["simulate", "--ranks", "8", "--plot", str(blocker / "sim.png")])
+    assert exc.value.code == 2
+    assert "--plot" in capsys.readouterr().err
+
+
 def test_simulate_takes_local_costs_from_a_fit(tmp_path, capsys):
     fit = tmp_path / "fit.json"
     fit.write_text(json.dumps({"model_fit": {"params": TRUE.as_dict()}}))

@@ -142,6 +142,46 @@ def simulate(
     return rows
 
 
+def plot_projection(rows: list[dict], algorithms: list[str], path: str, title: str) -> Path:
+    """Draw the modelled exchange time against the number of ranks, one panel a link rate and
+    one line an algorithm (dense ring allreduce dashed), both axes logarithmic, and save it as
+    a PNG. Where a line lies under the dashed one, that algorithm beats dense at that size."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)  # no display needed
+    import matplotlib.pyplot as plt
+
+    bandwidths = sorted({r["bandwidth_bps"] for r in rows})
+    fig, axes = plt.subplots(
+        1, len(bandwidths), figsize=(5.2 * len(bandwidths), 4.2), squeeze=False, sharey=True
+    )
+    for ax, bw in zip(axes[0], bandwidths):
+        cell = sorted((r for r in rows if r["bandwidth_bps"] == bw), key=lambda r: r["ranks"])
+        ranks = [r["ranks"] for r in cell]
+        for a in algorithms:
+            if a == "dense":
+                continue
+            ax.plot(ranks, [r["times_s"][a] * 1e3 for r in cell], marker="o", label=a)
+        ax.plot(ranks, [r["dense_s"] * 1e3 for r in cell], "k--", lw=2, label="dense ring")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.minorticks_off()
+        ax.set_yscale("log")
+        ax.set(xlabel="ranks", title=f"{bw / 1e9:g} Gbit/s links")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("modelled time of one exchange (ms)")
+    axes[0][-1].legend(fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(out, dpi=100)
+    finally:
+        plt.close(fig)
+    return out
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         ranks = _list(args.ranks, _whole, "ranks")
@@ -230,6 +270,13 @@ def _run(args: argparse.Namespace) -> int:
             Path(args.json).write_text(text)
         except OSError as e:
             args._parser.error(f"--json {args.json}: cannot write it ({e})")
+    if args.plot:
+        title = f"{what}, density {args.density:g}, latency {latency * 1e6:g} us a message"
+        try:
+            plot_projection(rows, algorithms, args.plot, title)
+        except OSError as e:
+            args._parser.error(f"--plot {args.plot}: cannot write it ({e})")
+        print(f"plot: {args.plot}")
     return 0
 
 
@@ -279,6 +326,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--algorithms", default=",".join(perfmodel.available_models()),
                    help="which algorithms to compare (default: all modelled)")  # fmt: skip
     p.add_argument("--json", metavar="PATH", help="also write the table as JSON")
+    p.add_argument(
+        "--plot",
+        metavar="PATH",
+        help="also draw the modelled times against the number of ranks (PNG, one panel a link "
+        "rate; give more --ranks for a smoother line)",
+    )
     p.set_defaults(func=_run, _parser=p)
     return p
 
