@@ -4,23 +4,42 @@ of two, with every registered collective."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 from sparsetrain.comm import available_collectives
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-def test_sparse_allreduce_example_runs_under_torchrun():
+def torchrun(ranks: int, script: str, *args: str) -> str:
+    """Run an example as its docstring says; return its stdout (it must exit 0)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           "3", str(EXAMPLES / "sparse_allreduce.py"), "--numel", "20000", "--density", "0.01"]  # fmt: skip
     # --standalone rendezvouses on a free port of its own choosing
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           str(ranks), str(EXAMPLES / script), *args]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    out = done.stdout
+    return done.stdout
+
+
+def same(a, b) -> bool:
+    """Whether two saved states are equal: tensors bit for bit, containers item by item."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+    return a == b
+
+
+def test_sparse_allreduce_example_runs_under_torchrun():
+    out = torchrun(3, "sparse_allreduce.py", "--numel", "20000", "--density", "0.01")
     assert "3 ranks, 20,000 elements, 200 a rank (cpu)" in out
     lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
     for name in available_collectives():
@@ -29,3 +48,22 @@ def test_sparse_allreduce_example_runs_under_torchrun():
         assert "dense sum, max |error|" in lines[name] and "WRONG" not in lines[name]
     # Ok-Topk's selection of about k entries holds the largest sums (the paper's claim).
     assert "of them in the sum's top 200" in lines["oktopk"]
+
+
+def test_ddp_hook_example_learns_and_resumes_exactly(tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    out = torchrun(2, "ddp_hook.py", "--epochs", "3", "--checkpoint", str(whole))
+    last = out.strip().splitlines()[-1]
+    accuracy, share = re.search(r"test accuracy ([\d.]+)%, ([\d.]+)% of dense", last).groups()
+    assert float(accuracy) >= 85 and float(share) < 5, last
+    torchrun(2, "ddp_hook.py", "--epochs", "2", "--checkpoint", str(split))
+    resumed = torchrun(2, "ddp_hook.py", "--epochs", "3", "--checkpoint", str(split), "--resume")
+    assert resumed.strip().splitlines() == [last]  # only the last epoch ran, with the same result
+    for rank in (0, 1):
+        a = torch.load(whole / f"rank{rank}.pt", weights_only=False)
+        b = torch.load(split / f"rank{rank}.pt", weights_only=False)
+        for state in (a, b):  # wall-clock time spent is the one thing a resumed run cannot keep
+            for name in [n for n in state["hook"]["counters"] if n.endswith("_seconds")]:
+                del state["hook"]["counters"][name]
+        # the model, the optimizer, this rank's residuals, Ok-Topk's state and the byte counts
+        assert same(a, b), f"rank {rank}: the resumed run's checkpoint differs"
