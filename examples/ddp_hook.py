@@ -1,19 +1,24 @@
 """Train with DDP and sparsetrain's hook, checkpoint, and resume: a script to copy.
 
 A small MLP learns scikit-learn's bundled digits (8x8 images, 10 classes), data parallel over
-the processes torchrun starts (gloo on CPU; NCCL when every process has a GPU). The DDP hook
-sends 1% of each gradient bucket (threshold selection, error feedback on) through Ok-Topk's
-sparse allreduce::
+the processes torchrun starts (NCCL where the machine has a GPU for each of its processes, gloo
+on the CPU otherwise). The DDP hook sends 1% of each gradient bucket (threshold selection,
+error feedback on) through Ok-Topk's sparse allreduce::
 
     torchrun --standalone --nproc-per-node 2 examples/ddp_hook.py --checkpoint ckpt
 
 It reaches about 95% test accuracy in its 10 epochs, as plain DDP does (``--compressor none
---collective allgather``), while sending under 3% of dense allreduce's bytes. Every rank writes its own checkpoint, ``ckpt/rank<r>.pt``, at the end of every epoch: the
-error-feedback residuals differ between ranks, so one shared file would lose all but one
-rank's. ``--resume`` continues from those files and ends where the uninterrupted run ends::
+--collective allgather``), while sending under 3% of dense allreduce's bytes. Every rank
+writes its own checkpoint, ``ckpt/rank<r>.pt``, at the end of every epoch: the error-feedback
+residuals differ between ranks, so one shared file would lose all but one rank's. ``--resume``
+continues from those files and ends where the uninterrupted run ends::
 
-    torchrun --standalone --nproc-per-node 2 examples/ddp_hook.py --epochs 5 --checkpoint ckpt
+    torchrun --standalone --nproc-per-node 2 examples/ddp_hook.py --epochs 5 \\
+        --checkpoint ckpt
     torchrun --standalone --nproc-per-node 2 examples/ddp_hook.py --checkpoint ckpt --resume
+
+A resume needs the same number of processes and every rank's file from the same epoch;
+otherwise every rank stops (exit status 1) and rank 0 says why.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from _launch import init_distributed  # examples/_launch.py, next to this script
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -43,37 +49,60 @@ def digits(device: torch.device) -> tuple[TensorDataset, TensorDataset]:
     return TensorDataset(x[:1437], y[:1437]), TensorDataset(x[1437:], y[1437:])
 
 
+def load_checkpoint(path: Path, device: torch.device) -> dict | str:
+    """This rank's checkpoint, or why the ranks cannot resume (the same answer on every rank:
+    a missing file on one rank must not leave the others waiting in a collective)."""
+    world = dist.get_world_size()
+    saved = torch.load(path, map_location=device) if path.is_file() else None
+    ok = saved is not None and saved.get("world_size") == world
+    epoch = float(saved["epoch"]) if ok else -1.0
+    seen = torch.tensor([epoch, -epoch], dtype=torch.float64, device=device)
+    dist.all_reduce(seen, op=dist.ReduceOp.MIN)  # the lowest and the highest epoch
+    low, high = int(seen[0].item()), int(-seen[1].item())
+    if low < 0:
+        return (f"cannot resume from {path.parent}: a rank's checkpoint is missing or was "
+                f"written by another number of processes (this run has {world})")  # fmt: skip
+    if low != high:
+        return (f"cannot resume from {path.parent}: the ranks' checkpoints are from different "
+                f"epochs ({low} to {high})")  # fmt: skip
+    return saved
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Write through a temporary file, so a run killed while saving keeps its last checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=10, help="epochs in all (default 10)")
     p.add_argument("--compressor", default="threshold", help="default threshold")
-    p.add_argument("--density", type=float, default=None,
-                   help="fraction kept by topk, threshold, randomk (default theirs: 0.01)")  # fmt: skip
-    p.add_argument("--collective", default="oktopk",
-                   help="default oktopk; dense compressors (none, fp16, ...) take allgather")  # fmt: skip
+    p.add_argument(
+        "--density", type=float, help="fraction kept by topk, threshold, randomk (default 0.01)"
+    )
+    p.add_argument(
+        "--collective",
+        default="oktopk",
+        help="default oktopk; dense compressors (none, fp16, ...) take allgather",
+    )
     p.add_argument("--checkpoint", help="folder for the ranks' checkpoints, written every epoch")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     args = p.parse_args()
     if args.resume and not args.checkpoint:
         p.error("--resume needs --checkpoint")
 
-    use_cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank = dist.get_rank()
-    if use_cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-        torch.set_num_threads(1)  # the ranks of one machine share its cores
-
+    device = init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
     train, test = digits(device)
     sampler = DistributedSampler(train, shuffle=True, seed=0)  # disjoint shards, seeded order
     loader = DataLoader(train, batch_size=32, sampler=sampler)
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)).to(device)
-    model = DDP(net, device_ids=[device.index] if use_cuda else None)
+    model = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
     state = sparsetrain.register_ddp_hook(
         model, args.compressor, density=args.density, collective=args.collective
     )
@@ -83,11 +112,19 @@ def main() -> int:
     first_epoch = 0
     ckpt = Path(args.checkpoint) / f"rank{rank}.pt" if args.checkpoint else None
     if args.resume:
-        saved = torch.load(ckpt, map_location=device)
+        saved = load_checkpoint(ckpt, device)
+        if isinstance(saved, str):
+            if rank == 0:
+                print(saved, file=sys.stderr)
+            dist.destroy_process_group()
+            return 1
         net.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         state.load_state_dict(saved["hook"])  # this rank's residuals and the collective's state
         first_epoch = saved["epoch"] + 1
+        if first_epoch >= args.epochs and rank == 0:
+            print(f"the checkpoint is at the end of epoch {saved['epoch']}; nothing left to train "
+                  f"for --epochs {args.epochs}")  # fmt: skip
 
     for epoch in range(first_epoch, args.epochs):
         sampler.set_epoch(epoch)  # a new order every epoch, the same on a resumed run
@@ -104,9 +141,9 @@ def main() -> int:
             print(f"epoch {epoch}: loss {loss.item():.4f}, test accuracy {accuracy:.1%}, "
                   f"{sent:.2%} of dense allreduce's bytes sent")  # fmt: skip
         if ckpt:
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                        "hook": state.state_dict(), "epoch": epoch}, ckpt)  # fmt: skip
+            save_checkpoint(ckpt, {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "hook": state.state_dict(), "epoch": epoch,
+                                   "world_size": world})  # fmt: skip
     dist.destroy_process_group()
     return 0
 

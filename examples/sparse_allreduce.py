@@ -15,17 +15,18 @@ vector. Then, with each collective sparsetrain registers:
   sum.
 
 Rank 0 prints what each collective sent, next to a dense ring allreduce's bytes. The exit status
-is 1 when an exact collective's sum differs from the dense one.
+is 1 when an exact collective's sum differs from the dense one, or a selection differs between
+ranks.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 import torch.distributed as dist
+from _launch import init_distributed  # examples/_launch.py, next to this script
 
 from sparsetrain.comm import available_collectives, get_collective, ring_allreduce_bytes
 
@@ -38,15 +39,8 @@ def main() -> int:
     if args.numel < 1 or not 0 < args.density <= 1:
         parser.error("--numel must be >= 1 and --density in (0, 1]")
 
-    use_cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    device = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    if use_cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-        torch.set_num_threads(1)  # the ranks of one machine share its cores
 
     # This rank's sparse vector: sorted int32 positions and float32 values.
     k = max(1, int(args.density * args.numel))
@@ -75,6 +69,14 @@ def main() -> int:
             chosen = result.indices.tolist()
             hits = len(true_top.intersection(chosen))
             what = f"{len(chosen):,} entries selected, {hits:,} of them in the sum's top {k:,}"
+            # The selection must be the same on every rank: compare a fingerprint of it.
+            mine = torch.tensor([len(chosen), sum(chosen), result.values.double().sum().item()],
+                                dtype=torch.float64, device=device)  # fmt: skip
+            every = [torch.empty_like(mine) for _ in range(world)]
+            dist.all_gather(every, mine)
+            if any(not torch.equal(every[0], other) for other in every):
+                failed = True
+                what += "  DIFFERS BETWEEN RANKS"
         rows.append((name, result.bytes_sent, what))
 
     if rank == 0:
@@ -83,7 +85,8 @@ def main() -> int:
         print(f"{'collective':<11} {'bytes sent':>12} {'vs dense':>9}  result")
         print(f"{'dense ring':<11} {dense_bytes:>12,} {1:>8.2f}x")
         for name, sent, what in rows:
-            print(f"{name:<11} {sent:>12,} {sent / dense_bytes:>8.2f}x  {what}")
+            ratio = f"{sent / dense_bytes:>8.2f}x" if dense_bytes else f"{'-':>9}"  # 1 rank
+            print(f"{name:<11} {sent:>12,} {ratio}  {what}")
     # Every rank checked its own sum; the exit status says whether any was wrong.
     flag = torch.tensor([float(failed)], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)

@@ -18,7 +18,8 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 def torchrun(ranks: int, script: str, *args: str) -> str:
     """Run an example as its docstring says; return its stdout (it must exit 0)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # on the CPU over gloo even where there are GPUs: the assertions below are about that run
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     # --standalone rendezvouses on a free port of its own choosing
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
            str(ranks), str(EXAMPLES / script), *args]  # fmt: skip
@@ -46,8 +47,14 @@ def test_sparse_allreduce_example_runs_under_torchrun():
         assert name in lines, f"{name} missing from the example's table:\n{out}"
     for name in ("allgather", "ssar_rd", "ssar_split", "dsar"):
         assert "dense sum, max |error|" in lines[name] and "WRONG" not in lines[name]
-    # Ok-Topk's selection of about k entries holds the largest sums (the paper's claim).
-    assert "of them in the sum's top 200" in lines["oktopk"]
+    # The selections, the same on every rank (else the example exits 1), hold about k entries,
+    # nearly all among the k largest sums.
+    for name in ("oktopk", "gtopk"):
+        found = re.search(r"([\d,]+) entries selected, ([\d,]+) of them in the sum's top 200",
+                          lines[name])  # fmt: skip
+        assert found, lines[name]
+        selected, hits = (int(g.replace(",", "")) for g in found.groups())
+        assert 150 <= selected <= 300 and hits >= 180, lines[name]
 
 
 def test_ddp_hook_example_learns_and_resumes_exactly(tmp_path):
@@ -55,7 +62,7 @@ def test_ddp_hook_example_learns_and_resumes_exactly(tmp_path):
     out = torchrun(2, "ddp_hook.py", "--epochs", "3", "--checkpoint", str(whole))
     last = out.strip().splitlines()[-1]
     accuracy, share = re.search(r"test accuracy ([\d.]+)%, ([\d.]+)% of dense", last).groups()
-    assert float(accuracy) >= 85 and float(share) < 5, last
+    assert float(accuracy) >= 85 and float(share) < 3, last
     torchrun(2, "ddp_hook.py", "--epochs", "2", "--checkpoint", str(split))
     resumed = torchrun(2, "ddp_hook.py", "--epochs", "3", "--checkpoint", str(split), "--resume")
     assert resumed.strip().splitlines() == [last]  # only the last epoch ran, with the same result

@@ -178,6 +178,8 @@ def test_simulate_takes_local_costs_from_a_fit(tmp_path, capsys):
         (["simulate", "--density", "0"], "--density"),
         (["simulate", "--overhead-us", "-1"], "--overhead-us must be a finite number >= 0"),
         (["simulate", "--algorithms", "ring"], "unknown ['ring']"),
+        (["simulate", "--plot", "sim.txt"], "--plot sim.txt: the file name must end in .png"),
+        (["simulate", "--plot", "."], "--plot .: is a folder"),
     ],
 )
 def test_simulate_bad_input_is_an_argparse_error(argv, words, capsys):

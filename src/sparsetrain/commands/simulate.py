@@ -142,10 +142,28 @@ def simulate(
     return rows
 
 
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+# Each algorithm its own marker and line style: lines that coincide (DSAR and the
+# split-allgather below DSAR's switch) stay visible.
+# The dense ring alone is dashed.
+_STYLES = [("o", "-"), ("s", "-."), ("^", ":"), ("D", "-"), ("v", "-."), ("P", ":"), ("X", "-")]
+
+
+def plot_path_problem(path: str) -> str | None:
+    """Why ``--plot path`` cannot be written, or None; checked before any work is done."""
+    p = Path(path)
+    if p.is_dir():
+        return f"--plot {path}: is a folder; give a file name ending in {', '.join(PLOT_SUFFIXES)}"
+    if p.suffix.lower() not in PLOT_SUFFIXES:
+        return f"--plot {path}: the file name must end in {', '.join(PLOT_SUFFIXES)}"
+    return None
+
+
 def plot_projection(rows: list[dict], algorithms: list[str], path: str, title: str) -> Path:
     """Draw the modelled exchange time against the number of ranks, one panel a link rate and
-    one line an algorithm (dense ring allreduce dashed), both axes logarithmic, and save it as
-    a PNG. Where a line lies under the dashed one, that algorithm beats dense at that size."""
+    one line an algorithm (dense ring allreduce dashed black), both axes logarithmic, and save
+    it (PNG, SVG or PDF, by the suffix). Where a line lies under the dashed one, that algorithm
+    beats dense at that size."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)  # no display needed
@@ -153,15 +171,16 @@ def plot_projection(rows: list[dict], algorithms: list[str], path: str, title: s
 
     bandwidths = sorted({r["bandwidth_bps"] for r in rows})
     fig, axes = plt.subplots(
-        1, len(bandwidths), figsize=(5.2 * len(bandwidths), 4.2), squeeze=False, sharey=True
-    )
+        1, len(bandwidths), figsize=(5 * len(bandwidths) + 1.6, 4.4), squeeze=False,
+        sharey=True, layout="constrained",
+    )  # fmt: skip
     for ax, bw in zip(axes[0], bandwidths):
         cell = sorted((r for r in rows if r["bandwidth_bps"] == bw), key=lambda r: r["ranks"])
         ranks = [r["ranks"] for r in cell]
-        for a in algorithms:
-            if a == "dense":
-                continue
-            ax.plot(ranks, [r["times_s"][a] * 1e3 for r in cell], marker="o", label=a)
+        for i, a in enumerate(x for x in algorithms if x != "dense"):
+            marker, style = _STYLES[i % len(_STYLES)]
+            ax.plot(ranks, [r["times_s"][a] * 1e3 for r in cell], marker=marker, ls=style,
+                    label=a, alpha=0.85)  # fmt: skip
         ax.plot(ranks, [r["dense_s"] * 1e3 for r in cell], "k--", lw=2, label="dense ring")
         ax.set_xscale("log", base=2)
         ax.set_xticks(ranks, [str(r) for r in ranks])
@@ -170,9 +189,9 @@ def plot_projection(rows: list[dict], algorithms: list[str], path: str, title: s
         ax.set(xlabel="ranks", title=f"{bw / 1e9:g} Gbit/s links")
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("modelled time of one exchange (ms)")
-    axes[0][-1].legend(fontsize="small")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right center",
+               fontsize="small")  # fmt: skip
     fig.suptitle(title)
-    fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -231,6 +250,9 @@ def _run(args: argparse.Namespace) -> int:
         if args.fitted:
             gamma, gamma_dense, gamma_sort, overhead = _read_fitted(args.fitted)
         compute_s = _option("--compute", parse_duration, args.compute) if args.compute else 0.0
+        problem = plot_path_problem(args.plot) if args.plot else None
+        if problem:
+            raise ValueError(problem)
         rows = simulate(ranks, bandwidths, numel, args.density, latency, gamma, gamma_dense,
                         algorithms, compute_s, gamma_sort, overhead)  # fmt: skip
     except (ValueError, TypeError) as e:
@@ -271,12 +293,13 @@ def _run(args: argparse.Namespace) -> int:
         except OSError as e:
             args._parser.error(f"--json {args.json}: cannot write it ({e})")
     if args.plot:
-        title = f"{what}, density {args.density:g}, latency {latency * 1e6:g} us a message"
+        title = (f"{what}, density {args.density:g}, latency {latency * 1e6:g} us a message, "
+                 f"local work {gamma * 1e9:.3g} ns an entry")  # fmt: skip
         try:
-            plot_projection(rows, algorithms, args.plot, title)
+            written = plot_projection(rows, algorithms, args.plot, title)
         except OSError as e:
             args._parser.error(f"--plot {args.plot}: cannot write it ({e})")
-        print(f"plot: {args.plot}")
+        print(f"plot: {written}")
     return 0
 
 
@@ -329,8 +352,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--plot",
         metavar="PATH",
-        help="also draw the modelled times against the number of ranks (PNG, one panel a link "
-        "rate; give more --ranks for a smoother line)",
+        help="also draw the modelled times against the number of ranks, one panel a link rate "
+        "(a .png, .svg or .pdf file; give more --ranks for a smoother line)",
     )
     p.set_defaults(func=_run, _parser=p)
     return p
