@@ -16,16 +16,17 @@ from sparsetrain.comm import available_collectives
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-def torchrun(ranks: int, script: str, *args: str) -> str:
-    """Run an example as its docstring says; return its stdout (it must exit 0)."""
+def torchrun(ranks: int, script: str, *args: str, status: int = 0) -> str:
+    """Run an example as its docstring says; return its stdout and stderr (it must exit with
+    ``status``)."""
     # on the CPU over gloo even where there are GPUs: the assertions below are about that run
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     # --standalone rendezvouses on a free port of its own choosing
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
            str(ranks), str(EXAMPLES / script), *args]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return done.stdout
+    assert (done.returncode == 0) == (status == 0), done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stdout if status == 0 else done.stdout + done.stderr
 
 
 def same(a, b) -> bool:
@@ -74,3 +75,6 @@ def test_ddp_hook_example_learns_and_resumes_exactly(tmp_path):
                 del state["hook"]["counters"][name]
         # the model, the optimizer, this rank's residuals, Ok-Topk's state and the byte counts
         assert same(a, b), f"rank {rank}: the resumed run's checkpoint differs"
+    # Resuming on another number of processes stops every rank with a message, not a hang.
+    refused = torchrun(1, "ddp_hook.py", "--checkpoint", str(split), "--resume", status=1)
+    assert "written by another number of processes (this run has 1)" in refused
