@@ -1,4 +1,5 @@
-"""Pictures of training reports: one line a run, so methods compare at a glance."""
+"""Pictures: training reports (one line a run, so methods compare at a glance) and the cost
+model's predictions against measured times."""
 
 from __future__ import annotations
 
@@ -66,4 +67,73 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike, title: str | No
     return path
 
 
-__all__ = ["plot_report"]
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def plot_path_problem(path: str | os.PathLike) -> str | None:
+    """Why a picture cannot be written to ``path``, or None; for commands to check their
+    ``--plot`` before any work is done."""
+    p = Path(path)
+    if p.is_dir():
+        return f"{path}: is a folder; give a file name ending in {', '.join(PLOT_SUFFIXES)}"
+    if p.suffix.lower() not in PLOT_SUFFIXES:
+        return f"{path}: the file name must end in {', '.join(PLOT_SUFFIXES)}"
+    return None
+
+
+def plot_model_errors(
+    sets: list[tuple[str, list[tuple[str, float, float]]]],
+    path: str | os.PathLike,
+    title: str,
+    band: float = 0.25,
+) -> Path:
+    """Draw the model's relative error, (modelled - measured) / measured, against the measured
+    time (log scale), with a shaded band of +-``band``, and save the picture (PNG, SVG or PDF,
+    by the suffix). A point above the band is a call the model makes too slow.
+
+    Args:
+        sets: (label, points) pairs, each point (algorithm, measured s, modelled s); one panel a
+            set (for example the run the model was fitted to, and a held-out run), one colour
+            and marker an algorithm.
+        path: where the picture goes; parent folders are created.
+        title: the figure's title.
+        band: the relative error shaded (0.25: within 25%).
+
+    Returns:
+        The path written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    algorithms = sorted({a for _, points in sets for a, _, _ in points})
+    markers = "osD^vPX*"
+    fig, axes = plt.subplots(1, len(sets), figsize=(4.8 * len(sets) + 1.6, 4.4), squeeze=False,
+                             sharey=True, layout="constrained")  # fmt: skip
+    for ax, (label, points) in zip(axes[0], sets):
+        ax.axhspan(-100 * band, 100 * band, color="0.9", label=f"within {band:.0%}")
+        ax.axhline(0, color="0.4", lw=1)
+        for i, a in enumerate(algorithms):
+            mine = [(m, 100 * (t - m) / m) for name, m, t in points if name == a]
+            if mine:
+                ax.scatter(*zip(*mine), s=24, color=f"C{i % 10}", marker=markers[i % 8],
+                           label=a, zorder=3)  # fmt: skip
+        inside = sum(abs(t - m) <= band * m for _, m, t in points)
+        ax.set(xscale="log", xlabel="measured time (s)",
+               title=f"{label}\n{inside} of {len(points)} within {band:.0%}")  # fmt: skip
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("model error (%): above 0, modelled too slow")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize="small")
+    fig.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+    return path
+
+
+__all__ = ["PLOT_SUFFIXES", "plot_model_errors", "plot_path_problem", "plot_report"]

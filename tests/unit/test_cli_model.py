@@ -56,6 +56,32 @@ def test_refit_recovers_the_model_and_checks_it_on_held_out_points(tmp_path, cap
     assert "held out, sizes or densities not fitted on: 100% of 13 within 25%" in out
 
 
+def test_refit_draws_the_errors_of_both_runs(tmp_path, capsys, monkeypatch):
+    from sparsetrain.commands import bench
+
+    fitted = write_results(tmp_path / "a.json", [10**6, 25 * 10**6], [0.001, 0.01, 0.1])
+    held = write_results(tmp_path / "b.json", [5 * 10**6], [0.003, 0.03])
+    png = tmp_path / "errors.png"
+    drawn = {}
+    real = bench.plot_model_errors
+
+    def spy(sets, path, title, **kw):
+        drawn["sets"] = sets
+        return real(sets, path, title, **kw)
+
+    monkeypatch.setattr(bench, "plot_model_errors", spy)
+    argv = ["bench", "refit", str(fitted), "--predict", str(held), "--plot", str(png)]
+    assert main(argv) == 0
+    assert f"plot: {png}" in capsys.readouterr().out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (mine, points), (theirs, held_points) = drawn["sets"]
+    assert "a.json" in mine and "b.json" in theirs
+    # one point a measurement (dense once a size), each (algorithm, measured, modelled)
+    assert len(points) == 38 and len(held_points) == 13
+    for _, measured, modelled in points + held_points:
+        assert modelled == pytest.approx(measured, rel=1e-6)
+
+
 def test_a_dense_time_listed_at_every_density_counts_once(tmp_path, capsys):
     path = write_results(tmp_path / "a.json", [10**6, 25 * 10**6], [0.001, 0.01, 0.1])
     data = json.loads(path.read_text())
@@ -120,6 +146,7 @@ def test_refit_with_the_wrong_core_count_fits_worse(tmp_path, capsys):
     [
         (["bench", "refit", "missing.json"], "cannot read missing.json"),
         (["bench", "refit", "x.json", "--cores", "0"], "--cores must be >= 1"),
+        (["bench", "refit", "x.json", "--plot", "e.jpg"], "--plot e.jpg: the file name must end"),
     ],
 )
 def test_refit_bad_input_is_an_argparse_error(argv, words, capsys):

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsetrain._provenance import environment, machine_cores
+from sparsetrain.plotting import plot_model_errors, plot_path_problem
 
 DEFAULT_SIZES = "1M,25M"
 DEFAULT_DENSITIES = "0.001,0.01,0.1"
@@ -705,6 +706,9 @@ def run_refit(args: argparse.Namespace) -> int:
 
     if args.cores is not None and args.cores < 1:
         args._parser.error(f"--cores must be >= 1, got {args.cores}")
+    problem = plot_path_problem(args.plot) if args.plot else None
+    if problem:
+        args._parser.error(f"--plot {problem}")
     path = Path(args.results)
     records, world, link, cores = _load_results(path, args)
     if link is None and not args.free_beta:
@@ -716,6 +720,7 @@ def run_refit(args: argparse.Namespace) -> int:
         args._parser.error(f"{path} has fewer than 3 modelled points")
     print(_table(records, fit["predicted"]))
     _print_fit(fit)
+    panels = [(f"{path.name}, fitted to it", _error_points(records, fit["predicted"]))]
     if args.write:
         result = json.loads(path.read_text())
         result["model_fit"] = _model_fit_entry(fit)
@@ -747,6 +752,7 @@ def run_refit(args: argparse.Namespace) -> int:
         fitted_on = {(r["numel"], r["density"]) for r in records}
         print(f"\n{other}, predicted by the model fitted to {path}:")
         print(_table(usable, predicted))
+        panels.append((f"{other.name}, held out", _error_points(usable, predicted)))
         unseen = [r for r in usable if (r["numel"], r["density"]) not in fitted_on]
         for label, rows in (("all points", usable), ("sizes or densities not fitted on", unseen)):
             if rows:
@@ -756,7 +762,23 @@ def run_refit(args: argparse.Namespace) -> int:
                     f"median error {e['median_relative_error']:.0%}, max "
                     f"{e['max_relative_error']:.0%}"
                 )
+    if args.plot:
+        title = f"cost model fitted to {path.name}" + (f", {cores} shared cores" if cores else "")
+        try:
+            written = plot_model_errors(panels, args.plot, title)
+        except OSError as e:
+            args._parser.error(f"--plot {args.plot}: cannot write it ({e})")
+        print(f"plot: {written}")
     return 0
+
+
+def _error_points(records: list[dict[str, Any]], predicted: dict) -> list[tuple[str, float, float]]:
+    """(algorithm, measured s, modelled s) of each measurement (see :func:`_points`)."""
+    usable = [r for r in records if (r["algorithm"], r["numel"], r["density"]) in predicted]
+    return [
+        (r["algorithm"], r["median_s"], predicted[(r["algorithm"], r["numel"], r["density"])])
+        for r in _points(usable)
+    ]
 
 
 def run_cleanup(args: argparse.Namespace) -> int:
@@ -880,6 +902,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--predict",
         metavar="JSON",
         help="also predict another run's points with this fit (a held-out check)",
+    )
+    f.add_argument(
+        "--plot",
+        metavar="PATH",
+        help="also draw the model's error against the measured time, with the 25%% band (a "
+        ".png, .svg or .pdf file; one panel for RESULTS, one for --predict's run)",
     )
     f.add_argument(
         "--write",

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from sparsetrain import perfmodel
 from sparsetrain.cluster.units import parse_count, parse_duration, parse_rate
+from sparsetrain.plotting import plot_path_problem
 
 
 def _list(text: str, parse, what: str) -> list:
@@ -142,21 +143,10 @@ def simulate(
     return rows
 
 
-PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 # Each algorithm its own marker and line style: lines that coincide (DSAR and the
 # split-allgather below DSAR's switch) stay visible.
 # The dense ring alone is dashed.
 _STYLES = [("o", "-"), ("s", "-."), ("^", ":"), ("D", "-"), ("v", "-."), ("P", ":"), ("X", "-")]
-
-
-def plot_path_problem(path: str) -> str | None:
-    """Why ``--plot path`` cannot be written, or None; checked before any work is done."""
-    p = Path(path)
-    if p.is_dir():
-        return f"--plot {path}: is a folder; give a file name ending in {', '.join(PLOT_SUFFIXES)}"
-    if p.suffix.lower() not in PLOT_SUFFIXES:
-        return f"--plot {path}: the file name must end in {', '.join(PLOT_SUFFIXES)}"
-    return None
 
 
 def plot_projection(rows: list[dict], algorithms: list[str], path: str, title: str) -> Path:
@@ -252,7 +242,7 @@ def _run(args: argparse.Namespace) -> int:
         compute_s = _option("--compute", parse_duration, args.compute) if args.compute else 0.0
         problem = plot_path_problem(args.plot) if args.plot else None
         if problem:
-            raise ValueError(problem)
+            raise ValueError(f"--plot {problem}")
         rows = simulate(ranks, bandwidths, numel, args.density, latency, gamma, gamma_dense,
                         algorithms, compute_s, gamma_sort, overhead)  # fmt: skip
     except (ValueError, TypeError) as e:
