@@ -7,6 +7,8 @@ import os
 import torch
 import torch.distributed as dist
 
+import sparsetrain.hostmem
+
 
 def init_distributed() -> torch.device:
     """Join torchrun's process group: NCCL on this process's own GPU when the machine has one
@@ -18,6 +20,9 @@ def init_distributed() -> torch.device:
         torch.cuda.set_device(device)  # before NCCL starts, so each rank uses its own GPU
         dist.init_process_group("nccl")
         return device
+    # On the CPU: keep freed memory for reuse, so gradients above 32 MiB are not mapped afresh
+    # (and their pages faulted in again) every step; see sparsetrain.hostmem.
+    sparsetrain.hostmem.reuse_freed_memory()
     dist.init_process_group("gloo")
     torch.set_num_threads(1)  # the ranks of one machine share its cores
     return torch.device("cpu")

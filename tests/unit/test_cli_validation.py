@@ -161,6 +161,19 @@ def test_simulate_help_names_the_real_options_and_defaults(capsys):
         assert default in text
 
 
+@pytest.mark.parametrize(
+    "command, default",
+    [("demo", "(default: none topk threshold;"), ("train", "(default: threshold;")],
+)
+def test_help_gives_the_compressors_each_command_runs_by_default(command, default, capsys):
+    from sparsetrain.commands.demo import DEMO_COMPRESSORS
+
+    assert DEMO_COMPRESSORS == ["none", "topk", "threshold"]
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert default in " ".join(capsys.readouterr().out.split())
+
+
 # ---- bench refit ------------------------------------------------------------------------------
 def _bad_record(**changes) -> dict:
     rec = {**worker_records()[0], **changes}

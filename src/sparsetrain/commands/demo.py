@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--out", default="runs/demo", metavar="DIR", help="folder for report.json and report.png"
     )
-    add_sync_arguments(p)
+    add_sync_arguments(p, compressor_default=" ".join(DEMO_COMPRESSORS))
     add_training_arguments(p, workers=DEMO_DEFAULTS["workers"], epochs=DEMO_DEFAULTS["epochs"])
     p.set_defaults(func=_run, _parser=p)
     return p

@@ -95,8 +95,9 @@ def key_value(text: str) -> tuple[str, Any]:
     return key.strip(), parse_value(value.strip())
 
 
-def add_sync_arguments(p: argparse.ArgumentParser) -> None:
-    """Add the options that choose how gradients are compressed and combined."""
+def add_sync_arguments(p: argparse.ArgumentParser, compressor_default: str = "threshold") -> None:
+    """Add the options that choose how gradients are compressed and combined
+    (``compressor_default``: what the command runs without ``--compressor``, for its help)."""
     g = p.add_argument_group("gradient compression")
     g.add_argument(
         "--compressor",
@@ -105,7 +106,7 @@ def add_sync_arguments(p: argparse.ArgumentParser) -> None:
         type=compressor_name,
         metavar="NAME",
         help="compressor(s); several run one after the other into one report "
-        f"(default: threshold; valid: {', '.join(available_compressors())})",
+        f"(default: {compressor_default}; valid: {', '.join(available_compressors())})",
     )
     g.add_argument(
         "--density",
