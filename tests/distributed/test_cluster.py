@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import secrets
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -597,6 +599,30 @@ def test_bench_timeout_bounds_the_link_probe_and_leaves_nothing(tmp_path, capsys
     assert list_namespaces(ours) == before and not out.exists()
     assert glob.glob(f"{tempfile.gettempdir()}/sparsetrain-bench-{os.getpid()}-*") == []
     assert glob.glob(f"{tempfile.gettempdir()}/st-{os.getpid()}-*") == []
+
+
+@needs_root
+def test_bench_passes_pool_every_pass_and_report_how_they_agree(tmp_path, capsys):
+    from sparsetrain.cli import main
+
+    out = tmp_path / "out"
+    argv = ["bench", "cluster", "--ranks", "2", "--bandwidth", "1gbit", "--latency", "0",
+            "--sizes", "20k", "--densities", "0.01,0.1", "--algorithms", "dense,allgather,oktopk",
+            "--reps", "2", "--passes", "3", "--probe-bytes", "1000000", "--name", "p", "--out",
+            str(out)]  # fmt: skip
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    result = json.loads((out / "p.json").read_text())
+    assert result["config"]["passes"] == 3
+    records = result["records"]
+    assert len(records) == 3 * 2  # one record a point, not one a pass
+    for r in records:
+        assert len(r["pass_medians"]) == 3 and len(r["times_s"]) == 3 * 2
+        assert len(r["warmup_s"]) == 3  # the untimed run of every pass
+        assert r["median_s"] == statistics.median(r["times_s"])  # over all passes' runs
+    a = result["pass_agreement"]
+    assert a["passes"] == 3 and a["n_points"] == 5  # dense counts once for its size
+    assert f"the 3 passes' medians agree within 20% on {a['points_within']} of 5 points" in text
 
 
 def test_token_bucket_bursts_are_about_a_millisecond_of_traffic():

@@ -214,3 +214,27 @@ def test_simulate_bad_input_is_an_argparse_error(argv, words, capsys):
         main(argv)
     assert exc.value.code == 2
     assert words in capsys.readouterr().err
+
+
+def test_passes_are_pooled_and_their_agreement_counted_once_a_measurement():
+    from sparsetrain.commands.bench import _add_pass, _pass_agreement
+
+    merged = {}
+    for times, sent in (([1.0, 1.2], 10), ([1.1, 3.0], 12), ([0.9, 1.0], 11)):
+        rec = {"times_s": times, "warmup_s": [5.0], "median_s": sum(times) / 2,
+               "bytes_sent_max": sent, "bytes_recv_max": 2 * sent}  # fmt: skip
+        _add_pass(merged, ("oktopk", 100, 0.01), {"algorithm": "oktopk", "numel": 100,
+                                                   "density": 0.01}, rec)  # fmt: skip
+        for d in (0.01, 0.1):  # dense: timed once a size, listed at every density
+            dense = {**rec, "median_s": 2.0, "times_s": [2.0, 2.0]}
+            _add_pass(merged, ("dense", 100, d), {"algorithm": "dense", "numel": 100,
+                                                  "density": d}, dense)  # fmt: skip
+    r = merged[("oktopk", 100, 0.01)]
+    assert r["times_s"] == [1.0, 1.2, 1.1, 3.0, 0.9, 1.0] and r["median_s"] == 1.05
+    assert r["pass_medians"] == [1.1, 2.05, 0.95] and r["warmup_s"] == [5.0] * 3
+    assert r["bytes_sent_max"] == 12 and r["bytes_recv_max"] == 24
+    a = _pass_agreement(list(merged.values()))
+    assert a["passes"] == 3 and a["n_points"] == 2 and a["points_within"] == 1
+    assert a["largest_spread"] == pytest.approx(2.05 / 0.95)
+    assert a["largest_at"] == ["oktopk", 100, 0.01]
+    assert _pass_agreement([{**r, "pass_medians": [1.0]}]) is None  # one pass: nothing to say

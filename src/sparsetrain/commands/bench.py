@@ -102,6 +102,54 @@ def _time_point(fn, reps: int, warmup: int, min_time: float = 0.0, max_reps: int
     }
 
 
+def _add_pass(merged: dict[tuple, dict[str, Any]], key: tuple, base: dict, rec: dict) -> None:
+    """Add one pass's timing of a point to ``merged`` (kept in insertion order): the times of
+    every pass pooled, the median taken over them all, each pass's median kept apart
+    (``pass_medians``), the byte counts the largest seen."""
+    if key not in merged:
+        merged[key] = {**base, **rec, "pass_medians": [rec["median_s"]]}
+        return
+    m = merged[key]
+    m["times_s"] = m["times_s"] + rec["times_s"]
+    m["warmup_s"] = m["warmup_s"] + rec["warmup_s"]
+    m["pass_medians"] = m["pass_medians"] + [rec["median_s"]]
+    m["median_s"] = statistics.median(m["times_s"])
+    m["bytes_sent_max"] = max(m["bytes_sent_max"], rec["bytes_sent_max"])
+    m["bytes_recv_max"] = max(m["bytes_recv_max"], rec["bytes_recv_max"])
+
+
+def _pass_agreement(records: list[dict[str, Any]], within: float = 0.2) -> dict[str, Any] | None:
+    """How closely the passes of a ``--passes`` run repeat: over the measurements (dense once
+    a size), the points whose largest pass median is within ``within`` of their smallest, and
+    the largest spread (largest / smallest); None for a run of one pass."""
+    spreads = []
+    for r in _points(records):
+        medians = r.get("pass_medians") or []
+        if len(medians) > 1:
+            spreads.append((max(medians) / min(medians), r))
+    if not spreads:
+        return None
+    worst, r = max(spreads, key=lambda x: x[0])
+    return {
+        "passes": len(r["pass_medians"]),
+        "within": within,
+        "points_within": sum(x <= 1 + within for x, _ in spreads),
+        "n_points": len(spreads),
+        "largest_spread": worst,
+        "largest_at": [r["algorithm"], r["numel"], r["density"]],
+    }
+
+
+def _print_pass_agreement(agreement: dict[str, Any]) -> None:
+    a = agreement
+    alg, n, d = a["largest_at"]
+    print(
+        f"the {a['passes']} passes' medians agree within {a['within']:.0%} on "
+        f"{a['points_within']} of {a['n_points']} points (largest spread "
+        f"{a['largest_spread']:.2f}x: {alg} at {n:,} and {d:g})"
+    )
+
+
 def worker_main(config_path: str) -> int:
     """Time the configured collectives on this rank (joined from RANK/WORLD_SIZE/MASTER_*)."""
     import torch
@@ -118,44 +166,58 @@ def worker_main(config_path: str) -> int:
     colls = {name: get_collective(name) for name in cfg["algorithms"] if name != DENSE}
     points = [(n, d) for n in cfg["sizes"] for d in cfg["densities"]]
     timing = (cfg["reps"], cfg["warmup"], cfg.get("min_time", 0.0), cfg.get("max_reps", 0))
+    passes = cfg.get("passes", 1)
+    merged: dict[tuple, dict[str, Any]] = {}
+
+    def finished() -> list[dict[str, Any]]:
+        if passes > 1:
+            return list(merged.values())
+        return [{k: v for k, v in r.items() if k != "pass_medians"} for r in merged.values()]
+
     bar = None
     if rank == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(points) * len(cfg["algorithms"]), desc="collectives", unit="pt")
-    for numel in cfg["sizes"]:
-        if DENSE in cfg["algorithms"]:
-            x = torch.randn(numel)
+        bar = tqdm(total=passes * len(points) * len(cfg["algorithms"]), desc="collectives",
+                   unit="pt")  # fmt: skip
+    # With --passes, the whole sweep runs again and again: a slow spell of the machine then
+    # lands in one pass of each point, not in all the runs of the points it meets.
+    for _ in range(passes):
+        for numel in cfg["sizes"]:
+            if DENSE in cfg["algorithms"]:
+                x = torch.randn(numel)
 
-            def dense(x=x, numel=numel):
-                dist.all_reduce(x)
-                b = ring_allreduce_bytes(numel, 4, world)
-                return b, b
+                def dense(x=x, numel=numel):
+                    dist.all_reduce(x)
+                    b = ring_allreduce_bytes(numel, 4, world)
+                    return b, b
 
-            rec = _time_point(dense, *timing)
+                rec = _time_point(dense, *timing)
+                for density in cfg["densities"]:
+                    base = {"algorithm": DENSE, "numel": numel, "density": density}
+                    _add_pass(merged, (DENSE, numel, density), base, rec)
+                    if bar:
+                        bar.update()
+                del x
             for density in cfg["densities"]:
-                records.append({"algorithm": DENSE, "numel": numel, "density": density, **rec})
-                if bar:
-                    bar.update()
-            del x
-        for density in cfg["densities"]:
-            k = max(1, min(numel, int(round(density * numel))))
-            idx, val = _sparse_input(numel, k, rank, cfg["seed"])
-            for name, coll in colls.items():
-                key = f"{numel}/{density}"
+                k = max(1, min(numel, int(round(density * numel))))
+                idx, val = _sparse_input(numel, k, rank, cfg["seed"])
+                for name, coll in colls.items():
+                    key = f"{numel}/{density}"
 
-                def sparse(coll=coll, idx=idx, val=val, numel=numel, key=key):
-                    res = coll(idx, val, numel, key=key)
-                    return res.bytes_sent, res.bytes_recv
+                    def sparse(coll=coll, idx=idx, val=val, numel=numel, key=key):
+                        res = coll(idx, val, numel, key=key)
+                        return res.bytes_sent, res.bytes_recv
 
-                rec = _time_point(sparse, *timing)
-                records.append({"algorithm": name, "numel": numel, "density": density, "k": k,
-                                **rec})  # fmt: skip
-                if bar:
-                    bar.set_postfix_str(f"{name} n={numel} d={density}")
-                    bar.update()
-                if rank == 0:  # keep partial results if a later point fails
-                    _write_json(Path(cfg["records_path"]), records)
+                    rec = _time_point(sparse, *timing)
+                    base = {"algorithm": name, "numel": numel, "density": density, "k": k}
+                    _add_pass(merged, (name, numel, density), base, rec)
+                    if bar:
+                        bar.set_postfix_str(f"{name} n={numel} d={density}")
+                        bar.update()
+                    if rank == 0:  # keep partial results if a later point fails
+                        _write_json(Path(cfg["records_path"]), finished())
+    records.extend(finished())
     if rank == 0:
         _write_json(Path(cfg["records_path"]), records)
     if bar:
@@ -419,6 +481,8 @@ def run_cluster(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"--max-reps must be at least --reps ({args.reps}), got {args.max_reps}"
             )
+        if args.passes < 1:
+            raise ValueError(f"--passes must be >= 1, got {args.passes}")
         if not args.timeout > 0:
             raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
         if args.probe_bytes < PROBE_MIN:
@@ -458,7 +522,7 @@ def run_cluster(args: argparse.Namespace) -> int:
     try:
         cfg = {"sizes": sizes, "densities": densities, "algorithms": algorithms,
                "reps": args.reps, "warmup": args.warmup, "min_time": args.min_time,
-               "max_reps": args.max_reps, "seed": args.seed,
+               "max_reps": args.max_reps, "passes": args.passes, "seed": args.seed,
                "records_path": str(tmp / "records.json")}  # fmt: skip
         (tmp / "config.json").write_text(json.dumps(cfg))
         os.chmod(tmp, 0o755)
@@ -548,6 +612,10 @@ def run_cluster(args: argparse.Namespace) -> int:
     if fit:
         result["model_fit"] = _model_fit_entry(fit)
         _print_fit(fit)
+    agreement = _pass_agreement(records)
+    if agreement:
+        result["pass_agreement"] = agreement
+        _print_pass_agreement(agreement)
     if not _write_out(out / f"{stem}.json", json.dumps(result, indent=1)):
         return 1
     pngs = plot_times(records, out, f"{args.ranks} ranks, {args.bandwidth} links", stem)
@@ -720,6 +788,9 @@ def run_refit(args: argparse.Namespace) -> int:
         args._parser.error(f"{path} has fewer than 3 modelled points")
     print(_table(records, fit["predicted"]))
     _print_fit(fit)
+    agreement = _pass_agreement(records)
+    if agreement:
+        _print_pass_agreement(agreement)
     panels = [(f"{path.name}, fitted to it", _error_points(records, fit["predicted"]))]
     if args.write:
         result = json.loads(path.read_text())
@@ -869,7 +940,19 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help=f"most timed repetitions a point with --min-time (default {MAX_REPS}, or --reps; "
         "without --min-time a point runs --reps times)",
     )
-    c.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (default 1)")
+    c.add_argument(
+        "--passes",
+        type=int,
+        default=1,
+        help="run the whole sweep this many times, each point's runs pooled, each pass's median "
+        "kept, and report how closely the passes agree (default 1)",
+    )
+    c.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed repetitions before each point's timed ones, in every pass (default 1)",
+    )
     c.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     c.add_argument(
         "--probe-bytes",
