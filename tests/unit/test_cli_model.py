@@ -238,3 +238,19 @@ def test_passes_are_pooled_and_their_agreement_counted_once_a_measurement():
     assert a["largest_spread"] == pytest.approx(2.05 / 0.95)
     assert a["largest_at"] == ["oktopk", 100, 0.01]
     assert _pass_agreement([{**r, "pass_medians": [1.0]}]) is None  # one pass: nothing to say
+
+
+def test_refit_fits_one_pass_of_a_passes_run(tmp_path, capsys):
+    path = write_results(tmp_path / "a.json", [10**6, 25 * 10**6], [0.001, 0.01, 0.1])
+    data = json.loads(path.read_text())
+    for r in data["records"]:  # pass 2 ran at the model's times, pass 1 twice as slow
+        r["pass_medians"] = [2 * r["median_s"], r["median_s"]]
+        r["median_s"] *= 1.5
+    path.write_text(json.dumps(data))
+    assert main(["bench", "refit", str(path), "--pass", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "median error 0%" in out and "100% of 38 points within 25%" in out
+    assert "the 2 passes' medians agree within 20% on 0 of 38 points" in out
+    with pytest.raises(SystemExit):
+        main(["bench", "refit", str(path), "--pass", "3"])
+    assert f"--pass 3: {path} has 2 passes recorded; choose 1 to 2" in capsys.readouterr().err

@@ -779,6 +779,8 @@ def run_refit(args: argparse.Namespace) -> int:
         args._parser.error(f"--plot {problem}")
     path = Path(args.results)
     records, world, link, cores = _load_results(path, args)
+    if args.only_pass is not None:
+        records = _one_pass(records, args.only_pass, path, args._parser)
     if link is None and not args.free_beta:
         print(f"{path} records no measured link rate; beta is fitted too (as with --free-beta)")
     fit = _fit_model(
@@ -841,6 +843,18 @@ def run_refit(args: argparse.Namespace) -> int:
             args._parser.error(f"--plot {args.plot}: cannot write it ({e})")
         print(f"plot: {written}")
     return 0
+
+
+def _one_pass(records: list[dict[str, Any]], k: int, path: Path, parser) -> list[dict[str, Any]]:
+    """The records with each point's median replaced by pass ``k``'s (1-based) of a ``--passes``
+    run; an argparse error where the file has no such pass."""
+    have = min((len(r.get("pass_medians") or []) for r in records), default=0)
+    if not 1 <= k <= have:
+        parser.error(
+            f"--pass {k}: {path} has {have} passes recorded"
+            + (" (it was not run with --passes)" if have < 2 else f"; choose 1 to {have}")
+        )
+    return [{**r, "median_s": r["pass_medians"][k - 1]} for r in records]
 
 
 def _error_points(records: list[dict[str, Any]], predicted: dict) -> list[tuple[str, float, float]]:
@@ -985,6 +999,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--predict",
         metavar="JSON",
         help="also predict another run's points with this fit (a held-out check)",
+    )
+    f.add_argument(
+        "--pass",
+        dest="only_pass",
+        type=int,
+        metavar="K",
+        help="fit pass K alone (1 = the first) of a run made with --passes",
     )
     f.add_argument(
         "--plot",
