@@ -124,8 +124,11 @@ def plot_model_errors(
                title=f"{label}\n{inside} of {len(points)} within {band:.0%}")  # fmt: skip
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("model error (%): above 0, modelled too slow")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right center", fontsize="small")
+    legend: dict[str, Any] = {}  # every panel's entries, once each (an algorithm may be in one)
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(legend.values(), legend.keys(), loc="outside right center", fontsize="small")
     fig.suptitle(title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ def torchrun(ranks: int, script: str, *args: str, status: int = 0) -> str:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
            str(ranks), str(EXAMPLES / script), *args]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert (done.returncode == 0) == (status == 0), done.stdout[-2000:] + done.stderr[-4000:]
+    assert done.returncode == status, done.stdout[-2000:] + done.stderr[-4000:]
     return done.stdout if status == 0 else done.stdout + done.stderr
 
 
@@ -75,6 +75,7 @@ def test_ddp_hook_example_learns_and_resumes_exactly(tmp_path):
                 del state["hook"]["counters"][name]
         # the model, the optimizer, this rank's residuals, Ok-Topk's state and the byte counts
         assert same(a, b), f"rank {rank}: the resumed run's checkpoint differs"
-    # Resuming on another number of processes stops every rank with a message, not a hang.
-    refused = torchrun(1, "ddp_hook.py", "--checkpoint", str(split), "--resume", status=1)
-    assert "written by another number of processes (this run has 1)" in refused
+    # Resuming on another number of processes stops every rank with a message, not a hang:
+    # with 3, the third rank has no file while the other two have theirs.
+    refused = torchrun(3, "ddp_hook.py", "--checkpoint", str(split), "--resume", status=1)
+    assert "written by another number of processes (this run has 3)" in refused

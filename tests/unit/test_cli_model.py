@@ -251,6 +251,29 @@ def test_refit_fits_one_pass_of_a_passes_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "median error 0%" in out and "100% of 38 points within 25%" in out
     assert "the 2 passes' medians agree within 20% on 0 of 38 points" in out
+    main(["bench", "refit", str(path), "--pass", "1"])  # twice the model's times: a worse fit
+    assert "median error 0%" not in capsys.readouterr().out
+    for argv, words in (
+        (["--pass", "3"], f"--pass 3: every point of {path} finished 2 passes; choose 1 to 2"),
+        (["--pass", "1", "--write"], "it cannot be given with --pass"),
+    ):
+        with pytest.raises(SystemExit):
+            main(["bench", "refit", str(path), *argv])
+        assert words in capsys.readouterr().err
+    assert json.loads(path.read_text()) == data  # the refused --write wrote nothing
+
+
+def test_a_partial_passes_file_counts_the_passes_every_point_finished(tmp_path, capsys):
+    path = write_results(tmp_path / "a.json", [10**6], [0.01, 0.1])
+    data = json.loads(path.read_text())
+    for i, r in enumerate(data["records"]):  # stopped during pass 3: the first points have 3
+        r["pass_medians"] = [r["median_s"]] * (3 if i < 4 else 2)
+    data["records"][0]["pass_medians"][2] *= 3  # a spread only the unfinished pass shows
+    path.write_text(json.dumps(data))
+    main(["bench", "refit", str(path)])
+    assert "the 2 passes' medians agree within 20% on 13 of 13 points" in capsys.readouterr().out
+    data["records"][1]["pass_medians"] = [0.0, None]
+    path.write_text(json.dumps(data))
     with pytest.raises(SystemExit):
-        main(["bench", "refit", str(path), "--pass", "3"])
-    assert f"--pass 3: {path} has 2 passes recorded; choose 1 to 2" in capsys.readouterr().err
+        main(["bench", "refit", str(path)])
+    assert "pass_medians must be a list of finite numbers of seconds" in capsys.readouterr().err

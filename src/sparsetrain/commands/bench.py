@@ -121,17 +121,19 @@ def _add_pass(merged: dict[tuple, dict[str, Any]], key: tuple, base: dict, rec: 
 def _pass_agreement(records: list[dict[str, Any]], within: float = 0.2) -> dict[str, Any] | None:
     """How closely the passes of a ``--passes`` run repeat: over the measurements (dense once
     a size), the points whose largest pass median is within ``within`` of their smallest, and
-    the largest spread (largest / smallest); None for a run of one pass."""
-    spreads = []
-    for r in _points(records):
-        medians = r.get("pass_medians") or []
-        if len(medians) > 1:
-            spreads.append((max(medians) / min(medians), r))
-    if not spreads:
+    the largest spread (largest / smallest); None for a run of one pass. Only the passes that
+    every point finished count (a partial file's last pass is unfinished)."""
+    points = _points(records)
+    passes = min((len(r.get("pass_medians") or []) for r in points), default=0)
+    if passes < 2:
         return None
+    spreads = []
+    for r in points:
+        medians = r["pass_medians"][:passes]
+        spreads.append((max(medians) / min(medians), r))
     worst, r = max(spreads, key=lambda x: x[0])
     return {
-        "passes": len(r["pass_medians"]),
+        "passes": passes,
         "within": within,
         "points_within": sum(x <= 1 + within for x, _ in spreads),
         "n_points": len(spreads),
@@ -677,6 +679,15 @@ def _record_problem(r: Any) -> str | None:
         return f"median_s must be a finite number of seconds >= 1e-9, got {r['median_s']!r}"
     if not _is_number(r["bytes_sent_max"]) or not 0 <= r["bytes_sent_max"] < math.inf:
         return f"bytes_sent_max must be a finite number >= 0, got {r['bytes_sent_max']!r}"
+    medians = r.get("pass_medians")
+    if medians is not None and not (
+        isinstance(medians, list)
+        and medians
+        and all(_is_number(m) and 1e-9 <= m < math.inf for m in medians)
+    ):
+        return (
+            f"pass_medians must be a list of finite numbers of seconds >= 1e-9, got {medians!r:.60}"
+        )
     return None
 
 
@@ -780,6 +791,11 @@ def run_refit(args: argparse.Namespace) -> int:
     path = Path(args.results)
     records, world, link, cores = _load_results(path, args)
     if args.only_pass is not None:
+        if args.write:
+            args._parser.error(
+                "--write stores the fit of the file's pooled medians; it cannot be given with "
+                "--pass, whose fit is of one pass only"
+            )
         records = _one_pass(records, args.only_pass, path, args._parser)
     if link is None and not args.free_beta:
         print(f"{path} records no measured link rate; beta is fitted too (as with --free-beta)")
@@ -836,7 +852,11 @@ def run_refit(args: argparse.Namespace) -> int:
                     f"{e['max_relative_error']:.0%}"
                 )
     if args.plot:
-        title = f"cost model fitted to {path.name}" + (f", {cores} shared cores" if cores else "")
+        title = (
+            f"cost model fitted to {path.name}"
+            + (f" (pass {args.only_pass})" if args.only_pass else "")
+            + (f", {cores} shared cores" if cores else "")
+        )
         try:
             written = plot_model_errors(panels, args.plot, title)
         except OSError as e:
@@ -850,10 +870,10 @@ def _one_pass(records: list[dict[str, Any]], k: int, path: Path, parser) -> list
     run; an argparse error where the file has no such pass."""
     have = min((len(r.get("pass_medians") or []) for r in records), default=0)
     if not 1 <= k <= have:
-        parser.error(
-            f"--pass {k}: {path} has {have} passes recorded"
-            + (" (it was not run with --passes)" if have < 2 else f"; choose 1 to {have}")
-        )
+        if not any(r.get("pass_medians") for r in records):
+            parser.error(f"--pass {k}: {path} was not run with --passes")
+        done = "1 pass" if have == 1 else f"{have} passes"
+        parser.error(f"--pass {k}: every point of {path} finished {done}; choose 1 to {have}")
     return [{**r, "median_s": r["pass_medians"][k - 1]} for r in records]
 
 
@@ -959,7 +979,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="run the whole sweep this many times, each point's runs pooled, each pass's median "
-        "kept, and report how closely the passes agree (default 1)",
+        "kept, and report how closely the passes agree (default 1; --timeout covers them all; "
+        "a stateful collective such as Ok-Topk keeps its state from pass to pass, as in "
+        "training)",
     )
     c.add_argument(
         "--warmup",
