@@ -251,6 +251,8 @@ def test_refit_fits_one_pass_of_a_passes_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "median error 0%" in out and "100% of 38 points within 25%" in out
     assert "the 2 passes' medians agree within 20% on 0 of 38 points" in out
+    head, first = out.splitlines()[:2]
+    assert head.endswith("passes") and first.endswith("2.00x")  # each point's spread
     main(["bench", "refit", str(path), "--pass", "1"])  # twice the model's times: a worse fit
     assert "median error 0%" not in capsys.readouterr().out
     for argv, words in (

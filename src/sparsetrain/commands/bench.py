@@ -326,10 +326,12 @@ def _table(records: list[dict[str, Any]], predicted: dict | None) -> str:
     gather = {
         (r["numel"], r["density"]): r["median_s"] for r in records if r["algorithm"] == "allgather"
     }
+    passes = any(len(r.get("pass_medians") or []) > 1 for r in records)
     head = f"{'algorithm':<11}{'numel':>10}{'density':>9}{'median s':>10}{'MB sent':>9}"
     head += f"{'vs dense':>10}{'vs allgather':>13}" + (
         f"{'model s':>9}{'err':>7}" if predicted else ""
     )
+    head += f"{'passes':>9}" if passes else ""  # largest / smallest pass median
     lines = [head]
     for r in records:
         key = (r["numel"], r["density"])
@@ -339,8 +341,10 @@ def _table(records: list[dict[str, Any]], predicted: dict | None) -> str:
         row += f"{gather[key] / r['median_s']:>12.2f}x" if key in gather else f"{'':>13}"
         if predicted:
             p = predicted.get((r["algorithm"], r["numel"], r["density"]))
-            if p is not None:
-                row += f"{p:>9.4f}{(p - r['median_s']) / r['median_s']:>+7.0%}"
+            row += f"{p:>9.4f}{(p - r['median_s']) / r['median_s']:>+7.0%}" if p else f"{'':>16}"
+        medians = r.get("pass_medians") or []
+        if passes and len(medians) > 1:
+            row += f"{max(medians) / min(medians):>8.2f}x"
         lines.append(row)
     return "\n".join(lines)
 
