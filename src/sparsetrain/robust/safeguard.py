@@ -66,7 +66,7 @@ class Safeguard(Aggregator):
         window0: T0, the short window in steps.
         window1: T1, the long window in steps (T0 <= T1).
         threshold0, threshold1: fixed thresholds 𝔗0, 𝔗1 (0 < 𝔗0 <= 𝔗1), or both None (auto).
-        warmup_steps: length of the auto-threshold warm-up; None means ``window1``.
+        warmup_steps: length of the auto-threshold warm-up; None means ``window0``.
         threshold_multiplier: auto thresholds are this times the largest honest-looking spread.
         noise_std: standard deviation nu of the Gaussian perturbation added to the output.
         seed: seed of the perturbation.
