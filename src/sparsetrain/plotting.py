@@ -60,11 +60,31 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike, title: str | No
         or f"{first.get('task', '')}, {report.get('world_size', first.get('world_size', '?'))} workers"
     )
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | os.PathLike) -> Path:
+    """Write a matplotlib figure to ``path`` (format by its suffix; parent folders are made) and
+    close it, also when the write fails. Returns the path written."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
     return path
+
+
+def legend_outside(fig: Any, axes: Any) -> None:
+    """One legend for all panels, right of them (a figure made with ``layout="constrained"``):
+    every label once, from whichever panel has it."""
+    legend: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(legend.values(), legend.keys(), loc="outside right center", fontsize="small")
 
 
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
@@ -124,19 +144,16 @@ def plot_model_errors(
                title=f"{label}\n{inside} of {len(points)} within {band:.0%}")  # fmt: skip
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("model error (%): above 0, modelled too slow")
-    legend: dict[str, Any] = {}  # every panel's entries, once each (an algorithm may be in one)
-    for ax in axes[0]:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(label, handle)
-    fig.legend(legend.values(), legend.keys(), loc="outside right center", fontsize="small")
+    legend_outside(fig, axes[0])  # an algorithm may be in one panel only
     fig.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fig.savefig(path, dpi=100)
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
-__all__ = ["PLOT_SUFFIXES", "plot_model_errors", "plot_path_problem", "plot_report"]
+__all__ = [
+    "PLOT_SUFFIXES",
+    "legend_outside",
+    "plot_model_errors",
+    "plot_path_problem",
+    "plot_report",
+    "save_figure",
+]

@@ -118,13 +118,18 @@ def _add_pass(merged: dict[tuple, dict[str, Any]], key: tuple, base: dict, rec: 
     m["bytes_recv_max"] = max(m["bytes_recv_max"], rec["bytes_recv_max"])
 
 
+def _passes_done(records: list[dict[str, Any]]) -> int:
+    """The passes every record finished (0 for a run without ``pass_medians``)."""
+    return min((len(r.get("pass_medians") or []) for r in records), default=0)
+
+
 def _pass_agreement(records: list[dict[str, Any]], within: float = 0.2) -> dict[str, Any] | None:
     """How closely the passes of a ``--passes`` run repeat: over the measurements (dense once
     a size), the points whose largest pass median is within ``within`` of their smallest, and
     the largest spread (largest / smallest); None for a run of one pass. Only the passes that
     every point finished count (a partial file's last pass is unfinished)."""
     points = _points(records)
-    passes = min((len(r.get("pass_medians") or []) for r in points), default=0)
+    passes = _passes_done(points)
     if passes < 2:
         return None
     spreads = []
@@ -341,7 +346,10 @@ def _table(records: list[dict[str, Any]], predicted: dict | None) -> str:
         row += f"{gather[key] / r['median_s']:>12.2f}x" if key in gather else f"{'':>13}"
         if predicted:
             p = predicted.get((r["algorithm"], r["numel"], r["density"]))
-            row += f"{p:>9.4f}{(p - r['median_s']) / r['median_s']:>+7.0%}" if p else f"{'':>16}"
+            if p is not None:
+                row += f"{p:>9.4f}{(p - r['median_s']) / r['median_s']:>+7.0%}"
+            else:
+                row += f"{'':>16}"
         medians = r.get("pass_medians") or []
         if passes and len(medians) > 1:
             row += f"{max(medians) / min(medians):>8.2f}x"
@@ -872,7 +880,7 @@ def run_refit(args: argparse.Namespace) -> int:
 def _one_pass(records: list[dict[str, Any]], k: int, path: Path, parser) -> list[dict[str, Any]]:
     """The records with each point's median replaced by pass ``k``'s (1-based) of a ``--passes``
     run; an argparse error where the file has no such pass."""
-    have = min((len(r.get("pass_medians") or []) for r in records), default=0)
+    have = _passes_done(records)
     if not 1 <= k <= have:
         if not any(r.get("pass_medians") for r in records):
             parser.error(f"--pass {k}: {path} was not run with --passes")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from sparsetrain import perfmodel
 from sparsetrain.cluster.units import parse_count, parse_duration, parse_rate
-from sparsetrain.plotting import plot_path_problem
+from sparsetrain.plotting import legend_outside, plot_path_problem, save_figure
 
 
 def _list(text: str, parse, what: str) -> list:
@@ -179,16 +179,9 @@ def plot_projection(rows: list[dict], algorithms: list[str], path: str, title: s
         ax.set(xlabel="ranks", title=f"{bw / 1e9:g} Gbit/s links")
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("modelled time of one exchange (ms)")
-    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right center",
-               fontsize="small")  # fmt: skip
+    legend_outside(fig, axes[0])
     fig.suptitle(title)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fig.savefig(out, dpi=100)
-    finally:
-        plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 def _run(args: argparse.Namespace) -> int:
