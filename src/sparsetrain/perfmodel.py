@@ -47,8 +47,11 @@ across ranks (the worst case for fill-in), so the expected support of the sum of
 ``U(m) = n * (1 - (1 - density) ** m)``. Entries cost ``index_bytes + value_bytes`` on the wire.
 
 Every formula follows the algorithm as implemented in :mod:`sparsetrain.comm`, phase by phase
-(see each function). Small collectives (the input agreement, allgathers of counts) are counted
-as rings, as gloo runs them: 2(p-1) steps for an allreduce, p-1 for an allgather. ``fit`` finds
+(see each function). The exchanges of a few ints (the input agreement, gathers of counts) are
+counted as the collectives send them: p - 1 direct messages at once below
+``sparsetrain.comm.p2p.TREE_FROM`` ranks (their few hundred bytes left out), ceil(log2 p)
+rounds of one message from there on (with their bytes, which grow with p); library calls (the
+allgather baseline's, dense allreduce) as rings. ``fit`` finds
 the coefficients from measured times by non-negative least squares on relative errors;
 ``best_collective`` picks the fastest algorithm for the sync layer's ``collective="auto"``.
 
@@ -70,6 +73,8 @@ import itertools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
+
+from .comm import p2p
 
 # ---- parameters and costs ---------------------------------------------------------------------
 
@@ -326,11 +331,42 @@ def _p2p(messages: float, nbytes: float = 0.0, rounds: float = 2) -> Cost:
     return Cost(messages, nbytes, operations=messages, rounds=rounds)
 
 
-def _agreement(p: int) -> Cost:
-    """The input agreement every sparse collective except the allgather baseline starts with,
-    and any other exchange of a few ints (counts, sizes): each rank sends its ints straight to
-    every peer, p - 1 messages at once."""
-    return _p2p(p - 1) if p > 1 else Cost(0, 0)
+def _with_bit(p: int, d: int) -> int:
+    """How many of 0, ..., p - 1 have the bit d (a power of two) set."""
+    return p // (2 * d) * d + max(0, p % (2 * d) - d)
+
+
+def _agreement(p: int, options: int = 0, told: bool = False) -> Cost:
+    """The input agreement every sparse collective except the allgather baseline starts with:
+    below ``TREE_FROM`` ranks each rank sends its few ints straight to every peer, p - 1
+    messages at once; from there on ceil(log2 p) rounds of one message, each carrying the
+    running minima and maxima of the 5 + ``options`` checked ints and, with ``told`` (an int
+    for every peer, such as the split's sizes), the ints Bruck's index algorithm moves that
+    round (about p / 2)."""
+    if p == 1:
+        return Cost(0, 0)
+    if not p2p.uses_tree(p):
+        return _p2p(p - 1)
+    cost, d = Cost(0, 0), 1
+    while d < p:
+        cost += _p2p(1, 8 * (2 * (5 + options) + (_with_bit(p, d) if told else 0)))
+        d *= 2
+    return cost
+
+
+def _gather_ints(p: int, width: int) -> Cost:
+    """A gather of ``width`` ints from every rank (counts, sizes): below ``TREE_FROM`` ranks p - 1
+    direct messages at once; from there on Bruck's ceil(log2 p) rounds, the round of distance d
+    sending min(d, p - d) ranks' ints."""
+    if p == 1:
+        return Cost(0, 0)
+    if not p2p.uses_tree(p):
+        return _p2p(p - 1)
+    cost, d = Cost(0, 0), 1
+    while d < p:
+        cost += _p2p(1, 8 * width * min(d, p - d))
+        d *= 2
+    return cost
 
 
 def _small_allgather(p: int) -> Cost:
@@ -458,7 +494,7 @@ def _split_phase(q: Problem, adaptive: bool) -> tuple[Cost, float, bool]:
     dense_in = adaptive and q.density >= delta
     per_peer = (q.numel / p * q.value_bytes) if dense_in else (k / p * q.entry_bytes)
     cost = (
-        _agreement(p)  # which carries the sizes of the split
+        _agreement(p, told=True)  # which carries the sizes of the split
         + _check(q, 2)  # before the split, and in the agreement
         + _order(q)  # into ranges
         + _p2p(p - 1, (p - 1) * per_peer)  # payloads in rotating order
@@ -502,7 +538,7 @@ def _allgather_ranges(q: Problem, reduced: float, dense_out: bool) -> Cost:
     block = q.numel / p * q.value_bytes if dense_out else reduced * q.entry_bytes
     ib, vb = q.index_bytes, q.value_bytes
     cost = (
-        _agreement(p)
+        _gather_ints(p, 1)  # the ranges' sizes
         + _p2p(p - 1, (p - 1) * block)
         + _fresh(q, p, *[block] * (p - 1), q.numel * vb)  # receive buffers, the sum
     )
@@ -554,15 +590,16 @@ def oktopk(q: Problem) -> Cost:
     the k/p entries a rank holds concatenated and packed, then sent directly to every peer
     (regions balanced by the repartition keep within a tenth of equal shares, so the balance
     step sends nothing); the result concatenated (k). Volume about 2 (p-1)/p k entries, the
-    paper's < 6k bound; latency 4(p-1) alpha against the paper's (2p + 2 log p) alpha,
-    because the few-int exchanges are direct sends to every peer.
+    paper's < 6k bound. Latency 4(p-1) alpha below ``TREE_FROM`` ranks, where the agreement
+    and the count gather are direct sends to every peer; from there on 2(p-1) + 2 ceil(log2 p)
+    alpha, the paper's (2p + 2 log p) alpha.
     """
     p, k = q.world, q.k
     ib, vb, eb = q.index_bytes, q.value_bytes, q.entry_bytes
     selected = k / p
     reduced = q.union(p) / p
     return (
-        _agreement(p)  # which carries the sizes of the split
+        _agreement(p, options=7, told=True)  # which carries the sizes of the split
         + _check(q, 2)
         + _order(q, passes=2)  # coalesce, split
         + _local(q, p, sparse=(p - 1) / p * k)  # the messages' packed copies
@@ -571,7 +608,7 @@ def oktopk(q: Problem) -> Cost:
         + _merge(q, p, k, reduced)
         + _local(q, p, sparse=7 * reduced)
         + _fresh(q, p, reduced * vb, 8 * reduced)  # magnitudes, widened
-        + _agreement(p)  # the kept counts
+        + _gather_ints(p, 4)  # the kept counts, whether any sum is not finite
         + _local(q, p, sparse=2 * selected)
         + _p2p(p - 1, (p - 1) * selected * eb)
         + _local(q, p, sparse=k)
@@ -595,7 +632,7 @@ def gtopk(q: Problem) -> Cost:
     p, k = q.world, q.k
     ib, vb, eb = q.index_bytes, q.value_bytes, q.entry_bytes
     L = _log2ceil(p)
-    cost = _agreement(p) + _check(q) + _order(q) + _local(q, p, sparse=k)
+    cost = _agreement(p, options=1) + _check(q) + _order(q) + _local(q, p, sparse=k)
     cost += _fresh(q, p, k * ib, k * vb)  # the copies
     # a message: zeroed index and value slots, their concatenation; its receive buffer
     message = (k * ib, k * vb, k * eb, k * eb)

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -623,6 +624,31 @@ def test_bench_passes_pool_every_pass_and_report_how_they_agree(tmp_path, capsys
     a = result["pass_agreement"]
     assert a["passes"] == 3 and a["n_points"] == 5  # dense counts once for its size
     assert f"the 3 passes' medians agree within 20% on {a['points_within']} of 5 points" in text
+
+
+@needs_root
+def test_few_ints_benchmark_times_both_forms_and_leaves_nothing_behind(tmp_path, capsys):
+    """benchmarks/bench_few_ints.py, whose table sets p2p.TREE_FROM, runs both forms on each
+    world and writes every time; its clusters are gone afterwards."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_few_ints.py"
+    spec = importlib.util.spec_from_file_location("bench_few_ints", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    before, spaces = _host_state(), set(list_namespaces())
+    out = tmp_path / "few.json"
+    assert bench.main(["--ranks", "2,3", "--latency", "0", "--reps", "2", "--out", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert sorted(runs) == ["2", "3"]
+    for run in runs.values():
+        for form in ("direct", "tree"):
+            assert all(run["seconds"][form][op] > 0 for op in ("agree", "gather"))
+    assert "tree/direct" in capsys.readouterr().out
+    assert set(list_namespaces()) == spaces and _host_state() == before
+    with pytest.raises(SystemExit):
+        bench.main(["--ranks", "1,4"])
+    assert "at least 2 ranks" in capsys.readouterr().err
 
 
 def test_token_bucket_bursts_are_about_a_millisecond_of_traffic():

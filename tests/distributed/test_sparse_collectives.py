@@ -7,6 +7,10 @@ tests/unit/test_collective_reference.py).
 
 Tolerances: float64 inputs are compared at 1e-12 relative; float32 at 1e-5; float16 at 1e-2
 (sums of up to 8 values rounded in a different order).
+
+Everything runs twice: with the few-int exchanges (agreement, count gathers) as direct sends to
+every peer, as below ``p2p.TREE_FROM`` ranks, and in their log2 p-round form, which large worlds
+use, forced here on 2 to 8 ranks.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from sparsetrain.comm import dsar, gtopk, oktopk, ssar  # noqa: F401  (register the collectives)
+from sparsetrain.comm import dsar, gtopk, oktopk, p2p, ssar  # noqa: F401  (register them)
 from sparsetrain.comm.registry import get_collective
 from tests.distributed.harness import oks, run_world
 from tests.unit.test_collective_reference import (
@@ -281,9 +285,11 @@ SIZES = (2, 3, 4, 5, 8)
 SCATTERED = (1, 4, 6)  # a group whose ranks are neither contiguous nor a power of two
 
 
-def _worker(rank: int, world: int) -> dict:
+def _worker(rank: int, world: int, tree: bool) -> dict:
     """Spawned once on 8 ranks: each size runs on the group of the first ``size`` ranks (the
-    default group for 8), so one spawn covers every world size."""
+    default group for 8), so one spawn covers every world size. ``tree``: every world size
+    exchanges few ints in log2 p rounds."""
+    p2p.TREE_FROM = 2 if tree else 10**9
     out = {}
     for size in SIZES:
         group = None if size == world else dist.new_group(list(range(size)))
@@ -304,21 +310,46 @@ def _worker(rank: int, world: int) -> dict:
     return out
 
 
+FORMS = ("direct", "tree")
+
+
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    """Every rank's results, from one spawn of 8 gloo ranks."""
-    return oks(run_world(_worker, 8, tmp_path_factory.mktemp("sparse"), timeout=300))
+def by_form(tmp_path_factory):
+    """Every rank's results, from one spawn of 8 gloo ranks for each form of the few-int
+    exchanges."""
+    return {
+        form: oks(
+            run_world(_worker, 8, tmp_path_factory.mktemp("sparse"), form == "tree", timeout=300)
+        )
+        for form in FORMS
+    }
 
 
-def test_scattered_group_addresses_peers_by_global_rank(results):
-    assert all(results[r].get("scattered") for r in SCATTERED)
+@pytest.mark.parametrize("form", FORMS)
+def test_scattered_group_addresses_peers_by_global_rank(form, by_form):
+    assert all(by_form[form][r].get("scattered") for r in SCATTERED)
 
 
 @pytest.mark.parametrize("world", SIZES)
-def test_sparse_collectives(world, results):
+def test_both_forms_of_the_few_int_exchanges_give_the_same_selections(world, by_form):
+    """The form of the agreement and count gathers changes messages, not results: Ok-Topk's
+    thresholds and selections, gTop-k's selections and every error are the same."""
+    direct, tree = ([by_form[f][r][world] for r in range(world)] for f in FORMS)
+    for a, b in zip(direct, tree):
+        for (ia, va, sa), (ib, vb, sb) in zip(a["oktopk"], b["oktopk"]):
+            assert torch.equal(ia, ib) and torch.equal(va, vb)
+            assert sa["threshold"] == sb["threshold"]
+        for ga, gb in zip(a["gtopk"], b["gtopk"]):
+            assert torch.equal(ga[3], gb[3]) and torch.equal(ga[4], gb[4])
+        assert a["errors"] == b["errors"]
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("world", SIZES)
+def test_sparse_collectives(world, form, by_form):
     """Exact algorithms equal the dense sum (checked on the ranks); gTop-k and Ok-Topk equal
     their definitions; Ok-Topk sends under 6k elements; bad input fails on every rank."""
-    results = [results[r][world] for r in range(world)]
+    results = [by_form[form][r][world] for r in range(world)]
 
     # The allgather pads every rank's payload to the largest one, and the padding is charged:
     # the ring allgather formula, (p-1)/p * B, over B = the size headers (p ranks' 6 int64s:
@@ -421,6 +452,79 @@ def test_sparse_collectives(world, results):
             assert idx == [5, 2**31 - 1] and val == [world * 1.0, world * 2.0], n
         assert results[r]["gtopk_cap"].bytes_sent < 1000
         assert results[r]["oktopk_k1"] == [[3], [3], [3]]
+
+
+def _few_ints(rank: int, world: int) -> dict:
+    """The two forms of the agreement and of a gather of ints, side by side, with the
+    messages each sends counted."""
+    sent = []
+    exchange = p2p.Wire.exchange
+
+    def counting(self, sends, *args, **kwargs):
+        sent.append(sum(1 for b in sends.values() if b.numel()))
+        return exchange(self, sends, *args, **kwargs)
+
+    p2p.Wire.exchange = counting
+    idx, val = torch.tensor([rank]), torch.tensor([1.0])
+    tell = {q: 100 * rank + q for q in range(world) if q != rank}
+    out = {}
+    for form, tree_from in (("direct", 10**9), ("tree", 2)):
+        p2p.TREE_FROM = tree_from
+        wire = p2p.Wire(None, torch.device("cpu"))
+        sent.clear()
+        out[form] = {
+            "gather": wire.allgather_ints([rank, -rank, 7]),
+            "agree": wire.agree(idx, val, 10, options={"o": 3}, tell=tell),
+        }
+        out[form]["messages"] = list(sent)
+        # The bytes each sends, for the cost model: with and without per-peer ints, a gather.
+        out[form]["bytes"] = []
+        for call in (
+            lambda w: w.agree(idx, val, 10, options={"o": 3}, tell=tell),
+            lambda w: w.agree(idx, val, 10, options={"o": 3}),
+            lambda w: w.allgather_ints([rank, -rank, 7]),
+        ):
+            wire = p2p.Wire(None, torch.device("cpu"))
+            call(wire)
+            out[form]["bytes"].append(wire.traffic.bytes_sent)
+        # Options that differ on one rank: an error on every rank, naming the range.
+        try:
+            wire.agree(idx, val, 10, options={"o": 3 + (rank == world - 1)})
+            out[form]["differ"] = None
+        except ValueError as e:
+            out[form]["differ"] = str(e)
+    return out
+
+
+@pytest.mark.parametrize("world", (3, 6))
+def test_few_int_exchanges_take_log2_p_rounds_in_the_tree_form(world, tmp_path):
+    """The tree form gathers every rank's ints and delivers every peer's per-peer int as the
+    direct form does, in ceil(log2 p) messages a rank instead of p - 1 each."""
+    results = oks(run_world(_few_ints, world, tmp_path))
+    rounds = (world - 1).bit_length()
+    for rank, res in enumerate(results):
+        for form in ("direct", "tree"):
+            got = res[form]
+            assert got["gather"] == [[q, -q, 7] for q in range(world)], (rank, form)
+            k, heard = got["agree"]
+            assert k == 1 and heard == {q: 100 * q + rank for q in range(world) if q != rank}
+            assert "differ in o (between 3 and 4)" in got["differ"], (rank, form)
+        assert results[rank]["direct"]["messages"] == [world - 1] * 2, rank
+        assert results[rank]["tree"]["messages"] == [1] * (2 * rounds), rank
+    # The cost model counts the bytes the tree form sends (the direct form's are left out).
+    from sparsetrain import perfmodel as pm
+
+    saved, p2p.TREE_FROM = p2p.TREE_FROM, 2
+    try:
+        modelled = [
+            pm._agreement(world, options=1, told=True).bytes,
+            pm._agreement(world, options=1).bytes,
+            pm._gather_ints(world, 3).bytes,
+        ]
+    finally:
+        p2p.TREE_FROM = saved
+    assert all(res["tree"]["bytes"] == modelled for res in results), modelled
+    assert modelled[0] > modelled[1]  # without per-peer ints the messages are shorter
 
 
 def _rank_order(rank: int, world: int) -> list[float]:

@@ -165,9 +165,14 @@ def test_oktopk_volume_is_under_six_k_and_independent_of_ranks():
     k = 10_000
     for p in (4, 64, 1024):
         c = pm.cost("oktopk", world=p, numel=1_000_000, density=k / 1_000_000)
-        elements = c.bytes / 4  # an index and a value are two 4-byte elements
-        assert elements < 6 * k
+        # From TREE_FROM ranks on, the few-int exchanges' bytes count too: each round of the
+        # agreement carries 2 x 12 checked ints and the p/2 per-peer sizes Bruck's algorithm
+        # moves, each round of the count gather 4 ints of min(d, p - d) ranks; all int64.
+        rounds = [1 << i for i in range((p - 1).bit_length())]
+        few = 8 * sum(24 + p // 2 + 4 * min(d, p - d) for d in rounds) if p >= 32 else 0
+        elements = (c.bytes - few) / 4  # an index and a value are two 4-byte elements
         assert elements == pytest.approx(4 * (p - 1) / p * k)
+        assert c.bytes / 4 < 6 * k
 
 
 def test_gtopk_by_hand():
@@ -461,3 +466,19 @@ def test_fit_takes_the_latency_as_known_and_recovers_the_rest():
     assert got.gamma == pytest.approx(2e-8, rel=1e-6)
     with pytest.raises(ValueError, match="latency must be a finite number >= 0, got -1"):
         pm.fit(ms, latency=-1)
+
+
+def test_few_int_exchanges_cost_log2_p_messages_from_tree_from_ranks():
+    """From p2p.TREE_FROM (32) ranks on, the agreement and the count gathers take ceil(log2 p)
+    messages, as the collectives send them; below, one to every peer."""
+    from sparsetrain.comm import p2p
+
+    assert p2p.TREE_FROM == 32
+    ok = pm.cost("oktopk", world=1024, numel=10**8, density=0.001)
+    assert ok.messages == 2 * 1023 + 2 * 10  # split and allgatherv direct, the few ints not
+    assert pm.cost("oktopk", world=16, numel=10**8, density=0.001).messages == 4 * 15
+    assert pm.cost("gtopk", world=1024, numel=10**8, density=0.001).messages == 3 * 10
+    assert pm.cost("ssar_split", world=64, numel=10**6, density=0.01).messages == 2 * 63 + 12
+    assert pm.cost("ssar_rd", world=64, numel=10**6, density=0.01).messages == 6 + 2 * 6
+    # Non-powers of two round up: 48 ranks take 6 rounds.
+    assert pm.cost("gtopk", world=48, numel=10**6, density=0.01).messages == 3 * 6

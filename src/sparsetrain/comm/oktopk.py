@@ -273,7 +273,9 @@ class OkTopk(SparseCollective):
             numel,
             self.k,
             options=same,
-            tell={q: buf.numel() for q, buf in sends.items()} if sends is not None else None,
+            # a mapping on every rank (empty where the split is not known yet): the
+            # agreement's messages must have the same shape on all ranks
+            tell={q: buf.numel() for q, buf in sends.items()} if sends is not None else {},
         )
         self._keys[key] = st
         if fresh:

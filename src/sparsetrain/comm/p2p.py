@@ -9,6 +9,12 @@ and receives from ``r - s``), so no exchange can deadlock and no rank is everybo
 
 A sparse message is one ``uint8`` buffer: the indices' bytes followed by the values' bytes, so it
 costs one message, not two. Every byte that crosses the wire is counted in :class:`Wire`.
+
+Exchanges of a few ints (the input agreement, gathers of counts and sizes) go straight to every
+peer in one round of p - 1 messages below ``TREE_FROM`` ranks, and from there on in
+ceil(log2 p) rounds of one message each (dissemination for the agreement's checks, Bruck's
+index algorithm for its per-peer ints and for gathers), so that their message count grows with
+log p rather than p.
 """
 
 from __future__ import annotations
@@ -37,6 +43,20 @@ class Traffic:
     bytes_sent: int = 0
     bytes_recv: int = 0
     elems_sent: int = 0
+
+
+# From this many ranks on, few-int exchanges take ceil(log2 p) rounds of one message instead
+# of one round of p - 1 messages: a round waits two one-way trips, a message costs its
+# software. On the emulated cluster (1 Gbit/s, 100 us links; benchmarks/bench_few_ints.py)
+# the direct form is faster on 4 and 8 ranks, the two are within 15% either way on 16, and
+# the tree is 19-31% faster on 32. The same on every rank (a module constant, not an option),
+# since the two forms exchange different messages.
+TREE_FROM = 32
+
+
+def uses_tree(world: int) -> bool:
+    """Whether a world of this many ranks exchanges few ints in log2 p rounds."""
+    return world >= TREE_FROM
 
 
 _DTYPES = (
@@ -194,7 +214,9 @@ class Wire:
     ) -> tuple[int, dict[int, int]]:
         """Check every rank's input in one exchange of a few ints; raise on every rank if any
         is bad. Each rank sends its header straight to every peer (one round of p - 1 small
-        messages; a ring allreduce of the same ints takes 2(p - 1) steps one after another).
+        messages; a ring allreduce of the same ints takes 2(p - 1) steps one after another);
+        from ``TREE_FROM`` ranks on, in ceil(log2 p) rounds of one message
+        (:meth:`_disseminate`).
 
         Args:
             indices, values, numel: this rank's input.
@@ -202,11 +224,13 @@ class Wire:
             options: integers that must be equal on every rank (a collective's options and
                 per-key state, such as its step counter), by name for the error message.
             tell: one int for each peer (for example how much this rank will send it), carried
-                by the same messages; peers missing from it are told 0.
+                by the same messages; peers missing from it are told 0. A call site either
+                always passes a mapping (possibly empty) or never does, on every rank: with
+                None the messages are shorter, and nothing is heard.
 
         Returns the largest entry count over ranks (or ``k`` when given): the k that selecting
         collectives keep, identical on all ranks; and, by peer, the int each peer told this
-        rank.
+        rank (empty without ``tell``).
 
         Raises:
             TypeError, ValueError: on every rank, when any rank's input is bad or the ranks
@@ -220,16 +244,25 @@ class Wire:
         kinds = dtype_codes(indices, values) if ok else (0, 0)
         opts = [int(v) for v in (options or {}).values()]
         head = [n, count, int(not ok), *kinds, *opts]
-        told = {q: int((tell or {}).get(q, 0)) for q in range(self.world) if q != self.rank}
-        rows = self.allgather_ints(head, extra=told)
-        columns = list(zip(*(row[: len(head)] for row in rows)))
-        (lo, hi), kmax, bad = (min(columns[0]), max(columns[0])), max(columns[1]), any(columns[2])
-        agree_dtypes = len(set(columns[3])) == 1 and len(set(columns[4])) == 1
-        raise_disagreement(error, self.rank, bad, (lo, hi), agree_dtypes, indices, values)
+        told = None
+        if tell is not None:
+            told = {q: int(tell.get(q, 0)) for q in range(self.world) if q != self.rank}
+        if uses_tree(self.world):
+            lows, highs, heard = self._disseminate(head, told)
+        else:
+            rows = self.allgather_ints(head, extra=told)
+            columns = list(zip(*(row[: len(head)] for row in rows)))
+            lows, highs = [min(c) for c in columns], [max(c) for c in columns]
+            heard = {q: rows[q][len(head)] for q in told} if told is not None else {}
+        kmax, bad = highs[1], highs[2] > 0
+        agree_dtypes = lows[3] == highs[3] and lows[4] == highs[4]
+        raise_disagreement(
+            error, self.rank, bad, (lows[0], highs[0]), agree_dtypes, indices, values
+        )
         differ = [
-            f"{name} (between {min(col)} and {max(col)})"
-            for name, col in zip(options or {}, columns[5:])
-            if min(col) != max(col)
+            f"{name} (between {lo} and {hi})"
+            for name, lo, hi in zip(options or {}, lows[5:], highs[5:])
+            if lo != hi
         ]
         if differ:
             raise ValueError(
@@ -237,8 +270,49 @@ class Wire:
                 "with the same options on every rank, and load the same state on every rank "
                 "(or on none)"
             )
-        heard = {q: rows[q][len(head)] for q in told}
         return int(kmax), heard
+
+    def _disseminate(
+        self, head: Sequence[int], told: Mapping[int, int] | None
+    ) -> tuple[list[int], list[int], dict[int, int]]:
+        """The agreement in ceil(log2 p) rounds: return the smallest and the largest value of
+        each ``head`` entry over all ranks, and the int each peer told this rank (none when
+        ``told`` is None, which must then hold on every rank: the messages are shorter).
+
+        In the round of distance d (1, 2, 4, ...) this rank sends to rank + d and receives from
+        rank - d, in one message: the smallest and largest heads it has seen, which then cover
+        2d consecutive ranks (dissemination; overlaps do not matter to a minimum or maximum),
+        and the per-peer ints of Bruck's index algorithm. Slot j starts with this rank's int
+        for rank + j; the contents of slot j move to rank + d in every round whose d is a bit
+        of j, so after the last round slot j holds what rank - j had for this rank.
+        """
+        p, r = self.world, self.rank
+        width = len(head)
+        lows = torch.tensor(head, dtype=torch.int64, device=self.device)
+        highs = lows.clone()
+        slots = torch.tensor(
+            [told.get((r + j) % p, 0) if j else 0 for j in range(p)] if told is not None else [],
+            dtype=torch.int64,
+            device=self.device,
+        )
+        d = 1
+        while d < p:
+            moving = torch.tensor(
+                [j for j in range(p) if j & d] if told is not None else [],
+                dtype=torch.int64,
+                device=self.device,
+            )
+            message = torch.cat([lows, highs, slots[moving]])
+            src = (r - d) % p
+            got = self.exchange({(r + d) % p: message}, {src: message.numel()}, {}, torch.int64)
+            lows = torch.minimum(lows, got[src][:width])
+            highs = torch.maximum(highs, got[src][width : 2 * width])
+            slots[moving] = got[src][2 * width :]
+            d *= 2
+        if told is None:
+            return lows.tolist(), highs.tolist(), {}
+        slots_list = slots.tolist()
+        return lows.tolist(), highs.tolist(), {(r - j) % p: slots_list[j] for j in range(1, p)}
 
     # ---- collectives with counted bytes -------------------------------------------------
     def allreduce(self, t: Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> Tensor:
@@ -262,10 +336,15 @@ class Wire:
         3.3 ms for ``all_gather`` and 5 ms for a ring allreduce of 16 ints). With ``extra``
         (an int for every peer), the message to peer q ends with ``extra[q]``, and the row
         from q with what q sent this rank; this rank's own row is ``values`` alone then.
+        From ``TREE_FROM`` ranks on, a gather without ``extra`` runs Bruck's algorithm
+        instead: ceil(log2 p) rounds, in the round of distance d the rows this rank holds
+        (at most d) go to rank - d.
         """
         mine = [int(v) for v in values]
         if self.world == 1:
             return [mine]
+        if extra is None and uses_tree(self.world):
+            return self._bruck_gather(mine)
         peers = [q for q in range(self.world) if q != self.rank]
         width = len(mine) + (1 if extra is not None else 0)
         sends = {
@@ -281,6 +360,24 @@ class Wire:
         out = dict(zip(peers, rows))
         out[self.rank] = mine
         return [out[r] for r in range(self.world)]
+
+    def _bruck_gather(self, mine: list[int]) -> list[list[int]]:
+        """Gather ``mine`` from every rank in ceil(log2 p) rounds (Bruck et al., 1997): this
+        rank holds the rows of ranks rank, rank + 1, ...; in the round of distance d it sends
+        the first min(d, p - d) of them to rank - d and appends as many from rank + d."""
+        p, r, width = self.world, self.rank, len(mine)
+        held = torch.tensor(mine, dtype=torch.int64, device=self.device)
+        d = 1
+        while d < p:
+            count = min(d, p - d)
+            src = (r + d) % p
+            got = self.exchange(
+                {(r - d) % p: held[: count * width]}, {src: count * width}, {}, torch.int64
+            )
+            held = torch.cat([held, got[src]])
+            d *= 2
+        rows = held.view(p, width).tolist() if width else [[] for _ in range(p)]
+        return [rows[(q - r) % p] for q in range(p)]
 
     # ---- point-to-point -----------------------------------------------------------------
     def rotation(self) -> list[int]:
