@@ -597,14 +597,19 @@ def test_bench_timeout_bounds_the_link_probe_and_leaves_nothing(tmp_path, capsys
     err = capsys.readouterr().err
     assert "link probe (bulk TCP from rank 0 to rank 1) did not finish within 2.0 s" in err
     assert "--timeout 2 s bounds the link probes and the collectives together" in err
+    assert "warning" not in err  # 2 ranks are not too many for any machine's cores
     assert list_namespaces(ours) == before and not out.exists()
     assert glob.glob(f"{tempfile.gettempdir()}/sparsetrain-bench-{os.getpid()}-*") == []
     assert glob.glob(f"{tempfile.gettempdir()}/st-{os.getpid()}-*") == []
 
 
 @needs_root
-def test_bench_passes_pool_every_pass_and_report_how_they_agree(tmp_path, capsys):
+def test_bench_passes_pool_every_pass_and_report_how_they_agree(tmp_path, capsys, monkeypatch):
     from sparsetrain.cli import main
+    from sparsetrain.commands import bench
+
+    # More ranks a core than the model was checked at get a warning (here: any, by patching).
+    monkeypatch.setattr(bench, "RANKS_PER_CORE_MODELLED", 0)
 
     out = tmp_path / "out"
     argv = ["bench", "cluster", "--ranks", "2", "--bandwidth", "1gbit", "--latency", "0",
@@ -612,7 +617,9 @@ def test_bench_passes_pool_every_pass_and_report_how_they_agree(tmp_path, capsys
             "--reps", "2", "--passes", "3", "--probe-bytes", "1000000", "--name", "p", "--out",
             str(out)]  # fmt: skip
     assert main(argv) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
+    assert "warning: 2 ranks share" in captured.err and "scheduling" in captured.err
     result = json.loads((out / "p.json").read_text())
     assert result["config"]["passes"] == 3
     records = result["records"]
