@@ -477,6 +477,15 @@ def _few_ints(rank: int, world: int) -> dict:
             "agree": wire.agree(idx, val, 10, options={"o": 3}, tell=tell),
         }
         out[form]["messages"] = list(sent)
+        # Small allreduces (Ok-Topk's histograms, maxima and votes): sums of ints, maxima,
+        # and a float sum, whose bits must be the same on every rank.
+        wire = p2p.Wire(None, torch.device("cpu"))
+        sent.clear()
+        ints = wire.allreduce(torch.tensor([rank, 1, -rank], dtype=torch.int64))
+        out[form]["allreduce_messages"] = sum(sent)
+        top = wire.allreduce(torch.tensor([rank, -rank], dtype=torch.float64), dist.ReduceOp.MAX)
+        floats = wire.allreduce(torch.tensor([0.1 * (rank + 1), 1e16, -1e16], dtype=torch.float64))
+        out[form]["allreduce"] = (ints.tolist(), top.tolist(), floats.tolist())
         # The bytes each sends, for the cost model: with and without per-peer ints, a gather.
         out[form]["bytes"] = []
         for call in (
@@ -511,6 +520,17 @@ def test_few_int_exchanges_take_log2_p_rounds_in_the_tree_form(world, tmp_path):
             assert "differ in o (between 3 and 4)" in got["differ"], (rank, form)
         assert results[rank]["direct"]["messages"] == [world - 1] * 2, rank
         assert results[rank]["tree"]["messages"] == [1] * (2 * rounds), rank
+        for form in ("direct", "tree"):
+            ints, top, floats = res[form]["allreduce"]
+            total = sum(range(world))
+            assert ints == [total, world, -total] and top == [world - 1, 0], (rank, form)
+            assert floats == results[0][form]["allreduce"][2], (rank, form)  # same bits
+            assert floats[0] == pytest.approx(0.1 * world * (world + 1) / 2)
+        # Recursive doubling: a message a bit of the largest power of two in p, and one more
+        # for a rank that folds or unfolds (the library's ring sends none of ours).
+        core = 1 << (world.bit_length() - 1)
+        assert results[rank]["direct"]["allreduce_messages"] == 0
+        assert 1 <= results[rank]["tree"]["allreduce_messages"] <= core.bit_length(), rank
     # The cost model counts the bytes the tree form sends (the direct form's are left out).
     from sparsetrain import perfmodel as pm
 
