@@ -560,7 +560,8 @@ def ssar_split_allgather(q: Problem) -> Cost:
         + k log2 k gamma_sort (the merge) + (7k - k/p + 2 U(p)/p + 3 U(p)) gamma
         + n gamma_dense, for sorted input (unsorted adds a sort of k): the agreement (carrying
         the split's sizes), the split's payloads, the reduced ranges' sizes and the ranges,
-        each p - 1 direct messages. Entries touched: two input checks and the split's check
+        each p - 1 direct messages (from ``TREE_FROM`` ranks on the agreement and the sizes
+        take ceil(log2 p) messages each: 2(p-1) + 2 ceil(log2 p) alpha). Entries touched: two input checks and the split's check
         (3k), the messages' packed copies ((p-1)/p k), the merge (3k + U(p)/p) and the packed
         range (U(p)/p), and the scatter of the p ranges (3 U(p)).
     """
@@ -627,7 +628,8 @@ def gtopk(q: Problem) -> Cost:
     round); each message is k fixed slots the sender zeroes and fills (3k); log2 p messages
     down from rank 0, each parent filling one message: T = (p-1) alpha + 2 log p alpha
     + 2 log p k (b_i + b_v) beta + (p - 1 + 2 log p) o
-    + log p [sort(2k) + sort(k)] gamma_sort + (3k + 19 k log p) gamma (sorted input).
+    + log p [sort(2k) + sort(k)] gamma_sort + (3k + 19 k log p) gamma (sorted input); from
+    ``TREE_FROM`` ranks on the agreement takes ceil(log2 p) messages, not p - 1 (3 log p in all).
     """
     p, k = q.world, q.k
     ib, vb, eb = q.index_bytes, q.value_bytes, q.entry_bytes

@@ -485,7 +485,16 @@ def _few_ints(rank: int, world: int) -> dict:
         out[form]["allreduce_messages"] = sum(sent)
         top = wire.allreduce(torch.tensor([rank, -rank], dtype=torch.float64), dist.ReduceOp.MAX)
         floats = wire.allreduce(torch.tensor([0.1 * (rank + 1), 1e16, -1e16], dtype=torch.float64))
-        out[form]["allreduce"] = (ints.tolist(), top.tolist(), floats.tolist())
+        # Maxima of -0.0 and +0.0 (ranks alternate): torch.maximum's answer depends on the
+        # order of its operands, and every rank must still get the same sign.
+        signs = torch.tensor([-0.0 if rank % 2 else 0.0, 0.0 if rank % 2 else -0.0])
+        zeros = wire.allreduce(signs, dist.ReduceOp.MAX)
+        out[form]["allreduce"] = (
+            ints.tolist(),
+            top.tolist(),
+            floats.tolist(),
+            torch.signbit(zeros).tolist(),
+        )
         # The bytes each sends, for the cost model: with and without per-peer ints, a gather.
         out[form]["bytes"] = []
         for call in (
@@ -505,7 +514,7 @@ def _few_ints(rank: int, world: int) -> dict:
     return out
 
 
-@pytest.mark.parametrize("world", (3, 6))
+@pytest.mark.parametrize("world", (3, 6, 8))
 def test_few_int_exchanges_take_log2_p_rounds_in_the_tree_form(world, tmp_path):
     """The tree form gathers every rank's ints and delivers every peer's per-peer int as the
     direct form does, in ceil(log2 p) messages a rank instead of p - 1 each."""
@@ -521,10 +530,11 @@ def test_few_int_exchanges_take_log2_p_rounds_in_the_tree_form(world, tmp_path):
         assert results[rank]["direct"]["messages"] == [world - 1] * 2, rank
         assert results[rank]["tree"]["messages"] == [1] * (2 * rounds), rank
         for form in ("direct", "tree"):
-            ints, top, floats = res[form]["allreduce"]
+            ints, top, floats, signs = res[form]["allreduce"]
             total = sum(range(world))
             assert ints == [total, world, -total] and top == [world - 1, 0], (rank, form)
             assert floats == results[0][form]["allreduce"][2], (rank, form)  # same bits
+            assert signs == results[0][form]["allreduce"][3], (rank, form)
             assert floats[0] == pytest.approx(0.1 * world * (world + 1) / 2)
         # Recursive doubling: a message a bit of the largest power of two in p, and one more
         # for a rank that folds or unfolds (the library's ring sends none of ours).

@@ -323,11 +323,17 @@ class Wire:
 
     # ---- collectives with counted bytes -------------------------------------------------
     def allreduce(self, t: Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> Tensor:
-        """All-reduce ``t`` (1-D) in place with ``op`` (SUM or MAX); counted as a ring
-        allreduce. From ``TREE_FROM`` ranks on, a vector of at most ``TREE_MAX_ELEMENTS``
-        elements is reduced by recursive doubling instead (:meth:`_doubling_allreduce`):
-        log2 p rounds of one message, where gloo's ring takes 2(p - 1) steps."""
-        if uses_tree(self.world) and t.numel() <= TREE_MAX_ELEMENTS and op in _TREE_OPS:
+        """All-reduce ``t`` in place with ``op``; counted as a ring allreduce. From
+        ``TREE_FROM`` ranks on, a 1-D vector of at most ``TREE_MAX_ELEMENTS`` elements reduced
+        by SUM or MAX goes by recursive doubling instead (:meth:`_doubling_allreduce`, whose
+        messages are counted as sent): floor(log2 p) rounds of one message, two more where p is
+        not a power of two, where gloo's ring takes 2(p - 1) steps."""
+        if (
+            uses_tree(self.world)
+            and t.dim() == 1
+            and t.numel() <= TREE_MAX_ELEMENTS
+            and op in _TREE_OPS
+        ):
             return self._doubling_allreduce(t, op)
         if self.world > 1:
             dist.all_reduce(t, op=op, group=self.group)
@@ -343,8 +349,9 @@ class Wire:
         not above p), each even rank hands its vector to the odd rank above it and gets the
         result back at the end; the p' others exchange and combine their partial results with
         the rank whose number differs in one bit, bit by bit. Both of a pair combine the same
-        two operands (sums and maxima commute exactly, also in floating point), so every rank
-        ends with the same bits."""
+        two operands in the same order (the lower-numbered one's first: ``torch.maximum`` of
+        -0.0 and +0.0, or a sum of two NaNs, depends on the order), so every rank ends with
+        the same bits."""
         p, r, n = self.world, self.rank, t.numel()
         core = 1 << (p.bit_length() - 1)
         extra = p - core
@@ -357,14 +364,15 @@ class Wire:
             t.copy_(self.exchange({}, {r + 1: n}, {}, t.dtype)[r + 1])
             return t
         if r < 2 * extra:
-            acc, me = combine(t, self.exchange({}, {r - 1: n}, {}, t.dtype)[r - 1]), r // 2
+            acc, me = combine(self.exchange({}, {r - 1: n}, {}, t.dtype)[r - 1], t), r // 2
         else:
             acc, me = t.clone(), r - extra
         bit = 1
         while bit < core:
             other = me ^ bit
             partner = 2 * other + 1 if other < extra else other + extra
-            acc = combine(acc, self.exchange({partner: acc}, {partner: n}, {}, t.dtype)[partner])
+            got = self.exchange({partner: acc}, {partner: n}, {}, t.dtype)[partner]
+            acc = combine(acc, got) if me < other else combine(got, acc)
             bit *= 2
         if r < 2 * extra:  # unfold
             self.exchange({r - 1: acc}, {}, {}, t.dtype)
