@@ -615,13 +615,15 @@ def test_bench_passes_pool_every_pass_and_report_how_they_agree(tmp_path, capsys
     argv = ["bench", "cluster", "--ranks", "2", "--bandwidth", "1gbit", "--latency", "0",
             "--sizes", "20k", "--densities", "0.01,0.1", "--algorithms", "dense,allgather,oktopk",
             "--reps", "2", "--passes", "3", "--probe-bytes", "1000000", "--name", "p", "--out",
-            str(out)]  # fmt: skip
+            str(out), "--few-ints", "tree"]  # fmt: skip
     assert main(argv) == 0
     captured = capsys.readouterr()
     text = captured.out
     assert "warning: 2 ranks share" in captured.err and "scheduling" in captured.err
     result = json.loads((out / "p.json").read_text())
     assert result["config"]["passes"] == 3
+    assert result["config"]["few_ints"] == "tree"  # the log2 p form, forced on 2 ranks
+    assert "few-int exchanges: tree" in text
     records = result["records"]
     assert len(records) == 3 * 2  # one record a point, not one a pass
     for r in records:

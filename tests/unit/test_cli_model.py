@@ -279,3 +279,28 @@ def test_a_partial_passes_file_counts_the_passes_every_point_finished(tmp_path, 
     with pytest.raises(SystemExit):
         main(["bench", "refit", str(path)])
     assert "pass_medians must be a list of finite numbers of seconds" in capsys.readouterr().err
+
+
+def test_refit_prices_the_few_int_form_each_run_used(tmp_path, capsys):
+    """A run with --few-ints tree is predicted with the log2 p agreement and gathers, one
+    without the option as the world size says (direct sends at 8 ranks), exactly."""
+    from sparsetrain.comm import p2p
+
+    fitted = write_results(tmp_path / "a.json", [10**6, 25 * 10**6], [0.001, 0.01, 0.1])
+    with p2p.few_int_form("tree"):
+        held = write_results(tmp_path / "b.json", [10**6], [0.001, 0.01])
+    result = json.loads(held.read_text())
+    result["config"]["few_ints"] = "tree"
+    held.write_text(json.dumps(result))
+    assert p2p.TREE_FROM == 32  # the form was the block's only
+    assert main(["bench", "refit", str(fitted), "--predict", str(held)]) == 0
+    out = capsys.readouterr().out
+    assert "held out, all points: 100% of 13 within 25%, median error 0%, max 0%" in out
+    # Read as a direct-form run, the same times are off: the forms' costs differ.
+    result["config"]["few_ints"] = "direct"
+    held.write_text(json.dumps(result))
+    assert main(["bench", "refit", str(fitted), "--predict", str(held)]) == 0
+    assert "max 0%" not in capsys.readouterr().out.split("held out, all points")[1]
+    with pytest.raises(ValueError, match="one of auto, direct, tree"):
+        with p2p.few_int_form("ring"):
+            pass

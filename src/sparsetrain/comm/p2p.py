@@ -20,7 +20,8 @@ by recursive doubling instead of the library's ring.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,31 @@ _TREE_OPS = (dist.ReduceOp.SUM, dist.ReduceOp.MAX)
 def uses_tree(world: int) -> bool:
     """Whether a world of this many ranks exchanges few ints in log2 p rounds."""
     return world >= TREE_FROM
+
+
+FEW_INT_FORMS = ("auto", "direct", "tree")
+
+
+@contextmanager
+def few_int_form(form: str) -> Iterator[None]:
+    """Within the block, exchange few ints in ``form``: "auto" (by world size, from
+    ``TREE_FROM`` ranks in log2 p rounds), "direct" or "tree" at any world size. For benchmarks
+    that compare the forms and the cost model's predictions of their runs; every rank must use
+    the same form."""
+    global TREE_FROM
+    saved = TREE_FROM
+    TREE_FROM = tree_from(form)
+    try:
+        yield
+    finally:
+        TREE_FROM = saved
+
+
+def tree_from(form: str) -> int:
+    """The ``TREE_FROM`` that gives few-int exchanges ``form`` ("auto": the current one)."""
+    if form not in FEW_INT_FORMS:
+        raise ValueError(f"few-int form must be one of {', '.join(FEW_INT_FORMS)}, got {form!r}")
+    return {"auto": TREE_FROM, "direct": 2**62, "tree": 2}[form]
 
 
 _DTYPES = (

@@ -162,7 +162,7 @@ def worker_main(config_path: str) -> int:
     import torch
     import torch.distributed as dist
 
-    from sparsetrain.comm import get_collective, ring_allreduce_bytes
+    from sparsetrain.comm import get_collective, p2p, ring_allreduce_bytes
 
     load_collectives()
     torch.set_num_threads(1)
@@ -189,6 +189,7 @@ def worker_main(config_path: str) -> int:
                    unit="pt")  # fmt: skip
     # With --passes, the whole sweep runs again and again: a slow spell of the machine then
     # lands in one pass of each point, not in all the runs of the points it meets.
+    p2p.TREE_FROM = p2p.tree_from(cfg.get("few_ints", "auto"))  # for this worker process
     for _ in range(passes):
         for numel in cfg["sizes"]:
             if DENSE in cfg["algorithms"]:
@@ -360,8 +361,18 @@ def _table(records: list[dict[str, Any]], predicted: dict | None) -> str:
     return "\n".join(lines)
 
 
-def _predict_records(records: list[dict[str, Any]], world: int, params, cores: int | None):
-    """Return the model's seconds for each modelled record, keyed (algorithm, numel, density)."""
+def _predict_records(
+    records: list[dict[str, Any]], world: int, params, cores: int | None, few_ints: str = "auto"
+):
+    """Return the model's seconds for each modelled record, keyed (algorithm, numel, density),
+    with the few-int exchanges in the form the run used."""
+    from sparsetrain.comm import p2p
+
+    with p2p.few_int_form(few_ints):
+        return _predicted(records, world, params, cores)
+
+
+def _predicted(records: list[dict[str, Any]], world: int, params, cores: int | None):
     from sparsetrain import perfmodel
 
     return {
@@ -418,6 +429,20 @@ def _fit_model(
     link_bps: float | None = None,
     cores: int | None = None,
     latency: float = 0.0,
+    few_ints: str = "auto",
+) -> dict[str, Any] | None:
+    from sparsetrain.comm import p2p
+
+    with p2p.few_int_form(few_ints):
+        return _fitted(records, world, link_bps, cores, latency)
+
+
+def _fitted(
+    records: list[dict[str, Any]],
+    world: int,
+    link_bps: float | None,
+    cores: int | None,
+    latency: float,
 ) -> dict[str, Any] | None:
     from sparsetrain import perfmodel
 
@@ -540,6 +565,7 @@ def run_cluster(args: argparse.Namespace) -> int:
         cfg = {"sizes": sizes, "densities": densities, "algorithms": algorithms,
                "reps": args.reps, "warmup": args.warmup, "min_time": args.min_time,
                "max_reps": args.max_reps, "passes": args.passes, "seed": args.seed,
+               "few_ints": args.few_ints,
                "records_path": str(tmp / "records.json")}  # fmt: skip
         (tmp / "config.json").write_text(json.dumps(cfg))
         os.chmod(tmp, 0o755)
@@ -547,6 +573,7 @@ def run_cluster(args: argparse.Namespace) -> int:
             f"sparsetrain bench cluster: {args.ranks} ranks, {args.bandwidth} links, "
             f"{args.latency} latency; sizes {sizes}, densities {densities}; "
             f"{', '.join(algorithms)}"
+            + ("" if args.few_ints == "auto" else f"; few-int exchanges: {args.few_ints}")
         )
         started = time.time()
         env = environment()
@@ -626,7 +653,12 @@ def run_cluster(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     fit = _fit_model(
-        records, args.ranks, link["bandwidth_measured_bps"], cores, _link_latency(link)
+        records,
+        args.ranks,
+        link["bandwidth_measured_bps"],
+        cores,
+        _link_latency(link),
+        args.few_ints,
     )
     print(_table(records, fit["predicted"] if fit else None))
     result = {
@@ -790,6 +822,15 @@ def _machines_note(path: Path, other: Path) -> str | None:
     )
 
 
+def _few_ints_of(path: Path) -> str:
+    """The form of the few-int exchanges a ``bench cluster`` run forced ("auto" for runs that
+    forced none, and for runs from before the option)."""
+    from sparsetrain.comm import p2p
+
+    form = (json.loads(path.read_text()).get("config") or {}).get("few_ints", "auto")
+    return form if form in p2p.FEW_INT_FORMS else "auto"
+
+
 def _emulated_latency(path: Path) -> float:
     """The one-way latency a ``bench cluster`` run's links added (0 where none was emulated)."""
     return _link_latency(json.loads(path.read_text()).get("link") or {})
@@ -825,7 +866,12 @@ def run_refit(args: argparse.Namespace) -> int:
     if link is None and not args.free_beta:
         print(f"{path} records no measured link rate; beta is fitted too (as with --free-beta)")
     fit = _fit_model(
-        records, world, None if args.free_beta else link, cores, _emulated_latency(path)
+        records,
+        world,
+        None if args.free_beta else link,
+        cores,
+        _emulated_latency(path),
+        _few_ints_of(path),
     )
     if fit is None:
         args._parser.error(f"{path} has fewer than 3 modelled points")
@@ -862,7 +908,7 @@ def run_refit(args: argparse.Namespace) -> int:
                 f"\nemulated one-way latency: {theirs * 1e6:.0f} us in {other}, "
                 f"{mine * 1e6:.0f} us in {path}; predicted with {theirs * 1e6:.0f} us a round"
             )
-        predicted = _predict_records(usable, o_world, params, o_cores)
+        predicted = _predict_records(usable, o_world, params, o_cores, _few_ints_of(other))
         fitted_on = {(r["numel"], r["density"]) for r in records}
         print(f"\n{other}, predicted by the model fitted to {path}:")
         print(_table(usable, predicted))
@@ -1013,6 +1059,15 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="untimed repetitions before each point's timed ones, in every pass (default 1)",
+    )
+    c.add_argument(
+        "--few-ints",
+        choices=("auto", "direct", "tree"),
+        default="auto",
+        help="how the collectives exchange their few ints (input agreement, counts): auto, as "
+        "in use (direct sends to every peer below sparsetrain.comm.p2p.TREE_FROM ranks, log2 p "
+        "rounds from there on; the default), or either form at any number of ranks; recorded, "
+        "and the cost model prices the run's form",
     )
     c.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     c.add_argument(
