@@ -623,6 +623,7 @@ def test_bench_passes_pool_every_pass_and_report_how_they_agree(tmp_path, capsys
     result = json.loads((out / "p.json").read_text())
     assert result["config"]["passes"] == 3
     assert result["config"]["few_ints"] == "tree"  # the log2 p form, forced on 2 ranks
+    assert result["config"]["tree_from"] == 2  # and the threshold it ran with
     assert "few-int exchanges: tree" in text
     records = result["records"]
     assert len(records) == 3 * 2  # one record a point, not one a pass

@@ -296,6 +296,7 @@ def test_refit_prices_the_few_int_form_each_run_used(tmp_path, capsys):
     assert main(["bench", "refit", str(fitted), "--predict", str(held)]) == 0
     out = capsys.readouterr().out
     assert "held out, all points: 100% of 13 within 25%, median error 0%, max 0%" in out
+    assert "few-int exchanges: tree in" in out and "each run is priced in its own" in out
     # Read as a direct-form run, the same times are off: the forms' costs differ.
     result["config"]["few_ints"] = "direct"
     held.write_text(json.dumps(result))
@@ -304,3 +305,15 @@ def test_refit_prices_the_few_int_form_each_run_used(tmp_path, capsys):
     with pytest.raises(ValueError, match="one of auto, direct, tree"):
         with p2p.few_int_form("ring"):
             pass
+    # A recorded threshold wins over the form: a run that used TREE_FROM = 2 by its value.
+    result["config"].update(few_ints="auto", tree_from=2)
+    held.write_text(json.dumps(result))
+    assert main(["bench", "refit", str(fitted), "--predict", str(held)]) == 0
+    assert "max 0%" in capsys.readouterr().out.split("held out, all points")[1]
+    # A damaged form or threshold is an error naming the entry, not a silent default.
+    for bad, word in (({"few_ints": "Tree"}, "config.few_ints"), ({"tree_from": 1}, "tree_from")):
+        result["config"].update({"few_ints": "auto", "tree_from": None, **bad})
+        held.write_text(json.dumps(result))
+        with pytest.raises(SystemExit):
+            main(["bench", "refit", str(held)])
+        assert word in capsys.readouterr().err

@@ -51,8 +51,9 @@ class Traffic:
 # of one round of p - 1 messages: a round waits two one-way trips, a message costs its
 # software. On the emulated cluster (1 Gbit/s, 100 us links; benchmarks/bench_few_ints.py)
 # the direct form is faster on 4 and 8 ranks, the two are within 15% either way on 16, and
-# the tree is 19-31% faster on 32. The same on every rank (a module constant, not an option),
-# since the two forms exchange different messages.
+# the tree is 19-31% faster on 32. The same on every rank (a module constant, not an option
+# of the collectives), since the two forms exchange different messages; benchmarks force one
+# form with few_int_form, or bench cluster's --few-ints.
 TREE_FROM = 32
 
 
@@ -72,8 +73,8 @@ FEW_INT_FORMS = ("auto", "direct", "tree")
 
 @contextmanager
 def few_int_form(form: str) -> Iterator[None]:
-    """Within the block, exchange few ints in ``form``: "auto" (by world size, from
-    ``TREE_FROM`` ranks in log2 p rounds), "direct" or "tree" at any world size. For benchmarks
+    """Within the block, exchange few ints in ``form``: "auto" (keep the current
+    ``TREE_FROM``), "direct" or "tree" at any world size. For benchmarks
     that compare the forms and the cost model's predictions of their runs; every rank must use
     the same form."""
     global TREE_FROM

@@ -26,6 +26,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -189,7 +191,7 @@ def worker_main(config_path: str) -> int:
                    unit="pt")  # fmt: skip
     # With --passes, the whole sweep runs again and again: a slow spell of the machine then
     # lands in one pass of each point, not in all the runs of the points it meets.
-    p2p.TREE_FROM = p2p.tree_from(cfg.get("few_ints", "auto"))  # for this worker process
+    p2p.TREE_FROM = cfg.get("tree_from", p2p.TREE_FROM)  # for this worker process
     for _ in range(passes):
         for numel in cfg["sizes"]:
             if DENSE in cfg["algorithms"]:
@@ -361,14 +363,31 @@ def _table(records: list[dict[str, Any]], predicted: dict | None) -> str:
     return "\n".join(lines)
 
 
-def _predict_records(
-    records: list[dict[str, Any]], world: int, params, cores: int | None, few_ints: str = "auto"
-):
-    """Return the model's seconds for each modelled record, keyed (algorithm, numel, density),
-    with the few-int exchanges in the form the run used."""
+@contextmanager
+def _priced_with(tree_from: int | None) -> Iterator[None]:
+    """Within the block the cost model prices the few-int exchanges as a run whose
+    ``p2p.TREE_FROM`` was ``tree_from`` did (None: as the code does now)."""
     from sparsetrain.comm import p2p
 
-    with p2p.few_int_form(few_ints):
+    saved = p2p.TREE_FROM
+    if tree_from is not None:
+        p2p.TREE_FROM = tree_from
+    try:
+        yield
+    finally:
+        p2p.TREE_FROM = saved
+
+
+def _predict_records(
+    records: list[dict[str, Any]],
+    world: int,
+    params,
+    cores: int | None,
+    tree_from: int | None = None,
+):
+    """Return the model's seconds for each modelled record, keyed (algorithm, numel, density),
+    with the few-int exchanges in the form the run used (see :func:`_tree_from_of`)."""
+    with _priced_with(tree_from):
         return _predicted(records, world, params, cores)
 
 
@@ -429,11 +448,9 @@ def _fit_model(
     link_bps: float | None = None,
     cores: int | None = None,
     latency: float = 0.0,
-    few_ints: str = "auto",
+    tree_from: int | None = None,
 ) -> dict[str, Any] | None:
-    from sparsetrain.comm import p2p
-
-    with p2p.few_int_form(few_ints):
+    with _priced_with(tree_from):
         return _fitted(records, world, link_bps, cores, latency)
 
 
@@ -461,7 +478,7 @@ def _fitted(
     params = perfmodel.fit(
         meas, fixed={"beta": 8.0 / link_bps} if link_bps else None, latency=latency
     )
-    predicted = _predict_records(usable, world, params, cores)
+    predicted = _predicted(usable, world, params, cores)
     return {
         "params": params.as_dict(),
         "predicted": predicted,
@@ -482,6 +499,7 @@ def run_cluster(args: argparse.Namespace) -> int:
         parse_duration,
         parse_rate,
     )
+    from sparsetrain.comm import p2p
 
     # Every argument, and root, is checked before anything is built or created: a refused run
     # leaves nothing behind.
@@ -565,7 +583,7 @@ def run_cluster(args: argparse.Namespace) -> int:
         cfg = {"sizes": sizes, "densities": densities, "algorithms": algorithms,
                "reps": args.reps, "warmup": args.warmup, "min_time": args.min_time,
                "max_reps": args.max_reps, "passes": args.passes, "seed": args.seed,
-               "few_ints": args.few_ints,
+               "few_ints": args.few_ints, "tree_from": p2p.tree_from(args.few_ints),
                "records_path": str(tmp / "records.json")}  # fmt: skip
         (tmp / "config.json").write_text(json.dumps(cfg))
         os.chmod(tmp, 0o755)
@@ -658,7 +676,7 @@ def run_cluster(args: argparse.Namespace) -> int:
         link["bandwidth_measured_bps"],
         cores,
         _link_latency(link),
-        args.few_ints,
+        cfg["tree_from"],
     )
     print(_table(records, fit["predicted"] if fit else None))
     result = {
@@ -771,6 +789,11 @@ def _check_results(result: Any) -> tuple[list, int, float | None, int | None]:
         raise ValueError(f"config.ranks must be an int >= 2, got {world!r}")
     if cores is not None and (not _is_int(cores) or cores < 1):
         raise ValueError(f"config.cores must be an int >= 1 (or absent), got {cores!r}")
+    form, tree_from = config.get("few_ints"), config.get("tree_from")
+    if form is not None and form not in ("auto", "direct", "tree"):
+        raise ValueError(f"config.few_ints must be auto, direct or tree (or absent), got {form!r}")
+    if tree_from is not None and (not _is_int(tree_from) or tree_from < 2):
+        raise ValueError(f"config.tree_from must be an int >= 2 (or absent), got {tree_from!r}")
     link = {} if result.get("link") is None else result["link"]
     if not isinstance(link, dict):
         raise ValueError(f"link must be an object, got {link!r:.60}")
@@ -822,13 +845,17 @@ def _machines_note(path: Path, other: Path) -> str | None:
     )
 
 
-def _few_ints_of(path: Path) -> str:
-    """The form of the few-int exchanges a ``bench cluster`` run forced ("auto" for runs that
-    forced none, and for runs from before the option)."""
+def _tree_from_of(path: Path) -> int | None:
+    """The ``p2p.TREE_FROM`` a ``bench cluster`` run (checked by :func:`_check_results`) used:
+    as recorded; from its forced form where only that is; None (as the code is now) for runs
+    from before ``--few-ints``, all of which ran with fewer ranks than today's ``TREE_FROM``."""
     from sparsetrain.comm import p2p
 
-    form = (json.loads(path.read_text()).get("config") or {}).get("few_ints", "auto")
-    return form if form in p2p.FEW_INT_FORMS else "auto"
+    config = json.loads(path.read_text())["config"]
+    if config.get("tree_from") is not None:
+        return config["tree_from"]
+    form = config.get("few_ints")
+    return None if form in (None, "auto") else p2p.tree_from(form)
 
 
 def _emulated_latency(path: Path) -> float:
@@ -871,7 +898,7 @@ def run_refit(args: argparse.Namespace) -> int:
         None if args.free_beta else link,
         cores,
         _emulated_latency(path),
-        _few_ints_of(path),
+        _tree_from_of(path),
     )
     if fit is None:
         args._parser.error(f"{path} has fewer than 3 modelled points")
@@ -908,7 +935,15 @@ def run_refit(args: argparse.Namespace) -> int:
                 f"\nemulated one-way latency: {theirs * 1e6:.0f} us in {other}, "
                 f"{mine * 1e6:.0f} us in {path}; predicted with {theirs * 1e6:.0f} us a round"
             )
-        predicted = _predict_records(usable, o_world, params, o_cores, _few_ints_of(other))
+        forms = [
+            json.loads(x.read_text())["config"].get("few_ints") or "auto" for x in (path, other)
+        ]
+        if forms != ["auto", "auto"]:
+            print(
+                f"\nfew-int exchanges: {forms[1]} in {other}, {forms[0]} in {path}; each run is "
+                "priced in its own"
+            )
+        predicted = _predict_records(usable, o_world, params, o_cores, _tree_from_of(other))
         fitted_on = {(r["numel"], r["density"]) for r in records}
         print(f"\n{other}, predicted by the model fitted to {path}:")
         print(_table(usable, predicted))
@@ -1064,10 +1099,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--few-ints",
         choices=("auto", "direct", "tree"),
         default="auto",
-        help="how the collectives exchange their few ints (input agreement, counts): auto, as "
-        "in use (direct sends to every peer below sparsetrain.comm.p2p.TREE_FROM ranks, log2 p "
-        "rounds from there on; the default), or either form at any number of ranks; recorded, "
-        "and the cost model prices the run's form",
+        help="how the collectives exchange their few ints (input agreement, gathers of counts, "
+        "and Ok-Topk's small allreduces): auto, as in use (direct sends to every peer below "
+        "32 ranks, sparsetrain.comm.p2p.TREE_FROM, log2 p rounds from there on; the default), "
+        "or either form at any number of ranks; recorded, and bench refit prices the run's "
+        "form",
     )
     c.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     c.add_argument(
