@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-FORMS = {"direct": 10**9, "tree": 2}  # the TREE_FROM that selects each form
+FORMS = ("direct", "tree")
 OPS = ("agree", "gather")
 
 
@@ -55,13 +55,13 @@ def worker(out_path: str, reps: int) -> None:
 
     ops = {"agree": agree, "gather": gather}
     times: dict[str, dict[str, list[float]]] = {f: {op: [] for op in OPS} for f in FORMS}
-    for tree_from in FORMS.values():  # one untimed call of each, to connect the pairs
-        p2p.TREE_FROM = tree_from
+    for form in FORMS:  # one untimed call of each, to connect the pairs
+        p2p.TREE_FROM = p2p.tree_from(form)
         for fn in ops.values():
             fn()
     for _ in range(reps):
-        for form, tree_from in FORMS.items():
-            p2p.TREE_FROM = tree_from
+        for form in FORMS:
+            p2p.TREE_FROM = p2p.tree_from(form)
             for op, fn in ops.items():
                 dist.barrier()
                 time.sleep(0.005)

@@ -336,37 +336,33 @@ def _with_bit(p: int, d: int) -> int:
     return p // (2 * d) * d + max(0, p % (2 * d) - d)
 
 
-def _agreement(p: int, options: int = 0, told: bool = False) -> Cost:
-    """The input agreement every sparse collective except the allgather baseline starts with:
-    below ``TREE_FROM`` ranks each rank sends its few ints straight to every peer, p - 1
-    messages at once; from there on ceil(log2 p) rounds of one message, each carrying the
-    running minima and maxima of the 5 + ``options`` checked ints and, with ``told`` (an int
-    for every peer, such as the split's sizes), the ints Bruck's index algorithm moves that
-    round (about p / 2)."""
+def _few_ints(p: int, round_bytes: Callable[[int], float]) -> Cost:
+    """An exchange of a few ints: below ``TREE_FROM`` ranks p - 1 direct messages at once (their
+    few hundred bytes left out); from there on ceil(log2 p) rounds of one message, the round of
+    distance d (1, 2, 4, ...) sending ``round_bytes(d)`` bytes."""
     if p == 1:
         return Cost(0, 0)
     if not p2p.uses_tree(p):
         return _p2p(p - 1)
     cost, d = Cost(0, 0), 1
     while d < p:
-        cost += _p2p(1, 8 * (2 * (5 + options) + (_with_bit(p, d) if told else 0)))
+        cost += _p2p(1, round_bytes(d))
         d *= 2
     return cost
+
+
+def _agreement(p: int, options: int = 0, told: bool = False) -> Cost:
+    """The input agreement every sparse collective except the allgather baseline starts with
+    (:func:`_few_ints`); in the log2 p form each round carries the running minima and maxima of
+    the 5 + ``options`` checked ints and, with ``told`` (an int for every peer, such as the
+    split's sizes), the ints Bruck's index algorithm moves that round (about p / 2)."""
+    return _few_ints(p, lambda d: 8 * (2 * (5 + options) + (_with_bit(p, d) if told else 0)))
 
 
 def _gather_ints(p: int, width: int) -> Cost:
-    """A gather of ``width`` ints from every rank (counts, sizes): below ``TREE_FROM`` ranks p - 1
-    direct messages at once; from there on Bruck's ceil(log2 p) rounds, the round of distance d
-    sending min(d, p - d) ranks' ints."""
-    if p == 1:
-        return Cost(0, 0)
-    if not p2p.uses_tree(p):
-        return _p2p(p - 1)
-    cost, d = Cost(0, 0), 1
-    while d < p:
-        cost += _p2p(1, 8 * width * min(d, p - d))
-        d *= 2
-    return cost
+    """A gather of ``width`` ints from every rank (counts, sizes; :func:`_few_ints`); in the
+    log2 p form, Bruck's round of distance d sends min(d, p - d) ranks' ints."""
+    return _few_ints(p, lambda d: 8 * width * min(d, p - d))
 
 
 def _small_allgather(p: int) -> Cost:

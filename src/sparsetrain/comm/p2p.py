@@ -21,7 +21,7 @@ by recursive doubling instead of the library's ring.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -72,18 +72,24 @@ FEW_INT_FORMS = ("auto", "direct", "tree")
 
 
 @contextmanager
-def few_int_form(form: str) -> Iterator[None]:
-    """Within the block, exchange few ints in ``form``: "auto" (keep the current
-    ``TREE_FROM``), "direct" or "tree" at any world size. For benchmarks
-    that compare the forms and the cost model's predictions of their runs; every rank must use
-    the same form."""
+def tree_threshold(value: int | None) -> Iterator[None]:
+    """Within the block, ``TREE_FROM`` is ``value`` (None: unchanged); restored afterwards."""
     global TREE_FROM
     saved = TREE_FROM
-    TREE_FROM = tree_from(form)
+    if value is not None:
+        TREE_FROM = value
     try:
         yield
     finally:
         TREE_FROM = saved
+
+
+def few_int_form(form: str) -> AbstractContextManager[None]:
+    """Within the block, exchange few ints in ``form``: "auto" (keep the current
+    ``TREE_FROM``), "direct" or "tree" at any world size. For benchmarks
+    that compare the forms and the cost model's predictions of their runs; every rank must use
+    the same form."""
+    return tree_threshold(tree_from(form))
 
 
 def tree_from(form: str) -> int:
@@ -329,13 +335,10 @@ class Wire:
             dtype=torch.int64,
             device=self.device,
         )
+        positions = torch.arange(slots.numel(), device=self.device)
         d = 1
         while d < p:
-            moving = torch.tensor(
-                [j for j in range(p) if j & d] if told is not None else [],
-                dtype=torch.int64,
-                device=self.device,
-            )
+            moving = positions[(positions & d) != 0]
             message = torch.cat([lows, highs, slots[moving]])
             src = (r - d) % p
             got = self.exchange({(r + d) % p: message}, {src: message.numel()}, {}, torch.int64)

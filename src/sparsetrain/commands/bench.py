@@ -26,8 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -363,21 +361,6 @@ def _table(records: list[dict[str, Any]], predicted: dict | None) -> str:
     return "\n".join(lines)
 
 
-@contextmanager
-def _priced_with(tree_from: int | None) -> Iterator[None]:
-    """Within the block the cost model prices the few-int exchanges as a run whose
-    ``p2p.TREE_FROM`` was ``tree_from`` did (None: as the code does now)."""
-    from sparsetrain.comm import p2p
-
-    saved = p2p.TREE_FROM
-    if tree_from is not None:
-        p2p.TREE_FROM = tree_from
-    try:
-        yield
-    finally:
-        p2p.TREE_FROM = saved
-
-
 def _predict_records(
     records: list[dict[str, Any]],
     world: int,
@@ -387,7 +370,9 @@ def _predict_records(
 ):
     """Return the model's seconds for each modelled record, keyed (algorithm, numel, density),
     with the few-int exchanges in the form the run used (see :func:`_tree_from_of`)."""
-    with _priced_with(tree_from):
+    from sparsetrain.comm import p2p
+
+    with p2p.tree_threshold(tree_from):
         return _predicted(records, world, params, cores)
 
 
@@ -450,7 +435,9 @@ def _fit_model(
     latency: float = 0.0,
     tree_from: int | None = None,
 ) -> dict[str, Any] | None:
-    with _priced_with(tree_from):
+    from sparsetrain.comm import p2p
+
+    with p2p.tree_threshold(tree_from):
         return _fitted(records, world, link_bps, cores, latency)
 
 
