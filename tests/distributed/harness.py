@@ -1,4 +1,4 @@
-"""Spawn small gloo worlds for tests: FileStore rendezvous (no ports), results per rank, timeouts."""
+"""Spawn small gloo (or NCCL) worlds for tests: FileStore rendezvous (no ports), results per rank, timeouts."""
 
 from __future__ import annotations
 
@@ -16,11 +16,13 @@ import torch.multiprocessing as mp
 from sparsetrain._procs import exit_finished_worker
 
 
-def _entry(rank: int, world: int, root: str, fn, args) -> None:
+def _entry(rank: int, world: int, root: str, backend: str, fn, args) -> None:
     torch.set_num_threads(1)
+    if backend == "nccl":  # one GPU a rank
+        torch.cuda.set_device(rank)
     store = dist.FileStore(os.path.join(root, "store"), world)
     dist.init_process_group(
-        "gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=90)
+        backend, store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=90)
     )
     try:
         result = {"ok": fn(rank, world, *args)}
@@ -32,13 +34,20 @@ def _entry(rank: int, world: int, root: str, fn, args) -> None:
     exit_finished_worker(0)  # skip interpreter teardown, where gloo can abort a finished rank
 
 
-def run_world(fn, world: int, tmp_path: Path, *args, timeout: float = 180.0) -> list[dict]:
-    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; return each rank's
-    ``{"ok": value}`` or ``{"error": message}``. Fails the test if a rank hangs or dies."""
+def run_world(
+    fn, world: int, tmp_path: Path, *args, timeout: float = 180.0, backend: str = "gloo"
+) -> list[dict]:
+    """Run ``fn(rank, world, *args)`` on ``world`` ranks of ``backend`` (gloo; "nccl": rank r on
+    GPU r); return each rank's ``{"ok": value}`` or ``{"error": message}``. Fails the test if a
+    rank hangs or dies."""
     root = Path(tmp_path) / f"world{time.monotonic_ns()}"
     root.mkdir(parents=True)
     ctx = mp.start_processes(
-        _entry, args=(world, str(root), fn, args), nprocs=world, join=False, start_method="spawn"
+        _entry,
+        args=(world, str(root), backend, fn, args),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
     )
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):

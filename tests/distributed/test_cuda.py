@@ -1,8 +1,10 @@
-"""CUDA placement: compressors, GradientSync and the DDP hook on CUDA tensors, and a state saved
-on CPU resumed on CUDA. Skipped without a CUDA device (a GPU machine or GPU CI job runs it).
+"""CUDA placement: compressors, GradientSync and the DDP hook on CUDA tensors, a state saved on
+CPU resumed on CUDA, and the sparse collectives on CUDA tensors over gloo (two ranks sharing one
+GPU) and over NCCL (two GPUs). Skipped without a CUDA device (a GPU machine or GPU CI job runs
+it).
 
-One rank (a gloo world of 1 through the harness's FileStore), so the collectives are trivial and
-what is tested is where the work and the state live: outputs, residuals and compressor state on
+The placement tests run one rank (a gloo world of 1 through the harness's FileStore), so the
+collectives are trivial and what is tested is where the work and the state live: outputs, residuals and compressor state on
 the gradients' device, futures completed on the right stream, residuals saved on CPU moved to
 the GPU at their first use. Gradients are computed on CPU and copied to both models, so the CUDA
 run gets the very bits the CPU run gets and the two are compared closely.
@@ -14,14 +16,20 @@ import io
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import sparsetrain
+from sparsetrain.comm.registry import get_collective
 from sparsetrain.compressors import available_compressors, get_compressor
 
 from .harness import oks, run_world
+from .test_sparse_collectives import ALL, OK_K, OK_NUMEL, training_like
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_two_gpus = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA devices"
+)
 
 CUDA = torch.device("cuda", 0)
 
@@ -227,3 +235,46 @@ def test_a_state_saved_on_cpu_resumes_on_cuda(tmp_path):
             flat_c = torch.cat([c.reshape(-1) for c in cpu["grads"][0]])
             assert float((flat_g - flat_c).norm()) <= 0.05 * float(flat_c.norm()), how
             assert abs(int((flat_g != 0).sum()) - int((flat_c != 0).sum())) <= 5, how
+
+
+def _collectives_on_cuda(rank: int, world: int, backend: str) -> list[str]:
+    """Every sparse collective on CUDA tensors (over ``backend``) and on the same inputs on CPU
+    (over gloo), for three steps of training-like inputs; return what differed."""
+    device = torch.device("cuda", rank if backend == "nccl" else 0)
+    torch.cuda.set_device(device)
+    cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else None
+    problems = []
+    for name in ALL:
+        on_cpu, on_gpu = get_collective(name), get_collective(name)
+        for step in range(3):
+            idx, val = training_like(step, rank, OK_NUMEL, OK_K)
+            want = on_cpu(idx, val, OK_NUMEL, group=cpu_group, key="w")
+            got = on_gpu(idx.to(device), val.to(device), OK_NUMEL, key="w")
+            where = f"{name} step {step}"
+            if (got.bytes_sent, got.bytes_recv) != (want.bytes_sent, want.bytes_recv):
+                problems.append(f"{where}: traffic {got.bytes_sent} != {want.bytes_sent}")
+            for field in ("dense", "indices", "values"):
+                g, w = getattr(got, field), getattr(want, field)
+                if (g is None) != (w is None):
+                    problems.append(f"{where}: {field} missing on one side")
+                elif g is not None and g.device.type != "cuda":
+                    problems.append(f"{where}: {field} on {g.device}")
+                elif g is not None and field == "indices" and not torch.equal(g.cpu(), w):
+                    problems.append(f"{where}: different selection")
+                elif g is not None and not torch.allclose(g.cpu(), w, rtol=1e-12, atol=1e-12):
+                    problems.append(f"{where}: {field} differ")
+    return problems
+
+
+@needs_cuda
+def test_sparse_collectives_on_cuda_tensors_over_gloo(tmp_path):
+    # gloo's send and receive take host memory only: the collectives stage CUDA tensors.
+    for problems in oks(run_world(_collectives_on_cuda, 2, tmp_path, "gloo")):
+        assert problems == []
+
+
+@needs_two_gpus
+def test_sparse_collectives_over_nccl(tmp_path):
+    results = run_world(_collectives_on_cuda, 2, tmp_path, "nccl", backend="nccl")
+    for problems in oks(results):
+        assert problems == []

@@ -569,6 +569,66 @@ def test_allgather_adds_the_ranks_in_rank_order_on_every_rank(tmp_path):
     assert oks(run_world(_rank_order, 3, tmp_path)) == [RANK_ORDER_SUM] * 3
 
 
+ALL = (*EXACT, "gtopk", "oktopk")
+
+
+def _run_all(rank: int, world: int) -> dict:
+    """Every collective on a few steps of training-like inputs (Ok-Topk estimating and
+    repartitioning on the way), with fresh collectives: each one's results and traffic."""
+    out = {}
+    for name in ALL:
+        coll = get_collective(name)
+        runs = []
+        for step in range(3):
+            res = coll(*training_like(step, rank, OK_NUMEL, OK_K), OK_NUMEL, key="w")
+            runs.append(
+                (
+                    *(t.tolist() if t is not None else None for t in (res.dense, res.indices)),
+                    res.values.tolist() if res.values is not None else None,
+                    res.bytes_sent,
+                    res.bytes_recv,
+                )
+            )
+        out[name] = runs
+    return out
+
+
+def _staged(rank: int, world: int, tree: bool) -> dict:
+    """The collectives with their point-to-point messages staged through host memory, as on a
+    gloo group with CUDA tensors, against the same collectives unstaged."""
+    p2p.TREE_FROM = 2 if tree else 10**9
+    flags = {
+        "cuda": p2p.Wire(None, torch.device("cuda", 0)).staged,
+        "cpu": p2p.Wire(None, torch.device("cpu")).staged,
+    }
+    plain = _run_all(rank, world)
+    init = p2p.Wire.__init__
+    calls = []
+
+    def staged_init(self, group, device):
+        init(self, group, device)
+        self.staged = True
+        calls.append(1)
+
+    p2p.Wire.__init__ = staged_init
+    try:
+        staged = _run_all(rank, world)
+    finally:
+        p2p.Wire.__init__ = init
+    return {"flags": flags, "same": plain == staged, "staged_calls": len(calls)}
+
+
+@pytest.mark.parametrize("tree", (False, True), ids=("direct", "tree"))
+def test_messages_staged_through_host_memory_give_the_same_results(tree, tmp_path):
+    """gloo's send and receive take host memory only; CUDA tensors on a gloo group are staged
+    (on a GPU host tests/distributed/test_cuda.py runs them on CUDA tensors)."""
+    for res in oks(run_world(_staged, 3, tmp_path, tree)):
+        assert res["flags"] == {"cuda": True, "cpu": False}
+        # Every call but the allgather baseline's (gloo's own all_gather) has a Wire.
+        assert res["staged_calls"] >= (len(ALL) - 1) * 3
+        assert res["same"]
+
+
 def test_options_are_checked_at_construction():
     with pytest.raises(ValueError, match="repartition_every must be a positive int"):
         get_collective("oktopk", repartition_every=0)

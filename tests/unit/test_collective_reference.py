@@ -24,6 +24,7 @@ from sparsetrain.comm import p2p
 from sparsetrain.comm.gtopk import keep_topk
 from sparsetrain.comm.oktopk import BRACKET, OkTopk, next_threshold
 from sparsetrain.comm.p2p import (
+    backend_for,
     coalesce,
     device_of,
     error_type,
@@ -194,22 +195,48 @@ def test_only_the_four_float_dtypes_pass_the_input_check():
     assert input_error(idx, torch.ones(2, dtype=torch.bfloat16), 10) is None
 
 
+def _backends(monkeypatch, config: str) -> None:
+    """Pretend the default group is initialized with backend config ``config``."""
+    monkeypatch.setattr(p2p.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(p2p.dist, "get_backend_config", lambda group=None: config)
+
+
 def test_under_nccl_headers_go_to_the_current_cuda_device(monkeypatch):
     # NCCL moves only CUDA memory. Values that are not a CUDA tensor (bad input) must still get
     # their size header onto the GPU: it carries the error to every rank, where a CPU header
     # would fail on this rank alone and leave the others waiting.
-    monkeypatch.setattr(p2p.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(p2p.dist, "get_backend", lambda group=None: "nccl")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     cuda1 = torch.device("cuda", 1)
-    for values in (torch.ones(2), [1.0, 2.0], torch.ones(2, device="meta")):
-        assert device_of(values) == cuda1
+    for config in ("cuda:nccl", "nccl", "NCCL"):
+        _backends(monkeypatch, config)
+        for values in (torch.ones(2), [1.0, 2.0], torch.ones(2, device="meta")):
+            assert device_of(values) == cuda1, config
     err = input_error(torch.tensor([1]), torch.ones(1), 10, cuda1)
     assert err is not None and "cuda:1" in err and error_type(err) is ValueError
-    # gloo moves CPU memory: the values' own device, CPU for a non-tensor.
-    monkeypatch.setattr(p2p.dist, "get_backend", lambda group=None: "gloo")
-    assert device_of(torch.ones(2)) == device_of([1.0]) == torch.device("cpu")
+    # gloo moves CPU memory: the values' own device, CPU for a non-tensor. So does a group
+    # with a backend for each device (init_process_group() without a backend on a GPU host).
+    for config in ("cpu:gloo,cuda:gloo", "gloo", "cpu:gloo,cuda:nccl"):
+        _backends(monkeypatch, config)
+        assert device_of(torch.ones(2)) == device_of([1.0]) == torch.device("cpu"), config
     assert input_error(torch.tensor([1]), torch.ones(1), 10, torch.device("cpu")) is None
+
+
+def test_the_backend_that_moves_a_device_is_looked_up_per_device(monkeypatch):
+    cases = {
+        "cpu:gloo,cuda:nccl": {"cpu": "gloo", "cuda": "nccl", "mps": None},
+        "cpu:gloo,cuda:gloo": {"cpu": "gloo", "cuda": "gloo"},
+        "gloo": {"cpu": "gloo", "cuda": "gloo"},
+        "cuda:nccl": {"cpu": None, "cuda": "nccl"},
+        "nccl": {"cpu": None, "cuda": "nccl"},
+        " cpu : gloo , cuda : NCCL ": {"cpu": "gloo", "cuda": "nccl"},
+    }
+    for config, want in cases.items():
+        _backends(monkeypatch, config)
+        assert {dev: backend_for(None, dev) for dev in want} == want, config
+    # Without a process group, no backend moves anything.
+    monkeypatch.setattr(p2p.dist, "is_initialized", lambda: False)
+    assert backend_for(None, "cpu") is None
+    assert device_of(torch.ones(2)) == torch.device("cpu")
 
 
 def test_keep_topk_keeps_largest_magnitudes_sorted_by_index():

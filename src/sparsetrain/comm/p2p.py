@@ -3,7 +3,13 @@ exchanges with counted bytes, and vectorised sparse merges.
 
 Everything here works on any backend torch.distributed has (gloo, NCCL) and on any device: buffers
 are created on the device of the values, sizes travel as int64 tensors on that device, and
-exchanges of variable size first exchange their sizes. Point-to-point exchanges are posted as one
+exchanges of variable size first exchange their sizes. gloo's own collectives take CUDA tensors
+(they copy them through host memory), but its point-to-point send and receive hand the tensor's
+memory to the socket as it is, so on a gloo group the point-to-point messages of CUDA tensors
+are staged here: copied to host memory before they are sent, and received into host memory and
+copied to the device (:attr:`Wire.staged`). NCCL moves CUDA memory directly. The backend that
+moves a device's tensors is looked up per device (:func:`backend_for`), so a group made by
+``init_process_group()`` without a backend ("cpu:gloo,cuda:nccl") sends CUDA tensors by NCCL. Point-to-point exchanges are posted as one
 ``dist.batch_isend_irecv`` batch, in rotating order (at step ``s`` rank ``r`` sends to ``r + s``
 and receives from ``r - s``), so no exchange can deadlock and no rank is everybody's first peer.
 
@@ -209,16 +215,42 @@ def device_of(values: object, group: dist.ProcessGroup | None = None) -> torch.d
     raised on every rank rather than on this one alone while the others wait.
     """
     device = values.device if isinstance(values, Tensor) else torch.device("cpu")
-    if device.type != "cuda" and _backend(group) == "nccl":
+    if (
+        device.type != "cuda"
+        and backend_for(group, device.type) is None
+        and backend_for(group, "cuda") is not None
+    ):
         return torch.device("cuda", torch.cuda.current_device())
     return device
 
 
-def _backend(group: dist.ProcessGroup | None) -> str | None:
-    """The backend name of ``group`` (None: the default group), or None without a process group."""
+# The devices a backend moves when a group names it alone ("nccl", not "cuda:nccl").
+_BACKEND_DEVICES = {"gloo": ("cpu", "cuda"), "nccl": ("cuda",)}
+
+
+def backend_for(group: dist.ProcessGroup | None, device_type: str) -> str | None:
+    """The name of the backend that moves ``device_type`` tensors in ``group`` (None: the
+    default group), or None where none does or no process group is initialized.
+
+    A group can have one backend for each device type: ``init_process_group()`` without a
+    backend makes "cpu:gloo,cuda:nccl", whose ``dist.get_backend`` is "undefined".
+    """
     if not dist.is_available() or not dist.is_initialized():
         return None
-    return str(dist.get_backend(group))
+    try:
+        config = str(dist.get_backend_config(group))
+    except (AttributeError, RuntimeError, ValueError):
+        config = str(dist.get_backend(group))
+    table: dict[str, str] = {}
+    for entry in config.split(","):
+        kind, sep, name = (part.strip() for part in entry.partition(":"))
+        if sep:
+            table[kind] = name.lower()
+        elif kind:
+            name = kind.lower()
+            for dev in _BACKEND_DEVICES.get(name, (device_type,)):
+                table.setdefault(dev, name)
+    return table.get(device_type)
 
 
 class Wire:
@@ -240,6 +272,8 @@ class Wire:
         self.rank = dist.get_rank(self.group)
         self.global_ranks = dist.get_process_group_ranks(self.group)
         self.device = device
+        # gloo's send and receive read and write host memory only: stage other devices' bytes.
+        self.staged = device.type != "cpu" and backend_for(self.group, device.type) == "gloo"
         self.traffic = Traffic()
 
     # ---- agreement ----------------------------------------------------------------------
@@ -479,19 +513,24 @@ class Wire:
         ``recv_sizes[peer]`` elements of ``dtype`` from each peer, in one batch. Empty messages are not posted (both sides
         know the sizes). ``elems[peer]`` is what the message counts toward ``elems_sent``.
 
-        Returns the received tensors by peer (empty tensors for empty messages).
+        Returns the received tensors by peer (empty tensors for empty messages), on
+        ``self.device``. Where the wire is :attr:`staged`, the messages cross it from and into
+        host memory.
         """
-        ops, received = [], {}
+        on_wire = torch.device("cpu") if self.staged else self.device
+        ops, received, copies = [], {}, {}
         for s in range(1, self.world):
             dst, src = (self.rank + s) % self.world, (self.rank - s) % self.world
             buf = sends.get(dst)
             if buf is not None and buf.numel():
+                if self.staged:  # a blocking copy, complete before the send; one per tensor
+                    buf = copies.setdefault(id(buf), (buf, buf.contiguous().to(on_wire)))[1]
                 buf = buf.contiguous()
                 ops.append(dist.P2POp(dist.isend, buf, self.global_ranks[dst], self.group))
                 self.traffic.bytes_sent += buf.numel() * buf.element_size()
                 self.traffic.elems_sent += elems.get(dst, buf.numel())
             if src in recv_sizes:
-                out = torch.empty(recv_sizes[src], dtype=dtype, device=self.device)
+                out = torch.empty(recv_sizes[src], dtype=dtype, device=on_wire)
                 received[src] = out
                 if out.numel():
                     ops.append(dist.P2POp(dist.irecv, out, self.global_ranks[src], self.group))
@@ -499,6 +538,8 @@ class Wire:
         if ops:
             for req in dist.batch_isend_irecv(ops):
                 req.wait()
+        if self.staged:
+            received = {q: t.to(self.device) for q, t in received.items()}
         return received
 
     def exchange_sizes(
