@@ -9,9 +9,14 @@ Two measurements, each side by side in one run so that the ratios hold on a shar
 2. Compression throughput (GB/s of input) of every registered compressor next to ``clone()`` of
    the same tensor (a memory-bandwidth reference), and the payload size relative to the input.
 
+With ``--device cuda`` the gradients live on the GPU and every timed call ends with
+``torch.cuda.synchronize()``, so the times are the kernels' and not their launches'
+(``benchmarks/device_check.sh`` runs it so on a GPU machine).
+
 Usage:
     python benchmarks/bench_compressors.py                       # 25M floats, 1 thread
     python benchmarks/bench_compressors.py --numel 1000000 --steps 10 --out /tmp/c.json
+    python benchmarks/bench_compressors.py --device cuda --out /tmp/c_cuda.json
 """
 
 from __future__ import annotations
@@ -40,30 +45,40 @@ def gradient(numel: int, seed: int) -> torch.Tensor:
     return g.mul_(torch.randn(numel, generator=gen).mul_(0.75).exp_())
 
 
+# Waits for the device's queued work; set by main for --device cuda (CPU work is synchronous).
+_sync = lambda: None  # noqa: E731
+
+
 def timed(fn, repeat: int) -> list[float]:
     times = []
     for _ in range(repeat):
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t0)
     return times
 
 
 def clocked(fn) -> tuple[float, float, object]:
     """Run ``fn`` once; return (wall seconds, CPU seconds of this process, result)."""
+    _sync()
     w0, c0 = time.perf_counter(), time.process_time()
     out = fn()
+    _sync()
     return time.perf_counter() - w0, time.process_time() - c0, out
 
 
-def bench_selection(numel: int, density: float, steps: int, topk_repeat: int, seed: int) -> dict:
+def bench_selection(
+    numel: int, density: float, steps: int, topk_repeat: int, seed: int, device: torch.device
+) -> dict:
     """Time threshold and topk on the same drifting gradients, interleaved step by step.
 
     Interleaving (a topk call every few threshold steps) exposes both to the same machine load;
     CPU time (``process_time``) is reported next to wall time because on a shared machine it
     does not count the time spent waiting for a core.
     """
-    a, b = gradient(numel, seed), gradient(numel, seed + 1)
+    a, b = gradient(numel, seed).to(device), gradient(numel, seed + 1).to(device)
     g = torch.empty_like(a)
     k = max(1, round(density * numel))
     topk = get_compressor("topk", density=density)
@@ -117,8 +132,8 @@ def bench_selection(numel: int, density: float, steps: int, topk_repeat: int, se
     }
 
 
-def bench_throughput(numel: int, repeat: int, seed: int) -> list[dict]:
-    g = gradient(numel, seed)
+def bench_throughput(numel: int, repeat: int, seed: int, device: torch.device) -> list[dict]:
+    g = gradient(numel, seed).to(device)
     # PowerSGD needs a layout: square-ish matrices as in a transformer, plus 1-D biases.
     side = 1024
     mats = numel // (side * side)
@@ -165,16 +180,28 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--throughput-numel", type=int, default=None, help="default: --numel")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="where the gradients live: cpu or cuda[:N]")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS / "compressors.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            p.error("--device cuda: this torch build sees no CUDA device")
+        global _sync
+        _sync = torch.cuda.synchronize
+    elif device.type != "cpu":
+        p.error(f"--device must be cpu or cuda (optionally cuda:N), got {args.device!r}")
 
     selection = [
-        bench_selection(args.numel, d, args.steps, args.topk_repeat, args.seed)
+        bench_selection(args.numel, d, args.steps, args.topk_repeat, args.seed, device)
         for d in args.densities
     ]
-    print(f"\nSelection on {args.numel:,} float32, {args.threads} thread(s), {args.steps} steps")
+    print(
+        f"\nSelection on {args.numel:,} float32 on {device}, {args.threads} thread(s), "
+        f"{args.steps} steps"
+    )
     print(
         f"{'density':>8} {'topk ms':>9} {'thr amort ms':>13} {'thr hot ms':>11} "
         f"{'thr est ms':>11} {'read ms':>8} {'speedup':>8} {'(cpu)':>7} {'kept/k min..max':>17}"
@@ -192,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     throughput = []
     if not args.skip_throughput:
         n = args.throughput_numel or args.numel
-        throughput = bench_throughput(n, args.repeat, args.seed)
+        throughput = bench_throughput(n, args.repeat, args.seed, device)
         print(
             f"\nCompression throughput on {n:,} float32 (GB/s of input), {args.threads} thread(s)"
         )
@@ -216,6 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "threads": args.threads,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "native_kernel": _native.vector_level(),  # None: the PyTorch ops
         "selection": selection,
         "throughput": throughput,
