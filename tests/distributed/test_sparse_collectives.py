@@ -610,12 +610,34 @@ def _staged(rank: int, world: int, tree: bool) -> dict:
         self.staged = True
         calls.append(1)
 
+    to_host = p2p.Wire._to_host
+    copies = []
+
+    def counted(t):
+        copies.append(t)
+        return to_host(t)
+
     p2p.Wire.__init__ = staged_init
+    p2p.Wire._to_host = staticmethod(counted)
     try:
         staged = _run_all(rank, world)
+        # A block gathered by every peer is copied to host memory once, not once a peer.
+        copies.clear()
+        wire = p2p.Wire(None, torch.device("cpu"))
+        block = torch.arange(5, dtype=torch.uint8) + rank
+        got = wire.allgatherv(block, [5] * world, 5)
+        gathered = [t.tolist() for t in got]
+        block_copies = len(copies)
     finally:
         p2p.Wire.__init__ = init
-    return {"flags": flags, "same": plain == staged, "staged_calls": len(calls)}
+        p2p.Wire._to_host = to_host
+    return {
+        "flags": flags,
+        "same": plain == staged,
+        "staged_calls": len(calls),
+        "gathered": gathered,
+        "block_copies": block_copies,
+    }
 
 
 @pytest.mark.parametrize("tree", (False, True), ids=("direct", "tree"))
@@ -627,6 +649,8 @@ def test_messages_staged_through_host_memory_give_the_same_results(tree, tmp_pat
         # Every call but the allgather baseline's (gloo's own all_gather) has a Wire.
         assert res["staged_calls"] >= (len(ALL) - 1) * 3
         assert res["same"]
+        assert res["gathered"] == [[r + j for j in range(5)] for r in range(3)]
+        assert res["block_copies"] == 1
 
 
 def test_options_are_checked_at_construction():

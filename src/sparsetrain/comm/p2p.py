@@ -27,7 +27,7 @@ by recursive doubling instead of the library's ring.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -523,8 +523,10 @@ class Wire:
             dst, src = (self.rank + s) % self.world, (self.rank - s) % self.world
             buf = sends.get(dst)
             if buf is not None and buf.numel():
-                if self.staged:  # a blocking copy, complete before the send; one per tensor
-                    buf = copies.setdefault(id(buf), (buf, buf.contiguous().to(on_wire)))[1]
+                if self.staged:  # one copy a tensor, also when it goes to every peer
+                    if id(buf) not in copies:
+                        copies[id(buf)] = (buf, self._to_host(buf))
+                    buf = copies[id(buf)][1]
                 buf = buf.contiguous()
                 ops.append(dist.P2POp(dist.isend, buf, self.global_ranks[dst], self.group))
                 self.traffic.bytes_sent += buf.numel() * buf.element_size()
@@ -536,11 +538,19 @@ class Wire:
                     ops.append(dist.P2POp(dist.irecv, out, self.global_ranks[src], self.group))
                     self.traffic.bytes_recv += out.numel() * out.element_size()
         if ops:
-            for req in dist.batch_isend_irecv(ops):
-                req.wait()
+            # NCCL's batched point-to-point runs on the current CUDA device: make it the
+            # tensors' (a caller need not have called torch.cuda.set_device).
+            with torch.cuda.device(on_wire) if on_wire.type == "cuda" else nullcontext():
+                for req in dist.batch_isend_irecv(ops):
+                    req.wait()
         if self.staged:
             received = {q: t.to(self.device) for q, t in received.items()}
         return received
+
+    @staticmethod
+    def _to_host(t: Tensor) -> Tensor:
+        """A staged message's bytes in host memory: a blocking copy, complete before the send."""
+        return t.contiguous().to("cpu")
 
     def exchange_sizes(
         self, send_sizes: dict[int, int], recv_from: Sequence[int]
