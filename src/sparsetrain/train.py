@@ -443,11 +443,27 @@ def _evaluate_sums(
 # ---- one rank ---------------------------------------------------------------------------------
 
 
+def _check_gpus(backend: str, ranks_here: int) -> None:
+    """NCCL puts one rank on each GPU (two ranks on one GPU fail at its first collective):
+    raise, naming what is missing, unless this machine has ``ranks_here`` CUDA devices."""
+    if backend != "nccl":
+        return
+    if not torch.cuda.is_available():
+        raise ValueError("backend 'nccl' needs CUDA devices; use backend 'gloo' on CPU")
+    count = torch.cuda.device_count()
+    if ranks_here > count:
+        raise ValueError(
+            f"backend 'nccl' puts one rank on each GPU: {ranks_here} ranks on this machine "
+            f"need {ranks_here} CUDA devices, but it has {count}; start at most {count} "
+            "workers a machine, or use backend 'gloo'"
+        )
+
+
 def _device_for(backend: str, rank: int) -> torch.device:
     if backend == "nccl":
-        if not torch.cuda.is_available():
-            raise ValueError("backend 'nccl' needs CUDA devices; use backend 'gloo' on CPU")
-        local = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
+        # Under torchrun LOCAL_RANK numbers the ranks on this machine; spawned, the rank does.
+        local = int(os.environ.get("LOCAL_RANK", rank)) if under_torchrun() else rank
+        _check_gpus(backend, local + 1)
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
@@ -1009,6 +1025,7 @@ def launch(configs: TrainConfig | Sequence[TrainConfig]) -> dict[str, Any]:
                 dist.destroy_process_group()
     else:
         world = configs[0].workers
+        _check_gpus(configs[0].backend, world)  # here, before any worker starts
         folder = tempfile.mkdtemp(prefix="sparsetrain-")
         restore = _exit_on_sigterm()
         procs = None

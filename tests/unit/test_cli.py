@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import pytest
 import torch
@@ -358,6 +359,19 @@ def test_launch_refuses_runs_that_cannot_share_workers_before_spawning():
         launch([TrainConfig(), TrainConfig(reuse_host_memory=False, label="other")])
     with pytest.raises(TypeError, match="TrainConfig"):
         launch([{"compressor": "topk"}])
+
+
+def test_launch_with_nccl_checks_for_a_gpu_a_worker_before_spawning(monkeypatch, tmp_path):
+    # NCCL cannot put two ranks on one GPU: say so here instead of failing in the workers.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # no worker folder may be made
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="needs CUDA devices; use backend 'gloo'"):
+        launch(TrainConfig(backend="nccl", workers=2))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="2 ranks on this machine need 2 CUDA devices.*has 1"):
+        launch(TrainConfig(backend="nccl", workers=2))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_config_dict_is_json_ready_and_records_the_density_used():
