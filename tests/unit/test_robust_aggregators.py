@@ -212,3 +212,15 @@ def test_bad_names_options_and_shapes():
         get_aggregator("trimmed_mean", n=5, f=2, trim=0)
     with pytest.raises(TypeError, match="floating point"):
         aggregate("mean", torch.zeros(3, 2, dtype=torch.long))
+
+
+def test_centered_clipping_state_loaded_on_cpu_follows_the_gradients_device():
+    # A checkpoint loaded with map_location="cpu" (or saved on another rank's GPU) must not mix
+    # devices at the next step. "meta" stands in for a GPU: every machine has it, and torch
+    # refuses to mix it with CPU tensors as it refuses CUDA ones.
+    g = torch.randn(3, 4)
+    a = get_aggregator("centered_clipping", n=3, f=1, momentum=0.5)
+    a(g, key="w")
+    b = get_aggregator("centered_clipping", n=3, f=1, momentum=0.5)
+    b.load_state_dict(a.state_dict())
+    assert b(g.to("meta"), key="w").device.type == "meta"

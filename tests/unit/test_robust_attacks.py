@@ -91,3 +91,15 @@ def test_bad_input():
         get_attack("zero", n=4, f=4)
     with pytest.raises(ValueError, match="pass z explicitly"):
         get_attack("alie", n=4, f=3)
+
+
+def test_a_delayed_history_loaded_on_cpu_follows_the_gradients_device():
+    # "meta" stands in for a GPU: the attacker's forged gradient must be on its gradients'
+    # device, or the exchange fails on the attacker alone and the honest ranks wait.
+    g = torch.randn(3, 4)
+    a = get_attack("delayed", n=3, f=1, delay=2)
+    for step in range(3):
+        a.forge(g[0], g[1:], "w", step, 3)
+    b = get_attack("delayed", n=3, f=1, delay=2)
+    b.load_state_dict(a.state_dict())
+    assert b.forge(g[0].to("meta"), g[1:].to("meta"), "w", 3, 3).device.type == "meta"

@@ -131,3 +131,18 @@ def test_noise_is_identical_for_identical_inputs():
 def test_bad_options(options, match):
     with pytest.raises(ValueError, match=match):
         get_aggregator("safeguard", n=5, f=1, **options)
+
+
+@pytest.mark.parametrize("noise_std", (0.0, 0.1))
+def test_state_loaded_on_cpu_follows_the_gradients_device(noise_std):
+    # "meta" stands in for a GPU (torch refuses to mix it with CPU tensors, as CUDA ones); the
+    # noise is drawn on CPU, so every rank adds the same whatever its GPU.
+    g = torch.randn(3, 4)
+    a = get_aggregator("safeguard", n=3, f=1, window0=2, window1=4, noise_std=noise_std)
+    for _ in range(3):
+        a(g, key="w")
+        a.end_step()
+    b = get_aggregator("safeguard", n=3, f=1, window0=2, window1=4, noise_std=noise_std)
+    b.load_state_dict(a.state_dict())
+    assert b.aggregate(g.to("meta"), "w").device.type == "meta"
+    assert {t.device.type for t in b.state_dict()["acc"]["w"].values()} == {"meta"}

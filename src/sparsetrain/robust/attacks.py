@@ -259,7 +259,7 @@ class Delayed(Attack):
         old = hist[0]
         if old.shape != own.shape:
             raise ValueError(f"delayed attack: the gradient of key {key!r} changed shape")
-        return old.clone()
+        return old.to(own.device, copy=True)  # a loaded history (say on CPU) follows own
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": {k: [t.clone() for t in h] for k, h in self._history.items()}}

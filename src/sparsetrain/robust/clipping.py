@@ -62,13 +62,13 @@ class CenteredClipping(Aggregator):
             m = self._momenta.get(key)
             m = (
                 (1 - self.momentum) * x
-                if m is None
-                else self.momentum * m + (1 - self.momentum) * x
+                if m is None  # a loaded state (say on CPU) follows the gradients' device
+                else self.momentum * m.to(x.device) + (1 - self.momentum) * x
             )
             self._momenta[key] = m
             x = m
         v = self._anchor.get(key)
-        v = torch.zeros_like(x[0]) if v is None else v.to(x.dtype)
+        v = torch.zeros_like(x[0]) if v is None else v.to(device=x.device, dtype=x.dtype)
         for _ in range(self.iterations):
             diff = x - v
             norm = torch.linalg.vector_norm(diff, dim=1, keepdim=True)

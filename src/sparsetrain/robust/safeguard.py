@@ -180,6 +180,9 @@ class Safeguard(Aggregator):
             zeros = torch.zeros_like(grads, dtype=torch.promote_types(grads.dtype, torch.float32))
             acc = {"short": zeros, "long": zeros.clone()}
             self._acc[key] = acc
+        elif acc["short"].device != grads.device:  # a loaded state follows the gradients
+            acc = {w: t.to(grads.device) for w, t in acc.items()}
+            self._acc[key] = acc
         for w in _WINDOWS:
             acc[w].add_(masked.to(acc[w].dtype), alpha=1.0 / n_good)
 
@@ -189,10 +192,11 @@ class Safeguard(Aggregator):
             return coordinate_median(grads[good])
         out = masked.sum(dim=0) / n_good
         if self.noise_std > 0:
-            g = generator_for(grads.device, key_seed(self.seed, self._step, key))
-            out = out + self.noise_std * torch.randn(
-                out.shape, generator=g, device=grads.device, dtype=out.dtype
-            )
+            # Drawn on CPU: every rank must add the same noise, and a CUDA draw's values
+            # depend on the GPU's number of multiprocessors.
+            g = generator_for(torch.device("cpu"), key_seed(self.seed, self._step, key))
+            noise = torch.randn(out.shape, generator=g, dtype=out.dtype)
+            out = out + self.noise_std * noise.to(out.device)
         return out
 
     def _distances(self, window: str) -> Tensor:
