@@ -602,10 +602,12 @@ class SyncEngine:
         else:
             # A sum is finite only if every term is (one pass, no temporary); only when it is
             # not, a second pass tells NaN/Inf from a sum that merely overflowed.
+            # The sums are read together: one wait for the device, not one a parameter.
             whole = [flat] if flat is not None else parts
-            bad_here = any(
-                not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all())
-                for t in whole
+            sums = torch.stack([t.sum().double() for t in whole])
+            bad_here = not bool(torch.isfinite(sums).all()) and any(
+                not bool(torch.isfinite(whole[i]).all())
+                for i in torch.nonzero(~torch.isfinite(sums)).flatten().tolist()
             )
         bad = torch.tensor([float(bad_here)], device=device)
         if world > 1:
