@@ -38,3 +38,26 @@ def test_short_points_repeat_until_min_time_and_ranks_stop_together(tmp_path):
             assert sum(times) >= 0.3 and (len(times) == 3 or sum(times[:-1]) < 0.3)
         else:
             assert len(times) == 4 and sum(times) < 0.3
+
+
+def _cpu(rank: int, world: int):
+    def sleeping():
+        time.sleep(0.03)
+        return 0, 0
+
+    def spinning():  # 30 ms of this process's CPU, however long the host takes to give it
+        c0 = time.process_time()
+        while time.process_time() - c0 < 0.03:
+            pass
+        return 0, 0
+
+    return [_time_point(fn, reps=3, warmup=0) for fn in (sleeping, spinning)]
+
+
+def test_each_run_records_the_cpu_seconds_of_all_ranks(tmp_path):
+    """``cpu_s`` sums the ranks' CPU time, which says whether a call kept the host busy."""
+    (slept, spun), same = oks(run_world(_cpu, 2, tmp_path))
+    assert (slept, spun) == tuple(same)  # all-reduced: every rank records the same
+    assert len(slept["cpu_s"]) == len(spun["cpu_s"]) == 3
+    assert all(c >= 2 * 0.03 for c in spun["cpu_s"])  # both ranks' 30 ms
+    assert all(c < 0.03 for c in slept["cpu_s"])  # a sleep takes no CPU

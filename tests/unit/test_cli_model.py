@@ -281,6 +281,35 @@ def test_a_partial_passes_file_counts_the_passes_every_point_finished(tmp_path, 
     assert "pass_medians must be a list of finite numbers of seconds" in capsys.readouterr().err
 
 
+def test_refit_says_which_points_kept_the_host_busy(tmp_path, capsys):
+    """A point whose ranks' CPU seconds fill the cores measures the host, not the network: the
+    table gives each point's share of the cores, a line names how many passed 80%."""
+    path = write_results(tmp_path / "a.json", [10**6], [0.01, 0.1])
+    main(["bench", "refit", str(path)])
+    assert "host" not in capsys.readouterr().out  # a run before CPU times were recorded
+    data = json.loads(path.read_text())
+    for i, r in enumerate(data["records"]):  # 2 cores: busy 95% on the first point, else 40%
+        share = 0.95 if i == 0 else 0.4
+        r["cpu_s"] = [2 * share * r["median_s"] * f for f in (0.9, 1.0, 1.1)]
+    path.write_text(json.dumps(data))
+    main(["bench", "refit", str(path)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("host") and lines[1].endswith(" 95%") and lines[2].endswith(" 40%")
+    first = data["records"][0]
+    note = (
+        f"host: 1 of 13 points kept the 2 cores at least 80% busy (the busiest 95%: "
+        f"{first['algorithm']} at 1,000,000 and {first['density']:g})"
+    )
+    assert any(line.startswith(note) for line in lines)
+    data["records"][1]["cpu_s"] = [0.1, -1.0]
+    path.write_text(json.dumps(data))
+    with pytest.raises(SystemExit):
+        main(["bench", "refit", str(path)])
+    assert "records[1] cpu_s must be a list of finite numbers of CPU seconds" in (
+        capsys.readouterr().err
+    )
+
+
 def test_refit_prices_the_few_int_form_each_run_used(tmp_path, capsys):
     """A run with --few-ints tree is predicted with the log2 p agreement and gathers, one
     without the option as the world size says (direct sends at 8 ranks), exactly."""

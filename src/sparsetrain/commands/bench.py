@@ -73,21 +73,28 @@ def _time_point(fn, reps: int, warmup: int, min_time: float = 0.0, max_reps: int
     Timing stops after ``reps`` runs once they add up to ``min_time`` seconds, or at ``max_reps``
     runs: a short call is timed more often, so its median is as steady as a long call's. Every
     rank decides on the same all-reduced times, so all stop together.
+
+    Each run's CPU time, summed over the ranks (``cpu_s``; each process's, its communication
+    threads' included), says how busy the call kept the host's cores (:func:`host_busy`).
     """
     import torch
     import torch.distributed as dist
 
     max_reps = max(reps, max_reps)
-    times, sent, recv, untimed = [], [], [], []
+    times, cpus, sent, recv, untimed = [], [], [], [], []
     done = -warmup
     while done < reps or (sum(times) < min_time and done < max_reps):
         dist.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         s, r = fn()
-        stats = torch.tensor([time.perf_counter() - t0, float(s), float(r)], dtype=torch.float64)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        stats = torch.tensor([wall, float(s), float(r)], dtype=torch.float64)
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+        cpu_sum = torch.tensor([cpu], dtype=torch.float64)
+        dist.all_reduce(cpu_sum)
         if done >= 0:
             times.append(stats[0].item())
+            cpus.append(cpu_sum.item())
             sent.append(int(stats[1].item()))
             recv.append(int(stats[2].item()))
         else:
@@ -97,9 +104,25 @@ def _time_point(fn, reps: int, warmup: int, min_time: float = 0.0, max_reps: int
         "warmup_s": untimed,  # a stateful collective's first call sets its state up
         "times_s": times,
         "median_s": statistics.median(times),
+        "cpu_s": cpus,
         "bytes_sent_max": max(sent),
         "bytes_recv_max": max(recv),
     }
+
+
+# From this share of the host's cores kept busy on, a point measures the host more than the
+# network: its ranks' CPU work, not the links, sets its time.
+HOST_BOUND = 0.8
+
+
+def host_busy(record: dict[str, Any], cores: int | None) -> float | None:
+    """The share of the host's ``cores`` a point kept busy: its ranks' summed CPU seconds over
+    ``cores`` times its wall seconds (medians of the timed runs; 1.0 is every core busy for the
+    whole call). None for a run that recorded no CPU time (before 2026-12-04) or no cores."""
+    cpus = record.get("cpu_s")
+    if not cpus or not cores or record["median_s"] <= 0:
+        return None
+    return statistics.median(cpus) / (cores * record["median_s"])
 
 
 def _add_pass(merged: dict[tuple, dict[str, Any]], key: tuple, base: dict, rec: dict) -> None:
@@ -111,6 +134,7 @@ def _add_pass(merged: dict[tuple, dict[str, Any]], key: tuple, base: dict, rec: 
         return
     m = merged[key]
     m["times_s"] = m["times_s"] + rec["times_s"]
+    m["cpu_s"] = (m.get("cpu_s") or []) + (rec.get("cpu_s") or [])
     m["warmup_s"] = m["warmup_s"] + rec["warmup_s"]
     m["pass_medians"] = m["pass_medians"] + [rec["median_s"]]
     m["median_s"] = statistics.median(m["times_s"])
@@ -330,7 +354,7 @@ def plot_times(
     return paths
 
 
-def _table(records: list[dict[str, Any]], predicted: dict | None) -> str:
+def _table(records: list[dict[str, Any]], predicted: dict | None, cores: int | None = None) -> str:
     dense = {(r["numel"], r["density"]): r["median_s"] for r in records if r["algorithm"] == DENSE}
     gather = {
         (r["numel"], r["density"]): r["median_s"] for r in records if r["algorithm"] == "allgather"
@@ -341,6 +365,9 @@ def _table(records: list[dict[str, Any]], predicted: dict | None) -> str:
         f"{'model s':>9}{'err':>7}" if predicted else ""
     )
     head += f"{'passes':>9}" if passes else ""  # largest / smallest pass median
+    busy = {id(r): host_busy(r, cores) for r in records}
+    show_busy = any(b is not None for b in busy.values())
+    head += f"{'host':>6}" if show_busy else ""  # share of the cores the call kept busy
     lines = [head]
     for r in records:
         key = (r["numel"], r["density"])
@@ -355,10 +382,33 @@ def _table(records: list[dict[str, Any]], predicted: dict | None) -> str:
             else:
                 row += f"{'':>16}"
         medians = r.get("pass_medians") or []
-        if passes and len(medians) > 1:
-            row += f"{max(medians) / min(medians):>8.2f}x"
+        if passes:
+            row += f"{max(medians) / min(medians):>8.2f}x" if len(medians) > 1 else f"{'':>9}"
+        if show_busy:
+            row += f"{busy[id(r)]:>6.0%}" if busy[id(r)] is not None else f"{'':>6}"
         lines.append(row)
     return "\n".join(lines)
+
+
+def _host_note(records: list[dict[str, Any]], cores: int | None) -> str | None:
+    """A line on the points that kept the host's cores busy (:data:`HOST_BOUND`), or None for a
+    run without CPU times."""
+    busy = [(b, r) for r in _points(records) if (b := host_busy(r, cores)) is not None]
+    if not busy:
+        return None
+    bound = [(b, r) for b, r in busy if b >= HOST_BOUND]
+    top, r = max(busy, key=lambda x: x[0])
+    where = f"{r['algorithm']} at {r['numel']:,} and {r['density']:g}"
+    if not bound:
+        return (
+            f"host: no point kept the {cores} cores {HOST_BOUND:.0%} busy (the busiest "
+            f"{top:.0%}: {where})"
+        )
+    return (
+        f"host: {len(bound)} of {len(busy)} points kept the {cores} cores at least "
+        f"{HOST_BOUND:.0%} busy (the busiest {top:.0%}: {where}); there the ranks' CPU work, "
+        "not the links, sets the time"
+    )
 
 
 def _predict_records(
@@ -665,7 +715,10 @@ def run_cluster(args: argparse.Namespace) -> int:
         _link_latency(link),
         cfg["tree_from"],
     )
-    print(_table(records, fit["predicted"] if fit else None))
+    print(_table(records, fit["predicted"] if fit else None, cores))
+    host = _host_note(records, cores)
+    if host:
+        print(host)
     result = {
         "config": config,
         "environment": env,
@@ -750,6 +803,11 @@ def _record_problem(r: Any) -> str | None:
         return (
             f"pass_medians must be a list of finite numbers of seconds >= 1e-9, got {medians!r:.60}"
         )
+    cpus = r.get("cpu_s")
+    if cpus is not None and not (
+        isinstance(cpus, list) and all(_is_number(c) and 0 <= c < math.inf for c in cpus)
+    ):
+        return f"cpu_s must be a list of finite numbers of CPU seconds >= 0, got {cpus!r:.60}"
     return None
 
 
@@ -889,7 +947,10 @@ def run_refit(args: argparse.Namespace) -> int:
     )
     if fit is None:
         args._parser.error(f"{path} has fewer than 3 modelled points")
-    print(_table(records, fit["predicted"]))
+    print(_table(records, fit["predicted"], cores))
+    host = _host_note(records, cores)
+    if host:
+        print(host)
     _print_fit(fit)
     agreement = _pass_agreement(records)
     if agreement:
@@ -933,7 +994,10 @@ def run_refit(args: argparse.Namespace) -> int:
         predicted = _predict_records(usable, o_world, params, o_cores, _tree_from_of(other))
         fitted_on = {(r["numel"], r["density"]) for r in records}
         print(f"\n{other}, predicted by the model fitted to {path}:")
-        print(_table(usable, predicted))
+        print(_table(usable, predicted, o_cores))
+        host = _host_note(usable, o_cores)
+        if host:
+            print(host)
         panels.append((f"{other.name}, held out", _error_points(usable, predicted)))
         unseen = [r for r in usable if (r["numel"], r["density"]) not in fitted_on]
         for label, rows in (("all points", usable), ("sizes or densities not fitted on", unseen)):
@@ -967,7 +1031,8 @@ def _one_pass(records: list[dict[str, Any]], k: int, path: Path, parser) -> list
             parser.error(f"--pass {k}: {path} was not run with --passes")
         done = "1 pass" if have == 1 else f"{have} passes"
         parser.error(f"--pass {k}: every point of {path} finished {done}; choose 1 to {have}")
-    return [{**r, "median_s": r["pass_medians"][k - 1]} for r in records]
+    # The CPU times are pooled over the passes: no share of the cores for one pass alone.
+    return [{**r, "median_s": r["pass_medians"][k - 1], "cpu_s": None} for r in records]
 
 
 def _error_points(records: list[dict[str, Any]], predicted: dict) -> list[tuple[str, float, float]]:
