@@ -200,17 +200,25 @@ def test_oktopk_counts_every_point_to_point_message():
     assert u.sparse_elements - c.sparse_elements == pytest.approx(2 * 10_000)
 
 
-def test_shared_cores_slow_local_work_only():
+def test_shared_cores_slow_local_work_and_messages_not_the_wire():
     alone = pm.cost("allgather", world=8, numel=10**6, density=0.01)
     shared = pm.cost("allgather", world=8, numel=10**6, density=0.01, cores=2)
-    assert (shared.messages, shared.bytes, shared.operations) == (
-        alone.messages,
+    # The wire is each rank's own: bytes, rounds and operations as alone.
+    assert (shared.bytes, shared.rounds, shared.operations) == (
         alone.bytes,
+        alone.rounds,
         alone.operations,
     )
-    # 8 ranks scatter at once on 2 cores: 4 times the time.
+    # 8 ranks scatter at once on 2 cores: 4 times the time; and each message's start-up, CPU
+    # work of all 8 ranks, waits as long.
     assert shared.sparse_elements == pytest.approx(4 * alone.sparse_elements)
     assert shared.dense_elements == pytest.approx(4 * alone.dense_elements)
+    assert shared.messages == 4 * alone.messages
+    for ranks, factor in ((2, 1), (16, 8), (32, 16)):
+        one = pm.cost("oktopk", world=ranks, numel=10**6, density=0.01)
+        assert pm.cost("oktopk", world=ranks, numel=10**6, density=0.01, cores=2).messages == (
+            factor * one.messages
+        )
     # As many cores as ranks: no slow-down.
     assert pm.cost("allgather", world=8, numel=10**6, density=0.01, cores=8) == alone
 

@@ -261,8 +261,9 @@ def worker_main(config_path: str) -> int:
 
 PROBE_MIN = 1_000_000
 MAX_REPS = 25  # --max-reps' default (or --reps, where that is more)
-# Ranks a core up to which the cost model, fitted at 8 ranks on 2 cores, predicted a run
-# (16 ranks: 84% of points within 25%); at 16 a core (32 ranks) it predicted 21%.
+# Ranks a core up to which the cost model was checked well: fitted at 8 ranks on 2 cores, it
+# predicted 16 ranks 21-95% of points within 25% (as well as 8-rank runs predict each other),
+# and 32 ranks (16 a core) 53-89% (docs/collectives.md, 'Other numbers of ranks').
 RANKS_PER_CORE_MODELLED = 8
 BENCH_TMP_PREFIX = "sparsetrain-bench-"
 
@@ -638,10 +639,10 @@ def run_cluster(args: argparse.Namespace) -> int:
             print(
                 f"sparsetrain bench cluster: warning: {args.ranks} ranks share "
                 f"{cores} core{'s' if cores != 1 else ''} ({args.ranks / cores:g} a core); "
-                f"the cost model was checked up to {RANKS_PER_CORE_MODELLED} ranks a core, and "
-                "at 16 a core a message cost 3.7 times what it did at 4, so such times "
-                "measure this machine's scheduling more than the links (docs/collectives.md, "
-                "'Other numbers of ranks')",
+                f"the cost model was checked up to {RANKS_PER_CORE_MODELLED} ranks a core "
+                "(at 16 a core it predicted 53-89% of points within 25%), and such times "
+                "measure this machine's CPU and scheduling more than the links (the table's "
+                "'host' column; docs/collectives.md, 'Other numbers of ranks')",
                 file=sys.stderr,
             )
         config = {
