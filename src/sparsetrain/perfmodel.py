@@ -5,6 +5,9 @@ The time of a collective on p ranks is modelled as ::
     T = alpha * messages + latency * rounds + beta * bytes + overhead * operations
         + gamma * sparse_elements + gamma_dense * dense_elements + gamma_sort * sort_work
 
+(``messages`` and the local terms already multiplied by the ranks a core where the ranks share
+a host's cores; see below)
+
 counted along the critical path of one rank:
 
 * ``messages``: message steps, each with its start-up cost. Each point-to-point message counts
@@ -42,7 +45,7 @@ The three local terms are multiplied by ``Problem.share(active)``: when the rank
 ``cores`` processors (the emulated cluster runs every rank on this machine's cores), local
 work that ``active`` ranks do at once takes ``max(1, active / cores)`` times as long. So are
 the messages, by ``Problem.share(world)``: a message's start-up is CPU work (the emulated
-cluster's ranks keep its cores 40-85% busy at 8, 16 and 32 ranks alike, and spend about the
+cluster's ranks keep its cores 38-86% busy at 8, 16 and 32 ranks alike, and spend about the
 same CPU time a message), so ``alpha`` is a message's cost on a core of its own, and a
 message costs ``alpha * world / cores`` where the ranks share the cores. With ``cores=None``
 (a real cluster: a processor a rank) both factors are 1.

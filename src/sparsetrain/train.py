@@ -461,8 +461,15 @@ def _check_gpus(backend: str, ranks_here: int) -> None:
 
 def _device_for(backend: str, rank: int) -> torch.device:
     if backend == "nccl":
-        # Under torchrun LOCAL_RANK numbers the ranks on this machine; spawned, the rank does.
-        local = int(os.environ.get("LOCAL_RANK", rank)) if under_torchrun() else rank
+        # Under torchrun LOCAL_RANK numbers the ranks on this machine (a launcher that sets
+        # only RANK and WORLD_SIZE: the rank modulo the GPUs); spawned, the rank does.
+        if not under_torchrun():
+            local = rank
+        elif "LOCAL_RANK" in os.environ:
+            local = int(os.environ["LOCAL_RANK"])
+        else:
+            _check_gpus(backend, 1)
+            local = rank % torch.cuda.device_count()
         _check_gpus(backend, local + 1)
         torch.cuda.set_device(local)
         return torch.device("cuda", local)

@@ -1,4 +1,5 @@
-"""Spawn small gloo (or NCCL) worlds for tests: FileStore rendezvous (no ports), results per rank, timeouts."""
+"""Spawn small gloo (or NCCL) worlds for tests: FileStore rendezvous (no ports), results per
+rank, timeouts."""
 
 from __future__ import annotations
 

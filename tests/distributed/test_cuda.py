@@ -4,10 +4,11 @@ GPU) and over NCCL (two GPUs). Skipped without a CUDA device (a GPU machine or G
 it).
 
 The placement tests run one rank (a gloo world of 1 through the harness's FileStore), so the
-collectives are trivial and what is tested is where the work and the state live: outputs, residuals and compressor state on
-the gradients' device, futures completed on the right stream, residuals saved on CPU moved to
-the GPU at their first use. Gradients are computed on CPU and copied to both models, so the CUDA
-run gets the very bits the CPU run gets and the two are compared closely.
+collectives are trivial and what is tested is where the work and the state live: outputs,
+residuals and compressor state on the gradients' device, futures completed on the right stream,
+residuals saved on CPU moved to the GPU at their first use. Gradients are computed on CPU and
+copied to both models, so the CUDA run gets the very bits the CPU run gets and the two are
+compared closely.
 """
 
 from __future__ import annotations

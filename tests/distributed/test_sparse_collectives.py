@@ -610,17 +610,35 @@ def _staged(rank: int, world: int, tree: bool) -> dict:
         self.staged = True
         calls.append(1)
 
-    to_host = p2p.Wire._to_host
-    copies = []
+    # On CPU a copy "to host" or "to the device" would return the tensor itself: the test's
+    # copies are clones, so it can check that the clones, not the originals, go on the wire,
+    # and that what is received is copied back.
+    to_host, to_device, post = p2p.Wire._to_host, p2p.Wire._to_device, p2p.dist.P2POp
+    copies, host_ids, back, sent_ids = [], set(), [], []
 
     def counted(t):
         copies.append(t)
-        return to_host(t)
+        clone = to_host(t).clone()
+        host_ids.add(id(clone))
+        return clone
+
+    def copied_back(t, device):
+        back.append(t)
+        return to_device(t, device).clone()
+
+    def recording(op, tensor, *args, **kwargs):
+        if op is p2p.dist.isend:
+            sent_ids.append(id(tensor))
+        return post(op, tensor, *args, **kwargs)
 
     p2p.Wire.__init__ = staged_init
     p2p.Wire._to_host = staticmethod(counted)
+    p2p.Wire._to_device = staticmethod(copied_back)
+    p2p.dist.P2POp = recording
     try:
         staged = _run_all(rank, world)
+        on_wire = bool(sent_ids) and all(i in host_ids for i in sent_ids)
+        copied = len(back)
         # A block gathered by every peer is copied to host memory once, not once a peer.
         copies.clear()
         wire = p2p.Wire(None, torch.device("cpu"))
@@ -630,10 +648,14 @@ def _staged(rank: int, world: int, tree: bool) -> dict:
         block_copies = len(copies)
     finally:
         p2p.Wire.__init__ = init
-        p2p.Wire._to_host = to_host
+        p2p.Wire._to_host = staticmethod(to_host)
+        p2p.Wire._to_device = staticmethod(to_device)
+        p2p.dist.P2POp = post
     return {
         "flags": flags,
         "same": plain == staged,
+        "host_copies_on_wire": on_wire,
+        "copied_back": copied,
         "staged_calls": len(calls),
         "gathered": gathered,
         "block_copies": block_copies,
@@ -649,6 +671,8 @@ def test_messages_staged_through_host_memory_give_the_same_results(tree, tmp_pat
         # Every call but the allgather baseline's (gloo's own all_gather) has a Wire.
         assert res["staged_calls"] >= (len(ALL) - 1) * 3
         assert res["same"]
+        assert res["host_copies_on_wire"]  # every send posted the host copy
+        assert res["copied_back"] > 0  # and what came in went back to the device
         assert res["gathered"] == [[r + j for j in range(5)] for r in range(3)]
         assert res["block_copies"] == 1
 

@@ -374,6 +374,26 @@ def test_launch_with_nccl_checks_for_a_gpu_a_worker_before_spawning(monkeypatch,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_nccl_ranks_find_their_gpu_under_any_launcher(monkeypatch):
+    from sparsetrain.train import _device_for
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert _device_for("nccl", 3) == torch.device("cuda", 3)  # spawned: rank r on GPU r
+    with pytest.raises(ValueError, match="9 ranks on this machine need 9 CUDA devices"):
+        _device_for("nccl", 8)
+    monkeypatch.setenv("RANK", "9")
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    # A launcher that sets only RANK and WORLD_SIZE (two machines of 8 GPUs): rank 9 is GPU 1.
+    assert _device_for("nccl", 9) == torch.device("cuda", 1)
+    monkeypatch.setenv("LOCAL_RANK", "5")  # torchrun says which
+    assert _device_for("nccl", 9) == torch.device("cuda", 5)
+    assert _device_for("gloo", 9) == torch.device("cpu")
+
+
 def test_config_dict_is_json_ready_and_records_the_density_used():
     c = TrainConfig(compressor="topk", density=0.02, label="topk-2%")
     d = json.loads(json.dumps(c.to_dict()))

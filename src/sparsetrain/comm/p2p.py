@@ -1,17 +1,18 @@
 """Shared machinery of the sparse collectives: input agreement, batched point-to-point
 exchanges with counted bytes, and vectorised sparse merges.
 
-Everything here works on any backend torch.distributed has (gloo, NCCL) and on any device: buffers
-are created on the device of the values, sizes travel as int64 tensors on that device, and
-exchanges of variable size first exchange their sizes. gloo's own collectives take CUDA tensors
-(they copy them through host memory), but its point-to-point send and receive hand the tensor's
-memory to the socket as it is, so on a gloo group the point-to-point messages of CUDA tensors
-are staged here: copied to host memory before they are sent, and received into host memory and
-copied to the device (:attr:`Wire.staged`). NCCL moves CUDA memory directly. The backend that
-moves a device's tensors is looked up per device (:func:`backend_for`), so a group made by
-``init_process_group()`` without a backend ("cpu:gloo,cuda:nccl") sends CUDA tensors by NCCL. Point-to-point exchanges are posted as one
-``dist.batch_isend_irecv`` batch, in rotating order (at step ``s`` rank ``r`` sends to ``r + s``
-and receives from ``r - s``), so no exchange can deadlock and no rank is everybody's first peer.
+Everything here works on any backend torch.distributed has (gloo, NCCL) and on any device:
+buffers are created on the device of the values, sizes travel as int64 tensors on that device,
+and exchanges of variable size first exchange their sizes. gloo's own collectives take CUDA
+tensors (they copy them through host memory), but its point-to-point send and receive hand the
+tensor's memory to the socket as it is, so on a gloo group the point-to-point messages of CUDA
+tensors are staged here: copied to host memory before they are sent, and received into host
+memory and copied to the device (:attr:`Wire.staged`). NCCL moves CUDA memory directly. The
+backend that moves a device's tensors is looked up per device (:func:`backend_for`), so a group
+made by ``init_process_group()`` without a backend ("cpu:gloo,cuda:nccl") sends CUDA tensors by
+NCCL. Point-to-point exchanges are posted as one ``dist.batch_isend_irecv`` batch, in rotating
+order (at step ``s`` rank ``r`` sends to ``r + s`` and receives from ``r - s``), so no exchange
+can deadlock and no rank is everybody's first peer.
 
 A sparse message is one ``uint8`` buffer: the indices' bytes followed by the values' bytes, so it
 costs one message, not two. Every byte that crosses the wire is counted in :class:`Wire`.
@@ -544,13 +545,18 @@ class Wire:
                 for req in dist.batch_isend_irecv(ops):
                     req.wait()
         if self.staged:
-            received = {q: t.to(self.device) for q, t in received.items()}
+            received = {q: self._to_device(t, self.device) for q, t in received.items()}
         return received
 
     @staticmethod
     def _to_host(t: Tensor) -> Tensor:
         """A staged message's bytes in host memory: a blocking copy, complete before the send."""
         return t.contiguous().to("cpu")
+
+    @staticmethod
+    def _to_device(t: Tensor, device: torch.device) -> Tensor:
+        """A staged message received in host memory, on the collective's device."""
+        return t.to(device)
 
     def exchange_sizes(
         self, send_sizes: dict[int, int], recv_from: Sequence[int]

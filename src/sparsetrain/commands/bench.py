@@ -261,9 +261,9 @@ def worker_main(config_path: str) -> int:
 
 PROBE_MIN = 1_000_000
 MAX_REPS = 25  # --max-reps' default (or --reps, where that is more)
-# Ranks a core up to which the cost model was checked well: fitted at 8 ranks on 2 cores, it
-# predicted 16 ranks 21-95% of points within 25% (as well as 8-rank runs predict each other),
-# and 32 ranks (16 a core) 53-89% (docs/collectives.md, 'Other numbers of ranks').
+# Ranks a core up to which the cost model was checked: fitted at 8 ranks on 2 cores, it
+# predicted 16 ranks 21-95% of points within 25% (8-rank runs predict each other 42-95%), and
+# 32 ranks (16 a core) 53-89% (docs/collectives.md, 'Other numbers of ranks').
 RANKS_PER_CORE_MODELLED = 8
 BENCH_TMP_PREFIX = "sparsetrain-bench-"
 
@@ -759,7 +759,8 @@ def _print_fit(fit: dict[str, Any]) -> None:
     known = f"; latency {latency * 1e6:g} us a round, known" if latency else ""
     print(
         f"cost model fit ({fit['cores']} shared cores{known}): "
-        f"alpha={prm['alpha'] * 1e6:.1f} us/message, "
+        f"alpha={prm['alpha'] * 1e6:.1f} us/message"
+        f"{' (on a core of its own; times the ranks a core)' if fit['cores'] else ''}, "
         f"overhead={prm['overhead'] * 1e6:.1f} us/operation, 1/beta={rate}"
         f"{' (measured link)' if fit['beta_from_measured_link'] else ''}, "
         f"gamma={prm['gamma'] * 1e9:.2f} ns/entry, gamma_dense={prm['gamma_dense'] * 1e9:.3f} "
