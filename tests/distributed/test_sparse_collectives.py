@@ -32,6 +32,7 @@ from tests.unit.test_collective_reference import (
 from tests.unit.test_compressors import RANK_ORDER_SUM, RANK_ORDER_VALUES
 
 EXACT = ("allgather", "ssar_rd", "ssar_split", "dsar")
+ALL = (*EXACT, "gtopk", "oktopk")
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2}
 
 
@@ -268,6 +269,14 @@ def _cases(rank: int, world: int, group) -> dict:
         ),
         "split_numel": lambda: get_collective("dsar")(idx, val, 100 + rank, group=group),
     }
+    # Tensors on a device no backend of the group moves (gloo: CPU and CUDA; "meta" stands in
+    # for another accelerator's): an error on every rank, not a crash on one and a hang.
+    for name in ALL:
+        cases[f"meta_{name}"] = lambda name=name: get_collective(name)(
+            *((idx.to("meta"), val.to("meta")) if rank == world - 1 else (idx, val)),
+            100,
+            group=group,
+        )
     for case, call in cases.items():
         try:
             call()
@@ -416,6 +425,14 @@ def test_sparse_collectives(world, form, by_form):
             assert "values has 4" in errs["length"][1]
         else:
             assert "another rank" in errs["length"][1]
+        for name in ALL:
+            kind, text = errs[f"meta_{name}"]
+            assert kind == "ValueError", (name, text)
+            if r == world - 1:
+                assert "on meta, but the collective runs on cpu" in text, (name, text)
+                assert "no backend of the process group moves meta memory" in text, (name, text)
+            else:
+                assert "another rank" in text, (name, text)
         # The allgather baseline checks as the others do, in its size header.
         assert "numel differs" in errs["allgather_numel"][1]
         assert "dtypes differ" in errs["allgather_dtype"][1]
@@ -567,9 +584,6 @@ def test_allgather_adds_the_ranks_in_rank_order_on_every_rank(tmp_path):
     """float32 sums of 1e8, 1, -1e8 depend on the order: every rank adds in rank order, so all
     ranks hold the same bits (replicas that summed in their own orders would drift apart)."""
     assert oks(run_world(_rank_order, 3, tmp_path)) == [RANK_ORDER_SUM] * 3
-
-
-ALL = (*EXACT, "gtopk", "oktopk")
 
 
 def _run_all(rank: int, world: int) -> dict:

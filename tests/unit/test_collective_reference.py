@@ -218,6 +218,8 @@ def test_under_nccl_headers_go_to_the_current_cuda_device(monkeypatch):
     for config in ("cpu:gloo,cuda:gloo", "gloo", "cpu:gloo,cuda:nccl"):
         _backends(monkeypatch, config)
         assert device_of(torch.ones(2)) == device_of([1.0]) == torch.device("cpu"), config
+        # No backend moves meta memory: its header goes on CPU, which carries the error.
+        assert device_of(torch.ones(2, device="meta")) == torch.device("cpu"), config
     assert input_error(torch.tensor([1]), torch.ones(1), 10, torch.device("cpu")) is None
 
 

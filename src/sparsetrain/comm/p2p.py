@@ -160,13 +160,15 @@ def input_error(
         )
     if isinstance(numel, bool) or not isinstance(numel, int) or not 1 <= numel < 2**63:
         return f"numel must be a positive int below 2**63, got {numel!r}"
-    error = _local_error(indices, values, numel)
-    if error is None and device is not None and values.device != device:
+    # The device first: the other checks read the indices, which a device no backend of the
+    # group moves (a meta tensor, say) may not even allow on the host.
+    if device is not None and values.device != device:
         return (
-            f"indices and values are on {values.device}, but the collective runs on {device} "
-            "(the NCCL backend moves only CUDA memory)"
+            f"indices and values are on {values.device}, but the collective runs on {device}: "
+            f"no backend of the process group moves {values.device.type} memory (NCCL moves "
+            "CUDA memory only, gloo CPU and CUDA memory)"
         )
-    return error
+    return _local_error(indices, values, numel)
 
 
 def error_type(error: str) -> type[Exception]:
@@ -211,22 +213,35 @@ def device_of(values: object, group: dist.ProcessGroup | None = None) -> torch.d
     """The device for a collective's size headers and buffers: the values' device (CPU for a
     non-tensor, whose error :meth:`Wire.agree` reports on every rank).
 
-    Under NCCL, which moves only CUDA memory, values that are not a CUDA tensor (bad input) get
-    the current CUDA device instead: the header must still cross the wire, so that the error is
-    raised on every rank rather than on this one alone while the others wait.
+    Values on a device that no backend of the group moves (bad input: CPU tensors under NCCL,
+    which moves only CUDA memory; a ``meta`` or other accelerator's tensor under gloo) get a
+    device that one does instead, CPU where the group has a CPU backend, else the current CUDA
+    device: the header must still cross the wire, so that the error is raised on every rank
+    rather than on this one alone while the others wait.
     """
     device = values.device if isinstance(values, Tensor) else torch.device("cpu")
-    if (
-        device.type != "cuda"
-        and backend_for(group, device.type) is None
-        and backend_for(group, "cuda") is not None
-    ):
+    if backend_for(group, device.type) is not None or _backend_config(group) is None:
+        return device
+    if backend_for(group, "cpu") is not None:
+        return torch.device("cpu")
+    if backend_for(group, "cuda") is not None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
 
 
 # The devices a backend moves when a group names it alone ("nccl", not "cuda:nccl").
 _BACKEND_DEVICES = {"gloo": ("cpu", "cuda"), "nccl": ("cuda",)}
+
+
+def _backend_config(group: dist.ProcessGroup | None) -> str | None:
+    """The group's backend config ("cpu:gloo,cuda:nccl"; a bare name from older PyTorch), or
+    None without a process group."""
+    if not dist.is_available() or not dist.is_initialized():
+        return None
+    try:
+        return str(dist.get_backend_config(group))
+    except (AttributeError, RuntimeError, ValueError):
+        return str(dist.get_backend(group))
 
 
 def backend_for(group: dist.ProcessGroup | None, device_type: str) -> str | None:
@@ -236,12 +251,9 @@ def backend_for(group: dist.ProcessGroup | None, device_type: str) -> str | None
     A group can have one backend for each device type: ``init_process_group()`` without a
     backend makes "cpu:gloo,cuda:nccl", whose ``dist.get_backend`` is "undefined".
     """
-    if not dist.is_available() or not dist.is_initialized():
+    config = _backend_config(group)
+    if config is None:
         return None
-    try:
-        config = str(dist.get_backend_config(group))
-    except (AttributeError, RuntimeError, ValueError):
-        config = str(dist.get_backend(group))
     table: dict[str, str] = {}
     for entry in config.split(","):
         kind, sep, name = (part.strip() for part in entry.partition(":"))
