@@ -56,6 +56,19 @@ def test_refit_recovers_the_model_and_checks_it_on_held_out_points(tmp_path, cap
     assert "held out, sizes or densities not fitted on: 100% of 13 within 25%" in out
 
 
+def test_refit_predicts_another_number_of_ranks_with_messages_waiting_for_the_cores(
+    tmp_path, capsys
+):
+    """Runs whose times are the model's own at 8 and 16 ranks on 2 cores: a fit to the first
+    predicts the second exactly, pricing each message at twice the first run's cost."""
+    fitted = write_results(tmp_path / "a.json", [10**6, 25 * 10**6], [0.001, 0.01, 0.1])
+    held = write_results(tmp_path / "b.json", [10**6], [0.001, 0.01, 0.1], world=16)
+    assert main(["bench", "refit", str(fitted), "--predict", str(held)]) == 0
+    out = capsys.readouterr().out
+    assert f"ranks a core: 8 in {held} (16 ranks on 2 cores), 4 in {fitted}" in out
+    assert "held out, all points: 100% of 19 within 25%, median error 0%, max 0%" in out
+
+
 def test_refit_draws_the_errors_of_both_runs(tmp_path, capsys, monkeypatch):
     from sparsetrain.commands import bench
 

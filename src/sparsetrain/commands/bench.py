@@ -985,6 +985,13 @@ def run_refit(args: argparse.Namespace) -> int:
                 f"\nemulated one-way latency: {theirs * 1e6:.0f} us in {other}, "
                 f"{mine * 1e6:.0f} us in {path}; predicted with {theirs * 1e6:.0f} us a round"
             )
+        shares = [max(1.0, w / c) if c else 1.0 for w, c in ((world, cores), (o_world, o_cores))]
+        if shares[0] != shares[1]:
+            print(
+                f"\nranks a core: {shares[1]:g} in {other} ({o_world} ranks on {o_cores} cores), "
+                f"{shares[0]:g} in {path}; each message, and local work that all ranks do at once, "
+                f"is priced {shares[1] / shares[0]:g} times as long"
+            )
         forms = [
             json.loads(x.read_text())["config"].get("few_ints") or "auto" for x in (path, other)
         ]
