@@ -242,6 +242,20 @@ def _cases(rank: int, world: int, group) -> dict:
         "not_tensor": lambda: get_collective("oktopk")(
             idx.tolist() if rank == 0 else idx, val, 100, group=group
         ),
+        # The split collectives split their input before the agreement: one rank's input
+        # that cannot be split (not tensors, a numel that is no int) still reaches every rank.
+        **{
+            f"not_tensor_{name}": lambda name=name: get_collective(name)(
+                idx.tolist() if rank == 0 else idx, val, 100, group=group
+            )
+            for name in ("ssar_split", "dsar")
+        },
+        **{
+            f"numel_str_{name}": lambda name=name: get_collective(name)(
+                idx, val, "100" if rank == 1 else 100, group=group
+            )
+            for name in ("ssar_split", "dsar")
+        },
         "gtopk_k": lambda: get_collective("gtopk", k=5 + rank)(idx, val, 100, group=group),
         "oktopk_options": lambda: get_collective("oktopk", repartition_every=2 + rank)(
             idx, val, 100, group=group
@@ -443,6 +457,14 @@ def test_sparse_collectives(world, form, by_form):
         assert words in errs["numel_zero"][1]
         assert errs["not_tensor"][0] == ("TypeError" if r == 0 else "ValueError")
         assert ("must be tensors" if r == 0 else "another rank") in errs["not_tensor"][1]
+        for name in ("ssar_split", "dsar"):
+            kind, text = errs[f"not_tensor_{name}"]
+            assert kind == ("TypeError" if r == 0 else "ValueError"), (name, text)
+            assert ("must be tensors" if r == 0 else "another rank") in text, (name, text)
+            kind, text = errs[f"numel_str_{name}"]
+            assert kind == "ValueError", (name, text)
+            words = "numel must be a positive int" if r == 1 else "another rank"
+            assert words in text, (name, text)
         # Options or state that differ across ranks: an error everywhere, not a hang or a
         # silently different k.
         assert "differ in k (between 5 and" in errs["gtopk_k"][1]

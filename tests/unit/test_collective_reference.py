@@ -213,9 +213,14 @@ def test_under_nccl_headers_go_to_the_current_cuda_device(monkeypatch):
             assert device_of(values) == cuda1, config
     err = input_error(torch.tensor([1]), torch.ones(1), 10, cuda1)
     assert err is not None and "cuda:1" in err and error_type(err) is ValueError
+
     # gloo moves CPU memory: the values' own device, CPU for a non-tensor. So does a group
     # with a backend for each device (init_process_group() without a backend on a GPU host).
-    for config in ("cpu:gloo,cuda:gloo", "gloo", "cpu:gloo,cuda:nccl"):
+    def no_cuda():
+        raise AssertionError("a group with a CPU backend must not ask for a CUDA device")
+
+    monkeypatch.setattr(torch.cuda, "current_device", no_cuda)
+    for config in ("cpu:gloo,cuda:gloo", "gloo", "cpu:gloo,cuda:nccl", "mpi"):
         _backends(monkeypatch, config)
         assert device_of(torch.ones(2)) == device_of([1.0]) == torch.device("cpu"), config
         # No backend moves meta memory: its header goes on CPU, which carries the error.
@@ -229,6 +234,7 @@ def test_the_backend_that_moves_a_device_is_looked_up_per_device(monkeypatch):
         "cpu:gloo,cuda:gloo": {"cpu": "gloo", "cuda": "gloo"},
         "gloo": {"cpu": "gloo", "cuda": "gloo"},
         "cuda:nccl": {"cpu": None, "cuda": "nccl"},
+        "mpi": {"cpu": "mpi", "cuda": "mpi", "meta": None},
         "nccl": {"cpu": None, "cuda": "nccl"},
         " cpu : gloo , cuda : NCCL ": {"cpu": "gloo", "cuda": "nccl"},
     }

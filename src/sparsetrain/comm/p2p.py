@@ -229,7 +229,8 @@ def device_of(values: object, group: dist.ProcessGroup | None = None) -> torch.d
     return device
 
 
-# The devices a backend moves when a group names it alone ("nccl", not "cuda:nccl").
+# The devices a backend moves when a group names it alone ("nccl", not "cuda:nccl"); another
+# bare name (mpi, ucc) is taken to move CPU and CUDA memory, and nothing else.
 _BACKEND_DEVICES = {"gloo": ("cpu", "cuda"), "nccl": ("cuda",)}
 
 
@@ -261,7 +262,7 @@ def backend_for(group: dist.ProcessGroup | None, device_type: str) -> str | None
             table[kind] = name.lower()
         elif kind:
             name = kind.lower()
-            for dev in _BACKEND_DEVICES.get(name, (device_type,)):
+            for dev in _BACKEND_DEVICES.get(name, ("cpu", "cuda")):
                 table.setdefault(dev, name)
     return table.get(device_type)
 

@@ -132,6 +132,11 @@ def split_allgather(
     message is always strictly smaller than the dense form of its range.
     """
     p, rank = wire.world, wire.rank
+    if input_error(indices, values, numel, wire.device) is not None:
+        # Bad input (not even tensors, or a numel that is no int): nothing to split. The
+        # agreement raises on every rank; this rank must not fail before it, alone.
+        wire.agree(indices, values, numel, tell={})
+        raise RuntimeError("split_allgather: invalid input passed the agreement")  # unreachable
     ib, vb = indices.element_size(), values.element_size()
     edges = even_bounds(numel, p)
     lengths = [edges[q + 1] - edges[q] for q in range(p)]
@@ -148,15 +153,12 @@ def split_allgather(
 
     # The split is computed before the input agreement (when this rank's input is valid), so
     # that the agreement's messages carry the sizes of the split too: one round fewer.
-    sends, elems, parts = {}, {}, None
-    if input_error(indices, values, numel, wire.device) is None:
-        parts = split_by_bounds(indices, values, edges)
-        for q in range(p):
-            if q != rank:
-                sends[q], elems[q] = encode(*parts[q], q)
+    sends, elems = {}, {}
+    parts = split_by_bounds(indices, values, edges)
+    for q in range(p):
+        if q != rank:
+            sends[q], elems[q] = encode(*parts[q], q)
     _, heard = wire.agree(indices, values, numel, tell={q: buf.numel() for q, buf in sends.items()})
-    if parts is None:  # pragma: no cover - the agreement has raised on every rank then
-        raise RuntimeError("split_allgather: invalid input passed the agreement")
     got = wire.exchange(sends, heard, elems)
 
     # Reduce this rank's range. A dense accumulator (a linear scatter-add) replaces the

@@ -987,10 +987,12 @@ def run_refit(args: argparse.Namespace) -> int:
             )
         shares = [max(1.0, w / c) if c else 1.0 for w, c in ((world, cores), (o_world, o_cores))]
         if shares[0] != shares[1]:
+            ratio = shares[1] / shares[0]
+            how = f"{ratio:g} times as long" if ratio > 1 else f"{1 / ratio:g} times shorter"
             print(
                 f"\nranks a core: {shares[1]:g} in {other} ({o_world} ranks on {o_cores} cores), "
                 f"{shares[0]:g} in {path}; each message, and local work that all ranks do at once, "
-                f"is priced {shares[1] / shares[0]:g} times as long"
+                f"is priced {how}"
             )
         forms = [
             json.loads(x.read_text())["config"].get("few_ints") or "auto" for x in (path, other)
