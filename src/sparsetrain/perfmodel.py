@@ -242,12 +242,18 @@ class Problem:
 
     def share(self, active: float) -> float:
         """Slow-down of local work done by ``active`` ranks at once on the shared cores."""
-        return 1.0 if self.cores is None else max(1.0, active / self.cores)
+        return shared_slowdown(active, self.cores)
 
     @property
     def maps_fresh(self) -> bool:
         """Whether large buffers are fresh mappings (``fresh_pages``, or its default)."""
         return self.cores is not None if self.fresh_pages is None else self.fresh_pages
+
+
+def shared_slowdown(active: float, cores: int | None) -> float:
+    """How much longer work takes when ``active`` ranks do it at once on ``cores`` shared
+    processors: max(1, active / cores); 1 with ``cores=None`` (a processor a rank)."""
+    return 1.0 if cores is None else max(1.0, active / cores)
 
 
 # glibc's malloc serves a request above its mmap threshold with a fresh mapping; the threshold

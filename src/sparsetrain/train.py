@@ -463,12 +463,12 @@ def _device_for(backend: str, rank: int) -> torch.device:
     if backend == "nccl":
         # Under torchrun LOCAL_RANK numbers the ranks on this machine (a launcher that sets
         # only RANK and WORLD_SIZE: the rank modulo the GPUs); spawned, the rank does.
+        _check_gpus(backend, 1)
         if not under_torchrun():
             local = rank
         elif "LOCAL_RANK" in os.environ:
             local = int(os.environ["LOCAL_RANK"])
         else:
-            _check_gpus(backend, 1)
             local = rank % torch.cuda.device_count()
         _check_gpus(backend, local + 1)
         torch.cuda.set_device(local)

@@ -220,11 +220,12 @@ def device_of(values: object, group: dist.ProcessGroup | None = None) -> torch.d
     rather than on this one alone while the others wait.
     """
     device = values.device if isinstance(values, Tensor) else torch.device("cpu")
-    if backend_for(group, device.type) is not None or _backend_config(group) is None:
+    backends = _backends(group)
+    if backends is None or device.type in backends:
         return device
-    if backend_for(group, "cpu") is not None:
+    if "cpu" in backends:
         return torch.device("cpu")
-    if backend_for(group, "cuda") is not None:
+    if "cuda" in backends:
         return torch.device("cuda", torch.cuda.current_device())
     return device
 
@@ -234,27 +235,20 @@ def device_of(values: object, group: dist.ProcessGroup | None = None) -> torch.d
 _BACKEND_DEVICES = {"gloo": ("cpu", "cuda"), "nccl": ("cuda",)}
 
 
-def _backend_config(group: dist.ProcessGroup | None) -> str | None:
-    """The group's backend config ("cpu:gloo,cuda:nccl"; a bare name from older PyTorch), or
-    None without a process group."""
-    if not dist.is_available() or not dist.is_initialized():
-        return None
-    try:
-        return str(dist.get_backend_config(group))
-    except (AttributeError, RuntimeError, ValueError):
-        return str(dist.get_backend(group))
-
-
-def backend_for(group: dist.ProcessGroup | None, device_type: str) -> str | None:
-    """The name of the backend that moves ``device_type`` tensors in ``group`` (None: the
-    default group), or None where none does or no process group is initialized.
+def _backends(group: dist.ProcessGroup | None) -> dict[str, str] | None:
+    """The backend that moves each device type's tensors in ``group`` (None: the default
+    group), by device type, from its backend config ("cpu:gloo,cuda:nccl"; a bare name from
+    older PyTorch); None without a process group.
 
     A group can have one backend for each device type: ``init_process_group()`` without a
     backend makes "cpu:gloo,cuda:nccl", whose ``dist.get_backend`` is "undefined".
     """
-    config = _backend_config(group)
-    if config is None:
+    if not dist.is_available() or not dist.is_initialized():
         return None
+    try:
+        config = str(dist.get_backend_config(group))
+    except (AttributeError, RuntimeError, ValueError):
+        config = str(dist.get_backend(group))
     table: dict[str, str] = {}
     for entry in config.split(","):
         kind, sep, name = (part.strip() for part in entry.partition(":"))
@@ -264,7 +258,13 @@ def backend_for(group: dist.ProcessGroup | None, device_type: str) -> str | None
             name = kind.lower()
             for dev in _BACKEND_DEVICES.get(name, ("cpu", "cuda")):
                 table.setdefault(dev, name)
-    return table.get(device_type)
+    return table
+
+
+def backend_for(group: dist.ProcessGroup | None, device_type: str) -> str | None:
+    """The name of the backend that moves ``device_type`` tensors in ``group`` (None: the
+    default group), or None where none does or no process group is initialized."""
+    return (_backends(group) or {}).get(device_type)
 
 
 class Wire:

@@ -151,8 +151,8 @@ def split_allgather(
             return block.view(torch.uint8), lengths[q]
         return pack(i, v), 2 * i.numel()
 
-    # The split is computed before the input agreement (when this rank's input is valid), so
-    # that the agreement's messages carry the sizes of the split too: one round fewer.
+    # The split is computed before the input agreement (the input checked above), so that
+    # the agreement's messages carry the sizes of the split too: one round fewer.
     sends, elems = {}, {}
     parts = split_by_bounds(indices, values, edges)
     for q in range(p):

@@ -356,6 +356,9 @@ def plot_times(
 
 
 def _table(records: list[dict[str, Any]], predicted: dict | None, cores: int | None = None) -> str:
+    """The run's points, one a line, with the model's times where ``predicted``, each pass's
+    spread where the run had several, and each point's share of the ``cores`` kept busy where
+    the run recorded CPU times, followed then by a line on the busiest points."""
     dense = {(r["numel"], r["density"]): r["median_s"] for r in records if r["algorithm"] == DENSE}
     gather = {
         (r["numel"], r["density"]): r["median_s"] for r in records if r["algorithm"] == "allgather"
@@ -388,7 +391,8 @@ def _table(records: list[dict[str, Any]], predicted: dict | None, cores: int | N
         if show_busy:
             row += f"{busy[id(r)]:>6.0%}" if busy[id(r)] is not None else f"{'':>6}"
         lines.append(row)
-    return "\n".join(lines)
+    note = _host_note(records, cores)
+    return "\n".join(lines + ([note] if note else []))
 
 
 def _host_note(records: list[dict[str, Any]], cores: int | None) -> str | None:
@@ -717,9 +721,6 @@ def run_cluster(args: argparse.Namespace) -> int:
         cfg["tree_from"],
     )
     print(_table(records, fit["predicted"] if fit else None, cores))
-    host = _host_note(records, cores)
-    if host:
-        print(host)
     result = {
         "config": config,
         "environment": env,
@@ -950,9 +951,6 @@ def run_refit(args: argparse.Namespace) -> int:
     if fit is None:
         args._parser.error(f"{path} has fewer than 3 modelled points")
     print(_table(records, fit["predicted"], cores))
-    host = _host_note(records, cores)
-    if host:
-        print(host)
     _print_fit(fit)
     agreement = _pass_agreement(records)
     if agreement:
@@ -985,7 +983,7 @@ def run_refit(args: argparse.Namespace) -> int:
                 f"\nemulated one-way latency: {theirs * 1e6:.0f} us in {other}, "
                 f"{mine * 1e6:.0f} us in {path}; predicted with {theirs * 1e6:.0f} us a round"
             )
-        shares = [max(1.0, w / c) if c else 1.0 for w, c in ((world, cores), (o_world, o_cores))]
+        shares = [perfmodel.shared_slowdown(w, c) for w, c in ((world, cores), (o_world, o_cores))]
         if shares[0] != shares[1]:
             ratio = shares[1] / shares[0]
             how = f"{ratio:g} times as long" if ratio > 1 else f"{1 / ratio:g} times shorter"
@@ -1006,9 +1004,6 @@ def run_refit(args: argparse.Namespace) -> int:
         fitted_on = {(r["numel"], r["density"]) for r in records}
         print(f"\n{other}, predicted by the model fitted to {path}:")
         print(_table(usable, predicted, o_cores))
-        host = _host_note(usable, o_cores)
-        if host:
-            print(host)
         panels.append((f"{other.name}, held out", _error_points(usable, predicted)))
         unseen = [r for r in usable if (r["numel"], r["density"]) not in fitted_on]
         for label, rows in (("all points", usable), ("sizes or densities not fitted on", unseen)):
