@@ -75,6 +75,14 @@ class ErrorFeedback:
         self.velocity = dict(self._marked[2])
         self._vflat = None
 
+    def rescale(self, factor: float) -> None:
+        """Multiply the residuals and velocities by ``factor``, in place (the gradients' units
+        changed: a new loss scale). The marked ones are the same tensors, so a rollback
+        restores them in the new units too."""
+        for store in (self.residuals, self.velocity):
+            for t in store.values():
+                t.mul_(factor)
+
     def _accumulate(self, names: Sequence[str], numels: Sequence[int], flat: Tensor) -> Tensor:
         """Return the new velocities ``momentum * u + flat`` (a new flat tensor) and keep them."""
         u = flat.clone()

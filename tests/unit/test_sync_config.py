@@ -39,7 +39,7 @@ def test_option_the_compressor_does_not_take_is_named():
         (
             {"on_nonfinite": "ignore"},
             ValueError,
-            r"on_nonfinite must be one of \('raise', 'skip'\)",
+            r"on_nonfinite must be one of \('raise', 'skip', 'propagate'\)",
         ),
         ({"dense_warmup_steps": -1}, ValueError, "dense_warmup_steps must be an integer >= 0"),
         (

@@ -401,6 +401,12 @@ class OkTopk(SparseCollective):
             }
         }
 
+    def rescale(self, factor: float) -> None:
+        """Multiply the kept global thresholds by ``factor`` (the values' scale changed)."""
+        for st in self._keys.values():
+            if st.threshold is not None:
+                st.threshold *= factor
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         if not isinstance(state, dict) or set(state) != {"keys"}:

@@ -63,6 +63,10 @@ class SparseCollective(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - stateless default
         """Restore what :meth:`state_dict` returned (stateless collectives keep nothing)."""
 
+    def rescale(self, factor: float) -> None:  # noqa: B027 - most keep nothing in those units
+        """Multiply whatever this collective keeps in the values' units (a threshold) by
+        ``factor``: the values are about to arrive scaled by it (a new loss scale)."""
+
 
 _COLLECTIVES: dict[str, type[SparseCollective]] = {}
 

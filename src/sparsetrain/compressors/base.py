@@ -249,6 +249,10 @@ class Compressor(abc.ABC):
     def state_dict(self) -> dict[str, Any]:
         return {}
 
+    def rescale(self, factor: float) -> None:  # noqa: B027 - most keep nothing in those units
+        """Multiply whatever this compressor keeps in the gradients' units (a threshold) by
+        ``factor``: the gradients are about to arrive scaled by it (a new loss scale)."""
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             raise ValueError(f"compressor {self.name!r} keeps no state, got keys {sorted(state)}")

@@ -369,6 +369,12 @@ class Threshold(SparseCompressor):
         return max(threshold, 0.0), min(max(slope, 0.5), 50.0)
 
     # ---- state -------------------------------------------------------------------------------
+    def rescale(self, factor: float) -> None:
+        """Multiply the kept thresholds by ``factor`` (the gradients' scale changed); the
+        slopes are ratios of logarithms' differences and do not change."""
+        for st in self._keys.values():
+            st.threshold *= factor
+
     def state_dict(self) -> dict[str, Any]:
         """Return the per-key thresholds, slopes and step counters (plain Python numbers)."""
         return {

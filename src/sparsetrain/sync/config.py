@@ -13,7 +13,7 @@ import torch.distributed as dist
 from ..compressors import Compressor, compressor_class, get_compressor
 from .devices import on_device
 
-ON_NONFINITE = ("raise", "skip")
+ON_NONFINITE = ("raise", "skip", "propagate")
 
 
 @dataclass
@@ -40,13 +40,17 @@ class SyncConfig:
             ``model_fit.params`` of a ``sparsetrain bench cluster`` file); default
             ``DEFAULT_PARAMS`` (10 Gbit/s, 5 us).
         dense_warmup_steps: steps of plain dense allreduce before compression starts.
-        on_nonfinite: "raise" (an error naming the parameter, on every rank) or "skip" (every
-            rank drops the step; the caller checks ``skipped_last_step``). The error-feedback
-            residuals are then those from before the step, also for the buckets exchanged
-            before the one that held NaN/Inf (compressor state, such as thresholds, moves on).
-            With "skip" the step's gradients are zero; with "raise" they may be too (the
-            sparse in-place path clears the bucket while it compensates, before the ranks
-            agree on finiteness).
+        on_nonfinite: what happens when some rank's gradient holds NaN or Inf: "raise" (an
+            error naming the ranks and parameters, on every rank), "skip" (every rank drops the
+            step; the caller checks ``skipped_last_step``; the gradients are zero) or
+            "propagate" (every rank drops the step and every gradient of the step is NaN, also
+            in buckets exchanged before the bad one, so that ``torch.amp.GradScaler.step``
+            skips the optimizer and lowers its scale: the mode a ``grad_scaler`` selects).
+            The error-feedback residuals are then those from before the step, also for the
+            buckets exchanged before the one that held NaN/Inf (compressor state, such as
+            thresholds, moves on). With "raise" the gradients may be zero (the sparse in-place
+            path clears the bucket while it compensates, before the ranks agree on
+            finiteness).
         aggregator, aggregator_options: a robust aggregation rule over all ranks' gradients
             (``sparsetrain.robust``); None means the plain average.
         attack, attack_options, byzantine: for experiments, the last ``byzantine`` ranks replace
@@ -317,6 +321,35 @@ def make_config(compressor: str, density: float | None, options: dict[str, Any])
     cfg = SyncConfig(compressor=compressor, compressor_options=comp, **sync)
     cfg.build_compressor()  # validate the compressor options now, not at the first step
     return cfg
+
+
+def with_grad_scaler(grad_scaler: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """Check a ``grad_scaler`` argument; return ``options`` with the mode it needs
+    (``on_nonfinite="propagate"``, which is also its default)."""
+    if grad_scaler is None:
+        return options
+    if not isinstance(grad_scaler, torch.amp.GradScaler):
+        raise TypeError(
+            "grad_scaler must be a torch.amp.GradScaler (the one that scales this loss) or None, "
+            f"got {type(grad_scaler).__name__}"
+        )
+    mode = options.get("on_nonfinite", "propagate")
+    if mode != "propagate":
+        raise ValueError(
+            f"a grad_scaler needs on_nonfinite='propagate' (the default with one), got {mode!r}: "
+            "the scaler must see a step's Inf/NaN to skip the step and lower its scale "
+            "('skip' would hide them, so the scale that overflows would stay; 'raise' would "
+            "stop training at the first overflow, which loss scaling expects)"
+        )
+    for kind in ("aggregator", "attack"):
+        if options.get(kind) is not None:
+            raise ValueError(
+                f"a grad_scaler cannot be combined with {kind}={options[kind]!r}: robust "
+                "aggregation's radii, thresholds and state are in the gradients' own units, "
+                "which the loss scale changes; use bf16 autocast (no scaler) or leave out the "
+                f"{kind}"
+            )
+    return {**options, "on_nonfinite": "propagate"}
 
 
 def _gather_settings(

@@ -12,7 +12,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .config import SyncConfig, check_consistent, make_config, refuse_everywhere
+from .config import (
+    SyncConfig,
+    check_consistent,
+    make_config,
+    refuse_everywhere,
+    with_grad_scaler,
+)
 from .devices import cuda_device_of, new_future
 from .engine import SyncEngine
 from .executor import SerialExecutor, complete
@@ -32,9 +38,10 @@ class SyncState:
         group: dist.ProcessGroup | None,
         inline: bool = False,
         ddp_model: DistributedDataParallel | None = None,
+        grad_scaler: Any = None,
     ):
         self.config = config
-        self.engine = SyncEngine(config, group)
+        self.engine = SyncEngine(config, group, grad_scaler)
         self._names = param_names
         self._executor = SerialExecutor()
         # Exchanges run on the calling (autograd) thread instead of the background one, when
@@ -54,11 +61,15 @@ class SyncState:
         self._stepped = False  # a step has run in this process
         self._target: list[list[str]] | None = None  # what a loaded state asks of the next steps
         self._pending: list[tuple[torch.Tensor, list[str], list[torch.Size], Any]] = []
+        # With on_nonfinite="propagate", the futures of a step's buckets before the last, and
+        # where their results (or errors) wait until the last bucket has been exchanged.
+        self._held: list[tuple[torch.futures.Future, dict[str, Any]]] = []
 
     # The public surface -------------------------------------------------------------------
     @property
     def skipped_last_step(self) -> bool:
-        """True when ``on_nonfinite="skip"`` dropped the last step: do not call optimizer.step()."""
+        """True when the last step was dropped for a NaN/Inf gradient (``on_nonfinite="skip"``:
+        do not call optimizer.step(); ``"propagate"``: GradScaler.step skips it by itself)."""
         return self.engine.skipped_last_step
 
     def stats(self) -> dict[str, Any]:
@@ -118,7 +129,42 @@ class SyncState:
                     self.engine.end_step()
             return out
 
+        if self.config.on_nonfinite == "propagate" and not self._inline:
+            return self._submit_held(work, flat.device, last)
         return self._submit(work, flat.device)
+
+    def _submit_held(self, work, device: torch.device, last: bool) -> torch.futures.Future:
+        """Run ``work`` in turn, but complete the futures of a step's buckets only once its last
+        bucket is exchanged: a later bucket that turns out non-finite makes the earlier results
+        NaN in place, and DDP copies a bucket's result into the gradients as soon as its
+        future is done, while later buckets are still being exchanged. Costs no overlap: DDP
+        waits for the futures only when backward ends, and then for the last one anyway."""
+        if not last:
+            outer = new_future(device)
+            slot: dict[str, Any] = {}
+
+            def run() -> None:
+                try:
+                    slot["value"] = work()
+                except BaseException as e:  # noqa: BLE001 - handed to its future below
+                    slot["error"] = e
+
+            self._executor.submit(run, device)
+            self._held.append((outer, slot))
+            return outer
+        held, self._held = self._held, []
+
+        def run_last() -> torch.Tensor:
+            try:
+                return work()
+            finally:  # on the last bucket's stream, after every earlier bucket's work
+                for outer, slot in held:
+                    if "error" in slot:
+                        outer.set_exception(slot["error"])
+                    else:
+                        outer.set_result(slot["value"])
+
+        return self._executor.submit(run_last, device)
 
     def _ddp_state(self) -> tuple[bool, bool] | None:
         """(whether DDP has rebuilt its buckets, whether it ever will), or None where that is not
@@ -223,6 +269,7 @@ def register_ddp_hook(
     density: float | None = None,
     *,
     process_group: dist.ProcessGroup | None = None,
+    grad_scaler: torch.amp.GradScaler | None = None,
     **options: Any,
 ) -> SyncState:
     """Compress DDP's gradient communication with ``compressor``.
@@ -240,6 +287,11 @@ def register_ddp_hook(
         density: fraction of entries kept by the sparse compressors (topk, threshold, randomk);
             None keeps the compressor's default.
         process_group: the group to synchronise over (default: WORLD).
+        grad_scaler: with mixed precision (``torch.autocast`` to float16), the
+            ``torch.amp.GradScaler`` that scales the loss. A step whose gradient overflows on
+            some rank then reaches the scaler as NaN on every rank (``on_nonfinite="propagate"``,
+            the default with a scaler), so ``scaler.step`` skips it and lowers the scale; the
+            error-feedback residuals and kept thresholds follow the scale from step to step.
         **options: :class:`~sparsetrain.sync.config.SyncConfig` fields (error_feedback,
             collective, dense_warmup_steps, on_nonfinite, aggregator, ...) and the compressor's
             own options (for example ``reestimate_every``, ``levels``, ``rank``).
@@ -255,6 +307,17 @@ def register_ddp_hook(
         >>> model = DistributedDataParallel(net)
         >>> state = sparsetrain.register_ddp_hook(model, "threshold", density=0.01)
         >>> ...  # train as usual; state.stats()["bytes_sent"] tells what crossed the wire
+
+        With float16 mixed precision:
+
+        >>> scaler = torch.amp.GradScaler("cuda")
+        >>> state = sparsetrain.register_ddp_hook(model, "threshold", density=0.01,
+        ...                                      grad_scaler=scaler)
+        >>> with torch.autocast("cuda", dtype=torch.float16):
+        ...     loss = loss_fn(model(x), y)
+        >>> scaler.scale(loss).backward()
+        >>> scaler.step(optimizer)  # skips a step that overflowed on any rank
+        >>> scaler.update()
     """
     if not isinstance(ddp_model, DistributedDataParallel):
         raise TypeError(
@@ -265,16 +328,22 @@ def register_ddp_hook(
     layout = [(n, tuple(p.shape), str(p.dtype)) for n, p in named if p.requires_grad]
     device = cuda_device_of(p for _, p in named)
     try:  # a rank's bad options: every rank gets an error (check_consistent's gather)
-        config = make_config(compressor, density, options)
+        config = make_config(compressor, density, with_grad_scaler(grad_scaler, options))
         for n, _, dt in layout:
             if dt not in ("torch.float32", "torch.float64", "torch.float16", "torch.bfloat16"):
                 raise TypeError(f"parameter {n!r} has dtype {dt}; gradients must be floating point")
     except (TypeError, ValueError) as e:
         refuse_everywhere(e, process_group, device)
-    check_consistent(config, layout, process_group, device=device)
+    scaled = {"grad_scaler": grad_scaler is not None}
+    check_consistent(config, layout, process_group, scaled, device=device)
     inline = runs_inline(ddp_model)
     state = SyncState(
-        config, {id(p): n for n, p in named}, process_group, inline=inline, ddp_model=ddp_model
+        config,
+        {id(p): n for n, p in named},
+        process_group,
+        inline=inline,
+        ddp_model=ddp_model,
+        grad_scaler=grad_scaler,
     )
     ddp_model.register_comm_hook(state, _hook)
     return state

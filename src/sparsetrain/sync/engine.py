@@ -60,11 +60,28 @@ class SyncEngine:
     Args:
         config: a validated :class:`SyncConfig`.
         group: the process group (None: the default group, WORLD).
+        grad_scaler: the ``torch.amp.GradScaler`` that scales the loss, if any. The gradients
+            then arrive multiplied by its scale, and so the error-feedback residuals and the
+            thresholds kept across steps are in those units: when the scale changes between
+            steps, they are multiplied by the ratio before the next exchange (exactly, for the
+            scaler's powers of two), so a run with a scaler sends what one without it would,
+            times the scale. ``loss_scale`` is the scale they are in (1 without a scaler).
     """
 
-    def __init__(self, config: SyncConfig, group: dist.ProcessGroup | None = None):
+    def __init__(
+        self,
+        config: SyncConfig,
+        group: dist.ProcessGroup | None = None,
+        grad_scaler: Any = None,
+    ):
         self.config = config
         self.group = group
+        self.grad_scaler = grad_scaler
+        self.loss_scale = 1.0  # the units of the residuals and of the kept thresholds
+        self._scale_read = False  # this step has compared loss_scale with the scaler's
+        # With on_nonfinite="propagate": the step's results so far, made NaN if a later bucket
+        # turns out non-finite (DDP copies them into the gradients only when backward ends).
+        self._outputs: list[Tensor] = []
         self.compressor = config.build_compressor()
         if self.compressor.rank_seeded and dist.is_initialized():
             self.compressor.seed += dist.get_rank(group)
@@ -141,8 +158,12 @@ class SyncEngine:
             FloatingPointError: a rank's gradient has NaN or Inf and ``on_nonfinite="raise"``
                 (raised on every rank, naming the ranks and parameters).
         """
+        self._begin_step()
         with on_device(flat.device):
-            return self._exchange_flat(flat, names, shapes)
+            out = self._exchange_flat(flat, names, shapes)
+        if self._propagating:
+            self._outputs.append(out)
+        return out
 
     def exchange_into(
         self, parts: Sequence[Tensor], names: Sequence[str], shapes: Sequence[torch.Size]
@@ -178,9 +199,13 @@ class SyncEngine:
                     f"parts must share one dtype and device: {name!r} is {part.dtype} on "
                     f"{part.device}, {names[0]!r} is {parts[0].dtype} on {parts[0].device}"
                 )
+        self._begin_step()
+        if self._propagating:
+            self._outputs.extend(parts)
         if self._skipping or not self._sparse_fast_path():
             flat = torch.cat(parts)
-            out = self.exchange(flat, names, shapes)
+            with on_device(flat.device):
+                out = self._exchange_flat(flat, names, shapes)
             for part, res in zip(parts, torch.split(out, numels)):
                 part.copy_(res)
             return
@@ -188,6 +213,37 @@ class SyncEngine:
             world = self._count_dense(sum(numels), parts[0].element_size())
             order = _canonical_order(names)
             self._exchange_sparse(parts, list(names), list(shapes), numels, order, world)
+
+    @property
+    def _propagating(self) -> bool:
+        return self.config.on_nonfinite == "propagate"
+
+    @property
+    def _dropped(self) -> float:
+        """What a dropped step's gradients are filled with: NaN for "propagate", else zero."""
+        return math.nan if self._propagating else 0.0
+
+    def _begin_step(self) -> None:
+        """At a step's first exchange: bring the residuals and kept thresholds to the loss scale
+        of this step's gradients (the scaler's, read once a step; 1 without one)."""
+        if self._scale_read:
+            return
+        self._scale_read = True
+        scale = 1.0 if self.grad_scaler is None else float(self.grad_scaler.get_scale())
+        if scale == self.loss_scale:
+            return
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"the grad_scaler's scale must be finite and > 0, got {scale}")
+        self.rescale(scale / self.loss_scale)
+        self.loss_scale = scale
+
+    def rescale(self, factor: float) -> None:
+        """Multiply everything kept in the gradients' units by ``factor``: the error-feedback
+        residuals and velocities, the compressor's and the collectives' thresholds."""
+        self.feedback.rescale(factor)
+        self.compressor.rescale(factor)
+        for coll in self._collectives.values():
+            coll.rescale(factor)
 
     def _count_dense(self, numel: int, element_size: int) -> int:
         """Count what a ring allreduce of ``numel`` elements would send; return the world size."""
@@ -205,7 +261,7 @@ class SyncEngine:
             )
         world = self._count_dense(flat.numel(), flat.element_size())
         if self._skipping:
-            return torch.zeros_like(flat)
+            return torch.full_like(flat, self._dropped)
         order = _canonical_order(names)
         if self._sparse_fast_path():
             # Checks finiteness itself, in the pass that compensates the gradient.
@@ -213,7 +269,7 @@ class SyncEngine:
             self._exchange_sparse(parts, list(names), list(shapes), numels, order, world, flat)
             return flat
         if self._nonfinite(torch.split(flat, numels), names, world, flat=flat):
-            return torch.zeros_like(flat)
+            return torch.full_like(flat, self._dropped)
         if self._dense_fast_path():
             return self._exchange_dense_inplace(flat, numels, order, world)
         if order == list(range(len(names))):
@@ -376,7 +432,7 @@ class SyncEngine:
         if fused is None and marked is None:
             if self._nonfinite(parts, names, world, flat=flat):
                 for part in parts:
-                    part.zero_()
+                    part.fill_(self._dropped)
                 return
             t0 = time.perf_counter()
             compensated = self.feedback.compensate_into(key, cnames, cnumels, cparts)
@@ -410,7 +466,10 @@ class SyncEngine:
             cleared = True
             self.counters["compress_seconds"] += time.perf_counter() - t0
             if self._nonfinite(parts, names, world, per_param=bad):
-                return  # cleared above
+                if self._propagating:  # cleared above
+                    for part in parts:
+                        part.fill_(math.nan)
+                return
             t0 = time.perf_counter()
         payload, ctx = comp.compress(
             compensated,
@@ -631,9 +690,13 @@ class SyncEngine:
                 "non-finite gradient (NaN or Inf) in "
                 + ", ".join(where)
                 + "; lower the learning rate, use gradient clipping, or pass on_nonfinite='skip' "
-                "to drop such steps on every rank"
+                "to drop such steps on every rank (with torch.amp.GradScaler, pass "
+                "grad_scaler=scaler: overflows are then its to handle)"
             )
         self._skipping = True
+        if self._propagating:  # the step's earlier results too: the scaler skips the step
+            for out in self._outputs:
+                out.fill_(math.nan)
         return True
 
     # ---- step bookkeeping and state ------------------------------------------------------
@@ -645,6 +708,8 @@ class SyncEngine:
             self.feedback.rollback()  # buckets exchanged before the bad one had committed
         self.feedback.mark()
         self._skipping = False
+        self._scale_read = False
+        self._outputs = []
         self.step += 1
         self.counters["steps"] += 1
         if self.aggregator is not None and hasattr(self.aggregator, "end_step"):
@@ -684,6 +749,7 @@ class SyncEngine:
             "counters": dict(self.counters),
             "feedback": self.feedback.state_dict(),
             "compressor": self.compressor.state_dict(),
+            "loss_scale": self.loss_scale,
         }
         if self._collectives:
             sd["collectives"] = {n: c.state_dict() for n, c in self._collectives.items()}
@@ -700,6 +766,13 @@ class SyncEngine:
                 f"this state was saved with compressor {saved!r}, but this sync uses "
                 f"{self.config.compressor!r}; build it with the same compressor to resume"
             )
+        scale = state.get("loss_scale", 1.0)  # states from before loss scaling: unscaled
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, (int, float))
+            or not (math.isfinite(scale) and scale > 0)
+        ):
+            raise ValueError(f"the state's 'loss_scale' must be a number > 0, got {scale!r}")
         self.step = int(state["step"])
         self.counters = {k: state["counters"].get(k, 0) for k in _COUNTERS}
         self.feedback.load_state_dict(state["feedback"])
@@ -714,6 +787,10 @@ class SyncEngine:
             self.aggregator.load_state_dict(state["aggregator"])
         if self.attack is not None and "attack" in state:
             self.attack.load_state_dict(state["attack"])
+        # The residuals and thresholds are in these units; the next step brings them to its
+        # own scale (the scaler's, or 1 without one).
+        self.loss_scale = float(scale)
+        self._scale_read = False
 
 
 def _canonical_order(names: Sequence[str]) -> list[int]:

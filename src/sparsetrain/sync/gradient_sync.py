@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import check_consistent, make_config, refuse_everywhere
+from .config import check_consistent, make_config, refuse_everywhere, with_grad_scaler
 from .devices import cuda_device_of
 from .engine import SyncEngine
 
@@ -33,12 +33,22 @@ class GradientSync:
         compressor, density, **options: as for :func:`sparsetrain.register_ddp_hook`.
         process_group: the group (default: WORLD).
         bucket_cap_mb: bucket size in MiB.
+        grad_scaler: as for :func:`sparsetrain.register_ddp_hook`: with a
+            ``torch.amp.GradScaler``, a step that overflowed on some rank leaves every gradient
+            NaN, for ``scaler.step`` to skip (call it whatever :meth:`synchronize` returns).
 
     Example:
         >>> sync = GradientSync(model, "topk", density=0.01)
         >>> loss.backward()
         >>> if sync.synchronize():
         ...     optimizer.step()
+
+        With float16 mixed precision (``GradientSync(..., grad_scaler=scaler)``):
+
+        >>> scaler.scale(loss).backward()
+        >>> sync.synchronize()
+        >>> scaler.step(optimizer)  # skips a step that overflowed on any rank
+        >>> scaler.update()
     """
 
     def __init__(
@@ -49,6 +59,7 @@ class GradientSync:
         *,
         process_group: dist.ProcessGroup | None = None,
         bucket_cap_mb: float = 25.0,
+        grad_scaler: torch.amp.GradScaler | None = None,
         **options: Any,
     ):
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -62,7 +73,7 @@ class GradientSync:
                 raise ValueError(
                     f"bucket_cap_mb must be a finite number > 0, got {bucket_cap_mb!r}"
                 )
-            self.config = make_config(compressor, density, options)
+            self.config = make_config(compressor, density, with_grad_scaler(grad_scaler, options))
             for n, p in self.params:
                 if p.dtype not in _FLOATS:
                     raise TypeError(
@@ -72,10 +83,9 @@ class GradientSync:
             refuse_everywhere(e, process_group, device)
         layout = [(n, tuple(p.shape), str(p.dtype)) for n, p in self.params]
         # Buckets decide which collectives run: ranks with other sizes would not pair up.
-        check_consistent(
-            self.config, layout, process_group, {"bucket_cap_mb": bucket_cap_mb}, device=device
-        )
-        self.engine = SyncEngine(self.config, process_group)
+        extra = {"bucket_cap_mb": bucket_cap_mb, "grad_scaler": grad_scaler is not None}
+        check_consistent(self.config, layout, process_group, extra, device=device)
+        self.engine = SyncEngine(self.config, process_group, grad_scaler)
         self.buckets = self._make_buckets(bucket_cap_mb * 2**20)
         for bucket in self.buckets:
             self.engine.reserve(
@@ -100,8 +110,10 @@ class GradientSync:
         """Replace every gradient by the compressed average over ranks.
 
         Returns:
-            False when the step was skipped (``on_nonfinite="skip"`` and some rank had NaN/Inf):
-            gradients are then zero and the caller should not step the optimizer.
+            False when the step was dropped because some rank had NaN/Inf: with
+            ``on_nonfinite="skip"`` the gradients are then zero and the caller should not step
+            the optimizer; with ``"propagate"`` (a ``grad_scaler``) they are all NaN, which
+            ``scaler.step`` skips.
         """
         try:
             for bucket in self.buckets:
@@ -120,6 +132,8 @@ class GradientSync:
         finally:
             self.engine.end_step()
         if self.engine.skipped_last_step:
+            if self.config.on_nonfinite == "propagate":
+                return False  # the engine has made every gradient NaN
             # Buckets exchanged before the one that held NaN/Inf were averaged: zero them all.
             for _, p in self.params:
                 if p.grad is not None:

@@ -1,0 +1,268 @@
+"""Mixed precision: the DDP hook and GradientSync with a torch.amp.GradScaler, on gloo ranks.
+
+A scaler multiplies the loss, hence every gradient, by its scale, which halves after a step that
+overflowed and grows now and then. What a user relies on:
+
+- an overflow on any rank reaches the scaler on every rank (every gradient NaN), so
+  ``scaler.step`` skips the step everywhere and lowers the scale, and the residuals stay as
+  they were before the step;
+- residuals and kept thresholds follow the scale, so a run with a scaler sends exactly what the
+  same run without one sends, times the scale (the scaler's factors are powers of two);
+- the state remembers the scale it is in, so a resumed run, with a scaler or without, goes on
+  exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import sparsetrain
+
+from .harness import oks, run_world
+
+# A scale for each step: changes by the scaler's factors and by jumps, while thresholds are
+# reused (reestimate_every=4, Ok-Topk's threshold_every=32).
+SCALES = [2.0**12, 2.0**12, 2.0**11, 2.0**13, 2.0**13, 2.0**10, 2.0**10, 2.0**14, 2.0**14]
+
+CONFIGS = [
+    ("threshold", {"density": 0.05, "reestimate_every": 4}),
+    ("threshold", {"density": 0.05, "reestimate_every": 4, "collective": "oktopk"}),
+    ("threshold", {"density": 0.05, "collective": "gtopk"}),
+    ("topk", {"density": 0.05, "collective": "ssar_split"}),
+    ("topk", {"density": 0.05, "momentum_correction": 0.9}),
+    ("signsgd", {}),
+]
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(20, 40), nn.ReLU(), nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 5)
+    )
+
+
+def _scaler(scale: float) -> torch.amp.GradScaler:
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    scaler.scale(torch.ones(()))  # makes its scale tensor, which update(new_scale=) fills
+    return scaler
+
+
+def _grads(net: nn.Module, rank: int, step: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(100 * rank + step)
+    # Heavy tails, as gradients have: the selections depend on the magnitudes' spread.
+    return [torch.randn(p.shape, generator=g) ** 3 * 1e-3 for p in net.parameters()]
+
+
+def _scaled_equivalence(rank: int, world: int) -> dict:
+    out = {}
+    for compressor, opts in CONFIGS:
+        for how in ("gradient_sync", "ddp"):
+            plain_net, scaled_net = _net(), _net()
+            scaler = _scaler(SCALES[0])
+            if how == "ddp":
+                plain_model, scaled_model = DDP(plain_net), DDP(scaled_net)
+                plain = sparsetrain.register_ddp_hook(plain_model, compressor, **opts)
+                scaled = sparsetrain.register_ddp_hook(
+                    scaled_model, compressor, grad_scaler=scaler, **opts
+                )
+            else:
+                plain = sparsetrain.GradientSync(plain_net, compressor, **opts)
+                scaled = sparsetrain.GradientSync(
+                    scaled_net, compressor, grad_scaler=scaler, **opts
+                )
+            worst = 0.0
+            for step, scale in enumerate(SCALES):
+                scaler.update(new_scale=scale)
+                grads = _grads(plain_net, rank, step)
+                if how == "ddp":
+                    # The gradient reaches the bucket through a parameter hook: backward of a
+                    # loss whose gradient is `grads` (times the scale for the scaled model).
+                    for model, net, s in (
+                        (plain_model, plain_net, 1.0),
+                        (scaled_model, scaled_net, scale),
+                    ):
+                        x = torch.zeros(1, 20)
+                        loss = model(x).sum() * 0.0 + sum(
+                            (p * (g * s)).sum() for p, g in zip(net.parameters(), grads)
+                        )
+                        net.zero_grad(set_to_none=True)
+                        loss.backward()
+                else:
+                    for p, g in zip(plain_net.parameters(), grads):
+                        p.grad = g.clone()
+                    for p, g in zip(scaled_net.parameters(), grads):
+                        p.grad = g * scale
+                    plain.synchronize()
+                    scaled.synchronize()
+                for p, q in zip(plain_net.parameters(), scaled_net.parameters()):
+                    err = float((q.grad - p.grad * scale).abs().max())
+                    worst = max(worst, err / max(float(p.grad.abs().max()) * scale, 1e-30))
+            # The residuals are in the last step's units.
+            rp, rs = plain.engine.feedback.residuals, scaled.engine.feedback.residuals
+            same_res = rp.keys() == rs.keys() and all(
+                torch.equal(rs[n], rp[n] * SCALES[-1]) for n in rp
+            )
+            out[f"{compressor}{sorted(opts.items())}/{how}"] = (worst, same_res, len(rp))
+    return out
+
+
+def test_a_scaled_run_sends_what_an_unscaled_one_does_times_the_scale(tmp_path):
+    """Gradients times a scale that changes from step to step (halving, doubling, jumps) give
+    exactly the unscaled run's averages times the scale, step after step: the residuals, the
+    momentum-correction velocities and the thresholds kept between estimates (the threshold
+    compressor's, Ok-Topk's global one) follow the scale. Without that, a residual carried at
+    the old scale would be sent at the wrong weight and a reused threshold would select other
+    entries."""
+    for r in oks(run_world(_scaled_equivalence, 2, tmp_path)):
+        for name, (worst, same_res, n_res) in r.items():
+            assert worst == 0.0, (name, worst)
+            assert same_res, name
+            if "signsgd" not in name:
+                assert n_res > 0, name  # error feedback was on: there were residuals to scale
+
+
+def _propagate(rank: int, world: int, how: str) -> dict:
+    torch.manual_seed(0)
+    net = _net()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opts = {"density": 0.1, "collective": "oktopk", "reestimate_every": 2}
+    if how == "ddp":
+        model = DDP(net, bucket_cap_mb=0.001)  # several buckets, exchanged one after another
+        sync = sparsetrain.register_ddp_hook(model, "threshold", grad_scaler=scaler, **opts)
+    else:
+        model = net
+        sync = sparsetrain.GradientSync(
+            net, "threshold", grad_scaler=scaler, bucket_cap_mb=0.001, **opts
+        )
+    engine = sync.engine
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    out: dict = {"mode": engine.config.on_nonfinite}
+
+    def step(n: int, overflow: bool = False):
+        g = torch.Generator().manual_seed(10 * rank + n)
+        x, y = torch.randn(8, 20, generator=g), torch.randint(0, 5, (8,), generator=g)
+        handle = None
+        if overflow:
+            # The first layer's weight: the last bucket DDP exchanges, after the others
+            # have been averaged and returned.
+            first = next(net.parameters())
+            handle = first.register_hook(
+                lambda grad: grad.index_fill(1, torch.tensor([0]), float("inf"))
+            )
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = nn.functional.cross_entropy(model(x).float(), y)
+        scaler.scale(loss).backward()
+        if handle is not None:
+            handle.remove()
+        kept = sync.synchronize() if how == "gradient_sync" else None
+        return kept
+
+    step(0)
+    scaler.step(opt)
+    scaler.update()
+    before_params = [p.detach().clone() for p in net.parameters()]
+    before_res = {n: r.clone() for n, r in engine.feedback.residuals.items()}
+    scale = scaler.get_scale()
+    kept = step(1, overflow=rank == 1)
+    out["kept"] = kept
+    out["all_nan"] = all(bool(torch.isnan(p.grad).all()) for p in net.parameters())
+    out["skipped"] = sync.skipped_last_step
+    scaler.step(opt)
+    scaler.update()
+    out["params_kept"] = all(torch.equal(a, p) for a, p in zip(before_params, net.parameters()))
+    out["scale_halved"] = scaler.get_scale() == scale / 2
+    after_res = engine.feedback.residuals
+    out["residuals_kept"] = (
+        len(before_res) > 1
+        and before_res.keys() == after_res.keys()
+        and all(torch.equal(before_res[n], after_res[n]) for n in before_res)
+    )
+    # The next step runs at the halved scale, from the residuals of before the bad step halved.
+    step(2)
+    out["finite_after"] = all(bool(torch.isfinite(p.grad).all()) for p in net.parameters())
+    out["loss_scale"] = (engine.loss_scale, scaler.get_scale())
+    out["skipped_steps"] = sync.stats()["skipped_steps"]
+    # The state says which scale its residuals are in; loaded where no scaler scales the
+    # gradients, the first step brings them to unscaled units.
+    state = sync.state_dict()
+    out["state_scale"] = state["loss_scale"]
+    plain = sparsetrain.GradientSync(_net(), "threshold", **opts)
+    plain.load_state_dict(state)
+    saved = {n: r.clone() for n, r in state["feedback"]["residuals"].items()}
+    plain.engine._begin_step()
+    res = plain.engine.feedback.residuals
+    out["unscaled_on_load"] = all(
+        torch.equal(res[n], saved[n] / state["loss_scale"]) for n in saved
+    )
+    return out
+
+
+@pytest.mark.parametrize("how", ["ddp", "gradient_sync"])
+def test_an_overflow_on_one_rank_is_skipped_by_every_ranks_scaler(tmp_path, how):
+    """Rank 1's gradient overflows in the bucket exchanged last: every rank's every gradient
+    becomes NaN (also in the buckets averaged before), so each rank's GradScaler skips the step
+    and halves its scale; the residuals are those of before the step; the next step goes on
+    at the halved scale. The saved state carries the scale its residuals are in."""
+    for r in oks(run_world(_propagate, 2, tmp_path, how)):
+        assert r["mode"] == "propagate"
+        if how == "gradient_sync":
+            assert r["kept"] is False
+        assert r["all_nan"] and r["skipped"], r
+        assert r["params_kept"] and r["scale_halved"], r
+        assert r["residuals_kept"], r
+        assert r["finite_after"], r
+        assert r["loss_scale"][0] == r["loss_scale"][1] == 2.0**9, r
+        assert r["skipped_steps"] == 1
+        assert r["state_scale"] == 2.0**9
+        assert r["unscaled_on_load"]
+
+
+def _bad_scaler(rank: int, world: int) -> dict:
+    out = {}
+    scaler = torch.amp.GradScaler("cpu")
+    cases = {
+        "not_a_scaler": lambda: {"grad_scaler": object() if rank == 0 else scaler},
+        "skip": lambda: {"grad_scaler": scaler, "on_nonfinite": "skip"},
+        "raise": lambda: {"grad_scaler": scaler, "on_nonfinite": "raise"},
+        "aggregator": lambda: {"grad_scaler": scaler, "aggregator": "median", "compressor": "none"},
+        "one_rank": lambda: {"grad_scaler": scaler if rank == 0 else None},
+    }
+    for name, make in cases.items():
+        for how in ("ddp", "gradient_sync"):
+            kwargs = make()
+            compressor = kwargs.pop("compressor", "topk")
+            density = None if compressor == "none" else 0.1
+            try:
+                if how == "ddp":
+                    sparsetrain.register_ddp_hook(DDP(_net()), compressor, density, **kwargs)
+                else:
+                    sparsetrain.GradientSync(_net(), compressor, density, **kwargs)
+                out[f"{name}/{how}"] = None
+            except (TypeError, ValueError) as e:
+                out[f"{name}/{how}"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def test_bad_scaler_arguments_get_an_error_on_every_rank(tmp_path):
+    """A scaler that is not one, a mode that would hide overflows from it or stop at the first,
+    robust aggregation (whose radii are in unscaled units), and ranks that disagree on having a
+    scaler: an error on every rank that says what is wrong, not a hang."""
+    results = oks(run_world(_bad_scaler, 2, tmp_path))
+    for rank, r in enumerate(results):
+        for how in ("ddp", "gradient_sync"):
+            msg = r[f"not_a_scaler/{how}"]
+            assert msg is not None and "grad_scaler" in msg, msg
+            if rank == 0:
+                assert "TypeError" in msg and "torch.amp.GradScaler" in msg and "object" in msg
+            else:
+                assert "rank 0" in msg, msg
+            for mode in ("skip", "raise"):
+                msg = r[f"{mode}/{how}"]
+                assert msg and "on_nonfinite='propagate'" in msg and repr(mode) in msg, msg
+            msg = r[f"aggregator/{how}"]
+            assert msg and "aggregator='median'" in msg and "bf16" in msg, msg
+            msg = r[f"one_rank/{how}"]
+            assert msg and "grad_scaler" in msg and "disagree" in msg, msg
