@@ -24,9 +24,10 @@ What one rank does (:func:`train_worker`):
    pad them to a multiple of the world size and take every ``world``-th one from ``rank`` (as
    ``DistributedSampler`` does): the shards are disjoint, every rank runs the same number of
    steps, and a resumed run sees exactly the order the interrupted one would have seen;
-4. forward, backward (the hook averages the compressed gradients across ranks; without DDP,
-   ``GradientSync.synchronize()`` after backward), and
-   ``optimizer.step()`` unless the hook dropped the step for a non-finite gradient;
+4. forward (under ``torch.autocast`` with ``amp``), backward (the hook averages the compressed
+   gradients across ranks; without DDP, ``GradientSync.synchronize()`` after backward), and
+   ``optimizer.step()`` unless the hook dropped the step for a non-finite gradient (with
+   ``amp="fp16"``: the loss scaler's ``step`` and ``update``, which skip such steps);
 5. every ``eval_every`` steps (and at the start and the end) average the training loss over the
    ranks and measure test loss and accuracy, each rank on every ``world``-th test example
    (summed over the ranks in the same allreduce);
@@ -69,11 +70,11 @@ from ._procs import exit_finished_worker
 from .compressors import check_density, get_compressor, option_names
 from .hostmem import reserve, reuse_freed_memory, reusing_freed_memory
 from .sync import GradientSync, SyncConfig, register_ddp_hook
-from .sync.config import make_config, refuse_misplaced_collective_options
+from .sync.config import ON_NONFINITE, make_config, refuse_misplaced_collective_options
 from .tasks import Task, available_tasks, check_task_options, get_task
 
 BACKENDS = ("gloo", "nccl")
-ON_NONFINITE = ("raise", "skip")
+AMP = ("fp16", "bf16")
 SCHEDULES = ("constant", "cosine")
 REPORT_FORMAT = 1
 _CHECKPOINT_FORMAT = 1
@@ -125,7 +126,17 @@ class TrainConfig:
         collective_options, auto_candidates, auto_network: the collective's options and what
             ``"auto"`` chooses from and with (``SyncConfig``'s fields of these names).
         dense_warmup_steps: steps of plain dense allreduce before compression starts.
-        on_nonfinite: ``"raise"`` on a NaN/Inf gradient, or ``"skip"`` the step on every rank.
+        on_nonfinite: ``"raise"`` on a NaN/Inf gradient, or ``"skip"`` the step on every rank
+            (``"propagate"`` skips it too, leaving the gradients NaN: what a loss scaler needs).
+            With ``amp="fp16"`` the loss scaler handles overflows: ``"raise"`` (the default)
+            becomes ``"propagate"`` (``SyncConfig.on_nonfinite``), and ``"skip"`` is refused.
+        amp: mixed precision: forward and loss under ``torch.autocast`` to ``"fp16"`` (with a
+            ``torch.amp.GradScaler`` that skips steps whose gradients overflow on any rank and
+            lowers its scale; the hook gets it as ``grad_scaler``) or ``"bf16"`` (no scaler);
+            None: full precision. Parameters, gradients and evaluation stay in float32.
+            ``"fp16"`` is not combined with robust aggregation or attacks.
+        init_loss_scale: the loss scaler's first scale with ``amp="fp16"`` (GradScaler's
+            ``init_scale``); too large a scale costs a few skipped steps at the start.
         aggregator, aggregator_options: robust aggregation rule (None: the plain average).
         attack, attack_options, byzantine: the last ``byzantine`` ranks send the named attack.
         workers: number of processes (ignored under torchrun, which sets ``WORLD_SIZE``).
@@ -191,6 +202,8 @@ class TrainConfig:
     auto_network: dict[str, float] | None = None
     dense_warmup_steps: int = 0
     on_nonfinite: str = "raise"
+    amp: str | None = None
+    init_loss_scale: float = 2.0**16
     aggregator: str | None = None
     aggregator_options: dict[str, Any] = field(default_factory=dict)
     attack: str | None = None
@@ -244,6 +257,21 @@ class TrainConfig:
             raise ValueError(
                 f"on_nonfinite must be one of {ON_NONFINITE}, got {self.on_nonfinite!r}"
             )
+        if self.amp is not None and self.amp not in AMP:
+            raise ValueError(f"amp must be one of {AMP} or None, got {self.amp!r}")
+        if self.amp == "fp16":
+            if self.on_nonfinite == "skip":
+                raise ValueError(
+                    "amp='fp16' lets its loss scaler skip the steps that overflow "
+                    "(on_nonfinite='propagate'); on_nonfinite='skip' would hide them from it"
+                )
+            self.on_nonfinite = "propagate"
+            if self.aggregator is not None or self.attack is not None:
+                raise ValueError(
+                    "amp='fp16' scales the gradients by a changing loss scale, but robust "
+                    "aggregation works in their own units: use amp='bf16' (no scaler) with "
+                    f"aggregator={self.aggregator!r}, attack={self.attack!r}"
+                )
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.backend not in BACKENDS:
@@ -279,7 +307,9 @@ class TrainConfig:
             )
         if self.byzantine and self.attack is None:
             raise ValueError("byzantine > 0 needs an attack name (attack=...)")
-        for name in ("lr", "momentum", "weight_decay", "timeout_s", "bucket_cap_mb"):
+        for name in (
+            "lr", "momentum", "weight_decay", "timeout_s", "bucket_cap_mb", "init_loss_scale"
+        ):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise TypeError(f"{name} must be a number, got {value!r}")
@@ -296,6 +326,10 @@ class TrainConfig:
                 "momentum_correction=True moves the momentum into the hook: it needs "
                 f"momentum > 0 (got {self.momentum}), no nesterov (got {self.nesterov}) and "
                 f"the hook (native_ddp=False, got {self.native_ddp})"
+            )
+        if not 0 < self.init_loss_scale < math.inf:
+            raise ValueError(
+                f"init_loss_scale must be a finite number > 0, got {self.init_loss_scale}"
             )
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be a number of seconds > 0, got {self.timeout_s}")
@@ -563,12 +597,19 @@ def _agreed_checkpoint(
     return state
 
 
-def sgd(params: Any, **options: Any) -> torch.optim.SGD:
+def sgd(params: Any, fused: bool = True, **options: Any) -> torch.optim.SGD:
     """Return ``torch.optim.SGD(params, **options)``, fused where this torch and the parameters'
     device have a fused SGD: one pass over each parameter, its gradient and its momentum instead
     of three. It computes the same update, rounded differently in the last bit now and then (a
-    fused multiply-add). Without a fused kernel, the default implementation."""
+    fused multiply-add). Without a fused kernel, or with ``fused=False``, the default
+    implementation.
+
+    Not fused with a ``torch.amp.GradScaler``: the scaler hands a fused SGD its overflow check
+    instead of skipping the step, and the fused kernel (torch 2.13, CPU) then still moves the
+    momentum by the step's Inf gradient, so the first applied step makes every weight NaN."""
     params = list(params)
+    if not fused:
+        return torch.optim.SGD(params, **options)
     try:
         return torch.optim.SGD(params, fused=True, **options)
     except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device or dtype
@@ -603,6 +644,12 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
         # 39 MB bucket (9,700 pages, 0.86 s against 0.22 s).
         reserve(10 * sum(p.numel() * p.element_size() for p in module.parameters()))
     sync: GradientSync | None = None
+    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.amp)
+    # float16 needs its loss scaled so that small gradients do not flush to zero; bfloat16
+    # has float32's range and needs no scaler.
+    scaler = None
+    if config.amp == "fp16":
+        scaler = torch.amp.GradScaler(device.type, init_scale=config.init_loss_scale)
     if config.ddp:
         # The gradients are views into DDP's buckets, so the exchanged bucket is the gradient:
         # no copy back into .grad after each exchange (the same values).
@@ -616,14 +663,21 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
             hook: Any = _NativeDDP(model, world)
         else:
             density, options = config.hook_arguments()
-            hook = register_ddp_hook(model, config.compressor, density, **options)
+            hook = register_ddp_hook(
+                model, config.compressor, density, grad_scaler=scaler, **options
+            )
     else:
         model = module
         if world > 1:  # as DDP does when it wraps the model: every rank starts from rank 0's
             _broadcast_from_rank0([p.data for p in module.parameters()] + list(module.buffers()))
         density, options = config.hook_arguments()
         hook = sync = GradientSync(
-            module, config.compressor, density, bucket_cap_mb=config.bucket_cap_mb, **options
+            module,
+            config.compressor,
+            density,
+            bucket_cap_mb=config.bucket_cap_mb,
+            grad_scaler=scaler,
+            **options,
         )
     buffers = list(module.buffers())
     # A data attack (label flip) acts in the loss of the Byzantine ranks, the last `byzantine`.
@@ -631,6 +685,7 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
     flips = attack is not None and attack.flips_labels and rank >= world - config.byzantine
     optimizer = sgd(
         module.parameters(),
+        fused=scaler is None,
         lr=config.lr,
         momentum=0.0 if config.momentum_correction else config.momentum,  # then in the hook
         weight_decay=config.weight_decay,
@@ -655,6 +710,8 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         hook.load_state_dict(state["hook"])
+        if scaler is not None:
+            scaler.load_state_dict(state["scaler"])
         step, elapsed, eval_seconds, curves = (
             state["step"],
             state["elapsed"],
@@ -719,6 +776,7 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
                 "model": module.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "hook": hook.state_dict(),
+                **({"scaler": scaler.state_dict()} if scaler is not None else {}),
             },
         )
 
@@ -746,11 +804,18 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
             target = attack.flip_labels(y, task.num_classes) if flips else y
             if sync is not None and world > 1:
                 _broadcast_from_rank0(buffers)  # as DDP broadcasts them before a forward
-            loss = task.loss_fn(model(x), target)
-            loss.backward()
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = task.loss_fn(model(x), target)
+            (loss if scaler is None else scaler.scale(loss)).backward()
             if sync is not None:
                 sync.synchronize()
-            if not hook.skipped_last_step:
+            if scaler is not None:  # skips a step whose gradients overflowed on any rank
+                scale = scaler.get_scale() if config.native_ddp else 0.0
+                scaler.step(optimizer)
+                scaler.update()
+                if scaler.get_scale() < scale:  # lowered: this step was skipped
+                    hook.skipped += 1
+            elif not hook.skipped_last_step:
                 optimizer.step()
             finite = torch.isfinite(loss.detach())
             loss_sum += torch.where(finite, loss.detach().double(), 0.0)
@@ -801,6 +866,7 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
         else None,
         "steps": step,
         "skipped_steps": int(stats.get("skipped_steps", 0)),
+        **({"loss_scale": scaler.get_scale()} if scaler is not None else {}),
         **({"auto_choices": stats["auto_choices"]} if "auto_choices" in stats else {}),
         "epochs": step / steps_per_epoch,
         "wall_seconds": wall,
@@ -830,6 +896,7 @@ class _NativeDDP:
             if p.requires_grad
         )
         self._steps = 0
+        self.skipped = 0  # steps a loss scaler skipped (the loop counts them)
         ddp.register_forward_pre_hook(lambda *_: self._count())
 
     def _count(self) -> None:
@@ -838,13 +905,14 @@ class _NativeDDP:
     def stats(self) -> dict[str, Any]:
         sent = float(self._per_step * self._steps)
         return {"bytes_sent": sent, "dense_bytes": sent, "compress_seconds": 0.0,
-                "comm_seconds": 0.0, "skipped_steps": 0}  # fmt: skip
+                "comm_seconds": 0.0, "skipped_steps": self.skipped}  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self._steps}
+        return {"steps": self._steps, "skipped": self.skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._steps = int(state["steps"])
+        self.skipped = int(state.get("skipped", 0))
 
 
 def _resumable(config: TrainConfig) -> dict[str, Any]:

@@ -393,3 +393,52 @@ def test_evaluation_split_over_the_ranks_gives_the_whole_models_numbers(tmp_path
     assert len(task.test) % 3 != 0
     assert run["final_test_accuracy"] == acc
     assert run["final_test_loss"] == pytest.approx(loss, rel=1e-6)
+
+
+def test_fp16_with_a_loss_scaler_trains_counts_its_skips_and_resumes_exactly(tmp_path):
+    # float16 autocast with a GradScaler, through the hook with several DDP buckets and
+    # Ok-Topk. With the scaler's default first scale (2**16), 8 epochs end within 2 points of
+    # float32 (seed 0: 96.0% against 96.4%). A first scale of 2**30 overflows the float16
+    # backward, so the first steps are skipped on every rank and the scale halves each time;
+    # no step grows it again within 44 steps (the growth interval is 2000). A run resumed from
+    # a checkpoint (the scaler's state, the scale the residuals are in) ends exactly where the
+    # uninterrupted one does.
+    common = dict(
+        task="digits-mlp", compressor="threshold", density=0.05, collective="oktopk", workers=2,
+        epochs=2, eval_every=10, progress=False, timeout_s=120, checkpoint_dir=str(tmp_path),
+        bucket_cap_mb=0.01,
+    )  # fmt: skip
+    big = {**common, "init_loss_scale": 2.0**30}
+    longer = {**common, "epochs": 8, "eval_every": 0}
+    runs = by_label(
+        launch(
+            [
+                TrainConfig(label="fp32", **longer),
+                TrainConfig(label="fp16", amp="fp16", **longer),
+                TrainConfig(label="big", amp="fp16", **big),
+                TrainConfig(label="cut", amp="fp16", max_steps=15, checkpoint_every=5, **big),
+                TrainConfig(
+                    label="ddp",
+                    amp="fp16",
+                    native_ddp=True,
+                    **{**big, "compressor": "none", "collective": "allgather"},
+                ),  # fmt: skip
+            ]
+        )
+    )
+    fp32, fp16 = runs["fp32"], runs["fp16"]
+    assert fp16["config"]["amp"] == "fp16" and fp16["config"]["on_nonfinite"] == "propagate"
+    assert fp32["final_test_accuracy"] > 0.9
+    assert fp16["final_test_accuracy"] >= fp32["final_test_accuracy"] - 0.02
+    assert "loss_scale" not in fp32 and fp32["skipped_steps"] == 0
+    for run in (runs["big"], runs["ddp"]):  # the hook's count, and plain DDP's
+        assert run["steps"] == 44
+        assert run["skipped_steps"] >= 5, run["label"]
+        assert run["loss_scale"] == 2.0**30 / 2 ** run["skipped_steps"], run["label"]
+        assert run["final_test_accuracy"] > 0.3, run["label"]  # the skips left no NaN behind
+    resumed = launch(TrainConfig(label="cut", amp="fp16", resume=True, **big))["runs"][0]
+    for key in ("final_test_loss", "bytes_sent_per_rank", "skipped_steps", "loss_scale"):
+        assert resumed[key] == runs["big"][key], key
+    assert resumed["curves"]["train_loss"] == runs["big"]["curves"]["train_loss"]
+    with pytest.raises(WorkerError, match="different configuration: amp 'fp16' there, None here"):
+        launch(TrainConfig(label="cut", resume=True, **big))

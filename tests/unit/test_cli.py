@@ -341,6 +341,13 @@ def test_bench_cleanup_passes_all_as_include_live_and_lists_what_it_removed(
             ["krum", "n > 2f + 2"],
         ),
         ({"attack": "bogus", "byzantine": 1}, ValueError, ["unknown attack 'bogus'"]),
+        ({"amp": "fp8"}, ValueError, ["amp must be one of ('fp16', 'bf16') or None", "'fp8'"]),
+        ({"amp": "fp16", "on_nonfinite": "skip"}, ValueError, ["amp='fp16'", "hide them"]),
+        (
+            {"amp": "fp16", "aggregator": "median"},
+            ValueError,
+            ["amp='fp16'", "amp='bf16'", "aggregator='median'"],
+        ),
     ],
 )
 def test_train_config_refuses_bad_values_with_a_clear_message(kwargs, error, words):
@@ -348,6 +355,16 @@ def test_train_config_refuses_bad_values_with_a_clear_message(kwargs, error, wor
         TrainConfig(**kwargs)
     for w in words:
         assert w in str(exc.value)
+
+
+def test_fp16_mixed_precision_hands_overflows_to_the_loss_scaler():
+    # The scaler skips the steps that overflow: the hook passes them on instead of raising,
+    # and the command line's --amp reaches the config.
+    assert TrainConfig(amp="fp16").on_nonfinite == "propagate"
+    assert TrainConfig(amp="bf16").on_nonfinite == "raise"
+    assert TrainConfig(amp="fp16").sync_config().on_nonfinite == "propagate"
+    args = build_parser().parse_args(["train", "--amp", "fp16"])
+    assert configs_from_args(args)[0].amp == "fp16"
 
 
 def test_launch_refuses_runs_that_cannot_share_workers_before_spawning():

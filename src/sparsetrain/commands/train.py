@@ -17,6 +17,7 @@ from ..compressors import available_compressors, option_names
 from ..sync.config import misplaced_collective_option
 from ..tasks import available_tasks
 from ..train import (
+    AMP,
     BACKENDS,
     ON_NONFINITE,
     SCHEDULES,
@@ -215,6 +216,18 @@ def add_training_arguments(p: argparse.ArgumentParser, *, workers: int, epochs: 
         "instead of in the optimizer; sparse compressors with error feedback",
     )
     g.add_argument(
+        "--amp",
+        choices=AMP,
+        help="mixed precision: autocast forward and loss to fp16 (with a loss scaler that skips "
+        "steps that overflow) or bf16 (default: float32)",
+    )
+    g.add_argument(
+        "--init-loss-scale",
+        type=positive_float,
+        default=2.0**16,
+        help="with --amp fp16: the loss scaler's first scale (default 65536)",
+    )
+    g.add_argument(
         "--schedule",
         choices=SCHEDULES,
         default="cosine",
@@ -384,6 +397,8 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
             nesterov=args.nesterov,
             momentum_correction=args.momentum_correction,
             schedule=args.schedule,
+            amp=args.amp,
+            init_loss_scale=args.init_loss_scale,
             seed=args.seed,
             eval_every=args.eval_every,
             max_steps=args.max_steps,
