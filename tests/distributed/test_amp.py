@@ -123,13 +123,16 @@ def test_a_scaled_run_sends_what_an_unscaled_one_does_times_the_scale(tmp_path):
                 assert n_res > 0, name  # error feedback was on: there were residuals to scale
 
 
-def _propagate(rank: int, world: int, how: str) -> dict:
+def _propagate(rank: int, world: int, how: str, device: str) -> dict:
+    torch.set_num_threads(1)
     torch.manual_seed(0)
-    net = _net()
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    dev = torch.device(device, 0) if device == "cuda" else torch.device(device)
+    net = _net().to(dev)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
     opts = {"density": 0.1, "collective": "oktopk", "reestimate_every": 2}
     if how == "ddp":
-        model = DDP(net, bucket_cap_mb=0.001)  # several buckets, exchanged one after another
+        # Several buckets, exchanged one after another (on CUDA both ranks share the GPU).
+        model = DDP(net, bucket_cap_mb=0.001, device_ids=[0] if device == "cuda" else None)
         sync = sparsetrain.register_ddp_hook(model, "threshold", grad_scaler=scaler, **opts)
     else:
         model = net
@@ -143,16 +146,17 @@ def _propagate(rank: int, world: int, how: str) -> dict:
     def step(n: int, overflow: bool = False):
         g = torch.Generator().manual_seed(10 * rank + n)
         x, y = torch.randn(8, 20, generator=g), torch.randint(0, 5, (8,), generator=g)
+        x, y = x.to(dev), y.to(dev)
         handle = None
         if overflow:
             # The first layer's weight: the last bucket DDP exchanges, after the others
             # have been averaged and returned.
             first = next(net.parameters())
             handle = first.register_hook(
-                lambda grad: grad.index_fill(1, torch.tensor([0]), float("inf"))
+                lambda grad: grad.index_fill(1, torch.tensor([0], device=dev), float("inf"))
             )
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.float16):
+        with torch.autocast(device, dtype=torch.float16):
             loss = nn.functional.cross_entropy(model(x).float(), y)
         scaler.scale(loss).backward()
         if handle is not None:
@@ -200,13 +204,25 @@ def _propagate(rank: int, world: int, how: str) -> dict:
     return out
 
 
-@pytest.mark.parametrize("how", ["ddp", "gradient_sync"])
-def test_an_overflow_on_one_rank_is_skipped_by_every_ranks_scaler(tmp_path, how):
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize(
+    "how, device",
+    [
+        ("ddp", "cpu"),
+        ("gradient_sync", "cpu"),
+        pytest.param("ddp", "cuda", marks=needs_cuda),
+        pytest.param("gradient_sync", "cuda", marks=needs_cuda),
+    ],
+)
+def test_an_overflow_on_one_rank_is_skipped_by_every_ranks_scaler(tmp_path, how, device):
     """Rank 1's gradient overflows in the bucket exchanged last: every rank's every gradient
     becomes NaN (also in the buckets averaged before), so each rank's GradScaler skips the step
     and halves its scale; the residuals are those of before the step; the next step goes on
-    at the halved scale. The saved state carries the scale its residuals are in."""
-    for r in oks(run_world(_propagate, 2, tmp_path, how)):
+    at the halved scale. The saved state carries the scale its residuals are in. On CUDA the
+    earlier buckets' futures are completed from the last bucket's work, on its stream."""
+    for r in oks(run_world(_propagate, 2, tmp_path, how, device)):
         assert r["mode"] == "propagate"
         if how == "gradient_sync":
             assert r["kept"] is False

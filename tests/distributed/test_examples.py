@@ -79,3 +79,15 @@ def test_ddp_hook_example_learns_and_resumes_exactly(tmp_path):
     # with 3, the third rank has no file while the other two have theirs.
     refused = torchrun(3, "ddp_hook.py", "--checkpoint", str(split), "--resume", status=1)
     assert "written by another number of processes (this run has 3)" in refused
+
+
+def test_ddp_hook_example_learns_in_float16_with_a_loss_scaler(tmp_path):
+    # --amp: autocast to float16 and a GradScaler handed to the hook. It learns as in float32,
+    # and the checkpoint holds the scaler's state next to the hook's, whose residuals are in
+    # the scaler's current units.
+    out = torchrun(2, "ddp_hook.py", "--epochs", "3", "--amp", "--checkpoint", str(tmp_path))
+    last = out.strip().splitlines()[-1]
+    accuracy = re.search(r"test accuracy ([\d.]+)%", last).group(1)
+    assert float(accuracy) >= 85, last
+    state = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    assert state["hook"]["loss_scale"] == state["scaler"]["scale"] > 1
