@@ -857,3 +857,46 @@ def test_a_rank_with_bad_options_makes_every_rank_raise(tmp_path):
     )
     assert zero[1].startswith("ValueError: compressor 'topk' does not take option(s) ['levels']")
     assert "rank(s) [0] refused their gradient-sync options" in one[1] and "levels" in one[1]
+
+
+def _accumulation(rank: int, world: int) -> dict:
+    out = {}
+    for comp, opts in (
+        ("topk", {"density": 0.1}),
+        ("threshold", {"density": 0.1, "collective": "oktopk"}),
+    ):
+        torch.manual_seed(0)
+        a = _net()
+        torch.manual_seed(0)
+        b = _net()
+        model = DDP(a)  # one bucket, as GradientSync's default makes of this model
+        hook = sparsetrain.register_ddp_hook(model, comp, **opts)
+        sync = sparsetrain.GradientSync(b, comp, **opts)
+        worst = 0.0
+        for step in range(4):
+            a.zero_grad()
+            b.zero_grad()
+            for micro in range(3):
+                x, y = _batch(rank, 10 * step + micro)
+                if micro < 2:
+                    with model.no_sync():  # accumulate locally, no exchange
+                        nn.functional.cross_entropy(model(x), y).backward()
+                else:
+                    nn.functional.cross_entropy(model(x), y).backward()
+                nn.functional.cross_entropy(b(x), y).backward()
+            sync.synchronize()
+            for p, q in zip(a.parameters(), b.parameters()):
+                worst = max(worst, float((p.grad - q.grad).abs().max()))
+        out[comp] = (worst, hook.stats()["steps"])
+    return out
+
+
+def test_gradient_accumulation_under_no_sync_exchanges_the_sum_once(tmp_path):
+    """DDP's no_sync(): the micro-batches inside it only accumulate, and the hook compresses
+    and exchanges the accumulated gradient once, on the backward outside it: exactly what
+    GradientSync makes of the same accumulated gradients, one exchange an optimizer step (the
+    compressor's state and the residuals advance once a step, not once a micro-batch)."""
+    for r in oks(run_world(_accumulation, 2, tmp_path)):
+        for comp, (worst, steps) in r.items():
+            assert worst == 0.0, (comp, worst)
+            assert steps == 4, comp
