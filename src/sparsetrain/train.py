@@ -555,6 +555,8 @@ def _agreed_checkpoint(
         # Nor momentum correction.
         # Nor runs without DDP, nor collective options.
         saved = {
+            "amp": None,  # nor mixed precision
+            "init_loss_scale": 2.0**16,
             "bucket_cap_mb": 25.0,
             "momentum_correction": False,
             "ddp": True,
@@ -605,8 +607,9 @@ def sgd(params: Any, fused: bool = True, **options: Any) -> torch.optim.SGD:
     implementation.
 
     Not fused with a ``torch.amp.GradScaler``: the scaler hands a fused SGD its overflow check
-    instead of skipping the step, and the fused kernel (torch 2.13, CPU) then still moves the
-    momentum by the step's Inf gradient, so the first applied step makes every weight NaN."""
+    instead of skipping the step itself, and the fused kernel (torch 2.13) still sets up the
+    momentum from the Inf gradient of a skipped step when it is the optimizer's first, as a
+    scaler's first steps often are, so the first step it applies wrecks the weights."""
     params = list(params)
     if not fused:
         return torch.optim.SGD(params, **options)

@@ -282,3 +282,90 @@ def test_bad_scaler_arguments_get_an_error_on_every_rank(tmp_path):
             assert msg and "aggregator='median'" in msg and "bf16" in msg, msg
             msg = r[f"one_rank/{how}"]
             assert msg and "grad_scaler" in msg and "disagree" in msg, msg
+
+
+def _exchange_overflow(rank: int, world: int, how: str) -> dict:
+    # The fp16 compressor with error feedback: rank 0's entry of 1.5 is finite in float32 but
+    # 1.5 * 2**16 passes float16's 65504, so the exchange itself overflows, every rank's
+    # gradients being finite. At the halved scale, 1.5 * 2**15 fits.
+    torch.manual_seed(0)
+    net = _net()
+    scaler = _scaler(2.0**16)
+    opts = {"error_feedback": True}
+    if how == "ddp":
+        model = DDP(net)
+        sync = sparsetrain.register_ddp_hook(model, "fp16", grad_scaler=scaler, **opts)
+    else:
+        sync = sparsetrain.GradientSync(net, "fp16", grad_scaler=scaler, **opts)
+    engine = sync.engine
+    out = {}
+
+    def step(n: int, big: bool) -> None:
+        grads = _grads(net, rank, n)
+        if big and rank == 0:
+            grads[0][0, 0] = 1.5
+        scale = scaler.get_scale()
+        if how == "ddp":
+            loss = model(torch.zeros(1, 20)).sum() * 0.0 + sum(
+                (p * (g * scale)).sum() for p, g in zip(net.parameters(), grads)
+            )
+            net.zero_grad(set_to_none=True)
+            loss.backward()
+        else:
+            for p, g in zip(net.parameters(), grads):
+                p.grad = g * scale
+            sync.synchronize()
+
+    step(0, big=False)
+    before = {n: r.clone() for n, r in engine.feedback.residuals.items()}
+    step(1, big=True)
+    out["all_nan"] = all(bool(torch.isnan(p.grad).all()) for p in net.parameters())
+    out["skipped"] = sync.skipped_last_step
+    after = engine.feedback.residuals
+    out["residuals_kept"] = len(before) > 0 and all(
+        torch.equal(before[n], after[n]) and bool(torch.isfinite(after[n]).all()) for n in before
+    )
+    scaler.update(new_scale=scaler.get_scale() / 2)  # what the skipped step makes the scaler do
+    step(2, big=True)
+    out["finite_after"] = all(bool(torch.isfinite(p.grad).all()) for p in net.parameters())
+    out["skipped_steps"] = sync.stats()["skipped_steps"]
+    return out
+
+
+@pytest.mark.parametrize("how", ["ddp", "gradient_sync"])
+def test_an_overflow_in_the_exchange_itself_drops_the_step(tmp_path, how):
+    """Every rank's gradient is finite, but their float16 sum is not: the step is dropped as
+    for an overflow in backward (every gradient NaN, counted as skipped), and the residuals
+    committed from the overflowing values are rolled back instead of carrying -Inf into every
+    later step."""
+    for r in oks(run_world(_exchange_overflow, 2, tmp_path, how)):
+        assert r["all_nan"] and r["skipped"], r
+        assert r["residuals_kept"], r
+        assert r["finite_after"] and r["skipped_steps"] == 1, r
+
+
+def test_a_disabled_scaler_is_no_scaler_and_a_pickled_state_asks_for_its_scaler():
+    """GradScaler(enabled=False) (the usual `enabled=use_amp`, or a CUDA scaler on a machine
+    without CUDA) steps whatever the gradients hold, so it must not turn NaN gradients into
+    a step: the hook keeps the default mode, "raise". A hook state pickled from one with a
+    scaler does not silently take its scaled residuals for unscaled ones."""
+    import pickle
+
+    from sparsetrain.sync.config import make_config, with_grad_scaler
+    from sparsetrain.sync.ddp_hook import SyncState
+
+    off = torch.amp.GradScaler("cpu", enabled=False)
+    options, active = with_grad_scaler(off, {})
+    assert active is None and "on_nonfinite" not in options
+    on = _scaler(2.0**8)
+    options, active = with_grad_scaler(on, {})
+    assert active is on and options["on_nonfinite"] == "propagate"
+    state = SyncState(make_config("topk", 0.1, options), {}, None, grad_scaler=on)
+    state.engine._begin_step()
+    assert state.engine.loss_scale == 2.0**8
+    restored = pickle.loads(pickle.dumps(state))
+    with pytest.raises(RuntimeError, match=r"set state.grad_scaler = scaler .* loss scale 256"):
+        restored.engine._begin_step()
+    restored.grad_scaler = on
+    restored.engine._begin_step()
+    assert restored.engine.loss_scale == 2.0**8

@@ -275,7 +275,10 @@ def test_resumed_run_ends_exactly_where_the_uninterrupted_one_does(tmp_path):
     for rank in (0, 1):
         path = tmp_path / "cut" / f"rank{rank}.pt"
         state = torch.load(path, weights_only=False)
-        for key in ("bucket_cap_mb", "collective_options", "auto_candidates", "auto_network"):
+        for key in (
+            "bucket_cap_mb", "collective_options", "auto_candidates", "auto_network", "amp",
+            "init_loss_scale",
+        ):  # fmt: skip
             del state["config"][key]
         torch.save(state, path)
     again = launch(TrainConfig(label="cut", resume=True, **common))["runs"][0]

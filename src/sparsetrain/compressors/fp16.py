@@ -35,8 +35,10 @@ class FP16(_Cast):
 
     Steps: cast to float16 (round to nearest), allreduce, cast back to the gradient's dtype.
     Rounding to nearest is nearly unbiased, so error feedback is off by default. float16 keeps
-    about 3 significant digits and overflows above 65504: fine for gradients of a loss-scaled
-    model, risky for unscaled large sums (use ``bf16`` there). As in PyTorch's
+    about 3 significant digits and overflows above 65504, which the gradients of a loss-scaled
+    model (``torch.amp.GradScaler``) can pass: with the scaler given to the hook as
+    ``grad_scaler``, a step whose sum overflows is dropped on every rank and the scaler lowers
+    its scale, as for an overflow in backward. ``bf16`` keeps float32's range. As in PyTorch's
     ``fp16_compress_hook``.
 
     Example:

@@ -323,16 +323,20 @@ def make_config(compressor: str, density: float | None, options: dict[str, Any])
     return cfg
 
 
-def with_grad_scaler(grad_scaler: Any, options: dict[str, Any]) -> dict[str, Any]:
+def with_grad_scaler(grad_scaler: Any, options: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     """Check a ``grad_scaler`` argument; return ``options`` with the mode it needs
-    (``on_nonfinite="propagate"``, which is also its default)."""
+    (``on_nonfinite="propagate"``, which is also its default), and the scaler the engine
+    follows: None for a disabled one (``GradScaler(enabled=False)``, or one for CUDA on a machine
+    without), whose ``step`` steps whatever the gradients hold, as if there were no scaler."""
     if grad_scaler is None:
-        return options
+        return options, None
     if not isinstance(grad_scaler, torch.amp.GradScaler):
         raise TypeError(
             "grad_scaler must be a torch.amp.GradScaler (the one that scales this loss) or None, "
             f"got {type(grad_scaler).__name__}"
         )
+    if not grad_scaler.is_enabled():
+        return options, None
     mode = options.get("on_nonfinite", "propagate")
     if mode != "propagate":
         raise ValueError(
@@ -349,7 +353,7 @@ def with_grad_scaler(grad_scaler: Any, options: dict[str, Any]) -> dict[str, Any
                 "which the loss scale changes; use bf16 autocast (no scaler) or leave out the "
                 f"{kind}"
             )
-    return {**options, "on_nonfinite": "propagate"}
+    return {**options, "on_nonfinite": "propagate"}, grad_scaler
 
 
 def _gather_settings(

@@ -102,6 +102,7 @@ class SyncState:
             )
         self.engine.load_state_dict(state)
         self._target = copy.deepcopy(groups)
+        self._held = []
 
     # Used by the hook ------------------------------------------------------------------------
     def _run_bucket(self, bucket: dist.GradBucket) -> torch.futures.Future:
@@ -148,23 +149,47 @@ class SyncState:
                     slot["value"] = work()
                 except BaseException as e:  # noqa: BLE001 - handed to its future below
                     slot["error"] = e
+                if device.type == "cuda":  # the last bucket's stream waits for this work
+                    slot["event"] = torch.cuda.current_stream(device).record_event()
 
             self._executor.submit(run, device)
             self._held.append((outer, slot))
             return outer
         held, self._held = self._held, []
 
+        def release(error: BaseException | None = None) -> None:
+            """Complete every held future not done yet: with its bucket's result (after the
+            current stream has waited for that bucket's work), or with an error. Each one
+            whatever happens to the others: DDP waits for all of them."""
+            for outer, slot in held:
+                if outer.done():
+                    continue
+                try:
+                    if error is None and "value" in slot:
+                        if "event" in slot:
+                            torch.cuda.current_stream(device).wait_event(slot["event"])
+                        outer.set_result(slot["value"])
+                    else:
+                        outer.set_exception(
+                            slot.get("error")
+                            or error
+                            or RuntimeError("this bucket's exchange did not run")
+                        )
+                except BaseException as e:  # noqa: BLE001 - handed to the waiting reducer
+                    if not outer.done():
+                        outer.set_exception(e)
+
         def run_last() -> torch.Tensor:
             try:
                 return work()
             finally:  # on the last bucket's stream, after every earlier bucket's work
-                for outer, slot in held:
-                    if "error" in slot:
-                        outer.set_exception(slot["error"])
-                    else:
-                        outer.set_result(slot["value"])
+                release()
 
-        return self._executor.submit(run_last, device)
+        fut = self._executor.submit(run_last, device)
+        # Where the executor could not run run_last at all (it failed to set up the device or
+        # stream), the held futures get that error too, instead of leaving DDP waiting.
+        fut.add_done_callback(lambda f: release(_error_of(f)))
+        return fut
 
     def _ddp_state(self) -> tuple[bool, bool] | None:
         """(whether DDP has rebuilt its buckets, whether it ever will), or None where that is not
@@ -240,12 +265,37 @@ class SyncState:
 
         return self._submit(work, flat.device)
 
+    @property
+    def grad_scaler(self) -> Any:
+        """The loss scaler the residuals follow (None without one); settable, for a state
+        unpickled from one made with a scaler (pickling leaves the scaler out)."""
+        return self.engine.grad_scaler
+
+    @grad_scaler.setter
+    def grad_scaler(self, scaler: Any) -> None:
+        _, active = with_grad_scaler(scaler, {"on_nonfinite": self.config.on_nonfinite})
+        self.engine.grad_scaler = active
+        self.engine.scaler_missing = False
+
     def __getstate__(self) -> dict[str, Any]:
-        return {"config": self.config, "state": self.state_dict()}
+        scaled = self.engine.grad_scaler is not None or self.engine.scaler_missing
+        return {"config": self.config, "state": self.state_dict(), "scaled": scaled}
 
     def __setstate__(self, d: dict[str, Any]) -> None:
         self.__init__(d["config"], {}, None)
         self.load_state_dict(d["state"])
+        # The scaler belongs to the training loop and is not pickled: until one is set, the
+        # first step refuses to take the scaled residuals for unscaled ones.
+        self.engine.scaler_missing = bool(d.get("scaled", False))
+
+
+def _error_of(fut: torch.futures.Future) -> BaseException | None:
+    """The exception a done Future holds, or None."""
+    try:
+        fut.value()
+    except BaseException as e:  # noqa: BLE001 - returned, not handled
+        return e
+    return None
 
 
 def _hook(state: SyncState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -328,7 +378,8 @@ def register_ddp_hook(
     layout = [(n, tuple(p.shape), str(p.dtype)) for n, p in named if p.requires_grad]
     device = cuda_device_of(p for _, p in named)
     try:  # a rank's bad options: every rank gets an error (check_consistent's gather)
-        config = make_config(compressor, density, with_grad_scaler(grad_scaler, options))
+        options, grad_scaler = with_grad_scaler(grad_scaler, options)  # None if disabled
+        config = make_config(compressor, density, options)
         for n, _, dt in layout:
             if dt not in ("torch.float32", "torch.float64", "torch.float16", "torch.bfloat16"):
                 raise TypeError(f"parameter {n!r} has dtype {dt}; gradients must be floating point")

@@ -79,6 +79,7 @@ class SyncEngine:
         self.grad_scaler = grad_scaler
         self.loss_scale = 1.0  # the units of the residuals and of the kept thresholds
         self._scale_read = False  # this step has compared loss_scale with the scaler's
+        self.scaler_missing = False  # a state unpickled from a scaled hook, no scaler set yet
         # With on_nonfinite="propagate": the step's results so far, made NaN if a later bucket
         # turns out non-finite (DDP copies them into the gradients only when backward ends).
         self._outputs: list[Tensor] = []
@@ -163,6 +164,7 @@ class SyncEngine:
             out = self._exchange_flat(flat, names, shapes)
         if self._propagating:
             self._outputs.append(out)
+            self._check_result([out])
         return out
 
     def exchange_into(
@@ -208,11 +210,28 @@ class SyncEngine:
                 out = self._exchange_flat(flat, names, shapes)
             for part, res in zip(parts, torch.split(out, numels)):
                 part.copy_(res)
+        else:
+            with on_device(parts[0].device):
+                world = self._count_dense(sum(numels), parts[0].element_size())
+                order = _canonical_order(names)
+                self._exchange_sparse(parts, list(names), list(shapes), numels, order, world)
+        if self._propagating:
+            self._check_result(parts)
+
+    def _check_result(self, results: Sequence[Tensor]) -> None:
+        """With "propagate": a result that is not finite although every rank's gradient was
+        (an overflow in the exchange itself, such as the fp16 compressor's cast of a scaled
+        gradient, or a sum past the dtype's range) drops the step as a non-finite gradient
+        does, so that what it committed to the residuals is rolled back and the step is
+        counted as skipped. Every exchange leaves every rank the same result, so the ranks
+        agree without a message."""
+        if self._skipping:
             return
-        with on_device(parts[0].device):
-            world = self._count_dense(sum(numels), parts[0].element_size())
-            order = _canonical_order(names)
-            self._exchange_sparse(parts, list(names), list(shapes), numels, order, world)
+        if bool(torch.stack([torch.isfinite(t).all() for t in results]).all()):
+            return
+        self._skipping = True
+        for out in self._outputs:
+            out.fill_(math.nan)
 
     @property
     def _propagating(self) -> bool:
@@ -229,6 +248,14 @@ class SyncEngine:
         if self._scale_read:
             return
         self._scale_read = True
+        if self.scaler_missing and self.grad_scaler is None:
+            self._scale_read = False
+            raise RuntimeError(
+                "this hook state was pickled from one with a grad_scaler, which pickling leaves "
+                "out: set state.grad_scaler = scaler (the training loop's) before the next "
+                f"step, or its residuals, kept at loss scale {self.loss_scale}, would be taken "
+                "for unscaled ones"
+            )
         scale = 1.0 if self.grad_scaler is None else float(self.grad_scaler.get_scale())
         if scale == self.loss_scale:
             return
@@ -791,6 +818,8 @@ class SyncEngine:
         # own scale (the scaler's, or 1 without one).
         self.loss_scale = float(scale)
         self._scale_read = False
+        self._skipping = False
+        self._outputs = []
 
 
 def _canonical_order(names: Sequence[str]) -> list[int]:

@@ -46,7 +46,7 @@ class GradientSync:
         With float16 mixed precision (``GradientSync(..., grad_scaler=scaler)``):
 
         >>> scaler.scale(loss).backward()
-        >>> sync.synchronize()
+        >>> sync.synchronize()  # before any scaler.unscale_(optimizer): residuals are scaled
         >>> scaler.step(optimizer)  # skips a step that overflowed on any rank
         >>> scaler.update()
     """
@@ -73,7 +73,8 @@ class GradientSync:
                 raise ValueError(
                     f"bucket_cap_mb must be a finite number > 0, got {bucket_cap_mb!r}"
                 )
-            self.config = make_config(compressor, density, with_grad_scaler(grad_scaler, options))
+            options, grad_scaler = with_grad_scaler(grad_scaler, options)  # None if disabled
+            self.config = make_config(compressor, density, options)
             for n, p in self.params:
                 if p.dtype not in _FLOATS:
                     raise TypeError(
