@@ -607,9 +607,10 @@ def sgd(params: Any, fused: bool = True, **options: Any) -> torch.optim.SGD:
     implementation.
 
     Not fused with a ``torch.amp.GradScaler``: the scaler hands a fused SGD its overflow check
-    instead of skipping the step itself, and the fused kernel (torch 2.13) still sets up the
-    momentum from the Inf gradient of a skipped step when it is the optimizer's first, as a
-    scaler's first steps often are, so the first step it applies wrecks the weights."""
+    instead of skipping the step itself, and torch 2.13's fused SGD allocates its momentum
+    buffers uninitialised on its first call and leaves them so when that step is skipped, as a
+    scaler's first steps often are; the first step it applies then adds leftover memory to the
+    weights."""
     params = list(params)
     if not fused:
         return torch.optim.SGD(params, **options)

@@ -366,6 +366,14 @@ def test_a_disabled_scaler_is_no_scaler_and_a_pickled_state_asks_for_its_scaler(
     restored = pickle.loads(pickle.dumps(state))
     with pytest.raises(RuntimeError, match=r"set state.grad_scaler = scaler .* loss scale 256"):
         restored.engine._begin_step()
+    for bad in (None, off):  # NaN gradients would then be applied: refused
+        with pytest.raises(ValueError, match="takes an enabled torch.amp.GradScaler"):
+            restored.grad_scaler = bad
     restored.grad_scaler = on
     restored.engine._begin_step()
     assert restored.engine.loss_scale == 2.0**8
+    robust = SyncState(
+        make_config("none", None, {"aggregator": "median", "on_nonfinite": "propagate"}), {}, None
+    )
+    with pytest.raises(ValueError, match="aggregator='median'"):
+        robust.grad_scaler = on  # as the constructor refuses it

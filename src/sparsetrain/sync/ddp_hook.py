@@ -273,7 +273,17 @@ class SyncState:
 
     @grad_scaler.setter
     def grad_scaler(self, scaler: Any) -> None:
-        _, active = with_grad_scaler(scaler, {"on_nonfinite": self.config.on_nonfinite})
+        config = self.config
+        options = {"on_nonfinite": config.on_nonfinite, "aggregator": config.aggregator,
+                   "attack": config.attack}  # fmt: skip
+        _, active = with_grad_scaler(scaler, options)  # refuses what the constructor refuses
+        if active is None:
+            raise ValueError(
+                "state.grad_scaler takes an enabled torch.amp.GradScaler, got "
+                f"{scaler!r}: with on_nonfinite={config.on_nonfinite!r} and no scaler to skip "
+                "them, one rank's NaN gradients would be applied on every rank; register a new "
+                "hook without grad_scaler to train unscaled"
+            )
         self.engine.grad_scaler = active
         self.engine.scaler_missing = False
 

@@ -224,10 +224,13 @@ class SyncEngine:
         gradient, or a sum past the dtype's range) drops the step as a non-finite gradient
         does, so that what it committed to the residuals is rolled back and the step is
         counted as skipped. Every exchange leaves every rank the same result, so the ranks
-        agree without a message."""
+        agree without a message (were they to differ, a rank that drops the step would stop
+        issuing its collectives while the others go on). A finite sum proves its tensor
+        finite, without a boolean copy of the bucket; only a sum that is not is looked into."""
         if self._skipping:
             return
-        if bool(torch.stack([torch.isfinite(t).all() for t in results]).all()):
+        sums = torch.stack([t.sum() for t in results])
+        if bool(torch.isfinite(sums).all()) or all(bool(torch.isfinite(t).all()) for t in results):
             return
         self._skipping = True
         for out in self._outputs:
