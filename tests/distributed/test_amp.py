@@ -377,3 +377,47 @@ def test_a_disabled_scaler_is_no_scaler_and_a_pickled_state_asks_for_its_scaler(
     )
     with pytest.raises(ValueError, match="aggregator='median'"):
         robust.grad_scaler = on  # as the constructor refuses it
+
+
+def _sum_overflow(rank: int, world: int) -> dict:
+    # Both ranks send 3e38 at the same position: each finite, their float32 sum is not. Ok-Topk
+    # cannot select from it and says so on every rank; the allgather's sum is Inf.
+    out = {}
+    for collective in ("oktopk", "allgather"):
+        for mode in ("propagate", "raise"):
+            torch.manual_seed(0)
+            net = _net()
+            sync = sparsetrain.GradientSync(
+                net, "threshold", density=0.1, collective=collective, on_nonfinite=mode
+            )
+            for p, g in zip(net.parameters(), _grads(net, rank, 0)):
+                p.grad = g
+            sync.synchronize()  # a normal step: residuals to keep
+            before = {n: r.clone() for n, r in sync.engine.feedback.residuals.items()}
+            grads = _grads(net, rank, 1)
+            grads[0][0, 0] = 3e38
+            for p, g in zip(net.parameters(), grads):
+                p.grad = g
+            try:
+                kept = sync.synchronize()
+            except FloatingPointError as e:
+                out[f"{collective}/{mode}"] = f"FloatingPointError: {e}"
+                continue
+            after = sync.engine.feedback.residuals
+            out[f"{collective}/{mode}"] = (
+                kept,
+                all(bool(torch.isnan(p.grad).all()) for p in net.parameters()),
+                all(torch.equal(before[n], after[n]) for n in before),
+            )
+    return out
+
+
+def test_a_sum_that_overflows_in_a_sparse_collective_drops_the_step_under_propagate(tmp_path):
+    """Finite gradients whose sum over the ranks is not: with "propagate" the step is dropped
+    on every rank (every gradient NaN, residuals as before), whether the collective refuses to
+    select from the sum (Ok-Topk) or returns it (the allgather); with "raise", Ok-Topk's error
+    reaches every rank."""
+    for r in oks(run_world(_sum_overflow, 2, tmp_path)):
+        for collective in ("oktopk", "allgather"):
+            assert r[f"{collective}/propagate"] == (False, True, True), (collective, r)
+        assert "FloatingPointError" in r["oktopk/raise"], r

@@ -232,9 +232,32 @@ class SyncEngine:
         sums = torch.stack([t.sum() for t in results])
         if bool(torch.isfinite(sums).all()) or all(bool(torch.isfinite(t).all()) for t in results):
             return
+        self._drop()
+
+    def _drop(self) -> None:
+        """Drop this step on this rank (every rank does so at the same point): later buckets
+        return what :attr:`_dropped` says, and with "propagate" the step's results so far
+        become NaN; :meth:`end_step` rolls the residuals back."""
         self._skipping = True
-        for out in self._outputs:
-            out.fill_(math.nan)
+        if self._propagating:
+            for out in self._outputs:
+                out.fill_(math.nan)
+
+    def _sparse_collective(self, coll, indices: Tensor, values: Tensor, numel: int, key: str):
+        """Call a sparse collective, counting its time and bytes. With "propagate", a sum the
+        collective refuses as non-finite (Ok-Topk cannot select from Inf; every rank learns it
+        in the same message and raises together) drops the step instead: returns None."""
+        try:
+            res: CollectiveResult = self._timed_comm(
+                coll, indices, values, numel, group=self.group, key=key
+            )
+        except FloatingPointError:
+            if not self._propagating:
+                raise
+            self._drop()
+            return None
+        self._count(res.bytes_sent, res.bytes_recv)
+        return res
 
     @property
     def _propagating(self) -> bool:
@@ -521,10 +544,11 @@ class SyncEngine:
             total = reduced[0]
             self.feedback.mask_velocity(sent_idx)
         else:
-            res: CollectiveResult = self._timed_comm(
-                coll, indices, values, numel, group=self.group, key=key
-            )
-            self._count(res.bytes_sent, res.bytes_recv)
+            res = self._sparse_collective(coll, indices, values, numel, key)
+            if res is None:  # dropped: the sum was not finite
+                for part in parts:
+                    part.fill_(math.nan)
+                return
             if res.dense is None:
                 # A global selection: what this rank sent but the selection dropped goes back
                 # into its residual (with its momentum); the result is zero outside the
@@ -615,10 +639,9 @@ class SyncEngine:
                 total = reduced[0]
                 self.feedback.mask_velocity(payload[0])
             else:
-                res: CollectiveResult = self._timed_comm(
-                    coll, payload[0], payload[1], flat.numel(), group=self.group, key=key
-                )
-                self._count(res.bytes_sent, res.bytes_recv)
+                res = self._sparse_collective(coll, payload[0], payload[1], flat.numel(), key)
+                if res is None:  # dropped: the sum was not finite
+                    return torch.full_like(flat, math.nan)
                 if res.dense is not None:
                     total = res.dense
                     self.feedback.mask_velocity(payload[0])
@@ -723,10 +746,7 @@ class SyncEngine:
                 "to drop such steps on every rank (with torch.amp.GradScaler, pass "
                 "grad_scaler=scaler: overflows are then its to handle)"
             )
-        self._skipping = True
-        if self._propagating:  # the step's earlier results too: the scaler skips the step
-            for out in self._outputs:
-                out.fill_(math.nan)
+        self._drop()  # with "propagate", the step's earlier results too: a scaler skips it
         return True
 
     # ---- step bookkeeping and state ------------------------------------------------------
