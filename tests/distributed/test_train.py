@@ -401,7 +401,7 @@ def test_evaluation_split_over_the_ranks_gives_the_whole_models_numbers(tmp_path
 def test_fp16_with_a_loss_scaler_trains_counts_its_skips_and_resumes_exactly(tmp_path):
     # float16 autocast with a GradScaler, through the hook with several DDP buckets and
     # Ok-Topk. With the scaler's default first scale (2**16), 8 epochs end within 2 points of
-    # float32 (seed 0: 96.0% against 96.4%). A first scale of 2**30 overflows the float16
+    # float32 (seed 0: 96.0% against 96.4%), as bfloat16 autocast does without a scaler. A first scale of 2**30 overflows the float16
     # backward, so the first steps are skipped on every rank and the scale halves each time;
     # no step grows it again within 44 steps (the growth interval is 2000). A run resumed from
     # a checkpoint (the scaler's state, the scale the residuals are in) ends exactly where the
@@ -418,6 +418,7 @@ def test_fp16_with_a_loss_scaler_trains_counts_its_skips_and_resumes_exactly(tmp
             [
                 TrainConfig(label="fp32", **longer),
                 TrainConfig(label="fp16", amp="fp16", **longer),
+                TrainConfig(label="bf16", amp="bf16", **longer),
                 TrainConfig(label="big", amp="fp16", **big),
                 TrainConfig(label="cut", amp="fp16", max_steps=15, checkpoint_every=5, **big),
                 TrainConfig(
@@ -434,6 +435,10 @@ def test_fp16_with_a_loss_scaler_trains_counts_its_skips_and_resumes_exactly(tmp
     assert fp32["final_test_accuracy"] > 0.9
     assert fp16["final_test_accuracy"] >= fp32["final_test_accuracy"] - 0.02
     assert "loss_scale" not in fp32 and fp32["skipped_steps"] == 0
+    bf16 = runs["bf16"]  # bfloat16 has float32's range: no scaler, nothing skipped
+    assert bf16["final_test_accuracy"] >= fp32["final_test_accuracy"] - 0.02
+    assert "loss_scale" not in bf16 and bf16["skipped_steps"] == 0
+    assert bf16["config"]["on_nonfinite"] == "raise"
     for run in (runs["big"], runs["ddp"]):  # the hook's count, and plain DDP's
         assert run["steps"] == 44
         assert run["skipped_steps"] >= 5, run["label"]
