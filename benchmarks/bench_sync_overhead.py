@@ -12,7 +12,11 @@ digits-wide-mlp on a fixed batch, and for each variant times STEPS steps after a
 * ``<compressor>+<collective>``: the hook with that sparse compressor and collective, once on
   the engine's in-place sparse path (``fast``) and once forced onto its general path
   (``general``: dense temporaries, the residual as ``compensated - decompress(payload)``), which
-  computes the same values bit for bit.
+  computes the same values bit for bit; ``threshold+oktopk/scaled`` is the fast path with a
+  ``torch.amp.GradScaler`` given to the hook and driving the step (``scaler.scale(loss)``,
+  ``scaler.step``, ``scaler.update``, with a plain SGD as the trainer uses with a scaler): what
+  the hook's loss-scale bookkeeping costs (its result check, the held futures, the scale read
+  once a step), without autocast, whose cost is the model's.
 
 For each it reports wall seconds per step (slowest rank), and on rank 0 the CPU seconds per step
 of the main thread and of the hook's thread: with more ranks than cores the step is bound by
@@ -55,6 +59,7 @@ VARIANTS = [
     "threshold+oktopk/general",
     "topk+allgather/fast",
     "topk+allgather/general",
+    "threshold+oktopk/scaled",
 ]
 
 
@@ -67,7 +72,9 @@ def _measure(variant: str, task, x: torch.Tensor, y: torch.Tensor, cfg: dict) ->
     net = task.build_model()
     # As the trainer builds them: gradients as views into DDP's buckets, fused SGD.
     model = net if variant == "local" else DDP(net, gradient_as_bucket_view=True)
-    state = None
+    state, scaler = None, None
+    if variant.endswith("/scaled"):
+        scaler = torch.amp.GradScaler("cpu")
     if variant.startswith("dense"):
         state = sparsetrain.register_ddp_hook(model, "none")
         if variant == "dense/general":
@@ -76,7 +83,7 @@ def _measure(variant: str, task, x: torch.Tensor, y: torch.Tensor, cfg: dict) ->
         method, path = variant.split("/")
         compressor, collective = method.split("+")
         state = sparsetrain.register_ddp_hook(
-            model, compressor, density=cfg["density"], collective=collective
+            model, compressor, density=cfg["density"], collective=collective, grad_scaler=scaler
         )
         if path == "general":
             state.engine._sparse_fast_path = lambda: False
@@ -92,12 +99,18 @@ def _measure(variant: str, task, x: torch.Tensor, y: torch.Tensor, cfg: dict) ->
                 hook_cpu[0] += time.thread_time() - c0
 
         state.engine.exchange = timed
-    opt = sgd(net.parameters(), lr=0.01, momentum=0.9)
+    opt = sgd(net.parameters(), fused=scaler is None, lr=0.01, momentum=0.9)
 
     def step():
         opt.zero_grad()
-        task.loss_fn(model(x), y).backward()
-        opt.step()
+        loss = task.loss_fn(model(x), y)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
 
     for _ in range(cfg["warmup"]):
         step()
@@ -151,6 +164,12 @@ def _print_table(results: dict) -> None:
         print(f"{v:<26}{r['seconds_per_step']:>9.3f}{1e3 * r['main_cpu_seconds_per_step']:>13.1f}"
               f"{1e3 * r['hook_cpu_seconds_per_step']:>13.1f}"
               f"{r['page_faults_per_step']:>13.0f}")  # fmt: skip
+    fast, scaled = results.get("threshold+oktopk/fast"), results.get("threshold+oktopk/scaled")
+    if fast and scaled:
+        print(f"threshold+oktopk: with a GradScaler / without = "
+              f"{scaled['seconds_per_step'] / fast['seconds_per_step']:.2f}x step time, "
+              f"{scaled['hook_cpu_seconds_per_step'] / fast['hook_cpu_seconds_per_step']:.2f}x"
+              " hook CPU")  # fmt: skip
     for method in ("dense", "threshold+oktopk", "topk+allgather"):
         fast = results.get(method if method == "dense" else f"{method}/fast")
         general = results.get(f"{method}/general")
