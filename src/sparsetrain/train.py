@@ -568,6 +568,9 @@ def _agreed_checkpoint(
         if config.schedule == "cosine":  # checkpoints from before epochs was checked
             saved.setdefault("epochs", config.epochs)
         now = _resumable(config)
+        for fields in (saved, now):  # the first loss scale matters only to an fp16 run
+            if fields.get("amp") != "fp16":
+                fields.pop("init_loss_scale", None)
         differ = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
         if state.get("format") != _CHECKPOINT_FORMAT or state.get("world") != world:
             error = (

@@ -450,3 +450,10 @@ def test_fp16_with_a_loss_scaler_trains_counts_its_skips_and_resumes_exactly(tmp
     assert resumed["curves"]["train_loss"] == runs["big"]["curves"]["train_loss"]
     with pytest.raises(WorkerError, match="different configuration: amp 'fp16' there, None here"):
         launch(TrainConfig(label="cut", resume=True, **big))
+    # The first loss scale is part of an fp16 run's configuration (another one skips other
+    # steps), and of no other run's: a float32 run resumes whatever it says.
+    with pytest.raises(WorkerError, match="init_loss_scale 1073741824.0 there, 65536.0 here"):
+        launch(TrainConfig(label="cut", amp="fp16", resume=True, **common))
+    launch(TrainConfig(label="fp32", max_steps=2, checkpoint_every=1, **common))
+    again = launch(TrainConfig(label="fp32", resume=True, **{**common, "init_loss_scale": 8.0}))
+    assert again["runs"][0]["steps"] == 44
