@@ -1176,8 +1176,12 @@ def parse_value(text: str) -> Any:
 
 
 def summary_table(report: dict[str, Any]) -> str:
-    """Return a plain-text table of the runs: accuracy, bytes a rank sent, ratio and time."""
+    """Return a plain-text table of the runs: accuracy, bytes a rank sent, ratio and time, and
+    the steps dropped for a NaN/Inf gradient where any run dropped some (a loss scaler's
+    overflows, ``on_nonfinite="skip"``)."""
+    skips = any(run.get("skipped_steps") for run in report["runs"])
     header = ("run", "test acc", "MB sent/rank", "vs dense", "seconds")
+    header += ("skipped steps",) if skips else ()
     rows = []
     for run in report["runs"]:
         sent, dense = run["bytes_sent_per_rank"], run["dense_bytes_per_rank"]
@@ -1190,6 +1194,7 @@ def summary_table(report: dict[str, Any]) -> str:
                 f"{100 * sent / dense:.2f}%" if dense else "-",
                 f"{run['wall_seconds']:.1f}",
             )
+            + ((str(run.get("skipped_steps", 0)),) if skips else ())
         )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = [

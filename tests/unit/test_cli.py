@@ -466,6 +466,12 @@ def test_summary_table_shows_accuracy_bytes_ratio_and_time():
     assert lines[0].split() == ["run", "test", "acc", "MB", "sent/rank", "vs", "dense", "seconds"]
     assert lines[2].split() == ["none", "97.0%", "1.000", "100.00%", "2.5"]
     assert lines[3].split() == ["topk", "96.0%", "0.040", "4.00%", "2.5"]
+    # Steps dropped for NaN/Inf (a loss scaler's overflows) get a column where there were any.
+    report = fake_report()
+    report["runs"][1]["skipped_steps"] = 3
+    lines = summary_table(report).splitlines()
+    assert lines[0].split()[-2:] == ["skipped", "steps"]
+    assert lines[2].split()[-1] == "0" and lines[3].split()[-1] == "3"
 
 
 def test_report_round_trips_and_the_picture_is_a_png(tmp_path):
