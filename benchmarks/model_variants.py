@@ -29,7 +29,6 @@ held out on each other run, with the median error.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 from pathlib import Path
 
@@ -89,27 +88,8 @@ def _rows(points, cores: int, variant: str, side: pm.NetworkParams):
 
 
 def _fit(a: np.ndarray, t: np.ndarray, known: np.ndarray, beta: float) -> np.ndarray:
-    """Non-negative least squares on relative errors, beta held (as ``perfmodel.fit``)."""
-    rel = a / t[:, None]
-    b = 1.0 - known / t
-    j_beta = pm.COEFFICIENTS.index("beta")
-    b = b - rel[:, j_beta] * beta
-    free = [j for j in range(a.shape[1]) if j != j_beta]
-    scale = np.maximum(np.abs(rel).max(axis=0), 1e-300)
-    rel = rel / scale
-    best, best_err = np.zeros(a.shape[1]), float(np.sum(b**2))
-    for r in range(1, len(free) + 1):
-        for cols in itertools.combinations(free, r):
-            x, *_ = np.linalg.lstsq(rel[:, cols], b, rcond=None)
-            if np.any(x < 0):
-                continue
-            err = float(np.sum((rel[:, cols] @ x - b) ** 2))
-            if err < best_err:
-                best_err, best = err, np.zeros(a.shape[1])
-                best[list(cols)] = x
-    coef = best / scale
-    coef[j_beta] = beta
-    return coef
+    """``perfmodel.fit``'s solver on these columns, beta held at the measured link's."""
+    return pm.nnls_relative(a, t, known, {pm.COEFFICIENTS.index("beta"): beta})
 
 
 def _within(a, t, known, coef) -> tuple[float, float]:

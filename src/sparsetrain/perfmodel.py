@@ -846,19 +846,33 @@ def _nnls_fit(
 ) -> NetworkParams:
     """Non-negative least squares on relative errors over every subset of the free
     coefficients, the ``known`` seconds of each row taken off first (see :func:`fit`)."""
+    held = {COEFFICIENTS.index(name): float(v) for name, v in fixed.items()}
+    coef = nnls_relative(rows, ts, known, held)
+    return NetworkParams(*(float(v) for v in coef), latency=latency)
+
+
+def nnls_relative(
+    rows: Sequence[Sequence[float]],
+    ts: Sequence[float],
+    known: Sequence[float],
+    fixed: dict[int, float],
+):
+    """The non-negative coefficients (one a column of ``rows``, as a numpy array) whose dot
+    product with each row, plus its ``known`` seconds, best matches its time in ``ts`` in
+    relative terms: least squares over every subset of the columns not held at ``fixed``
+    values (by column index), the best feasible subset kept. :func:`fit`'s solver, also for
+    variants of the model with other columns (``benchmarks/model_variants.py``)."""
     import numpy as np
 
-    names = COEFFICIENTS
     a = np.asarray(rows, dtype=float) / np.asarray(ts)[:, None]
     b = 1.0 - np.asarray(known, dtype=float) / np.asarray(ts)
-    free = [j for j, name in enumerate(names) if name not in fixed]
-    for j, name in enumerate(names):
-        if name in fixed:
-            b = b - a[:, j] * float(fixed[name])
+    free = [j for j in range(a.shape[1]) if j not in fixed]
+    for j, v in fixed.items():
+        b = b - a[:, j] * v
     # Column scaling: the coefficients span 1e-11 (gamma_dense) to 1e-4 (alpha).
     scale = np.maximum(np.abs(a).max(axis=0), 1e-300)
     a = a / scale
-    best, best_err = np.zeros(len(names)), float(np.sum(b**2))
+    best, best_err = np.zeros(a.shape[1]), float(np.sum(b**2))
     for r in range(1, len(free) + 1):
         for cols in itertools.combinations(free, r):
             sub = a[:, cols]
@@ -869,13 +883,12 @@ def _nnls_fit(
                 continue
             err = float(np.sum((sub @ x - b) ** 2))
             if err < best_err:
-                best_err, best = err, np.zeros(len(names))
+                best_err, best = err, np.zeros(a.shape[1])
                 best[list(cols)] = x
     coef = best / scale
-    for j, name in enumerate(names):
-        if name in fixed:
-            coef[j] = float(fixed[name])
-    return NetworkParams(*(float(v) for v in coef), latency=latency)
+    for j, v in fixed.items():
+        coef[j] = v
+    return coef
 
 
 def best_collective(

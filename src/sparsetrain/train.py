@@ -817,11 +817,11 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
             if sync is not None:
                 sync.synchronize()
             if scaler is not None:  # skips a step whose gradients overflowed on any rank
-                scale = scaler.get_scale() if config.native_ddp else 0.0
+                before = scaler.get_scale() if config.native_ddp else None  # a device sync
                 scaler.step(optimizer)
                 scaler.update()
-                if scaler.get_scale() < scale:  # lowered: this step was skipped
-                    hook.skipped += 1
+                if before is not None and scaler.get_scale() < before:  # lowered: skipped
+                    hook.skipped += 1  # plain DDP has no hook to count them
             elif not hook.skipped_last_step:
                 optimizer.step()
             finite = torch.isfinite(loss.detach())

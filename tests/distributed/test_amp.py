@@ -55,6 +55,16 @@ def _grads(net: nn.Module, rank: int, step: int) -> list[torch.Tensor]:
     return [torch.randn(p.shape, generator=g) ** 3 * 1e-3 for p in net.parameters()]
 
 
+def _backward_to(model: DDP, net: nn.Module, grads: list[torch.Tensor]) -> None:
+    """A DDP backward whose gradient is ``grads``: the hook sees exactly these values (the
+    forward through DDP only prepares its reducer and adds zero)."""
+    loss = model(torch.zeros(1, 20)).sum() * 0.0 + sum(
+        (p * g).sum() for p, g in zip(net.parameters(), grads)
+    )
+    net.zero_grad(set_to_none=True)
+    loss.backward()
+
+
 def _scaled_equivalence(rank: int, world: int) -> dict:
     out = {}
     for compressor, opts in CONFIGS:
@@ -77,18 +87,13 @@ def _scaled_equivalence(rank: int, world: int) -> dict:
                 scaler.update(new_scale=scale)
                 grads = _grads(plain_net, rank, step)
                 if how == "ddp":
-                    # The gradient reaches the bucket through a parameter hook: backward of a
-                    # loss whose gradient is `grads` (times the scale for the scaled model).
+                    # The gradient reaches the bucket through DDP's backward of a loss whose
+                    # gradient is `grads` (times the scale for the scaled model).
                     for model, net, s in (
                         (plain_model, plain_net, 1.0),
                         (scaled_model, scaled_net, scale),
                     ):
-                        x = torch.zeros(1, 20)
-                        loss = model(x).sum() * 0.0 + sum(
-                            (p * (g * s)).sum() for p, g in zip(net.parameters(), grads)
-                        )
-                        net.zero_grad(set_to_none=True)
-                        loss.backward()
+                        _backward_to(model, net, [g * s for g in grads])
                 else:
                     for p, g in zip(plain_net.parameters(), grads):
                         p.grad = g.clone()
@@ -306,11 +311,7 @@ def _exchange_overflow(rank: int, world: int, how: str) -> dict:
             grads[0][0, 0] = 1.5
         scale = scaler.get_scale()
         if how == "ddp":
-            loss = model(torch.zeros(1, 20)).sum() * 0.0 + sum(
-                (p * (g * scale)).sum() for p, g in zip(net.parameters(), grads)
-            )
-            net.zero_grad(set_to_none=True)
-            loss.backward()
+            _backward_to(model, net, [g * scale for g in grads])
         else:
             for p, g in zip(net.parameters(), grads):
                 p.grad = g * scale

@@ -164,7 +164,10 @@ class SyncEngine:
             out = self._exchange_flat(flat, names, shapes)
         if self._propagating:
             self._outputs.append(out)
-            self._check_result([out])
+            if self._skipping:  # dropped during this bucket: _drop filled only the earlier ones
+                out.fill_(math.nan)
+            else:
+                self._check_result([out])
         return out
 
     def exchange_into(
@@ -519,10 +522,7 @@ class SyncEngine:
             cleared = True
             self.counters["compress_seconds"] += time.perf_counter() - t0
             if self._nonfinite(parts, names, world, per_param=bad):
-                if self._propagating:  # cleared above
-                    for part in parts:
-                        part.fill_(math.nan)
-                return
+                return  # cleared above; with "propagate" the caller makes them NaN
             t0 = time.perf_counter()
         payload, ctx = comp.compress(
             compensated,
@@ -545,9 +545,7 @@ class SyncEngine:
             self.feedback.mask_velocity(sent_idx)
         else:
             res = self._sparse_collective(coll, indices, values, numel, key)
-            if res is None:  # dropped: the sum was not finite
-                for part in parts:
-                    part.fill_(math.nan)
+            if res is None:  # dropped (the sum was not finite): the caller makes the parts NaN
                 return
             if res.dense is None:
                 # A global selection: what this rank sent but the selection dropped goes back
