@@ -14,6 +14,8 @@ overflowed and grows now and then. What a user relies on:
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -201,7 +203,7 @@ def _propagate(rank: int, world: int, how: str, device: str) -> dict:
     plain = sparsetrain.GradientSync(_net(), "threshold", **opts)
     plain.load_state_dict(state)
     saved = {n: r.clone() for n, r in state["feedback"]["residuals"].items()}
-    plain.engine._begin_step()
+    plain.engine._begin_step(torch.device("cpu"))
     res = plain.engine.feedback.residuals
     out["unscaled_on_load"] = all(
         torch.equal(res[n], saved[n] / state["loss_scale"]) for n in saved
@@ -362,22 +364,66 @@ def test_a_disabled_scaler_is_no_scaler_and_a_pickled_state_asks_for_its_scaler(
     options, active = with_grad_scaler(on, {})
     assert active is on and options["on_nonfinite"] == "propagate"
     state = SyncState(make_config("topk", 0.1, options), {}, None, grad_scaler=on)
-    state.engine._begin_step()
+    state.engine._begin_step(torch.device("cpu"))
     assert state.engine.loss_scale == 2.0**8
     restored = pickle.loads(pickle.dumps(state))
     with pytest.raises(RuntimeError, match=r"set state.grad_scaler = scaler .* loss scale 256"):
-        restored.engine._begin_step()
+        restored.engine._begin_step(torch.device("cpu"))
     for bad in (None, off):  # NaN gradients would then be applied: refused
         with pytest.raises(ValueError, match="takes an enabled torch.amp.GradScaler"):
             restored.grad_scaler = bad
     restored.grad_scaler = on
-    restored.engine._begin_step()
+    restored.engine._begin_step(torch.device("cpu"))
     assert restored.engine.loss_scale == 2.0**8
     robust = SyncState(
         make_config("none", None, {"aggregator": "median", "on_nonfinite": "propagate"}), {}, None
     )
     with pytest.raises(ValueError, match="aggregator='median'"):
         robust.grad_scaler = on  # as the constructor refuses it
+    # A live hook registered without a scaler cannot take one: no rank could tell whether
+    # the others did too (an unpickled state checks that at its first step).
+    unscaled = SyncState(make_config("topk", 0.1, {"on_nonfinite": "propagate"}), {}, None)
+    with pytest.raises(ValueError, match="registered without a grad_scaler"):
+        unscaled.grad_scaler = on
+
+
+def _unpickled_scalers(rank: int, world: int, pickled_scaled: bool) -> dict:
+    import pickle
+
+    from sparsetrain.sync.config import make_config
+    from sparsetrain.sync.ddp_hook import SyncState
+
+    scaler = _scaler(2.0**8)
+    config = make_config("none", None, {"on_nonfinite": "propagate"})
+    state = SyncState(config, {}, None, grad_scaler=scaler if pickled_scaled else None)
+    restored = pickle.loads(pickle.dumps(state))
+    if rank == 0:  # the other ranks forget theirs
+        restored.grad_scaler = scaler
+    flat, names, shapes = torch.ones(10), ["w"], [torch.Size([10])]
+    out = {}
+    try:
+        restored.engine.exchange(flat, names, shapes)
+    except RuntimeError as e:
+        out["error"] = str(e)
+    restored.engine.end_step()
+    restored.grad_scaler = scaler  # now on every rank: the step goes ahead
+    out["after"] = restored.engine.exchange(torch.full((10,), 256.0), names, shapes).tolist()
+    return out
+
+
+@pytest.mark.parametrize("pickled_scaled", [True, False])
+def test_unpickled_states_whose_ranks_differ_in_having_a_scaler_fail_on_every_rank(
+    tmp_path, pickled_scaled
+):
+    """Each rank sets state.grad_scaler on its own after unpickling. If one forgets, its step
+    must not raise alone (the others would wait for it in the exchange): every rank raises,
+    naming the ranks without one; and a scaled and an unscaled gradient are never summed."""
+    want = "have no grad_scaler" if pickled_scaled else r"rank\(s\) \[0\] have a grad_scaler"
+    for r in oks(run_world(_unpickled_scalers, 2, tmp_path, pickled_scaled)):
+        assert "error" in r and re.search(want, r["error"]), r
+        if pickled_scaled:
+            assert "rank(s) [1]" in r["error"], r
+        assert r["after"] == [256.0] * 10, r
 
 
 def _sum_overflow(rank: int, world: int) -> dict:

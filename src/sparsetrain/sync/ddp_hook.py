@@ -268,7 +268,10 @@ class SyncState:
     @property
     def grad_scaler(self) -> Any:
         """The loss scaler the residuals follow (None without one); settable, for a state
-        unpickled from one made with a scaler (pickling leaves the scaler out)."""
+        unpickled from one made with a scaler (pickling leaves the scaler out). Set it on every
+        rank: the state's first step raises on every rank if some ranks have one and others
+        not. A hook registered without a scaler refuses one (register it with
+        ``grad_scaler=``)."""
         return self.engine.grad_scaler
 
     @grad_scaler.setter
@@ -277,6 +280,13 @@ class SyncState:
         options = {"on_nonfinite": config.on_nonfinite, "aggregator": config.aggregator,
                    "attack": config.attack}  # fmt: skip
         _, active = with_grad_scaler(scaler, options)  # refuses what the constructor refuses
+        if self.engine.grad_scaler is None and not self.engine.agree_scaler:
+            # Only an unpickled state checks, at its first step, that every rank has one.
+            raise ValueError(
+                "this hook was registered without a grad_scaler and cannot take one later: "
+                "register the hook with grad_scaler=scaler on every rank (state.grad_scaler is "
+                "for a state unpickled from one made with a scaler)"
+            )
         if active is None:
             raise ValueError(
                 "state.grad_scaler takes an enabled torch.amp.GradScaler, got "
@@ -297,6 +307,7 @@ class SyncState:
         # The scaler belongs to the training loop and is not pickled: until one is set, the
         # first step refuses to take the scaled residuals for unscaled ones.
         self.engine.scaler_missing = bool(d.get("scaled", False))
+        self.engine.agree_scaler = True  # at the first step: every rank set one, or none did
 
 
 def _error_of(fut: torch.futures.Future) -> BaseException | None:

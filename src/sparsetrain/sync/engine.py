@@ -80,6 +80,9 @@ class SyncEngine:
         self.loss_scale = 1.0  # the units of the residuals and of the kept thresholds
         self._scale_read = False  # this step has compared loss_scale with the scaler's
         self.scaler_missing = False  # a state unpickled from a scaled hook, no scaler set yet
+        # A state unpickled (on every rank): its first step checks that the ranks agree on
+        # having a scaler, since each rank sets state.grad_scaler on its own.
+        self.agree_scaler = False
         # With on_nonfinite="propagate": the step's results so far, made NaN if a later bucket
         # turns out non-finite (DDP copies them into the gradients only when backward ends).
         self._outputs: list[Tensor] = []
@@ -159,7 +162,7 @@ class SyncEngine:
             FloatingPointError: a rank's gradient has NaN or Inf and ``on_nonfinite="raise"``
                 (raised on every rank, naming the ranks and parameters).
         """
-        self._begin_step()
+        self._begin_step(flat.device)
         with on_device(flat.device):
             out = self._exchange_flat(flat, names, shapes)
         if self._propagating:
@@ -204,7 +207,7 @@ class SyncEngine:
                     f"parts must share one dtype and device: {name!r} is {part.dtype} on "
                     f"{part.device}, {names[0]!r} is {parts[0].dtype} on {parts[0].device}"
                 )
-        self._begin_step()
+        self._begin_step(parts[0].device)
         if self._propagating:
             self._outputs.extend(parts)
         if self._skipping or not self._sparse_fast_path():
@@ -271,20 +274,18 @@ class SyncEngine:
         """What a dropped step's gradients are filled with: NaN for "propagate", else zero."""
         return math.nan if self._propagating else 0.0
 
-    def _begin_step(self) -> None:
+    def _begin_step(self, device: torch.device) -> None:
         """At a step's first exchange: bring the residuals and kept thresholds to the loss scale
         of this step's gradients (the scaler's, read once a step; 1 without one)."""
         if self._scale_read:
             return
         self._scale_read = True
-        if self.scaler_missing and self.grad_scaler is None:
-            self._scale_read = False
-            raise RuntimeError(
-                "this hook state was pickled from one with a grad_scaler, which pickling leaves "
-                "out: set state.grad_scaler = scaler (the training loop's) before the next "
-                f"step, or its residuals, kept at loss scale {self.loss_scale}, would be taken "
-                "for unscaled ones"
-            )
+        if self.agree_scaler:
+            try:
+                self._agree_on_scaler(device)
+            except BaseException:
+                self._scale_read = False
+                raise
         scale = 1.0 if self.grad_scaler is None else float(self.grad_scaler.get_scale())
         if scale == self.loss_scale:
             return
@@ -292,6 +293,36 @@ class SyncEngine:
             raise ValueError(f"the grad_scaler's scale must be finite and > 0, got {scale}")
         self.rescale(scale / self.loss_scale)
         self.loss_scale = scale
+
+    def _agree_on_scaler(self, device: torch.device) -> None:
+        """The first step of an unpickled state: raise on every rank if a rank's state was
+        pickled with a scaler and has none set again, or if the ranks differ in having one (a
+        scaled and an unscaled gradient would be summed). One small allreduce, once."""
+        world = world_of(self.group)
+        rank = dist.get_rank(self.group) if world > 1 else 0
+        flags = torch.zeros(2 * world, dtype=torch.int64, device=device)
+        flags[rank] = int(self.scaler_missing and self.grad_scaler is None)
+        flags[world + rank] = int(self.grad_scaler is not None)
+        if world > 1:
+            with on_device(device):
+                dist.all_reduce(flags, group=self.group)
+        missing = [r for r in range(world) if flags[r]]
+        scaled = [r for r in range(world) if flags[world + r]]
+        if missing:
+            raise RuntimeError(
+                f"rank(s) {missing} have no grad_scaler, but their hook state was pickled from "
+                "one with a grad_scaler, which pickling leaves out: set state.grad_scaler = "
+                "scaler (the training loop's) on every rank before the next step, or the "
+                f"residuals, kept at loss scale {self.loss_scale}, would be taken for unscaled "
+                "ones"
+            )
+        if scaled and len(scaled) != world:
+            raise RuntimeError(
+                f"rank(s) {scaled} have a grad_scaler and the others none: set "
+                "state.grad_scaler on every rank or on none (a scaled and an unscaled gradient "
+                "would be summed)"
+            )
+        self.agree_scaler = False
 
     def rescale(self, factor: float) -> None:
         """Multiply everything kept in the gradients' units by ``factor``: the error-feedback
