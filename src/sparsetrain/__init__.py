@@ -5,6 +5,7 @@ Example:
     >>> state = sparsetrain.register_ddp_hook(ddp_model, "threshold", density=0.01)
 """
 
+from . import hostmem  # sparsetrain.hostmem.reuse_freed_memory() after a plain import
 from .compressors import available_compressors, get_compressor, register_compressor
 from .feedback import ErrorFeedback
 from .sync import GradientSync, SyncConfig, SyncState, register_ddp_hook
@@ -18,6 +19,7 @@ __all__ = [
     "SyncState",
     "available_compressors",
     "get_compressor",
+    "hostmem",
     "register_compressor",
     "register_ddp_hook",
 ]

@@ -22,7 +22,8 @@ from sparsetrain import hostmem
 _PROBE = """
 import json, resource, sys, threading
 import torch
-from sparsetrain import hostmem
+import sparsetrain
+hostmem = sparsetrain.hostmem  # as README calls it: after a plain `import sparsetrain`
 applied = hostmem.reuse_freed_memory() if sys.argv[1] == "reuse" else None
 faults = []
 def make():
@@ -121,7 +122,8 @@ def test_bad_keep_bytes_is_refused_before_anything_changes(keep, error, words):
 _RESERVE_PROBE = """
 import json, resource, sys
 import torch
-from sparsetrain import hostmem
+import sparsetrain
+hostmem = sparsetrain.hostmem  # as README calls it: after a plain `import sparsetrain`
 applied = hostmem.reuse_freed_memory() if sys.argv[1] == "reuse" else None
 reserved = hostmem.reserve(160 << 20)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
