@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -14,6 +17,9 @@ from ..compressors import Compressor, compressor_class, get_compressor
 from .devices import on_device
 
 ON_NONFINITE = ("raise", "skip", "propagate")
+# Settings a saved state may be loaded under with another value: what a step with NaN/Inf does
+# (a grad_scaler selects "propagate") changes nothing the state holds.
+MAY_DIFFER_ON_LOAD = frozenset({"on_nonfinite"})
 
 
 @dataclass
@@ -87,16 +93,16 @@ class SyncConfig:
             raise TypeError(
                 f"error_feedback must be True, False or None, got {self.error_feedback!r}"
             )
-        if not isinstance(self.dense_warmup_steps, int) or self.dense_warmup_steps < 0:
-            raise ValueError(
-                f"dense_warmup_steps must be an integer >= 0, got {self.dense_warmup_steps!r}"
-            )
+        for name in ("dense_warmup_steps", "byzantine"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an integer >= 0, got {value!r}")
+            if value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if self.on_nonfinite not in ON_NONFINITE:
             raise ValueError(
                 f"on_nonfinite must be one of {ON_NONFINITE}, got {self.on_nonfinite!r}"
             )
-        if not isinstance(self.byzantine, int) or self.byzantine < 0:
-            raise ValueError(f"byzantine must be an integer >= 0, got {self.byzantine!r}")
         if self.byzantine and self.attack is None:
             raise ValueError("byzantine > 0 needs an attack name (attack=...)")
         for kind in ("aggregator", "attack"):
@@ -310,17 +316,134 @@ def refuse_misplaced_collective_options(
             )
 
 
-def make_config(compressor: str, density: float | None, options: dict[str, Any]) -> SyncConfig:
-    """Split keyword options into the sync fields and the compressor's own options."""
-    sync_fields = set(SyncConfig.__dataclass_fields__) - {"compressor", "compressor_options"}
+def sync_option_names() -> list[str]:
+    """The SyncConfig fields a hook or GradientSync takes as keyword options."""
+    return [
+        f for f in SyncConfig.__dataclass_fields__ if f not in ("compressor", "compressor_options")
+    ]
+
+
+def refuse_unknown_options(
+    compressor: str, comp: Mapping[str, Any], caller: str | None, own: Sequence[str]
+) -> None:
+    """Refuse keyword options that neither ``caller`` (its own arguments ``own`` and the sync
+    options) nor the compressor takes, naming both lists and the closest name where one is near
+    (a misspelt ``colective``: did you mean 'collective'?)."""
+    from ..compressors import available_compressors, option_names
+
+    takes = option_names(compressor)
+    unknown = sorted(k for k in comp if k not in takes)
+    if not unknown:
+        return
+    where = caller or "the gradient sync"
+    mine = [*own, *sync_option_names()]
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, [*mine, *takes], n=1)
+        others = [c for c in available_compressors() if c != compressor and key in option_names(c)]
+        if key == "bucket_cap_mb" and key not in mine:
+            hints.append(
+                "bucket_cap_mb is an argument of GradientSync; the DDP hook exchanges DDP's own "
+                "buckets, whose size is set on DDP: DistributedDataParallel(model, "
+                "bucket_cap_mb=...)"
+            )
+        elif close:
+            hints.append(f"{key!r}: did you mean {close[0]!r}?")
+        elif others:
+            hints.append(f"{key!r} is an option of compressor(s) {', '.join(others)}")
+    neither = "it is not an option" if len(unknown) == 1 else "they are not options"
+    raise ValueError(
+        f"compressor {compressor!r} does not take option(s) {unknown}, and {neither} of "
+        f"{where} either"
+        + (f" ({'; '.join(hints)})" if hints else "")
+        + f". {where} takes: {', '.join(mine)}; compressor {compressor!r} takes: "
+        f"{', '.join(takes) or 'no options'}"
+    )
+
+
+def make_config(
+    compressor: str,
+    density: float | None,
+    options: dict[str, Any],
+    *,
+    caller: str | None = None,
+    own: Sequence[str] = (),
+) -> SyncConfig:
+    """Split keyword options into the sync fields and the compressor's own options.
+
+    ``caller`` names what took the options (``register_ddp_hook``, ``GradientSync``) and
+    ``own`` its own arguments besides them, for the error that refuses an option none of them
+    takes.
+    """
+    sync_fields = set(sync_option_names())
     sync = {k: v for k, v in options.items() if k in sync_fields}
     comp = {k: v for k, v in options.items() if k not in sync_fields}
     refuse_misplaced_collective_options(compressor, sync.get("collective", "allgather"), comp)
+    refuse_unknown_options(compressor, comp, caller, own)
     if density is not None:
         comp["density"] = density
     cfg = SyncConfig(compressor=compressor, compressor_options=comp, **sync)
     cfg.build_compressor()  # validate the compressor options now, not at the first step
     return cfg
+
+
+def check_process_group(group: Any, name: str = "process_group") -> None:
+    """Refuse a ``group`` argument (called ``name``) that is neither a ProcessGroup nor None."""
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"{name} must be a torch.distributed.ProcessGroup (for example from "
+            f"torch.distributed.new_group) or None for the default group (WORLD), got "
+            f"{type(group).__name__} {group!r}"
+        )
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON would hold it (tuples as lists, objects as strings), for comparing."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _effective_compressor_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with the compressor's defaults filled in for those not given."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(compressor_class(name)):
+        if not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return {**out, **options}
+
+
+def config_differences(saved: Mapping[str, Any], config: SyncConfig) -> list[str]:
+    """The settings in which ``saved`` (a ``SyncConfig.to_dict()`` kept in a state) differs from
+    ``config``, as "name: saved X, now Y". Settings the saved dict lacks (a state from before
+    they existed) and those of ``MAY_DIFFER_ON_LOAD`` are not compared; error_feedback is
+    compared as it takes effect (None: on for biased compressors), and the compressor's options
+    with its defaults filled in."""
+    now = config.to_dict()
+    if "compressor" in saved and saved["compressor"] != config.compressor:
+        return [f"compressor: saved {saved['compressor']!r}, now {config.compressor!r}"]
+    diffs = []
+    for key, value in now.items():
+        if key == "compressor" or key in MAY_DIFFER_ON_LOAD or key not in saved:
+            continue
+        old = saved[key]
+        if key == "compressor_options" and isinstance(old, Mapping):
+            old = _effective_compressor_options(config.compressor, old)
+            value = _effective_compressor_options(config.compressor, value)
+            diffs += [
+                f"compressor option {k}: saved {old.get(k)!r}, now {value.get(k)!r}"
+                for k in sorted({*old, *value})
+                if _plain(old.get(k)) != _plain(value.get(k))
+            ]
+            continue
+        if key == "error_feedback":
+            old = compressor_class(config.compressor).biased if old is None else old
+            value = config.use_error_feedback
+        if _plain(old) != _plain(value):
+            diffs.append(f"{key}: saved {old!r}, now {value!r}")
+    return diffs
 
 
 def with_grad_scaler(grad_scaler: Any, options: dict[str, Any]) -> tuple[dict[str, Any], Any]:

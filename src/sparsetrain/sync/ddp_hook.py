@@ -15,12 +15,13 @@ from torch.nn.parallel import DistributedDataParallel
 from .config import (
     SyncConfig,
     check_consistent,
+    check_process_group,
     make_config,
     refuse_everywhere,
     with_grad_scaler,
 )
 from .devices import cuda_device_of, new_future
-from .engine import SyncEngine
+from .engine import SyncEngine, check_state
 from .executor import SerialExecutor, complete
 
 
@@ -90,7 +91,10 @@ class SyncState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned; the next step exchanges the saved groups of
-        parameters, so a resumed run compresses exactly as the uninterrupted one."""
+        parameters, so a resumed run compresses exactly as the uninterrupted one. A state
+        saved under other settings (another compressor, density, collective, ...) is refused,
+        naming them; ``on_nonfinite`` may differ."""
+        check_state(state, "SyncState")
         groups = state.get("ddp_groups")
         if groups is not None and not (
             isinstance(groups, list)
@@ -100,7 +104,7 @@ class SyncState:
                 f"the hook state's 'ddp_groups' must be None or a list of lists of parameter "
                 f"names, got {type(groups).__name__}"
             )
-        self.engine.load_state_dict(state)
+        self.engine.load_state_dict(state, owner="SyncState")
         self._target = copy.deepcopy(groups)
         self._held = []
 
@@ -334,6 +338,10 @@ def runs_inline(ddp_model: DistributedDataParallel) -> bool:
     )
 
 
+# register_ddp_hook's own arguments, besides the SyncConfig fields and the compressor's options.
+_HOOK_ARGUMENTS = ("compressor", "density", "process_group", "grad_scaler")
+
+
 def register_ddp_hook(
     ddp_model: DistributedDataParallel,
     compressor: str = "threshold",
@@ -395,12 +403,15 @@ def register_ddp_hook(
             f"register_ddp_hook needs a torch.nn.parallel.DistributedDataParallel model, got "
             f"{type(ddp_model).__name__}; for a plain model use sparsetrain.GradientSync"
         )
+    check_process_group(process_group)
     named = list(ddp_model.module.named_parameters())
     layout = [(n, tuple(p.shape), str(p.dtype)) for n, p in named if p.requires_grad]
     device = cuda_device_of(p for _, p in named)
     try:  # a rank's bad options: every rank gets an error (check_consistent's gather)
         options, grad_scaler = with_grad_scaler(grad_scaler, options)  # None if disabled
-        config = make_config(compressor, density, options)
+        config = make_config(
+            compressor, density, options, caller="register_ddp_hook", own=_HOOK_ARGUMENTS
+        )
         for n, _, dt in layout:
             if dt not in ("torch.float32", "torch.float64", "torch.float16", "torch.bfloat16"):
                 raise TypeError(f"parameter {n!r} has dtype {dt}; gradients must be floating point")

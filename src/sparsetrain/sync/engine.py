@@ -9,8 +9,9 @@ The DDP hook hands its buckets (flat tensors) to :meth:`SyncEngine.exchange`;
 from __future__ import annotations
 
 import math
+import operator
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ from ..comm import (
 from ..comm.gather import world_of
 from ..compressors.base import SparseCompressor
 from ..feedback import ErrorFeedback
-from .config import SyncConfig
+from .config import SyncConfig, check_process_group, config_differences
 from .devices import on_device
 
 # Totals since construction (or the loaded state). The *_seconds are host wall-clock time
@@ -43,6 +44,40 @@ _COUNTERS = (
     "steps",
     "skipped_steps",
 )
+
+
+# What every state that SyncEngine.state_dict returns holds (besides optional entries: config,
+# loss_scale, collectives, aggregator, attack; the hook's ddp_groups).
+_STATE_ENTRIES = ("step", "counters", "feedback", "compressor")
+
+
+def check_state(state: Any, owner: str) -> None:
+    """Refuse a ``state`` for ``owner.load_state_dict`` that is not a dict of the kind
+    ``owner.state_dict()`` returns, naming what is wrong."""
+    if not isinstance(state, Mapping):
+        raise TypeError(
+            f"{owner}.load_state_dict takes the dict that {owner}.state_dict() returned, got "
+            f"{type(state).__name__}"
+        )
+    missing = [k for k in _STATE_ENTRIES if k not in state]
+    if missing:
+        raise ValueError(
+            f"{owner}.load_state_dict takes the dict that {owner}.state_dict() returned, with "
+            f"the entries {', '.join(_STATE_ENTRIES)}; this one lacks {', '.join(missing)}"
+        )
+    step = state["step"]
+    try:
+        ok = not isinstance(step, bool) and operator.index(step) >= 0
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"the state's 'step' must be an integer >= 0, got {step!r}")
+    for key in ("counters", "feedback", "compressor", "config"):
+        if key in state and not isinstance(state[key], Mapping):
+            raise ValueError(
+                f"the state's {key!r} must be a dict (as state_dict() returns it), got "
+                f"{type(state[key]).__name__}"
+            )
 
 
 # Elements per piece of the compensation that the threshold compressor marks as it is written:
@@ -74,6 +109,7 @@ class SyncEngine:
         group: dist.ProcessGroup | None = None,
         grad_scaler: Any = None,
     ):
+        check_process_group(group, "group")
         self.config = config
         self.group = group
         self.grad_scaler = grad_scaler
@@ -838,12 +874,17 @@ class SyncEngine:
             sd["attack"] = self.attack.state_dict()
         return sd
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = state.get("config", {}).get("compressor")
-        if saved is not None and saved != self.config.compressor:
+    def load_state_dict(self, state: dict[str, Any], *, owner: str = "SyncEngine") -> None:
+        """Restore what :meth:`state_dict` returned. A state saved under other settings (the
+        ``config`` it records) is refused, naming them; ``on_nonfinite`` may differ, and states
+        from before a setting existed load as they did. ``owner`` names the caller in errors."""
+        check_state(state, owner)
+        diffs = config_differences(state.get("config", {}), self.config)
+        if diffs:
             raise ValueError(
-                f"this state was saved with compressor {saved!r}, but this sync uses "
-                f"{self.config.compressor!r}; build it with the same compressor to resume"
+                f"this state was saved with other gradient-sync settings ({'; '.join(diffs)}); "
+                f"{owner} must be built with the saved settings to load it (only on_nonfinite "
+                "may differ)"
             )
         scale = state.get("loss_scale", 1.0)  # states from before loss scaling: unscaled
         if (

@@ -8,12 +8,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from .config import check_consistent, make_config, refuse_everywhere, with_grad_scaler
+from .config import (
+    check_consistent,
+    check_process_group,
+    make_config,
+    refuse_everywhere,
+    with_grad_scaler,
+)
 from .devices import cuda_device_of
 from .engine import SyncEngine
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# GradientSync's own arguments, besides the SyncConfig fields and the compressor's options.
+_SYNC_ARGUMENTS = ("compressor", "density", "process_group", "bucket_cap_mb", "grad_scaler")
 
 
 class GradientSync:
@@ -29,7 +38,9 @@ class GradientSync:
     it); DDP with ``find_unused_parameters=True`` leaves such parameters alone.
 
     Args:
-        model: the model whose ``.grad`` fields are synchronised (identical on every rank).
+        model: the model whose ``.grad`` fields are synchronised (identical on every rank), not
+            wrapped in ``DistributedDataParallel`` (for a DDP model use
+            :func:`sparsetrain.register_ddp_hook`).
         compressor, density, **options: as for :func:`sparsetrain.register_ddp_hook`.
         process_group: the group (default: WORLD).
         bucket_cap_mb: bucket size in MiB.
@@ -62,9 +73,17 @@ class GradientSync:
         grad_scaler: torch.amp.GradScaler | None = None,
         **options: Any,
     ):
+        check_process_group(process_group)
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         device = cuda_device_of(p for _, p in self.params)
         try:  # a rank's bad options: every rank gets an error (check_consistent's gather)
+            if isinstance(model, DistributedDataParallel):
+                raise TypeError(
+                    "GradientSync needs a model that is not wrapped in DistributedDataParallel: "
+                    "DDP already averages the gradients in backward, and GradientSync would "
+                    "exchange them again. For a DDP model use sparsetrain.register_ddp_hook(model, "
+                    "...); or pass the unwrapped module (model.module) to GradientSync without DDP"
+                )
             if (
                 isinstance(bucket_cap_mb, bool)
                 or not isinstance(bucket_cap_mb, (int, float))
@@ -74,7 +93,9 @@ class GradientSync:
                     f"bucket_cap_mb must be a finite number > 0, got {bucket_cap_mb!r}"
                 )
             options, grad_scaler = with_grad_scaler(grad_scaler, options)  # None if disabled
-            self.config = make_config(compressor, density, options)
+            self.config = make_config(
+                compressor, density, options, caller="GradientSync", own=_SYNC_ARGUMENTS
+            )
             for n, p in self.params:
                 if p.dtype not in _FLOATS:
                     raise TypeError(
@@ -153,7 +174,12 @@ class GradientSync:
         return self.engine.stats()
 
     def state_dict(self) -> dict[str, Any]:
+        """The engine's state: residuals, compressor and collective state, counters, and the
+        configuration it was saved under."""
         return self.engine.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.engine.load_state_dict(state)
+        """Restore what :meth:`state_dict` returned. A state saved under other settings
+        (another compressor, density, collective, ...) is refused, naming them;
+        ``on_nonfinite`` may differ."""
+        self.engine.load_state_dict(state, owner="GradientSync")

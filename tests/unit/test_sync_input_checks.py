@@ -1,0 +1,303 @@
+"""Arguments of the DDP hook and GradientSync checked where they are given, in one process: option
+names, the model, the process group, and the states they load."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import sparsetrain
+from sparsetrain.sync import SyncEngine
+from sparsetrain.sync.config import make_config
+
+
+@pytest.fixture
+def group(one_thread):
+    """A process group of one rank (gloo, in memory), destroyed after the test."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def _hook(**kwargs: Any) -> sparsetrain.SyncState:
+    compressor = kwargs.pop("compressor", "threshold")
+    return sparsetrain.register_ddp_hook(DDP(_model()), compressor, **kwargs)
+
+
+def _sync(**kwargs: Any) -> sparsetrain.GradientSync:
+    compressor = kwargs.pop("compressor", "threshold")
+    return sparsetrain.GradientSync(_model(), compressor, **kwargs)
+
+
+MAKERS = {"register_ddp_hook": _hook, "GradientSync": _sync}
+
+
+def _stepped(**kwargs: Any) -> sparsetrain.GradientSync:
+    """A GradientSync after two steps, so its state holds residuals and thresholds."""
+    sync = _sync(**kwargs)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        for _, p in sync.params:
+            p.grad = torch.randn(p.shape, generator=g)
+        assert sync.synchronize()
+    return sync
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, tensors included (same dtype and values)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.dtype == b.dtype
+            and torch.equal(a, b)
+        )
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+# ---- 1. misspelt options: neither the hook's/sync's nor the compressor's ----------------------
+@pytest.mark.parametrize("caller", list(MAKERS))
+@pytest.mark.parametrize(
+    ("option", "value", "meant"),
+    [
+        ("colective", "oktopk", "collective"),
+        ("error_feeback", True, "error_feedback"),
+        ("on_non_finite", "skip", "on_nonfinite"),
+        ("densty", 0.1, "density"),
+        ("proces_group", None, "process_group"),
+        ("reestimate_evry", 4, "reestimate_every"),
+    ],
+)
+def test_a_misspelt_option_is_named_with_both_lists_and_the_closest_name(
+    group, caller, option, value, meant
+):
+    with pytest.raises(ValueError) as e:
+        MAKERS[caller](density=0.1, **{option: value})
+    msg = str(e.value)
+    assert f"compressor 'threshold' does not take option(s) ['{option}']" in msg
+    assert f"it is not an option of {caller} either" in msg
+    assert f"did you mean '{meant}'?" in msg
+    # Both lists: the caller's own arguments and sync options, and the compressor's options.
+    assert f"{caller} takes: compressor, density, process_group" in msg
+    for name in ("grad_scaler", "error_feedback", "collective", "on_nonfinite"):
+        assert name in msg.split(f"{caller} takes:")[1]
+    assert "compressor 'threshold' takes: density, reestimate_every" in msg
+    assert ("bucket_cap_mb" in msg) == (caller == "GradientSync")
+
+
+def test_bucket_cap_mb_given_to_the_hook_points_to_gradient_sync_and_to_ddp(group):
+    with pytest.raises(ValueError) as e:
+        _hook(density=0.1, bucket_cap_mb=1.0)
+    msg = str(e.value)
+    assert "bucket_cap_mb is an argument of GradientSync" in msg
+    assert "DistributedDataParallel(model, bucket_cap_mb=...)" in msg
+    _sync(density=0.1, bucket_cap_mb=1.0)  # where it belongs
+
+
+def test_a_misspelt_bucket_cap_mb_of_gradient_sync_is_suggested(group):
+    with pytest.raises(ValueError, match=r"did you mean 'bucket_cap_mb'\?"):
+        _sync(density=0.1, bucket_cap=1.0)
+
+
+def test_several_unknown_options_are_named_together(group):
+    with pytest.raises(ValueError) as e:
+        _sync(density=0.1, colective="oktopk", error_feeback=True)
+    msg = str(e.value)
+    assert "['colective', 'error_feeback'], and they are not options of GradientSync" in msg
+    assert "did you mean 'collective'?" in msg and "did you mean 'error_feedback'?" in msg
+
+
+def test_an_option_of_another_compressor_names_that_compressor(group):
+    with pytest.raises(ValueError) as e:
+        _sync(compressor="topk", density=0.1, levels=4)
+    msg = str(e.value)
+    assert msg.startswith("compressor 'topk' does not take option(s) ['levels']")
+    assert "'levels' is an option of compressor(s) qsgd" in msg
+
+
+def test_an_option_nothing_is_close_to_gets_the_lists_without_a_guess():
+    with pytest.raises(ValueError) as e:
+        make_config("topk", 0.1, {"zzzz": 1})
+    msg = str(e.value)
+    assert "did you mean" not in msg
+    assert "not an option of the gradient sync either" in msg
+    assert "compressor 'topk' takes: density" in msg
+
+
+def test_a_collective_option_among_the_compressors_keeps_its_own_hint(group):
+    with pytest.raises(ValueError, match=r"it is an option of the collective"):
+        _sync(density=0.1, collective="oktopk", repartition_every=8)
+
+
+# ---- 2. GradientSync refuses a model DDP already synchronises ---------------------------------
+def test_gradient_sync_refuses_a_ddp_model(group):
+    with pytest.raises(TypeError) as e:
+        sparsetrain.GradientSync(DDP(_model()), "threshold", density=0.1)
+    msg = str(e.value)
+    assert "DistributedDataParallel" in msg
+    assert "register_ddp_hook" in msg and "model.module" in msg
+
+
+# ---- 3. integer options refuse bools ---------------------------------------------------------
+@pytest.mark.parametrize("name", ["dense_warmup_steps", "byzantine"])
+@pytest.mark.parametrize("value", [True, False, 1.0, "2"])
+def test_integer_sync_options_refuse_bools_and_non_integers(group, name, value):
+    with pytest.raises(TypeError, match=f"{name} must be an integer >= 0, got {value!r}"):
+        _sync(density=0.1, **{name: value})
+
+
+def test_dense_warmup_steps_still_takes_integers(group):
+    assert _sync(density=0.1, dense_warmup_steps=3).config.dense_warmup_steps == 3
+    with pytest.raises(ValueError, match="dense_warmup_steps must be an integer >= 0, got -1"):
+        _sync(density=0.1, dense_warmup_steps=-1)
+
+
+# ---- 4. the process group must be one ----------------------------------------------------------
+@pytest.mark.parametrize("caller", list(MAKERS))
+@pytest.mark.parametrize("bad", ["world", 0, dist])
+def test_a_process_group_that_is_not_one_is_a_type_error(group, caller, bad):
+    with pytest.raises(TypeError) as e:
+        MAKERS[caller](density=0.1, process_group=bad)
+    msg = str(e.value)
+    assert msg.startswith("process_group must be a torch.distributed.ProcessGroup")
+    assert "or None" in msg and type(bad).__name__ in msg
+
+
+@pytest.mark.parametrize("caller", list(MAKERS))
+def test_the_world_group_and_none_are_taken(group, caller):
+    MAKERS[caller](density=0.1, process_group=dist.group.WORLD)
+    MAKERS[caller](density=0.1, process_group=None)
+
+
+def test_the_engine_refuses_a_group_that_is_not_one():
+    with pytest.raises(TypeError, match=r"^group must be a torch.distributed.ProcessGroup"):
+        SyncEngine(make_config("topk", 0.1, {}), "world")
+
+
+# ---- 5. load_state_dict names what a state must be -------------------------------------------
+OWNERS = {"GradientSync": lambda: _sync(density=0.1), "SyncState": lambda: _hook(density=0.1)}
+
+
+@pytest.mark.parametrize("owner", list(OWNERS))
+@pytest.mark.parametrize("state", [None, [], "state", 3])
+def test_a_state_that_is_not_a_dict_is_a_type_error(group, owner, state):
+    with pytest.raises(TypeError) as e:
+        OWNERS[owner]().load_state_dict(state)
+    msg = str(e.value)
+    assert f"{owner}.load_state_dict takes the dict that {owner}.state_dict() returned" in msg
+    assert type(state).__name__ in msg
+
+
+@pytest.mark.parametrize("owner", list(OWNERS))
+def test_a_state_without_its_entries_names_the_missing_ones(group, owner):
+    sync = OWNERS[owner]()
+    with pytest.raises(ValueError) as e:
+        sync.load_state_dict({})
+    assert "lacks step, counters, feedback, compressor" in str(e.value)
+    partial = {k: v for k, v in sync.state_dict().items() if k not in ("counters", "feedback")}
+    with pytest.raises(ValueError, match=r"lacks counters, feedback$"):
+        sync.load_state_dict(partial)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("step", -1, "'step' must be an integer >= 0, got -1"),
+        ("step", True, "'step' must be an integer >= 0, got True"),
+        ("step", "3", "'step' must be an integer >= 0, got '3'"),
+        ("counters", None, "'counters' must be a dict"),
+        ("feedback", [], "'feedback' must be a dict"),
+        ("config", "threshold", "'config' must be a dict"),
+    ],
+)
+def test_a_state_with_malformed_entries_is_refused(group, key, value, message):
+    sync = _sync(density=0.1)
+    with pytest.raises(ValueError, match=message):
+        sync.load_state_dict({**sync.state_dict(), key: value})
+
+
+# ---- 6. a state saved under other settings ----------------------------------------------------
+@pytest.mark.parametrize("owner", list(OWNERS))
+@pytest.mark.parametrize(
+    ("saved", "differs"),
+    [
+        ({"density": 0.05}, "compressor option density: saved 0.05, now 0.1"),
+        ({"compressor": "topk", "density": 0.1}, "compressor: saved 'topk', now 'threshold'"),
+        ({"density": 0.1, "reestimate_every": 3}, "compressor option reestimate_every: saved 3"),
+        ({"density": 0.1, "collective": "oktopk"}, "collective: saved 'oktopk', now 'allgather'"),
+        ({"density": 0.1, "error_feedback": False}, "error_feedback: saved False, now True"),
+        ({"density": 0.1, "dense_warmup_steps": 2}, "dense_warmup_steps: saved 2, now 0"),
+    ],
+)
+def test_a_state_saved_under_other_settings_is_refused_naming_them(group, owner, saved, differs):
+    state = _stepped(**saved).state_dict()
+    target = OWNERS[owner]()
+    before = target.state_dict()
+    with pytest.raises(ValueError) as e:
+        target.load_state_dict(state)
+    msg = str(e.value)
+    assert msg.startswith("this state was saved with other gradient-sync settings (")
+    assert differs in msg
+    assert f"{owner} must be built with the saved settings" in msg
+    assert _same(target.state_dict(), before)  # nothing was loaded
+
+
+def test_every_differing_setting_is_named():
+    a = SyncEngine(make_config("threshold", 0.05, {"collective": "oktopk"}))
+    b = SyncEngine(make_config("threshold", 0.1, {}))
+    with pytest.raises(ValueError) as e:
+        b.load_state_dict(a.state_dict())
+    msg = str(e.value)
+    assert "density: saved 0.05, now 0.1" in msg and "collective: saved 'oktopk'" in msg
+    assert "SyncEngine must be built" in msg
+
+
+def test_on_nonfinite_may_differ_and_equivalent_settings_load(group):
+    state = _stepped(density=0.1, on_nonfinite="skip").state_dict()
+    _sync(density=0.1, on_nonfinite="propagate").load_state_dict(state)
+    # error_feedback=None is on for the (biased) threshold compressor: the same as True.
+    _sync(density=0.1, error_feedback=True).load_state_dict(state)
+    # The compressor's default density given explicitly is the same setting as leaving it out.
+    default = _stepped().state_dict()
+    _sync(density=_sync().engine.compressor.density).load_state_dict(default)
+
+
+def test_a_state_from_before_settings_were_recorded_loads_as_before(group):
+    state = _stepped(density=0.1).state_dict()
+    old = {k: v for k, v in state.items() if k != "config"}
+    _sync(density=0.05).load_state_dict(old)  # no config recorded: nothing to compare
+    # A setting newer than the state (absent from its config) is not compared.
+    older = {**state, "config": {k: v for k, v in state["config"].items() if k != "byzantine"}}
+    _sync(density=0.1).load_state_dict(older)
+
+
+@pytest.mark.parametrize("owner", list(OWNERS))
+def test_states_round_trip_exactly_through_a_file(group, owner):
+    if owner == "GradientSync":
+        source = _stepped(density=0.1, collective="oktopk")
+        target = _sync(density=0.1, collective="oktopk")
+    else:
+        source, target = _hook(density=0.1), _hook(density=0.1)
+        source.load_state_dict(_stepped(density=0.1).state_dict())
+    state = source.state_dict()
+    assert state["config"] == source.engine.config.to_dict()
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    target.load_state_dict(torch.load(buf, weights_only=False))
+    assert _same(target.state_dict(), state)
