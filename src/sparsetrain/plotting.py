@@ -4,6 +4,7 @@ model's predictions against measured times."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,42 @@ def legend_outside(fig: Any, axes: Any) -> None:
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
 
+def file_path_problem(path: str | os.PathLike) -> str | None:
+    """Why a file cannot be written at ``path``, or None: it is a folder, or its folder is a
+    file or not writable. Makes the folder if it is missing. For commands to check where their
+    results go before any work is done."""
+    p = Path(path)
+    if p.is_dir():
+        return f"{path}: is a folder; give a file name"
+    if p.exists() and not os.access(p, os.W_OK):
+        return f"{path}: exists and is not writable"
+    return _folder_problem(p.parent, path)
+
+
+def folder_path_problem(path: str | os.PathLike) -> str | None:
+    """Why files cannot be written into the folder ``path``, or None; makes it if missing."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        return f"{path}: is a file, not a folder"
+    return _folder_problem(p, path)
+
+
+def _folder_problem(folder: Path, path: str | os.PathLike) -> str | None:
+    """Why ``folder`` cannot hold new files, or None; makes it if missing."""
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{path}: {existing} is a file, so no folder can be made under it"
+    try:  # the folder is made now, and a file made and removed in it: what writing needs
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return f"{path}: cannot write in {folder} ({e.strerror or e})"
+    return None
+
+
 def plot_path_problem(path: str | os.PathLike) -> str | None:
     """Why a picture cannot be written to ``path``, or None; for commands to check their
     ``--plot`` before any work is done."""
@@ -98,7 +135,7 @@ def plot_path_problem(path: str | os.PathLike) -> str | None:
         return f"{path}: is a folder; give a file name ending in {', '.join(PLOT_SUFFIXES)}"
     if p.suffix.lower() not in PLOT_SUFFIXES:
         return f"{path}: the file name must end in {', '.join(PLOT_SUFFIXES)}"
-    return None
+    return file_path_problem(p)
 
 
 def plot_model_errors(

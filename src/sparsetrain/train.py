@@ -49,6 +49,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -268,9 +269,10 @@ class TrainConfig:
             self.on_nonfinite = "propagate"
             if self.aggregator is not None or self.attack is not None:
                 raise ValueError(
-                    "amp='fp16' scales the gradients by a changing loss scale, but robust "
-                    "aggregation works in their own units: use amp='bf16' (no scaler) with "
-                    f"aggregator={self.aggregator!r}, attack={self.attack!r}"
+                    "amp='fp16' (--amp fp16) scales the gradients by a changing loss scale, but "
+                    "robust aggregation and attacks work in their own units: use amp='bf16' "
+                    f"(--amp bf16, no scaler) with aggregator={self.aggregator!r}, "
+                    f"attack={self.attack!r}, or float32"
                 )
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
@@ -322,10 +324,18 @@ class TrainConfig:
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov=True needs momentum > 0")
         if self.momentum_correction and (self.momentum == 0 or self.nesterov or self.native_ddp):
+            unmet = [
+                what
+                for what, bad in (
+                    (f"momentum > 0 (got {self.momentum})", self.momentum == 0),
+                    ("no nesterov (got nesterov=True)", self.nesterov),
+                    ("the hook (got native_ddp=True, plain DDP)", self.native_ddp),
+                )
+                if bad
+            ]
             raise ValueError(
-                "momentum_correction=True moves the momentum into the hook: it needs "
-                f"momentum > 0 (got {self.momentum}), no nesterov (got {self.nesterov}) and "
-                f"the hook (native_ddp=False, got {self.native_ddp})"
+                "momentum_correction=True (--momentum-correction) moves the momentum into the "
+                f"hook: it needs {' and '.join(unmet)}"
             )
         if not 0 < self.init_loss_scale < math.inf:
             raise ValueError(
@@ -339,7 +349,8 @@ class TrainConfig:
             )
         if (self.checkpoint_every or self.resume) and not self.checkpoint_dir:
             raise ValueError(
-                "checkpoint_every and resume need checkpoint_dir (where checkpoints live)"
+                "checkpoint_every and resume (--checkpoint-every, --resume) need checkpoint_dir "
+                "(--checkpoint-dir, where checkpoints live)"
             )
         if not self.native_ddp:  # the hook's own checks, here rather than in every worker
             sync = self.sync_config()
@@ -512,6 +523,22 @@ def _device_for(backend: str, rank: int) -> torch.device:
 
 def _checkpoint_path(config: TrainConfig, rank: int) -> Path:
     return Path(config.checkpoint_dir or ".") / config.name / f"rank{rank}.pt"
+
+
+def _no_checkpoint_note(folder: Path) -> str:
+    """What a run asked to resume says when it finds no checkpoint and starts at step 0 (as
+    a job restarted with --resume before its first save should): where it looked, and the
+    runs that do have checkpoints there (the folder is named after the run's label)."""
+    others = sorted(
+        p.parent.name for p in folder.parent.glob("*/rank0.pt") if p.parent.name != folder.name
+    )
+    note = f"{folder.name}: no checkpoint in {folder} to resume from; starting at step 0"
+    if others:
+        note += (
+            f" (checkpoints of other runs are there: {', '.join(others)};"
+            " a run's folder is its label, which the command line takes from --compressor)"
+        )
+    return note
 
 
 def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -713,6 +740,8 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
     step, elapsed, eval_seconds = 0, 0.0, 0.0
     ckpt = _checkpoint_path(config, rank)
     state = _agreed_checkpoint(config, ckpt, rank, world, device) if config.resume else None
+    if config.resume and state is None and rank == 0:
+        print(_no_checkpoint_note(ckpt.parent), file=sys.stderr, flush=True)
     if state is not None:
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -1059,6 +1088,16 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def check_launch(configs: Sequence[TrainConfig]) -> None:
+    """Raise ValueError if :func:`launch` cannot start these runs together: they differ in
+    what they must share, or (started here, not under torchrun) the backend needs GPUs this
+    machine lacks. ``launch`` checks this first; commands call it to refuse a run as a usage
+    error."""
+    _check_together(configs)
+    if not under_torchrun():
+        _check_gpus(configs[0].backend, configs[0].workers)  # before any worker starts
+
+
 def launch(configs: TrainConfig | Sequence[TrainConfig]) -> dict[str, Any]:
     """Train one or several runs data-parallel and return the report.
 
@@ -1086,7 +1125,7 @@ def launch(configs: TrainConfig | Sequence[TrainConfig]) -> dict[str, Any]:
         >>> report = launch(TrainConfig(compressor="topk", density=0.01, workers=2, epochs=1))
     """
     configs = [configs] if isinstance(configs, TrainConfig) else list(configs)
-    _check_together(configs)
+    check_launch(configs)
     if under_torchrun():
         world = int(os.environ["WORLD_SIZE"])
         rank = int(os.environ["RANK"])
@@ -1107,7 +1146,6 @@ def launch(configs: TrainConfig | Sequence[TrainConfig]) -> dict[str, Any]:
                 dist.destroy_process_group()
     else:
         world = configs[0].workers
-        _check_gpus(configs[0].backend, world)  # here, before any worker starts
         folder = tempfile.mkdtemp(prefix="sparsetrain-")
         restore = _exit_on_sigterm()
         procs = None

@@ -228,18 +228,33 @@ def test_bad_density_is_refused_before_any_worker_starts():
 
 
 def test_a_worker_error_reaches_the_user_with_a_non_zero_exit(tmp_path):
-    # A width the task's model cannot have fails inside the workers: the error must come back.
-    # (Names and options, such as the collective, are refused before any worker starts.)
+    # A checkpoint that is not one fails inside the workers, which load it: the error must come
+    # back. (Names and option values are refused before any worker starts.)
+    for rank in range(2):
+        path = tmp_path / "ckpt" / "threshold" / f"rank{rank}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"not a checkpoint")
     res = cli(
         "train", "--workers", "2", "--compressor", "threshold", "--density", "0.01",
-        "--task-option", "hidden=-5", "--epochs", "1", "--no-progress",
-        "--report", str(tmp_path / "out.json"),
+        "--checkpoint-dir", str(tmp_path / "ckpt"), "--resume", "--epochs", "1",
+        "--no-progress", "--report", str(tmp_path / "out.json"),
     )  # fmt: skip
     assert res.returncode == 1, res.stderr[-2000:]
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("sparsetrain train: error: worker rank")
-    assert "RuntimeError" in last and "negative dimension -5" in last
+    assert "UnpicklingError" in last
     assert not (tmp_path / "out.json").exists()
+
+
+def test_task_option_values_are_refused_before_any_worker_starts():
+    for value, words in (
+        ("abc", "task 'digits-mlp' option hidden must be an int (its default is 128), got 'abc'"),
+        ("1.5", "option hidden must be an int"),
+        ("True", "option hidden must be an int"),
+        ("0", "task option hidden must be at least 1, got 0"),
+    ):
+        res = cli("train", "--task-option", f"hidden={value}", "--no-progress", timeout=60)
+        assert res.returncode == 2 and words in res.stderr, res.stderr[-2000:]
 
 
 def test_resumed_run_ends_exactly_where_the_uninterrupted_one_does(tmp_path):

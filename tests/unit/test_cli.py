@@ -547,3 +547,10 @@ def test_no_help_text_shows_docstring_markup():
     assert len(found) > 8  # the subcommands and bench's own
     for p in found:
         assert "``" not in p.format_help(), p.prog
+
+
+def test_momentum_correction_names_only_the_conditions_it_misses():
+    with pytest.raises(ValueError) as e:
+        TrainConfig(compressor="topk", momentum_correction=True, nesterov=True)
+    assert "it needs no nesterov (got nesterov=True)" in str(e.value)
+    assert "momentum > 0" not in str(e.value) and "native_ddp" not in str(e.value)

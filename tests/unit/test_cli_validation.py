@@ -57,7 +57,10 @@ def results(**changes) -> dict:
         (["--gamma-dense-ns", "-1"], "--gamma-dense-ns must be a finite number >= 0"),
         (["--gamma-sort-ns", "inf"], "--gamma-sort-ns must be a finite number >= 0"),
         (["--overhead-us", "nan"], "--overhead-us must be a finite number >= 0"),
-        (["--latency", "1e400"], "--latency: duration must be a finite number"),
+        (["--latency", "1e400s"], "--latency: duration must be a finite number"),
+        # tc reads a bare time as microseconds, a Python number is seconds: a unit is needed
+        (["--latency", "5"], "--latency: duration '5' needs a unit: write for example 5us"),
+        (["--compute", "200"], "--compute: duration '200' needs a unit"),
         (["--latency", "abc"], "--latency: cannot read duration 'abc'"),
         (["--compute", "abc"], "--compute: cannot read duration 'abc'"),
         (["--compute=-5ms"], "--compute: duration must not be negative, got '-5ms'"),
@@ -242,6 +245,16 @@ def test_refit_predict_refuses_a_zero_median(tmp_path, capsys):
     other.write_text(json.dumps(_bad_record(median_s=0.0)))
     err = argparse_error(capsys, ["bench", "refit", str(good), "--predict", str(other)])
     assert f"cannot read {other}: records[0] median_s must be" in err
+
+
+def test_refit_predict_reads_the_other_file_before_printing_the_fit(tmp_path, capsys):
+    good = tmp_path / "a.json"
+    good.write_text(json.dumps(results()))
+    with pytest.raises(SystemExit):
+        main(["bench", "refit", str(good), "--predict", str(tmp_path / "missing.json")])
+    out, err = capsys.readouterr()
+    assert "cannot read" in err and "missing.json" in err
+    assert "alpha" not in out  # no fit printed before the error
 
 
 def test_refit_predict_takes_the_other_runs_emulated_latency_for_each_round(tmp_path, capsys):
@@ -596,3 +609,78 @@ def test_cleanup_finds_the_temporary_folders_of_dead_runs_only(tmp_path, monkeyp
         (tmp_path / name).mkdir()
     assert [p.name for p in _stale_folders(include_live=False)] == [names[0], names[2]]
     assert [p.name for p in _stale_folders(include_live=True)] == sorted(names[:3])
+
+
+# ---- where results go, checked before any work -----------------------------------------------
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["train", "--report", "{file}/r.json"], "--report {file}/r.json: {file} is a file"),
+        (["train", "--report", "{tmp}"], "is a folder; give a file name"),
+        (["train", "--report", "{tmp}/r.json", "--plot", "{tmp}/r.txt"], "must end in .png"),
+        (["demo", "--out", "{file}"], "--out {file}: is a file, not a folder"),
+        (["robust-matrix", "--simulate", "--out-dir", "{file}"], "is a file, not a folder"),
+        (["prune", "--report", "{file}/p.json"], "{file} is a file"),
+        (["prune", "--report", "{tmp}/p.json", "--plot", "{tmp}/p.txt"], "must end in .png"),
+    ],
+)
+def test_commands_refuse_result_paths_they_could_not_write_before_training(
+    tmp_path, capsys, argv, words
+):
+    """A report that cannot be written is a usage error at once, not a traceback after the
+    training it was to record."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    fill = {"file": str(blocker), "tmp": str(tmp_path)}
+    argv = [a.format(**fill) for a in argv]
+    assert words.format(**fill) in argparse_error(capsys, argv)
+
+
+def test_train_with_nccl_on_a_machine_without_gpus_is_a_usage_error(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA devices")
+    assert main(["train", "--backend", "nccl", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "backend 'nccl' needs CUDA devices; use backend 'gloo' on CPU" in err
+    assert "Traceback" not in err
+
+
+def test_a_run_asked_to_resume_without_a_checkpoint_says_where_it_looked(tmp_path):
+    """--resume before the first save starts at step 0 (a restarted job), and says so, naming
+    the other runs' checkpoints in the folder (a run's folder is its label)."""
+    from sparsetrain.train import _no_checkpoint_note
+
+    (tmp_path / "topk").mkdir()
+    (tmp_path / "topk" / "rank0.pt").write_bytes(b"")
+    note = _no_checkpoint_note(tmp_path / "threshold")
+    assert f"no checkpoint in {tmp_path / 'threshold'} to resume from; starting at step 0" in note
+    assert "checkpoints of other runs are there: topk" in note
+    assert "other runs" not in _no_checkpoint_note(tmp_path / "topk")
+
+
+def test_init_loss_scale_needs_fp16(capsys):
+    err = argparse_error(capsys, ["train", "--init-loss-scale", "1024"])
+    assert (
+        "--init-loss-scale sets the float16 loss scaler's first scale: it needs --amp fp16" in err
+    )
+    err = argparse_error(capsys, ["train", "--init-loss-scale", "1024", "--amp", "bf16"])
+    assert "(got --amp bf16, which scales no loss)" in err
+
+
+def test_prune_says_when_nm_cannot_reach_the_sparsity_asked_for(tmp_path, capsys, monkeypatch):
+    from sparsetrain.commands import prune
+
+    class Stop(Exception):
+        pass
+
+    def stop(cfg):
+        raise Stop
+
+    monkeypatch.setattr(prune, "run", stop)
+    for sparsity, note in (("0.9", True), ("0.5", False)):
+        argv = ["prune", "--method", "nm", "--method", "magnitude", "--sparsity", sparsity,
+                "--report", str(tmp_path / "p.json")]  # fmt: skip
+        with pytest.raises(Stop):
+            main(argv)
+        err = capsys.readouterr().err
+        assert ("nm keeps 1 of every 4 weights, a sparsity of 0.750, not the 0.9" in err) == note

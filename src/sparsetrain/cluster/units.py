@@ -69,10 +69,21 @@ def parse_rate(text: str | float | int) -> float:
 def parse_duration(text: str | float | int) -> float:
     """Return a duration in seconds from a number of seconds or ``"100us"``, ``"2ms"``, ``"1s"``.
 
+    A string needs its unit (except ``"0"``): tc reads a bare number as microseconds, and a
+    command line that took ``--latency 5`` for 5 seconds would model a link a million times
+    slower than meant.
+
     Example:
         >>> parse_duration("2ms")
         0.002
     """
+    if isinstance(text, str):
+        m = _NUMBER.match(text)
+        if m is not None and not m.group(2) and float(m.group(1)) != 0:
+            raise ValueError(
+                f"duration {text!r} needs a unit: write for example {text.strip()}us, "
+                f"{text.strip()}ms or {text.strip()}s (units: {', '.join(_TIME_UNITS)})"
+            )
     value = _split(text, "duration", _TIME_UNITS, "100us")
     if value < 0:
         raise ValueError(f"duration must not be negative, got {text!r}")

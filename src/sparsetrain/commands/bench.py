@@ -931,6 +931,8 @@ def run_refit(args: argparse.Namespace) -> int:
         args._parser.error(f"--plot {problem}")
     path = Path(args.results)
     records, world, link, cores = _load_results(path, args)
+    # The run to predict is read now: a file that cannot be read fails before the fit is printed.
+    held_out = _load_results(Path(args.predict), args) if args.predict else None
     if args.only_pass is not None:
         if args.write:
             args._parser.error(
@@ -966,7 +968,7 @@ def run_refit(args: argparse.Namespace) -> int:
         print(f"wrote this fit into {path} (its model_fit entry; the measurements are unchanged)")
     if args.predict:
         other = Path(args.predict)
-        o_records, o_world, _, o_cores = _load_results(other, args)
+        o_records, o_world, _, o_cores = held_out
         params = perfmodel.NetworkParams(**fit["params"])
         usable = [r for r in o_records if r["algorithm"] in perfmodel.available_models()]
         if not usable:

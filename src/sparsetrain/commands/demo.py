@@ -10,7 +10,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .train import add_sync_arguments, add_training_arguments, configs_from_args, run_and_report
+from .train import (
+    add_sync_arguments,
+    add_training_arguments,
+    check_outputs,
+    configs_from_args,
+    run_and_report,
+    show_defaults,
+)
 
 DEMO_COMPRESSORS = ["none", "topk", "threshold"]
 # Tuned so all three reach dense accuracy on 2 cores within the time the demo promises.
@@ -27,6 +34,7 @@ def _run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as e:
         args._parser.error(str(e))
     out = Path(args.out)
+    check_outputs(args._parser, out=args.out)
     print(
         f"sparsetrain demo: {configs[0].task} on {configs[0].workers} workers (gloo), "
         f"{', '.join(c.name for c in configs)} at density {args.density}; results in {out}/"
@@ -50,5 +58,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     add_sync_arguments(p, compressor_default=" ".join(DEMO_COMPRESSORS))
     add_training_arguments(p, workers=DEMO_DEFAULTS["workers"], epochs=DEMO_DEFAULTS["epochs"])
+    show_defaults(p)
     p.set_defaults(func=_run, _parser=p)
     return p

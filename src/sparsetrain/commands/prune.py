@@ -197,13 +197,19 @@ def _method_options(method: str, cfg: PruneConfig) -> dict[str, Any]:
     return {}
 
 
+NM_GROUP = 4  # the CLI's N:M pruning keeps N of every 4 weights
+
+
+def _nm_kept(sparsity: float) -> int:
+    """The N of the N:4 pattern for a requested sparsity: the most weights of 4 kept at which
+    the sparsity is at least the one asked for (at least 1)."""
+    return max(1, int(math.floor((1 - sparsity) * NM_GROUP + 1e-9)))
+
+
 def _build_pruner(method: str, cfg: PruneConfig, sparsity: float, schedule: Any) -> Pruner:
     opts = _method_options(method, cfg)
     if method == "nm":
-        m = 4
-        return get_pruner(
-            "nm", n=max(1, int(math.floor((1 - sparsity) * m + 1e-9))), m=m, schedule=schedule
-        )
+        return get_pruner("nm", n=_nm_kept(sparsity), m=NM_GROUP, schedule=schedule)
     return get_pruner(method, sparsity=sparsity, schedule=schedule, scope=cfg.scope, **opts)
 
 
@@ -425,6 +431,23 @@ def _main(args: argparse.Namespace) -> int:
         cfg = _config(args)
     except (ValueError, TypeError) as e:
         args._parser.error(str(e))
+    from .train import check_outputs
+
+    if "nm" in cfg.methods:
+        n = _nm_kept(cfg.sparsity)
+        if abs(1 - n / NM_GROUP - cfg.sparsity) > 1e-9:
+            print(
+                f"note: nm keeps {n} of every {NM_GROUP} weights, a sparsity of "
+                f"{1 - n / NM_GROUP:.3f}, not the {cfg.sparsity:g} asked for (the other methods "
+                "prune to that)",
+                file=sys.stderr,
+            )
+
+    check_outputs(
+        args._parser,
+        report=args.report,
+        plot=args.plot or str(Path(args.report).with_suffix(".png")),
+    )
     report = run(cfg)
     return _write(args, report)
 

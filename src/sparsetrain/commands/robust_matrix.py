@@ -286,6 +286,9 @@ def _names(text: str, valid: list[str], what: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .train import check_outputs
+
+    check_outputs(args._parser, out_dir=args.out_dir)
     try:
         result = _run(args)
     except (ValueError, TypeError) as e:  # bad names, options or counts: a usage error

@@ -23,6 +23,7 @@ from ..train import (
     SCHEDULES,
     TrainConfig,
     WorkerError,
+    check_launch,
     launch,
     parse_value,
     summary_table,
@@ -224,7 +225,7 @@ def add_training_arguments(p: argparse.ArgumentParser, *, workers: int, epochs: 
     g.add_argument(
         "--init-loss-scale",
         type=positive_float,
-        default=2.0**16,
+        default=None,
         help="with --amp fp16: the loss scaler's first scale (default 65536)",
     )
     g.add_argument(
@@ -369,6 +370,11 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
     if dupes:
         raise ValueError(f"--compressor lists {dupes} more than once")
     per = _compressor_options(args, compressors)
+    if args.init_loss_scale is not None and args.amp != "fp16":
+        raise ValueError(
+            "--init-loss-scale sets the float16 loss scaler's first scale: it needs --amp fp16 "
+            f"(got {'no --amp' if args.amp is None else f'--amp {args.amp}'}, which scales no loss)"
+        )
     return [
         TrainConfig(
             task=args.task,
@@ -398,7 +404,7 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
             momentum_correction=args.momentum_correction,
             schedule=args.schedule,
             amp=args.amp,
-            init_loss_scale=args.init_loss_scale,
+            init_loss_scale=2.0**16 if args.init_loss_scale is None else args.init_loss_scale,
             seed=args.seed,
             eval_every=args.eval_every,
             max_steps=args.max_steps,
@@ -416,6 +422,19 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
     ]
 
 
+def check_outputs(parser: argparse.ArgumentParser, **paths: str | None) -> None:
+    """Exit with a usage error (status 2) before any training if a result could not be
+    written where its option says (``report=``, ``plot=`` and ``out=`` a folder), rather
+    than with a traceback after the run."""
+    from ..plotting import file_path_problem, folder_path_problem, plot_path_problem
+
+    checks = {"plot": plot_path_problem, "out": folder_path_problem, "out_dir": folder_path_problem}
+    for option, path in paths.items():
+        problem = path and checks.get(option, file_path_problem)(path)
+        if problem:
+            parser.error(f"--{option.replace('_', '-')} {problem}")
+
+
 def run_and_report(
     configs: list[TrainConfig], report_path: str | None, plot_path: str | None, prog: str
 ) -> tuple[int, dict[str, Any] | None]:
@@ -423,6 +442,11 @@ def run_and_report(
 
     Returns (exit code, report or None where this process does not report).
     """
+    try:
+        check_launch(configs)
+    except ValueError as e:  # runs that cannot start: a usage error, before any worker
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2, None
     try:
         report = launch(configs)
     except WorkerError as e:
@@ -453,6 +477,7 @@ def _run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as e:
         args._parser.error(str(e))
     plot = args.plot or (str(Path(args.report).with_suffix(".png")) if args.report else None)
+    check_outputs(args._parser, report=args.report, plot=plot)
     code, _ = run_and_report(configs, args.report, plot, args._parser.prog)
     return code
 
@@ -482,5 +507,22 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--checkpoint-every", type=non_negative_int, default=0, help="steps between checkpoints"
     )
     out.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
+    show_defaults(p)
     p.set_defaults(func=_run, _parser=p)
     return p
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Add "(default: X)" to the help of every option that has a value by default and does not
+    say it already (flags and options without a default are left as they are)."""
+    for action in parser._actions:
+        default = action.default
+        if (
+            action.option_strings
+            and action.nargs != 0  # flags: store_true and the like
+            and default not in (None, argparse.SUPPRESS)
+            and not isinstance(default, (list, dict))
+            and "default" not in (action.help or "")
+            and action.help != argparse.SUPPRESS
+        ):
+            action.help = f"{action.help or ''} (default: {default})".lstrip()

@@ -43,14 +43,22 @@ class Task:
 
 
 _TASKS: dict[str, Callable[..., Task]] = {}
+_CHECKS: dict[str, Callable[[dict], None]] = {}
 _MODULES = ("digits",)
 
 
-def register_task(name: str):
-    """Decorator: register a task factory ``f(seed=0, **options) -> Task`` under ``name``."""
+def register_task(name: str, check: Callable[[dict], None] | None = None):
+    """Decorator: register a task factory ``f(seed=0, **options) -> Task`` under ``name``.
+
+    ``check(options)``, if given, raises ``ValueError`` for option values the factory cannot
+    use (a layer width of 0, say); it runs before any data is loaded or worker started. The
+    options' types are checked against the factory's defaults without it.
+    """
 
     def wrap(fn: Callable[..., Task]) -> Callable[..., Task]:
         _TASKS[name] = fn
+        if check is not None:
+            _CHECKS[name] = check
         return fn
 
     return wrap
@@ -80,9 +88,30 @@ def check_task_options(name: str, options: dict) -> None:
     (from its factory's signature), before any data is loaded."""
     _load_all()
     params = inspect.signature(_TASKS[name]).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return
-    check_options("task", name, options, [p for p in params if p != "seed"])
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        check_options("task", name, options, [p for p in params if p != "seed"])
+    for key, value in options.items():
+        default = params[key].default if key in params else None
+        kinds = _VALUE_KINDS.get(type(default))
+        wants_bool = kinds is not None and kinds[0] == (bool,)
+        if kinds is not None and not (
+            isinstance(value, kinds[0]) and isinstance(value, bool) == wants_bool
+        ):
+            raise ValueError(
+                f"task {name!r} option {key} must be {kinds[1]} (its default is {default!r}), "
+                f"got {value!r}"
+            )
+    if name in _CHECKS:
+        _CHECKS[name](dict(options))
+
+
+# An option whose default is of the key's type takes values of these types (bool is an int
+# to Python, but a width of True is a mistake).
+_VALUE_KINDS: dict[type, tuple[tuple[type, ...], str]] = {
+    bool: ((bool,), "True or False"),
+    int: ((int,), "an int"),
+    float: ((int, float), "a number"),
+}
 
 
 __all__ = ["Task", "available_tasks", "get_task", "register_task"]

@@ -59,19 +59,30 @@ class DigitsCNN(nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
-@register_task("digits-mlp")
+def _positive(*names: str):
+    """A task's check that its size options are at least 1."""
+
+    def check(options: dict) -> None:
+        for key in names:
+            if key in options and options[key] < 1:
+                raise ValueError(f"task option {key} must be at least 1, got {options[key]!r}")
+
+    return check
+
+
+@register_task("digits-mlp", check=_positive("hidden"))
 def digits_mlp(seed: int = 0, hidden: int = 128) -> Task:
     train, test = load_digits_tensors(seed)
     return Task("digits-mlp", lambda: DigitsMLP(hidden), train, test, num_classes=10)
 
 
-@register_task("digits-cnn")
+@register_task("digits-cnn", check=_positive("channels"))
 def digits_cnn(seed: int = 0, channels: int = 16) -> Task:
     train, test = load_digits_tensors(seed, image=True)
     return Task("digits-cnn", lambda: DigitsCNN(channels), train, test, num_classes=10)
 
 
-@register_task("digits-wide-mlp")
+@register_task("digits-wide-mlp", check=_positive("hidden"))
 def digits_wide_mlp(seed: int = 0, hidden: int = 2048) -> Task:
     """A communication-bound variant (about 4.3M parameters at hidden=2048) for benchmarks."""
     train, test = load_digits_tensors(seed)
