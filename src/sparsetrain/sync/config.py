@@ -47,7 +47,9 @@ class SyncConfig:
             ``DEFAULT_PARAMS`` (10 Gbit/s, 5 us).
         dense_warmup_steps: steps of plain dense allreduce before compression starts.
         on_nonfinite: what happens when some rank's gradient holds NaN or Inf: "raise" (an
-            error naming the ranks and parameters, on every rank), "skip" (every rank drops the
+            error naming the ranks and parameters, on every rank: ``FloatingPointError``, which
+            DDP's reducer turns into a ``RuntimeError`` with its message in ``backward()``),
+            "skip" (every rank drops the
             step; the caller checks ``skipped_last_step``; the gradients are zero) or
             "propagate" (every rank drops the step and every gradient of the step is NaN, also
             in buckets exchanged before the bad one, so that ``torch.amp.GradScaler.step``
