@@ -123,8 +123,8 @@ class NetworkParams:
     @classmethod
     def from_link(
         cls,
-        bandwidth_bps: float,
-        latency_s: float,
+        bandwidth_bps: float | str,
+        latency_s: float | str,
         gamma: float = 2e-9,
         gamma_dense: float = 5e-11,
         gamma_sort: float = 1e-10,
@@ -137,9 +137,14 @@ class NetworkParams:
         an entry for a sort of a million), not of the 2-core CPU the emulated cluster runs on;
         pass fitted values to model that. The software overhead of an operation is taken to
         be part of the latency (0).
+
+        ``bandwidth_bps`` and ``latency_s`` may also be given in tc's notation, as strings
+        with their unit: ``from_link("10gbit", "5us")``.
         """
-        if not bandwidth_bps > 0:
-            raise ValueError(f"bandwidth_bps must be positive, got {bandwidth_bps!r}")
+        from .cluster.units import parse_duration, parse_rate
+
+        bandwidth_bps = parse_rate(bandwidth_bps)  # numbers as they are; refuses <= 0
+        latency_s = parse_duration(latency_s)
         return cls(alpha=latency_s, beta=8.0 / bandwidth_bps, gamma=gamma,
                    gamma_dense=gamma_dense, gamma_sort=gamma_sort, overhead=overhead)  # fmt: skip
 

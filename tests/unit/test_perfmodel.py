@@ -490,3 +490,13 @@ def test_few_int_exchanges_cost_log2_p_messages_from_tree_from_ranks():
     assert pm.cost("ssar_rd", world=64, numel=10**6, density=0.01).messages == 6 + 2 * 6
     # Non-powers of two round up: 48 ranks take 6 rounds.
     assert pm.cost("gtopk", world=48, numel=10**6, density=0.01).messages == 3 * 6
+
+
+def test_from_link_takes_tc_notation_with_units():
+    a = pm.NetworkParams.from_link("10gbit", "5ms")
+    b = pm.NetworkParams.from_link(10e9, 5e-3)
+    assert a.beta == b.beta and a.alpha == pytest.approx(b.alpha)
+    with pytest.raises(ValueError, match="needs a unit"):
+        pm.NetworkParams.from_link("1gbit", "5")
+    with pytest.raises(ValueError, match="cannot read bandwidth 'fast'"):
+        pm.NetworkParams.from_link("fast", "5us")
