@@ -209,6 +209,7 @@ def test_bad_input_is_an_argparse_error_naming_the_problem(capsys, argv, words):
         (["robust-matrix", "--option", "bad"], "--option takes NAME.KEY=VALUE"),
         (["robust-matrix", "--option", "sign_flip.bogus=1"], "does not take option(s) ['bogus']"),
         (["robust-matrix", "--workers", "4", "--byzantine", "4"], "must be fewer than workers"),
+        (["robust-matrix", "--byzantine", "0", "--attacks", "sign_flip"], "needs --byzantine >= 1"),
     ],
 )
 def test_prune_and_robust_matrix_refuse_bad_input_before_any_work(capsys, argv, words, tmp_path):

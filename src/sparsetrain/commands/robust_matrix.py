@@ -316,6 +316,13 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     )
     aggregators = _names(args.aggregators, available_aggregators(), "aggregator(s)")
     attacks = _names(args.attacks, ["none", *available_attacks()], "attack(s)")
+    if not args.byzantine and attacks != ["none"]:
+        if args.attacks != DEFAULT_ATTACKS:  # asked for by name: each column would be "none"
+            raise ValueError(
+                f"--attacks {args.attacks} needs --byzantine >= 1: with no Byzantine worker no "
+                "one attacks (give --attacks none, or the number of attackers)"
+            )
+        attacks = ["none"]  # the default list: only the column that means something
     options = parse_options(args.option)
     # Build every rule and attack once here, so a bad option is a usage error now, not a
     # traceback from the worker processes of the first cell that uses it.
