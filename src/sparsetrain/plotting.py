@@ -92,19 +92,20 @@ PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
 
 def file_path_problem(path: str | os.PathLike) -> str | None:
-    """Why a file cannot be written at ``path``, or None: it is a folder, or its folder is a
-    file or not writable. Makes the folder if it is missing. For commands to check where their
-    results go before any work is done."""
+    """Why a file cannot be written at ``path``, or None: it is a folder, it exists and is not
+    writable, or no file can be made where it would go. Makes nothing (a file made to probe a
+    folder is removed at once). For commands to check where their results go before any work
+    is done."""
     p = Path(path)
     if p.is_dir():
         return f"{path}: is a folder; give a file name"
-    if p.exists() and not os.access(p, os.W_OK):
-        return f"{path}: exists and is not writable"
+    if p.exists():  # written in place (a file, /dev/stdout): its folder need not take new ones
+        return None if os.access(p, os.W_OK) else f"{path}: exists and is not writable"
     return _folder_problem(p.parent, path)
 
 
 def folder_path_problem(path: str | os.PathLike) -> str | None:
-    """Why files cannot be written into the folder ``path``, or None; makes it if missing."""
+    """Why files cannot be written into the folder ``path`` (made when they are), or None."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         return f"{path}: is a file, not a folder"
@@ -112,18 +113,18 @@ def folder_path_problem(path: str | os.PathLike) -> str | None:
 
 
 def _folder_problem(folder: Path, path: str | os.PathLike) -> str | None:
-    """Why ``folder`` cannot hold new files, or None; makes it if missing."""
+    """Why new files cannot be made in ``folder``, or in the folders that would be made to
+    hold them, or None. Probes the deepest existing folder with a file made and removed."""
     existing = folder.absolute()
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
         return f"{path}: {existing} is a file, so no folder can be made under it"
-    try:  # the folder is made now, and a file made and removed in it: what writing needs
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+    try:
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        return f"{path}: cannot write in {folder} ({e.strerror or e})"
+        return f"{path}: cannot write in {existing} ({e.strerror or e})"
     return None
 
 

@@ -380,10 +380,12 @@ def test_a_disabled_scaler_is_no_scaler_and_a_pickled_state_asks_for_its_scaler(
     )
     with pytest.raises(ValueError, match="aggregator='median'"):
         robust.grad_scaler = on  # as the constructor refuses it
-    # A live hook registered without a scaler cannot take one: no rank could tell whether
-    # the others did too (an unpickled state checks that at its first step).
+    # A hook that has exchanged steps without a scaler cannot take one: no rank could tell
+    # whether the others did too (the first step checks that).
     unscaled = SyncState(make_config("topk", 0.1, {"on_nonfinite": "propagate"}), {}, None)
-    with pytest.raises(ValueError, match="registered without a grad_scaler"):
+    unscaled.engine._begin_step(torch.device("cpu"))
+    unscaled.engine.end_step()
+    with pytest.raises(ValueError, match="has exchanged steps without a grad_scaler"):
         unscaled.grad_scaler = on
 
 
@@ -424,6 +426,30 @@ def test_unpickled_states_whose_ranks_differ_in_having_a_scaler_fail_on_every_ra
         if pickled_scaled:
             assert "rank(s) [1]" in r["error"], r
         assert r["after"] == [256.0] * 10, r
+
+
+def _fresh_and_unpickled(rank: int, world: int) -> list:
+    import pickle
+
+    from sparsetrain.sync.config import make_config
+    from sparsetrain.sync.ddp_hook import SyncState
+
+    state = SyncState(make_config("none", None, {}), {}, None)
+    if rank == 1:  # this rank's state comes back from a pickle, rank 0's is new
+        state = pickle.loads(pickle.dumps(state))
+    names, shapes = ["w"], [torch.Size([4])]
+    out = []
+    for step in range(2):
+        out.append(state.engine.exchange(torch.full((4,), float(rank + step)), names, shapes))
+        state.engine.end_step()
+    return [t.tolist() for t in out]
+
+
+def test_a_new_and_an_unpickled_state_run_the_same_collectives(tmp_path):
+    """Every engine checks at its first step that the ranks agree on a scaler, so a rank whose
+    state was unpickled runs the same collectives as one whose state is new."""
+    for r in oks(run_world(_fresh_and_unpickled, 2, tmp_path)):
+        assert r == [[0.5] * 4, [1.5] * 4], r
 
 
 def _sum_overflow(rank: int, world: int) -> dict:

@@ -248,7 +248,7 @@ def test_a_worker_error_reaches_the_user_with_a_non_zero_exit(tmp_path):
 
 def test_task_option_values_are_refused_before_any_worker_starts():
     for value, words in (
-        ("abc", "task 'digits-mlp' option hidden must be an int (its default is 128), got 'abc'"),
+        ("abc", "task 'digits-mlp' option hidden must be an int, got 'abc'"),
         ("1.5", "option hidden must be an int"),
         ("True", "option hidden must be an int"),
         ("0", "task option hidden must be at least 1, got 0"),

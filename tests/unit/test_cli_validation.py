@@ -684,3 +684,14 @@ def test_prune_says_when_nm_cannot_reach_the_sparsity_asked_for(tmp_path, capsys
             main(argv)
         err = capsys.readouterr().err
         assert ("nm keeps 1 of every 4 weights, a sparsity of 0.750, not the 0.9" in err) == note
+
+
+def test_result_path_checks_make_nothing_and_take_files_written_in_place(tmp_path, capsys):
+    from sparsetrain.plotting import file_path_problem, folder_path_problem
+
+    out = tmp_path / "new" / "deeper"
+    err = argparse_error(capsys, ["robust-matrix", "--aggregators", "foo", "--out-dir", str(out)])
+    assert "unknown aggregator(s) ['foo']" in err
+    assert folder_path_problem(out) is None and file_path_problem(out / "r.json") is None
+    assert not (tmp_path / "new").exists()  # a usage error leaves no folder behind
+    assert file_path_problem("/dev/stdout") is None  # exists and writable: written in place

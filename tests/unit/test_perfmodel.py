@@ -500,3 +500,6 @@ def test_from_link_takes_tc_notation_with_units():
         pm.NetworkParams.from_link("1gbit", "5")
     with pytest.raises(ValueError, match="cannot read bandwidth 'fast'"):
         pm.NetworkParams.from_link("fast", "5us")
+    import numpy as np  # numpy's numbers are numbers, as before tc notation was taken
+
+    assert pm.NetworkParams.from_link(np.int64(10**10), np.float32(0.5)).beta == 8e-10

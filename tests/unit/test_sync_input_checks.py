@@ -301,3 +301,49 @@ def test_states_round_trip_exactly_through_a_file(group, owner):
     buf.seek(0)
     target.load_state_dict(torch.load(buf, weights_only=False))
     assert _same(target.state_dict(), state)
+
+
+# ---- settings compared by their effect, and strict=False -------------------------------------
+@pytest.mark.parametrize(
+    "saved, now",
+    [
+        # a collective's defaults given explicitly
+        ({"collective": "oktopk"}, {"collective": "oktopk",
+                                    "collective_options": {"repartition_every": 64}}),
+        # "auto"'s defaults given explicitly
+        ({"collective": "auto"}, {"collective": "auto", "auto_candidates": "EXACT"}),
+        ({"collective": "auto"}, {"collective": "auto", "auto_network": "DEFAULT"}),
+        # the same link in seconds and in tc notation (floats that parse apart)
+        ({"collective": "auto", "auto_network": (1e9, 1e-5)},
+         {"collective": "auto", "auto_network": (1e9, "10us")}),
+    ],
+)  # fmt: skip
+def test_a_state_loads_under_settings_that_are_the_same_in_effect(group, saved, now):
+    from sparsetrain import perfmodel
+
+    def real(options: dict) -> dict:
+        out = dict(options, density=0.25)
+        if out.get("auto_candidates") == "EXACT":
+            out["auto_candidates"] = list(perfmodel.EXACT)
+        net = out.get("auto_network")
+        if net == "DEFAULT":
+            out["auto_network"] = perfmodel.DEFAULT_PARAMS
+        elif isinstance(net, tuple):
+            out["auto_network"] = perfmodel.NetworkParams.from_link(*net)
+        return out
+
+    state = _stepped(**real(saved)).state_dict()
+    _sync(**real(now)).load_state_dict(state)
+
+
+def test_strict_false_takes_a_state_saved_under_another_density_but_not_compressor(group):
+    state = _stepped(density=0.25).state_dict()
+    with pytest.raises(ValueError, match=r"density: saved 0.25, now 0.5.*or pass strict=False"):
+        _sync(density=0.5).load_state_dict(state)
+    sync = _sync(density=0.5)
+    sync.load_state_dict(state, strict=False)  # the residuals carry over
+    assert _same(sync.state_dict()["feedback"], state["feedback"])
+    with pytest.raises(ValueError, match="compressor: saved 'threshold', now 'topk'"):
+        _sync(compressor="topk", density=0.25).load_state_dict(state, strict=False)
+    with pytest.raises(TypeError, match="strict must be True or False"):
+        _sync(density=0.25).load_state_dict(state, strict="no")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import re
 
 # tc's units: "bit" suffixes are bits per second, "bps" suffixes bytes per second (SI powers).
@@ -24,9 +25,9 @@ _NUMBER = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Z
 
 
 def _split(text: str | float | int, what: str, units: dict[str, float], default: str) -> float:
-    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+    if isinstance(text, bool) or not isinstance(text, (str, numbers.Real)):
         raise TypeError(f"{what} must be a string such as {default!r} or a number, got {text!r}")
-    if isinstance(text, (int, float)):
+    if isinstance(text, numbers.Real):  # numpy's numbers too
         value, unit = float(text), ""
     else:
         m = _NUMBER.match(text)
@@ -79,7 +80,7 @@ def parse_duration(text: str | float | int) -> float:
     """
     if isinstance(text, str):
         m = _NUMBER.match(text)
-        if m is not None and not m.group(2) and float(m.group(1)) != 0:
+        if m is not None and not m.group(2) and float(m.group(1)) > 0:  # "-5": refused below
             raise ValueError(
                 f"duration {text!r} needs a unit: write for example {text.strip()}us, "
                 f"{text.strip()}ms or {text.strip()}s (units: {', '.join(_TIME_UNITS)})"

@@ -428,6 +428,8 @@ def check_outputs(parser: argparse.ArgumentParser, **paths: str | None) -> None:
     than with a traceback after the run."""
     from ..plotting import file_path_problem, folder_path_problem, plot_path_problem
 
+    if under_torchrun() and os.environ.get("RANK") != "0":
+        return  # only rank 0 writes them (its node's paths; torchrun stops the job if it exits)
     checks = {"plot": plot_path_problem, "out": folder_path_problem, "out_dir": folder_path_problem}
     for option, path in paths.items():
         problem = path and checks.get(option, file_path_problem)(path)

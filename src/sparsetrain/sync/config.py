@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -417,15 +418,57 @@ def _effective_compressor_options(name: str, options: Mapping[str, Any]) -> dict
     return {**out, **options}
 
 
+def _effective_collective_options(collective: str, options: Any) -> Any:
+    """``options`` of ``collective`` with the collective's defaults filled in (for "auto", of
+    each candidate named); as given where they do not build one."""
+    from ..comm import get_collective
+
+    def filled(name: str, opts: Any) -> Any:
+        try:
+            coll = get_collective(name, **opts)
+        except Exception:  # noqa: BLE001 - not a valid set: compared as it is
+            return opts
+        if not dataclasses.is_dataclass(coll):
+            return opts
+        return {f.name: getattr(coll, f.name) for f in dataclasses.fields(coll) if f.init}
+
+    if not isinstance(options, Mapping):
+        return options
+    if collective != "auto":
+        return filled(collective, options)
+    return {n: filled(n, o) if isinstance(o, Mapping) else o for n, o in options.items()}
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as JSON would hold them, floats within rounding (5e-6 and "5us" parse apart)."""
+    a, b = _plain(a), _plain(b)
+    if isinstance(a, float) or isinstance(b, float):
+        return (
+            isinstance(a, (int, float))
+            and isinstance(b, (int, float))
+            and (math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0))
+        )
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 def config_differences(saved: Mapping[str, Any], config: SyncConfig) -> list[str]:
     """The settings in which ``saved`` (a ``SyncConfig.to_dict()`` kept in a state) differs from
-    ``config``, as "name: saved X, now Y". Settings the saved dict lacks (a state from before
-    they existed) and those of ``MAY_DIFFER_ON_LOAD`` are not compared; error_feedback is
-    compared as it takes effect (None: on for biased compressors), and the compressor's options
-    with its defaults filled in."""
+    ``config`` in effect, as "name: saved X, now Y". Settings the saved dict lacks (a state from
+    before they existed) and those of ``MAY_DIFFER_ON_LOAD`` are not compared. Defaults count
+    as given: error_feedback None is on for biased compressors, the compressor's and the
+    collective's options are compared with their defaults filled in, and auto_candidates and
+    auto_network (compared only with collective="auto") None are the cost model's defaults."""
+    from ..perfmodel import DEFAULT_PARAMS, EXACT
+
     now = config.to_dict()
     if "compressor" in saved and saved["compressor"] != config.compressor:
         return [f"compressor: saved {saved['compressor']!r}, now {config.compressor!r}"]
+    auto = config.collective == "auto" and saved.get("collective", "auto") == "auto"
+    defaults = {"auto_candidates": list(EXACT), "auto_network": DEFAULT_PARAMS.as_dict()}
     diffs = []
     for key, value in now.items():
         if key == "compressor" or key in MAY_DIFFER_ON_LOAD or key not in saved:
@@ -437,13 +480,21 @@ def config_differences(saved: Mapping[str, Any], config: SyncConfig) -> list[str
             diffs += [
                 f"compressor option {k}: saved {old.get(k)!r}, now {value.get(k)!r}"
                 for k in sorted({*old, *value})
-                if _plain(old.get(k)) != _plain(value.get(k))
+                if not _same(old.get(k), value.get(k))
             ]
             continue
+        if key == "collective_options":
+            old = _effective_collective_options(saved.get("collective", config.collective), old)
+            value = _effective_collective_options(config.collective, value)
+        if key in defaults:
+            if not auto:
+                continue  # what "auto" would pick from: no matter to another collective
+            old = defaults[key] if old is None else old
+            value = defaults[key] if value is None else value
         if key == "error_feedback":
             old = compressor_class(config.compressor).biased if old is None else old
             value = config.use_error_feedback
-        if _plain(old) != _plain(value):
+        if not _same(old, value):
             diffs.append(f"{key}: saved {old!r}, now {value!r}")
     return diffs
 

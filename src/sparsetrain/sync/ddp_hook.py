@@ -89,11 +89,12 @@ class SyncState:
             groups = None if self._groups_initial or not self._groups else self._groups
         return {**self.engine.state_dict(), "ddp_groups": copy.deepcopy(groups)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Restore what :meth:`state_dict` returned; the next step exchanges the saved groups of
         parameters, so a resumed run compresses exactly as the uninterrupted one. A state
         saved under other settings (another compressor, density, collective, ...) is refused,
-        naming them; ``on_nonfinite`` may differ."""
+        naming them; ``on_nonfinite`` may differ. ``strict=False`` takes a state saved under
+        another density, collective and so on (not another compressor)."""
         check_state(state, "SyncState")
         groups = state.get("ddp_groups")
         if groups is not None and not (
@@ -104,7 +105,7 @@ class SyncState:
                 f"the hook state's 'ddp_groups' must be None or a list of lists of parameter "
                 f"names, got {type(groups).__name__}"
             )
-        self.engine.load_state_dict(state, owner="SyncState")
+        self.engine.load_state_dict(state, owner="SyncState", strict=strict)
         self._target = copy.deepcopy(groups)
         self._held = []
 
@@ -285,11 +286,11 @@ class SyncState:
                    "attack": config.attack}  # fmt: skip
         _, active = with_grad_scaler(scaler, options)  # refuses what the constructor refuses
         if self.engine.grad_scaler is None and not self.engine.agree_scaler:
-            # Only an unpickled state checks, at its first step, that every rank has one.
+            # The first step checks that every rank has one; later, no rank could tell.
             raise ValueError(
-                "this hook was registered without a grad_scaler and cannot take one later: "
+                "this hook has exchanged steps without a grad_scaler and cannot take one now: "
                 "register the hook with grad_scaler=scaler on every rank (state.grad_scaler is "
-                "for a state unpickled from one made with a scaler)"
+                "for a state unpickled from one made with a scaler, before its first step)"
             )
         if active is None:
             raise ValueError(
@@ -311,7 +312,6 @@ class SyncState:
         # The scaler belongs to the training loop and is not pickled: until one is set, the
         # first step refuses to take the scaled residuals for unscaled ones.
         self.engine.scaler_missing = bool(d.get("scaled", False))
-        self.engine.agree_scaler = True  # at the first step: every rank set one, or none did
 
 
 def _error_of(fut: torch.futures.Future) -> BaseException | None:

@@ -116,9 +116,10 @@ class SyncEngine:
         self.loss_scale = 1.0  # the units of the residuals and of the kept thresholds
         self._scale_read = False  # this step has compared loss_scale with the scaler's
         self.scaler_missing = False  # a state unpickled from a scaled hook, no scaler set yet
-        # A state unpickled (on every rank): its first step checks that the ranks agree on
-        # having a scaler, since each rank sets state.grad_scaler on its own.
-        self.agree_scaler = False
+        # The first step checks that the ranks agree on having a scaler: each rank may set
+        # state.grad_scaler on its own (after unpickling a state, say), and a rank whose
+        # state was unpickled must not run a collective the others do not.
+        self.agree_scaler = True
         # With on_nonfinite="propagate": the step's results so far, made NaN if a later bucket
         # turns out non-finite (DDP copies them into the gradients only when backward ends).
         self._outputs: list[Tensor] = []
@@ -331,9 +332,9 @@ class SyncEngine:
         self.loss_scale = scale
 
     def _agree_on_scaler(self, device: torch.device) -> None:
-        """The first step of an unpickled state: raise on every rank if a rank's state was
-        pickled with a scaler and has none set again, or if the ranks differ in having one (a
-        scaled and an unscaled gradient would be summed). One small allreduce, once."""
+        """The first step: raise on every rank if a rank's state was pickled with a scaler and
+        has none set again, or if the ranks differ in having one (a scaled and an unscaled
+        gradient would be summed). One small allreduce, once."""
         world = world_of(self.group)
         rank = dist.get_rank(self.group) if world > 1 else 0
         flags = torch.zeros(2 * world, dtype=torch.int64, device=device)
@@ -874,17 +875,25 @@ class SyncEngine:
             sd["attack"] = self.attack.state_dict()
         return sd
 
-    def load_state_dict(self, state: dict[str, Any], *, owner: str = "SyncEngine") -> None:
-        """Restore what :meth:`state_dict` returned. A state saved under other settings (the
-        ``config`` it records) is refused, naming them; ``on_nonfinite`` may differ, and states
-        from before a setting existed load as they did. ``owner`` names the caller in errors."""
+    def load_state_dict(
+        self, state: dict[str, Any], *, owner: str = "SyncEngine", strict: bool = True
+    ) -> None:
+        """Restore what :meth:`state_dict` returned. With ``strict``, a state saved under other
+        settings in effect (the ``config`` it records) is refused, naming them; ``on_nonfinite``
+        may differ, and states from before a setting existed load as they did. With
+        ``strict=False`` only another compressor is refused (its state is another kind): a
+        state taken on under a new density or collective, say, to change them mid-run.
+        ``owner`` names the caller in errors."""
+        if not isinstance(strict, bool):
+            raise TypeError(f"strict must be True or False, got {strict!r}")
         check_state(state, owner)
         diffs = config_differences(state.get("config", {}), self.config)
-        if diffs:
+        if diffs and (strict or diffs[0].startswith("compressor:")):
             raise ValueError(
                 f"this state was saved with other gradient-sync settings ({'; '.join(diffs)}); "
                 f"{owner} must be built with the saved settings to load it (only on_nonfinite "
                 "may differ)"
+                + ("" if diffs[0].startswith("compressor:") else ", or pass strict=False")
             )
         scale = state.get("loss_scale", 1.0)  # states from before loss scaling: unscaled
         if (

@@ -178,8 +178,10 @@ class GradientSync:
         configuration it was saved under."""
         return self.engine.state_dict()
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Restore what :meth:`state_dict` returned. A state saved under other settings
         (another compressor, density, collective, ...) is refused, naming them;
-        ``on_nonfinite`` may differ."""
-        self.engine.load_state_dict(state, owner="GradientSync")
+        ``on_nonfinite`` may differ. ``strict=False`` takes a state saved under another
+        density, collective and so on (not another compressor), as
+        ``torch.nn.Module.load_state_dict`` takes one with other keys."""
+        self.engine.load_state_dict(state, owner="GradientSync", strict=strict)

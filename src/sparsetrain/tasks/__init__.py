@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +59,8 @@ def register_task(name: str, check: Callable[[dict], None] | None = None):
         _TASKS[name] = fn
         if check is not None:
             _CHECKS[name] = check
+        else:  # a task registered again under this name brings its own checks or none
+            _CHECKS.pop(name, None)
         return fn
 
     return wrap
@@ -87,26 +89,44 @@ def check_task_options(name: str, options: dict) -> None:
     """Raise ``ValueError`` naming the options task ``name`` does not take, and the ones it does
     (from its factory's signature), before any data is loaded."""
     _load_all()
-    params = inspect.signature(_TASKS[name]).parameters
+    params = _parameters(_TASKS[name])
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         check_options("task", name, options, [p for p in params if p != "seed"])
     for key, value in options.items():
-        default = params[key].default if key in params else None
-        kinds = _VALUE_KINDS.get(type(default))
-        wants_bool = kinds is not None and kinds[0] == (bool,)
-        if kinds is not None and not (
-            isinstance(value, kinds[0]) and isinstance(value, bool) == wants_bool
-        ):
-            raise ValueError(
-                f"task {name!r} option {key} must be {kinds[1]} (its default is {default!r}), "
-                f"got {value!r}"
-            )
+        kind = _kind(params[key]) if key in params else None
+        if kind is None:
+            continue
+        types, what = _VALUE_KINDS[kind]
+        if not isinstance(value, types) or isinstance(value, bool) != (kind is bool):
+            raise ValueError(f"task {name!r} option {key} must be {what}, got {value!r}")
     if name in _CHECKS:
         _CHECKS[name](dict(options))
 
 
-# An option whose default is of the key's type takes values of these types (bool is an int
-# to Python, but a width of True is a mistake).
+def _parameters(fn: Callable[..., Task]) -> Mapping[str, inspect.Parameter]:
+    """The factory's parameters, with string annotations evaluated where they can be."""
+    try:
+        return inspect.signature(fn, eval_str=True).parameters
+    except Exception:  # noqa: BLE001 - an annotation that cannot be evaluated: go without
+        return inspect.signature(fn).parameters
+
+
+def _kind(param: inspect.Parameter) -> type | None:
+    """The type a task option's values must have: its annotation's, where that is bool, int
+    or float; else, unannotated, from its default (an int default takes any number, as
+    ``scale=1`` often means a float); None: anything."""
+    if param.annotation in _VALUE_KINDS:
+        return param.annotation
+    if param.annotation is not inspect.Parameter.empty:
+        return None  # another type, or a string that could not be evaluated: not checked
+    default = param.default
+    if isinstance(default, bool):
+        return bool
+    return float if isinstance(default, (int, float)) else None
+
+
+# A task option of this type takes values of these types (bool is an int to Python, but a
+# width of True is a mistake, so bools are refused where the type is not bool).
 _VALUE_KINDS: dict[type, tuple[tuple[type, ...], str]] = {
     bool: ((bool,), "True or False"),
     int: ((int,), "an int"),

@@ -1,0 +1,50 @@
+"""Task options are checked before any data is loaded or worker started: by the factory's
+annotations (or, unannotated, its defaults) and by the checks a task registers."""
+
+from __future__ import annotations
+
+import pytest
+
+from sparsetrain import tasks
+from sparsetrain.tasks import check_task_options, register_task
+
+
+@pytest.fixture
+def registry():
+    tasks._load_all()  # the built-in tasks registered before the registry is saved
+    saved, checks = dict(tasks._TASKS), dict(tasks._CHECKS)
+    yield
+    tasks._TASKS.clear()
+    tasks._TASKS.update(saved)
+    tasks._CHECKS.clear()
+    tasks._CHECKS.update(checks)
+
+
+def test_a_users_task_options_follow_its_annotations_then_its_defaults(registry):
+    @register_task("user-task")
+    def user_task(seed: int = 0, scale: float = 1, layers: int = 2, flag=False, free=1, any_=None):
+        raise AssertionError("not built")
+
+    for ok in ({"scale": 0.5}, {"scale": 3}, {"layers": 4}, {"flag": True}, {"free": 0.5},
+               {"any_": "x"}):  # fmt: skip
+        check_task_options("user-task", ok)
+    for bad, words in (
+        ({"layers": 1.5}, "option layers must be an int, got 1.5"),
+        ({"layers": True}, "option layers must be an int, got True"),
+        ({"scale": "x"}, "option scale must be a number, got 'x'"),
+        ({"flag": 1}, "option flag must be True or False, got 1"),
+        ({"free": "x"}, "option free must be a number"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            check_task_options("user-task", bad)
+
+
+def test_built_in_widths_must_be_positive_and_a_task_registered_again_drops_old_checks(registry):
+    with pytest.raises(ValueError, match="task option hidden must be at least 1, got 0"):
+        check_task_options("digits-mlp", {"hidden": 0})
+
+    @register_task("digits-mlp")
+    def mine(seed: int = 0, hidden: int = -1):
+        raise AssertionError("not built")
+
+    check_task_options("digits-mlp", {"hidden": -1})  # its own factory, without the old check
