@@ -23,8 +23,9 @@ own ``state_dict`` would change keys. Save them with ``pruner.state_dict()`` nex
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -84,6 +85,22 @@ def broadcast_tensors(tensors: Sequence[Tensor], group: Any = None, src: int = 0
         offset += t.numel()
 
 
+def check_flag(name: str, value: Any) -> bool:
+    """Return ``value`` if it is a bool; refuse anything else (``"no"`` would act as True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+# What every state that Pruner.state_dict returns holds (besides "options", the settings it was
+# saved with, which states from before they were recorded lack).
+_STATE_ENTRIES = ("method", "masks", "step", "num_updates", "extra")
+
+
+def _is_int(v: Any, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
 @dataclass
 class Pruner:
     """Base class of the pruners: options as dataclass fields, state in private attributes.
@@ -96,6 +113,12 @@ class Pruner:
     """
 
     name: ClassVar[str] = ""
+    # Options a state saved under other values still loads with: they change nothing that the
+    # state records or that decides which weights are pruned from here on.
+    may_differ_on_load: ClassVar[tuple[str, ...]] = ("params", "mask_gradients")
+    # Whether the masks prepare() draws prune weights (RigL starts sparse); those are applied at
+    # the first forward pass (or step(), apply()), so that a state loaded in between loses nothing.
+    defers_initial_masks: ClassVar[bool] = False
 
     sparsity: float = 0.5
     params: Sequence[str] | None = None
@@ -103,16 +126,20 @@ class Pruner:
 
     def __post_init__(self) -> None:
         self.sparsity = check_sparsity(self.sparsity)
+        check_flag("mask_gradients", self.mask_gradients)
         if self.params is not None:
             if isinstance(self.params, str) or not all(isinstance(p, str) for p in self.params):
                 raise TypeError(f"params must be a list of parameter names, got {self.params!r}")
             self.params = list(self.params)
         self._masks: Masks = {}
+        self._weights: dict[str, Tensor] = {}
         self._pending: dict[str, Any] | None = None
         self._model: nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._group: Any = None
         self._handles: list[Any] = []
+        self._forward_handles: list[Any] = []
+        self._deferred = False
         self._step = -1
         self._num_updates = 0
         self._stash = False
@@ -124,6 +151,12 @@ class Pruner:
     ) -> Pruner:
         """Select the weights, create the masks (all kept) and install gradient hooks.
 
+        A state loaded before (:meth:`load_state_dict`) is restored here; if it does not fit the
+        model, this raises and the pruner stays unprepared, with the state still loaded.
+        Called again on the same model (plain or wrapped), it changes neither masks nor
+        counters: it only re-attaches the ``optimizer`` and ``group`` given (those left out stay
+        as they were) and re-installs the gradient hooks. Another model is refused.
+
         Args:
             model: the model, plain or wrapped in DDP.
             optimizer: its optimizer, whose per-weight state is zeroed at pruned positions.
@@ -133,6 +166,8 @@ class Pruner:
             self.
         """
         module = unwrap(model)
+        if self._model is not None:
+            return self._reattach(module, optimizer, group)
         named = dict(module.named_parameters())
         names = self.params if self.params is not None else default_weights(module)
         unknown = [n for n in names if n not in named]
@@ -147,15 +182,46 @@ class Pruner:
                 raise TypeError(
                     f"parameter {n!r} has dtype {named[n].dtype}; only floating-point prunes"
                 )
+        weights = {n: named[n] for n in names}
+        pending = self._pending
+        if pending is not None:  # checked before anything changes: a misfit leaves us unprepared
+            _check_masks(pending["masks"], weights, "the state loaded before prepare()")
         self._model, self._optimizer, self._group = module, optimizer, group
-        self._weights = {n: named[n] for n in names}
-        self._masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self._weights.items()}
-        self.on_prepare()
-        if self._pending is not None:
-            state, self._pending = self._pending, None
-            self.load_state_dict(state)
+        self._weights = weights
+        self._masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in weights.items()}
+        try:
+            self.on_prepare()
+            if pending is not None:
+                self._pending = None
+                self._assign_state(pending)
+        except BaseException:
+            self._model = self._optimizer = self._group = None
+            self._weights, self._masks, self._pending = {}, {}, pending
+            raise
         self._install_hooks()
-        self.apply()
+        if pending is None and self.defers_initial_masks:
+            self._defer_initial_masks()
+        else:
+            self._apply()
+        return self
+
+    def _reattach(
+        self, module: nn.Module, optimizer: torch.optim.Optimizer | None, group: Any
+    ) -> Pruner:
+        if module is not self._model:
+            raise RuntimeError(
+                f"this {self.name!r} pruner is already prepared on another model; a pruner "
+                "prunes one model: build a new one for this model (to carry this one's masks "
+                "over, call new.load_state_dict(pruner.state_dict()) before new.prepare(model))"
+            )
+        self._check_params()
+        if optimizer is not None:
+            self._optimizer = optimizer
+        if group is not None:
+            self._group = group
+        self._install_hooks()
+        if not self._deferred:
+            self._apply()
         return self
 
     def on_prepare(self) -> None:
@@ -172,10 +238,10 @@ class Pruner:
         Returns:
             True when the masks changed at this step.
         """
-        self._require_prepared()
+        self._require_ready()
         self._step = step
         changed = self.update(step, closure)
-        self.apply()
+        self._apply()
         return changed
 
     def update(self, step: int, closure: Closure | None) -> bool:
@@ -184,8 +250,8 @@ class Pruner:
 
     def finalize(self) -> Masks:
         """Bake the masks into the weights, remove the hooks and return the masks."""
-        self._require_prepared()
-        self.apply()
+        self._require_ready()
+        self._apply()
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -197,9 +263,14 @@ class Pruner:
         """name -> bool mask (True = kept), copies."""
         return {n: m.clone() for n, m in self._masks.items()}
 
-    @torch.no_grad()
     def apply(self) -> None:
         """Zero the pruned weights and the optimizer state at their positions."""
+        self._require_ready()
+        self._apply()
+
+    @torch.no_grad()
+    def _apply(self) -> None:
+        self._cancel_deferred()
         for n, p in self._weights.items():
             pruned = ~self._masks[n]
             p.masked_fill_(pruned, 0.0)
@@ -209,19 +280,21 @@ class Pruner:
                         v.masked_fill_(pruned, 0)
 
     def set_masks(self, masks: Masks) -> None:
-        """Replace the masks (synchronised from rank 0 under torch.distributed) and apply them."""
+        """Replace the masks (synchronised from rank 0 under torch.distributed) and apply them.
+
+        Args:
+            masks: name -> bool tensor of the parameter's shape (True = kept), for some or all
+                of the pruned parameters; all are checked before any is replaced.
+        """
+        self._require_ready()
+        _check_masks(masks, self._weights, "set_masks()", complete=False)
+        self._assign_masks(masks)
+
+    def _assign_masks(self, masks: Masks) -> None:
         for n, m in masks.items():
-            if n not in self._masks:
-                raise ValueError(
-                    f"mask {n!r} names no pruned parameter; pruned: {sorted(self._masks)}"
-                )
-            if m.shape != self._masks[n].shape:
-                raise ValueError(
-                    f"mask {n!r} has shape {tuple(m.shape)}, expected {tuple(self._masks[n].shape)}"
-                )
-            self._masks[n] = m.to(device=self._masks[n].device, dtype=torch.bool).clone()
+            self._masks[n] = m.detach().to(device=self._masks[n].device, dtype=torch.bool).clone()
         self.sync_masks()
-        self.apply()
+        self._apply()
 
     def sync_masks(self) -> None:
         """Make every rank hold rank 0's masks (a no-op without torch.distributed)."""
@@ -245,11 +318,51 @@ class Pruner:
 
         return hook
 
+    def _defer_initial_masks(self) -> None:
+        """Apply the masks at the first forward pass of the model (or of a module owning a
+        pruned weight) instead of now: prepare() then destroys nothing a load could restore."""
+        assert self._model is not None
+        owners = {id(self._model): self._model}
+        for n in self._weights:
+            owner = self._model.get_submodule(n.rpartition(".")[0])
+            owners.setdefault(id(owner), owner)
+        self._deferred = True
+        self._forward_handles = [
+            m.register_forward_pre_hook(self._apply_before_forward) for m in owners.values()
+        ]
+
+    def _apply_before_forward(self, module: nn.Module, args: Any) -> None:
+        if self._deferred:
+            self.apply()
+
+    def _cancel_deferred(self) -> None:
+        for h in self._forward_handles:
+            h.remove()
+        self._forward_handles, self._deferred = [], False
+
     def _require_prepared(self) -> None:
         if self._model is None:
             raise RuntimeError(
                 f"call prepare(model, optimizer) before using the {self.name!r} pruner"
             )
+
+    def _check_params(self) -> None:
+        """Refuse to act when the model's parameters are no longer the tensors we prune."""
+        assert self._model is not None
+        named = dict(self._model.named_parameters())
+        stale = [n for n, p in self._weights.items() if named.get(n) is not p]
+        if stale:
+            raise RuntimeError(
+                f"the model's parameter(s) {stale} are no longer the tensors this "
+                f"{self.name!r} pruner was prepared with (a layer or parameter was replaced, "
+                "or removed, after prepare()); it would prune the old tensors. Build a new "
+                "pruner and prepare it on the model as it is now (to keep the masks, call "
+                "new.load_state_dict(pruner.state_dict()) before new.prepare(model))"
+            )
+
+    def _require_ready(self) -> None:
+        self._require_prepared()
+        self._check_params()
 
     # ---- state ---------------------------------------------------------------------------
     def options(self) -> dict[str, Any]:
@@ -261,7 +374,8 @@ class Pruner:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        """Return the masks and counters; round-trips exactly through :meth:`load_state_dict`."""
+        """Return the masks, counters and settings; round-trips exactly through
+        :meth:`load_state_dict`."""
         if self._pending is not None:  # loaded before prepare(): hand back what was loaded
             p = self._pending
             return p | {"masks": {n: m.detach().cpu().clone() for n, m in p["masks"].items()}}
@@ -271,34 +385,98 @@ class Pruner:
             "step": self._step,
             "num_updates": self._num_updates,
             "extra": self.extra_state(),
+            "options": copy.deepcopy(self.options()),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore masks and counters; before :meth:`prepare` they are kept until it runs."""
-        if not isinstance(state, dict) or state.get("method") != self.name:
-            got = state.get("method") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"state is not a {self.name!r} pruner state (method={got!r})")
+        """Restore masks and counters; before :meth:`prepare` they are kept until it runs.
+
+        Everything is checked before anything changes, so a state that is refused leaves the
+        pruner as it was. Refused: what is not a state of this pruner, a state missing entries,
+        one saved with other settings (sparsity, scope, schedule, ...: the error names them;
+        states from before settings were recorded are not compared), and masks that do not
+        match the pruned parameters' names and shapes.
+        """
+        self._check_state(state)
         if self._model is None:
-            self._pending = state
-            self._step, self._num_updates = int(state["step"]), int(state["num_updates"])
+            self._pending = dict(state) | {"masks": dict(state["masks"])}
+            self._step, self._num_updates = state["step"], state["num_updates"]
             return
-        masks = state["masks"]
-        if set(masks) != set(self._masks):
-            raise ValueError(
-                f"saved masks are for {sorted(masks)}, but this pruner prunes {sorted(self._masks)}"
+        self._check_params()
+        _check_masks(state["masks"], self._weights, "the state")
+        self._assign_state(state)
+
+    def _check_state(self, state: Any) -> None:
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                f"load_state_dict takes the dict that a {self.name!r} pruner's state_dict() "
+                f"returned, got {type(state).__name__}"
             )
+        if "method" in state and state["method"] != self.name:
+            raise ValueError(
+                f"state is not a {self.name!r} pruner state (method={state['method']!r})"
+            )
+        missing = [k for k in _STATE_ENTRIES if k not in state]
+        if missing:
+            raise ValueError(
+                f"load_state_dict takes the dict that a {self.name!r} pruner's state_dict() "
+                f"returned, with the entries {', '.join(_STATE_ENTRIES)}; this one lacks "
+                f"{', '.join(missing)}"
+            )
+        if not _is_int(state["step"], -1):
+            raise ValueError(f"the state's 'step' must be an integer >= -1, got {state['step']!r}")
+        if not _is_int(state["num_updates"], 0):
+            raise ValueError(
+                f"the state's 'num_updates' must be an integer >= 0, got {state['num_updates']!r}"
+            )
+        masks = state["masks"]
+        if not isinstance(masks, Mapping):
+            raise ValueError(
+                f"the state's 'masks' must be a dict of name -> bool tensor, got "
+                f"{type(masks).__name__}"
+            )
+        for n, m in masks.items():
+            if not isinstance(m, Tensor) or m.dtype != torch.bool:
+                got = m.dtype if isinstance(m, Tensor) else type(m).__name__
+                raise ValueError(f"the state's mask {n!r} must be a bool tensor, got {got}")
+        if not isinstance(state["extra"], Mapping):
+            raise ValueError(
+                f"the state's 'extra' must be a dict, got {type(state['extra']).__name__}"
+            )
+        self.check_extra_state(state["extra"])
+        saved = state.get("options", {})
+        if not isinstance(saved, Mapping):
+            raise ValueError(f"the state's 'options' must be a dict, got {type(saved).__name__}")
+        diffs = [
+            f"{k}: saved {saved[k]!r}, now {v!r}"
+            for k, v in self.options().items()
+            if k in saved and k not in self.may_differ_on_load and saved[k] != v
+        ]
+        if diffs:
+            raise ValueError(
+                f"this state was saved with other {self.name!r} pruner settings "
+                f"({'; '.join(diffs)}); build the pruner with the saved settings to load it "
+                f"(only {', '.join(self.may_differ_on_load)} may differ)"
+            )
+
+    def _assign_state(self, state: Mapping[str, Any]) -> None:
+        """Restore a state checked by :meth:`_check_state` and whose masks fit."""
         self._step, self._num_updates = int(state["step"]), int(state["num_updates"])
         self.load_extra_state(state["extra"])
-        self.set_masks(masks)
+        self._assign_masks(state["masks"])
 
     def extra_state(self) -> dict[str, Any]:
         return {}
 
-    def load_extra_state(self, extra: dict[str, Any]) -> None:
+    def check_extra_state(self, extra: Mapping[str, Any]) -> None:
+        """Subclass hook: refuse an ``extra`` that :meth:`load_extra_state` cannot restore."""
+
+    def load_extra_state(self, extra: Mapping[str, Any]) -> None:
         pass
 
     def stats(self) -> dict[str, Any]:
         """Return global and per-layer sparsity of the masks and how many times they changed."""
+        self._require_ready()
         layers = {n: 1.0 - float(m.sum()) / m.numel() for n, m in self._masks.items()}
         total = sum(m.numel() for m in self._masks.values())
         kept = sum(int(m.sum()) for m in self._masks.values())
@@ -309,6 +487,31 @@ class Pruner:
             "step": self._step,
             "num_updates": self._num_updates,
         }
+
+
+def _check_masks(
+    masks: Any, weights: Mapping[str, Tensor], what: str, complete: bool = True
+) -> None:
+    """Refuse masks that are not bool tensors of the pruned parameters' names and shapes."""
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"{what}: masks must be a dict of name -> bool tensor, got {masks!r}")
+    unknown = sorted(set(masks) - set(weights))
+    missing = sorted(set(weights) - set(masks)) if complete else []
+    if unknown or missing:
+        raise ValueError(
+            f"{what} has masks for {sorted(masks)}, but this pruner prunes {sorted(weights)}"
+            + (f"; it does not prune {unknown}" if unknown else "")
+            + (f"; no mask for {missing}" if missing else "")
+        )
+    for n, m in masks.items():
+        if not isinstance(m, Tensor) or m.dtype != torch.bool:
+            got = m.dtype if isinstance(m, Tensor) else type(m).__name__
+            raise TypeError(f"{what}: mask {n!r} must be a bool tensor (True = kept), got {got}")
+        if m.shape != weights[n].shape:
+            raise ValueError(
+                f"{what}: mask {n!r} has shape {tuple(m.shape)}, but the parameter has shape "
+                f"{tuple(weights[n].shape)}"
+            )
 
 
 @dataclass
@@ -349,15 +552,27 @@ class ScheduledPruner(Pruner):
     def prune(self, sparsity: float | None = None, closure: Closure | None = None) -> Masks:
         """Prune now to ``sparsity`` (default: the final one); weights pruned before stay pruned.
 
+        Raises:
+            ValueError: ``sparsity`` below the one already reached: that would bring pruned
+                weights back.
+
         Returns:
             The new masks.
         """
-        self._require_prepared()
+        self._require_ready()
         s = self.sparsity if sparsity is None else check_sparsity(sparsity)
+        if s < self._current - 1e-12:
+            raise ValueError(
+                f"prune({s:g}) asks for less than the sparsity this pruner has already reached "
+                f"({self._current:g}); weights pruned once stay pruned, so pass a sparsity >= "
+                f"{self._current:g}"
+            )
         new = self.compute_masks(s, closure)
+        # Whatever the method computed, a weight pruned before stays pruned.
+        new = {n: m & self._masks[n] for n, m in new.items()}
         self._num_updates += 1
         self._current = max(self._current, s)
-        self.set_masks(new)
+        self._assign_masks(new)
         return self.masks
 
     def compute_masks(self, sparsity: float, closure: Closure | None) -> Masks:
@@ -367,7 +582,12 @@ class ScheduledPruner(Pruner):
     def extra_state(self) -> dict[str, Any]:
         return {"current_sparsity": self._current}
 
-    def load_extra_state(self, extra: dict[str, Any]) -> None:
+    def check_extra_state(self, extra: Mapping[str, Any]) -> None:
+        if "current_sparsity" not in extra:
+            raise ValueError("the state's 'extra' lacks 'current_sparsity' (the sparsity reached)")
+        check_sparsity(extra["current_sparsity"], "the state's current_sparsity")
+
+    def load_extra_state(self, extra: Mapping[str, Any]) -> None:
         self._current = float(extra["current_sparsity"])
 
     def stats(self) -> dict[str, Any]:

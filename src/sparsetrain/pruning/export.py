@@ -55,15 +55,17 @@ def export_compact(
     Returns:
         A dict that ``torch.save`` can write; :func:`load_compact` turns it back.
 
+    Raises:
+        TypeError, ValueError: a mask that is not a bool tensor of its tensor's shape, names no
+            floating-point tensor of the state, or prunes a non-zero value (it would be lost).
+
     Example:
         >>> ckpt = export_compact(model)  # doctest: +SKIP
         >>> model.load_state_dict(load_compact(ckpt))  # doctest: +SKIP
     """
     state = _state(model_or_state)
-    masks = masks or {}
-    unknown = sorted(set(masks) - set(state))
-    if unknown:
-        raise ValueError(f"masks name tensors not in the state dict: {unknown}")
+    masks = {} if masks is None else masks
+    _check_export_masks(state, masks)
     sparse, dense = {}, {}
     for name, t in state.items():
         if not isinstance(t, Tensor) or not t.is_floating_point() or t.is_sparse:
@@ -83,19 +85,78 @@ def export_compact(
     return {"format": FORMAT, "sparse": sparse, "dense": dense, "order": list(state)}
 
 
+def _check_export_masks(state: Mapping[str, Any], masks: Any) -> None:
+    """Refuse masks that are not bool tensors of their tensor's shape, or that would drop a
+    non-zero value (it would not come back from the checkpoint)."""
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"masks must be a dict of name -> bool tensor, got {type(masks).__name__}")
+    unknown = sorted(set(masks) - set(state))
+    if unknown:
+        hint = (
+            " (the state dict is a DDP wrapper's, whose names start with 'module.': export the "
+            "wrapped module, ddp.module)"
+            if all(f"module.{n}" in state for n in unknown)
+            else ""
+        )
+        raise ValueError(f"masks name tensors not in the state dict: {unknown}{hint}")
+    for name, m in masks.items():
+        t = state[name]
+        if not isinstance(t, Tensor) or not t.is_floating_point() or t.is_sparse:
+            what = f"a {t.dtype} tensor" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(
+                f"mask {name!r} is for {what}; masks apply to dense floating-point tensors only"
+            )
+        if not isinstance(m, Tensor) or m.dtype != torch.bool:
+            got = m.dtype if isinstance(m, Tensor) else type(m).__name__
+            raise TypeError(f"mask {name!r} must be a bool tensor (True = kept), got {got}")
+        if m.shape != t.shape:
+            raise ValueError(
+                f"mask {name!r} has shape {tuple(m.shape)}, but the tensor has shape "
+                f"{tuple(t.shape)}"
+            )
+        lost = int((t.detach() != 0).logical_and_(~m.to(t.device)).sum())
+        if lost:
+            raise ValueError(
+                f"mask {name!r} prunes {lost} non-zero value(s) of the tensor, which the "
+                "checkpoint would lose: apply the masks to the model first (pruner.apply() or "
+                "finalize()), or leave masks out to keep every non-zero value"
+            )
+
+
 def load_compact(ckpt: Mapping[str, Any]) -> dict[str, Any]:
     """Return the dense state dict a compact checkpoint was made from (exact values)."""
     if not isinstance(ckpt, Mapping) or ckpt.get("format") != FORMAT:
         raise ValueError(f"not a compact checkpoint (expected format {FORMAT!r})")
+    missing = [k for k in ("sparse", "dense", "order") if k not in ckpt]
+    if missing:
+        raise ValueError(
+            f"this compact checkpoint lacks {', '.join(missing)}; export_compact() writes "
+            "format, sparse, dense and order"
+        )
     out: dict[str, Any] = {}
     for name in ckpt["order"]:
         if name in ckpt["dense"]:
             out[name] = ckpt["dense"][name]
             continue
+        if name not in ckpt["sparse"]:
+            raise ValueError(f"the compact checkpoint lists {name!r} but stores no tensor for it")
         entry = ckpt["sparse"][name]
+        lacks = [k for k in ("shape", "bits", "values") if k not in entry]
+        if lacks:
+            raise ValueError(f"the compact checkpoint's entry {name!r} lacks {', '.join(lacks)}")
         shape = torch.Size(entry["shape"])
-        keep = unpack_bits(entry["bits"], shape.numel())
-        values = entry["values"]
+        bits, values = entry["bits"], entry["values"]
+        if bits.numel() != (shape.numel() + 7) // 8:
+            raise ValueError(
+                f"the compact checkpoint's entry {name!r} has {bits.numel()} bytes of bits, "
+                f"but shape {tuple(shape)} needs {(shape.numel() + 7) // 8}"
+            )
+        keep = unpack_bits(bits, shape.numel())
+        if values.numel() != int(keep.sum()):
+            raise ValueError(
+                f"the compact checkpoint's entry {name!r} has {values.numel()} values for "
+                f"{int(keep.sum())} kept positions"
+            )
         t = torch.zeros(shape.numel(), dtype=values.dtype)
         t[keep] = values
         out[name] = t.view(shape)
@@ -131,8 +192,19 @@ def to_torch_sparse(weight: Tensor, layout: str = "csr") -> Tensor:
         The sparse tensor; ``to_dense()`` gives back the (flattened) weight.
 
     Raises:
-        ValueError: unknown layout, or semi-structured asked where the device cannot run it.
+        ValueError: a weight with fewer than 2 dimensions, an unknown layout, or
+            semi-structured asked where the device cannot run it.
     """
+    if not isinstance(weight, Tensor) or weight.dim() < 2:
+        got = (
+            f"shape {tuple(weight.shape)}"
+            if isinstance(weight, Tensor)
+            else f"a {type(weight).__name__}"
+        )
+        raise ValueError(
+            f"to_torch_sparse takes a weight with 2 or more dimensions, got {got}; for a "
+            "1-D tensor use tensor.to_sparse() (COO)"
+        )
     w = weight.detach().reshape(weight.shape[0], -1) if weight.dim() > 2 else weight.detach()
     if layout == "coo":
         return w.to_sparse_coo()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import Closure, ScheduledPruner, register_pruner
-from .masks import Masks, check_nm, masks, nm_for_sparsity
+from .masks import Masks, check_nm, check_sparsity, masks, nm_for_sparsity
 
 
 @register_pruner("magnitude")
@@ -53,14 +53,14 @@ class NMPruner(ScheduledPruner):
 
     n: int = 2
     m: int = 4
-    sparsity: float = -1.0  # derived from n and m
+    sparsity: float | None = None  # type: ignore[assignment]  (derived from n and m)
 
     def __post_init__(self) -> None:
         check_nm(self.n, self.m)
         if self.n == self.m:
             raise ValueError(f"n={self.n} of m={self.m} keeps every weight; use n < m")
         implied = 1.0 - self.n / self.m
-        if self.sparsity != -1.0 and abs(self.sparsity - implied) > 1e-9:
+        if self.sparsity is not None and abs(check_sparsity(self.sparsity) - implied) > 1e-9:
             raise ValueError(
                 f"N:M {self.n}:{self.m} means sparsity {implied:g}, but sparsity={self.sparsity} "
                 "was given; leave sparsity out or make it 1 - n/m"

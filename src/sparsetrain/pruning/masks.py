@@ -20,6 +20,7 @@ survives in layer scope. Ties are broken by position, so the count is always exa
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -53,11 +54,11 @@ def available_methods() -> list[str]:
 
 
 def check_sparsity(sparsity: float, what: str = "sparsity") -> float:
-    """Return ``sparsity`` as a float, refusing anything outside [0, 1)."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+    """Return ``sparsity`` as a float, refusing anything but a real number in [0, 1)."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
         raise TypeError(f"{what} must be a number in [0, 1), got {sparsity!r}")
     s = float(sparsity)
-    if not 0.0 <= s < 1.0 or math.isnan(s):
+    if not 0.0 <= s < 1.0:  # also refuses NaN
         raise ValueError(f"{what} must be in [0, 1) (1 would remove every weight), got {sparsity}")
     return s
 

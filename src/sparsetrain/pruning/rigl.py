@@ -5,7 +5,10 @@ Evci et al. (2020), "Rigging the Lottery: Making All Tickets Winners". Steps:
 1. ``prepare``: every layer starts sparse with a random mask; the per-layer densities are uniform
    (``1 - sparsity`` each) or Erdos-Renyi-Kernel (ERK), where a layer's density is proportional
    to ``sum(shape) / prod(shape)``, scaled so the total matches ``sparsity``; layers that would
-   exceed density 1 are made dense and the others rescaled.
+   exceed density 1 are made dense and the others rescaled. These masks zero the weights (and
+   their optimizer state) at the first forward pass of the model, or at ``step``, ``apply`` or
+   ``finalize`` if one comes first, not in ``prepare`` itself: a state loaded right after
+   ``prepare`` (a resumed run) replaces them before any weight it keeps is lost.
 2. Every ``delta_t`` steps before ``end``: the update fraction is
    ``f(t) = alpha / 2 * (1 + cos(pi * t / end))``; in each layer with ``a`` active weights, drop
    the ``k = floor(f(t) * a)`` active weights of smallest ``|w|`` and grow the ``k`` inactive ones
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -66,12 +69,23 @@ class RigLPruner(Pruner):
         delta_t: steps between connectivity updates.
         alpha: the initial update fraction (decays to 0 by ``end`` along a cosine).
         end: the step after which the masks stay fixed.
-        seed: seed of the random initial masks (the same on every rank).
+        seed: seed of the random initial masks (the same on every rank), an integer >= 0.
+
+    The initial masks take effect at the first forward pass (see the module docstring), so
+    ``prepare`` then ``load_state_dict`` resumes as exactly as the other order.
 
     Example:
         >>> pruner = RigLPruner(sparsity=0.9, delta_t=100, end=3000)
         >>> pruner.prepare(model, optimizer)  # doctest: +SKIP
     """
+
+    # The seed and distribution only draw the initial masks, which a loaded state replaces.
+    may_differ_on_load: ClassVar[tuple[str, ...]] = (
+        *Pruner.may_differ_on_load,
+        "seed",
+        "distribution",
+    )
+    defers_initial_masks: ClassVar[bool] = True
 
     distribution: str = "erk"
     delta_t: int = 100
@@ -95,6 +109,12 @@ class RigLPruner(Pruner):
             or not 0 < self.alpha <= 1
         ):
             raise ValueError(f"alpha must be in (0, 1], got {self.alpha!r}")
+        if (
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, int)
+            or not 0 <= self.seed < 2**64
+        ):
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
 
     def densities(self) -> dict[str, float]:
         """Return the density of every pruned layer."""

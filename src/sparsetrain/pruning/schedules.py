@@ -8,6 +8,7 @@ they already have, so calling them again at the same step (or after a resume) ch
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -37,6 +38,9 @@ class Schedule:
         raise RuntimeError(f"{type(self).__name__} must define target()")
 
     def options(self) -> dict[str, Any]:
+        """Return the schedule's settings: its dataclass fields (none for other classes)."""
+        if not dataclasses.is_dataclass(self):
+            return {}
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
 
@@ -98,9 +102,9 @@ class Gradual(Schedule):
         if (
             isinstance(self.power, bool)
             or not isinstance(self.power, (int, float))
-            or self.power <= 0
+            or not (math.isfinite(self.power) and self.power > 0)
         ):
-            raise ValueError(f"power must be a positive number, got {self.power!r}")
+            raise ValueError(f"power must be a positive number (and finite), got {self.power!r}")
 
     def target(self, step: int, final: float) -> float | None:
         if step < self.start:

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .base import Closure, ScheduledPruner, _distributed, broadcast_tensors, register_pruner
+from .base import (
+    Closure,
+    ScheduledPruner,
+    _distributed,
+    broadcast_tensors,
+    check_flag,
+    register_pruner,
+)
 from .masks import Masks
 from .woodfisher import (
     DEFAULT_MAX_MEMORY,
@@ -54,6 +62,12 @@ class WoodFisherPruner(ScheduledPruner):
         >>> pruner.prune(closure=lambda: loss_fn(model(*next(batches)[:1]), ...))  # doctest: +SKIP
     """
 
+    may_differ_on_load: ClassVar[tuple[str, ...]] = (
+        *ScheduledPruner.may_differ_on_load,
+        "max_memory_bytes",
+        "chunk",
+    )
+
     fisher_samples: int = 256
     block_size: int = 128
     damping: float = 1e-4
@@ -70,9 +84,12 @@ class WoodFisherPruner(ScheduledPruner):
         if (
             isinstance(self.damping, bool)
             or not isinstance(self.damping, (int, float))
-            or not self.damping > 0
+            or not (math.isfinite(self.damping) and self.damping > 0)
         ):
-            raise ValueError(f"damping must be a positive number, got {self.damping!r}")
+            raise ValueError(
+                f"damping must be a positive number (and finite), got {self.damping!r}"
+            )
+        check_flag("obs_update", self.obs_update)
 
     def on_prepare(self) -> None:
         self._layout = BlockLayout.of(self._weights, self.block_size)

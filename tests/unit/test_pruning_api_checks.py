@@ -1,0 +1,424 @@
+"""The pruning API keeps what users saved and refuses what it cannot do, saying why.
+
+RigL resumes exactly whether its state is loaded before or after prepare(); prepare() twice
+changes nothing; pruned weights never come back through prune(); states saved under other
+settings, incomplete or broken states are refused before anything changes; bad masks, options
+and stale parameters get clear errors.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sparsetrain.pruning import (
+    Gradual,
+    export_compact,
+    get_pruner,
+    load_compact,
+    pack_bits,
+    to_torch_sparse,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+X = torch.randn(64, 16, generator=torch.Generator().manual_seed(5))
+Y = X[:, :4].argmax(1)
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def _sgd(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def _train(model, opt, pruner, steps: int, start: int = 0) -> None:
+    for step in range(start, start + steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X), Y).backward()
+        opt.step()
+        pruner.step(step)
+
+
+def _saved(*objs) -> bytes:
+    buf = io.BytesIO()
+    torch.save([o.state_dict() for o in objs], buf)
+    return buf.getvalue()
+
+
+def _load(raw: bytes) -> list:
+    return torch.load(io.BytesIO(raw), weights_only=True)  # fresh tensors on every call
+
+
+def _same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _momenta(opt: torch.optim.Optimizer, model: nn.Module) -> dict:
+    return {n: opt.state[p]["momentum_buffer"].clone() for n, p in model.named_parameters()}
+
+
+RIGL = {"sparsity": 0.8, "delta_t": 2, "end": 100}
+
+
+# ---- 1. RigL resumes exactly in both orders; prepare() destroys nothing a load restores ----------
+def test_rigl_state_loaded_after_prepare_restores_the_checkpoint_exactly() -> None:
+    model = _model()
+    opt = _sgd(model)
+    pruner = get_pruner("rigl", **RIGL).prepare(model, opt)
+    _train(model, opt, pruner, 7)
+    raw = _saved(model, opt, pruner)
+    _train(model, opt, pruner, 8, start=7)
+
+    # Model and optimizer loaded first, the pruner's state after prepare() (the reported order).
+    m_state, o_state, p_state = _load(raw)
+    model2 = _model(1)
+    model2.load_state_dict(m_state)
+    opt2 = _sgd(model2)
+    opt2.load_state_dict(o_state)
+    pruner2 = get_pruner("rigl", **RIGL).prepare(model2, opt2)
+    pruner2.load_state_dict(p_state)
+    assert _same_tensors(model2.state_dict(), m_state), "prepare() zeroed weights the state keeps"
+    saved_momenta = {
+        n: s["momentum_buffer"] for n, s in zip(m_state, o_state["state"].values())
+    }  # parameters in order: 0.weight, 0.bias, 2.weight, 2.bias
+    assert _same_tensors(_momenta(opt2, model2), saved_momenta), "momentum lost"
+    _train(model2, opt2, pruner2, 8, start=7)
+    assert _same_tensors(model2.state_dict(), model.state_dict())
+    assert _same_tensors(pruner2.masks, pruner.masks)
+
+    # Everything loaded after prepare().
+    m_state, o_state, p_state = _load(raw)
+    model3 = _model(2)
+    opt3 = _sgd(model3)
+    pruner3 = get_pruner("rigl", **RIGL).prepare(model3, opt3)
+    model3.load_state_dict(m_state)
+    opt3.load_state_dict(o_state)
+    pruner3.load_state_dict(p_state)
+    _train(model3, opt3, pruner3, 8, start=7)
+    assert _same_tensors(model3.state_dict(), model.state_dict())
+
+
+def test_rigl_initial_masks_take_effect_at_the_first_forward_pass() -> None:
+    model = _model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    pruner = get_pruner("rigl", **RIGL).prepare(model)
+    masks = pruner.masks
+    assert pruner.stats()["sparsity"] == pytest.approx(0.8, abs=0.01)
+    # Nothing destroyed yet: a state loaded now could still restore every weight.
+    assert _same_tensors({n: p.detach() for n, p in model.named_parameters()}, before)
+    # The first forward pass already runs the sparse model.
+    w0, w2 = (before[n] * masks[n] for n in ("0.weight", "2.weight"))
+    expected = nn.functional.linear(
+        torch.relu(nn.functional.linear(X, w0, before["0.bias"])), w2, before["2.bias"]
+    )
+    assert torch.equal(model(X), expected)
+    for n, m in masks.items():
+        assert (model.get_parameter(n)[~m] == 0).all()
+
+
+def test_rigl_second_prepare_keeps_masks_and_weights() -> None:
+    model = _model()
+    opt = _sgd(model)
+    pruner = get_pruner("rigl", sparsity=0.8, delta_t=1, end=50).prepare(model, opt)
+    _train(model, opt, pruner, 5)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    masks, state = pruner.masks, pruner.state_dict()
+    pruner.prepare(model, opt)
+    assert _same_tensors(pruner.masks, masks)
+    assert _same_tensors({n: p.detach() for n, p in model.named_parameters()}, weights)
+    assert pruner.state_dict()["num_updates"] == state["num_updates"]
+
+
+@pytest.mark.parametrize("name", ["magnitude", "structured", "nm", "rigl"])
+def test_prepare_on_another_model_is_refused(name: str) -> None:
+    pruner = get_pruner(name).prepare(_model())
+    with pytest.raises(RuntimeError, match="already prepared on another model"):
+        pruner.prepare(_model(1))
+
+
+def test_second_prepare_of_a_scheduled_pruner_keeps_its_masks_and_schedule() -> None:
+    model = _model()
+    opt = _sgd(model)
+    pruner = get_pruner(
+        "magnitude", sparsity=0.9, schedule=Gradual(start=0, end=4, frequency=1)
+    ).prepare(model, opt)
+    _train(model, opt, pruner, 3)
+    masks, stats = pruner.masks, pruner.stats()
+    pruner.prepare(model)  # no optimizer given: the one attached stays attached
+    assert _same_tensors(pruner.masks, masks) and pruner.stats() == stats
+    _train(model, opt, pruner, 4, start=3)
+    assert pruner.stats()["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    for n, m in pruner.masks.items():
+        p = model.get_parameter(n)
+        assert (p[~m] == 0).all() and (opt.state[p]["momentum_buffer"][~m] == 0).all()
+
+
+# ---- 2. prune() never brings pruned weights back ----------------------------------------------
+@pytest.mark.parametrize("name", ["magnitude", "structured", "nm", "woodfisher"])
+def test_prune_below_the_reached_sparsity_is_refused_and_changes_nothing(name: str) -> None:
+    model = _model()
+    opts = {"fisher_samples": 4, "block_size": 16} if name == "woodfisher" else {}
+    pruner = get_pruner(name, **({} if name == "nm" else {"sparsity": 0.9}), **opts)
+    pruner.prepare(model)
+    g = torch.Generator().manual_seed(0)
+
+    def closure():
+        return model(torch.randn(1, 16, generator=g)).pow(2).sum()
+
+    masks = pruner.prune(closure=closure)
+    stats = pruner.stats()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="already reached.*stay pruned"):
+        pruner.prune(0.25, closure=closure)
+    assert _same_tensors(pruner.masks, masks) and pruner.stats() == stats
+    assert _same_tensors({n: p.detach() for n, p in model.named_parameters()}, weights)
+    again = pruner.prune(closure=closure)  # the same sparsity again is fine
+    assert not any((again[n] & ~masks[n]).any() for n in masks)
+
+
+# ---- 4. load_state_dict: settings, missing entries, atomic, prepare() failing -----------------
+@pytest.mark.parametrize(
+    ("saved", "now", "named"),
+    [
+        ({"sparsity": 0.9}, {"sparsity": 0.5}, "sparsity: saved 0.9, now 0.5"),
+        ({"scope": "global"}, {"scope": "layer"}, "scope: saved 'global', now 'layer'"),
+        ({"schedule": Gradual(end=10)}, {"schedule": Gradual(end=20)}, "schedule: saved"),
+    ],
+)
+@pytest.mark.parametrize("prepared", [False, True])
+def test_a_state_saved_with_other_settings_is_refused_naming_them(
+    saved: dict, now: dict, named: str, prepared: bool
+) -> None:
+    source = get_pruner("magnitude", **saved).prepare(_model())
+    source.prune()
+    target = get_pruner("magnitude", **now)
+    if prepared:
+        target.prepare(_model())
+    before = target.state_dict()
+    with pytest.raises(ValueError, match="other 'magnitude' pruner settings") as e:
+        target.load_state_dict(source.state_dict())
+    assert named in str(e.value)
+    after = target.state_dict()
+    assert _same_tensors(after.pop("masks"), before.pop("masks")) and after == before
+
+
+def test_the_settings_are_recorded_and_old_states_without_them_still_load() -> None:
+    source = get_pruner("magnitude", sparsity=0.9, scope="layer").prepare(_model())
+    source.prune()
+    state = source.state_dict()
+    assert state["options"]["sparsity"] == 0.9 and state["options"]["scope"] == "layer"
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    other = get_pruner("magnitude", sparsity=0.9, scope="layer", mask_gradients=False)
+    other.prepare(_model()).load_state_dict(loaded)  # mask_gradients may differ
+    assert _same_tensors(other.masks, source.masks)
+    old = {k: v for k, v in state.items() if k != "options"}  # as saved before this change
+    legacy = get_pruner("magnitude", sparsity=0.5).prepare(_model())
+    legacy.load_state_dict(old)
+    assert _same_tensors(legacy.masks, source.masks)
+
+
+@pytest.mark.parametrize("key", ["method", "masks", "step", "num_updates", "extra"])
+@pytest.mark.parametrize("prepared", [False, True])
+def test_a_state_missing_entries_is_refused_naming_them(key: str, prepared: bool) -> None:
+    source = get_pruner("magnitude", sparsity=0.9).prepare(_model())
+    source.prune()
+    state = {k: v for k, v in source.state_dict().items() if k != key}
+    target = get_pruner("magnitude", sparsity=0.9)
+    if prepared:
+        target.prepare(_model())
+    with pytest.raises(ValueError, match=f"this one lacks {key}"):
+        target.load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"step": 99, "bad_mask": True}, "has shape \\(3,\\)"),
+        ({"step": 99, "float_masks": True}, "must be a bool tensor"),
+        ({"step": 99, "extra": {}}, "lacks 'current_sparsity'"),
+        ({"step": "7"}, "'step' must be an integer"),
+    ],
+)
+def test_a_failed_load_leaves_the_pruner_unchanged(change: dict, match: str) -> None:
+    source = get_pruner("magnitude", sparsity=0.9).prepare(_model())
+    source.prune()
+    bad = copy.deepcopy(source.state_dict())
+    if change.pop("bad_mask", False):
+        bad["masks"]["2.weight"] = torch.ones(3, dtype=torch.bool)
+    if change.pop("float_masks", False):
+        bad["masks"] = {n: m.float() * 0.5 for n, m in bad["masks"].items()}
+    bad.update(change)
+    target = get_pruner("magnitude", sparsity=0.9).prepare(_model(1))
+    target.prune(0.5)
+    before, stats = target.state_dict(), target.stats()
+    with pytest.raises((ValueError, TypeError), match=match):
+        target.load_state_dict(bad)
+    assert target.stats() == stats
+    assert _same_tensors(target.state_dict()["masks"], before["masks"])
+
+
+def test_a_state_that_does_not_fit_the_model_leaves_the_pruner_unprepared() -> None:
+    source = get_pruner("magnitude", sparsity=0.9).prepare(_model())
+    source.prune()
+    state = source.state_dict()
+    pruner = get_pruner("magnitude", sparsity=0.9, params=["0.weight"])
+    pruner.load_state_dict(state)
+    model = _model(1)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="loaded before prepare.*does not prune \\['2.weight'\\]"):
+        pruner.prepare(model)
+    with pytest.raises(RuntimeError, match="call prepare"):
+        pruner.step(0)
+    assert _same_tensors({n: p.detach() for n, p in model.named_parameters()}, weights)
+    # The loaded state is still there, and a model it fits takes it.
+    other = get_pruner("magnitude", sparsity=0.9)
+    other.load_state_dict(pruner.state_dict())
+    other.prepare(_model(1))
+    assert _same_tensors(other.masks, source.masks)
+    bigger = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+    shaped = get_pruner("magnitude", sparsity=0.9)
+    shaped.load_state_dict(state)
+    with pytest.raises(ValueError, match="mask '0.weight' has shape \\(32, 16\\)"):
+        shaped.prepare(bigger)
+    with pytest.raises(RuntimeError, match="call prepare"):
+        shaped.stats()
+
+
+# ---- 5. clear errors instead of AttributeError, IndexError, KeyError ---------------------------
+def test_apply_and_set_masks_before_prepare_say_to_prepare() -> None:
+    for call in (lambda p: p.apply(), lambda p: p.set_masks({}), lambda p: p.stats()):
+        with pytest.raises(RuntimeError, match="call prepare\\(model, optimizer\\) before"):
+            call(get_pruner("magnitude"))
+
+
+def test_set_masks_checks_every_mask_before_replacing_any() -> None:
+    model = _model()
+    pruner = get_pruner("magnitude", sparsity=0.5).prepare(model)
+    half = torch.zeros(32, 16, dtype=torch.bool)
+    with pytest.raises(ValueError, match="mask '2.weight' has shape \\(3,\\)"):
+        pruner.set_masks({"0.weight": half, "2.weight": torch.ones(3, dtype=torch.bool)})
+    assert pruner.masks["0.weight"].all() and (model[0].weight != 0).all()
+    with pytest.raises(TypeError, match="must be a bool tensor"):
+        pruner.set_masks({"0.weight": torch.full((32, 16), 0.5)})
+    assert pruner.masks["0.weight"].all()
+
+
+def test_export_compact_checks_the_masks() -> None:
+    model = _model()
+    masks = get_pruner("magnitude", sparsity=0.9).prepare(model).prune()
+    with pytest.raises(ValueError, match="mask '0.weight' has shape \\(3,\\), but the tensor"):
+        export_compact(model, {"0.weight": torch.ones(3, dtype=torch.bool)})
+    with pytest.raises(TypeError, match="mask '0.weight' must be a bool tensor.*float32"):
+        export_compact(model, {"0.weight": masks["0.weight"].float()})
+    with pytest.raises(TypeError, match="mask '0.weight' must be a bool tensor.*list"):
+        export_compact(model, {"0.weight": [1, 0]})
+    with pytest.raises(TypeError, match="masks must be a dict"):
+        export_compact(model, [masks["0.weight"]])
+    stricter = masks["0.weight"].clone()
+    i, j = stricter.nonzero()[0].tolist()
+    stricter[i, j] = False  # a kept, non-zero weight
+    with pytest.raises(ValueError, match="prunes 1 non-zero value"):
+        export_compact(model, {"0.weight": stricter})
+    bn = nn.BatchNorm1d(4)
+    with pytest.raises(ValueError, match="'num_batches_tracked' is for a torch.int64 tensor"):
+        export_compact(bn, {"num_batches_tracked": torch.ones((), dtype=torch.bool)})
+    back = load_compact(export_compact(model, masks))  # good masks still round-trip
+    assert _same_tensors(back, model.state_dict())
+
+
+def test_load_compact_names_what_a_checkpoint_lacks() -> None:
+    ckpt = export_compact(_model())
+    for key in ("order", "sparse", "dense"):
+        with pytest.raises(ValueError, match=f"lacks {key}"):
+            load_compact({k: v for k, v in ckpt.items() if k != key})
+    bad = {
+        "format": ckpt["format"],
+        "sparse": {"w": {"shape": (16,), "bits": pack_bits(torch.ones(16, dtype=torch.bool))}},
+        "dense": {},
+        "order": ["w"],
+    }
+    with pytest.raises(ValueError, match="entry 'w' lacks values"):
+        load_compact(bad)
+    bad["sparse"]["w"]["values"] = torch.ones(3)
+    with pytest.raises(ValueError, match="3 values for 16 kept positions"):
+        load_compact(bad)
+
+
+def test_to_torch_sparse_refuses_1d_tensors_clearly() -> None:
+    with pytest.raises(ValueError, match="2 or more dimensions, got shape \\(2,\\)"):
+        to_torch_sparse(torch.tensor([0.0, 1.0]), "csr")
+
+
+# ---- 6. options are checked, not silently taken ------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "options", "error", "match"),
+    [
+        ("magnitude", {"mask_gradients": "no"}, TypeError, "mask_gradients must be True or"),
+        ("woodfisher", {"obs_update": "no"}, TypeError, "obs_update must be True or False"),
+        ("nm", {"sparsity": float("nan")}, ValueError, "sparsity must be in \\[0, 1\\)"),
+        ("nm", {"sparsity": "0.5"}, TypeError, "sparsity must be a number in \\[0, 1\\)"),
+        ("nm", {"sparsity": -1.0}, ValueError, "sparsity must be in \\[0, 1\\)"),
+        ("nm", {"sparsity": math.inf}, ValueError, "sparsity must be in \\[0, 1\\)"),
+        ("rigl", {"seed": -1}, ValueError, "seed must be an integer"),
+        ("rigl", {"seed": "a"}, ValueError, "seed must be an integer"),
+        ("rigl", {"seed": True}, ValueError, "seed must be an integer"),
+        ("woodfisher", {"damping": math.inf}, ValueError, "damping must be a positive number"),
+    ],
+)
+def test_bad_options_are_refused_when_the_pruner_is_built(
+    name: str, options: dict, error: type, match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        get_pruner(name, **options)
+
+
+@pytest.mark.parametrize("power", [float("nan"), float("inf")])
+def test_gradual_power_must_be_finite(power: float) -> None:
+    with pytest.raises(ValueError, match="power must be a positive number"):
+        Gradual(power=power)
+
+
+def test_nm_sparsity_is_still_accepted_when_consistent() -> None:
+    assert get_pruner("nm", sparsity=0.5).sparsity == 0.5
+    assert get_pruner("nm", n=1, m=4).sparsity == 0.75
+    with pytest.raises(ValueError, match="means sparsity 0.5"):
+        get_pruner("nm", sparsity=0.25)
+    with pytest.raises(ValueError, match="sparsity must be in"):
+        get_pruner("nm", sparsity=-1.0)  # once the "not given" marker, now out of range
+
+
+# ---- 7. replaced layers or parameters are noticed ----------------------------------------------
+def test_a_replaced_layer_or_parameter_is_named_instead_of_pruning_stale_tensors() -> None:
+    model = _model()
+    pruner = get_pruner("magnitude", sparsity=0.9).prepare(model, _sgd(model))
+    pruner.prune()
+    model[0] = nn.Linear(16, 32)
+    for call in (lambda: pruner.step(1), pruner.apply, pruner.stats, pruner.finalize):
+        with pytest.raises(RuntimeError, match="\\['0.weight'\\] are no longer the tensors"):
+            call()
+    model2 = _model()
+    pruner2 = get_pruner("magnitude", sparsity=0.9).prepare(model2)
+    pruner2.prune()
+    model2[2].weight = nn.Parameter(torch.randn(4, 32))
+    with pytest.raises(RuntimeError, match="\\['2.weight'\\] are no longer the tensors"):
+        pruner2.step(1)
+    with pytest.raises(RuntimeError, match="\\['2.weight'\\]"):
+        pruner2.prepare(model2)
+    # Casting the model in place keeps its parameters: still fine.
+    model3 = _model()
+    pruner3 = get_pruner("magnitude", sparsity=0.9).prepare(model3)
+    pruner3.prune()
+    model3.double()
+    pruner3.step(1)
+    assert pruner3.stats()["sparsity"] == pytest.approx(0.9, abs=1e-3)
