@@ -14,11 +14,21 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .accounting import ring_allgather_bytes, ring_allreduce_bytes
-from .p2p import as_bytes, as_dtype, device_of, dtype_codes, input_error, raise_disagreement
+from .p2p import (
+    as_bytes,
+    as_dtype,
+    check_group,
+    device_of,
+    dtype_codes,
+    input_error,
+    raise_disagreement,
+)
 from .registry import CollectiveResult, SparseCollective, register_collective
 
 
 def world_of(group: dist.ProcessGroup | None) -> int:
+    """The number of ranks in ``group`` (None: the default group); 1 without a process group."""
+    check_group(group)
     return dist.get_world_size(group) if dist.is_initialized() else 1
 
 
@@ -30,6 +40,11 @@ def allreduce_sum(
     Returns:
         the summed tensors (new tensors, same shapes) and the bytes this rank sent (ring formula).
     """
+    if isinstance(tensors, Tensor) or not isinstance(tensors, Sequence) or not tensors:
+        raise ValueError(
+            "allreduce_sum takes a non-empty sequence (list or tuple) of tensors, got "
+            f"{tensors!r:.100}"
+        )
     dtypes = {t.dtype for t in tensors}
     if len(dtypes) != 1:
         raise TypeError(
@@ -57,7 +72,27 @@ def all_gather_variable(
 
     Returns:
         per rank, the list of its tensors; bytes sent and received by this rank.
+
+    Raises:
+        TypeError: ``tensors`` is not a sequence of tensors, or ``group`` is neither a
+            ProcessGroup nor None.
+        ValueError: ``tensors`` is empty, or one is not 1-D.
     """
+    if isinstance(tensors, Tensor) or not isinstance(tensors, Sequence):
+        raise TypeError(
+            "all_gather_variable takes a sequence (list or tuple) of 1-D tensors, got "
+            f"{type(tensors).__name__}"
+        )
+    bad = [type(t).__name__ for t in tensors if not isinstance(t, Tensor)]
+    if bad:
+        raise TypeError(
+            f"all_gather_variable takes a sequence of 1-D tensors; got elements of type {bad}"
+        )
+    if not tensors:
+        raise ValueError(
+            "all_gather_variable needs at least one tensor to gather (every rank passes the "
+            "same number, with the same dtypes); got an empty sequence"
+        )
     return _all_gather_with_header(tensors, (), group)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -143,6 +145,15 @@ def _kept(mags: Tensor, threshold: float) -> tuple[Tensor, list[int]]:
     counts = [int(keep.sum())]
     counts += [int((mags >= t).sum()) for t in (threshold * BRACKET, threshold / BRACKET)]
     return keep, counts
+
+
+def _is_int(value: Any) -> bool:
+    """Whether a loaded state's entry is an integer (a bool is not)."""
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return not isinstance(value, bool)
 
 
 @dataclass
@@ -408,22 +419,52 @@ class OkTopk(SparseCollective):
                 st.threshold *= factor
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        if not isinstance(state, dict) or set(state) != {"keys"}:
-            raise ValueError("OkTopk state must be a dict with the single entry 'keys'")
+        """Restore what :meth:`state_dict` returned; a malformed state is refused, naming what
+        is wrong, and nothing is loaded."""
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                "OkTopk: load_state_dict takes the dict {'keys': {...}} that state_dict() "
+                f"returned, got {type(state).__name__}"
+            )
+        if set(state) != {"keys"} or not isinstance(state["keys"], Mapping):
+            raise ValueError(
+                "OkTopk state must be a dict with the single entry 'keys' (a dict of per-key "
+                f"states), got entries {sorted(map(repr, state))}"
+            )
         keys = {}
         fields = {"step", "numel", "world", "bounds", "threshold"}
         for key, s in state["keys"].items():
-            if not isinstance(s, dict) or set(s) != fields:
+            if not isinstance(s, Mapping) or set(s) != fields:
                 raise ValueError(
                     f"OkTopk state for key {key!r} must have the entries {sorted(fields)}"
                 )
+            bounds, threshold = s["bounds"], s["threshold"]
+            if bounds is not None and not (
+                isinstance(bounds, (list, tuple)) and all(_is_int(b) for b in bounds)
+            ):
+                raise ValueError(
+                    f"OkTopk state for key {key!r}: bounds must be None or a list of ints, got "
+                    f"{bounds!r:.200}"
+                )
+            if threshold is not None and (
+                isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+            ):
+                raise ValueError(
+                    f"OkTopk state for key {key!r}: threshold must be None or a number, got "
+                    f"{threshold!r}"
+                )
+            for name in ("step", "numel", "world"):
+                if not _is_int(s[name]) or s[name] < 0:
+                    raise ValueError(
+                        f"OkTopk state for key {key!r}: {name} must be an integer >= 0, got "
+                        f"{s[name]!r}"
+                    )
             keys[key] = _KeyState(
                 step=int(s["step"]),
                 numel=int(s["numel"]),
                 world=int(s["world"]),
-                bounds=None if s["bounds"] is None else [int(b) for b in s["bounds"]],
-                threshold=None if s["threshold"] is None else float(s["threshold"]),
+                bounds=None if bounds is None else [int(b) for b in bounds],
+                threshold=None if threshold is None else float(threshold),
             )
             b = keys[key].bounds
             if b is not None and (

@@ -209,6 +209,17 @@ def raise_disagreement(
         )
 
 
+def check_group(group: object) -> None:
+    """Refuse a ``group`` argument that is neither a ProcessGroup nor None, naming what is
+    allowed: a local check of the argument, made alike on every rank before any message."""
+    if group is not None and not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        raise TypeError(
+            "group must be a torch.distributed.ProcessGroup (for example from "
+            "torch.distributed.new_group) or None for the default group, got "
+            f"{type(group).__name__} {group!r:.100}"
+        )
+
+
 def device_of(values: object, group: dist.ProcessGroup | None = None) -> torch.device:
     """The device for a collective's size headers and buffers: the values' device (CPU for a
     non-tensor, whose error :meth:`Wire.agree` reports on every rank).
@@ -218,7 +229,11 @@ def device_of(values: object, group: dist.ProcessGroup | None = None) -> torch.d
     device that one does instead, CPU where the group has a CPU backend, else the current CUDA
     device: the header must still cross the wire, so that the error is raised on every rank
     rather than on this one alone while the others wait.
+
+    Raises:
+        TypeError: ``group`` is neither a ProcessGroup nor None (:func:`check_group`).
     """
+    check_group(group)
     device = values.device if isinstance(values, Tensor) else torch.device("cpu")
     backends = _backends(group)
     if backends is None or device.type in backends:
@@ -276,6 +291,7 @@ class Wire:
     """
 
     def __init__(self, group: dist.ProcessGroup | None, device: torch.device) -> None:
+        check_group(group)
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "torch.distributed is not initialized; call torch.distributed.init_process_group "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -60,8 +61,18 @@ class SparseCollective(ABC):
     def state_dict(self) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - stateless default
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (stateless collectives keep nothing)."""
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                f"collective {self.name!r}: load_state_dict takes the dict that state_dict() "
+                f"returned, got {type(state).__name__}"
+            )
+        if state:
+            raise ValueError(
+                f"collective {self.name!r} keeps no state (its state_dict() is empty), got "
+                f"entries {', '.join(sorted(map(repr, state)))}"
+            )
 
     def rescale(self, factor: float) -> None:  # noqa: B027 - most keep nothing in those units
         """Multiply whatever this collective keeps in the values' units (a threshold) by
@@ -87,7 +98,7 @@ def available_collectives() -> list[str]:
 
 
 def get_collective(name: str, **options: Any) -> SparseCollective:
-    if name not in _COLLECTIVES:
+    if not isinstance(name, str) or name not in _COLLECTIVES:
         raise ValueError(
             f"unknown collective {name!r}; valid names are: {', '.join(available_collectives())}"
         )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -18,6 +18,7 @@ from .base import (
     Wire,
     check_floating,
     check_int,
+    check_state,
     seeded_generator,
     work_dtype,
 )
@@ -224,9 +225,23 @@ class PowerSGD(Compressor):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the warm-start Q's; the next compress continues exactly."""
-        if set(state) != {"q"}:
-            raise ValueError(f"powersgd state must have exactly the key 'q', got {sorted(state)}")
-        self._q = {str(k): [q.clone() for q in qs] for k, qs in state["q"].items()}
+        owner = "compressor 'powersgd'"
+        check_state(state, owner, ("q",))
+        q = state["q"]
+        if not isinstance(q, Mapping):
+            raise ValueError(
+                f"{owner}: the state's 'q' must be a dict {{key: list of 2-D tensors}}, got "
+                f"{q!r:.200}"
+            )
+        for k, qs in q.items():
+            if not isinstance(qs, (list, tuple)) or not all(
+                isinstance(t, Tensor) and t.dim() == 2 for t in qs
+            ):
+                raise ValueError(
+                    f"{owner}: the state's 'q' of key {k!r} must be a list of 2-D tensors, got "
+                    f"{qs!r:.200}"
+                )
+        self._q = {str(k): [t.clone() for t in qs] for k, qs in q.items()}
 
 
 def _view(source: Tensor, m: _Matrix) -> Tensor:

@@ -20,6 +20,7 @@ from .base import (
     check_bucket_size,
     check_floating,
     check_int,
+    load_step_counters,
     pack_bits,
     seeded_generator,
     unpack_bits,
@@ -129,6 +130,4 @@ class QSGD(Compressor):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the step counters; the next rounding draws are those of the saved run."""
-        if set(state) != {"steps"}:
-            raise ValueError(f"qsgd state must have exactly the key 'steps', got {sorted(state)}")
-        self._steps = {str(k): int(v) for k, v in state["steps"].items()}
+        self._steps = load_step_counters(state, "compressor 'qsgd'")

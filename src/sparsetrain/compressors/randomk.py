@@ -18,6 +18,7 @@ from .base import (
     check_floating,
     check_int,
     k_for,
+    load_step_counters,
     seeded_generator,
 )
 
@@ -127,8 +128,4 @@ class RandomK(Compressor):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the step counters; the next draws are those of the saved run."""
-        if set(state) != {"steps"}:
-            raise ValueError(
-                f"randomk state must have exactly the key 'steps', got {sorted(state)}"
-            )
-        self._steps = {str(k): int(v) for k, v in state["steps"].items()}
+        self._steps = load_step_counters(state, "compressor 'randomk'")

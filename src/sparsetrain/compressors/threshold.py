@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -22,6 +22,7 @@ from .base import (
     index_dtype,
     k_for,
     seeded_generator,
+    state_int,
 )
 
 # Elements per chunk of the CPU selection pass: the chunk's scratch (1 MiB of float32) stays in
@@ -40,6 +41,9 @@ _SUB = 16
 # one entry in this many: a topk costs 12-30 ns per selected entry on CPU, a fresh estimate and
 # selection 1-2 ns per entry of the tensor, so beyond that the second pass is the cheaper one.
 _CUT_FRACTION = 16
+
+
+_STATE_ENTRIES = ("threshold", "slope", "step", "last_estimate")
 
 
 @dataclass
@@ -388,19 +392,44 @@ class Threshold(SparseCompressor):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned; the next compress continues exactly."""
+        """Restore what :meth:`state_dict` returned; the next compress continues exactly. A
+        malformed state is refused, naming what is wrong, and nothing is loaded."""
+        owner = "compressor 'threshold'"
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                f"{owner}: load_state_dict takes the dict {{key: {{threshold, slope, step, "
+                f"last_estimate}}}} that state_dict() returned, got {type(state).__name__}"
+            )
         keys = {}
         for key, s in state.items():
-            try:
-                keys[key] = _KeyState(
-                    float(s["threshold"]),
-                    float(s["slope"]),
-                    int(s["step"]),
-                    int(s["last_estimate"]),
+            if not isinstance(s, Mapping) or set(s) != set(_STATE_ENTRIES):
+                got = (
+                    f"the entries {', '.join(sorted(map(repr, s))) or 'none'}"
+                    if isinstance(s, Mapping)
+                    else f"{s!r:.200}"
                 )
-            except (KeyError, TypeError) as e:
                 raise ValueError(
                     f"threshold state for key {key!r} must have threshold, slope, step and "
-                    f"last_estimate; got {s!r}"
-                ) from e
+                    f"last_estimate (exactly these entries); got {got}"
+                )
+            threshold, slope = s["threshold"], s["slope"]
+            for name, value in (("threshold", threshold), ("slope", slope)):
+                if not isinstance(value, (int, float)) or isinstance(value, bool):
+                    raise ValueError(
+                        f"threshold state for key {key!r}: {name} must be a number, got {value!r}"
+                    )
+            if threshold < 0:
+                raise ValueError(
+                    f"threshold state for key {key!r}: threshold must be >= 0, got {threshold}"
+                )
+            if not slope > 0:
+                raise ValueError(f"threshold state for key {key!r}: slope must be > 0, got {slope}")
+            step = state_int(s["step"], f"threshold state for key {key!r}: step")
+            last = state_int(s["last_estimate"], f"threshold state for key {key!r}: last_estimate")
+            if last > step:
+                raise ValueError(
+                    f"threshold state for key {key!r}: last_estimate ({last}) must not exceed "
+                    f"step ({step})"
+                )
+            keys[str(key)] = _KeyState(float(threshold), float(slope), step, last)
         self._keys = keys

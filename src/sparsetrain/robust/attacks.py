@@ -18,7 +18,7 @@ import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .._options import check_options
-from .base import check_int, check_positive, generator_for, key_seed
+from .base import check_int, check_positive, check_state, generator_for, key_seed
 
 _ATTACKS: dict[str, type[Attack]] = {}
 
@@ -147,8 +147,7 @@ class Attack(ABC):
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
-            raise ValueError(f"attack {self.name!r} keeps no state, got keys {sorted(state)}")
+        check_state(state, f"attack {self.name!r}", ())
 
 
 @register_attack("sign_flip")
@@ -265,10 +264,39 @@ class Delayed(Attack):
         return {"history": {k: [t.clone() for t in h] for k, h in self._history.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._history = {
-            k: deque((t.clone() for t in h), maxlen=self.delay + 1)
-            for k, h in state.get("history", {}).items()
-        }
+        """Restore what :meth:`state_dict` returned; a bad state is refused, nothing loaded.
+
+        A history longer than this attack keeps (saved with a longer ``delay``) is refused:
+        loading it would drop its oldest gradients.
+        """
+        owner = "attack 'delayed'"
+        check_state(state, owner, ("history",))
+        history = state["history"]
+        if not isinstance(history, Mapping):
+            raise ValueError(
+                f"{owner}: the state's 'history' must be a dict {{key: list of tensors}}, got "
+                f"{history!r:.200}"
+            )
+        loaded = {}
+        for key, h in history.items():
+            if not isinstance(h, (list, tuple, deque)) or not all(isinstance(t, Tensor) for t in h):
+                raise ValueError(
+                    f"{owner}: the state's history of key {key!r} must be a list of tensors, "
+                    f"got {h!r:.200}"
+                )
+            if len({tuple(t.shape) for t in h}) > 1:
+                raise ValueError(
+                    f"{owner}: the state's history of key {key!r} holds tensors of different "
+                    f"shapes {sorted({tuple(t.shape) for t in h})}"
+                )
+            if len(h) > self.delay + 1:
+                raise ValueError(
+                    f"{owner}: the state's history of key {key!r} holds {len(h)} gradients, "
+                    f"more than delay={self.delay} keeps ({self.delay + 1}): it was saved with "
+                    f"delay >= {len(h) - 1}; build the attack with the delay it was saved with"
+                )
+            loaded[str(key)] = deque((t.clone() for t in h), maxlen=self.delay + 1)
+        self._history = loaded
 
 
 def honest_std(honest: Tensor) -> Tensor:

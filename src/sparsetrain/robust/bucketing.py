@@ -8,7 +8,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Aggregator, aggregator_class, build, check_int, key_seed, register_aggregator
+from .base import (
+    Aggregator,
+    aggregator_class,
+    build,
+    check_int,
+    check_state,
+    key_seed,
+    register_aggregator,
+    state_int,
+)
 
 
 @register_aggregator("bucketing")
@@ -92,5 +101,14 @@ class Bucketing(Aggregator):
         return {"step": self._step, "base": self._inner.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._step = int(state["step"])
-        self._inner.load_state_dict(state.get("base", {}))
+        """Restore what :meth:`state_dict` returned; a bad state is refused, nothing loaded."""
+        owner = "aggregator 'bucketing'"
+        check_state(state, owner, ("step", "base"))
+        step = state_int(state["step"], f"{owner}: the state's 'step'")
+        try:
+            self._inner.load_state_dict(state["base"])
+        except (TypeError, ValueError) as e:
+            raise type(e)(
+                f"{owner}: the state's 'base' entry does not fit its base rule {self.base!r}: {e}"
+            ) from e
+        self._step = step

@@ -8,7 +8,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Aggregator, check_int, check_positive, register_aggregator
+from .base import (
+    Aggregator,
+    check_int,
+    check_positive,
+    check_state,
+    register_aggregator,
+    state_tensors,
+)
 
 
 @register_aggregator("centered_clipping")
@@ -88,8 +95,22 @@ class CenteredClipping(Aggregator):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        unknown = sorted(set(state) - {"anchor", "momenta"})
-        if unknown:
-            raise ValueError(f"centered_clipping state has unknown keys {unknown}")
-        self._anchor = {k: v.clone() for k, v in state.get("anchor", {}).items()}
-        self._momenta = {k: v.clone() for k, v in state.get("momenta", {}).items()}
+        """Restore what :meth:`state_dict` returned; a bad state is refused, nothing loaded."""
+        owner = "aggregator 'centered_clipping'"
+        check_state(state, owner, ("anchor", "momenta"))
+        anchor = state_tensors(state["anchor"], f"{owner}: the state's 'anchor'")
+        momenta = state_tensors(state["momenta"], f"{owner}: the state's 'momenta'")
+        for key, v in anchor.items():
+            if v.dim() != 1:
+                raise ValueError(
+                    f"{owner}: the state's anchor of key {key!r} must be 1-D [d], got shape "
+                    f"{tuple(v.shape)}"
+                )
+        for key, m in momenta.items():
+            if m.dim() != 2 or m.shape[0] != self.n:
+                raise ValueError(
+                    f"{owner}: the state's momenta of key {key!r} must have shape "
+                    f"[n={self.n}, d], got {tuple(m.shape)}"
+                )
+        self._anchor = anchor
+        self._momenta = momenta

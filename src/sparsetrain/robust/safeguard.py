@@ -6,6 +6,7 @@ Descent", ICLR 2021, Algorithm 1 ("perturbed SGD with double safe guard").
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,13 +17,16 @@ from .base import (
     Aggregator,
     check_int,
     check_positive,
+    check_state,
     generator_for,
     key_seed,
     pairwise_sq_dists,
     register_aggregator,
+    state_int,
 )
 
 _WINDOWS = ("short", "long")
+_STATE = ("step", "good", "removed", "acc", "spread", "calibrated_good", "no_majority")
 
 
 @register_aggregator("safeguard")
@@ -275,18 +279,116 @@ class Safeguard(Aggregator):
             "spread": list(self._spread),
             "calibrated_good": self._calibrated_good,
             "no_majority": self._no_majority,
+            "auto_thresholds": self.auto,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; the next step continues exactly.
+
+        A malformed state, one for another number of workers, or one saved by a rule with the
+        other kind of thresholds (fixed or automatic) is refused, and nothing is loaded.
+        """
+        owner = "aggregator 'safeguard'"
+        check_state(state, owner, _STATE, optional=("auto_thresholds",))
         good = state["good"]
+        if not isinstance(good, Tensor) or good.dim() != 1:
+            raise ValueError(
+                f"{owner}: the state's 'good' must be a 1-D tensor of n bools, got {good!r:.200}"
+            )
         if good.shape != (self.n,):
             raise ValueError(
                 f"safeguard state is for {good.shape[0]} workers, this rule has n={self.n}"
             )
-        self._step = int(state["step"])
-        self._good = good.clone().bool().cpu()
-        self._removed = {int(k): int(v) for k, v in state["removed"].items()}
-        self._acc = {k: {w: v.clone() for w, v in a.items()} for k, a in state["acc"].items()}
-        self._spread = [float(s) for s in state["spread"]]
-        self._calibrated_good = int(state["calibrated_good"])
-        self._no_majority = int(state["no_majority"])
+        good = good.clone().bool().cpu()
+        if not bool(good.any()):
+            raise ValueError(f"{owner}: the state's 'good' marks no worker good")
+        step = state_int(state["step"], f"{owner}: the state's 'step'")
+        calibrated = state_int(
+            state["calibrated_good"], f"{owner}: the state's 'calibrated_good'", 0, self.n
+        )
+        no_majority = state_int(state["no_majority"], f"{owner}: the state's 'no_majority'")
+        removed = state["removed"]
+        if not isinstance(removed, Mapping):
+            raise ValueError(
+                f"{owner}: the state's 'removed' must be a dict {{worker: step removed}}, got "
+                f"{removed!r:.200}"
+            )
+        removed = {
+            state_int(k, f"{owner}: a worker in the state's 'removed'", 0, self.n - 1): state_int(
+                v, f"{owner}: a step in the state's 'removed'"
+            )
+            for k, v in removed.items()
+        }
+        spread = state["spread"]
+        if (
+            not isinstance(spread, (list, tuple))
+            or len(spread) != 2
+            or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in spread
+            )
+        ):
+            raise ValueError(
+                f"{owner}: the state's 'spread' must be a list of 2 numbers >= 0, got "
+                f"{spread!r:.200}"
+            )
+        acc = self._loaded_acc(state["acc"], owner)
+        saved_auto = state.get("auto_thresholds")
+        if saved_auto is None:
+            # States from before the entry: only automatic thresholds measure a spread.
+            saved_auto = True if (max(spread) > 0 or calibrated > 0) else None
+        elif not isinstance(saved_auto, bool):
+            raise ValueError(
+                f"{owner}: the state's 'auto_thresholds' must be True or False, got {saved_auto!r}"
+            )
+        if saved_auto is not None and saved_auto != self.auto:
+            kinds = {
+                True: "automatic thresholds (threshold0=threshold1=None, set by a warm-up)",
+                False: "fixed thresholds (threshold0 and threshold1 given)",
+            }
+            now = (
+                kinds[True]
+                if self.auto
+                else f"fixed thresholds ({self.threshold0}, {self.threshold1})"
+            )
+            raise ValueError(
+                f"{owner}: this state was saved by a rule with {kinds[saved_auto]}, but this "
+                f"rule has {now}; build the rule with the kind of thresholds the state was "
+                "saved with"
+            )
+        self._step = step
+        self._good = good
+        self._removed = removed
+        self._acc = acc
+        self._spread = [float(x) for x in spread]
+        self._calibrated_good = calibrated
+        self._no_majority = no_majority
+
+    def _loaded_acc(self, acc: Any, owner: str) -> dict[str, dict[str, Tensor]]:
+        """Check and copy the accumulations of a loaded state."""
+        what = f"{owner}: the state's 'acc'"
+        if not isinstance(acc, Mapping):
+            raise ValueError(
+                f"{what} must be a dict {{key: {{'short': tensor, 'long': tensor}}}}, got "
+                f"{acc!r:.200}"
+            )
+        out = {}
+        for key, a in acc.items():
+            if not isinstance(a, Mapping) or set(a) != set(_WINDOWS):
+                got = sorted(map(repr, a)) if isinstance(a, Mapping) else type(a).__name__
+                raise ValueError(
+                    f"{what} for key {key!r} must have the entries 'short' and 'long', got {got}"
+                )
+            ts = [a[w] for w in _WINDOWS]
+            if (
+                not all(isinstance(t, Tensor) and t.dim() == 2 for t in ts)
+                or ts[0].shape != ts[1].shape
+                or ts[0].shape[0] != self.n
+                or not all(t.is_floating_point() for t in ts)
+            ):
+                shapes = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in ts]
+                raise ValueError(
+                    f"{what} for key {key!r} must hold two floating-point tensors of the same "
+                    f"shape [n={self.n}, d], got {shapes}"
+                )
+            out[str(key)] = {w: t.clone() for w, t in zip(_WINDOWS, ts)}
+        return out

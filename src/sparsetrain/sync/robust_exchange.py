@@ -26,12 +26,15 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..comm.accounting import ring_allgather_bytes
+from ..comm.p2p import check_group
 from ..robust.attacks import Attack
 from ..robust.base import Aggregator
 
 
 def default_byzantine_ranks(world: int, byzantine: int) -> tuple[int, ...]:
     """Return the ranks that attack: the last ``byzantine`` of ``world``."""
+    if isinstance(byzantine, bool) or not isinstance(byzantine, int):
+        raise TypeError(f"byzantine must be an integer in [0, world), got {byzantine!r}")
     if not 0 <= byzantine < world:
         raise ValueError(f"byzantine must be in [0, world), got {byzantine} with world={world}")
     return tuple(range(world - byzantine, world))
@@ -65,25 +68,52 @@ def robust_exchange(
         (the aggregate shaped like ``grad``, the same on every rank; bytes this rank sent, ring
         allgather accounting: (p - 1)/p of what is gathered, plus the broadcasts of round 2).
 
+    Raises:
+        TypeError: ``aggregator``, ``attack`` or ``group`` is not of the kind named above.
+        ValueError: the aggregator is not built for n = world, or the attack not for n = world
+            and f = the number of Byzantine ranks; bad Byzantine ranks. These are checked from
+            the arguments and the group's size alone, before any message, so every rank given
+            the same arguments raises alike.
+
     Example:
         >>> rule = get_aggregator("median", n=dist.get_world_size(), f=1)
         >>> out, sent = robust_exchange(g, key="b0", aggregator=rule, attack=get_attack(
         ...     "sign_flip", n=world, f=1, scale=10.0), byzantine=1)
     """
+    if not isinstance(aggregator, Aggregator):
+        raise TypeError(
+            "aggregator must be a rule from sparsetrain.robust.get_aggregator, got "
+            f"{type(aggregator).__name__}"
+        )
+    if attack is not None and not isinstance(attack, Attack):
+        raise TypeError(
+            "attack must be None or an attack from sparsetrain.robust.get_attack, got "
+            f"{type(attack).__name__}"
+        )
+    check_group(group)
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     if aggregator.n != world:
         raise ValueError(
             f"the aggregator was built for n={aggregator.n} workers but the group has {world} ranks"
         )
-    byz = (
-        tuple(sorted(set(byzantine_ranks)))
-        if byzantine_ranks is not None
-        else default_byzantine_ranks(world, byzantine)
-    )
+    if byzantine_ranks is not None:
+        ranks = list(byzantine_ranks)
+        if any(isinstance(r, bool) or not isinstance(r, int) for r in ranks):
+            raise TypeError(f"byzantine_ranks must be integers (group ranks), got {ranks!r}")
+        byz = tuple(sorted(set(ranks)))
+    else:
+        byz = default_byzantine_ranks(world, byzantine)
     if any(not 0 <= r < world for r in byz) or len(byz) >= world:
         raise ValueError(
             f"byzantine ranks {byz} must be fewer than world={world} and in [0, {world})"
+        )
+    if attack is not None and (attack.n != world or attack.f != len(byz)):
+        raise ValueError(
+            f"the attack {attack.name!r} was built for n={attack.n} workers of which "
+            f"f={attack.f} attack, but the group has {world} ranks of which {len(byz)} attack "
+            f"(ranks {list(byz)}); build it with get_attack({attack.name!r}, n={world}, "
+            f"f={len(byz)}, ...)"
         )
     flat = grad.detach().reshape(-1).contiguous()
     d, elem = flat.numel(), flat.element_size()

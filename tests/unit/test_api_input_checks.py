@@ -1,0 +1,382 @@
+"""Input checks of the public APIs below the sync layer: the states that robust rules, attacks,
+compressors and collectives load; the process group the collectives take; the attack and rule
+that the robust exchange is given. A bad input gets an error that names what is wrong and what
+is allowed, and a refused state leaves the object as it was."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from sparsetrain.comm import all_gather_variable, available_collectives, get_collective
+from sparsetrain.comm.oktopk import OkTopk
+from sparsetrain.compressors import available_compressors, get_compressor
+from sparsetrain.robust import available_aggregators, available_attacks, get_aggregator, get_attack
+from sparsetrain.sync.robust_exchange import robust_exchange
+from tests.distributed.harness import oks, run_world
+
+
+@pytest.fixture
+def group(one_thread):
+    """A process group of one rank (gloo, in memory), destroyed after the test."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _same(a, b) -> bool:
+    """Whether two states (nested dicts, lists, tensors, numbers) are equal, exactly."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _refused(obj, state, error=ValueError, match=None) -> str:
+    """Load ``state`` into ``obj``, expect ``error``, check nothing was loaded; the message."""
+    before = copy.deepcopy(obj.state_dict())
+    with pytest.raises(error, match=match) as e:
+        obj.load_state_dict(state)
+    assert _same(obj.state_dict(), before), "a refused state changed the object"
+    return str(e.value)
+
+
+# ---- robust rules ---------------------------------------------------------------------------
+def _stream(n: int, steps: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(n, 6, generator=g) * 0.1 + 1.0
+        x[-1] = -5.0 * x[:-1].mean(0)
+        yield x
+
+
+def _stepped(name: str, n: int = 7, f: int = 1, steps: int = 6, **options):
+    rule = get_aggregator(name, n=n, f=f, **options)
+    for x in _stream(n, steps):
+        rule(x, key="a")
+        rule.end_step()
+    return rule
+
+
+SAFEGUARD_ENTRIES = ("step", "good", "removed", "acc", "spread", "calibrated_good", "no_majority")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _stepped("safeguard", window0=2, window1=4),
+        lambda: _stepped("bucketing", base="safeguard", bucket_size=1),
+    ],
+    ids=["safeguard", "bucketing-over-safeguard"],
+)
+def test_an_empty_state_is_refused_naming_the_entries_expected(make):
+    rule = make()
+    msg = _refused(rule, {})
+    expected = ("step", "base") if rule.name == "bucketing" else SAFEGUARD_ENTRIES
+    assert all(repr(k) in msg for k in expected), msg
+
+
+def test_safeguard_refuses_a_centered_clipping_state_naming_what_it_lacks():
+    cc = _stepped("centered_clipping", momentum=0.5)
+    sg = _stepped("safeguard", window0=2, window1=4)
+    msg = _refused(sg, cc.state_dict())
+    assert "lacks 'step', 'good'" in msg and "unknown entries 'anchor', 'momenta'" in msg
+    bk = _stepped("bucketing", base="safeguard", bucket_size=1)
+    msg = _refused(bk, {"step": 3, "base": cc.state_dict()})
+    assert "base rule 'safeguard'" in msg and "lacks 'step', 'good'" in msg
+
+
+def test_centered_clipping_refuses_a_state_that_lacks_its_entries():
+    cc = _stepped("centered_clipping", momentum=0.5)
+    msg = _refused(cc, {})
+    assert "'anchor', 'momenta'" in msg
+    _refused(cc, {"anchor": {}, "momenta": {"a": torch.zeros(3, 6)}}, match="momenta of key")
+
+
+@pytest.mark.parametrize("name", available_aggregators())
+@pytest.mark.parametrize("bad", [[1, 2], None, "state"])
+def test_every_rule_refuses_a_state_that_is_not_a_dict(name, bad):
+    rule = get_aggregator(name, n=7, f=1)
+    with pytest.raises(TypeError, match="load_state_dict takes the dict that state_dict"):
+        rule.load_state_dict(bad)
+
+
+@pytest.mark.parametrize(
+    "saved, now, kind",
+    [
+        ({}, {"threshold0": 1.0, "threshold1": 2.0}, "automatic"),
+        ({"threshold0": 1.0, "threshold1": 2.0}, {}, "fixed"),
+    ],
+)
+def test_safeguard_refuses_a_state_saved_with_the_other_kind_of_thresholds(saved, now, kind):
+    state = _stepped("safeguard", window0=2, window1=4, **saved).state_dict()
+    target = get_aggregator("safeguard", n=7, f=1, window0=2, window1=4, **now)
+    msg = _refused(target, state)
+    assert f"saved by a rule with {kind} thresholds" in msg, msg
+    # the same kind loads, exactly
+    same = get_aggregator("safeguard", n=7, f=1, window0=2, window1=4, **saved)
+    same.load_state_dict(state)
+    assert _same(same.state_dict(), state)
+
+
+def test_a_safeguard_state_from_before_the_thresholds_entry_still_loads_and_is_checked():
+    state = _stepped("safeguard", window0=2, window1=4).state_dict()
+    old = {k: v for k, v in state.items() if k != "auto_thresholds"}
+    rule = get_aggregator("safeguard", n=7, f=1, window0=2, window1=4)
+    rule.load_state_dict(old)
+    assert rule.stats() == _stepped("safeguard", window0=2, window1=4).stats()
+    # it measured a spread, so it came from automatic thresholds
+    fixed = get_aggregator("safeguard", n=7, f=1, threshold0=1.0, threshold1=2.0)
+    _refused(fixed, old, match="saved by a rule with automatic thresholds")
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"good": [True] * 7}, "'good' must be a 1-D tensor"),
+        ({"good": torch.zeros(7, dtype=torch.bool)}, "marks no worker good"),
+        ({"removed": [6]}, "'removed' must be a dict"),
+        ({"removed": {9: 1}}, "worker in the state's 'removed'"),
+        ({"step": -1}, "'step' must be an integer >= 0"),
+        ({"step": "3"}, "'step' must be an integer >= 0"),
+        ({"spread": [0.1]}, "'spread' must be a list of 2 numbers"),
+        ({"acc": {"a": {"short": torch.zeros(7, 6)}}}, "entries 'short' and 'long'"),
+        ({"acc": {"a": {"short": torch.zeros(7, 6), "long": torch.zeros(5, 6)}}}, "same shape"),
+        ({"auto_thresholds": "yes"}, "'auto_thresholds' must be True or False"),
+        ({"extra": 1}, "unknown entries 'extra'"),
+    ],
+)
+def test_safeguard_refuses_malformed_entries_and_loads_nothing(change, match):
+    rule = _stepped("safeguard", window0=2, window1=4)
+    _refused(rule, {**rule.state_dict(), **change}, match=match)
+
+
+def test_a_state_round_trips_exactly_through_a_file():
+    for name, options in [
+        ("safeguard", {"window0": 2, "window1": 4}),
+        ("safeguard", {"threshold0": 1.0, "threshold1": 2.0}),
+        ("centered_clipping", {"momentum": 0.5}),
+        ("bucketing", {"base": "safeguard", "bucket_size": 1}),
+    ]:
+        a = _stepped(name, **options)
+        buf = io.BytesIO()
+        torch.save(a.state_dict(), buf)
+        b = get_aggregator(name, n=7, f=1, **options)
+        b.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+        assert _same(b.state_dict(), a.state_dict())
+        for x in _stream(7, 5, seed=1):
+            assert torch.equal(a(x, key="a"), b(x, key="a"))
+            a.end_step()
+            b.end_step()
+
+
+# ---- attacks --------------------------------------------------------------------------------
+def _delayed(delay: int, steps: int = 6):
+    a = get_attack("delayed", n=4, f=1, delay=delay)
+    for i in range(steps):
+        a(torch.full((1, 3), float(i)), key="k")
+    return a
+
+
+@pytest.mark.parametrize(
+    "state, match",
+    [
+        ({"history": {}, "foo": 1}, "unknown entries 'foo'"),
+        ({"foo": 1}, "lacks 'history'"),
+        ({}, "lacks 'history'"),
+        ({"history": [1]}, "'history' must be a dict"),
+        ({"history": {"k": torch.zeros(3)}}, "must be a list of tensors"),
+        ({"history": {"k": [torch.zeros(3), torch.zeros(4)]}}, "different shapes"),
+    ],
+)
+def test_the_delayed_attack_refuses_unknown_missing_or_malformed_entries(state, match):
+    _refused(_delayed(2), state, match=match)
+
+
+def test_the_delayed_attack_refuses_a_history_its_delay_would_cut():
+    msg = _refused(_delayed(2), _delayed(5).state_dict())
+    assert "holds 6 gradients, more than delay=2 keeps (3)" in msg
+    longer = _delayed(5, steps=0)
+    longer.load_state_dict(_delayed(2).state_dict())  # a shorter history loses nothing
+
+
+@pytest.mark.parametrize("name", available_attacks())
+def test_every_attack_refuses_a_state_that_is_not_a_dict(name):
+    attack = get_attack(name, n=10, f=2)
+    with pytest.raises(TypeError, match="load_state_dict takes the dict that state_dict"):
+        attack.load_state_dict([("history", {})])
+    if name != "delayed":
+        with pytest.raises(ValueError, match="keeps no state"):
+            attack.load_state_dict({"history": {}})
+
+
+# ---- compressors ----------------------------------------------------------------------------
+def _used(name: str):
+    c = get_compressor(name)
+    for _ in range(3):
+        payload, ctx = c.compress(torch.randn(64, 80), key="k")
+        if c.rounds == 2:
+            payload, ctx = c.next_round(payload, ctx)
+        c.decompress(payload, ctx)
+    return c
+
+
+@pytest.mark.parametrize("name", available_compressors())
+@pytest.mark.parametrize("bad", [[1, 2], None, 5])
+def test_every_compressor_refuses_a_state_that_is_not_a_dict(name, bad):
+    c = _used(name)
+    before = copy.deepcopy(c.state_dict())
+    with pytest.raises(TypeError, match="load_state_dict takes the dict"):
+        c.load_state_dict(bad)
+    assert _same(c.state_dict(), before)
+
+
+@pytest.mark.parametrize(
+    "name, state, match",
+    [
+        ("qsgd", {"steps": 5}, "'steps' must be a dict"),
+        ("randomk", {"steps": [1]}, "'steps' must be a dict"),
+        ("terngrad", {"steps": {"k": -1}}, "step counter of key 'k' must be an integer >= 0"),
+        ("qsgd", {"steps": {"k": "2"}}, "step counter of key 'k' must be an integer >= 0"),
+        ("qsgd", {}, "lacks 'steps'"),
+        ("powersgd", {"q": {"k": torch.randn(3)}}, "must be a list of 2-D tensors"),
+        ("powersgd", {"q": [1]}, "'q' must be a dict"),
+        ("powersgd", {"q": {}, "steps": {}}, "unknown entries 'steps'"),
+        (
+            "threshold",
+            {"k": {"threshold": 0.1, "slope": 1.0, "step": 2, "last_estimate": 1, "x": 0}},
+            "exactly these entries",
+        ),
+        (
+            "threshold",
+            {"k": {"threshold": "0.1", "slope": 1.0, "step": 2, "last_estimate": 1}},
+            "threshold must be a number",
+        ),
+        (
+            "threshold",
+            {"k": {"threshold": -1.0, "slope": 1.0, "step": 2, "last_estimate": 1}},
+            "threshold must be >= 0",
+        ),
+        (
+            "threshold",
+            {"k": {"threshold": 0.1, "slope": 0.0, "step": 2, "last_estimate": 1}},
+            "slope must be > 0",
+        ),
+        (
+            "threshold",
+            {"k": {"threshold": 0.1, "slope": 1.0, "step": 2, "last_estimate": 5}},
+            "must not exceed step",
+        ),
+    ],
+)
+def test_compressors_refuse_wrong_or_missing_entries_and_load_nothing(name, state, match):
+    _refused(_used(name), state, match=match)
+
+
+@pytest.mark.parametrize("name", available_compressors())
+def test_compressor_states_still_round_trip_exactly(name):
+    a = _used(name)
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    b = get_compressor(name)
+    b.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+    assert _same(b.state_dict(), a.state_dict())
+
+
+# ---- collectives ----------------------------------------------------------------------------
+@pytest.mark.parametrize("name", available_collectives())
+@pytest.mark.parametrize("bad", ["x", 0, dist.group])
+def test_collectives_refuse_a_group_that_is_not_a_process_group(group, name, bad):
+    coll = get_collective(name)
+    idx, val = torch.tensor([1, 3], dtype=torch.int32), torch.tensor([1.0, 2.0])
+    with pytest.raises(TypeError, match=r"group must be a torch\.distributed\.ProcessGroup"):
+        coll(idx, val, 10, group=bad)
+    coll(idx, val, 10, group=dist.group.WORLD)  # a real group still works
+    coll(idx, val, 10)
+
+
+def test_all_gather_variable_names_what_it_takes(group):
+    with pytest.raises(ValueError, match="needs at least one tensor"):
+        all_gather_variable([])
+    with pytest.raises(TypeError, match="sequence .* of 1-D tensors, got Tensor"):
+        all_gather_variable(torch.zeros(3))
+    with pytest.raises(TypeError, match=r"got elements of type \['float'\]"):
+        all_gather_variable([1.0])
+    with pytest.raises(TypeError, match="group must be"):
+        all_gather_variable([torch.zeros(2)], group="x")
+    out, _, _ = all_gather_variable([torch.arange(3.0)])
+    assert torch.equal(out[0][0], torch.arange(3.0))
+
+
+@pytest.mark.parametrize("name", available_collectives())
+def test_collective_states_are_checked(name):
+    coll = get_collective(name)
+    with pytest.raises(TypeError, match="load_state_dict takes the dict"):
+        coll.load_state_dict([("keys", {})])
+    if not isinstance(coll, OkTopk):
+        coll.load_state_dict({})
+        with pytest.raises(ValueError, match="keeps no state"):
+            coll.load_state_dict({"keys": {}})
+    else:
+        with pytest.raises(ValueError, match="single entry 'keys'"):
+            coll.load_state_dict({"keys": [1]})
+        with pytest.raises(ValueError, match="step must be an integer >= 0"):
+            bad = {"step": "x", "numel": 4, "world": 1, "bounds": None, "threshold": None}
+            coll.load_state_dict({"keys": {"w": bad}})
+
+
+# ---- the robust exchange --------------------------------------------------------------------
+def test_robust_exchange_refuses_an_attack_built_for_another_world(group):
+    rule = get_aggregator("mean", n=1)
+    g = torch.ones(4)
+    with pytest.raises(ValueError, match=r"attack 'alie' was built for n=10 workers of which f=4"):
+        robust_exchange(g, key="b", aggregator=rule, attack=get_attack("alie", n=10, f=4))
+    with pytest.raises(ValueError, match=r"get_attack\('sign_flip', n=1, f=0"):
+        robust_exchange(g, key="b", aggregator=rule, attack=get_attack("sign_flip", n=3, f=0))
+    out, _ = robust_exchange(g, key="b", aggregator=rule, attack=get_attack("zero", n=1, f=0))
+    assert torch.equal(out, g)  # built for this world: runs (no rank attacks)
+
+
+def test_robust_exchange_names_bad_arguments(group):
+    rule = get_aggregator("mean", n=1)
+    g = torch.ones(4)
+    with pytest.raises(TypeError, match="group must be a torch.distributed.ProcessGroup"):
+        robust_exchange(g, key="b", aggregator=rule, group="x")
+    with pytest.raises(TypeError, match="aggregator must be a rule"):
+        robust_exchange(g, key="b", aggregator="median")
+    with pytest.raises(TypeError, match="attack must be None or an attack"):
+        robust_exchange(g, key="b", aggregator=rule, attack="alie")
+    with pytest.raises(TypeError, match="byzantine must be an integer"):
+        robust_exchange(g, key="b", aggregator=rule, byzantine="0")
+
+
+def _mismatched_attack(rank: int, world: int, attack_n: int, attack_f: int, byzantine: int):
+    rule = get_aggregator("mean", n=world)
+    attack = get_attack("alie", n=attack_n, f=attack_f)
+    try:
+        g = torch.full((3,), float(rank))
+        robust_exchange(g, key="b", aggregator=rule, attack=attack, byzantine=byzantine)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize(
+    "attack_n, attack_f, byzantine",
+    [(10, 4, 1), (2, 0, 1)],
+    ids=["n-and-f-of-another-world", "f-differs-from-the-byzantine-ranks"],
+)
+def test_every_rank_refuses_a_mismatched_attack_without_hanging(
+    tmp_path, attack_n, attack_f, byzantine
+):
+    msgs = oks(run_world(_mismatched_attack, 2, tmp_path, attack_n, attack_f, byzantine))
+    for msg in msgs:
+        assert msg is not None and f"built for n={attack_n} workers of which f={attack_f}" in msg
+        assert "the group has 2 ranks of which 1 attack" in msg
