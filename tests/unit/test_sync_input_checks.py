@@ -347,3 +347,16 @@ def test_strict_false_takes_a_state_saved_under_another_density_but_not_compress
         _sync(compressor="topk", density=0.25).load_state_dict(state, strict=False)
     with pytest.raises(TypeError, match="strict must be True or False"):
         _sync(density=0.25).load_state_dict(state, strict="no")
+
+
+def test_an_unpickled_hook_state_registered_by_hand_says_how_to_restore_it(group):
+    import pickle
+
+    from sparsetrain.sync import ddp_hook
+
+    state = _hook(density=0.25)
+    restored = pickle.loads(pickle.dumps(state))  # pickling keeps no model
+    model = DDP(_model())
+    model.register_comm_hook(restored, ddp_hook._hook)
+    with pytest.raises(RuntimeError, match="register_ddp_hook.*state.load_state_dict"):
+        model(torch.ones(3, 4)).sum().backward()

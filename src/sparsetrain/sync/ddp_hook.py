@@ -112,7 +112,15 @@ class SyncState:
     # Used by the hook ------------------------------------------------------------------------
     def _run_bucket(self, bucket: dist.GradBucket) -> torch.futures.Future:
         params = bucket.parameters()
-        names = [self._names[id(p)] for p in params]
+        try:
+            names = [self._names[id(p)] for p in params]
+        except KeyError:
+            raise RuntimeError(
+                "this hook state does not know the parameters of the model it runs on (an "
+                "unpickled state, or one registered by hand on another model): register the hook "
+                "with sparsetrain.register_ddp_hook(ddp_model, ...) and restore the saved state "
+                "with state.load_state_dict(saved.state_dict())"
+            ) from None
         shapes = [p.shape for p in params]
         flat = bucket.buffer()
         last = bucket.is_last()
