@@ -725,3 +725,26 @@ def test_calling_without_a_process_group_says_how_to_start_one():
         pytest.skip("a process group is already initialised in this process")
     with pytest.raises(RuntimeError, match="init_process_group"):
         get_collective("ssar_rd")(torch.tensor([0]), torch.tensor([1.0]), 4)
+
+
+def _gather_dtypes(rank: int, world: int) -> dict:
+    from sparsetrain.comm import all_gather_variable
+
+    torch.set_num_threads(1)
+    same = all_gather_variable([torch.arange(rank + 1, dtype=torch.int32), torch.ones(2)])[0]
+    dtype = torch.float16 if rank == 1 else torch.float32  # rank 1 sends half the bytes
+    try:
+        all_gather_variable([torch.ones(3, dtype=dtype)])
+    except TypeError as e:
+        return {"same": [[t.tolist() for t in row] for row in same], "error": str(e)}
+    return {"error": None}
+
+
+def test_all_gather_variable_refuses_other_dtypes_on_every_rank(tmp_path):
+    """Another rank's bytes were read as this rank's dtype: every rank now raises, naming the
+    ranks whose dtypes differ; gathers whose dtypes agree are unchanged."""
+    results = oks(run_world(_gather_dtypes, 2, tmp_path))
+    for rank, res in enumerate(results):
+        assert res["error"] and "gather tensors of other dtypes" in res["error"], res
+        assert f"rank(s) [{1 - rank}]" in res["error"], res
+        assert res["same"] == [[[0], [1.0, 1.0]], [[0, 1], [1.0, 1.0]]], res

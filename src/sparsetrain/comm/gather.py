@@ -7,6 +7,7 @@ payloads padded to the largest. The padding crosses the wire, so it is counted.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -74,8 +75,8 @@ def all_gather_variable(
         per rank, the list of its tensors; bytes sent and received by this rank.
 
     Raises:
-        TypeError: ``tensors`` is not a sequence of tensors, or ``group`` is neither a
-            ProcessGroup nor None.
+        TypeError: ``tensors`` is not a sequence of tensors, ``group`` is neither a
+            ProcessGroup nor None, or the ranks' dtypes differ (on every rank).
         ValueError: ``tensors`` is empty, or one is not 1-D.
     """
     if isinstance(tensors, Tensor) or not isinstance(tensors, Sequence):
@@ -93,7 +94,20 @@ def all_gather_variable(
             "all_gather_variable needs at least one tensor to gather (every rank passes the "
             "same number, with the same dtypes); got an empty sequence"
         )
-    return _all_gather_with_header(tensors, (), group)
+    codes = [zlib.crc32(str(t.dtype).encode()) for t in tensors]  # the same in every process
+
+    def same_dtypes(rows: list[list[int]]) -> None:
+        differ = [r for r, row in enumerate(rows) if row != codes]
+        if differ:
+            raise TypeError(
+                f"all_gather_variable: rank(s) {differ} gather tensors of other dtypes than "
+                f"this rank's {[str(t.dtype) for t in tensors]}; every rank passes the same "
+                "dtypes in the same order"
+            )
+
+    # The dtypes travel in the size header (no extra message), so every rank sees every rank's
+    # and raises alike, rather than reading another rank's bytes as its own dtype.
+    return _all_gather_with_header(tensors, codes, group, same_dtypes)
 
 
 def _all_gather_with_header(
