@@ -422,3 +422,60 @@ def test_a_replaced_layer_or_parameter_is_named_instead_of_pruning_stale_tensors
     model3.double()
     pruner3.step(1)
     assert pruner3.stats()["sparsity"] == pytest.approx(0.9, abs=1e-3)
+
+
+# ---- found in review: workflows the checks must not refuse -----------------------------------
+def test_strict_false_goes_on_from_a_state_under_new_settings():
+    """Iterative pruning (0.5, then 0.75 from there) and a longer RigL run load the earlier
+    state with strict=False; strict (the default) names what differs."""
+    from sparsetrain.pruning import get_pruner
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    first = get_pruner("magnitude", sparsity=0.5).prepare(model)
+    first.prune()
+    second = get_pruner("magnitude", sparsity=0.75)
+    with pytest.raises(ValueError, match=r"sparsity: saved 0.5, now 0.75.*strict=False"):
+        second.load_state_dict(first.state_dict())
+    second.load_state_dict(first.state_dict(), strict=False)
+    second.prepare(model)
+    before = {n: m.clone() for n, m in second.masks.items()}
+    second.prune()
+    assert second.stats()["sparsity"] == pytest.approx(0.75, abs=0.01)
+    assert all(not (second.masks[n] & ~before[n]).any() for n in before)  # nothing regrows
+    with pytest.raises(TypeError, match="strict must be True or False"):
+        second.load_state_dict(first.state_dict(), strict="no")
+
+
+def test_numpy_and_tensor_steps_are_integers_and_a_state_round_trips():
+    import numpy as np
+
+    from sparsetrain.pruning import get_pruner
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    pr = get_pruner("magnitude", sparsity=0.5).prepare(model)
+    pr.step(np.int64(3))
+    pr.step(torch.tensor(4))
+    state = pr.state_dict()
+    assert type(state["step"]) is int and state["step"] == 4
+    get_pruner("magnitude", sparsity=0.5).load_state_dict(state)
+    with pytest.raises(TypeError, match="step must be an integer"):
+        pr.step(2.5)
+
+
+def test_prune_at_the_sparsity_reached_within_a_weight_changes_nothing():
+    """0.7 rounded to float32, or the pruned share stats() reports (67 of 96 weights), asks for
+    what is pruned already: accepted, masks unchanged; well below it is refused."""
+    from sparsetrain.pruning import get_pruner
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 12, bias=False))
+    pr = get_pruner("magnitude", sparsity=0.9).prepare(model)
+    pr.prune(0.7)
+    masks = {n: m.clone() for n, m in pr.masks.items()}
+    pr.prune(float(torch.tensor(0.7)))
+    pr.prune(pr.stats()["sparsity"])
+    assert all(torch.equal(masks[n], pr.masks[n]) for n in masks)
+    with pytest.raises(ValueError, match="weights pruned once stay pruned"):
+        pr.prune(0.5)

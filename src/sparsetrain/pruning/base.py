@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -98,7 +99,14 @@ _STATE_ENTRIES = ("method", "masks", "step", "num_updates", "extra")
 
 
 def _is_int(v: Any, low: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+    """Whether ``v`` is an integer >= ``low``: a Python int or anything that is one (numpy's,
+    a 0-d integer tensor), not a bool."""
+    if isinstance(v, bool):
+        return False
+    try:
+        return operator.index(v) >= low
+    except TypeError:
+        return False
 
 
 @dataclass
@@ -239,6 +247,9 @@ class Pruner:
             True when the masks changed at this step.
         """
         self._require_ready()
+        if not _is_int(step, -1):
+            raise TypeError(f"step must be an integer >= 0 (the optimizer step), got {step!r}")
+        step = operator.index(step)  # kept as a plain int, as the state saves it
         self._step = step
         changed = self.update(step, closure)
         self._apply()
@@ -388,25 +399,29 @@ class Pruner:
             "options": copy.deepcopy(self.options()),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Restore masks and counters; before :meth:`prepare` they are kept until it runs.
 
         Everything is checked before anything changes, so a state that is refused leaves the
         pruner as it was. Refused: what is not a state of this pruner, a state missing entries,
         one saved with other settings (sparsity, scope, schedule, ...: the error names them;
-        states from before settings were recorded are not compared), and masks that do not
-        match the pruned parameters' names and shapes.
+        states from before settings were recorded are not compared) unless ``strict=False``
+        (to go on under new settings: a higher target sparsity, another schedule, a longer
+        run), and masks that do not match the pruned parameters' names and shapes.
         """
-        self._check_state(state)
+        if not isinstance(strict, bool):
+            raise TypeError(f"strict must be True or False, got {strict!r}")
+        self._check_state(state, strict)
         if self._model is None:
             self._pending = dict(state) | {"masks": dict(state["masks"])}
-            self._step, self._num_updates = state["step"], state["num_updates"]
+            self._step = operator.index(state["step"])
+            self._num_updates = operator.index(state["num_updates"])
             return
         self._check_params()
         _check_masks(state["masks"], self._weights, "the state")
         self._assign_state(state)
 
-    def _check_state(self, state: Any) -> None:
+    def _check_state(self, state: Any, strict: bool = True) -> None:
         if not isinstance(state, Mapping):
             raise TypeError(
                 f"load_state_dict takes the dict that a {self.name!r} pruner's state_dict() "
@@ -452,16 +467,18 @@ class Pruner:
             for k, v in self.options().items()
             if k in saved and k not in self.may_differ_on_load and saved[k] != v
         ]
-        if diffs:
+        if diffs and strict:
             raise ValueError(
                 f"this state was saved with other {self.name!r} pruner settings "
                 f"({'; '.join(diffs)}); build the pruner with the saved settings to load it "
-                f"(only {', '.join(self.may_differ_on_load)} may differ)"
+                f"(only {', '.join(self.may_differ_on_load)} may differ), or pass "
+                "strict=False to go on from its masks under the new ones"
             )
 
     def _assign_state(self, state: Mapping[str, Any]) -> None:
         """Restore a state checked by :meth:`_check_state` and whose masks fit."""
-        self._step, self._num_updates = int(state["step"]), int(state["num_updates"])
+        self._step = operator.index(state["step"])
+        self._num_updates = operator.index(state["num_updates"])
         self.load_extra_state(state["extra"])
         self._assign_masks(state["masks"])
 
@@ -561,7 +578,10 @@ class ScheduledPruner(Pruner):
         """
         self._require_ready()
         s = self.sparsity if sparsity is None else check_sparsity(sparsity)
-        if s < self._current - 1e-12:
+        # Below the sparsity reached by less than one weight (0.7 rounded to float32, or the
+        # pruned share stats() reports) asks for what is pruned already.
+        one_weight = 1.0 / max(1, sum(w.numel() for w in self._weights.values()))
+        if s < self._current - one_weight:
             raise ValueError(
                 f"prune({s:g}) asks for less than the sparsity this pruner has already reached "
                 f"({self._current:g}); weights pruned once stay pruned, so pass a sparsity >= "

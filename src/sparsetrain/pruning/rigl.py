@@ -150,8 +150,8 @@ class RigLPruner(Pruner):
         self._arm_capture()  # attached, or resumed, right before an update step
         return self
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        super().load_state_dict(state, strict)
         self._arm_capture()  # a checkpoint taken right before an update step
 
     def _arm_capture(self) -> None:
