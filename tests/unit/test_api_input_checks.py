@@ -355,6 +355,12 @@ def test_robust_exchange_names_bad_arguments(group):
         robust_exchange(g, key="b", aggregator=rule, attack="alie")
     with pytest.raises(TypeError, match="byzantine must be an integer"):
         robust_exchange(g, key="b", aggregator=rule, byzantine="0")
+    with pytest.raises(TypeError, match="byzantine_ranks must be integers"):
+        robust_exchange(g, key="b", aggregator=rule, byzantine_ranks=[0.0])
+    import numpy as np  # numpy's integers are integers: rank 0 of 1 is refused for its range
+
+    with pytest.raises(ValueError, match=r"byzantine ranks \(0,\) must be fewer than world=1"):
+        robust_exchange(g, key="b", aggregator=rule, byzantine_ranks=[np.int64(0)])
 
 
 def _mismatched_attack(rank: int, world: int, attack_n: int, attack_f: int, byzantine: int):

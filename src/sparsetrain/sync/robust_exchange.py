@@ -19,6 +19,7 @@ them, so rank 0 stays honest for reporting.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -99,9 +100,15 @@ def robust_exchange(
         )
     if byzantine_ranks is not None:
         ranks = list(byzantine_ranks)
-        if any(isinstance(r, bool) or not isinstance(r, int) for r in ranks):
-            raise TypeError(f"byzantine_ranks must be integers (group ranks), got {ranks!r}")
-        byz = tuple(sorted(set(ranks)))
+        try:  # numpy's integers too; not bools or floats
+            if any(isinstance(r, bool) for r in ranks):
+                raise TypeError
+            ints = [operator.index(r) for r in ranks]
+        except TypeError:
+            raise TypeError(
+                f"byzantine_ranks must be integers (group ranks), got {ranks!r}"
+            ) from None
+        byz = tuple(sorted(set(ints)))
     else:
         byz = default_byzantine_ranks(world, byzantine)
     if any(not 0 <= r < world for r in byz) or len(byz) >= world:
