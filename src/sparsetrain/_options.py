@@ -1,8 +1,10 @@
-"""Checks shared by the registries (compressors, collectives, pruners, aggregators, attacks)."""
+"""Checks shared by the registries (compressors, collectives, pruners, aggregators, attacks):
+of their options, and of the states their ``load_state_dict`` is given."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import operator
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 
@@ -15,4 +17,68 @@ def check_options(kind: str, name: str, options: Mapping[str, Any], allowed: Ite
         raise ValueError(
             f"{kind} {name!r} does not take option(s) {unknown}; "
             f"it takes: {', '.join(allowed) if allowed else 'no options'}"
+        )
+
+
+def is_integer(value: Any, minimum: int | None = None) -> bool:
+    """Whether ``value`` is an integer (a Python int, numpy's, a 0-d integer tensor; not a
+    bool), and at least ``minimum`` if given."""
+    if isinstance(value, bool):
+        return False
+    try:
+        number = operator.index(value)
+    except TypeError:
+        return False
+    return minimum is None or number >= minimum
+
+
+def state_int(value: Any, what: str, minimum: int = 0, maximum: int | None = None) -> int:
+    """Return ``value`` (an integer entry of a loaded state) as an int, or raise a ValueError
+    naming ``what`` unless it is an integer in ``[minimum, maximum]``."""
+    if not is_integer(value, minimum) or (maximum is not None and operator.index(value) > maximum):
+        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{what} must be an integer {allowed}, got {value!r:.200}")
+    return operator.index(value)
+
+
+def state_mapping(value: Any, what: str, shape: str = "") -> Mapping[str, Any]:
+    """Return ``value`` (an entry of a loaded state that must be a dict), or raise a ValueError
+    naming ``what`` and the ``shape`` expected (say "{key: list of tensors}")."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{what} must be a dict{' ' + shape if shape else ''}, got {value!r:.200}")
+    return value
+
+
+def check_state(
+    state: Any, owner: str, required: Sequence[str], optional: Sequence[str] = ()
+) -> None:
+    """Refuse a ``state`` for the ``load_state_dict`` of ``owner`` (say "compressor 'qsgd'")
+    that is not a dict with exactly the ``required`` entries (and perhaps ``optional`` ones),
+    naming what is wrong and what is expected."""
+    if not isinstance(state, Mapping):
+        raise TypeError(
+            f"{owner}: load_state_dict takes the dict that state_dict() returned, got "
+            f"{type(state).__name__}"
+        )
+    missing = [k for k in required if k not in state]
+    unknown = sorted(repr(k) for k in state if k not in required and k not in optional)
+    if not required and not optional:
+        if unknown:
+            raise ValueError(
+                f"{owner} keeps no state (its state_dict() is empty), got entries "
+                f"{', '.join(unknown)}"
+            )
+        return
+    if missing or unknown:
+        expected = ", ".join(repr(k) for k in required)
+        if optional:
+            expected += f" (and optionally {', '.join(repr(k) for k in optional)})"
+        problems = []
+        if missing:
+            problems.append(f"lacks {', '.join(repr(k) for k in missing)}")
+        if unknown:
+            problems.append(f"has unknown entries {', '.join(unknown)}")
+        raise ValueError(
+            f"{owner}: a state must have exactly the key{'s' if len(required) > 1 else ''} "
+            f"{expected}, as state_dict() returns; this one {' and '.join(problems)}"
         )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -13,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .._options import is_integer
 from .p2p import (
     Wire,
     coalesce,
@@ -145,15 +145,6 @@ def _kept(mags: Tensor, threshold: float) -> tuple[Tensor, list[int]]:
     counts = [int(keep.sum())]
     counts += [int((mags >= t).sum()) for t in (threshold * BRACKET, threshold / BRACKET)]
     return keep, counts
-
-
-def _is_int(value: Any) -> bool:
-    """Whether a loaded state's entry is an integer (a bool is not)."""
-    try:
-        operator.index(value)
-    except TypeError:
-        return False
-    return not isinstance(value, bool)
 
 
 @dataclass
@@ -440,7 +431,7 @@ class OkTopk(SparseCollective):
                 )
             bounds, threshold = s["bounds"], s["threshold"]
             if bounds is not None and not (
-                isinstance(bounds, (list, tuple)) and all(_is_int(b) for b in bounds)
+                isinstance(bounds, (list, tuple)) and all(is_integer(b) for b in bounds)
             ):
                 raise ValueError(
                     f"OkTopk state for key {key!r}: bounds must be None or a list of ints, got "
@@ -454,7 +445,7 @@ class OkTopk(SparseCollective):
                     f"{threshold!r}"
                 )
             for name in ("step", "numel", "world"):
-                if not _is_int(s[name]) or s[name] < 0:
+                if not is_integer(s[name], 0):
                     raise ValueError(
                         f"OkTopk state for key {key!r}: {name} must be an integer >= 0, got "
                         f"{s[name]!r}"

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch.distributed as dist
 from torch import Tensor
 
-from .._options import check_options
+from .._options import check_options, check_state
 
 
 @dataclass
@@ -63,16 +62,7 @@ class SparseCollective(ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (stateless collectives keep nothing)."""
-        if not isinstance(state, Mapping):
-            raise TypeError(
-                f"collective {self.name!r}: load_state_dict takes the dict that state_dict() "
-                f"returned, got {type(state).__name__}"
-            )
-        if state:
-            raise ValueError(
-                f"collective {self.name!r} keeps no state (its state_dict() is empty), got "
-                f"entries {', '.join(sorted(map(repr, state)))}"
-            )
+        check_state(state, f"collective {self.name!r}", ())
 
     def rescale(self, factor: float) -> None:  # noqa: B027 - most keep nothing in those units
         """Multiply whatever this collective keeps in the values' units (a threshold) by

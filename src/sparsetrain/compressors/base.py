@@ -33,13 +33,14 @@ from __future__ import annotations
 import abc
 import dataclasses
 import hashlib
-import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
+
+from .._options import check_state, state_int, state_mapping
 
 Payload = tuple[Tensor, ...]
 Wire = Literal["dense", "sparse", "packed"]
@@ -96,56 +97,10 @@ def check_int(value: Any, name: str, minimum: int, maximum: int | None = None) -
         raise ValueError(f"{name} must be {allowed}, got {value}")
 
 
-def check_state(state: Any, owner: str, required: Sequence[str]) -> None:
-    """Refuse a ``state`` for the ``load_state_dict`` of ``owner`` (say "compressor 'qsgd'")
-    that is not a dict with exactly the ``required`` entries, naming what is wrong."""
-    if not isinstance(state, Mapping):
-        raise TypeError(
-            f"{owner}: load_state_dict takes the dict that state_dict() returned, got "
-            f"{type(state).__name__}"
-        )
-    missing = [k for k in required if k not in state]
-    unknown = sorted(repr(k) for k in state if k not in required)
-    if not required:
-        if unknown:
-            raise ValueError(
-                f"{owner} keeps no state (its state_dict() is empty), got entries "
-                f"{', '.join(unknown)}"
-            )
-        return
-    if missing or unknown:
-        problems = []
-        if missing:
-            problems.append(f"lacks {', '.join(repr(k) for k in missing)}")
-        if unknown:
-            problems.append(f"has unknown entries {', '.join(unknown)}")
-        raise ValueError(
-            f"{owner}: a state must have exactly the key{'s' if len(required) > 1 else ''} "
-            f"{', '.join(repr(k) for k in required)}, as state_dict() returns; this one "
-            f"{' and '.join(problems)}"
-        )
-
-
-def state_int(value: Any, what: str, minimum: int = 0) -> int:
-    """Return ``value`` (an integer entry of a loaded state) as an int, or raise a ValueError
-    naming ``what`` unless it is an integer >= ``minimum``."""
-    try:
-        number = None if isinstance(value, bool) else operator.index(value)
-    except TypeError:
-        number = None
-    if number is None or number < minimum:
-        raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r:.200}")
-    return number
-
-
 def load_step_counters(state: Any, owner: str) -> dict[str, int]:
     """Return the per-key step counters of a ``{"steps": {key: step}}`` state, checked."""
     check_state(state, owner, ("steps",))
-    steps = state["steps"]
-    if not isinstance(steps, Mapping):
-        raise ValueError(
-            f"{owner}: the state's 'steps' must be a dict {{key: step counter}}, got {steps!r:.200}"
-        )
+    steps = state_mapping(state["steps"], f"{owner}: the state's 'steps'", "{key: step counter}")
     return {
         str(k): state_int(v, f"{owner}: the state's step counter of key {k!r}")
         for k, v in steps.items()

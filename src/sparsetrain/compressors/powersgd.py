@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from .._options import check_state, state_mapping
 from . import register_compressor
 from .base import (
     Compressor,
@@ -18,7 +19,6 @@ from .base import (
     Wire,
     check_floating,
     check_int,
-    check_state,
     seeded_generator,
     work_dtype,
 )
@@ -227,12 +227,7 @@ class PowerSGD(Compressor):
         """Restore the warm-start Q's; the next compress continues exactly."""
         owner = "compressor 'powersgd'"
         check_state(state, owner, ("q",))
-        q = state["q"]
-        if not isinstance(q, Mapping):
-            raise ValueError(
-                f"{owner}: the state's 'q' must be a dict {{key: list of 2-D tensors}}, got "
-                f"{q!r:.200}"
-            )
+        q = state_mapping(state["q"], f"{owner}: the state's 'q'", "{key: list of 2-D tensors}")
         for k, qs in q.items():
             if not isinstance(qs, (list, tuple)) or not all(
                 isinstance(t, Tensor) and t.dim() == 2 for t in qs

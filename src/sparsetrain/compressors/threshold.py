@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
+from .._options import state_int
 from . import register_compressor
 from .base import (
     Payload,
@@ -22,7 +23,6 @@ from .base import (
     index_dtype,
     k_for,
     seeded_generator,
-    state_int,
 )
 
 # Elements per chunk of the CPU selection pass: the chunk's scratch (1 MiB of float32) stays in

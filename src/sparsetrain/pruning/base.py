@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .._options import check_options
+from .._options import check_options, is_integer
 from .masks import Masks, check_scope, check_sparsity
 from .schedules import OneShot, Schedule, get_schedule
 
@@ -96,17 +96,6 @@ def check_flag(name: str, value: Any) -> bool:
 # What every state that Pruner.state_dict returns holds (besides "options", the settings it was
 # saved with, which states from before they were recorded lack).
 _STATE_ENTRIES = ("method", "masks", "step", "num_updates", "extra")
-
-
-def _is_int(v: Any, low: int) -> bool:
-    """Whether ``v`` is an integer >= ``low``: a Python int or anything that is one (numpy's,
-    a 0-d integer tensor), not a bool."""
-    if isinstance(v, bool):
-        return False
-    try:
-        return operator.index(v) >= low
-    except TypeError:
-        return False
 
 
 @dataclass
@@ -247,7 +236,7 @@ class Pruner:
             True when the masks changed at this step.
         """
         self._require_ready()
-        if not _is_int(step, -1):
+        if not is_integer(step, -1):
             raise TypeError(f"step must be an integer >= 0 (the optimizer step), got {step!r}")
         step = operator.index(step)  # kept as a plain int, as the state saves it
         self._step = step
@@ -438,9 +427,9 @@ class Pruner:
                 f"returned, with the entries {', '.join(_STATE_ENTRIES)}; this one lacks "
                 f"{', '.join(missing)}"
             )
-        if not _is_int(state["step"], -1):
+        if not is_integer(state["step"], -1):
             raise ValueError(f"the state's 'step' must be an integer >= -1, got {state['step']!r}")
-        if not _is_int(state["num_updates"], 0):
+        if not is_integer(state["num_updates"], 0):
             raise ValueError(
                 f"the state's 'num_updates' must be an integer >= 0, got {state['num_updates']!r}"
             )

@@ -18,15 +18,20 @@ import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from .._options import check_options
-from .base import check_int, check_positive, check_state, generator_for, key_seed
+from .._options import check_options, check_state, state_mapping
+from .base import (
+    check_int,
+    check_positive,
+    generator_for,
+    key_seed,
+)
 
 _ATTACKS: dict[str, type[Attack]] = {}
 
@@ -271,12 +276,9 @@ class Delayed(Attack):
         """
         owner = "attack 'delayed'"
         check_state(state, owner, ("history",))
-        history = state["history"]
-        if not isinstance(history, Mapping):
-            raise ValueError(
-                f"{owner}: the state's 'history' must be a dict {{key: list of tensors}}, got "
-                f"{history!r:.200}"
-            )
+        history = state_mapping(
+            state["history"], f"{owner}: the state's 'history'", "{key: list of tensors}"
+        )
         loaded = {}
         for key, h in history.items():
             if not isinstance(h, (list, tuple, deque)) or not all(isinstance(t, Tensor) for t in h):

@@ -13,17 +13,16 @@ rank, so all ranks that feed it the same matrix get the same result bit for bit.
 from __future__ import annotations
 
 import dataclasses
-import operator
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from .._options import check_options
+from .._options import check_options, check_state
 
 _REGISTRY: dict[str, type[Aggregator]] = {}
 
@@ -59,54 +58,6 @@ def check_int(value: Any, what: str, minimum: int) -> None:
         raise TypeError(f"{what} must be an integer, got {value!r}")
     if value < minimum:
         raise ValueError(f"{what} must be >= {minimum}, got {value}")
-
-
-def check_state(
-    state: Any, owner: str, required: Sequence[str], optional: Sequence[str] = ()
-) -> None:
-    """Refuse a ``state`` for the ``load_state_dict`` of ``owner`` (say "aggregator 'safeguard'")
-    that is not a dict with the ``required`` entries (and perhaps ``optional`` ones), naming
-    what is wrong and what is expected."""
-    if not isinstance(state, Mapping):
-        raise TypeError(
-            f"{owner}: load_state_dict takes the dict that state_dict() returned, got "
-            f"{type(state).__name__}"
-        )
-    missing = [k for k in required if k not in state]
-    unknown = sorted(repr(k) for k in state if k not in required and k not in optional)
-    if not required and not optional:
-        if unknown:
-            raise ValueError(
-                f"{owner} keeps no state (its state_dict() is empty), got entries "
-                f"{', '.join(unknown)}"
-            )
-        return
-    if missing or unknown:
-        expected = ", ".join(repr(k) for k in required)
-        if optional:
-            expected += f" (and optionally {', '.join(repr(k) for k in optional)})"
-        problems = []
-        if missing:
-            problems.append(f"lacks {', '.join(repr(k) for k in missing)}")
-        if unknown:
-            problems.append(f"has unknown entries {', '.join(unknown)}")
-        raise ValueError(
-            f"{owner}: a state must have the entries {expected}, as state_dict() returns; this "
-            f"one {' and '.join(problems)}"
-        )
-
-
-def state_int(value: Any, what: str, minimum: int = 0, maximum: int | None = None) -> int:
-    """Return ``value`` (an integer entry of a loaded state) as an int, or raise a ValueError
-    naming ``what`` unless it is an integer in ``[minimum, maximum]``."""
-    try:
-        number = None if isinstance(value, bool) else operator.index(value)
-    except TypeError:
-        number = None
-    if number is None or number < minimum or (maximum is not None and number > maximum):
-        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ValueError(f"{what} must be an integer {allowed}, got {value!r}")
-    return number
 
 
 def state_tensors(value: Any, what: str) -> dict[str, Tensor]:

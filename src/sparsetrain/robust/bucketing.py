@@ -8,15 +8,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._options import check_state, state_int
 from .base import (
     Aggregator,
     aggregator_class,
     build,
     check_int,
-    check_state,
     key_seed,
     register_aggregator,
-    state_int,
 )
 
 

@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._options import check_state
 from .base import (
     Aggregator,
     check_int,
     check_positive,
-    check_state,
     register_aggregator,
     state_tensors,
 )

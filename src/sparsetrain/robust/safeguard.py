@@ -13,16 +13,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._options import check_state, state_int, state_mapping
 from .base import (
     Aggregator,
     check_int,
     check_positive,
-    check_state,
     generator_for,
     key_seed,
     pairwise_sq_dists,
     register_aggregator,
-    state_int,
 )
 
 _WINDOWS = ("short", "long")
@@ -307,12 +306,9 @@ class Safeguard(Aggregator):
             state["calibrated_good"], f"{owner}: the state's 'calibrated_good'", 0, self.n
         )
         no_majority = state_int(state["no_majority"], f"{owner}: the state's 'no_majority'")
-        removed = state["removed"]
-        if not isinstance(removed, Mapping):
-            raise ValueError(
-                f"{owner}: the state's 'removed' must be a dict {{worker: step removed}}, got "
-                f"{removed!r:.200}"
-            )
+        removed = state_mapping(
+            state["removed"], f"{owner}: the state's 'removed'", "{worker: step removed}"
+        )
         removed = {
             state_int(k, f"{owner}: a worker in the state's 'removed'", 0, self.n - 1): state_int(
                 v, f"{owner}: a step in the state's 'removed'"
@@ -366,11 +362,7 @@ class Safeguard(Aggregator):
     def _loaded_acc(self, acc: Any, owner: str) -> dict[str, dict[str, Tensor]]:
         """Check and copy the accumulations of a loaded state."""
         what = f"{owner}: the state's 'acc'"
-        if not isinstance(acc, Mapping):
-            raise ValueError(
-                f"{what} must be a dict {{key: {{'short': tensor, 'long': tensor}}}}, got "
-                f"{acc!r:.200}"
-            )
+        state_mapping(acc, what, "{key: {'short': tensor, 'long': tensor}}")
         out = {}
         for key, a in acc.items():
             if not isinstance(a, Mapping) or set(a) != set(_WINDOWS):

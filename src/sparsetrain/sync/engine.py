@@ -9,7 +9,6 @@ The DDP hook hands its buckets (flat tensors) to :meth:`SyncEngine.exchange`;
 from __future__ import annotations
 
 import math
-import operator
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import _native
+from .._options import is_integer
 from ..comm import (
     CollectiveResult,
     all_gather_variable,
@@ -65,13 +65,8 @@ def check_state(state: Any, owner: str) -> None:
             f"{owner}.load_state_dict takes the dict that {owner}.state_dict() returned, with "
             f"the entries {', '.join(_STATE_ENTRIES)}; this one lacks {', '.join(missing)}"
         )
-    step = state["step"]
-    try:
-        ok = not isinstance(step, bool) and operator.index(step) >= 0
-    except TypeError:
-        ok = False
-    if not ok:
-        raise ValueError(f"the state's 'step' must be an integer >= 0, got {step!r}")
+    if not is_integer(state["step"], 0):
+        raise ValueError(f"the state's 'step' must be an integer >= 0, got {state['step']!r}")
     for key in ("counters", "feedback", "compressor", "config"):
         if key in state and not isinstance(state[key], Mapping):
             raise ValueError(
@@ -343,8 +338,9 @@ class SyncEngine:
         if world > 1:
             with on_device(device):
                 dist.all_reduce(flags, group=self.group)
-        missing = [r for r in range(world) if flags[r]]
-        scaled = [r for r in range(world) if flags[world + r]]
+        seen = flags.tolist()  # one device sync, not one per rank
+        missing = [r for r in range(world) if seen[r]]
+        scaled = [r for r in range(world) if seen[world + r]]
         if missing:
             raise RuntimeError(
                 f"rank(s) {missing} have no grad_scaler, but their hook state was pickled from "
