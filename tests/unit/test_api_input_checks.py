@@ -238,6 +238,35 @@ def test_every_compressor_refuses_a_state_that_is_not_a_dict(name, bad):
     assert _same(c.state_dict(), before)
 
 
+_STEP_COUNTERS = ("randomk", "qsgd", "terngrad")
+
+
+@pytest.mark.parametrize("saver", _STEP_COUNTERS)
+@pytest.mark.parametrize("loader", _STEP_COUNTERS)
+def test_step_counter_states_load_only_into_their_own_compressor(saver, loader):
+    # The three keep states of the same form; before the name was saved, a random-k state
+    # loaded into QSGD without a word.
+    state = _used(saver).state_dict()
+    fresh = get_compressor(loader)
+    if saver == loader:
+        fresh.load_state_dict(state)
+        assert _same(fresh.state_dict(), state)
+        return
+    with pytest.raises(
+        ValueError, match=f"compressor '{loader}': the state was saved by compressor '{saver}'"
+    ):
+        fresh.load_state_dict(state)
+    assert fresh.state_dict()["steps"] == {}
+
+
+@pytest.mark.parametrize("name", _STEP_COUNTERS)
+def test_step_counter_states_saved_without_a_name_still_load(name):
+    # States saved before the name was written are the bare {"steps": ...}.
+    c = get_compressor(name)
+    c.load_state_dict({"steps": {"k": 7}})
+    assert c.state_dict() == {"compressor": name, "steps": {"k": 7}}
+
+
 @pytest.mark.parametrize(
     "name, state, match",
     [

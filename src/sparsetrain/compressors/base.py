@@ -33,7 +33,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -97,9 +97,25 @@ def check_int(value: Any, name: str, minimum: int, maximum: int | None = None) -
         raise ValueError(f"{name} must be {allowed}, got {value}")
 
 
-def load_step_counters(state: Any, owner: str) -> dict[str, int]:
-    """Return the per-key step counters of a ``{"steps": {key: step}}`` state, checked."""
-    check_state(state, owner, ("steps",))
+def step_counter_state(name: str, steps: Mapping[str, int]) -> dict[str, Any]:
+    """The state of a compressor that keeps only per-key step counters (random-k, QSGD,
+    TernGrad): the counters and the compressor's name, so that one's state is not taken for
+    another's (their states have the same form)."""
+    return {"compressor": name, "steps": dict(steps)}
+
+
+def load_step_counters(state: Any, name: str) -> dict[str, int]:
+    """Return the per-key step counters of compressor ``name``'s state (from
+    :func:`step_counter_state`), checked. A state without the ``"compressor"`` entry (saved
+    before it was written) is taken as this compressor's."""
+    owner = f"compressor {name!r}"
+    check_state(state, owner, ("steps",), ("compressor",))
+    saved = state.get("compressor", name)
+    if saved != name:
+        raise ValueError(
+            f"{owner}: the state was saved by compressor {saved!r:.100}; load it into a "
+            f"{saved!r:.100} compressor, or start this one afresh"
+        )
     steps = state_mapping(state["steps"], f"{owner}: the state's 'steps'", "{key: step counter}")
     return {
         str(k): state_int(v, f"{owner}: the state's step counter of key {k!r}")

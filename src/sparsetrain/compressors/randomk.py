@@ -20,6 +20,7 @@ from .base import (
     k_for,
     load_step_counters,
     seeded_generator,
+    step_counter_state,
 )
 
 
@@ -124,8 +125,8 @@ class RandomK(Compressor):
 
     def state_dict(self) -> dict[str, Any]:
         """Return the per-key step counters (they select the next draws)."""
-        return {"steps": dict(self._steps)}
+        return step_counter_state(self.name, self._steps)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the step counters; the next draws are those of the saved run."""
-        self._steps = load_step_counters(state, "compressor 'randomk'")
+        self._steps = load_step_counters(state, self.name)

@@ -22,6 +22,7 @@ from .base import (
     load_step_counters,
     pack_bits,
     seeded_generator,
+    step_counter_state,
     unpack_bits,
     work_dtype,
 )
@@ -94,8 +95,8 @@ class TernGrad(Compressor):
 
     def state_dict(self) -> dict[str, Any]:
         """Return the per-key step counters (they seed the rounding)."""
-        return {"steps": dict(self._steps)}
+        return step_counter_state(self.name, self._steps)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the step counters; the next rounding draws are those of the saved run."""
-        self._steps = load_step_counters(state, "compressor 'terngrad'")
+        self._steps = load_step_counters(state, self.name)
