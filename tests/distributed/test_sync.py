@@ -900,3 +900,31 @@ def test_gradient_accumulation_under_no_sync_exchanges_the_sum_once(tmp_path):
         for comp, (worst, steps) in r.items():
             assert worst == 0.0, (comp, worst)
             assert steps == 4, comp
+
+
+# ---- ranks whose gradients are on different device types: an error on every rank -----------
+def _mixed_devices(rank: int, world: int) -> dict:
+    from sparsetrain.sync.config import make_config
+    from sparsetrain.sync.ddp_hook import SyncState
+
+    state = SyncState(make_config("none", None, {}), {}, None)
+    # Rank 1's model is on a GPU, rank 0's on the CPU. Under "cpu:gloo,cuda:nccl" their first
+    # headers would go to different backends and both ranks would wait; the first step's check
+    # meets on the CPU, so no GPU is needed here to see it (nothing is put on the GPU).
+    device = torch.device("cuda", 0) if rank == 1 else torch.device("cpu")
+    out = {}
+    try:
+        state.engine._begin_step(device)
+    except RuntimeError as e:
+        out["error"] = str(e)
+    # Once the ranks agree, the check runs again and the step goes ahead.
+    flat, names, shapes = torch.full((4,), float(rank + 1)), ["w"], [torch.Size([4])]
+    out["after"] = state.engine.exchange(flat, names, shapes).tolist()
+    return out
+
+
+def test_ranks_with_gradients_on_different_device_types_fail_on_every_rank(tmp_path):
+    zero, one = oks(run_world(_mixed_devices, 2, tmp_path, timeout=120))
+    assert "rank(s) [0] on cpu, rank(s) [1] on another" in zero["error"], zero
+    assert "rank(s) [1] on cuda, rank(s) [0] on another" in one["error"], one
+    assert zero["after"] == one["after"] == [1.5, 1.5, 1.5, 1.5]  # the mean

@@ -234,7 +234,13 @@ def device_of(values: object, group: dist.ProcessGroup | None = None) -> torch.d
         TypeError: ``group`` is neither a ProcessGroup nor None (:func:`check_group`).
     """
     check_group(group)
-    device = values.device if isinstance(values, Tensor) else torch.device("cpu")
+    return moved_device(values.device if isinstance(values, Tensor) else torch.device("cpu"), group)
+
+
+def moved_device(device: torch.device, group: dist.ProcessGroup | None = None) -> torch.device:
+    """``device`` if a backend of ``group`` (None: the default group) moves its tensors, else
+    one that a backend does: CPU where the group has a CPU backend, else the current CUDA
+    device (see :func:`device_of`). ``device`` itself without a process group."""
     backends = _backends(group)
     if backends is None or device.type in backends:
         return device

@@ -5,10 +5,14 @@ without CUDA: a plain Future, no device switch."""
 from __future__ import annotations
 
 import contextlib
+import zlib
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
+
+from ..comm.p2p import backend_for, moved_device
 
 
 def cuda_device_of(tensors: Iterable[torch.Tensor]) -> torch.device | None:
@@ -39,3 +43,18 @@ def new_future(device: torch.device | None) -> torch.futures.Future:
     if device is not None and device.type == "cuda":
         return torch.futures.Future(devices=[device])
     return torch.futures.Future()
+
+
+def device_code(device: torch.device) -> int:
+    """A positive int naming ``device``'s type (not its index), the same in every process: for
+    ranks to compare where their tensors are in an integer collective."""
+    return zlib.crc32(device.type.encode()) % (2**31 - 1) + 1
+
+
+def agreement_device(group: Any, device: torch.device) -> torch.device:
+    """Where ranks that may hold their tensors on different device types can meet for a small
+    collective: the CPU if ``group`` (None: the default group) moves CPU tensors, else
+    ``device``'s type as the group moves it (the current CUDA device under NCCL)."""
+    if backend_for(group, "cpu") is not None:
+        return torch.device("cpu")
+    return moved_device(device, group)

@@ -30,7 +30,7 @@ from ..comm.gather import world_of
 from ..compressors.base import SparseCompressor
 from ..feedback import ErrorFeedback
 from .config import SyncConfig, check_process_group, config_differences
-from .devices import on_device
+from .devices import agreement_device, device_code, on_device
 
 # Totals since construction (or the loaded state). The *_seconds are host wall-clock time
 # (time.perf_counter around the calls): on CUDA, where kernels and NCCL run asynchronously, they
@@ -328,19 +328,35 @@ class SyncEngine:
 
     def _agree_on_scaler(self, device: torch.device) -> None:
         """The first step: raise on every rank if a rank's state was pickled with a scaler and
-        has none set again, or if the ranks differ in having one (a scaled and an unscaled
-        gradient would be summed). One small allreduce, once."""
+        has none set again, if the ranks differ in having one (a scaled and an unscaled
+        gradient would be summed), or if their gradients are on different device types. One
+        small allreduce, once.
+
+        The allreduce runs where the group moves CPU tensors if it can ("cpu:gloo,cuda:nccl",
+        the default of ``init_process_group()``, does): on a rank's own device, a CPU rank's
+        header would go to gloo and a CUDA rank's to NCCL, and both would wait for ever."""
         world = world_of(self.group)
         rank = dist.get_rank(self.group) if world > 1 else 0
-        flags = torch.zeros(2 * world, dtype=torch.int64, device=device)
+        meeting = agreement_device(self.group, device)
+        flags = torch.zeros(3 * world, dtype=torch.int64, device=meeting)
         flags[rank] = int(self.scaler_missing and self.grad_scaler is None)
         flags[world + rank] = int(self.grad_scaler is not None)
+        flags[2 * world + rank] = device_code(device)
         if world > 1:
-            with on_device(device):
+            with on_device(meeting):
                 dist.all_reduce(flags, group=self.group)
         seen = flags.tolist()  # one device sync, not one per rank
         missing = [r for r in range(world) if seen[r]]
         scaled = [r for r in range(world) if seen[world + r]]
+        codes = seen[2 * world :]
+        if len(set(codes)) > 1:
+            mine = [r for r in range(world) if codes[r] == codes[rank]]
+            others = [r for r in range(world) if codes[r] != codes[rank]]
+            raise RuntimeError(
+                f"the ranks' gradients are on different device types: rank(s) {mine} on "
+                f"{device.type}, rank(s) {others} on another; put every rank's model on the "
+                "same device type (each rank's own GPU, or the CPU everywhere) before training"
+            )
         if missing:
             raise RuntimeError(
                 f"rank(s) {missing} have no grad_scaler, but their hook state was pickled from "
