@@ -23,6 +23,7 @@ from torch import nn
 import sparsetrain
 from sparsetrain.comm.registry import get_collective
 from sparsetrain.compressors import available_compressors, get_compressor
+from sparsetrain.pruning import get_pruner
 
 from .harness import oks, run_world
 from .test_sparse_collectives import ALL, OK_K, OK_NUMEL, training_like
@@ -279,3 +280,33 @@ def test_sparse_collectives_over_nccl(tmp_path):
     results = run_world(_collectives_on_cuda, 2, tmp_path, "nccl", backend="nccl")
     for problems in oks(results):
         assert problems == []
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    "name, options",
+    [("magnitude", {"sparsity": 0.5}), ("rigl", {"sparsity": 0.5, "delta_t": 1, "end": 10})],
+)
+def test_a_pruner_prepared_on_cpu_follows_its_model_to_cuda(name, options):
+    # model.to(device) after prepare() moves the weights (the same Parameters) but not the
+    # masks: they follow at the next use (a gradient hook, step(), apply(), stats()).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    pruner = get_pruner(name, **options).prepare(model, opt)
+    if name == "magnitude":
+        pruner.prune(0.5)
+    model.to(CUDA)
+    for step in range(3):
+        opt.zero_grad()
+        model(torch.randn(5, 8, device=CUDA)).square().mean().backward()
+        for n, m in pruner.masks.items():
+            assert m.device.type == "cuda", n
+            assert not model.get_parameter(n).grad[~m].any(), n  # gradients masked
+        opt.step()
+        pruner.step(step)
+    for n, m in pruner.masks.items():
+        assert m.device.type == "cuda", n
+        assert not model.get_parameter(n)[~m].any(), n
+    assert pruner.stats()["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert all(m.device.type == "cpu" for m in pruner.state_dict()["masks"].values())

@@ -292,7 +292,7 @@ class Pruner:
 
     def _assign_masks(self, masks: Masks) -> None:
         for n, m in masks.items():
-            self._masks[n] = m.detach().to(device=self._masks[n].device, dtype=torch.bool).clone()
+            self._masks[n] = m.detach().to(device=self._weights[n].device, dtype=torch.bool).clone()
         self.sync_masks()
         self._apply()
 
@@ -314,7 +314,12 @@ class Pruner:
         def hook(grad: Tensor) -> Tensor:
             if self._stash:
                 self._dense_grads[name] = grad
-            return grad.masked_fill(~self._masks[name], 0.0) if self.mask_gradients else grad
+            if not self.mask_gradients:
+                return grad
+            mask = self._masks[name]
+            if mask.device != grad.device:  # the model was moved since the masks were made
+                mask = self._masks[name] = mask.to(grad.device)
+            return grad.masked_fill(~mask, 0.0)
 
         return hook
 
@@ -359,6 +364,14 @@ class Pruner:
                 "pruner and prepare it on the model as it is now (to keep the masks, call "
                 "new.load_state_dict(pruner.state_dict()) before new.prepare(model))"
             )
+        self._follow_weights()
+
+    def _follow_weights(self) -> None:
+        """Move each mask to its weight's device: ``model.to(device)`` after ``prepare()``
+        moves the weights (the same Parameters) but not the masks."""
+        for n, w in self._weights.items():
+            if self._masks[n].device != w.device:
+                self._masks[n] = self._masks[n].to(w.device)
 
     def _require_ready(self) -> None:
         self._require_prepared()
