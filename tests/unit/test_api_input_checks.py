@@ -204,7 +204,9 @@ def test_the_delayed_attack_refuses_a_history_its_delay_would_cut():
     msg = _refused(_delayed(2), _delayed(5).state_dict())
     assert "holds 6 gradients, more than delay=2 keeps (3)" in msg
     longer = _delayed(5, steps=0)
-    longer.load_state_dict(_delayed(2).state_dict())  # a shorter history loses nothing
+    shorter = _delayed(2).state_dict()
+    longer.load_state_dict(shorter)  # a shorter history loses nothing
+    assert shorter["history"] and _same(longer.state_dict()["history"], shorter["history"])
 
 
 @pytest.mark.parametrize("name", available_attacks())

@@ -459,7 +459,16 @@ def test_numpy_and_tensor_steps_are_integers_and_a_state_round_trips():
     pr.step(torch.tensor(4))
     state = pr.state_dict()
     assert type(state["step"]) is int and state["step"] == 4
-    get_pruner("magnitude", sparsity=0.5).load_state_dict(state)
+    torch.manual_seed(0)
+    twin = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    copy = get_pruner("magnitude", sparsity=0.5)
+    copy.load_state_dict(state)
+    copy.prepare(twin)
+    back = copy.state_dict()
+    assert back["step"] == 4 and back["num_updates"] == state["num_updates"] >= 1
+    assert back["masks"].keys() == state["masks"].keys()
+    assert all(torch.equal(back["masks"][n], m) for n, m in state["masks"].items())
+    assert any(not m.all() for m in back["masks"].values())  # the pruned masks, not fresh ones
     with pytest.raises(TypeError, match="step must be an integer"):
         pr.step(2.5)
 

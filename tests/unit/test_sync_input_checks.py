@@ -70,6 +70,16 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+def _loads(target: Any, state: dict) -> None:
+    """Load ``state`` into ``target`` and check that it took the state's residuals, compressor
+    state, step and counters (the settings may differ)."""
+    target.load_state_dict(state)
+    got = target.state_dict()
+    assert state["step"] > 0 and state["feedback"]  # a stepped state, not a fresh one
+    for key in ("step", "counters", "feedback", "compressor"):
+        assert _same(got[key], state[key]), key
+
+
 # ---- 1. misspelt options: neither the hook's/sync's nor the compressor's ----------------------
 @pytest.mark.parametrize("caller", list(MAKERS))
 @pytest.mark.parametrize(
@@ -180,8 +190,9 @@ def test_a_process_group_that_is_not_one_is_a_type_error(group, caller, bad):
 
 @pytest.mark.parametrize("caller", list(MAKERS))
 def test_the_world_group_and_none_are_taken(group, caller):
-    MAKERS[caller](density=0.1, process_group=dist.group.WORLD)
-    MAKERS[caller](density=0.1, process_group=None)
+    for given in (dist.group.WORLD, None):
+        made = MAKERS[caller](density=0.1, process_group=given)
+        assert made.engine.group is given  # None: the default group, looked up at each call
 
 
 def test_the_engine_refuses_a_group_that_is_not_one():
@@ -269,21 +280,21 @@ def test_every_differing_setting_is_named():
 
 def test_on_nonfinite_may_differ_and_equivalent_settings_load(group):
     state = _stepped(density=0.1, on_nonfinite="skip").state_dict()
-    _sync(density=0.1, on_nonfinite="propagate").load_state_dict(state)
+    _loads(_sync(density=0.1, on_nonfinite="propagate"), state)
     # error_feedback=None is on for the (biased) threshold compressor: the same as True.
-    _sync(density=0.1, error_feedback=True).load_state_dict(state)
+    _loads(_sync(density=0.1, error_feedback=True), state)
     # The compressor's default density given explicitly is the same setting as leaving it out.
     default = _stepped().state_dict()
-    _sync(density=_sync().engine.compressor.density).load_state_dict(default)
+    _loads(_sync(density=_sync().engine.compressor.density), default)
 
 
 def test_a_state_from_before_settings_were_recorded_loads_as_before(group):
     state = _stepped(density=0.1).state_dict()
     old = {k: v for k, v in state.items() if k != "config"}
-    _sync(density=0.05).load_state_dict(old)  # no config recorded: nothing to compare
+    _loads(_sync(density=0.05), old)  # no config recorded: nothing to compare
     # A setting newer than the state (absent from its config) is not compared.
     older = {**state, "config": {k: v for k, v in state["config"].items() if k != "byzantine"}}
-    _sync(density=0.1).load_state_dict(older)
+    _loads(_sync(density=0.1), older)
 
 
 @pytest.mark.parametrize("owner", list(OWNERS))
@@ -293,8 +304,10 @@ def test_states_round_trip_exactly_through_a_file(group, owner):
         target = _sync(density=0.1, collective="oktopk")
     else:
         source, target = _hook(density=0.1), _hook(density=0.1)
-        source.load_state_dict(_stepped(density=0.1).state_dict())
+        stepped = _stepped(density=0.1).state_dict()
+        _loads(source, stepped)  # the hook's source holds a stepped state, not a fresh one
     state = source.state_dict()
+    assert state["step"] > 0 and state["feedback"]
     assert state["config"] == source.engine.config.to_dict()
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -333,7 +346,7 @@ def test_a_state_loads_under_settings_that_are_the_same_in_effect(group, saved, 
         return out
 
     state = _stepped(**real(saved)).state_dict()
-    _sync(**real(now)).load_state_dict(state)
+    _loads(_sync(**real(now)), state)
 
 
 def test_strict_false_takes_a_state_saved_under_another_density_but_not_compressor(group):
