@@ -346,6 +346,34 @@ def test_powersgd_warm_start_improves_a_fixed_gradient():
     assert errors[-1] < errors[0]  # power iteration across steps converges to the top subspace
 
 
+def test_powersgd_keeps_float16_payloads_in_range():
+    # A rank-1 float16 gradient of entries up to ~40: a warm Q of M's size made P = M Q square
+    # M's scale and overflow float16 at the second step, and the NaN warm start then poisoned
+    # every later step, however small the gradient.
+    torch.manual_seed(0)
+    a, b = torch.randn(256, 1), torch.randn(1, 256)
+    c = make("powersgd", rank=1)
+    for scale in (3.0, 3.0, 0.5, 0.01):
+        g = (a @ b * scale).half()
+        out = roundtrip(c, g)
+        assert torch.isfinite(out).all()
+        assert_close(out.float(), g.float(), rtol=1e-2, atol=2e-2 * float(g.abs().max()))
+        assert all(torch.isfinite(q).all() for q in c.state_dict()["q"]["k"])
+
+
+def test_powersgd_raises_on_a_float16_overflow_and_keeps_its_warm_start():
+    torch.manual_seed(0)
+    c = make("powersgd", rank=1)
+    roundtrip(c, torch.randn(256, 256).half())
+    kept = c.state_dict()
+    huge = torch.full((256, 256), 60000.0).half()  # finite, but P's rows have norm 960000
+    with pytest.raises(FloatingPointError, match="a P payload overflowed float16"):
+        roundtrip(c, huge)
+    assert_close(c.state_dict()["q"]["k"][0], kept["q"]["k"][0], rtol=0, atol=0)
+    # float32 input of the same size is fine: its payloads are float32
+    assert torch.isfinite(roundtrip(c, huge.float())).all()
+
+
 # ---- bad input --------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["topk", "threshold", "randomk"])
 @pytest.mark.parametrize("density", [0.0, -0.1, 1.5])

@@ -373,3 +373,28 @@ def test_an_unpickled_hook_state_registered_by_hand_says_how_to_restore_it(group
     model.register_comm_hook(restored, ddp_hook._hook)
     with pytest.raises(RuntimeError, match="register_ddp_hook.*state.load_state_dict"):
         model(torch.ones(3, 4)).sum().backward()
+
+
+# ---- a round payload that overflows its wire dtype ------------------------------------------
+@pytest.mark.parametrize("mode", ["propagate", "raise"])
+def test_a_powersgd_payload_that_overflows_float16_drops_or_raises(group, mode):
+    torch.manual_seed(0)
+    model = nn.Linear(256, 256, bias=False).half()
+    sync = sparsetrain.GradientSync(model, "powersgd", rank=1, on_nonfinite=mode)
+    model.weight.grad = torch.ones(256, 256).half()
+    assert sync.synchronize()
+    before = sync.state_dict()
+    model.weight.grad = torch.full((256, 256), 60000.0).half()  # finite; P is not in float16
+    if mode == "raise":
+        with pytest.raises(FloatingPointError, match="a P payload overflowed float16"):
+            sync.synchronize()
+    else:  # the step is dropped on every rank: NaN gradients, for a GradScaler to skip
+        assert not sync.synchronize()
+        assert torch.isnan(model.weight.grad).all()
+        assert sync.engine.stats()["skipped_steps"] == 1
+    # Neither the residuals nor the warm start took anything from the overflowed step.
+    after = sync.state_dict()
+    assert _same(after["feedback"], before["feedback"])
+    assert _same(after["compressor"], before["compressor"])
+    model.weight.grad = torch.ones(256, 256).half()
+    assert sync.synchronize() and torch.isfinite(model.weight.grad).all()

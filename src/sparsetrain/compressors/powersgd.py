@@ -86,6 +86,10 @@ class PowerSGD(Compressor):
     matrix with ``ceil(sqrt(n))`` rows.
 
     Computation is in float32 for float16/bfloat16 input; payloads are in the input's dtype.
+    For float16 input the warm-start Q's columns are scaled to unit length (which changes no
+    result) so that P fits float16's range, and a P or Q that overflows it anyway raises
+    ``FloatingPointError`` on every rank (the sums are the same everywhere) instead of being
+    kept as the next step's warm start.
 
     Args:
         rank: r, the rank of the approximation, >= 1.
@@ -171,6 +175,11 @@ class PowerSGD(Compressor):
         check_floating(t)
         matrices, dense, source = self._plan(t, layout)
         qs = self._warm_start(key, matrices, source)
+        if t.dtype == torch.float16:
+            # P travels in float16: with Q's columns of unit length, |P| is at most a row norm of
+            # M, where a warm Q (M^T P_hat, M's size) would square it and overflow at gradients
+            # of a few tens. P_hat = orth(sum P) is the same for any positive column scaling.
+            qs = [q / q.norm(dim=0).clamp_min(torch.finfo(q.dtype).tiny) for q in qs]
         ps = [
             (_view(source, m) @ q).reshape(-1) for m, q in zip(matrices, qs)
         ]  # P = M Q per matrix
@@ -181,6 +190,7 @@ class PowerSGD(Compressor):
     def next_round(self, reduced: Payload, ctx: PowerSGDContext) -> tuple[Payload, PowerSGDContext]:
         """Orthonormalise the summed P's and return this rank's round-2 payload ``(Q, dense)``."""
         (p_sum,) = reduced
+        _check_finite(p_sum, "P", ctx)
         p_sum = p_sum.to(ctx.source.dtype)
         p_hat, qs, start = [], [], 0
         for m in ctx.matrices:
@@ -203,6 +213,7 @@ class PowerSGD(Compressor):
                 "round-1 payload first"
             )
         q_flat, dense = payload
+        _check_finite(q_flat, "Q", ctx)  # before it is kept as the warm start
         q_flat = q_flat.to(ctx.source.dtype)
         out = torch.empty_like(ctx.source)
         qs, start = [], 0
@@ -241,3 +252,16 @@ class PowerSGD(Compressor):
 
 def _view(source: Tensor, m: _Matrix) -> Tensor:
     return source[m.offset : m.offset + m.rows * m.cols].view(m.rows, m.cols)
+
+
+def _check_finite(payload: Tensor, what: str, ctx: PowerSGDContext) -> None:
+    """Raise ``FloatingPointError`` if a float16 ``payload`` (a P or Q, summed over ranks or
+    this rank's) overflowed: its matrices come from finite gradients, so only the float16
+    wire can have made it Inf. Other dtypes have float32's range and are not read back."""
+    if ctx.meta.dtype != torch.float16 or bool(torch.isfinite(payload).all()):
+        return
+    raise FloatingPointError(
+        f"powersgd: a {what} payload overflowed float16 (the gradients themselves are finite); "
+        "send float32 gradients, or train with torch.amp.GradScaler (grad_scaler=...), whose "
+        "on_nonfinite='propagate' drops such a step and lowers the scale"
+    )

@@ -677,14 +677,22 @@ class SyncEngine:
         compensated = self.feedback.compensate(names, numels, flat)
         payload, ctx = comp.compress(compensated, key=key, layout=list(shapes))
         self.counters["compress_seconds"] += time.perf_counter() - t0
-        for _ in range(comp.rounds - 1):
-            reduced, sent = self._timed_comm(allreduce_sum, payload, self.group)
-            self._count(sent, sent)
+        try:
+            for _ in range(comp.rounds - 1):
+                reduced, sent = self._timed_comm(allreduce_sum, payload, self.group)
+                self._count(sent, sent)
+                t0 = time.perf_counter()
+                payload, ctx = comp.next_round(tuple(reduced), ctx)
+                self.counters["compress_seconds"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            payload, ctx = comp.next_round(tuple(reduced), ctx)
-            self.counters["compress_seconds"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        mine = comp.decompress(payload, ctx).reshape(-1)
+            mine = comp.decompress(payload, ctx).reshape(-1)
+        except FloatingPointError:
+            # A summed round payload overflowed its wire dtype (PowerSGD's P in float16): the
+            # same sum on every rank, so every rank gets here together.
+            if not self._propagating:
+                raise
+            self._drop()
+            return torch.full_like(flat, math.nan)
         self.feedback.update(names, numels, compensated, mine)
         self.counters["compress_seconds"] += time.perf_counter() - t0
 
@@ -708,7 +716,13 @@ class SyncEngine:
         if comp.summable:
             reduced, sent = self._timed_comm(allreduce_sum, payload, self.group)
             self._count(sent, sent)
-            total = comp.decompress(tuple(reduced), ctx)
+            try:
+                total = comp.decompress(tuple(reduced), ctx)
+            except FloatingPointError:  # as above: the same summed payload on every rank
+                if not self._propagating:
+                    raise
+                self._drop()
+                return torch.full_like(flat, math.nan)
         elif comp.wire == "sparse":
             coll = self._collective_for(flat.numel())
             if coll == "dense":
