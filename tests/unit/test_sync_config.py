@@ -81,6 +81,23 @@ def test_scaled_randomk_with_error_feedback_is_refused():
     assert not sparsetrain.SyncConfig(compressor="randomk").use_error_feedback
 
 
+def test_unscaled_randomk_gets_error_feedback_by_default():
+    # Unscaled random-k sends k/numel of the gradient on average: biased, so error feedback is
+    # on unless turned off, as for the other biased compressors.
+    unscaled = {"density": 0.1, "scale": False}
+    assert sparsetrain.SyncConfig(
+        compressor="randomk", compressor_options=unscaled
+    ).use_error_feedback
+    off = sparsetrain.SyncConfig(
+        compressor="randomk", compressor_options=unscaled, error_feedback=False
+    )
+    assert not off.use_error_feedback
+    scaled = {"density": 0.1, "scale": True}
+    assert not sparsetrain.SyncConfig(
+        compressor="randomk", compressor_options=scaled
+    ).use_error_feedback
+
+
 @pytest.mark.parametrize(
     "fields, error, message",
     [

@@ -277,6 +277,13 @@ class Compressor(abc.ABC):
     def state_dict(self) -> dict[str, Any]:
         return {}
 
+    @classmethod
+    def biased_with(cls, options: Mapping[str, Any]) -> bool:
+        """Whether this compressor, built with ``options``, sends something that is not the
+        gradient on average (the sync layer turns error feedback on for those by default):
+        :attr:`biased`, unless an option changes it."""
+        return cls.biased
+
     def rescale(self, factor: float) -> None:  # noqa: B027 - most keep nothing in those units
         """Multiply whatever this compressor keeps in the gradients' units (a threshold) by
         ``factor``: the gradients are about to arrive scaled by it (a new loss scale)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +89,11 @@ class RandomK(Compressor):
     seed: int = 0
     scale: bool = True
     _steps: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @classmethod
+    def biased_with(cls, options: Mapping[str, Any]) -> bool:
+        """Unscaled (``scale=False``) random-k sends k / numel of the gradient on average."""
+        return options.get("scale", True) is False
 
     def __post_init__(self) -> None:
         check_density(self.density)

@@ -247,8 +247,9 @@ class SyncConfig:
 
     @property
     def use_error_feedback(self) -> bool:
-        cls = compressor_class(self.compressor)
-        return cls.biased if self.error_feedback is None else bool(self.error_feedback)
+        if self.error_feedback is not None:
+            return bool(self.error_feedback)
+        return compressor_class(self.compressor).biased_with(self.compressor_options)
 
     def build_compressor(self) -> Compressor:
         return get_compressor(self.compressor, **self.compressor_options)
@@ -492,7 +493,11 @@ def config_differences(saved: Mapping[str, Any], config: SyncConfig) -> list[str
             old = defaults[key] if old is None else old
             value = defaults[key] if value is None else value
         if key == "error_feedback":
-            old = compressor_class(config.compressor).biased if old is None else old
+            if old is None:  # the default of the saved compressor options
+                saved_options = saved.get("compressor_options")
+                old = compressor_class(config.compressor).biased_with(
+                    saved_options if isinstance(saved_options, Mapping) else {}
+                )
             value = config.use_error_feedback
         if not _same(old, value):
             diffs.append(f"{key}: saved {old!r}, now {value!r}")
