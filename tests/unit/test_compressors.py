@@ -522,6 +522,24 @@ def test_qsgd_is_unbiased_for_huge_and_tiny_magnitudes(dtype, magnitude, levels,
     assert (std > 0).any()
 
 
+@pytest.mark.parametrize("magnitude", [1.0, 1e-20, 1e-42], ids=str)
+def test_terngrad_is_unbiased_down_to_subnormal_buckets(magnitude):
+    # A bucket whose largest magnitude is below float32's smallest normal (1.2e-38) had its
+    # probabilities computed against that normal instead: its mean shrank towards zero.
+    g = torch.Generator().manual_seed(6)
+    x = torch.linspace(-1, 1, 64, dtype=torch.float64)[torch.randperm(64, generator=g)] * magnitude
+    x = x.float()
+    truth = x.double()
+    c = get_compressor("terngrad", bucket_size=64)
+    copies = 50
+    samples = torch.cat(
+        [roundtrip(c, x.repeat(copies), key="t").double().view(copies, 64) for _ in range(40)]
+    )
+    mean, std = samples.mean(0), samples.std(0)
+    assert ((mean - truth).abs() <= 5 * std / math.sqrt(len(samples))).all()
+    assert (std > 0).any()
+
+
 def test_terngrad_sends_minus_zero_or_plus_bucket_max():
     x = torch.randn(1000, dtype=torch.float64)
     out = roundtrip(get_compressor("terngrad", bucket_size=100), x).view(10, 100)

@@ -79,7 +79,10 @@ class TernGrad(Compressor):
         mag = rows.abs()
         scales = mag.amax(dim=1)
         gen = seeded_generator(self.seed, key, step, rows.device)
-        mag.div_(scales.clamp_min(torch.finfo(rows.dtype).tiny)[:, None])
+        # |v| / s for every bucket, subnormal s too (IEEE division is exact to rounding there;
+        # clamping s up to the smallest normal biased those buckets towards zero); 0 / 1 for an
+        # all-zero bucket.
+        mag.div_(torch.where(scales > 0, scales, torch.ones_like(scales))[:, None])
         mag.add_(torch.rand(mag.shape, generator=gen, dtype=mag.dtype, device=mag.device))
         # |v| / s <= 1 and u < 1, but x + u can round up to 2 in floating point: clamp to 1.
         mag.floor_().clamp_(max=1.0)
