@@ -61,17 +61,39 @@ def test_previous_masks_stay_pruned_even_when_the_weight_grew() -> None:
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (3, 8), (1, 2)])
 def test_nm_keeps_exactly_n_in_every_group_of_m(n: int, m: int) -> None:
     g = torch.Generator().manual_seed(n * 10 + m)
-    w = {"lin": torch.randn(12, 16, generator=g), "conv": torch.randn(4, 3, 3, 8, generator=g)}
+    w = {"lin": torch.randn(12, 16, generator=g), "conv": torch.randn(4, 8, 3, 3, generator=g)}
     out = masks(w, 1 - n / m, "nm", n=n, m=m)
+
+    def groups_of(t: torch.Tensor) -> torch.Tensor:  # runs of m input channels (dimension 1)
+        return t.permute(0, *range(2, t.dim()), 1).reshape(-1, m)
+
     for name, t in w.items():
-        groups = out[name].reshape(-1, m)
+        groups = groups_of(out[name])
         assert (groups.sum(dim=1) == n).all()
         # The kept ones are the largest |w| of their group.
-        a = t.abs().reshape(-1, m)
+        a = groups_of(t.abs())
         assert (
             a.masked_fill(~groups, float("inf")).min(1).values
             >= a.masked_fill(groups, -1).max(1).values
         ).all()
+
+
+def test_nm_groups_a_convolution_along_its_input_channels() -> None:
+    # One filter of 4 input channels and a 1x4 kernel, channels 0 and 1 large: 2:4 along the
+    # input channels keeps those two at every kernel position (sparse tensor cores reduce over
+    # them). Grouping the kernel's width instead kept two taps of every channel, and refused
+    # 1x1 and 3x3 kernels outright.
+    w = torch.ones(1, 4, 1, 4)
+    w[:, :2] = 10.0
+    keep = masks({"conv": w}, 0.5, "nm", n=2, m=4)["conv"]
+    assert keep.shape == w.shape
+    assert keep.sum(dim=(0, 2, 3)).tolist() == [4, 4, 0, 0]
+    for kernel in (1, 3):
+        conv = torch.nn.Conv2d(8, 4, kernel).weight
+        kept = masks({"c": conv}, 0.5, "nm", n=2, m=4)["c"]
+        assert (kept.permute(0, 2, 3, 1).reshape(-1, 4).sum(1) == 2).all()
+    with pytest.raises(ValueError, match=r"input channels of 'c' .* 6 is not divisible by 4"):
+        masks({"c": torch.randn(4, 6, 3, 3)}, 0.5, "nm", n=2, m=4)
 
 
 def test_nm_derives_n_from_sparsity_and_ties_keep_exactly_n() -> None:

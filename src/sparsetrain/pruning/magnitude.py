@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import Closure, ScheduledPruner, register_pruner
-from .masks import Masks, check_nm, check_sparsity, masks, nm_for_sparsity
+from .masks import Masks, check_nm, check_sparsity, masks, nm_for_sparsity, nm_shape_problem
 
 
 @register_pruner("magnitude")
@@ -70,12 +70,9 @@ class NMPruner(ScheduledPruner):
 
     def on_prepare(self) -> None:
         for name, w in self._weights.items():
-            if w.shape[-1] % self.m:
-                raise ValueError(
-                    f"N:M pruning groups the last dimension of {name!r} (shape {tuple(w.shape)}) "
-                    f"by m={self.m}, but {w.shape[-1]} is not divisible by {self.m}; leave it out "
-                    "with params=[...]"
-                )
+            problem = nm_shape_problem(name, w.shape, self.m)
+            if problem:
+                raise ValueError(f"{problem}; leave it out with params=[...]")
 
     def compute_masks(self, sparsity: float, closure: Closure | None) -> Masks:
         n = max(self.n, nm_for_sparsity(sparsity, self.m))

@@ -8,7 +8,8 @@ each is a function ``(weights, sparsity, scope, previous, **options) -> masks``.
 * ``"structured"``: whole output channels (rows of a linear weight, filters of a convolution)
   with the smallest L2 norm (Li et al., 2017, "Pruning Filters for Efficient ConvNets").
 * ``"nm"``: N:M fine-grained structure, ``n`` kept in every group of ``m`` consecutive weights
-  along the input dimension (Mishra et al., 2021, "Accelerating Sparse Deep Neural Networks").
+  along the input dimension (input channels of a convolution; Mishra et al., 2021,
+  "Accelerating Sparse Deep Neural Networks").
 * ``"woodfisher"``: second-order saliency ``w_q^2 / (2 [F^-1]_qq)`` from a block-diagonal inverse
   empirical Fisher (Singh & Alistarh, 2020); see :mod:`sparsetrain.pruning.woodfisher`.
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -231,9 +232,11 @@ def nm_masks(
     m: int = 4,
     n: int | None = None,
 ) -> Masks:
-    """Keep the ``n`` largest ``|w|`` in every group of ``m`` consecutive weights of a row.
+    """Keep the ``n`` largest ``|w|`` in every group of ``m`` consecutive input channels.
 
-    Groups run along the last (input) dimension, as sparse tensor cores expect for 2:4. ``n``
+    Groups run along the input dimension (dimension 1: a linear weight's columns, a
+    convolution's input channels, at each output channel and kernel position), as sparse tensor
+    cores expect for 2:4 and as NVIDIA's ASP groups convolutions; a 1-D tensor is one row. ``n``
     defaults to ``floor((1 - sparsity) * m)``; when given it must be consistent with
     ``sparsity`` (``sparsity == 0`` keeps everything; otherwise ``1 - n/m >= sparsity``). N:M is
     the same in both scopes: every group is pruned on its own.
@@ -249,18 +252,35 @@ def nm_masks(
     prev = previous or {}
     out = {}
     for name, w in weights.items():
-        if w.shape[-1] % m:
-            raise ValueError(
-                f"N:M pruning groups the last dimension of {name!r} (shape {tuple(w.shape)}) by "
-                f"m={m}, but {w.shape[-1]} is not divisible by {m}"
-            )
-        s = _with_previous(w.detach().abs(), prev.get(name)).reshape(-1, m)
+        problem = nm_shape_problem(name, w.shape, m)
+        if problem:
+            raise ValueError(problem)
+        score = _with_previous(w.detach().abs(), prev.get(name))
+        # The input dimension last, then groups of m along it.
+        order_dims = [0, *range(2, w.dim()), 1] if w.dim() >= 2 else [0]
+        s = score.permute(order_dims).reshape(-1, m)
         # Stable: among ties the earlier positions are kept, so exactly n survive per group.
         order = torch.sort(s, dim=1, descending=True, stable=True).indices
         keep = torch.zeros_like(s, dtype=torch.bool)
         keep.scatter_(1, order[:, :n], True)
-        out[name] = keep.view_as(w)
+        back = [order_dims.index(d) for d in range(w.dim())]
+        out[name] = keep.view([w.shape[d] for d in order_dims]).permute(back).contiguous()
     return out
+
+
+def nm_shape_problem(name: str, shape: Sequence[int], m: int) -> str | None:
+    """Why N:M with groups of ``m`` cannot prune a weight of ``shape`` (its input dimension,
+    dimension 1, or 0 for a 1-D tensor, is not a multiple of ``m``), or None if it can."""
+    dim = 1 if len(shape) >= 2 else 0
+    if shape[dim] % m == 0:
+        return None
+    what = (
+        "input channels" if len(shape) > 2 else "input dimension" if len(shape) == 2 else "length"
+    )
+    return (
+        f"N:M pruning groups the {what} of {name!r} (shape {tuple(shape)}, dimension {dim}) by "
+        f"m={m}, but {shape[dim]} is not divisible by {m}"
+    )
 
 
 def masks(
