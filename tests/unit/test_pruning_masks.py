@@ -109,7 +109,7 @@ def test_structured_prunes_whole_rows_with_smallest_norm() -> None:
     assert (out.all(dim=1) | ~out.any(dim=1)).all()  # rows are all-or-nothing
 
 
-def test_structured_global_reaches_largest_sparsity_not_above_target() -> None:
+def test_structured_global_prunes_channels_in_order_up_to_the_target() -> None:
     out = masks(_weights(2), 0.6, "structured", "global")
     total = sum(t.numel() for t in out.values())
     pruned = sum(int((~t).sum()) for t in out.values())

@@ -6,7 +6,8 @@ each is a function ``(weights, sparsity, scope, previous, **options) -> masks``.
 
 * ``"magnitude"``: unstructured; prunes the smallest ``|w|`` (Han et al., 2015; Zhu & Gupta, 2017).
 * ``"structured"``: whole output channels (rows of a linear weight, filters of a convolution)
-  with the smallest L2 norm (Li et al., 2017, "Pruning Filters for Efficient ConvNets").
+  with the smallest L2 norm (Li et al., 2017, "Pruning Filters for Efficient ConvNets", rank by
+  L1 and find L2 alike).
 * ``"nm"``: N:M fine-grained structure, ``n`` kept in every group of ``m`` consecutive weights
   along the input dimension (input channels of a convolution; Mishra et al., 2021,
   "Accelerating Sparse Deep Neural Networks").
@@ -185,10 +186,13 @@ def structured_masks(
 ) -> Masks:
     """Prune whole output channels (dim 0) with the smallest L2 norm.
 
-    In global scope the channels of different layers compete by their root-mean-square value
+    Li et al. rank filters by their L1 norm and report that L2 ranks them alike; this ranks by
+    L2. In global scope the channels of different layers compete by their root-mean-square value
     (the L2 norm divided by the square root of the channel's size), so a layer with wide rows is
-    not kept just for being wide. A channel counts for all its weights when the sparsity target
-    is met, so the achieved sparsity is the largest reachable one not above the target.
+    not kept just for being wide. Channels are pruned in that order, each for all its weights,
+    up to the last one that keeps the pruned share within the target: the sparsity reached is
+    the largest of that order not above the target (in global scope a subset outside the order
+    can come closer, when a large channel stops the order early).
     """
     prev = previous or {}
     scores, counts = {}, {}
