@@ -23,7 +23,9 @@ counted along the critical path of one rank:
   library ring two, but one in a pipelined dense ring, whose receives are posted ahead
   (``benchmarks/bench_latency_steps.py``).
 * ``bytes``: the bytes that cross this rank's link in its busier direction (every rank has its
-  own full-duplex link to a non-blocking switch, as in the emulated cluster).
+  own full-duplex link to a non-blocking switch, as in the emulated cluster), summed over the
+  phases the rank waits for one after another: gTop-k's root receives k entries a hop up the
+  tree and then sends k a hop down, so both count (2 log2 p k entries, as in Shi et al.).
 * ``operations``: what the rank issues: one per library collective call (gloo or NCCL
   allreduce, allgather) and one per point-to-point message posted. ``overhead`` is the
   software cost of each (LogP's o): Python, the backend's bookkeeping, a system call.
