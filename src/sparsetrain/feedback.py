@@ -11,6 +11,12 @@ so that ``sent + new residual == gradient + old residual`` exactly: nothing is l
 delayed. Residuals are kept per parameter name, so they survive DDP's bucket rebuild, a change of
 bucket size and a restart from a checkpoint.
 
+The residuals are in the gradients' units, as in Seide et al. and Deep Gradient Compression;
+Stich et al. and Karimireddy et al. keep them in the update's (the learning rate times the
+gradient). Under a constant learning rate the two are the same; under a schedule, what waits in
+the residual is applied at the learning rate of the step that sends it, not of the step that
+computed it.
+
 With momentum correction (Lin et al., "Deep Gradient Compression", ICLR 2018) the rank first
 folds the gradient into its own velocity, ``u = momentum * u + gradient``, and step 1 adds ``u``
 instead of the gradient; after the exchange, the entries that were applied are cleared from ``u``
