@@ -365,3 +365,19 @@ def test_prune_command_passes_woodfisher_options_to_the_pruner() -> None:
     )
     p = _build_pruner("woodfisher", cfg, 0.9, OneShot())
     assert (p.obs_update, p.block_size, p.damping, p.fisher_samples) == (False, 32, 1e-3, 8)
+
+
+def test_rigl_grows_by_the_gradient_summed_over_accumulated_micro_batches() -> None:
+    # With gradient accumulation a step has several backward passes; RigL grows by their sum,
+    # as the optimizer steps by .grad. It kept only the last micro-batch's gradient.
+    torch.manual_seed(0)
+    model = nn.Linear(8, 4)
+    pruner = RigLPruner(sparsity=0.5, delta_t=1, end=10).prepare(model)
+    xs = [torch.randn(3, 8) for _ in range(2)]
+    pruner.step(0)  # armed: step 1 is an update step
+    for x in xs:
+        model(x).sum().backward()  # dL/dW[i, j] = sum over the batch of x[:, j], every row
+    want = (xs[0].sum(0) + xs[1].sum(0)).expand(4, 8)
+    torch.testing.assert_close(pruner._dense_grads["weight"], want)
+    assert pruner.step(1)  # the update consumed them
+    assert pruner._dense_grads == {}

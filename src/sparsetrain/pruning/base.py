@@ -312,8 +312,9 @@ class Pruner:
 
     def _make_hook(self, name: str) -> Callable[[Tensor], Tensor]:
         def hook(grad: Tensor) -> Tensor:
-            if self._stash:
-                self._dense_grads[name] = grad
+            if self._stash:  # summed over the step's backward passes, as .grad is
+                kept = self._dense_grads.get(name)
+                self._dense_grads[name] = grad if kept is None else kept + grad
             if not self.mask_gradients:
                 return grad
             mask = self._masks[name]
