@@ -422,13 +422,15 @@ def shard_indices(num_examples: int, rank: int, world: int, seed: int, epoch: in
     """Return this rank's training indices for ``epoch``: disjoint shards of equal length.
 
     The order is a permutation drawn from a generator seeded by ``(seed, epoch)``, padded by
-    wrapping around to a multiple of ``world``; rank ``r`` takes positions ``r, r + world, ...``.
+    wrapping around to a multiple of ``world`` (as many times as it takes, where there are
+    fewer examples than ranks, as DistributedSampler does); rank ``r`` takes positions
+    ``r, r + world, ...``.
     """
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(num_examples, generator=gen)
     total = _ceil_div(num_examples, world) * world
     if total > num_examples:
-        perm = torch.cat([perm, perm[: total - num_examples]])
+        perm = perm.repeat(_ceil_div(total, num_examples))[:total]
     return perm[rank::world]
 
 
@@ -660,8 +662,8 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
 
     Returns:
         The run's entry of the report (see :func:`launch`). Counters are averaged over the
-        ranks and so are the same on every rank; test metrics are measured on rank 0 and are
-        None on the others.
+        ranks and so are the same on every rank, and so are the test metrics (each rank
+        evaluates every ``world``-th test example and the sums are all-reduced).
     """
     if config.reuse_host_memory:  # done already where launch() started this process
         reuse_freed_memory()
@@ -1116,7 +1118,7 @@ def launch(configs: TrainConfig | Sequence[TrainConfig]) -> dict[str, Any]:
         ``bytes_sent_per_rank``, ``dense_bytes_per_rank``, ``compression_ratio``, ``steps``,
         ``skipped_steps``, ``wall_seconds``, ``config`` and ``curves`` (lists ``step``,
         ``epoch``, ``wall_seconds``, ``train_loss``, ``test_loss``, ``test_accuracy``). Under
-        torchrun, ranks other than 0 get test metrics of None.
+        torchrun every rank gets the same report, test metrics included.
 
     Raises:
         WorkerError: a worker failed; the message names its rank and error.
