@@ -928,3 +928,107 @@ def test_ranks_with_gradients_on_different_device_types_fail_on_every_rank(tmp_p
     assert "rank(s) [0] on cpu, rank(s) [1] on another" in zero["error"], zero
     assert "rank(s) [1] on cuda, rank(s) [0] on another" in one["error"], one
     assert zero["after"] == one["after"] == [1.5, 1.5, 1.5, 1.5]  # the mean
+
+
+# ---- the DDP hook among other collectives -------------------------------------------------------
+def _flat_params(*nets: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for net in nets for p in net.parameters()])
+
+
+def _two_models(rank: int, world: int) -> float:
+    out = {}
+    for mode in ("plain", "hook"):
+        torch.manual_seed(0)
+        g_net = nn.Sequential(*[nn.Linear(32, 32) for _ in range(4)])
+        d_net = nn.Sequential(*[nn.Linear(32, 32) for _ in range(4)])
+        g_ddp, d_ddp = DDP(g_net, bucket_cap_mb=0.01), DDP(d_net, bucket_cap_mb=0.01)
+        if mode == "hook":
+            sparsetrain.register_ddp_hook(g_ddp, "none")
+            sparsetrain.register_ddp_hook(d_ddp, "none")
+        opt = torch.optim.SGD([*g_net.parameters(), *d_net.parameters()], lr=0.05)
+        for step in range(6):
+            x = torch.randn(4, 32, generator=torch.Generator().manual_seed(100 * rank + step))
+            opt.zero_grad()
+            d_ddp(g_ddp(x)).pow(2).mean().backward()
+            opt.step()
+        out[mode] = _flat_params(g_net, d_net)
+    return float((out["plain"] - out["hook"]).abs().max())
+
+
+def test_two_hooked_ddp_models_in_one_backward_train_as_plain_ddp(tmp_path):
+    # A GAN-like D(G(x)): both models' buckets become ready in one backward. With a thread a
+    # hook, their collectives went out in a different order on each rank (a gloo size mismatch
+    # or a hang); the hooks now share one thread, fed in autograd's order.
+    for diff in oks(run_world(_two_models, 2, tmp_path, timeout=120)):
+        assert diff <= 1e-6
+
+
+def _gathered_loss(rank: int, world: int) -> dict:
+    import torch.distributed.nn.functional as dist_nn
+
+    out = {}
+    for mode in ("plain", "hook"):
+        torch.manual_seed(0)
+        net = nn.ModuleDict({"enc": nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 32)),
+                             "head": nn.Linear(32, 32)})  # fmt: skip
+        ddp = DDP(net.enc, bucket_cap_mb=0.001)
+        if mode == "hook":
+            sparsetrain.register_ddp_hook(ddp, "none", overlap=False)
+        opt = torch.optim.SGD(net.parameters(), lr=0.05)
+        for step in range(4):
+            x = torch.randn(8, 16, generator=torch.Generator().manual_seed(100 * rank + step))
+            opt.zero_grad()
+            f = ddp(x)
+            everyone = net.head(torch.cat(dist_nn.all_gather(f)))  # its backward gathers too
+            (f @ everyone.t()).logsumexp(1).mean().backward()
+            opt.step()
+        out[mode] = _flat_params(net.enc)
+    refused = []
+    try:
+        sparsetrain.register_ddp_hook(DDP(nn.Linear(4, 4), find_unused_parameters=True),
+                                      "none", overlap=True)  # fmt: skip
+    except ValueError as e:
+        refused.append(str(e))
+    return {"diff": float((out["plain"] - out["hook"]).abs().max()), "refused": refused}
+
+
+def test_overlap_false_runs_beside_collectives_in_the_loss_as_plain_ddp(tmp_path):
+    # A contrastive loss over all ranks' features: torch.distributed.nn's all_gather issues a
+    # collective in backward, which the exchanges on a second thread would pair up with
+    # differently on each rank (a hang); overlap=False keeps them on the backward thread.
+    for r in oks(run_world(_gathered_loss, 2, tmp_path, timeout=120)):
+        assert r["diff"] <= 1e-6
+        assert len(r["refused"]) == 1 and "overlap=True" in r["refused"][0]
+
+
+def _subgroups(rank: int, world: int) -> dict:
+    groups = [dist.new_group([0, 1]), dist.new_group([2])]
+    mine = groups[0] if rank < 2 else groups[1]
+    out = {}
+    for mode in ("plain", "hook"):
+        torch.manual_seed(0)
+        net = _net()
+        ddp = DDP(net, process_group=mine)
+        if mode == "hook":
+            sparsetrain.register_ddp_hook(ddp, "none")  # takes the model's group
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        for step in range(3):
+            x, y = _batch(rank, step)
+            opt.zero_grad()
+            nn.functional.cross_entropy(ddp(x), y).backward()
+            opt.step()
+        out[mode] = _flat_params(net)
+    refused = []
+    try:  # a group other than the model's
+        sparsetrain.register_ddp_hook(DDP(_net(), process_group=mine), "none",
+                                      process_group=dist.group.WORLD)  # fmt: skip
+    except ValueError as e:
+        refused.append(str(e))
+    return {"diff": float((out["plain"] - out["hook"]).abs().max()), "refused": refused}
+
+
+def test_the_hook_averages_over_the_ddp_models_own_group(tmp_path):
+    # Two replicas, on ranks {0, 1} and {2}: the hook averaged over WORLD, mixing them.
+    for r in oks(run_world(_subgroups, 3, tmp_path, timeout=120)):
+        assert r["diff"] <= 1e-6
+        assert len(r["refused"]) == 1 and "process_group has the ranks [0, 1, 2]" in r["refused"][0]

@@ -22,7 +22,7 @@ from .config import (
 )
 from .devices import cuda_device_of, new_future
 from .engine import SyncEngine, check_state
-from .executor import SerialExecutor, complete
+from .executor import complete, shared_executor
 
 
 class SyncState:
@@ -44,7 +44,7 @@ class SyncState:
         self.config = config
         self.engine = SyncEngine(config, group, grad_scaler)
         self._names = param_names
-        self._executor = SerialExecutor()
+        self._executor = shared_executor()
         # Exchanges run on the calling (autograd) thread instead of the background one, when
         # something else issues collectives during backward (DDP under
         # find_unused_parameters=True allreduces its map of used parameters, SyncBatchNorm its
@@ -346,8 +346,45 @@ def runs_inline(ddp_model: DistributedDataParallel) -> bool:
     )
 
 
+def _inline(ddp_model: DistributedDataParallel, overlap: bool | None) -> bool:
+    """Whether the exchanges run on the backward thread, from ``overlap`` (None: automatic)."""
+    if overlap is not None and not isinstance(overlap, bool):
+        raise TypeError(f"overlap must be True, False or None (automatic), got {overlap!r}")
+    needed = runs_inline(ddp_model)
+    if overlap and needed:
+        raise ValueError(
+            "overlap=True: the model issues collectives of its own during backward "
+            "(find_unused_parameters=True or SyncBatchNorm), which the exchanges on a second "
+            "thread would pair up with differently on each rank; leave overlap out"
+        )
+    return needed if overlap is None else not overlap
+
+
 # register_ddp_hook's own arguments, besides the SyncConfig fields and the compressor's options.
-_HOOK_ARGUMENTS = ("compressor", "density", "process_group", "grad_scaler")
+_HOOK_ARGUMENTS = ("compressor", "density", "process_group", "grad_scaler", "overlap")
+
+
+def _ddp_group(ddp_model: DistributedDataParallel) -> dist.ProcessGroup | None:
+    """The DDP model's process group (None for the default group)."""
+    group = getattr(ddp_model, "process_group", None)
+    return None if group is None or group is dist.group.WORLD else group
+
+
+def _hook_group(
+    ddp_group: dist.ProcessGroup | None, given: dist.ProcessGroup | None
+) -> dist.ProcessGroup | None:
+    """The group the hook averages over: the DDP model's, or ``given`` if it has the same
+    ranks (DDP's own collectives, and the average it expects, are over those)."""
+    if given is None or given is ddp_group:
+        return ddp_group
+    mine = dist.get_process_group_ranks(ddp_group if ddp_group is not None else dist.group.WORLD)
+    theirs = dist.get_process_group_ranks(given)
+    if mine != theirs:
+        raise ValueError(
+            f"process_group has the ranks {theirs}, but the DDP model averages over the ranks "
+            f"{mine} (its process_group); leave process_group out to use the model's"
+        )
+    return None if given is dist.group.WORLD else given
 
 
 def register_ddp_hook(
@@ -357,6 +394,7 @@ def register_ddp_hook(
     *,
     process_group: dist.ProcessGroup | None = None,
     grad_scaler: torch.amp.GradScaler | None = None,
+    overlap: bool | None = None,
     **options: Any,
 ) -> SyncState:
     """Compress DDP's gradient communication with ``compressor``.
@@ -366,14 +404,16 @@ def register_ddp_hook(
     collective otherwise) and averaged, asynchronously, while backward computes the next buckets.
     Under ``find_unused_parameters=True`` DDP runs collectives of its own during backward, and
     ``torch.nn.SyncBatchNorm`` layers do too, so with either the exchanges run on the backward
-    thread, without that overlap.
+    thread, without that overlap. The hooks of all DDP models in a process share one background
+    thread, so two hooked models in one backward exchange in autograd's order on every rank.
 
     Args:
         ddp_model: a ``DistributedDataParallel`` model (no hook registered yet).
         compressor: a name from ``sparsetrain.available_compressors()``.
         density: fraction of entries kept by the sparse compressors (topk, threshold, randomk);
             None keeps the compressor's default.
-        process_group: the group to synchronise over (default: WORLD).
+        process_group: the group to synchronise over (default: the DDP model's own, which a
+            group given must match).
         grad_scaler: with mixed precision (``torch.autocast`` to float16), the
             ``torch.amp.GradScaler`` that scales the loss. A step whose gradient overflows on
             some rank then reaches the scaler as NaN on every rank (``on_nonfinite="propagate"``,
@@ -382,6 +422,13 @@ def register_ddp_hook(
         **options: :class:`~sparsetrain.sync.config.SyncConfig` fields (error_feedback,
             collective, dense_warmup_steps, on_nonfinite, aggregator, ...) and the compressor's
             own options (for example ``reestimate_every``, ``levels``, ``rank``).
+        overlap: whether the exchanges run on a background thread while backward goes on
+            (True), or on the backward thread (False). Default: True, except under
+            ``find_unused_parameters=True`` or with ``SyncBatchNorm`` layers, which need False
+            (True is then refused). Pass False when anything else issues collectives during
+            backward, such as a loss built on ``torch.distributed.nn.functional.all_gather``:
+            from two threads, the collectives would pair up differently on each rank (a
+            hang). Every rank must pass the same.
 
     Returns:
         The hook state: ``stats()``, ``state_dict()``, ``load_state_dict()``, ``skipped_last_step``.
@@ -415,7 +462,9 @@ def register_ddp_hook(
     named = list(ddp_model.module.named_parameters())
     layout = [(n, tuple(p.shape), str(p.dtype)) for n, p in named if p.requires_grad]
     device = cuda_device_of(p for _, p in named)
+    given, process_group = process_group, _ddp_group(ddp_model)
     try:  # a rank's bad options: every rank gets an error (check_consistent's gather)
+        process_group = _hook_group(process_group, given)
         options, grad_scaler = with_grad_scaler(grad_scaler, options)  # None if disabled
         config = make_config(
             compressor, density, options, caller="register_ddp_hook", own=_HOOK_ARGUMENTS
@@ -423,11 +472,11 @@ def register_ddp_hook(
         for n, _, dt in layout:
             if dt not in ("torch.float32", "torch.float64", "torch.float16", "torch.bfloat16"):
                 raise TypeError(f"parameter {n!r} has dtype {dt}; gradients must be floating point")
+        inline = _inline(ddp_model, overlap)
     except (TypeError, ValueError) as e:
         refuse_everywhere(e, process_group, device)
-    scaled = {"grad_scaler": grad_scaler is not None}
-    check_consistent(config, layout, process_group, scaled, device=device)
-    inline = runs_inline(ddp_model)
+    extra = {"grad_scaler": grad_scaler is not None, "overlap": not inline}
+    check_consistent(config, layout, process_group, extra, device=device)
     state = SyncState(
         config,
         {id(p): n for n, p in named},

@@ -91,6 +91,20 @@ class SerialExecutor:
                     fut.set_exception(e)
 
 
+_SHARED: SerialExecutor | None = None
+
+
+def shared_executor() -> SerialExecutor:
+    """The one background thread every DDP hook of this process submits to. Two hooked DDP
+    models in one backward (a GAN's generator and discriminator) submit their buckets in
+    autograd's order, the same on every rank; with a thread each, their collectives would go
+    out in whichever order the two threads got there, different on each rank."""
+    global _SHARED
+    if _SHARED is None:
+        _SHARED = SerialExecutor()
+    return _SHARED
+
+
 def complete(fut: torch.futures.Future, fn: Callable[[], Any]) -> None:
     """Complete ``fut`` with ``fn()``'s result or its exception (on CUDA, call it with the stream
     that ran ``fn`` current: a CUDA-aware Future records its events there)."""
