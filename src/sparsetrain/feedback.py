@@ -81,6 +81,21 @@ class ErrorFeedback:
         self.velocity = dict(self._marked[2])
         self._vflat = None
 
+    def set_aside(self, names: Sequence[str]) -> dict[str, dict[str, Tensor]]:
+        """Take the residuals and velocities of ``names`` out of the step about to run, which
+        then compensates those parameters with nothing and keeps nothing of them; return copies
+        for :meth:`put_back`. For parameters DDP will not update this step (unused on every
+        rank under ``find_unused_parameters=True``): what they would send would be dropped."""
+        return {
+            "residuals": {n: self.residuals.pop(n).clone() for n in names if n in self.residuals},
+            "velocity": {n: self.velocity.pop(n).clone() for n in names if n in self.velocity},
+        }
+
+    def put_back(self, held: dict[str, dict[str, Tensor]]) -> None:
+        """Restore what :meth:`set_aside` took, as it was."""
+        self.residuals.update(held["residuals"])
+        self.velocity.update(held["velocity"])
+
     def rescale(self, factor: float) -> None:
         """Multiply the residuals and velocities by ``factor``, in place (the gradients' units
         changed: a new loss scale). The marked ones are the same tensors, so a rollback

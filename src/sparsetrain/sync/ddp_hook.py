@@ -50,6 +50,9 @@ class SyncState:
         # find_unused_parameters=True allreduces its map of used parameters, SyncBatchNorm its
         # statistics): two threads would then pair up different collectives across ranks.
         self._inline = inline
+        # Under find_unused_parameters=True, DDP leaves the gradient of a parameter no rank
+        # used as it was, and drops what the exchange returns for it (see _set_aside_unused).
+        self._find_unused = bool(getattr(ddp_model, "find_unused_parameters", False))
         # Compression works per group of parameters, and DDP's groups (its buckets) change
         # once, when it rebuilds them in the order backward produced the gradients (before its
         # second iteration; its third under static_graph). A model built again to resume starts
@@ -136,9 +139,12 @@ class SyncState:
             self._groups_initial, self._stepped = provisional, True
 
         def work() -> torch.Tensor:
+            held = self._set_aside_unused(names, torch.split(flat, [math.prod(s) for s in shapes]))
             try:
                 out = self.engine.exchange(flat, names, shapes)
             finally:
+                if held is not None:
+                    self.engine.feedback.put_back(held)
                 if last:
                     self.engine.end_step()
             return out
@@ -204,6 +210,22 @@ class SyncState:
         fut.add_done_callback(lambda f: release(_error_of(f)))
         return fut
 
+    def _set_aside_unused(self, names: list[str], grads) -> dict | None:
+        """Under ``find_unused_parameters=True``: set aside the error-feedback residual (and
+        velocity) of each parameter whose gradient in the bucket is all zero, for this step.
+
+        DDP fills an unused parameter's place in the bucket with zeros, and where no rank used
+        it, leaves its ``.grad`` untouched and drops what the exchange returns: a residual sent
+        in that place would be lost. The exchange sends zero there instead, as plain DDP does,
+        and the residual waits for a step in which the parameter is used. (A used parameter's
+        gradient that is exactly zero waits too: nothing is lost, its residual is only sent
+        later.) Returns what was set aside, or None."""
+        if not (self._find_unused and self.engine.feedback.enabled):
+            return None
+        used = torch.stack([g.any() for g in grads]).tolist()  # one read of the device
+        idle = [n for n, u in zip(names, used) if not u]
+        return self.engine.feedback.set_aside(idle) if idle else None
+
     def _ddp_state(self) -> tuple[bool, bool] | None:
         """(whether DDP has rebuilt its buckets, whether it ever will), or None where that is not
         known (no model, or a DDP without the attribute): then only a process's first step is
@@ -250,6 +272,7 @@ class SyncState:
 
         def work() -> torch.Tensor:
             first: BaseException | None = None
+            held = None
             try:
                 where: dict[str, tuple[torch.Tensor, torch.Size]] = {}
                 for buf, ns, shs, _ in pending:
@@ -257,6 +280,7 @@ class SyncState:
                         ns, torch.split(buf, [math.prod(s) for s in shs]), shs
                     ):
                         where[n] = (piece, shape)
+                held = self._set_aside_unused(list(where), [piece for piece, _ in where.values()])
                 for group in target:
                     try:
                         self.engine.exchange_into(
@@ -267,6 +291,8 @@ class SyncState:
             except BaseException as e:
                 first = first or e
             finally:
+                if held is not None:
+                    self.engine.feedback.put_back(held)
                 self.engine.end_step()
             if first is not None:
                 for _, _, _, f in pending[:-1]:
