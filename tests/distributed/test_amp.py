@@ -494,3 +494,36 @@ def test_a_sum_that_overflows_in_a_sparse_collective_drops_the_step_under_propag
         for collective in ("oktopk", "allgather"):
             assert r[f"{collective}/propagate"] == (False, True, True), (collective, r)
         assert "FloatingPointError" in r["oktopk/raise"], r
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        return self.b(h) if use_b else self.c(h)
+
+
+def _unused_follows_the_scale(rank: int, world: int) -> float:
+    torch.manual_seed(0)
+    net = _TwoHeads()
+    ddp = DDP(net, find_unused_parameters=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    state = sparsetrain.register_ddp_hook(ddp, "topk", density=0.1, grad_scaler=scaler)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(rank))
+    scaler.scale(ddp(x, True).pow(2).mean()).backward()
+    before = state.engine.feedback.residuals["b.weight"].clone()
+    ddp.zero_grad(set_to_none=True)
+    scaler.update(new_scale=512.0)  # the scale halves, as after an overflow
+    scaler.scale(ddp(x, False).pow(2).mean()).backward()  # b unused on every rank
+    after = state.engine.feedback.residuals["b.weight"]
+    return float((after - before / 2).abs().max())
+
+
+def test_a_residual_set_aside_for_an_unused_parameter_follows_the_loss_scale(tmp_path):
+    # Under find_unused_parameters=True the residual of a parameter no rank used waits; it was
+    # set aside before the step read the new scale, and came back in the old units (2x).
+    for diff in oks(run_world(_unused_follows_the_scale, 2, tmp_path, timeout=120)):
+        assert diff == 0.0  # halving is exact

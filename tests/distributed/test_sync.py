@@ -935,13 +935,14 @@ def _flat_params(*nets: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for net in nets for p in net.parameters()])
 
 
-def _two_models(rank: int, world: int) -> float:
+def _two_models(rank: int, world: int, g_finds_unused: bool) -> float:
     out = {}
     for mode in ("plain", "hook"):
         torch.manual_seed(0)
         g_net = nn.Sequential(*[nn.Linear(32, 32) for _ in range(4)])
         d_net = nn.Sequential(*[nn.Linear(32, 32) for _ in range(4)])
-        g_ddp, d_ddp = DDP(g_net, bucket_cap_mb=0.01), DDP(d_net, bucket_cap_mb=0.01)
+        g_ddp = DDP(g_net, bucket_cap_mb=0.01, find_unused_parameters=g_finds_unused)
+        d_ddp = DDP(d_net, bucket_cap_mb=0.01)
         if mode == "hook":
             sparsetrain.register_ddp_hook(g_ddp, "none")
             sparsetrain.register_ddp_hook(d_ddp, "none")
@@ -955,11 +956,14 @@ def _two_models(rank: int, world: int) -> float:
     return float((out["plain"] - out["hook"]).abs().max())
 
 
-def test_two_hooked_ddp_models_in_one_backward_train_as_plain_ddp(tmp_path):
+@pytest.mark.parametrize("g_finds_unused", [False, True])
+def test_two_hooked_ddp_models_in_one_backward_train_as_plain_ddp(tmp_path, g_finds_unused):
     # A GAN-like D(G(x)): both models' buckets become ready in one backward. With a thread a
     # hook, their collectives went out in a different order on each rank (a gloo size mismatch
-    # or a hang); the hooks now share one thread, fed in autograd's order.
-    for diff in oks(run_world(_two_models, 2, tmp_path, timeout=120)):
+    # or a hang); the hooks now share one thread, fed in autograd's order. With G under
+    # find_unused_parameters (its exchanges on the backward thread), D's run there too.
+    results = run_world(_two_models, 2, tmp_path, g_finds_unused, timeout=120)
+    for diff in oks(results):
         assert diff <= 1e-6
 
 

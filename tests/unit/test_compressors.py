@@ -361,6 +361,21 @@ def test_powersgd_keeps_float16_payloads_in_range():
         assert all(torch.isfinite(q).all() for q in c.state_dict()["q"]["k"])
 
 
+def test_powersgd_sends_float16_round_two_in_float32():
+    # Q = M^T P_hat is up to a column norm of M: 4 x 20000 here, past float16's 65504, for a
+    # finite float16 gradient. In float16 it overflowed on this rank alone (the other ranks
+    # then waited in the next exchange); in float32 the rank-1 gradient comes back exactly.
+    g = torch.zeros(16, 16, dtype=torch.float16)
+    g[:, 0] = 20000.0
+    c = make("powersgd", rank=1)
+    payload, ctx = c.compress(g, key="k")
+    (q, dense), ctx = c.next_round(payload, ctx)
+    assert q.dtype == dense.dtype == torch.float32 and torch.isfinite(q).all()
+    out = c.decompress((q, dense), ctx)
+    assert out.dtype == torch.float16
+    assert_close(out.float(), g.float(), rtol=1e-3, atol=1.0)
+
+
 def test_powersgd_raises_on_a_float16_overflow_and_keeps_its_warm_start():
     torch.manual_seed(0)
     c = make("powersgd", rank=1)

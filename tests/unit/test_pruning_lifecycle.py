@@ -295,6 +295,9 @@ def test_torch_sparse_conversion_matches_dense() -> None:
         assert torch.equal(to_torch_sparse(w, layout).to_dense(), w)
     with pytest.raises(ValueError, match="semi_structured.*CUDA"):
         to_torch_sparse(w, "semi_structured")
+    # A convolution's N:M groups run along its input channels, not along (out, -1) rows.
+    with pytest.raises(ValueError, match=r"semi_structured \(2:4\) takes a 2-D weight"):
+        to_torch_sparse(torch.randn(8, 4, 3, 3), "semi_structured")
     with pytest.raises(ValueError, match="layout must be"):
         to_torch_sparse(w, "bsr2")
 

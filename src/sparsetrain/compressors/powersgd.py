@@ -85,11 +85,13 @@ class PowerSGD(Compressor):
     (first dimension by the rest) and a 1-D tensor of n entries is zero-padded to a near-square
     matrix with ``ceil(sqrt(n))`` rows.
 
-    Computation is in float32 for float16/bfloat16 input; payloads are in the input's dtype.
-    For float16 input the warm-start Q's columns are scaled to unit length (which changes no
-    result) so that P fits float16's range, and a P or Q that overflows it anyway raises
-    ``FloatingPointError`` on every rank (the sums are the same everywhere) instead of being
-    kept as the next step's warm start.
+    Computation is in float32 for float16/bfloat16 input; payloads are in the input's dtype,
+    except float16's round 2 (Q and the uncompressed part), which travels in float32: Q is
+    ``M^T P_hat``, up to a column norm of M, past float16's range for a finite gradient of
+    large entries on one rank. For float16 input the warm-start Q's columns are scaled to unit
+    length (which changes no result) so that P fits float16's range, and a summed P that
+    overflows it anyway raises ``FloatingPointError`` on every rank (the sum is the same
+    everywhere) before anything is kept.
 
     Args:
         rank: r, the rank of the approximation, >= 1.
@@ -203,7 +205,8 @@ class PowerSGD(Compressor):
         q_flat = torch.cat(qs) if qs else ctx.source.new_zeros(0)
         parts = [ctx.source[o : o + size] for o, size in ctx.dense]
         dense = torch.cat(parts) if parts else ctx.source.new_zeros(0)
-        return (q_flat.to(ctx.meta.dtype), dense.to(ctx.meta.dtype)), ctx
+        wire = torch.float32 if ctx.meta.dtype == torch.float16 else ctx.meta.dtype
+        return (q_flat.to(wire), dense.to(wire)), ctx
 
     def decompress(self, payload: Payload, ctx: PowerSGDContext) -> Tensor:
         """Return ``P_hat Q^T`` per matrix plus the dense part; keep the Q's as warm start."""
@@ -213,7 +216,6 @@ class PowerSGD(Compressor):
                 "round-1 payload first"
             )
         q_flat, dense = payload
-        _check_finite(q_flat, "Q", ctx)  # before it is kept as the warm start
         q_flat = q_flat.to(ctx.source.dtype)
         out = torch.empty_like(ctx.source)
         qs, start = [], 0
@@ -255,9 +257,10 @@ def _view(source: Tensor, m: _Matrix) -> Tensor:
 
 
 def _check_finite(payload: Tensor, what: str, ctx: PowerSGDContext) -> None:
-    """Raise ``FloatingPointError`` if a float16 ``payload`` (a P or Q, summed over ranks or
-    this rank's) overflowed: its matrices come from finite gradients, so only the float16
-    wire can have made it Inf. Other dtypes have float32's range and are not read back."""
+    """Raise ``FloatingPointError`` if a float16 ``payload`` (the P summed over ranks, the same
+    on every rank, so every rank raises alike) overflowed: it comes from finite gradients, so
+    only the float16 wire can have made it Inf. Other dtypes have float32's range and are not
+    read back."""
     if ctx.meta.dtype != torch.float16 or bool(torch.isfinite(payload).all()):
         return
     raise FloatingPointError(

@@ -193,7 +193,8 @@ def to_torch_sparse(weight: Tensor, layout: str = "csr") -> Tensor:
 
     Raises:
         ValueError: a weight with fewer than 2 dimensions, an unknown layout, or
-            semi-structured asked where the device cannot run it.
+            semi-structured asked for a weight that is not 2-D or where the device cannot run
+            it.
     """
     if not isinstance(weight, Tensor) or weight.dim() < 2:
         got = (
@@ -211,6 +212,12 @@ def to_torch_sparse(weight: Tensor, layout: str = "csr") -> Tensor:
     if layout == "csr":
         return w.to_sparse_csr()
     if layout == "semi_structured":
+        if weight.dim() > 2:
+            raise ValueError(
+                f"semi_structured (2:4) takes a 2-D weight, got shape {tuple(weight.shape)}: a "
+                "convolution's N:M groups run along its input channels, which flattening to "
+                "(out, -1) does not keep consecutive; use layout='csr' or 'coo'"
+            )
         if w.device.type != "cuda" or torch.cuda.get_device_capability(w.device)[0] < 8:
             raise ValueError(
                 "semi_structured (2:4) sparse tensors need a CUDA device of compute capability "

@@ -40,15 +40,16 @@ class StructuredPruner(ScheduledPruner):
 @register_pruner("nm")
 @dataclass
 class NMPruner(ScheduledPruner):
-    """Keep ``n`` of every ``m`` consecutive weights along each row (2:4 by default).
+    """Keep ``n`` of every ``m`` consecutive weights along the input dimension (2:4 by
+    default): a linear weight's rows, a convolution's input channels at each kernel position.
 
     ``sparsity`` is ``1 - n/m`` and is set from ``n`` and ``m``. Along a gradual schedule the
     pattern tightens in steps (4:4, 3:4, 2:4), each the densest N:M not below the scheduled
     sparsity, ending at ``n:m``.
 
     Args:
-        n, m: keep ``n`` in every group of ``m``; the last dimension of every pruned weight must
-            be divisible by ``m``.
+        n, m: keep ``n`` in every group of ``m``; the input dimension (dimension 1) of every
+            pruned weight must be divisible by ``m``.
     """
 
     n: int = 2

@@ -24,6 +24,10 @@ from .devices import cuda_device_of, new_future
 from .engine import SyncEngine, check_state
 from .executor import complete, shared_executor
 
+# The hook states whose exchanges run on the backward thread; while one lives, every hook in the
+# process runs there.
+_ON_BACKWARD_THREAD: "weakref.WeakSet[SyncState]" = weakref.WeakSet()
+
 
 class SyncState:
     """The hook's state: the engine (residuals, compressor state, counters) and the parameter
@@ -50,6 +54,8 @@ class SyncState:
         # find_unused_parameters=True allreduces its map of used parameters, SyncBatchNorm its
         # statistics): two threads would then pair up different collectives across ranks.
         self._inline = inline
+        if inline:
+            _ON_BACKWARD_THREAD.add(self)
         # Under find_unused_parameters=True, DDP leaves the gradient of a parameter no rank
         # used as it was, and drops what the exchange returns for it (see _set_aside_unused).
         self._find_unused = bool(getattr(ddp_model, "find_unused_parameters", False))
@@ -68,6 +74,13 @@ class SyncState:
         # With on_nonfinite="propagate", the futures of a step's buckets before the last, and
         # where their results (or errors) wait until the last bucket has been exchanged.
         self._held: list[tuple[torch.futures.Future, dict[str, Any]]] = []
+
+    @property
+    def _on_backward_thread(self) -> bool:
+        """Whether this step's exchanges run on the backward thread: this hook's own need, or
+        another hooked model's in this process (one model on the backward thread and another
+        on the background one would issue collectives from two threads at once)."""
+        return self._inline or bool(_ON_BACKWARD_THREAD)
 
     # The public surface -------------------------------------------------------------------
     @property
@@ -149,7 +162,7 @@ class SyncState:
                     self.engine.end_step()
             return out
 
-        if self.config.on_nonfinite == "propagate" and not self._inline:
+        if self.config.on_nonfinite == "propagate" and not self._on_backward_thread:
             return self._submit_held(work, flat.device, last)
         return self._submit(work, flat.device)
 
@@ -222,6 +235,10 @@ class SyncState:
         later.) Returns what was set aside, or None."""
         if not (self._find_unused and self.engine.feedback.enabled):
             return None
+        grads = list(grads)
+        # The step's loss scale first: a new one rescales the residuals in place, and one set
+        # aside before that would come back in the old units.
+        self.engine._begin_step(grads[0].device)
         used = torch.stack([g.any() for g in grads]).tolist()  # one read of the device
         idle = [n for n, u in zip(names, used) if not u]
         return self.engine.feedback.set_aside(idle) if idle else None
@@ -240,7 +257,7 @@ class SyncState:
         return ddp._has_rebuilt_buckets, will
 
     def _submit(self, work, device: torch.device) -> torch.futures.Future:
-        if not self._inline:
+        if not self._on_backward_thread:
             return self._executor.submit(work, device)
         fut = new_future(device)
         complete(fut, work)  # on backward's current stream, which ran the work
@@ -431,7 +448,8 @@ def register_ddp_hook(
     Under ``find_unused_parameters=True`` DDP runs collectives of its own during backward, and
     ``torch.nn.SyncBatchNorm`` layers do too, so with either the exchanges run on the backward
     thread, without that overlap. The hooks of all DDP models in a process share one background
-    thread, so two hooked models in one backward exchange in autograd's order on every rank.
+    thread, so two hooked models in one backward exchange in autograd's order on every rank;
+    while one of them runs on the backward thread, all do.
 
     Args:
         ddp_model: a ``DistributedDataParallel`` model (no hook registered yet).
