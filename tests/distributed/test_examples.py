@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from sparsetrain.comm import available_collectives
+from tests.states import same
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -27,17 +28,6 @@ def torchrun(ranks: int, script: str, *args: str, status: int = 0) -> str:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == status, done.stdout[-2000:] + done.stderr[-4000:]
     return done.stdout if status == 0 else done.stdout + done.stderr
-
-
-def same(a, b) -> bool:
-    """Whether two saved states are equal: tensors bit for bit, containers item by item."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
-    return a == b
 
 
 def test_sparse_allreduce_example_runs_under_torchrun():

@@ -935,6 +935,15 @@ def _flat_params(*nets: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for net in nets for p in net.parameters()])
 
 
+def _refusals(call) -> list[str]:
+    """The message of the ValueError ``call()`` raises, in a list (empty if none)."""
+    try:
+        call()
+    except ValueError as e:
+        return [str(e)]
+    return []
+
+
 def _two_models(rank: int, world: int, g_finds_unused: bool) -> float:
     out = {}
     for mode in ("plain", "hook"):
@@ -987,12 +996,11 @@ def _gathered_loss(rank: int, world: int) -> dict:
             (f @ everyone.t()).logsumexp(1).mean().backward()
             opt.step()
         out[mode] = _flat_params(net.enc)
-    refused = []
-    try:
-        sparsetrain.register_ddp_hook(DDP(nn.Linear(4, 4), find_unused_parameters=True),
-                                      "none", overlap=True)  # fmt: skip
-    except ValueError as e:
-        refused.append(str(e))
+    refused = _refusals(
+        lambda: sparsetrain.register_ddp_hook(
+            DDP(nn.Linear(4, 4), find_unused_parameters=True), "none", overlap=True
+        )
+    )
     return {"diff": float((out["plain"] - out["hook"]).abs().max()), "refused": refused}
 
 
@@ -1022,12 +1030,11 @@ def _subgroups(rank: int, world: int) -> dict:
             nn.functional.cross_entropy(ddp(x), y).backward()
             opt.step()
         out[mode] = _flat_params(net)
-    refused = []
-    try:  # a group other than the model's
-        sparsetrain.register_ddp_hook(DDP(_net(), process_group=mine), "none",
-                                      process_group=dist.group.WORLD)  # fmt: skip
-    except ValueError as e:
-        refused.append(str(e))
+    refused = _refusals(  # a group other than the model's
+        lambda: sparsetrain.register_ddp_hook(
+            DDP(_net(), process_group=mine), "none", process_group=dist.group.WORLD
+        )
+    )
     return {"diff": float((out["plain"] - out["hook"]).abs().max()), "refused": refused}
 
 
@@ -1038,7 +1045,9 @@ def test_the_hook_averages_over_the_ddp_models_own_group(tmp_path):
         assert len(r["refused"]) == 1 and "process_group has the ranks [0, 1, 2]" in r["refused"][0]
 
 
-class _Branchy(nn.Module):
+class Branchy(nn.Module):
+    """Layer b is used only when forward is told to: a parameter DDP can find unused."""
+
     def __init__(self) -> None:
         super().__init__()
         self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
@@ -1052,7 +1061,7 @@ def _unused_keeps_residual(rank: int, world: int, compressor: str) -> dict:
     import copy
 
     torch.manual_seed(0)
-    net = _Branchy()
+    net = Branchy()
     ddp = DDP(net, find_unused_parameters=True)
     state = sparsetrain.register_ddp_hook(ddp, compressor, density=0.3)
     weight = net.b.weight

@@ -18,6 +18,7 @@ from sparsetrain.compressors import available_compressors, get_compressor
 from sparsetrain.robust import available_aggregators, available_attacks, get_aggregator, get_attack
 from sparsetrain.sync.robust_exchange import robust_exchange
 from tests.distributed.harness import oks, run_world
+from tests.states import same
 
 
 @pytest.fixture
@@ -28,23 +29,12 @@ def group(one_thread):
     dist.destroy_process_group()
 
 
-def _same(a, b) -> bool:
-    """Whether two states (nested dicts, lists, tensors, numbers) are equal, exactly."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
-
-
 def _refused(obj, state, error=ValueError, match=None) -> str:
     """Load ``state`` into ``obj``, expect ``error``, check nothing was loaded; the message."""
     before = copy.deepcopy(obj.state_dict())
     with pytest.raises(error, match=match) as e:
         obj.load_state_dict(state)
-    assert _same(obj.state_dict(), before), "a refused state changed the object"
+    assert same(obj.state_dict(), before), "a refused state changed the object"
     return str(e.value)
 
 
@@ -121,9 +111,9 @@ def test_safeguard_refuses_a_state_saved_with_the_other_kind_of_thresholds(saved
     msg = _refused(target, state)
     assert f"saved by a rule with {kind} thresholds" in msg, msg
     # the same kind loads, exactly
-    same = get_aggregator("safeguard", n=7, f=1, window0=2, window1=4, **saved)
-    same.load_state_dict(state)
-    assert _same(same.state_dict(), state)
+    twin = get_aggregator("safeguard", n=7, f=1, window0=2, window1=4, **saved)
+    twin.load_state_dict(state)
+    assert same(twin.state_dict(), state)
 
 
 def test_a_safeguard_state_from_before_the_thresholds_entry_still_loads_and_is_checked():
@@ -170,7 +160,7 @@ def test_a_state_round_trips_exactly_through_a_file():
         torch.save(a.state_dict(), buf)
         b = get_aggregator(name, n=7, f=1, **options)
         b.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
-        assert _same(b.state_dict(), a.state_dict())
+        assert same(b.state_dict(), a.state_dict())
         for x in _stream(7, 5, seed=1):
             assert torch.equal(a(x, key="a"), b(x, key="a"))
             a.end_step()
@@ -206,7 +196,7 @@ def test_the_delayed_attack_refuses_a_history_its_delay_would_cut():
     longer = _delayed(5, steps=0)
     shorter = _delayed(2).state_dict()
     longer.load_state_dict(shorter)  # a shorter history loses nothing
-    assert shorter["history"] and _same(longer.state_dict()["history"], shorter["history"])
+    assert shorter["history"] and same(longer.state_dict()["history"], shorter["history"])
 
 
 @pytest.mark.parametrize("name", available_attacks())
@@ -237,7 +227,7 @@ def test_every_compressor_refuses_a_state_that_is_not_a_dict(name, bad):
     before = copy.deepcopy(c.state_dict())
     with pytest.raises(TypeError, match="load_state_dict takes the dict"):
         c.load_state_dict(bad)
-    assert _same(c.state_dict(), before)
+    assert same(c.state_dict(), before)
 
 
 _STEP_COUNTERS = ("randomk", "qsgd", "terngrad")
@@ -252,7 +242,7 @@ def test_step_counter_states_load_only_into_their_own_compressor(saver, loader):
     fresh = get_compressor(loader)
     if saver == loader:
         fresh.load_state_dict(state)
-        assert _same(fresh.state_dict(), state)
+        assert same(fresh.state_dict(), state)
         return
     with pytest.raises(
         ValueError, match=f"compressor '{loader}': the state was saved by compressor '{saver}'"
@@ -318,7 +308,7 @@ def test_compressor_states_still_round_trip_exactly(name):
     torch.save(a.state_dict(), buf)
     b = get_compressor(name)
     b.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
-    assert _same(b.state_dict(), a.state_dict())
+    assert same(b.state_dict(), a.state_dict())
 
 
 # ---- collectives ----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import sparsetrain
 from sparsetrain.sync import SyncEngine
 from sparsetrain.sync.config import make_config
+from tests.states import same
 
 
 @pytest.fixture
@@ -54,22 +55,6 @@ def _stepped(**kwargs: Any) -> sparsetrain.GradientSync:
     return sync
 
 
-def _same(a: Any, b: Any) -> bool:
-    """Equal, tensors included (same dtype and values)."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (
-            isinstance(a, torch.Tensor)
-            and isinstance(b, torch.Tensor)
-            and a.dtype == b.dtype
-            and torch.equal(a, b)
-        )
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
-    return a == b
-
-
 def _loads(target: Any, state: dict) -> None:
     """Load ``state`` into ``target`` and check that it took the state's residuals, compressor
     state, step and counters (the settings may differ)."""
@@ -77,7 +62,7 @@ def _loads(target: Any, state: dict) -> None:
     got = target.state_dict()
     assert state["step"] > 0 and state["feedback"]  # a stepped state, not a fresh one
     for key in ("step", "counters", "feedback", "compressor"):
-        assert _same(got[key], state[key]), key
+        assert same(got[key], state[key]), key
 
 
 # ---- 1. misspelt options: neither the hook's/sync's nor the compressor's ----------------------
@@ -267,7 +252,7 @@ def test_a_state_saved_under_other_settings_is_refused_naming_them(group, owner,
     assert msg.startswith("this state was saved with other gradient-sync settings (")
     assert differs in msg
     assert f"{owner} must be built with the saved settings" in msg
-    assert _same(target.state_dict(), before)  # nothing was loaded
+    assert same(target.state_dict(), before)  # nothing was loaded
 
 
 def test_every_differing_setting_is_named():
@@ -315,7 +300,7 @@ def test_states_round_trip_exactly_through_a_file(group, owner):
     torch.save(state, buf)
     buf.seek(0)
     target.load_state_dict(torch.load(buf, weights_only=False))
-    assert _same(target.state_dict(), state)
+    assert same(target.state_dict(), state)
 
 
 # ---- settings compared by their effect, and strict=False -------------------------------------
@@ -357,7 +342,7 @@ def test_strict_false_takes_a_state_saved_under_another_density_but_not_compress
         _sync(density=0.5).load_state_dict(state)
     sync = _sync(density=0.5)
     sync.load_state_dict(state, strict=False)  # the residuals carry over
-    assert _same(sync.state_dict()["feedback"], state["feedback"])
+    assert same(sync.state_dict()["feedback"], state["feedback"])
     with pytest.raises(ValueError, match="compressor: saved 'threshold', now 'topk'"):
         _sync(compressor="topk", density=0.25).load_state_dict(state, strict=False)
     with pytest.raises(TypeError, match="strict must be True or False"):
@@ -396,7 +381,7 @@ def test_a_powersgd_payload_that_overflows_float16_drops_or_raises(group, mode):
         assert sync.engine.stats()["skipped_steps"] == 1
     # Neither the residuals nor the warm start took anything from the overflowed step.
     after = sync.state_dict()
-    assert _same(after["feedback"], before["feedback"])
-    assert _same(after["compressor"], before["compressor"])
+    assert same(after["feedback"], before["feedback"])
+    assert same(after["compressor"], before["compressor"])
     model.weight.grad = torch.ones(256, 256).half()
     assert sync.synchronize() and torch.isfinite(model.weight.grad).all()
