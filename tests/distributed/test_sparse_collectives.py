@@ -375,14 +375,15 @@ def test_sparse_collectives(world, form, by_form):
     results = [by_form[form][r][world] for r in range(world)]
 
     # The allgather pads every rank's payload to the largest one, and the padding is charged:
-    # the ring allgather formula, (p-1)/p * B, over B = the size headers (p ranks' 6 int64s:
-    # two byte lengths, the error flag, numel, two dtype codes) plus p payloads of the largest
-    # count. In case 3 rank 1 sends no entries and still pays for the widest payload.
+    # the ring allgather formula, (p-1)/p * B, over B = the size headers (p ranks' 16 int64s,
+    # the header's fixed width, which holds the tensor count, the gather's error flag, two byte
+    # lengths, and the collective's error flag, numel and two dtype codes) plus p payloads of
+    # the largest count. In case 3 rank 1 sends no entries and still pays for the widest one.
     seed, numel, count, dtype, idx_dtype = EXACT_CASES[2]
     assert seed == 3 and count(1) == 0
     widest = max(count(r) for r in range(world)) * (idx_dtype.itemsize + dtype.itemsize)
-    padded = round((world - 1) / world * (world * 6 * 8 + world * widest))
-    assert padded == (world - 1) * (48 + 12 * max(30 + r for r in range(world) if r != 1))
+    padded = round((world - 1) / world * (world * 16 * 8 + world * widest))
+    assert padded == (world - 1) * (128 + 12 * max(30 + r for r in range(world) if r != 1))
     for r in range(world):
         assert results[r]["exact"][2]["allgather"] == padded, (r, results[r]["exact"][2])
 
@@ -748,3 +749,66 @@ def test_all_gather_variable_refuses_other_dtypes_on_every_rank(tmp_path):
         assert res["error"] and "gather tensors of other dtypes" in res["error"], res
         assert f"rank(s) [{1 - rank}]" in res["error"], res
         assert res["same"] == [[[0], [1.0, 1.0]], [[0, 1], [1.0, 1.0]]], res
+
+
+def _gather_disagreements(rank: int, world: int) -> dict:
+    from sparsetrain.comm import all_gather_variable
+
+    torch.set_num_threads(1)
+    cases = {
+        # rank 1 passes one tensor more: the size headers of the old layout differed in length
+        "count": [torch.ones(2)] * (2 + (rank == 1)),
+        "shape": [torch.ones(2, 2) if rank == 0 else torch.ones(4)],
+        "empty": [] if rank == 2 else [torch.ones(1)],
+        "not_tensors": [1.0] if rank == 1 else [torch.ones(1)],
+    }
+    errors = {}
+    for name, tensors in cases.items():
+        try:
+            all_gather_variable(tensors)
+            errors[name] = None
+        except (TypeError, ValueError) as e:
+            errors[name] = f"{type(e).__name__}: {e}"
+    # A header wider than the first round's 16 slots (nine tensors: nine lengths, nine dtypes)
+    # on every rank, then on one rank only, whose width the others learn in the first round.
+    wide = all_gather_variable([torch.full((rank + j,), float(j)) for j in range(9)])[0]
+    try:
+        all_gather_variable([torch.ones(1)] * (9 if rank == 0 else 1))
+        errors["wide_count"] = None
+    except ValueError as e:
+        errors["wide_count"] = str(e)
+    after = all_gather_variable([torch.tensor([float(rank)])])[0]
+    return {
+        "errors": errors,
+        "wide": [[t.tolist() for t in row] for row in wide],
+        "after": [row[0].tolist() for row in after],
+    }
+
+
+def test_all_gather_variable_raises_on_every_rank_when_the_ranks_disagree(tmp_path):
+    """A rank passing another number of tensors, a bad shape, nothing, or no tensors made the
+    other ranks wait (or gloo abort the process on size headers of different lengths): the
+    header's first round now has the same size on every rank, so every rank raises, naming the
+    rank at fault, and the group stays usable."""
+    results = oks(run_world(_gather_disagreements, 3, tmp_path))
+    for rank, res in enumerate(results):
+        err = res["errors"]
+        assert err["count"] == (
+            "ValueError: the ranks pass different numbers of tensors to the gather "
+            "([2, 3, 2], by rank); every rank passes the same number, with the same dtypes"
+        ), res
+        assert err["wide_count"].startswith("the ranks pass different numbers of tensors to "
+                                            "the gather ([9, 1, 1], by rank)"), res  # fmt: skip
+        own = {"shape": 0, "empty": 2, "not_tensors": 1}
+        for case, culprit in own.items():
+            if rank == culprit:
+                assert "invalid" not in err[case] and err[case], (case, res)
+            else:
+                assert err[case] == (
+                    f"ValueError: the tensors rank(s) [{culprit}] passed to the gather are "
+                    "invalid (see the error there); this rank's are fine"
+                ), (case, res)
+        if rank == 0:
+            assert "must be 1-D, got shapes [(2, 2)]" in err["shape"], res
+        assert res["wide"] == [[[float(j)] * (r + j) for j in range(9)] for r in range(3)]
+        assert res["after"] == [[0.0], [1.0], [2.0]]

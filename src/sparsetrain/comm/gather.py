@@ -75,22 +75,28 @@ def all_gather_variable(
         per rank, the list of its tensors; bytes sent and received by this rank.
 
     Raises:
-        TypeError: ``tensors`` is not a sequence of tensors, ``group`` is neither a
-            ProcessGroup nor None, or the ranks' dtypes differ (on every rank).
-        ValueError: ``tensors`` is empty, or one is not 1-D.
+        TypeError: ``group`` is neither a ProcessGroup nor None (on this rank, before any
+            message), ``tensors`` is not a sequence of tensors, or the ranks' dtypes differ.
+        ValueError: ``tensors`` is empty, one is not 1-D, they are on a device the group does
+            not move, or the ranks pass different numbers of tensors.
+        Every error but ``group``'s is raised on every rank alike: a rank's bad input travels
+        in the size header, whose size is the same on every rank, so no rank is left waiting.
     """
+    error: Exception | None = None
     if isinstance(tensors, Tensor) or not isinstance(tensors, Sequence):
-        raise TypeError(
+        error = TypeError(
             "all_gather_variable takes a sequence (list or tuple) of 1-D tensors, got "
             f"{type(tensors).__name__}"
         )
-    bad = [type(t).__name__ for t in tensors if not isinstance(t, Tensor)]
-    if bad:
-        raise TypeError(
-            f"all_gather_variable takes a sequence of 1-D tensors; got elements of type {bad}"
+        tensors = ()
+    elif any(not isinstance(t, Tensor) for t in tensors):
+        error = TypeError(
+            "all_gather_variable takes a sequence of 1-D tensors; got elements of type "
+            f"{[type(t).__name__ for t in tensors if not isinstance(t, Tensor)]}"
         )
-    if not tensors:
-        raise ValueError(
+        tensors = ()
+    elif not tensors:
+        error = ValueError(
             "all_gather_variable needs at least one tensor to gather (every rank passes the "
             "same number, with the same dtypes); got an empty sequence"
         )
@@ -107,7 +113,7 @@ def all_gather_variable(
 
     # The dtypes travel in the size header (no extra message), so every rank sees every rank's
     # and raises alike, rather than reading another rank's bytes as its own dtype.
-    return _all_gather_with_header(tensors, codes, group, same_dtypes)
+    return _all_gather_with_header(tensors, codes, group, same_dtypes, error)
 
 
 def _all_gather_with_header(
@@ -115,28 +121,55 @@ def _all_gather_with_header(
     extra: Sequence[int],
     group: dist.ProcessGroup | None,
     check: Callable[[list[list[int]]], None] | None = None,
+    error: Exception | None = None,
 ) -> tuple[list[list[Tensor]], int, int]:
     """:func:`all_gather_variable`, with ``extra`` ints carried in the size header (the same
     count on every rank), which ``check`` sees, per rank, before any buffer is cut into
-    tensors: input checks that cost no extra message and raise on every rank alike."""
-    for t in tensors:
-        if t.dim() != 1:
-            raise ValueError(f"gathered payload tensors must be 1-D, got shape {tuple(t.shape)}")
-    device = tensors[0].device
-    raw = [as_bytes(t) for t in tensors]
-    head = [r.numel() for r in raw] + [int(x) for x in extra]
-    lengths = torch.tensor(head, dtype=torch.int64, device=device)
+    tensors: input checks that cost no extra message and raise on every rank alike.
+
+    ``error``: what the caller found wrong with this rank's input; it is raised here, and
+    every other rank raises too, after the header has told them."""
+    device = device_of(tensors[0] if tensors else None, group)
+    if error is None:
+        shapes = [tuple(t.shape) for t in tensors if t.dim() != 1]
+        elsewhere = sorted({str(t.device) for t in tensors if t.device != device})
+        if shapes:
+            error = ValueError(f"gathered payload tensors must be 1-D, got shapes {shapes}")
+        elif elsewhere:
+            error = ValueError(
+                f"gathered payload tensors are on {elsewhere}, but the gather runs on {device}: "
+                "all must be on one device that a backend of the process group moves (NCCL "
+                "moves CUDA memory only, gloo CPU and CUDA memory)"
+            )
+    raw = [as_bytes(t) for t in tensors] if error is None else []
+    lengths = [r.numel() for r in raw] if error is None else [0] * len(tensors)
+    extra = [int(x) for x in extra] if error is None else [0] * len(extra)
+    head = [len(tensors), int(error is not None), *lengths, *extra]
     world = world_of(group)
-    if world == 1:
-        if check is not None:
-            check([list(extra)])
-        return [list(tensors)], 0, 0
-    headers = [torch.empty_like(lengths) for _ in range(world)]
-    dist.all_gather(headers, lengths, group=group)
-    table = torch.stack(headers).tolist()  # one host sync: the sizes decide the buffers
-    sizes = [row[: len(raw)] for row in table]
+    if world > 1:
+        table, header_bytes = _gather_header(head, device, group, world)
+    else:
+        table, header_bytes = [head], 0
+    if error is not None:
+        raise error
+    failed = [r for r, row in enumerate(table) if row[1]]
+    if failed:
+        raise ValueError(
+            f"the tensors rank(s) {failed} passed to the gather are invalid (see the error "
+            "there); this rank's are fine"
+        )
+    counts = [row[0] for row in table]
+    if len(set(counts)) > 1:
+        raise ValueError(
+            f"the ranks pass different numbers of tensors to the gather ({counts}, by rank); "
+            "every rank passes the same number, with the same dtypes"
+        )
+    n = len(tensors)
     if check is not None:
-        check([row[len(raw) :] for row in table])
+        check([row[2 + n :] for row in table])
+    if world == 1:
+        return [list(tensors)], 0, 0
+    sizes = [row[2 : 2 + n] for row in table]
     totals = [sum(s) for s in sizes]
     width = max(totals)
     buf = torch.zeros(width, dtype=torch.uint8, device=device)
@@ -148,9 +181,38 @@ def _all_gather_with_header(
     for r in range(world):
         parts = torch.split(bufs[r][: totals[r]], sizes[r])
         out.append([as_dtype(p, t.dtype) for p, t in zip(parts, tensors)])
-    header_total = world * lengths.numel() * 8
-    sent = ring_allgather_bytes(header_total + world * width, world)
+    sent = header_bytes + ring_allgather_bytes(world * width, world)
     return out, sent, sent
+
+
+# The first size header has this many int64 slots on every rank, whatever each rank passes, so
+# the ranks always agree on its size and see one another's tensor counts (gloo aborts the
+# process on an allgather whose sizes differ between ranks, NCCL hangs). A header that needs
+# more slots on some rank is sent whole in a second allgather, sized from the first.
+HEADER_SLOTS = 16
+
+
+def _gather_header(
+    head: list[int], device: torch.device, group: dist.ProcessGroup | None, world: int
+) -> tuple[list[list[int]], int]:
+    """Allgather ``head`` (ints; the length may differ between ranks) and return every rank's,
+    in rank order, with the bytes this rank sent for it (ring formula)."""
+    first = [len(head)] + head[: HEADER_SLOTS - 1]
+    first += [0] * (HEADER_SLOTS - len(first))
+    mine = torch.tensor(first, dtype=torch.int64, device=device)
+    rows = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(rows, mine, group=group)
+    table = torch.stack(rows).tolist()  # one host sync: the sizes decide the buffers
+    sent = ring_allgather_bytes(world * HEADER_SLOTS * 8, world)
+    widest = max(row[0] for row in table)
+    if widest <= HEADER_SLOTS - 1:
+        return [row[1 : 1 + row[0]] for row in table], sent
+    mine = torch.tensor(head + [0] * (widest - len(head)), dtype=torch.int64, device=device)
+    rows = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(rows, mine, group=group)
+    table2 = torch.stack(rows).tolist()
+    sent += ring_allgather_bytes(world * widest * 8, world)
+    return [row[: lead[0]] for row, lead in zip(table2, table)], sent
 
 
 @register_collective("allgather")
