@@ -271,7 +271,9 @@ def _bad_input(rank: int, world: int) -> dict:
     huge = []
     for step in range(2):
         for p in net.parameters():
-            p.grad = torch.full_like(p, 3e38 if step else 1.0)
+            # Finite values whose sum over a tensor overflows (the compressor's check sums them),
+            # and whose average over the ranks is finite (3e38 on each of two overflowed).
+            p.grad = torch.full_like(p, 1.5e38 if step else 1.0)
         huge.append(sync.synchronize())
     out["threshold_huge"] = huge
     # GradientSync ranks with other bucket sizes: an error naming the option on every rank

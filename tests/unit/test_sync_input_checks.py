@@ -363,7 +363,7 @@ def test_an_unpickled_hook_state_registered_by_hand_says_how_to_restore_it(group
 
 
 # ---- a round payload that overflows its wire dtype ------------------------------------------
-@pytest.mark.parametrize("mode", ["propagate", "raise"])
+@pytest.mark.parametrize("mode", ["propagate", "skip", "raise"])
 def test_a_powersgd_payload_that_overflows_float16_drops_or_raises(group, mode):
     torch.manual_seed(0)
     model = nn.Linear(256, 256, bias=False).half()
@@ -375,9 +375,11 @@ def test_a_powersgd_payload_that_overflows_float16_drops_or_raises(group, mode):
     if mode == "raise":
         with pytest.raises(FloatingPointError, match="a P payload overflowed float16"):
             sync.synchronize()
-    else:  # the step is dropped on every rank: NaN gradients, for a GradScaler to skip
+    else:  # the step is dropped on every rank: NaN gradients, for a GradScaler to skip, or
+        # zero ones under "skip" (which raised here before)
         assert not sync.synchronize()
-        assert torch.isnan(model.weight.grad).all()
+        dropped = torch.isnan if mode == "propagate" else (lambda g: g == 0)
+        assert dropped(model.weight.grad).all()
         assert sync.engine.stats()["skipped_steps"] == 1
     # Neither the residuals nor the warm start took anything from the overflowed step.
     after = sync.state_dict()
@@ -385,3 +387,39 @@ def test_a_powersgd_payload_that_overflows_float16_drops_or_raises(group, mode):
     assert same(after["compressor"], before["compressor"])
     model.weight.grad = torch.ones(256, 256).half()
     assert sync.synchronize() and torch.isfinite(model.weight.grad).all()
+
+
+@pytest.mark.parametrize("mode", ["propagate", "skip", "raise"])
+@pytest.mark.parametrize("sync_class", ["GradientSync", "exchange"])
+def test_an_exchange_that_overflows_is_dropped_or_raised_in_every_mode(group, mode, sync_class):
+    """The fp16 compressor's cast of a finite float32 gradient past 65504 is Inf: "propagate"
+    dropped the step, but "skip" and "raise" handed the Inf on as the average gradient."""
+    model = nn.Linear(4, 2)
+    sync = sparsetrain.GradientSync(model, "fp16", on_nonfinite=mode)
+    grads = [torch.full_like(p, 7e4) for p in model.parameters()]  # finite in float32
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.clone()
+    run = (
+        sync.synchronize
+        if sync_class == "GradientSync"
+        else lambda: sync.engine.exchange(
+            torch.cat([g.view(-1) for g in grads]),
+            [n for n, _ in model.named_parameters()],
+            [p.shape for p in model.parameters()],
+        )
+    )
+    if mode == "raise":
+        with pytest.raises(
+            FloatingPointError, match="the exchange overflowed .the fp16 compressor"
+        ):
+            run()
+        return
+    out = run()
+    if sync_class == "GradientSync":
+        assert out is False and sync.skipped_last_step
+        got = torch.cat([p.grad.view(-1) for p in model.parameters()])
+    else:
+        sync.engine.end_step()
+        got = out
+    assert (torch.isnan(got) if mode == "propagate" else got == 0).all(), got
+    assert sync.engine.stats()["skipped_steps"] == 1

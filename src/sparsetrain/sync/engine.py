@@ -199,10 +199,10 @@ class SyncEngine:
             out = self._exchange_flat(flat, names, shapes)
         if self._propagating:
             self._outputs.append(out)
-            if self._skipping:  # dropped during this bucket: _drop filled only the earlier ones
-                out.fill_(math.nan)
-            else:
-                self._check_result([out])
+        if self._skipping:  # dropped during this bucket: _drop filled only the earlier ones
+            out.fill_(self._dropped)
+        else:
+            self._check_result([out])
         return out
 
     def exchange_into(
@@ -253,24 +253,34 @@ class SyncEngine:
                 world = self._count_dense(sum(numels), parts[0].element_size())
                 order = _canonical_order(names)
                 self._exchange_sparse(parts, list(names), list(shapes), numels, order, world)
-        if self._propagating:
-            self._check_result(parts)
+        self._check_result(parts)
 
     def _check_result(self, results: Sequence[Tensor]) -> None:
-        """With "propagate": a result that is not finite although every rank's gradient was
-        (an overflow in the exchange itself, such as the fp16 compressor's cast of a scaled
-        gradient, or a sum past the dtype's range) drops the step as a non-finite gradient
-        does, so that what it committed to the residuals is rolled back and the step is
-        counted as skipped. Every exchange leaves every rank the same result, so the ranks
-        agree without a message (were they to differ, a rank that drops the step would stop
-        issuing its collectives while the others go on). A finite sum proves its tensor
-        finite, without a boolean copy of the bucket; only a sum that is not is looked into."""
+        """A result that is not finite although every rank's gradient was (an overflow in the
+        exchange itself, such as the fp16 compressor's cast of a large gradient, or a sum past
+        the dtype's range) is treated as a non-finite gradient is: "raise" raises, "skip" and
+        "propagate" drop the step, so that what it committed to the residuals is rolled back
+        and the step is counted as skipped (its results zero or NaN). Every exchange leaves
+        every rank the same result, so the ranks agree without a message (were they to differ,
+        a rank that drops the step would stop issuing its collectives while the others go on).
+        A finite sum proves its tensor finite, without a boolean copy of the bucket; only a sum
+        that is not is looked into."""
         if self._skipping:
             return
         sums = torch.stack([t.sum() for t in results])
         if bool(torch.isfinite(sums).all()) or all(bool(torch.isfinite(t).all()) for t in results):
             return
+        if self.config.on_nonfinite == "raise":
+            raise FloatingPointError(
+                "the ranks' average gradient is not finite although every rank's gradient was: "
+                "the exchange overflowed (the fp16 compressor's cast of gradients past 65504, "
+                f"or a sum past {results[0].dtype}'s range); lower the learning "
+                "rate or the loss scale, use gradient clipping, or pass on_nonfinite='skip' to "
+                "drop such steps on every rank"
+            )
         self._drop()
+        for t in results:  # "propagate": _drop has filled them with the others
+            t.fill_(self._dropped)
 
     def _drop(self) -> None:
         """Drop this step on this rank (every rank does so at the same point): later buckets
@@ -290,7 +300,7 @@ class SyncEngine:
                 coll, indices, values, numel, group=self.group, key=key
             )
         except FloatingPointError:
-            if not self._propagating:
+            if self.config.on_nonfinite == "raise":
                 raise
             self._drop()
             return None
@@ -689,10 +699,10 @@ class SyncEngine:
         except FloatingPointError:
             # A summed round payload overflowed its wire dtype (PowerSGD's P in float16): the
             # same sum on every rank, so every rank gets here together.
-            if not self._propagating:
+            if self.config.on_nonfinite == "raise":
                 raise
             self._drop()
-            return torch.full_like(flat, math.nan)
+            return torch.full_like(flat, self._dropped)
         self.feedback.update(names, numels, compensated, mine)
         self.counters["compress_seconds"] += time.perf_counter() - t0
 
@@ -719,10 +729,10 @@ class SyncEngine:
             try:
                 total = comp.decompress(tuple(reduced), ctx)
             except FloatingPointError:  # as above: the same summed payload on every rank
-                if not self._propagating:
+                if self.config.on_nonfinite == "raise":
                     raise
                 self._drop()
-                return torch.full_like(flat, math.nan)
+                return torch.full_like(flat, self._dropped)
         elif comp.wire == "sparse":
             coll = self._collective_for(flat.numel())
             if coll == "dense":
@@ -733,7 +743,7 @@ class SyncEngine:
             else:
                 res = self._sparse_collective(coll, payload[0], payload[1], flat.numel(), key)
                 if res is None:  # dropped: the sum was not finite
-                    return torch.full_like(flat, math.nan)
+                    return torch.full_like(flat, self._dropped)
                 if res.dense is not None:
                     total = res.dense
                     self.feedback.mask_velocity(payload[0])
