@@ -55,6 +55,9 @@ class SyncConfig:
             "propagate" (every rank drops the step and every gradient of the step is NaN, also
             in buckets exchanged before the bad one, so that ``torch.amp.GradScaler.step``
             skips the optimizer and lowers its scale: the mode a ``grad_scaler`` selects).
+            An exchange whose result overflows although every rank's gradient was finite (the
+            fp16 compressor's cast of values past 65504, a sum past the dtype's range) counts
+            as a non-finite gradient in each mode ("raise" raises, naming the overflow).
             The error-feedback residuals are then those from before the step, also for the
             buckets exchanged before the one that held NaN/Inf (compressor state, such as
             thresholds, moves on). With "raise" the gradients may be zero (the sparse in-place
