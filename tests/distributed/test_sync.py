@@ -578,10 +578,16 @@ COMPRESSED = [
     ("qsgd", {}, False),
     ("terngrad", {}, False),
     ("signsgd", {}, True),
+    ("signsgd", {"majority_vote": True, "bucket_size": 64}, False),
     ("bf16", {}, False),
     ("randomk", {"density": 0.25}, False),
     ("powersgd", {"rank": 2}, True),
 ]
+
+
+def _label(name: str, opts: dict) -> str:
+    """One entry of COMPRESSED: its name, and its options where it has any."""
+    return name + "".join(f" {k}={v}" for k, v in sorted(opts.items()))
 
 
 def _local_grads(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -609,7 +615,7 @@ def _compressed(rank: int, world: int) -> dict:
             if step == 0:
                 first = (local, {n: p.grad.clone() for n, p in net.named_parameters()})
             opt.step()
-        out[name] = {
+        out[_label(name, opts)] = {
             "first": first,
             "last_grad": torch.cat([p.grad.reshape(-1) for p in net.parameters()]),
             "params": torch.cat([p.detach().reshape(-1) for p in net.parameters()]),
@@ -650,28 +656,29 @@ def _single_process_reference(name: str, opts: dict, local: list[dict]) -> dict:
 def test_packed_half_and_random_compressors_agree_on_every_rank_with_a_reference(tmp_path):
     results = oks(run_world(_compressed, 3, tmp_path))
     for name, opts, ef in COMPRESSED:
+        label = _label(name, opts)
         # Every rank applies the same gradient, bit for bit, and so holds the same weights.
         for r in results[1:]:
-            assert torch.equal(r[name]["last_grad"], results[0][name]["last_grad"]), name
-            assert torch.equal(r[name]["params"], results[0][name]["params"]), name
-            assert r[name]["error_feedback"] is ef, name
+            assert torch.equal(r[label]["last_grad"], results[0][label]["last_grad"]), label
+            assert torch.equal(r[label]["params"], results[0][label]["params"]), label
+            assert r[label]["error_feedback"] is ef, label
         if name == "powersgd":  # two rounds of allreduce: no one-shot reference here
             continue
-        local = [r[name]["first"][0] for r in results]
+        local = [r[label]["first"][0] for r in results]
         ref = _single_process_reference(name, opts, local)
         plain = {n: sum(g[n] for g in local) / len(local) for n in ref}
         for r in results:
-            got = r[name]["first"][1]
+            got = r[label]["first"][1]
             for n in ref:
                 if name in ("qsgd", "terngrad", "signsgd"):
                     # Gathered and added in rank order on every rank: exactly the reference.
-                    assert torch.equal(got[n], ref[n]), (name, n)
+                    assert torch.equal(got[n], ref[n]), (label, n)
                 else:
                     # Summed by gloo's allreduce, in its own order of ranks: rounding differs.
                     tol = (1e-2 if name == "bf16" else 1e-6) * float(ref[n].abs().max())
                     torch.testing.assert_close(got[n], ref[n], rtol=0, atol=tol)
             # Lossy: not the plain average.
-            assert any(not torch.allclose(got[n], plain[n]) for n in ref), name
+            assert any(not torch.allclose(got[n], plain[n]) for n in ref), label
 
 
 # ---- momentum correction (Deep Gradient Compression) ----------------------------------------

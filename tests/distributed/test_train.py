@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import sparsetrain
 from sparsetrain import hostmem
 from sparsetrain.plotting import plot_report
 from sparsetrain.tasks import get_task
@@ -113,6 +114,19 @@ def test_ok_topk_sparse_allreduce_ends_within_two_points_of_dense():
     assert dense["final_test_accuracy"] > 0.9
     assert ok["final_test_accuracy"] >= dense["final_test_accuracy"] - 0.02
     assert ok["bytes_sent_per_rank"] <= 0.05 * dense["bytes_sent_per_rank"]
+
+
+def test_signsgd_with_majority_vote_trains_without_error_feedback_by_default():
+    # Seeds 0, 1, 2 on 3 workers: 96.0%, 92.7%, 96.9% (with error feedback 50.3%, 56.3%, 87.8%:
+    # the step applies the vote, which a rank's residual cannot follow; the class docstring).
+    vote = {**COMMON, "workers": 3, "compressor": "signsgd"}
+    (run,) = launch([TrainConfig(compressor_options={"majority_vote": True}, **vote)])["runs"]
+    assert run["final_test_accuracy"] >= 0.9
+    engine = sparsetrain.SyncConfig(
+        compressor="signsgd", compressor_options={"majority_vote": True}
+    )
+    assert not engine.use_error_feedback
+    assert sparsetrain.SyncConfig(compressor="signsgd").use_error_feedback
 
 
 def test_native_ddp_baseline_trains_like_the_hook_with_none():

@@ -291,6 +291,51 @@ def test_signsgd_residual_is_orthogonal_to_the_sent_signs_per_bucket():
     assert_close(dots, torch.zeros(10, dtype=torch.float64), atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("ranks", [2, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_signsgd_majority_vote_follows_its_definition(ranks, dtype):
+    """sign(sum of the ranks' signs) times the ranks' mean scale of the bucket, zero on a tie
+    (Bernstein et al., 2019); aggregate returns it times the number of ranks, which the sync
+    layer divides by."""
+    torch.manual_seed(ranks)
+    c = make("signsgd", bucket_size=7, majority_vote=True)
+    grads = [torch.randn(40).to(dtype) for _ in range(ranks)]
+    grads[0][:5] = 0.0  # a zero votes plus, as it decodes
+    packed = [c.compress(g) for g in grads]
+    got = c.aggregate([p for p, _ in packed], packed[0][1]) / ranks
+    assert got.dtype == dtype and got.shape == (40,)
+    signs = torch.stack([torch.where(torch.signbit(g), -1.0, 1.0) for g in grads])
+    pad = (-40) % 7
+    scales = torch.stack(
+        [torch.nn.functional.pad(g.float().abs(), (0, pad)).view(-1, 7).sum(1) for g in grads]
+    ) / torch.tensor([7.0] * 5 + [5.0])  # the last bucket has 5 real entries
+    want = signs.sum(0).sign() * scales.mean(0).repeat_interleave(7)[:40]
+    assert_close(got.float(), want.to(dtype).float(), rtol=1e-3 if dtype == torch.float16 else 1e-6)
+    if ranks == 2:  # ties happen, and give zero
+        assert (got[signs.sum(0) == 0] == 0).all() and (signs.sum(0) == 0).any()
+    # Without the vote: the mean of the scaled signs.
+    plain = make("signsgd", bucket_size=7)
+    mean = sum(plain.decompress(*plain.compress(g)) for g in grads)
+    assert_close(plain.aggregate([p for p, _ in packed], packed[0][1]), mean)
+
+
+def test_signsgd_majority_vote_gives_one_rank_one_vote():
+    """A rank whose gradient is huge and opposed does not turn the direction two ranks agree
+    on, as it does in the average of scaled signs."""
+    g = torch.linspace(-1, 1, 64)
+    grads = [g, g * 1.5, -1000 * g]
+    for vote, follows in ((True, True), (False, False)):
+        c = make("signsgd", bucket_size=None, majority_vote=vote)
+        packed = [c.compress(x) for x in grads]
+        out = c.aggregate([p for p, _ in packed], packed[0][1])
+        assert bool((torch.sign(out) == torch.sign(g)).all()) is follows
+
+
+def test_signsgd_majority_vote_must_be_a_bool():
+    with pytest.raises(TypeError, match="majority_vote must be True or False, got 'yes'"):
+        make("signsgd", majority_vote="yes")
+
+
 def test_powersgd_residual_is_what_lies_outside_the_shared_subspace():
     torch.manual_seed(7)
     t = torch.randn(NUMEL, dtype=torch.float64)

@@ -284,6 +284,13 @@ class Compressor(abc.ABC):
         :attr:`biased`, unless an option changes it."""
         return cls.biased
 
+    @classmethod
+    def feedback_by_default(cls, options: Mapping[str, Any]) -> bool:
+        """Whether the sync layer turns error feedback on for this compressor, built with
+        ``options``, when the user leaves it unset: for biased ones (:meth:`biased_with`),
+        unless the compressor says otherwise."""
+        return cls.biased_with(options)
+
     def rescale(self, factor: float) -> None:  # noqa: B027 - most keep nothing in those units
         """Multiply whatever this compressor keeps in the gradients' units (a threshold) by
         ``factor``: the gradients are about to arrive scaled by it (a new loss scale)."""

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -40,9 +41,25 @@ class SignSGD(Compressor):
     The scaled sign is biased, and plain signSGD can fail to converge; with error feedback (on
     by default here) it matches SGD's rate, which is the point of the paper. Deterministic.
 
+    With ``majority_vote=True`` the ranks' signs are combined by vote, as in signSGD with
+    majority vote (Bernstein et al., "signSGD with Majority Vote is Communication Efficient and
+    Fault Tolerant", ICLR 2019): entry ``i`` of the average is ``sign(sum_r sign_r(v_i))``
+    times the mean over ranks of their bucket's scale, zero where the vote is tied (an even
+    number of ranks). The direction is then the one most ranks agree on, so each rank moves it
+    by one vote at most, however large its gradient; the scale, a mean, is not so bounded (a
+    robust rule of :mod:`sparsetrain.robust` bounds everything). The bits on the wire are the
+    same. Error feedback is off by default with the vote, as in the paper: a rank's residual
+    holds what its own scaled sign left out, but the step applies the vote, which the residual
+    cannot follow, and the residuals then grow into large corrections. On digits-mlp with 3
+    workers at the trainer's defaults, seeds 0, 1, 2 reached 96.0%, 92.7% and 96.9% without it
+    and 50.3%, 56.3% and 87.8% with it (``sparsetrain train --workers 3 --compressor signsgd
+    --option majority_vote=True --seed S``, adding ``--error-feedback on``).
+
     Args:
         bucket_size: entries sharing one scale, or None for one scale per tensor (the paper's
             per-layer choice; buckets help when a DDP bucket mixes layers).
+        majority_vote: combine the ranks' signs by majority vote instead of averaging the
+            scaled signs.
 
     Example:
         >>> (scales, bits), ctx = SignSGD(bucket_size=None).compress(torch.tensor([1.0, -3.0]))
@@ -55,9 +72,12 @@ class SignSGD(Compressor):
     biased: ClassVar[bool] = True
 
     bucket_size: int | None = 1024
+    majority_vote: bool = False
 
     def __post_init__(self) -> None:
         check_bucket_size(self.bucket_size)
+        if not isinstance(self.majority_vote, bool):
+            raise TypeError(f"majority_vote must be True or False, got {self.majority_vote!r}")
 
     def compress(self, t: Tensor, *, key: str = "", layout=None) -> tuple[Payload, TensorMeta]:
         check_floating(t)
@@ -71,4 +91,25 @@ class SignSGD(Compressor):
         buckets, size = bucket_shape(ctx.numel, self.bucket_size)
         bits = unpack_bits(packed, 1, buckets * size).view(buckets, size)
         out = (1.0 - 2.0 * bits.to(scales.dtype)).mul_(scales[:, None])
+        return out.view(-1)[: ctx.numel].to(ctx.dtype).view(ctx.shape)
+
+    @classmethod
+    def feedback_by_default(cls, options: Mapping[str, Any]) -> bool:
+        """Off with ``majority_vote`` (see the class docstring), else on (a biased compressor)."""
+        return not options.get("majority_vote", False)
+
+    def aggregate(self, payloads: Sequence[Payload], ctx: TensorMeta) -> Tensor:
+        """The sum over ranks of the decoded payloads; with ``majority_vote``, the number of
+        ranks times the vote's result (the sync layer divides the sum by that number)."""
+        if not self.majority_vote:
+            return super().aggregate(payloads, ctx)
+        buckets, size = bucket_shape(ctx.numel, self.bucket_size)
+        votes = torch.zeros(buckets * size, dtype=torch.int32, device=payloads[0][0].device)
+        scales = torch.zeros_like(payloads[0][0])
+        for bucket_scales, packed in payloads:
+            # A set sign bit is a vote for minus: votes = ranks - 2 * (votes for minus).
+            votes += unpack_bits(packed, 1, buckets * size).to(torch.int32)
+            scales += bucket_scales
+        direction = (len(payloads) - 2 * votes).sign().view(buckets, size).to(scales.dtype)
+        out = direction.mul_(scales[:, None])  # the mean scale, times the number of ranks
         return out.view(-1)[: ctx.numel].to(ctx.dtype).view(ctx.shape)

@@ -252,7 +252,7 @@ class SyncConfig:
     def use_error_feedback(self) -> bool:
         if self.error_feedback is not None:
             return bool(self.error_feedback)
-        return compressor_class(self.compressor).biased_with(self.compressor_options)
+        return compressor_class(self.compressor).feedback_by_default(self.compressor_options)
 
     def build_compressor(self) -> Compressor:
         return get_compressor(self.compressor, **self.compressor_options)
@@ -498,7 +498,7 @@ def config_differences(saved: Mapping[str, Any], config: SyncConfig) -> list[str
         if key == "error_feedback":
             if old is None:  # the default of the saved compressor options
                 saved_options = saved.get("compressor_options")
-                old = compressor_class(config.compressor).biased_with(
+                old = compressor_class(config.compressor).feedback_by_default(
                     saved_options if isinstance(saved_options, Mapping) else {}
                 )
             value = config.use_error_feedback
