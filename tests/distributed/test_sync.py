@@ -681,6 +681,69 @@ def test_packed_half_and_random_compressors_agree_on_every_rank_with_a_reference
             assert any(not torch.allclose(got[n], plain[n]) for n in ref), label
 
 
+def _terngrad_shared(rank: int, world: int) -> dict:
+    torch.manual_seed(0)
+    net = _net()
+    model = DDP(net)  # one bucket
+    state = sparsetrain.register_ddp_hook(model, "terngrad", scaler_sharing=True, bucket_size=64)
+    x, y = _batch(rank)
+    local = _local_grads(net, x, y)
+    nn.functional.cross_entropy(model(x), y).backward()
+    got = {n: p.grad.clone() for n, p in net.named_parameters()}
+    first = state.stats()["bytes_sent"]
+    nn.functional.cross_entropy(model(x), y).backward()  # a step without first-step checks
+    return {
+        "local": local,
+        "got": got,
+        "step_bytes": state.stats()["bytes_sent"] - first,
+        "error_feedback": state.engine.feedback.enabled,
+    }
+
+
+def test_terngrad_with_scaler_sharing_sums_codes_under_the_ranks_largest_scale(tmp_path):
+    """TernGrad's scaler sharing (Wen et al. 2017): every rank ternarizes with the largest
+    scale over the ranks, and the int8 codes are summed by an allreduce, not gathered."""
+    from sparsetrain.comm import ring_allreduce_bytes
+
+    world = 3
+    results = oks(run_world(_terngrad_shared, world, tmp_path))
+    names = sorted(results[0]["local"])
+    flats = [torch.cat([r["local"][n].reshape(-1) for n in names]) for r in results]
+    comps, pending = [], []
+    for r in range(world):  # each rank's compressor, seeded with its rank as the engine does
+        c = sparsetrain.SyncConfig(
+            compressor="terngrad", compressor_options={"scaler_sharing": True, "bucket_size": 64}
+        ).build_compressor()
+        c.seed += r
+        c.bind(world)
+        comps.append(c)
+        pending.append(c.compress(flats[r], key="|".join(names)))
+    shared = torch.stack([p[0][0] for p in pending]).amax(0)
+    rounds = [c.next_round((shared,), ctx) for c, (_, ctx) in zip(comps, pending)]
+    assert all(codes.dtype == torch.int8 for (codes,), _ in rounds)
+    summed = sum(codes.to(torch.int32) for (codes,), _ in rounds).to(torch.int8)
+    want = comps[0].decompress((summed,), rounds[0][1]) / world
+    numel = want.numel()
+    pieces = dict(zip(names, torch.split(want, [results[0]["local"][n].numel() for n in names])))
+    for res in results:
+        assert not res["error_feedback"]  # unbiased: off by default
+        for n in names:
+            assert torch.equal(res["got"][n].reshape(-1), pieces[n]), n
+        # The finite check, the scales' maximum (float32, a bucket each), the codes (a byte
+        # an entry): allreduces, whose bytes do not grow with the ranks.
+        buckets = -(-numel // 64)
+        assert res["step_bytes"] == (
+            ring_allreduce_bytes(1, 4, world)
+            + ring_allreduce_bytes(buckets, 4, world)
+            + ring_allreduce_bytes(numel, 1, world)
+        )
+    # Each entry is a multiple of the shared scale over the ranks, at most the ranks' count.
+    steps = torch.round(
+        want.view(-1)[: numel - numel % 64].view(-1, 64) * world / shared[:-1, None]
+    )
+    assert steps.abs().max() <= world and steps.abs().max() > 0
+
+
 # ---- momentum correction (Deep Gradient Compression) ----------------------------------------
 MOMENTUM = 0.9
 

@@ -606,3 +606,56 @@ def test_terngrad_sends_minus_zero_or_plus_bucket_max():
     scale = x.view(10, 100).abs().amax(1, keepdim=True)
     assert torch.isin(out / scale, torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)).all()
     assert ((out == 0) | (torch.sign(out) == torch.sign(x.view(10, 100)))).all()
+
+
+# ---- TernGrad's scaler sharing ---------------------------------------------------------------
+def test_terngrad_scaler_sharing_is_unbiased_under_another_ranks_larger_scale():
+    # Another rank's bucket maximum, 3x this rank's, is the shared scale: every entry decodes
+    # to -3s, 0 or 3s, and is still the gradient on average.
+    torch.manual_seed(4)
+    c = make("terngrad", bucket_size=64, scaler_sharing=True)
+    copies, samples = 50, []
+    for _ in range(100):
+        (scales,), pending = c.compress(UNBIASED_X.repeat(copies), key="u")
+        shared = scales * 3
+        (codes,), ctx = c.next_round((shared,), pending)
+        assert codes.dtype == torch.int32  # not bound to a number of ranks: room for any sum
+        out = c.decompress((codes,), ctx).view(copies, 64)
+        assert torch.isin(out / shared[:, None], torch.tensor([-1.0, 0.0, 1.0]).double()).all()
+        samples.append(out)
+    samples = torch.cat(samples)
+    # Within 5 standard errors of the truth, from the rounding's own variance |x| S - x^2 (a
+    # sample's spread is zero for the smallest entry, hit about 3 times in 5000 draws).
+    big = 3 * UNBIASED_X.abs().max()
+    std = (UNBIASED_X.abs() * big - UNBIASED_X**2).sqrt()
+    assert ((samples.mean(0) - UNBIASED_X).abs() <= 5 * std / math.sqrt(len(samples))).all()
+    assert (samples.std(0) > 0).sum() >= 60
+
+
+def test_terngrad_scaler_sharing_sums_codes_in_the_narrowest_integer_that_holds_them():
+    x = torch.randn(100)
+    for world, dtype in ((1, torch.int8), (127, torch.int8), (128, torch.int16),
+                         (32767, torch.int16), (32768, torch.int32)):  # fmt: skip
+        c = make("terngrad", scaler_sharing=True)
+        c.bind(world)
+        assert c.rounds == 2 and c.round_ops == ("max",) and c.summable
+        (codes,), _ = c.next_round(*c.compress(x))
+        assert codes.dtype == dtype and codes.numel() == 100  # no padding on the wire
+    # Without sharing nothing changes: one gathered round of packed codes.
+    plain = make("terngrad")
+    assert plain.rounds == 1 and not plain.summable and plain.wire == "packed"
+
+
+def test_terngrad_scaler_sharing_is_one_draw_of_the_unshared_rounding():
+    # Under a shared scale equal to its own, a rank sends what it sends without sharing.
+    x = torch.randn(300)
+    shared, plain = make("terngrad", scaler_sharing=True), make("terngrad")
+    (scales,), pending = shared.compress(x, key="k")
+    with pytest.raises(RuntimeError, match="call next_round"):
+        shared.decompress((scales,), pending)
+    got = shared.decompress(*shared.next_round((scales,), pending))
+    assert torch.equal(got, plain.decompress(*plain.compress(x, key="k")))
+    with pytest.raises(RuntimeError, match="only with scaler_sharing=True"):
+        plain.next_round(*plain.compress(x))
+    with pytest.raises(TypeError, match="scaler_sharing must be True or False, got 1"):
+        make("terngrad", scaler_sharing=1)

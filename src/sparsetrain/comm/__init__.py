@@ -3,7 +3,7 @@
 # Importing a module registers its collectives by name.
 from . import dsar, gather, gtopk, oktopk, ssar  # noqa: F401
 from .accounting import ring_allgather_bytes, ring_allreduce_bytes
-from .gather import all_gather_variable, allreduce_sum
+from .gather import all_gather_variable, allreduce_max, allreduce_sum
 from .registry import (
     CollectiveResult,
     SparseCollective,
@@ -14,6 +14,7 @@ from .registry import (
 
 __all__ = [
     "all_gather_variable",
+    "allreduce_max",
     "allreduce_sum",
     "CollectiveResult",
     "SparseCollective",

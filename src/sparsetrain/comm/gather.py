@@ -41,9 +41,22 @@ def allreduce_sum(
     Returns:
         the summed tensors (new tensors, same shapes) and the bytes this rank sent (ring formula).
     """
+    return _allreduce(tensors, group, "sum")
+
+
+def allreduce_max(
+    tensors: Sequence[Tensor], group: dist.ProcessGroup | None = None
+) -> tuple[list[Tensor], int]:
+    """The elementwise maximum over ranks, as :func:`allreduce_sum` computes the sum."""
+    return _allreduce(tensors, group, "max")
+
+
+def _allreduce(
+    tensors: Sequence[Tensor], group: dist.ProcessGroup | None, op: str
+) -> tuple[list[Tensor], int]:
     if isinstance(tensors, Tensor) or not isinstance(tensors, Sequence) or not tensors:
         raise ValueError(
-            "allreduce_sum takes a non-empty sequence (list or tuple) of tensors, got "
+            f"allreduce_{op} takes a non-empty sequence (list or tuple) of tensors, got "
             f"{tensors!r:.100}"
         )
     dtypes = {t.dtype for t in tensors}
@@ -54,7 +67,8 @@ def allreduce_sum(
     flat = torch.cat([t.reshape(-1) for t in tensors])
     world = world_of(group)
     if world > 1:
-        dist.all_reduce(flat, group=group)
+        reduce_op = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
+        dist.all_reduce(flat, op=reduce_op, group=group)
     out = [
         part.view(t.shape)
         for part, t in zip(torch.split(flat, [t.numel() for t in tensors]), tensors)

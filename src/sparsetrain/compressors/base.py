@@ -21,7 +21,10 @@ How payloads of all ranks are combined is declared as data, not discovered at ru
 
 ``biased = True`` means error feedback is on by default for this compressor. A compressor that
 needs more than one round of communication (PowerSGD) sets ``rounds`` and implements
-``next_round(reduced_payload, ctx)``.
+``next_round(reduced_payload, ctx)``; each round before the last is summed over the ranks, or
+reduced by the op that ``round_ops`` names for it ("sum" or "max"). Compressors whose way of
+combining depends on an option (TernGrad's scaler sharing) set these in ``__post_init__``.
+The sync layer calls ``bind(world)`` with the number of ranks before the first step.
 
 Compressors that keep state across steps (a threshold estimate, a warm-start matrix, a step
 counter) keep it keyed by ``key`` (a stable name for the tensor, for example the names of the
@@ -239,6 +242,8 @@ class Compressor(abc.ABC):
     summable: ClassVar[bool] = True
     biased: ClassVar[bool] = False
     rounds: ClassVar[int] = 1
+    # The reduction of each round before the last, in order ("sum" where none is named).
+    round_ops: ClassVar[tuple[str, ...]] = ()
     # True: the sync layer adds the rank to ``seed`` (independent noise per rank); False: every
     # rank must draw the same numbers (random-k indices, PowerSGD's first Q).
     rank_seeded: ClassVar[bool] = False
@@ -256,6 +261,10 @@ class Compressor(abc.ABC):
     @abc.abstractmethod
     def decompress(self, payload: Payload, ctx: Any) -> Tensor:
         """Return the tensor ``payload`` stands for, with the shape, dtype and device in ``ctx``."""
+
+    def bind(self, world: int) -> None:  # noqa: B027 - most do not depend on it
+        """Learn the number of ranks whose payloads will be combined (the sync layer calls it
+        before the first step; alike on every rank)."""
 
     def next_round(self, reduced: Payload, ctx: Any) -> tuple[Payload, Any]:
         """Multi-round compressors: take the summed payload of the previous round and return

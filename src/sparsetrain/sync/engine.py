@@ -22,6 +22,7 @@ from .._options import is_integer
 from ..comm import (
     CollectiveResult,
     all_gather_variable,
+    allreduce_max,
     allreduce_sum,
     get_collective,
     ring_allreduce_bytes,
@@ -121,6 +122,7 @@ class SyncEngine:
         self.compressor = config.build_compressor()
         if self.compressor.rank_seeded and dist.is_initialized():
             self.compressor.seed += dist.get_rank(group)
+        self.compressor.bind(dist.get_world_size(group) if dist.is_initialized() else 1)
         self.feedback = ErrorFeedback(config.use_error_feedback, config.momentum_correction)
         self._collectives: dict[str, Any] = {}
         self.auto_choices: dict[int, str] = {}  # bucket size -> what "auto" picked for it
@@ -688,8 +690,10 @@ class SyncEngine:
         payload, ctx = comp.compress(compensated, key=key, layout=list(shapes))
         self.counters["compress_seconds"] += time.perf_counter() - t0
         try:
-            for _ in range(comp.rounds - 1):
-                reduced, sent = self._timed_comm(allreduce_sum, payload, self.group)
+            for i in range(comp.rounds - 1):
+                op = comp.round_ops[i] if i < len(comp.round_ops) else "sum"
+                reduce = allreduce_max if op == "max" else allreduce_sum
+                reduced, sent = self._timed_comm(reduce, payload, self.group)
                 self._count(sent, sent)
                 t0 = time.perf_counter()
                 payload, ctx = comp.next_round(tuple(reduced), ctx)
