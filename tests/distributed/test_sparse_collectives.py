@@ -761,6 +761,7 @@ def _gather_disagreements(rank: int, world: int) -> dict:
         "shape": [torch.ones(2, 2) if rank == 0 else torch.ones(4)],
         "empty": [] if rank == 2 else [torch.ones(1)],
         "not_tensors": [1.0] if rank == 1 else [torch.ones(1)],
+        "sparse_layout": [torch.ones(4).to_sparse() if rank == 0 else torch.ones(4)],
     }
     errors = {}
     for name, tensors in cases.items():
@@ -799,7 +800,7 @@ def test_all_gather_variable_raises_on_every_rank_when_the_ranks_disagree(tmp_pa
         ), res
         assert err["wide_count"].startswith("the ranks pass different numbers of tensors to "
                                             "the gather ([9, 1, 1], by rank)"), res  # fmt: skip
-        own = {"shape": 0, "empty": 2, "not_tensors": 1}
+        own = {"shape": 0, "empty": 2, "not_tensors": 1, "sparse_layout": 0}
         for case, culprit in own.items():
             if rank == culprit:
                 assert "invalid" not in err[case] and err[case], (case, res)

@@ -155,7 +155,15 @@ def _all_gather_with_header(
                 "all must be on one device that a backend of the process group moves (NCCL "
                 "moves CUDA memory only, gloo CPU and CUDA memory)"
             )
-    raw = [as_bytes(t) for t in tensors] if error is None else []
+    raw: list[Tensor] = []
+    if error is None:
+        try:  # a sparse layout, a conjugate view: a local refusal, told to the others too
+            raw = [as_bytes(t) for t in tensors]
+        except RuntimeError as e:
+            error = ValueError(
+                f"gathered payload tensors must be dense (strided) tensors whose bytes can be "
+                f"sent; got layouts {[str(t.layout) for t in tensors]}: {e}"
+            )
     lengths = [r.numel() for r in raw] if error is None else [0] * len(tensors)
     extra = [int(x) for x in extra] if error is None else [0] * len(extra)
     head = [len(tensors), int(error is not None), *lengths, *extra]
