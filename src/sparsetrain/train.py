@@ -121,7 +121,8 @@ class TrainConfig:
             serves a comparison of ``none``, ``topk`` and ``threshold``. None: their default.
         compressor_options: further options of the compressor (``option_names(compressor)``).
         error_feedback: keep what was not sent for the next step; None: on for biased
-            compressors (top-k, threshold, ...), off for unbiased ones.
+            compressors (top-k, threshold, ...) but signsgd with ``majority_vote``, off for
+            unbiased ones (``Compressor.feedback_by_default``).
         collective: how sparse payloads are reduced (``"allgather"``, a sparse allreduce, or
             ``"auto"``).
         collective_options, auto_candidates, auto_network: the collective's options and what

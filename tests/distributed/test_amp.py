@@ -293,9 +293,9 @@ def test_bad_scaler_arguments_get_an_error_on_every_rank(tmp_path):
 
 
 def _exchange_overflow(rank: int, world: int, how: str) -> dict:
-    # The fp16 compressor with error feedback: rank 0's entry of 1.5 is finite in float32 but
-    # 1.5 * 2**16 passes float16's 65504, so the exchange itself overflows, every rank's
-    # gradients being finite. At the halved scale, 1.5 * 2**15 fits.
+    # The fp16 compressor with error feedback: rank 0's entry of 3 is finite in float32, but
+    # its share of the average, 3 * 2**16 / 2 ranks, passes float16's 65504, so the exchange
+    # itself overflows, every rank's gradients being finite. At the halved scale it fits.
     torch.manual_seed(0)
     net = _net()
     scaler = _scaler(2.0**16)
@@ -311,7 +311,7 @@ def _exchange_overflow(rank: int, world: int, how: str) -> dict:
     def step(n: int, big: bool) -> None:
         grads = _grads(net, rank, n)
         if big and rank == 0:
-            grads[0][0, 0] = 1.5
+            grads[0][0, 0] = 3.0
         scale = scaler.get_scale()
         if how == "ddp":
             _backward_to(model, net, [g * scale for g in grads])

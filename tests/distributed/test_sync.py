@@ -744,6 +744,48 @@ def test_terngrad_with_scaler_sharing_sums_codes_under_the_ranks_largest_scale(t
     assert steps.abs().max() <= world and steps.abs().max() > 0
 
 
+def _half_sums(rank: int, world: int) -> dict:
+    from sparsetrain.sync.engine import SyncEngine
+
+    torch.set_num_threads(1)
+    out = {}
+    # Gradients of 40000 on every rank: each fits in float16 and so does their average, but
+    # their sum does not. The ranks' average was summed first and divided after, so it was Inf.
+    for name, compressor, dtype in (("fp16", "fp16", torch.float32),
+                                    ("none-half", "none", torch.float16),
+                                    ("signsgd-half", "signsgd", torch.float16),
+                                    ("vote-half", "signsgd", torch.float16)):  # fmt: skip
+        opts = {"majority_vote": True} if name == "vote-half" else {}
+        model = nn.Linear(4, 1, bias=False).to(dtype)
+        sync = sparsetrain.GradientSync(model, compressor, **opts)
+        model.weight.grad = torch.full((1, 4), 40000.0, dtype=dtype)
+        try:
+            out[name] = (sync.synchronize(), model.weight.grad.float().tolist())
+        except FloatingPointError as e:
+            out[name] = str(e)
+    # A sparse exchange that drops the step under "skip" (Ok-Topk refuses the Inf sum of
+    # float16 values) left each rank's own gradient in the parts instead of zeros.
+    config = sparsetrain.SyncConfig(
+        compressor="topk", compressor_options={"density": 1.0}, collective="oktopk",
+        error_feedback=False, on_nonfinite="skip",
+    )  # fmt: skip
+    engine = SyncEngine(config)
+    part = torch.tensor([60000.0, 1.0 + rank, -2.0, 3.0], dtype=torch.float16)
+    engine.exchange_into([part], ["w"], [torch.Size([4])])
+    engine.end_step()
+    out["skip_parts"] = (engine.skipped_last_step, part.tolist())
+    return out
+
+
+def test_averages_that_fit_do_not_overflow_in_their_sum_and_skipped_parts_are_zero(tmp_path):
+    for res in oks(run_world(_half_sums, 2, tmp_path)):
+        assert res["fp16"] == (True, [[40000.0] * 4]), res["fp16"]
+        assert res["none-half"] == (True, [[40000.0] * 4]), res["none-half"]
+        assert res["signsgd-half"] == (True, [[40000.0] * 4]), res["signsgd-half"]
+        assert res["vote-half"] == (True, [[40000.0] * 4]), res["vote-half"]
+        assert res["skip_parts"] == (True, [0.0] * 4), res["skip_parts"]
+
+
 # ---- momentum correction (Deep Gradient Compression) ----------------------------------------
 MOMENTUM = 0.9
 

@@ -81,6 +81,19 @@ def test_scaled_randomk_with_error_feedback_is_refused():
     assert not sparsetrain.SyncConfig(compressor="randomk").use_error_feedback
 
 
+@pytest.mark.parametrize(
+    "robust", [{"aggregator": "mean"}, {"attack": "sign_flip", "byzantine": 1}]
+)
+def test_majority_vote_is_refused_where_the_robust_path_would_skip_it(robust):
+    # The robust path averages the ranks' decoded scaled signs: one large rank then set the
+    # direction of every entry, which the vote is there to prevent.
+    vote = {"compressor": "signsgd", "compressor_options": {"majority_vote": True}}
+    with pytest.raises(ValueError, match="majority_vote does not combine with an aggregator"):
+        sparsetrain.SyncConfig(**vote, **robust)
+    sparsetrain.SyncConfig(compressor="signsgd", **robust)  # the plain scaled sign can
+    sparsetrain.SyncConfig(**vote)
+
+
 def test_unscaled_randomk_gets_error_feedback_by_default():
     # Unscaled random-k sends k/numel of the gradient on average: biased, so error feedback is
     # on unless turned off, as for the other biased compressors.

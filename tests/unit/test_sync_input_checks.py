@@ -423,3 +423,24 @@ def test_an_exchange_that_overflows_is_dropped_or_raised_in_every_mode(group, mo
         got = out
     assert (torch.isnan(got) if mode == "propagate" else got == 0).all(), got
     assert sync.engine.stats()["skipped_steps"] == 1
+
+
+# ---- a refused load changes nothing ------------------------------------------------------------
+@pytest.mark.parametrize("broken", ["feedback", "compressor", "collective"])
+def test_a_state_refused_half_way_leaves_the_sync_as_it_was(group, broken):
+    # The step and counters were set, and the residuals replaced, before a later part of the
+    # state was refused: the sync went on half loaded.
+    sync = _stepped(density=0.25, collective="oktopk")
+    before = sync.state_dict()
+    state = _stepped(density=0.5, collective="oktopk").state_dict()  # other residuals, steps
+    state["step"] = 99
+    if broken == "feedback":
+        state["feedback"]["enabled"] = False
+    elif broken == "compressor":
+        state["compressor"] = {"wrong": 1}
+    else:
+        state["collectives"] = {"oktopk": {"wrong": 1}}
+    with pytest.raises(ValueError):
+        sync.load_state_dict(state, strict=False)
+    assert same(sync.state_dict(), before)
+    assert sync.engine.step == before["step"] == 2

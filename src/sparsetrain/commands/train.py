@@ -119,7 +119,8 @@ def add_sync_arguments(p: argparse.ArgumentParser, compressor_default: str = "th
         "--error-feedback",
         choices=sorted(EF_CHOICES),
         default="auto",
-        help="keep what was not sent for the next step (auto: on for biased compressors)",
+        help="keep what was not sent for the next step (auto: on for biased compressors, but "
+        "not for signsgd with majority_vote)",
     )
     g.add_argument(
         "--option",

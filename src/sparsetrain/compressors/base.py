@@ -272,8 +272,11 @@ class Compressor(abc.ABC):
         raise RuntimeError(f"compressor {self.name!r} has a single round")
 
     def aggregate(self, payloads: Sequence[Payload], ctx: Any) -> Tensor:
-        """Return the sum over ranks of the decompressed payloads (gathered wires)."""
-        out = self.decompress(payloads[0], ctx).clone()
+        """Return the sum over ranks of the decompressed payloads (gathered wires), in the work
+        dtype (float32 for float16 and bfloat16, whose sum could overflow or round where the
+        average, which the sync layer takes next, would not)."""
+        first = self.decompress(payloads[0], ctx)
+        out = first.to(work_dtype(first.dtype), copy=True)
         for p in payloads[1:]:
             out += self.decompress(p, ctx)
         return out
@@ -292,6 +295,13 @@ class Compressor(abc.ABC):
         gradient on average (the sync layer turns error feedback on for those by default):
         :attr:`biased`, unless an option changes it."""
         return cls.biased
+
+    @classmethod
+    def robust_conflict(cls, options: Mapping[str, Any]) -> str | None:
+        """Why this compressor, built with ``options``, cannot run under a robust aggregator or
+        an attack (which average the ranks' decompressed gradients instead of calling
+        :meth:`aggregate`), or None where it can."""
+        return None
 
     @classmethod
     def feedback_by_default(cls, options: Mapping[str, Any]) -> bool:

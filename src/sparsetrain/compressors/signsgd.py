@@ -98,6 +98,16 @@ class SignSGD(Compressor):
         """Off with ``majority_vote`` (see the class docstring), else on (a biased compressor)."""
         return not options.get("majority_vote", False)
 
+    @classmethod
+    def robust_conflict(cls, options: Mapping[str, Any]) -> str | None:
+        if options.get("majority_vote", False):
+            return (
+                "signsgd's majority_vote does not combine with an aggregator or an attack: the "
+                "robust path averages the ranks' decoded gradients and would skip the vote (which "
+                "already gives each rank one vote on the direction); drop one of them"
+            )
+        return None
+
     def aggregate(self, payloads: Sequence[Payload], ctx: TensorMeta) -> Tensor:
         """The sum over ranks of the decoded payloads; with ``majority_vote``, the number of
         ranks times the vote's result (the sync layer divides the sum by that number)."""
@@ -112,4 +122,5 @@ class SignSGD(Compressor):
             scales += bucket_scales
         direction = (len(payloads) - 2 * votes).sign().view(buckets, size).to(scales.dtype)
         out = direction.mul_(scales[:, None])  # the mean scale, times the number of ranks
-        return out.view(-1)[: ctx.numel].to(ctx.dtype).view(ctx.shape)
+        # In the work dtype, as the base class sums: the sync layer divides by the ranks next.
+        return out.view(-1)[: ctx.numel].view(ctx.shape)

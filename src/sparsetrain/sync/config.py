@@ -56,8 +56,9 @@ class SyncConfig:
             in buckets exchanged before the bad one, so that ``torch.amp.GradScaler.step``
             skips the optimizer and lowers its scale: the mode a ``grad_scaler`` selects).
             An exchange whose result overflows although every rank's gradient was finite (the
-            fp16 compressor's cast of values past 65504, a sum past the dtype's range) counts
-            as a non-finite gradient in each mode ("raise" raises, naming the overflow).
+            fp16 compressor's cast of a rank's share of the average, gradient / ranks, past
+            65504; a sum past the dtype's range) counts as a non-finite gradient in each mode
+            ("raise" raises, naming the overflow).
             The error-feedback residuals are then those from before the step, also for the
             buckets exchanged before the one that held NaN/Inf (compressor state, such as
             thresholds, moves on). With "raise" the gradients may be zero (the sparse in-place
@@ -124,6 +125,11 @@ class SyncConfig:
                 "then keep (1 - numel/k) times every sent value and diverge. With "
                 "error_feedback=True pass scale=False (random-k with memory, Stich et al. 2018)"
             )
+        if self.aggregator is not None or self.attack is not None:
+            options = self.compressor_options if isinstance(self.compressor_options, dict) else {}
+            conflict = cls.robust_conflict(options)
+            if conflict is not None:
+                raise ValueError(conflict)
         if self.collective != "allgather":
             from ..comm import available_collectives
 

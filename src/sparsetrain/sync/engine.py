@@ -119,35 +119,43 @@ class SyncEngine:
         # With on_nonfinite="propagate": the step's results so far, made NaN if a later bucket
         # turns out non-finite (DDP copies them into the gradients only when backward ends).
         self._outputs: list[Tensor] = []
-        self.compressor = config.build_compressor()
-        if self.compressor.rank_seeded and dist.is_initialized():
-            self.compressor.seed += dist.get_rank(group)
-        self.compressor.bind(dist.get_world_size(group) if dist.is_initialized() else 1)
-        self.feedback = ErrorFeedback(config.use_error_feedback, config.momentum_correction)
+        self.compressor = self._new_compressor()
+        self.feedback = self._new_feedback()
         self._collectives: dict[str, Any] = {}
         self.auto_choices: dict[int, str] = {}  # bucket size -> what "auto" picked for it
-        self.aggregator = None
-        self.attack = None
-        if config.aggregator is not None or config.attack is not None:
-            from ..robust import get_aggregator, get_attack
-
-            world = world_of(group)
-            self.aggregator = get_aggregator(
-                config.aggregator or "mean",
-                n=world,
-                f=config.byzantine,
-                **config.aggregator_options,
-            )
-            if config.attack is not None:
-                self.attack = get_attack(
-                    config.attack, n=world, f=config.byzantine, **config.attack_options
-                )
+        self.aggregator, self.attack = self._new_robust()
         self.step = 0
         self.counters: dict[str, float] = dict.fromkeys(_COUNTERS, 0)
         self.skipped_last_step = False
         self._skipping = False
         self._staging: Tensor | None = None  # reused by the dense in-place path
         self._marks: Tensor | None = None  # all False between calls of _not_selected
+
+    # The parts of the state, built as the config says (load_state_dict loads into new ones).
+    def _new_compressor(self) -> Any:
+        comp = self.config.build_compressor()
+        if comp.rank_seeded and dist.is_initialized():
+            comp.seed += dist.get_rank(self.group)
+        comp.bind(dist.get_world_size(self.group) if dist.is_initialized() else 1)
+        return comp
+
+    def _new_feedback(self) -> ErrorFeedback:
+        return ErrorFeedback(self.config.use_error_feedback, self.config.momentum_correction)
+
+    def _new_robust(self) -> tuple[Any, Any]:
+        config = self.config
+        if config.aggregator is None and config.attack is None:
+            return None, None
+        from ..robust import get_aggregator, get_attack
+
+        world = world_of(self.group)
+        aggregator = get_aggregator(
+            config.aggregator or "mean", n=world, f=config.byzantine, **config.aggregator_options
+        )
+        attack = None
+        if config.attack is not None:
+            attack = get_attack(config.attack, n=world, f=config.byzantine, **config.attack_options)
+        return aggregator, attack
 
     def _collective_for(self, numel: int) -> Any:
         """Return the sparse collective for a bucket of ``numel`` elements ("dense" for a dense
@@ -255,7 +263,11 @@ class SyncEngine:
                 world = self._count_dense(sum(numels), parts[0].element_size())
                 order = _canonical_order(names)
                 self._exchange_sparse(parts, list(names), list(shapes), numels, order, world)
-        self._check_result(parts)
+        if self._skipping:  # dropped in this bucket's sparse exchange, which may not have
+            for part in parts:  # cleared the parts (float16, CUDA, no native kernel)
+                part.fill_(self._dropped)
+        else:
+            self._check_result(parts)
 
     def _check_result(self, results: Sequence[Tensor]) -> None:
         """A result that is not finite although every rank's gradient was (an overflow in the
@@ -275,8 +287,9 @@ class SyncEngine:
         if self.config.on_nonfinite == "raise":
             raise FloatingPointError(
                 "the ranks' average gradient is not finite although every rank's gradient was: "
-                "the exchange overflowed (the fp16 compressor's cast of gradients past 65504, "
-                f"or a sum past {results[0].dtype}'s range); lower the learning "
+                "the exchange overflowed (the fp16 compressor's cast of a rank's share of the "
+                "average, its gradient divided by the number of ranks, past 65504, or a sum "
+                f"past {results[0].dtype}'s range); lower the learning "
                 "rate or the loss scale, use gradient clipping, or pass on_nonfinite='skip' to "
                 "drop such steps on every rank"
             )
@@ -441,7 +454,8 @@ class SyncEngine:
     def _exchange_dense_inplace(
         self, flat: Tensor, numels: list[int], order: list[int], world: int
     ) -> Tensor:
-        """Allreduce the bucket (through the compressor's cast, if any) and average, in place.
+        """Average the bucket in place: divide it by the number of ranks, then allreduce it
+        (through the compressor's cast, if any), as torch's own hooks do.
 
         The values are those of :meth:`_exchange`, bit for bit: a ring allreduce sums each chunk
         of the vector in a different order of ranks, so the vector is still summed in canonical
@@ -464,6 +478,8 @@ class SyncEngine:
             buf = self._staging[: flat.numel()]
             parts = torch.split(flat, numels)
             torch.cat([parts[i] for i in order], out=buf)
+        if world > 1:  # before the sum, as torch's hooks do: then it cannot overflow float16
+            buf.div_(world)  # where the average fits
         (wire,), _ = self.compressor.compress(buf)
         self.counters["compress_seconds"] += time.perf_counter() - t0
         if world > 1:
@@ -473,7 +489,6 @@ class SyncEngine:
         t0 = time.perf_counter()
         if wire.data_ptr() != buf.data_ptr():
             buf.copy_(wire.view(buf.shape))
-        buf.div_(world)
         out = buf if identity else _to_bucket_order(buf, flat, order, numels)
         self.counters["compress_seconds"] += time.perf_counter() - t0
         return out
@@ -677,17 +692,23 @@ class SyncEngine:
         numels: list[int],
         world: int,
     ) -> Tensor:
-        if self.step < self.config.dense_warmup_steps:
-            (out,), sent = self._timed_comm(allreduce_sum, [flat], self.group)
+        if self.step < self.config.dense_warmup_steps:  # divided first, as in the fast path
+            (out,), sent = self._timed_comm(allreduce_sum, [flat / world], self.group)
             self.counters["bytes_sent"] += sent
             self.counters["bytes_recv"] += sent
-            return out / world
+            return out
 
         key = "|".join(names)
         t0 = time.perf_counter()
         comp = self.compressor
         compensated = self.feedback.compensate(names, numels, flat)
-        payload, ctx = comp.compress(compensated, key=key, layout=list(shapes))
+        # An element-wise cast (fp16, bf16, none) sends its share of the average, divided
+        # before the cast and the sum as in the dense fast path (and torch's own hooks), so a
+        # float16 sum of gradients whose average fits cannot overflow; it has sent `world`
+        # times what it decodes to, which is what its residual leaves out.
+        divisor = 1 if comp.elementwise and comp.summable and world > 1 else world
+        shared = compensated / world if divisor == 1 else compensated
+        payload, ctx = comp.compress(shared, key=key, layout=list(shapes))
         self.counters["compress_seconds"] += time.perf_counter() - t0
         try:
             for i in range(comp.rounds - 1):
@@ -700,6 +721,8 @@ class SyncEngine:
                 self.counters["compress_seconds"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             mine = comp.decompress(payload, ctx).reshape(-1)
+            if divisor == 1 and world > 1:
+                mine = mine * world
         except FloatingPointError:
             # A summed round payload overflowed its wire dtype (PowerSGD's P in float16): the
             # same sum on every rank, so every rank gets here together.
@@ -757,7 +780,7 @@ class SyncEngine:
             gathered, sent, recv = self._timed_comm(all_gather_variable, payload, self.group)
             self._count(sent, recv)
             total = comp.aggregate([tuple(g) for g in gathered], ctx)
-        return (total.reshape(flat.shape) / world).to(flat.dtype)
+        return (total.reshape(flat.shape) / divisor).to(flat.dtype)
 
     def _selected(
         self, res: CollectiveResult, payload, compensated: Tensor, names, numels
@@ -942,20 +965,29 @@ class SyncEngine:
             or not (math.isfinite(scale) and scale > 0)
         ):
             raise ValueError(f"the state's 'loss_scale' must be a number > 0, got {scale!r}")
-        self.step = int(state["step"])
-        self.counters = {k: state["counters"].get(k, 0) for k in _COUNTERS}
-        self.feedback.load_state_dict(state["feedback"])
-        self.compressor.load_state_dict(state["compressor"])
+        # Every part loads into a new object, and only once all have loaded do they replace
+        # this engine's: a state refused half way (a residual saved with error feedback off, a
+        # malformed compressor state) leaves the engine as it was, not half loaded.
+        feedback = self._new_feedback()
+        feedback.load_state_dict(state["feedback"])
+        compressor = self._new_compressor()
+        compressor.load_state_dict(state["compressor"])
+        collectives = dict(self._collectives)
         for name, cstate in state.get("collectives", {}).items():
-            coll = self._collectives.get(name) or get_collective(
-                name, **self.config.collective_options_for(name)
-            )
+            coll = get_collective(name, **self.config.collective_options_for(name))
             coll.load_state_dict(cstate)
-            self._collectives[name] = coll
-        if self.aggregator is not None and "aggregator" in state:
-            self.aggregator.load_state_dict(state["aggregator"])
-        if self.attack is not None and "attack" in state:
-            self.attack.load_state_dict(state["attack"])
+            collectives[name] = coll
+        aggregator, attack = self.aggregator, self.attack
+        if aggregator is not None and "aggregator" in state:
+            aggregator = self._new_robust()[0]
+            aggregator.load_state_dict(state["aggregator"])
+        if attack is not None and "attack" in state:
+            attack = self._new_robust()[1]
+            attack.load_state_dict(state["attack"])
+        step = int(state["step"])
+        counters = {k: state["counters"].get(k, 0) for k in _COUNTERS}
+        self.feedback, self.compressor, self._collectives = feedback, compressor, collectives
+        self.aggregator, self.attack, self.step, self.counters = aggregator, attack, step, counters
         # The residuals and thresholds are in these units; the next step brings them to its
         # own scale (the scaler's, or 1 without one).
         self.loss_scale = float(scale)
