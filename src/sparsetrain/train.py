@@ -1209,7 +1209,10 @@ def write_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
 
 def parse_value(text: str) -> Any:
     """Parse a command-line option value: a Python literal (``0.5``, ``True``, ``None``,
-    ``[1, 2]``) when it is one, else the string itself."""
+    ``[1, 2]``) when it is one, ``true``/``false`` in any case as the booleans (what a shell
+    user types), else the string itself."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):

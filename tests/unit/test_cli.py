@@ -157,6 +157,7 @@ def test_collective_options_and_the_auto_choice_from_the_command_line(capsys):
 def test_parse_value_reads_literals_and_keeps_other_text():
     assert parse_value("0.5") == 0.5
     assert parse_value("True") is True
+    assert parse_value("true") is True and parse_value("FALSE") is False  # as shells spell them
     assert parse_value("[1, 2]") == [1, 2]
     assert parse_value("median") == "median"
 
