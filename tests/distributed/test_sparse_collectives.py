@@ -375,15 +375,15 @@ def test_sparse_collectives(world, form, by_form):
     results = [by_form[form][r][world] for r in range(world)]
 
     # The allgather pads every rank's payload to the largest one, and the padding is charged:
-    # the ring allgather formula, (p-1)/p * B, over B = the size headers (p ranks' 16 int64s,
-    # the header's fixed width, which holds the tensor count, the gather's error flag, two byte
-    # lengths, and the collective's error flag, numel and two dtype codes) plus p payloads of
-    # the largest count. In case 3 rank 1 sends no entries and still pays for the widest one.
+    # the ring allgather formula, (p-1)/p * B, over B = the size headers (p ranks' 9 int64s,
+    # the header's fixed width: its own width, the tensor count, the gather's error flag, two
+    # byte lengths, and the collective's error flag, numel and two dtype codes) plus p payloads
+    # of the largest count. In case 3 rank 1 sends no entries and still pays for the widest.
     seed, numel, count, dtype, idx_dtype = EXACT_CASES[2]
     assert seed == 3 and count(1) == 0
     widest = max(count(r) for r in range(world)) * (idx_dtype.itemsize + dtype.itemsize)
-    padded = round((world - 1) / world * (world * 16 * 8 + world * widest))
-    assert padded == (world - 1) * (128 + 12 * max(30 + r for r in range(world) if r != 1))
+    padded = round((world - 1) / world * (world * 9 * 8 + world * widest))
+    assert padded == (world - 1) * (72 + 12 * max(30 + r for r in range(world) if r != 1))
     for r in range(world):
         assert results[r]["exact"][2]["allgather"] == padded, (r, results[r]["exact"][2])
 
@@ -770,7 +770,7 @@ def _gather_disagreements(rank: int, world: int) -> dict:
             errors[name] = None
         except (TypeError, ValueError) as e:
             errors[name] = f"{type(e).__name__}: {e}"
-    # A header wider than the first round's 16 slots (nine tensors: nine lengths, nine dtypes)
+    # A header wider than the first round's 9 slots (nine tensors: nine lengths, nine dtypes)
     # on every rank, then on one rank only, whose width the others learn in the first round.
     wide = all_gather_variable([torch.full((rank + j,), float(j)) for j in range(9)])[0]
     try:

@@ -210,8 +210,10 @@ def _all_gather_with_header(
 # The first size header has this many int64 slots on every rank, whatever each rank passes, so
 # the ranks always agree on its size and see one another's tensor counts (gloo aborts the
 # process on an allgather whose sizes differ between ranks, NCCL hangs). A header that needs
-# more slots on some rank is sent whole in a second allgather, sized from the first.
-HEADER_SLOTS = 16
+# more slots on some rank is sent whole in a second allgather, sized from the first. Nine
+# hold the library's own gathers (the allgather baseline's: its width, the tensor count, the
+# error flag, two byte lengths and four ints of its input check) in one round.
+HEADER_SLOTS = 9
 
 
 def _gather_header(
