@@ -164,7 +164,8 @@ class ErrorFeedback:
         """Set each parameter's residual to its slice of ``compensated - sent``."""
         if not self.enabled:
             return
-        residual = compensated - sent.reshape(compensated.shape)
+        # (sent may be wider than the gradient, whose dtype the residual keeps)
+        residual = (compensated - sent.reshape(compensated.shape)).to(compensated.dtype)
         for n, part in zip(names, torch.split(residual, list(numels))):
             self.residuals[n] = part
 

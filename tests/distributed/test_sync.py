@@ -751,11 +751,17 @@ def _half_sums(rank: int, world: int) -> dict:
     out = {}
     # Gradients of 40000 on every rank: each fits in float16 and so does their average, but
     # their sum does not. The ranks' average was summed first and divided after, so it was Inf.
+    options = {
+        "vote-half": {"majority_vote": True},
+        "terngrad-shared-half": {"scaler_sharing": True},
+    }
     for name, compressor, dtype in (("fp16", "fp16", torch.float32),
                                     ("none-half", "none", torch.float16),
                                     ("signsgd-half", "signsgd", torch.float16),
-                                    ("vote-half", "signsgd", torch.float16)):  # fmt: skip
-        opts = {"majority_vote": True} if name == "vote-half" else {}
+                                    ("vote-half", "signsgd", torch.float16),
+                                    ("terngrad-shared-half", "terngrad", torch.float16),
+                                    ("powersgd-half", "powersgd", torch.float16)):  # fmt: skip
+        opts = options.get(name, {})
         model = nn.Linear(4, 1, bias=False).to(dtype)
         sync = sparsetrain.GradientSync(model, compressor, **opts)
         model.weight.grad = torch.full((1, 4), 40000.0, dtype=dtype)
@@ -774,16 +780,43 @@ def _half_sums(rank: int, world: int) -> dict:
     engine.exchange_into([part], ["w"], [torch.Size([4])])
     engine.end_step()
     out["skip_parts"] = (engine.skipped_last_step, part.tolist())
+    # fp16 with error feedback on float16 gradients: 65504's share on 3 ranks casts to 21840,
+    # and 3 * 21840 = 65520 is no float16: the residual became -Inf, and every later step
+    # non-finite. It is taken in float32 now: 65504 - 65520 = -16.
+    model = nn.Linear(4, 1, bias=False).half()
+    sync = sparsetrain.GradientSync(model, "fp16", error_feedback=True, on_nonfinite="skip")
+    model.weight.grad = torch.tensor([[65504.0 if rank == 0 else 1.0, 1.0, 1.0, 1.0]]).half()
+    stepped = sync.synchronize()
+    residual = sync.engine.feedback.residuals["weight"]
+    out["ef_half"] = (stepped, residual.dtype == torch.float16, residual.tolist())
+    # Under a robust rule, which takes every rank's whole gradient, nothing is divided first.
+    model = nn.Linear(4, 1, bias=False).half()
+    sync = sparsetrain.GradientSync(model, "fp16", aggregator="mean", on_nonfinite="skip")
+    model.weight.grad = torch.tensor([[65504.0 if rank == 0 else 1.0, 1.0, 1.0, 1.0]]).half()
+    out["robust_half"] = (sync.synchronize(), model.weight.grad.float().tolist())
+    # During the dense warm-up the fp16 compressor sends no cast: the fast path did.
+    model = nn.Linear(4, 1, bias=False)
+    sync = sparsetrain.GradientSync(model, "fp16", dense_warmup_steps=1)
+    model.weight.grad = torch.full((1, 4), 1 / 3 + rank * 1e-4)
+    sync.synchronize()
+    out["warmup_cast"] = bool((model.weight.grad.half().float() == model.weight.grad).all())
     return out
 
 
 def test_averages_that_fit_do_not_overflow_in_their_sum_and_skipped_parts_are_zero(tmp_path):
-    for res in oks(run_world(_half_sums, 2, tmp_path)):
-        assert res["fp16"] == (True, [[40000.0] * 4]), res["fp16"]
-        assert res["none-half"] == (True, [[40000.0] * 4]), res["none-half"]
-        assert res["signsgd-half"] == (True, [[40000.0] * 4]), res["signsgd-half"]
-        assert res["vote-half"] == (True, [[40000.0] * 4]), res["vote-half"]
+    for rank, res in enumerate(oks(run_world(_half_sums, 3, tmp_path))):
+        for name in ("fp16", "none-half", "signsgd-half", "vote-half", "terngrad-shared-half",
+                     "powersgd-half"):  # fmt: skip
+            assert res[name] == (True, [[40000.0] * 4]), (name, res[name])
         assert res["skip_parts"] == (True, [0.0] * 4), res["skip_parts"]
+        stepped, half, residual = res["ef_half"]
+        assert stepped and half and all(math.isfinite(r) for r in residual), res["ef_half"]
+        # What the rank did not send: 65504 - 3 * 21840, and 1 - 3 * float16(1 / 3).
+        assert residual == [-16.0 if rank == 0 else 2**-12] + [2**-12] * 3, residual
+        assert not res["warmup_cast"]
+        assert res["robust_half"] == (True, [[21840.0, 1.0, 1.0, 1.0]]), res[
+            "robust_half"
+        ]  # fp16(65506 / 3)
 
 
 # ---- momentum correction (Deep Gradient Compression) ----------------------------------------

@@ -634,8 +634,9 @@ def test_terngrad_scaler_sharing_is_unbiased_under_another_ranks_larger_scale():
 
 def test_terngrad_scaler_sharing_sums_codes_in_the_narrowest_integer_that_holds_them():
     x = torch.randn(100)
-    for world, dtype in ((1, torch.int8), (127, torch.int8), (128, torch.int16),
-                         (32767, torch.int16), (32768, torch.int32)):  # fmt: skip
+    # (gloo and NCCL sum no int16)
+    for world, dtype in ((1, torch.int8), (127, torch.int8), (128, torch.int32),
+                         (40000, torch.int32)):  # fmt: skip
         c = make("terngrad", scaler_sharing=True)
         c.bind(world)
         assert c.rounds == 2 and c.round_ops == ("max",) and c.summable

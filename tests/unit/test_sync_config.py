@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import pytest
 import torch
 from torch import nn
@@ -90,6 +92,9 @@ def test_majority_vote_is_refused_where_the_robust_path_would_skip_it(robust):
     vote = {"compressor": "signsgd", "compressor_options": {"majority_vote": True}}
     with pytest.raises(ValueError, match="majority_vote does not combine with an aggregator"):
         sparsetrain.SyncConfig(**vote, **robust)
+    frozen = {**vote, "compressor_options": MappingProxyType({"majority_vote": True})}
+    with pytest.raises(ValueError, match="majority_vote does not combine with an aggregator"):
+        sparsetrain.SyncConfig(**frozen, **robust)  # any mapping of options
     sparsetrain.SyncConfig(compressor="signsgd", **robust)  # the plain scaled sign can
     sparsetrain.SyncConfig(**vote)
 

@@ -444,3 +444,13 @@ def test_a_state_refused_half_way_leaves_the_sync_as_it_was(group, broken):
         sync.load_state_dict(state, strict=False)
     assert same(sync.state_dict(), before)
     assert sync.engine.step == before["step"] == 2
+
+
+def test_a_load_keeps_the_memory_reserved_when_the_sync_was_built(group):
+    # GradientSync reserves its error-feedback buffers when built (as DDP takes its buckets);
+    # a load that built its parts anew dropped them, and the first steps took memory again.
+    sync = _stepped(density=0.25)
+    reserved = dict(sync.engine.feedback._buffers)
+    assert reserved
+    sync.load_state_dict(sync.state_dict())
+    assert sync.engine.feedback._buffers.keys() == reserved.keys()

@@ -266,6 +266,13 @@ class Compressor(abc.ABC):
         """Learn the number of ranks whose payloads will be combined (the sync layer calls it
         before the first step; alike on every rank)."""
 
+    def decompress_sum(self, payload: Payload, ctx: Any) -> Tensor:
+        """Decode the sum over ranks of the last round's payloads (summable wires), which the
+        sync layer divides by the number of ranks next: in a wider dtype than the gradient's
+        where the sum could pass its range and the average not (float32 for half gradients).
+        By default :meth:`decompress`."""
+        return self.decompress(payload, ctx)
+
     def next_round(self, reduced: Payload, ctx: Any) -> tuple[Payload, Any]:
         """Multi-round compressors: take the summed payload of the previous round and return
         this rank's payload for the next one."""

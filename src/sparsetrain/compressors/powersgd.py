@@ -210,6 +210,13 @@ class PowerSGD(Compressor):
 
     def decompress(self, payload: Payload, ctx: PowerSGDContext) -> Tensor:
         """Return ``P_hat Q^T`` per matrix plus the dense part; keep the Q's as warm start."""
+        return self._decode(payload, ctx).to(ctx.meta.dtype).view(ctx.meta.shape)
+
+    def decompress_sum(self, payload: Payload, ctx: PowerSGDContext) -> Tensor:
+        """As :meth:`decompress`, in float32 for half gradients (the sum of the ranks')."""
+        return self._decode(payload, ctx).view(ctx.meta.shape)
+
+    def _decode(self, payload: Payload, ctx: PowerSGDContext) -> Tensor:
         if ctx.p_hat is None:
             raise ValueError(
                 "powersgd decompresses round-2 payloads: call next_round with the summed "
@@ -229,7 +236,7 @@ class PowerSGD(Compressor):
             out[offset : offset + size] = dense[start : start + size]
             start += size
         self._q[ctx.key] = qs
-        return out[: ctx.meta.numel].to(ctx.meta.dtype).view(ctx.meta.shape)
+        return out[: ctx.meta.numel]
 
     # ---- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

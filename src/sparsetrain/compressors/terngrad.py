@@ -76,7 +76,7 @@ class TernGrad(Compressor):
     With ``scaler_sharing=True`` (the paper's scaler sharing), every rank ternarizes with the
     same scale, the largest over the ranks of its bucket's ``s``: one allreduce (max) of the
     scales, then the codes ``t_i`` are summed over the ranks by a second allreduce, as integers
-    (int8 up to 127 ranks, int16 up to 32,767, else int32), and decoded as ``s * sum t_i``.
+    (int8 up to 127 ranks, else int32), and decoded as ``s * sum t_i``.
     Still unbiased (``|v_i| <= s``), with more variance on ranks whose own maximum is below
     the shared one. Each rank then sends about ``2 (p-1)/p`` bytes an entry in the ring
     allreduce, whatever the number of ranks ``p``, where the gathered 2-bit codes cost
@@ -134,9 +134,8 @@ class TernGrad(Compressor):
             raise RuntimeError("terngrad has a second round only with scaler_sharing=True")
         (shared,) = reduced
         codes = self._ternarize(ctx.rows, shared, ctx.key, ctx.step)
-        world = self._world
-        dtype = torch.int32 if world is None or world > 32767 else torch.int16
-        dtype = torch.int8 if world is not None and world <= 127 else dtype
+        # int8 holds the sum of up to 127 ranks' codes; gloo and NCCL sum no int16.
+        dtype = torch.int8 if self._world is not None and self._world <= 127 else torch.int32
         return (codes.view(-1)[: ctx.numel].to(dtype),), _Shared(ctx.meta, shared)
 
     def _ternarize(self, rows: Tensor, scales: Tensor, key: str, step: int) -> Tensor:
@@ -152,6 +151,16 @@ class TernGrad(Compressor):
         return mag.mul_(torch.sign(rows))
 
     def decompress(self, payload: Payload, ctx: Any) -> Tensor:
+        out, meta = self._decode(payload, ctx)
+        return out.to(meta.dtype).view(meta.shape)
+
+    def decompress_sum(self, payload: Payload, ctx: Any) -> Tensor:
+        """The summed codes times the shared scales, in float32 for half gradients."""
+        out, meta = self._decode(payload, ctx)
+        return out.view(meta.shape)
+
+    def _decode(self, payload: Payload, ctx: Any) -> tuple[Tensor, TensorMeta]:
+        """The decoded entries (flat, in the scales' dtype) and the gradient's meta."""
         if isinstance(ctx, _Pending):
             raise RuntimeError(
                 "terngrad with scaler_sharing decompresses round-2 payloads: call next_round "
@@ -170,7 +179,7 @@ class TernGrad(Compressor):
             codes = unpack_bits(packed, 2, buckets * size).view(buckets, size)
             out = codes.to(scales.dtype).sub_(1.0).mul_(scales[:, None])
             meta = ctx
-        return out.view(-1)[: meta.numel].to(meta.dtype).view(meta.shape)
+        return out.view(-1)[: meta.numel], meta
 
     def state_dict(self) -> dict[str, Any]:
         """Return the per-key step counters (they seed the rounding)."""

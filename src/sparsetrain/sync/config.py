@@ -126,7 +126,8 @@ class SyncConfig:
                 "error_feedback=True pass scale=False (random-k with memory, Stich et al. 2018)"
             )
         if self.aggregator is not None or self.attack is not None:
-            options = self.compressor_options if isinstance(self.compressor_options, dict) else {}
+            given = self.compressor_options
+            options = given if isinstance(given, Mapping) else {}
             conflict = cls.robust_conflict(options)
             if conflict is not None:
                 raise ValueError(conflict)

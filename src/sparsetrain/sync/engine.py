@@ -28,7 +28,7 @@ from ..comm import (
     ring_allreduce_bytes,
 )
 from ..comm.gather import world_of
-from ..compressors.base import SparseCompressor
+from ..compressors.base import SparseCompressor, work_dtype
 from ..feedback import ErrorFeedback
 from .config import SyncConfig, check_process_group, config_differences
 from .devices import agreement_device, device_code, on_device
@@ -449,7 +449,12 @@ class SyncEngine:
     def _dense_fast_path(self) -> bool:
         """Whether this step can take :meth:`_exchange_dense_inplace`: an element-wise summable
         compressor (none, fp16, bf16) without error feedback or robust aggregation."""
-        return self.compressor.elementwise and not self.feedback.enabled and self.aggregator is None
+        return (
+            self.compressor.elementwise
+            and not self.feedback.enabled
+            and self.aggregator is None
+            and self.step >= self.config.dense_warmup_steps  # the warm-up sends no cast
+        )
 
     def _exchange_dense_inplace(
         self, flat: Tensor, numels: list[int], order: list[int], world: int
@@ -706,7 +711,9 @@ class SyncEngine:
         # before the cast and the sum as in the dense fast path (and torch's own hooks), so a
         # float16 sum of gradients whose average fits cannot overflow; it has sent `world`
         # times what it decodes to, which is what its residual leaves out.
-        divisor = 1 if comp.elementwise and comp.summable and world > 1 else world
+        divisor = world
+        if comp.elementwise and comp.summable and world > 1 and self.aggregator is None:
+            divisor = 1  # (a robust rule takes every rank's whole gradient instead)
         shared = compensated / world if divisor == 1 else compensated
         payload, ctx = comp.compress(shared, key=key, layout=list(shapes))
         self.counters["compress_seconds"] += time.perf_counter() - t0
@@ -721,8 +728,8 @@ class SyncEngine:
                 self.counters["compress_seconds"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             mine = comp.decompress(payload, ctx).reshape(-1)
-            if divisor == 1 and world > 1:
-                mine = mine * world
+            if divisor == 1 and world > 1:  # in float32 for half gradients: the share fits,
+                mine = mine.to(work_dtype(mine.dtype)) * world  # world times it may not
         except FloatingPointError:
             # A summed round payload overflowed its wire dtype (PowerSGD's P in float16): the
             # same sum on every rank, so every rank gets here together.
@@ -754,7 +761,7 @@ class SyncEngine:
             reduced, sent = self._timed_comm(allreduce_sum, payload, self.group)
             self._count(sent, sent)
             try:
-                total = comp.decompress(tuple(reduced), ctx)
+                total = comp.decompress_sum(tuple(reduced), ctx)
             except FloatingPointError:  # as above: the same summed payload on every rank
                 if self.config.on_nonfinite == "raise":
                     raise
@@ -965,29 +972,36 @@ class SyncEngine:
             or not (math.isfinite(scale) and scale > 0)
         ):
             raise ValueError(f"the state's 'loss_scale' must be a number > 0, got {scale!r}")
-        # Every part loads into a new object, and only once all have loaded do they replace
-        # this engine's: a state refused half way (a residual saved with error feedback off, a
-        # malformed compressor state) leaves the engine as it was, not half loaded.
-        feedback = self._new_feedback()
-        feedback.load_state_dict(state["feedback"])
-        compressor = self._new_compressor()
-        compressor.load_state_dict(state["compressor"])
-        collectives = dict(self._collectives)
-        for name, cstate in state.get("collectives", {}).items():
-            coll = get_collective(name, **self.config.collective_options_for(name))
-            coll.load_state_dict(cstate)
-            collectives[name] = coll
-        aggregator, attack = self.aggregator, self.attack
+        # Every part first loads into a new object, as a check; only once all have loaded does
+        # this engine's own load, which then cannot fail: a state refused half way (a residual
+        # saved with error feedback off, a malformed compressor state) leaves the engine as it
+        # was, not half loaded. The engine's own objects keep what they hold beyond the state
+        # (the buffers reserved when the caller was built).
+        self._new_feedback().load_state_dict(state["feedback"])
+        self._new_compressor().load_state_dict(state["compressor"])
+        collectives = state.get("collectives", {})
+        for name, cstate in collectives.items():
+            get_collective(name, **self.config.collective_options_for(name)).load_state_dict(cstate)
+        aggregator, attack = self._new_robust()
         if aggregator is not None and "aggregator" in state:
-            aggregator = self._new_robust()[0]
             aggregator.load_state_dict(state["aggregator"])
         if attack is not None and "attack" in state:
-            attack = self._new_robust()[1]
             attack.load_state_dict(state["attack"])
-        step = int(state["step"])
-        counters = {k: state["counters"].get(k, 0) for k in _COUNTERS}
-        self.feedback, self.compressor, self._collectives = feedback, compressor, collectives
-        self.aggregator, self.attack, self.step, self.counters = aggregator, attack, step, counters
+        del aggregator, attack
+        self.step = int(state["step"])
+        self.counters = {k: state["counters"].get(k, 0) for k in _COUNTERS}
+        self.feedback.load_state_dict(state["feedback"])
+        self.compressor.load_state_dict(state["compressor"])
+        for name, cstate in collectives.items():
+            coll = self._collectives.get(name) or get_collective(
+                name, **self.config.collective_options_for(name)
+            )
+            coll.load_state_dict(cstate)
+            self._collectives[name] = coll
+        if self.aggregator is not None and "aggregator" in state:
+            self.aggregator.load_state_dict(state["aggregator"])
+        if self.attack is not None and "attack" in state:
+            self.attack.load_state_dict(state["attack"])
         # The residuals and thresholds are in these units; the next step brings them to its
         # own scale (the scaler's, or 1 without one).
         self.loss_scale = float(scale)
