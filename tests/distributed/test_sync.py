@@ -819,6 +819,43 @@ def test_averages_that_fit_do_not_overflow_in_their_sum_and_skipped_parts_are_ze
         ]  # fp16(65506 / 3)
 
 
+def _powersgd_half_residual(rank: int, world: int) -> list:
+    from sparsetrain.compressors.powersgd import _Matrix
+    from sparsetrain.sync.engine import SyncEngine
+
+    torch.set_num_threads(1)
+    n = 16
+    config = sparsetrain.SyncConfig(compressor="powersgd", compressor_options={"rank": 1})
+    probe = config.build_compressor()
+    q = probe._warm_start("w", [_Matrix(0, n, n, 1)], torch.zeros(n * n))[0][:, 0]
+    q = q / q.norm()  # as float16 input normalises it
+    ones = torch.ones(n)
+    v = torch.zeros(n)
+    v[0] = 1
+    v += ones / ones.norm()
+    if rank == 0:  # its P is about zero, so rank 1 steers the shared P_hat towards v, on which
+        w = ones - (ones @ q) * q  # rank 0's own P_hat Q^T reaches 2.5 x 40000
+        grad = 40000.0 * torch.outer(ones, w / w.abs().max())  # entries fit float16
+    else:
+        grad = 4000.0 * torch.outer(v, q)
+    engine = SyncEngine(config)
+    result = engine.exchange(grad.half().reshape(-1), ["w"], [torch.Size([n, n])])
+    engine.end_step()
+    residual = engine.feedback.residuals["w"]
+    return [bool(torch.isfinite(result).all()), bool(torch.isfinite(residual).all())]
+
+
+def test_a_float16_powersgd_residual_stays_finite_where_the_average_does(tmp_path):
+    """This rank's own rank-1 approximation can pass float16's range where its gradient and
+    the average do not: decoded in float16 it left an Inf residual, which no loss scale could
+    bring back (every later step then failed). It is decoded in float32, as the ranks' sum
+    is. (The residual, tens of thousands here, can still make the next P overflow float16:
+    that step is then dropped or raised on every rank, and a GradScaler's lower scale
+    shrinks it.)"""
+    for res in oks(run_world(_powersgd_half_residual, 2, tmp_path)):
+        assert res == [True, True], res
+
+
 # ---- momentum correction (Deep Gradient Compression) ----------------------------------------
 MOMENTUM = 0.9
 

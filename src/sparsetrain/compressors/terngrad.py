@@ -78,9 +78,10 @@ class TernGrad(Compressor):
     scales, then the codes ``t_i`` are summed over the ranks by a second allreduce, as integers
     (int8 up to 127 ranks, else int32), and decoded as ``s * sum t_i``.
     Still unbiased (``|v_i| <= s``), with more variance on ranks whose own maximum is below
-    the shared one. Each rank then sends about ``2 (p-1)/p`` bytes an entry in the ring
-    allreduce, whatever the number of ranks ``p``, where the gathered 2-bit codes cost
-    ``(p-1)/4`` bytes an entry received: the sum is cheaper from about 9 ranks on.
+    the shared one. Each rank then sends ``2 (p-1)/p`` bytes an entry in the ring allreduce
+    up to 127 ranks (``p``) and ``8 (p-1)/p`` beyond, bounded whatever the number of ranks,
+    where the gathered 2-bit codes cost ``(p-1)/4`` bytes an entry: the sum is cheaper from 9
+    ranks on.
 
     Args:
         bucket_size: entries sharing one scale, or None for one per tensor.

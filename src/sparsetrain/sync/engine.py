@@ -453,7 +453,8 @@ class SyncEngine:
             self.compressor.elementwise
             and not self.feedback.enabled
             and self.aggregator is None
-            and self.step >= self.config.dense_warmup_steps  # the warm-up sends no cast
+            # The warm-up sends no cast (with no cast to skip, "none" is the warm-up itself).
+            and (self.step >= self.config.dense_warmup_steps or self.config.compressor == "none")
         )
 
     def _exchange_dense_inplace(
@@ -466,7 +467,8 @@ class SyncEngine:
         of the vector in a different order of ranks, so the vector is still summed in canonical
         order (through one staging buffer, reused by every bucket, when DDP's order differs) and
         a restarted run, whose first buckets are ordered differently, sums exactly as the
-        uninterrupted one. The dense warm-up is this same allreduce.
+        uninterrupted one. For "none" the dense warm-up is this same allreduce; the casts warm
+        up in :meth:`_exchange`, uncast.
         """
         t0 = time.perf_counter()
         identity = order == list(range(len(order)))
@@ -727,7 +729,11 @@ class SyncEngine:
                 payload, ctx = comp.next_round(tuple(reduced), ctx)
                 self.counters["compress_seconds"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            mine = comp.decompress(payload, ctx).reshape(-1)
+            # A summable payload's own decode is in the wider dtype too (PowerSGD's P_hat Q^T
+            # can pass float16's range where the gradient does not); the residual update
+            # casts back to the gradient's dtype.
+            decode = comp.decompress_sum if comp.summable else comp.decompress
+            mine = decode(payload, ctx).reshape(-1)
             if divisor == 1 and world > 1:  # in float32 for half gradients: the share fits,
                 mine = mine.to(work_dtype(mine.dtype)) * world  # world times it may not
         except FloatingPointError:
