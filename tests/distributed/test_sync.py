@@ -794,6 +794,14 @@ def _half_sums(rank: int, world: int) -> dict:
     sync = sparsetrain.GradientSync(model, "fp16", aggregator="mean", on_nonfinite="skip")
     model.weight.grad = torch.tensor([[65504.0 if rank == 0 else 1.0, 1.0, 1.0, 1.0]]).half()
     out["robust_half"] = (sync.synchronize(), model.weight.grad.float().tolist())
+    # Random-k scales the ranks' sum by numel / k: 3 x 400 x 100 is no float16, the average
+    # 400 x 100 is (an unbiased estimate of the gradient 400, four entries of 400 sent).
+    model = nn.Linear(400, 1, bias=False).half()
+    sync = sparsetrain.GradientSync(model, "randomk", density=0.01)
+    model.weight.grad = torch.full((1, 400), 400.0).half()
+    stepped = sync.synchronize()
+    sent = model.weight.grad[model.weight.grad != 0].float()
+    out["randomk_half"] = (stepped, sent.tolist())
     # During the dense warm-up the fp16 compressor sends no cast: the fast path did.
     model = nn.Linear(4, 1, bias=False)
     sync = sparsetrain.GradientSync(model, "fp16", dense_warmup_steps=1)
@@ -814,6 +822,7 @@ def test_averages_that_fit_do_not_overflow_in_their_sum_and_skipped_parts_are_ze
         # What the rank did not send: 65504 - 3 * 21840, and 1 - 3 * float16(1 / 3).
         assert residual == [-16.0 if rank == 0 else 2**-12] + [2**-12] * 3, residual
         assert not res["warmup_cast"]
+        assert res["randomk_half"] == (True, [40000.0] * 4), res["randomk_half"]
         assert res["robust_half"] == (True, [[21840.0, 1.0, 1.0, 1.0]]), res[
             "robust_half"
         ]  # fp16(65506 / 3)

@@ -120,13 +120,23 @@ class RandomK(Compressor):
         return (values,), (TensorMeta.of(t), idx)
 
     def decompress(self, payload: Payload, ctx: tuple[TensorMeta, Tensor]) -> Tensor:
+        return self._decode(payload, ctx, ctx[0].dtype)
+
+    def decompress_sum(self, payload: Payload, ctx: tuple[TensorMeta, Tensor]) -> Tensor:
+        """As :meth:`decompress`, in float32 for half gradients: the ranks' scaled sum can pass
+        float16's range where their average does not."""
+        return self._decode(payload, ctx, torch.promote_types(ctx[0].dtype, torch.float32))
+
+    def _decode(
+        self, payload: Payload, ctx: tuple[TensorMeta, Tensor], dtype: torch.dtype
+    ) -> Tensor:
         meta, idx = ctx
         values = payload[0]
         if self.scale and idx.numel() < meta.numel:
             wide = torch.promote_types(values.dtype, torch.float32)
             values = values.to(wide) * (meta.numel / idx.numel())
-        out = torch.zeros(meta.numel, dtype=meta.dtype, device=meta.device)
-        out.index_copy_(0, idx, values.to(meta.dtype))
+        out = torch.zeros(meta.numel, dtype=dtype, device=meta.device)
+        out.index_copy_(0, idx, values.to(dtype))
         return out.view(meta.shape)
 
     def state_dict(self) -> dict[str, Any]:
