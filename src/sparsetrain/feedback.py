@@ -25,7 +25,7 @@ instead of the gradient; after the exchange, the entries that were applied are c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -368,8 +368,24 @@ class ErrorFeedback:
         return sd
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state(state)
+        self.residuals = {n: r.clone() for n, r in state["residuals"].items()}
+        self.velocity = {n: u.clone() for n, u in state.get("velocity", {}).items()}
+        self._vflat = None
+        self.mark()
+
+    def check_state(self, state: dict[str, Any]) -> None:
+        """Raise what :meth:`load_state_dict` would refuse in ``state``; change nothing."""
         if "residuals" not in state:
             raise ValueError("error-feedback state must have a 'residuals' entry")
+        for entry in ("residuals", "velocity"):
+            value = state.get(entry, {})
+            if not isinstance(value, Mapping) or not all(
+                isinstance(t, Tensor) for t in value.values()
+            ):
+                raise ValueError(
+                    f"error-feedback state's {entry!r} must be a dict of name -> tensor"
+                )
         saved = bool(state.get("enabled", self.enabled))
         if saved != self.enabled:
             on = {True: "on", False: "off"}
@@ -383,10 +399,6 @@ class ErrorFeedback:
                 f"this state was saved with momentum_correction={momentum}, but this sync has "
                 f"momentum_correction={self.momentum}; build it with the same value to resume"
             )
-        self.residuals = {n: r.clone() for n, r in state["residuals"].items()}
-        self.velocity = {n: u.clone() for n, u in state.get("velocity", {}).items()}
-        self._vflat = None
-        self.mark()
 
     def stats(self) -> dict[str, float]:
         sq = sum(float(r.double().pow(2).sum()) for r in self.residuals.values())

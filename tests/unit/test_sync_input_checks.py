@@ -426,7 +426,7 @@ def test_an_exchange_that_overflows_is_dropped_or_raised_in_every_mode(group, mo
 
 
 # ---- a refused load changes nothing ------------------------------------------------------------
-@pytest.mark.parametrize("broken", ["feedback", "compressor", "collective"])
+@pytest.mark.parametrize("broken", ["feedback", "residuals", "compressor", "collective"])
 def test_a_state_refused_half_way_leaves_the_sync_as_it_was(group, broken):
     # The step and counters were set, and the residuals replaced, before a later part of the
     # state was refused: the sync went on half loaded.
@@ -436,6 +436,8 @@ def test_a_state_refused_half_way_leaves_the_sync_as_it_was(group, broken):
     state["step"] = 99
     if broken == "feedback":
         state["feedback"]["enabled"] = False
+    elif broken == "residuals":  # checked without copying the residuals first
+        state["feedback"]["residuals"] = {"weight": [1.0, 2.0]}
     elif broken == "compressor":
         state["compressor"] = {"wrong": 1}
     else:

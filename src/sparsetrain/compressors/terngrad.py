@@ -38,10 +38,6 @@ class _Pending:
     key: str
     step: int
 
-    @property
-    def numel(self) -> int:
-        return self.meta.numel
-
 
 @dataclass
 class _Shared:
@@ -49,10 +45,6 @@ class _Shared:
 
     meta: TensorMeta
     scales: Tensor
-
-    @property
-    def numel(self) -> int:
-        return self.meta.numel
 
 
 @register_compressor("terngrad")
@@ -137,7 +129,7 @@ class TernGrad(Compressor):
         codes = self._ternarize(ctx.rows, shared, ctx.key, ctx.step)
         # int8 holds the sum of up to 127 ranks' codes; gloo and NCCL sum no int16.
         dtype = torch.int8 if self._world is not None and self._world <= 127 else torch.int32
-        return (codes.view(-1)[: ctx.numel].to(dtype),), _Shared(ctx.meta, shared)
+        return (codes.view(-1)[: ctx.meta.numel].to(dtype),), _Shared(ctx.meta, shared)
 
     def _ternarize(self, rows: Tensor, scales: Tensor, key: str, step: int) -> Tensor:
         """``t = sign(v) * b`` per bucket row, ``b`` 1 with probability ``|v| / s`` (float)."""
@@ -167,19 +159,18 @@ class TernGrad(Compressor):
                 "terngrad with scaler_sharing decompresses round-2 payloads: call next_round "
                 "with the scales' maximum over the ranks first"
             )
-        buckets, size = bucket_shape(ctx.numel, self.bucket_size)
+        meta = ctx.meta if isinstance(ctx, _Shared) else ctx
+        buckets, size = bucket_shape(meta.numel, self.bucket_size)
         if isinstance(ctx, _Shared):  # the codes (summed over ranks, or this rank's own)
             (codes,) = payload  # the real entries: the last bucket's padding is not sent
             scales = ctx.scales
             out = codes.new_zeros(buckets * size, dtype=scales.dtype)
-            out[: ctx.numel] = codes
+            out[: meta.numel] = codes
             out = out.view(buckets, size).mul_(scales[:, None])
-            meta = ctx.meta
         else:
             scales, packed = payload
             codes = unpack_bits(packed, 2, buckets * size).view(buckets, size)
             out = codes.to(scales.dtype).sub_(1.0).mul_(scales[:, None])
-            meta = ctx
         return out.view(-1)[: meta.numel], meta
 
     def state_dict(self) -> dict[str, Any]:

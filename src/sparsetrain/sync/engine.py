@@ -120,7 +120,7 @@ class SyncEngine:
         # turns out non-finite (DDP copies them into the gradients only when backward ends).
         self._outputs: list[Tensor] = []
         self.compressor = self._new_compressor()
-        self.feedback = self._new_feedback()
+        self.feedback = ErrorFeedback(config.use_error_feedback, config.momentum_correction)
         self._collectives: dict[str, Any] = {}
         self.auto_choices: dict[int, str] = {}  # bucket size -> what "auto" picked for it
         self.aggregator, self.attack = self._new_robust()
@@ -131,16 +131,13 @@ class SyncEngine:
         self._staging: Tensor | None = None  # reused by the dense in-place path
         self._marks: Tensor | None = None  # all False between calls of _not_selected
 
-    # The parts of the state, built as the config says (load_state_dict loads into new ones).
+    # Parts of the state, built as the config says (load_state_dict checks a state on new ones).
     def _new_compressor(self) -> Any:
         comp = self.config.build_compressor()
         if comp.rank_seeded and dist.is_initialized():
             comp.seed += dist.get_rank(self.group)
         comp.bind(dist.get_world_size(self.group) if dist.is_initialized() else 1)
         return comp
-
-    def _new_feedback(self) -> ErrorFeedback:
-        return ErrorFeedback(self.config.use_error_feedback, self.config.momentum_correction)
 
     def _new_robust(self) -> tuple[Any, Any]:
         config = self.config
@@ -734,7 +731,7 @@ class SyncEngine:
             # casts back to the gradient's dtype.
             decode = comp.decompress_sum if comp.summable else comp.decompress
             mine = decode(payload, ctx).reshape(-1)
-            if divisor == 1 and world > 1:  # in float32 for half gradients: the share fits,
+            if divisor == 1:  # (world > 1) in float32 for half gradients: the share fits,
                 mine = mine.to(work_dtype(mine.dtype)) * world  # world times it may not
         except FloatingPointError:
             # A summed round payload overflowed its wire dtype (PowerSGD's P in float16): the
@@ -978,12 +975,13 @@ class SyncEngine:
             or not (math.isfinite(scale) and scale > 0)
         ):
             raise ValueError(f"the state's 'loss_scale' must be a number > 0, got {scale!r}")
-        # Every part first loads into a new object, as a check; only once all have loaded does
-        # this engine's own load, which then cannot fail: a state refused half way (a residual
-        # saved with error feedback off, a malformed compressor state) leaves the engine as it
-        # was, not half loaded. The engine's own objects keep what they hold beyond the state
-        # (the buffers reserved when the caller was built).
-        self._new_feedback().load_state_dict(state["feedback"])
+        # Every part is checked first (the small ones by loading into a new object; the
+        # residuals, as large as the model, without a copy); only then does this engine's own
+        # load, which cannot fail: a state refused half way (a residual saved with error
+        # feedback off, a malformed compressor state) leaves the engine as it was, not half
+        # loaded. The engine's own objects keep what they hold beyond the state (the buffers
+        # reserved when the caller was built).
+        self.feedback.check_state(state["feedback"])
         self._new_compressor().load_state_dict(state["compressor"])
         collectives = state.get("collectives", {})
         for name, cstate in collectives.items():
