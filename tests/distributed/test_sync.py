@@ -769,14 +769,34 @@ def _half_sums(rank: int, world: int) -> dict:
             out[name] = (sync.synchronize(), model.weight.grad.float().tolist())
         except FloatingPointError as e:
             out[name] = str(e)
+    # The sparse exchanges summed float16 values and then divided: 3 x 40000 was Inf. They
+    # send the values divided by the ranks now, on the fast and the general path, and so does
+    # random-k (its values are summed in one allreduce).
+    for collective in ("allgather", "ssar_rd", "ssar_split", "dsar", "oktopk", "gtopk", "auto"):
+        for fast in (True, False):
+            model = nn.Linear(4, 1, bias=False).half()
+            sync = sparsetrain.GradientSync(model, "topk", density=1.0, collective=collective)
+            if not fast:
+                sync.engine._sparse_fast_path = lambda: False
+            model.weight.grad = torch.full((1, 4), 40000.0, dtype=torch.float16)
+            stepped = sync.synchronize()
+            residual = sync.engine.feedback.residuals["weight"]
+            out[f"{collective}-{fast}"] = (
+                stepped, model.weight.grad.float().tolist(), residual.float().tolist()
+            )  # fmt: skip
+    model = nn.Linear(4, 1, bias=False).half()
+    sync = sparsetrain.GradientSync(model, "randomk", density=1.0)
+    model.weight.grad = torch.full((1, 4), 40000.0, dtype=torch.float16)
+    out["randomk-all-half"] = (sync.synchronize(), model.weight.grad.float().tolist())
     # A sparse exchange that drops the step under "skip" (Ok-Topk refuses the Inf sum of
-    # float16 values) left each rank's own gradient in the parts instead of zeros.
+    # float16 values: 65504 / 3 rounds to 21840, and three of those to 65520, past 65504)
+    # left each rank's own gradient in the parts instead of zeros.
     config = sparsetrain.SyncConfig(
         compressor="topk", compressor_options={"density": 1.0}, collective="oktopk",
         error_feedback=False, on_nonfinite="skip",
     )  # fmt: skip
     engine = SyncEngine(config)
-    part = torch.tensor([60000.0, 1.0 + rank, -2.0, 3.0], dtype=torch.float16)
+    part = torch.tensor([65504.0, 1.0 + rank, -2.0, 3.0], dtype=torch.float16)
     engine.exchange_into([part], ["w"], [torch.Size([4])])
     engine.end_step()
     out["skip_parts"] = (engine.skipped_last_step, part.tolist())
@@ -817,6 +837,12 @@ def test_averages_that_fit_do_not_overflow_in_their_sum_and_skipped_parts_are_ze
                      "powersgd-half"):  # fmt: skip
             assert res[name] == (True, [[40000.0] * 4]), (name, res[name])
         assert res["skip_parts"] == (True, [0.0] * 4), res["skip_parts"]
+        for collective in ("allgather", "ssar_rd", "ssar_split", "dsar", "oktopk", "gtopk",
+                           "auto"):  # fmt: skip
+            for fast in (True, False):
+                got = res[f"{collective}-{fast}"]  # 3 x fp16(40000 / 3) = 40008 -> 40000
+                assert got == (True, [[40000.0] * 4], [0.0] * 4), (collective, fast, got)
+        assert res["randomk-all-half"] == (True, [[40000.0] * 4]), res["randomk-all-half"]
         stepped, half, residual = res["ef_half"]
         assert stepped and half and all(math.isfinite(r) for r in residual), res["ef_half"]
         # What the rank did not send: 65504 - 3 * 21840, and 1 - 3 * float16(1 / 3).

@@ -250,6 +250,11 @@ class Compressor(abc.ABC):
     # True: stateless, entry by entry, one summable payload tensor (a cast or nothing), so the
     # exchange may run on the bucket in place, in any order (the sync layer's dense fast path).
     elementwise: ClassVar[bool] = False
+    # True: a summable payload that is linear in the input (compressing x / c sends the
+    # payload of x divided by c, decoded to its decode divided by c), so the sync layer may
+    # divide a float16 gradient by the ranks before compressing it, as it does a cast's, and
+    # the sum of those shares cannot pass float16's range where their average fits.
+    linear: ClassVar[bool] = False
 
     @abc.abstractmethod
     def compress(

@@ -110,6 +110,9 @@ class PowerSGD(Compressor):
     wire: ClassVar[Wire] = "dense"
     biased: ClassVar[bool] = True
     rounds: ClassVar[int] = 2
+    # P = M Q and Q = M^T P_hat are linear in M; P_hat = orth(sum of P) is the same for any
+    # positive scaling of the P's.
+    linear: ClassVar[bool] = True
 
     rank: int = 1
     seed: int = 0

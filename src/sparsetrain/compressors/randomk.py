@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -84,6 +84,8 @@ class RandomK(Compressor):
         >>> vals.numel()
         2
     """
+
+    linear: ClassVar[bool] = True  # the values as they are, at indices that agree
 
     density: float = 0.01
     seed: int = 0

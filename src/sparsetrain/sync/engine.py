@@ -648,14 +648,21 @@ class SyncEngine:
         self.counters["compress_seconds"] += time.perf_counter() - t0
 
         coll = self._collective_for(numel)
+        # Float16 values go out divided by the ranks, as torch's hooks divide before the sum:
+        # no partial sum then passes the largest value a rank sent, where the ranks' sum at one
+        # index could pass 65504 and their average not. The residual keeps the whole values.
+        divisor = 1 if _divides_first(values.dtype, world) else world
         if coll == "dense":
             mine = comp.decompress(payload, ctx).reshape(-1)
+            if divisor == 1:
+                mine = mine / world
             reduced, sent = self._timed_comm(allreduce_sum, [mine], self.group)
             self._count(sent, sent)
             total = reduced[0]
             self.feedback.mask_velocity(sent_idx)
         else:
-            res = self._sparse_collective(coll, indices, values, numel, key)
+            wire = values if divisor == world else values / world
+            res = self._sparse_collective(coll, indices, wire, numel, key)
             if res is None:  # dropped (the sum was not finite): the caller makes the parts NaN
                 return
             if res.dense is None:
@@ -680,11 +687,11 @@ class SyncEngine:
                 if not cleared:
                     for part in parts:
                         part.zero_()
-                _put_canonical(cparts, selected, (res.values / world).to(parts[0].dtype))
+                _put_canonical(cparts, selected, (res.values / divisor).to(parts[0].dtype))
                 return
             total = res.dense
             self.feedback.mask_velocity(sent_idx)
-        canonical = (total / world).to(parts[0].dtype).reshape(-1)
+        canonical = (total / divisor).to(parts[0].dtype).reshape(-1)
         for part, res_part in zip(cparts, torch.split(canonical, cnumels)):
             part.copy_(res_part)
 
@@ -710,8 +717,15 @@ class SyncEngine:
         # before the cast and the sum as in the dense fast path (and torch's own hooks), so a
         # float16 sum of gradients whose average fits cannot overflow; it has sent `world`
         # times what it decodes to, which is what its residual leaves out.
+        # Random-k and PowerSGD, whose payload is linear in the gradient, do the same for
+        # float16 gradients (other dtypes have float32's range; their bits stay as they were).
         divisor = world
-        if comp.elementwise and comp.summable and world > 1 and self.aggregator is None:
+        if (
+            comp.summable
+            and (comp.elementwise or (comp.linear and flat.dtype == torch.float16))
+            and world > 1
+            and self.aggregator is None
+        ):
             divisor = 1  # (a robust rule takes every rank's whole gradient instead)
         shared = compensated / world if divisor == 1 else compensated
         payload, ctx = comp.compress(shared, key=key, layout=list(shapes))
@@ -772,13 +786,17 @@ class SyncEngine:
                 return torch.full_like(flat, self._dropped)
         elif comp.wire == "sparse":
             coll = self._collective_for(flat.numel())
+            if _divides_first(flat.dtype, world):  # as in the sparse fast path
+                divisor = 1
             if coll == "dense":
-                reduced, sent = self._timed_comm(allreduce_sum, [mine], self.group)
+                share = mine if divisor == world else mine / world
+                reduced, sent = self._timed_comm(allreduce_sum, [share], self.group)
                 self._count(sent, sent)
                 total = reduced[0]
                 self.feedback.mask_velocity(payload[0])
             else:
-                res = self._sparse_collective(coll, payload[0], payload[1], flat.numel(), key)
+                wire = payload[1] if divisor == world else payload[1] / world
+                res = self._sparse_collective(coll, payload[0], wire, flat.numel(), key)
                 if res is None:  # dropped: the sum was not finite
                     return torch.full_like(flat, self._dropped)
                 if res.dense is not None:
@@ -1018,6 +1036,13 @@ def _canonical_order(names: Sequence[str]) -> list[int]:
     """The positions of ``names`` sorted by name: the order the compressor sees parameters in,
     whatever order a bucket packs them in."""
     return sorted(range(len(names)), key=names.__getitem__)
+
+
+def _divides_first(dtype: torch.dtype, world: int) -> bool:
+    """Whether a sparse exchange sends its values divided by the ranks: float16 ones, whose sum
+    can pass the largest finite value where the average does not (other dtypes have float32's
+    range, and their bits stay those of a sum divided afterwards)."""
+    return dtype == torch.float16 and world > 1
 
 
 def _put_canonical(cparts: list[Tensor], indices: Tensor, values: Tensor) -> None:
