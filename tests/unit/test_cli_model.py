@@ -362,3 +362,29 @@ def test_refit_prices_the_few_int_form_each_run_used(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(["bench", "refit", str(held)])
         assert word in capsys.readouterr().err
+
+
+def test_refit_predict_as_prices_the_held_out_run_in_the_form_named(tmp_path, capsys):
+    """Times of the tree form, recorded as a direct run: priced as recorded they are off,
+    with --predict-as tree exact; --predict-as without --predict is an error."""
+    from sparsetrain.comm import p2p
+
+    fitted = write_results(tmp_path / "a.json", [10**6, 25 * 10**6], [0.001, 0.01, 0.1])
+    with p2p.few_int_form("tree"):
+        held = write_results(tmp_path / "b.json", [10**6], [0.001, 0.01])
+    result = json.loads(held.read_text())
+    result["config"]["few_ints"] = "direct"
+    held.write_text(json.dumps(result))
+    args = ["bench", "refit", str(fitted), "--predict", str(held)]
+    assert main(args) == 0
+    assert "max 0%" not in capsys.readouterr().out.split("held out, all points")[1]
+    assert main([*args, "--predict-as", "tree"]) == 0
+    out = capsys.readouterr().out
+    assert "priced as tree (--predict-as)" in out
+    assert "held out, all points: 100% of 13 within 25%, median error 0%, max 0%" in out
+    with pytest.raises(SystemExit):
+        main(["bench", "refit", str(fitted), "--predict-as", "tree"])
+    assert "give --predict JSON too" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--predict-as", "ring"])
+    assert "invalid choice: 'ring'" in capsys.readouterr().err

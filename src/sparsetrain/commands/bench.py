@@ -923,7 +923,10 @@ def run_refit(args: argparse.Namespace) -> int:
     """Fit the cost model again to the records of an earlier ``bench cluster`` JSON; with
     ``--predict``, check the fitted model on the points of another run it was not fitted to."""
     from sparsetrain import perfmodel
+    from sparsetrain.comm import p2p
 
+    if args.predict_as and not args.predict:
+        args._parser.error("--predict-as prices --predict's run: give --predict JSON too")
     if args.cores is not None and args.cores < 1:
         args._parser.error(f"--cores must be >= 1, got {args.cores}")
     problem = plot_path_problem(args.plot) if args.plot else None
@@ -997,12 +1000,19 @@ def run_refit(args: argparse.Namespace) -> int:
         forms = [
             json.loads(x.read_text())["config"].get("few_ints") or "auto" for x in (path, other)
         ]
-        if forms != ["auto", "auto"]:
+        tree_from = _tree_from_of(other)
+        if args.predict_as:
+            tree_from = p2p.tree_from(args.predict_as)
+            print(
+                f"\nfew-int exchanges: {forms[1]} in {other}, priced as {args.predict_as} "
+                f"(--predict-as); {forms[0]} in {path}, priced in its own"
+            )
+        elif forms != ["auto", "auto"]:
             print(
                 f"\nfew-int exchanges: {forms[1]} in {other}, {forms[0]} in {path}; each run is "
                 "priced in its own"
             )
-        predicted = _predict_records(usable, o_world, params, o_cores, _tree_from_of(other))
+        predicted = _predict_records(usable, o_world, params, o_cores, tree_from)
         fitted_on = {(r["numel"], r["density"]) for r in records}
         print(f"\n{other}, predicted by the model fitted to {path}:")
         print(_table(usable, predicted, o_cores))
@@ -1197,6 +1207,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--predict",
         metavar="JSON",
         help="also predict another run's points with this fit (a held-out check)",
+    )
+    f.add_argument(
+        "--predict-as",
+        choices=("direct", "tree"),
+        help="price --predict's run with its few-int exchanges in this form instead of the one "
+        "it ran (to see what the model expects of the other form)",
     )
     f.add_argument(
         "--pass",
