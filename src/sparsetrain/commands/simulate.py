@@ -236,6 +236,11 @@ def _run(args: argparse.Namespace) -> int:
         problem = plot_path_problem(args.plot) if args.plot else None
         if problem:
             raise ValueError(f"--plot {problem}")
+        from .train import same_file
+
+        problem = same_file(json=args.json, plot=args.plot)
+        if problem:
+            raise ValueError(problem)
         rows = simulate(ranks, bandwidths, numel, args.density, latency, gamma, gamma_dense,
                         algorithms, compute_s, gamma_sort, overhead)  # fmt: skip
     except (ValueError, TypeError) as e:

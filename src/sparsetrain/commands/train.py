@@ -431,11 +431,38 @@ def check_outputs(parser: argparse.ArgumentParser, **paths: str | None) -> None:
 
     if under_torchrun() and os.environ.get("RANK") != "0":
         return  # only rank 0 writes them (its node's paths; torchrun stops the job if it exits)
-    checks = {"plot": plot_path_problem, "out": folder_path_problem, "out_dir": folder_path_problem}
+    checks = {"plot": plot_path_problem, "out": folder_path_problem, "out_dir": folder_path_problem,
+              "checkpoint_dir": folder_path_problem}  # fmt: skip
     for option, path in paths.items():
         problem = path and checks.get(option, file_path_problem)(path)
         if problem:
             parser.error(f"--{option.replace('_', '-')} {problem}")
+    clash = same_file(**paths)
+    if clash:
+        parser.error(clash)
+
+
+def same_file(**paths: str | None) -> str | None:
+    """Why two of the files a command writes (``report=``, ``plot=``, ``json=``; not folders)
+    would be one file, the second replacing the first, or None where they differ."""
+    seen: dict[Path, str] = {}
+    for option, path in paths.items():
+        if not path or option in ("out", "out_dir", "checkpoint_dir"):
+            continue
+        key = Path(path).expanduser().resolve()
+        if key in seen:
+            first = seen[key]
+            how = (
+                " (the plot goes to the report's path with .png unless --plot names another)"
+                if {first, option} == {"report", "plot"}
+                else ""
+            )
+            return (
+                f"--{first} and --{option} would both write {path}, the second replacing the "
+                f"first{how}: give them different paths"
+            )
+        seen[key] = option
+    return None
 
 
 def run_and_report(
@@ -480,7 +507,9 @@ def _run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as e:
         args._parser.error(str(e))
     plot = args.plot or (str(Path(args.report).with_suffix(".png")) if args.report else None)
-    check_outputs(args._parser, report=args.report, plot=plot)
+    check_outputs(
+        args._parser, report=args.report, plot=plot, checkpoint_dir=args.checkpoint_dir
+    )
     code, _ = run_and_report(configs, args.report, plot, args._parser.prog)
     return code
 
