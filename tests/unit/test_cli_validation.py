@@ -626,10 +626,14 @@ def test_cleanup_finds_the_temporary_folders_of_dead_runs_only(tmp_path, monkeyp
         (["train", "--report", "{tmp}/r.png"], "--report and --plot would both write {tmp}/r.png"),
         (["train", "--report", "{tmp}/r.png", "--plot", "{tmp}/./r.png"], "give them different"),
         (["prune", "--report", "{tmp}/p.png"], "--report and --plot would both write"),
-        (["simulate", "--json", "{tmp}/s.png", "--plot", "{tmp}/s.png"],
-         "--json and --plot would both write {tmp}/s.png"),  # fmt: skip
-        (["train", "--checkpoint-dir", "{file}", "--checkpoint-every", "1"],
-         "--checkpoint-dir {file}: is a file, not a folder"),  # fmt: skip
+        (
+            ["simulate", "--json", "{tmp}/s.png", "--plot", "{tmp}/s.png"],
+            "--json and --plot would both write {tmp}/s.png",
+        ),  # fmt: skip
+        (
+            ["train", "--checkpoint-dir", "{file}", "--checkpoint-every", "1"],
+            "--checkpoint-dir {file}: is a file, not a folder",
+        ),  # fmt: skip
     ],
 )
 def test_commands_refuse_result_paths_they_could_not_write_before_training(

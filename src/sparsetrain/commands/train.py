@@ -507,9 +507,7 @@ def _run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as e:
         args._parser.error(str(e))
     plot = args.plot or (str(Path(args.report).with_suffix(".png")) if args.report else None)
-    check_outputs(
-        args._parser, report=args.report, plot=plot, checkpoint_dir=args.checkpoint_dir
-    )
+    check_outputs(args._parser, report=args.report, plot=plot, checkpoint_dir=args.checkpoint_dir)
     code, _ = run_and_report(configs, args.report, plot, args._parser.prog)
     return code
 
