@@ -310,6 +310,11 @@ class TrainConfig:
             )
         if self.byzantine and self.attack is None:
             raise ValueError("byzantine > 0 needs an attack name (attack=...)")
+        if self.attack is not None and not self.byzantine:
+            raise ValueError(
+                f"attack={self.attack!r} needs byzantine >= 1, the number of ranks that attack "
+                "(the last ones): with byzantine=0 no rank would attack"
+            )
         for name in (
             "lr", "momentum", "weight_decay", "timeout_s", "bucket_cap_mb", "init_loss_scale"
         ):  # fmt: skip

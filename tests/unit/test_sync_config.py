@@ -50,6 +50,23 @@ def test_option_the_compressor_does_not_take_is_named():
             "unknown collective 'ring'; valid names are: allgather",
         ),
         ({"byzantine": 1}, ValueError, r"byzantine > 0 needs an attack name \(attack=...\)"),
+        # An attack with no attacker ran a clean run under the attack's name.
+        (
+            {"attack": "sign_flip", "aggregator": "median"},
+            ValueError,
+            "attack='sign_flip' needs byzantine >= 1, the number of ranks that attack",
+        ),
+        # Robust aggregation gathers whole gradients: the collective was silently dropped.
+        (
+            {"aggregator": "median", "collective": "oktopk"},
+            ValueError,
+            "collective='oktopk' would not run with aggregator='median'",
+        ),
+        (
+            {"attack": "zero", "byzantine": 1, "collective": "auto"},
+            ValueError,
+            "collective='auto' would not run with attack='zero'",
+        ),
         ({"error_feedback": 0}, TypeError, "error_feedback must be True, False or None, got 0"),
         (
             {"aggregator_options": {"trim": 1}},
@@ -152,6 +169,9 @@ def test_bad_momentum_correction_is_refused(fields, error, message):
 def test_sparse_collective_with_dense_compressor_is_refused():
     with pytest.raises(ValueError, match="reduces sparse payloads"):
         sparsetrain.SyncConfig(compressor="none", collective="auto")
+    # Random-k is listed with the density compressors; the error says why it is dense.
+    with pytest.raises(ValueError, match="random-k: the same indices on every rank"):
+        sparsetrain.SyncConfig(compressor="randomk", collective="oktopk")
 
 
 def test_non_floating_gradient_is_refused():

@@ -112,6 +112,11 @@ class SyncConfig:
             )
         if self.byzantine and self.attack is None:
             raise ValueError("byzantine > 0 needs an attack name (attack=...)")
+        if self.attack is not None and not self.byzantine:
+            raise ValueError(
+                f"attack={self.attack!r} needs byzantine >= 1, the number of ranks that attack "
+                "(the last ones): with byzantine=0 no rank would attack"
+            )
         for kind in ("aggregator", "attack"):
             if getattr(self, f"{kind}_options") and getattr(self, kind) is None:
                 raise ValueError(f"{kind}_options given without an {kind} ({kind}=...)")
@@ -131,6 +136,19 @@ class SyncConfig:
             conflict = cls.robust_conflict(options)
             if conflict is not None:
                 raise ValueError(conflict)
+        if self.collective != "allgather" and (
+            self.aggregator is not None or self.attack is not None
+        ):
+            robust = (
+                f"aggregator={self.aggregator!r}"
+                if self.aggregator is not None
+                else f"attack={self.attack!r}"
+            )
+            raise ValueError(
+                f"collective={self.collective!r} would not run with {robust}: robust "
+                "aggregation gathers every rank's whole decompressed gradient, so no sparse "
+                "collective takes part; leave collective at 'allgather'"
+            )
         if self.collective != "allgather":
             from ..comm import available_collectives
 
@@ -140,10 +158,16 @@ class SyncConfig:
                     f"unknown collective {self.collective!r}; valid names are: {', '.join(valid)}"
                 )
             if cls.wire != "sparse":
+                how = (
+                    " (random-k: the same indices on every rank, so its values are summed in "
+                    "one allreduce)"
+                    if self.compressor == "randomk"
+                    else ""
+                )
                 raise ValueError(
                     f"collective {self.collective!r} reduces sparse payloads, but compressor "
-                    f"{self.compressor!r} sends {cls.wire} payloads; use a sparse compressor "
-                    "(topk, threshold) or collective='allgather'"
+                    f"{self.compressor!r} sends {cls.wire} payloads{how}; use a sparse "
+                    "compressor (topk, threshold) or collective='allgather'"
                 )
         self._check_collective_options()
         self._check_momentum_correction(cls)
