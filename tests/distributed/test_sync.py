@@ -1254,14 +1254,29 @@ def _subgroups(rank: int, world: int) -> dict:
             DDP(_net(), process_group=mine), "none", process_group=dist.group.WORLD
         )
     )
-    return {"diff": float((out["plain"] - out["hook"]).abs().max()), "refused": refused}
+    # A process_group that leaves rank 2 out, given to a model over every rank: rank 2 got a
+    # TypeError naming an int, and ranks 0 and 1 waited for it until the timeout.
+    left_out = dist.new_group([0, 1])
+    outsider = _refusals(
+        lambda: sparsetrain.register_ddp_hook(DDP(_net()), "none", process_group=left_out)
+    )
+    return {
+        "diff": float((out["plain"] - out["hook"]).abs().max()),
+        "refused": refused,
+        "outsider": outsider,
+    }
 
 
 def test_the_hook_averages_over_the_ddp_models_own_group(tmp_path):
     # Two replicas, on ranks {0, 1} and {2}: the hook averaged over WORLD, mixing them.
-    for r in oks(run_world(_subgroups, 3, tmp_path, timeout=120)):
+    for rank, r in enumerate(oks(run_world(_subgroups, 3, tmp_path, timeout=120))):
         assert r["diff"] <= 1e-6
         assert len(r["refused"]) == 1 and "process_group has the ranks [0, 1, 2]" in r["refused"][0]
+        assert len(r["outsider"]) == 1, r
+        if rank == 2:
+            assert "process_group does not include this rank (2 " in r["outsider"][0]
+        else:
+            assert "process_group has the ranks [0, 1], but the DDP model" in r["outsider"][0]
 
 
 class Branchy(nn.Module):

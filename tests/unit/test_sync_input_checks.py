@@ -456,3 +456,44 @@ def test_a_load_keeps_the_memory_reserved_when_the_sync_was_built(group):
     assert reserved
     sync.load_state_dict(sync.state_dict())
     assert sync.engine.feedback._buffers.keys() == reserved.keys()
+
+
+# ---- layers that make sparse gradients ---------------------------------------------------------
+class _SparseEmbedding(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.e = nn.Embedding(100, 8, sparse=True)
+        self.l = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l(self.e(x))
+
+
+@pytest.mark.parametrize("caller", list(MAKERS))
+def test_a_layer_with_sparse_gradients_is_refused_by_name(group, caller):
+    """nn.Embedding(sparse=True) failed on the first step deep inside torch ("Could not run
+    'aten::as_strided' with arguments from the 'SparseCPU' backend")."""
+    model = _SparseEmbedding()
+    make = {
+        "register_ddp_hook": lambda: sparsetrain.register_ddp_hook(DDP(model), "topk", 0.1),
+        "GradientSync": lambda: sparsetrain.GradientSync(model, "topk", 0.1),
+    }[caller]
+    with pytest.raises(TypeError, match=r"parameter 'e.weight' gets sparse gradients \(Embedding"):
+        make()
+    model.e.weight.requires_grad_(False)  # a frozen sparse layer makes no gradient to exchange
+    make()
+
+
+def test_gradient_sync_names_a_sparse_gradient_it_is_handed(group):
+    sync = _sync(compressor="topk", density=0.5)
+    name, p = sync.params[0]
+    p.grad = torch.zeros(p.shape).to_sparse()
+    with pytest.raises(TypeError, match=f"parameter '{name}' has a torch.sparse_coo gradient"):
+        sync.synchronize()
+
+
+def test_a_placeholder_for_a_group_without_this_rank_is_named(group):
+    with pytest.raises(ValueError, match=r"process_group does not include this rank \(0 "):
+        sparsetrain.GradientSync(
+            _model(), "topk", 0.1, process_group=dist.GroupMember.NON_GROUP_MEMBER
+        )

@@ -426,13 +426,35 @@ def make_config(
 
 
 def check_process_group(group: Any, name: str = "process_group") -> None:
-    """Refuse a ``group`` argument (called ``name``) that is neither a ProcessGroup nor None."""
+    """Refuse a ``group`` argument (called ``name``) that is neither a ProcessGroup nor None,
+    or that leaves this rank out."""
+    if type(group) is int and group == dist.GroupMember.NON_GROUP_MEMBER:
+        me = dist.get_rank() if dist.is_initialized() else "?"
+        raise ValueError(
+            f"{name} does not include this rank ({me} in the default group): "
+            "torch.distributed.new_group returns a placeholder on the ranks it leaves out; call "
+            "this only on the group's ranks, or make a group that holds every rank calling it"
+        )
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(
             f"{name} must be a torch.distributed.ProcessGroup (for example from "
             f"torch.distributed.new_group) or None for the default group (WORLD), got "
             f"{type(group).__name__} {group!r}"
         )
+
+
+def check_dense_gradients(model: torch.nn.Module) -> None:
+    """Refuse a model with layers that make sparse gradients (``nn.Embedding`` or
+    ``nn.EmbeddingBag`` built with ``sparse=True``), which the exchange cannot compress."""
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and module.sparse:
+            if module.weight.requires_grad:
+                where = f"{name}.weight" if name else "weight"
+                raise TypeError(
+                    f"parameter {where!r} gets sparse gradients ({type(module).__name__} with "
+                    "sparse=True); sparsetrain compresses dense gradients: build the layer with "
+                    "sparse=False (its gradient is then dense, and compressed like the others)"
+                )
 
 
 def _plain(value: Any) -> Any:

@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .config import (
     SyncConfig,
     check_consistent,
+    check_dense_gradients,
     check_process_group,
     make_config,
     refuse_everywhere,
@@ -502,13 +503,16 @@ def register_ddp_hook(
             f"register_ddp_hook needs a torch.nn.parallel.DistributedDataParallel model, got "
             f"{type(ddp_model).__name__}; for a plain model use sparsetrain.GradientSync"
         )
-    check_process_group(process_group)
     named = list(ddp_model.module.named_parameters())
     layout = [(n, tuple(p.shape), str(p.dtype)) for n, p in named if p.requires_grad]
     device = cuda_device_of(p for _, p in named)
     given, process_group = process_group, _ddp_group(ddp_model)
     try:  # a rank's bad options: every rank gets an error (check_consistent's gather)
+        # Refused over the DDP model's group, which holds every rank: a process_group that
+        # leaves a rank out raises there, and the others learn it instead of waiting.
+        check_process_group(given)
         process_group = _hook_group(process_group, given)
+        check_dense_gradients(ddp_model.module)
         options, grad_scaler = with_grad_scaler(grad_scaler, options)  # None if disabled
         config = make_config(
             compressor, density, options, caller="register_ddp_hook", own=_HOOK_ARGUMENTS

@@ -12,6 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .config import (
     check_consistent,
+    check_dense_gradients,
     check_process_group,
     make_config,
     refuse_everywhere,
@@ -96,6 +97,7 @@ class GradientSync:
             self.config = make_config(
                 compressor, density, options, caller="GradientSync", own=_SYNC_ARGUMENTS
             )
+            check_dense_gradients(model)
             for n, p in self.params:
                 if p.dtype not in _FLOATS:
                     raise TypeError(
@@ -139,11 +141,16 @@ class GradientSync:
         """
         try:
             for bucket in self.buckets:
-                for _, p in bucket:
+                for n, p in bucket:
                     # The exchange writes into the gradients themselves, so each must be one
                     # dense block: a missing one becomes zeros, a strided one a contiguous copy.
                     if p.grad is None:
                         p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    elif p.grad.layout != torch.strided:  # a layer of its own making them
+                        raise TypeError(
+                            f"parameter {n!r} has a {p.grad.layout} gradient; sparsetrain "
+                            "compresses dense gradients (make the layer produce dense ones)"
+                        )
                     elif not p.grad.is_contiguous():
                         p.grad = p.grad.contiguous()
                 self.engine.exchange_into(
