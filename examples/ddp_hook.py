@@ -54,19 +54,23 @@ def digits(device: torch.device) -> tuple[TensorDataset, TensorDataset]:
     return TensorDataset(x[:1437], y[:1437]), TensorDataset(x[1437:], y[1437:])
 
 
-def load_checkpoint(path: Path, device: torch.device) -> dict | str:
+def load_checkpoint(path: Path, device: torch.device, amp: bool) -> dict | str:
     """This rank's checkpoint, or why the ranks cannot resume (the same answer on every rank:
     a missing file on one rank must not leave the others waiting in a collective)."""
     world = dist.get_world_size()
     saved = torch.load(path, map_location=device) if path.is_file() else None
     ok = saved is not None and saved.get("world_size") == world
     epoch = float(saved["epoch"]) if ok else -1.0
-    seen = torch.tensor([epoch, -epoch], dtype=torch.float64, device=device)
+    other_amp = float(ok and ("scaler" in saved) != amp)  # saved with --amp and resumed without
+    seen = torch.tensor([epoch, -epoch, -other_amp], dtype=torch.float64, device=device)
     dist.all_reduce(seen, op=dist.ReduceOp.MIN)  # the lowest and the highest epoch
     low, high = int(seen[0].item()), int(-seen[1].item())
     if low < 0:
         return (f"cannot resume from {path.parent}: a rank's checkpoint is missing or was "
                 f"written by another number of processes (this run has {world})")  # fmt: skip
+    if seen[2] < 0:
+        return (f"cannot resume from {path.parent}: it was written {'without' if amp else 'with'} "
+                f"--amp; resume {'without' if amp else 'with'} it too")  # fmt: skip
     if low != high:
         return (f"cannot resume from {path.parent}: the ranks' checkpoints are from different "
                 f"epochs ({low} to {high})")  # fmt: skip
@@ -122,7 +126,7 @@ def main() -> int:
     first_epoch = 0
     ckpt = Path(args.checkpoint) / f"rank{rank}.pt" if args.checkpoint else None
     if args.resume:
-        saved = load_checkpoint(ckpt, device)
+        saved = load_checkpoint(ckpt, device, args.amp)
         if isinstance(saved, str):
             if rank == 0:
                 print(saved, file=sys.stderr)

@@ -69,6 +69,9 @@ def test_ddp_hook_example_learns_and_resumes_exactly(tmp_path):
     # with 3, the third rank has no file while the other two have theirs.
     refused = torchrun(3, "ddp_hook.py", "--checkpoint", str(split), "--resume", status=1)
     assert "written by another number of processes (this run has 3)" in refused
+    # Resuming a run saved without --amp with it stopped every rank on a KeyError ('scaler').
+    refused = torchrun(2, "ddp_hook.py", "--checkpoint", str(split), "--resume", "--amp", status=1)
+    assert "it was written without --amp; resume without it too" in refused
 
 
 def test_ddp_hook_example_learns_in_float16_with_a_loss_scaler(tmp_path):
