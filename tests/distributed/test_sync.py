@@ -1335,3 +1335,32 @@ def test_a_parameter_no_rank_used_keeps_its_residual_under_find_unused_parameter
     for r in oks(run_world(_unused_keeps_residual, 2, tmp_path, compressor, timeout=120)):
         assert r["sent_some"] and r["kept"]
         assert r["gap"] <= 1e-5
+
+
+def _raised_in_backward(rank: int, world: int) -> dict:
+    out = {}
+    for overlap in (True, False):
+        torch.manual_seed(0)
+        model = DDP(_net())
+        sparsetrain.register_ddp_hook(model, "topk", density=0.5, overlap=overlap)
+        x, y = _batch(rank)
+        if rank == 1:
+            x[0, 0] = math.nan
+        try:
+            nn.functional.cross_entropy(model(x), y).backward()
+            out[overlap] = None
+        except RuntimeError as e:
+            out[overlap] = str(e)
+    return out
+
+
+def test_backward_under_ddp_raises_the_hooks_error_by_its_type_and_message(tmp_path):
+    """DDP's reducer read the exception a hook's future held as its result, and backward
+    raised "Unable to cast <message> to Tensor"; now the error's type and text come first."""
+    for res in oks(run_world(_raised_in_backward, 2, tmp_path)):
+        for overlap, message in res.items():
+            assert message is not None, overlap
+            assert "Unable to cast" not in message, message
+            assert "FloatingPointError: non-finite gradient (NaN or Inf) in 0.weight on rank 1" in (
+                message
+            ), message

@@ -376,7 +376,15 @@ def _error_of(fut: torch.futures.Future) -> BaseException | None:
 
 
 def _hook(state: SyncState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    return state._run_bucket(bucket)
+    # A Python future completed with set_exception holds the exception as its value, which
+    # DDP's reducer reads in C++ as a tensor ("Unable to cast <message> to Tensor"); raised in
+    # a then() callback, it marks the chained future failed, and backward raises a
+    # RuntimeError that starts with the error's type and message.
+    return state._run_bucket(bucket).then(_value)
+
+
+def _value(fut: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
+    return fut.value()
 
 
 def runs_inline(ddp_model: DistributedDataParallel) -> bool:
