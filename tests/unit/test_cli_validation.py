@@ -631,6 +631,20 @@ def test_cleanup_finds_the_temporary_folders_of_dead_runs_only(tmp_path, monkeyp
             "--json and --plot would both write {tmp}/s.png",
         ),  # fmt: skip
         (
+            [
+                "train",
+                "--report",
+                "{tmp}/run",
+                "--plot",
+                "{tmp}/r.png",
+                "--checkpoint-dir",
+                "{tmp}/run",
+                "--checkpoint-every",
+                "1",
+            ],
+            "--report {tmp}/run is the folder --checkpoint-dir names",
+        ),  # fmt: skip
+        (
             ["train", "--checkpoint-dir", "{file}", "--checkpoint-every", "1"],
             "--checkpoint-dir {file}: is a file, not a folder",
         ),  # fmt: skip

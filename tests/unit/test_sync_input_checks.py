@@ -497,3 +497,44 @@ def test_a_placeholder_for_a_group_without_this_rank_is_named(group):
         sparsetrain.GradientSync(
             _model(), "topk", 0.1, process_group=dist.GroupMember.NON_GROUP_MEMBER
         )
+
+
+class _Tied(nn.Module):
+    """A sparse embedding tied to a dense output layer: autograd adds the two gradients into a
+    dense one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 8, sparse=True)
+        self.out = nn.Linear(8, 50, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.emb(x))
+
+
+def test_sparse_layers_whose_gradients_never_reach_the_exchange_are_accepted(group):
+    # Left out of DDP's buckets (synchronised some other way), a sparse embedding is no concern
+    # of the hook's; tied to a dense layer, its gradient is dense.
+    model = _SparseEmbedding()
+    DDP._set_params_and_buffers_to_ignore_for_model(model, ["e.weight"])
+    ddp = DDP(model)
+    sparsetrain.register_ddp_hook(ddp, "topk", 0.5)
+    ddp(torch.randint(0, 100, (4, 3))).sum().backward()
+    assert model.e.weight.grad.layout == torch.sparse_coo and model.l.weight.grad is not None
+    tied = _Tied()
+    sync = sparsetrain.GradientSync(tied, "topk", 0.5)
+    tied(torch.randint(0, 50, (4,))).sum().backward()
+    assert tied.emb.weight.grad.layout == torch.strided and sync.synchronize()
+
+
+def test_the_hook_names_a_sparse_bucket_it_is_handed(group, monkeypatch):
+    """A layer of the model's own that makes sparse gradients, which the registration cannot
+    see: the hook names the bucket's parameters instead of failing inside torch."""
+    import sparsetrain.sync.ddp_hook as hook_module
+
+    monkeypatch.setattr(hook_module, "check_dense_gradients", lambda *args: None)
+    ddp = DDP(_SparseEmbedding())
+    sparsetrain.register_ddp_hook(ddp, "topk", 0.5)
+    with pytest.raises(TypeError, match="the bucket of e.weight holds a torch.sparse_coo"):
+        ddp(torch.randint(0, 100, (4, 3))).sum().backward()

@@ -446,10 +446,20 @@ def same_file(**paths: str | None) -> str | None:
     """Why two of the files a command writes (``report=``, ``plot=``, ``json=``; not folders)
     would be one file, the second replacing the first, or None where they differ."""
     seen: dict[Path, str] = {}
+    folders = {
+        Path(p).expanduser().resolve(): o
+        for o, p in paths.items()
+        if p and o in ("out", "out_dir", "checkpoint_dir")
+    }
     for option, path in paths.items():
         if not path or option in ("out", "out_dir", "checkpoint_dir"):
             continue
         key = Path(path).expanduser().resolve()
+        if key in folders:
+            folder = folders[key].replace("_", "-")
+            return (
+                f"--{option} {path} is the folder --{folder} names: give the file another path"
+            )
         if key in seen:
             first = seen[key]
             how = (

@@ -7,7 +7,7 @@ import difflib
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -443,13 +443,23 @@ def check_process_group(group: Any, name: str = "process_group") -> None:
         )
 
 
-def check_dense_gradients(model: torch.nn.Module) -> None:
+def check_dense_gradients(model: torch.nn.Module, ignored: Collection[str] = ()) -> None:
     """Refuse a model with layers that make sparse gradients (``nn.Embedding`` or
-    ``nn.EmbeddingBag`` built with ``sparse=True``), which the exchange cannot compress."""
+    ``nn.EmbeddingBag`` built with ``sparse=True``), which the exchange cannot compress. Not
+    their weights named in ``ignored`` (parameters DDP leaves out of its buckets), nor weights
+    another module holds too (tied to a dense layer, whose gradient is added to theirs: dense)."""
+    holders: dict[int, int] = {}
+    for module in model.modules():  # each module once, each of its own parameters once
+        for p in module.parameters(recurse=False):
+            holders[id(p)] = holders.get(id(p), 0) + 1
     for name, module in model.named_modules():
         if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and module.sparse:
-            if module.weight.requires_grad:
-                where = f"{name}.weight" if name else "weight"
+            where = f"{name}.weight" if name else "weight"
+            if (
+                module.weight.requires_grad
+                and where not in ignored
+                and holders.get(id(module.weight), 0) == 1
+            ):
                 raise TypeError(
                     f"parameter {where!r} gets sparse gradients ({type(module).__name__} with "
                     "sparse=True); sparsetrain compresses dense gradients: build the layer with "

@@ -140,6 +140,12 @@ class SyncState:
             ) from None
         shapes = [p.shape for p in params]
         flat = bucket.buffer()
+        if flat.layout != torch.strided:  # a layer of the model's own making sparse gradients
+            raise TypeError(
+                f"the bucket of {', '.join(names)} holds a {flat.layout} gradient; sparsetrain "
+                "compresses dense gradients (make the layer produce dense ones, or leave the "
+                "parameter out of DDP)"
+            )
         last = bucket.is_last()
         if self._target is not None:
             if self._ddp_state() != (True, True):
@@ -520,7 +526,7 @@ def register_ddp_hook(
         # leaves a rank out raises there, and the others learn it instead of waiting.
         check_process_group(given)
         process_group = _hook_group(process_group, given)
-        check_dense_gradients(ddp_model.module)
+        check_dense_gradients(ddp_model.module, getattr(ddp_model, "parameters_to_ignore", ()))
         options, grad_scaler = with_grad_scaler(grad_scaler, options)  # None if disabled
         config = make_config(
             compressor, density, options, caller="register_ddp_hook", own=_HOOK_ARGUMENTS
