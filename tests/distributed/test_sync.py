@@ -1364,3 +1364,70 @@ def test_backward_under_ddp_raises_the_hooks_error_by_its_type_and_message(tmp_p
             assert "FloatingPointError: non-finite gradient (NaN or Inf) in 0.weight on rank 1" in (
                 message
             ), message
+
+
+def _loaded_on_one_rank(rank: int, world: int) -> dict:
+    out = {}
+    for label, compressor, opts in (
+        ("warmup", "topk", {"density": 0.1, "dense_warmup_steps": 2}),
+        ("randomk", "randomk", {"density": 0.1}),
+    ):
+        torch.manual_seed(0)
+        net = _net()
+        sync = sparsetrain.GradientSync(net, compressor, **opts)
+        for step in range(3):
+            x, y = _batch(rank, step)
+            net.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            sync.synchronize()
+        saved = sync.state_dict()
+        sync = sparsetrain.GradientSync(net, compressor, **opts)
+        if rank == 0:
+            sync.load_state_dict(saved)
+        x, y = _batch(rank, 3)
+        net.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        try:
+            sync.synchronize()
+            out[label] = None
+        except RuntimeError as e:
+            out[label] = str(e)
+        # Loaded on every rank, the same step: it goes on.
+        sync = sparsetrain.GradientSync(net, compressor, **opts)
+        sync.load_state_dict(saved)
+        out[f"{label}-all"] = sync.synchronize()
+    # Under the hook, the loading rank holds its buckets to exchange the saved groups: gloo
+    # aborted the process on allreduces of other lengths.
+    torch.manual_seed(0)
+    net = _net()
+    model = DDP(net, bucket_cap_mb=0.001)
+    state = sparsetrain.register_ddp_hook(model, "randomk", density=0.1)
+    for step in range(3):
+        x, y = _batch(rank, step)
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+    saved = state.state_dict()
+    torch.manual_seed(0)
+    net = _net()
+    model = DDP(net, bucket_cap_mb=0.001)
+    state = sparsetrain.register_ddp_hook(model, "randomk", density=0.1)
+    if rank == 0:
+        state.load_state_dict(saved)
+    x, y = _batch(rank, 3)
+    try:
+        nn.functional.cross_entropy(model(x), y).backward()
+        out["hook"] = None
+    except RuntimeError as e:
+        out["hook"] = str(e)
+    return out
+
+
+def test_ranks_whose_loaded_states_are_at_different_steps_raise_together(tmp_path):
+    """A state loaded on one rank only put the ranks at different steps: one in the dense
+    warm-up's allreduce and the other in the sparse gather (a hang), or random-k drawing
+    different indices on each rank (a silently wrong average)."""
+    for res in oks(run_world(_loaded_on_one_rank, 2, tmp_path, timeout=120)):
+        for label in ("warmup", "randomk", "hook"):
+            assert res[label] is not None, label
+            assert "rank 0 at step 3, rank 1 at step 0" in res[label], res[label]
+        assert res["warmup-all"] and res["randomk-all"]

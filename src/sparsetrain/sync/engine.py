@@ -116,6 +116,11 @@ class SyncEngine:
         # state.grad_scaler on its own (after unpickling a state, say), and a rank whose
         # state was unpickled must not run a collective the others do not.
         self.agree_scaler = True
+        # ... and, at the first step after a load too, that the ranks are at the same step: a
+        # state loaded on some ranks only, or states saved at different steps, would put them
+        # in different exchanges (a dense warm-up here, a sparse gather there) or draw
+        # different random-k indices.
+        self.agree_step = True
         # With on_nonfinite="propagate": the step's results so far, made NaN if a later bucket
         # turns out non-finite (DDP copies them into the gradients only when backward ends).
         self._outputs: list[Tensor] = []
@@ -334,7 +339,7 @@ class SyncEngine:
         if self._scale_read:
             return
         self._scale_read = True
-        if self.agree_scaler:
+        if self.agree_scaler or self.agree_step:
             try:
                 self._agree_on_scaler(device)
             except BaseException:
@@ -360,17 +365,26 @@ class SyncEngine:
         world = world_of(self.group)
         rank = dist.get_rank(self.group) if world > 1 else 0
         meeting = agreement_device(self.group, device)
-        flags = torch.zeros(3 * world, dtype=torch.int64, device=meeting)
+        flags = torch.zeros(4 * world, dtype=torch.int64, device=meeting)
         flags[rank] = int(self.scaler_missing and self.grad_scaler is None)
         flags[world + rank] = int(self.grad_scaler is not None)
         flags[2 * world + rank] = device_code(device)
+        flags[3 * world + rank] = self.step
         if world > 1:
             with on_device(meeting):
                 dist.all_reduce(flags, group=self.group)
         seen = flags.tolist()  # one device sync, not one per rank
         missing = [r for r in range(world) if seen[r]]
         scaled = [r for r in range(world) if seen[world + r]]
-        codes = seen[2 * world :]
+        codes = seen[2 * world : 3 * world]
+        steps = seen[3 * world :]
+        if len(set(steps)) > 1:
+            at = ", ".join(f"rank {r} at step {s}" for r, s in enumerate(steps))
+            raise RuntimeError(
+                f"the ranks' gradient sync states are at different steps ({at}): load on every "
+                "rank the state it saved at the same step (each rank its own; a state loaded on "
+                "some ranks only leaves the others at their own step), or on none"
+            )
         if len(set(codes)) > 1:
             mine = [r for r in range(world) if codes[r] == codes[rank]]
             others = [r for r in range(world) if codes[r] != codes[rank]]
@@ -393,7 +407,7 @@ class SyncEngine:
                 "state.grad_scaler on every rank or on none (a scaled and an unscaled gradient "
                 "would be summed)"
             )
-        self.agree_scaler = False
+        self.agree_scaler = self.agree_step = False
 
     def rescale(self, factor: float) -> None:
         """Multiply everything kept in the gradients' units by ``factor``: the error-feedback
@@ -1030,6 +1044,7 @@ class SyncEngine:
         self._scale_read = False
         self._skipping = False
         self._outputs = []
+        self.agree_step = True  # the next step checks that every rank is at this step
 
 
 def _canonical_order(names: Sequence[str]) -> list[int]:
