@@ -282,6 +282,16 @@ def _bad_input(rank: int, world: int) -> dict:
         out["gs_buckets"] = None
     except ValueError as e:
         out["gs_buckets"] = str(e)
+    # Equivalent settings written differently on each rank are one setting (they were refused).
+    sparsetrain.GradientSync(_net(), "signsgd", **({"majority_vote": False} if rank else {}))
+    sparsetrain.GradientSync(
+        _net(), "topk", density=0.1, **({"error_feedback": True} if rank else {})
+    )
+    sparsetrain.GradientSync(
+        _net(), "topk", density=0.1, collective="oktopk",
+        **({"collective_options": {"repartition_every": 64}} if rank else {}),
+    )  # fmt: skip
+    out["equivalent"] = True
     return out
 
 
@@ -301,6 +311,7 @@ def test_bad_input_errors_on_every_rank(tmp_path):
         assert r["skip"] == {"skipped": True, "zero": True}
         assert r["gs_skip"] == (False, 1, True) and r["gs_zero"] and r["gs_residuals_kept"]
         assert "bucket_cap_mb: rank 0 has 1.0, rank 1 has 25.0" in r["gs_buckets"]
+        assert r["equivalent"]
         assert r["threshold_nan_0"] is None
         assert "non-finite" in r["threshold_nan_1"] and "on rank 1" in r["threshold_nan_1"]
         assert ".weight" in r["threshold_nan_1"]

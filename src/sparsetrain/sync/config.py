@@ -644,6 +644,15 @@ def check_consistent(
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return
     settings = {**config.to_dict(), **(extra or {})}
+    # Defaults count as given, as when a state is loaded: majority_vote=False and left out are
+    # the same setting, and so are error_feedback=None and what it means for the compressor.
+    settings["compressor_options"] = _effective_compressor_options(
+        config.compressor, config.compressor_options
+    )
+    settings["collective_options"] = _effective_collective_options(
+        config.collective, config.collective_options
+    )
+    settings["error_feedback"] = config.use_error_feedback
     mine = {"config": settings, "layout": [list(map(str, x)) for x in layout]}
     everyone = _gather_settings(mine, group, device)
     refused = [(r, x["error"]) for r, x in enumerate(everyone) if "error" in x]
