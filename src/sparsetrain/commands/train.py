@@ -457,9 +457,7 @@ def same_file(**paths: str | None) -> str | None:
         key = Path(path).expanduser().resolve()
         if key in folders:
             folder = folders[key].replace("_", "-")
-            return (
-                f"--{option} {path} is the folder --{folder} names: give the file another path"
-            )
+            return f"--{option} {path} is the folder --{folder} names: give the file another path"
         if key in seen:
             first = seen[key]
             how = (
