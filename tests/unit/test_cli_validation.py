@@ -710,6 +710,9 @@ def test_prune_says_when_nm_cannot_reach_the_sparsity_asked_for(tmp_path, capsys
             main(argv)
         err = capsys.readouterr().err
         assert ("nm keeps 1 of every 4 weights, a sparsity of 0.750, not the 0.9" in err) == note
+    # At sparsity 0 it would keep 4 of 4: refused at once, not a traceback after dense training.
+    argv = ["prune", "--method", "nm", "--sparsity", "0", "--report", str(tmp_path / "p.json")]
+    assert "--method nm needs --sparsity > 0" in argparse_error(capsys, argv)
 
 
 def test_result_path_checks_make_nothing_and_take_files_written_in_place(tmp_path, capsys):

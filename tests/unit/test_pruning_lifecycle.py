@@ -384,3 +384,45 @@ def test_rigl_grows_by_the_gradient_summed_over_accumulated_micro_batches() -> N
     torch.testing.assert_close(pruner._dense_grads["weight"], want)
     assert pruner.step(1)  # the update consumed them
     assert pruner._dense_grads == {}
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adam"])
+def test_rigl_grown_weights_start_with_zero_optimizer_state(optim: str) -> None:
+    # With mask_gradients=False pruned weights get gradients, so the optimizer keeps momentum
+    # there; a weight RigL grows must start at zero with zero state, as its docstring says.
+    model = _model()
+    opt = (
+        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        if optim == "sgd"
+        else torch.optim.Adam(model.parameters(), lr=1e-3)
+    )
+    pruner = RigLPruner(sparsity=0.8, delta_t=2, end=40, mask_gradients=False)
+    pruner.prepare(model, opt)
+    checked = 0
+    x, y = _data()
+    for step in range(12):
+        before = {n: m.clone() for n, m in pruner.masks.items()}
+        i = torch.arange(step * 16, step * 16 + 16) % len(y)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[i]), y[i]).backward()
+        opt.step()
+        if pruner.step(step):
+            for n, w in pruner._weights.items():
+                grown = pruner.masks[n] & ~before[n]
+                checked += int(grown.sum())
+                assert not w[grown].any(), n
+                for v in opt.state[w].values():
+                    if v.shape == w.shape:
+                        assert not v[grown].any(), (n, step)
+    assert checked > 0  # some weights were grown
+
+
+def test_compact_export_keeps_the_sign_of_negative_zero() -> None:
+    model = nn.Linear(64, 8, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.weight[0, :3] = torch.tensor([-0.0, 1.5, -0.0])
+    restored = nn.Linear(64, 8, bias=False)
+    restored.load_state_dict(load_compact(export_compact(model)))
+    assert torch.equal(torch.signbit(restored.weight), torch.signbit(model.weight))
+    assert torch.equal(restored.weight, model.weight)

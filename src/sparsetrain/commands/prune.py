@@ -435,6 +435,11 @@ def _main(args: argparse.Namespace) -> int:
 
     if "nm" in cfg.methods:
         n = _nm_kept(cfg.sparsity)
+        if n >= NM_GROUP:
+            args._parser.error(
+                f"--method nm needs --sparsity > 0: it keeps n < {NM_GROUP} of every "
+                f"{NM_GROUP} weights (got --sparsity {cfg.sparsity:g})"
+            )
         if abs(1 - n / NM_GROUP - cfg.sparsity) > 1e-9:
             print(
                 f"note: nm keeps {n} of every {NM_GROUP} weights, a sparsity of "

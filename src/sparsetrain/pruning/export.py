@@ -71,7 +71,8 @@ def export_compact(
         if not isinstance(t, Tensor) or not t.is_floating_point() or t.is_sparse:
             dense[name] = t
             continue
-        keep = masks[name].to(t.device) if name in masks else t != 0
+        # -0.0 is kept as a value: it equals 0, and would come back as +0.0.
+        keep = masks[name].to(t.device) if name in masks else (t != 0) | torch.signbit(t)
         nnz = int(keep.sum())
         packed_bytes = (t.numel() + 7) // 8 + nnz * t.element_size()
         if packed_bytes >= t.numel() * t.element_size():

@@ -170,6 +170,13 @@ class RigLPruner(Pruner):
         with torch.no_grad():
             for n, w in self._weights.items():
                 w.masked_fill_(grown[n], 0.0)
+                # ... with zero optimizer state too: a gradient that reached them while they
+                # were pruned (mask_gradients=False, or a hook that makes the average dense)
+                # left momentum there, which _apply clears only where weights are pruned.
+                if self._optimizer is not None:
+                    for v in self._optimizer.state.get(w, {}).values():
+                        if isinstance(v, Tensor) and v.shape == w.shape:
+                            v.masked_fill_(grown[n], 0)
         self._num_updates += 1
         self._dense_grads = {}
         self.set_masks(new)
