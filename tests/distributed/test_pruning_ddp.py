@@ -126,3 +126,60 @@ def test_two_gloo_ranks_prune_to_identical_masks(tmp_path, hook: str) -> None:
         assert r0["stats"]["num_updates"] >= 2, method
         expected = {"magnitude": 0.8, "woodfisher": 0.7, "rigl": 0.8}[method]
         assert r0["stats"]["sparsity"] == pytest.approx(expected, abs=0.01), method
+
+
+def _disagreements(rank: int, world: int) -> dict:
+    from sparsetrain.pruning import get_pruner
+
+    def attempt(fn) -> str | None:
+        try:
+            fn()
+        except ValueError as e:
+            return str(e)
+        return None
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    out = {}
+    # Another sparsity on rank 1: it took rank 0's masks and reported its own target.
+    out["sparsity"] = attempt(
+        lambda: get_pruner("magnitude", sparsity=0.5 if rank == 0 else 0.8).prepare(model())
+    )
+    # A name one rank's model lacks: that rank raised, the other waited in the broadcast.
+    out["refused"] = attempt(
+        lambda: get_pruner("magnitude", params=["0.weight"] if rank == 0 else ["9.weight"]).prepare(
+            model()
+        )
+    )
+    # A state loaded on rank 0 only (the broadcast in its load waited for rank 1), and states
+    # saved at different steps: the first step() raises on every rank.
+    net = model()
+    pruner = get_pruner("rigl", sparsity=0.5, delta_t=2, end=20).prepare(net)
+    for step in range(4):
+        net(torch.randn(4, 8)).sum().backward()
+        pruner.step(step)
+    saved = pruner.state_dict()
+    net = model()
+    pruner = get_pruner("rigl", sparsity=0.5, delta_t=2, end=20).prepare(net)
+    if rank == 0:
+        pruner.load_state_dict(saved)
+    out["one_loads"] = attempt(lambda: pruner.step(4))
+    # Loaded on both, the same step: goes on (and the update step's collective runs).
+    net = model()
+    pruner = get_pruner("rigl", sparsity=0.5, delta_t=2, end=20).prepare(net)
+    pruner.load_state_dict(saved)
+    net(torch.randn(4, 8)).sum().backward()
+    out["both_load"] = attempt(lambda: pruner.step(4))
+    return out
+
+
+def test_ranks_whose_pruners_differ_raise_on_every_rank(tmp_path) -> None:
+    from .harness import oks, run_world
+
+    for res in oks(run_world(_disagreements, 2, tmp_path, timeout=120)):
+        assert "the ranks disagree" in res["sparsity"] and "sparsity" in res["sparsity"]
+        assert "rank(s) [1] refused their input" in res["refused"], res["refused"]
+        assert "the ranks disagree" in res["one_loads"] and "last step" in res["one_loads"]
+        assert res["both_load"] is None, res["both_load"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -86,6 +87,20 @@ def broadcast_tensors(tensors: Sequence[Tensor], group: Any = None, src: int = 0
         offset += t.numel()
 
 
+def _layout(weights: Mapping[str, Tensor]) -> list[list[str]]:
+    """The pruned parameters' names, shapes and dtypes, for ranks to compare."""
+    return [[n, str(tuple(w.shape)), str(w.dtype)] for n, w in weights.items()]
+
+
+def _digest(masks: Mapping[str, Tensor]) -> str:
+    """A short hash of the masks, for ranks to compare (one copy of them to the CPU)."""
+    h = hashlib.sha256()
+    for n in sorted(masks):
+        h.update(n.encode())
+        h.update(masks[n].detach().to("cpu", torch.bool).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def check_flag(name: str, value: Any) -> bool:
     """Return ``value`` if it is a bool; refuse anything else (``"no"`` would act as True)."""
     if not isinstance(value, bool):
@@ -141,10 +156,19 @@ class Pruner:
         self._num_updates = 0
         self._stash = False
         self._dense_grads: dict[str, Tensor] = {}
+        # The first step() after prepare() or a load checks that every rank holds the same
+        # options, step, counters and masks (one small gather), so ranks that differ raise
+        # together instead of waiting in each other's collectives.
+        self._agree = False
+        self._sync: Any = None  # prepare(sync=...): the gradient sync to clear residuals in
 
     # ---- lifecycle -----------------------------------------------------------------------
     def prepare(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, group: Any = None
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        group: Any = None,
+        sync: Any = None,
     ) -> Pruner:
         """Select the weights, create the masks (all kept) and install gradient hooks.
 
@@ -158,13 +182,74 @@ class Pruner:
             model: the model, plain or wrapped in DDP.
             optimizer: its optimizer, whose per-weight state is zeroed at pruned positions.
             group: the process group masks are synchronised over (default: WORLD).
+            sync: the state ``sparsetrain.register_ddp_hook`` returned, or a
+                ``sparsetrain.GradientSync``, that exchanges this model's gradients: whenever
+                the masks change, its error-feedback residuals at pruned weights are cleared,
+                so what those weights had kept back is not sent after them (without it, a
+                compressor with error feedback goes on sending it until it drains).
 
         Returns:
             self.
         """
         module = unwrap(model)
+        if sync is not None and not callable(getattr(sync, "clear_residuals", None)):
+            raise TypeError(
+                "sync must be the state sparsetrain.register_ddp_hook returned or a "
+                f"sparsetrain.GradientSync, got {type(sync).__name__}"
+            )
         if self._model is not None:
-            return self._reattach(module, optimizer, group)
+            return self._reattach(module, optimizer, group, sync)
+        pending = self._pending
+        weights: dict[str, Tensor] = {}
+        problem: Exception | None = None
+        try:
+            weights = self._select(module)
+            if pending is not None:  # checked before anything changes: a misfit leaves us
+                _check_masks(pending["masks"], weights, "the state loaded before prepare()")
+        except (TypeError, ValueError) as e:
+            problem = e
+        # Every rank's refusal, options, parameters and loaded state are compared before the
+        # first collective (the masks' broadcast): ranks that differ raise together.
+        self._agree_across_ranks(
+            group,
+            {
+                "error": None if problem is None else f"{type(problem).__name__}: {problem}",
+                "layout": _layout(weights),
+                "state": None
+                if pending is None
+                else {
+                    "step": pending["step"],
+                    "num_updates": pending["num_updates"],
+                    "masks": _digest(pending["masks"]),
+                },
+            },
+            next(iter(weights.values())).device if weights else None,
+        )
+        if problem is not None:
+            raise problem
+        self._model, self._optimizer, self._group = module, optimizer, group
+        self._sync = sync
+        self._weights = weights
+        self._masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in weights.items()}
+        try:
+            self.on_prepare()
+            if pending is not None:
+                self._pending = None
+                self._assign_state(pending)
+        except BaseException:
+            self._model = self._optimizer = self._group = self._sync = None
+            self._weights, self._masks, self._pending = {}, {}, pending
+            raise
+        self._install_hooks()
+        if pending is None and self.defers_initial_masks:
+            self._defer_initial_masks()
+        else:
+            self._apply()
+        self._agree = True
+        return self
+
+    def _select(self, module: nn.Module) -> dict[str, Tensor]:
+        """The weights to prune, by name; refuses names the model lacks and integer ones."""
         named = dict(module.named_parameters())
         names = self.params if self.params is not None else default_weights(module)
         unknown = [n for n in names if n not in named]
@@ -179,31 +264,50 @@ class Pruner:
                 raise TypeError(
                     f"parameter {n!r} has dtype {named[n].dtype}; only floating-point prunes"
                 )
-        weights = {n: named[n] for n in names}
-        pending = self._pending
-        if pending is not None:  # checked before anything changes: a misfit leaves us unprepared
-            _check_masks(pending["masks"], weights, "the state loaded before prepare()")
-        self._model, self._optimizer, self._group = module, optimizer, group
-        self._weights = weights
-        self._masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in weights.items()}
-        try:
-            self.on_prepare()
-            if pending is not None:
-                self._pending = None
-                self._assign_state(pending)
-        except BaseException:
-            self._model = self._optimizer = self._group = None
-            self._weights, self._masks, self._pending = {}, {}, pending
-            raise
-        self._install_hooks()
-        if pending is None and self.defers_initial_masks:
-            self._defer_initial_masks()
-        else:
-            self._apply()
-        return self
+        return {n: named[n] for n in names}
+
+    def _agree_across_ranks(self, group: Any, mine: dict[str, Any], device: Any) -> None:
+        """Under torch.distributed, gather ``mine`` and this pruner's options from every rank of
+        ``group`` and raise the same error on each if any rank refused its input or they
+        differ. A no-op in one process."""
+        if not _distributed() or dist.get_world_size(group) == 1:
+            return
+        from ..sync.config import _gather_settings
+
+        options = {
+            k: v for k, v in self.options().items() if k not in type(self).may_differ_on_load
+        }
+        everyone = _gather_settings(
+            {"method": self.name, "options": options, **mine},
+            group,
+            device if device is not None and device.type == "cuda" else None,
+        )
+        refused = [(r, x["error"]) for r, x in enumerate(everyone) if x.get("error")]
+        if refused:
+            raise ValueError(
+                f"{self.name} pruner: rank(s) {[r for r, _ in refused]} refused their input "
+                f"(rank {refused[0][0]}: {refused[0][1]}); every rank must prepare the same "
+                "model with the same options"
+            )
+        ref = everyone[0]
+        bad = [r for r, x in enumerate(everyone) if x != ref]
+        if not bad:
+            return
+        other = everyone[bad[0]]
+        diffs = [
+            f"{k}: rank 0 has {ref.get(k)!r:.200}, rank {bad[0]} has {other.get(k)!r:.200}"
+            for k in sorted({*ref, *other})
+            if ref.get(k) != other.get(k)
+        ]
+        raise ValueError(
+            f"{self.name} pruner: the ranks disagree (ranks {bad} differ from rank 0): "
+            + "; ".join(diffs)
+            + ". Every rank must use the same options, step counter and masks: load on every "
+            "rank a state saved at the same step, or on none"
+        )
 
     def _reattach(
-        self, module: nn.Module, optimizer: torch.optim.Optimizer | None, group: Any
+        self, module: nn.Module, optimizer: torch.optim.Optimizer | None, group: Any, sync: Any
     ) -> Pruner:
         if module is not self._model:
             raise RuntimeError(
@@ -216,6 +320,9 @@ class Pruner:
             self._optimizer = optimizer
         if group is not None:
             self._group = group
+        if sync is not None:
+            self._sync = sync
+            self._clear_sync()
         self._install_hooks()
         if not self._deferred:
             self._apply()
@@ -239,6 +346,20 @@ class Pruner:
         if not is_integer(step, -1):
             raise TypeError(f"step must be an integer >= 0 (the optimizer step), got {step!r}")
         step = operator.index(step)  # kept as a plain int, as the state saves it
+        if self._agree:
+            w = next(iter(self._weights.values()))
+            self._agree_across_ranks(
+                self._group,
+                {
+                    "layout": _layout(self._weights),
+                    "step": step,
+                    "last step": self._step,
+                    "num_updates": self._num_updates,
+                    "masks": _digest(self._masks),
+                },
+                w.device,
+            )
+            self._agree = False
         self._step = step
         changed = self.update(step, closure)
         self._apply()
@@ -290,11 +411,18 @@ class Pruner:
         _check_masks(masks, self._weights, "set_masks()", complete=False)
         self._assign_masks(masks)
 
-    def _assign_masks(self, masks: Masks) -> None:
+    def _assign_masks(self, masks: Masks, sync: bool = True) -> None:
         for n, m in masks.items():
             self._masks[n] = m.detach().to(device=self._weights[n].device, dtype=torch.bool).clone()
-        self.sync_masks()
+        if sync:
+            self.sync_masks()
         self._apply()
+        self._clear_sync()
+
+    def _clear_sync(self) -> None:
+        """Clear the gradient sync's residuals at the pruned weights (``prepare(sync=...)``)."""
+        if self._sync is not None:
+            self._sync.clear_residuals({self._weights[n]: ~m for n, m in self._masks.items()})
 
     def sync_masks(self) -> None:
         """Make every rank hold rank 0's masks (a no-op without torch.distributed)."""
@@ -422,7 +550,10 @@ class Pruner:
             return
         self._check_params()
         _check_masks(state["masks"], self._weights, "the state")
-        self._assign_state(state)
+        # Local: the next step() checks that every rank loaded alike (a broadcast here would
+        # wait for ranks that load nothing).
+        self._assign_state(state, sync=False)
+        self._agree = True
 
     def _check_state(self, state: Any, strict: bool = True) -> None:
         if not isinstance(state, Mapping):
@@ -478,12 +609,13 @@ class Pruner:
                 "strict=False to go on from its masks under the new ones"
             )
 
-    def _assign_state(self, state: Mapping[str, Any]) -> None:
-        """Restore a state checked by :meth:`_check_state` and whose masks fit."""
+    def _assign_state(self, state: Mapping[str, Any], sync: bool = True) -> None:
+        """Restore a state checked by :meth:`_check_state` and whose masks fit; ``sync``: make
+        the masks rank 0's (a collective)."""
         self._step = operator.index(state["step"])
         self._num_updates = operator.index(state["num_updates"])
         self.load_extra_state(state["extra"])
-        self._assign_masks(state["masks"])
+        self._assign_masks(state["masks"], sync=sync)
 
     def extra_state(self) -> dict[str, Any]:
         return {}
