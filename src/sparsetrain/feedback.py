@@ -96,6 +96,15 @@ class ErrorFeedback:
         self.residuals.update(held["residuals"])
         self.velocity.update(held["velocity"])
 
+    def clear(self, name: str, where: Tensor) -> None:
+        """Zero the residual and velocity of parameter ``name`` where the flat bool tensor
+        ``where`` is True, in place (weights pruned: what they kept would otherwise still be
+        sent, and crowd out the kept weights' entries)."""
+        for store in (self.residuals, self.velocity):
+            t = store.get(name)
+            if t is not None:
+                t.masked_fill_(where.to(t.device).reshape(t.shape), 0)
+
     def rescale(self, factor: float) -> None:
         """Multiply the residuals and velocities by ``factor``, in place (the gradients' units
         changed: a new loss scale). The marked ones are the same tensors, so a rollback

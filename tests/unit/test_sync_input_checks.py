@@ -538,3 +538,34 @@ def test_the_hook_names_a_sparse_bucket_it_is_handed(group, monkeypatch):
     sparsetrain.register_ddp_hook(ddp, "topk", 0.5)
     with pytest.raises(TypeError, match="the bucket of e.weight holds a torch.sparse_coo"):
         ddp(torch.randint(0, 100, (4, 3))).sum().backward()
+
+
+@pytest.mark.parametrize("caller", list(MAKERS))
+def test_a_pruner_given_the_sync_clears_the_residuals_of_pruned_weights(group, caller):
+    """Error feedback kept what pruned weights had not sent, and sent it after they were
+    pruned, crowding out the kept weights' entries for many steps."""
+    from sparsetrain.pruning import get_pruner
+
+    net = _model()
+    if caller == "register_ddp_hook":
+        model = DDP(net)
+        sync = sparsetrain.register_ddp_hook(model, "topk", 0.1)
+    else:
+        model = net
+        sync = sparsetrain.GradientSync(net, "topk", 0.1)
+    x = torch.randn(16, 4)
+    for _ in range(3):
+        net.zero_grad()
+        model(x).pow(2).sum().backward()
+        if caller == "GradientSync":
+            sync.synchronize()
+    residuals = sync.engine.feedback.residuals
+    assert residuals["0.weight"].count_nonzero() > 0
+    pruner = get_pruner("magnitude", sparsity=0.5).prepare(model, sync=sync)
+    pruner.prune()
+    for name, mask in pruner.masks.items():
+        kept = residuals[name].reshape(mask.shape)
+        assert not kept[~mask].any(), name  # cleared where pruned
+        assert kept[mask].count_nonzero() > 0, name  # kept where not
+    with pytest.raises(TypeError, match="sync must be the state sparsetrain.register_ddp_hook"):
+        get_pruner("magnitude", sparsity=0.5).prepare(_model(), sync=object())

@@ -145,8 +145,8 @@ class RigLPruner(Pruner):
         self._arm_capture()
         return changed
 
-    def prepare(self, model, optimizer=None, group=None) -> RigLPruner:
-        super().prepare(model, optimizer, group)
+    def prepare(self, model, optimizer=None, group=None, sync=None) -> RigLPruner:
+        super().prepare(model, optimizer, group, sync)
         self._arm_capture()  # attached, or resumed, right before an update step
         return self
 

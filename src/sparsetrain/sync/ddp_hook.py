@@ -6,6 +6,7 @@ No postponed annotations here: DDP checks the hook's annotations at run time.
 import copy
 import math
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -359,6 +360,16 @@ class SyncState:
             )
         self.engine.grad_scaler = active
         self.engine.scaler_missing = False
+
+    def clear_residuals(self, where: Mapping[Any, torch.Tensor]) -> None:
+        """Zero the error-feedback residual (and momentum-correction velocity) of each
+        parameter in ``where`` (parameter tensor -> bool tensor of its shape) where the bool is
+        True: for a pruner (``prepare(..., sync=state)``), so that what pruned weights kept is
+        not sent after them. Parameters the hook does not exchange are skipped."""
+        for p, pruned in where.items():
+            name = self._names.get(id(p))
+            if name is not None:
+                self.engine.feedback.clear(name, pruned)
 
     def __getstate__(self) -> dict[str, Any]:
         scaled = self.engine.grad_scaler is not None or self.engine.scaler_missing

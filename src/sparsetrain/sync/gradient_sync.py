@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -169,6 +170,15 @@ class GradientSync:
                     p.grad.zero_()
             return False
         return True
+
+    def clear_residuals(self, where: Mapping[Any, torch.Tensor]) -> None:
+        """As :meth:`sparsetrain.SyncState.clear_residuals`: zero the residuals (and
+        velocities) of the parameters in ``where`` where their bool tensor is True."""
+        names = {id(p): n for n, p in self.params}
+        for p, pruned in where.items():
+            name = names.get(id(p))
+            if name is not None:
+                self.engine.feedback.clear(name, pruned)
 
     @property
     def skipped_last_step(self) -> bool:
