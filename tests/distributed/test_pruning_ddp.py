@@ -147,6 +147,11 @@ def _disagreements(rank: int, world: int) -> dict:
     out["sparsity"] = attempt(
         lambda: get_pruner("magnitude", sparsity=0.5 if rank == 0 else 0.8).prepare(model())
     )
+    # An option that decides a collective's size (WoodFisher's chunk of gathered samples)
+    # passed the check, which skipped the options a loaded state may change, and gloo aborted.
+    out["chunk"] = attempt(
+        lambda: get_pruner("woodfisher", sparsity=0.5, chunk=4 if rank == 0 else 8).prepare(model())
+    )
     # A name one rank's model lacks: that rank raised, the other waited in the broadcast.
     out["refused"] = attempt(
         lambda: get_pruner("magnitude", params=["0.weight"] if rank == 0 else ["9.weight"]).prepare(
@@ -181,5 +186,26 @@ def test_ranks_whose_pruners_differ_raise_on_every_rank(tmp_path) -> None:
     for res in oks(run_world(_disagreements, 2, tmp_path, timeout=120)):
         assert "the ranks disagree" in res["sparsity"] and "sparsity" in res["sparsity"]
         assert "rank(s) [1] refused their input" in res["refused"], res["refused"]
+        assert "the ranks disagree" in res["chunk"] and "chunk" in res["chunk"], res["chunk"]
         assert "the ranks disagree" in res["one_loads"] and "last step" in res["one_loads"]
         assert res["both_load"] is None, res["both_load"]
+
+
+def _subgroups(rank: int, world: int) -> list:
+    from sparsetrain.pruning import get_pruner
+
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    group = groups[rank // 2]
+    torch.manual_seed(rank // 2)  # a model a group, alike within it
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    pruner = get_pruner("magnitude", sparsity=0.5).prepare(net, group=group)
+    pruner.prune()  # the masks' broadcast from the group's first rank
+    return [m.flatten().tolist() for m in pruner.masks.values()]
+
+
+def test_pruners_synchronise_masks_over_a_subgroup_without_global_rank_0(tmp_path) -> None:
+    # The masks were broadcast from global rank 0, which the group {2, 3} does not hold.
+    from .harness import oks, run_world
+
+    res = oks(run_world(_subgroups, 4, tmp_path, timeout=120))
+    assert res[0] == res[1] and res[2] == res[3]

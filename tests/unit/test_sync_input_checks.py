@@ -569,3 +569,20 @@ def test_a_pruner_given_the_sync_clears_the_residuals_of_pruned_weights(group, c
         assert kept[mask].count_nonzero() > 0, name  # kept where not
     with pytest.raises(TypeError, match="sync must be the state sparsetrain.register_ddp_hook"):
         get_pruner("magnitude", sparsity=0.5).prepare(_model(), sync=object())
+
+
+def test_rigls_deferred_initial_masks_clear_the_residuals_when_they_take_effect(group):
+    from sparsetrain.pruning import get_pruner
+
+    net = _model()
+    sync = sparsetrain.GradientSync(net, "topk", 0.1)
+    x = torch.randn(16, 4)
+    for _ in range(3):
+        net.zero_grad()
+        net(x).pow(2).sum().backward()
+        sync.synchronize()
+    pruner = get_pruner("rigl", sparsity=0.5, delta_t=10, end=100).prepare(net, sync=sync)
+    net(x)  # RigL's initial masks take effect at the first forward pass
+    residuals = sync.engine.feedback.residuals
+    for name, mask in pruner.masks.items():
+        assert not residuals[name].reshape(mask.shape)[~mask].any(), name

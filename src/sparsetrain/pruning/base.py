@@ -80,7 +80,9 @@ def broadcast_tensors(tensors: Sequence[Tensor], group: Any = None, src: int = 0
     if not tensors or not _distributed():
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.broadcast(flat, src=src, group=group)
+    # ``src`` is a rank of ``group``; broadcast takes it as a global rank.
+    root = src if group is None else dist.get_global_rank(group, src)
+    dist.broadcast(flat, src=root, group=group)
     offset = 0
     for t in tensors:
         t.copy_(flat[offset : offset + t.numel()].view_as(t))
@@ -128,6 +130,9 @@ class Pruner:
     # Options a state saved under other values still loads with: they change nothing that the
     # state records or that decides which weights are pruned from here on.
     may_differ_on_load: ClassVar[tuple[str, ...]] = ("params", "mask_gradients")
+    # Options ranks may set differently: the parameters pruned are compared by their layout
+    # instead (names, shapes, dtypes); every other option decides a collective or the masks.
+    may_differ_across_ranks: ClassVar[tuple[str, ...]] = ("params",)
     # Whether the masks prepare() draws prune weights (RigL starts sparse); those are applied at
     # the first forward pass (or step(), apply()), so that a state loaded in between loses nothing.
     defers_initial_masks: ClassVar[bool] = False
@@ -272,10 +277,14 @@ class Pruner:
         differ. A no-op in one process."""
         if not _distributed() or dist.get_world_size(group) == 1:
             return
+        from ..comm.p2p import backend_for
         from ..sync.config import _gather_settings
 
+        if (device is None or device.type == "cpu") and backend_for(group, "cpu") is None:
+            return  # CPU weights on a group that moves no CPU tensors (NCCL alone): no check
+
         options = {
-            k: v for k, v in self.options().items() if k not in type(self).may_differ_on_load
+            k: v for k, v in self.options().items() if k not in type(self).may_differ_across_ranks
         }
         everyone = _gather_settings(
             {"method": self.name, "options": options, **mine},
@@ -391,6 +400,7 @@ class Pruner:
 
     @torch.no_grad()
     def _apply(self) -> None:
+        deferred = self._deferred
         self._cancel_deferred()
         for n, p in self._weights.items():
             pruned = ~self._masks[n]
@@ -399,6 +409,8 @@ class Pruner:
                 for v in self._optimizer.state.get(p, {}).values():
                     if isinstance(v, Tensor) and v.shape == p.shape:
                         v.masked_fill_(pruned, 0)
+        if deferred:  # the initial masks take effect only now (RigL)
+            self._clear_sync()
 
     def set_masks(self, masks: Masks) -> None:
         """Replace the masks (synchronised from rank 0 under torch.distributed) and apply them.
