@@ -291,6 +291,18 @@ def _bad_input(rank: int, world: int) -> dict:
         _net(), "topk", density=0.1, collective="oktopk",
         **({"collective_options": {"repartition_every": 64}} if rank else {}),
     )  # fmt: skip
+    from sparsetrain.perfmodel import DEFAULT_PARAMS
+
+    candidates = ["dense", "allgather", "ssar_rd", "ssar_split", "dsar", "oktopk"]
+    sparsetrain.GradientSync(
+        _net(), "topk", density=0.1, collective="auto", auto_candidates=candidates,
+        **({"collective_options": {"oktopk": {"repartition_every": 64}},
+            "auto_network": DEFAULT_PARAMS} if rank else {}),
+    )  # fmt: skip
+    sparsetrain.GradientSync(
+        _net(), "topk", density=0.1, collective="auto",
+        **({"auto_candidates": list(candidates[:5])} if rank else {}),
+    )  # fmt: skip
     out["equivalent"] = True
     return out
 

@@ -653,6 +653,18 @@ def check_consistent(
         config.collective, config.collective_options
     )
     settings["error_feedback"] = config.use_error_feedback
+    if config.collective == "auto":  # the cost model's defaults, and candidates at theirs
+        from ..perfmodel import DEFAULT_PARAMS, EXACT
+
+        if settings["auto_candidates"] is None:
+            settings["auto_candidates"] = list(EXACT)
+        if settings["auto_network"] is None:
+            settings["auto_network"] = DEFAULT_PARAMS.as_dict()
+        options = settings["collective_options"]
+        if isinstance(options, Mapping):
+            settings["collective_options"] = {
+                n: o for n, o in options.items() if o != _effective_collective_options(n, {})
+            }
     mine = {"config": settings, "layout": [list(map(str, x)) for x in layout]}
     everyone = _gather_settings(mine, group, device)
     refused = [(r, x["error"]) for r, x in enumerate(everyone) if "error" in x]
