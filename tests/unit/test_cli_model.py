@@ -326,17 +326,26 @@ def test_refit_says_which_points_kept_the_host_busy(tmp_path, capsys):
     )
 
 
-def test_refit_prices_the_few_int_form_each_run_used(tmp_path, capsys):
-    """A run with --few-ints tree is predicted with the log2 p agreement and gathers, one
-    without the option as the world size says (direct sends at 8 ranks), exactly."""
+def _tree_form_run(tmp_path, recorded_as: str):
+    """A run to fit (the default form) and a held-out one timed with the tree form, recorded as
+    ``recorded_as``: (fitted path, held-out path, its parsed JSON)."""
     from sparsetrain.comm import p2p
 
     fitted = write_results(tmp_path / "a.json", [10**6, 25 * 10**6], [0.001, 0.01, 0.1])
     with p2p.few_int_form("tree"):
         held = write_results(tmp_path / "b.json", [10**6], [0.001, 0.01])
     result = json.loads(held.read_text())
-    result["config"]["few_ints"] = "tree"
+    result["config"]["few_ints"] = recorded_as
     held.write_text(json.dumps(result))
+    return fitted, held, result
+
+
+def test_refit_prices_the_few_int_form_each_run_used(tmp_path, capsys):
+    """A run with --few-ints tree is predicted with the log2 p agreement and gathers, one
+    without the option as the world size says (direct sends at 8 ranks), exactly."""
+    from sparsetrain.comm import p2p
+
+    fitted, held, result = _tree_form_run(tmp_path, recorded_as="tree")
     assert p2p.TREE_FROM == 32  # the form was the block's only
     assert main(["bench", "refit", str(fitted), "--predict", str(held)]) == 0
     out = capsys.readouterr().out
@@ -367,14 +376,7 @@ def test_refit_prices_the_few_int_form_each_run_used(tmp_path, capsys):
 def test_refit_predict_as_prices_the_held_out_run_in_the_form_named(tmp_path, capsys):
     """Times of the tree form, recorded as a direct run: priced as recorded they are off,
     with --predict-as tree exact; --predict-as without --predict is an error."""
-    from sparsetrain.comm import p2p
-
-    fitted = write_results(tmp_path / "a.json", [10**6, 25 * 10**6], [0.001, 0.01, 0.1])
-    with p2p.few_int_form("tree"):
-        held = write_results(tmp_path / "b.json", [10**6], [0.001, 0.01])
-    result = json.loads(held.read_text())
-    result["config"]["few_ints"] = "direct"
-    held.write_text(json.dumps(result))
+    fitted, held, _ = _tree_form_run(tmp_path, recorded_as="direct")
     args = ["bench", "refit", str(fitted), "--predict", str(held)]
     assert main(args) == 0
     assert "max 0%" not in capsys.readouterr().out.split("held out, all points")[1]

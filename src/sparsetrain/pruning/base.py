@@ -278,7 +278,7 @@ class Pruner:
         if not _distributed() or dist.get_world_size(group) == 1:
             return
         from ..comm.p2p import backend_for
-        from ..sync.config import _gather_settings
+        from ..sync.config import _gather_settings, key_differences
 
         if (device is None or device.type == "cpu") and backend_for(group, "cpu") is None:
             return  # CPU weights on a group that moves no CPU tensors (NCCL alone): no check
@@ -302,12 +302,7 @@ class Pruner:
         bad = [r for r, x in enumerate(everyone) if x != ref]
         if not bad:
             return
-        other = everyone[bad[0]]
-        diffs = [
-            f"{k}: rank 0 has {ref.get(k)!r:.200}, rank {bad[0]} has {other.get(k)!r:.200}"
-            for k in sorted({*ref, *other})
-            if ref.get(k) != other.get(k)
-        ]
+        diffs = key_differences(ref, everyone[bad[0]], bad[0])
         raise ValueError(
             f"{self.name} pruner: the ranks disagree (ranks {bad} differ from rank 0): "
             + "; ".join(diffs)

@@ -614,6 +614,16 @@ def _gather_settings(
     return everyone
 
 
+def key_differences(ref: Mapping[str, Any], other: Mapping[str, Any], rank: int) -> list[str]:
+    """Each key where rank ``rank``'s settings ``other`` differ from rank 0's ``ref``, as
+    "key: rank 0 has X, rank R has Y" (values cut at 200 characters)."""
+    return [
+        f"{k}: rank 0 has {ref.get(k)!r:.200}, rank {rank} has {other.get(k)!r:.200}"
+        for k in sorted({*ref, *other})
+        if ref.get(k) != other.get(k)
+    ]
+
+
 def refuse_everywhere(
     error: Exception, group: dist.ProcessGroup | None, device: torch.device | None = None
 ) -> None:
@@ -679,11 +689,7 @@ def check_consistent(
     if not bad:
         return
     other = everyone[bad[0]]
-    diffs = [
-        f"{k}: rank 0 has {ref['config'][k]!r}, rank {bad[0]} has {other['config'][k]!r}"
-        for k in ref["config"]
-        if ref["config"][k] != other["config"].get(k)
-    ]
+    diffs = key_differences(ref["config"], other["config"], bad[0])
     if ref["layout"] != other["layout"]:
         diffs.append("the models' parameters (names, shapes or dtypes) differ")
     raise ValueError(
