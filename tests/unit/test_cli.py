@@ -560,3 +560,18 @@ def test_momentum_correction_names_only_the_conditions_it_misses():
         TrainConfig(compressor="topk", momentum_correction=True, nesterov=True)
     assert "it needs no nesterov (got nesterov=True)" in str(e.value)
     assert "momentum > 0" not in str(e.value) and "native_ddp" not in str(e.value)
+
+
+def test_python_dash_m_sparsetrain_runs_the_command_line():
+    """`python -m sparsetrain` is the `sparsetrain` script: same parser, same exit status."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "sparsetrain", "simulate", "--ranks", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("usage: sparsetrain simulate"), done.stderr
