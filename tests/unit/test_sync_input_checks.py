@@ -148,6 +148,26 @@ def test_gradient_sync_refuses_a_ddp_model(group):
     assert "register_ddp_hook" in msg and "model.module" in msg
 
 
+def test_the_hook_registers_on_the_ddp_model_inside_torch_compile(group):
+    """torch.compile(ddp) is an OptimizedModule around the DDP model: the hook goes on that
+    model, as the wrapper's own register_comm_hook does (it was refused as not DDP)."""
+    ddp = DDP(_model())
+    state = sparsetrain.register_ddp_hook(torch.compile(ddp, backend="eager"), "topk", 0.5)
+    ddp(torch.ones(3, 4)).sum().backward()
+    assert state.stats()["steps"] == 1
+
+
+def test_a_ddp_model_with_dynamos_python_reducer_is_refused_naming_it(group):
+    """Under optimize_ddp="python_reducer" DDP calls a hook per parameter with (grad, param);
+    the hook failed at the first backward with an AttributeError on a tuple."""
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(optimize_ddp="python_reducer"):
+        ddp = DDP(_model())
+    with pytest.raises(TypeError, match="python_reducer"):
+        sparsetrain.register_ddp_hook(ddp, "topk", 0.5)
+
+
 # ---- 3. integer options refuse bools ---------------------------------------------------------
 @pytest.mark.parametrize("name", ["dense_warmup_steps", "byzantine"])
 @pytest.mark.parametrize("value", [True, False, 1.0, "2"])

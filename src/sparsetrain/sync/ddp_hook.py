@@ -523,10 +523,25 @@ def register_ddp_hook(
         >>> scaler.step(optimizer)  # skips a step that overflowed on any rank
         >>> scaler.update()
     """
+    # torch.compile(ddp_model) wraps the DDP model; its register_comm_hook reaches the DDP
+    # model inside, and so does this.
+    inner = getattr(ddp_model, "_orig_mod", None)
+    if isinstance(inner, DistributedDataParallel):
+        ddp_model = inner
     if not isinstance(ddp_model, DistributedDataParallel):
         raise TypeError(
             f"register_ddp_hook needs a torch.nn.parallel.DistributedDataParallel model, got "
             f"{type(ddp_model).__name__}; for a plain model use sparsetrain.GradientSync"
+        )
+    if getattr(ddp_model, "_use_python_reducer", False):
+        # DDP built under torch._dynamo.config.optimize_ddp = "python_reducer" (for compiled
+        # autograd) calls a comm hook per parameter with (grad, param), not per bucket; torch's
+        # own hooks cannot take that either. Every rank builds DDP under the same setting.
+        raise TypeError(
+            "register_ddp_hook: this DDP model was built under torch._dynamo.config."
+            "optimize_ddp='python_reducer', whose reducer calls a communication hook per "
+            "parameter, not per bucket (torch's own hooks fail there too); build the DDP model "
+            "under the default optimize_ddp (True), or use sparsetrain.GradientSync"
         )
     named = list(ddp_model.module.named_parameters())
     layout = [(n, tuple(p.shape), str(p.dtype)) for n, p in named if p.requires_grad]
