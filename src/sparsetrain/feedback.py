@@ -21,6 +21,12 @@ With momentum correction (Lin et al., "Deep Gradient Compression", ICLR 2018) th
 folds the gradient into its own velocity, ``u = momentum * u + gradient``, and step 1 adds ``u``
 instead of the gradient; after the exchange, the entries that were applied are cleared from ``u``
 (:meth:`ErrorFeedback.mask_velocity`). Velocities are kept by name as residuals are.
+
+For float16 and bfloat16 gradients the residuals and velocities are kept in float32, and so is the
+compensated gradient: bfloat16's 8 significant bits would round a small gradient added to a
+residual hundreds of times larger away step after step, and a float16 residual could pass 65504.
+The compressor still sends the gradient's dtype; what the rounding to it leaves out goes into
+the residual too.
 """
 
 from __future__ import annotations
@@ -32,13 +38,16 @@ import torch
 from torch import Tensor
 
 from . import _native
+from .compressors.base import work_dtype
 
 
 class ErrorFeedback:
     """Residuals keyed by parameter name.
 
     Args:
-        enabled: when False, ``compensate`` returns its input and ``update`` keeps nothing.
+        enabled: when False, ``compensate`` returns its input and ``update`` keeps nothing;
+            when True, the compensated gradient, residuals and velocities of float16 and
+            bfloat16 gradients are float32.
         momentum: 0, or the momentum of momentum correction, in (0, 1) (needs ``enabled``).
 
     Example:
@@ -115,7 +124,7 @@ class ErrorFeedback:
 
     def _accumulate(self, names: Sequence[str], numels: Sequence[int], flat: Tensor) -> Tensor:
         """Return the new velocities ``momentum * u + flat`` (a new flat tensor) and keep them."""
-        u = flat.clone()
+        u = flat.to(work_dtype(flat.dtype), copy=True)
         for n, k, part in zip(names, numels, torch.split(u, list(numels))):
             if n in self.velocity:
                 part.add_(self._stored(self.velocity, n, k, part).to(u.dtype), alpha=self.momentum)
@@ -131,21 +140,25 @@ class ErrorFeedback:
             self._vflat.index_fill_(0, positions.long(), 0)
 
     def compensate(self, names: Sequence[str], numels: Sequence[int], flat: Tensor) -> Tensor:
-        """Return ``flat + residual`` for a flat tensor packing ``names`` in order (a new tensor).
+        """Return ``flat + residual`` for a flat tensor packing ``names`` in order (a new tensor,
+        float32 for half gradients).
 
         With momentum correction, ``flat`` (the gradient) first goes into the velocity and the
         result is ``velocity + residual``."""
+        if not self.enabled:
+            return flat
         if self.momentum:
             flat = self._accumulate(names, numels, flat)
-        if not self.enabled or not any(n in self.residuals for n in names):
-            return flat.clone() if self.enabled else flat
+        dtype = work_dtype(flat.dtype)
+        if not any(n in self.residuals for n in names):
+            return flat.to(dtype, copy=True)
         parts = [
-            self._residual(n, k, flat).to(flat.dtype)
+            self._residual(n, k, flat).to(dtype)
             if n in self.residuals
-            else torch.zeros(k, dtype=flat.dtype, device=flat.device)
+            else torch.zeros(k, dtype=dtype, device=flat.device)
             for n, k in zip(names, numels)
         ]
-        return flat + torch.cat(parts)
+        return torch.add(flat, torch.cat(parts))
 
     def _residual(self, name: str, numel: int, like: Tensor) -> Tensor:
         return self._stored(self.residuals, name, numel, like)
@@ -173,7 +186,7 @@ class ErrorFeedback:
         """Set each parameter's residual to its slice of ``compensated - sent``."""
         if not self.enabled:
             return
-        # (sent may be wider than the gradient, whose dtype the residual keeps)
+        # (sent may be wider than the compensated gradient, whose dtype the residual keeps)
         residual = (compensated - sent.reshape(compensated.shape)).to(compensated.dtype)
         for n, part in zip(names, torch.split(residual, list(numels))):
             self.residuals[n] = part
@@ -191,7 +204,9 @@ class ErrorFeedback:
         ``key``, a layout of ``numel`` elements: memory is taken when the caller is built (as
         DDP takes its buckets) rather than in the first steps. Changes no value."""
         if self.enabled:
-            self._buffers_for(key, names, numel, dtype, torch.device(device), torch.zeros)
+            self._buffers_for(
+                key, names, numel, work_dtype(dtype), torch.device(device), torch.zeros
+            )
 
     def _buffers_for(
         self,
@@ -233,8 +248,9 @@ class ErrorFeedback:
         chunk: int = 1 << 18,
     ) -> Tensor:
         """Return ``cat(parts) + residual`` (the same values as :meth:`compensate`), written in
-        one pass into a buffer kept for ``key``; ``parts`` are the gradients of ``names``, in
-        that order, from anywhere (for example slices of a DDP bucket in another order).
+        one pass into a buffer kept for ``key`` (float32 for half gradients); ``parts`` are the
+        gradients of ``names``, in that order, from anywhere (for example slices of a DDP
+        bucket in another order).
 
         With ``each_chunk``, the sum is written ``chunk`` elements at a time (never across two
         parameters) and ``each_chunk(j, offset, written, source)`` is called on each piece
@@ -247,7 +263,8 @@ class ErrorFeedback:
         if each_chunk is not None and self.momentum:
             raise ValueError("compensate_into: each_chunk is not supported with momentum")
         like = parts[0]
-        bufs = self._buffers_for(key, names, sum(numels), like.dtype, like.device, torch.empty)
+        dtype = work_dtype(like.dtype)
+        bufs = self._buffers_for(key, names, sum(numels), dtype, like.device, torch.empty)
         turn = self._next.get(key, 0)
         out = bufs[turn]
         if self.momentum:

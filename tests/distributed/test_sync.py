@@ -825,13 +825,13 @@ def _half_sums(rank: int, world: int) -> dict:
     out["skip_parts"] = (engine.skipped_last_step, part.tolist())
     # fp16 with error feedback on float16 gradients: 65504's share on 3 ranks casts to 21840,
     # and 3 * 21840 = 65520 is no float16: the residual became -Inf, and every later step
-    # non-finite. It is taken in float32 now: 65504 - 65520 = -16.
+    # non-finite. It is taken and kept in float32 now: 65504 - 65520 = -16.
     model = nn.Linear(4, 1, bias=False).half()
     sync = sparsetrain.GradientSync(model, "fp16", error_feedback=True, on_nonfinite="skip")
     model.weight.grad = torch.tensor([[65504.0 if rank == 0 else 1.0, 1.0, 1.0, 1.0]]).half()
     stepped = sync.synchronize()
     residual = sync.engine.feedback.residuals["weight"]
-    out["ef_half"] = (stepped, residual.dtype == torch.float16, residual.tolist())
+    out["ef_half"] = (stepped, residual.dtype == torch.float32, residual.tolist())
     # Under a robust rule, which takes every rank's whole gradient, nothing is divided first.
     model = nn.Linear(4, 1, bias=False).half()
     sync = sparsetrain.GradientSync(model, "fp16", aggregator="mean", on_nonfinite="skip")

@@ -234,3 +234,65 @@ def test_momentum_correction_in_place_path_matches_and_rolls_back():
         for n in names:
             assert torch.equal(fast.velocity[n], general.velocity[n])
             assert torch.equal(fast.residuals[n], general.residuals[n])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_gradients_are_compensated_and_kept_in_float32(dtype):
+    """A residual of 256 plus a gradient of 0.5: in bfloat16 (8 significant bits) 256.5 rounds
+    to 256, and the gradient was lost at every step; float16 loses it a little higher up."""
+    for in_place in (False, True):
+        ef = ErrorFeedback()
+        ef.load_state_dict({"enabled": True, "residuals": {"w": torch.full((4,), 2048.0)}})
+        grad = torch.full((4,), 0.5, dtype=dtype)
+        if in_place:
+            out = ef.compensate_into("k", ["w"], [4], [grad])
+        else:
+            out = ef.compensate(["w"], [4], grad)
+        assert out.dtype == torch.float32 and out.tolist() == [2048.5] * 4
+        sent = torch.tensor([2048.0, 0, 0, 0], dtype=dtype)
+        if in_place:
+            ef.commit_sparse("k", ["w"], [4], out, torch.tensor([0]), sent[:1])
+        else:
+            ef.update(["w"], [4], out, sent)
+        assert ef.residuals["w"].dtype == torch.float32
+        assert ef.residuals["w"].tolist() == [0.5, 2048.5, 2048.5, 2048.5]
+
+
+def test_float32_gradients_keep_their_dtype():
+    ef = ErrorFeedback()
+    assert ef.compensate(["w"], [2], torch.ones(2, dtype=torch.float64)).dtype == torch.float64
+    assert ErrorFeedback(enabled=False).compensate(["w"], [2], torch.ones(2).half()).dtype == (
+        torch.float16
+    )
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_bfloat16_training_loses_no_gradient_to_rounding(one_thread, fast):
+    """topk at density 0.2 on a bfloat16 parameter whose 80 small gradients (1e-3) wait in
+    the residual behind 20 large ones (1.0): over 1500 steps each small entry must receive
+    1.5 in all, sent or still waiting. With bfloat16 residuals each stalled at 0.5 (adding
+    1e-3 to 0.5 rounds away) and none was ever sent; float32 residuals deliver it."""
+    import torch.distributed as dist
+    from torch import nn
+
+    import sparsetrain
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = nn.Linear(100, 1, bias=False).to(torch.bfloat16)
+        sync = sparsetrain.GradientSync(model, "topk", density=0.2)
+        if not fast:
+            sync.engine._sparse_fast_path = lambda: False
+        grad = torch.full((1, 100), 1e-3)
+        grad[0, :20] = 1.0
+        delivered = torch.zeros(100, dtype=torch.float64)
+        for _ in range(1500):
+            model.weight.grad = grad.to(torch.bfloat16)
+            assert sync.synchronize()
+            delivered += model.weight.grad.reshape(-1).double()
+        residual = sync.engine.feedback.residuals["weight"].double()
+        owed = 1500 * grad.reshape(-1).to(torch.bfloat16).double()
+        assert torch.allclose(delivered + residual, owed, rtol=1e-5)
+        assert (delivered[20:] > 0.9).all()  # sent, not only kept
+    finally:
+        dist.destroy_process_group()

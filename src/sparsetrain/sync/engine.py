@@ -657,6 +657,11 @@ class SyncEngine:
             **({} if hits is None else {"selected": hits}),
         )
         indices, values = payload
+        if values.dtype != parts[0].dtype:
+            # Selected from the float32 compensation of half gradients: the wire carries the
+            # gradient's dtype, and the residual keeps what rounding to it leaves out.
+            values = values.to(parts[0].dtype)
+            payload = (indices, values)
         sent_idx = indices.long()
         self.feedback.commit_sparse(key, cnames, cnumels, compensated, sent_idx, values)
         self.counters["compress_seconds"] += time.perf_counter() - t0
@@ -742,6 +747,9 @@ class SyncEngine:
         ):
             divisor = 1  # (a robust rule takes every rank's whole gradient instead)
         shared = compensated / world if divisor == 1 else compensated
+        # Error feedback compensates half gradients in float32 (feedback.py); the compressor
+        # gets the gradient's dtype, and the residual keeps what that rounding leaves out.
+        shared = shared.to(flat.dtype)
         payload, ctx = comp.compress(shared, key=key, layout=list(shapes))
         self.counters["compress_seconds"] += time.perf_counter() - t0
         try:
