@@ -56,6 +56,7 @@ import time
 import traceback
 import types
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -533,6 +534,40 @@ def _checkpoint_path(config: TrainConfig, rank: int) -> Path:
     return Path(config.checkpoint_dir or ".") / config.name / f"rank{rank}.pt"
 
 
+def _previous_path(path: Path) -> Path:
+    """Where the checkpoint that ``path`` replaced is kept (``rank<r>.prev.pt``)."""
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+@contextmanager
+def _checkpoints_locked(config: TrainConfig, rank: int) -> Iterator[None]:
+    """Hold a lock on this rank's checkpoint for the run: a second run given the same
+    checkpoint folder and label is refused instead of replacing the first one's files."""
+    if not config.checkpoint_dir:
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks here (Windows): run unlocked
+        yield
+        return
+    path = _checkpoint_path(config, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(
+                f"another run is using the checkpoints in {path.parent} (rank {rank}'s lock "
+                f"{path.with_suffix('.lock').name} is held): give this run another "
+                "--checkpoint-dir or --label"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _no_checkpoint_note(folder: Path) -> str:
     """What a run asked to resume says when it finds no checkpoint and starts at step 0 (as
     a job restarted with --resume before its first save should): where it looked, and the
@@ -550,10 +585,23 @@ def _no_checkpoint_note(folder: Path) -> str:
 
 
 def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` through a temporary file of its own (never a half-written
+    checkpoint), keeping the checkpoint it replaces as ``rank<r>.prev.pt``: the ranks replace
+    their files one after the other, and a run killed in between resumes from the step every
+    rank still has (:func:`_agreed_checkpoint`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # never leave a half-written checkpoint behind
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if path.exists():
+            os.replace(path, _previous_path(path))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _broadcast_from_rank0(tensors: Sequence[torch.Tensor]) -> None:
@@ -576,15 +624,82 @@ def _sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def _gather_ints(values: list[int], device: torch.device) -> list[list[int]]:
+    """Every rank's ``values`` (the same length on every rank), by rank."""
+    rows = [
+        torch.zeros(len(values), dtype=torch.int64, device=device)
+        for _ in range(dist.get_world_size())
+    ]
+    dist.all_gather(rows, torch.tensor(values, dtype=torch.int64, device=device))
+    return [r.tolist() for r in rows]
+
+
 def _agreed_checkpoint(
     config: TrainConfig, ckpt: Path, rank: int, world: int, device: torch.device
 ) -> dict[str, Any] | None:
     """Load this rank's checkpoint if it can be resumed, after every rank agrees that all of them
     resume from the same step (or all start over): otherwise an error on every rank, where ranks
-    resuming from different steps (a crash between their saves) would deadlock."""
-    state, error = None, None
+    resuming from different steps would deadlock.
+
+    A run killed between two ranks' saves leaves some ranks a step ahead: every rank then
+    resumes from the latest step all of them still have, the last checkpoint or the one kept
+    before it (``rank<r>.prev.pt``). One killed during its first save, before every rank had a
+    checkpoint, starts over."""
+    previous = _previous_path(ckpt)
+
+    def load(path: Path) -> dict[str, Any]:
+        return torch.load(path, map_location=device, weights_only=False)
+
+    state, where = None, None
     if ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        state, where = load(ckpt), ckpt
+    elif previous.exists():  # stopped between its save's two renames
+        state, where = load(previous), previous
+    steps = [row[0] for row in _gather_ints([-1 if state is None else int(state["step"])], device)]
+    if set(steps) == {-1}:
+        if rank == 0:
+            print(_no_checkpoint_note(ckpt.parent), file=sys.stderr, flush=True)
+        return None
+    if len(set(steps)) > 1:
+        # A save some ranks finished and others did not: the checkpoint each kept before it.
+        earlier = load(previous) if where == ckpt and previous.exists() else None
+        kept = [
+            row[0]
+            for row in _gather_ints([-1 if earlier is None else int(earlier["step"])], device)
+        ]
+        common = set.intersection(*({s for s in pair if s >= 0} for pair in zip(steps, kept)))
+        if common:
+            target = max(common)
+            note = f"resuming from step {target}, which every rank has"
+        elif all(s < 0 for s in kept):
+            target = -1
+            note = (
+                "none was written on every rank (a run stopped during its first save); "
+                "starting at step 0"
+            )
+        else:
+            where_text = ", ".join(
+                f"rank {r}: {'no checkpoint' if s < 0 else f'step {s}'}"
+                for r, s in enumerate(steps)
+            )
+            raise ValueError(
+                f"the ranks' checkpoints disagree ({where_text}); every rank must resume from the "
+                f"same step: remove the checkpoints in {ckpt.parent} to start over"
+            )
+        if rank == 0:
+            print(
+                f"{ckpt.parent.name}: the ranks' last checkpoints are from different steps (a run "
+                f"stopped between their saves); {note}",
+                file=sys.stderr,
+                flush=True,
+            )
+        if earlier is not None and int(earlier["step"]) == target:
+            state, where = earlier, previous
+        elif state is not None and int(state["step"]) != target:
+            state, where = None, None
+    error = None
+    if state is not None:
+        ckpt = where
         # Checkpoints written before bucket_cap_mb existed ran DDP's default buckets (25 MB,
         # whatever TrainConfig's default becomes).
         # Nor momentum correction.
@@ -616,24 +731,12 @@ def _agreed_checkpoint(
             error = f"checkpoint {ckpt} was written by a different configuration: " + ", ".join(
                 f"{k} {saved.get(k)!r} there, {now.get(k)!r} here" for k in differ
             )
-    mine = [-1 if state is None else int(state["step"]), int(error is not None)]
-    rows = [torch.zeros(2, dtype=torch.int64, device=device) for _ in range(world)]
-    dist.all_gather(rows, torch.tensor(mine, dtype=torch.int64, device=device))
-    table = [r.tolist() for r in rows]
+    flags = _gather_ints([int(error is not None)], device)
     if error is not None:
         raise ValueError(error)
-    bad = [r for r, row in enumerate(table) if row[1]]
+    bad = [r for r, (f,) in enumerate(flags) if f]
     if bad:
         raise ValueError(f"rank(s) {bad} cannot resume from their checkpoints (see their errors)")
-    steps = [row[0] for row in table]
-    if len(set(steps)) > 1:
-        where = ", ".join(
-            f"rank {r}: {'no checkpoint' if s < 0 else f'step {s}'}" for r, s in enumerate(steps)
-        )
-        raise ValueError(
-            f"the ranks' checkpoints disagree ({where}); every rank must resume from the same "
-            f"step: remove the checkpoints in {ckpt.parent} to start over"
-        )
     return state
 
 
@@ -748,8 +851,6 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
     step, elapsed, eval_seconds = 0, 0.0, 0.0
     ckpt = _checkpoint_path(config, rank)
     state = _agreed_checkpoint(config, ckpt, rank, world, device) if config.resume else None
-    if config.resume and state is None and rank == 0:
-        print(_no_checkpoint_note(ckpt.parent), file=sys.stderr, flush=True)
     if state is not None:
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -986,7 +1087,8 @@ def _resumable(config: TrainConfig) -> dict[str, Any]:
 def _run_all(rank: int, world: int, configs: Sequence[TrainConfig]) -> list[dict[str, Any]]:
     runs = []
     for config in configs:
-        runs.append(train_worker(rank, world, config))
+        with _checkpoints_locked(config, rank):
+            runs.append(train_worker(rank, world, config))
         torch.manual_seed(config.seed)  # the next run starts from the same global state
     return runs
 
@@ -1073,8 +1175,15 @@ def _exit_on_sigterm() -> Callable[[], None]:
     def handler(signum: int, frame: Any) -> None:
         raise SystemExit(128 + signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+    # SIGHUP too: the terminal the launcher ran in was closed.
+    signals = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    previous = {s: signal.signal(s, handler) for s in signals}
+
+    def restore() -> None:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    return restore
 
 
 def _stop_workers(procs: Any) -> None:
@@ -1193,6 +1302,9 @@ def launch(configs: TrainConfig | Sequence[TrainConfig]) -> dict[str, Any]:
             restore()
             _stop_workers(procs)
             shutil.rmtree(folder, ignore_errors=True)
+            for name in getattr(procs, "error_files", None) or ():
+                # torch.multiprocessing leaves a failed worker's traceback file in $TMPDIR
+                Path(name).unlink(missing_ok=True)
     from . import __version__
 
     return {
@@ -1205,10 +1317,24 @@ def launch(configs: TrainConfig | Sequence[TrainConfig]) -> dict[str, Any]:
 
 
 def write_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``report`` as indented JSON to ``path`` (parent folders are created)."""
+    """Write ``report`` as indented JSON to ``path`` (parent folders are created).
+
+    A regular file is replaced only once the new one is whole, so a full disk leaves an older
+    report as it was; anything else (``/dev/stdout``) is written in place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    text = json.dumps(report, indent=2) + "\n"
+    if path.exists() and not path.is_file():
+        path.write_text(text)
+        return path
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -176,8 +177,15 @@ def test_report_has_the_promised_fields_and_the_picture_is_written(comparison, t
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
 
 
-def cli(*argv: str, timeout: float = 150, module: tuple[str, ...] = ("-m", "sparsetrain.cli")):
+def cli(
+    *argv: str,
+    timeout: float = 150,
+    module: tuple[str, ...] = ("-m", "sparsetrain.cli"),
+    tmpdir: Path | None = None,
+):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if tmpdir is not None:
+        env["TMPDIR"] = str(tmpdir)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     return subprocess.run(
@@ -185,8 +193,10 @@ def cli(*argv: str, timeout: float = 150, module: tuple[str, ...] = ("-m", "spar
     )
 
 
-def test_sigterm_to_the_launcher_stops_the_workers_and_removes_its_folder(tmp_path):
-    # What a scheduler or `timeout` sends: the launcher's clean-up must still run.
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_sigterm_to_the_launcher_stops_the_workers_and_removes_its_folder(tmp_path, signame):
+    # What a scheduler or `timeout` sends, or a closed terminal (SIGHUP left the folder): the
+    # launcher's clean-up must still run.
     import signal
     import time
 
@@ -204,7 +214,7 @@ def test_sigterm_to_the_launcher_stops_the_workers_and_removes_its_folder(tmp_pa
         time.sleep(0.2)
     workers = _children(proc.pid)
     assert len(workers) >= 2, workers  # the two ranks (and multiprocessing's helpers)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(getattr(signal, signame))
     assert proc.wait(timeout=60) != 0
     assert not list(tmp_path.glob("sparsetrain-*"))
     # The workers stop too: none keeps training as an orphan.
@@ -244,6 +254,7 @@ def test_bad_density_is_refused_before_any_worker_starts():
 def test_a_worker_error_reaches_the_user_with_a_non_zero_exit(tmp_path):
     # A checkpoint that is not one fails inside the workers, which load it: the error must come
     # back. (Names and option values are refused before any worker starts.)
+    (tmp_path / "tmp").mkdir()
     for rank in range(2):
         path = tmp_path / "ckpt" / "threshold" / f"rank{rank}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -251,13 +262,15 @@ def test_a_worker_error_reaches_the_user_with_a_non_zero_exit(tmp_path):
     res = cli(
         "train", "--workers", "2", "--compressor", "threshold", "--density", "0.01",
         "--checkpoint-dir", str(tmp_path / "ckpt"), "--resume", "--epochs", "1",
-        "--no-progress", "--report", str(tmp_path / "out.json"),
+        "--no-progress", "--report", str(tmp_path / "out.json"), tmpdir=tmp_path / "tmp",
     )  # fmt: skip
     assert res.returncode == 1, res.stderr[-2000:]
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("sparsetrain train: error: worker rank")
     assert "UnpicklingError" in last
     assert not (tmp_path / "out.json").exists()
+    # torch.multiprocessing's traceback files of the failed workers are removed too.
+    assert not list((tmp_path / "tmp").glob("pytorch-errorfile-*"))
 
 
 def test_task_option_values_are_refused_before_any_worker_starts():
@@ -298,6 +311,13 @@ def test_resumed_run_ends_exactly_where_the_uninterrupted_one_does(tmp_path):
     # The cut (step 15) fell between two records (every 10 steps): the training loss of steps
     # 11-15 was saved with the checkpoint, so the point at step 20 averages the same steps.
     assert resumed["curves"]["train_loss"] == whole["curves"]["train_loss"]
+    # Stopped between the ranks' saves at the end: rank 0 has step 44 and, kept before it, 15;
+    # rank 1 only 15. Every rank resumes from step 15, exactly; it was an error.
+    folder = tmp_path / "cut"
+    shutil.copy(folder / "rank1.prev.pt", folder / "rank1.pt")
+    behind = launch(TrainConfig(label="cut", resume=True, **common))["runs"][0]
+    assert behind["final_test_loss"] == whole["final_test_loss"]
+    assert behind["curves"]["train_loss"] == whole["curves"]["train_loss"]
     # A checkpoint written before bucket_cap_mb and the collective options existed resumes
     # with DDP's default buckets and no options; another bucket size (other per-bucket state)
     # is refused.
@@ -321,14 +341,39 @@ def test_resumed_run_ends_exactly_where_the_uninterrupted_one_does(tmp_path):
     with pytest.raises(WorkerError, match="ValueError: .*epochs 2 there, 3 here") as exc:
         launch(TrainConfig(label="cut", resume=True, **{**common, "epochs": 3}))
     assert exc.value.error_type == "ValueError"
-    # A rank whose checkpoint is missing, or from another step (a crash between the ranks'
-    # saves), is an error on every rank: not a rank silently starting over, not a deadlock.
-    (tmp_path / "cut" / "rank1.pt").unlink()
+    # A rank whose checkpoints are gone while the others have two is an error on every rank:
+    # not a rank silently starting over, not a deadlock.
+    for name in ("rank1.pt", "rank1.prev.pt"):
+        (folder / name).unlink()
     with pytest.raises(
         WorkerError, match=r"disagree \(rank 0: step \d+, rank 1: no checkpoint\)"
     ) as exc:
         launch(TrainConfig(label="cut", resume=True, **common))
     assert exc.value.error_type == "ValueError"
+    # Stopped during the first save (rank 0 had written one, rank 1 not): the run starts over.
+    (folder / "rank0.prev.pt").unlink()
+    again = launch(TrainConfig(label="cut", resume=True, **common))["runs"][0]
+    assert again["final_test_loss"] == whole["final_test_loss"]
+
+
+def test_a_second_run_on_the_same_checkpoints_is_refused_while_the_first_runs(tmp_path):
+    """Two runs given one checkpoint folder and label replaced each other's files (and raced
+    on one temporary file name); the second is refused while the first holds the folder."""
+    import fcntl
+
+    from sparsetrain.train import _checkpoint_path
+
+    config = TrainConfig(
+        label="busy", workers=2, epochs=1, progress=False, timeout_s=120,
+        checkpoint_dir=str(tmp_path), max_steps=2,
+    )  # fmt: skip
+    lock = _checkpoint_path(config, 1).with_suffix(".lock")
+    lock.parent.mkdir(parents=True)
+    with open(lock, "a") as held:  # as the first run's rank 1 holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(WorkerError, match="another run is using the checkpoints in"):
+            launch(config)
+    assert launch(config)["runs"][0]["steps"] == 2  # free again
 
 
 def test_without_ddp_gradient_sync_trains_as_the_hook_does_and_resumes_exactly(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -575,3 +576,44 @@ def test_python_dash_m_sparsetrain_runs_the_command_line():
     )
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("usage: sparsetrain simulate"), done.stderr
+
+
+def test_a_report_is_replaced_only_once_the_new_one_is_whole(tmp_path, monkeypatch):
+    """A full disk while writing left the older report as 4096 bytes of broken JSON."""
+    import sparsetrain.train as train_module
+
+    path = tmp_path / "r.json"
+    write_report({"old": 1}, path)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train_module.os, "replace", full)
+    with pytest.raises(OSError):
+        write_report(fake_report(), path)
+    assert json.loads(path.read_text()) == {"old": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left
+
+
+def test_a_report_that_cannot_be_written_is_kept_elsewhere_and_the_plot_still_made(
+    tmp_path, monkeypatch, capsys
+):
+    """After training, an unwritable report path was a traceback: the results were lost and
+    the plot never made."""
+    from sparsetrain.commands import train as command
+
+    report = fake_report()
+    monkeypatch.setattr(command, "check_launch", lambda configs: None)
+    monkeypatch.setattr(command, "launch", lambda configs: report)
+    (tmp_path / "afile").write_text("")
+    bad = tmp_path / "afile" / "r.json"  # its folder is a file
+    code, _ = command.run_and_report([], str(bad), str(tmp_path / "p.png"), "sparsetrain train")
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"sparsetrain train: error: cannot write the report to {bad}:" in err
+    spare = Path(err.split("report: ")[1].split(" (instead)")[0])
+    try:
+        assert json.loads(spare.read_text()) == report
+    finally:
+        spare.unlink()
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -500,13 +501,28 @@ def run_and_report(
     if under_torchrun() and int(os.environ["RANK"]) != 0:
         return 0, None
     print(summary_table(report))
+    code = 0
     if report_path:
-        print(f"report: {write_report(report, report_path)}")
+        try:
+            print(f"report: {write_report(report, report_path)}")
+        except OSError as e:  # a full disk, a folder made read-only during the run
+            code = 1
+            print(f"{prog}: error: cannot write the report to {report_path}: {e}", file=sys.stderr)
+            fd, spare = tempfile.mkstemp(prefix="sparsetrain-report-", suffix=".json")
+            os.close(fd)
+            try:
+                print(f"report: {write_report(report, spare)} (instead)", file=sys.stderr)
+            except OSError:
+                os.unlink(spare)
     if plot_path:
         from ..plotting import plot_report
 
-        print(f"plot:   {plot_report(report, plot_path)}")
-    return 0, report
+        try:
+            print(f"plot:   {plot_report(report, plot_path)}")
+        except OSError as e:
+            code = 1
+            print(f"{prog}: error: cannot write the plot to {plot_path}: {e}", file=sys.stderr)
+    return code, report
 
 
 def _run(args: argparse.Namespace) -> int:
