@@ -45,6 +45,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -92,10 +93,22 @@ class WorkerError(RuntimeError):
     """
 
     def __init__(self, rank: int, error_type: str, message: str, worker_traceback: str = ""):
-        super().__init__(f"worker rank {rank} failed: {error_type}: {message}")
+        super().__init__(
+            f"worker rank {rank} failed: {error_type}: {without_native_stack(message)}"
+        )
         self.rank = rank
         self.error_type = error_type
         self.worker_traceback = worker_traceback
+
+
+def without_native_stack(message: str) -> str:
+    """``message`` without the C++ stack a torch error may carry after its text (from its
+    "Exception raised from ..." line on: gloo's lost connections bring a dozen frames)."""
+    lines = message.splitlines()
+    cut = next(
+        (i for i, line in enumerate(lines) if line.startswith("Exception raised from")), None
+    )
+    return message if cut is None or cut == 0 else "\n".join(lines[:cut]).rstrip()
 
 
 def _check_int(name: str, value: Any, low: int) -> None:
@@ -1266,6 +1279,11 @@ def launch(configs: TrainConfig | Sequence[TrainConfig]) -> dict[str, Any]:
         folder = tempfile.mkdtemp(prefix="sparsetrain-")
         restore = _exit_on_sigterm()
         procs = None
+        # When one worker fails, torch.multiprocessing stops the others and logs a warning for
+        # each ahead of the one line that names the failure; that line says it all.
+        spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+        spawn_level = spawn_log.level
+        spawn_log.setLevel(logging.ERROR)
         try:
             import torch.multiprocessing as mp
 
@@ -1300,6 +1318,7 @@ def launch(configs: TrainConfig | Sequence[TrainConfig]) -> dict[str, Any]:
             runs = json.loads(Path(folder, "result.json").read_text())
         finally:
             restore()
+            spawn_log.setLevel(spawn_level)
             _stop_workers(procs)
             shutil.rmtree(folder, ignore_errors=True)
             for name in getattr(procs, "error_files", None) or ():

@@ -499,6 +499,21 @@ def test_worker_error_names_the_rank_and_the_cause():
     assert e.rank == 2 and e.error_type == "ValueError"
 
 
+def test_worker_error_leaves_out_a_torch_errors_native_stack_but_keeps_its_own_lines():
+    gloo = (
+        "[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:4242\n"
+        "Exception raised from recvFromPeer at gloo/pair.cc:534 (most recent call first):\n"
+        "frame #0: c10::Error::Error(...) + 0x98\nframe #1: ..."
+    )
+    e = WorkerError(1, "RuntimeError", gloo)
+    assert str(e) == (
+        "worker rank 1 failed: RuntimeError: [gloo/transport/tcp/pair.cc:534] Connection "
+        "closed by peer [127.0.0.1]:4242"
+    )
+    ours = "the ranks differ:\n  density: rank 0 has 0.1, rank 1 has 0.2"
+    assert str(WorkerError(0, "ValueError", ours)).endswith(ours)
+
+
 def test_evaluate_gives_the_same_answer_for_any_dataset_type():
     from torch.utils.data import Dataset
 

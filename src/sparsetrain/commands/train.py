@@ -29,6 +29,7 @@ from ..train import (
     parse_value,
     summary_table,
     under_torchrun,
+    without_native_stack,
     write_report,
 )
 
@@ -496,7 +497,11 @@ def run_and_report(
             raise
         # Under torchrun this process is a worker: one line, as launch() gives for embedded ones.
         rank = os.environ["RANK"]
-        print(f"{prog}: error: worker rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        message = without_native_stack(str(e))
+        print(
+            f"{prog}: error: worker rank {rank} failed: {type(e).__name__}: {message}",
+            file=sys.stderr,
+        )
         return 1, None
     if under_torchrun() and int(os.environ["RANK"]) != 0:
         return 0, None
