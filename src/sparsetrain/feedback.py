@@ -395,8 +395,13 @@ class ErrorFeedback:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.check_state(state)
-        self.residuals = {n: r.clone() for n, r in state["residuals"].items()}
-        self.velocity = {n: u.clone() for n, u in state.get("velocity", {}).items()}
+        # (a state saved before half gradients' residuals were kept in float32 is widened)
+        self.residuals = {
+            n: r.to(work_dtype(r.dtype), copy=True) for n, r in state["residuals"].items()
+        }
+        self.velocity = {
+            n: u.to(work_dtype(u.dtype), copy=True) for n, u in state.get("velocity", {}).items()
+        }
         self._vflat = None
         self.mark()
 

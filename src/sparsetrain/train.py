@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -56,6 +57,7 @@ import threading
 import time
 import traceback
 import types
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -547,9 +549,27 @@ def _checkpoint_path(config: TrainConfig, rank: int) -> Path:
     return Path(config.checkpoint_dir or ".") / config.name / f"rank{rank}.pt"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once, at import (in the main thread): files written through mkstemp (0600) get the mode
+# a plain open() would have given them.
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def _previous_path(path: Path) -> Path:
     """Where the checkpoint that ``path`` replaced is kept (``rank<r>.prev.pt``)."""
     return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+_NO_LOCKS = {
+    getattr(errno, name)
+    for name in ("ENOSYS", "ENOLCK", "EOPNOTSUPP", "ENOTSUP")
+    if hasattr(errno, name)
+}
 
 
 @contextmanager
@@ -569,16 +589,31 @@ def _checkpoints_locked(config: TrainConfig, rank: int) -> Iterator[None]:
     with open(path.with_suffix(".lock"), "a") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
         except BlockingIOError:
             raise RuntimeError(
                 f"another run is using the checkpoints in {path.parent} (rank {rank}'s lock "
                 f"{path.with_suffix('.lock').name} is held): give this run another "
                 "--checkpoint-dir or --label"
             ) from None
+        except OSError as e:  # a file system without locks (Lustre without -o flock, some NFS)
+            if e.errno not in _NO_LOCKS:
+                raise
+            locked = False
+            if rank == 0:
+                warnings.warn(
+                    f"cannot lock the checkpoints in {path.parent} ({e.strerror}): two runs "
+                    "given this folder and label would overwrite each other's",
+                    stacklevel=2,
+                )
+        if locked:  # what a save killed half way left (no other run is writing here)
+            for stale in path.parent.glob(f"{path.stem}.*.tmp"):
+                stale.unlink(missing_ok=True)
         try:
             yield
         finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _no_checkpoint_note(folder: Path) -> str:
@@ -605,6 +640,7 @@ def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.stem}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
             torch.save(payload, fh)
             fh.flush()
@@ -647,6 +683,58 @@ def _gather_ints(values: list[int], device: torch.device) -> list[list[int]]:
     return [r.tolist() for r in rows]
 
 
+def _checkpoint_problem(
+    config: TrainConfig, state: dict[str, Any] | None, path: Path | None, world: int
+) -> str | None:
+    """What makes ``state`` (loaded from ``path``) unfit for this run to resume, or None."""
+    if state is None:
+        return None
+    # Checkpoints written before bucket_cap_mb existed ran DDP's default buckets (25 MB,
+    # whatever TrainConfig's default becomes).
+    # Nor momentum correction.
+    # Nor runs without DDP, nor collective options.
+    saved = {
+        "amp": None,  # nor mixed precision
+        "init_loss_scale": 2.0**16,
+        "bucket_cap_mb": 25.0,
+        "momentum_correction": False,
+        "ddp": True,
+        "collective_options": {},
+        "auto_candidates": None,
+        "auto_network": None,
+        **state.get("config", {}),
+    }
+    if config.schedule == "cosine":  # checkpoints from before epochs was checked
+        saved.setdefault("epochs", config.epochs)
+    now = _resumable(config)
+    for fields in (saved, now):  # the first loss scale matters only to an fp16 run
+        if fields.get("amp") != "fp16":
+            fields.pop("init_loss_scale", None)
+    differ = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    if state.get("format") != _CHECKPOINT_FORMAT or state.get("world") != world:
+        return (
+            f"checkpoint {path} was written by {state.get('world')} ranks (format "
+            f"{state.get('format')}); this run has {world} ranks: resume with the same workers"
+        )
+    if differ:
+        return f"checkpoint {path} was written by a different configuration: " + ", ".join(
+            f"{k} {saved.get(k)!r} there, {now.get(k)!r} here" for k in differ
+        )
+    return None
+
+
+def _gather_checked(step: int, problem: str | None, device: torch.device) -> list[int]:
+    """Every rank's ``step``, after raising on every rank if some rank's checkpoint has a
+    ``problem`` (its own message there, a pointer to it elsewhere)."""
+    table = _gather_ints([step, int(problem is not None)], device)
+    if problem is not None:
+        raise ValueError(problem)
+    bad = [r for r, row in enumerate(table) if row[1]]
+    if bad:
+        raise ValueError(f"rank(s) {bad} cannot resume from their checkpoints (see their errors)")
+    return [row[0] for row in table]
+
+
 def _agreed_checkpoint(
     config: TrainConfig, ckpt: Path, rank: int, world: int, device: torch.device
 ) -> dict[str, Any] | None:
@@ -654,10 +742,11 @@ def _agreed_checkpoint(
     resume from the same step (or all start over): otherwise an error on every rank, where ranks
     resuming from different steps would deadlock.
 
-    A run killed between two ranks' saves leaves some ranks a step ahead: every rank then
+    A run stopped between two ranks' saves leaves some ranks a save ahead: every rank then
     resumes from the latest step all of them still have, the last checkpoint or the one kept
-    before it (``rank<r>.prev.pt``). One killed during its first save, before every rank had a
-    checkpoint, starts over."""
+    before it (``rank<r>.prev.pt``), and drops the step the others lack, so that a second stop
+    resumes alike. One stopped during its very first save (one step on some ranks, nothing on
+    the others, nothing kept before it) starts over."""
     previous = _previous_path(ckpt)
 
     def load(path: Path) -> dict[str, Any]:
@@ -668,88 +757,51 @@ def _agreed_checkpoint(
         state, where = load(ckpt), ckpt
     elif previous.exists():  # stopped between its save's two renames
         state, where = load(previous), previous
-    steps = [row[0] for row in _gather_ints([-1 if state is None else int(state["step"])], device)]
+    step = -1 if state is None else int(state["step"])
+    steps = _gather_checked(step, _checkpoint_problem(config, state, where, world), device)
     if set(steps) == {-1}:
         if rank == 0:
             print(_no_checkpoint_note(ckpt.parent), file=sys.stderr, flush=True)
         return None
-    if len(set(steps)) > 1:
-        # A save some ranks finished and others did not: the checkpoint each kept before it.
-        earlier = load(previous) if where == ckpt and previous.exists() else None
-        kept = [
-            row[0]
-            for row in _gather_ints([-1 if earlier is None else int(earlier["step"])], device)
-        ]
-        common = set.intersection(*({s for s in pair if s >= 0} for pair in zip(steps, kept)))
-        if common:
-            target = max(common)
-            note = f"resuming from step {target}, which every rank has"
-        elif all(s < 0 for s in kept):
-            target = -1
-            note = (
-                "none was written on every rank (a run stopped during its first save); "
-                "starting at step 0"
-            )
-        else:
-            where_text = ", ".join(
-                f"rank {r}: {'no checkpoint' if s < 0 else f'step {s}'}"
-                for r, s in enumerate(steps)
-            )
-            raise ValueError(
-                f"the ranks' checkpoints disagree ({where_text}); every rank must resume from the "
-                f"same step: remove the checkpoints in {ckpt.parent} to start over"
-            )
-        if rank == 0:
-            print(
-                f"{ckpt.parent.name}: the ranks' last checkpoints are from different steps (a run "
-                f"stopped between their saves); {note}",
-                file=sys.stderr,
-                flush=True,
-            )
-        if earlier is not None and int(earlier["step"]) == target:
-            state, where = earlier, previous
-        elif state is not None and int(state["step"]) != target:
-            state, where = None, None
-    error = None
-    if state is not None:
-        ckpt = where
-        # Checkpoints written before bucket_cap_mb existed ran DDP's default buckets (25 MB,
-        # whatever TrainConfig's default becomes).
-        # Nor momentum correction.
-        # Nor runs without DDP, nor collective options.
-        saved = {
-            "amp": None,  # nor mixed precision
-            "init_loss_scale": 2.0**16,
-            "bucket_cap_mb": 25.0,
-            "momentum_correction": False,
-            "ddp": True,
-            "collective_options": {},
-            "auto_candidates": None,
-            "auto_network": None,
-            **state.get("config", {}),
-        }
-        if config.schedule == "cosine":  # checkpoints from before epochs was checked
-            saved.setdefault("epochs", config.epochs)
-        now = _resumable(config)
-        for fields in (saved, now):  # the first loss scale matters only to an fp16 run
-            if fields.get("amp") != "fp16":
-                fields.pop("init_loss_scale", None)
-        differ = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
-        if state.get("format") != _CHECKPOINT_FORMAT or state.get("world") != world:
-            error = (
-                f"checkpoint {ckpt} was written by {state.get('world')} ranks (format "
-                f"{state.get('format')}); this run has {world} ranks: resume with the same workers"
-            )
-        elif differ:
-            error = f"checkpoint {ckpt} was written by a different configuration: " + ", ".join(
-                f"{k} {saved.get(k)!r} there, {now.get(k)!r} here" for k in differ
-            )
-    flags = _gather_ints([int(error is not None)], device)
-    if error is not None:
-        raise ValueError(error)
-    bad = [r for r, (f,) in enumerate(flags) if f]
-    if bad:
-        raise ValueError(f"rank(s) {bad} cannot resume from their checkpoints (see their errors)")
+    if len(set(steps)) == 1:
+        return state
+    # A save some ranks finished and others did not: the checkpoint each kept before it.
+    earlier = load(previous) if where == ckpt and previous.exists() else None
+    kept = _gather_checked(
+        -1 if earlier is None else int(earlier["step"]),
+        _checkpoint_problem(config, earlier, previous, world),
+        device,
+    )
+    common = set.intersection(*({s for s in pair if s >= 0} for pair in zip(steps, kept)))
+    if common:
+        target = max(common)
+        note = f"resuming from step {target}, which every rank has"
+    elif -1 in steps and len(set(steps) - {-1}) == 1 and all(s < 0 for s in kept):
+        target = -1
+        note = "the first was not written on every rank; starting at step 0"
+    else:
+        where_text = ", ".join(
+            f"rank {r}: {'no checkpoint' if s < 0 else f'step {s}'}" for r, s in enumerate(steps)
+        )
+        raise ValueError(
+            f"the ranks' checkpoints disagree ({where_text}); every rank must resume from the "
+            f"same step: remove the checkpoints in {ckpt.parent} to start over"
+        )
+    if rank == 0:
+        print(
+            f"{ckpt.parent.name}: the ranks' last checkpoints are from different steps (a run "
+            f"stopped between their saves); {note}",
+            file=sys.stderr,
+            flush=True,
+        )
+    # Every rank has agreed: drop what no other rank has, so the next save keeps the target.
+    if earlier is not None and int(earlier["step"]) == target:
+        os.replace(previous, ckpt)
+        return earlier
+    if step != target:  # (only in a start-over: a first save the others never finished)
+        if where is not None:
+            where.unlink(missing_ok=True)
+        return None
     return state
 
 
@@ -1188,8 +1240,11 @@ def _exit_on_sigterm() -> Callable[[], None]:
     def handler(signum: int, frame: Any) -> None:
         raise SystemExit(128 + signum)
 
-    # SIGHUP too: the terminal the launcher ran in was closed.
-    signals = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    # SIGHUP too (the terminal the launcher ran in was closed), unless it is ignored, as under
+    # nohup, which is there to keep the run going.
+    signals = [signal.SIGTERM]
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
+        signals.append(signal.SIGHUP)
     previous = {s: signal.signal(s, handler) for s in signals}
 
     def restore() -> None:
@@ -1343,14 +1398,22 @@ def write_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=2) + "\n"
-    if path.exists() and not path.is_file():
+    target = Path(os.path.realpath(path))  # through a link, the file it names is replaced
+    if target.exists() and not target.is_file():
         path.write_text(text)
         return path
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as e:  # a writable file in a folder that is not: in place, as before
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        path.write_text(text)
+        return path
+    try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

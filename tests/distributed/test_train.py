@@ -319,6 +319,9 @@ def test_resumed_run_ends_exactly_where_the_uninterrupted_one_does(tmp_path):
     behind = launch(TrainConfig(label="cut", resume=True, **common))["runs"][0]
     assert behind["final_test_loss"] == whole["final_test_loss"]
     assert behind["curves"]["train_loss"] == whole["curves"]["train_loss"]
+    # Rank 0 dropped its step 44 when it went back to 15, so 15 is what its last save kept:
+    # stopped again the same way, the ranks would still share a step.
+    assert torch.load(folder / "rank0.prev.pt", weights_only=False)["step"] == 15
     # A checkpoint written before bucket_cap_mb and the collective options existed resumes
     # with DDP's default buckets and no options; another bucket size (other per-bucket state)
     # is refused.

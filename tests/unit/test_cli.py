@@ -632,3 +632,75 @@ def test_a_report_that_cannot_be_written_is_kept_elsewhere_and_the_plot_still_ma
     finally:
         spare.unlink()
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_nohup_keeps_the_launcher_running_on_sighup():
+    """Under nohup SIGHUP is ignored; the launcher's handler replaced that and stopped a run
+    meant to outlive the terminal."""
+    import signal
+
+    from sparsetrain.train import _exit_on_sigterm
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        restore = _exit_on_sigterm()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        restore()
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        restore = _exit_on_sigterm()
+        assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, signal.SIG_IGN)
+        restore()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
+def test_checkpoints_and_reports_get_the_mode_open_would_give(tmp_path):
+    """Written through mkstemp, they were readable by their owner only (0600)."""
+    from sparsetrain.train import _save_checkpoint
+
+    mask = os.umask(0o022)
+    try:
+        _save_checkpoint(tmp_path / "rank0.pt", {"step": 1})
+        write_report({"a": 1}, tmp_path / "r.json")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "rank0.pt").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_a_report_path_that_is_a_link_stays_a_link(tmp_path):
+    target = tmp_path / "real.json"
+    write_report({"old": 1}, target)
+    (tmp_path / "link.json").symlink_to(target)
+    write_report({"new": 2}, tmp_path / "link.json")
+    assert (tmp_path / "link.json").is_symlink()
+    assert json.loads(target.read_text()) == {"new": 2}
+
+
+def test_checkpoint_lock_removes_dead_saves_and_runs_unlocked_where_locks_are_missing(
+    tmp_path, monkeypatch
+):
+    """A save killed half way left a checkpoint-sized temporary file behind each time; a file
+    system without locks (Lustre without -o flock) made every rank fail."""
+    import errno
+    import fcntl
+
+    from sparsetrain.train import _checkpoints_locked
+
+    config = TrainConfig(checkpoint_dir=str(tmp_path), label="run", progress=False)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "rank0.abc123.tmp").write_bytes(b"half a checkpoint")
+    (folder / "rank1.abc123.tmp").write_bytes(b"another rank's")
+    with _checkpoints_locked(config, 0):
+        pass
+    assert sorted(p.name for p in folder.iterdir()) == ["rank0.lock", "rank1.abc123.tmp"]
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="cannot lock the checkpoints"):
+        with _checkpoints_locked(config, 0):
+            pass

@@ -296,3 +296,45 @@ def test_bfloat16_training_loses_no_gradient_to_rounding(one_thread, fast):
         assert (delivered[20:] > 0.9).all()  # sent, not only kept
     finally:
         dist.destroy_process_group()
+
+
+def test_a_state_with_half_residuals_loads_them_as_float32():
+    """States saved before the float32 residuals: a loss-scale growth applied to a float16
+    residual before its first step (rescale) made 40000 infinite."""
+    ef = ErrorFeedback(momentum=0.9)
+    half = torch.full((2,), 40000.0, dtype=torch.float16)
+    ef.load_state_dict(
+        {"enabled": True, "momentum": 0.9, "residuals": {"w": half}, "velocity": {"w": half}}
+    )
+    ef.rescale(2.0)
+    for store in (ef.residuals, ef.velocity):
+        assert store["w"].dtype == torch.float32 and store["w"].tolist() == [80000.0] * 2
+
+
+def test_a_half_gradient_sent_by_a_dense_allreduce_stays_half(one_thread, monkeypatch):
+    """collective="auto" may pick the dense allreduce on the sparse fast path: the payload,
+    selected from the float32 compensation, went out as float32 (twice the bytes)."""
+    import torch.distributed as dist
+    from torch import nn
+
+    import sparsetrain
+    from sparsetrain.sync import engine
+
+    sent = []
+
+    def allreduce_sum(tensors, group=None):
+        sent.extend(t.dtype for t in tensors)
+        return [t.clone() for t in tensors], 0
+
+    monkeypatch.setattr(engine, "allreduce_sum", allreduce_sum)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = nn.Linear(64, 4, bias=False).half()
+        sync = sparsetrain.GradientSync(
+            model, "topk", 0.1, collective="auto", auto_candidates=["dense"]
+        )
+        model.weight.grad = torch.randn(4, 64).half()
+        assert sync.synchronize()
+    finally:
+        dist.destroy_process_group()
+    assert sent == [torch.float16]

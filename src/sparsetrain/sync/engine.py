@@ -672,7 +672,7 @@ class SyncEngine:
         # index could pass 65504 and their average not. The residual keeps the whole values.
         divisor = 1 if _divides_first(values.dtype, world) else world
         if coll == "dense":
-            mine = comp.decompress(payload, ctx).reshape(-1)
+            mine = comp.decompress(payload, ctx).reshape(-1).to(parts[0].dtype)
             if divisor == 1:
                 mine = mine / world
             reduced, sent = self._timed_comm(allreduce_sum, [mine], self.group)
