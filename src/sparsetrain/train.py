@@ -632,25 +632,32 @@ def _no_checkpoint_note(folder: Path) -> str:
     return note
 
 
-def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` through a temporary file of its own (never a half-written
-    checkpoint), keeping the checkpoint it replaces as ``rank<r>.prev.pt``: the ranks replace
-    their files one after the other, and a run killed in between resumes from the step every
-    rank still has (:func:`_agreed_checkpoint`)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _replace_whole(path: Path, write: Callable[[Any], Any], keep: Path | None = None) -> None:
+    """Write a file with ``write(binary file)`` under a temporary name of its own in ``path``'s
+    folder (``<stem>.*.tmp``), flushed to disk, with the mode ``open()`` would give it, then
+    rename it to ``path``, first renaming the file there to ``keep`` when given: ``path`` is
+    never half-written, and a failure leaves it as it was."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.stem}.", suffix=".tmp")
     try:
         os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        if path.exists():
-            os.replace(path, _previous_path(path))
+        if keep is not None and path.exists():
+            os.replace(path, keep)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` whole, keeping the checkpoint it replaces as
+    ``rank<r>.prev.pt``: the ranks replace their files one after the other, and a run killed in
+    between resumes from the step every rank still has (:func:`_agreed_checkpoint`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _replace_whole(path, lambda fh: torch.save(payload, fh), keep=_previous_path(path))
 
 
 def _broadcast_from_rank0(tensors: Sequence[torch.Tensor]) -> None:
@@ -1403,20 +1410,11 @@ def write_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
         path.write_text(text)
         return path
     try:
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    except OSError as e:  # a writable file in a folder that is not: in place, as before
-        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+        _replace_whole(target, lambda fh: fh.write(text.encode()))
+    except OSError as e:  # no temporary file beside it (a writable file in a folder that is
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):  # not): in place, as before
             raise
         path.write_text(text)
-        return path
-    try:
-        os.fchmod(fd, _FILE_MODE)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
