@@ -807,6 +807,26 @@ def _half_sums(rank: int, world: int) -> dict:
             out[f"{collective}-{fast}"] = (
                 stepped, model.weight.grad.float().tolist(), residual.float().tolist()
             )  # fmt: skip
+    # Rank 0's residual of 30000 plus its gradient of 60000 is 90000 in float32, past 65504,
+    # but its share of the average, 30000, fits: it was cast to Inf before it was divided,
+    # and the step was dropped. Others' entries that a global selection drops go back into
+    # their residuals whole (3), not as the shares that went out (1).
+    for collective in ("allgather", "ssar_rd", "ssar_split", "dsar", "oktopk", "gtopk", "auto"):
+        for fast in (True, False):
+            model = nn.Linear(4, 1, bias=False).half()
+            sync = sparsetrain.GradientSync(
+                model, "topk", density=0.25, collective=collective, on_nonfinite="skip"
+            )
+            if not fast:
+                sync.engine._sparse_fast_path = lambda: False
+            steps = []
+            for grad in ([30000.0, 60000.0], [60000.0, 0.0]) if rank == 0 else ([0, 3.0],) * 2:
+                model.weight.grad = torch.tensor([grad + [0.0, 0.0]], dtype=torch.float16)
+                steps.append(sync.synchronize())
+            residual = sync.engine.feedback.residuals["weight"]
+            out[f"headroom-{collective}-{fast}"] = (
+                steps, model.weight.grad.float().tolist(), residual.tolist()
+            )  # fmt: skip
     model = nn.Linear(4, 1, bias=False).half()
     sync = sparsetrain.GradientSync(model, "randomk", density=1.0)
     model.weight.grad = torch.full((1, 4), 40000.0, dtype=torch.float16)
@@ -863,8 +883,15 @@ def test_averages_that_fit_do_not_overflow_in_their_sum_and_skipped_parts_are_ze
         for collective in ("allgather", "ssar_rd", "ssar_split", "dsar", "oktopk", "gtopk",
                            "auto"):  # fmt: skip
             for fast in (True, False):
-                got = res[f"{collective}-{fast}"]  # 3 x fp16(40000 / 3) = 40008 -> 40000
-                assert got == (True, [[40000.0] * 4], [0.0] * 4), (collective, fast, got)
+                got = res[f"headroom-{collective}-{fast}"]
+                if collective in ("oktopk", "gtopk"):  # the global top-1: rank 0's entry
+                    want = ([True, True], [[30000.0, 0.0, 0.0, 0.0]], [0, 3.0 * (rank > 0), 0, 0])
+                else:
+                    want = ([True, True], [[30000.0, 2.0, 0.0, 0.0]], [0.0] * 4)
+                assert got == want, (collective, fast, got)
+                # 3 x fp16(40000 / 3) = 40008 -> 40000; each rank sent 40008, 8 too many
+                got = res[f"{collective}-{fast}"]
+                assert got == (True, [[40000.0] * 4], [-8.0] * 4), (collective, fast, got)
         assert res["randomk-all-half"] == (True, [[40000.0] * 4]), res["randomk-all-half"]
         stepped, half, residual = res["ef_half"]
         assert stepped and half and all(math.isfinite(r) for r in residual), res["ef_half"]

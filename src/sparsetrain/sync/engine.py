@@ -657,30 +657,44 @@ class SyncEngine:
             **({} if hits is None else {"selected": hits}),
         )
         indices, values = payload
+        # Float16 values go out divided by the ranks, as torch's hooks divide before the sum:
+        # no partial sum then passes the largest value a rank sent, where the ranks' sum at one
+        # index could pass 65504 and their average not.
+        divisor = 1 if _divides_first(parts[0].dtype, world) else world
+        share = None
         if values.dtype != parts[0].dtype:
             # Selected from the float32 compensation of half gradients: the wire carries the
-            # gradient's dtype, and the residual keeps what rounding to it leaves out.
-            values = values.to(parts[0].dtype)
+            # gradient's dtype, and the residual keeps what rounding to it leaves out. A
+            # float16 value is divided before that rounding, so a gradient plus residual past
+            # 65504 whose share fits goes out finite; the rank has then sent `world` times
+            # its share.
+            if divisor == 1:
+                share = (values / world).to(parts[0].dtype)
+                values = share.to(values.dtype) * world
+            else:
+                values = values.to(parts[0].dtype)
             payload = (indices, values)
         sent_idx = indices.long()
         self.feedback.commit_sparse(key, cnames, cnumels, compensated, sent_idx, values)
         self.counters["compress_seconds"] += time.perf_counter() - t0
 
         coll = self._collective_for(numel)
-        # Float16 values go out divided by the ranks, as torch's hooks divide before the sum:
-        # no partial sum then passes the largest value a rank sent, where the ranks' sum at one
-        # index could pass 65504 and their average not. The residual keeps the whole values.
-        divisor = 1 if _divides_first(values.dtype, world) else world
         if coll == "dense":
-            mine = comp.decompress(payload, ctx).reshape(-1).to(parts[0].dtype)
-            if divisor == 1:
-                mine = mine / world
+            if share is not None:
+                mine = comp.decompress((indices, share), ctx).reshape(-1).to(share.dtype)
+            else:
+                mine = comp.decompress(payload, ctx).reshape(-1).to(parts[0].dtype)
+                if divisor == 1:
+                    mine = mine / world
             reduced, sent = self._timed_comm(allreduce_sum, [mine], self.group)
             self._count(sent, sent)
             total = reduced[0]
             self.feedback.mask_velocity(sent_idx)
         else:
-            wire = values if divisor == world else values / world
+            if share is not None:
+                wire = share
+            else:
+                wire = values if divisor == world else values / world
             res = self._sparse_collective(coll, indices, wire, numel, key)
             if res is None:  # dropped (the sum was not finite): the caller makes the parts NaN
                 return
@@ -738,10 +752,16 @@ class SyncEngine:
         # times what it decodes to, which is what its residual leaves out.
         # Random-k and PowerSGD, whose payload is linear in the gradient, do the same for
         # float16 gradients (other dtypes have float32's range; their bits stay as they were).
+        # A sparse payload of float16 values is divided first too (as in the sparse fast
+        # path), before the cast: a gradient plus residual past 65504 whose share fits goes
+        # out finite.
         divisor = world
         if (
-            comp.summable
-            and (comp.elementwise or (comp.linear and flat.dtype == torch.float16))
+            (
+                comp.summable
+                and (comp.elementwise or (comp.linear and flat.dtype == torch.float16))
+                or (comp.wire == "sparse" and _divides_first(flat.dtype, world))
+            )
             and world > 1
             and self.aggregator is None
         ):
@@ -766,7 +786,7 @@ class SyncEngine:
             # can pass float16's range where the gradient does not); the residual update
             # casts back to the gradient's dtype.
             decode = comp.decompress_sum if comp.summable else comp.decompress
-            mine = decode(payload, ctx).reshape(-1)
+            mine = share = decode(payload, ctx).reshape(-1)
             if divisor == 1:  # (world > 1) in float32 for half gradients: the share fits,
                 mine = mine.to(work_dtype(mine.dtype)) * world  # world times it may not
         except FloatingPointError:
@@ -808,24 +828,21 @@ class SyncEngine:
                 return torch.full_like(flat, self._dropped)
         elif comp.wire == "sparse":
             coll = self._collective_for(flat.numel())
-            if _divides_first(flat.dtype, world):  # as in the sparse fast path
-                divisor = 1
             if coll == "dense":
-                share = mine if divisor == world else mine / world
                 reduced, sent = self._timed_comm(allreduce_sum, [share], self.group)
                 self._count(sent, sent)
                 total = reduced[0]
                 self.feedback.mask_velocity(payload[0])
             else:
-                wire = payload[1] if divisor == world else payload[1] / world
-                res = self._sparse_collective(coll, payload[0], wire, flat.numel(), key)
+                res = self._sparse_collective(coll, payload[0], payload[1], flat.numel(), key)
                 if res is None:  # dropped: the sum was not finite
                     return torch.full_like(flat, self._dropped)
                 if res.dense is not None:
                     total = res.dense
                     self.feedback.mask_velocity(payload[0])
                 else:
-                    total = self._selected(res, payload, compensated, names, numels)
+                    scale = world if divisor == 1 else 1  # the values are shares then
+                    total = self._selected(res, payload, compensated, names, numels, scale)
         else:
             gathered, sent, recv = self._timed_comm(all_gather_variable, payload, self.group)
             self._count(sent, recv)
@@ -833,15 +850,17 @@ class SyncEngine:
         return (total.reshape(flat.shape) / divisor).to(flat.dtype)
 
     def _selected(
-        self, res: CollectiveResult, payload, compensated: Tensor, names, numels
+        self, res: CollectiveResult, payload, compensated: Tensor, names, numels, scale: int = 1
     ) -> Tensor:
-        """Densify a global selection; put this rank's values that it dropped back into the residual."""
+        """Densify a global selection; put this rank's values that it dropped back into the
+        residual (``scale`` times the payload's values: the ranks when they are shares)."""
         indices, values = payload
         dropped = ~torch.isin(indices.long(), res.indices.long())
         if self.feedback.momentum:
             self.feedback.mask_velocity(indices[~dropped])
         unsent = torch.zeros_like(compensated)
-        unsent.index_put_((indices.long()[dropped],), values[dropped].to(unsent.dtype))
+        back = values[dropped].to(unsent.dtype)
+        unsent.index_put_((indices.long()[dropped],), back * scale if scale != 1 else back)
         self.feedback.add_back(names, numels, unsent)
         total = torch.zeros(compensated.numel(), dtype=res.values.dtype, device=res.values.device)
         total.index_put_((res.indices.long(),), res.values)
