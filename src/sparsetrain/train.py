@@ -71,6 +71,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
+from ._options import is_integer
 from ._procs import exit_finished_worker
 from .compressors import check_density, get_compressor, option_names
 from .hostmem import reserve, reuse_freed_memory, reusing_freed_memory
@@ -755,9 +756,30 @@ def _agreed_checkpoint(
     resumes alike. One stopped during its very first save (one step on some ranks, nothing on
     the others, nothing kept before it) starts over."""
     previous = _previous_path(ckpt)
+    unreadable: list[str] = []
 
-    def load(path: Path) -> dict[str, Any]:
-        return torch.load(path, map_location=device, weights_only=False)
+    def load(path: Path) -> dict[str, Any] | None:
+        """The checkpoint at ``path``; None, its problem noted, where it cannot be read (the
+        others learn of it in the gather that follows instead of waiting there)."""
+        try:
+            state = torch.load(path, map_location=device, weights_only=False)
+        except Exception as e:  # noqa: BLE001 - any failure to read it: named, on every rank
+            cause = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            unreadable.append(f"checkpoint {path} cannot be read ({cause.rstrip(': ')})")
+            return None
+        if not isinstance(state, dict) or not is_integer(state.get("step"), 0):
+            unreadable.append(f"{path} is not a sparsetrain checkpoint (no step in it)")
+            return None
+        return state
+
+    def problem(state: dict[str, Any] | None, where: Path | None) -> str | None:
+        if not unreadable:
+            return _checkpoint_problem(config, state, where, world)
+        if where == ckpt and previous.exists():
+            remedy = f"move it away to resume from the one kept before it, {previous.name}"
+        else:
+            remedy = f"remove the checkpoints in {ckpt.parent} to start over"
+        return f"{unreadable.pop()}; restore it, or {remedy}"
 
     state, where = None, None
     if ckpt.exists():
@@ -765,7 +787,7 @@ def _agreed_checkpoint(
     elif previous.exists():  # stopped between its save's two renames
         state, where = load(previous), previous
     step = -1 if state is None else int(state["step"])
-    steps = _gather_checked(step, _checkpoint_problem(config, state, where, world), device)
+    steps = _gather_checked(step, problem(state, where), device)
     if set(steps) == {-1}:
         if rank == 0:
             print(_no_checkpoint_note(ckpt.parent), file=sys.stderr, flush=True)
@@ -775,9 +797,7 @@ def _agreed_checkpoint(
     # A save some ranks finished and others did not: the checkpoint each kept before it.
     earlier = load(previous) if where == ckpt and previous.exists() else None
     kept = _gather_checked(
-        -1 if earlier is None else int(earlier["step"]),
-        _checkpoint_problem(config, earlier, previous, world),
-        device,
+        -1 if earlier is None else int(earlier["step"]), problem(earlier, previous), device
     )
     common = set.intersection(*({s for s in pair if s >= 0} for pair in zip(steps, kept)))
     if common:

@@ -24,6 +24,8 @@ from sparsetrain.plotting import plot_report
 from sparsetrain.tasks import get_task
 from sparsetrain.train import TrainConfig, WorkerError, launch, write_report
 
+from .harness import oks, run_world
+
 pytestmark = pytest.mark.slow
 
 COMMON = dict(
@@ -358,6 +360,40 @@ def test_resumed_run_ends_exactly_where_the_uninterrupted_one_does(tmp_path):
     (folder / "rank0.prev.pt").unlink()
     again = launch(TrainConfig(label="cut", resume=True, **common))["runs"][0]
     assert again["final_test_loss"] == whole["final_test_loss"]
+
+
+def _resume_from(rank: int, world: int, folder: str) -> dict:
+    from sparsetrain.train import _agreed_checkpoint
+
+    ckpt = Path(folder) / f"rank{rank}.pt"
+    try:
+        return {"state": _agreed_checkpoint(TrainConfig(), ckpt, rank, world, torch.device("cpu"))}
+    except ValueError as e:
+        return {"error": str(e)}
+
+
+def test_an_unreadable_checkpoint_is_an_error_on_every_rank(tmp_path):
+    """A rank whose checkpoint cannot be read raised before the ranks' gather, and the others
+    waited there until gloo's timeout or the launcher stopped them."""
+    cases = {
+        "truncated": lambda path: path.write_bytes(b"PK\x03\x04 cut short"),
+        "no step": lambda path: torch.save({"model": {}}, path),
+    }
+    for name, write in cases.items():
+        folder = tmp_path / name.replace(" ", "_")
+        folder.mkdir()
+        write(folder / "rank1.pt")
+        own, other = oks(run_world(_resume_from, 2, tmp_path, str(folder), timeout=120))[::-1]
+        assert str(folder / "rank1.pt") in own["error"], own
+        assert "restore it, or remove the checkpoints" in own["error"], own
+        assert other == {
+            "error": "rank(s) [1] cannot resume from their checkpoints (see their errors)"
+        }
+        # With a checkpoint kept before it, moving the unreadable one away resumes from that.
+        (folder / "rank1.pt").replace(folder / "rank1.prev.pt")
+        write(folder / "rank1.pt")
+        own = oks(run_world(_resume_from, 2, tmp_path, str(folder), timeout=120))[1]
+        assert "move it away to resume from the one kept before it, rank1.prev.pt" in own["error"]
 
 
 def test_a_second_run_on_the_same_checkpoints_is_refused_while_the_first_runs(tmp_path):
