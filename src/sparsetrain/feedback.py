@@ -59,7 +59,17 @@ class ErrorFeedback:
     """
 
     def __init__(self, enabled: bool = True, momentum: float = 0.0):
-        self.enabled = bool(enabled)
+        if not isinstance(enabled, bool):
+            raise TypeError(f"ErrorFeedback: enabled must be True or False, got {enabled!r}")
+        if (
+            isinstance(momentum, bool)
+            or not isinstance(momentum, (int, float))
+            or not 0 <= momentum < 1
+        ):
+            raise ValueError(
+                f"ErrorFeedback: momentum must be 0 (off) or a number in (0, 1), got {momentum!r}"
+            )
+        self.enabled = enabled
         self.momentum = float(momentum)
         if self.momentum and not self.enabled:
             raise ValueError("momentum correction needs error feedback (enabled=True)")
@@ -75,6 +85,10 @@ class ErrorFeedback:
         # The flat velocity of the exchange in progress, for mask_velocity.
         self._vflat: Tensor | None = None
         self._marked: tuple[dict[str, Tensor], dict[str, int], dict[str, Tensor]] = ({}, {}, {})
+
+    def __repr__(self) -> str:
+        extra = f", momentum={self.momentum}" if self.momentum else ""
+        return f"ErrorFeedback(enabled={self.enabled}{extra}, residuals={len(self.residuals)})"
 
     def mark(self) -> None:
         """Remember the residuals (and velocities) as they are now, for :meth:`rollback`

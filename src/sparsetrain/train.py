@@ -35,7 +35,7 @@ What one rank does (:func:`train_worker`):
 
 Example:
     >>> from sparsetrain.train import TrainConfig, launch
-    >>> report = launch([TrainConfig(compressor=c, density=0.01, workers=2, epochs=2)
+    >>> report = launch([TrainConfig(compressor=c, density=0.01, workers=2, epochs=2)  # doctest: +SKIP
     ...                  for c in ("none", "topk")])
     >>> [run["final_test_accuracy"] for run in report["runs"]]  # doctest: +SKIP
 """
@@ -132,7 +132,9 @@ class TrainConfig:
 
     Attributes:
         task: registered task name (``sparsetrain.tasks.available_tasks()``).
-        compressor: registered compressor name (``sparsetrain.available_compressors()``).
+        compressor: registered compressor name (``sparsetrain.available_compressors()``);
+            default "none", the uncompressed baseline a comparison starts from (the hook,
+            ``GradientSync`` and ``sparsetrain train`` default to "threshold").
         density: fraction of gradient entries sent, in (0, 1]; given to compressors that take
             a ``density`` option and ignored (recorded as None) by the others, so one value
             serves a comparison of ``none``, ``topk`` and ``threshold``. None: their default.
@@ -147,8 +149,9 @@ class TrainConfig:
         dense_warmup_steps: steps of plain dense allreduce before compression starts.
         on_nonfinite: ``"raise"`` on a NaN/Inf gradient, or ``"skip"`` the step on every rank
             (``"propagate"`` skips it too, leaving the gradients NaN: what a loss scaler needs).
-            With ``amp="fp16"`` the loss scaler handles overflows: ``"raise"`` (the default)
-            becomes ``"propagate"`` (``SyncConfig.on_nonfinite``), and ``"skip"`` is refused.
+            None (the default): ``"raise"``, or with ``amp="fp16"``, whose loss scaler handles
+            overflows, ``"propagate"`` (``SyncConfig.on_nonfinite``); with ``amp="fp16"``
+            ``"raise"`` and ``"skip"`` are refused, as the hook refuses them with a scaler.
         amp: mixed precision: forward and loss under ``torch.autocast`` to ``"fp16"`` (with a
             ``torch.amp.GradScaler`` that skips steps whose gradients overflow on any rank and
             lowers its scale; the hook gets it as ``grad_scaler``) or ``"bf16"`` (no scaler);
@@ -220,7 +223,7 @@ class TrainConfig:
     auto_candidates: list[str] | None = None
     auto_network: dict[str, float] | None = None
     dense_warmup_steps: int = 0
-    on_nonfinite: str = "raise"
+    on_nonfinite: str | None = None
     amp: str | None = None
     init_loss_scale: float = 2.0**16
     aggregator: str | None = None
@@ -272,17 +275,19 @@ class TrainConfig:
             raise TypeError(
                 f"error_feedback must be True, False or None, got {self.error_feedback!r}"
             )
-        if self.on_nonfinite not in ON_NONFINITE:
+        if self.on_nonfinite is not None and self.on_nonfinite not in ON_NONFINITE:
             raise ValueError(
-                f"on_nonfinite must be one of {ON_NONFINITE}, got {self.on_nonfinite!r}"
+                f"on_nonfinite must be one of {ON_NONFINITE} or None, got {self.on_nonfinite!r}"
             )
         if self.amp is not None and self.amp not in AMP:
             raise ValueError(f"amp must be one of {AMP} or None, got {self.amp!r}")
         if self.amp == "fp16":
-            if self.on_nonfinite == "skip":
+            if self.on_nonfinite in ("skip", "raise"):
                 raise ValueError(
                     "amp='fp16' lets its loss scaler skip the steps that overflow "
-                    "(on_nonfinite='propagate'); on_nonfinite='skip' would hide them from it"
+                    f"(on_nonfinite='propagate', its default); on_nonfinite={self.on_nonfinite!r} "
+                    "would "
+                    + ("hide them from it" if self.on_nonfinite == "skip" else "stop the run")
                 )
             self.on_nonfinite = "propagate"
             if self.aggregator is not None or self.attack is not None:
@@ -292,6 +297,8 @@ class TrainConfig:
                     f"(--amp bf16, no scaler) with aggregator={self.aggregator!r}, "
                     f"attack={self.attack!r}, or float32"
                 )
+        elif self.on_nonfinite is None:
+            self.on_nonfinite = "raise"
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.backend not in BACKENDS:
@@ -307,7 +314,13 @@ class TrainConfig:
         _check_int("byzantine", self.byzantine, 0)
         for name in ("native_ddp", "reuse_host_memory", "momentum_correction", "ddp"):
             if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+                hint = (
+                    " (True applies TrainConfig.momentum before compression; the hook's "
+                    "momentum_correction takes the momentum itself)"
+                    if name == "momentum_correction"
+                    else ""
+                )
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}{hint}")
         if self.native_ddp and (
             self.compressor != "none" or self.aggregator is not None or self.attack is not None
         ):
@@ -480,7 +493,7 @@ def evaluate(
         batch_size: examples a forward pass.
 
     Example:
-        >>> loss, acc = evaluate(model, task.test, task.loss_fn, torch.device("cpu"))
+        >>> loss, acc = evaluate(model, task.test, task.loss_fn, torch.device("cpu"))  # doctest: +SKIP
     """
     n = len(data)
     loss_sum, correct = _evaluate_sums(model, data, loss_fn, device, torch.arange(n), batch_size)
@@ -1334,7 +1347,7 @@ def launch(configs: TrainConfig | Sequence[TrainConfig]) -> dict[str, Any]:
         WorkerError: a worker failed; the message names its rank and error.
 
     Example:
-        >>> report = launch(TrainConfig(compressor="topk", density=0.01, workers=2, epochs=1))
+        >>> report = launch(TrainConfig(compressor="topk", density=0.01, workers=2, epochs=1))  # doctest: +SKIP
     """
     configs = [configs] if isinstance(configs, TrainConfig) else list(configs)
     check_launch(configs)

@@ -348,6 +348,8 @@ def test_bench_cleanup_passes_all_as_include_live_and_lists_what_it_removed(
         ({"attack": "bogus", "byzantine": 1}, ValueError, ["unknown attack 'bogus'"]),
         ({"amp": "fp8"}, ValueError, ["amp must be one of ('fp16', 'bf16') or None", "'fp8'"]),
         ({"amp": "fp16", "on_nonfinite": "skip"}, ValueError, ["amp='fp16'", "hide them"]),
+        # It became "propagate" silently, where the hook refuses "raise" with a scaler.
+        ({"amp": "fp16", "on_nonfinite": "raise"}, ValueError, ["amp='fp16'", "stop the run"]),
         (
             {"amp": "fp16", "aggregator": "median"},
             ValueError,
@@ -370,6 +372,11 @@ def test_fp16_mixed_precision_hands_overflows_to_the_loss_scaler():
     assert TrainConfig(amp="fp16").sync_config().on_nonfinite == "propagate"
     args = build_parser().parse_args(["train", "--amp", "fp16"])
     assert configs_from_args(args)[0].amp == "fp16"
+    assert configs_from_args(args)[0].on_nonfinite == "propagate"
+    assert TrainConfig().on_nonfinite == "raise"
+    args = build_parser().parse_args(["train", "--amp", "fp16", "--on-nonfinite", "raise"])
+    with pytest.raises(ValueError, match="on_nonfinite='raise' would stop the run"):
+        configs_from_args(args)
 
 
 def test_launch_refuses_runs_that_cannot_share_workers_before_spawning():
@@ -704,3 +711,10 @@ def test_checkpoint_lock_removes_dead_saves_and_runs_unlocked_where_locks_are_mi
     with pytest.warns(UserWarning, match="cannot lock the checkpoints"):
         with _checkpoints_locked(config, 0):
             pass
+
+
+def test_the_bucket_size_flag_has_ddps_name_too():
+    # DDP, TrainConfig and GradientSync call it bucket_cap_mb; the flag was --bucket-mb only.
+    for flag in ("--bucket-cap-mb", "--bucket-mb"):
+        args = build_parser().parse_args(["train", flag, "10"])
+        assert configs_from_args(args)[0].bucket_cap_mb == 10.0

@@ -74,10 +74,10 @@ def test_option_the_compressor_does_not_take_is_named():
             "aggregator_options given without an aggregator",
         ),
         ({"bucket_cap_mb": float("nan")}, ValueError, "bucket_cap_mb must be a finite number > 0"),
-        # A string is refused as a ValueError, like the NaN above (not a TypeError).
+        # A string is the wrong type: a TypeError, as for density="0.1" (it was a ValueError).
         (
             {"bucket_cap_mb": "25"},
-            ValueError,
+            TypeError,
             "bucket_cap_mb must be a finite number > 0, got '25'",
         ),
     ],
@@ -334,3 +334,83 @@ def test_auto_picks_by_the_given_network_and_candidates(monkeypatch):
 def test_bad_collective_options_are_refused(options, error, message):
     with pytest.raises(error, match=message):
         sparsetrain.GradientSync(_model(), "threshold", density=0.1, **options)
+
+
+def test_sync_objects_say_what_they_run():
+    """Their reprs were '<... object at 0x...>'; a user printing one wants its settings."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from sparsetrain.comm import get_collective
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        sync = sparsetrain.GradientSync(_model(), "topk", density=0.01, on_nonfinite="skip")
+        assert repr(sync) == (
+            "GradientSync(compressor=TopK(density=0.01), collective='allgather', "
+            "on_nonfinite='skip', buckets=1, step=0)"
+        )
+        assert repr(sync.engine).startswith("SyncEngine(compressor=TopK(density=0.01), ")
+        state = sparsetrain.register_ddp_hook(DDP(_model()), "threshold", density=0.1)
+        assert repr(state).startswith("SyncState(compressor=Threshold(")
+        assert repr(state).endswith(", collective='allgather', step=0)")
+    finally:
+        dist.destroy_process_group()
+    ef = sparsetrain.ErrorFeedback(momentum=0.9)
+    assert repr(ef) == "ErrorFeedback(enabled=True, momentum=0.9, residuals=0)"
+    assert repr(get_collective("allgather")) == "AllgatherSparse()"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"enabled": "no"}, TypeError, "enabled must be True or False, got 'no'"),
+        ({"momentum": 2}, ValueError, r"momentum must be 0 \(off\) or a number in \(0, 1\)"),
+        ({"momentum": True}, ValueError, "got True"),
+    ],
+)
+def test_error_feedback_refuses_bad_arguments(kwargs, error, message):
+    # bool("no") turned error feedback on; a momentum of 2 was taken.
+    with pytest.raises(error, match=message):
+        sparsetrain.ErrorFeedback(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"compressor_options": {"densty": 0.1}}, ValueError, r"does not take option.*densty"),
+        ({"compressor_options": {"density": 5}}, ValueError, r"density must be in \(0, 1\]"),
+        ({"compressor_options": None}, TypeError, "compressor_options must be a dict"),
+        ({"aggregator": "bogus"}, ValueError, "unknown aggregator 'bogus'"),
+        ({"attack": "bogus", "byzantine": 1}, ValueError, "unknown attack 'bogus'"),
+        (
+            {"aggregator": "krum", "aggregator_options": {"zz": 1}},
+            ValueError,
+            "aggregator 'krum' does not take option",
+        ),
+        (
+            {"attack": "gaussian", "byzantine": 1, "attack_options": {"zz": 1}},
+            ValueError,
+            "attack 'gaussian' does not take option",
+        ),
+    ],
+)
+def test_sync_config_checks_names_and_options_when_built(kwargs, error, message):
+    # These were accepted, and refused only where the engine was built from the config.
+    with pytest.raises(error, match=message):
+        sparsetrain.SyncConfig(compressor="topk", **kwargs)
+
+
+def test_a_model_that_is_not_a_module_is_named():
+    with pytest.raises(TypeError, match="needs the model as a torch.nn.Module, got NoneType"):
+        sparsetrain.GradientSync(None, "topk", density=0.1)
+
+
+def test_momentum_correction_says_which_form_it_takes():
+    """The hook takes the momentum, TrainConfig a switch: each error says so."""
+    from sparsetrain.train import TrainConfig
+
+    with pytest.raises(TypeError, match=r"the momentum itself \(the optimizer's, such as 0.9"):
+        sparsetrain.SyncConfig(compressor="topk", momentum_correction=True)
+    with pytest.raises(TypeError, match="True applies TrainConfig.momentum"):
+        TrainConfig(compressor="topk", momentum_correction=0.9)

@@ -250,6 +250,9 @@ class AllgatherSparse(SparseCollective):
 
     exact = True
 
+    def __repr__(self) -> str:
+        return "AllgatherSparse()"
+
     def __call__(self, indices, values, numel, *, group=None, key=""):
         # The input checks ride in the size header (no extra message): a bad input on one rank
         # raises on every rank, as in the other collectives.

@@ -84,10 +84,18 @@ def register_collective(name: str):
 
 
 def available_collectives() -> list[str]:
+    """Return the registered collective names, sorted (the values ``collective=`` takes,
+    besides ``"auto"``)."""
     return sorted(_COLLECTIVES)
 
 
 def get_collective(name: str, **options: Any) -> SparseCollective:
+    """Build the sparse collective registered as ``name`` with ``options``.
+
+    Raises:
+        ValueError: unknown name or option (the message lists the valid ones), or a bad option
+            value.
+    """
     if not isinstance(name, str) or name not in _COLLECTIVES:
         raise ValueError(
             f"unknown collective {name!r}; valid names are: {', '.join(available_collectives())}"

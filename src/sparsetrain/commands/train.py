@@ -174,7 +174,10 @@ def add_sync_arguments(p: argparse.ArgumentParser, compressor_default: str = "th
         help="steps of dense allreduce before compression",
     )
     g.add_argument(
-        "--on-nonfinite", choices=ON_NONFINITE, default="raise", help="NaN/Inf gradients"
+        "--on-nonfinite",
+        choices=ON_NONFINITE,
+        help="NaN/Inf gradients (default: raise; propagate with --amp fp16, whose loss scaler "
+        "skips the steps that overflow)",
     )
     g.add_argument("--aggregator", help="robust aggregation rule (default: plain average)")
     g.add_argument(
@@ -251,7 +254,9 @@ def add_training_arguments(p: argparse.ArgumentParser, *, workers: int, epochs: 
         "--timeout", type=positive_float, default=300.0, help="seconds a collective may wait"
     )
     g.add_argument(
+        "--bucket-cap-mb",
         "--bucket-mb",
+        dest="bucket_mb",
         type=positive_float,
         default=TrainConfig.bucket_cap_mb,
         help="DDP's bucket size in MB: larger buckets, fewer exchanges a step (25: DDP's default)",

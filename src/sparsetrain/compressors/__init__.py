@@ -74,6 +74,8 @@ def available_compressors() -> list[str]:
 
 
 def compressor_class(name: str) -> type[Compressor]:
+    """Return the compressor class registered as ``name``; an unknown name raises a
+    ``ValueError`` that lists the valid ones."""
     _load_all()
     if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(

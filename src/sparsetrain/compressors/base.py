@@ -72,6 +72,7 @@ def index_dtype(numel: int) -> torch.dtype:
 
 
 def check_floating(t: Tensor, what: str = "gradient") -> None:
+    """Raise a ``TypeError`` naming ``what`` unless ``t`` is floating point."""
     if not t.is_floating_point():
         raise TypeError(
             f"{what} has dtype {t.dtype}; sparsetrain compresses floating-point tensors only "
@@ -80,6 +81,8 @@ def check_floating(t: Tensor, what: str = "gradient") -> None:
 
 
 def check_density(density: float) -> None:
+    """Raise unless ``density`` is a number in (0, 1]: ``TypeError`` for another type (bools
+    included), ``ValueError`` outside the interval."""
     if not isinstance(density, (int, float)) or isinstance(density, bool):
         raise TypeError(f"density must be a number in (0, 1], got {density!r}")
     if not 0.0 < float(density) <= 1.0:

@@ -764,6 +764,8 @@ def available_pruners() -> list[str]:
 
 
 def pruner_class(name: str) -> type[Pruner]:
+    """Return the pruner class registered as ``name``; an unknown name raises a
+    ``ValueError`` that lists the valid ones."""
     available_pruners()
     if name not in _PRUNERS:
         raise ValueError(f"unknown pruner {name!r}; valid names are: {', '.join(sorted(_PRUNERS))}")

@@ -18,6 +18,7 @@ class MagnitudePruner(ScheduledPruner):
     """Prune the smallest ``|w|``, over all selected weights (global) or in each layer.
 
     Example:
+        >>> import torch
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
         >>> pruner = MagnitudePruner(sparsity=0.5, scope="layer").prepare(model)
         >>> pruner.prune()["0.weight"].sum().item()  # 32 of 64 kept

@@ -118,6 +118,7 @@ class Gradual(Schedule):
 
 
 def available_schedules() -> list[str]:
+    """Return the registered sparsity schedule names, sorted."""
     return sorted(_SCHEDULES)
 
 

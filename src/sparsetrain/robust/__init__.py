@@ -66,6 +66,7 @@ def aggregate(name: str, grads: Tensor, f: int = 0, **options: Any) -> Tensor:
         The [d] aggregate.
 
     Example:
+        >>> import torch
         >>> aggregate("median", torch.tensor([[1.0], [2.0], [100.0]]), f=1)
         tensor([2.])
     """

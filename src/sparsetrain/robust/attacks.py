@@ -18,7 +18,7 @@ import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -54,11 +54,11 @@ def available_attacks() -> list[str]:
     return sorted(_ATTACKS)
 
 
-def get_attack(name: str, *, n: int, f: int, **options: Any) -> Attack:
-    """Build the attack registered as ``name`` for ``n`` workers of which ``f`` are Byzantine.
+def check_attack(name: str, options: Mapping[str, Any]) -> type[Attack]:
+    """The attack class registered as ``name``, after checking that it takes ``options``.
 
     Raises:
-        ValueError: unknown name or option (the message lists the valid ones), bad n or f.
+        ValueError: unknown name or option (the message lists the valid ones).
     """
     if not isinstance(name, str) or name not in _ATTACKS:
         raise ValueError(
@@ -67,7 +67,16 @@ def get_attack(name: str, *, n: int, f: int, **options: Any) -> Attack:
     cls = _ATTACKS[name]
     allowed = [x.name for x in dataclasses.fields(cls) if x.init and x.name not in ("n", "f")]
     check_options("attack", name, options, allowed)
-    return cls(n=n, f=f, **options)
+    return cls
+
+
+def get_attack(name: str, *, n: int, f: int, **options: Any) -> Attack:
+    """Build the attack registered as ``name`` for ``n`` workers of which ``f`` are Byzantine.
+
+    Raises:
+        ValueError: unknown name or option (the message lists the valid ones), bad n or f.
+    """
+    return check_attack(name, options)(n=n, f=f, **options)
 
 
 @dataclass

@@ -46,6 +46,8 @@ def available_aggregators() -> list[str]:
 
 
 def aggregator_class(name: str) -> type[Aggregator]:
+    """Return the aggregator class registered as ``name``; an unknown name raises a
+    ``ValueError`` that lists the valid ones."""
     if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(
             f"unknown aggregator {name!r}; valid names are: {', '.join(available_aggregators())}"

@@ -105,6 +105,8 @@ def shards(num: int, workers: int, seed: int, split: str = "shard") -> list[Tens
 
 
 def batch_generator(seed: int, worker: int) -> torch.Generator:
+    """The random generator of ``worker``'s mini-batches in a run seeded ``seed``: the same in
+    the simulation and in real gloo ranks, so both draw the same batches."""
     return torch.Generator().manual_seed(seed * 7_919 + 1_000_003 * (worker + 1))
 
 
@@ -144,7 +146,7 @@ def simulate(task, config: RobustRunConfig, *, eval_every: int = 0) -> dict[str,
         "diverged": bool, "aggregator_stats": rule.stats()}``.
 
     Example:
-        >>> out = simulate(get_task("digits-mlp"), RobustRunConfig(workers=10, byzantine=4,
+        >>> out = simulate(get_task("digits-mlp"), RobustRunConfig(workers=10, byzantine=4,  # doctest: +SKIP
         ...     attack="alie", aggregator="safeguard"))
     """
     rule, attack = config.build()

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .._options import check_options
 from ..compressors import Compressor, compressor_class, get_compressor
 from .devices import on_device
 
@@ -96,6 +97,12 @@ class SyncConfig:
 
     def __post_init__(self) -> None:
         cls = compressor_class(self.compressor)  # unknown name: lists the valid ones
+        for kind in ("compressor", "aggregator", "attack"):
+            given = getattr(self, f"{kind}_options")
+            if not isinstance(given, Mapping):
+                raise TypeError(
+                    f"{kind}_options must be a dict of option names to values, got {given!r}"
+                )
         if self.error_feedback is not None and not isinstance(self.error_feedback, bool):
             raise TypeError(
                 f"error_feedback must be True, False or None, got {self.error_feedback!r}"
@@ -171,6 +178,24 @@ class SyncConfig:
                 )
         self._check_collective_options()
         self._check_momentum_correction(cls)
+        self._check_named_options()
+
+    def _check_named_options(self) -> None:
+        """Build the compressor and check the aggregator's and the attack's names and option
+        names (their values need the number of ranks), so that a bad one is refused here
+        rather than where the engine is built."""
+        from ..robust.attacks import check_attack
+        from ..robust.base import aggregator_class
+        from ..robust.base import option_names as aggregator_options
+
+        self.build_compressor()
+        if self.aggregator is not None:
+            cls = aggregator_class(self.aggregator)
+            check_options(
+                "aggregator", self.aggregator, self.aggregator_options, aggregator_options(cls)
+            )
+        if self.attack is not None:
+            check_attack(self.attack, self.attack_options)
 
     def _check_collective_options(self) -> None:
         """Validate collective_options, auto_candidates and auto_network (normalising the last
@@ -256,7 +281,10 @@ class SyncConfig:
     def _check_momentum_correction(self, cls: type) -> None:
         m = self.momentum_correction
         if isinstance(m, bool) or not isinstance(m, (int, float)):
-            raise TypeError(f"momentum_correction must be a number in [0, 1), got {m!r}")
+            raise TypeError(
+                f"momentum_correction must be a number in [0, 1), the momentum itself (the "
+                f"optimizer's, such as 0.9, which then runs without it), got {m!r}"
+            )
         if not 0.0 <= m < 1.0:
             raise ValueError(f"momentum_correction must be in [0, 1) (0: off), got {m}")
         if not m:

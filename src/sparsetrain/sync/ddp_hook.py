@@ -23,7 +23,7 @@ from .config import (
     with_grad_scaler,
 )
 from .devices import cuda_device_of, new_future
-from .engine import SyncEngine, check_state
+from .engine import SyncEngine, check_state, describe
 from .executor import complete, shared_executor
 
 # The hook states whose exchanges run on the backward thread; while one lives, every hook in the
@@ -76,6 +76,10 @@ class SyncState:
         # With on_nonfinite="propagate", the futures of a step's buckets before the last, and
         # where their results (or errors) wait until the last bucket has been exchanged.
         self._held: list[tuple[torch.futures.Future, dict[str, Any]]] = []
+
+    def __repr__(self) -> str:
+        engine = self.engine
+        return f"SyncState({describe(engine.config, engine.compressor)}, step={engine.step})"
 
     @property
     def _on_backward_thread(self) -> bool:
@@ -508,20 +512,20 @@ def register_ddp_hook(
             or models differ (an error on every rank, not a hang).
 
     Example:
-        >>> model = DistributedDataParallel(net)
-        >>> state = sparsetrain.register_ddp_hook(model, "threshold", density=0.01)
-        >>> ...  # train as usual; state.stats()["bytes_sent"] tells what crossed the wire
+        >>> model = DistributedDataParallel(net)  # doctest: +SKIP
+        >>> state = sparsetrain.register_ddp_hook(model, "threshold", density=0.01)  # doctest: +SKIP
+        >>> ...  # train as usual; state.stats()["bytes_sent"] tells what crossed the wire  # doctest: +SKIP
 
         With float16 mixed precision:
 
-        >>> scaler = torch.amp.GradScaler("cuda")
-        >>> state = sparsetrain.register_ddp_hook(model, "threshold", density=0.01,
+        >>> scaler = torch.amp.GradScaler("cuda")  # doctest: +SKIP
+        >>> state = sparsetrain.register_ddp_hook(model, "threshold", density=0.01,  # doctest: +SKIP
         ...                                      grad_scaler=scaler)
-        >>> with torch.autocast("cuda", dtype=torch.float16):
+        >>> with torch.autocast("cuda", dtype=torch.float16):  # doctest: +SKIP
         ...     loss = loss_fn(model(x), y)
-        >>> scaler.scale(loss).backward()
-        >>> scaler.step(optimizer)  # skips a step that overflowed on any rank
-        >>> scaler.update()
+        >>> scaler.scale(loss).backward()  # doctest: +SKIP
+        >>> scaler.step(optimizer)  # skips a step that overflowed on any rank  # doctest: +SKIP
+        >>> scaler.update()  # doctest: +SKIP
     """
     # torch.compile(ddp_model) wraps the DDP model; its register_comm_hook reaches the DDP
     # model inside, and so does this.

@@ -8,6 +8,7 @@ The DDP hook hands its buckets (flat tensors) to :meth:`SyncEngine.exchange`;
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -85,6 +86,20 @@ _FUSED_CHUNK = 1 << 16
 _NO_HITS = torch.empty(0, dtype=torch.int64)
 
 
+def describe(config: SyncConfig, compressor: Any) -> str:
+    """The compressor (with its options), the collective and every other setting of ``config``
+    that is not its default, as ``name=value`` pairs for a repr."""
+    parts = [f"compressor={compressor!r}", f"collective={config.collective!r}"]
+    for f in dataclasses.fields(config):
+        if f.name in ("compressor", "compressor_options", "collective"):
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        value = getattr(config, f.name)
+        if value != default:
+            parts.append(f"{f.name}={value!r}")
+    return ", ".join(parts)
+
+
 class SyncEngine:
     """Compress, exchange and average gradients; keep residuals, counters and state.
 
@@ -125,7 +140,7 @@ class SyncEngine:
         # turns out non-finite (DDP copies them into the gradients only when backward ends).
         self._outputs: list[Tensor] = []
         self.compressor = self._new_compressor()
-        self.feedback = ErrorFeedback(config.use_error_feedback, config.momentum_correction)
+        self.feedback = ErrorFeedback(bool(config.use_error_feedback), config.momentum_correction)
         self._collectives: dict[str, Any] = {}
         self.auto_choices: dict[int, str] = {}  # bucket size -> what "auto" picked for it
         self.aggregator, self.attack = self._new_robust()
@@ -135,6 +150,9 @@ class SyncEngine:
         self._skipping = False
         self._staging: Tensor | None = None  # reused by the dense in-place path
         self._marks: Tensor | None = None  # all False between calls of _not_selected
+
+    def __repr__(self) -> str:
+        return f"SyncEngine({describe(self.config, self.compressor)}, step={self.step})"
 
     # Parts of the state, built as the config says (load_state_dict checks a state on new ones).
     def _new_compressor(self) -> Any:

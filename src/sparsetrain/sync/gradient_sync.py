@@ -20,7 +20,7 @@ from .config import (
     with_grad_scaler,
 )
 from .devices import cuda_device_of
-from .engine import SyncEngine
+from .engine import SyncEngine, describe
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # GradientSync's own arguments, besides the SyncConfig fields and the compressor's options.
@@ -51,17 +51,17 @@ class GradientSync:
             NaN, for ``scaler.step`` to skip (call it whatever :meth:`synchronize` returns).
 
     Example:
-        >>> sync = GradientSync(model, "topk", density=0.01)
-        >>> loss.backward()
-        >>> if sync.synchronize():
+        >>> sync = GradientSync(model, "topk", density=0.01)  # doctest: +SKIP
+        >>> loss.backward()  # doctest: +SKIP
+        >>> if sync.synchronize():  # doctest: +SKIP
         ...     optimizer.step()
 
         With float16 mixed precision (``GradientSync(..., grad_scaler=scaler)``):
 
-        >>> scaler.scale(loss).backward()
-        >>> sync.synchronize()  # before any scaler.unscale_(optimizer): residuals are scaled
-        >>> scaler.step(optimizer)  # skips a step that overflowed on any rank
-        >>> scaler.update()
+        >>> scaler.scale(loss).backward()  # doctest: +SKIP
+        >>> sync.synchronize()  # before any scaler.unscale_(optimizer): residuals are scaled  # doctest: +SKIP
+        >>> scaler.step(optimizer)  # skips a step that overflowed on any rank  # doctest: +SKIP
+        >>> scaler.update()  # doctest: +SKIP
     """
 
     def __init__(
@@ -76,6 +76,10 @@ class GradientSync:
         **options: Any,
     ):
         check_process_group(process_group)
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"GradientSync needs the model as a torch.nn.Module, got {type(model).__name__}"
+            )
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         device = cuda_device_of(p for _, p in self.params)
         try:  # a rank's bad options: every rank gets an error (check_consistent's gather)
@@ -86,11 +90,9 @@ class GradientSync:
                     "exchange them again. For a DDP model use sparsetrain.register_ddp_hook(model, "
                     "...); or pass the unwrapped module (model.module) to GradientSync without DDP"
                 )
-            if (
-                isinstance(bucket_cap_mb, bool)
-                or not isinstance(bucket_cap_mb, (int, float))
-                or not 0 < bucket_cap_mb < math.inf
-            ):
+            if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)):
+                raise TypeError(f"bucket_cap_mb must be a finite number > 0, got {bucket_cap_mb!r}")
+            if not 0 < bucket_cap_mb < math.inf:
                 raise ValueError(
                     f"bucket_cap_mb must be a finite number > 0, got {bucket_cap_mb!r}"
                 )
@@ -117,6 +119,13 @@ class GradientSync:
                 [n for n, _ in bucket], [p.shape for _, p in bucket], bucket[0][1].dtype,
                 bucket[0][1].device,
             )  # fmt: skip
+
+    def __repr__(self) -> str:
+        engine = self.engine
+        return (
+            f"GradientSync({describe(engine.config, engine.compressor)}, "
+            f"buckets={len(self.buckets)}, step={engine.step})"
+        )
 
     def _make_buckets(self, cap_bytes: float) -> list[list[tuple[str, nn.Parameter]]]:
         buckets: list[list[tuple[str, nn.Parameter]]] = []

@@ -72,6 +72,7 @@ def _load_all() -> None:
 
 
 def available_tasks() -> list[str]:
+    """Return the registered task names, sorted (``sparsetrain train --task``)."""
     _load_all()
     return sorted(_TASKS)
 
