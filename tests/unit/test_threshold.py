@@ -283,3 +283,30 @@ def test_pickling_keeps_state_and_drops_the_workspace():
     (ia, _), _ = c.compress(g, key="p")
     (ib, _), _ = restored.compress(g, key="p")
     assert torch.equal(ia, ib)
+
+
+@pytest.mark.parametrize("other", [torch.float64, torch.float16])
+def test_a_model_of_two_dtypes_selects_in_each(one_thread, other):
+    """The hits buffer's positions are shared by every dtype and its values kept per dtype:
+    after a larger float32 bucket, a float64 one got 18 positions and 9 values, and the native
+    kernel refused them at the first reused threshold (every step failed from then on)."""
+    import torch.distributed as dist
+    from torch import nn
+
+    import sparsetrain
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4).to(other))
+        sync = sparsetrain.GradientSync(model, "threshold", density=0.1)
+        assert len(sync.buckets) == 2
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(6):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+            assert sync.synchronize()
+            for bucket in sync.buckets:  # each sends some of its entries, not all
+                sent = sum(int((p.grad != 0).sum()) for _, p in bucket)
+                assert 0 < sent < sum(p.numel() for _, p in bucket)
+    finally:
+        dist.destroy_process_group()

@@ -185,7 +185,9 @@ class Threshold(SparseCompressor):
         values = self._hit_values.get(dtype)
         if values is None or values.numel() < cap:
             values = self._hit_values[dtype] = torch.zeros(cap, dtype=dtype)
-        return self._hits, values
+        # The positions are shared by every dtype, the values kept per dtype: a bucket of
+        # another dtype may have left either one longer, so both are cut to this cap.
+        return self._hits[:cap], values[:cap]
 
     def _hits_cap(self, numel: int) -> int:
         k = k_for(numel, self.density)
