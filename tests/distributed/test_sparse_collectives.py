@@ -813,3 +813,41 @@ def test_all_gather_variable_raises_on_every_rank_when_the_ranks_disagree(tmp_pa
             assert "must be 1-D, got shapes [(2, 2)]" in err["shape"], res
         assert res["wide"] == [[[float(j)] * (r + j) for j in range(9)] for r in range(3)]
         assert res["after"] == [[0.0], [1.0], [2.0]]
+
+
+def _nothing_lost(rank: int, world: int) -> dict:
+    """gTop-k's dropped partial sums, and Ok-Topk's selections where k has room for all."""
+    out: dict = {"gtopk": [], "oktopk": []}
+    for seed, numel, count in [(21, 60, 12), (22, 40, 30), (23, 500, 40)]:
+        inputs = [random_input(seed, r, numel, count, torch.float64) for r in range(world)]
+        res = get_collective("gtopk")(*inputs[rank], numel)
+        mine = torch.zeros(numel, dtype=torch.float64)
+        mine.index_add_(0, res.dropped[0].long(), res.dropped[1])
+        dist.all_reduce(mine)  # every rank's dropped partial sums
+        total = mine.index_add_(0, res.indices.long(), res.values)
+        out["gtopk"].append(float((total - dense_sum(inputs, numel)).abs().max()))
+    # Every index on every rank (k = numel), new values each call: the threshold that kept all
+    # of them is reused, and a positive one dropped the smaller entries of the next calls.
+    coll = get_collective("oktopk", threshold_every=32)
+    for step in range(6):
+        inputs = [
+            (
+                torch.arange(40),
+                torch.randn(40, generator=torch.Generator().manual_seed(step * 10 + r)),
+            )
+            for r in range(world)
+        ]
+        res = coll(*inputs[rank], 40, key="w")
+        got = torch.zeros(40, dtype=torch.float64).index_add_(0, res.indices, res.values.double())
+        out["oktopk"].append(float((got - dense_sum(inputs, 40)).abs().max()))
+    return out
+
+
+@pytest.mark.parametrize("world", (3, 4, 5))
+def test_what_a_selection_drops_is_kept_somewhere_and_room_for_all_keeps_all(world, tmp_path):
+    """gTop-k: a contribution one merge dropped at an index that another branch still brought
+    into the result was neither applied nor kept (2 ranks have one merge only, so 3 and up).
+    Ok-Topk: with k at least the vector's length every entry is kept, as at density 1."""
+    for res in oks(run_world(_nothing_lost, world, tmp_path)):
+        assert max(res["gtopk"]) < 1e-12, res["gtopk"]
+        assert max(res["oktopk"]) < 1e-5, res["oktopk"]

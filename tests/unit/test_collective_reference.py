@@ -86,6 +86,26 @@ def gtopk_reference(inputs: list[Sparse], numel: int, k: int) -> Sparse:
     return idx, x[idx]
 
 
+def gtopk_dropped_reference(inputs: list[Sparse], numel: int, k: int) -> list[torch.Tensor]:
+    """What each rank's merges drop in :func:`gtopk_reference`'s tree, dense (float64): a
+    rank's own entries beyond k, and what it leaves out of each pair of vectors it merges."""
+    dropped = [torch.zeros(numel, dtype=torch.float64) for _ in inputs]
+    nodes = []
+    for r, (idx, val) in enumerate(inputs):
+        x = dense_sum([(idx, val)], numel)
+        nodes.append(_dense_topk(x, union_support([(idx, val)], numel), k))
+        dropped[r] += x - nodes[r][0]
+    p, d = len(inputs), 1
+    while d < p:
+        for r in range(0, p, 2 * d):
+            if r + d < p:
+                (xa, sa), (xb, sb) = nodes[r], nodes[r + d]
+                nodes[r] = _dense_topk(xa + xb, sa | sb, k)
+                dropped[r] += xa + xb - nodes[r][0]
+        d *= 2
+    return dropped
+
+
 def oktopk_reference(inputs: list[Sparse], numel: int, threshold: float) -> Sparse:
     """Ok-Topk's selection for a given threshold: union indices with |sum| >= threshold."""
     s = dense_sum(inputs, numel)
@@ -115,6 +135,10 @@ def test_gtopk_reference_drops_at_each_merge():
     inputs = [_sp([0], [3.0]), _sp([1], [4.0]), _sp([0], [5.0])]
     idx, val = gtopk_reference(inputs, 4, 1)
     assert idx.tolist() == [0] and val.tolist() == [5.0]
+    # Rank 0 merged both times: it dropped rank 0's 3, then rank 1's 4; with the result that
+    # is every input.
+    dropped = gtopk_dropped_reference(inputs, 4, 1)
+    assert [d.tolist() for d in dropped] == [[3.0, 4.0, 0.0, 0.0], [0.0] * 4, [0.0] * 4]
 
 
 def test_oktopk_reference_keeps_union_entries_at_threshold():

@@ -15,11 +15,19 @@ from .registry import CollectiveResult, SparseCollective, register_collective
 
 def keep_topk(idx: Tensor, val: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Keep the k entries of largest magnitude, sorted by index."""
+    return _split_topk(idx, val, k)[0]
+
+
+def _split_topk(
+    idx: Tensor, val: Tensor, k: int
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]:
+    """The k entries of largest magnitude, sorted by index, and the others (None if none)."""
     if idx.numel() <= k:
-        return idx, val
+        return (idx, val), None
     _, pos = torch.topk(val.abs(), k, sorted=False)
-    pos, _ = torch.sort(pos)  # idx is sorted, so sorted positions keep it sorted
-    return idx[pos], val[pos]
+    keep = torch.zeros(idx.numel(), dtype=torch.bool, device=idx.device)
+    keep[pos] = True  # idx is sorted, so a mask keeps both parts sorted
+    return (idx[keep], val[keep]), (idx[~keep], val[~keep])
 
 
 def _encode(idx: Tensor, val: Tensor, k: int) -> Tensor:
@@ -61,11 +69,13 @@ class GTopK(SparseCollective):
 
     The result is gTop-k's selection, not the exact top-k of the sum: a contribution dropped at
     one merge cannot come back. Its position can still be selected through another branch of
-    the tree, and then the result holds the other branch's sum there. Values a rank sent at
-    positions not in the result are for error feedback to keep; as in the paper (its residual
-    update masks by the global selection's indices), a contribution dropped at a position that
-    is selected after all is neither applied nor kept. Every message has the fixed size of k
-    entries plus a count, so one message per round suffices.
+    the tree, and then the result holds the other branch's sum there. So what each merge drops
+    is returned as ``dropped`` by the rank that merged, for its error feedback to keep: over
+    all ranks the dropped partial sums and the result add up to the inputs' sum, and nothing
+    is lost. (The paper instead masks each rank's residual by the global selection's indices,
+    which neither applies nor keeps a contribution dropped at a position that is selected
+    after all.) Every message has the fixed size of k entries plus a count, so one message
+    per round suffices.
 
     Args:
         k: entries to keep; None (default) uses the largest per-rank input count.
@@ -104,18 +114,23 @@ class GTopK(SparseCollective):
             key: unused (the algorithm keeps no state).
 
         Returns:
-            ``CollectiveResult`` with ``indices`` and ``values`` and the bytes counted.
+            ``CollectiveResult`` with ``indices`` and ``values``, ``dropped`` (what this rank
+            dropped: of its own input beyond k, and of the sums it merged) and the bytes
+            counted.
         """
         wire = Wire(group, device_of(values, group))
         k, _ = wire.agree(indices, values, numel, self.k, options={"k": self.k or 0})
         # Never more than the vector holds: every message has room for k entries.
         k = min(k, numel)
         p, rank = wire.world, wire.rank
-        idx, val = keep_topk(*coalesce(indices, values), max(k, 1))
+        (idx, val), gone = _split_topk(*coalesce(indices, values), max(k, 1))
+        dropped = [gone] if gone is not None else []
         if idx is indices:  # sorted input kept whole: never hand the caller's tensors back
             idx, val = idx.clone(), val.clone()
         if k == 0:  # every rank sent nothing
-            return CollectiveResult(indices=idx, values=val, **_bytes(wire))
+            return CollectiveResult(
+                indices=idx, values=val, dropped=_joined(dropped, idx, val), **_bytes(wire)
+            )
         ib, vb = idx.element_size(), val.element_size()
         size = 8 + k * (ib + vb)
 
@@ -126,7 +141,10 @@ class GTopK(SparseCollective):
                 break
             if rank + d < p:
                 got = wire.exchange({}, {rank + d: size}, {})[rank + d]
-                idx, val = keep_topk(*merge([(idx, val), _decode(got, k, idx.dtype, val.dtype)]), k)
+                merged = merge([(idx, val), _decode(got, k, idx.dtype, val.dtype)])
+                (idx, val), gone = _split_topk(*merged, k)
+                if gone is not None:
+                    dropped.append(gone)
             d *= 2
 
         # Broadcast down the tree: receive from the parent, then send to children, farthest first.
@@ -141,7 +159,17 @@ class GTopK(SparseCollective):
                 msg = _encode(idx, val, k) if msg is None else msg
                 wire.exchange({rank + d: msg}, {}, {rank + d: 2 * k + 1})
             d //= 2
-        return CollectiveResult(indices=idx, values=val, **_bytes(wire))
+        return CollectiveResult(
+            indices=idx, values=val, dropped=_joined(dropped, idx, val), **_bytes(wire)
+        )
+
+
+def _joined(parts: list[tuple[Tensor, Tensor]], idx: Tensor, val: Tensor) -> tuple[Tensor, Tensor]:
+    """The dropped parts as one sparse vector, sorted by index, an index dropped twice (by two
+    merges) summed once (empty tensors of the result's dtypes if nothing was dropped)."""
+    if not parts:
+        return idx[:0].clone(), val[:0].clone()
+    return merge(parts)
 
 
 def _bytes(wire: Wire) -> dict[str, int]:

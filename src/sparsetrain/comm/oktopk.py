@@ -179,7 +179,8 @@ class OkTopk(SparseCollective):
        threshold and at the two ends of a small bracket around it (one allgather of a few
        ints, which also says whether any sum is not finite) correct the threshold for the
        next call (:func:`next_threshold`), so that a reused threshold follows gradients whose
-       scale drifts between estimates.
+       scale drifts between estimates. Where k is at least the vector's length (density 1),
+       the threshold is 0 and every entry is kept.
     4. Each owner keeps the entries of its region whose magnitude reaches the threshold.
     5. Balance: the kept entries, in index order, are moved so every rank holds an equal share
        (only what exceeds a rank's share moves). Skipped when no rank holds more than
@@ -296,7 +297,12 @@ class OkTopk(SparseCollective):
 
         mags = red_v.abs().to(torch.float64)
         estimated = st.threshold is None or st.step % self.threshold_every == 0
-        if estimated:
+        if k >= numel:
+            # Room for every index (density 1): keep all. An estimate would return the lower
+            # edge of the smallest magnitude's bin, and reused it would drop any smaller entry
+            # of a later call.
+            st.threshold, estimated = 0.0, False
+        elif estimated:
             st.threshold = estimate_threshold(wire, mags, k)
         # The count allgather also says whether any rank's sums hold Inf or NaN, so a reused
         # threshold cannot pass them on (or drop them) where an estimate would have refused.
@@ -307,7 +313,7 @@ class OkTopk(SparseCollective):
             raise FloatingPointError(_NONFINITE)
         counts = [row[1] for row in rows]
         total = sum(counts)
-        if not estimated and not k <= 2 * total <= 4 * k:  # k/2 <= total <= 2k, also for k = 1
+        if not estimated and k < numel and not k <= 2 * total <= 4 * k:  # k/2 <= total <= 2k
             # The reused threshold has drifted too far (every rank sees the same total):
             # re-estimate now rather than send far more, or keep far fewer, than k.
             st.threshold = estimate_threshold(wire, mags, k)

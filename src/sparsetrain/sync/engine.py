@@ -725,10 +725,21 @@ class SyncEngine:
                 # kernel finds the dropped entries in one pass over both.
                 gone = (
                     None
-                    if self.feedback.momentum
+                    if self.feedback.momentum or res.dropped is not None
                     else _native.difference(sent_idx, values, selected)
                 )
-                if gone is not None:
+                if res.dropped is not None:
+                    # The partial sums this rank's merges dropped (gTop-k), in the wire's
+                    # units: shares of the average where the values went out divided.
+                    d_idx, d_val = res.dropped
+                    d_val = d_val.to(compensated.dtype)
+                    self.feedback.add_back_sparse(
+                        compensated, d_idx.long(), d_val * world if divisor == 1 else d_val
+                    )
+                    if self.feedback.momentum:
+                        kept = ~self._not_selected(selected, sent_idx, numel)
+                        self.feedback.mask_velocity(sent_idx[kept])
+                elif gone is not None:
                     self.feedback.add_back_sparse(compensated, *gone)
                 else:
                     dropped = self._not_selected(selected, sent_idx, numel)
@@ -870,15 +881,19 @@ class SyncEngine:
     def _selected(
         self, res: CollectiveResult, payload, compensated: Tensor, names, numels, scale: int = 1
     ) -> Tensor:
-        """Densify a global selection; put this rank's values that it dropped back into the
-        residual (``scale`` times the payload's values: the ranks when they are shares)."""
+        """Densify a global selection; put what it dropped back into this rank's residual: its
+        values outside the selection, or the partial sums its merges dropped (``res.dropped``),
+        ``scale`` times the wire's values (the ranks when they are shares)."""
         indices, values = payload
         dropped = ~torch.isin(indices.long(), res.indices.long())
         if self.feedback.momentum:
             self.feedback.mask_velocity(indices[~dropped])
         unsent = torch.zeros_like(compensated)
-        back = values[dropped].to(unsent.dtype)
-        unsent.index_put_((indices.long()[dropped],), back * scale if scale != 1 else back)
+        if res.dropped is not None:
+            at, back = res.dropped[0].long(), res.dropped[1].to(unsent.dtype)
+        else:
+            at, back = indices.long()[dropped], values[dropped].to(unsent.dtype)
+        unsent.index_put_((at,), back * scale if scale != 1 else back, accumulate=True)
         self.feedback.add_back(names, numels, unsent)
         total = torch.zeros(compensated.numel(), dtype=res.values.dtype, device=res.values.device)
         total.index_put_((res.indices.long(),), res.values)
