@@ -15,6 +15,7 @@ from .train import (
     add_training_arguments,
     check_outputs,
     configs_from_args,
+    finish,
     run_and_report,
     show_defaults,
 )
@@ -42,7 +43,7 @@ def _run(args: argparse.Namespace) -> int:
     code, _ = run_and_report(
         configs, str(out / "report.json"), str(out / "report.png"), args._parser.prog
     )
-    return code
+    return finish(code)
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

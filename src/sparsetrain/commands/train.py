@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .._procs import exit_finished_worker
 from ..compressors import available_compressors, option_names
 from ..sync.config import misplaced_collective_option
 from ..tasks import available_tasks
@@ -543,6 +544,16 @@ def _run(args: argparse.Namespace) -> int:
     plot = args.plot or (str(Path(args.report).with_suffix(".png")) if args.report else None)
     check_outputs(args._parser, report=args.report, plot=plot, checkpoint_dir=args.checkpoint_dir)
     code, _ = run_and_report(configs, args.report, plot, args._parser.prog)
+    return finish(code)
+
+
+def finish(code: int) -> int:
+    """Return ``code``; a torchrun worker, whose process group launch() made and destroyed,
+    exits with it at once instead: the interpreter's teardown can abort it while gloo's
+    threads release finished work (SIGABRT, "terminate called without an active exception",
+    and torchrun then fails the job whose report is written), as embedded workers would."""
+    if under_torchrun():
+        exit_finished_worker(code)
     return code
 
 
