@@ -724,3 +724,17 @@ def test_result_path_checks_make_nothing_and_take_files_written_in_place(tmp_pat
     assert folder_path_problem(out) is None and file_path_problem(out / "r.json") is None
     assert not (tmp_path / "new").exists()  # a usage error leaves no folder behind
     assert file_path_problem("/dev/stdout") is None  # exists and writable: written in place
+
+
+def test_prune_leaves_weights_nm_cannot_group_dense(tmp_path, capsys):
+    """digits-cnn's first convolution has 1 input channel, no group of 4: --method nm died
+    with a traceback after dense training, and the run's other methods were lost."""
+    argv = ["prune", "--task", "digits-cnn", "--method", "nm", "--sparsity", "0.5",
+            "--schedule", "oneshot", "--epochs", "1", "--finetune-epochs", "1", "--levels", "0.5",
+            "--no-progress", "--report", str(tmp_path / "p.json")]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "nm leaves features.0.weight dense" in err
+    report = json.loads((tmp_path / "p.json").read_text())
+    (run,) = report["runs"]
+    assert run["method"] == "nm" and 0.4 < run["final"]["sparsity"] < 0.5

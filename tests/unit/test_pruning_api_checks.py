@@ -488,3 +488,71 @@ def test_prune_at_the_sparsity_reached_within_a_weight_changes_nothing():
     assert all(torch.equal(masks[n], pr.masks[n]) for n in masks)
     with pytest.raises(ValueError, match="weights pruned once stay pruned"):
         pr.prune(0.5)
+
+
+# ---- edge cases found by a review of the pruners (each failed before its fix) -----------------
+@pytest.mark.parametrize("name", ["magnitude", "rigl", "nm", "woodfisher"])
+def test_a_frozen_layer_is_left_alone_by_default_and_pruned_when_named(name):
+    """prepare() registered a gradient hook on every weight: torch refused the frozen one
+    ("cannot register a hook on a tensor that doesn't require gradient"), and the pruner was
+    left prepared without hooks."""
+    model = _model()
+    model[0].requires_grad_(False)
+    opts = {} if name == "nm" else {"sparsity": 0.5}
+    pruner = get_pruner(name, **opts).prepare(model)
+    assert list(pruner.masks) == ["2.weight"]
+    if name in ("magnitude", "nm"):  # named, a frozen weight is pruned: its mask needs no hook
+        model = _model()
+        model[0].requires_grad_(False)
+        pruner = get_pruner(name, params=["0.weight", "2.weight"], **opts).prepare(model)
+        pruner.prune()
+        assert int((model[0].weight == 0).sum()) == int((~pruner.masks["0.weight"]).sum()) > 0
+        model(X).sum().backward()  # the trained layer's gradient is still masked
+        assert not model[2].weight.grad[~pruner.masks["2.weight"]].any()
+
+
+def test_rigl_at_sparsity_zero_keeps_every_layer_dense():
+    """ERK's scale put a lone layer a rounding over density 1: it went dense, and then the
+    division over the layers left was by zero."""
+    from sparsetrain.pruning.rigl import erk_densities
+
+    assert erk_densities({"w": torch.Size([34, 17])}, 0.0) == {"w": 1.0}
+    model = nn.Sequential(nn.Linear(17, 34))
+    pruner = get_pruner("rigl", sparsity=0.0).prepare(model)
+    model(torch.randn(2, 17))
+    assert pruner.masks["0.weight"].all()
+
+
+def test_a_sparsity_just_below_one_keeps_a_weight_of_each_layer():
+    from sparsetrain.pruning.masks import num_pruned
+
+    assert num_pruned(10, 1 - 1e-10) == 9 and num_pruned(10, 0.9) == 9 and num_pruned(0, 0.5) == 0
+    model = _model()
+    pruner = get_pruner("magnitude", sparsity=1 - 1e-10, scope="layer").prepare(model)
+    masks = pruner.prune()
+    assert all(int(m.sum()) == 1 for m in masks.values())
+
+
+def test_structured_pruning_may_be_asked_again_at_the_share_it_reports():
+    """Whole channels left layer-scoped structured pruning at 0.6667 for a target of 0.7, and
+    prune(0.6667), the share stats() reports, was refused as going back."""
+    model = _model()
+    pruner = get_pruner("structured", sparsity=0.7, scope="layer").prepare(model)
+    masks = pruner.prune()
+    reported = pruner.stats()["sparsity"]
+    assert reported < 0.7 - 1 / 576
+    assert _same_tensors(pruner.prune(reported), masks)
+    with pytest.raises(ValueError, match=r"already reached \(0.7, 0.6\d+ of the weights pruned\)"):
+        pruner.prune(0.5)
+
+
+def test_rigl_waits_for_its_own_parameters_under_functional_call():
+    """The first-forward hook that applies RigL's initial masks ran inside
+    torch.func.functional_call, saw other tensors in the model and refused them as replaced."""
+    model = _model()
+    pruner = get_pruner("rigl", sparsity=0.8).prepare(model)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    torch.func.functional_call(model, params, (X,))
+    assert not (model[0].weight == 0).any()  # not yet: the call ran on other tensors
+    model(X)  # the model's own first forward applies them
+    assert int((model[0].weight == 0).sum()) == int((~pruner.masks["0.weight"]).sum()) > 0

@@ -366,7 +366,7 @@ def test_prune_command_passes_woodfisher_options_to_the_pruner() -> None:
     cfg = PruneConfig(
         methods=["woodfisher"], obs_update=False, block_size=32, damping=1e-3, fisher_samples=8
     )
-    p = _build_pruner("woodfisher", cfg, 0.9, OneShot())
+    p = _build_pruner("woodfisher", cfg, 0.9, OneShot(), nn.Linear(4, 4))
     assert (p.obs_update, p.block_size, p.damping, p.fisher_samples) == (False, 32, 1e-3, 8)
 
 

@@ -38,7 +38,8 @@ from sparsetrain.pruning import (
     pruned_parameter_efficiency,
     sparsity_stats,
 )
-from sparsetrain.pruning.masks import check_sparsity
+from sparsetrain.pruning.base import default_weights
+from sparsetrain.pruning.masks import check_sparsity, nm_shape_problem
 from sparsetrain.tasks import Task, available_tasks, get_task
 
 SCHEDULES = ("oneshot", "gradual")
@@ -206,10 +207,24 @@ def _nm_kept(sparsity: float) -> int:
     return max(1, int(math.floor((1 - sparsity) * NM_GROUP + 1e-9)))
 
 
-def _build_pruner(method: str, cfg: PruneConfig, sparsity: float, schedule: Any) -> Pruner:
+def nm_weights(model: nn.Module) -> tuple[list[str], list[str]]:
+    """The default weights N:4 pruning can group (their input dimension, or a convolution's
+    input channels, a multiple of 4), and the others, which it leaves dense (as NVIDIA's ASP
+    does: a first convolution over 1 or 3 channels has no groups of 4)."""
+    shapes = dict(model.named_parameters())
+    names = default_weights(model)
+    can = [n for n in names if nm_shape_problem(n, shapes[n].shape, NM_GROUP) is None]
+    return can, [n for n in names if n not in can]
+
+
+def _build_pruner(
+    method: str, cfg: PruneConfig, sparsity: float, schedule: Any, model: nn.Module
+) -> Pruner:
     opts = _method_options(method, cfg)
     if method == "nm":
-        return get_pruner("nm", n=_nm_kept(sparsity), m=NM_GROUP, schedule=schedule)
+        return get_pruner(
+            "nm", n=_nm_kept(sparsity), m=NM_GROUP, schedule=schedule, params=nm_weights(model)[0]
+        )
     return get_pruner(method, sparsity=sparsity, schedule=schedule, scope=cfg.scope, **opts)
 
 
@@ -258,7 +273,7 @@ def oneshot_accuracy(
 ) -> tuple[nn.Module, Pruner, float]:
     """Prune a copy of ``dense`` to ``sparsity`` at once; return it, its pruner and its accuracy."""
     model = copy.deepcopy(dense)
-    pruner = _build_pruner(method, cfg, sparsity, OneShot())
+    pruner = _build_pruner(method, cfg, sparsity, OneShot(), model)
     pruner.prepare(model)
     gen = torch.Generator().manual_seed(seed)
     pruner.prune(closure=fisher_closure(model, task, gen))
@@ -325,7 +340,9 @@ def run_method(
         opt = _make_optimizer(model, cfg)
         end = max(1, cfg.prune_epochs * steps_per_epoch - 1)
         freq = max(1, end // cfg.pruning_steps)
-        pruner = _build_pruner(method, cfg, cfg.sparsity, Gradual(start=0, end=end, frequency=freq))
+        pruner = _build_pruner(
+            method, cfg, cfg.sparsity, Gradual(start=0, end=end, frequency=freq), model
+        )
         pruner.prepare(model, opt)
         closure = fisher_closure(model, task, torch.Generator().manual_seed(cfg.seed + 2))
 
@@ -439,6 +456,18 @@ def _main(args: argparse.Namespace) -> int:
             args._parser.error(
                 f"--method nm needs --sparsity > 0: it keeps n < {NM_GROUP} of every "
                 f"{NM_GROUP} weights (got --sparsity {cfg.sparsity:g})"
+            )
+        can, cannot = nm_weights(get_task(cfg.task, seed=cfg.seed).build_model())
+        if not can:
+            args._parser.error(
+                f"--method nm: no weight of task {cfg.task!r} can be pruned {n}:{NM_GROUP} (each "
+                f"needs an input dimension, or input channels, divisible by {NM_GROUP})"
+            )
+        if cannot:
+            print(
+                f"note: nm leaves {', '.join(cannot)} dense (input dimension or channels not "
+                f"divisible by {NM_GROUP})",
+                file=sys.stderr,
             )
         if abs(1 - n / NM_GROUP - cfg.sparsity) > 1e-9:
             print(

@@ -65,9 +65,12 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def default_weights(model: nn.Module) -> list[str]:
-    """Return the names of the parameters pruned by default: every weight with 2 or more dims."""
+    """Return the names of the parameters pruned by default: every trained weight
+    (``requires_grad``) with 2 or more dims; name a frozen one in ``params`` to prune it."""
     return [
-        n for n, p in unwrap(model).named_parameters() if p.dim() >= 2 and p.is_floating_point()
+        n
+        for n, p in unwrap(model).named_parameters()
+        if p.dim() >= 2 and p.is_floating_point() and p.requires_grad
     ]
 
 
@@ -241,11 +244,11 @@ class Pruner:
             if pending is not None:
                 self._pending = None
                 self._assign_state(pending)
+            self._install_hooks()
         except BaseException:
             self._model = self._optimizer = self._group = self._sync = None
             self._weights, self._masks, self._pending = {}, {}, pending
             raise
-        self._install_hooks()
         if pending is None and self.defers_initial_masks:
             self._defer_initial_masks()
         else:
@@ -443,7 +446,11 @@ class Pruner:
     def _install_hooks(self) -> None:
         for h in self._handles:
             h.remove()
-        self._handles = [p.register_hook(self._make_hook(n)) for n, p in self._weights.items()]
+        # A frozen weight (named in params) gets no gradient to mask; its mask holds anyway,
+        # as the optimizer never moves it.
+        self._handles = [
+            p.register_hook(self._make_hook(n)) for n, p in self._weights.items() if p.requires_grad
+        ]
 
     def _make_hook(self, name: str) -> Callable[[Tensor], Tensor]:
         def hook(grad: Tensor) -> Tensor:
@@ -473,8 +480,12 @@ class Pruner:
         ]
 
     def _apply_before_forward(self, module: nn.Module, args: Any) -> None:
-        if self._deferred:
-            self.apply()
+        # Under torch.func.functional_call the module holds other tensors for the call: the
+        # masks wait for a forward pass of the model's own parameters (a parameter really
+        # replaced is refused by the next step() or apply()).
+        if self._deferred and not self._stale_params():
+            self._follow_weights()
+            self._apply()
 
     def _cancel_deferred(self) -> None:
         for h in self._forward_handles:
@@ -487,11 +498,15 @@ class Pruner:
                 f"call prepare(model, optimizer) before using the {self.name!r} pruner"
             )
 
-    def _check_params(self) -> None:
-        """Refuse to act when the model's parameters are no longer the tensors we prune."""
+    def _stale_params(self) -> list[str]:
+        """The pruned weights that are no longer the model's parameters of their names."""
         assert self._model is not None
         named = dict(self._model.named_parameters())
-        stale = [n for n, p in self._weights.items() if named.get(n) is not p]
+        return [n for n, p in self._weights.items() if named.get(n) is not p]
+
+    def _check_params(self) -> None:
+        """Refuse to act when the model's parameters are no longer the tensors we prune."""
+        stale = self._stale_params()
         if stale:
             raise RuntimeError(
                 f"the model's parameter(s) {stale} are no longer the tensors this "
@@ -720,14 +735,22 @@ class ScheduledPruner(Pruner):
         """
         self._require_ready()
         s = self.sparsity if sparsity is None else check_sparsity(sparsity)
-        # Below the sparsity reached by less than one weight (0.7 rounded to float32, or the
-        # pruned share stats() reports) asks for what is pruned already.
-        one_weight = 1.0 / max(1, sum(w.numel() for w in self._weights.values()))
-        if s < self._current - one_weight:
+        # Below the sparsity reached by less than one weight (0.7 rounded to float32) asks for
+        # what is pruned already, and so does the pruned share stats() reports, which whole
+        # channels can leave below the target by more than a weight (structured, per layer).
+        total = sum(w.numel() for w in self._weights.values())
+        one_weight = 1.0 / max(1, total)
+        pruned = 1.0 - sum(int(m.sum()) for m in self._masks.values()) / max(1, total)
+        if s < min(self._current, pruned) - one_weight:
+            reached = (
+                f"{self._current:g}"
+                if abs(pruned - self._current) <= one_weight
+                else f"{self._current:g}, {pruned:.4g} of the weights pruned"
+            )
             raise ValueError(
                 f"prune({s:g}) asks for less than the sparsity this pruner has already reached "
-                f"({self._current:g}); weights pruned once stay pruned, so pass a sparsity >= "
-                f"{self._current:g}"
+                f"({reached}); weights pruned once stay pruned, so pass a sparsity >= "
+                f"{min(self._current, pruned):.4g}"
             )
         new = self.compute_masks(s, closure)
         # Whatever the method computed, a weight pruned before stays pruned.

@@ -72,9 +72,11 @@ def check_scope(scope: str) -> str:
 
 
 def num_pruned(numel: int, sparsity: float) -> int:
-    """Return how many of ``numel`` weights a sparsity removes: ``floor(sparsity * numel)``."""
-    # The small slack keeps 0.9 * 10 from becoming 8 through floating-point error.
-    return min(numel, int(math.floor(sparsity * numel + 1e-9)))
+    """Return how many of ``numel`` weights a sparsity removes: ``floor(sparsity * numel)``,
+    at most ``numel - 1`` (a sparsity below 1 keeps a weight)."""
+    # The small slack keeps 0.9 * 10 from becoming 8 through floating-point error; the cap
+    # keeps it from reaching numel for a sparsity within 1e-9 / numel of 1.
+    return max(0, min(numel - 1, int(math.floor(sparsity * numel + 1e-9))))
 
 
 def _check_weights(weights: Mapping[str, Tensor], previous: Mapping[str, Tensor] | None) -> None:

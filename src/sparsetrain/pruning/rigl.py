@@ -47,7 +47,8 @@ def erk_densities(shapes: dict[str, torch.Size], sparsity: float) -> dict[str, f
     numel = {n: s.numel() for n, s in shapes.items()}
     raw = {n: sum(s) / s.numel() for n, s in shapes.items()}
     dense: set[str] = set()
-    while True:
+    eps = 0.0
+    while len(dense) < len(shapes):  # (all dense: at sparsity 0, by a rounding of eps)
         # Weights the sparse layers must hold once the dense layers hold all of theirs.
         budget = (1.0 - sparsity) * sum(numel.values()) - sum(numel[n] for n in dense)
         divisor = sum(raw[n] * numel[n] for n in shapes if n not in dense)
