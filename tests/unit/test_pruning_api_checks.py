@@ -509,6 +509,9 @@ def test_a_frozen_layer_is_left_alone_by_default_and_pruned_when_named(name):
         assert int((model[0].weight == 0).sum()) == int((~pruner.masks["0.weight"]).sum()) > 0
         model(X).sum().backward()  # the trained layer's gradient is still masked
         assert not model[2].weight.grad[~pruner.masks["2.weight"]].any()
+    else:  # these read the weights' gradients: a frozen one named is refused, by name
+        with pytest.raises(ValueError, match=r"\['0.weight'\] are frozen .* reads the gradients"):
+            get_pruner(name, params=["0.weight", "2.weight"], **opts).prepare(model)
 
 
 def test_rigl_at_sparsity_zero_keeps_every_layer_dense():

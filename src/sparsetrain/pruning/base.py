@@ -139,6 +139,9 @@ class Pruner:
     # Whether the masks prepare() draws prune weights (RigL starts sparse); those are applied at
     # the first forward pass (or step(), apply()), so that a state loaded in between loses nothing.
     defers_initial_masks: ClassVar[bool] = False
+    # Whether the method reads the pruned weights' gradients (RigL grows by them, WoodFisher
+    # estimates its Fisher from them): a frozen weight is then refused.
+    needs_gradients: ClassVar[bool] = False
 
     sparsity: float = 0.5
     params: Sequence[str] | None = None
@@ -272,6 +275,13 @@ class Pruner:
                 raise TypeError(
                     f"parameter {n!r} has dtype {named[n].dtype}; only floating-point prunes"
                 )
+        frozen = [n for n in names if not named[n].requires_grad]
+        if frozen and self.needs_gradients:
+            raise ValueError(
+                f"parameter(s) {frozen} are frozen (requires_grad=False), but the "
+                f"{self.name!r} pruner reads the gradients of the weights it prunes; leave them "
+                "out of params, or prune them by magnitude"
+            )
         return {n: named[n] for n in names}
 
     def _agree_across_ranks(self, group: Any, mine: dict[str, Any], device: Any) -> None:

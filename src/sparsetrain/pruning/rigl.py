@@ -87,6 +87,7 @@ class RigLPruner(Pruner):
         "distribution",
     )
     defers_initial_masks: ClassVar[bool] = True
+    needs_gradients: ClassVar[bool] = True
 
     distribution: str = "erk"
     delta_t: int = 100

@@ -62,6 +62,7 @@ class WoodFisherPruner(ScheduledPruner):
         >>> pruner.prune(closure=lambda: loss_fn(model(*next(batches)[:1]), ...))  # doctest: +SKIP
     """
 
+    needs_gradients: ClassVar[bool] = True
     may_differ_on_load: ClassVar[tuple[str, ...]] = (
         *ScheduledPruner.may_differ_on_load,
         "max_memory_bytes",
