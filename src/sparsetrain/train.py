@@ -104,6 +104,32 @@ class WorkerError(RuntimeError):
         self.worker_traceback = worker_traceback
 
 
+class PeerError(ValueError):
+    """An error a rank raises because another rank failed (it points to that rank's error):
+    the launcher reports the other rank's own error before it, whichever came first."""
+
+
+_CALLBACK_PREFIX = "Got the following error when running the callback: "
+
+
+def worker_error(e: BaseException) -> tuple[str, str]:
+    """The class name and message of a worker's error, as a user should read them: an error
+    raised in a DDP communication hook reaches backward() wrapped by torch's Future, as a
+    RuntimeError whose text is "Got the following error when running the callback: " then the
+    hook's "Type: message" and, after an "At:" line, the Python stack; that wrapping is taken
+    off (the stack is in the worker's traceback)."""
+    name, text = type(e).__name__, str(e)
+    if text.startswith(_CALLBACK_PREFIX):
+        inner = text[len(_CALLBACK_PREFIX) :]
+        head, sep, rest = inner.partition(": ")
+        if sep and head.isidentifier():
+            name, text = head, rest
+        lines = text.splitlines()
+        if "At:" in lines:
+            text = "\n".join(lines[: lines.index("At:")]).rstrip()
+    return name, without_native_stack(text)
+
+
 def without_native_stack(message: str) -> str:
     """``message`` without the C++ stack a torch error may carry after its text (from its
     "Exception raised from ..." line on: gloo's lost connections bring a dozen frames)."""
@@ -190,8 +216,11 @@ class TrainConfig:
             are counted by the ring formula, and a NaN/Inf gradient is not checked.
         ddp: wrap the model in DDP and exchange through its comm hook (the default). False:
             no DDP; :class:`~sparsetrain.GradientSync` exchanges the gradients after backward,
-            in ``bucket_cap_mb`` groups, with the same engine and the same values (rank 0's
-            parameters and buffers are broadcast, as DDP does). A sparse compressor and
+            in ``bucket_cap_mb`` groups, with the same engine, and the same values where the
+            model fits one bucket (past it, DDP's groups differ: its first step takes one
+            bucket and later ones close a bucket once it reaches the cap, where GradientSync
+            starts a new one before it would pass it); rank 0's parameters and buffers are
+            broadcast, as DDP does. A sparse compressor and
             collective then read and write the gradients where backward left them, without
             DDP's copy of each into its bucket: on the end-to-end benchmark's model (39 MB of
             gradients, 4 ranks on 2 cores) a step 10-12% shorter; no overlap of the
@@ -608,7 +637,7 @@ def _checkpoints_locked(config: TrainConfig, rank: int) -> Iterator[None]:
             raise RuntimeError(
                 f"another run is using the checkpoints in {path.parent} (rank {rank}'s lock "
                 f"{path.with_suffix('.lock').name} is held): give this run another "
-                "--checkpoint-dir or --label"
+                "--checkpoint-dir (or TrainConfig label)"
             ) from None
         except OSError as e:  # a file system without locks (Lustre without -o flock, some NFS)
             if e.errno not in _NO_LOCKS:
@@ -752,7 +781,7 @@ def _gather_checked(step: int, problem: str | None, device: torch.device) -> lis
         raise ValueError(problem)
     bad = [r for r, row in enumerate(table) if row[1]]
     if bad:
-        raise ValueError(f"rank(s) {bad} cannot resume from their checkpoints (see their errors)")
+        raise PeerError(f"rank(s) {bad} cannot resume from their checkpoints (see their errors)")
     return [row[0] for row in table]
 
 
@@ -1223,16 +1252,22 @@ def _spawned(rank: int, world: int, configs: Sequence[TrainConfig], folder: str)
                 json.dump(runs, f)
             os.replace(tmp, os.path.join(folder, "result.json"))
     except BaseException as e:
+        name, message = worker_error(e)
         error = {
             "rank": rank,
-            "type": type(e).__name__,
-            "message": str(e),
+            "type": name,
+            "message": message,
             "traceback": traceback.format_exc(),
             "time": time.time(),
+            "points_to_another": isinstance(e, PeerError),
         }
         with open(os.path.join(folder, f"error-rank{rank}.json"), "w") as f:
             json.dump(error, f)
-        raise
+        if not isinstance(e, Exception):  # Ctrl-C, a signal's exit: as Python ends them
+            raise
+        # The error is on disk: skip the interpreter's teardown, where gloo's threads can
+        # abort the process ("terminate called without an active exception" on the console).
+        exit_finished_worker(1)
     exit_finished_worker(0)  # results are on disk; see exit_finished_worker for why
 
 
@@ -1246,7 +1281,8 @@ def _first_error(folder: str) -> WorkerError | None:
     if not errors:
         return None
     # The earliest error is the cause; later ones are usually peers losing their connection.
-    first = min(errors, key=lambda e: (e["time"], e["rank"]))
+    # An error that points to another rank's comes after that rank's, whatever the times.
+    first = min(errors, key=lambda e: (e.get("points_to_another", False), e["time"], e["rank"]))
     return WorkerError(first["rank"], first["type"], first["message"], first["traceback"])
 
 

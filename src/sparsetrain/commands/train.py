@@ -30,7 +30,7 @@ from ..train import (
     parse_value,
     summary_table,
     under_torchrun,
-    without_native_stack,
+    worker_error,
     write_report,
 )
 
@@ -266,8 +266,10 @@ def add_training_arguments(p: argparse.ArgumentParser, *, workers: int, epochs: 
         "--no-ddp",
         action="store_true",
         help="no DistributedDataParallel: GradientSync exchanges the gradients after backward, "
-        "with the same values (a sparse compressor then works on the gradients where they are, "
-        "without DDP's copy of each into its bucket, but nothing overlaps with backward)",
+        "with the same values where the model fits one bucket (DDP groups several buckets "
+        "otherwise, so the compressor sees other groups); a sparse compressor then works on the "
+        "gradients where they are, without DDP's copy of each into its bucket, but nothing "
+        "overlaps with backward",
     )
     g.add_argument(
         "--no-reuse-host-memory",
@@ -503,9 +505,9 @@ def run_and_report(
             raise
         # Under torchrun this process is a worker: one line, as launch() gives for embedded ones.
         rank = os.environ["RANK"]
-        message = without_native_stack(str(e))
+        name, message = worker_error(e)
         print(
-            f"{prog}: error: worker rank {rank} failed: {type(e).__name__}: {message}",
+            f"{prog}: error: worker rank {rank} failed: {name}: {message}",
             file=sys.stderr,
         )
         return 1, None
