@@ -68,27 +68,10 @@ def _dense_topk(
     return torch.where(keep, x, torch.zeros_like(x)), keep
 
 
-def gtopk_reference(inputs: list[Sparse], numel: int, k: int) -> Sparse:
-    """gTop-k's tree merge computed in one process (float64); returns (indices, values)."""
-    nodes = []
-    for idx, val in inputs:
-        x = dense_sum([(idx, val)], numel)
-        nodes.append(_dense_topk(x, union_support([(idx, val)], numel), k))
-    p, d = len(inputs), 1
-    while d < p:
-        for r in range(0, p, 2 * d):
-            if r + d < p:
-                (xa, sa), (xb, sb) = nodes[r], nodes[r + d]
-                nodes[r] = _dense_topk(xa + xb, sa | sb, k)
-        d *= 2
-    x, support = nodes[0]
-    idx = support.nonzero().flatten()
-    return idx, x[idx]
-
-
-def gtopk_dropped_reference(inputs: list[Sparse], numel: int, k: int) -> list[torch.Tensor]:
-    """What each rank's merges drop in :func:`gtopk_reference`'s tree, dense (float64): a
-    rank's own entries beyond k, and what it leaves out of each pair of vectors it merges."""
+def _gtopk_tree(inputs: list[Sparse], numel: int, k: int):
+    """gTop-k's tree in one process (float64): the root's (vector, support), and by rank what
+    its merges drop, dense (a rank's own entries beyond k, and what it leaves out of each pair
+    of vectors it merges)."""
     dropped = [torch.zeros(numel, dtype=torch.float64) for _ in inputs]
     nodes = []
     for r, (idx, val) in enumerate(inputs):
@@ -103,7 +86,19 @@ def gtopk_dropped_reference(inputs: list[Sparse], numel: int, k: int) -> list[to
                 nodes[r] = _dense_topk(xa + xb, sa | sb, k)
                 dropped[r] += xa + xb - nodes[r][0]
         d *= 2
-    return dropped
+    return nodes[0], dropped
+
+
+def gtopk_reference(inputs: list[Sparse], numel: int, k: int) -> Sparse:
+    """gTop-k's tree merge computed in one process (float64); returns (indices, values)."""
+    (x, support), _ = _gtopk_tree(inputs, numel, k)
+    idx = support.nonzero().flatten()
+    return idx, x[idx]
+
+
+def gtopk_dropped_reference(inputs: list[Sparse], numel: int, k: int) -> list[torch.Tensor]:
+    """What each rank's merges drop in :func:`gtopk_reference`'s tree, dense (float64)."""
+    return _gtopk_tree(inputs, numel, k)[1]
 
 
 def oktopk_reference(inputs: list[Sparse], numel: int, threshold: float) -> Sparse:

@@ -679,7 +679,6 @@ class SyncEngine:
         # no partial sum then passes the largest value a rank sent, where the ranks' sum at one
         # index could pass 65504 and their average not.
         divisor = 1 if _divides_first(parts[0].dtype, world) else world
-        share = None
         if values.dtype != parts[0].dtype:
             # Selected from the float32 compensation of half gradients: the wire carries the
             # gradient's dtype, and the residual keeps what rounding to it leaves out. A
@@ -687,32 +686,24 @@ class SyncEngine:
             # 65504 whose share fits goes out finite; the rank has then sent `world` times
             # its share.
             if divisor == 1:
-                share = (values / world).to(parts[0].dtype)
-                values = share.to(values.dtype) * world
+                wire = (values / world).to(parts[0].dtype)
+                values = wire.to(values.dtype) * world
             else:
-                values = values.to(parts[0].dtype)
-            payload = (indices, values)
+                values = wire = values.to(parts[0].dtype)
+        else:
+            wire = values if divisor == world else values / world
         sent_idx = indices.long()
         self.feedback.commit_sparse(key, cnames, cnumels, compensated, sent_idx, values)
         self.counters["compress_seconds"] += time.perf_counter() - t0
 
         coll = self._collective_for(numel)
         if coll == "dense":
-            if share is not None:
-                mine = comp.decompress((indices, share), ctx).reshape(-1).to(share.dtype)
-            else:
-                mine = comp.decompress(payload, ctx).reshape(-1).to(parts[0].dtype)
-                if divisor == 1:
-                    mine = mine / world
+            mine = comp.decompress((indices, wire), ctx).reshape(-1).to(parts[0].dtype)
             reduced, sent = self._timed_comm(allreduce_sum, [mine], self.group)
             self._count(sent, sent)
             total = reduced[0]
             self.feedback.mask_velocity(sent_idx)
         else:
-            if share is not None:
-                wire = share
-            else:
-                wire = values if divisor == world else values / world
             res = self._sparse_collective(coll, indices, wire, numel, key)
             if res is None:  # dropped (the sum was not finite): the caller makes the parts NaN
                 return
