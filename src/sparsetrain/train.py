@@ -675,6 +675,20 @@ def _no_checkpoint_note(folder: Path) -> str:
     return note
 
 
+def _past_the_end_note(config: TrainConfig, step: int, total_steps: int) -> str:
+    """What a run resumed from a checkpoint past its own end (a lower max_steps, or fewer
+    epochs) says: it trains nothing, and its report is the checkpoint's steps and numbers."""
+    limit = (
+        f"max_steps {config.max_steps} (--max-steps)"
+        if config.max_steps and total_steps == config.max_steps
+        else f"{config.epochs} epochs ({total_steps} steps)"
+    )
+    return (
+        f"{config.name}: the checkpoint is at step {step}, past this run's end at {limit}; "
+        "nothing is trained, and the report is the checkpoint's (raise the limit to train on)"
+    )
+
+
 def _replace_whole(path: Path, write: Callable[[Any], Any], keep: Path | None = None) -> None:
     """Write a file with ``write(binary file)`` under a temporary name of its own in ``path``'s
     folder (``<stem>.*.tmp``), flushed to disk, with the mode ``open()`` would give it, then
@@ -997,6 +1011,8 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
             state["eval_seconds"],
             state["curves"],
         )
+        if step > total_steps and rank == 0:  # the report is then the checkpoint's, unchanged
+            print(_past_the_end_note(config, step, total_steps), file=sys.stderr, flush=True)
 
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     loss_count = torch.zeros((), dtype=torch.float64, device=device)

@@ -287,7 +287,7 @@ def test_task_option_values_are_refused_before_any_worker_starts():
         assert res.returncode == 2 and words in res.stderr, res.stderr[-2000:]
 
 
-def test_resumed_run_ends_exactly_where_the_uninterrupted_one_does(tmp_path):
+def test_resumed_run_ends_exactly_where_the_uninterrupted_one_does(tmp_path, capfd):
     common = dict(
         task="digits-mlp", compressor="threshold", density=0.05, workers=2, epochs=2, eval_every=10,
         progress=False, timeout_s=120, checkpoint_dir=str(tmp_path),
@@ -360,6 +360,13 @@ def test_resumed_run_ends_exactly_where_the_uninterrupted_one_does(tmp_path):
     (folder / "rank0.prev.pt").unlink()
     again = launch(TrainConfig(label="cut", resume=True, **common))["runs"][0]
     assert again["final_test_loss"] == whole["final_test_loss"]
+    # Resumed with a limit below the checkpoint's step: nothing is trained, and it says so.
+    capfd.readouterr()
+    past = launch(TrainConfig(label="cut", resume=True, max_steps=10, **common))["runs"][0]
+    assert past["steps"] == 44 and past["final_test_loss"] == whole["final_test_loss"]
+    assert "the checkpoint is at step 44, past this run's end at max_steps 10" in (
+        capfd.readouterr().err
+    )
 
 
 def _resume_from(rank: int, world: int, folder: str) -> dict:
