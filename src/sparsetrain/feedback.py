@@ -41,6 +41,25 @@ from . import _native
 from .compressors.base import work_dtype
 
 
+def _check_packing(names: Sequence[str], numels: Sequence[int], flat: Tensor, what: str) -> None:
+    """Raise ``ValueError`` unless ``flat`` packs ``names`` (distinct) of ``numels`` elements,
+    in order: a repeated name would keep one residual of two, and sizes that do not add up
+    would fail in torch without naming the parameters."""
+    if len(names) != len(numels):
+        raise ValueError(f"{what}: {len(names)} names but {len(numels)} numels; give one each")
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if list(names).count(n) > 1})
+        raise ValueError(
+            f"{what}: the names must be distinct (each parameter has one residual); repeated: "
+            f"{', '.join(map(repr, twice))}"
+        )
+    if sum(numels) != flat.numel():
+        raise ValueError(
+            f"{what}: numels add up to {sum(numels)}, but the flat tensor has {flat.numel()} "
+            "elements; it must pack the named parameters, in order"
+        )
+
+
 class ErrorFeedback:
     """Residuals keyed by parameter name.
 
@@ -161,6 +180,7 @@ class ErrorFeedback:
         result is ``velocity + residual``."""
         if not self.enabled:
             return flat
+        _check_packing(names, numels, flat, "compensate")
         if self.momentum:
             flat = self._accumulate(names, numels, flat)
         dtype = work_dtype(flat.dtype)
@@ -200,6 +220,7 @@ class ErrorFeedback:
         """Set each parameter's residual to its slice of ``compensated - sent``."""
         if not self.enabled:
             return
+        _check_packing(names, numels, compensated, "update")
         # (sent may be wider than the compensated gradient, whose dtype the residual keeps)
         residual = (compensated - sent.reshape(compensated.shape)).to(compensated.dtype)
         for n, part in zip(names, torch.split(residual, list(numels))):
@@ -391,6 +412,7 @@ class ErrorFeedback:
         selection dropped after they left this rank."""
         if not self.enabled:
             return
+        _check_packing(names, numels, unsent, "add_back")
         for n, k, part in zip(names, numels, torch.split(unsent, list(numels))):
             if n in self.residuals:
                 self.residuals[n] = self._residual(n, k, part) + part
@@ -426,10 +448,11 @@ class ErrorFeedback:
         for entry in ("residuals", "velocity"):
             value = state.get(entry, {})
             if not isinstance(value, Mapping) or not all(
-                isinstance(t, Tensor) for t in value.values()
+                isinstance(t, Tensor) and t.dim() == 1 for t in value.values()
             ):
                 raise ValueError(
-                    f"error-feedback state's {entry!r} must be a dict of name -> tensor"
+                    f"error-feedback state's {entry!r} must be a dict of name -> 1-D tensor "
+                    "(each parameter's flattened residual)"
                 )
         saved = bool(state.get("enabled", self.enabled))
         if saved != self.enabled:

@@ -453,7 +453,8 @@ def test_density_out_of_range_is_refused(name, density):
         ("terngrad", {"bucket_size": -4}, ValueError, "bucket_size"),
         ("powersgd", {"rank": 0}, ValueError, "rank must be >= 1, got 0"),
         ("threshold", {"reestimate_every": 0}, ValueError, "reestimate_every must be >= 1"),
-        ("threshold", {"band": 1.0}, ValueError, "band must be > 1"),
+        ("threshold", {"band": 1.0}, ValueError, "band must be a finite number > 1"),
+        ("threshold", {"band": float("inf")}, ValueError, "band must be a finite number > 1"),
         ("randomk", {"seed": -1}, ValueError, "seed must be >= 0"),
         ("topk", {"k": 3}, ValueError, "does not take option.*'k'.*it takes: density"),
         ("fp16", {"density": 0.1}, ValueError, "does not take option"),
@@ -468,6 +469,34 @@ def test_bad_options_are_refused_with_a_message_naming_them(name, options, error
 def test_non_floating_tensors_are_refused(name):
     with pytest.raises(TypeError, match="floating-point tensors only"):
         make(name).compress(torch.arange(12))
+    with pytest.raises(TypeError, match="gradient must be a torch.Tensor, got list"):
+        make(name).compress([1.0, 2.0])
+
+
+def test_powersgd_warm_start_from_a_non_finite_step_falls_back_to_the_first_draw():
+    torch.manual_seed(0)
+    bad = torch.randn(16, 16)
+    bad[3, 3] = float("nan")
+    c, fresh = make("powersgd", rank=1), make("powersgd", rank=1)
+    assert not torch.isfinite(roundtrip(c, bad)).all()
+    g = torch.randn(16, 16)
+    # As a compressor that never saw the bad step: the Q drawn from the seed, not NaN.
+    assert_close(roundtrip(c, g), roundtrip(fresh, g), rtol=0, atol=0)
+
+
+def test_threshold_hits_buffer_is_never_longer_than_the_tensor():
+    c = make("threshold", density=0.9, band=1e5)
+    c.compress(torch.randn(10_000))
+    positions, values = c.hits_buffer(10_000)
+    assert positions.numel() == values.numel() == 10_001
+
+
+def test_sparse_aggregate_sums_half_payloads_in_float32():
+    c = make("topk", density=0.5)
+    payload, ctx = c.compress(torch.tensor([40000.0, 1.0, 40000.0, 2.0], dtype=torch.float16))
+    total = c.aggregate([payload, payload], ctx)
+    assert total.dtype == torch.float32
+    assert total.tolist() == [80000.0, 0.0, 80000.0, 0.0]
 
 
 def test_powersgd_refuses_a_layout_that_does_not_cover_the_tensor():

@@ -338,3 +338,23 @@ def test_a_half_gradient_sent_by_a_dense_allreduce_stays_half(one_thread, monkey
     finally:
         dist.destroy_process_group()
     assert sent == [torch.float16]
+
+
+def test_a_packing_that_does_not_match_its_names_is_refused_naming_the_problem():
+    ef = ErrorFeedback()
+    # A repeated name kept one residual of two: the other's mass was lost.
+    with pytest.raises(ValueError, match="names must be distinct.*repeated: 'a'"):
+        ef.compensate(["a", "a"], [2, 2], torch.ones(4))
+    with pytest.raises(ValueError, match="numels add up to 5, but the flat tensor has 4"):
+        ef.compensate(["a", "b"], [2, 3], torch.ones(4))
+    g = ef.compensate(["a", "b"], [2, 2], torch.ones(4))
+    with pytest.raises(ValueError, match="update: 2 names but 1 numels"):
+        ef.update(["a", "b"], [4], g, torch.zeros(4))
+    with pytest.raises(ValueError, match="add_back: numels add up to 3"):
+        ef.add_back(["a"], [3], torch.ones(4))
+
+
+def test_a_state_with_a_residual_that_is_not_flat_is_refused():
+    ef = ErrorFeedback()
+    with pytest.raises(ValueError, match="name -> 1-D tensor"):
+        ef.load_state_dict({"enabled": True, "residuals": {"w": torch.zeros(2, 3)}})

@@ -606,3 +606,20 @@ def test_rigls_deferred_initial_masks_clear_the_residuals_when_they_take_effect(
     residuals = sync.engine.feedback.residuals
     for name, mask in pruner.masks.items():
         assert not residuals[name].reshape(mask.shape)[~mask].any(), name
+
+
+def test_powersgd_recovers_after_a_step_whose_gradient_was_not_finite(group):
+    """One bad step drops itself, not the rest of training: PowerSGD kept the Q of a NaN step
+    as its warm start, so every later step was non-finite and skipped too. And a finite float32
+    gradient of 1e20 is no bad step: a warm Q squared it past float32's range in P = M Q."""
+    torch.manual_seed(0)
+    model = nn.Linear(32, 32, bias=False)
+    sync = sparsetrain.GradientSync(model, "powersgd", rank=1, on_nonfinite="skip")
+    for scale in (1.0, 1e20, 1e20, 1.0, 1.0):
+        model.weight.grad = torch.randn(32, 32) * scale
+        assert sync.synchronize() and torch.isfinite(model.weight.grad).all()
+    model.weight.grad = torch.randn(32, 32)
+    model.weight.grad[0, 0] = float("nan")
+    assert not sync.synchronize()
+    model.weight.grad = torch.randn(32, 32)
+    assert sync.synchronize() and torch.isfinite(model.weight.grad).all()

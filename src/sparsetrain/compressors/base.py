@@ -72,7 +72,9 @@ def index_dtype(numel: int) -> torch.dtype:
 
 
 def check_floating(t: Tensor, what: str = "gradient") -> None:
-    """Raise a ``TypeError`` naming ``what`` unless ``t`` is floating point."""
+    """Raise a ``TypeError`` naming ``what`` unless ``t`` is a floating-point tensor."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise TypeError(
             f"{what} has dtype {t.dtype}; sparsetrain compresses floating-point tensors only "
@@ -354,7 +356,8 @@ class SparseCompressor(Compressor):
         unique, so every call is free of collisions and the sum has the same bits on every rank,
         also with CUDA's atomic adds (one call over all payloads would add shared entries in a
         different order on each rank)."""
-        out = torch.zeros(ctx.numel, dtype=ctx.dtype, device=ctx.device)
+        dtype = work_dtype(ctx.dtype)  # as the base class sums: float16 sums overflow
+        out = torch.zeros(ctx.numel, dtype=dtype, device=ctx.device)
         for indices, values in payloads:
-            out.index_add_(0, indices.long(), values.to(ctx.dtype))
+            out.index_add_(0, indices.long(), values.to(dtype))
         return out.view(ctx.shape)

@@ -117,6 +117,11 @@ class PowerSGD(Compressor):
     rank: int = 1
     seed: int = 0
     _q: dict[str, list[Tensor]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    # The first Q of each key (drawn from the seed), kept where it is used: the warm start
+    # falls back to it (see _warm_start).
+    _first: dict[str, tuple[Any, list[Tensor]]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         check_int(self.rank, "rank", 1)
@@ -164,14 +169,26 @@ class PowerSGD(Compressor):
 
     def _warm_start(self, key: str, matrices: list[_Matrix], like: Tensor) -> list[Tensor]:
         shapes = [(m.cols, m.rank) for m in matrices]
+        where = (shapes, like.device, like.dtype)
+        cached = self._first.get(key)
+        if cached is None or cached[0] != where:
+            # Drawn on the CPU and copied: every rank must start from the same Q, and which
+            # number a CUDA generator gives to which element depends on the GPU's number of SMs
+            # for large draws (ranks on different GPU models or MIG slices would differ).
+            gen = seeded_generator(self.seed, key, 0, torch.device("cpu"))
+            draw = [torch.randn(s, generator=gen, dtype=like.dtype).to(like.device) for s in shapes]
+            cached = self._first[key] = (where, draw)
+        first = cached[1]
         qs = self._q.get(key)
-        if qs is not None and [tuple(q.shape) for q in qs] == shapes:
-            return [q.to(device=like.device, dtype=like.dtype) for q in qs]
-        # Drawn on the CPU and copied: every rank must start from the same Q, and which number a
-        # CUDA generator gives to which element depends on the GPU's number of SMs for large
-        # draws (ranks on different GPU models or MIG slices would differ).
-        gen = seeded_generator(self.seed, key, 0, torch.device("cpu"))
-        return [torch.randn(s, generator=gen, dtype=like.dtype).to(like.device) for s in shapes]
+        if qs is None or [tuple(q.shape) for q in qs] != shapes:
+            return first
+        # A Q left by a step whose gradient held Inf or NaN, or overflowed (a finite float32
+        # gradient of 1e20 squares past float32's range in P = M Q), would make every later P
+        # non-finite: the first draw takes its place, chosen on the device (no sync).
+        return [
+            torch.where(torch.isfinite(q).all(), q.to(device=like.device, dtype=like.dtype), f)
+            for q, f in zip(qs, first)
+        ]
 
     # ---- the two rounds ----------------------------------------------------------------------
     def compress(
@@ -180,11 +197,11 @@ class PowerSGD(Compressor):
         check_floating(t)
         matrices, dense, source = self._plan(t, layout)
         qs = self._warm_start(key, matrices, source)
-        if t.dtype == torch.float16:
-            # P travels in float16: with Q's columns of unit length, |P| is at most a row norm of
-            # M, where a warm Q (M^T P_hat, M's size) would square it and overflow at gradients
-            # of a few tens. P_hat = orth(sum P) is the same for any positive column scaling.
-            qs = [q / q.norm(dim=0).clamp_min(torch.finfo(q.dtype).tiny) for q in qs]
+        # With Q's columns of unit length, |P| is at most a row norm of M, where a warm Q
+        # (M^T P_hat, M's size) would square it: float16's P overflowed at gradients of a few
+        # tens, float32's at 1e19. P_hat = orth(sum P) is the same for any positive column
+        # scaling, up to rounding.
+        qs = [q / q.norm(dim=0).clamp_min(torch.finfo(q.dtype).tiny) for q in qs]
         ps = [
             (_view(source, m) @ q).reshape(-1) for m, q in zip(matrices, qs)
         ]  # P = M Q per matrix
@@ -268,13 +285,19 @@ def _view(source: Tensor, m: _Matrix) -> Tensor:
 
 def _check_finite(payload: Tensor, what: str, ctx: PowerSGDContext) -> None:
     """Raise ``FloatingPointError`` if a float16 ``payload`` (the P summed over ranks, the same
-    on every rank, so every rank raises alike) overflowed: it comes from finite gradients, so
-    only the float16 wire can have made it Inf. Other dtypes have float32's range and are not
-    read back."""
+    on every rank, so every rank raises alike) is not finite: from finite gradients, only the
+    float16 wire can have made it Inf. Other dtypes have float32's range and are not read
+    back."""
     if ctx.meta.dtype != torch.float16 or bool(torch.isfinite(payload).all()):
         return
+    if not bool(torch.isfinite(ctx.source).all()):
+        raise FloatingPointError(
+            f"powersgd: a {what} payload is not finite: this rank's gradients (with their "
+            "error-feedback residuals) hold Inf or NaN"
+        )
     raise FloatingPointError(
-        f"powersgd: a {what} payload overflowed float16 (the gradients themselves are finite); "
+        f"powersgd: a {what} payload overflowed float16 (this rank's gradients are finite; "
+        "another rank's may not be); "
         "send float32 gradients, or train with torch.amp.GradScaler (grad_scaler=...), whose "
         "on_nonfinite='propagate' drops such a step and lowers the scale"
     )

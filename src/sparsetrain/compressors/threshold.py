@@ -120,10 +120,11 @@ class Threshold(SparseCompressor):
         check_int(self.sample_kept, "sample_kept", 1)
         check_int(self.seed, "seed", 0)
         if not isinstance(self.band, (int, float)) or isinstance(self.band, bool):
-            raise TypeError(f"band must be a number > 1, got {self.band!r}")
-        if not self.band > 1.0:
+            raise TypeError(f"band must be a finite number > 1, got {self.band!r}")
+        if not 1.0 < self.band < math.inf:
             raise ValueError(
-                f"band must be > 1 (the count may be within k/band..k*band), got {self.band}"
+                "band must be a finite number > 1 (the count may be within k/band..k*band), "
+                f"got {self.band}"
             )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -191,7 +192,8 @@ class Threshold(SparseCompressor):
 
     def _hits_cap(self, numel: int) -> int:
         k = k_for(numel, self.density)
-        return max(numel // _CUT_FRACTION, math.floor(k * self.band)) + 1
+        # (never more than the tensor: a wide band at a high density would ask for more)
+        return min(numel, max(numel // _CUT_FRACTION, math.floor(k * self.band))) + 1
 
     def compress(
         self,
