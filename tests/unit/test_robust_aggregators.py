@@ -224,3 +224,60 @@ def test_centered_clipping_state_loaded_on_cpu_follows_the_gradients_device():
     b = get_aggregator("centered_clipping", n=3, f=1, momentum=0.5)
     b.load_state_dict(a.state_dict())
     assert b(g.to("meta"), key="w").device.type == "meta"
+
+
+@pytest.mark.parametrize("name", ["krum", "multi_krum"])
+def test_krum_keeps_its_choice_when_squared_distances_pass_float32(name):
+    # Rows 1e19 apart have squared distances past float32's range: every score was Inf, and
+    # argmin chose row 0 whatever it held (NaN here, or 3e38).
+    g = torch.randn(7, 5, generator=torch.Generator().manual_seed(0)) * 1e19
+    for bad in (float("nan"), 3e38):
+        rows = g.clone()
+        rows[0] = bad
+        options = {"m": 2} if name == "multi_krum" else {}
+        out = get_aggregator(name, n=7, f=1, **options)(rows)
+        assert torch.isfinite(out).all() and out.abs().max() < 1e21
+
+
+def test_half_gradients_are_clipped_and_bucketed_in_float32():
+    # A float16 difference of norm past 65504 had norm Inf and scale 0: the workers were
+    # left out and the output was the anchor, 0; bucket sums of 40000s overflowed to Inf.
+    rows = torch.full((5, 4), 35400.0)
+    cc = {dt: get_aggregator("centered_clipping", n=5, f=1, tau=1.0)(rows.to(dt)) for dt in
+          (torch.float16, torch.float32)}  # fmt: skip
+    assert cc[torch.float16].dtype == torch.float16
+    assert torch.allclose(cc[torch.float16].float(), cc[torch.float32], rtol=1e-3)
+    assert float(cc[torch.float32].norm()) == pytest.approx(1.0)
+    b = get_aggregator("bucketing", n=4, f=0, base="mean", bucket_size=2)
+    assert (b(torch.full((4, 3), 40000.0, dtype=torch.float16)) == 40000.0).all()
+
+
+def test_bucketing_refuses_base_rules_with_state_kept_per_input():
+    # The buckets are reshuffled every step: Safeguard removed bucket slots (random workers),
+    # centered clipping's momenta followed slots, not workers.
+    with pytest.raises(ValueError, match="cannot wrap 'safeguard' with state kept per input"):
+        get_aggregator("bucketing", n=9, f=1, base="safeguard")
+    with pytest.raises(ValueError, match="use centered_clipping with momentum=0"):
+        get_aggregator(
+            "bucketing", n=9, f=1, base="centered_clipping", base_options={"momentum": 0.9}
+        )
+    get_aggregator("bucketing", n=9, f=1, base="centered_clipping")
+    with pytest.raises(ValueError, match="does not take option.*'bad'"):
+        get_aggregator("bucketing", n=9, f=1, base="median", base_options={"bad": 1})
+
+
+def test_options_must_be_finite():
+    with pytest.raises(ValueError, match="eps must be a finite number > 0, got inf"):
+        get_aggregator("geometric_median", n=3, f=1, eps=float("inf"))
+    with pytest.raises(ValueError, match="noise_std must be a finite number >= 0"):
+        get_aggregator("safeguard", n=3, f=1, noise_std=float("inf"))
+
+
+def test_robust_matrix_lowers_f_to_what_bucketing_accepts():
+    from sparsetrain.commands.robust_matrix import largest_f
+
+    # 10 workers in buckets of 2 leave 5 inputs for the median: f = 2 at most (n > 2f).
+    assert largest_f("bucketing", 10, 4) == 2
+    get_aggregator("bucketing", n=10, f=2)
+    assert largest_f("bucketing", 10, 4, {"bucket_size": 1}) == 4
+    assert largest_f("krum", 10, 4) == 3

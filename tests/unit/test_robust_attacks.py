@@ -85,7 +85,7 @@ def test_bad_input():
         get_attack("x", n=4, f=1)
     with pytest.raises(ValueError, match="does not take option"):
         get_attack("zero", n=4, f=1, scale=2.0)
-    with pytest.raises(ValueError, match="scale must be > 0"):
+    with pytest.raises(ValueError, match="scale must be a finite number > 0"):
         get_attack("sign_flip", n=4, f=1, scale=0.0)
     with pytest.raises(ValueError, match="f must be smaller than n"):
         get_attack("zero", n=4, f=4)

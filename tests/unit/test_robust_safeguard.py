@@ -123,7 +123,7 @@ def test_noise_is_identical_for_identical_inputs():
         ({"window0": 20, "window1": 10}, "must not exceed window1"),
         ({"threshold0": 1.0}, "both threshold0 and threshold1"),
         ({"threshold0": 3.0, "threshold1": 1.0}, "must not exceed threshold1"),
-        ({"threshold0": -1.0, "threshold1": 1.0}, "threshold0 must be > 0"),
+        ({"threshold0": -1.0, "threshold1": 1.0}, "threshold0 must be a finite number > 0"),
         ({"window0": 0}, "window0"),
         ({"noise_std": -0.5}, "noise_std"),
     ],
@@ -146,3 +146,78 @@ def test_state_loaded_on_cpu_follows_the_gradients_device(noise_std):
     b.load_state_dict(a.state_dict())
     assert b.aggregate(g.to("meta"), "w").device.type == "meta"
     assert {t.device.type for t in b.state_dict()["acc"]["w"].values()} == {"meta"}
+
+
+def test_the_reference_is_a_worker_with_a_majority_also_when_distances_are_huge():
+    # Worker 6's sum, 1e20 (or Inf) away, made every candidate's tie-break spread infinite,
+    # and argmin over all workers then chose worker 0, an attacker with no majority, as the
+    # reference: every honest worker was removed.
+    for far in (1e20, float("inf")):
+        sg = get_aggregator(
+            "safeguard", n=7, f=3, window0=1, window1=1, threshold0=1.0, threshold1=1.0
+        )
+        g = torch.zeros(7, 4)
+        g[1:6] = torch.randn(5, 4, generator=torch.Generator().manual_seed(0)) * 0.01
+        g[0, 0] = 2.5 * 7  # 2.5 from the honest sums, divided by |good| = 7
+        g[6] = far
+        sg(g)
+        sg.end_step()
+        assert sg.stats()["good"] == [1, 2, 3, 4, 5], far
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_worker_sending_nan_or_inf_is_left_out_at_once_and_removed(bad):
+    # A NaN attacker in the warm-up made the median radius NaN: the warm-up never ended and no
+    # one was removed. Now such a worker is out of the step it sends it in and removed.
+    n, d = 7, 6
+    gen = torch.Generator().manual_seed(1)
+    sg = get_aggregator("safeguard", n=n, f=2, window0=3, window1=6)
+    for step in range(12):
+        g = 1.0 + 0.1 * torch.randn(n, d, generator=gen)
+        g[n - 1] = bad
+        out = sg(g)
+        assert torch.isfinite(out).all(), step
+        sg.end_step()
+    stats = sg.stats()
+    assert stats["removed"] == {n - 1: 0} and not stats["warming_up"]
+    assert stats["good"] == list(range(n - 1))
+
+
+def test_an_overflow_on_most_workers_drops_the_step_and_removes_no_one():
+    # A float16 overflow on every rank: the step's output is NaN (the sync layer drops it),
+    # nothing is accumulated, no one is removed, and the next step goes on.
+    sg = get_aggregator("safeguard", n=4, f=1, window0=2, window1=4, threshold0=1.0, threshold1=2.0)
+    g = torch.ones(4, 3, dtype=torch.float16)
+    sg(g)
+    sg.end_step()
+    before = sg.state_dict()["acc"][""]["long"].clone()
+    g[:3] = float("inf")
+    assert torch.isnan(sg(g)).all()
+    sg.end_step()
+    assert sg.stats()["good"] == [0, 1, 2, 3]
+    assert torch.equal(sg.state_dict()["acc"][""]["long"], before)
+    assert torch.isfinite(sg(torch.ones(4, 3, dtype=torch.float16))).all()
+
+
+def test_the_last_warm_up_step_is_checked_so_the_next_step_averages_no_stray_worker():
+    # Attackers who stray from the start were averaged into the first step after the warm-up
+    # (removed only at its end): one huge sign flip there was enough to ruin a run.
+    n, f, d = 10, 3, 20
+    gen = torch.Generator().manual_seed(0)
+    sg = get_aggregator("safeguard", n=n, f=f, window0=4, window1=8)
+    for _ in range(sg.warmup):
+        g = 1.0 + 0.1 * torch.randn(n, d, generator=gen)
+        g[n - f :] = -1e5
+        sg(g)
+        sg.end_step()
+    assert not sg.stats()["warming_up"]
+    assert sg.stats()["good"] == list(range(n - f))
+    g = 1.0 + 0.1 * torch.randn(n, d, generator=gen)
+    g[n - f :] = -1e5
+    assert (sg(g) - 1.0).abs().max() < 0.5
+
+
+def test_half_gradients_are_averaged_in_float32():
+    sg = get_aggregator("safeguard", n=4, f=1, window0=2, window1=4, threshold0=1.0, threshold1=2.0)
+    out = sg(torch.full((4, 3), 40000.0, dtype=torch.float16))
+    assert out.dtype == torch.float16 and (out == 40000.0).all()

@@ -25,6 +25,7 @@ from ..robust import (
     aggregator_class,
     available_aggregators,
     available_attacks,
+    build,
     get_aggregator,
     get_attack,
 )
@@ -64,11 +65,19 @@ def parse_options(items: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def largest_f(name: str, n: int, f: int) -> int:
-    """Return the largest f' <= f the rule accepts with n workers (Krum: n > 2f' + 2)."""
+def largest_f(name: str, n: int, f: int, options: dict | None = None) -> int:
+    """Return the largest f' <= f the rule, built with ``options``, accepts with n workers
+    (Krum: n > 2f' + 2; bucketing: its base rule's condition on the buckets). Should it accept
+    no f, 0 (building it then names what is wrong)."""
     cls = aggregator_class(name)
     while f > 0 and cls.min_workers(f) > n:
         f -= 1
+    while f > 0:
+        try:
+            build(name, n, f, dict(options or {}))
+            return f
+        except ValueError:
+            f -= 1
     return f
 
 
@@ -187,7 +196,7 @@ def run_matrix(
     for agg, att in bar:
         bar.set_postfix_str(f"{agg} x {att}")
         byz = 0 if att == "none" else base.byzantine
-        rule_f = largest_f(agg, base.workers, base.byzantine)
+        rule_f = largest_f(agg, base.workers, base.byzantine, options.get(agg, {}))
         cfg = replace(
             base,
             byzantine=byz,
@@ -327,7 +336,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     # Build every rule and attack once here, so a bad option is a usage error now, not a
     # traceback from the worker processes of the first cell that uses it.
     for name in aggregators:
-        f = largest_f(name, args.workers, args.byzantine)
+        f = largest_f(name, args.workers, args.byzantine, options.get(name, {}))
         get_aggregator(name, n=args.workers, f=f, **options.get(name, {}))
     for name in attacks:
         if name != "none" and args.byzantine:

@@ -13,6 +13,7 @@ rank, so all ranks that feed it the same matrix get the same result bit for bit.
 from __future__ import annotations
 
 import dataclasses
+import math
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -73,9 +74,9 @@ def state_tensors(value: Any, what: str) -> dict[str, Tensor]:
 def check_positive(value: Any, what: str, allow_zero: bool = False) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{what} must be a number, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero) or value != value:
+    if not 0 <= value < math.inf or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{what} must be {bound}, got {value}")
+        raise ValueError(f"{what} must be a finite number {bound}, got {value}")
 
 
 @dataclass
@@ -179,14 +180,26 @@ def work_dtype(t: Tensor) -> Tensor:
 
 
 def pairwise_sq_dists(x: Tensor) -> Tensor:
-    """Return the [n, n] matrix of squared Euclidean distances between the rows of ``x``.
+    """Return the [n, n] matrix of squared Euclidean distances between the rows of ``x``, in
+    float64.
 
     Computed from the differences, not from the Gram matrix, so near-identical rows do not
-    suffer cancellation and the matrix is exactly symmetric with a zero diagonal.
+    suffer cancellation and the matrix is exactly symmetric with a zero diagonal. The rows are
+    first divided by a power of two near their largest finite magnitude, and the squares
+    multiplied back in float64: rows 1e19 apart no longer overflow float32 to a tie of
+    infinities (the scaling is exact, so the values are float32's wherever those were finite).
+    A distance to or from a row holding NaN or Inf is Inf or NaN.
     """
     x = work_dtype(x)
+    exponent = 0
+    if x.numel():
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        top = float(torch.where(torch.isfinite(x), x.abs(), zero).max())
+        exponent = math.frexp(top)[1]  # 0 for 0
+    if exponent:
+        x = x * 2.0**-exponent  # (2^-128 is a float32 subnormal; 2^128 would round to Inf)
     d = torch.cdist(x[None], x[None], compute_mode="donot_use_mm_for_euclid_dist")[0]
-    return d.square()
+    return d.square().double() * 4.0**exponent
 
 
 def sorted_rows(x: Tensor) -> Tensor:

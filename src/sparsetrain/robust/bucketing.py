@@ -8,13 +8,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._options import check_state, state_int
+from .._options import check_options, check_state, state_int
 from .base import (
     Aggregator,
     aggregator_class,
     build,
     check_int,
     key_seed,
+    option_names,
     register_aggregator,
 )
 
@@ -59,8 +60,24 @@ class Bucketing(Aggregator):
             raise ValueError("bucketing cannot wrap itself; choose another base rule")
         cls = aggregator_class(self.base)
         buckets = -(-self.n // self.bucket_size)
+        options = dict(self.base_options or {})
+        check_options("aggregator", self.base, options, option_names(cls))
+        if self.base == "safeguard" or (
+            self.base == "centered_clipping" and options.get("momentum", 0.0)
+        ):
+            kept = "accumulations" if self.base == "safeguard" else "momenta"
+            raise ValueError(
+                f"bucketing cannot wrap {self.base!r} with state kept per input (its {kept}): "
+                "the buckets are reshuffled every step, so that state would mix workers and "
+                "follow none"
+                + (
+                    "; use centered_clipping with momentum=0 as the base"
+                    if kept == "momenta"
+                    else ""
+                )
+            )
         try:
-            self._inner = build(self.base, buckets, self.f, dict(self.base_options or {}))
+            self._inner = build(self.base, buckets, self.f, options)
         except ValueError as e:
             raise ValueError(
                 f"bucketing n={self.n} workers in buckets of {self.bucket_size} leaves {buckets} "
@@ -86,8 +103,9 @@ class Bucketing(Aggregator):
             members = shuffled[j :: self.bucket_size]  # row b is bucket b's j-th member
             sums[: members.shape[0]] += members
         bucket_of = torch.arange(self.n, device=grads.device) // self.bucket_size
-        counts = torch.bincount(bucket_of, minlength=buckets).to(grads.dtype)
-        return self._inner(sums.to(grads.dtype) / counts[:, None], key=key)
+        counts = torch.bincount(bucket_of, minlength=buckets).to(wide)
+        # Divided before the cast: four float16 rows of 40000 summed past 65504.
+        return self._inner((sums / counts[:, None]).to(grads.dtype), key=key)
 
     def end_step(self) -> None:
         self._step += 1

@@ -15,6 +15,7 @@ from .base import (
     check_positive,
     register_aggregator,
     state_tensors,
+    work_dtype,
 )
 
 
@@ -64,7 +65,9 @@ class CenteredClipping(Aggregator):
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
 
     def aggregate(self, grads: Tensor, key: str) -> Tensor:
-        x = grads
+        # In float32 for half gradients: a float16 difference of norm past 65504 had norm Inf,
+        # hence scale 0, and an honest worker was silently left out.
+        x = work_dtype(grads)
         if self.momentum > 0:
             m = self._momenta.get(key)
             m = (
@@ -86,7 +89,7 @@ class CenteredClipping(Aggregator):
             clipped = torch.where(torch.isfinite(clipped), clipped, torch.zeros_like(clipped))
             v = v + clipped.mean(dim=0)
         self._anchor[key] = v.detach().clone()
-        return v
+        return v.to(grads.dtype)
 
     def state_dict(self) -> dict[str, Any]:
         return {

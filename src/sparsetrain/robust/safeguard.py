@@ -6,6 +6,7 @@ Descent", ICLR 2021, Algorithm 1 ("perturbed SGD with double safe guard").
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,11 @@ class Safeguard(Aggregator):
        neighbours; then the smallest sum of distances; then the lowest index), and remove every
        good worker whose accumulation is more than twice the threshold from the reference's in
        either window. Removal is permanent. Windows restart at multiples of T0 and T1.
+    4. Not in the paper: a good worker that sends Inf or NaN (infinitely far from every other)
+       is left out of that step's output and accumulations and removed when the step ends,
+       also during a warm-up, unless the finite ones are not a majority (a float16 overflow on
+       every rank, say): then the output is not finite, for the sync layer to drop the step,
+       and nothing is accumulated or removed.
 
     Thresholds (the paper's 𝔗0 for the short window and 𝔗1 for the long one) are either fixed
     (``threshold0``, ``threshold1``) or, when both are None, set automatically from a warm-up of
@@ -56,8 +62,10 @@ class Safeguard(Aggregator):
     has more than n/2 workers, itself included) is computed; the median over workers is robust to
     f < n/2 Byzantine workers; divided by sqrt(steps summed in the window) it estimates the
     honest spread of one step, sigma. Then 𝔗_w = ``threshold_multiplier`` * max(sigma) *
-    sqrt(T_w). No worker is removed during the warm-up and its steps use the coordinate-wise
-    median (so a warm-up under attack still descends). Should every warm-up step find no spread
+    sqrt(T_w). No worker is removed during the warm-up (but for step 4) and its steps use the
+    coordinate-wise median (so a warm-up under attack still descends); its last step is checked
+    as in step 3 with the thresholds it has just set, so the first step after it averages no
+    worker that already strays. Should every warm-up step find no spread
     (all workers sent the same gradients, e.g. zeros at the start), the warm-up goes on until
     one does. Accumulations are divided by |good|, so
     auto thresholds are rescaled by n / |good| after removals to keep the honest spread inside.
@@ -102,6 +110,7 @@ class Safeguard(Aggregator):
     _spread: list[float] = field(default_factory=lambda: [0.0, 0.0], init=False, repr=False)
     _calibrated_good: int = field(default=0, init=False, repr=False)
     _no_majority: int = field(default=0, init=False, repr=False)
+    _stray: Tensor = field(default=None, init=False, repr=False)  # sent Inf/NaN this step
 
     @classmethod
     def min_workers(cls, f: int) -> int:
@@ -137,6 +146,7 @@ class Safeguard(Aggregator):
         check_positive(self.noise_std, "noise_std", allow_zero=True)
         check_int(self.seed, "seed", 0)
         self._good = torch.ones(self.n, dtype=torch.bool)
+        self._stray = torch.zeros(self.n, dtype=torch.bool)
 
     # ---- properties ------------------------------------------------------------------------
     @property
@@ -151,17 +161,23 @@ class Safeguard(Aggregator):
 
     @property
     def in_warmup(self) -> bool:
+        return self._warming_up(self._step)
+
+    def _warming_up(self, step: int) -> bool:
         # Past its length, the warm-up lasts until it has seen the workers spread at all:
         # thresholds made from a zero spread would leave no majority within them and so
         # remove nobody, whatever the workers send.
-        return self._step < self.warmup or (self.auto and max(self._spread) <= 0.0)
+        return step < self.warmup or (self.auto and max(self._spread) <= 0.0)
 
     def thresholds(self) -> tuple[float, float]:
         """Return (𝔗0, 𝔗1) in effect now (auto ones: nan until the warm-up ends)."""
+        if self.auto and self.in_warmup:
+            return float("nan"), float("nan")
+        return self._thresholds()
+
+    def _thresholds(self) -> tuple[float, float]:
         if not self.auto:
             return float(self.threshold0), float(self.threshold1)
-        if self.in_warmup:
-            return float("nan"), float("nan")
         scale = self.threshold_multiplier * self._calibrated_good / max(int(self._good.sum()), 1)
         tiny = torch.finfo(torch.float32).tiny
         spread = max(max(self._spread), tiny)
@@ -173,27 +189,39 @@ class Safeguard(Aggregator):
 
     # ---- the rule --------------------------------------------------------------------------
     def aggregate(self, grads: Tensor, key: str) -> Tensor:
-        good = self._good.to(grads.device)
-        n_good = int(self._good.sum())
-        masked = torch.where(
-            good[:, None], grads, torch.zeros((), dtype=grads.dtype, device=grads.device)
-        )
+        # A good worker that sends Inf or NaN is infinitely far from every other: it is left
+        # out of this step (and of its accumulations) and removed when the step ends. Unless
+        # the finite ones are not a majority (a float16 overflow on every rank, say): then no
+        # one is kept, so nothing is accumulated or removed and the output is 0/0, NaN, for the
+        # sync layer to drop the step. Decided on the gradients' device, without a sync.
+        dev = grads.device
+        good = self._good.to(dev)
+        finite = torch.isfinite(grads).all(dim=1)
+        majority = 2 * (good & finite).sum() > self.n
+        self._stray = self._stray.to(dev) | (good & ~finite & majority)
+        kept = good & ~self._stray & majority
+        n_kept = kept.sum()
+        masked = torch.where(kept[:, None], grads, torch.zeros((), dtype=grads.dtype, device=dev))
         acc = self._acc.get(key)
         if acc is None or acc["short"].shape != grads.shape:
             zeros = torch.zeros_like(grads, dtype=torch.promote_types(grads.dtype, torch.float32))
             acc = {"short": zeros, "long": zeros.clone()}
             self._acc[key] = acc
-        elif acc["short"].device != grads.device:  # a loaded state follows the gradients
-            acc = {w: t.to(grads.device) for w, t in acc.items()}
+        elif acc["short"].device != dev:  # a loaded state follows the gradients
+            acc = {w: t.to(dev) for w, t in acc.items()}
             self._acc[key] = acc
+        wide = masked.to(acc["short"].dtype)
+        share = wide / n_kept.clamp_min(1)  # each gradient over |good| at its step
         for w in _WINDOWS:
-            acc[w].add_(masked.to(acc[w].dtype), alpha=1.0 / n_good)
+            acc[w].add_(share)
 
         if self.in_warmup:
             from .rules import coordinate_median
 
-            return coordinate_median(grads[good])
-        out = masked.sum(dim=0) / n_good
+            rows = grads[kept]
+            return coordinate_median(rows) if len(rows) else torch.full_like(grads[0], math.nan)
+        # (summed in float32 at least: float16 sums of finite gradients overflow)
+        out = (wide.sum(dim=0) / n_kept).to(grads.dtype)
         if self.noise_std > 0:
             # Drawn on CPU: every rank must add the same noise, and a CUDA draw's values
             # depend on the GPU's number of multiprocessors.
@@ -205,9 +233,9 @@ class Safeguard(Aggregator):
     def _distances(self, window: str) -> Tensor:
         total = None
         for acc in self._acc.values():
-            d2 = pairwise_sq_dists(acc[window]).cpu().double()
+            d2 = pairwise_sq_dists(acc[window]).cpu()
             total = d2 if total is None else total + d2
-        return total.sqrt()
+        return total.sqrt().nan_to_num(nan=float("inf"))
 
     def _majority_radius_median(self, dist: Tensor) -> float:
         good = self._good
@@ -223,25 +251,35 @@ class Safeguard(Aggregator):
         cand = good & (2 * counts > self.n)
         if not bool(cand.any()):
             return None
-        best = cand & (counts == counts[cand].max())
+        best = torch.nonzero(cand & (counts == counts[cand].max())).flatten()
         spread = torch.where(good[None, :], dist, torch.zeros_like(dist)).sum(dim=1)
-        score = torch.where(best, spread, torch.full_like(spread, float("inf")))
-        return int(torch.argmin(score))
+        # Among the best candidates only (argmin over all workers picked worker 0, a candidate
+        # or not, when every spread was infinite); the first on a tie, the lowest index.
+        return int(best[torch.argmin(spread[best])])
 
     def end_step(self) -> None:
         """Update the good set from the accumulations, advance the step, restart windows."""
+        stray = self._stray.cpu()
+        for i in torch.nonzero(stray).flatten().tolist():  # sent Inf or NaN this step
+            self._removed[int(i)] = self._step
+        self._good &= ~stray
+        self._stray = torch.zeros(self.n, dtype=torch.bool)
         if self._acc:
             dists = {w: self._distances(w) for w in _WINDOWS}
-            if self.in_warmup:
+            check = not self.in_warmup
+            if not check:
                 for i, (w, length) in enumerate(zip(_WINDOWS, (self.window0, self.window1))):
                     # spread a sqrt(step): honest sums are martingales, their spread grows as sqrt(t)
                     steps_in = self._step % length + 1
                     radius = self._majority_radius_median(dists[w]) / steps_in**0.5
                     self._spread[i] = max(self._spread[i], radius)
                 self._calibrated_good = int(self._good.sum())
-            else:
+                # The warm-up's last step is checked with the thresholds it has just set: the
+                # first step after it must not average in workers that already stray.
+                check = not self._warming_up(self._step + 1)
+            if check:
                 keep = self._good.clone()
-                for w, thr in zip(_WINDOWS, self.thresholds()):
+                for w, thr in zip(_WINDOWS, self._thresholds()):
                     ref = self._reference(dists[w], thr)
                     if ref is None:  # no majority within the threshold: a threshold too small
                         self._no_majority += 1
@@ -358,6 +396,7 @@ class Safeguard(Aggregator):
         self._spread = [float(x) for x in spread]
         self._calibrated_good = calibrated
         self._no_majority = no_majority
+        self._stray = torch.zeros(self.n, dtype=torch.bool)
 
     def _loaded_acc(self, acc: Any, owner: str) -> dict[str, dict[str, Tensor]]:
         """Check and copy the accumulations of a loaded state."""
