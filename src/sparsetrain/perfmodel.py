@@ -184,6 +184,12 @@ class Cost:
 
     def seconds(self, params: NetworkParams) -> float:
         """Return the modelled time in seconds."""
+        if not isinstance(params, NetworkParams):
+            raise TypeError(
+                "params must be a NetworkParams (for example NetworkParams.from_link("
+                f"bandwidth_bps=1e10, latency_s=5e-6), or NetworkParams(**fields)), got "
+                f"{type(params).__name__}"
+            )
         terms = self.bound_terms(params)
         fitted = sum(c * getattr(params, name) for c, name in zip(terms, COEFFICIENTS))
         return fitted + params.latency * self.rounds
@@ -315,14 +321,16 @@ def _check(q: Problem, times: int = 1) -> Cost:
     return _local(q, q.world, sparse=times * q.k)
 
 
-def _fresh(q: Problem, active: float, *buffers: float) -> Cost:
-    """The kernel's zeroing of the freshly mapped pages of buffers (sizes in bytes) that
-    ``active`` ranks allocate at once: where large buffers are fresh mappings
+def _fresh(q: Problem, active: float, *buffers: float | tuple[float, float]) -> Cost:
+    """The kernel's zeroing of the freshly mapped pages of buffers (sizes in bytes, or
+    ``(size, count)`` for ``count`` alike, so a buffer a peer costs no list as long as the
+    ranks) that ``active`` ranks allocate at once: where large buffers are fresh mappings
     (:attr:`Problem.fresh_pages`), each buffer above :data:`FRESH_MAPPING_BYTES`, counted as
     dense elements of ``value_bytes``; nothing otherwise."""
     if not q.maps_fresh:
         return Cost(0, 0)
-    nbytes = sum(b for b in buffers if b > FRESH_MAPPING_BYTES)
+    sized = (b if isinstance(b, tuple) else (b, 1) for b in buffers)
+    nbytes = sum(size * count for size, count in sized if size > FRESH_MAPPING_BYTES)
     return _local(q, active, dense=nbytes / q.value_bytes)
 
 
@@ -341,14 +349,18 @@ def _merge(q: Problem, active: float, m: float, out: float) -> Cost:
 
 def _call(messages: float, nbytes: float = 0.0, trips: float = 2) -> Cost:
     """One call of a library collective that takes ``messages`` steps, each waiting ``trips``
-    one-way trips (two: the receiver's notice, then the data)."""
+    one-way trips (two: the receiver's notice, then the data); nothing for no steps (p = 1)."""
+    if not messages:
+        return Cost(0, 0)
     return Cost(messages, nbytes, operations=1, rounds=trips * messages)
 
 
 def _p2p(messages: float, nbytes: float = 0.0, rounds: float = 2) -> Cost:
     """``messages`` point-to-point messages, each posted by the rank (one operation each),
     posted together with their receives: ``rounds`` one-way trips (the notices, then the
-    data)."""
+    data); nothing for no messages (p = 1)."""
+    if not messages:
+        return Cost(0, 0)
     return Cost(messages, nbytes, operations=messages, rounds=rounds)
 
 
@@ -451,7 +463,7 @@ def sparse_allgather(q: Problem) -> Cost:
         + _call(p - 1, (p - 1) * block)
         + _local(q, p, sparse=4 * k + 3 * p * k, dense=q.numel)
         # the send buffer, gloo's flat output, the p output buffers and widened indices, the sum
-        + _fresh(q, p, block, p * block, *[block] * p, *[8 * k] * p, q.numel * q.value_bytes)
+        + _fresh(q, p, block, p * block, (block, p), (8 * k, p), q.numel * q.value_bytes)
     )
 
 
@@ -465,12 +477,16 @@ def ssar_recursive_doubling(q: Problem) -> Cost:
     U(m): the sender packs its U(m) entries and the merge of both operands (2 U(m) entries into
     U(2m)) concatenates, checks, sorts and scatter-adds them; an unfold of the result U(p);
     then the result's indices widened to int64 and scattered into a zeroed dense vector.
+
+    Along the critical path: ranks core .. p - 1 fold into ranks 0 .. extra - 1, so before the
+    exchange of distance g (1, 2, 4, ...) the block of g core ranks holding rank 0 has summed
+    g + min(g, extra) ranks, the most of any block (the average, p / core a rank, undercounted
+    p = 3, 5 and 6 by 8-11% of the bytes).
     """
     p = q.world
     core = 1 << (p.bit_length() - 1)
     extra = p - core
     cost = _agreement(p) + _check(q) + _order(q)
-    m = 1.0
     eb = q.entry_bytes
     if extra:
         cost += (
@@ -479,9 +495,9 @@ def ssar_recursive_doubling(q: Problem) -> Cost:
             + _fresh(q, extra, q.k * eb, q.k * eb)  # packed message, receive buffer
             + _merge(q, extra, 2 * q.k, q.union(2))
         )
-        m = p / core  # average ranks folded into a core rank
-    rounds = core.bit_length() - 1
-    for _ in range(rounds):
+    g = 1
+    while g < core:
+        m = g + min(g, extra)  # the ranks summed by a sender of the heaviest pair
         u = q.union(m)
         cost += (
             # the size, then the payload, whose receive is posted once the size is in: the
@@ -489,9 +505,9 @@ def ssar_recursive_doubling(q: Problem) -> Cost:
             _p2p(2, u * eb, rounds=4)
             + _local(q, core, sparse=u)
             + _fresh(q, core, u * eb, u * eb)
-            + _merge(q, core, 2 * u, q.union(2 * m))
+            + _merge(q, core, 2 * u, q.union(2 * g + min(2 * g, extra)))
         )
-        m *= 2
+        g *= 2
     total = q.union(p)
     if extra:
         cost += _p2p(2, total * eb, rounds=4) + _local(q, extra, sparse=total)
@@ -522,7 +538,7 @@ def _split_phase(q: Problem, adaptive: bool) -> tuple[Cost, float, bool]:
         cost += _local(q, p, sparse=3 * (p - 1) / p * k, dense=(p - 1) / p * q.numel)
     else:
         cost += _local(q, p, sparse=(p - 1) / p * k)
-    cost += _fresh(q, p, *[per_peer] * (2 * (p - 1)))
+    cost += _fresh(q, p, (per_peer, 2 * (p - 1)))
     reduced = q.union(p) / p
     dense_out = adaptive and (dense_in or q.union(p) / q.numel >= delta)
     # A range receives k entries in all (k/p from each rank); a dense accumulator takes over
@@ -557,7 +573,7 @@ def _allgather_ranges(q: Problem, reduced: float, dense_out: bool) -> Cost:
     cost = (
         _gather_ints(p, 1)  # the ranges' sizes
         + _p2p(p - 1, (p - 1) * block)
-        + _fresh(q, p, *[block] * (p - 1), q.numel * vb)  # receive buffers, the sum
+        + _fresh(q, p, (block, p - 1), q.numel * vb)  # receive buffers, the sum
     )
     if dense_out:
         return cost + _local(q, p, dense=2 * q.numel)
@@ -622,7 +638,7 @@ def oktopk(q: Problem) -> Cost:
         + _order(q, passes=2)  # coalesce, split
         + _local(q, p, sparse=(p - 1) / p * k)  # the messages' packed copies
         + _p2p(p - 1, (p - 1) / p * k * eb)
-        + _fresh(q, p, *[k / p * eb] * (2 * (p - 1)))  # messages, receive buffers
+        + _fresh(q, p, (k / p * eb, 2 * (p - 1)))  # messages, receive buffers
         + _merge(q, p, k, reduced)
         + _local(q, p, sparse=7 * reduced)
         + _fresh(q, p, reduced * vb, 8 * reduced)  # magnitudes, widened
@@ -630,7 +646,7 @@ def oktopk(q: Problem) -> Cost:
         + _local(q, p, sparse=2 * selected)
         + _p2p(p - 1, (p - 1) * selected * eb)
         + _local(q, p, sparse=k)
-        + _fresh(q, p, *[selected * eb] * p, k * ib, k * vb)  # blocks, the result
+        + _fresh(q, p, (selected * eb, p), k * ib, k * vb)  # blocks, the result
     )
 
 

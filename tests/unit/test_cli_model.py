@@ -216,6 +216,10 @@ def test_simulate_takes_local_costs_from_a_fit(tmp_path, capsys):
     "argv, words",
     [
         (["simulate", "--ranks", "1"], "--ranks: every value must be >= 2"),
+        (
+            ["simulate", "--ranks", "1000000000", "--numel", "1M", "--density", "0.5"],
+            "--ranks 1,000,000,000 exceeds the vector's 1,000,000 elements",
+        ),
         (["simulate", "--bandwidth", "fast"], "--bandwidth: cannot read bandwidth 'fast'"),
         (["simulate", "--density", "0"], "--density must be in (0, 1], got 0.0"),
         (["simulate", "--overhead-us", "-1"], "--overhead-us must be a finite number >= 0"),

@@ -99,7 +99,7 @@ def test_simulate_density_must_keep_at_least_one_entry(capsys):
     assert "the smallest allowed density for this size is 0.143" in err
     # The smallest density named is accepted.
     assert main(["simulate", "--ranks", "8", "--density", "9.1e-09"]) == 0
-    assert main(["simulate", "--ranks", "8", "--numel", "7", "--density", "0.143"]) == 0
+    assert main(["simulate", "--ranks", "4", "--numel", "7", "--density", "0.143"]) == 0
 
 
 EXPECTED = "expected a `sparsetrain bench cluster` JSON whose model_fit.params holds gamma"
@@ -224,6 +224,9 @@ def _without(key: str) -> dict:
         (results(link={"bandwidth_measured_bps": -1e9}), "link.bandwidth_measured_bps must"),
         (results(link={"bandwidth_measured_bps": "1gbit"}), "link.bandwidth_measured_bps must"),
         (results(link={"bandwidth_measured_bps": float("nan")}), "bandwidth_measured_bps must"),
+        (results(link={"latency_configured_s": float("inf")}), "latency_configured_s must be a"),
+        (results(link={"latency_configured_s": "100us"}), "latency_configured_s must be a"),
+        (results(link={"latency_configured_s": -1e-4}), "latency_configured_s must be a"),
     ],
 )
 def test_refit_refuses_malformed_results(tmp_path, capsys, data, words):
@@ -738,3 +741,18 @@ def test_prune_leaves_weights_nm_cannot_group_dense(tmp_path, capsys):
     report = json.loads((tmp_path / "p.json").read_text())
     (run,) = report["runs"]
     assert run["method"] == "nm" and 0.4 < run["final"]["sparsity"] < 0.5
+
+
+def test_an_out_folder_under_one_this_user_cannot_read_is_named(monkeypatch, tmp_path):
+    """bench cluster --out below a folder this user may not look into: a line naming it, where
+    Path.exists() raised PermissionError with a traceback."""
+    from pathlib import Path
+
+    from sparsetrain.commands import bench
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "exists", denied)
+    problem = bench._out_folder_problem(tmp_path / "locked" / "x")
+    assert problem == f"cannot read {tmp_path / 'locked' / 'x'} (Permission denied)"

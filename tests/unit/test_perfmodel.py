@@ -125,9 +125,15 @@ def test_ssar_rd_power_of_two_by_hand():
 
 def test_ssar_rd_non_power_of_two_adds_fold_and_unfold():
     c3 = pm.cost("ssar_rd", world=3, numel=100, density=0.5)
-    # fold: 50 entries; one core round with m = 3/2 ranks folded: U(1.5); unfold: U(3) = 87.5.
-    expected = 50 + 100 * (1 - 0.5**1.5) + 87.5
+    # fold: 50 entries; one core round, rank 0 sending the 2 ranks it holds: U(2) = 75 (the
+    # average, 3/2 ranks a core rank, undercounted the critical path); unfold: U(3) = 87.5.
+    expected = 50 + 75 + 87.5
     assert c3.bytes == pytest.approx(expected * 8)
+    # The critical path's bytes of the implementation's phases at n = 100k and density 1%,
+    # counted by hand from its fold, exchanges and unfold: 47,680, 86,889 and 102,259.
+    for p, want in ((3, 47_680), (5, 86_889), (6, 102_259)):
+        got = pm.cost("ssar_rd", world=p, numel=100_000, density=0.01).bytes
+        assert got == pytest.approx(want, abs=1.0), p
 
 
 def test_split_allgather_and_dsar_by_hand():
@@ -395,6 +401,16 @@ def test_allgather_loses_to_dense_as_ranks_grow():
             r"no cost model for \['x'\]",
         ),
         (
+            lambda: pm.predict("dense", world=2, numel=10, density=1.0, params=None),
+            TypeError,
+            "params must be a NetworkParams .*got NoneType",
+        ),
+        (
+            lambda: pm.best_collective(numel=10, nnz=1, world=2, params={"alpha": 1.0}),
+            TypeError,
+            "params must be a NetworkParams .*got dict",
+        ),
+        (
             lambda: pm.model_numel("bert-huge"),
             ValueError,
             "unknown model 'bert-huge'; presets: bert-base",
@@ -503,3 +519,18 @@ def test_from_link_takes_tc_notation_with_units():
     import numpy as np  # numpy's numbers are numbers, as before tc notation was taken
 
     assert pm.NetworkParams.from_link(np.int64(10**10), np.float32(0.5)).beta == 8e-10
+
+
+def test_one_rank_sends_nothing_and_waits_for_no_round():
+    # p = 1 was charged the rounds and operations of messages never sent (4 rounds for DSAR,
+    # the split-allgather and Ok-Topk; an operation for the allgather).
+    p = pm.NetworkParams(alpha=0.0, beta=0.0, latency=1e-3, overhead=1e-3)
+    for name in pm.available_models():
+        assert pm.predict(name, world=1, numel=1000, density=0.01, params=p) == 0.0, name
+
+
+def test_buffers_a_peer_are_priced_as_a_count_not_a_list_as_long_as_the_ranks():
+    q = pm.Problem(world=4, numel=10**8, density=0.01, fresh_pages=True)
+    big = 2 * pm.FRESH_MAPPING_BYTES
+    assert pm._fresh(q, 4, (big, 3), 1.0) == pm._fresh(q, 4, big, big, big, 1.0)
+    assert pm._fresh(q, 4, (1.0, 10**12)) == pm.Cost(0, 0)  # small buffers: none fresh

@@ -241,7 +241,7 @@ def test_collective_options_reach_the_collective_and_its_restored_state():
         _model(), "threshold", density=0.1, collective="oktopk",
         collective_options={"repartition_every": 8, "threshold_every": 4},
     )  # fmt: skip
-    coll = sync.engine._collective_for(1000)
+    coll = sync.engine._collective_for(1000, torch.float32)
     assert (coll.repartition_every, coll.threshold_every, coll.k) == (8, 4, None)
     other = sparsetrain.GradientSync(
         _model(), "threshold", density=0.1, collective="oktopk",
@@ -272,7 +272,7 @@ def test_auto_picks_by_the_given_network_and_candidates(monkeypatch):
             _model(), "threshold", density=density, collective="auto", **extra
         )
         cfg = sync.config
-        coll = sync.engine._collective_for(numel)
+        coll = sync.engine._collective_for(numel, torch.float32)
         want = perfmodel.best_collective(
             numel=numel, nnz=int(density * numel), world=8, params=cfg.auto_network,
             candidates=cfg.auto_candidates or perfmodel.EXACT,
@@ -286,6 +286,24 @@ def test_auto_picks_by_the_given_network_and_candidates(monkeypatch):
     assert picks["default"] == "dense" != picks["slow links, exact"]
     assert picks["slow links, selecting"] == "oktopk" != picks["slow links, exact"]
     assert sync.engine._collectives["oktopk"].repartition_every == 3
+
+
+def test_auto_prices_the_values_at_the_gradients_size(monkeypatch):
+    # Every gradient was priced as 4-byte values: for float16 (2 bytes on every wire) at 8
+    # ranks, 10M elements and density 0.1 it picked DSAR, slower than the dense allreduce.
+    from sparsetrain import perfmodel
+    from sparsetrain.sync import engine
+
+    monkeypatch.setattr(engine, "world_of", lambda group: 8)
+    sync = sparsetrain.GradientSync(_model(), "threshold", density=0.1, collective="auto")
+    picks = {}
+    for dtype in (torch.float16, torch.float32, torch.float64):
+        coll = sync.engine._collective_for(10**7, dtype)
+        picks[dtype] = coll if coll == "dense" else coll.name
+        assert picks[dtype] == perfmodel.best_collective(
+            numel=10**7, nnz=10**6, world=8, value_bytes=dtype.itemsize
+        )
+    assert picks == {torch.float16: "dense", torch.float32: "dsar", torch.float64: "ssar_split"}
 
 
 @pytest.mark.parametrize(

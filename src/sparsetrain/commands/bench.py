@@ -281,8 +281,11 @@ def _out_folder_problem(out: Path) -> str | None:
     """Return why the folder ``out`` could not be made or written to, or None; creates nothing
     (the folder is made when there is something to write)."""
     existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    try:
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+    except OSError as e:  # a folder above it that this user may not look into
+        return f"cannot read {e.filename or existing} ({e.strerror})"
     if not existing.is_dir():
         return f"{existing} is not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -850,6 +853,12 @@ def _check_results(result: Any) -> tuple[list, int, float | None, int | None]:
         raise ValueError(
             f"link.bandwidth_measured_bps must be a positive number of bits per second (or "
             f"null), got {rate!r}"
+        )
+    latency = link.get("latency_configured_s")
+    if latency is not None and (not _is_number(latency) or not 0 <= latency < math.inf):
+        raise ValueError(
+            f"link.latency_configured_s must be a finite number of seconds >= 0 (or null), got "
+            f"{latency!r}"
         )
     return records, world, rate, cores
 

@@ -203,6 +203,11 @@ def _run(args: argparse.Namespace) -> int:
                 f"{numel:,}; it must keep at least 1: the smallest allowed density for this size "
                 f"is {_ceil3(1 / numel):.3g}"
             )
+        if max(ranks) > numel:  # the collectives split the vector into a range a rank
+            raise ValueError(
+                f"--ranks {max(ranks):,} exceeds the vector's {numel:,} elements; the model "
+                "prices a range of them a rank: give at most that many ranks"
+            )
         algorithms = _list(args.algorithms, str, "algorithms")
         unknown = sorted(set(algorithms) - set(perfmodel.available_models()))
         if unknown:

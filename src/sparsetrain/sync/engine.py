@@ -177,9 +177,10 @@ class SyncEngine:
             attack = get_attack(config.attack, n=world, f=config.byzantine, **config.attack_options)
         return aggregator, attack
 
-    def _collective_for(self, numel: int) -> Any:
-        """Return the sparse collective for a bucket of ``numel`` elements ("dense" for a dense
-        allreduce of the densified payload, which "auto" picks when the cost model says so).
+    def _collective_for(self, numel: int, dtype: torch.dtype) -> Any:
+        """Return the sparse collective for a bucket of ``numel`` elements of ``dtype`` ("dense"
+        for a dense allreduce of the densified payload, which "auto" picks when the cost model
+        says so, pricing the values at ``dtype``'s size and the indices at theirs).
 
         "auto" decides from k = density * numel, not from this rank's count, so that every rank
         makes the same choice even when thresholding keeps different counts on different ranks.
@@ -187,6 +188,7 @@ class SyncEngine:
         name = self.config.collective
         if name == "auto":
             from ..compressors import k_for
+            from ..compressors.base import index_dtype
             from ..perfmodel import EXACT, best_collective
 
             density = float(getattr(self.compressor, "density", 1.0))
@@ -195,6 +197,8 @@ class SyncEngine:
                 nnz=k_for(numel, density),
                 world=world_of(self.group),
                 params=self.config.auto_network,
+                value_bytes=dtype.itemsize,
+                index_bytes=index_dtype(numel).itemsize,
                 candidates=self.config.auto_candidates or EXACT,
                 sorted_input=bool(getattr(self.compressor, "sorted_indices", False)),
             )
@@ -696,7 +700,7 @@ class SyncEngine:
         self.feedback.commit_sparse(key, cnames, cnumels, compensated, sent_idx, values)
         self.counters["compress_seconds"] += time.perf_counter() - t0
 
-        coll = self._collective_for(numel)
+        coll = self._collective_for(numel, parts[0].dtype)
         if coll == "dense":
             mine = comp.decompress((indices, wire), ctx).reshape(-1).to(parts[0].dtype)
             reduced, sent = self._timed_comm(allreduce_sum, [mine], self.group)
@@ -847,7 +851,7 @@ class SyncEngine:
                 self._drop()
                 return torch.full_like(flat, self._dropped)
         elif comp.wire == "sparse":
-            coll = self._collective_for(flat.numel())
+            coll = self._collective_for(flat.numel(), flat.dtype)
             if coll == "dense":
                 reduced, sent = self._timed_comm(allreduce_sum, [share], self.group)
                 self._count(sent, sent)
