@@ -17,6 +17,7 @@ import json
 import os
 from dataclasses import replace
 
+from sparsetrain._provenance import environment
 from sparsetrain.commands.robust_matrix import format_table, plot_heatmap, run_matrix, run_ranks
 from sparsetrain.robust.simulate import RobustRunConfig
 
@@ -34,11 +35,15 @@ def main() -> None:
     ap.add_argument("--ranks", action="store_true", help="also run a few cells as real gloo ranks")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
+    # The other rules' cells under attack differ between processors (same code, same seeds):
+    # the files say which one ran them.
+    env = environment()
     os.makedirs(HERE, exist_ok=True)
     base = RobustRunConfig(
         workers=10, byzantine=4, attack="zero", steps=args.steps, split=args.split
     )
     res = run_matrix("digits-mlp", base, args.aggregators.split(","), args.attacks.split(","), {})
+    res["environment"] = env
     print(format_table(res))
     tag = f"_{args.tag}" if args.tag else ""
     with open(os.path.join(HERE, f"robust_matrix{tag}.json"), "w") as fh:
@@ -47,7 +52,7 @@ def main() -> None:
 
     acc = {(c["aggregator"], c["attack"]): c["accuracy"] for c in res["cells"]}
     ideal = acc.get(("mean", "none"))
-    goals = {"no_attack_mean": ideal}
+    goals = {"environment": env, "no_attack_mean": ideal}
     if ideal is not None and "safeguard" in res["worst"]:
         sg = {a: v for (g, a), v in acc.items() if g == "safeguard" and a != "none"}
         gaps = {a: 100 * (ideal - v) for a, v in sg.items()}
