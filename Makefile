@@ -6,12 +6,20 @@ PIP    := $(PY) -m pip
 # Pinned: on the development machine pip finds this release's CPU wheel on disk; a bare `torch`
 # (or a range) would make pip download a newer, multi-GB CUDA build there.
 TORCH_PIN ?= torch==2.13.0
+# Where that torch comes from: PyPI by default (its Linux wheel is the CUDA build); for example
+# `make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu` for the CPU build.
+TORCH_INDEX ?=
+# `make demo VENV_FLAGS=--system-site-packages` builds .venv on the interpreter's packages, so
+# a torch already installed there (a CUDA build, say) is used, not installed again.
+VENV_FLAGS ?=
 
 .PHONY: install install-test demo test lint clean
 
 $(VENV)/.torch:
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_PIN)"
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(PIP) install -q "pip>=21.3"  # editable installs from pyproject.toml alone
+	$(PY) -c "import torch" 2>/dev/null || \
+		$(PIP) install -q "$(TORCH_PIN)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.torch pyproject.toml

@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Cheaper data-parallel training by sparsity: compressed gradients, sparse "
         "collectives, pruning and Byzantine-robust aggregation.",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _COMMANDS:
         importlib.import_module(f"sparsetrain.commands.{name.replace('-', '_')}").register(sub)

@@ -718,3 +718,20 @@ def test_the_bucket_size_flag_has_ddps_name_too():
     for flag in ("--bucket-cap-mb", "--bucket-mb"):
         args = build_parser().parse_args(["train", flag, "10"])
         assert configs_from_args(args)[0].bucket_cap_mb == 10.0
+
+
+def test_version_flag_prints_the_package_version(capsys):
+    import sparsetrain
+
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"sparsetrain {sparsetrain.__version__}"
+
+
+def test_the_package_ships_its_license_and_typing_marker():
+    import sparsetrain
+
+    root = Path(__file__).resolve().parents[2]
+    assert "Apache License" in (root / "LICENSE").read_text()
+    assert (Path(sparsetrain.__file__).parent / "py.typed").exists()
