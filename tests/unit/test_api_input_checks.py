@@ -62,9 +62,9 @@ SAFEGUARD_ENTRIES = ("step", "good", "removed", "acc", "spread", "calibrated_goo
     "make",
     [
         lambda: _stepped("safeguard", window0=2, window1=4),
-        lambda: _stepped("bucketing", base="safeguard", bucket_size=1),
+        lambda: _stepped("bucketing", base="centered_clipping", bucket_size=1),
     ],
-    ids=["safeguard", "bucketing-over-safeguard"],
+    ids=["safeguard", "bucketing-over-centered-clipping"],
 )
 def test_an_empty_state_is_refused_naming_the_entries_expected(make):
     rule = make()
@@ -78,9 +78,9 @@ def test_safeguard_refuses_a_centered_clipping_state_naming_what_it_lacks():
     sg = _stepped("safeguard", window0=2, window1=4)
     msg = _refused(sg, cc.state_dict())
     assert "lacks 'step', 'good'" in msg and "unknown entries 'anchor', 'momenta'" in msg
-    bk = _stepped("bucketing", base="safeguard", bucket_size=1)
-    msg = _refused(bk, {"step": 3, "base": cc.state_dict()})
-    assert "base rule 'safeguard'" in msg and "lacks 'step', 'good'" in msg
+    bk = _stepped("bucketing", base="centered_clipping", bucket_size=1)
+    msg = _refused(bk, {"step": 3, "base": sg.state_dict()})
+    assert "base rule 'centered_clipping'" in msg and "lacks 'anchor', 'momenta'" in msg
 
 
 def test_centered_clipping_refuses_a_state_that_lacks_its_entries():
@@ -153,7 +153,7 @@ def test_a_state_round_trips_exactly_through_a_file():
         ("safeguard", {"window0": 2, "window1": 4}),
         ("safeguard", {"threshold0": 1.0, "threshold1": 2.0}),
         ("centered_clipping", {"momentum": 0.5}),
-        ("bucketing", {"base": "safeguard", "bucket_size": 1}),
+        ("bucketing", {"base": "centered_clipping", "bucket_size": 1}),
     ]:
         a = _stepped(name, **options)
         buf = io.BytesIO()
