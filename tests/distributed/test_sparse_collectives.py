@@ -851,3 +851,69 @@ def test_what_a_selection_drops_is_kept_somewhere_and_room_for_all_keeps_all(wor
     for res in oks(run_world(_nothing_lost, world, tmp_path)):
         assert max(res["gtopk"]) < 1e-12, res["gtopk"]
         assert max(res["oktopk"]) < 1e-5, res["oktopk"]
+
+
+def _inputs_ranks_disagree_on(rank: int, world: int) -> dict:
+    """Inputs and per-key states that only some ranks hold: each must fail on every rank."""
+    out: dict = {}
+
+    def attempt(case: str, call) -> None:
+        try:
+            call()
+            out[case] = "ok"
+        except Exception as e:  # noqa: BLE001  (the message is the result)
+            out[case] = f"{type(e).__name__}: {e}"
+
+    idx, val = torch.tensor([1, 4, 7]), torch.tensor([1.0, 2.0, 3.0])
+    # A sparse-layout tensor on rank 1 passed the checks and failed there alone.
+    sparse_val = val.to_sparse() if rank == 1 else val
+    sparse_idx = idx.to_sparse() if rank == 1 else idx
+    for name in ("ssar_rd", "dsar", "oktopk", "gtopk"):
+        attempt(f"{name}, sparse values", lambda n=name: get_collective(n)(idx, sparse_val, 10))
+        attempt(f"{name}, sparse indices", lambda n=name: get_collective(n)(sparse_idx, val, 10))
+    # One key used by two groups: pairs (0, 1) and (2, 3) save different region edges for it,
+    # then ranks 1 and 2 call it together (each with 5.0 at index 20: got index 20 twice).
+    g01, g23, g12 = (dist.new_group(m) for m in ([0, 1], [2, 3], [1, 2]))
+    coll = get_collective("oktopk")
+    base = 8 if rank < 2 else 28
+    coll(torch.arange(base, base + 4), torch.ones(4), 40, group=g01 if rank < 2 else g23, key="a")
+    if rank in (1, 2):
+        mine = torch.tensor([5, 20, 35]) if rank == 1 else torch.tensor([6, 20, 36])
+        attempt("oktopk, a key of two groups", lambda: coll(mine, val, 40, group=g12, key="a"))
+    # A state loaded with another threshold on one rank: each region owner applied its own.
+    other = get_collective("oktopk")
+    other(idx + rank, val, 40, key="b")
+    state = other.state_dict()
+    if rank == 1:
+        state["keys"]["b"]["threshold"] *= 2
+    other.load_state_dict(state)
+    attempt("oktopk, another threshold loaded", lambda: other(idx + rank, val, 40, key="b"))
+    # The edges are the mean of the ranks' index quantiles, summed in int64.
+    attempt("oktopk, numel past 2**63 / p", lambda: coll(idx, val, 2**62, key="c"))
+    # After all that, a call that every rank makes alike still works.
+    attempt("ssar_rd, afterwards", lambda: get_collective("ssar_rd")(idx, val, 10))
+    return out
+
+
+def test_input_and_state_only_some_ranks_hold_fail_on_every_rank(tmp_path):
+    """A sparse-layout tensor on one rank, one Ok-Topk key shared by two groups, or a state
+    loaded differently on one rank: the other ranks waited until the timeout, or got a wrong
+    selection with no error."""
+    results = oks(run_world(_inputs_ranks_disagree_on, 4, tmp_path, timeout=150))
+    for name in ("ssar_rd", "dsar", "oktopk", "gtopk"):
+        for what in ("values", "indices"):
+            case = f"{name}, sparse {what}"
+            assert "dense (strided) tensors" in results[1][case], results[1][case]
+            for r in (0, 2, 3):
+                assert "another rank's indices or values are invalid" in results[r][case]
+    for r in (1, 2):
+        assert "the saved region edges" in results[r]["oktopk, a key of two groups"]
+        assert (
+            "give each group of ranks keys of its own" in results[r]["oktopk, a key of two groups"]
+        )
+    for r in range(4):
+        assert "the saved threshold" in results[r]["oktopk, another threshold loaded"]
+        assert (
+            "numel must be at most (2**63 - 1) // p" in results[r]["oktopk, numel past 2**63 / p"]
+        )
+        assert results[r]["ssar_rd, afterwards"] == "ok"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+import struct
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -156,6 +158,18 @@ class _KeyState:
     threshold: float | None = None
 
 
+def _fingerprint(bounds: list[int] | None) -> int:
+    """A 32-bit checksum of region edges (0 for none), compared across ranks."""
+    if bounds is None:
+        return 0
+    return zlib.crc32(b",".join(str(b).encode() for b in bounds)) + 1
+
+
+def _float_bits(x: float | None) -> int:
+    """The bits of a float as an int64 (0 for None), compared across ranks."""
+    return 0 if x is None else struct.unpack("<q", struct.pack("<d", x))[0]
+
+
 @register_collective("oktopk")
 @dataclass
 class OkTopk(SparseCollective):
@@ -253,6 +267,13 @@ class OkTopk(SparseCollective):
             "whether region edges are saved": int(st.bounds is not None),
             "whether a threshold is saved": int(st.threshold is not None),
             "the length of the vector the saved state is for": st.numel,
+            # The saved values, not only whether there are any: ranks that reuse different
+            # edges (a key used by several groups, or different states loaded) would send to
+            # owners that do not own those entries, and a different group size makes some
+            # ranks start afresh (with an allreduce) while the others exchange.
+            "the number of ranks the saved state is for": st.world,
+            "the saved region edges": _fingerprint(st.bounds),
+            "the saved threshold": _float_bits(st.threshold),
         }
         p, rank = wire.world, wire.rank
         fresh = st.numel != numel or st.world != p  # a new vector or group: start afresh
@@ -280,6 +301,12 @@ class OkTopk(SparseCollective):
             # agreement's messages must have the same shape on all ranks
             tell={q: buf.numel() for q, buf in sends.items()} if sends is not None else {},
         )
+        if numel > (2**63 - 1) // p:  # (numel is the same on every rank, after the agreement)
+            raise ValueError(
+                f"oktopk: numel={numel} on {p} ranks; the region edges are the mean of the "
+                f"ranks' index quantiles, summed in int64, so numel must be at most "
+                f"(2**63 - 1) // p = {(2**63 - 1) // p}"
+            )
         self._keys[key] = st
         if fresh:
             st.numel, st.world, st.bounds, st.threshold = numel, p, None, None

@@ -122,6 +122,11 @@ def _dtype_code(dtype: torch.dtype) -> int:
 
 def _local_error(indices: Tensor, values: Tensor, numel: int) -> str | None:
     """Return what is wrong with this rank's input, or None."""
+    if indices.layout != torch.strided or values.layout != torch.strided:
+        return (
+            "indices and values must be dense (strided) tensors, got layouts "
+            f"{indices.layout} and {values.layout}"
+        )
     if indices.dim() != 1 or values.dim() != 1:
         return (
             f"indices and values must be 1-D, got shapes {tuple(indices.shape)} and "
@@ -168,7 +173,10 @@ def input_error(
             f"no backend of the process group moves {values.device.type} memory (NCCL moves "
             "CUDA memory only, gloo CPU and CUDA memory)"
         )
-    return _local_error(indices, values, numel)
+    try:
+        return _local_error(indices, values, numel)
+    except Exception as e:  # (an input torch cannot read: still an error on every rank)
+        return f"reading this rank's indices and values failed: {type(e).__name__}: {e}"
 
 
 def error_type(error: str) -> type[Exception]:
@@ -377,8 +385,8 @@ class Wire:
         if differ:
             raise ValueError(
                 f"the ranks' collectives differ in {', '.join(differ)}; build the collective "
-                "with the same options on every rank, and load the same state on every rank "
-                "(or on none)"
+                "with the same options on every rank, load the same state on every rank (or on "
+                "none), and give each group of ranks keys of its own"
             )
         return int(kmax), heard
 
