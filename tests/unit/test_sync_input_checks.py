@@ -623,3 +623,15 @@ def test_powersgd_recovers_after_a_step_whose_gradient_was_not_finite(group):
     assert not sync.synchronize()
     model.weight.grad = torch.randn(32, 32)
     assert sync.synchronize() and torch.isfinite(model.weight.grad).all()
+
+
+@pytest.mark.parametrize("name", ["allgather", "ssar_rd", "oktopk", "gtopk"])
+def test_a_rank_outside_the_group_is_told_so(group, name):
+    # new_group returns GroupMember.NON_GROUP_MEMBER (-100) on the ranks it leaves out: the
+    # message said an int is not a ProcessGroup, of what new_group itself had returned.
+    from sparsetrain.comm import get_collective
+
+    with pytest.raises(ValueError, match="this rank is not a member of the group"):
+        get_collective(name)(
+            torch.tensor([0]), torch.ones(1), 4, group=dist.GroupMember.NON_GROUP_MEMBER
+        )

@@ -220,6 +220,12 @@ def raise_disagreement(
 def check_group(group: object) -> None:
     """Refuse a ``group`` argument that is neither a ProcessGroup nor None, naming what is
     allowed: a local check of the argument, made alike on every rank before any message."""
+    if group is not None and dist.is_available() and group == dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(
+            "this rank is not a member of the group (torch.distributed.new_group returns "
+            "GroupMember.NON_GROUP_MEMBER on the ranks it leaves out); call the collective on "
+            "the group's ranks only"
+        )
     if group is not None and not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
         raise TypeError(
             "group must be a torch.distributed.ProcessGroup (for example from "
