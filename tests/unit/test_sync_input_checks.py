@@ -635,3 +635,44 @@ def test_a_rank_outside_the_group_is_told_so(group, name):
         get_collective(name)(
             torch.tensor([0]), torch.ones(1), 4, group=dist.GroupMember.NON_GROUP_MEMBER
         )
+
+
+def test_another_models_state_is_refused_naming_the_parameters(group):
+    # It was taken where names and sizes matched, kept for ever where they did not (a bigger
+    # model's extra layers), and failed inside a later backward where sizes differed.
+    saved = _stepped(density=0.5).state_dict()
+    torch.manual_seed(0)
+    wider = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+    shorter = nn.Sequential(nn.Linear(4, 8))
+    for model, words in (
+        (wider, r"parameters of other sizes: 0.bias \(8 elements saved, 16 now\)"),
+        (shorter, "parameters this model does not have: 2.bias, 2.weight"),
+    ):
+        sync = sparsetrain.GradientSync(model, "threshold", density=0.5)
+        before = sync.state_dict()
+        with pytest.raises(
+            ValueError, match=f"GradientSync: this state is another model's.*{words}"
+        ):  # noqa: E501
+            sync.load_state_dict(saved)
+        assert same(sync.state_dict(), before)  # nothing loaded
+        sync.load_state_dict(saved, strict=False)  # what fits, as Module.load_state_dict
+    hook = sparsetrain.register_ddp_hook(DDP(shorter), "threshold", density=0.5)
+    with pytest.raises(ValueError, match="SyncState: this state is another model's"):
+        hook.load_state_dict({**saved, "ddp_groups": None})
+
+
+def test_a_second_hook_on_one_ddp_model_is_refused_and_leaves_nothing_behind(group):
+    from sparsetrain.sync import ddp_hook
+
+    model = DDP(_model())
+    first = sparsetrain.register_ddp_hook(model, "threshold", density=0.5)
+    with pytest.raises(ValueError, match="already has a communication hook"):
+        sparsetrain.register_ddp_hook(model, "threshold", density=0.5, overlap=False)
+    # The refused state neither stays in the model's hooks nor pins exchanges to the
+    # backward thread (it moved every hooked model's there).
+    assert len(model._comm_hooks) == 1 and model._comm_hooks[0][1] is first
+    assert not ddp_hook._ON_BACKWARD_THREAD
+    plain = DDP(_model())
+    plain.register_comm_hook(None, lambda _, bucket: None)  # torch's own, first
+    with pytest.raises(ValueError, match="already has a communication hook"):
+        sparsetrain.register_ddp_hook(plain, "threshold", density=0.5)

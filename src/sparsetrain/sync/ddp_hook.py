@@ -67,6 +67,12 @@ class SyncState:
         # with DDP's first groups, so the state records the groups each step exchanged, and the
         # steps after a load exchange the saved ones until DDP has rebuilt its buckets.
         self._ddp = weakref.ref(ddp_model) if ddp_model is not None else None
+        # The model's parameters' sizes, by name: a loaded state must be of this model.
+        self._sizes = (
+            None
+            if ddp_model is None
+            else {n: p.numel() for n, p in ddp_model.module.named_parameters()}
+        )
         self._groups: list[list[str]] = []  # those of the last complete step
         self._groups_now: list[list[str]] = []
         self._groups_initial = True  # they were DDP's first buckets, which it will rebuild
@@ -127,7 +133,7 @@ class SyncState:
                 f"the hook state's 'ddp_groups' must be None or a list of lists of parameter "
                 f"names, got {type(groups).__name__}"
             )
-        self.engine.load_state_dict(state, owner="SyncState", strict=strict)
+        self.engine.load_state_dict(state, owner="SyncState", strict=strict, sizes=self._sizes)
         self._target = copy.deepcopy(groups)
         self._held = []
 
@@ -479,7 +485,11 @@ def register_ddp_hook(
     ``torch.nn.SyncBatchNorm`` layers do too, so with either the exchanges run on the backward
     thread, without that overlap. The hooks of all DDP models in a process share one background
     thread, so two hooked models in one backward exchange in autograd's order on every rank;
-    while one of them runs on the backward thread, all do.
+    while one of them runs on the backward thread, all do. A DDP model *without* this hook in
+    the same backward (a GAN's generator left plain) allreduces from the backward thread on
+    the same group: pass ``overlap=False``, or give the hook a ``process_group`` of its own
+    (``torch.distributed.new_group`` over the same ranks), or gloo aborts on a collective
+    mismatch.
 
     Args:
         ddp_model: a ``DistributedDataParallel`` model (no hook registered yet).
@@ -500,9 +510,10 @@ def register_ddp_hook(
             (True), or on the backward thread (False). Default: True, except under
             ``find_unused_parameters=True`` or with ``SyncBatchNorm`` layers, which need False
             (True is then refused). Pass False when anything else issues collectives during
-            backward, such as a loss built on ``torch.distributed.nn.functional.all_gather``:
-            from two threads, the collectives would pair up differently on each rank (a
-            hang). Every rank must pass the same.
+            backward, such as a loss built on ``torch.distributed.nn.functional.all_gather``
+            or another DDP model without this hook: from two threads, the collectives would
+            pair up differently on each rank (a hang, or gloo's abort on a size mismatch).
+            Every rank must pass the same.
 
     Returns:
         The hook state: ``stats()``, ``state_dict()``, ``load_state_dict()``, ``skipped_last_step``.
@@ -556,6 +567,12 @@ def register_ddp_hook(
         # leaves a rank out raises there, and the others learn it instead of waiting.
         check_process_group(given)
         process_group = _hook_group(process_group, given)
+        if getattr(ddp_model, "_comm_hooks", None):
+            raise ValueError(
+                "register_ddp_hook: this DDP model already has a communication hook (from "
+                "register_ddp_hook, its register_comm_hook, or DDP's mixed_precision); a DDP "
+                "model takes one hook, registered once: build the DDP model again to change it"
+            )
         check_dense_gradients(ddp_model.module, getattr(ddp_model, "parameters_to_ignore", ()))
         options, grad_scaler = with_grad_scaler(grad_scaler, options)  # None if disabled
         config = make_config(
@@ -577,5 +594,14 @@ def register_ddp_hook(
         ddp_model=ddp_model,
         grad_scaler=grad_scaler,
     )
-    ddp_model.register_comm_hook(state, _hook)
+    try:
+        ddp_model.register_comm_hook(state, _hook)
+    except BaseException:
+        # torch lists the hook before it refuses it: a refused state must not stay behind,
+        # nor keep every hooked model's exchanges on the backward thread.
+        _ON_BACKWARD_THREAD.discard(state)
+        hooks = getattr(ddp_model, "_comm_hooks", None)
+        if hooks and hooks[-1][1] is state:
+            hooks.pop()
+        raise
     return state

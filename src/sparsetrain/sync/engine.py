@@ -1036,17 +1036,26 @@ class SyncEngine:
         return sd
 
     def load_state_dict(
-        self, state: dict[str, Any], *, owner: str = "SyncEngine", strict: bool = True
+        self,
+        state: dict[str, Any],
+        *,
+        owner: str = "SyncEngine",
+        strict: bool = True,
+        sizes: Mapping[str, int] | None = None,
     ) -> None:
         """Restore what :meth:`state_dict` returned. With ``strict``, a state saved under other
         settings in effect (the ``config`` it records) is refused, naming them; ``on_nonfinite``
         may differ, and states from before a setting existed load as they did. With
         ``strict=False`` only another compressor is refused (its state is another kind): a
         state taken on under a new density or collective, say, to change them mid-run.
-        ``owner`` names the caller in errors."""
+        ``owner`` names the caller in errors. ``sizes``: the model's parameters (name: number
+        of elements); with ``strict``, a state holding residuals of other parameters, or of
+        other sizes (another model's), is refused, naming them."""
         if not isinstance(strict, bool):
             raise TypeError(f"strict must be True or False, got {strict!r}")
         check_state(state, owner)
+        if strict and sizes is not None:
+            check_state_fits(state, sizes, owner)
         diffs = config_differences(state.get("config", {}), self.config)
         if diffs and (strict or diffs[0].startswith("compressor:")):
             raise ValueError(
@@ -1100,6 +1109,40 @@ class SyncEngine:
         self._skipping = False
         self._outputs = []
         self.agree_step = True  # the next step checks that every rank is at this step
+
+
+def check_state_fits(state: Mapping[str, Any], sizes: Mapping[str, int], owner: str) -> None:
+    """Raise ``ValueError`` unless every residual and velocity in ``state`` (and every name in
+    its ``ddp_groups``) is of a parameter in ``sizes`` (name: number of elements), of that size:
+    another model's state would otherwise be taken where names and sizes happen to match, and
+    kept for ever where they do not, or fail inside a later backward."""
+    feedback = state.get("feedback")
+    stored: dict[str, Any] = {}
+    if isinstance(feedback, Mapping):
+        for entry in ("residuals", "velocity"):
+            if isinstance(feedback.get(entry), Mapping):
+                stored.update(feedback[entry])
+    groups = state.get("ddp_groups")
+    grouped = [n for g in groups for n in g] if isinstance(groups, list) else []
+    unknown = sorted({n for n in [*stored, *grouped] if n not in sizes})
+    resized = sorted(
+        f"{n} ({t.numel()} elements saved, {sizes[n]} now)"
+        for n, t in stored.items()
+        if n in sizes and isinstance(t, torch.Tensor) and t.numel() != sizes[n]
+    )
+    if not unknown and not resized:
+        return
+    parts = []
+    if unknown:
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        parts.append(f"parameters this model does not have: {', '.join(unknown[:5])}{more}")
+    if resized:
+        more = f" and {len(resized) - 5} more" if len(resized) > 5 else ""
+        parts.append(f"parameters of other sizes: {', '.join(resized[:5])}{more}")
+    raise ValueError(
+        f"{owner}: this state is another model's; it holds {'; '.join(parts)}. Load the state "
+        "saved with this model (or pass strict=False to take what fits)"
+    )
 
 
 def _canonical_order(names: Sequence[str]) -> list[int]:

@@ -210,4 +210,5 @@ class GradientSync:
         ``on_nonfinite`` may differ. ``strict=False`` takes a state saved under another
         density, collective and so on (not another compressor), as
         ``torch.nn.Module.load_state_dict`` takes one with other keys."""
-        self.engine.load_state_dict(state, owner="GradientSync", strict=strict)
+        sizes = {n: p.numel() for n, p in self.params}
+        self.engine.load_state_dict(state, owner="GradientSync", strict=strict, sizes=sizes)
