@@ -676,3 +676,12 @@ def test_a_second_hook_on_one_ddp_model_is_refused_and_leaves_nothing_behind(gro
     plain.register_comm_hook(None, lambda _, bucket: None)  # torch's own, first
     with pytest.raises(ValueError, match="already has a communication hook"):
         sparsetrain.register_ddp_hook(plain, "threshold", density=0.5)
+
+
+def test_gradient_sync_refuses_the_module_of_a_hooked_ddp_model(group):
+    # Each step was compressed and exchanged twice: by the hook in backward, then again.
+    model = DDP(_model())
+    sparsetrain.register_ddp_hook(model, "threshold", density=0.5)
+    with pytest.raises(ValueError, match="module of a DDP model that has sparsetrain's hook"):
+        sparsetrain.GradientSync(model.module, "threshold", density=0.5)
+    sparsetrain.GradientSync(DDP(_model()).module, "threshold", density=0.5)  # not hooked

@@ -29,6 +29,9 @@ from .executor import complete, shared_executor
 # The hook states whose exchanges run on the backward thread; while one lives, every hook in the
 # process runs there.
 _ON_BACKWARD_THREAD: "weakref.WeakSet[SyncState]" = weakref.WeakSet()
+# The modules inside DDP models that carry this hook: GradientSync refuses them (their
+# gradients would be exchanged twice a step).
+HOOKED_MODULES: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 
 class SyncState:
@@ -604,4 +607,5 @@ def register_ddp_hook(
         if hooks and hooks[-1][1] is state:
             hooks.pop()
         raise
+    HOOKED_MODULES.add(ddp_model.module)
     return state

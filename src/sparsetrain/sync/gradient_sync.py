@@ -90,6 +90,14 @@ class GradientSync:
                     "exchange them again. For a DDP model use sparsetrain.register_ddp_hook(model, "
                     "...); or pass the unwrapped module (model.module) to GradientSync without DDP"
                 )
+            from .ddp_hook import HOOKED_MODULES
+
+            if model in HOOKED_MODULES:
+                raise ValueError(
+                    "GradientSync: this model is the module of a DDP model that has "
+                    "sparsetrain's hook, which already exchanges its gradients in backward; "
+                    "GradientSync would exchange them again. Use one of the two"
+                )
             if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)):
                 raise TypeError(f"bucket_cap_mb must be a finite number > 0, got {bucket_cap_mb!r}")
             if not 0 < bucket_cap_mb < math.inf:
