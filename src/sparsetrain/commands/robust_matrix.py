@@ -69,9 +69,6 @@ def largest_f(name: str, n: int, f: int, options: dict | None = None) -> int:
     """Return the largest f' <= f the rule, built with ``options``, accepts with n workers
     (Krum: n > 2f' + 2; bucketing: its base rule's condition on the buckets). Should it accept
     no f, 0 (building it then names what is wrong)."""
-    cls = aggregator_class(name)
-    while f > 0 and cls.min_workers(f) > n:
-        f -= 1
     while f > 0:
         try:
             build(name, n, f, dict(options or {}))

@@ -62,19 +62,19 @@ class Bucketing(Aggregator):
         buckets = -(-self.n // self.bucket_size)
         options = dict(self.base_options or {})
         check_options("aggregator", self.base, options, option_names(cls))
+        per_input = {"safeguard": "accumulations", "centered_clipping": "momenta"}
         if self.base == "safeguard" or (
-            self.base == "centered_clipping" and options.get("momentum", 0.0)
+            self.base == "centered_clipping" and options.get("momentum")
         ):
-            kept = "accumulations" if self.base == "safeguard" else "momenta"
+            hint = (
+                ""
+                if self.base == "safeguard"
+                else "; use centered_clipping with momentum=0 as the base"
+            )
             raise ValueError(
-                f"bucketing cannot wrap {self.base!r} with state kept per input (its {kept}): "
-                "the buckets are reshuffled every step, so that state would mix workers and "
-                "follow none"
-                + (
-                    "; use centered_clipping with momentum=0 as the base"
-                    if kept == "momenta"
-                    else ""
-                )
+                f"bucketing cannot wrap {self.base!r} with state kept per input (its "
+                f"{per_input[self.base]}): the buckets are reshuffled every step, so that state "
+                f"would mix workers and follow none{hint}"
             )
         try:
             self._inner = build(self.base, buckets, self.f, options)

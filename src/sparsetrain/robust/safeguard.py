@@ -266,18 +266,17 @@ class Safeguard(Aggregator):
         self._stray = torch.zeros(self.n, dtype=torch.bool)
         if self._acc:
             dists = {w: self._distances(w) for w in _WINDOWS}
-            check = not self.in_warmup
-            if not check:
+            if self.in_warmup:
                 for i, (w, length) in enumerate(zip(_WINDOWS, (self.window0, self.window1))):
                     # spread a sqrt(step): honest sums are martingales, their spread grows as sqrt(t)
                     steps_in = self._step % length + 1
                     radius = self._majority_radius_median(dists[w]) / steps_in**0.5
                     self._spread[i] = max(self._spread[i], radius)
                 self._calibrated_good = int(self._good.sum())
-                # The warm-up's last step is checked with the thresholds it has just set: the
-                # first step after it must not average in workers that already stray.
-                check = not self._warming_up(self._step + 1)
-            if check:
+            # Every step whose next one is past the warm-up is checked: so is the warm-up's last,
+            # with the thresholds it has just set, and the first step after it averages no
+            # worker that already strays.
+            if not self._warming_up(self._step + 1):
                 keep = self._good.clone()
                 for w, thr in zip(_WINDOWS, self._thresholds()):
                     ref = self._reference(dists[w], thr)

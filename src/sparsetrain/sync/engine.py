@@ -1132,13 +1132,19 @@ def check_state_fits(state: Mapping[str, Any], sizes: Mapping[str, int], owner: 
     )
     if not unknown and not resized:
         return
-    parts = []
-    if unknown:
-        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
-        parts.append(f"parameters this model does not have: {', '.join(unknown[:5])}{more}")
-    if resized:
-        more = f" and {len(resized) - 5} more" if len(resized) > 5 else ""
-        parts.append(f"parameters of other sizes: {', '.join(resized[:5])}{more}")
+
+    def first_five(items: list[str]) -> str:
+        more = f" and {len(items) - 5} more" if len(items) > 5 else ""
+        return ", ".join(items[:5]) + more
+
+    parts = [
+        f"{what}: {first_five(items)}"
+        for what, items in (
+            ("parameters this model does not have", unknown),
+            ("parameters of other sizes", resized),
+        )
+        if items
+    ]
     raise ValueError(
         f"{owner}: this state is another model's; it holds {'; '.join(parts)}. Load the state "
         "saved with this model (or pass strict=False to take what fits)"
