@@ -12,6 +12,8 @@ more than its compute) on RANKS network namespaces with tc-shaped links, once pe
   before compression, Deep Gradient Compression's way, and the optimizer has none),
 * the same without DDP (``threshold+oktopk+sync``: ``GradientSync`` after backward, the same
   values, without DDP's copy of each gradient into its bucket),
+* the same with the region owners keeping what the selection drops (``threshold+oktopk+owner``:
+  Ok-Topk's ``residuals="owner"`` instead of the paper's per-rank residuals),
 * ``threshold`` with ``collective="auto"`` (``threshold+auto``: the cost model picks for each
   bucket among dense, allgather, the split-allgather, DSAR, Ok-Topk and gTop-k, told the
   links' configured rate and latency; the JSON says what it picked),
@@ -50,6 +52,7 @@ METHODS = {  # label: (compressor, collective, uses density)
     "threshold+oktopk": ("threshold", "oktopk", True),
     "threshold+oktopk+mc": ("threshold", "oktopk", True),  # with momentum correction
     "threshold+oktopk+sync": ("threshold", "oktopk", True),  # GradientSync, no DDP
+    "threshold+oktopk+owner": ("threshold", "oktopk", True),  # residuals="owner"
     "threshold+auto": ("threshold", "auto", True),  # the cost model picks, told the links
 }
 AUTO_CANDIDATES = ["dense", "allgather", "ssar_split", "dsar", "oktopk", "gtopk"]
@@ -128,6 +131,11 @@ def worker(cfg_path: str) -> int:
                 bucket_cap_mb=cfg["bucket_mb"],
                 reuse_host_memory=cfg["reuse_host_memory"],
                 **(auto_options(cfg["link"]) if collective == "auto" else {}),
+                **(
+                    {"collective_options": {"residuals": "owner"}}
+                    if label.endswith("+owner")
+                    else {}
+                ),
             )
         )
     report = launch(configs)

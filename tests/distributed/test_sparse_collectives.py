@@ -260,6 +260,9 @@ def _cases(rank: int, world: int, group) -> dict:
         "oktopk_options": lambda: get_collective("oktopk", repartition_every=2 + rank)(
             idx, val, 100, group=group
         ),
+        "oktopk_residuals": lambda: get_collective(
+            "oktopk", residuals="owner" if rank == 1 else "local"
+        )(idx, val, 100, group=group),
         "oktopk_state": lambda: stateful(idx, val, 100, key="s", group=group),
         "oktopk_inf": lambda: get_collective("oktopk")(idx, with_inf, 100, group=group),
         "oktopk_nan_reused": lambda: reusing(idx, with_nan, 100, key="r", group=group),
@@ -470,6 +473,7 @@ def test_sparse_collectives(world, form, by_form):
         # silently different k.
         assert "differ in k (between 5 and" in errs["gtopk_k"][1]
         assert "differ in repartition_every" in errs["oktopk_options"][1]
+        assert "differ in residuals" in errs["oktopk_residuals"][1]
         assert "differ in the per-key step" in errs["oktopk_state"][1]
         assert errs["oktopk_inf"][0] == "FloatingPointError"
         assert "Inf or NaN" in errs["oktopk_inf"][1]
@@ -719,6 +723,8 @@ def test_options_are_checked_at_construction():
         get_collective("oktopk", repartition_every=0)
     with pytest.raises(ValueError, match="k must be a positive int"):
         get_collective("gtopk", k=-3)
+    with pytest.raises(ValueError, match="residuals must be one of 'local', 'owner', got 'own'"):
+        get_collective("oktopk", residuals="own")
 
 
 def test_calling_without_a_process_group_says_how_to_start_one():
@@ -816,16 +822,23 @@ def test_all_gather_variable_raises_on_every_rank_when_the_ranks_disagree(tmp_pa
 
 
 def _nothing_lost(rank: int, world: int) -> dict:
-    """gTop-k's dropped partial sums, and Ok-Topk's selections where k has room for all."""
-    out: dict = {"gtopk": [], "oktopk": []}
+    """gTop-k's dropped partial sums, Ok-Topk's owners' dropped sums, and Ok-Topk's selections
+    where k has room for all."""
+    out: dict = {"gtopk": [], "oktopk": [], "oktopk_owner": [], "oktopk_local": []}
     for seed, numel, count in [(21, 60, 12), (22, 40, 30), (23, 500, 40)]:
         inputs = [random_input(seed, r, numel, count, torch.float64) for r in range(world)]
-        res = get_collective("gtopk")(*inputs[rank], numel)
-        mine = torch.zeros(numel, dtype=torch.float64)
-        mine.index_add_(0, res.dropped[0].long(), res.dropped[1])
-        dist.all_reduce(mine)  # every rank's dropped partial sums
-        total = mine.index_add_(0, res.indices.long(), res.values)
-        out["gtopk"].append(float((total - dense_sum(inputs, numel)).abs().max()))
+        for label, coll in [
+            ("gtopk", get_collective("gtopk")),
+            ("oktopk_owner", get_collective("oktopk", residuals="owner")),
+        ]:
+            res = coll(*inputs[rank], numel)
+            mine = torch.zeros(numel, dtype=torch.float64)
+            mine.index_add_(0, res.dropped[0].long(), res.dropped[1])
+            dist.all_reduce(mine)  # every rank's dropped sums
+            total = mine.index_add_(0, res.indices.long(), res.values)
+            out[label].append(float((total - dense_sum(inputs, numel)).abs().max()))
+        # The paper's residuals: the sync layer keeps each rank's values outside the selection.
+        out["oktopk_local"].append(get_collective("oktopk")(*inputs[rank], numel).dropped)
     # Every index on every rank (k = numel), new values each call: the threshold that kept all
     # of them is reused, and a positive one dropped the smaller entries of the next calls.
     coll = get_collective("oktopk", threshold_every=32)
@@ -851,6 +864,10 @@ def test_what_a_selection_drops_is_kept_somewhere_and_room_for_all_keeps_all(wor
     for res in oks(run_world(_nothing_lost, world, tmp_path)):
         assert max(res["gtopk"]) < 1e-12, res["gtopk"]
         assert max(res["oktopk"]) < 1e-5, res["oktopk"]
+        # residuals="owner": the owners' sums below the threshold and the selection add up to
+        # the inputs' sum.
+        assert max(res["oktopk_owner"]) < 1e-12, res["oktopk_owner"]
+        assert res["oktopk_local"] == [None] * 3
 
 
 def _inputs_ranks_disagree_on(rank: int, world: int) -> dict:

@@ -149,6 +149,9 @@ def _kept(mags: Tensor, threshold: float) -> tuple[Tensor, list[int]]:
     return keep, counts
 
 
+RESIDUALS = ("local", "owner")  # who keeps what the selection drops (OkTopk's docstring)
+
+
 @dataclass
 class _KeyState:
     step: int = 0
@@ -207,13 +210,23 @@ class OkTopk(SparseCollective):
     (indices and values) in steady state, against 2k(p-1) for an allgather of the inputs.
     ``stats()`` reports what the last call sent and whether it balanced.
 
-    The values of a rank's input that are not in the returned selection are for error feedback
-    to keep (the sync layer does this).
+    What the selection leaves out is for error feedback to keep (the sync layer does this), in
+    one of two ways (``residuals``):
+
+    * ``"local"`` (default, the paper's): each rank keeps its own values outside the selection.
+      Where the ranks' gradients keep opposite signs (data that differs between ranks), their
+      sum stays below the threshold while each rank's share of it grows in its residual
+      without bound, and the ranks send those entries every step to cancel again.
+    * ``"owner"``: each region owner keeps the reduced sums of its region that fell below the
+      threshold (returned as ``dropped``), as gTop-k's merging ranks do; every rank's sent
+      values leave its residual. Over all ranks the same total is kept, and a sum that cancels
+      is kept once, as the small number it is.
 
     Args:
         repartition_every: calls between re-balancing of the region edges (>= 1).
         threshold_every: calls between estimations of the global threshold (>= 1).
         k: entries to select; None (default) uses the largest per-rank input count.
+        residuals: ``"local"`` or ``"owner"``: who keeps what the selection drops (above).
 
     Example:
         >>> coll = get_collective("oktopk", repartition_every=64, threshold_every=32)  # doctest: +SKIP
@@ -224,15 +237,22 @@ class OkTopk(SparseCollective):
     repartition_every: int = 64
     threshold_every: int = 32
     k: int | None = None
+    residuals: str = "local"
     exact: ClassVar[bool] = False
     _keys: dict[str, _KeyState] = field(default_factory=dict, init=False, repr=False)
     _stats: dict[str, dict[str, Any]] = field(default_factory=dict, init=False, repr=False)
+    _per_key: ClassVar[tuple[str, ...]] = ("_keys", "_stats")  # state by bucket key
 
     def __post_init__(self) -> None:
         _positive_int("repartition_every", self.repartition_every)
         _positive_int("threshold_every", self.threshold_every)
         if self.k is not None:
             _positive_int("k", self.k)
+        if not isinstance(self.residuals, str) or self.residuals not in RESIDUALS:
+            raise ValueError(
+                f"residuals must be one of {', '.join(map(repr, RESIDUALS))}, "
+                f"got {self.residuals!r}"
+            )
 
     def __call__(
         self,
@@ -255,7 +275,8 @@ class OkTopk(SparseCollective):
 
         Returns:
             ``CollectiveResult`` with ``indices`` (sorted) and ``values``, the exact sums over
-            ranks at those indices, and the bytes counted.
+            ranks at those indices, and the bytes counted; with ``residuals="owner"`` also
+            ``dropped``, the sums of this rank's region that the threshold left out.
         """
         wire = Wire(group, device_of(values, group))
         st = self._keys.get(key) or _KeyState()
@@ -263,6 +284,7 @@ class OkTopk(SparseCollective):
             "k": self.k or 0,
             "repartition_every": self.repartition_every,
             "threshold_every": self.threshold_every,
+            "residuals": RESIDUALS.index(self.residuals),
             "the per-key step": st.step,
             "whether region edges are saved": int(st.bounds is not None),
             "whether a threshold is saved": int(st.threshold is not None),
@@ -409,8 +431,13 @@ class OkTopk(SparseCollective):
             "region_sizes": [b - a for a, b in zip(st.bounds, st.bounds[1:])],
         }
         st.step += 1
+        drop = ~keep if self.residuals == "owner" else None  # this region's sums below it
         return CollectiveResult(
-            indices=res_i, values=res_v, bytes_sent=t.bytes_sent, bytes_recv=t.bytes_recv
+            indices=res_i,
+            values=res_v,
+            bytes_sent=t.bytes_sent,
+            bytes_recv=t.bytes_recv,
+            dropped=None if drop is None else (red_i[drop], red_v[drop]),
         )
 
     # ---- state ----------------------------------------------------------------------------
