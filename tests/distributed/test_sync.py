@@ -1582,3 +1582,110 @@ def test_a_global_selection_loses_nothing_on_three_ranks(tmp_path):
     for res in oks(run_world(_conserved, 3, tmp_path)):
         for case, gap in res.items():
             assert gap < 1e-4, (case, gap)
+
+
+# ---- a layer frozen after GradientSync was built ------------------------------------------------
+def _frozen_later(rank: int, world: int) -> dict:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 30), nn.Linear(30, 5))
+    first = model[0]
+    sync = sparsetrain.GradientSync(model, "topk", density=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(rank)
+
+    def step(held: torch.Tensor | None = None) -> None:
+        x, y = torch.randn(8, 20, generator=g), torch.randint(0, 5, (8,), generator=g)
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        if held is not None:
+            first.weight.grad = held
+        sync.synchronize()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    had_residual = bool(sync.engine.feedback.residuals["0.weight"].abs().sum() > 0)
+    first.requires_grad_(False)  # fine-tune the head only from here
+    frozen = [t.detach().clone() for t in first.parameters()]
+    head = model[1].weight.detach().clone()
+    for _ in range(3):
+        step()
+    out = {
+        "had_residual": had_residual,
+        "frozen_moved": any(not torch.equal(a, b) for a, b in zip(frozen, first.parameters())),
+        "frozen_grads": [t.grad for t in first.parameters()],
+        "head_moved": not torch.equal(head, model[1].weight),
+        "residual_dropped": float(sync.engine.feedback.residuals["0.weight"].abs().sum()),
+    }
+    # A gradient a frozen parameter still holds is left as it was (SGD then applies it).
+    step(held=torch.full_like(first.weight, 2.0))
+    out["kept_grad"] = bool(first.weight.grad.eq(2.0).all())
+    first.requires_grad_(True)  # and unfrozen, it trains again, the same on every rank
+    step()
+    out["unfrozen_moved"] = not torch.equal(frozen[0], first.weight)
+    out["weights"] = [t.detach().clone() for t in model.parameters()]
+    return out
+
+
+def test_a_layer_frozen_after_gradient_sync_was_built_stays_still(tmp_path):
+    """Before, its zero gradient was exchanged with the residual it had built up, and the
+    average that came back moved the frozen weights (and gave them a gradient)."""
+    res = oks(run_world(_frozen_later, 2, tmp_path))
+    for r in res:
+        assert r["had_residual"], r  # so sending it would have moved the layer
+        assert not r["frozen_moved"] and r["frozen_grads"] == [None, None], r
+        assert r["head_moved"] and r["residual_dropped"] == 0.0, r
+        assert r["kept_grad"] and r["unfrozen_moved"], r
+    for a, b in zip(res[0]["weights"], res[1]["weights"]):
+        assert torch.equal(a, b)
+
+
+# ---- DDP's rebuilt buckets: no state kept for its first ones ---------------------------------
+def _rebuilt_buckets(rank: int, world: int) -> dict:
+    out = {}
+    for label, options in [
+        ("threshold+oktopk", {"compressor": "threshold", "density": 0.1,
+                                    "collective": "oktopk"}),
+        ("safeguard", {"compressor": "none", "aggregator": "safeguard"}),
+        ("powersgd", {"compressor": "powersgd"}),
+    ]:  # fmt: skip
+        torch.manual_seed(0)
+        net = _net()
+        model = DDP(net, bucket_cap_mb=0.001)  # several buckets, regrouped after the first step
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        options = dict(options)
+        state = sparsetrain.register_ddp_hook(model, options.pop("compressor"), **options)
+        for step in range(4):
+            x, y = _batch(rank, step)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        sd = state.state_dict()
+        per_key = {"compressor": sd["compressor"]} if sd["compressor"] else {}  # none: nothing
+        if "collectives" in sd:
+            per_key["oktopk"] = sd["collectives"]["oktopk"]["keys"]
+        if "aggregator" in sd:
+            per_key["safeguard"] = sd["aggregator"]["acc"]
+        for part, keyed in per_key.items():
+            if part == "compressor" and label == "powersgd":
+                keyed = keyed["q"]
+            out[f"{label}: {part}"] = sorted(n for key in keyed for n in key.split("|"))
+        out[f"{label}: parameters"] = sorted(n for n, _ in net.named_parameters())
+        out[f"{label}: groups"] = sd["ddp_groups"]
+    return out
+
+
+def test_state_kept_for_ddps_first_buckets_is_dropped_once_it_rebuilds_them(tmp_path):
+    """Before, per-key state of DDP's first buckets (a threshold, Ok-Topk's edges, Safeguard's
+    accumulations, PowerSGD's Q) stayed for the whole run and in every checkpoint, each
+    parameter under two keys, and Safeguard counted the stale accumulations in its
+    distances."""
+    for res in oks(run_world(_rebuilt_buckets, 2, tmp_path)):
+        for label in ("threshold+oktopk", "safeguard", "powersgd"):
+            names = res[f"{label}: parameters"]
+            assert len(res[f"{label}: groups"]) > 1, res  # several buckets
+            for part, named in res.items():
+                if part.startswith(f"{label}: ") and not part.endswith(("parameters", "groups")):
+                    # Each parameter under one key at most (PowerSGD keeps no Q for biases).
+                    assert named and len(named) == len(set(named)), (part, named)
+                    assert set(named) <= set(names), (part, named)

@@ -37,7 +37,10 @@ class GradientSync:
     into a bucket and back (DDP copies each fresh gradient into its bucket). A parameter without a
     gradient is
     exchanged as zeros and gets a zero gradient (an optimizer with weight decay then still moves
-    it); DDP with ``find_unused_parameters=True`` leaves such parameters alone.
+    it); DDP with ``find_unused_parameters=True`` leaves such parameters alone. A parameter
+    frozen after GradientSync was built (``requires_grad=False``) is left alone: its gradient
+    stays as it is (None stays None), its residual is dropped, and zeros take its place in the
+    exchange, so the ranks' buckets still match. Parameters frozen before are in no bucket.
 
     Args:
         model: the model whose ``.grad`` fields are synchronised (identical on every rank), not
@@ -122,6 +125,8 @@ class GradientSync:
         check_consistent(self.config, layout, process_group, extra, device=device)
         self.engine = SyncEngine(self.config, process_group, grad_scaler)
         self.buckets = self._make_buckets(bucket_cap_mb * 2**20)
+        # Parameters frozen since: the zeros that stand in for their gradients.
+        self._frozen_since: dict[str, torch.Tensor] = {}
         for bucket in self.buckets:
             self.engine.reserve(
                 [n for n, _ in bucket], [p.shape for _, p in bucket], bucket[0][1].dtype,
@@ -159,7 +164,12 @@ class GradientSync:
         """
         try:
             for bucket in self.buckets:
+                grads = []
                 for n, p in bucket:
+                    if not p.requires_grad:
+                        grads.append(self._frozen(n, p))
+                        continue
+                    self._frozen_since.pop(n, None)
                     # The exchange writes into the gradients themselves, so each must be one
                     # dense block: a missing one becomes zeros, a strided one a contiguous copy.
                     if p.grad is None:
@@ -171,8 +181,9 @@ class GradientSync:
                         )
                     elif not p.grad.is_contiguous():
                         p.grad = p.grad.contiguous()
+                    grads.append(p.grad.view(-1))
                 self.engine.exchange_into(
-                    [p.grad.view(-1) for _, p in bucket],
+                    grads,
                     [n for n, _ in bucket],
                     [p.shape for _, p in bucket],
                 )
@@ -183,10 +194,26 @@ class GradientSync:
                 return False  # the engine has made every gradient NaN
             # Buckets exchanged before the one that held NaN/Inf were averaged: zero them all.
             for _, p in self.params:
-                if p.grad is not None:
+                if p.grad is not None and p.requires_grad:
                     p.grad.zero_()
             return False
         return True
+
+    def _frozen(self, name: str, param: nn.Parameter) -> torch.Tensor:
+        """The zeros that stand in the exchange for a parameter frozen since GradientSync was
+        built (the exchange writes into them, so they are zeroed each step). Its residual and
+        velocity are dropped when it is first seen frozen: they would otherwise still be sent,
+        and the result would move a frozen weight."""
+        buf = self._frozen_since.get(name)
+        if buf is None:
+            buf = torch.zeros(param.numel(), dtype=param.dtype, device=param.device)
+            self._frozen_since[name] = buf
+            self.engine.feedback.clear(
+                name, torch.ones(param.numel(), dtype=torch.bool, device=param.device)
+            )
+        else:
+            buf.zero_()
+        return buf
 
     def clear_residuals(self, where: Mapping[Any, torch.Tensor]) -> None:
         """As :meth:`sparsetrain.SyncState.clear_residuals`: zero the residuals (and
