@@ -117,6 +117,7 @@ class PowerSGD(Compressor):
     rank: int = 1
     seed: int = 0
     _q: dict[str, list[Tensor]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _per_key: ClassVar[tuple[str, ...]] = ("_q",)  # state by bucket key
     # The first Q of each key (drawn from the seed), kept where it is used: the warm start
     # falls back to it (see _warm_start).
     _first: dict[str, tuple[Any, list[Tensor]]] = field(

@@ -91,6 +91,7 @@ class RandomK(Compressor):
     seed: int = 0
     scale: bool = True
     _steps: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _per_key: ClassVar[tuple[str, ...]] = ("_steps",)  # state by bucket key
 
     @classmethod
     def biased_with(cls, options: Mapping[str, Any]) -> bool:

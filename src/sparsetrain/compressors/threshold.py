@@ -109,6 +109,7 @@ class Threshold(SparseCompressor):
     sample_kept: int = 1024
     seed: int = 0
     _keys: dict[str, _KeyState] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _per_key: ClassVar[tuple[str, ...]] = ("_keys",)  # state by bucket key
     _mask: Tensor | None = field(default=None, init=False, repr=False, compare=False)
     _scratch: Tensor | None = field(default=None, init=False, repr=False, compare=False)
     _hits: Tensor | None = field(default=None, init=False, repr=False, compare=False)

@@ -262,6 +262,7 @@ class Delayed(Attack):
 
     delay: int = 100
     _history: dict[str, deque] = field(default_factory=dict, init=False, repr=False)
+    _per_key: ClassVar[tuple[str, ...]] = ("_history",)  # state by bucket key
 
     def validate(self) -> None:
         check_int(self.delay, "delay", 1)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -50,6 +50,7 @@ class CenteredClipping(Aggregator):
     requirement = "n > 2f"
     _anchor: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False)
     _momenta: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False)
+    _per_key: ClassVar[tuple[str, ...]] = ("_anchor", "_momenta")  # state by bucket key
 
     stateless = False
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -105,6 +105,7 @@ class Safeguard(Aggregator):
 
     _good: Tensor = field(default=None, init=False, repr=False)
     _acc: dict[str, dict[str, Tensor]] = field(default_factory=dict, init=False, repr=False)
+    _per_key: ClassVar[tuple[str, ...]] = ("_acc",)  # state by bucket key
     _step: int = field(default=0, init=False, repr=False)
     _removed: dict[int, int] = field(default_factory=dict, init=False, repr=False)
     _spread: list[float] = field(default_factory=lambda: [0.0, 0.0], init=False, repr=False)

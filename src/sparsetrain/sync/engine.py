@@ -150,6 +150,7 @@ class SyncEngine:
         self._skipping = False
         self._staging: Tensor | None = None  # reused by the dense in-place path
         self._marks: Tensor | None = None  # all False between calls of _not_selected
+        self._keys_seen: set[str] = set()  # bucket keys exchanged (see _first_use)
 
     def __repr__(self) -> str:
         return f"SyncEngine({describe(self.config, self.compressor)}, step={self.step})"
@@ -610,6 +611,7 @@ class SyncEngine:
         cnumels = [numels[i] for i in order]
         numel = sum(numels)
         key = "|".join(cnames)
+        self._first_use(key)
         cparts = [parts[i] for i in order]
         comp = self.compressor
         marked, hits, fused = None, None, None
@@ -767,6 +769,7 @@ class SyncEngine:
             return out
 
         key = "|".join(names)
+        self._first_use(key)
         t0 = time.perf_counter()
         comp = self.compressor
         compensated = self.feedback.compensate(names, numels, flat)
@@ -974,6 +977,31 @@ class SyncEngine:
             )
         self._drop()  # with "propagate", the step's earlier results too: a scaler skips it
         return True
+
+    def _first_use(self, key: str) -> None:
+        """Before a bucket key's first exchange: drop the per-key state of keys that share
+        some of its parameters (but not all). DDP rebuilds its buckets after the first step;
+        the first layout's state (a threshold, PowerSGD's Q, Ok-Topk's edges, Safeguard's
+        accumulations, ...) was kept for the whole run and saved in every checkpoint, and
+        Safeguard counted its frozen accumulations in every distance. The same parameters in
+        another order keep their state."""
+        if key in self._keys_seen:
+            return
+        names = set(key.split("|"))
+
+        def retired(other: str) -> bool:
+            theirs = set(other.split("|"))
+            return theirs != names and not theirs.isdisjoint(names)
+
+        parts = [self.compressor, *self._collectives.values(), self.aggregator, self.attack]
+        for part in parts:
+            while part is not None:  # bucketing keeps its base rule's state in _inner
+                for attr in getattr(part, "_per_key", ()):
+                    store = getattr(part, attr)
+                    for old in [k for k in store if retired(k)]:
+                        del store[old]
+                part = getattr(part, "_inner", None)
+        self._keys_seen = {k for k in self._keys_seen if not retired(k)} | {key}
 
     # ---- step bookkeeping and state ------------------------------------------------------
     def end_step(self) -> None:
