@@ -101,6 +101,7 @@ class ErrorFeedback:
         self._buffers: dict[str, list[Tensor]] = {}
         self._vbuffers: dict[str, list[Tensor]] = {}
         self._next: dict[str, int] = {}
+        self._buffer_names: dict[str, frozenset[str]] = {}  # the parameters of each key
         # The flat velocity of the exchange in progress, for mask_velocity.
         self._vflat: Tensor | None = None
         self._marked: tuple[dict[str, Tensor], dict[str, int], dict[str, Tensor]] = ({}, {}, {})
@@ -134,9 +135,13 @@ class ErrorFeedback:
         }
 
     def put_back(self, held: dict[str, dict[str, Tensor]]) -> None:
-        """Restore what :meth:`set_aside` took, as it was."""
-        self.residuals.update(held["residuals"])
-        self.velocity.update(held["velocity"])
+        """Restore what :meth:`set_aside` took, added to what the step kept for those
+        parameters: nothing of their own, but a region owner's or a merge's dropped sums of
+        the other ranks' values (Ok-Topk with ``residuals="owner"``, gTop-k)."""
+        for store, part in ((self.residuals, held["residuals"]), (self.velocity, held["velocity"])):
+            for name, t in part.items():
+                kept = store.get(name)
+                store[name] = t if kept is None else t + kept.to(t.dtype).reshape(t.shape)
 
     def clear(self, name: str, where: Tensor) -> None:
         """Zero the residual and velocity of parameter ``name`` where the flat bool tensor
@@ -261,14 +266,18 @@ class ErrorFeedback:
             or bufs[0].dtype != dtype
             or bufs[0].device != device
         ):
-            # A new layout (DDP rebuilt its buckets): forget buffers of keys sharing a name.
-            stale = [k for k in self._buffers if set(k.split("|")) & set(names)]
+            # A new layout (DDP rebuilt its buckets): forget buffers of keys sharing a name
+            # (by the names themselves: a name may hold the keys' separator).
+            mine = frozenset(names)
+            stale = [k for k in self._buffers if self._buffer_names.get(k, mine) & mine]
             for k in stale:
                 del self._buffers[k]
                 self._next.pop(k, None)
                 self._vbuffers.pop(k, None)
+                self._buffer_names.pop(k, None)
             bufs = [make(total, dtype=dtype, device=device) for _ in range(2)]
             self._buffers[key], self._next[key] = bufs, 0
+            self._buffer_names[key] = mine
             if self.momentum:
                 self._vbuffers[key] = [make(total, dtype=dtype, device=device) for _ in range(2)]
         return bufs

@@ -1689,3 +1689,141 @@ def test_state_kept_for_ddps_first_buckets_is_dropped_once_it_rebuilds_them(tmp_
                     # Each parameter under one key at most (PowerSGD keeps no Q for biases).
                     assert named and len(named) == len(set(named)), (part, named)
                     assert set(named) <= set(names), (part, named)
+
+
+# ---- from a review of the above -----------------------------------------------------------------
+class _SometimesExtra(nn.Module):
+    def __init__(self, use_extra: bool):
+        super().__init__()
+        self.a, self.extra, self.b = nn.Linear(12, 24), nn.Linear(24, 24), nn.Linear(24, 5)
+        self.use_extra = use_extra
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        return self.b(h + self.extra(h) if self.use_extra else h)
+
+
+def _unused_on_one_rank(rank: int, world: int, residuals: str) -> dict:
+    """Under find_unused_parameters, a layer only rank 0 uses: over all ranks, residuals
+    before plus gradients must equal residuals after plus what was applied, every step."""
+    import copy
+
+    torch.manual_seed(0)
+    net = _SometimesExtra(use_extra=rank == 0)
+    model = DDP(net, find_unused_parameters=True)
+    state = sparsetrain.register_ddp_hook(
+        model, "threshold", density=0.05, collective="oktopk",
+        collective_options={"residuals": residuals},
+    )  # fmt: skip
+    feedback = state.engine.feedback
+    params = dict(net.named_parameters())
+
+    def residual(n: str) -> torch.Tensor:
+        r = feedback.residuals.get(n)
+        return torch.zeros(params[n].numel(), dtype=torch.float64) if r is None else r.double()
+
+    worst: dict[str, float] = {}
+    for step in range(8):
+        g = torch.Generator().manual_seed(100 * rank + step)
+        x, y = torch.randn(16, 12, generator=g), torch.randint(0, 5, (16,), generator=g)
+        ref = copy.deepcopy(net)
+        nn.functional.cross_entropy(ref(x), y).backward()
+        local = {n: p.grad for n, p in ref.named_parameters()}
+        before = {n: residual(n).reshape(-1).clone() for n in params}
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        for n, p in params.items():
+            mine = torch.zeros(params[n].numel(), dtype=torch.float64)
+            if local[n] is not None:
+                mine += local[n].double().reshape(-1)
+            applied = p.grad.double().reshape(-1) if p.grad is not None else torch.zeros_like(mine)
+            t = torch.stack([before[n] + mine - residual(n).reshape(-1) - applied, mine])
+            dist.all_reduce(t)
+            worst[n] = max(worst.get(n, 0.0), float(t[0].norm()) / max(float(t[1].norm()), 1e-30))
+    return worst
+
+
+@pytest.mark.parametrize("residuals", ["local", "owner"])
+def test_a_layer_one_rank_leaves_unused_loses_nothing_in_its_residuals(residuals, tmp_path):
+    """Before, with residuals="owner", the owner of the unused layer's region added the other
+    rank's dropped sums to its residual, and putting back the residual set aside for that
+    step replaced them: up to 74% of a step's gradient was neither applied nor kept."""
+    for worst in oks(run_world(_unused_on_one_rank, 2, tmp_path, residuals)):
+        assert max(worst.values()) < 1e-5, worst
+
+
+def _separator_in_names(rank: int, world: int) -> dict:
+    torch.manual_seed(0)
+    out = {}
+    for middle in ("a_b", "a|b"):  # a ModuleDict key may hold the keys' separator
+        torch.manual_seed(0)
+        model = nn.ModuleDict({"m": nn.ModuleDict({middle: nn.Linear(16, 16)}),
+                               "b": nn.Linear(16, 16)})  # fmt: skip
+        sync = sparsetrain.GradientSync(
+            model, "threshold", density=0.1, collective="oktopk", bucket_cap_mb=0.0005
+        )  # a bucket a parameter
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(rank)
+        kept = []
+        for _ in range(4):
+            x = torch.randn(8, 16, generator=g)
+            opt.zero_grad()
+            model["b"](model["m"][middle](x)).square().mean().backward()
+            sync.synchronize()
+            opt.step()
+            kept.append((len(sync.engine.compressor._keys),
+                         len(sync.engine._collectives["oktopk"]._keys)))  # fmt: skip
+        out[middle] = {"kept": kept, "weights": [p.detach().clone() for p in model.parameters()]}
+    return out
+
+
+def test_names_that_hold_the_key_separator_keep_their_state(tmp_path):
+    """Keys join the bucket's names with "|"; a name holding "|" split into pieces that
+    overlapped other buckets, and each first use dropped the others' state, every step."""
+    for res in oks(run_world(_separator_in_names, 2, tmp_path)):
+        assert res["a|b"]["kept"] == [(4, 4)] * 4, res["a|b"]["kept"]
+        for a, b in zip(res["a_b"]["weights"], res["a|b"]["weights"]):
+            assert torch.equal(a, b)
+
+
+def _frozen_and_resumed(rank: int, world: int, path: str) -> dict:
+    import warnings
+
+    def build() -> tuple[nn.Module, sparsetrain.GradientSync]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(20, 30), nn.Linear(30, 5))
+        return model, sparsetrain.GradientSync(model, "topk", density=0.1)
+
+    model, sync = build()
+    x, y = torch.randn(8, 20), torch.randint(0, 5, (8,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    sync.synchronize()
+    model[0].requires_grad_(False)  # frozen after building, then saved
+    torch.save(sync.state_dict(), f"{path}.{rank}")
+    # The resumed run freezes before building: the state holds the frozen layer's residual.
+    torch.manual_seed(0)
+    again = nn.Sequential(nn.Linear(20, 30), nn.Linear(30, 5))
+    again[0].requires_grad_(False)
+    resumed = sparsetrain.GradientSync(again, "topk", density=0.1)
+    resumed.load_state_dict(torch.load(f"{path}.{rank}", weights_only=False))
+    # Unfrozen, that layer is in no bucket: a warning, once.
+    again[0].requires_grad_(True)
+    caught = []
+    for _ in range(2):
+        again.zero_grad()
+        nn.functional.cross_entropy(again(x), y).backward()
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            resumed.synchronize()
+        caught += [str(m.message) for m in w]
+    return {"warnings": caught}
+
+
+def test_a_state_saved_after_freezing_loads_where_the_layer_is_frozen_before_building(tmp_path):
+    """Before, it was refused as another model's state (the frozen layer was in no bucket)."""
+    for res in oks(run_world(_frozen_and_resumed, 2, tmp_path, str(tmp_path / "ckpt"))):
+        assert len(res["warnings"]) == 1, res
+        assert res["warnings"][0].startswith(
+            "GradientSync: parameter(s) 0.weight, 0.bias were frozen when GradientSync was "
+            "built and are trainable now; their gradients are not exchanged"
+        ), res

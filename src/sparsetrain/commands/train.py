@@ -148,7 +148,8 @@ def add_sync_arguments(p: argparse.ArgumentParser, compressor_default: str = "th
         default=[],
         metavar="[NAME.]KEY=VALUE",
         help="option of the collective, repeatable (oktopk: repartition_every, threshold_every, "
-        "k; gtopk: k); with --collective auto, prefix the candidate's NAME (oktopk.k=1000)",
+        "k, residuals=local|owner; gtopk: k); with --collective auto, prefix the candidate's "
+        "NAME (oktopk.k=1000)",
     )
     g.add_argument(
         "--auto-candidates",

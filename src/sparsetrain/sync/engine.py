@@ -150,7 +150,7 @@ class SyncEngine:
         self._skipping = False
         self._staging: Tensor | None = None  # reused by the dense in-place path
         self._marks: Tensor | None = None  # all False between calls of _not_selected
-        self._keys_seen: set[str] = set()  # bucket keys exchanged (see _first_use)
+        self._keys_seen: dict[str, frozenset[str]] = {}  # bucket keys exchanged: parameters
 
     def __repr__(self) -> str:
         return f"SyncEngine({describe(self.config, self.compressor)}, step={self.step})"
@@ -611,7 +611,7 @@ class SyncEngine:
         cnumels = [numels[i] for i in order]
         numel = sum(numels)
         key = "|".join(cnames)
-        self._first_use(key)
+        self._first_use(key, cnames)
         cparts = [parts[i] for i in order]
         comp = self.compressor
         marked, hits, fused = None, None, None
@@ -769,7 +769,7 @@ class SyncEngine:
             return out
 
         key = "|".join(names)
-        self._first_use(key)
+        self._first_use(key, names)
         t0 = time.perf_counter()
         comp = self.compressor
         compensated = self.feedback.compensate(names, numels, flat)
@@ -978,20 +978,30 @@ class SyncEngine:
         self._drop()  # with "propagate", the step's earlier results too: a scaler skips it
         return True
 
-    def _first_use(self, key: str) -> None:
+    def _first_use(self, key: str, names: list[str]) -> None:
         """Before a bucket key's first exchange: drop the per-key state of keys that share
         some of its parameters (but not all). DDP rebuilds its buckets after the first step;
         the first layout's state (a threshold, PowerSGD's Q, Ok-Topk's edges, Safeguard's
         accumulations, ...) was kept for the whole run and saved in every checkpoint, and
         Safeguard counted its frozen accumulations in every distance. The same parameters in
-        another order keep their state."""
+        another order keep their state.
+
+        A key's parameters are known exactly for the keys this engine has exchanged. A key
+        only a loaded state holds is read by splitting it at the separator, and only where
+        every piece is a parameter this engine has exchanged: a name may itself hold the
+        separator (a ``ModuleDict`` key), and such a key is kept rather than guessed at."""
         if key in self._keys_seen:
             return
-        names = set(key.split("|"))
+        mine = frozenset(names)
+        self._keys_seen[key] = mine
+        known = frozenset().union(*self._keys_seen.values())
 
         def retired(other: str) -> bool:
-            theirs = set(other.split("|"))
-            return theirs != names and not theirs.isdisjoint(names)
+            theirs = self._keys_seen.get(other)
+            if theirs is None:
+                pieces = frozenset(other.split("|"))
+                theirs = pieces if pieces <= known else frozenset()
+            return theirs != mine and not theirs.isdisjoint(mine)
 
         parts = [self.compressor, *self._collectives.values(), self.aggregator, self.attack]
         for part in parts:
@@ -1001,7 +1011,8 @@ class SyncEngine:
                     for old in [k for k in store if retired(k)]:
                         del store[old]
                 part = getattr(part, "_inner", None)
-        self._keys_seen = {k for k in self._keys_seen if not retired(k)} | {key}
+        for old in [k for k in self._keys_seen if retired(k)]:
+            del self._keys_seen[old]
 
     # ---- step bookkeeping and state ------------------------------------------------------
     def end_step(self) -> None:

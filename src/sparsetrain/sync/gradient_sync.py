@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,7 +41,12 @@ class GradientSync:
     it); DDP with ``find_unused_parameters=True`` leaves such parameters alone. A parameter
     frozen after GradientSync was built (``requires_grad=False``) is left alone: its gradient
     stays as it is (None stays None), its residual is dropped, and zeros take its place in the
-    exchange, so the ranks' buckets still match. Parameters frozen before are in no bucket.
+    exchange, so the ranks' buckets still match. Every rank must freeze the same parameters at
+    the same step (a parameter frozen on one rank only is averaged with its zeros on the
+    others). Parameters frozen before GradientSync was built are in no bucket: unfrozen later,
+    their gradients are not exchanged (a warning says so), so build GradientSync with every
+    parameter that will train unfrozen, and freeze afterwards. A checkpoint resumes exactly
+    when the resumed run builds GradientSync before freezing, as the first run did.
 
     Args:
         model: the model whose ``.grad`` fields are synchronised (identical on every rank), not
@@ -84,6 +90,10 @@ class GradientSync:
                 f"GradientSync needs the model as a torch.nn.Module, got {type(model).__name__}"
             )
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        # Frozen now, so in no bucket: a state may still hold their residuals (saved by a run
+        # that froze them after building), and unfrozen they would not be exchanged.
+        self._left_out = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+        self._sizes = {n: p.numel() for n, p in model.named_parameters()}
         device = cuda_device_of(p for _, p in self.params)
         try:  # a rank's bad options: every rank gets an error (check_consistent's gather)
             if isinstance(model, DistributedDataParallel):
@@ -162,6 +172,8 @@ class GradientSync:
             the optimizer; with ``"propagate"`` (a ``grad_scaler``) they are all NaN, which
             ``scaler.step`` skips.
         """
+        if self._left_out:
+            self._warn_unfrozen()
         try:
             for bucket in self.buckets:
                 grads = []
@@ -198,6 +210,19 @@ class GradientSync:
                     p.grad.zero_()
             return False
         return True
+
+    def _warn_unfrozen(self) -> None:
+        """Warn once about parameters frozen when GradientSync was built that train now."""
+        now = [n for n, p in self._left_out if p.requires_grad]
+        if now:
+            self._left_out = [(n, p) for n, p in self._left_out if not p.requires_grad]
+            warnings.warn(
+                f"GradientSync: parameter(s) {', '.join(now)} were frozen when GradientSync "
+                "was built and are trainable now; their gradients are not exchanged, so each "
+                "rank's copy drifts apart. Build GradientSync while they are trainable (it "
+                "leaves parameters frozen later alone), or a new one after unfreezing",
+                stacklevel=3,
+            )
 
     def _frozen(self, name: str, param: nn.Parameter) -> torch.Tensor:
         """The zeros that stand in the exchange for a parameter frozen since GradientSync was
@@ -245,5 +270,4 @@ class GradientSync:
         ``on_nonfinite`` may differ. ``strict=False`` takes a state saved under another
         density, collective and so on (not another compressor), as
         ``torch.nn.Module.load_state_dict`` takes one with other keys."""
-        sizes = {n: p.numel() for n, p in self.params}
-        self.engine.load_state_dict(state, owner="GradientSync", strict=strict, sizes=sizes)
+        self.engine.load_state_dict(state, owner="GradientSync", strict=strict, sizes=self._sizes)
