@@ -934,3 +934,33 @@ def test_input_and_state_only_some_ranks_hold_fail_on_every_rank(tmp_path):
             "numel must be at most (2**63 - 1) // p" in results[r]["oktopk, numel past 2**63 / p"]
         )
         assert results[r]["ssar_rd, afterwards"] == "ok"
+
+
+def _outliers(rank: int, world: int) -> dict:
+    out = {}
+    for big in (1e9, 1e12, 1e30):
+        values = 1 + torch.arange(100, dtype=torch.float64) / 100
+        values[0] = big
+        idx = torch.arange(100) if rank == 0 else torch.arange(0)
+        coll = get_collective("oktopk", k=5, residuals="owner")
+        res = coll(idx, values if rank == 0 else values[:0], 100)
+        out[big] = (res.indices.numel(), coll.stats()[""]["threshold"])
+    top = torch.tensor([torch.finfo(torch.float64).max, 1.0, 2.0], dtype=torch.float64)
+    res = get_collective("oktopk", k=1)(
+        torch.tensor([0, 1, 2]) if rank == 0 else torch.tensor([3]),
+        top if rank == 0 else torch.tensor([5.0], dtype=torch.float64),
+        10,
+    )
+    out["dbl_max"] = res.indices.tolist()
+    return out
+
+
+def test_a_few_far_larger_entries_do_not_make_oktopk_select_everything(tmp_path):
+    """The threshold's histogram search zoomed six times into the first bin and ended at 0,
+    which kept all 100 entries where k is 5 (a 1e12 outlier); the largest float64 made it
+    NaN, which kept none."""
+    for res in oks(run_world(_outliers, 2, tmp_path)):
+        for big in (1e9, 1e12, 1e30):
+            count, threshold = res[big]
+            assert 5 <= count <= 10 and threshold > 1, (big, res[big])
+        assert res["dbl_max"] == [0], res

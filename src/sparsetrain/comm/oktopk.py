@@ -61,6 +61,11 @@ def repartition(wire: Wire, idx: Tensor, numel: int) -> list[int]:
     return [0] + [s // voters for s in sums] + [numel]
 
 
+# Rounds of estimate_threshold that only narrow [0, x] to its first bin (finding the scale of
+# the k-th magnitude under a few far larger ones): 64**-32 is 1e-58 of the largest.
+ZOOM_ROUNDS = 32
+
+
 def estimate_threshold(
     wire: Wire, magnitudes: Tensor, k: int, bins: int = 64, max_rounds: int = 6
 ) -> float:
@@ -70,9 +75,13 @@ def estimate_threshold(
     ``bins`` equal bins of the current interval, finds the bin in which the count of
     magnitudes >= its lower edge first reaches k, and zooms into it. Stops when that count
     exceeds k by at most ``max(1, k // 100)``, after ``max_rounds`` rounds, or when the bin
-    cannot shrink any further (ties). The returned t always has at least k magnitudes >= t
-    (when there are k at all; else t = 0, selecting everything). Costs a few allreduces of
-    ``bins`` integers, independent of the vector's length.
+    cannot shrink any further (ties). A round that zooms into the first bin of an interval
+    starting at 0 (the k-th magnitude lies below max / bins, max / bins**2, ...: a few
+    entries far larger than the rest) only finds the scale and is not counted, up to
+    ``ZOOM_ROUNDS`` of them; before, six such rounds ended at t = 0, which kept every entry.
+    The returned t always has at least k magnitudes >= t (when there are k at all; else t = 0,
+    selecting everything). Costs a few allreduces of ``bins`` integers, independent of the
+    vector's length.
     """
     m = magnitudes.to(torch.float64)
     top = torch.zeros(2, dtype=torch.float64, device=m.device)  # (max, any non-finite)
@@ -82,11 +91,15 @@ def estimate_threshold(
     wire.allreduce(top, dist.ReduceOp.MAX)
     if top[1] > 0:
         raise FloatingPointError(_NONFINITE)
-    lo, hi = 0.0, math.nextafter(float(top[0]), math.inf)
+    peak, scale = float(top[0]), 1.0
+    if peak >= 2.0**1023:  # the interval's upper end would overflow: halve, exactly
+        m, peak, scale = m * 0.5, peak * 0.5, 2.0
+    lo, hi = 0.0, math.nextafter(peak, math.inf)
     above = 0  # count of magnitudes >= hi (all ranks)
     tolerance = max(1, k // 100)
     threshold = 0.0
-    for _ in range(max_rounds):
+    rounds = zooms = 0
+    while rounds < max_rounds:
         edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64, device=m.device)
         inside = m[(m >= lo) & (m < hi)]
         hist = torch.bincount(torch.bucketize(inside, edges[1:-1], right=True), minlength=bins).to(
@@ -102,9 +115,13 @@ def estimate_threshold(
         new_lo, new_hi = float(edges[j]), float(edges[j + 1])
         if at_least[j] - k <= tolerance or not new_lo < new_hi:
             break
+        if j == 0 and lo == 0.0 and zooms < ZOOM_ROUNDS:
+            zooms += 1  # only the scale: not a refinement
+        else:
+            rounds += 1
         above = at_least[j + 1] if j + 1 < bins else above
         lo, hi = new_lo, new_hi
-    return threshold
+    return threshold * scale
 
 
 # The kept entries are re-dealt in equal shares before the allgather only when some rank holds
