@@ -1827,3 +1827,42 @@ def test_a_state_saved_after_freezing_loads_where_the_layer_is_frozen_before_bui
             "GradientSync: parameter(s) 0.weight, 0.bias were frozen when GradientSync was "
             "built and are trainable now; their gradients are not exchanged"
         ), res
+
+
+def _raised_step(rank: int, world: int) -> dict:
+    torch.manual_seed(0)
+    net = _net()
+    sync = sparsetrain.GradientSync(net, "topk", density=0.3, bucket_cap_mb=0.001)
+    first = next(net.parameters())  # registered first, so in the last bucket exchanged
+
+    def backward(step: int, poison: bool = False) -> None:
+        net.zero_grad()
+        x, y = _batch(rank, step)
+        nn.functional.cross_entropy(net(x), y).backward()
+        if poison:
+            first.grad.view(-1)[0] = float("nan")
+
+    backward(0)
+    sync.synchronize()
+    before = {n: r.clone() for n, r in sync.engine.feedback.residuals.items()}
+    backward(1, poison=rank == 1)
+    try:
+        sync.synchronize()
+        raised = None
+    except FloatingPointError as e:
+        raised = str(e)
+    after = sync.engine.feedback.residuals
+    same = sorted(n for n in before if torch.equal(before[n], after[n]))
+    backward(2)
+    return {"raised": raised, "same": same, "names": sorted(before),
+            "next_ok": sync.synchronize(), "skipped": sync.stats()["skipped_steps"]}  # fmt: skip
+
+
+def test_a_step_that_raised_keeps_the_residuals_it_started_with(tmp_path):
+    """With the default on_nonfinite="raise", the buckets exchanged before the one holding NaN
+    had already taken what they sent out of their residuals: a caller that catches the error
+    and skips the batch lost it (the documentation promised the residuals from before)."""
+    for res in oks(run_world(_raised_step, 2, tmp_path)):
+        assert res["raised"] and "non-finite gradient" in res["raised"], res
+        assert res["same"] == res["names"] and len(res["names"]) > 1, res
+        assert res["next_ok"] and res["skipped"] == 1, res

@@ -62,7 +62,7 @@ class SyncConfig:
             ("raise" raises, naming the overflow).
             The error-feedback residuals are then those from before the step, also for the
             buckets exchanged before the one that held NaN/Inf (compressor state, such as
-            thresholds, moves on). With "raise" the gradients may be zero (the sparse in-place
+            thresholds, moves on), and the step counts in ``skipped_steps``, in each mode. With "raise" the gradients may be zero (the sparse in-place
             path clears the bucket while it compensates, before the ranks agree on
             finiteness).
         aggregator, aggregator_options: a robust aggregation rule over all ranks' gradients

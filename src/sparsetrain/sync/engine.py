@@ -309,6 +309,7 @@ class SyncEngine:
         sums = torch.stack([t.sum() for t in results])
         if bool(torch.isfinite(sums).all()) or all(bool(torch.isfinite(t).all()) for t in results):
             return
+        self._drop()
         if self.config.on_nonfinite == "raise":
             raise FloatingPointError(
                 "the ranks' average gradient is not finite although every rank's gradient was: "
@@ -318,7 +319,6 @@ class SyncEngine:
                 "rate or the loss scale, use gradient clipping, or pass on_nonfinite='skip' to "
                 "drop such steps on every rank"
             )
-        self._drop()
         for t in results:  # "propagate": _drop has filled them with the others
             t.fill_(self._dropped)
 
@@ -340,9 +340,9 @@ class SyncEngine:
                 coll, indices, values, numel, group=self.group, key=key
             )
         except FloatingPointError:
+            self._drop()  # "raise" too: end_step rolls back what earlier buckets kept
             if self.config.on_nonfinite == "raise":
                 raise
-            self._drop()
             return None
         self._count(res.bytes_sent, res.bytes_recv)
         return res
@@ -819,9 +819,9 @@ class SyncEngine:
         except FloatingPointError:
             # A summed round payload overflowed its wire dtype (PowerSGD's P in float16): the
             # same sum on every rank, so every rank gets here together.
+            self._drop()  # "raise" too: end_step rolls back what earlier buckets kept
             if self.config.on_nonfinite == "raise":
                 raise
-            self._drop()
             return torch.full_like(flat, self._dropped)
         self.feedback.update(names, numels, compensated, mine)
         self.counters["compress_seconds"] += time.perf_counter() - t0
@@ -849,9 +849,9 @@ class SyncEngine:
             try:
                 total = comp.decompress_sum(tuple(reduced), ctx)
             except FloatingPointError:  # as above: the same summed payload on every rank
+                self._drop()  # "raise" too: end_step rolls back what earlier buckets kept
                 if self.config.on_nonfinite == "raise":
                     raise
-                self._drop()
                 return torch.full_like(flat, self._dropped)
         elif comp.wire == "sparse":
             coll = self._collective_for(flat.numel(), flat.dtype)
@@ -967,6 +967,7 @@ class SyncEngine:
         else:
             table = per_param.unsqueeze(0)
         where = [f"{names[i]} on rank {r}" for r, i in table.nonzero().tolist()]
+        self._drop()  # with "propagate", the step's earlier results too: a scaler skips it
         if self.config.on_nonfinite == "raise":
             raise FloatingPointError(
                 "non-finite gradient (NaN or Inf) in "
@@ -975,7 +976,6 @@ class SyncEngine:
                 "to drop such steps on every rank (with torch.amp.GradScaler, pass "
                 "grad_scaler=scaler: overflows are then its to handle)"
             )
-        self._drop()  # with "propagate", the step's earlier results too: a scaler skips it
         return True
 
     def _first_use(self, key: str, names: list[str]) -> None:
