@@ -504,12 +504,16 @@ def test_a_layer_with_sparse_gradients_is_refused_by_name(group, caller):
     make()
 
 
-def test_gradient_sync_names_a_sparse_gradient_it_is_handed(group):
-    sync = _sync(compressor="topk", density=0.5)
-    name, p = sync.params[0]
-    p.grad = torch.zeros(p.shape).to_sparse()
-    with pytest.raises(TypeError, match=f"parameter '{name}' has a torch.sparse_coo gradient"):
-        sync.synchronize()
+def test_gradient_sync_makes_a_sparse_gradient_it_is_handed_dense(group):
+    """It raised on the rank that had one, alone, and the other ranks waited in the exchange
+    (a sparse embedding tied to a dense layer makes one on a step that uses only the
+    embedding)."""
+    sync = _sync(compressor="none")
+    _, p = sync.params[0]
+    dense = torch.randn(p.shape)
+    p.grad = dense.to_sparse()
+    assert sync.synchronize()
+    assert p.grad.layout == torch.strided and torch.equal(p.grad, dense)
 
 
 def test_a_placeholder_for_a_group_without_this_rank_is_named(group):
@@ -546,6 +550,20 @@ def test_sparse_layers_whose_gradients_never_reach_the_exchange_are_accepted(gro
     sync = sparsetrain.GradientSync(tied, "topk", 0.5)
     tied(torch.randint(0, 50, (4,))).sum().backward()
     assert tied.emb.weight.grad.layout == torch.strided and sync.synchronize()
+    tied.zero_grad()
+    tied.emb(torch.randint(0, 50, (4,))).sum().backward()  # the dense layer unused: sparse
+    assert tied.emb.weight.grad.layout == torch.sparse_coo
+    assert sync.synchronize() and tied.emb.weight.grad.layout == torch.strided
+
+
+def test_a_weight_only_sparse_layers_share_is_refused(group):
+    """Two sparse embeddings sharing one weight passed as if tied to a dense layer, and every
+    gradient was sparse."""
+    model = _SparseEmbedding()
+    model.f = nn.Embedding(100, 8, sparse=True)
+    model.f.weight = model.e.weight
+    with pytest.raises(TypeError, match=r"parameter 'e.weight' gets sparse gradients"):
+        sparsetrain.GradientSync(model, "topk", 0.5)
 
 
 def test_the_hook_names_a_sparse_bucket_it_is_handed(group, monkeypatch):

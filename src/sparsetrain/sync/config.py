@@ -475,18 +475,23 @@ def check_dense_gradients(model: torch.nn.Module, ignored: Collection[str] = ())
     """Refuse a model with layers that make sparse gradients (``nn.Embedding`` or
     ``nn.EmbeddingBag`` built with ``sparse=True``), which the exchange cannot compress. Not
     their weights named in ``ignored`` (parameters DDP leaves out of its buckets), nor weights
-    another module holds too (tied to a dense layer, whose gradient is added to theirs: dense)."""
-    holders: dict[int, int] = {}
+    a module of another kind holds too (tied to a dense layer, whose gradient is added to
+    theirs: dense, on the steps that use that layer; GradientSync makes the others' dense)."""
+
+    def sparse(module: torch.nn.Module) -> bool:
+        return isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and module.sparse
+
+    dense_holders: dict[int, int] = {}
     for module in model.modules():  # each module once, each of its own parameters once
         for p in module.parameters(recurse=False):
-            holders[id(p)] = holders.get(id(p), 0) + 1
+            dense_holders[id(p)] = dense_holders.get(id(p), 0) + (not sparse(module))
     for name, module in model.named_modules():
-        if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and module.sparse:
+        if sparse(module):
             where = f"{name}.weight" if name else "weight"
             if (
                 module.weight.requires_grad
                 and where not in ignored
-                and holders.get(id(module.weight), 0) == 1
+                and not dense_holders.get(id(module.weight), 0)
             ):
                 raise TypeError(
                     f"parameter {where!r} gets sparse gradients ({type(module).__name__} with "

@@ -186,11 +186,11 @@ class GradientSync:
                     # dense block: a missing one becomes zeros, a strided one a contiguous copy.
                     if p.grad is None:
                         p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                    elif p.grad.layout != torch.strided:  # a layer of its own making them
-                        raise TypeError(
-                            f"parameter {n!r} has a {p.grad.layout} gradient; sparsetrain "
-                            "compresses dense gradients (make the layer produce dense ones)"
-                        )
+                    elif p.grad.layout != torch.strided:
+                        # A sparse embedding tied to a dense layer, on a step that used only
+                        # the embedding (or a layer of the model's own making sparse ones):
+                        # raising here, on this rank alone, would leave the others waiting.
+                        p.grad = p.grad.to_dense()
                     elif not p.grad.is_contiguous():
                         p.grad = p.grad.contiguous()
                     grads.append(p.grad.view(-1))
