@@ -1805,7 +1805,13 @@ def _frozen_and_resumed(rank: int, world: int, path: str) -> dict:
     again = nn.Sequential(nn.Linear(20, 30), nn.Linear(30, 5))
     again[0].requires_grad_(False)
     resumed = sparsetrain.GradientSync(again, "topk", density=0.1)
-    resumed.load_state_dict(torch.load(f"{path}.{rank}", weights_only=False))
+    saved = torch.load(f"{path}.{rank}", weights_only=False)
+    try:  # other buckets (the frozen layer is in none): not an exact resume
+        resumed.load_state_dict(saved)
+        refused = None
+    except ValueError as e:
+        refused = str(e)
+    resumed.load_state_dict(saved, strict=False)
     # Unfrozen, that layer is in no bucket: a warning, once.
     again[0].requires_grad_(True)
     caught = []
@@ -1816,12 +1822,26 @@ def _frozen_and_resumed(rank: int, world: int, path: str) -> dict:
             warnings.simplefilter("always")
             resumed.synchronize()
         caught += [str(m.message) for m in w]
-    return {"warnings": caught}
+    # Another bucket_cap_mb: refused too, naming it.
+    model, sync = build()
+    smaller = sparsetrain.GradientSync(model, "topk", density=0.1, bucket_cap_mb=0.0001)
+    try:
+        smaller.load_state_dict(sync.state_dict())
+    except ValueError as e:
+        other_cap = str(e)
+    return {"warnings": caught, "refused": refused, "other_cap": other_cap}
 
 
 def test_a_state_saved_after_freezing_loads_where_the_layer_is_frozen_before_building(tmp_path):
-    """Before, it was refused as another model's state (the frozen layer was in no bucket)."""
+    """Before, it was refused as another model's state (the frozen layer was in no bucket),
+    with strict=False too; now strict=True names the buckets that differ (another
+    bucket_cap_mb was not noticed at all) and strict=False takes it."""
     for res in oks(run_world(_frozen_and_resumed, 2, tmp_path, str(tmp_path / "ckpt"))):
+        assert res["refused"].startswith(
+            "GradientSync: this state was saved with other buckets of parameters (parameters "
+            "frozen when it was built differ: saved with 0.bias, 0.weight)"
+        ), res
+        assert "(1 bucket(s) saved against 4 now: another bucket_cap_mb?)" in res["other_cap"], res
         assert len(res["warnings"]) == 1, res
         assert res["warnings"][0].startswith(
             "GradientSync: parameter(s) 0.weight, 0.bias were frozen when GradientSync was "

@@ -45,8 +45,9 @@ class GradientSync:
     the same step (a parameter frozen on one rank only is averaged with its zeros on the
     others). Parameters frozen before GradientSync was built are in no bucket: unfrozen later,
     their gradients are not exchanged (a warning says so), so build GradientSync with every
-    parameter that will train unfrozen, and freeze afterwards. A checkpoint resumes exactly
-    when the resumed run builds GradientSync before freezing, as the first run did.
+    parameter that will train unfrozen, and freeze afterwards. A state records its buckets:
+    a GradientSync with others (another ``bucket_cap_mb``, or built after freezing where the
+    saved run froze later) refuses it unless ``strict=False``.
 
     Args:
         model: the model whose ``.grad`` fields are synchronised (identical on every rank), not
@@ -261,8 +262,42 @@ class GradientSync:
 
     def state_dict(self) -> dict[str, Any]:
         """The engine's state: residuals, compressor and collective state, counters, and the
-        configuration it was saved under."""
-        return self.engine.state_dict()
+        configuration it was saved under; and the parameters of each bucket (``"buckets"``)."""
+        return {**self.engine.state_dict(), "buckets": self._bucket_names()}
+
+    def _bucket_names(self) -> list[list[str]]:
+        return [[n for n, _ in bucket] for bucket in self.buckets]
+
+    def _check_buckets(self, saved: Any) -> None:
+        """Refuse a state saved with other buckets: what is kept per bucket (a threshold,
+        PowerSGD's Q, Ok-Topk's edges) would not carry over, and the resumed run would select
+        from other groups of parameters than the first run did."""
+        if not (
+            isinstance(saved, list)
+            and all(isinstance(b, list) and all(isinstance(n, str) for n in b) for b in saved)
+        ):
+            raise ValueError(
+                f"GradientSync: the state's 'buckets' must be a list of lists of parameter "
+                f"names (as state_dict() returns it), got {type(saved).__name__}"
+            )
+        mine = self._bucket_names()
+        if saved == mine:
+            return
+        had, have = {n for b in saved for n in b}, {n for b in mine for n in b}
+        if had != have:
+            why = "parameters frozen when it was built differ: " + "; ".join(
+                f"{what} {', '.join(sorted(names))}"
+                for what, names in (("saved with", had - have), ("now with", have - had))
+                if names
+            )
+        else:
+            why = f"{len(saved)} bucket(s) saved against {len(mine)} now: another bucket_cap_mb?"
+        raise ValueError(
+            f"GradientSync: this state was saved with other buckets of parameters ({why}); "
+            "the resumed run would compress other groups than the first one did. Build "
+            "GradientSync as the saved run did, or pass strict=False to take the state (the "
+            "residuals by parameter; what is kept per bucket starts afresh)"
+        )
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Restore what :meth:`state_dict` returned. A state saved under other settings
@@ -270,4 +305,6 @@ class GradientSync:
         ``on_nonfinite`` may differ. ``strict=False`` takes a state saved under another
         density, collective and so on (not another compressor), as
         ``torch.nn.Module.load_state_dict`` takes one with other keys."""
+        if strict and isinstance(state, Mapping) and state.get("buckets") is not None:
+            self._check_buckets(state["buckets"])
         self.engine.load_state_dict(state, owner="GradientSync", strict=strict, sizes=self._sizes)
