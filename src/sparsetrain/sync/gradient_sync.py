@@ -49,6 +49,10 @@ class GradientSync:
     a GradientSync with others (another ``bucket_cap_mb``, or built after freezing where the
     saved run froze later) refuses it unless ``strict=False``.
 
+    Unlike DDP, GradientSync neither broadcasts the initial weights nor the buffers (BatchNorm's
+    running statistics): build the model identically on every rank (or broadcast it), and
+    keep buffers in step where they matter.
+
     Args:
         model: the model whose ``.grad`` fields are synchronised (identical on every rank), not
             wrapped in ``DistributedDataParallel`` (for a DDP model use
