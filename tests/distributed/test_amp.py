@@ -201,7 +201,7 @@ def _propagate(rank: int, world: int, how: str, device: str) -> dict:
     # gradients, the first step brings them to unscaled units.
     state = sync.state_dict()
     out["state_scale"] = state["loss_scale"]
-    plain = sparsetrain.GradientSync(_net(), "threshold", **opts)
+    plain = sparsetrain.GradientSync(_net(), "threshold", bucket_cap_mb=0.001, **opts)
     plain.load_state_dict(state)
     saved = {n: r.clone() for n, r in state["feedback"]["residuals"].items()}
     plain.engine._begin_step(torch.device("cpu"))

@@ -285,9 +285,9 @@ class GradientSync:
                 f"names (as state_dict() returns it), got {type(saved).__name__}"
             )
         mine = self._bucket_names()
-        if saved == mine:
-            return
         had, have = {n for b in saved for n in b}, {n for b in mine for n in b}
+        if saved == mine or not had <= set(self._sizes):
+            return  # (parameters this model does not have: the engine's check names them)
         if had != have:
             why = "parameters frozen when it was built differ: " + "; ".join(
                 f"{what} {', '.join(sorted(names))}"
