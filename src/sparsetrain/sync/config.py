@@ -62,9 +62,9 @@ class SyncConfig:
             ("raise" raises, naming the overflow).
             The error-feedback residuals are then those from before the step, also for the
             buckets exchanged before the one that held NaN/Inf (compressor state, such as
-            thresholds, moves on), and the step counts in ``skipped_steps``, in each mode. With "raise" the gradients may be zero (the sparse in-place
-            path clears the bucket while it compensates, before the ranks agree on
-            finiteness).
+            thresholds, moves on), and the step counts in ``skipped_steps``, in each mode.
+            With "raise" the gradients may be zero (the sparse in-place path clears the
+            bucket while it compensates, before the ranks agree on finiteness).
         aggregator, aggregator_options: a robust aggregation rule over all ranks' gradients
             (``sparsetrain.robust``); None means the plain average.
         attack, attack_options, byzantine: for experiments, the last ``byzantine`` ranks replace
