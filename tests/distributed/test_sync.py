@@ -1585,6 +1585,46 @@ def test_a_global_selection_loses_nothing_on_three_ranks(tmp_path):
 
 
 # ---- a layer frozen after GradientSync was built ------------------------------------------------
+def _sync_step(model: nn.Module, sync, g: torch.Generator) -> None:
+    x, y = torch.randn(8, 20, generator=g), torch.randint(0, 5, (8,), generator=g)
+    model.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(x), y).backward()
+    sync.synchronize()
+
+
+def _frozen_on_one_rank(rank: int, world: int) -> dict:
+    out = {}
+    for name in ("threshold", "topk", "none"):  # fused selection, sparse path, dense path
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(20, 30), nn.Linear(30, 5))
+        sync = sparsetrain.GradientSync(model, name, density=None if name == "none" else 0.1)
+        g = torch.Generator().manual_seed(rank)
+        _sync_step(model, sync, g)
+        if rank == 1:
+            model[0].weight.requires_grad_(False)
+        try:
+            _sync_step(model, sync, g)
+            out[name] = None
+        except RuntimeError as e:
+            out[name] = str(e)
+        model[0].weight.requires_grad_(True)  # the same again on every rank: steps go on
+        _sync_step(model, sync, g)
+        out[name + "_stats"] = sync.stats()
+    return out
+
+
+def test_a_parameter_frozen_on_some_ranks_only_raises_on_every_rank(tmp_path):
+    """Before, the rank that froze it sent zeros in its place and the others averaged their
+    gradients with them: the ranks' copies of the layer drifted apart without an error."""
+    for res in oks(run_world(_frozen_on_one_rank, 3, tmp_path)):
+        for name in ("threshold", "topk", "none"):
+            assert res[name] is not None, name
+            assert "'0.weight' frozen on rank(s) [1], trainable on [0, 2]" in res[name]
+            assert "0.bias" not in res[name]
+            stats = res[name + "_stats"]
+            assert stats["steps"] == 3 and stats["skipped_steps"] == 1, stats
+
+
 def _frozen_later(rank: int, world: int) -> dict:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 30), nn.Linear(30, 5))

@@ -235,6 +235,16 @@ def test_exchange_into_refuses_parts_that_do_not_match_the_layout(parts, words):
         engine.exchange_into(parts, ["a", "b"], [torch.Size([3]), torch.Size([4])])
 
 
+def test_exchange_into_refuses_frozen_flags_that_do_not_match_the_names():
+    from sparsetrain.sync import SyncEngine
+    from sparsetrain.sync.config import make_config
+
+    engine = SyncEngine(make_config("threshold", 0.5, {}))
+    parts = [torch.zeros(3), torch.zeros(4)]
+    with pytest.raises(ValueError, match="one flag for each name; got 1 flags for 2 names"):
+        engine.exchange_into(parts, ["a", "b"], [torch.Size([3]), torch.Size([4])], frozen=[True])
+
+
 # ---- the collective's options, and what "auto" chooses from -----------------------------------
 def test_collective_options_reach_the_collective_and_its_restored_state():
     sync = sparsetrain.GradientSync(

@@ -151,6 +151,7 @@ class SyncEngine:
         self._staging: Tensor | None = None  # reused by the dense in-place path
         self._marks: Tensor | None = None  # all False between calls of _not_selected
         self._keys_seen: dict[str, frozenset[str]] = {}  # bucket keys exchanged: parameters
+        self._frozen_now: Sequence[bool] | None = None  # exchange_into's frozen, during it
 
     def __repr__(self) -> str:
         return f"SyncEngine({describe(self.config, self.compressor)}, step={self.step})"
@@ -241,7 +242,12 @@ class SyncEngine:
         return out
 
     def exchange_into(
-        self, parts: Sequence[Tensor], names: Sequence[str], shapes: Sequence[torch.Size]
+        self,
+        parts: Sequence[Tensor],
+        names: Sequence[str],
+        shapes: Sequence[torch.Size],
+        *,
+        frozen: Sequence[bool] | None = None,
     ) -> None:
         """Average over ranks the gradients ``parts`` (one 1-D tensor for each of ``names``, of
         the same dtype and device, each anywhere in memory), writing the average into them.
@@ -251,10 +257,15 @@ class SyncEngine:
         passes over memory fewer than packing them); other compressors and collectives pack
         them, exchange, and copy the result back.
 
+        ``frozen``: which of ``names`` this rank has frozen (their parts are zeros). The ranks
+        then check, in the message that agrees on finiteness, that they froze the same ones.
+
         Raises:
             ValueError: ``parts`` do not match ``names`` and ``shapes`` (count, length, 1-D),
                 or differ in dtype or device.
             FloatingPointError: as :meth:`exchange`.
+            RuntimeError: ``frozen`` differs between ranks (raised on every rank, naming the
+                parameters and the ranks).
         """
         parts = list(parts)
         if not (len(parts) == len(names) == len(shapes)) or not parts:
@@ -262,6 +273,20 @@ class SyncEngine:
                 f"exchange_into needs one part for each name and shape; got {len(parts)} parts, "
                 f"{len(names)} names and {len(shapes)} shapes"
             )
+        if frozen is not None and len(frozen) != len(names):
+            raise ValueError(
+                f"exchange_into's frozen needs one flag for each name; got {len(frozen)} flags "
+                f"for {len(names)} names"
+            )
+        self._frozen_now = frozen
+        try:
+            self._exchange_into(parts, names, shapes)
+        finally:
+            self._frozen_now = None
+
+    def _exchange_into(
+        self, parts: list[Tensor], names: Sequence[str], shapes: Sequence[torch.Size]
+    ) -> None:
         numels = [math.prod(s) for s in shapes]
         for name, part, k in zip(names, parts, numels):
             if part.dim() != 1 or part.numel() != k:
@@ -936,6 +961,10 @@ class SyncEngine:
         in one tensor, where they are (read instead, in one pass). ``per_param``: which of this
         rank's parameters hold NaN/Inf (uint8, in ``names``' order), when the caller has found
         out already (the gradients are then not read).
+
+        With :meth:`exchange_into`'s ``frozen``, the allreduce also counts, for each parameter,
+        the ranks that froze it; a count other than none or all raises on every rank
+        (:meth:`_check_frozen`).
         """
         device = parts[0].device
         if per_param is not None:
@@ -950,12 +979,16 @@ class SyncEngine:
                 not bool(torch.isfinite(whole[i]).all())
                 for i in torch.nonzero(~torch.isfinite(sums)).flatten().tolist()
             )
-        bad = torch.tensor([float(bad_here)], device=device)
+        frozen = self._frozen_now if world > 1 else None
+        flags = [float(bad_here)] + ([] if frozen is None else [float(f) for f in frozen])
+        bad = torch.tensor(flags, device=device)
         if world > 1:
             bad, sent = self._timed_comm(allreduce_sum, [bad], self.group)
             bad = bad[0]
             self._count(sent, sent)
-        if float(bad) == 0.0:
+        if frozen is not None:
+            self._check_frozen(bad[1:], names, world, device)
+        if float(bad[0]) == 0.0:
             return False
         if per_param is None:
             per_param = torch.stack([~torch.isfinite(p).all() for p in parts]).to(torch.uint8)
@@ -977,6 +1010,37 @@ class SyncEngine:
                 "grad_scaler=scaler: overflows are then its to handle)"
             )
         return True
+
+    def _check_frozen(
+        self, counts: Tensor, names: Sequence[str], world: int, device: torch.device
+    ) -> None:
+        """Raise on every rank if some parameter is frozen on some ranks and not on others
+        (``counts``: the ranks that froze each of ``names``, summed over ranks). A frozen
+        parameter goes into the exchange as zeros: the ranks that still train it would average
+        their gradients with those zeros, and the copies would drift apart without an error.
+        Only then does a gather find out which ranks froze which."""
+        split = [i for i, c in enumerate(counts.tolist()) if 0 < c < world]
+        if not split:
+            return
+        mine = torch.tensor([float(self._frozen_now[i]) for i in split], device=device)
+        rows = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(rows, mine, group=self.group)
+        table = torch.stack(rows).cpu()
+        which = []
+        for j, i in enumerate(split[:5]):
+            froze = [r for r in range(world) if table[r, j] > 0]
+            train = [r for r in range(world) if table[r, j] == 0]
+            which.append(f"{names[i]!r} frozen on rank(s) {froze}, trainable on {train}")
+        more = f" (and {len(split) - 5} more)" if len(split) > 5 else ""
+        self._drop()
+        raise RuntimeError(
+            "the ranks have frozen different parameters (requires_grad=False): "
+            + "; ".join(which)
+            + more
+            + ". A frozen parameter goes into the exchange as zeros, so the ranks that train it "
+            "would average their gradients with those zeros and the ranks' copies would drift "
+            "apart. Freeze the same parameters on every rank, at the same step"
+        )
 
     def _first_use(self, key: str, names: list[str]) -> None:
         """Before a bucket key's first exchange: drop the per-key state of keys that share

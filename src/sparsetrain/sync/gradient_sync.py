@@ -42,8 +42,9 @@ class GradientSync:
     frozen after GradientSync was built (``requires_grad=False``) is left alone: its gradient
     stays as it is (None stays None), its residual is dropped, and zeros take its place in the
     exchange, so the ranks' buckets still match. Every rank must freeze the same parameters at
-    the same step (a parameter frozen on one rank only is averaged with its zeros on the
-    others). Parameters frozen before GradientSync was built are in no bucket: unfrozen later,
+    the same step: a parameter frozen on some ranks only raises a ``RuntimeError`` on every
+    rank, naming it and the ranks (checked in the one small allreduce a bucket that agrees on
+    finiteness). Parameters frozen before GradientSync was built are in no bucket: unfrozen later,
     their gradients are not exchanged (a warning says so), so build GradientSync with every
     parameter that will train unfrozen, and freeze afterwards. A state records its buckets:
     a GradientSync with others (another ``bucket_cap_mb``, or built after freezing where the
@@ -203,6 +204,7 @@ class GradientSync:
                     grads,
                     [n for n, _ in bucket],
                     [p.shape for _, p in bucket],
+                    frozen=[not p.requires_grad for _, p in bucket],
                 )
         finally:
             self.engine.end_step()
