@@ -1925,3 +1925,65 @@ def test_a_step_that_raised_keeps_the_residuals_it_started_with(tmp_path):
         assert res["raised"] and "non-finite gradient" in res["raised"], res
         assert res["same"] == res["names"] and len(res["names"]) > 1, res
         assert res["next_ok"] and res["skipped"] == 1, res
+
+
+# ---- a state loaded by another rank, or by a run of another size --------------------------------
+def _hook_step(model: nn.Module, rank: int, step: int) -> str | None:
+    x, y = _batch(rank, step)
+    model.zero_grad()
+    try:
+        nn.functional.cross_entropy(model(x), y).backward()
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+def _loaded_elsewhere(rank: int, world: int, path: str) -> dict:
+    torch.manual_seed(0)
+    model = DDP(_net())
+    state = sparsetrain.register_ddp_hook(model, "threshold", density=0.1)
+    for step in range(3):
+        _hook_step(model, rank, step)
+    torch.save(state.state_dict(), os.path.join(path, f"rank{rank}.pt"))
+    dist.barrier()
+    single = torch.load(os.path.join(path, "single.pt"), weights_only=False)
+    out = {}
+    for case in ("rank0", "fewer", "rank0_not_strict", "own"):
+        torch.manual_seed(0)
+        model = DDP(_net())
+        state = sparsetrain.register_ddp_hook(model, "threshold", density=0.1)
+        if case == "fewer":  # saved by a run of 1 rank, loaded on rank 0 only
+            if rank == 0:
+                state.load_state_dict(single)
+        else:
+            mine = "rank0.pt" if case.startswith("rank0") else f"rank{rank}.pt"
+            saved = torch.load(os.path.join(path, mine), weights_only=False)
+            state.load_state_dict(saved, strict=case != "rank0_not_strict")
+        out[case] = _hook_step(model, rank, 3)
+    return out
+
+
+def test_a_state_saved_by_another_rank_or_world_size_is_refused_on_every_rank(tmp_path):
+    """Before, every rank loading rank 0's file (the habit of saving on rank 0 only) or a run
+    resumed on another number of ranks was taken without a word, and the first step applied
+    another update: one rank's residuals counted on every rank, or some ranks' lost."""
+    torch.manual_seed(0)
+    model = _net()
+    sync = sparsetrain.GradientSync(model, "threshold", density=0.1)  # one process: world 1
+    x, y = _batch(0)
+    nn.functional.cross_entropy(model(x), y).backward()
+    sync.synchronize()
+    single = sync.state_dict()
+    assert (single["rank"], single["world"]) == (0, 1)
+    torch.save(single, tmp_path / "single.pt")
+    for r in oks(run_world(_loaded_elsewhere, 2, tmp_path, str(tmp_path))):
+        assert (
+            "ranks loaded gradient sync states saved by other ranks (rank 1 the state of "
+            "rank 0)" in r["rank0"]
+        ), r
+        assert "each rank must load the state it saved itself" in r["rank0"]
+        assert (
+            "saved by a run of another number of ranks (rank(s) [0] one of 1 ranks); "
+            "this run has 2" in r["fewer"]
+        ), r
+        assert r["rank0_not_strict"] is None and r["own"] is None, r

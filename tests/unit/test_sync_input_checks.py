@@ -241,6 +241,10 @@ def test_a_state_without_its_entries_names_the_missing_ones(group, owner):
         ("counters", None, "'counters' must be a dict"),
         ("feedback", [], "'feedback' must be a dict"),
         ("config", "threshold", "'config' must be a dict"),
+        ("rank", 2, r"0 <= rank < world .*, got rank=2, world=\d"),
+        ("rank", -1, r"0 <= rank < world .*, got rank=-1"),
+        ("world", 0, r"0 <= rank < world .*, got rank=0, world=0"),
+        ("world", "4", r"got rank=0, world='4'"),
     ],
 )
 def test_a_state_with_malformed_entries_is_refused(group, key, value, message):

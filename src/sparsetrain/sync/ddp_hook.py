@@ -124,8 +124,10 @@ class SyncState:
         """Restore what :meth:`state_dict` returned; the next step exchanges the saved groups of
         parameters, so a resumed run compresses exactly as the uninterrupted one. A state
         saved under other settings (another compressor, density, collective, ...) is refused,
-        naming them; ``on_nonfinite`` may differ. ``strict=False`` takes a state saved under
-        another density, collective and so on (not another compressor)."""
+        naming them; ``on_nonfinite`` may differ. Each rank must load the state it saved, from
+        a run of as many ranks: the next step raises on every rank if not. ``strict=False``
+        takes a state saved under another density, collective and so on (not another
+        compressor), or by another rank or number of ranks."""
         check_state(state, "SyncState")
         groups = state.get("ddp_groups")
         if groups is not None and not (

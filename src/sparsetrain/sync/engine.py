@@ -152,6 +152,8 @@ class SyncEngine:
         self._marks: Tensor | None = None  # all False between calls of _not_selected
         self._keys_seen: dict[str, frozenset[str]] = {}  # bucket keys exchanged: parameters
         self._frozen_now: Sequence[bool] | None = None  # exchange_into's frozen, during it
+        # (rank, world) a state loaded with strict was saved by, checked at the next step.
+        self._loaded_from: tuple[int, int] | None = None
 
     def __repr__(self) -> str:
         return f"SyncEngine({describe(self.config, self.compressor)}, step={self.step})"
@@ -413,11 +415,14 @@ class SyncEngine:
         world = world_of(self.group)
         rank = dist.get_rank(self.group) if world > 1 else 0
         meeting = agreement_device(self.group, device)
-        flags = torch.zeros(4 * world, dtype=torch.int64, device=meeting)
+        flags = torch.zeros(6 * world, dtype=torch.int64, device=meeting)
         flags[rank] = int(self.scaler_missing and self.grad_scaler is None)
         flags[world + rank] = int(self.grad_scaler is not None)
         flags[2 * world + rank] = device_code(device)
         flags[3 * world + rank] = self.step
+        saved_rank, saved_world = self._loaded_from or (-1, -1)
+        flags[4 * world + rank] = saved_rank
+        flags[5 * world + rank] = saved_world
         if world > 1:
             with on_device(meeting):
                 dist.all_reduce(flags, group=self.group)
@@ -425,7 +430,9 @@ class SyncEngine:
         missing = [r for r in range(world) if seen[r]]
         scaled = [r for r in range(world) if seen[world + r]]
         codes = seen[2 * world : 3 * world]
-        steps = seen[3 * world :]
+        steps = seen[3 * world : 4 * world]
+        _check_saved_by(seen[4 * world : 5 * world], seen[5 * world :])
+        self._loaded_from = None
         if len(set(steps)) > 1:
             at = ", ".join(f"rank {r} at step {s}" for r, s in enumerate(steps))
             raise RuntimeError(
@@ -1122,9 +1129,13 @@ class SyncEngine:
         return out
 
     def state_dict(self) -> dict[str, Any]:
+        world = world_of(self.group)
         sd: dict[str, Any] = {
             "config": self.config.to_dict(),
             "step": self.step,
+            # Whose it is: the residuals are this rank's own share of the gradient not yet sent.
+            "rank": dist.get_rank(self.group) if world > 1 else 0,
+            "world": world,
             "counters": dict(self.counters),
             "feedback": self.feedback.state_dict(),
             "compressor": self.compressor.state_dict(),
@@ -1150,7 +1161,9 @@ class SyncEngine:
         settings in effect (the ``config`` it records) is refused, naming them; ``on_nonfinite``
         may differ, and states from before a setting existed load as they did. With
         ``strict=False`` only another compressor is refused (its state is another kind): a
-        state taken on under a new density or collective, say, to change them mid-run.
+        state taken on under a new density or collective, say, to change them mid-run. With
+        ``strict``, the next step also checks that each rank loaded the state it saved, from a
+        run of as many ranks (:func:`_check_saved_by`), raising on every rank if not.
         ``owner`` names the caller in errors. ``sizes``: the model's parameters (name: number
         of elements); with ``strict``, a state holding residuals of other parameters, or of
         other sizes (another model's), is refused, naming them."""
@@ -1167,6 +1180,7 @@ class SyncEngine:
                 "may differ)"
                 + ("" if diffs[0].startswith("compressor:") else ", or pass strict=False")
             )
+        saved_by = _saved_by(state)
         scale = state.get("loss_scale", 1.0)  # states from before loss scaling: unscaled
         if (
             isinstance(scale, bool)
@@ -1212,6 +1226,58 @@ class SyncEngine:
         self._skipping = False
         self._outputs = []
         self.agree_step = True  # the next step checks that every rank is at this step
+        # ... and, with strict, that each rank loaded its own state from a run of this size.
+        self._loaded_from = saved_by if strict else None
+
+
+def _check_saved_by(saved_ranks: list[int], saved_worlds: list[int]) -> None:
+    """Raise (on every rank: each holds the same lists) if a rank loaded, with strict, a state
+    saved by a run of another size or by another rank (-1: it loaded none, or an old one).
+    Error feedback's residuals are each rank's own share of the gradient not yet sent: on
+    fewer ranks the others' shares are lost, and a state loaded on every rank from one rank's
+    file counts that rank's share on every rank and loses the others' (a large wrong step,
+    with no error, on the first step after the resume)."""
+    world = len(saved_ranks)
+    other = {r: w for r, w in enumerate(saved_worlds) if w >= 1 and w != world}
+    if other:
+        sizes = ", ".join(
+            f"rank(s) {[r for r in other if other[r] == w]} one of {w} ranks"
+            for w in sorted(set(other.values()))
+        )
+        raise RuntimeError(
+            f"the gradient sync states loaded were saved by a run of another number of ranks "
+            f"({sizes}); this run has {world}. Each rank's error-feedback residuals are its own "
+            "share of the gradient not yet sent, which a run of another size would lose or "
+            "count twice: resume with as many ranks as saved the states, each loading the one "
+            "it saved; or load with strict=False to take them anyway (the first steps then "
+            "apply another update than the uninterrupted run would)"
+        )
+    swapped = [(r, s) for r, s in enumerate(saved_ranks) if s >= 0 and s != r]
+    if swapped:
+        which = ", ".join(f"rank {r} the state of rank {s}" for r, s in swapped[:8])
+        more = f" and {len(swapped) - 8} more" if len(swapped) > 8 else ""
+        raise RuntimeError(
+            f"ranks loaded gradient sync states saved by other ranks ({which}{more}): each "
+            "rank must load the state it saved itself, since its error-feedback residuals are "
+            "its own share of the gradient not yet sent (one rank's state loaded on every rank "
+            "counts its share on every rank and loses the others'). Save state_dict() on every "
+            "rank, not only on rank 0, one file a rank; or load with strict=False to take them "
+            "anyway"
+        )
+
+
+def _saved_by(state: Mapping[str, Any]) -> tuple[int, int] | None:
+    """The (rank, world size) a state records it was saved by; None for a state from before
+    states recorded them."""
+    if "rank" not in state and "world" not in state:
+        return None
+    rank, world = state.get("rank"), state.get("world")
+    if not (is_integer(world, 1) and is_integer(rank, 0) and rank < world):
+        raise ValueError(
+            "the state's 'rank' and 'world' must be integers with 0 <= rank < world (the rank "
+            f"that saved it and the number of ranks), got rank={rank!r}, world={world!r}"
+        )
+    return int(rank), int(world)
 
 
 def check_state_fits(state: Mapping[str, Any], sizes: Mapping[str, int], owner: str) -> None:

@@ -308,9 +308,11 @@ class GradientSync:
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Restore what :meth:`state_dict` returned. A state saved under other settings
         (another compressor, density, collective, ...) is refused, naming them;
-        ``on_nonfinite`` may differ. ``strict=False`` takes a state saved under another
-        density, collective and so on (not another compressor), as
-        ``torch.nn.Module.load_state_dict`` takes one with other keys."""
+        ``on_nonfinite`` may differ. Each rank must load the state it saved, from a run of as
+        many ranks: the next step raises on every rank if not. ``strict=False`` takes a state
+        saved under another density, collective and so on (not another compressor), or by
+        another rank or number of ranks, as ``torch.nn.Module.load_state_dict`` takes one with
+        other keys."""
         if strict and isinstance(state, Mapping) and state.get("buckets") is not None:
             self._check_buckets(state["buckets"])
         self.engine.load_state_dict(state, owner="GradientSync", strict=strict, sizes=self._sizes)
