@@ -378,16 +378,19 @@ class ErrorFeedback:
             return None
         bufs = self._buffers_for(key, names, sum(numels), like.dtype, like.device, torch.empty)
         out = bufs[self._next.get(key, 0)]
-        count, offset, nonfinite = 0, 0, []
-        for n, k, part, dst in zip(names, numels, parts, torch.split(out, list(numels))):
-            res = None
-            if self.enabled and n in self.residuals:
-                res = self._residual(n, k, out).to(out.dtype).contiguous()
-            count, bad = _native.compensate_select(
-                part.reshape(-1), res, dst, threshold, offset, hits, count, values=values
-            )
-            nonfinite.append(bad)
-            offset += k
+        residuals: list[Tensor | None] = [None] * len(parts)
+        if self.enabled:
+            stored = self.residuals
+            for j, (n, k) in enumerate(zip(names, numels)):
+                if n in stored:
+                    res = self._residual(n, k, out)
+                    if res.dtype != out.dtype or not res.is_contiguous():
+                        res = res.to(out.dtype).contiguous()
+                    residuals[j] = res
+        # One call for the bucket: the checks once, not once a parameter.
+        count, nonfinite = _native.compensate_select_parts(
+            [p.view(-1) for p in parts], residuals, out, threshold, hits, values=values
+        )
         return out, count, nonfinite
 
     def commit_sparse(

@@ -442,3 +442,25 @@ def test_momentum_correction_says_which_form_it_takes():
         sparsetrain.SyncConfig(compressor="topk", momentum_correction=True)
     with pytest.raises(TypeError, match="True applies TrainConfig.momentum"):
         TrainConfig(compressor="topk", momentum_correction=0.9)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_a_global_selection_lands_in_the_same_places_through_the_flat_bucket(dtype):
+    # The hook's path writes the selection into DDP's flat bucket in one call; GradientSync's
+    # writes it into each parameter's gradient. Parameters in another order than canonical,
+    # some of them empty or without a selected entry.
+    from sparsetrain.sync.engine import _put_bucket, _put_canonical
+
+    g = torch.Generator().manual_seed(0)
+    numels = [5, 0, 7, 1, 12, 3]
+    order = [4, 2, 0, 5, 1, 3]  # canonical part j is the bucket's part order[j]
+    cnumels = [numels[i] for i in order]
+    total = sum(numels)
+    indices = torch.randperm(total, generator=g)[:9].to(dtype)
+    values = torch.randn(9, generator=g)
+    flat = torch.zeros(total)
+    _put_bucket(flat, order, cnumels, indices, values)
+    parts = list(torch.zeros(total).split(numels))
+    _put_canonical([parts[i] for i in order], indices, values)
+    assert torch.equal(flat, torch.cat(parts))
+    assert int((flat != 0).sum()) == 9

@@ -25,6 +25,7 @@ import ctypes
 import os
 import threading
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -190,18 +191,7 @@ def compensate_select(
                 f"one dtype (float32 or float64) and size; got (dtype, size, device, "
                 f"contiguous) {got}"
             )
-    if hits.dtype != torch.int64 or not hits.is_contiguous() or hits.device.type != "cpu":
-        raise ValueError("compensate_select: hits must be a contiguous CPU int64 tensor")
-    if values is not None and (
-        values.dtype != grad.dtype
-        or values.numel() != hits.numel()
-        or not values.is_contiguous()
-        or values.device.type != "cpu"
-    ):
-        raise ValueError(
-            "compensate_select: values must be a contiguous CPU tensor of grad's dtype, as "
-            f"long as hits ({hits.numel()}); got {values.dtype} of {values.numel()}"
-        )
+    _check_hits(hits, values, grad.dtype)
     if not threshold >= 0:  # negative or NaN: hardshrink then keeps what it keeps at 0
         threshold = 0.0
     flag = ctypes.c_int32(0)
@@ -220,6 +210,102 @@ def compensate_select(
         int(clear),
     )
     return count, bool(flag.value)
+
+
+def compensate_select_parts(
+    grads: Sequence[Tensor],
+    residuals: Sequence[Tensor | None],
+    out: Tensor,
+    threshold: float,
+    hits: Tensor,
+    values: Tensor | None = None,
+) -> tuple[int, list[bool]]:
+    """:func:`compensate_select` for a bucket's gradients in one call: ``out`` (contiguous)
+    holds their compensations one after the other, ``grads[j]`` is compensated with
+    ``residuals[j]`` (or None) into its piece of ``out`` and cleared, and the selected
+    positions count from the start of ``out``. The same values as one
+    :func:`compensate_select` a gradient, with the checks done once for the bucket and no view
+    of ``out`` made per gradient: a model of hundreds of small tensors (a transformer's biases
+    and norms) spent most of its step in those per-call checks.
+
+    Returns ``(count, nonfinite)``: as :func:`compensate_select`'s, ``nonfinite[j]`` for
+    ``grads[j]``. Raises RuntimeError when the kernel is unavailable, ValueError for tensors
+    it does not take.
+    """
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the native kernel is unavailable: {_reason or 'turned off'}")
+    dtype = out.dtype
+    if len(grads) != len(residuals):
+        raise ValueError(
+            f"compensate_select_parts: {len(grads)} gradients but {len(residuals)} residuals"
+        )
+    total = 0
+    for g, r in zip(grads, residuals):
+        for t in (g,) if r is None else (g, r):
+            if t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu":
+                raise ValueError(
+                    "compensate_select_parts: gradients and residuals must be contiguous CPU "
+                    f"tensors of out's dtype ({dtype}); got {t.dtype} on {t.device}, "
+                    f"contiguous: {t.is_contiguous()}"
+                )
+        if r is not None and r.numel() != g.numel():
+            raise ValueError(
+                f"compensate_select_parts: a residual of {r.numel()} elements for a gradient "
+                f"of {g.numel()}"
+            )
+        total += g.numel()
+    if not supports(out) or not out.is_contiguous() or out.numel() != total:
+        raise ValueError(
+            "compensate_select_parts: out must be a contiguous CPU float32 or float64 tensor "
+            f"as long as the gradients together ({total}); got {out.dtype} of {out.numel()} "
+            f"on {out.device}"
+        )
+    _check_hits(hits, values, dtype)
+    if not threshold >= 0:  # as compensate_select
+        threshold = 0.0
+    fn = getattr(lib, _SYMBOLS[dtype])
+    size, base = out.element_size(), out.data_ptr()
+    hits_at, cap = hits.data_ptr(), hits.numel()
+    values_at = None if values is None else values.data_ptr()
+    flag = ctypes.c_int32(0)
+    flag_at = ctypes.byref(flag)
+    count, offset, nonfinite = 0, 0, []
+    for g, r in zip(grads, residuals):
+        n = g.numel()
+        flag.value = 0
+        count = fn(
+            g.data_ptr(),
+            None if r is None else r.data_ptr(),
+            base + offset * size,
+            n,
+            threshold,
+            offset,
+            hits_at,
+            values_at,
+            cap,
+            count,
+            flag_at,
+            1,
+        )
+        nonfinite.append(bool(flag.value))
+        offset += n
+    return count, nonfinite
+
+
+def _check_hits(hits: Tensor, values: Tensor | None, dtype: torch.dtype) -> None:
+    if hits.dtype != torch.int64 or not hits.is_contiguous() or hits.device.type != "cpu":
+        raise ValueError("compensate_select: hits must be a contiguous CPU int64 tensor")
+    if values is not None and (
+        values.dtype != dtype
+        or values.numel() != hits.numel()
+        or not values.is_contiguous()
+        or values.device.type != "cpu"
+    ):
+        raise ValueError(
+            "compensate_select: values must be a contiguous CPU tensor of grad's dtype, as "
+            f"long as hits ({hits.numel()}); got {values.dtype} of {values.numel()}"
+        )
 
 
 def select(flat: Tensor, threshold: float, hits: Tensor) -> int:

@@ -680,8 +680,9 @@ class SyncEngine:
                 compensated, count, nonfinite = fused
                 if marked is not None:
                     hits = (positions, recorded, count)
-                for j, b in enumerate(nonfinite):
-                    bad[order[j]] = int(b)
+                if any(nonfinite):  # (a tensor's item set a parameter costs a bucket's step)
+                    for j, b in enumerate(nonfinite):
+                        bad[order[j]] = int(b)
             else:
                 mark = comp.marker(numel, marked)
 
@@ -778,7 +779,11 @@ class SyncEngine:
                 if not cleared:
                     for part in parts:
                         part.zero_()
-                _put_canonical(cparts, selected, (res.values / divisor).to(parts[0].dtype))
+                out = (res.values / divisor).to(parts[0].dtype)
+                if flat is not None and len(parts) > 1:
+                    _put_bucket(flat, order, cnumels, selected, out)
+                else:
+                    _put_canonical(cparts, selected, out)
                 return
             total = res.dense
             self.feedback.mask_velocity(sent_idx)
@@ -1349,6 +1354,34 @@ def _put_canonical(cparts: list[Tensor], indices: Tensor, values: Tensor) -> Non
     for part, start, a, b in zip(cparts, starts, edges, edges[1:]):
         if b > a:
             part.index_put_((indices[a:b] - start,), values[a:b])
+
+
+def _put_bucket(
+    flat: Tensor, order: list[int], cnumels: list[int], indices: Tensor, values: Tensor
+) -> None:
+    """As :func:`_put_canonical` where the parts are the pieces of ``flat`` in the bucket's
+    order (canonical part ``j`` is the bucket's part ``order[j]``, of ``cnumels[j]`` elements):
+    each canonical index is moved to its place in ``flat`` and all are written in one call, not
+    one a part (hundreds of small parameters made that loop much of a step)."""
+    parts = len(order)
+    bucket_numels = [0] * parts
+    for j, i in enumerate(order):
+        bucket_numels[i] = cnumels[j]
+    bucket_starts = [0] * parts
+    for i in range(1, parts):
+        bucket_starts[i] = bucket_starts[i - 1] + bucket_numels[i - 1]
+    canonical_starts = [0] * parts
+    for j in range(1, parts):
+        canonical_starts[j] = canonical_starts[j - 1] + cnumels[j - 1]
+    device = indices.device
+    shift = torch.tensor(
+        [bucket_starts[order[j]] - canonical_starts[j] for j in range(parts)], device=device
+    )
+    # The canonical part each index falls in: the number of later parts' starts at or below it.
+    segment = torch.searchsorted(
+        torch.tensor(canonical_starts[1:], device=device, dtype=indices.dtype), indices, right=True
+    )
+    flat.index_put_((indices + shift[segment],), values)
 
 
 def _to_bucket_order(
