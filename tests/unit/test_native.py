@@ -131,6 +131,46 @@ def test_kernel_refuses_what_it_cannot_take():
 
 
 @needs_kernel
+def test_a_bucket_in_one_call_equals_one_call_a_gradient_and_flags_each_alone():
+    gen = torch.Generator().manual_seed(5)
+    numels = [300, 0, 1, 4000, 17]
+    grads = [torch.randn(k, generator=gen) for k in numels]
+    grads[3][2500] = float("nan")  # only this gradient is flagged, not the ones after it
+    residuals = [torch.randn(k, generator=gen) if k % 2 else None for k in numels]
+    copies = [g.clone() for g in grads]
+    out, hits = torch.empty(sum(numels)), torch.zeros(5000, dtype=torch.int64)
+    count, nonfinite = _native.compensate_select_parts(grads, residuals, out, 1.0, hits)
+    ref_out, ref_hits, ref_count, ref_flags, base = (
+        torch.empty_like(out),
+        torch.zeros_like(hits),
+        0,
+        [],
+        0,
+    )
+    for g, r, k in zip(copies, residuals, numels):
+        ref_count, bad = _native.compensate_select(
+            g, r, ref_out[base : base + k], 1.0, base, ref_hits, ref_count
+        )
+        ref_flags.append(bad)
+        base += k
+    assert torch.equal(out.nan_to_num(), ref_out.nan_to_num()) and count == ref_count
+    assert torch.equal(hits, ref_hits) and nonfinite == ref_flags == [
+        False,
+        False,
+        False,
+        True,
+        False,
+    ]
+    assert not any(bool(g.any()) for g in grads)  # cleared
+    with pytest.raises(ValueError, match="as long as the gradients together"):
+        _native.compensate_select_parts(grads, residuals, out[1:], 1.0, hits)
+    with pytest.raises(ValueError, match="a residual of 2 elements for a gradient of 300"):
+        _native.compensate_select_parts(grads, [torch.zeros(2), *residuals[1:]], out, 1.0, hits)
+    with pytest.raises(ValueError, match="contiguous CPU tensors of out's dtype"):
+        _native.compensate_select_parts([g.double() for g in grads], residuals, out, 1.0, hits)
+
+
+@needs_kernel
 def test_feedback_compensate_select_equals_compensate_into():
     names, numels = ["a", "b", "c"], [5000, 3, 20_000]
     gen = torch.Generator().manual_seed(4)
