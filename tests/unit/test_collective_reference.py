@@ -351,3 +351,39 @@ def test_next_threshold_moves_at_most_a_factor_of_two_and_in_the_right_direction
 def test_next_threshold_keeps_a_hit_and_keep_everything():
     assert next_threshold(0.3, 10, 4, 20, 10) == 0.3  # exactly k kept
     assert next_threshold(0.0, 5, 5, 5, 10) == 0.0  # threshold 0 keeps all; stays
+
+
+def _call_each(names: list[str]) -> dict:
+    from sparsetrain.comm import get_collective
+
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randperm(1000, generator=gen)[:100].sort().values
+    val = torch.randn(100, generator=gen)
+    out = {}
+    for name in names:
+        coll = get_collective(name, **({"k": 30} if name in ("oktopk", "gtopk") else {}))
+        out[name] = [coll(idx, val, 1000, key="a") for _ in range(3)]  # state kept between calls
+    return out
+
+
+def test_without_a_process_group_a_collective_runs_as_a_world_of_one():
+    """Before, every sparse collective but the allgather raised when torch.distributed was not
+    initialized, so GradientSync with one of them could not be tried in one process."""
+    import torch.distributed as dist
+
+    names = ["allgather", "ssar_rd", "ssar_split", "dsar", "oktopk", "gtopk"]
+    alone = _call_each(names)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        grouped = _call_each(names)
+    finally:
+        dist.destroy_process_group()
+    for name in names:
+        for a, b in zip(alone[name], grouped[name]):
+            for field in ("dense", "indices", "values", "dropped"):
+                x, y = getattr(a, field), getattr(b, field)
+                if isinstance(x, tuple):  # gTop-k's dropped (indices, values)
+                    assert all(torch.equal(u, v) for u, v in zip(x, y)), (name, field)
+                else:
+                    assert (x is None and y is None) or torch.equal(x, y), (name, field)
+            assert a.bytes_sent == b.bytes_sent == 0, name

@@ -312,19 +312,21 @@ class Wire:
 
     def __init__(self, group: dist.ProcessGroup | None, device: torch.device) -> None:
         check_group(group)
+        self.device = device
+        self.traffic = Traffic()
         if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError(
-                "torch.distributed is not initialized; call torch.distributed.init_process_group "
-                "(or launch with torchrun) before a sparse collective"
-            )
+            # One process without a process group (a script tried out before it is launched
+            # on several): a world of one, as the allgather and the dense allreduce take it,
+            # where nothing is sent and the collective's result is its own input's.
+            self.group, self.world, self.rank, self.global_ranks = None, 1, 0, [0]
+            self.staged = False
+            return
         self.group = group if group is not None else dist.group.WORLD
         self.world = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
         self.global_ranks = dist.get_process_group_ranks(self.group)
-        self.device = device
         # gloo's send and receive read and write host memory only: stage other devices' bytes.
         self.staged = device.type != "cpu" and backend_for(self.group, device.type) == "gloo"
-        self.traffic = Traffic()
 
     # ---- agreement ----------------------------------------------------------------------
     def agree(
