@@ -141,6 +141,8 @@ class GradientSync:
         check_consistent(self.config, layout, process_group, extra, device=device)
         self.engine = SyncEngine(self.config, process_group, grad_scaler)
         self.buckets = self._make_buckets(bucket_cap_mb * 2**20)
+        # Each bucket's names and shapes, as every step passes them.
+        self._layouts = [([n for n, _ in b], [p.shape for _, p in b]) for b in self.buckets]
         # Parameters frozen since: the zeros that stand in for their gradients.
         self._frozen_since: dict[str, torch.Tensor] = {}
         for bucket in self.buckets:
@@ -181,7 +183,7 @@ class GradientSync:
         if self._left_out:
             self._warn_unfrozen()
         try:
-            for bucket in self.buckets:
+            for bucket, (names, shapes) in zip(self.buckets, self._layouts):
                 grads = []
                 for n, p in bucket:
                     if not p.requires_grad:
@@ -201,10 +203,7 @@ class GradientSync:
                         p.grad = p.grad.contiguous()
                     grads.append(p.grad.view(-1))
                 self.engine.exchange_into(
-                    grads,
-                    [n for n, _ in bucket],
-                    [p.shape for _, p in bucket],
-                    frozen=[not p.requires_grad for _, p in bucket],
+                    grads, names, shapes, frozen=[not p.requires_grad for _, p in bucket]
                 )
         finally:
             self.engine.end_step()
