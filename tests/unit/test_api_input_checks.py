@@ -148,6 +148,12 @@ def test_safeguard_refuses_malformed_entries_and_loads_nothing(change, match):
     _refused(rule, {**rule.state_dict(), **change}, match=match)
 
 
+def test_safeguard_refuses_a_state_of_another_number_of_workers_and_says_what_to_do():
+    saved = _stepped("safeguard", n=7, window0=2, window1=4).state_dict()
+    fewer = get_aggregator("safeguard", n=5, f=1, window0=2, window1=4)
+    _refused(fewer, saved, match="is for 7 workers, this rule has n=5: resume with as many")
+
+
 def test_a_state_round_trips_exactly_through_a_file():
     for name, options in [
         ("safeguard", {"window0": 2, "window1": 4}),

@@ -334,7 +334,9 @@ class Safeguard(Aggregator):
             )
         if good.shape != (self.n,):
             raise ValueError(
-                f"safeguard state is for {good.shape[0]} workers, this rule has n={self.n}"
+                f"safeguard state is for {good.shape[0]} workers, this rule has n={self.n}: "
+                "resume with as many workers as saved it (which workers Safeguard trusts, and "
+                "their accumulated gradients, are by worker)"
             )
         good = good.clone().bool().cpu()
         if not bool(good.any()):
