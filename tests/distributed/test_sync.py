@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 
 import pytest
 import torch
@@ -1945,16 +1946,22 @@ def _loaded_elsewhere(rank: int, world: int, path: str) -> dict:
     for step in range(3):
         _hook_step(model, rank, step)
     torch.save(state.state_dict(), os.path.join(path, f"rank{rank}.pt"))
+    with open(os.path.join(path, f"hook{rank}.pkl"), "wb") as f:
+        pickle.dump(state, f)
     dist.barrier()
     single = torch.load(os.path.join(path, "single.pt"), weights_only=False)
     out = {}
-    for case in ("rank0", "fewer", "rank0_not_strict", "own"):
+    for case in ("rank0", "fewer", "rank0_not_strict", "own", "pickled_rank0", "pickled_own"):
         torch.manual_seed(0)
         model = DDP(_net())
         state = sparsetrain.register_ddp_hook(model, "threshold", density=0.1)
         if case == "fewer":  # saved by a run of 1 rank, loaded on rank 0 only
             if rank == 0:
                 state.load_state_dict(single)
+        elif case.startswith("pickled"):  # unpickled, then handed over as the README says
+            mine = "hook0.pkl" if case == "pickled_rank0" else f"hook{rank}.pkl"
+            with open(os.path.join(path, mine), "rb") as f:
+                state.load_state_dict(pickle.load(f).state_dict())
         else:
             mine = "rank0.pt" if case.startswith("rank0") else f"rank{rank}.pt"
             saved = torch.load(os.path.join(path, mine), weights_only=False)
@@ -1987,3 +1994,10 @@ def test_a_state_saved_by_another_rank_or_world_size_is_refused_on_every_rank(tm
             "this run has 2" in r["fewer"]
         ), r
         assert r["rank0_not_strict"] is None and r["own"] is None, r
+        # A pickled state is rebuilt on the default group (here, in a process without one): it
+        # still says whose it is, so rank 0's is refused on rank 1 and each rank's own is taken.
+        assert "rank 1 the state of rank 0" in r["pickled_rank0"] and r["pickled_own"] is None, r
+    for rank in range(2):
+        with open(tmp_path / f"hook{rank}.pkl", "rb") as f:
+            offline = pickle.load(f).state_dict()
+        assert (offline["rank"], offline["world"]) == (rank, 2)

@@ -152,8 +152,10 @@ class SyncEngine:
         self._marks: Tensor | None = None  # all False between calls of _not_selected
         self._keys_seen: dict[str, frozenset[str]] = {}  # bucket keys exchanged: parameters
         self._frozen_now: Sequence[bool] | None = None  # exchange_into's frozen, during it
-        # (rank, world) a state loaded with strict was saved by, checked at the next step.
+        # (rank, world) a loaded state was saved by, until the next step: checked there after a
+        # strict load, and what state_dict() records meanwhile (the state is still theirs).
         self._loaded_from: tuple[int, int] | None = None
+        self._check_loaded = False
 
     def __repr__(self) -> str:
         return f"SyncEngine({describe(self.config, self.compressor)}, step={self.step})"
@@ -420,7 +422,7 @@ class SyncEngine:
         flags[world + rank] = int(self.grad_scaler is not None)
         flags[2 * world + rank] = device_code(device)
         flags[3 * world + rank] = self.step
-        saved_rank, saved_world = self._loaded_from or (-1, -1)
+        saved_rank, saved_world = (self._check_loaded and self._loaded_from) or (-1, -1)
         flags[4 * world + rank] = saved_rank
         flags[5 * world + rank] = saved_world
         if world > 1:
@@ -432,7 +434,7 @@ class SyncEngine:
         codes = seen[2 * world : 3 * world]
         steps = seen[3 * world : 4 * world]
         _check_saved_by(seen[4 * world : 5 * world], seen[5 * world :])
-        self._loaded_from = None
+        self._loaded_from, self._check_loaded = None, False
         if len(set(steps)) > 1:
             at = ", ".join(f"rank {r} at step {s}" for r, s in enumerate(steps))
             raise RuntimeError(
@@ -968,8 +970,8 @@ class SyncEngine:
         """Agree across ranks whether any rank's gradient has NaN/Inf; raise or mark the step
         skipped.
 
-        One one-element allreduce a bucket; only when some rank is bad, a second gather finds out
-        which ranks and parameters. ``parts``: the gradients of ``names``; ``flat``: all of them
+        One small allreduce a bucket (one element; GradientSync adds a flag a parameter, below);
+        only when some rank is bad, a second gather finds out which ranks and parameters. ``parts``: the gradients of ``names``; ``flat``: all of them
         in one tensor, where they are (read instead, in one pass). ``per_param``: which of this
         rank's parameters hold NaN/Inf (uint8, in ``names``' order), when the caller has found
         out already (the gradients are then not read).
@@ -1135,11 +1137,14 @@ class SyncEngine:
 
     def state_dict(self) -> dict[str, Any]:
         world = world_of(self.group)
+        # Whose it is: the residuals are this rank's own share of the gradient not yet sent. A
+        # state loaded and not yet stepped with is still the saver's (a pickled hook state is
+        # rebuilt on the default group, or in a process without one).
+        rank, world = self._loaded_from or (dist.get_rank(self.group) if world > 1 else 0, world)
         sd: dict[str, Any] = {
             "config": self.config.to_dict(),
             "step": self.step,
-            # Whose it is: the residuals are this rank's own share of the gradient not yet sent.
-            "rank": dist.get_rank(self.group) if world > 1 else 0,
+            "rank": rank,
             "world": world,
             "counters": dict(self.counters),
             "feedback": self.feedback.state_dict(),
@@ -1232,7 +1237,7 @@ class SyncEngine:
         self._outputs = []
         self.agree_step = True  # the next step checks that every rank is at this step
         # ... and, with strict, that each rank loaded its own state from a run of this size.
-        self._loaded_from = saved_by if strict else None
+        self._loaded_from, self._check_loaded = saved_by, strict
 
 
 def _check_saved_by(saved_ranks: list[int], saved_worlds: list[int]) -> None:
