@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import sparsetrain
 from sparsetrain.comm import dsar, gtopk, oktopk, p2p, ssar  # noqa: F401  (register them)
 from sparsetrain.comm.registry import get_collective
 from tests.distributed.harness import oks, run_world
@@ -727,11 +728,18 @@ def test_options_are_checked_at_construction():
         get_collective("oktopk", residuals="own")
 
 
-def test_calling_without_a_process_group_says_how_to_start_one():
+def test_without_a_process_group_a_launched_process_is_told_to_start_one(monkeypatch):
+    # One process alone is a world of one (tests/unit/test_collective_reference.py); one that
+    # torchrun launched as one of several must not train alone without a word.
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
-    with pytest.raises(RuntimeError, match="init_process_group"):
+    result = get_collective("ssar_rd")(torch.tensor([0]), torch.tensor([1.0]), 4)
+    assert result.dense.tolist() == [1.0, 0.0, 0.0, 0.0] and result.bytes_sent == 0
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(RuntimeError, match="WORLD_SIZE=4 .* call torch.distributed.init_proc"):
         get_collective("ssar_rd")(torch.tensor([0]), torch.tensor([1.0]), 4)
+    with pytest.raises(RuntimeError, match="WORLD_SIZE=4 .* each process would train alone"):
+        sparsetrain.GradientSync(torch.nn.Linear(3, 2), "topk", density=0.5)
 
 
 def _gather_dtypes(rank: int, world: int) -> dict:

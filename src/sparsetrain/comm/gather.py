@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .accounting import ring_allgather_bytes, ring_allreduce_bytes
 from .p2p import (
+    alone,
     as_bytes,
     as_dtype,
     check_group,
@@ -30,7 +31,7 @@ from .registry import CollectiveResult, SparseCollective, register_collective
 def world_of(group: dist.ProcessGroup | None) -> int:
     """The number of ranks in ``group`` (None: the default group); 1 without a process group."""
     check_group(group)
-    return dist.get_world_size(group) if dist.is_initialized() else 1
+    return 1 if alone() else dist.get_world_size(group)
 
 
 def allreduce_sum(

@@ -27,6 +27,7 @@ by recursive doubling instead of the library's ring.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -217,6 +218,28 @@ def raise_disagreement(
         )
 
 
+def alone() -> bool:
+    """Whether this process has no process group (``torch.distributed`` not initialized): it is
+    then a world of one, where a collective's result is its own input's and nothing is sent.
+
+    Raises:
+        RuntimeError: there is no process group, but the launcher says this process is one of
+            several (``WORLD_SIZE`` above 1, as torchrun sets it): run as a world of one, each
+            process would train alone without a word.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return False
+    size = os.environ.get("WORLD_SIZE", "").strip()
+    if size.isdigit() and int(size) > 1:
+        raise RuntimeError(
+            f"torch.distributed is not initialized, but WORLD_SIZE={size} says this process is "
+            "one of several (torchrun sets it): call torch.distributed.init_process_group() "
+            "before building the hook or GradientSync, or calling a collective; without it "
+            "each process would train alone"
+        )
+    return True
+
+
 def check_group(group: object) -> None:
     """Refuse a ``group`` argument that is neither a ProcessGroup nor None, naming what is
     allowed: a local check of the argument, made alike on every rank before any message."""
@@ -314,7 +337,7 @@ class Wire:
         check_group(group)
         self.device = device
         self.traffic = Traffic()
-        if not dist.is_available() or not dist.is_initialized():
+        if alone():
             # One process without a process group (a script tried out before it is launched
             # on several): a world of one, as the allgather and the dense allreduce take it,
             # where nothing is sent and the collective's result is its own input's.

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .._options import check_options
+from ..comm.p2p import alone
 from ..compressors import Compressor, compressor_class, get_compressor
 from .devices import on_device
 
@@ -684,7 +685,7 @@ def check_consistent(
     device, which is made ``device`` for it (not ``cuda:0`` on every rank when the caller never
     called ``torch.cuda.set_device``).
     """
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+    if alone() or dist.get_world_size(group) == 1:
         return
     settings = {**config.to_dict(), **(extra or {})}
     # Defaults count as given, as when a state is loaded: majority_vote=False and left out are
