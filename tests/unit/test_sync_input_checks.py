@@ -560,6 +560,32 @@ def test_sparse_layers_whose_gradients_never_reach_the_exchange_are_accepted(gro
     assert sync.synchronize() and tied.emb.weight.grad.layout == torch.strided
 
 
+class _TiedHeadFirst(nn.Module):
+    """:class:`_Tied` with the dense layer registered first, as DDP needs it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = nn.Linear(8, 50, bias=False)
+        self.emb = nn.Embedding(50, 8, sparse=True)
+        self.emb.weight = self.out.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.emb(x))
+
+
+def test_the_hook_refuses_a_tied_sparse_embedding_that_ddp_takes_for_sparse(group):
+    """DDP expects a sparse gradient for a weight whose first holder is a sparse embedding, and
+    raised its own "Expected variable to have sparse gradient" at the first backward, while the
+    hook's exchange of another bucket could still be running (a review saw the group broken
+    afterwards). The dense layer first, DDP and the hook train it."""
+    with pytest.raises(TypeError, match=r"'emb.weight' is tied to a dense layer, but DDP takes"):
+        sparsetrain.register_ddp_hook(DDP(_Tied()), "topk", 0.5)
+    ddp = DDP(_TiedHeadFirst())
+    sparsetrain.register_ddp_hook(ddp, "topk", 0.5)
+    ddp(torch.randint(0, 50, (4,))).sum().backward()
+    assert ddp.module.out.weight.grad.layout == torch.strided
+
+
 def test_a_weight_only_sparse_layers_share_is_refused(group):
     """Two sparse embeddings sharing one weight passed as if tied to a dense layer, and every
     gradient was sparse."""
@@ -575,7 +601,7 @@ def test_the_hook_names_a_sparse_bucket_it_is_handed(group, monkeypatch):
     see: the hook names the bucket's parameters instead of failing inside torch."""
     import sparsetrain.sync.ddp_hook as hook_module
 
-    monkeypatch.setattr(hook_module, "check_dense_gradients", lambda *args: None)
+    monkeypatch.setattr(hook_module, "check_dense_gradients", lambda *args, **kwargs: None)
     ddp = DDP(_SparseEmbedding())
     sparsetrain.register_ddp_hook(ddp, "topk", 0.5)
     with pytest.raises(TypeError, match="the bucket of e.weight holds a torch.sparse_coo"):

@@ -472,28 +472,46 @@ def check_process_group(group: Any, name: str = "process_group") -> None:
         )
 
 
-def check_dense_gradients(model: torch.nn.Module, ignored: Collection[str] = ()) -> None:
+def check_dense_gradients(
+    model: torch.nn.Module, ignored: Collection[str] = (), ddp: bool = False
+) -> None:
     """Refuse a model with layers that make sparse gradients (``nn.Embedding`` or
     ``nn.EmbeddingBag`` built with ``sparse=True``), which the exchange cannot compress. Not
     their weights named in ``ignored`` (parameters DDP leaves out of its buckets), nor weights
     a module of another kind holds too (tied to a dense layer, whose gradient is added to
-    theirs: dense, on the steps that use that layer; GradientSync makes the others' dense)."""
+    theirs: dense, on the steps that use that layer; GradientSync makes the others' dense).
+
+    ``ddp``: the model is a DDP model's module. DDP expects a sparse gradient for a weight whose
+    first holder in ``named_modules()`` is such a layer, and its reducer raises at the first
+    backward that gives it a dense one (tied to a dense layer): such a weight is refused here,
+    by name, before any exchange has started."""
 
     def sparse(module: torch.nn.Module) -> bool:
         return isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and module.sparse
 
     dense_holders: dict[int, int] = {}
-    for module in model.modules():  # each module once, each of its own parameters once
+    first_holder: dict[int, tuple[str, torch.nn.Module]] = {}
+    for name, module in model.named_modules():  # each module once, each own parameter once
         for p in module.parameters(recurse=False):
             dense_holders[id(p)] = dense_holders.get(id(p), 0) + (not sparse(module))
+            first_holder.setdefault(id(p), (name, module))
     for name, module in model.named_modules():
         if sparse(module):
             where = f"{name}.weight" if name else "weight"
-            if (
-                module.weight.requires_grad
-                and where not in ignored
-                and not dense_holders.get(id(module.weight), 0)
-            ):
+            if not module.weight.requires_grad or where in ignored:
+                continue
+            if ddp and dense_holders.get(id(module.weight), 0):
+                if first_holder[id(module.weight)][1] is module:
+                    raise TypeError(
+                        f"parameter {where!r} is tied to a dense layer, but DDP takes its "
+                        f"gradient for sparse: {type(module).__name__} {name!r} (sparse=True) "
+                        "is its first holder in the model's named_modules(), and DDP's reducer "
+                        "raises at the first backward that makes it dense. Build the layer "
+                        "with sparse=False (the tied gradient is dense anyway), or register "
+                        "the dense layer first"
+                    )
+                continue
+            if not dense_holders.get(id(module.weight), 0):
                 raise TypeError(
                     f"parameter {where!r} gets sparse gradients ({type(module).__name__} with "
                     "sparse=True); sparsetrain compresses dense gradients: build the layer with "

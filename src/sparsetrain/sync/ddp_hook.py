@@ -578,7 +578,9 @@ def register_ddp_hook(
                 "register_ddp_hook, its register_comm_hook, or DDP's mixed_precision); a DDP "
                 "model takes one hook, registered once: build the DDP model again to change it"
             )
-        check_dense_gradients(ddp_model.module, getattr(ddp_model, "parameters_to_ignore", ()))
+        check_dense_gradients(
+            ddp_model.module, getattr(ddp_model, "parameters_to_ignore", ()), ddp=True
+        )
         options, grad_scaler = with_grad_scaler(grad_scaler, options)  # None if disabled
         config = make_config(
             compressor, density, options, caller="register_ddp_hook", own=_HOOK_ARGUMENTS
