@@ -4,6 +4,7 @@ names, the model, the process group, and the states they load."""
 from __future__ import annotations
 
 import io
+import warnings
 from typing import Any
 
 import pytest
@@ -733,3 +734,31 @@ def test_gradient_sync_refuses_the_module_of_a_hooked_ddp_model(group):
     with pytest.raises(ValueError, match="module of a DDP model that has sparsetrain's hook"):
         sparsetrain.GradientSync(model.module, "threshold", density=0.5)
     sparsetrain.GradientSync(DDP(_model()).module, "threshold", density=0.5)  # not hooked
+
+
+def test_a_state_saved_before_ddp_rebuilt_its_buckets_warns_once(group):
+    """A run resumed from it compressed other groups than the uninterrupted one, without a word
+    (README promised exactness only from checkpoints written after DDP rebuilt)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(600, 600), nn.Linear(600, 10))  # 1.4 MB: two first buckets
+    ddp = DDP(net)
+    state = sparsetrain.register_ddp_hook(ddp, "topk", 0.01)
+
+    def step() -> list:
+        model = ddp.module
+        ddp(torch.randn(4, model[0].in_features)).sum().backward()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            saved = state.state_dict()
+            state.state_dict()
+        return [saved["ddp_groups"], [str(w.message) for w in seen]]
+
+    groups, seen = step()
+    assert groups is None and len(seen) == 1 and "before DDP has rebuilt its buckets" in seen[0]
+    groups, seen = step()
+    assert groups is not None and seen == []
+    # A model within DDP's first bucket (1 MiB) is one bucket before and after: no warning.
+    ddp = DDP(_model())
+    state = sparsetrain.register_ddp_hook(ddp, "topk", 0.5)
+    groups, seen = step()
+    assert groups is None and seen == []

@@ -5,6 +5,7 @@ No postponed annotations here: DDP checks the hook's annotations at run time.
 
 import copy
 import math
+import warnings
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -80,6 +81,7 @@ class SyncState:
         self._groups_now: list[list[str]] = []
         self._groups_initial = True  # they were DDP's first buckets, which it will rebuild
         self._stepped = False  # a step has run in this process
+        self._warned_initial = False  # state_dict() has warned of a save before DDP rebuilt
         self._target: list[list[str]] | None = None  # what a loaded state asks of the next steps
         self._pending: list[tuple[torch.Tensor, list[str], list[torch.Size], Any]] = []
         # With on_nonfinite="propagate", the futures of a step's buckets before the last, and
@@ -118,7 +120,29 @@ class SyncState:
             groups = self._target
         else:
             groups = None if self._groups_initial or not self._groups else self._groups
+            if self._groups_initial and self._groups and not self._warned_initial:
+                self._warn_initial_groups()
         return {**self.engine.state_dict(), "ddp_groups": copy.deepcopy(groups)}
+
+    def _warn_initial_groups(self) -> None:
+        """Warn (once) that a state saved with DDP's first buckets does not resume exactly,
+        unless those are sure to be the rebuilt ones: one bucket of a model within DDP's first
+        bucket cap (1 MiB), which the rebuild keeps whole."""
+        ddp = self._ddp() if self._ddp is not None else None
+        if ddp is not None and len(self._groups) == 1:
+            cap = getattr(dist, "_DEFAULT_FIRST_BUCKET_BYTES", 2**20)
+            size = sum(p.numel() * p.element_size() for p in ddp.parameters() if p.requires_grad)
+            if size <= cap:
+                return
+        self._warned_initial = True
+        warnings.warn(
+            "SyncState.state_dict() is called after DDP's first step, before DDP has "
+            "rebuilt its buckets (it does so once, after the first step; after the "
+            "second under static_graph): the state cannot say which groups of "
+            "parameters the next steps compress, so a run resumed from it is not bit "
+            "for bit this one. Save after the next step for an exact resume",
+            stacklevel=3,
+        )
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Restore what :meth:`state_dict` returned; the next step exchanges the saved groups of
