@@ -530,13 +530,18 @@ def test_a_placeholder_for_a_group_without_this_rank_is_named(group):
 
 class _Tied(nn.Module):
     """A sparse embedding tied to a dense output layer: autograd adds the two gradients into a
-    dense one."""
+    dense one. ``head_first``: the dense layer registered first, as DDP needs it."""
 
-    def __init__(self) -> None:
+    def __init__(self, head_first: bool = False) -> None:
         super().__init__()
-        self.emb = nn.Embedding(50, 8, sparse=True)
-        self.out = nn.Linear(8, 50, bias=False)
-        self.out.weight = self.emb.weight
+        if head_first:
+            self.out = nn.Linear(8, 50, bias=False)
+            self.emb = nn.Embedding(50, 8, sparse=True)
+            self.emb.weight = self.out.weight
+        else:
+            self.emb = nn.Embedding(50, 8, sparse=True)
+            self.out = nn.Linear(8, 50, bias=False)
+            self.out.weight = self.emb.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.emb(x))
@@ -561,19 +566,6 @@ def test_sparse_layers_whose_gradients_never_reach_the_exchange_are_accepted(gro
     assert sync.synchronize() and tied.emb.weight.grad.layout == torch.strided
 
 
-class _TiedHeadFirst(nn.Module):
-    """:class:`_Tied` with the dense layer registered first, as DDP needs it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.out = nn.Linear(8, 50, bias=False)
-        self.emb = nn.Embedding(50, 8, sparse=True)
-        self.emb.weight = self.out.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.emb(x))
-
-
 def test_the_hook_refuses_a_tied_sparse_embedding_that_ddp_takes_for_sparse(group):
     """DDP expects a sparse gradient for a weight whose first holder is a sparse embedding, and
     raised its own "Expected variable to have sparse gradient" at the first backward, while the
@@ -581,7 +573,7 @@ def test_the_hook_refuses_a_tied_sparse_embedding_that_ddp_takes_for_sparse(grou
     afterwards). The dense layer first, DDP and the hook train it."""
     with pytest.raises(TypeError, match=r"'emb.weight' is tied to a dense layer, but DDP takes"):
         sparsetrain.register_ddp_hook(DDP(_Tied()), "topk", 0.5)
-    ddp = DDP(_TiedHeadFirst())
+    ddp = DDP(_Tied(head_first=True))
     sparsetrain.register_ddp_hook(ddp, "topk", 0.5)
     ddp(torch.randint(0, 50, (4,))).sum().backward()
     assert ddp.module.out.weight.grad.layout == torch.strided

@@ -490,18 +490,18 @@ def check_dense_gradients(
         return isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and module.sparse
 
     dense_holders: dict[int, int] = {}
-    first_holder: dict[int, tuple[str, torch.nn.Module]] = {}
-    for name, module in model.named_modules():  # each module once, each own parameter once
+    first_holder: dict[int, torch.nn.Module] = {}  # as DDP finds it: in named_modules() order
+    for module in model.modules():  # each module once, each of its own parameters once
         for p in module.parameters(recurse=False):
             dense_holders[id(p)] = dense_holders.get(id(p), 0) + (not sparse(module))
-            first_holder.setdefault(id(p), (name, module))
+            first_holder.setdefault(id(p), module)
     for name, module in model.named_modules():
         if sparse(module):
             where = f"{name}.weight" if name else "weight"
             if not module.weight.requires_grad or where in ignored:
                 continue
             if ddp and dense_holders.get(id(module.weight), 0):
-                if first_holder[id(module.weight)][1] is module:
+                if first_holder[id(module.weight)] is module:
                     raise TypeError(
                         f"parameter {where!r} is tied to a dense layer, but DDP takes its "
                         f"gradient for sparse: {type(module).__name__} {name!r} (sparse=True) "

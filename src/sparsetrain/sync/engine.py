@@ -9,6 +9,7 @@ The DDP hook hands its buckets (flat tensors) to :meth:`SyncEngine.exchange`;
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -971,8 +972,9 @@ class SyncEngine:
         skipped.
 
         One small allreduce a bucket (one element; GradientSync adds a flag a parameter, below);
-        only when some rank is bad, a second gather finds out which ranks and parameters. ``parts``: the gradients of ``names``; ``flat``: all of them
-        in one tensor, where they are (read instead, in one pass). ``per_param``: which of this
+        only when some rank is bad, a second gather finds out which ranks and parameters.
+        ``parts``: the gradients of ``names``; ``flat``: all of them in one tensor, where they
+        are (read instead, in one pass). ``per_param``: which of this
         rank's parameters hold NaN/Inf (uint8, in ``names``' order), when the caller has found
         out already (the gradients are then not read).
 
@@ -1368,19 +1370,14 @@ def _put_bucket(
     order (canonical part ``j`` is the bucket's part ``order[j]``, of ``cnumels[j]`` elements):
     each canonical index is moved to its place in ``flat`` and all are written in one call, not
     one a part (hundreds of small parameters made that loop much of a step)."""
-    parts = len(order)
-    bucket_numels = [0] * parts
+    bucket_numels = [0] * len(order)
     for j, i in enumerate(order):
         bucket_numels[i] = cnumels[j]
-    bucket_starts = [0] * parts
-    for i in range(1, parts):
-        bucket_starts[i] = bucket_starts[i - 1] + bucket_numels[i - 1]
-    canonical_starts = [0] * parts
-    for j in range(1, parts):
-        canonical_starts[j] = canonical_starts[j - 1] + cnumels[j - 1]
+    bucket_starts = [0, *itertools.accumulate(bucket_numels)]
+    canonical_starts = [0, *itertools.accumulate(cnumels)][:-1]
     device = indices.device
     shift = torch.tensor(
-        [bucket_starts[order[j]] - canonical_starts[j] for j in range(parts)], device=device
+        [bucket_starts[i] - start for i, start in zip(order, canonical_starts)], device=device
     )
     # The canonical part each index falls in: the number of later parts' starts at or below it.
     segment = torch.searchsorted(

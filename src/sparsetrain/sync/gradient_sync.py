@@ -44,8 +44,8 @@ class GradientSync:
     exchange, so the ranks' buckets still match. Every rank must freeze the same parameters at
     the same step: a parameter frozen on some ranks only raises a ``RuntimeError`` on every
     rank, naming it and the ranks (checked in the one small allreduce a bucket that agrees on
-    finiteness). Parameters frozen before GradientSync was built are in no bucket: unfrozen later,
-    their gradients are not exchanged (a warning says so), so build GradientSync with every
+    finiteness). Parameters frozen before GradientSync was built are in no bucket: unfrozen
+    later, their gradients are not exchanged (a warning says so), so build GradientSync with every
     parameter that will train unfrozen, and freeze afterwards. A state records its buckets:
     a GradientSync with others (another ``bucket_cap_mb``, or built after freezing where the
     saved run froze later) refuses it unless ``strict=False``.
