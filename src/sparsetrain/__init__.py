@@ -8,7 +8,14 @@ Example:
 from . import hostmem  # sparsetrain.hostmem.reuse_freed_memory() after a plain import
 from .compressors import available_compressors, get_compressor, register_compressor
 from .feedback import ErrorFeedback
-from .sync import GradientSync, SyncConfig, SyncState, register_ddp_hook
+from .sync import (
+    GradientSync,
+    SyncConfig,
+    SyncState,
+    register_ddp_hook,
+    reshard_sources,
+    reshard_state,
+)
 
 __version__ = "0.1.0"
 
@@ -22,4 +29,6 @@ __all__ = [
     "hostmem",
     "register_compressor",
     "register_ddp_hook",
+    "reshard_sources",
+    "reshard_state",
 ]

@@ -1260,9 +1260,11 @@ def _check_saved_by(saved_ranks: list[int], saved_worlds: list[int]) -> None:
             f"the gradient sync states loaded were saved by a run of another number of ranks "
             f"({sizes}); this run has {world}. Each rank's error-feedback residuals are its own "
             "share of the gradient not yet sent, which a run of another size would lose or "
-            "count twice: resume with as many ranks as saved the states, each loading the one "
-            "it saved; or load with strict=False to take them anyway (the first steps then "
-            "apply another update than the uninterrupted run would)"
+            "count twice: carry the saved states over to this number of ranks with "
+            "sparsetrain.reshard_state (each rank loading the one built for it), or resume "
+            "with as many ranks as saved them, each loading its own; or load with strict=False "
+            "to take them anyway (the first steps then apply another update than the "
+            "uninterrupted run would)"
         )
     swapped = [(r, s) for r, s in enumerate(saved_ranks) if s >= 0 and s != r]
     if swapped:
