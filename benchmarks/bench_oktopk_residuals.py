@@ -46,6 +46,8 @@ import time
 import traceback
 from pathlib import Path
 
+from _ranks import run_ranks  # benchmarks/_ranks.py (run as a script: this folder is on the path)
+
 METHODS = {  # label: (compressor, collective, collective options, uses density)
     "dense": ("none", "allgather", None, False),
     "topk+allgather": ("topk", "allgather", None, True),
@@ -384,8 +386,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.name is not None and (not args.name.strip() or "/" in args.name):
         p.error(f"--name must be a non-empty file stem without '/', got {args.name!r}")
 
-    import torch.multiprocessing as mp
-
     from sparsetrain._provenance import environment
     from sparsetrain.tasks import get_task
 
@@ -400,20 +400,7 @@ def main(argv: list[str] | None = None) -> int:
            "eval_every": args.eval_every or steps_per_epoch}  # fmt: skip
     tmp = Path(tempfile.mkdtemp(prefix="sparsetrain-oktopk-res-"))
     try:
-        ctx = mp.start_processes(worker, args=(args.ranks, str(tmp), cfg), nprocs=args.ranks,
-                                 join=False, start_method="spawn")  # fmt: skip
-        deadline = time.monotonic() + args.timeout
-        try:
-            while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the ranks did not finish in {args.timeout:g} s")
-        except Exception as e:  # noqa: BLE001 - a rank failed or hung: name it, end them all
-            for proc in ctx.processes:
-                if proc.is_alive():
-                    proc.kill()
-            for err in sorted(tmp.glob("error*.txt")):
-                print(f"{err.stem}: {err.read_text()}", file=sys.stderr)
-            print(f"bench_oktopk_residuals: {type(e).__name__}: {e}", file=sys.stderr)
+        if not run_ranks(worker, args.ranks, tmp, cfg, args.timeout, "bench_oktopk_residuals"):
             return 1
         result = json.loads((tmp / "result.json").read_text())
     finally:

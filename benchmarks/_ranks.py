@@ -1,0 +1,33 @@
+"""Spawn a benchmark's ranks on this machine and wait for them, for the benchmarks that train
+(FileStore rendezvous in ``root``; each worker writes ``error<rank>.txt`` there if it fails)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+
+def run_ranks(worker, ranks: int, root: Path, cfg: dict, timeout: float, label: str) -> bool:
+    """Run ``worker(rank, ranks, str(root), cfg)`` on ``ranks`` spawned processes; True when all
+    of them finished. On a failure or after ``timeout`` seconds, end them all, print each
+    failed rank's traceback and what happened (prefixed with ``label``), and return False."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(
+        worker, args=(ranks, str(root), cfg), nprocs=ranks, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the ranks did not finish in {timeout:g} s")
+    except Exception as e:  # noqa: BLE001 - a rank failed or hung: name it, end them all
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.kill()
+        for err in sorted(Path(root).glob("error*.txt")):
+            print(f"{err.stem}: {err.read_text()}", file=sys.stderr)
+        print(f"{label}: {type(e).__name__}: {e}", file=sys.stderr)
+        return False
+    return True
