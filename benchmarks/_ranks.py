@@ -31,3 +31,20 @@ def run_ranks(worker, ranks: int, root: Path, cfg: dict, timeout: float, label: 
         print(f"{label}: {type(e).__name__}: {e}", file=sys.stderr)
         return False
     return True
+
+
+def join_group(rank: int, world: int, root: str, timeout: float) -> None:
+    """In a worker: one thread (the ranks share this machine's cores), and join the gloo group
+    through the FileStore in ``root``."""
+    import datetime
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    store = dist.FileStore(os.path.join(root, "store"), world)
+    dist.init_process_group(
+        "gloo", store=store, rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=timeout),
+    )  # fmt: skip

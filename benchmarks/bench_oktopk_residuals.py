@@ -35,10 +35,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -46,7 +44,10 @@ import time
 import traceback
 from pathlib import Path
 
-from _ranks import run_ranks  # benchmarks/_ranks.py (run as a script: this folder is on the path)
+from _ranks import (  # benchmarks/_ranks.py (run as a script: this folder is on the path)
+    join_group,
+    run_ranks,
+)
 
 METHODS = {  # label: (compressor, collective, collective options, uses density)
     "dense": ("none", "allgather", None, False),
@@ -248,12 +249,7 @@ def worker(rank: int, world: int, root: str, cfg: dict) -> None:
 
     from sparsetrain.tasks import get_task
 
-    torch.set_num_threads(1)
-    store = dist.FileStore(os.path.join(root, "store"), world)
-    dist.init_process_group(
-        "gloo", store=store, rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=cfg["timeout"]),
-    )  # fmt: skip
+    join_group(rank, world, root, cfg["timeout"])
     try:
         task = get_task(TASK, seed=cfg["seed"], hidden=cfg["hidden"])
         labels = task.train.tensors[1]

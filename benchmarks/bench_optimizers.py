@@ -40,7 +40,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -53,7 +52,10 @@ import time
 import traceback
 from pathlib import Path
 
-from _ranks import run_ranks  # benchmarks/_ranks.py (run as a script: this folder is on the path)
+from _ranks import (  # benchmarks/_ranks.py (run as a script: this folder is on the path)
+    join_group,
+    run_ranks,
+)
 
 OPTIMIZERS = {  # name: (torch.optim class, fixed options)
     "sgd": ("SGD", {}),
@@ -180,18 +182,12 @@ def run_one(cfg: dict, task, seed: int, optimizer: str, method: dict, rank: int,
 def worker(rank: int, world: int, root: str, cfg: dict) -> None:
     """One rank: join the FileStore group and train every seed, optimizer and method in turn;
     rank 0 appends each run's record to ROOT/runs.jsonl as it ends."""
-    import torch
     import torch.distributed as dist
 
     from sparsetrain._procs import exit_finished_worker
     from sparsetrain.tasks import get_task
 
-    torch.set_num_threads(1)
-    store = dist.FileStore(os.path.join(root, "store"), world)
-    dist.init_process_group(
-        "gloo", store=store, rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=cfg["timeout"]),
-    )  # fmt: skip
+    join_group(rank, world, root, cfg["timeout"])
     try:
         for seed in cfg["seeds"]:
             task = get_task(cfg["task"], seed=seed, **cfg["task_options"])
