@@ -366,7 +366,18 @@ class SyncState:
                 f.set_result(buf)
             return pending[-1][0]
 
-        return self._submit(work, flat.device)
+        fut = self._submit(work, flat.device)
+
+        def release(done: torch.futures.Future) -> None:
+            """Where work() never ran (the executor failed to set up the device or stream),
+            the held buckets' futures get that error, instead of leaving DDP waiting."""
+            error = _error_of(done)
+            for _, _, _, f in pending[:-1]:
+                if not f.done():
+                    f.set_exception(error or RuntimeError("this bucket's exchange did not run"))
+
+        fut.add_done_callback(release)
+        return fut
 
     @property
     def grad_scaler(self) -> Any:

@@ -33,6 +33,20 @@ def on_device(device: torch.device | None) -> AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def without_autocast(device: torch.device) -> AbstractContextManager:
+    """Turn autocast off for ``device``'s type inside the block.
+
+    An exchange can run on the thread that called ``backward()`` (``GradientSync``, the hook's
+    inline path), whose autocast region, if any, is still in force there: PowerSGD's products
+    would then be computed in float16 or bfloat16 (a loss-scaled gradient overflows float16),
+    and results would depend on which thread ran the exchange.
+    """
+    available = getattr(torch.amp, "is_autocast_available", lambda t: t in ("cpu", "cuda"))
+    if available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def new_future(device: torch.device | None) -> torch.futures.Future:
     """Return a Future for a result on ``device``: CUDA-aware for a CUDA device.
 

@@ -33,7 +33,7 @@ from ..comm.gather import world_of
 from ..compressors.base import SparseCompressor, work_dtype
 from ..feedback import ErrorFeedback
 from .config import SyncConfig, check_process_group, config_differences
-from .devices import agreement_device, device_code, on_device
+from .devices import agreement_device, device_code, on_device, without_autocast
 
 # Totals since construction (or the loaded state). The *_seconds are host wall-clock time
 # (time.perf_counter around the calls): on CUDA, where kernels and NCCL run asynchronously, they
@@ -235,9 +235,10 @@ class SyncEngine:
             FloatingPointError: a rank's gradient has NaN or Inf and ``on_nonfinite="raise"``
                 (raised on every rank, naming the ranks and parameters).
         """
-        self._begin_step(flat.device)
-        with on_device(flat.device):
-            out = self._exchange_flat(flat, names, shapes)
+        with without_autocast(flat.device):
+            self._begin_step(flat.device)
+            with on_device(flat.device):
+                out = self._exchange_flat(flat, names, shapes)
         if self._propagating:
             self._outputs.append(out)
         if self._skipping:  # dropped during this bucket: _drop filled only the earlier ones
@@ -285,7 +286,8 @@ class SyncEngine:
             )
         self._frozen_now = frozen
         try:
-            self._exchange_into(parts, names, shapes)
+            with without_autocast(parts[0].device):
+                self._exchange_into(parts, names, shapes)
         finally:
             self._frozen_now = None
 

@@ -32,7 +32,8 @@ class GradientSync:
     """Average a model's gradients across ranks through a compressor, in place.
 
     Call :meth:`synchronize` after ``backward()`` and before ``optimizer.step()``. Parameters are
-    grouped into buckets of about ``bucket_cap_mb`` (in reverse registration order, as DDP does),
+    grouped into buckets of about ``bucket_cap_mb`` (in reverse registration order, as DDP does;
+    a new one starts where the dtype or device changes, so a model spread over devices works),
     each exchanged with the same engine as the DDP hook. With a sparse compressor and collective
     the exchange reads and writes the ``.grad`` tensors where they are, so no gradient is copied
     into a bucket and back (DDP copies each fresh gradient into its bucket). A parameter without a
@@ -163,7 +164,12 @@ class GradientSync:
         size = 0.0
         for n, p in reversed(self.params):
             nbytes = p.numel() * p.element_size()
-            new = not buckets or size + nbytes > cap_bytes or buckets[-1][0][1].dtype != p.dtype
+            first = buckets[-1][0][1] if buckets else None
+            new = (  # a bucket is exchanged as one tensor: of one dtype, on one device
+                first is None
+                or size + nbytes > cap_bytes
+                or (first.dtype, first.device) != (p.dtype, p.device)
+            )
             if new:
                 buckets.append([])
                 size = 0.0
