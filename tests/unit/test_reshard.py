@@ -62,7 +62,11 @@ def test_each_new_rank_takes_a_mean_and_each_old_rank_is_spread_in_full(old, new
 def test_the_ranks_mean_residual_and_velocity_are_kept(old, new, momentum):
     states = _states(old, momentum)
     before = [copy.deepcopy(s) for s in states]
-    resharded = [reshard_state(states, r, new) for r in range(new)]
+    if momentum:  # kept as the ranks' mean, but not what the saved run would have applied
+        with pytest.warns(UserWarning, match="spread differently over the weights"):
+            resharded = [reshard_state(states, r, new) for r in range(new)]
+    else:
+        resharded = [reshard_state(states, r, new) for r in range(new)]
     entries = ("residuals", "velocity") if momentum else ("residuals",)
     for entry in entries:
         want, got = _pending(states, entry), _pending(resharded, entry)
@@ -156,6 +160,11 @@ def test_bad_ranks_and_arguments_are_refused():
         TypeError, match=r"a list of the old ranks' states in rank order.*got dict \(one state\?"
     ):
         reshard_state(states[0], 0, 1)
+    with pytest.raises(TypeError, match=r"with keys \['0', '1'\]; the keys must be int ranks"):
+        reshard_state({"0": states[0], "1": states[1]}, 0, 1)
+    # ranks as 0-d tensors or numpy integers are taken as ints
+    out = reshard_state(states, torch.tensor(1), torch.tensor(3))
+    assert (out["rank"], out["world"]) == (1, 3) and type(out["rank"]) is int
     with pytest.raises(ValueError, match="no states given"):
         reshard_state([], 0, 1)
     with pytest.raises(TypeError, match="reset_robust must be True or False"):
@@ -175,3 +184,11 @@ def test_a_robust_rules_state_is_refused_or_dropped():
     for s in states:  # a rule without state ("mean") is carried as it is
         s["aggregator"] = {}
     assert reshard_state(states, 0, 3)["aggregator"] == {}
+    for s in states:  # and so is one of numbers only (bucketing's step), or empty histories
+        s["aggregator"] = {"step": 3, "base": {}}
+        s["attack"] = {"history": {}}
+    out = reshard_state(states, 0, 3)
+    assert out["aggregator"] == {"step": 3, "base": {}} and out["attack"] == {"history": {}}
+    states[1]["attack"] = {"history": {"0": [torch.zeros(3)]}}  # a delayed attack's gradients
+    with pytest.raises(ValueError, match=r"robust attack state, which is about the 2 workers"):
+        reshard_state(states, 0, 3)

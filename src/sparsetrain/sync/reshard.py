@@ -11,8 +11,17 @@ its interval each covers: ``e'_r' = sum_r W' * |I_r ∩ J_r'| * e_r``. The weigh
 add up to 1, and each old rank's weights over the new ranks add up to ``W'/W``, which is the
 condition above. On as many ranks each rank keeps its own residual (the identity); on half as
 many each new rank holds the mean of two old ones; on twice as many each old residual is
-taken by two new ranks. Momentum correction's velocities are combined the same way: they
-evolve linearly in the gradients and are averaged by the exchange as the residuals are.
+taken by two new ranks.
+
+That is exact wherever the exchange averages the ranks' compressed gradients (every compressor
+and collective under the default ``aggregator="mean"``). It is not:
+
+* with momentum correction: the velocities are combined the same way, keeping the ranks' mean,
+  but each rank clears its own velocity where its own selection sent, so how much a velocity
+  adds before it is sent depends on how that rank ranks it; the resumed run applies about as
+  much, spread differently over the weights (:func:`reshard_state` warns);
+* under a robust aggregator, or signSGD's majority vote, whose update is not the ranks' mean
+  to begin with.
 
 Nothing else in a state depends on the number of ranks, except:
 
@@ -22,14 +31,19 @@ Nothing else in a state depends on the number of ranks, except:
   old rank the new one covers;
 * Ok-Topk's region edges: kept as saved; Ok-Topk sees they are for another number of ranks and
   starts that vector afresh (new edges and threshold) at its first step;
-* a robust aggregator's or an attack's state, which is about the ``W`` workers (SafeguardSGD's
-  accumulators, centered clipping's per-worker momenta): refused, or dropped with
-  ``reset_robust=True`` (the rule then starts over, as at the start of a run).
+* a robust aggregator's or an attack's state holding tensors, which are about the ``W``
+  workers (SafeguardSGD's accumulators, centered clipping's per-worker momenta): refused, or
+  dropped with ``reset_robust=True`` (the rule then starts over, as at the start of a run).
+  One holding numbers only (bucketing's step) is carried as it is.
+
+Give the states ``state_dict()`` returned, saved on every rank: a pickled hook (``SyncState``)
+loads its state when unpickled, into a process of another size, where a robust rule's state
+is refused before it can be resharded.
 
 Example (on every rank of the new run, each old rank having saved ``state_dict()`` to
 ``sync{r}.pt``)::
 
-    old = torch.load("sync0.pt", weights_only=False)["world"]
+    old = torch.load("sync0.pt", map_location="cpu", weights_only=False)["world"]
     need = reshard_sources(old, rank, world)
     states = {r: torch.load(f"sync{r}.pt", map_location="cpu", weights_only=False) for r in need}
     sync.load_state_dict(reshard_state(states, rank, world))
@@ -38,6 +52,8 @@ Example (on every rank of the new run, each old rank having saved ``state_dict()
 from __future__ import annotations
 
 import copy
+import operator
+import warnings
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from typing import Any
@@ -99,7 +115,7 @@ def reshard_state(
         float64 and stored in their saved dtype, on the device of the first old rank's tensor
         (the sync moves them to the gradient's device at their first use).
     """
-    _check_rank(rank, world)
+    rank, world = _check_rank(rank, world)
     if not isinstance(reset_robust, bool):
         raise TypeError(f"{_OWNER}: reset_robust must be True or False, got {reset_robust!r}")
     given = _by_rank(states)
@@ -114,17 +130,20 @@ def reshard_state(
         )
     _check_alike(given)
     first = given[weights[0][0]]
-    robust = sorted(
-        k
-        for k in _ROBUST
-        for s in given.values()
-        if isinstance(s.get(k), Mapping) and len(s[k]) > 0
-    )
+    robust = [k for k in _ROBUST if any(_holds_tensors(s.get(k)) for s in given.values())]
     if robust and not reset_robust:
         raise ValueError(
-            f"{_OWNER}: the states hold a robust {' and '.join(dict.fromkeys(robust))} state, "
-            f"which is about the {old_world} workers that saved it and cannot be carried to "
-            f"{world}; pass reset_robust=True to drop it (the rule then starts over)"
+            f"{_OWNER}: the states hold a robust {' and an '.join(robust)} state, which is "
+            f"about the {old_world} workers that saved it and cannot be carried to {world}; "
+            "pass reset_robust=True to drop it (the rule then starts over)"
+        )
+    if first["feedback"].get("velocity"):
+        warnings.warn(
+            f"{_OWNER}: momentum correction's velocities are carried as the ranks' mean, but "
+            "how much of a velocity is applied before it is sent depends on each rank's own "
+            "selection: the resumed run applies about as much as the saved one would have, "
+            "spread differently over the weights (not exactly, as without momentum correction)",
+            stacklevel=2,
         )
     out: dict[str, Any] = {
         k: copy.deepcopy(v)
@@ -143,13 +162,14 @@ def reshard_state(
     return out
 
 
-def _check_rank(rank: int, world: int) -> None:
+def _check_rank(rank: int, world: int) -> tuple[int, int]:
     if not is_integer(world, 1):
         raise ValueError(f"{_OWNER}: world must be an integer >= 1, got {world!r}")
     if not (is_integer(rank, 0) and rank < world):
         raise ValueError(
             f"{_OWNER}: rank must be an integer with 0 <= rank < {world}, got {rank!r}"
         )
+    return operator.index(rank), operator.index(world)
 
 
 def _weights(old_world: int, rank: int, world: int) -> list[tuple[int, Fraction]]:
@@ -160,7 +180,8 @@ def _weights(old_world: int, rank: int, world: int) -> list[tuple[int, Fraction]
     old_world."""
     if not is_integer(old_world, 1):
         raise ValueError(f"{_OWNER}: old_world must be an integer >= 1, got {old_world!r}")
-    _check_rank(rank, world)
+    old_world = operator.index(old_world)
+    rank, world = _check_rank(rank, world)
     lo, hi = rank * old_world, (rank + 1) * old_world
     out = []
     for r in range(lo // world, min(old_world, -(-hi // world))):
@@ -175,21 +196,28 @@ def _by_rank(
 ) -> dict[int, Mapping[str, Any]]:
     """The states by the rank that saved them, checked against where they were given."""
     if isinstance(states, Mapping) and all(is_integer(k, 0) for k in states):
-        items = list(states.items())
+        items = [(operator.index(k), v) for k, v in states.items()]
     elif isinstance(states, Sequence) and not isinstance(states, (str, bytes, Mapping)):
         items = list(enumerate(states))
     else:
+        why = ""
+        if isinstance(states, Mapping):
+            why = (
+                " (one state? give every old rank's)"
+                if "feedback" in states
+                else f" with keys {sorted(states, key=str)[:4]}; the keys must be int ranks"
+            )
         raise TypeError(
             f"{_OWNER}: states must be a list of the old ranks' states in rank order, or a dict "
-            f"{{old rank: state}}, got {type(states).__name__}"
-            + (" (one state? give every old rank's)" if isinstance(states, Mapping) else "")
+            f"{{old rank: state}}, got {type(states).__name__}{why}"
         )
     if not items:
         raise ValueError(f"{_OWNER}: no states given")
     out = {}
     for where, state in items:
         try:
-            check_state(state, "GradientSync")
+            owner = "SyncState" if isinstance(state, Mapping) and "ddp_groups" in state else None
+            check_state(state, owner or "GradientSync")
             saved = _saved_by(state)
         except (TypeError, ValueError) as e:
             raise type(e)(f"{_OWNER}: the state given for old rank {where!r}: {e}") from e
@@ -206,6 +234,18 @@ def _by_rank(
             )
         out[saved[0]] = state
     return out
+
+
+def _holds_tensors(value: Any) -> bool:
+    """Whether a robust rule's state holds tensors (per-worker accumulators, momenta, a
+    delayed attack's history): numbers alone (a step) are not about the workers."""
+    if isinstance(value, Tensor):
+        return True
+    if isinstance(value, Mapping):
+        return any(_holds_tensors(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_tensors(v) for v in value)
+    return False
 
 
 def _old_world(given: Mapping[int, Mapping[str, Any]]) -> int:
