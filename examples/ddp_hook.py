@@ -17,8 +17,13 @@ continues from those files and ends where the uninterrupted run ends::
         --checkpoint ckpt
     torchrun --standalone --nproc-per-node 2 examples/ddp_hook.py --checkpoint ckpt --resume
 
-A resume needs the same number of processes and every rank's file from the same epoch;
-otherwise every rank stops (exit status 1) and rank 0 says why.
+A resume on another number of processes carries the hook's state over with
+``sparsetrain.reshard_state`` (each rank reading only the files ``reshard_sources`` names)::
+
+    torchrun --standalone --nproc-per-node 3 examples/ddp_hook.py --checkpoint ckpt --resume
+
+It needs every file it reads from the same epoch; otherwise every rank stops (exit status 1)
+and rank 0 says why.
 
 ``--amp`` trains in float16 mixed precision: forward and loss under ``torch.autocast``, the
 loss scaled by a ``torch.amp.GradScaler`` that the hook gets as ``grad_scaler``, so a step
@@ -54,26 +59,53 @@ def digits(device: torch.device) -> tuple[TensorDataset, TensorDataset]:
     return TensorDataset(x[:1437], y[:1437]), TensorDataset(x[1437:], y[1437:])
 
 
-def load_checkpoint(path: Path, device: torch.device, amp: bool) -> dict | str:
+def load_checkpoint(folder: Path, device: torch.device, amp: bool) -> dict | str:
     """This rank's checkpoint, or why the ranks cannot resume (the same answer on every rank:
-    a missing file on one rank must not leave the others waiting in a collective)."""
-    world = dist.get_world_size()
-    saved = torch.load(path, map_location=device) if path.is_file() else None
-    ok = saved is not None and saved.get("world_size") == world
-    epoch = float(saved["epoch"]) if ok else -1.0
-    other_amp = float(ok and ("scaler" in saved) != amp)  # saved with --amp and resumed without
+    a missing file on one rank must not leave the others waiting in a collective).
+
+    Written by another number of processes, the model and optimizer (the same on every rank)
+    come from any of the files and the hook's state is carried over by
+    ``sparsetrain.reshard_state`` from the files ``sparsetrain.reshard_sources`` names, so that
+    nothing error feedback held back is lost or counted twice."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    def read(r: int) -> dict | None:
+        path = folder / f"rank{r}.pt"
+        return torch.load(path, map_location=device) if path.is_file() else None
+
+    first = read(0)  # says how many processes wrote the checkpoint
+    old = first.get("world_size") if first else None
+    files = {r: first if r == 0 else read(r) for r in
+             (sparsetrain.reshard_sources(old, rank, world) if old else [])}  # fmt: skip
+    epochs = {f["epoch"] if f and f.get("world_size") == old else -1 for f in files.values()}
+    saved, problem = None, None
+    if len(epochs) == 1 and -1 not in epochs:
+        saved = dict(next(iter(files.values())))
+        if old != world:
+            try:
+                saved["hook"] = sparsetrain.reshard_state(
+                    {r: f["hook"] for r, f in files.items()}, rank, world
+                )
+            except (TypeError, ValueError) as e:  # said here; the other ranks stop too
+                problem = str(e)
+                print(f"rank {rank}: cannot resume from {folder}: {problem}", file=sys.stderr)
+    epoch = float(saved["epoch"]) if saved is not None and problem is None else -1.0
+    other_amp = float(saved is not None and ("scaler" in saved) != amp)  # --amp one way only
     seen = torch.tensor([epoch, -epoch, -other_amp], dtype=torch.float64, device=device)
     dist.all_reduce(seen, op=dist.ReduceOp.MIN)  # the lowest and the highest epoch
     low, high = int(seen[0].item()), int(-seen[1].item())
     if low < 0:
-        return (f"cannot resume from {path.parent}: a rank's checkpoint is missing or was "
-                f"written by another number of processes (this run has {world})")  # fmt: skip
+        return (f"cannot resume from {folder}: a rank's checkpoint is missing, from another "
+                "epoch than the others', or cannot be carried over (see that rank's error)")  # fmt: skip
     if seen[2] < 0:
-        return (f"cannot resume from {path.parent}: it was written {'without' if amp else 'with'} "
+        return (f"cannot resume from {folder}: it was written {'without' if amp else 'with'} "
                 f"--amp; resume {'without' if amp else 'with'} it too")  # fmt: skip
     if low != high:
-        return (f"cannot resume from {path.parent}: the ranks' checkpoints are from different "
+        return (f"cannot resume from {folder}: the ranks' checkpoints are from different "
                 f"epochs ({low} to {high})")  # fmt: skip
+    if old != world and rank == 0:
+        print(f"resuming on {world} processes from a checkpoint of {old}; the hook's state "
+              "carried over by sparsetrain.reshard_state")  # fmt: skip
     return saved
 
 
@@ -126,10 +158,11 @@ def main() -> int:
     first_epoch = 0
     ckpt = Path(args.checkpoint) / f"rank{rank}.pt" if args.checkpoint else None
     if args.resume:
-        saved = load_checkpoint(ckpt, device, args.amp)
+        saved = load_checkpoint(Path(args.checkpoint), device, args.amp)
         if isinstance(saved, str):
             if rank == 0:
                 print(saved, file=sys.stderr)
+            dist.barrier()  # (as at the end of main)
             dist.destroy_process_group()
             return 1
         net.load_state_dict(saved["model"])
@@ -167,6 +200,10 @@ def main() -> int:
                                    "hook": state.state_dict(), "epoch": epoch,
                                    "world_size": world,
                                    **({"scaler": scaler.state_dict()} if scaler else {})})  # fmt: skip
+    # Every rank here before any tears its group down: a rank that destroyed it while another
+    # was still finishing its last collective aborted at exit about half the time (gloo,
+    # "terminate called without an active exception"), seen when a resume had nothing to train.
+    dist.barrier()
     dist.destroy_process_group()
     return 0
 

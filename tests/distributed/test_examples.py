@@ -65,13 +65,23 @@ def test_ddp_hook_example_learns_and_resumes_exactly(tmp_path):
                 del state["hook"]["counters"][name]
         # the model, the optimizer, this rank's residuals, Ok-Topk's state and the byte counts
         assert same(a, b), f"rank {rank}: the resumed run's checkpoint differs"
-    # Resuming on another number of processes stops every rank with a message, not a hang:
-    # with 3, the third rank has no file while the other two have theirs.
-    refused = torchrun(3, "ddp_hook.py", "--checkpoint", str(split), "--resume", status=1)
-    assert "written by another number of processes (this run has 3)" in refused
+    # On another number of processes the hook's state is carried over (reshard_state): the
+    # third rank, which has no file of its own, takes part of the second's residuals.
+    (split / "rank2.pt").unlink(missing_ok=True)
+    more = torchrun(3, "ddp_hook.py", "--epochs", "4", "--checkpoint", str(split), "--resume")
+    lines = more.strip().splitlines()
+    assert lines[0] == "resuming on 3 processes from a checkpoint of 2; the hook's state " \
+        "carried over by sparsetrain.reshard_state" and len(lines) == 2, more  # fmt: skip
+    accuracy, share = re.search(r"test accuracy ([\d.]+)%, ([\d.]+)% of dense", lines[1]).groups()
+    assert float(accuracy) >= 85 and float(share) < 3, lines[1]
+    assert torch.load(split / "rank2.pt", weights_only=False)["hook"]["world"] == 3
     # Resuming a run saved without --amp with it stopped every rank on a KeyError ('scaler').
     refused = torchrun(2, "ddp_hook.py", "--checkpoint", str(split), "--resume", "--amp", status=1)
     assert "it was written without --amp; resume without it too" in refused
+    # A file missing stops every rank with a message, not a hang.
+    (split / "rank1.pt").unlink()
+    refused = torchrun(2, "ddp_hook.py", "--checkpoint", str(split), "--resume", status=1)
+    assert "a rank's checkpoint is missing" in refused
 
 
 def test_ddp_hook_example_learns_in_float16_with_a_loss_scaler(tmp_path):
