@@ -85,9 +85,9 @@ def estimate_threshold(
     """
     m = magnitudes.to(torch.float64)
     top = torch.zeros(2, dtype=torch.float64, device=m.device)  # (max, any non-finite)
-    if m.numel():
+    if m.numel():  # (on the device: no wait for it before the allreduce)
         top[0] = m.max()
-        top[1] = float(not bool(torch.isfinite(m).all()))
+        top[1] = torch.isfinite(m).all().logical_not()
     wire.allreduce(top, dist.ReduceOp.MAX)
     if top[1] > 0:
         raise FloatingPointError(_NONFINITE)
@@ -111,8 +111,8 @@ def estimate_threshold(
         if not reached:  # fewer than k non-zero candidates in total: keep all
             return 0.0
         j = reached[-1]
-        threshold = float(edges[j])
-        new_lo, new_hi = float(edges[j]), float(edges[j + 1])
+        new_lo, new_hi = edges[j : j + 2].tolist()
+        threshold = new_lo
         if at_least[j] - k <= tolerance or not new_lo < new_hi:
             break
         if j == 0 and lo == 0.0 and zooms < ZOOM_ROUNDS:
@@ -158,12 +158,13 @@ def next_threshold(threshold: float, at: int, above: int, below: int, k: int) ->
 
 
 def _kept(mags: Tensor, threshold: float) -> tuple[Tensor, list[int]]:
-    """This rank's mask ``mags >= threshold`` and its counts of ``mags`` at or above
-    ``threshold``, ``threshold * BRACKET`` and ``threshold / BRACKET``."""
+    """This rank's mask ``mags >= threshold``, and [1 if any of ``mags`` is NaN or Inf else 0,
+    its counts of ``mags`` at or above ``threshold``, ``threshold * BRACKET`` and
+    ``threshold / BRACKET``] (read from the device together, in one wait)."""
     keep = mags >= threshold
-    counts = [int(keep.sum())]
-    counts += [int((mags >= t).sum()) for t in (threshold * BRACKET, threshold / BRACKET)]
-    return keep, counts
+    flags = [torch.isfinite(mags).all().logical_not(), keep.sum()]
+    flags += [(mags >= t).sum() for t in (threshold * BRACKET, threshold / BRACKET)]
+    return keep, [int(v) for v in torch.stack(flags).tolist()]
 
 
 RESIDUALS = ("local", "owner")  # who keeps what the selection drops (OkTopk's docstring)
@@ -372,9 +373,8 @@ class OkTopk(SparseCollective):
             st.threshold = estimate_threshold(wire, mags, k)
         # The count allgather also says whether any rank's sums hold Inf or NaN, so a reused
         # threshold cannot pass them on (or drop them) where an estimate would have refused.
-        bad = int(not bool(torch.isfinite(mags).all()))
         keep, mine = _kept(mags, st.threshold)
-        rows = wire.allgather_ints([bad, *mine])
+        rows = wire.allgather_ints(mine)
         if any(row[0] for row in rows):
             raise FloatingPointError(_NONFINITE)
         counts = [row[1] for row in rows]
@@ -384,7 +384,7 @@ class OkTopk(SparseCollective):
             # re-estimate now rather than send far more, or keep far fewer, than k.
             st.threshold = estimate_threshold(wire, mags, k)
             keep, mine = _kept(mags, st.threshold)
-            rows = wire.allgather_ints([0, *mine])
+            rows = wire.allgather_ints(mine)
             counts = [row[1] for row in rows]
             total = sum(counts)
             estimated = True

@@ -370,10 +370,12 @@ class Threshold(SparseCompressor):
             if kept.numel() >= top_n:
                 candidates = kept
         top = torch.topk(candidates, top_n, sorted=True).values
-        at_k, at_2k = top[kk - 1], top[-1]
-        # Keep the k-th element itself: |g| > threshold is strict, so step just below it.
-        threshold = float(torch.nextafter(at_k, torch.zeros_like(at_k)))
-        ratio = float(at_k) / float(at_2k) if float(at_2k) > 0 else math.inf
+        at_k = top[kk - 1]
+        # Keep the k-th element itself: |g| > threshold is strict, so step just below it. The
+        # three numbers are read together: one wait for the device, not three.
+        below = torch.nextafter(at_k, torch.zeros_like(at_k))
+        threshold, at_k, at_2k = torch.stack([below, at_k, top[-1]]).tolist()
+        ratio = at_k / at_2k if at_2k > 0 else math.inf
         slope = math.log(top_n / kk) / math.log(ratio) if ratio > 1 else 1.0
         return max(threshold, 0.0), min(max(slope, 0.5), 50.0)
 
