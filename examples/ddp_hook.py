@@ -73,10 +73,20 @@ def load_checkpoint(folder: Path, device: torch.device, amp: bool) -> dict | str
         path = folder / f"rank{r}.pt"
         return torch.load(path, map_location=device) if path.is_file() else None
 
-    first = read(0)  # says how many processes wrote the checkpoint
-    old = first.get("world_size") if first else None
-    files = {r: first if r == 0 else read(r) for r in
-             (sparsetrain.reshard_sources(old, rank, world) if old else [])}  # fmt: skip
+    # How many processes wrote the checkpoint: where every rank's own file says this run's
+    # number, each reads only its own (files on node-local disks work); otherwise rank 0's
+    # file says, and each rank reads the files reshard_sources names.
+    own = read(rank)
+    mine = float(own.get("world_size", -1)) if own else -1.0
+    said = torch.tensor([mine, -mine], dtype=torch.float64, device=device)
+    dist.all_reduce(said, op=dist.ReduceOp.MIN)
+    if said[0].item() == -said[1].item() == world:
+        old, files = world, {rank: own}
+    else:  # another number of processes, files missing, or stale ones of an earlier run
+        first = own if rank == 0 else read(0)
+        old = first.get("world_size") if first else None
+        files = {r: first if r == 0 else read(r) for r in
+                 (sparsetrain.reshard_sources(old, rank, world) if old else [])}  # fmt: skip
     epochs = {f["epoch"] if f and f.get("world_size") == old else -1 for f in files.values()}
     saved, problem = None, None
     if len(epochs) == 1 and -1 not in epochs:
@@ -162,7 +172,6 @@ def main() -> int:
         if isinstance(saved, str):
             if rank == 0:
                 print(saved, file=sys.stderr)
-            dist.barrier()  # (as at the end of main)
             dist.destroy_process_group()
             return 1
         net.load_state_dict(saved["model"])
@@ -200,13 +209,15 @@ def main() -> int:
                                    "hook": state.state_dict(), "epoch": epoch,
                                    "world_size": world,
                                    **({"scaler": scaler.state_dict()} if scaler else {})})  # fmt: skip
-    # Every rank here before any tears its group down: a rank that destroyed it while another
-    # was still finishing its last collective aborted at exit about half the time (gloo,
-    # "terminate called without an active exception"), seen when a resume had nothing to train.
-    dist.barrier()
     dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Exit at once, without the interpreter's teardown: there gloo's threads can still be
+    # releasing finished work, which aborts the process (SIGABRT, "terminate called without an
+    # active exception") and makes torchrun fail a job that finished.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
