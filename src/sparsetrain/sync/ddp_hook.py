@@ -149,7 +149,8 @@ class SyncState:
         parameters, so a resumed run compresses exactly as the uninterrupted one. A state
         saved under other settings (another compressor, density, collective, ...) is refused,
         naming them; ``on_nonfinite`` may differ. Each rank must load the state it saved, from
-        a run of as many ranks: the next step raises on every rank if not. ``strict=False``
+        a run of as many ranks, or the one :func:`sparsetrain.reshard_state` built for it from
+        a run of another number: the next step raises on every rank if not. ``strict=False``
         takes a state saved under another density, collective and so on (not another
         compressor), or by another rank or number of ranks."""
         check_state(state, "SyncState")

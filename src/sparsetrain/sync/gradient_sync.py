@@ -314,7 +314,8 @@ class GradientSync:
         """Restore what :meth:`state_dict` returned. A state saved under other settings
         (another compressor, density, collective, ...) is refused, naming them;
         ``on_nonfinite`` may differ. Each rank must load the state it saved, from a run of as
-        many ranks: the next step raises on every rank if not. ``strict=False`` takes a state
+        many ranks, or the one :func:`sparsetrain.reshard_state` built for it from a run of
+        another number: the next step raises on every rank if not. ``strict=False`` takes a state
         saved under another density, collective and so on (not another compressor), or by
         another rank or number of ranks, as ``torch.nn.Module.load_state_dict`` takes one with
         other keys."""
