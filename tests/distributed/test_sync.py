@@ -1990,7 +1990,7 @@ def test_a_state_saved_by_another_rank_or_world_size_is_refused_on_every_rank(tm
         ), r
         assert "each rank must load the state it saved itself" in r["rank0"]
         assert (
-            "saved by a run of another number of ranks (rank(s) [0] one of 1 ranks); "
+            "saved by a run of another number of ranks (ranks [0] loaded states saved by a run of 1); "
             "this run has 2" in r["fewer"]
         ), r
         assert r["rank0_not_strict"] is None and r["own"] is None, r

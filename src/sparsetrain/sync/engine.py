@@ -1254,8 +1254,8 @@ def _check_saved_by(saved_ranks: list[int], saved_worlds: list[int]) -> None:
     world = len(saved_ranks)
     other = {r: w for r, w in enumerate(saved_worlds) if w >= 1 and w != world}
     if other:
-        sizes = ", ".join(
-            f"rank(s) {[r for r in other if other[r] == w]} one of {w} ranks"
+        sizes = "; ".join(
+            f"ranks {[r for r in other if other[r] == w]} loaded states saved by a run of {w}"
             for w in sorted(set(other.values()))
         )
         raise RuntimeError(
