@@ -43,9 +43,9 @@ is refused before it can be resharded.
 Example (on every rank of the new run, each old rank having saved ``state_dict()`` to
 ``sync{r}.pt``)::
 
-    old = torch.load("sync0.pt", map_location="cpu", weights_only=False)["world"]
+    old = torch.load("sync0.pt", map_location="cpu")["world"]  # ranks that saved
     need = reshard_sources(old, rank, world)
-    states = {r: torch.load(f"sync{r}.pt", map_location="cpu", weights_only=False) for r in need}
+    states = {r: torch.load(f"sync{r}.pt", map_location="cpu") for r in need}
     sync.load_state_dict(reshard_state(states, rank, world))
 """
 
