@@ -13,8 +13,9 @@ condition above. On as many ranks each rank keeps its own residual (the identity
 many each new rank holds the mean of two old ones; on twice as many each old residual is
 taken by two new ranks.
 
-That is exact wherever the exchange averages the ranks' compressed gradients (every compressor
-and collective under the default ``aggregator="mean"``). It is not:
+That is exact wherever the exchange averages the ranks' compressed gradients: every
+compressor and collective under the default ``aggregator="mean"``, except signSGD's majority
+vote. It is not:
 
 * with momentum correction: the velocities are combined the same way, keeping the ranks' mean,
   but each rank clears its own velocity where its own selection sent, so how much a velocity
