@@ -14,14 +14,19 @@ def _model(device: str = "cpu") -> nn.Module:
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).to(device)
 
 
-def _synced_grads(compressor: str, autocast: bool, **options) -> list[torch.Tensor]:
-    model = _model()
+# autocast's low-precision type on each device: bfloat16 on the CPU, float16 on CUDA (where
+# PowerSGD's products of a loss-scaled gradient overflowed)
+AUTOCAST = {"cpu": torch.bfloat16, "cuda": torch.float16}
+
+
+def _synced_grads(compressor: str, autocast: bool, device: str, **options) -> list[torch.Tensor]:
+    model = _model(device)
     sync = sparsetrain.GradientSync(model, compressor, **options)
     g = torch.Generator().manual_seed(1)
     for _, p in sync.params:
-        p.grad = torch.randn(p.shape, generator=g) * 1000
+        p.grad = (torch.randn(p.shape, generator=g) * 1000).to(device)
     if autocast:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=AUTOCAST[device]):
             assert sync.synchronize()
     else:
         assert sync.synchronize()
@@ -29,16 +34,26 @@ def _synced_grads(compressor: str, autocast: bool, **options) -> list[torch.Tens
 
 
 @pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ),
+    ],
+)
+@pytest.mark.parametrize(
     ("compressor", "options"),
     [("powersgd", {"rank": 2}), ("topk", {"density": 0.1}), ("qsgd", {})],
 )
 def test_an_autocast_region_around_synchronize_does_not_change_the_exchange(
-    one_thread, compressor, options
+    one_thread, compressor, options, device
 ):
     """PowerSGD's products ran in bfloat16 when synchronize() was called inside the training
     step's autocast region (and float16 on CUDA, where a loss-scaled gradient overflows)."""
-    plain = _synced_grads(compressor, False, **options)
-    inside = _synced_grads(compressor, True, **options)
+    plain = _synced_grads(compressor, False, device, **options)
+    inside = _synced_grads(compressor, True, device, **options)
     assert all(a.dtype == torch.float32 for a in inside)
     for a, b in zip(plain, inside):
         assert torch.equal(a, b)
