@@ -316,7 +316,9 @@ def _floats(text: str, what: str) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", default="digits-mlp", choices=("digits-mlp", "digits-wide-mlp"))
+    p.add_argument(
+        "--task", default="digits-mlp", choices=("digits-mlp", "digits-wide-mlp", "digits-cnn")
+    )
     p.add_argument("--hidden", type=int, help="MLP width (default: the task's, 128 or 2048)")
     p.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="subset of sgd,adam,adamw")
     p.add_argument("--methods", default=",".join(METHOD_KINDS),
@@ -357,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--seeds must name a seed and every density be in (0, 1]")
     if set(kinds) - {"dense"} and not densities:
         p.error("--densities: give a density for the top-k methods")
+    if args.hidden is not None and args.task == "digits-cnn":
+        p.error("--hidden is an MLP's width; digits-cnn has none")
     for key in ("epochs", "batch_size", "hidden"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1")
