@@ -98,7 +98,7 @@ def run_one(cfg: dict, task, seed: int, optimizer: str, method: dict, rank: int,
     lr = cfg["lr"][optimizer]
     torch.manual_seed(seed)  # the same initial model on every rank and for every method
     model = task.build_model()
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     if kind == "dense":
         sync = sparsetrain.GradientSync(model, "none")
     else:

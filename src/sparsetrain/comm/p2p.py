@@ -542,11 +542,14 @@ class Wire:
         width = len(mine) + (1 if extra is not None else 0)
         # Every peer's message in one tensor, copied to the device once (a copy a peer would be
         # a blocking copy and a stream sync each on CUDA); the rows are the messages.
-        table = torch.tensor(
-            [mine + ([int(extra[q])] if extra is not None else []) for q in peers],
-            dtype=torch.int64,
-        ).reshape(len(peers), width)
-        table = table.to(self.device)
+        table = (
+            torch.tensor(
+                [mine + ([int(extra[q])] if extra is not None else []) for q in peers],
+                dtype=torch.int64,
+            )
+            .reshape(len(peers), width)
+            .to(self.device)
+        )
         sends = {q: table[i] for i, q in enumerate(peers)}
         got = self.exchange(sends, dict.fromkeys(peers, width), {}, torch.int64)
         rows = torch.stack([got[q] for q in peers]).tolist() if width else [[] for _ in peers]

@@ -277,7 +277,7 @@ class GradientSync:
         return {**self.engine.state_dict(), "buckets": self._bucket_names()}
 
     def _bucket_names(self) -> list[list[str]]:
-        return [[n for n, _ in bucket] for bucket in self.buckets]
+        return [list(names) for names, _ in self._layouts]
 
     def _check_buckets(self, saved: Any) -> None:
         """Refuse a state saved with other buckets: what is kept per bucket (a threshold,
