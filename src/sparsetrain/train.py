@@ -23,7 +23,9 @@ What one rank does (:func:`train_worker`):
 3. every epoch, shuffle the training indices with a generator seeded from ``(seed, epoch)``,
    pad them to a multiple of the world size and take every ``world``-th one from ``rank`` (as
    ``DistributedSampler`` does): the shards are disjoint, every rank runs the same number of
-   steps, and a resumed run sees exactly the order the interrupted one would have seen;
+   steps, and a resumed run sees exactly the order the interrupted one would have seen (on
+   another number of ranks, the rest of the interrupted epoch is dealt over the new ranks:
+   :class:`_Plan`);
 4. forward (under ``torch.autocast`` with ``amp``), backward (the hook averages the compressed
    gradients across ranks; without DDP, ``GradientSync.synchronize()`` after backward), and
    ``optimizer.step()`` unless the hook dropped the step for a non-finite gradient (with
@@ -48,6 +50,7 @@ import errno
 import json
 import logging
 import math
+import operator
 import os
 import shutil
 import signal
@@ -203,7 +206,8 @@ class TrainConfig:
         max_steps: stop after this many steps in all (0: no limit), for example to test resuming.
         checkpoint_dir: folder for checkpoints (one file a rank); None: no checkpoints.
         checkpoint_every: steps between checkpoints (0: only at the end of the run).
-        resume: continue from the checkpoint in ``checkpoint_dir`` if there is one.
+        resume: continue from the checkpoint in ``checkpoint_dir`` if there is one; one
+            written by another number of workers is resharded (:func:`_resharded_checkpoint`).
         label: the run's name in reports and plots; None: the compressor's name.
         task_options: keyword options of the task factory (for example ``hidden``).
         progress: show a progress bar on rank 0.
@@ -483,20 +487,102 @@ def _ceil_div(a: int, b: int) -> int:
 # ---- data -------------------------------------------------------------------------------------
 
 
-def shard_indices(num_examples: int, rank: int, world: int, seed: int, epoch: int) -> torch.Tensor:
+def shard_indices(
+    num_examples: int, rank: int, world: int, seed: int, epoch: int, start: int = 0
+) -> torch.Tensor:
     """Return this rank's training indices for ``epoch``: disjoint shards of equal length.
 
     The order is a permutation drawn from a generator seeded by ``(seed, epoch)``, padded by
     wrapping around to a multiple of ``world`` (as many times as it takes, where there are
     fewer examples than ranks, as DistributedSampler does); rank ``r`` takes positions
-    ``r, r + world, ...``.
+    ``r, r + world, ...``. With ``start``, the permutation's first ``start`` examples are left
+    out before it is padded and dealt (the rest of an epoch that a run of another number of
+    ranks began: see :class:`_Plan`).
     """
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(num_examples, generator=gen)
-    total = _ceil_div(num_examples, world) * world
-    if total > num_examples:
-        perm = perm.repeat(_ceil_div(total, num_examples))[:total]
+    perm = torch.randperm(num_examples, generator=gen)[start:]
+    total = _ceil_div(len(perm), world) * world
+    if total > len(perm):
+        perm = perm.repeat(_ceil_div(total, len(perm)))[:total]
     return perm[rank::world]
+
+
+class _Plan:
+    """A run's steps: which examples each step trains on, and how far through its epochs and
+    its learning-rate schedule a step is.
+
+    Without a ``layout`` (a run that started at step 0 on its number of ranks): every epoch
+    takes ``ceil(ceil(examples / world) / batch_size)`` steps over :func:`shard_indices`.
+
+    A run resumed on another number of ranks starts from a ``layout``: at step ``step`` of the
+    run it continues, in ``epoch``, the permutation's first ``offset`` examples were trained on
+    by the old ranks, and the schedule was ``progress`` (0 to 1) of the way through. It deals
+    the rest of that epoch over its own ranks (``shard_indices(..., start=offset)``), so every
+    example is still trained on once an epoch; later epochs are whole. Its step counter goes on
+    from ``step``, and its schedule goes from ``progress`` to 1 over the steps it has left.
+    """
+
+    def __init__(
+        self,
+        num_examples: int,
+        batch_size: int,
+        epochs: int,
+        world: int,
+        layout: dict[str, Any] | None = None,
+    ):
+        self.num_examples, self.batch_size, self.world = num_examples, batch_size, world
+        self.layout = layout
+        self.steps_per_epoch = _ceil_div(_ceil_div(num_examples, world), batch_size)
+        if layout is None:
+            self.planned = self.steps_per_epoch * epochs
+            return
+        self.base, self.epoch0 = int(layout["step"]), int(layout["epoch"])
+        self.offset, self.progress0 = int(layout["offset"]), float(layout["progress"])
+        # The steps that finish the epoch the layout starts in.
+        self.first = _ceil_div(_ceil_div(num_examples - self.offset, world), batch_size)
+        self.planned = self.base
+        if epochs > self.epoch0:
+            self.planned += self.first + self.steps_per_epoch * (epochs - self.epoch0 - 1)
+
+    def where(self, step: int) -> tuple[int, int, int]:
+        """(epoch, examples of its permutation left out, steps of it already taken) at
+        ``step``: the batches of ``step`` on are ``shard_indices(..., epoch, start)`` from
+        ``taken * batch_size`` on."""
+        if self.layout is None:
+            epoch, taken = divmod(step, self.steps_per_epoch)
+            return epoch, 0, taken
+        if step < self.base + self.first:
+            return self.epoch0, self.offset, step - self.base
+        epoch, taken = divmod(step - self.base - self.first, self.steps_per_epoch)
+        return self.epoch0 + 1 + epoch, 0, taken
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, how many of its permutation's examples the ranks have trained on) after
+        ``step`` steps: a prefix of the permutation, whatever the number of ranks."""
+        epoch, start, taken = self.where(step)
+        return epoch, start + taken * self.batch_size * self.world
+
+    def epochs_done(self, step: int) -> float:
+        """Epochs trained after ``step`` steps (the curves' and the report's ``epoch``)."""
+        if self.layout is None:
+            return step / self.steps_per_epoch
+        epoch, done = self.position(step)
+        return epoch + min(done, self.num_examples) / self.num_examples
+
+    def progress(self, step: int) -> float:
+        """How far through the learning-rate schedule ``step`` is, 0 to 1."""
+        if self.layout is None:
+            return step / self.planned
+        if self.planned <= self.base:
+            return 1.0
+        return self.progress0 + (1.0 - self.progress0) * (step - self.base) / (
+            self.planned - self.base
+        )
+
+    def resumed_on(self, step: int) -> dict[str, Any]:
+        """The layout of a run of another number of ranks that resumes this one at ``step``."""
+        epoch, done = self.position(step)
+        return {"step": step, "epoch": epoch, "offset": done, "progress": self.progress(step)}
 
 
 def _batches(data: Dataset, indices: torch.Tensor, batch_size: int) -> Iterator[tuple]:
@@ -748,9 +834,10 @@ def _gather_ints(values: list[int], device: torch.device) -> list[list[int]]:
 
 
 def _checkpoint_problem(
-    config: TrainConfig, state: dict[str, Any] | None, path: Path | None, world: int
+    config: TrainConfig, state: dict[str, Any] | None, path: Path | None, world: int | None
 ) -> str | None:
-    """What makes ``state`` (loaded from ``path``) unfit for this run to resume, or None."""
+    """What makes ``state`` (loaded from ``path``) unfit for this run to resume, or None;
+    ``world``: the number of ranks that must have written it (None: any, checked apart)."""
     if state is None:
         return None
     # Checkpoints written before bucket_cap_mb existed ran DDP's default buckets (25 MB,
@@ -774,12 +861,17 @@ def _checkpoint_problem(
     for fields in (saved, now):  # the first loss scale matters only to an fp16 run
         if fields.get("amp") != "fp16":
             fields.pop("init_loss_scale", None)
+        fields.pop("workers", None)  # the ranks that wrote it are checked on their own
     differ = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
-    if state.get("format") != _CHECKPOINT_FORMAT or state.get("world") != world:
+    if state.get("format") != _CHECKPOINT_FORMAT:
         return (
-            f"checkpoint {path} was written by {state.get('world')} ranks (format "
-            f"{state.get('format')}); this run has {world} ranks: resume with the same workers"
+            f"checkpoint {path} has format {state.get('format')!r}; this sparsetrain reads "
+            f"format {_CHECKPOINT_FORMAT}"
         )
+    if _saved_world(state) < 0:
+        return f"checkpoint {path} does not say how many ranks wrote it"
+    if world is not None and state["world"] != world:
+        return f"checkpoint {path} was written by {state['world']} ranks, not {world}"
     if differ:
         return f"checkpoint {path} was written by a different configuration: " + ", ".join(
             f"{k} {saved.get(k)!r} there, {now.get(k)!r} here" for k in differ
@@ -787,16 +879,24 @@ def _checkpoint_problem(
     return None
 
 
-def _gather_checked(step: int, problem: str | None, device: torch.device) -> list[int]:
-    """Every rank's ``step``, after raising on every rank if some rank's checkpoint has a
+def _gather_checked(
+    values: list[int], problem: str | None, device: torch.device
+) -> list[list[int]]:
+    """Every rank's ``values``, after raising on every rank if some rank's checkpoint has a
     ``problem`` (its own message there, a pointer to it elsewhere)."""
-    table = _gather_ints([step, int(problem is not None)], device)
+    table = _gather_ints([*values, int(problem is not None)], device)
     if problem is not None:
         raise ValueError(problem)
-    bad = [r for r, row in enumerate(table) if row[1]]
+    bad = [r for r, row in enumerate(table) if row[-1]]
     if bad:
         raise PeerError(f"rank(s) {bad} cannot resume from their checkpoints (see their errors)")
-    return [row[0] for row in table]
+    return [row[:-1] for row in table]
+
+
+def _saved_world(state: dict[str, Any] | None) -> int:
+    """How many ranks wrote a checkpoint; -1 for none, or where it does not say."""
+    world = None if state is None else state.get("world")
+    return operator.index(world) if is_integer(world, 1) else -1
 
 
 def _agreed_checkpoint(
@@ -828,7 +928,9 @@ def _agreed_checkpoint(
             return None
         return state
 
-    def problem(state: dict[str, Any] | None, where: Path | None) -> str | None:
+    def problem(
+        state: dict[str, Any] | None, where: Path | None, world: int | None = world
+    ) -> str | None:
         if not unreadable:
             return _checkpoint_problem(config, state, where, world)
         if where == ckpt and previous.exists():
@@ -843,7 +945,13 @@ def _agreed_checkpoint(
     elif previous.exists():  # stopped between its save's two renames
         state, where = load(previous), previous
     step = -1 if state is None else int(state["step"])
-    steps = _gather_checked(step, problem(state, where), device)
+    rows = _gather_checked([step, _saved_world(state)], problem(state, where, None), device)
+    steps = [row[0] for row in rows]
+    worlds = {row[1] for row in rows if row[1] > 0}
+    if len(worlds) > 1:
+        _refuse_mixed_worlds(ckpt, where, [row[1] for row in rows], rank, world)
+    if worlds and worlds != {world}:  # written by another number of ranks
+        return _resharded_checkpoint(config, ckpt, rank, world, worlds.pop(), device)
     if set(steps) == {-1}:
         if rank == 0:
             print(_no_checkpoint_note(ckpt.parent), file=sys.stderr, flush=True)
@@ -853,8 +961,9 @@ def _agreed_checkpoint(
     # A save some ranks finished and others did not: the checkpoint each kept before it.
     earlier = load(previous) if where == ckpt and previous.exists() else None
     kept = _gather_checked(
-        -1 if earlier is None else int(earlier["step"]), problem(earlier, previous), device
+        [-1 if earlier is None else int(earlier["step"])], problem(earlier, previous), device
     )
+    kept = [row[0] for row in kept]
     common = set.intersection(*({s for s in pair if s >= 0} for pair in zip(steps, kept)))
     if common:
         target = max(common)
@@ -886,6 +995,164 @@ def _agreed_checkpoint(
             where.unlink(missing_ok=True)
         return None
     return state
+
+
+def _refuse_mixed_worlds(
+    ckpt: Path, where: Path | None, saved: list[int], rank: int, world: int
+) -> None:
+    """Raise on every rank: the ranks' checkpoints were written by runs of different numbers
+    of ranks (``saved``: by rank, -1 for none). Where some were written by as many ranks as
+    this run has, the others are named as the cause on their own ranks."""
+    by_world: dict[int, list[int]] = {}
+    for r, w in enumerate(saved):
+        if w > 0:
+            by_world.setdefault(w, []).append(r)
+    listed = "; ".join(f"ranks {ranks} by {w} ranks" for w, ranks in sorted(by_world.items()))
+    if world in by_world and saved[rank] in (-1, world):
+        bad = sorted(r for r, w in enumerate(saved) if w not in (-1, world))
+        raise PeerError(f"rank(s) {bad} cannot resume from their checkpoints (see their errors)")
+    head = (
+        f"checkpoint {where} was written by {saved[rank]} ranks, and the ranks' checkpoints "
+        f"in {ckpt.parent} by runs of different sizes ({listed})"
+    )
+    raise ValueError(
+        f"{head}. A run resumed on another number of ranks that stopped during its first "
+        "save leaves this: move each rank<r>.prev.pt of the ranks that saved over its "
+        f"rank<r>.pt to resume from the run before it, or remove the checkpoints to start over"
+    )
+
+
+def _resharded_checkpoint(
+    config: TrainConfig, ckpt: Path, rank: int, world: int, old_world: int, device: torch.device
+) -> dict[str, Any]:
+    """The checkpoint of a run of ``old_world`` ranks, for rank ``rank`` of ``world``.
+
+    Each rank reads the old ranks' files that :func:`sparsetrain.reshard_sources` names, and
+    old rank 0's: the model, the optimizer, the loss scaler, the curves and the step are old
+    rank 0's (every rank holds the same), the hook's state is
+    :func:`sparsetrain.reshard_state` of the old ranks' states (error feedback keeps the update
+    the model has yet to receive), and the training-loss sums since the last record are spread
+    over the new ranks with the same weights, so their sum is kept. Every old rank's file must
+    be at the same step; where a run stopped between two ranks' saves, the latest step every
+    old rank still has is taken, as on as many ranks. Any problem is an error on every rank.
+
+    The result says ``world``: ``old_world``; the caller plans the rest of the data order from
+    it (:class:`_Plan`)."""
+    from .sync.reshard import _weights, reshard_state
+
+    weights = {q: float(w) * old_world / world for q, w in _weights(old_world, rank, world)}
+    sources = sorted(weights.keys() | {0})
+    folder = ckpt.parent
+    needs = (
+        f"resuming a run of {old_world} ranks on {world} needs the old ranks' files in "
+        f"{folder} (rank {rank} reads those of old ranks {sources})"
+    )
+    problems: list[str] = []
+
+    def load(path: Path) -> dict[str, Any] | None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - any failure to read it: named, on every rank
+            cause = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            problems.append(f"checkpoint {path} cannot be read ({cause.rstrip(': ')}); {needs}")
+            return None
+        if not isinstance(state, dict) or not is_integer(state.get("step"), 0):
+            problems.append(f"{path} is not a sparsetrain checkpoint (no step in it)")
+            return None
+        problem = _checkpoint_problem(config, state, path, old_world)
+        if problem is not None:
+            problems.append(problem)
+            return None
+        return state
+
+    loaded: dict[int, tuple[Path, dict[str, Any]]] = {}
+    for q in sources:
+        path = ckpt.with_name(f"rank{q}.pt")
+        if not path.exists() and _previous_path(path).exists():  # between its save's renames
+            path = _previous_path(path)
+        if not path.exists():
+            problems.append(f"checkpoint {path} is missing: {needs}")
+            continue
+        state = load(path)
+        if state is not None:
+            loaded[q] = (path, state)
+    steps = [int(state["step"]) for _, state in loaded.values()] or [0]
+    rows = _gather_checked([min(steps), max(steps)], problems[0] if problems else None, device)
+    target = min(row[0] for row in rows)
+    if any(row[1] != target for row in rows):
+        # A save some old ranks finished and others did not: the one each kept before it.
+        for q, (path, state) in list(loaded.items()):
+            if int(state["step"]) == target:
+                continue
+            earlier = _previous_path(path)
+            kept = None
+            if not path.stem.endswith(".prev") and earlier.exists():
+                kept = load(earlier)
+            if kept is not None and int(kept["step"]) == target:
+                loaded[q] = (earlier, kept)
+            elif not problems:
+                problems.append(
+                    f"the old ranks' checkpoints in {folder} have no step in common (old rank "
+                    f"{q}: step {state['step']}, and step {target} on another); remove them "
+                    "to start over"
+                )
+        _gather_checked([], problems[0] if problems else None, device)
+        if rank == 0:
+            print(
+                f"{folder.name}: the old ranks' last checkpoints are from different steps (a "
+                f"run stopped between their saves); resuming from step {target}, which every "
+                "rank has",
+                file=sys.stderr,
+                flush=True,
+            )
+    base = loaded[0][1]
+    out = {k: base[k] for k in ("step", "elapsed", "eval_seconds", "curves", "model",
+                                "optimizer", "scaler", "layout") if k in base}  # fmt: skip
+    out["world"] = old_world
+    for key in ("loss_sum", "loss_count"):
+        out[key] = sum(w * float(loaded[q][1].get(key, 0.0)) for q, w in weights.items())
+    problem = None
+    if config.native_ddp:  # plain DDP's counters, the same on every rank
+        out["hook"] = base["hook"]
+    else:
+        try:
+            with warnings.catch_warnings():
+                if rank != 0:  # momentum correction's, once
+                    warnings.simplefilter("ignore")
+                out["hook"] = reshard_state(
+                    {q: state["hook"] for q, (_, state) in loaded.items()}, rank, world
+                )
+        except (TypeError, ValueError) as e:
+            problem = f"the hook's state in {folder} cannot be carried to {world} ranks: {e}"
+            if "reset_robust" in str(e):  # an option of reshard_state, not of the trainer
+                problem = (
+                    f"the hook's state in {folder} holds the robust aggregator's (or attack's) "
+                    f"state, which is about the {old_world} workers that saved it: resume on "
+                    f"{old_world} workers, or remove the checkpoints to start over"
+                )
+    _gather_checked([], problem, device)
+    if rank == 0:
+        print(
+            f"{folder.name}: resuming a run of {old_world} ranks at step {target} on {world} "
+            "ranks (the rest of its epoch is dealt over these ranks; error feedback's residuals "
+            "are carried over by sparsetrain.reshard_state)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return out
+
+
+def _remove_superseded(ckpt: Path, rank: int, world: int, old_world: int) -> None:
+    """After the first save of a run resumed on another number of ranks (every rank's):
+    remove the old run's files it replaces, so that a later resume finds one run's. This rank's
+    file of the old run (renamed ``rank<r>.prev.pt`` by the save), and on rank 0 those of the
+    old ranks past this run's last."""
+    _previous_path(ckpt).unlink(missing_ok=True)
+    if rank == 0:
+        for q in range(world, old_world):
+            path = ckpt.with_name(f"rank{q}.pt")
+            path.unlink(missing_ok=True)
+            _previous_path(path).unlink(missing_ok=True)
 
 
 def sgd(params: Any, fused: bool = True, **options: Any) -> torch.optim.SGD:
@@ -986,19 +1253,25 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
     )
 
     n_train = len(task.train)
-    steps_per_epoch = _ceil_div(_ceil_div(n_train, world), config.batch_size)
-    planned_steps = steps_per_epoch * config.epochs
-    total_steps = planned_steps
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps)
-    eval_every = config.eval_every or steps_per_epoch
-
     curves: dict[str, list] = {
         k: [] for k in ("step", "epoch", "wall_seconds", "train_loss", "test_loss", "test_accuracy")
     }
     step, elapsed, eval_seconds = 0, 0.0, 0.0
     ckpt = _checkpoint_path(config, rank)
     state = _agreed_checkpoint(config, ckpt, rank, world, device) if config.resume else None
+    layout = None if state is None else state.get("layout")
+    # The old ranks' files this run replaces at its first save (resumed on another number).
+    superseded = None
+    if state is not None and state["world"] != world:
+        superseded = int(state["world"])
+        old = _Plan(n_train, config.batch_size, config.epochs, superseded, layout)
+        layout = old.resumed_on(int(state["step"]))
+    plan = _Plan(n_train, config.batch_size, config.epochs, world, layout)
+    steps_per_epoch, planned_steps = plan.steps_per_epoch, plan.planned
+    total_steps = planned_steps
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+    eval_every = config.eval_every or steps_per_epoch
     if state is not None:
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -1061,6 +1334,7 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
             {
                 "format": _CHECKPOINT_FORMAT,
                 "world": world,
+                **({"layout": layout} if layout is not None else {}),
                 "config": _resumable(config),
                 "step": step,
                 "elapsed": elapsed + time.perf_counter() - start,
@@ -1087,14 +1361,18 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
         record(0.0)
     model.train()
     while step < total_steps:
-        epoch, skip = divmod(step, steps_per_epoch)
-        order = shard_indices(n_train, rank, world, config.seed, epoch)
-        for x, y in _batches(task.train, order[skip * config.batch_size :], config.batch_size):
+        epoch, left_out, taken = plan.where(step)
+        order = shard_indices(n_train, rank, world, config.seed, epoch, start=left_out)
+        for x, y in _batches(task.train, order[taken * config.batch_size :], config.batch_size):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if config.schedule == "cosine":
                 # From the planned length, not max_steps: an interrupted run keeps its schedule.
+                if layout is None:
+                    angle = math.pi * step / planned_steps
+                else:
+                    angle = math.pi * plan.progress(step)
                 for group in optimizer.param_groups:
-                    group["lr"] = config.lr * 0.5 * (1.0 + math.cos(math.pi * step / planned_steps))
+                    group["lr"] = config.lr * 0.5 * (1.0 + math.cos(angle))
             optimizer.zero_grad(set_to_none=True)
             target = attack.flip_labels(y, task.num_classes) if flips else y
             if sync is not None and world > 1:
@@ -1119,7 +1397,7 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
             if bar is not None:
                 bar.update(1)
             if step % eval_every == 0 or step == total_steps:
-                before = record(step / steps_per_epoch)
+                before = record(plan.epochs_done(step))
                 end_only = None if step % eval_every == 0 else before
                 if bar is not None and curves["test_accuracy"][-1] is not None:
                     bar.set_postfix(
@@ -1132,10 +1410,13 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
             ):
                 save()
                 dist.barrier()
+                if superseded is not None:  # every rank has saved on this number of ranks
+                    _remove_superseded(ckpt, rank, world, superseded)
+                    superseded = None
             if step == total_steps:
                 break
     if not curves["step"] or curves["step"][-1] != step:
-        record(step / steps_per_epoch)  # resumed from the end: the point its checkpoint left out
+        record(plan.epochs_done(step))  # resumed from the end: the point its checkpoint left out
     wall = elapsed + time.perf_counter() - start
     if bar is not None:
         bar.close()
@@ -1163,7 +1444,7 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
         "skipped_steps": int(stats.get("skipped_steps", 0)),
         **({"loss_scale": scaler.get_scale()} if scaler is not None else {}),
         **({"auto_choices": stats["auto_choices"]} if "auto_choices" in stats else {}),
-        "epochs": step / steps_per_epoch,
+        "epochs": plan.epochs_done(step),
         "wall_seconds": wall,
         "eval_seconds": eval_seconds,
         "compress_seconds_per_rank": mean["compress_seconds"],

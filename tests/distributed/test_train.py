@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -389,6 +390,71 @@ def test_resumed_run_ends_exactly_where_the_uninterrupted_one_does(tmp_path, cap
     assert "the checkpoint is at step 44, past this run's end at max_steps 10" in (
         capfd.readouterr().err
     )
+
+
+def test_a_run_resumes_on_another_number_of_workers(tmp_path, capfd):
+    """A job restarted with a node lost or added: the old ranks' checkpoints are resharded
+    (error feedback's residuals through reshard_state), the rest of the interrupted epoch is
+    dealt over the new ranks, the old run's files are replaced at the first save, and the
+    resumed run resumes exactly on its own number of ranks. It was refused."""
+    from sparsetrain.train import _Plan
+
+    common = dict(
+        task="digits-mlp", compressor="threshold", density=0.05, epochs=2, eval_every=10,
+        progress=False, timeout_s=120, checkpoint_every=5,
+    )  # fmt: skip
+    n = len(get_task("digits-mlp", seed=0).train)
+    old = _Plan(n, 32, 2, 2)  # 22 steps an epoch on 2 ranks: step 25 is in the second
+    cut = old.resumed_on(25)
+    assert (cut["epoch"], cut["offset"]) == (1, 3 * 32 * 2)
+
+    def folder(name: str) -> dict:
+        return {**common, "checkpoint_dir": str(tmp_path / name)}
+
+    began = time.monotonic()
+    launch(TrainConfig(workers=2, max_steps=25, **folder("a")))
+    for name in ("b", "c", "d"):
+        shutil.copytree(tmp_path / "a", tmp_path / name)
+    capfd.readouterr()
+    grown = launch(TrainConfig(workers=3, resume=True, **folder("a")))["runs"][0]
+    assert 0 < grown["curves"]["wall_seconds"][-1] <= grown["wall_seconds"]
+    assert grown["wall_seconds"] < time.monotonic() - began  # the clock carried, not reset
+    assert "resuming a run of 2 ranks at step 25 on 3 ranks" in capfd.readouterr().err
+    assert (
+        grown["steps"]
+        == _Plan(n, 32, 2, 3, cut).planned
+        == 25 + math.ceil(math.ceil((n - 192) / 3) / 32)
+    )
+    assert grown["epochs"] == 2.0 and grown["world_size"] == 3
+    assert grown["curves"]["step"][:3] == [0, 10, 20] and grown["curves"]["step"][-1] == 38
+    assert math.isfinite(grown["final_test_loss"])
+    ckpt = tmp_path / "a" / "threshold"
+    assert sorted(p.name for p in ckpt.glob("*.pt")) == sorted(
+        f"rank{r}{s}.pt" for r in range(3) for s in ("", ".prev")
+    )
+    for path in ckpt.glob("*.pt"):  # the 2 ranks' files were replaced at the first save
+        assert torch.load(path, weights_only=False)["world"] == 3, path
+
+    # Stopped and resumed on as many ranks, the resharded run ends where it did at once.
+    launch(TrainConfig(workers=3, resume=True, max_steps=32, **folder("b")))
+    again = launch(TrainConfig(workers=3, resume=True, **folder("b")))["runs"][0]
+    for key in ("steps", "final_test_loss", "final_test_accuracy", "bytes_sent_per_rank"):
+        assert again[key] == grown[key], key
+    assert again["curves"]["train_loss"] == grown["curves"]["train_loss"]
+
+    # On fewer ranks: one. The old rank 1's files go at its first save.
+    shrunk = launch(TrainConfig(workers=1, resume=True, **folder("c")))["runs"][0]
+    assert shrunk["steps"] == _Plan(n, 32, 2, 1, cut).planned and shrunk["epochs"] == 2.0
+    assert sorted(p.name for p in (tmp_path / "c" / "threshold").glob("*.pt")) == [
+        "rank0.prev.pt", "rank0.pt",
+    ]  # fmt: skip
+
+    # An old rank's file missing: an error naming it, on every rank.
+    for name in ("rank1.pt", "rank1.prev.pt"):
+        (tmp_path / "d" / "threshold" / name).unlink()
+    with pytest.raises(WorkerError, match=r"rank1\.pt is missing: resuming a run of 2") as exc:
+        launch(TrainConfig(workers=3, resume=True, **folder("d")))
+    assert exc.value.error_type == "ValueError"
 
 
 def _resume_from(rank: int, world: int, folder: str) -> dict:

@@ -584,7 +584,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     out.add_argument(
         "--checkpoint-every", type=non_negative_int, default=0, help="steps between checkpoints"
     )
-    out.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
+    out.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from --checkpoint-dir (on as many workers exactly; on another number "
+        "the checkpoints are resharded: docs/training.md)",
+    )
     show_defaults(p)
     p.set_defaults(func=_run, _parser=p)
     return p

@@ -1,0 +1,109 @@
+"""The trainer's data order when a run resumes on another number of ranks (`_Plan`): every
+example is still trained on once an epoch, and the learning-rate schedule goes on from where it
+was, whatever the step and the numbers of ranks."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from sparsetrain.train import _Plan, shard_indices
+
+SEED = 3
+
+
+def _epochs_seen(plan: _Plan, steps: range, seen: dict[int, Counter]) -> None:
+    """Add the examples that ``steps`` of ``plan`` train on, over all its ranks, by epoch."""
+    b = plan.batch_size
+    for step in steps:
+        epoch, start, taken = plan.where(step)
+        for rank in range(plan.world):
+            order = shard_indices(plan.num_examples, rank, plan.world, SEED, epoch, start=start)
+            seen.setdefault(epoch, Counter()).update(order[taken * b : (taken + 1) * b].tolist())
+
+
+@pytest.mark.parametrize("n,batch", [(37, 4), (100, 5), (23, 1)])
+@pytest.mark.parametrize("old,new", [(2, 3), (3, 2), (4, 1), (1, 4), (2, 2), (5, 3)])
+def test_a_resumed_run_trains_on_every_example_once_an_epoch(n, batch, old, new):
+    epochs = 3
+    first = _Plan(n, batch, epochs, old)
+    for cut in range(first.planned + 1):
+        second = _Plan(n, batch, epochs, new, first.resumed_on(cut))
+        seen: dict[int, Counter] = {}
+        _epochs_seen(first, range(cut), seen)
+        _epochs_seen(second, range(cut, second.planned), seen)
+        assert sorted(seen) == list(range(epochs)), (cut, sorted(seen))
+        for epoch, counts in seen.items():
+            # Each example at least once; the only repeats are the padding that deals an
+            # epoch (or its rest) out evenly: fewer than a rank each, on either side.
+            assert set(counts) == set(range(n)), (cut, epoch)
+            extra = sum(counts.values()) - n
+            assert 0 <= extra < old + new, (cut, epoch, extra)
+        # The schedule goes on from where it was and ends at 1.
+        assert second.progress(cut) == pytest.approx(first.progress(cut))
+        if second.planned > cut:
+            assert second.progress(second.planned) == pytest.approx(1.0)
+            assert second.epochs_done(second.planned) == pytest.approx(epochs)
+        epoch, done = first.position(cut)
+        assert second.epochs_done(cut) == pytest.approx(epoch + done / n)
+
+
+def test_twice_resharded_still_once_an_epoch():
+    n, batch, epochs = 50, 3, 4
+    a = _Plan(n, batch, epochs, 2)
+    b = _Plan(n, batch, epochs, 3, a.resumed_on(11))
+    c = _Plan(n, batch, epochs, 1, b.resumed_on(20))
+    d = _Plan(n, batch, epochs, 4, c.resumed_on(30))
+    assert 11 < a.planned and 20 < b.planned and 30 < c.planned
+    assert [b.where(20)[0], c.where(30)[0]] == [2, 3]  # each cut is inside an epoch
+    seen: dict[int, Counter] = {}
+    _epochs_seen(a, range(11), seen)
+    _epochs_seen(b, range(11, 20), seen)
+    _epochs_seen(c, range(20, 30), seen)
+    _epochs_seen(d, range(30, d.planned), seen)
+    assert sorted(seen) == list(range(epochs))
+    for counts in seen.values():
+        assert set(counts) == set(range(n))
+    assert d.progress(d.planned) == pytest.approx(1.0)
+    assert b.progress(11) == pytest.approx(a.progress(11))
+    assert c.progress(20) == pytest.approx(b.progress(20))
+    assert d.progress(30) == pytest.approx(c.progress(30))
+
+
+def test_a_run_that_never_changed_ranks_keeps_its_order_and_schedule():
+    n, batch, world, epochs = 37, 4, 3, 2
+    plan = _Plan(n, batch, epochs, world)
+    assert plan.steps_per_epoch == 4 and plan.planned == 8
+    for step in range(plan.planned):
+        epoch, start, taken = plan.where(step)
+        assert (epoch, taken) == divmod(step, 4) and start == 0
+        assert plan.epochs_done(step) == step / 4
+        assert plan.progress(step) == step / 8
+    # start=0 is the order shard_indices always gave
+    for rank in range(world):
+        assert shard_indices(n, rank, world, SEED, 1).tolist() == (
+            shard_indices(n, rank, world, SEED, 1, start=0).tolist()
+        )
+
+
+def test_the_same_number_of_ranks_from_a_layout_is_the_same_order():
+    # A run resharded onto 2 ranks at an epoch's end then trains as a run of 2 from the start.
+    n, batch, epochs = 40, 4, 3
+    first = _Plan(n, batch, epochs, 4)
+    cut = first.steps_per_epoch  # the end of epoch 0
+    second = _Plan(n, batch, epochs, 2, first.resumed_on(cut))
+    plain = _Plan(n, batch, epochs, 2)
+    offset = plain.steps_per_epoch - cut
+    for step in range(cut, second.planned):
+        assert second.where(step) == plain.where(step + offset)
+    assert second.planned + offset == plain.planned
+
+
+def test_fewer_epochs_than_reached_plans_nothing_more():
+    first = _Plan(30, 2, 3, 2)
+    cut = 2 * first.steps_per_epoch + 1  # in epoch 2
+    layout = first.resumed_on(cut)
+    assert layout["epoch"] == 2
+    assert _Plan(30, 2, 2, 3, layout).planned == cut  # 2 epochs: past the end already
+    assert _Plan(30, 2, 3, 3, layout).planned > cut
