@@ -1267,11 +1267,18 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
         old = _Plan(n_train, config.batch_size, config.epochs, superseded, layout)
         layout = old.resumed_on(int(state["step"]))
     plan = _Plan(n_train, config.batch_size, config.epochs, world, layout)
-    steps_per_epoch, planned_steps = plan.steps_per_epoch, plan.planned
+    planned_steps = plan.planned
     total_steps = planned_steps
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
-    eval_every = config.eval_every or steps_per_epoch
+
+    def on_grid(step: int) -> bool:
+        """Whether ``step`` is one the run evaluates at: every ``eval_every`` steps, or at
+        each epoch's end (where a run resumed on another number of ranks ends its epochs)."""
+        if config.eval_every:
+            return step % config.eval_every == 0
+        return plan.where(step)[1:] == (0, 0)
+
     if state is not None:
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -1396,9 +1403,9 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
             step += 1
             if bar is not None:
                 bar.update(1)
-            if step % eval_every == 0 or step == total_steps:
+            if on_grid(step) or step == total_steps:
                 before = record(plan.epochs_done(step))
-                end_only = None if step % eval_every == 0 else before
+                end_only = None if on_grid(step) else before
                 if bar is not None and curves["test_accuracy"][-1] is not None:
                     bar.set_postfix(
                         loss=f"{curves['train_loss'][-1] or float('nan'):.3f}",

@@ -404,29 +404,27 @@ def test_a_run_resumes_on_another_number_of_workers(tmp_path, capfd):
         progress=False, timeout_s=120, checkpoint_every=5,
     )  # fmt: skip
     n = len(get_task("digits-mlp", seed=0).train)
-    old = _Plan(n, 32, 2, 2)  # 22 steps an epoch on 2 ranks: step 25 is in the second
-    cut = old.resumed_on(25)
-    assert (cut["epoch"], cut["offset"]) == (1, 3 * 32 * 2)
+    old = _Plan(n, 32, 2, 2)  # 22 steps an epoch on 2 ranks: step 15 is in the first
+    cut = old.resumed_on(15)
+    assert (cut["epoch"], cut["offset"]) == (0, 15 * 32 * 2)
 
     def folder(name: str) -> dict:
         return {**common, "checkpoint_dir": str(tmp_path / name)}
 
     began = time.monotonic()
-    launch(TrainConfig(workers=2, max_steps=25, **folder("a")))
+    launch(TrainConfig(workers=2, max_steps=15, **folder("a")))
     for name in ("b", "c", "d"):
         shutil.copytree(tmp_path / "a", tmp_path / name)
     capfd.readouterr()
     grown = launch(TrainConfig(workers=3, resume=True, **folder("a")))["runs"][0]
     assert 0 < grown["curves"]["wall_seconds"][-1] <= grown["wall_seconds"]
     assert grown["wall_seconds"] < time.monotonic() - began  # the clock carried, not reset
-    assert "resuming a run of 2 ranks at step 25 on 3 ranks" in capfd.readouterr().err
-    assert (
-        grown["steps"]
-        == _Plan(n, 32, 2, 3, cut).planned
-        == 25 + math.ceil(math.ceil((n - 192) / 3) / 32)
-    )
+    assert "resuming a run of 2 ranks at step 15 on 3 ranks" in capfd.readouterr().err
+    # The rest of epoch 0 (n - 960 examples) on 3 ranks, then epoch 1 on 3 ranks.
+    rest, whole = math.ceil(math.ceil((n - 960) / 3) / 32), math.ceil(math.ceil(n / 3) / 32)
+    assert grown["steps"] == _Plan(n, 32, 2, 3, cut).planned == 15 + rest + whole
     assert grown["epochs"] == 2.0 and grown["world_size"] == 3
-    assert grown["curves"]["step"][:3] == [0, 10, 20] and grown["curves"]["step"][-1] == 38
+    assert grown["curves"]["step"] == [0, 10, 20, 30, 15 + rest + whole]
     assert math.isfinite(grown["final_test_loss"])
     ckpt = tmp_path / "a" / "threshold"
     assert sorted(p.name for p in ckpt.glob("*.pt")) == sorted(
@@ -436,15 +434,20 @@ def test_a_run_resumes_on_another_number_of_workers(tmp_path, capfd):
         assert torch.load(path, weights_only=False)["world"] == 3, path
 
     # Stopped and resumed on as many ranks, the resharded run ends where it did at once.
-    launch(TrainConfig(workers=3, resume=True, max_steps=32, **folder("b")))
+    launch(TrainConfig(workers=3, resume=True, max_steps=27, **folder("b")))
     again = launch(TrainConfig(workers=3, resume=True, **folder("b")))["runs"][0]
     for key in ("steps", "final_test_loss", "final_test_accuracy", "bytes_sent_per_rank"):
         assert again[key] == grown[key], key
     assert again["curves"]["train_loss"] == grown["curves"]["train_loss"]
 
-    # On fewer ranks: one. The old rank 1's files go at its first save.
-    shrunk = launch(TrainConfig(workers=1, resume=True, **folder("c")))["runs"][0]
-    assert shrunk["steps"] == _Plan(n, 32, 2, 1, cut).planned and shrunk["epochs"] == 2.0
+    # On fewer ranks: one. Evaluated once an epoch, at the ends of its epochs: the first
+    # after the rest of epoch 0. The old rank 1's files go at its first save.
+    shrunk = launch(TrainConfig(workers=1, resume=True, **{**folder("c"), "eval_every": 0}))
+    shrunk = shrunk["runs"][0]
+    rest, whole = math.ceil((n - 960) / 32), math.ceil(n / 32)
+    assert shrunk["steps"] == _Plan(n, 32, 2, 1, cut).planned == 15 + rest + whole
+    assert shrunk["curves"]["step"] == [0, 10, 15 + rest, 15 + rest + whole]
+    assert shrunk["curves"]["epoch"] == [0.0, round(10 / 22, 4), 1.0, 2.0]
     assert sorted(p.name for p in (tmp_path / "c" / "threshold").glob("*.pt")) == [
         "rank0.prev.pt", "rank0.pt",
     ]  # fmt: skip
