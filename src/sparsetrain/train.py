@@ -52,6 +52,7 @@ import logging
 import math
 import operator
 import os
+import re
 import shutil
 import signal
 import sys
@@ -563,11 +564,16 @@ class _Plan:
         return epoch, start + taken * self.batch_size * self.world
 
     def epochs_done(self, step: int) -> float:
-        """Epochs trained after ``step`` steps (the curves' and the report's ``epoch``)."""
+        """Epochs trained after ``step`` steps (the curves' and the report's ``epoch``): steps
+        over steps per epoch, and in the epoch a layout starts in, from where the run it
+        continues had counted to the epoch's end, so the curves go on without a jump."""
         if self.layout is None:
             return step / self.steps_per_epoch
-        epoch, done = self.position(step)
-        return epoch + min(done, self.num_examples) / self.num_examples
+        if step < self.base + self.first:
+            done = float(self.layout.get("epochs", self.epoch0 + self.offset / self.num_examples))
+            return done + (step - self.base) / self.first * (self.epoch0 + 1 - done)
+        epoch, taken = divmod(step - self.base - self.first, self.steps_per_epoch)
+        return self.epoch0 + 1 + epoch + taken / self.steps_per_epoch
 
     def progress(self, step: int) -> float:
         """How far through the learning-rate schedule ``step`` is, 0 to 1."""
@@ -582,7 +588,13 @@ class _Plan:
     def resumed_on(self, step: int) -> dict[str, Any]:
         """The layout of a run of another number of ranks that resumes this one at ``step``."""
         epoch, done = self.position(step)
-        return {"step": step, "epoch": epoch, "offset": done, "progress": self.progress(step)}
+        return {
+            "step": step,
+            "epoch": epoch,
+            "offset": done,
+            "progress": self.progress(step),
+            "epochs": self.epochs_done(step),
+        }
 
 
 def _batches(data: Dataset, indices: torch.Tensor, batch_size: int) -> Iterator[tuple]:
@@ -899,6 +911,118 @@ def _saved_world(state: dict[str, Any] | None) -> int:
     return operator.index(world) if is_integer(world, 1) else -1
 
 
+def _slot_info(path: Path) -> list[int]:
+    """[step, ranks that wrote it] of a rank's checkpoint ``path`` and of the one kept before
+    it; -1, -1 for a file missing or unreadable (the load that follows names it). Tensors are
+    mapped, not read."""
+    out: list[int] = []
+    for file in (path, _previous_path(path)):
+        state = None
+        for mmap in (True, False):  # (a file not in torch's zip format cannot be mapped)
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=False, mmap=mmap)
+                break
+            except Exception:  # noqa: BLE001 - missing or unreadable: -1 here, named later
+                continue
+        ok = isinstance(state, dict) and is_integer(state.get("step"), 0)
+        out += [int(state["step"]), _saved_world(state)] if ok else [-1, -1]  # type: ignore[index]
+    return out
+
+
+def _repair_actions(slots: dict[int, list[int]]) -> dict[int, str]:
+    """What to do with each rank's checkpoint files so that they are one run's, from
+    ``slots``: {rank: [step, ranks that wrote it, the same for the file kept before it]}, -1
+    for none.
+
+    A run resumed on another number of ranks writes its files over the old run's at its first
+    save, each rank its own, at the same time. Stopped before every rank had, the files of the
+    ranks that had are undone: "restore" puts the old run's file (kept as ``rank<r>.prev.pt``)
+    back, "drop" removes the file of a rank the old run did not have; the run then resumes from
+    the old run's files again. Once every rank has saved, what is left of the old run goes, as
+    the first save does after it (it may have been stopped before): "stale", the files of a rank
+    past the new run's last, and "drop_prev", a kept file of the old run.
+
+    Nothing to do (empty) where the files are one run's, also one stopped between its ranks'
+    saves, which :func:`_agreed_checkpoint` resolves."""
+    latest = {q: (v[1], v[0]) for q, v in slots.items() if v[0] >= 0 and v[1] > 0}
+    if not latest:
+        return {}
+    newest = max(step for _, step in latest.values())
+    worlds = {w for w, step in latest.values() if step == newest}
+    if len(worlds) != 1:
+        return {}
+    new_world = worlds.pop()
+    saved = {q for q, key in latest.items() if key == (new_world, newest)}
+    if saved == set(range(new_world)):  # every rank of the newest run saved
+        actions = {}
+        for q, (step, _, kept_step, kept_world) in slots.items():
+            if q >= new_world and (step >= 0 or kept_step >= 0):
+                actions[q] = "stale"
+            elif q < new_world and kept_world > 0 and kept_world != new_world:
+                actions[q] = "drop_prev"
+        return actions
+    if any(slots[q][3] == new_world for q in saved):  # not its first save
+        return {}
+    older = {q: key for q, key in latest.items() if q not in saved}
+    older.update({q: (slots[q][3], slots[q][2]) for q in saved if slots[q][2] >= 0})
+    worlds = {w for w, _ in older.values()}
+    if len(worlds) != 1 or new_world in worlds:
+        return {}
+    old_world = worlds.pop()
+    if set(older) != set(range(old_world)):  # undone, it would not leave the old run whole
+        return {}
+    return {q: "restore" if slots[q][2] >= 0 else "drop" for q in sorted(saved)}
+
+
+def _repair_checkpoints(ckpt: Path, rank: int, world: int, device: torch.device) -> None:
+    """Carry out :func:`_repair_actions` on the ranks' checkpoint files, before any rank reads
+    them: rank ``r`` on its own files, rank 0 on those of ranks past this run's last (which
+    only a folder every rank sees holds, as resuming on another number of ranks needs)."""
+    extra: list[list[int]] = []
+    if rank == 0:
+        found = set()
+        for path in ckpt.parent.glob("rank*.pt"):
+            match = re.fullmatch(r"rank(\d+)(?:\.prev)?\.pt", path.name)
+            if match and int(match[1]) >= world:
+                found.add(int(match[1]))
+        extra = [[q, *_slot_info(ckpt.with_name(f"rank{q}.pt"))] for q in sorted(found)]
+    rows = _gather_ints([*_slot_info(ckpt), len(extra)], device)
+    slots = {q: row[:4] for q, row in enumerate(rows)}
+    if rows[0][4]:
+        table = torch.tensor(extra or [[0] * 5] * rows[0][4], dtype=torch.int64, device=device)
+        if world > 1:
+            dist.broadcast(table, 0)
+        slots.update({row[0]: row[1:] for row in table.tolist()})
+    actions = _repair_actions(slots)
+    if not actions:
+        return
+    for q, action in actions.items():
+        if q != rank and not (rank == 0 and q >= world):
+            continue
+        path = ckpt.with_name(f"rank{q}.pt")
+        if action == "restore":
+            os.replace(_previous_path(path), path)
+        elif action == "drop":
+            path.unlink(missing_ok=True)
+        elif action == "stale":
+            path.unlink(missing_ok=True)
+            _previous_path(path).unlink(missing_ok=True)
+        else:  # "drop_prev"
+            _previous_path(path).unlink(missing_ok=True)
+    dist.barrier()
+    if rank == 0:
+        undone = [q for q, a in actions.items() if a in ("restore", "drop")]
+        why = (
+            f"the first save of a run resumed on another number of ranks did not finish on "
+            f"every rank; ranks {undone}'s files of it were undone, to resume from the run "
+            "before it"
+            if undone
+            else "removed the files of the run before the last one, which it replaced: ranks "
+            f"{sorted(actions)}"
+        )
+        print(f"{ckpt.parent.name}: {why}", file=sys.stderr, flush=True)
+
+
 def _agreed_checkpoint(
     config: TrainConfig, ckpt: Path, rank: int, world: int, device: torch.device
 ) -> dict[str, Any] | None:
@@ -911,6 +1035,7 @@ def _agreed_checkpoint(
     before it (``rank<r>.prev.pt``), and drops the step the others lack, so that a second stop
     resumes alike. One stopped during its very first save (one step on some ranks, nothing on
     the others, nothing kept before it) starts over."""
+    _repair_checkpoints(ckpt, rank, world, device)
     previous = _previous_path(ckpt)
     unreadable: list[str] = []
 
@@ -1133,13 +1258,17 @@ def _resharded_checkpoint(
     _gather_checked([], problem, device)
     if rank == 0:
         print(
-            f"{folder.name}: resuming a run of {old_world} ranks at step {target} on {world} "
-            "ranks (the rest of its epoch is dealt over these ranks; error feedback's residuals "
-            "are carried over by sparsetrain.reshard_state)",
+            f"{folder.name}: resuming a run of {_ranks(old_world)} at step {target} on "
+            f"{_ranks(world)} (the rest of its epoch is dealt over these ranks; error "
+            "feedback's residuals are carried over by sparsetrain.reshard_state)",
             file=sys.stderr,
             flush=True,
         )
     return out
+
+
+def _ranks(n: int) -> str:
+    return f"{n} rank" if n == 1 else f"{n} ranks"
 
 
 def _remove_superseded(ckpt: Path, rank: int, world: int, old_world: int) -> None:
@@ -1479,22 +1608,27 @@ class _NativeDDP:
             if p.requires_grad
         )
         self._steps = 0
+        # Summed a step at a time: a run resumed on another number of ranks sends another
+        # number of bytes a step from then on.
+        self._sent = 0
         self.skipped = 0  # steps a loss scaler skipped (the loop counts them)
         ddp.register_forward_pre_hook(lambda *_: self._count())
 
     def _count(self) -> None:
         self._steps += 1
+        self._sent += self._per_step
 
     def stats(self) -> dict[str, Any]:
-        sent = float(self._per_step * self._steps)
+        sent = float(self._sent)
         return {"bytes_sent": sent, "dense_bytes": sent, "compress_seconds": 0.0,
                 "comm_seconds": 0.0, "skipped_steps": self.skipped}  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self._steps, "skipped": self.skipped}
+        return {"steps": self._steps, "skipped": self.skipped, "bytes": self._sent}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._steps = int(state["steps"])
+        self._sent = int(state.get("bytes", self._per_step * self._steps))  # (saved before it)
         self.skipped = int(state.get("skipped", 0))
 
 

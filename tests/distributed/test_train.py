@@ -413,7 +413,7 @@ def test_a_run_resumes_on_another_number_of_workers(tmp_path, capfd):
 
     began = time.monotonic()
     launch(TrainConfig(workers=2, max_steps=15, **folder("a")))
-    for name in ("b", "c", "d"):
+    for name in ("b", "c", "d", "e", "saved"):
         shutil.copytree(tmp_path / "a", tmp_path / name)
     capfd.readouterr()
     grown = launch(TrainConfig(workers=3, resume=True, **folder("a")))["runs"][0]
@@ -452,12 +452,49 @@ def test_a_run_resumes_on_another_number_of_workers(tmp_path, capfd):
         "rank0.prev.pt", "rank0.pt",
     ]  # fmt: skip
 
+    # Stopped during the first save on 3 ranks, after ranks 0 and 1 wrote theirs (keeping
+    # the old run's as rank<r>.prev.pt) and before rank 2 did: those are undone, and the run
+    # resumes from the 2 ranks' files again. It was an error on 3 ranks, another on 2.
+    launch(TrainConfig(workers=3, resume=True, max_steps=20, **folder("e")))
+    for q in (0, 1):
+        shutil.copy(
+            tmp_path / "saved" / "threshold" / f"rank{q}.pt",
+            tmp_path / "e" / "threshold" / f"rank{q}.prev.pt",
+        )
+    (tmp_path / "e" / "threshold" / "rank2.pt").unlink()
+    capfd.readouterr()
+    redone = launch(TrainConfig(workers=3, resume=True, **folder("e")))["runs"][0]
+    assert "ranks [0, 1]'s files of it were undone" in capfd.readouterr().err
+    for key in ("steps", "final_test_loss", "bytes_sent_per_rank"):
+        assert redone[key] == grown[key], key
+
     # An old rank's file missing: an error naming it, on every rank.
     for name in ("rank1.pt", "rank1.prev.pt"):
         (tmp_path / "d" / "threshold" / name).unlink()
     with pytest.raises(WorkerError, match=r"rank1\.pt is missing: resuming a run of 2") as exc:
         launch(TrainConfig(workers=3, resume=True, **folder("d")))
     assert exc.value.error_type == "ValueError"
+
+
+def test_plain_ddp_resumed_on_more_workers_counts_each_steps_bytes_on_its_ranks(tmp_path):
+    """The plain-DDP baseline's bytes are a ring allreduce's a step: on 2 ranks before the
+    resume, on 3 after it (all its steps were priced on 3)."""
+    from sparsetrain.comm import ring_allreduce_bytes
+
+    common = dict(
+        task="digits-mlp", compressor="none", native_ddp=True, epochs=1, progress=False,
+        timeout_s=120, checkpoint_dir=str(tmp_path),
+    )  # fmt: skip
+    launch(TrainConfig(workers=2, max_steps=15, checkpoint_every=15, **common))
+    run = launch(TrainConfig(workers=3, resume=True, **common))["runs"][0]
+    params = list(get_task("digits-mlp").build_model().parameters())
+
+    def per_step(world: int) -> int:
+        return sum(ring_allreduce_bytes(p.numel(), 4, world) for p in params)
+
+    assert run["steps"] > 15
+    expected = 15 * per_step(2) + (run["steps"] - 15) * per_step(3)
+    assert run["bytes_sent_per_rank"] == run["dense_bytes_per_rank"] == expected
 
 
 def _resume_from(rank: int, world: int, folder: str) -> dict:

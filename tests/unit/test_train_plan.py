@@ -45,8 +45,10 @@ def test_a_resumed_run_trains_on_every_example_once_an_epoch(n, batch, old, new)
         if second.planned > cut:
             assert second.progress(second.planned) == pytest.approx(1.0)
             assert second.epochs_done(second.planned) == pytest.approx(epochs)
-        epoch, done = first.position(cut)
-        assert second.epochs_done(cut) == pytest.approx(epoch + done / n)
+        # The curves' epochs go on from the old run's, without a jump.
+        assert second.epochs_done(cut) == first.epochs_done(cut)
+        if cut < second.planned:
+            assert second.epochs_done(cut + 1) > second.epochs_done(cut)
 
 
 def test_twice_resharded_still_once_an_epoch():
@@ -107,3 +109,73 @@ def test_fewer_epochs_than_reached_plans_nothing_more():
     assert layout["epoch"] == 2
     assert _Plan(30, 2, 2, 3, layout).planned == cut  # 2 epochs: past the end already
     assert _Plan(30, 2, 3, 3, layout).planned > cut
+
+
+# ---- which checkpoint files a resume keeps: _repair_actions ----------------------------------
+def _slots(**files: tuple) -> dict[int, list[int]]:
+    """rank<q>=(step, world) or ((step, world), (kept step, kept world)); absent: no file."""
+    out = {}
+    for name, value in files.items():
+        latest, kept = value if isinstance(value[0], tuple) else (value, (-1, -1))
+        out[int(name[4:])] = [*latest, *kept]
+    return out
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        dict(rank0=(20, 2), rank1=(20, 2)),  # one run
+        dict(rank0=((20, 2), (15, 2)), rank1=(15, 2)),  # stopped between its ranks' saves
+        dict(rank0=(5, 2)),  # stopped during its very first save: it starts over
+        dict(rank0=((20, 3), (15, 3)), rank1=(15, 3), rank2=(15, 3)),  # as above, on 3
+    ],
+)
+def test_one_runs_files_are_left_as_they_are(files):
+    from sparsetrain.train import _repair_actions
+
+    assert _repair_actions(_slots(**files)) == {}
+
+
+def test_a_first_save_on_more_ranks_stopped_half_way_is_undone():
+    from sparsetrain.train import _repair_actions
+
+    # 2 -> 3: ranks 0 and 1 wrote theirs (keeping the old run's), rank 2 did not.
+    old = (15, 2)
+    files = _slots(rank0=((20, 3), old), rank1=((20, 3), old))
+    assert _repair_actions(files) == {0: "restore", 1: "restore"}
+    # Only rank 2, which the old run did not have, wrote its file: that one goes.
+    assert _repair_actions(_slots(rank0=old, rank1=old, rank2=(20, 3))) == {2: "drop"}
+    # Ranks 0 and 2: both.
+    files = _slots(rank0=((20, 3), old), rank1=old, rank2=(20, 3))
+    assert _repair_actions(files) == {0: "restore", 2: "drop"}
+
+
+def test_a_first_save_on_fewer_ranks_stopped_half_way_is_undone():
+    from sparsetrain.train import _repair_actions
+
+    old = (15, 3)
+    files = _slots(rank0=((20, 2), old), rank1=old, rank2=old)
+    assert _repair_actions(files) == {0: "restore"}
+
+
+def test_after_a_first_save_on_every_rank_the_old_runs_files_go():
+    from sparsetrain.train import _repair_actions
+
+    # 4 -> 2, stopped before the save's clean-up: the kept files of the old run and its
+    # ranks 2 and 3.
+    old = (15, 4)
+    files = _slots(rank0=((20, 2), old), rank1=((20, 2), old), rank2=old, rank3=old)
+    assert _repair_actions(files) == {0: "drop_prev", 1: "drop_prev", 2: "stale", 3: "stale"}
+    # 2 -> 4, all saved: the kept files of ranks 0 and 1 are the old run's.
+    old = (15, 2)
+    files = _slots(rank0=((20, 4), old), rank1=((20, 4), old), rank2=(20, 4), rank3=(20, 4))
+    assert _repair_actions(files) == {0: "drop_prev", 1: "drop_prev"}
+
+
+def test_files_that_leave_no_whole_run_when_undone_are_left_for_the_error():
+    from sparsetrain.train import _repair_actions
+
+    # Rank 1 of the old run is missing: undoing rank 0's would not make the old run whole.
+    assert _repair_actions(_slots(rank0=((20, 3), (15, 2)))) == {}
+    # Newest files of two sizes at one step: not one run's first save.
+    assert _repair_actions(_slots(rank0=(20, 3), rank1=(20, 2))) == {}
