@@ -517,7 +517,8 @@ class _Plan:
 
     A run resumed on another number of ranks starts from a ``layout``: at step ``step`` of the
     run it continues, in ``epoch``, the permutation's first ``offset`` examples were trained on
-    by the old ranks, and the schedule was ``progress`` (0 to 1) of the way through. It deals
+    by the old ranks, the schedule was ``progress`` (0 to 1) of the way through and the curves
+    had counted ``epochs`` (:meth:`resumed_on` makes one). It deals
     the rest of that epoch over its own ranks (``shard_indices(..., start=offset)``), so every
     example is still trained on once an epoch; later epochs are whole. Its step counter goes on
     from ``step``, and its schedule goes from ``progress`` to 1 over the steps it has left.
