@@ -144,9 +144,10 @@ def inverse_fisher(
         ``(num_blocks, B, B)`` inverses.
 
     Example:
-        >>> g = torch.randn(16, 8)
+        >>> g = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
         >>> f = inverse_fisher(g, 8, 1e-2)[0]
-        >>> torch.allclose(f, torch.linalg.inv(1e-2 * torch.eye(8) + g.T @ g / 16), rtol=1e-3)
+        >>> exact = torch.linalg.inv(1e-2 * torch.eye(8) + g.T @ g / 16)
+        >>> bool((f - exact).abs().max() <= 1e-4 * exact.abs().max())  # float32 rounding
         True
     """
     if grads.dim() == 2:
