@@ -595,6 +595,7 @@ class _Plan:
             "offset": done,
             "progress": self.progress(step),
             "epochs": self.epochs_done(step),
+            "from_world": self.world,  # (what the new run's first save replaces)
         }
 
 
@@ -912,73 +913,102 @@ def _saved_world(state: dict[str, Any] | None) -> int:
     return operator.index(world) if is_integer(world, 1) else -1
 
 
+_UNREADABLE = -2  # a step _slot_info gives a file that is there but cannot be read
+
+
 def _slot_info(path: Path) -> list[int]:
-    """[step, ranks that wrote it] of a rank's checkpoint ``path`` and of the one kept before
-    it; -1, -1 for a file missing or unreadable (the load that follows names it). Tensors are
-    mapped, not read."""
+    """What a rank's checkpoint files say, read without their tensors (mapped): [step, ranks
+    that wrote it, the same two for the file kept before it, and for a run resumed on another
+    number of ranks the ranks and the step of the run it carried over (its layout)]. -1 for
+    none; a step of -2 for a file that cannot be read (the load that follows names it)."""
     out: list[int] = []
+    carried = [-1, -1]
     for file in (path, _previous_path(path)):
+        if not file.exists():
+            out += [-1, -1]
+            continue
         state = None
         for mmap in (True, False):  # (a file not in torch's zip format cannot be mapped)
             try:
                 state = torch.load(file, map_location="cpu", weights_only=False, mmap=mmap)
                 break
-            except Exception:  # noqa: BLE001 - missing or unreadable: -1 here, named later
+            except Exception:  # noqa: BLE001 - unreadable: marked, and named later
                 continue
         ok = isinstance(state, dict) and is_integer(state.get("step"), 0)
-        out += [int(state["step"]), _saved_world(state)] if ok else [-1, -1]  # type: ignore[index]
-    return out
+        out += [int(state["step"]), _saved_world(state)] if ok else [_UNREADABLE, -1]  # type: ignore[index]
+        if file == path:
+            layout = state.get("layout") if ok else None  # type: ignore[union-attr]
+            source = layout.get("from_world") if isinstance(layout, dict) else None
+            carried = [source, layout["step"]] if is_integer(source, 1) else [-1, -1]  # type: ignore[index]
+    return out + carried
 
 
 def _repair_actions(slots: dict[int, list[int]]) -> dict[int, str]:
-    """What to do with each rank's checkpoint files so that they are one run's, from
-    ``slots``: {rank: [step, ranks that wrote it, the same for the file kept before it]}, -1
-    for none.
+    """What to do with the ranks' checkpoint files so that they are one run's, from
+    ``slots``: {rank: :func:`_slot_info` of its files}.
 
-    A run resumed on another number of ranks writes its files over the old run's at its first
-    save, each rank its own, at the same time. Stopped before every rank had, the files of the
-    ranks that had are undone: "restore" puts the old run's file (kept as ``rank<r>.prev.pt``)
-    back, "drop" removes the file of a rank the old run did not have; the run then resumes from
-    the old run's files again. Once every rank has saved, what is left of the old run goes, as
-    the first save does after it (it may have been stopped before): "stale", the files of a rank
+    A run resumed on another number of ranks records in its checkpoints the ranks and the step
+    of the run it carried over. Its first save writes its files over that run's, each rank its
+    own, at the same time (keeping each old file as ``rank<r>.prev.pt``). Stopped before every
+    rank had, the new files are set aside (``rank<r>.unfinished.pt``) and the old ones put back
+    ("restore"; "drop" for a rank the old run did not have), so the run resumes from the old
+    run's files again. Once every rank has saved, the old run's files that are left go, as the
+    first save does after it (it may have been stopped before): "stale", the files of a rank
     past the new run's last, and "drop_prev", a kept file of the old run.
 
-    Nothing to do (empty) where the files are one run's, also one stopped between its ranks'
-    saves, which :func:`_agreed_checkpoint` resolves."""
+    Only files that are exactly the old run's (its ranks and step) are touched, and only when
+    undoing leaves that run whole. Nothing to do (empty) where the files are one run's (also
+    one stopped between its ranks' saves, which :func:`_agreed_checkpoint` resolves), where
+    some file cannot be read, or where the newest files do not say what they carried over
+    (another run's, say)."""
+    if any(_UNREADABLE in (v[0], v[2]) for v in slots.values()):
+        return {}
     latest = {q: (v[1], v[0]) for q, v in slots.items() if v[0] >= 0 and v[1] > 0}
     if not latest:
         return {}
     newest = max(step for _, step in latest.values())
-    worlds = {w for w, step in latest.values() if step == newest}
-    if len(worlds) != 1:
+    saved = {q for q, (_, step) in latest.items() if step == newest}
+    keys = {(latest[q], tuple(slots[q][4:6])) for q in saved}
+    if len(keys) != 1:
         return {}
-    new_world = worlds.pop()
-    saved = {q for q, key in latest.items() if key == (new_world, newest)}
+    (new_world, _), old = keys.pop()
+    if old[0] <= 0 or old[0] == new_world:  # not the first run on these ranks after a reshard
+        return {}
+
+    def kept(q: int) -> tuple[int, int]:
+        return slots[q][3], slots[q][2]
+
+    def old_runs(q: int) -> bool:  # the old run's file is this rank's (or kept, mid-rename)
+        v = slots.get(q, [-1] * 6)
+        return (v[1], v[0]) == old or (v[0] == -1 and (v[3], v[2]) == old)
+
     if saved == set(range(new_world)):  # every rank of the newest run saved
         actions = {}
-        for q, (step, _, kept_step, kept_world) in slots.items():
-            if q >= new_world and (step >= 0 or kept_step >= 0):
-                actions[q] = "stale"
-            elif q < new_world and kept_world > 0 and kept_world != new_world:
+        for q in slots:
+            if q in saved and kept(q) == old:
                 actions[q] = "drop_prev"
+            elif q >= new_world and old_runs(q):
+                actions[q] = "stale"
         return actions
-    if any(slots[q][3] == new_world for q in saved):  # not its first save
+    if any(kept(q) not in (old, (-1, -1)) or (kept(q) != old and q < old[0]) for q in saved):
         return {}
-    older = {q: key for q, key in latest.items() if q not in saved}
-    older.update({q: (slots[q][3], slots[q][2]) for q in saved if slots[q][2] >= 0})
-    worlds = {w for w, _ in older.values()}
-    if len(worlds) != 1 or new_world in worlds:
-        return {}
-    old_world = worlds.pop()
-    if set(older) != set(range(old_world)):  # undone, it would not leave the old run whole
-        return {}
-    return {q: "restore" if slots[q][2] >= 0 else "drop" for q in sorted(saved)}
+    if not all(q in saved or old_runs(q) for q in range(old[0])):
+        return {}  # undone, it would not leave the old run whole
+    return {q: "restore" if kept(q) == old else "drop" for q in sorted(saved)}
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename ``path`` (rank<r>.pt) to rank<r>.unfinished.pt, out of the checkpoints' way."""
+    aside = path.with_name(f"{path.stem}.unfinished{path.suffix}")
+    os.replace(path, aside)
+    return aside
 
 
 def _repair_checkpoints(ckpt: Path, rank: int, world: int, device: torch.device) -> None:
     """Carry out :func:`_repair_actions` on the ranks' checkpoint files, before any rank reads
     them: rank ``r`` on its own files, rank 0 on those of ranks past this run's last (which
     only a folder every rank sees holds, as resuming on another number of ranks needs)."""
+    width = 6
     extra: list[list[int]] = []
     if rank == 0:
         found = set()
@@ -988,9 +1018,12 @@ def _repair_checkpoints(ckpt: Path, rank: int, world: int, device: torch.device)
                 found.add(int(match[1]))
         extra = [[q, *_slot_info(ckpt.with_name(f"rank{q}.pt"))] for q in sorted(found)]
     rows = _gather_ints([*_slot_info(ckpt), len(extra)], device)
-    slots = {q: row[:4] for q, row in enumerate(rows)}
-    if rows[0][4]:
-        table = torch.tensor(extra or [[0] * 5] * rows[0][4], dtype=torch.int64, device=device)
+    slots = {q: row[:width] for q, row in enumerate(rows)}
+    if rows[0][width]:
+        shape = (rows[0][width], width + 1)
+        table = torch.tensor(extra, dtype=torch.int64, device=device) if extra else None
+        if table is None:
+            table = torch.zeros(shape, dtype=torch.int64, device=device)
         if world > 1:
             dist.broadcast(table, 0)
         slots.update({row[0]: row[1:] for row in table.tolist()})
@@ -1001,10 +1034,10 @@ def _repair_checkpoints(ckpt: Path, rank: int, world: int, device: torch.device)
         if q != rank and not (rank == 0 and q >= world):
             continue
         path = ckpt.with_name(f"rank{q}.pt")
-        if action == "restore":
-            os.replace(_previous_path(path), path)
-        elif action == "drop":
-            path.unlink(missing_ok=True)
+        if action in ("restore", "drop"):
+            _set_aside(path)
+            if action == "restore":
+                os.replace(_previous_path(path), path)
         elif action == "stale":
             path.unlink(missing_ok=True)
             _previous_path(path).unlink(missing_ok=True)
@@ -1014,9 +1047,9 @@ def _repair_checkpoints(ckpt: Path, rank: int, world: int, device: torch.device)
     if rank == 0:
         undone = [q for q, a in actions.items() if a in ("restore", "drop")]
         why = (
-            f"the first save of a run resumed on another number of ranks did not finish on "
-            f"every rank; ranks {undone}'s files of it were undone, to resume from the run "
-            "before it"
+            "the first save of a run resumed on another number of ranks did not finish on "
+            f"every rank: ranks {undone}'s files of it were set aside (rank<r>.unfinished.pt), "
+            "to resume from the run before it"
             if undone
             else "removed the files of the run before the last one, which it replaced: ranks "
             f"{sorted(actions)}"
@@ -1117,8 +1150,12 @@ def _agreed_checkpoint(
         os.replace(previous, ckpt)
         return earlier
     if step != target:  # (only in a start-over: a first save the others never finished)
-        if where is not None:
-            where.unlink(missing_ok=True)
+        if where is not None:  # set aside, not removed: a file lost elsewhere looks the same
+            print(
+                f"{ckpt.parent.name}: rank {rank}'s {where.name} moved to {_set_aside(where).name}",
+                file=sys.stderr,
+                flush=True,
+            )
         return None
     return state
 
@@ -1205,7 +1242,8 @@ def _resharded_checkpoint(
     steps = [int(state["step"]) for _, state in loaded.values()] or [0]
     rows = _gather_checked([min(steps), max(steps)], problems[0] if problems else None, device)
     target = min(row[0] for row in rows)
-    if any(row[1] != target for row in rows):
+    behind = any(row[1] != target for row in rows)
+    if behind:
         # A save some old ranks finished and others did not: the one each kept before it.
         for q, (path, state) in list(loaded.items()):
             if int(state["step"]) == target:
@@ -1257,6 +1295,18 @@ def _resharded_checkpoint(
                     f"{old_world} workers, or remove the checkpoints to start over"
                 )
     _gather_checked([], problem, device)
+    if behind:
+        # As on as many ranks, the step some old ranks are ahead at goes, so that the old run's
+        # files are all at the step carried over when this run's first save keeps them as
+        # rank<r>.prev.pt (undone, that save puts back this step's files). By rank 0, which
+        # sees every old rank's file (resharding reads them), once every rank has loaded them.
+        if rank == 0:
+            for q in range(old_world):
+                path = ckpt.with_name(f"rank{q}.pt")
+                info = _slot_info(path)
+                if info[0] != target and info[2] == target:
+                    os.replace(_previous_path(path), path)
+        dist.barrier()
     if rank == 0:
         print(
             f"{folder.name}: resuming a run of {_ranks(old_world)} at step {target} on "

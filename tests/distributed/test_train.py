@@ -380,9 +380,12 @@ def test_resumed_run_ends_exactly_where_the_uninterrupted_one_does(tmp_path, cap
         launch(TrainConfig(label="cut", resume=True, **common))
     assert exc.value.error_type == "ValueError"
     # Stopped during the first save (rank 0 had written one, rank 1 not): the run starts over.
+    # Rank 0's file is set aside, not removed (a file lost on rank 1 would look the same).
     (folder / "rank0.prev.pt").unlink()
+    step = torch.load(folder / "rank0.pt", weights_only=False)["step"]
     again = launch(TrainConfig(label="cut", resume=True, **common))["runs"][0]
     assert again["final_test_loss"] == whole["final_test_loss"]
+    assert torch.load(folder / "rank0.unfinished.pt", weights_only=False)["step"] == step
     # Resumed with a limit below the checkpoint's step: nothing is trained, and it says so.
     capfd.readouterr()
     past = launch(TrainConfig(label="cut", resume=True, max_steps=10, **common))["runs"][0]
@@ -413,7 +416,7 @@ def test_a_run_resumes_on_another_number_of_workers(tmp_path, capfd):
 
     began = time.monotonic()
     launch(TrainConfig(workers=2, max_steps=15, **folder("a")))
-    for name in ("b", "c", "d", "e", "saved"):
+    for name in ("b", "c", "d", "e", "f", "saved"):
         shutil.copytree(tmp_path / "a", tmp_path / name)
     capfd.readouterr()
     grown = launch(TrainConfig(workers=3, resume=True, **folder("a")))["runs"][0]
@@ -464,9 +467,22 @@ def test_a_run_resumes_on_another_number_of_workers(tmp_path, capfd):
     (tmp_path / "e" / "threshold" / "rank2.pt").unlink()
     capfd.readouterr()
     redone = launch(TrainConfig(workers=3, resume=True, **folder("e")))["runs"][0]
-    assert "ranks [0, 1]'s files of it were undone" in capfd.readouterr().err
+    assert "ranks [0, 1]'s files of it were set aside" in capfd.readouterr().err
     for key in ("steps", "final_test_loss", "bytes_sent_per_rank"):
         assert redone[key] == grown[key], key
+    assert torch.load(tmp_path / "e" / "threshold" / "rank0.unfinished.pt")["step"] == 20
+
+    # The old run stopped between its ranks' saves (rank 0 at step 20, rank 1 at 15): resumed
+    # on 3 ranks from 15, and rank 0's step 20 goes, as on as many ranks, before the first
+    # save on 3 keeps the old files (undone, it puts back step 15's; it kept step 20's).
+    launch(TrainConfig(workers=2, resume=True, max_steps=20, **folder("f")))
+    old1 = tmp_path / "f" / "threshold" / "rank1"
+    shutil.copy(f"{old1}.prev.pt", f"{old1}.pt")
+    capfd.readouterr()
+    launch(TrainConfig(workers=3, resume=True, max_steps=15, **folder("f")))  # loads only
+    assert "resuming from step 15, which every rank has" in capfd.readouterr().err
+    for q in (0, 1):
+        assert torch.load(tmp_path / "f" / "threshold" / f"rank{q}.pt")["step"] == 15
 
     # An old rank's file missing: an error naming it, on every rank.
     for name in ("rank1.pt", "rank1.prev.pt"):

@@ -112,12 +112,18 @@ def test_fewer_epochs_than_reached_plans_nothing_more():
 
 
 # ---- which checkpoint files a resume keeps: _repair_actions ----------------------------------
+NONE = (-1, -1)
+
+
 def _slots(**files: tuple) -> dict[int, list[int]]:
-    """rank<q>=(step, world) or ((step, world), (kept step, kept world)); absent: no file."""
+    """rank<q>=(latest, kept, carried): each (step, world), carried (world, step) of the run a
+    resharded one carried over; a bare (step, world) is a latest file alone."""
     out = {}
     for name, value in files.items():
-        latest, kept = value if isinstance(value[0], tuple) else (value, (-1, -1))
-        out[int(name[4:])] = [*latest, *kept]
+        if not isinstance(value[0], tuple):
+            value = (value,)
+        latest, kept, carried = (*value, NONE, NONE)[:3]
+        out[int(name[4:])] = [*latest, *kept, *carried]
     return out
 
 
@@ -128,8 +134,11 @@ def _slots(**files: tuple) -> dict[int, list[int]]:
         dict(rank0=((20, 2), (15, 2)), rank1=(15, 2)),  # stopped between its ranks' saves
         dict(rank0=(5, 2)),  # stopped during its very first save: it starts over
         dict(rank0=((20, 3), (15, 3)), rank1=(15, 3), rank2=(15, 3)),  # as above, on 3
+        # A run on 3 that resumed one of 2 at step 15, at a later save stopped half way.
+        dict(rank0=((25, 3), (20, 3), (2, 15)), rank1=((20, 3), NONE, (2, 15)),
+             rank2=((20, 3), NONE, (2, 15))),
     ],
-)
+)  # fmt: skip
 def test_one_runs_files_are_left_as_they_are(files):
     from sparsetrain.train import _repair_actions
 
@@ -139,14 +148,15 @@ def test_one_runs_files_are_left_as_they_are(files):
 def test_a_first_save_on_more_ranks_stopped_half_way_is_undone():
     from sparsetrain.train import _repair_actions
 
-    # 2 -> 3: ranks 0 and 1 wrote theirs (keeping the old run's), rank 2 did not.
-    old = (15, 2)
-    files = _slots(rank0=((20, 3), old), rank1=((20, 3), old))
+    # 2 -> 3 at step 15: ranks 0 and 1 wrote theirs (keeping the old run's), rank 2 did not.
+    old, carried = (15, 2), (2, 15)
+    files = _slots(rank0=((20, 3), old, carried), rank1=((20, 3), old, carried))
     assert _repair_actions(files) == {0: "restore", 1: "restore"}
-    # Only rank 2, which the old run did not have, wrote its file: that one goes.
-    assert _repair_actions(_slots(rank0=old, rank1=old, rank2=(20, 3))) == {2: "drop"}
-    # Ranks 0 and 2: both.
-    files = _slots(rank0=((20, 3), old), rank1=old, rank2=(20, 3))
+    # Only rank 2, which the old run did not have, wrote its file: that one is set aside.
+    files = _slots(rank0=old, rank1=old, rank2=((20, 3), NONE, carried))
+    assert _repair_actions(files) == {2: "drop"}
+    # Ranks 0 and 2, rank 1 stopped between its save's two renames (its old file kept only).
+    files = _slots(rank0=((20, 3), old, carried), rank1=(NONE, old), rank2=((20, 3), NONE, carried))
     assert _repair_actions(files) == {0: "restore", 2: "drop"}
 
 
@@ -154,7 +164,7 @@ def test_a_first_save_on_fewer_ranks_stopped_half_way_is_undone():
     from sparsetrain.train import _repair_actions
 
     old = (15, 3)
-    files = _slots(rank0=((20, 2), old), rank1=old, rank2=old)
+    files = _slots(rank0=((20, 2), old, (3, 15)), rank1=old, rank2=old)
     assert _repair_actions(files) == {0: "restore"}
 
 
@@ -163,19 +173,37 @@ def test_after_a_first_save_on_every_rank_the_old_runs_files_go():
 
     # 4 -> 2, stopped before the save's clean-up: the kept files of the old run and its
     # ranks 2 and 3.
-    old = (15, 4)
-    files = _slots(rank0=((20, 2), old), rank1=((20, 2), old), rank2=old, rank3=old)
+    old, carried = (15, 4), (4, 15)
+    files = _slots(
+        rank0=((20, 2), old, carried), rank1=((20, 2), old, carried), rank2=old, rank3=old
+    )
     assert _repair_actions(files) == {0: "drop_prev", 1: "drop_prev", 2: "stale", 3: "stale"}
     # 2 -> 4, all saved: the kept files of ranks 0 and 1 are the old run's.
-    old = (15, 2)
-    files = _slots(rank0=((20, 4), old), rank1=((20, 4), old), rank2=(20, 4), rank3=(20, 4))
+    old, carried = (15, 2), (2, 15)
+    files = _slots(
+        rank0=((20, 4), old, carried), rank1=((20, 4), old, carried),
+        rank2=((20, 4), NONE, carried), rank3=((20, 4), NONE, carried),
+    )  # fmt: skip
     assert _repair_actions(files) == {0: "drop_prev", 1: "drop_prev"}
 
 
-def test_files_that_leave_no_whole_run_when_undone_are_left_for_the_error():
+def test_only_the_carried_runs_own_files_are_ever_touched():
     from sparsetrain.train import _repair_actions
 
-    # Rank 1 of the old run is missing: undoing rank 0's would not make the old run whole.
-    assert _repair_actions(_slots(rank0=((20, 3), (15, 2)))) == {}
-    # Newest files of two sizes at one step: not one run's first save.
-    assert _repair_actions(_slots(rank0=(20, 3), rank1=(20, 2))) == {}
+    # Another run (a fresh one, which carried nothing over) over an old run of 4: its files
+    # and the old run's are left for the configuration check and the errors that follow.
+    old = (10, 4)
+    files = _slots(rank0=((30, 2), old), rank1=((30, 2), old), rank2=old, rank3=old)
+    assert _repair_actions(files) == {}
+    # A resharded run's files next to a third run's: only the carried run's go.
+    carried = (4, 15)
+    files = _slots(
+        rank0=((20, 2), (15, 4), carried), rank1=((20, 2), (9, 4), carried),
+        rank2=(15, 4), rank3=(9, 3),
+    )  # fmt: skip
+    assert _repair_actions(files) == {0: "drop_prev", 2: "stale"}
+    # Rank 1 of the old run is missing: undoing rank 0's would not leave the old run whole.
+    assert _repair_actions(_slots(rank0=((20, 3), (15, 2), (2, 15)))) == {}
+    # A file that cannot be read (-2): nothing is touched, the load names it.
+    files = _slots(rank0=((20, 3), (15, 2), (2, 15)), rank1=(15, 2), rank2=(-2, -1))
+    assert _repair_actions(files) == {}
