@@ -998,8 +998,13 @@ def _repair_actions(slots: dict[int, list[int]]) -> dict[int, str]:
 
 
 def _set_aside(path: Path) -> Path:
-    """Rename ``path`` (rank<r>.pt) to rank<r>.unfinished.pt, out of the checkpoints' way."""
+    """Rename ``path`` (rank<r>.pt) to rank<r>.unfinished.pt, out of the checkpoints' way; to
+    rank<r>.unfinished.1.pt and on where that is taken (by a file set aside before)."""
     aside = path.with_name(f"{path.stem}.unfinished{path.suffix}")
+    number = 0
+    while aside.exists():
+        number += 1
+        aside = path.with_name(f"{path.stem}.unfinished.{number}{path.suffix}")
     os.replace(path, aside)
     return aside
 
@@ -1046,14 +1051,20 @@ def _repair_checkpoints(ckpt: Path, rank: int, world: int, device: torch.device)
     dist.barrier()
     if rank == 0:
         undone = [q for q, a in actions.items() if a in ("restore", "drop")]
-        why = (
-            "the first save of a run resumed on another number of ranks did not finish on "
-            f"every rank: ranks {undone}'s files of it were set aside (rank<r>.unfinished.pt), "
-            "to resume from the run before it"
-            if undone
-            else "removed the files of the run before the last one, which it replaced: ranks "
-            f"{sorted(actions)}"
-        )
+        if undone:
+            step, ranks = slots[undone[0]][:2]
+            lacking = [q for q in range(ranks) if slots.get(q, [-1])[:2] != [step, ranks]]
+            why = (
+                f"the first save of a run resumed on another number of ranks did not finish on "
+                f"every rank (ranks {lacking} have no file of its step {step}: stopped before "
+                f"they saved, or lost): ranks {undone}'s files of it were set aside "
+                "(rank<r>.unfinished.pt), to resume from the run before it"
+            )
+        else:
+            why = (
+                "removed the files of the run before the last one, which it replaced: ranks "
+                f"{sorted(actions)}"
+            )
         print(f"{ckpt.parent.name}: {why}", file=sys.stderr, flush=True)
 
 

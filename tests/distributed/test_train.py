@@ -467,7 +467,9 @@ def test_a_run_resumes_on_another_number_of_workers(tmp_path, capfd):
     (tmp_path / "e" / "threshold" / "rank2.pt").unlink()
     capfd.readouterr()
     redone = launch(TrainConfig(workers=3, resume=True, **folder("e")))["runs"][0]
-    assert "ranks [0, 1]'s files of it were set aside" in capfd.readouterr().err
+    err = capfd.readouterr().err
+    assert "ranks [2] have no file of its step 20" in err, err
+    assert "ranks [0, 1]'s files of it were set aside" in err
     for key in ("steps", "final_test_loss", "bytes_sent_per_rank"):
         assert redone[key] == grown[key], key
     assert torch.load(tmp_path / "e" / "threshold" / "rank0.unfinished.pt")["step"] == 20

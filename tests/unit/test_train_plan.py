@@ -207,3 +207,14 @@ def test_only_the_carried_runs_own_files_are_ever_touched():
     # A file that cannot be read (-2): nothing is touched, the load names it.
     files = _slots(rank0=((20, 3), (15, 2), (2, 15)), rank1=(15, 2), rank2=(-2, -1))
     assert _repair_actions(files) == {}
+
+
+def test_a_file_set_aside_never_replaces_one_set_aside_before(tmp_path):
+    from sparsetrain.train import _set_aside
+
+    for step in range(3):
+        (tmp_path / "rank0.pt").write_text(f"step {step}")
+        _set_aside(tmp_path / "rank0.pt")
+    assert not (tmp_path / "rank0.pt").exists()
+    kept = ["rank0.unfinished.pt", "rank0.unfinished.1.pt", "rank0.unfinished.2.pt"]
+    assert [(tmp_path / name).read_text() for name in kept] == ["step 0", "step 1", "step 2"]
