@@ -25,6 +25,11 @@ def _entry(rank: int, world: int, root: str, backend: str, fn, args) -> None:
     dist.init_process_group(
         backend, store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=90)
     )
+    # Every rank past gloo's connection set-up before any runs the test: a rank whose test
+    # fails before its first collective exited while a peer was still connecting, which failed
+    # that peer's init ("connectFullMesh failed ... Connection closed by peer"; 3 of 11 runs of
+    # tests/unit on a loaded machine).
+    dist.barrier()
     try:
         result = {"ok": fn(rank, world, *args)}
     except Exception as e:  # noqa: BLE001 - reported to the test
