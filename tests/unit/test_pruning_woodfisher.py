@@ -70,8 +70,8 @@ def test_obs_update_lowers_the_loss_on_a_quadratic_and_is_the_constrained_optimu
     )
     assert torch.equal(keep["w"], keep2["w"])
     assert (with_obs["w"][~keep["w"]] == 0).all() and (masked["w"][~keep["w"]] == 0).all()
-    # Lower than masking alone (0.78 of it with this seed; at most 0.95 over seeds 0-999,
-    # 0.94 at worst): the check below, the exact minimiser, carries the claim.
+    # Lower than masking alone (0.78 of it with this seed, 0.94 at worst over seeds 0-999):
+    # the check below, the exact minimiser, carries the claim.
     assert loss(with_obs["w"]) < loss(masked["w"])
     # The joint OBS solution is the exact minimiser with the pruned weights held at zero.
     q, k = ~keep["w"], keep["w"]
