@@ -1218,7 +1218,7 @@ def _resharded_checkpoint(
     sources = sorted(weights.keys() | {0})
     folder = ckpt.parent
     needs = (
-        f"resuming a run of {old_world} ranks on {world} needs the old ranks' files in "
+        f"resuming a run of {_ranks(old_world)} on {world} needs the old ranks' files in "
         f"{folder} (rank {rank} reads those of old ranks {sources})"
     )
     problems: list[str] = []
