@@ -916,6 +916,19 @@ def _saved_world(state: dict[str, Any] | None) -> int:
 _UNREADABLE = -2  # a step _slot_info gives a file that is there but cannot be read
 
 
+def _read_checkpoint(path: Path, device: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """(the checkpoint at ``path``, None), or (None, why it cannot be resumed from): any failure
+    to read it is named, so that every rank can learn of it instead of waiting."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any failure to read it: named, on every rank
+        cause = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return None, f"checkpoint {path} cannot be read ({cause.rstrip(': ')})"
+    if not isinstance(state, dict) or not is_integer(state.get("step"), 0):
+        return None, f"{path} is not a sparsetrain checkpoint (no step in it)"
+    return state, None
+
+
 def _slot_info(path: Path) -> list[int]:
     """What a rank's checkpoint files say, read without their tensors (mapped): [step, ranks
     that wrote it, the same two for the file kept before it, and for a run resumed on another
@@ -952,9 +965,9 @@ def _repair_actions(slots: dict[int, list[int]]) -> dict[int, str]:
     own, at the same time (keeping each old file as ``rank<r>.prev.pt``). Stopped before every
     rank had, the new files are set aside (``rank<r>.unfinished.pt``) and the old ones put back
     ("restore"; "drop" for a rank the old run did not have), so the run resumes from the old
-    run's files again. Once every rank has saved, the old run's files that are left go, as the
-    first save does after it (it may have been stopped before): "stale", the files of a rank
-    past the new run's last, and "drop_prev", a kept file of the old run.
+    run's files again. Once every rank has saved, the old run's files that are left go (right
+    after that save, and at a resume where the run was stopped before): "stale", the files of a
+    rank past the new run's last, and "drop_prev", a kept file of the old run.
 
     Only files that are exactly the old run's (its ranks and step) are touched, and only when
     undoing leaves that run whole. Nothing to do (empty) where the files are one run's (also
@@ -1010,8 +1023,8 @@ def _set_aside(path: Path) -> Path:
 
 
 def _repair_checkpoints(ckpt: Path, rank: int, world: int, device: torch.device) -> None:
-    """Carry out :func:`_repair_actions` on the ranks' checkpoint files, before any rank reads
-    them: rank ``r`` on its own files, rank 0 on those of ranks past this run's last (which
+    """Carry out :func:`_repair_actions` on the ranks' checkpoint files (at a resume, before any
+    rank reads them; and after the first save of a resharded run): rank ``r`` on its own files, rank 0 on those of ranks past this run's last (which
     only a folder every rank sees holds, as resuming on another number of ranks needs)."""
     width = 6
     extra: list[list[int]] = []
@@ -1087,15 +1100,9 @@ def _agreed_checkpoint(
     def load(path: Path) -> dict[str, Any] | None:
         """The checkpoint at ``path``; None, its problem noted, where it cannot be read (the
         others learn of it in the gather that follows instead of waiting there)."""
-        try:
-            state = torch.load(path, map_location=device, weights_only=False)
-        except Exception as e:  # noqa: BLE001 - any failure to read it: named, on every rank
-            cause = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            unreadable.append(f"checkpoint {path} cannot be read ({cause.rstrip(': ')})")
-            return None
-        if not isinstance(state, dict) or not is_integer(state.get("step"), 0):
-            unreadable.append(f"{path} is not a sparsetrain checkpoint (no step in it)")
-            return None
+        state, problem = _read_checkpoint(path, device)
+        if problem is not None:
+            unreadable.append(problem)
         return state
 
     def problem(
@@ -1224,16 +1231,10 @@ def _resharded_checkpoint(
     problems: list[str] = []
 
     def load(path: Path) -> dict[str, Any] | None:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001 - any failure to read it: named, on every rank
-            cause = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            problems.append(f"checkpoint {path} cannot be read ({cause.rstrip(': ')}); {needs}")
-            return None
-        if not isinstance(state, dict) or not is_integer(state.get("step"), 0):
-            problems.append(f"{path} is not a sparsetrain checkpoint (no step in it)")
-            return None
-        problem = _checkpoint_problem(config, state, path, old_world)
+        state, problem = _read_checkpoint(path, "cpu")
+        if problem is not None and "cannot be read" in problem:
+            problem += f"; {needs}"
+        problem = problem or _checkpoint_problem(config, state, path, old_world)
         if problem is not None:
             problems.append(problem)
             return None
@@ -1331,19 +1332,6 @@ def _resharded_checkpoint(
 
 def _ranks(n: int) -> str:
     return f"{n} rank" if n == 1 else f"{n} ranks"
-
-
-def _remove_superseded(ckpt: Path, rank: int, world: int, old_world: int) -> None:
-    """After the first save of a run resumed on another number of ranks (every rank's):
-    remove the old run's files it replaces, so that a later resume finds one run's. This rank's
-    file of the old run (renamed ``rank<r>.prev.pt`` by the save), and on rank 0 those of the
-    old ranks past this run's last."""
-    _previous_path(ckpt).unlink(missing_ok=True)
-    if rank == 0:
-        for q in range(world, old_world):
-            path = ckpt.with_name(f"rank{q}.pt")
-            path.unlink(missing_ok=True)
-            _previous_path(path).unlink(missing_ok=True)
 
 
 def sgd(params: Any, fused: bool = True, **options: Any) -> torch.optim.SGD:
@@ -1451,11 +1439,10 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
     ckpt = _checkpoint_path(config, rank)
     state = _agreed_checkpoint(config, ckpt, rank, world, device) if config.resume else None
     layout = None if state is None else state.get("layout")
-    # The old ranks' files this run replaces at its first save (resumed on another number).
-    superseded = None
-    if state is not None and state["world"] != world:
-        superseded = int(state["world"])
-        old = _Plan(n_train, config.batch_size, config.epochs, superseded, layout)
+    # Resumed on another number of ranks: its first save replaces the old run's files.
+    resharded = state is not None and state["world"] != world
+    if resharded:
+        old = _Plan(n_train, config.batch_size, config.epochs, int(state["world"]), layout)
         layout = old.resumed_on(int(state["step"]))
     plan = _Plan(n_train, config.batch_size, config.epochs, world, layout)
     planned_steps = plan.planned
@@ -1608,9 +1595,9 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
             ):
                 save()
                 dist.barrier()
-                if superseded is not None:  # every rank has saved on this number of ranks
-                    _remove_superseded(ckpt, rank, world, superseded)
-                    superseded = None
+                if resharded:  # every rank has saved: what is left of the old run goes
+                    _repair_checkpoints(ckpt, rank, world, device)
+                    resharded = False
             if step == total_steps:
                 break
     if not curves["step"] or curves["step"][-1] != step:
