@@ -1282,8 +1282,8 @@ def _resharded_checkpoint(
                 flush=True,
             )
     base = loaded[0][1]
-    out = {k: base[k] for k in ("step", "elapsed", "eval_seconds", "curves", "model",
-                                "optimizer", "scaler", "layout") if k in base}  # fmt: skip
+    out = {k: base[k] for k in ("step", "elapsed", "eval_seconds", "curves", "end_record",
+                                "model", "optimizer", "scaler", "layout") if k in base}  # fmt: skip
     out["world"] = old_world
     for key in ("loss_sum", "loss_count"):
         out[key] = sum(w * float(loaded[q][1].get(key, 0.0)) for q, w in weights.items())
@@ -1511,9 +1511,10 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
         return before
 
     def save() -> None:
-        sums, kept = (float(loss_sum), float(loss_count)), curves
+        sums, kept, end = (float(loss_sum), float(loss_count)), curves, None
         if end_only is not None:
             sums, kept = end_only[:2], {k: v[: end_only[2]] for k, v in curves.items()}
+            end = {k: v[end_only[2] :] for k, v in curves.items()}
         _save_checkpoint(
             ckpt,
             {
@@ -1525,6 +1526,8 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
                 "elapsed": elapsed + time.perf_counter() - start,
                 "eval_seconds": eval_seconds,
                 "curves": kept,
+                # The end-only record, for a resume with nothing left to train to report as is.
+                **({"end_record": end} if end is not None else {}),
                 "loss_sum": sums[0],
                 "loss_count": sums[1],
                 "model": module.state_dict(),
@@ -1601,7 +1604,14 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
             if step == total_steps:
                 break
     if not curves["step"] or curves["step"][-1] != step:
-        record(plan.epochs_done(step))  # resumed from the end: the point its checkpoint left out
+        # Resumed from the end: the point its checkpoint left out, as that run recorded it
+        # (evaluated again, on another number of ranks it could differ in the last digits).
+        end_record = None if state is None else state.get("end_record")
+        if end_record is not None and end_record["step"] == [step]:
+            for key, values in end_record.items():
+                curves[key].extend(values)
+        else:
+            record(plan.epochs_done(step))
     wall = elapsed + time.perf_counter() - start
     if bar is not None:
         bar.close()

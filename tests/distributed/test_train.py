@@ -415,7 +415,7 @@ def test_a_run_resumes_on_another_number_of_workers(tmp_path, capfd):
         return {**common, "checkpoint_dir": str(tmp_path / name)}
 
     began = time.monotonic()
-    launch(TrainConfig(workers=2, max_steps=15, **folder("a")))
+    first = launch(TrainConfig(workers=2, max_steps=15, **folder("a")))["runs"][0]
     for name in ("b", "c", "d", "e", "f", "saved"):
         shutil.copytree(tmp_path / "a", tmp_path / name)
     capfd.readouterr()
@@ -481,8 +481,11 @@ def test_a_run_resumes_on_another_number_of_workers(tmp_path, capfd):
     old1 = tmp_path / "f" / "threshold" / "rank1"
     shutil.copy(f"{old1}.prev.pt", f"{old1}.pt")
     capfd.readouterr()
-    launch(TrainConfig(workers=3, resume=True, max_steps=15, **folder("f")))  # loads only
+    loaded = launch(TrainConfig(workers=3, resume=True, max_steps=15, **folder("f")))
     assert "resuming from step 15, which every rank has" in capfd.readouterr().err
+    # Nothing left to train: the report's points are the first run's, its last (made because
+    # that run stopped there) as that run recorded it, not evaluated again on 3 ranks.
+    assert loaded["runs"][0]["curves"] == first["curves"]
     for q in (0, 1):
         assert torch.load(tmp_path / "f" / "threshold" / f"rank{q}.pt")["step"] == 15
 
