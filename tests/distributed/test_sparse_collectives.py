@@ -287,6 +287,16 @@ def _cases(rank: int, world: int, group) -> dict:
         ),
         "split_numel": lambda: get_collective("dsar")(idx, val, 100 + rank, group=group),
     }
+    # Ranks reducing different tensors at once (here: keys "a" and "b" of the same length,
+    # as a loop over a set of names gives on ranks with other hash seeds) or calling different
+    # collectives: an error on every rank, not a sum of the wrong tensors.
+    for name in ALL:
+        cases[f"key_{name}"] = lambda name=name: get_collective(name)(
+            idx, val, 100, key="a" if rank == 0 else "b", group=group
+        )
+    cases["split_vs_dsar"] = lambda: get_collective("ssar_split" if rank == 0 else "dsar")(
+        idx, val, 100, group=group
+    )
     # Tensors on a device no backend of the group moves (gloo: CPU and CUDA; "meta" stands in
     # for another accelerator's): an error on every rank, not a crash on one and a hang.
     for name in ALL:
@@ -381,7 +391,8 @@ def test_sparse_collectives(world, form, by_form):
     # The allgather pads every rank's payload to the largest one, and the padding is charged:
     # the ring allgather formula, (p-1)/p * B, over B = the size headers (p ranks' 9 int64s,
     # the header's fixed width: its own width, the tensor count, the gather's error flag, two
-    # byte lengths, and the collective's error flag, numel and two dtype codes) plus p payloads
+    # byte lengths, and the collective's error flag, numel and two codes naming the call: the
+    # dtypes with the collective, and the key) plus p payloads
     # of the largest count. In case 3 rank 1 sends no entries and still pays for the widest.
     seed, numel, count, dtype, idx_dtype = EXACT_CASES[2]
     assert seed == 3 and count(1) == 0
@@ -452,6 +463,14 @@ def test_sparse_collectives(world, form, by_form):
                 assert "no backend of the process group moves meta memory" in text, (name, text)
             else:
                 assert "another rank" in text, (name, text)
+        for name in ALL:
+            kind, text = errs[f"key_{name}"]
+            assert kind == "ValueError", (name, text)
+            assert f"call {name!r} with different keys (this rank: {'a' if r == 0 else 'b'!r})" in (
+                text
+            ), (name, text)
+        mine = "ssar_split" if r == 0 else "dsar"
+        assert f"call different collectives here (this rank: {mine!r})" in errs["split_vs_dsar"][1]
         # The allgather baseline checks as the others do, in its size header.
         assert "numel differs" in errs["allgather_numel"][1]
         assert "dtypes differ" in errs["allgather_dtype"][1]
@@ -647,8 +666,8 @@ def _staged(rank: int, world: int, tree: bool) -> dict:
     init = p2p.Wire.__init__
     calls = []
 
-    def staged_init(self, group, device):
-        init(self, group, device)
+    def staged_init(self, group, device, *call):
+        init(self, group, device, *call)
         self.staged = True
         calls.append(1)
 

@@ -60,12 +60,13 @@ class DSAR(SparseCollective):
             values: 1-D floating-point values, as many as ``indices``.
             numel: length of the vector, the same on every rank.
             group: process group (default: the default group).
-            key: unused (the algorithm keeps no state).
+            key: names the vector; the same on every rank (checked: ranks that reduce
+                different vectors at once get an error). The algorithm keeps no state.
 
         Returns:
             ``CollectiveResult`` with ``dense`` (values' dtype and device) and the bytes counted.
         """
-        wire = Wire(group, device_of(values, group))
+        wire = Wire(group, device_of(values, group), self.name, key)
         dense = split_allgather(wire, indices, values, numel, adaptive=True)
         t = wire.traffic
         return CollectiveResult(dense=dense, bytes_sent=t.bytes_sent, bytes_recv=t.bytes_recv)

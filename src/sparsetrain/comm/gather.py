@@ -19,9 +19,9 @@ from .p2p import (
     alone,
     as_bytes,
     as_dtype,
+    call_codes,
     check_group,
     device_of,
-    dtype_codes,
     input_error,
     raise_disagreement,
 )
@@ -260,7 +260,7 @@ class AllgatherSparse(SparseCollective):
         device = device_of(values, group)
         error = input_error(indices, values, numel, device)
         if error is None:
-            payload, codes = (indices, values), dtype_codes(indices, values)
+            payload, codes = (indices, values), call_codes(indices, values, self.name, key)
         else:
             payload = (torch.empty(0, dtype=torch.int64, device=device),
                        torch.empty(0, dtype=torch.float32, device=device))  # fmt: skip
@@ -269,9 +269,10 @@ class AllgatherSparse(SparseCollective):
 
         def check(heads: list[list[int]]) -> None:
             rank = dist.get_rank(group) if dist.is_initialized() else 0
-            sizes = [h[1] for h in heads]
+            sizes, codes = [h[1] for h in heads], [h[2:] for h in heads]
             raise_disagreement(error, rank, any(h[0] for h in heads), (min(sizes), max(sizes)),
-                               len({tuple(h[2:]) for h in heads}) == 1, indices, values)  # fmt: skip
+                               ([min(c) for c in zip(*codes)], [max(c) for c in zip(*codes)]),
+                               indices, values, self.name, key)  # fmt: skip
 
         gathered, sent, recv = _all_gather_with_header(payload, mine, group, check)
         # One index_add_ per rank, in rank order: within a rank's (unique) indices no entry is

@@ -111,14 +111,15 @@ class GTopK(SparseCollective):
             values: 1-D floating-point values, as many as ``indices``.
             numel: length of the vector, the same on every rank.
             group: process group (default: the default group).
-            key: unused (the algorithm keeps no state).
+            key: names the vector; the same on every rank (checked: ranks that reduce
+                different vectors at once get an error). The algorithm keeps no state.
 
         Returns:
             ``CollectiveResult`` with ``indices`` and ``values``, ``dropped`` (what this rank
             dropped: of its own input beyond k, and of the sums it merged) and the bytes
             counted.
         """
-        wire = Wire(group, device_of(values, group))
+        wire = Wire(group, device_of(values, group), self.name, key)
         k, _ = wire.agree(indices, values, numel, self.k, options={"k": self.k or 0})
         # Never more than the vector holds: every message has room for k entries.
         k = min(k, numel)

@@ -296,7 +296,7 @@ class OkTopk(SparseCollective):
             ranks at those indices, and the bytes counted; with ``residuals="owner"`` also
             ``dropped``, the sums of this rank's region that the threshold left out.
         """
-        wire = Wire(group, device_of(values, group))
+        wire = Wire(group, device_of(values, group), self.name, key)
         st = self._keys.get(key) or _KeyState()
         same = {
             "k": self.k or 0,

@@ -28,6 +28,7 @@ by recursive doubling instead of the library's ring.
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -185,9 +186,17 @@ def error_type(error: str) -> type[Exception]:
     return TypeError if ("dtype" in error or "tensors" in error) else ValueError
 
 
-def dtype_codes(indices: Tensor, values: Tensor) -> tuple[int, int]:
-    """Small ints naming the two dtypes, to compare across ranks in a collective."""
-    return _dtype_code(indices.dtype), _dtype_code(values.dtype)
+def _crc(text: str) -> int:
+    return zlib.crc32(str(text).encode())
+
+
+def call_codes(indices: Tensor, values: Tensor, name: str, key: str) -> tuple[int, int]:
+    """Two ints naming a collective call, compared across ranks: the dtypes with the
+    collective's name (dtype codes below 16, a CRC-32 of the name above them), and a CRC-32 of
+    the key. Ranks whose calls differ get an error on every rank instead of a sum of
+    different tensors (a loop over a ``set`` of names runs in another order on each rank)."""
+    kinds = _dtype_code(indices.dtype) + 16 * _dtype_code(values.dtype)
+    return kinds + 256 * _crc(name), _crc(key)
 
 
 def raise_disagreement(
@@ -195,23 +204,38 @@ def raise_disagreement(
     rank: int,
     any_bad: bool,
     numel_range: tuple[int, int],
-    dtypes_agree: bool,
+    codes_range: tuple[Sequence[int], Sequence[int]],
     indices: Tensor,
     values: Tensor,
+    name: str,
+    key: str,
 ) -> None:
     """Raise what a collective's input agreement found, alike on every rank: this rank's own
-    ``error``, another rank's bad input, or ranks that disagree on numel or dtypes."""
+    ``error``, another rank's bad input, or ranks that disagree on the collective, the key,
+    numel or dtypes (``codes_range``: the smallest and the largest :func:`call_codes` over
+    the ranks)."""
     if error is not None:
         raise error_type(error)(f"rank {rank}: {error}")
     if any_bad:
         raise ValueError("another rank's indices or values are invalid (see its error)")
+    (lo_kinds, lo_key), (hi_kinds, hi_key) = codes_range
+    if lo_kinds >> 8 != hi_kinds >> 8:
+        raise ValueError(
+            f"the ranks call different collectives here (this rank: {name!r}); every rank "
+            "must call the same collective, on the same tensors in the same order"
+        )
+    if lo_key != hi_key:
+        raise ValueError(
+            f"the ranks call {name!r} with different keys (this rank: {key!r}); every rank must "
+            "reduce the same tensors in the same order, under the same key"
+        )
     lo, hi = numel_range
     if lo != hi:
         raise ValueError(
             f"numel differs across ranks (between {lo} and {hi}); every rank must pass the "
             "same numel"
         )
-    if not dtypes_agree:
+    if lo_kinds != hi_kinds:
         raise ValueError(
             "indices or values dtypes differ across ranks; every rank must pass the same "
             f"dtypes (this rank: {indices.dtype}, {values.dtype})"
@@ -333,9 +357,12 @@ class Wire:
         device: where size headers and receive buffers are created (the values' device).
     """
 
-    def __init__(self, group: dist.ProcessGroup | None, device: torch.device) -> None:
+    def __init__(
+        self, group: dist.ProcessGroup | None, device: torch.device, name: str = "", key: str = ""
+    ) -> None:
         check_group(group)
         self.device = device
+        self.name, self.key = name, key
         self.traffic = Traffic()
         if alone():
             # One process without a process group (a script tried out before it is launched
@@ -390,7 +417,7 @@ class Wire:
         ok = error is None
         n = numel if ok else 0
         count = (indices.numel() if ok else 0) if k is None else k
-        kinds = dtype_codes(indices, values) if ok else (0, 0)
+        kinds = call_codes(indices, values, self.name, self.key) if ok else (0, 0)
         opts = [int(v) for v in (options or {}).values()]
         head = [n, count, int(not ok), *kinds, *opts]
         told = None
@@ -404,10 +431,8 @@ class Wire:
             lows, highs = [min(c) for c in columns], [max(c) for c in columns]
             heard = {q: rows[q][len(head)] for q in told} if told is not None else {}
         kmax, bad = highs[1], highs[2] > 0
-        agree_dtypes = lows[3] == highs[3] and lows[4] == highs[4]
-        raise_disagreement(
-            error, self.rank, bad, (lows[0], highs[0]), agree_dtypes, indices, values
-        )
+        raise_disagreement(error, self.rank, bad, (lows[0], highs[0]), (lows[3:5], highs[3:5]),
+                           indices, values, self.name, self.key)  # fmt: skip
         differ = [
             f"{name} (between {lo} and {hi})"
             for name, lo, hi in zip(options or {}, lows[5:], highs[5:])
