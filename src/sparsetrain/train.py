@@ -475,9 +475,13 @@ class TrainConfig:
         return options
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the configuration as JSON-ready values, density as actually used."""
+        """Return the configuration as JSON-ready values, density as actually used: the
+        compressor's default where none was given, None where the compressor takes none."""
         out = asdict(self)
-        out["density"] = self.effective_compressor_options().get("density")
+        out["density"] = None
+        if "density" in option_names(self.compressor):
+            options = self.effective_compressor_options()
+            out["density"] = get_compressor(self.compressor, **options).density
         return out
 
 
@@ -1709,7 +1713,10 @@ def _resumable(config: TrainConfig) -> dict[str, Any]:
             "reuse_host_memory",
         }
     )
-    return {k: v for k, v in config.to_dict().items() if k in keep}
+    out = {k: v for k, v in config.to_dict().items() if k in keep}
+    # As given, not as used: checkpoints recorded it so before the report resolved defaults.
+    out["density"] = config.effective_compressor_options().get("density")
+    return out
 
 
 # ---- launching ---------------------------------------------------------------------------------

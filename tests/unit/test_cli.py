@@ -15,9 +15,11 @@ import torch
 
 from sparsetrain.cli import build_parser
 from sparsetrain.commands.train import configs_from_args
+from sparsetrain.compressors import get_compressor
 from sparsetrain.train import (
     TrainConfig,
     WorkerError,
+    _resumable,
     launch,
     parse_value,
     shard_indices,
@@ -82,6 +84,12 @@ def test_several_compressors_run_in_order_and_density_goes_only_where_it_is_take
     assert [c.name for c in cs] == ["none", "topk"]
     assert cs[0].to_dict()["density"] is None  # the identity compressor has no density
     assert cs[1].to_dict()["density"] == 0.05
+    # Without --density the report records the compressor's default, the density it ran at
+    # (it recorded null, as for a compressor that takes none); a checkpoint still records
+    # what was given, so one written before resumes.
+    (c,) = configs("train", "--compressor", "threshold")
+    assert c.to_dict()["density"] == get_compressor("threshold").density == 0.01
+    assert _resumable(c)["density"] is None
     # Repeating the flag extends the list instead of replacing it.
     assert [
         c.compressor for c in configs("train", "--compressor", "none", "--compressor", "topk")
