@@ -851,6 +851,32 @@ def _gather_ints(values: list[int], device: torch.device) -> list[list[int]]:
     return [r.tolist() for r in rows]
 
 
+_CHECKPOINT_NAME = re.compile(r"rank\d+(\.prev)?\.pt")
+
+
+def _refuse_overwriting(ckpt: Path, rank: int, device: torch.device) -> None:
+    """Raise on every rank if the checkpoint folder of a run started without ``resume`` holds
+    an earlier run's checkpoints (on any rank): its saves would replace them."""
+    folder = ckpt.parent
+    if rank == 0:  # every rank's, where the folder is shared (and an old larger run's)
+        found = sorted(
+            p.name for p in folder.glob("rank*.pt") if _CHECKPOINT_NAME.fullmatch(p.name)
+        )
+    else:
+        found = [p.name for p in (ckpt, _previous_path(ckpt)) if p.exists()]
+    counts = [row[0] for row in _gather_ints([len(found)], device)]
+    if not any(counts):
+        return
+    holders = [r for r, n in enumerate(counts) if n]
+    who = f"rank {holders[0]}" if len(holders) == 1 else f"ranks {holders}"
+    seen = f"; here: {', '.join(found)}" if found else ""
+    raise ValueError(
+        f"{folder} holds the checkpoints of an earlier run (seen by {who}{seen}): pass --resume (TrainConfig(resume=True)) to continue it, or move them "
+        "away (or give this run another --checkpoint-dir or label) to start over; this run "
+        "would overwrite them"
+    )
+
+
 def _checkpoint_problem(
     config: TrainConfig, state: dict[str, Any] | None, path: Path | None, world: int | None
 ) -> str | None:
@@ -1442,6 +1468,8 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
     step, elapsed, eval_seconds = 0, 0.0, 0.0
     ckpt = _checkpoint_path(config, rank)
     state = _agreed_checkpoint(config, ckpt, rank, world, device) if config.resume else None
+    if config.checkpoint_dir and not config.resume:
+        _refuse_overwriting(ckpt, rank, device)
     layout = None if state is None else state.get("layout")
     # Resumed on another number of ranks: its first save replaces the old run's files.
     resharded = state is not None and state["world"] != world

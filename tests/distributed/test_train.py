@@ -596,6 +596,32 @@ def test_a_failed_run_names_the_cause_in_one_line(tmp_path):
         assert exc.value.rank == 1
 
 
+def test_a_run_without_resume_refuses_to_overwrite_an_earlier_runs_checkpoints(tmp_path):
+    """A run given a checkpoint folder that holds an earlier run's checkpoints, without
+    --resume, is an error on every rank, and the files stay as they were: it overwrote them at
+    its saves (a forgotten --resume lost the run)."""
+    common = dict(workers=2, epochs=1, progress=False, timeout_s=120, compressor="topk",
+                  density=0.05, checkpoint_dir=str(tmp_path), max_steps=2)  # fmt: skip
+    launch(TrainConfig(**common))
+    saved = {p.name: p.read_bytes() for p in (tmp_path / "topk").glob("*.pt")}
+    assert sorted(saved) == ["rank0.pt", "rank1.pt"]
+    with pytest.raises(WorkerError, match=r"holds the checkpoints of an earlier run \(seen by "
+                       r"ranks \[0, 1\]; here: rank\d\.pt") as exc:  # fmt: skip
+        launch(TrainConfig(**common))
+    assert exc.value.error_type == "ValueError"
+    assert "pass --resume" in str(exc.value)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "topk").glob("*.pt")} == saved
+    # An old larger run's file alone (rank 2's, on a folder every rank shares) is seen by rank 0.
+    for name in ("rank0.pt", "rank1.pt"):
+        (tmp_path / "topk" / name).unlink()
+    (tmp_path / "topk" / "rank2.pt").write_bytes(saved["rank1.pt"])
+    with pytest.raises(WorkerError, match=r"earlier run \(seen by rank 0[);]"):
+        launch(TrainConfig(**common))
+    # Files set aside by a resume are not checkpoints a run would overwrite.
+    (tmp_path / "topk" / "rank2.pt").rename(tmp_path / "topk" / "rank0.unfinished.pt")
+    assert launch(TrainConfig(**common))["runs"][0]["steps"] == 2
+
+
 def test_without_ddp_gradient_sync_trains_as_the_hook_does_and_resumes_exactly(tmp_path):
     # ddp=False: no DDP, GradientSync after backward, writing into the gradients where they
     # are. One bucket either way (the small model is one DDP bucket), so every value is the
@@ -752,6 +778,6 @@ def test_fp16_with_a_loss_scaler_trains_counts_its_skips_and_resumes_exactly(tmp
     # steps), and of no other run's: a float32 run resumes whatever it says.
     with pytest.raises(WorkerError, match="init_loss_scale 1073741824.0 there, 65536.0 here"):
         launch(TrainConfig(label="cut", amp="fp16", resume=True, **common))
-    launch(TrainConfig(label="fp32", max_steps=2, checkpoint_every=1, **common))
-    again = launch(TrainConfig(label="fp32", resume=True, **{**common, "init_loss_scale": 8.0}))
+    launch(TrainConfig(label="short", max_steps=2, checkpoint_every=1, **common))
+    again = launch(TrainConfig(label="short", resume=True, **{**common, "init_loss_scale": 8.0}))
     assert again["runs"][0]["steps"] == 44
