@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ def _weights(seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
+@pytest.mark.filterwarnings("ignore:global magnitude pruning")  # tensor "c" goes whole
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), sparsity=st.floats(0.0, 0.99))
 def test_global_magnitude_removes_exactly_the_smallest_over_all_layers(
@@ -169,3 +171,22 @@ def test_a_schedule_starting_above_the_final_sparsity_is_refused() -> None:
     with pytest.raises(ValueError, match=r"initial_sparsity=0.9, above the final sparsity=0.5"):
         get_pruner("magnitude", sparsity=0.5, schedule=Gradual(initial_sparsity=0.9))
     get_pruner("magnitude", sparsity=0.5, schedule=Gradual(initial_sparsity=0.5))
+
+
+@pytest.mark.parametrize("method", ["magnitude", "structured"])
+def test_global_pruning_warns_when_it_removes_a_layer_whole(method: str) -> None:
+    # A layer whose weights are all small loses every one to a global ranking (layer collapse):
+    # it passes nothing on, which the total sparsity does not show. It is the ranking's answer,
+    # so it is kept, and named in a warning.
+    w = {
+        "big": torch.randn(8, 4, generator=torch.Generator().manual_seed(0)) + 10,
+        "small": torch.full((2, 4), 0.01),
+    }
+    with pytest.warns(UserWarning, match=r"removed every weight of 'small': that layer") as rec:
+        m = masks(w, 0.2, method, "global")
+    assert not m["small"].any() and m["big"].all()
+    assert rec[0].filename == __file__  # points at the call, not inside sparsetrain
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        masks(w, 0.2, method, "layer")  # each layer keeps its share
+        masks(w, 0.2, method, "global", previous=m)  # removed before: said already

@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -328,7 +331,42 @@ def masks(
     s = check_sparsity(sparsity)
     check_scope(scope)
     _check_weights(weights, previous)
-    return _METHODS[method](weights, s, scope, previous, **options)
+    out = _METHODS[method](weights, s, scope, previous, **options)
+    if scope == "global":
+        _warn_collapsed(out, previous, s, method)
+    return out
+
+
+def _warn_collapsed(
+    out: Mapping[str, Tensor], previous: Mapping[str, Tensor] | None, sparsity: float, method: str
+) -> None:
+    """Warn about tensors that one global ranking pruned whole (layer collapse): such a layer
+    passes nothing on, which no sparsity target is worth, and is easy to miss in the total."""
+    prev = previous or {}
+    whole = [
+        n
+        for n, m in out.items()
+        if m.numel() and not m.any() and (n not in prev or bool(prev[n].any()))
+    ]
+    if whole:
+        warnings.warn(
+            f"global {method} pruning at sparsity {sparsity:g} removed every weight of "
+            f"{', '.join(repr(n) for n in whole)}: "
+            + ("that layer now passes" if len(whole) == 1 else "those layers now pass")
+            + " nothing on. Prune with scope='layer', or leave such a layer out of the pruned "
+            "parameters",
+            stacklevel=_caller_level(),
+        )
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` that makes a warning point at the first caller outside this package
+    (the user's ``masks()`` or ``prune()`` call), counted from the function that warns."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def mask_sparsity(m: Mapping[str, Tensor]) -> float:
