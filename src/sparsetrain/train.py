@@ -869,11 +869,11 @@ def _refuse_overwriting(ckpt: Path, rank: int, device: torch.device) -> None:
         return
     holders = [r for r, n in enumerate(counts) if n]
     who = f"rank {holders[0]}" if len(holders) == 1 else f"ranks {holders}"
-    seen = f"; here: {', '.join(found)}" if found else ""
     raise ValueError(
-        f"{folder} holds the checkpoints of an earlier run (seen by {who}{seen}): pass --resume (TrainConfig(resume=True)) to continue it, or move them "
-        "away (or give this run another --checkpoint-dir or label) to start over; this run "
-        "would overwrite them"
+        f"{folder} holds the checkpoints of an earlier run (rank<r>.pt or rank<r>.prev.pt, seen "
+        f"by {who}), which this run would overwrite: pass --resume (TrainConfig(resume=True)) "
+        "to continue it, or move them away or give this run another --checkpoint-dir (or "
+        "TrainConfig label) to start over"
     )
 
 
@@ -1468,8 +1468,6 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
     step, elapsed, eval_seconds = 0, 0.0, 0.0
     ckpt = _checkpoint_path(config, rank)
     state = _agreed_checkpoint(config, ckpt, rank, world, device) if config.resume else None
-    if config.checkpoint_dir and not config.resume:
-        _refuse_overwriting(ckpt, rank, device)
     layout = None if state is None else state.get("layout")
     # Resumed on another number of ranks: its first save replaces the old run's files.
     resharded = state is not None and state["world"] != world
@@ -1751,6 +1749,12 @@ def _resumable(config: TrainConfig) -> dict[str, Any]:
 
 
 def _run_all(rank: int, world: int, configs: Sequence[TrainConfig]) -> list[dict[str, Any]]:
+    # Every run's folder before any run trains: a later run refused after the earlier ones had
+    # trained and saved left their checkpoints and no report, and the same command refused then.
+    device = _device_for(configs[0].backend, rank)
+    for config in configs:
+        if config.checkpoint_dir and not config.resume:
+            _refuse_overwriting(_checkpoint_path(config, rank), rank, device)
     runs = []
     for config in configs:
         with _checkpoints_locked(config, rank):

@@ -605,17 +605,23 @@ def test_a_run_without_resume_refuses_to_overwrite_an_earlier_runs_checkpoints(t
     launch(TrainConfig(**common))
     saved = {p.name: p.read_bytes() for p in (tmp_path / "topk").glob("*.pt")}
     assert sorted(saved) == ["rank0.pt", "rank1.pt"]
-    with pytest.raises(WorkerError, match=r"holds the checkpoints of an earlier run \(seen by "
-                       r"ranks \[0, 1\]; here: rank\d\.pt") as exc:  # fmt: skip
+    with pytest.raises(WorkerError, match=r"holds the checkpoints of an earlier run \(rank<r>"
+                       r"\.pt or rank<r>\.prev\.pt, seen by ranks \[0, 1\]\)") as exc:  # fmt: skip
         launch(TrainConfig(**common))
     assert exc.value.error_type == "ValueError"
     assert "pass --resume" in str(exc.value)
     assert {p.name: p.read_bytes() for p in (tmp_path / "topk").glob("*.pt")} == saved
+    # Launched after a run that would train first: refused before it trains (it was refused
+    # after that run had trained and saved, so no report, and the same command refused then).
+    first = {**common, "checkpoint_dir": str(tmp_path / "first")}
+    with pytest.raises(WorkerError, match="holds the checkpoints of an earlier run"):
+        launch([TrainConfig(label="first", **first), TrainConfig(**common)])
+    assert not any((tmp_path / "first").rglob("*.pt"))
     # An old larger run's file alone (rank 2's, on a folder every rank shares) is seen by rank 0.
     for name in ("rank0.pt", "rank1.pt"):
         (tmp_path / "topk" / name).unlink()
     (tmp_path / "topk" / "rank2.pt").write_bytes(saved["rank1.pt"])
-    with pytest.raises(WorkerError, match=r"earlier run \(seen by rank 0[);]"):
+    with pytest.raises(WorkerError, match=r"seen by rank 0\)"):
         launch(TrainConfig(**common))
     # Files set aside by a resume are not checkpoints a run would overwrite.
     (tmp_path / "topk" / "rank2.pt").rename(tmp_path / "topk" / "rank0.unfinished.pt")

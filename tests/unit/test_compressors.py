@@ -265,8 +265,9 @@ def terngrad_std(x: torch.Tensor, bucket: int) -> torch.Tensor:
 
 
 def randomk_std(x: torch.Tensor, density: float, scale: bool = True) -> torch.Tensor:
-    """One random-k decode's standard deviation per entry: kept with probability ``density``,
-    as ``x / density`` when scaled (else ``x``), and 0 otherwise."""
+    """One random-k decode's standard deviation per entry: kept with probability k / n, as
+    ``x n / k`` when scaled (else ``x``), and 0 otherwise; k / n is ``density`` where
+    ``density * n`` is whole, as in these tests."""
     kept = 1 / density if scale else 1.0
     return x.double().abs() * kept * math.sqrt(density * (1 - density))
 
