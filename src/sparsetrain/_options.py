@@ -8,6 +8,20 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 
+def plain(value: Any) -> Any:
+    """``value`` with NumPy scalars (``np.float64`` passes a float check, being a subclass)
+    turned into Python numbers, through dicts, lists and tuples: a saved state or a report
+    then holds only what ``torch.load`` reads by default (``weights_only=True``) and JSON
+    writes."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
+        return value.item()  # a NumPy scalar (arrays are left alone)
+    return value
+
+
 def check_options(kind: str, name: str, options: Mapping[str, Any], allowed: Iterable[str]) -> None:
     """Raise ``ValueError`` naming the options of ``options`` that ``kind`` ``name`` does not
     take, and the ones it does."""

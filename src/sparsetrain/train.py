@@ -75,7 +75,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
-from ._options import is_integer
+from ._options import is_integer, plain
 from ._procs import exit_finished_worker
 from .compressors import check_density, get_compressor, option_names
 from .hostmem import reserve, reuse_freed_memory, reusing_freed_memory
@@ -477,11 +477,11 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Return the configuration as JSON-ready values, density as actually used: the
         compressor's default where none was given, None where the compressor takes none."""
-        out = asdict(self)
+        out = plain(asdict(self))
         out["density"] = None
         if "density" in option_names(self.compressor):
             options = self.effective_compressor_options()
-            out["density"] = get_compressor(self.compressor, **options).density
+            out["density"] = plain(get_compressor(self.compressor, **options).density)
         return out
 
 

@@ -559,3 +559,34 @@ def test_rigl_waits_for_its_own_parameters_under_functional_call():
     assert not (model[0].weight == 0).any()  # not yet: the call ran on other tensors
     model(X)  # the model's own first forward applies them
     assert int((model[0].weight == 0).sum()) == int((~pruner.masks["0.weight"]).sum()) > 0
+
+
+def test_a_schedule_given_numpy_numbers_saves_a_state_a_plain_torch_load_reads():
+    import numpy as np
+
+    pruner = get_pruner("magnitude", sparsity=0.5, schedule=Gradual(0, 10, 2, power=np.float64(3)))
+    pruner.prepare(_model())
+    pruner.step(10)
+    buf = io.BytesIO()
+    torch.save(pruner.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf)  # weights_only=True: it refused the NumPy power
+    assert state["options"]["schedule"]["power"] == 3.0
+
+
+def test_a_state_loaded_before_prepare_is_a_copy_and_so_is_what_it_hands_back():
+    source = get_pruner("magnitude", sparsity=0.5).prepare(_model())
+    source.prune()
+    saved = copy.deepcopy(source.state_dict())
+    ckpt = copy.deepcopy(saved)
+    pruner = get_pruner("magnitude", sparsity=0.5)
+    pruner.load_state_dict(ckpt)  # before prepare(): kept until it runs
+    for m in ckpt["masks"].values():  # the caller reuses its dict
+        m.fill_(True)
+    ckpt["extra"]["current_sparsity"] = 0.0
+    handed = pruner.state_dict()
+    handed["extra"]["current_sparsity"] = 0.1
+    assert pruner.state_dict()["extra"] == saved["extra"]
+    pruner.prepare(_model())
+    for name, mask in pruner.masks.items():
+        assert torch.equal(mask.cpu(), saved["masks"][name]), name

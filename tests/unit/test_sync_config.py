@@ -464,3 +464,29 @@ def test_a_global_selection_lands_in_the_same_places_through_the_flat_bucket(dty
     _put_canonical([parts[i] for i in order], indices, values)
     assert torch.equal(flat, torch.cat(parts))
     assert int((flat != 0).sum()) == 9
+
+
+def test_numpy_options_leave_a_state_that_a_plain_torch_load_reads():
+    # np.float64 passes the float checks (a subclass), and was kept as is in the state's
+    # config: torch.load's default (weights_only=True, torch >= 2.6) refused the checkpoint.
+    import io
+
+    import numpy as np
+
+    model = _model()
+    for options in (
+        {"density": np.linspace(0.01, 0.1, 3)[0]},
+        {"density": 0.1, "momentum_correction": np.float64(0.9)},
+        {"density": 0.1, "band": np.float64(1.5)},
+    ):
+        compressor = "topk" if "band" not in options else "threshold"
+        sync = sparsetrain.GradientSync(model, compressor, **options)
+        model(torch.randn(3, 4)).sum().backward()
+        sync.synchronize()
+        buf = io.BytesIO()
+        torch.save(sync.state_dict(), buf)
+        buf.seek(0)
+        state = torch.load(buf)  # weights_only=True
+        again = sparsetrain.GradientSync(model, compressor, **options)
+        again.load_state_dict(state)  # the same settings, compared as numbers
+        model.zero_grad()

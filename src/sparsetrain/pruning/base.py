@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .._options import check_options, is_integer
+from .._options import check_options, is_integer, plain
 from .masks import Masks, check_scope, check_sparsity
 from .schedules import OneShot, Schedule, get_schedule
 
@@ -552,14 +552,15 @@ class Pruner:
         :meth:`load_state_dict`."""
         if self._pending is not None:  # loaded before prepare(): hand back what was loaded
             p = self._pending
-            return p | {"masks": {n: m.detach().cpu().clone() for n, m in p["masks"].items()}}
+            rest = copy.deepcopy({k: v for k, v in p.items() if k != "masks"})
+            return rest | {"masks": {n: m.detach().cpu().clone() for n, m in p["masks"].items()}}
         return {
             "method": self.name,
             "masks": {n: m.detach().cpu().clone() for n, m in self._masks.items()},
             "step": self._step,
             "num_updates": self._num_updates,
             "extra": self.extra_state(),
-            "options": copy.deepcopy(self.options()),
+            "options": plain(copy.deepcopy(self.options())),
         }
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
@@ -576,7 +577,11 @@ class Pruner:
             raise TypeError(f"strict must be True or False, got {strict!r}")
         self._check_state(state, strict)
         if self._model is None:
-            self._pending = dict(state) | {"masks": dict(state["masks"])}
+            # Copies: the caller's dict and tensors may change before prepare() installs them.
+            rest = copy.deepcopy({k: v for k, v in state.items() if k != "masks"})
+            self._pending = rest | {
+                "masks": {n: m.detach().clone() for n, m in state["masks"].items()}
+            }
             self._step = operator.index(state["step"])
             self._num_updates = operator.index(state["num_updates"])
             return

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .._options import check_options
+from .._options import check_options, plain
 from ..comm.p2p import alone
 from ..compressors import Compressor, compressor_class, get_compressor
 from .devices import on_device
@@ -318,7 +318,7 @@ class SyncConfig:
         return get_compressor(self.compressor, **self.compressor_options)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return plain(asdict(self))
 
     def fingerprint(self) -> str:
         return hashlib.sha256(
