@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..comm.accounting import ring_allgather_bytes
-from ..comm.p2p import check_group
+from ..comm.p2p import alone, check_group
 from ..robust.attacks import Attack
 from ..robust.base import Aggregator
 
@@ -92,8 +92,10 @@ def robust_exchange(
             f"{type(attack).__name__}"
         )
     check_group(group)
-    world = dist.get_world_size(group)
-    rank = dist.get_rank(group)
+    if alone():  # one process, no process group: a world of one, as the collectives take it
+        world, rank = 1, 0
+    else:
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
     if aggregator.n != world:
         raise ValueError(
             f"the aggregator was built for n={aggregator.n} workers but the group has {world} ranks"
@@ -130,9 +132,12 @@ def robust_exchange(
         mine = attack(flat, key=key, step=step, workers=[rank]).to(flat.dtype).contiguous()
     else:
         mine = flat
-    parts = [torch.empty_like(flat) for _ in range(world)]
-    dist.all_gather(parts, mine, group=group)
-    rows = torch.stack(parts)
+    if world == 1:
+        rows = mine.unsqueeze(0).clone()
+    else:
+        parts = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(parts, mine, group=group)
+        rows = torch.stack(parts)
     sent = ring_allgather_bytes(world * d * elem, world)
 
     if attack is not None and attack.omniscient and byz:
