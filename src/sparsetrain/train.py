@@ -296,6 +296,13 @@ class TrainConfig:
             raise ValueError(f"unknown task {self.task!r}; valid names are: {', '.join(tasks)}")
         if self.density is not None:
             check_density(self.density)
+            given = self.compressor_options.get("density") if isinstance(
+                self.compressor_options, dict) else None  # fmt: skip
+            if given is not None and given != self.density:
+                raise ValueError(
+                    f"density is given twice, {self.density:g} and in the compressor's options "
+                    f"{given!r}: give it once (--density)"
+                )
         for name in ("compressor_options", "collective_options", "aggregator_options",
                      "attack_options", "task_options"):  # fmt: skip
             _check_dict(name, getattr(self, name))
@@ -389,8 +396,8 @@ class TrainConfig:
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.weight_decay >= 0 or not math.isfinite(self.weight_decay):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov=True needs momentum > 0")
         if self.momentum_correction and (self.momentum == 0 or self.nesterov or self.native_ddp):

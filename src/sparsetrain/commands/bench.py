@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsetrain._provenance import environment, machine_cores
+from sparsetrain.commands.train import seed_value
 from sparsetrain.plotting import plot_model_errors, plot_path_problem
 
 DEFAULT_SIZES = "1M,25M"
@@ -1184,7 +1185,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "or either form at any number of ranks; recorded, and bench refit prices the run's "
         "form",
     )
-    c.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    c.add_argument(
+        "--seed", type=seed_value, default=0, help="seed of the random inputs (default 0)"
+    )
     c.add_argument(
         "--probe-bytes",
         type=int,

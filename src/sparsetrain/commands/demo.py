@@ -34,6 +34,8 @@ def _run(args: argparse.Namespace) -> int:
         configs = configs_from_args(args)
     except (ValueError, TypeError) as e:
         args._parser.error(str(e))
+    if not args.out.strip():
+        args._parser.error("--out needs a folder, got an empty path")
     out = Path(args.out)
     check_outputs(args._parser, out=args.out)
     print(

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from sparsetrain.commands.train import seed_value
 from sparsetrain.pruning import (
     Gradual,
     OneShot,
@@ -448,6 +449,9 @@ def _main(args: argparse.Namespace) -> int:
         cfg = _config(args)
     except (ValueError, TypeError) as e:
         args._parser.error(str(e))
+    problem = _unused_options(args, cfg)
+    if problem:
+        args._parser.error(problem)
     from .train import check_outputs
 
     if "nm" in cfg.methods:
@@ -486,22 +490,55 @@ def _main(args: argparse.Namespace) -> int:
     return _write(args, report)
 
 
+def _unused_options(args: argparse.Namespace, cfg: PruneConfig) -> str | None:
+    """What on the command line no selected method would use (it was silently ignored), or a
+    method given twice (trained twice, two identical rows), or None."""
+    twice = sorted({m for m in cfg.methods if cfg.methods.count(m) > 1})
+    if twice:
+        return f"--method {', '.join(twice)} given more than once"
+    woodfisher = [
+        flag
+        for flag, value in (
+            ("--fisher-samples", args.fisher_samples),
+            ("--block-size", args.block_size),
+            ("--damping", args.damping),
+            ("--no-obs-update", args.no_obs_update or None),
+        )
+        if value is not None
+    ]
+    if woodfisher and "woodfisher" not in cfg.methods:
+        return f"{', '.join(woodfisher)}: WoodFisher's options, but no --method woodfisher"
+    scheduled = [m for m in cfg.methods if m != "rigl"]  # RigL trains sparse from the start
+    if args.schedule is not None and not scheduled:
+        return "--schedule: rigl trains sparse from the start and follows no schedule"
+    if cfg.schedule == "gradual" and args.levels is not None:
+        return "--levels sets the sparsities of the one-shot curve; add --schedule oneshot"
+    if cfg.schedule == "oneshot" and args.prune_epochs is not None and "rigl" not in cfg.methods:
+        return "--prune-epochs sets the gradual schedule's length; a one-shot run has none"
+    if cfg.schedule == "gradual" and scheduled and cfg.prune_epochs == 0:
+        return (
+            "--prune-epochs 0 leaves the gradual schedule no step to prune at; give 1 or more "
+            "(or --schedule oneshot)"
+        )
+    return None
+
+
 def _config(args: argparse.Namespace) -> PruneConfig:
     return PruneConfig(
         task=args.task,
         methods=args.method or ["magnitude"],
         sparsity=args.sparsity,
-        schedule=args.schedule,
+        schedule=args.schedule or "gradual",
         scope=args.scope,
         epochs=args.epochs,
-        prune_epochs=args.prune_epochs,
+        prune_epochs=15 if args.prune_epochs is None else args.prune_epochs,
         finetune_epochs=args.finetune_epochs,
         lr=args.lr,
         seed=args.seed,
         levels=args.levels if args.levels is not None else [0.5, 0.7, 0.8],
-        fisher_samples=args.fisher_samples,
-        block_size=args.block_size,
-        damping=args.damping,
+        fisher_samples=256 if args.fisher_samples is None else args.fisher_samples,
+        block_size=256 if args.block_size is None else args.block_size,
+        damping=1e-5 if args.damping is None else args.damping,
         obs_update=not args.no_obs_update,
         progress=not args.no_progress,
     )
@@ -546,17 +583,17 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="pruning method; repeat to compare several (default: magnitude)",
     )
     p.add_argument("--sparsity", type=_sparsity, default=0.9, help="final sparsity in [0, 1)")
-    p.add_argument("--schedule", choices=SCHEDULES, default="gradual")
+    p.add_argument("--schedule", choices=SCHEDULES, help="default: gradual")
     p.add_argument("--scope", choices=("global", "layer"), default="global")
     p.add_argument("--epochs", type=int, default=30, help="dense training epochs")
-    p.add_argument("--prune-epochs", type=int, default=15, help="epochs of the gradual schedule")
+    p.add_argument("--prune-epochs", type=int, help="epochs of the gradual schedule (default 15)")
     p.add_argument("--finetune-epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--levels", type=_sparsity, nargs="+", help="one-shot: sparsities of the curve")
-    p.add_argument("--fisher-samples", type=int, default=256)
-    p.add_argument("--block-size", type=int, default=256)
-    p.add_argument("--damping", type=float, default=1e-5)
+    p.add_argument("--fisher-samples", type=int, help="WoodFisher (default 256)")
+    p.add_argument("--block-size", type=int, help="WoodFisher (default 256)")
+    p.add_argument("--damping", type=float, help="WoodFisher (default 1e-5)")
     p.add_argument(
         "--no-obs-update", action="store_true", help="WoodFisher without the OBS update (OBD-like)"
     )

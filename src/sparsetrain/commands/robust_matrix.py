@@ -39,6 +39,7 @@ from ..robust.simulate import (
     write_grads,
 )
 from ..tasks import available_tasks
+from .train import seed_value
 
 DEFAULT_AGGREGATORS = "mean,median,trimmed_mean,krum,geometric_median,centered_clipping,safeguard"
 DEFAULT_ATTACKS = "none,sign_flip,label_flip,gaussian,zero,delayed,alie,ipm,safeguard"
@@ -288,6 +289,9 @@ def _names(text: str, valid: list[str], what: str) -> list[str]:
     bad = [t for t in names if t not in valid]
     if bad or not names:
         raise ValueError(f"unknown {what} {bad}; valid: {', '.join(valid)}")
+    twice = sorted({t for t in names if names.count(t) > 1})
+    if twice:
+        raise ValueError(f"{what} given more than once: {', '.join(twice)}")
     return names
 
 
@@ -329,7 +333,16 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                 "one attacks (give --attacks none, or the number of attackers)"
             )
         attacks = ["none"]  # the default list: only the column that means something
+    if not 0.0 <= args.momentum < 1.0:
+        raise ValueError(f"--momentum must be in [0, 1), got {args.momentum:g}")
     options = parse_options(args.option)
+    unused = sorted(set(options) - set(aggregators) - set(attacks))
+    if unused:
+        raise ValueError(
+            f"--option {', '.join(f'{n}.…' for n in unused)}: no selected aggregator or attack "
+            f"is named {', '.join(map(repr, unused))} (selected: {', '.join(aggregators)}; "
+            f"{', '.join(attacks)})"
+        )
     # Build every rule and attack once here, so a bad option is a usage error now, not a
     # traceback from the worker processes of the first cell that uses it.
     for name in aggregators:
@@ -366,7 +379,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--split", choices=("iid", "shard"), default="iid")
     p.add_argument("--simulate", action="store_true", help="run the workers in one process")
     p.add_argument("--out-dir", default="robust-matrix")

@@ -33,6 +33,9 @@ def _list(text: str, parse, what: str) -> list:
         raise ValueError(f"--{what}: {e}") from None
     if not items:
         raise ValueError(f"--{what} lists nothing")
+    twice = [x for i, x in enumerate(items) if x in items[:i]]
+    if twice:  # a repeated row or column of the table
+        raise ValueError(f"--{what} lists {twice[0]} more than once")
     return items
 
 
@@ -241,9 +244,13 @@ def _run(args: argparse.Namespace) -> int:
         problem = plot_path_problem(args.plot) if args.plot else None
         if problem:
             raise ValueError(f"--plot {problem}")
-        from .train import same_file
+        from .train import replaces_input, same_file
 
-        problem = same_file(json=args.json, plot=args.plot)
+        if args.json is not None and not args.json.strip():
+            raise ValueError("--json needs a file path, got an empty one")
+        problem = same_file(json=args.json, plot=args.plot) or replaces_input(
+            {"--fitted": args.fitted}, {"json": args.json, "plot": args.plot}
+        )
         if problem:
             raise ValueError(problem)
         rows = simulate(ranks, bandwidths, numel, args.density, latency, gamma, gamma_dense,

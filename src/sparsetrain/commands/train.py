@@ -54,6 +54,14 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def seed_value(text: str) -> int:
+    """A seed: an integer in [0, 2**63), what torch.manual_seed takes."""
+    value = _int(text)
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63), got {text}")
+    return value
+
+
 def _int(text: str) -> int:
     try:
         return int(text)
@@ -242,7 +250,7 @@ def add_training_arguments(p: argparse.ArgumentParser, *, workers: int, epochs: 
         default="cosine",
         help="learning-rate schedule over the epochs",
     )
-    g.add_argument("--seed", type=non_negative_int, default=0)
+    g.add_argument("--seed", type=seed_value, default=0)
     g.add_argument(
         "--eval-every",
         type=non_negative_int,
@@ -481,6 +489,20 @@ def same_file(**paths: str | None) -> str | None:
                 f"first{how}: give them different paths"
             )
         seen[key] = option
+    return None
+
+
+def replaces_input(reads: dict[str, str | None], writes: dict[str, str | None]) -> str | None:
+    """Why a file a command writes (``writes``: option -> path) is one it reads (``reads``),
+    which the output would replace (a measurement read to fit, say), or None."""
+    inputs = {Path(p).expanduser().resolve(): o for o, p in reads.items() if p}
+    for option, path in writes.items():
+        if path and Path(path).expanduser().resolve() in inputs:
+            source = inputs[Path(path).expanduser().resolve()]
+            return (
+                f"--{option} {path} is the file {source} reads: writing it would replace that "
+                "input; give the output another path"
+            )
     return None
 
 

@@ -1,0 +1,97 @@
+"""Command lines that ran although part of them was ignored, contradictory or out of range, or
+that would have replaced the file they read: each is now a usage error (exit 2) naming what was
+wrong, before any work. Found by a review that tried bad values on every command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.unit.test_cli_validation import argparse_error
+
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "cluster_8r_1gbit.json"
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        # prune: options no selected method would use, or a method given twice
+        (["--method", "magnitude", "--method", "magnitude"], "--method magnitude given more than once"),
+        (["--method", "magnitude", "--block-size", "7", "--no-obs-update"],
+         "--block-size, --no-obs-update: WoodFisher's options, but no --method woodfisher"),
+        (["--method", "rigl", "--schedule", "oneshot"], "rigl trains sparse from the start"),
+        (["--levels", "0.1", "0.2"], "--levels sets the sparsities of the one-shot curve"),
+        (["--schedule", "oneshot", "--prune-epochs", "9"], "--prune-epochs sets the gradual"),
+        (["--prune-epochs", "0"], "--prune-epochs 0 leaves the gradual schedule no step"),
+        (["--seed", "-1"], "--seed: must be an integer in [0, 2**63), got -1"),
+    ],
+)  # fmt: skip
+def test_prune_refuses_what_it_would_ignore(tmp_path, capsys, argv, words):
+    err = argparse_error(capsys, ["prune", *argv, "--report", str(tmp_path / "r.json")])
+    assert words in err, err
+    assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--option", "nosuch.x=1"], "no selected aggregator or attack is named 'nosuch'"),
+        (["--aggregators", "median", "--option", "krum.f=1"],
+         "no selected aggregator or attack is named 'krum'"),
+        (["--momentum", "2"], "--momentum must be in [0, 1), got 2"),
+        (["--aggregators", "mean,mean"], "aggregator(s) given more than once: mean"),
+        (["--seed", "99999999999999999999"], "must be an integer in [0, 2**63)"),
+    ],
+)  # fmt: skip
+def test_robust_matrix_refuses_options_it_would_ignore(tmp_path, capsys, argv, words):
+    err = argparse_error(
+        capsys, ["robust-matrix", "--simulate", *argv, "--out-dir", str(tmp_path / "m")]
+    )
+    assert words in err, err
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--compressor", "topk", "--density", "0.5", "--option", "density=0.1"],
+         "density is given twice, 0.5 and in the compressor's options 0.1"),
+        (["--weight-decay", "inf"], "weight_decay must be a finite number >= 0, got inf"),
+        (["--seed", str(2**63)], "--seed: must be an integer in [0, 2**63)"),
+    ],
+)  # fmt: skip
+def test_train_refuses_contradictory_or_unusable_values(capsys, argv, words):
+    assert words in argparse_error(capsys, ["train", "--workers", "2", *argv])
+
+
+def test_simulate_never_writes_over_the_fit_it_reads(tmp_path, capsys):
+    fitted = tmp_path / "fit.json"
+    shutil.copy(RESULTS, fitted)
+    before = fitted.read_bytes()
+    err = argparse_error(
+        capsys, ["simulate", "--ranks", "8", "--fitted", str(fitted), "--json", str(fitted)]
+    )
+    assert "--json" in err and "is the file --fitted reads" in err, err
+    assert fitted.read_bytes() == before
+    assert json.loads(before)["records"]  # the measurements are still there
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--ranks", "8,8"], "--ranks lists 8 more than once"),
+        (["--algorithms", "allgather,allgather"], "--algorithms lists allgather more than once"),
+        (["--json", ""], "--json needs a file path, got an empty one"),
+    ],
+)
+def test_simulate_refuses_repeated_rows_and_empty_paths(capsys, argv, words):
+    assert words in argparse_error(capsys, ["simulate", *argv])
+
+
+def test_demo_refuses_an_empty_folder(capsys):
+    assert "--out needs a folder, got an empty path" in argparse_error(
+        capsys, ["demo", "--out", ""]
+    )
