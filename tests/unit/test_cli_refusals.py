@@ -27,6 +27,10 @@ RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "clus
         (["--schedule", "oneshot", "--prune-epochs", "9"], "--prune-epochs sets the gradual"),
         (["--prune-epochs", "0"], "--prune-epochs 0 leaves the gradual schedule no step"),
         (["--seed", "-1"], "--seed: must be an integer in [0, 2**63), got -1"),
+        # WoodFisher's memory budget, checked before dense training (it failed after it, with
+        # a traceback, and the results of the methods run before it were lost)
+        (["--method", "woodfisher", "--block-size", "10000"],
+         "--method woodfisher: WoodFisher blocks of size 10000 need"),
     ],
 )  # fmt: skip
 def test_prune_refuses_what_it_would_ignore(tmp_path, capsys, argv, words):

@@ -452,6 +452,14 @@ def _main(args: argparse.Namespace) -> int:
     problem = _unused_options(args, cfg)
     if problem:
         args._parser.error(problem)
+    if "woodfisher" in cfg.methods:  # its block size against its memory budget, before training
+        model = get_task(cfg.task, seed=cfg.seed).build_model()
+        try:
+            _build_pruner("woodfisher", cfg, cfg.sparsity, "oneshot", model).prepare(model)
+        except ValueError as e:
+            args._parser.error(
+                f"--method woodfisher: {e}".replace(" or raise max_memory_bytes", "")
+            )
     from .train import check_outputs
 
     if "nm" in cfg.methods:
