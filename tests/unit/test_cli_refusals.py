@@ -99,3 +99,15 @@ def test_demo_refuses_an_empty_folder(capsys):
     assert "--out needs a folder, got an empty path" in argparse_error(
         capsys, ["demo", "--out", ""]
     )
+
+
+def test_refit_names_the_algorithms_it_leaves_out(tmp_path, capsys):
+    from tests.unit.test_cli_validation import results
+
+    data = results()
+    for r in data["records"]:
+        r["algorithm"] = "mystery"
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(data))
+    err = argparse_error(capsys, ["bench", "refit", str(path)])
+    assert "fewer than 3 modelled points (left out: the records of mystery, which have no" in err

@@ -964,7 +964,18 @@ def run_refit(args: argparse.Namespace) -> int:
         _tree_from_of(path),
     )
     if fit is None:
-        args._parser.error(f"{path} has fewer than 3 modelled points")
+        from sparsetrain import perfmodel
+
+        unknown = sorted({str(r["algorithm"]) for r in records} - set(perfmodel.available_models()))
+        args._parser.error(
+            f"{path} has fewer than 3 modelled points"
+            + (
+                f" (left out: the records of {', '.join(unknown)}, which have no cost model; "
+                f"modelled: {', '.join(perfmodel.available_models())})"
+                if unknown
+                else ""
+            )
+        )
     print(_table(records, fit["predicted"], cores))
     _print_fit(fit)
     agreement = _pass_agreement(records)
