@@ -1748,7 +1748,7 @@ def _resumable(config: TrainConfig) -> dict[str, Any]:
     )
     out = {k: v for k, v in config.to_dict().items() if k in keep}
     # As given, not as used: checkpoints recorded it so before the report resolved defaults.
-    out["density"] = config.effective_compressor_options().get("density")
+    out["density"] = plain(config.effective_compressor_options().get("density"))
     return out
 
 

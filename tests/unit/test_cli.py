@@ -90,6 +90,12 @@ def test_several_compressors_run_in_order_and_density_goes_only_where_it_is_take
     (c,) = configs("train", "--compressor", "threshold")
     assert c.to_dict()["density"] == get_compressor("threshold").density == 0.01
     assert _resumable(c)["density"] is None
+    # A NumPy density is saved as a Python number, which torch.load's default reads.
+    import numpy as np
+
+    config = TrainConfig(compressor="topk", density=np.float64(0.05))
+    assert type(_resumable(config)["density"]) is float
+    assert type(config.to_dict()["density"]) is float
     # Repeating the flag extends the list instead of replacing it.
     assert [
         c.compressor for c in configs("train", "--compressor", "none", "--compressor", "topk")
