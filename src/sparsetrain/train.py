@@ -296,8 +296,8 @@ class TrainConfig:
             raise ValueError(f"unknown task {self.task!r}; valid names are: {', '.join(tasks)}")
         if self.density is not None:
             check_density(self.density)
-            given = self.compressor_options.get("density") if isinstance(
-                self.compressor_options, dict) else None  # fmt: skip
+            options = self.compressor_options if isinstance(self.compressor_options, dict) else {}
+            given = options.get("density")
             if given is not None and given != self.density:
                 raise ValueError(
                     f"density is given twice, {self.density:g} and in the compressor's options "
@@ -1061,8 +1061,9 @@ def _set_aside(path: Path) -> Path:
 
 def _repair_checkpoints(ckpt: Path, rank: int, world: int, device: torch.device) -> None:
     """Carry out :func:`_repair_actions` on the ranks' checkpoint files (at a resume, before any
-    rank reads them; and after the first save of a resharded run): rank ``r`` on its own files, rank 0 on those of ranks past this run's last (which
-    only a folder every rank sees holds, as resuming on another number of ranks needs)."""
+    rank reads them; and after the first save of a resharded run): rank ``r`` on its own files,
+    rank 0 on those of ranks past this run's last (which only a folder every rank sees holds,
+    as resuming on another number of ranks needs)."""
     width = 6
     extra: list[list[int]] = []
     if rank == 0:

@@ -45,7 +45,7 @@ def test_prune_refuses_what_it_would_ignore(tmp_path, capsys, argv, words):
         (["--option", "nosuch.x=1"], "no selected aggregator or attack is named 'nosuch'"),
         (["--aggregators", "median", "--option", "krum.f=1"],
          "no selected aggregator or attack is named 'krum'"),
-        (["--momentum", "2"], "--momentum must be in [0, 1), got 2"),
+        (["--momentum", "2"], "momentum must be in [0, 1), got 2"),
         (["--aggregators", "mean,mean"], "aggregator(s) given more than once: mean"),
         (["--seed", "99999999999999999999"], "must be an integer in [0, 2**63)"),
     ],

@@ -456,10 +456,8 @@ def _main(args: argparse.Namespace) -> int:
         model = get_task(cfg.task, seed=cfg.seed).build_model()
         try:
             _build_pruner("woodfisher", cfg, cfg.sparsity, "oneshot", model).prepare(model)
-        except ValueError as e:
-            args._parser.error(
-                f"--method woodfisher: {e}".replace(" or raise max_memory_bytes", "")
-            )
+        except ValueError as e:  # (max_memory_bytes has no flag: --block-size is the remedy)
+            args._parser.error(f"--method woodfisher: {e}")
     from .train import check_outputs
 
     if "nm" in cfg.methods:
@@ -532,23 +530,28 @@ def _unused_options(args: argparse.Namespace, cfg: PruneConfig) -> str | None:
 
 
 def _config(args: argparse.Namespace) -> PruneConfig:
+    # Options left out (None; so that _unused_options sees what was given) take PruneConfig's
+    # defaults.
+    given = {
+        "schedule": args.schedule,
+        "prune_epochs": args.prune_epochs,
+        "levels": args.levels,
+        "fisher_samples": args.fisher_samples,
+        "block_size": args.block_size,
+        "damping": args.damping,
+    }
     return PruneConfig(
         task=args.task,
         methods=args.method or ["magnitude"],
         sparsity=args.sparsity,
-        schedule=args.schedule or "gradual",
         scope=args.scope,
         epochs=args.epochs,
-        prune_epochs=15 if args.prune_epochs is None else args.prune_epochs,
         finetune_epochs=args.finetune_epochs,
         lr=args.lr,
         seed=args.seed,
-        levels=args.levels if args.levels is not None else [0.5, 0.7, 0.8],
-        fisher_samples=256 if args.fisher_samples is None else args.fisher_samples,
-        block_size=256 if args.block_size is None else args.block_size,
-        damping=1e-5 if args.damping is None else args.damping,
         obs_update=not args.no_obs_update,
         progress=not args.no_progress,
+        **{k: v for k, v in given.items() if v is not None},
     )
 
 
@@ -591,17 +594,24 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="pruning method; repeat to compare several (default: magnitude)",
     )
     p.add_argument("--sparsity", type=_sparsity, default=0.9, help="final sparsity in [0, 1)")
-    p.add_argument("--schedule", choices=SCHEDULES, help="default: gradual")
+    p.add_argument("--schedule", choices=SCHEDULES, help=f"default: {PruneConfig.schedule}")
     p.add_argument("--scope", choices=("global", "layer"), default="global")
     p.add_argument("--epochs", type=int, default=30, help="dense training epochs")
-    p.add_argument("--prune-epochs", type=int, help="epochs of the gradual schedule (default 15)")
+    p.add_argument(
+        "--prune-epochs",
+        type=int,
+        help=f"epochs of the gradual schedule (default {PruneConfig.prune_epochs})",
+    )
     p.add_argument("--finetune-epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--levels", type=_sparsity, nargs="+", help="one-shot: sparsities of the curve")
-    p.add_argument("--fisher-samples", type=int, help="WoodFisher (default 256)")
-    p.add_argument("--block-size", type=int, help="WoodFisher (default 256)")
-    p.add_argument("--damping", type=float, help="WoodFisher (default 1e-5)")
+    for flag, name, kind in (
+        ("--fisher-samples", "fisher_samples", int),
+        ("--block-size", "block_size", int),
+        ("--damping", "damping", float),
+    ):
+        p.add_argument(flag, type=kind, help=f"WoodFisher (default {getattr(PruneConfig, name):g})")  # fmt: skip
     p.add_argument(
         "--no-obs-update", action="store_true", help="WoodFisher without the OBS update (OBD-like)"
     )

@@ -333,8 +333,6 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                 "one attacks (give --attacks none, or the number of attackers)"
             )
         attacks = ["none"]  # the default list: only the column that means something
-    if not 0.0 <= args.momentum < 1.0:
-        raise ValueError(f"--momentum must be in [0, 1), got {args.momentum:g}")
     options = parse_options(args.option)
     unused = sorted(set(options) - set(aggregators) - set(attacks))
     if unused:

@@ -497,8 +497,8 @@ def replaces_input(reads: dict[str, str | None], writes: dict[str, str | None]) 
     which the output would replace (a measurement read to fit, say), or None."""
     inputs = {Path(p).expanduser().resolve(): o for o, p in reads.items() if p}
     for option, path in writes.items():
-        if path and Path(path).expanduser().resolve() in inputs:
-            source = inputs[Path(path).expanduser().resolve()]
+        source = inputs.get(Path(path).expanduser().resolve()) if path else None
+        if source is not None:
             return (
                 f"--{option} {path} is the file {source} reads: writing it would replace that "
                 "input; give the output another path"

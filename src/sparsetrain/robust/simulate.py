@@ -75,6 +75,8 @@ class RobustRunConfig:
         check_int(self.batch_size, "batch_size", 1)
         check_positive(self.lr, "lr")
         check_positive(self.momentum, "momentum", allow_zero=True)
+        if not self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum:g}")
         check_positive(self.weight_decay, "weight_decay", allow_zero=True)
         check_int(self.seed, "seed", 0)
 
