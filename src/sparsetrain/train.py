@@ -76,7 +76,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from ._options import is_integer, plain
-from ._procs import exit_finished_worker
+from ._procs import exit_finished_worker, too_many_processes
 from .compressors import check_density, get_compressor, option_names
 from .hostmem import reserve, reuse_freed_memory, reusing_freed_memory
 from .sync import GradientSync, SyncConfig, register_ddp_hook
@@ -1896,11 +1896,16 @@ def under_torchrun() -> bool:
 def check_launch(configs: Sequence[TrainConfig]) -> None:
     """Raise ValueError if :func:`launch` cannot start these runs together: they differ in
     what they must share, or (started here, not under torchrun) the backend needs GPUs this
-    machine lacks. ``launch`` checks this first; commands call it to refuse a run as a usage
-    error."""
+    machine lacks or the workers cannot fit in its free memory (each holds at least
+    :data:`~sparsetrain._procs.WORKER_FLOOR_BYTES`, 128 MiB, for Python and PyTorch alone).
+    ``launch`` checks this first; commands call it to refuse a run as a usage error."""
     _check_together(configs)
-    if not under_torchrun():
-        _check_gpus(configs[0].backend, configs[0].workers)  # before any worker starts
+    if not under_torchrun():  # before any worker starts
+        _check_gpus(configs[0].backend, configs[0].workers)
+        workers = configs[0].workers
+        problem = too_many_processes(workers, f"workers={workers}")
+        if problem:
+            raise ValueError(problem)
 
 
 def launch(configs: TrainConfig | Sequence[TrainConfig]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from sparsetrain._procs import available_memory
 from tests.unit.test_cli_validation import argparse_error
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "cluster_8r_1gbit.json"
@@ -111,3 +112,33 @@ def test_refit_names_the_algorithms_it_leaves_out(tmp_path, capsys):
     path.write_text(json.dumps(data))
     err = argparse_error(capsys, ["bench", "refit", str(path)])
     assert "fewer than 3 modelled points (left out: the records of mystery, which have no" in err
+
+
+# More worker processes than this machine's free memory holds: each needs at least the floor
+# (Python and PyTorch, 128 MiB) before its model and data. Started, they pushed the machine into
+# the out-of-memory killer instead of failing with an error. 100,000 workers need 12.5 TB.
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--workers", "100000"],
+        ["demo", "--workers", "100000"],
+        ["robust-matrix", "--workers", "100000", "--byzantine", "1"],
+        ["bench", "cluster", "--ranks", "1000", "--sizes", "1G"],
+    ],
+)
+def test_commands_refuse_more_worker_processes_than_memory_holds(tmp_path, capsys, argv):
+    if available_memory() is None:  # nothing is refused there: the command would start them
+        pytest.skip("this machine does not say how much memory is free (/proc/meminfo)")
+    out = ["--out-dir" if argv[0] == "robust-matrix" else "--out", str(tmp_path / "o")]
+    if argv[0] == "train":
+        out = ["--report", str(tmp_path / "o")]
+    err = argparse_error(capsys, [*argv, *out])
+    assert "processes need at least" in err and "available; use at most" in err, err
+    assert not any(tmp_path.iterdir())
+
+
+def test_robust_matrix_names_simulate_as_the_remedy(tmp_path, capsys):
+    if available_memory() is None:
+        pytest.skip("this machine does not say how much memory is free (/proc/meminfo)")
+    argv = ["robust-matrix", "--workers", "100000", "--out-dir", str(tmp_path / "m")]
+    assert "or run the workers in one process with --simulate" in argparse_error(capsys, argv)

@@ -30,6 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from sparsetrain._procs import too_many_processes
 from sparsetrain._provenance import environment, machine_cores
 from sparsetrain.commands.train import seed_value
 from sparsetrain.plotting import plot_model_errors, plot_path_problem
@@ -609,6 +610,12 @@ def run_cluster(args: argparse.Namespace) -> int:
                 parse(text)
             except ValueError as e:
                 raise ValueError(f"{option}: {e}") from None
+        # Every rank holds at least the dense float32 vector of the largest size.
+        problem = too_many_processes(
+            args.ranks, f"--ranks {args.ranks}", 4 * max(sizes), remedy="or smaller --sizes"
+        )
+        if problem:
+            raise ValueError(problem)
         out = Path(args.out)
         problem = _out_folder_problem(out)
         if problem:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .._procs import too_many_processes
 from ..robust import (
     aggregator_class,
     available_aggregators,
@@ -333,6 +334,13 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                 "one attacks (give --attacks none, or the number of attackers)"
             )
         attacks = ["none"]  # the default list: only the column that means something
+    if not args.simulate:  # one process a worker, every cell
+        problem = too_many_processes(
+            args.workers, f"--workers {args.workers}",
+            remedy="or run the workers in one process with --simulate",
+        )  # fmt: skip
+        if problem:
+            raise ValueError(problem)
     options = parse_options(args.option)
     unused = sorted(set(options) - set(aggregators) - set(attacks))
     if unused:

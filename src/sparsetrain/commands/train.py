@@ -383,7 +383,8 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
     """Turn parsed arguments into one :class:`TrainConfig` a compressor.
 
     Raises:
-        ValueError, TypeError: an invalid combination (the message says which and why).
+        ValueError, TypeError: an invalid combination, or runs this machine cannot start
+            (:func:`~sparsetrain.train.check_launch`); the message says which and why.
     """
     compressors = args.compressor or ["threshold"]
     dupes = sorted({c for c in compressors if compressors.count(c) > 1})
@@ -395,7 +396,7 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
             "--init-loss-scale sets the float16 loss scaler's first scale: it needs --amp fp16 "
             f"(got {'no --amp' if args.amp is None else f'--amp {args.amp}'}, which scales no loss)"
         )
-    return [
+    configs = [
         TrainConfig(
             task=args.task,
             compressor=c,
@@ -440,6 +441,8 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
         )
         for c in compressors
     ]
+    check_launch(configs)  # before any output: shared settings, GPUs, memory for the workers
+    return configs
 
 
 def check_outputs(parser: argparse.ArgumentParser, **paths: str | None) -> None:
