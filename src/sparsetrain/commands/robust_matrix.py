@@ -13,9 +13,11 @@ import argparse
 import ast
 import json
 import os
+import queue
 import tempfile
 import time
 import traceback
+from collections.abc import Iterable
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -135,6 +137,20 @@ def _rank_main(rank: int, store_path: str, task_name: str, cfg: dict, results) -
         results.put((rank, "error", traceback.format_exc(), None))
 
 
+def _raise_if_one_died(procs: list, answered: Iterable[int], then: str = "") -> None:
+    """Raise naming the first worker process that exited without a result (a nonzero exit code:
+    killed by a signal, or ended in native code); ranks that ``answered`` do not count (the
+    interpreter's teardown can still abort one after its result or error is put)."""
+    skip = set(answered)
+    dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode and r not in skip]
+    if dead:
+        r, code = dead[0]
+        raise RuntimeError(
+            f"rank {r} of {len(procs)} died without a result (exit code {code}): killed (out "
+            f"of memory, or from outside) or crashed in native code{then}"
+        )
+
+
 def run_ranks(task_name: str, config: RobustRunConfig, timeout_s: float = 600.0) -> dict[str, Any]:
     """Train with one gloo process a worker; return rank 0's final accuracy and rule stats."""
     import torch.multiprocessing as mp
@@ -152,11 +168,26 @@ def run_ranks(task_name: str, config: RobustRunConfig, timeout_s: float = 600.0)
         out: dict[int, tuple] = {}
         try:
             deadline = time.monotonic() + timeout_s
-            for _ in procs:
-                rank, status, value, stats = results.get(
-                    timeout=max(1.0, deadline - time.monotonic())
-                )
+            while len(out) < len(procs):
+                try:
+                    rank, status, value, stats = results.get(timeout=0.5)
+                except queue.Empty:
+                    # A rank that ended without a result (a failing one puts its error and
+                    # exits 0) would leave the others waiting until the deadline.
+                    _raise_if_one_died(procs, out)
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(
+                            f"the ranks gave no result within {timeout_s:g} s "
+                            f"({len(out)} of {config.workers} finished)"
+                        ) from None
+                    continue
                 if status != "ok":
+                    # A rank killed outside Python shows first as its peers' lost connections:
+                    # name it, the cause, once its exit is seen.
+                    seen = time.monotonic() + 2.0
+                    while time.monotonic() < seen:
+                        _raise_if_one_died(procs, [*out, rank], f"; rank {rank} then failed too")
+                        time.sleep(0.1)
                     raise RuntimeError(f"rank {rank} failed:\n{value}")
                 out[rank] = (value, stats)
         finally:

@@ -1,0 +1,50 @@
+"""`sparsetrain robust-matrix` without --simulate: every cell is a gloo run, one process a worker."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+import time
+
+from sparsetrain.commands.robust_matrix import run_ranks
+from sparsetrain.robust.simulate import RobustRunConfig, simulate
+from sparsetrain.tasks import get_task
+
+
+def test_a_cell_run_on_real_ranks_equals_the_one_process_simulation():
+    # What --simulate promises: the same numbers, faster (same seeds, shards and batches).
+    cfg = RobustRunConfig(workers=3, byzantine=1, aggregator="median", attack="sign_flip", steps=12)
+    ranks = run_ranks("digits-mlp", cfg, timeout_s=120)
+    alone = simulate(get_task("digits-mlp", cfg.seed), cfg)
+    assert ranks["accuracy"] == alone["accuracy"]
+    assert ranks["diverged"] is False
+
+
+def test_a_rank_killed_mid_cell_is_an_error_at_once_not_a_wait_for_the_timeout():
+    # It waited for the cell's timeout (600 s by default) on the other ranks' result queue.
+    cfg = RobustRunConfig(workers=2, steps=10**6)  # trains until one is killed
+    caught: list[BaseException] = []
+
+    def cell() -> None:
+        try:
+            run_ranks("digits-mlp", cfg, timeout_s=300)
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            caught.append(e)
+
+    thread = threading.Thread(target=cell)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while len(multiprocessing.active_children()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    victim = multiprocessing.active_children()[0]
+    time.sleep(3)  # past the imports, into training
+    started = time.monotonic()
+    os.kill(victim.pid, signal.SIGKILL)
+    thread.join(120)
+    assert not thread.is_alive()
+    assert time.monotonic() - started < 60
+    assert len(caught) == 1 and isinstance(caught[0], RuntimeError)
+    assert "died without a result (exit code -9): killed" in str(caught[0])
+    assert not multiprocessing.active_children()  # the other rank was stopped too
