@@ -108,6 +108,17 @@ class WorkerError(RuntimeError):
         self.worker_traceback = worker_traceback
 
 
+class CheckpointConflict(ValueError):
+    """The run as configured conflicts with the checkpoints in its folder: resumed with another
+    configuration than the one that saved them, or started without ``resume`` over an earlier
+    run's. Nothing was trained or written; ``sparsetrain train`` exits with status 2 (a usage
+    error) for it, where other worker failures exit with 1."""
+
+
+class _Conflict(str):
+    """A checkpoint problem that is a :class:`CheckpointConflict` (the others are ValueErrors)."""
+
+
 class PeerError(ValueError):
     """An error a rank raises because another rank failed (it points to that rank's error):
     the launcher reports the other rank's own error before it, whichever came first."""
@@ -876,7 +887,7 @@ def _refuse_overwriting(ckpt: Path, rank: int, device: torch.device) -> None:
         return
     holders = [r for r, n in enumerate(counts) if n]
     who = f"rank {holders[0]}" if len(holders) == 1 else f"ranks {holders}"
-    raise ValueError(
+    raise CheckpointConflict(
         f"{folder} holds the checkpoints of an earlier run (rank<r>.pt or rank<r>.prev.pt, seen "
         f"by {who}), which this run would overwrite: pass --resume (TrainConfig(resume=True)) "
         "to continue it, or move them away or give this run another --checkpoint-dir (or "
@@ -924,8 +935,9 @@ def _checkpoint_problem(
     if world is not None and state["world"] != world:
         return f"checkpoint {path} was written by {state['world']} ranks, not {world}"
     if differ:
-        return f"checkpoint {path} was written by a different configuration: " + ", ".join(
-            f"{k} {saved.get(k)!r} there, {now.get(k)!r} here" for k in differ
+        return _Conflict(
+            f"checkpoint {path} was written by a different configuration: "
+            + ", ".join(f"{k} {saved.get(k)!r} there, {now.get(k)!r} here" for k in differ)
         )
     return None
 
@@ -937,7 +949,7 @@ def _gather_checked(
     ``problem`` (its own message there, a pointer to it elsewhere)."""
     table = _gather_ints([*values, int(problem is not None)], device)
     if problem is not None:
-        raise ValueError(problem)
+        raise (CheckpointConflict if isinstance(problem, _Conflict) else ValueError)(str(problem))
     bad = [r for r, row in enumerate(table) if row[-1]]
     if bad:
         raise PeerError(f"rank(s) {bad} cannot resume from their checkpoints (see their errors)")
@@ -2079,6 +2091,7 @@ def summary_table(report: dict[str, Any]) -> str:
 
 
 __all__ = [
+    "CheckpointConflict",
     "TrainConfig",
     "WorkerError",
     "evaluate",

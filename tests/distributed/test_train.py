@@ -299,6 +299,27 @@ def test_a_worker_error_reaches_the_user_with_a_non_zero_exit(tmp_path):
     assert not list((tmp_path / "tmp").glob("pytorch-errorfile-*"))
 
 
+def test_a_command_line_that_conflicts_with_its_checkpoints_is_a_usage_error(tmp_path):
+    # Exit 2, as for any other bad command line, and not 1, which says training failed: a run
+    # over an earlier run's checkpoints without --resume, and a resume with other settings.
+    (tmp_path / "tmp").mkdir()
+    argv = ["train", "--workers", "2", "--compressor", "topk", "--density", "0.05",
+            "--checkpoint-dir", str(tmp_path / "ckpt"), "--max-steps", "2", "--no-progress",
+            "--report", str(tmp_path / "out.json")]  # fmt: skip
+    assert cli(*argv, tmpdir=tmp_path / "tmp").returncode == 0
+    saved = {p: p.read_bytes() for p in (tmp_path / "ckpt").rglob("*.pt")}
+    (tmp_path / "out.json").unlink()
+    for more, words in (
+        ([], "CheckpointConflict: " + str(tmp_path / "ckpt" / "topk") + " holds the checkpoints"),
+        (["--resume", "--lr", "0.5"], "different configuration: lr 0.1 there, 0.5 here"),
+    ):
+        res = cli(*argv, *more, tmpdir=tmp_path / "tmp")
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert words in res.stderr.strip().splitlines()[-1], res.stderr[-2000:]
+        assert not (tmp_path / "out.json").exists()
+        assert {p: p.read_bytes() for p in (tmp_path / "ckpt").rglob("*.pt")} == saved
+
+
 def test_task_option_values_are_refused_before_any_worker_starts():
     for value, words in (
         ("abc", "task 'digits-mlp' option hidden must be an int, got 'abc'"),
@@ -362,14 +383,14 @@ def test_resumed_run_ends_exactly_where_the_uninterrupted_one_does(tmp_path, cap
     again = launch(TrainConfig(label="cut", resume=True, **common))["runs"][0]
     assert again["final_test_loss"] == whole["final_test_loss"]
     with pytest.raises(
-        WorkerError, match="ValueError: .*different configuration: bucket_cap_mb 25.0 there"
+        WorkerError, match="CheckpointConflict: .*different configuration: bucket_cap_mb 25.0 "
     ) as exc:
         launch(TrainConfig(label="cut", resume=True, bucket_cap_mb=1.0, **common))
-    assert exc.value.error_type == "ValueError"
+    assert exc.value.error_type == "CheckpointConflict"
     # The cosine schedule follows the number of epochs: changing it is refused, and named.
-    with pytest.raises(WorkerError, match="ValueError: .*epochs 2 there, 3 here") as exc:
+    with pytest.raises(WorkerError, match="CheckpointConflict: .*epochs 2 there, 3 here") as exc:
         launch(TrainConfig(label="cut", resume=True, **{**common, "epochs": 3}))
-    assert exc.value.error_type == "ValueError"
+    assert exc.value.error_type == "CheckpointConflict"
     # A rank whose checkpoints are gone while the others have two is an error on every rank:
     # not a rank silently starting over, not a deadlock.
     for name in ("rank1.pt", "rank1.prev.pt"):
@@ -608,7 +629,7 @@ def test_a_run_without_resume_refuses_to_overwrite_an_earlier_runs_checkpoints(t
     with pytest.raises(WorkerError, match=r"holds the checkpoints of an earlier run \(rank<r>"
                        r"\.pt or rank<r>\.prev\.pt, seen by ranks \[0, 1\]\)") as exc:  # fmt: skip
         launch(TrainConfig(**common))
-    assert exc.value.error_type == "ValueError"
+    assert exc.value.error_type == "CheckpointConflict"
     assert "pass --resume" in str(exc.value)
     assert {p.name: p.read_bytes() for p in (tmp_path / "topk").glob("*.pt")} == saved
     # Launched after a run that would train first: refused before it trains (it was refused

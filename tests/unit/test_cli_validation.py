@@ -668,8 +668,7 @@ def test_commands_refuse_result_paths_they_could_not_write_before_training(
 def test_train_with_nccl_on_a_machine_without_gpus_is_a_usage_error(capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA devices")
-    assert main(["train", "--backend", "nccl", "--workers", "1"]) == 2
-    err = capsys.readouterr().err
+    err = argparse_error(capsys, ["train", "--backend", "nccl", "--workers", "1"])
     assert "backend 'nccl' needs CUDA devices; use backend 'gloo' on CPU" in err
     assert "Traceback" not in err
 

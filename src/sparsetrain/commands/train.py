@@ -23,6 +23,7 @@ from ..train import (
     BACKENDS,
     ON_NONFINITE,
     SCHEDULES,
+    CheckpointConflict,
     TrainConfig,
     WorkerError,
     check_launch,
@@ -521,11 +522,12 @@ def run_and_report(
     except ValueError as e:  # runs that cannot start: a usage error, before any worker
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2, None
+    # A command line that conflicts with the checkpoints it names is a usage error, as above.
     try:
         report = launch(configs)
     except WorkerError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1, None
+        return 2 if e.error_type == CheckpointConflict.__name__ else 1, None
     except Exception as e:
         if not under_torchrun():
             raise
@@ -536,7 +538,7 @@ def run_and_report(
             f"{prog}: error: worker rank {rank} failed: {name}: {message}",
             file=sys.stderr,
         )
-        return 1, None
+        return 2 if isinstance(e, CheckpointConflict) else 1, None
     if under_torchrun() and int(os.environ["RANK"]) != 0:
         return 0, None
     print(summary_table(report))
