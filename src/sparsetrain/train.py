@@ -1482,6 +1482,14 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
     )
 
     n_train = len(task.train)
+    if rank == 0 and config.batch_size > _ceil_div(n_train, world):
+        print(
+            f"{config.name}: warning: batch_size {config.batch_size} is more than the "
+            f"{_ceil_div(n_train, world)} training examples a rank holds ({n_train} over "
+            f"{world} ranks): every step takes a rank's whole shard, one step an epoch",
+            file=sys.stderr,
+            flush=True,
+        )
     curves: dict[str, list] = {
         k: [] for k in ("step", "epoch", "wall_seconds", "train_loss", "test_loss", "test_accuracy")
     }

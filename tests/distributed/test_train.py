@@ -808,3 +808,17 @@ def test_fp16_with_a_loss_scaler_trains_counts_its_skips_and_resumes_exactly(tmp
     launch(TrainConfig(label="short", max_steps=2, checkpoint_every=1, **common))
     again = launch(TrainConfig(label="short", resume=True, **{**common, "init_loss_scale": 8.0}))
     assert again["runs"][0]["steps"] == 44
+
+
+def test_a_batch_larger_than_a_ranks_shard_trains_one_step_an_epoch_and_says_so(capfd):
+    # digits-mlp trains on 1348 examples, 674 a rank of 2: a batch of 5000 takes all of
+    # them each step. The run goes on (as a DataLoader would), but not silently.
+    run = launch(TrainConfig(workers=2, epochs=2, batch_size=5000, progress=False, timeout_s=120))
+    assert run["runs"][0]["steps"] == 2
+    err = capfd.readouterr().err
+    assert (
+        "none: warning: batch_size 5000 is more than the 674 training examples a rank holds (1348 "
+        "over 2 ranks): every step takes a rank's whole shard, one step an epoch"
+    ) in err
+    launch(TrainConfig(workers=2, epochs=1, batch_size=674, progress=False, timeout_s=120))
+    assert "warning" not in capfd.readouterr().err
