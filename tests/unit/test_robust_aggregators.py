@@ -281,3 +281,28 @@ def test_robust_matrix_lowers_f_to_what_bucketing_accepts():
     get_aggregator("bucketing", n=10, f=2)
     assert largest_f("bucketing", 10, 4, {"bucket_size": 1}) == 4
     assert largest_f("krum", 10, 4) == 3
+
+
+@pytest.mark.parametrize("name", ["safeguard", "centered_clipping"])
+def test_a_stateful_rule_refuses_one_key_for_tensors_of_two_widths(name):
+    # Called once a layer with the default key, SafeguardSGD threw its sums away at every
+    # change of width (it never removed anyone) and centered clipping failed inside torch.
+    rule = get_aggregator(name, n=5, f=1)
+    rule(torch.randn(5, 30))
+    with pytest.raises(ValueError, match=rf"aggregator '{name}' holds state of width 30 for key "
+                       r"'' .* got gradients of width 20: .* give each tensor its own key"):  # fmt: skip
+        rule(torch.randn(5, 20))
+    assert rule(torch.randn(5, 20), key="head").shape == (20,)
+    assert rule(torch.randn(5, 30)).shape == (30,)  # the refused call changed nothing
+
+
+def test_safeguard_with_a_key_a_layer_removes_a_drifting_worker_across_layers():
+    torch.manual_seed(0)
+    rule = get_aggregator("safeguard", n=5, f=1, window0=5, window1=20)
+    for _ in range(60):
+        for i, d in enumerate((30, 20)):
+            g = torch.randn(5, d) * 0.1 + 1
+            g[4] += 0.3  # worker 4 drifts
+            rule(g, key=f"layer{i}")
+        rule.end_step()
+    assert 4 in rule.stats()["removed"]

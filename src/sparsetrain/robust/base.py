@@ -125,9 +125,31 @@ class Aggregator(ABC):
 
     # ---- the common interface ----------------------------------------------------------
     def __call__(self, grads: Tensor, *, key: str = "") -> Tensor:
-        """Aggregate ``grads`` ([n, d], one row a worker) into a [d] tensor."""
+        """Aggregate ``grads`` ([n, d], one row a worker) into a [d] tensor.
+
+        A rule that keeps state (SafeguardSGD's sums, centered clipping's anchor) keeps it by
+        ``key``: tensors of different widths need keys of their own (a layer's name, say), and
+        one of another width under a key is refused, naming both widths."""
         check_grads(grads, self.n)
+        width = self._state_width(key)
+        if width is not None and width != grads.shape[1]:
+            raise ValueError(
+                f"aggregator {self.name!r} holds state of width {width} for key {key!r} (from "
+                f"an earlier call or a loaded state) and got gradients of width "
+                f"{grads.shape[1]}: it keeps its state by key, so give each tensor its own key, "
+                "for example its layer's name"
+            )
         return self.aggregate(grads, key)
+
+    def _state_width(self, key: str) -> int | None:
+        """The width d of the state this rule keeps for ``key``, or None if it keeps none."""
+        for attr in getattr(self, "_per_key", ()):
+            held = getattr(self, attr, {}).get(key)
+            if isinstance(held, Mapping):
+                held = next((t for t in held.values() if isinstance(t, Tensor)), None)
+            if isinstance(held, Tensor) and held.dim() >= 1:
+                return int(held.shape[-1])
+        return None
 
     def end_step(self) -> None:
         """Close an optimizer step (after the last key of the step)."""

@@ -204,7 +204,7 @@ class Safeguard(Aggregator):
         n_kept = kept.sum()
         masked = torch.where(kept[:, None], grads, torch.zeros((), dtype=grads.dtype, device=dev))
         acc = self._acc.get(key)
-        if acc is None or acc["short"].shape != grads.shape:
+        if acc is None:
             zeros = torch.zeros_like(grads, dtype=torch.promote_types(grads.dtype, torch.float32))
             acc = {"short": zeros, "long": zeros.clone()}
             self._acc[key] = acc
