@@ -754,3 +754,18 @@ def test_a_state_saved_before_ddp_rebuilt_its_buckets_warns_once(group):
     state = sparsetrain.register_ddp_hook(ddp, "topk", 0.5)
     groups, seen = step()
     assert groups is None and seen == []
+
+
+def test_gradient_sync_refuses_a_layer_replaced_after_it_was_built():
+    # A new head after GradientSync was built was in no bucket: its gradients were never
+    # exchanged, and each rank's copy drifted apart without a word.
+    model = _model()
+    sync = sparsetrain.GradientSync(model, "none")
+    model(torch.randn(3, 4)).sum().backward()
+    assert sync.synchronize()
+    model[2] = nn.Linear(8, 2)
+    model(torch.randn(3, 4)).sum().backward()
+    with pytest.raises(ValueError, match=r"parameter\(s\) 2\.weight, 2\.bias are not those it was "
+                       r"built with .* build GradientSync again after changing the model"):  # fmt: skip
+        sync.synchronize()
+    sparsetrain.GradientSync(model, "none").synchronize()  # built again: it goes on

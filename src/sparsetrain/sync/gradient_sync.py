@@ -101,6 +101,8 @@ class GradientSync:
         # that froze them after building), and unfrozen they would not be exchanged.
         self._left_out = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
         self._sizes = {n: p.numel() for n, p in model.named_parameters()}
+        self._model = model
+        self._built_with = {id(p) for p in model.parameters()}
         device = cuda_device_of(p for _, p in self.params)
         try:  # a rank's bad options: every rank gets an error (check_consistent's gather)
             if isinstance(model, DistributedDataParallel):
@@ -188,6 +190,8 @@ class GradientSync:
         """
         if self._left_out:
             self._warn_unfrozen()
+        if any(id(p) not in self._built_with for p in self._model.parameters()):
+            self._refuse_new_parameters()
         try:
             for bucket, (names, shapes) in zip(self.buckets, self._layouts):
                 grads = []
@@ -222,6 +226,16 @@ class GradientSync:
                     p.grad.zero_()
             return False
         return True
+
+    def _refuse_new_parameters(self) -> None:
+        """Raise, naming them, for parameters the model holds that GradientSync was not built
+        with: no bucket holds them, so each rank's copy would drift apart without a word."""
+        new = [n for n, p in self._model.named_parameters() if id(p) not in self._built_with]
+        raise ValueError(
+            f"GradientSync: parameter(s) {', '.join(new)} are not those it was built with (a "
+            "layer replaced or added since), so no bucket holds them and their gradients would "
+            "not be exchanged: build GradientSync again after changing the model"
+        )
 
     def _warn_unfrozen(self) -> None:
         """Warn once about parameters frozen when GradientSync was built that train now."""
