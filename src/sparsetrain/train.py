@@ -108,6 +108,9 @@ class WorkerError(RuntimeError):
         self.worker_traceback = worker_traceback
 
 
+_MAX_TIMEOUT_S = 1e9  # gloo took 1e11 s and refused 1e13 s as a negative count (torch 2.13)
+
+
 class CheckpointConflict(ValueError):
     """The run as configured conflicts with the checkpoints in its folder: resumed with another
     configuration than the one that saved them, or started without ``resume`` over an earlier
@@ -364,7 +367,10 @@ class TrainConfig:
         _check_int("checkpoint_every", self.checkpoint_every, 0)
         _check_int("dense_warmup_steps", self.dense_warmup_steps, 0)
         _check_int("byzantine", self.byzantine, 0)
-        for name in ("native_ddp", "reuse_host_memory", "momentum_correction", "ddp"):
+        for name in (
+            "native_ddp", "reuse_host_memory", "momentum_correction", "ddp", "nesterov", "resume",
+            "progress",
+        ):  # fmt: skip
             if not isinstance(getattr(self, name), bool):
                 hint = (
                     " (True applies TrainConfig.momentum before compression; the hook's "
@@ -429,8 +435,11 @@ class TrainConfig:
             raise ValueError(
                 f"init_loss_scale must be a finite number > 0, got {self.init_loss_scale}"
             )
-        if not self.timeout_s > 0:
-            raise ValueError(f"timeout_s must be a number of seconds > 0, got {self.timeout_s}")
+        if not 0 < self.timeout_s <= _MAX_TIMEOUT_S:  # gloo refuses a longer one
+            raise ValueError(
+                f"timeout_s must be a number of seconds in (0, {_MAX_TIMEOUT_S:.0e}] (about 31 "
+                f"years), got {self.timeout_s}"
+            )
         if not 0 < self.bucket_cap_mb < math.inf:
             raise ValueError(
                 f"bucket_cap_mb must be a finite number of MB > 0, got {self.bucket_cap_mb}"

@@ -348,6 +348,13 @@ def test_bench_cleanup_passes_all_as_include_live_and_lists_what_it_removed(
             ValueError,
             ["momentum_correction", "sparse compressor", "'none'"],
         ),
+        # "no" was read as True (resume="no" with a checkpoint_dir resumed), and an infinite
+        # timeout passed, then failed in every worker converting it.
+        ({"resume": "no"}, TypeError, ["resume must be True or False, got 'no'"]),
+        ({"nesterov": 1}, TypeError, ["nesterov must be True or False, got 1"]),
+        ({"progress": None}, TypeError, ["progress must be True or False, got None"]),
+        ({"timeout_s": float("inf")}, ValueError, ["timeout_s", "(0, 1e+09]", "got inf"]),
+        ({"timeout_s": 0}, ValueError, ["timeout_s", "(0, 1e+09]"]),
         ({"bucket_cap_mb": 0}, ValueError, ["bucket_cap_mb", "> 0"]),
         ({"bucket_cap_mb": float("inf")}, ValueError, ["bucket_cap_mb", "finite"]),
         ({"bucket_cap_mb": "25"}, TypeError, ["bucket_cap_mb", "number"]),
