@@ -415,6 +415,8 @@ def register_model(name: str):
     """Decorator: register the cost formula ``f(problem) -> Cost`` of collective ``name``."""
 
     def wrap(fn: Callable[[Problem], Cost]) -> Callable[[Problem], Cost]:
+        if name in _MODELS and _MODELS[name] is not fn:
+            raise ValueError(f"a cost model for {name!r} is already registered: {_MODELS[name]}")
         _MODELS[name] = fn
         return fn
 

@@ -84,6 +84,10 @@ def register_collective(name: str):
     """Class decorator: register a sparse collective under ``name``."""
 
     def wrap(cls: type[SparseCollective]) -> type[SparseCollective]:
+        if name in _COLLECTIVES and _COLLECTIVES[name] is not cls:
+            raise ValueError(
+                f"collective name {name!r} is already registered by {_COLLECTIVES[name]}"
+            )
         cls.name = name
         _COLLECTIVES[name] = cls
         return cls

@@ -49,6 +49,15 @@ def register_compressor(name: str):
     """Class decorator: register a compressor under ``name``."""
 
     def wrap(cls: type[Compressor]) -> type[Compressor]:
+        if not (isinstance(cls, type) and issubclass(cls, Compressor)):
+            raise TypeError(
+                f"register_compressor({name!r}) takes a subclass of sparsetrain.compressors."
+                f"Compressor, got {cls!r}"
+            )
+        if not cls.__module__.startswith(f"{__name__}."):
+            # The built-ins load on first use: first, so a name of theirs is refused now, not
+            # at that use (and every lookup after it).
+            _load_all()
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"compressor name {name!r} is already registered by {_REGISTRY[name]}")
         cls.name = name

@@ -22,6 +22,8 @@ def register_schedule(name: str) -> Callable[[type[Schedule]], type[Schedule]]:
     """Class decorator: register a schedule under ``name``."""
 
     def wrap(cls: type[Schedule]) -> type[Schedule]:
+        if name in _SCHEDULES and _SCHEDULES[name] is not cls:
+            raise ValueError(f"schedule name {name!r} is already registered by {_SCHEDULES[name]}")
         cls.name = name
         _SCHEDULES[name] = cls
         return cls

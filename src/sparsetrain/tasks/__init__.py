@@ -56,6 +56,10 @@ def register_task(name: str, check: Callable[[dict], None] | None = None):
     """
 
     def wrap(fn: Callable[..., Task]) -> Callable[..., Task]:
+        if not fn.__module__.startswith(f"{__name__}."):
+            # The built-ins load on first use: first, so one registered again under its own
+            # name replaces it for good instead of being replaced at that use.
+            _load_all()
         _TASKS[name] = fn
         if check is not None:
             _CHECKS[name] = check
