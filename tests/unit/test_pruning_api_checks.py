@@ -373,6 +373,13 @@ def test_to_torch_sparse_refuses_1d_tensors_clearly() -> None:
         ("rigl", {"seed": -1}, ValueError, "seed must be an integer"),
         ("rigl", {"seed": "a"}, ValueError, "seed must be an integer"),
         ("rigl", {"seed": True}, ValueError, "seed must be an integer"),
+        # It trained with the masks it started with, never moving a connection, without a word.
+        (
+            "rigl",
+            {"delta_t": 100, "end": 10},
+            ValueError,
+            r"delta_t \(100\) must be smaller than end \(10\): .* never move one",
+        ),
         ("woodfisher", {"damping": math.inf}, ValueError, "damping must be a positive number"),
     ],
 )

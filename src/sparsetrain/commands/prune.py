@@ -294,11 +294,13 @@ def run_method(
         model = task.build_model()
         opt = _make_optimizer(model, cfg)
         epochs = cfg.epochs + cfg.prune_epochs + cfg.finetune_epochs
+        end = max(2, int(0.75 * epochs * steps_per_epoch))
         pruner = get_pruner(
             "rigl",
             sparsity=cfg.sparsity,
-            delta_t=max(1, steps_per_epoch),
-            end=max(2, int(0.75 * epochs * steps_per_epoch)),
+            # An update an epoch; more often where the updates end within the first epoch.
+            delta_t=steps_per_epoch if steps_per_epoch < end else max(1, end // 2),
+            end=end,
         )
         pruner.prepare(model, opt)
         train(

@@ -105,6 +105,11 @@ class RigLPruner(Pruner):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.delta_t >= self.end:
+            raise ValueError(
+                f"delta_t ({self.delta_t}) must be smaller than end ({self.end}): RigL moves "
+                "connections every delta_t steps before end, so it would never move one"
+            )
         if (
             isinstance(self.alpha, bool)
             or not isinstance(self.alpha, (int, float))
