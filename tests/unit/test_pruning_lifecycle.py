@@ -426,3 +426,17 @@ def test_compact_export_keeps_the_sign_of_negative_zero() -> None:
     restored.load_state_dict(load_compact(export_compact(model)))
     assert torch.equal(torch.signbit(restored.weight), torch.signbit(model.weight))
     assert torch.equal(restored.weight, model.weight)
+
+
+def test_rigl_refuses_a_closure_whose_gradients_are_not_finite() -> None:
+    # NaN scores chose the regrown connections silently.
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    pruner = RigLPruner(sparsity=0.8, delta_t=5, end=40).prepare(model, opt)
+    x, _ = _data()
+    first = pruner.masks
+    with pytest.raises(ValueError, match="rigl: the closure's dense gradients that choose "
+                       "regrowth hold NaN or Inf .* Nothing was pruned"):  # fmt: skip
+        _train(model, opt, pruner, 6, closure=lambda: model(x).sum() * float("inf"))
+    assert pruner.stats()["num_updates"] == 0
+    assert all(torch.equal(first[n], pruner.masks[n]) for n in first)

@@ -157,3 +157,32 @@ def test_pruner_needs_a_closure_and_prunes_with_obs() -> None:
         assert not torch.equal(p[mask], before[n][mask])  # OBS moved the kept weights
     for n, p in model.named_parameters():  # the Fisher samples leave the gradients as they were
         assert torch.equal(p.grad, grads[n])
+
+
+@pytest.mark.parametrize(
+    "make, error, words",
+    [
+        # Each failed inside torch (or Python) without naming closure, or pruned wrongly.
+        (lambda m, x: nn.functional.cross_entropy(m(x), torch.zeros(len(x), dtype=torch.long)).item(),
+         TypeError, r"woodfisher: closure must return the loss as a tensor, got float \(return "
+         r"the loss itself, not loss\.item\(\)\)"),
+        (lambda m, x: m(x), ValueError,
+         r"closure must return one number, the loss, got a tensor of shape \(4, 3\)"),
+        (lambda m, x: torch.tensor(1.0, requires_grad=True), ValueError,
+         "does not depend on the model's parameters"),
+        # NaN weights, silently.
+        (lambda m, x: m(x).sum() * float("nan"), ValueError,
+         r"the Fisher's gradient samples hold NaN or Inf .* Nothing was pruned"),
+    ],
+)  # fmt: skip
+def test_a_closure_that_gives_no_usable_loss_is_refused_naming_it(make, error, words):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    x = torch.randn(4, 8)
+    pruner = get_pruner("woodfisher", sparsity=0.5, fisher_samples=4, block_size=8)
+    pruner.prepare(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(error, match=words):
+        pruner.prune(closure=lambda: make(model, x))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert pruner.stats()["sparsity"] == 0

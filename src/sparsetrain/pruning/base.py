@@ -41,6 +41,41 @@ from .schedules import OneShot, Schedule, get_schedule
 
 Closure = Callable[[], Tensor]
 
+
+def closure_loss(closure: Closure, who: str) -> Tensor:
+    """Call ``closure`` (``who``'s ``closure=``) and return its loss, refusing, with an error
+    naming ``closure``, what backward() would fail on or make all zero: not a tensor, not one
+    number, or independent of the model. (A loss that is not finite shows in the gradients,
+    which the pruners check where every rank sees the same ones, see :func:`check_finite`.)"""
+    loss = closure()
+    if not isinstance(loss, Tensor):
+        hint = " (return the loss itself, not loss.item())" if isinstance(loss, float) else ""
+        raise TypeError(
+            f"{who}: closure must return the loss as a tensor, got {type(loss).__name__}{hint}"
+        )
+    if loss.numel() != 1:
+        raise ValueError(
+            f"{who}: closure must return one number, the loss, got a tensor of shape "
+            f"{tuple(loss.shape)} (the model's output? apply the loss function to it)"
+        )
+    if loss.grad_fn is None:
+        raise ValueError(
+            f"{who}: the loss closure returned does not depend on the model's parameters (it "
+            "has no grad_fn), so its gradients are all zero: compute it from the model's output"
+        )
+    return loss.reshape(())
+
+
+def check_finite(grads: Tensor, who: str, what: str) -> None:
+    """Raise if ``grads`` (``what``: gradients gathered or summed over the ranks, the same on
+    every rank, so every rank raises) hold NaN or Inf, which would make the weights NaN."""
+    if not bool(torch.isfinite(grads).all()):
+        raise ValueError(
+            f"{who}: {what} hold NaN or Inf (a loss from closure, or its gradients, on some "
+            "rank): the pruned weights would be NaN. Nothing was pruned"
+        )
+
+
 _PRUNERS: dict[str, type[Pruner]] = {}
 
 

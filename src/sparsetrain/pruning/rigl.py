@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .base import Closure, Pruner, _distributed, register_pruner
+from .base import Closure, Pruner, _distributed, check_finite, closure_loss, register_pruner
 from .masks import Masks
 
 DISTRIBUTIONS = ("erk", "uniform")
@@ -220,7 +220,7 @@ class RigLPruner(Pruner):
             self._stash, self._dense_grads = True, {}
             try:
                 with torch.enable_grad():
-                    closure().backward()
+                    closure_loss(closure, "rigl").backward()
             finally:
                 self._stash = False
                 for p, g in zip(params, saved):
@@ -239,6 +239,9 @@ class RigLPruner(Pruner):
             dist.all_reduce(flat, group=self._group)
             flat /= dist.get_world_size(self._group)
             grads = list(flat.split([g.numel() for g in grads]))
+        if closure is not None:  # (a training step's are as training made them)
+            for g in grads:
+                check_finite(g, "rigl", "the closure's dense gradients that choose regrowth")
         return {n: g.view(self._weights[n].shape) for n, g in zip(names, grads)}
 
     def stats(self) -> dict[str, Any]:

@@ -15,7 +15,9 @@ from .base import (
     ScheduledPruner,
     _distributed,
     broadcast_tensors,
+    check_finite,
     check_flag,
+    closure_loss,
     register_pruner,
 )
 from .masks import Masks
@@ -110,12 +112,13 @@ class WoodFisherPruner(ScheduledPruner):
                 for p in every:  # None, not zero: backward would accumulate into the saved ones
                     p.grad = None
                 with torch.enable_grad():
-                    loss = closure()
-                    loss.backward()
+                    closure_loss(closure, "woodfisher").backward()
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
                 pending.append(self._layout.to_blocks([g.detach().float() for g in grads]))
                 if len(pending) == self.chunk or i == self.fisher_samples - 1:
-                    woodbury_update_(finv, self._gather(torch.stack(pending)), total)
+                    samples = self._gather(torch.stack(pending))
+                    check_finite(samples, "woodfisher", "the Fisher's gradient samples")
+                    woodbury_update_(finv, samples, total)
                     pending = []
         finally:
             for p, g in zip(every, saved):
