@@ -466,6 +466,15 @@ class ErrorFeedback:
                     f"error-feedback state's {entry!r} must be a dict of name -> 1-D tensor "
                     "(each parameter's flattened residual)"
                 )
+            # A residual is added to every later gradient: one NaN would end the run (or, with
+            # on_nonfinite="skip", skip every step without a word).
+            bad = [n for n, t in value.items() if not bool(torch.isfinite(t).all())]
+            if bad:
+                raise ValueError(
+                    f"error-feedback state's {entry!r} of {', '.join(map(repr, bad[:5]))}"
+                    f"{' and more' if len(bad) > 5 else ''} hold NaN or Inf: it was saved from "
+                    "a run that had already diverged; load an earlier state"
+                )
         saved = bool(state.get("enabled", self.enabled))
         if saved != self.enabled:
             on = {True: "on", False: "off"}

@@ -769,3 +769,42 @@ def test_gradient_sync_refuses_a_layer_replaced_after_it_was_built():
                        r"built with .* build GradientSync again after changing the model"):  # fmt: skip
         sync.synchronize()
     sparsetrain.GradientSync(model, "none").synchronize()  # built again: it goes on
+
+
+def test_strict_false_takes_the_residuals_that_fit_and_drops_the_others():
+    # The strict error says "pass strict=False to take what fits"; done, the next step failed
+    # on the resized layer's residual.
+    state = _stepped(compressor="topk", density=0.2).state_dict()
+    torch.manual_seed(0)
+    wider = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))  # a 3-class head
+    sync = sparsetrain.GradientSync(wider, "topk", density=0.2)
+    with pytest.raises(ValueError, match="2.bias .2 elements saved, 3 now"):
+        sync.load_state_dict(state)
+    sync.load_state_dict(state, strict=False)
+    residuals = sync.state_dict()["feedback"]["residuals"]
+    assert sorted(residuals) == ["0.bias", "0.weight"]  # the head's are dropped, not the rest
+    assert torch.equal(residuals["0.weight"], state["feedback"]["residuals"]["0.weight"])
+    wider(torch.randn(5, 4)).sum().backward()
+    assert sync.synchronize()
+
+
+@pytest.mark.parametrize(
+    "spoil, words",
+    [
+        (lambda s: s["feedback"]["residuals"]["0.weight"].__setitem__(3, float("nan")),
+         r"error-feedback state's 'residuals' of '0.weight' hold NaN or Inf: .* diverged"),
+        (lambda s: s["counters"].__setitem__("bytes_sent", "x"),
+         r"'counters' must map bytes_sent, .* to finite numbers >= 0, got \{'bytes_sent': 'x'\}"),
+        (lambda s: s["counters"].__setitem__("steps", -1), r"got \{'steps': -1\}"),
+    ],
+)  # fmt: skip
+def test_a_state_with_values_no_run_could_save_is_refused_at_load(spoil, words):
+    # A NaN residual loaded silently, then every step was skipped (on_nonfinite="skip") or
+    # called an overflow; a counter of the wrong type failed at the next step.
+    state = _stepped(compressor="topk", density=0.2).state_dict()
+    spoil(state)
+    sync = _stepped(compressor="topk", density=0.2)
+    before = sync.state_dict()
+    with pytest.raises(ValueError, match=words):
+        sync.load_state_dict(state)
+    assert same(sync.state_dict(), before)

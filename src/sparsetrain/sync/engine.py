@@ -1186,6 +1186,20 @@ class SyncEngine:
         check_state(state, owner)
         if strict and sizes is not None:
             check_state_fits(state, sizes, owner)
+        elif sizes is not None:  # take what fits: the residuals of this model's parameters
+            state = _fitting(state, sizes)
+        counters = state["counters"]
+        bad = {
+            k: v
+            for k, v in (counters.items() if isinstance(counters, Mapping) else ())
+            if k in _COUNTERS
+            and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf)
+        }
+        if not isinstance(counters, Mapping) or bad:
+            raise ValueError(
+                f"{owner}: the state's 'counters' must map {', '.join(_COUNTERS)} to finite "
+                f"numbers >= 0, got {bad or counters!r:.200}"
+            )
         diffs = config_differences(state.get("config", {}), self.config)
         if diffs and (strict or diffs[0].startswith("compressor:")):
             raise ValueError(
@@ -1220,7 +1234,7 @@ class SyncEngine:
             attack.load_state_dict(state["attack"])
         del aggregator, attack
         self.step = int(state["step"])
-        self.counters = {k: state["counters"].get(k, 0) for k in _COUNTERS}
+        self.counters = {k: counters.get(k, 0) for k in _COUNTERS}
         self.feedback.load_state_dict(state["feedback"])
         self.compressor.load_state_dict(state["compressor"])
         for name, cstate in collectives.items():
@@ -1334,6 +1348,25 @@ def check_state_fits(state: Mapping[str, Any], sizes: Mapping[str, int], owner: 
         f"{owner}: this state is another model's; it holds {'; '.join(parts)}. Load the state "
         "saved with this model (or pass strict=False to take what fits)"
     )
+
+
+def _fitting(state: dict[str, Any], sizes: Mapping[str, int]) -> dict[str, Any]:
+    """``state`` (shallow) without the residuals and velocities of parameters not in ``sizes``
+    (name: number of elements), or of another size: what a ``strict=False`` load takes. (What
+    is not a tensor stays, for the state's checks to refuse.)"""
+    feedback = state.get("feedback")
+    if not isinstance(feedback, Mapping):
+        return state
+    kept = dict(feedback)
+    for entry in ("residuals", "velocity"):
+        value = feedback.get(entry)
+        if isinstance(value, Mapping):
+            kept[entry] = {
+                n: t
+                for n, t in value.items()
+                if not isinstance(t, torch.Tensor) or sizes.get(n) == t.numel()
+            }
+    return {**state, "feedback": kept}
 
 
 def _canonical_order(names: Sequence[str]) -> list[int]:
