@@ -991,3 +991,45 @@ def test_a_few_far_larger_entries_do_not_make_oktopk_select_everything(tmp_path)
             count, threshold = res[big]
             assert 5 <= count <= 10 and threshold > 1, (big, res[big])
         assert res["dbl_max"] == [0], res
+
+
+def _allreduce_disagreements(rank: int, world: int) -> dict:
+    from sparsetrain.comm import allreduce_max, allreduce_sum
+
+    torch.set_num_threads(1)
+    out, sent = allreduce_sum([torch.full((3,), float(rank)), torch.ones(2)])
+    peak, _ = allreduce_max([torch.tensor([float(rank), -float(rank)])])
+    cases = {
+        # gloo aborted rank 1 ("Received data size doesn't match") and rank 0 got a wrong sum
+        "size": [torch.ones(5 if rank == 0 else 3)],
+        "count": [torch.ones(2)] * (1 + (rank == 1)),
+        "dtype": [torch.ones(2, dtype=torch.float64 if rank == 1 else torch.float32)],
+        "mixed": [
+            torch.ones(2),
+            torch.ones(2, dtype=torch.float64 if rank == 0 else torch.float32),
+        ],
+    }
+    errors = {}
+    for name, tensors in cases.items():
+        try:
+            allreduce_sum(tensors)
+            errors[name] = None
+        except (TypeError, ValueError) as e:
+            errors[name] = f"{type(e).__name__}: {e}"
+    return {"sum": [t.tolist() for t in out], "sent": sent, "max": peak[0].tolist(),
+            "errors": errors}  # fmt: skip
+
+
+def test_allreduce_sum_and_max_refuse_ranks_that_pass_other_tensors_on_every_rank(tmp_path):
+    results = oks(run_world(_allreduce_disagreements, 2, tmp_path))
+    for rank, res in enumerate(results):
+        assert res["sum"] == [[1.0, 1.0, 1.0], [2.0, 2.0]]
+        assert res["max"] == [1.0, 0.0]
+        assert res["sent"] == 5 * 4 + 10 * 8  # ring: (p-1)/p * 2 * bytes; the check's 10 ints
+        for name in ("size", "count", "dtype"):
+            assert "the ranks pass different tensors" in res["errors"][name], (name, res)
+        mixed = res["errors"]["mixed"]
+        if rank == 0:
+            assert mixed.startswith("TypeError: summable payload tensors must share one dtype")
+        else:
+            assert "another rank's tensors are refused (see its error)" in mixed

@@ -35,38 +35,57 @@ def world_of(group: dist.ProcessGroup | None) -> int:
 
 
 def allreduce_sum(
-    tensors: Sequence[Tensor], group: dist.ProcessGroup | None = None
+    tensors: Sequence[Tensor], group: dist.ProcessGroup | None = None, *, check: bool = True
 ) -> tuple[list[Tensor], int]:
     """Sum ``tensors`` over ranks with one allreduce of their concatenation.
 
+    Every rank passes as many tensors, of the same sizes and one dtype. With ``check`` (the
+    default) that is checked first, in one more allreduce of 8 ints: ranks that differ, or a
+    rank whose input is refused, get an error on every rank (without it gloo aborts a process
+    or returns a sum of mismatched tensors, as ``torch.distributed.all_reduce`` itself does).
+    ``check=False`` skips it where the sizes agree by construction.
+
     Returns:
-        the summed tensors (new tensors, same shapes) and the bytes this rank sent (ring formula).
+        the summed tensors (new tensors, same shapes) and the bytes this rank sent (ring formula,
+        the check's included).
     """
-    return _allreduce(tensors, group, "sum")
+    return _allreduce(tensors, group, "sum", check)
 
 
 def allreduce_max(
-    tensors: Sequence[Tensor], group: dist.ProcessGroup | None = None
+    tensors: Sequence[Tensor], group: dist.ProcessGroup | None = None, *, check: bool = True
 ) -> tuple[list[Tensor], int]:
     """The elementwise maximum over ranks, as :func:`allreduce_sum` computes the sum."""
-    return _allreduce(tensors, group, "max")
+    return _allreduce(tensors, group, "max", check)
 
 
 def _allreduce(
-    tensors: Sequence[Tensor], group: dist.ProcessGroup | None, op: str
+    tensors: Sequence[Tensor], group: dist.ProcessGroup | None, op: str, check: bool = False
 ) -> tuple[list[Tensor], int]:
+    if not isinstance(check, bool):
+        raise TypeError(f"check must be True or False, got {check!r}")
+    error: Exception | None = None
     if isinstance(tensors, Tensor) or not isinstance(tensors, Sequence) or not tensors:
-        raise ValueError(
+        error = ValueError(
             f"allreduce_{op} takes a non-empty sequence (list or tuple) of tensors, got "
             f"{tensors!r:.100}"
         )
-    dtypes = {t.dtype for t in tensors}
-    if len(dtypes) != 1:
-        raise TypeError(
-            f"summable payload tensors must share one dtype, got {sorted(map(str, dtypes))}"
+    elif not all(isinstance(t, Tensor) for t in tensors):
+        error = TypeError(
+            f"allreduce_{op} takes tensors, got {[type(t).__name__ for t in tensors]}"
         )
-    flat = torch.cat([t.reshape(-1) for t in tensors])
+    elif len({t.dtype for t in tensors}) != 1:
+        error = TypeError(
+            "summable payload tensors must share one dtype, got "
+            f"{sorted(map(str, {t.dtype for t in tensors}))}"
+        )
     world = world_of(group)
+    checked = 0
+    if check and world > 1:
+        checked = _agree(tensors if error is None else (), error, group, op)
+    elif error is not None:
+        raise error
+    flat = torch.cat([t.reshape(-1) for t in tensors])
     if world > 1:
         reduce_op = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
         dist.all_reduce(flat, op=reduce_op, group=group)
@@ -74,7 +93,39 @@ def _allreduce(
         part.view(t.shape)
         for part, t in zip(torch.split(flat, [t.numel() for t in tensors]), tensors)
     ]
-    return out, ring_allreduce_bytes(flat.numel(), flat.element_size(), world)
+    return out, checked + ring_allreduce_bytes(flat.numel(), flat.element_size(), world)
+
+
+def _agree(
+    tensors: Sequence[Tensor], error: Exception | None, group: dist.ProcessGroup | None, op: str
+) -> int:
+    """Raise on every rank unless every rank passes tensors of the same count, sizes and dtype
+    (``error``: this rank's own refusal, told to the others); return the bytes sent. One
+    allreduce of their maximum and minus their minimum: equal where they agree."""
+    sizes = [t.numel() for t in tensors]
+    mine = [
+        len(sizes), sum(sizes), zlib.crc32(repr(sizes).encode()),
+        zlib.crc32(str(tensors[0].dtype).encode()) if tensors else 0,
+    ]  # fmt: skip
+    bad = int(error is not None)
+    both = torch.tensor(
+        [*mine, bad, *(-v for v in mine), 0], dtype=torch.int64,
+        device=device_of(tensors[0] if tensors else None, group),
+    )  # fmt: skip
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    hi, lo = both[:4].tolist(), [-v for v in both[5:9].tolist()]
+    if error is not None:
+        raise error
+    if both[4]:
+        raise ValueError(f"allreduce_{op}: another rank's tensors are refused (see its error)")
+    if hi != lo:
+        raise ValueError(
+            f"allreduce_{op}: the ranks pass different tensors (this rank: {len(sizes)} of "
+            f"sizes {sizes[:8]}{'...' if len(sizes) > 8 else ''}, {tensors[0].dtype}; over the "
+            f"ranks {lo[1]} to {hi[1]} elements in all): every rank passes as many tensors, of "
+            "the same sizes and dtype"
+        )
+    return ring_allreduce_bytes(both.numel(), both.element_size(), dist.get_world_size(group))
 
 
 def all_gather_variable(

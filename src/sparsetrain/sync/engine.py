@@ -21,19 +21,23 @@ from torch import Tensor
 
 from .. import _native
 from .._options import is_integer
-from ..comm import (
-    CollectiveResult,
-    all_gather_variable,
-    allreduce_max,
-    allreduce_sum,
-    get_collective,
-    ring_allreduce_bytes,
-)
-from ..comm.gather import world_of
+from ..comm import CollectiveResult, all_gather_variable, get_collective, ring_allreduce_bytes
+from ..comm.gather import _allreduce, world_of
 from ..compressors.base import SparseCompressor, work_dtype
 from ..feedback import ErrorFeedback
 from .config import SyncConfig, check_process_group, config_differences
 from .devices import agreement_device, device_code, on_device, without_autocast
+
+
+# The engine's allreduces, without the public functions' agreement check: the ranks' buckets,
+# compressors and payload sizes agree by construction (check_consistent, the step's agreement).
+def allreduce_sum(tensors: Sequence[Tensor], group: dist.ProcessGroup | None):
+    return _allreduce(tensors, group, "sum")
+
+
+def allreduce_max(tensors: Sequence[Tensor], group: dist.ProcessGroup | None):
+    return _allreduce(tensors, group, "max")
+
 
 # Totals since construction (or the loaded state). The *_seconds are host wall-clock time
 # (time.perf_counter around the calls): on CUDA, where kernels and NCCL run asynchronously, they
