@@ -597,3 +597,27 @@ def test_a_state_loaded_before_prepare_is_a_copy_and_so_is_what_it_hands_back():
     pruner.prepare(_model())
     for name, mask in pruner.masks.items():
         assert torch.equal(mask.cpu(), saved["masks"][name]), name
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        # The sync given in the optimizer's or the group's place failed inside torch.distributed
+        # ("'GradientSync' object has no attribute 'size'") or was accepted in one process.
+        (lambda m, s: (m, s), r"optimizer must be a torch.optim.Optimizer or None, got "
+         r"GradientSync \(the state register_ddp_hook returned or a GradientSync goes as sync=\)"),
+        (lambda m, s: (m, None, s), r"group must be a torch.distributed.ProcessGroup or None .* "
+         r"got GradientSync .*goes as sync=\)"),
+        (lambda m, s: (m, None, "world"), r"group must be .* got str 'world'"),
+        (lambda m, s: ("model",), r"prepare needs the model as a torch.nn.Module, got 'model'"),
+    ],
+)  # fmt: skip
+def test_prepare_names_an_argument_given_in_the_wrong_place(args, words) -> None:
+    import sparsetrain
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    sync = sparsetrain.GradientSync(model, "topk", density=0.5)
+    pruner = get_pruner("magnitude", sparsity=0.5)
+    with pytest.raises(TypeError, match=words):
+        pruner.prepare(*args(model, sync))
+    assert pruner.prepare(model, sync=sync) is pruner  # refused, nothing changed

@@ -237,6 +237,24 @@ class Pruner:
         Returns:
             self.
         """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"prepare needs the model as a torch.nn.Module, got {model!r:.100}")
+        syncs = "the state register_ddp_hook returned or a GradientSync goes as sync="
+        # (By what it is used for: wrappers that are not Optimizer subclasses have these too.)
+        if optimizer is not None and not (
+            hasattr(optimizer, "param_groups") and hasattr(optimizer, "state")
+        ):
+            hint = f" ({syncs})" if callable(getattr(optimizer, "clear_residuals", None)) else ""
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer or None, got "
+                f"{type(optimizer).__name__}{hint}"
+            )
+        if group is not None and not isinstance(group, dist.ProcessGroup):
+            hint = f" ({syncs})" if callable(getattr(group, "clear_residuals", None)) else ""
+            raise TypeError(
+                "group must be a torch.distributed.ProcessGroup or None (the default group), "
+                f"got {type(group).__name__} {group!r:.60}{hint}"
+            )
         module = unwrap(model)
         if sync is not None and not callable(getattr(sync, "clear_residuals", None)):
             raise TypeError(
