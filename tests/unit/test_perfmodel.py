@@ -534,3 +534,13 @@ def test_buffers_a_peer_are_priced_as_a_count_not_a_list_as_long_as_the_ranks():
     big = 2 * pm.FRESH_MAPPING_BYTES
     assert pm._fresh(q, 4, (big, 3), 1.0) == pm._fresh(q, 4, big, big, big, 1.0)
     assert pm._fresh(q, 4, (1.0, 10**12)) == pm.Cost(0, 0)  # small buffers: none fresh
+
+
+def test_ring_byte_formulas_refuse_counts_no_call_could_have():
+    from sparsetrain.comm import ring_allgather_bytes, ring_allreduce_bytes
+
+    assert ring_allreduce_bytes(10, 4, 2) == 40 and ring_allgather_bytes(100, 4) == 75
+    with pytest.raises(ValueError, match="numel must be an integer >= 0, got -10"):
+        ring_allreduce_bytes(-10, 4, 2)  # it said -40 bytes
+    with pytest.raises(ValueError, match="world must be an integer >= 1, got 2.5"):
+        ring_allgather_bytes(100, 2.5)

@@ -190,3 +190,26 @@ def test_global_pruning_warns_when_it_removes_a_layer_whole(method: str) -> None
         warnings.simplefilter("error")
         masks(w, 0.2, method, "layer")  # each layer keeps its share
         masks(w, 0.2, method, "global", previous=m)  # removed before: said already
+
+
+def test_mask_sparsity_takes_boolean_masks_and_is_zero_for_none():
+    from torch import nn
+
+    from sparsetrain.pruning import mask_sparsity, sparsity_stats
+
+    assert mask_sparsity({"a": torch.tensor([True, False, False, True])}) == 0.5
+    # It said 1.0 (all pruned) for no masks, and -0.67 for a 0/1/2/3 weight given as a mask.
+    assert mask_sparsity({}) == 0.0
+    with pytest.raises(TypeError, match=r"masks must be boolean tensors .* \['a'\] are not"):
+        mask_sparsity({"a": torch.tensor([0, 2, 3])})
+    assert sparsity_stats(nn.ReLU())["global_sparsity"] == 0.0  # no weights: none pruned
+
+
+def test_unpack_bits_refuses_more_bits_than_the_bytes_hold():
+    from sparsetrain.pruning.export import pack_bits, unpack_bits
+
+    mask = torch.tensor([True, False, True, True, False])
+    assert torch.equal(unpack_bits(pack_bits(mask), 5), mask)
+    for numel in (100, -1, 2.5):  # it returned 8 (or 7) entries, not the numel asked for
+        with pytest.raises(ValueError, match=r"numel must be an integer in \[0, 8\] for 1 packed"):
+            unpack_bits(pack_bits(mask), numel)

@@ -91,6 +91,8 @@ def test_bad_input():
         get_attack("zero", n=4, f=4)
     with pytest.raises(ValueError, match="pass z explicitly"):
         get_attack("alie", n=4, f=3)
+    with pytest.raises(ValueError, match="mean must be a finite number, got nan"):
+        get_attack("gaussian", n=4, f=1, mean=math.nan)  # std=nan was refused, mean=nan not
 
 
 def test_a_delayed_history_loaded_on_cpu_follows_the_gradients_device():

@@ -13,9 +13,22 @@ payload size alone overstates the saving of gathered payloads, whose cost grows 
 
 from __future__ import annotations
 
+from typing import Any
+
+from .._options import is_integer
+
+
+def _check_counts(**counts: Any) -> None:
+    """Refuse a count that is not an integer >= 0 (``world`` >= 1), naming it."""
+    for name, value in counts.items():
+        if not is_integer(value, 1 if name == "world" else 0):
+            low = 1 if name == "world" else 0
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
 
 def ring_allreduce_bytes(numel: int, elem_bytes: int, world: int) -> int:
     """Return the bytes one rank sends in a ring allreduce of ``numel`` elements."""
+    _check_counts(numel=numel, elem_bytes=elem_bytes, world=world)
     if world <= 1:
         return 0
     return int(round(2 * (world - 1) / world * numel * elem_bytes))
@@ -23,6 +36,7 @@ def ring_allreduce_bytes(numel: int, elem_bytes: int, world: int) -> int:
 
 def ring_allgather_bytes(total_bytes: int, world: int) -> int:
     """Return the bytes one rank sends in a ring allgather whose gathered total is ``total_bytes``."""
+    _check_counts(total_bytes=total_bytes, world=world)
     if world <= 1:
         return 0
     return int(round((world - 1) / world * total_bytes))

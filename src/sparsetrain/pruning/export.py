@@ -9,11 +9,14 @@ identical dense model can load it with ``model.load_state_dict(load_compact(ckpt
 from __future__ import annotations
 
 import io
+import operator
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .._options import is_integer
 
 FORMAT = "sparsetrain.compact/1"
 _SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
@@ -29,7 +32,12 @@ def pack_bits(mask: Tensor) -> Tensor:
 
 
 def unpack_bits(packed: Tensor, numel: int) -> Tensor:
-    """Invert :func:`pack_bits`: return ``numel`` bools."""
+    """Invert :func:`pack_bits`: return ``numel`` bools (at most 8 for each packed byte)."""
+    if not is_integer(numel, 0) or operator.index(numel) > 8 * packed.numel():
+        raise ValueError(
+            f"numel must be an integer in [0, {8 * packed.numel()}] for {packed.numel()} packed "
+            f"bytes (8 bits a byte), got {numel!r}"
+        )
     bits = (packed.unsqueeze(1) >> _SHIFTS.to(packed.device)) & 1
     return bits.reshape(-1)[:numel].bool()
 

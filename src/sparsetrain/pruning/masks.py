@@ -370,7 +370,15 @@ def _caller_level() -> int:
 
 
 def mask_sparsity(m: Mapping[str, Tensor]) -> float:
-    """Return the fraction of False entries over all masks."""
+    """Return the fraction of False entries over all masks (boolean tensors); 0.0 for none."""
+    if not isinstance(m, Mapping):
+        raise TypeError(f"masks must be a dict of name -> boolean tensor, got {type(m).__name__}")
+    bad = [n for n, t in m.items() if not (isinstance(t, Tensor) and t.dtype == torch.bool)]
+    if bad:
+        raise TypeError(
+            f"masks must be boolean tensors (True: kept); {bad[:5]} are not (a weight, or a "
+            "0/1 tensor? compare it: weight != 0)"
+        )
     total = sum(t.numel() for t in m.values())
     kept = sum(int(t.sum()) for t in m.values())
-    return 1.0 - kept / max(total, 1)
+    return 1.0 - kept / total if total else 0.0

@@ -53,7 +53,7 @@ def sparsity_stats(model: nn.Module, names: Iterable[str] | None = None) -> dict
     all_nonzero = sum(int(torch.count_nonzero(p)) for p in params.values())
     return {
         "layers": layers,
-        "global_sparsity": 1.0 - nonzero / max(total, 1),
+        "global_sparsity": 1.0 - nonzero / total if total else 0.0,  # no weights: none pruned
         "params": all_params,
         "nonzero_params": all_nonzero,
         "kept_fraction": all_nonzero / max(all_params, 1),

@@ -229,6 +229,8 @@ class Gaussian(Attack):
         check_positive(self.std, "std")
         if not isinstance(self.mean, (int, float)) or isinstance(self.mean, bool):
             raise TypeError(f"mean must be a number, got {self.mean!r}")
+        if not math.isfinite(self.mean):  # as std: NaN or Inf noise is no Gaussian
+            raise ValueError(f"mean must be a finite number, got {self.mean}")
         check_int(self.seed, "seed", 0)
 
     def forge(self, own, honest, key, step, workers):
