@@ -213,7 +213,8 @@ class ErrorFeedback:
             what = "velocity" if store is self.velocity else "residual"
             raise ValueError(
                 f"the error-feedback {what} of {name!r} has {res.numel()} elements, but the "
-                f"parameter has {numel}: the loaded state is from a different model"
+                f"parameter has {numel}: a state loaded from another model, or one name used "
+                "for tensors of two sizes (each tensor needs a name of its own)"
             )
         if res.device != like.device:
             res = store[name] = res.to(like.device)

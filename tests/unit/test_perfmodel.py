@@ -544,3 +544,11 @@ def test_ring_byte_formulas_refuse_counts_no_call_could_have():
         ring_allreduce_bytes(-10, 4, 2)  # it said -40 bytes
     with pytest.raises(ValueError, match="world must be an integer >= 1, got 2.5"):
         ring_allgather_bytes(100, 2.5)
+
+
+def test_a_bandwidth_string_needs_its_unit_as_a_latency_string_does():
+    # "10" was read as 10 bit/s (a latency "5" was already refused).
+    with pytest.raises(ValueError, match=r"bandwidth '10' needs a unit: write for example 10gbit"):
+        pm.NetworkParams.from_link("10", "5us")
+    assert pm.NetworkParams.from_link("10gbit", "5us").beta == 8e-10
+    assert pm.NetworkParams.from_link(1e10, "5us").beta == 8e-10  # a number is bits per second

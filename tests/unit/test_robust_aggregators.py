@@ -306,3 +306,8 @@ def test_safeguard_with_a_key_a_layer_removes_a_drifting_worker_across_layers():
             rule(g, key=f"layer{i}")
         rule.end_step()
     assert 4 in rule.stats()["removed"]
+
+
+def test_bucketing_names_base_options_that_are_not_a_dict():
+    with pytest.raises(TypeError, match=r"base_options must be a dict of the base rule's options"):
+        get_aggregator("bucketing", n=6, f=1, base="median", base_options=[1])

@@ -48,3 +48,11 @@ def test_built_in_widths_must_be_positive_and_a_task_registered_again_drops_old_
         raise AssertionError("not built")
 
     check_task_options("digits-mlp", {"hidden": -1})  # its own factory, without the old check
+
+
+def test_get_task_takes_a_seed_in_the_range_the_trainer_does():
+    from sparsetrain.tasks import get_task
+
+    for seed in (1.5, -1, True, 2**63):  # torch's "manual_seed expected a long", or accepted
+        with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*63\)"):
+            get_task("digits-mlp", seed=seed)

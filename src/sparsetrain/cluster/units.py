@@ -51,8 +51,9 @@ def parse_rate(text: str | float | int) -> float:
     """Return a link rate in bits per second.
 
     Args:
-        text: a number of bits per second, or tc's notation (``"1gbit"``, ``"100mbit"``,
-            ``"125mbps"`` = 125 megabytes per second).
+        text: a number of bits per second, or a string in tc's notation, which needs its unit
+            (``"1gbit"``, ``"100mbit"``; ``"125mbps"`` is 125 mega*bytes* per second): a
+            command line's ``--bandwidth 10`` is refused rather than read as 10 bit/s.
 
     Returns:
         The rate in bits per second, positive.
@@ -61,6 +62,14 @@ def parse_rate(text: str | float | int) -> float:
         >>> parse_rate("1gbit")
         1000000000.0
     """
+    if isinstance(text, str):
+        m = _NUMBER.match(text)
+        if m is not None and not m.group(2) and float(m.group(1)) > 0:  # "-5": refused below
+            raise ValueError(
+                f"bandwidth {text!r} needs a unit: write for example {text.strip()}gbit or "
+                f"{text.strip()}mbit (a bare number would be {text.strip()} bit/s; units: "
+                f"{', '.join(_RATE_UNITS)})"
+            )
     rate = _split(text, "bandwidth", _RATE_UNITS, "1gbit")
     if not rate > 0:
         raise ValueError(f"bandwidth must be positive, got {text!r}")

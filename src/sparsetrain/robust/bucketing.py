@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,11 @@ class Bucketing(Aggregator):
             raise ValueError("bucketing cannot wrap itself; choose another base rule")
         cls = aggregator_class(self.base)
         buckets = -(-self.n // self.bucket_size)
+        if self.base_options is not None and not isinstance(self.base_options, Mapping):
+            raise TypeError(
+                f"base_options must be a dict of the base rule's options, got "
+                f"{self.base_options!r:.100}"
+            )
         options = dict(self.base_options or {})
         check_options("aggregator", self.base, options, option_names(cls))
         per_input = {"safeguard": "accumulations", "centered_clipping": "momenta"}

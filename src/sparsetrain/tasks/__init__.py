@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from .._options import check_options
+from .._options import check_options, is_integer
 
 
 @dataclass
@@ -87,7 +88,9 @@ def get_task(name: str, seed: int = 0, **options) -> Task:
     if name not in _TASKS:
         raise ValueError(f"unknown task {name!r}; valid names are: {', '.join(sorted(_TASKS))}")
     check_task_options(name, options)
-    return _TASKS[name](seed=seed, **options)
+    if not is_integer(seed, 0) or operator.index(seed) >= 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    return _TASKS[name](seed=operator.index(seed), **options)
 
 
 def check_task_options(name: str, options: dict) -> None:
