@@ -621,3 +621,13 @@ def test_prepare_names_an_argument_given_in_the_wrong_place(args, words) -> None
     with pytest.raises(TypeError, match=words):
         pruner.prepare(*args(model, sync))
     assert pruner.prepare(model, sync=sync) is pruner  # refused, nothing changed
+
+
+def test_step_takes_the_optimizer_steps_index_from_zero() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    pruner = get_pruner("magnitude", sparsity=0.5).prepare(model)
+    with pytest.raises(ValueError, match=r"step must be an integer >= 0 .* got -1"):
+        pruner.step(-1)  # accepted, though the error for 1.5 said >= 0
+    with pytest.raises(TypeError, match=r"step must be an integer >= 0 .* got 1.5"):
+        pruner.step(1.5)
+    pruner.step(0)

@@ -413,8 +413,10 @@ class Pruner:
             True when the masks changed at this step.
         """
         self._require_ready()
-        if not is_integer(step, -1):
-            raise TypeError(f"step must be an integer >= 0 (the optimizer step), got {step!r}")
+        if not is_integer(step, 0):
+            raise (ValueError if is_integer(step) else TypeError)(
+                f"step must be an integer >= 0 (the optimizer step), got {step!r}"
+            )
         step = operator.index(step)  # kept as a plain int, as the state saves it
         if self._agree:
             w = next(iter(self._weights.values()))
