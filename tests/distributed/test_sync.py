@@ -2041,3 +2041,44 @@ def test_a_ddp_model_under_torch_compile_trains_as_the_eager_one(tmp_path):
     for r in oks(run_world(_compiled, 2, tmp_path)):
         for comp, (diff, size) in r.items():
             assert diff == 0.0 and size > 0, (comp, diff)
+
+
+def _changed_on_one_rank(rank: int, world: int) -> dict:
+    out = {}
+    for compressor in ("topk", "none"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+        sync = sparsetrain.GradientSync(
+            model, compressor, **({"density": 0.5} if compressor == "topk" else {})
+        )
+        x = torch.randn(4, 6)
+        model(x).sum().backward()
+        sync.synchronize()
+        # A frozen module added on every rank (a teacher, say) is no new trainable parameter.
+        model.add_module("teacher", nn.Linear(3, 3).requires_grad_(False))
+        model(x).sum().backward()
+        out[compressor + "_frozen_added"] = sync.synchronize()
+        if rank == 0:  # this rank alone replaces the head
+            model[2] = nn.Linear(8, 3)
+        model.zero_grad()
+        model(x).sum().backward()
+        try:
+            sync.synchronize()
+            out[compressor] = None
+        except ValueError as e:
+            out[compressor] = str(e)
+    return out
+
+
+def test_a_layer_replaced_on_one_rank_raises_on_every_rank(tmp_path):
+    """It raised on the rank that replaced it only, and the others waited for it until the
+    collective timed out."""
+    res = oks(run_world(_changed_on_one_rank, 2, tmp_path))
+    for rank, r in enumerate(res):
+        for compressor in ("topk", "none"):
+            assert r[compressor + "_frozen_added"] is True, r
+            if rank == 0:
+                assert r[compressor].startswith("GradientSync: parameter(s) 2.weight, 2.bias are "
+                                                "not those it was built with"), r  # fmt: skip
+            else:
+                assert r[compressor].startswith("1 other rank(s) refused this step; see their"), r

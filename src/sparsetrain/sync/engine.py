@@ -157,6 +157,7 @@ class SyncEngine:
         self._marks: Tensor | None = None  # all False between calls of _not_selected
         self._keys_seen: dict[str, frozenset[str]] = {}  # bucket keys exchanged: parameters
         self._frozen_now: Sequence[bool] | None = None  # exchange_into's frozen, during it
+        self._refusal: str | None = None  # refuse_step's message, until the step's first check
         # (rank, world) a loaded state was saved by, until the next step: checked there after a
         # strict load, and what state_dict() records meanwhile (the state is still theirs).
         self._loaded_from: tuple[int, int] | None = None
@@ -357,6 +358,17 @@ class SyncEngine:
             )
         for t in results:  # "propagate": _drop has filled them with the others
             t.fill_(self._dropped)
+
+    @property
+    def world(self) -> int:
+        """The number of ranks in the group (1 without a process group)."""
+        return world_of(self.group)
+
+    def refuse_step(self, message: str) -> None:
+        """Make this step's first exchange raise ``ValueError(message)`` here and a pointer to
+        it on every other rank: the refusal rides in the message that agrees the step is
+        finite, so a rank that cannot go on does not leave the others waiting for it."""
+        self._refusal = message
 
     def _drop(self) -> None:
         """Drop this step on this rank (every rank does so at the same point): later buckets
@@ -1002,15 +1014,27 @@ class SyncEngine:
                 for i in torch.nonzero(~torch.isfinite(sums)).flatten().tolist()
             )
         frozen = self._frozen_now if world > 1 else None
-        flags = [float(bad_here)] + ([] if frozen is None else [float(f) for f in frozen])
+        # A refusal (refuse_step) counts world + 1 in the first flag, more than all the ranks'
+        # non-finite ones (exact in float32 up to 4095 ranks): no element is added for it.
+        refusing, self._refusal = self._refusal, None
+        first = float(bad_here) + (world + 1) * (refusing is not None)
+        flags = [first] + ([] if frozen is None else [float(f) for f in frozen])
         bad = torch.tensor(flags, device=device)
         if world > 1:
             bad, sent = self._timed_comm(allreduce_sum, [bad], self.group)
             bad = bad[0]
             self._count(sent, sent)
+        refusals, nonfinite = divmod(int(bad[0]), world + 1)
+        if refusals:
+            self._drop()
+            raise ValueError(
+                refusing
+                or f"{refusals} other rank(s) refused this step; see their error (GradientSync: "
+                "a model changed after GradientSync was built, say)"
+            )
         if frozen is not None:
             self._check_frozen(bad[1:], names, world, device)
-        if float(bad[0]) == 0.0:
+        if nonfinite == 0:
             return False
         if per_param is None:
             per_param = torch.stack([~torch.isfinite(p).all() for p in parts]).to(torch.uint8)
@@ -1109,6 +1133,7 @@ class SyncEngine:
             self.feedback.rollback()  # buckets exchanged before the bad one had committed
         self.feedback.mark()
         self._skipping = False
+        self._refusal = None
         self._scale_read = False
         self._outputs = []
         self.step += 1

@@ -28,6 +28,30 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _SYNC_ARGUMENTS = ("compressor", "density", "process_group", "bucket_cap_mb", "grad_scaler")
 
 
+_registered = [0]  # parameters and submodules set on any module of this process
+_watching: list[Any] = []
+
+
+def _registrations() -> int | None:
+    """How many parameters and submodules were set on modules of this process since the first
+    call, counted by torch's global registration hooks, so that GradientSync looks for new
+    parameters only after one was set, not by walking the model every step; None where this
+    torch lacks those hooks (the model is then walked every step)."""
+    if not _watching:
+        hooks = torch.nn.modules.module
+        param = getattr(hooks, "register_module_parameter_registration_hook", None)
+        module = getattr(hooks, "register_module_module_registration_hook", None)
+        if param is None or module is None:
+            _watching.append(None)
+        else:
+
+            def count(*_: Any) -> None:
+                _registered[0] += 1
+
+            _watching.extend([param(count), module(count)])
+    return None if _watching[0] is None else _registered[0]
+
+
 class GradientSync:
     """Average a model's gradients across ranks through a compressor, in place.
 
@@ -103,6 +127,7 @@ class GradientSync:
         self._sizes = {n: p.numel() for n, p in model.named_parameters()}
         self._model = model
         self._built_with = {id(p) for p in model.parameters()}
+        self._registrations = _registrations()  # parameters and modules made in this process
         device = cuda_device_of(p for _, p in self.params)
         try:  # a rank's bad options: every rank gets an error (check_consistent's gather)
             if isinstance(model, DistributedDataParallel):
@@ -190,8 +215,10 @@ class GradientSync:
         """
         if self._left_out:
             self._warn_unfrozen()
-        if any(id(p) not in self._built_with for p in self._model.parameters()):
-            self._refuse_new_parameters()
+        now = _registrations()
+        if now is None or now != self._registrations:  # a parameter or module set since
+            self._registrations = now
+            self._check_new_parameters()
         try:
             for bucket, (names, shapes) in zip(self.buckets, self._layouts):
                 grads = []
@@ -227,15 +254,26 @@ class GradientSync:
             return False
         return True
 
-    def _refuse_new_parameters(self) -> None:
-        """Raise, naming them, for parameters the model holds that GradientSync was not built
-        with: no bucket holds them, so each rank's copy would drift apart without a word."""
-        new = [n for n, p in self._model.named_parameters() if id(p) not in self._built_with]
-        raise ValueError(
-            f"GradientSync: parameter(s) {', '.join(new)} are not those it was built with (a "
-            "layer replaced or added since), so no bucket holds them and their gradients would "
-            "not be exchanged: build GradientSync again after changing the model"
+    def _check_new_parameters(self) -> None:
+        """Refuse the step, naming them, if the model holds trainable parameters GradientSync
+        was not built with (a layer replaced or added since): no bucket holds them, so each
+        rank's copy would drift apart without a word. The refusal travels with the step's first
+        message, so every rank raises, not this one alone while the others wait. New frozen
+        parameters are left alone, as those frozen when it was built."""
+        new = [(n, p) for n, p in self._model.named_parameters() if id(p) not in self._built_with]
+        self._built_with.update(id(p) for _, p in new if not p.requires_grad)
+        self._left_out.extend((n, p) for n, p in new if not p.requires_grad)
+        trained = [n for n, p in new if p.requires_grad]
+        if not trained:
+            return
+        message = (
+            f"GradientSync: parameter(s) {', '.join(trained)} are not those it was built with "
+            "(a layer replaced or added since), so no bucket holds them and their gradients "
+            "would not be exchanged: build GradientSync again after changing the model"
         )
+        if self.engine.world == 1:
+            raise ValueError(message)
+        self.engine.refuse_step(message)
 
     def _warn_unfrozen(self) -> None:
         """Warn once about parameters frozen when GradientSync was built that train now."""
