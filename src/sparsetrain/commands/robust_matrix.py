@@ -17,7 +17,6 @@ import queue
 import tempfile
 import time
 import traceback
-from collections.abc import Iterable
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -135,20 +134,58 @@ def _rank_main(rank: int, store_path: str, task_name: str, cfg: dict, results) -
         dist.destroy_process_group()
     except Exception:
         results.put((rank, "error", traceback.format_exc(), None))
+        if dist.is_initialized():  # before the interpreter's end, where gloo's threads abort
+            dist.destroy_process_group()
 
 
-def _raise_if_one_died(procs: list, answered: Iterable[int], then: str = "") -> None:
-    """Raise naming the first worker process that exited without a result (a nonzero exit code:
-    killed by a signal, or ended in native code); ranks that ``answered`` do not count (the
-    interpreter's teardown can still abort one after its result or error is put)."""
-    skip = set(answered)
-    dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode and r not in skip]
-    if dead:
-        r, code = dead[0]
-        raise RuntimeError(
-            f"rank {r} of {len(procs)} died without a result (exit code {code}): killed (out "
-            f"of memory, or from outside) or crashed in native code{then}"
-        )
+def _answers(procs: list, results: Any, timeout_s: float) -> dict[int, tuple]:
+    """Every rank's (accuracy, stats) from the ``results`` queue, or a RuntimeError naming the
+    cause: a rank's Python error, or a rank that died without putting anything (a nonzero exit
+    code: killed, by the out-of-memory killer say, or crashed in native code), which its peers
+    see first as a lost connection and report as their own error."""
+    answers: dict[int, tuple] = {}  # rank: (status, value, stats), in the order they came
+    deadline = time.monotonic() + timeout_s
+    first_error = None  # when the first error came
+
+    def take(wait: float) -> None:
+        try:
+            rank, status, value, stats = results.get(timeout=wait)
+            answers[rank] = (status, value, stats)
+            while True:  # and whatever else is there already
+                rank, status, value, stats = results.get_nowait()
+                answers[rank] = (status, value, stats)
+        except queue.Empty:
+            pass
+
+    while True:
+        take(0.5)
+        dead = [r for r, p in enumerate(procs) if p.exitcode and r not in answers]
+        if dead:
+            take(0.1)  # a message put just before the exit (the interpreter's end can abort)
+            dead = [r for r, p in enumerate(procs) if p.exitcode and r not in answers]
+        errors = [r for r, a in answers.items() if a[0] != "ok"]
+        if dead:
+            then = ""
+            if errors:
+                lines = str(answers[errors[0]][1]).strip().splitlines() or [""]
+                then = f"; rank {errors[0]} then failed too ({lines[-1]})"
+            raise RuntimeError(
+                f"rank {dead[0]} of {len(procs)} died without a result (exit code "
+                f"{procs[dead[0]].exitcode}): killed (out of memory, or from outside) or crashed "
+                f"in native code{then}"
+            )
+        if errors:
+            # Wait a moment for a death that caused it, unless every rank has answered.
+            first_error = time.monotonic() if first_error is None else first_error
+            if len(answers) == len(procs) or time.monotonic() - first_error > 2.0:
+                raise RuntimeError(f"rank {errors[0]} failed:\n{answers[errors[0]][1]}")
+        elif len(answers) == len(procs):
+            return {r: (value, stats) for r, (_, value, stats) in answers.items()}
+        elif time.monotonic() > deadline:
+            raise RuntimeError(
+                f"the ranks gave no result within {timeout_s:g} s ({len(answers)} of "
+                f"{len(procs)} finished)"
+            )
 
 
 def run_ranks(task_name: str, config: RobustRunConfig, timeout_s: float = 600.0) -> dict[str, Any]:
@@ -165,31 +202,8 @@ def run_ranks(task_name: str, config: RobustRunConfig, timeout_s: float = 600.0)
         ]
         for p in procs:
             p.start()
-        out: dict[int, tuple] = {}
         try:
-            deadline = time.monotonic() + timeout_s
-            while len(out) < len(procs):
-                try:
-                    rank, status, value, stats = results.get(timeout=0.5)
-                except queue.Empty:
-                    # A rank that ended without a result (a failing one puts its error and
-                    # exits 0) would leave the others waiting until the deadline.
-                    _raise_if_one_died(procs, out)
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(
-                            f"the ranks gave no result within {timeout_s:g} s "
-                            f"({len(out)} of {config.workers} finished)"
-                        ) from None
-                    continue
-                if status != "ok":
-                    # A rank killed outside Python shows first as its peers' lost connections:
-                    # name it, the cause, once its exit is seen.
-                    seen = time.monotonic() + 2.0
-                    while time.monotonic() < seen:
-                        _raise_if_one_died(procs, [*out, rank], f"; rank {rank} then failed too")
-                        time.sleep(0.1)
-                    raise RuntimeError(f"rank {rank} failed:\n{value}")
-                out[rank] = (value, stats)
+            out = _answers(procs, results, timeout_s)
         finally:
             for p in procs:
                 p.join(timeout=10)

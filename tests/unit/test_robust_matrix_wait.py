@@ -1,0 +1,47 @@
+"""How robust-matrix's gloo cells collect their ranks' results, with stand-ins for the processes:
+which rank is named as the cause when one fails."""
+
+from __future__ import annotations
+
+import queue
+from types import SimpleNamespace
+
+import pytest
+
+from sparsetrain.commands.robust_matrix import _answers
+
+
+def _cell(exitcodes, messages):
+    procs = [SimpleNamespace(exitcode=code) for code in exitcodes]
+    results = queue.Queue()
+    for m in messages:
+        results.put(m)
+    return procs, results
+
+
+def test_every_rank_answered_gives_each_ranks_result():
+    procs, results = _cell([0, 0], [(1, "ok", 0.5, {}), (0, "ok", 0.5, {"removed": {}})])
+    assert _answers(procs, results, 5) == {0: (0.5, {"removed": {}}), 1: (0.5, {})}
+
+
+def test_a_rank_that_raised_is_named_even_if_its_process_then_aborted():
+    # Rank 1 put its traceback, then gloo's teardown aborted it (exit -6); rank 0 is still
+    # waiting for it. It was reported as "rank 1 died without a result", the traceback dropped.
+    procs, results = _cell([None, -6], [(1, "error", "Traceback ...\nValueError: bad", None)])
+    with pytest.raises(RuntimeError, match=r"^rank 1 failed:\nTraceback ...\nValueError: bad$"):
+        _answers(procs, results, 5)
+
+
+def test_a_rank_killed_without_a_word_is_named_before_the_peer_that_lost_it():
+    procs, results = _cell(
+        [-9, 0], [(1, "error", "Traceback ...\nRuntimeError: Connection closed by peer", None)]
+    )
+    with pytest.raises(RuntimeError, match=r"rank 0 of 2 died without a result \(exit code -9\)"
+                       r".* rank 1 then failed too \(RuntimeError: Connection closed by peer\)"):  # fmt: skip
+        _answers(procs, results, 5)
+
+
+def test_no_answer_before_the_deadline_says_how_many_finished():
+    procs, results = _cell([None, None], [(0, "ok", 0.5, {})])
+    with pytest.raises(RuntimeError, match=r"no result within 0.2 s \(1 of 2 finished\)"):
+        _answers(procs, results, 0.2)
