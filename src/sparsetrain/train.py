@@ -362,6 +362,8 @@ class TrainConfig:
         _check_int("epochs", self.epochs, 1)
         _check_int("batch_size", self.batch_size, 1)
         _check_int("seed", self.seed, 0)
+        if self.seed >= 2**63:  # as every command's --seed
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed}")
         _check_int("eval_every", self.eval_every, 0)
         _check_int("max_steps", self.max_steps, 0)
         _check_int("checkpoint_every", self.checkpoint_every, 0)
@@ -437,8 +439,8 @@ class TrainConfig:
             )
         if not 0 < self.timeout_s <= _MAX_TIMEOUT_S:  # gloo refuses a longer one
             raise ValueError(
-                f"timeout_s must be a number of seconds in (0, {_MAX_TIMEOUT_S:.0e}] (about 31 "
-                f"years), got {self.timeout_s}"
+                f"timeout_s (--timeout) must be a number of seconds in (0, {_MAX_TIMEOUT_S:.0e}] "
+                f"(about 31 years), got {self.timeout_s}"
             )
         if not 0 < self.bucket_cap_mb < math.inf:
             raise ValueError(
@@ -531,7 +533,9 @@ def shard_indices(
     out before it is padded and dealt (the rest of an epoch that a run of another number of
     ranks began: see :class:`_Plan`).
     """
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    # Modulo 2**64, what manual_seed takes: the same for any seed below 2**64 / 1_000_003,
+    # where a larger one (TrainConfig takes seeds up to 2**63) overflowed in every worker.
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)
     perm = torch.randperm(num_examples, generator=gen)[start:]
     total = _ceil_div(len(perm), world) * world
     if total > len(perm):

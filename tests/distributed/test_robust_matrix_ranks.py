@@ -19,6 +19,7 @@ def test_a_cell_run_on_real_ranks_equals_the_one_process_simulation():
     ranks = run_ranks("digits-mlp", cfg, timeout_s=120)
     alone = simulate(get_task("digits-mlp", cfg.seed), cfg)
     assert ranks["accuracy"] == alone["accuracy"]
+    assert ranks["aggregator_stats"] == alone["aggregator_stats"]
     assert ranks["diverged"] is False
 
 

@@ -548,7 +548,10 @@ def test_ring_byte_formulas_refuse_counts_no_call_could_have():
 
 def test_a_bandwidth_string_needs_its_unit_as_a_latency_string_does():
     # "10" was read as 10 bit/s (a latency "5" was already refused).
-    with pytest.raises(ValueError, match=r"bandwidth '10' needs a unit: write for example 10gbit"):
+    with pytest.raises(ValueError, match=r"bandwidth '10' needs a unit: as bits per second it "
+                       r"would be 1e-08gbit; write for example 10gbit"):  # fmt: skip
         pm.NetworkParams.from_link("10", "5us")
+    with pytest.raises(ValueError, match=r"as bits per second it would be 1gbit"):
+        pm.NetworkParams.from_link("1e9", "5us")
     assert pm.NetworkParams.from_link("10gbit", "5us").beta == 8e-10
     assert pm.NetworkParams.from_link(1e10, "5us").beta == 8e-10  # a number is bits per second

@@ -55,9 +55,20 @@ def test_a_compressor_must_be_a_compressor_class():
     ],
 )
 def test_a_built_in_name_is_not_silently_replaced(register, name, base, words):
+    from sparsetrain import perfmodel
+    from sparsetrain.comm import registry
+    from sparsetrain.pruning import schedules
+
+    tables = [registry._COLLECTIVES, schedules._SCHEDULES, perfmodel._MODELS]
+    saved = [dict(t) for t in tables]
     what = type("Mine", (base,), {}) if base is not None else (lambda q: None)
-    with pytest.raises(ValueError, match=words):
-        register(name)(what)
+    try:
+        with pytest.raises(ValueError, match=words):
+            register(name)(what)
+    finally:  # were it replaced after all, tests elsewhere would not see the built-in
+        for table, before in zip(tables, saved):
+            table.clear()
+            table.update(before)
 
 
 def test_a_task_registered_under_a_built_in_name_before_first_use_stays_registered():

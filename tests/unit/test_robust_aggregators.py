@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from sparsetrain.robust import aggregate, available_aggregators, get_aggregator
 from sparsetrain.robust.base import key_seed
+from tests.states import same
 
 ORDER_FREE = ["mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median"]
 
@@ -289,11 +290,13 @@ def test_a_stateful_rule_refuses_one_key_for_tensors_of_two_widths(name):
     # change of width (it never removed anyone) and centered clipping failed inside torch.
     rule = get_aggregator(name, n=5, f=1)
     rule(torch.randn(5, 30))
+    before = rule.state_dict()
     with pytest.raises(ValueError, match=rf"aggregator '{name}' holds state of width 30 for key "
                        r"'' .* got gradients of width 20: .* give each tensor its own key"):  # fmt: skip
         rule(torch.randn(5, 20))
+    assert same(rule.state_dict(), before)  # the refused call changed nothing
     assert rule(torch.randn(5, 20), key="head").shape == (20,)
-    assert rule(torch.randn(5, 30)).shape == (30,)  # the refused call changed nothing
+    assert rule(torch.randn(5, 30)).shape == (30,)
 
 
 def test_safeguard_with_a_key_a_layer_removes_a_drifting_worker_across_layers():

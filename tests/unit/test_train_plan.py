@@ -7,8 +7,9 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+import torch
 
-from sparsetrain.train import _Plan, shard_indices
+from sparsetrain.train import TrainConfig, _Plan, shard_indices
 
 SEED = 3
 
@@ -218,3 +219,19 @@ def test_a_file_set_aside_never_replaces_one_set_aside_before(tmp_path):
     assert not (tmp_path / "rank0.pt").exists()
     kept = ["rank0.unfinished.pt", "rank0.unfinished.1.pt", "rank0.unfinished.2.pt"]
     assert [(tmp_path / name).read_text() for name in kept] == ["step 0", "step 1", "step 2"]
+
+
+def test_the_largest_seed_every_command_takes_draws_an_order_and_a_larger_one_is_refused():
+    # seed * 1_000_003 overflowed manual_seed in every worker for seeds above about 1.8e13,
+    # though --seed takes any integer below 2**63; the order of smaller seeds is unchanged.
+    from sparsetrain.robust.simulate import batch_generator
+
+    top = 2**63 - 1
+    order = shard_indices(10, 0, 1, top, 3)
+    assert sorted(order.tolist()) == list(range(10))
+    assert torch.equal(order, shard_indices(10, 0, 1, top, 3))
+    expected = torch.randperm(10, generator=torch.Generator().manual_seed(5 * 1_000_003 + 3))
+    assert torch.equal(shard_indices(10, 0, 1, 5, 3), expected)
+    batch_generator(top, 7)
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*63\)"):
+        TrainConfig(seed=2**63)

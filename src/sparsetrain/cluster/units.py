@@ -51,9 +51,10 @@ def parse_rate(text: str | float | int) -> float:
     """Return a link rate in bits per second.
 
     Args:
-        text: a number of bits per second, or a string in tc's notation, which needs its unit
-            (``"1gbit"``, ``"100mbit"``; ``"125mbps"`` is 125 mega*bytes* per second): a
-            command line's ``--bandwidth 10`` is refused rather than read as 10 bit/s.
+        text: a number of bits per second, or a string in tc's notation with its unit
+            (``"1gbit"``, ``"100mbit"``; ``"125mbps"`` is 125 mega*bytes* per second). A
+            string without one is refused (tc would read it as bits per second): a command
+            line's ``--bandwidth 10`` means 10 Gbit/s more likely than 10 bit/s.
 
     Returns:
         The rate in bits per second, positive.
@@ -66,9 +67,9 @@ def parse_rate(text: str | float | int) -> float:
         m = _NUMBER.match(text)
         if m is not None and not m.group(2) and float(m.group(1)) > 0:  # "-5": refused below
             raise ValueError(
-                f"bandwidth {text!r} needs a unit: write for example {text.strip()}gbit or "
-                f"{text.strip()}mbit (a bare number would be {text.strip()} bit/s; units: "
-                f"{', '.join(_RATE_UNITS)})"
+                f"bandwidth {text!r} needs a unit: as bits per second it would be "
+                f"{float(m.group(1)) / 1e9:g}gbit; write for example 10gbit or 100mbit "
+                f"(units: {', '.join(_RATE_UNITS)})"
             )
     rate = _split(text, "bandwidth", _RATE_UNITS, "1gbit")
     if not rate > 0:

@@ -40,7 +40,7 @@ def allreduce_sum(
     """Sum ``tensors`` over ranks with one allreduce of their concatenation.
 
     Every rank passes as many tensors, of the same sizes and one dtype. With ``check`` (the
-    default) that is checked first, in one more allreduce of 8 ints: ranks that differ, or a
+    default) that is checked first, in one more allreduce of 10 ints: ranks that differ, or a
     rank whose input is refused, get an error on every rank (without it gloo aborts a process
     or returns a sum of mismatched tensors, as ``torch.distributed.all_reduce`` itself does).
     ``check=False`` skips it where the sizes agree by construction.

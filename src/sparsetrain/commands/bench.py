@@ -63,7 +63,7 @@ def _sparse_input(numel: int, k: int, rank: int, seed: int):
     """This rank's (sorted int32 indices, float32 values): k distinct uniform random indices."""
     import torch
 
-    g = torch.Generator().manual_seed(seed * 1_000_003 + rank)
+    g = torch.Generator().manual_seed((seed * 1_000_003 + rank) % 2**64)  # what it takes
     idx = torch.randperm(numel, generator=g)[:k].sort().values.to(torch.int32)
     return idx, torch.randn(k, generator=g)
 

@@ -109,7 +109,8 @@ def shards(num: int, workers: int, seed: int, split: str = "shard") -> list[Tens
 def batch_generator(seed: int, worker: int) -> torch.Generator:
     """The random generator of ``worker``'s mini-batches in a run seeded ``seed``: the same in
     the simulation and in real gloo ranks, so both draw the same batches."""
-    return torch.Generator().manual_seed(seed * 7_919 + 1_000_003 * (worker + 1))
+    # Modulo 2**64, what manual_seed takes (a large --seed overflowed; small ones unchanged).
+    return torch.Generator().manual_seed((seed * 7_919 + 1_000_003 * (worker + 1)) % 2**64)
 
 
 def draw(shard: Tensor, batch_size: int, gen: torch.Generator) -> Tensor:
