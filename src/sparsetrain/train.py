@@ -309,6 +309,7 @@ class TrainConfig:
         if self.task not in tasks:
             raise ValueError(f"unknown task {self.task!r}; valid names are: {', '.join(tasks)}")
         if self.density is not None:
+            self.density = plain(self.density)  # a NumPy number as Python's (np.float32 too)
             check_density(self.density)
             options = self.compressor_options if isinstance(self.compressor_options, dict) else {}
             given = options.get("density")

@@ -413,3 +413,17 @@ def test_every_rank_refuses_a_mismatched_attack_without_hanging(
     for msg in msgs:
         assert msg is not None and f"built for n={attack_n} workers of which f={attack_f}" in msg
         assert "the group has 2 ranks of which 1 attack" in msg
+
+
+def test_a_numpy_float32_density_is_taken_as_float64s_always_was():
+    # np.float64 passed (a float subclass); np.float32 was refused as "not a number".
+    import numpy as np
+
+    import sparsetrain
+    from sparsetrain.train import TrainConfig
+
+    assert get_compressor("topk", density=np.float32(0.25)).density == 0.25
+    sync = sparsetrain.GradientSync(torch.nn.Linear(4, 2), "topk", density=np.float32(0.25))
+    assert type(sync.config.compressor_options["density"]) is float
+    config = TrainConfig(compressor="topk", density=np.float32(0.25))
+    assert type(config.density) is float and config.density == 0.25

@@ -9,7 +9,7 @@ import dataclasses
 import importlib
 from typing import Any
 
-from .._options import check_options
+from .._options import check_options, plain
 from .base import (
     Compressor,
     Payload,
@@ -107,7 +107,7 @@ def get_compressor(name: str, **options: Any) -> Compressor:
     """
     cls = compressor_class(name)
     check_options("compressor", name, options, option_names(name))
-    return cls(**options)
+    return cls(**plain(options))  # NumPy numbers as Python's (np.float32 is no float)
 
 
 __all__ = [

@@ -442,6 +442,7 @@ def make_config(
     ``own`` its own arguments besides them, for the error that refuses an option none of them
     takes.
     """
+    options, density = plain(options), plain(density)  # NumPy numbers as Python's
     sync_fields = set(sync_option_names())
     sync = {k: v for k, v in options.items() if k in sync_fields}
     comp = {k: v for k, v in options.items() if k not in sync_fields}
