@@ -2082,3 +2082,21 @@ def test_a_layer_replaced_on_one_rank_raises_on_every_rank(tmp_path):
                                                 "not those it was built with"), r  # fmt: skip
             else:
                 assert r[compressor].startswith("1 other rank(s) refused this step; see their"), r
+
+
+def _no_group_on_one_rank(rank: int, world: int) -> dict:
+    try:
+        sparsetrain.GradientSync(
+            nn.Linear(4, 2), "topk", density=0.5, process_group="world" if rank == 1 else None
+        )
+    except (TypeError, ValueError) as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"error": None}
+
+
+def test_a_process_group_that_is_no_group_on_one_rank_raises_on_every_rank(tmp_path):
+    # It raised on that rank alone; the others waited in the settings' gather until the timeout.
+    res = oks(run_world(_no_group_on_one_rank, 2, tmp_path))
+    assert res[1]["error"].startswith("TypeError: process_group must be a torch.distributed"), res
+    assert res[0]["error"].startswith("ValueError: sparsetrain: rank(s) [1] refused their "
+                                      "gradient-sync options (rank 1: TypeError: process_group"), res  # fmt: skip

@@ -115,7 +115,12 @@ class GradientSync:
         grad_scaler: torch.amp.GradScaler | None = None,
         **options: Any,
     ):
-        check_process_group(process_group)
+        try:
+            check_process_group(process_group)
+        except TypeError as e:
+            # No group at all: told over the default one, which every rank shares, so that the
+            # others (given None, the usual case) raise too instead of waiting for this rank.
+            refuse_everywhere(e, None)
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"GradientSync needs the model as a torch.nn.Module, got {type(model).__name__}"
