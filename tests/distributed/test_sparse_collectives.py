@@ -784,6 +784,18 @@ def test_all_gather_variable_refuses_other_dtypes_on_every_rank(tmp_path):
         assert res["same"] == [[[0], [1.0, 1.0]], [[0, 1], [1.0, 1.0]]], res
 
 
+def _errors_of(call, cases: dict) -> dict:
+    """For each case's tensors, the error ``call`` raised on them ("Type: message"), or None."""
+    errors = {}
+    for name, tensors in cases.items():
+        try:
+            call(tensors)
+            errors[name] = None
+        except (TypeError, ValueError) as e:
+            errors[name] = f"{type(e).__name__}: {e}"
+    return errors
+
+
 def _gather_disagreements(rank: int, world: int) -> dict:
     from sparsetrain.comm import all_gather_variable
 
@@ -796,13 +808,7 @@ def _gather_disagreements(rank: int, world: int) -> dict:
         "not_tensors": [1.0] if rank == 1 else [torch.ones(1)],
         "sparse_layout": [torch.ones(4).to_sparse() if rank == 0 else torch.ones(4)],
     }
-    errors = {}
-    for name, tensors in cases.items():
-        try:
-            all_gather_variable(tensors)
-            errors[name] = None
-        except (TypeError, ValueError) as e:
-            errors[name] = f"{type(e).__name__}: {e}"
+    errors = _errors_of(all_gather_variable, cases)
     # A header wider than the first round's 9 slots (nine tensors: nine lengths, nine dtypes)
     # on every rank, then on one rank only, whose width the others learn in the first round.
     wide = all_gather_variable([torch.full((rank + j,), float(j)) for j in range(9)])[0]
@@ -1009,13 +1015,7 @@ def _allreduce_disagreements(rank: int, world: int) -> dict:
             torch.ones(2, dtype=torch.float64 if rank == 0 else torch.float32),
         ],
     }
-    errors = {}
-    for name, tensors in cases.items():
-        try:
-            allreduce_sum(tensors)
-            errors[name] = None
-        except (TypeError, ValueError) as e:
-            errors[name] = f"{type(e).__name__}: {e}"
+    errors = _errors_of(allreduce_sum, cases)
     return {"sum": [t.tolist() for t in out], "sent": sent, "max": peak[0].tolist(),
             "errors": errors}  # fmt: skip
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+from typing import Any
 
 # tc's units: "bit" suffixes are bits per second, "bps" suffixes bytes per second (SI powers).
 _RATE_UNITS = {
@@ -47,6 +48,15 @@ def _split(text: str | float | int, what: str, units: dict[str, float], default:
     return value
 
 
+def _bare_number(text: Any) -> float | None:
+    """The value of a string that is a positive number without a unit, else None (a negative
+    one, "0" or a number that is not a string is left to the other checks)."""
+    m = _NUMBER.match(text) if isinstance(text, str) else None
+    if m is None or m.group(2) or not float(m.group(1)) > 0:
+        return None
+    return float(m.group(1))
+
+
 def parse_rate(text: str | float | int) -> float:
     """Return a link rate in bits per second.
 
@@ -63,14 +73,12 @@ def parse_rate(text: str | float | int) -> float:
         >>> parse_rate("1gbit")
         1000000000.0
     """
-    if isinstance(text, str):
-        m = _NUMBER.match(text)
-        if m is not None and not m.group(2) and float(m.group(1)) > 0:  # "-5": refused below
-            raise ValueError(
-                f"bandwidth {text!r} needs a unit: as bits per second it would be "
-                f"{float(m.group(1)) / 1e9:g}gbit; write for example 10gbit or 100mbit "
-                f"(units: {', '.join(_RATE_UNITS)})"
-            )
+    bare = _bare_number(text)
+    if bare is not None:
+        raise ValueError(
+            f"bandwidth {text!r} needs a unit: as bits per second it would be {bare / 1e9:g}gbit; "
+            f"write for example 10gbit or 100mbit (units: {', '.join(_RATE_UNITS)})"
+        )
     rate = _split(text, "bandwidth", _RATE_UNITS, "1gbit")
     if not rate > 0:
         raise ValueError(f"bandwidth must be positive, got {text!r}")
@@ -88,13 +96,11 @@ def parse_duration(text: str | float | int) -> float:
         >>> parse_duration("2ms")
         0.002
     """
-    if isinstance(text, str):
-        m = _NUMBER.match(text)
-        if m is not None and not m.group(2) and float(m.group(1)) > 0:  # "-5": refused below
-            raise ValueError(
-                f"duration {text!r} needs a unit: write for example {text.strip()}us, "
-                f"{text.strip()}ms or {text.strip()}s (units: {', '.join(_TIME_UNITS)})"
-            )
+    if _bare_number(text) is not None:
+        raise ValueError(
+            f"duration {text!r} needs a unit: write for example {text.strip()}us, "
+            f"{text.strip()}ms or {text.strip()}s (units: {', '.join(_TIME_UNITS)})"
+        )
     value = _split(text, "duration", _TIME_UNITS, "100us")
     if value < 0:
         raise ValueError(f"duration must not be negative, got {text!r}")
