@@ -765,9 +765,10 @@ def test_gradient_sync_refuses_a_layer_replaced_after_it_was_built():
     assert sync.synchronize()
     model[2] = nn.Linear(8, 2)
     model(torch.randn(3, 4)).sum().backward()
-    with pytest.raises(ValueError, match=r"parameter\(s\) 2\.weight, 2\.bias are not those it was "
-                       r"built with .* build GradientSync again after changing the model"):  # fmt: skip
-        sync.synchronize()
+    for _ in range(2):  # every call, not the first only (a caller may catch it and go on)
+        with pytest.raises(ValueError, match=r"parameter\(s\) 2\.weight, 2\.bias are not those "
+                           r"it was built with .* build GradientSync again after changing"):  # fmt: skip
+            sync.synchronize()
     sparsetrain.GradientSync(model, "none").synchronize()  # built again: it goes on
 
 

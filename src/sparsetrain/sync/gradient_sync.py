@@ -221,9 +221,8 @@ class GradientSync:
         if self._left_out:
             self._warn_unfrozen()
         now = _registrations()
-        if now is None or now != self._registrations:  # a parameter or module set since
-            self._registrations = now
-            self._check_new_parameters()
+        if (now is None or now != self._registrations) and self._no_new_parameters():
+            self._registrations = now  # (a refused model is looked at again at every call)
         try:
             for bucket, (names, shapes) in zip(self.buckets, self._layouts):
                 grads = []
@@ -259,9 +258,9 @@ class GradientSync:
             return False
         return True
 
-    def _check_new_parameters(self) -> None:
-        """Refuse the step, naming them, if the model holds trainable parameters GradientSync
-        was not built with (a layer replaced or added since): no bucket holds them, so each
+    def _no_new_parameters(self) -> bool:
+        """Return True, or refuse the step, naming them, if the model holds trainable
+        parameters GradientSync was not built with (a layer replaced or added since): no bucket holds them, so each
         rank's copy would drift apart without a word. The refusal travels with the step's first
         message, so every rank raises, not this one alone while the others wait. New frozen
         parameters are left alone, as those frozen when it was built."""
@@ -270,7 +269,7 @@ class GradientSync:
         self._left_out.extend((n, p) for n, p in new if not p.requires_grad)
         trained = [n for n, p in new if p.requires_grad]
         if not trained:
-            return
+            return True
         message = (
             f"GradientSync: parameter(s) {', '.join(trained)} are not those it was built with "
             "(a layer replaced or added since), so no bucket holds them and their gradients "
@@ -279,6 +278,7 @@ class GradientSync:
         if self.engine.world == 1:
             raise ValueError(message)
         self.engine.refuse_step(message)
+        return False
 
     def _warn_unfrozen(self) -> None:
         """Warn once about parameters frozen when GradientSync was built that train now."""
