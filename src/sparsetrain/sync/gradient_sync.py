@@ -260,10 +260,10 @@ class GradientSync:
 
     def _no_new_parameters(self) -> bool:
         """Return True, or refuse the step, naming them, if the model holds trainable
-        parameters GradientSync was not built with (a layer replaced or added since): no bucket holds them, so each
-        rank's copy would drift apart without a word. The refusal travels with the step's first
-        message, so every rank raises, not this one alone while the others wait. New frozen
-        parameters are left alone, as those frozen when it was built."""
+        parameters GradientSync was not built with (a layer replaced or added since): no
+        bucket holds them, so each rank's copy would drift apart without a word. The refusal
+        travels with the step's first message, so every rank raises, not this one alone while
+        the others wait. New frozen parameters are left alone, as those frozen at build."""
         new = [(n, p) for n, p in self._model.named_parameters() if id(p) not in self._built_with]
         self._built_with.update(id(p) for _, p in new if not p.requires_grad)
         self._left_out.extend((n, p) for n, p in new if not p.requires_grad)
