@@ -21,8 +21,8 @@ from .._options import is_integer
 def _check_counts(**counts: Any) -> None:
     """Refuse a count that is not an integer >= 0 (``world`` >= 1), naming it."""
     for name, value in counts.items():
-        if not is_integer(value, 1 if name == "world" else 0):
-            low = 1 if name == "world" else 0
+        low = 1 if name == "world" else 0
+        if not is_integer(value, low):
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 

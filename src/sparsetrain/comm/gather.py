@@ -113,10 +113,11 @@ def _agree(
         device=device_of(tensors[0] if tensors else None, group),
     )  # fmt: skip
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
-    hi, lo = both[:4].tolist(), [-v for v in both[5:9].tolist()]
+    got = both.tolist()  # one read of the device
+    hi, refused, lo = got[:4], got[4], [-v for v in got[5:9]]
     if error is not None:
         raise error
-    if both[4]:
+    if refused:
         raise ValueError(f"allreduce_{op}: another rank's tensors are refused (see its error)")
     if hi != lo:
         raise ValueError(

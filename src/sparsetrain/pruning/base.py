@@ -66,10 +66,11 @@ def closure_loss(closure: Closure, who: str) -> Tensor:
     return loss.reshape(())
 
 
-def check_finite(grads: Tensor, who: str, what: str) -> None:
+def check_finite(grads: Sequence[Tensor], who: str, what: str) -> None:
     """Raise if ``grads`` (``what``: gradients gathered or summed over the ranks, the same on
-    every rank, so every rank raises) hold NaN or Inf, which would make the weights NaN."""
-    if not bool(torch.isfinite(grads).all()):
+    every rank, so every rank raises) hold NaN or Inf, which would make the weights NaN. One
+    read of the device for all of them."""
+    if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
         raise ValueError(
             f"{who}: {what} hold NaN or Inf (a loss from closure, or its gradients, on some "
             "rank): the pruned weights would be NaN. Nothing was pruned"

@@ -240,8 +240,7 @@ class RigLPruner(Pruner):
             flat /= dist.get_world_size(self._group)
             grads = list(flat.split([g.numel() for g in grads]))
         if closure is not None:  # (a training step's are as training made them)
-            for g in grads:
-                check_finite(g, "rigl", "the closure's dense gradients that choose regrowth")
+            check_finite(grads, "rigl", "the closure's dense gradients that choose regrowth")
         return {n: g.view(self._weights[n].shape) for n, g in zip(names, grads)}
 
     def stats(self) -> dict[str, Any]:

@@ -117,7 +117,7 @@ class WoodFisherPruner(ScheduledPruner):
                 pending.append(self._layout.to_blocks([g.detach().float() for g in grads]))
                 if len(pending) == self.chunk or i == self.fisher_samples - 1:
                     samples = self._gather(torch.stack(pending))
-                    check_finite(samples, "woodfisher", "the Fisher's gradient samples")
+                    check_finite([samples], "woodfisher", "the Fisher's gradient samples")
                     woodbury_update_(finv, samples, total)
                     pending = []
         finally:
