@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import io
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -327,6 +328,20 @@ def test_collectives_refuse_a_group_that_is_not_a_process_group(group, name, bad
         coll(idx, val, 10, group=bad)
     coll(idx, val, 10, group=dist.group.WORLD)  # a real group still works
     coll(idx, val, 10)
+
+
+@pytest.mark.parametrize("name", available_collectives())
+def test_collectives_take_a_numpy_integer_numel_as_the_int_it_holds(group, name):
+    idx, val = torch.tensor([1, 3], dtype=torch.int32), torch.tensor([1.0, 2.0])
+    want = get_collective(name)(idx, val, 10)
+    got = get_collective(name)(idx, val, np.int64(10))
+    for field in ("dense", "indices", "values"):
+        a, b = getattr(want, field), getattr(got, field)
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert type(got.bytes_sent) is int and type(got.bytes_recv) is int
+    for bad in (np.float64(10), True, np.int64(0)):
+        with pytest.raises(ValueError, match="numel must be a positive int below 2"):
+            get_collective(name)(idx, val, bad)
 
 
 def test_all_gather_variable_names_what_it_takes(group):

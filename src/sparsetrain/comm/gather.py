@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .._options import plain
 from .accounting import ring_allgather_bytes, ring_allreduce_bytes
 from .p2p import (
     alone,
@@ -309,6 +310,7 @@ class AllgatherSparse(SparseCollective):
     def __call__(self, indices, values, numel, *, group=None, key=""):
         # The input checks ride in the size header (no extra message): a bad input on one rank
         # raises on every rank, as in the other collectives.
+        numel = plain(numel)
         device = device_of(values, group)
         error = input_error(indices, values, numel, device)
         if error is None:

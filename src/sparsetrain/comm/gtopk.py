@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .._options import plain
 from .p2p import Wire, as_dtype, coalesce, device_of, merge
 from .registry import CollectiveResult, SparseCollective, register_collective
 
@@ -119,6 +120,7 @@ class GTopK(SparseCollective):
             dropped: of its own input beyond k, and of the sums it merged) and the bytes
             counted.
         """
+        numel = plain(numel)
         wire = Wire(group, device_of(values, group), self.name, key)
         k, _ = wire.agree(indices, values, numel, self.k, options={"k": self.k or 0})
         # Never more than the vector holds: every message has room for k entries.

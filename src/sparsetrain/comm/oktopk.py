@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .._options import is_integer
+from .._options import is_integer, plain
 from .p2p import (
     Wire,
     coalesce,
@@ -296,6 +296,7 @@ class OkTopk(SparseCollective):
             ranks at those indices, and the bytes counted; with ``residuals="owner"`` also
             ``dropped``, the sums of this rank's region that the threshold left out.
         """
+        numel = plain(numel)
         wire = Wire(group, device_of(values, group), self.name, key)
         st = self._keys.get(key) or _KeyState()
         same = {

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .._options import plain
 from .p2p import (
     Wire,
     coalesce,
@@ -87,6 +88,7 @@ class SSARRecursiveDoubling(SparseCollective):
         Returns:
             ``CollectiveResult`` with ``dense`` (values' dtype and device) and the bytes counted.
         """
+        numel = plain(numel)
         wire = Wire(group, device_of(values, group), self.name, key)
         wire.agree(indices, values, numel)
         idx, val = coalesce(indices, values)
@@ -243,6 +245,7 @@ class SSARSplitAllgather(SparseCollective):
         key: str = "",
     ) -> CollectiveResult:
         """Return the dense sum over ranks; arguments as for :class:`SSARRecursiveDoubling`."""
+        numel = plain(numel)
         wire = Wire(group, device_of(values, group), self.name, key)
         dense = split_allgather(wire, indices, values, numel, adaptive=False)
         t = wire.traffic
