@@ -3,6 +3,7 @@ names, the model, the process group, and the states they load."""
 
 from __future__ import annotations
 
+import copy
 import io
 import warnings
 from typing import Any
@@ -647,6 +648,57 @@ def test_rigls_deferred_initial_masks_clear_the_residuals_when_they_take_effect(
     residuals = sync.engine.feedback.residuals
     for name, mask in pruner.masks.items():
         assert not residuals[name].reshape(mask.shape)[~mask].any(), name
+
+
+@pytest.mark.parametrize("method", ["magnitude", "rigl"])
+@pytest.mark.parametrize("sync_first", [True, False], ids=["sync_loaded_first", "pruner_first"])
+def test_a_pruner_state_loaded_keeps_the_syncs_residuals_so_the_resume_is_exact(
+    group, method, sync_first
+):
+    """With mask_gradients=False residuals build up at pruned weights between mask changes;
+    loading the pruner's state cleared them, so a resume that loaded the sync's state first
+    sent other entries than the run that never stopped."""
+    from sparsetrain.pruning import Gradual, get_pruner
+
+    def build():
+        net = _model()
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        sync = sparsetrain.GradientSync(net, "topk", 0.1)
+        options = {"schedule": Gradual(start=0, end=4, frequency=2)}
+        if method == "rigl":
+            options = {"delta_t": 3, "end": 12}
+        pruner = get_pruner(method, sparsity=0.8, mask_gradients=False, **options)
+        return net, opt, sync, pruner.prepare(net, opt, sync=sync)
+
+    def train(net, opt, sync, pruner, steps):
+        for s in steps:
+            x = torch.randn(16, 4, generator=torch.Generator().manual_seed(s))
+            opt.zero_grad()
+            net(x).pow(2).mean().backward()
+            sync.synchronize()
+            opt.step()
+            pruner.step(s)
+
+    net, opt, sync, pruner = build()
+    train(net, opt, sync, pruner, range(8))
+    saved = copy.deepcopy([net.state_dict(), opt.state_dict(), sync.state_dict(),
+                           pruner.state_dict()])  # fmt: skip
+    train(net, opt, sync, pruner, range(8, 12))
+    net2, opt2, sync2, pruner2 = build()
+    net2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    loads = [lambda: sync2.load_state_dict(saved[2]), lambda: pruner2.load_state_dict(saved[3])]
+    for load in loads if sync_first else loads[::-1]:
+        load()
+    residuals = saved[2]["feedback"]["residuals"]
+    pruned = {n: ~m.reshape(-1) for n, m in saved[3]["masks"].items()}
+    assert any(residuals[n][at].any() for n, at in pruned.items()), (
+        "the saved residuals hold nothing at pruned weights: the test shows nothing"
+    )
+    train(net2, opt2, sync2, pruner2, range(8, 12))
+    for a, b in zip(net.parameters(), net2.parameters()):
+        assert torch.equal(a, b)
+    assert same(sync2.state_dict()["feedback"], sync.state_dict()["feedback"])  # the residuals
 
 
 def test_powersgd_recovers_after_a_step_whose_gradient_was_not_finite(group):

@@ -463,7 +463,7 @@ class Pruner:
         self._apply()
 
     @torch.no_grad()
-    def _apply(self) -> None:
+    def _apply(self, clear: bool = True) -> None:
         deferred = self._deferred
         self._cancel_deferred()
         for n, p in self._weights.items():
@@ -473,7 +473,7 @@ class Pruner:
                 for v in self._optimizer.state.get(p, {}).values():
                     if isinstance(v, Tensor) and v.shape == p.shape:
                         v.masked_fill_(pruned, 0)
-        if deferred:  # the initial masks take effect only now (RigL)
+        if deferred and clear:  # the initial masks take effect only now (RigL)
             self._clear_sync()
 
     def set_masks(self, masks: Masks) -> None:
@@ -487,13 +487,17 @@ class Pruner:
         _check_masks(masks, self._weights, "set_masks()", complete=False)
         self._assign_masks(masks)
 
-    def _assign_masks(self, masks: Masks, sync: bool = True) -> None:
+    def _assign_masks(self, masks: Masks, sync: bool = True, clear: bool = True) -> None:
+        """``clear``: clear the sync's residuals at the pruned weights, as a change of the
+        masks does; a load does not, as the sync's own saved state already holds what the
+        run had there (with ``mask_gradients=False`` they build up between changes)."""
         for n, m in masks.items():
             self._masks[n] = m.detach().to(device=self._weights[n].device, dtype=torch.bool).clone()
         if sync:
             self.sync_masks()
-        self._apply()
-        self._clear_sync()
+        self._apply(clear)
+        if clear:
+            self._clear_sync()
 
     def _clear_sync(self) -> None:
         """Clear the gradient sync's residuals at the pruned weights (``prepare(sync=...)``)."""
@@ -708,7 +712,7 @@ class Pruner:
         self._step = operator.index(state["step"])
         self._num_updates = operator.index(state["num_updates"])
         self.load_extra_state(state["extra"])
-        self._assign_masks(state["masks"], sync=sync)
+        self._assign_masks(state["masks"], sync=sync, clear=False)
 
     def extra_state(self) -> dict[str, Any]:
         return {}
