@@ -202,7 +202,7 @@ def _propagate(rank: int, world: int, how: str, device: str) -> dict:
     state = sync.state_dict()
     out["state_scale"] = state["loss_scale"]
     plain = sparsetrain.GradientSync(_net(), "threshold", bucket_cap_mb=0.001, **opts)
-    plain.load_state_dict(state)
+    plain.load_state_dict(state, strict=False)  # (the hook's state: DDP's groups, not its buckets)
     saved = {n: r.clone() for n, r in state["feedback"]["residuals"].items()}
     plain.engine._begin_step(torch.device("cpu"))
     res = plain.engine.feedback.residuals

@@ -1827,8 +1827,6 @@ def test_names_that_hold_the_key_separator_keep_their_state(tmp_path):
 
 
 def _frozen_and_resumed(rank: int, world: int, path: str) -> dict:
-    import warnings
-
     def build() -> tuple[nn.Module, sparsetrain.GradientSync]:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(20, 30), nn.Linear(30, 5))
@@ -1852,16 +1850,22 @@ def _frozen_and_resumed(rank: int, world: int, path: str) -> dict:
     except ValueError as e:
         refused = str(e)
     resumed.load_state_dict(saved, strict=False)
-    # Unfrozen, that layer is in no bucket: a warning, once.
+    # Unfrozen, that layer is in no bucket: every step is refused on every rank (a warning
+    # was given once, and the ranks' copies of the layer drifted apart).
     again[0].requires_grad_(True)
     caught = []
     for _ in range(2):
         again.zero_grad()
         nn.functional.cross_entropy(again(x), y).backward()
-        with warnings.catch_warnings(record=True) as w:
-            warnings.simplefilter("always")
+        try:
             resumed.synchronize()
-        caught += [str(m.message) for m in w]
+        except ValueError as e:
+            caught.append(str(e))
+    # Frozen again, the steps go on.
+    again[0].requires_grad_(False)
+    again.zero_grad()
+    nn.functional.cross_entropy(again(x), y).backward()
+    went_on = resumed.synchronize()
     # Another bucket_cap_mb: refused too, naming it.
     model, sync = build()
     smaller = sparsetrain.GradientSync(model, "topk", density=0.1, bucket_cap_mb=0.0001)
@@ -1869,7 +1873,7 @@ def _frozen_and_resumed(rank: int, world: int, path: str) -> dict:
         smaller.load_state_dict(sync.state_dict())
     except ValueError as e:
         other_cap = str(e)
-    return {"warnings": caught, "refused": refused, "other_cap": other_cap}
+    return {"unfrozen": caught, "went_on": went_on, "refused": refused, "other_cap": other_cap}
 
 
 def test_a_state_saved_after_freezing_loads_where_the_layer_is_frozen_before_building(tmp_path):
@@ -1878,15 +1882,18 @@ def test_a_state_saved_after_freezing_loads_where_the_layer_is_frozen_before_bui
     bucket_cap_mb was not noticed at all) and strict=False takes it."""
     for res in oks(run_world(_frozen_and_resumed, 2, tmp_path, str(tmp_path / "ckpt"))):
         assert res["refused"].startswith(
-            "GradientSync: this state was saved with other buckets of parameters (parameters "
-            "frozen when it was built differ: saved with 0.bias, 0.weight)"
+            "GradientSync: this state was saved with other buckets of parameters (other "
+            "trained parameters, another model's or other ones frozen: saved with 0.bias, "
+            "0.weight)"
         ), res
         assert "(1 bucket(s) saved against 4 now: another bucket_cap_mb?)" in res["other_cap"], res
-        assert len(res["warnings"]) == 1, res
-        assert res["warnings"][0].startswith(
-            "GradientSync: parameter(s) 0.weight, 0.bias were frozen when GradientSync was "
-            "built and are trainable now; their gradients are not exchanged"
-        ), res
+        assert len(res["unfrozen"]) == 2, res
+        for message in res["unfrozen"]:
+            assert message.startswith(
+                "GradientSync: parameter(s) 0.weight, 0.bias were frozen when it was built (or "
+                "added) and are trainable now, so no bucket holds them"
+            ), res
+        assert res["went_on"] is True, res
 
 
 def _raised_step(rank: int, world: int) -> dict:
@@ -1980,7 +1987,8 @@ def test_a_state_saved_by_another_rank_or_world_size_is_refused_on_every_rank(tm
     x, y = _batch(0)
     nn.functional.cross_entropy(model(x), y).backward()
     sync.synchronize()
-    single = sync.state_dict()
+    # As a hook's state (a hook refuses GradientSync's, whose buckets are not DDP's groups).
+    single = {k: v for k, v in sync.state_dict().items() if k != "buckets"} | {"ddp_groups": None}
     assert (single["rank"], single["world"]) == (0, 1)
     torch.save(single, tmp_path / "single.pt")
     for r in oks(run_world(_loaded_elsewhere, 2, tmp_path, str(tmp_path))):

@@ -57,9 +57,19 @@ def _stepped(**kwargs: Any) -> sparsetrain.GradientSync:
     return sync
 
 
+def _as_saved_by(target: Any, state: dict) -> dict:
+    """A GradientSync's state as ``target`` saves it: a hook's records DDP's groups of
+    parameters instead of GradientSync's buckets (a hook refuses GradientSync's state)."""
+    if not isinstance(target, sparsetrain.SyncState):
+        return state
+    rest = {k: v for k, v in state.items() if k != "buckets"}
+    return rest | {"ddp_groups": None, "ddp_bucket_caps_bytes": None}
+
+
 def _loads(target: Any, state: dict) -> None:
     """Load ``state`` into ``target`` and check that it took the state's residuals, compressor
     state, step and counters (the settings may differ)."""
+    state = _as_saved_by(target, state)
     target.load_state_dict(state)
     got = target.state_dict()
     assert state["step"] > 0 and state["feedback"]  # a stepped state, not a fresh one
@@ -269,8 +279,8 @@ def test_a_state_with_malformed_entries_is_refused(group, key, value, message):
     ],
 )
 def test_a_state_saved_under_other_settings_is_refused_naming_them(group, owner, saved, differs):
-    state = _stepped(**saved).state_dict()
     target = OWNERS[owner]()
+    state = _as_saved_by(target, _stepped(**saved).state_dict())
     before = target.state_dict()
     with pytest.raises(ValueError) as e:
         target.load_state_dict(state)
@@ -327,6 +337,105 @@ def test_states_round_trip_exactly_through_a_file(group, owner):
     buf.seek(0)
     target.load_state_dict(torch.load(buf, weights_only=False))
     assert same(target.state_dict(), state)
+
+
+# ---- a state of another layout: the other kind's, other buckets, another model -------------
+def _trained_hook(net: nn.Module, cap_mb: float = 25.0) -> dict:
+    """A hook's state after three steps: DDP has rebuilt its buckets, and the state records
+    them."""
+    ddp = DDP(net, bucket_cap_mb=cap_mb)
+    hook = sparsetrain.register_ddp_hook(ddp, "threshold", density=0.1)
+    g = torch.Generator().manual_seed(2)
+    dtype = next(net.parameters()).dtype
+    for _ in range(3):
+        ddp(torch.randn(8, 4, generator=g, dtype=dtype)).pow(2).mean().backward()
+    return hook.state_dict()
+
+
+def _refuses(target: Any, state: dict, *words: str) -> None:
+    """``target`` refuses ``state`` naming ``words`` and loads nothing; strict=False loads it."""
+    before = target.state_dict()
+    with pytest.raises(ValueError) as e:
+        target.load_state_dict(state)
+    for w in words:
+        assert w in str(e.value)
+    assert "strict=False" in str(e.value)
+    assert same(target.state_dict(), before)
+    target.load_state_dict(state, strict=False)
+
+
+def test_one_kinds_state_is_refused_by_the_other_kind(group):
+    """A hook's state in GradientSync (or the other way) loaded without a word: the groups of
+    parameters differ, so what was kept per group was dropped at the first step."""
+    _refuses(_sync(density=0.1), _trained_hook(_model()), "saved by the DDP hook")
+    _refuses(_hook(density=0.1), _stepped(density=0.1).state_dict(), "saved by GradientSync")
+
+
+def test_a_hook_state_saved_under_another_ddp_bucket_cap_is_refused(group):
+    """DDP's buckets under another cap are other groups of parameters: the saved groups were
+    exchanged for one step, then every per-group threshold was dropped."""
+    state = _trained_hook(_model(), cap_mb=0.0001)
+    assert state["ddp_bucket_caps_bytes"] == [int(0.0001 * 2**20)]
+    ddp = DDP(_model())  # (the hook holds its model weakly, as DDP holds the hook)
+    target = sparsetrain.register_ddp_hook(ddp, "threshold", density=0.1)
+    _refuses(target, state, "DDP buckets of 9.92e-05 MB (104 bytes)", "are 25 MB (26214400")
+    same_cap = DDP(_model(), bucket_cap_mb=0.0001)
+    sparsetrain.register_ddp_hook(same_cap, "threshold", density=0.1).load_state_dict(state)
+
+
+def test_a_hook_state_of_a_model_with_other_trained_parameters_is_refused(group):
+    state = _trained_hook(_model())
+    assert state["ddp_groups"]
+    bigger = nn.Sequential(*_model(), nn.ReLU(), nn.Linear(2, 2))
+    ddp = DDP(bigger)
+    target = sparsetrain.register_ddp_hook(ddp, "threshold", density=0.1)
+    _refuses(target, state, "other trained parameters", "now with 4.bias, 4.weight")
+
+
+@pytest.mark.parametrize("cap_mb", [25.0, 0.0001])
+@pytest.mark.parametrize("owner", ["GradientSync", "SyncState"])
+def test_a_state_of_a_model_in_another_dtype_is_refused_naming_the_dtype(group, owner, cap_mb):
+    """A float64 model's residuals were rounded into a float32 one's without a word, and with
+    small buckets GradientSync blamed bucket_cap_mb."""
+    if owner == "GradientSync":
+        saved = _stepped(density=0.1, bucket_cap_mb=cap_mb).state_dict()
+        as_float64 = {k: v for k, v in saved.items() if k != "feedback"}
+        residuals = {n: r.double() for n, r in saved["feedback"]["residuals"].items()}
+        as_float64["feedback"] = {**saved["feedback"], "residuals": residuals}
+        wide = sparsetrain.GradientSync(_model().double(), "threshold", 0.1, bucket_cap_mb=cap_mb)
+        as_float64["buckets"] = wide.state_dict()["buckets"]  # a float64 run's buckets
+        target = _sync(density=0.1, bucket_cap_mb=cap_mb)
+    else:
+        as_float64 = _trained_hook(_model().double(), cap_mb)
+        ddp = DDP(_model(), bucket_cap_mb=cap_mb)
+        target = sparsetrain.register_ddp_hook(ddp, "threshold", density=0.1)
+    _refuses(target, as_float64, "residuals of another dtype", "0.weight (torch.float64 saved, "
+             "for a torch.float32 parameter now)")  # fmt: skip
+
+
+def test_strict_false_takes_a_robust_rules_state_under_its_new_settings(group):
+    """The rules now refuse a state saved with other settings; strict=False through the sync
+    still goes on under the new ones, as it did (the engine lets the settings differ)."""
+
+    def make(momentum: float) -> tuple[nn.Module, sparsetrain.GradientSync]:
+        net = _model()
+        options = {"momentum": momentum}
+        return net, sparsetrain.GradientSync(
+            net, "none", aggregator="centered_clipping", aggregator_options=options
+        )
+
+    net, sync = make(0.9)
+    for _ in range(2):
+        net.zero_grad()
+        net(torch.randn(3, 4)).sum().backward()
+        sync.synchronize()
+    saved = sync.state_dict()
+    assert saved["aggregator"]["options"]["momentum"] == 0.9
+    _, other = make(0.5)
+    with pytest.raises(ValueError, match="aggregator_options: saved {'momentum': 0.9}"):
+        other.load_state_dict(saved)
+    other.load_state_dict(saved, strict=False)
+    assert same(other.state_dict()["aggregator"]["anchor"], saved["aggregator"]["anchor"])
 
 
 # ---- settings compared by their effect, and strict=False -------------------------------------
@@ -822,6 +931,37 @@ def test_gradient_sync_refuses_a_layer_replaced_after_it_was_built():
                            r"it was built with .* build GradientSync again after changing"):  # fmt: skip
             sync.synchronize()
     sparsetrain.GradientSync(model, "none").synchronize()  # built again: it goes on
+
+
+@pytest.mark.parametrize("when", ["frozen_before_building", "added_frozen"])
+def test_gradient_sync_refuses_a_layer_unfrozen_that_no_bucket_holds(when):
+    """Gradual unfreezing: a layer frozen when GradientSync was built (or added frozen later)
+    and trainable now is in no bucket. It got a warning, once, and its copies drifted apart."""
+    model = _model()
+    if when == "frozen_before_building":
+        model[2].requires_grad_(False)
+    sync = sparsetrain.GradientSync(model, "none")
+    if when == "added_frozen":
+        model.append(nn.Linear(2, 2).requires_grad_(False))
+    model(torch.randn(3, 4)).sum().backward()
+    assert sync.synchronize()  # frozen: left alone
+    layer = model[2] if when == "frozen_before_building" else model[3]
+    layer.requires_grad_(True)
+    named = "2.weight, 2.bias" if when == "frozen_before_building" else "3.weight, 3.bias"
+    for _ in range(2):  # every call, while it trains
+        model.zero_grad()
+        model(torch.randn(3, 4)).sum().backward()
+        with pytest.raises(ValueError, match=rf"parameter\(s\) {named} were frozen when it was "
+                           r"built \(or added\) and are trainable now.* strict=False"):  # fmt: skip
+            sync.synchronize()
+    layer.requires_grad_(False)
+    model.zero_grad()
+    model(torch.randn(3, 4)).sum().backward()
+    assert sync.synchronize()  # frozen again: it goes on
+    layer.requires_grad_(True)
+    rebuilt = sparsetrain.GradientSync(model, "none")
+    rebuilt.load_state_dict(sync.state_dict(), strict=False)  # as the message says
+    assert rebuilt.synchronize()
 
 
 def test_strict_false_takes_the_residuals_that_fit_and_drops_the_others():

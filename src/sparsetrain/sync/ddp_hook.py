@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from .._options import is_integer
 from .config import (
     SyncConfig,
     check_consistent,
@@ -122,7 +123,12 @@ class SyncState:
             groups = None if self._groups_initial or not self._groups else self._groups
             if self._groups_initial and self._groups and not self._warned_initial:
                 self._warn_initial_groups()
-        return {**self.engine.state_dict(), "ddp_groups": copy.deepcopy(groups)}
+        ddp = self._ddp() if self._ddp is not None else None
+        return {
+            **self.engine.state_dict(),
+            "ddp_groups": copy.deepcopy(groups),
+            "ddp_bucket_caps_bytes": _bucket_caps(ddp),
+        }
 
     def _warn_initial_groups(self) -> None:
         """Warn (once) that a state saved with DDP's first buckets does not resume exactly,
@@ -152,7 +158,9 @@ class SyncState:
         a run of as many ranks, or the one :func:`sparsetrain.reshard_state` built for it from
         a run of another number: the next step raises on every rank if not. ``strict=False``
         takes a state saved under another density, collective and so on (not another
-        compressor), or by another rank or number of ranks."""
+        compressor), or by another rank or number of ranks. With ``strict``, a state saved by
+        :class:`GradientSync`, under another ``bucket_cap_mb`` of DDP's, or with other trained
+        parameters than this DDP model's is refused too, naming the difference."""
         check_state(state, "SyncState")
         groups = state.get("ddp_groups")
         if groups is not None and not (
@@ -163,7 +171,13 @@ class SyncState:
                 f"the hook state's 'ddp_groups' must be None or a list of lists of parameter "
                 f"names, got {type(groups).__name__}"
             )
-        self.engine.load_state_dict(state, owner="SyncState", strict=strict, sizes=self._sizes)
+        ddp = self._ddp() if self._ddp is not None else None
+        if strict:
+            _check_layout(state, ddp, self._sizes)
+        dtypes = None if ddp is None else {n: p.dtype for n, p in ddp.module.named_parameters()}
+        self.engine.load_state_dict(
+            state, owner="SyncState", strict=strict, sizes=self._sizes, dtypes=dtypes
+        )
         self._target = copy.deepcopy(groups)
         self._held = []
 
@@ -432,6 +446,68 @@ class SyncState:
         # The scaler belongs to the training loop and is not pickled: until one is set, the
         # first step refuses to take the scaled residuals for unscaled ones.
         self.engine.scaler_missing = bool(d.get("scaled", False))
+
+
+def _bucket_caps(ddp: DistributedDataParallel | None) -> list[int] | None:
+    """DDP's bucket size limits in bytes (``bucket_cap_mb``, or each of ``bucket_cap_mb_list``),
+    which decide its groups of parameters; None where this DDP does not say."""
+    cap = getattr(ddp, "bucket_bytes_cap", None)
+    caps = getattr(ddp, "bucket_bytes_cap_list", None) or [cap]
+    return [int(c) for c in caps] if all(is_integer(c, 1) for c in caps) else None
+
+
+def _check_layout(
+    state: Mapping[str, Any], ddp: DistributedDataParallel | None, sizes: Mapping[str, int] | None
+) -> None:
+    """Refuse (``ValueError``) a state whose groups of parameters this DDP model will not
+    exchange: one saved by GradientSync (its buckets are its own), under another DDP bucket
+    cap, or with other trained parameters. The saved groups would be exchanged at the first
+    step only, then DDP's own, and what is kept per group (a threshold, PowerSGD's Q, Ok-Topk's
+    region bounds) would start afresh."""
+    remedy = "or pass strict=False to take its residuals by parameter (what is kept per group "
+    remedy += "of parameters then starts afresh)"
+    if "buckets" in state and "ddp_groups" not in state:
+        raise ValueError(
+            "SyncState: this state was saved by GradientSync, whose buckets of parameters are "
+            "its own, not DDP's: load it into a GradientSync built as the saved one was, " + remedy
+        )
+    if ddp is None:
+        return
+    saved, caps = state.get("ddp_bucket_caps_bytes"), _bucket_caps(ddp)
+    if (
+        isinstance(saved, list)
+        and all(is_integer(c, 1) for c in saved)
+        and caps not in (None, saved)
+    ):
+
+        def mb(caps: list[int]) -> str:
+            return ", ".join(f"{c / 2**20:.3g} MB ({c} bytes)" for c in caps)
+
+        raise ValueError(
+            f"SyncState: this state was saved under DDP buckets of {mb(saved)} "
+            f"(bucket_cap_mb), and this DDP model's are {mb(caps)}, so DDP will exchange other "
+            "groups of parameters than the saved run did: build the DDP model with the saved "
+            "run's bucket_cap_mb, " + remedy
+        )
+    groups = state.get("ddp_groups")
+    if not groups or sizes is None:
+        return
+    had = {n for g in groups for n in g}
+    if not had <= set(sizes):
+        return  # (parameters this model does not have: the engine's check names them)
+    ignored = getattr(ddp, "parameters_to_ignore", ())
+    have = {n for n, p in ddp.module.named_parameters() if p.requires_grad and n not in ignored}
+    if had != have:
+        differ = "; ".join(
+            f"{what} {', '.join(sorted(names))}"
+            for what, names in (("saved with", had - have), ("now with", have - had))
+            if names
+        )
+        raise ValueError(
+            "SyncState: this state was saved with other trained parameters than this DDP "
+            f"model's ({differ}): another model, or other parameters frozen. Load the state "
+            "saved with this model, " + remedy
+        )
 
 
 def _error_of(fut: torch.futures.Future) -> BaseException | None:

@@ -1199,6 +1199,7 @@ class SyncEngine:
         owner: str = "SyncEngine",
         strict: bool = True,
         sizes: Mapping[str, int] | None = None,
+        dtypes: Mapping[str, torch.dtype] | None = None,
     ) -> None:
         """Restore what :meth:`state_dict` returned. With ``strict``, a state saved under other
         settings in effect (the ``config`` it records) is refused, naming them; ``on_nonfinite``
@@ -1209,12 +1210,14 @@ class SyncEngine:
         run of as many ranks (:func:`_check_saved_by`), raising on every rank if not.
         ``owner`` names the caller in errors. ``sizes``: the model's parameters (name: number
         of elements); with ``strict``, a state holding residuals of other parameters, or of
-        other sizes (another model's), is refused, naming them."""
+        other sizes (another model's), is refused, naming them; and with ``dtypes`` (name:
+        the parameter's dtype now), residuals kept in another dtype than its gradient's (a
+        float64 model's state in a float32 one, whose residuals would be rounded)."""
         if not isinstance(strict, bool):
             raise TypeError(f"strict must be True or False, got {strict!r}")
         check_state(state, owner)
         if strict and sizes is not None:
-            check_state_fits(state, sizes, owner)
+            check_state_fits(state, sizes, owner, dtypes)
         elif sizes is not None:  # take what fits: the residuals of this model's parameters
             state = _fitting(state, sizes)
         counters = state["counters"]
@@ -1257,10 +1260,11 @@ class SyncEngine:
         for name, cstate in collectives.items():
             get_collective(name, **self.config.collective_options_for(name)).load_state_dict(cstate)
         aggregator, attack = self._new_robust()
-        if aggregator is not None and "aggregator" in state:
-            aggregator.load_state_dict(state["aggregator"])
-        if attack is not None and "attack" in state:
-            attack.load_state_dict(state["attack"])
+        robust = {k: state[k] if strict else _unrecorded(state[k]) for k in _ROBUST if k in state}
+        if aggregator is not None and "aggregator" in robust:
+            aggregator.load_state_dict(robust["aggregator"])
+        if attack is not None and "attack" in robust:
+            attack.load_state_dict(robust["attack"])
         del aggregator, attack
         self.step = int(state["step"])
         self.counters = {k: counters.get(k, 0) for k in _COUNTERS}
@@ -1272,10 +1276,10 @@ class SyncEngine:
             )
             coll.load_state_dict(cstate)
             self._collectives[name] = coll
-        if self.aggregator is not None and "aggregator" in state:
-            self.aggregator.load_state_dict(state["aggregator"])
-        if self.attack is not None and "attack" in state:
-            self.attack.load_state_dict(state["attack"])
+        if self.aggregator is not None and "aggregator" in robust:
+            self.aggregator.load_state_dict(robust["aggregator"])
+        if self.attack is not None and "attack" in robust:
+            self.attack.load_state_dict(robust["attack"])
         # The residuals and thresholds are in these units; the next step brings them to its
         # own scale (the scaler's, or 1 without one).
         self.loss_scale = float(scale)
@@ -1339,11 +1343,18 @@ def _saved_by(state: Mapping[str, Any]) -> tuple[int, int] | None:
     return int(rank), int(world)
 
 
-def check_state_fits(state: Mapping[str, Any], sizes: Mapping[str, int], owner: str) -> None:
+def check_state_fits(
+    state: Mapping[str, Any],
+    sizes: Mapping[str, int],
+    owner: str,
+    dtypes: Mapping[str, torch.dtype] | None = None,
+) -> None:
     """Raise ``ValueError`` unless every residual and velocity in ``state`` (and every name in
-    its ``ddp_groups``) is of a parameter in ``sizes`` (name: number of elements), of that size:
-    another model's state would otherwise be taken where names and sizes happen to match, and
-    kept for ever where they do not, or fail inside a later backward."""
+    its ``ddp_groups``) is of a parameter in ``sizes`` (name: number of elements), of that size,
+    and, where ``dtypes`` gives the parameter's dtype, kept in its gradient's working dtype
+    (float32 for half ones): another model's state would otherwise be taken where names and
+    sizes happen to match, and kept for ever where they do not, or fail inside a later
+    backward, or be rounded to a narrower dtype without a word."""
     feedback = state.get("feedback")
     stored: dict[str, Any] = {}
     if isinstance(feedback, Mapping):
@@ -1358,7 +1369,16 @@ def check_state_fits(state: Mapping[str, Any], sizes: Mapping[str, int], owner: 
         for n, t in stored.items()
         if n in sizes and isinstance(t, torch.Tensor) and t.numel() != sizes[n]
     )
-    if not unknown and not resized:
+    retyped = sorted(
+        f"{n} ({t.dtype} saved, for a {dtypes[n]} parameter now)"
+        for n, t in stored.items()
+        if dtypes is not None
+        and n in dtypes
+        and isinstance(t, torch.Tensor)
+        and t.is_floating_point()
+        and work_dtype(t.dtype) != work_dtype(dtypes[n])
+    )
+    if not unknown and not resized and not retyped:
         return
 
     def first_five(items: list[str]) -> str:
@@ -1370,6 +1390,7 @@ def check_state_fits(state: Mapping[str, Any], sizes: Mapping[str, int], owner: 
         for what, items in (
             ("parameters this model does not have", unknown),
             ("parameters of other sizes", resized),
+            ("residuals of another dtype", retyped),
         )
         if items
     ]
@@ -1377,6 +1398,21 @@ def check_state_fits(state: Mapping[str, Any], sizes: Mapping[str, int], owner: 
         f"{owner}: this state is another model's; it holds {'; '.join(parts)}. Load the state "
         "saved with this model (or pass strict=False to take what fits)"
     )
+
+
+_ROBUST = ("aggregator", "attack")
+
+
+def _unrecorded(state: Any) -> Any:
+    """A robust rule's or attack's state without the settings it recorded (nor its base
+    rule's, for bucketing): what a ``strict=False`` load gives it, whose settings the engine
+    has already let differ. A rule of the user's own then needs no ``strict`` argument."""
+    if not isinstance(state, Mapping):
+        return state
+    out = {k: v for k, v in state.items() if k != "options"}
+    if "base" in out:
+        out["base"] = _unrecorded(out["base"])
+    return out
 
 
 def _fitting(state: dict[str, Any], sizes: Mapping[str, int]) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,7 +20,7 @@ from .config import (
     with_grad_scaler,
 )
 from .devices import cuda_device_of
-from .engine import SyncEngine, describe
+from .engine import SyncEngine, check_state_fits, describe
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # GradientSync's own arguments, besides the SyncConfig fields and the compressor's options.
@@ -70,8 +69,9 @@ class GradientSync:
     the same step: a parameter frozen on some ranks only raises a ``RuntimeError`` on every
     rank, naming it and the ranks (checked in the one small allreduce a bucket that agrees on
     finiteness). Parameters frozen before GradientSync was built are in no bucket: unfrozen
-    later, their gradients are not exchanged (a warning says so), so build GradientSync with every
-    parameter that will train unfrozen, and freeze afterwards. A state records its buckets:
+    later, every step is refused on every rank while they train (their gradients would not be
+    exchanged), so build GradientSync with every parameter that will train unfrozen and freeze
+    afterwards, or build it again after unfreezing. A state records its buckets:
     a GradientSync with others (another ``bucket_cap_mb``, or built after freezing where the
     saved run froze later) refuses it unless ``strict=False``.
 
@@ -218,10 +218,9 @@ class GradientSync:
             the optimizer; with ``"propagate"`` (a ``grad_scaler``) they are all NaN, which
             ``scaler.step`` skips.
         """
-        if self._left_out:
-            self._warn_unfrozen()
+        unfrozen = [n for n, p in self._left_out if p.requires_grad]
         now = _registrations()
-        if (now is None or now != self._registrations) and self._no_new_parameters():
+        if (now is None or now != self._registrations or unfrozen) and self._in_buckets(unfrozen):
             self._registrations = now  # (a refused model is looked at again at every call)
         try:
             for bucket, (names, shapes) in zip(self.buckets, self._layouts):
@@ -258,40 +257,42 @@ class GradientSync:
             return False
         return True
 
-    def _no_new_parameters(self) -> bool:
+    def _in_buckets(self, unfrozen: list[str]) -> bool:
         """Return True, or refuse the step, naming them, if the model holds trainable
-        parameters GradientSync was not built with (a layer replaced or added since): no
-        bucket holds them, so each rank's copy would drift apart without a word. The refusal
-        travels with the step's first message, so every rank raises, not this one alone while
-        the others wait. New frozen parameters are left alone, as those frozen at build."""
+        parameters that no bucket holds: ones GradientSync was not built with (a layer replaced
+        or added since), and ``unfrozen``, frozen when it was built (or when added) and
+        trainable now. Their gradients would not be exchanged, so each rank's copy would drift
+        apart. The refusal travels with the step's first message, so every rank raises, not
+        this one alone while the others wait. New frozen parameters are left alone, as those
+        frozen at build."""
         new = [(n, p) for n, p in self._model.named_parameters() if id(p) not in self._built_with]
         self._built_with.update(id(p) for _, p in new if not p.requires_grad)
         self._left_out.extend((n, p) for n, p in new if not p.requires_grad)
         trained = [n for n, p in new if p.requires_grad]
-        if not trained:
+        if not trained and not unfrozen:
             return True
+        parts = []
+        if trained:
+            parts.append(
+                f"parameter(s) {', '.join(trained)} are not those it was built with (a layer "
+                "replaced or added since)"
+            )
+        if unfrozen:
+            parts.append(
+                f"parameter(s) {', '.join(unfrozen)} were frozen when it was built (or added) "
+                "and are trainable now"
+            )
         message = (
-            f"GradientSync: parameter(s) {', '.join(trained)} are not those it was built with "
-            "(a layer replaced or added since), so no bucket holds them and their gradients "
-            "would not be exchanged: build GradientSync again after changing the model"
+            f"GradientSync: {'; '.join(parts)}, so no bucket holds them and their gradients "
+            "would not be exchanged: build GradientSync again after changing the model or "
+            "unfreezing (new.load_state_dict(old.state_dict(), strict=False) keeps the "
+            "residuals), or build it while every parameter that will train is trainable: "
+            "parameters frozen after it was built are left alone"
         )
         if self.engine.world == 1:
             raise ValueError(message)
         self.engine.refuse_step(message)
         return False
-
-    def _warn_unfrozen(self) -> None:
-        """Warn once about parameters frozen when GradientSync was built that train now."""
-        now = [n for n, p in self._left_out if p.requires_grad]
-        if now:
-            self._left_out = [(n, p) for n, p in self._left_out if not p.requires_grad]
-            warnings.warn(
-                f"GradientSync: parameter(s) {', '.join(now)} were frozen when GradientSync "
-                "was built and are trainable now; their gradients are not exchanged, so each "
-                "rank's copy drifts apart. Build GradientSync while they are trainable (it "
-                "leaves parameters frozen later alone), or a new one after unfreezing",
-                stacklevel=3,
-            )
 
     def _frozen(self, name: str, param: nn.Parameter) -> torch.Tensor:
         """The zeros that stand in the exchange for a parameter frozen since GradientSync was
@@ -353,7 +354,7 @@ class GradientSync:
         if saved == mine or not had <= set(self._sizes):
             return  # (parameters this model does not have: the engine's check names them)
         if had != have:
-            why = "parameters frozen when it was built differ: " + "; ".join(
+            why = "other trained parameters, another model's or other ones frozen: " + "; ".join(
                 f"{what} {', '.join(sorted(names))}"
                 for what, names in (("saved with", had - have), ("now with", have - had))
                 if names
@@ -375,7 +376,23 @@ class GradientSync:
         another number: the next step raises on every rank if not. ``strict=False`` takes a state
         saved under another density, collective and so on (not another compressor), or by
         another rank or number of ranks, as ``torch.nn.Module.load_state_dict`` takes one with
-        other keys."""
-        if strict and isinstance(state, Mapping) and state.get("buckets") is not None:
-            self._check_buckets(state["buckets"])
-        self.engine.load_state_dict(state, owner="GradientSync", strict=strict, sizes=self._sizes)
+        other keys. With ``strict``, a state saved by the DDP hook, with other buckets or of
+        another model (other parameters, sizes or dtypes) is refused too, naming the
+        difference."""
+        dtypes = {n: p.dtype for n, p in self._model.named_parameters()}
+        if strict and isinstance(state, Mapping):
+            if "ddp_groups" in state and "buckets" not in state:
+                raise ValueError(
+                    "GradientSync: this state was saved by the DDP hook (register_ddp_hook), "
+                    "whose groups of parameters are DDP's buckets, not GradientSync's: load it "
+                    "into the hook of a DDP model built as the saved one was, or pass "
+                    "strict=False to take its residuals by parameter (what is kept per bucket "
+                    "then starts afresh)"
+                )
+            if state.get("buckets") is not None:
+                # Another model's state first: its other buckets follow from that.
+                check_state_fits(state, self._sizes, "GradientSync", dtypes)
+                self._check_buckets(state["buckets"])
+        self.engine.load_state_dict(
+            state, owner="GradientSync", strict=strict, sizes=self._sizes, dtypes=dtypes
+        )

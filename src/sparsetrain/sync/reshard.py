@@ -68,7 +68,15 @@ from .engine import _saved_by, check_state
 _OWNER = "reshard_state"
 # Entries that every rank of one run holds alike (checked: states from different runs or steps
 # cannot be combined).
-_SHARED = ("config", "step", "loss_scale", "ddp_groups", "buckets", "collectives")
+_SHARED = (
+    "config",
+    "step",
+    "loss_scale",
+    "ddp_groups",
+    "ddp_bucket_caps_bytes",
+    "buckets",
+    "collectives",
+)
 _ROBUST = ("aggregator", "attack")
 
 
