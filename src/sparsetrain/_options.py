@@ -96,3 +96,30 @@ def check_state(
             f"{owner}: a state must have exactly the key{'s' if len(required) > 1 else ''} "
             f"{expected}, as state_dict() returns; this one {' and '.join(problems)}"
         )
+
+
+def check_saved_settings(
+    state: Mapping[str, Any], owner: str, now: Mapping[str, Any], strict: bool
+) -> None:
+    """Refuse (``ValueError``) a state whose recorded settings (its ``"options"`` entry, as
+    ``plain(now)`` was when saved) differ from ``now``, naming each, unless ``strict`` is False;
+    a state from before settings were recorded is not compared."""
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be True or False, got {strict!r}")
+    saved = state.get("options")
+    if saved is None:
+        return
+    if not isinstance(saved, Mapping):
+        raise ValueError(f"{owner}: the state's 'options' must be a dict, got {saved!r:.200}")
+    now = plain(dict(now))
+    diffs = [
+        f"{k}: saved {saved[k]!r}, now {v!r}"
+        for k, v in now.items()
+        if k in saved and saved[k] != v
+    ]
+    if diffs and strict:
+        raise ValueError(
+            f"{owner}: this state was saved with other settings ({'; '.join(diffs)}); build it "
+            "with the saved settings to load it, or pass strict=False to go on under the new "
+            "ones"
+        )

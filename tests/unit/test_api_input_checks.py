@@ -74,6 +74,39 @@ def test_an_empty_state_is_refused_naming_the_entries_expected(make):
     assert all(repr(k) in msg for k in expected), msg
 
 
+@pytest.mark.parametrize(
+    ("name", "saved_with", "loaded_into", "named"),
+    [
+        ("safeguard", {"window0": 2, "window1": 4}, {"window0": 3, "window1": 4},
+         "window0: saved 2, now 3"),
+        ("safeguard", {"window0": 2, "window1": 4}, {"window0": 2, "window1": 4, "f": 2},
+         "f: saved 1, now 2"),
+        ("centered_clipping", {"momentum": 0.9, "tau": 0.5}, {"momentum": 0.0, "tau": 0.5},
+         "momentum: saved 0.9, now 0.0"),
+        ("bucketing", {"base": "mean", "bucket_size": 2}, {"base": "median", "bucket_size": 2},
+         "base: saved 'mean', now 'median'"),
+        ("bucketing", {"bucket_size": 2}, {"bucket_size": 2, "seed": 4}, "seed: saved 0, now 4"),
+    ],
+)  # fmt: skip
+def test_a_rule_refuses_a_state_saved_with_other_settings_unless_not_strict(
+    name, saved_with, loaded_into, named
+):
+    """Loaded silently before: SafeguardSGD with other windows, clipping with another
+    momentum, bucketing over another rule went on from sums and anchors made otherwise."""
+    saved = _stepped(name, **saved_with).state_dict()
+    rule = _stepped(name, **loaded_into)
+    msg = _refused(rule, saved)
+    assert "this state was saved with other settings (" in msg and named in msg, msg
+    rule.load_state_dict(saved, strict=False)
+    assert same(rule.state_dict()["step" if name != "centered_clipping" else "anchor"],
+                saved["step" if name != "centered_clipping" else "anchor"])  # fmt: skip
+    same_settings = _stepped(name, steps=0, **saved_with)
+    same_settings.load_state_dict(saved)
+    assert same(same_settings.state_dict(), saved)
+    old = {k: v for k, v in saved.items() if k != "options"}  # saved before settings were kept
+    _stepped(name, **loaded_into).load_state_dict(old)
+
+
 def test_safeguard_refuses_a_centered_clipping_state_naming_what_it_lacks():
     cc = _stepped("centered_clipping", momentum=0.5)
     sg = _stepped("safeguard", window0=2, window1=4)
@@ -202,7 +235,9 @@ def test_the_delayed_attack_refuses_a_history_its_delay_would_cut():
     assert "holds 6 gradients, more than delay=2 keeps (3)" in msg
     longer = _delayed(5, steps=0)
     shorter = _delayed(2).state_dict()
-    longer.load_state_dict(shorter)  # a shorter history loses nothing
+    with pytest.raises(ValueError, match=r"other settings \(delay: saved 2, now 5\)"):
+        longer.load_state_dict(shorter)
+    longer.load_state_dict(shorter, strict=False)  # a shorter history loses nothing
     assert shorter["history"] and same(longer.state_dict()["history"], shorter["history"])
 
 

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .._options import check_options, check_state, state_mapping
+from .._options import check_options, check_saved_settings, check_state, plain, state_mapping
 from .base import (
     check_int,
     check_positive,
@@ -160,7 +160,9 @@ class Attack(ABC):
     def state_dict(self) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Restore what :meth:`state_dict` returned (a stateless attack keeps nothing); attacks
+        with state refuse one saved with other settings unless ``strict=False``."""
         check_state(state, f"attack {self.name!r}", ())
 
 
@@ -278,16 +280,20 @@ class Delayed(Attack):
         return old.to(own.device, copy=True)  # a loaded history (say on CPU) follows own
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": {k: [t.clone() for t in h] for k, h in self._history.items()}}
+        return {
+            "history": {k: [t.clone() for t in h] for k, h in self._history.items()},
+            "options": plain({"n": self.n, "f": self.f, "delay": self.delay}),
+        }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Restore what :meth:`state_dict` returned; a bad state is refused, nothing loaded.
 
         A history longer than this attack keeps (saved with a longer ``delay``) is refused:
-        loading it would drop its oldest gradients.
+        loading it would drop its oldest gradients. So is one saved with other settings
+        (``n``, ``f``, ``delay``: the error names them) unless ``strict=False``.
         """
         owner = "attack 'delayed'"
-        check_state(state, owner, ("history",))
+        check_state(state, owner, ("history",), optional=("options",))
         history = state_mapping(
             state["history"], f"{owner}: the state's 'history'", "{key: list of tensors}"
         )
@@ -310,6 +316,7 @@ class Delayed(Attack):
                     f"delay >= {len(h) - 1}; build the attack with the delay it was saved with"
                 )
             loaded[str(key)] = deque((t.clone() for t in h), maxlen=self.delay + 1)
+        check_saved_settings(state, owner, {"n": self.n, "f": self.f, "delay": self.delay}, strict)
         self._history = loaded
 
 

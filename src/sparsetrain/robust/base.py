@@ -164,7 +164,9 @@ class Aggregator(ABC):
     def state_dict(self) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Restore what :meth:`state_dict` returned (a stateless rule keeps nothing); rules
+        with state refuse one saved with other settings unless ``strict=False``."""
         check_state(state, f"aggregator {self.name!r}", ())
 
 

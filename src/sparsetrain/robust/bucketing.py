@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._options import check_options, check_state, state_int
+from .._options import check_options, check_saved_settings, check_state, plain, state_int
 from .base import (
     Aggregator,
     aggregator_class,
@@ -121,15 +121,22 @@ class Bucketing(Aggregator):
         return {"step": self._step, "base": self._inner.stats()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self._step, "base": self._inner.state_dict()}
+        return {
+            "step": self._step,
+            "base": self._inner.state_dict(),
+            "options": plain(self.options()),
+        }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned; a bad state is refused, nothing loaded."""
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Restore what :meth:`state_dict` returned; a bad state is refused, nothing loaded,
+        and so is one saved with other settings (``base``, ``bucket_size``, ``seed``, ...: the
+        error names them) unless ``strict=False``."""
         owner = "aggregator 'bucketing'"
-        check_state(state, owner, ("step", "base"))
+        check_state(state, owner, ("step", "base"), optional=("options",))
         step = state_int(state["step"], f"{owner}: the state's 'step'")
+        check_saved_settings(state, owner, self.options(), strict)
         try:
-            self._inner.load_state_dict(state["base"])
+            self._inner.load_state_dict(state["base"], **({} if strict else {"strict": False}))
         except (TypeError, ValueError) as e:
             raise type(e)(
                 f"{owner}: the state's 'base' entry does not fit its base rule {self.base!r}: {e}"

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .._options import check_state
+from .._options import check_saved_settings, check_state, plain
 from .base import (
     Aggregator,
     check_int,
@@ -96,12 +96,15 @@ class CenteredClipping(Aggregator):
         return {
             "anchor": {k: v.clone() for k, v in self._anchor.items()},
             "momenta": {k: v.clone() for k, v in self._momenta.items()},
+            "options": plain(self.options()),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned; a bad state is refused, nothing loaded."""
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Restore what :meth:`state_dict` returned; a bad state is refused, nothing loaded,
+        and so is one saved with other settings (``tau``, ``momentum``, ...: the error names
+        them) unless ``strict=False``."""
         owner = "aggregator 'centered_clipping'"
-        check_state(state, owner, ("anchor", "momenta"))
+        check_state(state, owner, ("anchor", "momenta"), optional=("options",))
         anchor = state_tensors(state["anchor"], f"{owner}: the state's 'anchor'")
         momenta = state_tensors(state["momenta"], f"{owner}: the state's 'momenta'")
         for key, v in anchor.items():
@@ -116,5 +119,6 @@ class CenteredClipping(Aggregator):
                     f"{owner}: the state's momenta of key {key!r} must have shape "
                     f"[n={self.n}, d], got {tuple(m.shape)}"
                 )
+        check_saved_settings(state, owner, self.options(), strict)
         self._anchor = anchor
         self._momenta = momenta

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .._options import check_state, state_int, state_mapping
+from .._options import check_saved_settings, check_state, plain, state_int, state_mapping
 from .base import (
     Aggregator,
     check_int,
@@ -317,16 +317,19 @@ class Safeguard(Aggregator):
             "calibrated_good": self._calibrated_good,
             "no_majority": self._no_majority,
             "auto_thresholds": self.auto,
+            "options": plain(self.options()),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Restore what :meth:`state_dict` returned; the next step continues exactly.
 
         A malformed state, one for another number of workers, or one saved by a rule with the
-        other kind of thresholds (fixed or automatic) is refused, and nothing is loaded.
+        other kind of thresholds (fixed or automatic) is refused, and nothing is loaded; so is
+        one saved with other settings (windows, thresholds, ...: the error names them) unless
+        ``strict=False``.
         """
         owner = "aggregator 'safeguard'"
-        check_state(state, owner, _STATE, optional=("auto_thresholds",))
+        check_state(state, owner, _STATE, optional=("auto_thresholds", "options"))
         good = state["good"]
         if not isinstance(good, Tensor) or good.dim() != 1:
             raise ValueError(
@@ -391,6 +394,7 @@ class Safeguard(Aggregator):
                 f"rule has {now}; build the rule with the kind of thresholds the state was "
                 "saved with"
             )
+        check_saved_settings(state, owner, self.options(), strict)
         self._step = step
         self._good = good
         self._removed = removed
