@@ -220,7 +220,8 @@ class TrainConfig:
         eval_every: steps between evaluations; 0: once an epoch.
         max_steps: stop after this many steps in all (0: no limit), for example to test resuming.
         checkpoint_dir: folder for checkpoints (one file a rank); None: no checkpoints.
-        checkpoint_every: steps between checkpoints (0: only at the end of the run).
+        checkpoint_every: steps between checkpoints; 0: at each epoch's end. Either way, also
+            at the end of the run (``max_steps`` included).
         resume: continue from the checkpoint in ``checkpoint_dir`` if there is one; one
             written by another number of workers is resharded (:func:`_resharded_checkpoint`).
         label: the run's name in reports and plots; None: the compressor's name.
@@ -938,6 +939,7 @@ def _checkpoint_problem(
         if fields.get("amp") != "fp16":
             fields.pop("init_loss_scale", None)
         fields.pop("workers", None)  # the ranks that wrote it are checked on their own
+        _density_used(fields)
     differ = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
     if state.get("format") != _CHECKPOINT_FORMAT:
         return (
@@ -949,11 +951,32 @@ def _checkpoint_problem(
     if world is not None and state["world"] != world:
         return f"checkpoint {path} was written by {state['world']} ranks, not {world}"
     if differ:
+        hint = ""
+        if differ == ["epochs"] and config.schedule == "cosine":
+            hint = (
+                " (the cosine schedule's learning rate follows the number of epochs; with "
+                "--schedule constant they may change on resuming)"
+            )
         return _Conflict(
             f"checkpoint {path} was written by a different configuration: "
             + ", ".join(f"{k} {saved.get(k)!r} there, {now.get(k)!r} here" for k in differ)
+            + hint
         )
     return None
+
+
+def _density_used(fields: dict[str, Any]) -> None:
+    """Put in ``fields`` (a checkpoint's recorded configuration) the density its compressor
+    uses where none was given, its default: ``--density 0.01`` spelled out is the same run as
+    topk's default 0.01, and a checkpoint of one resumes the other."""
+    name, options = fields.get("compressor"), fields.get("compressor_options") or {}
+    if fields.get("density") is not None or not isinstance(name, str):
+        return
+    try:
+        if "density" in option_names(name) and isinstance(options, dict):
+            fields["density"] = plain(get_compressor(name, **options).density)
+    except (TypeError, ValueError):  # another sparsetrain's compressor: compared as recorded
+        pass
 
 
 def _gather_checked(
@@ -1664,10 +1687,12 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
                         loss=f"{curves['train_loss'][-1] or float('nan'):.3f}",
                         acc=f"{curves['test_accuracy'][-1]:.3f}",
                     )
-            if config.checkpoint_dir and (
-                (config.checkpoint_every and step % config.checkpoint_every == 0)
-                or step == total_steps
-            ):
+            on_checkpoint_grid = (
+                step % config.checkpoint_every == 0
+                if config.checkpoint_every
+                else plan.where(step)[1:] == (0, 0)  # each epoch's end
+            )
+            if config.checkpoint_dir and (on_checkpoint_grid or step == total_steps):
                 save()
                 dist.barrier()
                 if resharded:  # every rank has saved: what is left of the old run goes
@@ -1849,6 +1874,38 @@ def _spawned(rank: int, world: int, configs: Sequence[TrainConfig], folder: str)
     exit_finished_worker(0)  # results are on disk; see exit_finished_worker for why
 
 
+def _killed_worker(procs: Any, e: BaseException, folder: str) -> WorkerError | None:
+    """The worker that ran, then died by a signal without a Python error (killed from outside,
+    by the out-of-memory killer, or crashed in native code), or None. It is the cause even where
+    its peers' errors are on disk (they lost their connection to it): those used to be reported
+    instead. Workers that torch.multiprocessing stopped with SIGTERM itself, after another one
+    failed, are not; the one it reports first is, whatever the signal."""
+    first = getattr(e, "error_index", -1)
+    processes = list(getattr(procs, "processes", None) or ())
+    order = ([first] if 0 <= first < len(processes) else []) + [
+        i for i in range(len(processes)) if i != first
+    ]
+    for i in order:
+        code = getattr(processes[i], "exitcode", None)
+        if not isinstance(code, int) or code >= 0 or (i != first and code == -signal.SIGTERM):
+            continue
+        if Path(folder, f"error-rank{i}.json").exists():
+            continue  # it had a Python error, on disk
+        if not Path(folder, f"started-rank{i}").exists():
+            continue  # it died before training started: see launch()
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return WorkerError(
+            i,
+            "ProcessExitedException",
+            f"process {i} terminated with signal {name} during training, without a Python "
+            "error: killed (out of memory, or from outside) or crashed in native code",
+        )
+    return None
+
+
 def _first_error(folder: str) -> WorkerError | None:
     errors = []
     for path in Path(folder).glob("error-rank*.json"):
@@ -2009,12 +2066,12 @@ def launch(configs: TrainConfig | Sequence[TrainConfig]) -> dict[str, Any]:
                 while not procs.join():
                     pass
             except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
-                error = _first_error(folder)
+                error = _killed_worker(procs, e, folder) or _first_error(folder)
                 if error is not None:
                     raise error from None
                 index = getattr(e, "error_index", -1)
                 if Path(folder, f"started-rank{index}").exists():
-                    # It ran, then died without a Python error: a signal or a native crash.
+                    # It ran, then exited without a Python error (os._exit, a native exit).
                     raise WorkerError(
                         index,
                         type(e).__name__,

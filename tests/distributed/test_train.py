@@ -242,6 +242,9 @@ def test_sigterm_to_the_launcher_stops_the_workers_and_removes_its_folder(tmp_pa
     proc.send_signal(getattr(signal, signame))
     assert proc.wait(timeout=60) != 0
     assert not list(tmp_path.glob("sparsetrain-*"))
+    # It says why it stopped (it left without a word), on a line of its own.
+    said = proc.stderr.read()
+    assert f"\nsparsetrain train: stopped by {signame}; the workers are stopped; no " in said, said
     # The workers stop too: none keeps training as an orphan.
     deadline = time.monotonic() + 30
     while [p for p in workers if _alive(p)] and time.monotonic() < deadline:
@@ -358,16 +361,17 @@ def test_resumed_run_ends_exactly_where_the_uninterrupted_one_does(tmp_path, cap
     # The cut (step 15) fell between two records (every 10 steps): the training loss of steps
     # 11-15 was saved with the checkpoint, so the point at step 20 averages the same steps.
     assert resumed["curves"]["train_loss"] == whole["curves"]["train_loss"]
-    # Stopped between the ranks' saves at the end: rank 0 has step 44 and, kept before it, 15;
-    # rank 1 only 15. Every rank resumes from step 15, exactly; it was an error.
+    # Stopped between the ranks' saves at the end: rank 0 has step 44 and, kept before it, 22
+    # (the resumed run saved at the end of each epoch); rank 1 only 22. Every rank resumes
+    # from step 22, exactly; it was an error.
     folder = tmp_path / "cut"
     shutil.copy(folder / "rank1.prev.pt", folder / "rank1.pt")
     behind = launch(TrainConfig(label="cut", resume=True, **common))["runs"][0]
     assert behind["final_test_loss"] == whole["final_test_loss"]
     assert behind["curves"]["train_loss"] == whole["curves"]["train_loss"]
-    # Rank 0 dropped its step 44 when it went back to 15, so 15 is what its last save kept:
+    # Rank 0 dropped its step 44 when it went back to 22, so 22 is what its last save kept:
     # stopped again the same way, the ranks would still share a step.
-    assert torch.load(folder / "rank0.prev.pt", weights_only=False)["step"] == 15
+    assert torch.load(folder / "rank0.prev.pt", weights_only=False)["step"] == 22
     # A checkpoint written before bucket_cap_mb and the collective options existed resumes
     # with DDP's default buckets and no options; another bucket size (other per-bucket state)
     # is refused.
@@ -388,7 +392,11 @@ def test_resumed_run_ends_exactly_where_the_uninterrupted_one_does(tmp_path, cap
         launch(TrainConfig(label="cut", resume=True, bucket_cap_mb=1.0, **common))
     assert exc.value.error_type == "CheckpointConflict"
     # The cosine schedule follows the number of epochs: changing it is refused, and named.
-    with pytest.raises(WorkerError, match="CheckpointConflict: .*epochs 2 there, 3 here") as exc:
+    with pytest.raises(
+        WorkerError,
+        match="CheckpointConflict: .*epochs 2 there, 3 here \\(the "
+        "cosine schedule's .* with --schedule constant they may change",
+    ) as exc:
         launch(TrainConfig(label="cut", resume=True, **{**common, "epochs": 3}))
     assert exc.value.error_type == "CheckpointConflict"
     # A rank whose checkpoints are gone while the others have two is an error on every rank:

@@ -19,6 +19,7 @@ from sparsetrain.compressors import get_compressor
 from sparsetrain.train import (
     TrainConfig,
     WorkerError,
+    _checkpoint_problem,
     _resumable,
     launch,
     parse_value,
@@ -90,6 +91,16 @@ def test_several_compressors_run_in_order_and_density_goes_only_where_it_is_take
     (c,) = configs("train", "--compressor", "threshold")
     assert c.to_dict()["density"] == get_compressor("threshold").density == 0.01
     assert _resumable(c)["density"] is None
+    # ... and a resume compares the density used: the default spelled out is the same run.
+    (given,) = configs("train", "--compressor", "threshold", "--density", "0.01")
+    (other,) = configs("train", "--compressor", "threshold", "--density", "0.02")
+
+    def problem(saved_by: TrainConfig, now: TrainConfig) -> str | None:
+        state = {"config": _resumable(saved_by), "format": 1, "world": 2}
+        return _checkpoint_problem(now, state, Path("ck/rank0.pt"), 2)
+
+    assert problem(c, given) is None and problem(given, c) is None
+    assert "density 0.01 there, 0.02 here" in problem(c, other)
     # A NumPy density is saved as a Python number, which torch.load's default reads.
     import numpy as np
 
@@ -346,7 +357,7 @@ def test_bench_cleanup_passes_all_as_include_live_and_lists_what_it_removed(
         (
             {"compressor": "none", "momentum_correction": True},
             ValueError,
-            ["momentum_correction", "sparse compressor", "'none'"],
+            ["momentum_correction", "sends chosen indices", "'none'"],
         ),
         # "no" was read as True (resume="no" with a checkpoint_dir resumed), and an infinite
         # timeout passed, then failed in every worker converting it.

@@ -141,8 +141,18 @@ def test_unscaled_randomk_gets_error_feedback_by_default():
         (
             {"compressor": "qsgd", "momentum_correction": 0.9},
             ValueError,
-            "needs a sparse compressor .* with error feedback, got compressor 'qsgd'",
+            "needs a compressor that sends chosen indices .* with error feedback, got "
+            "compressor 'qsgd'",
         ),
+        (
+            {
+                "compressor": "randomk",
+                "compressor_options": {"scale": False},
+                "momentum_correction": 0.9,
+            },
+            ValueError,
+            r"\(topk or threshold; not randomk, whose values go through a dense allreduce\)",
+        ),  # fmt: skip
         (
             {"compressor": "topk", "error_feedback": False, "momentum_correction": 0.9},
             ValueError,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -510,6 +511,26 @@ def replaces_input(reads: dict[str, str | None], writes: dict[str, str | None]) 
     return None
 
 
+def _say_stopped(e: BaseException, configs: list[TrainConfig], prog: str) -> None:
+    """Say on a line of its own (after the progress bar's) what stopped the run and where it
+    can go on from: Ctrl-C, or SIGTERM or SIGHUP, which left without a word before."""
+    code = e.code if isinstance(e, SystemExit) else 128 + signal.SIGINT
+    try:
+        name = signal.Signals(code - 128).name if isinstance(code, int) and code > 128 else None
+    except ValueError:
+        name = None
+    if name is None or under_torchrun():
+        return  # another exit, whose message is on its way; or torchrun's workers (it tells)
+    folder = configs[0].checkpoint_dir
+    then = (
+        f"`{prog} --resume` with the same options goes on from the last checkpoint in {folder}"
+        if folder
+        else "no --checkpoint-dir was given, so nothing was saved"
+    )
+    print(f"\n{prog}: stopped by {name}; the workers are stopped; {then}", file=sys.stderr)
+    e._sparsetrain_said = True  # type: ignore[attr-defined]  # (main() then adds nothing)
+
+
 def run_and_report(
     configs: list[TrainConfig], report_path: str | None, plot_path: str | None, prog: str
 ) -> tuple[int, dict[str, Any] | None]:
@@ -528,6 +549,9 @@ def run_and_report(
     except WorkerError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2 if e.error_type == CheckpointConflict.__name__ else 1, None
+    except (KeyboardInterrupt, SystemExit) as e:
+        _say_stopped(e, configs, prog)
+        raise
     except Exception as e:
         if not under_torchrun():
             raise
@@ -609,7 +633,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--checkpoint-dir", metavar="DIR", help="save checkpoints here (one file a rank)"
     )
     out.add_argument(
-        "--checkpoint-every", type=non_negative_int, default=0, help="steps between checkpoints"
+        "--checkpoint-every",
+        type=non_negative_int,
+        default=0,
+        help="steps between checkpoints (default: 0, at each epoch's end; also at the end)",
     )
     out.add_argument(
         "--resume",

@@ -293,8 +293,9 @@ class SyncConfig:
         if cls.wire != "sparse" or not self.use_error_feedback:
             raise ValueError(
                 "momentum_correction sparsifies each rank's momentum and keeps what waits in "
-                "the error-feedback residual: it needs a sparse compressor (topk, threshold, "
-                f"randomk with scale=False) with error feedback, got compressor "
+                "the error-feedback residual: it needs a compressor that sends chosen indices "
+                "(topk or threshold; not randomk, whose values go through a dense allreduce) "
+                f"with error feedback, got compressor "
                 f"{self.compressor!r} with error feedback {'on' if self.use_error_feedback else 'off'}"
             )
         if self.aggregator is not None or self.attack is not None:

@@ -118,5 +118,8 @@ def complete(fut: torch.futures.Future, fn: Callable[[], Any]) -> None:
 
 @atexit.register
 def _shutdown_all() -> None:
-    for executor in list(_LIVE):
-        executor.shutdown(timeout=10.0)
+    try:
+        for executor in list(_LIVE):
+            executor.shutdown(timeout=10.0)
+    except KeyboardInterrupt:  # a second Ctrl-C while the process ends: no traceback for it
+        pass
