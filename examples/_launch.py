@@ -13,6 +13,11 @@ import sparsetrain.hostmem
 def init_distributed() -> torch.device:
     """Join torchrun's process group: NCCL on this process's own GPU when the machine has one
     for each of its processes, else gloo on the CPU."""
+    if "RANK" not in os.environ:  # started as a plain script: torch's error names a variable
+        raise SystemExit(
+            "run this example with torchrun, which starts its processes, for example: "
+            "torchrun --standalone --nproc-per-node 2 examples/<script>.py [options]"
+        )
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if torch.cuda.is_available() and torch.cuda.device_count() >= local_world:

@@ -119,6 +119,21 @@ def load_checkpoint(folder: Path, device: torch.device, amp: bool) -> dict | str
     return saved
 
 
+def checkpoint_conflict(folder: Path, resume: bool, device: torch.device) -> str | None:
+    """Why this run cannot go on with ``folder``, or None: the same answer on every rank, as
+    each counts the checkpoint files it sees (a folder on node-local disks may hold them on
+    some nodes only). Without ``--resume``, an earlier run's files would be overwritten; with
+    it, there must be some to resume from."""
+    seen = torch.tensor([len(list(folder.glob("rank*.pt")))], device=device)
+    dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+    if resume and not seen.item():
+        return f"no checkpoint in {folder} to resume from (rank<r>.pt): run without --resume"
+    if not resume and seen.item():
+        return (f"{folder} holds an earlier run's checkpoints, which this run would overwrite: "
+                "pass --resume to continue it, or give another --checkpoint folder")  # fmt: skip
+    return None
+
+
 def save_checkpoint(path: Path, payload: dict) -> None:
     """Write through a temporary file, so a run killed while saving keeps its last checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,6 +182,13 @@ def main() -> int:
 
     first_epoch = 0
     ckpt = Path(args.checkpoint) / f"rank{rank}.pt" if args.checkpoint else None
+    if args.checkpoint:
+        problem = checkpoint_conflict(Path(args.checkpoint), args.resume, device)
+        if problem:
+            if rank == 0:
+                print(problem, file=sys.stderr)
+            dist.destroy_process_group()
+            return 2
     if args.resume:
         saved = load_checkpoint(Path(args.checkpoint), device, args.amp)
         if isinstance(saved, str):

@@ -54,6 +54,10 @@ def test_ddp_hook_example_learns_and_resumes_exactly(tmp_path):
     last = out.strip().splitlines()[-1]
     accuracy, share = re.search(r"test accuracy ([\d.]+)%, ([\d.]+)% of dense", last).groups()
     assert float(accuracy) >= 85 and float(share) < 3, last
+    # Run again without --resume, it overwrote the first run's checkpoints without a word.
+    # (The workers exit 2, a usage error; torchrun itself reports 1.)
+    refused = torchrun(2, "ddp_hook.py", "--epochs", "1", "--checkpoint", str(whole), status=1)
+    assert f"{whole} holds an earlier run's checkpoints, which this run would overwrite" in refused
     torchrun(2, "ddp_hook.py", "--epochs", "2", "--checkpoint", str(split))
     resumed = torchrun(2, "ddp_hook.py", "--epochs", "3", "--checkpoint", str(split), "--resume")
     assert resumed.strip().splitlines() == [last]  # only the last epoch ran, with the same result
@@ -82,6 +86,17 @@ def test_ddp_hook_example_learns_and_resumes_exactly(tmp_path):
     (split / "rank1.pt").unlink()
     refused = torchrun(2, "ddp_hook.py", "--checkpoint", str(split), "--resume", status=1)
     assert "a rank's checkpoint is missing" in refused
+    # No checkpoint at all: said so, not "see that rank's error" (no rank had one).
+    none = tmp_path / "none"
+    refused = torchrun(2, "ddp_hook.py", "--checkpoint", str(none), "--resume", status=1)
+    assert f"no checkpoint in {none} to resume from" in refused
+
+
+def test_an_example_started_without_torchrun_says_to_use_it():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run([sys.executable, str(EXAMPLES / "ddp_hook.py")], capture_output=True,
+                          text=True, timeout=120, env=env)  # fmt: skip
+    assert done.returncode == 1 and "run this example with torchrun" in done.stderr, done.stderr
 
 
 def test_ddp_hook_example_learns_in_float16_with_a_loss_scaler(tmp_path):
