@@ -1636,6 +1636,9 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
     if rank == 0 and config.progress:
         from tqdm.auto import tqdm
 
+        # A thread lock for the bar, not tqdm's default multiprocessing one: a semaphore that a
+        # worker stopped by Ctrl-C could not release ("leaked semaphore objects" at exit).
+        tqdm.set_lock(threading.RLock())
         bar = tqdm(total=total_steps, initial=step, desc=config.name, unit="step", leave=True)
 
     dist.barrier()
