@@ -1900,13 +1900,32 @@ def _killed_worker(procs: Any, e: BaseException, folder: str) -> WorkerError | N
             name = signal.Signals(-code).name
         except ValueError:
             name = f"signal {-code}"
+        why = "killed (out of memory, or from outside) or crashed in native code"
+        if code == -signal.SIGKILL and i != first and _peers_timed_out(folder):
+            # torch.multiprocessing kills what its SIGTERM did not stop: a rank that hung.
+            why = (
+                "the other ranks timed out waiting for it, so it hung, was stopped (SIGSTOP) or "
+                "ran far slower than they did (then raise --timeout), or was killed"
+            )
         return WorkerError(
             i,
             "ProcessExitedException",
             f"process {i} terminated with signal {name} during training, without a Python "
-            "error: killed (out of memory, or from outside) or crashed in native code",
+            f"error: {why}",
         )
     return None
+
+
+def _peers_timed_out(folder: str) -> bool:
+    """Whether some worker's error on disk is a collective that timed out."""
+    for path in Path(folder).glob("error-rank*.json"):
+        try:
+            message = str(json.loads(path.read_text()).get("message", ""))
+        except (OSError, json.JSONDecodeError, AttributeError):
+            continue
+        if "timed out" in message.lower() or "timeout" in message.lower():
+            return True
+    return False
 
 
 def _first_error(folder: str) -> WorkerError | None:

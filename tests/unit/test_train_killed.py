@@ -56,3 +56,12 @@ def test_which_worker_is_blamed(tmp_path, codes, first, errors, blamed):
     folder = _folder(tmp_path, errors, started)
     error = _killed_worker(_procs(*codes), SimpleNamespace(error_index=first), folder)
     assert (None if error is None else error.rank) == blamed
+
+
+def test_a_rank_that_hung_while_its_peers_timed_out_is_named_as_such(tmp_path):
+    # Rank 1 stopped (SIGSTOP) or hung: rank 0 timed out waiting, and torch.multiprocessing
+    # killed rank 1 when SIGTERM did not stop it. Rank 0's timeout was reported.
+    folder = _folder(tmp_path, {0: "[gloo] Timed out waiting 15000ms for send operation"})
+    error = _killed_worker(_procs(1, -signal.SIGKILL), SimpleNamespace(error_index=0), folder)
+    assert error is not None and error.rank == 1, error
+    assert "the other ranks timed out waiting for it, so it hung" in str(error), error
