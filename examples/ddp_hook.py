@@ -11,16 +11,18 @@ It reaches about 95% test accuracy in its 10 epochs, as plain DDP does (``--comp
 --collective allgather``), while sending under 3% of dense allreduce's bytes. Every rank
 writes its own checkpoint, ``ckpt/rank<r>.pt``, at the end of every epoch: the error-feedback
 residuals differ between ranks, so one shared file would lose all but one rank's. ``--resume``
-continues from those files and ends where the uninterrupted run ends::
+continues from those files and ends where the uninterrupted run ends (without it, a folder
+that holds an earlier run's files is refused rather than overwritten)::
 
     torchrun --standalone --nproc-per-node 2 examples/ddp_hook.py --epochs 5 \\
-        --checkpoint ckpt
-    torchrun --standalone --nproc-per-node 2 examples/ddp_hook.py --checkpoint ckpt --resume
+        --checkpoint ckpt5
+    torchrun --standalone --nproc-per-node 2 examples/ddp_hook.py --checkpoint ckpt5 --resume
 
 A resume on another number of processes carries the hook's state over with
 ``sparsetrain.reshard_state`` (each rank reading only the files ``reshard_sources`` names)::
 
-    torchrun --standalone --nproc-per-node 3 examples/ddp_hook.py --checkpoint ckpt --resume
+    torchrun --standalone --nproc-per-node 3 examples/ddp_hook.py --checkpoint ckpt5 --resume \\
+        --epochs 12
 
 It needs every file it reads from the same epoch; otherwise every rank stops (exit status 1)
 and rank 0 says why.

@@ -103,7 +103,10 @@ def check_saved_settings(
 ) -> None:
     """Refuse (``ValueError``) a state whose recorded settings (its ``"options"`` entry, as
     ``plain(now)`` was when saved) differ from ``now``, naming each, unless ``strict`` is False;
-    a state from before settings were recorded is not compared."""
+    a state from before settings were recorded is not compared. ``n``, the number of workers,
+    is not compared: it is the world's, which the sync checks at its first step, and it changes
+    where ``reshard_state`` carries a state to another number of ranks (a rule whose state is
+    by worker refuses another ``n`` by its shape)."""
     if not isinstance(strict, bool):
         raise TypeError(f"strict must be True or False, got {strict!r}")
     saved = state.get("options")
@@ -115,7 +118,7 @@ def check_saved_settings(
     diffs = [
         f"{k}: saved {saved[k]!r}, now {v!r}"
         for k, v in now.items()
-        if k in saved and saved[k] != v
+        if k in saved and k != "n" and saved[k] != v
     ]
     if diffs and strict:
         raise ValueError(

@@ -1928,7 +1928,10 @@ def _peers_timed_out(folder: str) -> bool:
     return False
 
 
-def _first_error(folder: str) -> WorkerError | None:
+def _first_error(folder: str, procs: Any = None) -> WorkerError | None:
+    """The first worker error on disk. Where it is a collective that timed out, the ranks that
+    were still running without an error when the run stopped (torch.multiprocessing then ends
+    them with SIGTERM) are named: the one that hung is among them."""
     errors = []
     for path in Path(folder).glob("error-rank*.json"):
         try:
@@ -1940,7 +1943,21 @@ def _first_error(folder: str) -> WorkerError | None:
     # The earliest error is the cause; later ones are usually peers losing their connection.
     # An error that points to another rank's comes after that rank's, whatever the times.
     first = min(errors, key=lambda e: (e.get("points_to_another", False), e["time"], e["rank"]))
-    return WorkerError(first["rank"], first["type"], first["message"], first["traceback"])
+    message = str(first["message"])
+    if "timed out" in message.lower() or "timeout" in message.lower():
+        stopped = [
+            i
+            for i, p in enumerate(getattr(procs, "processes", None) or ())
+            if getattr(p, "exitcode", None) == -signal.SIGTERM
+            and not Path(folder, f"error-rank{i}.json").exists()
+        ]
+        if stopped:
+            message += (
+                f" (rank(s) {', '.join(map(str, stopped))} were still running without an "
+                "error when the run stopped: a rank that hangs, or runs far slower than the "
+                "others, is among them; raise --timeout for a slow one)"
+            )
+    return WorkerError(first["rank"], first["type"], message, first["traceback"])
 
 
 def _check_together(configs: Sequence[TrainConfig]) -> None:
@@ -2088,7 +2105,7 @@ def launch(configs: TrainConfig | Sequence[TrainConfig]) -> dict[str, Any]:
                 while not procs.join():
                     pass
             except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
-                error = _killed_worker(procs, e, folder) or _first_error(folder)
+                error = _killed_worker(procs, e, folder) or _first_error(folder, procs)
                 if error is not None:
                     raise error from None
                 index = getattr(e, "error_index", -1)

@@ -1896,6 +1896,29 @@ def test_a_state_saved_after_freezing_loads_where_the_layer_is_frozen_before_bui
         assert res["went_on"] is True, res
 
 
+def _all_frozen_then_one_unfrozen(rank: int, world: int) -> str:
+    torch.manual_seed(0)
+    model = _net().requires_grad_(False)
+    sync = sparsetrain.GradientSync(model, "none")
+    assert not sync.buckets
+    next(model.children()).requires_grad_(True)
+    x, y = _batch(rank)
+    nn.functional.cross_entropy(model(x), y).backward()
+    try:
+        sync.synchronize()
+    except ValueError as e:
+        return str(e)
+    return "not refused"
+
+
+def test_gradient_sync_built_with_every_layer_frozen_refuses_one_unfrozen(tmp_path):
+    """No bucket carried the refusal, so it never went out: the layer trained on each rank
+    apart, without an error or a warning (the message of the step that agrees on finiteness
+    carries a refusal, and with no bucket there is none)."""
+    for said in oks(run_world(_all_frozen_then_one_unfrozen, 2, tmp_path)):
+        assert "were frozen when it was built (or added) and are trainable now" in said, said
+
+
 def _raised_step(rank: int, world: int) -> dict:
     torch.manual_seed(0)
     net = _net()

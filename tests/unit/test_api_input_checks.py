@@ -107,6 +107,16 @@ def test_a_rule_refuses_a_state_saved_with_other_settings_unless_not_strict(
     _stepped(name, **loaded_into).load_state_dict(old)
 
 
+def test_bucketings_state_loads_on_another_number_of_workers():
+    # n is the world's, not a setting: reshard_state carries bucketing's state (its step) to
+    # another number of ranks, and the recorded n=7 refused the resume on 5.
+    saved = _stepped("bucketing", n=7, bucket_size=2).state_dict()
+    assert saved["options"]["n"] == 7
+    rule = get_aggregator("bucketing", n=5, f=1, bucket_size=2)
+    rule.load_state_dict(saved)
+    assert rule.state_dict()["step"] == saved["step"]
+
+
 def test_safeguard_refuses_a_centered_clipping_state_naming_what_it_lacks():
     cc = _stepped("centered_clipping", momentum=0.5)
     sg = _stepped("safeguard", window0=2, window1=4)

@@ -340,10 +340,10 @@ def test_states_round_trip_exactly_through_a_file(group, owner):
 
 
 # ---- a state of another layout: the other kind's, other buckets, another model -------------
-def _trained_hook(net: nn.Module, cap_mb: float = 25.0) -> dict:
+def _trained_hook(net: nn.Module, cap_mb: float | None = None) -> dict:
     """A hook's state after three steps: DDP has rebuilt its buckets, and the state records
     them."""
-    ddp = DDP(net, bucket_cap_mb=cap_mb)
+    ddp = DDP(net) if cap_mb is None else DDP(net, bucket_cap_mb=cap_mb)
     hook = sparsetrain.register_ddp_hook(ddp, "threshold", density=0.1)
     g = torch.Generator().manual_seed(2)
     dtype = next(net.parameters()).dtype
@@ -375,12 +375,28 @@ def test_a_hook_state_saved_under_another_ddp_bucket_cap_is_refused(group):
     """DDP's buckets under another cap are other groups of parameters: the saved groups were
     exchanged for one step, then every per-group threshold was dropped."""
     state = _trained_hook(_model(), cap_mb=0.0001)
-    assert state["ddp_bucket_caps_bytes"] == [int(0.0001 * 2**20)]
-    ddp = DDP(_model())  # (the hook holds its model weakly, as DDP holds the hook)
+    assert state["ddp_bucket_caps_bytes"] == [104, 104]  # the first bucket's, then the cap
+    ddp = DDP(_model())
     target = sparsetrain.register_ddp_hook(ddp, "threshold", density=0.1)
-    _refuses(target, state, "DDP buckets of 9.92e-05 MB (104 bytes)", "are 25 MB (26214400")
+    _refuses(target, state, "DDP bucket caps of 9.92e-05 MB (104 bytes), 9.92e-05 MB (104 "
+             "bytes), and this DDP model's are 1 MB (1048576 bytes), 25 MB (26214400 bytes)")  # fmt: skip
     same_cap = DDP(_model(), bucket_cap_mb=0.0001)
     sparsetrain.register_ddp_hook(same_cap, "threshold", density=0.1).load_state_dict(state)
+    # DDP's default and bucket_cap_mb=25 differ in the first bucket's cap (1 MiB against 25),
+    # which rebuilds other groups: both were recorded as [25 MiB] and loaded silently.
+    default = _trained_hook(_model())
+    given = DDP(_model(), bucket_cap_mb=25)
+    hook = sparsetrain.register_ddp_hook(given, "threshold", density=0.1)
+    _refuses(hook, default, "1 MB (1048576 bytes), 25 MB", "are 25 MB (26214400 bytes), 25 MB")
+
+
+def test_a_pickled_hook_state_keeps_the_bucket_caps_it_hands_on(group):
+    import pickle
+
+    ddp = DDP(_model(), bucket_cap_mb=0.0001)
+    hook = sparsetrain.register_ddp_hook(ddp, "threshold", density=0.1)
+    again = pickle.loads(pickle.dumps(hook))
+    assert again.state_dict()["ddp_bucket_caps_bytes"] == [104, 104]
 
 
 def test_a_hook_state_of_a_model_with_other_trained_parameters_is_refused(group):
@@ -389,7 +405,28 @@ def test_a_hook_state_of_a_model_with_other_trained_parameters_is_refused(group)
     bigger = nn.Sequential(*_model(), nn.ReLU(), nn.Linear(2, 2))
     ddp = DDP(bigger)
     target = sparsetrain.register_ddp_hook(ddp, "threshold", density=0.1)
-    _refuses(target, state, "other trained parameters", "now with 4.bias, 4.weight")
+    _refuses(target, state, "other parameters in DDP's buckets", "now with 4.bias, 4.weight")
+
+
+def test_a_hook_state_saved_after_freezing_a_layer_ddp_buckets_loads(group):
+    """A layer frozen after DDP was built stays in DDP's groups (under find_unused_parameters):
+    the same program, built again, had its own state refused as another model's."""
+
+    def build() -> tuple[nn.Module, DDP, sparsetrain.SyncState]:
+        net = _model()
+        ddp = DDP(net, find_unused_parameters=True)
+        hook = sparsetrain.register_ddp_hook(ddp, "threshold", density=0.1)
+        net[0].requires_grad_(False)
+        return net, ddp, hook
+
+    net, ddp, hook = build()
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        ddp(torch.randn(8, 4, generator=g)).pow(2).mean().backward()
+    state = hook.state_dict()
+    assert "0.weight" in {n for group in state["ddp_groups"] for n in group}
+    _, ddp2, hook2 = build()
+    hook2.load_state_dict(state)
 
 
 @pytest.mark.parametrize("cap_mb", [25.0, 0.0001])
@@ -962,6 +999,17 @@ def test_gradient_sync_refuses_a_layer_unfrozen_that_no_bucket_holds(when):
     rebuilt = sparsetrain.GradientSync(model, "none")
     rebuilt.load_state_dict(sync.state_dict(), strict=False)  # as the message says
     assert rebuilt.synchronize()
+
+
+def test_a_frozen_layer_taken_out_of_the_model_is_not_refused_when_it_trains(group):
+    model = nn.Module()
+    model.body, model.teacher = nn.Linear(4, 2), nn.Linear(4, 2).requires_grad_(False)
+    sync = sparsetrain.GradientSync(model, "none")
+    teacher = model.teacher
+    del model.teacher  # trained on its own from now on
+    teacher.requires_grad_(True)
+    model.body(torch.randn(3, 4)).sum().backward()
+    assert sync.synchronize()
 
 
 def test_strict_false_takes_the_residuals_that_fit_and_drops_the_others():

@@ -65,3 +65,17 @@ def test_a_rank_that_hung_while_its_peers_timed_out_is_named_as_such(tmp_path):
     error = _killed_worker(_procs(1, -signal.SIGKILL), SimpleNamespace(error_index=0), folder)
     assert error is not None and error.rank == 1, error
     assert "the other ranks timed out waiting for it, so it hung" in str(error), error
+
+
+def test_a_timeout_names_the_ranks_still_running_when_the_run_stopped(tmp_path):
+    # A rank hung in Python (a deadlock, a busy loop) is ended by torch.multiprocessing's
+    # SIGTERM, as innocent ranks are: it cannot be told apart, so the ranks are named.
+    folder = _folder(tmp_path, {0: "[gloo] Timed out waiting 300000ms for recv operation"})
+    procs = _procs(1, -signal.SIGTERM)
+    assert _killed_worker(procs, SimpleNamespace(error_index=0), folder) is None
+    error = _first_error(folder, procs)
+    assert error.rank == 0 and "(rank(s) 1 were still running without an error" in str(error)
+    # Another error than a timeout: the stopped ranks are not suspects.
+    (tmp_path / "other").mkdir()
+    other = _folder(tmp_path / "other", {0: "ValueError: bad"})
+    assert "still running" not in str(_first_error(other, procs))

@@ -522,11 +522,17 @@ def _say_stopped(e: BaseException, configs: list[TrainConfig], prog: str) -> Non
     if name is None or under_torchrun():
         return  # another exit, whose message is on its way; or torchrun's workers (it tells)
     folder = configs[0].checkpoint_dir
-    then = (
-        f"`{prog} --resume` with the same options goes on from the last checkpoint in {folder}"
-        if folder
-        else "no --checkpoint-dir was given, so nothing was saved"
-    )
+    if not folder:
+        then = "no --checkpoint-dir was given, so nothing was saved"
+    elif not any(Path(folder).glob("*/rank*.pt")):
+        then = (
+            f"no checkpoint was written in {folder} yet (the first comes at the end of the "
+            "first epoch, or after --checkpoint-every steps), so a --resume starts over"
+        )
+    else:
+        then = (
+            f"`{prog} --resume` with the same options goes on from the last checkpoint in {folder}"
+        )
     print(f"\n{prog}: stopped by {name}; the workers are stopped; {then}", file=sys.stderr)
     e._sparsetrain_said = True  # type: ignore[attr-defined]  # (main() then adds nothing)
 

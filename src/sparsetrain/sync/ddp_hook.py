@@ -78,6 +78,16 @@ class SyncState:
             if ddp_model is None
             else {n: p.numel() for n, p in ddp_model.module.named_parameters()}
         )
+        # What decides DDP's groups, as it was built: the bucket caps, and the parameters DDP
+        # buckets (those trainable when it was built; one frozen later stays in its groups).
+        self._caps = _bucket_caps(ddp_model)
+        ignored = getattr(ddp_model, "parameters_to_ignore", ())
+        self._bucketed = (
+            None
+            if ddp_model is None
+            else {n for n, p in ddp_model.module.named_parameters() if p.requires_grad}
+            - set(ignored)
+        )
         self._groups: list[list[str]] = []  # those of the last complete step
         self._groups_now: list[list[str]] = []
         self._groups_initial = True  # they were DDP's first buckets, which it will rebuild
@@ -123,11 +133,10 @@ class SyncState:
             groups = None if self._groups_initial or not self._groups else self._groups
             if self._groups_initial and self._groups and not self._warned_initial:
                 self._warn_initial_groups()
-        ddp = self._ddp() if self._ddp is not None else None
         return {
             **self.engine.state_dict(),
             "ddp_groups": copy.deepcopy(groups),
-            "ddp_bucket_caps_bytes": _bucket_caps(ddp),
+            "ddp_bucket_caps_bytes": copy.copy(self._caps),
         }
 
     def _warn_initial_groups(self) -> None:
@@ -173,7 +182,7 @@ class SyncState:
             )
         ddp = self._ddp() if self._ddp is not None else None
         if strict:
-            _check_layout(state, ddp, self._sizes)
+            _check_layout(state, self._caps, self._bucketed, self._sizes)
         dtypes = None if ddp is None else {n: p.dtype for n, p in ddp.module.named_parameters()}
         self.engine.load_state_dict(
             state, owner="SyncState", strict=strict, sizes=self._sizes, dtypes=dtypes
@@ -443,27 +452,40 @@ class SyncState:
     def __setstate__(self, d: dict[str, Any]) -> None:
         self.__init__(d["config"], {}, None)
         self.load_state_dict(d["state"])
+        caps = d["state"].get("ddp_bucket_caps_bytes")  # kept for the state it hands on
+        self._caps = list(caps) if isinstance(caps, list) else None
         # The scaler belongs to the training loop and is not pickled: until one is set, the
         # first step refuses to take the scaled residuals for unscaled ones.
         self.engine.scaler_missing = bool(d.get("scaled", False))
 
 
 def _bucket_caps(ddp: DistributedDataParallel | None) -> list[int] | None:
-    """DDP's bucket size limits in bytes (``bucket_cap_mb``, or each of ``bucket_cap_mb_list``),
-    which decide its groups of parameters; None where this DDP does not say."""
+    """DDP's bucket size limits in bytes, which decide the groups it rebuilds: its first
+    bucket's (1 MiB by default, ``bucket_cap_mb`` where that is given), then ``bucket_cap_mb``
+    (or each of ``bucket_cap_mb_list``); None where this DDP does not say."""
+    if ddp is None:
+        return None
     cap = getattr(ddp, "bucket_bytes_cap", None)
-    caps = getattr(ddp, "bucket_bytes_cap_list", None) or [cap]
+    caps = list(getattr(ddp, "bucket_bytes_cap_list", None) or [cap])
+    first = getattr(getattr(ddp, "_bucket_config", None), "first_bucket_bytes_cap", None)
+    if first is None:  # torch before the bucket config: a default cap means a 1 MiB first one
+        default = getattr(ddp, "bucket_bytes_cap_default", False)
+        first = getattr(dist, "_DEFAULT_FIRST_BUCKET_BYTES", 2**20) if default else cap
+    caps = [first, *caps]
     return [int(c) for c in caps] if all(is_integer(c, 1) for c in caps) else None
 
 
 def _check_layout(
-    state: Mapping[str, Any], ddp: DistributedDataParallel | None, sizes: Mapping[str, int] | None
+    state: Mapping[str, Any],
+    caps: list[int] | None,
+    bucketed: set[str] | None,
+    sizes: Mapping[str, int] | None,
 ) -> None:
     """Refuse (``ValueError``) a state whose groups of parameters this DDP model will not
-    exchange: one saved by GradientSync (its buckets are its own), under another DDP bucket
-    cap, or with other trained parameters. The saved groups would be exchanged at the first
-    step only, then DDP's own, and what is kept per group (a threshold, PowerSGD's Q, Ok-Topk's
-    region bounds) would start afresh."""
+    exchange: one saved by GradientSync (its buckets are its own), under other DDP bucket caps
+    (``caps`` now), or with other parameters in DDP's buckets (``bucketed`` now). The saved
+    groups would be exchanged at the first step only, then DDP's own, and what is kept per
+    group (a threshold, PowerSGD's Q, Ok-Topk's region bounds) would start afresh."""
     remedy = "or pass strict=False to take its residuals by parameter (what is kept per group "
     remedy += "of parameters then starts afresh)"
     if "buckets" in state and "ddp_groups" not in state:
@@ -471,42 +493,39 @@ def _check_layout(
             "SyncState: this state was saved by GradientSync, whose buckets of parameters are "
             "its own, not DDP's: load it into a GradientSync built as the saved one was, " + remedy
         )
-    if ddp is None:
-        return
-    saved, caps = state.get("ddp_bucket_caps_bytes"), _bucket_caps(ddp)
+    saved = state.get("ddp_bucket_caps_bytes")
     if (
         isinstance(saved, list)
         and all(is_integer(c, 1) for c in saved)
-        and caps not in (None, saved)
+        and caps is not None
+        and saved != caps
     ):
 
         def mb(caps: list[int]) -> str:
             return ", ".join(f"{c / 2**20:.3g} MB ({c} bytes)" for c in caps)
 
         raise ValueError(
-            f"SyncState: this state was saved under DDP buckets of {mb(saved)} "
-            f"(bucket_cap_mb), and this DDP model's are {mb(caps)}, so DDP will exchange other "
-            "groups of parameters than the saved run did: build the DDP model with the saved "
-            "run's bucket_cap_mb, " + remedy
+            f"SyncState: this state was saved under DDP bucket caps of {mb(saved)}, and this "
+            f"DDP model's are {mb(caps)} (the first bucket's, then bucket_cap_mb's), so DDP "
+            "will exchange other groups of parameters than the saved run did: build the DDP "
+            "model with the saved run's bucket_cap_mb, " + remedy
         )
     groups = state.get("ddp_groups")
-    if not groups or sizes is None:
+    if not groups or bucketed is None:
         return
     had = {n for g in groups for n in g}
-    if not had <= set(sizes):
+    if sizes is not None and not had <= set(sizes):
         return  # (parameters this model does not have: the engine's check names them)
-    ignored = getattr(ddp, "parameters_to_ignore", ())
-    have = {n for n, p in ddp.module.named_parameters() if p.requires_grad and n not in ignored}
-    if had != have:
+    if had != bucketed:
         differ = "; ".join(
             f"{what} {', '.join(sorted(names))}"
-            for what, names in (("saved with", had - have), ("now with", have - had))
+            for what, names in (("saved with", had - bucketed), ("now with", bucketed - had))
             if names
         )
         raise ValueError(
-            "SyncState: this state was saved with other trained parameters than this DDP "
-            f"model's ({differ}): another model, or other parameters frozen. Load the state "
-            "saved with this model, " + remedy
+            "SyncState: this state was saved with other parameters in DDP's buckets than this "
+            f"DDP model's ({differ}): another model, or other parameters trainable when DDP "
+            "was built. Load the state saved with this model, " + remedy
         )
 
 

@@ -219,6 +219,10 @@ class GradientSync:
             ``scaler.step`` skips.
         """
         unfrozen = [n for n, p in self._left_out if p.requires_grad]
+        if unfrozen:  # only those still in the model (a frozen teacher taken out trains alone)
+            present = {id(p) for p in self._model.parameters()}
+            self._left_out = [(n, p) for n, p in self._left_out if id(p) in present]
+            unfrozen = [n for n, p in self._left_out if p.requires_grad]
         now = _registrations()
         if (now is None or now != self._registrations or unfrozen) and self._in_buckets(unfrozen):
             self._registrations = now  # (a refused model is looked at again at every call)
@@ -289,7 +293,8 @@ class GradientSync:
             "residuals), or build it while every parameter that will train is trainable: "
             "parameters frozen after it was built are left alone"
         )
-        if self.engine.world == 1:
+        if self.engine.world == 1 or not self.buckets:
+            # (Without buckets no message goes out to carry the refusal; nor does any rank wait.)
             raise ValueError(message)
         self.engine.refuse_step(message)
         return False
