@@ -133,15 +133,20 @@ def test_refit_write_to_an_unwritable_file_is_an_argparse_error(tmp_path, capsys
     import pathlib
 
     path = write_results(tmp_path / "a.json", [10**6], [0.01, 0.1])
+    before = path.read_text()
+    write_text = pathlib.Path.write_text
 
-    def refuse(self, *args, **kwargs):
-        raise PermissionError(f"read-only: {self}")
+    def full_disk(self, text, *args, **kwargs):  # half the text written, then no room
+        write_text(self, text[: len(text) // 2])
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(pathlib.Path, "write_text", refuse)
+    monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
     with pytest.raises(SystemExit) as exc:
         main(["bench", "refit", str(path), "--write"])
     assert exc.value.code == 2
     assert "--write: cannot write" in capsys.readouterr().err
+    # The run's measurements are as they were (the file was cut at the failed write).
+    assert path.read_text() == before and not list(tmp_path.glob("*.tmp"))
 
 
 def test_refit_with_the_wrong_core_count_fits_worse(tmp_path, capsys):

@@ -359,6 +359,20 @@ def test_prune_command_writes_json_and_png(tmp_path) -> None:
     assert (tmp_path / "r.png").stat().st_size > 1000
 
 
+def test_prune_oneshot_fine_tunes_the_model_at_sparsity_not_at_the_highest_level(tmp_path):
+    # The last model of the curve was fine-tuned: --sparsity 0.6 with the default levels
+    # (0.5, 0.7, 0.8) ended at 0.8.
+    from sparsetrain.commands.prune import main
+
+    out = tmp_path / "r.json"
+    argv = ["--method", "magnitude", "--schedule", "oneshot", "--sparsity", "0.6", "--epochs",
+            "1", "--finetune-epochs", "1", "--report", str(out), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["final"]["sparsity"] == pytest.approx(0.6, abs=1e-3)
+    assert [round(p["sparsity"], 2) for p in run["curve"]][:4] == [0.5, 0.6, 0.7, 0.8]
+
+
 def test_prune_command_passes_woodfisher_options_to_the_pruner() -> None:
     from sparsetrain.commands.prune import PruneConfig, _build_pruner
     from sparsetrain.pruning import OneShot

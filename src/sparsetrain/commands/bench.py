@@ -308,6 +308,8 @@ def _write_out(path: Path, text: str) -> bool:
 
 
 def _write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file renamed over it, so that
+    ``path`` holds the old text or the new, never part of it."""
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     tmp.replace(path)
@@ -992,10 +994,11 @@ def run_refit(args: argparse.Namespace) -> int:
     if args.write:
         result = json.loads(path.read_text())
         result["model_fit"] = _model_fit_entry(fit)
-        try:
-            path.write_text(json.dumps(result, indent=1))
+        try:  # whole or not at all: a full disk must not cut the run's measurements short
+            _write_json(path, result)
         except OSError as e:
-            args._parser.error(f"--write: cannot write {path} ({e})")
+            path.with_suffix(".tmp").unlink(missing_ok=True)
+            args._parser.error(f"--write: cannot write {path} ({e}); it is unchanged")
         print(f"wrote this fit into {path} (its model_fit entry; the measurements are unchanged)")
     if args.predict:
         other = Path(args.predict)

@@ -318,13 +318,16 @@ def run_method(
             {"sparsity": pruner.stats()["sparsity"], "test_accuracy": evaluate(model, task.test)}
         )
     elif cfg.schedule == "oneshot":
+        target = None
         for s in sorted({*cfg.levels, cfg.sparsity}):
             model, pruner, acc = oneshot_accuracy(dense, task, method, s, cfg, seed=cfg.seed)
             curve.append({"sparsity": pruner.stats()["sparsity"], "test_accuracy": acc})
+            if s == cfg.sparsity:  # the one fine-tuned; the other levels only draw the curve
+                target = (model, pruner)
+        assert target is not None
+        model, pruner = target
         opt = _make_optimizer(model, cfg)
-        state = (
-            pruner.state_dict()
-        )  # the last level is the final sparsity: re-attach with an optimizer
+        state = pruner.state_dict()  # re-attached with an optimizer, for the fine-tuning
         pruner.prepare(model, opt)
         pruner.load_state_dict(state)
         train(
