@@ -49,3 +49,33 @@ def test_a_rank_killed_mid_cell_is_an_error_at_once_not_a_wait_for_the_timeout()
     assert len(caught) == 1 and isinstance(caught[0], RuntimeError)
     assert "died without a result (exit code -9): killed" in str(caught[0])
     assert not multiprocessing.active_children()  # the other rank was stopped too
+
+
+def test_sigterm_to_the_command_stops_the_cells_workers(tmp_path):
+    # SIGTERM (`timeout`, kill) ended the parent at once and left the cell's workers training
+    # until their steps were done, and a temporary folder behind.
+    import subprocess
+    import sys
+
+    from .test_train import _alive, _children
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sparsetrain", "robust-matrix", "--workers", "2", "--byzantine",
+         "0", "--steps", "100000", "--aggregators", "mean", "--attacks", "none", "--out-dir",
+         str(tmp_path / "out")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 90
+    while len(_children(proc.pid)) < 3:  # the two ranks and multiprocessing's tracker
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.2)
+    workers = _children(proc.pid)
+    time.sleep(3)  # into training
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    deadline = time.monotonic() + 20
+    while [p for p in workers if _alive(p)] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in workers if _alive(p)], "workers still training after the command left"
+    assert not [p for p in tmp_path.iterdir() if p.name != "out"]  # no temporary folder left

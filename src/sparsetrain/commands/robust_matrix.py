@@ -192,23 +192,37 @@ def run_ranks(task_name: str, config: RobustRunConfig, timeout_s: float = 600.0)
     """Train with one gloo process a worker; return rank 0's final accuracy and rule stats."""
     import torch.multiprocessing as mp
 
+    from ..train import _exit_on_sigterm
+
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        store = os.path.join(tmp, "store")
-        procs = [
-            ctx.Process(target=_rank_main, args=(r, store, task_name, asdict(config), results))
-            for r in range(config.workers)
-        ]
-        for p in procs:
-            p.start()
-        try:
-            out = _answers(procs, results, timeout_s)
-        finally:
-            for p in procs:
-                p.join(timeout=10)
-                if p.is_alive():
-                    p.kill()
+    # SIGTERM (`timeout`, a scheduler, kill) and SIGHUP end this process through its clean-up:
+    # they left the workers training their cell, and the temporary folder behind.
+    restore = _exit_on_sigterm()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            store = os.path.join(tmp, "store")
+            procs = [
+                ctx.Process(target=_rank_main, args=(r, store, task_name, asdict(config), results))
+                for r in range(config.workers)
+            ]
+            try:
+                for p in procs:
+                    p.start()
+                out = _answers(procs, results, timeout_s)
+            except BaseException:  # leaving early (a signal, Ctrl-C, a failed cell): at once
+                for p in procs:
+                    if p.is_alive():
+                        p.kill()
+                raise
+            finally:
+                for p in procs:
+                    if p.pid is not None:
+                        p.join(timeout=10)
+                        if p.is_alive():
+                            p.kill()
+    finally:
+        restore()
     return {"accuracy": out[0][0], "aggregator_stats": out[0][1], "diverged": False}
 
 
