@@ -237,6 +237,10 @@ def test_bad_input_is_an_argparse_error_naming_the_problem(capsys, argv, words):
         (["robust-matrix", "--task", "foo"], "invalid choice: 'foo'"),
         (["robust-matrix", "--option", "bad"], "--option takes NAME.KEY=VALUE"),
         (["robust-matrix", "--option", "sign_flip.bogus=1"], "does not take option(s) ['bogus']"),
+        (
+            ["robust-matrix", "--aggregators", "krum", "--option", "krum.f=3"],
+            "--option krum.f: n and f are set for every rule and attack by --workers and",
+        ),
         (["robust-matrix", "--workers", "4", "--byzantine", "4"], "must be fewer than workers"),
         (["robust-matrix", "--byzantine", "0", "--attacks", "sign_flip"], "needs --byzantine >= 1"),
     ],

@@ -3,6 +3,7 @@ which rank is named as the cause when one fails."""
 
 from __future__ import annotations
 
+import json
 import queue
 from types import SimpleNamespace
 
@@ -45,3 +46,20 @@ def test_no_answer_before_the_deadline_says_how_many_finished():
     procs, results = _cell([None, None], [(0, "ok", 0.5, {})])
     with pytest.raises(RuntimeError, match=r"no result within 0.2 s \(1 of 2 finished\)"):
         _answers(procs, results, 0.2)
+
+
+def test_the_matrix_records_each_cells_options_so_a_result_can_be_reproduced():
+    # Two runs that differed only in --option sign_flip.scale=10 recorded the same config,
+    # with a placeholder rule and attack that described no cell.
+    from sparsetrain.commands.robust_matrix import run_matrix
+    from sparsetrain.robust.simulate import RobustRunConfig
+
+    base = RobustRunConfig(workers=4, byzantine=1, attack="zero", steps=3)
+    result = run_matrix("digits-mlp", base, ["mean", "median"], ["none", "sign_flip"],
+                        {"sign_flip": {"scale": 10.0}}, progress=False)  # fmt: skip
+    assert result["options"] == {"sign_flip": {"scale": 10.0}}
+    assert not {"aggregator", "attack", "aggregator_options"} & set(result["config"])
+    cell = next(c for c in result["cells"] if c["attack"] == "sign_flip")
+    assert cell["attack_options"] == {"scale": 10.0} and cell["aggregator_options"] == {}
+    assert all(isinstance(c["diverged"], bool) for c in result["cells"])
+    json.dumps(result)  # what the command writes

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .._options import plain
 from .._procs import too_many_processes
 from ..robust import (
     aggregator_class,
@@ -273,6 +274,9 @@ def run_matrix(
                 "attack": att,
                 "accuracy": out["accuracy"],
                 "rule_f": rule_f,
+                "aggregator_options": plain(cfg.aggregator_options),
+                "attack_options": plain(cfg.attack_options),
+                "diverged": bool(out.get("diverged", False)),
                 "removed": stats.get("removed") if isinstance(stats, dict) else None,
                 "seconds": round(time.perf_counter() - t0, 2),
             }
@@ -283,8 +287,12 @@ def run_matrix(
         if attacked:
             w = min(attacked, key=lambda c: c["accuracy"])
             worst[agg] = {"accuracy": w["accuracy"], "attack": w["attack"]}
+    # What every cell shares; each cell records its own rule, attack and their options (the
+    # base's placeholders for them described no cell, and the options went unrecorded).
+    per_cell = ("aggregator", "aggregator_options", "aggregator_f", "attack", "attack_options")
     return {
-        "config": asdict(base),
+        "config": {k: v for k, v in asdict(base).items() if k not in per_cell},
+        "options": plain(options),
         "task": task_name,
         "simulate": simulate_mode,
         "cells": cells,
@@ -336,7 +344,8 @@ def plot_heatmap(result: dict[str, Any], path: str) -> None:
     c = result["config"]
     mode = "simulated" if result["simulate"] else "real ranks"
     ax.set_title(
-        f"{result['task']}: test accuracy (%), {c['byzantine']} of {c['workers']} Byzantine, {mode}"
+        f"{result['task']}: test accuracy (%), {c['byzantine']} of {c['workers']} Byzantine "
+        f"({c.get('split', 'iid')} split), {mode}"
     )
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
@@ -407,6 +416,13 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             f"--option {', '.join(f'{n}.…' for n in unused)}: no selected aggregator or attack "
             f"is named {', '.join(map(repr, unused))} (selected: {', '.join(aggregators)}; "
             f"{', '.join(attacks)})"
+        )
+    fixed = sorted(f"{name}.{k}" for name, opts in options.items() for k in opts if k in ("n", "f"))
+    if fixed:
+        raise ValueError(
+            f"--option {', '.join(fixed)}: n and f are set for every rule and attack by "
+            "--workers and --byzantine (each rule tolerates the most Byzantine workers it can, "
+            "up to --byzantine)"
         )
     # Build every rule and attack once here, so a bad option is a usage error now, not a
     # traceback from the worker processes of the first cell that uses it.
