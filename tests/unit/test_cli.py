@@ -251,6 +251,12 @@ def test_prune_and_robust_matrix_refuse_bad_input_before_any_work(capsys, argv, 
     assert words in parse_error(capsys, *argv, *out)
 
 
+@pytest.mark.parametrize("command", ["prune", "train"])
+def test_an_empty_output_path_is_a_usage_error(capsys, command):
+    # prune crashed on Path("").with_suffix; train wrote no report without a word.
+    assert "--report needs a path, got an empty one" in parse_error(capsys, command, "--report", "")
+
+
 def test_demo_defaults_compare_three_methods_at_one_percent():
     from sparsetrain.commands import demo
 

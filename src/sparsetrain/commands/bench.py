@@ -1133,8 +1133,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
     p = subparsers.add_parser(
         "bench",
-        help="benchmarks on an emulated bandwidth-limited cluster (needs root)",
-        description=__doc__.split("\n\n")[0],
+        help="benchmarks on an emulated bandwidth-limited cluster (cluster and cleanup need "
+        "root), and the cost model refitted to their results",
+        description=__doc__.split("\n\n")[0]
+        + " `bench refit` fits the cost model to a run's JSON again (no root); `bench cleanup` "
+        "removes what crashed runs left behind.",
     )
     sub = p.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
     c = sub.add_parser(
@@ -1267,8 +1270,19 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "reads), for example after the model changed",
     )
     f.set_defaults(func=run_refit, _parser=f)
-    k = sub.add_parser("cleanup", help="remove namespaces left by crashed cluster runs")
-    k.add_argument("--all", action="store_true", help="also those of runs still in progress")
+    k = sub.add_parser(
+        "cleanup",
+        help="remove namespaces left by crashed cluster runs",
+        description="Remove what `bench cluster` runs whose process has exited left behind (a "
+        "run killed with SIGKILL cannot tear down): their network namespaces, with the links "
+        "and processes in them (the delay switch), and their temporary folders. Needs root, as "
+        "the cluster does; runs still in progress are left alone unless --all.",
+    )
+    k.add_argument(
+        "--all",
+        action="store_true",
+        help="also those of runs still in progress (which then fail)",
+    )
     k.set_defaults(func=run_cleanup, _parser=k)
     return p
 

@@ -495,7 +495,7 @@ def _main(args: argparse.Namespace) -> int:
     check_outputs(
         args._parser,
         report=args.report,
-        plot=args.plot or str(Path(args.report).with_suffix(".png")),
+        plot=args.plot or (str(Path(args.report).with_suffix(".png")) if args.report else None),
     )
     report = run(cfg)
     return _write(args, report)

@@ -458,6 +458,8 @@ def check_outputs(parser: argparse.ArgumentParser, **paths: str | None) -> None:
     checks = {"plot": plot_path_problem, "out": folder_path_problem, "out_dir": folder_path_problem,
               "checkpoint_dir": folder_path_problem}  # fmt: skip
     for option, path in paths.items():
+        if path is not None and not str(path).strip():  # (`--report ""`, an unset variable)
+            parser.error(f"--{option.replace('_', '-')} needs a path, got an empty one")
         problem = path and checks.get(option, file_path_problem)(path)
         if problem:
             parser.error(f"--{option.replace('_', '-')} {problem}")
