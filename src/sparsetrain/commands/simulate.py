@@ -19,6 +19,7 @@ import inspect
 import json
 import math
 import sys
+import textwrap
 from pathlib import Path
 
 from sparsetrain import perfmodel
@@ -174,7 +175,9 @@ def plot_projection(rows: list[dict], algorithms: list[str], path: str, title: s
             marker, style = _STYLES[i % len(_STYLES)]
             ax.plot(ranks, [r["times_s"][a] * 1e3 for r in cell], marker=marker, ls=style,
                     label=a, alpha=0.85)  # fmt: skip
-        ax.plot(ranks, [r["dense_s"] * 1e3 for r in cell], "k--", lw=2, label="dense ring")
+        # (A marker too: with one number of ranks the line is a single point.)
+        ax.plot(ranks, [r["dense_s"] * 1e3 for r in cell], "k--", lw=2, marker="D", ms=4,
+                label="dense ring")  # fmt: skip
         ax.set_xscale("log", base=2)
         ax.set_xticks(ranks, [str(r) for r in ranks])
         ax.minorticks_off()
@@ -183,7 +186,8 @@ def plot_projection(rows: list[dict], algorithms: list[str], path: str, title: s
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("modelled time of one exchange (ms)")
     legend_outside(fig, axes[0])
-    fig.suptitle(title)
+    # Wrapped to the figure's width: one panel's width cut a long title off at both sides.
+    fig.suptitle(textwrap.fill(title, width=max(40, int(fig.get_figwidth() * 11))))
     return save_figure(fig, path)
 
 
