@@ -24,6 +24,7 @@ RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "clus
         (["--method", "magnitude", "--block-size", "7", "--no-obs-update"],
          "--block-size, --no-obs-update: WoodFisher's options, but no --method woodfisher"),
         (["--method", "rigl", "--schedule", "oneshot"], "rigl trains sparse from the start"),
+        (["--method", "rigl", "--scope", "layer"], "rigl and nm set each layer's sparsity"),
         (["--levels", "0.1", "0.2"], "--levels sets the sparsities of the one-shot curve"),
         (["--schedule", "oneshot", "--prune-epochs", "9"], "--prune-epochs sets the gradual"),
         (["--prune-epochs", "0"], "--prune-epochs 0 leaves the gradual schedule no step"),

@@ -71,6 +71,7 @@ def results(**changes) -> dict:
         (["--numel", "0"], "--numel: count must be a positive whole number, got '0'"),
         (["--numel", "1e400"], "--numel: count must be a positive whole number"),
         (["--ranks", "1e3"], "--ranks: '1e3' is not a whole number"),
+        (["--ranks", "8,,16"], "--ranks '8,,16' has an empty item"),
         (["--bandwidth", "1e400gbit"], "--bandwidth: bandwidth must be a finite number"),
     ],
 )

@@ -519,6 +519,11 @@ def _unused_options(args: argparse.Namespace, cfg: PruneConfig) -> str | None:
     ]
     if woodfisher and "woodfisher" not in cfg.methods:
         return f"{', '.join(woodfisher)}: WoodFisher's options, but no --method woodfisher"
+    if args.scope is not None and all(m in ("rigl", "nm") for m in cfg.methods):
+        return (
+            "--scope ranks weights over the model or layer by layer for magnitude, structured "
+            "and woodfisher pruning; rigl and nm set each layer's sparsity themselves"
+        )
     scheduled = [m for m in cfg.methods if m != "rigl"]  # RigL trains sparse from the start
     if args.schedule is not None and not scheduled:
         return "--schedule: rigl trains sparse from the start and follows no schedule"
@@ -549,7 +554,7 @@ def _config(args: argparse.Namespace) -> PruneConfig:
         task=args.task,
         methods=args.method or ["magnitude"],
         sparsity=args.sparsity,
-        scope=args.scope,
+        scope=args.scope or "global",
         epochs=args.epochs,
         finetune_epochs=args.finetune_epochs,
         lr=args.lr,
@@ -600,7 +605,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--sparsity", type=_sparsity, default=0.9, help="final sparsity in [0, 1)")
     p.add_argument("--schedule", choices=SCHEDULES, help=f"default: {PruneConfig.schedule}")
-    p.add_argument("--scope", choices=("global", "layer"), default="global")
+    p.add_argument(
+        "--scope",
+        choices=("global", "layer"),
+        help="rank the weights over the whole model (default: global) or layer by layer",
+    )
     p.add_argument("--epochs", type=int, default=30, help="dense training epochs")
     p.add_argument(
         "--prune-epochs",

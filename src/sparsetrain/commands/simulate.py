@@ -28,8 +28,11 @@ from sparsetrain.plotting import legend_outside, plot_path_problem, save_figure
 
 
 def _list(text: str, parse, what: str) -> list:
+    parts = [x.strip() for x in text.split(",")]
+    if any(not x for x in parts) and any(parts):  # "8,,16" or "8,": a value left out?
+        raise ValueError(f"--{what} {text!r} has an empty item; separate the values by one comma")
     try:
-        items = [parse(x.strip()) for x in text.split(",") if x.strip()]
+        items = [parse(x) for x in parts if x]
     except (ValueError, TypeError) as e:
         raise ValueError(f"--{what}: {e}") from None
     if not items:
@@ -296,6 +299,7 @@ def _run(args: argparse.Namespace) -> int:
             Path(args.json).write_text(text)
         except OSError as e:
             args._parser.error(f"--json {args.json}: cannot write it ({e})")
+        print(f"json: {args.json}")
     if args.plot:
         title = (f"{what}, density {args.density:g}, latency {latency * 1e6:g} us a message, "
                  f"local work {gamma * 1e9:.3g} ns an entry")  # fmt: skip
