@@ -23,6 +23,17 @@ def test_a_cell_run_on_real_ranks_equals_the_one_process_simulation():
     assert ranks["diverged"] is False
 
 
+def test_a_cell_that_diverges_on_real_ranks_scores_as_in_the_simulation():
+    # Real ranks stopped at the non-finite update but scored the model as it was (6.5%) and
+    # said it had not diverged; the simulation scores such a run 0.
+    cfg = RobustRunConfig(workers=3, byzantine=1, aggregator="mean", attack="gaussian", steps=5,
+                          attack_options={"std": 1e38, "mean": 1e38})  # fmt: skip
+    ranks = run_ranks("digits-mlp", cfg, timeout_s=120)
+    alone = simulate(get_task("digits-mlp", cfg.seed), cfg)
+    assert alone["diverged"] is True and alone["accuracy"] == 0.0
+    assert (ranks["diverged"], ranks["accuracy"]) == (True, 0.0)
+
+
 def test_a_rank_killed_mid_cell_is_an_error_at_once_not_a_wait_for_the_timeout():
     # It waited for the cell's timeout (600 s by default) on the other ranks' result queue.
     cfg = RobustRunConfig(workers=2, steps=10**6)  # trains until one is killed
@@ -78,4 +89,5 @@ def test_sigterm_to_the_command_stops_the_cells_workers(tmp_path):
     while [p for p in workers if _alive(p)] and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [p for p in workers if _alive(p)], "workers still training after the command left"
-    assert not [p for p in tmp_path.iterdir() if p.name != "out"]  # no temporary folder left
+    # No temporary folder of its own left (torch's inductor cache may stay there, by design).
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("tmp")]

@@ -145,8 +145,26 @@ def test_refit_write_to_an_unwritable_file_is_an_argparse_error(tmp_path, capsys
         main(["bench", "refit", str(path), "--write"])
     assert exc.value.code == 2
     assert "--write: cannot write" in capsys.readouterr().err
-    # The run's measurements are as they were (the file was cut at the failed write).
-    assert path.read_text() == before and not list(tmp_path.glob("*.tmp"))
+    # The run's measurements are as they were (the file was cut at the failed write), also
+    # for a file named *.tmp (the temporary file was that file itself, then deleted).
+    assert path.read_text() == before and not list(tmp_path.glob(".*.part"))
+    named_tmp = tmp_path / "run.tmp"
+    with open(named_tmp, "w") as f:  # (write_text is patched)
+        f.write(before)
+    with pytest.raises(SystemExit):
+        main(["bench", "refit", str(named_tmp), "--write"])
+    assert named_tmp.read_text() == before
+    capsys.readouterr()
+
+
+def test_refit_write_through_a_link_writes_the_file_it_names(tmp_path, capsys):
+    real = write_results(tmp_path / "real.json", [10**6], [0.01, 0.1])
+    real.chmod(0o640)
+    link = tmp_path / "link.json"
+    link.symlink_to(real.name)
+    assert main(["bench", "refit", str(link), "--write"]) == 0
+    assert link.is_symlink() and "model_fit" in json.loads(real.read_text())
+    assert real.stat().st_mode & 0o777 == 0o640
 
 
 def test_refit_with_the_wrong_core_count_fits_worse(tmp_path, capsys):

@@ -308,11 +308,21 @@ def _write_out(path: Path, text: str) -> bool:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary file renamed over it, so that
-    ``path`` holds the old text or the new, never part of it."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
+    """Write ``obj`` as JSON to ``path`` through a temporary file of its own, renamed over it,
+    so that ``path`` holds the old text or the new, never part of it (through a link, the file
+    it names, whose permissions stay); the temporary file is removed if the write fails."""
+    target = path.resolve()
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        tmp.write_text(json.dumps(obj, indent=1))
+        if target.exists():
+            shutil.copymode(target, tmp)
+        tmp.replace(target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ---- parent: builds the cluster, runs the workers, reports ---------------------------------
@@ -997,7 +1007,6 @@ def run_refit(args: argparse.Namespace) -> int:
         try:  # whole or not at all: a full disk must not cut the run's measurements short
             _write_json(path, result)
         except OSError as e:
-            path.with_suffix(".tmp").unlink(missing_ok=True)
             args._parser.error(f"--write: cannot write {path} ({e}); it is unchanged")
         print(f"wrote this fit into {path} (its model_fit entry; the measurements are unchanged)")
     if args.predict:

@@ -15,6 +15,7 @@ import json
 import os
 import queue
 import tempfile
+import textwrap
 import time
 import traceback
 from dataclasses import asdict, replace
@@ -110,6 +111,7 @@ def _rank_main(rank: int, store_path: str, task_name: str, cfg: dict, results) -
         mine = shards(len(y), n, config.seed, config.split)[rank]
         gen = batch_generator(config.seed, rank)
         byzantine = rank >= n - config.byzantine
+        diverged = False
         for step in range(config.steps):
             idx = draw(mine, config.batch_size, gen)
             yb = y[idx]
@@ -128,10 +130,12 @@ def _rank_main(rank: int, store_path: str, task_name: str, cfg: dict, results) -
             )
             rule.end_step()
             if not bool(torch.isfinite(update).all()):
+                diverged = True  # scored 0, as the one-process simulation scores it
                 break
             write_grads(model, update)
             opt.step()
-        results.put((rank, "ok", evaluate(model, task.test), rule.stats()))
+        accuracy = 0.0 if diverged else evaluate(model, task.test)
+        results.put((rank, "ok", {"accuracy": accuracy, "diverged": diverged}, rule.stats()))
         dist.destroy_process_group()
     except Exception:
         results.put((rank, "error", traceback.format_exc(), None))
@@ -224,7 +228,7 @@ def run_ranks(task_name: str, config: RobustRunConfig, timeout_s: float = 600.0)
                             p.kill()
     finally:
         restore()
-    return {"accuracy": out[0][0], "aggregator_stats": out[0][1], "diverged": False}
+    return {**out[0][0], "aggregator_stats": out[0][1]}
 
 
 # ---- the matrix ----------------------------------------------------------------------------
@@ -274,6 +278,7 @@ def run_matrix(
                 "attack": att,
                 "accuracy": out["accuracy"],
                 "rule_f": rule_f,
+                "byzantine": byz,  # 0 in the no-attack column
                 "aggregator_options": plain(cfg.aggregator_options),
                 "attack_options": plain(cfg.attack_options),
                 "diverged": bool(out.get("diverged", False)),
@@ -343,10 +348,11 @@ def plot_heatmap(result: dict[str, Any], path: str) -> None:
             ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=8)
     c = result["config"]
     mode = "simulated" if result["simulate"] else "real ranks"
-    ax.set_title(
+    title = (
         f"{result['task']}: test accuracy (%), {c['byzantine']} of {c['workers']} Byzantine "
         f"({c.get('split', 'iid')} split), {mode}"
-    )
+    )  # wrapped to the figure's width: a small matrix cut it off
+    ax.set_title(textwrap.fill(title, width=max(30, int(fig.get_figwidth() * 10))))
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

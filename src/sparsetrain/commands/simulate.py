@@ -29,7 +29,9 @@ from sparsetrain.plotting import legend_outside, plot_path_problem, save_figure
 
 def _list(text: str, parse, what: str) -> list:
     parts = [x.strip() for x in text.split(",")]
-    if any(not x for x in parts) and any(parts):  # "8,,16" or "8,": a value left out?
+    if parts and not parts[-1]:
+        parts.pop()  # one trailing comma, as the other commands' lists take it
+    if any(not x for x in parts) and any(parts):  # "8,,16": a value left out?
         raise ValueError(f"--{what} {text!r} has an empty item; separate the values by one comma")
     try:
         items = [parse(x) for x in parts if x]
