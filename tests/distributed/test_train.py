@@ -228,10 +228,13 @@ def test_sigterm_to_the_launcher_stops_the_workers_and_removes_its_folder(tmp_pa
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
+    # SIGHUP as a terminal delivers it: a suite started under nohup would hand its children
+    # SIGHUP ignored, which the launcher leaves ignored (nohup is there to keep a run going).
     proc = subprocess.Popen(
         [sys.executable, "-m", "sparsetrain.cli", "train", "--workers", "2", "--epochs", "400",
          "--no-progress", "--compressor", "topk", "--density", "0.05"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
     )  # fmt: skip
     deadline = time.monotonic() + 60
     while not list(tmp_path.glob("sparsetrain-*/started-rank1")):  # the workers are running
