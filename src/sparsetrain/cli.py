@@ -45,9 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     try:  # building the parser imports torch (seconds): Ctrl-C then too is a quiet exit
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
-    except KeyboardInterrupt as e:
-        if not getattr(e, "_sparsetrain_said", False):  # (a command may have said more)
-            print("\ninterrupted", file=sys.stderr)  # on a line of its own, after a progress bar
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)  # on a line of its own, after a progress bar
         return 130
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,12 @@ def save_figure(fig: Any, path: str | os.PathLike) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+def fitted_title(fig: Any, text: str) -> str:
+    """``text`` wrapped to the figure's width (about 10 characters an inch at the default
+    font size), so that a long title over a narrow figure is not cut off at both sides."""
+    return textwrap.fill(text, width=max(30, int(fig.get_figwidth() * 10)))
 
 
 def legend_outside(fig: Any, axes: Any) -> None:

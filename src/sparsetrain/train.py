@@ -1923,9 +1923,14 @@ def _peers_timed_out(folder: str) -> bool:
             message = str(json.loads(path.read_text()).get("message", ""))
         except (OSError, json.JSONDecodeError, AttributeError):
             continue
-        if "timed out" in message.lower() or "timeout" in message.lower():
+        if _is_timeout(message):
             return True
     return False
+
+
+def _is_timeout(message: str) -> bool:
+    """Whether a worker's error message is a collective that timed out."""
+    return "timed out" in message.lower() or "timeout" in message.lower()
 
 
 def _first_error(folder: str, procs: Any = None) -> WorkerError | None:
@@ -1944,7 +1949,7 @@ def _first_error(folder: str, procs: Any = None) -> WorkerError | None:
     # An error that points to another rank's comes after that rank's, whatever the times.
     first = min(errors, key=lambda e: (e.get("points_to_another", False), e["time"], e["rank"]))
     message = str(first["message"])
-    if "timed out" in message.lower() or "timeout" in message.lower():
+    if _is_timeout(message):
         stopped = [
             i
             for i, p in enumerate(getattr(procs, "processes", None) or ())

@@ -15,7 +15,6 @@ import json
 import os
 import queue
 import tempfile
-import textwrap
 import time
 import traceback
 from dataclasses import asdict, replace
@@ -331,6 +330,8 @@ def plot_heatmap(result: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..plotting import fitted_title
+
     cells = result["cells"]
     aggs = list(dict.fromkeys(c["aggregator"] for c in cells))
     atts = list(dict.fromkeys(c["attack"] for c in cells)) + ["worst"]
@@ -351,8 +352,8 @@ def plot_heatmap(result: dict[str, Any], path: str) -> None:
     title = (
         f"{result['task']}: test accuracy (%), {c['byzantine']} of {c['workers']} Byzantine "
         f"({c.get('split', 'iid')} split), {mode}"
-    )  # wrapped to the figure's width: a small matrix cut it off
-    ax.set_title(textwrap.fill(title, width=max(30, int(fig.get_figwidth() * 10))))
+    )
+    ax.set_title(fitted_title(fig, title))  # a small matrix cut it off
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

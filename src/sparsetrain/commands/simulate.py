@@ -19,12 +19,11 @@ import inspect
 import json
 import math
 import sys
-import textwrap
 from pathlib import Path
 
 from sparsetrain import perfmodel
 from sparsetrain.cluster.units import parse_count, parse_duration, parse_rate
-from sparsetrain.plotting import legend_outside, plot_path_problem, save_figure
+from sparsetrain.plotting import fitted_title, legend_outside, plot_path_problem, save_figure
 
 
 def _list(text: str, parse, what: str) -> list:
@@ -191,8 +190,7 @@ def plot_projection(rows: list[dict], algorithms: list[str], path: str, title: s
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("modelled time of one exchange (ms)")
     legend_outside(fig, axes[0])
-    # Wrapped to the figure's width: one panel's width cut a long title off at both sides.
-    fig.suptitle(textwrap.fill(title, width=max(40, int(fig.get_figwidth() * 11))))
+    fig.suptitle(fitted_title(fig, title))  # one panel's width cut a long title off
     return save_figure(fig, path)
 
 

@@ -513,16 +513,18 @@ def replaces_input(reads: dict[str, str | None], writes: dict[str, str | None]) 
     return None
 
 
-def _say_stopped(e: BaseException, configs: list[TrainConfig], prog: str) -> None:
+def _say_stopped(e: BaseException, configs: list[TrainConfig], prog: str) -> int | None:
     """Say on a line of its own (after the progress bar's) what stopped the run and where it
-    can go on from: Ctrl-C, or SIGTERM or SIGHUP, which left without a word before."""
+    can go on from: Ctrl-C, or SIGTERM or SIGHUP, which left without a word before. Return the
+    exit status (128 + the signal), or None where nothing was said (another exit, whose
+    message is on its way; or torchrun's workers, which torchrun reports on)."""
     code = e.code if isinstance(e, SystemExit) else 128 + signal.SIGINT
     try:
         name = signal.Signals(code - 128).name if isinstance(code, int) and code > 128 else None
     except ValueError:
         name = None
     if name is None or under_torchrun():
-        return  # another exit, whose message is on its way; or torchrun's workers (it tells)
+        return None
     folder = configs[0].checkpoint_dir
     if not folder:
         then = "no --checkpoint-dir was given, so nothing was saved"
@@ -536,7 +538,7 @@ def _say_stopped(e: BaseException, configs: list[TrainConfig], prog: str) -> Non
             f"`{prog} --resume` with the same options goes on from the last checkpoint in {folder}"
         )
     print(f"\n{prog}: stopped by {name}; the workers are stopped; {then}", file=sys.stderr)
-    e._sparsetrain_said = True  # type: ignore[attr-defined]  # (main() then adds nothing)
+    return code
 
 
 def run_and_report(
@@ -558,8 +560,10 @@ def run_and_report(
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2 if e.error_type == CheckpointConflict.__name__ else 1, None
     except (KeyboardInterrupt, SystemExit) as e:
-        _say_stopped(e, configs, prog)
-        raise
+        code = _say_stopped(e, configs, prog)
+        if code is None:
+            raise
+        return code, None
     except Exception as e:
         if not under_torchrun():
             raise

@@ -279,10 +279,14 @@ class Delayed(Attack):
             raise ValueError(f"delayed attack: the gradient of key {key!r} changed shape")
         return old.to(own.device, copy=True)  # a loaded history (say on CPU) follows own
 
+    def _settings(self) -> dict[str, Any]:
+        """What its state records and a load compares."""
+        return {"n": self.n, "f": self.f, "delay": self.delay}
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "history": {k: [t.clone() for t in h] for k, h in self._history.items()},
-            "options": plain({"n": self.n, "f": self.f, "delay": self.delay}),
+            "options": plain(self._settings()),
         }
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
@@ -316,7 +320,7 @@ class Delayed(Attack):
                     f"delay >= {len(h) - 1}; build the attack with the delay it was saved with"
                 )
             loaded[str(key)] = deque((t.clone() for t in h), maxlen=self.delay + 1)
-        check_saved_settings(state, owner, {"n": self.n, "f": self.f, "delay": self.delay}, strict)
+        check_saved_settings(state, owner, self._settings(), strict)
         self._history = loaded
 
 
