@@ -113,8 +113,8 @@ _MAX_TIMEOUT_S = 1e9  # gloo took 1e11 s and refused 1e13 s as a negative count 
 
 class CheckpointConflict(ValueError):
     """The run as configured conflicts with the checkpoints in its folder: resumed with another
-    configuration than the one that saved them, or started without ``resume`` over an earlier
-    run's. Nothing was trained or written; ``sparsetrain train`` exits with status 2 (a usage
+    configuration than the one that saved them, started without ``resume`` over an earlier
+    run's, or given the folder and label of a run that is still running. Nothing was trained or written; ``sparsetrain train`` exits with status 2 (a usage
     error) for it, where other worker failures exit with 1."""
 
 
@@ -770,8 +770,8 @@ def _checkpoints_locked(config: TrainConfig, rank: int) -> Iterator[None]:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             locked = True
-        except BlockingIOError:
-            raise RuntimeError(
+        except BlockingIOError:  # a usage error as the other conflicts are (exit status 2)
+            raise CheckpointConflict(
                 f"another run is using the checkpoints in {path.parent} (rank {rank}'s lock "
                 f"{path.with_suffix('.lock').name} is held): give this run another "
                 "--checkpoint-dir (or TrainConfig label)"

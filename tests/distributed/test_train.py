@@ -602,6 +602,7 @@ def test_a_second_run_on_the_same_checkpoints_is_refused_while_the_first_runs(tm
         with pytest.raises(WorkerError, match="another run is using the checkpoints in") as exc:
             launch(config)
         assert "--label" not in str(exc.value)  # no such flag: the CLI names runs itself
+        assert exc.value.error_type == "CheckpointConflict"  # the CLI's exit status 2, as others
     assert launch(config)["runs"][0]["steps"] == 2  # free again
 
 
