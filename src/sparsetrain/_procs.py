@@ -4,10 +4,33 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.util
 import os
 import sys
+import threading
 from typing import NoReturn
+
+
+def stop_with_parent() -> None:
+    """End this spawned worker when the process that started it ends, however it ends.
+
+    A launcher stopped by a signal it can catch stops its workers itself; one killed outright
+    (SIGKILL, the out-of-memory killer) cannot, and its workers trained on as orphans until
+    the end of their run. The parent's sentinel (a pipe it holds open) turns readable when it
+    exits, so a waiting thread costs nothing until then. Nothing to do in a process that
+    multiprocessing did not start.
+    """
+    parent = multiprocessing.parent_process()
+    sentinel = getattr(parent, "sentinel", None)
+    if sentinel is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([sentinel])
+        os._exit(1)  # no one is left to report to, or to wait for a cleaner exit
+
+    threading.Thread(target=watch, name="sparsetrain-parent-watch", daemon=True).start()
 
 
 def exit_finished_worker(code: int = 0) -> NoReturn:

@@ -67,7 +67,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 import torch.distributed as dist
@@ -76,7 +76,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from ._options import is_integer, plain
-from ._procs import exit_finished_worker, too_many_processes
+from ._procs import exit_finished_worker, stop_with_parent, too_many_processes
 from .compressors import check_density, get_compressor, option_names
 from .hostmem import reserve, reuse_freed_memory, reusing_freed_memory
 from .sync import GradientSync, SyncConfig, register_ddp_hook
@@ -1836,6 +1836,7 @@ def _run_all(rank: int, world: int, configs: Sequence[TrainConfig]) -> list[dict
 def _spawned(rank: int, world: int, configs: Sequence[TrainConfig], folder: str) -> None:
     """Entry point of an embedded worker: join the group, train, hand results back as files."""
     torch.set_num_threads(1)  # processes share the machine's cores; oversubscription is slower
+    stop_with_parent()
     if configs[0].reuse_host_memory:  # before the process group's threads start
         reuse_freed_memory()
     Path(folder, f"started-rank{rank}").touch()  # tells a crash in training from one before it
@@ -2009,6 +2010,53 @@ def _exit_on_sigterm() -> Callable[[], None]:
     return restore
 
 
+_LAUNCHER_LOCK = "launcher.lock"
+
+
+def _launch_folder() -> tuple[str, IO[str] | None]:
+    """Make the temporary folder of one launch (its workers' store, markers, errors and result)
+    and lock it for as long as this launcher lives; return it with the open lock file.
+
+    A launcher killed outright (SIGKILL, the out-of-memory killer) cannot remove its folder, so
+    each launch first removes the folders whose lock no live launcher holds. The lock file is
+    locked under a temporary name and then renamed, so no launch sweeps a folder being made.
+    """
+    _remove_dead_launch_folders()
+    folder = tempfile.mkdtemp(prefix="sparsetrain-")
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks here (Windows): such folders are not swept
+        return folder, None
+    part = os.path.join(folder, f".{_LAUNCHER_LOCK}.part")
+    held = open(part, "w")
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # a file system without locks: leave this folder out of the sweep
+        held.close()
+        return folder, None
+    os.replace(part, os.path.join(folder, _LAUNCHER_LOCK))
+    return folder, held
+
+
+def _remove_dead_launch_folders() -> None:
+    """Remove the launch folders (see :func:`_launch_folder`) of launchers that have died."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    try:
+        locks = list(Path(tempfile.gettempdir()).glob(f"sparsetrain-*/{_LAUNCHER_LOCK}"))
+    except OSError:
+        return
+    for lock in locks:
+        try:
+            with open(lock, "a") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: its launcher is alive
+                shutil.rmtree(lock.parent, ignore_errors=True)
+        except OSError:  # held, another user's, or gone meanwhile
+            continue
+
+
 def _stop_workers(procs: Any) -> None:
     """Stop the workers still running (the launcher is leaving early: SIGTERM, Ctrl-C)."""
     if procs is None:
@@ -2091,7 +2139,7 @@ def launch(configs: TrainConfig | Sequence[TrainConfig]) -> dict[str, Any]:
                 dist.destroy_process_group()
     else:
         world = configs[0].workers
-        folder = tempfile.mkdtemp(prefix="sparsetrain-")
+        folder, held = _launch_folder()
         restore = _exit_on_sigterm()
         procs = None
         # When one worker fails, torch.multiprocessing stops the others and logs a warning for
@@ -2136,6 +2184,8 @@ def launch(configs: TrainConfig | Sequence[TrainConfig]) -> dict[str, Any]:
             spawn_log.setLevel(spawn_level)
             _stop_workers(procs)
             shutil.rmtree(folder, ignore_errors=True)
+            if held is not None:
+                held.close()
             for name in getattr(procs, "error_files", None) or ():
                 # torch.multiprocessing leaves a failed worker's traceback file in $TMPDIR
                 Path(name).unlink(missing_ok=True)

@@ -255,6 +255,51 @@ def test_sigterm_to_the_launcher_stops_the_workers_and_removes_its_folder(tmp_pa
     assert not [p for p in workers if _alive(p)], "workers still running after the launcher left"
 
 
+def test_workers_of_a_killed_launcher_stop_and_the_next_launch_removes_its_folder(
+    tmp_path, monkeypatch
+):
+    """A launcher killed outright (SIGKILL, the out-of-memory killer) runs no clean-up: its
+    workers trained on as orphans to the end of the run, and its folder stayed in $TMPDIR."""
+    import signal
+    import tempfile
+    import time
+
+    from sparsetrain.train import _launch_folder
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sparsetrain.cli", "train", "--workers", "2", "--epochs", "400",
+         "--no-progress", "--compressor", "topk", "--density", "0.05"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob("sparsetrain-*/started-rank1")):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    workers = _children(proc.pid)
+    assert len(workers) >= 2, workers
+    (left,) = tmp_path.glob("sparsetrain-*")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while [p for p in workers if _alive(p)] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in workers if _alive(p)], "workers still running after the launcher died"
+    assert left.is_dir()  # nothing could remove it then
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    folder, held = _launch_folder()  # the next launch
+    try:
+        assert not left.exists()
+        assert sorted(p.name for p in Path(folder).iterdir()) == ["launcher.lock"]
+        _, other = _launch_folder()  # a launch beside a live one keeps its folder
+        other.close()
+        assert Path(folder).is_dir()
+    finally:
+        held.close()
+
+
 def _children(pid: int) -> list[int]:
     """The processes whose parent is ``pid`` (from /proc/*/stat)."""
     out = []

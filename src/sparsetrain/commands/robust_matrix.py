@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .._options import plain
-from .._procs import too_many_processes
+from .._procs import stop_with_parent, too_many_processes
 from ..robust import (
     aggregator_class,
     available_aggregators,
@@ -90,6 +90,7 @@ def _rank_main(rank: int, store_path: str, task_name: str, cfg: dict, results) -
     from ..tasks import get_task
 
     torch.set_num_threads(1)
+    stop_with_parent()
     try:
         config = RobustRunConfig(**cfg)
         n = config.workers
