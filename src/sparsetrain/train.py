@@ -466,9 +466,9 @@ class TrainConfig:
             # as every worker's hook will build them.
             from .robust import get_aggregator, get_attack
 
-            get_aggregator(
-                self.aggregator or "mean", n=world, f=self.byzantine, **self.aggregator_options
-            )
+            options = dict(self.aggregator_options)
+            f = options.pop("f", self.byzantine)  # the ranks it tolerates, as the hook takes it
+            get_aggregator(self.aggregator or "mean", n=world, f=f, **options)
             if self.attack is not None:
                 get_attack(self.attack, n=world, f=self.byzantine, **self.attack_options)
 

@@ -418,6 +418,53 @@ def test_robust_aggregation_through_the_engine(tmp_path):
         assert r["stats"]["steps"] == 3 and r["stats"]["bytes_sent"] > 0
 
 
+def _tolerated(rank: int, world: int) -> dict:
+    """A real run with no simulated attack: the rule is built for the f the user gives."""
+    import warnings
+
+    out = {}
+    for options in ({}, {"f": 1}):
+        torch.manual_seed(0)
+        net = _net()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sync = sparsetrain.GradientSync(
+                net, "none", aggregator="trimmed_mean", aggregator_options=options
+            )
+        x, y = _batch(rank)
+        nn.functional.cross_entropy(net(x), y).backward()
+        if rank == world - 1:  # a faulty worker, not one the library makes attack
+            for p in net.parameters():
+                p.grad.mul_(1e3)
+        rows = [torch.empty(sum(p.numel() for p in net.parameters())) for _ in range(world)]
+        dist.all_gather(rows, torch.cat([p.grad.reshape(-1) for p in net.parameters()]))
+        sync.synchronize()
+        out[str(options)] = {
+            "got": torch.cat([p.grad.reshape(-1) for p in net.parameters()]),
+            "rows": torch.stack(rows),
+            "warned": [str(w.message) for w in caught],
+        }
+    return out
+
+
+def test_a_robust_rule_tolerates_the_f_it_is_given_without_an_attack(tmp_path):
+    """Without a simulated attack the rule was always built for f=0: trimmed_mean trimmed
+    nothing (it was the mean), krum and multi_krum tolerated no one, and aggregator_options
+    {"f": ...} was refused, so a real run had no protection and no word of it."""
+    results = oks(run_world(_tolerated, 4, tmp_path))
+    for rank, r in enumerate(results):
+        plain, given = r["{}"], r["{'f': 1}"]
+        torch.testing.assert_close(plain["got"], plain["rows"].mean(dim=0))  # f=0: the mean
+        trimmed = plain["rows"].sort(dim=0).values[1:3].mean(dim=0)  # 4 ranks, f=1
+        torch.testing.assert_close(given["got"], trimmed, rtol=0, atol=1e-7)
+        assert given["warned"] == []
+        if rank == 0:  # the rank that warns
+            (said,) = plain["warned"]
+            assert "f=0" in said and "aggregator_options={'f': F}" in said, said
+        else:
+            assert plain["warned"] == []
+
+
 # ---- the in-place fast paths compute what the general path computes --------------------------
 def _fast_vs_reference(rank: int, world: int) -> dict:
     out = {}

@@ -431,6 +431,12 @@ def test_error_feedback_refuses_bad_arguments(kwargs, error, message):
             ValueError,
             "attack 'gaussian' does not take option",
         ),
+        (  # f, the ranks the rule tolerates, is an option of every rule
+            {"aggregator": "krum", "aggregator_options": {"f": 1.5}},
+            ValueError,
+            r"aggregator_options\['f'\], the number of Byzantine ranks the rule tolerates, must "
+            "be an integer >= 0, got 1.5",
+        ),
     ],
 )
 def test_sync_config_checks_names_and_options_when_built(kwargs, error, message):

@@ -155,6 +155,12 @@ class Aggregator(ABC):
         """Close an optimizer step (after the last key of the step)."""
         return None
 
+    def tolerates_none(self) -> bool:
+        """True where this rule, as built, takes its protection from ``f`` and ``f`` is 0, so
+        that it tolerates no Byzantine worker (a trimmed mean that trims nothing is the mean).
+        Rules that protect without ``f`` (the median, centered clipping) return False."""
+        return False
+
     def stats(self) -> dict[str, Any]:
         return {}
 

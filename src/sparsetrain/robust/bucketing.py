@@ -90,6 +90,9 @@ class Bucketing(Aggregator):
                 f"inputs for {self.base!r}, which needs {cls.requirement} with f={self.f}: {e}"
             ) from e
 
+    def tolerates_none(self) -> bool:
+        return self._inner is not None and self._inner.tolerates_none()
+
     @property
     def stateless(self) -> bool:  # type: ignore[override]
         return self._inner is not None and self._inner.stateless

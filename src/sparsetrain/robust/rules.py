@@ -101,6 +101,9 @@ class TrimmedMean(Aggregator):
                     f"trim={self.trim} drops every value of n={self.n} workers; need n > 2*trim"
                 )
 
+    def tolerates_none(self) -> bool:
+        return not (self.f if self.trim is None else self.trim)
+
     def aggregate(self, grads: Tensor, key: str) -> Tensor:
         b = self.f if self.trim is None else self.trim
         s = sorted_rows(grads)
@@ -141,6 +144,9 @@ class Krum(Aggregator):
     def min_workers(cls, f: int) -> int:
         return 2 * f + 3
 
+    def tolerates_none(self) -> bool:
+        return self.f == 0
+
     def aggregate(self, grads: Tensor, key: str) -> Tensor:
         return grads[torch.argmin(krum_scores(grads, self.f))].clone()
 
@@ -174,6 +180,9 @@ class MultiKrum(Aggregator):
             check_int(self.m, "m", 1)
             if self.m > self.n:
                 raise ValueError(f"m={self.m} exceeds the number of workers n={self.n}")
+
+    def tolerates_none(self) -> bool:
+        return self.f == 0
 
     def aggregate(self, grads: Tensor, key: str) -> Tensor:
         m = self.n - self.f if self.m is None else self.m

@@ -67,7 +67,10 @@ class SyncConfig:
             With "raise" the gradients may be zero (the sparse in-place path clears the
             bucket while it compensates, before the ranks agree on finiteness).
         aggregator, aggregator_options: a robust aggregation rule over all ranks' gradients
-            (``sparsetrain.robust``); None means the plain average.
+            (``sparsetrain.robust``); None means the plain average. ``aggregator_options["f"]``
+            is the number of Byzantine ranks the rule tolerates (default: ``byzantine``, so 0
+            without an attack; rules that protect by f, such as trimmed_mean and krum, warn
+            when built for f=0).
         attack, attack_options, byzantine: for experiments, the last ``byzantine`` ranks replace
             their gradient by the named attack.
         momentum_correction: 0 (off), or a momentum in (0, 1) that each rank applies to its own
@@ -193,8 +196,17 @@ class SyncConfig:
         if self.aggregator is not None:
             cls = aggregator_class(self.aggregator)
             check_options(
-                "aggregator", self.aggregator, self.aggregator_options, aggregator_options(cls)
+                "aggregator",
+                self.aggregator,
+                self.aggregator_options,
+                ["f", *aggregator_options(cls)],
             )
+            f = self.aggregator_options.get("f")
+            if f is not None and (isinstance(f, bool) or not isinstance(f, int) or f < 0):
+                raise ValueError(
+                    "aggregator_options['f'], the number of Byzantine ranks the rule tolerates, "
+                    f"must be an integer >= 0, got {f!r}"
+                )
         if self.attack is not None:
             check_attack(self.attack, self.attack_options)
 

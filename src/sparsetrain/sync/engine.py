@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import math
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -174,19 +175,47 @@ class SyncEngine:
         comp.bind(dist.get_world_size(self.group) if dist.is_initialized() else 1)
         return comp
 
-    def _new_robust(self) -> tuple[Any, Any]:
+    def _new_robust(self, warn: bool = True) -> tuple[Any, Any]:
         config = self.config
         if config.aggregator is None and config.attack is None:
             return None, None
         from ..robust import get_aggregator, get_attack
 
         world = world_of(self.group)
-        aggregator = get_aggregator(
-            config.aggregator or "mean", n=world, f=config.byzantine, **config.aggregator_options
-        )
+        options = dict(config.aggregator_options)
+        given = "f" in options
+        f = options.pop("f", config.byzantine)  # the ranks it tolerates: by default the attackers
+        name = config.aggregator or "mean"
+        try:
+            aggregator = get_aggregator(name, n=world, f=f, **options)
+        except ValueError as e:  # the rule's words, and where n and f came from
+            given_as = [f"aggregator_options={config.aggregator_options}"] * bool(options or given)
+            given_as += [] if given else [f"f=byzantine={f}"]
+            raise ValueError(
+                f"aggregator {name!r} with {', '.join(given_as)} on a world of {world} ranks: {e}"
+            ) from e
+        if (
+            warn
+            and aggregator.tolerates_none()
+            and (not dist.is_initialized() or dist.get_rank(self.group) == 0)
+        ):
+            warnings.warn(
+                f"aggregator {name!r} is built for f=0 Byzantine ranks, so it tolerates none "
+                "(it protects by f): give the number of ranks it must tolerate with "
+                "aggregator_options={'f': F} (sparsetrain train: --aggregator-option f=F)",
+                stacklevel=4,
+            )
         attack = None
         if config.attack is not None:
-            attack = get_attack(config.attack, n=world, f=config.byzantine, **config.attack_options)
+            try:
+                attack = get_attack(
+                    config.attack, n=world, f=config.byzantine, **config.attack_options
+                )
+            except ValueError as e:
+                raise ValueError(
+                    f"attack {config.attack!r} with attack_options {config.attack_options}, "
+                    f"byzantine={config.byzantine}, on a world of {world} ranks: {e}"
+                ) from e
         return aggregator, attack
 
     def _collective_for(self, numel: int, dtype: torch.dtype) -> Any:
@@ -1259,7 +1288,7 @@ class SyncEngine:
         collectives = state.get("collectives", {})
         for name, cstate in collectives.items():
             get_collective(name, **self.config.collective_options_for(name)).load_state_dict(cstate)
-        aggregator, attack = self._new_robust()
+        aggregator, attack = self._new_robust(warn=False)  # a check: the built one warned
         robust = {k: state[k] if strict else _unrecorded(state[k]) for k in _ROBUST if k in state}
         if aggregator is not None and "aggregator" in robust:
             aggregator.load_state_dict(robust["aggregator"])
