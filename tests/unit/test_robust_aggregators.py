@@ -240,6 +240,43 @@ def test_krum_keeps_its_choice_when_squared_distances_pass_float32(name):
         assert torch.isfinite(out).all() and out.abs().max() < 1e21
 
 
+def test_one_huge_row_leaves_the_others_distances_exact():
+    """Scaled down to fit one row of 1e30, the honest rows' squared distances flushed to 0:
+    every honest Krum score tied, and Krum chose row 0, a Byzantine row 20 from the others."""
+    gen = torch.Generator().manual_seed(0)
+    honest = torch.randn(5, 5, generator=gen)
+    rows = torch.cat([honest[:1] + 20.0, honest[1:], torch.full((2, 5), 1e30)])
+    exact = ((rows.double()[:, None] - rows.double()[None]) ** 2).sum(-1)
+    nearest = exact.sort(dim=1).values[:, 1 : 7 - 2 - 1].sum(dim=1)
+    choice = int(nearest.argmin())
+    assert choice != 0  # the exact Krum does not take the Byzantine row
+    assert torch.equal(get_aggregator("krum", n=7, f=2)(rows), rows[choice])
+    chosen = nearest.argsort()[: 7 - 2]
+    torch.testing.assert_close(get_aggregator("multi_krum", n=7, f=2)(rows), rows[chosen].mean(0))
+
+
+def test_rows_near_the_dtypes_limit_do_not_overflow_the_robust_rules():
+    """In float64 a row of 1e308 raised OverflowError in Krum, Multi-Krum and SafeguardSGD;
+    two gave the geometric median NaN (its start, the mean, overflowed); two rows of 3e38
+    gave SafeguardSGD and the median of an even count Inf where the mean of what they keep
+    is finite."""
+    gen = torch.Generator().manual_seed(0)
+    honest = torch.randn(5, 5, generator=gen, dtype=torch.float64)
+    rows = torch.cat([honest, torch.full((2, 5), 1e308, dtype=torch.float64)])
+    for name in ("krum", "multi_krum", "geometric_median", "median", "trimmed_mean"):
+        out = get_aggregator(name, n=7, f=2)(rows)
+        assert torch.isfinite(out).all() and out.abs().max() < 10, name
+    rule = get_aggregator("safeguard", n=7, f=2, window0=2, window1=4, threshold0=1.0,
+                          threshold1=2.0)  # fmt: skip
+    assert torch.isfinite(rule(rows)).all()
+    rule.end_step()
+    big = torch.full((2, 5), 3e38)  # float32: their sum is past the range, their mean is not
+    assert torch.isfinite(get_aggregator("median", n=2)(big)).all()
+    rule = get_aggregator("safeguard", n=2, window0=2, window1=4, threshold0=1.0,
+                          threshold1=2.0, warmup_steps=0)  # fmt: skip
+    torch.testing.assert_close(rule(big), big[0])
+
+
 def test_half_gradients_are_clipped_and_bucketed_in_float32():
     # A float16 difference of norm past 65504 had norm Inf and scale 0: the workers were
     # left out and the output was the anchor, 0; bucket sums of 40000s overflowed to Inf.

@@ -214,22 +214,21 @@ def pairwise_sq_dists(x: Tensor) -> Tensor:
     float64.
 
     Computed from the differences, not from the Gram matrix, so near-identical rows do not
-    suffer cancellation and the matrix is exactly symmetric with a zero diagonal. The rows are
-    first divided by a power of two near their largest finite magnitude, and the squares
-    multiplied back in float64: rows 1e19 apart no longer overflow float32 to a tie of
-    infinities (the scaling is exact, so the values are float32's wherever those were finite).
-    A distance to or from a row holding NaN or Inf is Inf or NaN.
+    suffer cancellation and the matrix is exactly symmetric with a zero diagonal; and in
+    float64, so that one huge row neither overflows the others' distances (rows 1e19 apart are
+    1e38 apart squared) nor, scaled down to fit, flushes them to zero (a row of 1e30 beside
+    honest rows of order 1 made every honest distance 0 and Krum's choice a tie). The columns
+    are taken a block at a time, so the float64 copy is a block, not the matrix. A distance to
+    or from a row holding NaN or Inf is Inf or NaN, as is one past float64's range.
     """
-    x = work_dtype(x)
-    exponent = 0
-    if x.numel():
-        zero = torch.zeros((), dtype=x.dtype, device=x.device)
-        top = float(torch.where(torch.isfinite(x), x.abs(), zero).max())
-        exponent = math.frexp(top)[1]  # 0 for 0
-    if exponent:
-        x = x * 2.0**-exponent  # (2^-128 is a float32 subnormal; 2^128 would round to Inf)
-    d = torch.cdist(x[None], x[None], compute_mode="donot_use_mm_for_euclid_dist")[0]
-    return d.square().double() * 4.0**exponent
+    n, d = x.shape
+    out = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+    block = max(1, (1 << 22) // max(n, 1))  # 32 MiB of float64 a block
+    for start in range(0, d, block):
+        part = x[:, start : start + block].double()[None]
+        dist = torch.cdist(part, part, compute_mode="donot_use_mm_for_euclid_dist")[0]
+        out += dist.square()
+    return out
 
 
 def sorted_rows(x: Tensor) -> Tensor:

@@ -37,7 +37,7 @@ def coordinate_median(grads: Tensor) -> Tensor:
     """Return the coordinate-wise median (mean of the two middle values when n is even)."""
     n = grads.shape[0]
     s = sorted_rows(grads)
-    mid = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+    mid = s[n // 2] if n % 2 else s[n // 2 - 1] / 2 + s[n // 2] / 2  # halved first: no overflow
     return mid.to(grads.dtype)
 
 
@@ -196,7 +196,8 @@ class MultiKrum(Aggregator):
 class GeometricMedian(Aggregator):
     """Return the geometric median of the gradients, by Weiszfeld's iterations.
 
-    Steps: start from the mean z; repeat z <- sum_i w_i x_i / sum_i w_i with
+    Steps: start from the coordinate-wise median z (the mean is pulled anywhere by one row, and
+    two rows of 1e308 overflowed it); repeat z <- sum_i w_i x_i / sum_i w_i with
     w_i = 1 / max(eps, ||x_i - z||) until z moves less than ``tol * ||z||`` or ``max_iter``
     iterations. The smoothing ``eps`` keeps a weight finite when z meets a point (Weiszfeld 1937;
     as a Byzantine aggregator: Chen, Su, Xu, "Distributed Statistical Machine Learning in
@@ -233,7 +234,7 @@ class GeometricMedian(Aggregator):
         finite = torch.isfinite(x).all(dim=1)
         if bool(finite.any()) and not bool(finite.all()):
             x = x[finite]  # a row with NaN or Inf has no usable position: it is left out
-        z = x.mean(dim=0)
+        z = coordinate_median(x)
         for _ in range(self.max_iter):
             w = 1.0 / torch.linalg.vector_norm(x - z, dim=1).clamp_min(self.eps)
             z_new = (w[:, None] * x).sum(dim=0) / w.sum()

@@ -221,8 +221,9 @@ class Safeguard(Aggregator):
 
             rows = grads[kept]
             return coordinate_median(rows) if len(rows) else torch.full_like(grads[0], math.nan)
-        # (summed in float32 at least: float16 sums of finite gradients overflow)
-        out = (wide.sum(dim=0) / n_kept).to(grads.dtype)
+        # (in float32 at least: float16 sums of finite gradients overflow; and divided before
+        # the sum, which two rows of 3e38 took past float32's range, their mean within it)
+        out = (wide / n_kept).sum(dim=0).to(grads.dtype)
         if self.noise_std > 0:
             # Drawn on CPU: every rank must add the same noise, and a CUDA draw's values
             # depend on the GPU's number of multiprocessors.
