@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from . import _native
+from ._options import is_integer
 from .compressors.base import work_dtype
 
 
@@ -45,6 +46,22 @@ def _check_packing(names: Sequence[str], numels: Sequence[int], flat: Tensor, wh
     """Raise ``ValueError`` unless ``flat`` packs ``names`` (distinct) of ``numels`` elements,
     in order: a repeated name would keep one residual of two, and sizes that do not add up
     would fail in torch without naming the parameters."""
+    if isinstance(names, (str, bytes)) or not all(isinstance(n, str) for n in names):
+        raise TypeError(
+            f"{what}: names must be a list of parameter names (str), one a tensor packed in "
+            f"the flat tensor, got {names!r:.100}"
+        )
+    bad = [k for k in numels if isinstance(k, bool) or not is_integer(k) or k < 0]
+    if bad:
+        raise ValueError(
+            f"{what}: numels must be integers >= 0 (each parameter's number of elements), got "
+            f"{bad[0]!r}"
+        )
+    if not isinstance(flat, Tensor) or flat.dim() != 1:
+        raise ValueError(
+            f"{what}: the flat tensor must be a 1-D torch.Tensor packing the named parameters, "
+            f"got {tuple(flat.shape) if isinstance(flat, Tensor) else type(flat).__name__}"
+        )
     if len(names) != len(numels):
         raise ValueError(f"{what}: {len(names)} names but {len(numels)} numels; give one each")
     if len(set(names)) != len(names):
@@ -186,6 +203,7 @@ class ErrorFeedback:
         if not self.enabled:
             return flat
         _check_packing(names, numels, flat, "compensate")
+        flat = flat.detach()  # (from backward(create_graph=True): the residual keeps no graph)
         if self.momentum:
             flat = self._accumulate(names, numels, flat)
         dtype = work_dtype(flat.dtype)
@@ -227,6 +245,7 @@ class ErrorFeedback:
         if not self.enabled:
             return
         _check_packing(names, numels, compensated, "update")
+        compensated, sent = compensated.detach(), sent.detach()
         # (sent may be wider than the compensated gradient, whose dtype the residual keeps)
         residual = (compensated - sent.reshape(compensated.shape)).to(compensated.dtype)
         for n, part in zip(names, torch.split(residual, list(numels))):
@@ -426,6 +445,7 @@ class ErrorFeedback:
         if not self.enabled:
             return
         _check_packing(names, numels, unsent, "add_back")
+        unsent = unsent.detach()
         for n, k, part in zip(names, numels, torch.split(unsent, list(numels))):
             if n in self.residuals:
                 self.residuals[n] = self._residual(n, k, part) + part
@@ -456,6 +476,11 @@ class ErrorFeedback:
 
     def check_state(self, state: dict[str, Any]) -> None:
         """Raise what :meth:`load_state_dict` would refuse in ``state``; change nothing."""
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                "error-feedback state must be the dict ErrorFeedback.state_dict() returned, got "
+                f"{type(state).__name__}"
+            )
         if "residuals" not in state:
             raise ValueError("error-feedback state must have a 'residuals' entry")
         for entry in ("residuals", "velocity"):

@@ -358,3 +358,38 @@ def test_a_state_with_a_residual_that_is_not_flat_is_refused():
     ef = ErrorFeedback()
     with pytest.raises(ValueError, match="name -> 1-D tensor"):
         ef.load_state_dict({"enabled": True, "residuals": {"w": torch.zeros(2, 3)}})
+
+
+def test_gradients_that_require_grad_leave_no_graph_in_the_residuals():
+    """Gradients from backward(create_graph=True) require grad: the residuals kept their graph,
+    which grew with every step, and the saved state carried it."""
+    ef = ErrorFeedback()
+    w = torch.ones(3, requires_grad=True)
+    for _ in range(3):
+        g = ef.compensate(["a"], [3], w * 2)
+        ef.update(["a"], [3], g, torch.zeros(3))
+        ef.add_back(["a"], [3], w * 0)
+    assert not ef.residuals["a"].requires_grad
+    assert not ef.state_dict()["residuals"]["a"].requires_grad
+    torch.testing.assert_close(ef.residuals["a"], torch.full((3,), 6.0))
+
+
+@pytest.mark.parametrize(
+    ("names", "numels", "flat", "error", "message"),
+    [
+        ("ab", [1, 1], torch.zeros(2), TypeError, "names must be a list of parameter names"),
+        (["a", 1], [1, 1], torch.zeros(2), TypeError, "names must be a list of parameter names"),
+        (["a", "b"], [5, -2], torch.zeros(3), ValueError, "numels must be integers >= 0.*-2"),
+        (["a"], [4], torch.zeros(2, 2), ValueError, r"must be a 1-D torch.Tensor.*\(2, 2\)"),
+    ],
+)
+def test_a_packing_that_is_not_one_is_refused_by_name(names, numels, flat, error, message):
+    # A str was taken as its letters' names, and negative sizes or a 2-D tensor failed inside
+    # torch's split_with_sizes.
+    with pytest.raises(error, match=message):
+        ErrorFeedback().compensate(names, numels, flat)
+
+
+def test_a_state_that_is_not_a_dict_is_refused_by_name():
+    with pytest.raises(TypeError, match="must be the dict ErrorFeedback.state_dict"):
+        ErrorFeedback().load_state_dict(None)

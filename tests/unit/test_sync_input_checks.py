@@ -1049,3 +1049,22 @@ def test_a_state_with_values_no_run_could_save_is_refused_at_load(spoil, words):
     with pytest.raises(ValueError, match=words):
         sync.load_state_dict(state)
     assert same(sync.state_dict(), before)
+
+
+@pytest.mark.parametrize("compressor", sparsetrain.available_compressors())
+def test_gradients_from_create_graph_are_exchanged_as_values(compressor):
+    """After backward(create_graph=True) (a gradient penalty, MAML) the gradients require grad:
+    synchronize failed inside autograd for eight of the ten compressors."""
+    options = {"density": 0.5} if compressor in ("topk", "threshold", "randomk") else {}
+    if compressor == "randomk":
+        options["error_feedback"] = False
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    sync = sparsetrain.GradientSync(net, compressor, **options)
+    net(torch.randn(8, 4)).square().sum().backward(create_graph=True)
+    before = [p.grad.detach().clone() for p in net.parameters()]
+    assert sync.synchronize()
+    for p, g in zip(net.parameters(), before):
+        assert not p.grad.requires_grad
+        if compressor == "none":  # one rank: the average is the gradient
+            torch.testing.assert_close(p.grad, g)

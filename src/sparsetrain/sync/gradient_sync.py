@@ -212,6 +212,9 @@ class GradientSync:
     def synchronize(self) -> bool:
         """Replace every gradient by the compressed average over ranks.
 
+        Gradients that require grad (from ``backward(create_graph=True)``) are exchanged as
+        values: each is replaced by a detached tensor, as the optimizer uses them.
+
         Returns:
             False when the step was dropped because some rank had NaN/Inf: with
             ``on_nonfinite="skip"`` the gradients are then zero and the caller should not step
@@ -238,7 +241,9 @@ class GradientSync:
                     # dense block: a missing one becomes zeros, a strided one a contiguous copy.
                     if p.grad is None:
                         p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                    elif p.grad.layout != torch.strided:
+                    elif p.grad.requires_grad:  # backward(create_graph=True): their values
+                        p.grad = p.grad.detach()  # are exchanged, not the graph behind them
+                    if p.grad.layout != torch.strided:
                         # A sparse embedding tied to a dense layer, on a step that used only
                         # the embedding (or a layer of the model's own making sparse ones):
                         # raising here, on this rank alone, would leave the others waiting.
