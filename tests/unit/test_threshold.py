@@ -310,3 +310,13 @@ def test_a_model_of_two_dtypes_selects_in_each(one_thread, other):
                 assert 0 < sent < sum(p.numel() for _, p in bucket)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_float16_tensor_of_tied_large_values_is_compressed_again():
+    """Tied top values of 40000 (saturated gradients under loss scaling) doubled the kept
+    threshold past float16's 65504: every later call for that key raised in torch."""
+    c = get_compressor("threshold", density=0.01)
+    t = torch.full((1000,), 40000.0, dtype=torch.float16)
+    for _ in range(3):
+        (idx, values), _ = c.compress(t, key="a")
+        assert idx.numel() == 10 and bool((values == 40000.0).all())

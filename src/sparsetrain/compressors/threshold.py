@@ -271,6 +271,9 @@ class Threshold(SparseCompressor):
             if kth > threshold > 0:
                 next_threshold = kth
                 slope = min(max(math.log(count / k) / math.log(kth / threshold), 0.5), 50.0)
+        # Within the dtype's range: doubled past float16's 65504 (tied top values of 40000),
+        # it could not be compared with the next step's tensor (hardshrink refused it).
+        next_threshold = min(next_threshold, float(torch.finfo(flat.dtype).max))
         self._keys[key] = _KeyState(
             next_threshold, slope, step + 1, step if fresh else st.last_estimate
         )
