@@ -81,6 +81,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 
@@ -119,8 +120,9 @@ class NetworkParams:
     def __post_init__(self) -> None:
         for name in PARAMETERS:
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+            if not _is_real(v) or not 0 <= v < math.inf:
                 raise ValueError(f"NetworkParams.{name} must be a finite number >= 0, got {v!r}")
+            object.__setattr__(self, name, float(v))  # (a NumPy scalar is kept as a float)
 
     @classmethod
     def from_link(
@@ -235,10 +237,12 @@ class Problem:
         _check_int("index_bytes", self.index_bytes, 1)
         if self.cores is not None:
             _check_int("cores", self.cores, 1)
-        if isinstance(self.density, bool) or not isinstance(self.density, (int, float)):
+        if not _is_real(self.density):
             raise TypeError(f"density must be a number in (0, 1], got {self.density!r}")
         if not 0 < self.density <= 1:
             raise ValueError(f"density must be in (0, 1], got {self.density}")
+        if not isinstance(self.sorted_input, bool):
+            raise TypeError(f"sorted_input must be True or False, got {self.sorted_input!r}")
         if self.fresh_pages is not None and not isinstance(self.fresh_pages, bool):
             raise TypeError(f"fresh_pages must be a bool or None, got {self.fresh_pages!r}")
 
@@ -276,10 +280,16 @@ FRESH_MAPPING_BYTES = 32 * 2**20
 
 
 def _check_int(name: str, v: object, lo: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, int):
+    # (NumPy's integers too: counts read from arrays are theirs)
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {v!r}")
     if v < lo:
         raise ValueError(f"{name} must be >= {lo}, got {v}")
+
+
+def _is_real(v: object) -> bool:
+    """Whether ``v`` is a real number (NumPy's included), not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def _log2ceil(p: int) -> int:
@@ -821,6 +831,9 @@ def fit(
     bad = sorted(set(fixed) - set(COEFFICIENTS))
     if bad:
         raise ValueError(f"fit: cannot fix {bad}; coefficients are {', '.join(COEFFICIENTS)}")
+    for name, value in fixed.items():
+        if not _is_real(value) or not 0 <= value < math.inf:
+            raise ValueError(f"fit: fixed[{name!r}] must be a finite number >= 0, got {value!r}")
     ms = list(measurements)
     if len(ms) < 3:
         raise ValueError(f"fit needs at least 3 measurements, got {len(ms)}")
@@ -828,8 +841,10 @@ def fit(
     for m in ms:
         if not isinstance(m, Measurement):
             raise TypeError(f"fit takes Measurement objects, got {type(m).__name__}")
-        if not m.seconds > 0:
-            raise ValueError(f"measured seconds must be positive, got {m.seconds} for {m}")
+        if not _is_real(m.seconds) or not 0 < m.seconds < math.inf:
+            raise ValueError(
+                f"measured seconds must be a finite number > 0, got {m.seconds!r} for {m}"
+            )
         costs.append(cost(m.algorithm, world=m.world, numel=m.numel, density=m.density,
                           value_bytes=m.value_bytes, index_bytes=m.index_bytes, cores=m.cores,
                           sorted_input=m.sorted_input, fresh_pages=m.fresh_pages))  # fmt: skip
@@ -953,8 +968,11 @@ def best_collective(
     _check_int("numel", numel, 1)
     if nnz > numel:
         raise ValueError(f"nnz ({nnz}) cannot exceed numel ({numel})")
-    if isinstance(candidates, str) or not candidates:
+    if isinstance(candidates, str):
         raise TypeError(f"candidates must be a non-empty sequence of names, got {candidates!r}")
+    candidates = list(candidates)  # (an iterator would be spent by the check below)
+    if not candidates:
+        raise TypeError("candidates must be a non-empty sequence of names, got none")
     unknown = [c for c in candidates if c not in _MODELS]
     if unknown:
         raise ValueError(f"no cost model for {unknown}; modelled: {', '.join(available_models())}")

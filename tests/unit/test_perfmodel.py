@@ -388,7 +388,27 @@ def test_allgather_loses_to_dense_as_ranks_grow():
         (lambda: pm.NetworkParams(alpha=1.0, beta=float("inf")), ValueError, "finite"),
         (lambda: pm.NetworkParams.from_link(0, 1e-6), ValueError, "bandwidth"),
         (lambda: pm.fit([]), ValueError, "at least 3"),
-        (lambda: pm.fit([pm.Measurement("dense", 2, 10, 1.0, 0.0)] * 3), ValueError, "positive"),
+        (lambda: pm.fit([pm.Measurement("dense", 2, 10, 1.0, 0.0)] * 3), ValueError, "> 0"),
+        (  # an Inf time was dropped from the fit without a word; a str failed in a comparison
+            lambda: pm.fit([pm.Measurement("dense", 2, 10, 1.0, math.inf)] * 3),
+            ValueError,
+            "measured seconds must be a finite number > 0, got inf",
+        ),
+        (
+            lambda: pm.fit([pm.Measurement("dense", 2, 10, 1.0, "0.1")] * 3),
+            ValueError,
+            "measured seconds must be a finite number > 0, got '0.1'",
+        ),
+        (
+            lambda: pm.fit([pm.Measurement("dense", 2, 10, 1.0, 0.1)] * 3, fixed={"beta": "8e-10"}),
+            ValueError,
+            r"fixed\['beta'\] must be a finite number >= 0, got '8e-10'",
+        ),
+        (  # a str was taken as True
+            lambda: pm.cost("dense", world=4, numel=10, density=0.1, sorted_input="no"),
+            TypeError,
+            "sorted_input must be True or False, got 'no'",
+        ),
         (lambda: pm.best_collective(numel=10, nnz=11, world=2), ValueError, "exceed"),
         (
             lambda: pm.best_collective(numel=10, nnz=1, world=2, candidates="dense"),
@@ -555,3 +575,20 @@ def test_a_bandwidth_string_needs_its_unit_as_a_latency_string_does():
         pm.NetworkParams.from_link("1e9", "5us")
     assert pm.NetworkParams.from_link("10gbit", "5us").beta == 8e-10
     assert pm.NetworkParams.from_link(1e10, "5us").beta == 8e-10  # a number is bits per second
+
+
+def test_numpy_numbers_and_iterators_are_taken_as_their_values():
+    """NumPy integers and floats were refused as "must be an int" (world=np.int64(8)) or
+    "must be a finite number" (alpha=np.float32(1e-5)); candidates given as an iterator were
+    spent by the name check, and min() then found none."""
+    import numpy as np
+
+    params = pm.NetworkParams(alpha=np.float32(1e-5), beta=np.float64(8e-10))
+    assert type(params.alpha) is float and params.alpha == float(np.float32(1e-5))
+    plain = pm.predict("dense", world=8, numel=10**6, density=0.01, params=params)
+    assert pm.predict("dense", world=np.int64(8), numel=np.int64(10**6),
+                      density=np.float32(0.01), params=params) == pytest.approx(plain)  # fmt: skip
+    names = ["dense", "allgather", "oktopk"]
+    assert pm.best_collective(numel=10**6, nnz=10**4, world=8, candidates=iter(names)) == (
+        pm.best_collective(numel=10**6, nnz=10**4, world=8, candidates=names)
+    )
