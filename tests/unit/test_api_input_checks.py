@@ -487,3 +487,17 @@ def test_a_numpy_float32_density_is_taken_as_float64s_always_was():
     assert type(sync.config.compressor_options["density"]) is float
     config = TrainConfig(compressor="topk", density=np.float32(0.25))
     assert type(config.density) is float and config.density == 0.25
+
+
+def test_numpy_numbers_are_taken_where_python_numbers_are():
+    """n=np.int64(7) was refused as "must be an integer, got np.int64(7)", and
+    bucket_cap_mb=np.float32(1.0) as "must be a finite number > 0", while a density of
+    np.float32 was taken: counts and sizes read from arrays are NumPy's."""
+    import sparsetrain
+
+    rule = get_aggregator("trimmed_mean", n=np.int64(5), f=np.int64(1), trim=np.int64(2))
+    assert (type(rule.n), type(rule.f), type(rule.trim)) == (int, int, int)
+    attack = get_attack("sign_flip", n=np.int64(5), f=np.int64(1), scale=np.float32(2.0))
+    assert type(attack.scale) is float and attack.scale == 2.0
+    sync = sparsetrain.GradientSync(torch.nn.Linear(3, 3), "none", bucket_cap_mb=np.float32(1.0))
+    assert sync.synchronize()

@@ -76,7 +76,8 @@ def get_attack(name: str, *, n: int, f: int, **options: Any) -> Attack:
     Raises:
         ValueError: unknown name or option (the message lists the valid ones), bad n or f.
     """
-    return check_attack(name, options)(n=n, f=f, **options)
+    options = plain(options)  # NumPy numbers as Python's (n and f too), as options are kept
+    return check_attack(name, options)(n=plain(n), f=plain(f), **options)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .._options import check_options, check_state
+from .._options import check_options, check_state, plain
 
 _REGISTRY: dict[str, type[Aggregator]] = {}
 
@@ -200,7 +200,8 @@ def option_names(cls: type[Aggregator]) -> list[str]:
 def build(name: str, n: int, f: int, options: dict[str, Any]) -> Aggregator:
     cls = aggregator_class(name)
     check_options("aggregator", name, options, option_names(cls))
-    return cls(n=n, f=f, **options)
+    # NumPy numbers (n=np.int64(7), a count from an array) as Python's, as options are kept
+    return cls(n=plain(n), f=plain(f), **plain(dict(options)))
 
 
 # ---- shared tensor helpers ---------------------------------------------------------------

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .._options import plain
 from .config import (
     check_consistent,
     check_dense_gradients,
@@ -150,6 +151,7 @@ class GradientSync:
                     "sparsetrain's hook, which already exchanges its gradients in backward; "
                     "GradientSync would exchange them again. Use one of the two"
                 )
+            bucket_cap_mb = plain(bucket_cap_mb)  # (np.float32(1.0) was refused as no number)
             if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)):
                 raise TypeError(f"bucket_cap_mb must be a finite number > 0, got {bucket_cap_mb!r}")
             if not 0 < bucket_cap_mb < math.inf:
