@@ -85,14 +85,20 @@ def test_centered_clipping_bounds_an_outlier_and_keeps_its_anchor():
 
 def test_bucketing_averages_buckets_before_the_base_rule():
     g = torch.tensor([[1.0], [1.0], [1.0], [1.0], [1.0], [50.0]])
-    assert torch.equal(
-        aggregate("bucketing", g, f=1, base="median", bucket_size=2), torch.tensor([1.0])
-    )
+    rule = get_aggregator("bucketing", n=6, f=1, base="median", bucket_size=2)
+    assert torch.equal(rule(g), torch.tensor([1.0]))
     # bucket size 1 is the base rule itself
     x = torch.randn(7, 5)
-    assert torch.equal(
-        aggregate("bucketing", x, f=2, base="median", bucket_size=1), aggregate("median", x, f=2)
-    )
+    rule = get_aggregator("bucketing", n=7, f=2, base="median", bucket_size=1)
+    assert torch.equal(rule(x), aggregate("median", x, f=2))
+
+
+def test_bucketing_is_not_a_one_call_rule():
+    """Built afresh by aggregate() at every call, bucketing drew step 0's permutation every
+    time: Karimireddy et al. reshuffle the workers each round."""
+    x = torch.randn(6, 3)
+    with pytest.raises(ValueError, match="keeps state across steps.*end_step"):
+        aggregate("bucketing", x, f=1, base="median", bucket_size=2)
 
 
 def _bucketing_reference(x: torch.Tensor, f: int, s: int, seed: int, step: int) -> torch.Tensor:

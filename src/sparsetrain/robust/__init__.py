@@ -57,7 +57,8 @@ def aggregate(name: str, grads: Tensor, f: int = 0, **options: Any) -> Tensor:
 
     Args:
         name: one of the stateless rules: mean, median, trimmed_mean, krum, multi_krum,
-            geometric_median, bucketing (over a stateless base).
+            geometric_median (bucketing draws a new permutation each step: build it with
+            :func:`get_aggregator` and call ``end_step()`` after each step).
         grads: the workers' gradients.
         f: the number of Byzantine workers to tolerate.
         **options: the rule's options.
@@ -75,7 +76,8 @@ def aggregate(name: str, grads: Tensor, f: int = 0, **options: Any) -> Tensor:
     if not rule.stateless:
         raise ValueError(
             f"aggregator {name!r} keeps state across steps; build it once with "
-            f"get_aggregator({name!r}, n=..., f=..., ...) and call it every step"
+            f"get_aggregator({name!r}, n=..., f=..., ...), call it every step and call its "
+            "end_step() after each step"
         )
     return rule(grads)
 

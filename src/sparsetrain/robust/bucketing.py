@@ -93,9 +93,9 @@ class Bucketing(Aggregator):
     def tolerates_none(self) -> bool:
         return self._inner is not None and self._inner.tolerates_none()
 
-    @property
-    def stateless(self) -> bool:  # type: ignore[override]
-        return self._inner is not None and self._inner.stateless
+    # Its step (advanced by end_step) draws each step's permutation: built afresh for every
+    # call, as aggregate() would, it shuffled the workers the same way at every step.
+    stateless = False
 
     def aggregate(self, grads: Tensor, key: str) -> Tensor:
         g = torch.Generator().manual_seed(key_seed(self.seed, self._step, ""))
