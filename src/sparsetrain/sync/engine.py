@@ -1173,7 +1173,10 @@ class SyncEngine:
     def stats(self) -> dict[str, Any]:
         """Return the counters since construction (or the loaded state).
 
-        Keys: ``bytes_sent``, ``bytes_recv`` (by this rank), ``dense_bytes`` (what a ring
+        Keys: ``bytes_sent``, ``bytes_recv`` (by this rank; every exchange of the steps but
+        the one-time check of the first step after construction or a load, an allreduce of 6
+        integers a rank, left out so that a resumed run counts what one that never stopped
+        does), ``dense_bytes`` (what a ring
         allreduce of the uncompressed gradients would have sent), ``bytes_ratio`` (sent / dense),
         ``compress_seconds`` and ``comm_seconds``, ``steps``, ``skipped_steps``,
         ``aggregator`` with a robust rule's own stats, and with ``collective="auto"``
