@@ -454,3 +454,22 @@ def test_rigl_refuses_a_closure_whose_gradients_are_not_finite() -> None:
         _train(model, opt, pruner, 6, closure=lambda: model(x).sum() * float("inf"))
     assert pruner.stats()["num_updates"] == 0
     assert all(torch.equal(first[n], pruner.masks[n]) for n in first)
+
+
+def test_rigl_leaves_the_masks_alone_after_an_overflowed_backward() -> None:
+    """Under AMP an overflowed backward makes GradScaler skip the optimizer step; RigL still
+    grew connections by the top-k of Inf/NaN scores, that is at random."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    pruner = RigLPruner(sparsity=0.8, delta_t=2, end=20).prepare(model, opt)
+    _train(model, opt, pruner, 2)  # steps 0 and 1; step 2 is the first update step
+    x, y = _data()
+    opt.zero_grad()
+    (nn.functional.cross_entropy(model(x), y) * float("inf")).backward()  # opt.step skipped
+    before = pruner.masks
+    with pytest.warns(UserWarning, match="rigl: the dense gradients of step 2 hold NaN or Inf"):
+        assert not pruner.step(2)
+    assert all(torch.equal(before[n], pruner.masks[n]) for n in before)
+    assert pruner.stats()["num_updates"] == 0
+    _train(model, opt, pruner, 2, start=3)  # the next update (step 4) goes ahead
+    assert pruner.stats()["num_updates"] == 1

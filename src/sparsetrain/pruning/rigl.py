@@ -23,6 +23,7 @@ when a ``closure`` is passed to :meth:`step`, that of one extra backward pass on
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -172,6 +173,17 @@ class RigLPruner(Pruner):
         if not self.is_update_step(step):
             return False
         grads = self._dense_gradients(closure)
+        if not bool(torch.stack([torch.isfinite(g).all() for g in grads.values()]).all()):
+            # The backward before this step overflowed (under AMP, GradScaler skips its
+            # optimizer step): its scores would grow connections at random. The same on every
+            # rank, after the average.
+            self._dense_grads = {}
+            warnings.warn(
+                f"rigl: the dense gradients of step {step} hold NaN or Inf (an overflowed "
+                "backward, as torch.amp.GradScaler skips); the masks are not updated at this step",
+                stacklevel=4,  # the caller of pruner.step
+            )
+            return False
         new = self.compute_masks(grads, self.update_fraction(step))
         grown = {n: new[n] & ~self._masks[n] for n in new}
         with torch.no_grad():
