@@ -213,3 +213,19 @@ def test_unpack_bits_refuses_more_bits_than_the_bytes_hold():
     for numel in (100, -1, 2.5):  # it returned 8 (or 7) entries, not the numel asked for
         with pytest.raises(ValueError, match=r"numel must be an integer in \[0, 8\] for 1 packed"):
             unpack_bits(pack_bits(mask), numel)
+
+
+def test_gradual_nm_passes_through_each_n_the_schedule_reaches():
+    """The cubic schedule's first level from 0 to 0.5 over four steps is 0.29; rounded down
+    to 2:4 at once, the gradual N:M run was a one-shot one, where the docs promise
+    4:4 -> 3:4 -> 2:4."""
+    from sparsetrain.pruning import Gradual, get_pruner
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    pruner = get_pruner("nm", schedule=Gradual(start=0, end=4, frequency=1)).prepare(model)
+    kept = []
+    for step in range(6):
+        pruner.step(step)
+        kept.append(int(pruner.masks["0.weight"].reshape(-1, 4).sum(1).max()))
+    assert kept == [4, 3, 2, 2, 2, 2]

@@ -6,10 +6,11 @@ Mishra et al., 2021), so they need no data and give the same masks on every rank
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .base import Closure, ScheduledPruner, register_pruner
-from .masks import Masks, check_nm, check_sparsity, masks, nm_for_sparsity, nm_shape_problem
+from .masks import Masks, check_nm, check_sparsity, masks, nm_shape_problem
 
 
 @register_pruner("magnitude")
@@ -77,7 +78,9 @@ class NMPruner(ScheduledPruner):
                 raise ValueError(f"{problem}; leave it out with params=[...]")
 
     def compute_masks(self, sparsity: float, closure: Closure | None) -> Masks:
-        n = max(self.n, nm_for_sparsity(sparsity, self.m))
+        # Along the schedule, the N nearest its level (the final one exact): rounded down, as
+        # for a sparsity asked once, a cubic schedule's first level, 0.29, went 4:4 -> 2:4 at once.
+        n = max(self.n, min(self.m, math.floor((1.0 - sparsity) * self.m + 0.5)))
         return masks(
             self._weights, 1.0 - n / self.m, "nm", self.scope, previous=self._masks, n=n, m=self.m
         )
