@@ -22,6 +22,7 @@ from sparsetrain.pruning import (
     get_pruner,
     load_compact,
     pack_bits,
+    sparsity_stats,
     to_torch_sparse,
 )
 
@@ -631,3 +632,21 @@ def test_step_takes_the_optimizer_steps_index_from_zero() -> None:
     with pytest.raises(TypeError, match=r"step must be an integer >= 0 .* got 1.5"):
         pruner.step(1.5)
     pruner.step(0)
+
+
+def test_a_tied_weights_second_name_points_to_its_listed_name() -> None:
+    """A tied output layer named by its own name was refused as "not in the model", with a list
+    of parameters that has no such name and no word of why."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.head = nn.Linear(4, 10, bias=False)
+            self.head.weight = self.embed.weight
+
+    message = r"\['head.weight'\] are not listed by that name .*'head.weight' is the tensor listed as 'embed.weight' \(tied\)"  # noqa: E501
+    with pytest.raises(ValueError, match=message):
+        get_pruner("magnitude", sparsity=0.5, params=["head.weight"]).prepare(Tied())
+    with pytest.raises(ValueError, match=message):
+        sparsity_stats(Tied(), ["head.weight"])

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from .._options import check_options, is_integer, plain
 from .masks import Masks, check_scope, check_sparsity
+from .metrics import not_in_model
 from .schedules import OneShot, Schedule, get_schedule
 
 Closure = Callable[[], Tensor]
@@ -319,9 +320,7 @@ class Pruner:
         names = self.params if self.params is not None else default_weights(module)
         unknown = [n for n in names if n not in named]
         if unknown:
-            raise ValueError(
-                f"parameter(s) {unknown} are not in the model; its parameters are: {sorted(named)}"
-            )
+            raise ValueError(not_in_model(module, unknown, named))
         if not names:
             raise ValueError("no parameters to prune: the model has no weight with 2 or more dims")
         for n in names:

@@ -23,6 +23,27 @@ import torch
 from torch import Tensor, nn
 
 
+def not_in_model(model: nn.Module, unknown: list[str], named: Iterable[str]) -> str:
+    """The error for parameter names ``unknown`` that ``model`` does not list: a tied weight's
+    second name (``named_parameters()`` lists each tensor once, by its first name) is pointed
+    to the name it is listed by."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        listed = first.setdefault(id(p), name)
+        if listed != name:
+            aliases[name] = listed
+    tied = [f"{n!r} is the tensor listed as {aliases[n]!r} (tied)" for n in unknown if n in aliases]
+    if tied and len(tied) == len(unknown):
+        return (
+            f"parameter(s) {unknown} are not listed by that name (named_parameters() lists a "
+            "tied tensor once, by its first name; give that one): " + "; ".join(tied)
+        )
+    return f"parameter(s) {unknown} are not in the model; its parameters are: {sorted(named)}" + (
+        f" ({'; '.join(tied)})" if tied else ""
+    )
+
+
 def sparsity_stats(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, Any]:
     """Return per-layer and global sparsity and parameter counts.
 
@@ -39,9 +60,7 @@ def sparsity_stats(model: nn.Module, names: Iterable[str] | None = None) -> dict
     chosen = list(names) if names is not None else [n for n, p in params.items() if p.dim() >= 2]
     unknown = [n for n in chosen if n not in params]
     if unknown:
-        raise ValueError(
-            f"parameter(s) {unknown} are not in the model; its parameters are: {sorted(params)}"
-        )
+        raise ValueError(not_in_model(model, unknown, params))
     layers = {}
     for n in chosen:
         p = params[n]
