@@ -465,6 +465,59 @@ def test_a_robust_rule_tolerates_the_f_it_is_given_without_an_attack(tmp_path):
             assert plain["warned"] == []
 
 
+def _one_faulty_rank(rank: int, world: int) -> dict:
+    """Rank 2 of 3 sends NaN at step 1 (steps 0 and 2: no one; 3: ranks 1 and 2, more than f=1)."""
+    import warnings
+
+    torch.manual_seed(0)
+    net = _net()
+    sync = sparsetrain.GradientSync(
+        net, "topk", density=0.5, aggregator="median", aggregator_options={"f": 1}
+    )
+    out = {"steps": []}
+    for step, faulty in enumerate([set(), {2}, set(), {1, 2}]):
+        net.zero_grad()
+        x, y = _batch(rank, step)
+        loss = nn.functional.cross_entropy(net(x), y)
+        (loss * (math.nan if rank in faulty else 1.0)).backward()
+        residuals = {k: v.clone() for k, v in sync.engine.feedback.residuals.items()}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                sync.synchronize()
+            except FloatingPointError as e:
+                out["steps"].append({"error": str(e)})
+                continue
+        got = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
+        now = sync.engine.feedback.residuals
+        kept = residuals.keys() == now.keys() and all(
+            torch.equal(v, now[k]) for k, v in residuals.items()
+        )
+        out["steps"].append({"got": got, "residuals_kept": kept,
+                             "warned": [str(w.message) for w in caught]})  # fmt: skip
+    return out
+
+
+def test_a_robust_rule_outvotes_a_rank_whose_gradient_is_not_finite(tmp_path):
+    """One rank's NaN stopped every rank (on_nonfinite="raise") or dropped every step ("skip")
+    before the robust rule, built to outvote f such ranks, ever saw it; and a NaN compensated
+    into that rank's error feedback would have poisoned its residuals for good."""
+    results = oks(run_world(_one_faulty_rank, 3, tmp_path))
+    for rank, r in enumerate(results):
+        _, faulty, after, two = r["steps"]
+        assert torch.isfinite(faulty["got"]).all()
+        torch.testing.assert_close(faulty["got"], results[0]["steps"][1]["got"], rtol=0, atol=0)
+        if rank == 2:  # its residuals stay as they were; it is told why
+            assert faulty["residuals_kept"]
+            (said,) = [w for w in faulty["warned"] if "NaN or Inf" in w]
+            assert "as a Byzantine row (f=1; 1 rank(s) sent one)" in said, said
+        else:
+            assert not faulty["residuals_kept"] and not faulty["warned"]
+        assert torch.isfinite(after["got"]).all()  # and the run goes on
+        assert "non-finite gradient (NaN or Inf) in" in two["error"]  # 2 > f: as before
+        assert "on rank 1" in two["error"] and "on rank 2" in two["error"]
+
+
 # ---- the in-place fast paths compute what the general path computes --------------------------
 def _fast_vs_reference(rank: int, world: int) -> dict:
     out = {}

@@ -158,6 +158,10 @@ class SyncEngine:
         self._marks: Tensor | None = None  # all False between calls of _not_selected
         self._keys_seen: dict[str, frozenset[str]] = {}  # bucket keys exchanged: parameters
         self._frozen_now: Sequence[bool] | None = None  # exchange_into's frozen, during it
+        # Ranks whose gradient is not finite in the bucket being exchanged, when a robust rule
+        # takes them as Byzantine rows (:meth:`_tolerates`); and whether this rank is one.
+        self._tolerated = 0
+        self._tolerated_here = False
         self._refusal: str | None = None  # refuse_step's message, until the step's first check
         # (rank, world) a loaded state was saved by, until the next step: checked there after a
         # strict load, and what state_dict() records meanwhile (the state is still theirs).
@@ -376,6 +380,13 @@ class SyncEngine:
         if bool(torch.isfinite(sums).all()) or all(bool(torch.isfinite(t).all()) for t in results):
             return
         self._drop()
+        if self.config.on_nonfinite == "raise" and self._tolerated:
+            raise FloatingPointError(
+                f"the robust rule {self.config.aggregator!r} returned a non-finite gradient "
+                f"from {self._tolerated} rank(s)' NaN or Inf (it was built for f="
+                f"{self.aggregator.f}); lower the learning rate, use gradient clipping, or pass "
+                "on_nonfinite='skip' to drop such steps on every rank"
+            )
         if self.config.on_nonfinite == "raise":
             raise FloatingPointError(
                 "the ranks' average gradient is not finite although every rank's gradient was: "
@@ -857,6 +868,9 @@ class SyncEngine:
 
         key = "|".join(names)
         self._first_use(key, names)
+        if self._tolerated_here:  # its row as it is; compensated, it would poison the residual
+            self._tolerated_here = False
+            return self._robust(flat, flat, key)
         t0 = time.perf_counter()
         comp = self.compressor
         compensated = self.feedback.compensate(names, numels, flat)
@@ -914,21 +928,7 @@ class SyncEngine:
         self.counters["compress_seconds"] += time.perf_counter() - t0
 
         if self.aggregator is not None:
-            from .robust_exchange import robust_exchange
-
-            t0 = time.perf_counter()
-            out, sent = robust_exchange(
-                mine.to(flat.dtype),
-                key=key,
-                aggregator=self.aggregator,
-                attack=self.attack,
-                byzantine=self.config.byzantine,
-                group=self.group,
-                step=self.step,
-            )
-            self.counters["comm_seconds"] += time.perf_counter() - t0
-            self._count(sent, sent)
-            return out.reshape(flat.shape).to(flat.dtype)
+            return self._robust(mine, flat, key)
 
         if comp.summable:
             reduced, sent = self._timed_comm(allreduce_sum, payload, self.group)
@@ -962,6 +962,24 @@ class SyncEngine:
             self._count(sent, recv)
             total = comp.aggregate([tuple(g) for g in gathered], ctx)
         return (total.reshape(flat.shape) / divisor).to(flat.dtype)
+
+    def _robust(self, mine: Tensor, flat: Tensor, key: str) -> Tensor:
+        """This rank's (decompressed) gradient ``mine`` through the robust exchange."""
+        from .robust_exchange import robust_exchange
+
+        t0 = time.perf_counter()
+        out, sent = robust_exchange(
+            mine.to(flat.dtype),
+            key=key,
+            aggregator=self.aggregator,
+            attack=self.attack,
+            byzantine=self.config.byzantine,
+            group=self.group,
+            step=self.step,
+        )
+        self.counters["comm_seconds"] += time.perf_counter() - t0
+        self._count(sent, sent)
+        return out.reshape(flat.shape).to(flat.dtype)
 
     def _selected(
         self, res: CollectiveResult, payload, compensated: Tensor, names, numels, scale: int = 1
@@ -1063,7 +1081,20 @@ class SyncEngine:
             )
         if frozen is not None:
             self._check_frozen(bad[1:], names, world, device)
+        self._tolerated, self._tolerated_here = 0, False
         if nonfinite == 0:
+            return False
+        if self._tolerates(nonfinite):
+            self._tolerated, self._tolerated_here = nonfinite, bad_here
+            if bad_here:
+                warnings.warn(
+                    f"this rank's gradient in {names[0]!r}... holds NaN or Inf: it goes to the "
+                    f"robust rule {self.config.aggregator!r} as a Byzantine row (f="
+                    f"{self.aggregator.f}; {nonfinite} rank(s) sent one), and this rank's "
+                    "residuals and compressor state stay as they were",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             return False
         if per_param is None:
             per_param = torch.stack([~torch.isfinite(p).all() for p in parts]).to(torch.uint8)
@@ -1085,6 +1116,19 @@ class SyncEngine:
                 "grad_scaler=scaler: overflows are then its to handle)"
             )
         return True
+
+    def _tolerates(self, nonfinite: int) -> bool:
+        """Whether ``nonfinite`` ranks whose gradient holds NaN or Inf go on to the robust
+        rule instead of dropping the step: a rule other than the mean, built for at least that
+        many Byzantine ranks, past the dense warm-up. A faulty rank is one a Byzantine-robust
+        rule is there to outvote; stopping every rank for it (or skipping every step) would
+        let one rank do what the rule exists to prevent."""
+        return (
+            self.aggregator is not None
+            and self.config.aggregator not in (None, "mean")
+            and 0 < nonfinite <= self.aggregator.f
+            and self.step >= self.config.dense_warmup_steps
+        )
 
     def _check_frozen(
         self, counts: Tensor, names: Sequence[str], world: int, device: torch.device
@@ -1163,6 +1207,7 @@ class SyncEngine:
         self.feedback.mark()
         self._skipping = False
         self._refusal = None
+        self._tolerated, self._tolerated_here = 0, False
         self._scale_read = False
         self._outputs = []
         self.step += 1
