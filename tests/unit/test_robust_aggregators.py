@@ -357,3 +357,20 @@ def test_safeguard_with_a_key_a_layer_removes_a_drifting_worker_across_layers():
 def test_bucketing_names_base_options_that_are_not_a_dict():
     with pytest.raises(TypeError, match=r"base_options must be a dict of the base rule's options"):
         get_aggregator("bucketing", n=6, f=1, base="median", base_options=[1])
+
+
+def test_one_nan_leaves_a_workers_clipping_momentum_as_it_was():
+    """One NaN from a worker (an fp16 overflow) made its momentum NaN for good: it was left out
+    of every later step, without a word."""
+    rule = get_aggregator("centered_clipping", n=3, f=1, tau=10.0, momentum=0.5)
+    ref = get_aggregator("centered_clipping", n=3, f=1, tau=10.0, momentum=0.5)
+    g = torch.tensor([[1.0, 1.0], [1.2, 0.8], [0.9, 1.1]])
+    rule(g), ref(g)
+    bad = g.clone()
+    bad[2] = float("nan")
+    assert torch.isfinite(rule(bad)).all()
+    momenta = rule.state_dict()["momenta"][""]
+    torch.testing.assert_close(momenta[2], ref.state_dict()["momenta"][""][2])  # kept
+    assert torch.isfinite(momenta).all()
+    rule(g)  # worker 2 counts again: its momentum moves with its gradient
+    assert not torch.equal(rule.state_dict()["momenta"][""][2], momenta[2])

@@ -31,7 +31,7 @@ class CenteredClipping(Aggregator):
     it. Karimireddy, He, Jaggi, "Learning from History for Byzantine Robust Optimization",
     ICML 2021: the momentum anchor is what makes the rule hold against time-coupled attacks.
     With ``momentum > 0`` the output is an averaged momentum: pair it with plain SGD. A worker
-    whose input holds NaN or Inf moves the anchor by nothing.
+    whose input holds NaN or Inf moves the anchor by nothing, and its momentum stays as it was.
 
     Args:
         tau: clipping radius (same units as the gradients).
@@ -71,13 +71,14 @@ class CenteredClipping(Aggregator):
         x = work_dtype(grads)
         if self.momentum > 0:
             m = self._momenta.get(key)
-            m = (
-                (1 - self.momentum) * x
-                if m is None  # a loaded state (say on CPU) follows the gradients' device
-                else self.momentum * m.to(x.device) + (1 - self.momentum) * x
-            )
-            self._momenta[key] = m
-            x = m
+            # (a loaded state, say on CPU, follows the gradients' device)
+            m = torch.zeros_like(x) if m is None else m.to(x.device)
+            new = self.momentum * m + (1 - self.momentum) * x
+            # A worker's NaN or Inf stays out of its momentum, which it would hold for good (and
+            # so be left out at every later step); this step, its row moves the anchor by nothing.
+            finite = torch.isfinite(x).all(dim=1, keepdim=True)
+            self._momenta[key] = torch.where(finite, new, m)
+            x = torch.where(finite, new, x)
         v = self._anchor.get(key)
         v = torch.zeros_like(x[0]) if v is None else v.to(device=x.device, dtype=x.dtype)
         for _ in range(self.iterations):
