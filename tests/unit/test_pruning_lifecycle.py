@@ -473,3 +473,33 @@ def test_rigl_leaves_the_masks_alone_after_an_overflowed_backward() -> None:
     assert pruner.stats()["num_updates"] == 0
     _train(model, opt, pruner, 2, start=3)  # the next update (step 4) goes ahead
     assert pruner.stats()["num_updates"] == 1
+
+
+def test_weights_loaded_into_a_pruned_model_are_masked_again_before_use() -> None:
+    """Dense weights loaded after prepare() made the model dense again until the next step(),
+    while stats() still said 0.5; a pruner state loaded after the model's still sets the masks
+    first (a RigL checkpoint's masks are not those prepare() drew)."""
+    model = _model()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    pruner = get_pruner("magnitude", sparsity=0.5).prepare(model)
+    pruner.prune()
+    masks = pruner.masks
+    model.load_state_dict(dense)
+    x, _ = _data()
+    model(x)
+    for name, p in model.named_parameters():
+        if name in masks:
+            assert torch.equal(p != 0, masks[name]), name
+    # A checkpoint's masks, loaded after its weights, win over those the pruner held.
+    saved_model = _model(1)
+    other = RigLPruner(sparsity=0.8, delta_t=5, end=40, seed=1).prepare(saved_model)
+    saved_model(x)  # its initial masks apply at the first forward pass
+    saved = {k: v.clone() for k, v in saved_model.state_dict().items()}
+    fresh = _model(1)
+    pruner = RigLPruner(sparsity=0.8, delta_t=5, end=40, seed=2).prepare(fresh)
+    fresh.load_state_dict(saved)
+    pruner.load_state_dict(other.state_dict())
+    fresh(x)
+    for name, p in fresh.named_parameters():
+        if name in other.masks:
+            assert torch.equal(p, saved[name]), name

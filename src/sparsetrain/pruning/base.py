@@ -199,7 +199,9 @@ class Pruner:
         self._group: Any = None
         self._handles: list[Any] = []
         self._forward_handles: list[Any] = []
+        self._load_handle: Any = None
         self._deferred = False
+        self._clear_deferred = True
         self._step = -1
         self._num_updates = 0
         self._stash = False
@@ -448,6 +450,9 @@ class Pruner:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self._load_handle is not None:
+            self._load_handle.remove()
+            self._load_handle = None
         return self.masks
 
     # ---- masks ---------------------------------------------------------------------------
@@ -472,7 +477,7 @@ class Pruner:
                 for v in self._optimizer.state.get(p, {}).values():
                     if isinstance(v, Tensor) and v.shape == p.shape:
                         v.masked_fill_(pruned, 0)
-        if deferred and clear:  # the initial masks take effect only now (RigL)
+        if deferred and clear and self._clear_deferred:  # initial masks take effect now (RigL)
             self._clear_sync()
 
     def set_masks(self, masks: Masks) -> None:
@@ -520,6 +525,16 @@ class Pruner:
         self._handles = [
             p.register_hook(self._make_hook(n)) for n, p in self._weights.items() if p.requires_grad
         ]
+        if self._load_handle is not None:
+            self._load_handle.remove()
+        self._load_handle = self._model.register_load_state_dict_post_hook(self._after_model_load)
+
+    def _after_model_load(self, module: nn.Module, incompatible_keys: Any) -> None:
+        """Weights loaded into the model (dense ones, say) hold values where the masks prune:
+        the masks apply again at the next forward pass (or step(), apply(), a pruner load), not
+        now, so a pruner state loaded after the model's still sets the masks first."""
+        if self._model is not None and not self._deferred:
+            self._defer_initial_masks(clear=False)
 
     def _make_hook(self, name: str) -> Callable[[Tensor], Tensor]:
         def hook(grad: Tensor) -> Tensor:
@@ -535,10 +550,13 @@ class Pruner:
 
         return hook
 
-    def _defer_initial_masks(self) -> None:
+    def _defer_initial_masks(self, clear: bool = True) -> None:
         """Apply the masks at the first forward pass of the model (or of a module owning a
-        pruned weight) instead of now: prepare() then destroys nothing a load could restore."""
+        pruned weight) instead of now: prepare() then destroys nothing a load could restore.
+        ``clear``: clear the sync's residuals at the pruned weights then, as initial masks do
+        (weights loaded into the model leave the residuals to the sync's own state)."""
         assert self._model is not None
+        self._clear_deferred = clear
         owners = {id(self._model): self._model}
         for n in self._weights:
             owner = self._model.get_submodule(n.rpartition(".")[0])
