@@ -501,3 +501,29 @@ def test_numpy_numbers_are_taken_where_python_numbers_are():
     assert type(attack.scale) is float and attack.scale == 2.0
     sync = sparsetrain.GradientSync(torch.nn.Linear(3, 3), "none", bucket_cap_mb=np.float32(1.0))
     assert sync.synchronize()
+
+
+@pytest.mark.parametrize("name", available_collectives())
+def test_collectives_return_values_not_a_graph(name):
+    """Values that require grad came back attached to the autograd graph, on some ranks only
+    (gTop-k's on rank 0 and not on rank 1), and Ok-Topk warned converting one to a number."""
+    import warnings
+
+    values = torch.tensor([1.0, 2.0], requires_grad=True) * 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the conversion's UserWarning
+        res = get_collective(name, **({"k": 2} if name == "gtopk" else {}))(
+            torch.tensor([0, 3]), values, 5
+        )
+    out = res.dense if res.dense is not None else res.values
+    assert not out.requires_grad
+
+
+def test_allreduce_sum_refuses_bools_and_returns_values():
+    # Summed, bools were a logical or, without a word.
+    from sparsetrain.comm import allreduce_sum
+
+    with pytest.raises(TypeError, match="allreduce_sum takes numbers, got bool tensors"):
+        allreduce_sum([torch.ones(2, dtype=torch.bool)])
+    (out,), _ = allreduce_sum([torch.ones(2, requires_grad=True) * 3])
+    assert not out.requires_grad and out.tolist() == [3.0, 3.0]

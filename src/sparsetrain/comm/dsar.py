@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .._options import plain
-from .p2p import Wire, device_of
+from .p2p import Wire, detached, device_of
 from .registry import CollectiveResult, SparseCollective, register_collective
 from .ssar import split_allgather
 
@@ -67,7 +67,7 @@ class DSAR(SparseCollective):
         Returns:
             ``CollectiveResult`` with ``dense`` (values' dtype and device) and the bytes counted.
         """
-        numel = plain(numel)
+        numel, values = plain(numel), detached(values)
         wire = Wire(group, device_of(values, group), self.name, key)
         dense = split_allgather(wire, indices, values, numel, adaptive=True)
         t = wire.traffic

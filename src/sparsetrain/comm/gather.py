@@ -22,6 +22,7 @@ from .p2p import (
     as_dtype,
     call_codes,
     check_group,
+    detached,
     device_of,
     input_error,
     raise_disagreement,
@@ -80,13 +81,15 @@ def _allreduce(
             "summable payload tensors must share one dtype, got "
             f"{sorted(map(str, {t.dtype for t in tensors}))}"
         )
+    elif tensors[0].dtype == torch.bool:  # (summed, bools are a logical or)
+        error = TypeError(f"allreduce_{op} takes numbers, got bool tensors; convert them first")
     world = world_of(group)
     checked = 0
     if check and world > 1:
         checked = _agree(tensors if error is None else (), error, group, op)
     elif error is not None:
         raise error
-    flat = torch.cat([t.reshape(-1) for t in tensors])
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors])  # values, not a graph
     if world > 1:
         reduce_op = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
         dist.all_reduce(flat, op=reduce_op, group=group)
@@ -310,7 +313,7 @@ class AllgatherSparse(SparseCollective):
     def __call__(self, indices, values, numel, *, group=None, key=""):
         # The input checks ride in the size header (no extra message): a bad input on one rank
         # raises on every rank, as in the other collectives.
-        numel = plain(numel)
+        numel, values = plain(numel), detached(values)
         device = device_of(values, group)
         error = input_error(indices, values, numel, device)
         if error is None:

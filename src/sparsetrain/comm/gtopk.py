@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .._options import plain
-from .p2p import Wire, as_dtype, coalesce, device_of, merge
+from .p2p import Wire, as_dtype, coalesce, detached, device_of, merge
 from .registry import CollectiveResult, SparseCollective, register_collective
 
 
@@ -120,7 +120,7 @@ class GTopK(SparseCollective):
             dropped: of its own input beyond k, and of the sums it merged) and the bytes
             counted.
         """
-        numel = plain(numel)
+        numel, values = plain(numel), detached(values)
         wire = Wire(group, device_of(values, group), self.name, key)
         k, _ = wire.agree(indices, values, numel, self.k, options={"k": self.k or 0})
         # Never more than the vector holds: every message has room for k entries.

@@ -18,6 +18,7 @@ from .._options import is_integer, plain
 from .p2p import (
     Wire,
     coalesce,
+    detached,
     device_of,
     even_bounds,
     input_error,
@@ -296,7 +297,7 @@ class OkTopk(SparseCollective):
             ranks at those indices, and the bytes counted; with ``residuals="owner"`` also
             ``dropped``, the sums of this rank's region that the threshold left out.
         """
-        numel = plain(numel)
+        numel, values = plain(numel), detached(values)
         wire = Wire(group, device_of(values, group), self.name, key)
         st = self._keys.get(key) or _KeyState()
         same = {

@@ -153,6 +153,13 @@ def _local_error(indices: Tensor, values: Tensor, numel: int) -> str | None:
     return None
 
 
+def detached(values: object) -> object:
+    """``values`` without autograd history, where it is a tensor: a collective's results are
+    values (that require grad, they came back attached to the graph on some ranks only, and
+    Ok-Topk warned at its threshold's conversion to a number)."""
+    return values.detach() if isinstance(values, Tensor) else values
+
+
 def input_error(
     indices: object, values: object, numel: object, device: torch.device | None = None
 ) -> str | None:

@@ -17,6 +17,7 @@ from .._options import plain
 from .p2p import (
     Wire,
     coalesce,
+    detached,
     device_of,
     even_bounds,
     input_error,
@@ -88,7 +89,7 @@ class SSARRecursiveDoubling(SparseCollective):
         Returns:
             ``CollectiveResult`` with ``dense`` (values' dtype and device) and the bytes counted.
         """
-        numel = plain(numel)
+        numel, values = plain(numel), detached(values)
         wire = Wire(group, device_of(values, group), self.name, key)
         wire.agree(indices, values, numel)
         idx, val = coalesce(indices, values)
@@ -245,7 +246,7 @@ class SSARSplitAllgather(SparseCollective):
         key: str = "",
     ) -> CollectiveResult:
         """Return the dense sum over ranks; arguments as for :class:`SSARRecursiveDoubling`."""
-        numel = plain(numel)
+        numel, values = plain(numel), detached(values)
         wire = Wire(group, device_of(values, group), self.name, key)
         dense = split_allgather(wire, indices, values, numel, adaptive=False)
         t = wire.traffic
