@@ -650,3 +650,21 @@ def test_a_tied_weights_second_name_points_to_its_listed_name() -> None:
         get_pruner("magnitude", sparsity=0.5, params=["head.weight"]).prepare(Tied())
     with pytest.raises(ValueError, match=message):
         sparsity_stats(Tied(), ["head.weight"])
+
+
+def test_helpers_given_the_wrong_thing_say_what_they_take() -> None:
+    """A list failed with AttributeError inside the helpers; erk_densities(..., 1.0) gave every
+    layer density 0 where the pruners refuse sparsity 1; a NaN weight ranked largest and was
+    kept, without a word."""
+    from sparsetrain.pruning import count_flops, erk_densities, masks
+
+    with pytest.raises(TypeError, match="export_compact takes a torch.nn.Module or its state"):
+        export_compact([torch.zeros(2)])
+    with pytest.raises(TypeError, match="sparsity_stats takes a torch.nn.Module, got list"):
+        sparsity_stats([torch.zeros(2)])
+    with pytest.raises(TypeError, match="count_flops takes a torch.nn.Module, got list"):
+        count_flops([torch.zeros(2)], torch.zeros(1, 2))
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
+        erk_densities({"a": torch.Size([4, 4])}, 1.0)
+    with pytest.raises(ValueError, match="weight 'a' holds NaN or Inf, which has no magnitude"):
+        masks({"a": torch.tensor([1.0, float("nan"), 0.5, 2.0])}, 0.5)

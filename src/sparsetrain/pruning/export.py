@@ -43,7 +43,14 @@ def unpack_bits(packed: Tensor, numel: int) -> Tensor:
 
 
 def _state(model_or_state: nn.Module | Mapping[str, Any]) -> Mapping[str, Any]:
-    return model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    if isinstance(model_or_state, nn.Module):
+        return model_or_state.state_dict()
+    if not isinstance(model_or_state, Mapping):
+        raise TypeError(
+            "export_compact takes a torch.nn.Module or its state dict, got "
+            f"{type(model_or_state).__name__}"
+        )
+    return model_or_state
 
 
 def export_compact(

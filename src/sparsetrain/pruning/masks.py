@@ -92,6 +92,11 @@ def _check_weights(weights: Mapping[str, Tensor], previous: Mapping[str, Tensor]
             raise TypeError(
                 f"weight {name!r} has dtype {w.dtype}; only floating-point weights prune"
             )
+        if not w.is_meta and not bool(torch.isfinite(w).all()):  # (NaN ranked largest, kept)
+            raise ValueError(
+                f"weight {name!r} holds NaN or Inf, which has no magnitude to rank: the "
+                "training has diverged (lower the learning rate, or resume from a checkpoint)"
+            )
     if previous is not None:
         for name, m in previous.items():
             if name not in weights:

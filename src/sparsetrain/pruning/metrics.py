@@ -56,6 +56,8 @@ def sparsity_stats(model: nn.Module, names: Iterable[str] | None = None) -> dict
         ``{"layers": {name: {"numel", "nonzero", "sparsity"}}, "global_sparsity",
         "params", "nonzero_params", "kept_fraction"}``; the last three count every parameter.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparsity_stats takes a torch.nn.Module, got {type(model).__name__}")
     params = dict(model.named_parameters())
     chosen = list(names) if names is not None else [n for n, p in params.items() if p.dim() >= 2]
     unknown = [n for n in chosen if n not in params]
@@ -95,6 +97,8 @@ def count_flops(model: nn.Module, example: Tensor) -> dict[str, int]:
         >>> count_flops(nn.Linear(4, 2), torch.zeros(1, 4))
         {'dense': 18, 'sparse': 18}
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"count_flops takes a torch.nn.Module, got {type(model).__name__}")
     totals = {"dense": 0, "sparse": 0}
     batch = example.shape[0] if example.dim() > 0 else 1
 

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .base import Closure, Pruner, _distributed, check_finite, closure_loss, register_pruner
-from .masks import Masks
+from .masks import Masks, check_sparsity
 
 DISTRIBUTIONS = ("erk", "uniform")
 
@@ -45,6 +45,7 @@ def erk_densities(shapes: dict[str, torch.Size], sparsity: float) -> dict[str, f
         >>> d["b"] > d["a"]
         True
     """
+    sparsity = check_sparsity(sparsity)  # (1 gave every layer density 0)
     numel = {n: s.numel() for n, s in shapes.items()}
     raw = {n: sum(s) / s.numel() for n, s in shapes.items()}
     dense: set[str] = set()
