@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sparsetrain
+from tests.states import same
 
 from .harness import oks, run_world
 
@@ -465,14 +466,14 @@ def test_a_robust_rule_tolerates_the_f_it_is_given_without_an_attack(tmp_path):
             assert plain["warned"] == []
 
 
-def _one_faulty_rank(rank: int, world: int) -> dict:
+def _one_faulty_rank(rank: int, world: int, compressor: str, options: dict) -> dict:
     """Rank 2 of 3 sends NaN at step 1 (steps 0 and 2: no one; 3: ranks 1 and 2, more than f=1)."""
     import warnings
 
     torch.manual_seed(0)
     net = _net()
     sync = sparsetrain.GradientSync(
-        net, "topk", density=0.5, aggregator="median", aggregator_options={"f": 1}
+        net, compressor, aggregator="median", aggregator_options={"f": 1}, **options
     )
     out = {"steps": []}
     for step, faulty in enumerate([set(), {2}, set(), {1, 2}]):
@@ -495,14 +496,20 @@ def _one_faulty_rank(rank: int, world: int) -> dict:
         )
         out["steps"].append({"got": got, "residuals_kept": kept,
                              "warned": [str(w.message) for w in caught]})  # fmt: skip
+    out["compressor"] = sync.engine.compressor.state_dict()
     return out
 
 
-def test_a_robust_rule_outvotes_a_rank_whose_gradient_is_not_finite(tmp_path):
-    """One rank's NaN stopped every rank (on_nonfinite="raise") or dropped every step ("skip")
-    before the robust rule, built to outvote f such ranks, ever saw it; and a NaN compensated
-    into that rank's error feedback would have poisoned its residuals for good."""
-    results = oks(run_world(_one_faulty_rank, 3, tmp_path))
+@pytest.mark.parametrize(
+    ("compressor", "options"),
+    [("topk", {"density": 0.5}), ("randomk", {"density": 0.5, "error_feedback": False})],
+)
+def test_a_robust_rule_outvotes_a_rank_whose_gradient_is_not_finite(tmp_path, compressor, options):
+    """One rank's NaN stopped every rank (on_nonfinite="raise", the default) before the robust
+    rule, built to outvote f such ranks, ever saw it; and a NaN compensated into that rank's
+    error feedback would have poisoned its residuals for good. Random-k's step counters, which
+    draw the indices every rank shares, move on with the others' on the faulty rank."""
+    results = oks(run_world(_one_faulty_rank, 3, tmp_path, compressor, options))
     for rank, r in enumerate(results):
         _, faulty, after, two = r["steps"]
         assert torch.isfinite(faulty["got"]).all()
@@ -512,10 +519,36 @@ def test_a_robust_rule_outvotes_a_rank_whose_gradient_is_not_finite(tmp_path):
             (said,) = [w for w in faulty["warned"] if "NaN or Inf" in w]
             assert "as a Byzantine row (f=1; 1 rank(s) sent one)" in said, said
         else:
-            assert not faulty["residuals_kept"] and not faulty["warned"]
+            assert not faulty["warned"]
+            assert compressor == "randomk" or not faulty["residuals_kept"]
         assert torch.isfinite(after["got"]).all()  # and the run goes on
+        torch.testing.assert_close(after["got"], results[0]["steps"][2]["got"], rtol=0, atol=0)
         assert "non-finite gradient (NaN or Inf) in" in two["error"]  # 2 > f: as before
         assert "on rank 1" in two["error"] and "on rank 2" in two["error"]
+        assert same(r["compressor"], results[0]["compressor"])
+
+
+def _faulty_rank_under_powersgd(rank: int, world: int) -> str:
+    torch.manual_seed(0)
+    net = _net()
+    sync = sparsetrain.GradientSync(
+        net, "powersgd", aggregator="median", aggregator_options={"f": 1}
+    )
+    x, y = _batch(rank)
+    loss = nn.functional.cross_entropy(net(x), y)
+    (loss * (math.nan if rank == 2 else 1.0)).backward()
+    try:
+        sync.synchronize()
+    except FloatingPointError as e:
+        return str(e)
+    return "no error"
+
+
+def test_a_compressor_of_two_rounds_is_not_tolerated_and_does_not_hang(tmp_path):
+    """PowerSGD sums its first round before the gather: the healthy ranks waited in that sum
+    while the faulty one had gone on to the gather, until the timeout."""
+    for said in oks(run_world(_faulty_rank_under_powersgd, 3, tmp_path, timeout=120)):
+        assert "non-finite gradient (NaN or Inf) in" in said and "on rank 2" in said, said
 
 
 # ---- the in-place fast paths compute what the general path computes --------------------------

@@ -252,6 +252,9 @@ class Compressor(abc.ABC):
     # True: the sync layer adds the rank to ``seed`` (independent noise per rank); False: every
     # rank must draw the same numbers (random-k indices, PowerSGD's first Q).
     rank_seeded: ClassVar[bool] = False
+    # True: its state is a step counter a key that seeds its draws (random-k, QSGD, TernGrad),
+    # so compressing zeros moves it on as a step does and changes nothing else.
+    counts_steps: ClassVar[bool] = False
     # True: stateless, entry by entry, one summable payload tensor (a cast or nothing), so the
     # exchange may run on the bucket in place, in any order (the sync layer's dense fast path).
     elementwise: ClassVar[bool] = False

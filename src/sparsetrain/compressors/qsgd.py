@@ -83,6 +83,7 @@ class QSGD(Compressor):
     seed: int = 0
     _steps: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
     _per_key: ClassVar[tuple[str, ...]] = ("_steps",)  # state by bucket key
+    counts_steps: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_int(self.levels, "levels", 1, 127)

@@ -92,6 +92,7 @@ class RandomK(Compressor):
     scale: bool = True
     _steps: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
     _per_key: ClassVar[tuple[str, ...]] = ("_steps",)  # state by bucket key
+    counts_steps: ClassVar[bool] = True
 
     @classmethod
     def biased_with(cls, options: Mapping[str, Any]) -> bool:

@@ -98,6 +98,7 @@ class TernGrad(Compressor):
     scaler_sharing: bool = False
     _steps: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
     _per_key: ClassVar[tuple[str, ...]] = ("_steps",)  # state by bucket key
+    counts_steps: ClassVar[bool] = True
     _world: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

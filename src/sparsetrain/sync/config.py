@@ -70,10 +70,11 @@ class SyncConfig:
             (``sparsetrain.robust``); None means the plain average. ``aggregator_options["f"]``
             is the number of Byzantine ranks the rule tolerates (default: ``byzantine``, so 0
             without an attack; rules that protect by f, such as trimmed_mean and krum, warn
-            when built for f=0). Under a rule other than ``mean``, up to f ranks whose
+            when built for f=0). Under a rule other than ``mean`` and a compressor of one
+            round (not PowerSGD, nor TernGrad sharing its scaler), up to f ranks whose
             gradient holds NaN or Inf are not a non-finite step: their rows go to the rule as
-            Byzantine ones (each such rank warns and keeps its residuals and compressor state
-            as they were); more than f are, as below.
+            Byzantine ones (each such rank warns and keeps its residuals as they were; a
+            compressor's step counters move on with the others'); more than f are, as below.
         attack, attack_options, byzantine: for experiments, the last ``byzantine`` ranks replace
             their gradient by the named attack.
         momentum_correction: 0 (off), or a momentum in (0, 1) that each rank applies to its own

@@ -870,6 +870,8 @@ class SyncEngine:
         self._first_use(key, names)
         if self._tolerated_here:  # its row as it is; compensated, it would poison the residual
             self._tolerated_here = False
+            if self.compressor.counts_steps:  # draws every rank shares (random-k's indices)
+                self.compressor.compress(torch.zeros_like(flat), key=key, layout=list(shapes))
             return self._robust(flat, flat, key)
         t0 = time.perf_counter()
         comp = self.compressor
@@ -1091,7 +1093,7 @@ class SyncEngine:
                     f"this rank's gradient in {names[0]!r}... holds NaN or Inf: it goes to the "
                     f"robust rule {self.config.aggregator!r} as a Byzantine row (f="
                     f"{self.aggregator.f}; {nonfinite} rank(s) sent one), and this rank's "
-                    "residuals and compressor state stay as they were",
+                    "residuals stay as they were",
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -1120,7 +1122,7 @@ class SyncEngine:
     def _tolerates(self, nonfinite: int) -> bool:
         """Whether ``nonfinite`` ranks whose gradient holds NaN or Inf go on to the robust
         rule instead of dropping the step: a rule other than the mean, built for at least that
-        many Byzantine ranks, past the dense warm-up. A faulty rank is one a Byzantine-robust
+        many Byzantine ranks, past the dense warm-up, with a compressor of one round. A faulty rank is one a Byzantine-robust
         rule is there to outvote; stopping every rank for it (or skipping every step) would
         let one rank do what the rule exists to prevent."""
         return (
@@ -1128,6 +1130,8 @@ class SyncEngine:
             and self.config.aggregator not in (None, "mean")
             and 0 < nonfinite <= self.aggregator.f
             and self.step >= self.config.dense_warmup_steps
+            # (rounds summed before the gather, PowerSGD's, would carry the NaN to every rank)
+            and self.compressor.rounds == 1
         )
 
     def _check_frozen(
@@ -1218,10 +1222,11 @@ class SyncEngine:
     def stats(self) -> dict[str, Any]:
         """Return the counters since construction (or the loaded state).
 
-        Keys: ``bytes_sent``, ``bytes_recv`` (by this rank; every exchange of the steps but
-        the one-time check of the first step after construction or a load, an allreduce of 6
-        integers a rank, left out so that a resumed run counts what one that never stopped
-        does), ``dense_bytes`` (what a ring
+        Keys: ``bytes_sent``, ``bytes_recv`` (by this rank: the exchanges of the steps, but
+        not the one-time check of the first step after construction or a load, an allreduce
+        of 6 integers a rank, left out so that a resumed run counts what one that never
+        stopped does, nor the gathers that find out which ranks and parameters a step that
+        is refused or not finite concerns), ``dense_bytes`` (what a ring
         allreduce of the uncompressed gradients would have sent), ``bytes_ratio`` (sent / dense),
         ``compress_seconds`` and ``comm_seconds``, ``steps``, ``skipped_steps``,
         ``aggregator`` with a robust rule's own stats, and with ``collective="auto"``
