@@ -477,29 +477,54 @@ def test_rigl_leaves_the_masks_alone_after_an_overflowed_backward() -> None:
 
 def test_weights_loaded_into_a_pruned_model_are_masked_again_before_use() -> None:
     """Dense weights loaded after prepare() made the model dense again until the next step(),
-    while stats() still said 0.5; a pruner state loaded after the model's still sets the masks
-    first (a RigL checkpoint's masks are not those prepare() drew)."""
+    while stats() still said 0.5; a load into the layer alone, too."""
     model = _model()
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     pruner = get_pruner("magnitude", sparsity=0.5).prepare(model)
     pruner.prune()
     masks = pruner.masks
-    model.load_state_dict(dense)
     x, _ = _data()
+    for load in (lambda: model.load_state_dict(dense),
+                 lambda: model[0].load_state_dict({"weight": dense["0.weight"],
+                                                   "bias": dense["0.bias"]})):  # fmt: skip
+        load()
+        model(x)
+        for name, p in model.named_parameters():
+            if name in masks:
+                assert torch.equal(p != 0, masks[name]), name
+
+
+def test_a_pruner_state_loaded_after_the_models_weights_sets_their_masks() -> None:
+    """The masks apply at the next forward pass, not at the model's load: applied then, the
+    pruner's masks of the moment would zero weights the checkpoint's masks keep."""
+    x, _ = _data()
+    saved_model = _model(1)
+    saved_pruner = get_pruner("magnitude", sparsity=0.5).prepare(saved_model)
+    saved_pruner.prune()
+    saved = {k: v.clone() for k, v in saved_model.state_dict().items()}
+    model = _model(2)
+    pruner = get_pruner("magnitude", sparsity=0.5).prepare(model)
+    pruner.prune()  # masks of other weights than the checkpoint's
+    assert any(not torch.equal(pruner.masks[n], m) for n, m in saved_pruner.masks.items())
+    model.load_state_dict(saved)
+    pruner.load_state_dict(saved_pruner.state_dict())
     model(x)
     for name, p in model.named_parameters():
-        if name in masks:
-            assert torch.equal(p != 0, masks[name]), name
-    # A checkpoint's masks, loaded after its weights, win over those the pruner held.
-    saved_model = _model(1)
-    other = RigLPruner(sparsity=0.8, delta_t=5, end=40, seed=1).prepare(saved_model)
-    saved_model(x)  # its initial masks apply at the first forward pass
-    saved = {k: v.clone() for k, v in saved_model.state_dict().items()}
-    fresh = _model(1)
-    pruner = RigLPruner(sparsity=0.8, delta_t=5, end=40, seed=2).prepare(fresh)
-    fresh.load_state_dict(saved)
-    pruner.load_state_dict(other.state_dict())
-    fresh(x)
-    for name, p in fresh.named_parameters():
-        if name in other.masks:
-            assert torch.equal(p, saved[name]), name
+        assert torch.equal(p, saved[name]), name
+
+
+def test_a_prepared_model_saves_and_copies_without_its_pruner() -> None:
+    """The load hook must not tie the model to its pruner: torch.save(model) would pickle the
+    pruner's gradient hooks (and fail), and an EMA copy would be masked by the original's."""
+    import copy
+    import io
+
+    model = _model()
+    pruner = get_pruner("magnitude", sparsity=0.5).prepare(model)
+    pruner.prune()
+    torch.save(model, io.BytesIO())
+    ema = copy.deepcopy(model)
+    ema.load_state_dict({k: torch.ones_like(v) for k, v in ema.state_dict().items()})
+    x, _ = _data()
+    ema(x)
+    assert all(bool((p == 1).all()) for p in ema.parameters())

@@ -27,6 +27,7 @@ import copy
 import dataclasses
 import hashlib
 import operator
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -109,6 +110,27 @@ def default_weights(model: nn.Module) -> list[str]:
         for n, p in unwrap(model).named_parameters()
         if p.dim() >= 2 and p.is_floating_point() and p.requires_grad
     ]
+
+
+class _MaskAgainOnLoad:
+    """The model's load_state_dict post-hook of a pruner (:meth:`Pruner._after_model_load`).
+
+    It holds the pruner weakly and pickles (and deep-copies) as a hook that does nothing: the
+    model must not carry its pruner along, with the optimizer and sync it holds, into a
+    ``torch.save(model)`` (whose gradient hooks cannot be pickled) or an EMA copy (which would
+    then be masked by the original's pruner).
+    """
+
+    def __init__(self, pruner: Pruner | None = None) -> None:
+        self._pruner = weakref.ref(pruner) if pruner is not None else None
+
+    def __call__(self, module: nn.Module, incompatible_keys: Any) -> None:
+        pruner = self._pruner() if self._pruner is not None else None
+        if pruner is not None:
+            pruner._after_model_load(module, incompatible_keys)
+
+    def __reduce__(self) -> tuple[type, tuple]:
+        return (_MaskAgainOnLoad, ())
 
 
 def _distributed() -> bool:
@@ -199,7 +221,7 @@ class Pruner:
         self._group: Any = None
         self._handles: list[Any] = []
         self._forward_handles: list[Any] = []
-        self._load_handle: Any = None
+        self._load_handles: list[Any] = []
         self._deferred = False
         self._clear_deferred = True
         self._step = -1
@@ -450,9 +472,9 @@ class Pruner:
         for h in self._handles:
             h.remove()
         self._handles = []
-        if self._load_handle is not None:
-            self._load_handle.remove()
-            self._load_handle = None
+        for h in self._load_handles:
+            h.remove()
+        self._load_handles = []
         return self.masks
 
     # ---- masks ---------------------------------------------------------------------------
@@ -525,9 +547,14 @@ class Pruner:
         self._handles = [
             p.register_hook(self._make_hook(n)) for n, p in self._weights.items() if p.requires_grad
         ]
-        if self._load_handle is not None:
-            self._load_handle.remove()
-        self._load_handle = self._model.register_load_state_dict_post_hook(self._after_model_load)
+        for h in self._load_handles:
+            h.remove()
+        # On the model and on each module that owns a pruned weight: a load into that module
+        # alone (model.fc.load_state_dict(...)) runs its hooks, not the model's.
+        self._load_handles = [
+            m.register_load_state_dict_post_hook(_MaskAgainOnLoad(self))
+            for m in self._owners().values()
+        ]
 
     def _after_model_load(self, module: nn.Module, incompatible_keys: Any) -> None:
         """Weights loaded into the model (dense ones, say) hold values where the masks prune:
@@ -555,16 +582,20 @@ class Pruner:
         pruned weight) instead of now: prepare() then destroys nothing a load could restore.
         ``clear``: clear the sync's residuals at the pruned weights then, as initial masks do
         (weights loaded into the model leave the residuals to the sync's own state)."""
-        assert self._model is not None
         self._clear_deferred = clear
+        self._deferred = True
+        self._forward_handles = [
+            m.register_forward_pre_hook(self._apply_before_forward) for m in self._owners().values()
+        ]
+
+    def _owners(self) -> dict[int, nn.Module]:
+        """The model and each module that owns a pruned weight, by id."""
+        assert self._model is not None
         owners = {id(self._model): self._model}
         for n in self._weights:
             owner = self._model.get_submodule(n.rpartition(".")[0])
             owners.setdefault(id(owner), owner)
-        self._deferred = True
-        self._forward_handles = [
-            m.register_forward_pre_hook(self._apply_before_forward) for m in owners.values()
-        ]
+        return owners
 
     def _apply_before_forward(self, module: nn.Module, args: Any) -> None:
         # Under torch.func.functional_call the module holds other tensors for the call: the
