@@ -374,3 +374,13 @@ def test_one_nan_leaves_a_workers_clipping_momentum_as_it_was():
     assert torch.isfinite(momenta).all()
     rule(g)  # worker 2 counts again: its momentum moves with its gradient
     assert not torch.equal(rule.state_dict()["momenta"][""][2], momenta[2])
+
+
+def test_the_geometric_median_is_not_pinned_at_a_row():
+    """Started at the coordinate-wise median, which here is one of the rows, Weiszfeld's
+    iterations stayed at that row (its weight 1/eps): objective 6.0 where the geometric median
+    has 5.7956."""
+    rows = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0]]) * 3 + torch.tensor([5.0, -2.0])
+    z = get_aggregator("geometric_median", n=3, f=1)(rows)
+    objective = float(torch.linalg.vector_norm(rows - z, dim=1).sum())
+    assert objective == pytest.approx(5.7956, abs=1e-3)  # (the row [8, -2] has 6.0)

@@ -196,8 +196,8 @@ class MultiKrum(Aggregator):
 class GeometricMedian(Aggregator):
     """Return the geometric median of the gradients, by Weiszfeld's iterations.
 
-    Steps: start from the coordinate-wise median z (the mean is pulled anywhere by one row, and
-    two rows of 1e308 overflowed it); repeat z <- sum_i w_i x_i / sum_i w_i with
+    Steps: start from the mean z (or, where the mean overflows, as two rows of 1e308 make it,
+    from the coordinate-wise median); repeat z <- sum_i w_i x_i / sum_i w_i with
     w_i = 1 / max(eps, ||x_i - z||) until z moves less than ``tol * ||z||`` or ``max_iter``
     iterations. The smoothing ``eps`` keeps a weight finite when z meets a point (Weiszfeld 1937;
     as a Byzantine aggregator: Chen, Su, Xu, "Distributed Statistical Machine Learning in
@@ -234,7 +234,11 @@ class GeometricMedian(Aggregator):
         finite = torch.isfinite(x).all(dim=1)
         if bool(finite.any()) and not bool(finite.all()):
             x = x[finite]  # a row with NaN or Inf has no usable position: it is left out
-        z = coordinate_median(x)
+        # Not the median first: where it is one of the rows, that row's weight 1/eps pins the
+        # iterations there, short of the geometric median.
+        z = x.mean(dim=0)
+        if not bool(torch.isfinite(z).all()):
+            z = coordinate_median(x)
         for _ in range(self.max_iter):
             w = 1.0 / torch.linalg.vector_norm(x - z, dim=1).clamp_min(self.eps)
             z_new = (w[:, None] * x).sum(dim=0) / w.sum()
