@@ -4,6 +4,8 @@ of their options, and of the states their ``load_state_dict`` is given."""
 from __future__ import annotations
 
 import operator
+import os
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -126,3 +128,14 @@ def check_saved_settings(
             "with the saved settings to load it, or pass strict=False to go on under the new "
             "ones"
         )
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the first caller outside sparsetrain
+    (the user's ``GradientSync(...)``, say, not the library frame that built what warns),
+    counted from the function that warns."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -241,6 +241,10 @@ class Problem:
             raise TypeError(f"density must be a number in (0, 1], got {self.density!r}")
         if not 0 < self.density <= 1:
             raise ValueError(f"density must be in (0, 1], got {self.density}")
+        if type(self.sorted_input).__module__ == "numpy" and isinstance(
+            getattr(self.sorted_input, "item", lambda: None)(), bool
+        ):  # NumPy's bool, as NumPy's numbers are taken
+            object.__setattr__(self, "sorted_input", bool(self.sorted_input))
         if not isinstance(self.sorted_input, bool):
             raise TypeError(f"sorted_input must be True or False, got {self.sorted_input!r}")
         if self.fresh_pages is not None and not isinstance(self.fresh_pages, bool):

@@ -1836,9 +1836,9 @@ def _run_all(rank: int, world: int, configs: Sequence[TrainConfig]) -> list[dict
 def _spawned(rank: int, world: int, configs: Sequence[TrainConfig], folder: str) -> None:
     """Entry point of an embedded worker: join the group, train, hand results back as files."""
     torch.set_num_threads(1)  # processes share the machine's cores; oversubscription is slower
-    stop_with_parent()
-    if configs[0].reuse_host_memory:  # before the process group's threads start
+    if configs[0].reuse_host_memory:  # before any thread of ours or the process group's starts
         reuse_freed_memory()
+    stop_with_parent()
     Path(folder, f"started-rank{rank}").touch()  # tells a crash in training from one before it
     try:
         store = dist.FileStore(os.path.join(folder, "store"), world)

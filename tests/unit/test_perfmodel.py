@@ -588,6 +588,9 @@ def test_numpy_numbers_and_iterators_are_taken_as_their_values():
     plain = pm.predict("dense", world=8, numel=10**6, density=0.01, params=params)
     assert pm.predict("dense", world=np.int64(8), numel=np.int64(10**6),
                       density=np.float32(0.01), params=params) == pytest.approx(plain)  # fmt: skip
+    assert pm.cost("allgather", world=4, numel=10**4, density=0.01,
+                   sorted_input=np.bool_(False)) == pm.cost(
+        "allgather", world=4, numel=10**4, density=0.01, sorted_input=False)  # fmt: skip
     names = ["dense", "allgather", "oktopk"]
     assert pm.best_collective(numel=10**6, nnz=10**4, world=8, candidates=iter(names)) == (
         pm.best_collective(numel=10**6, nnz=10**4, world=8, candidates=names)

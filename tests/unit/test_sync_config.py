@@ -520,3 +520,12 @@ def test_a_robust_rule_can_be_tried_in_one_process_without_a_process_group(rule)
     sync.synchronize()
     for p, g in zip(model.parameters(), before):
         torch.testing.assert_close(p.grad, g)
+
+
+def test_the_rules_f_is_taken_as_numpy_gives_it():
+    import numpy as np
+
+    config = sparsetrain.SyncConfig(
+        compressor="none", aggregator="trimmed_mean", aggregator_options={"f": np.int64(1)}
+    )
+    assert config.aggregator_options["f"] == 1

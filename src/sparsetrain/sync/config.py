@@ -205,7 +205,7 @@ class SyncConfig:
                 self.aggregator_options,
                 ["f", *aggregator_options(cls)],
             )
-            f = self.aggregator_options.get("f")
+            f = plain(self.aggregator_options.get("f"))  # (np.int64(1) as 1, as elsewhere)
             if f is not None and (isinstance(f, bool) or not isinstance(f, int) or f < 0):
                 raise ValueError(
                     "aggregator_options['f'], the number of Byzantine ranks the rule tolerates, "

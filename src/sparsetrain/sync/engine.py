@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import _native
-from .._options import is_integer
+from .._options import caller_stacklevel, is_integer
 from ..comm import CollectiveResult, all_gather_variable, get_collective, ring_allreduce_bytes
 from ..comm.gather import _allreduce, world_of
 from ..compressors.base import SparseCompressor, work_dtype
@@ -207,7 +207,7 @@ class SyncEngine:
                 f"aggregator {name!r} is built for f=0 Byzantine ranks, so it tolerates none "
                 "(it protects by f): give the number of ranks it must tolerate with "
                 "aggregator_options={'f': F} (sparsetrain train: --aggregator-option f=F)",
-                stacklevel=4,
+                stacklevel=caller_stacklevel(),
             )
         attack = None
         if config.attack is not None:
@@ -1095,7 +1095,7 @@ class SyncEngine:
                     f"{self.aggregator.f}; {nonfinite} rank(s) sent one), and this rank's "
                     "residuals stay as they were",
                     RuntimeWarning,
-                    stacklevel=2,
+                    stacklevel=caller_stacklevel(),
                 )
             return False
         if per_param is None:
