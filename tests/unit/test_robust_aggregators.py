@@ -377,10 +377,21 @@ def test_one_nan_leaves_a_workers_clipping_momentum_as_it_was():
 
 
 def test_the_geometric_median_is_not_pinned_at_a_row():
-    """Started at the coordinate-wise median, which here is one of the rows, Weiszfeld's
-    iterations stayed at that row (its weight 1/eps): objective 6.0 where the geometric median
-    has 5.7956."""
+    """A Weiszfeld step whose weight at a row is 1/eps stays on a row it starts on: started at
+    the coordinate-wise median (a row here), it returned [8, -2] (objective 6.0 where the
+    geometric median has 5.7956); started at the mean, two colluding Byzantine rows placed the
+    mean on one of theirs and it returned that row."""
+    rule = get_aggregator("geometric_median", n=3, f=1)
     rows = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0]]) * 3 + torch.tensor([5.0, -2.0])
-    z = get_aggregator("geometric_median", n=3, f=1)(rows)
-    objective = float(torch.linalg.vector_norm(rows - z, dim=1).sum())
-    assert objective == pytest.approx(5.7956, abs=1e-3)  # (the row [8, -2] has 6.0)
+    objective = float(torch.linalg.vector_norm(rows - rule(rows), dim=1).sum())
+    assert objective == pytest.approx(5.7956, abs=1e-3)
+    # A row that is the geometric median is kept (three of five workers agree).
+    one_d = torch.tensor([[0.0], [0.0], [0.0], [4.0], [1.0]])
+    assert float(get_aggregator("geometric_median", n=5, f=2)(one_d)) == pytest.approx(0, abs=1e-6)
+    # Two Byzantine rows whose mean is one of them.
+    gen = torch.Generator().manual_seed(0)
+    honest = 1.0 + 0.1 * torch.randn(3, 1000, generator=gen)
+    b1 = torch.full((1000,), -100.0)
+    b2 = 4 * b1 - honest.sum(0)
+    out = get_aggregator("geometric_median", n=5, f=2)(torch.cat([honest, b1[None], b2[None]]))
+    assert float((out - honest.mean(0)).abs().max()) < 1.0  # near the honest rows, not at b1

@@ -196,19 +196,23 @@ class MultiKrum(Aggregator):
 class GeometricMedian(Aggregator):
     """Return the geometric median of the gradients, by Weiszfeld's iterations.
 
-    Steps: start from the mean z (or, where the mean overflows, as two rows of 1e308 make it,
-    from the coordinate-wise median); repeat z <- sum_i w_i x_i / sum_i w_i with
-    w_i = 1 / max(eps, ||x_i - z||) until z moves less than ``tol * ||z||`` or ``max_iter``
-    iterations. The smoothing ``eps`` keeps a weight finite when z meets a point (Weiszfeld 1937;
-    as a Byzantine aggregator: Chen, Su, Xu, "Distributed Statistical Machine Learning in
-    Adversarial Settings", 2017; Pillutla, Kakade, Harchaoui, "Robust Aggregation for Federated
-    Learning", 2022). Tolerates f < n/2. Rows holding NaN or Inf are left out (unless every
-    row does).
+    Steps: start from the coordinate-wise median z; repeat Weiszfeld's step
+    T = sum_i w_i x_i / sum_i w_i with w_i = 1 / ||x_i - z|| over the rows z is not on, taken
+    whole where z is on no row, and where it is on eta of them (within ``eps``) Vardi and
+    Zhang's: z <- (1 - g) T + g z with g = min(1, eta / ||sum_i w_i (x_i - z)||), which leaves
+    z on a row only where that row is the geometric median; until z moves less than
+    ``tol * ||z||`` or ``max_iter`` iterations (Weiszfeld 1937; Vardi, Zhang, "The multivariate
+    L1-median and associated data depth", PNAS 2000; as a Byzantine aggregator: Chen, Su, Xu,
+    "Distributed Statistical Machine Learning in Adversarial Settings", 2017; Pillutla,
+    Kakade, Harchaoui, "Robust Aggregation for Federated Learning", 2022). A plain Weiszfeld
+    step, its weight at a row bounded by 1/eps, stayed on a row it started on or met (one
+    the Byzantine rows could place the mean on). Tolerates f < n/2. Rows holding NaN or Inf
+    are left out (unless every row does).
 
     Args:
         max_iter: at most this many Weiszfeld iterations.
         tol: relative change of z that stops the iterations.
-        eps: smallest distance used in a weight.
+        eps: the distance within which z counts as on a row.
 
     Example:
         >>> GeometricMedian(n=3, f=1)(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
@@ -234,17 +238,22 @@ class GeometricMedian(Aggregator):
         finite = torch.isfinite(x).all(dim=1)
         if bool(finite.any()) and not bool(finite.all()):
             x = x[finite]  # a row with NaN or Inf has no usable position: it is left out
-        # Not the median first: where it is one of the rows, that row's weight 1/eps pins the
-        # iterations there, short of the geometric median.
-        z = x.mean(dim=0)
-        if not bool(torch.isfinite(z).all()):
-            z = coordinate_median(x)
+        z = coordinate_median(x)  # (the mean overflows on two rows of 1e308, and moves with f)
         for _ in range(self.max_iter):
-            w = 1.0 / torch.linalg.vector_norm(x - z, dim=1).clamp_min(self.eps)
-            z_new = (w[:, None] * x).sum(dim=0) / w.sum()
+            dist = torch.linalg.vector_norm(x - z, dim=1)
+            on = dist <= self.eps
+            w = torch.where(on, torch.zeros_like(dist), 1.0 / dist.clamp_min(self.eps))
+            total = w.sum()
+            if not bool(total > 0):  # every row is where z is
+                break
+            step = (w[:, None] * x).sum(dim=0) / total
+            eta = on.sum().to(x.dtype)
+            pull = torch.linalg.vector_norm((w[:, None] * (x - z)).sum(dim=0))
+            g = torch.where(eta > 0, torch.clamp(eta / pull.clamp_min(1e-300), max=1.0), 0.0)
+            z_new = (1 - g) * step + g * z
             moved = torch.linalg.vector_norm(z_new - z)
             z = z_new
-            # One host sync an iteration (not an element) to stop early.
+            # Host syncs a few an iteration (not an element) to stop early.
             if moved <= self.tol * max(float(torch.linalg.vector_norm(z)), self.eps):
                 break
         return z.to(grads.dtype)
