@@ -134,7 +134,7 @@ def caller_stacklevel() -> int:
     """The ``stacklevel`` that makes a warning point at the first caller outside sparsetrain
     (the user's ``GradientSync(...)``, say, not the library frame that built what warns),
     counted from the function that warns."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.abspath(__file__)) + os.sep  # (not sparsetrain_ext/)
     frame, level = sys._getframe(1), 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here):
         frame, level = frame.f_back, level + 1

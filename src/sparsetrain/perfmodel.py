@@ -241,9 +241,11 @@ class Problem:
             raise TypeError(f"density must be a number in (0, 1], got {self.density!r}")
         if not 0 < self.density <= 1:
             raise ValueError(f"density must be in (0, 1], got {self.density}")
-        if type(self.sorted_input).__module__ == "numpy" and isinstance(
-            getattr(self.sorted_input, "item", lambda: None)(), bool
-        ):  # NumPy's bool, as NumPy's numbers are taken
+        if (
+            type(self.sorted_input).__module__ == "numpy"
+            and getattr(self.sorted_input, "shape", None) == ()
+            and isinstance(self.sorted_input.item(), bool)
+        ):  # NumPy's bool scalar, as NumPy's numbers are taken (not an array)
             object.__setattr__(self, "sorted_input", bool(self.sorted_input))
         if not isinstance(self.sorted_input, bool):
             raise TypeError(f"sorted_input must be True or False, got {self.sorted_input!r}")

@@ -544,6 +544,27 @@ def _faulty_rank_under_powersgd(rank: int, world: int) -> str:
     return "no error"
 
 
+def _faulty_rank_with_a_scaler(rank: int, world: int) -> list:
+    torch.manual_seed(0)
+    net = _net()
+    sync = sparsetrain.GradientSync(
+        net, "topk", density=0.5, aggregator="median", aggregator_options={"f": 1},
+        on_nonfinite="propagate",
+    )  # fmt: skip
+    x, y = _batch(rank)
+    loss = nn.functional.cross_entropy(net(x), y)
+    (loss * (math.inf if rank == 2 else 1.0)).backward()
+    kept = sync.synchronize()
+    return [kept, bool(torch.isnan(next(net.parameters()).grad).all())]
+
+
+def test_an_overflow_under_a_grad_scaler_is_the_scalers_to_see(tmp_path):
+    """With a grad scaler ("propagate") an overflow on f ranks, outvoted, never reached the
+    scaler, which then never lowered its scale."""
+    for kept, nan in oks(run_world(_faulty_rank_with_a_scaler, 3, tmp_path)):
+        assert kept is False and nan  # every rank drops the step, its gradients NaN
+
+
 def test_a_compressor_of_two_rounds_is_not_tolerated_and_does_not_hang(tmp_path):
     """PowerSGD sums its first round before the gather: the healthy ranks waited in that sum
     while the faulty one had gone on to the gather, until the timeout."""

@@ -519,12 +519,19 @@ def test_a_prepared_model_saves_and_copies_without_its_pruner() -> None:
     import copy
     import io
 
+    x, _ = _data()
     model = _model()
     pruner = get_pruner("magnitude", sparsity=0.5).prepare(model)
     pruner.prune()
-    torch.save(model, io.BytesIO())
-    ema = copy.deepcopy(model)
-    ema.load_state_dict({k: torch.ones_like(v) for k, v in ema.state_dict().items()})
-    x, _ = _data()
-    ema(x)
-    assert all(bool((p == 1).all()) for p in ema.parameters())
+    rigl = _model(1)
+    RigLPruner(sparsity=0.8, delta_t=5, end=40).prepare(rigl)  # its masks wait for a forward
+    # Right after a prune, after a load (the masks wait for a forward pass), and RigL's.
+    for when in ("pruned", "loaded", "rigl"):
+        if when == "loaded":
+            model.load_state_dict(model.state_dict())
+        subject = rigl if when == "rigl" else model
+        torch.save(subject, io.BytesIO())
+        ema = copy.deepcopy(subject)
+        ema.load_state_dict({k: torch.ones_like(v) for k, v in ema.state_dict().items()})
+        ema(x)
+        assert all(bool((p == 1).all()) for p in ema.parameters()), when

@@ -112,25 +112,28 @@ def default_weights(model: nn.Module) -> list[str]:
     ]
 
 
-class _MaskAgainOnLoad:
-    """The model's load_state_dict post-hook of a pruner (:meth:`Pruner._after_model_load`).
+class _PrunerHook:
+    """A hook of a pruner's on the model (the masks applied before a forward pass, or again
+    after a load), calling ``method`` of the pruner.
 
     It holds the pruner weakly and pickles (and deep-copies) as a hook that does nothing: the
     model must not carry its pruner along, with the optimizer and sync it holds, into a
     ``torch.save(model)`` (whose gradient hooks cannot be pickled) or an EMA copy (which would
-    then be masked by the original's pruner).
+    then be masked by the original's pruner). A pruner copied with its model is prepared on
+    the copy again.
     """
 
-    def __init__(self, pruner: Pruner | None = None) -> None:
+    def __init__(self, pruner: Pruner | None = None, method: str = "") -> None:
         self._pruner = weakref.ref(pruner) if pruner is not None else None
+        self._method = method
 
-    def __call__(self, module: nn.Module, incompatible_keys: Any) -> None:
+    def __call__(self, *args: Any) -> None:
         pruner = self._pruner() if self._pruner is not None else None
         if pruner is not None:
-            pruner._after_model_load(module, incompatible_keys)
+            getattr(pruner, self._method)(*args)
 
     def __reduce__(self) -> tuple[type, tuple]:
-        return (_MaskAgainOnLoad, ())
+        return (_PrunerHook, ())
 
 
 def _distributed() -> bool:
@@ -552,7 +555,7 @@ class Pruner:
         # On the model and on each module that owns a pruned weight: a load into that module
         # alone (model.fc.load_state_dict(...)) runs its hooks, not the model's.
         self._load_handles = [
-            m.register_load_state_dict_post_hook(_MaskAgainOnLoad(self))
+            m.register_load_state_dict_post_hook(_PrunerHook(self, "_after_model_load"))
             for m in self._owners().values()
         ]
 
@@ -585,7 +588,8 @@ class Pruner:
         self._clear_deferred = clear
         self._deferred = True
         self._forward_handles = [
-            m.register_forward_pre_hook(self._apply_before_forward) for m in self._owners().values()
+            m.register_forward_pre_hook(_PrunerHook(self, "_apply_before_forward"))
+            for m in self._owners().values()
         ]
 
     def _owners(self) -> dict[int, nn.Module]:

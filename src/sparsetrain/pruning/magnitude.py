@@ -47,7 +47,7 @@ class NMPruner(ScheduledPruner):
 
     ``sparsity`` is ``1 - n/m`` and is set from ``n`` and ``m``. Along a gradual schedule the
     pattern tightens in steps (4:4, 3:4, 2:4), each the N:M nearest the scheduled sparsity
-    (so a step may prune a little less than the schedule's level), ending at ``n:m``.
+    (so a step may prune a little less or more than the schedule's level), ending at ``n:m``.
 
     Args:
         n, m: keep ``n`` in every group of ``m``; the input dimension (dimension 1) of every

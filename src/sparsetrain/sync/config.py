@@ -73,8 +73,10 @@ class SyncConfig:
             when built for f=0). Under a rule other than ``mean`` and a compressor of one
             round (not PowerSGD, nor TernGrad sharing its scaler), up to f ranks whose
             gradient holds NaN or Inf are not a non-finite step: their rows go to the rule as
-            Byzantine ones (each such rank warns and keeps its residuals as they were; a
-            compressor's step counters move on with the others'); more than f are, as below.
+            Byzantine ones (each such rank warns and keeps its residuals as they were; step
+            counters that seed draws every rank shares, random-k's, move on with the others'
+            as ``counts_steps`` compressors declare); more than f are, as below. Not with a
+            ``grad_scaler`` (``on_nonfinite="propagate"``): an overflow is the scaler's to see.
         attack, attack_options, byzantine: for experiments, the last ``byzantine`` ranks replace
             their gradient by the named attack.
         momentum_correction: 0 (off), or a momentum in (0, 1) that each rank applies to its own

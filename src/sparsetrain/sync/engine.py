@@ -1122,7 +1122,8 @@ class SyncEngine:
     def _tolerates(self, nonfinite: int) -> bool:
         """Whether ``nonfinite`` ranks whose gradient holds NaN or Inf go on to the robust
         rule instead of dropping the step: a rule other than the mean, built for at least that
-        many Byzantine ranks, past the dense warm-up, with a compressor of one round. A faulty rank is one a Byzantine-robust
+        many Byzantine ranks, past the dense warm-up, with a compressor of one round and no grad
+        scaler (``on_nonfinite="propagate"``: an overflow must lower its scale). A faulty rank is one a Byzantine-robust
         rule is there to outvote; stopping every rank for it (or skipping every step) would
         let one rank do what the rule exists to prevent."""
         return (
@@ -1132,6 +1133,8 @@ class SyncEngine:
             and self.step >= self.config.dense_warmup_steps
             # (rounds summed before the gather, PowerSGD's, would carry the NaN to every rank)
             and self.compressor.rounds == 1
+            # With a grad scaler an overflow is the scaler's to see, to lower its scale.
+            and self.config.on_nonfinite != "propagate"
         )
 
     def _check_frozen(
