@@ -218,6 +218,29 @@ def cli(
     )
 
 
+def _long_run_started(tmp_path, **popen: object) -> subprocess.Popen:
+    """Start `sparsetrain train` on 2 workers for far longer than a test (its temporary folders
+    in ``tmp_path``); return once both workers run."""
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sparsetrain.cli", "train", "--workers", "2", "--epochs", "400",
+         "--no-progress", "--compressor", "topk", "--density", "0.05"],
+        env=env, stdout=subprocess.DEVNULL, **popen,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob("sparsetrain-*/started-rank1")):  # the workers are running
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            said = proc.stderr.read() if proc.stderr else ""
+            raise AssertionError(f"the run did not start its workers: {said}")
+        time.sleep(0.2)
+    return proc
+
+
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
 def test_sigterm_to_the_launcher_stops_the_workers_and_removes_its_folder(tmp_path, signame):
     # What a scheduler or `timeout` sends, or a closed terminal (SIGHUP left the folder): the
@@ -225,21 +248,12 @@ def test_sigterm_to_the_launcher_stops_the_workers_and_removes_its_folder(tmp_pa
     import signal
     import time
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
     # SIGHUP as a terminal delivers it: a suite started under nohup would hand its children
     # SIGHUP ignored, which the launcher leaves ignored (nohup is there to keep a run going).
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sparsetrain.cli", "train", "--workers", "2", "--epochs", "400",
-         "--no-progress", "--compressor", "topk", "--density", "0.05"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    proc = _long_run_started(
+        tmp_path, stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
     )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while not list(tmp_path.glob("sparsetrain-*/started-rank1")):  # the workers are running
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-        time.sleep(0.2)
     workers = _children(proc.pid)
     assert len(workers) >= 2, workers  # the two ranks (and multiprocessing's helpers)
     proc.send_signal(getattr(signal, signame))
@@ -266,18 +280,7 @@ def test_workers_of_a_killed_launcher_stop_and_the_next_launch_removes_its_folde
 
     from sparsetrain.train import _launch_folder
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sparsetrain.cli", "train", "--workers", "2", "--epochs", "400",
-         "--no-progress", "--compressor", "topk", "--density", "0.05"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while not list(tmp_path.glob("sparsetrain-*/started-rank1")):
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.2)
+    proc = _long_run_started(tmp_path, stderr=subprocess.DEVNULL)
     workers = _children(proc.pid)
     assert len(workers) >= 2, workers
     (left,) = tmp_path.glob("sparsetrain-*")
