@@ -114,8 +114,9 @@ _MAX_TIMEOUT_S = 1e9  # gloo took 1e11 s and refused 1e13 s as a negative count 
 class CheckpointConflict(ValueError):
     """The run as configured conflicts with the checkpoints in its folder: resumed with another
     configuration than the one that saved them, started without ``resume`` over an earlier
-    run's, or given the folder and label of a run that is still running. Nothing was trained or written; ``sparsetrain train`` exits with status 2 (a usage
-    error) for it, where other worker failures exit with 1."""
+    run's, or given the folder and label of a run that is still running. Nothing was trained or
+    written; ``sparsetrain train`` exits with status 2 (a usage error) for it, where other
+    worker failures exit with 1."""
 
 
 class _Conflict(str):

@@ -1122,10 +1122,10 @@ class SyncEngine:
     def _tolerates(self, nonfinite: int) -> bool:
         """Whether ``nonfinite`` ranks whose gradient holds NaN or Inf go on to the robust
         rule instead of dropping the step: a rule other than the mean, built for at least that
-        many Byzantine ranks, past the dense warm-up, with a compressor of one round and no grad
-        scaler (``on_nonfinite="propagate"``: an overflow must lower its scale). A faulty rank is one a Byzantine-robust
-        rule is there to outvote; stopping every rank for it (or skipping every step) would
-        let one rank do what the rule exists to prevent."""
+        many Byzantine ranks, past the dense warm-up, with a compressor of one round and no
+        grad scaler (``on_nonfinite="propagate"``: an overflow must lower its scale). A faulty
+        rank is one a Byzantine-robust rule is there to outvote; stopping every rank for it (or
+        skipping every step) would let one rank do what the rule exists to prevent."""
         return (
             self.aggregator is not None
             and self.config.aggregator not in (None, "mean")
