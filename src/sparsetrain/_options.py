@@ -130,11 +130,12 @@ def check_saved_settings(
         )
 
 
-def caller_stacklevel() -> int:
+def caller_stacklevel(within: str | None = None) -> int:
     """The ``stacklevel`` that makes a warning point at the first caller outside sparsetrain
-    (the user's ``GradientSync(...)``, say, not the library frame that built what warns),
-    counted from the function that warns."""
-    here = os.path.dirname(os.path.abspath(__file__)) + os.sep  # (not sparsetrain_ext/)
+    (the user's ``GradientSync(...)``, say, not the library frame that built what warns), or
+    outside the folder ``within``, counted from the function that warns."""
+    folder = within if within is not None else os.path.dirname(__file__)
+    here = os.path.abspath(folder) + os.sep  # (not sparsetrain_ext/)
     frame, level = sys._getframe(1), 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here):
         frame, level = frame.f_back, level + 1

@@ -24,13 +24,14 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from .._options import caller_stacklevel
 
 Masks = dict[str, Tensor]
 MaskMethod = Callable[..., Masks]
@@ -360,18 +361,8 @@ def _warn_collapsed(
             + ("that layer now passes" if len(whole) == 1 else "those layers now pass")
             + " nothing on. Prune with scope='layer', or leave such a layer out of the pruned "
             "parameters",
-            stacklevel=_caller_level(),
+            stacklevel=caller_stacklevel(os.path.dirname(__file__)),  # the user's call
         )
-
-
-def _caller_level() -> int:
-    """The ``stacklevel`` that makes a warning point at the first caller outside this package
-    (the user's ``masks()`` or ``prune()`` call), counted from the function that warns."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def mask_sparsity(m: Mapping[str, Tensor]) -> float:

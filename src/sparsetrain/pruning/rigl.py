@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .._options import caller_stacklevel
 from .base import Closure, Pruner, _distributed, check_finite, closure_loss, register_pruner
 from .masks import Masks, check_sparsity
 
@@ -182,7 +183,7 @@ class RigLPruner(Pruner):
             warnings.warn(
                 f"rigl: the dense gradients of step {step} hold NaN or Inf (an overflowed "
                 "backward, as torch.amp.GradScaler skips); the masks are not updated at this step",
-                stacklevel=4,  # the caller of pruner.step
+                stacklevel=caller_stacklevel(),  # the user's pruner.step(...)
             )
             return False
         new = self.compute_masks(grads, self.update_fraction(step))

@@ -243,17 +243,15 @@ class GeometricMedian(Aggregator):
             dist = torch.linalg.vector_norm(x - z, dim=1)
             on = dist <= self.eps
             w = torch.where(on, torch.zeros_like(dist), 1.0 / dist.clamp_min(self.eps))
-            total = w.sum()
-            if not bool(total > 0):  # every row is where z is
-                break
-            step = (w[:, None] * x).sum(dim=0) / total
+            # (every row where z is: no weight, g = 1 below, and z stays, without a sync here)
+            step = (w[:, None] * x).sum(dim=0) / w.sum().clamp_min(1e-300)
             eta = on.sum().to(x.dtype)
             pull = torch.linalg.vector_norm((w[:, None] * (x - z)).sum(dim=0))
             g = torch.where(eta > 0, torch.clamp(eta / pull.clamp_min(1e-300), max=1.0), 0.0)
             z_new = (1 - g) * step + g * z
             moved = torch.linalg.vector_norm(z_new - z)
             z = z_new
-            # Host syncs a few an iteration (not an element) to stop early.
+            # One host sync an iteration (not an element) to stop early.
             if moved <= self.tol * max(float(torch.linalg.vector_norm(z)), self.eps):
                 break
         return z.to(grads.dtype)
