@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from sparsetrain.comm import p2p
 from sparsetrain.comm.gtopk import keep_topk
-from sparsetrain.comm.oktopk import BRACKET, OkTopk, next_threshold
+from sparsetrain.comm.oktopk import BRACKET, OkTopk, estimate_threshold, next_threshold
 from sparsetrain.comm.p2p import (
     backend_for,
     coalesce,
@@ -351,6 +351,34 @@ def test_next_threshold_moves_at_most_a_factor_of_two_and_in_the_right_direction
 def test_next_threshold_keeps_a_hit_and_keep_everything():
     assert next_threshold(0.3, 10, 4, 20, 10) == 0.3  # exactly k kept
     assert next_threshold(0.0, 5, 5, 5, 10) == 0.0  # threshold 0 keeps all; stays
+
+
+def _kept_by_estimate(mags: torch.Tensor, k: int) -> int:
+    t = estimate_threshold(p2p.Wire(None, torch.device("cpu")), mags, k)
+    return int((mags >= t).sum())
+
+
+@pytest.mark.parametrize("width", [1e-3, 1e-9, 1e-12])
+def test_estimate_resolves_a_kth_magnitude_inside_a_narrow_cluster_far_from_zero(width):
+    """Six rounds of 64 bins resolve 64**-6 = 1.5e-11 of [0, max]: with every magnitude in
+    1000 * (1 + [0, 1e-12)), the whole cluster fell in one bin and all 10,000 were kept for
+    k = 100. Rounds go on while more than 2k (what a reused threshold may keep) are."""
+    gen = torch.Generator().manual_seed(1)
+    mags = 1000 * (1 + width * torch.rand(10_000, dtype=torch.float64, generator=gen))
+    assert 100 <= _kept_by_estimate(mags, 100) <= 200
+
+
+def test_estimate_keeps_about_k_of_training_like_and_heavy_tailed_magnitudes():
+    gen = torch.Generator().manual_seed(2)
+    normal = torch.randn(100_000, dtype=torch.float64, generator=gen).abs()
+    assert 1000 <= _kept_by_estimate(normal, 1000) <= 1000 + threshold_tolerance(1000)
+    # a few entries 1e40 times the rest: the scale is found first, then the k-th of the rest
+    heavy = torch.cat([normal, torch.full((5,), 1e40, dtype=torch.float64)])
+    assert 1000 <= _kept_by_estimate(heavy, 1000) <= 1000 + threshold_tolerance(1000)
+    # ties at the k-th magnitude: every tied entry is kept (no threshold separates them)
+    low = 0.25 * torch.rand(1000, dtype=torch.float64, generator=gen)
+    tied = torch.cat([torch.ones(50, dtype=torch.float64), torch.full((300,), 0.5).double(), low])
+    assert _kept_by_estimate(tied, 100) == 350
 
 
 def _call_each(names: list[str]) -> dict:

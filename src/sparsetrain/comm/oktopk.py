@@ -66,6 +66,11 @@ def repartition(wire: Wire, idx: Tensor, numel: int) -> list[int]:
 # the k-th magnitude under a few far larger ones): 64**-32 is 1e-58 of the largest.
 ZOOM_ROUNDS = 32
 
+# Rounds past max_rounds that estimate_threshold takes while its count still exceeds 2k (the
+# most a reused threshold may keep): a k-th magnitude inside a cluster of near-equal ones far
+# from 0. 64**-10 = 2**-60 of the interval, below float64's resolution of 2**-52.
+EXTRA_ROUNDS = 10
+
 
 def estimate_threshold(
     wire: Wire, magnitudes: Tensor, k: int, bins: int = 64, max_rounds: int = 6
@@ -80,7 +85,9 @@ def estimate_threshold(
     starting at 0 (the k-th magnitude lies below max / bins, max / bins**2, ...: a few
     entries far larger than the rest) only finds the scale and is not counted, up to
     ``ZOOM_ROUNDS`` of them; before, six such rounds ended at t = 0, which kept every entry.
-    The returned t always has at least k magnitudes >= t (when there are k at all; else t = 0,
+    Where ``max_rounds`` rounds still leave more than 2k magnitudes >= t (the k-th inside a
+    narrow cluster far from 0, say 1000 + 1e-9 x), up to ``EXTRA_ROUNDS`` more are taken until
+    at most 2k are. The returned t always has at least k magnitudes >= t (when there are k at all; else t = 0,
     selecting everything). Costs a few allreduces of ``bins`` integers, independent of the
     vector's length.
     """
@@ -100,7 +107,7 @@ def estimate_threshold(
     tolerance = max(1, k // 100)
     threshold = 0.0
     rounds = zooms = 0
-    while rounds < max_rounds:
+    while rounds < max_rounds + EXTRA_ROUNDS:
         edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64, device=m.device)
         inside = m[(m >= lo) & (m < hi)]
         hist = torch.bincount(torch.bucketize(inside, edges[1:-1], right=True), minlength=bins).to(
@@ -114,12 +121,14 @@ def estimate_threshold(
         j = reached[-1]
         new_lo, new_hi = edges[j : j + 2].tolist()
         threshold = new_lo
-        if at_least[j] - k <= tolerance or not new_lo < new_hi:
-            break
+        if at_least[j] - k <= tolerance or not new_lo < new_hi or (new_lo, new_hi) == (lo, hi):
+            break  # close enough, or the bin cannot shrink (ties, or an interval of a few ulps)
         if j == 0 and lo == 0.0 and zooms < ZOOM_ROUNDS:
             zooms += 1  # only the scale: not a refinement
         else:
             rounds += 1
+            if rounds >= max_rounds and at_least[j] <= 2 * k:
+                break  # within what a reused threshold may keep: no extra rounds
         above = at_least[j + 1] if j + 1 < bins else above
         lo, hi = new_lo, new_hi
     return threshold * scale
