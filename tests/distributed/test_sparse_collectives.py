@@ -427,6 +427,10 @@ def test_sparse_collectives(world, form, by_form):
         assert stats0["estimated"] == (step % 2 == 0)  # every threshold_every=2 calls
         if stats0["estimated"]:
             assert OK_K <= ri.numel() <= OK_K + threshold_tolerance(OK_K), (step, ri.numel())
+        # Independently of the threshold the call reports: the selection is the exact global
+        # top-m of the summed vector (m = its size), so on estimating calls it holds the top k.
+        top = torch.topk(dense_sum(inputs, OK_NUMEL).abs(), ri.numel()).indices
+        assert torch.equal(idx0.long(), top.sort().values), step
         for r in range(world):
             idx, val, stats = results[r]["oktopk"][step]
             assert torch.equal(idx, idx0) and torch.equal(val, val0)
