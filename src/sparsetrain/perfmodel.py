@@ -52,9 +52,9 @@ same CPU time a message), so ``alpha`` is a message's cost on a core of its own,
 message costs ``alpha * world / cores`` where the ranks share the cores. With ``cores=None``
 (a real cluster: a processor a rank) both factors are 1.
 
-Sparse inputs are modelled as k = density * n distinct indices a rank, uniform and independent
-across ranks (the worst case for fill-in), so the expected support of the sum of m ranks is
-``U(m) = n * (1 - (1 - density) ** m)``. Entries cost ``index_bytes + value_bytes`` on the wire.
+Sparse inputs are modelled as k = density * n distinct indices a rank (at least one), uniform
+and independent across ranks (the worst case for fill-in), so the expected support of the sum
+of m ranks is ``U(m) = n * (1 - (1 - k / n) ** m)``. Entries cost ``index_bytes + value_bytes`` on the wire.
 
 Every formula follows the algorithm as implemented in :mod:`sparsetrain.comm`, phase by phase
 (see each function). The exchanges of a few ints (the input agreement, gathers of counts) are
@@ -254,7 +254,9 @@ class Problem:
 
     @property
     def k(self) -> float:
-        return self.density * self.numel
+        """Entries a rank brings: density x numel, at least one (as a compressor keeps at
+        least one; a fraction of an entry would price a fraction of a message's bytes)."""
+        return max(1.0, self.density * self.numel)
 
     @property
     def entry_bytes(self) -> int:
@@ -262,7 +264,7 @@ class Problem:
 
     def union(self, m: float) -> float:
         """Expected support of the sum of ``m`` ranks' sparse vectors."""
-        return self.numel * (1.0 - (1.0 - self.density) ** m)
+        return self.numel * (1.0 - (1.0 - self.k / self.numel) ** m)
 
     def share(self, active: float) -> float:
         """Slow-down of local work done by ``active`` ranks at once on the shared cores."""

@@ -595,3 +595,14 @@ def test_numpy_numbers_and_iterators_are_taken_as_their_values():
     assert pm.best_collective(numel=10**6, nnz=10**4, world=8, candidates=iter(names)) == (
         pm.best_collective(numel=10**6, nnz=10**4, world=8, candidates=names)
     )
+
+
+def test_a_density_below_one_entry_is_priced_as_one_entry():
+    """A compressor keeps at least one entry; density x numel = 0.001 entries had priced a
+    thousandth of a message's bytes and a support that no input has."""
+    params = pm.NetworkParams(alpha=1e-5, beta=1e-9, gamma=1e-9)
+    for name in ("allgather", "ssar_rd", "oktopk", "gtopk"):
+        one = pm.predict(name, world=8, numel=1000, density=1e-3, params=params)
+        less = pm.predict(name, world=8, numel=1000, density=1e-6, params=params)
+        assert less == one, name
+    assert pm.Problem(8, 1000, 1e-6).union(8) == pytest.approx(pm.Problem(8, 1000, 1e-3).union(8))
