@@ -53,6 +53,31 @@ def test_state_dict_round_trip_is_exact():
         assert torch.equal(other.residuals[n], ef.residuals[n])
 
 
+def test_a_saved_state_does_not_change_with_later_steps():
+    """The in-place path reuses two buffers for the residuals, so a state_dict that shared
+    their memory (a checkpoint held in memory, an EMA of states) would change under later
+    steps; the saved residuals are copies (from a review of the tests)."""
+    torch.manual_seed(2)
+    ef, comp = ErrorFeedback(), get_compressor("topk", density=0.1)
+    names, numels = ["a", "b"], [30, 70]
+
+    def step():
+        grad = torch.randn(100)
+        into = ef.compensate_into("a|b", names, numels, list(torch.split(grad, numels)))
+        (idx, values), _ = comp.compress(into)
+        ef.commit_sparse("a|b", names, numels, into, idx.long(), values)
+
+    for _ in range(3):
+        step()
+    saved = ef.state_dict()
+    snapshot = {n: r.clone() for n, r in saved["residuals"].items()}
+    for _ in range(2):
+        step()
+    for n in names:
+        assert torch.equal(saved["residuals"][n], snapshot[n]), n
+        assert not torch.equal(ef.residuals[n], snapshot[n]), n  # (the live ones moved on)
+
+
 def test_loading_keeps_the_configured_switch_and_checks_sizes_by_name():
     import pytest
 

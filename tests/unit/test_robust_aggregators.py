@@ -83,6 +83,26 @@ def test_centered_clipping_bounds_an_outlier_and_keeps_its_anchor():
     assert torch.equal(other(g), cc(g))
 
 
+def test_centered_clipping_with_momentum_clips_the_workers_momenta():
+    """m_i <- beta m_i + (1 - beta) g_i (Karimireddy et al.'s worker momentum) is what gets
+    clipped around the anchor; a momentum without the (1 - beta) came out up to 1 / (1 - beta)
+    times too large, unnoticed (from a review of the tests)."""
+    g1 = torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.0, 4.0]])
+    g2 = torch.tensor([[-2.0, 0.0], [1.0, 1.0], [2.0, -2.0]])
+    cc = get_aggregator("centered_clipping", n=3, f=1, tau=1e9, momentum=0.5)
+    out1 = cc(g1)  # tau this large clips nothing: the mean of the momenta
+    assert torch.equal(cc.state_dict()["momenta"][""], 0.5 * g1)
+    assert torch.allclose(out1, (0.5 * g1).mean(0))
+    out2 = cc(g2)
+    assert torch.equal(cc.state_dict()["momenta"][""], 0.25 * g1 + 0.5 * g2)
+    assert torch.allclose(out2, (0.25 * g1 + 0.5 * g2).mean(0))
+    # with a radius that clips, the anchor moves by the mean of the clipped momenta
+    cc = get_aggregator("centered_clipping", n=3, f=1, tau=0.5, momentum=0.5)
+    m = 0.5 * g1
+    clipped = m * torch.clamp(0.5 / m.norm(dim=1, keepdim=True), max=1.0)
+    assert torch.allclose(cc(g1), clipped.mean(0))
+
+
 def test_bucketing_averages_buckets_before_the_base_rule():
     g = torch.tensor([[1.0], [1.0], [1.0], [1.0], [1.0], [50.0]])
     rule = get_aggregator("bucketing", n=6, f=1, base="median", bucket_size=2)

@@ -75,6 +75,26 @@ def test_removal_is_permanent_and_the_output_is_the_mean_of_the_good():
     assert sg.stats()["good"] == [0, 1, 2, 3]
 
 
+def test_after_a_removal_the_accumulations_divide_by_the_good_workers_left():
+    """Each step adds g_i / |good| to the accumulations (Allen-Zhu et al.'s A_i): after one
+    removal, dividing by all n instead shrank a second, slower drift below the thresholds, and
+    worker 3 was never removed (from a review of the tests)."""
+    sg = get_aggregator("safeguard", n=5, f=1, window0=2, window1=4, threshold0=1.0, threshold1=2.0)
+    sg(torch.tensor([[1.0], [1.0], [1.0], [1.0], [-40.0]]))  # worker 4: out at step 0
+    sg.end_step()
+    drift = torch.tensor([[1.0], [1.0], [1.0], [5.6], [1.0]])  # worker 3: 4.6 off each step
+    sg(drift)
+    acc = sg.state_dict()["acc"][""]
+    # the four good workers' gradients over 4, added to what step 0 left (window0 = 2)
+    good = [0, 1, 2, 3]
+    assert torch.allclose(acc["short"][good], 1.0 / 5 + drift[good] / 4)
+    sg.end_step()
+    for _ in range(3):
+        sg(drift)
+        sg.end_step()
+    assert sg.stats()["removed"] == {4: 0, 3: 3}
+
+
 def test_state_round_trip_is_exact():
     gen = torch.Generator().manual_seed(2)
     a = get_aggregator("safeguard", n=6, f=2, window0=3, window1=9, noise_std=0.1, seed=3)
