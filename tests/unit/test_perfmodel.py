@@ -606,3 +606,22 @@ def test_a_density_below_one_entry_is_priced_as_one_entry():
         less = pm.predict(name, world=8, numel=1000, density=1e-6, params=params)
         assert less == one, name
     assert pm.Problem(8, 1000, 1e-6).union(8) == pytest.approx(pm.Problem(8, 1000, 1e-3).union(8))
+
+
+def test_the_oktopk_model_counts_the_ints_its_agreement_checks(monkeypatch):
+    """The model's agreement messages carry as many ints as Ok-Topk's agreement checks (it had
+    counted 7 after the agreement had grown to 11)."""
+    import torch
+
+    from sparsetrain.comm import get_collective, p2p
+
+    seen = []
+    agree = p2p.Wire.agree
+
+    def recording(self, *args, options=None, **kwargs):
+        seen.append(len(options or {}))
+        return agree(self, *args, options=options, **kwargs)
+
+    monkeypatch.setattr(p2p.Wire, "agree", recording)
+    get_collective("oktopk")(torch.tensor([1, 5]), torch.tensor([1.0, -2.0]), 10)
+    assert seen == [pm.OKTOPK_AGREED]
