@@ -86,10 +86,12 @@ def estimate_threshold(
     entries far larger than the rest) only finds the scale and is not counted, up to
     ``ZOOM_ROUNDS`` of them; before, six such rounds ended at t = 0, which kept every entry.
     Where ``max_rounds`` rounds still leave more than 2k magnitudes >= t (the k-th inside a
-    narrow cluster far from 0, say 1000 + 1e-9 x), up to ``EXTRA_ROUNDS`` more are taken until
-    at most 2k are. The returned t always has at least k magnitudes >= t (when there are k at all; else t = 0,
-    selecting everything). Costs a few allreduces of ``bins`` integers, independent of the
-    vector's length.
+    narrow cluster far from 0, say 1000 + 1e-12 x), up to ``EXTRA_ROUNDS`` more are taken
+    until at most 2k are, each on the span of the magnitudes left in the bin (one allreduce of
+    their minimum and maximum more), and none once that span is a single value (ties at the
+    k-th magnitude, as clipped gradients have). The returned t always has at least k
+    magnitudes >= t (when there are k at all; else t = 0, selecting everything). Costs a few
+    allreduces of ``bins`` integers, independent of the vector's length.
     """
     m = magnitudes.to(torch.float64)
     top = torch.zeros(2, dtype=torch.float64, device=m.device)  # (max, any non-finite)
@@ -131,6 +133,19 @@ def estimate_threshold(
                 break  # within what a reused threshold may keep: no extra rounds
         above = at_least[j + 1] if j + 1 < bins else above
         lo, hi = new_lo, new_hi
+        if rounds >= max_rounds:
+            # An extra round: narrow the bin to the span of the magnitudes in it (all ranks'),
+            # so the next histogram spreads them over its bins; one value (ties) cannot be
+            # split by any threshold: stop (the bin holds at least one, the k-th).
+            inside = m[(m >= lo) & (m < hi)]
+            span = torch.full((2,), -math.inf, dtype=torch.float64, device=m.device)
+            if inside.numel():
+                span[0], span[1] = inside.max(), -inside.min()
+            wire.allreduce(span, dist.ReduceOp.MAX)
+            most, least = float(span[0]), -float(span[1])
+            if most == least:
+                break
+            lo, hi = least, math.nextafter(most, math.inf)
     return threshold * scale
 
 
