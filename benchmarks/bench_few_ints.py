@@ -8,7 +8,8 @@ one message each (dissemination and Bruck's algorithms). This benchmark times bo
 the same ranks, alternating them repetition by repetition, so that the break-even world size
 rests on a measurement:
 
-* ``agree``: Ok-Topk's steady-state agreement, 7 options and a size for every peer;
+* ``agree``: Ok-Topk's steady-state agreement as it was when the stored runs were made, 7
+  options and a size for every peer (it now checks 11);
 * ``gather``: a gather of 4 ints from every rank (Ok-Topk's kept counts).
 
 Each repetition starts after a barrier and a 5 ms pause; the median over REPS is kept. Needs

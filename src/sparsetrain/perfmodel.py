@@ -545,7 +545,7 @@ def _split_phase(q: Problem, adaptive: bool) -> tuple[Cost, float, bool]:
     reduced entries of a range, and whether the reduced range is dense."""
     p, k = q.world, q.k
     delta = q.value_bytes / q.entry_bytes  # break-even density
-    dense_in = adaptive and q.density >= delta
+    dense_in = adaptive and q.k / q.numel >= delta  # (k: at least one entry)
     per_peer = (q.numel / p * q.value_bytes) if dense_in else (k / p * q.entry_bytes)
     cost = (
         _agreement(p, told=True)  # which carries the sizes of the split

@@ -172,10 +172,11 @@ def test_oktopk_volume_is_under_six_k_and_independent_of_ranks():
     for p in (4, 64, 1024):
         c = pm.cost("oktopk", world=p, numel=1_000_000, density=k / 1_000_000)
         # From TREE_FROM ranks on, the few-int exchanges' bytes count too: each round of the
-        # agreement carries 2 x 12 checked ints and the p/2 per-peer sizes Bruck's algorithm
-        # moves, each round of the count gather 4 ints of min(d, p - d) ranks; all int64.
+        # agreement carries the minima and maxima of the 5 + 11 checked ints and the p/2
+        # per-peer sizes Bruck's algorithm moves, each round of the count gather 4 ints of
+        # min(d, p - d) ranks; all int64.
         rounds = [1 << i for i in range((p - 1).bit_length())]
-        few = 8 * sum(24 + p // 2 + 4 * min(d, p - d) for d in rounds) if p >= 32 else 0
+        few = 8 * sum(32 + p // 2 + 4 * min(d, p - d) for d in rounds) if p >= 32 else 0
         elements = (c.bytes - few) / 4  # an index and a value are two 4-byte elements
         assert elements == pytest.approx(4 * (p - 1) / p * k)
         assert c.bytes / 4 < 6 * k
