@@ -8,8 +8,9 @@ recorded, not their time), over STEPS calls of one ``oktopk`` collective (its de
 regions re-balanced every 64 calls, the threshold estimated every 32), for each k:
 
 * ``independent``: each rank's k indices uniform at random and independent of the other ranks'
-  (the inputs of ``sparsetrain bench cluster``, and the cost model's assumption), drawn afresh
-  each call;
+  (the cost model's assumption), drawn afresh each call;
+* ``repeated``: one such draw repeated on every call, as ``sparsetrain bench cluster`` times a
+  point (with the same counts on every call, a point balances on all of them or on none);
 * ``overlapping``: each rank's top k of a heavy-tailed signal shared by the ranks plus noise of
   its own (0.3 of the signal's scale), as the ranks' gradients of one model overlap.
 
@@ -38,7 +39,7 @@ from _ranks import (  # benchmarks/_ranks.py (run as a script: this folder is on
     run_ranks,
 )
 
-KINDS = ("independent", "overlapping")
+KINDS = ("independent", "repeated", "overlapping")
 
 
 def _overlapping(numel: int, k: int, rank: int, step: int):
@@ -69,8 +70,9 @@ def worker(rank: int, world: int, root: str, cfg: dict) -> None:
                 coll = get_collective("oktopk")
                 balanced = kept = sent = 0.0
                 for step in range(cfg["steps"]):
-                    if kind == "independent":
-                        idx, val = _sparse_input(cfg["numel"], k, rank, cfg["seed"] + step)
+                    if kind in ("independent", "repeated"):
+                        draw = cfg["seed"] + (step if kind == "independent" else 0)
+                        idx, val = _sparse_input(cfg["numel"], k, rank, draw)
                     else:
                         idx, val = _overlapping(cfg["numel"], k, rank, cfg["seed"] + step)
                     coll(idx, val, cfg["numel"], key="w")
@@ -107,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
 
     kinds = [s.strip() for s in args.kinds.split(",") if s.strip()]
     if not kinds or set(kinds) - set(KINDS):
-        p.error(f"--kinds: unknown {sorted(set(kinds) - set(KINDS))}; valid: {', '.join(KINDS)}")
+        what = f"unknown {sorted(set(kinds) - set(KINDS))}" if kinds else "empty"
+        p.error(f"--kinds: {what}; valid: {', '.join(KINDS)}")
     try:
         ks = [int(s) for s in args.ks.split(",") if s.strip()]
     except ValueError:
@@ -118,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(
             f"--ranks must be at least 2 and --steps at least 1, got {args.ranks}, {args.steps}"
         )
+    if not args.timeout > 0:
+        p.error(f"--timeout must be above 0 seconds, got {args.timeout}")
     if not args.name.strip() or "/" in args.name:
         p.error(f"--name must be a non-empty file stem without '/', got {args.name!r}")
 

@@ -650,10 +650,10 @@ def oktopk(q: Problem) -> Cost:
     kept counts and the selection (7 passes over U(p)/p); the kept counts sent to every peer;
     the k/p entries a rank holds concatenated and packed, then sent directly to every peer
     (the balance step is left out: regions balanced by the repartition keep within a tenth of
-    equal shares where the ranks' inputs overlap; with independent inputs it ran on 82% of
-    calls at 125 kept entries a region and 5% at 625, see docs/collectives.md); the result
-    concatenated (k). Volume about 2 (p-1)/p k entries, the
-    paper's < 6k bound. Latency 4(p-1) alpha below ``TREE_FROM`` ranks, where the agreement
+    equal shares where the ranks' inputs overlap; with independent inputs drawn afresh it ran
+    on 82% of calls at 125 kept entries a region and 5% at 625, and on every call at 125 and
+    625 with one draw repeated, as the cluster benchmark times a point; docs/collectives.md);
+    the result concatenated (k). Volume about 2 (p-1)/p k entries, the paper's < 6k bound. Latency 4(p-1) alpha below ``TREE_FROM`` ranks, where the agreement
     and the count gather are direct sends to every peer; from there on 2(p-1) + 2 ceil(log2 p)
     alpha, the paper's (2p + 2 log p) alpha.
     """
