@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def run_ranks(worker, ranks: int, root: Path, cfg: dict, timeout: float, label: str) -> bool:
@@ -31,6 +35,18 @@ def run_ranks(worker, ranks: int, root: Path, cfg: dict, timeout: float, label: 
         print(f"{label}: {type(e).__name__}: {e}", file=sys.stderr)
         return False
     return True
+
+
+def run_ranks_in_temp(
+    worker, ranks: int, cfg: dict, timeout: float, label: str, read: Callable[[Path], Any]
+) -> Any:
+    """:func:`run_ranks` in a temporary folder that is removed afterwards; return what
+    ``read(folder)`` makes of the files the ranks left there, or None if they failed."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"sparsetrain-{label}-"))
+    try:
+        return read(tmp) if run_ranks(worker, ranks, tmp, cfg, timeout, label) else None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def join_group(rank: int, world: int, root: str, timeout: float) -> None:

@@ -28,15 +28,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 
 from _ranks import (  # benchmarks/_ranks.py (run as a script: this folder is on the path)
     join_group,
-    run_ranks,
+    run_ranks_in_temp,
 )
 
 KINDS = ("independent", "repeated", "overlapping")
@@ -130,13 +128,10 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = {"numel": args.numel, "ks": ks, "kinds": kinds, "steps": args.steps,
            "seed": args.seed, "timeout": args.timeout}  # fmt: skip
-    tmp = Path(tempfile.mkdtemp(prefix="sparsetrain-oktopk-balance-"))
-    try:
-        if not run_ranks(worker, args.ranks, tmp, cfg, args.timeout, "bench_oktopk_balance"):
-            return 1
-        points = json.loads((tmp / "result.json").read_text())
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    points = run_ranks_in_temp(worker, args.ranks, cfg, args.timeout, "bench_oktopk_balance",
+                               lambda tmp: json.loads((tmp / "result.json").read_text()))  # fmt: skip
+    if points is None:
+        return 1
 
     print(f"oktopk on {args.ranks} ranks, numel {args.numel}, {args.steps} calls a point")
     print(f"{'input':<12} {'k':>7} {'k/p':>7} {'balanced':>9} {'kept/k':>7} {'sent/k':>7}")

@@ -37,16 +37,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
 
 from _ranks import (  # benchmarks/_ranks.py (run as a script: this folder is on the path)
     join_group,
-    run_ranks,
+    run_ranks_in_temp,
 )
 
 METHODS = {  # label: (compressor, collective, collective options, uses density)
@@ -394,13 +392,10 @@ def main(argv: list[str] | None = None) -> int:
            "methods": methods, "progress": not args.no_progress,
            "steps": args.epochs * steps_per_epoch,
            "eval_every": args.eval_every or steps_per_epoch}  # fmt: skip
-    tmp = Path(tempfile.mkdtemp(prefix="sparsetrain-oktopk-res-"))
-    try:
-        if not run_ranks(worker, args.ranks, tmp, cfg, args.timeout, "bench_oktopk_residuals"):
-            return 1
-        result = json.loads((tmp / "result.json").read_text())
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    result = run_ranks_in_temp(worker, args.ranks, cfg, args.timeout, "bench_oktopk_residuals",
+                               lambda tmp: json.loads((tmp / "result.json").read_text()))  # fmt: skip
+    if result is None:
+        return 1
 
     rows = summarize(result)
     skew = ("iid" if args.split == "iid" else f"Dirichlet alpha {args.alpha:g}"

@@ -44,17 +44,15 @@ import json
 import math
 import os
 import shlex
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
 
 from _ranks import (  # benchmarks/_ranks.py (run as a script: this folder is on the path)
     join_group,
-    run_ranks,
+    run_ranks_in_temp,
 )
 
 OPTIMIZERS = {  # name: (torch.optim class, fixed options)
@@ -380,14 +378,12 @@ def main(argv: list[str] | None = None) -> int:
            "schedule": "cosine", "timeout": args.timeout}  # fmt: skip
     print(f"{args.task}, {args.ranks} ranks, {args.epochs} epochs, batch {args.batch_size} a rank, "
           f"seeds {seeds}, densities {densities}, lr {cfg['lr']}")  # fmt: skip
-    tmp = Path(tempfile.mkdtemp(prefix="sparsetrain-optimizers-"))
     t0 = time.monotonic()
-    try:
-        if not run_ranks(worker, args.ranks, tmp, cfg, args.timeout, "bench_optimizers"):
-            return 1
-        runs = [json.loads(line) for line in (tmp / "runs.jsonl").read_text().splitlines()]
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    runs = run_ranks_in_temp(worker, args.ranks, cfg, args.timeout, "bench_optimizers",
+                             lambda tmp: [json.loads(line) for line in
+                                          (tmp / "runs.jsonl").read_text().splitlines()])  # fmt: skip
+    if runs is None:
+        return 1
     wall = time.monotonic() - t0
 
     rows = summarize(runs)
