@@ -7,7 +7,9 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +51,12 @@ def run_ranks_in_temp(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def join_group(rank: int, world: int, root: str, timeout: float) -> None:
-    """In a worker: one thread (the ranks share this machine's cores), and join the gloo group
-    through the FileStore in ``root``."""
+@contextmanager
+def rank_in_group(rank: int, world: int, root: str, timeout: float) -> Iterator[None]:
+    """In a worker: one thread (the ranks share this machine's cores), and the gloo group
+    joined through the FileStore in ``root`` for the ``with`` block; an exception leaving it is
+    written to ``root/error<rank>.txt`` for the parent (which names the rank) and raised on,
+    and the group is destroyed either way."""
     import datetime
     import os
 
@@ -64,3 +69,10 @@ def join_group(rank: int, world: int, root: str, timeout: float) -> None:
         "gloo", store=store, rank=rank, world_size=world,
         timeout=datetime.timedelta(seconds=timeout),
     )  # fmt: skip
+    try:
+        yield
+    except Exception:
+        Path(root, f"error{rank}.txt").write_text(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()

@@ -29,11 +29,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import traceback
 from pathlib import Path
 
 from _ranks import (  # benchmarks/_ranks.py (run as a script: this folder is on the path)
-    join_group,
+    rank_in_group,
     run_ranks_in_temp,
 )
 
@@ -60,8 +59,7 @@ def worker(rank: int, world: int, root: str, cfg: dict) -> None:
     from sparsetrain.comm import get_collective
     from sparsetrain.commands.bench import _sparse_input
 
-    join_group(rank, world, root, cfg["timeout"])
-    try:
+    with rank_in_group(rank, world, root, cfg["timeout"]):
         points = []
         for kind in cfg["kinds"]:
             for k in cfg["ks"]:
@@ -85,11 +83,6 @@ def worker(rank: int, world: int, root: str, cfg: dict) -> None:
                                "kept_over_k": kept / n, "max_elems_sent_over_k": sent / n})  # fmt: skip
         if rank == 0:
             Path(root, "result.json").write_text(json.dumps(points))
-    except Exception:  # noqa: BLE001 - reported to the parent, which names the rank
-        Path(root, f"error{rank}.txt").write_text(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,11 +39,10 @@ import json
 import math
 import sys
 import time
-import traceback
 from pathlib import Path
 
 from _ranks import (  # benchmarks/_ranks.py (run as a script: this folder is on the path)
-    join_group,
+    rank_in_group,
     run_ranks_in_temp,
 )
 
@@ -243,12 +242,10 @@ def run_method(label: str, cfg: dict, task, shard, rank: int, world: int) -> dic
 def worker(rank: int, world: int, root: str, cfg: dict) -> None:
     """One rank: join the FileStore group, train every method in turn, rank 0 writes results."""
     import torch
-    import torch.distributed as dist
 
     from sparsetrain.tasks import get_task
 
-    join_group(rank, world, root, cfg["timeout"])
-    try:
+    with rank_in_group(rank, world, root, cfg["timeout"]):
         task = get_task(TASK, seed=cfg["seed"], hidden=cfg["hidden"])
         labels = task.train.tensors[1]
         shards = partition(labels, world, cfg["split"], cfg["classes_per_rank"], cfg["alpha"],
@@ -260,11 +257,6 @@ def worker(rank: int, world: int, root: str, cfg: dict) -> None:
             out = {"runs": runs, "shard_class_counts": classes,
                    "train_examples": len(labels), "test_examples": len(task.test)}  # fmt: skip
             Path(root, "result.json").write_text(json.dumps(out))
-    except Exception:  # noqa: BLE001 - reported to the parent, which names the rank
-        Path(root, f"error{rank}.txt").write_text(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
 
 
 # ---- the parent -------------------------------------------------------------------------------

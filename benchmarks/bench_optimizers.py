@@ -47,11 +47,10 @@ import shlex
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 
 from _ranks import (  # benchmarks/_ranks.py (run as a script: this folder is on the path)
-    join_group,
+    rank_in_group,
     run_ranks_in_temp,
 )
 
@@ -180,13 +179,10 @@ def run_one(cfg: dict, task, seed: int, optimizer: str, method: dict, rank: int,
 def worker(rank: int, world: int, root: str, cfg: dict) -> None:
     """One rank: join the FileStore group and train every seed, optimizer and method in turn;
     rank 0 appends each run's record to ROOT/runs.jsonl as it ends."""
-    import torch.distributed as dist
-
     from sparsetrain._procs import exit_finished_worker
     from sparsetrain.tasks import get_task
 
-    join_group(rank, world, root, cfg["timeout"])
-    try:
+    with rank_in_group(rank, world, root, cfg["timeout"]):
         for seed in cfg["seeds"]:
             task = get_task(cfg["task"], seed=seed, **cfg["task_options"])
             for optimizer in cfg["optimizers"]:
@@ -202,11 +198,6 @@ def worker(rank: int, world: int, root: str, cfg: dict) -> None:
                               f"{run['final_test_accuracy']:.4f} best "
                               f"{run['best_test_accuracy']:.4f} bytes {run['bytes_ratio']:.4f} "
                               f"{run['wall_seconds']:.1f} s{why}", flush=True)  # fmt: skip
-    except Exception:  # noqa: BLE001 - reported to the parent, which names the rank
-        Path(root, f"error{rank}.txt").write_text(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
     # Results are on disk: skip interpreter teardown, where gloo's threads can abort the process.
     exit_finished_worker(0)
 
