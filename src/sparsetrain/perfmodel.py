@@ -54,7 +54,8 @@ message costs ``alpha * world / cores`` where the ranks share the cores. With ``
 
 Sparse inputs are modelled as k = density * n distinct indices a rank (at least one), uniform
 and independent across ranks (the worst case for fill-in), so the expected support of the sum
-of m ranks is ``U(m) = n * (1 - (1 - k / n) ** m)``. Entries cost ``index_bytes + value_bytes`` on the wire.
+of m ranks is ``U(m) = n * (1 - (1 - k / n) ** m)``. Entries cost ``index_bytes +
+value_bytes`` on the wire.
 
 Every formula follows the algorithm as implemented in :mod:`sparsetrain.comm`, phase by phase
 (see each function). The exchanges of a few ints (the input agreement, gathers of counts) are
@@ -653,9 +654,10 @@ def oktopk(q: Problem) -> Cost:
     equal shares where the ranks' inputs overlap; with independent inputs drawn afresh it ran
     on 82% of calls at 125 kept entries a region and 5% at 625, and on every call at 125 and
     625 with one draw repeated, as the cluster benchmark times a point; docs/collectives.md);
-    the result concatenated (k). Volume about 2 (p-1)/p k entries, the paper's < 6k bound. Latency 4(p-1) alpha below ``TREE_FROM`` ranks, where the agreement
-    and the count gather are direct sends to every peer; from there on 2(p-1) + 2 ceil(log2 p)
-    alpha, the paper's (2p + 2 log p) alpha.
+    the result concatenated (k). Volume about 2 (p-1)/p k entries, the paper's < 6k bound.
+    Latency 4(p-1) alpha below ``TREE_FROM`` ranks, where the agreement and the count gather
+    are direct sends to every peer; from there on 2(p-1) + 2 ceil(log2 p) alpha, the paper's
+    (2p + 2 log p) alpha.
     """
     p, k = q.world, q.k
     ib, vb, eb = q.index_bytes, q.value_bytes, q.entry_bytes
