@@ -351,6 +351,7 @@ def test_next_threshold_moves_at_most_a_factor_of_two_and_in_the_right_direction
 def test_next_threshold_keeps_a_hit_and_keep_everything():
     assert next_threshold(0.3, 10, 4, 20, 10) == 0.3  # exactly k kept
     assert next_threshold(0.0, 5, 5, 5, 10) == 0.0  # threshold 0 keeps all; stays
+    assert next_threshold(0.3, 50, 4, 60, 10, tied=True) == 0.3  # ties at it straddle k
 
 
 def _kept_by_estimate(mags: torch.Tensor, k: int) -> int:
@@ -385,6 +386,36 @@ def test_estimate_takes_no_extra_rounds_for_ties(monkeypatch):
     assert _kept_by_estimate(clipped, 1000) == int((clipped == 1).sum())
     # the maximum, six histograms, the bin's span
     assert reduced == [2] + [64] * 6 + [2]
+    # the tied value itself, not the lower edge of its bin, so a reuse can tell ties apart
+    assert estimate_threshold(p2p.Wire(None, torch.device("cpu")), clipped, 1000) == 1.0
+
+
+def test_oktopk_reuses_a_threshold_at_ties_that_keep_more_than_2k(monkeypatch):
+    """Clipped gradients tie at the clip value: 31,641 of 100,000 for k = 1,000. No threshold
+    keeps fewer of them and still k, so the estimate keeps them all; every later call had
+    re-estimated it (eight allreduces) because the count exceeded 2k, and the corrected
+    threshold above the ties kept none. Now the tied threshold is reused as it is."""
+    reduced = []
+    allreduce = p2p.Wire.allreduce
+    monkeypatch.setattr(
+        p2p.Wire, "allreduce", lambda self, t, *a: reduced.append(1) or allreduce(self, t, *a)
+    )
+    gen = torch.Generator().manual_seed(3)
+    grad = torch.randn(100_000, generator=gen).clamp(-1, 1)
+    tied = int((grad.abs() == 1).sum())
+    assert tied > 2 * 1000
+    coll, idx = OkTopk(k=1000), torch.arange(100_000)
+    for step in range(4):
+        reduced.clear()
+        res = coll(idx, grad, 100_000, key="w")
+        st = coll.stats()["w"]
+        assert st["selected"] == res.indices.numel() == tied and st["tied"]
+        assert st["threshold"] == st["next_threshold"] == 1.0
+        assert st["estimated"] == (step == 0) and (reduced == []) == (step > 0)
+    # gradients no longer clipped: the threshold keeps more than 2k, none tied: estimated again
+    coll(idx, torch.randn(100_000, generator=gen), 100_000, key="w")
+    st = coll.stats()["w"]
+    assert st["estimated"] and not st["tied"] and st["selected"] <= 1000 + 10
 
 
 def test_estimate_keeps_about_k_of_training_like_and_heavy_tailed_magnitudes():

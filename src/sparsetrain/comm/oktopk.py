@@ -144,6 +144,9 @@ def estimate_threshold(
             wire.allreduce(span, dist.ReduceOp.MAX)
             most, least = float(span[0]), -float(span[1])
             if most == least:
+                # The tied value itself, which keeps the same entries as the bin's lower edge:
+                # a reused threshold at a tie is then told apart from one below it (__call__).
+                threshold = least
                 break
             lo, hi = least, math.nextafter(most, math.inf)
     return threshold * scale
@@ -159,18 +162,22 @@ BALANCE_SLACK = 1.1
 BRACKET = 2.0**0.25
 
 
-def next_threshold(threshold: float, at: int, above: int, below: int, k: int) -> float:
+def next_threshold(
+    threshold: float, at: int, above: int, below: int, k: int, tied: bool = False
+) -> float:
     """Return the threshold for the next call, corrected toward k kept entries.
 
     ``at``, ``above`` and ``below`` are the kept counts (over all ranks) at ``threshold``,
-    ``threshold * BRACKET`` and ``threshold / BRACKET``. The count is taken to follow a power
+    ``threshold * BRACKET`` and ``threshold / BRACKET``. ``tied`` says that magnitudes equal
+    to the threshold straddle the k-th (:func:`_tied`): no threshold keeps at least k and
+    fewer than ``at``, so it stays. Otherwise the count is taken to follow a power
     of the threshold between ``threshold`` and the bracket's end on k's side, whose exponent
     (the log-log slope, clamped to [0.5, 50]) gives a secant step
     ``threshold * (at / k) ** (1 / slope)``, clamped to a factor in [1/2, 2]. An empty count
     counts as half an entry. Every rank sees the same counts, so every rank gets the same
     threshold. A threshold of 0 (keep everything) stays 0.
     """
-    if threshold <= 0 or at == k:
+    if threshold <= 0 or at == k or tied:
         return threshold
     other = above if at > k else below
     here, there = max(at, 0.5), max(other, 0.5)
@@ -190,6 +197,18 @@ def _kept(mags: Tensor, threshold: float) -> tuple[Tensor, list[int]]:
     flags = [torch.isfinite(mags).all().logical_not(), keep.sum()]
     flags += [(mags >= t).sum() for t in (threshold * BRACKET, threshold / BRACKET)]
     return keep, [int(v) for v in torch.stack(flags).tolist()]
+
+
+def _tied(wire: Wire, mags: Tensor, threshold: float, total: int, k: int) -> bool:
+    """Whether more than 2k are kept at ``threshold`` only because magnitudes equal to it
+    straddle the k-th of all ranks' (clipped gradients), so that no threshold keeps fewer while
+    keeping k: fewer than k lie strictly above it. Costs an allgather of one int, and only
+    where ``total`` (the count kept, the same on every rank) exceeds 2k, so every rank takes
+    it or none does."""
+    if total <= 2 * k:
+        return False
+    over = wire.allgather_ints([int((mags > threshold).sum())])
+    return sum(row[0] for row in over) < k
 
 
 RESIDUALS = ("local", "owner")  # who keeps what the selection drops (OkTopk's docstring)
@@ -235,7 +254,10 @@ class OkTopk(SparseCollective):
     3. Every ``threshold_every`` calls, estimate the global threshold: the magnitude above which
        about k entries of the reduced vector lie (:func:`estimate_threshold`); reuse it in
        between, unless the reused one would keep more than 2k or fewer than k/2 entries (all
-       ranks see the same count), which triggers an estimation at once. The counts kept at the
+       ranks see the same count), which triggers an estimation at once; not where more than
+       2k are kept only because magnitudes tied at the threshold straddle the k-th (clipped
+       gradients), which no threshold can split (one more allgather of an int tells, where
+       more than 2k are kept); such a threshold is kept as it is. The counts kept at the
        threshold and at the two ends of a small bracket around it (one allgather of a few
        ints, which also says whether any sum is not finite) correct the threshold for the
        next call (:func:`next_threshold`), so that a reused threshold follows gradients whose
@@ -405,21 +427,24 @@ class OkTopk(SparseCollective):
             raise FloatingPointError(_NONFINITE)
         counts = [row[1] for row in rows]
         total = sum(counts)
-        if not estimated and k < numel and not k <= 2 * total <= 4 * k:  # k/2 <= total <= 2k
+        tied = k < numel and _tied(wire, mags, st.threshold, total, k)
+        if not estimated and k < numel and not k <= 2 * total <= 4 * k and not tied:
             # The reused threshold has drifted too far (every rank sees the same total):
-            # re-estimate now rather than send far more, or keep far fewer, than k.
+            # re-estimate now rather than send far more, or keep far fewer, than k. Not where
+            # ties at it keep more than 2k: an estimate would keep them all again.
             st.threshold = estimate_threshold(wire, mags, k)
             keep, mine = _kept(mags, st.threshold)
             rows = wire.allgather_ints(mine)
             counts = [row[1] for row in rows]
             total = sum(counts)
+            tied = _tied(wire, mags, st.threshold, total, k)
             estimated = True
         used = st.threshold
         sel_i, sel_v = red_i[keep], red_v[keep]
         # The next call starts from a threshold corrected toward k by this call's counts, so
         # a reused threshold follows gradients whose scale drifts instead of leaving the band.
         st.threshold = next_threshold(
-            used, total, sum(row[2] for row in rows), sum(row[3] for row in rows), k
+            used, total, sum(row[2] for row in rows), sum(row[3] for row in rows), k, tied
         )
 
         # Balance: the kept entries, in global index order (region order = rank order), are
@@ -467,6 +492,7 @@ class OkTopk(SparseCollective):
             "threshold": used,
             "next_threshold": st.threshold,
             "estimated": estimated,
+            "tied": tied,
             "rebalanced": rebalanced,
             "elems_sent": t.elems_sent,
             "bytes_sent": t.bytes_sent,
@@ -486,8 +512,9 @@ class OkTopk(SparseCollective):
     # ---- state ----------------------------------------------------------------------------
     def stats(self) -> dict[str, dict[str, Any]]:
         """Return, per key, what the last call did: step, k, selected count, threshold used and
-        whether it was estimated in this call, the threshold the next call starts from,
-        whether the kept entries were re-dealt in equal shares,
+        whether it was estimated in this call, whether magnitudes tied at it kept more than 2k
+        (``tied``), the threshold the next call starts from, whether the kept entries were
+        re-dealt in equal shares,
         elements and bytes this rank sent and received, region lengths."""
         return copy.deepcopy(self._stats)
 
