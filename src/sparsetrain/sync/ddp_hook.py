@@ -94,7 +94,7 @@ class SyncState:
         self._stepped = False  # a step has run in this process
         self._warned_initial = False  # state_dict() has warned of a save before DDP rebuilt
         self._target: list[list[str]] | None = None  # what a loaded state asks of the next steps
-        self._pending: list[tuple[torch.Tensor, list[str], list[torch.Size], Any]] = []
+        self._pending: list[tuple[torch.Tensor, list[str], list[torch.Size], Any, list]] = []
         # With on_nonfinite="propagate", the futures of a step's buckets before the last, and
         # where their results (or errors) wait until the last bucket has been exchanged.
         self._held: list[tuple[torch.futures.Future, dict[str, Any]]] = []
@@ -210,10 +210,13 @@ class SyncState:
                 "compresses dense gradients (make the layer produce dense ones, or leave the "
                 "parameter out of DDP)"
             )
+        slots = _memory_ordered(params)
+        if slots:  # exchanged in row-major order, as GradientSync does; handed back in DDP's
+            flat = _reordered(flat.clone(), slots, to_rows=True)
         last = bucket.is_last()
         if self._target is not None:
             if self._ddp_state() != (True, True):
-                return self._regroup(flat, names, shapes, last)
+                return self._regroup(flat, names, shapes, last, slots)
             self._target = None  # DDP has rebuilt its buckets: they are the saved groups now
         self._groups_now.append(sorted(names))
         if last:
@@ -231,7 +234,7 @@ class SyncState:
                     self.engine.feedback.put_back(held)
                 if last:
                     self.engine.end_step()
-            return out
+            return _reordered(out, slots, to_rows=False)  # in place: a later NaN fill reaches it
 
         if self.config.on_nonfinite == "propagate" and not self._on_backward_thread:
             return self._submit_held(work, flat.device, last)
@@ -335,23 +338,29 @@ class SyncState:
         return fut
 
     def _regroup(
-        self, flat: torch.Tensor, names: list[str], shapes: list[torch.Size], last: bool
+        self,
+        flat: torch.Tensor,
+        names: list[str],
+        shapes: list[torch.Size],
+        last: bool,
+        slots: list,
     ) -> torch.futures.Future:
         """A step after a load, before DDP has rebuilt its buckets: hold them until the last one,
         then exchange the saved groups of parameters (in their order) and write the results into
         the buckets. DDP waits for the buckets' futures only when backward ends, so holding them
         is safe; the step gives up overlapping its communication with backward. A group that
         fails (a NaN under on_nonfinite="raise") does not keep the others from their exchange,
-        as separate buckets would not; the first error reaches every bucket's future."""
+        as separate buckets would not; the first error reaches every bucket's future. ``slots``
+        (:func:`_memory_ordered`) are put back in DDP's order in each result."""
         if not last:
             fut = new_future(flat.device)  # completed inside work(), on its stream
-            self._pending.append((flat, names, shapes, fut))
+            self._pending.append((flat, names, shapes, fut, slots))
             return fut
-        pending, self._pending = [*self._pending, (flat, names, shapes, None)], []
+        pending, self._pending = [*self._pending, (flat, names, shapes, None, slots)], []
         target = self._target
-        have = sorted(n for _, ns, _, _ in pending for n in ns)
+        have = sorted(n for _, ns, _, _, _ in pending for n in ns)
         if sorted(n for g in target for n in g) != have:  # another model: DDP's own buckets
-            target = [sorted(ns) for _, ns, _, _ in pending]
+            target = [sorted(ns) for _, ns, _, _, _ in pending]
             self._target = None
         elif self._ddp_state() != (False, True):
             self._target = None  # DDP will not rebuild (or we cannot tell): one step is all
@@ -363,7 +372,7 @@ class SyncState:
             held = None
             try:
                 where: dict[str, tuple[torch.Tensor, torch.Size]] = {}
-                for buf, ns, shs, _ in pending:
+                for buf, ns, shs, _, _ in pending:
                     for n, piece, shape in zip(
                         ns, torch.split(buf, [math.prod(s) for s in shs]), shs
                     ):
@@ -383,12 +392,12 @@ class SyncState:
                     self.engine.feedback.put_back(held)
                 self.engine.end_step()
             if first is not None:
-                for _, _, _, f in pending[:-1]:
+                for _, _, _, f, _ in pending[:-1]:
                     f.set_exception(first)
                 raise first
-            for buf, _, _, f in pending[:-1]:
-                f.set_result(buf)
-            return pending[-1][0]
+            for buf, _, _, f, order in pending[:-1]:
+                f.set_result(_reordered(buf, order, to_rows=False))
+            return _reordered(pending[-1][0], pending[-1][4], to_rows=False)
 
         fut = self._submit(work, flat.device)
 
@@ -396,7 +405,7 @@ class SyncState:
             """Where work() never ran (the executor failed to set up the device or stream),
             the held buckets' futures get that error, instead of leaving DDP waiting."""
             error = _error_of(done)
-            for _, _, _, f in pending[:-1]:
+            for _, _, _, f, _ in pending[:-1]:
                 if not f.done():
                     f.set_exception(error or RuntimeError("this bucket's exchange did not run"))
 
@@ -527,6 +536,46 @@ def _check_layout(
             f"DDP model's ({differ}): another model, or other parameters trainable when DDP "
             "was built. Load the state saved with this model, " + remedy
         )
+
+
+def _memory_ordered(params: list[torch.Tensor]) -> list[tuple[int, torch.Size, tuple]]:
+    """(offset, shape, strides) of each slot of a DDP bucket that holds its parameter's gradient
+    in the parameter's own memory order: DDP lays a slot out with the strides of a parameter
+    whose layout is dense (a channels_last convolution's NHWC), while the residuals, the
+    compressors' selections and a pruner's masks go by the parameter's row-major order, as in
+    GradientSync, which makes each gradient contiguous. Empty where every slot is row-major."""
+    slots, offset = [], 0
+    for p in params:
+        if not p.is_contiguous() and _dense(p):
+            slots.append((offset, p.shape, p.stride()))
+        offset += p.numel()
+    return slots
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s strides cover its numel elements once each (DDP's test for giving a
+    bucket slot the parameter's strides)."""
+    expected = 1
+    for size, stride in sorted(
+        ((n, st) for n, st in zip(t.shape, t.stride()) if n != 1), key=lambda d: d[1]
+    ):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _reordered(flat: torch.Tensor, slots: list, to_rows: bool) -> torch.Tensor:
+    """Rewrite ``slots`` of the 1-D ``flat`` in place, from memory order to row-major order
+    (``to_rows``) or back; returns ``flat``."""
+    for offset, shape, stride in slots:
+        rows = flat[offset : offset + math.prod(shape)].view(shape)
+        memory = torch.as_strided(flat, shape, stride, flat.storage_offset() + offset)
+        if to_rows:
+            rows.copy_(memory.clone())
+        else:
+            memory.copy_(rows.clone())
+    return flat
 
 
 def _error_of(fut: torch.futures.Future) -> BaseException | None:
