@@ -1064,6 +1064,9 @@ def _allreduce_disagreements(rank: int, world: int) -> dict:
             torch.ones(2),
             torch.ones(2, dtype=torch.float64 if rank == 0 else torch.float32),
         ],
+        # refused on rank 1 only: rank 0 had waited in the allreduce until the timeout
+        "sparse": [torch.ones(2).to_sparse() if rank == 1 else torch.ones(2)],
+        "meta": [torch.ones(2, device="meta" if rank == 1 else "cpu")],
     }
     errors = _errors_of(allreduce_sum, cases)
     return {"sum": [t.tolist() for t in out], "sent": sent, "max": peak[0].tolist(),
@@ -1083,3 +1086,9 @@ def test_allreduce_sum_and_max_refuse_ranks_that_pass_other_tensors_on_every_ran
             assert mixed.startswith("TypeError: summable payload tensors must share one dtype")
         else:
             assert "another rank's tensors are refused (see its error)" in mixed
+        sparse, meta = res["errors"]["sparse"], res["errors"]["meta"]
+        if rank == 1:
+            assert sparse.startswith("TypeError: allreduce_sum takes dense (torch.strided)")
+            assert meta.startswith("ValueError: allreduce_sum takes tensors on one device that")
+        else:
+            assert "another rank's tensors are refused" in sparse and meta == sparse

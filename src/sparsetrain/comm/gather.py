@@ -83,6 +83,16 @@ def _allreduce(
         )
     elif tensors[0].dtype == torch.bool:  # (summed, bools are a logical or)
         error = TypeError(f"allreduce_{op} takes numbers, got bool tensors; convert them first")
+    elif any(t.layout != torch.strided for t in tensors):
+        error = TypeError(
+            f"allreduce_{op} takes dense (torch.strided) tensors, got layouts "
+            f"{sorted({str(t.layout) for t in tensors})}; pass t.to_dense()"
+        )
+    elif len({t.device for t in tensors}) != 1 or tensors[0].device.type == "meta":
+        error = ValueError(
+            f"allreduce_{op} takes tensors on one device that hold data, got devices "
+            f"{sorted({str(t.device) for t in tensors})}"
+        )
     world = world_of(group)
     checked = 0
     if check and world > 1:
