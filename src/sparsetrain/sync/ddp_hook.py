@@ -343,7 +343,7 @@ class SyncState:
         names: list[str],
         shapes: list[torch.Size],
         last: bool,
-        slots: list,
+        slots: list | tuple = (),
     ) -> torch.futures.Future:
         """A step after a load, before DDP has rebuilt its buckets: hold them until the last one,
         then exchange the saved groups of parameters (in their order) and write the results into
