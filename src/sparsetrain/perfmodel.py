@@ -404,12 +404,13 @@ def _few_ints(p: int, round_bytes: Callable[[int], float]) -> Cost:
     return cost
 
 
-def _agreement(p: int, options: int = 0, told: bool = False) -> Cost:
+def _agreement(p: int) -> Cost:
     """The input agreement every sparse collective except the allgather baseline starts with
     (:func:`_few_ints`); in the log2 p form each round carries the running minima and maxima of
-    the 5 + ``options`` checked ints and, with ``told`` (an int for every peer, such as the
-    split's sizes), the ints Bruck's index algorithm moves that round (about p / 2)."""
-    return _few_ints(p, lambda d: 8 * (2 * (5 + options) + (_with_bit(p, d) if told else 0)))
+    the ``p2p.AGREE_HEAD`` checked ints (a collective's options as one code) and the ints for
+    every peer (such as the split's sizes; zeros where a collective tells none) that Bruck's
+    index algorithm moves that round (about p / 2): the same messages for every collective."""
+    return _few_ints(p, lambda d: 8 * (2 * p2p.AGREE_HEAD + _with_bit(p, d)))
 
 
 def _gather_ints(p: int, width: int) -> Cost:
@@ -549,7 +550,7 @@ def _split_phase(q: Problem, adaptive: bool) -> tuple[Cost, float, bool]:
     dense_in = adaptive and q.k / q.numel >= delta  # (k: at least one entry)
     per_peer = (q.numel / p * q.value_bytes) if dense_in else (k / p * q.entry_bytes)
     cost = (
-        _agreement(p, told=True)  # which carries the sizes of the split
+        _agreement(p)  # which carries the sizes of the split
         + _check(q, 2)  # before the split, and in the agreement
         + _order(q)  # into ranges
         + _p2p(p - 1, (p - 1) * per_peer)  # payloads in rotating order
@@ -632,12 +633,6 @@ def dsar(q: Problem) -> Cost:
     return cost + _allgather_ranges(q, reduced, dense_out)
 
 
-# The ints Ok-Topk's agreement checks beyond the input's own (its options and per-key state:
-# k, the two periods, the residuals' keeper, the step, whether edges and a threshold are saved,
-# the length and ranks the state is for, and checksums of the edges and the threshold).
-OKTOPK_AGREED = 11
-
-
 @register_model("oktopk")
 def oktopk(q: Problem) -> Cost:
     """Ok-Topk: balanced split-reduce, global top-k by estimated threshold, allgatherv.
@@ -664,7 +659,7 @@ def oktopk(q: Problem) -> Cost:
     selected = k / p
     reduced = q.union(p) / p
     return (
-        _agreement(p, options=OKTOPK_AGREED, told=True)  # which carries the split's sizes
+        _agreement(p)  # which carries the split's sizes
         + _check(q, 2)
         + _order(q, passes=2)  # coalesce, split
         + _local(q, p, sparse=(p - 1) / p * k)  # the messages' packed copies
@@ -698,7 +693,7 @@ def gtopk(q: Problem) -> Cost:
     p, k = q.world, q.k
     ib, vb, eb = q.index_bytes, q.value_bytes, q.entry_bytes
     L = _log2ceil(p)
-    cost = _agreement(p, options=1) + _check(q) + _order(q) + _local(q, p, sparse=k)
+    cost = _agreement(p) + _check(q) + _order(q) + _local(q, p, sparse=k)
     cost += _fresh(q, p, k * ib, k * vb)  # the copies
     # a message: zeroed index and value slots, their concatenation; its receive buffer
     message = (k * ib, k * vb, k * eb, k * eb)

@@ -15,6 +15,8 @@ use, forced here on 2 to 8 ranks.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -34,6 +36,7 @@ from tests.unit.test_compressors import RANK_ORDER_SUM, RANK_ORDER_VALUES
 
 EXACT = ("allgather", "ssar_rd", "ssar_split", "dsar")
 ALL = (*EXACT, "gtopk", "oktopk")
+POINT_TO_POINT = ALL[1:]  # all but the allgather baseline, which checks in a library all_gather
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2}
 
 
@@ -316,6 +319,12 @@ def _cases(rank: int, world: int, group) -> dict:
     cases["split_vs_dsar"] = lambda: get_collective("ssar_split" if rank == 0 else "dsar")(
         idx, val, 100, group=group
     )
+    # Any two point-to-point collectives: their first messages had other sizes (gloo aborted
+    # the receiving process, or both waited until the timeout).
+    for a, b in itertools.combinations(POINT_TO_POINT, 2):
+        cases[f"mixed_{a}_{b}"] = lambda a=a, b=b: get_collective(a if rank == 0 else b)(
+            idx, val, 100, group=group
+        )
     # Tensors on a device no backend of the group moves (gloo: CPU and CUDA; "meta" stands in
     # for another accelerator's): an error on every rank, not a crash on one and a hang.
     for name in ALL:
@@ -494,6 +503,10 @@ def test_sparse_collectives(world, form, by_form):
             ), (name, text)
         mine = "ssar_split" if r == 0 else "dsar"
         assert f"call different collectives here (this rank: {mine!r})" in errs["split_vs_dsar"][1]
+        for a, b in itertools.combinations(POINT_TO_POINT, 2):
+            mine = a if r == 0 else b
+            text = errs[f"mixed_{a}_{b}"][1]
+            assert f"call different collectives here (this rank: {mine!r})" in text, (a, b, text)
         # The allgather baseline checks as the others do, in its size header.
         assert "numel differs" in errs["allgather_numel"][1]
         assert "dtypes differ" in errs["allgather_dtype"][1]
@@ -582,7 +595,8 @@ def _few_ints(rank: int, world: int) -> dict:
             floats.tolist(),
             torch.signbit(zeros).tolist(),
         )
-        # The bytes each sends, for the cost model: with and without per-peer ints, a gather.
+        # The bytes each sends, for the cost model: with and without per-peer ints (the same),
+        # a gather.
         out[form]["bytes"] = []
         for call in (
             lambda w: w.agree(idx, val, 10, options={"o": 3}, tell=tell),
@@ -633,15 +647,14 @@ def test_few_int_exchanges_take_log2_p_rounds_in_the_tree_form(world, tmp_path):
 
     saved, p2p.TREE_FROM = p2p.TREE_FROM, 2
     try:
-        modelled = [
-            pm._agreement(world, options=1, told=True).bytes,
-            pm._agreement(world, options=1).bytes,
-            pm._gather_ints(world, 3).bytes,
-        ]
+        agreement = pm._agreement(world).bytes
+        modelled = [agreement, agreement, pm._gather_ints(world, 3).bytes]
     finally:
         p2p.TREE_FROM = saved
+    # With per-peer ints or without, the agreement sends the same: ranks that call different
+    # collectives meet messages of one size.
     assert all(res["tree"]["bytes"] == modelled for res in results), modelled
-    assert modelled[0] > modelled[1]  # without per-peer ints the messages are shorter
+    assert all(res["direct"]["bytes"][0] == res["direct"]["bytes"][1] for res in results)
 
 
 def _rank_order(rank: int, world: int) -> list[float]:

@@ -172,11 +172,11 @@ def test_oktopk_volume_is_under_six_k_and_independent_of_ranks():
     for p in (4, 64, 1024):
         c = pm.cost("oktopk", world=p, numel=1_000_000, density=k / 1_000_000)
         # From TREE_FROM ranks on, the few-int exchanges' bytes count too: each round of the
-        # agreement carries the minima and maxima of the 5 + 11 checked ints and the p/2
-        # per-peer sizes Bruck's algorithm moves, each round of the count gather 4 ints of
+        # agreement carries the minima and maxima of the 6 checked ints and the p/2 per-peer
+        # sizes Bruck's algorithm moves, each round of the count gather 4 ints of
         # min(d, p - d) ranks; all int64.
         rounds = [1 << i for i in range((p - 1).bit_length())]
-        few = 8 * sum(32 + p // 2 + 4 * min(d, p - d) for d in rounds) if p >= 32 else 0
+        few = 8 * sum(12 + p // 2 + 4 * min(d, p - d) for d in rounds) if p >= 32 else 0
         elements = (c.bytes - few) / 4  # an index and a value are two 4-byte elements
         assert elements == pytest.approx(4 * (p - 1) / p * k)
         assert c.bytes / 4 < 6 * k
@@ -609,20 +609,16 @@ def test_a_density_below_one_entry_is_priced_as_one_entry():
     assert pm.Problem(8, 1000, 1e-6).union(8) == pytest.approx(pm.Problem(8, 1000, 1e-3).union(8))
 
 
-def test_the_oktopk_model_counts_the_ints_its_agreement_checks(monkeypatch):
-    """The model's agreement messages carry as many ints as Ok-Topk's agreement checks (it had
-    counted 7 after the agreement had grown to 11)."""
-    import torch
+def test_the_model_prices_the_agreement_every_collective_sends():
+    """Every point-to-point collective's agreement sends AGREE_HEAD ints and one for every peer,
+    whatever its options (so that ranks calling different collectives meet messages of one
+    size; tests/distributed/test_sparse_collectives.py): in the log2 p form, each round the
+    minima and maxima of the head and the per-peer ints Bruck's index algorithm moves."""
+    from sparsetrain.comm import p2p
 
-    from sparsetrain.comm import get_collective, p2p
-
-    seen = []
-    agree = p2p.Wire.agree
-
-    def recording(self, *args, options=None, **kwargs):
-        seen.append(len(options or {}))
-        return agree(self, *args, options=options, **kwargs)
-
-    monkeypatch.setattr(p2p.Wire, "agree", recording)
-    get_collective("oktopk")(torch.tensor([1, 5]), torch.tensor([1.0, -2.0]), 10)
-    assert seen == [pm.OKTOPK_AGREED]
+    p = 64
+    tree = pm._agreement(p)
+    rounds = [1 << i for i in range(6)]
+    assert tree.bytes == 8 * sum(2 * p2p.AGREE_HEAD + pm._with_bit(p, d) for d in rounds)
+    assert tree.messages == 6
+    assert pm._agreement(8).messages == 7 and pm._agreement(8).bytes == 0  # direct: bytes left out

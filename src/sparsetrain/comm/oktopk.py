@@ -385,8 +385,7 @@ class OkTopk(SparseCollective):
             numel,
             self.k,
             options=same,
-            # a mapping on every rank (empty where the split is not known yet): the
-            # agreement's messages must have the same shape on all ranks
+            # (empty where the split is not known yet)
             tell={q: buf.numel() for q, buf in sends.items()} if sends is not None else {},
         )
         if numel > (2**63 - 1) // p:  # (numel is the same on every rank, after the agreement)

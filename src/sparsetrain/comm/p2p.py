@@ -65,6 +65,11 @@ class Traffic:
 # form with few_int_form, or bench cluster's --few-ints.
 TREE_FROM = 32
 
+# The ints of every collective's input agreement (Wire.agree), the same for all of them: numel,
+# the count (or k), a refusal flag, the dtypes with the collective's name, the key, and a code
+# of the collective's options.
+AGREE_HEAD = 6
+
 
 # The longest vector Wire.allreduce reduces by recursive doubling rather than by the library
 # (a histogram or a few counts; a long vector's ring moves far fewer bytes a rank).
@@ -407,13 +412,17 @@ class Wire:
             options: integers that must be equal on every rank (a collective's options and
                 per-key state, such as its step counter), by name for the error message.
             tell: one int for each peer (for example how much this rank will send it), carried
-                by the same messages; peers missing from it are told 0. A call site either
-                always passes a mapping (possibly empty) or never does, on every rank: with
-                None the messages are shorter, and nothing is heard.
+                by the same messages; peers missing from it are told 0 (and all of them
+                without ``tell``: the messages have the same size in every call).
 
         Returns the largest entry count over ranks (or ``k`` when given): the k that selecting
         collectives keep, identical on all ranks; and, by peer, the int each peer told this
         rank (empty without ``tell``).
+
+        Every call sends ``AGREE_HEAD`` ints and one for each peer, so ranks that call
+        different collectives here are told so on every rank rather than meeting messages of
+        another size; ``options`` travel as one code, and their values in a second exchange
+        only where the codes differ, to name them.
 
         Raises:
             TypeError, ValueError: on every rank, when any rank's input is bad or the ranks
@@ -426,24 +435,30 @@ class Wire:
         count = (indices.numel() if ok else 0) if k is None else k
         kinds = call_codes(indices, values, self.name, self.key) if ok else (0, 0)
         opts = [int(v) for v in (options or {}).values()]
-        head = [n, count, int(not ok), *kinds, *opts]
-        told = None
-        if tell is not None:
-            told = {q: int(tell.get(q, 0)) for q in range(self.world) if q != self.rank}
+        # The same AGREE_HEAD ints and an int for every peer from every collective, whatever
+        # its options and whether it tells: ranks that call different collectives then meet
+        # in messages of one size (of others, gloo aborts the receiving process) and are told
+        # so on every rank. The options go as one code; their values only where codes differ.
+        head = [n, count, int(not ok), *kinds, _crc(repr(list(zip(options or {}, opts))))]
+        told = {q: int((tell or {}).get(q, 0)) for q in range(self.world) if q != self.rank}
         if uses_tree(self.world):
             lows, highs, heard = self._disseminate(head, told)
         else:
             rows = self.allgather_ints(head, extra=told)
-            columns = list(zip(*(row[: len(head)] for row in rows)))
+            columns = list(zip(*(row[:AGREE_HEAD] for row in rows)))
             lows, highs = [min(c) for c in columns], [max(c) for c in columns]
-            heard = {q: rows[q][len(head)] for q in told} if told is not None else {}
+            heard = {q: rows[q][AGREE_HEAD] for q in told}
         kmax, bad = highs[1], highs[2] > 0
         raise_disagreement(error, self.rank, bad, (lows[0], highs[0]), (lows[3:5], highs[3:5]),
                            indices, values, self.name, self.key)  # fmt: skip
+        if lows[5] == highs[5]:
+            return int(kmax), heard if tell is not None else {}
+        # The same collective (its code agreed) with other options: their values, to name them.
+        rows = self.allgather_ints(opts)
         differ = [
-            f"{name} (between {lo} and {hi})"
-            for name, lo, hi in zip(options or {}, lows[5:], highs[5:])
-            if lo != hi
+            f"{name} (between {min(column)} and {max(column)})"
+            for name, column in zip(options or {}, zip(*rows))
+            if min(column) != max(column)
         ]
         if differ:
             raise ValueError(
@@ -451,14 +466,13 @@ class Wire:
                 "with the same options on every rank, load the same state on every rank (or on "
                 "none), and give each group of ranks keys of its own"
             )
-        return int(kmax), heard
+        raise AssertionError("the options' codes differ where their values agree")
 
     def _disseminate(
-        self, head: Sequence[int], told: Mapping[int, int] | None
+        self, head: Sequence[int], told: Mapping[int, int]
     ) -> tuple[list[int], list[int], dict[int, int]]:
         """The agreement in ceil(log2 p) rounds: return the smallest and the largest value of
-        each ``head`` entry over all ranks, and the int each peer told this rank (none when
-        ``told`` is None, which must then hold on every rank: the messages are shorter).
+        each ``head`` entry over all ranks, and the int each peer told this rank.
 
         In the round of distance d (1, 2, 4, ...) this rank sends to rank + d and receives from
         rank - d, in one message: the smallest and largest heads it has seen, which then cover
@@ -472,7 +486,7 @@ class Wire:
         lows = torch.tensor(head, dtype=torch.int64, device=self.device)
         highs = lows.clone()
         slots = torch.tensor(
-            [told.get((r + j) % p, 0) if j else 0 for j in range(p)] if told is not None else [],
+            [told.get((r + j) % p, 0) if j else 0 for j in range(p)],
             dtype=torch.int64,
             device=self.device,
         )
@@ -487,8 +501,6 @@ class Wire:
             highs = torch.maximum(highs, got[src][width : 2 * width])
             slots[moving] = got[src][2 * width :]
             d *= 2
-        if told is None:
-            return lows.tolist(), highs.tolist(), {}
         slots_list = slots.tolist()
         return lows.tolist(), highs.tolist(), {(r - j) % p: slots_list[j] for j in range(1, p)}
 
