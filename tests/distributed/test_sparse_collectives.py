@@ -781,6 +781,12 @@ def test_options_are_checked_at_construction():
         get_collective("gtopk", k=-3)
     with pytest.raises(ValueError, match="residuals must be one of 'local', 'owner', got 'own'"):
         get_collective("oktopk", residuals="own")
+    # NumPy integers, as numel takes them (k had been refused), kept as ints
+    import numpy as np
+
+    assert get_collective("gtopk", k=np.int64(5)).k == 5
+    ok = get_collective("oktopk", k=np.int64(5), threshold_every=np.int32(3))
+    assert (type(ok.k), type(ok.threshold_every)) == (int, int)
 
 
 def test_without_a_process_group_a_launched_process_is_told_to_start_one(monkeypatch):

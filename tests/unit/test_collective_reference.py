@@ -302,6 +302,10 @@ def test_oktopk_state_round_trips_exactly():
         ({"w": _oktopk_key_state(bounds=[0, 100])}, "bounds must be world"),
         ({"w": _oktopk_key_state(world=3, bounds=[0, 60, 40, 100])}, "bounds must be world"),
         ({"w": _oktopk_key_state(bounds=[0, 50, 99])}, "bounds must be world"),
+        # a negative threshold kept every entry until the next estimate; NaN and Inf loaded
+        ({"w": _oktopk_key_state(threshold=-0.5)}, "threshold must be None or a finite number"),
+        ({"w": _oktopk_key_state(threshold=float("nan"))}, "finite number >= 0"),
+        ({"w": _oktopk_key_state(threshold=float("inf"))}, "finite number >= 0"),
     ],
 )
 def test_oktopk_refuses_a_malformed_state(bad, match):

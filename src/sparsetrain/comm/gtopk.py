@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -9,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .._options import plain
+from .._options import is_integer, plain
 from .p2p import Wire, as_dtype, coalesce, detached, device_of, merge
 from .registry import CollectiveResult, SparseCollective, register_collective
 
@@ -91,10 +92,10 @@ class GTopK(SparseCollective):
     exact: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        if self.k is not None and (
-            isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1
-        ):
-            raise ValueError(f"k must be a positive int or None, got {self.k!r}")
+        if self.k is not None:
+            if not is_integer(self.k, 1):
+                raise ValueError(f"k must be a positive int or None, got {self.k!r}")
+            self.k = operator.index(self.k)  # (a NumPy integer as an int)
 
     def __call__(
         self,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 import struct
 import zlib
 from collections.abc import Mapping
@@ -35,9 +36,11 @@ _NONFINITE = (
 )
 
 
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+def _positive_int(name: str, value: Any) -> int:
+    """``value`` as an int (a Python or NumPy integer), or a ValueError naming ``name``."""
+    if not is_integer(value, 1):
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return operator.index(value)
 
 
 def repartition(wire: Wire, idx: Tensor, numel: int) -> list[int]:
@@ -309,10 +312,10 @@ class OkTopk(SparseCollective):
     _per_key: ClassVar[tuple[str, ...]] = ("_keys", "_stats")  # state by bucket key
 
     def __post_init__(self) -> None:
-        _positive_int("repartition_every", self.repartition_every)
-        _positive_int("threshold_every", self.threshold_every)
+        self.repartition_every = _positive_int("repartition_every", self.repartition_every)
+        self.threshold_every = _positive_int("threshold_every", self.threshold_every)
         if self.k is not None:
-            _positive_int("k", self.k)
+            self.k = _positive_int("k", self.k)
         if not isinstance(self.residuals, str) or self.residuals not in RESIDUALS:
             raise ValueError(
                 f"residuals must be one of {', '.join(map(repr, RESIDUALS))}, "
@@ -567,11 +570,14 @@ class OkTopk(SparseCollective):
                     f"{bounds!r:.200}"
                 )
             if threshold is not None and (
-                isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                isinstance(threshold, bool)
+                or not isinstance(threshold, (int, float))
+                or not math.isfinite(threshold)
+                or threshold < 0
             ):
                 raise ValueError(
-                    f"OkTopk state for key {key!r}: threshold must be None or a number, got "
-                    f"{threshold!r}"
+                    f"OkTopk state for key {key!r}: threshold must be None or a finite number "
+                    f">= 0 (a magnitude), got {threshold!r}"
                 )
             for name in ("step", "numel", "world"):
                 if not is_integer(s[name], 0):
