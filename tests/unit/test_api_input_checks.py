@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 
 import numpy as np
 import pytest
@@ -330,7 +331,17 @@ def test_step_counter_states_saved_without_a_name_still_load(name):
         (
             "threshold",
             {"k": {"threshold": "0.1", "slope": 1.0, "step": 2, "last_estimate": 1}},
-            "threshold must be a number",
+            "threshold must be a finite number",
+        ),
+        (
+            "threshold",
+            {"k": {"threshold": math.nan, "slope": 1.0, "step": 2, "last_estimate": 1}},
+            "threshold must be a finite number, got nan",
+        ),
+        (
+            "threshold",
+            {"k": {"threshold": 0.1, "slope": math.inf, "step": 2, "last_estimate": 1}},
+            "slope must be a finite number, got inf",
         ),
         (
             "threshold",

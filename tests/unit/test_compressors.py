@@ -543,6 +543,34 @@ def test_sparse_aggregate_sums_half_payloads_in_float32():
     assert total.tolist() == [80000.0, 0.0, 80000.0, 0.0]
 
 
+def test_qsgd_decodes_half_payloads_in_float32_where_their_levels_pass_its_range():
+    """A rank's QSGD levels reach norm / s, past float16's range for a gradient of 25,000
+    everywhere in a bucket of 512 (80,812), while the average with a rank of zeros (40,406)
+    fits: each payload was cast to float16 (Inf) before the float32 sum, and the step dropped."""
+    grads = [torch.full((512,), 25000.0, dtype=torch.float16), torch.zeros(512).half()]
+    payloads = []
+    for seed, g in enumerate(grads):
+        payload, ctx = make("qsgd", levels=7, bucket_size=512, seed=seed).compress(g, key="b")
+        payloads.append(payload)
+    c = make("qsgd", levels=7, bucket_size=512)
+    average = c.aggregate(payloads, ctx) / 2
+    assert average.dtype == torch.float32 and bool(torch.isfinite(average).all())
+    assert 0 < float(average.max()) < 65504
+    wide = c.decompress_wide(payloads[0], ctx)
+    assert wide.dtype == torch.float32 and torch.equal(c.decompress(payloads[0], ctx), wide.half())
+
+
+def test_threshold_kept_past_the_half_range_selects_as_its_largest_value_does():
+    """The engine rescales kept thresholds with a growing loss scale (or a state is loaded):
+    past float16's 65504 the next compress of a float16 tensor raised in hardshrink."""
+    c = make("threshold", density=0.1)
+    g = torch.randn(1000, generator=torch.Generator().manual_seed(0)).mul(15000).clamp(-6e4, 6e4)
+    c.compress(g.half(), key="w")
+    c.rescale(1e6)
+    (idx, values), _ = c.compress(g.half(), key="w")  # nothing above 65504: estimated again
+    assert 90 <= idx.numel() <= 110 and float(values.abs().min()) > 10000
+
+
 def test_powersgd_refuses_a_layout_that_does_not_cover_the_tensor():
     with pytest.raises(ValueError, match="layout covers 20 elements but the tensor has 21"):
         make("powersgd").compress(torch.randn(21), layout=[torch.Size([4, 5])])

@@ -279,6 +279,14 @@ class Compressor(abc.ABC):
         """Learn the number of ranks whose payloads will be combined (the sync layer calls it
         before the first step; alike on every rank)."""
 
+    def decompress_wide(self, payload: Payload, ctx: Any) -> Tensor:
+        """Decode this rank's payload (as :meth:`decompress`) in a dtype that holds what it
+        decodes to, where that can pass the gradient's range while the gradient does not
+        (QSGD's norm * level / s in float16): the sync layer's own decode and
+        :meth:`aggregate`'s terms, which the average brings back into range. By default
+        :meth:`decompress`."""
+        return self.decompress(payload, ctx)
+
     def decompress_sum(self, payload: Payload, ctx: Any) -> Tensor:
         """Decode the sum over ranks of the last round's payloads (summable wires), which the
         sync layer divides by the number of ranks next: in a wider dtype than the gradient's
@@ -295,10 +303,10 @@ class Compressor(abc.ABC):
         """Return the sum over ranks of the decompressed payloads (gathered wires), in the work
         dtype (float32 for float16 and bfloat16, whose sum could overflow or round where the
         average, which the sync layer takes next, would not)."""
-        first = self.decompress(payloads[0], ctx)
+        first = self.decompress_wide(payloads[0], ctx)
         out = first.to(work_dtype(first.dtype), copy=True)
         for p in payloads[1:]:
-            out += self.decompress(p, ctx)
+            out += self.decompress_wide(p, ctx)
         return out
 
     # ---- options and state -------------------------------------------------------------

@@ -121,11 +121,17 @@ class QSGD(Compressor):
         return (norms, pack_bits(codes, self.bits)), TensorMeta.of(t)
 
     def decompress(self, payload: Payload, ctx: TensorMeta) -> Tensor:
+        return self.decompress_wide(payload, ctx).to(ctx.dtype)
+
+    def decompress_wide(self, payload: Payload, ctx: TensorMeta) -> Tensor:
+        """The decoded entries in the norms' dtype (float32 for half gradients): norm * l / s
+        reaches sqrt(bucket_size) / s times the bucket's largest magnitude, past float16's
+        range where the gradient and the ranks' average are within it."""
         norms, packed = payload
         rows, size = bucket_shape(ctx.numel, self.bucket_size)
         codes = unpack_bits(packed, self.bits, rows * size).view(rows, size)
         out = codes.to(norms.dtype).sub_(self.levels).mul_((norms / self.levels)[:, None])
-        return out.view(-1)[: ctx.numel].to(ctx.dtype).view(ctx.shape)
+        return out.view(-1)[: ctx.numel].view(ctx.shape)
 
     def state_dict(self) -> dict[str, Any]:
         """Return the per-key step counters (they seed the rounding)."""

@@ -162,10 +162,11 @@ class Threshold(SparseCompressor):
         def mark(offset: int, piece: Tensor) -> None:
             if self._scratch is None or self._scratch.dtype != piece.dtype:
                 self._scratch = torch.empty(_CPU_CHUNK, dtype=piece.dtype)
+            within = min(threshold, float(torch.finfo(piece.dtype).max))  # (as compress does)
             for a in range(0, piece.numel(), _CPU_CHUNK):
                 part = piece[a : a + _CPU_CHUNK]
                 scratch = self._scratch[: part.numel()]
-                torch.hardshrink(part, threshold, out=scratch)
+                torch.hardshrink(part, within, out=scratch)
                 mask[offset + a : offset + a + part.numel()].copy_(scratch)
 
         return mark
@@ -226,7 +227,11 @@ class Threshold(SparseCompressor):
         if fresh:
             threshold, slope = self._estimate(flat, k, key, step)
         else:
-            threshold, slope = st.threshold, st.slope
+            # At most the dtype's largest value, which keeps what any larger one would: a kept
+            # threshold rescaled past float16's range by a growing loss scale (or loaded) could
+            # not be compared with the tensor (hardshrink refuses it).
+            threshold = min(st.threshold, float(torch.finfo(flat.dtype).max))
+            slope = st.slope
         premarked = (
             not fresh and marked is not None and marked == threshold and flat.device.type == "cpu"
         )
@@ -424,9 +429,14 @@ class Threshold(SparseCompressor):
                 )
             threshold, slope = s["threshold"], s["slope"]
             for name, value in (("threshold", threshold), ("slope", slope)):
-                if not isinstance(value, (int, float)) or isinstance(value, bool):
+                if (
+                    not isinstance(value, (int, float))
+                    or isinstance(value, bool)
+                    or not math.isfinite(value)
+                ):
                     raise ValueError(
-                        f"threshold state for key {key!r}: {name} must be a number, got {value!r}"
+                        f"threshold state for key {key!r}: {name} must be a finite number, got "
+                        f"{value!r}"
                     )
             if threshold < 0:
                 raise ValueError(

@@ -912,10 +912,10 @@ class SyncEngine:
                 payload, ctx = comp.next_round(tuple(reduced), ctx)
                 self.counters["compress_seconds"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            # A summable payload's own decode is in the wider dtype too (PowerSGD's P_hat Q^T
-            # can pass float16's range where the gradient does not); the residual update
-            # casts back to the gradient's dtype.
-            decode = comp.decompress_sum if comp.summable else comp.decompress
+            # The own decode is in the wider dtype too (PowerSGD's P_hat Q^T, QSGD's levels
+            # times the norm, can pass float16's range where the gradient does not); the
+            # residual update casts back to the gradient's dtype.
+            decode = comp.decompress_sum if comp.summable else comp.decompress_wide
             mine = share = decode(payload, ctx).reshape(-1)
             if divisor == 1:  # (world > 1) in float32 for half gradients: the share fits,
                 mine = mine.to(work_dtype(mine.dtype)) * world  # world times it may not
