@@ -528,6 +528,15 @@ def test_powersgd_warm_start_from_a_non_finite_step_falls_back_to_the_first_draw
     assert_close(roundtrip(c, g), roundtrip(fresh, g), rtol=0, atol=0)
 
 
+def test_powersgd_warm_start_from_an_all_zero_step_falls_back_to_the_first_draw():
+    """A zero gradient left Q = 0, so the next P = M Q was zero whatever M was and the step
+    sent the first row of M alone (rank 1)."""
+    c, fresh = make("powersgd", rank=1), make("powersgd", rank=1)
+    roundtrip(c, torch.zeros(16, 16))
+    g = torch.randn(16, 16, generator=torch.Generator().manual_seed(1))
+    assert_close(roundtrip(c, g), roundtrip(fresh, g), rtol=0, atol=0)
+
+
 def test_threshold_hits_buffer_is_never_longer_than_the_tensor():
     c = make("threshold", density=0.9, band=1e5)
     c.compress(torch.randn(10_000))

@@ -185,9 +185,16 @@ class PowerSGD(Compressor):
             return first
         # A Q left by a step whose gradient held Inf or NaN, or overflowed (a finite float32
         # gradient of 1e20 squares past float32's range in P = M Q), would make every later P
-        # non-finite: the first draw takes its place, chosen on the device (no sync).
+        # non-finite; one left by an all-zero gradient is all zero, and P = M Q would then be
+        # zero whatever M is (its orthogonalisation the unit vectors: the next step sent only
+        # the first r rows of M). The first draw takes their place, chosen on the device (no
+        # sync).
         return [
-            torch.where(torch.isfinite(q).all(), q.to(device=like.device, dtype=like.dtype), f)
+            torch.where(
+                torch.isfinite(q).all() & q.ne(0).any(),
+                q.to(device=like.device, dtype=like.dtype),
+                f,
+            )
             for q, f in zip(qs, first)
         ]
 
