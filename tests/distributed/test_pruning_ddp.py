@@ -209,3 +209,54 @@ def test_pruners_synchronise_masks_over_a_subgroup_without_global_rank_0(tmp_pat
 
     res = oks(run_world(_subgroups, 4, tmp_path, timeout=120))
     assert res[0] == res[1] and res[2] == res[3]
+
+
+class _Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
+        h = self.a(x)
+        return self.out(self.b(h) if use_b else h)
+
+
+def _rigl_unused(rank: int, world: int) -> dict:
+    from sparsetrain.pruning import get_pruner
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    net = _Branchy()
+    ddp = nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    pruner = get_pruner("rigl", sparsity=0.5, delta_t=2, end=10).prepare(ddp, opt)
+    g = torch.Generator().manual_seed(rank)
+    for step in range(4):
+        opt.zero_grad()
+        use_b = not (rank == 1 and step == 1)  # rank 1 leaves b out before the update at 2
+        ddp(torch.randn(4, 8, generator=g), use_b).sum().backward()
+        opt.step()
+        pruner.step(step)
+    # The forgotten step (no gradient captured on any rank): an error on every rank.
+    pruner._dense_grads = {}
+    try:
+        pruner.update(4, None)
+        forgotten = None
+    except ValueError as e:
+        forgotten = str(e)
+    return {
+        "masks": {n: m.flatten().tolist() for n, m in pruner.masks.items()},
+        "forgotten": forgotten,
+    }
+
+
+def test_rigl_updates_where_a_pruned_layer_was_unused_on_one_rank(tmp_path) -> None:
+    """A layer one rank's batch left out before an update step (DDP's find_unused_parameters)
+    has a zero gradient there, as DDP averages it: that rank had raised "no dense gradient"
+    while the other waited in RigL's allreduce."""
+    from .harness import oks, run_world
+
+    res = oks(run_world(_rigl_unused, 2, tmp_path, timeout=120))
+    assert res[0]["masks"] == res[1]["masks"]
+    for r in res:
+        assert r["forgotten"] and "no dense gradient for any weight" in r["forgotten"], r

@@ -535,3 +535,74 @@ def test_a_prepared_model_saves_and_copies_without_its_pruner() -> None:
         ema.load_state_dict({k: torch.ones_like(v) for k, v in ema.state_dict().items()})
         ema(x)
         assert all(bool((p == 1).all()) for p in ema.parameters()), when
+
+
+class _SparseEmbeddingNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.e = nn.Embedding(20, 8, sparse=True)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.e(x).mean(1))
+
+
+@pytest.mark.parametrize("method", ["magnitude", "rigl", "woodfisher"])
+def test_an_embedding_with_sparse_gradients_is_pruned_and_trains(method: str) -> None:
+    """nn.Embedding(sparse=True) gives sparse COO gradients: the gradient mask (masked_fill),
+    RigL's dense gradients and WoodFisher's Fisher samples raised on them at the first
+    backward or update, where the model trains without a pruner."""
+    torch.manual_seed(0)
+    net = _SparseEmbeddingNet()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    options = {
+        "magnitude": {"scope": "layer"},
+        "rigl": {"delta_t": 2, "end": 10},
+        "woodfisher": {"fisher_samples": 4, "scope": "layer"},
+    }
+    pruner = get_pruner(method, sparsity=0.5, **options.get(method, {})).prepare(net, opt)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 20, (16, 4), generator=g)
+    y = torch.randint(0, 3, (16,), generator=g)
+    loss_fn = nn.functional.cross_entropy
+    for step in range(6):
+        opt.zero_grad()
+        loss_fn(net(x), y).backward()
+        if step == 1:  # the gradient reaching the optimizer is masked, sparse as it came
+            grad = net.e.weight.grad
+            assert grad.is_sparse and not grad.to_dense()[~pruner.masks["e.weight"]].any()
+        opt.step()
+        closure = (lambda: loss_fn(net(x), y)) if method == "woodfisher" else None
+        pruner.step(step, closure)
+    if method != "rigl":
+        pruner.prune(0.5, closure)
+    mask = pruner.masks["e.weight"]
+    assert not mask.all() and not net.e.weight[~mask].any()
+
+
+def test_optimizer_state_of_a_wrapper_like_zero_is_cleared_at_pruned_weights() -> None:
+    """ZeroRedundancyOptimizer keeps its shard's state in .optim.state (its own .state is
+    empty): momentum stayed at every pruned weight and the next step moved them off zero."""
+
+    class Wrapper:  # as ZeroRedundancyOptimizer holds the optimizer it steps
+        def __init__(self, params) -> None:
+            self.optim = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+            self.param_groups, self.state = self.optim.param_groups, {}
+
+        def step(self) -> None:
+            self.optim.step()
+
+        def zero_grad(self) -> None:
+            self.optim.zero_grad()
+
+    model = _model()
+    opt = Wrapper(model.parameters())
+    pruner = get_pruner("magnitude", sparsity=0.5, scope="layer").prepare(model, opt)
+    _train(model, opt, pruner, 3)
+    pruner.prune(0.5)
+    x, y = _data()
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()  # masked: only momentum could move
+    opt.step()  # them, before the pruner's next step masks the weights again
+    for n, w in pruner._weights.items():
+        assert not w[~pruner.masks[n]].any(), n

@@ -498,10 +498,8 @@ class Pruner:
         for n, p in self._weights.items():
             pruned = ~self._masks[n]
             p.masked_fill_(pruned, 0.0)
-            if self._optimizer is not None:
-                for v in self._optimizer.state.get(p, {}).values():
-                    if isinstance(v, Tensor) and v.shape == p.shape:
-                        v.masked_fill_(pruned, 0)
+            for v in optimizer_state(self._optimizer, p):
+                v.masked_fill_(pruned, 0)
         if deferred and clear and self._clear_deferred:  # initial masks take effect now (RigL)
             self._clear_sync()
 
@@ -576,6 +574,13 @@ class Pruner:
             mask = self._masks[name]
             if mask.device != grad.device:  # the model was moved since the masks were made
                 mask = self._masks[name] = mask.to(grad.device)
+            if grad.is_sparse:  # nn.Embedding(sparse=True): rows of the weight, masked as rows
+                grad = grad.coalesce()
+                rows = grad.indices()[0]
+                kept = grad.values().masked_fill(~mask[rows], 0.0)
+                return torch.sparse_coo_tensor(
+                    grad.indices(), kept, grad.shape, is_coalesced=True, check_invariants=False
+                )
             return grad.masked_fill(~mask, 0.0)
 
         return hook
@@ -935,3 +940,22 @@ def get_pruner(name: str, **options: Any) -> Pruner:
     cls = pruner_class(name)
     check_options("pruner", name, options, [f.name for f in dataclasses.fields(cls)])
     return cls(**options)
+
+
+def optimizer_state(optimizer: Any, p: Tensor) -> list[Tensor]:
+    """The tensors of ``optimizer``'s state for ``p`` shaped as ``p`` (momentum, Adam's
+    moments): in ``optimizer.state``, or in the wrapped optimizer's state of a wrapper that
+    keeps none of its own (``ZeroRedundancyOptimizer`` keeps this rank's shard's state in
+    ``.optim.state``). Empty without an optimizer."""
+    if optimizer is None:
+        return []
+    state = optimizer.state.get(p) if hasattr(optimizer.state, "get") else None
+    inner = getattr(optimizer, "optim", None)
+    if not state and inner is not None and hasattr(getattr(inner, "state", None), "get"):
+        state = inner.state.get(p)
+    return [v for v in (state or {}).values() if isinstance(v, Tensor) and v.shape == p.shape]
+
+
+def dense(grad: Tensor) -> Tensor:
+    """``grad`` as a strided tensor (an ``nn.Embedding(sparse=True)`` gradient is sparse)."""
+    return grad.to_dense() if grad.is_sparse else grad

@@ -32,7 +32,16 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .._options import caller_stacklevel
-from .base import Closure, Pruner, _distributed, check_finite, closure_loss, register_pruner
+from .base import (
+    Closure,
+    Pruner,
+    _distributed,
+    check_finite,
+    closure_loss,
+    dense,
+    optimizer_state,
+    register_pruner,
+)
 from .masks import Masks, check_sparsity
 
 DISTRIBUTIONS = ("erk", "uniform")
@@ -194,10 +203,8 @@ class RigLPruner(Pruner):
                 # ... with zero optimizer state too: a gradient that reached them while they
                 # were pruned (mask_gradients=False, or a hook that makes the average dense)
                 # left momentum there, which _apply clears only where weights are pruned.
-                if self._optimizer is not None:
-                    for v in self._optimizer.state.get(w, {}).values():
-                        if isinstance(v, Tensor) and v.shape == w.shape:
-                            v.masked_fill_(grown[n], 0)
+                for v in optimizer_state(self._optimizer, w):
+                    v.masked_fill_(grown[n], 0)
         self._num_updates += 1
         self._dense_grads = {}
         self.set_masks(new)
@@ -239,20 +246,32 @@ class RigLPruner(Pruner):
                 self._stash = False
                 for p, g in zip(params, saved):
                     p.grad = g
-        missing = [n for n in self._weights if n not in self._dense_grads]
-        if missing:
+        names = list(self._weights)
+        # A weight the step's backward did not reach (a layer unused on this rank, under
+        # DDP's find_unused_parameters) has a zero gradient, as DDP averages it; a rank that
+        # captured none at all says so in the allreduce, so that every rank raises alike
+        # where none captured any (pruner.step not called before the update).
+        none = not any(n in self._dense_grads for n in names)
+        grads = [
+            dense(self._dense_grads[n]).detach().float()
+            if n in self._dense_grads
+            else torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+            for n, w in self._weights.items()
+        ]
+        if _distributed():
+            flag = torch.tensor([float(none)], device=grads[0].device)
+            flat = torch.cat([g.reshape(-1) for g in grads] + [flag])
+            dist.all_reduce(flat, group=self._group)
+            world = dist.get_world_size(self._group)
+            none = int(flat[-1]) == world
+            flat = flat[:-1] / world
+            grads = list(flat.split([g.numel() for g in grads]))
+        if none:
             raise ValueError(
-                f"RigL update at step {self._step} has no dense gradient for {missing}: call "
+                f"RigL update at step {self._step} has no dense gradient for any weight: call "
                 "pruner.step(i) after every optimizer step (the hook captures the gradient of the "
                 "backward before an update step), or pass closure= returning a loss"
             )
-        names = list(self._weights)
-        grads = [self._dense_grads[n].detach().float() for n in names]
-        if _distributed():
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=self._group)
-            flat /= dist.get_world_size(self._group)
-            grads = list(flat.split([g.numel() for g in grads]))
         if closure is not None:  # (a training step's are as training made them)
             check_finite(grads, "rigl", "the closure's dense gradients that choose regrowth")
         return {n: g.view(self._weights[n].shape) for n, g in zip(names, grads)}

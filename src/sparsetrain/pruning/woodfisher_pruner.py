@@ -18,6 +18,7 @@ from .base import (
     check_finite,
     check_flag,
     closure_loss,
+    dense,
     register_pruner,
 )
 from .masks import Masks
@@ -114,7 +115,7 @@ class WoodFisherPruner(ScheduledPruner):
                 with torch.enable_grad():
                     closure_loss(closure, "woodfisher").backward()
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-                pending.append(self._layout.to_blocks([g.detach().float() for g in grads]))
+                pending.append(self._layout.to_blocks([dense(g).detach().float() for g in grads]))
                 if len(pending) == self.chunk or i == self.fisher_samples - 1:
                     samples = self._gather(torch.stack(pending))
                     check_finite([samples], "woodfisher", "the Fisher's gradient samples")
