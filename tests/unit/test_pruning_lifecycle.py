@@ -606,3 +606,29 @@ def test_optimizer_state_of_a_wrapper_like_zero_is_cleared_at_pruned_weights() -
     opt.step()  # them, before the pruner's next step masks the weights again
     for n, w in pruner._weights.items():
         assert not w[~pruner.masks[n]].any(), n
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_transposed_convolutions_are_pruned_along_their_own_channels(groups: int) -> None:
+    """A transposed convolution's weight is (in, out / groups, *kernel): N:M grouped its output
+    channels (ConvTranspose2d(8 -> 6) was refused: "6 is not divisible by 4") and structured
+    pruning removed input channels."""
+
+    def by_output_channel(mask: torch.Tensor, c_in: int, c_out: int) -> torch.Tensor:
+        # (out, in / groups, kH * kW): each output channel with its group's input channels
+        grouped = mask.reshape(groups, c_in // groups, c_out // groups, -1).transpose(1, 2)
+        return grouped.reshape(c_out, c_in // groups, -1)
+
+    torch.manual_seed(0)
+    nm = get_pruner("nm", params=["0.weight"])
+    model = nn.Sequential(nn.ConvTranspose2d(8, 6, 3, groups=groups))
+    mask = nm.prepare(model).prune()["0.weight"]
+    kept = by_output_channel(mask, 8, 6).transpose(1, 2).reshape(-1, 4).sum(1)
+    assert kept.unique().tolist() == [2]  # 2 of every 4 input channels, at each output, position
+    structured = get_pruner("structured", sparsity=0.5, params=["0.weight"], scope="layer")
+    model = nn.Sequential(nn.ConvTranspose2d(4, 8, 3, groups=groups))
+    channels = by_output_channel(structured.prepare(model).prune()["0.weight"], 4, 8)
+    per_channel = channels.reshape(8, -1).sum(1).tolist()
+    assert sorted(per_channel) == [0] * 4 + [channels[0].numel()] * 4  # whole output channels
+    with pytest.raises(ValueError, match="6 input channels a group along dimension 0"):
+        get_pruner("nm", params=["0.weight"]).prepare(nn.Sequential(nn.ConvTranspose2d(6, 8, 3)))

@@ -7,10 +7,60 @@ Mishra et al., 2021), so they need no data and give the same masks on every rank
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .base import Closure, ScheduledPruner, register_pruner
+from torch import Tensor, nn
+
+from .base import Closure, Pruner, ScheduledPruner, register_pruner
 from .masks import Masks, check_nm, check_sparsity, masks, nm_shape_problem
+
+
+def transposed_groups(pruner: Pruner) -> dict[str, int]:
+    """The pruned weights of transposed convolutions, by name, with their ``groups``: such a
+    weight is stored ``(in, out / groups, *kernel)``, its output channels along dimension 1."""
+    found = {}
+    modules = [
+        m for m in pruner._model.modules() if isinstance(m, nn.modules.conv._ConvTransposeNd)
+    ]
+    for name, w in pruner._weights.items():
+        for m in modules:
+            if m.weight is w:
+                found[name] = m.groups
+    return found
+
+
+def as_conv(w: Tensor, groups: int) -> Tensor:
+    """A transposed convolution's weight (or mask) ``(in, out / groups, *kernel)`` laid out as a
+    convolution's, ``(out, in / groups, *kernel)``: output channels along dimension 0, each
+    with the input channels of its group along dimension 1."""
+    c_in, per_group, kernel = w.shape[0], w.shape[1], w.shape[2:]
+    grouped = w.reshape(groups, c_in // groups, per_group, *kernel).transpose(1, 2)
+    return grouped.reshape(groups * per_group, c_in // groups, *kernel)
+
+
+def from_conv(m: Tensor, groups: int, shape) -> Tensor:
+    """The inverse of :func:`as_conv` for a tensor of the original ``shape``."""
+    c_in, per_group, kernel = shape[0], shape[1], shape[2:]
+    grouped = m.reshape(groups, per_group, c_in // groups, *kernel).transpose(1, 2)
+    return grouped.reshape(shape)
+
+
+def by_channels(pruner: Pruner, weights: Mapping[str, Tensor], compute) -> Masks:
+    """``compute(weights, previous)``, with transposed convolutions' weights and previous masks
+    laid out as convolutions' (:func:`as_conv`), and its masks back in the weights' layout."""
+    groups = transposed_groups(pruner)
+    if not groups:
+        return compute(weights, pruner._masks)
+
+    def conv(ts: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {n: as_conv(t, groups[n]) if n in groups else t for n, t in ts.items()}
+
+    out = compute(conv(weights), conv(pruner._masks) if pruner._masks else pruner._masks)
+    return {
+        n: from_conv(m, groups[n], weights[n].shape).contiguous() if n in groups else m
+        for n, m in out.items()
+    }
 
 
 @register_pruner("magnitude")
@@ -33,10 +83,15 @@ class MagnitudePruner(ScheduledPruner):
 @register_pruner("structured")
 @dataclass
 class StructuredPruner(ScheduledPruner):
-    """Prune whole output channels (rows of linear weights, convolution filters) by L2 norm."""
+    """Prune whole output channels (rows of linear weights, convolution filters; a transposed
+    convolution's along its weight's dimension 1) by L2 norm."""
 
     def compute_masks(self, sparsity: float, closure: Closure | None) -> Masks:
-        return masks(self._weights, sparsity, "structured", self.scope, previous=self._masks)
+        return by_channels(
+            self,
+            self._weights,
+            lambda ws, prev: masks(ws, sparsity, "structured", self.scope, previous=prev),
+        )
 
 
 @register_pruner("nm")
@@ -72,8 +127,18 @@ class NMPruner(ScheduledPruner):
         super().__post_init__()
 
     def on_prepare(self) -> None:
+        groups = transposed_groups(self)
         for name, w in self._weights.items():
-            problem = nm_shape_problem(name, w.shape, self.m)
+            if name in groups:  # its input channels, of a group, along dimension 0
+                per_group = w.shape[0] // groups[name]
+                problem = per_group % self.m and (
+                    f"N:M pruning groups the input channels of {name!r} (a transposed "
+                    f"convolution's weight, shape {tuple(w.shape)}: {per_group} input channels "
+                    f"a group along dimension 0) by m={self.m}, but {per_group} is not "
+                    f"divisible by {self.m}"
+                )
+            else:
+                problem = nm_shape_problem(name, w.shape, self.m)
             if problem:
                 raise ValueError(f"{problem}; leave it out with params=[...]")
 
@@ -81,6 +146,10 @@ class NMPruner(ScheduledPruner):
         # Along the schedule, the N nearest its level (the final one exact): rounded down, as
         # for a sparsity asked once, a cubic schedule's first level, 0.29, went 4:4 -> 2:4 at once.
         n = max(self.n, min(self.m, math.floor((1.0 - sparsity) * self.m + 0.5)))
-        return masks(
-            self._weights, 1.0 - n / self.m, "nm", self.scope, previous=self._masks, n=n, m=self.m
+        return by_channels(
+            self,
+            self._weights,
+            lambda ws, prev: masks(
+                ws, 1.0 - n / self.m, "nm", self.scope, previous=prev, n=n, m=self.m
+            ),
         )
