@@ -311,6 +311,16 @@ def test_flops_count_only_nonzero_weights() -> None:
     assert count_flops(model, torch.zeros(2, 1, 6, 6))["sparse"] == dense["dense"] - 2 * 72 * 3
 
 
+def test_flops_of_a_transposed_convolution_count_each_weight_at_each_input_position() -> None:
+    # (it was left out: a model of one counted 0)
+    model = nn.ConvTranspose2d(3, 5, 3, stride=2, bias=False)
+    dense = count_flops(model, torch.zeros(2, 3, 4, 4))
+    assert dense["dense"] == dense["sparse"] == 2 * (3 * 5 * 9) * 16
+    with torch.no_grad():
+        model.weight[0] = 0  # the weights of input channel 0
+    assert count_flops(model, torch.zeros(2, 3, 4, 4))["sparse"] == 2 * (2 * 5 * 9) * 16
+
+
 def test_pruned_parameter_efficiency_definition() -> None:
     assert pruned_parameter_efficiency(0.99, 1.0, 0.1) == pytest.approx(9.9)
     assert pruned_parameter_efficiency(0.5, 0.5, 1.0) == pytest.approx(1.0)

@@ -82,13 +82,15 @@ def sparsity_stats(model: nn.Module, names: Iterable[str] | None = None) -> dict
 
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 @torch.no_grad()
 def count_flops(model: nn.Module, example: Tensor) -> dict[str, int]:
     """Return dense and sparse (zero weights skipped) forward FLOPs per example.
 
-    Runs one forward pass on ``example`` (a batch) with hooks on linear and convolution layers.
+    Runs one forward pass on ``example`` (a batch) with hooks on linear and convolution layers
+    (transposed ones too).
 
     Returns:
         ``{"dense": ..., "sparse": ...}``, FLOPs per example.
@@ -102,10 +104,12 @@ def count_flops(model: nn.Module, example: Tensor) -> dict[str, int]:
     totals = {"dense": 0, "sparse": 0}
     batch = example.shape[0] if example.dim() > 0 else 1
 
-    def hook(mod: nn.Module, _inp: Any, out: Tensor) -> None:
+    def hook(mod: nn.Module, inp: Any, out: Tensor) -> None:
         w = mod.weight
         if isinstance(mod, nn.Linear):
             positions = out.numel() // batch // mod.out_features
+        elif isinstance(mod, _TRANSPOSED):  # every weight meets each input position once
+            positions = inp[0][0].numel() // mod.in_channels if inp[0].dim() > 1 else 1
         else:
             positions = out[0].numel() // mod.out_channels if out.dim() > 1 else 1
         bias = out.numel() // batch if mod.bias is not None else 0
@@ -115,7 +119,7 @@ def count_flops(model: nn.Module, example: Tensor) -> dict[str, int]:
     handles = [
         m.register_forward_hook(hook)
         for m in model.modules()
-        if isinstance(m, (nn.Linear, *_CONVS))
+        if isinstance(m, (nn.Linear, *_CONVS, *_TRANSPOSED))
     ]
     try:
         model(example)
