@@ -504,6 +504,31 @@ def test_weights_loaded_into_a_pruned_model_are_masked_again_before_use() -> Non
                 assert torch.equal(p != 0, masks[name]), name
 
 
+def test_a_tied_weight_loaded_through_its_second_name_is_masked_again_before_use() -> None:
+    """Only the layer of the name the pruner keeps had the load hook: dense weights loaded into
+    the decoder that shares the embedding's weight reached the next forward pass unmasked."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.dec = nn.Embedding(16, 8), nn.Linear(8, 16, bias=False)
+            self.dec.weight = self.emb.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.dec(self.emb(x))
+
+    torch.manual_seed(0)
+    model = Tied()
+    dense = model.emb.weight.detach().clone()
+    pruner = get_pruner("magnitude", sparsity=0.5).prepare(model)
+    mask = pruner.prune()["emb.weight"]
+    seen = []
+    model.dec.register_forward_pre_hook(lambda mod, _: seen.append(mod.weight != 0))
+    model.dec.load_state_dict({"weight": dense})
+    model(torch.tensor([1, 2]))
+    assert torch.equal(seen[-1], mask)
+
+
 def test_a_pruner_state_loaded_after_the_models_weights_sets_their_masks() -> None:
     """The masks apply at the next forward pass, not at the model's load: applied then, the
     pruner's masks of the moment would zero weights the checkpoint's masks keep."""

@@ -598,12 +598,15 @@ class Pruner:
         ]
 
     def _owners(self) -> dict[int, nn.Module]:
-        """The model and each module that owns a pruned weight, by id."""
+        """The model and each module that owns a pruned weight, by id: under every name of a
+        tied weight (a load into the layer of its second name is one too)."""
         assert self._model is not None
         owners = {id(self._model): self._model}
-        for n in self._weights:
-            owner = self._model.get_submodule(n.rpartition(".")[0])
-            owners.setdefault(id(owner), owner)
+        pruned = {id(p) for p in self._weights.values()}
+        for n, p in self._model.named_parameters(remove_duplicate=False):
+            if id(p) in pruned:
+                owner = self._model.get_submodule(n.rpartition(".")[0])
+                owners.setdefault(id(owner), owner)
         return owners
 
     def _apply_before_forward(self, module: nn.Module, args: Any) -> None:
