@@ -233,7 +233,8 @@ def _rigl_unused(rank: int, world: int) -> dict:
     g = torch.Generator().manual_seed(rank)
     for step in range(4):
         opt.zero_grad()
-        use_b = not (rank == 1 and step == 1)  # rank 1 leaves b out before the update at 2
+        # rank 1 leaves b out of the backward whose gradients choose the update at step 2
+        use_b = not (rank == 1 and step == 2)
         ddp(torch.randn(4, 8, generator=g), use_b).sum().backward()
         opt.step()
         pruner.step(step)

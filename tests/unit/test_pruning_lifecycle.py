@@ -615,9 +615,11 @@ def test_an_embedding_with_sparse_gradients_is_pruned_and_trains(method: str) ->
     assert not mask.all() and not net.e.weight[~mask].any()
 
 
-def test_optimizer_state_of_a_wrapper_like_zero_is_cleared_at_pruned_weights() -> None:
-    """ZeroRedundancyOptimizer keeps its shard's state in .optim.state (its own .state is
-    empty): momentum stayed at every pruned weight and the next step moved them off zero."""
+@pytest.mark.parametrize("copies", [False, True])
+def test_optimizer_state_of_a_wrapper_like_zero_is_cleared_at_pruned_weights(copies) -> None:
+    """ZeroRedundancyOptimizer steps with its shard's state in .optim.state (its own .state is
+    empty, or after a load holds copies): momentum stayed at every pruned weight and the next
+    step moved them off zero."""
 
     class Wrapper:  # as ZeroRedundancyOptimizer holds the optimizer it steps
         def __init__(self, params) -> None:
@@ -630,12 +632,17 @@ def test_optimizer_state_of_a_wrapper_like_zero_is_cleared_at_pruned_weights() -
         def zero_grad(self) -> None:
             self.optim.zero_grad()
 
+    x, y = _data()
     model = _model()
     opt = Wrapper(model.parameters())
+    for _ in range(3):  # momentum everywhere, before any pruning
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    if copies:  # its own state copies the wrapped one's (cast to the parameters' device)
+        opt.state = {p: {k: v.clone() for k, v in st.items()} for p, st in opt.optim.state.items()}
     pruner = get_pruner("magnitude", sparsity=0.5, scope="layer").prepare(model, opt)
-    _train(model, opt, pruner, 3)
     pruner.prune(0.5)
-    x, y = _data()
     opt.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()  # masked: only momentum could move
     opt.step()  # them, before the pruner's next step masks the weights again

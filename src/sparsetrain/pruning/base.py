@@ -947,16 +947,18 @@ def get_pruner(name: str, **options: Any) -> Pruner:
 
 def optimizer_state(optimizer: Any, p: Tensor) -> list[Tensor]:
     """The tensors of ``optimizer``'s state for ``p`` shaped as ``p`` (momentum, Adam's
-    moments): in ``optimizer.state``, or in the wrapped optimizer's state of a wrapper that
-    keeps none of its own (``ZeroRedundancyOptimizer`` keeps this rank's shard's state in
-    ``.optim.state``). Empty without an optimizer."""
-    if optimizer is None:
-        return []
-    state = optimizer.state.get(p) if hasattr(optimizer.state, "get") else None
-    inner = getattr(optimizer, "optim", None)
-    if not state and inner is not None and hasattr(getattr(inner, "state", None), "get"):
-        state = inner.state.get(p)
-    return [v for v in (state or {}).values() if isinstance(v, Tensor) and v.shape == p.shape]
+    moments): in ``optimizer.state`` and in a wrapped optimizer's (``ZeroRedundancyOptimizer``
+    steps with this rank's shard's state in ``.optim.state``; after a load its own ``.state``
+    holds copies too). Empty without an optimizer."""
+    found: dict[int, Tensor] = {}
+    for opt in (optimizer, getattr(optimizer, "optim", None)):
+        state = getattr(opt, "state", None)
+        if opt is None or not hasattr(state, "get"):
+            continue
+        for v in (state.get(p) or {}).values():
+            if isinstance(v, Tensor) and v.shape == p.shape:
+                found.setdefault(id(v), v)
+    return list(found.values())
 
 
 def dense(grad: Tensor) -> Tensor:
