@@ -1,15 +1,16 @@
 """The two forms of the collectives' few-int exchanges, side by side on an emulated cluster.
 
-Every sparse collective starts with an input agreement (each rank's numel, count, dtypes,
-options, and for the split collectives an int for every peer), and Ok-Topk and split-allgather
+Every sparse collective starts with an input agreement (each rank's numel, count, dtypes, key,
+a code of its options, and an int for every peer), and Ok-Topk and split-allgather
 also gather a few counts from every rank. Below ``sparsetrain.comm.p2p.TREE_FROM`` ranks these
 go straight to every peer (one round of p - 1 messages); from there on in ceil(log2 p) rounds of
 one message each (dissemination and Bruck's algorithms). This benchmark times both forms on
 the same ranks, alternating them repetition by repetition, so that the break-even world size
 rests on a measurement:
 
-* ``agree``: Ok-Topk's steady-state agreement as it was when the stored runs were made, 7
-  options and a size for every peer (it now checks 11);
+* ``agree``: the agreement with a size for every peer, as every collective sends it since
+  2026-12-07: 6 ints and one for every peer (the stored runs timed it as it was then, 12 ints,
+  7 of them options, and one for every peer);
 * ``gather``: a gather of 4 ints from every rank (Ok-Topk's kept counts).
 
 Each repetition starts after a barrier and a 5 ms pause; the median over REPS is kept. Needs
