@@ -2385,3 +2385,31 @@ def test_channels_last_weights_are_exchanged_and_masked_in_row_major_order(tmp_p
             "cleared": True,
             "resumed_exactly": True,
         }, res
+
+
+def _qsgd_half(rank: int, world: int) -> dict:
+    torch.set_num_threads(1)
+    out = {}
+    for aggregator in (None, "mean", "median"):
+        net = nn.Linear(512, 1, bias=False).half()
+        opts = {"levels": 7, "bucket_size": 512}
+        if aggregator:
+            opts["aggregator"] = aggregator
+        sync = sparsetrain.GradientSync(net, "qsgd", **opts)
+        net.weight.grad = torch.full((1, 512), 25000.0 if rank == 0 else 0.0).half()
+        try:
+            sync.synchronize()
+            grad = net.weight.grad.float()
+            out[str(aggregator)] = (bool(torch.isfinite(grad).all()), float(grad.abs().max()))
+        except FloatingPointError as e:
+            out[str(aggregator)] = str(e)
+    return out
+
+
+def test_qsgd_averages_half_gradients_whose_levels_pass_the_half_range(tmp_path):
+    """A rank's QSGD levels (norm / s = 80,812 for 25,000 in a bucket of 512) pass float16's
+    range where the ranks' average (40,406) does not: each rank's decode was cast to float16
+    (Inf) before the sum, and before a robust rule, and the finite step was refused."""
+    for res in oks(run_world(_qsgd_half, 2, tmp_path)):
+        for aggregator, got in res.items():
+            assert isinstance(got, tuple) and got[0] and 0 < got[1] < 65504, (aggregator, got)

@@ -971,7 +971,9 @@ class SyncEngine:
 
         t0 = time.perf_counter()
         out, sent = robust_exchange(
-            mine.to(flat.dtype),
+            # in the decode's dtype: float32 for half gradients where the compressor decodes
+            # wider (QSGD's levels times the norm can pass float16's range, as can a sum)
+            mine,
             key=key,
             aggregator=self.aggregator,
             attack=self.attack,
