@@ -572,23 +572,15 @@ def test_a_prepared_model_saves_and_copies_without_its_pruner() -> None:
         assert all(bool((p == 1).all()) for p in ema.parameters()), when
 
 
-class _SparseEmbeddingNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.e = nn.Embedding(20, 8, sparse=True)
-        self.fc = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.e(x).mean(1))
-
-
 @pytest.mark.parametrize("method", ["magnitude", "rigl", "woodfisher"])
 def test_an_embedding_with_sparse_gradients_is_pruned_and_trains(method: str) -> None:
     """nn.Embedding(sparse=True) gives sparse COO gradients: the gradient mask (masked_fill),
     RigL's dense gradients and WoodFisher's Fisher samples raised on them at the first
     backward or update, where the model trains without a pruner."""
+    from tests.unit.test_sync_input_checks import _SparseEmbedding
+
     torch.manual_seed(0)
-    net = _SparseEmbeddingNet()
+    net = _SparseEmbedding()  # Embedding(100, 8, sparse=True), then Linear(8, 2)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     options = {
         "magnitude": {"scope": "layer"},
@@ -597,8 +589,8 @@ def test_an_embedding_with_sparse_gradients_is_pruned_and_trains(method: str) ->
     }
     pruner = get_pruner(method, sparsity=0.5, **options.get(method, {})).prepare(net, opt)
     g = torch.Generator().manual_seed(1)
-    x = torch.randint(0, 20, (16, 4), generator=g)
-    y = torch.randint(0, 3, (16,), generator=g)
+    x = torch.randint(0, 100, (16,), generator=g)
+    y = torch.randint(0, 2, (16,), generator=g)
     loss_fn = nn.functional.cross_entropy
     for step in range(6):
         opt.zero_grad()
