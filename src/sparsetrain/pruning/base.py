@@ -576,8 +576,8 @@ class Pruner:
                 mask = self._masks[name] = mask.to(grad.device)
             if grad.is_sparse:  # nn.Embedding(sparse=True): rows of the weight, masked as rows
                 grad = grad.coalesce()
-                rows = grad.indices()[0]
-                kept = grad.values().masked_fill(~mask[rows], 0.0)
+                at = tuple(grad.indices())  # (the mask at each value's sparse position)
+                kept = grad.values().masked_fill(~mask[at], 0.0)
                 return torch.sparse_coo_tensor(
                     grad.indices(), kept, grad.shape, is_coalesced=True, check_invariants=False
                 )
