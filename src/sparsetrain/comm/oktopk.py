@@ -429,7 +429,7 @@ class OkTopk(SparseCollective):
             raise FloatingPointError(_NONFINITE)
         counts = [row[1] for row in rows]
         total = sum(counts)
-        tied = k < numel and _tied(wire, mags, st.threshold, total, k)
+        tied = _tied(wire, mags, st.threshold, total, k)  # (k >= numel keeps at most k)
         if not estimated and k < numel and not k <= 2 * total <= 4 * k and not tied:
             # The reused threshold has drifted too far (every rank sees the same total):
             # re-estimate now rather than send far more, or keep far fewer, than k. Not where
