@@ -245,9 +245,26 @@ def _rigl_unused(rank: int, world: int) -> dict:
         forgotten = None
     except ValueError as e:
         forgotten = str(e)
+    # Rank 1 skips pruner.step(1), which arms the capture for the update at step 2: its zeros
+    # were averaged in as a gradient; now every rank raises.
+    net = _Branchy()
+    ddp = nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    other = get_pruner("rigl", sparsity=0.5, delta_t=2, end=10).prepare(ddp, opt)
+    skipped = None
+    try:
+        for step in range(3):
+            opt.zero_grad()
+            ddp(torch.randn(4, 8, generator=g), True).sum().backward()
+            opt.step()
+            if not (rank == 1 and step == 1):
+                other.step(step)
+    except ValueError as e:
+        skipped = str(e)
     return {
         "masks": {n: m.flatten().tolist() for n, m in pruner.masks.items()},
         "forgotten": forgotten,
+        "skipped": skipped,
     }
 
 
@@ -261,3 +278,4 @@ def test_rigl_updates_where_a_pruned_layer_was_unused_on_one_rank(tmp_path) -> N
     assert res[0]["masks"] == res[1]["masks"]
     for r in res:
         assert r["forgotten"] and "no dense gradient for any weight" in r["forgotten"], r
+        assert r["skipped"] and "rank(s) [1] of the group captured no" in r["skipped"], r

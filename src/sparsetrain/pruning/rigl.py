@@ -233,6 +233,9 @@ class RigLPruner(Pruner):
         return out
 
     def _dense_gradients(self, closure: Closure | None) -> dict[str, Tensor]:
+        # Armed: the hook was capturing during this step's backward (pruner.step of the step
+        # before, prepare or a load armed it), or a closure gives a backward of its own.
+        armed = closure is not None or self._stash
         if closure is not None:
             params = list(self._model.parameters())  # the closure's backward touches them all
             saved = [p.grad for p in params]
@@ -248,9 +251,10 @@ class RigLPruner(Pruner):
                     p.grad = g
         names = list(self._weights)
         # A weight the step's backward did not reach (a layer unused on this rank, under
-        # DDP's find_unused_parameters) has a zero gradient, as DDP averages it; a rank that
-        # captured none at all says so in the allreduce, so that every rank raises alike
-        # where none captured any (pruner.step not called before the update).
+        # DDP's find_unused_parameters) has a zero gradient, as DDP averages it. Each rank
+        # says in the allreduce whether it captured none at all and whether it was capturing,
+        # so that every rank raises alike where a rank was not (its pruner.step of the step
+        # before was skipped: its zeros would be averaged in) or none captured any.
         none = not any(n in self._dense_grads for n in names)
         grads = [
             dense(self._dense_grads[n]).detach().float()
@@ -258,14 +262,26 @@ class RigLPruner(Pruner):
             else torch.zeros(w.shape, dtype=torch.float32, device=w.device)
             for n, w in self._weights.items()
         ]
+        unarmed: list[int] = []
         if _distributed():
-            flag = torch.tensor([float(none)], device=grads[0].device)
-            flat = torch.cat([g.reshape(-1) for g in grads] + [flag])
-            dist.all_reduce(flat, group=self._group)
             world = dist.get_world_size(self._group)
-            none = int(flat[-1]) == world
-            flat = flat[:-1] / world
+            flags = torch.zeros(world + 1, device=grads[0].device)
+            flags[0] = float(none)
+            flags[1 + dist.get_rank(self._group)] = float(not armed)
+            flat = torch.cat([g.reshape(-1) for g in grads] + [flags])
+            dist.all_reduce(flat, group=self._group)
+            flags = flat[-(world + 1) :].tolist()
+            none = int(flags[0]) == world
+            unarmed = [r for r, f in enumerate(flags[1:]) if f]
+            flat = flat[: -(world + 1)] / world
             grads = list(flat.split([g.numel() for g in grads]))
+        if unarmed and not none:
+            raise ValueError(
+                f"RigL update at step {self._step}: rank(s) {unarmed} of the group captured no "
+                "dense gradient (their pruner.step was not called after the optimizer step "
+                "before this one), and the other ranks did; call pruner.step(i) after every "
+                "optimizer step on every rank, or pass closure= returning a loss"
+            )
         if none:
             raise ValueError(
                 f"RigL update at step {self._step} has no dense gradient for any weight: call "
