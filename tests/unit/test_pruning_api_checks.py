@@ -522,6 +522,40 @@ def test_a_frozen_layer_is_left_alone_by_default_and_pruned_when_named(name):
             get_pruner(name, params=["0.weight", "2.weight"], **opts).prepare(model)
 
 
+def test_a_pruned_weight_unfrozen_after_prepare_has_its_gradient_masked():
+    """Gradual unfreezing: a weight frozen at prepare() had no gradient hook, and none came
+    when it was unfrozen; its gradient then moved pruned weights (and their momentum)."""
+    model = _model()
+    model[0].requires_grad_(False)
+    pruner = get_pruner("magnitude", sparsity=0.5, params=["0.weight", "2.weight"]).prepare(model)
+    pruner.prune()
+    model[0].requires_grad_(True)
+    model(X).sum().backward()
+    pruned = ~pruner.masks["0.weight"]
+    assert model[0].weight.grad.abs().sum() > 0 and not model[0].weight.grad[pruned].any()
+    model[0].weight.grad = None
+    pruner.finalize()  # the hooks are gone: the gradient is the layer's own again
+    model(X).sum().backward()
+    assert model[0].weight.grad[pruned].any()
+
+
+@pytest.mark.parametrize("name", ["rigl", "woodfisher"])
+def test_a_weight_frozen_after_prepare_is_refused_where_its_gradient_is_read(name):
+    """RigL grew by a zero gradient and WoodFisher sampled a zero Fisher for a weight frozen
+    after prepare(), without a word."""
+    model = _model()
+    opts = {"delta_t": 1, "end": 10} if name == "rigl" else {}
+    pruner = get_pruner(name, sparsity=0.5, **opts).prepare(model)
+    model[0].requires_grad_(False)
+    model(X).sum().backward()
+    with pytest.raises(ValueError, match=r"\['0.weight'\] are frozen .* unfreeze them before"):
+        if name == "rigl":
+            pruner.step(0)
+            pruner.step(1)
+        else:
+            pruner.prune(closure=lambda: model(X).sum())
+
+
 def test_rigl_at_sparsity_zero_keeps_every_layer_dense():
     """ERK's scale put a lone layer a rounding over density 1: it went dense, and then the
     division over the layers left was by zero."""

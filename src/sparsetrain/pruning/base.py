@@ -223,6 +223,7 @@ class Pruner:
         self._optimizer: torch.optim.Optimizer | None = None
         self._group: Any = None
         self._handles: list[Any] = []
+        self._hooked: set[str] = set()  # the pruned weights with a gradient hook
         self._forward_handles: list[Any] = []
         self._load_handles: list[Any] = []
         self._deferred = False
@@ -355,14 +356,19 @@ class Pruner:
                 raise TypeError(
                     f"parameter {n!r} has dtype {named[n].dtype}; only floating-point prunes"
                 )
-        frozen = [n for n in names if not named[n].requires_grad]
-        if frozen and self.needs_gradients:
+        if self.needs_gradients:
+            self._refuse_frozen({n: named[n] for n in names}, "leave them out of params")
+        return {n: named[n] for n in names}
+
+    def _refuse_frozen(self, weights: Mapping[str, Tensor], fix: str) -> None:
+        """Raise where a pruner that reads its weights' gradients would prune a frozen one."""
+        frozen = [n for n, p in weights.items() if not p.requires_grad]
+        if frozen:
             raise ValueError(
                 f"parameter(s) {frozen} are frozen (requires_grad=False), but the "
-                f"{self.name!r} pruner reads the gradients of the weights it prunes; leave them "
-                "out of params, or prune them by magnitude"
+                f"{self.name!r} pruner reads the gradients of the weights it prunes; {fix}, "
+                "or prune them by magnitude"
             )
-        return {n: named[n] for n in names}
 
     def _agree_across_ranks(self, group: Any, mine: dict[str, Any], device: Any) -> None:
         """Under torch.distributed, gather ``mine`` and this pruner's options from every rank of
@@ -474,7 +480,7 @@ class Pruner:
         self._apply()
         for h in self._handles:
             h.remove()
-        self._handles = []
+        self._handles, self._hooked = [], set()
         for h in self._load_handles:
             h.remove()
         self._load_handles = []
@@ -544,10 +550,9 @@ class Pruner:
         for h in self._handles:
             h.remove()
         # A frozen weight (named in params) gets no gradient to mask; its mask holds anyway,
-        # as the optimizer never moves it.
-        self._handles = [
-            p.register_hook(self._make_hook(n)) for n, p in self._weights.items() if p.requires_grad
-        ]
+        # as the optimizer never moves it. Unfrozen later, it gets its hook then (_hook_unfrozen).
+        self._handles, self._hooked = [], set()
+        self._hook_unfrozen()
         for h in self._load_handles:
             h.remove()
         # On the model and on each module that owns a pruned weight: a load into that module
@@ -556,6 +561,24 @@ class Pruner:
             m.register_load_state_dict_post_hook(_PrunerHook(self, "_after_model_load"))
             for m in self._owners().values()
         ]
+        # Each forward pass of the model first hooks a pruned weight unfrozen since.
+        assert self._model is not None
+        self._load_handles.append(
+            self._model.register_forward_pre_hook(_PrunerHook(self, "_before_forward"))
+        )
+
+    def _hook_unfrozen(self) -> None:
+        """Register the gradient hook of each pruned weight that trains and has none yet (frozen
+        at prepare(), unfrozen since, as in gradual unfreezing): its gradient is masked, and
+        captured for the methods that read it, like the others'."""
+        for n, p in self._weights.items():
+            if p.requires_grad and n not in self._hooked:
+                self._handles.append(p.register_hook(self._make_hook(n)))
+                self._hooked.add(n)
+
+    def _before_forward(self, module: nn.Module, args: Any) -> None:
+        if len(self._hooked) < len(self._weights):  # (a frozen weight, or none: no loop)
+            self._hook_unfrozen()
 
     def _after_model_load(self, module: nn.Module, incompatible_keys: Any) -> None:
         """Weights loaded into the model (dense ones, say) hold values where the masks prune:
