@@ -492,6 +492,16 @@ class ErrorFeedback:
                     f"error-feedback state's {entry!r} must be a dict of name -> 1-D tensor "
                     "(each parameter's flattened residual)"
                 )
+            odd = [
+                f"{n!r} ({t.dtype} on {t.device})"
+                for n, t in value.items()
+                if not t.is_floating_point() or t.is_complex() or t.is_meta
+            ]
+            if odd:
+                raise ValueError(
+                    f"error-feedback state's {entry!r} must hold real floating-point tensors "
+                    f"with values, got {', '.join(odd[:5])}{' and more' if len(odd) > 5 else ''}"
+                )
             # A residual is added to every later gradient: one NaN would end the run (or, with
             # on_nonfinite="skip", skip every step without a word).
             bad = [n for n, t in value.items() if not bool(torch.isfinite(t).all())]
@@ -501,7 +511,11 @@ class ErrorFeedback:
                     f"{' and more' if len(bad) > 5 else ''} hold NaN or Inf: it was saved from "
                     "a run that had already diverged; load an earlier state"
                 )
-        saved = bool(state.get("enabled", self.enabled))
+        saved = state.get("enabled", self.enabled)
+        if not isinstance(saved, bool):
+            raise ValueError(
+                f"error-feedback state's 'enabled' must be True or False, got {saved!r:.60}"
+            )
         if saved != self.enabled:
             on = {True: "on", False: "off"}
             raise ValueError(

@@ -450,6 +450,43 @@ def test_a_state_of_a_model_in_another_dtype_is_refused_naming_the_dtype(group, 
              "for a torch.float32 parameter now)")  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        ("int64", ("0.weight", "torch.int64")),
+        ("bool", ("0.weight", "torch.bool")),
+        ("complex", ("0.weight", "torch.complex64")),
+        ("meta", ("real floating-point tensors with values, got '0.weight'", "on meta")),
+        ("enabled", ("'enabled' must be True or False, got 'no'",)),
+        ("collectives", ("the state's 'collectives' must be a dict {name: state}, got [1]",)),
+    ],
+)
+def test_a_hand_edited_state_is_refused_naming_the_entry(group, edit, words):
+    """Integer, boolean and complex residuals loaded (and trained with their truncated values),
+    a meta one failed in a .item(), "no" read as enabled, and a list of collectives failed
+    with an AttributeError."""
+    saved = _stepped(density=0.1, collective="oktopk").state_dict()
+    state = {**saved, "feedback": dict(saved["feedback"])}
+    residuals = dict(saved["feedback"]["residuals"])
+    kinds = {"int64": torch.int64, "bool": torch.bool, "complex": torch.complex64}
+    if edit in kinds:
+        residuals["0.weight"] = residuals["0.weight"].to(kinds[edit])
+    elif edit == "meta":
+        residuals["0.weight"] = residuals["0.weight"].to("meta")
+    elif edit == "enabled":
+        state["feedback"]["enabled"] = "no"
+    else:
+        state["collectives"] = [1]
+    state["feedback"]["residuals"] = residuals
+    target = _sync(density=0.1, collective="oktopk")
+    before = target.state_dict()
+    for strict in (True, False):
+        with pytest.raises(ValueError) as e:
+            target.load_state_dict(state, strict=strict)
+        assert all(w in str(e.value) for w in words), (strict, str(e.value))
+        assert same(target.state_dict(), before)
+
+
 def test_strict_false_takes_a_robust_rules_state_under_its_new_settings(group):
     """The rules now refuse a state saved with other settings; strict=False through the sync
     still goes on under the new ones, as it did (the engine lets the settings differ)."""

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import _native
-from .._options import caller_stacklevel, is_integer
+from .._options import caller_stacklevel, is_integer, state_mapping
 from ..comm import CollectiveResult, all_gather_variable, get_collective, ring_allreduce_bytes
 from ..comm.gather import _allreduce, world_of
 from ..compressors.base import SparseCompressor, work_dtype
@@ -1343,7 +1343,9 @@ class SyncEngine:
         # reserved when the caller was built).
         self.feedback.check_state(state["feedback"])
         self._new_compressor().load_state_dict(state["compressor"])
-        collectives = state.get("collectives", {})
+        collectives = state_mapping(
+            state.get("collectives", {}), f"{owner}: the state's 'collectives'", "{name: state}"
+        )
         for name, cstate in collectives.items():
             get_collective(name, **self.config.collective_options_for(name)).load_state_dict(cstate)
         aggregator, attack = self._new_robust(warn=False)  # a check: the built one warned
@@ -1462,7 +1464,6 @@ def check_state_fits(
         if dtypes is not None
         and n in dtypes
         and isinstance(t, torch.Tensor)
-        and t.is_floating_point()
         and work_dtype(t.dtype) != work_dtype(dtypes[n])
     )
     if not unknown and not resized and not retyped:
