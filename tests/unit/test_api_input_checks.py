@@ -321,6 +321,8 @@ def test_step_counter_states_saved_without_a_name_still_load(name):
         ("qsgd", {"steps": {"k": "2"}}, "step counter of key 'k' must be an integer >= 0"),
         ("qsgd", {}, "lacks 'steps'"),
         ("powersgd", {"q": {"k": torch.randn(3)}}, "must be a list of 2-D tensors"),
+        ("powersgd", {"q": {"k": [torch.ones(3, 1, dtype=torch.int64)]}}, "finite floating"),
+        ("powersgd", {"q": {"k": [torch.full((3, 1), math.nan)]}}, "finite floating-point"),
         ("powersgd", {"q": [1]}, "'q' must be a dict"),
         ("powersgd", {"q": {}, "steps": {}}, "unknown entries 'steps'"),
         (

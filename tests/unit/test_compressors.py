@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -535,6 +536,23 @@ def test_powersgd_warm_start_from_an_all_zero_step_falls_back_to_the_first_draw(
     roundtrip(c, torch.zeros(16, 16))
     g = torch.randn(16, 16, generator=torch.Generator().manual_seed(1))
     assert_close(roundtrip(c, g), roundtrip(fresh, g), rtol=0, atol=0)
+
+
+def test_powersgd_says_when_a_loaded_warm_start_does_not_fit_the_key():
+    """A saved Q that did not fit the key's matrices (another model's state) was replaced by the
+    first draw without a word; a key whose layout changes within a run (DDP's rebuilt buckets)
+    still changes without one."""
+    c = make("powersgd", rank=1)
+    roundtrip(c, torch.randn(16, 16), key="a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        roundtrip(c, torch.randn(16, 8), key="a")  # in a run: no warning
+    loaded = make("powersgd", rank=1)
+    loaded.load_state_dict(c.state_dict())
+    g = torch.randn(16, 12)
+    with pytest.warns(UserWarning, match=r"warm start of key 'a' has Q's of shapes \[\(8, 1\)\]"):
+        out = roundtrip(loaded, g, key="a")
+    assert_close(out, roundtrip(make("powersgd", rank=1), g, key="a"), rtol=0, atol=0)
 
 
 def test_threshold_hits_buffer_is_never_longer_than_the_tensor():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -10,7 +11,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .._options import check_state, state_mapping
+from .._options import caller_stacklevel, check_state, state_mapping
 from . import register_compressor
 from .base import (
     Compressor,
@@ -123,6 +124,8 @@ class PowerSGD(Compressor):
     _first: dict[str, tuple[Any, list[Tensor]]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    # The keys whose Q came from a loaded state and has not been used yet.
+    _loaded: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_int(self.rank, "rank", 1)
@@ -181,7 +184,17 @@ class PowerSGD(Compressor):
             cached = self._first[key] = (where, draw)
         first = cached[1]
         qs = self._q.get(key)
+        loaded = key in self._loaded
+        self._loaded.discard(key)
         if qs is None or [tuple(q.shape) for q in qs] != shapes:
+            if qs is not None and loaded:  # (in a run, a key's layout may change: DDP's rebuild)
+                warnings.warn(
+                    f"powersgd: the loaded warm start of key {key!r} has Q's of shapes "
+                    f"{[tuple(q.shape) for q in qs]}, but the tensor compressed under that key "
+                    f"needs {shapes}: it starts from the first draw instead (was the state "
+                    "saved with another model or bucketing?)",
+                    stacklevel=caller_stacklevel(),
+                )
             return first
         # A Q left by a step whose gradient held Inf or NaN, or overflowed (a finite float32
         # gradient of 1e20 squares past float32's range in P = M Q), would make every later P
@@ -284,7 +297,18 @@ class PowerSGD(Compressor):
                     f"{owner}: the state's 'q' of key {k!r} must be a list of 2-D tensors, got "
                     f"{qs!r:.200}"
                 )
+            # (A non-finite Q is replaced by the first draw in use; one saved so is a sign of
+            # a state from a diverged run, refused as its residuals would be.)
+            if not all(
+                t.is_floating_point() and not t.is_meta and bool(torch.isfinite(t).all())
+                for t in qs
+            ):
+                raise ValueError(
+                    f"{owner}: the state's 'q' of key {k!r} must hold finite floating-point "
+                    f"values, got {[(tuple(t.shape), t.dtype, str(t.device)) for t in qs]}"
+                )
         self._q = {str(k): [t.clone() for t in qs] for k, qs in q.items()}
+        self._loaded = set(self._q)
 
 
 def _view(source: Tensor, m: _Matrix) -> Tensor:
