@@ -144,5 +144,61 @@ def test_omniscient_attack_second_round_delivers_the_forged_row(runs):
     for r in range(WORLD):
         out, sent = runs[r]["probe"]
         assert out == pytest.approx([1.75] * 5)
-        # round 1: (p-1)/p of 4 rows of 5 float32; round 2: one broadcast of 5 float32
-        assert sent == round(3 / 4 * 4 * 5 * 4) + round(3 / 4 * 5 * 4)
+        # the check's 6 int64 a rank; round 1: (p-1)/p of 4 rows of 5 float32; round 2: one
+        # broadcast of 5 float32
+        assert sent == round(3 / 4 * 4 * 6 * 8) + round(3 / 4 * 4 * 5 * 4) + round(3 / 4 * 5 * 4)
+
+
+def _mismatched(rank: int, world: int) -> dict:
+    """Each case: rank 2 calls differently from ranks 0 and 1; every rank records its error."""
+    rule = get_aggregator("mean", n=world, f=1)
+    base = {"key": "b", "aggregator": rule, "byzantine": 1}
+    odd = rank == 2
+    cases = {
+        # 16 bytes either way: read as the other dtype, the rows were garbage without a word
+        "dtype": (torch.zeros(2, dtype=torch.float64) if odd else torch.zeros(4), {}),
+        "size": (torch.zeros(3 if odd else 4), {}),
+        "key": (torch.zeros(4), {"key": "c" if odd else "b"}),
+        # an omniscient attack on one rank only: its broadcast was awaited for ever
+        "attack": (
+            torch.zeros(4),
+            {"attack": get_attack("ipm", n=world, f=1) if odd else None},
+        ),
+        "rule": (
+            torch.zeros(4),
+            {"aggregator": get_aggregator("median", n=world, f=1)} if odd else {},
+        ),  # fmt: skip
+    }
+    out = {}
+    for name, (grad, changes) in cases.items():
+        try:
+            robust_exchange(grad, **{**base, **changes})
+            out[name] = None
+        except ValueError as e:
+            out[name] = str(e)
+    out["agreed"], _ = robust_exchange(torch.full((4,), float(rank)), **base)
+    out["agreed"] = out["agreed"].tolist()
+    return out
+
+
+def test_ranks_that_call_the_exchange_differently_raise_on_every_rank(tmp_path):
+    """The exchange compared nothing across ranks: the same bytes in another dtype were summed
+    as garbage, other sizes aborted a rank in gloo, and an attack on one rank only left the
+    Byzantine rank waiting in its broadcast."""
+    from .harness import oks, run_world
+
+    names = {
+        "dtype": "gradient dtype",
+        "size": "gradient size",
+        "key": "key",
+        "attack": "attack settings",
+        "rule": "aggregator settings",
+    }
+    for res in oks(run_world(_mismatched, 3, tmp_path, timeout=120)):
+        for case, words in names.items():
+            said = res[case]
+            assert said and words in said and "ranks [2] differ" in said, (
+                case,
+                said,
+            )
+        assert res["agreed"] == [1.0] * 4  # the mean of 0, 1, 2

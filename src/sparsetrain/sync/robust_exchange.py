@@ -19,7 +19,9 @@ them, so rank 0 stays honest for reporting.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
+import zlib
 from collections.abc import Sequence
 
 import torch
@@ -51,6 +53,7 @@ def robust_exchange(
     byzantine_ranks: Sequence[int] | None = None,
     group: dist.ProcessGroup | None = None,
     step: int = 0,
+    check: bool = True,
 ) -> tuple[Tensor, int]:
     """Aggregate this rank's gradient with every other rank's under a robust rule.
 
@@ -64,17 +67,25 @@ def robust_exchange(
         byzantine_ranks: the attacking ranks (group ranks), overriding ``byzantine``.
         group: the process group (None: WORLD).
         step: the optimizer step (seeds random attacks).
+        check: first compare every rank's call (the gradient's size and dtype, the key, the
+            rule's and the attack's settings, the Byzantine ranks) in one ``all_gather`` of 6
+            ints, so ranks that differ raise together; without it they read each other's
+            bytes as their own dtype, abort in gloo, or wait in an attacker's broadcast that
+            never comes. ``GradientSync`` and the DDP hook pass False: they compare all of
+            this once, when they are built.
 
     Returns:
         (the aggregate shaped like ``grad``, the same on every rank; bytes this rank sent, ring
-        allgather accounting: (p - 1)/p of what is gathered, plus the broadcasts of round 2).
+        allgather accounting: (p - 1)/p of what is gathered, plus the broadcasts of round 2 and,
+        with ``check``, the 6 ints of every rank).
 
     Raises:
         TypeError: ``aggregator``, ``attack`` or ``group`` is not of the kind named above.
         ValueError: the aggregator is not built for n = world, or the attack not for n = world
             and f = the number of Byzantine ranks; bad Byzantine ranks. These are checked from
             the arguments and the group's size alone, before any message, so every rank given
-            the same arguments raises alike.
+            the same arguments raises alike. With ``check``, also ranks that differ in any
+            of the call's settings above, on every rank.
 
     Example:
         >>> rule = get_aggregator("median", n=dist.get_world_size(), f=1)  # doctest: +SKIP
@@ -124,8 +135,14 @@ def robust_exchange(
             f"(ranks {list(byz)}); build it with get_attack({attack.name!r}, n={world}, "
             f"f={len(byz)}, ...)"
         )
+    if not isinstance(check, bool):
+        raise TypeError(f"check must be True or False, got {check!r}")
     flat = grad.detach().reshape(-1).contiguous()
     d, elem = flat.numel(), flat.element_size()
+    checked = 0
+    if check and world > 1:
+        _agree(flat, key, aggregator, attack, byz, group, world)
+        checked = ring_allgather_bytes(world * 6 * 8, world)
     attacking = attack is not None and rank in byz
 
     if attacking and not attack.omniscient:
@@ -138,7 +155,7 @@ def robust_exchange(
         parts = [torch.empty_like(flat) for _ in range(world)]
         dist.all_gather(parts, mine, group=group)
         rows = torch.stack(parts)
-    sent = ring_allgather_bytes(world * d * elem, world)
+    sent = checked + ring_allgather_bytes(world * d * elem, world)
 
     if attack is not None and attack.omniscient and byz:
         honest = rows[[r for r in range(world) if r not in byz]]
@@ -154,6 +171,57 @@ def robust_exchange(
 
     out = aggregator(rows, key=key)
     return out.reshape(grad.shape).to(grad.dtype), sent
+
+
+def _code(text: str) -> int:
+    return zlib.crc32(text.encode())
+
+
+def _settings(rule: Aggregator | Attack | None) -> str:
+    if rule is None:
+        return "none"
+    options = {f.name: getattr(rule, f.name) for f in dataclasses.fields(rule) if f.init}
+    return f"{rule.name}: {sorted(options.items())!r}"
+
+
+def _agree(
+    flat: Tensor,
+    key: str,
+    aggregator: Aggregator,
+    attack: Attack | None,
+    byz: tuple[int, ...],
+    group: dist.ProcessGroup | None,
+    world: int,
+) -> None:
+    """Gather 6 ints naming this rank's call from every rank; raise alike on every rank where
+    they differ, naming what."""
+    fields = [
+        ("gradient size (number of elements)", flat.numel(), str(flat.numel())),
+        ("gradient dtype", _code(str(flat.dtype)), str(flat.dtype)),
+        ("key", _code(key), repr(key)),
+        ("aggregator settings", _code(_settings(aggregator)), _settings(aggregator)),
+        ("attack settings", _code(_settings(attack)), _settings(attack)),
+        ("Byzantine ranks", _code(repr(byz)), repr(list(byz))),
+    ]
+    mine = torch.tensor([v for _, v, _ in fields], dtype=torch.int64, device=flat.device)
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine, group=group)
+    everyone = torch.stack(parts).tolist()
+    differ = [
+        (what, shown)
+        for j, (what, _, shown) in enumerate(fields)
+        if len({r[j] for r in everyone}) > 1
+    ]
+    if differ:
+        bad = sorted({r for r, row in enumerate(everyone) if row != everyone[0]})
+        raise ValueError(
+            "robust_exchange: the ranks call it with different "
+            + ", ".join(what for what, _ in differ)
+            + f" (ranks {bad} differ from rank 0; this rank has "
+            + "; ".join(f"{what} {shown:.200}" for what, shown in differ)
+            + "); every rank must pass the same bucket's gradient under the same key, rule, "
+            "attack and Byzantine ranks"
+        )
 
 
 __all__ = ["default_byzantine_ranks", "robust_exchange"]
