@@ -212,7 +212,8 @@ class GeometricMedian(Aggregator):
     Args:
         max_iter: at most this many Weiszfeld iterations.
         tol: relative change of z that stops the iterations.
-        eps: the distance within which z counts as on a row.
+        eps: the distance within which z counts as on a row, relative to the largest
+            magnitude in the rows (the rule scales them by a power of two near it).
 
     Example:
         >>> GeometricMedian(n=3, f=1)(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
@@ -238,6 +239,17 @@ class GeometricMedian(Aggregator):
         finite = torch.isfinite(x).all(dim=1)
         if bool(finite.any()) and not bool(finite.all()):
             x = x[finite]  # a row with NaN or Inf has no usable position: it is left out
+        # Rows scaled by a power of two near their largest magnitude (exact, undone at the end):
+        # distances between rows past 1e154 squared to Inf in the norms, every weight was zero
+        # and z came back 0; and eps holds at every scale of the input (of rows 1e-8 apart,
+        # every row was "on" the start and z stayed the coordinate-wise median).
+        peak = x.abs().max() if x.numel() else x.new_zeros(())
+        scale = torch.where(
+            (peak > 0) & torch.isfinite(peak),
+            torch.ldexp(x.new_ones(()), torch.frexp(peak)[1] - 1),
+            1.0,
+        )
+        x = x / scale
         z = coordinate_median(x)  # (the mean overflows on two rows of 1e308, and moves with f)
         for _ in range(self.max_iter):
             dist = torch.linalg.vector_norm(x - z, dim=1)
@@ -254,4 +266,4 @@ class GeometricMedian(Aggregator):
             # One host sync an iteration (not an element) to stop early.
             if moved <= self.tol * max(float(torch.linalg.vector_norm(z)), self.eps):
                 break
-        return z.to(grads.dtype)
+        return (z * scale).to(grads.dtype)
