@@ -69,6 +69,18 @@ def test_geometric_median_matches_the_fermat_point():
     assert aggregate("geometric_median", far, f=1).abs().max() < 1.0
 
 
+@pytest.mark.parametrize("scale", [1e-9, 1e-8, 1.0, 1e160])
+def test_geometric_median_scales_with_its_input(scale):
+    """Rows 1e-8 apart were all within eps of the start (z stayed the coordinate-wise median,
+    0); float64 rows past 1e154 squared to Inf in the distances, and z came back 0."""
+    g = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    expected = (3 - 3**0.5) / 6
+    out = aggregate("geometric_median", g * scale, f=1) / scale
+    torch.testing.assert_close(
+        out, torch.tensor([expected] * 2, dtype=torch.float64), atol=1e-6, rtol=0
+    )
+
+
 def test_centered_clipping_bounds_an_outlier_and_keeps_its_anchor():
     cc = get_aggregator("centered_clipping", n=3, f=1, tau=1.0)
     out = cc(torch.tensor([[0.5], [0.5], [100.0]]))
@@ -251,6 +263,15 @@ def test_centered_clipping_state_loaded_on_cpu_follows_the_gradients_device():
     b = get_aggregator("centered_clipping", n=3, f=1, momentum=0.5)
     b.load_state_dict(a.state_dict())
     assert b(g.to("meta"), key="w").device.type == "meta"
+
+
+def test_centered_clipping_refuses_a_state_whose_anchor_and_momenta_differ_in_width():
+    """It loaded, and the next call failed inside torch on the sizes."""
+    a = get_aggregator("centered_clipping", n=3, f=1, momentum=0.5)
+    bad = {"anchor": {"a": torch.zeros(4)}, "momenta": {"a": torch.zeros(3, 3)}}
+    with pytest.raises(ValueError, match="anchor of key 'a' has 4 entries but its momenta have 3"):
+        a.load_state_dict(bad)
+    assert a.state_dict()["anchor"] == {}
 
 
 @pytest.mark.parametrize("name", ["krum", "multi_krum"])

@@ -120,6 +120,12 @@ class CenteredClipping(Aggregator):
                     f"{owner}: the state's momenta of key {key!r} must have shape "
                     f"[n={self.n}, d], got {tuple(m.shape)}"
                 )
+        for key in anchor.keys() & momenta.keys():
+            if momenta[key].shape[1] != anchor[key].shape[0]:
+                raise ValueError(
+                    f"{owner}: the state's anchor of key {key!r} has {anchor[key].shape[0]} "
+                    f"entries but its momenta have {momenta[key].shape[1]}; they must be as wide"
+                )
         check_saved_settings(state, owner, self.options(), strict)
         self._anchor = anchor
         self._momenta = momenta
