@@ -49,7 +49,8 @@ class Safeguard(Aggregator):
        good worker whose accumulation is more than twice the threshold from the reference's in
        either window. Removal is permanent. Windows restart at multiples of T0 and T1.
     4. Not in the paper: a good worker that sends Inf or NaN (infinitely far from every other)
-       is left out of that step's output and accumulations and removed when the step ends,
+       is left out of that step's output and accumulations, from the key where it first does
+       on (the step's keys aggregated before keep its share), and removed when the step ends,
        also during a warm-up, unless the finite ones are not a majority (a float16 overflow on
        every rank, say): then the output is not finite, for the sync layer to drop the step,
        and nothing is accumulated or removed.

@@ -1,11 +1,12 @@
 """Run n data-parallel workers in one process, some Byzantine, to compare rules and attacks fast.
 
-The simulation is the multi-process run with the network taken out: every worker owns a shard
-of the training set and draws its own batches from its own seeded generator (the same draws as
-rank i of a real run, see ``sparsetrain robust-matrix``); the workers' gradients are computed
-together with ``torch.func.vmap``; the last ``byzantine`` workers' rows are replaced by the
-attack (omniscient attacks see the honest rows); the rule aggregates the [n, d] matrix; one
-optimizer updates the single model copy that all workers share.
+The simulation is the multi-process run with the network taken out: every worker draws its own
+batches, from the whole training set or from a shard of its own (``split``), with its own seeded
+generator (the same draws as rank i of a real run, see ``sparsetrain robust-matrix``); the
+workers' gradients are computed together with ``torch.func.vmap``; the last ``byzantine``
+workers' rows are replaced by the attack (omniscient attacks see the honest rows); the rule
+aggregates the [n, d] matrix; one optimizer updates the single model copy that all workers
+share.
 
 A *task* is anything with ``build_model()``, ``train`` and ``test`` (TensorDatasets of inputs and
 integer labels), ``num_classes`` and ``loss_fn``, such as ``sparsetrain.tasks.get_task(...)``.
