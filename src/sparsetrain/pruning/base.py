@@ -561,7 +561,8 @@ class Pruner:
             m.register_load_state_dict_post_hook(_PrunerHook(self, "_after_model_load"))
             for m in self._owners().values()
         ]
-        # Each forward pass of the model first hooks a pruned weight unfrozen since.
+        # Each forward pass of the model first hooks a pruned weight unfrozen since (kept with
+        # the load hooks: finalize() removes both).
         assert self._model is not None
         self._load_handles.append(
             self._model.register_forward_pre_hook(_PrunerHook(self, "_before_forward"))
@@ -577,7 +578,7 @@ class Pruner:
                 self._hooked.add(n)
 
     def _before_forward(self, module: nn.Module, args: Any) -> None:
-        if len(self._hooked) < len(self._weights):  # (a frozen weight, or none: no loop)
+        if len(self._hooked) < len(self._weights):  # (all hooked, the usual case: no loop)
             self._hook_unfrozen()
 
     def _after_model_load(self, module: nn.Module, incompatible_keys: Any) -> None:
