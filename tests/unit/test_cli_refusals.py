@@ -91,6 +91,10 @@ def test_simulate_never_writes_over_the_fit_it_reads(tmp_path, capsys):
         (["--ranks", "8,8"], "--ranks lists 8 more than once"),
         (["--algorithms", "allgather,allgather"], "--algorithms lists allgather more than once"),
         (["--json", ""], "--json needs a file path, got an empty one"),
+        # the rates as typed (it printed the parsed 10000000000.0)
+        (["--bandwidth", "10gbit,10000mbit"], "--bandwidth lists 10000mbit twice (10gbit and"),
+        # seconds that fit, milliseconds that do not: a table of inf, exit status 0
+        (["--ranks", "1024", "--overhead-us", "1e308"], "the modelled times overflow"),
     ],
 )
 def test_simulate_refuses_repeated_rows_and_empty_paths(capsys, argv, words):

@@ -32,15 +32,18 @@ def _list(text: str, parse, what: str) -> list:
         parts.pop()  # one trailing comma, as the other commands' lists take it
     if any(not x for x in parts) and any(parts):  # "8,,16": a value left out?
         raise ValueError(f"--{what} {text!r} has an empty item; separate the values by one comma")
+    parts = [x for x in parts if x]
     try:
-        items = [parse(x) for x in parts if x]
+        items = [parse(x) for x in parts]
     except (ValueError, TypeError) as e:
         raise ValueError(f"--{what}: {e}") from None
     if not items:
         raise ValueError(f"--{what} lists nothing")
-    twice = [x for i, x in enumerate(items) if x in items[:i]]
-    if twice:  # a repeated row or column of the table
-        raise ValueError(f"--{what} lists {twice[0]} more than once")
+    for i, x in enumerate(items):  # a repeated row or column of the table, named as typed
+        if x in items[:i]:
+            first = parts[items.index(x)]
+            same = "more than once" if first == parts[i] else f"twice ({first} and {parts[i]})"
+            raise ValueError(f"--{what} lists {parts[i]} {same}")
     return items
 
 
@@ -264,7 +267,9 @@ def _run(args: argparse.Namespace) -> int:
                         algorithms, compute_s, gamma_sort, overhead)  # fmt: skip
     except (ValueError, TypeError) as e:
         args._parser.error(str(e))
-    if not all(math.isfinite(t) for r in rows for t in (r["dense_s"], *r["times_s"].values())):
+    # (in the milliseconds printed and saved: seconds near float's limit pass it times 1e3)
+    times = (t * 1e3 for r in rows for t in (r["dense_s"], *r["times_s"].values()))
+    if not all(math.isfinite(t) for t in times):
         args._parser.error(
             "the modelled times overflow: --latency, --bandwidth or a coefficient is far out of "
             "range"
