@@ -67,6 +67,10 @@ def test_refit_predicts_another_number_of_ranks_with_messages_waiting_for_the_co
     out = capsys.readouterr().out
     assert f"ranks a core: 8 in {held} (16 ranks on 2 cores), 4 in {fitted}" in out
     assert "held out, all points: 100% of 19 within 25%, median error 0%, max 0%" in out
+    # --cores is the fitted run's: the held-out run keeps the 2 it records (it took 8 too)
+    assert main(["bench", "refit", str(fitted), "--predict", str(held), "--cores", "4"]) == 0
+    out = capsys.readouterr().out
+    assert f"ranks a core: 8 in {held} (16 ranks on 2 cores), 2 in {fitted}" in out
 
 
 def test_refit_draws_the_errors_of_both_runs(tmp_path, capsys, monkeypatch):

@@ -883,14 +883,17 @@ def _check_results(result: Any) -> tuple[list, int, float | None, int | None]:
     return records, world, rate, cores
 
 
-def _load_results(path: Path, args: argparse.Namespace) -> tuple[list, int, float | None, int]:
+def _load_results(
+    path: Path, args: argparse.Namespace, fitted: bool = True
+) -> tuple[list, int, float | None, int]:
     """Return (records, ranks, measured link rate or None, shared cores) of a ``bench cluster``
-    JSON; a file that is not one is an argparse error naming what is wrong."""
+    JSON; a file that is not one is an argparse error naming what is wrong. ``--cores`` sets
+    the cores of the ``fitted`` run only (the run ``--predict`` names keeps its own)."""
     try:
         records, world, link, cores = _check_results(json.loads(path.read_text()))
     except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
         args._parser.error(f"cannot read {path}: {e}")
-    if args.cores is not None:
+    if fitted and args.cores is not None:
         cores = args.cores
     if cores is None:
         cores = machine_cores()
@@ -964,7 +967,7 @@ def run_refit(args: argparse.Namespace) -> int:
     path = Path(args.results)
     records, world, link, cores = _load_results(path, args)
     # The run to predict is read now: a file that cannot be read fails before the fit is printed.
-    held_out = _load_results(Path(args.predict), args) if args.predict else None
+    held_out = _load_results(Path(args.predict), args, fitted=False) if args.predict else None
     if args.only_pass is not None:
         if args.write:
             args._parser.error(
@@ -1247,7 +1250,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     f = sub.add_parser("refit", help="fit the cost model again to a bench cluster JSON")
     f.add_argument("results", help="a JSON written by `bench cluster`")
     f.add_argument("--free-beta", action="store_true", help="fit beta too (default: measured)")
-    f.add_argument("--cores", type=int, help="cores the ranks shared (default: as recorded)")
+    f.add_argument(
+        "--cores",
+        type=int,
+        help="cores the ranks of RESULTS shared (default: as recorded; the --predict run keeps "
+        "its own)",
+    )
     f.add_argument(
         "--predict",
         metavar="JSON",
