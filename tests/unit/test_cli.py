@@ -777,3 +777,37 @@ def test_the_package_ships_its_license_and_typing_marker():
     root = Path(__file__).resolve().parents[2]
     assert "Apache License" in (root / "LICENSE").read_text()
     assert (Path(sparsetrain.__file__).parent / "py.typed").exists()
+
+
+def test_a_closed_stdout_neither_fails_nor_skips_the_reports_files(tmp_path, monkeypatch, capsys):
+    """`sparsetrain train ... | head -1`: the closed pipe was taken for a failed write, "cannot
+    write the report" was said of a report that was written, a spare copy was left in $TMPDIR
+    and the exit status was 1."""
+    import sys
+
+    from sparsetrain.commands import train as command
+
+    monkeypatch.setattr(command, "check_launch", lambda configs: None)
+    monkeypatch.setattr(command, "launch", lambda configs: fake_report())
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    sink = open(tmp_path / "sink", "w")  # noqa: SIM115 - the fd the closed stdout stands on
+
+    class Closed:
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            pass
+
+        def fileno(self) -> int:
+            return sink.fileno()
+
+    monkeypatch.setattr(sys, "stdout", Closed())
+    report, plot = tmp_path / "out" / "r.json", tmp_path / "out" / "r.png"
+    code, _ = command.run_and_report([], str(report), str(plot), "sparsetrain train")
+    sink.close()
+    assert code == 0
+    assert "cannot write" not in capsys.readouterr().err
+    assert json.loads(report.read_text())["runs"] and plot.stat().st_size > 0
+    assert not list((tmp_path / "tmp").iterdir())  # no spare copy

@@ -577,11 +577,13 @@ def run_and_report(
         return 2 if isinstance(e, CheckpointConflict) else 1, None
     if under_torchrun() and int(os.environ["RANK"]) != 0:
         return 0, None
-    print(summary_table(report))
+    say(summary_table(report))
     code = 0
+    # (Each file is written before its line is printed, and the lines go through say(): a
+    # closed stdout, `| head -1`, must neither read as a failed write nor skip one.)
     if report_path:
         try:
-            print(f"report: {write_report(report, report_path)}")
+            written = write_report(report, report_path)
         except OSError as e:  # a full disk, a folder made read-only during the run
             code = 1
             print(f"{prog}: error: cannot write the report to {report_path}: {e}", file=sys.stderr)
@@ -591,15 +593,30 @@ def run_and_report(
                 print(f"report: {write_report(report, spare)} (instead)", file=sys.stderr)
             except OSError:
                 os.unlink(spare)
+        else:
+            say(f"report: {written}")
     if plot_path:
         from ..plotting import plot_report
 
         try:
-            print(f"plot:   {plot_report(report, plot_path)}")
+            drawn = plot_report(report, plot_path)
         except OSError as e:
             code = 1
             print(f"{prog}: error: cannot write the plot to {plot_path}: {e}", file=sys.stderr)
+        else:
+            say(f"plot:   {drawn}")
     return code, report
+
+
+def say(text: str) -> None:
+    """Print ``text``; once stdout is closed (`sparsetrain train ... | head -1`), send the rest
+    of the output nowhere, so that the files still to be written are."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _run(args: argparse.Namespace) -> int:
