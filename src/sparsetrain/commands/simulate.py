@@ -23,7 +23,13 @@ from pathlib import Path
 
 from sparsetrain import perfmodel
 from sparsetrain.cluster.units import parse_count, parse_duration, parse_rate
-from sparsetrain.plotting import fitted_title, legend_outside, plot_path_problem, save_figure
+from sparsetrain.plotting import (
+    file_path_problem,
+    fitted_title,
+    legend_outside,
+    plot_path_problem,
+    save_figure,
+)
 
 
 def _list(text: str, parse, what: str) -> list:
@@ -258,6 +264,9 @@ def _run(args: argparse.Namespace) -> int:
 
         if args.json is not None and not args.json.strip():
             raise ValueError("--json needs a file path, got an empty one")
+        problem = file_path_problem(args.json) if args.json else None
+        if problem:  # (before the table, as --plot's)
+            raise ValueError(f"--json {problem}")
         problem = same_file(json=args.json, plot=args.plot) or replaces_input(
             {"--fitted": args.fitted}, {"json": args.json, "plot": args.plot}
         )
