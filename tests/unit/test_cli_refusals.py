@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from sparsetrain._procs import available_memory
-from sparsetrain.cli import main
 from tests.unit.test_cli_validation import argparse_error
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "cluster_8r_1gbit.json"
@@ -100,17 +99,6 @@ def test_simulate_never_writes_over_the_fit_it_reads(tmp_path, capsys):
 )
 def test_simulate_refuses_repeated_rows_and_empty_paths(capsys, argv, words):
     assert words in argparse_error(capsys, ["simulate", *argv])
-
-
-def test_simulate_refuses_a_json_path_it_cannot_write_before_the_table(tmp_path, capsys):
-    """The table was printed, then the write failed (and a --plot given with it was never
-    drawn)."""
-    (tmp_path / "afile").touch()
-    with pytest.raises(SystemExit) as exc:
-        main(["simulate", "--ranks", "8", "--json", f"{tmp_path}/afile/x.json"])
-    said = capsys.readouterr()
-    assert exc.value.code == 2 and "--json" in said.err and "afile" in said.err, said.err
-    assert "sparsetrain simulate:" not in said.out, said.out  # no table
 
 
 def test_demo_refuses_an_empty_folder(capsys):

@@ -146,12 +146,18 @@ def test_simulate_fitted_missing_file(tmp_path, capsys):
 
 
 def test_simulate_json_that_cannot_be_written(tmp_path, capsys):
+    """Refused before the table is printed, as --plot is (the table printed, then the write
+    failed, and a --plot given with it was never drawn)."""
     err = argparse_error(capsys, ["simulate", "--ranks", "8", "--json", str(tmp_path)])
-    assert f"--json {tmp_path}: cannot write it" in err
+    assert f"--json {tmp_path}: is a folder; give a file name" in err
     (tmp_path / "file").write_text("")
     under_file = tmp_path / "file" / "sim.json"
-    err = argparse_error(capsys, ["simulate", "--ranks", "8", "--json", str(under_file)])
-    assert f"--json {under_file}: cannot write it" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["simulate", "--ranks", "8", "--json", str(under_file)])
+    said = capsys.readouterr()
+    assert exc.value.code == 2 and f"--json {under_file}: " in said.err, said.err
+    assert "is a file" in said.err, said.err
+    assert "sparsetrain simulate:" not in said.out, said.out  # no table
 
 
 def test_simulate_help_names_the_real_options_and_defaults(capsys):
