@@ -2201,14 +2201,28 @@ def launch(configs: TrainConfig | Sequence[TrainConfig]) -> dict[str, Any]:
     }
 
 
+def finite_json(value: Any) -> Any:
+    """``value`` with every float that is NaN or infinite replaced by None (JSON's null), in
+    nested dicts, lists and tuples."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
 def write_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write ``report`` as indented JSON to ``path`` (parent folders are created).
 
     A regular file is replaced only once the new one is whole, so a full disk leaves an older
-    report as it was; anything else (``/dev/stdout``) is written in place."""
+    report as it was; anything else (``/dev/stdout``) is written in place. A number that is
+    NaN or infinite (a diverged run's loss) is written as ``null``: the file is standard JSON,
+    which other languages' parsers read."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(report, indent=2) + "\n"
+    text = json.dumps(finite_json(report), indent=2, allow_nan=False) + "\n"
     target = Path(os.path.realpath(path))  # through a link, the file it names is replaced
     if target.exists() and not target.is_file():
         path.write_text(text)

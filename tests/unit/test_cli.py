@@ -811,3 +811,21 @@ def test_a_closed_stdout_neither_fails_nor_skips_the_reports_files(tmp_path, mon
     assert "cannot write" not in capsys.readouterr().err
     assert json.loads(report.read_text())["runs"] and plot.stat().st_size > 0
     assert not list((tmp_path / "tmp").iterdir())  # no spare copy
+
+
+def test_a_diverged_runs_report_is_standard_json(tmp_path):
+    """A diverged run's NaN loss was written as a bare NaN, which JSON parsers outside Python
+    refuse."""
+    report = fake_report()
+    run = report["runs"][0]
+    run["final_test_loss"] = float("nan")
+    run["curves"]["test_loss"] = [1.0, float("inf"), float("nan")]
+    path = write_report(report, tmp_path / "r.json")
+
+    def refuse(name: str) -> float:
+        raise ValueError(f"{name} is not JSON")
+
+    back = json.loads(path.read_text(), parse_constant=refuse)
+    assert back["runs"][0]["final_test_loss"] is None
+    assert back["runs"][0]["curves"]["test_loss"] == [1.0, None, None]
+    assert back["runs"][1] == json.loads(json.dumps(report["runs"][1]))  # the rest as it was

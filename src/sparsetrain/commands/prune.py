@@ -42,6 +42,7 @@ from sparsetrain.pruning import (
 from sparsetrain.pruning.base import default_weights
 from sparsetrain.pruning.masks import check_sparsity, nm_shape_problem
 from sparsetrain.tasks import Task, available_tasks, get_task
+from sparsetrain.train import finite_json
 
 SCHEDULES = ("oneshot", "gradual")
 
@@ -568,7 +569,7 @@ def _config(args: argparse.Namespace) -> PruneConfig:
 def _write(args: argparse.Namespace, report: dict[str, Any]) -> int:
     out = Path(args.report)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    out.write_text(json.dumps(finite_json(report), indent=2, allow_nan=False))  # (standard JSON)
     png = plot(report, args.plot or out.with_suffix(".png"))
     print(f"dense accuracy {report['dense']['test_accuracy']:.4f}")
     for r in report["runs"]:
