@@ -1834,12 +1834,27 @@ def _run_all(rank: int, world: int, configs: Sequence[TrainConfig]) -> list[dict
     return runs
 
 
+def _name_rank_in_warnings(rank: int) -> None:
+    """Show this worker's warnings as "sparsetrain: rank R: Category: message": the file and
+    line a library warning points at is the user's call, and a worker has none (it pointed
+    into torch's process spawning)."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        try:
+            print(f"sparsetrain: rank {rank}: {category.__name__}: {message}", file=sys.stderr)
+        except OSError:  # (a closed stderr, as warnings.showwarning itself allows)
+            pass
+
+    warnings.showwarning = show
+
+
 def _spawned(rank: int, world: int, configs: Sequence[TrainConfig], folder: str) -> None:
     """Entry point of an embedded worker: join the group, train, hand results back as files."""
     torch.set_num_threads(1)  # processes share the machine's cores; oversubscription is slower
     if configs[0].reuse_host_memory:  # before any thread of ours or the process group's starts
         reuse_freed_memory()
     stop_with_parent()
+    _name_rank_in_warnings(rank)
     Path(folder, f"started-rank{rank}").touch()  # tells a crash in training from one before it
     try:
         store = dist.FileStore(os.path.join(folder, "store"), world)

@@ -829,3 +829,19 @@ def test_a_diverged_runs_report_is_standard_json(tmp_path):
     assert back["runs"][0]["final_test_loss"] is None
     assert back["runs"][0]["curves"]["test_loss"] == [1.0, None, None]
     assert back["runs"][1] == json.loads(json.dumps(report["runs"][1]))  # the rest as it was
+
+
+def test_a_workers_warnings_name_its_rank_instead_of_torchs_spawn_code(monkeypatch, capsys):
+    """A library warning points at the user's call; in `sparsetrain train`'s workers there is
+    none, and it pointed at torch/multiprocessing/spawn.py's `fn(i, *args)`."""
+    import warnings
+
+    from sparsetrain.train import _name_rank_in_warnings
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored after
+    _name_rank_in_warnings(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("aggregator 'median' is built for f=0", UserWarning, stacklevel=1)
+    err = capsys.readouterr().err
+    assert err == "sparsetrain: rank 3: UserWarning: aggregator 'median' is built for f=0\n", err
