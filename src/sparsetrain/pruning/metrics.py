@@ -16,6 +16,7 @@ Definitions used throughout sparsetrain:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -58,6 +59,9 @@ def sparsity_stats(model: nn.Module, names: Iterable[str] | None = None) -> dict
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsity_stats takes a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(names, str):
+        raise TypeError(f"names must be a list of parameter names, got the string {names!r}")
+    _refuse_meta(model, "sparsity_stats")
     params = dict(model.named_parameters())
     chosen = list(names) if names is not None else [n for n, p in params.items() if p.dim() >= 2]
     unknown = [n for n in chosen if n not in params]
@@ -67,7 +71,8 @@ def sparsity_stats(model: nn.Module, names: Iterable[str] | None = None) -> dict
     for n in chosen:
         p = params[n]
         nz = int(torch.count_nonzero(p))
-        layers[n] = {"numel": p.numel(), "nonzero": nz, "sparsity": 1.0 - nz / p.numel()}
+        sparsity = 1.0 - nz / p.numel() if p.numel() else 0.0  # (nothing to prune: none pruned)
+        layers[n] = {"numel": p.numel(), "nonzero": nz, "sparsity": sparsity}
     total = sum(v["numel"] for v in layers.values())
     nonzero = sum(v["nonzero"] for v in layers.values())
     all_params = sum(p.numel() for p in params.values())
@@ -83,14 +88,40 @@ def sparsity_stats(model: nn.Module, names: Iterable[str] | None = None) -> dict
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_LOOKUPS = (nn.Embedding, nn.EmbeddingBag)  # a lookup: free by the definition above
 
 
-@torch.no_grad()
+def _refuse_meta(model: nn.Module, who: str) -> None:
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise ValueError(
+            f"{who} reads the weights' values, but {meta[:5]} are on the meta device, which "
+            "holds none: materialise the model first (model.to_empty(device=...) and load its "
+            "weights)"
+        )
+
+
+def _uncounted(model: nn.Module) -> list[str]:
+    """The kinds of module that hold a weight matrix of their own (2 or more dims) that
+    count_flops does not count (attention's projections, recurrent layers)."""
+    counted = (nn.Linear, *_CONVS, *_TRANSPOSED, *_LOOKUPS)
+    return sorted(
+        {
+            type(m).__name__
+            for m in model.modules()
+            if not isinstance(m, counted) and any(p.dim() >= 2 for p in m.parameters(recurse=False))
+        }
+    )
+
+
 def count_flops(model: nn.Module, example: Tensor) -> dict[str, int]:
     """Return dense and sparse (zero weights skipped) forward FLOPs per example.
 
-    Runs one forward pass on ``example`` (a batch) with hooks on linear and convolution layers
-    (transposed ones too).
+    Runs one forward pass on ``example`` (a batch, batch dimension first) in eval mode (the
+    model's mode is restored after it; BatchNorm's statistics are left as they were), with hooks
+    on linear and convolution layers (transposed ones too). Other layers count as free; a module
+    that holds a weight matrix of its own (``nn.MultiheadAttention``'s input projection, an
+    ``nn.LSTM``) is not counted, and a warning names such modules.
 
     Returns:
         ``{"dense": ..., "sparse": ...}``, FLOPs per example.
@@ -101,11 +132,27 @@ def count_flops(model: nn.Module, example: Tensor) -> dict[str, int]:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"count_flops takes a torch.nn.Module, got {type(model).__name__}")
+    _refuse_meta(model, "count_flops")
+    uncounted = _uncounted(model)
+    if uncounted:
+        warnings.warn(
+            f"count_flops counts linear and convolution layers only; the weights of the "
+            f"model's {', '.join(uncounted)} are not counted",
+            stacklevel=2,
+        )
     totals = {"dense": 0, "sparse": 0}
     batch = example.shape[0] if example.dim() > 0 else 1
 
     def hook(mod: nn.Module, inp: Any, out: Tensor) -> None:
         w = mod.weight
+        # (unbatched input, which torch's layers take: the batch was read off a wrong dimension)
+        batched = 2 if isinstance(mod, nn.Linear) else len(mod.kernel_size) + 2
+        if inp[0].dim() < batched:
+            raise ValueError(
+                f"count_flops needs a batched example (batch dimension first), but a "
+                f"{type(mod).__name__} got input of shape {tuple(inp[0].shape)}; add one: "
+                "example.unsqueeze(0)"
+            )
         if isinstance(mod, nn.Linear):
             positions = out.numel() // batch // mod.out_features
         elif isinstance(mod, _TRANSPOSED):  # every weight meets each input position once
@@ -121,11 +168,16 @@ def count_flops(model: nn.Module, example: Tensor) -> dict[str, int]:
         for m in model.modules()
         if isinstance(m, (nn.Linear, *_CONVS, *_TRANSPOSED))
     ]
+    training = [(m, m.training) for m in model.modules()]
+    model.eval()
     try:
-        model(example)
+        with torch.no_grad():
+            model(example)
     finally:
         for h in handles:
             h.remove()
+        for m, mode in training:  # (each module's own: a model may hold frozen eval parts)
+            m.training = mode
     return totals
 
 
