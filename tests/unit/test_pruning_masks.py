@@ -229,3 +229,85 @@ def test_gradual_nm_passes_through_each_n_the_schedule_reaches():
         pruner.step(step)
         kept.append(int(pruner.masks["0.weight"].reshape(-1, 4).sum(1).max()))
     assert kept == [4, 3, 2, 2, 2, 2]
+
+
+# ---- from a review of the pruning helpers (each failed before its fix) ------------------------
+def test_count_flops_leaves_batchnorm_statistics_and_the_mode_as_they_were():
+    """Its forward pass ran in train mode and moved BatchNorm's running statistics."""
+    from torch import nn
+
+    from sparsetrain.pruning import count_flops
+
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(144, 2))
+    m[3].eval()  # a part kept in eval mode stays so
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    flops = count_flops(m, torch.randn(2, 3, 8, 8))
+    assert flops["dense"] == 2 * 108 * 36 + 4 * 36 + 2 * 288 + 2
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    assert m.training and m[1].training and not m[3].training
+
+
+def test_count_flops_refuses_an_unbatched_example_and_names_what_it_leaves_out():
+    """An unbatched example counted 0 for a linear layer; attention's projections were left
+    out without a word."""
+    from torch import nn
+
+    from sparsetrain.pruning import count_flops
+
+    with pytest.raises(ValueError, match=r"batched example .* Linear got input of shape \(4,\)"):
+        count_flops(nn.Linear(4, 2), torch.zeros(4))
+    with pytest.raises(ValueError, match=r"Conv2d got input of shape \(3, 10, 10\)"):
+        count_flops(nn.Conv2d(3, 8, 3), torch.zeros(3, 10, 10))
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.out = nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.a(x, x, x)[0])
+
+    with pytest.warns(UserWarning, match="MultiheadAttention are not counted") as said:
+        assert count_flops(Attention(), torch.zeros(1, 5, 8))["dense"] == 5 * (2 * 16 + 2)
+    assert said[0].filename == __file__  # the user's call, not torch's no_grad wrapper
+
+
+def test_previous_masks_keep_their_weights_pruned_at_a_lower_sparsity():
+    """A sparsity below what the previous masks pruned ranked some of their weights back in."""
+    w = {"a": torch.tensor([1.0, 2.0, 3.0, 4.0])}
+    prev = {"a": torch.tensor([False, False, True, True])}
+    for method, extra in (("magnitude", {}), ("structured", {}), ("nm", {})):
+        weights = {"a": w["a"].view(1, 4)} if method != "magnitude" else w
+        previous = {"a": prev["a"].view_as(weights["a"])}
+        out = masks(weights, 0.25, method, previous=previous, **extra)["a"].reshape(-1)
+        assert not out[:2].any(), (method, out)
+
+
+def test_global_magnitude_ranks_float64_weights_in_float64():
+    """Ranked in float32, weights 1e-12 apart tied, and the larger one was pruned."""
+    w = {"a": torch.tensor([1.0 + 1e-12, 1.0], dtype=torch.float64)}
+    assert masks(w, 0.5)["a"].tolist() == [True, False]
+    assert masks(w, 0.5, scope="layer")["a"].tolist() == [True, False]
+
+
+def test_the_metrics_and_export_refuse_odd_input_by_name():
+    """A zero-size weight divided by zero, a string of names was read a letter at a time, and
+    a meta model failed inside torch's .item()."""
+    from torch import nn
+
+    from sparsetrain.pruning import count_flops, export_compact, sparsity_stats
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: initialising a zero-element tensor
+        empty = nn.Linear(0, 3)
+    assert sparsity_stats(empty)["layers"]["weight"]["sparsity"] == 0.0
+    with pytest.raises(TypeError, match="names must be a list of parameter names, got the str"):
+        sparsity_stats(nn.Linear(2, 2), "weight")
+    meta = nn.Linear(4, 2, device="meta")
+    for call in (
+        lambda: sparsity_stats(meta),
+        lambda: count_flops(meta, torch.zeros(1, 4, device="meta")),
+        lambda: export_compact(meta),
+    ):
+        with pytest.raises(ValueError, match=r"\['weight', 'bias'\] are on the meta device"):
+            call()

@@ -79,6 +79,13 @@ def export_compact(
         >>> model.load_state_dict(load_compact(ckpt))  # doctest: +SKIP
     """
     state = _state(model_or_state)
+    meta = [n for n, t in state.items() if isinstance(t, Tensor) and t.is_meta]
+    if meta:
+        raise ValueError(
+            f"export_compact stores the tensors' values, but {meta[:5]} are on the meta device, "
+            "which holds none: materialise the model first (model.to_empty(device=...) and load "
+            "its weights)"
+        )
     masks = {} if masks is None else masks
     _check_export_masks(state, masks)
     sparse, dense = {}, {}

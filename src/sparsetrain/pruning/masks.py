@@ -138,7 +138,10 @@ def keep_top(
             out[name] = _prune_lowest(s.reshape(-1), k).view_as(s)
         return out
     names = list(scores)
-    flat = torch.cat([scores[n].reshape(-1).float() for n in names])
+    # Ranked in float64 where a score is (float32 made ties of float64 weights 1e-12 apart, and
+    # pruned the larger), else in float32 (half scores too).
+    wide = torch.float64 if any(s.dtype == torch.float64 for s in scores.values()) else None
+    flat = torch.cat([scores[n].reshape(-1).to(wide or torch.float32) for n in names])
     if counts is None:
         k = num_pruned(flat.numel(), sparsity)
         mask = _prune_lowest(flat, k)
@@ -338,6 +341,8 @@ def masks(
     check_scope(scope)
     _check_weights(weights, previous)
     out = _METHODS[method](weights, s, scope, previous, **options)
+    if previous:  # (a sparsity below what they pruned ranks some of those weights back in)
+        out = {n: m & previous[n] if n in previous else m for n, m in out.items()}
     if scope == "global":
         _warn_collapsed(out, previous, s, method)
     return out
