@@ -932,6 +932,7 @@ def test_another_models_state_is_refused_naming_the_parameters(group):
             sync.load_state_dict(saved)
         assert same(sync.state_dict(), before)  # nothing loaded
         sync.load_state_dict(saved, strict=False)  # what fits, as Module.load_state_dict
+    del sync  # (the hook refuses a model a live GradientSync exchanges)
     hook = sparsetrain.register_ddp_hook(DDP(shorter), "threshold", density=0.5)
     with pytest.raises(ValueError, match="SyncState: this state is another model's"):
         hook.load_state_dict({**saved, "ddp_groups": None})
@@ -961,6 +962,23 @@ def test_gradient_sync_refuses_the_module_of_a_hooked_ddp_model(group):
     with pytest.raises(ValueError, match="module of a DDP model that has sparsetrain's hook"):
         sparsetrain.GradientSync(model.module, "threshold", density=0.5)
     sparsetrain.GradientSync(DDP(_model()).module, "threshold", density=0.5)  # not hooked
+    # A layer of the hooked model, and a model holding it (one order only was refused)
+    with pytest.raises(ValueError, match="this model is inside the module of a DDP model"):
+        sparsetrain.GradientSync(model.module[0], "threshold", density=0.5)
+    with pytest.raises(ValueError, match="this model holds the module of a DDP model"):
+        sparsetrain.GradientSync(nn.Sequential(model.module), "threshold", density=0.5)
+
+
+def test_the_hook_refuses_a_model_whose_gradients_a_gradient_sync_exchanges(group):
+    """GradientSync first, then the hook on a DDP model of the same module: each step was
+    compressed and exchanged twice, without a word."""
+    net = _model()
+    sync = sparsetrain.GradientSync(net, "threshold", density=0.5)
+    for module, how in ((net, "is"), (net[0], "is inside"), (nn.Sequential(net), "holds")):
+        with pytest.raises(ValueError, match=f"module {how} the model of a sparsetrain.Gradi"):
+            sparsetrain.register_ddp_hook(DDP(module), "threshold", density=0.5)
+    del sync  # dropped: the model may move to the hook
+    sparsetrain.register_ddp_hook(DDP(net), "threshold", density=0.5)
 
 
 def test_a_state_saved_before_ddp_rebuilt_its_buckets_warns_once(group):

@@ -4,10 +4,11 @@ No postponed annotations here: DDP checks the hook's annotations at run time.
 """
 
 import copy
+import gc
 import math
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -34,6 +35,29 @@ _ON_BACKWARD_THREAD: "weakref.WeakSet[SyncState]" = weakref.WeakSet()
 # The modules inside DDP models that carry this hook: GradientSync refuses them (their
 # gradients would be exchanged twice a step).
 HOOKED_MODULES: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+# The models of the GradientSyncs alive in this process, by GradientSync: the hook refuses them.
+SYNCED: "weakref.WeakKeyDictionary[Any, torch.nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def overlap(module: torch.nn.Module, others: Iterable[torch.nn.Module]) -> str | None:
+    """How ``module`` shares parameters' exchange with one of ``others`` ("is", "is inside",
+    "holds"), or None where it shares none."""
+    for other in others:
+        if other is module:
+            return "is"
+        if any(m is module for m in other.modules()):
+            return "is inside"
+        if any(m is other for m in module.modules()):
+            return "holds"
+    return None
+
+
+def _synced_overlap(module: torch.nn.Module) -> str | None:
+    how = overlap(module, list(SYNCED.values()))
+    if how is not None:  # a GradientSync dropped but not yet collected (a reference cycle)
+        gc.collect()
+        how = overlap(module, list(SYNCED.values()))
+    return how
 
 
 class SyncState:
@@ -752,6 +776,13 @@ def register_ddp_hook(
         # leaves a rank out raises there, and the others learn it instead of waiting.
         check_process_group(given)
         process_group = _hook_group(process_group, given)
+        how = _synced_overlap(ddp_model.module)
+        if how is not None:
+            raise ValueError(
+                f"register_ddp_hook: this DDP model's module {how} the model of a "
+                "sparsetrain.GradientSync, which exchanges its gradients after backward; the "
+                "hook would exchange them again. Use one of the two (drop the GradientSync)"
+            )
         if getattr(ddp_model, "_comm_hooks", None):
             raise ValueError(
                 "register_ddp_hook: this DDP model already has a communication hook (from "

@@ -143,11 +143,12 @@ class GradientSync:
                     "exchange them again. For a DDP model use sparsetrain.register_ddp_hook(model, "
                     "...); or pass the unwrapped module (model.module) to GradientSync without DDP"
                 )
-            from .ddp_hook import HOOKED_MODULES
+            from .ddp_hook import HOOKED_MODULES, overlap
 
-            if model in HOOKED_MODULES:
+            how = overlap(model, list(HOOKED_MODULES))  # (a layer of one, or one holding it)
+            if how is not None:
                 raise ValueError(
-                    "GradientSync: this model is the module of a DDP model that has "
+                    f"GradientSync: this model {how} the module of a DDP model that has "
                     "sparsetrain's hook, which already exchanges its gradients in backward; "
                     "GradientSync would exchange them again. Use one of the two"
                 )
@@ -185,6 +186,9 @@ class GradientSync:
                 [n for n, _ in bucket], [p.shape for _, p in bucket], bucket[0][1].dtype,
                 bucket[0][1].device,
             )  # fmt: skip
+        from .ddp_hook import SYNCED
+
+        SYNCED[self] = model  # register_ddp_hook refuses this model while this object lives
 
     def __repr__(self) -> str:
         engine = self.engine
