@@ -1123,3 +1123,22 @@ def test_gradients_from_create_graph_are_exchanged_as_values(compressor):
         assert not p.grad.requires_grad
         if compressor == "none":  # one rank: the average is the gradient
             torch.testing.assert_close(p.grad, g)
+
+
+def test_the_hook_states_reads_wait_for_exchanges_still_running(group):
+    """After backward raised (a NaN under on_nonfinite="raise": DDP re-raises the first failed
+    bucket at once), the step's later buckets and its end still ran on the background thread,
+    and a state read then was half a step behind."""
+    import time
+
+    state = sparsetrain.register_ddp_hook(DDP(_model()), "threshold", density=0.5)
+    for read in (
+        lambda: state.stats(),
+        lambda: state.skipped_last_step,
+        lambda: state.state_dict(),
+        lambda: state.clear_residuals({}),
+    ):
+        ran: list[int] = []
+        state._executor.submit(lambda: (time.sleep(0.2), ran.append(1)))  # an exchange's end
+        read()
+        assert ran == [1]

@@ -139,18 +139,28 @@ class SyncState:
     def skipped_last_step(self) -> bool:
         """True when the last step was dropped for a NaN/Inf gradient (``on_nonfinite="skip"``:
         do not call optimizer.step(); ``"propagate"``: GradScaler.step skips it by itself)."""
+        self._settle()
         return self.engine.skipped_last_step
 
     def stats(self) -> dict[str, Any]:
         """Bytes sent by this rank so far, dense-equivalent bytes, seconds in compression and
         communication (host wall time: on CUDA, launches and syncs, not kernel time), steps and
         skipped steps; see :meth:`SyncEngine.stats`."""
+        self._settle()
         return self.engine.stats()
+
+    def _settle(self) -> None:
+        """Wait for the exchanges queued on the background thread: where backward raised (a
+        NaN under on_nonfinite="raise", whose bucket DDP re-raises at once), the step's later
+        buckets and its end may still be running there, and a state read (or saved) then was
+        half a step behind, or a different step on each rank."""
+        self._executor.drain()
 
     def state_dict(self) -> dict[str, Any]:
         """The engine's state, and the groups of parameters the last step exchanged (None when
         those were DDP's first buckets, which it has yet to rebuild into groups not known yet:
         a run resumed from such a state compresses other groups than the uninterrupted one)."""
+        self._settle()
         if self._target is not None:
             groups = self._target
         else:
@@ -195,6 +205,7 @@ class SyncState:
         :class:`GradientSync`, under another ``bucket_cap_mb`` of DDP's, or with other trained
         parameters than this DDP model's is refused too, naming the difference."""
         check_state(state, "SyncState")
+        self._settle()
         groups = state.get("ddp_groups")
         if groups is not None and not (
             isinstance(groups, list)
@@ -473,6 +484,7 @@ class SyncState:
         parameter in ``where`` (parameter tensor -> bool tensor of its shape) where the bool is
         True: for a pruner (``prepare(..., sync=state)``), so that what pruned weights kept is
         not sent after them. Parameters the hook does not exchange are skipped."""
+        self._settle()
         for p, pruned in where.items():
             name = self._names.get(id(p))
             if name is not None:

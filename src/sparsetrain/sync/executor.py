@@ -62,6 +62,14 @@ class SerialExecutor:
                 self._thread.start()
         return fut
 
+    def drain(self) -> None:
+        """Wait until everything submitted so far has run (at once where nothing runs, or when
+        called from the executor's own thread)."""
+        thread = self._thread
+        if thread is None or not thread.is_alive() or threading.current_thread() is thread:
+            return
+        self.submit(lambda: None).wait()
+
     def shutdown(self, timeout: float | None = 30.0) -> None:
         """Finish the queued work, then stop the thread (a later ``submit`` starts a new one)."""
         with self._lock:
