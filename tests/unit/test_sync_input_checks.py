@@ -1139,6 +1139,6 @@ def test_the_hook_states_reads_wait_for_exchanges_still_running(group):
         lambda: state.clear_residuals({}),
     ):
         ran: list[int] = []
-        state._executor.submit(lambda: (time.sleep(0.2), ran.append(1)))  # an exchange's end
+        state._executor.submit(lambda ran=ran: (time.sleep(0.2), ran.append(1)))  # a step's end
         read()
         assert ran == [1]

@@ -3,7 +3,10 @@ annotations (or, unannotated, its defaults) and by the checks a task registers."
 
 from __future__ import annotations
 
+import re
+
 import pytest
+import torch
 
 from sparsetrain import tasks
 from sparsetrain.tasks import check_task_options, register_task
@@ -56,3 +59,46 @@ def test_get_task_takes_a_seed_in_the_range_the_trainer_does():
     for seed in (1.5, -1, True, 2**63):  # torch's "manual_seed expected a long", or accepted
         with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*63\)"):
             get_task("digits-mlp", seed=seed)
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ("empty test", "the test set is empty"),
+        ("empty train", "the train set is empty"),
+        ("label 7", "the train set's labels lie in [0, 7], but num_classes=3 allows [0, 2]"),
+        ("float labels", "the train set's labels (its last tensor) must be integer class indices"),
+        ("nan input", "the train set's input tensor 0 holds NaN or Inf"),
+        ("no classes", "num_classes must be an integer >= 1, got 0"),
+    ],
+)
+def test_a_task_whose_data_training_cannot_use_is_refused_by_name(registry, change, words):
+    """An empty set failed inside torch.arange or with a ZeroDivisionError, a label out of
+    range inside the loss, and a NaN input was blamed on the learning rate."""
+    from torch.utils.data import TensorDataset
+
+    from sparsetrain.tasks import Task, get_task, register_task
+
+    x, y = torch.randn(12, 4), torch.arange(12) % 3
+    train, test, classes = TensorDataset(x, y), TensorDataset(x, y), 3
+    if change == "empty test":
+        test = TensorDataset(x[:0], y[:0])
+    elif change == "empty train":
+        train = TensorDataset(x[:0], y[:0])
+    elif change == "label 7":
+        train = TensorDataset(x, torch.where(y == 2, 7, y))
+    elif change == "float labels":
+        train = TensorDataset(x, y.float())
+    elif change == "nan input":
+        bad = x.clone()
+        bad[3, 1] = float("nan")
+        train = TensorDataset(bad, y)
+    else:
+        classes = 0
+
+    @register_task("test-odd-data")
+    def odd(seed: int = 0) -> Task:
+        return Task("test-odd-data", lambda: torch.nn.Linear(4, 3), train, test, classes)
+
+    with pytest.raises(ValueError, match=re.escape(f"task 'test-odd-data': {words}")):
+        get_task("test-odd-data")

@@ -6,6 +6,10 @@ A task is registered by name with :func:`register_task`; adding one takes a few 
     def my_task(seed: int = 0) -> Task:
         train, test = load_my_data(seed)          # two TensorDatasets (inputs, integer labels)
         return Task("my-task", lambda: MyModel(), train, test, num_classes=10)
+
+From Python (``sparsetrain.train.launch``) register it at the top level of your script (the
+spawned workers import that module, not its ``if __name__ == "__main__":`` block); for the
+``sparsetrain`` command, in a module of this package named in ``_MODULES``.
 """
 
 from __future__ import annotations
@@ -86,11 +90,55 @@ def get_task(name: str, seed: int = 0, **options) -> Task:
     """Build the task registered as ``name``; the train/test split is fixed by ``seed``."""
     _load_all()
     if name not in _TASKS:
-        raise ValueError(f"unknown task {name!r}; valid names are: {', '.join(sorted(_TASKS))}")
+        raise ValueError(
+            f"unknown task {name!r}; valid names are: {', '.join(sorted(_TASKS))} (a task of "
+            "your script's must be registered at its top level, not under `if __name__ == "
+            '"__main__":`, for the spawned workers to see it)'
+        )
     check_task_options(name, options)
     if not is_integer(seed, 0) or operator.index(seed) >= 2**63:
         raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
-    return _TASKS[name](seed=operator.index(seed), **options)
+    task = _TASKS[name](seed=operator.index(seed), **options)
+    check_task(task, name)
+    return task
+
+
+def check_task(task: Task, name: str) -> None:
+    """Refuse, naming the task and what is wrong, a task whose data training cannot use: no
+    Task, ``num_classes`` not a positive integer, an empty train or test set, and in a
+    ``TensorDataset`` (inputs first, labels last) labels that are not integers in
+    ``[0, num_classes)`` or inputs that hold NaN or Inf. Other data sets are checked for
+    length only (their items are not read)."""
+    if not isinstance(task, Task):
+        raise TypeError(f"task {name!r}: its factory must return a Task, got {type(task).__name__}")
+    if not is_integer(task.num_classes, 1):
+        raise ValueError(
+            f"task {name!r}: num_classes must be an integer >= 1, got {task.num_classes!r}"
+        )
+    for part in ("train", "test"):
+        data = getattr(task, part)
+        if hasattr(data, "__len__") and len(data) == 0:
+            raise ValueError(f"task {name!r}: the {part} set is empty")
+        if not isinstance(data, TensorDataset) or not data.tensors:
+            continue
+        *inputs, labels = data.tensors
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(
+                f"task {name!r}: the {part} set's labels (its last tensor) must be integer "
+                f"class indices, got dtype {labels.dtype}"
+            )
+        if labels.numel():
+            lo, hi = (int(v) for v in torch.aminmax(labels))
+            if lo < 0 or hi >= task.num_classes:
+                raise ValueError(
+                    f"task {name!r}: the {part} set's labels lie in [{lo}, {hi}], but "
+                    f"num_classes={task.num_classes} allows [0, {task.num_classes - 1}]"
+                )
+        for i, x in enumerate(inputs):
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                raise ValueError(
+                    f"task {name!r}: the {part} set's input tensor {i} holds NaN or Inf"
+                )
 
 
 def check_task_options(name: str, options: dict) -> None:
