@@ -981,6 +981,23 @@ def test_the_hook_refuses_a_model_whose_gradients_a_gradient_sync_exchanges(grou
     sparsetrain.register_ddp_hook(DDP(net), "threshold", density=0.5)
 
 
+def test_a_gradient_sync_its_model_reaches_is_freed_with_it(group):
+    """The registry the hook checks held each GradientSync's model: one the model reaches back
+    (a pruner prepared with sync=, through its gradient hooks) was kept for the process's life."""
+    import gc
+    import weakref
+
+    from sparsetrain.pruning import get_pruner
+
+    net = _model()
+    sync = sparsetrain.GradientSync(net, "threshold", density=0.5)
+    get_pruner("magnitude", sparsity=0.5).prepare(net, sync=sync)
+    gone = weakref.ref(net)
+    del net, sync
+    gc.collect()
+    assert gone() is None
+
+
 def test_a_state_saved_before_ddp_rebuilt_its_buckets_warns_once(group):
     """A run resumed from it compressed other groups than the uninterrupted one, without a word
     (README promised exactness only from checkpoints written after DDP rebuilt)."""

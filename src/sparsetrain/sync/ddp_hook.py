@@ -35,8 +35,10 @@ _ON_BACKWARD_THREAD: "weakref.WeakSet[SyncState]" = weakref.WeakSet()
 # The modules inside DDP models that carry this hook: GradientSync refuses them (their
 # gradients would be exchanged twice a step).
 HOOKED_MODULES: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
-# The models of the GradientSyncs alive in this process, by GradientSync: the hook refuses them.
-SYNCED: "weakref.WeakKeyDictionary[Any, torch.nn.Module]" = weakref.WeakKeyDictionary()
+# The GradientSyncs alive in this process: the hook refuses their models. (Held weakly, and
+# their models read from them: a registry that held a model would keep alive a GradientSync
+# the model reaches, through a pruner's hooks, say.)
+SYNCS: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
 def overlap(module: torch.nn.Module, others: Iterable[torch.nn.Module]) -> str | None:
@@ -53,10 +55,10 @@ def overlap(module: torch.nn.Module, others: Iterable[torch.nn.Module]) -> str |
 
 
 def _synced_overlap(module: torch.nn.Module) -> str | None:
-    how = overlap(module, list(SYNCED.values()))
+    how = overlap(module, [s._model for s in list(SYNCS)])
     if how is not None:  # a GradientSync dropped but not yet collected (a reference cycle)
         gc.collect()
-        how = overlap(module, list(SYNCED.values()))
+        how = overlap(module, [s._model for s in list(SYNCS)])
     return how
 
 

@@ -186,9 +186,9 @@ class GradientSync:
                 [n for n, _ in bucket], [p.shape for _, p in bucket], bucket[0][1].dtype,
                 bucket[0][1].device,
             )  # fmt: skip
-        from .ddp_hook import SYNCED
+        from .ddp_hook import SYNCS
 
-        SYNCED[self] = model  # register_ddp_hook refuses this model while this object lives
+        SYNCS.add(self)  # register_ddp_hook refuses this model while this object lives
 
     def __repr__(self) -> str:
         engine = self.engine
