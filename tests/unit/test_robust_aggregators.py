@@ -265,6 +265,22 @@ def test_centered_clipping_state_loaded_on_cpu_follows_the_gradients_device():
     assert b(g.to("meta"), key="w").device.type == "meta"
 
 
+def test_geometric_median_keeps_a_far_rows_pull_and_leaves_the_honest_rows_apart():
+    """Scaled by the largest magnitude, one Byzantine row 1e9 out put the honest rows within eps
+    of the start (z stayed the coordinate-wise median); one 1e300 out squared to Inf, and its
+    pull (of unit length, whatever its distance) was lost."""
+    from sparsetrain.robust.rules import coordinate_median
+
+    honest = torch.randn(6, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    outs = {}
+    for big in (1e6, 1e9, 1e300):
+        rows = torch.cat([honest, torch.full((1, 8), big, dtype=torch.float64)])
+        outs[big] = aggregate("geometric_median", rows, f=2)
+        assert not torch.allclose(outs[big], coordinate_median(rows))
+    torch.testing.assert_close(outs[1e9], outs[1e6], rtol=0, atol=1e-6)
+    torch.testing.assert_close(outs[1e300], outs[1e6], rtol=0, atol=1e-6)
+
+
 def test_centered_clipping_refuses_a_state_whose_anchor_and_momenta_differ_in_width():
     """It loaded, and the next call failed inside torch on the sizes."""
     a = get_aggregator("centered_clipping", n=3, f=1, momentum=0.5)

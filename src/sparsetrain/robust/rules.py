@@ -33,6 +33,13 @@ class Mean(Aggregator):
         return grads.mean(dim=0)
 
 
+def _norm(v: Tensor) -> Tensor:
+    """The Euclidean norm along the last dimension, of each row of a matrix, computed over the
+    entries divided by their largest magnitude, so that no square overflows or underflows."""
+    top = v.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
+    return torch.linalg.vector_norm(v / top, dim=-1) * top.squeeze(-1)
+
+
 def coordinate_median(grads: Tensor) -> Tensor:
     """Return the coordinate-wise median (mean of the two middle values when n is even)."""
     n = grads.shape[0]
@@ -212,8 +219,8 @@ class GeometricMedian(Aggregator):
     Args:
         max_iter: at most this many Weiszfeld iterations.
         tol: relative change of z that stops the iterations.
-        eps: the distance within which z counts as on a row, relative to the largest
-            magnitude in the rows (the rule scales them by a power of two near it).
+        eps: the distance within which z counts as on a row, relative to the rows' spread
+            (the median distance of a row from the coordinate-wise median, where z starts).
 
     Example:
         >>> GeometricMedian(n=3, f=1)(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
@@ -239,31 +246,28 @@ class GeometricMedian(Aggregator):
         finite = torch.isfinite(x).all(dim=1)
         if bool(finite.any()) and not bool(finite.all()):
             x = x[finite]  # a row with NaN or Inf has no usable position: it is left out
-        # Rows scaled by a power of two near their largest magnitude (exact, undone at the end):
-        # distances between rows past 1e154 squared to Inf in the norms, every weight was zero
-        # and z came back 0; and eps holds at every scale of the input (of rows 1e-8 apart,
-        # every row was "on" the start and z stayed the coordinate-wise median).
-        peak = x.abs().max() if x.numel() else x.new_zeros(())
-        scale = torch.where(
-            (peak > 0) & torch.isfinite(peak),
-            torch.ldexp(x.new_ones(()), torch.frexp(peak)[1] - 1),
-            1.0,
-        )
-        x = x / scale
         z = coordinate_median(x)  # (the mean overflows on two rows of 1e308, and moves with f)
+        tiny = torch.finfo(x.dtype).tiny
+        # eps is relative to the rows' spread, a typical row's distance from the start: of rows
+        # 1e-8 apart, every row was "on" the start with an absolute eps, and z stayed the
+        # coordinate-wise median. Every norm is taken without squares that overflow or
+        # underflow (_norm): rows 1e160 apart squared to Inf, every weight was zero, and z came
+        # back 0; a far Byzantine row's weight went to 0 with it, and its pull was lost.
+        spread = _norm(x - z).median() if len(x) else x.new_zeros(())
+        eps = (self.eps * spread).clamp_min(tiny)
         for _ in range(self.max_iter):
-            dist = torch.linalg.vector_norm(x - z, dim=1)
-            on = dist <= self.eps
-            w = torch.where(on, torch.zeros_like(dist), 1.0 / dist.clamp_min(self.eps))
+            dist = _norm(x - z)
+            on = dist <= eps
+            w = torch.where(on, torch.zeros_like(dist), 1.0 / dist.clamp_min(eps))
             # (every row where z is: no weight, g = 1 below, and z stays, without a sync here)
-            step = (w[:, None] * x).sum(dim=0) / w.sum().clamp_min(1e-300)
+            step = (w[:, None] * x).sum(dim=0) / w.sum().clamp_min(tiny)
             eta = on.sum().to(x.dtype)
-            pull = torch.linalg.vector_norm((w[:, None] * (x - z)).sum(dim=0))
-            g = torch.where(eta > 0, torch.clamp(eta / pull.clamp_min(1e-300), max=1.0), 0.0)
+            pull = _norm((w[:, None] * (x - z)).sum(dim=0))
+            g = torch.where(eta > 0, torch.clamp(eta / pull.clamp_min(tiny), max=1.0), 0.0)
             z_new = (1 - g) * step + g * z
-            moved = torch.linalg.vector_norm(z_new - z)
+            moved = _norm(z_new - z)
             z = z_new
             # One host sync an iteration (not an element) to stop early.
-            if moved <= self.tol * max(float(torch.linalg.vector_norm(z)), self.eps):
+            if moved <= self.tol * max(float(_norm(z)), float(eps)):
                 break
-        return (z * scale).to(grads.dtype)
+        return z.to(grads.dtype)
