@@ -444,6 +444,30 @@ def test_robust_exchange_refuses_an_attack_built_for_another_world(group):
     assert torch.equal(out, g)  # built for this world: runs (no rank attacks)
 
 
+def test_robust_exchanges_check_reads_equal_options_alike():
+    """Its cross-rank check compared the options' repr: std=1 on one rank and std=1.0 on
+    another (equal rules), or a dict of options in another order, were called different."""
+    import numpy as np
+
+    from sparsetrain.sync.robust_exchange import _settings
+
+    def same(a, b) -> bool:
+        return _settings(a) == _settings(b)
+
+    assert same(get_attack("gaussian", n=4, f=1, std=1), get_attack("gaussian", n=4, f=1, std=1.0))
+    assert same(
+        get_attack("gaussian", n=4, f=1, std=np.float32(0.5)),
+        get_attack("gaussian", n=4, f=1, std=0.5),
+    )
+    base = {"base": "centered_clipping", "n": 8, "f": 1}
+    assert same(
+        get_aggregator("bucketing", **base, base_options={"tau": 1.0, "iterations": 2}),
+        get_aggregator("bucketing", **base, base_options={"iterations": 2, "tau": 1}),
+    )
+    assert not same(get_aggregator("median", n=4, f=1), get_aggregator("median", n=4, f=0))
+    assert not same(get_attack("gaussian", n=4, f=1, std=2), get_attack("gaussian", n=4, f=1))
+
+
 def test_robust_exchange_names_bad_arguments(group):
     rule = get_aggregator("mean", n=1)
     g = torch.ones(4)

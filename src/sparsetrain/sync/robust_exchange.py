@@ -20,9 +20,11 @@ them, so rank 0 stays honest for reporting.
 from __future__ import annotations
 
 import dataclasses
+import json
+import numbers
 import operator
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -178,10 +180,27 @@ def _code(text: str) -> int:
 
 
 def _settings(rule: Aggregator | Attack | None) -> str:
+    """The rule's name and options as text that equal options give alike on every rank (1 and
+    1.0, a dict in any order)."""
     if rule is None:
         return "none"
     options = {f.name: getattr(rule, f.name) for f in dataclasses.fields(rule) if f.init}
-    return f"{rule.name}: {sorted(options.items())!r}"
+    return f"{rule.name}: {json.dumps(_plain(options), sort_keys=True)}"
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):  # (a whole float as the int it equals: 1.0 as 1)
+        f = float(value)
+        return int(f) if f.is_integer() else f
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return repr(value)
 
 
 def _agree(
