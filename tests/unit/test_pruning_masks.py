@@ -311,3 +311,44 @@ def test_the_metrics_and_export_refuse_odd_input_by_name():
     ):
         with pytest.raises(ValueError, match=r"\['weight', 'bias'\] are on the meta device"):
             call()
+
+
+def test_count_flops_checks_the_batch_at_the_first_layer_only():
+    """A linear layer applied to a vector of the model's own (a parameter) was refused as an
+    unbatched example."""
+    from torch import nn
+
+    from sparsetrain.pruning import count_flops
+
+    class Film(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.film, self.z = (
+                nn.Linear(4, 2),
+                nn.Linear(8, 2),
+                nn.Parameter(torch.ones(8)),
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) * self.film(self.z)
+
+    # fc on each of the 2 examples; film once a pass, half of it an example
+    assert count_flops(Film(), torch.randn(2, 4))["dense"] == 2 * 8 + 2 + (2 * 16 + 2) // 2
+
+
+def test_a_pruning_method_that_returns_no_bool_masks_is_refused_by_name():
+    """A method of the user's returning float masks worked alone and failed in a bitwise and
+    with previous masks."""
+    from sparsetrain.pruning.masks import _METHODS, register_method
+
+    @register_method("test-float-masks")
+    def float_masks(weights, sparsity, scope, previous):
+        return {n: (w.abs() > w.abs().median()).float() for n, w in weights.items()}
+
+    try:
+        w = {"a": torch.randn(4, 4)}
+        for previous in (None, {"a": torch.ones(4, 4, dtype=torch.bool)}):
+            with pytest.raises(TypeError, match="'test-float-masks' must return a bool mask"):
+                masks(w, 0.5, "test-float-masks", previous=previous)
+    finally:
+        _METHODS.pop("test-float-masks")

@@ -341,6 +341,17 @@ def masks(
     check_scope(scope)
     _check_weights(weights, previous)
     out = _METHODS[method](weights, s, scope, previous, **options)
+    odd = [
+        n
+        for n, w in weights.items()
+        if not (isinstance(out.get(n), Tensor) and out[n].dtype == torch.bool)
+        or out[n].shape != w.shape
+    ]
+    if odd:  # (a method of the user's: the pruners and masks & previous need bool masks)
+        raise TypeError(
+            f"pruning method {method!r} must return a bool mask of each weight's shape (True: "
+            f"kept), but did not for {odd[:5]}"
+        )
     if previous:  # (a sparsity below what they pruned ranks some of those weights back in)
         out = {n: m & previous[n] if n in previous else m for n, m in out.items()}
     if scope == "global":

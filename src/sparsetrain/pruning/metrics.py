@@ -142,24 +142,30 @@ def count_flops(model: nn.Module, example: Tensor) -> dict[str, int]:
         )
     totals = {"dense": 0, "sparse": 0}
     batch = example.shape[0] if example.dim() > 0 else 1
+    first = [True]
 
     def hook(mod: nn.Module, inp: Any, out: Tensor) -> None:
         w = mod.weight
-        # (unbatched input, which torch's layers take: the batch was read off a wrong dimension)
+        # Unbatched input, which torch's layers take: the batch was read off a wrong dimension.
+        # Checked at the first layer counted, which takes the example (a later one may take a
+        # vector of the model's own, a parameter say).
         batched = 2 if isinstance(mod, nn.Linear) else len(mod.kernel_size) + 2
-        if inp[0].dim() < batched:
+        checked, first[0] = first[0], False
+        if checked and inp[0].dim() < batched:
             raise ValueError(
                 f"count_flops needs a batched example (batch dimension first), but a "
                 f"{type(mod).__name__} got input of shape {tuple(inp[0].shape)}; add one: "
                 "example.unsqueeze(0)"
             )
+        # Over the whole forward pass, divided by the batch at the end: a layer that runs once
+        # a pass on a vector of the model's own costs its share of an example.
         if isinstance(mod, nn.Linear):
-            positions = out.numel() // batch // mod.out_features
+            positions = out.numel() // mod.out_features
         elif isinstance(mod, _TRANSPOSED):  # every weight meets each input position once
-            positions = inp[0][0].numel() // mod.in_channels if inp[0].dim() > 1 else 1
+            positions = inp[0].numel() // mod.in_channels
         else:
-            positions = out[0].numel() // mod.out_channels if out.dim() > 1 else 1
-        bias = out.numel() // batch if mod.bias is not None else 0
+            positions = out.numel() // mod.out_channels
+        bias = out.numel() if mod.bias is not None else 0
         totals["dense"] += 2 * w.numel() * positions + bias
         totals["sparse"] += 2 * int(torch.count_nonzero(w)) * positions + bias
 
@@ -178,7 +184,7 @@ def count_flops(model: nn.Module, example: Tensor) -> dict[str, int]:
             h.remove()
         for m, mode in training:  # (each module's own: a model may hold frozen eval parts)
             m.training = mode
-    return totals
+    return {k: round(v / batch) for k, v in totals.items()}
 
 
 def pruned_parameter_efficiency(acc_pruned: float, acc_dense: float, kept_fraction: float) -> float:
