@@ -845,3 +845,29 @@ def test_a_workers_warnings_name_its_rank_instead_of_torchs_spawn_code(monkeypat
         warnings.warn("aggregator 'median' is built for f=0", UserWarning, stacklevel=1)
     err = capsys.readouterr().err
     assert err == "sparsetrain: rank 3: UserWarning: aggregator 'median' is built for f=0\n", err
+
+
+def test_simulate_writes_its_files_when_stdout_is_closed(tmp_path, monkeypatch):
+    """The table went first: a closed stdout ended the command before --json and --plot were
+    written, and the exit was a quiet 141."""
+    import sys
+
+    from sparsetrain.cli import main
+
+    sink = open(tmp_path / "sink", "w")  # noqa: SIM115 - the fd the closed stdout stands on
+
+    class Closed:
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            pass
+
+        def fileno(self) -> int:
+            return sink.fileno()
+
+    monkeypatch.setattr(sys, "stdout", Closed())
+    out, png = tmp_path / "s.json", tmp_path / "s.png"
+    assert main(["simulate", "--ranks", "8", "--json", str(out), "--plot", str(png)]) == 0
+    sink.close()
+    assert json.loads(out.read_text())["rows"] and png.stat().st_size > 0

@@ -260,7 +260,7 @@ def _run(args: argparse.Namespace) -> int:
         problem = plot_path_problem(args.plot) if args.plot else None
         if problem:
             raise ValueError(f"--plot {problem}")
-        from .train import replaces_input, same_file
+        from .train import replaces_input, same_file, say
 
         if args.json is not None and not args.json.strip():
             raise ValueError("--json needs a file path, got an empty one")
@@ -283,7 +283,9 @@ def _run(args: argparse.Namespace) -> int:
             "the modelled times overflow: --latency, --bandwidth or a coefficient is far out of "
             "range"
         )
-    print(
+    # (through say(): a closed stdout, `| head`, must not keep --json and --plot from being
+    # written)
+    say(
         f"sparsetrain simulate: {what}, density {args.density:g} (k = {args.density * numel:,.0f} "
         f"a rank), latency {latency * 1e6:g} us, gamma {gamma * 1e9:.3g} ns/entry, "
         f"gamma_dense {gamma_dense * 1e9:.3g} ns/element, gamma_sort {gamma_sort * 1e9:.3g} "
@@ -294,15 +296,15 @@ def _run(args: argparse.Namespace) -> int:
     head += f"  {'winner':<10}{'dense ring':>11}{'speedup':>9}" + (
         f"{'iter.':>7}" if compute_s else ""
     )
-    print("modelled time of one exchange (ms):")
-    print(head)
+    say("modelled time of one exchange (ms):")
+    say(head)
     for r in rows:
         line = f"{r['ranks']:>6} {r['bandwidth_bps'] / 1e9:>5g}Gb/s  "
         line += "".join(" " + _ms(r["times_s"][a], 10) for a in algorithms)
         line += f"  {r['winner']:<10} {_ms(r['dense_s'], 10)}{_times(r['speedup_exchange'])}"
         if compute_s:
             line += f"{r['speedup_iteration']:>6.2f}x"
-        print(line)
+        say(line)
     if args.json:
         local = {"gamma": gamma, "gamma_dense": gamma_dense, "gamma_sort": gamma_sort,
                  "overhead": overhead, "compute_s": compute_s}  # fmt: skip
@@ -313,7 +315,7 @@ def _run(args: argparse.Namespace) -> int:
             Path(args.json).write_text(text)
         except OSError as e:
             args._parser.error(f"--json {args.json}: cannot write it ({e})")
-        print(f"json: {args.json}")
+        say(f"json: {args.json}")
     if args.plot:
         title = (f"{what}, density {args.density:g}, latency {latency * 1e6:g} us a message, "
                  f"local work {gamma * 1e9:.3g} ns an entry")  # fmt: skip
@@ -321,7 +323,7 @@ def _run(args: argparse.Namespace) -> int:
             written = plot_projection(rows, algorithms, args.plot, title)
         except OSError as e:
             args._parser.error(f"--plot {args.plot}: cannot write it ({e})")
-        print(f"plot: {written}")
+        say(f"plot: {written}")
     return 0
 
 
