@@ -261,10 +261,27 @@ def _rigl_unused(rank: int, world: int) -> dict:
                 other.step(step)
     except ValueError as e:
         skipped = str(e)
+    # Rank 1 freezes a pruned weight before the update at step 2: it alone raised, and the other
+    # waited in the allreduce until the process died.
+    net = _Branchy()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    third = get_pruner("rigl", sparsity=0.5, delta_t=2, end=10).prepare(net, opt)
+    frozen = None
+    try:
+        for step in range(3):
+            if rank == 1 and step == 2:
+                net.a.weight.requires_grad_(False)
+            opt.zero_grad()
+            net(torch.randn(4, 8, generator=g), True).sum().backward()
+            opt.step()
+            third.step(step)
+    except ValueError as e:
+        frozen = str(e)
     return {
         "masks": {n: m.flatten().tolist() for n, m in pruner.masks.items()},
         "forgotten": forgotten,
         "skipped": skipped,
+        "frozen": frozen,
     }
 
 
@@ -279,3 +296,5 @@ def test_rigl_updates_where_a_pruned_layer_was_unused_on_one_rank(tmp_path) -> N
     for r in res:
         assert r["forgotten"] and "no dense gradient for any weight" in r["forgotten"], r
         assert r["skipped"] and "rank(s) [1] of the group captured no" in r["skipped"], r
+    assert "rank(s) [1] of the group have pruned parameters frozen" in res[0]["frozen"], res[0]
+    assert "['a.weight'] are frozen" in res[1]["frozen"], res[1]

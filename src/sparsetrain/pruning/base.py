@@ -360,9 +360,25 @@ class Pruner:
             self._refuse_frozen({n: named[n] for n in names}, "leave them out of params")
         return {n: named[n] for n in names}
 
-    def _refuse_frozen(self, weights: Mapping[str, Tensor], fix: str) -> None:
-        """Raise where a pruner that reads its weights' gradients would prune a frozen one."""
+    def _refuse_frozen(
+        self, weights: Mapping[str, Tensor], fix: str, everywhere: bool = False
+    ) -> None:
+        """Raise where a pruner that reads its weights' gradients would prune a frozen one;
+        ``everywhere``: under torch.distributed, on every rank of the group where any rank has
+        one (one small allreduce), before the collectives that read the gradients."""
         frozen = [n for n, p in weights.items() if not p.requires_grad]
+        if everywhere and _distributed() and dist.get_world_size(self._group) > 1:
+            w = next(iter(weights.values()))
+            flags = torch.zeros(dist.get_world_size(self._group), device=w.device)
+            flags[dist.get_rank(self._group)] = float(bool(frozen))
+            dist.all_reduce(flags, group=self._group)
+            ranks = [r for r, f in enumerate(flags.tolist()) if f]
+            if ranks and not frozen:
+                raise ValueError(
+                    f"rank(s) {ranks} of the group have pruned parameters frozen "
+                    f"(requires_grad=False), but the {self.name!r} pruner reads the gradients of "
+                    f"the weights it prunes; {fix} on every rank, or prune them by magnitude"
+                )
         if frozen:
             raise ValueError(
                 f"parameter(s) {frozen} are frozen (requires_grad=False), but the "

@@ -236,7 +236,7 @@ class RigLPruner(Pruner):
         # Armed: the hook was capturing during this step's backward (pruner.step of the step
         # before, prepare or a load armed it), or a closure gives a backward of its own.
         armed = closure is not None or self._stash
-        self._refuse_frozen(self._weights, "unfreeze them before the update steps")
+        self._refuse_frozen(self._weights, "unfreeze them before the update steps", everywhere=True)
         if closure is not None:
             params = list(self._model.parameters())  # the closure's backward touches them all
             saved = [p.grad for p in params]

@@ -101,7 +101,9 @@ class WoodFisherPruner(ScheduledPruner):
 
     def inverse_fisher(self, closure: Closure) -> Tensor:
         """Return the ``(num_blocks, B, B)`` inverse Fisher from ``fisher_samples`` closure calls."""
-        self._refuse_frozen(self._weights, "unfreeze them before the pruning steps")
+        self._refuse_frozen(
+            self._weights, "unfreeze them before the pruning steps", everywhere=True
+        )
         world = dist.get_world_size(self._group) if _distributed() else 1
         total = self.fisher_samples * world
         params = list(self._weights.values())
