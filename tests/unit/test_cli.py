@@ -779,18 +779,12 @@ def test_the_package_ships_its_license_and_typing_marker():
     assert (Path(sparsetrain.__file__).parent / "py.typed").exists()
 
 
-def test_a_closed_stdout_neither_fails_nor_skips_the_reports_files(tmp_path, monkeypatch, capsys):
-    """`sparsetrain train ... | head -1`: the closed pipe was taken for a failed write, "cannot
-    write the report" was said of a report that was written, a spare copy was left in $TMPDIR
-    and the exit status was 1."""
+@pytest.fixture
+def closed_stdout(tmp_path, monkeypatch):
+    """sys.stdout as a pipe whose reader has gone: every write raises BrokenPipeError (its fd
+    is a file of the test's, which the redirect to os.devnull may take)."""
     import sys
 
-    from sparsetrain.commands import train as command
-
-    monkeypatch.setattr(command, "check_launch", lambda configs: None)
-    monkeypatch.setattr(command, "launch", lambda configs: fake_report())
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
     sink = open(tmp_path / "sink", "w")  # noqa: SIM115 - the fd the closed stdout stands on
 
     class Closed:
@@ -804,9 +798,25 @@ def test_a_closed_stdout_neither_fails_nor_skips_the_reports_files(tmp_path, mon
             return sink.fileno()
 
     monkeypatch.setattr(sys, "stdout", Closed())
+    yield
+    sink.close()
+
+
+def test_a_closed_stdout_neither_fails_nor_skips_the_reports_files(
+    tmp_path, monkeypatch, capsys, closed_stdout
+):
+    """`sparsetrain train ... | head -1`: the closed pipe was taken for a failed write, "cannot
+    write the report" was said of a report that was written, a spare copy was left in $TMPDIR
+    and the exit status was 1."""
+
+    from sparsetrain.commands import train as command
+
+    monkeypatch.setattr(command, "check_launch", lambda configs: None)
+    monkeypatch.setattr(command, "launch", lambda configs: fake_report())
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
     report, plot = tmp_path / "out" / "r.json", tmp_path / "out" / "r.png"
     code, _ = command.run_and_report([], str(report), str(plot), "sparsetrain train")
-    sink.close()
     assert code == 0
     assert "cannot write" not in capsys.readouterr().err
     assert json.loads(report.read_text())["runs"] and plot.stat().st_size > 0
@@ -847,27 +857,12 @@ def test_a_workers_warnings_name_its_rank_instead_of_torchs_spawn_code(monkeypat
     assert err == "sparsetrain: rank 3: UserWarning: aggregator 'median' is built for f=0\n", err
 
 
-def test_simulate_writes_its_files_when_stdout_is_closed(tmp_path, monkeypatch):
+def test_simulate_writes_its_files_when_stdout_is_closed(tmp_path, closed_stdout):
     """The table went first: a closed stdout ended the command before --json and --plot were
     written, and the exit was a quiet 141."""
-    import sys
 
     from sparsetrain.cli import main
 
-    sink = open(tmp_path / "sink", "w")  # noqa: SIM115 - the fd the closed stdout stands on
-
-    class Closed:
-        def write(self, text: str) -> int:
-            raise BrokenPipeError(32, "Broken pipe")
-
-        def flush(self) -> None:
-            pass
-
-        def fileno(self) -> int:
-            return sink.fileno()
-
-    monkeypatch.setattr(sys, "stdout", Closed())
     out, png = tmp_path / "s.json", tmp_path / "s.png"
     assert main(["simulate", "--ranks", "8", "--json", str(out), "--plot", str(png)]) == 0
-    sink.close()
     assert json.loads(out.read_text())["rows"] and png.stat().st_size > 0
