@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # stdout closed early (`| head`): quiet, as for other Unix tools
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # (so that the exit's flush does not fail too)
+        os.close(devnull)
         return 141  # 128 + SIGPIPE, what a shell reports for a tool that signal stopped
 
 
