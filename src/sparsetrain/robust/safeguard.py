@@ -49,11 +49,11 @@ class Safeguard(Aggregator):
        good worker whose accumulation is more than twice the threshold from the reference's in
        either window. Removal is permanent. Windows restart at multiples of T0 and T1.
     4. Not in the paper: a good worker that sends Inf or NaN (infinitely far from every other)
-       is left out of that step's output and accumulations, from the key where it first does
-       on (the step's keys aggregated before keep its share), and removed when the step ends,
-       also during a warm-up, unless the finite ones are not a majority (a float16 overflow on
-       every rank, say): then the output is not finite, for the sync layer to drop the step,
-       and nothing is accumulated or removed.
+       is left out of that step's output and accumulations, from the first key in which it
+       sends them onward (the step's keys aggregated before keep its share), and removed when
+       the step ends, also during a warm-up, unless the finite ones are not a majority (a
+       float16 overflow on every rank, say): then the output is not finite, for the sync layer
+       to drop the step, and nothing is accumulated or removed.
 
     Thresholds (the paper's 𝔗0 for the short window and 𝔗1 for the long one) are either fixed
     (``threshold0``, ``threshold1``) or, when both are None, set automatically from a warm-up of
