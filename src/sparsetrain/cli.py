@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
 # Adding a subcommand: write sparsetrain/commands/<name>.py and add its name here.
@@ -50,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted", file=sys.stderr)  # on a line of its own, after a progress bar
         return 130
     except BrokenPipeError:  # stdout closed early (`| head`): quiet, as for other Unix tools
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # (so that the exit's flush does not fail too)
-        os.close(devnull)
+        from .commands.train import quiet_stdout
+
+        quiet_stdout()
         return 141  # 128 + SIGPIPE, what a shell reports for a tool that signal stopped
 
 

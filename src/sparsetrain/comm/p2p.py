@@ -198,7 +198,8 @@ def error_type(error: str) -> type[Exception]:
     return TypeError if ("dtype" in error or "tensors" in error) else ValueError
 
 
-def _crc(text: str) -> int:
+def text_crc(text: str) -> int:
+    """A CRC-32 of ``text``: an int naming a string, compared across ranks."""
     return zlib.crc32(str(text).encode())
 
 
@@ -208,7 +209,7 @@ def call_codes(indices: Tensor, values: Tensor, name: str, key: str) -> tuple[in
     the key. Ranks whose calls differ get an error on every rank instead of a sum of
     different tensors (a loop over a ``set`` of names runs in another order on each rank)."""
     kinds = _dtype_code(indices.dtype) + 16 * _dtype_code(values.dtype)
-    return kinds + 256 * _crc(name), _crc(key)
+    return kinds + 256 * text_crc(name), text_crc(key)
 
 
 def raise_disagreement(
@@ -439,7 +440,7 @@ class Wire:
         # its options and whether it tells: ranks that call different collectives then meet
         # in messages of one size (of others, gloo aborts the receiving process) and are told
         # so on every rank. The options go as one code; their values only where codes differ.
-        head = [n, count, int(not ok), *kinds, _crc(repr(list(zip(options or {}, opts))))]
+        head = [n, count, int(not ok), *kinds, text_crc(repr(list(zip(options or {}, opts))))]
         told = {q: int((tell or {}).get(q, 0)) for q in range(self.world) if q != self.rank}
         if uses_tree(self.world):
             lows, highs, heard = self._disseminate(head, told)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .._options import is_integer
+from .metrics import refuse_meta
 
 FORMAT = "sparsetrain.compact/1"
 _SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
@@ -79,13 +80,7 @@ def export_compact(
         >>> model.load_state_dict(load_compact(ckpt))  # doctest: +SKIP
     """
     state = _state(model_or_state)
-    meta = [n for n, t in state.items() if isinstance(t, Tensor) and t.is_meta]
-    if meta:
-        raise ValueError(
-            f"export_compact stores the tensors' values, but {meta[:5]} are on the meta device, "
-            "which holds none: materialise the model first (model.to_empty(device=...) and load "
-            "its weights)"
-        )
+    refuse_meta(state.items(), "export_compact")
     masks = {} if masks is None else masks
     _check_export_masks(state, masks)
     sparse, dense = {}, {}

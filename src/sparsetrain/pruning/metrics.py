@@ -61,7 +61,7 @@ def sparsity_stats(model: nn.Module, names: Iterable[str] | None = None) -> dict
         raise TypeError(f"sparsity_stats takes a torch.nn.Module, got {type(model).__name__}")
     if isinstance(names, str):
         raise TypeError(f"names must be a list of parameter names, got the string {names!r}")
-    _refuse_meta(model, "sparsity_stats")
+    refuse_meta(model.named_parameters(), "sparsity_stats")
     params = dict(model.named_parameters())
     chosen = list(names) if names is not None else [n for n, p in params.items() if p.dim() >= 2]
     unknown = [n for n in chosen if n not in params]
@@ -91,11 +91,13 @@ _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _LOOKUPS = (nn.Embedding, nn.EmbeddingBag)  # a lookup: free by the definition above
 
 
-def _refuse_meta(model: nn.Module, who: str) -> None:
-    meta = [n for n, p in model.named_parameters() if p.is_meta]
+def refuse_meta(named: Iterable[tuple[str, Any]], who: str) -> None:
+    """Raise, naming them, where tensors among ``named`` are on the meta device, which holds
+    no values for ``who`` to read."""
+    meta = [n for n, t in named if isinstance(t, Tensor) and t.is_meta]
     if meta:
         raise ValueError(
-            f"{who} reads the weights' values, but {meta[:5]} are on the meta device, which "
+            f"{who} reads the tensors' values, but {meta[:5]} are on the meta device, which "
             "holds none: materialise the model first (model.to_empty(device=...) and load its "
             "weights)"
         )
@@ -132,7 +134,7 @@ def count_flops(model: nn.Module, example: Tensor) -> dict[str, int]:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"count_flops takes a torch.nn.Module, got {type(model).__name__}")
-    _refuse_meta(model, "count_flops")
+    refuse_meta(model.named_parameters(), "count_flops")
     uncounted = _uncounted(model)
     if uncounted:
         warnings.warn(

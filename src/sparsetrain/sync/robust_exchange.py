@@ -23,7 +23,6 @@ import dataclasses
 import json
 import numbers
 import operator
-import zlib
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -31,7 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..comm.accounting import ring_allgather_bytes
-from ..comm.p2p import alone, check_group
+from ..comm.p2p import alone, check_group, text_crc
 from ..robust.attacks import Attack
 from ..robust.base import Aggregator
 
@@ -175,10 +174,6 @@ def robust_exchange(
     return out.reshape(grad.shape).to(grad.dtype), sent
 
 
-def _code(text: str) -> int:
-    return zlib.crc32(text.encode())
-
-
 def _settings(rule: Aggregator | Attack | None) -> str:
     """The rule's name and options as text that equal options give alike on every rank (1 and
     1.0, a dict in any order)."""
@@ -216,11 +211,11 @@ def _agree(
     they differ, naming what."""
     fields = [
         ("gradient size (number of elements)", flat.numel(), str(flat.numel())),
-        ("gradient dtype", _code(str(flat.dtype)), str(flat.dtype)),
-        ("key", _code(key), repr(key)),
-        ("aggregator settings", _code(_settings(aggregator)), _settings(aggregator)),
-        ("attack settings", _code(_settings(attack)), _settings(attack)),
-        ("Byzantine ranks", _code(repr(byz)), repr(list(byz))),
+        ("gradient dtype", text_crc(str(flat.dtype)), str(flat.dtype)),
+        ("key", text_crc(key), repr(key)),
+        ("aggregator settings", text_crc(_settings(aggregator)), _settings(aggregator)),
+        ("attack settings", text_crc(_settings(attack)), _settings(attack)),
+        ("Byzantine ranks", text_crc(repr(byz)), repr(list(byz))),
     ]
     mine = torch.tensor([v for _, v, _ in fields], dtype=torch.int64, device=flat.device)
     parts = [torch.empty_like(mine) for _ in range(world)]
