@@ -340,6 +340,31 @@ def test_rows_near_the_dtypes_limit_do_not_overflow_the_robust_rules():
     torch.testing.assert_close(rule(big), big[0])
 
 
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("mean", {}),
+        ("trimmed_mean", {}),
+        ("multi_krum", {}),
+        ("bucketing", {"base": "mean", "bucket_size": 3}),
+        ("bucketing", {"base": "median", "bucket_size": 2}),
+    ],
+)
+def test_rules_that_average_keep_a_mean_whose_sum_passes_float32(name, options):
+    """float32 rows near 3.4e38 summed to Inf where their mean fits: the mean, the trimmed
+    mean, Multi-Krum and bucketing returned Inf. Coordinates that fit keep their plain mean."""
+    rows = torch.tensor([[3e38, 1.0], [3.2e38, 2.0], [3.1e38, 3.0], [2.9e38, 4.0], [3e38, 5.0]])
+    out = get_aggregator(name, n=5, f=1 if name != "bucketing" else 0, **options)(rows)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all(), out
+    assert 2.8e38 < float(out[0]) < 3.3e38 and 1.0 <= float(out[1]) <= 5.0
+    if name == "mean":  # the plain mean's bits where it is finite, the exact mean where not
+        assert float(out[1]) == float(rows[:, 1].mean())
+        assert float(out[0]) == pytest.approx(float(rows[:, 0].double().mean()), rel=1e-6)
+    nan = rows.clone()
+    nan[0, 1] = float("nan")
+    assert torch.isnan(get_aggregator("mean", n=5)(nan)[1])  # a NaN still reads NaN
+
+
 def test_half_gradients_are_clipped_and_bucketed_in_float32():
     # A float16 difference of norm past 65504 had norm Inf and scale 0: the workers were
     # left out and the output was the anchor, 0; bucket sums of 40000s overflowed to Inf.

@@ -232,6 +232,21 @@ def pairwise_sq_dists(x: Tensor) -> Tensor:
     return out
 
 
+def mean_rows(rows: Tensor) -> Tensor:
+    """Return the mean of the rows of ``rows`` (dim 0), in their dtype.
+
+    Where their sum overflows while their mean fits (float32 rows near 3.4e38), those
+    coordinates are the sum of the rows each divided by their count; elsewhere the plain mean,
+    so the bits match ``rows.mean(dim=0)`` wherever that is finite. A coordinate holding NaN or
+    Inf stays NaN or Inf.
+    """
+    mean = rows.mean(dim=0)
+    if not bool(torch.isfinite(mean).all()):  # one host sync, a flag, not the rows
+        divided = (rows / rows.shape[0]).sum(dim=0)
+        mean = torch.where(torch.isfinite(mean), mean, divided)
+    return mean
+
+
 def sorted_rows(x: Tensor) -> Tensor:
     """Sort each coordinate over the workers (dim 0)."""
     return torch.sort(work_dtype(x), dim=0).values

@@ -114,7 +114,16 @@ class Bucketing(Aggregator):
         bucket_of = torch.arange(self.n, device=grads.device) // self.bucket_size
         counts = torch.bincount(bucket_of, minlength=buckets).to(wide)
         # Divided before the cast: four float16 rows of 40000 summed past 65504.
-        return self._inner((sums / counts[:, None]).to(grads.dtype), key=key)
+        means = sums / counts[:, None]
+        if not bool(torch.isfinite(means).all()):
+            # float32 members near 3.4e38 summed past the range while their mean fits: those
+            # coordinates add the members each divided by its bucket's count.
+            divided = torch.zeros_like(sums)
+            for j in range(min(self.bucket_size, self.n)):
+                members = shuffled[j :: self.bucket_size]
+                divided[: members.shape[0]] += members / counts[: members.shape[0], None]
+            means = torch.where(torch.isfinite(means), means, divided)
+        return self._inner(means.to(grads.dtype), key=key)
 
     def end_step(self) -> None:
         self._step += 1

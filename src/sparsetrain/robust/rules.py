@@ -13,6 +13,7 @@ from .base import (
     Aggregator,
     check_int,
     check_positive,
+    mean_rows,
     pairwise_sq_dists,
     register_aggregator,
     sorted_rows,
@@ -30,7 +31,7 @@ class Mean(Aggregator):
     """
 
     def aggregate(self, grads: Tensor, key: str) -> Tensor:
-        return grads.mean(dim=0)
+        return mean_rows(grads)
 
 
 def _norm(v: Tensor) -> Tensor:
@@ -114,7 +115,7 @@ class TrimmedMean(Aggregator):
     def aggregate(self, grads: Tensor, key: str) -> Tensor:
         b = self.f if self.trim is None else self.trim
         s = sorted_rows(grads)
-        return s[b : self.n - b].mean(dim=0).to(grads.dtype)
+        return mean_rows(s[b : self.n - b]).to(grads.dtype)
 
 
 def krum_scores(grads: Tensor, f: int) -> Tensor:
@@ -195,7 +196,7 @@ class MultiKrum(Aggregator):
         m = self.n - self.f if self.m is None else self.m
         scores = krum_scores(grads, self.f)
         chosen = torch.argsort(scores, stable=True)[:m]
-        return grads[chosen].mean(dim=0)
+        return mean_rows(grads[chosen])
 
 
 @register_aggregator("geometric_median")
