@@ -41,8 +41,24 @@ def _plain_descriptions(parser: argparse.ArgumentParser) -> None:
                 _plain_descriptions(child)
 
 
+def _load_task_modules(argv: list[str] | None) -> None:
+    """Import the modules ``--task-module`` names, wherever it stands in ``argv``, before the
+    parser is built: their tasks are then among ``--task``'s choices (and ``--help``'s)."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--task-module", action="append", default=[])
+    entries = pre.parse_known_args(argv)[0].task_module
+    if entries:
+        from .tasks import add_task_modules
+
+        try:
+            add_task_modules(entries)
+        except ValueError as e:
+            raise SystemExit(f"sparsetrain: error: argument --task-module: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     try:  # building the parser imports torch (seconds): Ctrl-C then too is a quiet exit
+        _load_task_modules(argv)
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -882,3 +882,50 @@ def test_a_batch_larger_than_a_ranks_shard_trains_one_step_an_epoch_and_says_so(
     ) in err
     launch(TrainConfig(workers=2, epochs=1, batch_size=674, progress=False, timeout_s=120))
     assert "warning" not in capfd.readouterr().err
+
+
+_USER_TASKS = """
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from sparsetrain.tasks import Task, register_task
+
+
+@register_task("xor-user")
+def xor_user(seed: int = 0, hidden: int = 8) -> Task:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 2, generator=g)
+    y = ((x[:, 0] > 0) ^ (x[:, 1] > 0)).long()
+    model = lambda: nn.Sequential(nn.Linear(2, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+    return Task("xor-user", model, TensorDataset(x[:192], y[:192]),
+                TensorDataset(x[192:], y[192:]), num_classes=2)
+"""
+
+
+def test_the_command_trains_a_task_from_a_users_module_in_its_spawned_workers(tmp_path):
+    """A task of the user's own module, named with --task-module, is among --task's choices
+    and reaches the workers the command spawns (they import it too); before, only the
+    package's own tasks could be named."""
+    (tmp_path / "my_tasks.py").write_text(_USER_TASKS)
+    script = tmp_path / "bin" / "sparsetrain_entry.py"  # like the console script: the
+    script.parent.mkdir()  # current folder is not on its sys.path
+    script.write_text(
+        "import sys\nfrom sparsetrain.cli import main\nif __name__ == '__main__':\n"
+        "    sys.exit(main())\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SPARSETRAIN_TASK_MODULES", "PYTHONPATH"):
+        env.pop(var, None)
+    env["PYTHONPATH"] = str(Path(sparsetrain.__file__).parents[1])
+    res = subprocess.run(
+        [sys.executable, str(script), "train", "--task-module", "my_tasks", "--task", "xor-user",
+         "--task-option", "hidden=16", "--workers", "2", "--epochs", "1", "--compressor",
+         "topk", "--no-progress", "--report", "out.json"],
+        capture_output=True, text=True, timeout=150, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["runs"][0]["config"]["task"] == "xor-user"
+    assert report["runs"][0]["config"]["task_options"] == {"hidden": 16}
+    assert report["runs"][0]["dense_bytes_per_rank"] > 0

@@ -3,7 +3,11 @@ annotations (or, unannotated, its defaults) and by the checks a task registers."
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +106,60 @@ def test_a_task_whose_data_training_cannot_use_is_refused_by_name(registry, chan
 
     with pytest.raises(ValueError, match=re.escape(f"task 'test-odd-data': {words}")):
         get_task("test-odd-data")
+
+
+_MODULE = (
+    "from sparsetrain.tasks import register_task\n"
+    "@register_task('from-a-file')\n"
+    "def from_a_file(seed=0):\n    return 'built'\n"
+)
+
+
+def test_a_task_module_is_loaded_here_and_by_the_processes_started_from_here(
+    registry, tmp_path, monkeypatch
+):
+    monkeypatch.delenv(tasks.TASK_MODULES_ENV, raising=False)
+    path = tmp_path / "user_tasks_file.py"
+    path.write_text(_MODULE)
+    assert tasks.add_task_modules([str(path)]) == ["from-a-file"]
+    assert "from-a-file" in tasks.available_tasks()
+    assert os.environ[tasks.TASK_MODULES_ENV] == str(path)
+    assert tasks.add_task_modules([str(path)]) == []  # given twice: loaded once
+    # A process started from here (a worker) finds the task through the environment.
+    env = {"PYTHONPATH": str(Path(tasks.__file__).parents[2]), "PATH": "/usr/bin:/bin",
+           tasks.TASK_MODULES_ENV: os.environ[tasks.TASK_MODULES_ENV]}  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-c", "from sparsetrain.tasks import get_task; print(get_task('from-a-file'))"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0 and res.stdout.strip() == "built", res.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "entry, words",
+    [
+        ("{tmp}/missing.py", "no such file"),
+        ("no_such_task_module_here", "'no_such_task_module_here': no module of that name"),
+        ("json", "registered no task"),
+        ("{tmp}/empty.py", "registered no task"),
+    ],
+)
+def test_a_task_module_that_is_missing_or_registers_nothing_is_named_and_not_kept(
+    registry, tmp_path, monkeypatch, entry, words
+):
+    monkeypatch.delenv(tasks.TASK_MODULES_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.py").write_text("x = 1\n")
+    entry = entry.format(tmp=tmp_path)
+    with pytest.raises(ValueError, match=re.escape(words)):
+        tasks.add_task_modules([entry])
+    assert tasks.TASK_MODULES_ENV not in os.environ  # later lookups are not broken by it
+    assert "digits-mlp" in tasks.available_tasks()
+
+
+def test_the_command_names_a_bad_task_module_as_a_usage_error(monkeypatch, capsys):
+    from sparsetrain import cli
+
+    monkeypatch.delenv(tasks.TASK_MODULES_ENV, raising=False)
+    with pytest.raises(SystemExit, match="argument --task-module: task module 'no_such_mod_x'"):
+        cli.main(["train", "--task-module", "no_such_mod_x", "--task", "other"])

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from sparsetrain.commands.train import seed_value
+from sparsetrain.commands.train import add_task_arguments, seed_value
 from sparsetrain.pruning import (
     Gradual,
     OneShot,
@@ -597,7 +597,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--task", default="digits-mlp", choices=available_tasks())
+    add_task_arguments(p)
     p.add_argument(
         "--method",
         action="append",

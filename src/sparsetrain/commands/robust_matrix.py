@@ -41,8 +41,7 @@ from ..robust.simulate import (
     simulate,
     write_grads,
 )
-from ..tasks import available_tasks
-from .train import seed_value
+from .train import add_task_arguments, seed_value
 
 DEFAULT_AGGREGATORS = "mean,median,trimmed_mean,krum,geometric_median,centered_clipping,safeguard"
 DEFAULT_ATTACKS = "none,sign_flip,label_flip,gaussian,zero,delayed,alie,ipm,safeguard"
@@ -450,7 +449,7 @@ def register(subparsers) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--task", default="digits-mlp", choices=available_tasks())
+    add_task_arguments(p)
     p.add_argument("--workers", type=int, default=10)
     p.add_argument("--byzantine", type=int, default=4)
     p.add_argument("--aggregators", default=DEFAULT_AGGREGATORS, help="comma-separated names")

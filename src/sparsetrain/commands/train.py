@@ -204,12 +204,28 @@ def add_sync_arguments(p: argparse.ArgumentParser, compressor_default: str = "th
     )
 
 
+def add_task_arguments(p: Any) -> None:
+    """Add ``--task`` and ``--task-module`` to a parser or argument group. ``sparsetrain.cli``
+    imports the ``--task-module`` modules before the parser is built, so their tasks are among
+    the choices."""
+    p.add_argument(
+        "--task", choices=available_tasks(), default="digits-mlp", help="model and data set"
+    )
+    p.add_argument(
+        "--task-module",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="a module registering tasks (sparsetrain.tasks.register_task): a dotted name "
+        "importable from the current folder or PYTHONPATH, or a .py file's path; repeatable. "
+        "The workers load it too (through SPARSETRAIN_TASK_MODULES)",
+    )
+
+
 def add_training_arguments(p: argparse.ArgumentParser, *, workers: int, epochs: int) -> None:
     """Add the task, process and optimiser options."""
     g = p.add_argument_group("training")
-    g.add_argument(
-        "--task", choices=available_tasks(), default="digits-mlp", help="model and data set"
-    )
+    add_task_arguments(g)
     g.add_argument(
         "--task-option", type=key_value, action="append", default=[], metavar="KEY=VALUE"
     )

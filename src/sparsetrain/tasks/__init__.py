@@ -8,15 +8,23 @@ A task is registered by name with :func:`register_task`; adding one takes a few 
         return Task("my-task", lambda: MyModel(), train, test, num_classes=10)
 
 From Python (``sparsetrain.train.launch``) register it at the top level of your script (the
-spawned workers import that module, not its ``if __name__ == "__main__":`` block); for the
-``sparsetrain`` command, in a module of this package named in ``_MODULES``.
+spawned workers import that module, not its ``if __name__ == "__main__":`` block). For the
+``sparsetrain`` command, put it in a module and name that module with ``--task-module``: a
+dotted name importable from the current folder or ``PYTHONPATH`` (``my_tasks``), or the path of
+a ``.py`` file. The command adds it to the environment variable ``SPARSETRAIN_TASK_MODULES``
+(entries separated by ``os.pathsep``), whose modules every process loads, the workers it
+spawns included, before it looks up a task; setting that variable works under ``torchrun`` and
+from Python too.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import operator
+import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -75,9 +83,115 @@ def register_task(name: str, check: Callable[[dict], None] | None = None):
     return wrap
 
 
+TASK_MODULES_ENV = "SPARSETRAIN_TASK_MODULES"
+_LOADED: set[str] = set()  # the entries of SPARSETRAIN_TASK_MODULES imported in this process
+
+
 def _load_all() -> None:
     for mod in _MODULES:
         importlib.import_module(f"{__name__}.{mod}")
+    for entry in os.environ.get(TASK_MODULES_ENV, "").split(os.pathsep):
+        if entry and entry not in _LOADED:
+            _LOADED.add(entry)  # first: its register_task calls come back here
+            try:
+                _import_task_module(entry)
+            except BaseException:
+                _LOADED.discard(entry)
+                raise
+
+
+def _is_path(entry: str) -> bool:
+    return entry.endswith(".py") or os.sep in entry or (os.altsep or os.sep) in entry
+
+
+def _import_task_module(entry: str) -> None:
+    """Import ``entry``, a ``.py`` file's path or a dotted module name (looked for on
+    ``sys.path``, then in the current folder); a missing one raises ValueError naming it."""
+    if _is_path(entry):
+        path = os.path.abspath(entry)
+        if not os.path.isfile(path):
+            raise ValueError(f"task module {entry!r}: no such file ({path})")
+        stem = os.path.splitext(os.path.basename(path))[0]
+        name = stem if stem.isidentifier() and stem not in sys.modules else f"_sparsetrain_{stem}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise ValueError(f"task module {entry!r}: {path} cannot be imported as Python")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # (dataclasses and pickle look a module up there)
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+        return
+
+    def missing(e: ModuleNotFoundError) -> bool:  # the entry itself, or a package above it
+        return bool(e.name) and (entry == e.name or entry.startswith(f"{e.name}."))
+
+    cwd = os.getcwd()
+    try:
+        importlib.import_module(entry)
+        return
+    except ModuleNotFoundError as e:
+        if not missing(e):
+            raise  # a module it imports is missing: the user's to see, with its traceback
+    if cwd not in sys.path:  # the console script's sys.path lacks the current folder
+        sys.path.append(cwd)
+        try:
+            importlib.import_module(entry)
+            return
+        except ModuleNotFoundError as e:
+            sys.path.remove(cwd)
+            if not missing(e):
+                raise
+    raise ValueError(
+        f"task module {entry!r}: no module of that name on sys.path or in the current folder "
+        f"{cwd}; give a dotted module name or the path of a .py file"
+    )
+
+
+def add_task_modules(entries: list[str]) -> list[str]:
+    """Import the task modules ``entries`` (each a ``.py`` file's path or a dotted module name)
+    and add them to ``SPARSETRAIN_TASK_MODULES``, so the processes this one starts load them
+    too; return the names of the tasks they registered.
+
+    Raises:
+        ValueError: an entry names no file or module, or registers no task.
+    """
+    _load_all()
+    known = os.environ.get(TASK_MODULES_ENV, "")
+    registered: list[str] = []
+    for entry in entries:
+        entry = os.path.abspath(entry) if _is_path(entry) else entry
+        if os.pathsep in entry or not entry.strip():
+            raise ValueError(f"task module {entry!r}: must be one non-empty module name or path")
+        if entry in known.split(os.pathsep):
+            continue  # loaded already, in this process and its workers
+        before = dict(_TASKS)
+        # Imported before (by the user's code): its tasks registered then, from its functions.
+        imported = any(
+            fn.__module__ == entry or fn.__module__.startswith(f"{entry}.")
+            for fn in _TASKS.values()
+        )
+        previous = known
+        known = f"{known}{os.pathsep}{entry}" if known else entry
+        os.environ[TASK_MODULES_ENV] = known
+        try:
+            _load_all()
+            new = sorted(n for n in _TASKS if before.get(n) is not _TASKS[n])
+            if not new and not imported:
+                raise ValueError(
+                    f"task module {entry!r} registered no task; decorate a factory at its top "
+                    "level with @sparsetrain.tasks.register_task('name')"
+                )
+        except BaseException:  # not left in the environment, where every lookup would fail
+            known = previous
+            os.environ[TASK_MODULES_ENV] = previous
+            if not previous:
+                del os.environ[TASK_MODULES_ENV]
+            raise
+        registered += new
+    return registered
 
 
 def available_tasks() -> list[str]:
@@ -93,7 +207,8 @@ def get_task(name: str, seed: int = 0, **options) -> Task:
         raise ValueError(
             f"unknown task {name!r}; valid names are: {', '.join(sorted(_TASKS))} (a task of "
             "your script's must be registered at its top level, not under `if __name__ == "
-            '"__main__":`, for the spawned workers to see it)'
+            '"__main__":`, for the spawned workers to see it; the command loads a module\'s '
+            "with --task-module)"
         )
     check_task_options(name, options)
     if not is_integer(seed, 0) or operator.index(seed) >= 2**63:
