@@ -54,9 +54,13 @@ _COUNTERS = (
 )
 
 
-# What every state that SyncEngine.state_dict returns holds (besides optional entries: config,
-# loss_scale, collectives, aggregator, attack; the hook's ddp_groups).
+# What every state that SyncEngine.state_dict returns holds, and the entries it may hold besides
+# (the hook adds its DDP groups and caps, GradientSync its buckets).
 _STATE_ENTRIES = ("step", "counters", "feedback", "compressor")
+_OPTIONAL_ENTRIES = (
+    "config", "rank", "world", "loss_scale", "collectives", "aggregator", "attack",
+    "ddp_groups", "ddp_bucket_caps_bytes", "buckets",
+)  # fmt: skip
 
 
 def check_state(state: Any, owner: str) -> None:
@@ -1304,6 +1308,14 @@ class SyncEngine:
         if not isinstance(strict, bool):
             raise TypeError(f"strict must be True or False, got {strict!r}")
         check_state(state, owner)
+        unknown = sorted(repr(k) for k in state if k not in _STATE_ENTRIES + _OPTIONAL_ENTRIES)
+        if unknown:  # (not refused: a state may carry what a wrapper of the user's added)
+            warnings.warn(
+                f"{owner}.load_state_dict: the state's entries {', '.join(unknown)} are not "
+                "ones this sparsetrain saves, and are ignored (a state of a newer version, or "
+                "one edited?)",
+                stacklevel=3,  # the user's call of GradientSync's or the hook state's load
+            )
         if strict and sizes is not None:
             check_state_fits(state, sizes, owner, dtypes)
         elif sizes is not None:  # take what fits: the residuals of this model's parameters
