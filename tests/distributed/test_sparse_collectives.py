@@ -1041,15 +1041,16 @@ def test_a_few_far_larger_entries_do_not_make_oktopk_select_everything(tmp_path)
         assert res["dbl_max"] == [0], res
 
 
-def _clipped_ties(rank: int, world: int) -> list:
+def _clipped_ties(rank: int, world: int, ties: int) -> list:
     from sparsetrain.comm import get_collective
 
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(rank)
-    # every rank clipped at 1 the same 300 of 3,000 positions (all positive there): their sums
-    # tie at `world`, above every other sum, and 300 > 2k for k = 50
+    # every rank clipped at 1 the same `ties` of 3,000 positions (all positive there): their
+    # sums tie at `world`, above every other sum; for k = 50, 300 are past 2k, 80 between k
+    # and 2k
     grad = torch.randn(3000, generator=gen).clamp(-0.2, 0.2)
-    grad[:300] = 1.0
+    grad[:ties] = 1.0
     coll = get_collective("oktopk", k=50, threshold_every=100)
     out = []
     for _ in range(3):
@@ -1059,13 +1060,14 @@ def _clipped_ties(rank: int, world: int) -> list:
     return out
 
 
-def test_oktopk_reuses_a_threshold_at_ties_on_every_rank(tmp_path):
-    """Ties that straddle the k-th magnitude keep more than 2k; every rank tells them from a
-    threshold that drifted (an allgather of one count) and reuses it, where each call had
-    estimated it afresh."""
-    for calls in oks(run_world(_clipped_ties, 3, tmp_path)):
+@pytest.mark.parametrize("ties", [300, 80])
+def test_oktopk_reuses_a_threshold_at_ties_on_every_rank(tmp_path, ties):
+    """Ties that straddle the k-th magnitude: every rank tells them from a threshold that
+    drifted (the count above it travels with the counts kept) and reuses it, where each call
+    had estimated it afresh (ties keeping between k and 2k were not told at all)."""
+    for calls in oks(run_world(_clipped_ties, 3, tmp_path, ties)):
         assert [c[1:] for c in calls] == [(True, True, 3.0)] + [(False, True, 3.0)] * 2
-        assert all(c[0] == list(range(300)) for c in calls)
+        assert all(c[0] == list(range(ties)) for c in calls)
 
 
 def _allreduce_disagreements(rank: int, world: int) -> dict:

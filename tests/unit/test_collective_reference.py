@@ -422,6 +422,34 @@ def test_oktopk_reuses_a_threshold_at_ties_that_keep_more_than_2k(monkeypatch):
     assert st["estimated"] and not st["tied"] and st["selected"] <= 1000 + 10
 
 
+def test_oktopk_reuses_a_threshold_at_ties_that_keep_between_k_and_2k(monkeypatch):
+    """Gradients clipped where 1,500 of 100,000 tie at the clip value, k = 1,000: the estimate
+    keeps the ties; the next threshold, corrected above them, kept next to none, so every
+    call re-estimated it (seven allreduces). Now a threshold at ties stays and is reused."""
+    reduced = []
+    allreduce = p2p.Wire.allreduce
+    monkeypatch.setattr(
+        p2p.Wire, "allreduce", lambda self, t, *a: reduced.append(1) or allreduce(self, t, *a)
+    )
+    gen = torch.Generator().manual_seed(4)
+    grad = torch.randn(100_000, generator=gen)
+    clip = float(grad.abs().kthvalue(100_000 - 1500).values)  # the 1,500th largest magnitude
+    grad = grad.clamp(-clip, clip)
+    tied = int((grad.abs() == clip).sum())
+    assert 1000 < tied <= 2000 and int((grad.abs() > clip).sum()) == 0
+    coll, idx = OkTopk(k=1000, threshold_every=100), torch.arange(100_000)
+    for step in range(4):
+        reduced.clear()
+        res = coll(idx, grad, 100_000, key="w")
+        st = coll.stats()["w"]
+        assert st["selected"] == res.indices.numel() == tied and st["tied"], (step, st)
+        assert st["threshold"] == st["next_threshold"] == clip
+        assert st["estimated"] == (step == 0) and (reduced == []) == (step > 0)
+    # Unclipped gradients of the same scale: ties no more, the threshold moves toward k.
+    coll(idx, torch.randn(100_000, generator=gen), 100_000, key="w")
+    assert not coll.stats()["w"]["tied"]
+
+
 def test_estimate_keeps_about_k_of_training_like_and_heavy_tailed_magnitudes():
     gen = torch.Generator().manual_seed(2)
     normal = torch.randn(100_000, dtype=torch.float64, generator=gen).abs()

@@ -92,7 +92,9 @@ def estimate_threshold(
     narrow cluster far from 0, say 1000 + 1e-12 x), up to ``EXTRA_ROUNDS`` more are taken
     until at most 2k are, each on the span of the magnitudes left in the bin (one allreduce of
     their minimum and maximum more), and none once that span is a single value (ties at the
-    k-th magnitude, as clipped gradients have). The returned t always has at least k
+    k-th magnitude, as clipped gradients have). Where they leave between k (plus the
+    tolerance) and 2k, that span is taken once, and a single value is returned itself, so
+    that a threshold at ties is known as such. The returned t always has at least k
     magnitudes >= t (when there are k at all; else t = 0, selecting everything). Costs a few
     allreduces of ``bins`` integers, independent of the vector's length.
     """
@@ -133,19 +135,18 @@ def estimate_threshold(
         else:
             rounds += 1
             if rounds >= max_rounds and at_least[j] <= 2 * k:
-                break  # within what a reused threshold may keep: no extra rounds
+                # Within what a reused threshold may keep: no extra rounds. Where the bin holds
+                # one value (ties at the k-th), that value, as below.
+                least, most = _span(wire, m, new_lo, new_hi)
+                threshold = least if least == most else threshold
+                break
         above = at_least[j + 1] if j + 1 < bins else above
         lo, hi = new_lo, new_hi
         if rounds >= max_rounds:
             # An extra round: narrow the bin to the span of the magnitudes in it (all ranks'),
             # so the next histogram spreads them over its bins; one value (ties) cannot be
             # split by any threshold: stop (the bin holds at least one, the k-th).
-            inside = m[(m >= lo) & (m < hi)]
-            span = torch.full((2,), -math.inf, dtype=torch.float64, device=m.device)
-            if inside.numel():
-                span[0], span[1] = inside.max(), -inside.min()
-            wire.allreduce(span, dist.ReduceOp.MAX)
-            most, least = float(span[0]), -float(span[1])
+            least, most = _span(wire, m, lo, hi)
             if most == least:
                 # The tied value itself, which keeps the same entries as the bin's lower edge:
                 # a reused threshold at a tie is then told apart from one below it (__call__).
@@ -153,6 +154,17 @@ def estimate_threshold(
                 break
             lo, hi = least, math.nextafter(most, math.inf)
     return threshold * scale
+
+
+def _span(wire: Wire, m: Tensor, lo: float, hi: float) -> tuple[float, float]:
+    """The least and the largest of all ranks' magnitudes ``m`` in ``[lo, hi)`` (one allreduce
+    of two floats)."""
+    inside = m[(m >= lo) & (m < hi)]
+    span = torch.full((2,), -math.inf, dtype=torch.float64, device=m.device)
+    if inside.numel():
+        span[0], span[1] = inside.max(), -inside.min()
+    wire.allreduce(span, dist.ReduceOp.MAX)
+    return -float(span[1]), float(span[0])
 
 
 # The kept entries are re-dealt in equal shares before the allgather only when some rank holds
@@ -193,25 +205,22 @@ def next_threshold(
 
 
 def _kept(mags: Tensor, threshold: float) -> tuple[Tensor, list[int]]:
-    """This rank's mask ``mags >= threshold``, and [1 if any of ``mags`` is NaN or Inf else 0,
-    its counts of ``mags`` at or above ``threshold``, ``threshold * BRACKET`` and
-    ``threshold / BRACKET``] (read from the device together, in one wait)."""
+    """This rank's mask ``mags >= threshold``, and its counts of ``mags`` at or above
+    ``threshold`` (-1 where any of ``mags`` is NaN or Inf), strictly above it, and at or above
+    ``threshold * BRACKET`` and ``threshold / BRACKET`` (read from the device together, in one
+    wait). The count strictly above tells magnitudes tied at the threshold (:func:`_tied`)."""
     keep = mags >= threshold
-    flags = [torch.isfinite(mags).all().logical_not(), keep.sum()]
+    flags = [torch.isfinite(mags).all().logical_not(), keep.sum(), (mags[keep] > threshold).sum()]
     flags += [(mags >= t).sum() for t in (threshold * BRACKET, threshold / BRACKET)]
-    return keep, [int(v) for v in torch.stack(flags).tolist()]
+    nonfinite, *counts = (int(v) for v in torch.stack(flags).tolist())
+    return keep, [-1 if nonfinite else counts[0], *counts[1:]]
 
 
-def _tied(wire: Wire, mags: Tensor, threshold: float, total: int, k: int) -> bool:
-    """Whether more than 2k are kept at ``threshold`` only because magnitudes equal to it
-    straddle the k-th of all ranks' (clipped gradients), so that no threshold keeps fewer while
-    keeping k: fewer than k lie strictly above it. Costs an allgather of one int, and only
-    where ``total`` (the count kept, the same on every rank) exceeds 2k, so every rank takes
-    it or none does."""
-    if total <= 2 * k:
-        return False
-    over = wire.allgather_ints([int((mags > threshold).sum())])
-    return sum(row[0] for row in over) < k
+def _tied(rows: list[list[int]], k: int) -> bool:
+    """Whether magnitudes equal to the threshold straddle the k-th of all ranks' (clipped
+    gradients), from every rank's :func:`_kept` counts: more than k are kept and fewer than k
+    lie strictly above it, so no threshold keeps fewer while keeping k."""
+    return sum(row[1] for row in rows) < k < sum(row[0] for row in rows)
 
 
 RESIDUALS = ("local", "owner")  # who keeps what the selection drops (OkTopk's docstring)
@@ -257,14 +266,14 @@ class OkTopk(SparseCollective):
     3. Every ``threshold_every`` calls, estimate the global threshold: the magnitude above which
        about k entries of the reduced vector lie (:func:`estimate_threshold`); reuse it in
        between, unless the reused one would keep more than 2k or fewer than k/2 entries (all
-       ranks see the same count), which triggers an estimation at once; not where more than
-       2k are kept only because magnitudes tied at the threshold straddle the k-th (clipped
-       gradients), which no threshold can split (one more allgather of an int tells, where
-       more than 2k are kept); such a threshold is kept as it is. The counts kept at the
-       threshold and at the two ends of a small bracket around it (one allgather of a few
-       ints, which also says whether any sum is not finite) correct the threshold for the
-       next call (:func:`next_threshold`), so that a reused threshold follows gradients whose
-       scale drifts between estimates. Where k is at least the vector's length (density 1),
+       ranks see the same count), which triggers an estimation at once. The counts kept at
+       the threshold, strictly above it and at the two ends of a small bracket around it (one
+       allgather of a few ints, which also says whether any sum is not finite) correct the
+       threshold for the next call (:func:`next_threshold`), so that a reused threshold
+       follows gradients whose scale drifts between estimates; except where magnitudes tied
+       at the threshold straddle the k-th (clipped gradients: more than k kept, fewer than k
+       above it), which no threshold can split: such a threshold is kept as it is, and reused
+       however many of them it keeps. Where k is at least the vector's length (density 1),
        the threshold is 0 and every entry is kept.
     4. Each owner keeps the entries of its region whose magnitude reaches the threshold.
     5. Balance: the kept entries, in index order, are moved so every rank holds an equal share
@@ -425,11 +434,11 @@ class OkTopk(SparseCollective):
         # threshold cannot pass them on (or drop them) where an estimate would have refused.
         keep, mine = _kept(mags, st.threshold)
         rows = wire.allgather_ints(mine)
-        if any(row[0] for row in rows):
+        if any(row[0] < 0 for row in rows):
             raise FloatingPointError(_NONFINITE)
-        counts = [row[1] for row in rows]
+        counts = [row[0] for row in rows]
         total = sum(counts)
-        tied = _tied(wire, mags, st.threshold, total, k)  # (k >= numel keeps at most k)
+        tied = _tied(rows, k)  # (k >= numel keeps at most k)
         if not estimated and k < numel and not k <= 2 * total <= 4 * k and not tied:
             # The reused threshold has drifted too far (every rank sees the same total):
             # re-estimate now rather than send far more, or keep far fewer, than k. Not where
@@ -437,14 +446,15 @@ class OkTopk(SparseCollective):
             st.threshold = estimate_threshold(wire, mags, k)
             keep, mine = _kept(mags, st.threshold)
             rows = wire.allgather_ints(mine)
-            counts = [row[1] for row in rows]
+            counts = [row[0] for row in rows]
             total = sum(counts)
-            tied = _tied(wire, mags, st.threshold, total, k)
+            tied = _tied(rows, k)
             estimated = True
         used = st.threshold
         sel_i, sel_v = red_i[keep], red_v[keep]
         # The next call starts from a threshold corrected toward k by this call's counts, so
-        # a reused threshold follows gradients whose scale drifts instead of leaving the band.
+        # a reused threshold follows gradients whose scale drifts instead of leaving the band;
+        # a tied one stays (above it, fewer than k are left: the next call would re-estimate).
         st.threshold = next_threshold(
             used, total, sum(row[2] for row in rows), sum(row[3] for row in rows), k, tied
         )
@@ -514,10 +524,10 @@ class OkTopk(SparseCollective):
     # ---- state ----------------------------------------------------------------------------
     def stats(self) -> dict[str, dict[str, Any]]:
         """Return, per key, what the last call did: step, k, selected count, threshold used and
-        whether it was estimated in this call, whether magnitudes tied at it kept more than 2k
-        (``tied``), the threshold the next call starts from, whether the kept entries were
-        re-dealt in equal shares,
-        elements and bytes this rank sent and received, region lengths."""
+        whether it was estimated in this call, whether magnitudes tied at it straddle the
+        k-th (``tied``: more than k kept, fewer than k above it), the threshold the next call
+        starts from, whether the kept entries were re-dealt in equal shares, elements and bytes
+        this rank sent and received, region lengths."""
         return copy.deepcopy(self._stats)
 
     def state_dict(self) -> dict[str, Any]:
