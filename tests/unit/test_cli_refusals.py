@@ -5,11 +5,14 @@ wrong, before any work. Found by a review that tried bad values on every command
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
+from sparsetrain import cli
 from sparsetrain._procs import available_memory
 from tests.unit.test_cli_validation import argparse_error
 
@@ -50,6 +53,10 @@ def test_prune_refuses_what_it_would_ignore(tmp_path, capsys, argv, words):
         (["--momentum", "2"], "momentum must be in [0, 1), got 2"),
         (["--aggregators", "mean,mean"], "aggregator(s) given more than once: mean"),
         (["--seed", "99999999999999999999"], "must be an integer in [0, 2**63)"),
+        (["--aggregators", " , "], "no aggregator(s) given"),
+        (["--option", "none.x=1"], "the 'none' column (no attack) takes no options"),
+        (["--option", "safeguard.bogus=1"],
+         "'safeguard' is an aggregator and an attack, and neither takes 'bogus'"),
     ],
 )  # fmt: skip
 def test_robust_matrix_refuses_options_it_would_ignore(tmp_path, capsys, argv, words):
@@ -148,3 +155,37 @@ def test_robust_matrix_names_simulate_as_the_remedy(tmp_path, capsys):
         pytest.skip("this machine does not say how much memory is free (/proc/meminfo)")
     argv = ["robust-matrix", "--workers", "100000", "--out-dir", str(tmp_path / "m")]
     assert "or run the workers in one process with --simulate" in argparse_error(capsys, argv)
+
+
+def test_robust_matrix_gives_safeguards_options_to_the_rule_or_the_attack_that_takes_them(
+    tmp_path, capsys
+):
+    """safeguard is an aggregator and an attack: its help's own example (safeguard.window1)
+    was refused by the attack, and the attack's scale by the rule."""
+    out = tmp_path / "m"
+    assert cli.main(["robust-matrix", "--simulate", "--steps", "1", "--workers", "5",
+                     "--byzantine", "1", "--aggregators", "safeguard", "--attacks", "safeguard",
+                     "--option", "safeguard.window1=100", "--option", "safeguard.scale=0.5",
+                     "--out-dir", str(out)]) == 0  # fmt: skip
+    (cell,) = json.loads((out / "robust_matrix.json").read_text())["cells"]
+    assert cell["aggregator_options"] == {"window1": 100}
+    assert cell["attack_options"] == {"scale": 0.5}
+
+
+def test_the_one_process_simulation_names_layers_it_cannot_follow():
+    # vmap raised from inside torch.func ("called random operation while in randomness error
+    # mode"; with BatchNorm, an in-place update in a grad transform)
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from sparsetrain.robust.simulate import RobustRunConfig, simulate
+    from sparsetrain.tasks import Task
+
+    data = TensorDataset(torch.randn(8, 4), torch.zeros(8, dtype=torch.long))
+    for layer, words in ((nn.Dropout(0.1), "random layers (Dropout)"),
+                         (nn.BatchNorm1d(4), "buffers (1.running_mean, 1.running_var, 1.num_batches_tracked)")):  # fmt: skip
+        task = Task("t", lambda layer=layer: nn.Sequential(nn.Linear(4, 4), layer, nn.Linear(4, 2)),
+                    data, data, num_classes=2)  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(words)) as e:
+            simulate(task, RobustRunConfig(workers=3, steps=1))
+        assert "without --simulate" in str(e.value)

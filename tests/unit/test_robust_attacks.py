@@ -91,6 +91,9 @@ def test_bad_input():
         get_attack("zero", n=4, f=4)
     with pytest.raises(ValueError, match="pass z explicitly"):
         get_attack("alie", n=4, f=3)
+    get_attack("alie", n=4, f=2)  # f <= floor(n/2)
+    with pytest.raises(ValueError, match="pass z explicitly"):  # z = Phi^-1(0) = -inf
+        get_attack("alie", n=2, f=0)
     with pytest.raises(ValueError, match="mean must be a finite number, got nan"):
         get_attack("gaussian", n=4, f=1, mean=math.nan)  # std=nan was refused, mean=nan not
 
@@ -105,3 +108,32 @@ def test_a_delayed_history_loaded_on_cpu_follows_the_gradients_device():
     b = get_attack("delayed", n=3, f=1, delay=2)
     b.load_state_dict(a.state_dict())
     assert b.forge(g[0].to("meta"), g[1:].to("meta"), "w", 3, 3).device.type == "meta"
+
+
+def test_a_delayed_attack_refuses_another_shape_and_keeps_its_history():
+    # The new gradient was kept before its shape was checked: the history then held two
+    # shapes, its state was refused on loading, and the attack raised again `delay` calls on.
+    a = get_attack("delayed", n=4, f=1, delay=2)
+    a(torch.zeros(1, 3), key="k")
+    with pytest.raises(ValueError, match=r"changed shape from \(1, 3\) to \(1, 5\)"):
+        a(torch.zeros(1, 5), key="k")
+    b = get_attack("delayed", n=4, f=1, delay=2)
+    b.load_state_dict(a.state_dict())
+    for _ in range(3):
+        assert a(torch.ones(1, 3), key="k").shape == (1, 3)
+
+
+@pytest.mark.parametrize("name", ["alie", "ipm", "safeguard"])
+def test_omniscient_attacks_forge_from_the_finite_honest_rows(name):
+    """One honest row with NaN made every forged row NaN, so a rule saw f + 1 bad rows and the
+    step was lost where it would have been tolerated."""
+    gen = torch.Generator().manual_seed(0)
+    honest = torch.randn(6, 3, generator=gen)
+    bad = honest.clone()
+    bad[0, 1] = math.nan
+    attack = get_attack(name, n=10, f=4)
+    forged = attack(torch.zeros(4, 3), honest=bad, key="k")
+    assert torch.isfinite(forged).all()
+    torch.testing.assert_close(forged, attack(torch.zeros(4, 3), honest=honest[1:], key="k"))
+    everywhere = torch.full((6, 3), math.nan)  # no finite row: as before, from all of them
+    assert torch.isnan(attack(torch.zeros(4, 3), honest=everywhere, key="k")).all()

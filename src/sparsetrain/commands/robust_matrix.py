@@ -32,6 +32,8 @@ from ..robust import (
     get_aggregator,
     get_attack,
 )
+from ..robust.attacks import attack_option_names, check_attack
+from ..robust.base import option_names
 from ..robust.simulate import (
     RobustRunConfig,
     batch_generator,
@@ -66,6 +68,18 @@ def parse_options(items: list[str]) -> dict[str, dict[str, Any]]:
         name, key = lhs.split(".", 1)
         out.setdefault(name, {})[key] = _value(rhs)
     return out
+
+
+def kind_options(kind: str, name: str, options: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The ``--option`` values of ``name`` as an ``"aggregator"`` or an ``"attack"``. A name
+    that is both (``safeguard``) gives each kind the keys it takes: the rule's window1 and the
+    attack's scale were each refused by the other."""
+    given = dict(options.get(name, {}))
+    if name not in available_aggregators() or name not in available_attacks():
+        return given
+    takes = option_names(aggregator_class(name)) if kind == "aggregator" else None
+    takes = attack_option_names(check_attack(name, {})) if takes is None else takes
+    return {k: v for k, v in given.items() if k in takes}
 
 
 def largest_f(name: str, n: int, f: int, options: dict | None = None) -> int:
@@ -240,7 +254,9 @@ def run_matrix(
     simulate_mode: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Return {"cells": [...], "worst": {aggregator: (accuracy, attack)}, "config": ...}."""
+    """Return {"cells": [...], "worst": {aggregator: {"accuracy": lowest accuracy over the
+    attacks, "attack": the attack that gave it}}, "config": ...}. ``options``: {name: {key:
+    value}} of the aggregators and attacks (:func:`kind_options`)."""
     from tqdm import tqdm
 
     from ..tasks import get_task
@@ -258,15 +274,16 @@ def run_matrix(
     for agg, att in bar:
         bar.set_postfix_str(f"{agg} x {att}")
         byz = 0 if att == "none" else base.byzantine
-        rule_f = largest_f(agg, base.workers, base.byzantine, options.get(agg, {}))
+        rule_options = kind_options("aggregator", agg, options)
+        rule_f = largest_f(agg, base.workers, base.byzantine, rule_options)
         cfg = replace(
             base,
             byzantine=byz,
             aggregator=agg,
-            aggregator_options=options.get(agg, {}),
+            aggregator_options=rule_options,
             aggregator_f=rule_f,
             attack=None if att == "none" else att,
-            attack_options={} if att == "none" else options.get(att, {}),
+            attack_options={} if att == "none" else kind_options("attack", att, options),
         )
         t0 = time.perf_counter()
         out = simulate(task, cfg) if simulate_mode else run_ranks(task_name, cfg)
@@ -362,8 +379,10 @@ def plot_heatmap(result: dict[str, Any], path: str) -> None:
 
 def _names(text: str, valid: list[str], what: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise ValueError(f"no {what} given ({text!r}); valid: {', '.join(valid)}")
     bad = [t for t in names if t not in valid]
-    if bad or not names:
+    if bad:
         raise ValueError(f"unknown {what} {bad}; valid: {', '.join(valid)}")
     twice = sorted({t for t in names if names.count(t) > 1})
     if twice:
@@ -424,6 +443,24 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             f"is named {', '.join(map(repr, unused))} (selected: {', '.join(aggregators)}; "
             f"{', '.join(attacks)})"
         )
+    if "none" in options:
+        raise ValueError(
+            f"--option {', '.join(f'none.{k}' for k in options['none'])}: the 'none' column "
+            "(no attack) takes no options"
+        )
+    for name in set(options) & set(available_aggregators()) & set(available_attacks()):
+        taken = (
+            kind_options("aggregator", name, options).keys()
+            | kind_options("attack", name, options).keys()
+        )
+        left = sorted(k for k in options[name] if k not in taken and k not in ("n", "f"))
+        if left:
+            raise ValueError(
+                f"--option {', '.join(f'{name}.{k}' for k in left)}: {name!r} is an aggregator "
+                f"and an attack, and neither takes {', '.join(map(repr, left))}; the "
+                f"aggregator takes: {', '.join(option_names(aggregator_class(name)))}; the "
+                f"attack: {', '.join(attack_option_names(check_attack(name, {})))}"
+            )
     fixed = sorted(f"{name}.{k}" for name, opts in options.items() for k in opts if k in ("n", "f"))
     if fixed:
         raise ValueError(
@@ -434,11 +471,14 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     # Build every rule and attack once here, so a bad option is a usage error now, not a
     # traceback from the worker processes of the first cell that uses it.
     for name in aggregators:
-        f = largest_f(name, args.workers, args.byzantine, options.get(name, {}))
-        get_aggregator(name, n=args.workers, f=f, **options.get(name, {}))
+        rule_options = kind_options("aggregator", name, options)
+        f = largest_f(name, args.workers, args.byzantine, rule_options)
+        get_aggregator(name, n=args.workers, f=f, **rule_options)
     for name in attacks:
         if name != "none" and args.byzantine:
-            get_attack(name, n=args.workers, f=args.byzantine, **options.get(name, {}))
+            get_attack(
+                name, n=args.workers, f=args.byzantine, **kind_options("attack", name, options)
+            )
     return run_matrix(args.task, base, aggregators, attacks, options, simulate_mode=args.simulate)
 
 

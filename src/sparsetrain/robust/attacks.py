@@ -65,9 +65,13 @@ def check_attack(name: str, options: Mapping[str, Any]) -> type[Attack]:
             f"unknown attack {name!r}; valid names are: {', '.join(available_attacks())}"
         )
     cls = _ATTACKS[name]
-    allowed = [x.name for x in dataclasses.fields(cls) if x.init and x.name not in ("n", "f")]
-    check_options("attack", name, options, allowed)
+    check_options("attack", name, options, attack_option_names(cls))
     return cls
+
+
+def attack_option_names(cls: type[Attack]) -> list[str]:
+    """The options an attack class takes (its fields but ``n`` and ``f``)."""
+    return [x.name for x in dataclasses.fields(cls) if x.init and x.name not in ("n", "f")]
 
 
 def get_attack(name: str, *, n: int, f: int, **options: Any) -> Attack:
@@ -259,7 +263,7 @@ class Delayed(Attack):
     """Send the gradient computed ``delay`` steps ago (the oldest one kept during the first steps).
 
     The SafeguardSGD paper uses a delay of 1000 iterations on CIFAR-10; history is kept per key,
-    so memory is ``delay`` gradients of every Byzantine worker.
+    so memory is ``delay + 1`` gradients of every Byzantine worker (the newest included).
 
     Args:
         delay: steps of staleness, >= 1.
@@ -274,11 +278,13 @@ class Delayed(Attack):
 
     def forge(self, own, honest, key, step, workers):
         hist = self._history.setdefault(key, deque(maxlen=self.delay + 1))
+        if hist and hist[-1].shape != own.shape:  # before it is kept: the history stays whole
+            raise ValueError(
+                f"delayed attack: the gradient of key {key!r} changed shape from "
+                f"{tuple(hist[-1].shape)} to {tuple(own.shape)}"
+            )
         hist.append(own.detach().clone())
-        old = hist[0]
-        if old.shape != own.shape:
-            raise ValueError(f"delayed attack: the gradient of key {key!r} changed shape")
-        return old.to(own.device, copy=True)  # a loaded history (say on CPU) follows own
+        return hist[0].to(own.device, copy=True)  # a loaded history (say on CPU) follows own
 
     def _settings(self) -> dict[str, Any]:
         """What its state records and a load compares."""
@@ -325,7 +331,17 @@ class Delayed(Attack):
         self._history = loaded
 
 
+def finite_honest(honest: Tensor) -> Tensor:
+    """The honest rows without NaN or Inf (all of them where every row has some): an attacker
+    who sees the honest gradients would not send a non-finite vector that a rule leaves out,
+    and one NaN row had turned every forged row NaN, so that the rule saw f + 1 bad rows."""
+    finite = torch.isfinite(honest).all(dim=1)
+    return honest[finite] if bool(finite.any()) else honest
+
+
 def honest_std(honest: Tensor) -> Tensor:
+    """The coordinate-wise sample standard deviation (ddof 1) of the honest rows; zeros for
+    one row."""
     h = honest.float() if honest.dtype in (torch.float16, torch.bfloat16) else honest
     if h.shape[0] < 2:
         return torch.zeros_like(h[0])
@@ -341,6 +357,9 @@ class ALittleIsEnough(Attack):
     Learning", NeurIPS 2019: with s = floor(n/2 + 1) - f workers needed for a majority,
     z = Phi^{-1}((n - s) / n) is the largest shift that the attackers can make while staying
     closer to the mean than enough honest workers to win a median-based vote. Omniscient.
+    The mean and the standard deviation (the sample one, ddof 1) are over the honest rows
+    without NaN or Inf; of one honest row, the attackers send it. For small f, z is at most 0
+    (n = 10, f = 1: z = 0, the honest mean), as the formula gives.
 
     Args:
         z: the shift in standard deviations; None computes it from n and f as above.
@@ -363,10 +382,11 @@ class ALittleIsEnough(Attack):
                 raise TypeError(f"z must be a finite number, got {self.z!r}")
             return
         s = math.floor(self.n / 2 + 1) - self.f
-        if s < 1:
+        if s < 1 or self.n - s <= 0:
             raise ValueError(
-                f"ALIE's z is defined for f < n/2 + 1 - 1 (s = floor(n/2 + 1) - f >= 1); "
-                f"got n={self.n}, f={self.f}: pass z explicitly"
+                f"ALIE's z = Phi^-1((n - s) / n), s = floor(n/2 + 1) - f, is defined for "
+                f"1 <= s < n, that is f <= floor(n/2) and n >= 3 with f = 0; got n={self.n}, "
+                f"f={self.f}: pass z explicitly (the command line: --option alie.z=Z)"
             )
 
     @property
@@ -377,7 +397,8 @@ class ALittleIsEnough(Attack):
         return float(torch.special.ndtri(torch.tensor((self.n - s) / self.n, dtype=torch.float64)))
 
     def forge(self, own, honest, key, step, workers):
-        h = honest.float() if honest.dtype in (torch.float16, torch.bfloat16) else honest
+        h = finite_honest(honest)
+        h = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
         vec = h.mean(dim=0) - self.z_value * honest_std(h)
         return vec.to(own.dtype).expand_as(own).clone()
 
@@ -408,7 +429,8 @@ class InnerProductManipulation(Attack):
         check_positive(self.epsilon, "epsilon")
 
     def forge(self, own, honest, key, step, workers):
-        return (-self.epsilon * honest.mean(dim=0)).to(own.dtype).expand_as(own).clone()
+        vec = -self.epsilon * finite_honest(honest).mean(dim=0)
+        return vec.to(own.dtype).expand_as(own).clone()
 
 
 @register_attack("safeguard")

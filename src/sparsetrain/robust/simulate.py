@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.modules.dropout import _DropoutNd
 
 from . import get_aggregator
 from .attacks import get_attack
@@ -142,6 +143,25 @@ def evaluate(model: nn.Module, dataset, batch: int = 1024) -> float:
     return correct / len(y)
 
 
+def _refuse_unsimulable(model: nn.Module, name: str) -> None:
+    """Refuse a model the one-process simulation cannot train: it computes every worker's
+    gradient at once with ``torch.func.vmap`` over the parameters alone, which refuses random
+    layers (Dropout) and leaves buffers (BatchNorm's statistics) out."""
+    random = sorted({type(m).__name__ for m in model.modules() if isinstance(m, _DropoutNd)})
+    buffers = [b for b, _ in model.named_buffers()]
+    if random or buffers:
+        has = ", ".join(
+            ([f"random layers ({', '.join(random)})"] if random else [])
+            + ([f"buffers ({', '.join(buffers[:3])}{', ...' if len(buffers) > 3 else ''})"]
+               if buffers else [])
+        )  # fmt: skip
+        raise ValueError(
+            f"the one-process simulation (--simulate) computes the workers' gradients with "
+            f"torch.func.vmap over the parameters, and task {name!r}'s model has {has}, which "
+            "it cannot follow: run one process a worker (without --simulate)"
+        )
+
+
 def simulate(task, config: RobustRunConfig, *, eval_every: int = 0) -> dict[str, Any]:
     """Train ``task`` with ``config.workers`` simulated workers; return the outcome.
 
@@ -158,6 +178,7 @@ def simulate(task, config: RobustRunConfig, *, eval_every: int = 0) -> dict[str,
     h = n - b
     torch.manual_seed(config.seed)
     model = task.build_model()
+    _refuse_unsimulable(model, task.name)
     params = {k: v.detach() for k, v in model.named_parameters()}
     names = list(params)
     opt = torch.optim.SGD(
