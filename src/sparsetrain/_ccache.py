@@ -38,7 +38,8 @@ def _check_owned(path: Path) -> None:
     if unsafe:
         raise RuntimeError(
             f"{path} or its folder can be written by another user; refusing to use it (remove "
-            "it, or set SPARSETRAIN_CACHE_DIR to a folder of your own)"
+            f"it, or `chmod go-w {shlex.quote(str(path.parent))}` if the folder is yours, or set "
+            "SPARSETRAIN_CACHE_DIR to a folder of your own)"
         )
 
 
@@ -59,11 +60,15 @@ def compile_cached(source: Path, flags: Sequence[str], suffix: str = "") -> Path
     cc = shlex.split(os.environ.get("CC", "cc")) or ["cc"]
     key = repr((cc, list(flags), os.uname().machine)).encode()
     tag = hashlib.sha256(text + key).hexdigest()
-    path = cache_dir() / f"{source.stem}-{tag[:16]}{suffix}"
+    # Absolute: a bare name (SPARSETRAIN_CACHE_DIR=.) made dlopen search the system's library
+    # folders and Popen the PATH, so the build succeeded every time and was never found.
+    path = cache_dir().absolute() / f"{source.stem}-{tag[:16]}{suffix}"
     if path.exists():
         _check_owned(path)
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # Writable by this user alone whatever the umask: under umask 002 the folder came out
+    # group-writable, which _check_owned refused in every later process (every other rank).
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -76,8 +81,10 @@ def compile_cached(source: Path, flags: Sequence[str], suffix: str = "") -> Path
             raise RuntimeError(
                 f"{shlex.join(cmd)} exited with {done.returncode}: {done.stderr.strip()[-500:]}"
             )
+        os.chmod(tmp, 0o755)  # (the linker's mode follows the umask)
         os.replace(tmp, path)  # atomic: a concurrent first use sees the old or the new file
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    _check_owned(path)  # as every later process will: all of them use it, or none
     return path

@@ -425,3 +425,58 @@ def test_a_cached_build_others_could_have_written_is_refused(monkeypatch, tmp_pa
     (tmp_path / "cache").chmod(0o777)  # a shared folder without the sticky bit
     with pytest.raises(RuntimeError, match="can be written by another user; refusing"):
         compile_cached(source, ["-O0"])
+
+
+@needs_kernel
+def test_a_build_under_umask_002_or_into_a_relative_folder_is_used_by_later_processes(
+    monkeypatch, tmp_path
+):
+    """Under umask 002 (a login default) the folder came out group-writable: the building
+    process used the kernel and every later one refused it. A bare relative folder
+    (SPARSETRAIN_CACHE_DIR=.) gave a name without a slash, which dlopen looked up in the
+    system's library folders: built every time, never loaded."""
+    from sparsetrain._ccache import compile_cached
+
+    source = tmp_path / "hello.c"
+    source.write_text("int main(void) { return 0; }\n")
+    old = os.umask(0o002)
+    try:
+        monkeypatch.setenv("SPARSETRAIN_CACHE_DIR", str(tmp_path / "shared" / "cache"))
+        built = compile_cached(source, ["-O0"])
+    finally:
+        os.umask(old)
+    assert not built.parent.stat().st_mode & 0o022 and not built.stat().st_mode & 0o022
+    assert compile_cached(source, ["-O0"]) == built  # a later process takes it
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SPARSETRAIN_CACHE_DIR", ".")
+    here = compile_cached(source, ["-O0"])
+    assert here.is_absolute() and here.parent == tmp_path
+    lib = _native.load(compile_cached(_native._SOURCE, _native._FLAGS, ".so"))
+    assert lib.st_abi_version() == _native._ABI
+
+
+@pytest.mark.parametrize("value", ["0", "off", "OFF", "False", " No "])
+def test_the_kernel_is_turned_off_by_any_case_of_its_words(monkeypatch, value):
+    monkeypatch.setenv("SPARSETRAIN_NATIVE", value)
+    assert not _native.enabled() and _native.library() is None
+
+
+def test_an_unavailable_kernel_is_not_built_again_when_its_warning_is_an_error(
+    monkeypatch, tmp_path
+):
+    # Under -W error::RuntimeWarning the warning raised before the build was marked as
+    # tried, so every call compiled again (each up to the compiler's 2-minute timeout).
+    monkeypatch.setattr(_native, "_tried", False)
+    monkeypatch.setattr(_native, "_lib", None)
+    monkeypatch.setattr(_native, "_reason", None)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("SPARSETRAIN_CACHE_DIR", str(tmp_path / "cache"))
+    builds = []
+    build = _native._build
+    monkeypatch.setattr(_native, "_build", lambda: builds.append(1) or build())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeWarning):
+            _native.library()
+        assert _native.library() is None and _native.library() is None
+    assert builds == [1]

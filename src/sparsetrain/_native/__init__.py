@@ -9,13 +9,13 @@ bit (tests compare it with the PyTorch path); on the 2-core test machine, four p
 it at once over a 9.7M-element gradient took about half the CPU time of the PyTorch ops.
 
 The C source ships with the package (``fused.c``). The first process that needs it compiles it
-with ``$CC`` (default ``cc``) into a cache directory, ``$SPARSETRAIN_CACHE_DIR`` or
-``~/.cache/sparsetrain``, named by a hash of the source and the compiler command, so every
+with ``$CC`` (default ``cc``) into a cache directory, ``$SPARSETRAIN_CACHE_DIR``, else
+``$XDG_CACHE_HOME/sparsetrain``, else ``~/.cache/sparsetrain``, named by a hash of the source and the compiler command, so every
 later process (and every rank) loads the compiled library at once; concurrent first uses each
 compile to a file of their own and rename it into place. Without a working compiler the
 kernel is unavailable: the callers keep their PyTorch path (the same values, more time) and a
-:class:`RuntimeWarning` says once per process why. ``SPARSETRAIN_NATIVE=0`` turns the kernel
-off (no compiling, no warning). The kernel runs in one thread, as training processes do under
+:class:`RuntimeWarning` says once per process why. ``SPARSETRAIN_NATIVE=0`` (or ``off``, ``false``, ``no``, in any case) turns
+the kernel off (no compiling, no warning). The kernel runs in one thread, as training processes do under
 torchrun (which sets ``OMP_NUM_THREADS=1``) and in :func:`sparsetrain.train.launch`.
 """
 
@@ -50,7 +50,8 @@ _VALUE = {torch.float32: "f32", torch.float64: "f64"}
 
 def enabled() -> bool:
     """Whether the kernel may be used (``SPARSETRAIN_NATIVE`` is not ``0``)."""
-    return os.environ.get("SPARSETRAIN_NATIVE", "1").strip() not in ("0", "false", "no", "off")
+    value = os.environ.get("SPARSETRAIN_NATIVE", "1").strip().lower()
+    return value not in ("0", "false", "no", "off")
 
 
 def _build() -> ctypes.CDLL:
@@ -107,6 +108,7 @@ def library() -> ctypes.CDLL | None:
                 _lib = _build()
             except Exception as e:  # no compiler, a read-only cache, a foreign library
                 _reason = str(e)
+                _tried = True  # first: a warning raised as an error must not retry the build
                 warnings.warn(
                     f"sparsetrain: the native CPU kernel is unavailable ({_reason}); the "
                     "threshold compressor's CPU path runs in PyTorch ops instead (same values, "
