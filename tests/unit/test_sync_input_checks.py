@@ -160,6 +160,28 @@ def test_gradient_sync_refuses_a_ddp_model(group):
     assert "register_ddp_hook" in msg and "model.module" in msg
 
 
+def test_gradient_sync_refuses_in_the_forward_a_plain_ddp_around_its_model(group):
+    """GradientSync(model) with DDP(model) also made (without the hook) averaged every step
+    twice, DDP's allreduce then GradientSync's exchange, without a word."""
+    import gc
+    import pickle
+
+    model = _model()
+    sync = sparsetrain.GradientSync(model, "topk", density=0.5)
+    outer = nn.Sequential(model)  # DDP around a module holding it, too
+    for ddp in (DDP(model), DDP(outer)):
+        with pytest.raises(RuntimeError, match="runs in the forward of a DistributedDataParallel"):
+            ddp(torch.ones(3, 4))
+        with ddp.no_sync():  # DDP averages nothing there
+            ddp(torch.ones(3, 4)).sum().backward()
+    model(torch.ones(3, 4)).sum().backward()  # alone, as GradientSync is meant
+    assert sync.synchronize()
+    pickle.loads(pickle.dumps(model))  # the check keeps the model picklable
+    del sync
+    gc.collect()
+    DDP(model)(torch.ones(3, 4))  # its GradientSync gone, the model is DDP's alone
+
+
 def test_the_hook_registers_on_the_ddp_model_inside_torch_compile(group):
     """torch.compile(ddp) is an OptimizedModule around the DDP model: the hook goes on that
     model, as the wrapper's own register_comm_hook does (it was refused as not DDP)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,6 +51,32 @@ def _registrations() -> int | None:
 
             _watching.extend([param(count), module(count)])
     return None if _watching[0] is None else _registered[0]
+
+
+# Models a GradientSync was built for, whose forward checks that no plain DDP averages them too.
+_WATCHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def _refuse_plain_ddp(module: nn.Module, args: Any) -> None:
+    """A forward pre-hook: refuse, in the forward (every rank runs it, so every rank raises),
+    a model of a live GradientSync that runs inside the forward of a DistributedDataParallel
+    without its hook (one with it was refused when either was made), which averages the
+    gradients in backward before GradientSync exchanges them again: twice the traffic, and
+    the compression's error feedback on gradients already averaged. Under ``no_sync()`` DDP
+    averages nothing, and is let be. A module-level function, so the model still pickles;
+    once its GradientSync is gone, it does nothing."""
+    ddp = DistributedDataParallel._get_active_ddp_module()
+    if ddp is None or not ddp.require_backward_grad_sync:
+        return
+    from .ddp_hook import SYNCS, overlap
+
+    if any(s._model is module for s in list(SYNCS)) and overlap(module, [ddp.module]):
+        raise RuntimeError(
+            "GradientSync: this model runs in the forward of a DistributedDataParallel, which "
+            "averages its gradients in backward; GradientSync would exchange them a second "
+            "time. Use sparsetrain.register_ddp_hook(ddp_model, ...) on the DDP model instead "
+            "of GradientSync, or train the module without DDP"
+        )
 
 
 class GradientSync:
@@ -189,6 +216,9 @@ class GradientSync:
         from .ddp_hook import SYNCS
 
         SYNCS.add(self)  # register_ddp_hook refuses this model while this object lives
+        if model not in _WATCHED:  # (one hook a model, however many syncs it has had)
+            model.register_forward_pre_hook(_refuse_plain_ddp)
+            _WATCHED.add(model)
 
     def __repr__(self) -> str:
         engine = self.engine
