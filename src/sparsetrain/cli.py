@@ -44,9 +44,16 @@ def _plain_descriptions(parser: argparse.ArgumentParser) -> None:
 def _load_task_modules(argv: list[str] | None) -> None:
     """Import the modules ``--task-module`` names, wherever it stands in ``argv``, before the
     parser is built: their tasks are then among ``--task``'s choices (and ``--help``'s)."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
     pre.add_argument("--task-module", action="append", default=[])
-    entries = pre.parse_known_args(argv)[0].task_module
+    # The commands' other options it is a prefix of or shares one with: an abbreviation
+    # (--task-mod) then resolves as the command's parser resolves it.
+    pre.add_argument("--task")
+    pre.add_argument("--task-option", action="append")
+    try:
+        entries = pre.parse_known_args(argv)[0].task_module
+    except (argparse.ArgumentError, SystemExit):  # (--task without a value): the command's
+        return  # own parser says what is wrong, in its words
     if entries:
         from .tasks import add_task_modules
 

@@ -163,3 +163,21 @@ def test_the_command_names_a_bad_task_module_as_a_usage_error(monkeypatch, capsy
     monkeypatch.delenv(tasks.TASK_MODULES_ENV, raising=False)
     with pytest.raises(SystemExit, match="argument --task-module: task module 'no_such_mod_x'"):
         cli.main(["train", "--task-module", "no_such_mod_x", "--task", "other"])
+
+
+def test_the_command_loads_a_task_module_given_by_an_abbreviation_or_with_an_equals_sign(
+    registry, tmp_path, monkeypatch, capsys
+):
+    # --task-mod is taken by the command's parser as --task-module: the module was not loaded
+    # first, and its task was "an invalid choice".
+    from sparsetrain import cli
+
+    monkeypatch.delenv(tasks.TASK_MODULES_ENV, raising=False)
+    path = tmp_path / "abbrev_tasks.py"
+    path.write_text(_MODULE)
+    for argv in (["--task-mod", str(path), "--task", "from-a-file"],
+                 ["--task", "from-a-file", f"--task-module={path}", "--task-o", "x=1"]):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            cli.main(["train", *argv, "--help"])
+        assert e.value.code == 0
+        assert "from-a-file" in capsys.readouterr().out
