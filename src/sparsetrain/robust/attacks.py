@@ -382,11 +382,11 @@ class ALittleIsEnough(Attack):
                 raise TypeError(f"z must be a finite number, got {self.z!r}")
             return
         s = math.floor(self.n / 2 + 1) - self.f
-        if s < 1 or self.n - s <= 0:
+        if s < 1:  # (with f = 0 nobody forges: z, -inf for n <= 2, is never used)
             raise ValueError(
-                f"ALIE's z = Phi^-1((n - s) / n), s = floor(n/2 + 1) - f, is defined for "
-                f"1 <= s < n, that is f <= floor(n/2) and n >= 3 with f = 0; got n={self.n}, "
-                f"f={self.f}: pass z explicitly (the command line: --option alie.z=Z)"
+                f"ALIE's z = Phi^-1((n - s) / n), s = floor(n/2 + 1) - f, is defined for s >= 1, "
+                f"that is f <= floor(n/2); got n={self.n}, f={self.f}: pass z explicitly (the "
+                "command line: --option alie.z=Z)"
             )
 
     @property
