@@ -204,16 +204,19 @@ def next_threshold(
     return threshold * min(2.0, max(0.5, factor))
 
 
-def _kept(mags: Tensor, threshold: float) -> tuple[Tensor, list[int]]:
-    """This rank's mask ``mags >= threshold``, and its counts of ``mags`` at or above
-    ``threshold`` (-1 where any of ``mags`` is NaN or Inf), strictly above it, and at or above
-    ``threshold * BRACKET`` and ``threshold / BRACKET`` (read from the device together, in one
-    wait). The count strictly above tells magnitudes tied at the threshold (:func:`_tied`)."""
+def _kept(mags: Tensor, threshold: float) -> tuple[Tensor, Tensor, list[int]]:
+    """This rank's mask ``mags >= threshold``, the positions it keeps (ascending), and its
+    counts of ``mags`` at or above ``threshold`` (-1 where any of ``mags`` is NaN or Inf),
+    strictly above it, and at or above ``threshold * BRACKET`` and ``threshold / BRACKET``
+    (read from the device together, in one wait). The positions serve the selection and the
+    count strictly above, which tells magnitudes tied at the threshold (:func:`_tied`): one
+    pass over the mask for all three, where boolean indexing took one each."""
     keep = mags >= threshold
-    flags = [torch.isfinite(mags).all().logical_not(), keep.sum(), (mags[keep] > threshold).sum()]
+    pos = keep.nonzero().squeeze(1)
+    flags = [torch.isfinite(mags).all().logical_not(), (mags[pos] > threshold).sum()]
     flags += [(mags >= t).sum() for t in (threshold * BRACKET, threshold / BRACKET)]
     nonfinite, *counts = (int(v) for v in torch.stack(flags).tolist())
-    return keep, [-1 if nonfinite else counts[0], *counts[1:]]
+    return keep, pos, [-1 if nonfinite else pos.numel(), *counts]
 
 
 def _tied(rows: list[list[int]], k: int) -> bool:
@@ -432,7 +435,7 @@ class OkTopk(SparseCollective):
             st.threshold = estimate_threshold(wire, mags, k)
         # The count allgather also says whether any rank's sums hold Inf or NaN, so a reused
         # threshold cannot pass them on (or drop them) where an estimate would have refused.
-        keep, mine = _kept(mags, st.threshold)
+        keep, pos, mine = _kept(mags, st.threshold)
         rows = wire.allgather_ints(mine)
         if any(row[0] < 0 for row in rows):
             raise FloatingPointError(_NONFINITE)
@@ -444,14 +447,14 @@ class OkTopk(SparseCollective):
             # re-estimate now rather than send far more, or keep far fewer, than k. Not where
             # ties at it keep more than 2k: an estimate would keep them all again.
             st.threshold = estimate_threshold(wire, mags, k)
-            keep, mine = _kept(mags, st.threshold)
+            keep, pos, mine = _kept(mags, st.threshold)
             rows = wire.allgather_ints(mine)
             counts = [row[0] for row in rows]
             total = sum(counts)
             tied = _tied(rows, k)
             estimated = True
         used = st.threshold
-        sel_i, sel_v = red_i[keep], red_v[keep]
+        sel_i, sel_v = red_i[pos], red_v[pos]
         # The next call starts from a threshold corrected toward k by this call's counts, so
         # a reused threshold follows gradients whose scale drifts instead of leaving the band;
         # a tied one stays (above it, fewer than k are left: the next call would re-estimate).
