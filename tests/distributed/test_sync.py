@@ -2413,3 +2413,29 @@ def test_qsgd_averages_half_gradients_whose_levels_pass_the_half_range(tmp_path)
     for res in oks(run_world(_qsgd_half, 2, tmp_path)):
         for aggregator, got in res.items():
             assert isinstance(got, tuple) and got[0] and 0 < got[1] < 65504, (aggregator, got)
+
+
+def _ddp_within_sync_across(rank: int, world: int) -> tuple:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    sync = sparsetrain.GradientSync(model, "topk", density=0.5)
+    alone = [dist.new_group([r]) for r in range(world)]  # (every rank makes every group)
+    ddp = DDP(model, process_group=alone[rank])  # over other ranks than GradientSync's
+    ddp(torch.ones(3, 4)).sum().backward()
+    synced = sync.synchronize()
+    try:
+        DDP(model)(torch.ones(3, 4))  # over the same ranks: each step averaged twice
+    except RuntimeError as e:
+        return synced, str(e)
+    return synced, None
+
+
+def test_a_plain_ddp_around_a_gradient_syncs_model_is_refused_on_every_rank_over_its_ranks_only(
+    tmp_path,
+):
+    """A hierarchy (DDP over a rank's own group, GradientSync across) averages different
+    things and is let be; a DDP over GradientSync's ranks is refused in its forward, on every
+    rank, rather than averaging every step twice."""
+    for synced, error in oks(run_world(_ddp_within_sync_across, 2, tmp_path)):
+        assert synced
+        assert error is not None and "forward of a DistributedDataParallel over the same" in error

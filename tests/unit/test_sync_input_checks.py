@@ -180,6 +180,10 @@ def test_gradient_sync_refuses_in_the_forward_a_plain_ddp_around_its_model(group
     del sync
     gc.collect()
     DDP(model)(torch.ones(3, 4))  # its GradientSync gone, the model is DDP's alone
+    scripted = torch.jit.script(_model())  # takes no hooks: left unchecked, not refused
+    sync = sparsetrain.GradientSync(scripted, "topk", density=0.5)
+    scripted(torch.ones(3, 4)).sum().backward()
+    assert sync.synchronize()
 
 
 def test_the_hook_registers_on_the_ddp_model_inside_torch_compile(group):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import weakref
 from collections.abc import Mapping
@@ -60,22 +61,35 @@ _WATCHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 def _refuse_plain_ddp(module: nn.Module, args: Any) -> None:
     """A forward pre-hook: refuse, in the forward (every rank runs it, so every rank raises),
     a model of a live GradientSync that runs inside the forward of a DistributedDataParallel
-    without its hook (one with it was refused when either was made), which averages the
-    gradients in backward before GradientSync exchanges them again: twice the traffic, and
-    the compression's error feedback on gradients already averaged. Under ``no_sync()`` DDP
-    averages nothing, and is let be. A module-level function, so the model still pickles;
-    once its GradientSync is gone, it does nothing."""
+    without its hook (one with it was refused when either was made) over the same ranks,
+    which averages the gradients in backward before GradientSync exchanges them again: twice
+    the traffic, and the compression's error feedback on gradients already averaged. Under
+    ``no_sync()`` DDP averages nothing, and over other ranks (DDP within a node, GradientSync
+    across nodes) the two average different things: both are let be. A module-level
+    function, so the model still pickles; once its GradientSync is gone, it does nothing."""
     ddp = DistributedDataParallel._get_active_ddp_module()
     if ddp is None or not ddp.require_backward_grad_sync:
         return
     from .ddp_hook import SYNCS, overlap
 
-    if any(s._model is module for s in list(SYNCS)) and overlap(module, [ddp.module]):
+    ranks = sorted(dist.get_process_group_ranks(ddp.process_group))
+
+    def doubled() -> bool:
+        return any(
+            overlap(ddp.module, [s._model]) is not None
+            and sorted(dist.get_process_group_ranks(s.engine.group or dist.group.WORLD)) == ranks
+            for s in list(SYNCS)
+        )
+
+    if not doubled():
+        return
+    gc.collect()  # one dropped but held in a reference cycle: every rank answers alike
+    if doubled():
         raise RuntimeError(
-            "GradientSync: this model runs in the forward of a DistributedDataParallel, which "
-            "averages its gradients in backward; GradientSync would exchange them a second "
-            "time. Use sparsetrain.register_ddp_hook(ddp_model, ...) on the DDP model instead "
-            "of GradientSync, or train the module without DDP"
+            "GradientSync: this model runs in the forward of a DistributedDataParallel over "
+            "the same ranks, which averages its gradients in backward; GradientSync would "
+            "exchange them a second time. Use sparsetrain.register_ddp_hook(ddp_model, ...) on "
+            "the DDP model instead of GradientSync, or train the module without DDP"
         )
 
 
@@ -216,7 +230,9 @@ class GradientSync:
         from .ddp_hook import SYNCS
 
         SYNCS.add(self)  # register_ddp_hook refuses this model while this object lives
-        if model not in _WATCHED:  # (one hook a model, however many syncs it has had)
+        # (One hook a model, however many syncs it has had; a TorchScript module takes no
+        # hooks, and goes unchecked.)
+        if model not in _WATCHED and not isinstance(model, torch.jit.ScriptModule):
             model.register_forward_pre_hook(_refuse_plain_ddp)
             _WATCHED.add(model)
 
