@@ -57,6 +57,12 @@ def test_prune_refuses_what_it_would_ignore(tmp_path, capsys, argv, words):
         (["--option", "none.x=1"], "the 'none' column (no attack) takes no options"),
         (["--option", "safeguard.bogus=1"],
          "'safeguard' is an aggregator and an attack, and neither takes 'bogus'"),
+        (["--aggregators", "safeguard,mean", "--attacks", "none,sign_flip",
+          "--option", "safeguard.scale=0.5"],
+         "safeguard.scale: an option of the safeguard attack, which is not among --attacks"),
+        (["--aggregators", "mean", "--attacks", "none,safeguard", "--option",
+          "safeguard.window1=100"],
+         "safeguard.window1: an option of the safeguard aggregator, which is not among"),
     ],
 )  # fmt: skip
 def test_robust_matrix_refuses_options_it_would_ignore(tmp_path, capsys, argv, words):
@@ -183,9 +189,22 @@ def test_the_one_process_simulation_names_layers_it_cannot_follow():
 
     data = TensorDataset(torch.randn(8, 4), torch.zeros(8, dtype=torch.long))
     for layer, words in ((nn.Dropout(0.1), "random layers (Dropout)"),
-                         (nn.BatchNorm1d(4), "buffers (1.running_mean, 1.running_var, 1.num_batches_tracked)")):  # fmt: skip
+                         (nn.BatchNorm1d(4), "running statistics (BatchNorm1d)")):  # fmt: skip
         task = Task("t", lambda layer=layer: nn.Sequential(nn.Linear(4, 4), layer, nn.Linear(4, 2)),
                     data, data, num_classes=2)  # fmt: skip
         with pytest.raises(ValueError, match=re.escape(words)) as e:
             simulate(task, RobustRunConfig(workers=3, steps=1))
         assert "without --simulate" in str(e.value)
+
+    class Scaled(nn.Linear):  # a constant buffer: vmap follows it, as before
+        def __init__(self):
+            super().__init__(4, 2)
+            self.register_buffer("scale", torch.tensor(2.0), persistent=False)
+
+        def forward(self, x):
+            return super().forward(x) * self.scale
+
+    out = simulate(
+        Task("t", Scaled, data, data, num_classes=2), RobustRunConfig(workers=3, steps=1)
+    )
+    assert not out["diverged"]

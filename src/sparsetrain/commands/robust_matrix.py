@@ -461,6 +461,18 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                 f"aggregator takes: {', '.join(option_names(aggregator_class(name)))}; the "
                 f"attack: {', '.join(attack_option_names(check_attack(name, {})))}"
             )
+        # An option of the kind not selected would be recorded and used by no cell.
+        for kind, selected, where in (
+            ("aggregator", aggregators, "--aggregators"),
+            ("attack", attacks, "--attacks"),
+        ):
+            unused_keys = sorted(kind_options(kind, name, options)) if name not in selected else []
+            if unused_keys:
+                raise ValueError(
+                    f"--option {', '.join(f'{name}.{k}' for k in unused_keys)}: "
+                    f"{'an option' if len(unused_keys) == 1 else 'options'} of the {name} "
+                    f"{kind}, which is not among {where}"
+                )
     fixed = sorted(f"{name}.{k}" for name, opts in options.items() for k in opts if k in ("n", "f"))
     if fixed:
         raise ValueError(

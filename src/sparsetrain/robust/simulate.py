@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
 from . import get_aggregator
@@ -146,19 +147,22 @@ def evaluate(model: nn.Module, dataset, batch: int = 1024) -> float:
 def _refuse_unsimulable(model: nn.Module, name: str) -> None:
     """Refuse a model the one-process simulation cannot train: it computes every worker's
     gradient at once with ``torch.func.vmap`` over the parameters alone, which refuses random
-    layers (Dropout) and leaves buffers (BatchNorm's statistics) out."""
+    layers (Dropout) and the in-place updates of running statistics (BatchNorm's, in
+    training); buffers that stay as they are (a constant scale) are taken."""
     random = sorted({type(m).__name__ for m in model.modules() if isinstance(m, _DropoutNd)})
-    buffers = [b for b, _ in model.named_buffers()]
-    if random or buffers:
-        has = ", ".join(
+    running = sorted(
+        {type(m).__name__ for m in model.modules()
+         if isinstance(m, _NormBase) and m.track_running_stats}
+    )  # fmt: skip
+    if random or running:
+        has = " and ".join(
             ([f"random layers ({', '.join(random)})"] if random else [])
-            + ([f"buffers ({', '.join(buffers[:3])}{', ...' if len(buffers) > 3 else ''})"]
-               if buffers else [])
-        )  # fmt: skip
+            + ([f"running statistics ({', '.join(running)})"] if running else [])
+        )
         raise ValueError(
             f"the one-process simulation (--simulate) computes the workers' gradients with "
-            f"torch.func.vmap over the parameters, and task {name!r}'s model has {has}, which "
-            "it cannot follow: run one process a worker (without --simulate)"
+            f"torch.func.vmap over the parameters, and the model of task {name!r} has {has}, "
+            "which it cannot follow: run one process a worker (without --simulate)"
         )
 
 
