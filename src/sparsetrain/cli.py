@@ -41,10 +41,25 @@ def _plain_descriptions(parser: argparse.ArgumentParser) -> None:
                 _plain_descriptions(child)
 
 
+class _PreParser(argparse.ArgumentParser):
+    """Reads ``--task-module`` ahead of the commands' parser and leaves every error to it."""
+
+    def error(self, message: str):  # (an ambiguous prefix called this, past exit_on_error)
+        raise argparse.ArgumentError(None, message)
+
+
 def _load_task_modules(argv: list[str] | None) -> None:
-    """Import the modules ``--task-module`` names, wherever it stands in ``argv``, before the
-    parser is built: their tasks are then among ``--task``'s choices (and ``--help``'s)."""
-    pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    """Import the modules ``SPARSETRAIN_TASK_MODULES`` and ``--task-module`` name, wherever the
+    option stands in ``argv``, before the parser is built: their tasks are then among
+    ``--task``'s choices (and ``--help``'s). One that is missing or registers no task is a
+    usage error naming it; an error the module raises itself keeps its traceback."""
+    from .tasks import TASK_MODULES_ENV, TaskModuleError, add_task_modules, available_tasks
+
+    try:
+        available_tasks()  # the environment's modules
+    except TaskModuleError as e:
+        raise SystemExit(f"sparsetrain: error: {TASK_MODULES_ENV}: {e}") from None
+    pre = _PreParser(add_help=False, exit_on_error=False)
     pre.add_argument("--task-module", action="append", default=[])
     # The commands' other options it is a prefix of or shares one with: an abbreviation
     # (--task-mod) then resolves as the command's parser resolves it.
@@ -52,14 +67,12 @@ def _load_task_modules(argv: list[str] | None) -> None:
     pre.add_argument("--task-option", action="append")
     try:
         entries = pre.parse_known_args(argv)[0].task_module
-    except (argparse.ArgumentError, SystemExit):  # (--task without a value): the command's
-        return  # own parser says what is wrong, in its words
+    except argparse.ArgumentError:  # (--task without a value): the command's own parser
+        return  # says what is wrong, in its words
     if entries:
-        from .tasks import add_task_modules
-
         try:
             add_task_modules(entries)
-        except ValueError as e:
+        except TaskModuleError as e:
             raise SystemExit(f"sparsetrain: error: argument --task-module: {e}") from None
 
 

@@ -118,7 +118,9 @@ _MODULE = (
 def test_a_task_module_is_loaded_here_and_by_the_processes_started_from_here(
     registry, tmp_path, monkeypatch
 ):
-    monkeypatch.delenv(tasks.TASK_MODULES_ENV, raising=False)
+    monkeypatch.setenv(
+        tasks.TASK_MODULES_ENV, ""
+    )  # (restored after: delenv of an unset one is not)
     path = tmp_path / "user_tasks_file.py"
     path.write_text(_MODULE)
     assert tasks.add_task_modules([str(path)]) == ["from-a-file"]
@@ -147,20 +149,24 @@ def test_a_task_module_is_loaded_here_and_by_the_processes_started_from_here(
 def test_a_task_module_that_is_missing_or_registers_nothing_is_named_and_not_kept(
     registry, tmp_path, monkeypatch, entry, words
 ):
-    monkeypatch.delenv(tasks.TASK_MODULES_ENV, raising=False)
+    monkeypatch.setenv(
+        tasks.TASK_MODULES_ENV, ""
+    )  # (restored after: delenv of an unset one is not)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty.py").write_text("x = 1\n")
     entry = entry.format(tmp=tmp_path)
     with pytest.raises(ValueError, match=re.escape(words)):
         tasks.add_task_modules([entry])
-    assert tasks.TASK_MODULES_ENV not in os.environ  # later lookups are not broken by it
+    assert os.environ[tasks.TASK_MODULES_ENV] == ""  # not kept: later lookups still work
     assert "digits-mlp" in tasks.available_tasks()
 
 
 def test_the_command_names_a_bad_task_module_as_a_usage_error(monkeypatch, capsys):
     from sparsetrain import cli
 
-    monkeypatch.delenv(tasks.TASK_MODULES_ENV, raising=False)
+    monkeypatch.setenv(
+        tasks.TASK_MODULES_ENV, ""
+    )  # (restored after: delenv of an unset one is not)
     with pytest.raises(SystemExit, match="argument --task-module: task module 'no_such_mod_x'"):
         cli.main(["train", "--task-module", "no_such_mod_x", "--task", "other"])
 
@@ -172,7 +178,9 @@ def test_the_command_loads_a_task_module_given_by_an_abbreviation_or_with_an_equ
     # first, and its task was "an invalid choice".
     from sparsetrain import cli
 
-    monkeypatch.delenv(tasks.TASK_MODULES_ENV, raising=False)
+    monkeypatch.setenv(
+        tasks.TASK_MODULES_ENV, ""
+    )  # (restored after: delenv of an unset one is not)
     path = tmp_path / "abbrev_tasks.py"
     path.write_text(_MODULE)
     for argv in (["--task-mod", str(path), "--task", "from-a-file"],
@@ -181,3 +189,36 @@ def test_the_command_loads_a_task_module_given_by_an_abbreviation_or_with_an_equ
             cli.main(["train", *argv, "--help"])
         assert e.value.code == 0
         assert "from-a-file" in capsys.readouterr().out
+
+
+def test_a_bad_entry_in_the_environment_is_a_usage_error_of_every_command(monkeypatch, capsys):
+    # It broke every command, --version included, with a traceback.
+    from sparsetrain import cli
+
+    monkeypatch.setenv(tasks.TASK_MODULES_ENV, "no_such_env_task_module")
+    with pytest.raises(SystemExit, match="SPARSETRAIN_TASK_MODULES: task module "):
+        cli.main(["--version"])
+
+
+def test_an_error_a_task_module_raises_itself_keeps_its_type_and_traceback(
+    registry, tmp_path, monkeypatch
+):
+    # It was shown as a usage error, "argument --task-module: my own bug", without a traceback.
+    from sparsetrain import cli
+
+    monkeypatch.setenv(tasks.TASK_MODULES_ENV, "")
+    path = tmp_path / "raising_tasks.py"
+    path.write_text("raise ValueError('my own bug')\n")
+    with pytest.raises(ValueError, match="my own bug") as e:
+        cli.main(["train", "--task-module", str(path), "--help"])
+    assert not isinstance(e.value, tasks.TaskModuleError)
+
+
+def test_an_ambiguous_prefix_is_reported_once_by_the_commands_parser(monkeypatch, capsys):
+    from sparsetrain import cli
+
+    monkeypatch.setenv(tasks.TASK_MODULES_ENV, "")
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--ta", "x"])
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "sparsetrain train: error: ambiguous option" in err, err

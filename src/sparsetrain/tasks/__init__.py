@@ -84,6 +84,13 @@ def register_task(name: str, check: Callable[[dict], None] | None = None):
 
 
 TASK_MODULES_ENV = "SPARSETRAIN_TASK_MODULES"
+
+
+class TaskModuleError(ValueError):
+    """A task module named by ``--task-module`` or ``SPARSETRAIN_TASK_MODULES`` that is not
+    there, or registers no task (not an error raised by the module itself)."""
+
+
 _LOADED: set[str] = set()  # the entries of SPARSETRAIN_TASK_MODULES imported in this process
 
 
@@ -110,12 +117,12 @@ def _import_task_module(entry: str) -> None:
     if _is_path(entry):
         path = os.path.abspath(entry)
         if not os.path.isfile(path):
-            raise ValueError(f"task module {entry!r}: no such file ({path})")
+            raise TaskModuleError(f"task module {entry!r}: no such file ({path})")
         stem = os.path.splitext(os.path.basename(path))[0]
         name = stem if stem.isidentifier() and stem not in sys.modules else f"_sparsetrain_{stem}"
         spec = importlib.util.spec_from_file_location(name, path)
         if spec is None or spec.loader is None:
-            raise ValueError(f"task module {entry!r}: {path} cannot be imported as Python")
+            raise TaskModuleError(f"task module {entry!r}: {path} cannot be imported as Python")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # (dataclasses and pickle look a module up there)
         try:
@@ -144,7 +151,7 @@ def _import_task_module(entry: str) -> None:
             sys.path.remove(cwd)
             if not missing(e):
                 raise
-    raise ValueError(
+    raise TaskModuleError(
         f"task module {entry!r}: no module of that name on sys.path or in the current folder "
         f"{cwd}; give a dotted module name or the path of a .py file"
     )
@@ -156,7 +163,8 @@ def add_task_modules(entries: list[str]) -> list[str]:
     too; return the names of the tasks they registered.
 
     Raises:
-        ValueError: an entry names no file or module, or registers no task.
+        TaskModuleError: an entry names no file or module, or registers no task (a
+            ValueError).
     """
     _load_all()
     known = os.environ.get(TASK_MODULES_ENV, "")
@@ -164,7 +172,9 @@ def add_task_modules(entries: list[str]) -> list[str]:
     for entry in entries:
         entry = os.path.abspath(entry) if _is_path(entry) else entry
         if os.pathsep in entry or not entry.strip():
-            raise ValueError(f"task module {entry!r}: must be one non-empty module name or path")
+            raise TaskModuleError(
+                f"task module {entry!r}: must be one non-empty module name or path"
+            )
         if entry in known.split(os.pathsep):
             continue  # loaded already, in this process and its workers
         before = dict(_TASKS)
@@ -173,22 +183,23 @@ def add_task_modules(entries: list[str]) -> list[str]:
             fn.__module__ == entry or fn.__module__.startswith(f"{entry}.")
             for fn in _TASKS.values()
         )
-        previous = known
+        previous = os.environ.get(TASK_MODULES_ENV)  # (None: not set)
         known = f"{known}{os.pathsep}{entry}" if known else entry
         os.environ[TASK_MODULES_ENV] = known
         try:
             _load_all()
             new = sorted(n for n in _TASKS if before.get(n) is not _TASKS[n])
             if not new and not imported:
-                raise ValueError(
+                raise TaskModuleError(
                     f"task module {entry!r} registered no task; decorate a factory at its top "
                     "level with @sparsetrain.tasks.register_task('name')"
                 )
         except BaseException:  # not left in the environment, where every lookup would fail
-            known = previous
-            os.environ[TASK_MODULES_ENV] = previous
-            if not previous:
+            known = previous or ""
+            if previous is None:
                 del os.environ[TASK_MODULES_ENV]
+            else:
+                os.environ[TASK_MODULES_ENV] = previous
             raise
         registered += new
     return registered
