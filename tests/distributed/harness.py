@@ -21,7 +21,9 @@ from sparsetrain._procs import exit_finished_worker
 # session, rather than each importing them anew (a spawn took about 1.5 s of CPU a rank, most
 # of a small world's time on two cores). The server imports and runs nothing else, so each
 # worker still starts from fresh modules; it is given the test's environment (the server's is
-# the one it started with) and, as under spawn, the test's folder and sys.path.
+# the one it started with) and, as under spawn, the test's folder and sys.path. What those
+# modules read when imported (TORCH_DISTRIBUTED_DEBUG, OpenMP's variables) is the server's: a
+# test that needs another value there must spawn its own processes.
 _PRELOAD = ["torch", "torch.distributed", "sparsetrain", "sparsetrain.sync", "sparsetrain.comm"]
 multiprocessing.set_forkserver_preload(_PRELOAD)
 

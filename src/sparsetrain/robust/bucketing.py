@@ -107,22 +107,23 @@ class Bucketing(Aggregator):
         # rows would let CUDA's atomics add a bucket's members in any order). Half precision
         # accumulates in float32, as the CPU's scatter-add did.
         wide = torch.promote_types(grads.dtype, torch.float32)
-        sums = torch.zeros(buckets, grads.shape[1], dtype=wide, device=grads.device)
-        for j in range(min(self.bucket_size, self.n)):
-            members = shuffled[j :: self.bucket_size]  # row b is bucket b's j-th member
-            sums[: members.shape[0]] += members
         bucket_of = torch.arange(self.n, device=grads.device) // self.bucket_size
         counts = torch.bincount(bucket_of, minlength=buckets).to(wide)
+
+        def sums(divided: bool) -> Tensor:
+            out = torch.zeros(buckets, grads.shape[1], dtype=wide, device=grads.device)
+            for j in range(min(self.bucket_size, self.n)):
+                members = shuffled[j :: self.bucket_size]  # row b is bucket b's j-th member
+                rows = members.shape[0]
+                out[:rows] += members / counts[:rows, None] if divided else members
+            return out
+
         # Divided before the cast: four float16 rows of 40000 summed past 65504.
-        means = sums / counts[:, None]
+        means = sums(divided=False) / counts[:, None]
         if not bool(torch.isfinite(means).all()):
             # float32 members near 3.4e38 summed past the range while their mean fits: those
             # coordinates add the members each divided by its bucket's count.
-            divided = torch.zeros_like(sums)
-            for j in range(min(self.bucket_size, self.n)):
-                members = shuffled[j :: self.bucket_size]
-                divided[: members.shape[0]] += members / counts[: members.shape[0], None]
-            means = torch.where(torch.isfinite(means), means, divided)
+            means = torch.where(torch.isfinite(means), means, sums(divided=True))
         return self._inner(means.to(grads.dtype), key=key)
 
     def end_step(self) -> None:
