@@ -1462,6 +1462,10 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
     task: Task = get_task(config.task, seed=config.seed, **config.task_options)
     torch.manual_seed(config.seed)
     module = task.build_model().to(device)
+    # From here each rank draws its own random numbers (Dropout's masks): the model is the same
+    # on every rank (built after the same seed, and rank 0's is broadcast), but with one stream
+    # every rank drew the same masks, and their noise was not averaged over the ranks.
+    torch.manual_seed((config.seed * 1_000_003 + rank + 1) % 2**63)
     if config.reuse_host_memory and device.type == "cpu":
         # Memory for the first steps' new tensors, faulted in now rather than in those steps
         # (sparsetrain.hostmem.reserve): ten times the parameters' bytes, which on the
@@ -1559,6 +1563,10 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
         hook.load_state_dict(state["hook"])
         if scaler is not None:
             scaler.load_state_dict(state["scaler"])
+        if "rng" in state and not resharded:  # (another rank's stream does not follow on)
+            torch.set_rng_state(state["rng"]["cpu"])
+            if device.type == "cuda" and "cuda" in state["rng"]:
+                torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         step, elapsed, eval_seconds, curves = (
             state["step"],
             state["elapsed"],
@@ -1630,6 +1638,11 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
                 "optimizer": optimizer.state_dict(),
                 "hook": hook.state_dict(),
                 **({"scaler": scaler.state_dict()} if scaler is not None else {}),
+                # This rank's random stream (Dropout's masks), for a resume to go on with it.
+                "rng": {
+                    "cpu": torch.get_rng_state(),
+                    **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+                },
             },
         )
 

@@ -929,3 +929,65 @@ def test_the_command_trains_a_task_from_a_users_module_in_its_spawned_workers(tm
     assert report["runs"][0]["config"]["task"] == "xor-user"
     assert report["runs"][0]["config"]["task_options"] == {"hidden": 16}
     assert report["runs"][0]["dense_bytes_per_rank"] > 0
+
+
+_DROPOUT_TASK = """
+import os
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from sparsetrain.tasks import Task, register_task
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.drop, self.b = nn.Linear(8, 32), nn.Dropout(0.5), nn.Linear(32, 3)
+        self.logged = False
+
+    def forward(self, x):
+        h = self.drop(torch.relu(self.a(x)))
+        if self.training and not self.logged and os.environ.get("MASKS_TO"):
+            self.logged = True  # the first mask of this process
+            path = os.path.join(os.environ["MASKS_TO"], f"mask-{os.getpid()}")
+            mask = self.drop(torch.ones(64)) != 0  # a mask of its own, whatever the data
+            with open(path, "w") as fh:
+                fh.write("".join("1" if v else "0" for v in mask.tolist()))
+        return self.b(h)
+
+
+@register_task("dropout-net")
+def dropout_net(seed: int = 0) -> Task:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(300, 8, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    return Task("dropout-net", Net, TensorDataset(x[:240], y[:240]),
+                TensorDataset(x[240:], y[240:]), num_classes=3)
+"""
+
+
+def test_dropout_draws_its_own_masks_on_each_rank_and_resumes_exactly(tmp_path, monkeypatch):
+    """Every rank was seeded alike after the model was built, so every rank drew the same
+    Dropout masks; and a checkpoint kept no random state, so a resumed run drew other masks
+    than the uninterrupted one and ended elsewhere."""
+    (tmp_path / "dropout_tasks.py").write_text(_DROPOUT_TASK)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    monkeypatch.setenv("SPARSETRAIN_TASK_MODULES", str(tmp_path / "dropout_tasks.py"))
+    monkeypatch.setenv("MASKS_TO", str(masks))
+    common = dict(
+        task="dropout-net", compressor="topk", density=0.1, workers=2, epochs=2, eval_every=5,
+        progress=False, timeout_s=120, checkpoint_dir=str(tmp_path / "ck"),
+    )  # fmt: skip
+    first = by_label(launch([TrainConfig(label="whole", **common),
+                             TrainConfig(label="cut", max_steps=5, **common)]))  # fmt: skip
+    drawn = [p.read_text() for p in masks.iterdir()]
+    assert len(drawn) == 2 and drawn[0] != drawn[1]  # one mask a rank, not the same one
+    monkeypatch.delenv("MASKS_TO")
+    resumed = launch(TrainConfig(label="cut", resume=True, **common))["runs"][0]
+    whole = first["whole"]
+    assert resumed["steps"] == whole["steps"]
+    assert resumed["final_test_loss"] == whole["final_test_loss"]
+    assert resumed["curves"]["train_loss"] == whole["curves"]["train_loss"]
