@@ -58,7 +58,7 @@ def _load_task_modules(argv: list[str] | None) -> None:
     try:
         available_tasks()  # the environment's modules
     except TaskModuleError as e:
-        raise SystemExit(f"sparsetrain: error: {TASK_MODULES_ENV}: {e}") from None
+        _usage_error(f"{TASK_MODULES_ENV}: {e}")
     pre = _PreParser(add_help=False, exit_on_error=False)
     pre.add_argument("--task-module", action="append", default=[])
     # The commands' other options it is a prefix of or shares one with: an abbreviation
@@ -73,7 +73,13 @@ def _load_task_modules(argv: list[str] | None) -> None:
         try:
             add_task_modules(entries)
         except TaskModuleError as e:
-            raise SystemExit(f"sparsetrain: error: argument --task-module: {e}") from None
+            _usage_error(f"argument --task-module: {e}")
+
+
+def _usage_error(message: str) -> None:
+    """Exit as argparse does on a bad value: the message on stderr, status 2."""
+    print(f"sparsetrain: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -208,3 +208,33 @@ def test_the_one_process_simulation_names_layers_it_cannot_follow():
         Task("t", Scaled, data, data, num_classes=2), RobustRunConfig(workers=3, steps=1)
     )
     assert not out["diverged"]
+
+
+def test_prune_and_robust_matrix_name_a_task_whose_data_is_not_a_tensor_dataset(
+    tmp_path, capsys, monkeypatch
+):
+    # Both read the tensors whole; a Dataset of the user's own failed with a traceback
+    # ("'Synth' object has no attribute 'tensors'") where `sparsetrain train` takes it.
+    from torch.utils.data import Dataset
+
+    from sparsetrain import tasks
+
+    class Synth(Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return torch.zeros(4), 0
+
+    def factory(seed=0):
+        return tasks.Task("own-data", lambda: torch.nn.Linear(4, 2), Synth(), Synth(), 2)
+
+    tasks._load_all()
+    monkeypatch.setitem(tasks._TASKS, "own-data", factory)
+    for argv in (["prune", "--task", "own-data", "--report", str(tmp_path / "r.json")],
+                 ["robust-matrix", "--simulate", "--task", "own-data", "--out-dir",
+                  str(tmp_path / "m")]):  # fmt: skip
+        err = argparse_error(capsys, argv)
+        assert "reads a task's data as the tensors of a TensorDataset" in err, err
+        assert "the train set of task 'own-data' is a Synth" in err
+    assert not any(tmp_path.iterdir())

@@ -142,7 +142,7 @@ def test_a_task_module_is_loaded_here_and_by_the_processes_started_from_here(
     [
         ("{tmp}/missing.py", "no such file"),
         ("no_such_task_module_here", "'no_such_task_module_here': no module of that name"),
-        ("json", "registered no task"),
+        ("json", "'json' (the module imported is "),
         ("{tmp}/empty.py", "registered no task"),
     ],
 )
@@ -167,8 +167,10 @@ def test_the_command_names_a_bad_task_module_as_a_usage_error(monkeypatch, capsy
     monkeypatch.setenv(
         tasks.TASK_MODULES_ENV, ""
     )  # (restored after: delenv of an unset one is not)
-    with pytest.raises(SystemExit, match="argument --task-module: task module 'no_such_mod_x'"):
+    with pytest.raises(SystemExit) as e:
         cli.main(["train", "--task-module", "no_such_mod_x", "--task", "other"])
+    assert e.value.code == 2  # a usage error, as argparse's
+    assert "error: argument --task-module: task module 'no_such_mod_x'" in capsys.readouterr().err
 
 
 def test_the_command_loads_a_task_module_given_by_an_abbreviation_or_with_an_equals_sign(
@@ -196,8 +198,10 @@ def test_a_bad_entry_in_the_environment_is_a_usage_error_of_every_command(monkey
     from sparsetrain import cli
 
     monkeypatch.setenv(tasks.TASK_MODULES_ENV, "no_such_env_task_module")
-    with pytest.raises(SystemExit, match="SPARSETRAIN_TASK_MODULES: task module "):
+    with pytest.raises(SystemExit) as e:
         cli.main(["--version"])
+    assert e.value.code == 2
+    assert "error: SPARSETRAIN_TASK_MODULES: task module " in capsys.readouterr().err
 
 
 def test_an_error_a_task_module_raises_itself_keeps_its_type_and_traceback(
@@ -222,3 +226,28 @@ def test_an_ambiguous_prefix_is_reported_once_by_the_commands_parser(monkeypatch
         cli.main(["train", "--ta", "x"])
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "sparsetrain train: error: ambiguous option" in err, err
+
+
+def test_a_tensor_dataset_of_more_than_input_and_labels_is_refused_by_name(registry):
+    # It passed the check, then every command failed unpacking it ("too many values").
+    from torch.utils.data import TensorDataset
+
+    from sparsetrain.tasks import Task, get_task
+
+    x, mask, y = torch.zeros(4, 2), torch.ones(4, 2), torch.zeros(4, dtype=torch.long)
+
+    @register_task("three-tensors")
+    def three(seed=0):
+        data = TensorDataset(x, mask, y)
+        return Task("three-tensors", lambda: None, data, data, num_classes=2)
+
+    with pytest.raises(ValueError, match="a TensorDataset of 3 tensors; a task's examples are"):
+        get_task("three-tensors")
+
+
+def test_a_task_module_that_replaces_a_task_says_so(registry, tmp_path, monkeypatch):
+    monkeypatch.setenv(tasks.TASK_MODULES_ENV, "")
+    path = tmp_path / "replacing_tasks.py"
+    path.write_text(_MODULE.replace("from-a-file", "digits-mlp"))
+    with pytest.warns(UserWarning, match="registers 'digits-mlp' again: it replaces the task"):
+        assert tasks.add_task_modules([str(path)]) == ["digits-mlp"]

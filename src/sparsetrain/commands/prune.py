@@ -41,7 +41,7 @@ from sparsetrain.pruning import (
 )
 from sparsetrain.pruning.base import default_weights
 from sparsetrain.pruning.masks import check_sparsity, nm_shape_problem
-from sparsetrain.tasks import Task, available_tasks, get_task
+from sparsetrain.tasks import Task, available_tasks, get_task, require_tensor_data
 from sparsetrain.train import finite_json
 
 SCHEDULES = ("oneshot", "gradual")
@@ -254,6 +254,7 @@ def summarise(model: nn.Module, task: Task, dense_acc: float) -> dict[str, Any]:
 def train_dense(cfg: PruneConfig) -> tuple[Task, nn.Module, float]:
     """Train the dense model of ``cfg.task``; return the task, the model and its test accuracy."""
     task = get_task(cfg.task, seed=cfg.seed)
+    require_tensor_data(task, cfg.task, "sparsetrain prune")
     torch.manual_seed(cfg.seed)
     model = task.build_model()
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -458,6 +459,10 @@ def _main(args: argparse.Namespace) -> int:
     problem = _unused_options(args, cfg)
     if problem:
         args._parser.error(problem)
+    try:  # before any training, as the options
+        require_tensor_data(get_task(cfg.task, seed=cfg.seed), cfg.task, "sparsetrain prune")
+    except ValueError as e:
+        args._parser.error(str(e))
     if "woodfisher" in cfg.methods:  # its block size against its memory budget, before training
         model = get_task(cfg.task, seed=cfg.seed).build_model()
         try:

@@ -259,14 +259,16 @@ def run_matrix(
     value}} of the aggregators and attacks (:func:`kind_options`)."""
     from tqdm import tqdm
 
-    from ..tasks import get_task
+    from ..tasks import get_task, require_tensor_data
 
     for a in aggregators:
         aggregator_class(a)
     bad = [a for a in attacks if a != "none" and a not in available_attacks()]
     if bad:
         raise ValueError(f"unknown attack(s) {bad}; valid: none, {', '.join(available_attacks())}")
-    task = get_task(task_name, base.seed) if simulate_mode else None
+    task = get_task(task_name, base.seed)
+    require_tensor_data(task, task_name, "robust-matrix")  # (its ranks read it so too)
+    task = task if simulate_mode else None
     cells = []
     bar = tqdm(
         [(g, a) for g in aggregators for a in attacks], disable=not progress, desc="robust-matrix"

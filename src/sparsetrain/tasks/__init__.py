@@ -25,6 +25,7 @@ import inspect
 import operator
 import os
 import sys
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -190,9 +191,13 @@ def add_task_modules(entries: list[str]) -> list[str]:
             _load_all()
             new = sorted(n for n in _TASKS if before.get(n) is not _TASKS[n])
             if not new and not imported:
+                found = getattr(sys.modules.get(entry), "__file__", None)
+                where = (
+                    f" (the module imported is {found})" if found and not _is_path(entry) else ""
+                )
                 raise TaskModuleError(
-                    f"task module {entry!r} registered no task; decorate a factory at its top "
-                    "level with @sparsetrain.tasks.register_task('name')"
+                    f"task module {entry!r}{where} registered no task; decorate a factory at its "
+                    "top level with @sparsetrain.tasks.register_task('name')"
                 )
         except BaseException:  # not left in the environment, where every lookup would fail
             known = previous or ""
@@ -201,6 +206,13 @@ def add_task_modules(entries: list[str]) -> list[str]:
             else:
                 os.environ[TASK_MODULES_ENV] = previous
             raise
+        replaced = [n for n in new if n in before]
+        if replaced:
+            warnings.warn(
+                f"task module {entry!r} registers {', '.join(map(repr, replaced))} again: it "
+                "replaces the task of that name",
+                stacklevel=2,
+            )
         registered += new
     return registered
 
@@ -232,7 +244,7 @@ def get_task(name: str, seed: int = 0, **options) -> Task:
 def check_task(task: Task, name: str) -> None:
     """Refuse, naming the task and what is wrong, a task whose data training cannot use:
     ``num_classes`` not a positive integer, an empty train or test set, and in a
-    ``TensorDataset`` (inputs first, labels last) labels that are not integers in
+    ``TensorDataset`` (of two tensors: the inputs, then the labels) labels that are not integers in
     ``[0, num_classes)`` or inputs that hold NaN or Inf. Other data sets are checked for
     length only (their items are not read); an object other than a Task is left to its user
     (anything with the attributes the caller reads will do)."""
@@ -248,6 +260,13 @@ def check_task(task: Task, name: str) -> None:
             raise ValueError(f"task {name!r}: the {part} set is empty")
         if not isinstance(data, TensorDataset) or not data.tensors:
             continue
+        if len(data.tensors) != 2:  # (the trainer unpacks (input, label) pairs)
+            raise ValueError(
+                f"task {name!r}: the {part} set is a TensorDataset of {len(data.tensors)} "
+                "tensors; a task's examples are (input, label) pairs: one input tensor, then "
+                "the labels (a model of several inputs takes them stacked, or a Dataset of "
+                "its own)"
+            )
         *inputs, labels = data.tensors
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise ValueError(
@@ -266,6 +285,19 @@ def check_task(task: Task, name: str) -> None:
                 raise ValueError(
                     f"task {name!r}: the {part} set's input tensor {i} holds NaN or Inf"
                 )
+
+
+def require_tensor_data(task: Task, name: str, what: str) -> None:
+    """Refuse (ValueError), for ``what`` (a command that reads a task's tensors whole), a task
+    whose train or test set is not a ``TensorDataset``; the trainer takes any Dataset."""
+    for part in ("train", "test"):
+        data = getattr(task, part)
+        if not isinstance(data, TensorDataset):
+            raise ValueError(
+                f"{what} reads a task's data as the tensors of a TensorDataset (inputs, labels), "
+                f"and the {part} set of task {name!r} is a {type(data).__name__}; `sparsetrain "
+                "train` takes any Dataset"
+            )
 
 
 def check_task_options(name: str, options: dict) -> None:
