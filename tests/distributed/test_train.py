@@ -991,3 +991,27 @@ def test_dropout_draws_its_own_masks_on_each_rank_and_resumes_exactly(tmp_path, 
     assert resumed["steps"] == whole["steps"]
     assert resumed["final_test_loss"] == whole["final_test_loss"]
     assert resumed["curves"]["train_loss"] == whole["curves"]["train_loss"]
+
+
+def test_a_failure_in_the_users_own_model_shows_the_workers_traceback(tmp_path):
+    """One line named the error (a shape mismatch) but not the user's line that caused it."""
+    (tmp_path / "failing_tasks.py").write_text(
+        _USER_TASKS.replace('"xor-user"', '"failing"').replace(
+            "    model = lambda:", "    class Net(nn.Sequential):\n"
+            "        def forward(self, x):\n"
+            "            return super().forward(x[:, :1])  # the user's bug\n"
+            "    model = lambda: Net(*"
+        ).replace("nn.Linear(hidden, 2))", "nn.Linear(hidden, 2)))")
+    )  # fmt: skip
+    res = cli("train", "--task-module", str(tmp_path / "failing_tasks.py"), "--task", "failing",
+              "--workers", "2", "--epochs", "1", "--no-progress")  # fmt: skip
+    assert res.returncode == 1
+    assert "worker rank" in res.stderr and "shapes cannot be multiplied" in res.stderr
+    assert "failing_tasks.py" in res.stderr and "the user's bug" in res.stderr  # where it was
+
+
+def test_a_failure_inside_sparsetrain_stays_one_line(tmp_path):
+    res = cli("train", "--workers", "2", "--epochs", "1", "--lr", "1e30", "--no-progress",
+              "--compressor", "topk")  # fmt: skip
+    assert res.returncode == 1 and "FloatingPointError" in res.stderr
+    assert "Traceback" not in res.stderr and 'File "' not in res.stderr

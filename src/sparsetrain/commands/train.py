@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -201,6 +202,28 @@ def add_sync_arguments(p: argparse.ArgumentParser, compressor_default: str = "th
     )
     g.add_argument(
         "--byzantine", type=non_negative_int, default=0, help="number of attacking ranks"
+    )
+
+
+def _in_user_code(worker_traceback: str) -> bool:
+    """Whether a worker's traceback passes through a file of the user's (a task module, a
+    model), not only through sparsetrain, torch and Python's own: the one line of the error
+    then does not say where to look, and the traceback is shown."""
+    import sysconfig
+
+    import torch
+
+    own = [
+        str(Path(__file__).resolve().parents[1]),  # sparsetrain
+        str(Path(torch.__file__).resolve().parent),
+        sysconfig.get_paths()["stdlib"],
+        sysconfig.get_paths()["purelib"],
+        sysconfig.get_paths()["platlib"],
+    ]
+    files = re.findall(r'^\s*File "([^"]+)"', worker_traceback, flags=re.MULTILINE)
+    return any(
+        not f.startswith("<") and not any(str(Path(f).resolve()).startswith(o) for o in own)
+        for f in files
     )
 
 
@@ -574,6 +597,8 @@ def run_and_report(
         report = launch(configs)
     except WorkerError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
+        if _in_user_code(e.worker_traceback):  # the user's task or model: where it failed
+            print(e.worker_traceback.rstrip(), file=sys.stderr)
         return 2 if e.error_type == CheckpointConflict.__name__ else 1, None
     except (KeyboardInterrupt, SystemExit) as e:
         code = _say_stopped(e, configs, prog)
