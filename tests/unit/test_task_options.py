@@ -251,3 +251,17 @@ def test_a_task_module_that_replaces_a_task_says_so(registry, tmp_path, monkeypa
     path.write_text(_MODULE.replace("from-a-file", "digits-mlp"))
     with pytest.warns(UserWarning, match="registers 'digits-mlp' again: it replaces the task"):
         assert tasks.add_task_modules([str(path)]) == ["digits-mlp"]
+
+
+def test_a_task_option_annotated_str_takes_the_text_as_typed(registry):
+    # act=1 reached the factory as the number 1, and act=None as None.
+    from sparsetrain.commands.train import task_option_values
+
+    @register_task("str-option")
+    def str_option(seed: int = 0, act: str = "relu", width: int = 2):
+        raise AssertionError("not built")
+
+    got = task_option_values("str-option", [("act", "1"), ("width", "4")])
+    assert got == {"act": "1", "width": 4}
+    assert task_option_values("str-option", [("act", "None")]) == {"act": "None"}
+    check_task_options("str-option", got)

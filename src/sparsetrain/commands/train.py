@@ -104,11 +104,26 @@ def compressor_name(text: str) -> str:
     return text
 
 
-def key_value(text: str) -> tuple[str, Any]:
+def raw_key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.strip(), parse_value(value.strip())
+    return key.strip(), value.strip()
+
+
+def key_value(text: str) -> tuple[str, Any]:
+    key, value = raw_key_value(text)
+    return key, parse_value(value)
+
+
+def task_option_values(task: str, items: list[tuple[str, str]]) -> dict[str, Any]:
+    """``--task-option`` values: parsed as literals (``0.5``, ``True``), except for an option
+    the task's factory annotates as ``str``, which takes the text as typed (``act=1`` is the
+    string "1", not the number)."""
+    from ..tasks import string_options
+
+    text = string_options(task)
+    return {k: v if k in text else parse_value(v) for k, v in items}
 
 
 def add_sync_arguments(p: argparse.ArgumentParser, compressor_default: str = "threshold") -> None:
@@ -250,7 +265,7 @@ def add_training_arguments(p: argparse.ArgumentParser, *, workers: int, epochs: 
     g = p.add_argument_group("training")
     add_task_arguments(g)
     g.add_argument(
-        "--task-option", type=key_value, action="append", default=[], metavar="KEY=VALUE"
+        "--task-option", type=raw_key_value, action="append", default=[], metavar="KEY=VALUE"
     )
     g.add_argument(
         "--workers",
@@ -473,7 +488,7 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
             checkpoint_dir=getattr(args, "checkpoint_dir", None),
             checkpoint_every=getattr(args, "checkpoint_every", 0),
             resume=getattr(args, "resume", False),
-            task_options=dict(args.task_option),
+            task_options=task_option_values(args.task, args.task_option),
             progress=not args.no_progress,
             timeout_s=args.timeout,
             bucket_cap_mb=args.bucket_mb,

@@ -318,6 +318,12 @@ def check_task_options(name: str, options: dict) -> None:
         _CHECKS[name](dict(options))
 
 
+def string_options(name: str) -> set[str]:
+    """The options of task ``name`` whose factory annotates them as ``str``."""
+    _load_all()
+    return {k for k, p in _parameters(_TASKS[name]).items() if p.annotation is str}
+
+
 def _parameters(fn: Callable[..., Task]) -> Mapping[str, inspect.Parameter]:
     """The factory's parameters, with string annotations evaluated where they can be."""
     try:
