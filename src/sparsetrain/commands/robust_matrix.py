@@ -405,7 +405,7 @@ def run(args: argparse.Namespace) -> int:
     with open(os.path.join(args.out_dir, "robust_matrix.json"), "w") as fh:
         json.dump(result, fh, indent=1, default=str)
     plot_heatmap(result, os.path.join(args.out_dir, "robust_matrix.png"))
-    print(f"wrote {args.out_dir}/robust_matrix.json and robust_matrix.png")
+    print(f"wrote {args.out_dir}/robust_matrix.json and {args.out_dir}/robust_matrix.png")
     return 0
 
 
