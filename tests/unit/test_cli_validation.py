@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -762,3 +764,26 @@ def test_an_out_folder_under_one_this_user_cannot_read_is_named(monkeypatch, tmp
     monkeypatch.setattr(Path, "exists", denied)
     problem = bench._out_folder_problem(tmp_path / "locked" / "x")
     assert problem == f"cannot read {tmp_path / 'locked' / 'x'} (Permission denied)"
+
+
+def test_links_past_343_gbit_keep_a_queue_limit_tc_takes():
+    # 100 ms of traffic past 2**32 bytes: tc refused the limit after namespaces were built.
+    from sparsetrain.cluster.netns import _tbf_args
+
+    args = _tbf_args(4e11)
+    assert int(args[args.index("limit") + 1]) == 2**32 - 1
+    args = _tbf_args(1e9)  # (as before where it fits: 100 ms of 1 Gbit/s)
+    assert int(args[args.index("limit") + 1]) == 12_500_000
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root")
+def test_root_without_the_network_capabilities_is_told_so_before_anything_is_built():
+    # `ip netns add` failed with "mount --make-shared /run/netns failed: Operation not
+    # permitted", exit 1, where a permission problem is exit 2 and names what is missing.
+    code = ("from sparsetrain.cluster.netns import check_privileges\n"
+            "try:\n    check_privileges()\nexcept Exception as e:\n    print(type(e).__name__, e)\n")  # fmt: skip
+    res = subprocess.run(
+        ["setpriv", "--inh-caps=-all", "--bounding-set=-all", sys.executable, "-c", code],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert "ClusterPermissionError" in res.stdout and "CAP_NET_ADMIN" in res.stdout, res

@@ -86,6 +86,19 @@ class ClusterTimeoutError(ClusterError):
     """Ranks or a link probe did not finish within their time; they were killed."""
 
 
+def _lacking_capabilities() -> list[str]:
+    """The capabilities among CAP_NET_ADMIN (12) and CAP_SYS_ADMIN (21) that this process's
+    effective set lacks (none where /proc does not say)."""
+    try:
+        with open("/proc/self/status") as fh:
+            line = next(x for x in fh if x.startswith("CapEff:"))
+        effective = int(line.split()[1], 16)
+    except (OSError, StopIteration, ValueError, IndexError):
+        return []
+    names = {12: "CAP_NET_ADMIN", 21: "CAP_SYS_ADMIN"}
+    return [name for bit, name in names.items() if not effective >> bit & 1]
+
+
 def check_privileges() -> None:
     """Raise :class:`ClusterPermissionError` unless this process can create namespaces.
 
@@ -97,6 +110,14 @@ def check_privileges() -> None:
             "the emulated cluster needs root to create network namespaces and shape links with "
             "tc; run it as root (e.g. `sudo sparsetrain bench cluster ...`) or in a container "
             "with CAP_NET_ADMIN and CAP_SYS_ADMIN"
+        )
+    lacking = _lacking_capabilities()
+    if lacking:  # root in a container without them: `ip netns add` failed, exit 1
+        raise ClusterPermissionError(
+            f"the emulated cluster needs {' and '.join(lacking)} to create network namespaces "
+            "and shape links, and this root process lacks them (a container without them?): "
+            "run it where root has them, e.g. a container started with --cap-add NET_ADMIN "
+            "--cap-add SYS_ADMIN"
         )
     missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
     if missing:
@@ -233,7 +254,8 @@ def _tbf_args(rate_bps: float, gso: int = _GSO_DEFAULT) -> list[str]:
     # burst: two packets of the largest size (plus headers), or BURST_S of traffic; queue
     # limit: 100 ms worth, so TCP sees few drops.
     burst = max(2 * gso + 3000, int(rate_bps / 8 * BURST_S))
-    limit = max(2 * burst, int(rate_bps / 8 * 0.1))
+    # (tc takes 32-bit byte counts: past 343 Gbit/s, 100 ms of traffic was refused mid-build)
+    limit = min(max(2 * burst, int(rate_bps / 8 * 0.1)), 2**32 - 1)
     return ["tbf", "rate", f"{int(rate_bps)}bit", "burst", str(burst), "limit", str(limit)]
 
 

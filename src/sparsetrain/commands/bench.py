@@ -358,7 +358,12 @@ def plot_times(
         rows = [r for r in records if r["numel"] == numel]
         for algo in dict.fromkeys(r["algorithm"] for r in rows):
             pts = sorted((r["density"], r["median_s"]) for r in rows if r["algorithm"] == algo)
-            style = {"color": "black", "linestyle": "--"} if algo == DENSE else {"marker": "o"}
+            # (dense with a marker too: a single density drew its one-point line as nothing)
+            style = (
+                {"color": "black", "linestyle": "--", "marker": "s"}
+                if algo == DENSE
+                else {"marker": "o"}
+            )
             ax.plot(*zip(*pts), label=algo, **style)
         ax.set(xscale="log", yscale="log", xlabel="density (k / n)", ylabel="time (s), median")
         ax.set_title(f"{title}\n{numel / 1e6:g}M float32 elements")
