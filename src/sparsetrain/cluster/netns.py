@@ -645,8 +645,10 @@ class EmulatedCluster:
                     procs.append(self.popen(rank, cmd, renv, stdout=f, stderr=subprocess.STDOUT))
             failed = _wait(procs, timeout, self._check_switch)
             if failed is None:
+                running = [r for r, p in enumerate(procs) if p.poll() is None]
                 raise ClusterTimeoutError(
-                    f"ranks did not finish within {timeout:.1f} s" + _tails(files)
+                    f"ranks did not finish within {timeout:.1f} s (still running: rank(s) "
+                    f"{running})" + _tails(files)
                 )
             if failed:
                 raise ClusterError(

@@ -718,7 +718,8 @@ def run_cluster(args: argparse.Namespace) -> int:
             print(f"sparsetrain bench cluster: {e}", file=sys.stderr)
             return 2
         except (ClusterError, subprocess.TimeoutExpired) as e:
-            print(f"sparsetrain bench cluster: {e}", file=sys.stderr)
+            # (on a line of its own: rank 0's progress bar ends without one)
+            print(f"\nsparsetrain bench cluster: {e}", file=sys.stderr)
             if isinstance(e, ClusterTimeoutError):
                 print(
                     f"(--timeout {args.timeout:g} s bounds the link probes and the collectives "
