@@ -1564,9 +1564,10 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
         if scaler is not None:
             scaler.load_state_dict(state["scaler"])
         if "rng" in state and not resharded:  # (another rank's stream does not follow on)
-            torch.set_rng_state(state["rng"]["cpu"])
+            # (.cpu(): the checkpoint was loaded onto the rank's device; states are CPU bytes)
+            torch.set_rng_state(state["rng"]["cpu"].cpu())
             if device.type == "cuda" and "cuda" in state["rng"]:
-                torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+                torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), device)
         step, elapsed, eval_seconds, curves = (
             state["step"],
             state["elapsed"],

@@ -10,12 +10,13 @@ it at once over a 9.7M-element gradient took about half the CPU time of the PyTo
 
 The C source ships with the package (``fused.c``). The first process that needs it compiles it
 with ``$CC`` (default ``cc``) into a cache directory, ``$SPARSETRAIN_CACHE_DIR``, else
-``$XDG_CACHE_HOME/sparsetrain``, else ``~/.cache/sparsetrain``, named by a hash of the source and the compiler command, so every
-later process (and every rank) loads the compiled library at once; concurrent first uses each
-compile to a file of their own and rename it into place. Without a working compiler the
-kernel is unavailable: the callers keep their PyTorch path (the same values, more time) and a
-:class:`RuntimeWarning` says once per process why. ``SPARSETRAIN_NATIVE=0`` (or ``off``, ``false``, ``no``, in any case) turns
-the kernel off (no compiling, no warning). The kernel runs in one thread, as training processes do under
+``$XDG_CACHE_HOME/sparsetrain``, else ``~/.cache/sparsetrain``, named by a hash of the source
+and the compiler command, so every later process (and every rank) loads the compiled library
+at once; concurrent first uses each compile to a file of their own and rename it into place.
+Without a working compiler the kernel is unavailable: the callers keep their PyTorch path (the
+same values, more time) and a :class:`RuntimeWarning` says once per process why.
+``SPARSETRAIN_NATIVE=0`` (or ``off``, ``false``, ``no``, in any case) turns the kernel off (no
+compiling, no warning). The kernel runs in one thread, as training processes do under
 torchrun (which sets ``OMP_NUM_THREADS=1``) and in :func:`sparsetrain.train.launch`.
 """
 

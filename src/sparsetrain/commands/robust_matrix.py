@@ -77,8 +77,11 @@ def kind_options(kind: str, name: str, options: dict[str, dict[str, Any]]) -> di
     given = dict(options.get(name, {}))
     if name not in available_aggregators() or name not in available_attacks():
         return given
-    takes = option_names(aggregator_class(name)) if kind == "aggregator" else None
-    takes = attack_option_names(check_attack(name, {})) if takes is None else takes
+    takes = (
+        option_names(aggregator_class(name))
+        if kind == "aggregator"
+        else attack_option_names(check_attack(name, {}))
+    )
     return {k: v for k, v in given.items() if k in takes}
 
 

@@ -230,7 +230,7 @@ def get_task(name: str, seed: int = 0, **options) -> Task:
         raise ValueError(
             f"unknown task {name!r}; valid names are: {', '.join(sorted(_TASKS))} (a task of "
             "your script's must be registered at its top level, not under `if __name__ == "
-            '"__main__":`, for the spawned workers to see it; the command loads a module\'s '
+            '"__main__":`, for the spawned workers to see it; the command loads a module of tasks '
             "with --task-module)"
         )
     check_task_options(name, options)
