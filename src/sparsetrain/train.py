@@ -246,6 +246,10 @@ class TrainConfig:
             DDP's copy of each into its bucket: on the end-to-end benchmark's model (39 MB of
             gradients, 4 ranks on 2 cores) a step 10-12% shorter; no overlap of the
             exchange with backward. Not with ``native_ddp``.
+        find_unused_parameters: DDP's ``find_unused_parameters``: for a model whose forward
+            leaves some parameters without a gradient (an auxiliary head not used in the
+            loss), which DDP otherwise stops at with an error; it costs a pass over the
+            autograd graph each step. Needs ``ddp=True``.
         reuse_host_memory: have glibc keep freed memory for reuse in each worker
             (:func:`sparsetrain.hostmem.reuse_freed_memory`), so a large CPU tensor made anew
             every step (a big layer's weight gradient) stops costing page faults; unchanged
@@ -305,6 +309,7 @@ class TrainConfig:
     native_ddp: bool = False
     reuse_host_memory: bool = True
     ddp: bool = True
+    find_unused_parameters: bool = False
 
     def __post_init__(self) -> None:
         tasks = available_tasks()
@@ -374,7 +379,7 @@ class TrainConfig:
         _check_int("byzantine", self.byzantine, 0)
         for name in (
             "native_ddp", "reuse_host_memory", "momentum_correction", "ddp", "nesterov", "resume",
-            "progress",
+            "progress", "find_unused_parameters",
         ):  # fmt: skip
             if not isinstance(getattr(self, name), bool):
                 hint = (
@@ -394,6 +399,11 @@ class TrainConfig:
             )
         if self.native_ddp and not self.ddp:
             raise ValueError("native_ddp=True is DDP's own allreduce: it needs ddp=True")
+        if self.find_unused_parameters and not self.ddp:
+            raise ValueError(
+                "find_unused_parameters=True is DDP's option: it needs ddp=True (without DDP, "
+                "GradientSync takes parameters a step leaves without a gradient as they are)"
+            )
         # Under torchrun the job's size is WORLD_SIZE, whatever workers says (launch() sets it).
         world = int(os.environ["WORLD_SIZE"]) if under_torchrun() else self.workers
         if self.byzantine >= world:
@@ -1489,6 +1499,7 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
             device_ids=[device.index] if device.type == "cuda" else None,
             bucket_cap_mb=config.bucket_cap_mb,
             gradient_as_bucket_view=True,
+            find_unused_parameters=config.find_unused_parameters,
         )
         if config.native_ddp:
             hook: Any = _NativeDDP(model, world)
@@ -1828,6 +1839,7 @@ def _resumable(config: TrainConfig) -> dict[str, Any]:
             "eval_every",
             "timeout_s",
             "reuse_host_memory",
+            "find_unused_parameters",  # (how DDP finds them, not what is trained)
         }
     )
     out = {k: v for k, v in config.to_dict().items() if k in keep}

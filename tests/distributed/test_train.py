@@ -1015,3 +1015,26 @@ def test_a_failure_inside_sparsetrain_stays_one_line(tmp_path):
               "--compressor", "topk")  # fmt: skip
     assert res.returncode == 1 and "FloatingPointError" in res.stderr
     assert "Traceback" not in res.stderr and 'File "' not in res.stderr
+
+
+def test_a_model_with_an_unused_head_trains_with_find_unused_parameters(tmp_path):
+    """DDP stops at parameters the forward leaves without a gradient; the command had no way
+    to pass its find_unused_parameters, and its error did not say what to pass."""
+    (tmp_path / "unused_tasks.py").write_text(
+        _USER_TASKS.replace('"xor-user"', '"unused-head"').replace(
+            "@register_task", "class Net(nn.Module):\n"
+            "    def __init__(self):\n"
+            "        super().__init__()\n"
+            "        self.body, self.aux = nn.Linear(2, 2), nn.Linear(2, 2)\n\n"
+            "    def forward(self, x):\n"
+            "        return self.body(x)  # aux is left out\n\n\n@register_task"
+        ).replace("    model = lambda:", "    model = Net\n    unused = lambda:")
+    )  # fmt: skip
+    argv = ("train", "--task-module", str(tmp_path / "unused_tasks.py"), "--task", "unused-head",
+            "--workers", "2", "--epochs", "1", "--no-progress", "--compressor", "topk")  # fmt: skip
+    res = cli(*argv)
+    assert res.returncode == 1 and "pass --find-unused-parameters, or --no-ddp" in res.stderr
+    res = cli(*argv, "--find-unused-parameters", "--report", str(tmp_path / "r.json"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["runs"][0]["config"]["find_unused_parameters"] is True

@@ -238,3 +238,12 @@ def test_prune_and_robust_matrix_name_a_task_whose_data_is_not_a_tensor_dataset(
         assert "reads a task's data as the tensors of a TensorDataset" in err, err
         assert "the train set of task 'own-data' is a Synth" in err
     assert not any(tmp_path.iterdir())
+
+
+def test_find_unused_parameters_is_ddps_and_needs_it():
+    from sparsetrain.train import TrainConfig
+
+    with pytest.raises(ValueError, match="find_unused_parameters=True is DDP's option: it needs"):
+        TrainConfig(find_unused_parameters=True, ddp=False)
+    with pytest.raises(TypeError, match="find_unused_parameters must be True or False"):
+        TrainConfig(find_unused_parameters=1)

@@ -328,6 +328,12 @@ def add_training_arguments(p: argparse.ArgumentParser, *, workers: int, epochs: 
         help="DDP's bucket size in MB: larger buckets, fewer exchanges a step (25: DDP's default)",
     )
     g.add_argument(
+        "--find-unused-parameters",
+        action="store_true",
+        help="DDP's find_unused_parameters: for a model whose forward leaves some parameters "
+        "without a gradient (DDP stops at them with an error otherwise)",
+    )
+    g.add_argument(
         "--no-ddp",
         action="store_true",
         help="no DistributedDataParallel: GradientSync exchanges the gradients after backward, "
@@ -494,6 +500,7 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
             bucket_cap_mb=args.bucket_mb,
             reuse_host_memory=not args.no_reuse_host_memory,
             ddp=not args.no_ddp,
+            find_unused_parameters=args.find_unused_parameters,
         )
         for c in compressors
     ]
@@ -611,7 +618,10 @@ def run_and_report(
     try:
         report = launch(configs)
     except WorkerError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        hint = ""
+        if "find_unused_parameters=True" in str(e) and not configs[0].find_unused_parameters:
+            hint = " (sparsetrain: pass --find-unused-parameters, or --no-ddp)"
+        print(f"{prog}: error: {e}{hint}", file=sys.stderr)
         if _in_user_code(e.worker_traceback):  # the user's task or model: where it failed
             print(e.worker_traceback.rstrip(), file=sys.stderr)
         return 2 if e.error_type == CheckpointConflict.__name__ else 1, None
