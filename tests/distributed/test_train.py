@@ -993,16 +993,23 @@ def test_dropout_draws_its_own_masks_on_each_rank_and_resumes_exactly(tmp_path, 
     assert resumed["curves"]["train_loss"] == whole["curves"]["train_loss"]
 
 
+def _task_module(path: Path, name: str, net: str) -> Path:
+    """Write a module registering task ``name``: the data of ``_USER_TASKS`` and the model class
+    ``Net`` that ``net`` (source text) defines."""
+    path.write_text(
+        _USER_TASKS.replace('"xor-user"', f'"{name}"')
+        .replace("@register_task", f"{net}\n\n@register_task")
+        .replace("    model = lambda:", "    model = Net\n    unused = lambda:")
+    )
+    return path
+
+
 def test_a_failure_in_the_users_own_model_shows_the_workers_traceback(tmp_path):
     """One line named the error (a shape mismatch) but not the user's line that caused it."""
-    (tmp_path / "failing_tasks.py").write_text(
-        _USER_TASKS.replace('"xor-user"', '"failing"').replace(
-            "    model = lambda:", "    class Net(nn.Sequential):\n"
-            "        def forward(self, x):\n"
-            "            return super().forward(x[:, :1])  # the user's bug\n"
-            "    model = lambda: Net(*"
-        ).replace("nn.Linear(hidden, 2))", "nn.Linear(hidden, 2)))")
-    )  # fmt: skip
+    _task_module(tmp_path / "failing_tasks.py", "failing", "class Net(nn.Linear):\n"
+                 "    def __init__(self):\n        super().__init__(2, 2)\n\n"
+                 "    def forward(self, x):\n"
+                 "        return super().forward(x[:, :1])  # the user's bug\n")  # fmt: skip
     res = cli("train", "--task-module", str(tmp_path / "failing_tasks.py"), "--task", "failing",
               "--workers", "2", "--epochs", "1", "--no-progress")  # fmt: skip
     assert res.returncode == 1
@@ -1020,16 +1027,10 @@ def test_a_failure_inside_sparsetrain_stays_one_line(tmp_path):
 def test_a_model_with_an_unused_head_trains_with_find_unused_parameters(tmp_path):
     """DDP stops at parameters the forward leaves without a gradient; the command had no way
     to pass its find_unused_parameters, and its error did not say what to pass."""
-    (tmp_path / "unused_tasks.py").write_text(
-        _USER_TASKS.replace('"xor-user"', '"unused-head"').replace(
-            "@register_task", "class Net(nn.Module):\n"
-            "    def __init__(self):\n"
-            "        super().__init__()\n"
-            "        self.body, self.aux = nn.Linear(2, 2), nn.Linear(2, 2)\n\n"
-            "    def forward(self, x):\n"
-            "        return self.body(x)  # aux is left out\n\n\n@register_task"
-        ).replace("    model = lambda:", "    model = Net\n    unused = lambda:")
-    )  # fmt: skip
+    _task_module(tmp_path / "unused_tasks.py", "unused-head", "class Net(nn.Module):\n"
+                 "    def __init__(self):\n        super().__init__()\n"
+                 "        self.body, self.aux = nn.Linear(2, 2), nn.Linear(2, 2)\n\n"
+                 "    def forward(self, x):\n        return self.body(x)  # aux is left out\n")  # fmt: skip
     argv = ("train", "--task-module", str(tmp_path / "unused_tasks.py"), "--task", "unused-head",
             "--workers", "2", "--epochs", "1", "--no-progress", "--compressor", "topk")  # fmt: skip
     res = cli(*argv)
