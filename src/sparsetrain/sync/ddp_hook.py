@@ -8,7 +8,7 @@ import gc
 import math
 import warnings
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -54,11 +54,20 @@ def overlap(module: torch.nn.Module, others: Iterable[torch.nn.Module]) -> str |
     return None
 
 
-def _synced_overlap(module: torch.nn.Module) -> str | None:
-    how = overlap(module, [s._model for s in list(SYNCS)])
-    if how is not None:  # a GradientSync dropped but not yet collected (a reference cycle)
+def _synced_overlap(
+    module: torch.nn.Module, which: Callable[[Any], bool] = lambda sync: True
+) -> str | None:
+    """How ``module`` shares parameters with the model of a live GradientSync (of those
+    ``which`` takes), or None; one dropped but not yet collected (held in a reference cycle)
+    is collected first, so that every rank answers alike."""
+
+    def find() -> str | None:
+        return overlap(module, [s._model for s in list(SYNCS) if which(s)])
+
+    how = find()
+    if how is not None:
         gc.collect()
-        how = overlap(module, [s._model for s in list(SYNCS)])
+        how = find()
     return how
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import math
 import weakref
 from collections.abc import Mapping
@@ -70,21 +69,13 @@ def _refuse_plain_ddp(module: nn.Module, args: Any) -> None:
     ddp = DistributedDataParallel._get_active_ddp_module()
     if ddp is None or not ddp.require_backward_grad_sync:
         return
-    from .ddp_hook import SYNCS, overlap
+    from .ddp_hook import _synced_overlap
 
     ranks = sorted(dist.get_process_group_ranks(ddp.process_group))
-
-    def doubled() -> bool:
-        return any(
-            overlap(ddp.module, [s._model]) is not None
-            and sorted(dist.get_process_group_ranks(s.engine.group or dist.group.WORLD)) == ranks
-            for s in list(SYNCS)
-        )
-
-    if not doubled():
-        return
-    gc.collect()  # one dropped but held in a reference cycle: every rank answers alike
-    if doubled():
+    if _synced_overlap(
+        ddp.module,
+        lambda s: sorted(dist.get_process_group_ranks(s.engine.group or dist.group.WORLD)) == ranks,
+    ):
         raise RuntimeError(
             "GradientSync: this model runs in the forward of a DistributedDataParallel over "
             "the same ranks, which averages its gradients in backward; GradientSync would "
