@@ -91,3 +91,44 @@ def test_sigterm_to_the_command_stops_the_cells_workers(tmp_path):
     assert not [p for p in workers if _alive(p)], "workers still training after the command left"
     # No temporary folder of its own left (torch's inductor cache may stay there, by design).
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("tmp")]
+
+
+_RANDOM_TASK = '''
+import os, dataclasses, torch
+from sparsetrain.tasks import get_task, register_task
+
+class Drawing(torch.nn.Module):
+    """Writes the first number it draws in training to OUT/<pid>."""
+    def __init__(self, inner, out):
+        super().__init__()
+        self.inner, self.out, self.drawn = inner, out, False
+    def forward(self, x):
+        if self.training and not self.drawn:
+            self.drawn = True
+            with open(os.path.join(self.out, str(os.getpid())), "w") as f:
+                f.write(repr(torch.rand(1).item()))
+        return self.inner(x)
+
+@register_task("drawing-mlp")
+def drawing_mlp(seed: int = 0, out: str = ""):
+    task = get_task("digits-mlp", seed=seed, hidden=8)
+    return dataclasses.replace(task, build_model=lambda: Drawing(task.build_model(), out))
+'''
+
+
+def test_real_ranks_take_the_task_options_and_each_draws_its_own_random_numbers(
+    tmp_path, monkeypatch
+):
+    # The ranks built the task without its options, and every rank drew the same random
+    # numbers (a task's Dropout masks alike on every worker).
+    from sparsetrain.tasks import TASK_MODULES_ENV
+
+    module = tmp_path / "drawing_task.py"
+    module.write_text(_RANDOM_TASK)
+    monkeypatch.setenv(TASK_MODULES_ENV, str(module))
+    draws = tmp_path / "draws"
+    draws.mkdir()
+    cfg = RobustRunConfig(workers=3, byzantine=0, aggregator="mean", steps=2)
+    run_ranks("drawing-mlp", cfg, timeout_s=120, task_options={"out": str(draws)})
+    drawn = [p.read_text() for p in draws.iterdir()]
+    assert len(drawn) == 3 and len(set(drawn)) == 3, drawn

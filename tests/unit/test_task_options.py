@@ -3,6 +3,7 @@ annotations (or, unannotated, its defaults) and by the checks a task registers."
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -265,3 +266,43 @@ def test_a_task_option_annotated_str_takes_the_text_as_typed(registry):
     assert got == {"act": "1", "width": 4}
     assert task_option_values("str-option", [("act", "None")]) == {"act": "None"}
     check_task_options("str-option", got)
+
+
+def test_prune_and_robust_matrix_take_task_options_as_train_does(registry, tmp_path, capsys):
+    # Only `sparsetrain train` had --task-option: a task's width or a user's own option could
+    # not be set for pruning or for the Byzantine matrix.
+    from sparsetrain.cli import main
+
+    built = []
+
+    @register_task("opt-probe")
+    def opt_probe(seed: int = 0, hidden: int = 4, act: str = "relu"):
+        built.append((hidden, act))
+        return tasks.get_task("digits-mlp", seed=seed, hidden=hidden)
+
+    report = tmp_path / "p.json"
+    argv = ["prune", "--task", "opt-probe", "--task-option", "hidden=8", "--task-option",
+            "act=1", "--schedule", "oneshot", "--epochs", "1", "--finetune-epochs", "0",
+            "--levels", "0.5", "--no-progress", "--report", str(report)]  # fmt: skip
+    assert main(argv) == 0
+    assert built and set(built) == {(8, "1")}
+    assert json.loads(report.read_text())["config"]["task_options"] == {"hidden": 8, "act": "1"}
+
+    built.clear()
+    out = tmp_path / "matrix"
+    argv = ["robust-matrix", "--task", "opt-probe", "--task-option", "hidden=6", "--simulate",
+            "--workers", "3", "--byzantine", "1", "--aggregators", "median", "--attacks",
+            "sign_flip", "--steps", "2", "--out-dir", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert built and set(built) == {(6, "relu")}
+    assert json.loads((out / "robust_matrix.json").read_text())["task_options"] == {"hidden": 6}
+    capsys.readouterr()
+
+    # A bad option is a usage error of both commands, before any training.
+    for argv in (["prune", "--report", str(report)], ["robust-matrix", "--out-dir", str(out)]):
+        built.clear()
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--task", "opt-probe", "--task-option", "width=3"])
+        assert e.value.code == 2 and not built
+        err = capsys.readouterr().err
+        assert "does not take option(s) ['width']" in err and "hidden" in err, err

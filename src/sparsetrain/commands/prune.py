@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from sparsetrain.commands.train import add_task_arguments, seed_value
+from sparsetrain.commands.train import add_task_arguments, seed_value, task_option_values
 from sparsetrain.pruning import (
     Gradual,
     OneShot,
@@ -41,7 +41,13 @@ from sparsetrain.pruning import (
 )
 from sparsetrain.pruning.base import default_weights
 from sparsetrain.pruning.masks import check_sparsity, nm_shape_problem
-from sparsetrain.tasks import Task, available_tasks, get_task, require_tensor_data
+from sparsetrain.tasks import (
+    Task,
+    available_tasks,
+    check_task_options,
+    get_task,
+    require_tensor_data,
+)
 from sparsetrain.train import finite_json
 
 SCHEDULES = ("oneshot", "gradual")
@@ -52,7 +58,8 @@ class PruneConfig:
     """Options of a pruning experiment (the CLI flags).
 
     Args:
-        task: a registered task.
+        task: a registered task; task_options the keyword options of its factory (for
+            example ``hidden``).
         methods: pruners to compare (``"magnitude"``, ``"woodfisher"``, ``"rigl"``, ...).
         sparsity: the final sparsity of the pruned weights, in [0, 1).
         schedule: ``"oneshot"`` (prune the trained model at once, then fine-tune) or
@@ -70,6 +77,7 @@ class PruneConfig:
     """
 
     task: str = "digits-mlp"
+    task_options: dict[str, Any] = field(default_factory=dict)
     methods: list[str] = field(default_factory=lambda: ["magnitude"])
     sparsity: float = 0.9
     schedule: str = "gradual"
@@ -94,6 +102,7 @@ class PruneConfig:
         check_sparsity(self.sparsity)
         if self.task not in available_tasks():
             raise ValueError(f"unknown task {self.task!r}; valid: {', '.join(available_tasks())}")
+        check_task_options(self.task, self.task_options)
         if not self.methods:
             raise ValueError("give at least one pruning method")
         for m in self.methods:
@@ -253,7 +262,7 @@ def summarise(model: nn.Module, task: Task, dense_acc: float) -> dict[str, Any]:
 
 def train_dense(cfg: PruneConfig) -> tuple[Task, nn.Module, float]:
     """Train the dense model of ``cfg.task``; return the task, the model and its test accuracy."""
-    task = get_task(cfg.task, seed=cfg.seed)
+    task = get_task(cfg.task, seed=cfg.seed, **cfg.task_options)
     require_tensor_data(task, cfg.task, "sparsetrain prune")
     torch.manual_seed(cfg.seed)
     model = task.build_model()
@@ -459,12 +468,13 @@ def _main(args: argparse.Namespace) -> int:
     problem = _unused_options(args, cfg)
     if problem:
         args._parser.error(problem)
+    task = get_task(cfg.task, seed=cfg.seed, **cfg.task_options)
     try:  # before any training, as the options
-        require_tensor_data(get_task(cfg.task, seed=cfg.seed), cfg.task, "sparsetrain prune")
+        require_tensor_data(task, cfg.task, "sparsetrain prune")
     except ValueError as e:
         args._parser.error(str(e))
     if "woodfisher" in cfg.methods:  # its block size against its memory budget, before training
-        model = get_task(cfg.task, seed=cfg.seed).build_model()
+        model = task.build_model()
         try:
             _build_pruner("woodfisher", cfg, cfg.sparsity, "oneshot", model).prepare(model)
         except ValueError as e:  # (max_memory_bytes has no flag: --block-size is the remedy)
@@ -478,7 +488,7 @@ def _main(args: argparse.Namespace) -> int:
                 f"--method nm needs --sparsity > 0: it keeps n < {NM_GROUP} of every "
                 f"{NM_GROUP} weights (got --sparsity {cfg.sparsity:g})"
             )
-        can, cannot = nm_weights(get_task(cfg.task, seed=cfg.seed).build_model())
+        can, cannot = nm_weights(task.build_model())
         if not can:
             args._parser.error(
                 f"--method nm: no weight of task {cfg.task!r} can be pruned {n}:{NM_GROUP} (each "
@@ -558,6 +568,7 @@ def _config(args: argparse.Namespace) -> PruneConfig:
     }
     return PruneConfig(
         task=args.task,
+        task_options=task_option_values(args.task, args.task_option),
         methods=args.method or ["magnitude"],
         sparsity=args.sparsity,
         scope=args.scope or "global",

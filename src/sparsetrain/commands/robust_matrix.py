@@ -43,7 +43,7 @@ from ..robust.simulate import (
     simulate,
     write_grads,
 )
-from .train import add_task_arguments, seed_value
+from .train import add_task_arguments, seed_value, task_option_values
 
 DEFAULT_AGGREGATORS = "mean,median,trimmed_mean,krum,geometric_median,centered_clipping,safeguard"
 DEFAULT_ATTACKS = "none,sign_flip,label_flip,gaussian,zero,delayed,alie,ipm,safeguard"
@@ -99,7 +99,9 @@ def largest_f(name: str, n: int, f: int, options: dict | None = None) -> int:
 
 
 # ---- real ranks ----------------------------------------------------------------------------
-def _rank_main(rank: int, store_path: str, task_name: str, cfg: dict, results) -> None:
+def _rank_main(
+    rank: int, store_path: str, task_name: str, task_options: dict, cfg: dict, results
+) -> None:
     import torch.distributed as dist
 
     from ..sync.robust_exchange import robust_exchange
@@ -113,10 +115,13 @@ def _rank_main(rank: int, store_path: str, task_name: str, cfg: dict, results) -
         dist.init_process_group(
             "gloo", store=dist.FileStore(store_path, n), rank=rank, world_size=n
         )
-        task = get_task(task_name, config.seed)
+        task = get_task(task_name, config.seed, **task_options)
         rule, attack = config.build()
         torch.manual_seed(config.seed)
-        model = task.build_model()
+        model = task.build_model()  # the same on every rank
+        # From here each rank draws its own random numbers (a task's Dropout masks), as
+        # sparsetrain train's ranks do: with one stream every worker drew the same masks.
+        torch.manual_seed((config.seed * 1_000_003 + rank + 1) % 2**63)
         opt = torch.optim.SGD(
             model.parameters(),
             lr=config.lr,
@@ -209,8 +214,14 @@ def _answers(procs: list, results: Any, timeout_s: float) -> dict[int, tuple]:
             )
 
 
-def run_ranks(task_name: str, config: RobustRunConfig, timeout_s: float = 600.0) -> dict[str, Any]:
-    """Train with one gloo process a worker; return rank 0's final accuracy and rule stats."""
+def run_ranks(
+    task_name: str,
+    config: RobustRunConfig,
+    timeout_s: float = 600.0,
+    task_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train with one gloo process a worker; return rank 0's final accuracy and rule stats.
+    ``task_options``: keyword options of the task's factory."""
     import torch.multiprocessing as mp
 
     from ..train import _exit_on_sigterm
@@ -224,7 +235,10 @@ def run_ranks(task_name: str, config: RobustRunConfig, timeout_s: float = 600.0)
         with tempfile.TemporaryDirectory() as tmp:
             store = os.path.join(tmp, "store")
             procs = [
-                ctx.Process(target=_rank_main, args=(r, store, task_name, asdict(config), results))
+                ctx.Process(
+                    target=_rank_main,
+                    args=(r, store, task_name, dict(task_options or {}), asdict(config), results),
+                )
                 for r in range(config.workers)
             ]
             try:
@@ -256,20 +270,24 @@ def run_matrix(
     options: dict[str, dict[str, Any]],
     simulate_mode: bool = True,
     progress: bool = True,
+    task_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Return {"cells": [...], "worst": {aggregator: {"accuracy": lowest accuracy over the
     attacks, "attack": the attack that gave it}}, "config": ...}. ``options``: {name: {key:
-    value}} of the aggregators and attacks (:func:`kind_options`)."""
+    value}} of the aggregators and attacks (:func:`kind_options`); ``task_options``: keyword
+    options of the task's factory."""
     from tqdm import tqdm
 
-    from ..tasks import get_task, require_tensor_data
+    from ..tasks import check_task_options, get_task, require_tensor_data
 
     for a in aggregators:
         aggregator_class(a)
     bad = [a for a in attacks if a != "none" and a not in available_attacks()]
     if bad:
         raise ValueError(f"unknown attack(s) {bad}; valid: none, {', '.join(available_attacks())}")
-    task = get_task(task_name, base.seed)
+    task_options = dict(task_options or {})
+    check_task_options(task_name, task_options)
+    task = get_task(task_name, base.seed, **task_options)
     require_tensor_data(task, task_name, "robust-matrix")  # (its ranks read it so too)
     task = task if simulate_mode else None
     cells = []
@@ -291,7 +309,11 @@ def run_matrix(
             attack_options={} if att == "none" else kind_options("attack", att, options),
         )
         t0 = time.perf_counter()
-        out = simulate(task, cfg) if simulate_mode else run_ranks(task_name, cfg)
+        out = (
+            simulate(task, cfg)
+            if simulate_mode
+            else run_ranks(task_name, cfg, task_options=task_options)
+        )
         stats = out["aggregator_stats"]
         cells.append(
             {
@@ -320,6 +342,7 @@ def run_matrix(
         "config": {k: v for k, v in asdict(base).items() if k not in per_cell},
         "options": plain(options),
         "task": task_name,
+        "task_options": plain(task_options),
         "simulate": simulate_mode,
         "cells": cells,
         "worst": worst,
@@ -496,7 +519,15 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             get_attack(
                 name, n=args.workers, f=args.byzantine, **kind_options("attack", name, options)
             )
-    return run_matrix(args.task, base, aggregators, attacks, options, simulate_mode=args.simulate)
+    return run_matrix(
+        args.task,
+        base,
+        aggregators,
+        attacks,
+        options,
+        simulate_mode=args.simulate,
+        task_options=task_option_values(args.task, args.task_option),
+    )
 
 
 def register(subparsers) -> None:

@@ -243,9 +243,9 @@ def _in_user_code(worker_traceback: str) -> bool:
 
 
 def add_task_arguments(p: Any) -> None:
-    """Add ``--task`` and ``--task-module`` to a parser or argument group. ``sparsetrain.cli``
-    imports the ``--task-module`` modules before the parser is built, so their tasks are among
-    the choices."""
+    """Add ``--task``, ``--task-module`` and ``--task-option`` to a parser or argument group.
+    ``sparsetrain.cli`` imports the ``--task-module`` modules before the parser is built, so
+    their tasks are among the choices."""
     p.add_argument(
         "--task", choices=available_tasks(), default="digits-mlp", help="model and data set"
     )
@@ -258,15 +258,20 @@ def add_task_arguments(p: Any) -> None:
         "importable from the current folder or PYTHONPATH, or a .py file's path; repeatable. "
         "The workers load it too (through SPARSETRAIN_TASK_MODULES)",
     )
+    p.add_argument(
+        "--task-option",
+        type=raw_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the task's factory (hidden=1024, say); repeatable",
+    )
 
 
 def add_training_arguments(p: argparse.ArgumentParser, *, workers: int, epochs: int) -> None:
     """Add the task, process and optimiser options."""
     g = p.add_argument_group("training")
     add_task_arguments(g)
-    g.add_argument(
-        "--task-option", type=raw_key_value, action="append", default=[], metavar="KEY=VALUE"
-    )
     g.add_argument(
         "--workers",
         type=positive_int,
