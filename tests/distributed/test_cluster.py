@@ -433,6 +433,51 @@ def test_the_delay_switch_dies_with_a_killed_run_and_cleanup_removes_the_rest(tm
     assert list_namespaces(prefix) == []
 
 
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped by whoever adopted it, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@needs_root
+def test_ranks_die_with_a_killed_run(tmp_path):
+    # SIGKILL gives the run no chance to stop its ranks: they timed on as orphans, holding the
+    # cores, until they finished (`bench cleanup` removed them only when called).
+    ready = tmp_path / "ready"
+    script = textwrap.dedent(
+        f"""
+        import time
+        from sparsetrain.cluster import EmulatedCluster
+        with EmulatedCluster(2) as c:
+            procs = [c.popen(r, ["sleep", "300"]) for r in range(2)]
+            open("{ready}", "w").write(c.prefix + " " + " ".join(str(p.pid) for p in procs))
+            time.sleep(60)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
+    prefix, ranks = None, []
+    try:
+        prefix, *pids = _wait_for_file(proc, ready).split()
+        ranks = [int(p) for p in pids]
+        assert all(_running(p) for p in ranks)
+        proc.kill()
+        proc.wait(timeout=20)
+        deadline = time.monotonic() + 10
+        while any(_running(p) for p in ranks) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in ranks if _running(p)], "ranks outlived the killed run"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in ranks:  # (failing: not left sleeping)
+            if _running(p):
+                os.kill(p, signal.SIGKILL)
+        if prefix is not None:
+            assert len(cleanup(prefix)) == 3  # the namespaces, left behind for cleanup()
+
+
 @needs_root
 def test_cleanup_removes_leftovers_of_dead_runs_only():
     # Every cleanup() here is scoped to names this test made: a default-prefix call would also
@@ -601,6 +646,37 @@ def test_bench_timeout_bounds_the_link_probe_and_leaves_nothing(tmp_path, capsys
     assert list_namespaces(ours) == before and not out.exists()
     assert glob.glob(f"{tempfile.gettempdir()}/sparsetrain-bench-{os.getpid()}-*") == []
     assert glob.glob(f"{tempfile.gettempdir()}/st-{os.getpid()}-*") == []
+
+
+@needs_root
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stopped_bench_keeps_the_points_it_timed_and_leaves_nothing(tmp_path, sig):
+    # Ctrl-C (or SIGTERM) tore the cluster down and dropped every point already timed, where
+    # a failed run kept them in a .partial.json.
+    env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "sparsetrain", "bench", "cluster", "--ranks", "2",
+            "--bandwidth", "1gbit", "--latency", "0", "--sizes", "20k", "--densities", "0.01",
+            "--algorithms", "allgather", "--reps", "1", "--passes", "100000", "--probe-bytes",
+            "1000000", "--name", "s", "--out", str(out)]  # fmt: skip
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not glob.glob(f"{tmp_path}/sparsetrain-bench-*/records.json"):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == (130 if sig == signal.SIGINT else 128 + sig), err
+    assert f"partial records (the points finished): {out / 's.partial.json'}" in err
+    partial = json.loads((out / "s.partial.json").read_text())
+    assert partial["partial"] is True and partial["records"][0]["algorithm"] == "allgather"
+    assert list_namespaces(f"st-{proc.pid}-") == []
+    assert not glob.glob(f"{tmp_path}/sparsetrain-bench-*")
 
 
 @needs_root

@@ -597,11 +597,14 @@ class EmulatedCluster:
         self, rank: int, argv: Sequence[str], env: Mapping[str, str] | None = None, **kwargs
     ) -> subprocess.Popen:
         """Start ``argv`` inside ``rank``'s namespace (-1: the hub's); the process is killed
-        by :meth:`close`."""
+        by :meth:`close`, or by the kernel when this process ends without closing (SIGKILL),
+        if started from the main thread."""
         if not self._created:
             raise ClusterError("the cluster is not built; use it inside a `with` block")
         full_env = {**os.environ, **(env or {})}
         ns = self.hub if rank == -1 else self.namespace(rank)
+        if "preexec_fn" not in kwargs and threading.current_thread() is threading.main_thread():
+            kwargs["preexec_fn"] = _killed_with(os.getpid())
         proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], env=full_env,
                                 **kwargs)  # fmt: skip
         self._procs.append(proc)
@@ -750,6 +753,30 @@ class EmulatedCluster:
             for f in files:
                 if f is not None:
                     f.close()
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _killed_with(parent: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel SIGKILL the child when ``parent`` (this process,
+    which must start it from its main thread: the signal follows the thread that forked) ends.
+    A run killed outright has no chance to stop its ranks, which then timed on as orphans,
+    holding the cores, until they finished. ``ip netns exec`` execs the command in the same
+    process, and the setting survives the exec. None where libc has no ``prctl``."""
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not in the child
+    except (OSError, AttributeError):
+        return None
+
+    def set_signal() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # it ended before the line above: no signal will come
+            os._exit(1)
+
+    return set_signal
 
 
 def _probe_command() -> list[str]:

@@ -726,15 +726,12 @@ def run_cluster(args: argparse.Namespace) -> int:
                     "together)",
                     file=sys.stderr,
                 )
-            if (tmp / "records.json").exists():
-                # A results file like a finished run's, so `bench refit` reads it too.
-                partial = out / f"{stem}.partial.json"
-                records = json.loads((tmp / "records.json").read_text())
-                text = json.dumps({"config": config, "environment": env, "link": link,
-                                   "partial": True, "records": records}, indent=1)  # fmt: skip
-                if _write_out(partial, text):
-                    print(f"partial records (the points finished): {partial}", file=sys.stderr)
+            _keep_partial(tmp / "records.json", out / f"{stem}.partial.json", config, env, link)
             return 1
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM, SIGHUP: the links are gone
+            print(file=sys.stderr)  # (after rank 0's progress bar)
+            _keep_partial(tmp / "records.json", out / f"{stem}.partial.json", config, env, link)
+            raise
         if not (tmp / "records.json").exists():
             print("sparsetrain bench cluster: the workers wrote no records", file=sys.stderr)
             return 1
@@ -769,6 +766,22 @@ def run_cluster(args: argparse.Namespace) -> int:
     pngs = plot_times(records, out, f"{args.ranks} ranks, {args.bandwidth} links", stem)
     print(f"wrote {out / (stem + '.json')} and {', '.join(str(p) for p in pngs)}")
     return 0
+
+
+def _keep_partial(
+    records_path: Path, partial: Path, config: dict, env: dict, link: dict | None
+) -> None:
+    """Write the points a failed or stopped run finished (rank 0 writes ``records_path``
+    after each) to ``partial``, in a results file like a finished run's, so `bench refit`
+    reads it too; say where on stderr."""
+    try:
+        records = json.loads(records_path.read_text())
+    except (OSError, ValueError):  # no point finished yet
+        return
+    text = json.dumps({"config": config, "environment": env, "link": link, "partial": True,
+                       "records": records}, indent=1)  # fmt: skip
+    if _write_out(partial, text):
+        print(f"partial records (the points finished): {partial}", file=sys.stderr)
 
 
 def _model_fit_entry(fit: dict[str, Any]) -> dict[str, Any]:
