@@ -81,7 +81,7 @@ from .compressors import check_density, get_compressor, option_names
 from .hostmem import reserve, reuse_freed_memory, reusing_freed_memory
 from .sync import GradientSync, SyncConfig, register_ddp_hook
 from .sync.config import ON_NONFINITE, make_config, refuse_misplaced_collective_options
-from .tasks import Task, available_tasks, check_task_options, get_task
+from .tasks import Task, available_tasks, check_logits, check_task_options, get_task
 
 BACKENDS = ("gloo", "nccl")
 AMP = ("fp16", "bf16")
@@ -685,8 +685,10 @@ def _evaluate_sums(
     device: torch.device,
     indices: torch.Tensor,
     batch_size: int = 1024,
+    task: Task | None = None,
 ) -> tuple[float, int]:
-    """Return (sum of the losses, number correct) over the examples ``indices`` of ``data``."""
+    """Return (sum of the losses, number correct) over the examples ``indices`` of ``data``;
+    with ``task``, the first batch's logits are checked against its ``num_classes``."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -694,6 +696,9 @@ def _evaluate_sums(
     for x, y in _batches(data, indices, batch_size):
         x, y = x.to(device), y.to(device)
         out = model(x)
+        if task is not None:
+            check_logits(out, len(y), task)
+            task = None
         loss_sum += loss_fn(out, y).double() * len(y)
         correct += (out.argmax(dim=1) == y).sum()
     model.train(was_training)
@@ -1610,7 +1615,11 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
         if world > 1:
             _broadcast_from_rank0(buffers)
         shard = torch.arange(rank, len(task.test), world)
-        test_sum, test_correct = _evaluate_sums(module, task.test, task.loss_fn, device, shard)
+        # (With the task: its first batch's logits are checked, at step 0 before any training;
+        # a resumed run's model passed when it began.)
+        test_sum, test_correct = _evaluate_sums(
+            module, task.test, task.loss_fn, device, shard, task=task
+        )
         total, count, test_sum, test_correct = _sum_over_ranks(
             [float(loss_sum), float(loss_count), test_sum, float(test_correct)], device
         )

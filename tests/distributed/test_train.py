@@ -1039,3 +1039,19 @@ def test_a_model_with_an_unused_head_trains_with_find_unused_parameters(tmp_path
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["runs"][0]["config"]["find_unused_parameters"] is True
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_a_model_whose_output_is_not_num_classes_wide_is_named_before_training(tmp_path, width):
+    """A narrower output failed inside cross-entropy ("Target 1 is out of bounds") and a wider
+    one trained on, its argmax free to name a class the task does not have."""
+    module = _task_module(
+        tmp_path / "width_tasks.py", "width", f"Net = lambda: nn.Linear(2, {width})"
+    )
+    res = cli("train", "--task-module", str(module), "--task", "width", "--workers", "2",
+              "--epochs", "1", "--no-progress", "--compressor", "topk")  # fmt: skip
+    assert res.returncode == 1
+    assert (
+        f"task 'width': its model gave shape [32, {width}] for a batch of 32; a task's model "
+        "must give [batch, num_classes] logits, here [32, 2]" in res.stderr
+    ), res.stderr[-2000:]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sparsetrain import tasks
-from sparsetrain.tasks import check_task_options, register_task
+from sparsetrain.tasks import Task, check_task_options, register_task
 
 
 @pytest.fixture
@@ -306,3 +306,25 @@ def test_prune_and_robust_matrix_take_task_options_as_train_does(registry, tmp_p
         assert e.value.code == 2 and not built
         err = capsys.readouterr().err
         assert "does not take option(s) ['width']" in err and "hidden" in err, err
+
+
+def test_prune_and_robust_matrix_name_a_model_not_num_classes_wide(registry, tmp_path, capsys):
+    # prune failed after its imports inside cross-entropy ("Target 5 is out of bounds"), and
+    # robust-matrix in its first cell, or trained on with a wider output.
+    from sparsetrain.cli import main
+
+    @register_task("narrow")
+    def narrow(seed: int = 0):
+        task = tasks.get_task("digits-mlp", seed=seed)
+        return Task("narrow", lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 5)),
+                    task.train, task.test, task.num_classes)  # fmt: skip
+
+    for argv in (["prune", "--report", str(tmp_path / "p.json")],
+                 ["robust-matrix", "--simulate", "--out-dir", str(tmp_path / "m")]):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--task", "narrow"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "task 'narrow': its model gave shape [2, 5] for a batch of 2" in err, err
+        assert "here [2, 10]" in err
+    assert not (tmp_path / "p.json").exists() and not (tmp_path / "m").exists()

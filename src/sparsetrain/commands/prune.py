@@ -44,6 +44,7 @@ from sparsetrain.pruning.masks import check_sparsity, nm_shape_problem
 from sparsetrain.tasks import (
     Task,
     available_tasks,
+    check_model_output,
     check_task_options,
     get_task,
     require_tensor_data,
@@ -471,6 +472,7 @@ def _main(args: argparse.Namespace) -> int:
     task = get_task(cfg.task, seed=cfg.seed, **cfg.task_options)
     try:  # before any training, as the options
         require_tensor_data(task, cfg.task, "sparsetrain prune")
+        check_model_output(task)
     except ValueError as e:
         args._parser.error(str(e))
     if "woodfisher" in cfg.methods:  # its block size against its memory budget, before training

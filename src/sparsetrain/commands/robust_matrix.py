@@ -278,7 +278,7 @@ def run_matrix(
     options of the task's factory."""
     from tqdm import tqdm
 
-    from ..tasks import check_task_options, get_task, require_tensor_data
+    from ..tasks import check_model_output, check_task_options, get_task, require_tensor_data
 
     for a in aggregators:
         aggregator_class(a)
@@ -289,6 +289,7 @@ def run_matrix(
     check_task_options(task_name, task_options)
     task = get_task(task_name, base.seed, **task_options)
     require_tensor_data(task, task_name, "robust-matrix")  # (its ranks read it so too)
+    check_model_output(task)
     task = task if simulate_mode else None
     cells = []
     bar = tqdm(

@@ -626,7 +626,9 @@ def run_and_report(
         hint = ""
         if "find_unused_parameters=True" in str(e) and not configs[0].find_unused_parameters:
             hint = " (sparsetrain: pass --find-unused-parameters, or --no-ddp)"
-        print(f"{prog}: error: {e}{hint}", file=sys.stderr)
+        # On a line of its own: rank 0's progress bar, on this terminal, ends without one.
+        bar = "\n" if any(c.progress for c in configs) else ""
+        print(f"{bar}{prog}: error: {e}{hint}", file=sys.stderr)
         if _in_user_code(e.worker_traceback):  # the user's task or model: where it failed
             print(e.worker_traceback.rstrip(), file=sys.stderr)
         return 2 if e.error_type == CheckpointConflict.__name__ else 1, None

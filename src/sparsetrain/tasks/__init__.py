@@ -300,6 +300,33 @@ def require_tensor_data(task: Task, name: str, what: str) -> None:
             )
 
 
+def check_logits(out: object, batch: int, task: Task) -> None:
+    """Raise ``ValueError`` unless ``out``, the model's output for ``batch`` examples, is
+    ``[batch, task.num_classes]`` logits, as accuracy (their argmax) and the default loss read
+    them. A narrower output failed inside cross-entropy ("Target 5 is out of bounds") and a
+    wider one trained on, its argmax free to name classes the task does not have."""
+    if isinstance(out, torch.Tensor) and tuple(out.shape) == (batch, task.num_classes):
+        return
+    got = f"shape {list(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+    raise ValueError(
+        f"task {task.name!r}: its model gave {got} for a batch of {batch}; a task's model must "
+        f"give [batch, num_classes] logits, here [{batch}, {task.num_classes}] (num_classes is "
+        "the task's)"
+    )
+
+
+def check_model_output(task: Task) -> None:
+    """Build ``task``'s model and raise ``ValueError`` (:func:`check_logits`) unless it maps
+    two training inputs to ``[2, num_classes]`` logits: for the commands that read a
+    ``TensorDataset``, before any training. In eval mode without gradients, so nothing is
+    drawn or learned; the model is not kept."""
+    x = task.train.tensors[0][:2]
+    model = task.build_model().eval()
+    with torch.no_grad():
+        out = model(x)
+    check_logits(out, len(x), task)
+
+
 def check_task_options(name: str, options: dict) -> None:
     """Raise ``ValueError`` naming the options task ``name`` does not take, and the ones it does
     (from its factory's signature), before any data is loaded."""
