@@ -702,3 +702,27 @@ def test_helpers_given_the_wrong_thing_say_what_they_take() -> None:
         erk_densities({"a": torch.Size([4, 4])}, 1.0)
     with pytest.raises(ValueError, match="weight 'a' holds NaN or Inf, which has no magnitude"):
         masks({"a": torch.tensor([1.0, float("nan"), 0.5, 2.0])}, 0.5)
+
+
+def test_nothing_to_prune_says_why():
+    # Both said "the model has no weight with 2 or more dims", which it had.
+    from sparsetrain.pruning import get_pruner
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"params is empty \(None prunes the default weights\)"):
+        get_pruner("magnitude", sparsity=0.5, params=[]).prepare(model)
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"every weight with 2 or more dimensions is frozen "
+                       r"\(requires_grad=False: \['0.weight', '1.weight'\]\)"):  # fmt: skip
+        get_pruner("magnitude", sparsity=0.5).prepare(model)
+    with pytest.raises(ValueError, match="the model has no weight with 2 or more dimensions"):
+        get_pruner("magnitude", sparsity=0.5).prepare(nn.LayerNorm(4))
+
+
+def test_a_name_with_ddps_module_prefix_is_pointed_to_the_unwrapped_name():
+    from sparsetrain.pruning import get_pruner
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"'module.0.weight' name\(s\) the DDP wrapper's "
+                       r"parameters: give them without 'module.'"):  # fmt: skip
+        get_pruner("magnitude", sparsity=0.5, params=["module.0.weight"]).prepare(model)

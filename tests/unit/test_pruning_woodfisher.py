@@ -186,3 +186,66 @@ def test_a_closure_that_gives_no_usable_loss_is_refused_naming_it(make, error, w
         pruner.prune(closure=lambda: make(model, x))
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert pruner.stats()["sparsity"] == 0
+
+
+def test_global_woodfisher_warns_when_it_removes_a_whole_layer() -> None:
+    # magnitude and structured warned; woodfisher emptied the output layer without a word.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 10))
+    x, y = torch.randn(64, 20), torch.randint(0, 10, (64,))
+    gen = torch.Generator().manual_seed(0)
+
+    def closure() -> torch.Tensor:
+        i = torch.randint(64, (1,), generator=gen)
+        return nn.functional.cross_entropy(model(x[i]), y[i])
+
+    pruner = get_pruner("woodfisher", sparsity=0.9, fisher_samples=64, block_size=128,
+                        damping=1e-4).prepare(model)  # fmt: skip
+    with pytest.warns(UserWarning, match=r"global woodfisher pruning at sparsity 0.9 removed every "
+                      r"weight of '2.weight'"):  # fmt: skip
+        pruner.prune(closure=closure)
+    assert pruner.stats()["layers"]["2.weight"] == 1.0
+
+
+def test_the_fisher_samples_leave_batchnorm_statistics_as_they_were() -> None:
+    # One-example forwards in training mode overwrote the running statistics training gathered.
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 36, 3))
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))
+    model(x)  # statistics gathered in training
+    bn = dict(model[1].named_buffers())
+    before = {k: b.clone() for k, b in bn.items()}
+
+    def closure() -> torch.Tensor:
+        return nn.functional.cross_entropy(model(x[:1]), y[:1])
+
+    pruner = get_pruner("woodfisher", sparsity=0.5, fisher_samples=4, block_size=16)
+    pruner.prepare(model)
+    with pytest.warns(UserWarning, match=r"moved the running statistics of '1' \(restored now\)"):
+        pruner.prune(closure=closure)
+    assert all(torch.equal(bn[k], b) for k, b in before.items())
+    model.eval()  # as the warning says: no warning, nothing moved
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get_pruner("woodfisher", sparsity=0.5, fisher_samples=4, block_size=16).prepare(
+            model
+        ).prune(closure=closure)
+    assert all(torch.equal(bn[k], b) for k, b in before.items())
+
+
+def test_the_blocks_worked_through_in_slices_give_the_same_bits(monkeypatch) -> None:
+    # The update and the OBS solve had built every block's temporaries at once (about ten
+    # times the inverses' memory); slices of blocks must change no number.
+    from sparsetrain.pruning import woodfisher as wf
+
+    torch.manual_seed(0)
+    g, w = torch.randn(12, 37, 16), torch.randn(37, 16)
+    pruned = torch.rand(37, 16) < 0.6
+    results = []
+    for chunk in (2**40, 16 * 16 * 8 * 6 * 3):  # all at once; three blocks a slice
+        monkeypatch.setattr(wf, "CHUNK_BYTES", chunk)
+        finv = wf.woodbury_update_(wf.init_inverse(37, 16, 1e-3, g), g, 12)
+        results.append((finv, wf.obs_update(w, finv, pruned)))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

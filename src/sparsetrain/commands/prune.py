@@ -183,12 +183,19 @@ def train(
 def fisher_closure(
     model: nn.Module, task: Task, generator: torch.Generator, batch: int = 1
 ) -> Callable[[], torch.Tensor]:
-    """Return a closure giving the loss on ``batch`` random training examples per call."""
+    """Return a closure giving the loss on ``batch`` random training examples per call, with
+    the model in eval mode (a task's BatchNorm keeps its statistics and Dropout is off: the
+    Fisher of the model as it predicts)."""
     x, y = task.train.tensors
 
     def closure() -> torch.Tensor:
         idx = torch.randint(len(y), (batch,), generator=generator)
-        return task.loss_fn(model(x[idx]), y[idx])
+        was = model.training
+        model.eval()
+        try:
+            return task.loss_fn(model(x[idx]), y[idx])
+        finally:
+            model.train(was)
 
     return closure
 

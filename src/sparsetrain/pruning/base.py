@@ -112,6 +112,25 @@ def default_weights(model: nn.Module) -> list[str]:
     ]
 
 
+def _nothing_to_prune(model: nn.Module, params: list[str] | None) -> str:
+    """Why no weight was selected: ``params`` empty, or by default every weight frozen or
+    none with 2 or more dimensions."""
+    if params is not None:
+        return "no parameters to prune: params is empty (None prunes the default weights)"
+    frozen = [
+        n
+        for n, p in unwrap(model).named_parameters()
+        if p.dim() >= 2 and p.is_floating_point() and not p.requires_grad
+    ]
+    if frozen:
+        return (
+            "no parameters to prune: every weight with 2 or more dimensions is frozen "
+            f"(requires_grad=False: {frozen[:5]}{' ...' if len(frozen) > 5 else ''}), and frozen "
+            "ones are pruned only when named in params"
+        )
+    return "no parameters to prune: the model has no weight with 2 or more dimensions"
+
+
 class _PrunerHook:
     """A hook of a pruner's on the model (the masks applied before a forward pass, or again
     after a load), calling ``method`` of the pruner.
@@ -350,7 +369,7 @@ class Pruner:
         if unknown:
             raise ValueError(not_in_model(module, unknown, named))
         if not names:
-            raise ValueError("no parameters to prune: the model has no weight with 2 or more dims")
+            raise ValueError(_nothing_to_prune(module, self.params))
         for n in names:
             if not named[n].is_floating_point():
                 raise TypeError(

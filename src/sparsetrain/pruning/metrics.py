@@ -40,8 +40,17 @@ def not_in_model(model: nn.Module, unknown: list[str], named: Iterable[str]) -> 
             f"parameter(s) {unknown} are not listed by that name (named_parameters() lists a "
             "tied tensor once, by its first name; give that one): " + "; ".join(tied)
         )
-    return f"parameter(s) {unknown} are not in the model; its parameters are: {sorted(named)}" + (
-        f" ({'; '.join(tied)})" if tied else ""
+    wrapped = [n for n in unknown if n.startswith("module.") and n[len("module.") :] in named]
+    hint = (
+        f" ({', '.join(map(repr, wrapped))} name(s) the DDP wrapper's parameters: give them "
+        "without 'module.', as the unwrapped model lists them)"
+        if wrapped
+        else ""
+    )
+    return (
+        f"parameter(s) {unknown} are not in the model; its parameters are: {sorted(named)}"
+        + (f" ({'; '.join(tied)})" if tied else "")
+        + hint
     )
 
 

@@ -122,11 +122,27 @@ def woodbury_update_(finv: Tensor, grads: Tensor, num_samples: int) -> Tensor:
     Returns:
         ``finv``, updated.
     """
+    step = _blocks_per_chunk(finv)
     for g in grads.to(finv.dtype):  # one rank-1 update per sample, all blocks at once
         u = torch.bmm(finv, g.unsqueeze(-1)).squeeze(-1)  # F^-1 g, (num_blocks, B)
         denom = num_samples + (g * u).sum(-1)
-        finv.sub_(u.unsqueeze(-1) * (u / denom.unsqueeze(-1)).unsqueeze(-2))
+        v = u / denom.unsqueeze(-1)
+        # The outer products u v^T a chunk of blocks at a time: all at once they took a second
+        # copy of the inverses' memory.
+        for lo in range(0, finv.shape[0], step):
+            finv[lo : lo + step].sub_(
+                u[lo : lo + step].unsqueeze(-1) * v[lo : lo + step].unsqueeze(-2)
+            )
     return finv
+
+
+CHUNK_BYTES = 64 * 2**20  # the float64 working memory of a chunk of blocks, beyond the inverses
+
+
+def _blocks_per_chunk(finv: Tensor, copies: int = 1) -> int:
+    """How many ``(B, B)`` blocks ``copies`` float64 temporaries of them fit in CHUNK_BYTES."""
+    per_block = finv.shape[-1] ** 2 * 8 * copies
+    return max(1, CHUNK_BYTES // max(per_block, 1))
 
 
 def inverse_fisher(
@@ -179,12 +195,21 @@ def obs_update(w_blocks: Tensor, finv: Tensor, pruned: Tensor) -> Tensor:
     Returns:
         ``(num_blocks, B)`` updated weights (pruned entries exactly zero).
     """
-    p = pruned.to(torch.float64)
-    f = finv.to(torch.float64)
-    system = f * (p.unsqueeze(-1) * p.unsqueeze(-2)) + torch.diag_embed(1.0 - p)
-    x = torch.linalg.solve(system, (w_blocks.to(torch.float64) * p).unsqueeze(-1))
-    new = w_blocks.to(torch.float64) - torch.bmm(f, x).squeeze(-1)
-    return new.masked_fill(pruned, 0.0).to(w_blocks.dtype)
+    out = torch.empty_like(w_blocks)
+    # A chunk of blocks at a time, each solved alone as before: all at once, the float64 copies
+    # (the inverses, the pruned set's outer product, the system, the solver's) took about ten
+    # times the inverses' own memory.
+    step = _blocks_per_chunk(finv, copies=6)
+    for lo in range(0, finv.shape[0], step):
+        hi = lo + step
+        p = pruned[lo:hi].to(torch.float64)
+        f = finv[lo:hi].to(torch.float64)
+        w = w_blocks[lo:hi].to(torch.float64)
+        system = f * (p.unsqueeze(-1) * p.unsqueeze(-2)) + torch.diag_embed(1.0 - p)
+        x = torch.linalg.solve(system, (w * p).unsqueeze(-1))
+        new = w - torch.bmm(f, x).squeeze(-1)
+        out[lo:hi] = new.masked_fill(pruned[lo:hi], 0.0).to(w_blocks.dtype)
+    return out
 
 
 def woodfisher_prune(

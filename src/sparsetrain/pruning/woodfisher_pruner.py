@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.nn.modules.batchnorm import _NormBase
 
+from .._options import caller_stacklevel
 from .base import (
     Closure,
     ScheduledPruner,
@@ -21,7 +25,7 @@ from .base import (
     dense,
     register_pruner,
 )
-from .masks import Masks
+from .masks import Masks, _warn_collapsed
 from .woodfisher import (
     DEFAULT_MAX_MEMORY,
     BlockLayout,
@@ -30,6 +34,37 @@ from .woodfisher import (
     woodbury_update_,
     woodfisher_prune,
 )
+
+
+def _running_stats(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, dict]]:
+    """The running statistics of ``model``'s normalisation layers (BatchNorm's), copied."""
+    return {
+        name: (m, {k: b.clone() for k, b in m.named_buffers(recurse=False) if b is not None})
+        for name, m in model.named_modules()
+        if isinstance(m, _NormBase) and m.track_running_stats
+    }
+
+
+def _restore_running_stats(saved: dict[str, tuple[torch.nn.Module, dict]]) -> None:
+    """Put back the statistics that the closure's forward passes moved (a model in training
+    mode), and warn, naming the layers: one-example forwards had overwritten what training
+    gathered, and normalised by each sample's own statistics."""
+    moved = []
+    with torch.no_grad():
+        for name, (m, buffers) in saved.items():
+            now = dict(m.named_buffers(recurse=False))
+            if any(not torch.equal(now[k], b) for k, b in buffers.items() if k in now):
+                moved.append(name)
+                for k, b in buffers.items():
+                    now[k].copy_(b)
+    if moved:
+        warnings.warn(
+            "woodfisher: the closure's forward passes ran in training mode and moved the running "
+            f"statistics of {', '.join(map(repr, moved[:5]))}{' ...' if len(moved) > 5 else ''}"
+            " (restored now), and its samples were normalised by their own statistics; call "
+            "model.eval() before the pruning step (or inside the closure) and model.train() after",
+            stacklevel=caller_stacklevel(os.path.dirname(__file__)),
+        )
 
 
 @register_pruner("woodfisher")
@@ -51,7 +86,8 @@ class WoodFisherPruner(ScheduledPruner):
         fisher_samples: gradient samples per rank and pruning step (the Fisher averages over
             ``fisher_samples * world_size``). A closure on one example gives the per-sample
             empirical Fisher; on a micro-batch, the micro-batch Fisher.
-        block_size: weights per Fisher block; memory is ``num_blocks * block_size^2 * 4`` bytes.
+        block_size: weights per Fisher block; the inverses take ``num_blocks * block_size^2 *
+            4`` bytes, and a step works through them in slices of ``woodfisher.CHUNK_BYTES``.
         damping: ``lambda`` added to the Fisher's diagonal.
         obs_update: apply the OBS update of the kept weights; False gives the diagonal, OBD-like
             variant (same statistic, weights only masked).
@@ -109,6 +145,7 @@ class WoodFisherPruner(ScheduledPruner):
         params = list(self._weights.values())
         every = list(self._model.parameters())  # the closure's backward touches them all
         saved = [p.grad for p in every]
+        stats = _running_stats(self._model)
         finv = init_inverse(self._layout.num_blocks, self.block_size, self.damping, params[0])
         pending: list[Tensor] = []
         try:
@@ -127,6 +164,7 @@ class WoodFisherPruner(ScheduledPruner):
         finally:
             for p, g in zip(every, saved):
                 p.grad = g
+            _restore_running_stats(stats)
         return finv
 
     def _gather(self, samples: Tensor) -> Tensor:
@@ -155,6 +193,8 @@ class WoodFisherPruner(ScheduledPruner):
             max_memory_bytes=self.max_memory_bytes,
             finv=finv,
         )
+        if self.scope == "global":  # as masks() warns for the other methods
+            _warn_collapsed(keep, self._masks, sparsity, "woodfisher")
         with torch.no_grad():
             for n, p in self._weights.items():
                 p.copy_(new[n])
