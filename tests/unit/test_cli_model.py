@@ -214,6 +214,29 @@ def test_simulate_prints_the_winner_and_writes_json(tmp_path, capsys):
         )
 
 
+def test_simulate_names_the_dense_ring_where_no_algorithm_beats_it(tmp_path, capsys):
+    # gTop-k won a row at 0.39x, slower than the dense ring printed beside it.
+    out_json = tmp_path / "sim.json"
+    argv = ["simulate", "--ranks", "8", "--bandwidth", "100gbit", "--algorithms", "gtopk,ssar_rd",
+            "--compute", "200ms", "--json", str(out_json)]  # fmt: skip
+    assert main(argv) == 0
+    (row,) = json.loads(out_json.read_text())["rows"]
+    assert min(row["times_s"].values()) > row["dense_s"]
+    assert (row["winner"], row["speedup_exchange"], row["speedup_iteration"]) == ("dense", 1, 1)
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.split()[:1] == ["8"]]
+    assert line.split()[4:] == ["dense", f"{row['dense_s'] * 1e3:.2f}", "1.00x", "1.00x"]
+
+
+def test_simulate_prints_times_under_a_millisecond_to_three_digits(capsys):
+    # Two decimals printed 0.04 for both the winner and the dense ring it beat by 1.14x.
+    argv = ["simulate", "--numel", "50k", "--ranks", "3", "--bandwidth", "100gbit",
+            "--algorithms", "allgather"]  # fmt: skip
+    assert main(argv) == 0
+    assert capsys.readouterr().out.splitlines()[-1].split()[2:] == [
+        "0.0361", "allgather", "0.0413", "1.14x"
+    ]  # fmt: skip
+
+
 def test_simulate_draws_the_projection(tmp_path, capsys):
     png = tmp_path / "plots" / "sim.png"
     argv = ["simulate", "--ranks", "8,64,512", "--bandwidth", "1gbit,10gbit", "--plot", str(png)]

@@ -103,6 +103,9 @@ def test_simulate_density_must_keep_at_least_one_entry(capsys):
     # The smallest density named is accepted.
     assert main(["simulate", "--ranks", "8", "--density", "9.1e-09"]) == 0
     assert main(["simulate", "--ranks", "4", "--numel", "7", "--density", "0.143"]) == 0
+    # 1 / 1e9 in floats rounded up to 1.01e-09, though 1e-09 is accepted.
+    err = argparse_error(capsys, ["simulate", "--numel", "1e9", "--density", "1e-30"])
+    assert "the smallest allowed density for this size is 1e-09" in err
 
 
 EXPECTED = "expected a `sparsetrain bench cluster` JSON whose model_fit.params holds gamma"

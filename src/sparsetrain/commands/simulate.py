@@ -1,11 +1,12 @@
 """``sparsetrain simulate``: project every collective to large clusters with the cost model.
 
 For each number of ranks and each link bandwidth, prints the modelled time of one gradient
-exchange by every algorithm, the winner, and its speedup over dense ring allreduce; with
+exchange by every algorithm, the winner (the dense ring where none beats it), and its speedup
+over dense ring allreduce; with
 ``--compute`` (e.g. ``--compute 200ms``) also the speedup of a whole training iteration (compute
 plus exchange, not overlapped). Coefficients come from the command line or from a ``sparsetrain
 bench cluster`` JSON (``--fitted``), whose fitted per-entry compute costs describe the machine
-that ran it.
+that ran it (its latency and link rates stay those of ``--latency`` and ``--bandwidth``).
 
 Example::
 
@@ -72,7 +73,9 @@ def _option(option: str, parse, text: str):
 def _ceil3(x: float) -> float:
     """Round ``x`` > 0 up to three significant digits (a bound that can be typed back)."""
     unit = 10.0 ** (math.floor(math.log10(x)) - 2)
-    return math.ceil(x / unit) * unit
+    steps = x / unit
+    # (1e-9 / 1e-11 is 100.00000000000001 in floats: not a step past 1e-9)
+    return math.ceil(steps - 1e-9 * steps) * unit
 
 
 # Each local-cost option: the NetworkParams.from_link argument it sets, in seconds, and its
@@ -86,8 +89,12 @@ _COEFFICIENTS = {
 
 
 def _ms(seconds: float, width: int) -> str:
-    """Milliseconds in a column of ``width``: fixed point, or exponent form when too long."""
+    """Milliseconds in a column of ``width``: fixed point, three significant digits below 1 ms
+    (two decimals had printed 0.04 for times a winner's speedup told apart), or exponent form
+    when too long."""
     ms = seconds * 1e3
+    if abs(ms) < 1:
+        return f"{ms:>#{width}.3g}"
     return f"{ms:>{width}.2f}" if abs(ms) < 10 ** (width - 4) else f"{ms:>{width}.3e}"
 
 
@@ -151,11 +158,13 @@ def simulate(
                 for a in algorithms
             }
             dense = perfmodel.predict("dense", world=p, numel=numel, density=1.0, params=params)
+            # The dense ring competes too: a sparse algorithm slower than it wins nothing.
             best = min(times, key=times.__getitem__)
+            best, best_s = (best, times[best]) if times[best] < dense else ("dense", dense)
             rows.append({
                 "ranks": p, "bandwidth_bps": bw, "times_s": times, "winner": best,
-                "dense_s": dense, "speedup_exchange": dense / times[best],
-                "speedup_iteration": (compute_s + dense) / (compute_s + times[best]),
+                "dense_s": dense, "speedup_exchange": dense / best_s,
+                "speedup_iteration": (compute_s + dense) / (compute_s + best_s),
             })  # fmt: skip
     return rows
 
@@ -367,7 +376,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--fitted",
         metavar="JSON",
-        help="take the local costs and overhead from a bench cluster JSON",
+        help="take the local costs (gamma's) and the overhead from a bench cluster JSON; "
+        "latency and link rates stay --latency and --bandwidth, and the emulated cluster's "
+        "fitted alpha and shared cores are not used: this prices other links with that "
+        "machine's local costs (bench refit predicts the emulated cluster itself)",
     )
     p.add_argument("--compute", help="compute time of one iteration (e.g. 200ms) for end-to-end")
     p.add_argument("--algorithms", default=",".join(perfmodel.available_models()),
