@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -2439,3 +2440,41 @@ def test_a_plain_ddp_around_a_gradient_syncs_model_is_refused_on_every_rank_over
     for synced, error in oks(run_world(_ddp_within_sync_across, 2, tmp_path)):
         assert synced
         assert error is not None and "forward of a DistributedDataParallel over the same" in error
+
+
+def _hook_on_one_rank(rank: int, world: int) -> dict:
+    import datetime
+    import io
+    from contextlib import redirect_stderr
+
+    from sparsetrain.sync import config
+
+    config.ARRIVAL_WARN_S = 1.0
+    dist.distributed_c10d._get_default_store().set_timeout(datetime.timedelta(seconds=6))
+    model = DDP(_net())
+    err = io.StringIO()
+    try:
+        if rank == 0:  # the user's `if rank == 0:` around the registration
+            with redirect_stderr(err):
+                sparsetrain.register_ddp_hook(model, "topk", density=0.1)
+        else:
+            x, y = _batch(rank)
+            nn.functional.cross_entropy(model(x), y).backward()  # plain DDP's allreduce
+        return {"error": None, "stderr": err.getvalue()}
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        return {"error": f"{type(e).__name__}: {e}", "stderr": err.getvalue()}
+
+
+def test_a_rank_that_never_registers_the_hook_is_named_not_waited_for_silently(tmp_path):
+    # Rank 0 waited in the settings' gather, without a word, until the process group's
+    # timeout (30 minutes under gloo's default), while rank 1 waited in DDP's allreduce.
+    first, second = oks(run_world(_hook_on_one_rank, 2, tmp_path, timeout=120))
+    # (the store is polled: the seconds printed are at least those set)
+    said = r"rank 0 has waited [1-5] s: rank\(s\) \[1\] of 2 have not set up the gradient sync"
+    assert re.search(said, first["stderr"]), first
+    assert re.match(
+        r"RuntimeError: sparsetrain: rank 0 waited [6-9] s, the process group's timeout: "
+        r"rank\(s\) \[1\] of 2 have not set up",
+        first["error"],
+    ), first
+    assert second["error"] is not None  # its allreduce lost its peer, or timed out

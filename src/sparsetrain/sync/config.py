@@ -675,9 +675,71 @@ def with_grad_scaler(grad_scaler: Any, options: dict[str, Any]) -> tuple[dict[st
     return {**options, "on_nonfinite": "propagate"}, grad_scaler
 
 
+# Seconds a rank waits at a gradient sync's set-up for the others before it says which ranks
+# have not come; it goes on waiting until the process group's store times out.
+ARRIVAL_WARN_S = 60.0
+_ARRIVALS: dict[str, int] = {}  # set-ups met so far, by group: the n-th on every rank
+
+
+def _await_ranks(group: dist.ProcessGroup | None) -> None:
+    """Wait until every rank of ``group`` has come to a gradient sync's set-up, through the
+    process group's store (not a collective): a rank that never registers the hook (plain DDP
+    there, or a registration under ``if rank == 0``) had left the others waiting in the
+    settings' gather, silently, until the process group's timeout (30 minutes under gloo).
+    After :data:`ARRIVAL_WARN_S` seconds the missing ranks are named on stderr; at the store's
+    timeout a ``RuntimeError`` names them. Where the store cannot be reached, no wait."""
+    import datetime
+    import sys
+    import time
+
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
+        limit = store.timeout.total_seconds()
+    except Exception:  # noqa: BLE001 - a private API that may move: the gather alone, as before
+        return
+    tag = hashlib.sha1(",".join(map(str, ranks)).encode()).hexdigest()[:12]
+    n = _ARRIVALS[tag] = _ARRIVALS.get(tag, 0) + 1
+    prefix = f"sparsetrain/arrive/{tag}/{n}/"
+    store.set(prefix + str(dist.get_rank()), b"1")
+    keys = [prefix + str(r) for r in ranks]
+    start, warned = time.monotonic(), False
+    while True:
+        waited = time.monotonic() - start
+        step = min(ARRIVAL_WARN_S if not warned else limit, max(limit - waited, 0.0))
+        try:
+            store.wait(keys, datetime.timedelta(seconds=max(step, 0.001)))
+            return
+        except RuntimeError:  # (DistStoreError on a timeout)
+            pass
+        missing = [r for r, k in zip(ranks, keys) if not store.check([k])]
+        if not missing:
+            return
+        waited = time.monotonic() - start
+        what = (
+            f"rank(s) {missing} of {len(ranks)} have not set up the gradient sync (every rank "
+            "of the group must call register_ddp_hook, or build GradientSync, with the same "
+            "options)"
+        )
+        if waited >= limit - 1e-3:
+            raise RuntimeError(
+                f"sparsetrain: rank {dist.get_rank()} waited {waited:.0f} s, the process "
+                f"group's timeout: {what}"
+            )
+        if not warned:
+            print(
+                f"sparsetrain: rank {dist.get_rank()} has waited {waited:.0f} s: {what}; "
+                f"waiting up to the process group's timeout ({limit:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+            warned = True
+
+
 def _gather_settings(
     mine: dict[str, Any], group: dist.ProcessGroup | None, device: torch.device | None
 ) -> list[Any]:
+    _await_ranks(group)
     everyone: list[Any] = [None] * dist.get_world_size(group)
     with on_device(device):
         dist.all_gather_object(
