@@ -298,3 +298,29 @@ def test_rigl_updates_where_a_pruned_layer_was_unused_on_one_rank(tmp_path) -> N
         assert r["skipped"] and "rank(s) [1] of the group captured no" in r["skipped"], r
     assert "rank(s) [1] of the group have pruned parameters frozen" in res[0]["frozen"], res[0]
     assert "['a.weight'] are frozen" in res[1]["frozen"], res[1]
+
+
+def _pruner_on_one_rank(rank: int, world: int) -> str | None:
+    import datetime
+
+    from sparsetrain.pruning import get_pruner
+    from sparsetrain.sync import config
+
+    config.ARRIVAL_WARN_S = 1.0
+    dist.distributed_c10d._get_default_store().set_timeout(datetime.timedelta(seconds=4))
+    if rank == 1:
+        return None  # never prepares its pruner
+    try:
+        get_pruner("magnitude", sparsity=0.5).prepare(torch.nn.Linear(4, 4))
+    except RuntimeError as e:
+        return str(e)
+    return "prepared"
+
+
+def test_a_rank_that_never_prepares_its_pruner_is_named(tmp_path):
+    # Rank 0 waited in the options' gather until the process group's timeout, without a word.
+    from .harness import oks, run_world
+
+    first, second = oks(run_world(_pruner_on_one_rank, 2, tmp_path, timeout=120))
+    assert second is None
+    assert "rank(s) [1] of 2 have not prepared the magnitude pruner" in first, first

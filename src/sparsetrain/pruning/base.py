@@ -424,6 +424,8 @@ class Pruner:
             {"method": self.name, "options": options, **mine},
             group,
             device if device is not None and device.type == "cuda" else None,
+            setup=f"prepared the {self.name} pruner (every rank of the group must call "
+            "prepare() with the same model and options)",
         )
         refused = [(r, x["error"]) for r, x in enumerate(everyone) if x.get("error")]
         if refused:

@@ -681,13 +681,21 @@ ARRIVAL_WARN_S = 60.0
 _ARRIVALS: dict[str, int] = {}  # set-ups met so far, by group: the n-th on every rank
 
 
-def _await_ranks(group: dist.ProcessGroup | None) -> None:
+_SYNC_SETUP = (
+    "set up the gradient sync (every rank of the group must call register_ddp_hook, or build "
+    "GradientSync, with the same options)"
+)
+
+
+def _await_ranks(group: dist.ProcessGroup | None, setup: str = _SYNC_SETUP) -> None:
     """Wait until every rank of ``group`` has come to a gradient sync's set-up, through the
     process group's store (not a collective): a rank that never registers the hook (plain DDP
     there, or a registration under ``if rank == 0``) had left the others waiting in the
     settings' gather, silently, until the process group's timeout (30 minutes under gloo).
     After :data:`ARRIVAL_WARN_S` seconds the missing ranks are named on stderr; at the store's
-    timeout a ``RuntimeError`` names them. Where the store cannot be reached, no wait."""
+    timeout a ``RuntimeError`` names them. ``setup`` says what they have not done (and is
+    the meeting's name: a pruner's set-up and a hook's are counted apart). Where the store
+    cannot be reached, no wait."""
     import datetime
     import sys
     import time
@@ -698,7 +706,7 @@ def _await_ranks(group: dist.ProcessGroup | None) -> None:
         limit = store.timeout.total_seconds()
     except Exception:  # noqa: BLE001 - a private API that may move: the gather alone, as before
         return
-    tag = hashlib.sha1(",".join(map(str, ranks)).encode()).hexdigest()[:12]
+    tag = hashlib.sha1(f"{setup}|{ranks}".encode()).hexdigest()[:12]
     n = _ARRIVALS[tag] = _ARRIVALS.get(tag, 0) + 1
     prefix = f"sparsetrain/arrive/{tag}/{n}/"
     store.set(prefix + str(dist.get_rank()), b"1")
@@ -716,11 +724,7 @@ def _await_ranks(group: dist.ProcessGroup | None) -> None:
         if not missing:
             return
         waited = time.monotonic() - start
-        what = (
-            f"rank(s) {missing} of {len(ranks)} have not set up the gradient sync (every rank "
-            "of the group must call register_ddp_hook, or build GradientSync, with the same "
-            "options)"
-        )
+        what = f"rank(s) {missing} of {len(ranks)} have not {setup}"
         if waited >= limit - 1e-3:
             raise RuntimeError(
                 f"sparsetrain: rank {dist.get_rank()} waited {waited:.0f} s, the process "
@@ -737,9 +741,12 @@ def _await_ranks(group: dist.ProcessGroup | None) -> None:
 
 
 def _gather_settings(
-    mine: dict[str, Any], group: dist.ProcessGroup | None, device: torch.device | None
+    mine: dict[str, Any],
+    group: dist.ProcessGroup | None,
+    device: torch.device | None,
+    setup: str = _SYNC_SETUP,
 ) -> list[Any]:
-    _await_ranks(group)
+    _await_ranks(group, setup)
     everyone: list[Any] = [None] * dist.get_world_size(group)
     with on_device(device):
         dist.all_gather_object(
