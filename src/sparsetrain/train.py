@@ -45,6 +45,7 @@ Example:
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import errno
 import json
@@ -2133,6 +2134,47 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def _main_file() -> str | None:
+    """The file ``__main__`` runs, if a real one (None under ``python -c``, from stdin, in a
+    notebook or the interactive interpreter): what spawned workers import as their main."""
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    return path if path and os.path.isfile(path) else None
+
+
+def _unimportable_task(name: str) -> str | None:
+    """Why the spawned workers cannot find task ``name``, registered in ``__main__`` where that
+    is no file they could import (a notebook, ``python -c``, stdin), or None. They failed with
+    "unknown task", and a hint to register it at the script's top level, which it was."""
+    from . import tasks
+
+    factory = tasks._TASKS.get(name)
+    if getattr(factory, "__module__", None) != "__main__" or _main_file() is not None:
+        return None
+    return (
+        f"task {name!r} is registered in code that is not in a file (a notebook, `python -c` "
+        "or stdin), which the spawned workers cannot import: put it in a module, a .py file, "
+        "and load that with sparsetrain.tasks.add_task_modules(['my_tasks.py']) before "
+        "launch(), which passes it to the workers"
+    )
+
+
+@contextlib.contextmanager
+def _main_not_a_path():
+    """Hide ``__main__.__file__`` while the workers are spawned where it names no file (``<stdin>``
+    for a script piped to ``python -``): spawn's workers tried to run that path and died at
+    once, as under ``python -c`` (which has no ``__file__``) they do not."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or path is None or os.path.isfile(path):
+        yield
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = path
+
+
 def check_launch(configs: Sequence[TrainConfig]) -> None:
     """Raise ValueError if :func:`launch` cannot start these runs together: they differ in
     what they must share, or (started here, not under torchrun) the backend needs GPUs this
@@ -2141,6 +2183,10 @@ def check_launch(configs: Sequence[TrainConfig]) -> None:
     ``launch`` checks this first; commands call it to refuse a run as a usage error."""
     _check_together(configs)
     if not under_torchrun():  # before any worker starts
+        for task in dict.fromkeys(c.task for c in configs):
+            problem = _unimportable_task(task)
+            if problem:
+                raise ValueError(problem)
         _check_gpus(configs[0].backend, configs[0].workers)
         workers = configs[0].workers
         problem = too_many_processes(workers, f"workers={workers}")
@@ -2208,10 +2254,11 @@ def launch(configs: TrainConfig | Sequence[TrainConfig]) -> dict[str, Any]:
             import torch.multiprocessing as mp
 
             try:
-                procs = mp.start_processes(
-                    _spawned, args=(world, configs, folder), nprocs=world, join=False,
-                    start_method="spawn",
-                )  # fmt: skip
+                with _main_not_a_path():
+                    procs = mp.start_processes(
+                        _spawned, args=(world, configs, folder), nprocs=world, join=False,
+                        start_method="spawn",
+                    )  # fmt: skip
                 while not procs.join():
                     pass
             except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:

@@ -1055,3 +1055,39 @@ def test_a_model_whose_output_is_not_num_classes_wide_is_named_before_training(t
         f"task 'width': its model gave shape [32, {width}] for a batch of 32; a task's model "
         "must give [batch, num_classes] logits, here [32, 2]" in res.stderr
     ), res.stderr[-2000:]
+
+
+_FROM_STDIN = """
+from sparsetrain.tasks import get_task, register_task
+from sparsetrain.train import TrainConfig, launch
+
+@register_task("typed-here")
+def typed_here(seed: int = 0):
+    return get_task("digits-mlp", seed=seed)
+
+task = {task!r}
+print(launch(TrainConfig(task=task, workers=2, max_steps=2, progress=False))["runs"][0]["steps"])
+"""
+
+
+@pytest.mark.parametrize("how", ["stdin", "-c"])
+def test_launch_from_code_in_no_file(tmp_path, how):
+    """Piped to `python -`, launch() spawned workers that tried to run '<stdin>' and died, with a
+    hint to guard the script; a task registered there (or under -c, or in a notebook) failed in
+    the workers as unknown, with a hint to register it at the top level, which it was."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(sparsetrain.__file__).parents[1]),
+    }
+    for task, ok in (("digits-mlp", True), ("typed-here", False)):
+        code = _FROM_STDIN.format(task=task)
+        argv = [sys.executable, "-"] if how == "stdin" else [sys.executable, "-c", code]
+        res = subprocess.run(argv, input=code if how == "stdin" else None, capture_output=True,
+                             text=True, cwd=tmp_path, env=env, timeout=300)  # fmt: skip
+        if ok:
+            assert res.returncode == 0 and res.stdout.strip() == "2", res.stderr[-2000:]
+        else:
+            assert res.returncode == 1
+            assert "task 'typed-here' is registered in code that is not in a file" in res.stderr
+            assert "sparsetrain.tasks.add_task_modules" in res.stderr
