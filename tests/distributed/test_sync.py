@@ -529,12 +529,10 @@ def test_a_robust_rule_outvotes_a_rank_whose_gradient_is_not_finite(tmp_path, co
         assert same(r["compressor"], results[0]["compressor"])
 
 
-def _faulty_rank_under_powersgd(rank: int, world: int) -> str:
+def _faulty_rank_under_shared_terngrad(rank: int, world: int) -> str:
     torch.manual_seed(0)
     net = _net()
-    sync = sparsetrain.GradientSync(
-        net, "powersgd", aggregator="median", aggregator_options={"f": 1}
-    )
+    sync = sparsetrain.GradientSync(net, "terngrad", scaler_sharing=True, on_nonfinite="raise")
     x, y = _batch(rank)
     loss = nn.functional.cross_entropy(net(x), y)
     (loss * (math.nan if rank == 2 else 1.0)).backward()
@@ -566,10 +564,11 @@ def test_an_overflow_under_a_grad_scaler_is_the_scalers_to_see(tmp_path):
         assert kept is False and nan  # every rank drops the step, its gradients NaN
 
 
-def test_a_compressor_of_two_rounds_is_not_tolerated_and_does_not_hang(tmp_path):
-    """PowerSGD sums its first round before the gather: the healthy ranks waited in that sum
-    while the faulty one had gone on to the gather, until the timeout."""
-    for said in oks(run_world(_faulty_rank_under_powersgd, 3, tmp_path, timeout=120)):
+def test_a_compressor_of_two_rounds_stops_every_rank_at_a_faulty_one(tmp_path):
+    """A first round summed before the exchange (shared TernGrad's scale; PowerSGD's P, which
+    a robust rule now refuses): the healthy ranks waited in that sum while the faulty one had
+    gone on, until the timeout."""
+    for said in oks(run_world(_faulty_rank_under_shared_terngrad, 3, tmp_path, timeout=120)):
         assert "non-finite gradient (NaN or Inf) in" in said and "on rank 2" in said, said
 
 

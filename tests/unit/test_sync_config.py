@@ -116,6 +116,22 @@ def test_majority_vote_is_refused_where_the_robust_path_would_skip_it(robust):
     sparsetrain.SyncConfig(**vote)
 
 
+@pytest.mark.parametrize(
+    "robust", [{"aggregator": "median"}, {"attack": "sign_flip", "byzantine": 1}]
+)
+def test_a_first_round_the_rule_never_sees_is_refused_under_it(robust):
+    # PowerSGD's P and shared TernGrad's scale were combined by a plain allreduce before the
+    # rule saw anything: one Byzantine rank steered every rank's projection, or zeroed the
+    # honest codes; and PowerSGD warm-started each rank from its own Q, not the summed one.
+    with pytest.raises(ValueError, match="powersgd does not combine with an aggregator"):
+        sparsetrain.SyncConfig(compressor="powersgd", **robust)
+    shared = {"compressor": "terngrad", "compressor_options": {"scaler_sharing": True}}
+    with pytest.raises(ValueError, match="scaler_sharing does not combine with an aggregator"):
+        sparsetrain.SyncConfig(**shared, **robust)
+    sparsetrain.SyncConfig(compressor="terngrad", **robust)  # one round: the rule sees it all
+    sparsetrain.SyncConfig(compressor="powersgd")
+
+
 def test_unscaled_randomk_gets_error_feedback_by_default():
     # Unscaled random-k sends k/numel of the gradient on average: biased, so error feedback is
     # on unless turned off, as for the other biased compressors.

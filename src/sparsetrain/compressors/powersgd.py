@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -132,6 +132,16 @@ class PowerSGD(Compressor):
         check_int(self.seed, "seed", 0)
 
     # ---- planning ----------------------------------------------------------------------------
+    @classmethod
+    def robust_conflict(cls, options: Mapping[str, Any]) -> str | None:
+        return (
+            "powersgd does not combine with an aggregator or an attack: its first round sums "
+            "every rank's P by a plain allreduce, which the rule never sees (one Byzantine rank "
+            "steers every rank's projection, and one rank's NaN stops the step), and its warm "
+            "start needs the summed Q; use a compressor of one round (topk, randomk, qsgd, "
+            "signsgd, ...) or none"
+        )
+
     def _plan(
         self, t: Tensor, layout: Sequence[torch.Size] | None
     ) -> tuple[list[_Matrix], list[tuple[int, int]], Tensor]:
