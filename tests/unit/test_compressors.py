@@ -345,11 +345,14 @@ def test_signsgd_majority_vote_follows_its_definition(ranks, dtype):
     torch.manual_seed(ranks)
     c = make("signsgd", bucket_size=7, majority_vote=True)
     grads = [torch.randn(40).to(dtype) for _ in range(ranks)]
-    grads[0][:5] = 0.0  # a zero votes plus, as it decodes
+    grads[0][:5] = 0.0  # a zero abstains (torch.sign's 0)
+    for g in grads:  # an entry no rank has a gradient for: it voted plus on every rank, and
+        g[20:23] = 0.0  # the weight drifted by the mean scale every step
     packed = [c.compress(g) for g in grads]
     got = c.aggregate([p for p, _ in packed], packed[0][1]) / ranks
     assert got.dtype == torch.float32 and got.shape == (40,)  # summed in the work dtype
-    signs = torch.stack([torch.where(torch.signbit(g), -1.0, 1.0) for g in grads])
+    assert (got[20:23] == 0).all()
+    signs = torch.stack([torch.sign(g.float()) for g in grads])
     pad = (-40) % 7
     scales = torch.stack(
         [torch.nn.functional.pad(g.float().abs(), (0, pad)).view(-1, 7).sum(1) for g in grads]
@@ -360,8 +363,11 @@ def test_signsgd_majority_vote_follows_its_definition(ranks, dtype):
         assert (got[signs.sum(0) == 0] == 0).all() and (signs.sum(0) == 0).any()
     # Without the vote: the mean of the scaled signs.
     plain = make("signsgd", bucket_size=7)
-    mean = sum(plain.decompress(*plain.compress(g)).float() for g in grads)
-    assert_close(plain.aggregate([p for p, _ in packed], packed[0][1]), mean)
+    own = [plain.compress(g) for g in grads]
+    mean = sum(plain.decompress(*p).float() for p in own)
+    assert_close(plain.aggregate([p for p, _ in own], own[0][1]), mean)
+    # Two bits an entry under the vote (+, -, 0), one without.
+    assert packed[0][0][1].numel() == 2 * own[0][0][1].numel()
 
 
 def test_signsgd_majority_vote_gives_one_rank_one_vote():
