@@ -62,8 +62,9 @@ class QSGD(Compressor):
         levels: s, the number of positive levels, in [1, 127] (a signed code fits in 8 bits).
         bucket_size: entries sharing one norm (smaller: lower variance, more norms sent), or
             None for one norm per tensor.
-        seed: seeds the rounding. Give each rank its own (e.g. base seed + rank) so rounding
-            noise averages out over ranks; any values keep it unbiased.
+        seed: seeds the rounding; any value keeps it unbiased. The same on every rank:
+            the hook and GradientSync add the rank, so each rank's rounding noise is its own
+            and averages out over the ranks (a compressor used alone takes it as given).
 
     Example:
         >>> c = QSGD(levels=4, bucket_size=128)

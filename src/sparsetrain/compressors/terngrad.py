@@ -78,8 +78,9 @@ class TernGrad(Compressor):
 
     Args:
         bucket_size: entries sharing one scale, or None for one per tensor.
-        seed: seeds the rounding (with key and step). Give each rank its own (e.g. base seed +
-            rank) so rounding noise averages out over ranks.
+        seed: seeds the rounding (with key and step). The same on every rank: the hook and
+            GradientSync add the rank, so each rank's rounding noise is its own and averages
+            out over the ranks (a compressor used alone takes it as given).
         scaler_sharing: ternarize with the ranks' largest scale and sum the codes (above).
 
     Example:
