@@ -726,3 +726,37 @@ def test_a_name_with_ddps_module_prefix_is_pointed_to_the_unwrapped_name():
     with pytest.raises(ValueError, match=r"'module.0.weight' name\(s\) the DDP wrapper's "
                        r"parameters: give them without 'module.'"):  # fmt: skip
         get_pruner("magnitude", sparsity=0.5, params=["module.0.weight"]).prepare(model)
+
+
+def test_step_says_true_only_when_the_masks_changed():
+    # nm reaches 2:4 before the schedule's end; its later steps said True, changing nothing.
+    from sparsetrain.pruning import Gradual, get_pruner
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    pruner = get_pruner("nm", sparsity=0.5, schedule=Gradual(0, 40, 10)).prepare(model)
+    said, sparsity = {}, {}
+    for s in range(0, 41, 10):
+        before = pruner.masks
+        said[s] = pruner.step(s)
+        assert said[s] == any(not torch.equal(before[n], m) for n, m in pruner.masks.items())
+        sparsity[s] = pruner.stats()["sparsity"]
+    assert sparsity == {0: 0.0, 10: 0.25, 20: 0.5, 30: 0.5, 40: 0.5}  # 4:4, 3:4, then 2:4
+    assert said == {0: False, 10: True, 20: True, 30: False, 40: False}
+
+
+def test_a_finalized_pruner_refuses_to_go_on_until_prepared_again():
+    # step() after finalize() re-applied the masks without the hooks that keep pruned
+    # gradients zero: half a pruner, without a word.
+    from sparsetrain.pruning import get_pruner
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    pruner = get_pruner("magnitude", sparsity=0.5).prepare(model)
+    pruner.prune()
+    pruner.finalize()
+    for call in (lambda: pruner.step(1), lambda: pruner.prune(0.6)):
+        with pytest.raises(RuntimeError, match=r"after finalize\(\): its masks are baked"):
+            call()
+    pruner.prepare(model)  # again: hooks back, pruning goes on
+    pruner.prune(0.6)
+    assert pruner.stats()["sparsity"] == pytest.approx(0.6, abs=0.02)

@@ -483,6 +483,7 @@ class Pruner:
             True when the masks changed at this step.
         """
         self._require_ready()
+        self._refuse_finalized("step()")
         if not is_integer(step, 0):
             raise (ValueError if is_integer(step) else TypeError)(
                 f"step must be an integer >= 0 (the optimizer step), got {step!r}"
@@ -514,6 +515,7 @@ class Pruner:
     def finalize(self) -> Masks:
         """Bake the masks into the weights, remove the hooks and return the masks."""
         self._require_ready()
+        self._finalized = True
         self._apply()
         for h in self._handles:
             h.remove()
@@ -583,7 +585,16 @@ class Pruner:
         broadcast_tensors(bufs, self._group)
         self._masks = {n: b.bool() for n, b in zip(names, bufs)}
 
+    def _refuse_finalized(self, call: str) -> None:
+        if getattr(self, "_finalized", False):
+            raise RuntimeError(
+                f"{call} after finalize(): its masks are baked into the weights and its hooks, "
+                "which keep pruned gradients zero, are removed; prepare() the model again to go "
+                "on pruning"
+            )
+
     def _install_hooks(self) -> None:
+        self._finalized = False
         for h in self._handles:
             h.remove()
         # A frozen weight (named in params) gets no gradient to mask; its mask holds anyway,
@@ -916,8 +927,10 @@ class ScheduledPruner(Pruner):
         target = self.schedule.target(step, self.sparsity)
         if target is None or target <= self._current + 1e-12:
             return False
+        before = self.masks
         self.prune(target, closure)
-        return True
+        # (a higher target can give the same masks: N:M's 2:4 reached before the schedule's end)
+        return any(not torch.equal(before[n], m) for n, m in self._masks.items())
 
     def prune(self, sparsity: float | None = None, closure: Closure | None = None) -> Masks:
         """Prune now to ``sparsity`` (default: the final one); weights pruned before stay pruned.
@@ -930,6 +943,7 @@ class ScheduledPruner(Pruner):
             The new masks.
         """
         self._require_ready()
+        self._refuse_finalized("prune()")
         s = self.sparsity if sparsity is None else check_sparsity(sparsity)
         # Below the sparsity reached by less than one weight (0.7 rounded to float32) asks for
         # what is pruned already, and so does the pruned share stats() reports, which whole

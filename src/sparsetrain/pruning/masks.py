@@ -65,7 +65,8 @@ def check_sparsity(sparsity: float, what: str = "sparsity") -> float:
         raise TypeError(f"{what} must be a number in [0, 1), got {sparsity!r}")
     s = float(sparsity)
     if not 0.0 <= s < 1.0:  # also refuses NaN
-        raise ValueError(f"{what} must be in [0, 1) (1 would remove every weight), got {sparsity}")
+        why = " (1 would remove every weight)" if s >= 1.0 else ""
+        raise ValueError(f"{what} must be in [0, 1){why}, got {sparsity}")
     return s
 
 
