@@ -320,3 +320,17 @@ def test_a_float16_tensor_of_tied_large_values_is_compressed_again():
     for _ in range(3):
         (idx, values), _ = c.compress(t, key="a")
         assert idx.numel() == 10 and bool((values == 40000.0).all())
+
+
+def test_fewer_non_zeros_than_k_are_not_estimated_again_every_step():
+    # Under a threshold of 0 the selection is every non-zero entry, and a new estimate finds 0
+    # again: an embedding-like gradient (0.5% non-zero at density 1%) re-estimated every step.
+    c, calls, g = estimating_once()
+    mostly_zero = torch.zeros_like(g)
+    mostly_zero[::200] = g[::200]  # 250 non-zeros, k = 500
+    for _ in range(5):
+        (idx, _), _ = c.compress(mostly_zero, key="w")
+        assert torch.equal(idx.long(), torch.nonzero(mostly_zero).flatten())
+    assert calls == [0]
+    (idx, _), _ = c.compress(g, key="w")  # dense again: estimated at once
+    assert calls == [0, 5] and 400 <= idx.numel() <= 600

@@ -254,7 +254,10 @@ class Threshold(SparseCompressor):
             count = idx.numel()
         over = count > k * self.band
         cut = over and threshold > 0 and count * _CUT_FRACTION <= n
-        if not fresh and (count < k / self.band or (over and not cut)):
+        # (Too few under a threshold of 0 are every non-zero entry: a new estimate would find
+        # 0 again. Gradients with fewer non-zeros than k/band, an embedding's, had re-estimated
+        # at every step.)
+        if not fresh and ((count < k / self.band and threshold > 0) or (over and not cut)):
             threshold, slope = self._estimate(flat, k, key, step)
             fresh = True
             idx = self._select(flat, threshold, expected=k)
