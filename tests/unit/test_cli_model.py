@@ -444,3 +444,21 @@ def test_refit_predict_as_prices_the_held_out_run_in_the_form_named(tmp_path, ca
     with pytest.raises(SystemExit):
         main([*args, "--predict-as", "ring"])
     assert "invalid choice: 'ring'" in capsys.readouterr().err
+
+
+def test_simulate_prices_the_values_and_indices_the_library_sends(tmp_path, capsys):
+    # Every projection priced 4-byte values and indices: float16 gradients (2 bytes) and
+    # vectors of 2**31 elements or more (8-byte indices) were priced wrong, without a word.
+    rows = {}
+    for argv in (["--value-bytes", "2"], [], ["--numel", "3G"]):
+        out = tmp_path / "s.json"
+        assert main(["simulate", "--ranks", "256", "--bandwidth", "10gbit", "--algorithms",
+                     "allgather", "--json", str(out), *argv]) == 0  # fmt: skip
+        data = json.loads(out.read_text())
+        rows[tuple(argv)] = (data["value_bytes"], data["index_bytes"], data["rows"][0])
+    text = capsys.readouterr().out
+    assert "; 2-byte values, 4-byte indices" in text and "; 4-byte values, 8-byte indices" in text
+    half, full, big = rows[("--value-bytes", "2")], rows[()], rows[("--numel", "3G")]
+    assert (half[:2], full[:2], big[:2]) == ((2, 4), (4, 4), (4, 8))
+    assert half[2]["dense_s"] < 0.55 * full[2]["dense_s"]  # half the bytes on the ring
+    assert half[2]["times_s"]["allgather"] < full[2]["times_s"]["allgather"]

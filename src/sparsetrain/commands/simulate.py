@@ -146,18 +146,29 @@ def simulate(
     compute_s: float = 0.0,
     gamma_sort: float = 1e-10,
     overhead: float = 0.0,
+    value_bytes: int = 4,
+    index_bytes: int | None = None,
 ) -> list[dict]:
-    """Return one row a (ranks, bandwidth) cell: every algorithm's seconds, winner, speedups."""
+    """Return one row a (ranks, bandwidth) cell: every algorithm's seconds, winner, speedups.
+    ``value_bytes``: of a value on the wire, dense or sparse (2 for float16 or bfloat16
+    gradients); ``index_bytes``: of an index, by default the library's (4 below 2**31
+    elements, else 8)."""
+    if index_bytes is None:
+        index_bytes = 4 if numel < 2**31 else 8
+    sizes = {"value_bytes": value_bytes, "index_bytes": index_bytes}
     rows = []
     for bw in bandwidths:
         params = perfmodel.NetworkParams.from_link(bw, latency_s, gamma, gamma_dense, gamma_sort,
                                                    overhead)  # fmt: skip
         for p in ranks:
             times = {
-                a: perfmodel.predict(a, world=p, numel=numel, density=density, params=params)
+                a: perfmodel.predict(
+                    a, world=p, numel=numel, density=density, params=params, **sizes
+                )  # fmt: skip
                 for a in algorithms
             }
-            dense = perfmodel.predict("dense", world=p, numel=numel, density=1.0, params=params)
+            dense = perfmodel.predict("dense", world=p, numel=numel, density=1.0, params=params,
+                                      **sizes)  # fmt: skip
             # The dense ring competes too: a sparse algorithm slower than it wins nothing.
             best = min(times, key=times.__getitem__)
             best, best_s = (best, times[best]) if times[best] < dense else ("dense", dense)
@@ -282,7 +293,8 @@ def _run(args: argparse.Namespace) -> int:
         if problem:
             raise ValueError(problem)
         rows = simulate(ranks, bandwidths, numel, args.density, latency, gamma, gamma_dense,
-                        algorithms, compute_s, gamma_sort, overhead)  # fmt: skip
+                        algorithms, compute_s, gamma_sort, overhead,
+                        value_bytes=args.value_bytes)  # fmt: skip
     except (ValueError, TypeError) as e:
         args._parser.error(str(e))
     # (in the milliseconds printed and saved: seconds near float's limit pass it times 1e3)
@@ -300,6 +312,7 @@ def _run(args: argparse.Namespace) -> int:
         f"gamma_dense {gamma_dense * 1e9:.3g} ns/element, gamma_sort {gamma_sort * 1e9:.3g} "
         f"ns/(entry*log2), overhead {overhead * 1e6:.3g} us/operation"
         + (f", compute {compute_s * 1e3:g} ms/iteration" if compute_s else "")
+        + f"; {args.value_bytes}-byte values, {4 if numel < 2**31 else 8}-byte indices"
     )
     head = f"{'ranks':>6} {'link':>9}  " + "".join(f"{a:>11}" for a in algorithms)
     head += f"  {'winner':<10}{'dense ring':>11}{'speedup':>9}" + (
@@ -316,7 +329,8 @@ def _run(args: argparse.Namespace) -> int:
         say(line)
     if args.json:
         local = {"gamma": gamma, "gamma_dense": gamma_dense, "gamma_sort": gamma_sort,
-                 "overhead": overhead, "compute_s": compute_s}  # fmt: skip
+                 "overhead": overhead, "compute_s": compute_s, "value_bytes": args.value_bytes,
+                 "index_bytes": 4 if numel < 2**31 else 8}  # fmt: skip
         text = json.dumps({"numel": numel, "density": args.density, "latency_s": latency,
                            **local, "rows": rows}, indent=1)  # fmt: skip
         try:
@@ -382,6 +396,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "machine's local costs (bench refit predicts the emulated cluster itself)",
     )
     p.add_argument("--compute", help="compute time of one iteration (e.g. 200ms) for end-to-end")
+    p.add_argument(
+        "--value-bytes",
+        type=int,
+        choices=(2, 4, 8),
+        default=4,
+        help="bytes of a gradient value on the wire, dense and sparse (default 4: float32; 2: "
+        "float16 or bfloat16). Indices take the library's 4 bytes, or 8 from 2**31 elements",
+    )
     p.add_argument("--algorithms", default=",".join(perfmodel.available_models()),
                    help="which algorithms to compare (default: all modelled)")  # fmt: skip
     p.add_argument("--json", metavar="PATH", help="also write the table as JSON")
