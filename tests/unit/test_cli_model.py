@@ -462,3 +462,13 @@ def test_simulate_prices_the_values_and_indices_the_library_sends(tmp_path, caps
     assert (half[:2], full[:2], big[:2]) == ((2, 4), (4, 4), (4, 8))
     assert half[2]["dense_s"] < 0.55 * full[2]["dense_s"]  # half the bytes on the ring
     assert half[2]["times_s"]["allgather"] < full[2]["times_s"]["allgather"]
+
+
+def test_simulate_keeps_its_link_column_for_any_rate(capsys):
+    # 1e-09Gb/s and 0.0001Gb/s pushed the row's columns apart.
+    argv = ["simulate", "--ranks", "8", "--bandwidth", "1bit,100mbit,10gbit,2000gbit", "--numel",
+            "1M", "--algorithms", "oktopk"]  # fmt: skip
+    assert main(argv) == 0
+    rows = capsys.readouterr().out.splitlines()[-4:]
+    assert [r.split()[1] for r in rows] == ["1b/s", "100Mb/s", "10Gb/s", "2Tb/s"]
+    assert len({r.index(r.split()[1]) + len(r.split()[1]) for r in rows}) == 1  # right-aligned

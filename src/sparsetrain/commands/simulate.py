@@ -98,6 +98,15 @@ def _ms(seconds: float, width: int) -> str:
     return f"{ms:>{width}.2f}" if abs(ms) < 10 ** (width - 4) else f"{ms:>{width}.3e}"
 
 
+def _rate(bps: float) -> str:
+    """A link rate in the unit that keeps it short: 10Gb/s, 100Mb/s (1e-09Gb/s had pushed the
+    columns apart)."""
+    for unit, size in (("Tb/s", 1e12), ("Gb/s", 1e9), ("Mb/s", 1e6), ("kb/s", 1e3)):
+        if bps >= size:
+            return f"{bps / size:.4g}{unit}"
+    return f"{bps:.4g}b/s"
+
+
 def _times(ratio: float) -> str:
     """A speedup in a column of 9: two decimals, or exponent form when too long."""
     return f"{ratio:>8.2f}x" if ratio < 1e4 else f"{ratio:>8.1e}x"
@@ -227,7 +236,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         ranks = _list(args.ranks, _whole, "ranks")
         if any(r < 2 for r in ranks):
-            raise ValueError("--ranks: every value must be >= 2")
+            raise ValueError("--ranks: every value must be >= 2 (one rank exchanges nothing)")
         bandwidths = _list(args.bandwidth, parse_rate, "bandwidth")
         if args.numel is not None:
             numel, what = _option("--numel", parse_count, args.numel), f"{args.numel} elements"
@@ -321,7 +330,7 @@ def _run(args: argparse.Namespace) -> int:
     say("modelled time of one exchange (ms):")
     say(head)
     for r in rows:
-        line = f"{r['ranks']:>6} {r['bandwidth_bps'] / 1e9:>5g}Gb/s  "
+        line = f"{r['ranks']:>6} {_rate(r['bandwidth_bps']):>9}  "
         line += "".join(" " + _ms(r["times_s"][a], 10) for a in algorithms)
         line += f"  {r['winner']:<10} {_ms(r['dense_s'], 10)}{_times(r['speedup_exchange'])}"
         if compute_s:
