@@ -2477,3 +2477,41 @@ def test_a_rank_that_never_registers_the_hook_is_named_not_waited_for_silently(t
         first["error"],
     ), first
     assert second["error"] is not None  # its allreduce lost its peer, or timed out
+
+
+def _changed_after_building(rank: int, world: int) -> dict:
+    out = {}
+    torch.manual_seed(0)
+    net = _net()
+    sync = sparsetrain.GradientSync(net, "topk", density=0.1)
+    net.to(torch.float64)  # after building: its buckets were typed and sized for float32
+    x, y = _batch(rank)
+    nn.functional.cross_entropy(net(x.double()), y).backward()
+    try:
+        sync.synchronize()
+        out["dtype"] = None
+    except (ValueError, RuntimeError) as e:
+        out["dtype"] = f"{type(e).__name__}: {e}"
+    net.zero_grad()
+    again = sparsetrain.GradientSync(net, "topk", density=0.1)  # built after .to(): fine
+    newer = sparsetrain.GradientSync(net, "topk", density=0.1)  # supersedes `again`
+    nn.functional.cross_entropy(net(x.double()), y).backward()
+    try:
+        again.synchronize()
+        out["old"] = None
+    except RuntimeError as e:
+        out["old"] = str(e)
+    out["new"] = newer.synchronize()
+    out["old_state"] = sorted(again.state_dict())  # still reads, for new.load_state_dict
+    return out
+
+
+def test_a_model_changed_or_synced_anew_after_building_is_named_on_every_rank(tmp_path):
+    """A dtype change after building trained silently with buckets of the old sizes (and
+    its state could not be loaded by a GradientSync built for the new model), and two
+    GradientSyncs over one model exchanged every gradient twice."""
+    for res in oks(run_world(_changed_after_building, 2, tmp_path)):
+        assert "changed dtype or device since it was built" in res["dtype"], res
+        assert "torch.float32 on cpu, now torch.float64 on cpu" in res["dtype"], res
+        assert "a newer GradientSync was built over this model's parameters" in res["old"], res
+        assert res["new"] is True and "buckets" in res["old_state"]

@@ -166,6 +166,9 @@ class GradientSync:
         self._model = model
         self._built_with = {id(p) for p in model.parameters()}
         self._registrations = _registrations()  # parameters and modules made in this process
+        self._superseded = False
+        # Each trained parameter's dtype and device: a bucket is one tensor of one kind.
+        self._kinds = {n: (p.dtype, p.device) for n, p in self.params}
         device = cuda_device_of(p for _, p in self.params)
         try:  # a rank's bad options: every rank gets an error (check_consistent's gather)
             if isinstance(model, DistributedDataParallel):
@@ -220,6 +223,12 @@ class GradientSync:
             )  # fmt: skip
         from .ddp_hook import SYNCS
 
+        # A GradientSync built before over any of these parameters is superseded: both would
+        # exchange them every step (the second one averaging what the first averaged).
+        mine = {id(p) for _, p in self.params}
+        for other in list(SYNCS):
+            if other is not self and mine & {id(p) for _, p in other.params}:
+                other._superseded = True
         SYNCS.add(self)  # register_ddp_hook refuses this model while this object lives
         # (One hook a model, however many syncs it has had; a TorchScript module takes no
         # hooks, and goes unchecked.)
@@ -264,6 +273,26 @@ class GradientSync:
             the optimizer; with ``"propagate"`` (a ``grad_scaler``) they are all NaN, which
             ``scaler.step`` skips.
         """
+        if self._superseded:  # (every rank built both, in the same order: every rank raises)
+            raise RuntimeError(
+                "GradientSync: a newer GradientSync was built over this model's parameters; "
+                "this one would exchange their gradients a second time: synchronize() the new "
+                "one only (the old one's state_dict() still reads)"
+            )
+        moved = [n for n, p in self.params if (p.dtype, p.device) != self._kinds[n]]
+        if moved:
+            n = moved[0]
+            p = dict(self.params)[n]
+            message = (
+                f"GradientSync: parameter(s) {', '.join(moved[:5])}"
+                f"{' ...' if len(moved) > 5 else ''} changed dtype or device since it was built "
+                f"({n}: {self._kinds[n][0]} on {self._kinds[n][1]}, now {p.dtype} on "
+                f"{p.device}); its buckets were sized and typed for the old ones: build "
+                "GradientSync after model.to(...)"
+            )
+            if self.engine.world == 1 or not self.buckets:
+                raise ValueError(message)
+            self.engine.refuse_step(message)
         unfrozen = [n for n, p in self._left_out if p.requires_grad]
         if unfrozen:  # only those still in the model (a frozen teacher taken out trains alone)
             present = {id(p) for p in self._model.parameters()}
