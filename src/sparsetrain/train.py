@@ -460,6 +460,29 @@ class TrainConfig:
             raise ValueError(
                 f"bucket_cap_mb must be a finite number of MB > 0, got {self.bucket_cap_mb}"
             )
+        if self.label is not None:
+            if not isinstance(self.label, str):
+                raise TypeError(f"label must be a string or None, got {self.label!r}")
+            if (
+                not self.label.strip()
+                or self.label in (".", "..")
+                or any(sep in self.label for sep in ("/", "\\", os.sep))
+            ):
+                raise ValueError(
+                    "label must be a name without a path separator (it names the run's "
+                    f"checkpoint folder inside checkpoint_dir), got {self.label!r}"
+                )
+        if self.checkpoint_dir is not None:
+            if not isinstance(self.checkpoint_dir, (str, os.PathLike)):
+                raise TypeError(
+                    f"checkpoint_dir must be a folder path or None, got {self.checkpoint_dir!r}"
+                )
+            self.checkpoint_dir = os.fspath(self.checkpoint_dir)  # (kept in the report's JSON)
+            if not str(self.checkpoint_dir).strip():
+                raise ValueError(
+                    "checkpoint_dir must be a folder path, or None for no checkpoints; got an "
+                    "empty one, which wrote none without a word"
+                )
         if (self.checkpoint_every or self.resume) and not self.checkpoint_dir:
             raise ValueError(
                 "checkpoint_every and resume (--checkpoint-every, --resume) need checkpoint_dir "

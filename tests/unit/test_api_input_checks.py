@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import re
 
 import numpy as np
 import pytest
@@ -564,3 +565,29 @@ def test_allreduce_sum_refuses_bools_and_returns_values():
         allreduce_sum([torch.ones(2, dtype=torch.bool)])
     (out,), _ = allreduce_sum([torch.ones(2, requires_grad=True) * 3])
     assert not out.requires_grad and out.tolist() == [3.0, 3.0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "words"),
+    [
+        ({"label": 5}, TypeError, "label must be a string or None, got 5"),
+        ({"label": "../esc"}, ValueError, "label must be a name without a path separator"),
+        ({"label": "a/b"}, ValueError, "label must be a name without a path separator"),
+        ({"label": " "}, ValueError, "label must be a name without a path separator"),
+        ({"checkpoint_dir": 123}, TypeError, "checkpoint_dir must be a folder path or None"),
+        ({"checkpoint_dir": ""}, ValueError, "got an empty one, which wrote none"),
+    ],
+)
+def test_train_config_names_a_bad_label_or_checkpoint_folder(kwargs, error, words):
+    # label=5 and checkpoint_dir=123 failed in the workers with a TypeError naming no field;
+    # label="../esc" wrote checkpoints outside checkpoint_dir; checkpoint_dir="" wrote none.
+    from sparsetrain.train import TrainConfig
+
+    with pytest.raises(error, match=re.escape(words)):
+        TrainConfig(**kwargs)
+
+
+def test_train_config_takes_a_path_object_as_its_checkpoint_folder(tmp_path):
+    from sparsetrain.train import TrainConfig
+
+    assert TrainConfig(checkpoint_dir=tmp_path / "ck").checkpoint_dir == str(tmp_path / "ck")
