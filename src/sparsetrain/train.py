@@ -2226,8 +2226,8 @@ def launch(configs: TrainConfig | Sequence[TrainConfig]) -> dict[str, Any]:
     form the report. A failing worker stops all of them and raises :class:`WorkerError`.
 
     Args:
-        configs: one :class:`TrainConfig` or a sequence of them sharing ``workers``, ``timeout_s`` and
-            ``backend``, with distinct labels.
+        configs: one :class:`TrainConfig` or a sequence of them sharing ``workers``,
+            ``timeout_s``, ``backend`` and ``reuse_host_memory``, with distinct labels.
 
     Returns:
         ``{"format", "sparsetrain_version", "created", "world_size", "runs": [...]}`` where every
