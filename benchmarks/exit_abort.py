@@ -11,7 +11,12 @@ and counts the runs whose output holds that message:
 * ``torch``: build DDP, ``all_gather_object``, ``destroy_process_group``; sparsetrain is not
   imported;
 * ``hook``: build DDP, ``register_ddp_hook``, ``destroy_process_group``;
-* ``none``: build DDP, ``destroy_process_group`` (no collective from Python).
+* ``none``: build DDP, ``destroy_process_group`` (no collective from Python);
+* ``plain``: no DDP and no sparsetrain: ``all_gather_object`` and ``all_reduce``, then exit
+  without ``destroy_process_group``;
+* ``sync``: no DDP: ``GradientSync`` and three steps, then exit without
+  ``destroy_process_group``;
+* ``sync-destroy``: as ``sync``, then ``destroy_process_group``.
 
 Usage::
 
@@ -34,12 +39,24 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 dist.init_process_group("gloo")
 torch.manual_seed(0)
-model = DDP(nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 3)))
+net = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 3))
 """
+_DDP = "model = DDP(net)\n"
+_DESTROY = "dist.destroy_process_group()\n"
+_SYNC = (
+    "import sparsetrain\nsync = sparsetrain.GradientSync(net, 'threshold', density=0.01)\n"
+    "for _ in range(3):\n    net(torch.randn(8, 20)).sum().backward()\n    sync.synchronize()\n"
+)
 VARIANTS = {
-    "torch": "out = [None] * dist.get_world_size()\ndist.all_gather_object(out, dist.get_rank())\n",
-    "hook": "import sparsetrain\nsparsetrain.register_ddp_hook(model, 'threshold', density=0.01)\n",
-    "none": "",
+    "torch": _DDP + "out = [None] * dist.get_world_size()\n"
+    "dist.all_gather_object(out, dist.get_rank())\n" + _DESTROY,
+    "hook": _DDP + "import sparsetrain\n"
+    "sparsetrain.register_ddp_hook(model, 'threshold', density=0.01)\n" + _DESTROY,
+    "none": _DDP + _DESTROY,
+    "plain": "out = [None] * dist.get_world_size()\ndist.all_gather_object(out, dist.get_rank())\n"
+    "dist.all_reduce(torch.zeros(3))\n",
+    "sync": _SYNC,
+    "sync-destroy": _SYNC + _DESTROY,
 }
 MESSAGE = "terminate called without an active exception"
 
@@ -74,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         scripts = {}
         for v in variants:
             scripts[v] = Path(tmp, f"exit_{v}.py")  # (not torch.py: it would import itself)
-            scripts[v].write_text(_HEAD + VARIANTS[v] + "dist.destroy_process_group()\n")
+            scripts[v].write_text(_HEAD + VARIANTS[v])
         jobs = [v for _ in range(args.runs) for v in variants]  # the variants interleaved
         src = str(Path(__file__).resolve().parent.parent / "src")
         os.environ["PYTHONPATH"] = os.pathsep.join(
@@ -86,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     for v in variants:
         mine = [(hit, rc) for name, hit, rc in results if name == v]
         other = sum(1 for hit, rc in mine if rc != 0 and not hit)
-        print(f"  {v:<6} {sum(hit for hit, _ in mine)} of {len(mine)}"
+        print(f"  {v:<12} {sum(hit for hit, _ in mine)} of {len(mine)}"
               + (f" ({other} other failures)" if other else ""))  # fmt: skip
     return 0
 
