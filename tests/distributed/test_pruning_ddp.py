@@ -147,6 +147,12 @@ def _disagreements(rank: int, world: int) -> dict:
     out["sparsity"] = attempt(
         lambda: get_pruner("magnitude", sparsity=0.5 if rank == 0 else 0.8).prepare(model())
     )
+    # Another method on rank 1: named in the gather, not two set-ups waiting for each other.
+    out["method"] = attempt(
+        lambda: get_pruner("magnitude" if rank == 0 else "structured", sparsity=0.5).prepare(
+            model()
+        )
+    )
     # An option that decides a collective's size (WoodFisher's chunk of gathered samples)
     # passed the check, which skipped the options a loaded state may change, and gloo aborted.
     out["chunk"] = attempt(
@@ -185,6 +191,7 @@ def test_ranks_whose_pruners_differ_raise_on_every_rank(tmp_path) -> None:
 
     for res in oks(run_world(_disagreements, 2, tmp_path, timeout=120)):
         assert "the ranks disagree" in res["sparsity"] and "sparsity" in res["sparsity"]
+        assert "the ranks disagree" in res["method"] and "structured" in res["method"], res
         assert "rank(s) [1] refused their input" in res["refused"], res["refused"]
         assert "the ranks disagree" in res["chunk"] and "chunk" in res["chunk"], res["chunk"]
         assert "the ranks disagree" in res["one_loads"] and "last step" in res["one_loads"]
@@ -323,4 +330,4 @@ def test_a_rank_that_never_prepares_its_pruner_is_named(tmp_path):
 
     first, second = oks(run_world(_pruner_on_one_rank, 2, tmp_path, timeout=120))
     assert second is None
-    assert "rank(s) [1] of 2 have not prepared the magnitude pruner" in first, first
+    assert "rank(s) [1] of 2 have not prepared their pruner" in first, first

@@ -412,7 +412,7 @@ class Pruner:
         if not _distributed() or dist.get_world_size(group) == 1:
             return
         from ..comm.p2p import backend_for
-        from ..sync.config import _gather_settings, key_differences
+        from ..sync.config import PRUNER_SETUP, _gather_settings, key_differences
 
         if (device is None or device.type == "cpu") and backend_for(group, "cpu") is None:
             return  # CPU weights on a group that moves no CPU tensors (NCCL alone): no check
@@ -424,8 +424,7 @@ class Pruner:
             {"method": self.name, "options": options, **mine},
             group,
             device if device is not None and device.type == "cuda" else None,
-            setup=f"prepared the {self.name} pruner (every rank of the group must call "
-            "prepare() with the same model and options)",
+            setup=PRUNER_SETUP,
         )
         refused = [(r, x["error"]) for r, x in enumerate(everyone) if x.get("error")]
         if refused:

@@ -685,6 +685,10 @@ _SYNC_SETUP = (
     "set up the gradient sync (every rank of the group must call register_ddp_hook, or build "
     "GradientSync, with the same options)"
 )
+PRUNER_SETUP = (
+    "prepared their pruner (every rank of the group must call prepare() with the same model "
+    "and options)"
+)
 
 
 def _await_ranks(group: dist.ProcessGroup | None, setup: str = _SYNC_SETUP) -> None:
@@ -694,8 +698,9 @@ def _await_ranks(group: dist.ProcessGroup | None, setup: str = _SYNC_SETUP) -> N
     settings' gather, silently, until the process group's timeout (30 minutes under gloo).
     After :data:`ARRIVAL_WARN_S` seconds the missing ranks are named on stderr; at the store's
     timeout a ``RuntimeError`` names them. ``setup`` says what they have not done (and is
-    the meeting's name: a pruner's set-up and a hook's are counted apart). Where the store
-    cannot be reached, no wait."""
+    the meeting's name: a pruner's set-up and a hook's are counted apart; it holds nothing the
+    ranks may disagree on, or they would wait at different meetings instead of reaching the
+    gather that names their differences). Where the store cannot be reached, no wait."""
     import datetime
     import sys
     import time
