@@ -288,6 +288,9 @@ def _cases(rank: int, world: int, group) -> dict:
         )(idx, val, 100, group=group),
         "oktopk_state": lambda: stateful(idx, val, 100, key="s", group=group),
         "oktopk_inf": lambda: get_collective("oktopk")(idx, with_inf, 100, group=group),
+        # gTop-k passed them through: a NaN took a slot of the selection on every rank.
+        "gtopk_inf": lambda: get_collective("gtopk")(idx, with_inf, 100, group=group),
+        "gtopk_nan": lambda: get_collective("gtopk")(idx, with_nan, 100, group=group),
         "oktopk_nan_reused": lambda: reusing(idx, with_nan, 100, key="r", group=group),
         "oktopk_range_reused": lambda: reusing(
             idx + (1000 if rank == world - 1 else 0), val, 100, key="r", group=group
@@ -533,6 +536,9 @@ def test_sparse_collectives(world, form, by_form):
         assert "differ in the per-key step" in errs["oktopk_state"][1]
         assert errs["oktopk_inf"][0] == "FloatingPointError"
         assert "Inf or NaN" in errs["oktopk_inf"][1]
+        for case in ("gtopk_inf", "gtopk_nan"):
+            assert errs[case][0] == "FloatingPointError", (case, errs[case])
+            assert "gtopk: the selected sums hold Inf or NaN" in errs[case][1]
         assert errs["oktopk_nan_reused"][0] == "FloatingPointError"  # on a reuse step too
         if r == world - 1:
             assert "indices must lie in [0, numel=100)" in errs["oktopk_range_reused"][1]

@@ -163,9 +163,20 @@ class GTopK(SparseCollective):
                 msg = _encode(idx, val, k) if msg is None else msg
                 wire.exchange({rank + d: msg}, {}, {rank + d: 2 * k + 1})
             d //= 2
+        # The same selection on every rank, so every rank raises together. A NaN or Inf ranks
+        # above every finite magnitude and takes a slot, as Ok-Topk refuses to select from it.
+        if not bool(torch.isfinite(val).all()):
+            raise FloatingPointError(_NONFINITE)
         return CollectiveResult(
             indices=idx, values=val, dropped=_joined(dropped, idx, val), **_bytes(wire)
         )
+
+
+_NONFINITE = (
+    "gtopk: the selected sums hold Inf or NaN (a rank's values, or a merge that overflowed), "
+    "which rank above every finite one; check gradients before the exchange (the sync layer's "
+    "on_nonfinite does)"
+)
 
 
 def _joined(parts: list[tuple[Tensor, Tensor]], idx: Tensor, val: Tensor) -> tuple[Tensor, Tensor]:

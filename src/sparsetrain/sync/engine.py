@@ -425,8 +425,9 @@ class SyncEngine:
 
     def _sparse_collective(self, coll, indices: Tensor, values: Tensor, numel: int, key: str):
         """Call a sparse collective, counting its time and bytes. With "propagate", a sum the
-        collective refuses as non-finite (Ok-Topk cannot select from Inf; every rank learns it
-        in the same message and raises together) drops the step instead: returns None."""
+        collective refuses as non-finite (Ok-Topk and gTop-k cannot select from Inf; every rank
+        learns it in the same message, or the same selection, and raises together) drops the
+        step instead: returns None."""
         try:
             res: CollectiveResult = self._timed_comm(
                 coll, indices, values, numel, group=self.group, key=key
