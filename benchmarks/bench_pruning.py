@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from sparsetrain._provenance import environment
 from sparsetrain.commands.prune import PruneConfig, oneshot_accuracy, run_method, train_dense
 
 ONESHOT = {
@@ -89,6 +90,7 @@ def main() -> None:
         "oneshot_no_finetune": {k: {"per_seed": v, "mean": mean(v)} for k, v in rows.items()},
         "gradual_finetuned": {k: {"per_seed": v, "mean": mean(v)} for k, v in gradual.items()},
         "seconds": time.perf_counter() - start,
+        "environment": environment(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))

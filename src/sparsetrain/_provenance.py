@@ -75,6 +75,8 @@ def environment(argv: list[str] | None = None) -> dict[str, Any]:
         "started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": list(sys.argv if argv is None else argv),
         "cpu": cpu_model(),
+        # (the kernels torch picks by it round differently: results can differ between hosts)
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cores": machine_cores(),
         "python": platform.python_version(),
         "torch": torch.__version__,
