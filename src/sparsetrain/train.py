@@ -85,6 +85,8 @@ from .sync.config import ON_NONFINITE, make_config, refuse_misplaced_collective_
 from .tasks import Task, available_tasks, check_logits, check_task_options, get_task
 
 BACKENDS = ("gloo", "nccl")
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+_MAX_BUCKET_MB = 2.0**40  # 2**60 bytes: within DDP's int64 bucket size
 AMP = ("fp16", "bf16")
 SCHEDULES = ("constant", "cosine")
 REPORT_FORMAT = 1
@@ -447,18 +449,24 @@ class TrainConfig:
                 "momentum_correction=True (--momentum-correction) moves the momentum into the "
                 f"hook: it needs {' and '.join(unmet)}"
             )
-        if not 0 < self.init_loss_scale < math.inf:
+        # (GradScaler keeps the scale in float32: above its largest, the first step failed in
+        # a worker with "value cannot be converted to type float without overflow")
+        if not 0 < self.init_loss_scale <= _FLOAT32_MAX:
             raise ValueError(
-                f"init_loss_scale must be a finite number > 0, got {self.init_loss_scale}"
+                f"init_loss_scale must be a number in (0, {_FLOAT32_MAX:.4g}] (float32's "
+                f"largest, the scaler's dtype), got {self.init_loss_scale}"
             )
         if not 0 < self.timeout_s <= _MAX_TIMEOUT_S:  # gloo refuses a longer one
             raise ValueError(
                 f"timeout_s (--timeout) must be a number of seconds in (0, {_MAX_TIMEOUT_S:.0e}] "
                 f"(about 31 years), got {self.timeout_s}"
             )
-        if not 0 < self.bucket_cap_mb < math.inf:
+        # (DDP takes the bucket's bytes as an int64: 1e13 MB failed in a worker with a 7 KB
+        # TypeError listing the model's tensors)
+        if not 0 < self.bucket_cap_mb <= _MAX_BUCKET_MB:
             raise ValueError(
-                f"bucket_cap_mb must be a finite number of MB > 0, got {self.bucket_cap_mb}"
+                f"bucket_cap_mb must be a number of MB in (0, {_MAX_BUCKET_MB:.4g}], got "
+                f"{self.bucket_cap_mb}"
             )
         if self.label is not None:
             if not isinstance(self.label, str):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..compressors import option_names
 from .train import (
     add_sync_arguments,
     add_training_arguments,
@@ -18,6 +19,7 @@ from .train import (
     finish,
     run_and_report,
     show_defaults,
+    with_flag,
 )
 
 DEMO_COMPRESSORS = ["none", "topk", "threshold"]
@@ -25,22 +27,34 @@ DEMO_COMPRESSORS = ["none", "topk", "threshold"]
 DEMO_DEFAULTS = {"workers": 4, "epochs": 20, "density": 0.01}
 
 
+def _option_keys(options: list[str]) -> set[str]:
+    """The keys of ``--option [COMPRESSOR:]KEY=VALUE`` entries."""
+    keys = set()
+    for text in options:
+        target, colon, rest = text.partition(":")
+        body = rest if colon and "=" not in target else text
+        keys.add(body.partition("=")[0].strip())
+    return keys
+
+
 def _run(args: argparse.Namespace) -> int:
     if not args.compressor:
         args.compressor = list(DEMO_COMPRESSORS)
-    if args.density is None:
-        args.density = DEMO_DEFAULTS["density"]
+    if args.density is None and "density" not in _option_keys(args.option):
+        args.density = DEMO_DEFAULTS["density"]  # (an --option density=... stands alone)
     try:
         configs = configs_from_args(args)
     except (ValueError, TypeError) as e:
-        args._parser.error(str(e))
+        args._parser.error(with_flag(args._parser, str(e)))
     if not args.out.strip():
         args._parser.error("--out needs a folder, got an empty path")
     out = Path(args.out)
     check_outputs(args._parser, out=args.out)
+    sparse = [c.name for c in configs if "density" in option_names(c.compressor)]
+    at = f" ({', '.join(sparse)} at density {args.density})" if sparse and args.density else ""
     print(
         f"sparsetrain demo: {configs[0].task} on {configs[0].workers} workers (gloo), "
-        f"{', '.join(c.name for c in configs)} at density {args.density}; results in {out}/"
+        f"{', '.join(c.name for c in configs)}{at}; results in {out}/"
     )
     code, _ = run_and_report(
         configs, str(out / "report.json"), str(out / "report.png"), args._parser.prog

@@ -446,6 +446,73 @@ def _compressor_options(
     return per
 
 
+def _per_compressor(
+    args: argparse.Namespace, compressors: list[str], per: dict[str, dict[str, Any]]
+) -> tuple[dict[str, str], dict[str, bool]]:
+    """Each compressor's collective and momentum correction. Where several compressors are
+    compared (the dense baseline among them, as in ``demo``), a sparse ``--collective`` and
+    ``--momentum-correction`` go to the compressors that take them, and the others run as
+    they can (their own exchange, no correction), with a note: before, one dense baseline
+    refused the whole comparison. A single compressor that cannot take them is refused."""
+    from ..compressors import compressor_class
+
+    collective = {c: args.collective for c in compressors}
+    correction = {c: args.momentum_correction for c in compressors}
+    if len(compressors) < 2:
+        return collective, correction
+    notes = []
+    if args.collective != "allgather":
+        dense = [c for c in compressors if compressor_class(c).wire != "sparse"]
+        if dense and len(dense) < len(compressors):
+            for c in dense:
+                collective[c] = "allgather"
+            one = len(dense) == 1
+            notes.append(
+                f"--collective {args.collective} reduces sparse payloads: "
+                f"{', '.join(c for c in compressors if c not in dense)} use it; "
+                f"{', '.join(dense)} {'runs' if one else 'run'} with "
+                f"{'its' if one else 'their'} own exchange"
+            )
+    if args.momentum_correction:
+        forced = EF_CHOICES[args.error_feedback]
+        without = [
+            c
+            for c in compressors
+            if not (compressor_class(c).feedback_by_default(per[c]) if forced is None else forced)
+        ]
+        if without and len(without) < len(compressors):
+            for c in without:
+                correction[c] = False
+            notes.append(
+                "--momentum-correction needs error feedback: "
+                f"{', '.join(c for c in compressors if c not in without)} use it; "
+                f"{', '.join(without)} {'runs' if len(without) == 1 else 'run'} without it"
+            )
+    if notes and (not under_torchrun() or os.environ.get("RANK") == "0"):
+        for n in notes:
+            print(f"note: {n}", file=sys.stderr)
+    return collective, correction
+
+
+_FLAGS = {"timeout_s": "--timeout", "bucket_cap_mb": "--bucket-cap-mb", "ddp": "--no-ddp",
+          "aggregator_options": "--aggregator-option", "attack_options": "--attack-option",
+          "collective_options": "--collective-option", "compressor_options": "--option"}  # fmt: skip
+
+
+def with_flag(parser: argparse.ArgumentParser, message: str) -> str:
+    """``message``, a TrainConfig error naming a field first (``momentum must be in [0, 1)``),
+    led by the command-line flag that sets it (``--momentum: ...``): a user of the command
+    was shown Python's names. Unchanged where it names no field of a flag."""
+    m = re.match(r"([a-z][a-z0-9_]*)\b", message)
+    if m is None:
+        return message
+    field = m.group(1)
+    flag = _FLAGS.get(field, "--" + field.replace("_", "-"))
+    if flag not in parser._option_string_actions or field not in TrainConfig.__dataclass_fields__:
+        return message
+    return f"{flag}: {message}"
+
+
 def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
     """Turn parsed arguments into one :class:`TrainConfig` a compressor.
 
@@ -463,6 +530,7 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
             "--init-loss-scale sets the float16 loss scaler's first scale: it needs --amp fp16 "
             f"(got {'no --amp' if args.amp is None else f'--amp {args.amp}'}, which scales no loss)"
         )
+    collective, correction = _per_compressor(args, compressors, per)
     configs = [
         TrainConfig(
             task=args.task,
@@ -470,8 +538,8 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
             density=args.density,
             compressor_options=per[c],
             error_feedback=EF_CHOICES[args.error_feedback],
-            collective=args.collective,
-            **_collective_arguments(args),
+            collective=collective[c],
+            **(_collective_arguments(args) if collective[c] == args.collective else {}),
             dense_warmup_steps=args.dense_warmup_steps,
             on_nonfinite=args.on_nonfinite,
             aggregator=args.aggregator,
@@ -489,7 +557,7 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
             momentum=args.momentum,
             weight_decay=args.weight_decay,
             nesterov=args.nesterov,
-            momentum_correction=args.momentum_correction,
+            momentum_correction=correction[c],
             schedule=args.schedule,
             amp=args.amp,
             init_loss_scale=2.0**16 if args.init_loss_scale is None else args.init_loss_scale,
@@ -702,7 +770,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         configs = configs_from_args(args)
     except (ValueError, TypeError) as e:
-        args._parser.error(str(e))
+        args._parser.error(with_flag(args._parser, str(e)))
     plot = args.plot or (str(Path(args.report).with_suffix(".png")) if args.report else None)
     check_outputs(args._parser, report=args.report, plot=plot, checkpoint_dir=args.checkpoint_dir)
     code, _ = run_and_report(configs, args.report, plot, args._parser.prog)
