@@ -207,14 +207,26 @@ def add_sync_arguments(p: argparse.ArgumentParser, compressor_default: str = "th
         help="NaN/Inf gradients (default: raise; propagate with --amp fp16, whose loss scaler "
         "skips the steps that overflow)",
     )
-    g.add_argument("--aggregator", help="robust aggregation rule (default: plain average)")
+    from ..robust import available_aggregators, available_attacks
+
     g.add_argument(
-        "--aggregator-option", type=key_value, action="append", default=[], metavar="KEY=VALUE"
+        "--aggregator",
+        help="robust aggregation rule (default: plain average; valid: "
+        f"{', '.join(available_aggregators())})",
     )
-    g.add_argument("--attack", help="Byzantine attack sent by the last --byzantine ranks")
     g.add_argument(
-        "--attack-option", type=key_value, action="append", default=[], metavar="KEY=VALUE"
+        "--aggregator-option", type=key_value, action="append", default=[], metavar="KEY=VALUE",
+        help="an option of the rule (f=1: the Byzantine ranks it tolerates); repeatable",
+    )  # fmt: skip
+    g.add_argument(
+        "--attack",
+        help="Byzantine attack sent by the last --byzantine ranks (valid: "
+        f"{', '.join(available_attacks())})",
     )
+    g.add_argument(
+        "--attack-option", type=key_value, action="append", default=[], metavar="KEY=VALUE",
+        help="an option of the attack (scale=10 for sign_flip, say); repeatable",
+    )  # fmt: skip
     g.add_argument(
         "--byzantine", type=non_negative_int, default=0, help="number of attacking ranks"
     )
@@ -281,7 +293,7 @@ def add_training_arguments(p: argparse.ArgumentParser, *, workers: int, epochs: 
     g.add_argument(
         "--backend", choices=BACKENDS, default="gloo", help="nccl: one CUDA device a rank"
     )
-    g.add_argument("--epochs", type=positive_int, default=epochs)
+    g.add_argument("--epochs", type=positive_int, default=epochs, help="passes over the data")
     g.add_argument("--batch-size", type=positive_int, default=32, help="examples a rank per step")
     g.add_argument("--lr", type=positive_float, default=0.1)
     g.add_argument("--momentum", type=_float, default=0.9)
