@@ -648,6 +648,10 @@ def test_bench_timeout_bounds_the_link_probe_and_leaves_nothing(tmp_path, capsys
     assert glob.glob(f"{tempfile.gettempdir()}/st-{os.getpid()}-*") == []
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @needs_root
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_stopped_bench_keeps_the_points_it_timed_and_leaves_nothing(tmp_path, sig):
@@ -659,8 +663,10 @@ def test_a_stopped_bench_keeps_the_points_it_timed_and_leaves_nothing(tmp_path, 
             "--bandwidth", "1gbit", "--latency", "0", "--sizes", "20k", "--densities", "0.01",
             "--algorithms", "allgather", "--reps", "1", "--passes", "100000", "--probe-bytes",
             "1000000", "--name", "s", "--out", str(out)]  # fmt: skip
+    # As in a terminal: a background job of a script (CI's) inherits SIGINT ignored, and
+    # Python then never raises KeyboardInterrupt.
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+                            text=True, preexec_fn=_default_sigint)  # fmt: skip
     try:
         deadline = time.monotonic() + 120
         while not glob.glob(f"{tmp_path}/sparsetrain-bench-*/records.json"):
@@ -670,7 +676,9 @@ def test_a_stopped_bench_keeps_the_points_it_timed_and_leaves_nothing(tmp_path, 
         err = proc.communicate(timeout=60)[1]
     finally:
         if proc.poll() is None:
-            proc.kill()
+            proc.kill()  # (failing: what its run built goes too)
+            proc.wait(timeout=20)
+            cleanup(f"st-{proc.pid}-")
     assert proc.returncode == (130 if sig == signal.SIGINT else 128 + sig), err
     assert f"partial records (the points finished): {out / 's.partial.json'}" in err
     partial = json.loads((out / "s.partial.json").read_text())
