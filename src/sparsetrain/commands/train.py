@@ -209,24 +209,17 @@ def add_sync_arguments(p: argparse.ArgumentParser, compressor_default: str = "th
     )
     from ..robust import available_aggregators, available_attacks
 
-    g.add_argument(
-        "--aggregator",
-        help="robust aggregation rule (default: plain average; valid: "
-        f"{', '.join(available_aggregators())})",
-    )
-    g.add_argument(
-        "--aggregator-option", type=key_value, action="append", default=[], metavar="KEY=VALUE",
-        help="an option of the rule (f=1: the Byzantine ranks it tolerates); repeatable",
-    )  # fmt: skip
-    g.add_argument(
-        "--attack",
-        help="Byzantine attack sent by the last --byzantine ranks (valid: "
-        f"{', '.join(available_attacks())})",
-    )
-    g.add_argument(
-        "--attack-option", type=key_value, action="append", default=[], metavar="KEY=VALUE",
-        help="an option of the attack (scale=10 for sign_flip, say); repeatable",
-    )  # fmt: skip
+    for kind, names, what, example in (
+        ("aggregator", available_aggregators(), "robust aggregation rule (default: plain "
+         "average; ", "f=1: the Byzantine ranks it tolerates"),
+        ("attack", available_attacks(), "Byzantine attack sent by the last --byzantine ranks (",
+         "scale=10 for sign_flip, say"),
+    ):  # fmt: skip
+        g.add_argument(f"--{kind}", help=f"{what}valid: {', '.join(names)})")
+        g.add_argument(
+            f"--{kind}-option", type=key_value, action="append", default=[],
+            metavar="KEY=VALUE", help=f"an option of the {kind} ({example}); repeatable",
+        )  # fmt: skip
     g.add_argument(
         "--byzantine", type=non_negative_int, default=0, help="number of attacking ranks"
     )
@@ -467,6 +460,14 @@ def _per_compressor(
     they can (their own exchange, no correction), with a note: before, one dense baseline
     refused the whole comparison. A single compressor that cannot take them is refused."""
     from ..compressors import compressor_class
+    from ..sync.config import error_feedback_on
+
+    def split(what: str, users: list[str], how: str) -> str:
+        others = [c for c in compressors if c not in users]
+        return (
+            f"{what}: {', '.join(users)} use it; {', '.join(others)} "
+            f"{'runs' if len(others) == 1 else 'run'} {how}"
+        )
 
     collective = {c: args.collective for c in compressors}
     correction = {c: args.momentum_correction for c in compressors}
@@ -478,27 +479,26 @@ def _per_compressor(
         if dense and len(dense) < len(compressors):
             for c in dense:
                 collective[c] = "allgather"
-            one = len(dense) == 1
+            own = "its" if len(dense) == 1 else "their"
             notes.append(
-                f"--collective {args.collective} reduces sparse payloads: "
-                f"{', '.join(c for c in compressors if c not in dense)} use it; "
-                f"{', '.join(dense)} {'runs' if one else 'run'} with "
-                f"{'its' if one else 'their'} own exchange"
+                split(
+                    f"--collective {args.collective} reduces sparse payloads",
+                    [c for c in compressors if c not in dense],
+                    f"with {own} own exchange",
+                )
             )
     if args.momentum_correction:
         forced = EF_CHOICES[args.error_feedback]
-        without = [
-            c
-            for c in compressors
-            if not (compressor_class(c).feedback_by_default(per[c]) if forced is None else forced)
-        ]
+        without = [c for c in compressors if not error_feedback_on(c, per[c], forced)]
         if without and len(without) < len(compressors):
             for c in without:
                 correction[c] = False
             notes.append(
-                "--momentum-correction needs error feedback: "
-                f"{', '.join(c for c in compressors if c not in without)} use it; "
-                f"{', '.join(without)} {'runs' if len(without) == 1 else 'run'} without it"
+                split(
+                    "--momentum-correction needs error feedback",
+                    [c for c in compressors if c not in without],
+                    "without it",
+                )
             )
     if notes and (not under_torchrun() or os.environ.get("RANK") == "0"):
         for n in notes:

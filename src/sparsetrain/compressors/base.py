@@ -324,12 +324,17 @@ class Compressor(abc.ABC):
         :attr:`biased`, unless an option changes it."""
         return cls.biased
 
+    # Options with which the compressor cannot run under a robust aggregator or an attack,
+    # each with why (:meth:`robust_conflict`).
+    robust_refused: ClassVar[dict[str, str]] = {}
+
     @classmethod
     def robust_conflict(cls, options: Mapping[str, Any]) -> str | None:
         """Why this compressor, built with ``options``, cannot run under a robust aggregator or
         an attack (which average the ranks' decompressed gradients instead of calling
-        :meth:`aggregate`), or None where it can."""
-        return None
+        :meth:`aggregate`), or None where it can: the first of :attr:`robust_refused` whose
+        option is on."""
+        return next((why for key, why in cls.robust_refused.items() if options.get(key)), None)
 
     @classmethod
     def feedback_by_default(cls, options: Mapping[str, Any]) -> bool:

@@ -77,6 +77,11 @@ class SignSGD(Compressor):
 
     bucket_size: int | None = 1024
     majority_vote: bool = False
+    robust_refused: ClassVar[dict[str, str]] = {
+        "majority_vote": "signsgd's majority_vote does not combine with an aggregator or an "
+        "attack: the robust path averages the ranks' decoded gradients and would skip the vote "
+        "(which already gives each rank one vote on the direction); drop one of them"
+    }
 
     def __post_init__(self) -> None:
         check_bucket_size(self.bucket_size)
@@ -111,16 +116,6 @@ class SignSGD(Compressor):
     def feedback_by_default(cls, options: Mapping[str, Any]) -> bool:
         """Off with ``majority_vote`` (see the class docstring), else on (a biased compressor)."""
         return not options.get("majority_vote", False)
-
-    @classmethod
-    def robust_conflict(cls, options: Mapping[str, Any]) -> str | None:
-        if options.get("majority_vote", False):
-            return (
-                "signsgd's majority_vote does not combine with an aggregator or an attack: the "
-                "robust path averages the ranks' decoded gradients and would skip the vote (which "
-                "already gives each rank one vote on the direction); drop one of them"
-            )
-        return None
 
     def aggregate(self, payloads: Sequence[Payload], ctx: TensorMeta) -> Tensor:
         """The sum over ranks of the decoded payloads; with ``majority_vote``, the number of

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -102,17 +101,12 @@ class TernGrad(Compressor):
     _per_key: ClassVar[tuple[str, ...]] = ("_steps",)  # state by bucket key
     counts_steps: ClassVar[bool] = True
     _world: int | None = field(default=None, init=False, repr=False, compare=False)
-
-    @classmethod
-    def robust_conflict(cls, options: Mapping[str, Any]) -> str | None:
-        if options.get("scaler_sharing", False):
-            return (
-                "terngrad's scaler_sharing does not combine with an aggregator or an attack: "
-                "its first round takes the largest of the ranks' scales by a plain allreduce, "
-                "which the rule never sees (one Byzantine rank's huge scale leaves every honest "
-                "rank's codes nearly all zero); drop scaler_sharing"
-            )
-        return None
+    robust_refused: ClassVar[dict[str, str]] = {
+        "scaler_sharing": "terngrad's scaler_sharing does not combine with an aggregator or an "
+        "attack: its first round takes the largest of the ranks' scales by a plain allreduce, "
+        "which the rule never sees (one Byzantine rank's huge scale leaves every honest rank's "
+        "codes nearly all zero); drop scaler_sharing"
+    }
 
     def __post_init__(self) -> None:
         check_bucket_size(self.bucket_size)

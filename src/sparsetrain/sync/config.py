@@ -329,9 +329,7 @@ class SyncConfig:
 
     @property
     def use_error_feedback(self) -> bool:
-        if self.error_feedback is not None:
-            return bool(self.error_feedback)
-        return compressor_class(self.compressor).feedback_by_default(self.compressor_options)
+        return error_feedback_on(self.compressor, self.compressor_options, self.error_feedback)
 
     def build_compressor(self) -> Compressor:
         return get_compressor(self.compressor, **self.compressor_options)
@@ -640,6 +638,16 @@ def config_differences(saved: Mapping[str, Any], config: SyncConfig) -> list[str
         if not _same(old, value):
             diffs.append(f"{key}: saved {old!r}, now {value!r}")
     return diffs
+
+
+def error_feedback_on(
+    compressor: str, options: Mapping[str, Any], error_feedback: bool | None
+) -> bool:
+    """Whether ``compressor`` with ``options`` keeps error feedback: as ``error_feedback``
+    says, or, left None, as the compressor's default (on for the biased ones)."""
+    if error_feedback is not None:
+        return bool(error_feedback)
+    return compressor_class(compressor).feedback_by_default(options)
 
 
 def with_grad_scaler(grad_scaler: Any, options: dict[str, Any]) -> tuple[dict[str, Any], Any]:
