@@ -163,7 +163,9 @@ def simulate(
     gradients); ``index_bytes``: of an index, by default the library's (4 below 2**31
     elements, else 8)."""
     if index_bytes is None:
-        index_bytes = 4 if numel < 2**31 else 8
+        from ..compressors.base import index_dtype
+
+        index_bytes = index_dtype(numel).itemsize
     sizes = {"value_bytes": value_bytes, "index_bytes": index_bytes}
     rows = []
     for bw in bandwidths:
@@ -301,9 +303,12 @@ def _run(args: argparse.Namespace) -> int:
         )
         if problem:
             raise ValueError(problem)
+        from ..compressors.base import index_dtype
+
+        index_bytes = index_dtype(numel).itemsize  # the library's: 4, or 8 from 2**31 elements
         rows = simulate(ranks, bandwidths, numel, args.density, latency, gamma, gamma_dense,
                         algorithms, compute_s, gamma_sort, overhead,
-                        value_bytes=args.value_bytes)  # fmt: skip
+                        value_bytes=args.value_bytes, index_bytes=index_bytes)  # fmt: skip
     except (ValueError, TypeError) as e:
         args._parser.error(str(e))
     # (in the milliseconds printed and saved: seconds near float's limit pass it times 1e3)
@@ -321,7 +326,7 @@ def _run(args: argparse.Namespace) -> int:
         f"gamma_dense {gamma_dense * 1e9:.3g} ns/element, gamma_sort {gamma_sort * 1e9:.3g} "
         f"ns/(entry*log2), overhead {overhead * 1e6:.3g} us/operation"
         + (f", compute {compute_s * 1e3:g} ms/iteration" if compute_s else "")
-        + f"; {args.value_bytes}-byte values, {4 if numel < 2**31 else 8}-byte indices"
+        + f"; {args.value_bytes}-byte values, {index_bytes}-byte indices"
     )
     head = f"{'ranks':>6} {'link':>9}  " + "".join(f"{a:>11}" for a in algorithms)
     head += f"  {'winner':<10}{'dense ring':>11}{'speedup':>9}" + (
@@ -339,7 +344,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         local = {"gamma": gamma, "gamma_dense": gamma_dense, "gamma_sort": gamma_sort,
                  "overhead": overhead, "compute_s": compute_s, "value_bytes": args.value_bytes,
-                 "index_bytes": 4 if numel < 2**31 else 8}  # fmt: skip
+                 "index_bytes": index_bytes}  # fmt: skip
         text = json.dumps({"numel": numel, "density": args.density, "latency_s": latency,
                            **local, "rows": rows}, indent=1)  # fmt: skip
         try:
