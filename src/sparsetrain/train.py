@@ -740,6 +740,12 @@ def _evaluate_sums(
 # ---- one rank ---------------------------------------------------------------------------------
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of ``rank``'s own random stream, drawn from after the model is built alike on
+    every rank (Dropout's masks then differ between ranks, as their data does)."""
+    return (seed * 1_000_003 + rank + 1) % 2**63
+
+
 def _check_gpus(backend: str, ranks_here: int) -> None:
     """NCCL puts one rank on each GPU (two ranks on one GPU fail at its first collective):
     raise, naming what is missing, unless this machine has ``ranks_here`` CUDA devices."""
@@ -1512,7 +1518,7 @@ def train_worker(rank: int, world: int, config: TrainConfig) -> dict[str, Any]:
     # From here each rank draws its own random numbers (Dropout's masks): the model is the same
     # on every rank (built after the same seed, and rank 0's is broadcast), but with one stream
     # every rank drew the same masks, and their noise was not averaged over the ranks.
-    torch.manual_seed((config.seed * 1_000_003 + rank + 1) % 2**63)
+    torch.manual_seed(rank_seed(config.seed, rank))
     if config.reuse_host_memory and device.type == "cpu":
         # Memory for the first steps' new tensors, faulted in now rather than in those steps
         # (sparsetrain.hostmem.reserve): ten times the parameters' bytes, which on the

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..compressors import option_names
 from .train import (
+    _compressor_options,
     add_sync_arguments,
     add_training_arguments,
     check_outputs,
@@ -27,22 +28,13 @@ DEMO_COMPRESSORS = ["none", "topk", "threshold"]
 DEMO_DEFAULTS = {"workers": 4, "epochs": 20, "density": 0.01}
 
 
-def _option_keys(options: list[str]) -> set[str]:
-    """The keys of ``--option [COMPRESSOR:]KEY=VALUE`` entries."""
-    keys = set()
-    for text in options:
-        target, colon, rest = text.partition(":")
-        body = rest if colon and "=" not in target else text
-        keys.add(body.partition("=")[0].strip())
-    return keys
-
-
 def _run(args: argparse.Namespace) -> int:
     if not args.compressor:
         args.compressor = list(DEMO_COMPRESSORS)
-    if args.density is None and "density" not in _option_keys(args.option):
-        args.density = DEMO_DEFAULTS["density"]  # (an --option density=... stands alone)
     try:
+        given = _compressor_options(args, args.compressor)
+        if args.density is None and not any("density" in o for o in given.values()):
+            args.density = DEMO_DEFAULTS["density"]  # (an --option density=... stands alone)
         configs = configs_from_args(args)
     except (ValueError, TypeError) as e:
         args._parser.error(with_flag(args._parser, str(e)))

@@ -106,6 +106,7 @@ def _rank_main(
 
     from ..sync.robust_exchange import robust_exchange
     from ..tasks import get_task
+    from ..train import rank_seed
 
     torch.set_num_threads(1)
     stop_with_parent()
@@ -121,7 +122,7 @@ def _rank_main(
         model = task.build_model()  # the same on every rank
         # From here each rank draws its own random numbers (a task's Dropout masks), as
         # sparsetrain train's ranks do: with one stream every worker drew the same masks.
-        torch.manual_seed((config.seed * 1_000_003 + rank + 1) % 2**63)
+        torch.manual_seed(rank_seed(config.seed, rank))
         opt = torch.optim.SGD(
             model.parameters(),
             lr=config.lr,
