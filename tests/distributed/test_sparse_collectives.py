@@ -787,6 +787,11 @@ def test_options_are_checked_at_construction():
         get_collective("gtopk", k=-3)
     with pytest.raises(ValueError, match="residuals must be one of 'local', 'owner', got 'own'"):
         get_collective("oktopk", residuals="own")
+    # Past int64, which the ranks' agreement packs them in (they had failed there, in a worker)
+    for name, option in (("oktopk", "k"), ("oktopk", "threshold_every"), ("gtopk", "k")):
+        with pytest.raises(ValueError, match=f"{option} must be a positive int below 2\\*\\*63"):
+            get_collective(name, **{option: 2**63})
+        assert getattr(get_collective(name, **{option: 2**63 - 1}), option) == 2**63 - 1
     # NumPy integers, as numel takes them (k had been refused), kept as ints
     import numpy as np
 

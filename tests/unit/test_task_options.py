@@ -34,7 +34,7 @@ def test_a_users_task_options_follow_its_annotations_then_its_defaults(registry)
         raise AssertionError("not built")
 
     for ok in ({"scale": 0.5}, {"scale": 3}, {"layers": 4}, {"flag": True}, {"free": 0.5},
-               {"any_": "x"}):  # fmt: skip
+               {"any_": "x"}, {"layers": 2**63 - 1}, {"any_": 2**64}):  # fmt: skip
         check_task_options("user-task", ok)
     for bad, words in (
         ({"layers": 1.5}, "option layers must be an int, got 1.5"),
@@ -42,6 +42,9 @@ def test_a_users_task_options_follow_its_annotations_then_its_defaults(registry)
         ({"scale": "x"}, "option scale must be a number, got 'x'"),
         ({"flag": 1}, "option flag must be True or False, got 1"),
         ({"free": "x"}, "option free must be a number"),
+        # torch's int64: a larger one had failed in every worker, past the checks
+        ({"layers": 2**63}, r"option layers must be an int in \[-2\*\*63, 2\*\*63\), got 9223"),
+        ({"scale": -(2**63) - 1}, r"option scale must be a number in \[-2\*\*63, 2\*\*63\)"),
     ):
         with pytest.raises(ValueError, match=words):
             check_task_options("user-task", bad)

@@ -93,8 +93,9 @@ class GTopK(SparseCollective):
 
     def __post_init__(self) -> None:
         if self.k is not None:
-            if not is_integer(self.k, 1):
-                raise ValueError(f"k must be a positive int or None, got {self.k!r}")
+            # (below 2**63: the ranks compare it as an int64, where a larger one had failed)
+            if not is_integer(self.k, 1) or operator.index(self.k) >= 2**63:
+                raise ValueError(f"k must be a positive int below 2**63 or None, got {self.k!r}")
             self.k = operator.index(self.k)  # (a NumPy integer as an int)
 
     def __call__(

@@ -37,9 +37,10 @@ _NONFINITE = (
 
 
 def _positive_int(name: str, value: Any) -> int:
-    """``value`` as an int (a Python or NumPy integer), or a ValueError naming ``name``."""
-    if not is_integer(value, 1):
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    """``value`` as an int (a Python or NumPy integer), or a ValueError naming ``name``. Below
+    2**63: the ranks compare their options as int64 (an option past it had failed there)."""
+    if not is_integer(value, 1) or operator.index(value) >= 2**63:
+        raise ValueError(f"{name} must be a positive int below 2**63, got {value!r}")
     return operator.index(value)
 
 

@@ -341,6 +341,11 @@ def check_task_options(name: str, options: dict) -> None:
         types, what = _VALUE_KINDS[kind]
         if not isinstance(value, types) or isinstance(value, bool) != (kind is bool):
             raise ValueError(f"task {name!r} option {key} must be {what}, got {value!r}")
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:
+            # (torch takes sizes and seeds as int64: a larger one had failed in every worker)
+            raise ValueError(
+                f"task {name!r} option {key} must be {what} in [-2**63, 2**63), got {value!r}"
+            )
     if name in _CHECKS:
         _CHECKS[name](dict(options))
 
