@@ -1275,6 +1275,13 @@ def _agreed_checkpoint(
             print(_no_checkpoint_note(ckpt.parent), file=sys.stderr, flush=True)
         return None
     if len(set(steps)) == 1:
+        if rank == 0:  # (a job restarted by a scheduler says where it picked up)
+            print(
+                f"{ckpt.parent.name}: resuming from step {steps[0]} of the checkpoint in "
+                f"{ckpt.parent}",
+                file=sys.stderr,
+                flush=True,
+            )
         return state
     # A save some ranks finished and others did not: the checkpoint each kept before it.
     earlier = load(previous) if where == ckpt and previous.exists() else None
