@@ -2503,6 +2503,15 @@ def _changed_after_building(rank: int, world: int) -> dict:
         out["old"] = str(e)
     out["new"] = newer.synchronize()
     out["old_state"] = sorted(again.state_dict())  # still reads, for new.load_state_dict
+    # Called again with no backward in between: the averaged gradients would be averaged and
+    # their residuals kept again. Refused on every rank; a backward after it goes on.
+    try:
+        newer.synchronize()
+        out["twice"] = None
+    except (ValueError, RuntimeError) as e:
+        out["twice"] = str(e)
+    nn.functional.cross_entropy(net(x.double()), y).backward()
+    out["after"] = newer.synchronize()
     return out
 
 
@@ -2515,3 +2524,5 @@ def test_a_model_changed_or_synced_anew_after_building_is_named_on_every_rank(tm
         assert "torch.float32 on cpu, now torch.float64 on cpu" in res["dtype"], res
         assert "a newer GradientSync was built over this model's parameters" in res["old"], res
         assert res["new"] is True and "buckets" in res["old_state"]
+        assert "synchronize() was called again with no backward" in (res["twice"] or ""), res
+        assert res["after"] is True

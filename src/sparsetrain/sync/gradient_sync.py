@@ -167,6 +167,7 @@ class GradientSync:
         self._built_with = {id(p) for p in model.parameters()}
         self._registrations = _registrations()  # parameters and modules made in this process
         self._superseded = False
+        self._written: list[tuple[int, int] | None] | None = None  # (see _unchanged_since_last)
         # Each trained parameter's dtype and device: a bucket is one tensor of one kind.
         self._kinds = {n: (p.dtype, p.device) for n, p in self.params}
         device = cuda_device_of(p for _, p in self.params)
@@ -272,6 +273,9 @@ class GradientSync:
             ``on_nonfinite="skip"`` the gradients are then zero and the caller should not step
             the optimizer; with ``"propagate"`` (a ``grad_scaler``) they are all NaN, which
             ``scaler.step`` skips.
+
+        A second call with no backward since the last (no gradient changed) is refused on every
+        rank with a ``ValueError``: it would average the averaged gradients again.
         """
         if self._superseded:  # (every rank built both, in the same order: every rank raises)
             raise RuntimeError(
@@ -293,6 +297,17 @@ class GradientSync:
             if self.engine.world == 1 or not self.buckets:
                 raise ValueError(message)
             self.engine.refuse_step(message)
+        if self._unchanged_since_last():
+            message = (
+                "GradientSync: synchronize() was called again with no backward since its last "
+                "call: it would compress and average the gradients it wrote (already averaged) "
+                "a second time, and count what error feedback kept twice; call it once a step, "
+                "after backward"
+            )
+            if self.engine.world == 1 or not self.buckets:
+                raise ValueError(message)
+            self.engine.refuse_step(message)
+        self._written = None
         unfrozen = [n for n, p in self._left_out if p.requires_grad]
         if unfrozen:  # only those still in the model (a frozen teacher taken out trains alone)
             present = {id(p) for p in self._model.parameters()}
@@ -329,14 +344,30 @@ class GradientSync:
         finally:
             self.engine.end_step()
         if self.engine.skipped_last_step:
-            if self.config.on_nonfinite == "propagate":
-                return False  # the engine has made every gradient NaN
-            # Buckets exchanged before the one that held NaN/Inf were averaged: zero them all.
-            for _, p in self.params:
-                if p.grad is not None and p.requires_grad:
-                    p.grad.zero_()
-            return False
-        return True
+            if self.config.on_nonfinite != "propagate":  # (else the engine made them all NaN)
+                # Buckets exchanged before the one that held NaN/Inf were averaged: zero them.
+                for _, p in self.params:
+                    if p.grad is not None and p.requires_grad:
+                        p.grad.zero_()
+        self._written = self._grad_versions()
+        return not self.engine.skipped_last_step
+
+    def _grad_versions(self) -> list[tuple[int, int] | None]:
+        """Each trained parameter's gradient as (identity, in-place version counter)."""
+        return [
+            None if p.grad is None or not p.requires_grad else (id(p.grad), p.grad._version)
+            for _, p in self.params
+        ]
+
+    def _unchanged_since_last(self) -> bool:
+        """Whether no gradient changed since the last :meth:`synchronize` wrote them: backward
+        makes new gradients or adds into them (either changes this), as do ``zero_grad()``
+        and any in-place change of the user's (clipping)."""
+        return (
+            self._written is not None
+            and any(v is not None for v in self._written)
+            and self._grad_versions() == self._written
+        )
 
     def _in_buckets(self, unfrozen: list[str]) -> bool:
         """Return True, or refuse the step, naming them, if the model holds trainable
