@@ -2423,11 +2423,19 @@ def _ddp_within_sync_across(rank: int, world: int) -> tuple:
     ddp = DDP(model, process_group=alone[rank])  # over other ranks than GradientSync's
     ddp(torch.ones(3, 4)).sum().backward()
     synced = sync.synchronize()
+    # A DDP of a child layer: over a rank's own group let be, over the same ranks refused
+    outer = nn.Sequential(DDP(nn.Linear(4, 4), process_group=alone[rank]), nn.Linear(4, 2))
+    sparsetrain.GradientSync(outer, "topk", density=0.5)
+    try:
+        sparsetrain.GradientSync(nn.Sequential(DDP(nn.Linear(4, 4)), nn.Linear(4, 2)), "topk")
+        child = None
+    except ValueError as e:
+        child = str(e)
     try:
         DDP(model)(torch.ones(3, 4))  # over the same ranks: each step averaged twice
     except RuntimeError as e:
-        return synced, str(e)
-    return synced, None
+        return synced, str(e), child
+    return synced, None, child
 
 
 def test_a_plain_ddp_around_a_gradient_syncs_model_is_refused_on_every_rank_over_its_ranks_only(
@@ -2436,9 +2444,11 @@ def test_a_plain_ddp_around_a_gradient_syncs_model_is_refused_on_every_rank_over
     """A hierarchy (DDP over a rank's own group, GradientSync across) averages different
     things and is let be; a DDP over GradientSync's ranks is refused in its forward, on every
     rank, rather than averaging every step twice."""
-    for synced, error in oks(run_world(_ddp_within_sync_across, 2, tmp_path)):
+    for synced, error, child in oks(run_world(_ddp_within_sync_across, 2, tmp_path)):
         assert synced
         assert error is not None and "forward of a DistributedDataParallel over the same" in error
+        # (its forward runs inside the model's, so the forward's check never saw it)
+        assert "module '0' is a DistributedDataParallel over the same ranks" in (child or "")
 
 
 def _hook_on_one_rank(rank: int, world: int) -> dict:

@@ -84,6 +84,29 @@ def _refuse_plain_ddp(module: nn.Module, args: Any) -> None:
         )
 
 
+def _refuse_ddp_children(model: nn.Module, group: dist.ProcessGroup | None) -> None:
+    """Refuse a model holding a DistributedDataParallel (of a layer) over ``group``'s ranks,
+    which averages that layer's gradients in backward before GradientSync exchanges them
+    again. Its forward runs inside the model's, where :func:`_refuse_plain_ddp` cannot see
+    it. One over other ranks (within a node, GradientSync across nodes) is let be."""
+    children = [
+        (name, sub)
+        for name, sub in model.named_modules()
+        if sub is not model and isinstance(sub, DistributedDataParallel)
+    ]
+    if not children:
+        return
+    ranks = sorted(dist.get_process_group_ranks(group or dist.group.WORLD))
+    for name, sub in children:
+        if sorted(dist.get_process_group_ranks(sub.process_group)) == ranks:
+            raise ValueError(
+                f"GradientSync: the model's module {name!r} is a DistributedDataParallel over "
+                "the same ranks, which averages its gradients in backward; GradientSync would "
+                f"exchange them a second time. Pass its module ({name}.module) unwrapped, or "
+                "wrap the whole model in DDP and use sparsetrain.register_ddp_hook"
+            )
+
+
 class GradientSync:
     """Average a model's gradients across ranks through a compressor, in place.
 
@@ -179,6 +202,7 @@ class GradientSync:
                     "exchange them again. For a DDP model use sparsetrain.register_ddp_hook(model, "
                     "...); or pass the unwrapped module (model.module) to GradientSync without DDP"
                 )
+            _refuse_ddp_children(model, process_group)
             from .ddp_hook import HOOKED_MODULES, overlap
 
             how = overlap(model, list(HOOKED_MODULES))  # (a layer of one, or one holding it)
