@@ -388,6 +388,17 @@ def _robust(rank: int, world: int) -> dict:
     table[-1] *= -10.0  # the last rank is the Byzantine one
     out["median"] = torch.quantile(table, 0.5, dim=0)
     out["mean"] = table.mean(dim=0)
+    # In a dense warm-up too: uncompressed, but through the rule and the attack (a plain mean
+    # had let the attacker's gradient through, and the experiment ran without its attack).
+    torch.manual_seed(0)
+    net = _net()
+    sync = sparsetrain.GradientSync(
+        net, "topk", density=0.1, aggregator="median", attack="sign_flip",
+        attack_options={"scale": 10.0}, byzantine=1, dense_warmup_steps=1,
+    )  # fmt: skip
+    nn.functional.cross_entropy(net(x), y).backward()
+    sync.synchronize()
+    out["warmup"] = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
     # Safeguard through the DDP hook: runs, and every rank applies the same update.
     torch.manual_seed(0)
     net = _net()
@@ -416,6 +427,7 @@ def test_robust_aggregation_through_the_engine(tmp_path):
         # coordinate-wise median of the 4 rows (mean of the two middle ones), attacker included
         torch.testing.assert_close(r["got"], r["median"], rtol=0, atol=1e-7)
         assert not torch.allclose(r["got"], r["mean"])
+        torch.testing.assert_close(r["warmup"], r["median"], rtol=0, atol=1e-7)
         torch.testing.assert_close(r["safeguard"], results[0]["safeguard"], rtol=0, atol=0)
         assert r["stats"]["steps"] == 3 and r["stats"]["bytes_sent"] > 0
 

@@ -48,7 +48,8 @@ class SyncConfig:
             ``NetworkParams.from_link(bandwidth_bps=25e9, latency_s=10e-6)``, or the
             ``model_fit.params`` of a ``sparsetrain bench cluster`` file); default
             ``DEFAULT_PARAMS`` (10 Gbit/s, 5 us).
-        dense_warmup_steps: steps of plain dense allreduce before compression starts.
+        dense_warmup_steps: steps of plain dense allreduce before compression starts (with an
+            ``aggregator``, the robust rule and any attack on the uncompressed gradients).
         on_nonfinite: what happens when some rank's gradient holds NaN or Inf: "raise" (an
             error naming the ranks and parameters, on every rank: ``FloatingPointError``, which
             DDP's reducer turns into a ``RuntimeError`` with its message in ``backward()``),

@@ -865,6 +865,14 @@ class SyncEngine:
         numels: list[int],
         world: int,
     ) -> Tensor:
+        if self.step < self.config.dense_warmup_steps and self.aggregator is not None:
+            # Uncompressed, but through the robust rule and the attack: a plain mean had let
+            # the Byzantine ranks' gradients through (and left the attack out of experiments)
+            # during the warm-up, and had fed SafeguardSGD's warm-up nothing.
+            self._tolerated_here = False
+            key = "|".join(names)
+            self._first_use(key, names)
+            return self._robust(flat, flat, key)
         if self.step < self.config.dense_warmup_steps:  # divided first, as in the fast path
             (out,), sent = self._timed_comm(allreduce_sum, [flat / world], self.group)
             self.counters["bytes_sent"] += sent
