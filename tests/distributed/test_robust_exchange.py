@@ -176,6 +176,16 @@ def _mismatched(rank: int, world: int) -> dict:
             out[name] = None
         except ValueError as e:
             out[name] = str(e)
+    # Rank 2 alone is refused (2 Byzantine ranks for an attack of f=1): it had raised at once
+    # while the others waited for it in the comparison, then failed in gloo.
+    try:
+        robust_exchange(
+            torch.zeros(4), **{**base, "byzantine": 2 if odd else 1,
+                               "attack": get_attack("sign_flip", n=world, f=1)},
+        )  # fmt: skip
+        out["count"] = None
+    except ValueError as e:
+        out["count"] = str(e)
     out["agreed"], _ = robust_exchange(torch.full((4,), float(rank)), **base)
     out["agreed"] = out["agreed"].tolist()
     return out
@@ -194,7 +204,11 @@ def test_ranks_that_call_the_exchange_differently_raise_on_every_rank(tmp_path):
         "attack": "attack settings",
         "rule": "aggregator settings",
     }
-    for res in oks(run_world(_mismatched, 3, tmp_path, timeout=120)):
+    results = oks(run_world(_mismatched, 3, tmp_path, timeout=120))
+    assert "Byzantine ranks" in results[0]["count"] and "ranks [2] differ" in results[0]["count"]
+    assert "Byzantine ranks" in results[1]["count"]
+    assert "'sign_flip' was built for n=3 workers of which f=1" in results[2]["count"]
+    for res in results:
         for case, words in names.items():
             said = res[case]
             assert said and words in said and "ranks [2] differ" in said, (

@@ -84,9 +84,10 @@ def robust_exchange(
         TypeError: ``aggregator``, ``attack`` or ``group`` is not of the kind named above.
         ValueError: the aggregator is not built for n = world, or the attack not for n = world
             and f = the number of Byzantine ranks; bad Byzantine ranks. These are checked from
-            the arguments and the group's size alone, before any message, so every rank given
-            the same arguments raises alike. With ``check``, also ranks that differ in any
-            of the call's settings above, on every rank.
+            the arguments and the group's size alone; with ``check``, after the comparison
+            of the ranks' calls, so that ranks given other arguments raise together (those
+            whose own are refused with that refusal), and also ranks that differ in any of the
+            call's settings above, on every rank.
 
     Example:
         >>> rule = get_aggregator("median", n=dist.get_world_size(), f=1)  # doctest: +SKIP
@@ -108,10 +109,6 @@ def robust_exchange(
         world, rank = 1, 0
     else:
         world, rank = dist.get_world_size(group), dist.get_rank(group)
-    if aggregator.n != world:
-        raise ValueError(
-            f"the aggregator was built for n={aggregator.n} workers but the group has {world} ranks"
-        )
     if byzantine_ranks is not None:
         ranks = list(byzantine_ranks)
         try:  # numpy's integers too; not bools or floats
@@ -123,27 +120,30 @@ def robust_exchange(
                 f"byzantine_ranks must be integers (group ranks), got {ranks!r}"
             ) from None
         byz = tuple(sorted(set(ints)))
+        refusal = _refusal(aggregator, attack, byz, world)
     else:
-        byz = default_byzantine_ranks(world, byzantine)
-    if any(not 0 <= r < world for r in byz) or len(byz) >= world:
-        raise ValueError(
-            f"byzantine ranks {byz} must be fewer than world={world} and in [0, {world})"
-        )
-    if attack is not None and (attack.n != world or attack.f != len(byz)):
-        raise ValueError(
-            f"the attack {attack.name!r} was built for n={attack.n} workers of which "
-            f"f={attack.f} attack, but the group has {world} ranks of which {len(byz)} attack "
-            f"(ranks {list(byz)}); build it with get_attack({attack.name!r}, n={world}, "
-            f"f={len(byz)}, ...)"
-        )
+        try:
+            byz = default_byzantine_ranks(world, byzantine)
+            refusal = _refusal(aggregator, attack, byz, world)
+        except ValueError as e:  # a count out of range: compared as the count itself
+            byz, refusal = (-1, int(byzantine)), str(e)
     if not isinstance(check, bool):
         raise TypeError(f"check must be True or False, got {check!r}")
     flat = grad.detach().reshape(-1).contiguous()
     d, elem = flat.numel(), flat.element_size()
     checked = 0
     if check and world > 1:
-        _agree(flat, key, aggregator, attack, byz, group, world)
+        # A refusal waits for the comparison, so that ranks given other counts (of which
+        # only some are refused) all raise, not some while the others wait in the gather.
+        try:
+            _agree(flat, key, aggregator, attack, byz, group, world)
+        except ValueError:
+            if refusal is not None:
+                raise ValueError(refusal) from None
+            raise
         checked = ring_allgather_bytes(world * 6 * 8, world)
+    if refusal is not None:
+        raise ValueError(refusal)
     attacking = attack is not None and rank in byz
 
     if attacking and not attack.omniscient:
@@ -172,6 +172,27 @@ def robust_exchange(
 
     out = aggregator(rows, key=key)
     return out.reshape(grad.shape).to(grad.dtype), sent
+
+
+def _refusal(
+    aggregator: Aggregator, attack: Attack | None, byz: tuple[int, ...], world: int
+) -> str | None:
+    """Why the rule, the attack or the Byzantine ranks do not fit a group of ``world``; None
+    where they do."""
+    if aggregator.n != world:
+        return (
+            f"the aggregator was built for n={aggregator.n} workers but the group has {world} ranks"
+        )
+    if any(not 0 <= r < world for r in byz) or len(byz) >= world:
+        return f"byzantine ranks {byz} must be fewer than world={world} and in [0, {world})"
+    if attack is not None and (attack.n != world or attack.f != len(byz)):
+        return (
+            f"the attack {attack.name!r} was built for n={attack.n} workers of which "
+            f"f={attack.f} attack, but the group has {world} ranks of which {len(byz)} attack "
+            f"(ranks {list(byz)}); build it with get_attack({attack.name!r}, n={world}, "
+            f"f={len(byz)}, ...)"
+        )
+    return None
 
 
 def _settings(rule: Aggregator | Attack | None) -> str:
