@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsetrain.robust import aggregate, available_aggregators, get_aggregator
+from sparsetrain.robust import aggregate, available_aggregators, get_aggregator, get_attack
 from sparsetrain.robust.base import key_seed
 from tests.states import same
 
@@ -388,6 +388,10 @@ def test_bucketing_refuses_base_rules_with_state_kept_per_input():
             "bucketing", n=9, f=1, base="centered_clipping", base_options={"momentum": 0.9}
         )
     get_aggregator("bucketing", n=9, f=1, base="centered_clipping")
+    # A momentum that is no number is named as such (it had been told to use momentum=0)
+    with pytest.raises(TypeError, match="momentum must be a number"):
+        get_aggregator("bucketing", n=9, f=1, base="centered_clipping",
+                       base_options={"momentum": "0.9"})  # fmt: skip
     with pytest.raises(ValueError, match="does not take option.*'bad'"):
         get_aggregator("bucketing", n=9, f=1, base="median", base_options={"bad": 1})
 
@@ -422,6 +426,12 @@ def test_a_stateful_rule_refuses_one_key_for_tensors_of_two_widths(name):
     assert same(rule.state_dict(), before)  # the refused call changed nothing
     assert rule(torch.randn(5, 20), key="head").shape == (20,)
     assert rule(torch.randn(5, 30)).shape == (30,)
+    # A key that is no string: a saved state's keys load as strings, so key 0 had started
+    # afresh after a reload while its state sat under '0'
+    with pytest.raises(TypeError, match="key must be a str .* got 0 of type int"):
+        rule(torch.randn(5, 30), key=0)
+    with pytest.raises(TypeError, match="key must be a str"):
+        get_attack("delayed", n=5, f=1)(torch.randn(30), key=1)
 
 
 def test_safeguard_with_a_key_a_layer_removes_a_drifting_worker_across_layers():

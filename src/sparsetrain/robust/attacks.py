@@ -28,6 +28,7 @@ from torch import Tensor
 from .._options import check_options, check_saved_settings, check_state, plain, state_mapping
 from .base import (
     check_int,
+    check_key,
     check_positive,
     generator_for,
     key_seed,
@@ -139,6 +140,7 @@ class Attack(ABC):
         Returns:
             A tensor shaped like ``own``.
         """
+        check_key(key)
         single = own.dim() == 1
         rows = own[None] if single else own
         if rows.dim() != 2:

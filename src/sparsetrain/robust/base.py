@@ -71,6 +71,17 @@ def state_tensors(value: Any, what: str) -> dict[str, Tensor]:
     return {str(k): t.clone() for k, t in value.items()}
 
 
+def check_key(key: Any) -> None:
+    """Refuse a ``key`` that is not a string: state is kept by key, and a saved state's keys
+    are loaded as strings, so a key 0 would have started afresh after a reload (its state
+    under '0')."""
+    if not isinstance(key, str):
+        raise TypeError(
+            f"key must be a str (state is kept and saved by key), got {key!r} of type "
+            f"{type(key).__name__}"
+        )
+
+
 def check_positive(value: Any, what: str, allow_zero: bool = False) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{what} must be a number, got {value!r}")
@@ -130,6 +141,7 @@ class Aggregator(ABC):
         A rule that keeps state (SafeguardSGD's sums, centered clipping's anchor) keeps it by
         ``key``: tensors of different widths need keys of their own (a layer's name, say), and
         one of another width under a key is refused, naming both widths."""
+        check_key(key)
         check_grads(grads, self.n)
         width = self._state_width(key)
         if width is not None and width != grads.shape[1]:

@@ -69,8 +69,12 @@ class Bucketing(Aggregator):
         options = dict(self.base_options or {})
         check_options("aggregator", self.base, options, option_names(cls))
         per_input = {"safeguard": "accumulations", "centered_clipping": "momenta"}
+        momentum = options.get("momentum")  # (one that is no number: the base rule names it)
         if self.base == "safeguard" or (
-            self.base == "centered_clipping" and options.get("momentum")
+            self.base == "centered_clipping"
+            and isinstance(momentum, (int, float))
+            and not isinstance(momentum, bool)
+            and momentum
         ):
             hint = (
                 ""
