@@ -63,3 +63,32 @@ def test_the_matrix_records_each_cells_options_so_a_result_can_be_reproduced():
     assert cell["attack_options"] == {"scale": 10.0} and cell["aggregator_options"] == {}
     assert all(isinstance(c["diverged"], bool) for c in result["cells"])
     json.dumps(result)  # what the command writes
+
+
+def test_a_cell_that_times_out_keeps_the_finished_cells_and_the_limit_is_the_users(
+    tmp_path, monkeypatch, capsys
+):
+    # A cell past the fixed 600 s raised, and every cell finished before it was lost.
+    from sparsetrain.commands import robust_matrix
+    from sparsetrain.robust.simulate import RobustRunConfig
+
+    limits = []
+
+    def fake_ranks(task_name, cfg, timeout_s=600.0, task_options=None):
+        limits.append(timeout_s)
+        if cfg.aggregator == "median":
+            raise RuntimeError(f"the ranks gave no result within {timeout_s:g} s (0 of 4 finished)")
+        return {"accuracy": 0.5, "aggregator_stats": {}}
+
+    monkeypatch.setattr(robust_matrix, "run_ranks", fake_ranks)
+    base = RobustRunConfig(workers=4, byzantine=0, steps=3)
+    partial = tmp_path / "out" / "robust_matrix.partial.json"
+    with pytest.raises(RuntimeError, match="within 7 s"):
+        robust_matrix.run_matrix("digits-mlp", base, ["mean", "median"], ["none"], {},
+                                 simulate_mode=False, progress=False, timeout_s=7.0,
+                                 partial=str(partial))  # fmt: skip
+    assert limits == [7.0, 7.0]
+    kept = json.loads(partial.read_text())
+    assert [c["aggregator"] for c in kept["cells"]] == ["mean"]
+    assert kept["stopped_at"] == {"aggregator": "median", "attack": "none"}
+    assert f"the 1 cell(s) finished before it are in {partial}" in capsys.readouterr().err

@@ -14,6 +14,7 @@ import ast
 import json
 import os
 import queue
+import sys
 import tempfile
 import time
 import traceback
@@ -43,7 +44,7 @@ from ..robust.simulate import (
     simulate,
     write_grads,
 )
-from .train import add_task_arguments, seed_value, task_option_values
+from .train import add_task_arguments, positive_float, seed_value, task_option_values
 
 DEFAULT_AGGREGATORS = "mean,median,trimmed_mean,krum,geometric_median,centered_clipping,safeguard"
 DEFAULT_ATTACKS = "none,sign_flip,label_flip,gaussian,zero,delayed,alie,ipm,safeguard"
@@ -272,11 +273,15 @@ def run_matrix(
     simulate_mode: bool = True,
     progress: bool = True,
     task_options: dict[str, Any] | None = None,
+    timeout_s: float = 600.0,
+    partial: str | None = None,
 ) -> dict[str, Any]:
     """Return {"cells": [...], "worst": {aggregator: {"accuracy": lowest accuracy over the
     attacks, "attack": the attack that gave it}}, "config": ...}. ``options``: {name: {key:
     value}} of the aggregators and attacks (:func:`kind_options`); ``task_options``: keyword
-    options of the task's factory."""
+    options of the task's factory; ``timeout_s``: the most one cell on real ranks may take.
+    Where a cell fails or is stopped, the cells finished before it are written to the JSON
+    file ``partial`` (if given) before the error goes on."""
     from tqdm import tqdm
 
     from ..tasks import check_model_output, check_task_options, get_task, require_tensor_data
@@ -311,11 +316,16 @@ def run_matrix(
             attack_options={} if att == "none" else kind_options("attack", att, options),
         )
         t0 = time.perf_counter()
-        out = (
-            simulate(task, cfg)
-            if simulate_mode
-            else run_ranks(task_name, cfg, task_options=task_options)
-        )
+        try:
+            out = (
+                simulate(task, cfg)
+                if simulate_mode
+                else run_ranks(task_name, cfg, timeout_s=timeout_s, task_options=task_options)
+            )
+        except BaseException:  # a failed, timed-out or stopped cell: keep the finished ones
+            if partial is not None and cells:
+                _write_partial(partial, task_name, task_options, simulate_mode, cells, agg, att)
+            raise
         stats = out["aggregator_stats"]
         cells.append(
             {
@@ -349,6 +359,25 @@ def run_matrix(
         "cells": cells,
         "worst": worst,
     }
+
+
+def _write_partial(
+    path: str, task_name: str, task_options, simulate_mode: bool, cells: list, agg: str, att: str
+) -> None:
+    """Write the cells finished so far to ``path`` and say so on stderr."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(
+            {"task": task_name, "task_options": plain(task_options), "simulate": simulate_mode,
+             "stopped_at": {"aggregator": agg, "attack": att}, "cells": cells},
+            fh, indent=1, default=str,
+        )  # fmt: skip
+    print(
+        f"\nrobust-matrix: stopped at {agg} x {att}; the {len(cells)} cell(s) finished before "
+        f"it are in {path}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -529,6 +558,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         options,
         simulate_mode=args.simulate,
         task_options=task_option_values(args.task, args.task_option),
+        timeout_s=args.timeout,
+        partial=os.path.join(args.out_dir, "robust_matrix.partial.json"),
     )
 
 
@@ -560,5 +591,13 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--split", choices=("iid", "shard"), default="iid")
     p.add_argument("--simulate", action="store_true", help="run the workers in one process")
+    p.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=600.0,
+        metavar="SECONDS",
+        help="the most one cell may take on real ranks (default 600); where a cell fails or "
+        "is stopped, the cells finished before it are kept in <out-dir>/robust_matrix.partial.json",
+    )
     p.add_argument("--out-dir", default="robust-matrix")
     p.set_defaults(func=run, _parser=p)
