@@ -760,3 +760,67 @@ def test_a_finalized_pruner_refuses_to_go_on_until_prepared_again():
     pruner.prepare(model)  # again: hooks back, pruning goes on
     pruner.prune(0.6)
     assert pruner.stats()["sparsity"] == pytest.approx(0.6, abs=0.02)
+
+
+# ---- from a review of the pruning API (2026-12-07) ------------------------------------------
+def test_structured_pruning_refuses_a_one_dimensional_weight_at_prepare():
+    # It had been accepted and failed only at the first scheduled prune, steps later.
+    model = nn.Sequential(nn.Linear(4, 8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pruner = get_pruner("structured", sparsity=0.5, params=["0.weight", "0.bias"],
+                        schedule=Gradual(start=500, end=1000, frequency=100))  # fmt: skip
+    with pytest.raises(ValueError, match=r"'0.bias' has shape \(8,\): leave them out of params"):
+        pruner.prepare(model, opt)
+
+
+def test_masks_are_named_as_the_plain_models_under_dataparallel_and_torch_compile():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for wrapped in (nn.DataParallel(model), torch.compile(model)):
+        pruner = get_pruner("magnitude", sparsity=0.5)
+        pruner.prepare(wrapped, opt)
+        assert list(pruner.masks) == ["0.weight", "1.weight"]  # not module. or _orig_mod.
+
+
+def test_numpy_integers_are_taken_where_ints_are():
+    import numpy as np
+
+    from sparsetrain.pruning import OneShot
+
+    assert Gradual(end=np.int64(100)).end == 100 and type(OneShot(at=np.int32(3)).at) is int
+    assert type(get_pruner("rigl", delta_t=np.int64(10), end=100).delta_t) is int
+    assert type(get_pruner("nm", n=np.int64(2), m=np.int64(4)).n) is int
+
+
+def test_nm_says_when_m_is_too_small_rather_than_advise_an_n_it_has():
+    from sparsetrain.pruning.masks import masks
+
+    w = {"w": torch.randn(4, 8)}
+    with pytest.raises(ValueError, match=r"no n reaches it with m=4 .* use a larger m, of at "
+                       r"least 10"):  # fmt: skip
+        masks(w, 0.9, method="nm")
+    with pytest.raises(ValueError, match="use n <= 1"):  # (n=1 does reach 0.6)
+        masks(w, 0.6, method="nm", n=2)
+
+
+def test_a_weight_of_no_elements_counts_as_not_pruned():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 0))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pruner = get_pruner("magnitude", sparsity=0.5)
+    pruner.prepare(model, opt)
+    pruner.prune()
+    assert pruner.stats()["layers"] == {"0.weight": 0.5, "1.weight": 0.0}  # (it had divided by 0)
+    rigl = get_pruner("rigl", sparsity=0.5, distribution="erk")
+    rigl.prepare(model, opt)
+    assert rigl.stats()["layers"]["0.weight"] == 0.5
+
+
+def test_a_pruner_is_built_again_from_the_settings_its_state_records():
+    model = nn.Sequential(nn.Linear(4, 8))
+    pruner = get_pruner("magnitude", sparsity=0.5, schedule=Gradual(end=100, frequency=10))
+    pruner.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    state = pruner.state_dict()
+    again = get_pruner(state["method"], **state["options"])  # the schedule as a dict
+    assert again.schedule == pruner.schedule
+    with pytest.raises(TypeError, match="a dict with its 'name' and options"):
+        get_pruner("magnitude", sparsity=0.5, schedule={"end": 100})

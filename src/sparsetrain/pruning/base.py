@@ -96,10 +96,16 @@ def register_pruner(name: str) -> Callable[[type[Pruner]], type[Pruner]]:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Return the module inside a DDP (or similar ``.module``) wrapper, so names match."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.module
-    return model
+    """Return the module inside wrappers that prefix its parameters' names (DDP's and
+    DataParallel's ``module.``, ``torch.compile``'s ``_orig_mod.``; nested too), so names
+    match the plain model's and a state moves between them."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's
+            model = model._orig_mod
+        else:
+            return model
 
 
 def default_weights(model: nn.Module) -> list[str]:
@@ -857,7 +863,11 @@ class Pruner:
     def stats(self) -> dict[str, Any]:
         """Return global and per-layer sparsity of the masks and how many times they changed."""
         self._require_ready()
-        layers = {n: 1.0 - float(m.sum()) / m.numel() for n, m in self._masks.items()}
+        # (a weight of no elements has none pruned, as sparsity_stats has it)
+        layers = {
+            n: 1.0 - float(m.sum()) / m.numel() if m.numel() else 0.0
+            for n, m in self._masks.items()
+        }
         total = sum(m.numel() for m in self._masks.values())
         kept = sum(int(m.sum()) for m in self._masks.values())
         return {
@@ -899,7 +909,9 @@ class ScheduledPruner(Pruner):
     """A pruner that removes weights along a schedule and never brings them back.
 
     Args:
-        schedule: a :class:`Schedule` or a registered name (``"oneshot"``, ``"gradual"``).
+        schedule: a :class:`Schedule`, a registered name (``"oneshot"``, ``"gradual"``), or
+            a dict of a name and its options (``{"name": "gradual", "end": 1000, ...}``, as a
+            state's ``options`` record it, so a pruner can be built again from them).
         scope: ``"global"`` (one ranking over all pruned weights) or ``"layer"``.
     """
 
@@ -910,8 +922,14 @@ class ScheduledPruner(Pruner):
         super().__post_init__()
         if isinstance(self.schedule, str):
             self.schedule = get_schedule(self.schedule)
+        elif isinstance(self.schedule, Mapping) and isinstance(self.schedule.get("name"), str):
+            settings = dict(self.schedule)
+            self.schedule = get_schedule(settings.pop("name"), **settings)
         if not isinstance(self.schedule, Schedule):
-            raise TypeError(f"schedule must be a Schedule or a name, got {self.schedule!r}")
+            raise TypeError(
+                "schedule must be a Schedule, a name or a dict with its 'name' and options, got "
+                f"{self.schedule!r}"
+            )
         initial = getattr(self.schedule, "initial_sparsity", 0.0)
         if initial > self.sparsity:
             raise ValueError(

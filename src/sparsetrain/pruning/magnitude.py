@@ -86,6 +86,16 @@ class StructuredPruner(ScheduledPruner):
     """Prune whole output channels (rows of linear weights, convolution filters; a transposed
     convolution's along its weight's dimension 1) by L2 norm."""
 
+    def on_prepare(self) -> None:
+        # At prepare(), not at the first scheduled prune, which may be many steps later.
+        flat = {n: tuple(w.shape) for n, w in self._weights.items() if w.dim() < 2}
+        if flat:
+            raise ValueError(
+                "structured pruning needs weights with an output dimension (2-D or more); "
+                + ", ".join(f"{n!r} has shape {s}" for n, s in flat.items())
+                + ": leave them out of params"
+            )
+
     def compute_masks(self, sparsity: float, closure: Closure | None) -> Masks:
         return by_channels(
             self,
@@ -114,7 +124,7 @@ class NMPruner(ScheduledPruner):
     sparsity: float | None = None  # type: ignore[assignment]  (derived from n and m)
 
     def __post_init__(self) -> None:
-        check_nm(self.n, self.m)
+        self.n, self.m = check_nm(self.n, self.m)
         if self.n == self.m:
             raise ValueError(f"n={self.n} of m={self.m} keeps every weight; use n < m")
         implied = 1.0 - self.n / self.m

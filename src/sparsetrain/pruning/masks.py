@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._options import caller_stacklevel
+from .._options import caller_stacklevel, is_integer
 
 Masks = dict[str, Tensor]
 MaskMethod = Callable[..., Masks]
@@ -233,12 +234,15 @@ def nm_for_sparsity(sparsity: float, m: int) -> int:
     return max(1, int(math.floor((1.0 - sparsity) * m + 1e-9)))
 
 
-def check_nm(n: int, m: int) -> None:
+def check_nm(n: int, m: int) -> tuple[int, int]:
+    """Return ``(n, m)`` as ints (NumPy's too), or refuse them, naming what is wrong."""
     for what, v in (("n", n), ("m", m)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if not is_integer(v, 1):
             raise ValueError(f"N:M pruning needs positive integers n and m, got {what}={v!r}")
+    n, m = operator.index(n), operator.index(m)
     if n > m:
         raise ValueError(f"N:M pruning keeps n of every m weights, so n <= m; got n={n}, m={m}")
+    return n, m
 
 
 @register_method("nm")
@@ -262,11 +266,21 @@ def nm_masks(
     """
     if n is None:
         n = m if sparsity == 0.0 else nm_for_sparsity(sparsity, m)
-    check_nm(n, m)
+    n, m = check_nm(n, m)
     if sparsity > 0 and 1.0 - n / m < sparsity - 1e-9:
+        fits = nm_for_sparsity(sparsity, m)
+        if 1.0 - fits / m >= sparsity - 1e-9 and fits < n:
+            advice = f"use n <= {fits}"
+        else:  # even n=1 keeps more than 1 - sparsity: m is too small
+            advice = (
+                f"no n reaches it with m={m} (n=1 prunes {1 - 1 / m:.3g}): use a larger m, of "
+                f"at least {math.ceil(1 / (1 - sparsity) - 1e-9)}"
+                if sparsity < 1
+                else "N:M keeps at least one weight of every m"
+            )
         raise ValueError(
             f"N:M with n={n}, m={m} prunes {1 - n / m:.3g} of the weights, less than the "
-            f"sparsity {sparsity} asked; use n <= {nm_for_sparsity(sparsity, m)}"
+            f"sparsity {sparsity} asked; {advice}"
         )
     prev = previous or {}
     out = {}

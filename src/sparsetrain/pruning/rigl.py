@@ -23,6 +23,7 @@ when a ``closure`` is passed to :meth:`step`, that of one extra backward pass on
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -31,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .._options import caller_stacklevel
+from .._options import caller_stacklevel, is_integer
 from .base import (
     Closure,
     Pruner,
@@ -56,6 +57,8 @@ def erk_densities(shapes: dict[str, torch.Size], sparsity: float) -> dict[str, f
         True
     """
     sparsity = check_sparsity(sparsity)  # (1 gave every layer density 0)
+    empty = [n for n, s in shapes.items() if s.numel() == 0]  # (nothing to keep: dense)
+    shapes = {n: s for n, s in shapes.items() if s.numel()}
     numel = {n: s.numel() for n, s in shapes.items()}
     raw = {n: sum(s) / s.numel() for n, s in shapes.items()}
     dense: set[str] = set()
@@ -69,7 +72,7 @@ def erk_densities(shapes: dict[str, torch.Size], sparsity: float) -> dict[str, f
         if not over:
             break
         dense.add(max(over, key=lambda n: raw[n]))
-    return {n: 1.0 if n in dense else eps * raw[n] for n in shapes}
+    return {n: 1.0 if n in dense or n in empty else eps * raw[n] for n in [*shapes, *empty]}
 
 
 @register_pruner("rigl")
@@ -115,8 +118,9 @@ class RigLPruner(Pruner):
             )
         for name in ("delta_t", "end"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if not is_integer(v, 1):
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+            setattr(self, name, operator.index(v))  # (a NumPy integer as an int)
         if self.delta_t >= self.end:
             raise ValueError(
                 f"delta_t ({self.delta_t}) must be smaller than end ({self.end}): RigL moves "

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from .._options import is_integer
 from .masks import check_sparsity
 
 _SCHEDULES: dict[str, type[Schedule]] = {}
@@ -46,9 +48,13 @@ class Schedule:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
 
-def _check_int(name: str, v: Any, low: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+def _check_int(schedule: Schedule, name: str, low: int) -> None:
+    """Refuse ``schedule.<name>`` unless an integer >= ``low``; keep a NumPy one as an int (a
+    frozen dataclass: set through object.__setattr__)."""
+    v = getattr(schedule, name)
+    if not is_integer(v, low):
         raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+    object.__setattr__(schedule, name, operator.index(v))
 
 
 @register_schedule("oneshot")
@@ -64,7 +70,7 @@ class OneShot(Schedule):
     at: int = 0
 
     def __post_init__(self) -> None:
-        _check_int("at", self.at, 0)
+        _check_int(self, "at", 0)
 
     def target(self, step: int, final: float) -> float | None:
         return final if step >= self.at else None
@@ -95,9 +101,9 @@ class Gradual(Schedule):
     power: float = 3.0
 
     def __post_init__(self) -> None:
-        _check_int("start", self.start, 0)
-        _check_int("frequency", self.frequency, 1)
-        _check_int("end", self.end, 0)
+        _check_int(self, "start", 0)
+        _check_int(self, "frequency", 1)
+        _check_int(self, "end", 0)
         if self.end <= self.start:
             raise ValueError(f"end must be after start, got start={self.start}, end={self.end}")
         check_sparsity(self.initial_sparsity, "initial_sparsity")
