@@ -572,6 +572,8 @@ def test_a_sparsity_just_below_one_keeps_a_weight_of_each_layer():
     from sparsetrain.pruning.masks import num_pruned
 
     assert num_pruned(10, 1 - 1e-10) == 9 and num_pruned(10, 0.9) == 9 and num_pruned(0, 0.5) == 0
+    # exact past 1e8 weights (one fewer had been pruned), and a sparsity computed in floats
+    assert num_pruned(362806040, 0.7) == 253964228 and num_pruned(3, 1 / 3) == 1
     model = _model()
     pruner = get_pruner("magnitude", sparsity=1 - 1e-10, scope="layer").prepare(model)
     masks = pruner.prune()

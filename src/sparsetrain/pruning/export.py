@@ -54,6 +54,14 @@ def _state(model_or_state: nn.Module | Mapping[str, Any]) -> Mapping[str, Any]:
     return model_or_state
 
 
+def _signbit(t: Tensor) -> Tensor:
+    """``torch.signbit``, also for the 1-byte float8 types it has no kernel for (their top bit;
+    in the fnuz types, which have no -0.0, 0x80 is NaN, which ``t != 0`` keeps anyway)."""
+    if t.element_size() == 1:
+        return t.view(torch.uint8) >= 0x80
+    return torch.signbit(t)
+
+
 def export_compact(
     model_or_state: nn.Module | Mapping[str, Any], masks: Mapping[str, Tensor] | None = None
 ) -> dict[str, Any]:
@@ -89,7 +97,7 @@ def export_compact(
             dense[name] = t
             continue
         # -0.0 is kept as a value: it equals 0, and would come back as +0.0.
-        keep = masks[name].to(t.device) if name in masks else (t != 0) | torch.signbit(t)
+        keep = masks[name].to(t.device) if name in masks else (t != 0) | _signbit(t)
         nnz = int(keep.sum())
         packed_bytes = (t.numel() + 7) // 8 + nnz * t.element_size()
         if packed_bytes >= t.numel() * t.element_size():

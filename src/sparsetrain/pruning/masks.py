@@ -27,6 +27,7 @@ import operator
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -80,9 +81,13 @@ def check_scope(scope: str) -> str:
 def num_pruned(numel: int, sparsity: float) -> int:
     """Return how many of ``numel`` weights a sparsity removes: ``floor(sparsity * numel)``,
     at most ``numel - 1`` (a sparsity below 1 keeps a weight)."""
-    # The small slack keeps 0.9 * 10 from becoming 8 through floating-point error; the cap
-    # keeps it from reaching numel for a sparsity within 1e-9 / numel of 1.
-    return max(0, min(numel - 1, int(math.floor(sparsity * numel + 1e-9))))
+    # In exact arithmetic, on the float's shortest decimal (0.7 as 7/10, not the binary
+    # 0.69999999999999995559...), so 0.7 * 362806040 is 253964228 at any size (the float
+    # product fell short past about 1e8 weights), with a slack of 1e-9 of a weight for a
+    # sparsity computed in floats (1/3 of 3 is 0.9999999999999999 * 3). The cap keeps it from
+    # reaching numel for a sparsity within 1e-9 / numel of 1.
+    exact = Fraction(repr(float(sparsity))) * numel + Fraction(1, 10**9)
+    return max(0, min(numel - 1, math.floor(exact)))
 
 
 def _check_weights(weights: Mapping[str, Tensor], previous: Mapping[str, Tensor] | None) -> None:
