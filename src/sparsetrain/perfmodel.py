@@ -144,8 +144,8 @@ class NetworkParams:
         be part of the latency (0).
 
         ``bandwidth_bps`` and ``latency_s`` may also be given in tc's notation, as strings
-        with their unit: ``from_link("10gbit", "5us")``. As in tc, ``"bps"`` is *bytes* per
-        second (``"10gbps"`` is 80 Gbit/s) and ``"bit"`` bits.
+        with their unit: ``from_link("10gbit", "5us")``. tc's *bytes*-per-second units
+        (``"10gbps"``, 80 Gbit/s to tc) are refused as ambiguous, naming both readings.
         """
         from .cluster.units import parse_duration, parse_rate
 

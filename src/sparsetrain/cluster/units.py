@@ -14,12 +14,9 @@ _RATE_UNITS = {
     "mbit": 1e6,
     "gbit": 1e9,
     "tbit": 1e12,
-    "bps": 8.0,
-    "kbps": 8e3,
-    "mbps": 8e6,
-    "gbps": 8e9,
-    "tbps": 8e12,
 }
+# tc's bytes-per-second units, refused: "10gbps" is 80 Gbit/s to tc, 10 Gbit/s to most readers.
+_BYTE_RATE_UNITS = {"bps": 8.0, "kbps": 8e3, "mbps": 8e6, "gbps": 8e9, "tbps": 8e12}
 _TIME_UNITS = {"s": 1.0, "sec": 1.0, "ms": 1e-3, "msec": 1e-3, "us": 1e-6, "usec": 1e-6, "ns": 1e-9}
 # A sign is read so that "-5ms" is refused as negative rather than as unreadable.
 _NUMBER = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
@@ -62,9 +59,10 @@ def parse_rate(text: str | float | int) -> float:
 
     Args:
         text: a number of bits per second, or a string in tc's notation with its unit
-            (``"1gbit"``, ``"100mbit"``; ``"125mbps"`` is 125 mega*bytes* per second). A
-            string without one is refused (tc would read it as bits per second): a command
-            line's ``--bandwidth 10`` means 10 Gbit/s more likely than 10 bit/s.
+            (``"1gbit"``, ``"100mbit"``). A string without one is refused (tc would read it as
+            bits per second): a command line's ``--bandwidth 10`` means 10 Gbit/s more likely
+            than 10 bit/s. So are tc's bytes-per-second units (``"10gbps"``, 80 Gbit/s to tc,
+            but 10 Gbit/s to most readers of "Gbps"), naming both readings.
 
     Returns:
         The rate in bits per second, positive.
@@ -78,6 +76,17 @@ def parse_rate(text: str | float | int) -> float:
         raise ValueError(
             f"bandwidth {text!r} needs a unit: as bits per second it would be {bare / 1e9:g}gbit; "
             f"write for example 10gbit or 100mbit (units: {', '.join(_RATE_UNITS)})"
+        )
+    m = _NUMBER.match(text) if isinstance(text, str) else None
+    unit = m.group(2).lower() if m else ""
+    if unit in _BYTE_RATE_UNITS:
+        value, prefix = float(m.group(1)), unit[:-3]
+        word = {"": "", "k": "kilo", "m": "mega", "g": "giga", "t": "tera"}[prefix]
+        raise ValueError(
+            f"bandwidth {text!r} is ambiguous: tc reads {unit!r} as {word}bytes per second "
+            f"({value * _BYTE_RATE_UNITS[unit] / 1e9:g}gbit), where 'Gbps' usually means "
+            f"gigabits per second; write {m.group(1)}{prefix}bit for {m.group(1)} {word}bits/s, "
+            f"or {value * 8:g}{prefix}bit for {m.group(1)} {word}bytes/s"
         )
     rate = _split(text, "bandwidth", _RATE_UNITS, "1gbit")
     if not rate > 0:

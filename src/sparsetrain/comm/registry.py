@@ -101,6 +101,14 @@ def available_collectives() -> list[str]:
     return sorted(_COLLECTIVES)
 
 
+def collective_option_names(name: str) -> list[str]:
+    """The options collective ``name`` takes (none for an unknown name)."""
+    cls = _COLLECTIVES.get(name)
+    if cls is None or not dataclasses.is_dataclass(cls):
+        return []
+    return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
 def get_collective(name: str, **options: Any) -> SparseCollective:
     """Build the sparse collective registered as ``name`` with ``options``.
 
@@ -112,9 +120,5 @@ def get_collective(name: str, **options: Any) -> SparseCollective:
         raise ValueError(
             f"unknown collective {name!r}; valid names are: {', '.join(available_collectives())}"
         )
-    cls = _COLLECTIVES[name]
-    allowed = (
-        [f.name for f in dataclasses.fields(cls) if f.init] if dataclasses.is_dataclass(cls) else []
-    )
-    check_options("collective", name, options, allowed)
-    return cls(**options)
+    check_options("collective", name, options, collective_option_names(name))
+    return _COLLECTIVES[name](**options)

@@ -625,9 +625,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     add_task_arguments(p)
     p.add_argument(
         "--method",
-        action="append",
+        nargs="+",
+        action="extend",
         choices=available_pruners(),
-        help="pruning method; repeat to compare several (default: magnitude)",
+        metavar="METHOD",
+        help="pruning method(s); several, or the flag repeated, compare them (default: "
+        f"magnitude; valid: {', '.join(available_pruners())})",
     )
     p.add_argument("--sparsity", type=_sparsity, default=0.9, help="final sparsity in [0, 1)")
     p.add_argument("--schedule", choices=SCHEDULES, help=f"default: {PruneConfig.schedule}")

@@ -3,8 +3,8 @@
 Each cell trains the task with ``--workers`` workers of which the last ``--byzantine`` attack.
 ``--simulate`` runs the workers in one process (fast, for wide sweeps); without it every cell is
 a real multi-process gloo run (one process a worker) through ``sparsetrain.sync.robust_exchange``.
-Writes the table to stdout and ``robust_matrix.json``, and a heatmap ``robust_matrix.png``, with
-the worst case over attacks for every aggregator.
+Writes the table to stdout and ``robust_matrix.json``, and a heatmap ``robust_matrix.png``, into
+``--out-dir``, with the worst case over attacks for every aggregator.
 """
 
 from __future__ import annotations
@@ -419,7 +419,12 @@ def plot_heatmap(result: dict[str, Any], path: str) -> None:
     fig, ax = plt.subplots(figsize=(1.1 * len(atts) + 2, 0.55 * len(aggs) + 1.5))
     im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
     ax.set_xticks(range(len(atts)), atts, rotation=35, ha="right")
-    ax.set_yticks(range(len(aggs)), aggs)
+    rule_f = {c["aggregator"]: c["rule_f"] for c in cells}  # (as the table labels them)
+    byzantine = result["config"]["byzantine"]
+    ax.set_yticks(
+        range(len(aggs)),
+        [g if rule_f[g] == byzantine else f"{g}(f={rule_f[g]})" for g in aggs],
+    )
     for i in range(len(aggs)):
         for j in range(len(atts)):
             ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=8)
@@ -563,6 +568,14 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+class _JoinNames(argparse.Action):
+    """Names given comma-separated, space-separated or both, kept as one comma-separated
+    string (``--aggregators mean median`` had failed as an unrecognized argument)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, ",".join(values))
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "robust-matrix",
@@ -571,11 +584,28 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_task_arguments(p)
-    p.add_argument("--workers", type=int, default=10)
-    p.add_argument("--byzantine", type=int, default=4)
-    p.add_argument("--aggregators", default=DEFAULT_AGGREGATORS, help="comma-separated names")
+    p.add_argument("--workers", type=int, default=10, help="workers in every cell (default 10)")
     p.add_argument(
-        "--attacks", default=DEFAULT_ATTACKS, help="comma-separated names; 'none' = no attack"
+        "--byzantine",
+        type=int,
+        default=4,
+        help="attacking workers, the last ones (default 4; 0: only the no-attack column)",
+    )
+    p.add_argument(
+        "--aggregators",
+        nargs="+",
+        action=_JoinNames,
+        default=DEFAULT_AGGREGATORS,
+        metavar="NAMES",
+        help=f"rules, comma- or space-separated (default: {DEFAULT_AGGREGATORS})",
+    )
+    p.add_argument(
+        "--attacks",
+        nargs="+",
+        action=_JoinNames,
+        default=DEFAULT_ATTACKS,
+        metavar="NAMES",
+        help=f"attacks, comma- or space-separated; 'none' = no attack (default: {DEFAULT_ATTACKS})",
     )
     p.add_argument(
         "--option",
@@ -584,12 +614,20 @@ def register(subparsers) -> None:
         metavar="NAME.KEY=VALUE",
         help="an option of an aggregator or attack, e.g. safeguard.window1=100 or sign_flip.scale=10",
     )
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--seed", type=seed_value, default=0)
-    p.add_argument("--split", choices=("iid", "shard"), default="iid")
+    p.add_argument("--steps", type=int, default=300, help="SGD steps a cell (default 300)")
+    p.add_argument(
+        "--batch-size", type=int, default=32, help="examples a worker a step (default 32)"
+    )
+    p.add_argument("--lr", type=float, default=0.05, help="learning rate (default 0.05)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    p.add_argument("--seed", type=seed_value, default=0, help="seed of every cell (default 0)")
+    p.add_argument(
+        "--split",
+        choices=("iid", "shard"),
+        default="iid",
+        help="iid: every worker samples the whole training set; shard: disjoint shards "
+        "(default iid)",
+    )
     p.add_argument("--simulate", action="store_true", help="run the workers in one process")
     p.add_argument(
         "--timeout",
@@ -599,5 +637,9 @@ def register(subparsers) -> None:
         help="the most one cell may take on real ranks (default 600); where a cell fails or "
         "is stopped, the cells finished before it are kept in <out-dir>/robust_matrix.partial.json",
     )
-    p.add_argument("--out-dir", default="robust-matrix")
+    p.add_argument(
+        "--out-dir",
+        default="robust-matrix",
+        help="folder of robust_matrix.json and robust_matrix.png (default ./robust-matrix)",
+    )
     p.set_defaults(func=run, _parser=p)

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from .._options import check_options, plain
 from ..comm.p2p import alone
+from ..comm.registry import collective_option_names
 from ..compressors import Compressor, compressor_class, get_compressor
 from .devices import on_device
 
@@ -256,6 +257,15 @@ class SyncConfig:
                     "collective_options['dense']: the dense allreduce takes no options"
                 )
             if name not in cands:
+                # An option of a candidate given without its name (repartition_every=32):
+                # say where it goes, not to add it to the candidates.
+                owners = [c for c in cands if c != "dense" and name in collective_option_names(c)]
+                if owners:
+                    raise ValueError(
+                        f"collective_options with collective='auto' maps a candidate's name to "
+                        f"its options; {name!r} is an option of {', '.join(owners)}: give it "
+                        f"as {{{owners[0]!r}: {{{name!r}: {value!r}}}}}"
+                    )
                 raise ValueError(
                     f"collective_options with collective='auto' maps a candidate's name to its "
                     f"options; {name!r} is not among the candidates ({', '.join(cands)}): add "
