@@ -36,6 +36,9 @@ RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "clus
         # a traceback, and the results of the methods run before it were lost)
         (["--method", "woodfisher", "--block-size", "10000"],
          "--method woodfisher: WoodFisher blocks of size 10000 need"),
+        # (it had advised raising max_memory_bytes, which the command has no flag for)
+        (["--method", "woodfisher", "--block-size", "10000"],
+         "give a smaller --block-size (about 8192 or less fits; the command's budget is fixed)"),
     ],
 )  # fmt: skip
 def test_prune_refuses_what_it_would_ignore(tmp_path, capsys, argv, words):

@@ -486,8 +486,13 @@ def _main(args: argparse.Namespace) -> int:
         model = task.build_model()
         try:
             _build_pruner("woodfisher", cfg, cfg.sparsity, "oneshot", model).prepare(model)
-        except ValueError as e:  # (max_memory_bytes has no flag: --block-size is the remedy)
-            args._parser.error(f"--method woodfisher: {e}")
+        except ValueError as e:  # max_memory_bytes has no flag: --block-size is the remedy
+            text = (
+                str(e)
+                .replace("use a smaller block_size", "give a smaller --block-size")
+                .replace("fits) or raise max_memory_bytes", "fits; the command's budget is fixed)")
+            )
+            args._parser.error(f"--method woodfisher: {text}")
     from .train import check_outputs
 
     if "nm" in cfg.methods:
