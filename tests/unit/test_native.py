@@ -461,6 +461,22 @@ def test_the_kernel_is_turned_off_by_any_case_of_its_words(monkeypatch, value):
     assert not _native.enabled() and _native.library() is None
 
 
+def test_a_value_that_is_neither_on_nor_off_warns_once_and_means_on(monkeypatch):
+    # "maybe" (or a typo of "off") had been taken as on without a word.
+    monkeypatch.setattr(_native, "_WARNED", set())
+    monkeypatch.setenv("SPARSETRAIN_NATIVE", "maybe")
+    with pytest.warns(RuntimeWarning, match=r"SPARSETRAIN_NATIVE='maybe' is neither on .* "
+                      r"nor off \(0, false, no, off\): taken as on"):  # fmt: skip
+        assert _native.enabled()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _native.enabled()  # once
+        monkeypatch.setenv("SPARSETRAIN_NATIVE", "Yes")
+        assert _native.enabled()
+
+
 def test_an_unavailable_kernel_is_not_built_again_when_its_warning_is_an_error(
     monkeypatch, tmp_path
 ):

@@ -49,10 +49,25 @@ _INDEX = {torch.int32: "i32", torch.int64: "i64"}
 _VALUE = {torch.float32: "f32", torch.float64: "f64"}
 
 
+_OFF = ("0", "false", "no", "off")
+_ON = ("1", "true", "yes", "on", "")
+_WARNED: set[str] = set()  # values of SPARSETRAIN_NATIVE already warned about
+
+
 def enabled() -> bool:
-    """Whether the kernel may be used (``SPARSETRAIN_NATIVE`` is not ``0``)."""
-    value = os.environ.get("SPARSETRAIN_NATIVE", "1").strip().lower()
-    return value not in ("0", "false", "no", "off")
+    """Whether the kernel may be used (``SPARSETRAIN_NATIVE`` is not ``0``). A value that is
+    neither on nor off (a typo) is taken as on, with a warning once."""
+    raw = os.environ.get("SPARSETRAIN_NATIVE", "1")
+    value = raw.strip().lower()
+    if value not in _OFF and value not in _ON and value not in _WARNED:
+        _WARNED.add(value)
+        warnings.warn(
+            f"SPARSETRAIN_NATIVE={raw!r} is neither on ({', '.join(_ON[:-1])}) nor off "
+            f"({', '.join(_OFF)}): taken as on",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return value not in _OFF
 
 
 def _build() -> ctypes.CDLL:
