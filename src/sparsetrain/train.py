@@ -1200,6 +1200,8 @@ def _repair_checkpoints(ckpt: Path, rank: int, world: int, device: torch.device)
         elif action == "stale":
             path.unlink(missing_ok=True)
             _previous_path(path).unlink(missing_ok=True)
+            if q >= world:  # an old rank past the new last one: its lock file too
+                path.with_suffix(".lock").unlink(missing_ok=True)
         else:  # "drop_prev"
             _previous_path(path).unlink(missing_ok=True)
     dist.barrier()

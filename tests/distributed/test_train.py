@@ -538,6 +538,7 @@ def test_a_run_resumes_on_another_number_of_workers(tmp_path, capfd):
     assert sorted(p.name for p in (tmp_path / "c" / "threshold").glob("*.pt")) == [
         "rank0.prev.pt", "rank0.pt",
     ]  # fmt: skip
+    assert not (tmp_path / "c" / "threshold" / "rank1.lock").exists()  # (it had stayed)
 
     # Stopped during the first save on 3 ranks, after ranks 0 and 1 wrote theirs (keeping
     # the old run's as rank<r>.prev.pt) and before rank 2 did: those are undone, and the run
