@@ -101,6 +101,18 @@ def load_checkpoint(folder: Path, device: torch.device, amp: bool) -> dict | str
             except (TypeError, ValueError) as e:  # said here; the other ranks stop too
                 problem = str(e)
                 print(f"rank {rank}: cannot resume from {folder}: {problem}", file=sys.stderr)
+    elif not files:  # (every rank alike: rank 0's file says how many processes wrote them)
+        if rank == 0:
+            print(f"rank 0: cannot resume from {folder}: rank0.pt is missing or says no number "
+                  "of processes", file=sys.stderr)  # fmt: skip
+    else:  # what this rank reads is missing, of another run, or from several epochs
+        found = ", ".join(
+            f"rank{r}.pt: " + (f"epoch {f['epoch']}" if f and f.get("world_size") == old
+                               else "missing or of another run")
+            for r, f in sorted(files.items())
+        )  # fmt: skip
+        print(f"rank {rank}: cannot resume from {folder}: the files it reads are not one "
+              f"epoch's ({found})", file=sys.stderr)  # fmt: skip
     epoch = float(saved["epoch"]) if saved is not None and problem is None else -1.0
     other_amp = float(saved is not None and ("scaler" in saved) != amp)  # --amp one way only
     seen = torch.tensor([epoch, -epoch, -other_amp], dtype=torch.float64, device=device)

@@ -86,6 +86,9 @@ def test_ddp_hook_example_learns_and_resumes_exactly(tmp_path):
     (split / "rank1.pt").unlink()
     refused = torchrun(2, "ddp_hook.py", "--checkpoint", str(split), "--resume", status=1)
     assert "a rank's checkpoint is missing" in refused
+    # ... and the rank that reads the missing file says which (none had: "see that rank's error")
+    assert "the files it reads are not one epoch's (" in refused
+    assert "rank1.pt: missing or of another run" in refused
     # No checkpoint at all: said so, not "see that rank's error" (no rank had one).
     none = tmp_path / "none"
     refused = torchrun(2, "ddp_hook.py", "--checkpoint", str(none), "--resume", status=1)
