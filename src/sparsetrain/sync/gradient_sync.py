@@ -318,9 +318,7 @@ class GradientSync:
                 f"{p.device}); its buckets were sized and typed for the old ones: build "
                 "GradientSync after model.to(...)"
             )
-            if self.engine.world == 1 or not self.buckets:
-                raise ValueError(message)
-            self.engine.refuse_step(message)
+            self._refuse(message)
         if self._unchanged_since_last():
             message = (
                 "GradientSync: synchronize() was called again with no backward since its last "
@@ -328,9 +326,7 @@ class GradientSync:
                 "a second time, and count what error feedback kept twice; call it once a step, "
                 "after backward"
             )
-            if self.engine.world == 1 or not self.buckets:
-                raise ValueError(message)
-            self.engine.refuse_step(message)
+            self._refuse(message)
         self._written = None
         unfrozen = [n for n, p in self._left_out if p.requires_grad]
         if unfrozen:  # only those still in the model (a frozen teacher taken out trains alone)
@@ -375,6 +371,14 @@ class GradientSync:
                         p.grad.zero_()
         self._written = self._grad_versions()
         return not self.engine.skipped_last_step
+
+    def _refuse(self, message: str) -> None:
+        """Refuse this step with ``ValueError(message)``: here at once where no other rank
+        waits (one rank, or no buckets: no message would carry it), else on every rank in the
+        step's first exchange (:meth:`SyncEngine.refuse_step`)."""
+        if self.engine.world == 1 or not self.buckets:
+            raise ValueError(message)
+        self.engine.refuse_step(message)
 
     def _grad_versions(self) -> list[tuple[int, int] | None]:
         """Each trained parameter's gradient as (identity, in-place version counter)."""
@@ -425,10 +429,7 @@ class GradientSync:
             "residuals), or build it while every parameter that will train is trainable: "
             "parameters frozen after it was built are left alone"
         )
-        if self.engine.world == 1 or not self.buckets:
-            # (Without buckets no message goes out to carry the refusal; nor does any rank wait.)
-            raise ValueError(message)
-        self.engine.refuse_step(message)
+        self._refuse(message)
         return False
 
     def _frozen(self, name: str, param: nn.Parameter) -> torch.Tensor:
