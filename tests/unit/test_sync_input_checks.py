@@ -598,6 +598,11 @@ def test_strict_false_takes_a_state_saved_under_another_density_but_not_compress
         _sync(compressor="topk", density=0.25).load_state_dict(state, strict=False)
     with pytest.raises(TypeError, match="strict must be True or False"):
         _sync(density=0.25).load_state_dict(state, strict="no")
+    # Nor residuals kept otherwise: strict=False is not offered (it would refuse them too)
+    for other in ({"error_feedback": False}, {"momentum_correction": 0.9}):
+        with pytest.raises(ValueError, match="saved with other gradient-sync") as refused:
+            _sync(density=0.25, **other).load_state_dict(state)
+        assert "strict=False" not in str(refused.value)
 
 
 def test_an_unpickled_hook_state_registered_by_hand_says_how_to_restore_it(group):

@@ -1343,11 +1343,14 @@ class SyncEngine:
             )
         diffs = config_differences(state.get("config", {}), self.config)
         if diffs and (strict or diffs[0].startswith("compressor:")):
+            # strict=False cannot take another compressor, nor residuals or velocities kept
+            # (or not) otherwise than this sync keeps them: no hint of it then.
+            binding = ("compressor", "error_feedback", "momentum_correction")
+            loose = not any(d.split(":")[0] in binding for d in diffs)
             raise ValueError(
                 f"this state was saved with other gradient-sync settings ({'; '.join(diffs)}); "
                 f"{owner} must be built with the saved settings to load it (only on_nonfinite "
-                "may differ)"
-                + ("" if diffs[0].startswith("compressor:") else ", or pass strict=False")
+                "may differ)" + (", or pass strict=False" if loose else "")
             )
         saved_by = _saved_by(state)
         scale = state.get("loss_scale", 1.0)  # states from before loss scaling: unscaled
