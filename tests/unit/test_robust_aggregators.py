@@ -396,6 +396,19 @@ def test_bucketing_refuses_base_rules_with_state_kept_per_input():
         get_aggregator("bucketing", n=9, f=1, base="median", base_options={"bad": 1})
 
 
+def test_bucketing_takes_a_state_saved_with_base_options_empty_or_none_alike():
+    # {} and None mean the same options; a state saved under one had been refused by the other
+    empty = get_aggregator("bucketing", n=9, f=1, base="median", base_options={})
+    none = get_aggregator("bucketing", n=9, f=1, base="median")
+    none.load_state_dict(empty.state_dict())
+    empty.load_state_dict(none.state_dict())
+    clipped = get_aggregator("bucketing", n=9, f=1, base="centered_clipping",
+                             base_options={"tau": 2.0})  # fmt: skip
+    other = get_aggregator("bucketing", n=9, f=1, base="centered_clipping")
+    with pytest.raises(ValueError, match=r"base_options: saved \{'tau': 2.0\}, now \{\}"):
+        other.load_state_dict(clipped.state_dict())
+
+
 def test_options_must_be_finite():
     with pytest.raises(ValueError, match="eps must be a finite number > 0, got inf"):
         get_aggregator("geometric_median", n=3, f=1, eps=float("inf"))

@@ -151,7 +151,14 @@ class Bucketing(Aggregator):
         owner = "aggregator 'bucketing'"
         check_state(state, owner, ("step", "base"), optional=("options",))
         step = state_int(state["step"], f"{owner}: the state's 'step'")
-        check_saved_settings(state, owner, self.options(), strict)
+        saved = state.get("options")
+        if isinstance(saved, Mapping) and "base_options" in saved:
+            # base_options None and {} mean the same: compared as {} on both sides
+            state = {**state, "options": {**saved, "base_options": saved["base_options"] or {}}}
+        now = self.options()
+        check_saved_settings(
+            state, owner, {**now, "base_options": now["base_options"] or {}}, strict
+        )
         try:
             self._inner.load_state_dict(state["base"], **({} if strict else {"strict": False}))
         except (TypeError, ValueError) as e:
