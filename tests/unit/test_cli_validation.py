@@ -437,7 +437,11 @@ def fake_cluster(monkeypatch, tmp_path):
         (["--densities", "0.01,1.5"], "--densities: density must be in (0, 1], got 1.5"),
         (["--densities", "often"], "--densities: could not convert string to float: 'often'"),
         (["--densities", ","], "--densities lists nothing"),
-        (["--bandwidth", "0.5bit"], "bandwidth must be at least 1kbit"),
+        (["--bandwidth", "0.5bit"], "bandwidth must be between 1kbit and 10tbit"),
+        # tc's 32-bit burst (it failed half way through the build) and a probe that waited
+        # for --timeout
+        (["--bandwidth", "100tbit"], "bandwidth must be between 1kbit and 10tbit, got '100tbit'"),
+        (["--latency", "1000s"], "latency must be at most 10s, one way, got '1000s'"),
         (["--ranks", "1"], "ranks must be between 2 and 1024, got 1"),
     ],
 )
@@ -458,6 +462,26 @@ def test_cluster_out_must_be_a_folder_it_can_make(fake_cluster, tmp_path, capsys
         err = argparse_error(capsys, ["bench", "cluster", "--out", str(out)])
         assert f"--out {out}: {tmp_path / 'file'} is not a folder" in err
     assert fake_cluster.instances == [] and list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_cluster_refuses_an_out_it_could_not_write_the_results_to(fake_cluster, tmp_path, capsys):
+    # Found only after the whole sweep, which was then lost: a folder where the JSON goes,
+    # and a file system root may not write to (os.access says yes there).
+    (tmp_path / "o" / "run.json").mkdir(parents=True)
+    err = argparse_error(capsys, ["bench", "cluster", "--out", str(tmp_path / "o"), "--name",
+                                  "run"])  # fmt: skip
+    assert f"{tmp_path / 'o' / 'run.json'} is a folder, where the results go" in err
+    if os.path.isdir("/proc/self"):
+        err = argparse_error(capsys, ["bench", "cluster", "--out", "/proc/self/st-out"])
+        assert "--out /proc/self/st-out: cannot write into /proc/self" in err
+    assert fake_cluster.instances == []
+
+
+def test_cleanup_takes_only_the_names_its_runs_give():
+    from sparsetrain.cluster.netns import _OWN_NAME
+
+    assert _OWN_NAME.match("st-12-ab12cd34-hub") and _OWN_NAME.match("st-12-ab12cd34-3")
+    assert not _OWN_NAME.match("st-12-abcd-0")  # (4 hex digits had been taken as ours)
 
 
 def test_cluster_without_root_says_so_and_makes_nothing(

@@ -67,8 +67,10 @@ ADDRESS_RANGE = ipaddress.ip_network("198.18.0.0/15")
 RANK_IFNAME = "st0"
 DEFAULT_MASTER_PORT = 29500
 MAX_RANKS = 1024
+MAX_RATE_BPS = 10e12  # 10 Tbit/s: far above what veths on one machine carry
+MAX_LATENCY_S = 10.0  # one way: a link slower than any real one, far above a WAN's
 # The names this module gives: st-<pid>-<8 hex digits>-<rank or "hub">. Nothing else is ours.
-_OWN_NAME = re.compile(r"^st-(\d+)-[0-9a-f]{4,}-(hub|\d+)$")
+_OWN_NAME = re.compile(r"^st-(\d+)-[0-9a-f]{8}-(hub|\d+)$")
 # Signals that end a run: SIGINT raises KeyboardInterrupt (where Python's default handler is
 # installed), SIGTERM and SIGHUP SystemExit, in the main thread, so tear-down runs.
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -322,9 +324,19 @@ class EmulatedCluster:
                 f"latency_via must be one of {', '.join(LATENCY_VIA)}, got {self.latency_via!r}"
             )
         self.bandwidth_bps = parse_rate(self.bandwidth)
-        if self.bandwidth_bps < 1000:
-            raise ValueError(f"bandwidth must be at least 1kbit, got {self.bandwidth!r}")
+        if not 1000 <= self.bandwidth_bps <= MAX_RATE_BPS:
+            # (tc counts a token bucket's burst, 1 ms of traffic, in 32 bits: past 34 Tbit/s
+            # the build failed half way with tc's own error)
+            raise ValueError(
+                f"bandwidth must be between 1kbit and {MAX_RATE_BPS / 1e12:g}tbit, got "
+                f"{self.bandwidth!r}"
+            )
         self.latency_s = parse_duration(self.latency)
+        if self.latency_s > MAX_LATENCY_S:
+            # (the link probe waits on every round trip: 1000s had waited for --timeout)
+            raise ValueError(
+                f"latency must be at most {MAX_LATENCY_S:g}s, one way, got {self.latency!r}"
+            )
         self.gso_max_size = _gso_max_size(self.bandwidth_bps, self.mtu)
         self.burst_bytes = 0  # set when the links are shaped
         self.prefix = f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
@@ -659,11 +671,23 @@ class EmulatedCluster:
                     + _tails(files, failed)
                 )
         finally:
-            _stop(procs)
-            for f in files:
-                if f is not None:
-                    f.close()
-            shutil.rmtree(logs, ignore_errors=True)
+            # As in close(): a second Ctrl-C during this clean-up waits until it is done (it
+            # had left the log folder behind), and is raised after it unless an exception is
+            # already on its way out.
+            outer = self._deferred is None
+            if outer:
+                self._deferred = []
+            try:
+                _stop(procs)
+                for f in files:
+                    if f is not None:
+                        f.close()
+                shutil.rmtree(logs, ignore_errors=True)
+            finally:
+                if outer:
+                    pending, self._deferred = self._deferred, None
+                    if pending and sys.exc_info()[0] is None:
+                        _raise_for(pending[0])
 
     # ---- measuring the links -------------------------------------------------------------
     def measure_bandwidth(

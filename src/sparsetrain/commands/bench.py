@@ -292,6 +292,11 @@ def _out_folder_problem(out: Path) -> str | None:
         return f"{existing} is not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"cannot write into {existing}"
+    try:  # root passes os.access everywhere, also on /proc and read-only mounts: write there
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        return f"cannot write into {existing} ({e.strerror})"
     return None
 
 
@@ -637,6 +642,11 @@ def run_cluster(args: argparse.Namespace) -> int:
         problem = _out_folder_problem(out)
         if problem:
             raise ValueError(f"--out {out}: {problem}")
+        stem = args.name or f"cluster_{args.ranks}r_{args.bandwidth}"
+        taken = [out / f"{stem}{end}" for end in (".json", ".partial.json")]
+        for path in taken:  # (written after the whole sweep: the run had been lost)
+            if path.is_dir():
+                raise ValueError(f"--out {out}: {path} is a folder, where the results go")
         cluster = EmulatedCluster(
             args.ranks, args.bandwidth, args.latency, latency_via=args.latency_via
         )
@@ -647,7 +657,6 @@ def run_cluster(args: argparse.Namespace) -> int:
     except ClusterPermissionError as e:
         print(f"sparsetrain bench cluster: {e}", file=sys.stderr)
         return 2
-    stem = args.name or f"cluster_{args.ranks}r_{args.bandwidth}"
     tmp = Path(tempfile.mkdtemp(prefix=f"{BENCH_TMP_PREFIX}{os.getpid()}-"))
     try:
         cfg = {"sizes": sizes, "densities": densities, "algorithms": algorithms,
