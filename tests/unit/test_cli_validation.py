@@ -814,3 +814,44 @@ def test_root_without_the_network_capabilities_is_told_so_before_anything_is_bui
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert "ClusterPermissionError" in res.stdout and "CAP_NET_ADMIN" in res.stdout, res
+
+
+def test_a_bench_worker_keeps_its_finished_dense_points_when_a_later_one_fails(
+    tmp_path, monkeypatch
+):
+    # Records were written after each sparse point only: a dense-only run kept nothing.
+    import socket
+
+    import torch.distributed as dist
+
+    from sparsetrain.commands import bench
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)),
+                       ("RANK", "0"), ("WORLD_SIZE", "1")):  # fmt: skip
+        monkeypatch.setenv(key, value)
+    records = tmp_path / "records.json"
+    cfg = {"sizes": [1000, 2000], "densities": [0.01, 0.1], "algorithms": ["dense"], "reps": 1,
+           "warmup": 0, "seed": 0, "records_path": str(records)}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    real, calls = bench._time_point, []
+
+    def failing_second(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("a rank died")
+        return real(*args)
+
+    monkeypatch.setattr(bench, "_time_point", failing_second)
+    try:
+        with pytest.raises(RuntimeError, match="a rank died"):
+            bench.worker_main(str(tmp_path / "config.json"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    kept = json.loads(records.read_text())
+    assert sorted((r["algorithm"], r["numel"], r["density"]) for r in kept) == [
+        ("dense", 1000, 0.01), ("dense", 1000, 0.1),
+    ]  # fmt: skip

@@ -232,6 +232,8 @@ def worker_main(config_path: str) -> int:
                     _add_pass(merged, (DENSE, numel, density), base, rec)
                     if bar:
                         bar.update()
+                if rank == 0:  # kept too (a dense-only run had never written a partial file)
+                    _write_json(Path(cfg["records_path"]), finished())
                 del x
             for density in cfg["densities"]:
                 k = max(1, min(numel, int(round(density * numel))))
