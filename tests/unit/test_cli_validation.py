@@ -845,10 +845,12 @@ def test_a_bench_worker_keeps_its_finished_dense_points_when_a_later_one_fails(
         return real(*args)
 
     monkeypatch.setattr(bench, "_time_point", failing_second)
+    threads = torch.get_num_threads()  # (the worker sets one thread)
     try:
         with pytest.raises(RuntimeError, match="a rank died"):
             bench.worker_main(str(tmp_path / "config.json"))
     finally:
+        torch.set_num_threads(threads)
         if dist.is_initialized():
             dist.destroy_process_group()
     kept = json.loads(records.read_text())
