@@ -380,15 +380,20 @@ def _write_partial(
     )
 
 
+def _row_labels(result: dict[str, Any]) -> dict[str, str]:
+    """Each aggregator's row label: its name, with the f it was built for where that is below
+    the run's Byzantine count (``krum(f=3)``)."""
+    rule_f = {c["aggregator"]: c["rule_f"] for c in result["cells"]}
+    byzantine = result["config"]["byzantine"]
+    return {g: g if f == byzantine else f"{g}(f={f})" for g, f in rule_f.items()}
+
+
 def format_table(result: dict[str, Any]) -> str:
     cells = result["cells"]
     aggs = list(dict.fromkeys(c["aggregator"] for c in cells))
     atts = list(dict.fromkeys(c["attack"] for c in cells))
     acc = {(c["aggregator"], c["attack"]): c["accuracy"] for c in cells}
-    rule_f = {c["aggregator"]: c["rule_f"] for c in cells}
-    labels = {
-        g: g if rule_f[g] == result["config"]["byzantine"] else f"{g}(f={rule_f[g]})" for g in aggs
-    }
+    labels = _row_labels(result)
     width = max(len(v) for v in labels.values()) + 2
     head = "aggregator".ljust(width) + "".join(f"{a[:11]:>12}" for a in atts) + f"{'worst':>12}"
     lines = [head, "-" * len(head)]
@@ -419,12 +424,8 @@ def plot_heatmap(result: dict[str, Any], path: str) -> None:
     fig, ax = plt.subplots(figsize=(1.1 * len(atts) + 2, 0.55 * len(aggs) + 1.5))
     im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
     ax.set_xticks(range(len(atts)), atts, rotation=35, ha="right")
-    rule_f = {c["aggregator"]: c["rule_f"] for c in cells}  # (as the table labels them)
-    byzantine = result["config"]["byzantine"]
-    ax.set_yticks(
-        range(len(aggs)),
-        [g if rule_f[g] == byzantine else f"{g}(f={rule_f[g]})" for g in aggs],
-    )
+    labels = _row_labels(result)  # (as the table's)
+    ax.set_yticks(range(len(aggs)), [labels[g] for g in aggs])
     for i in range(len(aggs)):
         for j in range(len(atts)):
             ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=8)
@@ -591,22 +592,18 @@ def register(subparsers) -> None:
         default=4,
         help="attacking workers, the last ones (default 4; 0: only the no-attack column)",
     )
-    p.add_argument(
-        "--aggregators",
-        nargs="+",
-        action=_JoinNames,
-        default=DEFAULT_AGGREGATORS,
-        metavar="NAMES",
-        help=f"rules, comma- or space-separated (default: {DEFAULT_AGGREGATORS})",
-    )
-    p.add_argument(
-        "--attacks",
-        nargs="+",
-        action=_JoinNames,
-        default=DEFAULT_ATTACKS,
-        metavar="NAMES",
-        help=f"attacks, comma- or space-separated; 'none' = no attack (default: {DEFAULT_ATTACKS})",
-    )
+    for flag, default, what in (
+        ("--aggregators", DEFAULT_AGGREGATORS, "rules"),
+        ("--attacks", DEFAULT_ATTACKS, "attacks ('none' = no attack)"),
+    ):
+        p.add_argument(
+            flag,
+            nargs="+",
+            action=_JoinNames,
+            default=default,
+            metavar="NAMES",
+            help=f"{what}, comma- or space-separated (default: {default})",
+        )
     p.add_argument(
         "--option",
         action="append",
