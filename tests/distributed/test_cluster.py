@@ -253,6 +253,22 @@ def test_without_a_compiler_the_cluster_warns_or_refuses_as_asked(monkeypatch, t
 
 
 @needs_root
+def test_netem_asked_for_without_it_is_refused_before_the_ranks_namespaces(monkeypatch):
+    from sparsetrain.cluster import netns
+
+    made = []
+    add = EmulatedCluster._add_namespace
+    monkeypatch.setattr(netns, "_netem_available", lambda namespace, dev: False)
+    monkeypatch.setattr(EmulatedCluster, "_add_namespace", lambda c, n: (made.append(n), add(c, n)))
+    cluster = EmulatedCluster(4, latency="1ms", latency_via="netem")
+    with pytest.raises(ClusterError, match="latency_via='netem': this kernel has no"):
+        with cluster:
+            pass
+    assert made == [cluster.hub]
+    assert list_namespaces(cluster.prefix) == []
+
+
+@needs_root
 def test_exception_inside_block_tears_down():
     with pytest.raises(RuntimeError, match="boom"):
         with EmulatedCluster(2) as cluster:

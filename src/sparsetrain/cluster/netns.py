@@ -412,9 +412,11 @@ class EmulatedCluster:
 
     def _build(self) -> None:
         self._add_namespace(self.hub)
+        # Chosen before the ranks' namespaces are made: a latency way that cannot run (netem
+        # asked for on a kernel without it) is refused having built only the hub to try it in.
+        self.latency_method = self._choose_latency_method()
         for rank in range(self.ranks):
             self._add_namespace(self.namespace(rank))
-        self.latency_method = self._choose_latency_method()
         if self.latency_method == "switch":
             try:
                 self._start_switch()
