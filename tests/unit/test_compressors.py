@@ -457,6 +457,20 @@ def test_powersgd_keeps_float16_payloads_in_range():
         assert all(torch.isfinite(q).all() for q in c.state_dict()["q"]["k"])
 
 
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)], ids=str)
+def test_powersgd_sends_every_row_of_a_gradient_whose_squares_pass_float32(dtype, atol):
+    # A warm Q of a gradient of 1e19 has entries whose squares sum past float32's range: its
+    # plain column norm was inf, Q became zero, and from the second step on only the first
+    # `rank` rows of the gradient were sent, with nothing to say so. A rank-3 gradient comes
+    # back whole at rank 3 (entries up to about 8; bfloat16 rounds them to 1 part in 256).
+    torch.manual_seed(11)
+    m = torch.randn(64, 3) @ torch.randn(3, 32)
+    c = make("powersgd", rank=3)
+    for _ in range(3):
+        out = roundtrip(c, (m * 1e19).to(dtype)).float() / 1e19
+        assert_close(out, m, rtol=0, atol=atol)
+
+
 def test_powersgd_sends_float16_round_two_in_float32():
     # Q = M^T P_hat is up to a column norm of M: 4 x 20000 here, past float16's 65504, for a
     # finite float16 gradient. In float16 it overflowed on this rank alone (the other ranks

@@ -89,10 +89,12 @@ class PowerSGD(Compressor):
     Computation is in float32 for float16/bfloat16 input; payloads are in the input's dtype,
     except float16's round 2 (Q and the uncompressed part), which travels in float32: Q is
     ``M^T P_hat``, up to a column norm of M, past float16's range for a finite gradient of
-    large entries on one rank. For float16 input the warm-start Q's columns are scaled to unit
-    length (which changes no result) so that P fits float16's range, and a summed P that
-    overflows it anyway raises ``FloatingPointError`` on every rank (the sum is the same
-    everywhere) before anything is kept.
+    large entries on one rank. The warm-start Q's columns are scaled to unit length (which
+    changes no result, up to rounding) so that P does not square the gradient's scale: P fits
+    float16's range where M's row norms do, and float32's for finite float32 gradients of up to
+    about 1e38 over the root of the row length. For float16 input a summed P that overflows
+    anyway raises ``FloatingPointError`` on every rank (the sum is the same everywhere) before
+    anything is kept.
 
     Args:
         rank: r, the rank of the approximation, >= 1.
@@ -232,7 +234,7 @@ class PowerSGD(Compressor):
         # (M^T P_hat, M's size) would square it: float16's P overflowed at gradients of a few
         # tens, float32's at 1e19. P_hat = orth(sum P) is the same for any positive column
         # scaling, up to rounding.
-        qs = [q / q.norm(dim=0).clamp_min(torch.finfo(q.dtype).tiny) for q in qs]
+        qs = [_unit_columns(q) for q in qs]
         ps = [
             (_view(source, m) @ q).reshape(-1) for m, q in zip(matrices, qs)
         ]  # P = M Q per matrix
@@ -319,6 +321,17 @@ class PowerSGD(Compressor):
                 )
         self._q = {str(k): [t.clone() for t in qs] for k, qs in q.items()}
         self._loaded = set(self._q)
+
+
+def _unit_columns(q: Tensor) -> Tensor:
+    """``q`` with each column scaled to unit length (an all-zero column stays zero). Each is
+    divided by its largest magnitude first: a plain norm sums squares, which pass float32's
+    range once the entries pass about 1.8e19 over the root of the column's length (a warm Q of a
+    gradient of 1e19), and dividing by that inf norm had zeroed Q, so that P_hat became the
+    unit vectors and only the first ``rank`` rows of M were sent."""
+    tiny = torch.finfo(q.dtype).tiny
+    q = q / q.abs().amax(dim=0).clamp_min(tiny)
+    return q / q.norm(dim=0).clamp_min(tiny)
 
 
 def _view(source: Tensor, m: _Matrix) -> Tensor:
