@@ -245,6 +245,12 @@ class ErrorFeedback:
         if not self.enabled:
             return
         _check_packing(names, numels, compensated, "update")
+        if not isinstance(sent, Tensor) or sent.numel() != compensated.numel():
+            raise ValueError(
+                "update: sent must be a tensor of as many elements as compensated "
+                f"({compensated.numel()}, what this rank sent of it, decoded), got "
+                f"{tuple(sent.shape) if isinstance(sent, Tensor) else type(sent).__name__}"
+            )
         compensated, sent = compensated.detach(), sent.detach()
         # (sent may be wider than the compensated gradient, whose dtype the residual keeps)
         residual = (compensated - sent.reshape(compensated.shape)).to(compensated.dtype)

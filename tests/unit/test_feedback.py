@@ -375,6 +375,8 @@ def test_a_packing_that_does_not_match_its_names_is_refused_naming_the_problem()
     g = ef.compensate(["a", "b"], [2, 2], torch.ones(4))
     with pytest.raises(ValueError, match="update: 2 names but 1 numels"):
         ef.update(["a", "b"], [4], g, torch.zeros(4))
+    with pytest.raises(ValueError, match=r"update: sent must be .* \(4, .*got \(5,\)"):
+        ef.update(["a", "b"], [2, 2], g, torch.zeros(5))  # had failed inside torch's reshape
     with pytest.raises(ValueError, match="add_back: numels add up to 3"):
         ef.add_back(["a"], [3], torch.ones(4))
 

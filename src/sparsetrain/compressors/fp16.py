@@ -55,8 +55,9 @@ class FP16(_Cast):
 class BF16(_Cast):
     """Send the gradient as bfloat16: float32's range with 8 bits of mantissa.
 
-    Steps: cast to bfloat16 (round to nearest even), allreduce, cast back. Never overflows where
-    float32 does not; about 2-3 significant digits. As in PyTorch's ``bf16_compress_hook``.
+    Steps: cast to bfloat16 (round to nearest even), allreduce, cast back. float32's exponent
+    range: only values within half a bfloat16 step of float32's largest (above about 3.396e38)
+    round to inf; about 2-3 significant digits. As in PyTorch's ``bf16_compress_hook``.
 
     Example:
         >>> (b,), ctx = BF16().compress(torch.randn(8))

@@ -39,6 +39,13 @@ class SignSGD(Compressor):
     3. Decode ``scale * (+1 or -1)``; a zero decodes as ``+scale`` (``-0.0`` as ``-scale``),
        which error feedback corrects (under ``majority_vote``, below, a zero decodes as 0).
 
+    The scale is summed in the work dtype (float32 for half types), so a bucket whose
+    magnitudes sum past its range (float32 entries of about 3e35 in a bucket of 1024) gets an
+    infinite scale although its mean fits; the sync then reports the exchange as overflowed
+    (dropping the step under a ``GradScaler``). Scaling each bucket by a power of two first, as
+    :class:`~sparsetrain.compressors.qsgd.QSGD` does, would avoid that but nearly double
+    this compressor's time (two more passes over the gradient), so it is not done.
+
     The scaled sign is biased, and plain signSGD can fail to converge; with error feedback (on
     by default here) it matches SGD's rate, which is the point of the paper. Deterministic.
 
