@@ -53,7 +53,8 @@ message costs ``alpha * world / cores`` where the ranks share the cores. With ``
 (a real cluster: a processor a rank) both factors are 1.
 
 Sparse inputs are modelled as k = density * n distinct indices a rank (at least one), uniform
-and independent across ranks (the worst case for fill-in), so the expected support of the sum
+and independent across ranks (near the worst case for fill-in while the ranks' k's together are
+far below n; disjoint supports are the worst), so the expected support of the sum
 of m ranks is ``U(m) = n * (1 - (1 - k / n) ** m)``. Entries cost ``index_bytes +
 value_bytes`` on the wire.
 
@@ -252,6 +253,10 @@ class Problem:
             raise TypeError(f"sorted_input must be True or False, got {self.sorted_input!r}")
         if self.fresh_pages is not None and not isinstance(self.fresh_pages, bool):
             raise TypeError(f"fresh_pages must be a bool or None, got {self.fresh_pages!r}")
+        for name in ("world", "numel", "value_bytes", "index_bytes", "cores"):
+            value = getattr(self, name)  # NumPy's integers as Python's (int.bit_length is used)
+            if value is not None:
+                object.__setattr__(self, name, int(value))
 
     @property
     def k(self) -> float:
@@ -346,12 +351,13 @@ def _fresh(q: Problem, active: float, *buffers: float | tuple[float, float]) -> 
     ``(size, count)`` for ``count`` alike, so a buffer a peer costs no list as long as the
     ranks) that ``active`` ranks allocate at once: where large buffers are fresh mappings
     (:attr:`Problem.fresh_pages`), each buffer above :data:`FRESH_MAPPING_BYTES`, counted as
-    dense elements of ``value_bytes``; nothing otherwise."""
+    dense float32 elements (the fits' unit: a page costs the same whatever the gradient's
+    dtype); nothing otherwise."""
     if not q.maps_fresh:
         return Cost(0, 0)
     sized = (b if isinstance(b, tuple) else (b, 1) for b in buffers)
     nbytes = sum(size * count for size, count in sized if size > FRESH_MAPPING_BYTES)
-    return _local(q, active, dense=nbytes / q.value_bytes)
+    return _local(q, active, dense=nbytes / 4)
 
 
 def _merge(q: Problem, active: float, m: float, out: float) -> Cost:
@@ -835,12 +841,9 @@ def fit(
         8.0
     """
     fixed = dict(fixed or {})
-    if (
-        isinstance(latency, bool)
-        or not isinstance(latency, (int, float))
-        or not (0 <= latency < math.inf)
-    ):
+    if not _is_real(latency) or not (0 <= latency < math.inf):
         raise ValueError(f"fit: latency must be a finite number >= 0, got {latency!r}")
+    latency = float(latency)  # (a NumPy float32 would round the products below to its width)
     bad = sorted(set(fixed) - set(COEFFICIENTS))
     if bad:
         raise ValueError(f"fit: cannot fix {bad}; coefficients are {', '.join(COEFFICIENTS)}")
@@ -867,6 +870,11 @@ def fit(
     # under the fitted coefficients until no point changes side. The sides can cycle (points
     # that share one ratio switch together), so the round that fits best by the model's own
     # max() is kept.
+    if not any(any(row) for row in (c.terms() for c in costs)):
+        raise ValueError(
+            "fit: the model prices every measurement at zero (a world of 1 sends and sums "
+            "nothing), so no coefficient can be fitted; measure on 2 or more ranks"
+        )
     known = [latency * c.rounds for c in costs]  # the part of each time the latency explains
     rows, seen, best, best_err = [c.terms() for c in costs], [], None, math.inf
     while rows not in seen and len(seen) < 8:
@@ -1022,7 +1030,7 @@ MODEL_PARAMETERS: dict[str, tuple[int, str]] = {
 
 def model_numel(name: str) -> int:
     """Return the parameter count of a preset model (see :data:`MODEL_PARAMETERS`)."""
-    if name not in MODEL_PARAMETERS:
+    if not isinstance(name, str) or name not in MODEL_PARAMETERS:
         raise ValueError(f"unknown model {name!r}; presets: {', '.join(sorted(MODEL_PARAMETERS))}")
     return MODEL_PARAMETERS[name][0]
 

@@ -271,6 +271,8 @@ def test_simulate_takes_local_costs_from_a_fit(tmp_path, capsys):
             "--ranks 1,000,000,000 exceeds the vector's 1,000,000 elements",
         ),
         (["simulate", "--bandwidth", "fast"], "--bandwidth: cannot read bandwidth 'fast'"),
+        # (beta, 8 / rate, is inf: the message had named NetworkParams.beta)
+        (["simulate", "--bandwidth", "1e-320bit"], "--bandwidth 9.99989e-321 bit/s is too small"),
         (["simulate", "--density", "0"], "--density must be in (0, 1], got 0.0"),
         (["simulate", "--overhead-us", "-1"], "--overhead-us must be a finite number >= 0"),
         (["simulate", "--algorithms", "ring"], "unknown ['ring']"),

@@ -236,6 +236,8 @@ def _without(key: str) -> dict:
         (results(link={"bandwidth_measured_bps": -1e9}), "link.bandwidth_measured_bps must"),
         (results(link={"bandwidth_measured_bps": "1gbit"}), "link.bandwidth_measured_bps must"),
         (results(link={"bandwidth_measured_bps": float("nan")}), "bandwidth_measured_bps must"),
+        # (8 / rate is inf: the fit had failed with a traceback)
+        (results(link={"bandwidth_measured_bps": 1e-320}), "bandwidth_measured_bps must"),
         (results(link={"latency_configured_s": float("inf")}), "latency_configured_s must be a"),
         (results(link={"latency_configured_s": "100us"}), "latency_configured_s must be a"),
         (results(link={"latency_configured_s": -1e-4}), "latency_configured_s must be a"),

@@ -94,6 +94,12 @@ def test_fresh_mappings_count_the_kernels_zeroing_of_large_buffers():
     extra = pm.cost("ssar_rd", fresh_pages=True, **rd).dense_elements - n
     assert extra > 2 * n
     assert pm.cost("ssar_rd", fresh_pages=False, **rd).dense_elements == n
+    # A page costs the same to zero whatever the gradient's dtype: counted in float32 elements.
+    for value_bytes in (2, 8):
+        wide = pm.cost("allgather", world=8, numel=n, density=0.001, value_bytes=value_bytes)
+        fresh = pm.cost("allgather", world=8, numel=n, density=0.001, value_bytes=value_bytes,
+                        fresh_pages=True)  # fmt: skip
+        assert fresh.dense_elements - wide.dense_elements == pytest.approx(n * value_bytes / 4)
     # The dense ring allocates nothing per call.
     assert pm.cost("dense", world=8, numel=n, density=1.0, fresh_pages=True) == pm.cost(
         "dense", world=8, numel=n, density=1.0
@@ -436,6 +442,12 @@ def test_allgather_loses_to_dense_as_ranks_grow():
             ValueError,
             "unknown model 'bert-huge'; presets: bert-base",
         ),
+        (lambda: pm.model_numel(["x"]), ValueError, r"unknown model \['x'\]; presets: bert-base"),
+        (
+            lambda: pm.fit([pm.Measurement("dense", 1, 10**6, 1.0, 0.1)] * 3),
+            ValueError,
+            "fit: the model prices every measurement at zero",
+        ),
     ],
 )
 def test_bad_input_is_refused_with_a_clear_message(call, error, match):
@@ -592,6 +604,16 @@ def test_numpy_numbers_and_iterators_are_taken_as_their_values():
     assert pm.cost("allgather", world=4, numel=10**4, density=0.01,
                    sorted_input=np.bool_(False)) == pm.cost(
         "allgather", world=4, numel=10**4, density=0.01, sorted_input=False)  # fmt: skip
+    # Recursive doubling takes the world's bit length, which NumPy's integers have not.
+    assert pm.cost("ssar_rd", world=np.int32(6), numel=10**6, density=0.01) == pm.cost(
+        "ssar_rd", world=6, numel=10**6, density=0.01
+    )
+    assert pm.best_collective(numel=10**6, nnz=10**4, world=np.int32(6)) == pm.best_collective(
+        numel=10**6, nnz=10**4, world=6
+    )
+    ms = [pm.Measurement(a, 8, n, 0.01, plain * n / 1e6)
+          for a in ("dense", "allgather") for n in (10**6, 10**7)]  # fmt: skip
+    assert pm.fit(ms, latency=np.float32(1e-4)) == pm.fit(ms, latency=float(np.float32(1e-4)))
     names = ["dense", "allgather", "oktopk"]
     assert pm.best_collective(numel=10**6, nnz=10**4, world=8, candidates=iter(names)) == (
         pm.best_collective(numel=10**6, nnz=10**4, world=8, candidates=names)

@@ -899,7 +899,9 @@ def _check_results(result: Any) -> tuple[list, int, float | None, int | None]:
     if not isinstance(link, dict):
         raise ValueError(f"link must be an object, got {link!r:.60}")
     rate = link.get("bandwidth_measured_bps")
-    if rate is not None and (not _is_number(rate) or not 0 < rate < math.inf):
+    if rate is not None and (
+        not _is_number(rate) or not 0 < rate < math.inf or not math.isfinite(8 / rate)
+    ):
         raise ValueError(
             f"link.bandwidth_measured_bps must be a positive number of bits per second (or "
             f"null), got {rate!r}"

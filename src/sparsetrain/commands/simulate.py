@@ -240,6 +240,9 @@ def _run(args: argparse.Namespace) -> int:
         if any(r < 2 for r in ranks):
             raise ValueError("--ranks: every value must be >= 2 (one rank exchanges nothing)")
         bandwidths = _list(args.bandwidth, parse_rate, "bandwidth")
+        for bw in bandwidths:
+            if not math.isfinite(8 / bw):  # (a rate parse_rate takes, and beta, 8 / rate)
+                raise ValueError(f"--bandwidth {bw:g} bit/s is too small to price a byte")
         if args.numel is not None:
             numel, what = _option("--numel", parse_count, args.numel), f"{args.numel} elements"
         else:
