@@ -331,3 +331,29 @@ def test_prune_and_robust_matrix_name_a_model_not_num_classes_wide(registry, tmp
         assert "task 'narrow': its model gave shape [2, 5] for a batch of 2" in err, err
         assert "here [2, 10]" in err
     assert not (tmp_path / "p.json").exists() and not (tmp_path / "m").exists()
+
+
+def test_digits_are_read_as_scikit_learns_loader_gives_them_without_importing_it(monkeypatch):
+    """The digits tasks read scikit-learn's bundled CSV themselves: importing sklearn.datasets
+    (SciPy and more) had been most of a worker's start after torch. Where the file is not
+    found, scikit-learn's loader gives the same arrays."""
+    import importlib.util
+
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from sparsetrain.tasks.digits import _digits_arrays
+
+    want_x, want_y = load_digits(return_X_y=True)
+    for find in (importlib.util.find_spec, lambda name: None):
+        monkeypatch.setattr(importlib.util, "find_spec", find)
+        x, y = _digits_arrays()
+        assert x.dtype == want_x.dtype and y.dtype == want_y.dtype
+        assert np.array_equal(x, want_x) and np.array_equal(y, want_y)
+    monkeypatch.undo()
+    code = (
+        "import sys; from sparsetrain.tasks import get_task; get_task('digits-mlp'); "
+        "print('sklearn.datasets' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
