@@ -3,21 +3,59 @@
 Example:
     >>> import sparsetrain  # doctest: +SKIP
     >>> state = sparsetrain.register_ddp_hook(ddp_model, "threshold", density=0.01)  # doctest: +SKIP
+
+The names below load their modules (and torch) on first use, so that the ``sparsetrain``
+command starts its work, and a Ctrl-C during torch's import of several seconds is a quiet
+exit like one later on, not a traceback.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from . import hostmem  # sparsetrain.hostmem.reuse_freed_memory() after a plain import
-from .compressors import available_compressors, get_compressor, register_compressor
-from .feedback import ErrorFeedback
-from .sync import (
-    GradientSync,
-    SyncConfig,
-    SyncState,
-    register_ddp_hook,
-    reshard_sources,
-    reshard_state,
-)
 
 __version__ = "0.1.0"
+
+# name -> the module it comes from
+_LAZY = {
+    "available_compressors": ".compressors",
+    "get_compressor": ".compressors",
+    "register_compressor": ".compressors",
+    "ErrorFeedback": ".feedback",
+    "GradientSync": ".sync",
+    "SyncConfig": ".sync",
+    "SyncState": ".sync",
+    "register_ddp_hook": ".sync",
+    "reshard_sources": ".sync",
+    "reshard_state": ".sync",
+}
+
+if TYPE_CHECKING:
+    from .compressors import available_compressors, get_compressor, register_compressor
+    from .feedback import ErrorFeedback
+    from .sync import (
+        GradientSync,
+        SyncConfig,
+        SyncState,
+        register_ddp_hook,
+        reshard_sources,
+        reshard_state,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'sparsetrain' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value  # later lookups find it without this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "ErrorFeedback",

@@ -1007,3 +1007,40 @@ def test_the_robust_heatmap_labels_a_rule_built_for_a_lower_f_as_the_table_does(
     finally:
         plt.Axes.set_yticks = real
     assert ["krum(f=3)", "median"] in shown
+
+
+def test_a_ctrl_c_while_torch_is_imported_is_a_quiet_exit(tmp_path):
+    """`import sparsetrain` loads torch only when a name needs it, so the command's own Ctrl-C
+    handling covers torch's import of several seconds: a Ctrl-C then had printed Python's
+    traceback from the script's first line. (A stand-in torch raises it here.)"""
+    import subprocess
+    import sys
+
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise KeyboardInterrupt\n")
+    import sparsetrain
+
+    src = Path(sparsetrain.__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(src)])}
+    code = "import sys; from sparsetrain.cli import main; sys.exit(main(['simulate']))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 130, out.stderr
+    assert out.stderr.strip() == "interrupted"
+
+
+def test_the_package_names_load_their_modules_on_first_use():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, sparsetrain, sparsetrain.cli; print('torch' in sys.modules); "
+        "from sparsetrain import GradientSync, get_compressor; "
+        "print(GradientSync.__module__, get_compressor('topk', density=0.1).name, "
+        "set(sparsetrain.__all__) <= set(dir(sparsetrain)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "sparsetrain.sync.gradient_sync", "topk", "True"]
+    import sparsetrain
+
+    with pytest.raises(AttributeError, match="module 'sparsetrain' has no attribute 'Nope'"):
+        sparsetrain.Nope  # noqa: B018
