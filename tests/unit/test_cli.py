@@ -256,9 +256,10 @@ def test_bad_input_is_an_argparse_error_naming_the_problem(capsys, argv, words):
 @pytest.mark.parametrize(
     ("argv", "words"),
     [
-        (["prune", "--epochs", "-1"], "epochs must be a non-negative integer"),
-        (["prune", "--lr", "-1"], "lr must be a finite number > 0, got -1.0"),
-        (["prune", "--method", "woodfisher", "--fisher-samples", "0"], "fisher_samples must be"),
+        (["prune", "--epochs", "-1"], "--epochs must be a non-negative integer"),
+        (["prune", "--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),
+        # (named as PruneConfig's fields, fisher_samples, had been)
+        (["prune", "--method", "woodfisher", "--fisher-samples", "0"], "--fisher-samples must"),
         (["robust-matrix", "--aggregators", "foo"], "unknown aggregator(s) ['foo']; valid:"),
         (["robust-matrix", "--task", "foo"], "invalid choice: 'foo'"),
         (["robust-matrix", "--option", "bad"], "--option takes NAME.KEY=VALUE"),

@@ -114,7 +114,9 @@ def test_functional_woodfisher_masks_prefer_low_saliency_not_low_magnitude() -> 
 def test_block_larger_than_memory_allows_is_refused() -> None:
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))
     pruner = WoodFisherPruner(sparsity=0.5, block_size=512, max_memory_bytes=1 << 20)
-    with pytest.raises(ValueError, match="over max_memory_bytes=1048576.*smaller block_size"):
+    with pytest.raises(
+        ValueError, match="over max_memory_bytes=1048576.*use block_size 55 or smaller"
+    ):
         pruner.prepare(model)
     with pytest.raises(ValueError, match="block_size must be a positive integer"):
         WoodFisherPruner(block_size=0)
@@ -249,3 +251,77 @@ def test_the_blocks_worked_through_in_slices_give_the_same_bits(monkeypatch) -> 
         finv = wf.woodbury_update_(wf.init_inverse(37, 16, 1e-3, g), g, 12)
         results.append((finv, wf.obs_update(w, finv, pruned)))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize(
+    ("shapes", "block", "budget"),
+    [
+        ([(1000, 1000)], 512, 2**30),
+        ([(128, 64), (128, 128), (10, 128)], 10000, 2**30),  # the digits MLP's weights
+        ([(7,), (3, 5)], 50, 4000),
+        ([(64, 64), (64, 8)], 512, 2**20),
+    ],
+)
+def test_the_memory_refusal_names_the_largest_block_size_that_fits(shapes, block, budget):
+    # It had scaled the refused size's block count, which grows as blocks shrink: it advised
+    # 370 for a 1000 x 1000 weight at 1 GiB, which needs 1.4 GiB, and for the digits MLP 9459,
+    # refused in turn (8192 fits: the need is not monotone in the block size).
+    from sparsetrain.pruning.woodfisher import check_block_memory
+
+    layout = BlockLayout(tuple("abc"[: len(shapes)]), tuple(map(torch.Size, shapes)), block)
+
+    def need(b: int) -> int:
+        return BlockLayout(layout.names, layout.shapes, b).num_blocks * b * b * 4
+
+    best = max(b for b in range(1, block) if need(b) <= budget)
+    with pytest.raises(ValueError, match=f"use block_size {best} or smaller, or raise"):
+        check_block_memory(layout, budget)
+
+
+def _ill_conditioned(damping: float):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 9), nn.Tanh(), nn.Linear(9, 4))
+    x, y = torch.randn(64, 12), torch.randint(0, 4, (64,))
+    batches = iter(range(10**6))
+
+    def closure():
+        i = next(batches) % 16
+        return nn.functional.cross_entropy(model(x[4 * i : 4 * i + 4]), y[4 * i : 4 * i + 4])
+
+    pruner = get_pruner(
+        "woodfisher", sparsity=0.5, fisher_samples=16, block_size=16, damping=damping
+    )
+    pruner.prepare(model)
+    return model, pruner, closure
+
+
+def test_a_damping_too_small_for_float32_is_refused_before_any_weight_changes():
+    # 16 samples in blocks of 16 at damping 1e-12: the float32 Woodbury updates lost the
+    # inverse's diagonal to rounding (89 entries came out negative), those weights ranked
+    # first to prune, and the OBS update moved the largest weight from 0.86 to 8.19, silently.
+    model, pruner, closure = _ill_conditioned(1e-12)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="diagonal entries of the inverse Fisher are not posit"):
+        pruner.prune(closure=closure)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    model, pruner, closure = _ill_conditioned(1e-4)
+    pruner.prune(closure=closure)  # the default's order of damping prunes
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_the_functional_form_checks_its_options_and_samples():
+    w = {"w": torch.randn(4, 5)}
+    g = {"w": torch.randn(3, 4, 5)}
+    for sparsity, words in ((1.5, r"sparsity must be in \[0, 1\)"), (-0.2, "sparsity must be")):
+        with pytest.raises(ValueError, match=words):  # 1.5 had pruned 19 of 20
+            woodfisher_prune(w, g, sparsity, block_size=4)
+    with pytest.raises(ValueError, match="scope must be one of"):  # it had ranked globally
+        woodfisher_prune(w, g, 0.5, "layers", block_size=4)
+    with pytest.raises(ValueError, match="damping must be finite and > 0"):  # inf: by position
+        masks(w, 0.5, "woodfisher", grads=g, block_size=4, damping=float("inf"))
+    with pytest.raises(ValueError, match=r"grads\['w'\] must be \(N, 4, 5\).*got \(4, 5\)"):
+        woodfisher_prune(w, {"w": torch.randn(4, 5)}, 0.5, block_size=4)  # torch's bmm error
+    with pytest.raises(ValueError, match=r"the same number N >= 1 of gradient samples, got \[0\]"):
+        woodfisher_prune(w, {"w": torch.randn(0, 4, 5)}, 0.5, block_size=4)  # magnitude's masks
+    with pytest.raises(ValueError, match=r"grads as one tensor must be \(N >= 1, 5, 4\)"):
+        woodfisher_prune(w, torch.randn(3, 20), 0.5, block_size=4)

@@ -472,7 +472,12 @@ def _main(args: argparse.Namespace) -> int:
     try:
         cfg = _config(args)
     except (ValueError, TypeError) as e:
-        args._parser.error(str(e))
+        text = str(e)
+        field = text.split(" ", 1)[0]
+        flag = "--" + field.replace("_", "-")
+        if field.isidentifier() and flag in args._parser._option_string_actions:
+            text = flag + text[len(field) :]  # (PruneConfig names its field, the user a flag)
+        args._parser.error(text)
     problem = _unused_options(args, cfg)
     if problem:
         args._parser.error(problem)
@@ -489,8 +494,9 @@ def _main(args: argparse.Namespace) -> int:
         except ValueError as e:  # max_memory_bytes has no flag: --block-size is the remedy
             text = (
                 str(e)
-                .replace("use a smaller block_size", "give a smaller --block-size")
-                .replace("fits) or raise max_memory_bytes", "fits; the command's budget is fixed)")
+                .replace("use block_size", "give --block-size")
+                .replace(", or raise max_memory_bytes", " (the command's budget is fixed)")
+                .replace("no block_size fits: raise max_memory_bytes", "no --block-size fits")
             )
             args._parser.error(f"--method woodfisher: {text}")
     from .train import check_outputs

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .masks import Masks, keep_top, register_method
+from .masks import Masks, check_scope, check_sparsity, keep_top, register_method
 
 DEFAULT_MAX_MEMORY = 2**30
 
@@ -90,22 +90,55 @@ def check_block_memory(
         or layout.block_size < 1
     ):
         raise ValueError(f"block_size must be a positive integer, got {layout.block_size!r}")
-    need = layout.num_blocks * layout.block_size**2 * torch.empty((), dtype=dtype).element_size()
+    size = torch.empty((), dtype=dtype).element_size()
+    need = layout.num_blocks * layout.block_size**2 * size
     if need > max_memory_bytes:
-        per = math.floor(math.sqrt(max_memory_bytes / max(layout.num_blocks, 1) / 4))
+        fits = _largest_block_size(layout, max_memory_bytes, size)
+        advice = (
+            f"use block_size {fits} or smaller, or raise max_memory_bytes"
+            if fits
+            else "no block_size fits: raise max_memory_bytes"
+        )
         raise ValueError(
             f"WoodFisher blocks of size {layout.block_size} need {layout.num_blocks} x "
-            f"{layout.block_size}^2 x 4 bytes = {need / 2**20:.1f} MiB for the inverse Fisher, over "
-            f"max_memory_bytes={max_memory_bytes} ({max_memory_bytes / 2**20:.1f} MiB); use a "
-            f"smaller block_size (about {max(per, 1)} or less fits) or raise max_memory_bytes"
+            f"{layout.block_size}^2 x {size} bytes = {need / 2**20:.1f} MiB for the inverse "
+            f"Fisher, over max_memory_bytes={max_memory_bytes} ({max_memory_bytes / 2**20:.1f} "
+            f"MiB); {advice}"
         )
     return need
 
 
+def _largest_block_size(layout: BlockLayout, budget: int, size: int) -> int:
+    """The largest block size below ``layout``'s whose inverses fit ``budget`` bytes (0: none).
+    Each tensor is padded to whole blocks, so the need is not monotone in the block size (the
+    digits MLP's 8192 fits 1 GiB in 4 blocks where 7998 needs 6), nor the refused size's block
+    count scaled: every size from the one the padding's worst case allows up to the one no
+    padding allows is tried."""
+    numels = [s.numel() for s in layout.shapes]
+    total, tensors, cap = sum(numels), len(numels), layout.block_size - 1
+    if total == 0:
+        return cap
+    # With under b weights of padding a tensor, the need at size b is below the bound
+    # (total + tensors * b) * b * size, which grows with b: the largest size it fits, fits.
+    lo, hi = 0, cap
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if (total + tensors * mid) * mid * size <= budget else (lo, mid - 1)
+    hi = min(cap, budget // (total * size))  # with no padding at all
+    if hi <= lo:
+        return lo
+    sizes = torch.arange(max(lo + 1, hi - 2**22), hi + 1, dtype=torch.int64)
+    blocks = sum((n + sizes - 1) // sizes for n in numels)
+    fits = sizes[blocks * sizes * sizes * size <= budget]
+    return int(fits.max()) if fits.numel() else lo
+
+
 def init_inverse(num_blocks: int, block_size: int, damping: float, like: Tensor) -> Tensor:
     """Return ``I / damping`` for every block: the inverse of the Fisher before any sample."""
-    if not damping > 0:
-        raise ValueError(f"damping must be > 0 (it keeps the Fisher invertible), got {damping}")
+    if not (damping > 0 and math.isfinite(damping)):
+        raise ValueError(
+            f"damping must be finite and > 0 (it keeps the Fisher invertible), got {damping}"
+        )
     eye = torch.eye(block_size, dtype=torch.float32, device=like.device) / damping
     return eye.expand(num_blocks, block_size, block_size).clone()
 
@@ -136,7 +169,9 @@ def woodbury_update_(finv: Tensor, grads: Tensor, num_samples: int) -> Tensor:
     return finv
 
 
-CHUNK_BYTES = 64 * 2**20  # the float64 working memory of a chunk of blocks, beyond the inverses
+# The working memory of a chunk of blocks beyond the inverses: budgeted as float64 temporaries
+# (the OBS update's; the Woodbury updates' are float32 and take half of it).
+CHUNK_BYTES = 64 * 2**20
 
 
 def _blocks_per_chunk(finv: Tensor, copies: int = 1) -> int:
@@ -171,6 +206,24 @@ def inverse_fisher(
         grads = layout.to_blocks([grads])
     finv = init_inverse(grads.shape[1], grads.shape[2], damping, grads)
     return woodbury_update_(finv, grads, grads.shape[0])
+
+
+def check_inverse(finv: Tensor, damping: float) -> None:
+    """Refuse (ValueError) inverses whose diagonal is not positive and finite. They are built
+    in float32: once the damped Fisher's condition number nears float32's precision (about
+    1e7; a damping far below the gradients' squares), the rank-one updates cancel to noise and
+    some ``[F^-1]_qq`` come out negative, which would rank those weights first to prune and
+    send the OBS update far off. (Accuracy degrades before that: keep the damping above about
+    1e-6 of the squared gradients' scale.)"""
+    diag = torch.diagonal(finv, dim1=-2, dim2=-1)
+    bad = int((~(diag > 0) | ~torch.isfinite(diag)).sum())
+    if bad:
+        raise ValueError(
+            f"woodfisher: {bad} of {diag.numel()} diagonal entries of the inverse Fisher are not "
+            f"positive and finite: at damping {damping:g} the float32 Woodbury updates lost "
+            "them to rounding (the damped Fisher is too ill-conditioned); raise damping (the "
+            "default is 1e-4)"
+        )
 
 
 def saliency(w_blocks: Tensor, finv: Tensor) -> Tensor:
@@ -242,17 +295,16 @@ def woodfisher_prune(
     Returns:
         ``(masks, new_weights)``.
     """
+    sparsity = check_sparsity(sparsity)
+    check_scope(scope)
     layout = BlockLayout.of(weights, block_size)
     check_block_memory(layout, max_memory_bytes)
     w_blocks = layout.to_blocks({n: w.detach() for n, w in weights.items()})
     if finv is None:
-        g = (
-            grads
-            if isinstance(grads, Tensor)
-            else layout.to_blocks([grads[n] for n in layout.names])
-        )
+        g = _grad_blocks(weights, grads, layout)
         finv = init_inverse(layout.num_blocks, block_size, damping, w_blocks)
         woodbury_update_(finv, g, g.shape[0])
+    check_inverse(finv, damping)
     rho = layout.from_blocks(saliency(w_blocks, finv))
     if previous:
         rho = {
@@ -263,9 +315,48 @@ def woodfisher_prune(
     if obs:
         pruned = layout.to_blocks({n: ~keep[n] for n in layout.names}, fill=False)
         new = layout.from_blocks(obs_update(w_blocks, finv, pruned))
+        if not all(bool(torch.isfinite(t).all()) for t in new.values()):
+            raise ValueError(
+                f"woodfisher: the OBS update of the kept weights is not finite at damping "
+                f"{damping:g} (the inverse Fisher is too ill-conditioned in float32); raise "
+                "damping (the default is 1e-4), or prune without the update (obs=False)"
+            )
     else:
         new = {n: w.detach().masked_fill(~keep[n], 0.0) for n, w in weights.items()}
     return keep, {n: new[n].to(weights[n].dtype) for n in layout.names}
+
+
+def _grad_blocks(
+    weights: Mapping[str, Tensor], grads: Mapping[str, Tensor] | Tensor, layout: BlockLayout
+) -> Tensor:
+    """The gradient samples in block layout, ``(N, num_blocks, block_size)``, after checking
+    that they are samples of these weights (they had failed in torch's reshape or bmm)."""
+    want = (layout.num_blocks, layout.block_size)
+    if isinstance(grads, Tensor):
+        if grads.dim() != 3 or tuple(grads.shape[1:]) != want or grads.shape[0] < 1:
+            raise ValueError(
+                f"woodfisher: grads as one tensor must be (N >= 1, {want[0]}, {want[1]}) "
+                f"samples in block layout, got {tuple(grads.shape)}"
+            )
+        return grads
+    if not isinstance(grads, Mapping) or set(grads) != set(weights):
+        raise ValueError("woodfisher needs grads: a dict with (N, *shape) samples for every weight")
+    counts = set()
+    for n, w in weights.items():
+        g = grads[n]
+        if not isinstance(g, Tensor) or g.dim() != w.dim() + 1 or g.shape[1:] != w.shape:
+            got = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
+            raise ValueError(
+                f"woodfisher: grads[{n!r}] must be (N, {', '.join(map(str, w.shape))}): N "
+                f"gradient samples of the weight, got {got}"
+            )
+        counts.add(g.shape[0])
+    if len(counts) != 1 or 0 in counts:
+        raise ValueError(
+            f"woodfisher: every weight needs the same number N >= 1 of gradient samples, got "
+            f"{sorted(counts)}"
+        )
+    return layout.to_blocks([grads[n] for n in layout.names])
 
 
 @register_method("woodfisher")
@@ -281,7 +372,7 @@ def woodfisher_masks(
     max_memory_bytes: int = DEFAULT_MAX_MEMORY,
 ) -> Masks:
     """Masks by the WoodFisher saliency; ``grads`` maps each name to ``(N, *shape)`` samples."""
-    if not isinstance(grads, Mapping) or set(grads) != set(weights):
+    if not isinstance(grads, Mapping):
         raise ValueError("woodfisher needs grads: a dict with (N, *shape) samples for every weight")
     keep, _ = woodfisher_prune(
         weights,
