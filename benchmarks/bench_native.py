@@ -30,7 +30,9 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -39,6 +41,7 @@ from pathlib import Path
 import torch
 
 from sparsetrain import _native
+from sparsetrain._provenance import environment
 from sparsetrain.compressors.threshold import Threshold
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -154,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "best_version": _native.vector_level(),
+        "compiler": _compiler(),  # (the portable C version's speed is the compiler's)
+        "environment": environment(),
         "numel": args.numel,
         "repeat": args.repeat,
         "rows": rows,
@@ -162,6 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(result, indent=1))
     print(f"\nwrote {args.out}")
     return 0
+
+
+def _compiler() -> str | None:
+    """The first line of ``$CC --version`` (the kernels' compiler), or None."""
+    cc = shlex.split(os.environ.get("CC", "cc")) or ["cc"]
+    try:
+        out = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.splitlines()[0].strip() if out.returncode == 0 and out.stdout else None
 
 
 if __name__ == "__main__":
