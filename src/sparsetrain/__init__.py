@@ -12,6 +12,7 @@ exit like one later on, not a traceback.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from . import hostmem  # sparsetrain.hostmem.reuse_freed_memory() after a plain import
@@ -45,16 +46,23 @@ if TYPE_CHECKING:
     )
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'sparsetrain' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value  # later lookups find it without this function
-    return value
+if not TYPE_CHECKING:  # (a type checker would take any name through this)
+
+    def __getattr__(name: str) -> Any:
+        if name in _LAZY:
+            value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        elif importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            # A subpackage, as `import sparsetrain` made every one it loaded reachable
+            # (sparsetrain.comm.available_collectives()) before its names were lazy.
+            value = importlib.import_module(f".{name}", __name__)
+        else:
+            raise AttributeError(f"module 'sparsetrain' has no attribute {name!r}")
+        globals()[name] = value  # later lookups find it without this function
+        return value
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+    return sorted({"__version__", "hostmem", *_LAZY})
 
 
 __all__ = [

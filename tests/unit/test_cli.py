@@ -256,10 +256,12 @@ def test_bad_input_is_an_argparse_error_naming_the_problem(capsys, argv, words):
 @pytest.mark.parametrize(
     ("argv", "words"),
     [
-        (["prune", "--epochs", "-1"], "--epochs must be a non-negative integer"),
+        (["prune", "--epochs", "-1"], "--epochs must be an integer >= 0, got -1"),
         (["prune", "--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),
         # (named as PruneConfig's fields, fisher_samples, had been)
         (["prune", "--method", "woodfisher", "--fisher-samples", "0"], "--fisher-samples must"),
+        # (a task option's error starts with "task": it had been renamed --task)
+        (["prune", "--task-option", "hidden=0"], "error: task option hidden must be at least 1"),
         (["robust-matrix", "--aggregators", "foo"], "unknown aggregator(s) ['foo']; valid:"),
         (["robust-matrix", "--task", "foo"], "invalid choice: 'foo'"),
         (["robust-matrix", "--option", "bad"], "--option takes NAME.KEY=VALUE"),
@@ -1041,6 +1043,10 @@ def test_the_package_names_load_their_modules_on_first_use():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "sparsetrain.sync.gradient_sync", "topk", "True"]
+    # Subpackages are reached as attributes after a plain import, as the docs use them.
+    code = "import sparsetrain; print(sparsetrain.comm.available_collectives()[0])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "allgather"
     import sparsetrain
 
     with pytest.raises(AttributeError, match="module 'sparsetrain' has no attribute 'Nope'"):

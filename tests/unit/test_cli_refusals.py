@@ -38,7 +38,8 @@ RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "clus
          "--method woodfisher: WoodFisher blocks of size 10000 need"),
         # (it had advised raising max_memory_bytes, which the command has no flag for)
         (["--method", "woodfisher", "--block-size", "10000"],
-         "give --block-size 8192 or smaller (the command's budget is fixed)"),
+         "give --block-size 8192 (the largest below it that fits"),
+        (["--method", "woodfisher", "--block-size", "10000"], "; the command's budget is fixed"),
     ],
 )  # fmt: skip
 def test_prune_refuses_what_it_would_ignore(tmp_path, capsys, argv, words):

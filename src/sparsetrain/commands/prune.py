@@ -112,11 +112,9 @@ class PruneConfig:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         for name in ("epochs", "prune_epochs", "finetune_epochs", "batch_size", "pruning_steps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < (1 if name in ("batch_size", "pruning_steps") else 0):
-                raise ValueError(
-                    f"{name} must be a non-negative integer (batch_size, pruning_steps >= 1), got {v!r}"
-                )
+            v, least = getattr(self, name), 1 if name in ("batch_size", "pruning_steps") else 0
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {v!r}")
         for s in self.levels:
             check_sparsity(s, "each of levels")
         for name in ("fisher_samples", "block_size"):
@@ -468,15 +466,22 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+# PruneConfig's number fields whose errors start with their name, and the flags that set them.
+_FIELD_FLAGS = {
+    name: "--" + name.replace("_", "-")
+    for name in ("epochs", "prune_epochs", "finetune_epochs", "fisher_samples", "block_size",
+                 "lr", "damping")
+}  # fmt: skip
+
+
 def _main(args: argparse.Namespace) -> int:
     try:
         cfg = _config(args)
     except (ValueError, TypeError) as e:
         text = str(e)
         field = text.split(" ", 1)[0]
-        flag = "--" + field.replace("_", "-")
-        if field.isidentifier() and flag in args._parser._option_string_actions:
-            text = flag + text[len(field) :]  # (PruneConfig names its field, the user a flag)
+        if field in _FIELD_FLAGS:  # (PruneConfig names its field, the user gave a flag)
+            text = _FIELD_FLAGS[field] + text[len(field) :]
         args._parser.error(text)
     problem = _unused_options(args, cfg)
     if problem:
@@ -495,7 +500,7 @@ def _main(args: argparse.Namespace) -> int:
             text = (
                 str(e)
                 .replace("use block_size", "give --block-size")
-                .replace(", or raise max_memory_bytes", " (the command's budget is fixed)")
+                .replace(", or raise max_memory_bytes", "; the command's budget is fixed")
                 .replace("no block_size fits: raise max_memory_bytes", "no --block-size fits")
             )
             args._parser.error(f"--method woodfisher: {text}")

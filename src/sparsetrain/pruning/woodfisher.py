@@ -95,7 +95,8 @@ def check_block_memory(
     if need > max_memory_bytes:
         fits = _largest_block_size(layout, max_memory_bytes, size)
         advice = (
-            f"use block_size {fits} or smaller, or raise max_memory_bytes"
+            f"use block_size {fits} (the largest below it that fits: each tensor is padded to "
+            "whole blocks, so some smaller sizes need more), or raise max_memory_bytes"
             if fits
             else "no block_size fits: raise max_memory_bytes"
         )
@@ -112,25 +113,34 @@ def _largest_block_size(layout: BlockLayout, budget: int, size: int) -> int:
     """The largest block size below ``layout``'s whose inverses fit ``budget`` bytes (0: none).
     Each tensor is padded to whole blocks, so the need is not monotone in the block size (the
     digits MLP's 8192 fits 1 GiB in 4 blocks where 7998 needs 6), nor the refused size's block
-    count scaled: every size from the one the padding's worst case allows up to the one no
-    padding allows is tried."""
-    numels = [s.numel() for s in layout.shapes]
+    count scaled."""
+    numels = [s.numel() for s in layout.shapes if s.numel()]  # (an empty one has no block)
     total, tensors, cap = sum(numels), len(numels), layout.block_size - 1
     if total == 0:
         return cap
-    # With under b weights of padding a tensor, the need at size b is below the bound
-    # (total + tensors * b) * b * size, which grows with b: the largest size it fits, fits.
-    lo, hi = 0, cap
+    largest = max(numels)
+    # From the largest tensor's size up, every tensor is one block and the need, tensors * b^2
+    # * size, grows with b: the largest b it allows is the answer if it is that large.
+    whole = min(cap, math.isqrt(budget // (tensors * size)))
+    if whole >= largest:
+        return whole
+    # Below: under b weights of padding a tensor, the need is at most (total + tensors * b) * b
+    # * size, which grows with b, so the largest b that bound allows fits; with no padding it
+    # is at least total * b * size, so none above budget / (total * size) does. Between them,
+    # every size is tried, from the top, a slice at a time (in float64: no int64 overflow).
+    lo, hi = 0, min(cap, largest - 1)
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if (total + tensors * mid) * mid * size <= budget else (lo, mid - 1)
-    hi = min(cap, budget // (total * size))  # with no padding at all
-    if hi <= lo:
-        return lo
-    sizes = torch.arange(max(lo + 1, hi - 2**22), hi + 1, dtype=torch.int64)
-    blocks = sum((n + sizes - 1) // sizes for n in numels)
-    fits = sizes[blocks * sizes * sizes * size <= budget]
-    return int(fits.max()) if fits.numel() else lo
+    top = min(cap, largest - 1, budget // (total * size))
+    while top > lo:
+        sizes = torch.arange(max(lo + 1, top - 2**16 + 1), top + 1, dtype=torch.float64)
+        blocks = sum(torch.ceil(n / sizes) for n in numels)
+        fits = sizes[blocks * sizes * sizes * size <= budget]
+        if fits.numel():
+            return int(fits.max())
+        top = int(sizes[0]) - 1
+    return lo
 
 
 def init_inverse(num_blocks: int, block_size: int, damping: float, like: Tensor) -> Tensor:
@@ -221,8 +231,7 @@ def check_inverse(finv: Tensor, damping: float) -> None:
         raise ValueError(
             f"woodfisher: {bad} of {diag.numel()} diagonal entries of the inverse Fisher are not "
             f"positive and finite: at damping {damping:g} the float32 Woodbury updates lost "
-            "them to rounding (the damped Fisher is too ill-conditioned); raise damping (the "
-            "default is 1e-4)"
+            "them to rounding (the damped Fisher is too ill-conditioned); raise damping"
         )
 
 
@@ -314,13 +323,14 @@ def woodfisher_prune(
     keep = keep_top(rho, sparsity, scope)
     if obs:
         pruned = layout.to_blocks({n: ~keep[n] for n in layout.names}, fill=False)
-        new = layout.from_blocks(obs_update(w_blocks, finv, pruned))
-        if not all(bool(torch.isfinite(t).all()) for t in new.values()):
+        updated = obs_update(w_blocks, finv, pruned)
+        if not bool(torch.isfinite(updated).all()):
             raise ValueError(
                 f"woodfisher: the OBS update of the kept weights is not finite at damping "
                 f"{damping:g} (the inverse Fisher is too ill-conditioned in float32); raise "
-                "damping (the default is 1e-4), or prune without the update (obs=False)"
+                "damping, or prune without the update (obs=False)"
             )
+        new = layout.from_blocks(updated)
     else:
         new = {n: w.detach().masked_fill(~keep[n], 0.0) for n, w in weights.items()}
     return keep, {n: new[n].to(weights[n].dtype) for n in layout.names}

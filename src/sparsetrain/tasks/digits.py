@@ -29,7 +29,7 @@ def _digits_arrays():
         except (OSError, ValueError):
             continue
         if data.shape == (1797, 65):
-            return data[:, :-1], data[:, -1].astype(np.int64)
+            return data[:, :-1], data[:, -1].astype(int)  # (as scikit-learn casts it)
     from sklearn.datasets import load_digits
 
     return load_digits(return_X_y=True)
