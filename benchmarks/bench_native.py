@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from pathlib import Path
 import torch
 
 from sparsetrain import _native
+from sparsetrain._ccache import compiler
 from sparsetrain._provenance import environment
 from sparsetrain.compressors.threshold import Threshold
 
@@ -171,9 +171,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _compiler() -> str | None:
     """The first line of ``$CC --version`` (the kernels' compiler), or None."""
-    cc = shlex.split(os.environ.get("CC", "cc")) or ["cc"]
     try:
-        out = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run([*compiler(), "--version"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.splitlines()[0].strip() if out.returncode == 0 and out.stdout else None

@@ -43,6 +43,11 @@ def _check_owned(path: Path) -> None:
         )
 
 
+def compiler() -> list[str]:
+    """The C compiler's command: ``$CC`` split as a shell would, default ``cc``."""
+    return shlex.split(os.environ.get("CC", "cc")) or ["cc"]
+
+
 def compile_cached(source: Path, flags: Sequence[str], suffix: str = "") -> Path:
     """Return the path of ``source`` compiled with ``flags``, compiling it unless cached.
 
@@ -57,7 +62,7 @@ def compile_cached(source: Path, flags: Sequence[str], suffix: str = "") -> Path
             been written by another user.
     """
     text = source.read_bytes()
-    cc = shlex.split(os.environ.get("CC", "cc")) or ["cc"]
+    cc = compiler()
     key = repr((cc, list(flags), os.uname().machine)).encode()
     tag = hashlib.sha256(text + key).hexdigest()
     # Absolute: a bare name (SPARSETRAIN_CACHE_DIR=.) made dlopen search the system's library

@@ -865,18 +865,19 @@ def fit(
                           value_bytes=m.value_bytes, index_bytes=m.index_bytes, cores=m.cores,
                           sorted_input=m.sorted_input, fresh_pages=m.fresh_pages))  # fmt: skip
         ts.append(m.seconds)
+    rows = [c.terms() for c in costs]
+    if not any(any(row) for row in rows):
+        raise ValueError(
+            "fit: the model prices every measurement at zero (a world of 1 sends and sums "
+            "nothing), so no coefficient can be fitted; measure on 2 or more ranks"
+        )
     # A pipelined reduction counts only where it is slower than its transfer, which depends on
     # the coefficients: fit with the transfer everywhere, then refit with the slower of the two
     # under the fitted coefficients until no point changes side. The sides can cycle (points
     # that share one ratio switch together), so the round that fits best by the model's own
     # max() is kept.
-    if not any(any(row) for row in (c.terms() for c in costs)):
-        raise ValueError(
-            "fit: the model prices every measurement at zero (a world of 1 sends and sums "
-            "nothing), so no coefficient can be fitted; measure on 2 or more ranks"
-        )
     known = [latency * c.rounds for c in costs]  # the part of each time the latency explains
-    rows, seen, best, best_err = [c.terms() for c in costs], [], None, math.inf
+    seen, best, best_err = [], None, math.inf
     while rows not in seen and len(seen) < 8:
         seen.append(rows)
         params = _nnls_fit(rows, ts, fixed, known, latency)

@@ -237,7 +237,10 @@ def test_parse_value_reads_literals_and_keeps_other_text():
         (["--resume"], ["checkpoint_dir"]),
         (["--bucket-mb", "0"], ["--bucket-mb", "> 0"]),
         # Checked before any worker starts, where they failed inside the workers:
-        (["--task-option", "bogus=1"], ["task 'digits-mlp' does not take", "bogus", "hidden"]),
+        (
+            ["--task-option", "bogus=1"],
+            ["--task-option: task 'digits-mlp' does not take", "bogus", "hidden"],
+        ),
         (["--collective", "foo"], ["unknown collective 'foo'", "oktopk"]),
         (["--compressor", "randomk", "--error-feedback", "on"], ["scale=False"]),
     ],
@@ -256,12 +259,13 @@ def test_bad_input_is_an_argparse_error_naming_the_problem(capsys, argv, words):
 @pytest.mark.parametrize(
     ("argv", "words"),
     [
-        (["prune", "--epochs", "-1"], "--epochs must be an integer >= 0, got -1"),
-        (["prune", "--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),
-        # (named as PruneConfig's fields, fisher_samples, had been)
-        (["prune", "--method", "woodfisher", "--fisher-samples", "0"], "--fisher-samples must"),
-        # (a task option's error starts with "task": it had been renamed --task)
-        (["prune", "--task-option", "hidden=0"], "error: task option hidden must be at least 1"),
+        (["prune", "--epochs", "-1"], "--epochs: epochs must be an integer >= 0, got -1"),
+        (["prune", "--lr", "-1"], "--lr: lr must be a finite number > 0, got -1.0"),
+        # (named as PruneConfig's fields alone, fisher_samples, had been)
+        (["prune", "--method", "woodfisher", "--fisher-samples", "0"], "--fisher-samples: fisher"),
+        # (a task option's error starts with "task": it had been led by --task)
+        (["prune", "--task-option", "hidden=0"], "error: --task-option: task option hidden"),
+        (["train", "--task-option", "hidden=0"], "error: --task-option: task option hidden"),
         (["robust-matrix", "--aggregators", "foo"], "unknown aggregator(s) ['foo']; valid:"),
         (["robust-matrix", "--task", "foo"], "invalid choice: 'foo'"),
         (["robust-matrix", "--option", "bad"], "--option takes NAME.KEY=VALUE"),

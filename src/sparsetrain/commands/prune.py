@@ -466,23 +466,13 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-# PruneConfig's number fields whose errors start with their name, and the flags that set them.
-_FIELD_FLAGS = {
-    name: "--" + name.replace("_", "-")
-    for name in ("epochs", "prune_epochs", "finetune_epochs", "fisher_samples", "block_size",
-                 "lr", "damping")
-}  # fmt: skip
-
-
 def _main(args: argparse.Namespace) -> int:
     try:
         cfg = _config(args)
     except (ValueError, TypeError) as e:
-        text = str(e)
-        field = text.split(" ", 1)[0]
-        if field in _FIELD_FLAGS:  # (PruneConfig names its field, the user gave a flag)
-            text = _FIELD_FLAGS[field] + text[len(field) :]
-        args._parser.error(text)
+        from .train import with_flag
+
+        args._parser.error(with_flag(args._parser, str(e), PruneConfig))
     problem = _unused_options(args, cfg)
     if problem:
         args._parser.error(problem)

@@ -532,16 +532,21 @@ _FLAGS = {"timeout_s": "--timeout", "bucket_cap_mb": "--bucket-cap-mb", "ddp": "
           "collective_options": "--collective-option", "compressor_options": "--option"}  # fmt: skip
 
 
-def with_flag(parser: argparse.ArgumentParser, message: str) -> str:
-    """``message``, a TrainConfig error naming a field first (``momentum must be in [0, 1)``),
-    led by the command-line flag that sets it (``--momentum: ...``): a user of the command
-    was shown Python's names. Unchanged where it names no field of a flag."""
+def with_flag(parser: argparse.ArgumentParser, message: str, config: type = TrainConfig) -> str:
+    """``message``, an error of the ``config`` dataclass naming a field first (``momentum must
+    be in [0, 1)``), led by the command-line flag that sets it (``--momentum: ...``): a user of
+    the command was shown Python's names. A task option's error (``task option hidden ...``,
+    ``task 'digits-mlp' does not take option(s) ...``) is led by ``--task-option``, not ``--task``. Unchanged
+    where it names no field of a flag."""
     m = re.match(r"([a-z][a-z0-9_]*)\b", message)
     if m is None:
         return message
     field = m.group(1)
-    flag = _FLAGS.get(field, "--" + field.replace("_", "-"))
-    if flag not in parser._option_string_actions or field not in TrainConfig.__dataclass_fields__:
+    if re.match(r"task (option|'[^']*' (option|does not take option))\b", message):
+        field, flag = "task_options", "--task-option"
+    else:
+        flag = _FLAGS.get(field, "--" + field.replace("_", "-"))
+    if flag not in parser._option_string_actions or field not in config.__dataclass_fields__:
         return message
     return f"{flag}: {message}"
 
