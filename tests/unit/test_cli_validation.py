@@ -72,13 +72,23 @@ def results(**changes) -> dict:
         (["--density", "1.5"], "--density must be in (0, 1]"),
         (["--numel", "0"], "--numel: count must be a positive whole number, got '0'"),
         (["--numel", "1e400"], "--numel: count must be a positive whole number"),
-        (["--ranks", "1e3"], "--ranks: '1e3' is not a whole number"),
+        (["--ranks", "1.5"], "--ranks: '1.5' is not a whole number (write e.g. 64, 1024 or 1k)"),
+        (["--ranks", "1.0005k"], "--ranks: '1.0005k' is not a whole number"),
+        (["--ranks", "0"], "--ranks: every value must be >= 2"),
         (["--ranks", "8,,16"], "--ranks '8,,16' has an empty item"),
         (["--bandwidth", "1e400gbit"], "--bandwidth: bandwidth must be a finite number"),
     ],
 )
 def test_simulate_refuses_unreadable_or_non_finite_options(argv, words, capsys):
     assert words in argparse_error(capsys, ["simulate", *argv])
+
+
+def test_simulate_reads_ranks_as_numel_is_written(capsys):
+    err = argparse_error(capsys, ["simulate", "--ranks", "1k,1e3", "--bandwidth", "10gbit"])
+    assert "--ranks lists 1e3 twice (1k and 1e3)" in err
+    assert main(["simulate", "--ranks", "64,2k", "--bandwidth", "10gbit"]) == 0
+    rows = [r.split() for r in capsys.readouterr().out.splitlines()]
+    assert [r[0] for r in rows if r and r[0] in ("64", "2000")] == ["64", "2000"]
 
 
 def test_simulate_fitted_and_explicit_local_costs_exclude_each_other(capsys):

@@ -55,11 +55,16 @@ def _list(text: str, parse, what: str) -> list:
 
 
 def _whole(text: str) -> int:
-    """Return ``text`` as an int; the error says it is not a whole number."""
+    """Return a number of ranks written as ``--numel`` is (``1024``, ``1e3``, ``2k``); the
+    error says it is not a whole number."""
     try:
-        return int(text)
+        return int(text)  # 0 and negatives too, which the caller names
     except ValueError:
-        raise ValueError(f"{text!r} is not a whole number") from None
+        pass
+    try:
+        return parse_count(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number (write e.g. 64, 1024 or 1k)") from None
 
 
 def _option(option: str, parse, text: str):
@@ -374,7 +379,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1],
     )
     p.add_argument("--ranks", default="64,256,1024",
-                   help="comma-separated rank counts (default 64,256,1024)")  # fmt: skip
+                   help="comma-separated rank counts, 1k = 1000 (default 64,256,1024)")  # fmt: skip
     p.add_argument("--bandwidth", default="10gbit,100gbit",
                    help="link rates, tc notation (default 10gbit,100gbit)")  # fmt: skip
     src = p.add_mutually_exclusive_group()
