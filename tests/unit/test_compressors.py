@@ -684,6 +684,32 @@ def test_qsgd_sends_ceil_log2_2s_plus_1_bits_per_entry(levels, bits):
     assert norms.numel() == 10 and packed.numel() == 640 * bits // 8
 
 
+@pytest.mark.parametrize(
+    "name, options, bits",
+    [
+        ("qsgd", {"levels": 4}, 4),
+        ("terngrad", {}, 2),
+        ("signsgd", {}, 1),
+        ("signsgd", {"majority_vote": True}, 2),
+    ],
+)
+def test_bit_packed_payloads_send_no_code_for_the_last_buckets_padding(name, options, bits):
+    # 746 entries in buckets of 512: 278 padding entries had been sent too (+37% codes).
+    torch.manual_seed(0)
+    x = torch.randn(746, dtype=torch.float64)
+    c = get_compressor(name, bucket_size=512, **options)
+    payload, ctx = c.compress(x, key="w")
+    assert payload[0].numel() == 2 and payload[1].numel() == math.ceil(746 / 8) * bits
+    out = c.decompress(payload, ctx)
+    if name == "signsgd":  # per bucket: sign times the mean magnitude of its real entries
+        want = torch.cat([v.sign() * v.abs().mean() for v in (x[:512], x[512:])])
+        assert_close(out, want, rtol=1e-12, atol=0)
+    else:  # the same draws and codes as the tensor padded to whole buckets by hand
+        padded = torch.cat([x, x.new_zeros(1024 - 746)])
+        ref = get_compressor(name, bucket_size=512, **options)
+        assert torch.equal(out, roundtrip(ref, padded, key="w")[:746])
+
+
 def test_qsgd_levels_are_multiples_of_norm_over_s():
     c = get_compressor("qsgd", levels=4, bucket_size=None)
     x = torch.randn(300, dtype=torch.float64)

@@ -211,6 +211,19 @@ def unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
     return out[:count]
 
 
+def unpack_rows(
+    packed: Tensor, bits: int, numel: int, bucket_size: int | None, fill: int
+) -> Tensor:
+    """The ``numel`` codes :func:`pack_bits` packed, as :func:`bucketed`'s rows: the last row's
+    padding (never sent) is ``fill``, the code that decodes to zero."""
+    buckets, size = bucket_shape(numel, bucket_size)
+    codes = unpack_bits(packed, bits, numel)
+    pad = buckets * size - numel
+    if pad:
+        codes = torch.cat([codes, codes.new_full((pad,), fill)])
+    return codes.view(buckets, size)
+
+
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
     """Return the dtype to compute in: float32 for half types (norms, QR), else ``dtype``."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -15,7 +15,6 @@ from .base import (
     Payload,
     TensorMeta,
     Wire,
-    bucket_shape,
     bucketed,
     check_bucket_size,
     check_floating,
@@ -24,7 +23,7 @@ from .base import (
     pack_bits,
     seeded_generator,
     step_counter_state,
-    unpack_bits,
+    unpack_rows,
     work_dtype,
 )
 
@@ -119,7 +118,8 @@ class QSGD(Compressor):
         # range (x <= s holds exactly, so the expectation is unchanged).
         x.clamp_(max=self.levels)
         codes = x.mul_(torch.sign(rows)).add_(self.levels).to(torch.uint8)
-        return (norms, pack_bits(codes, self.bits)), TensorMeta.of(t)
+        # The real entries' codes: the last bucket's padding is not sent.
+        return (norms, pack_bits(codes.view(-1)[: t.numel()], self.bits)), TensorMeta.of(t)
 
     def decompress(self, payload: Payload, ctx: TensorMeta) -> Tensor:
         return self.decompress_wide(payload, ctx).to(ctx.dtype)
@@ -129,8 +129,7 @@ class QSGD(Compressor):
         reaches sqrt(bucket_size) / s times the bucket's largest magnitude, past float16's
         range where the gradient and the ranks' average are within it."""
         norms, packed = payload
-        rows, size = bucket_shape(ctx.numel, self.bucket_size)
-        codes = unpack_bits(packed, self.bits, rows * size).view(rows, size)
+        codes = unpack_rows(packed, self.bits, ctx.numel, self.bucket_size, self.levels)
         out = codes.to(norms.dtype).sub_(self.levels).mul_((norms / self.levels)[:, None])
         return out.view(-1)[: ctx.numel].view(ctx.shape)
 

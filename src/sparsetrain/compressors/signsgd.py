@@ -20,7 +20,7 @@ from .base import (
     check_bucket_size,
     check_floating,
     pack_bits,
-    unpack_bits,
+    unpack_rows,
     work_dtype,
 )
 
@@ -99,24 +99,25 @@ class SignSGD(Compressor):
         check_floating(t)
         rows, counts = bucketed(t.reshape(-1).to(work_dtype(t.dtype)), self.bucket_size)
         scales = torch.linalg.vector_norm(rows, ord=1, dim=1).div_(counts)
+        flat = rows.view(-1)[: t.numel()]  # the real entries: the last bucket's padding is not sent
         if self.majority_vote:  # 1: plus, 2: minus, 0: a zero, which abstains from the vote
-            codes = (rows > 0).to(torch.uint8) + 2 * (rows < 0).to(torch.uint8)
+            codes = (flat > 0).to(torch.uint8) + 2 * (flat < 0).to(torch.uint8)
             return (scales, pack_bits(codes, 2)), TensorMeta.of(t)
-        negative = torch.signbit(rows)
+        negative = torch.signbit(flat)
         return (scales, pack_bits(negative, 1)), TensorMeta.of(t)
 
-    def _signs(self, packed: Tensor, n: int, dtype: torch.dtype) -> Tensor:
-        """Each entry's sign (+1, -1; 0 for a zero under the vote) from its packed bits."""
+    def _signs(self, packed: Tensor, ctx: TensorMeta, dtype: torch.dtype) -> Tensor:
+        """Each entry's sign (+1, -1; 0 for a zero under the vote) from its packed bits, as
+        :func:`bucketed`'s rows (0 in the last row's padding)."""
         if self.majority_vote:
-            codes = unpack_bits(packed, 2, n).to(dtype)
+            codes = unpack_rows(packed, 2, ctx.numel, self.bucket_size, 0).to(dtype)
             return (codes == 1).to(dtype) - (codes == 2).to(dtype)
-        return 1.0 - 2.0 * unpack_bits(packed, 1, n).to(dtype)
+        codes = unpack_rows(packed, 1, ctx.numel, self.bucket_size, 0).to(dtype)
+        return codes.mul_(-2.0).add_(1.0)
 
     def decompress(self, payload: Payload, ctx: TensorMeta) -> Tensor:
         scales, packed = payload
-        buckets, size = bucket_shape(ctx.numel, self.bucket_size)
-        out = self._signs(packed, buckets * size, scales.dtype).view(buckets, size)
-        out = out.mul_(scales[:, None])
+        out = self._signs(packed, ctx, scales.dtype).mul_(scales[:, None])
         return out.view(-1)[: ctx.numel].to(ctx.dtype).view(ctx.shape)
 
     @classmethod
@@ -130,12 +131,12 @@ class SignSGD(Compressor):
         if not self.majority_vote:
             return super().aggregate(payloads, ctx)
         buckets, size = bucket_shape(ctx.numel, self.bucket_size)
-        votes = torch.zeros(buckets * size, dtype=torch.int32, device=payloads[0][0].device)
+        votes = torch.zeros(buckets, size, dtype=torch.int32, device=payloads[0][0].device)
         scales = torch.zeros_like(payloads[0][0])
         for bucket_scales, packed in payloads:
-            votes += self._signs(packed, buckets * size, torch.int32)
+            votes += self._signs(packed, ctx, torch.int32)
             scales += bucket_scales
-        direction = votes.sign().view(buckets, size).to(scales.dtype)
+        direction = votes.sign().to(scales.dtype)
         out = direction.mul_(scales[:, None])  # the mean scale, times the number of ranks
         # In the work dtype, as the base class sums: the sync layer divides by the ranks next.
         return out.view(-1)[: ctx.numel].view(ctx.shape)

@@ -23,7 +23,7 @@ from .base import (
     pack_bits,
     seeded_generator,
     step_counter_state,
-    unpack_bits,
+    unpack_rows,
     work_dtype,
 )
 
@@ -128,7 +128,8 @@ class TernGrad(Compressor):
         if self.scaler_sharing:  # round 1: the scales, whose maximum over the ranks comes back
             return (scales,), _Pending(TensorMeta.of(t), rows, key, step)
         codes = self._ternarize(rows, scales, key, step)
-        return (scales, pack_bits(codes.add_(1).to(torch.uint8), 2)), TensorMeta.of(t)
+        codes = codes.view(-1)[: t.numel()].add_(1).to(torch.uint8)  # the padding is not sent
+        return (scales, pack_bits(codes, 2)), TensorMeta.of(t)
 
     def next_round(self, reduced: Payload, ctx: Any) -> tuple[Payload, Any]:
         """With scaler sharing: ternarize with the ranks' largest scales, ``reduced``."""
@@ -178,7 +179,7 @@ class TernGrad(Compressor):
             out = out.view(buckets, size).mul_(scales[:, None])
         else:
             scales, packed = payload
-            codes = unpack_bits(packed, 2, buckets * size).view(buckets, size)
+            codes = unpack_rows(packed, 2, meta.numel, self.bucket_size, 1)
             out = codes.to(scales.dtype).sub_(1.0).mul_(scales[:, None])
         return out.view(-1)[: meta.numel], meta
 
