@@ -792,6 +792,28 @@ def test_numpy_integers_are_taken_where_ints_are():
     assert Gradual(end=np.int64(100)).end == 100 and type(OneShot(at=np.int32(3)).at) is int
     assert type(get_pruner("rigl", delta_t=np.int64(10), end=100).delta_t) is int
     assert type(get_pruner("nm", n=np.int64(2), m=np.int64(4)).n) is int
+    # NumPy floats of any width, and a NumPy seed (they had been refused as not numbers).
+    rigl = get_pruner("rigl", alpha=np.float32(0.25), seed=np.int64(3))
+    assert (rigl.alpha, rigl.seed) == (0.25, 3) and type(rigl.seed) is int
+    assert type(Gradual(end=10, power=np.float32(2)).power) is float
+
+
+def test_erk_densities_take_shapes_as_tuples():
+    from sparsetrain.pruning import erk_densities
+
+    sizes = {"a": torch.Size([100, 10]), "b": torch.Size([10, 10])}
+    tuples = {n: tuple(s) for n, s in sizes.items()}
+    assert erk_densities(tuples, 0.5) == erk_densities(sizes, 0.5)
+
+
+def test_keep_top_checks_its_scope_and_sparsity():
+    from sparsetrain.pruning.masks import keep_top
+
+    scores = {"a": torch.rand(10), "b": torch.rand(50)}
+    with pytest.raises(ValueError, match="scope must be one of"):
+        keep_top(scores, 0.5, "layers")  # had ranked globally, pruning all of 'a'
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
+        keep_top(scores, 1.5, "layer")
 
 
 def test_nm_says_when_m_is_too_small_rather_than_advise_an_n_it_has():

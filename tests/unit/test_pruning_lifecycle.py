@@ -441,6 +441,81 @@ def test_rigl_grown_weights_start_with_zero_optimizer_state(optim: str) -> None:
     assert checked > 0  # some weights were grown
 
 
+def test_rigl_repeated_step_changes_nothing_and_an_earlier_one_is_refused() -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    pruner = RigLPruner(sparsity=0.8, delta_t=5, end=40).prepare(model, opt)
+    _train(model, opt, pruner, 6)  # steps 0..5: an update at 5
+    masks, updates = pruner.masks, pruner.stats()["num_updates"]
+    # A loop that did not advance its counter (a step GradScaler skipped): nothing happens. It
+    # had raised that no dense gradient was captured, blaming a pruner.step that was called.
+    assert pruner.step(5) is False
+    assert pruner.stats()["num_updates"] == updates
+    assert all(torch.equal(masks[n], m) for n, m in pruner.masks.items())
+    with pytest.raises(ValueError, match="step 3 comes before step 5, which this pruner"):
+        pruner.step(3)  # had updated at step 5 a second time on the way back up
+    _train(model, opt, pruner, 5, start=6)  # and it goes on: an update at 10
+    assert pruner.stats()["num_updates"] == updates + 1
+
+
+def test_rigl_step_says_false_for_an_update_that_moves_no_weight() -> None:
+    # Near the end the update fraction floors to k = 0 in every layer: the masks stay, and
+    # step() must not report a change (it had said True, as for a real update).
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    pruner = RigLPruner(sparsity=0.8, delta_t=1, end=1000, alpha=0.3).prepare(model, opt)
+    x, y = _data()
+    said = {}
+    for step in (0, 1, 998, 999):
+        pruner.load_state_dict(pruner.state_dict() | {"step": step - 1})
+        before = pruner.masks
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        said[step] = pruner.step(step)
+        moved = any(not torch.equal(before[n], m) for n, m in pruner.masks.items())
+        assert said[step] == moved, step
+    assert said == {0: False, 1: True, 998: False, 999: False}
+
+
+def test_a_rigl_state_loaded_after_a_forward_pass_warns_of_the_weights_it_lost() -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    pruner = RigLPruner(sparsity=0.8, delta_t=5, end=40).prepare(model, opt)
+    _train(model, opt, pruner, 12)
+    saved = copy.deepcopy({"model": model.state_dict(), "pruner": pruner.state_dict()})
+    x, _ = _data()
+
+    def resumed(forward_first: bool):
+        m = _model(seed=1)
+        m.load_state_dict(saved["model"])
+        p = RigLPruner(sparsity=0.8, delta_t=5, end=40, seed=7).prepare(m)
+        if forward_first:
+            m(x)  # a validation pass: the initial random masks take effect
+        return m, p
+
+    m, p = resumed(True)
+    with pytest.warns(UserWarning, match=r"rigl: the masks this state keeps include \d+ weights"):
+        p.load_state_dict(saved["pruner"])
+    lost = sum(int((w == 0).sum()) for w in m.state_dict().values())
+    assert lost > sum(int((w == 0).sum()) for w in saved["model"].values())
+    m.load_state_dict(saved["model"])  # as the warning says: the model's state again
+    m(x)
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in saved["model"].items())
+    # Loaded before any forward pass (or the model loaded after the forward): no warning.
+    import warnings
+
+    for order in ("pruner first", "model again"):
+        m, p = resumed(order == "model again")
+        if order == "model again":
+            m.load_state_dict(saved["model"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            p.load_state_dict(saved["pruner"])
+            m(x)
+        assert all(torch.equal(m.state_dict()[k], v) for k, v in saved["model"].items())
+
+
 def test_compact_export_keeps_the_sign_of_negative_zero() -> None:
     model = nn.Linear(64, 8, bias=False)
     with torch.no_grad():

@@ -27,6 +27,7 @@ import copy
 import dataclasses
 import hashlib
 import operator
+import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .._options import check_options, is_integer, plain
+from .._options import caller_stacklevel, check_options, is_integer, plain
 from .masks import Masks, check_scope, check_sparsity
 from .metrics import not_in_model
 from .schedules import OneShot, Schedule, get_schedule
@@ -253,6 +254,9 @@ class Pruner:
         self._load_handles: list[Any] = []
         self._deferred = False
         self._clear_deferred = True
+        # Where the initial masks zeroed the weights, until a step or a load into the model: a
+        # pruner state loaded meanwhile that keeps weights there finds them lost (warned).
+        self._initial_zeroed: Masks | None = None
         self._step = -1
         self._num_updates = 0
         self._stash = False
@@ -508,8 +512,12 @@ class Pruner:
                 w.device,
             )
             self._agree = False
-        self._step = step
+        if step == self._step:  # a repeated index (a loop that kept its counter): no update
+            self._apply()
+            return False
         changed = self.update(step, closure)
+        self._step = step  # (after the update: one that raised can be taken again)
+        self._initial_zeroed = None  # training goes on from the masks as they are
         self._apply()
         return changed
 
@@ -544,7 +552,10 @@ class Pruner:
     @torch.no_grad()
     def _apply(self, clear: bool = True) -> None:
         deferred = self._deferred
+        initial = deferred and self._clear_deferred  # (not a load into the model)
         self._cancel_deferred()
+        if initial:
+            self._initial_zeroed = {n: ~m for n, m in self._masks.items() if not bool(m.all())}
         for n, p in self._weights.items():
             pruned = ~self._masks[n]
             p.masked_fill_(pruned, 0.0)
@@ -638,6 +649,7 @@ class Pruner:
         """Weights loaded into the model (dense ones, say) hold values where the masks prune:
         the masks apply again at the next forward pass (or step(), apply(), a pruner load), not
         now, so a pruner state loaded after the model's still sets the masks first."""
+        self._initial_zeroed = None  # (the model's weights are as loaded)
         if self._model is not None and not self._deferred:
             self._defer_initial_masks(clear=False)
 
@@ -784,10 +796,34 @@ class Pruner:
             return
         self._check_params()
         _check_masks(state["masks"], self._weights, "the state")
+        self._warn_lost(state["masks"])
         # Local: the next step() checks that every rank loaded alike (a broadcast here would
         # wait for ranks that load nothing).
         self._assign_state(state, sync=False)
         self._agree = True
+
+    def _warn_lost(self, masks: Masks) -> None:
+        """Warn where loaded ``masks`` keep weights the initial masks zeroed since the model's
+        last load (a forward pass ran between ``prepare`` and this load): their values are
+        gone unless the model's state is loaded again."""
+        zeroed, self._initial_zeroed = self._initial_zeroed, None
+        if not zeroed:
+            return
+        lost = {}
+        for n, z in zeroed.items():
+            w = self._weights[n].detach()
+            count = int((masks[n].to(w.device) & z.to(w.device) & (w == 0)).sum())
+            if count:
+                lost[n] = count
+        if lost:
+            names = ", ".join(f"{n!r} ({c})" for n, c in lost.items())
+            warnings.warn(
+                f"{self.name}: the masks this state keeps include {sum(lost.values())} weights "
+                f"that the initial masks zeroed at the forward pass since prepare(): {names}; "
+                "their trained values are lost unless the model's state_dict is loaded after "
+                "this (or load the pruner's state before the model's first forward pass)",
+                stacklevel=caller_stacklevel(),
+            )
 
     def _check_state(self, state: Any, strict: bool = True) -> None:
         if not isinstance(state, Mapping):
@@ -861,7 +897,9 @@ class Pruner:
         pass
 
     def stats(self) -> dict[str, Any]:
-        """Return global and per-layer sparsity of the masks and how many times they changed."""
+        """Return global and per-layer sparsity of the masks, the last step taken and
+        ``num_updates``: how many mask updates ran (each prune, each RigL update, also one that
+        left the masks as they were)."""
         self._require_ready()
         # (a weight of no elements has none pruned, as sparsity_stats has it)
         layers = {

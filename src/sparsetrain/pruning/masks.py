@@ -137,6 +137,8 @@ def keep_top(
     Returns:
         name -> bool mask of the score's shape, True = kept.
     """
+    sparsity = check_sparsity(sparsity)
+    check_scope(scope)
     if scope == "layer":
         out = {}
         for name, s in scores.items():

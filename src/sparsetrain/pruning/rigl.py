@@ -13,7 +13,11 @@ Evci et al. (2020), "Rigging the Lottery: Making All Tickets Winners". Steps:
    ``f(t) = alpha / 2 * (1 + cos(pi * t / end))``; in each layer with ``a`` active weights, drop
    the ``k = floor(f(t) * a)`` active weights of smallest ``|w|`` and grow the ``k`` inactive ones
    (after the drop) of largest dense gradient ``|g|``. Newly grown weights start at zero, with
-   zero optimizer state. The number of active weights per layer never changes.
+   zero optimizer state (a zero state is a fresh one for SGD's momentum and Adam's moments, not
+   for Rprop's step sizes). A weight dropped and grown again in the same update is not new: it
+   keeps its value and state, as in the authors' implementation. The number of active weights
+   per layer never changes. The optimizer step of an update step is taken as at any other (the
+   paper's Algorithm 1 skips it); the update follows it.
 
 The dense gradient is that of the step's own backward pass, captured by the gradient hook
 before masking (averaged over the process group when torch.distributed is initialised); or,
@@ -23,6 +27,7 @@ when a ``closure`` is passed to :meth:`step`, that of one extra backward pass on
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import warnings
 from dataclasses import dataclass
@@ -57,6 +62,7 @@ def erk_densities(shapes: dict[str, torch.Size], sparsity: float) -> dict[str, f
         True
     """
     sparsity = check_sparsity(sparsity)  # (1 gave every layer density 0)
+    shapes = {n: torch.Size(s) for n, s in shapes.items()}  # (a tuple or list too)
     empty = [n for n, s in shapes.items() if s.numel() == 0]  # (nothing to keep: dense)
     shapes = {n: s for n, s in shapes.items() if s.numel()}
     numel = {n: s.numel() for n, s in shapes.items()}
@@ -128,16 +134,14 @@ class RigLPruner(Pruner):
             )
         if (
             isinstance(self.alpha, bool)
-            or not isinstance(self.alpha, (int, float))
+            or not isinstance(self.alpha, numbers.Real)
             or not 0 < self.alpha <= 1
         ):
             raise ValueError(f"alpha must be in (0, 1], got {self.alpha!r}")
-        if (
-            isinstance(self.seed, bool)
-            or not isinstance(self.seed, int)
-            or not 0 <= self.seed < 2**64
-        ):
+        self.alpha = float(self.alpha)  # (a NumPy float as a float, as the state saves it)
+        if not is_integer(self.seed, 0) or not operator.index(self.seed) < 2**64:
             raise ValueError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
+        self.seed = operator.index(self.seed)
 
     def densities(self) -> dict[str, float]:
         """Return the density of every pruned layer."""
@@ -164,6 +168,14 @@ class RigLPruner(Pruner):
         return 0 < step < self.end and step % self.delta_t == 0
 
     def step(self, step: int, closure: Closure | None = None) -> bool:
+        if is_integer(step) and 0 <= operator.index(step) < self._step:
+            # (alike on every rank: each passes its loop's index)
+            raise ValueError(
+                f"step {operator.index(step)} comes before step {self._step}, which this pruner "
+                "has taken: RigL's updates follow the optimizer step's index, which only grows "
+                "(a resumed run goes on from the loaded state's step + 1); a repeated index "
+                "changes nothing"
+            )
         changed = super().step(step, closure)
         self._arm_capture()
         return changed
@@ -187,7 +199,7 @@ class RigLPruner(Pruner):
     def update(self, step: int, closure: Closure | None) -> bool:
         if not self.is_update_step(step):
             return False
-        grads = self._dense_gradients(closure)
+        grads = self._dense_gradients(step, closure)
         if not bool(torch.stack([torch.isfinite(g).all() for g in grads.values()]).all()):
             # The backward before this step overflowed (under AMP, GradScaler skips its
             # optimizer step): its scores would grow connections at random. The same on every
@@ -211,8 +223,13 @@ class RigLPruner(Pruner):
                     v.masked_fill_(grown[n], 0)
         self._num_updates += 1
         self._dense_grads = {}
-        self.set_masks(new)
-        return True
+        before = dict(self._masks)  # (the tensors: _assign_masks replaces, never writes them)
+        # Rank 0's masks on every rank first, then whether they changed (alike everywhere).
+        self._assign_masks(new, clear=False)
+        changed = any(not torch.equal(before[n], m) for n, m in self._masks.items())
+        if changed:
+            self._clear_sync()
+        return changed
 
     def compute_masks(self, grads: dict[str, Tensor], fraction: float) -> Masks:
         """Drop the smallest active ``|w|`` and grow the largest inactive ``|g|`` in every layer."""
@@ -236,7 +253,7 @@ class RigLPruner(Pruner):
             out[n] = after.view_as(w)
         return out
 
-    def _dense_gradients(self, closure: Closure | None) -> dict[str, Tensor]:
+    def _dense_gradients(self, step: int, closure: Closure | None) -> dict[str, Tensor]:
         # Armed: the hook was capturing during this step's backward (pruner.step of the step
         # before, prepare or a load armed it), or a closure gives a backward of its own.
         armed = closure is not None or self._stash
@@ -282,14 +299,14 @@ class RigLPruner(Pruner):
             grads = list(flat.split([g.numel() for g in grads]))
         if unarmed and not none:
             raise ValueError(
-                f"RigL update at step {self._step}: rank(s) {unarmed} of the group captured no "
+                f"RigL update at step {step}: rank(s) {unarmed} of the group captured no "
                 "dense gradient (their pruner.step was not called after the optimizer step "
                 "before this one), and the other ranks did; call pruner.step(i) after every "
                 "optimizer step on every rank, or pass closure= returning a loss"
             )
         if none:
             raise ValueError(
-                f"RigL update at step {self._step} has no dense gradient for any weight: call "
+                f"RigL update at step {step} has no dense gradient for any weight: call "
                 "pruner.step(i) after every optimizer step (the hook captures the gradient of the "
                 "backward before an update step), or pass closure= returning a loss"
             )

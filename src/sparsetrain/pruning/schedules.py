@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -109,10 +110,11 @@ class Gradual(Schedule):
         check_sparsity(self.initial_sparsity, "initial_sparsity")
         if (
             isinstance(self.power, bool)
-            or not isinstance(self.power, (int, float))
+            or not isinstance(self.power, numbers.Real)
             or not (math.isfinite(self.power) and self.power > 0)
         ):
             raise ValueError(f"power must be a positive number (and finite), got {self.power!r}")
+        object.__setattr__(self, "power", float(self.power))  # (a NumPy float as a float)
 
     def target(self, step: int, final: float) -> float | None:
         if step < self.start:
