@@ -95,6 +95,19 @@ def test_centered_clipping_bounds_an_outlier_and_keeps_its_anchor():
     assert torch.equal(other(g), cc(g))
 
 
+def test_centered_clipping_clips_a_difference_whose_squares_overflow_to_tau():
+    # |(1e20, 1e20)| overflows float32's squares: the row had norm Inf, scale 0, and counted as
+    # no move at all. Karimireddy et al. clip it to length tau along its direction.
+    cc = get_aggregator("centered_clipping", n=3, f=1, tau=1.0)
+    out = cc(torch.tensor([[1e20, 1e20], [0.5, 0.0], [0.5, 0.0]]))
+    s = 0.5**0.5
+    torch.testing.assert_close(out, torch.tensor([(s + 1.0) / 3, s / 3]))
+    # A row holding Inf still moves the anchor by nothing.
+    cc = get_aggregator("centered_clipping", n=3, f=1, tau=1.0)
+    out = cc(torch.tensor([[float("inf"), 1e20], [0.5, 0.0], [0.5, 0.0]]))
+    torch.testing.assert_close(out, torch.tensor([1 / 3, 0.0]))
+
+
 def test_centered_clipping_with_momentum_clips_the_workers_momenta():
     """m_i <- beta m_i + (1 - beta) g_i (Karimireddy et al.'s worker momentum) is what gets
     clipped around the anchor; a momentum without the (1 - beta) came out up to 1 / (1 - beta)

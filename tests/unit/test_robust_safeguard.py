@@ -219,6 +219,47 @@ def test_an_overflow_on_most_workers_drops_the_step_and_removes_no_one():
     assert torch.isfinite(sg(torch.ones(4, 3, dtype=torch.float16))).all()
 
 
+def test_workers_lost_at_an_earlier_bucket_count_against_the_majority_of_a_later_one():
+    # Workers 0 and 1 overflow in bucket "a", worker 2 in bucket "b": only 2 of 5 are usable in
+    # "b". It had counted 3 finite there, removed 0, 1 and 2, and left a minority good: every
+    # later output was NaN. Now "b" has no majority (its output is NaN, the step is dropped)
+    # and only the workers left out at "a" are removed.
+    sg = get_aggregator("safeguard", n=5, f=2, window0=2, window1=4, threshold0=1.0, threshold1=2.0)
+    a, b = torch.ones(5, 3), torch.ones(5, 3)
+    a[[0, 1]] = float("nan")
+    b[2] = float("nan")
+    assert torch.equal(sg(a, key="a"), torch.ones(3))
+    assert torch.isnan(sg(b, key="b")).all()
+    sg.end_step()
+    assert sg.stats()["good"] == [2, 3, 4]
+    for _ in range(3):
+        assert torch.equal(sg(torch.ones(5, 3), key="a"), torch.ones(3))
+        sg.end_step()
+
+
+def test_windows_that_keep_different_majorities_remove_no_one_and_warn():
+    # The short window keeps {0, 1, 4} and the long one {0, 2, 3}: each a majority, their
+    # intersection {0} not. The removals had been made, and every later output was NaN.
+    sg = get_aggregator(
+        "safeguard", n=5, f=2, window0=1, window1=2, threshold0=0.72, threshold1=1.64
+    )
+    x = torch.tensor([[3.43, 3.84], [1.78, 0.28], [3.33, 3.80], [2.74, 2.74], [1.76, 0.14]])
+    y = torch.tensor([[1.98, 0.31], [1.75, 0.41], [4.22, 0.57], [4.11, 0.64], [1.62, 0.37]])
+    sg(5 * x)
+    sg.end_step()
+    sg(5 * y)
+    counted = sg.stats()["no_majority_steps"]
+    with pytest.warns(UserWarning, match=r"removing workers \[1, 2, 3, 4\] at step 1 would leave "
+                      r"1 of the n=5 workers good, not a majority"):  # fmt: skip
+        sg.end_step()
+    stats = sg.stats()
+    assert stats["good"] == [0, 1, 2, 3, 4] and stats["removed"] == {}
+    assert stats["no_majority_steps"] == counted + 1
+    assert torch.isfinite(sg(5 * x)).all()
+    state = sg.state_dict()  # and the state says so too
+    assert bool(state["good"].all()) and state["removed"] == {}
+
+
 def test_the_last_warm_up_step_is_checked_so_the_next_step_averages_no_stray_worker():
     # Attackers who stray from the start were averaged into the first step after the warm-up
     # (removed only at its end): one huge sign flip there was enough to ruin a run.

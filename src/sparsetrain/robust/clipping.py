@@ -88,6 +88,13 @@ class CenteredClipping(Aggregator):
             # A row holding NaN or Inf has norm NaN or Inf (scale 0 or NaN), so its clipped
             # difference is NaN; it then moves the anchor by nothing, like a zero difference.
             clipped = diff * scale
+            # A finite difference whose squares overflow (norm past about 1.8e19 in float32)
+            # has norm Inf, scale 0: clipped to tau along its direction, as its entries over
+            # their largest magnitude give it (it had been dropped, not clipped).
+            top = diff.abs().amax(dim=1, keepdim=True)
+            unit = diff / top
+            along = unit * (self.tau / torch.linalg.vector_norm(unit, dim=1, keepdim=True))
+            clipped = torch.where(torch.isinf(norm) & torch.isfinite(top), along, clipped)
             clipped = torch.where(torch.isfinite(clipped), clipped, torch.zeros_like(clipped))
             v = v + clipped.mean(dim=0)
         self._anchor[key] = v.detach().clone()

@@ -7,6 +7,7 @@ Descent", ICLR 2021, Algorithm 1 ("perturbed SGD with double safe guard").
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -14,7 +15,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .._options import check_saved_settings, check_state, plain, state_int, state_mapping
+from .._options import (
+    caller_stacklevel,
+    check_saved_settings,
+    check_state,
+    plain,
+    state_int,
+    state_mapping,
+)
 from .base import (
     Aggregator,
     check_int,
@@ -52,8 +60,11 @@ class Safeguard(Aggregator):
        is left out of that step's output and accumulations, from the first key in which it
        sends them onward (the step's keys aggregated before keep its share), and removed when
        the step ends, also during a warm-up, unless the finite ones are not a majority (a
-       float16 overflow on every rank, say): then the output is not finite, for the sync layer
-       to drop the step, and nothing is accumulated or removed.
+       float16 overflow on every rank, say; workers left out at the step's earlier keys count
+       as lost): then the output is not finite, for the sync layer to drop the step, and
+       nothing is accumulated or removed.
+    5. Not in the paper either: removals that would leave no majority good are not made (see
+       :meth:`end_step`); the paper's honest majority makes them impossible.
 
     Thresholds (the paper's 𝔗0 for the short window and 𝔗1 for the long one) are either fixed
     (``threshold0``, ``threshold1``) or, when both are None, set automatically from a warm-up of
@@ -199,8 +210,10 @@ class Safeguard(Aggregator):
         dev = grads.device
         good = self._good.to(dev)
         finite = torch.isfinite(grads).all(dim=1)
-        majority = 2 * (good & finite).sum() > self.n
-        self._stray = self._stray.to(dev) | (good & ~finite & majority)
+        self._stray = self._stray.to(dev)
+        # (a worker left out at an earlier key of this step counts as lost here too)
+        majority = 2 * (good & ~self._stray & finite).sum() > self.n
+        self._stray = self._stray | (good & ~finite & majority)
         kept = good & ~self._stray & majority
         n_kept = kept.sum()
         masked = torch.where(kept[:, None], grads, torch.zeros((), dtype=grads.dtype, device=dev))
@@ -261,7 +274,15 @@ class Safeguard(Aggregator):
         return int(best[torch.argmin(spread[best])])
 
     def end_step(self) -> None:
-        """Update the good set from the accumulations, advance the step, restart windows."""
+        """Update the good set from the accumulations, advance the step, restart windows.
+
+        Removals that would leave no majority of the n workers good (the two windows, or the
+        Inf/NaN senders and a window, each keeping another majority; more than f Byzantine
+        workers) are not made: the step counts as one without a majority and warns, as every
+        later output would be the mean of a minority.
+        """
+        before, removed_before = self._good.clone(), dict(self._removed)
+        calibrated_before = self._calibrated_good
         stray = self._stray.cpu()
         for i in torch.nonzero(stray).flatten().tolist():  # sent Inf or NaN this step
             self._removed[int(i)] = self._step
@@ -290,6 +311,19 @@ class Safeguard(Aggregator):
                 for i in torch.nonzero(self._good & ~keep).flatten().tolist():
                     self._removed[int(i)] = self._step
                 self._good &= keep
+        if 2 * int(self._good.sum()) <= self.n:
+            lost = [int(i) for i in torch.nonzero(before & ~self._good).flatten()]
+            warnings.warn(
+                f"safeguard: removing workers {lost} at step {self._step} would leave "
+                f"{int(self._good.sum())} of the n={self.n} workers good, not a majority, so "
+                "none is removed: more than f workers stray (or send Inf/NaN), or the thresholds "
+                "are too small for their honest spread (non-i.i.d. data?)",
+                stacklevel=caller_stacklevel(),
+            )
+            self._good, self._removed = before, removed_before
+            if self._calibrated_good != calibrated_before or (self._acc and self.in_warmup):
+                self._calibrated_good = int(before.sum())  # (as the warm-up counted them)
+            self._no_majority += 1
         self._step += 1
         for w, length in (("short", self.window0), ("long", self.window1)):
             if self._step % length == 0:
