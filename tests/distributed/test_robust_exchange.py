@@ -186,6 +186,25 @@ def _mismatched(rank: int, world: int) -> dict:
         out["count"] = None
     except ValueError as e:
         out["count"] = str(e)
+    # What an attacker alone refused had raised on it at once, while the honest ranks waited in
+    # the gather until the timeout: a key that is not a str (on every rank, or on rank 2 only),
+    # Byzantine ranks that are not integers on one rank, and a delayed attack's key whose size
+    # changed (4 entries, then 5).
+    sign_flip = get_attack("sign_flip", n=world, f=1)
+    delayed = get_attack("delayed", n=world, f=1, delay=1)
+    robust_exchange(torch.zeros(4), **{**base, "key": "d", "attack": delayed})
+    calls = {
+        "int key": (torch.zeros(4), {"key": 0, "attack": sign_flip}),
+        "int key on 2": (torch.zeros(4), {"key": 0 if odd else "b", "attack": sign_flip}),
+        "float ranks on 2": (torch.zeros(4), {"byzantine_ranks": [2.0] if odd else [2]}),
+        "delayed size": (torch.zeros(5), {"key": "d", "attack": delayed}),
+    }
+    for name, (grad, changes) in calls.items():
+        try:
+            robust_exchange(grad, **{**base, **changes})
+            out[name] = None
+        except (TypeError, ValueError) as e:
+            out[name] = f"{type(e).__name__}: {e}"
     out["agreed"], _ = robust_exchange(torch.full((4,), float(rank)), **base)
     out["agreed"] = out["agreed"].tolist()
     return out
@@ -216,3 +235,14 @@ def test_ranks_that_call_the_exchange_differently_raise_on_every_rank(tmp_path):
                 said,
             )
         assert res["agreed"] == [1.0] * 4  # the mean of 0, 1, 2
+        assert res["int key"].startswith("TypeError: key must be a str")
+    honest, attacker = results[:2], results[2]
+    assert attacker["int key on 2"].startswith("TypeError: key must be a str")
+    assert attacker["float ranks on 2"].startswith("TypeError: byzantine_ranks must be integers")
+    assert attacker["delayed size"] == (
+        "ValueError: delayed attack: the gradient of key 'd' changed shape from (1, 4) to (1, 5)"
+    )
+    for res in honest:
+        assert "different key" in res["int key on 2"] and "ranks [2] differ" in res["int key on 2"]
+        assert "different Byzantine ranks" in res["float ranks on 2"]
+        assert "the attack of Byzantine rank(s) [2] refused this call" in res["delayed size"]

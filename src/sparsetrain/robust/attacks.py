@@ -160,6 +160,12 @@ class Attack(ABC):
         out = self.forge(rows, honest, key, step, workers)
         return out[0] if single else out
 
+    def refusal(self, own: Tensor, key: str) -> str | None:
+        """Why this attack's state refuses to forge ``own`` under ``key`` (None: it does not),
+        without changing the state: ``robust_exchange`` asks first, so that the honest ranks
+        raise with the attacker instead of waiting for its vector."""
+        return None
+
     def flip_labels(self, y: Tensor, num_classes: int) -> Tensor:
         """Return the labels a Byzantine worker trains on (unchanged unless ``flips_labels``)."""
         return y
@@ -278,13 +284,23 @@ class Delayed(Attack):
     def validate(self) -> None:
         check_int(self.delay, "delay", 1)
 
-    def forge(self, own, honest, key, step, workers):
-        hist = self._history.setdefault(key, deque(maxlen=self.delay + 1))
-        if hist and hist[-1].shape != own.shape:  # before it is kept: the history stays whole
-            raise ValueError(
+    def refusal(self, own: Tensor, key: str) -> str | None:
+        return self._changed(own[None] if own.dim() == 1 else own, key)  # (as __call__ forges)
+
+    def _changed(self, rows: Tensor, key: str) -> str | None:
+        hist = self._history.get(key)
+        if hist and hist[-1].shape != rows.shape:
+            return (
                 f"delayed attack: the gradient of key {key!r} changed shape from "
-                f"{tuple(hist[-1].shape)} to {tuple(own.shape)}"
+                f"{tuple(hist[-1].shape)} to {tuple(rows.shape)}"
             )
+        return None
+
+    def forge(self, own, honest, key, step, workers):
+        refused = self._changed(own, key)
+        if refused is not None:  # before it is kept: the history stays whole
+            raise ValueError(refused)
+        hist = self._history.setdefault(key, deque(maxlen=self.delay + 1))
         hist.append(own.detach().clone())
         return hist[0].to(own.device, copy=True)  # a loaded history (say on CPU) follows own
 

@@ -32,7 +32,7 @@ from torch import Tensor
 from ..comm.accounting import ring_allgather_bytes
 from ..comm.p2p import alone, check_group, text_crc
 from ..robust.attacks import Attack
-from ..robust.base import Aggregator
+from ..robust.base import Aggregator, check_key
 
 
 def default_byzantine_ranks(world: int, byzantine: int) -> tuple[int, ...]:
@@ -81,13 +81,16 @@ def robust_exchange(
         with ``check``, the 6 ints of every rank).
 
     Raises:
-        TypeError: ``aggregator``, ``attack`` or ``group`` is not of the kind named above.
+        TypeError: ``aggregator``, ``attack`` or ``group`` is not of the kind named above; the
+            key is not a str, or the Byzantine ranks are not integers (with ``check``, after
+            the comparison, as the ValueErrors below).
         ValueError: the aggregator is not built for n = world, or the attack not for n = world
             and f = the number of Byzantine ranks; bad Byzantine ranks. These are checked from
             the arguments and the group's size alone; with ``check``, after the comparison
             of the ranks' calls, so that ranks given other arguments raise together (those
             whose own are refused with that refusal), and also ranks that differ in any of the
-            call's settings above, on every rank.
+            call's settings above, or whose attacker's state refuses the call (a delayed
+            attack's key whose size changed: :meth:`Attack.refusal`), on every rank.
 
     Example:
         >>> rule = get_aggregator("median", n=dist.get_world_size(), f=1)  # doctest: +SKIP
@@ -109,6 +112,9 @@ def robust_exchange(
         world, rank = 1, 0
     else:
         world, rank = dist.get_world_size(group), dist.get_rank(group)
+    # Refusals of this rank's own arguments wait for the comparison below (with ``check``), so
+    # that ranks given other arguments, of which only some are refused, all raise.
+    type_error = None if isinstance(key, str) else _key_error(key)
     if byzantine_ranks is not None:
         ranks = list(byzantine_ranks)
         try:  # numpy's integers too; not bools or floats
@@ -116,11 +122,12 @@ def robust_exchange(
                 raise TypeError
             ints = [operator.index(r) for r in ranks]
         except TypeError:
-            raise TypeError(
-                f"byzantine_ranks must be integers (group ranks), got {ranks!r}"
-            ) from None
-        byz = tuple(sorted(set(ints)))
-        refusal = _refusal(aggregator, attack, byz, world)
+            ints = None
+            type_error = (
+                type_error or f"byzantine_ranks must be integers (group ranks), got {ranks!r}"
+            )
+        byz = tuple(sorted(set(ints))) if ints is not None else ("not integers", repr(ranks))
+        refusal = _refusal(aggregator, attack, byz, world) if ints is not None else None
     else:
         try:
             byz = default_byzantine_ranks(world, byzantine)
@@ -131,20 +138,31 @@ def robust_exchange(
         raise TypeError(f"check must be True or False, got {check!r}")
     flat = grad.detach().reshape(-1).contiguous()
     d, elem = flat.numel(), flat.element_size()
+    attacking = attack is not None and rank in byz
+    # What only an attacker's own state refuses (a delayed attack's key whose size changed):
+    # told in the comparison, so that the honest ranks raise too instead of waiting for it.
+    declined = (
+        attack.refusal(flat, key) if attacking and type_error is None and refusal is None else None
+    )
     checked = 0
     if check and world > 1:
-        # A refusal waits for the comparison, so that ranks given other counts (of which
-        # only some are refused) all raise, not some while the others wait in the gather.
         try:
-            _agree(flat, key, aggregator, attack, byz, group, world)
+            _agree(flat, key, aggregator, attack, byz, group, world, declined is not None)
         except ValueError:
+            if type_error is not None:
+                raise TypeError(type_error) from None
             if refusal is not None:
                 raise ValueError(refusal) from None
+            if declined is not None:
+                raise ValueError(declined) from None
             raise
         checked = ring_allgather_bytes(world * 6 * 8, world)
+    if type_error is not None:
+        raise TypeError(type_error)
     if refusal is not None:
         raise ValueError(refusal)
-    attacking = attack is not None and rank in byz
+    if declined is not None:
+        raise ValueError(declined)
 
     if attacking and not attack.omniscient:
         mine = attack(flat, key=key, step=step, workers=[rank]).to(flat.dtype).contiguous()
@@ -172,6 +190,14 @@ def robust_exchange(
 
     out = aggregator(rows, key=key)
     return out.reshape(grad.shape).to(grad.dtype), sent
+
+
+def _key_error(key: object) -> str:
+    try:
+        check_key(key)
+    except TypeError as e:
+        return str(e)
+    return ""
 
 
 def _refusal(
@@ -224,24 +250,32 @@ def _agree(
     key: str,
     aggregator: Aggregator,
     attack: Attack | None,
-    byz: tuple[int, ...],
+    byz: tuple,
     group: dist.ProcessGroup | None,
     world: int,
+    declined: bool = False,
 ) -> None:
     """Gather 6 ints naming this rank's call from every rank; raise alike on every rank where
-    they differ, naming what."""
+    they differ, naming what, or where an attacking rank's attack ``declined`` the call (its
+    attack field is then -1)."""
     fields = [
         ("gradient size (number of elements)", flat.numel(), str(flat.numel())),
         ("gradient dtype", text_crc(str(flat.dtype)), str(flat.dtype)),
-        ("key", text_crc(key), repr(key)),
+        ("key", text_crc(repr(key)), repr(key)),  # (repr: a key 0 is not the key '0')
         ("aggregator settings", text_crc(_settings(aggregator)), _settings(aggregator)),
-        ("attack settings", text_crc(_settings(attack)), _settings(attack)),
+        ("attack settings", -1 if declined else text_crc(_settings(attack)), _settings(attack)),
         ("Byzantine ranks", text_crc(repr(byz)), repr(list(byz))),
     ]
     mine = torch.tensor([v for _, v, _ in fields], dtype=torch.int64, device=flat.device)
     parts = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(parts, mine, group=group)
     everyone = torch.stack(parts).tolist()
+    refused = [r for r, row in enumerate(everyone) if row[4] == -1]
+    if refused:
+        raise ValueError(
+            f"robust_exchange: the attack of Byzantine rank(s) {refused} refused this call "
+            f"(key {key!r}; that rank raises why), so no rank goes on with it"
+        )
     differ = [
         (what, shown)
         for j, (what, _, shown) in enumerate(fields)
