@@ -1052,6 +1052,31 @@ def test_a_few_far_larger_entries_do_not_make_oktopk_select_everything(tmp_path)
         assert res["dbl_max"] == [0], res
 
 
+def _uneven_regions(rank: int, world: int) -> dict:
+    from sparsetrain.comm.oktopk import repartition
+
+    numel = 100_000
+    idx = {0: torch.arange(0, 10_000, 10), 1: torch.arange(90_000, 90_100, 10)}
+    inputs = [idx[min(r, 1)] + r for r in range(world)]  # 1000 entries, then 10 and 10
+    edges = repartition(p2p.Wire(None, torch.device("cpu")), inputs[rank], numel)
+    union = torch.cat(inputs)
+    counts = [int(((union >= a) & (union < b)).sum()) for a, b in zip(edges, edges[1:])]
+    # Equal counts: the edges as the plain mean of the ranks' quantiles gives them.
+    same = repartition(p2p.Wire(None, torch.device("cpu")), torch.arange(14_000) * 7 + rank, numel)
+    return {"edges": edges, "counts": counts, "same": same}
+
+
+def test_oktopk_regions_weigh_each_ranks_entries_by_their_number(tmp_path):
+    """Each rank's quantiles had one vote whatever its count: a rank of 1000 entries next to
+    two of 10 put all 1000 in one region (counts [1000, 0, 20]), for one owner to reduce."""
+    results = oks(run_world(_uneven_regions, 3, tmp_path))
+    assert all(r == results[0] for r in results)  # the same edges on every rank
+    counts = results[0]["counts"]
+    assert sum(counts) == 1020 and max(counts) <= 600, counts
+    want = [sum(r + (j * 14_000 // 3) * 7 for r in range(3)) // 3 for j in (1, 2)]
+    assert results[0]["same"] == [0, *want, 100_000]
+
+
 def _clipped_ties(rank: int, world: int, ties: int) -> list:
     from sparsetrain.comm import get_collective
 

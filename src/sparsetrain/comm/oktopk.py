@@ -48,22 +48,26 @@ def repartition(wire: Wire, idx: Tensor, numel: int) -> list[int]:
     """Return p+1 region edges that give each rank's region about the same number of entries.
 
     Each rank with entries takes the positions of its sorted indices at fractions 1/p, ..., (p-1)/p
-    (its local quantiles); the edges are the integer mean of these over the ranks that have
-    entries (one allreduce of p int64), so every rank computes the same edges. Without any
-    entries anywhere the regions are equal ranges.
+    (its local quantiles); the edges are the integer mean of these over the ranks, weighted by
+    how many entries each holds (one allreduce of p int64), so every rank computes the same
+    edges, and a rank of few entries moves them little (with equal weights, one rank's 1000
+    entries had all fallen in one region while two ranks of 10 placed the other edges). The
+    weights are the counts up to ``2**62 // (numel * p)``, which keeps the sums in int64 (at
+    least 1: an unweighted mean). Without any entries anywhere the regions are equal ranges.
     """
     p = wire.world
     n = idx.numel()
     votes = torch.zeros(p, dtype=torch.int64, device=idx.device)
     if n:
+        weight = min(n, max(1, 2**62 // (numel * p)))
         pos = torch.arange(1, p, device=idx.device) * n // p
-        votes[1:] = idx[pos].to(torch.int64)
-        votes[0] = 1
+        votes[1:] = idx[pos].to(torch.int64) * weight
+        votes[0] = weight
     wire.allreduce(votes)
-    voters, *sums = votes.tolist()
-    if voters == 0:
+    weights, *sums = votes.tolist()
+    if weights == 0:
         return even_bounds(numel, p)
-    return [0] + [s // voters for s in sums] + [numel]
+    return [0] + [s // weights for s in sums] + [numel]
 
 
 # Rounds of estimate_threshold that only narrow [0, x] to its first bin (finding the scale of
@@ -259,7 +263,10 @@ class OkTopk(SparseCollective):
     Li and Hoefler, "Near-Optimal Sparse Allreduce for Distributed Deep Learning", PPoPP'22.
 
     Steps, for p ranks each bringing about k entries (k = the largest per-rank count, or the
-    ``k`` option):
+    ``k`` option). Each rank's entries are its local selection (the threshold or top-k
+    compressor's, in the sync layer) and are all sent: the ``k`` option sets the size of the
+    global selection only, so a rank that passes more than k entries sends them all in step 2
+    (gTop-k cuts each rank's input to its top k first).
 
     1. Every ``repartition_every`` calls, split the index space into p regions whose edges put
        about the same number of the ranks' entries in each (:func:`repartition`); reuse them in
@@ -286,7 +293,8 @@ class OkTopk(SparseCollective):
        the moves would cost a round of messages to shorten step 6 by at most a tenth.
     6. Allgather of the shares; every rank returns the same selection, sorted by index.
 
-    Per rank, step 2 sends at most k entries, step 5 at most the kept count and step 6
+    Per rank, step 2 sends at most its own entries (at most k with the default k), step 5 at
+    most the kept count and step 6
     (p-1)/p of it (at most 1.1 times that when step 5 is skipped), so about 6k elements
     (indices and values) in steady state, against 2k(p-1) for an allgather of the inputs.
     ``stats()`` reports what the last call sent and whether it balanced.

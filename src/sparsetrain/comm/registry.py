@@ -4,8 +4,9 @@ A sparse collective takes this rank's ``(indices, values)`` of a vector of ``num
 returns a :class:`CollectiveResult`. Exact algorithms (``exact = True``) return the dense sum over
 ranks; selecting ones (Ok-Topk, gTop-k) return a sparse global selection of that sum, and the
 sync layer puts what was not selected back into error feedback: this rank's values at indices
-outside the selection (Ok-Topk), or the partial sums this rank's merges dropped (gTop-k's
-``dropped``).
+outside the selection (Ok-Topk's default), or the sums its ``dropped`` names (gTop-k: the partial
+sums this rank's merges dropped; Ok-Topk with ``residuals="owner"``: the sums of this rank's
+region below the threshold).
 
 Collectives may keep state between calls (region boundaries, threshold estimates), keyed by the
 ``key`` they are called with, and expose it through ``state_dict``/``load_state_dict``.
@@ -32,11 +33,13 @@ class CollectiveResult:
         dense: the sum over ranks as a dense 1-D tensor (exact algorithms), else None.
         indices, values: the sparse result (selecting algorithms), else None. Same on all ranks.
         bytes_sent, bytes_recv: what this rank put on and took off the wire.
-        dropped: for a selecting algorithm whose merges drop partial sums (gTop-k), the
-            ``(indices, values)`` that this rank's own merges dropped (sorted, unique), which
-            are for this rank's error feedback to keep: over all ranks they and the result add
-            up to the sum of the inputs. None: what this rank sent at indices
-            outside the result is what was dropped (Ok-Topk), or nothing was (exact ones).
+        dropped: for a selecting algorithm that leaves sums with this rank, the
+            ``(indices, values)`` it left (sorted, unique), for this rank's error feedback to
+            keep in place of the values it sent: gTop-k's partial sums that this rank's own
+            merges dropped, Ok-Topk's (``residuals="owner"``) sums of this rank's region
+            below the threshold. Over all ranks they and the result add up to the sum of the
+            inputs. None: what this rank sent at indices outside the result is what was
+            dropped (Ok-Topk's default ``residuals="local"``), or nothing was (exact ones).
     """
 
     dense: Tensor | None = None
