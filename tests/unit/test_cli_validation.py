@@ -233,6 +233,10 @@ def _without(key: str) -> dict:
         (results(records=None), "(is it a JSON written by `sparsetrain bench cluster`?)"),
         (_bad_record(numel=0), "records[0] numel must be an int >= 1, got 0"),
         (_bad_record(density=2), "records[0] density must be a number in (0, 1], got 2"),
+        (
+            _bad_record(numel=1000, density=1e-4),
+            "records[0] density 0.0001 keeps no entry of its 1,000-element vector",
+        ),
         (_bad_record(algorithm=None), "records[0] algorithm must be a name"),
         (results(config=None), "config must be an object"),
         (results(config={"cores": 2}), "config.ranks must be an int >= 2, got None"),

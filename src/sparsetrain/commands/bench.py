@@ -846,6 +846,12 @@ def _record_problem(r: Any) -> str | None:
         return f"numel must be an int >= 1, got {r['numel']!r}"
     if not _is_number(r["density"]) or not 0 < r["density"] <= 1:
         return f"density must be a number in (0, 1], got {r['density']!r}"
+    if round(r["density"] * r["numel"]) < 1:  # (as bench cluster refuses such a point)
+        return (
+            f"density {r['density']:g} keeps no entry of its {r['numel']:,}-element vector "
+            f"(bench cluster writes none such: the smallest density for it is "
+            f"{1 / r['numel']:.3g})"
+        )
     if not _is_number(r["median_s"]) or not 1e-9 <= r["median_s"] < math.inf:
         return f"median_s must be a finite number of seconds >= 1e-9, got {r['median_s']!r}"
     if not _is_number(r["bytes_sent_max"]) or not 0 <= r["bytes_sent_max"] < math.inf:
