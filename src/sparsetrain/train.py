@@ -77,7 +77,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from ._options import is_integer, plain
-from ._procs import exit_finished_worker, stop_with_parent, too_many_processes
+from ._procs import (
+    LauncherStdio,
+    apply_environment,
+    exit_finished_worker,
+    stop_with_parent,
+    too_many_processes,
+    worker_start_method,
+)
 from .compressors import check_density, get_compressor, option_names
 from .hostmem import reserve, reuse_freed_memory, reusing_freed_memory
 from .sync import GradientSync, SyncConfig, register_ddp_hook
@@ -1936,14 +1943,25 @@ def _name_rank_in_warnings(rank: int) -> None:
     warnings.showwarning = show
 
 
-def _spawned(rank: int, world: int, configs: Sequence[TrainConfig], folder: str) -> None:
-    """Entry point of an embedded worker: join the group, train, hand results back as files."""
+def _spawned(
+    rank: int,
+    world: int,
+    configs: Sequence[TrainConfig],
+    folder: str,
+    env: dict[str, str],
+    stdio: object = None,
+) -> None:
+    """Entry point of an embedded worker: join the group, train, hand results back as files.
+    ``env`` is the launcher's environment; ``stdio`` a :class:`~sparsetrain._procs.LauncherStdio`,
+    which put the launcher's stdout and stderr in place when the arguments were unpickled."""
+    apply_environment(env)
     torch.set_num_threads(1)  # processes share the machine's cores; oversubscription is slower
     if configs[0].reuse_host_memory:  # before any thread of ours or the process group's starts
         reuse_freed_memory()
     stop_with_parent()
     _name_rank_in_warnings(rank)
     Path(folder, f"started-rank{rank}").touch()  # tells a crash in training from one before it
+    failed_at = None
     try:
         store = dist.FileStore(os.path.join(folder, "store"), world)
         dist.init_process_group(
@@ -1955,6 +1973,12 @@ def _spawned(rank: int, world: int, configs: Sequence[TrainConfig], folder: str)
         )
         try:
             runs = _run_all(rank, world, configs)
+        except BaseException:
+            # The time of the failure, before the process group's teardown: that closes this
+            # rank's connections, so a peer's "connection closed" can be caught (and timed)
+            # before this error was, and the report named the peer's.
+            failed_at = time.time()
+            raise
         finally:
             dist.destroy_process_group()
         if rank == 0:
@@ -1969,7 +1993,7 @@ def _spawned(rank: int, world: int, configs: Sequence[TrainConfig], folder: str)
             "type": name,
             "message": message,
             "traceback": traceback.format_exc(),
-            "time": time.time(),
+            "time": time.time() if failed_at is None else failed_at,
             "points_to_another": isinstance(e, PeerError),
         }
         with open(os.path.join(folder, f"error-rank{rank}.json"), "w") as f:
@@ -2301,9 +2325,11 @@ def launch(configs: TrainConfig | Sequence[TrainConfig]) -> dict[str, Any]:
 
             try:
                 with _main_not_a_path():
+                    method = worker_start_method()
+                    stdio = LauncherStdio() if method == "forkserver" else None
                     procs = mp.start_processes(
-                        _spawned, args=(world, configs, folder), nprocs=world, join=False,
-                        start_method="spawn",
+                        _spawned, args=(world, configs, folder, dict(os.environ), stdio),
+                        nprocs=world, join=False, start_method=method,
                     )  # fmt: skip
                 while not procs.join():
                     pass
