@@ -17,10 +17,33 @@ from typing import NoReturn
 WORKER_PRELOAD = ("torch", "torch.distributed", "torch._dynamo")
 
 
+START_METHOD_ENV = "SPARSETRAIN_START_METHOD"
+START_METHODS = ("forkserver", "spawn")
+
+
+def chosen_start_method() -> str:
+    """The start method :func:`worker_start_method` uses: ``$SPARSETRAIN_START_METHOD`` if set
+    (``forkserver`` or ``spawn``), else ``forkserver`` on Linux and ``spawn`` elsewhere. A
+    ValueError names another value, or ``forkserver`` where the platform has none."""
+    raw = os.environ.get(START_METHOD_ENV, "").strip()
+    if not raw:
+        return "forkserver" if sys.platform.startswith("linux") else "spawn"
+    method = raw.lower()
+    if method not in START_METHODS:
+        raise ValueError(
+            f"{START_METHOD_ENV}={raw!r}: the workers start by one of {', '.join(START_METHODS)}"
+        )
+    if method == "forkserver" and "forkserver" not in multiprocessing.get_all_start_methods():
+        raise ValueError(f"{START_METHOD_ENV}=forkserver: this platform has no fork server")
+    return method
+
+
 def worker_start_method() -> str:
-    """How to start worker processes on this machine: ``"forkserver"`` on Linux, where they
-    fork from a server process that has imported :data:`WORKER_PRELOAD` once (and serves every
-    later launch of this process too); else ``"spawn"``.
+    """How to start worker processes on this machine (:func:`chosen_start_method`). Under
+    ``"forkserver"`` (Linux's default) they fork from a server process that has imported
+    :data:`WORKER_PRELOAD` once, and that serves every later launch of this process too; it
+    stays until this process ends, holding about 210 MiB of its own (torch 2.13, CPU build;
+    benchmarks/launch_start.py), which the workers share. ``SPARSETRAIN_START_METHOD=spawn`` spawns each worker, to import torch anew.
 
     The server starts at the first launch, with this process's environment of then: workers
     are handed the launcher's environment when they start, but what the preloaded modules read
@@ -28,8 +51,9 @@ def worker_start_method() -> str:
     module, sparsetrain and the task itself, as a spawned one does. A server started before
     (by the user, with their own preload) is used as it is.
     """
-    if not sys.platform.startswith("linux"):
-        return "spawn"
+    method = chosen_start_method()
+    if method != "forkserver":
+        return method
     import multiprocessing.forkserver as forkserver
 
     server = getattr(forkserver, "_forkserver", None)

@@ -80,6 +80,7 @@ from ._options import is_integer, plain
 from ._procs import (
     LauncherStdio,
     apply_environment,
+    chosen_start_method,
     exit_finished_worker,
     stop_with_parent,
     too_many_processes,
@@ -2258,6 +2259,7 @@ def check_launch(configs: Sequence[TrainConfig]) -> None:
             if problem:
                 raise ValueError(problem)
         _check_gpus(configs[0].backend, configs[0].workers)
+        chosen_start_method()  # (a value of SPARSETRAIN_START_METHOD it does not know)
         workers = configs[0].workers
         problem = too_many_processes(workers, f"workers={workers}")
         if problem:

@@ -637,6 +637,37 @@ def test_an_unreadable_checkpoint_is_an_error_on_every_rank(tmp_path):
         assert "move it away to resume from the one kept before it, rank1.prev.pt" in own["error"]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fork server is Linux's")
+def test_later_launches_fork_from_one_server_with_the_launchers_environment_and_output(
+    tmp_path, monkeypatch
+):
+    """Workers fork from a server that imported torch once; what the launcher has when it
+    starts them (its environment, its stdout and stderr) must be theirs, not the server's
+    from the first launch. Before the stdio was passed, a second launch's workers wrote into
+    the output of whoever started the server (an earlier test's capture)."""
+    import multiprocessing.forkserver as forkserver
+
+    config = TrainConfig(
+        compressor="threshold", density=0.05, workers=2, epochs=1, max_steps=2, progress=False
+    )
+    launch(config)  # the server runs from here on (or from an earlier launch)
+    server = forkserver._forkserver._forkserver_pid
+    assert server is not None
+    monkeypatch.setenv("SPARSETRAIN_NATIVE", "maybe")  # which the workers warn about
+    err = tmp_path / "stderr.txt"
+    kept = os.dup(2)
+    try:
+        with open(err, "w") as f:
+            os.dup2(f.fileno(), 2)
+            report = launch(config)
+    finally:
+        os.dup2(kept, 2)
+        os.close(kept)
+    assert forkserver._forkserver._forkserver_pid == server  # the same server served it
+    assert report["runs"][0]["steps"] == 2
+    assert "rank 0: RuntimeWarning: SPARSETRAIN_NATIVE='maybe' is neither on" in err.read_text()
+
+
 def test_a_second_run_on_the_same_checkpoints_is_refused_while_the_first_runs(tmp_path):
     """Two runs given one checkpoint folder and label replaced each other's files (and raced
     on one temporary file name); the second is refused while the first holds the folder."""

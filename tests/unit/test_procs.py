@@ -1,4 +1,5 @@
-"""The memory check that refuses more worker processes than this machine can hold."""
+"""Starting worker processes: the memory check that refuses more than this machine can hold, and
+the start method."""
 
 from __future__ import annotations
 
@@ -55,3 +56,23 @@ def test_launch_checks_the_workers_against_free_memory(monkeypatch):
     monkeypatch.setenv("RANK", "0")  # under torchrun this process is one rank: nothing to spawn
     monkeypatch.setenv("WORLD_SIZE", "4")
     check_launch([TrainConfig(workers=4)])
+
+
+def test_the_start_method_is_linuxs_fork_server_unless_the_environment_names_another(
+    monkeypatch,
+):
+    import sys
+
+    from sparsetrain._procs import chosen_start_method
+
+    monkeypatch.delenv("SPARSETRAIN_START_METHOD", raising=False)
+    assert chosen_start_method() == ("forkserver" if sys.platform == "linux" else "spawn")
+    monkeypatch.setenv("SPARSETRAIN_START_METHOD", " Spawn ")
+    assert chosen_start_method() == "spawn"
+    monkeypatch.setenv("SPARSETRAIN_START_METHOD", "fork")  # (unsafe after torch's import)
+    with pytest.raises(ValueError, match=r"SPARSETRAIN_START_METHOD='fork': the workers start "
+                       r"by one of forkserver, spawn"):  # fmt: skip
+        chosen_start_method()
+    # Refused before any worker starts, as the command's other usage errors are.
+    with pytest.raises(ValueError, match="SPARSETRAIN_START_METHOD='fork'"):
+        check_launch([TrainConfig(workers=2)])
