@@ -8,7 +8,10 @@ import multiprocessing.connection
 import multiprocessing.util
 import os
 import sys
+import tempfile
 import threading
+import warnings
+from collections.abc import Mapping
 from typing import NoReturn
 
 # What the fork server imports once for every worker it starts: torch, and torch._dynamo,
@@ -38,33 +41,77 @@ def chosen_start_method() -> str:
     return method
 
 
+# Variables that the preloaded modules (or the C libraries they load) read when imported, not
+# later: where the launcher's differ from those the fork server started with (a notebook that
+# sets TORCH_DISTRIBUTED_DEBUG before its second launch), the workers are spawned instead.
+IMPORT_TIME_ENV = ("TORCH_", "OMP_", "MKL_", "KMP_", "GOMP_", "MALLOC_", "LD_", "PYTHON",
+                   "GLIBC_TUNABLES")  # fmt: skip
+
+_server_env: dict[str, str] | None = None  # of the fork server this module started
+
+
+def _import_time_env(env: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k.startswith(IMPORT_TIME_ENV)}
+
+
 def worker_start_method() -> str:
     """How to start worker processes on this machine (:func:`chosen_start_method`). Under
     ``"forkserver"`` (Linux's default) they fork from a server process that has imported
     :data:`WORKER_PRELOAD` once, and that serves every later launch of this process too; it
     stays until this process ends, holding about 210 MiB of its own (torch 2.13, CPU build;
-    benchmarks/launch_start.py), which the workers share. ``SPARSETRAIN_START_METHOD=spawn`` spawns each worker, to import torch anew.
+    benchmarks/launch_start.py), which the workers share. ``SPARSETRAIN_START_METHOD=spawn``
+    spawns each worker, to import torch anew.
 
-    The server starts at the first launch, with this process's environment of then: workers
-    are handed the launcher's environment when they start, but what the preloaded modules read
-    when imported (OpenMP's variables, say) is the server's. Each worker still imports the main
-    module, sparsetrain and the task itself, as a spawned one does. A server started before
-    (by the user, with their own preload) is used as it is.
+    The server starts at the first launch. Workers are handed the launcher's environment when
+    they start, but what the preloaded modules read when imported is the server's: where a
+    variable of :data:`IMPORT_TIME_ENV` has changed since the server started, that launch
+    spawns its workers. So does one where the server cannot start (a Unix socket's path under
+    ``$TMPDIR`` past 107 bytes), with a warning. Each worker still imports the main module,
+    sparsetrain and the task itself, as a spawned one does. A server started by another (the
+    user, with their own preload) is used as it is.
     """
+    global _server_env
     method = chosen_start_method()
     if method != "forkserver":
         return method
     import multiprocessing.forkserver as forkserver
 
     server = getattr(forkserver, "_forkserver", None)
-    if server is not None and getattr(server, "_forkserver_pid", None) is None:
+    running = server is not None and getattr(server, "_forkserver_pid", None) is not None
+    if running:
+        if _server_env is not None and _import_time_env(os.environ) != _server_env:
+            return "spawn"
+        return "forkserver"
+    if server is not None:
         # Not started yet: add ours to what it will preload. Not "__main__" (the default): the
         # server would run the user's script, which a spawned worker imports as __mp_main__.
         current = [m for m in getattr(server, "_preload_modules", ()) if m != "__main__"]
         multiprocessing.set_forkserver_preload(
             current + [m for m in WORKER_PRELOAD if m not in current]
         )
+    try:
+        forkserver.ensure_running()
+    except OSError as e:
+        warnings.warn(
+            f"sparsetrain: the fork server that starts the workers could not start ({e}; "
+            f"under TMPDIR={os.environ.get('TMPDIR', tempfile.gettempdir())!r}), so they are "
+            f"spawned, each importing torch anew; set {START_METHOD_ENV}=spawn to say so, or a "
+            "shorter TMPDIR",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return "spawn"
+    _server_env = _import_time_env(os.environ)
     return "forkserver"
+
+
+def fresh_random_state() -> None:
+    """Seed anew, from the OS, the global random generators a forked worker shares with the
+    fork server and with every other worker (numpy's, which torch's import loaded there;
+    Python's ``random`` reseeds itself after a fork), as a spawned worker seeds its own."""
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed()
 
 
 class LauncherStdio:
@@ -151,7 +198,8 @@ def exit_finished_worker(code: int = 0) -> NoReturn:
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:  # (None where the launcher's was closed)
+                stream.flush()
         except (OSError, ValueError):  # closed or redirected to a broken pipe
             pass
     os._exit(code)

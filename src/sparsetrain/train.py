@@ -82,6 +82,7 @@ from ._procs import (
     apply_environment,
     chosen_start_method,
     exit_finished_worker,
+    fresh_random_state,
     stop_with_parent,
     too_many_processes,
     worker_start_method,
@@ -1956,6 +1957,7 @@ def _spawned(
     ``env`` is the launcher's environment; ``stdio`` a :class:`~sparsetrain._procs.LauncherStdio`,
     which put the launcher's stdout and stderr in place when the arguments were unpickled."""
     apply_environment(env)
+    fresh_random_state()
     torch.set_num_threads(1)  # processes share the machine's cores; oversubscription is slower
     if configs[0].reuse_host_memory:  # before any thread of ours or the process group's starts
         reuse_freed_memory()

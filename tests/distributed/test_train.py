@@ -647,9 +647,24 @@ def test_later_launches_fork_from_one_server_with_the_launchers_environment_and_
     the output of whoever started the server (an earlier test's capture)."""
     import multiprocessing.forkserver as forkserver
 
-    config = TrainConfig(
-        compressor="threshold", density=0.05, workers=2, epochs=1, max_steps=2, progress=False
+    from sparsetrain.tasks import TASK_MODULES_ENV, add_task_modules
+
+    # A task whose model draws from numpy's global generator, as a random augmentation would:
+    # forked workers had shared the server's state, so every rank drew the same numbers.
+    (tmp_path / "np_tasks.py").write_text(
+        _USER_TASKS.replace('"xor-user"', '"np-draws"').replace(
+            "    model = lambda:",
+            "    import sys\n    import numpy as np\n\n"
+            "    def model():\n        print(f'numpy draw {np.random.rand()!r}', file=sys.stderr)\n"
+            "        return net()\n\n    net = lambda:",
+        )
     )
+    monkeypatch.setenv(TASK_MODULES_ENV, os.environ.get(TASK_MODULES_ENV, ""))  # (restored)
+    add_task_modules([str(tmp_path / "np_tasks.py")])
+    config = TrainConfig(
+        task="np-draws", compressor="threshold", density=0.05, workers=2, epochs=1,
+        max_steps=2, progress=False,
+    )  # fmt: skip
     launch(config)  # the server runs from here on (or from an earlier launch)
     server = forkserver._forkserver._forkserver_pid
     assert server is not None
@@ -665,7 +680,10 @@ def test_later_launches_fork_from_one_server_with_the_launchers_environment_and_
         os.close(kept)
     assert forkserver._forkserver._forkserver_pid == server  # the same server served it
     assert report["runs"][0]["steps"] == 2
-    assert "rank 0: RuntimeWarning: SPARSETRAIN_NATIVE='maybe' is neither on" in err.read_text()
+    text = err.read_text()
+    assert "rank 0: RuntimeWarning: SPARSETRAIN_NATIVE='maybe' is neither on" in text
+    draws = [line for line in text.splitlines() if line.startswith("numpy draw ")]
+    assert len(draws) == 2 and draws[0] != draws[1], text
 
 
 def test_a_second_run_on_the_same_checkpoints_is_refused_while_the_first_runs(tmp_path):

@@ -3,6 +3,9 @@ the start method."""
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 
 from sparsetrain._procs import WORKER_FLOOR_BYTES, available_memory, too_many_processes
@@ -61,8 +64,6 @@ def test_launch_checks_the_workers_against_free_memory(monkeypatch):
 def test_the_start_method_is_linuxs_fork_server_unless_the_environment_names_another(
     monkeypatch,
 ):
-    import sys
-
     from sparsetrain._procs import chosen_start_method
 
     monkeypatch.delenv("SPARSETRAIN_START_METHOD", raising=False)
@@ -76,3 +77,60 @@ def test_the_start_method_is_linuxs_fork_server_unless_the_environment_names_ano
     # Refused before any worker starts, as the command's other usage errors are.
     with pytest.raises(ValueError, match="SPARSETRAIN_START_METHOD='fork'"):
         check_launch([TrainConfig(workers=2)])
+
+
+def _fake_server(monkeypatch, pid):
+    import multiprocessing.forkserver as forkserver
+
+    monkeypatch.setattr(forkserver._forkserver, "_forkserver_pid", pid)
+    monkeypatch.delenv("SPARSETRAIN_START_METHOD", raising=False)
+    return forkserver
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fork server is Linux's")
+def test_a_launch_after_an_import_time_variable_changed_spawns_its_workers(monkeypatch):
+    # TORCH_DISTRIBUTED_DEBUG is read when torch.distributed is imported, in the server: set
+    # before a second launch, forked workers had kept the server's (DebugLevel.OFF).
+    from sparsetrain import _procs
+
+    _fake_server(monkeypatch, 12345)  # a server this module started, with this environment
+    monkeypatch.delenv("TORCH_DISTRIBUTED_DEBUG", raising=False)
+    monkeypatch.setattr(_procs, "_server_env", _procs._import_time_env(os.environ))
+    assert _procs.worker_start_method() == "forkserver"
+    monkeypatch.setenv("SPARSETRAIN_NATIVE", "0")  # read when used, in the worker: no matter
+    assert _procs.worker_start_method() == "forkserver"
+    monkeypatch.setenv("TORCH_DISTRIBUTED_DEBUG", "DETAIL")
+    assert _procs.worker_start_method() == "spawn"
+    monkeypatch.setattr(_procs, "_server_env", None)  # a server another started: as it is
+    assert _procs.worker_start_method() == "forkserver"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fork server is Linux's")
+def test_a_fork_server_that_cannot_start_falls_back_to_spawn_with_a_warning(monkeypatch):
+    # Its Unix socket's path under a TMPDIR of 76 characters or more is too long: every launch
+    # had failed with "OSError: AF_UNIX path too long".
+    from sparsetrain import _procs
+
+    forkserver = _fake_server(monkeypatch, None)
+
+    def too_long():
+        raise OSError("AF_UNIX path too long")
+
+    monkeypatch.setattr(forkserver, "ensure_running", too_long)
+    monkeypatch.setattr(_procs, "_server_env", None)
+    with pytest.warns(RuntimeWarning, match=r"could not start \(AF_UNIX path too long; under "
+                      r"TMPDIR=.*SPARSETRAIN_START_METHOD=spawn"):  # fmt: skip
+        assert _procs.worker_start_method() == "spawn"
+    assert _procs._server_env is None
+
+
+def test_a_forked_worker_draws_numpys_global_numbers_afresh():
+    # Forked workers share the server's numpy state (seeded once when torch imported numpy
+    # there): every rank of every launch drew the same numbers, as no spawned worker does.
+    np = pytest.importorskip("numpy")
+    from sparsetrain._procs import fresh_random_state
+
+    np.random.seed(0)
+    state = np.random.get_state()[1].copy()
+    fresh_random_state()
+    assert not (np.random.get_state()[1] == state).all()
