@@ -304,15 +304,19 @@ def test_workers_of_a_killed_launcher_stop_and_the_next_launch_removes_its_folde
 
 
 def _children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (from /proc/*/stat)."""
-    out = []
+    """The processes descended from ``pid`` (from /proc/*/stat): its children, and theirs (the
+    workers a fork server started)."""
+    parents = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
+        parents[int(stat.parent.name)] = int(fields[1])
+    out, level = [], [pid]
+    while level:
+        level = [p for p, parent in parents.items() if parent in level]
+        out += level
     return out
 
 
