@@ -24,7 +24,14 @@ from typing import Any
 import torch
 
 from .._options import plain
-from .._procs import stop_with_parent, too_many_processes
+from .._procs import (
+    LauncherStdio,
+    apply_environment,
+    fresh_random_state,
+    stop_with_parent,
+    too_many_processes,
+    worker_start_method,
+)
 from ..robust import (
     aggregator_class,
     available_aggregators,
@@ -101,14 +108,26 @@ def largest_f(name: str, n: int, f: int, options: dict | None = None) -> int:
 
 # ---- real ranks ----------------------------------------------------------------------------
 def _rank_main(
-    rank: int, store_path: str, task_name: str, task_options: dict, cfg: dict, results
+    rank: int,
+    store_path: str,
+    task_name: str,
+    task_options: dict,
+    cfg: dict,
+    results,
+    env: dict[str, str] | None = None,
+    stdio: object = None,
 ) -> None:
+    """One rank of a cell; ``env``, ``stdio``: the launcher's environment and output, for a
+    rank forked from the fork server (see :func:`sparsetrain._procs.worker_start_method`)."""
     import torch.distributed as dist
 
     from ..sync.robust_exchange import robust_exchange
     from ..tasks import get_task
     from ..train import rank_seed
 
+    if env is not None:
+        apply_environment(env)
+    fresh_random_state()
     torch.set_num_threads(1)
     stop_with_parent()
     try:
@@ -228,7 +247,9 @@ def run_ranks(
 
     from ..train import _exit_on_sigterm
 
-    ctx = mp.get_context("spawn")
+    method = worker_start_method()  # (forked from the fork server, as launch()'s workers are)
+    ctx = mp.get_context(method)
+    stdio = LauncherStdio() if method == "forkserver" else None
     results = ctx.Queue()
     # SIGTERM (`timeout`, a scheduler, kill) and SIGHUP end this process through its clean-up:
     # they left the workers training their cell, and the temporary folder behind.
@@ -239,7 +260,16 @@ def run_ranks(
             procs = [
                 ctx.Process(
                     target=_rank_main,
-                    args=(r, store, task_name, dict(task_options or {}), asdict(config), results),
+                    args=(
+                        r,
+                        store,
+                        task_name,
+                        dict(task_options or {}),
+                        asdict(config),
+                        results,
+                        dict(os.environ),
+                        stdio,
+                    ),  # fmt: skip
                 )
                 for r in range(config.workers)
             ]
