@@ -114,12 +114,14 @@ def fresh_random_state() -> None:
         numpy.random.seed()
 
 
-class LauncherStdio:
-    """A worker argument that gives a worker forked from the server the launcher's stdout and
-    stderr as they are when it starts (the server's are those of the first launch: a caller
-    that redirected its output since, as pytest's capture does, would not have seen the
-    workers'). Pickled, it passes duplicates of the launcher's descriptors 1 and 2, which the
-    worker puts in place of its own when it unpickles its arguments."""
+class LauncherState:
+    """A worker argument that gives a worker forked from the fork server what a spawned one
+    inherits from its launcher at the moment it starts: the launcher's environment, its stdout
+    and stderr (the server's are those of the first launch: a caller that redirected its output
+    since, as pytest's capture does, would not have seen the workers'), and a numpy random
+    state of its own (:func:`fresh_random_state`). Pickled, it carries the environment and
+    duplicates of the launcher's descriptors 1 and 2; unpickled in the worker, before its entry
+    point runs, it puts them in place."""
 
     def __reduce__(self):
         from multiprocessing import reduction
@@ -132,10 +134,19 @@ class LauncherStdio:
                 fds.append(None)
             else:
                 fds.append(reduction.DupFd(fd))
-        return (_take_stdio, tuple(fds))
+        return (_take_launcher_state, (dict(os.environ), *fds))
 
 
-def _take_stdio(*passed) -> None:
+def launcher_state(method: str) -> LauncherState | None:
+    """The :class:`LauncherState` to pass workers started by ``method`` (None under spawn,
+    whose workers inherit all of it)."""
+    return LauncherState() if method == "forkserver" else None
+
+
+def _take_launcher_state(env: dict[str, str], *passed) -> None:
+    if env != os.environ:
+        os.environ.clear()
+        os.environ.update(env)
     for fd, dup in zip((1, 2), passed):
         if dup is None:
             continue
@@ -149,14 +160,7 @@ def _take_stdio(*passed) -> None:
         if new != fd:
             os.dup2(new, fd)
             os.close(new)
-
-
-def apply_environment(env: dict[str, str]) -> None:
-    """Make this worker's environment ``env``, the launcher's when it started the worker (a
-    worker forked from a server has the server's otherwise)."""
-    if env != os.environ:
-        os.environ.clear()
-        os.environ.update(env)
+    fresh_random_state()
 
 
 def stop_with_parent() -> None:

@@ -78,11 +78,9 @@ from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from ._options import is_integer, plain
 from ._procs import (
-    LauncherStdio,
-    apply_environment,
     chosen_start_method,
     exit_finished_worker,
-    fresh_random_state,
+    launcher_state,
     stop_with_parent,
     too_many_processes,
     worker_start_method,
@@ -1950,14 +1948,11 @@ def _spawned(
     world: int,
     configs: Sequence[TrainConfig],
     folder: str,
-    env: dict[str, str],
-    stdio: object = None,
+    launcher: object = None,
 ) -> None:
     """Entry point of an embedded worker: join the group, train, hand results back as files.
-    ``env`` is the launcher's environment; ``stdio`` a :class:`~sparsetrain._procs.LauncherStdio`,
-    which put the launcher's stdout and stderr in place when the arguments were unpickled."""
-    apply_environment(env)
-    fresh_random_state()
+    ``launcher``: a :class:`~sparsetrain._procs.LauncherState` for a worker forked from the fork
+    server, which put the launcher's environment and output in place when it was unpickled."""
     torch.set_num_threads(1)  # processes share the machine's cores; oversubscription is slower
     if configs[0].reuse_host_memory:  # before any thread of ours or the process group's starts
         reuse_freed_memory()
@@ -2330,9 +2325,8 @@ def launch(configs: TrainConfig | Sequence[TrainConfig]) -> dict[str, Any]:
             try:
                 with _main_not_a_path():
                     method = worker_start_method()
-                    stdio = LauncherStdio() if method == "forkserver" else None
                     procs = mp.start_processes(
-                        _spawned, args=(world, configs, folder, dict(os.environ), stdio),
+                        _spawned, args=(world, configs, folder, launcher_state(method)),
                         nprocs=world, join=False, start_method=method,
                     )  # fmt: skip
                 while not procs.join():

@@ -25,9 +25,7 @@ import torch
 
 from .._options import plain
 from .._procs import (
-    LauncherStdio,
-    apply_environment,
-    fresh_random_state,
+    launcher_state,
     stop_with_parent,
     too_many_processes,
     worker_start_method,
@@ -114,20 +112,16 @@ def _rank_main(
     task_options: dict,
     cfg: dict,
     results,
-    env: dict[str, str] | None = None,
-    stdio: object = None,
+    launcher: object = None,
 ) -> None:
-    """One rank of a cell; ``env``, ``stdio``: the launcher's environment and output, for a
-    rank forked from the fork server (see :func:`sparsetrain._procs.worker_start_method`)."""
+    """One rank of a cell; ``launcher``: a :class:`~sparsetrain._procs.LauncherState` for a
+    rank forked from the fork server, put in place when it was unpickled."""
     import torch.distributed as dist
 
     from ..sync.robust_exchange import robust_exchange
     from ..tasks import get_task
     from ..train import rank_seed
 
-    if env is not None:
-        apply_environment(env)
-    fresh_random_state()
     torch.set_num_threads(1)
     stop_with_parent()
     try:
@@ -249,7 +243,6 @@ def run_ranks(
 
     method = worker_start_method()  # (forked from the fork server, as launch()'s workers are)
     ctx = mp.get_context(method)
-    stdio = LauncherStdio() if method == "forkserver" else None
     results = ctx.Queue()
     # SIGTERM (`timeout`, a scheduler, kill) and SIGHUP end this process through its clean-up:
     # they left the workers training their cell, and the temporary folder behind.
@@ -267,8 +260,7 @@ def run_ranks(
                         dict(task_options or {}),
                         asdict(config),
                         results,
-                        dict(os.environ),
-                        stdio,
+                        launcher_state(method),
                     ),  # fmt: skip
                 )
                 for r in range(config.workers)

@@ -90,7 +90,8 @@ class CenteredClipping(Aggregator):
             clipped = diff * scale
             # A finite difference whose squares overflow (norm past about 1.8e19 in float32)
             # has norm Inf, scale 0: clipped to tau along its direction, as its entries over
-            # their largest magnitude give it (it had been dropped, not clipped).
+            # their largest magnitude give it (it had been dropped, not clipped). Computed for
+            # every row: picking the rows would read the norms on the host, a device sync.
             top = diff.abs().amax(dim=1, keepdim=True)
             unit = diff / top
             along = unit * (self.tau / torch.linalg.vector_norm(unit, dim=1, keepdim=True))

@@ -282,7 +282,6 @@ class Safeguard(Aggregator):
         later output would be the mean of a minority.
         """
         before, removed_before = self._good.clone(), dict(self._removed)
-        calibrated_before = self._calibrated_good
         stray = self._stray.cpu()
         for i in torch.nonzero(stray).flatten().tolist():  # sent Inf or NaN this step
             self._removed[int(i)] = self._step
@@ -321,8 +320,8 @@ class Safeguard(Aggregator):
                 stacklevel=caller_stacklevel(),
             )
             self._good, self._removed = before, removed_before
-            if self._calibrated_good != calibrated_before or (self._acc and self.in_warmup):
-                self._calibrated_good = int(before.sum())  # (as the warm-up counted them)
+            if self._acc and self.in_warmup:  # (as the warm-up above counted them)
+                self._calibrated_good = int(before.sum())
             self._no_majority += 1
         self._step += 1
         for w, length in (("short", self.window0), ("long", self.window1)):

@@ -114,7 +114,11 @@ def robust_exchange(
         world, rank = dist.get_world_size(group), dist.get_rank(group)
     # Refusals of this rank's own arguments wait for the comparison below (with ``check``), so
     # that ranks given other arguments, of which only some are refused, all raise.
-    type_error = None if isinstance(key, str) else _key_error(key)
+    try:
+        check_key(key)
+        type_error = None
+    except TypeError as e:
+        type_error = str(e)
     if byzantine_ranks is not None:
         ranks = list(byzantine_ranks)
         try:  # numpy's integers too; not bools or floats
@@ -144,25 +148,23 @@ def robust_exchange(
     declined = (
         attack.refusal(flat, key) if attacking and type_error is None and refusal is None else None
     )
+    own = (  # this rank's own refusal, raised after the comparison
+        TypeError(type_error) if type_error is not None
+        else ValueError(refusal) if refusal is not None
+        else ValueError(declined) if declined is not None
+        else None
+    )  # fmt: skip
     checked = 0
     if check and world > 1:
         try:
             _agree(flat, key, aggregator, attack, byz, group, world, declined is not None)
         except ValueError:
-            if type_error is not None:
-                raise TypeError(type_error) from None
-            if refusal is not None:
-                raise ValueError(refusal) from None
-            if declined is not None:
-                raise ValueError(declined) from None
+            if own is not None:
+                raise own from None
             raise
         checked = ring_allgather_bytes(world * 6 * 8, world)
-    if type_error is not None:
-        raise TypeError(type_error)
-    if refusal is not None:
-        raise ValueError(refusal)
-    if declined is not None:
-        raise ValueError(declined)
+    if own is not None:
+        raise own
 
     if attacking and not attack.omniscient:
         mine = attack(flat, key=key, step=step, workers=[rank]).to(flat.dtype).contiguous()
@@ -190,14 +192,6 @@ def robust_exchange(
 
     out = aggregator(rows, key=key)
     return out.reshape(grad.shape).to(grad.dtype), sent
-
-
-def _key_error(key: object) -> str:
-    try:
-        check_key(key)
-    except TypeError as e:
-        return str(e)
-    return ""
 
 
 def _refusal(
